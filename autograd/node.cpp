@@ -1,0 +1,57 @@
+#include "autograd/node.h"
+
+#include <atomic>
+
+#include "autograd/autograd_meta.h"
+#include "autograd/grad_arith.h"
+
+namespace fg {
+namespace {
+std::atomic<uint64_t> next_sequence_nr{0};
+}
+
+Node::Node() : sequence_nr_(next_sequence_nr.fetch_add(1, std::memory_order_relaxed)) {}
+
+SavedTensor::SavedTensor(const Tensor& t) {
+  if (!t.defined()) return;
+  data_ = t.alias_with_layout(t.sizes(), t.strides(), t.storage_offset());
+  saved_version_ = t.version();
+}
+
+Tensor SavedTensor::unpack() const {
+  if (!data_.defined()) return data_;
+  FG_CHECK(data_.version() == saved_version_, AutogradError,
+           "one of the tensors needed for gradient computation has been modified by an inplace operation: "
+           "[{} tensor of shape {}] is at version {}; expected version {} instead",
+           data_.dtype(), shape_str(data_.sizes()), data_.version(), saved_version_);
+  return data_;
+}
+
+TensorList AccumulateGrad::apply(TensorList&& grads) {
+  Tensor g = grads.at(0);
+  if (!g.defined()) return {};
+  if (auto* meta = autograd_meta(leaf_)) {
+    for (auto& hook : meta->leaf_hooks) {
+      Tensor r = hook(g);
+      if (r.defined()) g = r;
+    }
+  }
+  FG_CHECK(g.sizes() == leaf_.sizes(), AutogradError,
+           "AccumulateGrad: gradient of shape {} does not match the leaf's shape {}", shape_str(g.sizes()),
+           shape_str(leaf_.sizes()));
+  Tensor& slot = leaf_.mutable_grad();
+  if (g.dtype() != leaf_.dtype()) g = g.to(leaf_.dtype());
+  slot = slot.defined() ? autograd_arith::add(slot, g) : autograd_arith::clone_contiguous(g);
+  return {};
+}
+
+TensorList LambdaNode::apply(TensorList&& grads) {
+  FG_CHECK(fn_ != nullptr, AutogradError,
+           "Trying to backward through the graph a second time (or directly access saved tensors after they "
+           "have already been freed) in {}. Saved intermediate values of the graph are freed when you call "
+           "backward(). Specify retain_graph=true if you need to backward through the graph a second time.",
+           name_);
+  return fn_(grads);
+}
+
+}  // namespace fg

@@ -1,0 +1,157 @@
+// Tensor's autograd methods and the bookkeeping of AutogradMeta.
+#include <mutex>
+
+#include "autograd/autograd_meta.h"
+#include "autograd/engine.h"
+#include "autograd/grad_mode.h"
+#include "autograd/record.h"
+#include "autograd/grad_arith.h"
+
+namespace fg {
+
+AutogradMeta* autograd_meta(const Tensor& t) {
+  return t.defined() ? static_cast<AutogradMeta*>(t.impl()->autograd_meta()) : nullptr;
+}
+
+AutogradMeta& materialize_autograd_meta(const Tensor& t) {
+  FG_CHECK(t.defined(), AutogradError, "autograd: the tensor is undefined");
+  if (!t.impl()->autograd_meta()) t.impl()->set_autograd_meta(std::make_unique<AutogradMeta>());
+  return *static_cast<AutogradMeta*>(t.impl()->autograd_meta());
+}
+
+Edge gradient_edge(const Tensor& t) {
+  AutogradMeta* m = autograd_meta(t);
+  if (!m) return {};
+  if (m->grad_fn) return {m->grad_fn, m->output_nr};
+  if (!m->requires_grad) return {};
+  static std::mutex mu;  // leaves may be used from several threads at once
+  std::lock_guard<std::mutex> lock(mu);
+  auto acc = m->grad_accumulator.lock();
+  if (!acc) {
+    acc = std::make_shared<AccumulateGrad>(t);
+    m->grad_accumulator = acc;
+  }
+  return {acc, 0};
+}
+
+void set_history(const Tensor& t, const std::shared_ptr<Node>& fn, uint32_t output_nr) {
+  if (!t.defined() || !t.is_floating_point()) return;
+  AutogradMeta& m = materialize_autograd_meta(t);
+  m.grad_fn = fn;
+  m.output_nr = output_nr;
+  m.requires_grad = true;
+}
+
+namespace {
+thread_local bool grad_mode_enabled = true;
+}
+bool GradMode::is_enabled() { return grad_mode_enabled; }
+void GradMode::set_enabled(bool enabled) { grad_mode_enabled = enabled; }
+
+bool needs_grad(std::initializer_list<Tensor> inputs) {
+  if (!GradMode::is_enabled()) return false;
+  for (const auto& t : inputs) if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+bool needs_grad(const TensorList& inputs) {
+  if (!GradMode::is_enabled()) return false;
+  for (const auto& t : inputs) if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+std::shared_ptr<Node> record(std::string name, const TensorList& inputs, const TensorList& outputs,
+                             BackwardFn backward) {
+  auto node = std::make_shared<LambdaNode>(std::move(name), std::move(backward));
+  node->next_edges.reserve(inputs.size());
+  for (const auto& in : inputs) node->next_edges.push_back(in.defined() ? gradient_edge(in) : Edge{});
+  node->num_outputs = static_cast<uint32_t>(outputs.size());
+  for (uint32_t i = 0; i < outputs.size(); ++i) set_history(outputs[i], node, i);
+  return node;
+}
+
+// ---- Tensor methods ----
+
+bool Tensor::requires_grad() const {
+  AutogradMeta* m = autograd_meta(*this);
+  return m && (m->requires_grad || m->grad_fn);
+}
+
+Tensor& Tensor::requires_grad_(bool requires) {
+  if (!requires && !autograd_meta(*this)) return *this;
+  AutogradMeta& m = materialize_autograd_meta(*this);
+  FG_CHECK(!m.grad_fn || requires, AutogradError,
+           "requires_grad_: you can only change requires_grad flags of leaf tensors; use detach() to get a "
+           "tensor without history");
+  FG_CHECK(!requires || is_floating_point(), AutogradError,
+           "requires_grad_: only tensors of floating point dtype can require gradients (got {})", dtype());
+  m.requires_grad = requires;
+  return *this;
+}
+
+const Tensor& Tensor::grad() const {
+  static const Tensor undefined;
+  AutogradMeta* m = autograd_meta(*this);
+  return m ? m->grad : undefined;
+}
+
+Tensor& Tensor::mutable_grad() const { return materialize_autograd_meta(*this).grad; }
+void Tensor::set_grad(const Tensor& g) const { materialize_autograd_meta(*this).grad = g; }
+
+std::shared_ptr<Node> Tensor::grad_fn() const {
+  AutogradMeta* m = autograd_meta(*this);
+  return m ? m->grad_fn : nullptr;
+}
+
+bool Tensor::is_leaf() const { return grad_fn() == nullptr; }
+
+uint32_t Tensor::output_nr() const {
+  AutogradMeta* m = autograd_meta(*this);
+  return m ? m->output_nr : 0;
+}
+
+void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
+  run_backward({*this}, {gradient}, retain_graph);
+}
+
+Tensor Tensor::detach() const { return alias_with_layout(sizes(), strides(), storage_offset()); }
+
+Tensor& Tensor::detach_() {
+  if (AutogradMeta* m = autograd_meta(*this)) {
+    m->grad_fn = nullptr;
+    m->output_nr = 0;
+    m->requires_grad = false;
+  }
+  return *this;
+}
+
+void Tensor::register_hook(GradHook hook) const {
+  FG_CHECK(requires_grad(), AutogradError,
+           "register_hook: cannot register a hook on a tensor that doesn't require gradient");
+  AutogradMeta& m = materialize_autograd_meta(*this);
+  if (m.grad_fn) m.grad_fn->pre_hooks[m.output_nr].push_back(std::move(hook));
+  else m.leaf_hooks.push_back(std::move(hook));
+}
+
+void Tensor::retain_grad() const {
+  FG_CHECK(requires_grad(), AutogradError, "retain_grad: can't retain_grad on a Tensor that has requires_grad=False");
+  AutogradMeta& m = materialize_autograd_meta(*this);
+  if (!m.grad_fn || m.retains_grad) return;  // leaves keep their grad anyway
+  m.retains_grad = true;
+  std::weak_ptr<TensorImpl> weak = impl_ptr();
+  m.grad_fn->pre_hooks[m.output_nr].push_back([weak](const Tensor& g) {
+    if (auto impl = weak.lock()) {
+      Tensor self(impl);
+      Tensor& slot = self.mutable_grad();
+      slot = slot.defined() ? autograd_arith::add(slot, g) : autograd_arith::clone_contiguous(g);
+    }
+    return Tensor();
+  });
+}
+
+bool Tensor::retains_grad() const {
+  AutogradMeta* m = autograd_meta(*this);
+  return m && m->retains_grad;
+}
+
+}  // namespace fg

@@ -1,0 +1,15 @@
+// Everything of the op layer in one include.
+#pragma once
+#include "autograd/engine.h"
+#include "autograd/function.h"
+#include "autograd/gradcheck.h"
+#include "autograd/grad_mode.h"
+#include "ops/elementwise.h"
+#include "ops/index.h"
+#include "ops/linalg.h"
+#include "ops/reduce.h"
+#include "ops/softmax.h"
+#include "ops/view.h"
+#include "tensor/random.h"
+#include "tensor/print.h"
+#include "tensor/npy.h"
