@@ -42,6 +42,10 @@ class TensorImpl {
   DType dtype() const { return dtype_; }
   Device device() const { return storage_->device(); }
   int64_t numel() const { return numel_; }
+  // A 0-d tensor made from a C++ number for an op (`t * 2`): it takes part in type promotion with
+  // the lowest priority, as PyTorch's wrapped numbers do.
+  bool is_wrapped_number() const { return wrapped_number_; }
+  void set_wrapped_number(bool w) { wrapped_number_ = w; }
 
   // The one slot for autograd state (null for tensors that never took part in autograd).
   AutogradMetaInterface* autograd_meta() const { return autograd_meta_.get(); }
@@ -55,6 +59,7 @@ class TensorImpl {
   int64_t storage_offset_ = 0;
   int64_t numel_ = 0;
   DType dtype_;
+  bool wrapped_number_ = false;
   std::unique_ptr<AutogradMetaInterface> autograd_meta_;
 };
 
@@ -121,7 +126,7 @@ class Tensor {
 
   // ---- autograd (autograd/variable.cpp) ----
   bool requires_grad() const;
-  Tensor& requires_grad_(bool requires = true);
+  Tensor& requires_grad_(bool on = true);
   const Tensor& grad() const;   // undefined tensor when no gradient was accumulated
   Tensor& mutable_grad() const;
   void set_grad(const Tensor& g) const;

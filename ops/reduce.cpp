@@ -1,13 +1,16 @@
-// Reductions beyond sum/mean (ops/reduce.h). Each op validates, runs a kernel of ops/reduce_kernels.h
-// through its stub, and records its backward right below the forward. Backward formulas use
-// differentiable ops and run with grad mode off (the engine's choice), so they are plain tensor code.
+// Reductions (ops/reduce.h). Each op validates, runs a kernel of ops/reduce_kernels.h through its stub
+// on the strided input as it is (a ReduceLayout, no permute-and-copy), and records its backward right
+// below the forward. Backward formulas use differentiable ops and run with grad mode off (the engine's
+// choice), so they are plain tensor code.
+#include "ops/reduce.h"
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "autograd/record.h"
 #include "ops/elementwise.h"
 #include "ops/index.h"
-#include "ops/reduce.h"
 #include "ops/reduce_kernels.h"
 #include "ops/view.h"
 
@@ -167,6 +170,46 @@ ValuesIndices sorted_prefix(const Tensor& t, int64_t k, int64_t dim, bool descen
 }
 
 }  // namespace
+
+Tensor sum_to_shape(const Tensor& grad, const Shape& shape) {
+  if (grad.sizes() == shape) return grad;
+  const int64_t lead = grad.dim() - static_cast<int64_t>(shape.size());
+  FG_CHECK(lead >= 0, ShapeError, "sum_to_shape: gradient of shape {} cannot be reduced to {}",
+           shape_str(grad.sizes()), shape_str(shape));
+  Shape dims;
+  for (int64_t d = 0; d < grad.dim(); ++d) {
+    if (d < lead || (shape[d - lead] == 1 && grad.sizes()[d] != 1)) dims.push_back(d);
+  }
+  Tensor r = dims.empty() ? grad : sum(grad, dims, true);
+  return r.numel() == shape_numel(shape) ? reshape(r, shape) : r;
+}
+
+Tensor sum(const Tensor& t, std::optional<DType> dtype) { return sum(t, {}, false, dtype); }
+
+Tensor sum(const Tensor& t, const Shape& dims, bool keepdim, std::optional<DType> dtype) {
+  FG_CHECK(t.defined(), ValueError, "sum: got an undefined tensor");
+  // As PyTorch, an explicit dtype casts the input before summing (differentiably between floats).
+  if (dtype && *dtype != t.dtype()) return sum(cast(t, *dtype), dims, keepdim, std::nullopt);
+  auto mask = reduce_dims_mask(dims, t.dim(), "sum");
+  Tensor out = reduce_raw(ReduceOp::Sum, t, mask, keepdim);
+  if (needs_grad({t})) {
+    record("SumBackward", {t}, {out}, [shape = t.sizes(), mask](const TensorList& g) {
+      return TensorList{keepdim_view(g[0], shape, mask).expand(shape)};
+    });
+  }
+  return out;
+}
+
+Tensor mean(const Tensor& t) { return mean(t, {}, false); }
+
+Tensor mean(const Tensor& t, const Shape& dims, bool keepdim) {
+  FG_CHECK(is_floating(t.dtype()), DTypeError,
+           "mean: could not infer output dtype; input dtype must be floating point, got {}", t.dtype());
+  auto mask = reduce_dims_mask(dims, t.dim(), "mean");
+  int64_t n = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) if (mask[d]) n *= t.sizes()[d];
+  return sum(t, dims, keepdim) / static_cast<double>(n);  // n == 0 gives NaN, as PyTorch
+}
 
 Tensor prod(const Tensor& t, const Shape& dims, bool keepdim) {
   auto mask = reduce_dims_mask(dims, t.dim(), "prod");

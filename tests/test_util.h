@@ -1,0 +1,45 @@
+// Helpers shared by the test suites.
+#pragma once
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "ops/ops.h"
+
+namespace fg::testing {
+
+// Expects `stmt` to throw exception type E whose message contains every given substring.
+#define EXPECT_THROW_MSG(stmt, E, ...)                                                       \
+  do {                                                                                       \
+    try {                                                                                    \
+      stmt;                                                                                  \
+      ADD_FAILURE() << "expected " #E " from: " #stmt;                                       \
+    } catch (const E& e) {                                                                   \
+      for (const std::string& part : {__VA_ARGS__}) {                                        \
+        EXPECT_THAT(std::string(e.what()), ::testing::HasSubstr(part)) << "from: " #stmt;   \
+      }                                                                                      \
+    }                                                                                        \
+  } while (0)
+
+inline Tensor tensor(std::vector<double> values, Shape shape, DType dtype = kFloat64) {
+  return from_vector(values, shape, dtype);
+}
+
+// Element-wise comparison in double with a tolerance, reporting the first mismatch.
+inline ::testing::AssertionResult close(const Tensor& a, const Tensor& b, double atol = 1e-6, double rtol = 1e-6) {
+  if (a.sizes() != b.sizes()) {
+    return ::testing::AssertionFailure() << "shapes differ: " << shape_str(a.sizes()) << " vs " << shape_str(b.sizes());
+  }
+  auto va = a.to_vector(), vb = b.to_vector();
+  for (size_t i = 0; i < va.size(); ++i) {
+    bool both_nan = std::isnan(va[i]) && std::isnan(vb[i]);
+    bool same_inf = std::isinf(va[i]) && va[i] == vb[i];
+    if (!both_nan && !same_inf && !(std::abs(va[i] - vb[i]) <= atol + rtol * std::abs(vb[i]))) {
+      return ::testing::AssertionFailure() << "element " << i << ": " << va[i] << " vs " << vb[i];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace fg::testing
