@@ -77,15 +77,15 @@ bool Tensor::requires_grad() const {
   return m && (m->requires_grad || m->grad_fn);
 }
 
-Tensor& Tensor::requires_grad_(bool requires) {
-  if (!requires && !autograd_meta(*this)) return *this;
+Tensor& Tensor::requires_grad_(bool requires_grad_flag) {
+  if (!requires_grad_flag && !autograd_meta(*this)) return *this;
   AutogradMeta& m = materialize_autograd_meta(*this);
-  FG_CHECK(!m.grad_fn || requires, AutogradError,
+  FG_CHECK(!m.grad_fn || requires_grad_flag, AutogradError,
            "requires_grad_: you can only change requires_grad flags of leaf tensors; use detach() to get a "
            "tensor without history");
-  FG_CHECK(!requires || is_floating_point(), AutogradError,
+  FG_CHECK(!requires_grad_flag || is_floating_point(), AutogradError,
            "requires_grad_: only tensors of floating point dtype can require gradients (got {})", dtype());
-  m.requires_grad = requires;
+  m.requires_grad = requires_grad_flag;
   return *this;
 }
 

@@ -121,7 +121,7 @@ class Tensor {
 
   // ---- autograd (autograd/variable.cpp) ----
   bool requires_grad() const;
-  Tensor& requires_grad_(bool requires = true);
+  Tensor& requires_grad_(bool requires_grad = true);
   const Tensor& grad() const;   // undefined tensor when no gradient was accumulated
   Tensor& mutable_grad() const;
   void set_grad(const Tensor& g) const;
