@@ -12,7 +12,7 @@ Tensor Dropout::forward(const Tensor& x) {
   if (!is_training() || p == 0) return x;
   // The mask is a constant of the graph: gradients flow through the multiply only.
   Tensor keep = bernoulli(x.sizes(), 1 - p, x.options(), &gen_);
-  return mul(x, mul(keep, 1.0 / (1 - p)));
+  return mul(x, keep * (1.0 / (1 - p)));
 }
 
 std::string Dropout::extra_repr() const { return fmt::format("p={}", p); }

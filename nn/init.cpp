@@ -7,12 +7,12 @@ namespace fg::nn::init {
 
 Tensor normal(const Shape& shape, double std, TensorOptions options, Generator* gen) {
   NoGradGuard ng;
-  return mul(randn(shape, options.requires_grad(false), gen), std);
+  return randn(shape, options.requires_grad(false), gen) * std;
 }
 
 Tensor uniform(const Shape& shape, double bound, TensorOptions options, Generator* gen) {
   NoGradGuard ng;
-  return sub(mul(rand(shape, options.requires_grad(false), gen), 2 * bound), bound);
+  return rand(shape, options.requires_grad(false), gen) * (2 * bound) - bound;
 }
 
 }  // namespace fg::nn::init

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "tensor/random.h"
 #include "tensor/tensor.h"
 
 namespace fg::nn {

@@ -1,0 +1,18 @@
+// Everything of the nn layer in one include.
+#pragma once
+#include "nn/attention.h"
+#include "nn/dropout.h"
+#include "nn/embedding.h"
+#include "nn/gpt.h"
+#include "nn/init.h"
+#include "nn/kv_cache.h"
+#include "nn/linear.h"
+#include "nn/mlp.h"
+#include "nn/module.h"
+#include "nn/norm.h"
+#include "nn/optim.h"
+#include "nn/rotary.h"
+#include "nn/safetensors.h"
+#include "nn/transformer.h"
+#include "ops/loss.h"
+#include "ops/norm.h"

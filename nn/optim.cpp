@@ -1,0 +1,175 @@
+#include "nn/optim.h"
+
+#include <cmath>
+#include <map>
+
+#include "autograd/grad_mode.h"
+#include "ops/elementwise.h"
+#include "ops/reduce.h"
+
+namespace fg::nn {
+
+Optimizer::Optimizer(TensorList params, double lr, std::string name)
+    : params_(std::move(params)), lr_(lr), name_(std::move(name)), state_(params_.size()) {
+  FG_CHECK(lr >= 0, ValueError, "{}: lr must be >= 0, got {}", name_, lr);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    FG_CHECK(params_[i].defined() && params_[i].is_leaf() && params_[i].requires_grad(), ValueError,
+             "{}: parameter {} must be a leaf tensor that requires grad", name_, i);
+  }
+}
+
+void Optimizer::zero_grad() {
+  for (auto& p : params_) {
+    if (p.grad().defined()) p.set_grad(Tensor());
+  }
+}
+
+Tensor& Optimizer::buffer(size_t i, const std::string& name) {
+  for (auto& [n, t] : state_[i]) {
+    if (n == name) return t;
+  }
+  state_[i].emplace_back(name, zeros(params_[i].sizes(), params_[i].options()));
+  return state_[i].back().second;
+}
+
+bool Optimizer::has_buffer(size_t i, const std::string& name) const {
+  for (const auto& [n, t] : state_[i]) {
+    if (n == name) return true;
+  }
+  return false;
+}
+
+NamedTensors Optimizer::state_dict() const {
+  NamedTensors out;
+  out.emplace_back("step", scalar_tensor(steps_, kInt64));
+  for (size_t i = 0; i < state_.size(); ++i) {
+    for (const auto& [n, t] : state_[i]) out.emplace_back(fmt::format("{}.{}", i, n), t);
+  }
+  return out;
+}
+
+void Optimizer::load_state_dict(const NamedTensors& state) {
+  std::vector<std::string> problems;
+  std::vector<std::vector<std::pair<std::string, Tensor>>> next(params_.size());
+  int64_t steps = -1;
+  for (const auto& [name, t] : state) {
+    if (name == "step") {
+      steps = static_cast<int64_t>(t.item<double>());
+      continue;
+    }
+    const auto dot = name.find('.');
+    size_t i = 0;
+    bool ok = dot != std::string::npos && dot > 0;
+    if (ok) {
+      try { i = std::stoul(name.substr(0, dot)); } catch (...) { ok = false; }
+    }
+    if (!ok || i >= params_.size()) {
+      problems.push_back(fmt::format("unexpected key '{}' (optimizer has {} parameters)", name, params_.size()));
+      continue;
+    }
+    if (t.sizes() != params_[i].sizes() || t.dtype() != params_[i].dtype()) {
+      problems.push_back(fmt::format("'{}' is {} {} but parameter {} is {} {}", name, t.dtype(), shape_str(t.sizes()), i,
+                                     params_[i].dtype(), shape_str(params_[i].sizes())));
+      continue;
+    }
+    next[i].emplace_back(name.substr(dot + 1), clone(t.detach()));
+  }
+  if (steps < 0) problems.push_back("missing key 'step'");
+  FG_CHECK(problems.empty(), ValueError, "{}.load_state_dict: {} problem(s):\n  {}", name_, problems.size(),
+           fmt::join(problems, "\n  "));
+  steps_ = steps;
+  state_ = std::move(next);
+}
+
+SGD::SGD(TensorList params, SGDOptions o) : Optimizer(std::move(params), o.lr, "SGD"), options(o) {
+  FG_CHECK(o.momentum >= 0, ValueError, "SGD: momentum must be >= 0, got {}", o.momentum);
+  FG_CHECK(!o.nesterov || (o.momentum > 0 && o.dampening == 0), ValueError,
+           "SGD: nesterov needs momentum > 0 and dampening 0 (got momentum {}, dampening {})", o.momentum, o.dampening);
+}
+
+void SGD::step() {
+  NoGradGuard ng;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor& p = params_[i];
+    if (!p.grad().defined()) continue;
+    Tensor g = p.grad();
+    if (options.weight_decay != 0) g = add(g, p.detach(), options.weight_decay);
+    if (options.momentum != 0) {
+      const bool fresh = !has_buffer(i, "momentum_buffer");
+      Tensor& buf = buffer(i, "momentum_buffer");
+      // First use: buf = g (as PyTorch), afterwards buf = momentum * buf + (1 - dampening) * g.
+      if (fresh) buf.copy_(g);
+      else { buf.mul_(options.momentum); buf.add_(g, 1 - options.dampening); }
+      g = options.nesterov ? add(g, buf, options.momentum) : buf;
+    }
+    Tensor d = p.detach();
+    d.add_(g, -lr_);
+  }
+  ++steps_;
+}
+
+Adam::Adam(TensorList params, AdamOptions o, bool decoupled)
+    : Optimizer(std::move(params), o.lr, decoupled ? "AdamW" : "Adam"), options(o), decoupled_(decoupled) {
+  FG_CHECK(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1, ValueError,
+           "{}: betas must be in [0, 1), got ({}, {})", name_, o.beta1, o.beta2);
+  FG_CHECK(o.eps >= 0, ValueError, "{}: eps must be >= 0, got {}", name_, o.eps);
+}
+
+void Adam::step() {
+  NoGradGuard ng;
+  const int64_t t = steps_ + 1;
+  const double bc1 = 1 - std::pow(options.beta1, static_cast<double>(t));
+  const double bc2 = 1 - std::pow(options.beta2, static_cast<double>(t));
+  const double step_size = lr_ / bc1, sqrt_bc2 = std::sqrt(bc2);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor& p = params_[i];
+    if (!p.grad().defined()) continue;
+    Tensor d = p.detach();
+    Tensor g = p.grad();
+    if (options.weight_decay != 0) {
+      if (decoupled_) d.mul_(1 - lr_ * options.weight_decay);
+      else g = add(g, d, options.weight_decay);
+    }
+    Tensor& m = buffer(i, "exp_avg");
+    Tensor& v = buffer(i, "exp_avg_sq");
+    m.mul_(options.beta1);
+    m.add_(g, 1 - options.beta1);
+    v.mul_(options.beta2);
+    v.add_(mul(g, g), 1 - options.beta2);
+    // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+    Tensor denom = sqrt(v) / sqrt_bc2 + options.eps;
+    d.add_(div(m, denom), -step_size);
+  }
+  steps_ = t;
+}
+
+AdamW::AdamW(TensorList params, AdamOptions o) : Adam(std::move(params), o, /*decoupled=*/true) {}
+
+double clip_grad_norm_(const TensorList& params, double max_norm) {
+  FG_CHECK(max_norm > 0, ValueError, "clip_grad_norm_: max_norm must be > 0, got {}", max_norm);
+  NoGradGuard ng;
+  double total = 0;
+  for (const auto& p : params) {
+    if (!p.grad().defined()) continue;
+    const Tensor g = cast(p.grad(), kFloat64);
+    total += sum(mul(g, g)).item<double>();
+  }
+  total = std::sqrt(total);
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1) {
+    for (const auto& p : params) {
+      if (p.grad().defined()) p.mutable_grad().mul_(coef);
+    }
+  }
+  return total;
+}
+
+double WarmupCosine::at(int64_t step) const {
+  if (warmup_steps > 0 && step < warmup_steps) return base_lr * static_cast<double>(step + 1) / warmup_steps;
+  if (step >= total_steps) return min_lr;
+  const double span = std::max<int64_t>(1, total_steps - warmup_steps);
+  const double progress = static_cast<double>(step - warmup_steps) / span;
+  return min_lr + 0.5 * (base_lr - min_lr) * (1 + std::cos(M_PI * progress));
+}
+
+}  // namespace fg::nn
