@@ -50,7 +50,7 @@ NamedTensors Optimizer::state_dict() const {
 
 void Optimizer::load_state_dict(const NamedTensors& state) {
   std::vector<std::string> problems;
-  std::vector<std::vector<std::pair<std::string, Tensor>>> next(params_.size());
+  std::vector<std::deque<std::pair<std::string, Tensor>>> next(params_.size());
   int64_t steps = -1;
   for (const auto& [name, t] : state) {
     if (name == "step") {

@@ -3,6 +3,7 @@
 // decay: p -= lr * wd * p, not passed through the moments). Updates run without recording the tape.
 // Parameters whose .grad() is undefined are skipped, as PyTorch does.
 #pragma once
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -33,7 +34,8 @@ class Optimizer {
   double lr_;
   int64_t steps_ = 0;
   std::string name_;
-  std::vector<std::vector<std::pair<std::string, Tensor>>> state_;
+  // A deque per parameter: buffer() hands out references that must survive later insertions.
+  std::vector<std::deque<std::pair<std::string, Tensor>>> state_;
 };
 
 struct SGDOptions {

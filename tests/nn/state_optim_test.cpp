@@ -1,0 +1,159 @@
+// Checkpoints (safetensors round trip, mismatch reports) and optimizer steps against hand computation.
+#include <cstdio>
+#include <fstream>
+
+#include "nn/nn.h"
+#include "tests/test_util.h"
+
+namespace fg::testing {
+namespace {
+
+using namespace fg::nn;
+
+std::string tmp_path(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+
+TEST(NnState, SafetensorsRoundTripAllDtypes) {
+  NamedTensors ts{{"f64", tensor({1.5, -2}, {2})},
+                  {"f32", from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32)},
+                  {"f16", cast(tensor({0.5, 3}, {2}), kFloat16)},
+                  {"bf16", cast(tensor({-1, 8}, {1, 2}), kBFloat16)},
+                  {"i64", from_vector<int64_t>({7, -9}, {2}, kInt64)},
+                  {"i32", from_vector<int32_t>({3}, {1}, kInt32)},
+                  {"b", from_vector<bool>({true, false, true}, {3}, kBool)},
+                  {"strided", transpose(from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32), 0, 1)}};
+  const std::string p = tmp_path("rt.safetensors");
+  save_safetensors(p, ts, {{"format", "pt"}});
+  SafetensorsFile f = load_safetensors(p);
+  ASSERT_EQ(f.tensors.size(), ts.size());
+  EXPECT_EQ(f.metadata.at("format"), "pt");
+  for (size_t i = 0; i < ts.size(); ++i) {
+    EXPECT_EQ(f.tensors[i].first, ts[i].first);
+    EXPECT_EQ(f.tensors[i].second.dtype(), ts[i].second.dtype());
+    EXPECT_TRUE(equal(f.tensors[i].second, ts[i].second)) << ts[i].first;
+  }
+  // Header layout: 8-byte length, then JSON that Python's safetensors reads.
+  std::ifstream in(p, std::ios::binary);
+  uint64_t n = 0;
+  in.read(reinterpret_cast<char*>(&n), 8);
+  std::string json(n, ' ');
+  in.read(json.data(), n);
+  EXPECT_THAT(json, ::testing::HasSubstr("\"f32\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[16,40]}"));
+  EXPECT_EQ(n % 8, 0u);
+}
+
+TEST(NnState, MalformedFilesAreReported) {
+  const std::string p = tmp_path("bad.safetensors");
+  { std::ofstream f(p, std::ios::binary); f << "abc"; }
+  EXPECT_THROW_MSG(load_safetensors(p), IOError, "too short");
+  {
+    std::ofstream f(p, std::ios::binary);
+    std::string j = R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})";
+    uint64_t n = j.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << j << "abcd";
+  }
+  EXPECT_THROW_MSG(load_safetensors(p), IOError, "'w' is F32 [2] (8 bytes) but its offsets span 4 bytes");
+  EXPECT_THROW_MSG(load_safetensors(tmp_path("missing.safetensors")), IOError, "cannot open");
+}
+
+TEST(NnState, ModuleLoadReportsEveryMismatch) {
+  manual_seed(5);
+  GPTConfig gc{.vocab_size = 6, .context = 8, .d_model = 8, .n_layers = 1, .n_heads = 2};
+  auto a = std::make_shared<GPT>(gc), b = std::make_shared<GPT>(gc);
+  const std::string p = tmp_path("gpt.safetensors");
+  save_module(*a, p);
+  load_module(*b, p);
+  for (auto& [n, t] : a->state_dict()) EXPECT_TRUE(equal(t, b->get(n))) << n;
+
+  NamedTensors sd = a->state_dict();
+  sd.erase(sd.begin());                                              // missing tok_emb.weight
+  sd[0].second = zeros({3});                                         // wrong shape
+  sd[1].second = cast(sd[1].second, kFloat64);                       // wrong dtype
+  sd.emplace_back("extra.weight", zeros({1}));                       // unexpected
+  try {
+    b->load_state_dict(sd);
+    ADD_FAILURE() << "expected ValueError";
+  } catch (const ValueError& e) {
+    std::string m = e.what();
+    EXPECT_THAT(m, ::testing::HasSubstr("4 problem(s)"));
+    EXPECT_THAT(m, ::testing::HasSubstr("missing key 'tok_emb.weight'"));
+    EXPECT_THAT(m, ::testing::HasSubstr("shape mismatch for '" + sd[0].first + "': checkpoint has [3]"));
+    EXPECT_THAT(m, ::testing::HasSubstr("dtype mismatch for '" + sd[1].first + "': checkpoint has float64"));
+    EXPECT_THAT(m, ::testing::HasSubstr("unexpected key 'extra.weight'"));
+  }
+  // Non-strict ignores missing/unexpected names but still refuses wrong shapes.
+  NamedTensors partial{{"norm_f.weight", full({8}, 2.0)}};
+  b->load_state_dict(partial, /*strict=*/false);
+  EXPECT_EQ(b->get("norm_f.weight").at({0}), 2.0);
+}
+
+// One parameter p = [1, -2] with loss sum(c * p), so grad = c each step.
+Tensor param() { return tensor({1.0, -2.0}, {2}).requires_grad_(true); }
+void backward_with(const Tensor& p, std::vector<double> c) { sum(mul(p, tensor(c, {2}))).backward(); }
+
+TEST(NnOptim, SgdMomentumNesterovByHand) {
+  Tensor p = param();
+  SGD opt({p}, {.lr = 0.1, .momentum = 0.9, .weight_decay = 0.5, .nesterov = true});
+  // step 1: g = c + wd p = [1,1] + 0.5*[1,-2] = [1.5, 0]; buf = g; update g + 0.9 buf = [2.85, 0]
+  backward_with(p, {1, 1});
+  opt.step();
+  EXPECT_TRUE(close(p.detach(), tensor({1 - 0.285, -2.0}, {2}), 1e-12));
+  // step 2: p = [0.715, -2]; g = [1 + 0.3575, 1 - 1] = [1.3575, 0]; buf = 0.9*1.5 + 1.3575 = 2.7075
+  // update = 1.3575 + 0.9*2.7075 = 3.79425
+  opt.zero_grad();
+  backward_with(p, {1, 1});
+  opt.step();
+  EXPECT_TRUE(close(p.detach(), tensor({0.715 - 0.379425, -2.0}, {2}), 1e-12));
+}
+
+TEST(NnOptim, AdamAndAdamWByHand) {
+  for (bool decoupled : {false, true}) {
+    Tensor p = param();
+    AdamOptions o{.lr = 0.1, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.1};
+    std::unique_ptr<Optimizer> opt =
+        decoupled ? std::unique_ptr<Optimizer>(new AdamW({p}, o)) : std::unique_ptr<Optimizer>(new Adam({p}, o));
+    std::vector<double> pv{1.0, -2.0}, m{0, 0}, v{0, 0};
+    const std::vector<double> c{0.5, -3};
+    for (int t = 1; t <= 3; ++t) {
+      opt->zero_grad();
+      backward_with(p, c);
+      opt->step();
+      for (int i = 0; i < 2; ++i) {
+        double g = c[i];
+        if (decoupled) pv[i] *= 1 - 0.1 * 0.1;
+        else g += 0.1 * pv[i];
+        m[i] = 0.9 * m[i] + 0.1 * g;
+        v[i] = 0.99 * v[i] + 0.01 * g * g;
+        const double mh = m[i] / (1 - std::pow(0.9, t)), vh = v[i] / (1 - std::pow(0.99, t));
+        pv[i] -= 0.1 * mh / (std::sqrt(vh) + 1e-8);
+      }
+      EXPECT_TRUE(close(p.detach(), tensor(pv, {2}), 1e-9, 1e-9)) << "decoupled " << decoupled << " step " << t;
+    }
+    // Optimizer state round trip through a safetensors file.
+    const std::string path = tmp_path("opt.safetensors");
+    save_safetensors(path, opt->state_dict());
+    Tensor q = param();
+    AdamW fresh({q}, o);
+    fresh.load_state_dict(load_safetensors(path).tensors);
+    EXPECT_EQ(fresh.steps(), 3);
+    EXPECT_THROW_MSG(SGD({q}, {}).load_state_dict({{"step", scalar_tensor(1, kInt64)}, {"5.x", zeros({2})}}),
+                     ValueError, "unexpected key '5.x'");
+  }
+}
+
+TEST(NnOptim, ClipAndSchedule) {
+  Tensor a = tensor({3, 0}, {2}).requires_grad_(true), b = tensor({0}, {1}).requires_grad_(true);
+  backward_with(a, {3, 0});
+  sum(mul(b, tensor({4}, {1}))).backward();
+  EXPECT_NEAR(clip_grad_norm_({a, b}, 1.0), 5.0, 1e-12);
+  EXPECT_NEAR(a.grad().at({0}), 0.6, 1e-6);
+  EXPECT_NEAR(b.grad().at({0}), 0.8, 1e-6);
+  WarmupCosine s{.base_lr = 1.0, .warmup_steps = 10, .total_steps = 110, .min_lr = 0.1};
+  EXPECT_NEAR(s.at(0), 0.1, 1e-12);
+  EXPECT_NEAR(s.at(9), 1.0, 1e-12);
+  EXPECT_NEAR(s.at(60), 0.55, 1e-12);
+  EXPECT_NEAR(s.at(110), 0.1, 1e-12);
+}
+
+}  // namespace
+}  // namespace fg::testing
