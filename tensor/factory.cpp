@@ -82,8 +82,9 @@ Tensor arange(double start, double end, double step, TensorOptions o) {
 Tensor linspace(double start, double end, int64_t steps, TensorOptions o) {
   FG_CHECK(steps >= 0, ValueError, "linspace: number of steps must be non-negative, got {}", steps);
   double step = steps > 1 ? (end - start) / static_cast<double>(steps - 1) : 0.0;
-  // Fill from both ends as PyTorch does, so the last element is exactly `end`.
-  int64_t half = steps / 2;
+  // Fill from both ends as PyTorch does, so the last element is exactly `end`. A single step is `start`
+  // (steps / 2 would be 0 and send element 0 down the `end` branch).
+  int64_t half = steps == 1 ? 1 : steps / 2;
   return generate({steps}, o, "linspace",
                   [=](int64_t i) { return i < half ? start + step * i : end - step * (steps - 1 - i); });
 }
