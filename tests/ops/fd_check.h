@@ -9,6 +9,14 @@
 
 namespace fg::testing {
 
+// Deterministic pseudo-random values in about [-1.5, 1.5] (tensor/random.h's factories are not on main
+// yet); irrational frequencies keep ties and zeros away.
+inline Tensor noise(const Shape& shape, DType dtype = kFloat64, double seed = 0) {
+  NoGradGuard ng;
+  Tensor i = arange(0, static_cast<double>(shape_numel(shape)), 1, kFloat64);
+  return reshape(sin(i * 2.3999632 + seed) * 1.5, shape).to(dtype);
+}
+
 inline ::testing::AssertionResult fd_check(const std::function<Tensor(const TensorList&)>& fn, TensorList inputs,
                                            double eps = 1e-6, double atol = 1e-6, double rtol = 1e-4) {
   for (auto& x : inputs) x = x.detach().clone().requires_grad_(true);
