@@ -1,0 +1,92 @@
+// BlockMask: block-sparse description of a mask_mod, as torch.nn.attention.flex_attention.BlockMask.
+//
+// The [Q_LEN, KV_LEN] mask is cut into BLOCK_SIZE = (q, kv) blocks (the last ones may stick out past the
+// sequence). Each block is
+//   empty   — no allowed entry: the kernels never visit it;
+//   full    — every entry of the whole block (padding included) allowed: visited, mask not evaluated;
+//   partial — anything else: visited and the mask_mod is evaluated per entry.
+// As PyTorch, a block that sticks out past Q_LEN/KV_LEN counts the out-of-range entries as masked, so it
+// is at best partial (the conformance files show PyTorch's create_block_mask doing exactly this).
+//
+// Layout (all int32, contiguous), for the forward (rows = q blocks):
+//   kv_num_blocks [B, H, nQ]        number of partial blocks in each row
+//   kv_indices    [B, H, nQ, nKV]   their kv-block indices, ascending, first kv_num_blocks valid
+//   full_kv_num_blocks / full_kv_indices: the same for full blocks (undefined Tensors when absent)
+// and their transposes for the backward (rows = kv blocks): q_num_blocks [B, H, nKV], q_indices
+// [B, H, nKV, nQ], full_q_num_blocks, full_q_indices. Entries past the count hold the absent block
+// indices in ascending order (exactly what PyTorch's stable argsort leaves there).
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "attention/mask_mods.h"
+#include "attention/mod_program.h"
+
+namespace fg {
+
+struct BlockSize {
+  int64_t q = 128, kv = 128;
+  BlockSize(int64_t both = 128) : q(both), kv(both) {}  // NOLINT: BLOCK_SIZE=64 as in PyTorch
+  BlockSize(int64_t q_, int64_t kv_) : q(q_), kv(kv_) {}
+};
+
+class BlockMask {
+ public:
+  std::pair<int64_t, int64_t> seq_lengths{0, 0};  // (Q_LEN, KV_LEN)
+  Tensor kv_num_blocks, kv_indices;
+  Tensor full_kv_num_blocks, full_kv_indices;  // undefined when the mask does not separate full blocks
+  Tensor q_num_blocks, q_indices;
+  Tensor full_q_num_blocks, full_q_indices;
+  BlockSize block_size;
+  MaskMod mask_mod;                                   // noop_mask when none was given
+  std::shared_ptr<const ModProgram> mask_program;     // mask_mod traced once (kernels evaluate partial blocks)
+
+  BlockMask() = default;
+
+  // Build from the kv-side description; transposes are derived. seq_lengths default to the block
+  // grid's extent (nQ * BLOCK_SIZE.q, nKV * BLOCK_SIZE.kv), as PyTorch. The full pair may be undefined.
+  // ShapeError / DTypeError / IndexError naming the argument on malformed input.
+  static BlockMask from_kv_blocks(const Tensor& kv_num_blocks, const Tensor& kv_indices,
+                                  const Tensor& full_kv_num_blocks = Tensor(), const Tensor& full_kv_indices = Tensor(),
+                                  BlockSize block_size = 128, MaskMod mask_mod = nullptr,
+                                  std::optional<std::pair<int64_t, int64_t>> seq_lengths = std::nullopt);
+
+  int64_t batch() const { return kv_num_blocks.size(0); }
+  int64_t heads() const { return kv_num_blocks.size(1); }
+  int64_t num_q_blocks() const { return kv_indices.size(2); }
+  int64_t num_kv_blocks() const { return kv_indices.size(3); }
+  bool has_full_blocks() const { return full_kv_num_blocks.defined(); }
+
+  Shape shape() const { return {batch(), heads(), seq_lengths.first, seq_lengths.second}; }
+  int64_t numel() const { return shape_numel(shape()); }
+  // Percent of the [B, H, Q_LEN, KV_LEN] mask not computed, as PyTorch: 100 * (1 - visited blocks *
+  // block area / numel). Negative when padded blocks make the visited area exceed the mask.
+  double sparsity() const;
+  // int32 [B, H, nQ, nKV]: 1 where a block is visited (partial or full).
+  Tensor to_dense() const;
+  // 0 empty, 1 partial, 2 full (int32 [B, H, nQ, nKV]).
+  Tensor block_kinds() const;
+  // PyTorch's picture: per (b, h) a "(b, h)" line then one row per group of q blocks, two characters per
+  // group of kv blocks: "█" all visited, " " none, "░" mixed. grid = (max rows, max cols), -1 = no
+  // downsampling; at most `limit` (b, h) pairs. With show_partial, visited cells whose blocks are not all
+  // full print "▓" (PyTorch does not distinguish them).
+  std::string to_string(std::pair<int64_t, int64_t> grid = {20, 20}, int64_t limit = 4, bool show_partial = false) const;
+  // PyTorch's str(block_mask): "BlockMask(shape=(B, H, Q, KV), sparsity=S%, \n<picture>\n)".
+  std::string str() const;
+
+  // Selecting one batch entry / one (batch, head) keeps rank 4 (B = 1, H = 1) so kernels see one layout.
+  BlockMask operator[](int64_t b) const;
+  BlockMask select(int64_t b, int64_t h) const;
+  // For shorter sequences (e.g. decoding): keeps the blocks covering [0, new_q_len) x [0, new_kv_len).
+  // ValueError when the new lengths need more blocks than the mask has.
+  BlockMask adjust(int64_t new_q_len, int64_t new_kv_len) const;
+};
+
+// Evaluate mask_mod on every block (tile evaluator, OpenMP over (b, h, q-block)) and classify blocks.
+// B / H absent (std::nullopt or -1) mean 1, broadcast over batch / heads, as PyTorch's B=None.
+BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B, std::optional<int64_t> H,
+                            int64_t Q_LEN, int64_t KV_LEN, BlockSize block_size = 128);
+
+}  // namespace fg

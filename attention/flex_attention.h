@@ -1,0 +1,52 @@
+// flex_attention: attention whose scores are reshaped by a traced score_mod and sparsified by a
+// BlockMask, as torch.nn.attention.flex_attention.
+//
+//   q [B, Hq, Lq, E], k [Bkv, Hkv, Lkv, E], v [Bkv, Hkv, Lkv, Ev]  ->  out [B, Hq, Lq, Ev]
+//   score = scale * q.k ; score = score_mod(score, b, h, q_idx, kv_idx) ; masked where mask_mod is false
+//   out = softmax(score) @ v ; lse = logsumexp(score) (natural log; -inf for rows with no allowed key)
+//
+// Bkv may be 1 (K/V broadcast over the batch); Hq may be a multiple of Hkv when enable_gqa is set.
+// Rows with no allowed key give out 0, lse -inf and zero gradients. The result is a node of the
+// autograd tape: gradients flow to q, k, v and to captured float tensors that require grad.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "attention/block_mask.h"
+#include "attention/expr.h"
+#include "tensor/tensor.h"
+
+namespace fg {
+
+enum class FlexBackend : uint8_t {
+  Auto,       // the fused kernel of the inputs' device
+  Fused,      // fused CPU (or CUDA) kernel: online softmax over the BlockMask's blocks, O(L*E) memory
+  Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path)
+};
+
+struct FlexKernelOptions {
+  FlexBackend backend = FlexBackend::Auto;
+  int64_t block_q = 0;   // CPU tile sizes; 0 picks from the BlockMask (its block sizes) or 64
+  int64_t block_kv = 0;
+};
+
+struct FlexAttentionOptions {
+  ScoreMod score_mod;                   // empty: identity
+  std::optional<BlockMask> block_mask;  // empty: every key allowed
+  std::optional<double> scale;          // default 1/sqrt(E)
+  bool enable_gqa = false;
+  bool return_lse = false;
+  bool return_max_scores = false;  // per-row max of the modified scores (-inf for empty rows)
+  FlexKernelOptions kernel;
+};
+
+struct FlexAttentionResult {
+  Tensor out;         // [B, Hq, Lq, Ev], dtype of q
+  Tensor lse;         // [B, Hq, Lq] float32 (float64 for float64 inputs), when requested
+  Tensor max_scores;  // [B, Hq, Lq], when requested
+};
+
+FlexAttentionResult flex_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const FlexAttentionOptions& options = {});
+
+}  // namespace fg

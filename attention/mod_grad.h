@@ -1,0 +1,43 @@
+// Symbolic derivatives of a score_mod program, for the FlexAttention backward.
+//
+// The backward needs, per (b, h, q, kv):
+//   dS_in = dS_out * d score_mod / d score                      (the "dscore factor")
+//   grad_cap[idx(b,h,q,kv)] += dS_out * d score_mod / d cap[idx]  (for each read of a float capture)
+// derive_score_mod() builds both by reverse-mode differentiation of the SSA list, emitting through
+// ProgramBuilder (so the result is folded and CSE'd: `s * s` gives `2.0 * score`, the softcap
+// `20 * tanh(s / 20)` gives `1.0 - tanh(score / 20.0) * tanh(score / 20.0)`), into ONE multi-output
+// program that a TileEvaluator evaluates in a single pass:
+//   output 0                          d score_mod / d score
+//   per term t: outputs index_output .. index_output + ndim - 1  the int index of each dim
+//               output  deriv_output                            d score_mod / d cap[index]
+#pragma once
+#include <vector>
+
+#include "attention/mod_program.h"
+
+namespace fg {
+
+// One read of a float captured tensor (an Index node); several reads of one tensor are several terms.
+struct CaptureGradTerm {
+  int32_t capture;       // slot in ScoreModBackward::captures (= the forward program's captures)
+  int32_t ndim;          // number of index outputs
+  int32_t index_output;  // first index output of `program`
+  int32_t deriv_output;  // derivative output of `program`
+};
+
+struct ScoreModBackward {
+  ModProgram program;                 // outputs as described above
+  std::vector<CaptureGradTerm> terms;
+  // The forward's captured tensors; terms index this (the derivative program may not read all of them:
+  // `score + bias[h]` has derivative 1 and only needs h as the index).
+  std::vector<CaptureRef> captures;
+  // True when d score_mod / d score does not depend on the tile (e.g. `score + bias`: 1), so a kernel can
+  // skip evaluating it.
+  bool dscore_is_constant = false;
+  double dscore_constant = 0;  // its value when constant
+};
+
+// ValueError if `forward` is not a score_mod program.
+ScoreModBackward derive_score_mod(const ModProgram& forward);
+
+}  // namespace fg
