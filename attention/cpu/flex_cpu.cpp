@@ -1,0 +1,448 @@
+// Fused FlexAttention on the CPU.
+//
+// Forward, per (b, h, q block), in parallel: for each kv block the BlockMask lists, S = scale * Q K^T
+// (BLAS), score_mod over the tile (TileEvaluator), the mask on partial blocks only, then an online
+// softmax update of the running max, sum and P @ V. The L x L score matrix never exists; memory is
+// O(B * H * L * E) plus one tile per thread.
+//
+// Backward recomputes the tiles from the saved LSE in two deterministic passes (no atomics, no
+// race-dependent sums): dK/dV per (kv batch, kv head, kv block), looping over the q heads of its GQA
+// group, the batches broadcast onto it and the q blocks the transposed BlockMask lists; then dQ and the
+// captured-tensor gradients per (b, h, q block). Captured gradients accumulate per thread in double
+// and are summed in thread order.
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+
+#include "attention/flex_kernels.h"
+#include "attention/tile_eval.h"
+
+extern "C" {
+int openblas_get_num_threads(void);
+void openblas_set_num_threads(int);
+}
+
+namespace fg::cpu {
+namespace {
+
+// BLAS calls run inside our OpenMP tasks: keep OpenBLAS itself single-threaded meanwhile.
+struct SingleThreadedBlas {
+  int prev = openblas_get_num_threads();
+  SingleThreadedBlas() { openblas_set_num_threads(1); }
+  ~SingleThreadedBlas() { openblas_set_num_threads(prev); }
+};
+
+// C[m x n] = alpha * op(A) op(B) + beta * C, row-major.
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+              b, ldb, beta, c, ldc);
+}
+
+// Collects the first exception thrown inside a parallel region, to rethrow outside it.
+struct ErrorSlot {
+  std::mutex mu;
+  std::exception_ptr first;
+  void capture() {
+    std::lock_guard l(mu);
+    if (!first) first = std::current_exception();
+  }
+  void rethrow() {
+    if (first) std::rethrow_exception(first);
+  }
+};
+
+// The blocks of one row of a BlockLists: partial ones first, then full ones.
+struct RowBlocks {
+  const int32_t* partial = nullptr;
+  int64_t n_partial = 0;
+  const int32_t* full = nullptr;
+  int64_t n_full = 0;
+  int64_t size() const { return n_partial + n_full; }
+  int32_t at(int64_t i) const { return i < n_partial ? partial[i] : full[i - n_partial]; }
+  bool is_partial(int64_t i) const { return i < n_partial; }
+};
+
+RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
+  int64_t bm = l.Bm == 1 ? 0 : b, hm = l.Hm == 1 ? 0 : h;
+  int64_t r = (bm * l.Hm + hm) * l.rows + row;
+  RowBlocks rb;
+  if (l.num.defined()) {
+    int64_t cols = l.idx.sizes()[3];
+    rb.n_partial = l.num.data<int32_t>()[r];
+    rb.partial = l.idx.data<int32_t>() + r * cols;
+  }
+  if (l.full_num.defined()) {
+    int64_t cols = l.full_idx.sizes()[3];
+    rb.n_full = l.full_num.data<int32_t>()[r];
+    rb.full = l.full_idx.data<int32_t>() + r * cols;
+  }
+  return rb;
+}
+
+// One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
+// `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
+template <class T>
+struct TileScorer {
+  const FlexProblem& p;
+  std::unique_ptr<TileEvaluator<T>> score_ev, mask_ev;
+  std::vector<uint8_t> mask;
+  explicit TileScorer(const FlexProblem& prob) : p(prob) {
+    if (p.score_mod) score_ev = std::make_unique<TileEvaluator<T>>(*p.score_mod);
+    if (p.mask_mod) mask_ev = std::make_unique<TileEvaluator<T>>(*p.mask_mod);
+    mask.resize(p.block_q * p.block_kv);
+  }
+  void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, int64_t kv0, int64_t nkv,
+               bool partial, T* pre, T* s, int64_t ld) {
+    gemm(false, true, nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, T(0), pre, ld);
+    if (score_ev) {
+      score_ev->score_tile(b, h, q0, nq, kv0, nkv, pre, s, ld, ld);
+    } else if (s != pre) {
+      for (int64_t i = 0; i < nq; ++i) std::copy(pre + i * ld, pre + i * ld + nkv, s + i * ld);
+    }
+    if (partial && mask_ev) {
+      mask_ev->mask_tile(b, h, q0, nq, kv0, nkv, mask.data(), nkv);
+      const T ninf = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < nq; ++i) {
+        T* row = s + i * ld;
+        const uint8_t* m = mask.data() + i * nkv;
+        for (int64_t j = 0; j < nkv; ++j) row[j] = m[j] ? row[j] : ninf;
+      }
+    }
+  }
+};
+
+template <class T>
+void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
+  const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  const int64_t G = p.group();
+  const T* q = p.q.data<T>();
+  const T* k = p.k.data<T>();
+  const T* v = p.v.data<T>();
+  T* out = o.out.data<T>();
+  T* lse = o.lse.data<T>();
+  T* mx = o.max_scores.data<T>();
+  const int64_t tasks = p.B * p.Hq * nQB;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  SingleThreadedBlas single;
+  ErrorSlot err;
+#pragma omp parallel
+  {
+    TileScorer<T> scorer(p);
+    std::vector<T> s(p.block_q * p.block_kv), acc(p.block_q * p.Ev), m(p.block_q), l(p.block_q);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      try {
+        const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
+        const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
+        const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
+        const T* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
+        const T* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
+        const T* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
+        std::fill(m.begin(), m.begin() + nq, ninf);
+        std::fill(l.begin(), l.begin() + nq, T(0));
+        std::fill(acc.begin(), acc.begin() + nq * p.Ev, T(0));
+        RowBlocks blocks = row_blocks(p.kv_lists, b, h, qb);
+        const int64_t ld = p.block_kv;
+        for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+          const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
+          if (kv0 >= p.Lkv) continue;
+          const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
+          scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
+          for (int64_t i = 0; i < nq; ++i) {
+            T* row = s.data() + i * ld;
+            T bm = ninf;
+            for (int64_t j = 0; j < nkv; ++j) bm = std::max(bm, row[j]);
+            const T mnew = std::max(m[i], bm);
+            if (mnew == ninf) {  // nothing allowed yet in this row
+              std::fill(row, row + nkv, T(0));
+              continue;
+            }
+            const T corr = std::exp(m[i] - mnew);
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < nkv; ++j) {
+              row[j] = std::exp(row[j] - mnew);
+              sum += row[j];
+            }
+            l[i] = l[i] * corr + sum;
+            m[i] = mnew;
+            if (corr != T(1)) {
+              T* a = acc.data() + i * p.Ev;
+              for (int64_t e = 0; e < p.Ev; ++e) a[e] *= corr;
+            }
+          }
+          gemm(false, false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, T(1), acc.data(), p.Ev);
+        }
+        const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+        for (int64_t i = 0; i < nq; ++i) {
+          T* dst = out + (row0 + i) * p.Ev;
+          const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
+          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = acc[i * p.Ev + e] * inv;
+          lse[row0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
+          mx[row0 + i] = m[i];
+        }
+      } catch (...) {
+        err.capture();
+      }
+    }
+  }
+  err.rethrow();
+}
+
+// Per-thread scratch of the backward: the recomputed tile and its gradients.
+template <class T>
+struct TileGrad {
+  std::unique_ptr<TileEvaluator<T>> grad_ev;  // d score_mod / d score and capture terms (null: constant)
+  std::vector<T> pre, s, dp;
+  explicit TileGrad(const FlexProblem& p) {
+    if (p.score_grad && !p.score_grad->dscore_is_constant) {
+      grad_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
+    }
+    pre.resize(p.block_q * p.block_kv);
+    s.resize(p.block_q * p.block_kv);
+    dp.resize(p.block_q * p.block_kv);
+  }
+};
+
+template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
+  const int64_t o = i * v.row_stride + j * v.col_stride;
+  switch (v.kind) {
+    case ValueKind::Float: return v.as<T>()[o];
+    case ValueKind::Int: return static_cast<T>(v.as<int64_t>()[o]);
+    default: return static_cast<T>(v.as<uint8_t>()[o]);
+  }
+}
+
+// Integer value of an index tile (kept exact: no round trip through float).
+inline int64_t tile_index(const TileValue& v, int64_t i, int64_t j) {
+  const int64_t o = i * v.row_stride + j * v.col_stride;
+  switch (v.kind) {
+    case ValueKind::Int: return v.as<int64_t>()[o];
+    case ValueKind::Bool: return v.as<uint8_t>()[o];
+    default: FG_FAIL(ValueError, "flex_attention backward: a captured tensor was indexed with a float value");
+  }
+}
+
+template <class T>
+void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_t, const Tensor& dout_t,
+                   const Tensor& dlse_t, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
+  const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
+  const int64_t G = p.group();
+  const T* q = p.q.data<T>();
+  const T* k = p.k.data<T>();
+  const T* v = p.v.data<T>();
+  const T* out = out_t.data<T>();
+  const T* lse = lse_t.data<T>();
+  const T* dout = dout_t.data<T>();
+  T* dq = o.dq.data<T>();
+  T* dk = o.dk.data<T>();
+  T* dv = o.dv.data<T>();
+  const int64_t ld = p.block_kv;
+  const T ninf = -std::numeric_limits<T>::infinity();
+
+  // delta_i = rowsum(dO_i * O_i) - dlse_i: the softmax backward's row term (a gradient on lse folds in here).
+  std::vector<T> delta(p.B * p.Hq * p.Lq);
+  const T* dlse = dlse_t.defined() ? dlse_t.data<T>() : nullptr;
+#pragma omp parallel for if (delta.size() > 4096)
+  for (int64_t r = 0; r < static_cast<int64_t>(delta.size()); ++r) {
+    T acc = 0;
+    for (int64_t e = 0; e < p.Ev; ++e) acc += dout[r * p.Ev + e] * out[r * p.Ev + e];
+    delta[r] = dlse ? acc - dlse[r] : acc;
+  }
+
+  // Recomputes the tile: g.pre = scale q.k, g.s = P (0 where masked or the row is empty), g.dp = dS
+  // with respect to the modified score.
+  auto tile_ds = [&](TileGrad<T>& g, TileScorer<T>& sc, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+                     int64_t nkv, bool partial, const T* krows, const T* vrows) {
+    const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+    sc.compute(b, h, q + row0 * p.E, q0, nq, krows, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
+    for (int64_t i = 0; i < nq; ++i) {
+      T* row = g.s.data() + i * ld;
+      const T li = lse[row0 + i];
+      if (li == ninf) {
+        std::fill(row, row + nkv, T(0));
+        continue;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < nkv; ++j) row[j] = std::exp(row[j] - li);
+    }
+    gemm(false, true, nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, vrows, p.Ev, T(0), g.dp.data(), ld);  // dP
+    for (int64_t i = 0; i < nq; ++i) {
+      const T d = delta[row0 + i];
+      T* dpr = g.dp.data() + i * ld;
+      const T* pr = g.s.data() + i * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < nkv; ++j) dpr[j] = pr[j] * (dpr[j] - d);
+    }
+  };
+  // ds = g.dp * d score_mod / d score (evaluated at the pre-mod score).
+  auto apply_dscore = [&](TileGrad<T>& g, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv,
+                          T* ds) {
+    if (g.grad_ev) {
+      g.grad_ev->run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
+      TileValue f = g.grad_ev->output(0);
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * tile_at<T>(f, i, j);
+      return;
+    }
+    const T c = p.score_grad ? static_cast<T>(p.score_grad->dscore_constant) : T(1);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * c;
+  };
+
+  SingleThreadedBlas single;
+  ErrorSlot err;
+  // ---- pass 1: dK, dV per (kv batch, kv head, kv block)
+  const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;
+#pragma omp parallel
+  {
+    TileScorer<T> sc(p);
+    TileGrad<T> g(p);
+    std::vector<T> ds(p.block_q * p.block_kv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < kv_tasks; ++t) {
+      try {
+        const int64_t kb = t % nKB, hk = (t / nKB) % p.Hkv, bk = t / (nKB * p.Hkv);
+        const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
+        const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+        T* dkr = dk + kvrow * p.E;
+        T* dvr = dv + kvrow * p.Ev;
+        std::fill(dkr, dkr + nkv * p.E, T(0));
+        std::fill(dvr, dvr + nkv * p.Ev, T(0));
+        const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
+        for (int64_t b = b_lo; b < b_hi; ++b) {
+          for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+            RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
+            for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+              const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
+              if (q0 >= p.Lq) continue;
+              const int64_t nq = std::min(p.block_q, p.Lq - q0);
+              const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+              tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), k + kvrow * p.E, v + kvrow * p.Ev);
+              gemm(true, false, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, T(1), dvr, p.Ev);  // dV += P^T dO
+              apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+              gemm(true, false, nkv, p.E, nq, static_cast<T>(p.scale), ds.data(), ld, q + row0 * p.E, p.E, T(1), dkr,
+                   p.E);  // dK += scale dS^T Q
+            }
+          }
+        }
+      } catch (...) {
+        err.capture();
+      }
+    }
+  }
+  err.rethrow();
+
+  // ---- pass 2: dQ and captured gradients per (b, h, q block)
+  const size_t ncaps = p.score_grad ? p.score_grad->captures.size() : 0;
+  bool any_cap = false;
+  for (size_t c = 0; c < ncaps; ++c) any_cap = any_cap || (c < needs_cap.size() && needs_cap[c]);
+  const int nthreads = omp_get_max_threads();
+  std::vector<std::vector<std::vector<double>>> cap_acc(nthreads);  // [thread][slot] gradient buffers
+  const int64_t q_tasks = p.B * p.Hq * nQB;
+#pragma omp parallel
+  {
+    TileScorer<T> sc(p);
+    TileGrad<T> g(p);
+    std::vector<T> ds(p.block_q * p.block_kv);
+    auto& mine = cap_acc[omp_get_thread_num()];
+    std::unique_ptr<TileEvaluator<T>> cap_ev;  // the derivative program, when grad_ev was skipped
+    if (any_cap) {
+      mine.resize(ncaps);
+      for (size_t c = 0; c < ncaps; ++c) {
+        if (needs_cap[c]) mine[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
+      }
+      if (!g.grad_ev) cap_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
+    }
+#pragma omp for schedule(static, 1)
+    for (int64_t t = 0; t < q_tasks; ++t) {
+      try {
+        const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
+        const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
+        const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
+        const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+        T* dqr = dq + row0 * p.E;
+        std::fill(dqr, dqr + nq * p.E, T(0));
+        RowBlocks blocks = row_blocks(p.kv_lists, b, h, qb);
+        for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+          const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
+          if (kv0 >= p.Lkv) continue;
+          const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
+          const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+          tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), k + kvrow * p.E, v + kvrow * p.Ev);
+          apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+          gemm(false, false, nq, p.E, nkv, static_cast<T>(p.scale), ds.data(), ld, k + kvrow * p.E, p.E, T(1), dqr, p.E);
+          if (!any_cap) continue;
+          TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
+          if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
+          for (const CaptureGradTerm& term : p.score_grad->terms) {
+            if (!needs_cap[term.capture]) continue;
+            const Shape& cs = p.score_grad->captures[term.capture].tensor.sizes();
+            std::vector<double>& buf = mine[term.capture];
+            const TileValue deriv = ev.output(term.deriv_output);
+            for (int64_t i = 0; i < nq; ++i) {
+              for (int64_t j = 0; j < nkv; ++j) {
+                const double gs = g.dp[i * ld + j];  // gradient w.r.t. the modified score
+                if (gs == 0.0) continue;
+                int64_t lin = 0;
+                for (int32_t d = 0; d < term.ndim; ++d) {
+                  int64_t idx = tile_index(ev.output(term.index_output + d), i, j);
+                  FG_CHECK(idx >= -cs[d] && idx < cs[d], IndexError,
+                           "flex_attention backward: index {} out of range for dim {} (size {}) of a captured tensor",
+                           idx, d, cs[d]);
+                  lin = lin * cs[d] + (idx < 0 ? idx + cs[d] : idx);
+                }
+                buf[lin] += gs * static_cast<double>(tile_at<T>(deriv, i, j));
+              }
+            }
+          }
+        }
+      } catch (...) {
+        err.capture();
+      }
+    }
+  }
+  err.rethrow();
+  o.dcaps.assign(ncaps, Tensor());
+  for (size_t c = 0; c < ncaps; ++c) {
+    if (!(c < needs_cap.size() && needs_cap[c])) continue;
+    Tensor gcap = zeros(p.score_grad->captures[c].tensor.sizes(), kFloat64);
+    double* dst = gcap.data<double>();
+    for (int th = 0; th < nthreads; ++th) {  // fixed order: deterministic for a given thread count
+      if (cap_acc[th].size() <= c) continue;
+      const auto& src = cap_acc[th][c];
+      for (size_t i = 0; i < src.size(); ++i) dst[i] += src[i];
+    }
+    o.dcaps[c] = gcap;
+  }
+}
+
+void flex_forward_cpu(const FlexProblem& p, FlexForwardOutputs& o) {
+  if (p.q.dtype() == kFloat64) forward_impl<double>(p, o);
+  else forward_impl<float>(p, o);
+}
+
+void flex_backward_cpu(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout,
+                       const Tensor& dlse, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
+  if (p.q.dtype() == kFloat64) backward_impl<double>(p, out, lse, dout, dlse, needs_cap, o);
+  else backward_impl<float>(p, out, lse, dout, dlse, needs_cap, o);
+}
+
+}  // namespace
+
+FG_REGISTER_KERNEL(flex_forward_stub, CPU, &flex_forward_cpu);
+FG_REGISTER_KERNEL(flex_backward_stub, CPU, &flex_backward_cpu);
+
+}  // namespace fg::cpu

@@ -1,0 +1,193 @@
+// flex_attention: argument checks (PyTorch's messages), the choice of path, and the autograd node
+// around the fused kernels (forward and backward side by side).
+#include "attention/flex_attention.h"
+
+#include <cmath>
+
+#include "attention/flex_kernels.h"
+#include "attention/flex_reference.h"
+#include "ops/ops.h"
+
+namespace fg {
+
+FG_DEFINE_STUB(FlexForwardFn, flex_forward_stub);
+FG_DEFINE_STUB(FlexBackwardFn, flex_backward_stub);
+
+namespace {
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  FG_CHECK(q.defined() && k.defined() && v.defined(), ValueError, "flex_attention: q, k and v must be defined");
+  FG_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, ShapeError,
+           "flex_attention: expected q, k, v to be 4-D [B, H, L, E], got q {}, k {}, v {}", shape_str(q.sizes()),
+           shape_str(k.sizes()), shape_str(v.sizes()));
+  FG_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype(), DTypeError,
+           "flex_attention: expected q, k, v to have the same dtype, got q {}, k {}, v {}", q.dtype(), k.dtype(), v.dtype());
+  FG_CHECK(is_floating(q.dtype()), DTypeError, "flex_attention: expected floating point inputs, got {}", q.dtype());
+  FG_CHECK(q.device() == k.device() && q.device() == v.device(), DeviceError,
+           "flex_attention: expected q, k, v on the same device, got q {}, k {}, v {}", q.device(), k.device(), v.device());
+  FG_CHECK(q.size(3) == k.size(3), ShapeError,
+           "flex_attention: expected q and k to have the same head dim E, got q {} and k {}", shape_str(q.sizes()),
+           shape_str(k.sizes()));
+  FG_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2), ShapeError,
+           "flex_attention: expected k and v to agree on [B, H, L], got k {} and v {}", shape_str(k.sizes()),
+           shape_str(v.sizes()));
+  FG_CHECK(q.size(0) == k.size(0) || k.size(0) == 1, ShapeError,
+           "flex_attention: expected q and k/v batch sizes to match or k/v batch to be 1 (broadcast), got q {} and k {}",
+           shape_str(q.sizes()), shape_str(k.sizes()));
+  const int64_t Hq = q.size(1), Hkv = k.size(1);
+  if (Hq != Hkv) {
+    FG_CHECK(o.enable_gqa, ShapeError,
+             "flex_attention: expect q and k/v to have the same number of heads but got Hq={} and Hkv={}; try setting "
+             "enable_gqa=true for GQA", Hq, Hkv);
+    FG_CHECK(Hkv > 0 && Hq % Hkv == 0, ShapeError,
+             "flex_attention: expect number of query heads to be a multiple of kv heads for GQA but got Hq={} and Hkv={}",
+             Hq, Hkv);
+  }
+  if (o.block_mask) {
+    const BlockMask& bm = *o.block_mask;
+    FG_CHECK(bm.seq_lengths.first == q.size(2) && bm.seq_lengths.second == k.size(2), ShapeError,
+             "flex_attention: the BlockMask was created for (Q_LEN, KV_LEN) = ({}, {}) but got Q_LEN={} and KV_LEN={}; "
+             "create the mask for these lengths or use BlockMask::adjust", bm.seq_lengths.first, bm.seq_lengths.second,
+             q.size(2), k.size(2));
+    FG_CHECK(bm.batch() == 1 || bm.batch() == q.size(0), ShapeError,
+             "flex_attention: the BlockMask has batch size {} but q has batch size {} (expected 1 or equal)", bm.batch(),
+             q.size(0));
+    FG_CHECK(bm.heads() == 1 || bm.heads() == Hq, ShapeError,
+             "flex_attention: the BlockMask has {} heads but q has {} heads (expected 1 or equal)", bm.heads(), Hq);
+  }
+}
+
+BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num, const Tensor& full_idx) {
+  BlockLists l;
+  auto c = [](const Tensor& t) { return t.defined() ? t.to(kInt32).contiguous().cpu() : t; };
+  l.num = c(num);
+  l.idx = c(idx);
+  l.full_num = c(full_num);
+  l.full_idx = c(full_idx);
+  l.Bm = l.num.size(0);
+  l.Hm = l.num.size(1);
+  l.rows = l.num.size(2);
+  return l;
+}
+
+// Every block of an (nR x nC) grid listed as full (no mask given).
+BlockLists all_full(int64_t rows, int64_t cols) {
+  BlockLists l;
+  l.rows = rows;
+  l.full_num = full({1, 1, rows}, cols, kInt32);
+  l.full_idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous();
+  return l;
+}
+
+// The problem in kernel form: contiguous inputs in the compute dtype (f64, else f32).
+FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
+                         std::shared_ptr<const ModProgram> score_prog) {
+  FlexProblem p;
+  const DType cdt = q.dtype() == kFloat64 ? kFloat64 : kFloat32;
+  NoGradGuard no_grad;
+  p.q = q.detach().to(cdt).contiguous();
+  p.k = k.detach().to(cdt).contiguous();
+  p.v = v.detach().to(cdt).contiguous();
+  p.B = q.size(0); p.Hq = q.size(1); p.Lq = q.size(2); p.E = q.size(3);
+  p.Bkv = k.size(0); p.Hkv = k.size(1); p.Lkv = k.size(2); p.Ev = v.size(3);
+  p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.E));
+  p.score_mod = std::move(score_prog);
+  if (p.score_mod) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
+  if (o.block_mask) {
+    const BlockMask& bm = *o.block_mask;
+    p.block_q = bm.block_size.q;
+    p.block_kv = bm.block_size.kv;
+    p.mask_mod = bm.mask_program;
+    p.kv_lists = lists_of(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices);
+    p.q_lists = lists_of(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices);
+  } else {
+    p.block_q = o.kernel.block_q > 0 ? o.kernel.block_q : 64;
+    p.block_kv = o.kernel.block_kv > 0 ? o.kernel.block_kv : 64;
+    const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q, nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
+    p.kv_lists = all_full(nQB, nKB);
+    p.q_lists = all_full(nKB, nQB);
+  }
+  return p;
+}
+
+FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  std::shared_ptr<const ModProgram> score_prog;
+  if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
+  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog));
+  const DType cdt = prob->q.dtype();
+  FlexForwardOutputs f;
+  f.out = empty({prob->B, prob->Hq, prob->Lq, prob->Ev}, TensorOptions().dtype(cdt).device(q.device()));
+  f.lse = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(cdt).device(q.device()));
+  f.max_scores = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(cdt).device(q.device()));
+  flex_forward_stub(q.device(), *prob, f);
+
+  FlexAttentionResult r;
+  {
+    NoGradGuard g;
+    r.out = f.out.to(q.dtype());
+    r.lse = q.dtype() == kFloat64 ? f.lse : f.lse.to(kFloat32);
+    r.max_scores = q.dtype() == kFloat64 ? f.max_scores : f.max_scores.to(kFloat32);
+  }
+  // Inputs of the node: q, k, v, then the captured float tensors (learnable biases).
+  TensorList inputs{q, k, v};
+  std::vector<bool> needs_cap;
+  if (prob->score_grad) {
+    for (const CaptureRef& c : prob->score_grad->captures) {
+      bool learn = is_floating(c.tensor.dtype()) && c.tensor.requires_grad();
+      needs_cap.push_back(learn);
+      inputs.push_back(learn ? c.tensor : Tensor());
+    }
+  }
+  if (needs_grad(inputs)) {
+    SavedTensor out_c = f.out, lse_c = f.lse;
+    Shape k_shape = k.sizes(), v_shape = v.sizes();
+    DType qdt = q.dtype(), kdt = k.dtype(), vdt = v.dtype();
+    record("FlexAttentionBackward", inputs, {r.out, r.lse},
+           [prob, out_c, lse_c, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+             const DType cdt = prob->q.dtype();
+             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), cdt);
+             Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(cdt).contiguous() : Tensor();
+             FlexBackwardOutputs b;
+             b.dq = empty(prob->q.sizes(), prob->q.options());
+             b.dk = empty(prob->k.sizes(), prob->k.options());
+             b.dv = empty(prob->v.sizes(), prob->v.options());
+             flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
+             TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
+             for (size_t c = 0; c < needs_cap.size(); ++c) {
+               const Tensor& cap = prob->score_grad->captures[c].tensor;
+               grads.push_back(needs_cap[c] ? b.dcaps[c].to(cap.dtype()).to(cap.device()) : Tensor());
+             }
+             return grads;
+           });
+  }
+  return r;
+}
+
+}  // namespace
+
+FlexAttentionResult flex_attention(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  check_inputs(q, k, v, o);
+  FlexBackend backend = o.kernel.backend;
+  if (backend == FlexBackend::Auto) {
+    backend = flex_forward_stub.has(q.device().type) ? FlexBackend::Fused : FlexBackend::Reference;
+  }
+  FlexAttentionResult r;
+  if (backend == FlexBackend::Reference) {
+    std::optional<ModProgram> prog;
+    if (o.score_mod) prog = trace_score_mod(o.score_mod);
+    FlexReferenceInputs in{q, k, v, o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(q.size(3))),
+                           prog ? &*prog : nullptr, o.block_mask ? &*o.block_mask : nullptr};
+    r = flex_attention_reference(in);
+    if (q.dtype() != kFloat64) {
+      r.lse = r.lse.to(kFloat32);
+      r.max_scores = r.max_scores.to(kFloat32);
+    }
+  } else {
+    r = fused(q, k, v, o);
+  }
+  if (!o.return_lse) r.lse = Tensor();
+  if (!o.return_max_scores) r.max_scores = Tensor();
+  return r;
+}
+
+}  // namespace fg

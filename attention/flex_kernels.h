@@ -1,0 +1,53 @@
+// The problem a flex_attention kernel solves, in the form every backend consumes, and the kernel
+// stubs (one implementation per device, chosen by DispatchStub).
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "attention/mod_grad.h"
+#include "attention/mod_program.h"
+#include "ops/dispatch.h"
+#include "tensor/tensor.h"
+
+namespace fg {
+
+// Block sparsity in CSR-like form: for each (b, h, row block) a count and a list of column blocks,
+// for partial blocks (mask evaluated) and full blocks (mask skipped). int32 contiguous tensors
+// [Bm, Hm, rows] and [Bm, Hm, rows, max_cols]; Bm/Hm are 1 when broadcast.
+struct BlockLists {
+  Tensor num, idx, full_num, full_idx;
+  int64_t Bm = 1, Hm = 1, rows = 0;
+};
+
+struct FlexProblem {
+  Tensor q, k, v;  // contiguous, compute dtype (float32 or float64)
+  int64_t B = 0, Hq = 0, Lq = 0, E = 0, Bkv = 0, Hkv = 0, Lkv = 0, Ev = 0;
+  double scale = 1.0;
+  std::shared_ptr<const ModProgram> score_mod;         // null: identity
+  std::shared_ptr<const ModProgram> mask_mod;          // evaluated on partial blocks only
+  std::shared_ptr<const ScoreModBackward> score_grad;  // null: identity (d/dscore = 1, no captures)
+  int64_t block_q = 128, block_kv = 128;
+  BlockLists kv_lists;  // rows = q blocks, entries = kv blocks (forward, dQ)
+  BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
+  int64_t group() const { return Hq / Hkv; }
+};
+
+struct FlexForwardOutputs {
+  Tensor out;         // [B, Hq, Lq, Ev] compute dtype
+  Tensor lse;         // [B, Hq, Lq] compute dtype, natural log
+  Tensor max_scores;  // [B, Hq, Lq] compute dtype
+};
+
+struct FlexBackwardOutputs {
+  Tensor dq, dk, dv;           // shapes of q, k, v; compute dtype
+  std::vector<Tensor> dcaps;   // per captured slot of the score_mod (undefined where not needed), float64
+};
+
+using FlexForwardFn = void (*)(const FlexProblem&, FlexForwardOutputs&);
+// dlse may be undefined. needs_cap[i]: whether captured slot i wants a gradient.
+using FlexBackwardFn = void (*)(const FlexProblem&, const Tensor& out, const Tensor& lse, const Tensor& dout,
+                                const Tensor& dlse, const std::vector<bool>& needs_cap, FlexBackwardOutputs&);
+FG_DECLARE_STUB(FlexForwardFn, flex_forward_stub);
+FG_DECLARE_STUB(FlexBackwardFn, flex_backward_stub);
+
+}  // namespace fg

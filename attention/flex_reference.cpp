@@ -1,0 +1,151 @@
+#include "attention/flex_reference.h"
+
+#include <cmath>
+#include <limits>
+
+#include "ops/ops.h"
+
+namespace fg {
+namespace {
+
+// ModProgram visitor producing tensors (ModProgram::evaluate_with).
+struct TensorVisitor {
+  using Value = Tensor;
+  Tensor score, b, h, q, kv;
+  DType fdt;
+  Device device;
+
+  DType dtype_of_kind(ValueKind k) const { return k == ValueKind::Float ? fdt : k == ValueKind::Int ? kInt64 : kBool; }
+
+  Tensor constant(const Instr& in) {
+    Tensor t = in.kind == ValueKind::Float ? full({}, in.value, TensorOptions().dtype(fdt).device(device))
+                                           : full({}, in.ivalue, TensorOptions().dtype(dtype_of_kind(in.kind)).device(device));
+    return t;
+  }
+  Tensor input(ExprOp leaf) {
+    switch (leaf) {
+      case ExprOp::Score: return score;
+      case ExprOp::Batch: return b;
+      case ExprOp::Head: return h;
+      case ExprOp::QIdx: return q;
+      default: return kv;
+    }
+  }
+  // cap[idx0, idx1, ...] as a gather from the flattened tensor (differentiable through index_select).
+  Tensor index(const Instr&, const CaptureRef& cap, std::vector<Tensor> idx) {
+    const Tensor& t = cap.tensor;
+    FG_CHECK(static_cast<int64_t>(idx.size()) == t.dim(), ValueError,
+             "flex_attention: a captured tensor of shape {} was indexed with {} indices", shape_str(t.sizes()), idx.size());
+    Tensor lin;
+    Shape shape;
+    for (size_t d = 0; d < idx.size(); ++d) {
+      Tensor i = idx[d].to(kInt64);
+      const int64_t n = t.sizes()[d];
+      i = where(i < 0, i + n, i);  // negative indices count from the end, as in Python
+      lin = lin.defined() ? lin * n + i : i;
+    }
+    Tensor flat = t.device() == device ? t.reshape({-1}) : t.to(device).reshape({-1});
+    Tensor picked = index_select(flat, 0, lin.reshape({-1}));
+    Tensor out = picked.view(lin.sizes());
+    return is_floating(t.dtype()) ? out.to(fdt) : out;
+  }
+  Tensor apply(const Instr& in, std::vector<Tensor> a) {
+    switch (in.op) {
+      case ExprOp::Neg: return neg(a[0]);
+      case ExprOp::Not: return logical_not(a[0]);
+      case ExprOp::Abs: return abs(a[0]);
+      case ExprOp::Exp: return exp(a[0]);
+      case ExprOp::Exp2: return exp2(a[0]);
+      case ExprOp::Log: return log(a[0]);
+      case ExprOp::Log2: return log2(a[0]);
+      case ExprOp::Sqrt: return sqrt(a[0]);
+      case ExprOp::Rsqrt: return rsqrt(a[0]);
+      case ExprOp::Sin: return sin(a[0]);
+      case ExprOp::Cos: return cos(a[0]);
+      case ExprOp::Tan: return tan(a[0]);
+      case ExprOp::Tanh: return tanh(a[0]);
+      case ExprOp::Sigmoid: return sigmoid(a[0]);
+      case ExprOp::Floor: return floor(a[0]);
+      case ExprOp::Ceil: return ceil(a[0]);
+      case ExprOp::Cast: return a[0].to(dtype_of_kind(in.kind));
+      case ExprOp::Add: return add(a[0], a[1]);
+      case ExprOp::Sub: return sub(a[0], a[1]);
+      case ExprOp::Mul: return mul(a[0], a[1]);
+      case ExprOp::Div: return div(a[0], a[1]);
+      case ExprOp::FloorDiv: return floor_divide(a[0], a[1]);
+      case ExprOp::Mod: return remainder(a[0], a[1]);
+      case ExprOp::Pow: return pow(a[0], a[1]);
+      case ExprOp::Min: return minimum(a[0], a[1]);
+      case ExprOp::Max: return maximum(a[0], a[1]);
+      case ExprOp::Eq: return eq(a[0], a[1]);
+      case ExprOp::Ne: return ne(a[0], a[1]);
+      case ExprOp::Lt: return lt(a[0], a[1]);
+      case ExprOp::Le: return le(a[0], a[1]);
+      case ExprOp::Gt: return gt(a[0], a[1]);
+      case ExprOp::Ge: return ge(a[0], a[1]);
+      case ExprOp::And: return logical_and(a[0], a[1]);
+      case ExprOp::Or: return logical_or(a[0], a[1]);
+      case ExprOp::Where: return where(a[0], a[1], a[2]);
+      default: FG_FAIL(NotImplementedError, "flex_attention reference: IR op {} not handled", expr_op_name(in.op));
+    }
+  }
+};
+
+Tensor positions(int64_t n, int dim, Device device) {
+  Shape shape{1, 1, 1, 1};
+  shape[dim] = n;
+  return arange(0, static_cast<double>(n), 1, TensorOptions().dtype(kInt64).device(device)).view(shape);
+}
+
+}  // namespace
+
+Tensor evaluate_program_on_tensors(const ModProgram& program, const Tensor& score, int64_t B, int64_t H, int64_t Lq,
+                                   int64_t Lkv, DType float_dtype, Device device) {
+  TensorVisitor vis{score, positions(B, 0, device), positions(H, 1, device), positions(Lq, 2, device),
+                    positions(Lkv, 3, device), float_dtype, device};
+  return program.evaluate_with(vis)[0];
+}
+
+FlexAttentionResult flex_attention_reference(const FlexReferenceInputs& in) {
+  const Tensor& q = in.q;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2);
+  const int64_t Bkv = in.k.size(0), Hkv = in.k.size(1), Lkv = in.k.size(2), E = in.k.size(3), Ev = in.v.size(3);
+  const int64_t G = Hq / Hkv;
+  // K/V to the q heads and batches: [B, Hq, Lkv, *].
+  auto spread = [&](const Tensor& t, int64_t D) {
+    Tensor x = t.unsqueeze(2).expand({Bkv, Hkv, G, Lkv, D}).reshape({Bkv, Hq, Lkv, D});
+    return x.expand({B, Hq, Lkv, D});
+  };
+  Tensor k = spread(in.k, E), v = spread(in.v, Ev);
+  const DType dt = q.dtype();
+  Tensor scores = matmul(q, k.transpose(-2, -1)) * in.scale;
+  if (in.score_mod) scores = evaluate_program_on_tensors(*in.score_mod, scores, B, Hq, Lq, Lkv, dt, q.device());
+  if (in.block_mask) {
+    const BlockMask& bm = *in.block_mask;
+    // Block presence, expanded to elements: partial blocks need the mask, full blocks don't.
+    Tensor kinds = bm.block_kinds();  // [Bm, Hm, nQ, nKV]: 0 empty, 1 partial, 2 full
+    const int64_t bq = bm.block_size.q, bkv = bm.block_size.kv;
+    Tensor qb = floor_divide(positions(Lq, 2, q.device()), full({}, bq, kInt64));
+    Tensor kb = floor_divide(positions(Lkv, 3, q.device()), full({}, bkv, kInt64));
+    Tensor kinds_flat = kinds.to(q.device()).reshape({kinds.size(0), kinds.size(1), -1});
+    Tensor lin = (qb * kinds.size(3) + kb).reshape({-1});
+    Tensor elem_kind = index_select(kinds_flat, 2, lin).view({kinds.size(0), kinds.size(1), Lq, Lkv});
+    Tensor mask = elem_kind == 2;
+    if (bm.mask_program) {
+      Tensor m = evaluate_program_on_tensors(*bm.mask_program, Tensor(), B, Hq, Lq, Lkv, dt, q.device());
+      mask = logical_or(mask, logical_and(elem_kind == 1, m));
+    }
+    scores = where(mask, scores, -std::numeric_limits<double>::infinity());
+  }
+  Tensor lse = logsumexp(scores, {-1});
+  Tensor finite = logical_not(isinf(lse));  // rows with no allowed key have lse -inf
+  Tensor safe_lse = where(finite, lse, 0.0).unsqueeze(-1);
+  Tensor p = where(finite.unsqueeze(-1), exp(scores - safe_lse), 0.0);
+  FlexAttentionResult r;
+  r.out = matmul(p, v);
+  r.lse = lse;
+  r.max_scores = amax(scores, {-1});
+  return r;
+}
+
+}  // namespace fg
