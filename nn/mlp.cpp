@@ -1,5 +1,6 @@
 #include "nn/mlp.h"
 
+#include "ops/activation.h"
 #include "ops/elementwise.h"
 
 namespace fg::nn {
@@ -13,7 +14,7 @@ MLP::MLP(int64_t dim, int64_t hidden, Activation act, bool bias, Generator* gen)
 Tensor MLP::forward(const Tensor& x) const {
   if (activation == Activation::SwiGLU) return proj->forward(mul(silu(gate->forward(x)), fc->forward(x)));
   // The tanh form is what GPT-2 used and is cheaper than erf.
-  return proj->forward(gelu(fc->forward(x), /*tanh_approximation=*/true));
+  return proj->forward(gelu_fused(fc->forward(x), /*tanh_approximation=*/true));
 }
 
 std::string MLP::extra_repr() const { return activation == Activation::SwiGLU ? "SwiGLU" : "GELU"; }

@@ -14,5 +14,6 @@
 #include "nn/rotary.h"
 #include "nn/safetensors.h"
 #include "nn/transformer.h"
+#include "ops/activation.h"
 #include "ops/loss.h"
 #include "ops/norm.h"

@@ -86,6 +86,12 @@ TEST(NnLayers, CrossEntropyMatchesCompositeAndGradchecks) {
   EXPECT_THROW_MSG(cross_entropy(logits, from_vector<int64_t>({7, 0, 0, 0}, {4}, kInt64)), IndexError,
                    "target 7", "5 classes");
   EXPECT_THROW_MSG(cross_entropy(logits, from_vector<int64_t>({1, 2}, {2}, kInt64)), ShapeError, "[2]", "[4, 5]");
+  Tensor g = x64({7}, 6);
+  for (bool th : {true, false}) {
+    EXPECT_TRUE(close(gelu_fused(g, th), gelu(g, th), 1e-12, 1e-12));
+    auto rg = gradcheck([&](const TensorList& in) { return TensorList{gelu_fused(in[0], th)}; }, {g});
+    EXPECT_TRUE(rg.ok) << rg.report();
+  }
   Tensor a = x64({3}), b = x64({3}, 2);
   EXPECT_NEAR(mse_loss(a, b).item<double>(), mean(square(a - b)).item<double>(), 1e-12);
 }
