@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   int64_t steps = 600, batch = 16, eval_every = 100, eval_batches = 8, sample_len = 300, warmup = 50, top_k = 10;
   double lr = 3e-3, min_lr = 3e-4, weight_decay = 0.1, clip = 1.0, temperature = 0.8;
   uint64_t seed = 1337;
-  bool quiet = false;
+  bool quiet = false, require_improvement = false;
   app.add_option("--data", data_path, "training text file")->check(CLI::ExistingFile);
   app.add_option("--out", out_dir, "directory for loss.csv and the checkpoint");
   app.add_option("--steps", steps, "optimizer steps");
@@ -66,6 +66,8 @@ int main(int argc, char** argv) {
   app.add_option("--top-k", top_k, "sample among the k most likely characters (0 = all)");
   app.add_option("--seed", seed, "seed for init, batches and sampling");
   app.add_flag("--quiet", quiet, "no live progress line");
+  app.add_flag("--require-improvement", require_improvement,
+               "exit with status 1 unless the final held-out loss is below the initial one (CI smoke test)");
   CLI11_PARSE(app, argc, argv);
 
   // ---- data ----
@@ -154,6 +156,7 @@ int main(int argc, char** argv) {
   FG_CHECK(csv.good(), IOError, "cannot write {}/loss.csv", out_dir);
   csv << "step,train_loss,val_loss,lr,tokens_per_s\n";
   double val = evaluate();
+  const double initial_val = val;
   fmt::print("step 0: held-out loss {:.4f}\n", val);
   csv << fmt::format("0,,{:.6f},{},\n", val, sched.at(0));
   const auto t0 = Clock::now();
@@ -204,5 +207,9 @@ int main(int argc, char** argv) {
   for (double v : out.to_vector()) sample.push_back(static_cast<char>(itos[static_cast<size_t>(v)]));
   fmt::print("--- sample (temperature {}, top-k {}, {:.0f} chars/s through the KV cache) ---\n{}\n---\n", temperature,
              top_k, sample_len / seconds_since(s0), sample);
+  if (require_improvement && !(val < initial_val)) {
+    fmt::print("held-out loss did not go down: {:.4f} -> {:.4f}\n", initial_val, val);
+    return 1;
+  }
   return 0;
 }
