@@ -183,7 +183,11 @@ int main(int argc, char** argv) {
                  smoothed, opt.lr(), tps, 1000 * elapsed / (step + 1), fmt_eta(elapsed / (step + 1) * (steps - step - 1)));
       std::fflush(stdout);
     }
-    if (do_eval) fmt::print("{}step {}: train loss {:.4f}, held-out loss {:.4f}\n", quiet ? "" : "\n", step + 1, smoothed, val);
+    if (do_eval) {
+      fmt::print("{}step {}: train loss {:.4f}, held-out loss {:.4f}\n", quiet ? "" : "\n", step + 1, smoothed, val);
+      std::fflush(stdout);  // visible at once even when stdout is a file or a pipe
+      csv.flush();
+    }
   }
   const double train_s = seconds_since(t0);
   fmt::print("trained {} steps in {:.1f} s ({:.1f} ms/step, {:.0f} tokens/s)\n", steps, train_s, 1000 * train_s / steps,
