@@ -122,10 +122,10 @@ def main():
         prog = (step - a.warmup) / max(1, a.steps - a.warmup)
         return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * prog))
 
-    times = []
+    times, cpu = [], []
     for step in range(a.steps):
         x, y = batch(0, n_train)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = F.cross_entropy(model(x).view(-1, len(chars)), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,6 +134,7 @@ def main():
             gr["lr"] = lr_at(step)
         opt.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         if (step + 1) % 10 == 0 or step + 1 == a.steps:
             print(f"step {step + 1}/{a.steps} loss {loss.item():.4f} {1000 * times[-1]:.0f} ms/step", flush=True)
     model.eval()
@@ -144,7 +145,7 @@ def main():
     steady = sorted(times[min(5, len(times) - 1):])
     med = steady[len(steady) // 2]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: median {1000 * med:.1f} ms/step, "
-          f"{a.batch * T / med:.0f} tokens/s, total {sum(times):.1f} s")
+          f"{a.batch * T / med:.0f} tokens/s, total {sum(times):.1f} s, {1000 * sum(cpu) / len(cpu):.1f} CPU-ms/step")
     print(f"unigram entropy {unigram:.4f} nats/char | held-out loss {val:.4f}")
 
 
