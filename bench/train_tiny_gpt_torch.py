@@ -45,8 +45,11 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = (p(x).view(B, L, self.h, self.e).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.rope(q), self.rope(k)
-        # Eager math attention (what flex_attention decomposes to in eager PyTorch on CPU).
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Eager math attention (what flex_attention decomposes to in eager PyTorch on CPU; Debian's
+        # torch 1.13 has no scaled_dot_product_attention).
+        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.e))
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        y = s.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
 

@@ -17,14 +17,20 @@ Tensor gelu_fused(const Tensor& x_in, bool tanh_approx) {
   const bool low = dt == kFloat16 || dt == kBFloat16;
   Tensor x = contiguous(low ? cast(x_in, kFloat32) : x_in);
   Tensor y = empty(x.sizes(), x.options());
-  if (x.numel() > 0) gelu_fwd_stub(x.device(), x.data_ptr(), y.data_ptr(), x.numel(), x.dtype(), tanh_approx);
-  if (needs_grad({x})) {
-    SavedTensor sx = x;
-    record("GeluFusedBackward", {x}, {y}, [sx, tanh_approx](const TensorList& g) {
-      Tensor xx = sx.unpack(), gy = contiguous(g[0]);
+  const bool grad = needs_grad({x});
+  Tensor aux = grad && tanh_approx ? empty(x.sizes(), x.options()) : Tensor();
+  if (x.numel() > 0) {
+    gelu_fwd_stub(x.device(), x.data_ptr(), y.data_ptr(), aux.defined() ? aux.data_ptr() : nullptr, x.numel(), x.dtype(),
+                  tanh_approx);
+  }
+  if (grad) {
+    SavedTensor sx = x, saux = aux;
+    record("GeluFusedBackward", {x}, {y}, [sx, saux, tanh_approx](const TensorList& g) {
+      Tensor xx = sx.unpack(), a = saux.unpack(), gy = contiguous(g[0]);
       Tensor gx = empty(xx.sizes(), xx.options());
       if (xx.numel() > 0) {
-        gelu_bwd_stub(xx.device(), xx.data_ptr(), gy.data_ptr(), gx.data_ptr(), xx.numel(), xx.dtype(), tanh_approx);
+        gelu_bwd_stub(xx.device(), xx.data_ptr(), a.defined() ? a.data_ptr() : nullptr, gy.data_ptr(), gx.data_ptr(),
+                      xx.numel(), xx.dtype(), tanh_approx);
       }
       return TensorList{gx};
     });

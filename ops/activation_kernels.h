@@ -5,8 +5,11 @@
 
 namespace fg {
 
-using GeluFwdFn = void (*)(const void* x, void* y, int64_t n, DType dtype, bool tanh_approx);
-using GeluBwdFn = void (*)(const void* x, const void* gy, void* gx, int64_t n, DType dtype, bool tanh_approx);
+// aux (tanh approximation only, else null): tanh(u) per element, kept so the backward needs no second
+// tanh — the transcendental is most of the cost of both passes.
+using GeluFwdFn = void (*)(const void* x, void* y, void* aux, int64_t n, DType dtype, bool tanh_approx);
+using GeluBwdFn = void (*)(const void* x, const void* aux, const void* gy, void* gx, int64_t n, DType dtype,
+                           bool tanh_approx);
 FG_DECLARE_STUB(GeluFwdFn, gelu_fwd_stub);
 FG_DECLARE_STUB(GeluBwdFn, gelu_bwd_stub);
 
