@@ -228,7 +228,8 @@ int32_t ProgramBuilder::emit(ExprOp op, ValueKind kind, std::vector<int32_t> arg
     for (size_t i = 0; i < args.size(); ++i) v[i] = const_value(args[i]);
     return make_const(kind, apply_scalar(op, kind, operand_kind, v));
   }
-  // ---- algebraic identities (exact in IEEE arithmetic, so folding never changes results)
+  // ---- algebraic identities (exact in IEEE arithmetic, except the two constant reassociations below,
+  //      which may differ by one rounding)
   auto is_c = [&](int32_t id, double v) { return is_const(id) && const_value(id) == v; };
   const int32_t a = args[0], b = args.size() > 1 ? args[1] : -1;
   switch (op) {

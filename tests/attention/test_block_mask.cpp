@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "attention/block_mask.h"
@@ -99,6 +100,11 @@ TEST(BlockMask, CausalPictureAndFields) {
   EXPECT_EQ(m.to_string({20, 20}, 4, true), "(0, 0)\n▓▓      \n██▓▓    \n████▓▓  \n██████▓▓\n");
   EXPECT_EQ(m.str(), "BlockMask(shape=(1, 1, 512, 512), sparsity=37.50%, \n(0, 0)\n██      \n████    \n██████  \n████████\n)");
   EXPECT_DOUBLE_EQ(m.sparsity(), 37.5);
+  EXPECT_NE(m.repr().find("kv_indices=[1, 1, 4, 4]"), std::string::npos);
+  EXPECT_NE(m.repr().find("mask_mod=q_idx >= kv_idx"), std::string::npos);
+  std::ostringstream os;
+  os << m;
+  EXPECT_EQ(os.str(), m.str());
   // downsampled picture: 2x2 groups of blocks
   EXPECT_EQ(m.to_string({2, 2}), "(0, 0)\n░░  \n██░░\n");
   ASSERT_TRUE(m.mask_program);

@@ -351,6 +351,29 @@ TEST(ModGrad, MatchesFiniteDifferences) {
   }, {});
 }
 
+// The generic visitor (what the tensor reference path implements with differentiable ops): here one
+// that rebuilds the formula in prefix form, checking it sees every instruction with its operands.
+TEST(ModProgram, VisitorEvaluation) {
+  struct Prefix {
+    using Value = std::string;
+    std::string constant(const Instr& in) { return in.kind == ValueKind::Float ? fmt::format("{}", in.value)
+                                                                               : fmt::format("{}", in.ivalue); }
+    std::string input(ExprOp leaf) { return expr_op_name(leaf); }
+    std::string index(const Instr&, const CaptureRef& c, std::vector<std::string> idx) {
+      return fmt::format("{}[{}]", c.name, fmt::join(idx, ","));
+    }
+    std::string apply(const Instr& in, std::vector<std::string> args) {
+      return fmt::format("({} {})", expr_op_name(in.op), fmt::join(args, " "));
+    }
+  };
+  Captured bias(zeros({4}), "bias");
+  auto p = trace_score_mod([bias](Expr s, Expr, Expr h, Expr q, Expr kv) { return s * bias[h] + (q - kv); });
+  Prefix v;
+  auto out = p.evaluate_with(v);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0], "(add (mul score bias[h]) (cast (sub q_idx kv_idx)))");
+}
+
 TEST(Expr, Errors) {
   // wrong return kinds, named
   try {
