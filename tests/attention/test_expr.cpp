@@ -10,6 +10,7 @@
 #include "attention/mod_grad.h"
 #include "attention/mod_program.h"
 #include "attention/tile_eval.h"
+#include "attention/vec_math.h"
 
 using namespace fg;
 
@@ -417,4 +418,40 @@ TEST(Expr, Errors) {
   EXPECT_THROW(z.evaluate(0, 0, 0, 0), ValueError);
   // derive of a mask program
   EXPECT_THROW(derive_score_mod(trace_mask_mod(noop_mask)), ValueError);
+}
+
+// The vectorisable float exp / exp2 / tanh / sigmoid of the tile evaluator against libm (in double).
+TEST(TileEvaluator, VectorMathAccuracy) {
+  auto ulps = [](float got, double ref) {
+    const double r = static_cast<float>(ref);
+    if (std::fabs(ref) < 1e-37) return 0.0;  // subnormal results flush to zero by design
+    if (std::isinf(r) || r == 0) return got == r ? 0.0 : 1e9;
+    return std::fabs(got - r) / std::fabs(std::nextafter(static_cast<float>(r), INFINITY) - static_cast<float>(r));
+  };
+  double worst_exp = 0, worst_exp2 = 0, worst_tanh = 0, worst_sig = 0;
+  for (int i = -200000; i <= 200000; ++i) {
+    const float x = static_cast<float>(i) * 4.4e-4f;  // [-88, 88]
+    worst_exp = std::max(worst_exp, ulps(vec::expf(x), std::exp(static_cast<double>(x))));
+    const float x2 = static_cast<float>(i) * 6.3e-4f;  // [-126, 126]
+    worst_exp2 = std::max(worst_exp2, ulps(vec::exp2f(x2), std::exp2(static_cast<double>(x2))));
+    const float t = static_cast<float>(i) * 1e-4f;  // [-20, 20]
+    worst_tanh = std::max(worst_tanh, ulps(vec::tanhf(t), std::tanh(static_cast<double>(t))));
+    worst_sig = std::max(worst_sig, ulps(vec::sigmoidf(t), 1.0 / (1.0 + std::exp(-static_cast<double>(t)))));
+  }
+  EXPECT_LE(worst_exp, 4);
+  EXPECT_LE(worst_exp2, 4);
+  EXPECT_LE(worst_tanh, 4);
+  EXPECT_LE(worst_sig, 4);
+  EXPECT_EQ(vec::expf(INFINITY), INFINITY);
+  EXPECT_EQ(vec::expf(-INFINITY), 0.f);
+  EXPECT_EQ(vec::expf(100.f), INFINITY);
+  EXPECT_TRUE(std::isnan(vec::expf(NAN)));
+  EXPECT_EQ(vec::exp2f(-INFINITY), 0.f);
+  EXPECT_EQ(vec::exp2f(128.f), INFINITY);
+  EXPECT_EQ(vec::tanhf(INFINITY), 1.f);
+  EXPECT_EQ(vec::tanhf(-INFINITY), -1.f);
+  EXPECT_TRUE(std::isnan(vec::tanhf(NAN)));
+  EXPECT_EQ(vec::tanhf(1e-30f), 1e-30f);
+  EXPECT_EQ(vec::sigmoidf(-INFINITY), 0.f);
+  EXPECT_EQ(vec::sigmoidf(INFINITY), 1.f);
 }
