@@ -455,3 +455,42 @@ TEST(TileEvaluator, VectorMathAccuracy) {
   EXPECT_EQ(vec::sigmoidf(-INFINITY), 0.f);
   EXPECT_EQ(vec::sigmoidf(INFINITY), 1.f);
 }
+
+// Captures of every supported dtype and strided (non-contiguous, offset) layouts read correctly.
+TEST(TileEvaluator, CaptureDtypesAndLayouts) {
+  Tensor base = from_vector(std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7}, {8});
+  // a transposed [3, 2] view of elements 1..6 (storage offset 1): t[i][j] = 1 + i + 3 * j
+  Tensor tr = base.alias_with_layout({3, 2}, {1, 3}, 1);
+  Captured ct(tr, "tr");
+  Captured ci32(from_vector(std::vector<int32_t>{10, 20, 30}, {3}, kInt32), "i32");
+  Captured cb(from_vector(std::vector<bool>{true, false, true}, {3}, kBool), "flags");
+  Captured c0(full({}, 2.5, kFloat64), "scalar");  // rank 0: no index needed
+  auto p = trace_score_mod([&](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return where(cb[q], s * ct[q][kv] + to_float(ci32[q]), s - c0);
+  });
+  auto mask = trace_mask_mod([&](Expr, Expr, Expr q, Expr) { return cb[q]; });
+  TileEvaluator<double> ev(p);
+  TileEvaluator<float> em(mask);
+  std::vector<double> score(6, 2.0);
+  ev.score_tile(0, 0, 0, 3, 0, 2, score.data(), score.data());  // in place
+  std::vector<uint8_t> m(6);
+  em.mask_tile(0, 0, 0, 3, 0, 2, m.data());
+  for (int q = 0; q < 3; ++q)
+    for (int kv = 0; kv < 2; ++kv) {
+      const double expect = (q != 1) ? 2.0 * (1 + q + 3 * kv) + 10 * (q + 1) : 2.0 - 2.5;
+      EXPECT_DOUBLE_EQ(score[q * 2 + kv], expect);
+      EXPECT_DOUBLE_EQ(p.evaluate(0, 0, q, kv, 2.0), expect);
+      EXPECT_EQ(m[q * 2 + kv], q != 1);
+    }
+  // output into a wider destination (leading dimension)
+  std::vector<float> s2(3 * 4, -1.f), o2(3 * 5, -7.f);
+  TileEvaluator<float> ef(p);
+  ef.score_tile(0, 0, 0, 3, 0, 2, s2.data(), o2.data(), 4, 5);
+  EXPECT_FLOAT_EQ(o2[5 + 1], static_cast<float>(-1 - 2.5));
+  EXPECT_FLOAT_EQ(o2[2], -7.f);  // untouched past the tile width
+  // hash depends on capture rank
+  Captured r1(zeros({6}), "r"), r2(zeros({2, 3}), "r");
+  auto h1 = trace_score_mod([&](Expr s, Expr, Expr, Expr q, Expr) { return s + r1[q]; });
+  auto h2 = trace_score_mod([&](Expr s, Expr, Expr, Expr q, Expr) { return s + r2[0][q]; });
+  EXPECT_NE(h1.hash(), h2.hash());
+}
