@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attention/block_mask.h"
-#include "npy_reader_for_tests.h"
+#include "tensor/npy.h"
 
 using namespace fg;
 
@@ -36,7 +36,7 @@ MaskMod causal() {
 MaskMod case_mask(const std::string& name, const std::string& dir) {
   if (name == "alibi_causal" || name == "gqa_causal" || name == "learnable_relbias_table") return causal();
   if (name == "document_causal_s300") {
-    Captured doc(fg::testing::read_npy_for_tests(dir + "/document_causal_s300.cap_doc.npy"), "doc");
+    Captured doc(fg::load_npy(dir + "/document_causal_s300.cap_doc.npy"), "doc");
     return [doc](Expr, Expr, Expr q, Expr kv) { return (doc[q] == doc[kv]) & (q >= kv); };
   }
   if (name == "sliding64_blk64") return [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv <= 64); };
@@ -64,7 +64,7 @@ TEST(BlockMask, MatchesPyTorchConformance) {
     SCOPED_TRACE(name);
     BlockSize bs = c["block"].is_array() ? BlockSize(c["block"][0].get<int64_t>(), c["block"][1].get<int64_t>())
                                          : BlockSize(c["block"].get<int64_t>());
-    Tensor kv_num = fg::testing::read_npy_for_tests(base + "kv_num.npy");
+    Tensor kv_num = fg::load_npy(base + "kv_num.npy");
     // PyTorch built the masks with B and H of the files' first dims (1 = None, broadcast).
     const int64_t B = kv_num.size(0), H = kv_num.size(1);
     BlockMask m = create_block_mask(case_mask(name, dir), B == 1 ? std::nullopt : std::optional<int64_t>(B),
@@ -72,9 +72,9 @@ TEST(BlockMask, MatchesPyTorchConformance) {
                                     c["Skv"].get<int64_t>(), bs);
     EXPECT_EQ(m.kv_num_blocks.sizes(), kv_num.sizes());
     EXPECT_EQ(ints(m.kv_num_blocks), ints(kv_num));
-    EXPECT_EQ(ints(m.kv_indices), ints(fg::testing::read_npy_for_tests(base + "kv_idx.npy")));
-    EXPECT_EQ(ints(m.full_kv_num_blocks), ints(fg::testing::read_npy_for_tests(base + "full_kv_num.npy")));
-    EXPECT_EQ(ints(m.full_kv_indices), ints(fg::testing::read_npy_for_tests(base + "full_kv_idx.npy")));
+    EXPECT_EQ(ints(m.kv_indices), ints(fg::load_npy(base + "kv_idx.npy")));
+    EXPECT_EQ(ints(m.full_kv_num_blocks), ints(fg::load_npy(base + "full_kv_num.npy")));
+    EXPECT_EQ(ints(m.full_kv_indices), ints(fg::load_npy(base + "full_kv_idx.npy")));
     // PyTorch's sparsity for the attention shape: the manifest records it with the q batch/heads, and
     // sparsity is a ratio, so it does not depend on B and H.
     EXPECT_NEAR(m.sparsity(), c["sparsity"].get<double>(), 1e-9);
