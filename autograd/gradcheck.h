@@ -19,8 +19,11 @@ struct GradcheckResult {
   // The worst element (largest |numeric - analytic| - rtol*|numeric|) over all inputs and outputs.
   int64_t input = -1;
   int64_t output = -1;
-  Shape index;
+  Shape index;         // element of input `input` that was perturbed
+  Shape output_index;  // element of output `output` whose derivative is worst
   double numeric = 0, analytic = 0;
+  double atol = 0, rtol = 0;  // the tolerances the check used (for the report)
+  int64_t checked = 0;        // Jacobian entries compared
   std::string report() const;
 };
 

@@ -1,6 +1,23 @@
 // Seeded random factories. A Generator is (seed, offset): each draw of n elements uses counters
 // [offset, offset + n) and then advances offset, so results depend only on the seed and the order of
 // draws, never on threads or devices (the same values on CPU and CUDA).
+//
+// The exact element -> counter mapping (any other backend, e.g. a CUDA kernel, must reproduce it):
+//   A draw reserves counters with base = gen.advance(count). Element i of the result, in row-major order
+//   of its shape, reads the four words w[0..3] = Philox4x32::generate(gen.seed(), base + i), and:
+//   - rand     float32:  Philox4x32::to_float(w[0])               (24 bits, k * 2^-24)
+//              float64:  Philox4x32::to_double(w[0], w[1])        (53 bits)
+//              float16:  (w[0] >> 21) * 2^-11,  bfloat16: (w[0] >> 24) * 2^-8  (exact in the type, so < 1)
+//   - randn    u1 = 1 - to_double(w[0], w[1]) in (0, 1], u2 = to_double(w[2], w[3]);
+//              z = sqrt(-2 log u1) * cos(2 pi u2) in double, then rounded to the dtype (the sine half
+//              of Box-Muller is dropped so that element i depends on counter base + i only).
+//   - randint  low + (((uint64(w[0]) << 32) | w[1]) mod (high - low))
+//   - bernoulli to_double(w[0], w[1]) < p ? 1 : 0
+//   count = numel for all of these. Two further, inherently sequential draws (CPU only):
+//   - randperm(n): count = n; start from [0, 1, ..., n-1]; for i = n-1 down to 1, with words of counter
+//              base + i, j = ((w[0] << 32) | w[1]) mod (i + 1) and swap(p[i], p[j]) (Fisher-Yates).
+//   - multinomial: count = number of rows; row r draws u = to_double(w[0], w[1]) * row_sum from counter
+//              base + r and picks the first index whose running sum exceeds u (zero weights never win).
 #pragma once
 #include <cstdint>
 #include <mutex>

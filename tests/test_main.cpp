@@ -1,3 +1,4 @@
+// Shared GoogleTest entry point for every test binary (one binary per test folder).
 #include <gtest/gtest.h>
 
 int main(int argc, char** argv) {
