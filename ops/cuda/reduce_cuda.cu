@@ -113,14 +113,18 @@ __global__ void __launch_bounds__(kThreads) reduce_block_kernel(ReduceLayout l, 
   }
 }
 
+// One block per output combines its partials with a fixed thread assignment and tree: deterministic.
 template <class D, ReduceOp OP>
-__global__ void reduce_finish_kernel(int64_t n_out, int splits, const typename RAcc<D, OP>::acc_t* partial, void* out) {
+__global__ void __launch_bounds__(kThreads) reduce_finish_kernel(int64_t n_out, int splits,
+                                                                 const typename RAcc<D, OP>::acc_t* partial, void* out) {
   using Acc = RAcc<D, OP>;
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (o >= n_out) return;
-  auto acc = Acc::init();
-  for (int s = 0; s < splits; ++s) acc = Acc::combine(acc, partial[o * splits + s]);
-  static_cast<typename Acc::out_t*>(out)[o] = finish<typename Acc::out_t>(acc);
+  using acc_t = typename Acc::acc_t;
+  __shared__ acc_t shared[32];
+  const int64_t o = blockIdx.x;
+  acc_t acc = Acc::init();
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) acc = Acc::combine(acc, partial[o * splits + s]);
+  acc = block_reduce(acc, [](acc_t a, acc_t b) { return Acc::combine(a, b); }, shared);
+  if (threadIdx.x == 0) static_cast<typename Acc::out_t*>(out)[o] = finish<typename Acc::out_t>(acc);
 }
 
 // One thread per output: coalesced when neighbouring outputs are neighbours in memory (reducing an outer dim).
@@ -163,7 +167,7 @@ template <class D, ReduceOp OP> void reduce_typed(const ReduceLayout& l, const v
   reduce_block_kernel<D, OP><<<grid, kThreads, 0, s>>>(l, p, out, partial.as<typename Acc::acc_t>(), chunk);
   FG_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
-    reduce_finish_kernel<D, OP><<<static_cast<unsigned>((l.n_out + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+    reduce_finish_kernel<D, OP><<<static_cast<unsigned>(l.n_out), kThreads, 0, s>>>(
         l.n_out, static_cast<int>(splits), partial.as<typename Acc::acc_t>(), out);
     FG_CUDA_CHECK_LAUNCH();
   }
