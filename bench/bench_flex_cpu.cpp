@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-reference", reference, "skip the (slow, O(L^2) memory) reference path");
   CLI11_PARSE(app, argc, argv);
 
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they are measured, also through pipes
   manual_seed(0);
   Tensor q = randn({B, H, L, E}).requires_grad_(), k = randn({B, H, L, E}).requires_grad_(), v = randn({B, H, L, E}).requires_grad_();
   std::vector<int64_t> doc(L);
