@@ -254,11 +254,15 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
     FG_CHECK(slots[static_cast<size_t>(i)] >= 0 && slots[static_cast<size_t>(i)] < max_batch_, IndexError,
              "PagedAttention.{}: batch_idx[{}] = {} out of range [0, {}) (max_batch_size)", op, i,
              slots[static_cast<size_t>(i)], max_batch_);
-  std::vector<int64_t> lens;
+  // Valid logical length of each row: kv_len, capped by the logical mask's KV_LEN (its last block may stick out
+  // past KV_LEN; in the physical cache those rows are real, so the mask must cut them).
+  const int64_t logical_kv_len = bm.seq_lengths.second;
+  std::vector<int64_t> lens(static_cast<size_t>(N), logical_kv_len);
   if (kv_len.defined()) {
-    lens = int_values(kv_len, op, "kv_len", 1);
-    FG_CHECK(static_cast<int64_t>(lens.size()) == N, ShapeError,
-             "PagedAttention.{}: kv_len has {} entries, expected {} (one per batch entry)", op, lens.size(), N);
+    std::vector<int64_t> given = int_values(kv_len, op, "kv_len", 1);
+    FG_CHECK(static_cast<int64_t>(given.size()) == N, ShapeError,
+             "PagedAttention.{}: kv_len has {} entries, expected {} (one per batch entry)", op, given.size(), N);
+    for (int64_t i = 0; i < N; ++i) lens[static_cast<size_t>(i)] = std::min(given[static_cast<size_t>(i)], logical_kv_len);
   }
   const bool has_full = bm.has_full_blocks();
   Tensor num = zeros({N, H, nQ}, kInt32), idx = zeros({N, H, nQ, n_pages_}, kInt32);
@@ -273,7 +277,7 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   const int64_t* table = page_table_.data<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t slot = slots[static_cast<size_t>(n)], sb = Bm == 1 ? 0 : n;
-    const int64_t len = lens.empty() ? std::numeric_limits<int64_t>::max() : lens[static_cast<size_t>(n)];
+    const int64_t len = lens[static_cast<size_t>(n)];
     // Physical page of logical block lb, or -1 when the block holds nothing attendable.
     auto page_of = [&](int64_t lb) -> int64_t {
       if (lb < 0 || lb >= n_pages_ || lb * page_size_ >= len) return -1;
@@ -304,7 +308,7 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
         }
       }
   }
-  Tensor len_t = kv_len.defined() ? from_vector(lens, {N}, kInt64) : Tensor();
+  Tensor len_t = from_vector(lens, {N}, kInt64);
   Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64) : Tensor();
   return BlockMask::from_kv_blocks(num, idx, fnum, fidx, bm.block_size, get_mask_mod(bm.mask_mod, len_t, slot_t),
                                    std::make_pair(bm.seq_lengths.first, max_cached_seq_len()));

@@ -51,7 +51,8 @@ class PagedAttention {
   // The logical block_mask [B, H, nQ, nKV] of (Q_LEN, KV_LEN) as a mask over the physical cache: kv indices
   // are physical pages, KV_LEN is n_pages*page_size, the mask_mod is get_mask_mod(mask_mod, kv_len).
   // batch_idx [N] (default arange(B), as PyTorch) picks the slot of each query batch entry (a B=1 mask is broadcast to
-  // N); kv_len [N] (optional) the valid length of each. Logical blocks on unassigned pages or starting at or
+  // N); kv_len [N] (optional) the valid length of each, capped at the logical KV_LEN (rows past it are masked
+  // too: in the cache they hold other tokens or nothing). Logical blocks on unassigned pages or starting at or
   // past kv_len are dropped; full blocks that reach past kv_len become partial so the mask cuts them.
   // ValueError when block_mask's kv block size != page_size; ShapeError / IndexError for bad batch_idx/kv_len.
   BlockMask convert_logical_block_mask(const BlockMask& block_mask, const Tensor& batch_idx = Tensor(),
