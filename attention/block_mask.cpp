@@ -277,6 +277,20 @@ std::string BlockMask::str() const {
                      pic);
 }
 
+std::string BlockMask::repr() const {
+  auto sh = [](const Tensor& t) { return t.defined() ? shape_str(t.sizes()) : std::string("None"); };
+  Shape s = shape();
+  return fmt::format(
+      "BlockMask(\n    kv_num_blocks={},\n    kv_indices={},\n    full_kv_num_blocks={},\n    full_kv_indices={},\n"
+      "    q_num_blocks={},\n    q_indices={},\n    full_q_num_blocks={},\n    full_q_indices={},\n"
+      "    BLOCK_SIZE=({}, {}),\n    shape=({}, {}, {}, {}),\n    sparsity={:.2f}%,\n    mask_mod={}\n)",
+      sh(kv_num_blocks), sh(kv_indices), sh(full_kv_num_blocks), sh(full_kv_indices), sh(q_num_blocks), sh(q_indices),
+      sh(full_q_num_blocks), sh(full_q_indices), block_size.q, block_size.kv, s[0], s[1], s[2], s[3], sparsity(),
+      mask_program ? mask_program->to_string() : std::string("None"));
+}
+
+std::ostream& operator<<(std::ostream& os, const BlockMask& m) { return os << m.str(); }
+
 BlockMask BlockMask::select(int64_t b, int64_t h) const {
   FG_CHECK(b >= -batch() && b < batch(), IndexError, "BlockMask[b, h]: batch index {} out of range for B={}", b, batch());
   FG_CHECK(h >= -heads() && h < heads(), IndexError, "BlockMask[b, h]: head index {} out of range for H={}", h, heads());

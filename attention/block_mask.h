@@ -18,6 +18,7 @@
 #pragma once
 #include <memory>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <utility>
 
@@ -75,6 +76,8 @@ class BlockMask {
   std::string to_string(std::pair<int64_t, int64_t> grid = {20, 20}, int64_t limit = 4, bool show_partial = false) const;
   // PyTorch's str(block_mask): "BlockMask(shape=(B, H, Q, KV), sparsity=S%, \n<picture>\n)".
   std::string str() const;
+  // PyTorch's repr(block_mask): the field shapes, BLOCK_SIZE, shape, sparsity and the traced mask_mod.
+  std::string repr() const;
 
   // Selecting one batch entry / one (batch, head) keeps rank 4 (B = 1, H = 1) so kernels see one layout.
   BlockMask operator[](int64_t b) const;
@@ -83,6 +86,9 @@ class BlockMask {
   // ValueError when the new lengths need more blocks than the mask has.
   BlockMask adjust(int64_t new_q_len, int64_t new_kv_len) const;
 };
+
+// Prints str().
+std::ostream& operator<<(std::ostream& os, const BlockMask& m);
 
 // Evaluate mask_mod on every block (tile evaluator, OpenMP over (b, h, q-block)) and classify blocks.
 // B / H absent (std::nullopt or -1) mean 1, broadcast over batch / heads, as PyTorch's B=None.

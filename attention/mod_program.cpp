@@ -228,7 +228,8 @@ int32_t ProgramBuilder::emit(ExprOp op, ValueKind kind, std::vector<int32_t> arg
     for (size_t i = 0; i < args.size(); ++i) v[i] = const_value(args[i]);
     return make_const(kind, apply_scalar(op, kind, operand_kind, v));
   }
-  // ---- algebraic identities (exact in IEEE arithmetic, so folding never changes results)
+  // ---- algebraic identities (exact in IEEE arithmetic, except the two constant reassociations below,
+  //      which may differ by one rounding)
   auto is_c = [&](int32_t id, double v) { return is_const(id) && const_value(id) == v; };
   const int32_t a = args[0], b = args.size() > 1 ? args[1] : -1;
   switch (op) {
@@ -252,23 +253,27 @@ int32_t ProgramBuilder::emit(ExprOp op, ValueKind kind, std::vector<int32_t> arg
       if (is_c(a, -1)) return emit(ExprOp::Neg, kind, {b});
       if (kind == VK::Int && (is_c(a, 0) || is_c(b, 0))) return constant_int(0);
       if (kind == VK::Float) {
-        // c1 * (c2 * x) -> (c1*c2) * x: keeps derivative chains short (rounding: one ulp at most).
-        int32_t c = is_const(a) ? a : is_const(b) ? b : -1;
-        int32_t o = c == a ? b : a;
-        if (c >= 0 && instrs_[o].op == ExprOp::Mul && is_const(instrs_[o].args[0]))
-          return emit(ExprOp::Mul, kind, {constant_float(const_value(c) * const_value(instrs_[o].args[0])),
-                                          instrs_[o].args[1]});
+        // c1 * (c2 * x) -> (c1*c2) * x and c * -x -> (-c) * x: keeps derivative chains short
+        // (reassociating two constants changes the result by at most one rounding).
+        const int32_t c = is_const(a) ? a : is_const(b) ? b : -1;
+        const int32_t o = c == a ? b : a;
+        if (c >= 0 && instrs_[o].op == ExprOp::Mul) {
+          const int32_t ia = instrs_[o].args[0], ib = instrs_[o].args[1];
+          if (is_const(ia)) return emit(ExprOp::Mul, kind, {constant_float(const_value(c) * const_value(ia)), ib});
+          if (is_const(ib)) return emit(ExprOp::Mul, kind, {ia, constant_float(const_value(c) * const_value(ib))});
+        }
         if (c >= 0 && instrs_[o].op == ExprOp::Neg)
           return emit(ExprOp::Mul, kind, {constant_float(-const_value(c)), instrs_[o].args[0]});
-        if (c >= 0 && c == b) return emit(ExprOp::Mul, kind, {b, a});  // constants first: canonical
       }
       break;
     case ExprOp::Div:
       if (is_c(b, 1)) return a;
       // (c1 * x) / c2 -> (c1/c2) * x
-      if (is_const(b) && instrs_[a].op == ExprOp::Mul && is_const(instrs_[a].args[0]))
-        return emit(ExprOp::Mul, kind, {constant_float(const_value(instrs_[a].args[0]) / const_value(b)),
-                                        instrs_[a].args[1]});
+      if (kind == VK::Float && is_const(b) && instrs_[a].op == ExprOp::Mul) {
+        const int32_t ia = instrs_[a].args[0], ib = instrs_[a].args[1];
+        if (is_const(ia)) return emit(ExprOp::Mul, kind, {constant_float(const_value(ia) / const_value(b)), ib});
+        if (is_const(ib)) return emit(ExprOp::Mul, kind, {ia, constant_float(const_value(ib) / const_value(b))});
+      }
       break;
     case ExprOp::Neg:
       if (instrs_[a].op == ExprOp::Neg) return instrs_[a].args[0];

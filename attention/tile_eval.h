@@ -76,8 +76,16 @@ void TileEvaluator<T>::copy_output(size_t i, U* dst, int64_t ld) const {
   if (ld < 0) ld = nkv_;
   const TileValue v = output(i);
   auto copy = [&](auto* src) {
-    for (int64_t r = 0; r < nq_; ++r)
-      for (int64_t c = 0; c < nkv_; ++c) dst[r * ld + c] = static_cast<U>(src[r * v.row_stride + c * v.col_stride]);
+    for (int64_t r = 0; r < nq_; ++r) {
+      const auto* row = src + r * v.row_stride;
+      U* out = dst + r * ld;
+      if (v.col_stride) {  // contiguous row: a vectorisable converting copy
+        for (int64_t c = 0; c < nkv_; ++c) out[c] = static_cast<U>(row[c]);
+      } else {             // value constant along the row
+        const U x = static_cast<U>(row[0]);
+        for (int64_t c = 0; c < nkv_; ++c) out[c] = x;
+      }
+    }
   };
   switch (v.kind) {
     case ValueKind::Float: copy(v.as<T>()); break;

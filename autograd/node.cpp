@@ -12,6 +12,25 @@ std::atomic<uint64_t> next_sequence_nr{0};
 
 Node::Node() : sequence_nr_(next_sequence_nr.fetch_add(1, std::memory_order_relaxed)) {}
 
+Node::~Node() {
+  // Children whose last owner is this node would be destroyed recursively by shared_ptr. Instead they
+  // are parked on a per-thread list and released one at a time by the outermost destructor.
+  thread_local std::vector<std::shared_ptr<Node>> pending;
+  thread_local bool draining = false;
+  for (auto& e : next_edges) {
+    if (e.fn) pending.push_back(std::move(e.fn));
+  }
+  next_edges.clear();
+  if (draining) return;
+  draining = true;
+  while (!pending.empty()) {
+    std::shared_ptr<Node> n = std::move(pending.back());
+    pending.pop_back();
+    n.reset();  // may park more nodes on `pending`
+  }
+  draining = false;
+}
+
 SavedTensor::SavedTensor(const Tensor& t) {
   if (!t.defined()) return;
   data_ = t.alias_with_layout(t.sizes(), t.strides(), t.storage_offset());

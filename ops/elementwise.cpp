@@ -584,7 +584,8 @@ Tensor& mul_(Tensor& self, const Tensor& other) {
   bool recording = needs_grad({self, other});
   // self's old value is overwritten, so the factor other's gradient needs is copied first.
   SavedTensor saved_self = recording && other.requires_grad() ? clone(self.detach()) : Tensor();
-  SavedTensor saved_other = recording ? other.detach() : Tensor();
+  // other may alias self (x.mul_(x)): then it is overwritten too and must be copied as well.
+  SavedTensor saved_other = recording ? (other.shares_storage(self) ? clone(other.detach()) : other.detach()) : Tensor();
   Tensor value = binary_raw(BinaryOp::Mul, self, other);
   assign_inplace(self, value, "mul_", {self, other},
                  [saved_self, saved_other, other = GradTarget(other)](const TensorList& g) {

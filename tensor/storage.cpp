@@ -73,3 +73,21 @@ StorageImpl::~StorageImpl() {
 }
 
 }  // namespace fg
+
+namespace fg {
+
+Device Device::parse(const std::string& s) {
+  if (s == "cpu") return kCPU;
+  if (s == "cuda") return kCUDA;
+  if (s.rfind("cuda:", 0) == 0) {
+    try {
+      size_t used = 0;
+      int idx = std::stoi(s.substr(5), &used);
+      if (used == s.size() - 5 && idx >= 0) return Device(DeviceType::CUDA, idx);
+    } catch (const std::exception&) {
+    }
+  }
+  FG_FAIL(ValueError, "invalid device string '{}' (expected cpu, cuda or cuda:N)", s);
+}
+
+}  // namespace fg

@@ -1,4 +1,4 @@
-// Shared GoogleTest entry point for every test binary (one binary per test folder).
+// Shared main of the GoogleTest binaries.
 #include <gtest/gtest.h>
 
 int main(int argc, char** argv) {

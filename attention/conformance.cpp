@@ -1,0 +1,255 @@
+#include "attention/conformance.h"
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "attention/mask_mods.h"
+#include "ops/ops.h"
+
+namespace fg {
+namespace {
+
+using Captures = std::map<std::string, Tensor>;
+struct CaseDef {
+  std::function<ScoreMod(const Captures&)> score_mod;  // empty: identity
+  std::function<MaskMod(const Captures&)> mask_mod;    // empty: noop_mask
+};
+
+Expr causal(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
+
+// The PyTorch definitions of ../shared/conformance/README.md, by case name.
+const std::map<std::string, CaseDef>& case_defs() {
+  static const std::map<std::string, CaseDef> defs = {
+      {"alibi_causal",
+       {[](const Captures&) -> ScoreMod {
+          return [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / 4)); };
+        },
+        [](const Captures&) -> MaskMod { return causal; }}},
+      {"relbias_diffseq",
+       {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr q, Expr kv) { return s + (q - kv); }; }, {}}},
+      {"gqa_causal", {{}, [](const Captures&) -> MaskMod { return causal; }}},
+      {"document_causal_s300",
+       {{}, [](const Captures& c) -> MaskMod {
+          Captured doc(c.at("doc"), "doc");
+          return [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); };
+        }}},
+      {"sliding64_blk64",
+       {{}, [](const Captures&) -> MaskMod { return [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv <= 64); }; }}},
+      {"softcap20",
+       {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); }; }, {}}},
+      {"learnable_relbias_table",
+       {[](const Captures& c) -> ScoreMod {
+          Captured table(c.at("learn_table"), "learn_table");
+          const int64_t S = 192;
+          return [table, S](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + table[h][q - kv + (S - 1)]; };
+        },
+        [](const Captures&) -> MaskMod { return causal; }}},
+      {"dv_differs", {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return s * 2; }; }, {}}},
+      {"empty_rows",
+       {{}, [](const Captures&) -> MaskMod { return [](Expr, Expr, Expr q, Expr kv) { return (q >= 40) & (kv <= q); }; }}},
+      {"kv_batch_broadcast",
+       {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return s * s; }; }, {}}},
+      {"prefix_lm_or",
+       {{}, [](const Captures&) -> MaskMod {
+          return or_masks(MaskMod(causal), MaskMod([](Expr, Expr, Expr, Expr kv) { return kv < 64; }));
+        }}},
+      {"scale_head_offset",
+       {[](const Captures& c) -> ScoreMod {
+          Captured hoff(c.at("learn_hoff"), "learn_hoff");
+          return [hoff](Expr s, Expr, Expr h, Expr, Expr) { return s * hoff[h]; };
+        },
+        {}}},
+      {"and_window_chunk",
+       {{}, [](const Captures&) -> MaskMod {
+          return and_masks(MaskMod([](Expr, Expr, Expr q, Expr kv) { return abs(q - kv) <= 48; }),
+                           MaskMod([](Expr, Expr, Expr q, Expr kv) { return floor_div(q, 100) == floor_div(kv, 100); }));
+        }}},
+  };
+  return defs;
+}
+
+std::string path_of(const std::string& dir, const std::string& name, const std::string& what) {
+  return (std::filesystem::path(dir) / (name + "." + what + ".npy")).string();
+}
+
+// mean |golden - impl| over finite golden entries; -inf golden entries must be -inf in impl.
+std::pair<double, std::string> mean_abs_error(const Tensor& golden, const Tensor& impl) {
+  if (golden.sizes() != impl.sizes()) {
+    return {std::numeric_limits<double>::infinity(),
+            fmt::format("shape {} vs golden {}", shape_str(impl.sizes()), shape_str(golden.sizes()))};
+  }
+  Tensor g = golden.to(kFloat64), x = impl.to(kFloat64);
+  Tensor ginf = isinf(g);
+  if (any(isnan(x)).item<bool>()) return {std::numeric_limits<double>::quiet_NaN(), "NaN in result"};
+  Tensor inf_mismatch = logical_and(ginf, ne(x, g));
+  if (any(inf_mismatch).item<bool>()) return {std::numeric_limits<double>::infinity(), "-inf rows differ"};
+  Tensor finite = logical_not(ginf);
+  double n = sum(finite.to(kFloat64)).item();
+  double e = sum(where(finite, abs(g - where(finite, x, 0.0)), 0.0)).item();
+  return {n > 0 ? e / n : 0.0, ""};
+}
+
+// Compares our BlockMask with PyTorch's: counts, and the first `num` indices of each row (sorted).
+ConformanceCheck compare_block_mask(const BlockMask& ours, const std::string& dir, const std::string& name) {
+  ConformanceCheck c;
+  c.tensor = "block_mask";
+  c.passed = true;
+  auto same = [&](const Tensor& our_num, const Tensor& our_idx, const std::string& what) {
+    Tensor num = load_npy(path_of(dir, name, "block_" + what + "_num"));
+    Tensor idx = load_npy(path_of(dir, name, "block_" + what + "_idx"));
+    if (!our_num.defined()) {
+      if (any(num != 0).item<bool>()) { c.passed = false; c.note += what + ": missing; "; }
+      return;
+    }
+    if (our_num.sizes() != num.sizes() || !equal(our_num.to(kInt64), num.to(kInt64))) {
+      c.passed = false;
+      c.note += what + " counts differ; ";
+      return;
+    }
+    auto n = num.to(kInt64).reshape({-1}).to_vector();
+    Tensor a = our_idx.to(kInt64).reshape({static_cast<int64_t>(n.size()), -1});
+    Tensor b = idx.to(kInt64).reshape({static_cast<int64_t>(n.size()), -1});
+    for (size_t r = 0; r < n.size(); ++r) {
+      auto k = static_cast<int64_t>(n[r]);
+      if (k == 0) continue;
+      auto x = sort(a[static_cast<int64_t>(r)].narrow(0, 0, k)).values, y = sort(b[static_cast<int64_t>(r)].narrow(0, 0, k)).values;
+      if (!equal(x, y)) { c.passed = false; c.note += what + " indices differ in row " + std::to_string(r) + "; "; return; }
+    }
+  };
+  same(ours.kv_num_blocks, ours.kv_indices, "kv");
+  same(ours.full_kv_num_blocks, ours.full_kv_indices, "full_kv");
+  c.limit = 0;
+  return c;
+}
+
+double json_err(const nlohmann::json& errors, const std::string& key, const std::string& tensor) {
+  if (!errors.contains(key) || !errors[key].is_object() || !errors[key].contains(tensor)) return -1;
+  return errors[key][tensor].get<double>();
+}
+
+}  // namespace
+
+bool ConformanceResult::passed() const {
+  for (const auto& c : checks) if (!c.passed) return false;
+  return !checks.empty();
+}
+
+std::vector<std::string> known_conformance_cases() {
+  std::vector<std::string> names;
+  for (const auto& [n, _] : case_defs()) names.push_back(n);
+  return names;
+}
+
+std::vector<ConformanceResult> run_conformance(const std::string& dir, const ConformanceOptions& opt) {
+  const std::string manifest_path = (std::filesystem::path(dir) / "manifest.json").string();
+  std::ifstream f(manifest_path);
+  FG_CHECK(f.good(), IOError, "conformance: cannot open {}", manifest_path);
+  nlohmann::json manifest;
+  try {
+    manifest = nlohmann::json::parse(f);
+  } catch (const std::exception& e) {
+    FG_FAIL(IOError, "conformance: {} is not valid JSON: {}", manifest_path, e.what());
+  }
+  FG_CHECK(opt.dtype == kFloat32 || opt.dtype == kBFloat16 || opt.dtype == kFloat16, DTypeError,
+           "conformance: dtype must be float32, bfloat16 or float16, got {}", opt.dtype);
+  const std::string key = opt.dtype == kFloat32 ? "fp32" : opt.dtype == kBFloat16 ? "bf16" : "fp16";
+  const double fudge = opt.dtype == kFloat32 ? 10.0 : 1.1;
+  std::vector<ConformanceResult> results;
+  for (const auto& c : manifest) {
+    const std::string name = c.at("case").get<std::string>();
+    if (!opt.only.empty() && std::find(opt.only.begin(), opt.only.end(), name) == opt.only.end()) continue;
+    auto def_it = case_defs().find(name);
+    FG_CHECK(def_it != case_defs().end(), ValueError,
+             "conformance: unknown case '{}' in {} (known: {})", name, manifest_path, fmt::join(known_conformance_cases(), ", "));
+    const CaseDef& def = def_it->second;
+    ConformanceResult res;
+    res.name = name;
+    res.dtype = opt.dtype;
+    // Inputs, cast down as PyTorch did; captures (learn_* require grad).
+    auto load_in = [&](const std::string& what) {
+      return load_npy(path_of(dir, name, what)).to(opt.dtype).to(opt.device).requires_grad_(true);
+    };
+    Tensor q = load_in("q"), k = load_in("k"), v = load_in("v");
+    Tensor dout = load_npy(path_of(dir, name, "do")).to(opt.dtype).to(opt.device);
+    Captures caps;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      std::string fn = entry.path().filename().string();
+      std::string prefix = name + ".cap_";
+      if (fn.rfind(prefix, 0) == 0 && fn.size() > prefix.size() + 4) {
+        std::string cap = fn.substr(prefix.size(), fn.size() - prefix.size() - 4);
+        Tensor t = load_npy(entry.path().string()).to(opt.device);
+        if (cap.rfind("learn_", 0) == 0) t.requires_grad_(true);
+        caps[cap] = t;
+      }
+    }
+    FlexAttentionOptions o;
+    o.return_lse = true;
+    o.enable_gqa = c.value("gqa", false);
+    if (c.contains("scale") && !c["scale"].is_null()) o.scale = c["scale"].get<double>();
+    o.kernel.backend = opt.backend;
+    if (def.score_mod) o.score_mod = def.score_mod(caps);
+    BlockSize bs = c["block"].is_array() ? BlockSize(c["block"][0].get<int64_t>(), c["block"][1].get<int64_t>())
+                                         : BlockSize(c["block"].get<int64_t>());
+    Tensor ref_num = load_npy(path_of(dir, name, "block_kv_num"));
+    MaskMod mm = def.mask_mod ? def.mask_mod(caps) : MaskMod(noop_mask);
+    BlockMask bm = create_block_mask(mm, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), bs);
+    res.checks.push_back(compare_block_mask(bm, dir, name));
+    o.block_mask = bm;
+    FlexAttentionResult r = flex_attention(q, k, v, o);
+    (r.out.to(kFloat64) * dout.to(kFloat64)).sum().backward();
+    std::vector<std::pair<std::string, Tensor>> outputs{{"out", r.out}, {"lse", r.lse}, {"dq", q.grad()},
+                                                        {"dk", k.grad()}, {"dv", v.grad()}};
+    for (const auto& [cap, t] : caps) {
+      if (cap.rfind("learn_", 0) == 0) outputs.push_back({"d_" + cap, t.grad()});
+    }
+    const auto& errors = c.at("errors");
+    for (const auto& [tname, value] : outputs) {
+      ConformanceCheck chk;
+      chk.tensor = tname;
+      std::string gfile = path_of(dir, name, "golden." + tname);
+      Tensor golden = load_npy(gfile);
+      if (!value.defined()) {
+        chk.note = "no value produced";
+      } else {
+        auto [e, note] = mean_abs_error(golden, value.cpu());
+        chk.err_impl = e;
+        chk.note = note;
+      }
+      chk.err_ref = json_err(errors, key + "_ref", tname);
+      chk.err_compiled = json_err(errors, key + "_compiled", tname);
+      FG_CHECK(chk.err_ref >= 0, ValueError, "conformance: manifest has no {}_ref error for {} of case {}", key, tname, name);
+      chk.limit = (1 + fudge) * chk.err_ref + 1e-7;
+      chk.passed = value.defined() && chk.note.empty() && chk.err_impl <= chk.limit;
+      res.checks.push_back(chk);
+    }
+    results.push_back(std::move(res));
+  }
+  return results;
+}
+
+std::string format_conformance(const std::vector<ConformanceResult>& results) {
+  std::string s = fmt::format("{:<26} {:<9} {:<14} {:>11} {:>11} {:>11} {:>11} {:>8}  {}\n", "case", "dtype", "tensor",
+                              "ours", "torch_ref", "torch_fused", "limit", "ours/fus", "result");
+  int passed = 0, failed = 0;
+  for (const auto& r : results) {
+    for (const auto& c : r.checks) {
+      if (c.tensor == "block_mask") {
+        s += fmt::format("{:<26} {:<9} {:<14} {:>11} {:>11} {:>11} {:>11} {:>8}  {}{}\n", r.name, dtype_name(r.dtype),
+                         c.tensor, "", "", "", "", "", c.passed ? "same as PyTorch" : "DIFFERS ", c.note);
+        continue;
+      }
+      std::string ratio = c.err_compiled > 0 ? fmt::format("{:.2f}", c.err_impl / c.err_compiled) : "n/a";
+      std::string fused = c.err_compiled >= 0 ? fmt::format("{:.3e}", c.err_compiled) : "FAIL";
+      s += fmt::format("{:<26} {:<9} {:<14} {:>11.3e} {:>11.3e} {:>11} {:>11.3e} {:>8}  {}{}\n", r.name, dtype_name(r.dtype),
+                       c.tensor, c.err_impl, c.err_ref, fused, c.limit, ratio, c.passed ? "pass" : "FAIL ", c.note);
+    }
+    (r.passed() ? passed : failed)++;
+  }
+  s += fmt::format("{} passed, {} failed\n", passed, failed);
+  return s;
+}
+
+}  // namespace fg

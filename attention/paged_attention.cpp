@@ -1,0 +1,317 @@
+#include "attention/paged_attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "attention/mask_mods.h"
+#include "tensor/error.h"
+
+namespace fg {
+
+namespace {
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// An integer tensor of `rank` dims as int64 values (validated: defined, integral).
+std::vector<int64_t> int_values(const Tensor& t, const char* op, const char* name, int64_t rank) {
+  FG_CHECK(t.defined(), ValueError, "PagedAttention.{}: {} is undefined", op, name);
+  FG_CHECK(is_integral(t.dtype()), DTypeError, "PagedAttention.{}: {} must be an integer tensor, got {}", op, name,
+           t.dtype());
+  FG_CHECK(t.dim() == rank, ShapeError, "PagedAttention.{}: {} must have {} dim(s), got shape {}", op, name, rank,
+           shape_str(t.sizes()));
+  std::vector<double> v = t.to_vector();
+  return std::vector<int64_t>(v.begin(), v.end());
+}
+
+// A CPU int32/int64 tensor a mod can capture (a converted copy otherwise).
+Tensor capturable_index(const Tensor& t, const char* op, const char* name) {
+  FG_CHECK(is_integral(t.dtype()), DTypeError, "PagedAttention.{}: {} must be an integer tensor, got {}", op, name,
+           t.dtype());
+  FG_CHECK(t.dim() == 1, ShapeError, "PagedAttention.{}: {} must be 1-D, got shape {}", op, name, shape_str(t.sizes()));
+  if (t.is_cpu() && (t.dtype() == kInt32 || t.dtype() == kInt64)) return t;
+  return t.to(kCPU, kInt64);
+}
+
+Expr identity_score(Expr s, Expr, Expr, Expr, Expr) { return s; }
+
+// The logical kv index of a physical one for query batch b (0 where invalid), and whether it is valid:
+// the page is owned by b's slot and the logical index is below kv_len[b]. Captures the tables by value
+// (shared storage), so mods stay valid when the PagedAttention object moves.
+Expr logical_kv(const Tensor& p2l, int64_t ps, const Expr& b, const Expr& physical_kv, const Tensor& batch_idx,
+                const Tensor& kv_len, Expr* valid) {
+  Expr slot = batch_idx.defined() ? Expr(Captured(batch_idx, "paged_batch_idx")[b]) : b;
+  Expr logical_block = Captured(p2l, "physical_to_logical")({slot, floor_div(physical_kv, ps)});
+  Expr lkv = logical_block * ps + physical_kv % ps;
+  Expr ok = logical_block >= 0;
+  if (kv_len.defined()) ok = ok & (lkv < Expr(Captured(kv_len, "paged_kv_len")[b]));
+  *valid = ok;
+  return where(ok, lkv, 0);
+}
+
+}  // namespace
+
+PagedAttention::PagedAttention(int64_t n_pages, int64_t page_size, int64_t max_batch_size, Device device)
+    : n_pages_(n_pages), page_size_(page_size), max_batch_(max_batch_size) {
+  FG_CHECK(n_pages > 0 && page_size > 0 && max_batch_size > 0, ValueError,
+           "PagedAttention: n_pages, page_size and max_batch_size must be positive, got {}, {} and {}", n_pages,
+           page_size, max_batch_size);
+  FG_CHECK(device.is_cpu(), NotImplementedError,
+           "PagedAttention: tables live on the CPU (mods read them there); device {} is not supported", device);
+  page_table_ = full({max_batch_size, n_pages}, -1, kInt64);
+  physical_to_logical_ = full({max_batch_size, n_pages}, -1, kInt64);
+  capacity_ = zeros({max_batch_size}, kInt64);
+  empty_pages_.reserve(static_cast<size_t>(n_pages));
+  for (int64_t p = n_pages - 1; p >= 0; --p) empty_pages_.push_back(p);
+}
+
+void PagedAttention::check_slot(int64_t batch_idx, const char* op) const {
+  FG_CHECK(batch_idx >= 0 && batch_idx < max_batch_, IndexError,
+           "PagedAttention.{}: batch_idx {} out of range [0, {}) (max_batch_size)", op, batch_idx, max_batch_);
+}
+
+int64_t PagedAttention::capacity(int64_t batch_idx) const {
+  check_slot(batch_idx, "capacity");
+  return capacity_.data<int64_t>()[batch_idx];
+}
+
+std::vector<int64_t> PagedAttention::pages_of(int64_t batch_idx) const {
+  check_slot(batch_idx, "pages_of");
+  const int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
+  std::vector<int64_t> pages;
+  for (int64_t i = 0; i < n_pages_ && row[i] >= 0; ++i) pages.push_back(row[i]);
+  return pages;
+}
+
+void PagedAttention::reserve(int64_t batch_idx, int64_t seq_len) {
+  check_slot(batch_idx, "reserve");
+  FG_CHECK(seq_len >= 0, ValueError, "PagedAttention.reserve: seq_len must be >= 0, got {}", seq_len);
+  int64_t* cap = capacity_.data<int64_t>() + batch_idx;
+  if (seq_len <= *cap) return;
+  const int64_t need = cdiv(seq_len - *cap, page_size_);
+  const int64_t free_n = static_cast<int64_t>(empty_pages_.size());
+  FG_CHECK(need <= free_n, ValueError,
+           "PagedAttention.reserve: batch_idx {} needs {} more page(s) of {} tokens to hold seq_len {} (capacity {}), "
+           "but only {} of {} pages are free",
+           batch_idx, need, page_size_, seq_len, *cap, free_n, n_pages_);
+  const int64_t start = *cap / page_size_;
+  FG_ASSERT(start + need <= n_pages_);
+  int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* p2l = physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
+  // As PyTorch: the last `need` entries of the free list, in list order, become logical pages start...
+  const size_t first = empty_pages_.size() - static_cast<size_t>(need);
+  for (int64_t i = 0; i < need; ++i) {
+    const int64_t page = empty_pages_[first + static_cast<size_t>(i)];
+    row[start + i] = page;
+    p2l[page] = start + i;
+  }
+  empty_pages_.resize(first);
+  *cap += need * page_size_;
+  page_table_.bump_version();
+  physical_to_logical_.bump_version();
+  capacity_.bump_version();
+}
+
+void PagedAttention::erase(int64_t batch_idx) {
+  check_slot(batch_idx, "erase");
+  int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* p2l = physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
+  for (int64_t i = 0; i < n_pages_; ++i) {
+    if (row[i] < 0) continue;
+    empty_pages_.push_back(row[i]);
+    p2l[row[i]] = -1;
+    row[i] = -1;
+  }
+  capacity_.data<int64_t>()[batch_idx] = 0;
+  page_table_.bump_version();
+  physical_to_logical_.bump_version();
+  capacity_.bump_version();
+}
+
+void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, const Tensor& k_val,
+                            const Tensor& v_val, const Tensor& k_cache, const Tensor& v_cache) const {
+  const char* op = "assign";
+  FG_CHECK(k_val.defined() && v_val.defined() && k_cache.defined() && v_cache.defined(), ValueError,
+           "PagedAttention.assign: k_val, v_val, k_cache and v_cache must be defined");
+  FG_CHECK(!k_val.requires_grad() && !v_val.requires_grad(), ValueError,
+           "PagedAttention.assign: k_val / v_val must not require grad (the cache is written in place); detach them");
+  FG_CHECK(k_val.dim() == 4 && v_val.dim() == 4, ShapeError,
+           "PagedAttention.assign: k_val and v_val must be [B, H, S, D], got shapes {} and {}", shape_str(k_val.sizes()),
+           shape_str(v_val.sizes()));
+  FG_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, ShapeError,
+           "PagedAttention.assign: k_cache and v_cache must be [1, H, n_pages*page_size, D], got shapes {} and {}",
+           shape_str(k_cache.sizes()), shape_str(v_cache.sizes()));
+  const int64_t B = k_val.size(0), H = k_val.size(1), S = k_val.size(2), Dk = k_val.size(3), Dv = v_val.size(3);
+  FG_CHECK(v_val.size(0) == B && v_val.size(1) == H && v_val.size(2) == S, ShapeError,
+           "PagedAttention.assign: v_val shape {} does not match k_val shape {} in [B, H, S]", shape_str(v_val.sizes()),
+           shape_str(k_val.sizes()));
+  const int64_t L = max_cached_seq_len();
+  FG_CHECK(k_cache.size(0) == 1 && k_cache.size(1) == H && k_cache.size(2) == L && k_cache.size(3) == Dk, ShapeError,
+           "PagedAttention.assign: k_cache has shape {}, expected [1, {}, {}, {}] (H of k_val, n_pages*page_size, D of "
+           "k_val {})",
+           shape_str(k_cache.sizes()), H, L, Dk, shape_str(k_val.sizes()));
+  FG_CHECK(v_cache.size(0) == 1 && v_cache.size(1) == H && v_cache.size(2) == L && v_cache.size(3) == Dv, ShapeError,
+           "PagedAttention.assign: v_cache has shape {}, expected [1, {}, {}, {}] (H of v_val, n_pages*page_size, D of "
+           "v_val {})",
+           shape_str(v_cache.sizes()), H, L, Dv, shape_str(v_val.sizes()));
+  FG_CHECK(k_val.dtype() == k_cache.dtype() && v_val.dtype() == v_cache.dtype(), DTypeError,
+           "PagedAttention.assign: dtypes must match their cache: k_val {} vs k_cache {}, v_val {} vs v_cache {}",
+           k_val.dtype(), k_cache.dtype(), v_val.dtype(), v_cache.dtype());
+  FG_CHECK(k_val.is_cpu() && v_val.is_cpu() && k_cache.is_cpu() && v_cache.is_cpu(), DeviceError,
+           "PagedAttention.assign: CPU tensors only, got k_val on {}, v_val on {}, k_cache on {}, v_cache on {}",
+           k_val.device(), v_val.device(), k_cache.device(), v_cache.device());
+  FG_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), ValueError,
+           "PagedAttention.assign: k_cache and v_cache must be contiguous (they are written in place)");
+  std::vector<int64_t> slots = int_values(batch_idx, op, "batch_idx", 1);
+  std::vector<int64_t> pos = int_values(input_pos, op, "input_pos", 2);
+  FG_CHECK(static_cast<int64_t>(slots.size()) == B, ShapeError,
+           "PagedAttention.assign: batch_idx has {} entries but k_val has batch {} (shape {})", slots.size(), B,
+           shape_str(k_val.sizes()));
+  FG_CHECK(input_pos.size(0) == B && input_pos.size(1) == S, ShapeError,
+           "PagedAttention.assign: input_pos has shape {}, expected [{}, {}] (B, S of k_val {})",
+           shape_str(input_pos.sizes()), B, S, shape_str(k_val.sizes()));
+  // Physical row of every (b, s); all checked before the first write.
+  const int64_t* table = page_table_.data<int64_t>();
+  const int64_t* cap = capacity_.data<int64_t>();
+  std::vector<int64_t> addr(static_cast<size_t>(B * S));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = slots[static_cast<size_t>(b)];
+    FG_CHECK(slot >= 0 && slot < max_batch_, IndexError,
+             "PagedAttention.assign: batch_idx[{}] = {} out of range [0, {}) (max_batch_size)", b, slot, max_batch_);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t p = pos[static_cast<size_t>(b * S + s)];
+      FG_CHECK(p >= 0 && p < cap[slot], IndexError,
+               "PagedAttention.assign: input_pos[{}, {}] = {} is outside batch_idx {}'s reserved capacity {} (call "
+               "reserve first)",
+               b, s, p, slot, cap[slot]);
+      const int64_t page = table[slot * n_pages_ + p / page_size_];
+      FG_ASSERT(page >= 0);
+      addr[static_cast<size_t>(b * S + s)] = page * page_size_ + p % page_size_;
+    }
+  }
+  auto scatter = [&](const Tensor& val, const Tensor& cache, int64_t D) {
+    Tensor src = val.contiguous();
+    const size_t row_bytes = static_cast<size_t>(D) * src.element_size();
+    const auto* in = static_cast<const char*>(src.data_ptr());
+    auto* out = static_cast<char*>(cache.data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t a = addr[static_cast<size_t>(b * S + s)];
+          std::memcpy(out + static_cast<size_t>(h * L + a) * row_bytes,
+                      in + static_cast<size_t>((b * H + h) * S + s) * row_bytes, row_bytes);
+        }
+    cache.bump_version();
+  };
+  scatter(k_val, k_cache, Dk);
+  scatter(v_val, v_cache, Dv);
+}
+
+MaskMod PagedAttention::get_mask_mod(MaskMod mask_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
+  Tensor len = kv_len.defined() ? capturable_index(kv_len, "get_mask_mod", "kv_len") : Tensor();
+  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, "get_mask_mod", "batch_idx") : Tensor();
+  if (!mask_mod) mask_mod = noop_mask;
+  return [p2l = physical_to_logical_, ps = page_size_, mask_mod, len, slots](Expr b, Expr h, Expr q, Expr kv) {
+    Expr valid(false);
+    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, &valid);
+    return valid & mask_mod(b, h, q, lkv);
+  };
+}
+
+ScoreMod PagedAttention::get_score_mod(ScoreMod score_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
+  Tensor len = kv_len.defined() ? capturable_index(kv_len, "get_score_mod", "kv_len") : Tensor();
+  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, "get_score_mod", "batch_idx") : Tensor();
+  if (!score_mod) score_mod = identity_score;
+  return [p2l = physical_to_logical_, ps = page_size_, score_mod, len, slots](Expr s, Expr b, Expr h, Expr q,
+                                                                              Expr kv) {
+    Expr valid(false);
+    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, &valid);
+    return where(valid, score_mod(s, b, h, q, lkv), -std::numeric_limits<double>::infinity());
+  };
+}
+
+BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const Tensor& batch_idx,
+                                                     const Tensor& kv_len) const {
+  const char* op = "convert_logical_block_mask";
+  FG_CHECK(bm.kv_num_blocks.defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
+  FG_CHECK(bm.block_size.kv == page_size_, ValueError,
+           "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
+           bm.block_size.kv, page_size_, bm.block_size.q, bm.block_size.kv);
+  const int64_t Bm = bm.batch(), H = bm.heads(), nQ = bm.num_q_blocks(), nKV = bm.num_kv_blocks();
+  std::vector<int64_t> slots;
+  if (batch_idx.defined()) {
+    slots = int_values(batch_idx, op, "batch_idx", 1);
+    FG_CHECK(Bm == 1 || Bm == static_cast<int64_t>(slots.size()), ShapeError,
+             "PagedAttention.{}: batch_idx has {} entries but block_mask has batch {} (shape {})", op, slots.size(), Bm,
+             shape_str(bm.shape()));
+  } else {
+    FG_CHECK(Bm <= max_batch_, ShapeError, "PagedAttention.{}: block_mask batch {} exceeds max_batch_size {}", op, Bm,
+             max_batch_);
+    for (int64_t b = 0; b < Bm; ++b) slots.push_back(b);
+  }
+  const int64_t N = static_cast<int64_t>(slots.size());
+  for (int64_t i = 0; i < N; ++i)
+    FG_CHECK(slots[static_cast<size_t>(i)] >= 0 && slots[static_cast<size_t>(i)] < max_batch_, IndexError,
+             "PagedAttention.{}: batch_idx[{}] = {} out of range [0, {}) (max_batch_size)", op, i,
+             slots[static_cast<size_t>(i)], max_batch_);
+  // Valid logical length of each row: kv_len, capped by the logical mask's KV_LEN (its last block may stick out
+  // past KV_LEN; in the physical cache those rows are real, so the mask must cut them).
+  const int64_t logical_kv_len = bm.seq_lengths.second;
+  std::vector<int64_t> lens(static_cast<size_t>(N), logical_kv_len);
+  if (kv_len.defined()) {
+    std::vector<int64_t> given = int_values(kv_len, op, "kv_len", 1);
+    FG_CHECK(static_cast<int64_t>(given.size()) == N, ShapeError,
+             "PagedAttention.{}: kv_len has {} entries, expected {} (one per batch entry)", op, given.size(), N);
+    for (int64_t i = 0; i < N; ++i) lens[static_cast<size_t>(i)] = std::min(given[static_cast<size_t>(i)], logical_kv_len);
+  }
+  const bool has_full = bm.has_full_blocks();
+  Tensor num = zeros({N, H, nQ}, kInt32), idx = zeros({N, H, nQ, n_pages_}, kInt32);
+  Tensor fnum, fidx;
+  if (has_full) {
+    fnum = zeros({N, H, nQ}, kInt32);
+    fidx = zeros({N, H, nQ, n_pages_}, kInt32);
+  }
+  Tensor src_num = bm.kv_num_blocks.to(kInt32).contiguous(), src_idx = bm.kv_indices.to(kInt32).contiguous();
+  Tensor src_fnum = has_full ? bm.full_kv_num_blocks.to(kInt32).contiguous() : Tensor();
+  Tensor src_fidx = has_full ? bm.full_kv_indices.to(kInt32).contiguous() : Tensor();
+  const int64_t* table = page_table_.data<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t slot = slots[static_cast<size_t>(n)], sb = Bm == 1 ? 0 : n;
+    const int64_t len = lens[static_cast<size_t>(n)];
+    // Physical page of logical block lb, or -1 when the block holds nothing attendable.
+    auto page_of = [&](int64_t lb) -> int64_t {
+      if (lb < 0 || lb >= n_pages_ || lb * page_size_ >= len) return -1;
+      return table[slot * n_pages_ + lb];
+    };
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < nQ; ++r) {
+        const int64_t src_row = (sb * H + h) * nQ + r, dst_row = (n * H + h) * nQ + r;
+        int32_t* dn = num.data<int32_t>() + dst_row;
+        int32_t* di = idx.data<int32_t>() + dst_row * n_pages_;
+        const int32_t cnt = src_num.data<int32_t>()[src_row];
+        const int32_t* si = src_idx.data<int32_t>() + src_row * nKV;
+        for (int32_t k = 0; k < cnt; ++k) {
+          const int64_t page = page_of(si[k]);
+          if (page >= 0) di[(*dn)++] = static_cast<int32_t>(page);
+        }
+        if (!has_full) continue;
+        int32_t* fn = fnum.data<int32_t>() + dst_row;
+        int32_t* fi = fidx.data<int32_t>() + dst_row * n_pages_;
+        const int32_t fcnt = src_fnum.data<int32_t>()[src_row];
+        const int32_t* sfi = src_fidx.data<int32_t>() + src_row * nKV;
+        for (int32_t k = 0; k < fcnt; ++k) {
+          const int64_t page = page_of(sfi[k]);
+          if (page < 0) continue;
+          // A full block that reaches past kv_len is only partly valid: let the mask cut it.
+          if ((sfi[k] + 1) * page_size_ > len) di[(*dn)++] = static_cast<int32_t>(page);
+          else fi[(*fn)++] = static_cast<int32_t>(page);
+        }
+      }
+  }
+  Tensor len_t = from_vector(lens, {N}, kInt64);
+  Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64) : Tensor();
+  return BlockMask::from_kv_blocks(num, idx, fnum, fidx, bm.block_size, get_mask_mod(bm.mask_mod, len_t, slot_t),
+                                   std::make_pair(bm.seq_lengths.first, max_cached_seq_len()));
+}
+
+}  // namespace fg

@@ -1,0 +1,209 @@
+// Continuous-batching decode through a paged K/V cache.
+//
+// A one-layer toy language model (random embedding, Wq/Wk/Wv/Wo, tied output) serves a queue of requests
+// with prompts of different lengths. Up to --slots sequences decode together, one token per step, all
+// attending through flex_attention over one shared paged cache (PagedAttention): every step reserves room for
+// the new token, assigns its K/V, and converts a per-slot length mask to the physical cache. A sequence that
+// reaches its token budget is erased and the next request takes its slot (its prompt's K/V written in one
+// assign: with one layer, K/V depend only on the token embeddings).
+//
+//   paged_decode --requests 24 --slots 8 --pages 256 --page-size 32
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <deque>
+#include <random>
+
+#include "attention/flex_attention.h"
+#include "attention/paged_attention.h"
+#include "ops/ops.h"
+
+using namespace fg;
+
+namespace {
+
+struct Request {
+  int id;
+  std::vector<int64_t> prompt;
+  int64_t max_new;
+};
+
+struct Active {
+  Request req;
+  int64_t len = 0;  // tokens in the cache
+  int64_t last_token = 0;
+  std::vector<int64_t> generated;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Continuous-batching decode through a paged K/V cache (flex_attention + PagedAttention)"};
+  int64_t requests = 24, slots = 8, n_pages = 256, page_size = 32, vocab = 512, hq = 8, hkv = 2, e = 32;
+  int64_t min_prompt = 8, max_prompt = 200, min_new = 16, max_new = 96, print_every = 16;
+  uint64_t seed = 0;
+  app.add_option("--requests", requests, "number of requests to serve")->check(CLI::PositiveNumber);
+  app.add_option("--slots", slots, "batch slots decoding at once (max_batch_size)")->check(CLI::PositiveNumber);
+  app.add_option("--pages", n_pages, "physical pages in the shared cache")->check(CLI::PositiveNumber);
+  app.add_option("--page-size", page_size, "tokens per page (= kv block size)")->check(CLI::PositiveNumber);
+  app.add_option("--vocab", vocab, "vocabulary size")->check(CLI::PositiveNumber);
+  app.add_option("--hq", hq, "query heads")->check(CLI::PositiveNumber);
+  app.add_option("--hkv", hkv, "key/value heads (GQA when < hq)")->check(CLI::PositiveNumber);
+  app.add_option("--head-dim", e, "head dimension")->check(CLI::PositiveNumber);
+  app.add_option("--min-prompt", min_prompt, "shortest prompt")->check(CLI::PositiveNumber);
+  app.add_option("--max-prompt", max_prompt, "longest prompt")->check(CLI::PositiveNumber);
+  app.add_option("--min-new", min_new, "fewest generated tokens per request")->check(CLI::PositiveNumber);
+  app.add_option("--max-new", max_new, "most generated tokens per request")->check(CLI::PositiveNumber);
+  app.add_option("--print-every", print_every, "print a status line every N steps")->check(CLI::PositiveNumber);
+  app.add_option("--seed", seed, "random seed");
+  CLI11_PARSE(app, argc, argv);
+  if (hq % hkv != 0 || min_prompt > max_prompt || min_new > max_new) {
+    std::fprintf(stderr, "need hq %% hkv == 0, min-prompt <= max-prompt, min-new <= max-new\n");
+    return 2;
+  }
+  const int64_t d_model = hq * e, kv_dim = hkv * e;
+
+  // The toy model.
+  manual_seed(seed);
+  NoGradGuard no_grad;
+  Tensor emb = randn({vocab, d_model});
+  Tensor wq = randn({d_model, d_model}) * (1.0 / std::sqrt(double(d_model)));
+  Tensor wk = randn({d_model, kv_dim}) * (1.0 / std::sqrt(double(d_model)));
+  Tensor wv = randn({d_model, kv_dim}) * (1.0 / std::sqrt(double(d_model)));
+  Tensor wo = randn({d_model, d_model}) * (1.0 / std::sqrt(double(d_model)));
+
+  // The request queue.
+  std::mt19937_64 rng(seed + 1);
+  std::deque<Request> queue;
+  for (int i = 0; i < requests; ++i) {
+    Request r{i, {}, min_new + int64_t(rng() % uint64_t(max_new - min_new + 1))};
+    const int64_t plen = min_prompt + int64_t(rng() % uint64_t(max_prompt - min_prompt + 1));
+    for (int64_t t = 0; t < plen; ++t) r.prompt.push_back(int64_t(rng() % uint64_t(vocab)));
+    queue.push_back(std::move(r));
+  }
+
+  PagedAttention pa(n_pages, page_size, slots);
+  Tensor k_cache = zeros({1, hkv, pa.max_cached_seq_len(), e}), v_cache = zeros_like(k_cache);
+  // One logical mask for all steps: every key of a sequence up to the cache's length; the per-slot length
+  // (kv_len) and the slot of each row (batch_idx) are applied when converting to the physical cache.
+  BlockMask logical = create_block_mask(noop_mask, 1, 1, 1, pa.max_cached_seq_len(), BlockSize(128, page_size));
+
+  // K/V rows of tokens at positions [pos0, pos0 + n) of a slot.
+  auto write_kv = [&](int64_t slot, const std::vector<int64_t>& tokens, int64_t pos0) {
+    const int64_t n = int64_t(tokens.size());
+    Tensor x = embedding(emb, from_vector(tokens, {n}, kInt64));         // [n, d_model]
+    Tensor k = matmul(x, wk).view({n, hkv, e}).permute({1, 0, 2}).unsqueeze(0);  // [1, hkv, n, e]
+    Tensor v = matmul(x, wv).view({n, hkv, e}).permute({1, 0, 2}).unsqueeze(0);
+    pa.reserve(slot, pos0 + n);
+    pa.assign(from_vector(std::vector<int64_t>{slot}, {1}, kInt64),
+              arange(double(pos0), double(pos0 + n), 1, kInt64).unsqueeze(0), k, v, k_cache, v_cache);
+  };
+
+  std::vector<std::optional<Active>> active(static_cast<size_t>(slots));
+  auto admit = [&]() {
+    for (int64_t s = 0; s < slots && !queue.empty(); ++s) {
+      if (active[size_t(s)]) continue;
+      const Request& r = queue.front();
+      // Admit only when the pool can hold the whole request (prompt + budget): no preemption needed.
+      const int64_t need = (int64_t(r.prompt.size()) + r.max_new + page_size - 1) / page_size;
+      int64_t committed = 0;  // pages the active sequences will still take
+      for (int64_t o = 0; o < slots; ++o)
+        if (active[size_t(o)]) {
+          const Active& a = *active[size_t(o)];
+          committed += (int64_t(a.req.prompt.size()) + a.req.max_new + page_size - 1) / page_size -
+                       int64_t(pa.pages_of(o).size());
+        }
+      if (need > int64_t(pa.empty_pages().size()) - committed) return;
+      Active a{r, 0, r.prompt.back(), {}};
+      write_kv(s, r.prompt, 0);
+      a.len = int64_t(r.prompt.size());
+      active[size_t(s)] = std::move(a);
+      queue.pop_front();
+      std::printf("  + request %d (prompt %zu, budget %lld) -> slot %lld\n", r.id, r.prompt.size(),
+                  (long long)r.max_new, (long long)s);
+    }
+  };
+
+  int64_t steps = 0, tokens_out = 0, finished = 0;
+  double attn_s = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  admit();
+  while (true) {
+    std::vector<int64_t> rows;
+    for (int64_t s = 0; s < slots; ++s)
+      if (active[size_t(s)]) rows.push_back(s);
+    if (rows.empty()) break;
+    const int64_t n = int64_t(rows.size());
+    // The last token's query, K and V; its K/V go into the cache first (a token attends to itself).
+    std::vector<int64_t> last, lens;
+    for (int64_t s : rows) last.push_back(active[size_t(s)]->last_token);
+    Tensor x = embedding(emb, from_vector(last, {n}, kInt64));  // [n, d_model]
+    Tensor q = matmul(x, wq).view({n, hq, 1, e});
+    Tensor k = matmul(x, wk).view({n, hkv, 1, e}), v = matmul(x, wv).view({n, hkv, 1, e});
+    std::vector<int64_t> pos;
+    for (int64_t s : rows) {
+      Active& a = *active[size_t(s)];
+      pa.reserve(s, a.len + 1);
+      pos.push_back(a.len);
+      a.len += 1;
+      lens.push_back(a.len);
+    }
+    pa.assign(from_vector(rows, {n}, kInt64), from_vector(pos, {n, 1}, kInt64), k, v, k_cache, v_cache);
+    const auto ta = std::chrono::steady_clock::now();
+    Tensor slot_t = from_vector(rows, {n}, kInt64), len_t = from_vector(lens, {n}, kInt64);
+    FlexAttentionOptions o;
+    o.block_mask = pa.convert_logical_block_mask(logical, slot_t, len_t);
+    o.enable_gqa = hq != hkv;
+    Tensor attn = flex_attention(q, k_cache, v_cache, o).out;  // [n, hq, 1, e]
+    attn_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - ta).count();
+    Tensor h = matmul(attn.reshape({n, d_model}), wo) + x;
+    Tensor next = argmax(matmul(h, emb.t()), 1);  // greedy, tied output embedding
+    for (int64_t i = 0; i < n; ++i) {
+      Active& a = *active[size_t(rows[size_t(i)])];
+      a.last_token = static_cast<int64_t>(next.at({i}));
+      a.generated.push_back(a.last_token);
+    }
+    tokens_out += n;
+    ++steps;
+    // Finished sequences give their pages back; queued requests take the free slots.
+    for (int64_t s : rows) {
+      Active& a = *active[size_t(s)];
+      if (int64_t(a.generated.size()) < a.req.max_new) continue;
+      std::printf("  - request %d done in slot %lld: %lld tokens cached, first generated:", a.req.id, (long long)s,
+                  (long long)a.len);
+      for (size_t t = 0; t < std::min<size_t>(6, a.generated.size()); ++t) std::printf(" %lld", (long long)a.generated[t]);
+      std::printf("\n");
+      pa.erase(s);
+      active[size_t(s)].reset();
+      ++finished;
+    }
+    admit();
+    if (steps % print_every == 0 || (queue.empty() && finished == requests)) {
+      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      int64_t used_tokens = 0, reserved = 0, live = 0;
+      for (int64_t s = 0; s < slots; ++s) {
+        reserved += pa.capacity(s);
+        if (active[size_t(s)]) used_tokens += active[size_t(s)]->len, ++live;
+      }
+      std::printf("step %4lld | active %lld/%lld | queued %zu | %7.1f tok/s | pages in use %lld/%lld (%.0f%%) | "
+                  "reserved tokens filled %.0f%%\n",
+                  (long long)steps, (long long)live, (long long)slots, queue.size(), double(tokens_out) / el,
+                  (long long)pa.pages_in_use(), (long long)n_pages, 100.0 * double(pa.pages_in_use()) / double(n_pages),
+                  reserved ? 100.0 * double(used_tokens) / double(reserved) : 0.0);
+      // Page table occupancy: one character per logical page slot ('#' mapped, '.' none), first 64 columns.
+      for (int64_t s = 0; s < slots; ++s) {
+        std::printf("    slot %2lld |", (long long)s);
+        const int64_t cols = std::min<int64_t>(64, n_pages);
+        for (int64_t c = 0; c < cols; ++c) std::printf("%c", pa.page_table().at({s, c}) >= 0 ? '#' : '.');
+        std::printf("| %lld pages\n", (long long)pa.pages_of(s).size());
+      }
+    }
+  }
+  const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("served %lld requests: %lld steps, %lld tokens in %.2f s = %.1f tok/s (attention %.2f s); pages in use "
+              "at the end %lld/%lld\n",
+              (long long)finished, (long long)steps, (long long)tokens_out, el, double(tokens_out) / el, attn_s,
+              (long long)pa.pages_in_use(), (long long)n_pages);
+  return finished == requests ? 0 : 1;
+}

@@ -1,0 +1,356 @@
+// One op suite run on every available device: CPU always, CUDA when a GPU is present (skipped with a
+// visible message otherwise). Each case computes on the device and on the CPU from the same inputs
+// (strided, broadcast, every float dtype) and compares within the dtype's tolerance.
+#include <cmath>
+
+#include "autograd/gradcheck.h"
+#include "ops/ops.h"
+#include "tensor/random.h"
+#include "tests/test_util.h"
+#ifdef FLEXGRAD_WITH_CUDA
+#include "tensor/cuda/cuda_api.h"
+#endif
+
+namespace fg {
+namespace {
+
+using fg::testing::close;
+
+struct Tol {
+  double atol, rtol;
+};
+Tol tol(DType t) {
+  switch (t) {
+    case kFloat16: return {2e-3, 2e-3};
+    case kBFloat16: return {2e-2, 2e-2};
+    case kFloat32: return {1e-5, 1e-4};
+    default: return {1e-10, 1e-10};
+  }
+}
+const DType kFloats[] = {kFloat16, kBFloat16, kFloat32, kFloat64};
+
+class DeviceOps : public ::testing::TestWithParam<DeviceType> {
+ protected:
+  void SetUp() override {
+    if (device_count(GetParam()) == 0) {
+      GTEST_SKIP() << "no " << (GetParam() == DeviceType::CUDA ? "CUDA" : "CPU")
+                   << " device present: skipping this device's op tests";
+    }
+  }
+  Device dev() const { return Device(GetParam(), 0); }
+  // A random CPU tensor (values in [lo, hi)) and its copy on the device under test.
+  std::pair<Tensor, Tensor> rnd(const Shape& s, DType t, double lo = -2, double hi = 2) {
+    Tensor c = add(mul(rand(s, TensorOptions().dtype(kFloat64), &gen_), scalar_tensor(hi - lo, kFloat64)),
+                   scalar_tensor(lo, kFloat64))
+                   .to(t);
+    return {c, c.to(dev())};
+  }
+  void expect_same(const Tensor& on_dev, const Tensor& on_cpu, Tol t) {
+    ASSERT_EQ(on_dev.device(), dev());
+    EXPECT_EQ(on_dev.dtype(), on_cpu.dtype());
+    EXPECT_TRUE(close(on_dev.to(kCPU), on_cpu, t.atol, t.rtol));
+  }
+  Generator gen_{1234};
+};
+
+TEST_P(DeviceOps, ElementwiseBroadcastStridedAllFloatDtypes) {
+  for (DType t : kFloats) {
+    SCOPED_TRACE(dtype_name(t));
+    auto [a, da] = rnd({7, 33, 5}, t);
+    auto [b, db] = rnd({33, 1}, t);
+    // Strided views: a transposed, b broadcast along two dims.
+    Tensor at = a.transpose(0, 2), dat = da.transpose(0, 2);
+    Tensor bt = b.transpose(0, 1), dbt = db.transpose(0, 1);  // [1, 33]
+    expect_same(add(dat.transpose(0, 2), db), add(at.transpose(0, 2), b), tol(t));
+    expect_same(mul(dat, db.expand({5, 33, 7})), mul(at, b.expand({5, 33, 7})), tol(t));
+    expect_same(add(dbt, db), add(bt, b), tol(t));  // [1,33] + [33,1] -> [33,33]
+    expect_same(sub(da, db, 0.5), sub(a, b, 0.5), tol(t));
+    expect_same(div(da, add(abs(db), scalar_tensor(0.5, t))), div(a, add(abs(b), scalar_tensor(0.5, t))), tol(t));
+    expect_same(maximum(da, db), maximum(a, b), tol(t));
+    expect_same(pow(abs(da), 1.5), pow(abs(a), 1.5), tol(t));
+    expect_same(remainder(da, db), remainder(a, b), Tol{tol(t).atol * 10, tol(t).rtol * 10});
+    for (auto f : {&exp, &tanh, &sigmoid, &silu, &sin, &floor, &neg, &square}) expect_same(f(da), f(a), tol(t));
+    expect_same(gelu(da), gelu(a), tol(t));
+    expect_same(log(add(abs(da), scalar_tensor(0.1, t))), log(add(abs(a), scalar_tensor(0.1, t))), tol(t));
+    expect_same(where(gt(da, db), da, db), where(gt(a, b), a, b), tol(t));
+    EXPECT_TRUE(equal(lt(da, db).to(kCPU), lt(a, b)));
+    expect_same(clamp(da, -0.5, 0.5), clamp(a, -0.5, 0.5), tol(t));
+  }
+}
+
+TEST_P(DeviceOps, IntegerOpsAndDivisionByZero) {
+  Tensor a = arange(-6, 6, 1, kInt64), b = full({12}, 4, kInt64);
+  EXPECT_TRUE(equal(floor_divide(a.to(dev()), b.to(dev())).to(kCPU), floor_divide(a, b)));
+  EXPECT_TRUE(equal(remainder(a.to(dev()), b.to(dev())).to(kCPU), remainder(a, b)));
+  EXPECT_THROW_MSG(floor_divide(a.to(dev()), zeros({12}, TensorOptions(kInt64).device(dev()))), ValueError,
+                   "ZeroDivisionError");
+}
+
+TEST_P(DeviceOps, CastsAndCopies) {
+  auto [a, da] = rnd({4, 9}, kFloat32, -100, 100);
+  for (DType t : {kBool, kInt32, kInt64, kFloat16, kBFloat16, kFloat32, kFloat64}) {
+    SCOPED_TRACE(dtype_name(t));
+    EXPECT_TRUE(equal(da.t().to(t).to(kCPU), a.t().to(t)));  // casts round identically
+  }
+  Tensor c = da.t().contiguous();
+  EXPECT_TRUE(c.is_contiguous());
+  EXPECT_TRUE(equal(c.to(kCPU), a.t().contiguous()));
+}
+
+TEST_P(DeviceOps, InPlaceOps) {
+  auto [a, da] = rnd({6, 8}, kFloat32);
+  auto [b, db] = rnd({8}, kFloat32);
+  Tensor x = a.clone(), dx = da.clone();
+  add_(x, b, 2), add_(dx, db, 2);
+  mul_(x, 0.5), mul_(dx, 0.5);
+  Tensor xs = x.slice(1, 0, 8, 2), dxs = dx.slice(1, 0, 8, 2);
+  fill_(xs, 3.0), fill_(dxs, 3.0);
+  expect_same(dx, x, tol(kFloat32));
+  zero_(dx);
+  EXPECT_EQ(sum(abs(dx)).item<double>(), 0.0);
+}
+
+TEST_P(DeviceOps, Reductions) {
+  for (DType t : kFloats) {
+    SCOPED_TRACE(dtype_name(t));
+    auto [a, da] = rnd({37, 130, 3}, t);
+    Tol tl{tol(t).atol * 50, tol(t).rtol * 10};
+    expect_same(sum(da), sum(a), tl);
+    expect_same(sum(da, {1}), sum(a, {1}), tl);
+    expect_same(sum(da, {0}, true), sum(a, {0}, true), tl);
+    expect_same(sum(da.transpose(0, 2), {2}), sum(a.transpose(0, 2), {2}), tl);
+    expect_same(mean(da, {0, 2}), mean(a, {0, 2}), tl);
+    expect_same(amax(da, {1}), amax(a, {1}), tol(t));
+    expect_same(prod(add(mul(da, scalar_tensor(0.01, t)), scalar_tensor(1, t)), {2}),
+                prod(add(mul(a, scalar_tensor(0.01, t)), scalar_tensor(1, t)), {2}), tl);
+    expect_same(logsumexp(da, {1}), logsumexp(a, {1}), tl);
+    expect_same(var(da, {1}), var(a, {1}), tl);
+    expect_same(cumsum(da, 1), cumsum(a, 1), tl);
+    EXPECT_TRUE(equal(argmax(da, 1).to(kCPU), argmax(a, 1)));
+    auto [v, i] = max(da, 0);
+    auto [cv, ci] = max(a, 0);
+    EXPECT_TRUE(equal(i.to(kCPU), ci));
+    EXPECT_TRUE(equal(v.to(kCPU), cv));
+  }
+  // A long reduction spread over split partials, and integer sums.
+  auto [big, dbig] = rnd({3, 1 << 20}, kFloat32);
+  expect_same(sum(dbig, {1}), sum(big, {1}), Tol{1e-3, 1e-5});
+  Tensor ints = arange(0, 100000, 1, kInt32);
+  EXPECT_EQ(sum(ints.to(dev())).item<int64_t>(), sum(ints).item<int64_t>());
+  EXPECT_TRUE(any(gt(dbig, scalar_tensor(1.9, kFloat32))).item<bool>());
+  Tensor nan_row = from_vector(std::vector<float>{1, NAN, 3}, {3});
+  EXPECT_TRUE(std::isnan(max(nan_row.to(dev())).item<double>()));
+  EXPECT_EQ(argmax(nan_row.to(dev())).item<int64_t>(), 1);
+}
+
+TEST_P(DeviceOps, SortAndTopk) {
+  Tensor a = from_vector(std::vector<float>{3, 1, NAN, 2, 1, -0.0f, 0, 5}, {2, 4});
+  for (bool desc : {false, true}) {
+    auto [v, i] = sort(a.to(dev()), 1, desc);
+    auto [cv, ci] = sort(a, 1, desc);
+    EXPECT_TRUE(equal(i.to(kCPU), ci)) << "descending=" << desc;
+    EXPECT_TRUE(close(v.to(kCPU), cv));
+  }
+  auto [r, dr] = rnd({5, 300}, kFloat64);
+  auto [v, i] = topk(dr, 7, 1);
+  auto [cv, ci] = topk(r, 7, 1);
+  EXPECT_TRUE(equal(i.to(kCPU), ci));
+  auto [sv, si] = sort(dr.t(), 0);
+  auto [csv, csi] = sort(r.t(), 0);
+  EXPECT_TRUE(equal(si.to(kCPU), csi));
+}
+
+TEST_P(DeviceOps, SoftmaxFamily) {
+  for (DType t : kFloats) {
+    SCOPED_TRACE(dtype_name(t));
+    for (int64_t n : {5, 300, 2000, 5000, 20000}) {
+      auto [a, da] = rnd({3, n}, t, -5, 5);
+      expect_same(softmax(da, 1), softmax(a, 1), tol(t));
+      expect_same(log_softmax(da, 1), log_softmax(a, 1), Tol{tol(t).atol * 10, tol(t).rtol * 10});
+      expect_same(softmax(da.t(), 0), softmax(a.t(), 0), tol(t));  // strided rows
+    }
+  }
+  Tensor ninf = full({2, 3}, -INFINITY, kFloat32);
+  EXPECT_EQ(sum(softmax(ninf.to(dev()), 1)).item<double>(), 0.0);
+}
+
+TEST_P(DeviceOps, Matmul) {
+  for (DType t : kFloats) {
+    SCOPED_TRACE(dtype_name(t));
+    Tol tl = t == kFloat64 ? Tol{1e-10, 1e-10} : t == kFloat32 ? Tol{1e-4, 1e-4} : Tol{tol(t).atol * 20, tol(t).rtol * 5};
+    auto [a, da] = rnd({4, 37, 19}, t, -1, 1);
+    auto [b, db] = rnd({19, 23}, t, -1, 1);
+    expect_same(matmul(da, db), matmul(a, b), tl);                                   // broadcast batch
+    expect_same(matmul(da.transpose(1, 2).transpose(1, 2), db.t().t()), matmul(a, b), tl);
+    auto [c, dc] = rnd({4, 23, 19}, t, -1, 1);
+    expect_same(bmm(da, dc.transpose(1, 2)), bmm(a, c.transpose(1, 2)), tl);         // transposed operand
+    auto [e, de] = rnd({19, 46}, t, -1, 1);
+    expect_same(matmul(da, de.slice(1, 0, 46, 2)), matmul(a, e.slice(1, 0, 46, 2)), tl);  // no unit stride
+  }
+  Tensor ia = arange(0, 12, 1, kInt64).reshape({3, 4}), ib = arange(0, 8, 1, kInt64).reshape({4, 2});
+  EXPECT_TRUE(equal(matmul(ia.to(dev()), ib.to(dev())).to(kCPU), matmul(ia, ib)));
+}
+
+TEST_P(DeviceOps, IndexOpsCatStack) {
+  for (DType t : {kFloat32, kFloat64, kBFloat16}) {
+    SCOPED_TRACE(dtype_name(t));
+    auto [w, dw] = rnd({10, 6}, t);
+    Tensor idx = from_vector(std::vector<int64_t>{3, 0, 9, 3, 3}, {5}, kInt64);
+    Tensor didx = idx.to(dev());
+    expect_same(index_select(dw, 0, didx), index_select(w, 0, idx), tol(t));
+    expect_same(embedding(dw, didx.reshape({5, 1})), embedding(w, idx.reshape({5, 1})), tol(t));
+    Tensor g2 = from_vector(std::vector<int64_t>{0, 5, 5, 1, 2, 2, 3, 4, 0, 0, 1, 1}, {2, 6}, kInt64);
+    Tensor g = cat({g2, g2, g2, g2, g2}, 0);  // [10, 6]
+    expect_same(gather(dw, 1, g.to(dev())), gather(w, 1, g), tol(t));
+    auto [src, dsrc] = rnd({10, 6}, t);
+    expect_same(scatter_add(dw, 1, g.to(dev()), dsrc), scatter_add(w, 1, g, src), tol(t));
+    expect_same(cat({dw, dsrc.t().t()}, 1), cat({w, src}, 1), tol(t));
+    expect_same(stack({dw, dsrc}, 0), stack({w, src}, 0), tol(t));
+  }
+}
+
+TEST_P(DeviceOps, DeterministicScatterAdd) {
+  auto [src, dsrc] = rnd({4, 5000}, kFloat32);
+  Tensor idx = full({4, 5000}, 7, kInt64).to(dev());
+  Tensor base = zeros({4, 16}, TensorOptions().device(dev()));
+  Tensor r1 = scatter_add(base, 1, idx, dsrc), r2 = scatter_add(base, 1, idx, dsrc);
+  EXPECT_TRUE(equal(r1.to(kCPU), r2.to(kCPU)));  // bitwise identical run to run
+}
+
+TEST_P(DeviceOps, GradcheckFloat64) {
+  auto [a, da] = rnd({3, 4}, kFloat64);
+  auto [b, db] = rnd({4, 2}, kFloat64);
+  da.requires_grad_(true), db.requires_grad_(true);
+  GradcheckOptions o;
+  o.raise_on_failure = true;
+  EXPECT_TRUE(gradcheck([](const TensorList& x) { return TensorList{matmul(x[0], x[1])}; }, {da, db}, o).ok);
+  EXPECT_TRUE(gradcheck([](const TensorList& x) { return TensorList{log_softmax(x[0], 1)}; }, {da}, o).ok);
+  EXPECT_TRUE(gradcheck([](const TensorList& x) { return TensorList{sum(mul(tanh(x[0]), x[0]), {0})}; }, {da}, o).ok);
+  EXPECT_TRUE(gradcheck([](const TensorList& x) { return TensorList{logsumexp(x[0], {1})}; }, {da}, o).ok);
+  Tensor idx = from_vector(std::vector<int64_t>{1, 0, 1}, {3}, kInt64).to(dev());
+  EXPECT_TRUE(gradcheck([&](const TensorList& x) { return TensorList{index_select(x[0], 1, idx)}; }, {da}, o).ok);
+}
+
+TEST_P(DeviceOps, BackwardMatchesCpu) {
+  auto [a, da] = rnd({5, 7}, kFloat32);
+  a.requires_grad_(true), da.requires_grad_(true);
+  Tensor l = sum(mul(softmax(matmul(a, a.t()), 1), a.slice(1, 0, 5)));
+  Tensor dl = sum(mul(softmax(matmul(da, da.t()), 1), da.slice(1, 0, 5)));
+  l.backward(), dl.backward();
+  EXPECT_TRUE(close(da.grad().to(kCPU), a.grad(), 1e-4, 1e-4));
+}
+
+TEST_P(DeviceOps, RandomValuesIdenticalToCpu) {
+  for (DType t : kFloats) {
+    Generator g1(99), g2(99);
+    Tensor c = randn({1000}, TensorOptions().dtype(t), &g1);
+    Tensor d = randn({1000}, TensorOptions().dtype(t).device(dev()), &g2);
+    EXPECT_TRUE(equal(d.to(kCPU), c)) << dtype_name(t);
+    EXPECT_TRUE(equal(rand({77}, TensorOptions().dtype(t).device(dev()), &g2).to(kCPU), rand({77}, t, &g1)));
+  }
+  Generator g1(5), g2(5);
+  EXPECT_TRUE(equal(randint(-3, 1000, {500}, TensorOptions(kInt64).device(dev()), &g2).to(kCPU), randint(-3, 1000, {500}, kInt64, &g1)));
+  EXPECT_TRUE(equal(bernoulli({500}, 0.3, TensorOptions(kFloat32).device(dev()), &g2).to(kCPU), bernoulli({500}, 0.3, kFloat32, &g1)));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDevices, DeviceOps, ::testing::Values(DeviceType::CPU, DeviceType::CUDA),
+                         [](const auto& info) { return info.param == DeviceType::CPU ? "cpu" : "cuda"; });
+
+// ---------------------------------------------------------------- CUDA runtime services
+
+class CudaRuntime : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping CUDA runtime tests";
+  }
+};
+
+TEST(CudaDevices, UnavailableDeviceIsAReadableError) {
+  int n = device_count(DeviceType::CUDA);
+  EXPECT_THROW_MSG(zeros({2}, TensorOptions().device(Device(DeviceType::CUDA, n + 3))), DeviceError,
+                   "cuda:" + std::to_string(n + 3), std::string("not available"));
+}
+
+#ifdef FLEXGRAD_WITH_CUDA
+TEST_F(CudaRuntime, AllocatorReusesSizeClassesAndEmptiesCache) {
+  cuda::synchronize();
+  cuda::empty_cache();
+  auto s0 = cuda::allocator_stats();
+  EXPECT_EQ(s0.cached_bytes, 0u);
+  EXPECT_EQ(cuda::allocation_size_class(1), 512u);
+  EXPECT_EQ(cuda::allocation_size_class((1 << 20) + 1), size_t{2} << 20);
+  {
+    Tensor a = empty({1000}, TensorOptions().device(kCUDA));  // 4000 B -> 4096 B class
+    auto s1 = cuda::allocator_stats();
+    EXPECT_EQ(s1.allocated_bytes - s0.allocated_bytes, 4096u);
+    EXPECT_EQ(s1.num_device_mallocs, s0.num_device_mallocs + 1);
+  }
+  auto s2 = cuda::allocator_stats();
+  EXPECT_EQ(s2.cached_bytes, 4096u);
+  Tensor b = empty({1020}, TensorOptions().device(kCUDA));  // same class: served from the cache
+  auto s3 = cuda::allocator_stats();
+  EXPECT_EQ(s3.num_device_mallocs, s2.num_device_mallocs);
+  EXPECT_EQ(s3.num_cache_hits, s2.num_cache_hits + 1);
+  EXPECT_GE(s3.peak_allocated_bytes, s3.allocated_bytes);
+  b = Tensor();
+  cuda::empty_cache();
+  auto s4 = cuda::allocator_stats();
+  EXPECT_EQ(s4.cached_bytes, 0u);
+  EXPECT_EQ(s4.reserved_bytes, s4.allocated_bytes);
+}
+
+TEST_F(CudaRuntime, SyncAndAsyncCopiesThroughStagingAndPinned) {
+  const int64_t n = (int64_t{20} << 20) / 4 + 3;  // several staging chunks plus a tail
+  Tensor h = arange(0, static_cast<double>(n), 1, kFloat32);
+  Tensor d = h.to(kCUDA);
+  EXPECT_TRUE(equal(d.to(kCPU), h));
+  Tensor d2 = cuda::to_device_async(h, kCUDA);
+  Tensor back = cuda::to_device_async(d2, kCPU);
+  cuda::synchronize();
+  EXPECT_TRUE(equal(back, h));
+  Tensor p = cuda::pin_memory(h);
+  EXPECT_TRUE(cuda::is_pinned(p.data_ptr()));
+  EXPECT_FALSE(cuda::is_pinned(h.data_ptr()));
+  Tensor d3 = cuda::to_device_async(p, kCUDA);
+  cuda::synchronize();
+  EXPECT_TRUE(equal(d3.to(kCPU), h));
+  // Strided source tensors move too.
+  Tensor m = h.slice(0, 0, 4096).reshape({64, 64}).t();
+  EXPECT_TRUE(equal(m.to(kCUDA).to(kCPU), m));
+}
+
+TEST_F(CudaRuntime, StreamsAreCurrentPerDevice) {
+  auto s = cuda::create_stream();
+  {
+    cuda::StreamGuard g(s);
+    EXPECT_EQ(cuda::current_stream(), s);
+    Tensor a = ones({1024}, TensorOptions().device(kCUDA));
+    EXPECT_EQ(sum(a).item<double>(), 1024.0);
+  }
+  EXPECT_NE(cuda::current_stream(), s);
+  cuda::destroy_stream(s);
+}
+
+TEST_F(CudaRuntime, Tf32OnlyWhenAsked) {
+  EXPECT_FALSE(cuda::allow_tf32());
+  Generator g(3);
+  Tensor a = randn({256, 256}, TensorOptions(), &g), b = randn({256, 256}, TensorOptions(), &g);
+  Tensor ref = matmul(a.to(kFloat64), b.to(kFloat64));
+  double exact_err = amax(abs(sub(matmul(a.to(kCUDA), b.to(kCUDA)).to(kCPU).to(kFloat64), ref))).item<double>();
+  EXPECT_LT(exact_err, 1e-3);
+  cuda::set_allow_tf32(true);
+  double tf32_err = amax(abs(sub(matmul(a.to(kCUDA), b.to(kCUDA)).to(kCPU).to(kFloat64), ref))).item<double>();
+  cuda::set_allow_tf32(false);
+  EXPECT_GT(tf32_err, exact_err);  // TF32 has a 10-bit mantissa
+}
+
+TEST_F(CudaRuntime, CudaErrorsNameCallFileAndLine) {
+  EXPECT_THROW_MSG(cuda::copy_async(nullptr, kCPU, nullptr, kCPU, 4), DeviceError, "neither");
+  EXPECT_THROW_MSG(cuda::destroy_stream(nullptr, 99), DeviceError, "cuda:99");
+  // A failing runtime call: an impossible allocation reports the size and the runtime's message.
+  EXPECT_THROW_MSG(empty({int64_t{1} << 45}, TensorOptions().device(kCUDA)), CudaError, "out of memory");
+}
+#endif
+
+}  // namespace
+}  // namespace fg
