@@ -30,6 +30,7 @@ GPT::GPT(const GPTConfig& c, Generator* gen) : Module("GPT"), config(c) {
   bc.attn.bias = c.bias;
   bc.attn.rotary = true;
   bc.attn.max_positions = c.context;
+  bc.attn.rope_base = c.rope_base;
   bc.mlp_hidden = c.mlp_hidden;
   bc.activation = c.activation;
   bc.norm = c.norm;

@@ -21,6 +21,7 @@ struct GPTConfig {
   NormKind norm = NormKind::LayerNorm;
   double dropout = 0.0;
   bool bias = false;
+  double rope_base = 10000.0;  // smaller bases separate short offsets better (tiny algorithmic tasks)
 };
 
 struct SampleOptions {
