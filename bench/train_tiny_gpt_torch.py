@@ -2,7 +2,7 @@
 """PyTorch-eager twin of examples/train_tiny_gpt (benchmark only; never a build or test dependency).
 
 Same architecture (pre-norm GPT, rotary positions in the rotate-half layout, tied embeddings, tanh-GELU
-MLP, no biases), same data pipeline and hyperparameters (AdamW betas (0.9, 0.95), warmup + cosine,
+MLP, no biases, residual dropout 0.1), same data pipeline and hyperparameters (AdamW betas (0.9, 0.95), warmup + cosine,
 clipping at 1.0), CPU with --threads threads. Prints time per training step and tokens/s next to the
 losses, so the two programs' step times can be compared on one machine:
 
@@ -54,22 +54,23 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, h, ctx):
+    def __init__(self, d, h, ctx, dropout):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = Attention(d, h, ctx)
         self.fc, self.proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh")))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, d, layers, h, ctx):
+    def __init__(self, vocab, d, layers, h, ctx, dropout):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, h, ctx) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, h, ctx, dropout) for _ in range(layers))
         self.norm_f = nn.LayerNorm(d)
         for name, p in self.named_parameters():
             if p.dim() == 2:
@@ -87,7 +88,7 @@ class GPT(nn.Module):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="/usr/share/common-licenses/GPL-3")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--d-model", type=int, default=128)
@@ -95,7 +96,8 @@ def main():
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--min-lr", type=float, default=3e-4)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1337)
     a = ap.parse_args()
@@ -109,7 +111,7 @@ def main():
     counts = torch.bincount(ids).double()
     p = counts[counts > 0] / len(ids)
     unigram = float(-(p * p.log()).sum())
-    model = GPT(len(chars), a.d_model, a.layers, a.heads, a.context)
+    model = GPT(len(chars), a.d_model, a.layers, a.heads, a.context, a.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     T = a.context
 
