@@ -9,12 +9,14 @@
 // checkpoint (model + optimizer), then samples text through the KV cache. It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
 #include <malloc.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
 #include <ctime>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -37,6 +39,13 @@ std::string fmt_eta(double s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenMP threads that spin while waiting (libgomp's default) are ruinous on a machine shared with
+  // other work: on 2 busy cores a step went from ~0.33 s to ~3 s. The policy is read when libgomp loads,
+  // before main, so when the user has not chosen one we re-execute ourselves once with it set.
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the default policy
+  }
   // A training step allocates and frees the same few hundred MB of activations every time. With glibc's
   // defaults, large blocks go back to the OS (munmap / heap trim) and come back as fresh zero pages, so
   // each step pays page faults on every activation (~half of the forward time measured). Keeping freed
