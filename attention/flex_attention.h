@@ -26,7 +26,7 @@ enum class FlexBackend : uint8_t {
 
 struct FlexKernelOptions {
   FlexBackend backend = FlexBackend::Auto;
-  int64_t block_q = 0;   // CPU tile sizes; 0 picks from the BlockMask (its block sizes) or 64
+  int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
   int64_t block_kv = 0;
 };
 

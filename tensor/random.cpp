@@ -1,6 +1,7 @@
 // Seeded random factories on Philox4x32-10. Every value is a pure function of (seed, counter); the
 // element -> counter mapping is documented in tensor/random.h and must not change (saved seeds and the
-// future CUDA kernels depend on it). Values are produced on the CPU and copied to other devices.
+// CUDA fill kernel, tensor/cuda/random_cuda.cu, depend on it). rand/randn/randint/bernoulli fill on the
+// target device through random_fill_stub; randperm and multinomial are sequential, run on the CPU and copy.
 #include "tensor/random.h"
 
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <numeric>
 
 #include "tensor/philox.h"
+#include "tensor/random_kernels.h"
 
 namespace fg {
 namespace {
@@ -59,42 +61,89 @@ Generator& default_generator() {
 
 void manual_seed(uint64_t seed) { default_generator().manual_seed(seed); }
 
+// ---------------------------------------------------------------- CPU fill kernel
+
+namespace {
+
+// The CPU kernel of random_fill_stub: the reference mapping of tensor/random.h.
+void random_fill_cpu(void* out, const RandomFill& f) {
+  const int64_t n = f.n;
+  const uint64_t seed = f.seed, base = f.base;
+  switch (f.kind) {
+    case RandomKind::Uniform:
+      FG_DISPATCH_FLOATING_TYPES(f.dtype, "rand", [&]<class T>() {
+        fill_counters(static_cast<T*>(out), n, seed, base, [](const uint32_t w[4]) -> T {
+          // Half types take only as many bits as they can hold exactly, so rounding never produces 1.0.
+          if constexpr (std::is_same_v<T, double>) return Philox4x32::to_double(w[0], w[1]);
+          else if constexpr (std::is_same_v<T, float>) return Philox4x32::to_float(w[0]);
+          else if constexpr (std::is_same_v<T, Half>) return T(static_cast<float>(w[0] >> 21) * (1.0f / 2048.0f));
+          else return T(static_cast<float>(w[0] >> 24) * (1.0f / 256.0f));
+        });
+      });
+      return;
+    case RandomKind::Normal:
+      FG_DISPATCH_FLOATING_TYPES(f.dtype, "randn", [&]<class T>() {
+        fill_counters(static_cast<T*>(out), n, seed, base, [](const uint32_t w[4]) -> T {
+          double u1 = 1.0 - Philox4x32::to_double(w[0], w[1]);  // (0, 1]: log(u1) stays finite
+          double u2 = Philox4x32::to_double(w[2], w[3]);
+          return store<T>(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2));
+        });
+      });
+      return;
+    case RandomKind::Int: {
+      const uint64_t low = static_cast<uint64_t>(f.low), range = f.range;
+      FG_DISPATCH_ALL_TYPES(f.dtype, "randint", [&]<class T>() {
+        fill_counters(static_cast<T*>(out), n, seed, base, [&](const uint32_t w[4]) -> T {
+          // Modulo bias is below range / 2^64, negligible for any range a tensor can index.
+          int64_t v = static_cast<int64_t>(low + words64(w) % range);
+          if constexpr (std::is_same_v<T, bool>) return v != 0;
+          else if constexpr (std::is_integral_v<T>) return static_cast<T>(v);
+          else return store<T>(static_cast<double>(v));
+        });
+      });
+      return;
+    }
+    case RandomKind::Bernoulli: {
+      const double p = f.p;
+      FG_DISPATCH_ALL_TYPES(f.dtype, "bernoulli", [&]<class T>() {
+        fill_counters(static_cast<T*>(out), n, seed, base, [&](const uint32_t w[4]) -> T {
+          return store<T>(Philox4x32::to_double(w[0], w[1]) < p ? 1.0 : 0.0);
+        });
+      });
+      return;
+    }
+  }
+}
+
+// Draws `f` (its counters reserved from `gen`) into a new tensor on the requested device, filled there
+// by that device's kernel.
+Tensor draw(const Shape& sizes, const TensorOptions& o, Generator* gen, RandomFill f) {
+  Tensor out = empty(sizes, TensorOptions().dtype(o.dtype_).device(o.device_));
+  f.dtype = o.dtype_;
+  f.n = out.numel();
+  Generator& g = pick(gen);
+  f.base = g.advance(static_cast<uint64_t>(f.n));
+  f.seed = g.seed();
+  if (f.n > 0) random_fill_stub(out.device(), out.data_ptr(), f);
+  if (o.requires_grad_) out.requires_grad_(true);
+  return out;
+}
+
+}  // namespace
+
+FG_DEFINE_STUB(RandomFillFn, random_fill_stub);
+FG_REGISTER_KERNEL(random_fill_stub, CPU, random_fill_cpu);
+
 Tensor rand(const Shape& sizes, TensorOptions o, Generator* gen) {
   check_sizes(sizes, "rand");
   FG_CHECK(is_floating(o.dtype_), DTypeError, "rand: expected a floating dtype, got {}", o.dtype_);
-  Tensor cpu = empty(sizes, TensorOptions().dtype(o.dtype_));
-  int64_t n = cpu.numel();
-  Generator& g = pick(gen);
-  uint64_t base = g.advance(static_cast<uint64_t>(n));
-  uint64_t seed = g.seed();
-  FG_DISPATCH_FLOATING_TYPES(o.dtype_, "rand", [&]<class T>() {
-    fill_counters(cpu.data<T>(), n, seed, base, [](const uint32_t w[4]) -> T {
-      // Half types take only as many bits as they can hold exactly, so rounding never produces 1.0.
-      if constexpr (std::is_same_v<T, double>) return Philox4x32::to_double(w[0], w[1]);
-      else if constexpr (std::is_same_v<T, float>) return Philox4x32::to_float(w[0]);
-      else if constexpr (std::is_same_v<T, Half>) return T(static_cast<float>(w[0] >> 21) * (1.0f / 2048.0f));
-      else return T(static_cast<float>(w[0] >> 24) * (1.0f / 256.0f));
-    });
-  });
-  return finish(cpu, o);
+  return draw(sizes, o, gen, RandomFill{.kind = RandomKind::Uniform});
 }
 
 Tensor randn(const Shape& sizes, TensorOptions o, Generator* gen) {
   check_sizes(sizes, "randn");
   FG_CHECK(is_floating(o.dtype_), DTypeError, "randn: expected a floating dtype, got {}", o.dtype_);
-  Tensor cpu = empty(sizes, TensorOptions().dtype(o.dtype_));
-  int64_t n = cpu.numel();
-  Generator& g = pick(gen);
-  uint64_t base = g.advance(static_cast<uint64_t>(n));
-  uint64_t seed = g.seed();
-  FG_DISPATCH_FLOATING_TYPES(o.dtype_, "randn", [&]<class T>() {
-    fill_counters(cpu.data<T>(), n, seed, base, [](const uint32_t w[4]) -> T {
-      double u1 = 1.0 - Philox4x32::to_double(w[0], w[1]);  // (0, 1]: log(u1) stays finite
-      double u2 = Philox4x32::to_double(w[2], w[3]);
-      return store<T>(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2));
-    });
-  });
-  return finish(cpu, o);
+  return draw(sizes, o, gen, RandomFill{.kind = RandomKind::Normal});
 }
 
 Tensor randint(int64_t low, int64_t high, const Shape& sizes, TensorOptions o, Generator* gen) {
@@ -102,38 +151,18 @@ Tensor randint(int64_t low, int64_t high, const Shape& sizes, TensorOptions o, G
   FG_CHECK(low < high, ValueError, "randint: expected low < high, got low={} high={}", low, high);
   FG_CHECK(o.dtype_ != kBool || (low >= 0 && high <= 2), ValueError,
            "randint: range [{}, {}) does not fit dtype bool", low, high);
-  Tensor cpu = empty(sizes, TensorOptions().dtype(o.dtype_));
-  int64_t n = cpu.numel();
-  Generator& g = pick(gen);
-  uint64_t base = g.advance(static_cast<uint64_t>(n));
-  uint64_t seed = g.seed();
-  uint64_t range = static_cast<uint64_t>(high) - static_cast<uint64_t>(low);
-  FG_DISPATCH_ALL_TYPES(o.dtype_, "randint", [&]<class T>() {
-    fill_counters(cpu.data<T>(), n, seed, base, [&](const uint32_t w[4]) -> T {
-      // Modulo bias is below range / 2^64, negligible for any range a tensor can index.
-      int64_t v = static_cast<int64_t>(static_cast<uint64_t>(low) + words64(w) % range);
-      if constexpr (std::is_same_v<T, bool>) return v != 0;
-      else if constexpr (std::is_integral_v<T>) return static_cast<T>(v);
-      else return store<T>(static_cast<double>(v));
-    });
-  });
-  return finish(cpu, o);
+  RandomFill f{.kind = RandomKind::Int};
+  f.low = low;
+  f.range = static_cast<uint64_t>(high) - static_cast<uint64_t>(low);
+  return draw(sizes, o, gen, f);
 }
 
 Tensor bernoulli(const Shape& sizes, double p, TensorOptions o, Generator* gen) {
   check_sizes(sizes, "bernoulli");
   FG_CHECK(p >= 0.0 && p <= 1.0, ValueError, "bernoulli: expected 0 <= p <= 1, got p={}", p);
-  Tensor cpu = empty(sizes, TensorOptions().dtype(o.dtype_));
-  int64_t n = cpu.numel();
-  Generator& g = pick(gen);
-  uint64_t base = g.advance(static_cast<uint64_t>(n));
-  uint64_t seed = g.seed();
-  FG_DISPATCH_ALL_TYPES(o.dtype_, "bernoulli", [&]<class T>() {
-    fill_counters(cpu.data<T>(), n, seed, base, [&](const uint32_t w[4]) -> T {
-      return store<T>(Philox4x32::to_double(w[0], w[1]) < p ? 1.0 : 0.0);
-    });
-  });
-  return finish(cpu, o);
+  RandomFill f{.kind = RandomKind::Bernoulli};
+  f.p = p;
+  return draw(sizes, o, gen, f);
 }
 
 Tensor rand_like(const Tensor& t, Generator* gen) {

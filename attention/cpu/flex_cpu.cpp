@@ -10,6 +10,11 @@
 // group, the batches broadcast onto it and the q blocks the transposed BlockMask lists; then dQ and the
 // captured-tensor gradients per (b, h, q block). Captured gradients accumulate per thread in double
 // and are summed in thread order.
+// Built without trapping math (as tile_eval.cpp) so the exp loops below vectorise; flexgrad never
+// reads floating-point exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <cblas.h>
 #include <omp.h>
 
@@ -21,6 +26,7 @@
 
 #include "attention/flex_kernels.h"
 #include "attention/tile_eval.h"
+#include "attention/vec_math.h"
 
 extern "C" {
 int openblas_get_num_threads(void);
@@ -172,7 +178,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             T sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < nkv; ++j) {
-              row[j] = std::exp(row[j] - mnew);
+              row[j] = vec::exp(row[j] - mnew);
               sum += row[j];
             }
             l[i] = l[i] * corr + sum;
@@ -276,7 +282,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
         continue;
       }
 #pragma omp simd
-      for (int64_t j = 0; j < nkv; ++j) row[j] = std::exp(row[j] - li);
+      for (int64_t j = 0; j < nkv; ++j) row[j] = vec::exp(row[j] - li);
     }
     gemm(false, true, nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, vrows, p.Ev, T(0), g.dp.data(), ld);  // dP
     for (int64_t i = 0; i < nq; ++i) {

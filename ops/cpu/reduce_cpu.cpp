@@ -5,6 +5,8 @@
 // partial results are combined in chunk order, so the result does not depend on thread scheduling.
 #include <omp.h>
 
+#include <memory>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -126,7 +128,9 @@ void reduce_loop(const ReduceLayout& l, const T* in, typename Acc::out_t* out) {
   }
   // Few outputs, long reductions: fixed chunks, partials combined in order (deterministic).
   const int64_t nchunks = (l.n_red + kChunk - 1) / kChunk;
-  std::vector<acc_t> partial(nchunks);
+  // Not std::vector<acc_t>: for any/all acc_t is bool, and vector<bool> packs partials into shared words,
+  // so threads writing neighbouring chunks lost each other's bits (all() of a big tensor came out false).
+  std::unique_ptr<acc_t[]> partial(new acc_t[nchunks]);
   for (int64_t o = 0; o < l.n_out; ++o) {
     const int64_t base = l.in_offset(o);
 #pragma omp parallel for schedule(static)

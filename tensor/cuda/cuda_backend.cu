@@ -112,10 +112,21 @@ class CachingAllocator {
   }
 
   void deallocate(void* p) {
+    // A block freed while another stream is current may have been used there (StreamGuard): make its
+    // own stream wait for that stream's queued work, so reuse on its stream cannot overtake that use.
+    cudaStream_t cur = stream(device_);
     std::lock_guard l(mu_);
     auto it = live_.find(p);
     FG_ASSERT(it != live_.end());
     Block b = it->second;
+    if (cur != b.stream) {
+      DeviceGuard g(device_);
+      cudaEvent_t ev;
+      FG_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      FG_CUDA_CHECK(cudaEventRecord(ev, cur));
+      FG_CUDA_CHECK(cudaStreamWaitEvent(b.stream, ev, 0));
+      FG_CUDA_CHECK(cudaEventDestroy(ev));  // released once it completes
+    }
     live_.erase(it);
     stats_.allocated_bytes -= b.size;
     stats_.cached_bytes += b.size;
@@ -127,6 +138,23 @@ class CachingAllocator {
   void release_cached() {
     std::lock_guard l(mu_);
     release_cached_locked();
+  }
+
+  // `from` is being destroyed (its work is done): its blocks, live and cached, belong to `to` from now on,
+  // so no later free or reuse refers to a dead stream handle (which a new stream could also reuse).
+  void move_stream(cudaStream_t from, cudaStream_t to) {
+    std::lock_guard l(mu_);
+    for (auto& [ptr, b] : live_)
+      if (b.stream == from) b.stream = to;
+    for (auto it = free_.begin(); it != free_.end();) {
+      if (it->first.first == from) {
+        auto& dst = free_[{to, it->first.second}];
+        dst.insert(dst.end(), it->second.begin(), it->second.end());
+        it = free_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
 
   AllocatorStats stats() {
@@ -207,8 +235,8 @@ class PinnedPool {
   }
   // The block may be reused once `s` has passed this point.
   void release_after(Buf* b, cudaStream_t s) {
-    FG_CUDA_CHECK(cudaEventRecord(b->done, s));
     std::lock_guard l(mu_);
+    FG_CUDA_CHECK(cudaEventRecord(b->done, s));
     b->in_use = false;
   }
 
@@ -379,7 +407,15 @@ StreamHandle create_stream(int device) {
 void destroy_stream(StreamHandle s, int device) {
   check_index(device);
   DeviceGuard g(device);
-  FG_CUDA_CHECK(cudaStreamDestroy(static_cast<cudaStream_t>(s)));
+  auto cs = static_cast<cudaStream_t>(s);
+  FG_CUDA_CHECK(cudaStreamSynchronize(cs));
+  {
+    auto& t = streams();
+    std::lock_guard l(t.mu);
+    FG_CHECK(t.current[device] != cs, DeviceError, "destroy_stream: the stream is current on cuda:{}", device);
+  }
+  allocator(device).move_stream(cs, static_cast<cudaStream_t>(current_stream(device)));
+  FG_CUDA_CHECK(cudaStreamDestroy(cs));
 }
 void synchronize(int device) {
   DeviceGuard g(device);

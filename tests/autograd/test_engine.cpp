@@ -93,7 +93,7 @@ TEST(Engine, GradFunctionReturnsWithoutAccumulating) {
   EXPECT_TRUE(close(g[1], tensor({3}, {1})));
   EXPECT_FALSE(x.grad().defined());
   Tensor unused = tensor({1}, {1}).requires_grad_();
-  EXPECT_THROW_MSG(grad({y}, {unused}), AutogradError, "not used");
+  EXPECT_THROW_MSG(grad({y}, {unused}, {}, /*retain_graph=*/true), AutogradError, "not used");
   EXPECT_FALSE(grad({y}, {unused}, {}, true, /*allow_unused=*/true)[0].defined());
 }
 

@@ -1,6 +1,8 @@
 #include <cmath>
 #include <limits>
 
+#include <omp.h>
+
 #include "tests/ops/fd_check.h"
 
 namespace fg {
@@ -147,6 +149,23 @@ TEST(Reduce, AnyAllAndMeanGradient) {
   EXPECT_FALSE(any(zeros({0})).item<bool>());
   EXPECT_TRUE(fd_check([](const TensorList& in) { return mean(in[0], {0, 1}, true); }, {strided()}));
   EXPECT_TRUE(fd_check([](const TensorList& in) { return sum(in[0], {1}); }, {strided()}));
+}
+
+// all/any of one long reduction split across threads: the chunk partials once lived in a vector<bool>,
+// whose packed words threads overwrote concurrently, so all() of an all-true tensor sometimes said false
+// (equal() of two big identical tensors too). Many threads and repetitions make the race show.
+TEST(Reduce, AllAnyOfLongReductionsAreExactUnderThreads) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(8);
+  const int64_t n = int64_t{4} << 20;
+  Tensor t = ones({n}, kBool), f = zeros({n}, kBool);
+  Tensor a = arange(0, static_cast<double>(n), 1, kFloat32), b = a.clone();
+  for (int rep = 0; rep < 40; ++rep) {
+    EXPECT_TRUE(all(t).item<bool>()) << rep;
+    EXPECT_FALSE(any(f).item<bool>()) << rep;
+    EXPECT_TRUE(equal(a, b)) << rep;
+  }
+  omp_set_num_threads(saved);
 }
 
 }  // namespace
