@@ -168,7 +168,8 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
             T bm = ninf;
-            for (int64_t j = 0; j < nkv; ++j) bm = std::max(bm, row[j]);
+#pragma omp simd reduction(max : bm)
+            for (int64_t j = 0; j < nkv; ++j) bm = row[j] > bm ? row[j] : bm;
             const T mnew = std::max(m[i], bm);
             if (mnew == ninf) {  // nothing allowed yet in this row
               std::fill(row, row + nkv, T(0));
