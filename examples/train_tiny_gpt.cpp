@@ -6,7 +6,8 @@
 // Reads the text, builds the character vocabulary, holds out the last 10% for validation, trains with
 // AdamW + warmup/cosine under causal (or document-causal) flex_attention, prints a live progress line
 // and a held-out loss every --eval-every steps, writes the loss curve as CSV and a safetensors
-// checkpoint (model + optimizer), then samples text through the KV cache. It prints the unigram entropy
+// checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
+// attended straight from a PagedAttention page pool, --page-size tokens a page). It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
 #include <malloc.h>
 #include <unistd.h>
@@ -62,6 +63,8 @@ int main(int argc, char** argv) {
   cfg.dropout = 0.1;
   int64_t steps = 300, batch = 16, eval_every = 100, eval_batches = 8, sample_len = 300, warmup = 30, top_k = 10;
   double lr = 3e-3, min_lr = 3e-4, weight_decay = 0.1, clip = 1.0, temperature = 0.8;
+  std::string kv_cache = "contiguous";
+  int64_t page_size = 16;
   uint64_t seed = 1337;
   bool quiet = false, require_improvement = false;
   app.add_option("--data", data_path, "training text file")->check(CLI::ExistingFile);
@@ -87,6 +90,9 @@ int main(int argc, char** argv) {
   app.add_option("--sample-len", sample_len, "characters to sample");
   app.add_option("--temperature", temperature, "sampling temperature (0 = greedy)");
   app.add_option("--top-k", top_k, "sample among the k most likely characters (0 = all)");
+  app.add_option("--kv-cache", kv_cache, "KV cache for sampling: contiguous | paged (PagedAttention page pool)")
+      ->check(CLI::IsMember({"contiguous", "paged"}));
+  app.add_option("--page-size", page_size, "tokens per page of the paged KV cache")->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "seed for init, batches and sampling");
   app.add_flag("--quiet", quiet, "no live progress line");
   app.add_flag("--require-improvement", require_improvement,
@@ -233,11 +239,16 @@ int main(int argc, char** argv) {
   Generator sample_gen(seed + 3);
   const auto s0 = Clock::now();
   Tensor out = model->generate(from_vector(p, {1, static_cast<int64_t>(p.size())}, kInt64), sample_len,
-                               {.temperature = temperature, .top_k = top_k, .generator = &sample_gen});
+                               {.temperature = temperature,
+                                .top_k = top_k,
+                                .generator = &sample_gen,
+                                .cache_factory = kv_cache == "paged" ? nn::paged_kv_cache_factory(page_size)
+                                                                     : nn::contiguous_kv_cache_factory()});
   std::string sample;
   for (double v : out.to_vector()) sample.push_back(static_cast<char>(itos[static_cast<size_t>(v)]));
-  fmt::print("--- sample (temperature {}, top-k {}, {:.0f} chars/s through the KV cache) ---\n{}\n---\n", temperature,
-             top_k, sample_len / seconds_since(s0), sample);
+  fmt::print("--- sample (temperature {}, top-k {}, {:.0f} chars/s through the {} KV cache) ---\n{}\n---\n",
+             temperature, top_k, sample_len / seconds_since(s0),
+             kv_cache == "paged" ? fmt::format("paged ({}-token pages)", page_size) : kv_cache, sample);
   if (require_improvement && !(val < initial_val)) {
     fmt::print("held-out loss did not go down: {:.4f} -> {:.4f}\n", initial_val, val);
     return 1;

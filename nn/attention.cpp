@@ -35,14 +35,19 @@ Tensor FlexMultiheadAttention::forward(const Tensor& x, const AttentionCall& cal
     q = rope->forward(q, offset);
     k = rope->forward(k, offset);
   }
-  if (call.cache) std::tie(k, v) = call.cache->append(k, v);
-
   FlexAttentionOptions opt;
   opt.score_mod = call.score_mod;
   opt.block_mask = call.block_mask;
   opt.enable_gqa = config.n_kv_heads != config.n_heads;
   opt.kernel = call.kernel;
-  Tensor out = flex_attention(contiguous(q), contiguous(k), contiguous(v), opt).out;  // [B, H, L, E]
+  Tensor out;  // [B, H, L, E]
+  if (call.cache) {
+    // The cache stores the new keys/values and attends over everything it holds, in its own layout.
+    call.cache->append(k, v);
+    out = call.cache->attend(contiguous(q), opt).out;
+  } else {
+    out = flex_attention(contiguous(q), contiguous(k), contiguous(v), opt).out;
+  }
   return o_proj->forward(reshape(transpose(out, 1, 2), {B, L, config.d_model}));
 }
 

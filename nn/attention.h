@@ -1,6 +1,6 @@
 // FlexMultiheadAttention: q/k/v/o projections around fg::flex_attention, with grouped-query heads
 // (n_kv_heads divides n_heads), optional rotary embedding, a score_mod and BlockMask chosen per call, and
-// an optional KV cache for generation.
+// an optional KV cache for generation (the cache runs the attention: contiguous or paged).
 #pragma once
 #include <optional>
 

@@ -72,59 +72,72 @@ Tensor GPT::forward(const Tensor& idx, const AttentionCall& call, const std::vec
 }
 
 Tensor GPT::generate(const Tensor& prompt, int64_t max_new_tokens, const SampleOptions& o) {
-  FG_CHECK(prompt.dim() == 2 && prompt.size(0) == 1 && prompt.size(1) >= 1, ShapeError,
-           "GPT.generate: prompt must be [1, P] with P >= 1, got {}", shape_str(prompt.sizes()));
+  FG_CHECK(prompt.dim() == 2 && prompt.size(0) >= 1 && prompt.size(1) >= 1, ShapeError,
+           "GPT.generate: prompt must be [B, P] with B, P >= 1, got {}", shape_str(prompt.sizes()));
   FG_CHECK(o.temperature >= 0, ValueError, "GPT.generate: temperature must be >= 0, got {}", o.temperature);
   FG_CHECK(o.top_k >= 0, ValueError, "GPT.generate: top_k must be >= 0, got {}", o.top_k);
   NoGradGuard ng;
   const bool was_training = is_training();
   eval();
+  const int64_t B = prompt.size(0);
   KVCacheFactory factory = o.cache_factory ? o.cache_factory : contiguous_kv_cache_factory();
   const auto& ac = (*blocks)[0]->attn->config;
   std::vector<std::unique_ptr<KVCache>> owned;
   std::vector<KVCache*> caches;
   for (size_t i = 0; i < blocks->size(); ++i) {
-    owned.push_back(factory(static_cast<int64_t>(i), 1, ac.n_kv_heads, config.context, (*blocks)[i]->attn->head_dim,
+    owned.push_back(factory(static_cast<int64_t>(i), B, ac.n_kv_heads, config.context, (*blocks)[i]->attn->head_dim,
                             tok_emb->weight.options()));
     caches.push_back(owned.back().get());
   }
-  std::vector<int64_t> tokens;
-  for (double t : prompt.to_vector()) tokens.push_back(static_cast<int64_t>(t));
+  // tokens[b]: row b so far.
+  std::vector<std::vector<int64_t>> tokens(static_cast<size_t>(B));
+  {
+    std::vector<double> flat = prompt.to_vector();
+    const int64_t P = prompt.size(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < P; ++t) tokens[static_cast<size_t>(b)].push_back(static_cast<int64_t>(flat[static_cast<size_t>(b * P + t)]));
+  }
 
-  // Runs `ids` through the model continuing the caches; returns the logits of the last position.
-  auto step = [&](const std::vector<int64_t>& ids) {
-    const int64_t L = static_cast<int64_t>(ids.size());
+  // Runs the last L tokens of every row through the model continuing the caches; returns the logits of
+  // the last position, [B, V].
+  auto step = [&](int64_t L) {
+    std::vector<int64_t> ids;
+    for (const auto& row : tokens) ids.insert(ids.end(), row.end() - L, row.end());
     AttentionCall call;
     // A prefill of several tokens into empty caches needs the causal mask; one new token sees all the past.
     if (L > 1) call.block_mask = causal_block_mask(L);
-    Tensor logits = forward(from_vector(ids, {1, L}, kInt64), call, caches);
-    return select(select(logits, 0, 0), 0, L - 1);  // [V]
+    Tensor logits = forward(from_vector(ids, {B, L}, kInt64), call, caches);
+    return select(logits, 1, L - 1);
   };
   auto prefill = [&]() {
     for (auto* c : caches) c->reset();
-    const int64_t keep = std::min<int64_t>(static_cast<int64_t>(tokens.size()), std::max<int64_t>(1, config.context / 2));
-    return step(std::vector<int64_t>(tokens.end() - keep, tokens.end()));
+    return step(std::min<int64_t>(static_cast<int64_t>(tokens[0].size()), std::max<int64_t>(1, config.context / 2)));
   };
   Tensor logits = prefill();
   for (int64_t n = 0; n < max_new_tokens; ++n) {
-    int64_t next;
-    if (o.temperature == 0) {
-      next = argmax(logits).item<int64_t>();
-    } else {
-      Tensor scaled = cast(logits, kFloat64) / o.temperature;
-      if (o.top_k > 0 && o.top_k < scaled.size(0)) {
-        // Keep the k largest logits; everything below the k-th is removed before the softmax.
-        const double kth = topk(scaled, o.top_k).values.at({o.top_k - 1});
-        scaled = masked_fill(scaled, lt(scaled, scalar_tensor(kth, kFloat64)), -INFINITY);
+    for (int64_t b = 0; b < B; ++b) {
+      Tensor row = select(logits, 0, b);  // [V]
+      int64_t next;
+      if (o.temperature == 0) {
+        next = argmax(row).item<int64_t>();
+      } else {
+        Tensor scaled = cast(row, kFloat64) / o.temperature;
+        if (o.top_k > 0 && o.top_k < scaled.size(0)) {
+          // Keep the k largest logits; everything below the k-th is removed before the softmax.
+          const double kth = topk(scaled, o.top_k).values.at({o.top_k - 1});
+          scaled = masked_fill(scaled, lt(scaled, scalar_tensor(kth, kFloat64)), -INFINITY);
+        }
+        next = multinomial(softmax(scaled, 0), o.generator).item<int64_t>();
       }
-      next = multinomial(softmax(scaled, 0), o.generator).item<int64_t>();
+      tokens[static_cast<size_t>(b)].push_back(next);
     }
-    tokens.push_back(next);
     if (n + 1 == max_new_tokens) break;
-    logits = caches[0]->length() < config.context ? step({next}) : prefill();
+    logits = caches[0]->length() < config.context ? step(1) : prefill();
   }
   train(was_training);
-  return from_vector(tokens, {1, static_cast<int64_t>(tokens.size())}, kInt64);
+  std::vector<int64_t> flat;
+  for (const auto& row : tokens) flat.insert(flat.end(), row.begin(), row.end());
+  return from_vector(flat, {B, static_cast<int64_t>(tokens[0].size())}, kInt64);
 }
 
 std::string GPT::extra_repr() const {

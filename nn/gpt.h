@@ -36,7 +36,8 @@ class GPT : public Module {
   explicit GPT(const GPTConfig& config, Generator* gen = nullptr);
   // idx [B, L] int64 -> logits [B, L, vocab]. With caches (one per layer), tokens continue the cached ones.
   Tensor forward(const Tensor& idx, const AttentionCall& call = {}, const std::vector<KVCache*>& caches = {});
-  // Continues prompt [1, P] by max_new_tokens sampled tokens through per-layer KV caches (no grad).
+  // Continues prompt [B, P] (B independent rows of one length) by max_new_tokens sampled tokens each,
+  // through per-layer KV caches of batch B from options.cache_factory (no grad); returns [B, P + new].
   // When the window of `context` tokens fills, the caches restart from the last context/2 tokens.
   Tensor generate(const Tensor& prompt, int64_t max_new_tokens, const SampleOptions& options = {});
   std::string extra_repr() const override;

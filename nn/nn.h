@@ -10,6 +10,7 @@
 #include "nn/mlp.h"
 #include "nn/module.h"
 #include "nn/norm.h"
+#include "nn/paged_kv_cache.h"
 #include "nn/optim.h"
 #include "nn/rotary.h"
 #include "nn/safetensors.h"
