@@ -28,6 +28,17 @@ void register_device_backend(DeviceType type, DeviceBackend* backend);
 // Throws DeviceError naming the device when no backend is registered or the index is out of range.
 DeviceBackend& device_backend(Device device);
 bool is_device_available(DeviceType type);
+
+// The CPU allocator caches freed blocks of 64 KiB and more by size class (reuse avoids page faults).
+struct CpuAllocatorStats {
+  size_t allocated_bytes = 0;     // in live storages (size-class rounded)
+  size_t cached_bytes = 0;        // freed, kept for reuse
+  size_t cache_hits = 0;          // allocations served from the cache
+  size_t system_allocations = 0;  // allocations that went to the system
+};
+CpuAllocatorStats cpu_allocator_stats();
+void cpu_empty_cache();                    // returns every cached block to the system
+void set_cpu_cache_limit(size_t bytes);    // most bytes kept cached (default 2 GiB); empties the cache
 int device_count(DeviceType type);
 
 class StorageImpl {
