@@ -9,7 +9,6 @@
 // checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
 // attended straight from a PagedAttention page pool, --page-size tokens a page). It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
-#include <malloc.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -47,13 +46,6 @@ int main(int argc, char** argv) {
     setenv("OMP_WAIT_POLICY", "passive", 1);
     execv("/proc/self/exe", argv);  // returns only on failure: then carry on with the default policy
   }
-  // A training step allocates and frees the same few hundred MB of activations every time. With glibc's
-  // defaults, large blocks go back to the OS (munmap / heap trim) and come back as fresh zero pages, so
-  // each step pays page faults on every activation (~half of the forward time measured). Keeping freed
-  // memory in the process makes steady-state steps reuse warm pages.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  mallopt(M_TOP_PAD, 64 << 20);
   CLI::App app{"Train a character-level GPT with flexgrad"};
   std::string data_path = "/usr/share/common-licenses/GPL-3", out_dir = ".", mask_kind = "causal", prompt = "The ";
   nn::GPTConfig cfg;
