@@ -15,6 +15,7 @@
 #include <any>
 #include <map>
 #include <string>
+#include <typeinfo>
 
 #include "autograd/record.h"
 
@@ -36,6 +37,9 @@ class FunctionCtx {
   std::vector<bool> needs_input_grad_;
 };
 
+// "MyFn" for a Function subclass (its demangled type name, for grad_fn printouts).
+std::string function_node_name(const std::type_info& type);
+
 template <class Derived>
 struct Function {
   static TensorList apply(const TensorList& inputs) {
@@ -47,7 +51,7 @@ struct Function {
       outputs = Derived::forward(*ctx, inputs);
     }
     if (needs_grad(inputs)) {
-      record(typeid(Derived).name(), inputs, outputs, [ctx](const TensorList& grads) {
+      record(function_node_name(typeid(Derived)) + "Backward", inputs, outputs, [ctx](const TensorList& grads) {
         FG_CHECK(ctx != nullptr, AutogradError, "custom Function: backward called after its state was released");
         return Derived::backward(*ctx, grads);
       });

@@ -12,8 +12,6 @@
 
 #include <cmath>
 #include <cstring>
-// grad_fn()->name() needs the Node type: printing names the tape node, as torch does (sanctioned upward look).
-#include "autograd/node.h"
 
 namespace fg {
 namespace {
@@ -244,7 +242,7 @@ std::string to_string(const Tensor& t) {
     Formatter formatter(t.dtype(), shown, opts.precision);
     body = Printer{t, read, formatter, opts, summarize}.str(0, t.storage_offset(), indent);
   }
-  if (auto fn = t.grad_fn()) suffixes.push_back(fmt::format("grad_fn=<{}>", fn->name()));
+  if (std::string fn = t.grad_fn_name(); !fn.empty()) suffixes.push_back(fmt::format("grad_fn=<{}>", fn));
   else if (t.requires_grad()) suffixes.push_back("requires_grad=True");
   return add_suffixes(prefix + body, suffixes, indent, opts.linewidth);
 }

@@ -131,6 +131,7 @@ class Tensor {
   Tensor& mutable_grad() const;
   void set_grad(const Tensor& g) const;
   std::shared_ptr<Node> grad_fn() const;
+  std::string grad_fn_name() const;  // "MulBackward", or empty for leaves (printing)
   bool is_leaf() const;
   uint32_t output_nr() const;
   // Reverse-mode differentiation from this tensor. gradient may be omitted for one-element tensors.

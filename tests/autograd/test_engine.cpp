@@ -113,6 +113,7 @@ TEST(Engine, CustomFunctionForwardAndBackward) {
   Tensor x = tensor({1, 2}, {2}).requires_grad_();
   Tensor y = CubeFn::apply({x})[0];
   EXPECT_TRUE(close(y, tensor({1, 8}, {2})));
+  EXPECT_EQ(y.grad_fn_name(), "CubeFnBackward");
   y.sum().backward();
   EXPECT_TRUE(close(x.grad(), tensor({3, 12}, {2})));
   auto r = gradcheck([](const TensorList& in) { return CubeFn::apply(in); }, {tensor({0.5, -1.5}, {2}).requires_grad_()});
