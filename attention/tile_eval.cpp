@@ -12,7 +12,7 @@
 #include <cstdlib>
 #include <new>
 
-#include "attention/vec_math.h"
+#include "tensor/vec_math.h"
 
 namespace fg {
 

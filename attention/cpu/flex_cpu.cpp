@@ -26,7 +26,7 @@
 
 #include "attention/flex_kernels.h"
 #include "attention/tile_eval.h"
-#include "attention/vec_math.h"
+#include "tensor/vec_math.h"
 
 extern "C" {
 int openblas_get_num_threads(void);

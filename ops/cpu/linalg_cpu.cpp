@@ -6,6 +6,7 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -37,11 +38,37 @@ void pack(const T* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, U* d
 }
 
 template <class T>
-void blas_gemm(int64_t m, int64_t n, int64_t k, const T* a, BlasOperand oa, const T* b, BlasOperand ob, T* c) {
+void blas_gemm_serial(int64_t m, int64_t n, int64_t k, const T* a, BlasOperand oa, const T* b, BlasOperand ob, T* c) {
   if constexpr (std::is_same_v<T, float>) {
     cblas_sgemm(CblasRowMajor, oa.trans, ob.trans, m, n, k, 1.0f, a, oa.ld, b, ob.ld, 0.0f, c, std::max<int64_t>(1, n));
   } else {
     cblas_dgemm(CblasRowMajor, oa.trans, ob.trans, m, n, k, 1.0, a, oa.ld, b, ob.ld, 0.0, c, std::max<int64_t>(1, n));
+  }
+}
+
+// OpenBLAS's own thread pool and the OpenMP pool of the other kernels used to share the cores: OpenMP
+// workers spinning between kernels starved the BLAS threads (perf: ~23% of cycles in sched_yield). BLAS
+// runs single-threaded instead, and big products are split into row blocks of C across the OpenMP team.
+void use_single_threaded_blas() {
+  static const bool once = [] {
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)once;
+}
+
+template <class T>
+void blas_gemm(int64_t m, int64_t n, int64_t k, const T* a, BlasOperand oa, const T* b, BlasOperand ob, T* c) {
+  use_single_threaded_blas();
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const int64_t blocks = std::min<int64_t>(threads, m / 16);
+  if (blocks <= 1 || m * n * k < 64 * 64 * 64) return blas_gemm_serial<T>(m, n, k, a, oa, b, ob, c);
+  // Row i of op(A) starts at a + i * ld (NoTrans) or a + i (Trans: A is stored k x m).
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(blocks))
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int64_t i0 = m * bi / blocks, i1 = m * (bi + 1) / blocks;
+    const T* ab = a + (oa.trans == CblasNoTrans ? i0 * oa.ld : i0);
+    blas_gemm_serial<T>(i1 - i0, n, k, ab, oa, b, ob, c + i0 * std::max<int64_t>(1, n));
   }
 }
 

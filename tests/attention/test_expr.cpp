@@ -10,7 +10,7 @@
 #include "attention/mod_grad.h"
 #include "attention/mod_program.h"
 #include "attention/tile_eval.h"
-#include "attention/vec_math.h"
+#include "tensor/vec_math.h"
 
 using namespace fg;
 
