@@ -22,6 +22,17 @@ namespace fg::testing {
     }                                                                                        \
   } while (0)
 
+// Runs f, expecting exception E whose message contains `needle` (for statements with commas in them).
+template <class E, class F>
+inline void expect_error(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an exception containing: " << needle;
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
+  }
+}
+
 inline Tensor tensor(std::vector<double> values, Shape shape, DType dtype = kFloat64) {
   return from_vector(values, shape, dtype);
 }

@@ -1,6 +1,8 @@
 // .npy reading and writing, including hand-written files for the layouts flexgrad never writes itself.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -39,15 +41,7 @@ template <class T> std::string bytes_of(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
 
-template <class E, class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an exception containing: " << needle;
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
-  }
-}
+using ::fg::testing::expect_error;
 
 TEST(Npy, RoundTripEveryDType) {
   const DType all[] = {kBool, kInt32, kInt64, kFloat16, kFloat32, kFloat64};

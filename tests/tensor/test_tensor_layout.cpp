@@ -1,6 +1,8 @@
 // The strided layout, element access and factories of the tensor layer (no ops involved).
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <string>
 
 #include "tensor/tensor.h"
@@ -8,16 +10,7 @@
 namespace fg {
 namespace {
 
-// Runs f, expecting exception E whose message contains `needle`.
-template <class E, class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an exception containing: " << needle;
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
-  }
-}
+using ::fg::testing::expect_error;
 
 TEST(Layout, ContiguousStrides) {
   EXPECT_EQ(contiguous_strides({2, 3, 4}), (Shape{12, 4, 1}));
