@@ -9,6 +9,5 @@ namespace fg::autograd_arith {
 Tensor add(const Tensor& a, const Tensor& b);  // a + b, same shape, no history
 Tensor ones_like(const Tensor& t);
 Tensor clone_contiguous(const Tensor& t);     // a fresh contiguous copy, no history
-Tensor sum_to(const Tensor& grad, const Shape& shape);  // reduce broadcast dims, no history
 
 }  // namespace fg::autograd_arith

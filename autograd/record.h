@@ -24,7 +24,4 @@ bool needs_grad(const TensorList& inputs);
 // one gradient per output and returns one per input (undefined where none). Returns the node.
 std::shared_ptr<Node> record(std::string name, const TensorList& inputs, const TensorList& outputs, BackwardFn backward);
 
-// Reduces a broadcast gradient back to `shape` (sums over expanded dims), as every broadcasting op needs.
-Tensor sum_to(const Tensor& grad, const Shape& shape);
-
 }  // namespace fg

@@ -3,7 +3,6 @@
 
 #include "autograd/grad_mode.h"
 #include "ops/elementwise.h"
-#include "ops/reduce.h"
 
 namespace fg::autograd_arith {
 
@@ -15,10 +14,6 @@ Tensor ones_like(const Tensor& t) { return fg::ones_like(t); }
 Tensor clone_contiguous(const Tensor& t) {
   NoGradGuard g;
   return fg::clone(t.detach());
-}
-Tensor sum_to(const Tensor& grad, const Shape& shape) {
-  NoGradGuard g;
-  return fg::sum_to_shape(grad, shape);
 }
 
 }  // namespace fg::autograd_arith
