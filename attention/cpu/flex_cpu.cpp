@@ -26,22 +26,13 @@
 
 #include "attention/flex_kernels.h"
 #include "attention/tile_eval.h"
+#include "ops/cpu/blas_threads.h"
 #include "tensor/vec_math.h"
 
-extern "C" {
-int openblas_get_num_threads(void);
-void openblas_set_num_threads(int);
-}
 
 namespace fg::cpu {
 namespace {
 
-// BLAS calls run inside our OpenMP tasks: keep OpenBLAS itself single-threaded meanwhile.
-struct SingleThreadedBlas {
-  int prev = openblas_get_num_threads();
-  SingleThreadedBlas() { openblas_set_num_threads(1); }
-  ~SingleThreadedBlas() { openblas_set_num_threads(prev); }
-};
 
 // C[m x n] = alpha * op(A) op(B) + beta * C, row-major.
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -140,7 +131,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   T* mx = o.max_scores.data<T>();
   const int64_t tasks = p.B * p.Hq * nQB;
   const T ninf = -std::numeric_limits<T>::infinity();
-  SingleThreadedBlas single;
+  use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
   ErrorSlot err;
 #pragma omp parallel
   {
@@ -309,7 +300,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * c;
   };
 
-  SingleThreadedBlas single;
+  use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
   ErrorSlot err;
   // ---- pass 1: dK, dV per (kv batch, kv head, kv block)
   const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;

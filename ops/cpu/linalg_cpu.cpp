@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu/blas_threads.h"
 #include "ops/linalg_kernels.h"
 
 namespace fg {
@@ -46,20 +47,9 @@ void blas_gemm_serial(int64_t m, int64_t n, int64_t k, const T* a, BlasOperand o
   }
 }
 
-// OpenBLAS's own thread pool and the OpenMP pool of the other kernels used to share the cores: OpenMP
-// workers spinning between kernels starved the BLAS threads (perf: ~23% of cycles in sched_yield). BLAS
-// runs single-threaded instead, and big products are split into row blocks of C across the OpenMP team.
-void use_single_threaded_blas() {
-  static const bool once = [] {
-    openblas_set_num_threads(1);
-    return true;
-  }();
-  (void)once;
-}
-
 template <class T>
 void blas_gemm(int64_t m, int64_t n, int64_t k, const T* a, BlasOperand oa, const T* b, BlasOperand ob, T* c) {
-  use_single_threaded_blas();
+  cpu::use_single_threaded_blas();
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
   const int64_t blocks = std::min<int64_t>(threads, m / 16);
   if (blocks <= 1 || m * n * k < 64 * 64 * 64) return blas_gemm_serial<T>(m, n, k, a, oa, b, ob, c);
