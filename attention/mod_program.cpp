@@ -499,8 +499,8 @@ std::string ModProgram::to_string(size_t output) const {
         s[i] = captures_[in.capture].name;
         for (int32_t a : in.args) s[i] += "[" + s[a] + "]";
         break;
-      case ExprOp::Neg: s[i] = "-" + arg(0, 91); break;
-      case ExprOp::Not: s[i] = "!" + arg(0, 91); break;
+      case ExprOp::Neg: s[i] = std::string("-").append(arg(0, 91)); break;  // (append: GCC 12 -Wrestrict false positive)
+      case ExprOp::Not: s[i] = std::string("!").append(arg(0, 91)); break;
       case ExprOp::Cast:
         if (in.implicit) {
           s[i] = s[in.args[0]];

@@ -35,9 +35,6 @@ const char* binary_op_name(BinaryOp op) {
 
 namespace {
 
-enum class Category { Bool, Int, Float };
-Category category(DType t) { return t == kBool ? Category::Bool : is_floating(t) ? Category::Float : Category::Int; }
-
 // PyTorch's combine_categories: a lower-priority operand only matters if it is of a higher category.
 std::optional<DType> combine(std::optional<DType> higher, std::optional<DType> lower) {
   if (!higher) return lower;

@@ -25,7 +25,7 @@ void for_each_row(const ElementwisePlan& p, Inner&& inner) {
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t start = c * per, len = std::min(per, inner_n - start);
       if (len <= 0) continue;
-      char* ptrs[kMaxPlanOperands];
+      char* ptrs[kMaxPlanOperands] = {};
       for (int i = 0; i < nops; ++i) ptrs[i] = p.data[i] + start * strides0[i];
       inner(ptrs, strides0, len);
     }
@@ -33,7 +33,7 @@ void for_each_row(const ElementwisePlan& p, Inner&& inner) {
   }
 #pragma omp parallel for if (p.numel > kParallelGrain) schedule(static)
   for (int64_t o = 0; o < outer_n; ++o) {
-    char* ptrs[kMaxPlanOperands];
+    char* ptrs[kMaxPlanOperands] = {};
     for (int i = 0; i < nops; ++i) ptrs[i] = p.data[i];
     int64_t rem = o;
     for (int d = 1; d < p.ndim; ++d) {

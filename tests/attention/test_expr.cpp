@@ -19,7 +19,6 @@ namespace {
 Expr S() { return Expr::score(); }
 Expr Q() { return Expr::q_idx(); }
 Expr KV() { return Expr::kv_idx(); }
-Expr Hd() { return Expr::head(); }
 
 int count_op(const ModProgram& p, ExprOp op) {
   int n = 0;
@@ -104,7 +103,7 @@ TEST(Expr, Printing) {
   EXPECT_EQ(alibi.to_string(), "score + (kv_idx - q_idx) * exp2(-((h + 1) * 2.0))");
   auto causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
   EXPECT_EQ(causal.to_string(), "q_idx >= kv_idx");
-  auto win = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & !(q - kv > 64) | (kv < 4); });
+  auto win = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return ((q >= kv) & !(q - kv > 64)) | (kv < 4); });
   EXPECT_EQ(win.to_string(), "q_idx >= kv_idx & !(q_idx - kv_idx > 64) | kv_idx < 4");
   Captured doc(from_vector(std::vector<int64_t>{0, 0, 1}, {3}, kInt64), "doc");
   auto dm = trace_mask_mod([&](Expr, Expr, Expr q, Expr kv) { return doc[q] == doc[kv]; });
@@ -277,7 +276,9 @@ void check_derivative(const ScoreMod& mod, std::vector<Tensor> float_caps) {
     std::vector<double> outs = bw.program.evaluate_all(b, h, q, kv, s);
     const double fd = (f.evaluate(b, h, q, kv, s + eps) - f.evaluate(b, h, q, kv, s - eps)) / (2 * eps);
     EXPECT_NEAR(outs[0], fd, 1e-6 * (1 + std::fabs(fd))) << bw.program.to_string(0);
-    if (bw.dscore_is_constant) EXPECT_EQ(outs[0], bw.dscore_constant);
+    if (bw.dscore_is_constant) {
+      EXPECT_EQ(outs[0], bw.dscore_constant);
+    }
     // the tile evaluator gives the same outputs
     double score_tile = s;
     ev.run(b, h, q, 1, kv, 1, &score_tile);
