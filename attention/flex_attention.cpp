@@ -57,9 +57,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const FlexA
   }
 }
 
-BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num, const Tensor& full_idx) {
+BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num, const Tensor& full_idx, Device dev) {
   BlockLists l;
-  auto c = [](const Tensor& t) { return t.defined() ? t.to(kInt32).contiguous().cpu() : t; };
+  auto c = [dev](const Tensor& t) { return t.defined() ? t.to(kInt32).contiguous().to(dev) : t; };
   l.num = c(num);
   l.idx = c(idx);
   l.full_num = c(full_num);
@@ -71,23 +71,40 @@ BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num
 }
 
 // Every block of an (nR x nC) grid listed as full (no mask given).
-BlockLists all_full(int64_t rows, int64_t cols) {
+BlockLists all_full(int64_t rows, int64_t cols, Device dev) {
   BlockLists l;
   l.rows = rows;
-  l.full_num = full({1, 1, rows}, cols, kInt32);
-  l.full_idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous();
+  l.full_num = full({1, 1, rows}, cols, kInt32).to(dev);
+  l.full_idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous().to(dev);
   return l;
+}
+
+// CUDA kernels read q/k/v in place when the last dim is contiguous and the pointer and other strides are
+// 16-byte multiples (vector loads); anything else is copied to contiguous first.
+Tensor kernel_layout(const Tensor& t) {
+  const int64_t es = static_cast<int64_t>(element_size(t.dtype()));
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) == 1 || (t.stride(d) * es) % 16 == 0;
+  return ok ? t : t.contiguous();
 }
 
 // The problem in kernel form: contiguous inputs in the compute dtype (f64, else f32).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
                          std::shared_ptr<const ModProgram> score_prog) {
   FlexProblem p;
-  const DType cdt = q.dtype() == kFloat64 ? kFloat64 : kFloat32;
   NoGradGuard no_grad;
-  p.q = q.detach().to(cdt).contiguous();
-  p.k = k.detach().to(cdt).contiguous();
-  p.v = v.detach().to(cdt).contiguous();
+  const Device dev = q.device();
+  if (dev.type == DeviceType::CUDA) {
+    p.q = kernel_layout(q.detach());
+    p.k = kernel_layout(k.detach());
+    p.v = kernel_layout(v.detach());
+  } else {
+    const DType cdt = q.dtype() == kFloat64 ? kFloat64 : kFloat32;
+    p.q = q.detach().to(cdt).contiguous();
+    p.k = k.detach().to(cdt).contiguous();
+    p.v = v.detach().to(cdt).contiguous();
+  }
+  p.deterministic = o.kernel.deterministic;
   p.B = q.size(0); p.Hq = q.size(1); p.Lq = q.size(2); p.E = q.size(3);
   p.Bkv = k.size(0); p.Hkv = k.size(1); p.Lkv = k.size(2); p.Ev = v.size(3);
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.E));
@@ -98,14 +115,14 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     p.block_q = bm.block_size.q;
     p.block_kv = bm.block_size.kv;
     p.mask_mod = bm.mask_program;
-    p.kv_lists = lists_of(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices);
-    p.q_lists = lists_of(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices);
+    p.kv_lists = lists_of(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, dev);
+    p.q_lists = lists_of(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, dev);
   } else {
     p.block_q = o.kernel.block_q > 0 ? o.kernel.block_q : 128;  // as create_block_mask's default
     p.block_kv = o.kernel.block_kv > 0 ? o.kernel.block_kv : 128;
     const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q, nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
-    p.kv_lists = all_full(nQB, nKB);
-    p.q_lists = all_full(nKB, nQB);
+    p.kv_lists = all_full(nQB, nKB, dev);
+    p.q_lists = all_full(nKB, nQB, dev);
   }
   return p;
 }
@@ -114,11 +131,12 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
   std::shared_ptr<const ModProgram> score_prog;
   if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
   auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog));
-  const DType cdt = prob->q.dtype();
+  const DType cdt = prob->q.dtype();                            // the kernels' input/output dtype
+  const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;  // lse and max_scores
   FlexForwardOutputs f;
   f.out = empty({prob->B, prob->Hq, prob->Lq, prob->Ev}, TensorOptions().dtype(cdt).device(q.device()));
-  f.lse = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(cdt).device(q.device()));
-  f.max_scores = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(cdt).device(q.device()));
+  f.lse = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(stat_dt).device(q.device()));
+  f.max_scores = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(stat_dt).device(q.device()));
   flex_forward_stub(q.device(), *prob, f);
 
   FlexAttentionResult r;
@@ -146,11 +164,12 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
            [prob, out_c, lse_c, needs_cap, qdt, kdt, vdt](const TensorList& g) {
              const DType cdt = prob->q.dtype();
              Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), cdt);
-             Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(cdt).contiguous() : Tensor();
+             const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
+             Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
              FlexBackwardOutputs b;
-             b.dq = empty(prob->q.sizes(), prob->q.options());
-             b.dk = empty(prob->k.sizes(), prob->k.options());
-             b.dv = empty(prob->v.sizes(), prob->v.options());
+             b.dq = empty(prob->q.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
+             b.dk = empty(prob->k.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
+             b.dv = empty(prob->v.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
              flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
              TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
              for (size_t c = 0; c < needs_cap.size(); ++c) {
@@ -167,9 +186,12 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
 
 FlexAttentionResult flex_attention(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
   check_inputs(q, k, v, o);
-  FlexBackend backend = o.kernel.backend;
-  if (backend == FlexBackend::Auto) {
-    backend = flex_forward_stub.has(q.device().type) ? FlexBackend::Fused : FlexBackend::Reference;
+  // Auto is the fused kernel of the inputs' device; the reference path runs only when asked for.
+  FlexBackend backend = o.kernel.backend == FlexBackend::Auto ? FlexBackend::Fused : o.kernel.backend;
+  if (backend == FlexBackend::Fused) {
+    FG_CHECK(flex_forward_stub.has(q.device().type), NotImplementedError,
+             "flex_attention: no fused kernel for device {} in this build (flexgrad built without CUDA?); pass "
+             "kernel.backend = FlexBackend::Reference to run the unfused reference path", q.device());
   }
   FlexAttentionResult r;
   if (backend == FlexBackend::Reference) {

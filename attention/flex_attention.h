@@ -28,6 +28,9 @@ struct FlexKernelOptions {
   FlexBackend backend = FlexBackend::Auto;
   int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
   int64_t block_kv = 0;
+  // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
+  // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
+  bool deterministic = true;
 };
 
 struct FlexAttentionOptions {

@@ -19,8 +19,12 @@ struct BlockLists {
   int64_t Bm = 1, Hm = 1, rows = 0;
 };
 
+// On the CPU, q/k/v are contiguous in the compute dtype (float32, or float64 for float64 inputs). On CUDA
+// they keep the input dtype (bf16/f16 run on tensor cores with float32 accumulation) and their strides:
+// the last dim is contiguous (stride 1), the pointer and the other strides are multiples of 16 bytes,
+// else make_problem copies to contiguous. Block lists live on the inputs' device.
 struct FlexProblem {
-  Tensor q, k, v;  // contiguous, compute dtype (float32 or float64)
+  Tensor q, k, v;
   int64_t B = 0, Hq = 0, Lq = 0, E = 0, Bkv = 0, Hkv = 0, Lkv = 0, Ev = 0;
   double scale = 1.0;
   std::shared_ptr<const ModProgram> score_mod;         // null: identity
@@ -29,17 +33,18 @@ struct FlexProblem {
   int64_t block_q = 128, block_kv = 128;
   BlockLists kv_lists;  // rows = q blocks, entries = kv blocks (forward, dQ)
   BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
+  bool deterministic = true;  // FlexKernelOptions::deterministic
   int64_t group() const { return Hq / Hkv; }
 };
 
 struct FlexForwardOutputs {
-  Tensor out;         // [B, Hq, Lq, Ev] compute dtype
-  Tensor lse;         // [B, Hq, Lq] compute dtype, natural log
-  Tensor max_scores;  // [B, Hq, Lq] compute dtype
+  Tensor out;         // [B, Hq, Lq, Ev] contiguous, dtype of FlexProblem::q
+  Tensor lse;         // [B, Hq, Lq] float32 (float64 for float64 problems), natural log
+  Tensor max_scores;  // [B, Hq, Lq] as lse
 };
 
 struct FlexBackwardOutputs {
-  Tensor dq, dk, dv;           // shapes of q, k, v; compute dtype
+  Tensor dq, dk, dv;           // shapes of q, k, v, contiguous; dtype of FlexProblem::q
   std::vector<Tensor> dcaps;   // per captured slot of the score_mod (undefined where not needed), float64
 };
 

@@ -1,0 +1,58 @@
+// Internal to attention/cuda: what every FlexAttention launch on CUDA shares. The host mirrors of the
+// kernel ABI (kernels/flex_abi.cuh), the merged capture list of a call, the generated translation unit,
+// and the check of the device error flag after a kernel.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attention/cuda/jit.h"
+#include "attention/flex_kernels.h"
+
+namespace fg::cuda::flex {
+
+// Host mirrors of flex_abi.cuh (same layout; static_asserts in the .cpp keep them in step).
+constexpr int kMaxCaptures = 8;
+constexpr int kMaxRank = 6;
+struct FgCapture {
+  const void* data = nullptr;
+  int64_t sizes[kMaxRank] = {};
+  int64_t strides[kMaxRank] = {};
+  int ndim = 0;
+  int dtype = 0;
+};
+struct FgError {
+  int flag = 0, capture = 0, dim = 0, pad = 0;
+  int64_t index = 0, size = 0;
+};
+struct FgModArgs {
+  FgCapture caps[kMaxCaptures];
+  FgError* error = nullptr;
+};
+
+// The mods of one flex call, ready to splice into a kernel template.
+struct ModContext {
+  std::string source;               // flex_abi.cuh + the generated mod functions
+  FgModArgs args;                   // captures read in place on the device; error points into error_buf
+  Tensor error_buf;                 // device FgError (zeroed), when a captured read or integer op can fail
+  std::vector<CaptureRef> captures; // the merged list, in kernel slot order (for messages)
+};
+
+// Merges the score_mod, mask_mod and (backward) derivative captures by tensor identity, generates the mod
+// functions (emit_cuda_mods) and fills the kernel arguments. DeviceError when a capture is not on q's
+// device, NotImplementedError past kMaxCaptures captures or kMaxRank dims. `needs_cap` (per
+// score_grad->captures slot) selects the capture-gradient terms; empty for the forward.
+ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap = {});
+
+// After the kernels that used `ctx`: reads the error flag (a device->host copy, so it synchronises) and
+// raises the IndexError / ValueError the CPU evaluators raise for the same read. No-op when nothing can fail.
+void check_mod_errors(const ModContext& ctx);
+
+// The translation unit: ctx.source, then `defines` (one "#define NAME VALUE" per entry), then the
+// embedded kernel template `template_name` (a file of attention/cuda/kernels/).
+std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines, const char* template_name);
+
+// fg::DType -> FG_DT_* code of flex_abi.cuh.
+int abi_dtype(DType t);
+
+}  // namespace fg::cuda::flex
