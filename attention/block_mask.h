@@ -48,12 +48,16 @@ class BlockMask {
 
   // Build from the kv-side description; transposes are derived. seq_lengths default to the block
   // grid's extent (nQ * BLOCK_SIZE.q, nKV * BLOCK_SIZE.kv), as PyTorch. The full pair may be undefined.
+  // The mask lives on the tensors' device (DeviceError when they are on different ones).
   // ShapeError / DTypeError / IndexError naming the argument on malformed input.
   static BlockMask from_kv_blocks(const Tensor& kv_num_blocks, const Tensor& kv_indices,
                                   const Tensor& full_kv_num_blocks = Tensor(), const Tensor& full_kv_indices = Tensor(),
                                   BlockSize block_size = 128, MaskMod mask_mod = nullptr,
                                   std::optional<std::pair<int64_t, int64_t>> seq_lengths = std::nullopt);
 
+  // Where the block lists live (the device create_block_mask built them on, or the one the
+  // from_kv_blocks tensors were on). Every method works on every device; the results stay there.
+  Device device() const { return kv_num_blocks.device(); }
   int64_t batch() const { return kv_num_blocks.size(0); }
   int64_t heads() const { return kv_num_blocks.size(1); }
   int64_t num_q_blocks() const { return kv_indices.size(2); }
@@ -65,9 +69,9 @@ class BlockMask {
   // Percent of the [B, H, Q_LEN, KV_LEN] mask not computed, as PyTorch: 100 * (1 - visited blocks *
   // block area / numel). Negative when padded blocks make the visited area exceed the mask.
   double sparsity() const;
-  // int32 [B, H, nQ, nKV]: 1 where a block is visited (partial or full).
+  // int32 [B, H, nQ, nKV] on device(): 1 where a block is visited (partial or full).
   Tensor to_dense() const;
-  // 0 empty, 1 partial, 2 full (int32 [B, H, nQ, nKV]).
+  // 0 empty, 1 partial, 2 full (int32 [B, H, nQ, nKV] on device()).
   Tensor block_kinds() const;
   // PyTorch's picture: per (b, h) a "(b, h)" line then one row per group of q blocks, two characters per
   // group of kv blocks: "█" all visited, " " none, "░" mixed. grid = (max rows, max cols), -1 = no
@@ -90,9 +94,11 @@ class BlockMask {
 // Prints str().
 std::ostream& operator<<(std::ostream& os, const BlockMask& m);
 
-// Evaluate mask_mod on every block (tile evaluator, OpenMP over (b, h, q-block)) and classify blocks.
+// Evaluate mask_mod on every block and classify blocks, on `device` (PyTorch's device=): on the CPU with
+// the tile evaluator (OpenMP over (b, h, q block)), on CUDA with a kernel generated from the traced
+// mask_mod (captured tensors must then be on that device: DeviceError otherwise), the lists built there.
 // B / H absent (std::nullopt or -1) mean 1, broadcast over batch / heads, as PyTorch's B=None.
 BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B, std::optional<int64_t> H,
-                            int64_t Q_LEN, int64_t KV_LEN, BlockSize block_size = 128);
+                            int64_t Q_LEN, int64_t KV_LEN, BlockSize block_size = 128, Device device = kCPU);
 
 }  // namespace fg
