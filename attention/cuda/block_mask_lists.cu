@@ -1,0 +1,121 @@
+// Block lists of a BlockMask on CUDA (block_mask_lists.h): bits -> ordered lists with a CUB block scan
+// per row, lists -> bits with a scatter.
+#include <cub/block/block_scan.cuh>
+
+#include "attention/cuda/block_mask_lists.h"
+#include "tensor/cuda/cuda_check.h"
+
+namespace fg::cuda {
+namespace {
+
+constexpr int kListThreads = 128;
+
+struct ListOut {
+  int32_t* num;  // [P, rows]
+  int32_t* idx;  // [P, rows, cols]
+};
+// The four lists: forward partial / full (rows = q blocks), transposed partial / full (rows = kv blocks).
+struct ListJobs {
+  ListOut out[4];
+};
+
+// One CTA per (list, p, row); list v = blockIdx.y * list_step (step 2 skips the full lists). Row r of
+// list v reads bits [p, r, :] (forward) or bits [p, :, r] (transposed) and writes the columns holding
+// the list's bit ascending, then the others ascending: present column c goes to (present before c),
+// absent column c to count + (absent before c).
+__global__ void __launch_bounds__(kListThreads)
+    ordered_lists_kernel(const int32_t* __restrict__ bits, int64_t P, int R, int C, int list_step, ListJobs jobs) {
+  using Scan = cub::BlockScan<int, kListThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  const int v = static_cast<int>(blockIdx.y) * list_step;
+  const bool transposed = v >= 2;
+  const int32_t bit = (v & 1) ? 2 : 1;
+  const int rows = transposed ? C : R, cols = transposed ? R : C;
+  const int64_t job = blockIdx.x;
+  if (job >= P * rows) return;  // the grid covers the longer of the two row counts
+  const int64_t p = job / rows;
+  const int r = static_cast<int>(job - p * rows);
+  const int32_t* src = bits + p * R * C + (transposed ? r : static_cast<int64_t>(r) * C);
+  const int64_t step = transposed ? C : 1;
+  int32_t* out = jobs.out[v].idx + job * cols;
+
+  int count = 0;
+  for (int base = 0; base < cols; base += kListThreads) {
+    const int c = base + threadIdx.x;
+    count += __syncthreads_count(c < cols && (src[c * step] & bit));
+  }
+  int before = 0;  // present columns before this chunk
+  for (int base = 0; base < cols; base += kListThreads) {
+    const int c = base + threadIdx.x;
+    const int present = c < cols && (src[c * step] & bit) ? 1 : 0;
+    int excl = 0, chunk_total = 0;
+    Scan(temp).ExclusiveSum(present, excl, chunk_total);
+    if (c < cols) {
+      const int present_before = before + excl;
+      out[present ? present_before : count + (c - present_before)] = c;
+    }
+    before += chunk_total;
+    __syncthreads();  // temp is reused by the next chunk's scan
+  }
+  if (threadIdx.x == 0) jobs.out[v].num[job] = count;
+}
+
+// One CTA per row: sets `bit` in bits[row, idx[row, k]] for k < num[row] (both lists in one pass).
+__global__ void scatter_bits_kernel(const int32_t* __restrict__ num, const int32_t* __restrict__ idx,
+                                    const int32_t* __restrict__ full_num, const int32_t* __restrict__ full_idx,
+                                    int C, int32_t* __restrict__ bits) {
+  const int64_t row = blockIdx.x;
+  int32_t* out = bits + row * C;
+  for (int k = threadIdx.x; k < num[row]; k += blockDim.x) atomicOr(out + idx[row * C + k], 1);
+  if (full_num != nullptr)
+    for (int k = threadIdx.x; k < full_num[row]; k += blockDim.x) atomicOr(out + full_idx[row * C + k], 2);
+}
+
+}  // namespace
+
+BlockLists8 block_lists_cuda(const Tensor& bits, bool with_full) {
+  const int64_t B = bits.size(0), H = bits.size(1), R = bits.size(2), C = bits.size(3), P = B * H;
+  const Device dev = bits.device();
+  const TensorOptions opt = TensorOptions().dtype(kInt32).device(dev);
+  BlockLists8 l;
+  l.kv_num = empty({B, H, R}, opt);
+  l.kv_idx = empty({B, H, R, C}, opt);
+  l.q_num = empty({B, H, C}, opt);
+  l.q_idx = empty({B, H, C, R}, opt);
+  if (with_full) {
+    l.full_kv_num = empty({B, H, R}, opt);
+    l.full_kv_idx = empty({B, H, R, C}, opt);
+    l.full_q_num = empty({B, H, C}, opt);
+    l.full_q_idx = empty({B, H, C, R}, opt);
+  }
+  if (bits.numel() == 0) return l;
+  ListJobs jobs{};
+  jobs.out[0] = {l.kv_num.data<int32_t>(), l.kv_idx.data<int32_t>()};
+  jobs.out[2] = {l.q_num.data<int32_t>(), l.q_idx.data<int32_t>()};
+  if (with_full) {
+    jobs.out[1] = {l.full_kv_num.data<int32_t>(), l.full_kv_idx.data<int32_t>()};
+    jobs.out[3] = {l.full_q_num.data<int32_t>(), l.full_q_idx.data<int32_t>()};
+  }
+  DeviceGuard guard(dev.index);
+  const Tensor in = bits.contiguous();
+  const dim3 grid(static_cast<unsigned>(P * std::max(R, C)), with_full ? 4 : 2);
+  ordered_lists_kernel<<<grid, kListThreads, 0, stream(dev.index)>>>(in.data<int32_t>(), P, static_cast<int>(R),
+                                                                     static_cast<int>(C), with_full ? 1 : 2, jobs);
+  FG_CUDA_CHECK_LAUNCH();
+  return l;
+}
+
+Tensor block_bits_cuda(const Tensor& num, const Tensor& idx, const Tensor& full_num, const Tensor& full_idx) {
+  const Device dev = idx.device();
+  Tensor bits = zeros(idx.sizes(), TensorOptions().dtype(kInt32).device(dev));
+  const int64_t rows = num.numel();
+  if (rows == 0 || idx.size(3) == 0) return bits;
+  DeviceGuard guard(dev.index);
+  scatter_bits_kernel<<<static_cast<unsigned>(rows), kListThreads, 0, stream(dev.index)>>>(
+      num.data<int32_t>(), idx.data<int32_t>(), full_num.defined() ? full_num.data<int32_t>() : nullptr,
+      full_num.defined() ? full_idx.data<int32_t>() : nullptr, static_cast<int>(idx.size(3)), bits.data<int32_t>());
+  FG_CUDA_CHECK_LAUNCH();
+  return bits;
+}
+
+}  // namespace fg::cuda
