@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "attention/op_semantics.h"
 #include "ops/ops.h"
 
 namespace fg {
@@ -37,19 +38,45 @@ struct TensorVisitor {
     FG_CHECK(static_cast<int64_t>(idx.size()) == t.dim(), ValueError,
              "flex_attention: a captured tensor of shape {} was indexed with {} indices", shape_str(t.sizes()), idx.size());
     Tensor lin;
-    Shape shape;
     for (size_t d = 0; d < idx.size(); ++d) {
       Tensor i = idx[d].to(kInt64);
       const int64_t n = t.sizes()[d];
-      i = where(i < 0, i + n, i);  // negative indices count from the end, as in Python
+      // Python rules, as every evaluator (op_semantics.h): [-n, n) valid, negative wraps, else IndexError.
+      const int64_t lo = amin(i).item<int64_t>(), hi = amax(i).item<int64_t>();
+      if (lo < -n) throw_capture_index_error(cap, static_cast<int64_t>(d), lo);
+      if (hi >= n) throw_capture_index_error(cap, static_cast<int64_t>(d), hi);
+      i = where(i < 0, i + n, i);
       lin = lin.defined() ? lin * n + i : i;
     }
     Tensor flat = t.device() == device ? t.reshape({-1}) : t.to(device).reshape({-1});
     Tensor picked = index_select(flat, 0, lin.reshape({-1}));
     Tensor out = picked.view(lin.sizes());
-    return is_floating(t.dtype()) ? out.to(fdt) : out;
+    // float captures compute in the float dtype, int ones in int64 (as every evaluator: ints are 64-bit)
+    return is_floating(t.dtype()) ? out.to(fdt) : t.dtype() == kBool ? out : out.to(kInt64);
   }
+  // The integer errors of the op table: a zero divisor, a negative exponent (ValueError, as the CPU).
+  static void check_int_op(ExprOp op, const Tensor& a, const Tensor& b) {
+    if (op == ExprOp::Pow) {
+      const Tensor neg = b < 0;
+      if (any(neg).item<bool>()) {
+        const int64_t e = amin(b).item<int64_t>();
+        throw_negative_int_power(amin(where(b == e, a, std::numeric_limits<int64_t>::max())).item<int64_t>(), e);
+      }
+    } else if (any(b == 0).item<bool>()) {
+      throw_int_division_by_zero(op, amin(where(b == 0, a, std::numeric_limits<int64_t>::max())).item<int64_t>());
+    }
+  }
+  // float -> int64 as the op table: truncate, saturate, NaN -> 0 (a plain conversion is undefined there).
+  Tensor float_to_int(const Tensor& x) const {
+    constexpr double kTop = 9223372036854775808.0;  // 2^63
+    Tensor safe = where(isnan(x), 0.0, clamp(x, -kTop, 9223372036854774784.0));  // largest double < 2^63
+    return where(x >= kTop, std::numeric_limits<int64_t>::max(), safe.to(kInt64));
+  }
+
   Tensor apply(const Instr& in, std::vector<Tensor> a) {
+    const bool int_op = in.kind == ValueKind::Int;
+    if (int_op && (in.op == ExprOp::FloorDiv || in.op == ExprOp::Mod || in.op == ExprOp::Pow))
+      check_int_op(in.op, a[0], a[1]);
     switch (in.op) {
       case ExprOp::Neg: return neg(a[0]);
       case ExprOp::Not: return logical_not(a[0]);
@@ -67,7 +94,9 @@ struct TensorVisitor {
       case ExprOp::Sigmoid: return sigmoid(a[0]);
       case ExprOp::Floor: return floor(a[0]);
       case ExprOp::Ceil: return ceil(a[0]);
-      case ExprOp::Cast: return a[0].to(dtype_of_kind(in.kind));
+      case ExprOp::Cast:
+        if (in.kind == ValueKind::Int && is_floating(a[0].dtype())) return float_to_int(a[0]);
+        return a[0].to(dtype_of_kind(in.kind));
       case ExprOp::Add: return add(a[0], a[1]);
       case ExprOp::Sub: return sub(a[0], a[1]);
       case ExprOp::Mul: return mul(a[0], a[1]);
