@@ -18,10 +18,17 @@ struct TensorVisitor {
 
   DType dtype_of_kind(ValueKind k) const { return k == ValueKind::Float ? fdt : k == ValueKind::Int ? kInt64 : kBool; }
 
+  // An exact int64 scalar tensor: full() and from_vector() go through double, which rounds ints past
+  // 2^53, so the value is written in place and copied (bytes) to the device.
+  Tensor exact_int(int64_t v) const {
+    Tensor t = empty({}, TensorOptions().dtype(kInt64));
+    *static_cast<int64_t*>(t.data_ptr()) = v;
+    return device == t.device() ? t : t.to(device);
+  }
   Tensor constant(const Instr& in) {
-    Tensor t = in.kind == ValueKind::Float ? full({}, in.value, TensorOptions().dtype(fdt).device(device))
-                                           : full({}, in.ivalue, TensorOptions().dtype(dtype_of_kind(in.kind)).device(device));
-    return t;
+    if (in.kind == ValueKind::Float) return full({}, in.value, TensorOptions().dtype(fdt).device(device));
+    if (in.kind == ValueKind::Int) return exact_int(in.ivalue);
+    return full({}, in.ivalue, TensorOptions().dtype(kBool).device(device));
   }
   Tensor input(ExprOp leaf) {
     switch (leaf) {
@@ -42,9 +49,14 @@ struct TensorVisitor {
       Tensor i = idx[d].to(kInt64);
       const int64_t n = t.sizes()[d];
       // Python rules, as every evaluator (op_semantics.h): [-n, n) valid, negative wraps, else IndexError.
-      const int64_t lo = amin(i).item<int64_t>(), hi = amax(i).item<int64_t>();
-      if (lo < -n) throw_capture_index_error(cap, static_cast<int64_t>(d), lo);
-      if (hi >= n) throw_capture_index_error(cap, static_cast<int64_t>(d), hi);
+      const Tensor bad = logical_or(i < -n, i >= n);
+      if (any(bad).item<bool>()) {  // report the first offending index, exactly (item() reads through double)
+        const Tensor iv = i.expand(bad.sizes()).cpu().contiguous(), bv = bad.cpu().contiguous();
+        const int64_t* ip = static_cast<const int64_t*>(iv.data_ptr());
+        const bool* bp = static_cast<const bool*>(bv.data_ptr());
+        for (int64_t e = 0; e < bv.numel(); ++e)
+          if (bp[e]) throw_capture_index_error(cap, static_cast<int64_t>(d), ip[e]);
+      }
       i = where(i < 0, i + n, i);
       lin = lin.defined() ? lin * n + i : i;
     }
@@ -55,22 +67,22 @@ struct TensorVisitor {
     return is_floating(t.dtype()) ? out.to(fdt) : t.dtype() == kBool ? out : out.to(kInt64);
   }
   // The integer errors of the op table: a zero divisor, a negative exponent (ValueError, as the CPU).
-  static void check_int_op(ExprOp op, const Tensor& a, const Tensor& b) {
+  void check_int_op(ExprOp op, const Tensor& a, const Tensor& b) const {
+    const Tensor top = exact_int(std::numeric_limits<int64_t>::max());
     if (op == ExprOp::Pow) {
-      const Tensor neg = b < 0;
-      if (any(neg).item<bool>()) {
+      if (any(b < 0).item<bool>()) {
         const int64_t e = amin(b).item<int64_t>();
-        throw_negative_int_power(amin(where(b == e, a, std::numeric_limits<int64_t>::max())).item<int64_t>(), e);
+        throw_negative_int_power(amin(where(b == exact_int(e), a, top)).item<int64_t>(), e);
       }
     } else if (any(b == 0).item<bool>()) {
-      throw_int_division_by_zero(op, amin(where(b == 0, a, std::numeric_limits<int64_t>::max())).item<int64_t>());
+      throw_int_division_by_zero(op, amin(where(b == 0, a, top)).item<int64_t>());  // (a dividend, via double)
     }
   }
   // float -> int64 as the op table: truncate, saturate, NaN -> 0 (a plain conversion is undefined there).
   Tensor float_to_int(const Tensor& x) const {
     constexpr double kTop = 9223372036854775808.0;  // 2^63
     Tensor safe = where(isnan(x), 0.0, clamp(x, -kTop, 9223372036854774784.0));  // largest double < 2^63
-    return where(x >= kTop, std::numeric_limits<int64_t>::max(), safe.to(kInt64));
+    return where(x >= kTop, exact_int(std::numeric_limits<int64_t>::max()), safe.to(kInt64));
   }
 
   Tensor apply(const Instr& in, std::vector<Tensor> a) {
