@@ -66,24 +66,36 @@ Lists lists_of(const BlockLists& l, Device dev) {
   return d;
 }
 
-// Kernel family and tiles of one problem.
+// Kernel family and tiles of one problem. dK/dV blocks own kv_tile rows and walk q in q_chunk steps;
+// dQ blocks own q_tile rows and walk kv in kv_chunk steps (the SIMT kernels use bq = bkv for all four).
 struct Config {
   bool mma = false;
-  int bq = 32, bkv = 32, threads = 256;
-  size_t smem = 0;
+  int threads = 256;
+  int kv_tile = 32, q_chunk = 32, q_tile = 32, kv_chunk = 32;
+  size_t smem_dkdv = 0, smem_dq = 0;
 };
 
 Config choose_config(const FlexProblem& p) {
   const DType dt = p.q.dtype();
   Config c;
+  if ((dt == kBFloat16 || dt == kFloat16) && p.E % 16 == 0 && p.Ev % 16 == 0 && p.E <= 128 && p.Ev <= 128) {
+    // 8 warps of 16 rows each own 128 kv rows (dK/dV) or 128 q rows (dQ); the other side in steps of 64.
+    c.mma = true;
+    c.kv_tile = c.q_tile = 128;
+    c.q_chunk = c.kv_chunk = 64;
+    const size_t re = p.E + 8, rv = p.Ev + 8;  // padded shared rows (flex_mma.cuh, FG_SMEM_PAD_B16)
+    c.smem_dkdv = 2 * (c.kv_tile * (re + rv) + 2 * c.q_chunk * (re + rv)) + 4 * 4 * c.q_chunk;
+    c.smem_dq = 2 * (c.q_tile * (re + rv) + 2 * c.kv_chunk * (re + rv));
+    return c;
+  }
   // SIMT: K, V, Q, dO tiles (+1 padding per row), P and dS tiles, lse and delta; the largest square tile
   // (32 or 16) whose shared memory fits comfortably under the 227 KiB a block may have.
   const size_t es = dt == kFloat64 ? 8 : 4;
   for (int t : {32, 16}) {
-    c.bq = c.bkv = t;
-    c.smem = es * (static_cast<size_t>(t) * (p.E + 1) * 2 + static_cast<size_t>(t) * (p.Ev + 1) * 2 +
-                   2 * static_cast<size_t>(t) * (t + 1) + 2 * t);
-    if (c.smem <= 160 * 1024) break;
+    c.kv_tile = c.q_chunk = c.q_tile = c.kv_chunk = t;
+    c.smem_dkdv = c.smem_dq = es * (static_cast<size_t>(t) * (p.E + 1) * 2 + static_cast<size_t>(t) * (p.Ev + 1) * 2 +
+                                    2 * static_cast<size_t>(t) * (t + 1) + 2 * t);
+    if (c.smem_dkdv <= 160 * 1024) break;
   }
   return c;
 }
@@ -146,11 +158,14 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const Config cfg = choose_config(p);
   const std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
-      define("FG_BQ", cfg.bq),              define("FG_BKV", cfg.bkv),    define("FG_NT", cfg.threads),
-      define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode)};
+      define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
+      define("FG_BQ", cfg.q_tile),          define("FG_BKV", cfg.kv_tile),
+      define("FG_Q_TILE", cfg.q_tile),      define("FG_KV_TILE", cfg.kv_tile),
+      define("FG_Q_CHUNK", cfg.q_chunk),    define("FG_KV_CHUNK", cfg.kv_chunk)};
   jit::JitSource src;
   src.name = "flex_backward";
-  src.code = assemble(ctx, defines, "flex_backward.cuh");
+  // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template.
+  src.code = assemble(ctx, defines, "flex_mma.cuh") + std::string(jit::embedded_source("flex_backward.cuh"));
   src.kernels = {"fg_bwd_preprocess", "fg_bwd_dkdv", "fg_bwd_dq", "fg_bwd_cap_finalize"};
   const int device = dev.index;
   auto mod = jit::get_module(src, device);
@@ -173,8 +188,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   bp.vs_b = p.v.stride(0), bp.vs_h = p.v.stride(1), bp.vs_l = p.v.stride(2);
   bp.B = p.B, bp.Hq = p.Hq, bp.Lq = p.Lq, bp.Bkv = p.Bkv, bp.Hkv = p.Hkv, bp.Lkv = p.Lkv, bp.G = p.group();
   bp.block_q = p.block_q, bp.block_kv = p.block_kv;
-  bp.sub_q = (p.block_q + cfg.bq - 1) / cfg.bq;
-  bp.sub_kv = (p.block_kv + cfg.bkv - 1) / cfg.bkv;
+  bp.sub_q = (p.block_q + cfg.q_tile - 1) / cfg.q_tile;
+  bp.sub_kv = (p.block_kv + cfg.kv_tile - 1) / cfg.kv_tile;
   bp.scale = p.scale;
   bp.kvl = lists_of(p.kv_lists, dev);
   bp.ql = lists_of(p.q_lists, dev);
@@ -211,7 +226,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
     jit::launch(mod->function("fg_bwd_dkdv"),
                 {static_cast<unsigned>(nKB * bp.sub_kv), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)},
-                {static_cast<unsigned>(cfg.threads)}, cfg.smem, kargs, device);
+                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dkdv, kargs, device);
   }
   std::vector<bool> nonfinite(ncaps, false);
   if (cap_mode == 1) {
@@ -238,7 +253,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (nQB > 0 && p.B * p.Hq > 0) {
     jit::launch(mod->function("fg_bwd_dq"),
                 {static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)},
-                {static_cast<unsigned>(cfg.threads)}, cfg.smem, kargs, device);
+                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dq, kargs, device);
   }
   for (size_t c = 0; c < ncaps; ++c) {
     if (!acc[c].defined()) continue;
