@@ -253,8 +253,15 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
   o.dv.fill_(std::nan(""));
   flex_backward_stub(dev, p, out, lse, dout, dlse, needs, o);
   Grads g{o.dq.to(kCPU), o.dk.to(kCPU), o.dv.to(kCPU), {}};
-  for (size_t i = 0; i < needs.size(); ++i)
-    if (needs[i]) g.dcaps.push_back(o.dcaps[i].to(kCPU).contiguous().view({o.dcaps[i].numel()}));
+  // In the order of c.learnable (the capture slots follow tracing order).
+  for (const Tensor& t : c.learnable) {
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (needs[i] && p.score_grad->captures[i].tensor.is_same(t)) {
+        EXPECT_TRUE(o.dcaps[i].defined()) << "no gradient for a learnable capture";
+        if (o.dcaps[i].defined()) g.dcaps.push_back(o.dcaps[i].to(kCPU).contiguous().view({o.dcaps[i].numel()}));
+      }
+    }
+  }
   return g;
 }
 
