@@ -756,8 +756,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   fg_s* Ks = Os + FG_Q_TILE * FG_LDEV;         // 2 x [KV_CHUNK][LDE]
   fg_s* Vs = Ks + 2 * FG_KV_CHUNK * FG_LDE;    // 2 x [KV_CHUNK][LDEV]
 
-  const fg_i64 mb = blockIdx.x / p.sub_q;
-  const fg_i64 q0 = mb * p.block_q + (blockIdx.x % p.sub_q) * FG_Q_TILE;
+  // Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
+  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+  const fg_i64 mb = bx / p.sub_q;
+  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
   const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
   if (q0 >= q_end) return;
   const int nq = (int)(q_end - q0);
