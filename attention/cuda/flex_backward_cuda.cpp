@@ -100,7 +100,8 @@ Config choose_config(const FlexProblem& p) {
   return c;
 }
 
-std::string define(const char* name, int64_t v) { return fmt::format("#define {} {}", name, v); }
+// "NAME VALUE" (assemble() writes the #define).
+std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
 
 void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout_in,
                         const Tensor& dlse_in, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
@@ -165,7 +166,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   jit::JitSource src;
   src.name = "flex_backward";
   // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template.
-  src.code = assemble(ctx, defines, "flex_mma.cuh") + std::string(jit::embedded_source("flex_backward.cuh"));
+  src.code = assemble(ctx, defines, "flex_mma.cuh") + "\n" + std::string(jit::embedded_source("flex_backward.cuh"));
   src.kernels = {"fg_bwd_preprocess", "fg_bwd_dkdv", "fg_bwd_dq", "fg_bwd_cap_finalize"};
   const int device = dev.index;
   auto mod = jit::get_module(src, device);
