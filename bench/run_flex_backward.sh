@@ -13,7 +13,7 @@ PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 rm -f /tmp/go
 if [ -n "$BENCH" ]; then
-  ( while [ ! -e /tmp/go ]; do sleep 1; done; PYTHONUNBUFFERED=1 timeout 300 $PY bench/flex_backward_vs_torch.py > "$OUT/torch.log" 2>&1 ) &
+  ( PYTHONUNBUFFERED=1 timeout 400 $PY bench/flex_backward_vs_torch.py /tmp/go > "$OUT/torch.log" 2>&1 ) &
   TORCH=$!
 fi
 { cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
