@@ -1,13 +1,15 @@
 """PyTorch's compiled flex_attention forward on the shapes of bench_flex_forward_cuda (same TFLOP/s formula:
 4*B*H*S*S*D*density, density 0.5 for causal). CUDA events after warm-up, median of runs."""
+import os
+import sys
+import time
+
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 CASES = [
     ("bf16_nomask", torch.bfloat16, 4, 16, 4096, 128, False),
     ("bf16_causal", torch.bfloat16, 4, 16, 4096, 128, True),
-    ("bf16_causal_d64", torch.bfloat16, 8, 16, 4096, 64, True),
-    ("f16_causal", torch.float16, 4, 16, 4096, 128, True),
     ("f32_causal", torch.float32, 8, 8, 1024, 64, True),
 ]
 
@@ -16,14 +18,23 @@ def causal(b, h, q, kv):
     return q >= kv
 
 
-def main(iters=30):
+def main(iters=30, go_file=None):
     flex = torch.compile(flex_attention, dynamic=False)
-    for name, dt, B, H, S, D, is_causal in CASES:
+    prepared = []
+    for name, dt, B, H, S, D, is_causal in CASES:  # compile everything first (CPU-bound)
         q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dt) for _ in range(3))
         bm = create_block_mask(causal, None, None, S, S, device="cuda") if is_causal else None
         with torch.no_grad():
             for _ in range(3):
                 flex(q, k, v, block_mask=bm)
+        torch.cuda.synchronize()
+        prepared.append((name, dt, B, H, S, D, is_causal, q, k, v, bm))
+    print("torch: compiled", flush=True)
+    while go_file and not os.path.exists(go_file):  # time only once the GPU is ours alone
+        time.sleep(0.2)
+    for name, dt, B, H, S, D, is_causal, q, k, v, bm in prepared:
+        with torch.no_grad():
+            flex(q, k, v, block_mask=bm)
             torch.cuda.synchronize()
             ms = []
             for _ in range(iters):
@@ -40,4 +51,4 @@ def main(iters=30):
 
 
 if __name__ == "__main__":
-    main()
+    main(go_file=sys.argv[1] if len(sys.argv) > 1 else None)

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -93,10 +94,15 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
     c.ev_pad = round_up(p.Ev, 16);
     const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
     if (!tile_override(c)) {
+      // Head dims up to 128: two m16 fragments per warp, so each K / V fragment read from shared memory
+      // feeds two mma (shared-memory bandwidth, not the tensor cores, bounds one fragment per warp); a
+      // 32-column kv sub-tile keeps S and O in registers. Wider heads: one fragment per warp (O alone
+      // is 128 registers at Ev = 256).
       c.bm = rows_for(p.block_q, 128);
-      c.bn = rows_for(p.block_kv, wide ? 32 : 64);
-      c.warps = c.bm / 16;  // one m16 fragment per warp
-      c.min_blocks = 1;
+      c.bn = rows_for(p.block_kv, 32);
+      const bool two = !wide && c.bm % 32 == 0;
+      c.warps = two ? c.bm / 32 : c.bm / 16;
+      c.min_blocks = two ? 2 : 1;
     }
     c.smem = mma_smem(c);
   } else if (dt == kFloat32 || dt == kFloat64) {
