@@ -367,8 +367,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
 #else
 // =================================================================================================
 // SIMT kernel (f32 / f64): 256 threads as 16 x 16; thread (ty, tx) owns rows ty*TM .. ty*TM+TM-1 of the
-// tile and columns tx + 16 j (S: j < BN/16, O: j < EV/16). A row lives in one half-warp (same ty), so
-// row reductions are 4 xor-shuffles.
+// tile, S columns tx + 16 j (j < BN/16: K rows read 16-byte vectors along E, conflict-free with the
+// padded row stride) and O columns tx*TV .. tx*TV+TV-1 (V rows read as 16-byte vectors). A row lives in
+// one half-warp (same ty), so row reductions are 4 xor-shuffles.
 // =================================================================================================
 #if FG_ELEM == FG_DT_FLOAT64
 typedef double fg_t;
@@ -512,8 +513,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         fg_t vv[FG_TV];
+        const fg_t* vrow = Vs + (k + c) * FG_EV + tx * FG_TV;
+#if FG_TV % 4 == 0
 #pragma unroll
-        for (int j = 0; j < FG_TV; ++j) vv[j] = Vs[(k + c) * FG_EV + tx + 16 * j];
+        for (int j = 0; j < FG_TV; j += 4) fg_ld4(vrow + j, vv + j);
+#else
+#pragma unroll
+        for (int j = 0; j < FG_TV; ++j) vv[j] = vrow[j];
+#endif
 #pragma unroll
         for (int i = 0; i < FG_TM; ++i)
 #pragma unroll
@@ -534,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     const fg_t inv = lsum > 0 ? (fg_t)1 / lsum : (fg_t)0;
 #pragma unroll
     for (int j = 0; j < FG_TV; ++j) {
-      const int col = tx + 16 * j;
+      const int col = tx * FG_TV + j;
       if (col < p.Ev) out[(row0 + qi) * p.Ev + col] = o[i][j] * inv;
     }
     if (tx == 0) {
