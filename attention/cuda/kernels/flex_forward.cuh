@@ -134,7 +134,7 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, i
   s = fg_score_mod<T>(s, b, h, qi, kvi, args);
 #endif
 #if FG_HAS_MASK_MOD
-  if (partial && !fg_mask_mod(b, h, qi, kvi, args)) s = (T)fg_neg_inf();
+  if (partial && !fg_mask_mod_t<T>(b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
 #endif
   return s;
 }
