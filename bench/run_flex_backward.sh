@@ -12,13 +12,20 @@ export FLEXGRAD_CACHE_DIR=/tmp/fgcache
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 rm -f /tmp/go
-if [ -n "$BENCH" ]; then
+if [ -n "$BENCH" ] && [ -z "$NO_TORCH" ]; then
   ( PYTHONUNBUFFERED=1 timeout 400 $PY bench/flex_backward_vs_torch.py /tmp/go > "$OUT/torch.log" 2>&1 ) &
   TORCH=$!
 fi
-{ cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
-  ninja -C $B -j16 flexgrad test_cuda; } > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A5 "$OUT/build.log" | head -60; touch /tmp/go; exit 1; }
-echo "build ok $(date +%T)"
+# PREBUILT=<dir with test_cuda and libflexgrad.so> skips the build when those binaries run here.
+if [ -n "$PREBUILT" ] && LD_LIBRARY_PATH=$PREBUILT:/usr/local/cuda/lib64 $PREBUILT/test_cuda --gtest_list_tests > /dev/null 2>&1; then
+  B=$PREBUILT
+  export LD_LIBRARY_PATH=$PREBUILT:/usr/local/cuda/lib64
+  echo "prebuilt binaries run here"
+else
+  { cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
+    ninja -C $B -j16 flexgrad test_cuda; } > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A5 "$OUT/build.log" | head -60; touch /tmp/go; exit 1; }
+  echo "build ok $(date +%T)"
+fi
 SHARDS=()
 for i in $(seq 0 7); do
   GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout ${TEST_TIMEOUT:-300} $B/test_cuda --gtest_filter="${FILTER:-FlexBackwardCuda.*}" > /tmp/shard$i.log 2>&1 &
@@ -36,9 +43,14 @@ if [ -n "$SANITIZE" ]; then
   done
 fi
 if [ -n "$BENCH" ]; then
-  timeout 200 $B/test_cuda --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_BenchBf16' 2>&1 | tee "$OUT/bench.log" | grep -E "flexgrad bwd|FAILED"
+  for t in ${TILES:-default}; do  # FLEXGRAD_FLEX_BWD_TILE variants (flex_backward_cuda.cpp)
+    echo "tile $t"
+    [ "$t" = default ] && unset FLEXGRAD_FLEX_BWD_TILE || export FLEXGRAD_FLEX_BWD_TILE=$t
+    timeout 200 $B/test_cuda --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_BenchBf16' 2>&1 | tee -a "$OUT/bench.log" | grep -E "flexgrad bwd|FAILED"
+  done
+  unset FLEXGRAD_FLEX_BWD_TILE
   touch /tmp/go
-  wait $TORCH
+  [ -n "$TORCH" ] && wait $TORCH
   grep -E "torch|Error|error" "$OUT/torch.log" | head
 fi
 touch /tmp/go

@@ -9,6 +9,8 @@
 // precision); FlexProblem::deterministic == false sums those with float64 atomics instead.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -83,6 +85,19 @@ Config choose_config(const FlexProblem& p) {
     c.mma = true;
     c.kv_tile = c.q_tile = 128;
     c.q_chunk = c.kv_chunk = 64;
+    // Tuning knob for benchmarks: FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" (warps 4 or 8: blocks
+    // of 16 * warps rows; chunks 16, 32 or 64).
+    if (const char* env = std::getenv("FLEXGRAD_FLEX_BWD_TILE")) {
+      int w = 0, qc = 0, kc = 0;
+      FG_CHECK(std::sscanf(env, "%d,%d,%d", &w, &qc, &kc) == 3 && (w == 4 || w == 8) && (qc == 16 || qc == 32 || qc == 64) &&
+                   (kc == 16 || kc == 32 || kc == 64),
+               ValueError, "FLEXGRAD_FLEX_BWD_TILE: expected \"warps,q_chunk,kv_chunk\" with warps 4 or 8 and chunks 16, 32 or 64, got '{}'",
+               env);
+      c.threads = 32 * w;
+      c.kv_tile = c.q_tile = 16 * w;
+      c.q_chunk = qc;
+      c.kv_chunk = kc;
+    }
     const size_t re = p.E + 8, rv = p.Ev + 8;  // padded shared rows (flex_mma.cuh, FG_SMEM_PAD_B16)
     c.smem_dkdv = 2 * (c.kv_tile * (re + rv) + 2 * c.q_chunk * (re + rv)) + 4 * 4 * c.q_chunk;
     c.smem_dq = 2 * (c.q_tile * (re + rv) + 2 * c.kv_chunk * (re + rv));
