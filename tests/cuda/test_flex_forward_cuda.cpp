@@ -163,7 +163,7 @@ TEST_P(FlexForwardCuda, SlidingWindowMixedBlockSizes) {
   for (BlockSize bs : {BlockSize(64), BlockSize(128, 64), BlockSize(16), BlockSize(100, 48)}) {
     SCOPED_TRACE("block " + std::to_string(bs.q) + "x" + std::to_string(bs.kv));
     Case c;
-    c.B = 1, c.Lq = c.Lkv = 333;
+    c.B = c.Bkv = 1, c.Lq = c.Lkv = 333;
     c.opts.block_mask = create_block_mask(window, std::nullopt, std::nullopt, 333, 333, bs);
     c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv && q - kv <= 70 ? s : -kInf; };
     check(c);
@@ -235,7 +235,7 @@ TEST_P(FlexForwardCuda, HeadDims) {
                        {32, 128}, {256, 64}, {20, 24}}) {
     SCOPED_TRACE("E=" + std::to_string(E) + " Ev=" + std::to_string(Ev));
     Case c;
-    c.B = 1, c.E = E, c.Ev = Ev, c.Lq = c.Lkv = 150;
+    c.B = c.Bkv = 1, c.E = E, c.Ev = Ev, c.Lq = c.Lkv = 150;
     c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 150, 150);
     c.mod = causal_golden;
     check(c);
