@@ -7,6 +7,7 @@
 // dims run the SIMT kernels. Deterministic by default: every dQ/dK/dV element has one writer and the
 // captured-tensor gradients are summed in int64 fixed point (see the header of flex_backward.cuh for the
 // precision); FlexProblem::deterministic == false sums those with float64 atomics instead.
+// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the tensor-core tiles (benchmarking only).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
