@@ -10,6 +10,7 @@
 // FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the tensor-core tiles (benchmarking only).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -78,10 +79,23 @@ struct Config {
   size_t smem_dkdv = 0, smem_dq = 0;
 };
 
-Config choose_config(const FlexProblem& p) {
+// The tensor-core kernels copy rows with 16-byte cp.async: every row must start 16-byte aligned.
+bool rows_aligned16(const Tensor& t) {
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) == 1 || (t.stride(d) * es) % 16 == 0;
+  return ok;
+}
+
+// `out` and `dout` are the contiguous tensors the kernels read, `o` the outputs they write.
+Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout, const FlexBackwardOutputs& o) {
   const DType dt = p.q.dtype();
   Config c;
-  if ((dt == kBFloat16 || dt == kFloat16) && p.E % 16 == 0 && p.Ev % 16 == 0 && p.E <= 128 && p.Ev <= 128) {
+  bool aligned = true;
+  for (const Tensor* t : {&p.q, &p.k, &p.v, &out, &dout, &o.dq, &o.dk, &o.dv}) aligned = aligned && rows_aligned16(*t);
+  // Other bf16/f16 layouts (head dims over 128 or not multiples of 16, rows off 16-byte alignment) run
+  // the SIMT kernels, which read any layout element by element.
+  if ((dt == kBFloat16 || dt == kFloat16) && p.E % 16 == 0 && p.Ev % 16 == 0 && p.E <= 128 && p.Ev <= 128 && aligned) {
     // 8 warps of 16 rows each own 128 kv rows (dK/dV) or 128 q rows (dQ); the other side in steps of 64.
     c.mma = true;
     c.kv_tile = c.q_tile = 128;
@@ -172,7 +186,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const int cap_mode = !any_cap ? 0 : (p.deterministic ? 1 : 2);
 
   ModContext ctx = make_mod_context(p, true, want);
-  const Config cfg = choose_config(p);
+  const Config cfg = choose_config(p, outc, dout, o);
   const std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
       define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
