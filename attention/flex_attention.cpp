@@ -3,6 +3,8 @@
 #include "attention/flex_attention.h"
 
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "attention/flex_kernels.h"
 #include "attention/flex_reference.h"
@@ -127,6 +129,38 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   return p;
 }
 
+// What the fused backward reads besides its own outputs: q, k, v as given and every tensor the score_mod
+// and the mask_mod capture, each with its storage version at forward time. As SavedTensor, an in-place
+// change between forward and backward is an AutogradError raised before any kernel runs; without it the
+// kernels would silently read the new values (a wrong dK after q.mul_(0), an exploding captured gradient
+// after an optimizer step on a learnable bias).
+class BackwardInputVersions {
+ public:
+  void save(std::string what, const Tensor& t) {
+    if (t.defined()) entries_.push_back({std::move(what), t.detach(), t.version()});  // detach shares the storage
+  }
+  void save_captures(const char* mod, const ModProgram* program) {
+    if (!program) return;
+    for (const CaptureRef& c : program->captures()) save(fmt::format("the {} capture '{}'", mod, c.name), c.tensor);
+  }
+  void check() const {
+    for (const Entry& e : entries_) {
+      FG_CHECK(e.tensor.version() == e.version, AutogradError,
+               "flex_attention backward: {}, one of the tensors needed for gradient computation, has been modified by "
+               "an inplace operation: [{} tensor of shape {}] is at version {}; expected version {} instead",
+               e.what, e.tensor.dtype(), shape_str(e.tensor.sizes()), e.tensor.version(), e.version);
+    }
+  }
+
+ private:
+  struct Entry {
+    std::string what;
+    Tensor tensor;
+    uint32_t version;
+  };
+  std::vector<Entry> entries_;
+};
+
 FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
   std::shared_ptr<const ModProgram> score_prog;
   if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
@@ -158,10 +192,17 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
   }
   if (needs_grad(inputs)) {
     SavedTensor out_c = f.out, lse_c = f.lse;
+    auto versions = std::make_shared<BackwardInputVersions>();
+    versions->save("q", q);
+    versions->save("k", k);
+    versions->save("v", v);
+    versions->save_captures("score_mod", prob->score_mod.get());
+    versions->save_captures("mask_mod", prob->mask_mod.get());
     Shape k_shape = k.sizes(), v_shape = v.sizes();
     DType qdt = q.dtype(), kdt = k.dtype(), vdt = v.dtype();
     record("FlexAttentionBackward", inputs, {r.out, r.lse},
-           [prob, out_c, lse_c, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+           [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+             versions->check();
              const DType cdt = prob->q.dtype();
              Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), cdt);
              const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
