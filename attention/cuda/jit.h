@@ -69,7 +69,9 @@ std::string cache_dir();
 void clear_memory_cache();
 
 // The text of a kernel template of attention/cuda/kernels/ (embedded at build time), e.g.
-// embedded_source("flex_abi.cuh"). std::out_of_range for an unknown name.
+// embedded_source("flex_abi.cuh"). std::out_of_range for an unknown name. Every embedded file is also
+// visible to NVRTC as a header: a source may `#include "flex_mma.cuh"` (and the cache key covers them all).
 std::string_view embedded_source(std::string_view name);
+std::vector<std::string_view> embedded_source_names();
 
 }  // namespace fg::cuda::jit

@@ -1,0 +1,121 @@
+// Host glue shared by every FlexAttention launch on CUDA (attention/cuda/flex_cuda_common.h).
+#include "attention/cuda/flex_cuda_common.h"
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstring>
+
+#include "attention/mod_codegen.h"
+#include "tensor/cuda/cuda_check.h"
+
+namespace fg::cuda::flex {
+
+// The host mirrors must match flex_abi.cuh byte for byte (the kernels receive them as parameters).
+static_assert(sizeof(FgCapture) == 8 + 2 * 8 * kMaxRank + 8, "FgCapture layout");
+static_assert(offsetof(FgCapture, ndim) == 8 + 2 * 8 * kMaxRank, "FgCapture layout");
+static_assert(sizeof(FgError) == 32, "FgError layout");
+static_assert(offsetof(FgModArgs, error) == sizeof(FgCapture) * kMaxCaptures, "FgModArgs layout");
+
+int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_* follow fg::DType's order
+
+namespace {
+
+bool program_can_fail(const ModProgram* p) {
+  if (!p) return false;
+  for (const Instr& in : p->instrs()) {
+    if (in.op == ExprOp::Index) return true;
+    if ((in.op == ExprOp::FloorDiv || in.op == ExprOp::Mod || in.op == ExprOp::Pow) && in.kind != ValueKind::Float) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap) {
+  ModContext ctx;
+  const Device dev = p.q.device();
+  // One kernel slot per distinct captured tensor (by identity), whichever program reads it.
+  auto slot_of = [&](const CaptureRef& c) -> int {
+    for (size_t i = 0; i < ctx.captures.size(); ++i)
+      if (ctx.captures[i].tensor.impl() == c.tensor.impl()) return static_cast<int>(i);
+    FG_CHECK(ctx.captures.size() < static_cast<size_t>(kMaxCaptures), NotImplementedError,
+             "flex_attention on CUDA: the score_mod and mask_mod capture more than {} tensors together", kMaxCaptures);
+    FG_CHECK(c.tensor.device() == dev, DeviceError,
+             "flex_attention: captured tensor '{}' is on {} but q, k, v are on {}; move it to {} (captured tensors are "
+             "read in place by the kernels)", c.name, c.tensor.device(), dev, dev);
+    FG_CHECK(c.tensor.dim() <= kMaxRank, NotImplementedError,
+             "flex_attention on CUDA: captured tensor '{}' has {} dims; at most {} are supported", c.name, c.tensor.dim(),
+             kMaxRank);
+    ctx.captures.push_back(c);
+    return static_cast<int>(ctx.captures.size() - 1);
+  };
+  auto slots_of = [&](const std::vector<CaptureRef>& caps) {
+    std::vector<int> s;
+    for (const CaptureRef& c : caps) s.push_back(slot_of(c));
+    return s;
+  };
+
+  CudaModsInput in;
+  in.score_mod = p.score_mod.get();
+  in.mask_mod = p.mask_mod.get();
+  if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());
+  if (in.mask_mod) in.mask_slots = slots_of(in.mask_mod->captures());
+  if (backward && p.score_grad) {
+    in.score_grad = p.score_grad.get();
+    in.grad_slots = slots_of(p.score_grad->program.captures());
+    in.grad_needed = needs_cap;
+    in.grad_needed.resize(p.score_grad->captures.size(), false);
+  }
+  ctx.source = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in);
+
+  for (size_t i = 0; i < ctx.captures.size(); ++i) {
+    const Tensor& t = ctx.captures[i].tensor;
+    FgCapture& c = ctx.args.caps[i];
+    c.data = t.data_ptr();
+    c.ndim = static_cast<int>(t.dim());
+    c.dtype = abi_dtype(t.dtype());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      c.sizes[d] = t.size(d);
+      c.strides[d] = t.stride(d);
+    }
+  }
+  const bool can_fail = program_can_fail(in.score_mod) || program_can_fail(in.mask_mod) ||
+                        (in.score_grad && program_can_fail(&in.score_grad->program));
+  if (can_fail) {
+    ctx.error_buf = zeros({static_cast<int64_t>(sizeof(FgError) / 8)}, TensorOptions().dtype(kInt64).device(dev));
+    ctx.args.error = static_cast<FgError*>(ctx.error_buf.data_ptr());
+  }
+  return ctx;
+}
+
+void check_mod_errors(const ModContext& ctx) {
+  if (!ctx.error_buf.defined()) return;
+  FgError e;
+  Tensor host = ctx.error_buf.cpu();  // synchronises with the kernels on the current stream
+  std::memcpy(&e, host.data_ptr(), sizeof e);
+  if (e.flag == 0) return;
+  if (e.flag == 1 && e.capture >= 0 && e.capture < static_cast<int>(ctx.captures.size())) {
+    throw_capture_index_error(ctx.captures[e.capture], e.dim, e.index);
+  }
+  if (e.flag == 2) {
+    FG_FAIL(ValueError, "flex_attention mod: integer floor division or remainder by zero ({} // 0) on the GPU", e.index);
+  }
+  FG_FAIL(Error, "flex_attention: a generated kernel reported error code {} (capture {}, dim {}, index {})", e.flag,
+          e.capture, e.dim, e.index);
+}
+
+std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines, const char* template_name) {
+  std::string tu = ctx.source;
+  tu += "\n// ---- configuration\n";
+  for (const std::string& d : defines) tu += "#define " + d + "\n";
+  tu += "// ---- kernel template ";
+  tu += template_name;
+  tu += "\n";
+  tu += jit::embedded_source(template_name);
+  return tu;
+}
+
+}  // namespace fg::cuda::flex
