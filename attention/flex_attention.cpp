@@ -91,8 +91,9 @@ Tensor kernel_layout(const Tensor& t) {
 }
 
 // The problem in kernel form: contiguous inputs in the compute dtype (f64, else f32).
+// derive_grad: build the score_mod's derivative program (only when a backward can follow).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
-                         std::shared_ptr<const ModProgram> score_prog) {
+                         std::shared_ptr<const ModProgram> score_prog, bool derive_grad) {
   FlexProblem p;
   NoGradGuard no_grad;
   const Device dev = q.device();
@@ -111,7 +112,7 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   p.Bkv = k.size(0); p.Hkv = k.size(1); p.Lkv = k.size(2); p.Ev = v.size(3);
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.E));
   p.score_mod = std::move(score_prog);
-  if (p.score_mod) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
+  if (p.score_mod && derive_grad) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
   if (o.block_mask) {
     const BlockMask& bm = *o.block_mask;
     p.block_q = bm.block_size.q;
@@ -164,7 +165,12 @@ class BackwardInputVersions {
 FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
   std::shared_ptr<const ModProgram> score_prog;
   if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
-  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog));
+  // Inference (no grad mode, nothing requiring grad) skips deriving the backward program.
+  TensorList grad_inputs{q, k, v};
+  if (score_prog) {
+    for (const CaptureRef& c : score_prog->captures()) grad_inputs.push_back(c.tensor);
+  }
+  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog, needs_grad(grad_inputs)));
   const DType cdt = prob->q.dtype();                            // the kernels' input/output dtype
   const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;  // lse and max_scores
   FlexForwardOutputs f;
