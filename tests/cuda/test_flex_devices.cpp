@@ -481,6 +481,10 @@ TEST_P(FlexDevices, ArgumentErrorsNameTheArgument) {
   if (!d.is_cpu()) {
     EXPECT_THROW_MSG(flex_attention(q, k.cpu(), v, gqa), DeviceError, "same device", "cpu");
   }
+  // A captured index past the end is the same IndexError on every device (never an out-of-bounds read).
+  FlexAttentionOptions oob = gqa;
+  oob.score_mod = [b = Captured(t({10}), "short_bias")](Expr s, Expr, Expr, Expr q, Expr) { return s + b[q]; };
+  EXPECT_THROW_MSG(flex_attention(q, k, v, oob), IndexError, "out of range", "short_bias");
   // An in-place change of a saved input between forward and backward raises before any kernel runs.
   Tensor qg = q.detach().requires_grad_();
   Tensor loss = flex_attention(qg, k, v, gqa).out.sum();
