@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "attention/op_semantics.h"
+
 namespace fg {
 
 const char* value_kind_name(ValueKind k) {
@@ -14,61 +16,9 @@ const char* value_kind_name(ValueKind k) {
   return "?";
 }
 
-const char* expr_op_name(ExprOp op) {
-  switch (op) {
-    case ExprOp::Const: return "const";
-    case ExprOp::Score: return "score";
-    case ExprOp::Batch: return "b";
-    case ExprOp::Head: return "h";
-    case ExprOp::QIdx: return "q_idx";
-    case ExprOp::KVIdx: return "kv_idx";
-    case ExprOp::Index: return "index";
-    case ExprOp::Neg: return "neg";
-    case ExprOp::Not: return "logical_not";
-    case ExprOp::Abs: return "abs";
-    case ExprOp::Exp: return "exp";
-    case ExprOp::Exp2: return "exp2";
-    case ExprOp::Log: return "log";
-    case ExprOp::Log2: return "log2";
-    case ExprOp::Sqrt: return "sqrt";
-    case ExprOp::Rsqrt: return "rsqrt";
-    case ExprOp::Sin: return "sin";
-    case ExprOp::Cos: return "cos";
-    case ExprOp::Tan: return "tan";
-    case ExprOp::Tanh: return "tanh";
-    case ExprOp::Sigmoid: return "sigmoid";
-    case ExprOp::Floor: return "floor";
-    case ExprOp::Ceil: return "ceil";
-    case ExprOp::Cast: return "cast";
-    case ExprOp::Add: return "add";
-    case ExprOp::Sub: return "sub";
-    case ExprOp::Mul: return "mul";
-    case ExprOp::Div: return "div";
-    case ExprOp::FloorDiv: return "floor_div";
-    case ExprOp::Mod: return "remainder";
-    case ExprOp::Pow: return "pow";
-    case ExprOp::Min: return "min";
-    case ExprOp::Max: return "max";
-    case ExprOp::Eq: return "eq";
-    case ExprOp::Ne: return "ne";
-    case ExprOp::Lt: return "lt";
-    case ExprOp::Le: return "le";
-    case ExprOp::Gt: return "gt";
-    case ExprOp::Ge: return "ge";
-    case ExprOp::And: return "logical_and";
-    case ExprOp::Or: return "logical_or";
-    case ExprOp::Where: return "where";
-  }
-  return "?";
-}
-
-int expr_op_arity(ExprOp op) {
-  if (op <= ExprOp::KVIdx) return 0;
-  if (op == ExprOp::Index) return -1;
-  if (op <= ExprOp::Cast) return 1;
-  if (op <= ExprOp::Or) return 2;
-  return 3;
-}
+// Names, arities and promotion rules come from the op table (attention/op_semantics.h).
+const char* expr_op_name(ExprOp op) { return op_info(op).name; }
+int expr_op_arity(ExprOp op) { return op_info(op).arity; }
 
 namespace {
 std::string kinds_str(const std::vector<ValueKind>& ks) {
@@ -91,40 +41,29 @@ OpKinds infer_op_kinds(ExprOp op, const std::vector<ValueKind>& k) {
   const int arity = expr_op_arity(op);
   FG_CHECK(arity < 0 || static_cast<int>(k.size()) == arity, ValueError, "{}: expected {} operands, got {}",
            expr_op_name(op), arity, k.size());
-  switch (op) {
-    case ExprOp::Neg:
-    case ExprOp::Abs:
-      if (k[0] == VK::Bool) bad("negation/abs of a bool (use logical_not)");
+  switch (op_info(op).kinds) {
+    case KindRule::SameNumber:
+      if (k[0] == VK::Bool) bad("a number is needed (use logical_not for bools, or compare first)");
       return {k[0], k[0]};
-    case ExprOp::Not:
-      if (k[0] != VK::Bool) bad("logical_not needs a bool (compare first, e.g. x != 0)");
+    case KindRule::Logical:
+      for (VK x : k)
+        if (x != VK::Bool) bad("logical ops combine bools (masks); compare first, e.g. x != 0");
       return {VK::Bool, VK::Bool};
-    case ExprOp::Floor:
-    case ExprOp::Ceil:
-      if (k[0] == VK::Bool) bad("floor/ceil of a bool");
-      return {k[0], k[0]};
-    case ExprOp::Exp: case ExprOp::Exp2: case ExprOp::Log: case ExprOp::Log2: case ExprOp::Sqrt:
-    case ExprOp::Rsqrt: case ExprOp::Sin: case ExprOp::Cos: case ExprOp::Tan: case ExprOp::Tanh:
-    case ExprOp::Sigmoid:
+    case KindRule::FloatMath:
+    case KindRule::TrueDiv:
       return {VK::Float, VK::Float};
-    case ExprOp::Add: case ExprOp::Sub: case ExprOp::Mul: case ExprOp::FloorDiv: case ExprOp::Mod:
-    case ExprOp::Pow: case ExprOp::Min: case ExprOp::Max: {
+    case KindRule::Arithmetic: {
       // bools take part in arithmetic as 0/1 ints (as Python's True + True == 2).
       VK c = any_float(k) ? VK::Float : VK::Int;
       return {c, c};
     }
-    case ExprOp::Div:
-      return {VK::Float, VK::Float};
-    case ExprOp::Eq: case ExprOp::Ne: case ExprOp::Lt: case ExprOp::Le: case ExprOp::Gt: case ExprOp::Ge: {
+    case KindRule::Compare: {
       VK c = any_float(k) ? VK::Float
              : (k[0] == VK::Bool && k[1] == VK::Bool && (op == ExprOp::Eq || op == ExprOp::Ne)) ? VK::Bool
                                                                                                  : VK::Int;
       return {c, VK::Bool};
     }
-    case ExprOp::And: case ExprOp::Or:
-      if (k[0] != VK::Bool || k[1] != VK::Bool) bad("& and | combine bools (masks); compare ints first");
-      return {VK::Bool, VK::Bool};
-    case ExprOp::Where: {
+    case KindRule::Select: {
       if (k[0] != VK::Bool) bad("the condition of where must be a bool");
       VK c = (k[1] == VK::Float || k[2] == VK::Float) ? VK::Float
              : (k[1] == VK::Bool && k[2] == VK::Bool) ? VK::Bool

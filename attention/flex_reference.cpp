@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "attention/op_semantics.h"
 #include "ops/ops.h"
 
 namespace fg {
@@ -17,10 +18,17 @@ struct TensorVisitor {
 
   DType dtype_of_kind(ValueKind k) const { return k == ValueKind::Float ? fdt : k == ValueKind::Int ? kInt64 : kBool; }
 
+  // An exact int64 scalar tensor: full() and from_vector() go through double, which rounds ints past
+  // 2^53, so the value is written in place and copied (bytes) to the device.
+  Tensor exact_int(int64_t v) const {
+    Tensor t = empty({}, TensorOptions().dtype(kInt64));
+    *static_cast<int64_t*>(t.data_ptr()) = v;
+    return device == t.device() ? t : t.to(device);
+  }
   Tensor constant(const Instr& in) {
-    Tensor t = in.kind == ValueKind::Float ? full({}, in.value, TensorOptions().dtype(fdt).device(device))
-                                           : full({}, in.ivalue, TensorOptions().dtype(dtype_of_kind(in.kind)).device(device));
-    return t;
+    if (in.kind == ValueKind::Float) return full({}, in.value, TensorOptions().dtype(fdt).device(device));
+    if (in.kind == ValueKind::Int) return exact_int(in.ivalue);
+    return full({}, in.ivalue, TensorOptions().dtype(kBool).device(device));
   }
   Tensor input(ExprOp leaf) {
     switch (leaf) {
@@ -37,19 +45,50 @@ struct TensorVisitor {
     FG_CHECK(static_cast<int64_t>(idx.size()) == t.dim(), ValueError,
              "flex_attention: a captured tensor of shape {} was indexed with {} indices", shape_str(t.sizes()), idx.size());
     Tensor lin;
-    Shape shape;
     for (size_t d = 0; d < idx.size(); ++d) {
       Tensor i = idx[d].to(kInt64);
       const int64_t n = t.sizes()[d];
-      i = where(i < 0, i + n, i);  // negative indices count from the end, as in Python
+      // Python rules, as every evaluator (op_semantics.h): [-n, n) valid, negative wraps, else IndexError.
+      const Tensor bad = logical_or(i < -n, i >= n);
+      if (any(bad).item<bool>()) {  // report the first offending index, exactly (item() reads through double)
+        const Tensor iv = i.expand(bad.sizes()).cpu().contiguous(), bv = bad.cpu().contiguous();
+        const int64_t* ip = static_cast<const int64_t*>(iv.data_ptr());
+        const bool* bp = static_cast<const bool*>(bv.data_ptr());
+        for (int64_t e = 0; e < bv.numel(); ++e)
+          if (bp[e]) throw_capture_index_error(cap, static_cast<int64_t>(d), ip[e]);
+      }
+      i = where(i < 0, i + n, i);
       lin = lin.defined() ? lin * n + i : i;
     }
     Tensor flat = t.device() == device ? t.reshape({-1}) : t.to(device).reshape({-1});
     Tensor picked = index_select(flat, 0, lin.reshape({-1}));
     Tensor out = picked.view(lin.sizes());
-    return is_floating(t.dtype()) ? out.to(fdt) : out;
+    // float captures compute in the float dtype, int ones in int64 (as every evaluator: ints are 64-bit)
+    return is_floating(t.dtype()) ? out.to(fdt) : t.dtype() == kBool ? out : out.to(kInt64);
   }
+  // The integer errors of the op table: a zero divisor, a negative exponent (ValueError, as the CPU).
+  void check_int_op(ExprOp op, const Tensor& a, const Tensor& b) const {
+    const Tensor top = exact_int(std::numeric_limits<int64_t>::max());
+    if (op == ExprOp::Pow) {
+      if (any(b < 0).item<bool>()) {
+        const int64_t e = amin(b).item<int64_t>();
+        throw_negative_int_power(amin(where(b == exact_int(e), a, top)).item<int64_t>(), e);
+      }
+    } else if (any(b == 0).item<bool>()) {
+      throw_int_division_by_zero(op, amin(where(b == 0, a, top)).item<int64_t>());  // (a dividend, via double)
+    }
+  }
+  // float -> int64 as the op table: truncate, saturate, NaN -> 0 (a plain conversion is undefined there).
+  Tensor float_to_int(const Tensor& x) const {
+    constexpr double kTop = 9223372036854775808.0;  // 2^63
+    Tensor safe = where(isnan(x), 0.0, clamp(x, -kTop, 9223372036854774784.0));  // largest double < 2^63
+    return where(x >= kTop, exact_int(std::numeric_limits<int64_t>::max()), safe.to(kInt64));
+  }
+
   Tensor apply(const Instr& in, std::vector<Tensor> a) {
+    const bool int_op = in.kind == ValueKind::Int;
+    if (int_op && (in.op == ExprOp::FloorDiv || in.op == ExprOp::Mod || in.op == ExprOp::Pow))
+      check_int_op(in.op, a[0], a[1]);
     switch (in.op) {
       case ExprOp::Neg: return neg(a[0]);
       case ExprOp::Not: return logical_not(a[0]);
@@ -67,7 +106,9 @@ struct TensorVisitor {
       case ExprOp::Sigmoid: return sigmoid(a[0]);
       case ExprOp::Floor: return floor(a[0]);
       case ExprOp::Ceil: return ceil(a[0]);
-      case ExprOp::Cast: return a[0].to(dtype_of_kind(in.kind));
+      case ExprOp::Cast:
+        if (in.kind == ValueKind::Int && is_floating(a[0].dtype())) return float_to_int(a[0]);
+        return a[0].to(dtype_of_kind(in.kind));
       case ExprOp::Add: return add(a[0], a[1]);
       case ExprOp::Sub: return sub(a[0], a[1]);
       case ExprOp::Mul: return mul(a[0], a[1]);

@@ -39,10 +39,12 @@ struct CudaModsInput {
   const ModProgram* mask_mod = nullptr;           // null: every entry allowed
   const ScoreModBackward* score_grad = nullptr;   // null: no backward functions (forward-only modules)
   // Slot of each program capture in the kernel's one FgModArgs (a flex call merges the score and
-  // mask captures into one list): score_slots[i] is where score_mod->captures()[i] lives, and so on.
-  // Empty means identity.
+  // mask captures into one list): score_slots[i] is where score_mod->captures()[i] lives, mask_slots[i]
+  // mask_mod->captures()[i], grad_slots[i] score_grad->program.captures()[i]. Empty means identity
+  // (for grad_slots: each capture's position in score_grad->captures, the forward's list).
   std::vector<int> score_slots, mask_slots, grad_slots;
   std::vector<bool> grad_needed;  // per score_grad->captures slot: emit its fg_cap_grad terms
+  // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 
 // The CUDA C++ text described above.

@@ -1,9 +1,11 @@
-// Reverse-mode symbolic differentiation of score_mod programs (see mod_grad.h).
+// Reverse-mode symbolic differentiation of score_mod programs (see mod_grad.h); each op's rule is its
+// row of the op table (attention/op_semantics.h).
 #include "attention/mod_grad.h"
 
 #include <algorithm>
 #include <cmath>
-#include <numbers>
+
+#include "attention/op_semantics.h"
 
 namespace fg {
 
@@ -44,82 +46,33 @@ ScoreModBackward derive_score_mod(const ModProgram& fwd) {
     if (ins[j].kind != VK::Float) return;  // ints and bools carry no gradient
     adj[j] = adj[j] < 0 ? contrib : pb.add(adj[j], contrib);
   };
-  auto C = [&](double v) { return pb.constant_float(v); };
-  auto zero_where = [&](int32_t cond, int32_t g, bool g_when_true) {
-    return g_when_true ? pb.emit(ExprOp::Where, VK::Float, {cond, g, C(0)})
-                       : pb.emit(ExprOp::Where, VK::Float, {cond, C(0), g});
-  };
-  auto F = [&](ExprOp op, int32_t x) { return pb.emit(op, VK::Float, {x}); };
-  auto cmp = [&](ExprOp op, int32_t x, int32_t y) { return pb.emit(op, VK::Bool, {x, y}); };
-
   const int32_t out = fwd.output();
-  adj[out] = C(1);
+  adj[out] = pb.constant_float(1);
   std::vector<int32_t> term_instrs;
   for (int32_t i = static_cast<int32_t>(n) - 1; i >= 0; --i) {
-    if (adj[i] < 0) continue;
     const Instr& in = ins[i];
-    const int32_t g = adj[i], y = m[i];
-    const int32_t a = in.args.size() > 0 ? m[in.args[0]] : -1;
-    const int32_t b = in.args.size() > 1 ? m[in.args[1]] : -1;
-    const int32_t A = in.args.size() > 0 ? in.args[0] : -1;
-    const int32_t B = in.args.size() > 1 ? in.args[1] : -1;
-    if (in.kind != VK::Float) continue;
-    switch (in.op) {
-      case ExprOp::Index: term_instrs.push_back(i); break;
-      case ExprOp::Add: acc(A, g); acc(B, g); break;
-      case ExprOp::Sub: acc(A, g); acc(B, pb.neg(g)); break;
-      case ExprOp::Mul: acc(A, pb.mul(g, b)); acc(B, pb.mul(g, a)); break;
-      case ExprOp::Div: acc(A, pb.div(g, b)); acc(B, pb.neg(pb.div(pb.mul(g, y), b))); break;
-      case ExprOp::Neg: acc(A, pb.neg(g)); break;
-      case ExprOp::Abs: {
-        int32_t sign = pb.emit(ExprOp::Where, VK::Float,
-                               {cmp(ExprOp::Gt, a, C(0)), C(1),
-                                pb.emit(ExprOp::Where, VK::Float, {cmp(ExprOp::Lt, a, C(0)), C(-1), C(0)})});
-        acc(A, pb.mul(g, sign));
-        break;
-      }
-      case ExprOp::Exp: acc(A, pb.mul(g, y)); break;
-      case ExprOp::Exp2: acc(A, pb.mul(g, pb.mul(C(std::numbers::ln2), y))); break;
-      case ExprOp::Log: acc(A, pb.div(g, a)); break;
-      case ExprOp::Log2: acc(A, pb.div(g, pb.mul(C(std::numbers::ln2), a))); break;
-      case ExprOp::Sqrt: acc(A, pb.div(pb.mul(C(0.5), g), y)); break;
-      case ExprOp::Rsqrt: acc(A, pb.mul(pb.mul(C(-0.5), g), pb.mul(pb.mul(y, y), y))); break;
-      case ExprOp::Sin: acc(A, pb.mul(g, F(ExprOp::Cos, a))); break;
-      case ExprOp::Cos: acc(A, pb.neg(pb.mul(g, F(ExprOp::Sin, a)))); break;
-      case ExprOp::Tan: acc(A, pb.mul(g, pb.add(C(1), pb.mul(y, y)))); break;
-      case ExprOp::Tanh: acc(A, pb.mul(g, pb.sub(C(1), pb.mul(y, y)))); break;
-      case ExprOp::Sigmoid: acc(A, pb.mul(g, pb.mul(y, pb.sub(C(1), y)))); break;
-      case ExprOp::Floor: case ExprOp::Ceil: case ExprOp::FloorDiv: break;  // zero almost everywhere
-      case ExprOp::Mod:  // a - floor(a/b) * b
-        acc(A, g);
-        acc(B, pb.neg(pb.mul(g, F(ExprOp::Floor, pb.div(a, b)))));
-        break;
-      case ExprOp::Pow:
-        acc(A, pb.mul(g, pb.mul(b, pb.emit(ExprOp::Pow, VK::Float, {a, pb.sub(b, C(1))}))));
-        if (!pb.is_const(b)) acc(B, pb.mul(g, pb.mul(y, F(ExprOp::Log, a))));
-        break;
-      case ExprOp::Min:
-      case ExprOp::Max: {
-        // As torch.minimum/maximum: the gradient goes to the selected operand, split in half on ties.
-        const ExprOp wins = in.op == ExprOp::Min ? ExprOp::Lt : ExprOp::Gt;
-        const int32_t tie = cmp(ExprOp::Eq, a, b), half = pb.mul(C(0.5), g);
-        acc(A, pb.emit(ExprOp::Where, VK::Float, {tie, half, zero_where(cmp(wins, a, b), g, true)}));
-        acc(B, pb.emit(ExprOp::Where, VK::Float, {tie, half, zero_where(cmp(wins, b, a), g, true)}));
-        break;
-      }
-      case ExprOp::Where:
-        acc(B, zero_where(a, g, true));
-        acc(in.args[2], zero_where(a, g, false));
-        break;
-      default: break;  // Const, Score (read below), casts from int/bool (no gradient)
+    if (adj[i] < 0 || in.kind != VK::Float) continue;
+    if (in.op == ExprOp::Index) {  // a read of a float capture: one gradient term
+      term_instrs.push_back(i);
+      continue;
     }
+    const OpInfo& rule = op_info(in.op);
+    if (rule.grad == nullptr) continue;  // leaves, piecewise-constant ops
+    GradContext c{pb, adj[i], m[i], {-1, -1, -1}, {VK::Float, VK::Float, VK::Float}};
+    for (size_t k = 0; k < in.args.size(); ++k) {
+      c.x[k] = m[in.args[k]];
+      c.kind[k] = ins[in.args[k]].kind;
+    }
+    rule.grad(c);
+    for (size_t k = 0; k < in.args.size(); ++k)
+      if (c.dx[k] >= 0) acc(in.args[k], c.dx[k]);
   }
 
   ScoreModBackward r;
   int32_t score_id = -1;
   for (size_t i = 0; i < n; ++i)
     if (ins[i].op == ExprOp::Score) score_id = static_cast<int32_t>(i);
-  const int32_t dscore = (score_id >= 0 && adj[score_id] >= 0) ? adj[score_id] : C(0);
+  const int32_t dscore = (score_id >= 0 && adj[score_id] >= 0) ? adj[score_id] : pb.constant_float(0);
   std::vector<int32_t> outs{dscore};
   std::vector<std::string> names{"d_score"};
   std::reverse(term_instrs.begin(), term_instrs.end());  // in forward order

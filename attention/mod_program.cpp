@@ -1,6 +1,8 @@
 // Lowering, folding, CSE, printing, hashing and scalar evaluation of ModPrograms.
 #include "attention/mod_program.h"
 
+#include "attention/op_semantics.h"
+
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -10,85 +12,34 @@ namespace fg {
 
 // ---------------------------------------------------------------- scalar semantics
 
+// Thin wrappers over the op table (attention/op_semantics.h), kept for callers that work on plain numbers.
 int64_t py_floordiv(int64_t a, int64_t b) {
-  FG_CHECK(b != 0, ValueError, "flex_attention mod: integer floor division by zero ({} // 0)", a);
-  int64_t q = a / b;
-  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
-  return q;
+  if (b == 0) throw_int_division_by_zero(ExprOp::FloorDiv, a);
+  return sem::floordiv_nz(a, b);
 }
 
 int64_t py_mod(int64_t a, int64_t b) {
-  FG_CHECK(b != 0, ValueError, "flex_attention mod: integer remainder by zero ({} % 0)", a);
-  int64_t r = a % b;
-  if (r != 0 && ((r < 0) != (b < 0))) r += b;
-  return r;
+  if (b == 0) throw_int_division_by_zero(ExprOp::Mod, a);
+  return sem::mod_nz(a, b);
 }
 
-double py_fmod(double a, double b) {
-  double r = std::fmod(a, b);
-  if (r != 0 && ((r < 0) != (b < 0))) r += b;
-  return r;
-}
+double py_fmod(double a, double b) { return sem::mod_f(a, b); }
 
 int64_t int_pow(int64_t a, int64_t b) {
-  FG_CHECK(b >= 0, ValueError, "flex_attention mod: integers to negative integer powers are not allowed ({} ** {})",
-           a, b);
-  int64_t r = 1;
-  while (b) {
-    if (b & 1) r *= a;
-    a *= a;
-    b >>= 1;
-  }
-  return r;
+  if (b < 0) throw_negative_int_power(a, b);
+  return sem::pow_nn(a, b);
 }
 
-static double fmin_nan(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? NAN : (a < b ? a : b); }
-static double fmax_nan(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? NAN : (a > b ? a : b); }
-
 double apply_scalar(ExprOp op, ValueKind kind, ValueKind ok, const double* x) {
-  const bool is_int = ok == ValueKind::Int || ok == ValueKind::Bool;
-  auto I = [&](int i) { return static_cast<int64_t>(x[i]); };
-  switch (op) {
-    case ExprOp::Neg: return -x[0];
-    case ExprOp::Not: return x[0] != 0 ? 0.0 : 1.0;
-    case ExprOp::Abs: return std::fabs(x[0]);
-    case ExprOp::Exp: return std::exp(x[0]);
-    case ExprOp::Exp2: return std::exp2(x[0]);
-    case ExprOp::Log: return std::log(x[0]);
-    case ExprOp::Log2: return std::log2(x[0]);
-    case ExprOp::Sqrt: return std::sqrt(x[0]);
-    case ExprOp::Rsqrt: return 1.0 / std::sqrt(x[0]);
-    case ExprOp::Sin: return std::sin(x[0]);
-    case ExprOp::Cos: return std::cos(x[0]);
-    case ExprOp::Tan: return std::tan(x[0]);
-    case ExprOp::Tanh: return std::tanh(x[0]);
-    case ExprOp::Sigmoid: return 1.0 / (1.0 + std::exp(-x[0]));
-    case ExprOp::Floor: return std::floor(x[0]);
-    case ExprOp::Ceil: return std::ceil(x[0]);
-    case ExprOp::Cast:
-      if (kind == ValueKind::Bool) return x[0] != 0 ? 1.0 : 0.0;
-      if (kind == ValueKind::Int) return std::trunc(x[0]);
-      return x[0];
-    case ExprOp::Add: return is_int ? static_cast<double>(I(0) + I(1)) : x[0] + x[1];
-    case ExprOp::Sub: return is_int ? static_cast<double>(I(0) - I(1)) : x[0] - x[1];
-    case ExprOp::Mul: return is_int ? static_cast<double>(I(0) * I(1)) : x[0] * x[1];
-    case ExprOp::Div: return x[0] / x[1];
-    case ExprOp::FloorDiv: return is_int ? static_cast<double>(py_floordiv(I(0), I(1))) : std::floor(x[0] / x[1]);
-    case ExprOp::Mod: return is_int ? static_cast<double>(py_mod(I(0), I(1))) : py_fmod(x[0], x[1]);
-    case ExprOp::Pow: return is_int ? static_cast<double>(int_pow(I(0), I(1))) : std::pow(x[0], x[1]);
-    case ExprOp::Min: return fmin_nan(x[0], x[1]);
-    case ExprOp::Max: return fmax_nan(x[0], x[1]);
-    case ExprOp::Eq: return x[0] == x[1];
-    case ExprOp::Ne: return x[0] != x[1];
-    case ExprOp::Lt: return x[0] < x[1];
-    case ExprOp::Le: return x[0] <= x[1];
-    case ExprOp::Gt: return x[0] > x[1];
-    case ExprOp::Ge: return x[0] >= x[1];
-    case ExprOp::And: return (x[0] != 0 && x[1] != 0) ? 1.0 : 0.0;
-    case ExprOp::Or: return (x[0] != 0 || x[1] != 0) ? 1.0 : 0.0;
-    case ExprOp::Where: return x[0] != 0 ? x[1] : x[2];
-    default: FG_FAIL(ValueError, "apply_scalar: {} is not an operation", expr_op_name(op));
+  const OpInfo& r = op_info(op);
+  FG_CHECK(r.eval != nullptr, ValueError, "apply_scalar: {} is not an operation", r.name);
+  ScalarValue v[3];
+  const int n = r.arity;
+  for (int i = 0; i < n; ++i) {
+    const ValueKind k = (op == ExprOp::Where && i == 0) ? ValueKind::Bool : ok;
+    v[i] = k == ValueKind::Float ? ScalarValue::of_float(x[i]) : ScalarValue::of_int(sem::to_int(x[i]));
   }
+  return r.eval(kind, ok, v).as_double(kind);
 }
 
 // ---------------------------------------------------------------- builder
@@ -193,11 +144,11 @@ int32_t ProgramBuilder::index(int32_t slot, std::vector<int32_t> indices) {
   in.capture = slot;
   for (int32_t& i : indices) {
     i = cast(i, ValueKind::Int);
-    // A constant index into a rank-0-free dimension is checked at trace time, not per tile.
+    // A constant index is checked at trace time, not per tile (Python rules: [-n, n) is valid).
     if (is_const(i)) {
       const int64_t d = static_cast<int64_t>(&i - indices.data());
       const int64_t v = instrs_[i].ivalue;
-      FG_CHECK(v >= 0 && v < t.size(d), IndexError,
+      FG_CHECK(v >= -t.size(d) && v < t.size(d), IndexError,
                "flex_attention mod: constant index {} is out of range for dim {} of captured tensor '{}' of shape {}",
                v, d, captures_[slot].name, shape_str(t.sizes()));
     }
@@ -223,10 +174,14 @@ int32_t ProgramBuilder::emit(ExprOp op, ValueKind kind, std::vector<int32_t> arg
   // ---- constant folding
   bool all_const = true;
   for (int32_t a : args) all_const = all_const && is_const(a);
-  if (all_const) {
-    double v[3];
-    for (size_t i = 0; i < args.size(); ++i) v[i] = const_value(args[i]);
-    return make_const(kind, apply_scalar(op, kind, operand_kind, v));
+  if (all_const) {  // exact: ints fold as int64, not through double
+    ScalarValue v[3];
+    for (size_t i = 0; i < args.size(); ++i) {
+      const Instr& c = instrs_[args[i]];
+      v[i] = c.kind == VK::Float ? ScalarValue::of_float(c.value) : ScalarValue::of_int(c.ivalue);
+    }
+    const ScalarValue r = eval_op(op, kind, operand_kind, v);
+    return kind == VK::Float ? constant_float(r.f) : kind == VK::Int ? constant_int(r.i) : constant_bool(r.i != 0);
   }
   // ---- algebraic identities (exact in IEEE arithmetic, except the two constant reassociations below,
   //      which may differ by one rounding)
@@ -582,40 +537,62 @@ bool ModProgram::structurally_equal(const ModProgram& o) const {
           index, dim, c.tensor.size(dim), c.name, shape_str(c.tensor.sizes()));
 }
 
+int64_t wrap_capture_index(const CaptureRef& c, int64_t dim, int64_t index) {
+  const int64_t n = c.tensor.size(dim);
+  const int64_t i = index < 0 ? index + n : index;
+  if (i < 0 || i >= n) throw_capture_index_error(c, dim, index);
+  return i;
+}
+
 namespace {
+// Exact evaluation (ints as int64) through the op table; outputs are converted to double at the end.
 struct ScalarVisitor {
-  using Value = double;
+  using Value = ScalarValue;
   const ModProgram& p;
   int64_t b, h, q, kv;
   double score;
-  double constant(const Instr& in) const {
-    return in.kind == ValueKind::Float ? in.value : static_cast<double>(in.ivalue);
+  ScalarValue constant(const Instr& in) const {
+    return in.kind == ValueKind::Float ? ScalarValue::of_float(in.value) : ScalarValue::of_int(in.ivalue);
   }
-  double input(ExprOp leaf) const {
+  ScalarValue input(ExprOp leaf) const {
     switch (leaf) {
-      case ExprOp::Score: return score;
-      case ExprOp::Batch: return static_cast<double>(b);
-      case ExprOp::Head: return static_cast<double>(h);
-      case ExprOp::QIdx: return static_cast<double>(q);
-      default: return static_cast<double>(kv);
+      case ExprOp::Score: return ScalarValue::of_float(score);
+      case ExprOp::Batch: return ScalarValue::of_int(b);
+      case ExprOp::Head: return ScalarValue::of_int(h);
+      case ExprOp::QIdx: return ScalarValue::of_int(q);
+      default: return ScalarValue::of_int(kv);
     }
   }
-  double index(const Instr&, const CaptureRef& c, std::vector<double> idx) const {
+  ScalarValue index(const Instr& in, const CaptureRef& c, std::vector<ScalarValue> idx) const {
     Shape at(idx.size());
-    for (size_t d = 0; d < idx.size(); ++d) {
-      at[d] = static_cast<int64_t>(idx[d]);
-      if (at[d] < 0 || at[d] >= c.tensor.size(static_cast<int64_t>(d))) throw_capture_index_error(c, d, at[d]);
+    for (size_t d = 0; d < idx.size(); ++d) at[d] = wrap_capture_index(c, static_cast<int64_t>(d), idx[d].i);
+    if (in.kind == ValueKind::Float) return ScalarValue::of_float(c.tensor.at(at));
+    // ints exactly (int64 values beyond 2^53 must not go through double)
+    int64_t off = 0;
+    for (size_t d = 0; d < at.size(); ++d) off += at[d] * c.tensor.strides()[d];
+    switch (c.tensor.dtype()) {
+      case DType::Int64: return ScalarValue::of_int(static_cast<const int64_t*>(c.tensor.data_ptr())[off]);
+      case DType::Int32: return ScalarValue::of_int(static_cast<const int32_t*>(c.tensor.data_ptr())[off]);
+      case DType::Bool: return ScalarValue::of_bool(static_cast<const bool*>(c.tensor.data_ptr())[off]);
+      default: FG_FAIL(DTypeError, "captured tensor '{}': unsupported dtype {}", c.name, c.tensor.dtype());
     }
-    return c.tensor.at(at);
   }
-  double apply(const Instr& in, std::vector<double> args) const {
+  ScalarValue apply(const Instr& in, std::vector<ScalarValue> args) const {
     const ValueKind ok = p.instrs()[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
-    return apply_scalar(in.op, in.kind, ok, args.data());
+    return eval_op(in.op, in.kind, ok, args.data());
   }
 };
 }  // namespace
 
 std::vector<double> ModProgram::evaluate_all(int64_t b, int64_t h, int64_t q, int64_t kv, double score) const {
+  ScalarVisitor v{*this, b, h, q, kv, score};
+  std::vector<ScalarValue> r = evaluate_with(v);
+  std::vector<double> out(r.size());
+  for (size_t i = 0; i < r.size(); ++i) out[i] = r[i].as_double(instrs_[outputs_[i]].kind);
+  return out;
+}
+
+std::vector<ScalarValue> ModProgram::evaluate_exact(int64_t b, int64_t h, int64_t q, int64_t kv, double score) const {
   ScalarVisitor v{*this, b, h, q, kv, score};
   return evaluate_with(v);
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention/expr.h"
+#include "attention/op_semantics.h"
 
 namespace fg {
 
@@ -98,6 +99,8 @@ class ModProgram {
   double evaluate(int64_t b, int64_t h, int64_t q, int64_t kv, double score = 0) const {
     return evaluate_all(b, h, q, kv, score)[0];
   }
+  // The same, with ints kept exact (int64 beyond 2^53): floats in .f, ints and bools in .i.
+  std::vector<ScalarValue> evaluate_exact(int64_t b, int64_t h, int64_t q, int64_t kv, double score = 0) const;
 
   // Generic evaluation over any value type; returns the outputs.
   template <class V> std::vector<typename V::Value> evaluate_with(V& v) const {
@@ -140,14 +143,16 @@ ModProgram trace_mask_mod(const MaskMod& mod, const std::string& name = "mask_mo
 // Lower an already built expression (e.g. from combinators); `type` Score or Mask.
 ModProgram lower_expr(const Expr& e, ModProgram::Type type);
 
-// Scalar semantics shared by folding, the scalar evaluator and the tile evaluator (Python rules).
+// Scalar semantics on plain numbers (wrappers over the op table, attention/op_semantics.h).
 int64_t py_floordiv(int64_t a, int64_t b);  // ValueError on division by zero
-int64_t py_mod(int64_t a, int64_t b);
-double py_fmod(double a, double b);         // a - floor(a/b)*b with the divisor's sign, as torch.remainder
+int64_t py_mod(int64_t a, int64_t b);       // ValueError on division by zero
+double py_fmod(double a, double b);         // fmod with the divisor's sign, as torch.remainder
 int64_t int_pow(int64_t a, int64_t b);      // ValueError for negative exponents (as PyTorch)
 // IndexError naming the captured tensor, dim, index and shape (evaluators call it on out-of-range reads).
 [[noreturn]] void throw_capture_index_error(const CaptureRef& c, int64_t dim, int64_t index);
-// Apply `op` of kind `kind` on double-encoded operands (ints/bools exact), the folding semantics.
+// Python indexing of dim `dim` of a capture: [-n, n) valid, negative wraps; else throw_capture_index_error.
+int64_t wrap_capture_index(const CaptureRef& c, int64_t dim, int64_t index);
+// Apply `op` of kind `kind` on double-encoded operands (ints exact up to 2^53); eval_op is the exact form.
 double apply_scalar(ExprOp op, ValueKind kind, ValueKind operand_kind, const double* args);
 
 }  // namespace fg

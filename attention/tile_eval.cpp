@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "attention/op_semantics.h"
 #include "tensor/vec_math.h"
 
 namespace fg {
@@ -55,36 +56,35 @@ inline void map2(O* __restrict o, int64_t ni, int64_t nj, const A* a, int64_t ar
   }
 }
 
-template <class V>
-inline V py_mod_float(V a, V b) {
-  V r = std::fmod(a, b);
-  if (r != 0 && ((r < 0) != (b < 0))) r += b;
-  return r;
-}
-
 template <class K, class F>
 void run_binary_arith(ExprOp op, K* o, int64_t ni, int64_t nj, const K* a, int64_t ars, int64_t acs, const K* b,
                       int64_t brs, int64_t bcs) {
   constexpr bool fl = std::is_floating_point_v<K>;
   switch (op) {
-    case ExprOp::Add: map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x + y); }); break;
-    case ExprOp::Sub: map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x - y); }); break;
-    case ExprOp::Mul: map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x * y); }); break;
+    // Element functions from the op table (attention/op_semantics.h); ints wrap on overflow.
+    case ExprOp::Add:
+      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x + y); });
+      else map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::wrap_add(x, y); });
+      break;
+    case ExprOp::Sub:
+      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x - y); });
+      else map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::wrap_sub(x, y); });
+      break;
+    case ExprOp::Mul:
+      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x * y); });
+      else map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::wrap_mul(x, y); });
+      break;
     case ExprOp::Div:
       if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(x / y); });
       break;
-    case ExprOp::Min:
-      map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return (x < y || x != x) ? x : y; });
-      break;
-    case ExprOp::Max:
-      map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return (x > y || x != x) ? x : y; });
-      break;
+    case ExprOp::Min: map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::min_f(x, y); }); break;
+    case ExprOp::Max: map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::max_f(x, y); }); break;
     case ExprOp::FloorDiv:
-      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(std::floor(x / y)); });
+      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::floordiv_f(x, y); });
       else map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(py_floordiv(x, y)); });
       break;
     case ExprOp::Mod:
-      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return py_mod_float(x, y); });
+      if constexpr (fl) map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return sem::mod_f(x, y); });
       else map2(o, ni, nj, a, ars, acs, b, brs, bcs, [](K x, K y) { return K(py_mod(x, y)); });
       break;
     case ExprOp::Pow:
@@ -112,6 +112,8 @@ void run_compare(ExprOp op, uint8_t* o, int64_t ni, int64_t nj, const K* a, int6
 template <class O, class A>
 void run_cast(O* o, int64_t ni, int64_t nj, const A* a, int64_t ars, int64_t acs, bool to_bool) {
   if (to_bool) map1(o, ni, nj, a, ars, acs, [](A x) { return O(x != A(0)); });
+  else if constexpr (std::is_floating_point_v<A> && std::is_integral_v<O>)
+    map1(o, ni, nj, a, ars, acs, [](A x) { return sem::to_int(x); });  // saturating, NaN -> 0
   else map1(o, ni, nj, a, ars, acs, [](A x) { return static_cast<O>(x); });
 }
 
@@ -202,8 +204,10 @@ void TileEvaluator<T>::run(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t
               int64_t off = 0;
               for (int64_t d = 0; d < nd; ++d) {
                 const Slot& is = slots_[in.args[d]];
-                const int64_t v = static_cast<const int64_t*>(is.ptr)[i * is.rs + j * is.cs];
-                if (static_cast<uint64_t>(v) >= static_cast<uint64_t>(sizes[d])) throw_capture_index_error(c, d, v);
+                int64_t v = static_cast<const int64_t*>(is.ptr)[i * is.rs + j * is.cs];
+                if (static_cast<uint64_t>(v) >= static_cast<uint64_t>(sizes[d])) {  // Python rules: wrap or raise
+                  v = wrap_capture_index(c, d, v);
+                }
                 off += v * strides[d];
               }
               dst[i * nj + j] = static_cast<D>(src[off]);
@@ -235,11 +239,11 @@ void TileEvaluator<T>::run(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t
       }
       case ExprOp::Neg:
         if (in.kind == ValueKind::Float) map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return -x; });
-        else map1(oi, ni, nj, FG_ARG(int64_t, 0), [](int64_t x) { return -x; });
+        else map1(oi, ni, nj, FG_ARG(int64_t, 0), [](int64_t x) { return sem::wrap_neg(x); });
         break;
       case ExprOp::Abs:
         if (in.kind == ValueKind::Float) map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::abs(x); });
-        else map1(oi, ni, nj, FG_ARG(int64_t, 0), [](int64_t x) { return x < 0 ? -x : x; });
+        else map1(oi, ni, nj, FG_ARG(int64_t, 0), [](int64_t x) { return sem::wrap_abs(x); });
         break;
       case ExprOp::Not: map1(ob, ni, nj, FG_ARG(uint8_t, 0), [](uint8_t x) { return uint8_t(x ^ 1); }); break;
       case ExprOp::Exp: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return vec::exp(x); }); break;
@@ -253,8 +257,12 @@ void TileEvaluator<T>::run(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t
       case ExprOp::Tan: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::tan(x); }); break;
       case ExprOp::Tanh: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return vec::tanh(x); }); break;
       case ExprOp::Sigmoid: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return vec::sigmoid(x); }); break;
-      case ExprOp::Floor: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::floor(x); }); break;
-      case ExprOp::Ceil: map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::ceil(x); }); break;
+      case ExprOp::Floor:
+      case ExprOp::Ceil:
+        if (in.kind == ValueKind::Int) map1(oi, ni, nj, FG_ARG(int64_t, 0), [](int64_t x) { return x; });
+        else if (in.op == ExprOp::Floor) map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::floor(x); });
+        else map1(of, ni, nj, FG_ARG(T, 0), [](T x) { return std::ceil(x); });
+        break;
       case ExprOp::Add: case ExprOp::Sub: case ExprOp::Mul: case ExprOp::Div: case ExprOp::FloorDiv:
       case ExprOp::Mod: case ExprOp::Pow: case ExprOp::Min: case ExprOp::Max:
         if (in.kind == ValueKind::Float) run_binary_arith<T, void>(in.op, of, ni, nj, FG_ARG(T, 0), FG_ARG(T, 1));

@@ -37,15 +37,25 @@ struct FgCapture {
   int dtype;  // FG_DT_*
 };
 
-// Device-side error report: the first out-of-range captured read wins. The host reads it after the
-// kernel and raises the IndexError the CPU raises (same capture, dim, index and size).
+// Device-side error report: the first error wins. The host reads it after the kernel and raises what
+// the CPU raises for the same values:
+//   flag 1 FG_ERR_INDEX        captured index out of range: IndexError (capture slot, dim, index, size)
+//   flag 2 FG_ERR_INT_DIV_ZERO integer // or % by zero: ValueError; capture -1, dim 0 for `//` and 1 for
+//                              `%`, index = the dividend
+//   flag 3 FG_ERR_NEG_POW      integer to a negative power: ValueError; capture -1, index = the base,
+//                              size = the exponent
+// (the messages are throw_capture_index_error / throw_int_division_by_zero / throw_negative_int_power of
+// attention/mod_program.h and attention/op_semantics.h).
+#define FG_ERR_INDEX 1
+#define FG_ERR_INT_DIV_ZERO 2
+#define FG_ERR_NEG_POW 3
 struct FgError {
-  int flag;        // 0: no error; 1: captured index out of range
-  int capture;     // slot
+  int flag;        // 0: no error, else FG_ERR_*
+  int capture;     // slot (-1 for integer-op errors)
   int dim;
   int pad;
-  fg_i64 index;    // the offending index
-  fg_i64 size;     // the size of that dim
+  fg_i64 index;    // the offending index (or operand)
+  fg_i64 size;     // the size of that dim (or the exponent)
 };
 
 // Everything a generated mod reads besides (score, b, h, q_idx, kv_idx). Passed by value to kernels
@@ -73,6 +83,89 @@ __device__ __forceinline__ fg_i64 fg_wrap_index(const FgModArgs& a, int cap, int
   if (i < 0 || i >= n) return fg_bad_index(a, cap, dim, i < 0 ? i - n : i);
   return i;
 }
+
+// Integer-op errors (see FgError): recorded once, and the op yields 0 so the kernel carries on safely.
+__device__ __forceinline__ fg_i64 fg_int_error(const FgModArgs& a, int flag, int dim, fg_i64 v, fg_i64 w) {
+  if (a.error != nullptr && atomicCAS(&a.error->flag, 0, flag) == 0) {
+    a.error->capture = -1;
+    a.error->dim = dim;
+    a.error->index = v;
+    a.error->size = w;
+  }
+  return 0;
+}
+
+// ---- The op table's semantics (attention/op_semantics.h) for the generated code. Ints are 64-bit and
+// wrap; `//` and `%` are Python's; float -> int truncates, saturates and maps NaN to 0.
+__device__ __forceinline__ fg_i64 fg_add_i(fg_i64 x, fg_i64 y) { return (fg_i64)((fg_u64)x + (fg_u64)y); }
+__device__ __forceinline__ fg_i64 fg_sub_i(fg_i64 x, fg_i64 y) { return (fg_i64)((fg_u64)x - (fg_u64)y); }
+__device__ __forceinline__ fg_i64 fg_mul_i(fg_i64 x, fg_i64 y) { return (fg_i64)((fg_u64)x * (fg_u64)y); }
+__device__ __forceinline__ fg_i64 fg_neg_i(fg_i64 x) { return (fg_i64)(0ULL - (fg_u64)x); }
+__device__ __forceinline__ fg_i64 fg_abs_i(fg_i64 x) { return x < 0 ? fg_neg_i(x) : x; }
+__device__ __forceinline__ fg_i64 fg_min_i(fg_i64 x, fg_i64 y) { return x < y ? x : y; }
+__device__ __forceinline__ fg_i64 fg_max_i(fg_i64 x, fg_i64 y) { return x > y ? x : y; }
+__device__ __forceinline__ fg_i64 fg_floordiv_i(const FgModArgs& a, fg_i64 x, fg_i64 y) {
+  if (y == 0) return fg_int_error(a, FG_ERR_INT_DIV_ZERO, 0, x, 0);
+  if (y == -1) return fg_neg_i(x);  // INT64_MIN / -1 overflows
+  fg_i64 q = x / y;
+  if ((x % y != 0) && ((x < 0) != (y < 0))) --q;
+  return q;
+}
+__device__ __forceinline__ fg_i64 fg_mod_i(const FgModArgs& a, fg_i64 x, fg_i64 y) {
+  if (y == 0) return fg_int_error(a, FG_ERR_INT_DIV_ZERO, 1, x, 0);
+  if (y == -1) return 0;
+  fg_i64 r = x % y;
+  if (r != 0 && ((r < 0) != (y < 0))) r += y;
+  return r;
+}
+__device__ __forceinline__ fg_i64 fg_pow_i(const FgModArgs& a, fg_i64 x, fg_i64 y) {
+  if (y < 0) return fg_int_error(a, FG_ERR_NEG_POW, 0, x, y);
+  fg_u64 r = 1, b = (fg_u64)x;
+  while (y) {
+    if (y & 1) r *= b;
+    b *= b;
+    y >>= 1;
+  }
+  return (fg_i64)r;
+}
+// torch.floor_divide / torch.remainder on floats.
+__device__ __forceinline__ float fg_floordiv_f(float x, float y) {
+  if (y == 0.0f) return x / y;
+  const float m = fmodf(x, y);
+  float d = (x - m) / y;
+  if (m != 0.0f && ((y < 0.0f) != (m < 0.0f))) d -= 1.0f;
+  float f = floorf(d);
+  if (d - f > 0.5f) f += 1.0f;
+  return d == 0.0f ? copysignf(0.0f, x / y) : f;
+}
+__device__ __forceinline__ double fg_floordiv_f(double x, double y) {
+  if (y == 0.0) return x / y;
+  const double m = fmod(x, y);
+  double d = (x - m) / y;
+  if (m != 0.0 && ((y < 0.0) != (m < 0.0))) d -= 1.0;
+  double f = floor(d);
+  if (d - f > 0.5) f += 1.0;
+  return d == 0.0 ? copysign(0.0, x / y) : f;
+}
+__device__ __forceinline__ float fg_mod_f(float x, float y) {
+  float r = fmodf(x, y);
+  if (r != 0.0f && ((r < 0.0f) != (y < 0.0f))) r += y;
+  return r;
+}
+__device__ __forceinline__ double fg_mod_f(double x, double y) {
+  double r = fmod(x, y);
+  if (r != 0.0 && ((r < 0.0) != (y < 0.0))) r += y;
+  return r;
+}
+template <class T> __device__ __forceinline__ T fg_min_f(T x, T y) { return (x < y || x != x) ? x : y; }
+template <class T> __device__ __forceinline__ T fg_max_f(T x, T y) { return (x > y || x != x) ? x : y; }
+__device__ __forceinline__ fg_i64 fg_f2i(double x) {
+  if (x != x) return 0;
+  if (x >= 9223372036854775808.0) return (fg_i64)0x7fffffffffffffffULL;
+  if (x <= -9223372036854775808.0) return (fg_i64)0x8000000000000000ULL;
+  return (fg_i64)x;
+}
+__device__ __forceinline__ fg_i64 fg_f2i(float x) { return fg_f2i((double)x); }
 
 // Element `off` (in elements) of a capture, converted to double / int64 / bool by its stored dtype.
 __device__ __forceinline__ float fg_bf16_to_float(unsigned short x) { return __uint_as_float(((unsigned)x) << 16); }

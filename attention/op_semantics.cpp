@@ -1,0 +1,305 @@
+// The op table (see op_semantics.h). One row per ExprOp, in enum order.
+#include "attention/op_semantics.h"
+
+#include <numbers>
+
+#include "attention/mod_program.h"
+
+namespace fg {
+
+[[noreturn]] void throw_int_division_by_zero(ExprOp op, int64_t dividend) {
+  FG_FAIL(ValueError, "flex_attention mod: integer {} by zero ({} {} 0)",
+          op == ExprOp::Mod ? "remainder" : "floor division", dividend, op == ExprOp::Mod ? "%" : "//");
+}
+
+[[noreturn]] void throw_negative_int_power(int64_t base, int64_t exponent) {
+  FG_FAIL(ValueError, "flex_attention mod: integers to negative integer powers are not allowed ({} ** {})", base,
+          exponent);
+}
+
+namespace {
+
+using VK = ValueKind;
+using SV = ScalarValue;
+using EvalFn = SV (*)(VK, VK, const SV*);
+using GradFn = void (*)(GradContext&);
+
+// ---- evaluation helpers: one lambda per op; F = float operands, I = int/bool operands.
+#define FG_FLOAT1(expr) [](VK, VK, const SV* x) { const double a = x[0].f; return SV::of_float(expr); }
+#define FG_NUM1(fexpr, iexpr)                                                     \
+  [](VK, VK k, const SV* x) {                                                     \
+    if (k == VK::Float) { const double a = x[0].f; return SV::of_float(fexpr); }  \
+    const int64_t a = x[0].i;                                                     \
+    return SV::of_int(iexpr);                                                     \
+  }
+#define FG_NUM2(fexpr, iexpr)                                                                       \
+  [](VK, VK k, const SV* x) {                                                                       \
+    if (k == VK::Float) { const double a = x[0].f, b = x[1].f; return SV::of_float(fexpr); }        \
+    const int64_t a = x[0].i, b = x[1].i;                                                           \
+    return SV::of_int(iexpr);                                                                       \
+  }
+#define FG_CMP(op)                                                                      \
+  [](VK, VK k, const SV* x) {                                                           \
+    return SV::of_bool(k == VK::Float ? (x[0].f op x[1].f) : (x[0].i op x[1].i));       \
+  }
+
+SV eval_cast(VK to, VK from, const SV* x) {
+  const SV& a = x[0];
+  switch (to) {
+    case VK::Float: return SV::of_float(from == VK::Float ? a.f : static_cast<double>(a.i));
+    case VK::Int: return SV::of_int(from == VK::Float ? sem::to_int(a.f) : a.i);
+    case VK::Bool: return SV::of_bool(from == VK::Float ? a.f != 0 : a.i != 0);
+  }
+  return a;
+}
+
+SV eval_floordiv(VK, VK k, const SV* x) {
+  if (k == VK::Float) return SV::of_float(sem::floordiv_f(x[0].f, x[1].f));
+  if (x[1].i == 0) throw_int_division_by_zero(ExprOp::FloorDiv, x[0].i);
+  return SV::of_int(sem::floordiv_nz(x[0].i, x[1].i));
+}
+SV eval_mod(VK, VK k, const SV* x) {
+  if (k == VK::Float) return SV::of_float(sem::mod_f(x[0].f, x[1].f));
+  if (x[1].i == 0) throw_int_division_by_zero(ExprOp::Mod, x[0].i);
+  return SV::of_int(sem::mod_nz(x[0].i, x[1].i));
+}
+SV eval_pow(VK, VK k, const SV* x) {
+  if (k == VK::Float) return SV::of_float(std::pow(x[0].f, x[1].f));
+  if (x[1].i < 0) throw_negative_int_power(x[0].i, x[1].i);
+  return SV::of_int(sem::pow_nn(x[0].i, x[1].i));
+}
+SV eval_where(VK, VK, const SV* x) { return x[0].i ? x[1] : x[2]; }
+
+// ---- derivative helpers
+int32_t C(GradContext& c, double v) { return c.pb.constant_float(v); }
+int32_t F1(GradContext& c, ExprOp op, int32_t a) { return c.pb.emit(op, VK::Float, {a}); }
+int32_t cmp(GradContext& c, ExprOp op, int32_t a, int32_t b) { return c.pb.emit(op, VK::Bool, {a, b}); }
+int32_t sel(GradContext& c, int32_t cond, int32_t a, int32_t b) { return c.pb.emit(ExprOp::Where, VK::Float, {cond, a, b}); }
+
+void grad_minmax(GradContext& c, ExprOp wins) {
+  // As torch.minimum/maximum: the gradient goes to the selected operand, split in half on ties.
+  auto& pb = c.pb;
+  const int32_t a = c.x[0], b = c.x[1], tie = cmp(c, ExprOp::Eq, a, b), half = pb.mul(C(c, 0.5), c.g);
+  c.dx[0] = sel(c, tie, half, sel(c, cmp(c, wins, a, b), c.g, C(c, 0)));
+  c.dx[1] = sel(c, tie, half, sel(c, cmp(c, wins, b, a), c.g, C(c, 0)));
+}
+
+void grad_pow(GradContext& c) {
+  // The op-level autograd's guards (ops/elementwise.cpp): d/da is 0 where b == 0 (even at a == 0, where
+  // b * a^(b-1) would be 0 * inf); d/db = a^b log a is 0 where a == 0 and b >= 0.
+  auto& pb = c.pb;
+  const int32_t a = c.x[0], b = c.x[1];
+  const int32_t da = pb.mul(c.g, pb.mul(b, pb.emit(ExprOp::Pow, VK::Float, {a, pb.sub(b, C(c, 1))})));
+  c.dx[0] = sel(c, cmp(c, ExprOp::Eq, b, C(c, 0)), C(c, 0), da);
+  if (!pb.is_const(b)) {
+    const int32_t db = pb.mul(c.g, pb.mul(c.y, F1(c, ExprOp::Log, a)));
+    const int32_t guard = pb.emit(ExprOp::And, VK::Bool, {cmp(c, ExprOp::Eq, a, C(c, 0)), cmp(c, ExprOp::Ge, b, C(c, 0))});
+    c.dx[1] = sel(c, guard, C(c, 0), db);
+  }
+}
+
+constexpr GradFn kNoGrad = nullptr;
+constexpr EvalFn kNoEval = nullptr;
+
+#define LEAF(op, name, rule) \
+  { ExprOp::op, name, 0, KindRule::rule, "a leaf", kNoEval, kNoGrad, nullptr, nullptr, nullptr, nullptr }
+
+// The table, in ExprOp order (op_info checks it).
+const OpInfo kOps[] = {
+    LEAF(Const, "const", Leaf),
+    LEAF(Score, "score", Leaf),
+    LEAF(Batch, "b", Leaf),
+    LEAF(Head, "h", Leaf),
+    LEAF(QIdx, "q_idx", Leaf),
+    LEAF(KVIdx, "kv_idx", Leaf),
+    {ExprOp::Index, "index", -1, KindRule::Leaf,
+     "captured read: [-n, n) valid, negative wraps, else IndexError (GPU: FgError flag 1, reads element 0)",
+     kNoEval, kNoGrad, nullptr, nullptr, nullptr, nullptr},
+    // ---- unary
+    {ExprOp::Neg, "neg", 1, KindRule::SameNumber, "ints wrap (-INT64_MIN == INT64_MIN)",
+     FG_NUM1(-a, sem::wrap_neg(a)), [](GradContext& c) { c.dx[0] = c.pb.neg(c.g); },
+     "(-{0})", "(-{0})", "fg_neg_i({0})", nullptr},
+    {ExprOp::Not, "logical_not", 1, KindRule::Logical, "bools only",
+     [](VK, VK, const SV* x) { return SV::of_bool(x[0].i == 0); }, kNoGrad,
+     nullptr, nullptr, nullptr, "(!{0})"},
+    {ExprOp::Abs, "abs", 1, KindRule::SameNumber, "abs(INT64_MIN) wraps to INT64_MIN; d/dx at 0 is 0",
+     FG_NUM1(std::fabs(a), sem::wrap_abs(a)),
+     [](GradContext& c) {
+       const int32_t a = c.x[0];
+       const int32_t sign = sel(c, cmp(c, ExprOp::Gt, a, C(c, 0)), C(c, 1),
+                                sel(c, cmp(c, ExprOp::Lt, a, C(c, 0)), C(c, -1), C(c, 0)));
+       c.dx[0] = c.pb.mul(c.g, sign);
+     },
+     "fabsf({0})", "fabs({0})", "fg_abs_i({0})", nullptr},
+    {ExprOp::Exp, "exp", 1, KindRule::FloatMath, "IEEE (overflow inf, exp(-inf) 0, NaN stays NaN)",
+     FG_FLOAT1(std::exp(a)), [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.y); },
+     "expf({0})", "exp({0})", nullptr, nullptr},
+    {ExprOp::Exp2, "exp2", 1, KindRule::FloatMath, "IEEE",
+     FG_FLOAT1(std::exp2(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.mul(C(c, std::numbers::ln2), c.y)); },
+     "exp2f({0})", "exp2({0})", nullptr, nullptr},
+    {ExprOp::Log, "log", 1, KindRule::FloatMath, "log(0) = -inf, log(x < 0) = NaN",
+     FG_FLOAT1(std::log(a)), [](GradContext& c) { c.dx[0] = c.pb.div(c.g, c.x[0]); },
+     "logf({0})", "log({0})", nullptr, nullptr},
+    {ExprOp::Log2, "log2", 1, KindRule::FloatMath, "log2(0) = -inf, log2(x < 0) = NaN",
+     FG_FLOAT1(std::log2(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.div(c.g, c.pb.mul(C(c, std::numbers::ln2), c.x[0])); },
+     "log2f({0})", "log2({0})", nullptr, nullptr},
+    {ExprOp::Sqrt, "sqrt", 1, KindRule::FloatMath, "sqrt(x < 0) = NaN, sqrt(-0) = -0; d/dx at 0 is inf",
+     FG_FLOAT1(std::sqrt(a)), [](GradContext& c) { c.dx[0] = c.pb.div(c.pb.mul(C(c, 0.5), c.g), c.y); },
+     "sqrtf({0})", "sqrt({0})", nullptr, nullptr},
+    {ExprOp::Rsqrt, "rsqrt", 1, KindRule::FloatMath, "1 / sqrt(x) (correctly rounded sqrt and division)",
+     FG_FLOAT1(1.0 / std::sqrt(a)),
+     [](GradContext& c) {
+       c.dx[0] = c.pb.mul(c.pb.mul(C(c, -0.5), c.g), c.pb.mul(c.pb.mul(c.y, c.y), c.y));
+     },
+     "(1.0f / sqrtf({0}))", "(1.0 / sqrt({0}))", nullptr, nullptr},
+    {ExprOp::Sin, "sin", 1, KindRule::FloatMath, "sin(±inf) = NaN",
+     FG_FLOAT1(std::sin(a)), [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, F1(c, ExprOp::Cos, c.x[0])); },
+     "sinf({0})", "sin({0})", nullptr, nullptr},
+    {ExprOp::Cos, "cos", 1, KindRule::FloatMath, "cos(±inf) = NaN",
+     FG_FLOAT1(std::cos(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.neg(c.pb.mul(c.g, F1(c, ExprOp::Sin, c.x[0]))); },
+     "cosf({0})", "cos({0})", nullptr, nullptr},
+    {ExprOp::Tan, "tan", 1, KindRule::FloatMath, "tan(±inf) = NaN",
+     FG_FLOAT1(std::tan(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.add(C(c, 1), c.pb.mul(c.y, c.y))); },
+     "tanf({0})", "tan({0})", nullptr, nullptr},
+    {ExprOp::Tanh, "tanh", 1, KindRule::FloatMath, "tanh(±inf) = ±1",
+     FG_FLOAT1(std::tanh(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.sub(C(c, 1), c.pb.mul(c.y, c.y))); },
+     "tanhf({0})", "tanh({0})", nullptr, nullptr},
+    {ExprOp::Sigmoid, "sigmoid", 1, KindRule::FloatMath, "1 / (1 + exp(-x)): sigmoid(-inf) = 0, sigmoid(inf) = 1",
+     FG_FLOAT1(sem::sigmoid(a)),
+     [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.mul(c.y, c.pb.sub(C(c, 1), c.y))); },
+     "(1.0f / (1.0f + expf(-{0})))", "(1.0 / (1.0 + exp(-{0})))", nullptr, nullptr},
+    {ExprOp::Floor, "floor", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
+     FG_NUM1(std::floor(a), a), kNoGrad, "floorf({0})", "floor({0})", "{0}", nullptr},
+    {ExprOp::Ceil, "ceil", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
+     FG_NUM1(std::ceil(a), a), kNoGrad, "ceilf({0})", "ceil({0})", "{0}", nullptr},
+    {ExprOp::Cast, "cast", 1, KindRule::Cast,
+     "float -> int truncates, saturates to the int64 range, NaN -> 0; -> bool is != 0 (NaN is true)",
+     eval_cast, [](GradContext& c) { if (c.kind[0] == VK::Float) c.dx[0] = c.g; },
+     nullptr, nullptr, nullptr, nullptr},  // spelled by cuda_spelling (depends on both kinds)
+    // ---- binary
+    {ExprOp::Add, "add", 2, KindRule::Arithmetic, "ints wrap",
+     FG_NUM2(a + b, sem::wrap_add(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.g; },
+     "({0} + {1})", "({0} + {1})", "fg_add_i({0}, {1})", nullptr},
+    {ExprOp::Sub, "sub", 2, KindRule::Arithmetic, "ints wrap",
+     FG_NUM2(a - b, sem::wrap_sub(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.pb.neg(c.g); },
+     "({0} - {1})", "({0} - {1})", "fg_sub_i({0}, {1})", nullptr},
+    {ExprOp::Mul, "mul", 2, KindRule::Arithmetic, "ints wrap",
+     FG_NUM2(a * b, sem::wrap_mul(a, b)),
+     [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.x[1]); c.dx[1] = c.pb.mul(c.g, c.x[0]); },
+     "({0} * {1})", "({0} * {1})", "fg_mul_i({0}, {1})", nullptr},
+    {ExprOp::Div, "div", 2, KindRule::TrueDiv, "true division in float: x/0 = ±inf, 0/0 = NaN",
+     [](VK, VK, const SV* x) { return SV::of_float(x[0].f / x[1].f); },
+     [](GradContext& c) {
+       c.dx[0] = c.pb.div(c.g, c.x[1]);
+       c.dx[1] = c.pb.neg(c.pb.div(c.pb.mul(c.g, c.y), c.x[1]));
+     },
+     "({0} / {1})", "({0} / {1})", nullptr, nullptr},
+    {ExprOp::FloorDiv, "floor_div", 2, KindRule::Arithmetic,
+     "Python floor; floats as torch.floor_divide (x // 0 = x / 0); int // 0 is a ValueError "
+     "(GPU: FgError flag 2, yields 0); INT64_MIN // -1 wraps; derivative 0",
+     eval_floordiv, kNoGrad, "fg_floordiv_f({0}, {1})", "fg_floordiv_f({0}, {1})", "fg_floordiv_i(a, {0}, {1})",
+     nullptr},
+    {ExprOp::Mod, "remainder", 2, KindRule::Arithmetic,
+     "Python remainder (the divisor's sign); floats: x % 0 = NaN; int % 0 is a ValueError (GPU: FgError flag 2, "
+     "yields 0)",
+     eval_mod,
+     [](GradContext& c) {  // a - (a // b) * b, as torch.remainder's backward
+       c.dx[0] = c.g;
+       c.dx[1] = c.pb.neg(c.pb.mul(c.g, c.pb.emit(ExprOp::FloorDiv, VK::Float, {c.x[0], c.x[1]})));
+     },
+     "fg_mod_f({0}, {1})", "fg_mod_f({0}, {1})", "fg_mod_i(a, {0}, {1})", nullptr},
+    {ExprOp::Pow, "pow", 2, KindRule::Arithmetic,
+     "floats as C pow (pow(x, 0) = 1 even for NaN); int ** negative is a ValueError (GPU: FgError flag 3, "
+     "yields 0); ints wrap; derivative guarded at b == 0 and at a == 0, b >= 0",
+     eval_pow, grad_pow, "powf({0}, {1})", "pow({0}, {1})", "fg_pow_i(a, {0}, {1})", nullptr},
+    {ExprOp::Min, "min", 2, KindRule::Arithmetic, "NaN propagates; ties split the gradient",
+     FG_NUM2(sem::min_f(a, b), a < b ? a : b), [](GradContext& c) { grad_minmax(c, ExprOp::Lt); },
+     "fg_min_f({0}, {1})", "fg_min_f({0}, {1})", "fg_min_i({0}, {1})", nullptr},
+    {ExprOp::Max, "max", 2, KindRule::Arithmetic, "NaN propagates; ties split the gradient",
+     FG_NUM2(sem::max_f(a, b), a > b ? a : b), [](GradContext& c) { grad_minmax(c, ExprOp::Gt); },
+     "fg_max_f({0}, {1})", "fg_max_f({0}, {1})", "fg_max_i({0}, {1})", nullptr},
+    {ExprOp::Eq, "eq", 2, KindRule::Compare, "NaN == x is false", FG_CMP(==), kNoGrad,
+     "({0} == {1})", "({0} == {1})", "({0} == {1})", "({0} == {1})"},
+    {ExprOp::Ne, "ne", 2, KindRule::Compare, "NaN != x is true", FG_CMP(!=), kNoGrad,
+     "({0} != {1})", "({0} != {1})", "({0} != {1})", "({0} != {1})"},
+    {ExprOp::Lt, "lt", 2, KindRule::Compare, "false with NaN", FG_CMP(<), kNoGrad,
+     "({0} < {1})", "({0} < {1})", "({0} < {1})", nullptr},
+    {ExprOp::Le, "le", 2, KindRule::Compare, "false with NaN", FG_CMP(<=), kNoGrad,
+     "({0} <= {1})", "({0} <= {1})", "({0} <= {1})", nullptr},
+    {ExprOp::Gt, "gt", 2, KindRule::Compare, "false with NaN", FG_CMP(>), kNoGrad,
+     "({0} > {1})", "({0} > {1})", "({0} > {1})", nullptr},
+    {ExprOp::Ge, "ge", 2, KindRule::Compare, "false with NaN", FG_CMP(>=), kNoGrad,
+     "({0} >= {1})", "({0} >= {1})", "({0} >= {1})", nullptr},
+    {ExprOp::And, "logical_and", 2, KindRule::Logical, "bools only; both operands are evaluated",
+     [](VK, VK, const SV* x) { return SV::of_bool(x[0].i != 0 && x[1].i != 0); }, kNoGrad,
+     nullptr, nullptr, nullptr, "({0} & {1})"},
+    {ExprOp::Or, "logical_or", 2, KindRule::Logical, "bools only; both operands are evaluated",
+     [](VK, VK, const SV* x) { return SV::of_bool(x[0].i != 0 || x[1].i != 0); }, kNoGrad,
+     nullptr, nullptr, nullptr, "({0} | {1})"},
+    // ---- ternary
+    {ExprOp::Where, "where", 3, KindRule::Select, "both branches are evaluated (an error in either raises)",
+     eval_where,
+     [](GradContext& c) {
+       c.dx[1] = sel(c, c.x[0], c.g, C(c, 0));
+       c.dx[2] = sel(c, c.x[0], C(c, 0), c.g);
+     },
+     "({0} ? {1} : {2})", "({0} ? {1} : {2})", "({0} ? {1} : {2})", "({0} ? {1} : {2})"},
+};
+#undef LEAF
+#undef FG_FLOAT1
+#undef FG_NUM1
+#undef FG_NUM2
+#undef FG_CMP
+
+constexpr size_t kNumOps = static_cast<size_t>(ExprOp::Where) + 1;
+static_assert(sizeof(kOps) / sizeof(kOps[0]) == kNumOps, "one op_semantics row per ExprOp");
+
+std::string substitute(const char* pattern, const std::vector<std::string>& args) {
+  std::string out;
+  for (const char* p = pattern; *p; ++p) {
+    if (p[0] == '{' && p[1] >= '0' && p[1] <= '2' && p[2] == '}') {
+      out += args.at(static_cast<size_t>(p[1] - '0'));
+      p += 2;
+    } else {
+      out += *p;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+const OpInfo& op_info(ExprOp op) {
+  const size_t i = static_cast<size_t>(op);
+  FG_CHECK(i < kNumOps, ValueError, "op_info: unknown ExprOp {}", i);
+  FG_ASSERT(kOps[i].op == op);  // rows follow the ExprOp order
+  return kOps[i];
+}
+
+std::string cuda_spelling(ExprOp op, ValueKind result, ValueKind operand, bool dbl,
+                          const std::vector<std::string>& args) {
+  const char* T = dbl ? "double" : "float";
+  if (op == ExprOp::Cast) {
+    const std::string& a = args.at(0);
+    if (result == operand) return a;
+    switch (result) {
+      case VK::Float: return fmt::format("(({}){})", T, a);
+      case VK::Int: return operand == VK::Float ? fmt::format("fg_f2i({})", a) : fmt::format("((fg_i64){})", a);
+      case VK::Bool: return fmt::format("({} != 0)", a);
+    }
+  }
+  const OpInfo& r = op_info(op);
+  const char* pattern = operand == VK::Float ? (dbl ? r.cuda_f64 : r.cuda_f32)
+                        : operand == VK::Int ? r.cuda_i64
+                                             : r.cuda_bool;
+  FG_CHECK(pattern != nullptr, ValueError, "cuda_spelling: {} has no CUDA spelling for {} operands", r.name,
+           value_kind_name(operand));
+  return substitute(pattern, args);
+}
+
+}  // namespace fg
