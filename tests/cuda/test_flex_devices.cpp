@@ -427,6 +427,30 @@ TEST_P(FlexDevices, LearnableCapturedTensorsGetTheirGradients) {
   }
 }
 
+TEST_P(FlexDevices, NegativeCapturedIndicesWrapAsPython) {
+  // table[h][kv - q] under a causal mask reads indices in [-(S-1), 0]: Python indexing wraps them to
+  // [1, S-1] and 0, in the forward and in the captured tensor's gradient alike.
+  const int64_t H = 2, S = 50;
+  for (DType dt : {kFloat32, kBFloat16, kFloat64}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const DType cdt = dt == kFloat64 ? kFloat64 : kFloat32;
+    Generator gen(5);
+    Tensor table = randn({H, S}, kFloat64, &gen).to(cdt).to(dev()).requires_grad_();
+    const std::vector<double> tv = table.detach().cpu().to(kFloat64).to_vector();
+    auto wrap = [S](int64_t i) { return i < 0 ? i + S : i; };
+    PlainMod p;
+    p.f = [=](double s, int64_t, int64_t h, int64_t q, int64_t kv) { return s + tv[h * S + wrap(kv - q)]; };
+    p.dcap = [=](double, int64_t, int64_t h, int64_t q, int64_t kv, double g, std::vector<std::vector<double>>& dc) {
+      dc[0][h * S + wrap(kv - q)] += g;
+    };
+    p.allowed = causal;
+    Case c{{1, H, S, 16, 1, H, S, 16}, {}, p, {}, {table}};
+    c.o.score_mod = [t = Captured(table, "table")](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + t[h][kv - q]; };
+    c.o.block_mask = causal_on(dev(), S, S, 16);
+    check_case(c, dt, dev());
+  }
+}
+
 TEST_P(FlexDevices, DocumentMaskFromCapturedIds) {
   const int64_t L = 157;
   std::vector<int64_t> ids(L);
