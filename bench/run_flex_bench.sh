@@ -5,7 +5,8 @@
 #
 #   bench/run_flex_bench.sh BUILD_DIR [--case NAME ...] [--reps N]
 #
-# Environment: PYTHON (default /opt/torch/.venv/bin/python when present, else python3), LOG_DIR (where the two
+# Environment: TORCH_CSV (a CSV flex_vs_torch.py wrote earlier on this machine: reused instead of running PyTorch
+# again), PYTHON (default /opt/torch/.venv/bin/python when present, else python3), LOG_DIR (where the two
 # programs' own outputs and CSVs are kept; default a fresh temporary directory, printed at the end), OURS_ARGS
 # (extra arguments for bench_flex_cuda alone, e.g. "--device cpu --small" for a smoke run of the script).
 set -uo pipefail
@@ -29,9 +30,16 @@ FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --first-call "$first_case" >"$log/
 echo "== ours" >&2
 FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --csv "$log/ours.csv" "$@" 2>&1 | tee "$log/ours.txt" >&2
 ours_rc=$?
-echo "== PyTorch" >&2
-PYTHONUNBUFFERED=1 "$PYTHON" "$here/flex_vs_torch.py" --csv "$log/torch.csv" "$@" 2>&1 | tee "$log/torch.txt" >&2
-torch_rc=$?
+if [ -n "${TORCH_CSV:-}" ] && [ -f "$TORCH_CSV" ]; then
+  # PyTorch's half was timed earlier on this machine (tools/device_flex.sh times it while we build).
+  echo "== PyTorch: results of $TORCH_CSV" >&2
+  cp "$TORCH_CSV" "$log/torch.csv"
+  torch_rc=0
+else
+  echo "== PyTorch" >&2
+  PYTHONUNBUFFERED=1 "$PYTHON" "$here/flex_vs_torch.py" --csv "$log/torch.csv" "$@" 2>&1 | tee "$log/torch.txt" >&2
+  torch_rc=$?
+fi
 
 python3 - "$log" <<'EOF'
 import csv, os, sys

@@ -52,14 +52,9 @@ $(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0
   cat "$OUT/summary.txt"
   grep -hE "Failure|Expected|Which is|error" /tmp/shard*.log | head -30
 elif [ "$phase" = bench ]; then
-  jit=$(mktemp -d)
-  "$B/bench_flex_cuda" --first-call causal > "$OUT/compile_cold.txt" 2>&1 <<< "" || true
-  FLEXGRAD_CACHE_DIR=$jit "$B/bench_flex_cuda" --first-call causal > "$OUT/compile_cold.txt" 2>&1
-  FLEXGRAD_CACHE_DIR=$jit "$B/bench_flex_cuda" --first-call causal > "$OUT/compile_cached.txt" 2>&1
-  FLEXGRAD_CACHE_DIR=$jit timeout 400 "$B/bench_flex_cuda" --csv "$OUT/ours.csv" > "$OUT/ours.txt" 2>&1
-  echo "ours rc=$?"
-  cp /tmp/torch.csv "$OUT/torch.csv" 2>/dev/null
-  python3 bench/flex_table.py "$OUT"
+  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 500 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
+  echo "run_flex_bench rc=$?"
+  cat "$OUT/flex_bench.txt"
 else
   echo "usage: tools/device_flex.sh check|bench" >&2
   exit 2
