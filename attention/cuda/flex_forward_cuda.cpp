@@ -137,7 +137,7 @@ bool vec_ok(const Tensor& t, int64_t last) {
   return true;
 }
 
-int32_t narrow(int64_t x, const char* what) {
+int32_t to_i32(int64_t x, const char* what) {
   FG_CHECK(x >= 0 && x <= INT32_MAX, NotImplementedError,
            "flex_attention on CUDA: {} = {} does not fit the kernel's 32-bit indices", what, x);
   return static_cast<int32_t>(x);
@@ -171,23 +171,23 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (bl.num.defined()) {
     a.num = static_cast<const int32_t*>(bl.num.data_ptr());
     a.idx = static_cast<const int32_t*>(bl.idx.data_ptr());
-    a.idx_cols = narrow(bl.idx.sizes()[3], "block list width");
+    a.idx_cols = to_i32(bl.idx.sizes()[3], "block list width");
   }
   if (bl.full_num.defined()) {
     a.full_num = static_cast<const int32_t*>(bl.full_num.data_ptr());
     a.full_idx = static_cast<const int32_t*>(bl.full_idx.data_ptr());
-    a.full_cols = narrow(bl.full_idx.sizes()[3], "full block list width");
+    a.full_cols = to_i32(bl.full_idx.sizes()[3], "full block list width");
   }
   a.scale = p.scale;
-  a.B = narrow(p.B, "B"), a.Hq = narrow(p.Hq, "Hq"), a.Lq = narrow(p.Lq, "Lq");
-  a.Hkv = narrow(p.Hkv, "Hkv"), a.Lkv = narrow(p.Lkv, "Lkv"), a.Bkv = narrow(p.Bkv, "Bkv");
-  a.group = narrow(p.group(), "GQA group");
-  a.E = narrow(p.E, "E"), a.Ev = narrow(p.Ev, "Ev");
-  a.Bm = narrow(bl.Bm, "block mask batch"), a.Hm = narrow(bl.Hm, "block mask heads"), a.rows = narrow(bl.rows, "rows");
-  a.block_q = narrow(p.block_q, "block_q"), a.block_kv = narrow(p.block_kv, "block_kv");
-  a.tiles_per_qblock = narrow((p.block_q + cfg.bm - 1) / cfg.bm, "q tiles per block");
+  a.B = to_i32(p.B, "B"), a.Hq = to_i32(p.Hq, "Hq"), a.Lq = to_i32(p.Lq, "Lq");
+  a.Hkv = to_i32(p.Hkv, "Hkv"), a.Lkv = to_i32(p.Lkv, "Lkv"), a.Bkv = to_i32(p.Bkv, "Bkv");
+  a.group = to_i32(p.group(), "GQA group");
+  a.E = to_i32(p.E, "E"), a.Ev = to_i32(p.Ev, "Ev");
+  a.Bm = to_i32(bl.Bm, "block mask batch"), a.Hm = to_i32(bl.Hm, "block mask heads"), a.rows = to_i32(bl.rows, "rows");
+  a.block_q = to_i32(p.block_q, "block_q"), a.block_kv = to_i32(p.block_kv, "block_kv");
+  a.tiles_per_qblock = to_i32((p.block_q + cfg.bm - 1) / cfg.bm, "q tiles per block");
   const int64_t nqb = (p.Lq + p.block_q - 1) / p.block_q;
-  a.n_qtiles = narrow(nqb * a.tiles_per_qblock, "q tiles");
+  a.n_qtiles = to_i32(nqb * a.tiles_per_qblock, "q tiles");
   FG_CHECK(p.Hq <= 65535 && p.B <= 65535, NotImplementedError,
            "flex_attention on CUDA: at most 65535 heads and batches per launch; got Hq={}, B={}", p.Hq, p.B);
 
