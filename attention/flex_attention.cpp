@@ -210,7 +210,7 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
            [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
              versions->check();
              const DType cdt = prob->q.dtype();
-             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), cdt);
+             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
              const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
              Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
              FlexBackwardOutputs b;
