@@ -210,13 +210,14 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
            [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
              versions->check();
              const DType cdt = prob->q.dtype();
-             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
+             const TensorOptions kernel_opts = TensorOptions().dtype(cdt).device(prob->q.device());
+             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), kernel_opts);
              const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
              Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
              FlexBackwardOutputs b;
-             b.dq = empty(prob->q.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
-             b.dk = empty(prob->k.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
-             b.dv = empty(prob->v.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
+             b.dq = empty(prob->q.sizes(), kernel_opts);
+             b.dk = empty(prob->k.sizes(), kernel_opts);
+             b.dv = empty(prob->v.sizes(), kernel_opts);
              flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
              TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
              for (size_t c = 0; c < needs_cap.size(); ++c) {
