@@ -147,13 +147,13 @@ const OpInfo kOps[] = {
      "log2f({0})", "log2({0})", nullptr, nullptr},
     {ExprOp::Sqrt, "sqrt", 1, KindRule::FloatMath, "sqrt(x < 0) = NaN, sqrt(-0) = -0; d/dx at 0 is inf",
      FG_FLOAT1(std::sqrt(a)), [](GradContext& c) { c.dx[0] = c.pb.div(c.pb.mul(C(c, 0.5), c.g), c.y); },
-     "sqrtf({0})", "sqrt({0})", nullptr, nullptr},
+     "__fsqrt_rn({0})", "__dsqrt_rn({0})", nullptr, nullptr},
     {ExprOp::Rsqrt, "rsqrt", 1, KindRule::FloatMath, "1 / sqrt(x) (correctly rounded sqrt and division)",
      FG_FLOAT1(1.0 / std::sqrt(a)),
      [](GradContext& c) {
        c.dx[0] = c.pb.mul(c.pb.mul(C(c, -0.5), c.g), c.pb.mul(c.pb.mul(c.y, c.y), c.y));
      },
-     "(1.0f / sqrtf({0}))", "(1.0 / sqrt({0}))", nullptr, nullptr},
+     "__fdiv_rn(1.0f, __fsqrt_rn({0}))", "__ddiv_rn(1.0, __dsqrt_rn({0}))", nullptr, nullptr},
     {ExprOp::Sin, "sin", 1, KindRule::FloatMath, "sin(±inf) = NaN",
      FG_FLOAT1(std::sin(a)), [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, F1(c, ExprOp::Cos, c.x[0])); },
      "sinf({0})", "sin({0})", nullptr, nullptr},
@@ -172,7 +172,7 @@ const OpInfo kOps[] = {
     {ExprOp::Sigmoid, "sigmoid", 1, KindRule::FloatMath, "1 / (1 + exp(-x)): sigmoid(-inf) = 0, sigmoid(inf) = 1",
      FG_FLOAT1(sem::sigmoid(a)),
      [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.mul(c.y, c.pb.sub(C(c, 1), c.y))); },
-     "(1.0f / (1.0f + expf(-{0})))", "(1.0 / (1.0 + exp(-{0})))", nullptr, nullptr},
+     "__fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-{0})))", "__ddiv_rn(1.0, __dadd_rn(1.0, exp(-{0})))", nullptr, nullptr},
     {ExprOp::Floor, "floor", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
      FG_NUM1(std::floor(a), a), kNoGrad, "floorf({0})", "floor({0})", "{0}", nullptr},
     {ExprOp::Ceil, "ceil", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
@@ -184,21 +184,21 @@ const OpInfo kOps[] = {
     // ---- binary
     {ExprOp::Add, "add", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a + b, sem::wrap_add(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.g; },
-     "({0} + {1})", "({0} + {1})", "fg_add_i({0}, {1})", nullptr},
+     "__fadd_rn({0}, {1})", "__dadd_rn({0}, {1})", "fg_add_i({0}, {1})", nullptr},
     {ExprOp::Sub, "sub", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a - b, sem::wrap_sub(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.pb.neg(c.g); },
-     "({0} - {1})", "({0} - {1})", "fg_sub_i({0}, {1})", nullptr},
+     "__fsub_rn({0}, {1})", "__dsub_rn({0}, {1})", "fg_sub_i({0}, {1})", nullptr},
     {ExprOp::Mul, "mul", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a * b, sem::wrap_mul(a, b)),
      [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.x[1]); c.dx[1] = c.pb.mul(c.g, c.x[0]); },
-     "({0} * {1})", "({0} * {1})", "fg_mul_i({0}, {1})", nullptr},
+     "__fmul_rn({0}, {1})", "__dmul_rn({0}, {1})", "fg_mul_i({0}, {1})", nullptr},
     {ExprOp::Div, "div", 2, KindRule::TrueDiv, "true division in float: x/0 = ±inf, 0/0 = NaN",
      [](VK, VK, const SV* x) { return SV::of_float(x[0].f / x[1].f); },
      [](GradContext& c) {
        c.dx[0] = c.pb.div(c.g, c.x[1]);
        c.dx[1] = c.pb.neg(c.pb.div(c.pb.mul(c.g, c.y), c.x[1]));
      },
-     "({0} / {1})", "({0} / {1})", nullptr, nullptr},
+     "__fdiv_rn({0}, {1})", "__ddiv_rn({0}, {1})", nullptr, nullptr},
     {ExprOp::FloorDiv, "floor_div", 2, KindRule::Arithmetic,
      "Python floor; floats as torch.floor_divide (x // 0 = x / 0); int // 0 is a ValueError "
      "(GPU: FgError flag 2, yields 0); INT64_MIN // -1 wraps; derivative 0",

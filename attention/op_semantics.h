@@ -158,7 +158,10 @@ struct OpInfo {
   // no float operands.
   void (*grad)(GradContext& c);
   // CUDA C++ expressions with {0} {1} {2} for the operands, per computing kind (null: not defined for
-  // it). Helpers named fg_* live in attention/cuda/kernels/flex_abi.cuh.
+  // it). Helpers named fg_* live in attention/cuda/kernels/flex_abi.cuh. Float + - * / and sqrt use
+  // the round-to-nearest intrinsics (__fadd_rn, __dmul_rn, ...), which the compiler never contracts
+  // into FMAs: the CPU evaluators are built without contraction, so both round every op alike.
+  // Transcendentals use the precise library functions (expf / exp, ...): never -use_fast_math.
   const char* cuda_f32;
   const char* cuda_f64;
   const char* cuda_i64;

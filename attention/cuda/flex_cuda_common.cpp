@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "attention/mod_codegen.h"
+#include "attention/op_semantics.h"
 #include "tensor/cuda/cuda_check.h"
 
 namespace fg::cuda::flex {
@@ -100,9 +101,9 @@ void check_mod_errors(const ModContext& ctx) {
   if (e.flag == 1 && e.capture >= 0 && e.capture < static_cast<int>(ctx.captures.size())) {
     throw_capture_index_error(ctx.captures[e.capture], e.dim, e.index);
   }
-  if (e.flag == 2) {
-    FG_FAIL(ValueError, "flex_attention mod: integer floor division or remainder by zero ({} // 0) on the GPU", e.index);
-  }
+  // The CPU evaluators' messages (op table, attention/op_semantics.h; layout in flex_abi.cuh).
+  if (e.flag == 2) throw_int_division_by_zero(e.dim == 1 ? ExprOp::Mod : ExprOp::FloorDiv, e.index);
+  if (e.flag == 3) throw_negative_int_power(e.index, e.size);
   FG_FAIL(Error, "flex_attention: a generated kernel reported error code {} (capture {}, dim {}, index {})", e.flag,
           e.capture, e.dim, e.index);
 }

@@ -266,7 +266,10 @@ TEST(ModCodegen, EveryOpHasASpelling) {
     EXPECT_TRUE(r.cuda_f32 || r.cuda_i64 || r.cuda_bool) << r.name;
     EXPECT_EQ(r.cuda_f32 == nullptr, r.cuda_f64 == nullptr) << r.name;
   }
-  EXPECT_EQ(cuda_spelling(ExprOp::Add, ValueKind::Float, ValueKind::Float, false, {"x", "y"}), "(x + y)");
+  // float arithmetic never contracts into FMAs (the CPU rounds each op)
+  EXPECT_EQ(cuda_spelling(ExprOp::Add, ValueKind::Float, ValueKind::Float, false, {"x", "y"}), "__fadd_rn(x, y)");
+  EXPECT_EQ(cuda_spelling(ExprOp::Mul, ValueKind::Float, ValueKind::Float, true, {"x", "y"}), "__dmul_rn(x, y)");
+  EXPECT_EQ(cuda_spelling(ExprOp::Add, ValueKind::Int, ValueKind::Int, true, {"x", "y"}), "fg_add_i(x, y)");
   EXPECT_EQ(cuda_spelling(ExprOp::Exp, ValueKind::Float, ValueKind::Float, false, {"x"}), "expf(x)");
   EXPECT_EQ(cuda_spelling(ExprOp::Exp, ValueKind::Float, ValueKind::Float, true, {"x"}), "exp(x)");
   EXPECT_EQ(cuda_spelling(ExprOp::Cast, ValueKind::Int, ValueKind::Float, true, {"x"}), "fg_f2i(x)");
