@@ -13,6 +13,7 @@
 #include "attention/mod_codegen.h"
 #include "attention/mod_grad.h"
 #include "attention/mod_program.h"
+#include "tests/attention/random_mods.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include "attention/cuda/jit.h"
@@ -275,4 +276,19 @@ TEST(ModCodegen, EveryOpHasASpelling) {
   EXPECT_EQ(cuda_spelling(ExprOp::Cast, ValueKind::Int, ValueKind::Float, true, {"x"}), "fg_f2i(x)");
   EXPECT_EQ(cuda_spelling(ExprOp::Cast, ValueKind::Float, ValueKind::Int, false, {"x"}), "((float)x)");
   EXPECT_THROW(cuda_spelling(ExprOp::Exp, ValueKind::Int, ValueKind::Int, false, {"x"}), ValueError);
+}
+
+TEST(ModCodegen, RandomProgramsCompile) {
+  // The fuzz generator's programs (every op and kind, edge constants, captures of several dtypes and
+  // ranks) with their derivatives: the generated text compiles for float and double (the GPU fuzz test
+  // in tests/cuda checks the values).
+  for (uint64_t seed = 1; seed <= 24; ++seed) {
+    fg::testing::RandomModOptions o;
+    o.steps = 20 + static_cast<int>(seed % 16);
+    o.errors = seed % 4 == 0;
+    const fg::testing::RandomMod m = fg::testing::random_mod(seed, o);
+    Generated g = generate(&m.score, &m.mask, true);
+    expect_compiles(g);
+    if (::testing::Test::HasFailure()) break;
+  }
 }
