@@ -172,8 +172,8 @@ Expr to_bool(const Expr& a) { return cast(a, ValueKind::Bool); }
 
 Captured::Captured(Tensor t, std::string name) {
   FG_CHECK(t.defined(), ValueError, "Captured: the tensor is undefined");
-  FG_CHECK(t.is_cpu(), DeviceError, "Captured: mods read captured tensors on the CPU; got a tensor on {}",
-           t.is_cuda() ? "cuda" : "another device");
+  // Any device: each evaluator checks that it reads captures where it runs (the CPU tile evaluator, the
+  // CUDA kernels' glue), naming the tensor.
   const DType d = t.dtype();
   FG_CHECK(d == kFloat32 || d == kFloat64 || d == kInt32 || d == kInt64 || d == kBool, DTypeError,
            "Captured: unsupported dtype {} (expected float32, float64, int32, int64 or bool)", d);

@@ -147,8 +147,9 @@ Expr to_bool(const Expr& a);  // != 0
 // A tensor a mod captures, indexed with expressions: `Captured bias(t); ... bias[h]`,
 // `table[h][q - kv + S - 1]`, `doc[q] == doc[kv]`. Each [] indexes the next dim; once every dim is
 // indexed the result converts to an Expr (float for float32/float64, int for int32/int64, bool for bool).
-// CPU tensors of those dtypes only. The tensor is held by reference (its values may change between
-// calls without re-tracing); float captures that require grad get gradients through ScoreModBackward.
+// Tensors of those dtypes on any device (the evaluator that reads one checks it is on its own device).
+// The tensor is held by reference (its values may change between calls without re-tracing); float
+// captures that require grad get gradients through ScoreModBackward.
 class Captured {
  public:
   explicit Captured(Tensor t, std::string name = "");

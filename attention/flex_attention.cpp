@@ -3,6 +3,8 @@
 #include "attention/flex_attention.h"
 
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "attention/flex_kernels.h"
 #include "attention/flex_reference.h"
@@ -89,8 +91,9 @@ Tensor kernel_layout(const Tensor& t) {
 }
 
 // The problem in kernel form: contiguous inputs in the compute dtype (f64, else f32).
+// derive_grad: build the score_mod's derivative program (only when a backward can follow).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
-                         std::shared_ptr<const ModProgram> score_prog) {
+                         std::shared_ptr<const ModProgram> score_prog, bool derive_grad) {
   FlexProblem p;
   NoGradGuard no_grad;
   const Device dev = q.device();
@@ -109,7 +112,7 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   p.Bkv = k.size(0); p.Hkv = k.size(1); p.Lkv = k.size(2); p.Ev = v.size(3);
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.E));
   p.score_mod = std::move(score_prog);
-  if (p.score_mod) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
+  if (p.score_mod && derive_grad) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
   if (o.block_mask) {
     const BlockMask& bm = *o.block_mask;
     p.block_q = bm.block_size.q;
@@ -127,10 +130,47 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   return p;
 }
 
+// What the fused backward reads besides its own outputs: q, k, v as given and every tensor the score_mod
+// and the mask_mod capture, each with its storage version at forward time. As SavedTensor, an in-place
+// change between forward and backward is an AutogradError raised before any kernel runs; without it the
+// kernels would silently read the new values (a wrong dK after q.mul_(0), an exploding captured gradient
+// after an optimizer step on a learnable bias).
+class BackwardInputVersions {
+ public:
+  void save(std::string what, const Tensor& t) {
+    if (t.defined()) entries_.push_back({std::move(what), t.detach(), t.version()});  // detach shares the storage
+  }
+  void save_captures(const char* mod, const ModProgram* program) {
+    if (!program) return;
+    for (const CaptureRef& c : program->captures()) save(fmt::format("the {} capture '{}'", mod, c.name), c.tensor);
+  }
+  void check() const {
+    for (const Entry& e : entries_) {
+      FG_CHECK(e.tensor.version() == e.version, AutogradError,
+               "flex_attention backward: {}, one of the tensors needed for gradient computation, has been modified by "
+               "an inplace operation: [{} tensor of shape {}] is at version {}; expected version {} instead",
+               e.what, e.tensor.dtype(), shape_str(e.tensor.sizes()), e.tensor.version(), e.version);
+    }
+  }
+
+ private:
+  struct Entry {
+    std::string what;
+    Tensor tensor;
+    uint32_t version;
+  };
+  std::vector<Entry> entries_;
+};
+
 FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
   std::shared_ptr<const ModProgram> score_prog;
   if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
-  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog));
+  // Inference (no grad mode, nothing requiring grad) skips deriving the backward program.
+  TensorList grad_inputs{q, k, v};
+  if (score_prog) {
+    for (const CaptureRef& c : score_prog->captures()) grad_inputs.push_back(c.tensor);
+  }
+  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog, needs_grad(grad_inputs)));
   const DType cdt = prob->q.dtype();                            // the kernels' input/output dtype
   const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;  // lse and max_scores
   FlexForwardOutputs f;
@@ -158,18 +198,26 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
   }
   if (needs_grad(inputs)) {
     SavedTensor out_c = f.out, lse_c = f.lse;
+    auto versions = std::make_shared<BackwardInputVersions>();
+    versions->save("q", q);
+    versions->save("k", k);
+    versions->save("v", v);
+    versions->save_captures("score_mod", prob->score_mod.get());
+    versions->save_captures("mask_mod", prob->mask_mod.get());
     Shape k_shape = k.sizes(), v_shape = v.sizes();
     DType qdt = q.dtype(), kdt = k.dtype(), vdt = v.dtype();
     record("FlexAttentionBackward", inputs, {r.out, r.lse},
-           [prob, out_c, lse_c, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+           [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+             versions->check();
              const DType cdt = prob->q.dtype();
-             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), cdt);
+             const TensorOptions kernel_opts = TensorOptions().dtype(cdt).device(prob->q.device());
+             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), kernel_opts);
              const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
              Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
              FlexBackwardOutputs b;
-             b.dq = empty(prob->q.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
-             b.dk = empty(prob->k.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
-             b.dv = empty(prob->v.sizes(), TensorOptions().dtype(cdt).device(prob->q.device()));
+             b.dq = empty(prob->q.sizes(), kernel_opts);
+             b.dk = empty(prob->k.sizes(), kernel_opts);
+             b.dv = empty(prob->v.sizes(), kernel_opts);
              flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
              TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
              for (size_t c = 0; c < needs_cap.size(); ++c) {

@@ -7,7 +7,9 @@
 //
 // Bkv may be 1 (K/V broadcast over the batch); Hq may be a multiple of Hkv when enable_gqa is set.
 // Rows with no allowed key give out 0, lse -inf and zero gradients. The result is a node of the
-// autograd tape: gradients flow to q, k, v and to captured float tensors that require grad.
+// autograd tape: gradients flow to q, k, v and to captured float tensors that require grad. As for any
+// saved tensor, changing q, k, v or a captured tensor in place between forward and backward makes the
+// backward raise AutogradError (naming which) instead of returning a gradient of the changed values.
 #pragma once
 #include <optional>
 #include <string>
@@ -18,10 +20,12 @@
 
 namespace fg {
 
+// Auto and Fused run the fused kernel of the inputs' device; a device or case that kernel cannot run raises
+// (NotImplementedError saying why), never falls back silently to Reference. Reference runs only when asked for.
 enum class FlexBackend : uint8_t {
-  Auto,       // the fused kernel of the inputs' device
-  Fused,      // fused CPU (or CUDA) kernel: online softmax over the BlockMask's blocks, O(L*E) memory
-  Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path)
+  Auto,       // the fused kernel of the inputs' device (today the same as Fused)
+  Fused,      // fused CPU or CUDA kernel: online softmax over the BlockMask's blocks, O(L*E) memory
+  Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path), O(L^2) memory
 };
 
 struct FlexKernelOptions {

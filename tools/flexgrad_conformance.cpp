@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
     o.device = fg::Device::parse(device);
     o.backend = backend == "fused" ? fg::FlexBackend::Fused : backend == "reference" ? fg::FlexBackend::Reference : fg::FlexBackend::Auto;
     o.only = only;
+    std::printf("flex_attention on %s (backend %s) against %s\n", o.device.str().c_str(), backend.c_str(), dir.c_str());
     auto results = fg::run_conformance(dir, o);
     std::fputs(fg::format_conformance(results).c_str(), stdout);
     for (const auto& r : results) if (!r.passed()) return 1;

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "attention/mod_codegen.h"
+#include "attention/op_semantics.h"
 #include "tensor/cuda/cuda_check.h"
 
 namespace fg::cuda::flex {

@@ -48,7 +48,7 @@ void check_rule(int64_t B, int64_t Hq, int64_t Lq, int64_t E, int64_t Bkv, int64
   Tensor v = randn({Bkv, Hkv, Lkv, Ev}, kFloat64, &gen), dout = randn({B, Hq, Lq, Ev}, kFloat64, &gen);
   // The golden is computed from the inputs already rounded to dt, as PyTorch upcasts its inputs.
   Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64), dr = dout.to(dt).to(kFloat64);
-  Run golden = run(qr, kr, vr, dr, kFloat64, FlexBackend::Reference, o);
+  Run golden = run(qr, kr, vr, dr, kFloat64, FlexBackend::Reference, o, layout);  // a layout may change values
   Run ref = run(q, k, v, dout, dt, FlexBackend::Reference, o, layout);
   Run impl = run(q, k, v, dout, dt, FlexBackend::Fused, o, layout);
   const double fudge = dt == kFloat32 || dt == kFloat64 ? 10.0 : 1.1;
@@ -277,6 +277,75 @@ TEST(FlexAttention, ErrorsNameTheArgumentAndShapes) {
   FlexAttentionOptions bad_mod = gqa;
   bad_mod.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return q >= kv; };  // returns bool
   EXPECT_THROW(flex_attention(q, k, v, bad_mod), ValueError);
+}
+
+
+// The fused backward recomputes from q, k, v and the captured tensors: an in-place change between forward
+// and backward must raise (as SavedTensor) before any kernel runs, never give a silently wrong gradient.
+TEST(FlexAttention, InPlaceChangeOfQKVBeforeBackwardRaises) {
+  for (const char* which : {"q", "k", "v"}) {
+    SCOPED_TRACE(which);
+    Generator gen(11);
+    Tensor q = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_(), k = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_();
+    Tensor v = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_();
+    FlexAttentionOptions o;
+    o.kernel.backend = FlexBackend::Fused;
+    Tensor loss = flex_attention(q, k, v, o).out.sum();
+    {
+      NoGradGuard g;
+      Tensor& t = which[0] == 'q' ? q : which[0] == 'k' ? k : v;
+      t.mul_(0.0);
+    }
+    const std::string named = std::string("flex_attention backward: ") + which + ",";
+    EXPECT_THROW_MSG(loss.backward(), AutogradError, named, std::string("modified by an inplace operation"),
+                     std::string("is at version 1; expected version 0"));
+    EXPECT_FALSE(q.grad().defined());
+  }
+}
+
+TEST(FlexAttention, InPlaceChangeOfACapturedTensorBeforeBackwardRaises) {
+  Generator gen(12);
+  Tensor q = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_(), k = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_();
+  Tensor v = randn({1, 2, 40, 8}, kFloat32, &gen).requires_grad_();
+  // A learnable bias stepped in place (as an optimizer would) between forward and backward.
+  Tensor bias = randn({2}, kFloat32, &gen).requires_grad_();
+  FlexAttentionOptions o;
+  o.kernel.backend = FlexBackend::Fused;
+  o.score_mod = [b = Captured(bias, "bias")](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + b[h] * (q - kv); };
+  Tensor loss = flex_attention(q, k, v, o).out.sum();
+  {
+    NoGradGuard g;
+    bias.add_(1.0);
+  }
+  EXPECT_THROW_MSG(loss.backward(), AutogradError, "the score_mod capture 'bias'", "modified by an inplace operation");
+  EXPECT_FALSE(bias.grad().defined());
+
+  // A captured tensor of the mask_mod (document ids): the BlockMask and the partial blocks depend on it.
+  std::vector<int64_t> ids(40);
+  for (int64_t i = 0; i < 40; ++i) ids[i] = i / 15;
+  Tensor doc_ids = from_vector(ids, {40}, kInt64);
+  Captured doc(doc_ids, "doc");
+  FlexAttentionOptions m;
+  m.kernel.backend = FlexBackend::Fused;
+  m.block_mask = create_block_mask([doc](Expr, Expr, Expr q, Expr kv) { return Expr(doc[q]) == Expr(doc[kv]); },
+                                   std::nullopt, std::nullopt, 40, 40, 16);
+  Tensor loss2 = flex_attention(q, k, v, m).out.sum();
+  doc_ids.fill_(0);
+  EXPECT_THROW_MSG(loss2.backward(), AutogradError, "the mask_mod capture 'doc'", "modified by an inplace operation");
+}
+
+TEST(FlexAttention, UnchangedInputsBackwardAfterAnUnrelatedInPlaceOp) {
+  // A version check must not fire on tensors the call does not read.
+  Generator gen(13);
+  Tensor q = randn({1, 1, 20, 8}, kFloat64, &gen).requires_grad_(), k = randn({1, 1, 20, 8}, kFloat64, &gen).requires_grad_();
+  Tensor v = randn({1, 1, 20, 8}, kFloat64, &gen).requires_grad_();
+  Tensor other = q.detach().clone();
+  FlexAttentionOptions o;
+  o.kernel.backend = FlexBackend::Fused;
+  Tensor loss = flex_attention(q, k, v, o).out.sum();
+  other.mul_(0.0);
+  loss.backward();
+  EXPECT_GT(amax(abs(k.grad())).item(), 0.0);
 }
 
 }  // namespace

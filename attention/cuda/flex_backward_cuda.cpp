@@ -1,0 +1,313 @@
+// The FlexAttention backward on CUDA: host side of kernels/flex_backward.cuh. Builds the kernel
+// parameters from a FlexProblem, picks the kernel family and tiles, compiles the translation unit once
+// per configuration (jit cache) and launches preprocess -> dK/dV -> dQ (-> captured-gradient finalize).
+//
+// Kernel families: bf16/f16 with head dims that are multiples of 16 up to 128 run on tensor cores
+// (mma.sync, fp32 accumulation); float32 (exact FFMA, no TF32), float64 and the remaining bf16/f16 head
+// dims run the SIMT kernels. Deterministic by default: every dQ/dK/dV element has one writer and the
+// captured-tensor gradients are summed in int64 fixed point (see the header of flex_backward.cuh for the
+// precision); FlexProblem::deterministic == false sums those with float64 atomics instead.
+// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the tensor-core tiles (benchmarking only).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "attention/cuda/flex_cuda_common.h"
+#include "attention/cuda/jit.h"
+#include "attention/flex_kernels.h"
+#include "tensor/error.h"
+
+namespace fg::cuda::flex {
+namespace {
+
+// Host mirrors of FgLists / FgBwdParams (flex_backward.cuh): 8-byte fields only, same order.
+struct Lists {
+  const void* num = nullptr;
+  const void* idx = nullptr;
+  const void* full_num = nullptr;
+  const void* full_idx = nullptr;
+  int64_t Bm = 1, Hm = 1, rows = 0, cols = 0, full_cols = 0;
+};
+struct BwdParams {
+  const void *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr, *dout = nullptr, *lse = nullptr, *dlse = nullptr;
+  void *delta = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  int64_t qs_b = 0, qs_h = 0, qs_l = 0, ks_b = 0, ks_h = 0, ks_l = 0, vs_b = 0, vs_h = 0, vs_l = 0;
+  int64_t B = 0, Hq = 0, Lq = 0, Bkv = 0, Hkv = 0, Lkv = 0, G = 1;
+  int64_t block_q = 0, block_kv = 0;
+  int64_t sub_q = 1, sub_kv = 1;
+  double scale = 1;
+  Lists kvl, ql;
+  void* cap_acc[kMaxCaptures] = {};
+  void* cap_max = nullptr;
+  double cap_scale[kMaxCaptures] = {};
+  int64_t cap_numel[kMaxCaptures] = {};
+};
+static_assert(sizeof(Lists) == 72 && sizeof(BwdParams) % 8 == 0, "BwdParams must mirror FgBwdParams");
+
+Lists lists_of(const BlockLists& l, Device dev) {
+  Lists d;
+  auto ptr = [&](const Tensor& t, const char* what) -> const void* {
+    if (!t.defined()) return nullptr;
+    FG_CHECK(t.device() == dev && t.dtype() == kInt32 && t.is_contiguous(), DeviceError,
+             "flex_attention backward (CUDA): block list {} must be a contiguous int32 tensor on {}, got {} on {}", what,
+             dev, t.dtype(), t.device());
+    return t.data_ptr();
+  };
+  d.num = ptr(l.num, "num");
+  d.idx = ptr(l.idx, "idx");
+  d.full_num = ptr(l.full_num, "full_num");
+  d.full_idx = ptr(l.full_idx, "full_idx");
+  d.Bm = l.Bm;
+  d.Hm = l.Hm;
+  d.rows = l.rows;
+  d.cols = l.idx.defined() ? l.idx.size(3) : 0;
+  d.full_cols = l.full_idx.defined() ? l.full_idx.size(3) : 0;
+  return d;
+}
+
+// Kernel family and tiles of one problem. dK/dV blocks own kv_tile rows and walk q in q_chunk steps;
+// dQ blocks own q_tile rows and walk kv in kv_chunk steps (the SIMT kernels use bq = bkv for all four).
+struct Config {
+  bool mma = false;
+  int threads = 256;
+  int kv_tile = 32, q_chunk = 32, q_tile = 32, kv_chunk = 32;
+  size_t smem_dkdv = 0, smem_dq = 0;
+};
+
+// The tensor-core kernels copy rows with 16-byte cp.async: every row must start 16-byte aligned.
+bool rows_aligned16(const Tensor& t) {
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) == 1 || (t.stride(d) * es) % 16 == 0;
+  return ok;
+}
+
+// `out` and `dout` are the contiguous tensors the kernels read, `o` the outputs they write.
+Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout, const FlexBackwardOutputs& o) {
+  const DType dt = p.q.dtype();
+  Config c;
+  bool aligned = true;
+  for (const Tensor* t : {&p.q, &p.k, &p.v, &out, &dout, &o.dq, &o.dk, &o.dv}) aligned = aligned && rows_aligned16(*t);
+  // Other bf16/f16 layouts (head dims over 128 or not multiples of 16, rows off 16-byte alignment) run
+  // the SIMT kernels, which read any layout element by element.
+  if ((dt == kBFloat16 || dt == kFloat16) && p.E % 16 == 0 && p.Ev % 16 == 0 && p.E <= 128 && p.Ev <= 128 && aligned) {
+    // 8 warps of 16 rows each own 128 kv rows (dK/dV) or 128 q rows (dQ); the other side in steps of 64.
+    c.mma = true;
+    c.kv_tile = c.q_tile = 128;
+    c.q_chunk = c.kv_chunk = 64;
+    // Tuning knob for benchmarks: FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" (warps 4 or 8: blocks
+    // of 16 * warps rows; chunks 16, 32 or 64).
+    if (const char* env = std::getenv("FLEXGRAD_FLEX_BWD_TILE")) {
+      int w = 0, qc = 0, kc = 0;
+      FG_CHECK(std::sscanf(env, "%d,%d,%d", &w, &qc, &kc) == 3 && (w == 4 || w == 8) && (qc == 16 || qc == 32 || qc == 64) &&
+                   (kc == 16 || kc == 32 || kc == 64),
+               ValueError, "FLEXGRAD_FLEX_BWD_TILE: expected \"warps,q_chunk,kv_chunk\" with warps 4 or 8 and chunks 16, 32 or 64, got '{}'",
+               env);
+      c.threads = 32 * w;
+      c.kv_tile = c.q_tile = 16 * w;
+      c.q_chunk = qc;
+      c.kv_chunk = kc;
+    }
+    const size_t re = p.E + 8, rv = p.Ev + 8;  // padded shared rows (flex_mma.cuh, FG_SMEM_PAD_B16)
+    c.smem_dkdv = 2 * (c.kv_tile * (re + rv) + 2 * c.q_chunk * (re + rv)) + 4 * 4 * c.q_chunk;
+    c.smem_dq = 2 * (c.q_tile * (re + rv) + 2 * c.kv_chunk * (re + rv));
+    return c;
+  }
+  // SIMT: K, V, Q, dO tiles (+1 padding per row), P and dS tiles, lse and delta; the largest square tile
+  // (32 or 16) whose shared memory fits comfortably under the 227 KiB a block may have.
+  const size_t es = dt == kFloat64 ? 8 : 4;
+  for (int t : {32, 16}) {
+    c.kv_tile = c.q_chunk = c.q_tile = c.kv_chunk = t;
+    c.smem_dkdv = c.smem_dq = es * (static_cast<size_t>(t) * (p.E + 1) * 2 + static_cast<size_t>(t) * (p.Ev + 1) * 2 +
+                                    2 * static_cast<size_t>(t) * (t + 1) + 2 * t);
+    if (c.smem_dkdv <= 160 * 1024) break;
+  }
+  return c;
+}
+
+// "NAME VALUE" (assemble() writes the #define).
+std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
+
+void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout_in,
+                        const Tensor& dlse_in, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
+  const Device dev = p.q.device();
+  const DType dt = p.q.dtype();
+  FG_CHECK(dt == kFloat16 || dt == kBFloat16 || dt == kFloat32 || dt == kFloat64, DTypeError,
+           "flex_attention backward (CUDA): q/k/v must be float16, bfloat16, float32 or float64, got {}", dt);
+  FG_CHECK(p.k.dtype() == dt && p.v.dtype() == dt, DTypeError,
+           "flex_attention backward (CUDA): q, k, v must share a dtype, got {}, {}, {}", dt, p.k.dtype(), p.v.dtype());
+  FG_CHECK(p.E >= 1 && p.E <= 256 && p.Ev >= 1 && p.Ev <= 256, NotImplementedError,
+           "flex_attention backward (CUDA): head dims up to 256 are supported, got E={} and Ev={}", p.E, p.Ev);
+  const DType stat_dt = dt == kFloat64 ? kFloat64 : kFloat32;
+  auto check_on = [&](const Tensor& t, const char* name, DType want) {
+    FG_CHECK(t.device() == dev, DeviceError, "flex_attention backward (CUDA): {} must be on {}, got {}", name, dev,
+             t.device());
+    FG_CHECK(t.dtype() == want, DTypeError, "flex_attention backward (CUDA): {} must be {}, got {}", name, want,
+             t.dtype());
+  };
+  for (const Tensor* t : {&p.q, &p.k, &p.v}) {
+    check_on(*t, "q/k/v", dt);
+    FG_CHECK(t->stride(3) == 1, ValueError,
+             "flex_attention backward (CUDA): q/k/v need a contiguous last dim, got strides {}", shape_str(t->strides()));
+  }
+  const Shape out_shape{p.B, p.Hq, p.Lq, p.Ev};
+  check_on(out, "out", dt);
+  check_on(dout_in, "dout", dt);
+  check_on(lse, "lse", stat_dt);
+  FG_CHECK(out.sizes() == out_shape && dout_in.sizes() == out_shape, ShapeError,
+           "flex_attention backward (CUDA): out and dout must be {}, got {} and {}", shape_str(out_shape),
+           shape_str(out.sizes()), shape_str(dout_in.sizes()));
+  const Tensor outc = out.contiguous(), dout = dout_in.contiguous(), lsec = lse.contiguous();
+  Tensor dlse;
+  if (dlse_in.defined()) {
+    check_on(dlse_in, "dlse", stat_dt);
+    dlse = dlse_in.contiguous();
+  }
+  auto out_like = [&](Tensor& t, const Tensor& like, const char* name) {
+    if (!t.defined()) t = empty(like.sizes(), TensorOptions().dtype(dt).device(dev));
+    FG_CHECK(t.device() == dev && t.dtype() == dt && t.is_contiguous() && t.sizes() == like.sizes(), ValueError,
+             "flex_attention backward (CUDA): {} must be a contiguous {} tensor of shape {} on {}", name, dt,
+             shape_str(like.sizes()), dev);
+  };
+  out_like(o.dq, p.q, "dq");
+  out_like(o.dk, p.k, "dk");
+  out_like(o.dv, p.v, "dv");
+
+  // ---- captured-tensor gradients
+  const size_t ncaps = p.score_grad ? p.score_grad->captures.size() : 0;
+  std::vector<bool> want(ncaps, false);
+  bool any_cap = false;
+  for (size_t c = 0; c < ncaps; ++c) any_cap |= want[c] = c < needs_cap.size() && needs_cap[c];
+  const int cap_mode = !any_cap ? 0 : (p.deterministic ? 1 : 2);
+
+  ModContext ctx = make_mod_context(p, true, want);
+  const Config cfg = choose_config(p, outc, dout, o);
+  const std::vector<std::string> defines{
+      define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
+      define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
+      define("FG_BQ", cfg.q_tile),          define("FG_BKV", cfg.kv_tile),
+      define("FG_Q_TILE", cfg.q_tile),      define("FG_KV_TILE", cfg.kv_tile),
+      define("FG_Q_CHUNK", cfg.q_chunk),    define("FG_KV_CHUNK", cfg.kv_chunk)};
+  jit::JitSource src;
+  src.name = "flex_backward";
+  // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template.
+  src.code = assemble(ctx, defines, "flex_mma.cuh") + "\n" + std::string(jit::embedded_source("flex_backward.cuh"));
+  src.kernels = {"fg_bwd_preprocess", "fg_bwd_dkdv", "fg_bwd_dq", "fg_bwd_cap_finalize"};
+  const int device = dev.index;
+  auto mod = jit::get_module(src, device);
+
+  BwdParams bp;
+  bp.q = p.q.data_ptr();
+  bp.k = p.k.data_ptr();
+  bp.v = p.v.data_ptr();
+  bp.out = outc.data_ptr();
+  bp.dout = dout.data_ptr();
+  bp.lse = lsec.data_ptr();
+  bp.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
+  Tensor delta = empty({p.B, p.Hq, p.Lq}, TensorOptions().dtype(stat_dt).device(dev));
+  bp.delta = delta.data_ptr();
+  bp.dq = o.dq.data_ptr();
+  bp.dk = o.dk.data_ptr();
+  bp.dv = o.dv.data_ptr();
+  bp.qs_b = p.q.stride(0), bp.qs_h = p.q.stride(1), bp.qs_l = p.q.stride(2);
+  bp.ks_b = p.k.stride(0), bp.ks_h = p.k.stride(1), bp.ks_l = p.k.stride(2);
+  bp.vs_b = p.v.stride(0), bp.vs_h = p.v.stride(1), bp.vs_l = p.v.stride(2);
+  bp.B = p.B, bp.Hq = p.Hq, bp.Lq = p.Lq, bp.Bkv = p.Bkv, bp.Hkv = p.Hkv, bp.Lkv = p.Lkv, bp.G = p.group();
+  bp.block_q = p.block_q, bp.block_kv = p.block_kv;
+  bp.sub_q = (p.block_q + cfg.q_tile - 1) / cfg.q_tile;
+  bp.sub_kv = (p.block_kv + cfg.kv_tile - 1) / cfg.kv_tile;
+  bp.scale = p.scale;
+  bp.kvl = lists_of(p.kv_lists, dev);
+  bp.ql = lists_of(p.q_lists, dev);
+
+  // Capture-gradient accumulators, indexed like the kernel's FgModArgs slots (fg_cap_grad passes the
+  // kernel slot; make_mod_context merges the captures of all programs by tensor identity).
+  Tensor cap_max;
+  std::vector<Tensor> acc(ncaps);
+  std::vector<int> slot_of(ncaps, -1);
+  o.dcaps.assign(ncaps, Tensor());
+  if (cap_mode != 0) {
+    cap_max = zeros({kMaxCaptures}, TensorOptions().dtype(kInt32).device(dev));
+    bp.cap_max = cap_max.data_ptr();
+    for (size_t c = 0; c < ncaps; ++c) {
+      if (!want[c]) continue;
+      const Tensor& t = p.score_grad->captures[c].tensor;
+      for (size_t s = 0; s < ctx.captures.size(); ++s)
+        if (ctx.captures[s].tensor.is_same(t)) slot_of[c] = static_cast<int>(s);
+      FG_CHECK(slot_of[c] >= 0, ValueError,
+               "flex_attention backward (CUDA): captured tensor {} has no slot among the kernel's captures", c);
+      acc[c] = zeros(t.sizes(), TensorOptions().dtype(cap_mode == 1 ? kInt64 : kFloat64).device(dev));
+      bp.cap_acc[slot_of[c]] = acc[c].data_ptr();
+      bp.cap_numel[slot_of[c]] = acc[c].numel();
+    }
+  }
+
+  void* pargs[] = {&bp};
+  void* kargs[] = {&bp, &ctx.args};
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  if (rows > 0) {
+    jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + 7) / 8)}, {256}, 0, pargs, device);
+  }
+  const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  if (nKB > 0 && p.Bkv * p.Hkv > 0) {
+    jit::launch(mod->function("fg_bwd_dkdv"),
+                {static_cast<unsigned>(nKB * bp.sub_kv), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)},
+                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dkdv, kargs, device);
+  }
+  std::vector<bool> nonfinite(ncaps, false);
+  if (cap_mode == 1) {
+    // Fixed-point scale per capture from the max |contribution| the dK/dV pass saw (see flex_backward.cuh).
+    Tensor mx = cap_max.to(kCPU);
+    const auto* bits = static_cast<const uint32_t*>(mx.data_ptr());
+    for (size_t c = 0; c < ncaps; ++c) {
+      if (slot_of[c] < 0) continue;
+      float m;
+      std::memcpy(&m, bits + slot_of[c], 4);
+      if (!std::isfinite(m)) {
+        nonfinite[c] = true;
+        bp.cap_scale[slot_of[c]] = 0;
+        continue;
+      }
+      int nterms = 0;
+      for (const CaptureGradTerm& t : p.score_grad->terms) nterms += t.capture == static_cast<int32_t>(c);
+      const double n = static_cast<double>(p.B) * p.Hq * p.Lq * p.Lkv * std::max(nterms, 1);
+      const double bound = 2.0 * 1.01 * n * static_cast<double>(m);
+      const int s = m > 0 ? std::clamp(static_cast<int>(std::floor(62.0 - std::log2(bound))), -1000, 1000) : 0;
+      bp.cap_scale[slot_of[c]] = std::ldexp(1.0, s);
+    }
+  }
+  if (nQB > 0 && p.B * p.Hq > 0) {
+    jit::launch(mod->function("fg_bwd_dq"),
+                {static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)},
+                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dq, kargs, device);
+  }
+  for (size_t c = 0; c < ncaps; ++c) {
+    if (!acc[c].defined()) continue;
+    if (cap_mode == 2) {
+      o.dcaps[c] = acc[c];
+      continue;
+    }
+    Tensor g = empty(acc[c].sizes(), TensorOptions().dtype(kFloat64).device(dev));
+    const void* a = acc[c].data_ptr();
+    void* d = g.data_ptr();
+    int64_t n = g.numel();
+    const double scale = bp.cap_scale[slot_of[c]];
+    double inv = scale > 0 ? 1.0 / scale : 0.0;
+    int nf = nonfinite[c] ? 1 : 0;
+    void* fargs[] = {&a, &d, &n, &inv, &nf};
+    if (n > 0) jit::launch(mod->function("fg_bwd_cap_finalize"), {static_cast<unsigned>((n + 255) / 256)}, {256}, 0, fargs, device);
+    o.dcaps[c] = g;
+  }
+  check_mod_errors(ctx);
+}
+
+}  // namespace
+
+FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
+
+}  // namespace fg::cuda::flex

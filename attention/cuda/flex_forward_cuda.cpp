@@ -1,0 +1,226 @@
+// FlexAttention forward on CUDA: picks a tile configuration for (dtype, head dims, BlockMask block
+// sizes, layout), assembles the translation unit (mods + kernels/flex_mma.cuh + kernels/flex_forward.cuh),
+// compiles it through the JIT cache and launches one CTA per (q tile, head, batch).
+//
+// bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
+// FMA arithmetic, no TF32). Anything the kernels cannot run raises NotImplementedError saying why.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "attention/cuda/flex_cuda_common.h"
+#include "attention/flex_kernels.h"
+#include "tensor/cuda/cuda_check.h"
+
+namespace fg::cuda {
+namespace {
+
+// Host mirror of FgFwdParams (kernels/flex_forward.cuh): same members, same order.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  void* lse;
+  void* mx;
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sl;
+  int64_t v_sb, v_sh, v_sl;
+  const int32_t* num;
+  const int32_t* idx;
+  const int32_t* full_num;
+  const int32_t* full_idx;
+  double scale;
+  int32_t B, Hq, Lq, Hkv, Lkv, Bkv, group;
+  int32_t E, Ev;
+  int32_t Bm, Hm, rows, idx_cols, full_cols;
+  int32_t block_q, block_kv;
+  int32_t tiles_per_qblock;
+  int32_t n_qtiles;
+};
+static_assert(sizeof(FwdParams) == 232, "FwdParams must mirror FgFwdParams of flex_forward.cuh");
+
+constexpr int64_t kMaxHeadDim = 256;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct TileConfig {
+  bool mma = false;
+  int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
+  int64_t e_pad = 0, ev_pad = 0;
+  size_t smem = 0;
+};
+
+size_t mma_smem(const TileConfig& c) {
+  constexpr int64_t pad = 8;  // FG_SMEM_PAD_B16
+  return static_cast<size_t>((c.bm * (c.e_pad + pad) + 2 * c.bn * (c.e_pad + pad) + 2 * c.bn * (c.ev_pad + pad)) * 2);
+}
+size_t simt_smem(const TileConfig& c, size_t elem) {
+  return static_cast<size_t>(c.bm * (c.e_pad + 4) + c.bn * (c.e_pad + 4) + c.bn * c.ev_pad + c.bm * (c.bn + 4)) * elem;
+}
+
+// Rows per CTA never straddle a BlockMask q block (the CTA reads one row of the block lists): a CTA
+// covers at most min(cap, block_q rounded up to 16) rows; kv sub-tiles likewise stay within a kv block.
+int64_t rows_for(int64_t block, int64_t cap) { return std::min(cap, round_up(block, 16)); }
+
+// Optional tuning override, FLEXGRAD_FLEX_FWD_TILE="BM,BN,WARPS,MIN_BLOCKS" (mma kernel only).
+bool tile_override(TileConfig& c) {
+  const char* env = std::getenv("FLEXGRAD_FLEX_FWD_TILE");
+  if (env == nullptr || *env == '\0') return false;
+  long bm = 0, bn = 0, w = 0, mb = 0;
+  FG_CHECK(std::sscanf(env, "%ld,%ld,%ld,%ld", &bm, &bn, &w, &mb) == 4 && bm % (16 * w) == 0 && bn % 16 == 0 &&
+               w > 0 && mb > 0,
+           ValueError, "FLEXGRAD_FLEX_FWD_TILE: expected \"BM,BN,WARPS,MIN_BLOCKS\" with BM a multiple of 16*WARPS "
+           "and BN a multiple of 16; got \"{}\"", env);
+  c.bm = bm;
+  c.bn = bn;
+  c.warps = w;
+  c.min_blocks = mb;
+  return true;
+}
+
+TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
+  FG_CHECK(p.E >= 1 && p.E <= kMaxHeadDim && p.Ev >= 1 && p.Ev <= kMaxHeadDim, NotImplementedError,
+           "flex_attention on CUDA: head dims up to {} are supported; got E={}, Ev={}", kMaxHeadDim, p.E, p.Ev);
+  TileConfig c;
+  const DType dt = p.q.dtype();
+  if (dt == kBFloat16 || dt == kFloat16) {
+    c.mma = true;
+    c.e_pad = round_up(p.E, 16);
+    c.ev_pad = round_up(p.Ev, 16);
+    const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
+    if (!tile_override(c)) {
+      // Head dims up to 128: two m16 fragments per warp, so each K / V fragment read from shared memory
+      // feeds two mma (shared-memory bandwidth, not the tensor cores, bounds one fragment per warp); a
+      // 32-column kv sub-tile keeps S and O in registers. Wider heads: one fragment per warp (O alone
+      // is 128 registers at Ev = 256).
+      c.bm = rows_for(p.block_q, 128);
+      c.bn = rows_for(p.block_kv, 32);
+      const bool two = !wide && c.bm % 32 == 0;
+      c.warps = two ? c.bm / 32 : c.bm / 16;
+      c.min_blocks = two ? 2 : 1;
+    }
+    c.smem = mma_smem(c);
+  } else if (dt == kFloat32 || dt == kFloat64) {
+    c.e_pad = round_up(p.E, 4);
+    c.ev_pad = round_up(p.Ev, 16);
+    const size_t elem = dt == kFloat64 ? 8 : 4;
+    for (int64_t cap : {64, 32, 16}) {
+      c.bm = rows_for(p.block_q, cap);
+      c.bn = rows_for(p.block_kv, cap);
+      c.warps = 8;
+      c.smem = simt_smem(c, elem);
+      if (c.smem <= smem_limit) break;
+    }
+    c.min_blocks = c.smem * 2 <= smem_limit ? 2 : 1;
+  } else {
+    FG_FAIL(NotImplementedError, "flex_attention on CUDA: no kernel for dtype {} (bfloat16, float16, float32, "
+            "float64 are supported)", dtype_name(dt));
+  }
+  FG_CHECK(c.smem <= smem_limit, NotImplementedError,
+           "flex_attention on CUDA: E={}, Ev={} in {} needs {} bytes of shared memory per block with the smallest "
+           "tile; this device allows {}", p.E, p.Ev, dtype_name(dt), c.smem, smem_limit);
+  return c;
+}
+
+// 16-byte vector loads are valid when every row start is 16-byte aligned.
+bool vec_ok(const Tensor& t, int64_t last) {
+  const size_t es = t.element_size();
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || (last * static_cast<int64_t>(es)) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.sizes()[d] > 1 && (t.strides()[d] * static_cast<int64_t>(es)) % 16 != 0) return false;
+  }
+  return true;
+}
+
+int32_t to_i32(int64_t x, const char* what) {
+  FG_CHECK(x >= 0 && x <= INT32_MAX, NotImplementedError,
+           "flex_attention on CUDA: {} = {} does not fit the kernel's 32-bit indices", what, x);
+  return static_cast<int32_t>(x);
+}
+
+void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
+  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
+  const int device = p.q.device().index;
+  DeviceGuard guard(device);
+  int smem_optin = 0;
+  FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const TileConfig cfg = choose_config(p, static_cast<size_t>(smem_optin));
+  const DType dt = p.q.dtype();
+  FG_CHECK(p.q.strides()[3] == 1 && p.k.strides()[3] == 1 && p.v.strides()[3] == 1, ValueError,
+           "flex_attention on CUDA: q, k, v need a contiguous last dim (strides {}, {}, {})", p.q.strides()[3],
+           p.k.strides()[3], p.v.strides()[3]);
+  FG_CHECK(o.out.is_contiguous() && o.lse.is_contiguous() && o.max_scores.is_contiguous(), ValueError,
+           "flex_attention on CUDA: the outputs must be contiguous");
+
+  FwdParams a{};
+  a.q = p.q.data_ptr();
+  a.k = p.Lkv > 0 ? p.k.data_ptr() : nullptr;
+  a.v = p.Lkv > 0 ? p.v.data_ptr() : nullptr;
+  a.out = o.out.data_ptr();
+  a.lse = o.lse.data_ptr();
+  a.mx = o.max_scores.data_ptr();
+  a.q_sb = p.q.strides()[0], a.q_sh = p.q.strides()[1], a.q_sl = p.q.strides()[2];
+  a.k_sb = p.k.strides()[0], a.k_sh = p.k.strides()[1], a.k_sl = p.k.strides()[2];
+  a.v_sb = p.v.strides()[0], a.v_sh = p.v.strides()[1], a.v_sl = p.v.strides()[2];
+  const BlockLists& bl = p.kv_lists;
+  if (bl.num.defined()) {
+    a.num = static_cast<const int32_t*>(bl.num.data_ptr());
+    a.idx = static_cast<const int32_t*>(bl.idx.data_ptr());
+    a.idx_cols = to_i32(bl.idx.sizes()[3], "block list width");
+  }
+  if (bl.full_num.defined()) {
+    a.full_num = static_cast<const int32_t*>(bl.full_num.data_ptr());
+    a.full_idx = static_cast<const int32_t*>(bl.full_idx.data_ptr());
+    a.full_cols = to_i32(bl.full_idx.sizes()[3], "full block list width");
+  }
+  a.scale = p.scale;
+  a.B = to_i32(p.B, "B"), a.Hq = to_i32(p.Hq, "Hq"), a.Lq = to_i32(p.Lq, "Lq");
+  a.Hkv = to_i32(p.Hkv, "Hkv"), a.Lkv = to_i32(p.Lkv, "Lkv"), a.Bkv = to_i32(p.Bkv, "Bkv");
+  a.group = to_i32(p.group(), "GQA group");
+  a.E = to_i32(p.E, "E"), a.Ev = to_i32(p.Ev, "Ev");
+  a.Bm = to_i32(bl.Bm, "block mask batch"), a.Hm = to_i32(bl.Hm, "block mask heads"), a.rows = to_i32(bl.rows, "rows");
+  a.block_q = to_i32(p.block_q, "block_q"), a.block_kv = to_i32(p.block_kv, "block_kv");
+  a.tiles_per_qblock = to_i32((p.block_q + cfg.bm - 1) / cfg.bm, "q tiles per block");
+  const int64_t nqb = (p.Lq + p.block_q - 1) / p.block_q;
+  a.n_qtiles = to_i32(nqb * a.tiles_per_qblock, "q tiles");
+  FG_CHECK(p.Hq <= 65535 && p.B <= 65535, NotImplementedError,
+           "flex_attention on CUDA: at most 65535 heads and batches per launch; got Hq={}, B={}", p.Hq, p.B);
+
+  const bool vec = cfg.mma && p.E % 8 == 0 && p.Ev % 8 == 0 && vec_ok(p.q, p.E) &&
+                   (p.Lkv == 0 || (vec_ok(p.k, p.E) && vec_ok(p.v, p.Ev)));
+  const std::vector<std::string> defines = {
+      "FG_ELEM " + std::to_string(flex::abi_dtype(dt)),
+      "FG_E " + std::to_string(cfg.e_pad),
+      "FG_EV " + std::to_string(cfg.ev_pad),
+      "FG_BM " + std::to_string(cfg.bm),
+      "FG_BN " + std::to_string(cfg.bn),
+      "FG_WARPS " + std::to_string(cfg.warps),
+      "FG_VEC " + std::string(vec ? "1" : "0"),
+      "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
+  };
+  flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
+  const char* kernel = cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
+  jit::JitSource src;
+  src.name = "flex_forward";
+  // mods, defines, the shared device helpers, then the kernel template.
+  src.code = flex::assemble(ctx, defines, "flex_mma.cuh") + "\n" + std::string(jit::embedded_source("flex_forward.cuh"));
+  src.kernels = {kernel};
+  auto mod = jit::get_module(src, device);
+  void* args[] = {&a, &ctx.args};
+  const unsigned threads = cfg.mma ? static_cast<unsigned>(cfg.warps * 32) : 256u;
+  jit::launch(mod->function(kernel), jit::Dim3{static_cast<unsigned>(a.n_qtiles), static_cast<unsigned>(p.Hq),
+                                               static_cast<unsigned>(p.B)},
+              jit::Dim3{threads, 1, 1}, cfg.smem, args, device);
+  flex::check_mod_errors(ctx);
+}
+
+}  // namespace
+
+FG_REGISTER_KERNEL(flex_forward_stub, CUDA, &flex_forward_cuda);
+
+}  // namespace fg::cuda

@@ -1,0 +1,893 @@
+// FlexAttention backward on CUDA: the kernel template (NVRTC only, no headers). The host
+// (attention/cuda/flex_backward_cuda.cpp) prepends flex_abi.cuh, the generated mods and these macros:
+//
+//   FG_IN_DTYPE     FG_DT_FLOAT16 / FG_DT_BFLOAT16 / FG_DT_FLOAT32 / FG_DT_FLOAT64: q, k, v, out, dout, dq, dk, dv
+//   FG_E, FG_EV     head dims of q/k and of v
+//   FG_NT           threads per block
+//   FG_BQ, FG_BKV   SIMT tile: rows of q and of k/v per step (both kernels)
+//   FG_KV_TILE, FG_Q_CHUNK   MMA dK/dV: kv rows owned by a block (16 per warp), q rows per step
+//   FG_Q_TILE, FG_KV_CHUNK   MMA dQ: q rows owned by a block (16 per warp), kv rows per step
+//   FG_USE_MMA      1: bf16/f16 tensor-core kernels (mma.sync m16n8k16, fp32 accumulation); 0: SIMT kernels
+//                   (exact fp32 FFMA, or float64), which also serve bf16/f16 head dims the MMA kernels lack
+//   FG_CAP_MODE     0 no captured-tensor gradient; 1 deterministic fixed point; 2 float64 atomics
+//
+// Kernels, launched in this order by the host:
+//   fg_bwd_preprocess   delta = rowsum(dO * O) - dlse                       one warp per row
+//   fg_bwd_dkdv         dK, dV per (kv batch, kv head, kv tile): loops over the q heads of the GQA group,
+//                       the q batches broadcast onto it and the q blocks of the transposed BlockMask lists
+//                       (partial blocks with fg_mask_mod, then full blocks); with FG_CAP_MODE 1 it also
+//                       records max |captured-gradient contribution| per capture
+//   fg_bwd_dq           dQ (and captured-tensor gradients) per (batch, head, q tile) over the kv lists
+//   fg_bwd_cap_finalize fixed-point accumulators -> float64
+// Every dQ/dK/dV element is written by exactly one thread of one block, so no float atomics are needed
+// and reruns are bit-identical. A BlockMask block larger than a kernel tile is split into several
+// blocks / steps, the last one clipped at the block's end and at the sequence end, so any BlockMask
+// block size works with any tile.
+//
+// Captured-tensor gradients, FG_CAP_MODE 1: every contribution v is added as the integer llrint(v * 2^s)
+// into an int64 accumulator (atomicAdd on the two's complement bits, so the sum is order-free and
+// reruns are bit-identical). The host picks s from M = max |v| (from the dK/dV pass: an atomicMax on the
+// bits of non-negative floats, also order-free) and N = the number of contributions, as the largest s
+// with 2 * 1.01 * N * M * 2^s <= 2^62, so no partial sum can overflow. Each contribution is rounded to
+// the quantum 2^-s, about N * M * 2^-61: the absolute error of an element is at most (its number of
+// contributions) * 2^-(s+1) and is typically far smaller (rounding errors of random sign). A
+// non-finite contribution makes that capture's gradient NaN.
+#pragma once
+
+#ifndef FG_IN_DTYPE
+#error "FG_IN_DTYPE must be defined by the host"
+#endif
+
+// ---- element types: fg_t computes (float, or double for float64), fg_s is what memory holds
+#if FG_IN_DTYPE == FG_DT_FLOAT64
+typedef double fg_t;
+typedef double fg_s;
+#elif FG_IN_DTYPE == FG_DT_FLOAT32
+typedef float fg_t;
+typedef float fg_s;
+#else
+typedef float fg_t;
+typedef unsigned short fg_s;  // bf16 / f16 bits
+#endif
+
+__device__ __forceinline__ fg_t fg_ld(const fg_s* p) {
+#if FG_IN_DTYPE == FG_DT_BFLOAT16
+  return fg_bf16_to_float(*p);
+#elif FG_IN_DTYPE == FG_DT_FLOAT16
+  return fg_f16_to_float(*p);
+#else
+  return *p;
+#endif
+}
+__device__ __forceinline__ fg_s fg_cvt_out(fg_t x) {
+#if FG_IN_DTYPE == FG_DT_BFLOAT16
+  unsigned short r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+#elif FG_IN_DTYPE == FG_DT_FLOAT16
+  unsigned short r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+#else
+  return x;
+#endif
+}
+__device__ __forceinline__ float fg_exp(float x) { return expf(x); }
+__device__ __forceinline__ double fg_exp(double x) { return exp(x); }
+#define FG_NEG_INF (-__int_as_float(0x7f800000))
+
+// ---- the problem (host mirror: BwdParams in flex_backward_cuda.cpp; 8-byte fields only)
+struct FgLists {  // FlexProblem::BlockLists on the device; null pointers for absent lists
+  const int* num;
+  const int* idx;
+  const int* full_num;
+  const int* full_idx;
+  fg_i64 Bm, Hm, rows, cols, full_cols;
+};
+
+struct FgBwdParams {
+  const fg_s* q;
+  const fg_s* k;
+  const fg_s* v;
+  const fg_s* out;   // [B, Hq, Lq, Ev] contiguous
+  const fg_s* dout;  // [B, Hq, Lq, Ev] contiguous
+  const fg_t* lse;   // [B, Hq, Lq]
+  const fg_t* dlse;  // [B, Hq, Lq] or null
+  fg_t* delta;       // [B, Hq, Lq] scratch
+  fg_s* dq;          // contiguous, shapes of q, k, v
+  fg_s* dk;
+  fg_s* dv;
+  fg_i64 qs_b, qs_h, qs_l, ks_b, ks_h, ks_l, vs_b, vs_h, vs_l;  // element strides (last dim is 1)
+  fg_i64 B, Hq, Lq, Bkv, Hkv, Lkv, G;
+  fg_i64 block_q, block_kv;  // BlockMask block sizes
+  fg_i64 sub_q, sub_kv;      // kernel tiles per BlockMask block: ceil(block / tile)
+  double scale;
+  FgLists kvl;  // rows: q blocks (dQ)
+  FgLists ql;   // rows: kv blocks (dK, dV)
+  void* cap_acc[FG_MAX_CAPTURES];  // FG_CAP_MODE 1: fg_u64 accumulators; 2: double
+  unsigned* cap_max;               // [FG_MAX_CAPTURES] float bits of max |contribution|
+  double cap_scale[FG_MAX_CAPTURES];
+  fg_i64 cap_numel[FG_MAX_CAPTURES];
+};
+
+struct FgRow {
+  const int* partial;
+  const int* full;
+  int n_partial, n_full;
+  __device__ __forceinline__ int size() const { return n_partial + n_full; }
+  __device__ __forceinline__ int at(int i) const { return i < n_partial ? partial[i] : full[i - n_partial]; }
+};
+
+__device__ __forceinline__ FgRow fg_row(const FgLists& l, fg_i64 b, fg_i64 h, fg_i64 row) {
+  FgRow r;
+  r.partial = nullptr;
+  r.full = nullptr;
+  r.n_partial = 0;
+  r.n_full = 0;
+  if (row >= l.rows) return r;
+  const fg_i64 lin = ((l.Bm == 1 ? 0 : b) * l.Hm + (l.Hm == 1 ? 0 : h)) * l.rows + row;
+  if (l.num != nullptr) {
+    r.n_partial = l.num[lin];
+    r.partial = l.idx + lin * l.cols;
+  }
+  if (l.full_num != nullptr) {
+    r.n_full = l.full_num[lin];
+    r.full = l.full_idx + lin * l.full_cols;
+  }
+  return r;
+}
+
+// ---- capture-gradient sinks (the Sink interface of flex_abi.cuh)
+// All lanes of a warp that reach one sink.add call site hit the same capture slot; lanes that also share
+// the index (bias[h]) are summed with shuffles first so the atomics do not serialise on one address.
+__device__ __forceinline__ int fg_lane() { return threadIdx.x & 31; }
+
+struct FgMaxSink {  // dK/dV pass: max |contribution| per capture, order-free
+  unsigned* cap_max;
+  __device__ void add(int cap, fg_i64, double value) const {
+    float a = (float)fabs(value);
+    unsigned bits = (a == a) ? __float_as_uint(a) : 0x7fffffffu;  // NaN -> above +inf
+    const unsigned act = __activemask();
+    const unsigned m = __reduce_max_sync(act, bits);
+    if (fg_lane() == __ffs(act) - 1) atomicMax(cap_max + cap, m);
+  }
+};
+
+struct FgFixedSink {  // dQ pass, deterministic: int64 fixed point
+  void* const* acc;
+  const double* scale;
+  __device__ void add(int cap, fg_i64 index, double value) const {
+    long long x = llrint(value * scale[cap]);
+    fg_u64* dst = (fg_u64*)acc[cap] + index;
+    const unsigned act = __activemask();
+    const unsigned peers = __match_any_sync(act, (unsigned long long)index);
+    if (act == 0xffffffffu && peers == act) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(act, x, o);
+      if (fg_lane() == 0 && x != 0) atomicAdd(dst, (fg_u64)x);
+    } else if (x != 0) {
+      atomicAdd(dst, (fg_u64)x);
+    }
+  }
+};
+
+struct FgAtomicSink {  // dQ pass, p.deterministic == false: float64 atomics
+  void* const* acc;
+  __device__ void add(int cap, fg_i64 index, double value) const {
+    double* dst = (double*)acc[cap] + index;
+    const unsigned act = __activemask();
+    const unsigned peers = __match_any_sync(act, (unsigned long long)index);
+    if (act == 0xffffffffu && peers == act) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) value += __shfl_xor_sync(act, value, o);
+      if (fg_lane() == 0 && value != 0.0) atomicAdd(dst, value);
+    } else if (value != 0.0) {
+      atomicAdd(dst, value);
+    }
+  }
+};
+
+// exp2 of the kernels: ex2.approx on the tensor-core path (bf16/f16 probabilities), exp2f / exp2 else.
+__device__ __forceinline__ float fg_exp2_t(float x) {
+#if FG_USE_MMA
+  return fg_exp2(x);
+#else
+  return exp2f(x);
+#endif
+}
+__device__ __forceinline__ double fg_exp2_t(double x) { return exp2(x); }
+#define FG_LOG2E_D 1.4426950408889634
+// lse in log2 units; +inf for an empty row (lse = -inf) so that 2^(s - lse2) = 0 there.
+__device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
+  return lse == (fg_t)FG_NEG_INF ? -(fg_t)FG_NEG_INF : lse * (fg_t)FG_LOG2E_D;
+}
+
+// One (b, h, q, kv) entry of the backward from s = scale q.k (pre-mod score) and dp = dO_q . v_kv.
+// `valid` is false outside the sequence or the BlockMask block; partial blocks also ask fg_mask_mod.
+// Returns P; *ds_out receives dS * d score_mod / d score, and the captured-gradient contributions
+// (dS w.r.t. the modified score times d mod / d cap) go to `sink` when it is not null.
+template <class Sink>
+__device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial, int b, int h,
+                                         int qi, int kj, const FgModArgs& args, fg_t* ds_out, const Sink* sink) {
+#if FG_HAS_MASK_MOD
+  if (valid && partial) valid = fg_mask_mod(b, h, qi, kj, args);
+#endif
+  fg_t p = 0, ds = 0;
+  if (valid) {
+#if FG_HAS_SCORE_MOD
+    const fg_t sm = fg_score_mod<fg_t>(s, b, h, qi, kj, args);
+#else
+    const fg_t sm = s;
+#endif
+    p = fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+    ds = p * (dp - delta);  // w.r.t. the modified score
+  }
+#if FG_CAP_MODE != 0
+  if (sink != nullptr && ds != (fg_t)0) fg_cap_grad<fg_t, Sink>(s, ds, b, h, qi, kj, args, *sink);
+#endif
+#if FG_DSCORE_IS_CONSTANT
+  ds *= (fg_t)FG_DSCORE_CONSTANT;
+#else
+  if (ds != (fg_t)0) ds *= fg_dscore<fg_t>(s, b, h, qi, kj, args);
+#endif
+  *ds_out = ds;
+  return p;
+}
+
+// ---- preprocess: delta = rowsum(dO * O) - dlse, one warp per row
+extern "C" __global__ void fg_bwd_preprocess(const FgBwdParams p) {
+  const fg_i64 rows = p.B * p.Hq * p.Lq;
+  const fg_i64 r = (fg_i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const fg_s* o = p.out + r * FG_EV;
+  const fg_s* d = p.dout + r * FG_EV;
+  fg_t acc = 0;
+  for (int e = fg_lane(); e < FG_EV; e += 32) acc += fg_ld(o + e) * fg_ld(d + e);
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (fg_lane() == 0) p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+}
+
+// ---- fixed point -> float64 (FG_CAP_MODE 1)
+extern "C" __global__ void fg_bwd_cap_finalize(const fg_u64* acc, double* out, fg_i64 n, double inv_scale, int nonfinite) {
+  const fg_i64 i = (fg_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  out[i] = nonfinite ? __longlong_as_double(0x7ff8000000000000ll) : (double)(long long)acc[i] * inv_scale;
+}
+
+#if !FG_USE_MMA
+// ================= SIMT kernels: exact fp32 FFMA (or float64), any head dim up to 256 =================
+// Shared memory: K [BKV][E+1], V [BKV][EV+1], Q [BQ][E+1], dO [BQ][EV+1], P and dS [BQ][BKV+1], lse and
+// delta [BQ], all fg_t (rows padded by one element against bank conflicts). Each thread owns a fixed
+// set of the dK/dV (or dQ) accumulator elements, in registers.
+#define FG_EP (FG_E + 1)
+#define FG_EVP (FG_EV + 1)
+#define FG_BKVP (FG_BKV + 1)
+#define FG_SQ (FG_BQ / 16)   // score rows per thread (16 x 16 thread grid over the tile)
+#define FG_SK (FG_BKV / 16)  // score cols per thread
+
+struct FgSimtSmem {
+  fg_t *K, *V, *Q, *dO, *P, *dS, *lse, *delta;
+};
+__device__ __forceinline__ FgSimtSmem fg_simt_smem(fg_t* base) {
+  FgSimtSmem s;
+  s.K = base;
+  s.V = s.K + FG_BKV * FG_EP;
+  s.Q = s.V + FG_BKV * FG_EVP;
+  s.dO = s.Q + FG_BQ * FG_EP;
+  s.P = s.dO + FG_BQ * FG_EVP;
+  s.dS = s.P + FG_BQ * FG_BKVP;
+  s.lse = s.dS + FG_BQ * FG_BKVP;
+  s.delta = s.lse + FG_BQ;
+  return s;
+}
+
+// rows [r0, r0 + n) of a [L, D] slice with row stride ld into dst [ROWS][D + 1]; rows past n are zero.
+template <int ROWS, int D>
+__device__ __forceinline__ void fg_simt_load(fg_t* dst, const fg_s* src, fg_i64 ld, fg_i64 r0, int n) {
+  for (int i = threadIdx.x; i < ROWS * D; i += FG_NT) {
+    const int r = i / D, c = i % D;
+    dst[r * (D + 1) + c] = r < n ? fg_ld(src + (r0 + r) * ld + c) : (fg_t)0;
+  }
+}
+
+// The score tile: S = scale Q K^T, dP = dO V^T, then P and dS (pre-mod) into shared memory.
+template <class Sink>
+__device__ __forceinline__ void fg_simt_scores(const FgBwdParams& p, const FgModArgs& args, const FgSimtSmem& sm,
+                                               int b, int h, fg_i64 q0, int nq, fg_i64 kv0, int nkv, bool partial,
+                                               const Sink* sink) {
+  const int ti = threadIdx.x / 16, tj = threadIdx.x % 16;
+  fg_t s[FG_SQ][FG_SK], dp[FG_SQ][FG_SK];
+#pragma unroll
+  for (int a = 0; a < FG_SQ; ++a)
+#pragma unroll
+    for (int c = 0; c < FG_SK; ++c) s[a][c] = dp[a][c] = 0;
+  for (int e = 0; e < FG_E; ++e) {
+    fg_t qv[FG_SQ], kv[FG_SK];
+#pragma unroll
+    for (int a = 0; a < FG_SQ; ++a) qv[a] = sm.Q[(ti + 16 * a) * FG_EP + e];
+#pragma unroll
+    for (int c = 0; c < FG_SK; ++c) kv[c] = sm.K[(tj + 16 * c) * FG_EP + e];
+#pragma unroll
+    for (int a = 0; a < FG_SQ; ++a)
+#pragma unroll
+      for (int c = 0; c < FG_SK; ++c) s[a][c] += qv[a] * kv[c];
+  }
+  for (int e = 0; e < FG_EV; ++e) {
+    fg_t ov[FG_SQ], vv[FG_SK];
+#pragma unroll
+    for (int a = 0; a < FG_SQ; ++a) ov[a] = sm.dO[(ti + 16 * a) * FG_EVP + e];
+#pragma unroll
+    for (int c = 0; c < FG_SK; ++c) vv[c] = sm.V[(tj + 16 * c) * FG_EVP + e];
+#pragma unroll
+    for (int a = 0; a < FG_SQ; ++a)
+#pragma unroll
+      for (int c = 0; c < FG_SK; ++c) dp[a][c] += ov[a] * vv[c];
+  }
+#pragma unroll
+  for (int a = 0; a < FG_SQ; ++a) {
+    const int i = ti + 16 * a;
+#pragma unroll
+    for (int c = 0; c < FG_SK; ++c) {
+      const int j = tj + 16 * c;
+      fg_t ds;
+      const fg_t pv = fg_entry<Sink>(s[a][c] * (fg_t)p.scale, dp[a][c], sm.lse[i], sm.delta[i], i < nq && j < nkv,
+                                     partial, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+      sm.P[i * FG_BKVP + j] = pv;
+      sm.dS[i * FG_BKVP + j] = ds;
+    }
+  }
+}
+
+// Q, dO, lse (as lse2) and delta of rows [q0, q0 + nq) of (b, h); rows past nq give P = 0.
+__device__ __forceinline__ void fg_simt_load_q(const FgBwdParams& p, const FgSimtSmem& sm, fg_i64 b, fg_i64 h,
+                                               fg_i64 q0, int nq) {
+  fg_simt_load<FG_BQ, FG_E>(sm.Q, p.q + b * p.qs_b + h * p.qs_h, p.qs_l, q0, nq);
+  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+  fg_simt_load<FG_BQ, FG_EV>(sm.dO, p.dout + row0 * FG_EV, FG_EV, 0, nq);
+  for (int i = threadIdx.x; i < FG_BQ; i += FG_NT) {
+    sm.lse[i] = i < nq ? fg_lse2(p.lse[row0 + i]) : -(fg_t)FG_NEG_INF;
+    sm.delta[i] = i < nq ? p.delta[row0 + i] : (fg_t)0;
+  }
+}
+
+#define FG_NKACC ((FG_BKV * FG_E + FG_NT - 1) / FG_NT)
+#define FG_NVACC ((FG_BKV * FG_EV + FG_NT - 1) / FG_NT)
+
+extern "C" __global__ void __launch_bounds__(FG_NT) fg_bwd_dkdv(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  const FgSimtSmem sm = fg_simt_smem((fg_t*)fg_smem_raw);
+  const fg_i64 mb = blockIdx.x / p.sub_kv;  // BlockMask kv block
+  const fg_i64 kv0 = mb * p.block_kv + (blockIdx.x % p.sub_kv) * FG_BKV;
+  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_BKV), p.Lkv);
+  if (kv0 >= kv_end) return;
+  const int nkv = (int)(kv_end - kv0);
+  const fg_i64 hk = blockIdx.y, bk = blockIdx.z;
+  fg_simt_load<FG_BKV, FG_E>(sm.K, p.k + bk * p.ks_b + hk * p.ks_h, p.ks_l, kv0, nkv);
+  fg_simt_load<FG_BKV, FG_EV>(sm.V, p.v + bk * p.vs_b + hk * p.vs_h, p.vs_l, kv0, nkv);
+  fg_t dk[FG_NKACC], dv[FG_NVACC];
+#pragma unroll
+  for (int r = 0; r < FG_NKACC; ++r) dk[r] = 0;
+#pragma unroll
+  for (int r = 0; r < FG_NVACC; ++r) dv[r] = 0;
+#if FG_CAP_MODE == 1
+  FgMaxSink max_sink;
+  max_sink.cap_max = p.cap_max;
+  const FgMaxSink* sink = &max_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const fg_i64 b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
+  for (fg_i64 b = b_lo; b < b_hi; ++b) {
+    for (fg_i64 h = hk * p.G; h < (hk + 1) * p.G; ++h) {
+      const FgRow row = fg_row(p.ql, b, h, mb);
+      for (int bi = 0; bi < row.size(); ++bi) {
+        const fg_i64 qlo = (fg_i64)row.at(bi) * p.block_q, qhi = min(qlo + p.block_q, p.Lq);
+        for (fg_i64 q0 = qlo; q0 < qhi; q0 += FG_BQ) {
+          const int nq = (int)min((fg_i64)FG_BQ, qhi - q0);
+          __syncthreads();  // the previous tile's readers are done
+          fg_simt_load_q(p, sm, b, h, q0, nq);
+          __syncthreads();
+          fg_simt_scores<FgMaxSink>(p, args, sm, (int)b, (int)h, q0, nq, kv0, nkv, bi < row.n_partial, sink);
+          __syncthreads();
+          // dV += P^T dO, dK += dS^T Q (scale applied at the end)
+#pragma unroll
+          for (int r = 0; r < FG_NVACC; ++r) {
+            const int idx = threadIdx.x + r * FG_NT, j = idx / FG_EV, e = idx % FG_EV;
+            if (idx < FG_BKV * FG_EV) {
+              fg_t a = dv[r];
+              for (int i = 0; i < nq; ++i) a += sm.P[i * FG_BKVP + j] * sm.dO[i * FG_EVP + e];
+              dv[r] = a;
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < FG_NKACC; ++r) {
+            const int idx = threadIdx.x + r * FG_NT, j = idx / FG_E, e = idx % FG_E;
+            if (idx < FG_BKV * FG_E) {
+              fg_t a = dk[r];
+              for (int i = 0; i < nq; ++i) a += sm.dS[i * FG_BKVP + j] * sm.Q[i * FG_EP + e];
+              dk[r] = a;
+            }
+          }
+        }
+      }
+    }
+  }
+  const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+#pragma unroll
+  for (int r = 0; r < FG_NVACC; ++r) {
+    const int idx = threadIdx.x + r * FG_NT, j = idx / FG_EV, e = idx % FG_EV;
+    if (idx < FG_BKV * FG_EV && j < nkv) p.dv[(kvrow + j) * FG_EV + e] = fg_cvt_out(dv[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < FG_NKACC; ++r) {
+    const int idx = threadIdx.x + r * FG_NT, j = idx / FG_E, e = idx % FG_E;
+    if (idx < FG_BKV * FG_E && j < nkv) p.dk[(kvrow + j) * FG_E + e] = fg_cvt_out(dk[r] * (fg_t)p.scale);
+  }
+}
+
+#define FG_NQACC ((FG_BQ * FG_E + FG_NT - 1) / FG_NT)
+
+extern "C" __global__ void __launch_bounds__(FG_NT) fg_bwd_dq(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  const FgSimtSmem sm = fg_simt_smem((fg_t*)fg_smem_raw);
+  const fg_i64 mb = blockIdx.x / p.sub_q;  // BlockMask q block
+  const fg_i64 q0 = mb * p.block_q + (blockIdx.x % p.sub_q) * FG_BQ;
+  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_BQ), p.Lq);
+  if (q0 >= q_end) return;
+  const int nq = (int)(q_end - q0);
+  const fg_i64 h = blockIdx.y, b = blockIdx.z;
+  const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
+  fg_simt_load_q(p, sm, b, h, q0, nq);
+  fg_t dq[FG_NQACC];
+#pragma unroll
+  for (int r = 0; r < FG_NQACC; ++r) dq[r] = 0;
+#if FG_CAP_MODE == 1
+  FgFixedSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  cap_sink.scale = p.cap_scale;
+  const FgFixedSink* sink = &cap_sink;
+#elif FG_CAP_MODE == 2
+  FgAtomicSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  const FgAtomicSink* sink = &cap_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const FgRow row = fg_row(p.kvl, b, h, mb);
+  for (int bi = 0; bi < row.size(); ++bi) {
+    const fg_i64 klo = (fg_i64)row.at(bi) * p.block_kv, khi = min(klo + p.block_kv, p.Lkv);
+    for (fg_i64 kv0 = klo; kv0 < khi; kv0 += FG_BKV) {
+      const int nkv = (int)min((fg_i64)FG_BKV, khi - kv0);
+      __syncthreads();
+      fg_simt_load<FG_BKV, FG_E>(sm.K, p.k + bk * p.ks_b + hk * p.ks_h, p.ks_l, kv0, nkv);
+      fg_simt_load<FG_BKV, FG_EV>(sm.V, p.v + bk * p.vs_b + hk * p.vs_h, p.vs_l, kv0, nkv);
+      __syncthreads();
+      fg_simt_scores(p, args, sm, (int)b, (int)h, q0, nq, kv0, nkv, bi < row.n_partial, sink);
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < FG_NQACC; ++r) {  // dQ += dS K
+        const int idx = threadIdx.x + r * FG_NT, i = idx / FG_E, e = idx % FG_E;
+        if (idx < FG_BQ * FG_E) {
+          fg_t a = dq[r];
+          for (int j = 0; j < nkv; ++j) a += sm.dS[i * FG_BKVP + j] * sm.K[j * FG_EP + e];
+          dq[r] = a;
+        }
+      }
+    }
+  }
+  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+#pragma unroll
+  for (int r = 0; r < FG_NQACC; ++r) {
+    const int idx = threadIdx.x + r * FG_NT, i = idx / FG_E, e = idx % FG_E;
+    if (idx < FG_BQ * FG_E && i < nq) p.dq[(row0 + i) * FG_E + e] = fg_cvt_out(dq[r] * (fg_t)p.scale);
+  }
+}
+#endif  // !FG_USE_MMA
+
+#if FG_USE_MMA
+// ================= tensor-core kernels: bf16 / f16, head dims multiples of 16 up to 128 =================
+// As FlashAttention-2's backward, with dQ in its own kernel instead of float atomics.
+//   fg_bwd_dkdv: warp w owns kv rows [16w, 16w + 16) of the block's FG_KV_TILE rows and keeps their dK
+//     and dV accumulators (fp32) in registers. Per q chunk of FG_Q_CHUNK rows (Q, dO, lse, delta in
+//     shared memory, double-buffered with cp.async): S^T = K Q^T and dP^T = V dO^T on tensor cores,
+//     P^T and dS^T element-wise in registers, then dV += P^T dO and dK += dS^T Q with P^T / dS^T
+//     repacked from accumulator to A-operand fragments (no shared-memory round trip).
+//   fg_bwd_dq: warp w owns q rows [16w, 16w + 16) of FG_Q_TILE; per kv chunk of FG_KV_CHUNK rows (K, V
+//     double-buffered): S = Q K^T, dP = dO V^T, dS element-wise (captured gradients here), dQ += dS K.
+// Shared tiles are row-major with rows padded by 16 bytes (FG_SMEM_PAD_B16): conflict-free ldmatrix.
+#define FG_BF16 (FG_IN_DTYPE == FG_DT_BFLOAT16)
+#define FG_LDE (FG_E + FG_SMEM_PAD_B16)
+#define FG_LDEV (FG_EV + FG_SMEM_PAD_B16)
+
+__device__ __forceinline__ void fg_cp_async4(unsigned smem_addr, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes) : "memory");
+}
+
+// Rows [r0, r0 + n) of a [L, D] 16-bit slice (row stride ld elements) -> dst [ROWS][D + pad] by cp.async;
+// rows past n are zero-filled.
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void fg_mma_load(fg_s* dst, const fg_s* src, fg_i64 ld, fg_i64 r0, int n) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+    const int r = i / CH, c = i % CH;
+    const bool ok = r < n;
+    fg_cp_async16(fg_smem_addr(dst + r * (D + FG_SMEM_PAD_B16) + c * 8), ok ? src + (r0 + r) * ld + c * 8 : src, ok);
+  }
+}
+
+// Walks the (b, h, block, chunk) steps of one dK/dV block: the q heads of the GQA group, the batches
+// broadcast onto the kv batch, the q blocks of the transposed list (partial first), FG_Q_CHUNK rows at a
+// time clipped to the block and to Lq. Uniform across the block.
+struct FgQWalk {
+  fg_i64 b, b_hi, h, h_lo, h_hi, mb, q0, qhi;
+  int bi;
+  FgRow row;
+  __device__ __forceinline__ bool done() const { return b >= b_hi; }
+  __device__ __forceinline__ bool partial() const { return bi < row.n_partial; }
+  __device__ __forceinline__ int nq() const { return (int)min((fg_i64)FG_Q_CHUNK, qhi - q0); }
+  __device__ void settle(const FgBwdParams& p) {  // first chunk at or after (b, h, bi)
+    while (b < b_hi) {
+      for (; bi < row.size(); ++bi) {
+        const fg_i64 qlo = (fg_i64)row.at(bi) * p.block_q;
+        qhi = min(qlo + p.block_q, p.Lq);
+        if (qlo < qhi) {
+          q0 = qlo;
+          return;
+        }
+      }
+      if (++h == h_hi) {
+        h = h_lo;
+        ++b;
+      }
+      if (b < b_hi) {
+        row = fg_row(p.ql, b, h, mb);
+        bi = 0;
+      }
+    }
+  }
+  __device__ void start(const FgBwdParams& p, fg_i64 bk, fg_i64 hk, fg_i64 mb_) {
+    mb = mb_;
+    b = p.Bkv == 1 ? 0 : bk;
+    b_hi = p.Bkv == 1 ? p.B : bk + 1;
+    h_lo = h = hk * p.G;
+    h_hi = h_lo + p.G;
+    row = fg_row(p.ql, b, h, mb);
+    bi = 0;
+    settle(p);
+  }
+  __device__ void next(const FgBwdParams& p) {
+    q0 += FG_Q_CHUNK;
+    if (q0 < qhi) return;
+    ++bi;
+    settle(p);
+  }
+};
+
+// The kv chunks of one dQ block: kv blocks of its list row (partial first), FG_KV_CHUNK rows at a time.
+struct FgKvWalk {
+  fg_i64 kv0, khi;
+  int bi;
+  FgRow row;
+  __device__ __forceinline__ bool done() const { return bi >= row.size(); }
+  __device__ __forceinline__ bool partial() const { return bi < row.n_partial; }
+  __device__ __forceinline__ int nkv() const { return (int)min((fg_i64)FG_KV_CHUNK, khi - kv0); }
+  __device__ void settle(const FgBwdParams& p) {
+    for (; bi < row.size(); ++bi) {
+      const fg_i64 klo = (fg_i64)row.at(bi) * p.block_kv;
+      khi = min(klo + p.block_kv, p.Lkv);
+      if (klo < khi) {
+        kv0 = klo;
+        return;
+      }
+    }
+  }
+  __device__ void next(const FgBwdParams& p) {
+    kv0 += FG_KV_CHUNK;
+    if (kv0 < khi) return;
+    ++bi;
+    settle(p);
+  }
+};
+
+#define FG_NW (FG_NT / 32)
+#define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
+#define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
+
+extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  fg_s* Ks = (fg_s*)fg_smem_raw;                 // [KV_TILE][LDE]
+  fg_s* Vs = Ks + FG_KV_TILE * FG_LDE;           // [KV_TILE][LDEV]
+  fg_s* Qs = Vs + FG_KV_TILE * FG_LDEV;          // 2 x [Q_CHUNK][LDE]
+  fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_LDE;       // 2 x [Q_CHUNK][LDEV] (dO)
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse
+  float* Ds = Ls + 2 * FG_Q_CHUNK;                      // 2 x [Q_CHUNK] delta
+
+  const fg_i64 mb = blockIdx.x / p.sub_kv;
+  const fg_i64 kv0 = mb * p.block_kv + (blockIdx.x % p.sub_kv) * FG_KV_TILE;
+  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
+  if (kv0 >= kv_end) return;
+  const int nkv = (int)(kv_end - kv0);
+  const fg_i64 hk = blockIdx.y, bk = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kr0 = warp * 16;
+
+  fg_mma_load<FG_KV_TILE, FG_E, FG_NT>(Ks, p.k + bk * p.ks_b + hk * p.ks_h, p.ks_l, kv0, nkv);
+  fg_mma_load<FG_KV_TILE, FG_EV, FG_NT>(Vs, p.v + bk * p.vs_b + hk * p.vs_h, p.vs_l, kv0, nkv);
+
+  FgQWalk w;
+  w.start(p, bk, hk, mb);
+  auto issue = [&](const FgQWalk& s, int buf) {
+    const int n = s.nq();
+    fg_mma_load<FG_Q_CHUNK, FG_E, FG_NT>(Qs + buf * FG_Q_CHUNK * FG_LDE, p.q + s.b * p.qs_b + s.h * p.qs_h, p.qs_l,
+                                         s.q0, n);
+    const fg_i64 row0 = (s.b * p.Hq + s.h) * p.Lq + s.q0;
+    fg_mma_load<FG_Q_CHUNK, FG_EV, FG_NT>(Os + buf * FG_Q_CHUNK * FG_LDEV, p.dout + row0 * FG_EV, FG_EV, 0, n);
+    for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT) {
+      const int r = i % FG_Q_CHUNK;
+      const bool ok = r < n;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
+      fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
+    }
+  };
+  if (!w.done()) issue(w, 0);
+  fg_cp_async_commit();
+
+  float dk[FG_E / 8][4], dv[FG_EV / 8][4];
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+#if FG_CAP_MODE == 1
+  FgMaxSink max_sink;
+  max_sink.cap_max = p.cap_max;
+  const FgMaxSink* sink = &max_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const float scale = (float)p.scale;
+  const unsigned ks_base = fg_smem_addr(Ks), vs_base = fg_smem_addr(Vs);
+
+  for (int it = 0; !w.done(); ++it) {
+    const int buf = it & 1;
+    const int b = (int)w.b, h = (int)w.h, nq = w.nq();
+    const fg_i64 q0 = w.q0;
+    const bool partial = w.partial();
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
+    fg_cp_async_wait<1>();
+    __syncthreads();
+    const fg_s* Qb = Qs + buf * FG_Q_CHUNK * FG_LDE;
+    const fg_s* Ob = Os + buf * FG_Q_CHUNK * FG_LDEV;
+    const unsigned qs_base = fg_smem_addr(Qb), os_base = fg_smem_addr(Ob);
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 kv rows
+    float st[FG_NQN][4], dpt[FG_NQN][4];
+#pragma unroll
+    for (int i = 0; i < FG_NQN; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk) {
+      unsigned a[4];
+      fg_ldsm_x4(a, ks_base + 2 * fg_ldsm_a_offset(lane, kr0, kk * 16, FG_LDE));
+#pragma unroll
+      for (int nb = 0; nb < FG_NQN; nb += 2) {
+        unsigned bq[4];
+        fg_ldsm_x4(bq, qs_base + 2 * fg_ldsm_bt_offset(lane, nb * 8, kk * 16, FG_LDE));
+        fg_mma<FG_BF16>(st[nb], a, bq);
+        fg_mma<FG_BF16>(st[nb + 1], a, bq + 2);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < FG_EV / 16; ++kk) {
+      unsigned a[4];
+      fg_ldsm_x4(a, vs_base + 2 * fg_ldsm_a_offset(lane, kr0, kk * 16, FG_LDEV));
+#pragma unroll
+      for (int nb = 0; nb < FG_NQN; nb += 2) {
+        unsigned bo[4];
+        fg_ldsm_x4(bo, os_base + 2 * fg_ldsm_bt_offset(lane, nb * 8, kk * 16, FG_LDEV));
+        fg_mma<FG_BF16>(dpt[nb], a, bo);
+        fg_mma<FG_BF16>(dpt[nb + 1], a, bo + 2);
+      }
+    }
+    // element-wise: st <- P^T, dpt <- dS^T (pre-mod)
+    const float* Lb = Ls + buf * FG_Q_CHUNK;
+    const float* Db = Ds + buf * FG_Q_CHUNK;
+#pragma unroll
+    for (int nb = 0; nb < FG_NQN; ++nb) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int j = kr0 + g + ((r >> 1) << 3);  // kv row in the tile
+        const int i = nb * 8 + 2 * t + (r & 1);   // q row in the chunk
+        const bool valid = i < nq && j < nkv;
+        const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+        float ds;
+        st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, b, h, (int)(q0 + i),
+                                         (int)(kv0 + j), args, &ds, sink);
+        dpt[nb][r] = ds;
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (k = q rows of the chunk)
+#pragma unroll
+    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
+      unsigned ap[4], ad[4];
+      fg_pack_c_to_a<FG_BF16>(st[2 * kq], st[2 * kq + 1], ap);
+      fg_pack_c_to_a<FG_BF16>(dpt[2 * kq], dpt[2 * kq + 1], ad);
+#pragma unroll
+      for (int nb = 0; nb < FG_EV / 8; nb += 2) {
+        unsigned bo[4];
+        fg_ldsm_x4_trans(bo, os_base + 2 * fg_ldsm_b_trans_offset(lane, kq * 16, nb * 8, FG_LDEV));
+        fg_mma<FG_BF16>(dv[nb], ap, bo);
+        fg_mma<FG_BF16>(dv[nb + 1], ap, bo + 2);
+      }
+#pragma unroll
+      for (int nb = 0; nb < FG_E / 8; nb += 2) {
+        unsigned bq[4];
+        fg_ldsm_x4_trans(bq, qs_base + 2 * fg_ldsm_b_trans_offset(lane, kq * 16, nb * 8, FG_LDE));
+        fg_mma<FG_BF16>(dk[nb], ad, bq);
+        fg_mma<FG_BF16>(dk[nb + 1], ad, bq + 2);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  fg_cp_async_wait<0>();
+
+  const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = kr0 + g + half * 8;
+    if (j >= nkv) continue;
+    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
+    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  fg_s* Qs = (fg_s*)fg_smem_raw;               // [Q_TILE][LDE]
+  fg_s* Os = Qs + FG_Q_TILE * FG_LDE;          // [Q_TILE][LDEV] (dO)
+  fg_s* Ks = Os + FG_Q_TILE * FG_LDEV;         // 2 x [KV_CHUNK][LDE]
+  fg_s* Vs = Ks + 2 * FG_KV_CHUNK * FG_LDE;    // 2 x [KV_CHUNK][LDEV]
+
+  // Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
+  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+  const fg_i64 mb = bx / p.sub_q;
+  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
+  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
+  if (q0 >= q_end) return;
+  const int nq = (int)(q_end - q0);
+  const fg_i64 h = blockIdx.y, b = blockIdx.z;
+  const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int qr0 = warp * 16;
+  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+
+  fg_mma_load<FG_Q_TILE, FG_E, FG_NT>(Qs, p.q + b * p.qs_b + h * p.qs_h, p.qs_l, q0, nq);
+  fg_mma_load<FG_Q_TILE, FG_EV, FG_NT>(Os, p.dout + row0 * FG_EV, FG_EV, 0, nq);
+  const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
+  const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
+  FgKvWalk w;
+  w.row = fg_row(p.kvl, b, h, mb);
+  w.bi = 0;
+  w.settle(p);
+  auto issue = [&](const FgKvWalk& s, int buf) {
+    fg_mma_load<FG_KV_CHUNK, FG_E, FG_NT>(Ks + buf * FG_KV_CHUNK * FG_LDE, kbase, p.ks_l, s.kv0, s.nkv());
+    fg_mma_load<FG_KV_CHUNK, FG_EV, FG_NT>(Vs + buf * FG_KV_CHUNK * FG_LDEV, vbase, p.vs_l, s.kv0, s.nkv());
+  };
+  if (!w.done()) issue(w, 0);
+  fg_cp_async_commit();
+
+  // this lane's rows: qr0 + g and qr0 + g + 8
+  float l2[2], dl[2];
+  bool rv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = qr0 + g + 8 * hf;
+    rv[hf] = i < nq;
+    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
+  }
+  float dq[FG_E / 8][4];
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#if FG_CAP_MODE == 1
+  FgFixedSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  cap_sink.scale = p.cap_scale;
+  const FgFixedSink* sink = &cap_sink;
+#elif FG_CAP_MODE == 2
+  FgAtomicSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  const FgAtomicSink* sink = &cap_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const float scale = (float)p.scale;
+  const unsigned qs_base = fg_smem_addr(Qs), os_base = fg_smem_addr(Os);
+
+  for (int it = 0; !w.done(); ++it) {
+    const int buf = it & 1;
+    const fg_i64 kv0 = w.kv0;
+    const int nkv = w.nkv();
+    const bool partial = w.partial();
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
+    fg_cp_async_wait<1>();
+    __syncthreads();
+    const unsigned ks_base = fg_smem_addr(Ks + buf * FG_KV_CHUNK * FG_LDE);
+    const unsigned vs_base = fg_smem_addr(Vs + buf * FG_KV_CHUNK * FG_LDEV);
+
+    float s[FG_NKN][4], dp[FG_NKN][4];
+#pragma unroll
+    for (int i = 0; i < FG_NKN; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk) {
+      unsigned a[4];
+      fg_ldsm_x4(a, qs_base + 2 * fg_ldsm_a_offset(lane, qr0, kk * 16, FG_LDE));
+#pragma unroll
+      for (int nb = 0; nb < FG_NKN; nb += 2) {
+        unsigned bk4[4];
+        fg_ldsm_x4(bk4, ks_base + 2 * fg_ldsm_bt_offset(lane, nb * 8, kk * 16, FG_LDE));
+        fg_mma<FG_BF16>(s[nb], a, bk4);
+        fg_mma<FG_BF16>(s[nb + 1], a, bk4 + 2);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < FG_EV / 16; ++kk) {
+      unsigned a[4];
+      fg_ldsm_x4(a, os_base + 2 * fg_ldsm_a_offset(lane, qr0, kk * 16, FG_LDEV));
+#pragma unroll
+      for (int nb = 0; nb < FG_NKN; nb += 2) {
+        unsigned bv[4];
+        fg_ldsm_x4(bv, vs_base + 2 * fg_ldsm_bt_offset(lane, nb * 8, kk * 16, FG_LDEV));
+        fg_mma<FG_BF16>(dp[nb], a, bv);
+        fg_mma<FG_BF16>(dp[nb + 1], a, bv + 2);
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < FG_NKN; ++nb) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int hf = r >> 1;
+        const int i = qr0 + g + 8 * hf;           // q row in the tile
+        const int j = nb * 8 + 2 * t + (r & 1);   // kv row in the chunk
+        float ds;
+        fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, (int)b, (int)h,
+                 (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+        s[nb][r] = ds;
+      }
+    }
+    // dQ += dS K (k = kv rows of the chunk)
+#pragma unroll
+    for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) {
+      unsigned a[4];
+      fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a);
+#pragma unroll
+      for (int nb = 0; nb < FG_E / 8; nb += 2) {
+        unsigned bk4[4];
+        fg_ldsm_x4_trans(bk4, ks_base + 2 * fg_ldsm_b_trans_offset(lane, kc * 16, nb * 8, FG_LDE));
+        fg_mma<FG_BF16>(dq[nb], a, bk4);
+        fg_mma<FG_BF16>(dq[nb + 1], a, bk4 + 2);
+      }
+    }
+    __syncthreads();
+  }
+  fg_cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    if (!rv[hf]) continue;
+    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
+  }
+}
+#endif  // FG_USE_MMA

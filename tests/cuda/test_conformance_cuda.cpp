@@ -1,0 +1,37 @@
+// ../shared/conformance (PyTorch 2.11's own FlexAttention results) on the GPU: every case passes the upstream
+// acceptance rule in float32 and bfloat16 through the default backend (the CUDA fused kernels), with the
+// inputs, the captured tensors and the BlockMask on the device, and every BlockMask equal to PyTorch's.
+// Skips visibly without a GPU or without the data.
+#include <cstdlib>
+#include <filesystem>
+
+#include "attention/conformance.h"
+#include "tests/test_util.h"
+
+namespace fg {
+namespace {
+
+std::string conformance_dir() {
+  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
+  return FLEXGRAD_CONFORMANCE_DIR;
+}
+
+class ConformanceCuda : public ::testing::TestWithParam<DType> {};
+
+TEST_P(ConformanceCuda, EveryCasePassesPyTorchsRule) {
+  if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the GPU conformance run";
+  if (!std::filesystem::exists(conformance_dir() + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << conformance_dir();
+  ConformanceOptions o;
+  o.dtype = GetParam();
+  o.device = Device(DeviceType::CUDA, 0);
+  auto results = run_conformance(conformance_dir(), o);
+  EXPECT_EQ(results.size(), 13u);
+  for (const auto& r : results) EXPECT_TRUE(r.passed()) << format_conformance({r});
+  std::printf("%s", format_conformance(results).c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, ConformanceCuda, ::testing::Values(kFloat32, kBFloat16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+}  // namespace
+}  // namespace fg

@@ -1,0 +1,612 @@
+// The fused FlexAttention backward on CUDA (attention/cuda/flex_backward_cuda.cpp) against a float64
+// golden written here: plain softmax attention forward and backward over nested loops, with each score
+// mod, mask and captured-tensor gradient spelled out as a C++ lambda (nothing of flexgrad's tracing,
+// evaluators or kernels). The kernel is called through flex_backward_stub with out/lse from that golden,
+// so these tests do not depend on the CUDA forward; the end-to-end tests at the bottom go through
+// flex_attention and autograd when a CUDA forward is registered. Skipped visibly without a GPU.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <optional>
+
+#include "attention/block_mask.h"
+#include "attention/flex_attention.h"
+#include "attention/flex_kernels.h"
+#include "attention/mod_grad.h"
+#include "tensor/random.h"
+#include "tests/test_util.h"
+#ifdef FLEXGRAD_WITH_CUDA
+#include "tensor/cuda/cuda_api.h"
+#endif
+
+namespace fg {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---- the golden -------------------------------------------------------------------------------------
+// One score function per entry, in plain C++: mod(s) and d mod / d s, the mask (partial and full blocks
+// alike: the golden knows nothing of blocks), and the captured gradients dL/dcap += ds * d mod / d cap.
+struct NativeMod {
+  std::function<double(double, int, int, int, int)> mod = [](double s, int, int, int, int) { return s; };
+  std::function<double(double, int, int, int, int)> dmod = [](double, int, int, int, int) { return 1.0; };
+  std::function<bool(int, int, int, int)> mask = [](int, int, int, int) { return true; };
+  // (ds w.r.t. the modified score, pre-mod score, b, h, q, kv, per-capture gradient buffers)
+  std::function<void(double, double, int, int, int, int, std::vector<std::vector<double>>&)> cap_grad;
+};
+
+struct Dims {
+  int64_t B = 1, Hq = 2, Lq = 64, E = 32, Bkv = 1, Hkv = 2, Lkv = 64, Ev = 32;
+};
+
+struct Grads {
+  Tensor dq, dk, dv;
+  std::vector<Tensor> dcaps;
+};
+
+struct Golden {
+  Tensor out, lse;  // float64
+  Grads g;
+};
+
+// q, k, v, dout float64 contiguous CPU; dlse may be undefined; caps sizes the captured-gradient buffers.
+Golden golden(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& dlse,
+              double scale, const NativeMod& m, const std::vector<int64_t>& cap_numel) {
+  const auto Q = q.to_vector(), K = k.to_vector(), V = v.to_vector(), DO = dout.to_vector();
+  const std::vector<double> DL = dlse.defined() ? dlse.to_vector() : std::vector<double>();
+  std::vector<double> out(d.B * d.Hq * d.Lq * d.Ev, 0.0), lse(d.B * d.Hq * d.Lq, -kInf);
+  std::vector<double> dq(Q.size(), 0.0), dk(K.size(), 0.0), dv(V.size(), 0.0);
+  std::vector<std::vector<double>> caps(cap_numel.size());
+  for (size_t c = 0; c < caps.size(); ++c) caps[c].assign(cap_numel[c], 0.0);
+  const int64_t G = d.Hq / d.Hkv;
+  std::vector<double> S(d.Lq * d.Lkv), P(d.Lq * d.Lkv);
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t h = 0; h < d.Hq; ++h) {
+      const int64_t bk = d.Bkv == 1 ? 0 : b, hk = h / G;
+      const double* qb = Q.data() + (b * d.Hq + h) * d.Lq * d.E;
+      const double* kb = K.data() + (bk * d.Hkv + hk) * d.Lkv * d.E;
+      const double* vb = V.data() + (bk * d.Hkv + hk) * d.Lkv * d.Ev;
+      const double* dob = DO.data() + (b * d.Hq + h) * d.Lq * d.Ev;
+      double* ob = out.data() + (b * d.Hq + h) * d.Lq * d.Ev;
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        double mx = -kInf;
+        for (int64_t j = 0; j < d.Lkv; ++j) {
+          double s = 0;
+          for (int64_t e = 0; e < d.E; ++e) s += qb[i * d.E + e] * kb[j * d.E + e];
+          s *= scale;
+          S[i * d.Lkv + j] = s;
+          const double sm = m.mask(b, h, i, j) ? m.mod(s, b, h, i, j) : -kInf;
+          P[i * d.Lkv + j] = sm;
+          mx = std::max(mx, sm);
+        }
+        double l = 0;
+        for (int64_t j = 0; j < d.Lkv; ++j) l += mx == -kInf ? 0.0 : std::exp(P[i * d.Lkv + j] - mx);
+        const double L = l > 0 ? mx + std::log(l) : -kInf;
+        lse[(b * d.Hq + h) * d.Lq + i] = L;
+        for (int64_t j = 0; j < d.Lkv; ++j) P[i * d.Lkv + j] = L == -kInf ? 0.0 : std::exp(P[i * d.Lkv + j] - L);
+        for (int64_t e = 0; e < d.Ev; ++e) {
+          double a = 0;
+          for (int64_t j = 0; j < d.Lkv; ++j) a += P[i * d.Lkv + j] * vb[j * d.Ev + e];
+          ob[i * d.Ev + e] = a;
+        }
+      }
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        double delta = 0;
+        for (int64_t e = 0; e < d.Ev; ++e) delta += dob[i * d.Ev + e] * ob[i * d.Ev + e];
+        if (!DL.empty()) delta -= DL[(b * d.Hq + h) * d.Lq + i];
+        for (int64_t j = 0; j < d.Lkv; ++j) {
+          const double p = P[i * d.Lkv + j];
+          if (p == 0) continue;
+          double dp = 0;
+          for (int64_t e = 0; e < d.Ev; ++e) dp += dob[i * d.Ev + e] * vb[j * d.Ev + e];
+          const double ds = p * (dp - delta);
+          const double s = S[i * d.Lkv + j];
+          if (m.cap_grad) m.cap_grad(ds, s, b, h, i, j, caps);
+          const double dsp = ds * m.dmod(s, b, h, i, j);
+          for (int64_t e = 0; e < d.Ev; ++e) dv[((bk * d.Hkv + hk) * d.Lkv + j) * d.Ev + e] += p * dob[i * d.Ev + e];
+          for (int64_t e = 0; e < d.E; ++e) {
+            dq[((b * d.Hq + h) * d.Lq + i) * d.E + e] += scale * dsp * kb[j * d.E + e];
+            dk[((bk * d.Hkv + hk) * d.Lkv + j) * d.E + e] += scale * dsp * qb[i * d.E + e];
+          }
+        }
+      }
+    }
+  }
+  Golden r;
+  r.out = from_vector(out, {d.B, d.Hq, d.Lq, d.Ev}, kFloat64);
+  r.lse = from_vector(lse, {d.B, d.Hq, d.Lq}, kFloat64);
+  r.g.dq = from_vector(dq, q.sizes(), kFloat64);
+  r.g.dk = from_vector(dk, k.sizes(), kFloat64);
+  r.g.dv = from_vector(dv, v.sizes(), kFloat64);
+  for (auto& c : caps) r.g.dcaps.push_back(from_vector(c, {static_cast<int64_t>(c.size())}, kFloat64));
+  return r;
+}
+
+// ‖x - ref‖ / ‖ref‖ (or / `norm` when given), NaN-aware: any NaN gives +inf.
+double rel_err(const Tensor& x, const Tensor& ref, double norm = 0) {
+  const auto a = x.to(kCPU).to(kFloat64).to_vector(), b = ref.to(kCPU).to(kFloat64).to_vector();
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (std::isnan(a[i])) return kInf;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / (norm > 0 ? norm : std::max(std::sqrt(den), 1e-300));
+}
+double norm2(const Tensor& t) {
+  double s = 0;
+  for (double x : t.to(kCPU).to(kFloat64).to_vector()) s += x * x;
+  return std::sqrt(s);
+}
+
+double tol(DType t) {
+  switch (t) {
+    case kFloat64: return 1e-10;
+    case kFloat32: return 2e-5;
+    case kFloat16: return 5e-3;
+    default: return 3e-2;
+  }
+}
+
+// ---- the problem as flex_attention builds it (attention/flex_attention.cpp, make_problem) -----------
+BlockLists lists(const Tensor& num, const Tensor& idx, const Tensor& fnum, const Tensor& fidx, Device dev) {
+  BlockLists l;
+  auto c = [dev](const Tensor& t) { return t.defined() ? t.to(kInt32).contiguous().to(dev) : t; };
+  l.num = c(num);
+  l.idx = c(idx);
+  l.full_num = c(fnum);
+  l.full_idx = c(fidx);
+  l.Bm = l.num.defined() ? l.num.size(0) : l.full_num.size(0);
+  l.Hm = l.num.defined() ? l.num.size(1) : l.full_num.size(1);
+  l.rows = l.num.defined() ? l.num.size(2) : l.full_num.size(2);
+  return l;
+}
+
+struct Case {
+  Dims d;
+  ScoreMod score_mod;
+  std::optional<BlockMask> mask;
+  NativeMod native;
+  std::vector<Tensor> learnable;  // captured float tensors that want a gradient (CPU float64)
+  bool with_dlse = false;
+  bool deterministic = true;
+  std::function<Tensor(const Tensor&)> layout;  // applied to q, k, v on the device (strided inputs)
+};
+
+struct Inputs {
+  Tensor q, k, v, dout, dlse;  // float64, CPU, already rounded to the dtype under test
+};
+
+Inputs make_inputs(const Dims& d, DType dt, bool with_dlse, uint64_t seed) {
+  Generator gen(seed);
+  auto r = [&](const Shape& s) { return randn(s, kFloat64, &gen).to(dt).to(kFloat64); };
+  Inputs in;
+  in.q = r({d.B, d.Hq, d.Lq, d.E});
+  in.k = r({d.Bkv, d.Hkv, d.Lkv, d.E});
+  in.v = r({d.Bkv, d.Hkv, d.Lkv, d.Ev});
+  in.dout = r({d.B, d.Hq, d.Lq, d.Ev});
+  if (with_dlse) in.dlse = randn({d.B, d.Hq, d.Lq}, kFloat64, &gen).to(dt == kFloat64 ? kFloat64 : kFloat32).to(kFloat64);
+  return in;
+}
+
+// Runs the backward stub on `dev` with out / lse taken from the golden forward.
+Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, Device dev) {
+  const Dims& d = c.d;
+  FlexProblem p;
+  const DType cdt = dev.is_cuda() ? dt : (dt == kFloat64 ? kFloat64 : kFloat32);
+  auto put = [&](const Tensor& t) {
+    Tensor x = t.to(cdt).to(dev);
+    if (c.layout && dev.is_cuda()) x = c.layout(x);
+    return x;
+  };
+  p.q = put(in.q);
+  p.k = put(in.k);
+  p.v = put(in.v);
+  p.B = d.B, p.Hq = d.Hq, p.Lq = d.Lq, p.E = d.E, p.Bkv = d.Bkv, p.Hkv = d.Hkv, p.Lkv = d.Lkv, p.Ev = d.Ev;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(d.E));
+  p.deterministic = c.deterministic;
+  if (c.score_mod) {
+    p.score_mod = std::make_shared<ModProgram>(trace_score_mod(c.score_mod));
+    p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
+  }
+  if (c.mask) {
+    const BlockMask& bm = *c.mask;
+    p.block_q = bm.block_size.q;
+    p.block_kv = bm.block_size.kv;
+    p.mask_mod = bm.mask_program;
+    p.kv_lists = lists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, dev);
+    p.q_lists = lists(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, dev);
+  } else {
+    p.block_q = p.block_kv = 128;
+    const int64_t nQB = (d.Lq + 127) / 128, nKB = (d.Lkv + 127) / 128;
+    auto all = [&](int64_t rows, int64_t cols) {
+      Tensor num = full({1, 1, rows}, cols, kInt32);
+      Tensor idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous();
+      return lists(Tensor(), Tensor(), num, idx, dev);
+    };
+    p.kv_lists = all(nQB, nKB);
+    p.q_lists = all(nKB, nQB);
+  }
+  std::vector<bool> needs;
+  if (p.score_grad) {
+    for (const CaptureRef& cr : p.score_grad->captures) {
+      bool want = false;
+      for (const Tensor& t : c.learnable) want = want || cr.tensor.is_same(t);
+      needs.push_back(want);
+    }
+  }
+  const DType sdt = cdt == kFloat64 ? kFloat64 : kFloat32;
+  Tensor out = gold.out.to(cdt).to(dev), lse = gold.lse.to(sdt).to(dev), dout = in.dout.to(cdt).to(dev);
+  Tensor dlse = in.dlse.defined() ? in.dlse.to(sdt).to(dev) : Tensor();
+  FlexBackwardOutputs o;
+  o.dq = empty(p.q.sizes(), TensorOptions().dtype(cdt).device(dev));
+  o.dk = empty(p.k.sizes(), TensorOptions().dtype(cdt).device(dev));
+  o.dv = empty(p.v.sizes(), TensorOptions().dtype(cdt).device(dev));
+  // Poison the outputs: every element must be written.
+  o.dq.fill_(std::nan(""));
+  o.dk.fill_(std::nan(""));
+  o.dv.fill_(std::nan(""));
+  flex_backward_stub(dev, p, out, lse, dout, dlse, needs, o);
+  Grads g{o.dq.to(kCPU), o.dk.to(kCPU), o.dv.to(kCPU), {}};
+  // In the order of c.learnable (the capture slots follow tracing order).
+  for (const Tensor& t : c.learnable) {
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (needs[i] && p.score_grad->captures[i].tensor.is_same(t)) {
+        EXPECT_TRUE(o.dcaps[i].defined()) << "no gradient for a learnable capture";
+        if (o.dcaps[i].defined()) g.dcaps.push_back(o.dcaps[i].to(kCPU).contiguous().view({o.dcaps[i].numel()}));
+      }
+    }
+  }
+  return g;
+}
+
+class FlexBackwardCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex backward tests";
+  }
+  // Golden vs CUDA for each dtype; returns the CUDA gradients of the last dtype.
+  Grads check(const Case& c, std::initializer_list<DType> dts, uint64_t seed = 1) {
+    Grads last;
+    for (DType dt : dts) {
+      SCOPED_TRACE(dtype_name(dt));
+      const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
+      std::vector<int64_t> numel;
+      for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+      const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+      last = run_stub(c, in, gold, dt, kCUDA);
+      const double t = tol(dt);
+      EXPECT_LE(rel_err(last.dq, gold.g.dq), t) << "dq";
+      EXPECT_LE(rel_err(last.dk, gold.g.dk), t) << "dk";
+      EXPECT_LE(rel_err(last.dv, gold.g.dv), t) << "dv";
+      EXPECT_GT(norm2(gold.g.dq), 0.0);
+      double cap_norm = 0;
+      for (const Tensor& gc : gold.g.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
+      EXPECT_EQ(last.dcaps.size(), gold.g.dcaps.size());
+      for (size_t i = 0; i < last.dcaps.size() && i < gold.g.dcaps.size(); ++i) {
+        // Normalised by the largest captured gradient of the case: a shift-invariant bias (bias[h]) has
+        // an exact gradient of ~0 that only rounding populates.
+        EXPECT_LE(rel_err(last.dcaps[i], gold.g.dcaps[i], cap_norm), t) << "dcap " << i;
+      }
+    }
+    return last;
+  }
+};
+
+// ---- the mods, in IR and in plain C++ ---------------------------------------------------------------
+Expr causal(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
+NativeMod native_mask(std::function<bool(int, int, int, int)> m) {
+  NativeMod n;
+  n.mask = std::move(m);
+  return n;
+}
+
+TEST_F(FlexBackwardCuda, NoMaskEveryDtype) {
+  Case c;
+  c.d = {2, 3, 150, 64, 2, 3, 150, 64};
+  check(c, {kFloat64, kFloat32, kFloat16, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, CausalBlockMask) {
+  Case c;
+  c.d = {1, 2, 200, 64, 1, 2, 200, 64};
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 64);
+  c.native = native_mask([](int, int, int q, int kv) { return q >= kv; });
+  check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
+}
+
+TEST_F(FlexBackwardCuda, SlidingWindowWithOddBlockSizes) {
+  // BlockMask blocks (48, 80) against the kernel tiles: sub-tiles clipped at block and sequence ends.
+  Case c;
+  c.d = {1, 2, 190, 32, 1, 2, 170, 32};
+  const int W = 37;
+  c.mask = create_block_mask([W](Expr, Expr, Expr q, Expr kv) { return ((q - kv).abs() < W); }, std::nullopt,
+                             std::nullopt, 190, 170, BlockSize(48, 80));
+  c.native = native_mask([W](int, int, int q, int kv) { return std::abs(q - kv) < W; });
+  check(c, {kFloat64, kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, DocumentMaskFromCapturedInt64Ids) {
+  const int64_t L = 260;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 70 ? 0 : i < 71 ? 1 : i < 200 ? 2 : 3;
+  Captured doc(from_vector(ids, {L}, kInt64));  // CPU: the BlockMask is built on the CPU
+  Case c;
+  c.d = {1, 2, L, 64, 1, 2, L, 64};
+  c.mask = create_block_mask([doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); },
+                             std::nullopt, std::nullopt, L, L, 64);
+  // The kernel evaluates the mask on the device: it must read a device copy of the ids.
+  Tensor ids_dev = from_vector(ids, {L}, kInt64).to(kCUDA);
+  Captured doc_dev(ids_dev);
+  c.mask->mask_program = std::make_shared<ModProgram>(trace_mask_mod(
+      [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); }));
+  c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+  check(c, {kFloat64, kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, AlibiCausal) {
+  const int64_t H = 4;
+  Case c;
+  c.d = {2, H, 130, 64, 2, H, 130, 64};
+  c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 130, 130, 64);
+  c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  check(c, {kFloat64, kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
+  Case c;
+  c.d = {1, 2, 140, 64, 1, 2, 140, 64};
+  // A small cap so tanh saturates and the derivative matters.
+  c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 2.0 * tanh(s / 2.0); };
+  c.native.mod = [](double s, int, int, int, int) { return 2.0 * std::tanh(s / 2.0); };
+  c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 2.0) * std::tanh(s / 2.0); };
+  check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
+}
+
+// score * hscale[h] + table[h][q - kv + L - 1] + bias[h], all three learnable.
+Case learnable_case(int64_t H, int64_t L, Tensor& hscale, Tensor& table, Tensor& bias) {
+  Generator gen(99);
+  hscale = (rand({H}, kFloat64, &gen) + 0.5);
+  table = randn({H, 2 * L - 1}, kFloat64, &gen) * 0.5;
+  bias = randn({H}, kFloat64, &gen);
+  Tensor hs_d = hscale.to(kCUDA), tb_d = table.to(kCUDA), bi_d = bias.to(kCUDA);
+  Case c;
+  c.d = {2, H, L, 64, 2, H, L, 64};
+  c.score_mod = [hs = Captured(hs_d), tb = Captured(tb_d), bi = Captured(bi_d), L](Expr s, Expr, Expr h, Expr q, Expr kv) {
+    return s * hs[h] + tb[h][q - kv + (L - 1)] + bi[h];
+  };
+  c.learnable = {hs_d, tb_d, bi_d};
+  const auto HS = hscale.to_vector(), TB = table.to_vector(), BI = bias.to_vector();
+  c.native.mod = [=](double s, int, int h, int q, int kv) { return s * HS[h] + TB[h * (2 * L - 1) + q - kv + L - 1] + BI[h]; };
+  c.native.dmod = [=](double, int, int h, int, int) { return HS[h]; };
+  c.native.cap_grad = [=](double ds, double s, int, int h, int q, int kv, std::vector<std::vector<double>>& g) {
+    g[0][h] += ds * s;
+    g[1][h * (2 * L - 1) + q - kv + L - 1] += ds;
+    g[2][h] += ds;
+  };
+  return c;
+}
+
+TEST_F(FlexBackwardCuda, LearnableCapturedBiasGradientsCausal) {
+  Tensor hs, tb, bi;
+  Case c = learnable_case(3, 150, hs, tb, bi);
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 150, 150, 64);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  check(c, {kFloat64, kFloat32, kBFloat16});
+  c.with_dlse = true;  // dlse makes the bias[h] gradient non-trivial (sum of dS over a row = dlse)
+  check(c, {kFloat64, kFloat32});
+  c.deterministic = false;  // float64 atomics
+  check(c, {kFloat64, kFloat32});
+}
+
+TEST_F(FlexBackwardCuda, GqaBroadcastBatchUnequalLengthsAndHeadDims) {
+  Case c;
+  c.d = {2, 4, 100, 128, 1, 2, 173, 64};
+  c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return kv <= q + 40; }, std::nullopt, std::nullopt, 100,
+                             173, 64);
+  c.native.mask = [](int, int, int q, int kv) { return kv <= q + 40; };
+  check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
+  c.d = {2, 4, 100, 64, 1, 2, 173, 128};
+  check(c, {kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, HeadDimsFrom16To256) {
+  for (auto [E, Ev] : {std::pair<int64_t, int64_t>{16, 16}, {32, 80}, {256, 256}, {256, 64}}) {
+    SCOPED_TRACE(::testing::Message() << "E=" << E << " Ev=" << Ev);
+    Case c;
+    c.d = {1, 2, 90, E, 1, 2, 90, Ev};
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 90, 90, 64);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check(c, {kFloat32, kBFloat16});
+  }
+}
+
+TEST_F(FlexBackwardCuda, EmptyRowsGiveZeroGradients) {
+  Case c;
+  c.d = {1, 2, 96, 32, 1, 2, 96, 32};
+  c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (kv <= q); }, std::nullopt,
+                             std::nullopt, 96, 96, 32);
+  c.native.mask = [](int, int, int q, int kv) { return q >= 10 && kv <= q; };
+  Grads g = check(c, {kFloat32, kBFloat16});
+  EXPECT_EQ(amax(abs(g.dq.narrow(2, 0, 10).to(kFloat64))).item(), 0.0);
+}
+
+TEST_F(FlexBackwardCuda, GradientThroughLse) {
+  Case c;
+  c.d = {1, 2, 120, 64, 1, 2, 120, 64};
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 120, 120, 64);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  c.with_dlse = true;
+  check(c, {kFloat64, kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, StridedInputsReadInPlace) {
+  Case c;
+  c.d = {2, 2, 80, 64, 2, 2, 80, 64};
+  // [B, L, H, E] storage seen as [B, H, L, E]: the strides of a fused qkv projection.
+  c.layout = [](const Tensor& t) { return t.transpose(1, 2).contiguous().transpose(1, 2); };
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 80, 80, 32);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  check(c, {kFloat32, kBFloat16});
+}
+
+TEST_F(FlexBackwardCuda, MatchesTheCpuFusedBackwardInFloat64) {
+  Tensor hs, tb, bi;
+  Case c = learnable_case(2, 100, hs, tb, bi);
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 100, 100, 32);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  const Inputs in = make_inputs(c.d, kFloat64, true, 5);
+  const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, {});
+  Grads gpu = run_stub(c, in, gold, kFloat64, kCUDA);
+  // The CPU kernel reads captures on the CPU: the same mods over CPU copies of the tensors.
+  Tensor hs_c = c.learnable[0].to(kCPU), tb_c = c.learnable[1].to(kCPU), bi_c = c.learnable[2].to(kCPU);
+  Case cc = c;
+  cc.score_mod = [hs = Captured(hs_c), tb = Captured(tb_c), bi = Captured(bi_c)](Expr s, Expr, Expr h, Expr q, Expr kv) {
+    return s * hs[h] + tb[h][q - kv + 99] + bi[h];
+  };
+  cc.learnable = {hs_c, tb_c, bi_c};
+  Grads cpu = run_stub(cc, in, gold, kFloat64, kCPU);
+  EXPECT_LE(rel_err(gpu.dq, cpu.dq), 1e-12);
+  EXPECT_LE(rel_err(gpu.dk, cpu.dk), 1e-12);
+  EXPECT_LE(rel_err(gpu.dv, cpu.dv), 1e-12);
+  ASSERT_EQ(gpu.dcaps.size(), 3u);
+  ASSERT_EQ(cpu.dcaps.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_LE(rel_err(gpu.dcaps[i], cpu.dcaps[i], norm2(cpu.dcaps[1])), 1e-10) << "dcap " << i;
+}
+
+TEST_F(FlexBackwardCuda, RerunsAreBitIdentical) {
+  Tensor hs, tb, bi;
+  Case c = learnable_case(4, 256, hs, tb, bi);
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 256, 256, 128);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  for (DType dt : {kBFloat16, kFloat32}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const Inputs in = make_inputs(c.d, dt, true, 11);
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, {});
+    Grads a = run_stub(c, in, gold, dt, kCUDA), b = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_TRUE(equal(a.dq, b.dq));
+    EXPECT_TRUE(equal(a.dk, b.dk));
+    EXPECT_TRUE(equal(a.dv, b.dv));
+    ASSERT_EQ(a.dcaps.size(), 3u);
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(equal(a.dcaps[i], b.dcaps[i])) << "dcap " << i;
+  }
+}
+
+TEST_F(FlexBackwardCuda, RejectsMismatchedInputs) {
+  Case c;
+  c.d = {1, 1, 16, 16, 1, 1, 16, 16};
+  const Inputs in = make_inputs(c.d, kFloat32, false, 3);
+  const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 0.25, {}, {});
+  FlexProblem p;
+  p.q = in.q.to(kFloat32).to(kCUDA);
+  p.k = in.k.to(kFloat32).to(kCUDA);
+  p.v = in.v.to(kFloat32).to(kCUDA);
+  p.B = p.Hq = p.Bkv = p.Hkv = 1;
+  p.Lq = p.Lkv = p.E = p.Ev = 16;
+  FlexBackwardOutputs o;
+  Tensor out_cpu = gold.out.to(kFloat32), lse = gold.lse.to(kFloat32).to(kCUDA), dout = in.dout.to(kFloat32).to(kCUDA);
+  testing::expect_error<DeviceError>([&] { flex_backward_stub(kCUDA, p, out_cpu, lse, dout, Tensor(), {}, o); }, "out");
+  testing::expect_error<DTypeError>(
+      [&] { flex_backward_stub(kCUDA, p, out_cpu.to(kCUDA), lse.to(kFloat64), dout, Tensor(), {}, o); }, "lse");
+}
+
+// ---- timing (not a correctness test: run with --gtest_also_run_disabled_tests) ----------------------
+// bf16 B=4 H=16 S=4096 D=128, no mask and causal (BlockMask 128), TFLOP/s as 2.5 x the forward's
+// 4 B H S^2 D over the visited blocks. out / lse come from the CUDA forward when one is registered,
+// else from a stand-in of the right magnitude (the backward's work does not depend on their values).
+TEST_F(FlexBackwardCuda, DISABLED_BenchBf16) {
+  const int64_t B = 4, H = 16, S = 4096, D = 128;
+  const char* env_s = std::getenv("FLEXGRAD_BENCH_S");
+  const int64_t L = env_s ? std::atoll(env_s) : S;
+  Generator gen(5);
+  auto dev_rand = [&](const Shape& s) { return randn(s, kFloat32, &gen).to(kBFloat16).to(kCUDA); };
+  Tensor q = dev_rand({B, H, L, D}), k = dev_rand({B, H, L, D}), v = dev_rand({B, H, L, D}), dout = dev_rand({B, H, L, D});
+  for (bool causal_mask : {false, true}) {
+    FlexProblem p;
+    p.q = q, p.k = k, p.v = v;
+    p.B = B, p.Hq = H, p.Lq = L, p.E = D, p.Bkv = B, p.Hkv = H, p.Lkv = L, p.Ev = D;
+    p.scale = 1.0 / std::sqrt(double(D));
+    double density = 1;
+    if (causal_mask) {
+      BlockMask bm = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
+      density = 1 - bm.sparsity() / 100;
+      p.mask_mod = bm.mask_program;
+      p.kv_lists = lists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, kCUDA);
+      p.q_lists = lists(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, kCUDA);
+    } else {
+      const int64_t n = (L + 127) / 128;
+      Tensor num = full({1, 1, n}, n, kInt32);
+      Tensor idx = arange(0, static_cast<double>(n), 1, kInt32).view({1, 1, 1, n}).expand({1, 1, n, n}).contiguous();
+      p.kv_lists = p.q_lists = lists(Tensor(), Tensor(), num, idx, kCUDA);
+    }
+    FlexForwardOutputs f;
+    f.out = empty({B, H, L, D}, TensorOptions().dtype(kBFloat16).device(kCUDA));
+    f.lse = empty({B, H, L}, TensorOptions().dtype(kFloat32).device(kCUDA));
+    f.max_scores = empty({B, H, L}, TensorOptions().dtype(kFloat32).device(kCUDA));
+    const bool have_fwd = flex_forward_stub.has(DeviceType::CUDA);
+    if (have_fwd) {
+      flex_forward_stub(kCUDA, p, f);
+    } else {
+      f.out = dev_rand({B, H, L, D}) * 0.05;
+      f.lse = full({B, H, L}, std::log(double(L) * density) + 0.5, TensorOptions().dtype(kFloat32).device(kCUDA));
+    }
+    FlexBackwardOutputs o;
+    auto run = [&] { flex_backward_stub(kCUDA, p, f.out, f.lse, dout, Tensor(), {}, o); };
+    for (int i = 0; i < 3; ++i) run();
+    cuda::synchronize();
+    std::vector<double> ms;
+    for (int rep = 0; rep < 5; ++rep) {
+      const int n = 10;
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < n; ++i) run();
+      cuda::synchronize();
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / n);
+    }
+    std::sort(ms.begin(), ms.end());
+    const double t = ms[ms.size() / 2];
+    const double flops = 2.5 * 4.0 * B * H * double(L) * L * D * density;
+    std::printf("flexgrad bwd bf16 B=%lld H=%lld S=%lld D=%lld %-7s density %.3f: %.3f ms  %.1f TFLOP/s (out/lse from %s)\n",
+                (long long)B, (long long)H, (long long)L, (long long)D, causal_mask ? "causal" : "nomask", density, t,
+                flops / t / 1e9, have_fwd ? "the CUDA forward" : "a stand-in");
+    EXPECT_TRUE(std::isfinite(norm2(o.dq)));
+  }
+}
+
+// ---- end to end: flex_attention on CUDA, autograd, gradients through out and lse ----------------------
+TEST_F(FlexBackwardCuda, EndToEndThroughAutogradWithLse) {
+  if (!flex_forward_stub.has(DeviceType::CUDA)) GTEST_SKIP() << "no CUDA flex forward registered in this build";
+  const int64_t B = 2, H = 2, L = 140, E = 64;
+  Generator gen(21);
+  Tensor q64 = randn({B, H, L, E}, kFloat64, &gen), k64 = randn({B, H, L, E}, kFloat64, &gen);
+  Tensor v64 = randn({B, H, L, E}, kFloat64, &gen), w = randn({B, H, L}, kFloat64, &gen);
+  Tensor bias = randn({H}, kFloat64, &gen);
+  auto run = [&](DType dt, Device dev, FlexBackend be) {
+    Tensor q = q64.to(dt).to(dev).detach().requires_grad_(), k = k64.to(dt).to(dev).detach().requires_grad_();
+    Tensor v = v64.to(dt).to(dev).detach().requires_grad_(), b = bias.to(dev).detach().requires_grad_();
+    FlexAttentionOptions o;
+    o.return_lse = true;
+    o.kernel.backend = be;
+    o.score_mod = [cb = Captured(b)](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + cb[h] * (q - kv) / 64.0; };
+    o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 64);
+    auto r = flex_attention(q, k, v, o);
+    (r.out.to(kFloat64).sum() + (r.lse.to(kFloat64) * w.to(dev)).sum()).backward();
+    return std::vector<Tensor>{q.grad().to(kCPU), k.grad().to(kCPU), v.grad().to(kCPU), b.grad().to(kCPU)};
+  };
+  const auto ref = run(kFloat64, kCPU, FlexBackend::Reference);
+  for (DType dt : {kFloat64, kFloat32, kBFloat16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const auto got = run(dt, kCUDA, FlexBackend::Auto);
+    const char* names[] = {"dq", "dk", "dv", "dbias"};
+    for (int i = 0; i < 4; ++i) EXPECT_LE(rel_err(got[i], ref[i]), dt == kFloat64 ? 1e-9 : tol(dt)) << names[i];
+  }
+}
+
+}  // namespace
+}  // namespace fg
