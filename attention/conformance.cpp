@@ -125,36 +125,13 @@ ConformanceCheck compare_block_mask(const BlockMask& ours, const std::string& di
   return c;
 }
 
-// create_block_mask for a device, when this build's BlockMask API takes one (the device argument last);
-// otherwise std::nullopt and the caller builds the mask on the CPU. Detected at compile time so that the
-// runner compiles before and after the device BlockMask lands.
-template <class D>
-auto device_block_mask(const MaskMod& mm, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, BlockSize bs, D dev, int)
-    -> decltype(std::optional<BlockMask>(create_block_mask(mm, B, H, Lq, Lkv, bs, dev))) {
-  return create_block_mask(mm, B, H, Lq, Lkv, bs, dev);
-}
-template <class D>
-std::optional<BlockMask> device_block_mask(const MaskMod&, int64_t, int64_t, int64_t, int64_t, BlockSize, D, long) {
-  return std::nullopt;
-}
-
-// The case's BlockMask for `device`, from our create_block_mask (checked against PyTorch's by the caller).
-// On a device without a create_block_mask of its own, the block lists are built on the CPU from CPU copies of
-// the captured tensors and re-bound to the mask_mod over the device's captures (the kernels evaluate it on
-// partial blocks there); `how` says which happened, for the table.
-BlockMask case_block_mask(const CaseDef& def, const Captures& caps, const Captures& cpu_caps, int64_t B, int64_t H,
-                          int64_t Lq, int64_t Lkv, BlockSize bs, Device device, std::string& how) {
+// The case's BlockMask for `device`, from our create_block_mask on that device (checked against PyTorch's by
+// the caller); `how` names a device other than the CPU, for the table.
+BlockMask case_block_mask(const CaseDef& def, const Captures& caps, int64_t B, int64_t H, int64_t Lq, int64_t Lkv,
+                          BlockSize bs, Device device, std::string& how) {
   MaskMod mm = def.mask_mod ? def.mask_mod(caps) : MaskMod(noop_mask);
-  if (device.is_cpu()) return create_block_mask(mm, B, H, Lq, Lkv, bs);
-  if (auto m = device_block_mask(mm, B, H, Lq, Lkv, bs, device, 0)) {
-    how = fmt::format("built on {}", device);
-    return *m;
-  }
-  MaskMod cpu_mm = def.mask_mod ? def.mask_mod(cpu_caps) : MaskMod(noop_mask);
-  BlockMask cpu = create_block_mask(cpu_mm, B, H, Lq, Lkv, bs);
-  how = fmt::format("built on cpu (no create_block_mask for {} in this build)", device);
-  return BlockMask::from_kv_blocks(cpu.kv_num_blocks, cpu.kv_indices, cpu.full_kv_num_blocks, cpu.full_kv_indices, bs, mm,
-                                   cpu.seq_lengths);
+  if (!device.is_cpu()) how = fmt::format("built on {}", device);
+  return create_block_mask(mm, B, H, Lq, Lkv, bs, device);
 }
 
 double json_err(const nlohmann::json& errors, const std::string& key, const std::string& tensor) {
@@ -206,14 +183,13 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
     };
     Tensor q = load_in("q"), k = load_in("k"), v = load_in("v");
     Tensor dout = load_npy(path_of(dir, name, "do")).to(opt.dtype).to(opt.device);
-    Captures caps, cpu_caps;  // on the device (what the mods read), and their CPU copies
+    Captures caps;  // on the device: what the mods read
     for (const auto& entry : std::filesystem::directory_iterator(dir)) {
       std::string fn = entry.path().filename().string();
       std::string prefix = name + ".cap_";
       if (fn.rfind(prefix, 0) == 0 && fn.size() > prefix.size() + 4) {
         std::string cap = fn.substr(prefix.size(), fn.size() - prefix.size() - 4);
-        cpu_caps[cap] = load_npy(entry.path().string());
-        Tensor t = cpu_caps[cap].to(opt.device);
+        Tensor t = load_npy(entry.path().string()).to(opt.device);
         if (cap.rfind("learn_", 0) == 0) t.requires_grad_(true);
         caps[cap] = t;
       }
@@ -228,7 +204,7 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
                                          : BlockSize(c["block"].get<int64_t>());
     Tensor ref_num = load_npy(path_of(dir, name, "block_kv_num"));
     std::string how;
-    BlockMask bm = case_block_mask(def, caps, cpu_caps, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), bs,
+    BlockMask bm = case_block_mask(def, caps, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), bs,
                                    opt.device, how);
     res.checks.push_back(compare_block_mask(bm, dir, name));
     if (!how.empty()) res.checks.back().note += how;

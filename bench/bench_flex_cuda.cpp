@@ -74,20 +74,8 @@ std::vector<int64_t> doc_ids(int64_t S, uint64_t seed = 2024) {
   return ids;
 }
 
-// create_block_mask for a device, when this build's BlockMask API takes one (device argument last).
-template <class D>
-auto device_block_mask(const MaskMod& mm, int64_t S, D dev, int)
-    -> decltype(std::optional<BlockMask>(create_block_mask(mm, 1, 1, S, S, BlockSize(128), dev))) {
-  return create_block_mask(mm, 1, 1, S, S, BlockSize(128), dev);
-}
-template <class D>
-std::optional<BlockMask> device_block_mask(const MaskMod&, int64_t, D, long) {
-  return std::nullopt;
-}
-
-// The case's BlockMask (B = H = 1, broadcast) on `dev`, and its density. mask_for(d) gives the mask_mod over
-// captures on device d. Without a device create_block_mask the lists are built on the CPU and moved to the
-// device once here, so that no call of the timed loop copies them.
+// The case's BlockMask (B = H = 1, broadcast) built on `dev`, and its density. mask_for(d) gives the mask_mod
+// over captures on device d.
 std::optional<BlockMask> make_mask(const BenchCase& c, Device dev, double& density) {
   const int64_t S = c.S;
   std::function<MaskMod(Device)> mask_for;
@@ -105,22 +93,9 @@ std::optional<BlockMask> make_mask(const BenchCase& c, Device dev, double& densi
   } else {
     throw ValueError("bench_flex_cuda: unknown mask " + c.mask);
   }
-  if (!dev.is_cpu()) {
-    if (auto m = device_block_mask(mask_for(dev), S, dev, 0)) {
-      density = 1.0 - m->sparsity() / 100.0;
-      return m;
-    }
-  }
-  BlockMask m = create_block_mask(mask_for(kCPU), std::nullopt, std::nullopt, S, S, 128);
+  BlockMask m = create_block_mask(mask_for(dev), std::nullopt, std::nullopt, S, S, 128, dev);
   density = 1.0 - m.sparsity() / 100.0;
-  if (dev.is_cpu()) return m;
-  BlockMask d = BlockMask::from_kv_blocks(m.kv_num_blocks, m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices, 128,
-                                          mask_for(dev), m.seq_lengths);
-  for (Tensor* t : {&d.kv_num_blocks, &d.kv_indices, &d.full_kv_num_blocks, &d.full_kv_indices, &d.q_num_blocks,
-                    &d.q_indices, &d.full_q_num_blocks, &d.full_q_indices}) {
-    if (t->defined()) *t = t->to(dev);
-  }
-  return d;
+  return m;
 }
 
 ScoreMod make_score(const BenchCase& c) {

@@ -263,27 +263,10 @@ NamedMod alibi(int64_t H, Device dev) {
 bool causal(int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv; }
 Expr causal_mask(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
 
-// create_block_mask for a device when this build's BlockMask API takes one (device argument last).
-template <class D>
-auto device_block_mask(const MaskMod& mm, int64_t B, int64_t H, int64_t Lq, int64_t Lkv, BlockSize bs, D dev, int)
-    -> decltype(std::optional<BlockMask>(create_block_mask(mm, B, H, Lq, Lkv, bs, dev))) {
-  return create_block_mask(mm, B, H, Lq, Lkv, bs, dev);
-}
-template <class D>
-std::optional<BlockMask> device_block_mask(const MaskMod&, int64_t, int64_t, int64_t, int64_t, BlockSize, D, long) {
-  return std::nullopt;
-}
-
-// A BlockMask for `dev`; mask_for(d) gives the mask_mod over captures living on device d. Without a device
-// create_block_mask, the block lists come from the CPU and the mask_mod over the device's captures is bound
-// to them (the kernels evaluate it on partial blocks).
+// A BlockMask for `dev`, built there; mask_for(d) gives the mask_mod over captures living on device d.
 BlockMask mask_on(Device dev, const std::function<MaskMod(Device)>& mask_for, int64_t B, int64_t H, int64_t Lq,
                   int64_t Lkv, BlockSize bs) {
-  if (dev.is_cpu()) return create_block_mask(mask_for(dev), B, H, Lq, Lkv, bs);
-  if (auto m = device_block_mask(mask_for(dev), B, H, Lq, Lkv, bs, dev, 0)) return *m;
-  BlockMask cpu = create_block_mask(mask_for(kCPU), B, H, Lq, Lkv, bs);
-  return BlockMask::from_kv_blocks(cpu.kv_num_blocks, cpu.kv_indices, cpu.full_kv_num_blocks, cpu.full_kv_indices, bs,
-                                   mask_for(dev), cpu.seq_lengths);
+  return create_block_mask(mask_for(dev), B, H, Lq, Lkv, bs, dev);
 }
 BlockMask causal_on(Device dev, int64_t Lq, int64_t Lkv, BlockSize bs = 128) {
   return mask_on(dev, [](Device) { return MaskMod(causal_mask); }, 1, 1, Lq, Lkv, bs);
