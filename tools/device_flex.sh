@@ -1,61 +1,75 @@
 #!/bin/bash
-# FlexAttention on a CUDA machine in two short phases (each fits one device call; the build and the PyTorch
-# results of phase `check` are reused by phase `bench` on the same machine). Logs go to $OUT.
+# FlexAttention on a CUDA machine in one call: CUDA tests, conformance on the GPU, and the benchmark against
+# PyTorch's compiled flex_attention (one table). Logs under $OUT (default ./device_logs).
 #
-#   tools/device_flex.sh check   build; PyTorch's compiled flex_attention timed while we build (the GPU is idle
-#                                then); every CUDA test binary (8 shards); conformance on the GPU (fp32, bf16)
-#   tools/device_flex.sh bench   our benchmark (cold and cached compile, then the timed cases) and the one table
-#                                of ours / PyTorch (bench/run_flex_bench.sh's table)
+#   tools/device_flex.sh [BUILD_DIR]
 #
-# Dependencies the machine lacks come from third_party/tp.tgz; the conformance data from
-# FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance).
+# BUILD_DIR holds built binaries (libflexgrad.so, test_cuda, flexgrad_conformance, bench_flex_cuda), e.g. a
+# portable build (-DFLEXGRAD_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=90a) made elsewhere and carried; without
+# one, the script builds here. PyTorch compiles its kernels while our tests run (compiling needs CPUs, not
+# the GPU); every timing, PyTorch's and ours, runs alone on the GPU afterwards.
+# Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance); STEPS (default "tests conformance
+# bench"); GTEST_FILTER for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
 set -u -o pipefail
 OUT=${OUT:-$PWD/device_logs}
-B=${BUILD:-/tmp/fgbuild}
 mkdir -p "$OUT"
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 conf=${FLEXGRAD_CONFORMANCE_DIR:-../shared/conformance}
-phase=${1:-check}
+steps=${STEPS:-tests conformance bench}
+start=$(date +%s)
+t() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
 
-if [ "$phase" = check ]; then
-  if [ -f third_party/tp.tgz ]; then
-    mkdir -p /tmp/tp && tar xzf third_party/tp.tgz -C /tmp/tp && cp -rn /tmp/tp/. / && ldconfig
-  fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/summary.txt" 2>&1
-  # PyTorch first, alone on the GPU, while our build keeps only the CPUs busy.
-  ( PYTHONUNBUFFERED=1 timeout 420 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > /tmp/torch.txt 2>&1 ) &
-  torch_pid=$!
-  start=$(date +%s)
-  { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
-    ninja -C "$B" -j16 flexgrad test_cuda test_attention flexgrad_conformance bench_flex_cuda; } > "$OUT/build.log" 2>&1 ||
-    { tail -40 "$OUT/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
-  wait $torch_pid
-  echo "torch bench rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
-  cp /tmp/torch.csv /tmp/torch.txt "$OUT/" 2>/dev/null
-  export FLEXGRAD_CACHE_DIR=/tmp/fgcache
-  for i in $(seq 0 7); do
-    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout 300 "$B/test_cuda" > /tmp/shard$i.log 2>&1 &
-  done
-  wait
-  cat /tmp/shard*.log > "$OUT/test_cuda.log"
-  echo "test_cuda: $(grep -hE '^\[  PASSED  \]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') passed, \
-$(grep -hcE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | awk '{s+=$1} END {print s+0}') failed lines, \
-$(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') skipped" >> "$OUT/summary.txt"
-  grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u >> "$OUT/summary.txt"
-  for dt in float32 bfloat16; do
-    timeout 200 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$OUT/conformance_cuda_$dt.txt" 2>&1
-    echo "conformance cuda $dt rc=$? $(tail -1 "$OUT/conformance_cuda_$dt.txt")" >> "$OUT/summary.txt"
-  done
-  echo "check done: $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
-  cat "$OUT/summary.txt"
-  grep -hE "Failure|Expected|Which is|error" /tmp/shard*.log | head -30
-elif [ "$phase" = bench ]; then
-  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 500 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
-  echo "run_flex_bench rc=$?"
-  cat "$OUT/flex_bench.txt"
-else
-  echo "usage: tools/device_flex.sh check|bench" >&2
-  exit 2
+if [ -f third_party/tp.tgz ]; then
+  mkdir -p /tmp/tp && tar xzf third_party/tp.tgz -C /tmp/tp && cp -rn /tmp/tp/. / && ldconfig
 fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/summary.txt" 2>&1
+B=${1:-}
+if [ -z "$B" ]; then
+  B=/tmp/fgbuild
+  { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
+    ninja -C "$B" -j16 flexgrad test_cuda flexgrad_conformance bench_flex_cuda; } > "$OUT/build.log" 2>&1 ||
+    { tail -40 "$OUT/build.log"; exit 1; }
+  t "built"
+fi
+export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export FLEXGRAD_CACHE_DIR=/tmp/fgcache
+
+case " $steps " in *" bench "*)
+  # PyTorch's compile, one repetition per case: its kernels land in the inductor/Triton caches on disk.
+  ( PYTHONUNBUFFERED=1 timeout 300 $PY bench/flex_vs_torch.py --reps 1 --csv /tmp/torch_warm.csv > "$OUT/torch_warm.txt" 2>&1 ) &
+  warm_pid=$!
+esac
+
+case " $steps " in *" tests "*)
+  shards=()
+  for i in $(seq 0 7); do
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout 240 "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
+      > /tmp/shard$i.log 2>&1 &
+    shards+=($!)
+  done
+  wait "${shards[@]}"
+  cat /tmp/shard*.log > "$OUT/test_cuda.log"
+  t "test_cuda: $(grep -hE '^\[  PASSED  \]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') passed," \
+    "$(grep -hE '^\[  FAILED  \] [0-9]+ test' /tmp/shard*.log | awk '{s+=$3} END {print s+0}') failed," \
+    "$(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') skipped"
+  grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u | tee -a "$OUT/summary.txt"
+esac
+
+case " $steps " in *" conformance "*)
+  for dt in float32 bfloat16; do
+    timeout 150 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$OUT/conformance_cuda_$dt.txt" 2>&1
+    t "conformance cuda $dt rc=$? $(tail -1 "$OUT/conformance_cuda_$dt.txt")"
+  done
+esac
+
+case " $steps " in *" bench "*)
+  wait $warm_pid
+  t "PyTorch compiled (rc=$?)"
+  PYTHONUNBUFFERED=1 timeout 200 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > "$OUT/torch.txt" 2>&1
+  t "PyTorch timed (rc=$?)"
+  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 240 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
+  t "ours timed (rc=$?)"
+  cat "$OUT/flex_bench.txt"
+esac
+cat "$OUT/summary.txt"
