@@ -234,6 +234,10 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
                                                      const Tensor& kv_len) const {
   const char* op = "convert_logical_block_mask";
   FG_CHECK(bm.kv_num_blocks.defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
+  // The page tables live on the CPU (as the rest of PagedAttention for now): so must the mask they rewrite.
+  FG_CHECK(bm.device().is_cpu(), DeviceError,
+           "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on the CPU; pass a CPU BlockMask "
+           "(create_block_mask(..., kCPU)) or move its lists with BlockMask::from_kv_blocks", op, bm.device());
   FG_CHECK(bm.block_size.kv == page_size_, ValueError,
            "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
            bm.block_size.kv, page_size_, bm.block_size.q, bm.block_size.kv);
