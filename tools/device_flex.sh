@@ -44,7 +44,7 @@ esac
 case " $steps " in *" tests "*)
   shards=()
   for i in $(seq 0 7); do
-    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout 240 "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout 200 "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
       > /tmp/shard$i.log 2>&1 &
     shards+=($!)
   done
@@ -58,7 +58,7 @@ esac
 
 case " $steps " in *" conformance "*)
   for dt in float32 bfloat16; do
-    timeout 150 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$OUT/conformance_cuda_$dt.txt" 2>&1
+    timeout 100 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$OUT/conformance_cuda_$dt.txt" 2>&1
     t "conformance cuda $dt rc=$? $(tail -1 "$OUT/conformance_cuda_$dt.txt")"
   done
 esac
@@ -66,9 +66,9 @@ esac
 case " $steps " in *" bench "*)
   wait $warm_pid
   t "PyTorch compiled (rc=$?)"
-  PYTHONUNBUFFERED=1 timeout 200 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > "$OUT/torch.txt" 2>&1
+  PYTHONUNBUFFERED=1 timeout 150 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > "$OUT/torch.txt" 2>&1
   t "PyTorch timed (rc=$?)"
-  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 240 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
+  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 180 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
   t "ours timed (rc=$?)"
   cat "$OUT/flex_bench.txt"
 esac
