@@ -11,25 +11,27 @@
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance); STEPS (default "tests conformance
 # bench"); GTEST_FILTER for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
 set -u -o pipefail
+# The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
-mkdir -p "$OUT"
+L=/tmp/flex_logs
+mkdir -p "$OUT" "$L"
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 conf=${FLEXGRAD_CONFORMANCE_DIR:-../shared/conformance}
 steps=${STEPS:-tests conformance bench}
 start=$(date +%s)
-t() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
+t() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$L/summary.txt"; tar czf "$L/logs.tgz" -C "$L" . 2>/dev/null; }
 
 if [ -f third_party/tp.tgz ]; then
   mkdir -p /tmp/tp && tar xzf third_party/tp.tgz -C /tmp/tp && cp -rn /tmp/tp/. / && ldconfig
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/summary.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$L/summary.txt" 2>&1
 B=${1:-}
 if [ -z "$B" ]; then
   B=/tmp/fgbuild
   { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
-    ninja -C "$B" -j16 flexgrad test_cuda flexgrad_conformance bench_flex_cuda; } > "$OUT/build.log" 2>&1 ||
-    { tail -40 "$OUT/build.log"; exit 1; }
+    ninja -C "$B" -j16 flexgrad test_cuda flexgrad_conformance bench_flex_cuda; } > "$L/build.log" 2>&1 ||
+    { tail -40 "$L/build.log"; exit 1; }
   t "built"
 fi
 export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -37,7 +39,7 @@ export FLEXGRAD_CACHE_DIR=/tmp/fgcache
 
 case " $steps " in *" bench "*)
   # PyTorch's compile, one repetition per case: its kernels land in the inductor/Triton caches on disk.
-  ( PYTHONUNBUFFERED=1 timeout 300 $PY bench/flex_vs_torch.py --reps 1 --csv /tmp/torch_warm.csv > "$OUT/torch_warm.txt" 2>&1 ) &
+  ( PYTHONUNBUFFERED=1 timeout 300 $PY bench/flex_vs_torch.py --reps 1 --csv /tmp/torch_warm.csv > "$L/torch_warm.txt" 2>&1 ) &
   warm_pid=$!
 esac
 
@@ -49,27 +51,29 @@ case " $steps " in *" tests "*)
     shards+=($!)
   done
   wait "${shards[@]}"
-  cat /tmp/shard*.log > "$OUT/test_cuda.log"
+  cat /tmp/shard*.log > "$L/test_cuda.log"
   t "test_cuda: $(grep -hE '^\[  PASSED  \]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') passed," \
     "$(grep -hE '^\[  FAILED  \] [0-9]+ test' /tmp/shard*.log | awk '{s+=$3} END {print s+0}') failed," \
     "$(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') skipped"
-  grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u | tee -a "$OUT/summary.txt"
+  grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u | tee -a "$L/summary.txt"
 esac
 
 case " $steps " in *" conformance "*)
   for dt in float32 bfloat16; do
-    timeout 100 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$OUT/conformance_cuda_$dt.txt" 2>&1
-    t "conformance cuda $dt rc=$? $(tail -1 "$OUT/conformance_cuda_$dt.txt")"
+    timeout 100 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$L/conformance_cuda_$dt.txt" 2>&1
+    t "conformance cuda $dt rc=$? $(tail -1 "$L/conformance_cuda_$dt.txt")"
   done
 esac
 
 case " $steps " in *" bench "*)
   wait $warm_pid
   t "PyTorch compiled (rc=$?)"
-  PYTHONUNBUFFERED=1 timeout 150 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > "$OUT/torch.txt" 2>&1
+  PYTHONUNBUFFERED=1 timeout 150 $PY bench/flex_vs_torch.py --csv /tmp/torch.csv > "$L/torch.txt" 2>&1
   t "PyTorch timed (rc=$?)"
-  TORCH_CSV=/tmp/torch.csv LOG_DIR=$OUT timeout 180 bench/run_flex_bench.sh "$B" > "$OUT/flex_bench.txt" 2> "$OUT/flex_bench_log.txt"
+  TORCH_CSV=/tmp/torch.csv LOG_DIR=$L timeout 180 bench/run_flex_bench.sh "$B" > "$L/flex_bench.txt" 2> "$L/flex_bench_log.txt"
   t "ours timed (rc=$?)"
-  cat "$OUT/flex_bench.txt"
+  cat "$L/flex_bench.txt"
 esac
-cat "$OUT/summary.txt"
+cat "$L/summary.txt"
+cp "$L/summary.txt" "$L/flex_bench.txt" "$OUT/" 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$L" .
