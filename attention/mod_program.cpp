@@ -567,6 +567,8 @@ struct ScalarVisitor {
     Shape at(idx.size());
     for (size_t d = 0; d < idx.size(); ++d) at[d] = wrap_capture_index(c, static_cast<int64_t>(d), idx[d].i);
     if (in.kind == ValueKind::Float) return ScalarValue::of_float(c.tensor.at(at));
+    // A capture on another device is read through at() (a copy; ints exact up to 2^53).
+    if (!c.tensor.is_cpu()) return ScalarValue::of_int(static_cast<int64_t>(c.tensor.at(at)));
     // ints exactly (int64 values beyond 2^53 must not go through double)
     int64_t off = 0;
     for (size_t d = 0; d < at.size(); ++d) off += at[d] * c.tensor.strides()[d];
