@@ -55,7 +55,7 @@ struct Golden {
 
 // q, k, v, dout float64 contiguous CPU; dlse may be undefined; caps sizes the captured-gradient buffers.
 Golden golden(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& dlse,
-              double scale, const NativeMod& m, const std::vector<int64_t>& cap_numel) {
+              double scale, const NativeMod& m, const std::vector<int64_t>& cap_numel) {  // cap_numel empty: no captured gradients wanted
   const auto Q = q.to_vector(), K = k.to_vector(), V = v.to_vector(), DO = dout.to_vector();
   const std::vector<double> DL = dlse.defined() ? dlse.to_vector() : std::vector<double>();
   std::vector<double> out(d.B * d.Hq * d.Lq * d.Ev, 0.0), lse(d.B * d.Hq * d.Lq, -kInf);
@@ -105,7 +105,7 @@ Golden golden(const Dims& d, const Tensor& q, const Tensor& k, const Tensor& v, 
           for (int64_t e = 0; e < d.Ev; ++e) dp += dob[i * d.Ev + e] * vb[j * d.Ev + e];
           const double ds = p * (dp - delta);
           const double s = S[i * d.Lkv + j];
-          if (m.cap_grad) m.cap_grad(ds, s, b, h, i, j, caps);
+          if (m.cap_grad && !caps.empty()) m.cap_grad(ds, s, b, h, i, j, caps);
           const double dsp = ds * m.dmod(s, b, h, i, j);
           for (int64_t e = 0; e < d.Ev; ++e) dv[((bk * d.Hkv + hk) * d.Lkv + j) * d.Ev + e] += p * dob[i * d.Ev + e];
           for (int64_t e = 0; e < d.E; ++e) {
