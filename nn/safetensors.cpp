@@ -118,7 +118,14 @@ SafetensorsFile load_safetensors(const std::string& path) {
       e.begin = off[0];
       e.end = off[1];
       for (int64_t s : e.shape) FG_CHECK(s >= 0, IOError, "load_safetensors: '{}': tensor '{}' has a negative size", path, e.name);
-      const uint64_t want = static_cast<uint64_t>(shape_numel(e.shape)) * element_size(e.dtype);
+      // Untrusted sizes: count the bytes without wrapping (a shape of 2^62 elements must not look like 0 bytes).
+      uint64_t want = 0;
+      try {
+        want = static_cast<uint64_t>(checked_nbytes(shape_numel(e.shape), element_size(e.dtype), "load_safetensors"));
+      } catch (const ShapeError& err) {
+        FG_FAIL(IOError, "load_safetensors: '{}': tensor '{}' has shape {} that cannot be held in memory ({})", path,
+                e.name, shape_str(e.shape), err.what());
+      }
       FG_CHECK(want == e.end - e.begin, IOError,
                "load_safetensors: '{}': tensor '{}' is {} {} ({} bytes) but its offsets span {} bytes", path, e.name,
                dt, shape_str(e.shape), want, e.end - e.begin);

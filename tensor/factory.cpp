@@ -34,13 +34,23 @@ Tensor generate(const Shape& sizes, TensorOptions o, const char* op, Gen gen) {
 Tensor empty_strided(const Shape& sizes, const Shape& strides, TensorOptions o) {
   FG_CHECK(sizes.size() == strides.size(), ShapeError, "empty_strided: sizes {} and strides {} differ in length",
            shape_str(sizes), shape_str(strides));
-  int64_t extent = 1;
   for (size_t i = 0; i < sizes.size(); ++i) {
     FG_CHECK(sizes[i] >= 0, ShapeError, "empty: negative size {} in shape {}", sizes[i], shape_str(sizes));
-    if (sizes[i] == 0) { extent = 0; break; }
-    extent += (sizes[i] - 1) * strides[i];
+    FG_CHECK(strides[i] >= 0, ShapeError, "empty_strided: negative stride {} in strides {}", strides[i],
+             shape_str(strides));
   }
-  auto storage = std::make_shared<StorageImpl>(static_cast<size_t>(extent) * element_size(o.dtype_), o.device_);
+  shape_numel(sizes);  // the element count itself must be countable
+  // Elements the storage must hold: 1 + the largest offset, every step overflow-checked.
+  int64_t extent = 1;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] == 0) { extent = 0; break; }
+    int64_t span = 0;
+    FG_CHECK(!__builtin_mul_overflow(sizes[i] - 1, strides[i], &span) && !__builtin_add_overflow(extent, span, &extent),
+             ShapeError, "empty_strided: sizes {} with strides {} reach past the int64 range", shape_str(sizes),
+             shape_str(strides));
+  }
+  const int64_t nbytes = checked_nbytes(extent, element_size(o.dtype_), "empty");
+  auto storage = std::make_shared<StorageImpl>(static_cast<size_t>(nbytes), o.device_);
   Tensor t(std::make_shared<TensorImpl>(std::move(storage), sizes, strides, 0, o.dtype_));
   if (o.requires_grad_) t.requires_grad_(true);
   return t;

@@ -195,11 +195,33 @@ Tensor load_npy(const std::string& path) {
 
   Header h = parse_header(header, path);
   auto [dtype, swap] = parse_descr(h.descr, path);
+  // The shape is untrusted: its byte size must be countable and the file must hold that many bytes, both
+  // checked before anything is allocated.
+  int64_t nbytes_needed = 0;
+  try {
+    nbytes_needed = checked_nbytes(shape_numel(h.shape), element_size(dtype), "load_npy");
+  } catch (const ShapeError& e) {
+    FG_FAIL(IOError, "load_npy: '{}': shape {} of {} cannot be held in memory ({})", path, shape_str(h.shape), dtype,
+            e.what());
+  }
+  {
+    const std::streampos here = f.tellg();
+    f.seekg(0, std::ios::end);
+    const int64_t remaining = static_cast<int64_t>(f.tellg() - here);
+    f.seekg(here);
+    FG_CHECK(remaining >= nbytes_needed, IOError,
+             "load_npy: '{}': truncated data (expected {} bytes for shape {} {}, got {})", path, nbytes_needed,
+             shape_str(h.shape), dtype, remaining);
+  }
   // Fortran order stores the transposed layout: the first dim varies fastest.
   Shape strides(h.shape.size());
   if (h.fortran_order) {
     int64_t s = 1;
-    for (size_t d = 0; d < h.shape.size(); ++d) { strides[d] = s; s *= std::max<int64_t>(h.shape[d], 1); }
+    for (size_t d = 0; d < h.shape.size(); ++d) {
+      strides[d] = s;
+      FG_CHECK(!__builtin_mul_overflow(s, std::max<int64_t>(h.shape[d], 1), &s), IOError,
+               "load_npy: '{}': shape {} has strides past the int64 range", path, shape_str(h.shape));
+    }
   } else {
     strides = contiguous_strides(h.shape);
   }

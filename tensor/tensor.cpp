@@ -16,13 +16,35 @@ Shape contiguous_strides(const Shape& sizes) {
   int64_t s = 1;
   for (size_t i = sizes.size(); i-- > 0;) {
     strides[i] = s;
-    s *= std::max<int64_t>(sizes[i], 1);
+    // Only an outermost stride is never used to step; an overflow anywhere else would wrap (checked).
+    if (i > 0) {
+      FG_CHECK(!__builtin_mul_overflow(s, std::max<int64_t>(sizes[i], 1), &s), ShapeError,
+               "shape {} has strides past the int64 range", shape_str(sizes));
+    }
   }
   return strides;
 }
 
 int64_t shape_numel(const Shape& sizes) {
-  return std::accumulate(sizes.begin(), sizes.end(), int64_t{1}, std::multiplies<>());
+  bool empty = false;
+  for (int64_t s : sizes) {
+    FG_CHECK(s >= 0, ShapeError, "negative size {} in shape {}", s, shape_str(sizes));
+    empty = empty || s == 0;
+  }
+  if (empty) return 0;  // [2^62, 0] holds nothing: no product to overflow
+  int64_t n = 1;
+  for (int64_t s : sizes) {
+    FG_CHECK(!__builtin_mul_overflow(n, s, &n), ShapeError, "shape {} has more elements than an int64 can count",
+             shape_str(sizes));
+  }
+  return n;
+}
+
+int64_t checked_nbytes(int64_t elements, size_t element_size, const char* what) {
+  int64_t bytes = 0;
+  FG_CHECK(elements >= 0 && !__builtin_mul_overflow(elements, static_cast<int64_t>(element_size), &bytes), ShapeError,
+           "{}: {} elements of {} bytes need more bytes than an int64 can count", what, elements, element_size);
+  return bytes;
 }
 
 int64_t wrap_dim(int64_t d, int64_t ndim, const char* op) {

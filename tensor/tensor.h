@@ -191,7 +191,10 @@ using TensorList = std::vector<Tensor>;
 
 // ---- layout helpers shared by ops and kernels ----
 Shape contiguous_strides(const Shape& sizes);
+// Number of elements; ShapeError for a negative size or a product past INT64_MAX (a shape never wraps).
 int64_t shape_numel(const Shape& sizes);
+// elements * element_size, ShapeError (naming `what`) past INT64_MAX.
+int64_t checked_nbytes(int64_t elements, size_t element_size, const char* what);
 // Wraps a possibly negative dim into [0, ndim); IndexError naming `op` otherwise.
 int64_t wrap_dim(int64_t d, int64_t ndim, const char* op);
 // The broadcast of two shapes (ShapeError naming `op` and both shapes when incompatible).

@@ -56,6 +56,22 @@ TEST(NnState, MalformedFilesAreReported) {
   EXPECT_THROW_MSG(load_safetensors(tmp_path("missing.safetensors")), IOError, "cannot open");
 }
 
+// Untrusted shapes whose byte size wraps (2^62 float32 elements are 2^64 bytes, i.e. 0 modulo 2^64) used to
+// load over 0 bytes and crash on the first read.
+TEST(NnState, ShapesWhoseByteSizeOverflowsAreRejected) {
+  const std::string p = tmp_path("huge.safetensors");
+  auto write = [&](const std::string& j) {
+    std::ofstream f(p, std::ios::binary);
+    uint64_t n = j.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << j;
+  };
+  write(R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})");
+  EXPECT_THROW_MSG(load_safetensors(p), IOError, "tensor 'w' has shape [4611686018427387904] that cannot be held");
+  write(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})");
+  EXPECT_THROW_MSG(load_safetensors(p), IOError, "tensor 'w' has shape [4294967296, 4294967296]");
+}
+
 TEST(NnState, ModuleLoadReportsEveryMismatch) {
   manual_seed(5);
   GPTConfig gc{.vocab_size = 6, .context = 8, .d_model = 8, .n_layers = 1, .n_heads = 2};

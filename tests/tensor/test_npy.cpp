@@ -163,6 +163,20 @@ TEST(Npy, Errors) {
   expect_error<IOError>([] { save_npy("/nonexistent/dir/y.npy", zeros({1})); }, "cannot open '/nonexistent/dir/y.npy'");
 }
 
+// A 144-byte file whose shape claims 2^62 elements used to load over 0 bytes and crash on read; one of
+// 2^32 x 2^32 elements loaded as numel 0. Both are rejected before anything is allocated.
+TEST(Npy, ShapesTheFileCannotHoldAreRejected) {
+  const std::string p = tmp_path("huge.npy");
+  write_npy(p, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,), }", "");
+  EXPECT_THROW_MSG(load_npy(p), IOError, "huge.npy", "shape [4611686018427387904] of float32 cannot be held");
+  write_npy(p, "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", "");
+  EXPECT_THROW_MSG(load_npy(p), IOError, "huge.npy", "[4294967296, 4294967296]");
+  write_npy(p, "{'descr': '<f8', 'fortran_order': False, 'shape': (1000, 1000), }", std::string(64, '\0'));
+  EXPECT_THROW_MSG(load_npy(p), IOError, "huge.npy", "truncated data (expected 8000000 bytes for shape [1000, 1000] float64, got 64)");
+  write_npy(p, "{'descr': '<f4', 'fortran_order': True, 'shape': (0, 4611686018427387904, 4611686018427387904), }", "");
+  EXPECT_THROW_MSG(load_npy(p), IOError, "huge.npy");
+}
+
 TEST(Npy, ConformanceFiles) {
   // The environment may point elsewhere (a git worktree has no ../shared next to it).
   const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR");

@@ -143,3 +143,17 @@ TEST(Broadcast, Shapes) {
 
 }  // namespace
 }  // namespace fg
+
+namespace fg {
+namespace {
+// Sizes whose element or byte count passes INT64_MAX are errors, never a wrapped (small or zero) size.
+TEST(TensorLayoutLimits, SizesThatOverflowAreErrorsNotWraps) {
+  EXPECT_THROW_MSG(zeros({int64_t{1} << 61, 8}), ShapeError, "more elements than an int64 can count");
+  EXPECT_THROW_MSG(full({1, INT64_MAX / 2}, 1.0, kFloat32), ShapeError, "need more bytes than an int64 can count");
+  EXPECT_THROW_MSG(empty_strided({2, 2}, {INT64_MAX, 1}), ShapeError, "reach past the int64 range");
+  EXPECT_THROW_MSG(empty_strided({2}, {-1}), ShapeError, "negative stride");
+  EXPECT_THROW_MSG(shape_numel({3, -1}), ShapeError, "negative size -1");
+  EXPECT_EQ(zeros({int64_t{1} << 62, 0}).numel(), 0);  // nothing to hold: fine
+}
+}  // namespace
+}  // namespace fg
