@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "ops/ops.h"
@@ -31,6 +32,13 @@ inline void expect_error(F&& f, const std::string& needle) {
   } catch (const E& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
   }
+}
+
+// PyTorch's conformance data: the environment variable FLEXGRAD_CONFORMANCE_DIR when set, else the path CMake
+// gives every test binary (../shared/conformance beside the source tree).
+inline std::string conformance_dir() {
+  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
+  return FLEXGRAD_CONFORMANCE_DIR;
 }
 
 inline Tensor tensor(std::vector<double> values, Shape shape, DType dtype = kFloat64) {

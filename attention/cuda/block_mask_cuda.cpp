@@ -3,13 +3,11 @@
 // kernels/block_mask.cuh classifies the blocks, NVRTC compiles the pair once per program (jit.h caches it
 // in memory and on disk). The block lists are built by the CUB kernels of block_mask_lists.cu.
 #include <cstdint>
-#include <numeric>
 
 #include "attention/block_mask_kernels.h"
 #include "attention/cuda/block_mask_lists.h"
 #include "attention/cuda/flex_cuda_common.h"
 #include "attention/cuda/jit.h"
-#include "attention/mod_codegen.h"
 
 namespace fg::cuda {
 namespace {
@@ -22,57 +20,6 @@ struct BlockMaskShape {
   int32_t bq, bkv, nq, nkv;
 };
 static_assert(sizeof(BlockMaskShape) == 64, "BlockMaskShape must match FgBlockMaskShape");
-
-// Whether evaluating the program can raise (a captured read out of range; an integer //, % by zero or
-// power with a negative exponent): only then does the kernel get an error flag, whose check after the
-// kernel synchronises.
-bool can_fail(const ModProgram& p) {
-  for (const Instr& in : p.instrs()) {
-    const bool int_op = in.kind != ValueKind::Float &&
-                        (in.op == ExprOp::FloorDiv || in.op == ExprOp::Mod || in.op == ExprOp::Pow);
-    if (in.op == ExprOp::Index || int_op) return true;
-  }
-  return false;
-}
-
-// The mask program's kernel arguments and source: its captures in slots 0..n-1, read in place on `device`.
-flex::ModContext mask_context(const ModProgram& program, Device device) {
-  const std::vector<CaptureRef>& caps = program.captures();
-  FG_CHECK(caps.size() <= static_cast<size_t>(flex::kMaxCaptures), NotImplementedError,
-           "create_block_mask: the mask_mod captures {} tensors; CUDA kernels take at most {}", caps.size(),
-           flex::kMaxCaptures);
-  flex::ModContext ctx;
-  for (size_t i = 0; i < caps.size(); ++i) {
-    const Tensor& t = caps[i].tensor;
-    FG_CHECK(t.device() == device, DeviceError,
-             "create_block_mask: the mask_mod's captured tensor '{}' is on {} but the BlockMask is built on {}; "
-             "expected it on {} (move it with .to(device) before tracing)",
-             caps[i].name, t.device(), device, device);
-    FG_CHECK(t.dim() <= flex::kMaxRank, NotImplementedError,
-             "create_block_mask: captured tensor '{}' has {} dims; CUDA kernels take at most {}", caps[i].name, t.dim(),
-             flex::kMaxRank);
-    flex::FgCapture& c = ctx.args.caps[i];
-    c.data = t.numel() > 0 ? t.data_ptr() : nullptr;
-    c.ndim = static_cast<int>(t.dim());
-    c.dtype = flex::abi_dtype(t.dtype());
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      c.sizes[d] = t.size(d);
-      c.strides[d] = t.stride(d);
-    }
-    ctx.captures.push_back(caps[i]);
-  }
-  if (can_fail(program)) {
-    ctx.error_buf = zeros({static_cast<int64_t>(sizeof(flex::FgError) / sizeof(int64_t))},
-                          TensorOptions().dtype(kInt64).device(device));
-    ctx.args.error = static_cast<flex::FgError*>(ctx.error_buf.data_ptr());
-  }
-  CudaModsInput in;
-  in.mask_mod = &program;
-  in.mask_slots.resize(caps.size());
-  std::iota(in.mask_slots.begin(), in.mask_slots.end(), 0);
-  ctx.source = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in);  // as flex::make_mod_context
-  return ctx;
-}
 
 Tensor eval_cuda(const ModProgram& program, int64_t B, int64_t H, int64_t Q_LEN, int64_t KV_LEN, BlockSize bs,
                  Device device) {
@@ -87,7 +34,7 @@ Tensor eval_cuda(const ModProgram& program, int64_t B, int64_t H, int64_t Q_LEN,
   FG_CHECK(tiles <= INT32_MAX, ValueError,
            "create_block_mask: {} blocks to evaluate ({} x {} x {} x {}); CUDA launches take at most {}", tiles, Be, He,
            nQ, nKV, INT32_MAX);
-  flex::ModContext ctx = mask_context(program, device);
+  flex::ModContext ctx = flex::make_mod_context(nullptr, &program, nullptr, {}, device, "create_block_mask");
   jit::JitSource src;
   src.name = "block_mask";
   src.code = flex::assemble(ctx, {"FG_BM_THREADS " + std::to_string(kThreads)}, "block_mask.cuh");

@@ -79,14 +79,6 @@ struct Config {
   size_t smem_dkdv = 0, smem_dq = 0;
 };
 
-// The tensor-core kernels copy rows with 16-byte cp.async: every row must start 16-byte aligned.
-bool rows_aligned16(const Tensor& t) {
-  const int64_t es = static_cast<int64_t>(t.element_size());
-  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) == 1 || (t.stride(d) * es) % 16 == 0;
-  return ok;
-}
-
 // `out` and `dout` are the contiguous tensors the kernels read, `o` the outputs they write.
 Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout, const FlexBackwardOutputs& o) {
   const DType dt = p.q.dtype();

@@ -18,6 +18,15 @@ static_assert(offsetof(FgCapture, ndim) == 8 + 2 * 8 * kMaxRank, "FgCapture layo
 static_assert(sizeof(FgError) == 32, "FgError layout");
 static_assert(offsetof(FgModArgs, error) == sizeof(FgCapture) * kMaxCaptures, "FgModArgs layout");
 
+bool rows_aligned16(const Tensor& t) {
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * es) % 16 != 0) return false;
+  }
+  return true;
+}
+
 int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_* follow fg::DType's order
 
 namespace {
@@ -35,20 +44,20 @@ bool program_can_fail(const ModProgram* p) {
 
 }  // namespace
 
-ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap) {
+ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
+                            const std::vector<bool>& needs_cap, Device dev, const char* caller) {
   ModContext ctx;
-  const Device dev = p.q.device();
   // One kernel slot per distinct captured tensor (by identity), whichever program reads it.
   auto slot_of = [&](const CaptureRef& c) -> int {
     for (size_t i = 0; i < ctx.captures.size(); ++i)
       if (ctx.captures[i].tensor.impl() == c.tensor.impl()) return static_cast<int>(i);
     FG_CHECK(ctx.captures.size() < static_cast<size_t>(kMaxCaptures), NotImplementedError,
-             "flex_attention on CUDA: the score_mod and mask_mod capture more than {} tensors together", kMaxCaptures);
+             "{} on CUDA: the mods capture more than {} tensors together", caller, kMaxCaptures);
     FG_CHECK(c.tensor.device() == dev, DeviceError,
-             "flex_attention: captured tensor '{}' is on {} but q, k, v are on {}; move it to {} (captured tensors are "
-             "read in place by the kernels)", c.name, c.tensor.device(), dev, dev);
+             "{}: captured tensor '{}' is on {} but the kernels run on {}; move it to {} (captured tensors are read "
+             "in place by the kernels)", caller, c.name, c.tensor.device(), dev, dev);
     FG_CHECK(c.tensor.dim() <= kMaxRank, NotImplementedError,
-             "flex_attention on CUDA: captured tensor '{}' has {} dims; at most {} are supported", c.name, c.tensor.dim(),
+             "{} on CUDA: captured tensor '{}' has {} dims; at most {} are supported", caller, c.name, c.tensor.dim(),
              kMaxRank);
     ctx.captures.push_back(c);
     return static_cast<int>(ctx.captures.size() - 1);
@@ -60,22 +69,22 @@ ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vect
   };
 
   CudaModsInput in;
-  in.score_mod = p.score_mod.get();
-  in.mask_mod = p.mask_mod.get();
+  in.score_mod = score_mod;
+  in.mask_mod = mask_mod;
   if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());
   if (in.mask_mod) in.mask_slots = slots_of(in.mask_mod->captures());
-  if (backward && p.score_grad) {
-    in.score_grad = p.score_grad.get();
-    in.grad_slots = slots_of(p.score_grad->program.captures());
+  if (score_grad) {
+    in.score_grad = score_grad;
+    in.grad_slots = slots_of(score_grad->program.captures());
     in.grad_needed = needs_cap;
-    in.grad_needed.resize(p.score_grad->captures.size(), false);
+    in.grad_needed.resize(score_grad->captures.size(), false);
   }
   ctx.source = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in);
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;
     FgCapture& c = ctx.args.caps[i];
-    c.data = t.data_ptr();
+    c.data = t.numel() > 0 ? t.data_ptr() : nullptr;
     c.ndim = static_cast<int>(t.dim());
     c.dtype = abi_dtype(t.dtype());
     for (int64_t d = 0; d < t.dim(); ++d) {
@@ -90,6 +99,11 @@ ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vect
     ctx.args.error = static_cast<FgError*>(ctx.error_buf.data_ptr());
   }
   return ctx;
+}
+
+ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap) {
+  return make_mod_context(p.score_mod.get(), p.mask_mod.get(), backward ? p.score_grad.get() : nullptr, needs_cap,
+                          p.q.device(), "flex_attention");
 }
 
 void check_mod_errors(const ModContext& ctx) {

@@ -43,6 +43,10 @@ struct ModContext {
 // device, NotImplementedError past kMaxCaptures captures or kMaxRank dims. `needs_cap` (per
 // score_grad->captures slot) selects the capture-gradient terms; empty for the forward.
 ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap = {});
+// The same for any set of programs (each may be null) run on `dev`; `caller` names the API in messages
+// (create_block_mask uses it with a mask program alone).
+ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
+                            const std::vector<bool>& needs_cap, Device dev, const char* caller);
 
 // After the kernels that used `ctx`: reads the error flag (a device->host copy, so it synchronises) and
 // raises the IndexError / ValueError the CPU evaluators raise for the same read. No-op when nothing can fail.
@@ -51,6 +55,10 @@ void check_mod_errors(const ModContext& ctx);
 // The translation unit: ctx.source, then `defines` (one "#define NAME VALUE" per entry), then the
 // embedded kernel template `template_name` (a file of attention/cuda/kernels/).
 std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines, const char* template_name);
+
+// Whether every row of a 4-D tensor (last dim contiguous) starts 16-byte aligned: the pointer and the strides
+// of dims 0-2 (where the size exceeds 1) are multiples of 16 bytes. The kernels' 16-byte copies need it.
+bool rows_aligned16(const Tensor& t);
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

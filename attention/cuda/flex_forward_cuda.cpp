@@ -127,14 +127,9 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
   return c;
 }
 
-// 16-byte vector loads are valid when every row start is 16-byte aligned.
+// 16-byte vector loads are valid when every row start is 16-byte aligned and rows are whole vectors.
 bool vec_ok(const Tensor& t, int64_t last) {
-  const size_t es = t.element_size();
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || (last * static_cast<int64_t>(es)) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d) {
-    if (t.sizes()[d] > 1 && (t.strides()[d] * static_cast<int64_t>(es)) % 16 != 0) return false;
-  }
-  return true;
+  return flex::rows_aligned16(t) && (last * static_cast<int64_t>(t.element_size())) % 16 == 0;
 }
 
 int32_t to_i32(int64_t x, const char* what) {

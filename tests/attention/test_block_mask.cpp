@@ -2,6 +2,8 @@
 // from_kv_blocks, combinators.
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -14,13 +16,6 @@
 using namespace fg;
 
 namespace {
-
-// The conformance data: FLEXGRAD_CONFORMANCE_DIR (set for test binaries; a worktree may not have it at
-// that relative path), overridable with the environment variable of the same name.
-std::string conformance_dir() {
-  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
-  return FLEXGRAD_CONFORMANCE_DIR;
-}
 
 std::vector<int32_t> ints(const Tensor& t) {
   std::vector<int32_t> v;
@@ -51,7 +46,7 @@ MaskMod case_mask(const std::string& name, const std::string& dir) {
 }  // namespace
 
 TEST(BlockMask, MatchesPyTorchConformance) {
-  const std::string dir = conformance_dir();
+  const std::string dir = fg::testing::conformance_dir();
   if (!std::filesystem::exists(dir + "/manifest.json"))
     GTEST_SKIP() << "no conformance data at " << dir << " (set FLEXGRAD_CONFORMANCE_DIR)";
   std::ifstream f(dir + "/manifest.json");

@@ -9,19 +9,14 @@
 namespace fg {
 namespace {
 
-std::string conformance_dir() {
-  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
-  return FLEXGRAD_CONFORMANCE_DIR;
-}
-
 class Conformance : public ::testing::TestWithParam<std::pair<DType, FlexBackend>> {};
 
 TEST_P(Conformance, EveryCasePassesPyTorchsRule) {
-  if (!std::filesystem::exists(conformance_dir() + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << conformance_dir();
+  if (!std::filesystem::exists(fg::testing::conformance_dir() + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << fg::testing::conformance_dir();
   ConformanceOptions o;
   o.dtype = GetParam().first;
   o.backend = GetParam().second;
-  auto results = run_conformance(conformance_dir(), o);
+  auto results = run_conformance(fg::testing::conformance_dir(), o);
   EXPECT_EQ(results.size(), 13u);
   for (const auto& r : results) {
     EXPECT_TRUE(r.passed()) << format_conformance({r});

@@ -19,11 +19,6 @@
 namespace fg {
 namespace {
 
-std::string conformance_dir() {
-  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
-  return FLEXGRAD_CONFORMANCE_DIR;
-}
-
 std::vector<int64_t> ints(const Tensor& t) {
   std::vector<int64_t> v;
   for (double x : t.to(kCPU).to_vector()) v.push_back(static_cast<int64_t>(x));
@@ -166,7 +161,7 @@ TEST_F(BlockMaskCuda, EqualsABruteForceClassification) {
 
 // PyTorch's create_block_mask results (the conformance files), with the masks of their README.
 TEST_F(BlockMaskCuda, MatchesPyTorchConformance) {
-  const std::string dir = conformance_dir();
+  const std::string dir = fg::testing::conformance_dir();
   if (!std::filesystem::exists(dir + "/manifest.json"))
     GTEST_SKIP() << "no conformance data at " << dir << " (set FLEXGRAD_CONFORMANCE_DIR)";
   std::ifstream f(dir + "/manifest.json");

@@ -11,20 +11,15 @@
 namespace fg {
 namespace {
 
-std::string conformance_dir() {
-  if (const char* env = std::getenv("FLEXGRAD_CONFORMANCE_DIR")) return env;
-  return FLEXGRAD_CONFORMANCE_DIR;
-}
-
 class ConformanceCuda : public ::testing::TestWithParam<DType> {};
 
 TEST_P(ConformanceCuda, EveryCasePassesPyTorchsRule) {
   if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the GPU conformance run";
-  if (!std::filesystem::exists(conformance_dir() + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << conformance_dir();
+  if (!std::filesystem::exists(fg::testing::conformance_dir() + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << fg::testing::conformance_dir();
   ConformanceOptions o;
   o.dtype = GetParam();
   o.device = Device(DeviceType::CUDA, 0);
-  auto results = run_conformance(conformance_dir(), o);
+  auto results = run_conformance(fg::testing::conformance_dir(), o);
   EXPECT_EQ(results.size(), 13u);
   for (const auto& r : results) EXPECT_TRUE(r.passed()) << format_conformance({r});
   std::printf("%s", format_conformance(results).c_str());
