@@ -90,7 +90,8 @@ Tensor kernel_layout(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-// The problem in kernel form: contiguous inputs in the compute dtype (f64, else f32).
+// The problem in kernel form (flex_kernels.h): on the CPU contiguous inputs in the compute dtype (f64, else
+// f32); on CUDA the inputs as given where the kernels can read them in place. Block lists on q's device.
 // derive_grad: build the score_mod's derivative program (only when a backward can follow).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
                          std::shared_ptr<const ModProgram> score_prog, bool derive_grad) {
