@@ -5,9 +5,7 @@
 // so these tests do not depend on the CUDA forward; the end-to-end tests at the bottom go through
 // flex_attention and autograd when a CUDA forward is registered. Skipped visibly without a GPU.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -515,68 +513,6 @@ TEST_F(FlexBackwardCuda, RejectsMismatchedInputs) {
   testing::expect_error<DeviceError>([&] { flex_backward_stub(kCUDA, p, out_cpu, lse, dout, Tensor(), {}, o); }, "out");
   testing::expect_error<DTypeError>(
       [&] { flex_backward_stub(kCUDA, p, out_cpu.to(kCUDA), lse.to(kFloat64), dout, Tensor(), {}, o); }, "lse");
-}
-
-// ---- timing (not a correctness test: run with --gtest_also_run_disabled_tests) ----------------------
-// bf16 B=4 H=16 S=4096 D=128, no mask and causal (BlockMask 128), TFLOP/s as 2.5 x the forward's
-// 4 B H S^2 D over the visited blocks. out / lse come from the CUDA forward when one is registered,
-// else from a stand-in of the right magnitude (the backward's work does not depend on their values).
-TEST_F(FlexBackwardCuda, DISABLED_BenchBf16) {
-  const int64_t B = 4, H = 16, S = 4096, D = 128;
-  const char* env_s = std::getenv("FLEXGRAD_BENCH_S");
-  const int64_t L = env_s ? std::atoll(env_s) : S;
-  Generator gen(5);
-  auto dev_rand = [&](const Shape& s) { return randn(s, kFloat32, &gen).to(kBFloat16).to(kCUDA); };
-  Tensor q = dev_rand({B, H, L, D}), k = dev_rand({B, H, L, D}), v = dev_rand({B, H, L, D}), dout = dev_rand({B, H, L, D});
-  for (bool causal_mask : {false, true}) {
-    FlexProblem p;
-    p.q = q, p.k = k, p.v = v;
-    p.B = B, p.Hq = H, p.Lq = L, p.E = D, p.Bkv = B, p.Hkv = H, p.Lkv = L, p.Ev = D;
-    p.scale = 1.0 / std::sqrt(double(D));
-    double density = 1;
-    if (causal_mask) {
-      BlockMask bm = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
-      density = 1 - bm.sparsity() / 100;
-      p.mask_mod = bm.mask_program;
-      p.kv_lists = lists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, kCUDA);
-      p.q_lists = lists(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, kCUDA);
-    } else {
-      const int64_t n = (L + 127) / 128;
-      Tensor num = full({1, 1, n}, n, kInt32);
-      Tensor idx = arange(0, static_cast<double>(n), 1, kInt32).view({1, 1, 1, n}).expand({1, 1, n, n}).contiguous();
-      p.kv_lists = p.q_lists = lists(Tensor(), Tensor(), num, idx, kCUDA);
-    }
-    FlexForwardOutputs f;
-    f.out = empty({B, H, L, D}, TensorOptions().dtype(kBFloat16).device(kCUDA));
-    f.lse = empty({B, H, L}, TensorOptions().dtype(kFloat32).device(kCUDA));
-    f.max_scores = empty({B, H, L}, TensorOptions().dtype(kFloat32).device(kCUDA));
-    const bool have_fwd = flex_forward_stub.has(DeviceType::CUDA);
-    if (have_fwd) {
-      flex_forward_stub(kCUDA, p, f);
-    } else {
-      f.out = dev_rand({B, H, L, D}) * 0.05;
-      f.lse = full({B, H, L}, std::log(double(L) * density) + 0.5, TensorOptions().dtype(kFloat32).device(kCUDA));
-    }
-    FlexBackwardOutputs o;
-    auto run = [&] { flex_backward_stub(kCUDA, p, f.out, f.lse, dout, Tensor(), {}, o); };
-    for (int i = 0; i < 3; ++i) run();
-    cuda::synchronize();
-    std::vector<double> ms;
-    for (int rep = 0; rep < 5; ++rep) {
-      const int n = 10;
-      auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < n; ++i) run();
-      cuda::synchronize();
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / n);
-    }
-    std::sort(ms.begin(), ms.end());
-    const double t = ms[ms.size() / 2];
-    const double flops = 2.5 * 4.0 * B * H * double(L) * L * D * density;
-    std::printf("flexgrad bwd bf16 B=%lld H=%lld S=%lld D=%lld %-7s density %.3f: %.3f ms  %.1f TFLOP/s (out/lse from %s)\n",
-                (long long)B, (long long)H, (long long)L, (long long)D, causal_mask ? "causal" : "nomask", density, t,
-                flops / t / 1e9, have_fwd ? "the CUDA forward" : "a stand-in");
-    EXPECT_TRUE(std::isfinite(norm2(o.dq)));
-  }
 }
 
 // ---- end to end: flex_attention on CUDA, autograd, gradients through out and lse ----------------------
