@@ -140,6 +140,36 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
   return s;
 }
 
+// The end of a row's online softmax, with PyTorch's non-finite rule (the CPU kernel's, flex_cpu.cpp):
+//   a NaN score anywhere in the row        -> output, lse and max_scores NaN
+//   every score -inf (or no block visited) -> output 0, lse -inf, max_scores -inf
+//   a +inf score and no NaN                -> output NaN (inf - inf), lse +inf, max_scores +inf
+// The running max skips NaN (fmax), so a NaN shows up in the sum instead: with a finite or -inf max every
+// other term is finite, so a NaN sum means a NaN score; next to a +inf max the kernel looked (`saw_nan`).
+__device__ __forceinline__ float fg_log_t(float x) { return logf(x); }
+__device__ __forceinline__ double fg_log_t(double x) { return log(x); }
+template <class T>
+struct FgRowEnd {
+  T inv, lse, max;
+};
+template <class T>
+__device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
+  const T inf = -(T)fg_neg_inf(), nan = inf - inf;
+  const bool nan_row = saw_nan || (lsum != lsum && m != inf);
+  FgRowEnd<T> e;
+  if (nan_row) {
+    e.inv = e.lse = e.max = nan;
+  } else if (m == -inf) {
+    e.inv = 0;
+    e.lse = e.max = -inf;
+  } else {
+    e.inv = (T)1 / lsum;
+    e.lse = m == inf ? inf : m + fg_log_t(lsum);
+    e.max = m;
+  }
+  return e;
+}
+
 #if FG_ELEM == FG_DT_BFLOAT16 || FG_ELEM == FG_DT_FLOAT16
 // =================================================================================================
 // Tensor-core kernel (bf16 / f16)
@@ -194,12 +224,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
 
   float o[FG_MF][FG_EV / 8][4];
   float m[FG_MF][2], l[FG_MF][2];
+  bool saw_nan[FG_MF][2];  // a NaN score next to a +inf max (where the sum cannot show it); see the epilogue
 #pragma unroll
   for (int f = 0; f < FG_MF; ++f) {
 #pragma unroll
     for (int n = 0; n < FG_EV / 8; ++n) o[f][n][0] = o[f][n][1] = o[f][n][2] = o[f][n][3] = 0.f;
     m[f][0] = m[f][1] = fg_neg_inf();
     l[f][0] = l[f][1] = 0.f;
+    saw_nan[f][0] = saw_nan[f][1] = false;
   }
 
   FgTile cur = fg_first_tile(p, rt);
@@ -324,6 +356,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         }
         mx = fg_quad_max(mx);
         const float m_new = fmaxf(m[f][hf], mx);
+        if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
+#pragma unroll
+          for (int n = 0; n < FG_BN / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
+        }
         const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
         const float corr = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
         const float ms = m_use * FG_LOG2E;
@@ -388,8 +426,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     for (int hf = 0; hf < 2; ++hf) {
       const int qi = m0 + wrow + 16 * f + g + 8 * hf;
       const float lsum = fg_quad_sum(l[f][hf]);
+      bool saw = saw_nan[f][hf];  // over the quad holding the row
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
       if (qi >= m_end) continue;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      const FgRowEnd<float> e = fg_row_end(m[f][hf], lsum, saw);
+      const float inv = e.inv;
       fg_h16* orow = out + (row0 + qi) * p.Ev;
 #pragma unroll
       for (int n = 0; n < FG_EV / 8; ++n) {
@@ -403,8 +445,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         }
       }
       if (t4 == 0) {
-        ((float*)p.lse)[row0 + qi] = lsum > 0.f ? m[f][hf] + logf(lsum) : fg_neg_inf();
-        ((float*)p.mx)[row0 + qi] = m[f][hf];
+        ((float*)p.lse)[row0 + qi] = e.lse;
+        ((float*)p.mx)[row0 + qi] = e.max;
       }
     }
   }
@@ -434,13 +476,6 @@ __device__ __forceinline__ fg_t fg_exp(fg_t x) {
   return exp(x);
 #else
   return expf(x);
-#endif
-}
-__device__ __forceinline__ fg_t fg_log(fg_t x) {
-#if FG_ELEM == FG_DT_FLOAT64
-  return log(x);
-#else
-  return logf(x);
 #endif
 }
 // Four consecutive elements from 16-byte-aligned shared memory.
@@ -483,10 +518,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   const fg_t ninf = (fg_t)fg_neg_inf();
 
   fg_t o[FG_TM][FG_TV], m[FG_TM], l[FG_TM];
+  bool saw_nan[FG_TM];  // see fg_row_end
 #pragma unroll
   for (int i = 0; i < FG_TM; ++i) {
     m[i] = ninf;
     l[i] = 0;
+    saw_nan[i] = false;
 #pragma unroll
     for (int j = 0; j < FG_TV; ++j) o[i][j] = 0;
   }
@@ -550,6 +587,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         mx = y > mx ? y : mx;
       }
       const fg_t m_new = m[i] > mx ? m[i] : mx;
+      if (m_new == -ninf) {
+#pragma unroll
+        for (int j = 0; j < FG_TN; ++j) saw_nan[i] |= s[i][j] != s[i][j];
+      }
       const fg_t m_use = m_new == ninf ? (fg_t)0 : m_new;
       const fg_t corr = fg_exp(m[i] - m_use);
       fg_t sum = 0;
@@ -597,17 +638,21 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     fg_t lsum = l[i];
 #pragma unroll
     for (int w = 1; w < 16; w <<= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, w);
+    bool saw = saw_nan[i];
+#pragma unroll
+    for (int w = 1; w < 16; w <<= 1) saw |= __shfl_xor_sync(0xffffffffu, (int)saw, w) != 0;
     const int qi = m0 + ty * FG_TM + i;
     if (qi >= m_end) continue;
-    const fg_t inv = lsum > 0 ? (fg_t)1 / lsum : (fg_t)0;
+    const FgRowEnd<fg_t> e = fg_row_end(m[i], lsum, saw);
+    const fg_t inv = e.inv;
 #pragma unroll
     for (int j = 0; j < FG_TV; ++j) {
       const int col = tx * FG_TV + j;
       if (col < p.Ev) out[(row0 + qi) * p.Ev + col] = o[i][j] * inv;
     }
     if (tx == 0) {
-      ((fg_t*)p.lse)[row0 + qi] = lsum > 0 ? m[i] + fg_log(lsum) : ninf;
-      ((fg_t*)p.mx)[row0 + qi] = m[i];
+      ((fg_t*)p.lse)[row0 + qi] = e.lse;
+      ((fg_t*)p.mx)[row0 + qi] = e.max;
     }
   }
 }
