@@ -119,8 +119,8 @@ ConformanceCheck compare_block_mask(const BlockMask& ours, const std::string& di
       if (!equal(x, y)) { c.passed = false; c.note += what + " indices differ in row " + std::to_string(r) + "; "; return; }
     }
   };
-  same(ours.kv_num_blocks, ours.kv_indices, "kv");
-  same(ours.full_kv_num_blocks, ours.full_kv_indices, "full_kv");
+  same(ours.kv_num_blocks(), ours.kv_indices(), "kv");
+  same(ours.full_kv_num_blocks(), ours.full_kv_indices(), "full_kv");
   c.limit = 0;
   return c;
 }

@@ -17,7 +17,7 @@ namespace {
 void show(const std::string& title, const std::string& why, const MaskMod& mask, int64_t seq, int64_t block) {
   BlockMask bm = create_block_mask(mask, std::nullopt, std::nullopt, seq, seq, block);
   fmt::print("== {} ==\n{}\nmask_mod: {}\nsparsity: {:.2f}% of the score matrix skipped\n", title, why,
-             bm.mask_program->to_string(), bm.sparsity());
+             bm.mask_program()->to_string(), bm.sparsity());
   // Drop PyTorch's "(b, h)" header line: these masks do not depend on b or h.
   std::string pic = bm.to_string({32, 32}, 1, /*show_partial=*/true);
   fmt::print("{}\n", pic.substr(pic.find('\n') + 1));

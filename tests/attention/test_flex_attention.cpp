@@ -279,6 +279,50 @@ TEST(FlexAttention, ErrorsNameTheArgumentAndShapes) {
   EXPECT_THROW(flex_attention(q, k, v, bad_mod), ValueError);
 }
 
+// No heads (or no batch, or no queries): empty results and empty / zero gradients on both paths, as
+// PyTorch; H = 0 used to divide by zero (SIGFPE) computing the GQA group.
+TEST(FlexAttention, NoHeadsNoBatchNoQueriesGiveEmptyResults) {
+  for (FlexBackend backend : {FlexBackend::Fused, FlexBackend::Reference}) {
+    for (Shape qs : {Shape{1, 0, 8, 4}, Shape{0, 2, 8, 4}, Shape{1, 2, 0, 4}}) {
+      SCOPED_TRACE(::testing::Message() << (backend == FlexBackend::Fused ? "fused " : "reference ") << shape_str(qs));
+      Shape ks{qs[0], qs[1], 8, 4};
+      Tensor q = randn(qs).requires_grad_(), k = randn(ks).requires_grad_(), v = randn(ks).requires_grad_();
+      Tensor bias = zeros({8}).requires_grad_();
+      FlexAttentionOptions o;
+      o.return_lse = true;
+      o.kernel.backend = backend;
+      o.score_mod = [b = Captured(bias)](Expr s, Expr, Expr, Expr, Expr kv) { return s + b[kv]; };
+      if (qs[2] > 0) o.block_mask = create_block_mask(causal_mask, std::nullopt, std::nullopt, 8, 8, 4);
+      auto r = flex_attention(q, k, v, o);
+      EXPECT_EQ(r.out.sizes(), qs);
+      EXPECT_EQ(r.lse.sizes(), (Shape{qs[0], qs[1], qs[2]}));
+      r.out.sum().backward();
+      EXPECT_EQ(q.grad().sizes(), qs);
+      ASSERT_TRUE(k.grad().defined());
+      EXPECT_EQ(k.grad().sizes(), ks);
+      EXPECT_EQ(v.grad().sizes(), ks);
+      if (k.numel() > 0) {
+        EXPECT_EQ(amax(abs(k.grad())).item(), 0.0);
+        EXPECT_EQ(amax(abs(v.grad())).item(), 0.0);
+      }
+      ASSERT_TRUE(bias.grad().defined());
+      EXPECT_EQ(bias.grad().sizes(), Shape{8});
+      EXPECT_EQ(amax(abs(bias.grad())).item(), 0.0);
+    }
+  }
+  // GQA with no query heads: a group of 0 heads per kv head.
+  FlexAttentionOptions gqa;
+  gqa.enable_gqa = true;
+  EXPECT_EQ(flex_attention(randn({1, 0, 8, 4}), randn({1, 2, 8, 4}), randn({1, 2, 8, 4}), gqa).out.sizes(),
+            (Shape{1, 0, 8, 4}));
+}
+
+TEST(FlexAttention, DefaultConstructedBlockMaskIsRejected) {
+  FlexAttentionOptions o;
+  o.block_mask = BlockMask();
+  Tensor q = randn({1, 1, 8, 4});
+  EXPECT_THROW_MSG(flex_attention(q, q, q, o), ValueError, "block_mask", "default-constructed");
+}
 
 // The fused backward recomputes from q, k, v and the captured tensors: an in-place change between forward
 // and backward must raise (as SavedTensor) before any kernel runs, never give a silently wrong gradient.
