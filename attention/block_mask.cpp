@@ -70,7 +70,24 @@ BlockMask BlockMask::assemble(const Tensor& bits, bool with_full, BlockSize bs, 
   m.mask_mod_ = mask_mod ? std::move(mask_mod) : MaskMod(noop_mask);
   m.mask_program_ = program ? std::move(program) : std::make_shared<const ModProgram>(trace_mask_mod(m.mask_mod_));
   m.seq_lengths_ = seq;
+  for (const Tensor* t : m.lists()) m.versions_.push_back(t->defined() ? t->version() : 0);
   return m;
+}
+
+std::vector<const Tensor*> BlockMask::lists() const {
+  return {&kv_num_blocks_, &kv_indices_, &full_kv_num_blocks_, &full_kv_indices_,
+          &q_num_blocks_,  &q_indices_,  &full_q_num_blocks_,  &full_q_indices_};
+}
+
+void BlockMask::check_unchanged(const char* who) const {
+  static const char* names[] = {"kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                                "q_num_blocks",  "q_indices",  "full_q_num_blocks",  "full_q_indices"};
+  const std::vector<const Tensor*> l = lists();
+  for (size_t i = 0; i < l.size() && i < versions_.size(); ++i) {
+    FG_CHECK(!l[i]->defined() || l[i]->version() == versions_[i], ValueError,
+             "{}: the BlockMask's {} was modified in place after the mask was built (version {}, built at {}); "
+             "build a new mask (BlockMask::from_kv_blocks) instead", who, names[i], l[i]->version(), versions_[i]);
+  }
 }
 
 BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B_opt, std::optional<int64_t> H_opt,

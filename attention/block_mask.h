@@ -21,6 +21,7 @@
 #include <ostream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "attention/mask_mods.h"
 #include "attention/mod_program.h"
@@ -50,8 +51,12 @@ class BlockMask {
 
   // Read-only views of the fields: the kernels trust that the lists, the lengths and BLOCK_SIZE agree
   // (validated once, when the mask is built), so they cannot be changed afterwards. The tensors are shared
-  // handles: writing into their elements is not supported (build a new mask with from_kv_blocks instead).
+  // handles: an in-place op on one of them is caught at use (check_unchanged); build a new mask with
+  // from_kv_blocks instead.
   bool defined() const { return kv_num_blocks_.defined(); }
+  // ValueError naming `who` when one of the lists was modified in place since the mask was built (its
+  // storage version moved). flex_attention and PagedAttention call it before reading the lists.
+  void check_unchanged(const char* who) const;
   std::pair<int64_t, int64_t> seq_lengths() const { return seq_lengths_; }  // (Q_LEN, KV_LEN)
   const Tensor& kv_num_blocks() const { return kv_num_blocks_; }
   const Tensor& kv_indices() const { return kv_indices_; }
@@ -104,6 +109,7 @@ class BlockMask {
  private:
   friend BlockMask create_block_mask(const MaskMod&, std::optional<int64_t>, std::optional<int64_t>, int64_t, int64_t,
                                      BlockSize, Device);
+  std::vector<const Tensor*> lists() const;  // the eight list fields, in declaration order
   // Every field from block bits (block_mask_kernels.h), on the bits' device.
   static BlockMask assemble(const Tensor& bits, bool with_full, BlockSize bs, MaskMod mask_mod,
                             std::shared_ptr<const ModProgram> program, std::pair<int64_t, int64_t> seq);
@@ -116,6 +122,7 @@ class BlockMask {
   BlockSize block_size_;
   MaskMod mask_mod_;
   std::shared_ptr<const ModProgram> mask_program_;
+  std::vector<uint32_t> versions_;  // of the eight lists' storages when built (0 for an absent list)
 };
 
 // Prints str().

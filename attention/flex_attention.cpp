@@ -49,6 +49,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const FlexA
     const BlockMask& bm = *o.block_mask;
     FG_CHECK(bm.defined(), ValueError,
              "flex_attention: block_mask is a default-constructed (empty) BlockMask; build one with create_block_mask");
+    bm.check_unchanged("flex_attention");
     FG_CHECK(bm.seq_lengths().first == q.size(2) && bm.seq_lengths().second == k.size(2), ShapeError,
              "flex_attention: the BlockMask was created for (Q_LEN, KV_LEN) = ({}, {}) but got Q_LEN={} and KV_LEN={}; "
              "create the mask for these lengths or use BlockMask::adjust", bm.seq_lengths().first, bm.seq_lengths().second,

@@ -235,6 +235,7 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
                                                      const Tensor& kv_len) const {
   const char* op = "convert_logical_block_mask";
   FG_CHECK(bm.kv_num_blocks().defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
+  bm.check_unchanged("PagedAttention.convert_logical_block_mask");
   // The page tables live on the CPU (as the rest of PagedAttention for now): so must the mask they rewrite.
   FG_CHECK(bm.device().is_cpu(), DeviceError,
            "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on the CPU; pass a CPU BlockMask "

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attention/block_mask.h"
+#include "attention/flex_attention.h"
 #include "tensor/npy.h"
 
 using namespace fg;
@@ -198,6 +199,18 @@ TEST(BlockMask, FieldsCannotBeChangedAfterConstruction) {
   BlockMask none;
   EXPECT_FALSE(none.defined());
   EXPECT_TRUE(create_block_mask(causal(), std::nullopt, std::nullopt, 32, 32, 16).defined());
+  // The list tensors are shared handles: an in-place write through one is caught before the kernels read it.
+  for (int which : {0, 1, 2}) {
+    BlockMask m = create_block_mask(causal(), std::nullopt, std::nullopt, 32, 32, 16);
+    EXPECT_NO_THROW(m.check_unchanged("test"));
+    Tensor t = which == 0 ? m.kv_num_blocks() : which == 1 ? m.full_q_indices() : m.kv_indices();
+    t.fill_(1000);
+    EXPECT_THROW_MSG(m.check_unchanged("test"), ValueError, "modified in place");
+    Tensor q = randn({1, 1, 32, 8});
+    FlexAttentionOptions o;
+    o.block_mask = m;
+    EXPECT_THROW_MSG(flex_attention(q, q, q, o), ValueError, "flex_attention", "modified in place");
+  }
 }
 
 TEST(BlockMask, Combinators) {
