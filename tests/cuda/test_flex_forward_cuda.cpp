@@ -95,9 +95,8 @@ struct Case {
 BlockMask device_mask(const MaskMod& cpu_mask, const MaskMod& dev_mask, int64_t Lq, int64_t Lkv, BlockSize bs,
                       std::optional<int64_t> B = std::nullopt, std::optional<int64_t> H = std::nullopt) {
   BlockMask m = create_block_mask(cpu_mask, B, H, Lq, Lkv, bs);
-  m.mask_mod = dev_mask;
-  m.mask_program = std::make_shared<const ModProgram>(trace_mask_mod(dev_mask));
-  return m;
+  return BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), bs,
+                                   dev_mask, m.seq_lengths());
 }
 
 class FlexForwardCuda : public ::testing::TestWithParam<DType> {
