@@ -157,6 +157,18 @@ TEST(Views, ExpandedViewReadAfterItsBaseChangedSumsItsGradient) {
   EXPECT_TRUE(close(a.grad(), full({1, 3}, 8.0, kFloat64)));
 }
 
+TEST(Views, OverlappingStridedViewReadAfterItsBaseChangedAddsUpItsGradient) {
+  // v[i][k] = b[i + k] (windows of 2 over 4 elements), b = 2a after b *= 2; L = sum(v * w).
+  // dL/da_j = 2 * sum of w[i][k] over i + k = j: w = [[1,2],[3,4],[5,6]] -> 2 * [1, 2+3, 4+5, 6].
+  Tensor a = tensor({1, 2, 3, 4}, {4}).requires_grad_();
+  Tensor b = a * 1.0;
+  Tensor v = b.as_strided({3, 2}, {1, 1});
+  b.mul_(2.0);
+  EXPECT_EQ(v.grad_fn_name(), "AsStridedBackward");
+  (v * tensor({1, 2, 3, 4, 5, 6}, {3, 2})).sum().backward();
+  EXPECT_TRUE(close(a.grad(), tensor({2, 10, 18, 12}, {4})));
+}
+
 TEST(Views, RetainedGradOfAViewSurvivesRegeneration) {
   Tensor a = tensor({1, 2}, {2}).requires_grad_();
   Tensor b = a * 1.0;
