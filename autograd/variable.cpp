@@ -43,10 +43,15 @@ Edge gradient_edge(const Tensor& t) {
 void set_history(const Tensor& t, const std::shared_ptr<Node>& fn, uint32_t output_nr) {
   if (!t.defined() || !t.is_floating_point()) return;
   AutogradMeta& m = materialize_autograd_meta(t);
+  const bool move_retain_hook = m.retains_grad && m.grad_fn != fn;  // an in-place op gave t a new history
   m.grad_fn = fn;
   m.output_nr = output_nr;
   m.requires_grad = true;
   if (m.view) m.attr_version = t.version();  // this history is current: no regeneration until the next write
+  if (move_retain_hook) {
+    m.retains_grad = false;
+    t.retain_grad();
+  }
 }
 
 namespace {
@@ -155,9 +160,14 @@ void Tensor::retain_grad() const {
   if (!m.grad_fn || m.retains_grad) return;  // leaves keep their grad anyway
   m.retains_grad = true;
   std::weak_ptr<TensorImpl> weak = impl_ptr();
-  m.grad_fn->pre_hooks[m.output_nr].push_back([weak](const Tensor& g) {
+  std::weak_ptr<Node> owner = m.grad_fn;
+  m.grad_fn->pre_hooks[m.output_nr].push_back([weak, owner](const Tensor& g) {
     if (auto impl = weak.lock()) {
       Tensor self(impl);
+      // .grad is the gradient of the tensor's current version: once an in-place op (or a view's
+      // regeneration) gave it a new grad_fn, the hook registered there takes over.
+      AutogradMeta* meta = autograd_meta(self);
+      if (meta && meta->grad_fn != owner.lock()) return Tensor();
       Tensor& slot = self.mutable_grad();
       slot = slot.defined() ? autograd_arith::add(slot, g) : autograd_arith::clone_contiguous(g);
     }

@@ -181,6 +181,17 @@ TEST(Views, RetainedGradOfAViewSurvivesRegeneration) {
   EXPECT_TRUE(close(a.grad(), tensor({0, 6}, {2})));
 }
 
+TEST(Views, RetainedGradFollowsAnInPlaceOpToItsNewHistory) {
+  // y.retain_grad(); y *= 2; L = sum(3 y): .grad is dL/d(new y) = 3, a.grad = 6 (PyTorch moves the hook).
+  Tensor a = tensor({1, 2}, {2}).requires_grad_();
+  Tensor y = a * 1.0;
+  y.retain_grad();
+  y.mul_(2.0);
+  (y * 3.0).sum().backward();
+  EXPECT_TRUE(close(y.grad(), tensor({3, 3}, {2})));
+  EXPECT_TRUE(close(a.grad(), tensor({6, 6}, {2})));
+}
+
 TEST(Views, CopySlicesFollowsRetainGraphRules) {
   Tensor a = tensor({1, 2}, {2}).requires_grad_();
   Tensor b = a * 1.0;
