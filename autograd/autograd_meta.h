@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "autograd/node.h"
+#include "autograd/view.h"
 
 namespace fg {
 
@@ -15,10 +16,17 @@ struct AutogradMeta final : AutogradMetaInterface {
   std::weak_ptr<Node> grad_accumulator;   // leaves only; the graph holds it strongly
   std::vector<GradHook> leaf_hooks;       // hooks of a leaf, run by its AccumulateGrad
   bool retains_grad = false;
+  // Outputs of view ops (autograd/view.h): the root base, and the version of the shared counter when
+  // grad_fn was last set; a newer version means grad_fn must be regenerated from the base.
+  std::optional<ViewInfo> view;
+  uint32_t attr_version = 0;
 };
 
-// Null when the tensor never took part in autograd.
+// Null when the tensor never took part in autograd. Its grad_fn may be stale for a view: read history
+// through gradient_edge, Tensor::grad_fn or fresh_autograd_meta.
 AutogradMeta* autograd_meta(const Tensor& t);
+// autograd_meta with a view's grad_fn regenerated from its base when needed.
+AutogradMeta* fresh_autograd_meta(const Tensor& t);
 AutogradMeta& materialize_autograd_meta(const Tensor& t);
 
 // The edge along which a gradient for `t` flows: its grad_fn, or its AccumulateGrad (created lazily).

@@ -13,6 +13,12 @@ AutogradMeta* autograd_meta(const Tensor& t) {
   return t.defined() ? static_cast<AutogradMeta*>(t.impl()->autograd_meta()) : nullptr;
 }
 
+AutogradMeta* fresh_autograd_meta(const Tensor& t) {
+  AutogradMeta* m = autograd_meta(t);
+  if (m && m->view) refresh_view_grad_fn(t, *m);
+  return m;
+}
+
 AutogradMeta& materialize_autograd_meta(const Tensor& t) {
   FG_CHECK(t.defined(), AutogradError, "autograd: the tensor is undefined");
   if (!t.impl()->autograd_meta()) t.impl()->set_autograd_meta(std::make_unique<AutogradMeta>());
@@ -20,7 +26,7 @@ AutogradMeta& materialize_autograd_meta(const Tensor& t) {
 }
 
 Edge gradient_edge(const Tensor& t) {
-  AutogradMeta* m = autograd_meta(t);
+  AutogradMeta* m = fresh_autograd_meta(t);
   if (!m) return {};
   if (m->grad_fn) return {m->grad_fn, m->output_nr};
   if (!m->requires_grad) return {};
@@ -37,9 +43,15 @@ Edge gradient_edge(const Tensor& t) {
 void set_history(const Tensor& t, const std::shared_ptr<Node>& fn, uint32_t output_nr) {
   if (!t.defined() || !t.is_floating_point()) return;
   AutogradMeta& m = materialize_autograd_meta(t);
+  const bool move_retain_hook = m.retains_grad && m.grad_fn != fn;  // an in-place op gave t a new history
   m.grad_fn = fn;
   m.output_nr = output_nr;
   m.requires_grad = true;
+  if (m.view) m.attr_version = t.version();  // this history is current: no regeneration until the next write
+  if (move_retain_hook) {
+    m.retains_grad = false;
+    t.retain_grad();
+  }
 }
 
 namespace {
@@ -73,12 +85,13 @@ std::shared_ptr<Node> record(std::string name, const TensorList& inputs, const T
 // ---- Tensor methods ----
 
 bool Tensor::requires_grad() const {
-  AutogradMeta* m = autograd_meta(*this);
+  AutogradMeta* m = fresh_autograd_meta(*this);
   return m && (m->requires_grad || m->grad_fn);
 }
 
 Tensor& Tensor::requires_grad_(bool on) {
   if (!on && !autograd_meta(*this)) return *this;
+  fresh_autograd_meta(*this);
   AutogradMeta& m = materialize_autograd_meta(*this);
   FG_CHECK(!m.grad_fn || on, AutogradError,
            "requires_grad_: you can only change requires_grad flags of leaf tensors; use detach() to get a "
@@ -99,7 +112,7 @@ Tensor& Tensor::mutable_grad() const { return materialize_autograd_meta(*this).g
 void Tensor::set_grad(const Tensor& g) const { materialize_autograd_meta(*this).grad = g; }
 
 std::shared_ptr<Node> Tensor::grad_fn() const {
-  AutogradMeta* m = autograd_meta(*this);
+  AutogradMeta* m = fresh_autograd_meta(*this);
   return m ? m->grad_fn : nullptr;
 }
 
@@ -111,7 +124,7 @@ std::string Tensor::grad_fn_name() const {
 bool Tensor::is_leaf() const { return grad_fn() == nullptr; }
 
 uint32_t Tensor::output_nr() const {
-  AutogradMeta* m = autograd_meta(*this);
+  AutogradMeta* m = fresh_autograd_meta(*this);
   return m ? m->output_nr : 0;
 }
 
@@ -122,6 +135,7 @@ void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
 Tensor Tensor::detach() const { return alias_with_layout(sizes(), strides(), storage_offset()); }
 
 Tensor& Tensor::detach_() {
+  FG_CHECK(!is_view(*this), AutogradError, "detach_: can't detach views in-place; use detach() instead");
   if (AutogradMeta* m = autograd_meta(*this)) {
     m->grad_fn = nullptr;
     m->output_nr = 0;
@@ -133,6 +147,7 @@ Tensor& Tensor::detach_() {
 void Tensor::register_hook(GradHook hook) const {
   FG_CHECK(requires_grad(), AutogradError,
            "register_hook: cannot register a hook on a tensor that doesn't require gradient");
+  fresh_autograd_meta(*this);
   AutogradMeta& m = materialize_autograd_meta(*this);
   if (m.grad_fn) m.grad_fn->pre_hooks[m.output_nr].push_back(std::move(hook));
   else m.leaf_hooks.push_back(std::move(hook));
@@ -140,13 +155,19 @@ void Tensor::register_hook(GradHook hook) const {
 
 void Tensor::retain_grad() const {
   FG_CHECK(requires_grad(), AutogradError, "retain_grad: can't retain_grad on a Tensor that has requires_grad=False");
+  fresh_autograd_meta(*this);
   AutogradMeta& m = materialize_autograd_meta(*this);
   if (!m.grad_fn || m.retains_grad) return;  // leaves keep their grad anyway
   m.retains_grad = true;
   std::weak_ptr<TensorImpl> weak = impl_ptr();
-  m.grad_fn->pre_hooks[m.output_nr].push_back([weak](const Tensor& g) {
+  std::weak_ptr<Node> owner = m.grad_fn;
+  m.grad_fn->pre_hooks[m.output_nr].push_back([weak, owner](const Tensor& g) {
     if (auto impl = weak.lock()) {
       Tensor self(impl);
+      // .grad is the gradient of the tensor's current version: once an in-place op (or a view's
+      // regeneration) gave it a new grad_fn, the hook registered there takes over.
+      AutogradMeta* meta = autograd_meta(self);
+      if (meta && meta->grad_fn != owner.lock()) return Tensor();
       Tensor& slot = self.mutable_grad();
       slot = slot.defined() ? autograd_arith::add(slot, g) : autograd_arith::clone_contiguous(g);
     }

@@ -6,6 +6,7 @@
 #include <numbers>
 
 #include "autograd/record.h"
+#include "autograd/view.h"
 #include "ops/reduce.h"
 
 namespace fg {
@@ -539,10 +540,20 @@ Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : clone(t); }
 
 namespace {
 
-void check_inplace(const Tensor& self, const char* op) {
+enum class Overlap { Refuse, Allow };
+
+// The checks before writing into self. Several elements of self sharing one memory location (an expanded
+// view) would each write it: refused, as PyTorch does, except by fills, which write one value everywhere.
+// When the write will be recorded (some input requires grad), PyTorch's autograd checks follow.
+void check_inplace(const Tensor& self, const char* op, const TensorList& inputs, Overlap overlap = Overlap::Refuse) {
   FG_CHECK(self.defined(), ValueError, "{}: self is undefined", op);
-  FG_CHECK(!(GradMode::is_enabled() && self.requires_grad() && self.is_leaf()), AutogradError,
-           "{}: a leaf tensor that requires grad is being used in an in-place operation", op);
+  for (int64_t d = 0; d < self.dim() && overlap == Overlap::Refuse; ++d) {
+    FG_CHECK(self.strides()[d] != 0 || self.sizes()[d] <= 1, ValueError,
+             "{}: unsupported operation: more than one element of the written-to tensor (shape {}, strides {}) "
+             "refers to a single memory location; clone() the tensor before writing to it in place", op,
+             shape_str(self.sizes()), shape_str(self.strides()));
+  }
+  check_inplace_autograd(self, op, needs_grad(inputs));
 }
 
 // Writes `value` (broadcastable to self) into self, bumps its version, and when autograd is recording
@@ -558,14 +569,14 @@ void assign_inplace(Tensor& self, const Tensor& value, const char* op, const Ten
   self.bump_version();
   if (recording) {
     node->num_outputs = 1;
-    set_history(self, node, 0);
+    rebase_history(self, node);  // on a view, the base gets the new history (CopySlices)
   }
 }
 
 }  // namespace
 
 Tensor& add_(Tensor& self, const Tensor& other, Scalar alpha) {
-  check_inplace(self, "add_");
+  check_inplace(self, "add_", {self, other});
   double al = alpha.to_double();
   Tensor value = binary_raw(BinaryOp::Add, self, other, al);
   assign_inplace(self, value, "add_", {self, other}, [other = GradTarget(other), al](const TensorList& g) {
@@ -577,7 +588,7 @@ Tensor& add_(Tensor& self, const Tensor& other, Scalar alpha) {
 Tensor& sub_(Tensor& self, const Tensor& other, Scalar alpha) { return add_(self, other, -alpha.to_double()); }
 
 Tensor& mul_(Tensor& self, const Tensor& other) {
-  check_inplace(self, "mul_");
+  check_inplace(self, "mul_", {self, other});
   bool recording = needs_grad({self, other});
   // self's old value is overwritten, so the factor other's gradient needs is copied first.
   SavedTensor saved_self = recording && other.requires_grad() ? clone(self.detach()) : Tensor();
@@ -602,7 +613,7 @@ Tensor& add_(Tensor& self, Scalar other) { return add_(self, wrapped_scalar(othe
 Tensor& mul_(Tensor& self, Scalar other) { return mul_(self, wrapped_scalar(other, self.dtype(), self.device())); }
 
 Tensor& fill_(Tensor& self, Scalar value) {
-  check_inplace(self, "fill_");
+  check_inplace(self, "fill_", {self}, Overlap::Allow);
   bool recording = needs_grad({self});
   std::shared_ptr<Node> node;
   if (recording) node = record("FillBackward", {self}, {}, [](const TensorList&) { return TensorList{Tensor()}; });
@@ -610,7 +621,7 @@ Tensor& fill_(Tensor& self, Scalar value) {
   self.bump_version();
   if (recording) {
     node->num_outputs = 1;
-    set_history(self, node, 0);
+    rebase_history(self, node);
   }
   return self;
 }
@@ -618,8 +629,8 @@ Tensor& fill_(Tensor& self, Scalar value) {
 Tensor& zero_(Tensor& self) { return fill_(self, 0); }
 
 Tensor& copy_(Tensor& self, const Tensor& src) {
-  check_inplace(self, "copy_");
   FG_CHECK(src.defined(), ValueError, "copy_: src is undefined");
+  check_inplace(self, "copy_", {self, src});
   // Writing over self cuts its old history (no gradient flows there); src receives the gradient.
   assign_inplace(self, src, "copy_", {self, src}, [src = GradTarget(src)](const TensorList& g) {
     return TensorList{Tensor(), grad_for(g[0], src)};
@@ -628,7 +639,7 @@ Tensor& copy_(Tensor& self, const Tensor& src) {
 }
 
 Tensor& clamp_(Tensor& self, std::optional<Scalar> lo, std::optional<Scalar> hi) {
-  check_inplace(self, "clamp_");
+  check_inplace(self, "clamp_", {self});
   Tensor value = clamp(self.detach(), lo, hi);
   SavedTensor before = needs_grad({self}) ? clone(self.detach()) : Tensor();
   assign_inplace(self, value, "clamp_", {self}, [before, lo, hi](const TensorList& g) {

@@ -1,11 +1,13 @@
 // Differentiable views. Each computes the new layout over the same storage; the backward maps the
-// gradient of the view back onto the shape of its input.
+// gradient of the view back onto the shape of its input. Every output is also marked as a view of its
+// input's root base (autograd/view.h), which is what makes in-place writes through it differentiable.
 #include "ops/view.h"
 
 #include <algorithm>
 #include <numeric>
 
 #include "autograd/record.h"
+#include "autograd/view.h"
 #include "ops/elementwise.h"
 #include "ops/index.h"
 #include "ops/reduce.h"
@@ -14,7 +16,8 @@ namespace fg {
 
 namespace {
 
-// Records a view's backward (single input, single output). Only the input's shape is kept.
+// Records a view's backward (single input, single output; only the input's shape is kept) and tracks the
+// output as a view of t's base.
 Tensor make_view(const Tensor& t, Shape sizes, Shape strides, int64_t offset, const char* name,
                  std::function<Tensor(const Tensor& g, const Shape& in_shape)> backward) {
   Tensor out = t.alias_with_layout(std::move(sizes), std::move(strides), offset);
@@ -23,6 +26,7 @@ Tensor make_view(const Tensor& t, Shape sizes, Shape strides, int64_t offset, co
       return TensorList{bw(g[0], shape)};
     });
   }
+  set_view_of(out, t);
   return out;
 }
 
@@ -300,7 +304,8 @@ Tensor unflatten(const Tensor& t, int64_t d, const Shape& sizes) {
   return view(t, shape);
 }
 
-std::vector<Tensor> split_with_sizes(const Tensor& t, const Shape& sizes, int64_t d) {
+namespace {
+std::vector<Tensor> split_views(const Tensor& t, const Shape& sizes, int64_t d) {
   d = wrap_dim(d, t.dim(), "split_with_sizes");
   int64_t total = std::accumulate(sizes.begin(), sizes.end(), int64_t{0});
   FG_CHECK(total == t.sizes()[d], ShapeError,
@@ -314,6 +319,13 @@ std::vector<Tensor> split_with_sizes(const Tensor& t, const Shape& sizes, int64_
   }
   return out;
 }
+}  // namespace
+
+std::vector<Tensor> split_with_sizes(const Tensor& t, const Shape& sizes, int64_t d) {
+  auto out = split_views(t, sizes, d);
+  mark_multi_output_views(out, "split_with_sizes");
+  return out;
+}
 
 std::vector<Tensor> split(const Tensor& t, int64_t split_size, int64_t d) {
   d = wrap_dim(d, t.dim(), "split");
@@ -321,14 +333,18 @@ std::vector<Tensor> split(const Tensor& t, int64_t split_size, int64_t d) {
            "split: split_size must be positive, got {}", split_size);
   Shape sizes;
   for (int64_t start = 0; start < t.sizes()[d]; start += split_size) sizes.push_back(std::min(split_size, t.sizes()[d] - start));
-  return split_with_sizes(t, sizes, d);
+  auto out = split_views(t, sizes, d);
+  mark_multi_output_views(out, "split");
+  return out;
 }
 
 std::vector<Tensor> chunk(const Tensor& t, int64_t chunks, int64_t d) {
   FG_CHECK(chunks > 0, ValueError, "chunk: number of chunks must be positive, got {}", chunks);
   d = wrap_dim(d, t.dim(), "chunk");
   int64_t size = (t.sizes()[d] + chunks - 1) / chunks;
-  return split(t, std::max<int64_t>(size, 1), d);
+  auto out = split(t, std::max<int64_t>(size, 1), d);
+  mark_multi_output_views(out, "chunk");
+  return out;
 }
 
 }  // namespace fg
