@@ -9,7 +9,7 @@
 # one, the script builds here. PyTorch compiles its kernels while our tests run (compiling needs CPUs, not
 # the GPU); every timing, PyTorch's and ours, runs alone on the GPU afterwards.
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance); STEPS (default "tests conformance
-# bench"); GTEST_FILTER and TEST_TIMEOUT (s, default 200) for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
+# bench"); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
 set -u -o pipefail
 # The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
@@ -46,7 +46,7 @@ esac
 case " $steps " in *" tests "*)
   shards=()
   for i in $(seq 0 7); do
-    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-200} "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-300} "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
       > /tmp/shard$i.log 2>&1 &
     shards+=($!)
   done
