@@ -56,6 +56,11 @@ case " $steps " in *" tests "*)
     "$(grep -hE '^\[  FAILED  \] [0-9]+ test' /tmp/shard*.log | awk '{s+=$3} END {print s+0}') failed," \
     "$(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') skipped"
   grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u | tee -a "$L/summary.txt"
+  # A shard that crashed or hit the timeout prints no summary: its unfinished tests are in no count above.
+  for i in $(seq 0 7); do
+    grep -qE '^\[==========\] [0-9]+ tests? from .* ran\.' /tmp/shard$i.log ||
+      t "test_cuda shard $i DID NOT FINISH (crash or TEST_TIMEOUT); last test started: $(grep -E '^\[ RUN' /tmp/shard$i.log | tail -1)"
+  done
 esac
 
 case " $steps " in *" conformance "*)
