@@ -36,7 +36,7 @@ void check_replayable(const Geometry& base, const Geometry& view, const char* wh
            shape_str(base.strides), base.offset);
 }
 
-// A zeroed buffer holding the base's layout; `base_layout` and `view_layout` alias it.
+// A zeroed buffer laid out as the base (offset 0): as_base and as_view alias it as the base and the view.
 struct GradBuffer {
   Tensor as_base, as_view;
   GradBuffer(const Geometry& base, const Geometry& view, TensorOptions options) {

@@ -2,7 +2,6 @@
 #include "autograd/grad_arith.h"
 
 #include <algorithm>
-#include <numeric>
 
 #include "autograd/grad_mode.h"
 #include "ops/elementwise.h"
