@@ -44,35 +44,51 @@ void check_ordered(const Tensor& num, const Tensor& idx, const char* num_name, c
   }
 }
 
-// Builds every field from block bits (block_mask_kernels.h), on the bits' device.
-BlockMask assemble(const Tensor& bits, bool with_full, BlockSize bs, MaskMod mask_mod,
-                   std::shared_ptr<const ModProgram> program, std::pair<int64_t, int64_t> seq) {
-  BlockMask m;
-  BlockLists8 l = block_lists_stub(bits.device(), bits, with_full);
-  m.kv_num_blocks = std::move(l.kv_num);
-  m.kv_indices = std::move(l.kv_idx);
-  m.full_kv_num_blocks = std::move(l.full_kv_num);
-  m.full_kv_indices = std::move(l.full_kv_idx);
-  m.q_num_blocks = std::move(l.q_num);
-  m.q_indices = std::move(l.q_idx);
-  m.full_q_num_blocks = std::move(l.full_q_num);
-  m.full_q_indices = std::move(l.full_q_idx);
-  m.block_size = bs;
-  m.mask_mod = mask_mod ? std::move(mask_mod) : MaskMod(noop_mask);
-  m.mask_program = program ? std::move(program)
-                           : std::make_shared<const ModProgram>(trace_mask_mod(m.mask_mod));
-  m.seq_lengths = seq;
-  return m;
-}
-
 // The mask's block bits, on its device.
 Tensor bits_of(const BlockMask& m) {
-  return block_bits_stub(m.device(), m.kv_num_blocks.contiguous(), m.kv_indices.contiguous(),
-                         m.has_full_blocks() ? m.full_kv_num_blocks.contiguous() : Tensor(),
-                         m.has_full_blocks() ? m.full_kv_indices.contiguous() : Tensor());
+  return block_bits_stub(m.device(), m.kv_num_blocks().contiguous(), m.kv_indices().contiguous(),
+                         m.has_full_blocks() ? m.full_kv_num_blocks().contiguous() : Tensor(),
+                         m.has_full_blocks() ? m.full_kv_indices().contiguous() : Tensor());
 }
 
 }  // namespace
+
+// Builds every field from block bits (block_mask_kernels.h), on the bits' device.
+BlockMask BlockMask::assemble(const Tensor& bits, bool with_full, BlockSize bs, MaskMod mask_mod,
+                              std::shared_ptr<const ModProgram> program, std::pair<int64_t, int64_t> seq) {
+  BlockMask m;
+  BlockLists8 l = block_lists_stub(bits.device(), bits, with_full);
+  m.kv_num_blocks_ = std::move(l.kv_num);
+  m.kv_indices_ = std::move(l.kv_idx);
+  m.full_kv_num_blocks_ = std::move(l.full_kv_num);
+  m.full_kv_indices_ = std::move(l.full_kv_idx);
+  m.q_num_blocks_ = std::move(l.q_num);
+  m.q_indices_ = std::move(l.q_idx);
+  m.full_q_num_blocks_ = std::move(l.full_q_num);
+  m.full_q_indices_ = std::move(l.full_q_idx);
+  m.block_size_ = bs;
+  m.mask_mod_ = mask_mod ? std::move(mask_mod) : MaskMod(noop_mask);
+  m.mask_program_ = program ? std::move(program) : std::make_shared<const ModProgram>(trace_mask_mod(m.mask_mod_));
+  m.seq_lengths_ = seq;
+  for (const Tensor* t : m.lists()) m.versions_.push_back(t->defined() ? t->version() : 0);
+  return m;
+}
+
+std::vector<const Tensor*> BlockMask::lists() const {
+  return {&kv_num_blocks_, &kv_indices_, &full_kv_num_blocks_, &full_kv_indices_,
+          &q_num_blocks_,  &q_indices_,  &full_q_num_blocks_,  &full_q_indices_};
+}
+
+void BlockMask::check_unchanged(const char* who) const {
+  static const char* names[] = {"kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                                "q_num_blocks",  "q_indices",  "full_q_num_blocks",  "full_q_indices"};
+  const std::vector<const Tensor*> l = lists();
+  for (size_t i = 0; i < l.size() && i < versions_.size(); ++i) {
+    FG_CHECK(!l[i]->defined() || l[i]->version() == versions_[i], ValueError,
+             "{}: the BlockMask's {} was modified in place after the mask was built (version {}, built at {}); "
+             "build a new mask (BlockMask::from_kv_blocks) instead", who, names[i], l[i]->version(), versions_[i]);
+  }
+}
 
 BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B_opt, std::optional<int64_t> H_opt,
                             int64_t Q_LEN, int64_t KV_LEN, BlockSize bs, Device device) {
@@ -85,7 +101,7 @@ BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B_op
            bs.kv);
   auto program = std::make_shared<const ModProgram>(trace_mask_mod(mask_mod ? mask_mod : MaskMod(noop_mask)));
   Tensor bits = block_mask_eval_stub(device, *program, B, H, Q_LEN, KV_LEN, bs, device);
-  return assemble(bits, true, bs, mask_mod, program, {Q_LEN, KV_LEN});
+  return BlockMask::assemble(bits, true, bs, mask_mod, program, {Q_LEN, KV_LEN});
 }
 
 BlockMask BlockMask::from_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, const Tensor& full_num,
@@ -127,9 +143,9 @@ BlockMask BlockMask::from_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, 
 
 double BlockMask::sparsity() const {
   // Integer sums give int64 (exact), on the mask's device; one scalar comes back.
-  int64_t blocks = sum(kv_num_blocks).item<int64_t>();
-  if (has_full_blocks()) blocks += sum(full_kv_num_blocks).item<int64_t>();
-  const double dense_ratio = static_cast<double>(blocks * block_size.q * block_size.kv) / static_cast<double>(numel());
+  int64_t blocks = sum(kv_num_blocks_).item<int64_t>();
+  if (has_full_blocks()) blocks += sum(full_kv_num_blocks_).item<int64_t>();
+  const double dense_ratio = static_cast<double>(blocks * block_size_.q * block_size_.kv) / static_cast<double>(numel());
   return 100.0 * (1.0 - dense_ratio);
 }
 
@@ -202,9 +218,9 @@ std::string BlockMask::repr() const {
       "BlockMask(\n    kv_num_blocks={},\n    kv_indices={},\n    full_kv_num_blocks={},\n    full_kv_indices={},\n"
       "    q_num_blocks={},\n    q_indices={},\n    full_q_num_blocks={},\n    full_q_indices={},\n"
       "    BLOCK_SIZE=({}, {}),\n    shape=({}, {}, {}, {}),\n    sparsity={:.2f}%,\n    mask_mod={}\n)",
-      sh(kv_num_blocks), sh(kv_indices), sh(full_kv_num_blocks), sh(full_kv_indices), sh(q_num_blocks), sh(q_indices),
-      sh(full_q_num_blocks), sh(full_q_indices), block_size.q, block_size.kv, s[0], s[1], s[2], s[3], sparsity(),
-      mask_program ? mask_program->to_string() : std::string("None"));
+      sh(kv_num_blocks_), sh(kv_indices_), sh(full_kv_num_blocks_), sh(full_kv_indices_), sh(q_num_blocks_), sh(q_indices_),
+      sh(full_q_num_blocks_), sh(full_q_indices_), block_size_.q, block_size_.kv, s[0], s[1], s[2], s[3], sparsity(),
+      mask_program_ ? mask_program_->to_string() : std::string("None"));
 }
 
 std::ostream& operator<<(std::ostream& os, const BlockMask& m) { return os << m.str(); }
@@ -215,26 +231,26 @@ BlockMask BlockMask::select(int64_t b, int64_t h) const {
   if (b < 0) b += batch();
   if (h < 0) h += heads();
   Tensor bits = bits_of(*this).narrow(0, b, 1).narrow(1, h, 1).contiguous();
-  return assemble(bits, has_full_blocks(), block_size, mask_mod, mask_program, seq_lengths);
+  return assemble(bits, has_full_blocks(), block_size_, mask_mod_, mask_program_, seq_lengths_);
 }
 
 BlockMask BlockMask::operator[](int64_t b) const {
   FG_CHECK(b >= -batch() && b < batch(), IndexError, "BlockMask[b]: batch index {} out of range for B={}", b, batch());
   if (b < 0) b += batch();
   Tensor bits = bits_of(*this).narrow(0, b, 1).contiguous();
-  return assemble(bits, has_full_blocks(), block_size, mask_mod, mask_program, seq_lengths);
+  return assemble(bits, has_full_blocks(), block_size_, mask_mod_, mask_program_, seq_lengths_);
 }
 
 BlockMask BlockMask::adjust(int64_t new_q_len, int64_t new_kv_len) const {
   FG_CHECK(new_q_len >= 1 && new_kv_len >= 1, ValueError, "BlockMask.adjust: lengths must be >= 1, got ({}, {})",
            new_q_len, new_kv_len);
   const int64_t R = num_q_blocks(), C = num_kv_blocks();
-  const int64_t nr = cdiv(new_q_len, block_size.q), nc = cdiv(new_kv_len, block_size.kv);
+  const int64_t nr = cdiv(new_q_len, block_size_.q), nc = cdiv(new_kv_len, block_size_.kv);
   FG_CHECK(nr <= R && nc <= C, ValueError,
            "BlockMask.adjust: ({}, {}) needs {} x {} blocks of ({}, {}) but the mask has {} x {}; create a new BlockMask "
-           "for longer sequences", new_q_len, new_kv_len, nr, nc, block_size.q, block_size.kv, R, C);
+           "for longer sequences", new_q_len, new_kv_len, nr, nc, block_size_.q, block_size_.kv, R, C);
   Tensor bits = bits_of(*this).narrow(2, 0, nr).narrow(3, 0, nc).contiguous();
-  return assemble(bits, has_full_blocks(), block_size, mask_mod, mask_program, {new_q_len, new_kv_len});
+  return assemble(bits, has_full_blocks(), block_size_, mask_mod_, mask_program_, {new_q_len, new_kv_len});
 }
 
 }  // namespace fg

@@ -21,6 +21,7 @@
 #include <ostream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "attention/mask_mods.h"
 #include "attention/mod_program.h"
@@ -35,15 +36,8 @@ struct BlockSize {
 
 class BlockMask {
  public:
-  std::pair<int64_t, int64_t> seq_lengths{0, 0};  // (Q_LEN, KV_LEN)
-  Tensor kv_num_blocks, kv_indices;
-  Tensor full_kv_num_blocks, full_kv_indices;  // undefined when the mask does not separate full blocks
-  Tensor q_num_blocks, q_indices;
-  Tensor full_q_num_blocks, full_q_indices;
-  BlockSize block_size;
-  MaskMod mask_mod;                                   // noop_mask when none was given
-  std::shared_ptr<const ModProgram> mask_program;     // mask_mod traced once (kernels evaluate partial blocks)
-
+  // A default-constructed mask holds nothing (defined() is false); flex_attention and the other users
+  // reject it. Real masks come from create_block_mask, from_kv_blocks or the methods below.
   BlockMask() = default;
 
   // Build from the kv-side description; transposes are derived. seq_lengths default to the block
@@ -55,16 +49,38 @@ class BlockMask {
                                   BlockSize block_size = 128, MaskMod mask_mod = nullptr,
                                   std::optional<std::pair<int64_t, int64_t>> seq_lengths = std::nullopt);
 
+  // Read-only views of the fields: the kernels trust that the lists, the lengths and BLOCK_SIZE agree
+  // (validated once, when the mask is built), so they cannot be changed afterwards. The tensors are shared
+  // handles: an in-place op on one of them is caught at use (check_unchanged); build a new mask with
+  // from_kv_blocks instead.
+  bool defined() const { return kv_num_blocks_.defined(); }
+  // ValueError naming `who` when one of the lists was modified in place since the mask was built (its
+  // storage version moved). flex_attention and PagedAttention call it before reading the lists.
+  void check_unchanged(const char* who) const;
+  std::pair<int64_t, int64_t> seq_lengths() const { return seq_lengths_; }  // (Q_LEN, KV_LEN)
+  const Tensor& kv_num_blocks() const { return kv_num_blocks_; }
+  const Tensor& kv_indices() const { return kv_indices_; }
+  const Tensor& full_kv_num_blocks() const { return full_kv_num_blocks_; }  // undefined when the mask does not
+  const Tensor& full_kv_indices() const { return full_kv_indices_; }        // separate full blocks
+  const Tensor& q_num_blocks() const { return q_num_blocks_; }
+  const Tensor& q_indices() const { return q_indices_; }
+  const Tensor& full_q_num_blocks() const { return full_q_num_blocks_; }
+  const Tensor& full_q_indices() const { return full_q_indices_; }
+  BlockSize block_size() const { return block_size_; }
+  const MaskMod& mask_mod() const { return mask_mod_; }  // noop_mask when none was given
+  // mask_mod traced once (kernels evaluate partial blocks with it).
+  const std::shared_ptr<const ModProgram>& mask_program() const { return mask_program_; }
+
   // Where the block lists live (the device create_block_mask built them on, or the one the
   // from_kv_blocks tensors were on). Every method works on every device; the results stay there.
-  Device device() const { return kv_num_blocks.device(); }
-  int64_t batch() const { return kv_num_blocks.size(0); }
-  int64_t heads() const { return kv_num_blocks.size(1); }
-  int64_t num_q_blocks() const { return kv_indices.size(2); }
-  int64_t num_kv_blocks() const { return kv_indices.size(3); }
-  bool has_full_blocks() const { return full_kv_num_blocks.defined(); }
+  Device device() const { return kv_num_blocks_.device(); }
+  int64_t batch() const { return kv_num_blocks_.size(0); }
+  int64_t heads() const { return kv_num_blocks_.size(1); }
+  int64_t num_q_blocks() const { return kv_indices_.size(2); }
+  int64_t num_kv_blocks() const { return kv_indices_.size(3); }
+  bool has_full_blocks() const { return full_kv_num_blocks_.defined(); }
 
-  Shape shape() const { return {batch(), heads(), seq_lengths.first, seq_lengths.second}; }
+  Shape shape() const { return {batch(), heads(), seq_lengths_.first, seq_lengths_.second}; }
   int64_t numel() const { return shape_numel(shape()); }
   // Percent of the [B, H, Q_LEN, KV_LEN] mask not computed, as PyTorch: 100 * (1 - visited blocks *
   // block area / numel). Negative when padded blocks make the visited area exceed the mask.
@@ -89,6 +105,24 @@ class BlockMask {
   // For shorter sequences (e.g. decoding): keeps the blocks covering [0, new_q_len) x [0, new_kv_len).
   // ValueError when the new lengths need more blocks than the mask has.
   BlockMask adjust(int64_t new_q_len, int64_t new_kv_len) const;
+
+ private:
+  friend BlockMask create_block_mask(const MaskMod&, std::optional<int64_t>, std::optional<int64_t>, int64_t, int64_t,
+                                     BlockSize, Device);
+  std::vector<const Tensor*> lists() const;  // the eight list fields, in declaration order
+  // Every field from block bits (block_mask_kernels.h), on the bits' device.
+  static BlockMask assemble(const Tensor& bits, bool with_full, BlockSize bs, MaskMod mask_mod,
+                            std::shared_ptr<const ModProgram> program, std::pair<int64_t, int64_t> seq);
+
+  std::pair<int64_t, int64_t> seq_lengths_{0, 0};
+  Tensor kv_num_blocks_, kv_indices_;
+  Tensor full_kv_num_blocks_, full_kv_indices_;
+  Tensor q_num_blocks_, q_indices_;
+  Tensor full_q_num_blocks_, full_q_indices_;
+  BlockSize block_size_;
+  MaskMod mask_mod_;
+  std::shared_ptr<const ModProgram> mask_program_;
+  std::vector<uint32_t> versions_;  // of the eight lists' storages when built (0 for an absent list)
 };
 
 // Prints str().

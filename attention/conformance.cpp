@@ -4,6 +4,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "attention/mask_mods.h"
@@ -119,8 +120,8 @@ ConformanceCheck compare_block_mask(const BlockMask& ours, const std::string& di
       if (!equal(x, y)) { c.passed = false; c.note += what + " indices differ in row " + std::to_string(r) + "; "; return; }
     }
   };
-  same(ours.kv_num_blocks, ours.kv_indices, "kv");
-  same(ours.full_kv_num_blocks, ours.full_kv_indices, "full_kv");
+  same(ours.kv_num_blocks(), ours.kv_indices(), "kv");
+  same(ours.full_kv_num_blocks(), ours.full_kv_indices(), "full_kv");
   c.limit = 0;
   return c;
 }
@@ -136,7 +137,73 @@ BlockMask case_block_mask(const CaseDef& def, const Captures& caps, int64_t B, i
 
 double json_err(const nlohmann::json& errors, const std::string& key, const std::string& tensor) {
   if (!errors.contains(key) || !errors[key].is_object() || !errors[key].contains(tensor)) return -1;
+  if (!errors[key][tensor].is_number()) return -1;  // null: PyTorch produced no value
   return errors[key][tensor].get<double>();
+}
+
+// One manifest entry, read and type-checked before any case runs.
+struct ManifestCase {
+  std::string name;
+  const CaseDef* def = nullptr;
+  BlockSize block;
+  bool gqa = false;
+  std::optional<double> scale;
+  nlohmann::json errors;  // {"fp32_ref": {"out": err, ...}, ...}
+};
+
+// The manifest as cases: a non-empty JSON array of objects, each with "case" (a known name), "block"
+// (an integer or [q, kv]), "errors" (an object whose entries are objects of numbers, or a string such as
+// "FAIL" where PyTorch produced nothing), optional "gqa" (bool) and "scale" (number or null). ValueError naming the file, the entry and the field otherwise.
+std::vector<ManifestCase> read_manifest(const nlohmann::json& manifest, const std::string& path) {
+  FG_CHECK(manifest.is_array(), ValueError, "conformance: {} must hold a JSON array of cases, got a JSON {}", path,
+           manifest.type_name());
+  FG_CHECK(!manifest.empty(), ValueError, "conformance: {} lists no cases", path);
+  std::vector<ManifestCase> cases;
+  for (size_t i = 0; i < manifest.size(); ++i) {
+    const nlohmann::json& c = manifest[i];
+    FG_CHECK(c.is_object(), ValueError, "conformance: {}: entry {} must be a JSON object, got a JSON {}", path, i,
+             c.type_name());
+    FG_CHECK(c.contains("case") && c["case"].is_string(), ValueError,
+             "conformance: {}: entry {} has no string field \"case\"", path, i);
+    ManifestCase mc;
+    mc.name = c["case"].get<std::string>();
+    auto bad = [&](const char* field, const char* expected) {
+      const std::string seen = c.contains(field) ? c[field].dump() : std::string("nothing");
+      FG_FAIL(ValueError, "conformance: {}: case '{}' (entry {}): field \"{}\" must be {}, got {}", path, mc.name, i,
+              field, expected, seen);
+    };
+    auto def_it = case_defs().find(mc.name);
+    FG_CHECK(def_it != case_defs().end(), ValueError, "conformance: unknown case '{}' in {} (known: {})", mc.name, path,
+             fmt::join(known_conformance_cases(), ", "));
+    mc.def = &def_it->second;
+    const nlohmann::json* b = c.contains("block") ? &c["block"] : nullptr;
+    auto positive_int = [](const nlohmann::json& j) { return j.is_number_integer() && j.get<int64_t>() >= 1; };
+    if (b && positive_int(*b)) {
+      mc.block = BlockSize((*b).get<int64_t>());
+    } else if (b && b->is_array() && b->size() == 2 && positive_int((*b)[0]) && positive_int((*b)[1])) {
+      mc.block = BlockSize((*b)[0].get<int64_t>(), (*b)[1].get<int64_t>());
+    } else {
+      bad("block", "a positive integer or [q, kv] of positive integers");
+    }
+    if (c.contains("gqa") && !c["gqa"].is_null()) {
+      if (!c["gqa"].is_boolean()) bad("gqa", "true or false");
+      mc.gqa = c["gqa"].get<bool>();
+    }
+    if (c.contains("scale") && !c["scale"].is_null()) {
+      if (!c["scale"].is_number()) bad("scale", "a number or null");
+      mc.scale = c["scale"].get<double>();
+    }
+    if (!c.contains("errors") || !c["errors"].is_object()) bad("errors", "an object of {\"fp32_ref\": {...}, ...}");
+    for (const auto& [key, per_tensor] : c["errors"].items()) {
+      bool ok = per_tensor.is_object() || per_tensor.is_null() || per_tensor.is_string();  // "FAIL": PyTorch failed
+      if (per_tensor.is_object())
+        for (const auto& [t, e] : per_tensor.items()) ok = ok && (e.is_number() || e.is_null());
+      if (!ok) bad("errors", fmt::format("an object of objects of numbers (\"{}\" is not)", key).c_str());
+    }
+    mc.errors = c["errors"];
+    cases.push_back(std::move(mc));
+  }
+  return cases;
 }
 
 }  // namespace
@@ -164,16 +231,23 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
   }
   FG_CHECK(opt.dtype == kFloat32 || opt.dtype == kBFloat16 || opt.dtype == kFloat16, DTypeError,
            "conformance: dtype must be float32, bfloat16 or float16, got {}", opt.dtype);
+  const std::vector<ManifestCase> cases = read_manifest(manifest, manifest_path);
+  // Every case asked for must be in the manifest: a filter that selects nothing checks nothing.
+  for (const std::string& want : opt.only) {
+    bool found = false;
+    for (const ManifestCase& mc : cases) found = found || mc.name == want;
+    std::vector<std::string> names;
+    for (const ManifestCase& mc : cases) names.push_back(mc.name);
+    FG_CHECK(found, ValueError, "conformance: case '{}' is not in {} (its cases: {})", want, manifest_path,
+             fmt::join(names, ", "));
+  }
   const std::string key = opt.dtype == kFloat32 ? "fp32" : opt.dtype == kBFloat16 ? "bf16" : "fp16";
   const double fudge = opt.dtype == kFloat32 ? 10.0 : 1.1;
   std::vector<ConformanceResult> results;
-  for (const auto& c : manifest) {
-    const std::string name = c.at("case").get<std::string>();
+  for (const ManifestCase& mc : cases) {
+    const std::string& name = mc.name;
     if (!opt.only.empty() && std::find(opt.only.begin(), opt.only.end(), name) == opt.only.end()) continue;
-    auto def_it = case_defs().find(name);
-    FG_CHECK(def_it != case_defs().end(), ValueError,
-             "conformance: unknown case '{}' in {} (known: {})", name, manifest_path, fmt::join(known_conformance_cases(), ", "));
-    const CaseDef& def = def_it->second;
+    const CaseDef& def = *mc.def;
     ConformanceResult res;
     res.name = name;
     res.dtype = opt.dtype;
@@ -196,12 +270,11 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
     }
     FlexAttentionOptions o;
     o.return_lse = true;
-    o.enable_gqa = c.value("gqa", false);
-    if (c.contains("scale") && !c["scale"].is_null()) o.scale = c["scale"].get<double>();
+    o.enable_gqa = mc.gqa;
+    o.scale = mc.scale;
     o.kernel.backend = opt.backend;
     if (def.score_mod) o.score_mod = def.score_mod(caps);
-    BlockSize bs = c["block"].is_array() ? BlockSize(c["block"][0].get<int64_t>(), c["block"][1].get<int64_t>())
-                                         : BlockSize(c["block"].get<int64_t>());
+    const BlockSize bs = mc.block;
     Tensor ref_num = load_npy(path_of(dir, name, "block_kv_num"));
     std::string how;
     BlockMask bm = case_block_mask(def, caps, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), bs,
@@ -216,7 +289,7 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
     for (const auto& [cap, t] : caps) {
       if (cap.rfind("learn_", 0) == 0) outputs.push_back({"d_" + cap, t.grad()});
     }
-    const auto& errors = c.at("errors");
+    const auto& errors = mc.errors;
     for (const auto& [tname, value] : outputs) {
       ConformanceCheck chk;
       chk.tensor = tname;

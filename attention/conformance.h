@@ -37,7 +37,9 @@ struct ConformanceOptions {
 
 // Names of the case definitions flexgrad knows.
 std::vector<std::string> known_conformance_cases();
-// Runs every case of the manifest (IOError for missing files, ValueError for unknown case names).
+// Runs every case of the manifest, or those of options.only. The whole manifest is checked first:
+// IOError for a missing or unparsable file, ValueError naming the file, the entry and the field for an
+// empty manifest, a malformed entry, an unknown case name or an options.only name the manifest lacks.
 std::vector<ConformanceResult> run_conformance(const std::string& dir, const ConformanceOptions& options = {});
 // A table, one row per check, and a final "N passed, N failed" line.
 std::string format_conformance(const std::vector<ConformanceResult>& results);

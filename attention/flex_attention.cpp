@@ -47,9 +47,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const FlexA
   }
   if (o.block_mask) {
     const BlockMask& bm = *o.block_mask;
-    FG_CHECK(bm.seq_lengths.first == q.size(2) && bm.seq_lengths.second == k.size(2), ShapeError,
+    FG_CHECK(bm.defined(), ValueError,
+             "flex_attention: block_mask is a default-constructed (empty) BlockMask; build one with create_block_mask");
+    bm.check_unchanged("flex_attention");
+    FG_CHECK(bm.seq_lengths().first == q.size(2) && bm.seq_lengths().second == k.size(2), ShapeError,
              "flex_attention: the BlockMask was created for (Q_LEN, KV_LEN) = ({}, {}) but got Q_LEN={} and KV_LEN={}; "
-             "create the mask for these lengths or use BlockMask::adjust", bm.seq_lengths.first, bm.seq_lengths.second,
+             "create the mask for these lengths or use BlockMask::adjust", bm.seq_lengths().first, bm.seq_lengths().second,
              q.size(2), k.size(2));
     FG_CHECK(bm.batch() == 1 || bm.batch() == q.size(0), ShapeError,
              "flex_attention: the BlockMask has batch size {} but q has batch size {} (expected 1 or equal)", bm.batch(),
@@ -116,11 +119,11 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   if (p.score_mod && derive_grad) p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
   if (o.block_mask) {
     const BlockMask& bm = *o.block_mask;
-    p.block_q = bm.block_size.q;
-    p.block_kv = bm.block_size.kv;
-    p.mask_mod = bm.mask_program;
-    p.kv_lists = lists_of(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, dev);
-    p.q_lists = lists_of(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, dev);
+    p.block_q = bm.block_size().q;
+    p.block_kv = bm.block_size().kv;
+    p.mask_mod = bm.mask_program();
+    p.kv_lists = lists_of(bm.kv_num_blocks(), bm.kv_indices(), bm.full_kv_num_blocks(), bm.full_kv_indices(), dev);
+    p.q_lists = lists_of(bm.q_num_blocks(), bm.q_indices(), bm.full_q_num_blocks(), bm.full_q_indices(), dev);
   } else {
     p.block_q = o.kernel.block_q > 0 ? o.kernel.block_q : 128;  // as create_block_mask's default
     p.block_kv = o.kernel.block_kv > 0 ? o.kernel.block_kv : 128;
@@ -178,7 +181,8 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
   f.out = empty({prob->B, prob->Hq, prob->Lq, prob->Ev}, TensorOptions().dtype(cdt).device(q.device()));
   f.lse = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(stat_dt).device(q.device()));
   f.max_scores = empty({prob->B, prob->Hq, prob->Lq}, TensorOptions().dtype(stat_dt).device(q.device()));
-  flex_forward_stub(q.device(), *prob, f);
+  // No query rows (B, H or L_q = 0): empty results, as PyTorch, without launching kernels over nothing.
+  if (prob->has_rows()) flex_forward_stub(q.device(), *prob, f);
 
   FlexAttentionResult r;
   {
@@ -219,7 +223,16 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
              b.dq = empty(prob->q.sizes(), kernel_opts);
              b.dk = empty(prob->k.sizes(), kernel_opts);
              b.dv = empty(prob->v.sizes(), kernel_opts);
-             flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
+             if (prob->has_rows()) {
+               flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
+             } else {  // no query rows: nothing flows back
+               b.dk.zero_();
+               b.dv.zero_();
+               for (size_t c = 0; c < needs_cap.size(); ++c) {
+                 const Tensor& cap = prob->score_grad->captures[c].tensor;
+                 b.dcaps.push_back(needs_cap[c] ? zeros(cap.sizes(), kFloat64) : Tensor());
+               }
+             }
              TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
              for (size_t c = 0; c < needs_cap.size(); ++c) {
                const Tensor& cap = prob->score_grad->captures[c].tensor;

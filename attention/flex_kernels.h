@@ -34,7 +34,8 @@ struct FlexProblem {
   BlockLists kv_lists;  // rows = q blocks, entries = kv blocks (forward, dQ)
   BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
   bool deterministic = true;  // FlexKernelOptions::deterministic
-  int64_t group() const { return Hq / Hkv; }
+  int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
+  bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };
 
 struct FlexForwardOutputs {

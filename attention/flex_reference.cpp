@@ -151,7 +151,7 @@ FlexAttentionResult flex_attention_reference(const FlexReferenceInputs& in) {
   const Tensor& q = in.q;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2);
   const int64_t Bkv = in.k.size(0), Hkv = in.k.size(1), Lkv = in.k.size(2), E = in.k.size(3), Ev = in.v.size(3);
-  const int64_t G = Hq / Hkv;
+  const int64_t G = Hkv > 0 ? Hq / Hkv : 1;  // no heads at all (Hq = Hkv = 0): empty results
   // K/V to the q heads and batches: [B, Hq, Lkv, *].
   auto spread = [&](const Tensor& t, int64_t D) {
     Tensor x = t.unsqueeze(2).expand({Bkv, Hkv, G, Lkv, D}).reshape({Bkv, Hq, Lkv, D});
@@ -165,27 +165,32 @@ FlexAttentionResult flex_attention_reference(const FlexReferenceInputs& in) {
     const BlockMask& bm = *in.block_mask;
     // Block presence, expanded to elements: partial blocks need the mask, full blocks don't.
     Tensor kinds = bm.block_kinds();  // [Bm, Hm, nQ, nKV]: 0 empty, 1 partial, 2 full
-    const int64_t bq = bm.block_size.q, bkv = bm.block_size.kv;
+    const int64_t bq = bm.block_size().q, bkv = bm.block_size().kv;
     Tensor qb = floor_divide(positions(Lq, 2, q.device()), full({}, bq, kInt64));
     Tensor kb = floor_divide(positions(Lkv, 3, q.device()), full({}, bkv, kInt64));
     Tensor kinds_flat = kinds.to(q.device()).reshape({kinds.size(0), kinds.size(1), -1});
     Tensor lin = (qb * kinds.size(3) + kb).reshape({-1});
     Tensor elem_kind = index_select(kinds_flat, 2, lin).view({kinds.size(0), kinds.size(1), Lq, Lkv});
     Tensor mask = elem_kind == 2;
-    if (bm.mask_program) {
-      Tensor m = evaluate_program_on_tensors(*bm.mask_program, Tensor(), B, Hq, Lq, Lkv, dt, q.device());
+    if (bm.mask_program()) {
+      Tensor m = evaluate_program_on_tensors(*bm.mask_program(), Tensor(), B, Hq, Lq, Lkv, dt, q.device());
       mask = logical_or(mask, logical_and(elem_kind == 1, m));
     }
     scores = where(mask, scores, -std::numeric_limits<double>::infinity());
   }
+  // As PyTorch's flex_attention: a row whose scores are all -inf (nothing allowed) gives output 0 and
+  // lse -inf; anything else is softmax(scores) @ v, so a NaN score makes the row NaN (lse NaN too) and a
+  // +inf score gives a NaN output (inf - inf) with lse +inf.
   Tensor lse = logsumexp(scores, {-1});
-  Tensor finite = logical_not(isinf(lse));  // rows with no allowed key have lse -inf
-  Tensor safe_lse = where(finite, lse, 0.0).unsqueeze(-1);
-  Tensor p = where(finite.unsqueeze(-1), exp(scores - safe_lse), 0.0);
+  Tensor empty_row = lse == -std::numeric_limits<double>::infinity();
+  Tensor safe_lse = where(empty_row, 0.0, lse).unsqueeze(-1);
+  Tensor p = where(empty_row.unsqueeze(-1), 0.0, exp(scores - safe_lse));
   FlexAttentionResult r;
   r.out = matmul(p, v);
   r.lse = lse;
-  r.max_scores = amax(scores, {-1});
+  // amax rejects empty inputs; with no rows (or no keys) the max over nothing is -inf.
+  r.max_scores = scores.numel() > 0 ? amax(scores, {-1})
+                                    : full({B, Hq, Lq}, -std::numeric_limits<double>::infinity(), scores.options());
   return r;
 }
 

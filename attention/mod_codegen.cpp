@@ -4,7 +4,9 @@
 // (expf / exp, ...) exactly as the CPU evaluators use them.
 #include "attention/mod_codegen.h"
 
+#include <algorithm>
 #include <bit>
+#include <climits>
 #include <cmath>
 
 #include "attention/op_semantics.h"
@@ -42,6 +44,21 @@ std::string float_literal(double v, bool dbl) {
   return s;
 }
 
+// FG_DT_* of flex_abi.cuh.
+const char* abi_dtype_name(DType t) {
+  switch (t) {
+    case kBool: return "FG_DT_BOOL";
+    case kInt32: return "FG_DT_INT32";
+    case kInt64: return "FG_DT_INT64";
+    case kFloat16: return "FG_DT_FLOAT16";
+    case kBFloat16: return "FG_DT_BFLOAT16";
+    case kFloat32: return "FG_DT_FLOAT32";
+    case kFloat64: return "FG_DT_FLOAT64";
+    default: break;
+  }
+  FG_FAIL(DTypeError, "emit_cuda_mods: captured tensors of dtype {} cannot be read by generated code", dtype_name(t));
+}
+
 std::string int_literal(int64_t v) {
   if (v == INT64_MIN) return "((fg_i64)0x8000000000000000ULL)";
   return fmt::format("((fg_i64){}LL)", v);
@@ -57,11 +74,104 @@ std::vector<char> live_set(const ModProgram& p, const std::vector<int32_t>& outp
   return live;
 }
 
+// ---- Integer ranges, for narrowing: the op table's integers are 64-bit and wrap, but an add, sub, mul or
+// neg whose operands and exact result provably fit in 32 bits gives the same value computed in 32 bits,
+// which the GPU does in one instruction (and then converts to float with a 32-bit convert). Kernel
+// indices (b, h, q, kv) are non-negative 32-bit ints; int32 and bool captures bound what they read.
+struct IntRange {
+  bool known = false;
+  int64_t lo = 0, hi = 0;
+};
+
+IntRange range_of(__int128 lo, __int128 hi) {
+  if (lo < INT64_MIN || hi > INT64_MAX) return {};
+  return {true, static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
+}
+
+bool fits_int32(const IntRange& r) { return r.known && r.lo >= INT32_MIN && r.hi <= INT32_MAX; }
+
+std::vector<IntRange> int_ranges(const ModProgram& p) {
+  const auto& ins = p.instrs();
+  std::vector<IntRange> r(ins.size());
+  for (size_t i = 0; i < ins.size(); ++i) {
+    const Instr& in = ins[i];
+    if (in.kind == VK::Bool) {
+      r[i] = {true, 0, 1};
+      continue;
+    }
+    if (in.kind != VK::Int) continue;
+    auto arg = [&](int k) { return r[in.args[k]]; };
+    switch (in.op) {
+      case ExprOp::Const: r[i] = {true, in.ivalue, in.ivalue}; break;
+      case ExprOp::Batch:
+      case ExprOp::Head:
+      case ExprOp::QIdx:
+      case ExprOp::KVIdx: r[i] = {true, 0, INT32_MAX}; break;
+      case ExprOp::Index: {
+        const DType dt = p.captures()[in.capture].tensor.dtype();
+        if (dt == kInt32) r[i] = {true, INT32_MIN, INT32_MAX};
+        if (dt == kBool) r[i] = {true, 0, 1};
+        break;
+      }
+      case ExprOp::Cast:
+        if (ins[in.args[0]].kind == VK::Bool) r[i] = {true, 0, 1};
+        if (ins[in.args[0]].kind == VK::Int) r[i] = arg(0);
+        break;
+      case ExprOp::Add:
+        if (arg(0).known && arg(1).known)
+          r[i] = range_of(static_cast<__int128>(arg(0).lo) + arg(1).lo, static_cast<__int128>(arg(0).hi) + arg(1).hi);
+        break;
+      case ExprOp::Sub:
+        if (arg(0).known && arg(1).known)
+          r[i] = range_of(static_cast<__int128>(arg(0).lo) - arg(1).hi, static_cast<__int128>(arg(0).hi) - arg(1).lo);
+        break;
+      case ExprOp::Mul:
+        if (arg(0).known && arg(1).known) {
+          const __int128 c[4] = {static_cast<__int128>(arg(0).lo) * arg(1).lo, static_cast<__int128>(arg(0).lo) * arg(1).hi,
+                                 static_cast<__int128>(arg(0).hi) * arg(1).lo, static_cast<__int128>(arg(0).hi) * arg(1).hi};
+          r[i] = range_of(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}));
+        }
+        break;
+      case ExprOp::Neg:
+        if (arg(0).known) r[i] = range_of(-static_cast<__int128>(arg(0).hi), -static_cast<__int128>(arg(0).lo));
+        break;
+      case ExprOp::Min:
+      case ExprOp::Max:
+        if (arg(0).known && arg(1).known)
+          r[i] = in.op == ExprOp::Min ? IntRange{true, std::min(arg(0).lo, arg(1).lo), std::min(arg(0).hi, arg(1).hi)}
+                                      : IntRange{true, std::max(arg(0).lo, arg(1).lo), std::max(arg(0).hi, arg(1).hi)};
+        break;
+      case ExprOp::Where:
+        if (arg(1).known && arg(2).known)
+          r[i] = {true, std::min(arg(1).lo, arg(2).lo), std::max(arg(1).hi, arg(2).hi)};
+        break;
+      default: break;  // unknown: spelled in 64 bits
+    }
+  }
+  return r;
+}
+
+// The 32-bit spelling of instruction i when it is a narrowable add / sub / mul / neg (see IntRange), else "".
+std::string narrowed(const ModProgram& p, size_t i, const std::vector<IntRange>& r, const std::vector<std::string>& a) {
+  const Instr& in = p.instrs()[i];
+  if (in.kind != VK::Int || !fits_int32(r[i])) return {};
+  for (int32_t x : in.args)
+    if (p.instrs()[x].kind != VK::Int || !fits_int32(r[x])) return {};
+  switch (in.op) {
+    case ExprOp::Add: return fmt::format("((fg_i64)((int){} + (int){}))", a[0], a[1]);
+    case ExprOp::Sub: return fmt::format("((fg_i64)((int){} - (int){}))", a[0], a[1]);
+    case ExprOp::Mul: return fmt::format("((fg_i64)((int){} * (int){}))", a[0], a[1]);
+    case ExprOp::Neg: return fmt::format("((fg_i64)(-(int){}))", a[0]);
+    default: return {};
+  }
+}
+
 // The statements computing the live instructions of `p`; value i is named v<i>. `slots` maps the
 // program's capture slots to the kernel's FgModArgs slots.
 std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl) {
   std::string s;
   const auto& ins = p.instrs();
+  const std::vector<IntRange> ranges = int_ranges(p);
   auto v = [](int32_t i) { return fmt::format("v{}", i); };
   for (size_t i = 0; i < ins.size(); ++i) {
     if (!live[i]) continue;
@@ -86,19 +196,22 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
         for (size_t d = 0; d < in.args.size(); ++d)
           off += fmt::format(" + fg_wrap_index(a, {0}, {1}, {2}) * a.caps[{0}].strides[{1}]", slot, d, v(in.args[d]));
         s += fmt::format("  const fg_i64 o{} = {};  // {}\n", i, off, p.captures()[in.capture].name);
+        // The stored dtype is known now: the read is specialised on it (the module key is the text's hash).
+        const char* dt = abi_dtype_name(p.captures()[in.capture].tensor.dtype());
         if (in.kind == VK::Float)
-          expr = fmt::format("(({})fg_cap_load_f(a.caps[{}], o{}))", type_name(VK::Float, dbl), slot, i);
+          expr = fmt::format("(({})fg_cap_load_f(a.caps[{}], {}, o{}))", type_name(VK::Float, dbl), slot, dt, i);
         else if (in.kind == VK::Int)
-          expr = fmt::format("fg_cap_load_i(a.caps[{}], o{})", slot, i);
+          expr = fmt::format("fg_cap_load_i(a.caps[{}], {}, o{})", slot, dt, i);
         else
-          expr = fmt::format("(fg_cap_load_i(a.caps[{}], o{}) != 0)", slot, i);
+          expr = fmt::format("(fg_cap_load_i(a.caps[{}], {}, o{}) != 0)", slot, dt, i);
         break;
       }
       default: {
         std::vector<std::string> args;
         for (int32_t x : in.args) args.push_back(v(x));
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
-        expr = cuda_spelling(in.op, in.kind, operand, dbl, args);
+        expr = narrowed(p, i, ranges, args);
+        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args);
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);
@@ -137,6 +250,113 @@ std::string specialisations(const char* ret_t, const char* name, const char* sig
   return s;
 }
 
+// ---- Row / column / element split (see mod_codegen.h). Instructions that need neither kv nor the score
+// are "row" values (computed once per q row), those that need kv but neither q nor the score are "column"
+// values (once per kv column), the rest are computed per element. Leaves (constants, b, h, q, kv, score)
+// cost nothing and are re-read wherever they are used rather than carried.
+bool is_leaf(ExprOp op) {
+  return op == ExprOp::Const || op == ExprOp::Score || op == ExprOp::Batch || op == ExprOp::Head ||
+         op == ExprOp::QIdx || op == ExprOp::KVIdx;
+}
+
+enum class Part : uint8_t { None, Row, Col, Elem };
+
+struct SplitProgram {
+  std::vector<Part> part;                   // per instruction (None: dead or a leaf)
+  std::vector<char> row_emit, col_emit, elem_emit;  // what each function computes (with the leaves it reads)
+  std::vector<int32_t> row_out, col_out;    // values carried from the row / column function to the element one
+};
+
+SplitProgram split_program(const ModProgram& p, int32_t output) {
+  const auto& ins = p.instrs();
+  const size_t n = ins.size();
+  const std::vector<char> live = live_set(p, {output});
+  SplitProgram sp;
+  sp.part.assign(n, Part::None);
+  for (size_t i = 0; i < n; ++i) {
+    if (!live[i] || is_leaf(ins[i].op)) continue;
+    const uint8_t d = ins[i].deps;
+    const bool q = d & kUsesQ, kv = d & kUsesKV, score = d & kUsesScore;
+    sp.part[i] = (score || (q && kv)) ? Part::Elem : kv ? Part::Col : Part::Row;
+  }
+  // Carried values: row / column values the element part (or the output itself) reads.
+  std::vector<char> carried(n, 0);
+  auto carry = [&](int32_t v) {
+    if (sp.part[v] == Part::Row || sp.part[v] == Part::Col) carried[v] = 1;
+  };
+  carry(output);
+  for (size_t i = 0; i < n; ++i)
+    if (sp.part[i] == Part::Elem)
+      for (int32_t a : ins[i].args) carry(a);
+  for (size_t i = 0; i < n; ++i)
+    if (carried[i]) (sp.part[i] == Part::Row ? sp.row_out : sp.col_out).push_back(static_cast<int32_t>(i));
+  // What each function evaluates: the closure of its carried values (row and column functions; a column
+  // value may need a b/h-only "row" value, which the column function then recomputes), and for the
+  // element function its own instructions plus the leaves they read.
+  auto closure = [&](const std::vector<int32_t>& outs) { return outs.empty() ? std::vector<char>(n, 0) : live_set(p, outs); };
+  sp.row_emit = closure(sp.row_out);
+  sp.col_emit = closure(sp.col_out);
+  sp.elem_emit.assign(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (sp.part[i] != Part::Elem) continue;
+    sp.elem_emit[i] = 1;
+    for (int32_t a : ins[i].args)
+      if (is_leaf(ins[a].op)) sp.elem_emit[a] = 1;
+  }
+  if (is_leaf(ins[output].op)) sp.elem_emit[output] = 1;
+  return sp;
+}
+
+// `template <class T> struct NAME { T v3; fg_i64 v7; ... };` holding `vals` (Float values in T).
+std::string carried_struct(const char* name, const ModProgram& p, const std::vector<int32_t>& vals) {
+  std::string s = fmt::format("template <class T> struct {} {{", name);
+  for (int32_t v : vals) {
+    const VK k = p.instrs()[v].kind;
+    s += fmt::format(" {} v{};", k == VK::Float ? "T" : type_name(k, false), v);
+  }
+  return s + " };\n";
+}
+
+// The row, column and element functions of one program (float and double specialisations). `prefix` is
+// "fg_score" or "fg_mask"; `Row` / `Col` the carried structs; `elem_ret` "T" or "bool".
+std::string split_functions(const char* prefix, const char* row_t, const char* col_t, const char* elem_ret,
+                            const ModProgram& p, int32_t output, const std::vector<int>& slots) {
+  const SplitProgram sp = split_program(p, output);
+  const bool score = p.type() == ModProgram::Type::Score;
+  std::string s = carried_struct(row_t, p, sp.row_out) + carried_struct(col_t, p, sp.col_out);
+  s += fmt::format("template <class T> __device__ __forceinline__ {0}<T> {1}_row(int b, int h, int q, const FgModArgs& a);\n"
+                   "template <class T> __device__ __forceinline__ {2}<T> {1}_col(int b, int h, int kv, const FgModArgs& a);\n",
+                   row_t, prefix, col_t);
+  s += fmt::format("template <class T> __device__ __forceinline__ {} {}_elem({}const {}<T>& r, const {}<T>& c, int b, int h, "
+                   "int q, int kv, const FgModArgs& a);\n",
+                   elem_ret, prefix, score ? "T score, " : "", row_t, col_t);
+  for (bool dbl : {false, true}) {
+    const std::string T = type_name(VK::Float, dbl);
+    auto fill = [&](const char* var, const std::vector<int32_t>& vals) {
+      std::string f;
+      for (int32_t v : vals) f += fmt::format("  {}.v{} = v{};\n", var, v, v);
+      return f;
+    };
+    s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_row<{1}>(int b, int h, int q, const FgModArgs& a) {{\n",
+                     row_t, T, prefix);
+    s += emit_body(p, sp.row_emit, slots, dbl);
+    s += fmt::format("  {}<{}> r;\n{}  return r;\n}}\n", row_t, T, fill("r", sp.row_out));
+    s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_col<{1}>(int b, int h, int kv, const FgModArgs& a) {{\n",
+                     col_t, T, prefix);
+    s += emit_body(p, sp.col_emit, slots, dbl);
+    s += fmt::format("  {}<{}> c;\n{}  return c;\n}}\n", col_t, T, fill("c", sp.col_out));
+    const std::string ret = std::string(elem_ret) == "T" ? T : elem_ret;
+    s += fmt::format("template <> __device__ __forceinline__ {0} {1}_elem<{2}>({3}const {4}<{2}>& r, const {5}<{2}>& c, "
+                     "int b, int h, int q, int kv, const FgModArgs& a) {{\n",
+                     ret, prefix, T, score ? T + " score, " : std::string(), row_t, col_t);
+    for (int32_t v : sp.row_out) s += fmt::format("  const {} v{} = r.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
+    for (int32_t v : sp.col_out) s += fmt::format("  const {} v{} = c.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
+    s += emit_body(p, sp.elem_emit, slots, dbl);
+    s += fmt::format("  return ({})v{};\n}}\n", ret, output);
+  }
+  return s;
+}
+
 }  // namespace
 
 std::string emit_cuda_mods(const CudaModsInput& in) {
@@ -152,29 +372,39 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += "// mask_mod: " + in.mask_mod->to_string() + "\n";
   }
 
-  // ---- score_mod
+  // ---- score_mod: split into row / column / element functions; fg_score_mod composes them.
   s += fmt::format("#define FG_HAS_SCORE_MOD {}\n", in.score_mod ? 1 : 0);
-  s += fmt::format("template <class T> __device__ __forceinline__ T fg_score_mod{}", kScoreSig);
   if (in.score_mod) {
-    s += ";\n";
-    s += specialisations("T", "fg_score_mod", kScoreSig, *in.score_mod, in.score_mod->output(),
+    s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *in.score_mod, in.score_mod->output(),
                          identity_slots(in.score_slots, in.score_mod->captures().size()));
   } else {
-    s += " { return score; }\n";
+    s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
+         "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
+         "template <class T> __device__ __forceinline__ FgScoreCol<T> fg_score_col(int, int, int, const FgModArgs&) { return {}; }\n"
+         "template <class T> __device__ __forceinline__ T fg_score_elem(T score, const FgScoreRow<T>&, const FgScoreCol<T>&, int, "
+         "int, int, int, const FgModArgs&) { return score; }\n";
   }
+  s += fmt::format("template <class T> __device__ __forceinline__ T fg_score_mod{} {{\n"
+                   "  return fg_score_elem<T>(score, fg_score_row<T>(b, h, q, a), fg_score_col<T>(b, h, kv, a), b, h, q, kv, a);\n}}\n",
+                   kScoreSig);
 
   // ---- mask_mod: fg_mask_mod_t<T> computes any float parts in T; fg_mask_mod is the float one (as the
   // CPU's BlockMask construction); a float64 kernel may call fg_mask_mod_t<double> to match the CPU's
   // float64 path.
   s += fmt::format("#define FG_HAS_MASK_MOD {}\n", in.mask_mod ? 1 : 0);
-  s += fmt::format("template <class T> __device__ __forceinline__ bool fg_mask_mod_t{}", kMaskSig);
   if (in.mask_mod) {
-    s += ";\n";
-    s += specialisations("bool", "fg_mask_mod_t", kMaskSig, *in.mask_mod, in.mask_mod->output(),
+    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, in.mask_mod->output(),
                          identity_slots(in.mask_slots, in.mask_mod->captures().size()));
   } else {
-    s += " { return true; }\n";
+    s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
+         "template <class T> __device__ __forceinline__ FgMaskRow<T> fg_mask_row(int, int, int, const FgModArgs&) { return {}; }\n"
+         "template <class T> __device__ __forceinline__ FgMaskCol<T> fg_mask_col(int, int, int, const FgModArgs&) { return {}; }\n"
+         "template <class T> __device__ __forceinline__ bool fg_mask_elem(const FgMaskRow<T>&, const FgMaskCol<T>&, int, int, "
+         "int, int, const FgModArgs&) { return true; }\n";
   }
+  s += fmt::format("template <class T> __device__ __forceinline__ bool fg_mask_mod_t{} {{\n"
+                   "  return fg_mask_elem<T>(fg_mask_row<T>(b, h, q, a), fg_mask_col<T>(b, h, kv, a), b, h, q, kv, a);\n}}\n",
+                   kMaskSig);
   s += fmt::format("__device__ __forceinline__ bool fg_mask_mod{} {{ return fg_mask_mod_t<float>(b, h, q, kv, a); }}\n",
                    kMaskSig);
 

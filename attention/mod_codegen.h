@@ -12,6 +12,15 @@
 //   #define FG_HAS_CAP_GRAD 0|1         some captured float tensor can receive a gradient
 //   template <class T> __device__ __forceinline__ T fg_score_mod(T score, int b, int h, int q, int kv, const FgModArgs& a);
 //   __device__ __forceinline__ bool fg_mask_mod(int b, int h, int q, int kv, const FgModArgs& a);
+//   // the same two in parts, for tile loops: a value that needs neither kv nor the score is computed once
+//   // per q row (FgScoreRow / FgMaskRow), one that needs kv but neither q nor the score once per kv column
+//   // (FgScoreCol / FgMaskCol), the rest per element; fg_score_mod(s, b, h, q, kv, a) is
+//   // fg_score_elem(s, fg_score_row(b, h, q, a), fg_score_col(b, h, kv, a), b, h, q, kv, a), likewise the mask
+//   template <class T> struct FgScoreRow; template <class T> struct FgScoreCol;   (FgMaskRow, FgMaskCol)
+//   template <class T> FgScoreRow<T> fg_score_row(int b, int h, int q, const FgModArgs& a);   (fg_mask_row)
+//   template <class T> FgScoreCol<T> fg_score_col(int b, int h, int kv, const FgModArgs& a);  (fg_mask_col)
+//   template <class T> T fg_score_elem(T score, const FgScoreRow<T>&, const FgScoreCol<T>&, int b, int h, int q,
+//                                      int kv, const FgModArgs& a);                          (fg_mask_elem -> bool)
 //   // d score_mod / d score at the pre-mod score
 //   template <class T> __device__ __forceinline__ T fg_dscore(T score, int b, int h, int q, int kv, const FgModArgs& a);
 //   // for each capture-gradient term whose capture slot needs a gradient:
@@ -19,6 +28,13 @@
 //   // `grad` is dL/d(modified score); `score` is the pre-mod score.
 //   template <class T, class Sink> __device__ __forceinline__ void fg_cap_grad(T score, T grad, int b, int h, int q,
 //                                                                           int kv, const FgModArgs& a, const Sink& sink);
+//
+// A part may raise (a captured read out of range), so a kernel evaluates a row's or a column's part only
+// where it evaluates some element of that row or column (kernels/flex_mod_parts.cuh).
+//
+// Captured reads are specialised on the capture's dtype (known when tracing); integer add / sub / mul / neg
+// are spelled in 32 bits where interval arithmetic over the operands (b, h, q, kv are non-negative 32-bit
+// ints, int32 and bool captures bounded) proves the exact result fits, which gives the same value.
 //
 // Semantics are the op table's, identical to the CPU evaluators: ints are 64-bit, Python `//` and `%`,
 // integer division by zero reports through the error flag like an out-of-range index (and yields 0),

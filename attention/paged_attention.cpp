@@ -11,7 +11,8 @@ namespace fg {
 
 namespace {
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Overflow-free for any a >= 0 (seq_len may be as large as INT64_MAX).
+int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // An integer tensor of `rank` dims as int64 values (validated: defined, integral).
 std::vector<int64_t> int_values(const Tensor& t, const char* op, const char* name, int64_t rank) {
@@ -233,14 +234,15 @@ ScoreMod PagedAttention::get_score_mod(ScoreMod score_mod, const Tensor& kv_len,
 BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const Tensor& batch_idx,
                                                      const Tensor& kv_len) const {
   const char* op = "convert_logical_block_mask";
-  FG_CHECK(bm.kv_num_blocks.defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
+  FG_CHECK(bm.kv_num_blocks().defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
+  bm.check_unchanged("PagedAttention.convert_logical_block_mask");
   // The page tables live on the CPU (as the rest of PagedAttention for now): so must the mask they rewrite.
   FG_CHECK(bm.device().is_cpu(), DeviceError,
            "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on the CPU; pass a CPU BlockMask "
            "(create_block_mask(..., kCPU)) or move its lists with BlockMask::from_kv_blocks", op, bm.device());
-  FG_CHECK(bm.block_size.kv == page_size_, ValueError,
+  FG_CHECK(bm.block_size().kv == page_size_, ValueError,
            "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
-           bm.block_size.kv, page_size_, bm.block_size.q, bm.block_size.kv);
+           bm.block_size().kv, page_size_, bm.block_size().q, bm.block_size().kv);
   const int64_t Bm = bm.batch(), H = bm.heads(), nQ = bm.num_q_blocks(), nKV = bm.num_kv_blocks();
   std::vector<int64_t> slots;
   if (batch_idx.defined()) {
@@ -260,7 +262,7 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
              slots[static_cast<size_t>(i)], max_batch_);
   // Valid logical length of each row: kv_len, capped by the logical mask's KV_LEN (its last block may stick out
   // past KV_LEN; in the physical cache those rows are real, so the mask must cut them).
-  const int64_t logical_kv_len = bm.seq_lengths.second;
+  const int64_t logical_kv_len = bm.seq_lengths().second;
   std::vector<int64_t> lens(static_cast<size_t>(N), logical_kv_len);
   if (kv_len.defined()) {
     std::vector<int64_t> given = int_values(kv_len, op, "kv_len", 1);
@@ -275,9 +277,9 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
     fnum = zeros({N, H, nQ}, kInt32);
     fidx = zeros({N, H, nQ, n_pages_}, kInt32);
   }
-  Tensor src_num = bm.kv_num_blocks.to(kInt32).contiguous(), src_idx = bm.kv_indices.to(kInt32).contiguous();
-  Tensor src_fnum = has_full ? bm.full_kv_num_blocks.to(kInt32).contiguous() : Tensor();
-  Tensor src_fidx = has_full ? bm.full_kv_indices.to(kInt32).contiguous() : Tensor();
+  Tensor src_num = bm.kv_num_blocks().to(kInt32).contiguous(), src_idx = bm.kv_indices().to(kInt32).contiguous();
+  Tensor src_fnum = has_full ? bm.full_kv_num_blocks().to(kInt32).contiguous() : Tensor();
+  Tensor src_fidx = has_full ? bm.full_kv_indices().to(kInt32).contiguous() : Tensor();
   const int64_t* table = page_table_.data<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t slot = slots[static_cast<size_t>(n)], sb = Bm == 1 ? 0 : n;
@@ -314,8 +316,8 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   }
   Tensor len_t = from_vector(lens, {N}, kInt64);
   Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64) : Tensor();
-  return BlockMask::from_kv_blocks(num, idx, fnum, fidx, bm.block_size, get_mask_mod(bm.mask_mod, len_t, slot_t),
-                                   std::make_pair(bm.seq_lengths.first, max_cached_seq_len()));
+  return BlockMask::from_kv_blocks(num, idx, fnum, fidx, bm.block_size(), get_mask_mod(bm.mask_mod(), len_t, slot_t),
+                                   std::make_pair(bm.seq_lengths().first, max_cached_seq_len()));
 }
 
 }  // namespace fg

@@ -9,6 +9,7 @@
 #include "attention/flex_attention.h"
 #include "attention/mask_mods.h"
 #include "ops/ops.h"
+#include "examples/cli_checks.h"
 
 using namespace fg;
 
@@ -22,18 +23,22 @@ int main(int argc, char** argv) {
   const std::vector<std::string> masks{"none", "causal", "sliding4", "prefix4", "document"};
   app.add_option("--score-mod", score, "identity|times_two|squared|rel_bias|alibi|softcap")->check(CLI::IsMember(scores));
   app.add_option("--mask", mask, "none|causal|sliding4|prefix4|document")->check(CLI::IsMember(masks));
-  app.add_option("-B", B);
-  app.add_option("-H", H, "query heads");
-  app.add_option("--hkv", Hkv, "kv heads (GQA when < H; default H)");
-  app.add_option("-L", L, "query length");
-  app.add_option("--lkv", Lkv, "kv length (default L)");
-  app.add_option("-E", E, "head dim");
-  app.add_option("--block", block, "BlockMask block size");
+  app.add_option("-B", B, "batch")->check(cli::at_least(1));
+  app.add_option("-H", H, "query heads")->check(cli::at_least(1));
+  app.add_option("--hkv", Hkv, "kv heads (GQA when < H; default H)")->check(cli::at_least(0));
+  app.add_option("-L", L, "query length")->check(cli::at_least(1));
+  app.add_option("--lkv", Lkv, "kv length (default L)")->check(cli::at_least(0));
+  app.add_option("-E", E, "head dim")->check(cli::at_least(1));
+  app.add_option("--block", block, "BlockMask block size")->check(cli::at_least(1));
   app.add_flag("--learnable-bias", learnable, "add a learnable per-head bias captured by the score_mod");
   app.add_option("--seed", seed);
   CLI11_PARSE(app, argc, argv);
   if (Hkv == 0) Hkv = H;
   if (Lkv == 0) Lkv = L;
+  if (H % Hkv != 0) {
+    std::fprintf(stderr, "gradcheck_attention: --hkv %ld must divide -H %ld\n", Hkv, H);
+    return 2;
+  }
   try {
     Generator gen(seed);
     Tensor q = randn({B, H, L, E}, kFloat64, &gen).requires_grad_(), k = randn({B, Hkv, Lkv, E}, kFloat64, &gen).requires_grad_();

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "attention/block_mask.h"
+#include "examples/cli_checks.h"
 
 using namespace fg;
 
@@ -17,7 +18,7 @@ namespace {
 void show(const std::string& title, const std::string& why, const MaskMod& mask, int64_t seq, int64_t block) {
   BlockMask bm = create_block_mask(mask, std::nullopt, std::nullopt, seq, seq, block);
   fmt::print("== {} ==\n{}\nmask_mod: {}\nsparsity: {:.2f}% of the score matrix skipped\n", title, why,
-             bm.mask_program->to_string(), bm.sparsity());
+             bm.mask_program()->to_string(), bm.sparsity());
   // Drop PyTorch's "(b, h)" header line: these masks do not depend on b or h.
   std::string pic = bm.to_string({32, 32}, 1, /*show_partial=*/true);
   fmt::print("{}\n", pic.substr(pic.find('\n') + 1));
@@ -29,13 +30,13 @@ int main(int argc, char** argv) {
   CLI::App app{"Print the block masks of common attention patterns"};
   int64_t seq = 1024, block = 128, window = 256, prefix = 256, chunk = 256, dilation = 2;
   int64_t docs = 4;
-  app.add_option("-s,--seq", seq, "sequence length (Q_LEN = KV_LEN)")->check(CLI::PositiveNumber);
-  app.add_option("-b,--block", block, "BLOCK_SIZE (square)")->check(CLI::PositiveNumber);
-  app.add_option("--window", window, "sliding window size")->check(CLI::PositiveNumber);
-  app.add_option("--prefix", prefix, "prefix length of the prefix-LM mask")->check(CLI::NonNegativeNumber);
-  app.add_option("--chunk", chunk, "chunk length of the chunked mask")->check(CLI::PositiveNumber);
-  app.add_option("--dilation", dilation, "dilation of the dilated mask")->check(CLI::PositiveNumber);
-  app.add_option("--docs", docs, "number of documents packed into the sequence")->check(CLI::PositiveNumber);
+  app.add_option("-s,--seq", seq, "sequence length (Q_LEN = KV_LEN)")->check(cli::at_least(1));
+  app.add_option("-b,--block", block, "BLOCK_SIZE (square)")->check(cli::at_least(1));
+  app.add_option("--window", window, "sliding window size")->check(cli::at_least(1));
+  app.add_option("--prefix", prefix, "prefix length of the prefix-LM mask")->check(cli::at_least(0));
+  app.add_option("--chunk", chunk, "chunk length of the chunked mask")->check(cli::at_least(1));
+  app.add_option("--dilation", dilation, "dilation of the dilated mask")->check(cli::at_least(1));
+  app.add_option("--docs", docs, "number of documents packed into the sequence")->check(cli::at_least(1));
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -73,7 +74,7 @@ int main(int argc, char** argv) {
          and_masks(causal, same_chunk, sliding), seq, block);
     show("not causal", "not_mask(causal): the strict upper triangle; full and empty swap, partial stays partial.",
          not_mask(causal), seq, block);
-  } catch (const fg::Error& e) {
+  } catch (const std::exception& e) {  // flexgrad errors, and bad_alloc for absurd sizes
     fmt::print(stderr, "error: {}\n", e.what());
     return 1;
   }

@@ -9,6 +9,7 @@
 //
 //   paged_decode --requests 24 --slots 8 --pages 256 --page-size 32
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 
 #include <chrono>
 #include <cstdio>
@@ -18,6 +19,7 @@
 #include "attention/flex_attention.h"
 #include "attention/paged_attention.h"
 #include "ops/ops.h"
+#include "examples/cli_checks.h"
 
 using namespace fg;
 
@@ -38,30 +40,41 @@ struct Active {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   CLI::App app{"Continuous-batching decode through a paged K/V cache (flex_attention + PagedAttention)"};
   int64_t requests = 24, slots = 8, n_pages = 256, page_size = 32, vocab = 512, hq = 8, hkv = 2, e = 32;
   int64_t min_prompt = 8, max_prompt = 200, min_new = 16, max_new = 96, print_every = 16;
   uint64_t seed = 0;
-  app.add_option("--requests", requests, "number of requests to serve")->check(CLI::PositiveNumber);
-  app.add_option("--slots", slots, "batch slots decoding at once (max_batch_size)")->check(CLI::PositiveNumber);
-  app.add_option("--pages", n_pages, "physical pages in the shared cache")->check(CLI::PositiveNumber);
-  app.add_option("--page-size", page_size, "tokens per page (= kv block size)")->check(CLI::PositiveNumber);
-  app.add_option("--vocab", vocab, "vocabulary size")->check(CLI::PositiveNumber);
-  app.add_option("--hq", hq, "query heads")->check(CLI::PositiveNumber);
-  app.add_option("--hkv", hkv, "key/value heads (GQA when < hq)")->check(CLI::PositiveNumber);
-  app.add_option("--head-dim", e, "head dimension")->check(CLI::PositiveNumber);
-  app.add_option("--min-prompt", min_prompt, "shortest prompt")->check(CLI::PositiveNumber);
-  app.add_option("--max-prompt", max_prompt, "longest prompt")->check(CLI::PositiveNumber);
-  app.add_option("--min-new", min_new, "fewest generated tokens per request")->check(CLI::PositiveNumber);
-  app.add_option("--max-new", max_new, "most generated tokens per request")->check(CLI::PositiveNumber);
-  app.add_option("--print-every", print_every, "print a status line every N steps")->check(CLI::PositiveNumber);
+  app.add_option("--requests", requests, "number of requests to serve")->check(cli::at_least(1));
+  app.add_option("--slots", slots, "batch slots decoding at once (max_batch_size)")->check(cli::at_least(1));
+  app.add_option("--pages", n_pages, "physical pages in the shared cache")->check(cli::at_least(1));
+  app.add_option("--page-size", page_size, "tokens per page (= kv block size)")->check(cli::at_least(1));
+  app.add_option("--vocab", vocab, "vocabulary size")->check(cli::at_least(1));
+  app.add_option("--hq", hq, "query heads")->check(cli::at_least(1));
+  app.add_option("--hkv", hkv, "key/value heads (GQA when < hq)")->check(cli::at_least(1));
+  app.add_option("--head-dim", e, "head dimension")->check(cli::at_least(1));
+  app.add_option("--min-prompt", min_prompt, "shortest prompt")->check(cli::at_least(1));
+  app.add_option("--max-prompt", max_prompt, "longest prompt")->check(cli::at_least(1));
+  app.add_option("--min-new", min_new, "fewest generated tokens per request")->check(cli::at_least(1));
+  app.add_option("--max-new", max_new, "most generated tokens per request")->check(cli::at_least(1));
+  app.add_option("--print-every", print_every, "print a status line every N steps")->check(cli::at_least(1));
   app.add_option("--seed", seed, "random seed");
   CLI11_PARSE(app, argc, argv);
-  if (hq % hkv != 0 || min_prompt > max_prompt || min_new > max_new) {
-    std::fprintf(stderr, "need hq %% hkv == 0, min-prompt <= max-prompt, min-new <= max-new\n");
+  auto usage_error = [](const std::string& msg) {
+    std::fprintf(stderr, "paged_decode: %s\n", msg.c_str());
     return 2;
-  }
+  };
+  if (hq % hkv != 0) return usage_error(fmt::format("--hkv {} must divide --hq {}", hkv, hq));
+  if (min_prompt > max_prompt)
+    return usage_error(fmt::format("--min-prompt {} exceeds --max-prompt {}", min_prompt, max_prompt));
+  if (min_new > max_new) return usage_error(fmt::format("--min-new {} exceeds --max-new {}", min_new, max_new));
+  // A request is admitted only when the pool can hold all of it (prompt + budget): the longest possible
+  // request must fit in the whole pool, or it would wait forever.
+  const int64_t longest = max_prompt + max_new, longest_pages = (longest + page_size - 1) / page_size;
+  if (longest_pages > n_pages)
+    return usage_error(fmt::format("--pages {} of {} tokens cannot hold the longest request (--max-prompt {} + --max-new "
+                                   "{} = {} tokens need {} pages); raise --pages or --page-size, or shorten the requests",
+                                   n_pages, page_size, max_prompt, max_new, longest, longest_pages));
   const int64_t d_model = hq * e, kv_dim = hkv * e;
 
   // The toy model.
@@ -205,5 +218,13 @@ int main(int argc, char** argv) {
               "at the end %lld/%lld\n",
               (long long)finished, (long long)steps, (long long)tokens_out, el, double(tokens_out) / el, attn_s,
               (long long)pa.pages_in_use(), (long long)n_pages);
-  return finished == requests ? 0 : 1;
+  if (finished != requests) {
+    std::fprintf(stderr, "paged_decode: %lld of %lld requests were not served: the pool never had room for them\n",
+                 (long long)(requests - finished), (long long)requests);
+    return 1;
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "paged_decode: error: %s\n", e.what());
+  return 1;
 }

@@ -5,7 +5,7 @@
 #include "ops/ops.h"
 using namespace fg;
 
-int main() {
+int main() try {
   const int64_t B = 2, H = 4, L = 512, E = 64;
   Tensor q = randn({B, H, L, E}).requires_grad_(), k = randn({B, H, L, E}).requires_grad_(),
          v = randn({B, H, L, E}).requires_grad_();
@@ -19,4 +19,7 @@ int main() {
   Tensor out = flex_attention(q, k, v, opt).out;  // [B, H, L, E], fused CPU (or CUDA) kernel
   out.sum().backward();                            // dq, dk, dv through the fused backward
   fmt::print("{}\n{}\n", opt.block_mask->to_string(), q.grad().sizes());
+} catch (const std::exception& e) {
+  fmt::print(stderr, "readme_example: error: {}\n", e.what());
+  return 1;
 }

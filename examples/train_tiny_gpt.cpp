@@ -17,12 +17,14 @@
 #include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
 
 #include "nn/nn.h"
 #include "ops/ops.h"
+#include "examples/cli_checks.h"
 
 using namespace fg;
 using Clock = std::chrono::steady_clock;
@@ -38,7 +40,8 @@ std::string fmt_eta(double s) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+// Every flexgrad error (and any other) ends here: a message and exit status 1, never an abort.
+int main(int argc, char** argv) try {
   // OpenMP threads that spin while waiting (libgomp's default) are ruinous on a machine shared with
   // other work: on 2 busy cores a step went from ~0.33 s to ~3 s. The policy is read when libgomp loads,
   // before main, so when the user has not chosen one we re-execute ourselves once with it set.
@@ -61,43 +64,75 @@ int main(int argc, char** argv) {
   bool quiet = false, require_improvement = false;
   app.add_option("--data", data_path, "training text file")->check(CLI::ExistingFile);
   app.add_option("--out", out_dir, "directory for loss.csv and the checkpoint");
-  app.add_option("--steps", steps, "optimizer steps");
-  app.add_option("--batch", batch, "sequences per step");
-  app.add_option("--context", cfg.context, "sequence length");
-  app.add_option("--d-model", cfg.d_model, "model width");
-  app.add_option("--layers", cfg.n_layers, "transformer blocks");
-  app.add_option("--heads", cfg.n_heads, "attention heads");
-  app.add_option("--kv-heads", cfg.n_kv_heads, "key/value heads (grouped-query attention; 0 = heads)");
-  app.add_option("--dropout", cfg.dropout, "residual dropout");
-  app.add_option("--lr", lr, "peak learning rate");
-  app.add_option("--min-lr", min_lr, "final learning rate of the cosine");
-  app.add_option("--warmup", warmup, "linear warmup steps");
-  app.add_option("--weight-decay", weight_decay, "AdamW decoupled weight decay");
-  app.add_option("--clip", clip, "gradient clipping by global norm (0 = off)");
-  app.add_option("--eval-every", eval_every, "held-out loss every N steps");
-  app.add_option("--eval-batches", eval_batches, "batches per held-out evaluation");
+  app.add_option("--steps", steps, "optimizer steps")->check(cli::at_least(1));
+  app.add_option("--batch", batch, "sequences per step")->check(cli::at_least(1));
+  app.add_option("--context", cfg.context, "sequence length")->check(cli::at_least(1));
+  app.add_option("--d-model", cfg.d_model, "model width")->check(cli::at_least(1));
+  app.add_option("--layers", cfg.n_layers, "transformer blocks")->check(cli::at_least(1));
+  app.add_option("--heads", cfg.n_heads, "attention heads")->check(cli::at_least(1));
+  app.add_option("--kv-heads", cfg.n_kv_heads, "key/value heads (grouped-query attention; 0 = heads)")
+      ->check(cli::at_least(0));
+  app.add_option("--dropout", cfg.dropout, "residual dropout in [0, 1)");
+  app.add_option("--lr", lr, "peak learning rate")->check(cli::greater_than(0));
+  app.add_option("--min-lr", min_lr, "final learning rate of the cosine")->check(cli::at_least(0));
+  app.add_option("--warmup", warmup, "linear warmup steps")->check(cli::at_least(0));
+  app.add_option("--weight-decay", weight_decay, "AdamW decoupled weight decay")->check(cli::at_least(0));
+  app.add_option("--clip", clip, "gradient clipping by global norm (0 = off)")->check(cli::at_least(0));
+  app.add_option("--eval-every", eval_every, "held-out loss every N steps")->check(cli::at_least(1));
+  app.add_option("--eval-batches", eval_batches, "batches per held-out evaluation")->check(cli::at_least(1));
   app.add_option("--mask", mask_kind, "attention: causal | document (causal within blank-line separated paragraphs)")
       ->check(CLI::IsMember({"causal", "document"}));
   app.add_option("--prompt", prompt, "sampling prompt");
-  app.add_option("--sample-len", sample_len, "characters to sample");
-  app.add_option("--temperature", temperature, "sampling temperature (0 = greedy)");
-  app.add_option("--top-k", top_k, "sample among the k most likely characters (0 = all)");
+  app.add_option("--sample-len", sample_len, "characters to sample")->check(cli::at_least(0));
+  app.add_option("--temperature", temperature, "sampling temperature (0 = greedy)")->check(cli::at_least(0));
+  app.add_option("--top-k", top_k, "sample among the k most likely characters (0 = all)")->check(cli::at_least(0));
   app.add_option("--kv-cache", kv_cache, "KV cache for sampling: contiguous | paged (PagedAttention page pool)")
       ->check(CLI::IsMember({"contiguous", "paged"}));
-  app.add_option("--page-size", page_size, "tokens per page of the paged KV cache")->check(CLI::PositiveNumber);
+  app.add_option("--page-size", page_size, "tokens per page of the paged KV cache")->check(cli::at_least(1));
   app.add_option("--seed", seed, "seed for init, batches and sampling");
   app.add_flag("--quiet", quiet, "no live progress line");
   app.add_flag("--require-improvement", require_improvement,
                "exit with status 1 unless the final held-out loss is below the initial one (CI smoke test)");
   CLI11_PARSE(app, argc, argv);
 
+  // ---- everything checked before any long work: options that depend on each other, the data file, the
+  // output directory (created when missing, then loss.csv opened in it) ----
+  auto usage_error = [](const std::string& msg) {
+    std::fprintf(stderr, "train_tiny_gpt: %s\n", msg.c_str());
+    return 2;
+  };
+  if (cfg.d_model % cfg.n_heads != 0 || (cfg.d_model / cfg.n_heads) % 2 != 0)
+    return usage_error(fmt::format("--heads {} must divide --d-model {} into an even head dim (rotary embedding)",
+                                   cfg.n_heads, cfg.d_model));
+  if (cfg.n_kv_heads > 0 && cfg.n_heads % cfg.n_kv_heads != 0)
+    return usage_error(fmt::format("--kv-heads {} must divide --heads {}", cfg.n_kv_heads, cfg.n_heads));
+  if (!(cfg.dropout >= 0 && cfg.dropout < 1))
+    return usage_error(fmt::format("--dropout must be in [0, 1), got {}", cfg.dropout));
+  if (min_lr > lr) return usage_error(fmt::format("--min-lr {} must not exceed --lr {}", min_lr, lr));
+
   // ---- data ----
   std::ifstream in(data_path, std::ios::binary);
+  if (!in.good()) return usage_error(fmt::format("--data {}: cannot open the file", data_path));
   std::stringstream ss;
   ss << in.rdbuf();
   const std::string text = ss.str();
-  FG_CHECK(text.size() > static_cast<size_t>(4 * cfg.context), ValueError, "{}: {} bytes is too short for context {}",
-           data_path, text.size(), cfg.context);
+  // Batches are windows of context + 1 characters drawn from the first 90% (training) and the last 10%
+  // (held out): each part must be longer than one window.
+  const int64_t held_out = static_cast<int64_t>(text.size()) - static_cast<int64_t>(text.size() * 9 / 10);
+  if (held_out < cfg.context + 2)
+    return usage_error(fmt::format(
+        "--data {}: {} bytes leave {} held-out characters (the last 10%), fewer than --context {} + 2; use a text of at "
+        "least {} bytes or a shorter --context", data_path, text.size(), held_out, cfg.context, 10 * (cfg.context + 2)));
+  {
+    std::error_code ec;
+    std::filesystem::create_directories(out_dir, ec);
+    if (!std::filesystem::is_directory(out_dir))
+      return usage_error(fmt::format("--out {}: cannot create the output directory{}", out_dir,
+                                     ec ? " (" + ec.message() + ")" : std::string(" (a file is in the way)")));
+  }
+  std::ofstream csv(out_dir + "/loss.csv");
+  if (!csv.good()) return usage_error(fmt::format("--out {}: cannot write {}/loss.csv", out_dir, out_dir));
+
   std::map<unsigned char, int64_t> counts;
   for (unsigned char c : text) counts[c]++;
   std::vector<unsigned char> itos;
@@ -173,8 +208,6 @@ int main(int argc, char** argv) {
     return total / eval_batches;
   };
 
-  std::ofstream csv(out_dir + "/loss.csv");
-  FG_CHECK(csv.good(), IOError, "cannot write {}/loss.csv", out_dir);
   csv << "step,train_loss,val_loss,lr,tokens_per_s\n";
   double val = evaluate();
   const double initial_val = val;
@@ -246,4 +279,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "train_tiny_gpt: error: %s\n", e.what());
+  return 1;
 }

@@ -39,8 +39,15 @@ bool Optimizer::has_buffer(size_t i, const std::string& name) const {
   return false;
 }
 
+namespace {
+constexpr const char* kKindPrefix = "optimizer.";  // "optimizer.AdamW": which optimizer the state is for
+}  // namespace
+
 NamedTensors Optimizer::state_dict() const {
   NamedTensors out;
+  // The kind of optimizer is part of the state (its key names it, as a checkpoint holds only tensors):
+  // Adam's moments mean something else to AdamW, SGD has none.
+  out.emplace_back(std::string(kKindPrefix) + name_, scalar_tensor(1, kInt64));
   out.emplace_back("step", scalar_tensor(steps_, kInt64));
   for (size_t i = 0; i < state_.size(); ++i) {
     for (const auto& [n, t] : state_[i]) out.emplace_back(fmt::format("{}.{}", i, n), t);
@@ -52,7 +59,12 @@ void Optimizer::load_state_dict(const NamedTensors& state) {
   std::vector<std::string> problems;
   std::vector<std::deque<std::pair<std::string, Tensor>>> next(params_.size());
   int64_t steps = -1;
+  std::string kind;
   for (const auto& [name, t] : state) {
+    if (name.rfind(kKindPrefix, 0) == 0) {
+      kind = name.substr(std::string(kKindPrefix).size());
+      continue;
+    }
     if (name == "step") {
       steps = static_cast<int64_t>(t.item<double>());
       continue;
@@ -73,6 +85,12 @@ void Optimizer::load_state_dict(const NamedTensors& state) {
       continue;
     }
     next[i].emplace_back(name.substr(dot + 1), clone(t.detach()));
+  }
+  if (kind.empty()) {
+    problems.push_back(fmt::format("missing key '{}{}' (the optimizer that wrote the state)", kKindPrefix, name_));
+  } else if (kind != name_) {
+    problems.push_back(fmt::format("the state was written by {} ('{}{}'); it cannot be loaded into {}", kind,
+                                   kKindPrefix, kind, name_));
   }
   if (steps < 0) problems.push_back("missing key 'step'");
   FG_CHECK(problems.empty(), ValueError, "{}.load_state_dict: {} problem(s):\n  {}", name_, problems.size(),

@@ -21,8 +21,9 @@ class Optimizer {
   void set_lr(double lr) { lr_ = lr; }
   int64_t steps() const { return steps_; }
   const TensorList& params() const { return params_; }
-  // Per-parameter buffers by name ("0.exp_avg", "3.momentum_buffer") plus "step"; restore with
-  // load_state_dict on an optimizer built over the same parameter list (names, shapes and dtypes checked).
+  // Per-parameter buffers by name ("0.exp_avg", "3.momentum_buffer") plus "step" and "optimizer.<kind>"
+  // ("optimizer.AdamW"); restore with load_state_dict on an optimizer of the same kind built over the same
+  // parameter list (kind, names, shapes and dtypes checked: ValueError listing every problem).
   NamedTensors state_dict() const;
   void load_state_dict(const NamedTensors& state);
 

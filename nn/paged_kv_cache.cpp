@@ -10,7 +10,8 @@ namespace fg::nn {
 
 namespace {
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Overflow-free for any a >= 0.
+int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 int64_t checked_pages(int64_t batch, int64_t kv_heads, int64_t max_len, int64_t head_dim, int64_t page_size,
                       int64_t n_pages) {
@@ -18,7 +19,12 @@ int64_t checked_pages(int64_t batch, int64_t kv_heads, int64_t max_len, int64_t 
            "PagedKVCache: sizes must be positive, got batch {}, kv_heads {}, max_len {}, head_dim {}, page_size {}",
            batch, kv_heads, max_len, head_dim, page_size);
   FG_CHECK(n_pages >= 0, ValueError, "PagedKVCache: n_pages must be >= 0 (0: automatic), got {}", n_pages);
-  return n_pages > 0 ? n_pages : batch * cdiv(max_len, page_size);
+  if (n_pages > 0) return n_pages;
+  int64_t pages = 0;
+  FG_CHECK(!__builtin_mul_overflow(batch, cdiv(max_len, page_size), &pages), ValueError,
+           "PagedKVCache: batch {} x max_len {} tokens is too many pages of {} to count in int64", batch, max_len,
+           page_size);
+  return pages;
 }
 
 }  // namespace
@@ -71,17 +77,17 @@ FlexAttentionResult PagedKVCache::attend(const Tensor& q, const FlexAttentionOpt
   BlockMask logical;
   if (opts.block_mask) {
     const BlockMask& bm = *opts.block_mask;
-    FG_CHECK(bm.seq_lengths.first == Lq && bm.seq_lengths.second == len_, ShapeError,
+    FG_CHECK(bm.seq_lengths().first == Lq && bm.seq_lengths().second == len_, ShapeError,
              "PagedKVCache.attend: the BlockMask was created for (Q_LEN, KV_LEN) = ({}, {}) but the call has {} "
              "queries over {} cached tokens",
-             bm.seq_lengths.first, bm.seq_lengths.second, Lq, len_);
+             bm.seq_lengths().first, bm.seq_lengths().second, Lq, len_);
     FG_CHECK(bm.batch() == 1 || bm.batch() == batch_, ShapeError,
              "PagedKVCache.attend: the BlockMask has batch size {} but the cache has {} rows (expected 1 or equal)",
              bm.batch(), batch_);
     // The physical mask's kv blocks are pages: rebuild a mask of other kv blocks from its mask_mod.
-    logical = bm.block_size.kv == ps
+    logical = bm.block_size().kv == ps
                   ? bm
-                  : create_block_mask(bm.mask_mod, bm.batch(), bm.heads(), Lq, len_, BlockSize(bm.block_size.q, ps));
+                  : create_block_mask(bm.mask_mod(), bm.batch(), bm.heads(), Lq, len_, BlockSize(bm.block_size().q, ps));
   } else {
     // Every cached token: all kv blocks full (convert cuts the last one at len_).
     const int64_t bq = std::min<int64_t>(Lq, 128), nq = cdiv(Lq, bq), nkv = cdiv(len_, ps);

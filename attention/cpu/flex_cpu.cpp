@@ -158,13 +158,25 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
+            // The running max m is NaN-sticky, as torch.amax: once a row has seen a NaN score, its m,
+            // l, output and lse are NaN. The vector max below skips NaN (cheap); NaN is caught after.
             T bm = ninf;
 #pragma omp simd reduction(max : bm)
             for (int64_t j = 0; j < nkv; ++j) bm = row[j] > bm ? row[j] : bm;
-            const T mnew = std::max(m[i], bm);
-            if (mnew == ninf) {  // nothing allowed yet in this row
-              std::fill(row, row + nkv, T(0));
+            T mnew = std::max(m[i], bm);  // m[i] first: a NaN m[i] stays
+            if (mnew == ninf) {
+              // Only -inf and NaN here: -inf entries weigh 0; a NaN makes the row NaN (an empty row,
+              // every score -inf so far, stays empty).
+              bool nan = false;
+              for (int64_t j = 0; j < nkv; ++j) {
+                nan |= std::isnan(row[j]);
+                row[j] = std::isnan(row[j]) ? row[j] : T(0);
+              }
+              if (nan) m[i] = l[i] = std::numeric_limits<T>::quiet_NaN();
               continue;
+            }
+            if (mnew == -ninf) {  // a +inf score: inf - inf below would hide whether a NaN was there too
+              for (int64_t j = 0; j < nkv; ++j) mnew = std::isnan(row[j]) ? row[j] : mnew;
             }
             const T corr = std::exp(m[i] - mnew);
             T sum = 0;
@@ -173,6 +185,8 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
               row[j] = vec::exp(row[j] - mnew);
               sum += row[j];
             }
+            // With a finite max every exp is in [0, 1], so a NaN sum means a NaN score.
+            if (std::isnan(sum) && std::isfinite(mnew)) mnew = sum;
             l[i] = l[i] * corr + sum;
             m[i] = mnew;
             if (corr != T(1)) {
@@ -185,9 +199,12 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
         for (int64_t i = 0; i < nq; ++i) {
           T* dst = out + (row0 + i) * p.Ev;
-          const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
+          // Every score -inf (or no block visited): output 0 and lse -inf, as flex_attention. A NaN m
+          // gives NaN through l; a +inf max gives a NaN output (inf - inf) and lse +inf (torch.logsumexp).
+          const bool empty = m[i] == ninf;
+          const T inv = empty ? T(0) : T(1) / l[i];
           for (int64_t e = 0; e < p.Ev; ++e) dst[e] = acc[i * p.Ev + e] * inv;
-          lse[row0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
+          lse[row0 + i] = empty ? ninf : m[i] == -ninf ? m[i] : m[i] + std::log(l[i]);
           mx[row0 + i] = m[i];
         }
       } catch (...) {

@@ -96,13 +96,15 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
     if (!tile_override(c)) {
       // Head dims up to 128: two m16 fragments per warp, so each K / V fragment read from shared memory
       // feeds two mma (shared-memory bandwidth, not the tensor cores, bounds one fragment per warp); a
-      // 32-column kv sub-tile keeps S and O in registers. Wider heads: one fragment per warp (O alone
-      // is 128 registers at Ev = 256).
+      // 32-column kv sub-tile keeps S and O in registers. With a score_mod, whose code needs registers
+      // the two fragments leave none of, one fragment per warp and two CTAs per SM (ALiBi and softcap
+      // ran 5% and 25% faster so on the H200). Wider heads: one fragment, one CTA (O alone is 128
+      // registers at Ev = 256).
       c.bm = rows_for(p.block_q, 128);
       c.bn = rows_for(p.block_kv, 32);
-      const bool two = !wide && c.bm % 32 == 0;
+      const bool two = !wide && !p.score_mod && c.bm % 32 == 0;
       c.warps = two ? c.bm / 32 : c.bm / 16;
-      c.min_blocks = two ? 2 : 1;
+      c.min_blocks = wide ? 1 : 2;
     }
     c.smem = mma_smem(c);
   } else if (dt == kFloat32 || dt == kFloat64) {

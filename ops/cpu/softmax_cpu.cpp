@@ -16,10 +16,16 @@ void softmax_typed(const ReduceLayout& l, const T* in, T* out, bool log) {
   for (int64_t o = 0; o < l.n_out; ++o) {
     const T* x = in + l.in_offset(o);
     T* y = out + l.out_offset(o);
+    // NaN-sticky max (as PyTorch's): a row holding a NaN gives NaN everywhere, even when its other
+    // entries are -inf, instead of being taken for an all -inf row.
     C m = -std::numeric_limits<C>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max<C>(m, static_cast<C>(x[i * s]));
+    for (int64_t i = 0; i < n; ++i) {
+      const C xi = static_cast<C>(x[i * s]);
+      m = (xi > m || xi != xi) ? xi : m;
+    }
     if (m == -std::numeric_limits<C>::infinity()) {
-      // Every entry is -inf: there is no mass to normalise. Give 0 (log: -inf) rather than 0/0 = NaN.
+      // Every entry is -inf: there is no mass to normalise. Give 0 (log: -inf) rather than 0/0 = NaN
+      // (torch.softmax gives NaN here; flexgrad keeps the masked-row convention of _safe_softmax).
       const C fill = log ? -std::numeric_limits<C>::infinity() : C(0);
       for (int64_t i = 0; i < n; ++i) y[i * os] = static_cast<T>(fill);
       continue;

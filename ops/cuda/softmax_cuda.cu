@@ -8,7 +8,8 @@
 namespace fg::cuda {
 namespace {
 
-template <class C> __device__ __forceinline__ C cmax(C a, C b) { return a > b ? a : b; }
+// NaN-propagating max (as the CPU kernel and PyTorch): a NaN in a row must not be taken for an all -inf row.
+template <class C> __device__ __forceinline__ C cmax(C a, C b) { return (a > b || a != a) ? a : b; }
 template <class C> __device__ __forceinline__ C cexp(C x) {
   if constexpr (std::is_same_v<C, float>) return __expf(x);
   else return ::exp(x);

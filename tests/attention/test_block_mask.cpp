@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attention/block_mask.h"
+#include "attention/flex_attention.h"
 #include "tensor/npy.h"
 
 using namespace fg;
@@ -65,11 +66,11 @@ TEST(BlockMask, MatchesPyTorchConformance) {
     BlockMask m = create_block_mask(case_mask(name, dir), B == 1 ? std::nullopt : std::optional<int64_t>(B),
                                     H == 1 ? std::nullopt : std::optional<int64_t>(H), c["Sq"].get<int64_t>(),
                                     c["Skv"].get<int64_t>(), bs);
-    EXPECT_EQ(m.kv_num_blocks.sizes(), kv_num.sizes());
-    EXPECT_EQ(ints(m.kv_num_blocks), ints(kv_num));
-    EXPECT_EQ(ints(m.kv_indices), ints(fg::load_npy(base + "kv_idx.npy")));
-    EXPECT_EQ(ints(m.full_kv_num_blocks), ints(fg::load_npy(base + "full_kv_num.npy")));
-    EXPECT_EQ(ints(m.full_kv_indices), ints(fg::load_npy(base + "full_kv_idx.npy")));
+    EXPECT_EQ(m.kv_num_blocks().sizes(), kv_num.sizes());
+    EXPECT_EQ(ints(m.kv_num_blocks()), ints(kv_num));
+    EXPECT_EQ(ints(m.kv_indices()), ints(fg::load_npy(base + "kv_idx.npy")));
+    EXPECT_EQ(ints(m.full_kv_num_blocks()), ints(fg::load_npy(base + "full_kv_num.npy")));
+    EXPECT_EQ(ints(m.full_kv_indices()), ints(fg::load_npy(base + "full_kv_idx.npy")));
     // PyTorch's sparsity for the attention shape: the manifest records it with the q batch/heads, and
     // sparsity is a ratio, so it does not depend on B and H.
     EXPECT_NEAR(m.sparsity(), c["sparsity"].get<double>(), 1e-9);
@@ -81,14 +82,14 @@ TEST(BlockMask, MatchesPyTorchConformance) {
 TEST(BlockMask, CausalPictureAndFields) {
   BlockMask m = create_block_mask(causal(), std::nullopt, std::nullopt, 512, 512, 128);
   EXPECT_EQ(m.shape(), (Shape{1, 1, 512, 512}));
-  EXPECT_EQ(ints(m.kv_num_blocks), (std::vector<int32_t>{1, 1, 1, 1}));       // diagonal blocks are partial
-  EXPECT_EQ(ints(m.full_kv_num_blocks), (std::vector<int32_t>{0, 1, 2, 3}));  // below the diagonal: full
-  EXPECT_EQ(ints(m.full_kv_indices), (std::vector<int32_t>{0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3}));
-  EXPECT_EQ(ints(m.kv_indices), (std::vector<int32_t>{0, 1, 2, 3, 1, 0, 2, 3, 2, 0, 1, 3, 3, 0, 1, 2}));
+  EXPECT_EQ(ints(m.kv_num_blocks()), (std::vector<int32_t>{1, 1, 1, 1}));       // diagonal blocks are partial
+  EXPECT_EQ(ints(m.full_kv_num_blocks()), (std::vector<int32_t>{0, 1, 2, 3}));  // below the diagonal: full
+  EXPECT_EQ(ints(m.full_kv_indices()), (std::vector<int32_t>{0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3}));
+  EXPECT_EQ(ints(m.kv_indices()), (std::vector<int32_t>{0, 1, 2, 3, 1, 0, 2, 3, 2, 0, 1, 3, 3, 0, 1, 2}));
   // transposes for the backward: per kv block, the q blocks that visit it
-  EXPECT_EQ(ints(m.full_q_num_blocks), (std::vector<int32_t>{3, 2, 1, 0}));
-  EXPECT_EQ(ints(m.full_q_indices), (std::vector<int32_t>{1, 2, 3, 0, 2, 3, 0, 1, 3, 0, 1, 2, 0, 1, 2, 3}));
-  EXPECT_EQ(ints(m.q_num_blocks), (std::vector<int32_t>{1, 1, 1, 1}));
+  EXPECT_EQ(ints(m.full_q_num_blocks()), (std::vector<int32_t>{3, 2, 1, 0}));
+  EXPECT_EQ(ints(m.full_q_indices()), (std::vector<int32_t>{1, 2, 3, 0, 2, 3, 0, 1, 3, 0, 1, 2, 0, 1, 2, 3}));
+  EXPECT_EQ(ints(m.q_num_blocks()), (std::vector<int32_t>{1, 1, 1, 1}));
   EXPECT_EQ(ints(m.to_dense()), (std::vector<int32_t>{1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1}));
   EXPECT_EQ(ints(m.block_kinds()), (std::vector<int32_t>{1, 0, 0, 0, 2, 1, 0, 0, 2, 2, 1, 0, 2, 2, 2, 1}));
   EXPECT_EQ(m.to_string(), "(0, 0)\n██      \n████    \n██████  \n████████\n");
@@ -102,16 +103,16 @@ TEST(BlockMask, CausalPictureAndFields) {
   EXPECT_EQ(os.str(), m.str());
   // downsampled picture: 2x2 groups of blocks
   EXPECT_EQ(m.to_string({2, 2}), "(0, 0)\n░░  \n██░░\n");
-  ASSERT_TRUE(m.mask_program);
-  EXPECT_EQ(m.mask_program->to_string(), "q_idx >= kv_idx");
+  ASSERT_TRUE(m.mask_program());
+  EXPECT_EQ(m.mask_program()->to_string(), "q_idx >= kv_idx");
 }
 
 TEST(BlockMask, PartialLastBlocksAndSparsity) {
   // 300 = 2 * 128 + 44: the last blocks stick out and are never full (as PyTorch).
   BlockMask m = create_block_mask(noop_mask, 2, 3, 300, 200, BlockSize(128, 64));
-  EXPECT_EQ(m.kv_num_blocks.sizes(), (Shape{2, 3, 3}));
-  EXPECT_EQ(m.kv_indices.sizes(), (Shape{2, 3, 3, 4}));
-  std::vector<int32_t> full = ints(m.full_kv_num_blocks), part = ints(m.kv_num_blocks);
+  EXPECT_EQ(m.kv_num_blocks().sizes(), (Shape{2, 3, 3}));
+  EXPECT_EQ(m.kv_indices().sizes(), (Shape{2, 3, 3, 4}));
+  std::vector<int32_t> full = ints(m.full_kv_num_blocks()), part = ints(m.kv_num_blocks());
   for (int r = 0; r < 18; ++r) {
     EXPECT_EQ(full[r], r % 3 == 2 ? 0 : 3);
     EXPECT_EQ(part[r], r % 3 == 2 ? 4 : 1);
@@ -139,15 +140,15 @@ TEST(BlockMask, IndexingAndAdjust) {
   EXPECT_EQ(b1h0.shape(), (Shape{1, 1, 256, 256}));
   EXPECT_EQ(ints(b1h0.to_dense()), std::vector<int32_t>(16, 1));  // all allowed
   EXPECT_EQ(ints(b1h1.to_dense()), ints(m.select(0, 0).to_dense()));
-  EXPECT_EQ(ints(b1h0.full_kv_num_blocks), (std::vector<int32_t>{4, 4, 4, 4}));
+  EXPECT_EQ(ints(b1h0.full_kv_num_blocks()), (std::vector<int32_t>{4, 4, 4, 4}));
   EXPECT_THROW(m.select(2, 0), IndexError);
   EXPECT_THROW(m[-3], IndexError);
   // adjust to a shorter sequence keeps the leading blocks
   BlockMask a = m.select(0, 0).adjust(100, 150);
   EXPECT_EQ(a.shape(), (Shape{1, 1, 100, 150}));
-  EXPECT_EQ(a.kv_indices.sizes(), (Shape{1, 1, 2, 3}));
+  EXPECT_EQ(a.kv_indices().sizes(), (Shape{1, 1, 2, 3}));
   EXPECT_EQ(ints(a.to_dense()), (std::vector<int32_t>{1, 0, 0, 1, 1, 0}));
-  EXPECT_EQ(ints(a.q_num_blocks), (std::vector<int32_t>{1, 1, 0}));
+  EXPECT_EQ(ints(a.q_num_blocks()), (std::vector<int32_t>{1, 1, 0}));
   EXPECT_THROW(m.adjust(512, 256), ValueError);
   // to_string limit
   std::string s = m.to_string({20, 20}, 2);
@@ -158,16 +159,16 @@ TEST(BlockMask, IndexingAndAdjust) {
 
 TEST(BlockMask, FromKvBlocks) {
   BlockMask ref = create_block_mask(causal(), std::nullopt, std::nullopt, 256, 256, 64);
-  BlockMask m = BlockMask::from_kv_blocks(ref.kv_num_blocks, ref.kv_indices, ref.full_kv_num_blocks,
-                                          ref.full_kv_indices, 64, causal());
-  EXPECT_EQ(ints(m.q_indices), ints(ref.q_indices));
-  EXPECT_EQ(ints(m.full_q_num_blocks), ints(ref.full_q_num_blocks));
-  EXPECT_EQ(m.seq_lengths, (std::pair<int64_t, int64_t>{256, 256}));
+  BlockMask m = BlockMask::from_kv_blocks(ref.kv_num_blocks(), ref.kv_indices(), ref.full_kv_num_blocks(),
+                                          ref.full_kv_indices(), 64, causal());
+  EXPECT_EQ(ints(m.q_indices()), ints(ref.q_indices()));
+  EXPECT_EQ(ints(m.full_q_num_blocks()), ints(ref.full_q_num_blocks()));
+  EXPECT_EQ(m.seq_lengths(), (std::pair<int64_t, int64_t>{256, 256}));
   // without full blocks: everything visited is partial; no mask_mod means noop
-  BlockMask p = BlockMask::from_kv_blocks(ref.kv_num_blocks, ref.kv_indices);
+  BlockMask p = BlockMask::from_kv_blocks(ref.kv_num_blocks(), ref.kv_indices());
   EXPECT_FALSE(p.has_full_blocks());
-  EXPECT_EQ(p.block_size.q, 128);
-  EXPECT_EQ(p.mask_program->to_string(), "true");
+  EXPECT_EQ(p.block_size().q, 128);
+  EXPECT_EQ(p.mask_program()->to_string(), "true");
   EXPECT_EQ(p.shape(), (Shape{1, 1, 512, 512}));
   // int64 inputs are accepted; malformed ones are named
   Tensor num = from_vector(std::vector<int64_t>{1, 2}, {1, 1, 2}, kInt64);
@@ -182,6 +183,36 @@ TEST(BlockMask, FromKvBlocks) {
                ShapeError);
 }
 
+// A built mask's lists, lengths and BLOCK_SIZE agree (the kernels index with them unchecked), so they are
+// read-only: assigning seq_lengths or block_size of a built mask used to compile and then crash flex_attention.
+template <class M> concept SeqLengthsAssignable = requires(M& m) { m.seq_lengths = std::pair<int64_t, int64_t>{1, 1}; };
+template <class M> concept SeqLengthsCallAssignable = requires(M& m) { m.seq_lengths().first = 1; };
+template <class M> concept BlockSizeAssignable = requires(M& m) { m.block_size = BlockSize(1); };
+template <class M> concept BlockSizeCallAssignable = requires(M& m) { m.block_size().q = 1; };
+template <class M> concept ListsAssignable = requires(M& m) { m.kv_num_blocks() = Tensor(); };
+template <class M> concept MaskProgramAssignable = requires(M& m) { m.mask_program() = nullptr; };
+
+TEST(BlockMask, FieldsCannotBeChangedAfterConstruction) {
+  static_assert(!SeqLengthsAssignable<BlockMask> && !SeqLengthsCallAssignable<BlockMask>);
+  static_assert(!BlockSizeAssignable<BlockMask> && !BlockSizeCallAssignable<BlockMask>);
+  static_assert(!ListsAssignable<BlockMask> && !MaskProgramAssignable<BlockMask>);
+  BlockMask none;
+  EXPECT_FALSE(none.defined());
+  EXPECT_TRUE(create_block_mask(causal(), std::nullopt, std::nullopt, 32, 32, 16).defined());
+  // The list tensors are shared handles: an in-place write through one is caught before the kernels read it.
+  for (int which : {0, 1, 2}) {
+    BlockMask m = create_block_mask(causal(), std::nullopt, std::nullopt, 32, 32, 16);
+    EXPECT_NO_THROW(m.check_unchanged("test"));
+    Tensor t = which == 0 ? m.kv_num_blocks() : which == 1 ? m.full_q_indices() : m.kv_indices();
+    t.fill_(1000);
+    EXPECT_THROW_MSG(m.check_unchanged("test"), ValueError, "modified in place");
+    Tensor q = randn({1, 1, 32, 8});
+    FlexAttentionOptions o;
+    o.block_mask = m;
+    EXPECT_THROW_MSG(flex_attention(q, q, q, o), ValueError, "flex_attention", "modified in place");
+  }
+}
+
 TEST(BlockMask, Combinators) {
   auto window = [](Expr, Expr, Expr q, Expr kv) { return (q - kv).abs() <= 16; };
   BlockMask c = create_block_mask(causal(), std::nullopt, std::nullopt, 128, 128, 16);
@@ -192,14 +223,22 @@ TEST(BlockMask, Combinators) {
   std::vector<int32_t> dc = ints(c.to_dense()), dw = ints(w.to_dense()), da = ints(a.to_dense()),
                        dor = ints(o.to_dense()), dn = ints(n.to_dense());
   std::vector<int32_t> kc = ints(c.block_kinds()), kn = ints(n.block_kinds());
+  // The and-mask's blocks from the rule itself, element by element: visited iff some entry of the block
+  // is both causal and in the window (an empty or all-visited mask cannot pass).
+  std::vector<int32_t> want_and(dc.size(), 0);
+  for (int64_t qi = 0; qi < 128; ++qi)
+    for (int64_t ki = 0; ki < 128; ++ki)
+      if (qi >= ki && std::abs(qi - ki) <= 16) want_and[(qi / 16) * 8 + ki / 16] = 1;
+  ASSERT_EQ(da.size(), want_and.size());
+  EXPECT_EQ(da, want_and);
   for (size_t i = 0; i < dc.size(); ++i) {
     EXPECT_LE(da[i], std::min(dc[i], dw[i]));
     EXPECT_EQ(dor[i], std::max(dc[i], dw[i]));
     EXPECT_EQ(dn[i], kc[i] != 2);       // not causal: visited wherever causal is not full
     EXPECT_EQ(kn[i] == 2, kc[i] == 0);  // and full where causal is empty
   }
-  EXPECT_EQ(a.mask_program->to_string(), "q_idx >= kv_idx & abs(q_idx - kv_idx) <= 16");
-  EXPECT_EQ(n.mask_program->to_string(), "!(q_idx >= kv_idx)");
+  EXPECT_EQ(a.mask_program()->to_string(), "q_idx >= kv_idx & abs(q_idx - kv_idx) <= 16");
+  EXPECT_EQ(n.mask_program()->to_string(), "!(q_idx >= kv_idx)");
   EXPECT_EQ(trace_mask_mod(or_masks()).to_string(), "false");
   EXPECT_EQ(trace_mask_mod(and_masks()).to_string(), "true");
   EXPECT_THROW(and_masks(MaskMod()), ValueError);

@@ -3,6 +3,7 @@
 // no GPU needed) the text compiles together with flex_abi.cuh and a kernel that instantiates every
 // generated function for float and double.
 #include <dlfcn.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -164,8 +165,8 @@ TEST(ModCodegen, SoftcapUsesPrecisePerPrecisionMath) {
   EXPECT_TRUE(has(g.text, "#define FG_HAS_SCORE_MOD 1"));
   EXPECT_TRUE(has(g.text, "tanhf("));  // float specialisation
   EXPECT_TRUE(has(g.text, "tanh("));   // double specialisation
-  EXPECT_TRUE(has(g.text, "fg_score_mod<float>"));
-  EXPECT_TRUE(has(g.text, "fg_score_mod<double>"));
+  EXPECT_TRUE(has(g.text, "float fg_score_elem<float>("));
+  EXPECT_TRUE(has(g.text, "double fg_score_elem<double>("));
   EXPECT_TRUE(has(g.text, "#define FG_DSCORE_IS_CONSTANT 0"));  // 1 - tanh^2 depends on the score
   EXPECT_TRUE(has(g.text, "#define FG_HAS_CAP_GRAD 0"));
   EXPECT_FALSE(has(g.text, "__expf")) << "fast-math intrinsics would break CPU/GPU agreement";
@@ -178,7 +179,10 @@ TEST(ModCodegen, AlibiWithComputedAndCapturedSlopes) {
   });
   Generated g = generate(&computed, nullptr, true);
   EXPECT_TRUE(has(g.text, "exp2f("));
-  EXPECT_TRUE(has(g.text, "fg_sub_i("));  // int64 subtraction wraps, never UB
+  // kv - q: both indices are non-negative 32-bit ints, so the exact difference fits in 32 bits and is
+  // computed there (one instruction, and a 32-bit int -> float convert)
+  EXPECT_TRUE(has(g.text, "((fg_i64)((int)v"));
+  EXPECT_FALSE(has(g.text, "fg_sub_i("));
   EXPECT_TRUE(has(g.text, "#define FG_DSCORE_IS_CONSTANT 1"));
   expect_compiles(g);
 
@@ -187,10 +191,24 @@ TEST(ModCodegen, AlibiWithComputedAndCapturedSlopes) {
       [slopes](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + Expr(slopes[h]) * to_float(kv - q); });
   Generated gc = generate(&captured, nullptr, true);
   EXPECT_TRUE(has(gc.text, "fg_wrap_index(a, 0, 0,"));
-  EXPECT_TRUE(has(gc.text, "fg_cap_load_f(a.caps[0]"));
+  EXPECT_TRUE(has(gc.text, "fg_cap_load_f(a.caps[0], FG_DT_FLOAT32, o"));
   EXPECT_TRUE(has(gc.text, "#define FG_HAS_CAP_GRAD 1"));
   EXPECT_TRUE(has(gc.text, "sink.add(0, lin,"));
   expect_compiles(gc);
+}
+
+TEST(ModCodegen, IntArithmeticIsNarrowedOnlyWhenItCannotWrap) {
+  // (q - kv) fits in 32 bits; times 65536 it may not: that product stays a wrapping int64 multiply, and
+  // so does anything reading an int64 capture (its values are unbounded).
+  Captured ids(from_vector(std::vector<int64_t>{0, 1, 2, 3}, {4}, kInt64), "ids");
+  ModProgram m = trace_score_mod([ids](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return s + to_float((q - kv) * 65536) + to_float(Expr(ids[q]) + 1);
+  });
+  Generated g = generate(&m, nullptr, false);
+  EXPECT_TRUE(has(g.text, "((fg_i64)((int)v")) << g.text;
+  EXPECT_TRUE(has(g.text, "fg_mul_i(")) << g.text;
+  EXPECT_TRUE(has(g.text, "fg_add_i(")) << g.text;
+  expect_compiles(g);
 }
 
 TEST(ModCodegen, DocumentMaskWithInt64Capture) {
@@ -198,16 +216,29 @@ TEST(ModCodegen, DocumentMaskWithInt64Capture) {
   ModProgram m = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); });
   Generated g = generate(nullptr, &m, false);
   EXPECT_TRUE(has(g.text, "#define FG_HAS_MASK_MOD 1"));
-  EXPECT_TRUE(has(g.text, "fg_cap_load_i(a.caps[0]"));
-  EXPECT_TRUE(has(g.text, "fg_mask_mod_t<float>"));
-  EXPECT_TRUE(has(g.text, "fg_mask_mod_t<double>"));
+  EXPECT_TRUE(has(g.text, "fg_cap_load_i(a.caps[0], FG_DT_INT64, o"));
+  // doc[q] is read once per row, doc[kv] once per column; the element part compares (and tests q >= kv)
+  // without reading memory.
+  EXPECT_TRUE(has(g.text, "template <class T> struct FgMaskRow { fg_i64 v"));
+  EXPECT_TRUE(has(g.text, "template <class T> struct FgMaskCol { fg_i64 v"));
+  for (const char* T : {"float", "double"}) {
+    const std::string elem = fmt::format("bool fg_mask_elem<{}>(", T);
+    const size_t at = g.text.find(elem);
+    ASSERT_NE(at, std::string::npos) << elem;
+    const std::string body = g.text.substr(at, g.text.find("\n}\n", at) - at);
+    EXPECT_FALSE(has(body, "fg_cap_load")) << body;
+    EXPECT_TRUE(has(body, "= r.v")) << body;
+    EXPECT_TRUE(has(body, "= c.v")) << body;
+    EXPECT_TRUE(has(g.text, fmt::format("FgMaskRow<{0}> fg_mask_row<{0}>(", T)));
+    EXPECT_TRUE(has(g.text, fmt::format("FgMaskCol<{0}> fg_mask_col<{0}>(", T)));
+  }
   expect_compiles(g);
   // kernel slots: the mask's capture lives in slot 3 of the kernel's FgModArgs
   CudaModsInput in;
   in.mask_mod = &m;
   in.mask_slots = {3};
   const std::string text = emit_cuda_mods(in);
-  EXPECT_TRUE(has(text, "fg_cap_load_i(a.caps[3]"));
+  EXPECT_TRUE(has(text, "fg_cap_load_i(a.caps[3], FG_DT_INT64, o"));
   EXPECT_FALSE(has(text, "a.caps[0]"));
   in.mask_slots = {1, 2};
   EXPECT_THROW(emit_cuda_mods(in), ValueError);
@@ -322,6 +353,7 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+template <class T> inline T __ldg(const T* p) { return *p; }
 )";
 
 constexpr int kHB = 2, kHH = 3, kHQ = 9, kHKV = 11, kHP = kHB * kHH * kHQ * kHKV;

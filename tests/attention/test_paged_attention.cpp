@@ -231,8 +231,8 @@ TEST(PagedAttention, KvLenCutsFullBlocks) {
   auto scored = flex_attention(q, kc, vc, so);
   EXPECT_TRUE(close(scored.out, unpaged.out, 1e-5, 1e-5));
   // Blocks entirely past kv_len are dropped: sequence 2 (kv_len 17) visits one page.
-  EXPECT_EQ(phys.kv_num_blocks.at({2, 0, 0}) + phys.full_kv_num_blocks.at({2, 0, 0}), 1);
-  EXPECT_EQ(phys.full_kv_num_blocks.at({0, 0, 0}), 4);  // 256 tokens: all four pages full
+  EXPECT_EQ(phys.kv_num_blocks().at({2, 0, 0}) + phys.full_kv_num_blocks().at({2, 0, 0}), 1);
+  EXPECT_EQ(phys.full_kv_num_blocks().at({0, 0, 0}), 4);  // 256 tokens: all four pages full
 }
 
 // batch_idx picks slots: queries for slots 3 and 1 only, in that order.
@@ -308,6 +308,10 @@ TEST(PagedAttentionErrors, ReserveAndErase) {
   EXPECT_THROW_MSG(pa.reserve(2, 10), IndexError, "batch_idx 2", "max_batch_size");
   EXPECT_THROW_MSG(pa.reserve(-1, 10), IndexError, "batch_idx -1");
   EXPECT_THROW_MSG(pa.reserve(0, -3), ValueError, "seq_len", "-3");
+  // A length whose page count overflows when rounded up used to reach std::vector with a negative size.
+  EXPECT_THROW_MSG(pa.reserve(0, std::numeric_limits<int64_t>::max()), ValueError, "batch_idx 0",
+                   "576460752303423488 more page", "4 of 4 pages are free");
+  EXPECT_EQ(pa.capacity(0), 0);
   pa.reserve(0, 40);  // 3 pages
   EXPECT_EQ(pa.capacity(0), 48);
   pa.reserve(0, 48);  // no-op

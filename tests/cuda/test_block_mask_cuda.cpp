@@ -46,19 +46,19 @@ class BlockMaskCuda : public ::testing::Test {
   }
   static void expect_same(const BlockMask& d, const BlockMask& c) {
     ASSERT_EQ(d.device(), dev);
-    expect_field(d.kv_num_blocks, c.kv_num_blocks, "kv_num_blocks");
-    expect_field(d.kv_indices, c.kv_indices, "kv_indices");
-    expect_field(d.full_kv_num_blocks, c.full_kv_num_blocks, "full_kv_num_blocks");
-    expect_field(d.full_kv_indices, c.full_kv_indices, "full_kv_indices");
-    expect_field(d.q_num_blocks, c.q_num_blocks, "q_num_blocks");
-    expect_field(d.q_indices, c.q_indices, "q_indices");
-    expect_field(d.full_q_num_blocks, c.full_q_num_blocks, "full_q_num_blocks");
-    expect_field(d.full_q_indices, c.full_q_indices, "full_q_indices");
-    EXPECT_EQ(d.seq_lengths, c.seq_lengths);
-    EXPECT_EQ(d.block_size.q, c.block_size.q);
-    EXPECT_EQ(d.block_size.kv, c.block_size.kv);
-    ASSERT_TRUE(d.mask_program && c.mask_program);
-    EXPECT_EQ(d.mask_program->to_string(), c.mask_program->to_string());
+    expect_field(d.kv_num_blocks(), c.kv_num_blocks(), "kv_num_blocks");
+    expect_field(d.kv_indices(), c.kv_indices(), "kv_indices");
+    expect_field(d.full_kv_num_blocks(), c.full_kv_num_blocks(), "full_kv_num_blocks");
+    expect_field(d.full_kv_indices(), c.full_kv_indices(), "full_kv_indices");
+    expect_field(d.q_num_blocks(), c.q_num_blocks(), "q_num_blocks");
+    expect_field(d.q_indices(), c.q_indices(), "q_indices");
+    expect_field(d.full_q_num_blocks(), c.full_q_num_blocks(), "full_q_num_blocks");
+    expect_field(d.full_q_indices(), c.full_q_indices(), "full_q_indices");
+    EXPECT_EQ(d.seq_lengths(), c.seq_lengths());
+    EXPECT_EQ(d.block_size().q, c.block_size().q);
+    EXPECT_EQ(d.block_size().kv, c.block_size().kv);
+    ASSERT_TRUE(d.mask_program() && c.mask_program());
+    EXPECT_EQ(d.mask_program()->to_string(), c.mask_program()->to_string());
   }
   // create_block_mask on both devices; the device one must equal the CPU one.
   static BlockMask both(const MaskMod& mm, std::optional<int64_t> B, std::optional<int64_t> H, int64_t Q, int64_t KV,
@@ -91,7 +91,7 @@ TEST_F(BlockMaskCuda, MasksBlockSizesAndRaggedLengthsEqualTheCpu) {
 TEST_F(BlockMaskCuda, BatchAndHeadBroadcastAndNot) {
   // A mask ignoring b and h, built for B=2 H=3: evaluated once, broadcast to every plane.
   BlockMask m = both(causal, 2, 3, 384, 384, 64);
-  EXPECT_EQ(m.kv_num_blocks.sizes(), (Shape{2, 3, 6}));
+  EXPECT_EQ(m.kv_num_blocks().sizes(), (Shape{2, 3, 6}));
   // Masks that use b, h or both: every plane evaluated.
   both([](Expr b, Expr h, Expr q, Expr kv) { return (b + h) * 64 <= q - kv; }, 2, 3, 300, 260, 64);
   both([](Expr b, Expr, Expr q, Expr kv) { return (q >= kv) | (b == 1); }, 3, std::nullopt, 256, 256, 128);
@@ -153,10 +153,10 @@ TEST_F(BlockMaskCuda, EqualsABruteForceClassification) {
     return std::make_pair(num, idx);
   };
   EXPECT_EQ(ints(d.block_kinds()), kind);
-  EXPECT_EQ(std::make_pair(ints(d.kv_num_blocks), ints(d.kv_indices)), lists(1, false));
-  EXPECT_EQ(std::make_pair(ints(d.full_kv_num_blocks), ints(d.full_kv_indices)), lists(2, false));
-  EXPECT_EQ(std::make_pair(ints(d.q_num_blocks), ints(d.q_indices)), lists(1, true));
-  EXPECT_EQ(std::make_pair(ints(d.full_q_num_blocks), ints(d.full_q_indices)), lists(2, true));
+  EXPECT_EQ(std::make_pair(ints(d.kv_num_blocks()), ints(d.kv_indices())), lists(1, false));
+  EXPECT_EQ(std::make_pair(ints(d.full_kv_num_blocks()), ints(d.full_kv_indices())), lists(2, false));
+  EXPECT_EQ(std::make_pair(ints(d.q_num_blocks()), ints(d.q_indices())), lists(1, true));
+  EXPECT_EQ(std::make_pair(ints(d.full_q_num_blocks()), ints(d.full_q_indices())), lists(2, true));
 }
 
 // PyTorch's create_block_mask results (the conformance files), with the masks of their README.
@@ -194,11 +194,11 @@ TEST_F(BlockMaskCuda, MatchesPyTorchConformance) {
                                     H == 1 ? std::nullopt : std::optional<int64_t>(H), c["Sq"].get<int64_t>(),
                                     c["Skv"].get<int64_t>(), bs, dev);
     ASSERT_EQ(m.device(), dev);
-    EXPECT_EQ(m.kv_num_blocks.sizes(), kv_num.sizes());
-    EXPECT_EQ(ints(m.kv_num_blocks), ints(kv_num));
-    EXPECT_EQ(ints(m.kv_indices), ints(load_npy(base + "kv_idx.npy")));
-    EXPECT_EQ(ints(m.full_kv_num_blocks), ints(load_npy(base + "full_kv_num.npy")));
-    EXPECT_EQ(ints(m.full_kv_indices), ints(load_npy(base + "full_kv_idx.npy")));
+    EXPECT_EQ(m.kv_num_blocks().sizes(), kv_num.sizes());
+    EXPECT_EQ(ints(m.kv_num_blocks()), ints(kv_num));
+    EXPECT_EQ(ints(m.kv_indices()), ints(load_npy(base + "kv_idx.npy")));
+    EXPECT_EQ(ints(m.full_kv_num_blocks()), ints(load_npy(base + "full_kv_num.npy")));
+    EXPECT_EQ(ints(m.full_kv_indices()), ints(load_npy(base + "full_kv_idx.npy")));
     EXPECT_NEAR(m.sparsity(), c["sparsity"].get<double>(), 1e-9);
     ++checked;
   }
@@ -231,23 +231,23 @@ TEST_F(BlockMaskCuda, EveryMethodWorksOnDeviceMasks) {
   EXPECT_THROW(d.adjust(512, 64), ValueError);
 
   // from_kv_blocks with device tensors (int32 and int64): the mask stays on the device.
-  BlockMask f = BlockMask::from_kv_blocks(d.kv_num_blocks, d.kv_indices, d.full_kv_num_blocks, d.full_kv_indices,
+  BlockMask f = BlockMask::from_kv_blocks(d.kv_num_blocks(), d.kv_indices(), d.full_kv_num_blocks(), d.full_kv_indices(),
                                           BlockSize(64, 32), mm, std::make_pair(int64_t{300}, int64_t{280}));
   expect_same(f, c);
-  BlockMask p = BlockMask::from_kv_blocks(d.kv_num_blocks.to(kInt64), d.kv_indices.to(kInt64));
-  BlockMask pc = BlockMask::from_kv_blocks(c.kv_num_blocks.to(kInt64), c.kv_indices.to(kInt64));
+  BlockMask p = BlockMask::from_kv_blocks(d.kv_num_blocks().to(kInt64), d.kv_indices().to(kInt64));
+  BlockMask pc = BlockMask::from_kv_blocks(c.kv_num_blocks().to(kInt64), c.kv_indices().to(kInt64));
   EXPECT_FALSE(p.has_full_blocks());
   expect_same(p, pc);
   // A block listed both partial and full keeps both entries; block_kinds calls it full.
-  BlockMask both_lists = BlockMask::from_kv_blocks(d.kv_num_blocks, d.kv_indices, d.kv_num_blocks, d.kv_indices);
-  BlockMask both_cpu = BlockMask::from_kv_blocks(c.kv_num_blocks, c.kv_indices, c.kv_num_blocks, c.kv_indices);
+  BlockMask both_lists = BlockMask::from_kv_blocks(d.kv_num_blocks(), d.kv_indices(), d.kv_num_blocks(), d.kv_indices());
+  BlockMask both_cpu = BlockMask::from_kv_blocks(c.kv_num_blocks(), c.kv_indices(), c.kv_num_blocks(), c.kv_indices());
   expect_same(both_lists, both_cpu);
   expect_tensor(both_lists.block_kinds(), both_cpu.block_kinds());
   // Malformed device input is named; mixed devices are refused.
-  Tensor bad = d.kv_indices.clone();
+  Tensor bad = d.kv_indices().clone();
   bad.set_at({0, 0, 0, 0}, 99);
-  testing::expect_error<IndexError>([&] { BlockMask::from_kv_blocks(d.kv_num_blocks, bad); }, "kv_indices holds block index 99");
-  testing::expect_error<DeviceError>([&] { BlockMask::from_kv_blocks(d.kv_num_blocks, c.kv_indices); },
+  testing::expect_error<IndexError>([&] { BlockMask::from_kv_blocks(d.kv_num_blocks(), bad); }, "kv_indices holds block index 99");
+  testing::expect_error<DeviceError>([&] { BlockMask::from_kv_blocks(d.kv_num_blocks(), c.kv_indices()); },
                                      "expected one device");
 }
 

@@ -1,6 +1,7 @@
-// One op suite run on every available device: CPU always, CUDA when a GPU is present (skipped with a
-// visible message otherwise). Each case computes on the device and on the CPU from the same inputs
-// (strided, broadcast, every float dtype) and compares within the dtype's tolerance.
+// The CUDA op suite: each case computes on the GPU and on the CPU from the same inputs (strided,
+// broadcast, every float dtype) and compares within the dtype's tolerance (skipped with a visible message
+// when no GPU is present). The CPU is the golden here, so the suite is instantiated for CUDA only: on the
+// CPU it would compare a CPU call with itself. The CPU kernels have their own goldens in tests/ops.
 #include <cmath>
 
 #include "autograd/gradcheck.h"
@@ -114,7 +115,9 @@ TEST_P(DeviceOps, Reductions) {
   for (DType t : kFloats) {
     SCOPED_TRACE(dtype_name(t));
     auto [a, da] = rnd({37, 130, 3}, t);
-    Tol tl{tol(t).atol * 50, tol(t).rtol * 10};
+    // Sums of ~14k terms: float32 accumulation order shows in float32 results; the half types round
+    // their (float-accumulated) result once, so their own tolerance (a couple of ulps) holds.
+    Tol tl = t == kFloat16 || t == kBFloat16 ? tol(t) : Tol{tol(t).atol * 50, tol(t).rtol * 10};
     expect_same(sum(da), sum(a), tl);
     expect_same(sum(da, {1}), sum(a, {1}), tl);
     expect_same(sum(da, {0}, true), sum(a, {0}, true), tl);
@@ -172,12 +175,25 @@ TEST_P(DeviceOps, SoftmaxFamily) {
   }
   Tensor ninf = full({2, 3}, -INFINITY, kFloat32);
   EXPECT_EQ(sum(softmax(ninf.to(dev()), 1)).item<double>(), 0.0);
+  // A NaN anywhere in a row makes the row NaN (also next to -inf only, not taken for an all -inf row);
+  // a +inf gives NaN (inf - inf). Written by hand, as torch.softmax gives.
+  for (int64_t n : {3, 300, 5000}) {
+    SCOPED_TRACE(n);
+    Tensor x = full({3, n}, -INFINITY, kFloat32);
+    x.set_at({0, n - 1}, NAN);
+    x.set_at({1, 0}, NAN);
+    x.set_at({1, n / 2}, 1.0);
+    x.set_at({2, n / 2}, INFINITY);
+    Tensor y = softmax(x.to(dev()), 1).to(kCPU);
+    EXPECT_TRUE(all(isnan(y)).item<bool>()) << y;
+  }
 }
 
 TEST_P(DeviceOps, Matmul) {
   for (DType t : kFloats) {
     SCOPED_TRACE(dtype_name(t));
-    Tol tl = t == kFloat64 ? Tol{1e-10, 1e-10} : t == kFloat32 ? Tol{1e-4, 1e-4} : Tol{tol(t).atol * 20, tol(t).rtol * 5};
+    // Half types accumulate in float32 on both sides and round the result once: their own tolerance.
+    Tol tl = t == kFloat64 ? Tol{1e-10, 1e-10} : t == kFloat32 ? Tol{1e-4, 1e-4} : tol(t);
     auto [a, da] = rnd({4, 37, 19}, t, -1, 1);
     auto [b, db] = rnd({19, 23}, t, -1, 1);
     expect_same(matmul(da, db), matmul(a, b), tl);                                   // broadcast batch
@@ -281,8 +297,7 @@ TEST_P(DeviceOps, RandomValuesIdenticalToCpu) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllDevices, DeviceOps, ::testing::Values(DeviceType::CPU, DeviceType::CUDA),
-                         [](const auto& info) { return info.param == DeviceType::CPU ? "cpu" : "cuda"; });
+INSTANTIATE_TEST_SUITE_P(Cuda, DeviceOps, ::testing::Values(DeviceType::CUDA), [](const auto&) { return "cuda"; });
 
 // ---------------------------------------------------------------- CUDA runtime services
 

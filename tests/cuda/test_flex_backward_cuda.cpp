@@ -214,11 +214,11 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
   }
   if (c.mask) {
     const BlockMask& bm = *c.mask;
-    p.block_q = bm.block_size.q;
-    p.block_kv = bm.block_size.kv;
-    p.mask_mod = bm.mask_program;
-    p.kv_lists = lists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, dev);
-    p.q_lists = lists(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, dev);
+    p.block_q = bm.block_size().q;
+    p.block_kv = bm.block_size().kv;
+    p.mask_mod = bm.mask_program();
+    p.kv_lists = lists(bm.kv_num_blocks(), bm.kv_indices(), bm.full_kv_num_blocks(), bm.full_kv_indices(), dev);
+    p.q_lists = lists(bm.q_num_blocks(), bm.q_indices(), bm.full_q_num_blocks(), bm.full_q_indices(), dev);
   } else {
     p.block_q = p.block_kv = 128;
     const int64_t nQB = (d.Lq + 127) / 128, nKB = (d.Lkv + 127) / 128;
@@ -341,8 +341,11 @@ TEST_F(FlexBackwardCuda, DocumentMaskFromCapturedInt64Ids) {
   // The kernel evaluates the mask on the device: it must read a device copy of the ids.
   Tensor ids_dev = from_vector(ids, {L}, kInt64).to(kCUDA);
   Captured doc_dev(ids_dev);
-  c.mask->mask_program = std::make_shared<ModProgram>(trace_mask_mod(
-      [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); }));
+  const BlockMask& m = *c.mask;
+  c.mask = BlockMask::from_kv_blocks(
+      m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
+      [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
+      m.seq_lengths());
   c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
   check(c, {kFloat64, kFloat32, kBFloat16});
 }

@@ -453,6 +453,30 @@ TEST_P(FlexDevices, DocumentMaskFromCapturedIds) {
   }
 }
 
+TEST_P(FlexDevices, CapturedReadsOnlyWhereTheModIsEvaluated) {
+  // t[q] and u[kv] have 32 entries; the BlockMask visits only q < 32 (so kv <= q < 32). The score_mod's
+  // per-row and per-column parts (computed once per row / column on the GPU) must not read t or u for the
+  // rows and columns no visited entry has: no IndexError, as on the CPU, which evaluates entry by entry.
+  const int64_t S = 64, n = 32;
+  auto mask_for = [](Device) { return MaskMod([](Expr, Expr, Expr q, Expr kv) { return (q < 32) & (kv <= q); }); };
+  for (DType dt : kDtypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    const DType cdt = dt == kFloat64 ? kFloat64 : kFloat32;
+    Generator gen(11);
+    Tensor t = randn({n}, kFloat64, &gen).to(cdt), u = randn({n}, kFloat64, &gen).to(cdt);
+    const std::vector<double> tv = t.to(kFloat64).to_vector(), uv = u.to(kFloat64).to_vector();
+    Case c{{1, 2, S, 16, 1, 2, S, 16}, {}, {}, {}, {}};
+    c.o.score_mod = [tc = Captured(t.to(dev()), "t"), uc = Captured(u.to(dev()), "u")](Expr s, Expr, Expr, Expr q,
+                                                                                        Expr kv) {
+      return s + Expr(tc[q]) * Expr(uc[kv]);
+    };
+    c.m.f = [=](double s, int64_t, int64_t, int64_t q, int64_t kv) { return s + tv[q] * uv[kv]; };
+    c.m.allowed = [](int64_t, int64_t, int64_t q, int64_t kv) { return q < 32 && kv <= q; };
+    c.o.block_mask = mask_on(dev(), mask_for, 1, 1, S, S, 32);
+    check_case(c, dt, dev());
+  }
+}
+
 TEST_P(FlexDevices, EmptyRowsGiveZeroOutputMinusInfAndZeroGradients) {
   auto mask_for = [](Device) { return MaskMod([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (kv <= q); }); };
   for (DType dt : kDtypes) {

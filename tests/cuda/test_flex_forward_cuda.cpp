@@ -95,9 +95,8 @@ struct Case {
 BlockMask device_mask(const MaskMod& cpu_mask, const MaskMod& dev_mask, int64_t Lq, int64_t Lkv, BlockSize bs,
                       std::optional<int64_t> B = std::nullopt, std::optional<int64_t> H = std::nullopt) {
   BlockMask m = create_block_mask(cpu_mask, B, H, Lq, Lkv, bs);
-  m.mask_mod = dev_mask;
-  m.mask_program = std::make_shared<const ModProgram>(trace_mask_mod(dev_mask));
-  return m;
+  return BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), bs,
+                                   dev_mask, m.seq_lengths());
 }
 
 class FlexForwardCuda : public ::testing::TestWithParam<DType> {
@@ -275,6 +274,90 @@ TEST_P(FlexForwardCuda, EmptyRowsGiveZeroOutAndMinusInfLse) {
   none.opts.block_mask = create_block_mask([](Expr, Expr, Expr q, Expr) { return q < 0; }, std::nullopt, std::nullopt, 64, 64, 32);
   none.mod = [](double, int64_t, int64_t, int64_t, int64_t) { return -kInf; };
   check(none);
+}
+
+TEST_P(FlexForwardCuda, NonFiniteScoresFollowPyTorch) {
+  // PyTorch's flex_attention (eager math: NaN-propagating max, softmax, logsumexp), written out per row:
+  //   a NaN score -> the row's out, lse and max_scores NaN; every score -inf -> out 0, lse -inf;
+  //   a +inf score and no NaN -> out NaN, lse +inf, max_scores +inf; a -inf entry weighs 0.
+  // The special values come from a captured float32 bias added to the score; kv blocks of 16 put them in
+  // the first or the second kv tile of the row, where the online softmax takes different steps.
+  enum Kind { Finite, NaNRow, Empty, PlusInf };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct Row {
+    Kind kind;
+    int64_t col;   // where the special value goes (-1: none); other entries keep their bias of 0
+    double value;
+    bool all_neg_inf_but_col = false;  // every other entry -inf
+  };
+  const std::vector<Row> rows{
+      {Finite, -1, 0},           {NaNRow, 20, nan},      {NaNRow, 3, nan},         {Empty, -1, -kInf, true},
+      {NaNRow, 20, nan, true},   {PlusInf, 5, kInf},     {PlusInf, 21, kInf, true}, {Finite, 18, 1.0, true},
+      {Finite, 2, -kInf},        {NaNRow, 30, nan, true},  {NaNRow, 1, kInf},  // + a NaN at 25 (below)
+  };
+  const int64_t Lq = static_cast<int64_t>(rows.size()), Lkv = 32, E = 16;
+  std::vector<double> bias(Lq * Lkv, 0.0);
+  for (int64_t i = 0; i < Lq; ++i) {
+    if (rows[i].all_neg_inf_but_col) std::fill(bias.begin() + i * Lkv, bias.begin() + (i + 1) * Lkv, -kInf);
+    if (rows[i].col >= 0) bias[i * Lkv + rows[i].col] = rows[i].value;
+  }
+  bias[10 * Lkv + 25] = nan;  // +inf in the first tile, NaN in the second: NaN wins, as torch.amax
+  const std::vector<double> plain = bias;
+  Tensor bias_dev = from_vector(bias, {Lq, Lkv}, kFloat64).to(kFloat32).to(cuda());
+  const DType dt = GetParam();
+  Generator gen(3);
+  Tensor q = randn({1, 1, Lq, E}, kFloat64, &gen), k = randn({1, 1, Lkv, E}, kFloat64, &gen),
+         v = randn({1, 1, Lkv, E}, kFloat64, &gen);
+  Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64);
+  const double scale = 0.25;
+  // The finite rows' golden; the non-finite rows are checked by kind below.
+  Golden g = golden(qr, kr, vr, scale, [&](double s, int64_t, int64_t, int64_t i, int64_t j) {
+    const double b = plain[i * Lkv + j];
+    return std::isnan(b) || (std::isinf(b) && b > 0) ? 0.0 : s + b;
+  });
+  FlexAttentionOptions o;
+  o.scale = scale;
+  o.return_lse = true;
+  o.return_max_scores = true;
+  o.kernel.backend = FlexBackend::Fused;
+  o.score_mod = [b_ = Captured(bias_dev, "bias")](Expr s, Expr, Expr, Expr qi, Expr kv) { return s + b_[qi][kv]; };
+  o.block_mask = create_block_mask([](Expr, Expr, Expr qi, Expr) { return qi >= 0; }, std::nullopt, std::nullopt,
+                                   Lq, Lkv, BlockSize(16), cuda());
+  FlexAttentionResult r = flex_attention(q.to(dt).to(cuda()), k.to(dt).to(cuda()), v.to(dt).to(cuda()), o);
+  const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector(),
+                            mx = r.max_scores.to(kCPU).to(kFloat64).to_vector();
+  const std::vector<double> gout = g.out.to_vector(), glse = g.lse.to_vector();
+  const Tol t = tol(dt);
+  for (int64_t i = 0; i < Lq; ++i) {
+    SCOPED_TRACE("row " + std::to_string(i));
+    switch (rows[i].kind) {
+      case NaNRow:
+        EXPECT_TRUE(std::isnan(lse[i]) && std::isnan(mx[i]));
+        for (int64_t e = 0; e < E; ++e) EXPECT_TRUE(std::isnan(out[i * E + e])) << out[i * E + e];
+        break;
+      case Empty:
+        EXPECT_EQ(lse[i], -kInf);
+        EXPECT_EQ(mx[i], -kInf);
+        for (int64_t e = 0; e < E; ++e) EXPECT_EQ(out[i * E + e], 0.0);
+        break;
+      case PlusInf:
+        EXPECT_EQ(lse[i], kInf);
+        EXPECT_EQ(mx[i], kInf);
+        for (int64_t e = 0; e < E; ++e) EXPECT_TRUE(std::isnan(out[i * E + e])) << out[i * E + e];
+        break;
+      case Finite:
+        EXPECT_NEAR(lse[i], glse[i], t.stat_atol + t.stat_rtol * std::abs(glse[i]));
+        for (int64_t e = 0; e < E; ++e)
+          EXPECT_NEAR(out[i * E + e], gout[i * E + e], t.out_atol + t.out_rtol * std::abs(gout[i * E + e]));
+        break;
+    }
+  }
+  // scale = NaN: every row NaN (not an empty row)
+  o.scale = nan;
+  o.score_mod = {};
+  FlexAttentionResult rn = flex_attention(q.to(dt).to(cuda()), k.to(dt).to(cuda()), v.to(dt).to(cuda()), o);
+  EXPECT_TRUE(all(isnan(rn.out.to(kCPU).to(kFloat64))).item<bool>());
+  EXPECT_TRUE(all(isnan(rn.lse.to(kCPU).to(kFloat64))).item<bool>());
 }
 
 TEST_P(FlexForwardCuda, OutOfRangeCapturedIndexRaisesIndexError) {

@@ -1,6 +1,7 @@
 // Checkpoints (safetensors round trip, mismatch reports) and optimizer steps against hand computation.
 #include <cstdio>
 #include <fstream>
+#include <map>
 
 #include "nn/nn.h"
 #include "tests/test_util.h"
@@ -145,15 +146,38 @@ TEST(NnOptim, AdamAndAdamWByHand) {
       }
       EXPECT_TRUE(close(p.detach(), tensor(pv, {2}), 1e-9, 1e-9)) << "decoupled " << decoupled << " step " << t;
     }
-    // Optimizer state round trip through a safetensors file.
+    // Optimizer state round trip through a safetensors file: the same step count, the same moments (the
+    // hand-computed m and v above), and the next step identical to the original optimizer's.
     const std::string path = tmp_path("opt.safetensors");
     save_safetensors(path, opt->state_dict());
-    Tensor q = param();
-    AdamW fresh({q}, o);
-    fresh.load_state_dict(load_safetensors(path).tensors);
-    EXPECT_EQ(fresh.steps(), 3);
+    Tensor q = p.detach().clone().requires_grad_(true);
+    std::unique_ptr<Optimizer> fresh =
+        decoupled ? std::unique_ptr<Optimizer>(new AdamW({q}, o)) : std::unique_ptr<Optimizer>(new Adam({q}, o));
+    fresh->load_state_dict(load_safetensors(path).tensors);
+    EXPECT_EQ(fresh->steps(), 3);
+    std::map<std::string, Tensor> loaded;
+    for (auto& [n, t] : fresh->state_dict()) loaded[n] = t;
+    ASSERT_TRUE(loaded.count("0.exp_avg") && loaded.count("0.exp_avg_sq"));
+    EXPECT_TRUE(close(loaded["0.exp_avg"], tensor(m, {2}), 1e-12, 1e-12));
+    EXPECT_TRUE(close(loaded["0.exp_avg_sq"], tensor(v, {2}), 1e-12, 1e-12));
+    for (Optimizer* x : {opt.get(), fresh.get()}) x->zero_grad();
+    backward_with(p, c);
+    backward_with(q, c);
+    opt->step();
+    fresh->step();
+    EXPECT_TRUE(close(q.detach(), p.detach(), 0, 0)) << "decoupled " << decoupled;
+    // The state of one kind of optimizer is refused by another.
+    Tensor r = param();
+    if (decoupled) {
+      EXPECT_THROW_MSG(Adam({r}, o).load_state_dict(load_safetensors(path).tensors), ValueError, "written by AdamW",
+                       "cannot be loaded into Adam");
+    } else {
+      EXPECT_THROW_MSG(AdamW({r}, o).load_state_dict(load_safetensors(path).tensors), ValueError, "written by Adam",
+                       "cannot be loaded into AdamW");
+    }
+    EXPECT_THROW_MSG(SGD({r}, {}).load_state_dict(load_safetensors(path).tensors), ValueError, "cannot be loaded into SGD");
     EXPECT_THROW_MSG(SGD({q}, {}).load_state_dict({{"step", scalar_tensor(1, kInt64)}, {"5.x", zeros({2})}}),
-                     ValueError, "unexpected key '5.x'");
+                     ValueError, "unexpected key '5.x'", "missing key 'optimizer.SGD'");
   }
 }
 

@@ -32,6 +32,27 @@ TEST(Softmax, AllNegInfRowsGiveZeroAndNoNaN) {
   EXPECT_TRUE(close(ly, tensor({-kInf, -kInf, 0, -kInf}, {2, 2})));
 }
 
+// As torch.softmax: a NaN anywhere in a row makes the whole row NaN, also when the rest is -inf (it was
+// taken for an all -inf row and gave zeros), and a +inf gives NaN (inf - inf). All -inf rows keep 0.
+TEST(Softmax, NaNPropagatesAndPlusInfGivesNaN) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (DType dt : {kFloat32, kFloat64}) {
+    Tensor x = tensor({nan, nan, nan, -kInf, nan, -kInf, 1, nan, 2, kInf, 0, 1, -kInf, -kInf, -kInf, 1, 2, 3}, {6, 3}, dt);
+    for (bool log : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dt) << (log ? " log_softmax" : " softmax"));
+      Tensor y = log ? log_softmax(x, 1) : softmax(x, 1);
+      for (int64_t r = 0; r < 4; ++r)
+        for (int64_t c = 0; c < 3; ++c) EXPECT_TRUE(std::isnan(y.at({r, c}))) << r << ", " << c;
+      for (int64_t c = 0; c < 3; ++c) EXPECT_EQ(y.at({4, c}), log ? -kInf : 0.0);
+      const double z = std::exp(1.0) + std::exp(2.0) + std::exp(3.0);
+      for (int64_t c = 0; c < 3; ++c) {
+        const double want = log ? (c + 1) - std::log(z) : std::exp(c + 1.0) / z;
+        EXPECT_NEAR(y.at({5, c}), want, 1e-6);
+      }
+    }
+  }
+}
+
 TEST(Softmax, DtypeOptionAndErrors) {
   Tensor x = tensor({1, 2, 3}, {3}, kInt64);
   EXPECT_EQ(softmax(x, 0, kFloat32).dtype(), kFloat32);

@@ -4,7 +4,8 @@
 //
 // A translation unit is laid out as
 //   1. this file (types, capture reads, the error flag, the capture-gradient sink interface)
-//   2. the generated mods: fg_score_mod, fg_mask_mod, fg_dscore, fg_cap_grad (mod_codegen.h)
+//   2. the generated mods: fg_score_mod, fg_mask_mod (and their row / column / element parts),
+//      fg_dscore, fg_cap_grad (mod_codegen.h)
 //   3. one kernel template (flex_forward.cuh, flex_backward.cuh, block_mask.cuh), configured by macros
 // and every kernel is `extern "C"` so the host fetches it by name.
 #pragma once
@@ -174,23 +175,26 @@ __device__ __forceinline__ float fg_f16_to_float(unsigned short x) {
   asm("{ .reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));
   return f;
 }
-__device__ __forceinline__ double fg_cap_load_f(const FgCapture& c, fg_i64 off) {
-  switch (c.dtype) {
-    case FG_DT_FLOAT32: return (double)((const float*)c.data)[off];
-    case FG_DT_FLOAT64: return ((const double*)c.data)[off];
-    case FG_DT_BFLOAT16: return (double)fg_bf16_to_float(((const unsigned short*)c.data)[off]);
-    case FG_DT_FLOAT16: return (double)fg_f16_to_float(((const unsigned short*)c.data)[off]);
-    case FG_DT_INT32: return (double)((const int*)c.data)[off];
-    case FG_DT_INT64: return (double)((const fg_i64*)c.data)[off];
-    default: return ((const unsigned char*)c.data)[off] ? 1.0 : 0.0;
+// Element `off` (in elements) of a capture whose stored dtype is `dt` (FG_DT_*, a constant in the
+// generated code, so the switch folds away), read through the read-only data cache (captures are not
+// written while a kernel runs) and converted to double / int64.
+__device__ __forceinline__ double fg_cap_load_f(const FgCapture& c, int dt, fg_i64 off) {
+  switch (dt) {
+    case FG_DT_FLOAT32: return (double)__ldg((const float*)c.data + off);
+    case FG_DT_FLOAT64: return __ldg((const double*)c.data + off);
+    case FG_DT_BFLOAT16: return (double)fg_bf16_to_float(__ldg((const unsigned short*)c.data + off));
+    case FG_DT_FLOAT16: return (double)fg_f16_to_float(__ldg((const unsigned short*)c.data + off));
+    case FG_DT_INT32: return (double)__ldg((const int*)c.data + off);
+    case FG_DT_INT64: return (double)__ldg((const long long*)c.data + off);
+    default: return __ldg((const unsigned char*)c.data + off) ? 1.0 : 0.0;
   }
 }
-__device__ __forceinline__ fg_i64 fg_cap_load_i(const FgCapture& c, fg_i64 off) {
-  switch (c.dtype) {
-    case FG_DT_INT32: return ((const int*)c.data)[off];
-    case FG_DT_INT64: return ((const fg_i64*)c.data)[off];
-    case FG_DT_BOOL: return ((const unsigned char*)c.data)[off] ? 1 : 0;
-    default: return (fg_i64)fg_cap_load_f(c, off);
+__device__ __forceinline__ fg_i64 fg_cap_load_i(const FgCapture& c, int dt, fg_i64 off) {
+  switch (dt) {
+    case FG_DT_INT32: return __ldg((const int*)c.data + off);
+    case FG_DT_INT64: return __ldg((const long long*)c.data + off);
+    case FG_DT_BOOL: return __ldg((const unsigned char*)c.data + off) ? 1 : 0;
+    default: return (fg_i64)fg_cap_load_f(c, dt, off);
   }
 }
 

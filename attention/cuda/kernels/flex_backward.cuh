@@ -37,6 +37,7 @@
 #ifndef FG_IN_DTYPE
 #error "FG_IN_DTYPE must be defined by the host"
 #endif
+#include "flex_mod_parts.cuh"
 
 // ---- element types: fg_t computes (float, or double for float64), fg_s is what memory holds
 #if FG_IN_DTYPE == FG_DT_FLOAT64
@@ -203,19 +204,21 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
 }
 
 // One (b, h, q, kv) entry of the backward from s = scale q.k (pre-mod score) and dp = dO_q . v_kv.
-// `valid` is false outside the sequence or the BlockMask block; partial blocks also ask fg_mask_mod.
+// `valid` is false outside the sequence or the BlockMask block; partial blocks also ask the mask_mod.
+// `r` / `c` are the mods' row and column parts (flex_mod_parts.cuh) of qi and kj.
 // Returns P; *ds_out receives dS * d score_mod / d score, and the captured-gradient contributions
 // (dS w.r.t. the modified score times d mod / d cap) go to `sink` when it is not null.
 template <class Sink>
-__device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial, int b, int h,
-                                         int qi, int kj, const FgModArgs& args, fg_t* ds_out, const Sink* sink) {
+__device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial,
+                                         const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
+                                         int kj, const FgModArgs& args, fg_t* ds_out, const Sink* sink) {
 #if FG_HAS_MASK_MOD
-  if (valid && partial) valid = fg_mask_mod(b, h, qi, kj, args);
+  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
 #endif
   fg_t p = 0, ds = 0;
   if (valid) {
 #if FG_HAS_SCORE_MOD
-    const fg_t sm = fg_score_mod<fg_t>(s, b, h, qi, kj, args);
+    const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
 #else
     const fg_t sm = s;
 #endif
@@ -234,7 +237,6 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
   return p;
 }
 
-// ---- preprocess: delta = rowsum(dO * O) - dlse, one warp per row
 extern "C" __global__ void fg_bwd_preprocess(const FgBwdParams p) {
   const fg_i64 rows = p.B * p.Hq * p.Lq;
   const fg_i64 r = (fg_i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -324,15 +326,20 @@ __device__ __forceinline__ void fg_simt_scores(const FgBwdParams& p, const FgMod
 #pragma unroll
       for (int c = 0; c < FG_SK; ++c) dp[a][c] += ov[a] * vv[c];
   }
+  FgRowMods<fg_t> rm[FG_SQ];
 #pragma unroll
-  for (int a = 0; a < FG_SQ; ++a) {
-    const int i = ti + 16 * a;
+  for (int a = 0; a < FG_SQ; ++a)
+    if (ti + 16 * a < nq) fg_row_mods(rm[a], true, partial, b, h, (int)(q0 + ti + 16 * a), args);
 #pragma unroll
-    for (int c = 0; c < FG_SK; ++c) {
-      const int j = tj + 16 * c;
+  for (int c = 0; c < FG_SK; ++c) {
+    const int j = tj + 16 * c;
+    const FgColMods<fg_t> cm = fg_col_mods<fg_t>(j < nkv, partial, b, h, (int)(kv0 + j), args);
+#pragma unroll
+    for (int a = 0; a < FG_SQ; ++a) {
+      const int i = ti + 16 * a;
       fg_t ds;
       const fg_t pv = fg_entry<Sink>(s[a][c] * (fg_t)p.scale, dp[a][c], sm.lse[i], sm.delta[i], i < nq && j < nkv,
-                                     partial, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+                                     partial, rm[a], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
       sm.P[i * FG_BKVP + j] = pv;
       sm.dS[i * FG_BKVP + j] = ds;
     }
@@ -650,11 +657,18 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   const float scale = (float)p.scale;
   const unsigned ks_base = fg_smem_addr(Ks), vs_base = fg_smem_addr(Vs);
 
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgRowMods<float> q_mods[FG_Q_CHUNK];  // the mods' row parts of the current q chunk
+#endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const int b = (int)w.b, h = (int)w.h, nq = w.nq();
     const fg_i64 q0 = w.q0;
     const bool partial = w.partial();
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
+    for (int i = threadIdx.x; i < nq; i += FG_NT) fg_row_mods(q_mods[i], true, partial, b, h, (int)(q0 + i), args);
+#endif
     w.next(p);
     if (!w.done()) issue(w, buf ^ 1);
     fg_cp_async_commit();
@@ -695,18 +709,35 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
     // element-wise: st <- P^T, dpt <- dS^T (pre-mod)
     const float* Lb = Ls + buf * FG_Q_CHUNK;
     const float* Db = Ds + buf * FG_Q_CHUNK;
+    // The mods' column parts of this lane's two kv rows (b and h change along the walk), then q row by
+    // q row its row parts and the two entries.
+    FgColMods<float> cm[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = kr0 + g + 8 * half;
+      cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
+    }
 #pragma unroll
     for (int nb = 0; nb < FG_NQN; ++nb) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int j = kr0 + g + ((r >> 1) << 3);  // kv row in the tile
-        const int i = nb * 8 + 2 * t + (r & 1);   // q row in the chunk
-        const bool valid = i < nq && j < nkv;
-        const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
-        float ds;
-        st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, b, h, (int)(q0 + i),
-                                         (int)(kv0 + j), args, &ds, sink);
-        dpt[nb][r] = ds;
+      for (int c = 0; c < 2; ++c) {
+        const int i = nb * 8 + 2 * t + c;  // q row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        const FgRowMods<float>& rm = q_mods[i];
+#else
+        const FgRowMods<float> rm;
+#endif
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 2 * half + c;
+          const int j = kr0 + g + 8 * half;  // kv row in the tile
+          const bool valid = i < nq && j < nkv;
+          const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+          float ds;
+          st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
+                                           (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+          dpt[nb][r] = ds;
+        }
       }
     }
     // dV += P^T dO, dK += dS^T Q (k = q rows of the chunk)
@@ -794,6 +825,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
     l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
+  // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
+  FgRowMods<float> rmods[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf)
+    if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
   float dq[FG_E / 8][4];
 #pragma unroll
   for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
@@ -812,11 +848,18 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   const float scale = (float)p.scale;
   const unsigned qs_base = fg_smem_addr(Qs), os_base = fg_smem_addr(Os);
 
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgColMods<float> kv_mods[FG_KV_CHUNK];  // the mods' column parts of the current kv chunk
+#endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const fg_i64 kv0 = w.kv0;
     const int nkv = w.nkv();
     const bool partial = w.partial();
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
+    for (int j = threadIdx.x; j < nkv; j += FG_NT) kv_mods[j] = fg_col_mods<float>(true, partial, (int)b, (int)h, (int)(kv0 + j), args);
+#endif
     w.next(p);
     if (!w.done()) issue(w, buf ^ 1);
     fg_cp_async_commit();
@@ -855,14 +898,22 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
 #pragma unroll
     for (int nb = 0; nb < FG_NKN; ++nb) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int hf = r >> 1;
-        const int i = qr0 + g + 8 * hf;           // q row in the tile
-        const int j = nb * 8 + 2 * t + (r & 1);   // kv row in the chunk
-        float ds;
-        fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, (int)b, (int)h,
-                 (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-        s[nb][r] = ds;
+      for (int c = 0; c < 2; ++c) {
+        const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        const FgColMods<float>& cm = kv_mods[j];
+#else
+        const FgColMods<float> cm;
+#endif
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = 2 * hf + c;
+          const int i = qr0 + g + 8 * hf;  // q row in the tile
+          float ds;
+          fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, (int)b,
+                   (int)h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+          s[nb][r] = ds;
+        }
       }
     }
     // dQ += dS K (k = kv rows of the chunk)

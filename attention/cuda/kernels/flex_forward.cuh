@@ -23,6 +23,7 @@
 //                  cp.async 16 bytes; else element loads)
 //   FG_MIN_BLOCKS  __launch_bounds__ minimum CTAs per SM
 #pragma once
+#include "flex_mod_parts.cuh"
 
 // Host mirror: FwdParams in attention/cuda/flex_forward_cuda.cpp (same declaration order and types).
 struct FgFwdParams {
@@ -125,18 +126,48 @@ __device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& q
   return m0 < m_end;
 }
 
-// The modified, masked score of one in-range entry (scale already applied), or -inf out of range.
+// The modified, masked score of one entry (scale already applied), or -inf out of range.
 template <class T>
-__device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, int b, int h, int qi, int kvi,
-                                             const FgModArgs& args) {
+__device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, const FgRowMods<T>& r,
+                                             const FgColMods<T>& c, int b, int h, int qi, int kvi, const FgModArgs& args) {
   if (!in_range) return (T)fg_neg_inf();
 #if FG_HAS_SCORE_MOD
-  s = fg_score_mod<T>(s, b, h, qi, kvi, args);
+  s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
 #endif
 #if FG_HAS_MASK_MOD
-  if (partial && !fg_mask_mod_t<T>(b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
+  if (partial && !fg_mask_elem<T>(r.m, c.m, b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
 #endif
   return s;
+}
+
+// The end of a row's online softmax, with PyTorch's non-finite rule (the CPU kernel's, flex_cpu.cpp):
+//   a NaN score anywhere in the row        -> output, lse and max_scores NaN
+//   every score -inf (or no block visited) -> output 0, lse -inf, max_scores -inf
+//   a +inf score and no NaN                -> output NaN (inf - inf), lse +inf, max_scores +inf
+// The running max skips NaN (fmax), so a NaN shows up in the sum instead: with a finite or -inf max every
+// other term is finite, so a NaN sum means a NaN score; next to a +inf max the kernel looked (`saw_nan`).
+__device__ __forceinline__ float fg_log_t(float x) { return logf(x); }
+__device__ __forceinline__ double fg_log_t(double x) { return log(x); }
+template <class T>
+struct FgRowEnd {
+  T inv, lse, max;
+};
+template <class T>
+__device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
+  const T inf = -(T)fg_neg_inf(), nan = inf - inf;
+  const bool nan_row = saw_nan || (lsum != lsum && m != inf);
+  FgRowEnd<T> e;
+  if (nan_row) {
+    e.inv = e.lse = e.max = nan;
+  } else if (m == -inf) {
+    e.inv = 0;
+    e.lse = e.max = -inf;
+  } else {
+    e.inv = (T)1 / lsum;
+    e.lse = m == inf ? inf : m + fg_log_t(lsum);
+    e.max = m;
+  }
+  return e;
 }
 
 #if FG_ELEM == FG_DT_BFLOAT16 || FG_ELEM == FG_DT_FLOAT16
@@ -193,15 +224,25 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
 
   float o[FG_MF][FG_EV / 8][4];
   float m[FG_MF][2], l[FG_MF][2];
+  bool saw_nan[FG_MF][2];  // a NaN score next to a +inf max (where the sum cannot show it); see the epilogue
 #pragma unroll
   for (int f = 0; f < FG_MF; ++f) {
 #pragma unroll
     for (int n = 0; n < FG_EV / 8; ++n) o[f][n][0] = o[f][n][1] = o[f][n][2] = o[f][n][3] = 0.f;
     m[f][0] = m[f][1] = fg_neg_inf();
     l[f][0] = l[f][1] = 0.f;
+    saw_nan[f][0] = saw_nan[f][1] = false;
   }
 
   FgTile cur = fg_first_tile(p, rt);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  // The mods' row parts, once per CTA, and each sub-tile's column parts, in shared memory: registers are
+  // all taken by the S and O fragments. Published by the loop's first barrier.
+  __shared__ FgRowMods<float> row_mods[FG_BM];
+  __shared__ FgColMods<float> col_mods[FG_BN];
+  for (int r = threadIdx.x; r < FG_BM; r += FG_NT)
+    if (m0 + r < m_end) fg_row_mods(row_mods[r], cur.i < rt.n_total, cur.i < rt.n_partial, b, h, m0 + r, args);
+#endif
   fg_load_tile<FG_BM, FG_E, FG_LDQ>(Qs, qg, p.q_sl, m_end - m0, p.E);
   if (cur.i < rt.n_total) {
     fg_load_tile<FG_BN, FG_E, FG_LDQ>(Ks, kg + (fg_i64)cur.n0 * p.k_sl, p.k_sl, cur.nend - cur.n0, p.E);
@@ -219,6 +260,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     const bool partial = cur.i < rt.n_partial;
     fg_h16* Kb = Ks + buf * (FG_BN * FG_LDQ);
     fg_h16* Vb = Vs + buf * (FG_BN * FG_LDV);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous tile's readers of col_mods are past the barrier before its P V)
+    if (FG_HAS_SCORE_MOD || partial)
+      for (int c = threadIdx.x; c < FG_BN; c += FG_NT)
+        col_mods[c] = fg_col_mods<float>(cur.n0 + c < cur.nend, partial, b, h, cur.n0 + c, args);
+#endif
     fg_cp_async_wait<1>();  // this tile's K (and Q) landed; its V may still be in flight
     __syncthreads();
 
@@ -254,30 +301,67 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
     fg_cp_async_commit();
 
-    // Scale, mods, bounds; then the online softmax update, row by row (rows g and g + 8 of each fragment).
+    // Scale, mods, bounds (column by column: a column's mod parts serve every row of the thread); then
+    // the online softmax update, row by row (rows g and g + 8 of each fragment).
     const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
                         cur.n0 + FG_BN <= cur.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    if (!simple) {
+#pragma unroll
+      for (int n = 0; n < FG_BN / 8; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * n + 2 * t4 + c, kvi = cur.n0 + col;
+          const bool kv_in = kvi < cur.nend;
+#pragma unroll
+          for (int f = 0; f < FG_MF; ++f)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int row = wrow + 16 * f + g + 8 * hf, qi = m0 + row;
+              float& v = s[f][n][2 * hf + c];
+              v = fg_modded_score<float>(v * scale, kv_in && qi < m_end, partial, row_mods[row], col_mods[col], b, h, qi,
+                                         kvi, args);
+            }
+        }
+      }
+    }
+#else
+    if (!simple) {  // no mods: only the bounds
+#pragma unroll
+      for (int n = 0; n < FG_BN / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int f = 0; f < FG_MF; ++f)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
+              float& v = s[f][n][2 * hf + c];
+              v = in ? v * scale : fg_neg_inf();
+            }
+    }
+#endif
 #pragma unroll
     for (int f = 0; f < FG_MF; ++f) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int qi = m0 + wrow + 16 * f + g + 8 * hf;
         float mx = fg_neg_inf();
 #pragma unroll
         for (int n = 0; n < FG_BN / 8; ++n) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float v = s[f][n][2 * hf + c] * scale;
-            if (!simple) {
-              const int kvi = cur.n0 + 8 * n + 2 * t4 + c;
-              v = fg_modded_score<float>(v, qi < m_end && kvi < cur.nend, partial, b, h, qi, kvi, args);
-            }
-            s[f][n][2 * hf + c] = v;
-            mx = fmaxf(mx, v);
+            if (simple) s[f][n][2 * hf + c] *= scale;
+            mx = fmaxf(mx, s[f][n][2 * hf + c]);
           }
         }
         mx = fg_quad_max(mx);
         const float m_new = fmaxf(m[f][hf], mx);
+        if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
+#pragma unroll
+          for (int n = 0; n < FG_BN / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
+        }
         const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
         const float corr = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
         const float ms = m_use * FG_LOG2E;
@@ -342,8 +426,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     for (int hf = 0; hf < 2; ++hf) {
       const int qi = m0 + wrow + 16 * f + g + 8 * hf;
       const float lsum = fg_quad_sum(l[f][hf]);
+      bool saw = saw_nan[f][hf];  // over the quad holding the row
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
       if (qi >= m_end) continue;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      const FgRowEnd<float> e = fg_row_end(m[f][hf], lsum, saw);
+      const float inv = e.inv;
       fg_h16* orow = out + (row0 + qi) * p.Ev;
 #pragma unroll
       for (int n = 0; n < FG_EV / 8; ++n) {
@@ -357,8 +445,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         }
       }
       if (t4 == 0) {
-        ((float*)p.lse)[row0 + qi] = lsum > 0.f ? m[f][hf] + logf(lsum) : fg_neg_inf();
-        ((float*)p.mx)[row0 + qi] = m[f][hf];
+        ((float*)p.lse)[row0 + qi] = e.lse;
+        ((float*)p.mx)[row0 + qi] = e.max;
       }
     }
   }
@@ -388,13 +476,6 @@ __device__ __forceinline__ fg_t fg_exp(fg_t x) {
   return exp(x);
 #else
   return expf(x);
-#endif
-}
-__device__ __forceinline__ fg_t fg_log(fg_t x) {
-#if FG_ELEM == FG_DT_FLOAT64
-  return log(x);
-#else
-  return logf(x);
 #endif
 }
 // Four consecutive elements from 16-byte-aligned shared memory.
@@ -437,14 +518,25 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   const fg_t ninf = (fg_t)fg_neg_inf();
 
   fg_t o[FG_TM][FG_TV], m[FG_TM], l[FG_TM];
+  bool saw_nan[FG_TM];  // see fg_row_end
 #pragma unroll
   for (int i = 0; i < FG_TM; ++i) {
     m[i] = ninf;
     l[i] = 0;
+    saw_nan[i] = false;
 #pragma unroll
     for (int j = 0; j < FG_TV; ++j) o[i][j] = 0;
   }
   fg_load_rows<FG_BM, FG_E, FG_LDQ>(Qs, qg, p.q_sl, m_end - m0, p.E);
+  FgRowMods<fg_t> rmods[FG_TM];
+  {
+    const FgTile first = fg_first_tile(p, rt);
+#pragma unroll
+    for (int i = 0; i < FG_TM; ++i) {
+      const int qi = m0 + ty * FG_TM + i;
+      if (qi < m_end) fg_row_mods(rmods[i], first.i < rt.n_total, first.i < rt.n_partial, b, h, qi, args);
+    }
+  }
 
   for (FgTile cur = fg_first_tile(p, rt); cur.i < rt.n_total; cur = fg_next_tile<FG_BN>(p, rt, cur)) {
     const bool partial = cur.i < rt.n_partial;
@@ -474,21 +566,31 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
 
 #pragma unroll
+    for (int j = 0; j < FG_TN; ++j) {
+      const int kvi = cur.n0 + tx + 16 * j;
+      const bool kv_in = kvi < cur.nend;
+      const FgColMods<fg_t> cm = fg_col_mods<fg_t>(kv_in, partial, b, h, kvi, args);
+#pragma unroll
+      for (int i = 0; i < FG_TM; ++i) {
+        const int qi = m0 + ty * FG_TM + i;
+        s[i][j] = fg_modded_score<fg_t>(s[i][j] * scale, kv_in && qi < m_end, partial, rmods[i], cm, b, h, qi, kvi, args);
+      }
+    }
+#pragma unroll
     for (int i = 0; i < FG_TM; ++i) {
-      const int qi = m0 + ty * FG_TM + i;
       fg_t mx = ninf;
 #pragma unroll
-      for (int j = 0; j < FG_TN; ++j) {
-        const int kvi = cur.n0 + tx + 16 * j;
-        s[i][j] = fg_modded_score<fg_t>(s[i][j] * scale, qi < m_end && kvi < cur.nend, partial, b, h, qi, kvi, args);
-        mx = s[i][j] > mx ? s[i][j] : mx;
-      }
+      for (int j = 0; j < FG_TN; ++j) mx = s[i][j] > mx ? s[i][j] : mx;
 #pragma unroll
       for (int w = 1; w < 16; w <<= 1) {
         const fg_t y = __shfl_xor_sync(0xffffffffu, mx, w);
         mx = y > mx ? y : mx;
       }
       const fg_t m_new = m[i] > mx ? m[i] : mx;
+      if (m_new == -ninf) {
+#pragma unroll
+        for (int j = 0; j < FG_TN; ++j) saw_nan[i] |= s[i][j] != s[i][j];
+      }
       const fg_t m_use = m_new == ninf ? (fg_t)0 : m_new;
       const fg_t corr = fg_exp(m[i] - m_use);
       fg_t sum = 0;
@@ -536,17 +638,21 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     fg_t lsum = l[i];
 #pragma unroll
     for (int w = 1; w < 16; w <<= 1) lsum += __shfl_xor_sync(0xffffffffu, lsum, w);
+    bool saw = saw_nan[i];
+#pragma unroll
+    for (int w = 1; w < 16; w <<= 1) saw |= __shfl_xor_sync(0xffffffffu, (int)saw, w) != 0;
     const int qi = m0 + ty * FG_TM + i;
     if (qi >= m_end) continue;
-    const fg_t inv = lsum > 0 ? (fg_t)1 / lsum : (fg_t)0;
+    const FgRowEnd<fg_t> e = fg_row_end(m[i], lsum, saw);
+    const fg_t inv = e.inv;
 #pragma unroll
     for (int j = 0; j < FG_TV; ++j) {
       const int col = tx * FG_TV + j;
       if (col < p.Ev) out[(row0 + qi) * p.Ev + col] = o[i][j] * inv;
     }
     if (tx == 0) {
-      ((fg_t*)p.lse)[row0 + qi] = lsum > 0 ? m[i] + fg_log(lsum) : ninf;
-      ((fg_t*)p.mx)[row0 + qi] = m[i];
+      ((fg_t*)p.lse)[row0 + qi] = e.lse;
+      ((fg_t*)p.mx)[row0 + qi] = e.max;
     }
   }
 }
