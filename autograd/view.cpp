@@ -185,9 +185,9 @@ TensorList CopySlices::apply(TensorList&& grads) {
   FG_CHECK(res.size() == next_edges.size(), AutogradError, "CopySlices: {} returned {} gradients for {} inputs",
            fn_->name(), res.size(), next_edges.size());
   // The region's old values reach the output only through the in-place op: its gradient replaces them
-  // (zero when the op overwrote them, as copy_ and fill_ do).
+  // (zero when the op overwrote them, as copy_ and fill_ do; fill_ may have written an expanded view).
   if (res[0].defined()) autograd_arith::copy_into(buf.as_view, res[0]);
-  else autograd_arith::copy_into(buf.as_view, zeros({}, g.options()));
+  else autograd_arith::fill_zero(buf.as_view);
   res[0] = buf.as_base;
   return res;
 }

@@ -27,6 +27,12 @@ void copy_into(const Tensor& dst, const Tensor& src) {
   fg::copy_(d, src.detach());
 }
 
+void fill_zero(const Tensor& dst) {
+  NoGradGuard g;
+  Tensor d = dst.detach();
+  fg::fill_(d, 0);
+}
+
 namespace {
 // Sufficient for no two elements sharing a location: with dims sorted by stride, each stride steps over
 // everything the smaller dims span.

@@ -147,6 +147,16 @@ TEST(Views, OverwrittenRegionGetsNoGradientFromTheOldHistory) {
   EXPECT_TRUE(close(a2.grad(), tensor({8, 16, 0}, {3})));
 }
 
+TEST(Views, FillThroughAnExpandedViewCutsTheRegion) {
+  // b = 2a (2 x 3); b[0:1].expand(4, 3) = 5 writes row 0; L = sum(b^2): dL/da = [0, 0, 0; 8 a1].
+  Tensor a = tensor({1, 2, 3, 4, 5, 6}, {2, 3}).requires_grad_();
+  Tensor b = a * 2.0;
+  b.narrow(0, 0, 1).expand({4, 3}).fill_(5.0);
+  EXPECT_TRUE(close(b, tensor({5, 5, 5, 8, 10, 12}, {2, 3})));
+  (b * b).sum().backward();
+  EXPECT_TRUE(close(a.grad(), tensor({0, 0, 0, 32, 40, 48}, {2, 3})));
+}
+
 TEST(Views, ExpandedViewReadAfterItsBaseChangedSumsItsGradient) {
   // e = b.expand(4, 3) with b = 2a after b *= 2: L = sum(e) = 4 * sum(b), dL/da = 4 * 2 = 8 each.
   Tensor a = tensor({1, 2, 3}, {1, 3}).requires_grad_();
