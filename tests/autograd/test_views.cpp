@@ -232,6 +232,23 @@ TEST(Views, InPlaceOnAnExpandedViewIsRefused) {
   EXPECT_TRUE(close(single, ones({1, 3}, kFloat64)));
 }
 
+TEST(Views, InPlaceFromAPartlyOverlappingViewIsRefused) {
+  // Copying b[0:3] into b[1:4] element by element would read values it already overwrote.
+  Tensor b = tensor({1, 2, 3, 4}, {4});
+  Tensor dst = b.narrow(0, 1, 3);
+  EXPECT_THROW_MSG(dst.copy_(b.narrow(0, 0, 3)), ValueError, "copy_",
+                   "some elements of the input tensor", "refer to a single memory location");
+  EXPECT_TRUE(close(b, tensor({1, 2, 3, 4}, {4})));
+  dst.copy_(b.narrow(0, 0, 3).clone());
+  EXPECT_TRUE(close(b, tensor({1, 1, 2, 3}, {4})));
+  Tensor m = tensor({1, 2, 3, 4}, {2, 2});
+  EXPECT_THROW_MSG(m.add_(m.t()), ValueError, "add_", "some elements of the input tensor");
+  EXPECT_THROW_MSG(m.mul_(m[0]), ValueError, "mul_", "some elements of the input tensor");
+  m.mul_(m);          // the same layout: fine
+  m[0].copy_(m[1]);   // disjoint rows of one storage: fine
+  EXPECT_TRUE(close(m, tensor({9, 16, 9, 16}, {2, 2})));
+}
+
 TEST(Views, ViewMadeInNoGradModeThenWrittenWithGradModeIsRefused) {
   Tensor a = ones({2}, kFloat64).requires_grad_();
   Tensor b = a * 1.0;
