@@ -121,7 +121,8 @@ void check_inplace_autograd(const Tensor& self, const char* op, bool recording) 
              "{}: output {} of {} is a view and is being modified in-place. This view is one of several views "
              "returned by one function, and such views do not allow in-place modification; replace the in-place "
              "operation by an out-of-place one", op, v.output_index, v.creator);
-    FG_CHECK(!(v.base.requires_grad() && v.base.is_leaf()), AutogradError,
+    // A view that requires grad over a leaf: the leaf itself (or a view made a leaf with requires_grad_).
+    FG_CHECK(!(self.requires_grad() && v.base.is_leaf()), AutogradError,
              "{}: a view of a leaf Variable that requires grad is being used in an in-place operation", op);
     return;
   }

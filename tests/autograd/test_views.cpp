@@ -69,6 +69,11 @@ TEST(Views, InPlaceOnAViewOfALeafThatRequiresGradIsRefused) {
   }
   EXPECT_TRUE(close(x, tensor({5, 2}, {2})));
   EXPECT_TRUE(x.is_leaf());
+  // A view of a plain leaf made to require grad itself is refused the same way (its gradient would be lost).
+  Tensor base = zeros({2}, kFloat64);
+  Tensor leaf_view = base[0];
+  leaf_view.requires_grad_();
+  EXPECT_THROW_MSG(leaf_view.add_(1.0), AutogradError, "a view of a leaf Variable");
 }
 
 // ---- CopySlices and view regeneration
