@@ -12,6 +12,8 @@ Tensor ones_like(const Tensor& t);
 Tensor clone_contiguous(const Tensor& t);     // a fresh contiguous copy, no history
 // dst = src elementwise (src broadcast to dst); dst may be any strided alias without internal overlap.
 void copy_into(const Tensor& dst, const Tensor& src);
+// Zeroes every element of dst, which may share memory locations (an expanded view).
+void fill_zero(const Tensor& dst);
 // Adds each element of src into the memory location its dst element refers to: where several elements
 // of dst share a location (an expanded or overlapping view), their values add up there.
 void add_into(const Tensor& dst, const Tensor& src);

@@ -36,7 +36,7 @@ void check_replayable(const Geometry& base, const Geometry& view, const char* wh
            shape_str(base.strides), base.offset);
 }
 
-// A zeroed buffer holding the base's layout; `base_layout` and `view_layout` alias it.
+// A zeroed buffer laid out as the base (offset 0): as_base and as_view alias it as the base and the view.
 struct GradBuffer {
   Tensor as_base, as_view;
   GradBuffer(const Geometry& base, const Geometry& view, TensorOptions options) {
@@ -121,7 +121,8 @@ void check_inplace_autograd(const Tensor& self, const char* op, bool recording) 
              "{}: output {} of {} is a view and is being modified in-place. This view is one of several views "
              "returned by one function, and such views do not allow in-place modification; replace the in-place "
              "operation by an out-of-place one", op, v.output_index, v.creator);
-    FG_CHECK(!(v.base.requires_grad() && v.base.is_leaf()), AutogradError,
+    // A view that requires grad over a leaf: the leaf itself (or a view made a leaf with requires_grad_).
+    FG_CHECK(!(self.requires_grad() && v.base.is_leaf()), AutogradError,
              "{}: a view of a leaf Variable that requires grad is being used in an in-place operation", op);
     return;
   }
@@ -185,9 +186,9 @@ TensorList CopySlices::apply(TensorList&& grads) {
   FG_CHECK(res.size() == next_edges.size(), AutogradError, "CopySlices: {} returned {} gradients for {} inputs",
            fn_->name(), res.size(), next_edges.size());
   // The region's old values reach the output only through the in-place op: its gradient replaces them
-  // (zero when the op overwrote them, as copy_ and fill_ do).
+  // (zero when the op overwrote them, as copy_ and fill_ do; fill_ may have written an expanded view).
   if (res[0].defined()) autograd_arith::copy_into(buf.as_view, res[0]);
-  else autograd_arith::copy_into(buf.as_view, zeros({}, g.options()));
+  else autograd_arith::fill_zero(buf.as_view);
   res[0] = buf.as_base;
   return res;
 }

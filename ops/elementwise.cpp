@@ -2,6 +2,7 @@
 // its forward. Kernels are reached only through the stubs (ops/elementwise.h).
 #include "ops/elementwise.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -542,9 +543,43 @@ namespace {
 
 enum class Overlap { Refuse, Allow };
 
-// The checks before writing into self. Several elements of self sharing one memory location (an expanded
-// view) would each write it: refused, as PyTorch does, except by fills, which write one value everywhere.
-// When the write will be recorded (some input requires grad), PyTorch's autograd checks follow.
+// Whether t covers [offset, offset + numel) of its storage exactly once (some permutation of a contiguous
+// layout): then whether two tensors overlap follows from their ranges.
+bool dense_non_overlapping(const Tensor& t) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.sizes()[d] > 1) dims.push_back(d);
+  }
+  std::sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return t.strides()[a] < t.strides()[b]; });
+  int64_t expected = 1;
+  for (int64_t d : dims) {
+    if (t.strides()[d] != expected) return false;
+    expected *= t.sizes()[d];
+  }
+  return true;
+}
+
+// An input sharing some, but not all, of self's memory would be read where it was already overwritten:
+// refused, as PyTorch does. The same layout (x.mul_(x)) is fine; layouts too irregular to decide pass.
+void check_no_partial_overlap(const Tensor& self, const Tensor& input, const char* op) {
+  if (!input.defined() || self.is_same(input) || !self.shares_storage(input)) return;
+  if (self.numel() == 0 || input.numel() == 0 || !dense_non_overlapping(self) || !dense_non_overlapping(input)) return;
+  const int64_t a0 = self.storage_offset(), a1 = a0 + self.numel();
+  const int64_t b0 = input.storage_offset(), b1 = b0 + input.numel();
+  bool same_layout = a0 == b0 && self.sizes() == input.sizes();
+  for (int64_t d = 0; same_layout && d < self.dim(); ++d) {
+    same_layout = self.sizes()[d] <= 1 || self.strides()[d] == input.strides()[d];
+  }
+  FG_CHECK(same_layout || a1 <= b0 || b1 <= a0, ValueError,
+           "{}: unsupported operation: some elements of the input tensor (shape {}, strides {}) and the written-to "
+           "tensor (shape {}, strides {}) refer to a single memory location; clone() the input first", op,
+           shape_str(input.sizes()), shape_str(input.strides()), shape_str(self.sizes()), shape_str(self.strides()));
+}
+
+// The checks before writing into self (inputs[0] is self). Several elements of self sharing one memory
+// location (an expanded view) would each write it: refused, as PyTorch does, except by fills, which write
+// one value everywhere; so is an input partly overlapping self. When the write will be recorded (some
+// input requires grad), PyTorch's autograd checks follow.
 void check_inplace(const Tensor& self, const char* op, const TensorList& inputs, Overlap overlap = Overlap::Refuse) {
   FG_CHECK(self.defined(), ValueError, "{}: self is undefined", op);
   for (int64_t d = 0; d < self.dim() && overlap == Overlap::Refuse; ++d) {
@@ -553,6 +588,7 @@ void check_inplace(const Tensor& self, const char* op, const TensorList& inputs,
              "refers to a single memory location; clone() the tensor before writing to it in place", op,
              shape_str(self.sizes()), shape_str(self.strides()));
   }
+  for (size_t i = 1; i < inputs.size(); ++i) check_no_partial_overlap(self, inputs[i], op);
   check_inplace_autograd(self, op, needs_grad(inputs));
 }
 

@@ -2,7 +2,6 @@
 #include "autograd/grad_arith.h"
 
 #include <algorithm>
-#include <numeric>
 
 #include "autograd/grad_mode.h"
 #include "ops/elementwise.h"
@@ -26,6 +25,12 @@ void copy_into(const Tensor& dst, const Tensor& src) {
   NoGradGuard g;
   Tensor d = dst.detach();
   fg::copy_(d, src.detach());
+}
+
+void fill_zero(const Tensor& dst) {
+  NoGradGuard g;
+  Tensor d = dst.detach();
+  fg::fill_(d, 0);
 }
 
 namespace {

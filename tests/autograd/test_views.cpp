@@ -69,6 +69,11 @@ TEST(Views, InPlaceOnAViewOfALeafThatRequiresGradIsRefused) {
   }
   EXPECT_TRUE(close(x, tensor({5, 2}, {2})));
   EXPECT_TRUE(x.is_leaf());
+  // A view of a plain leaf made to require grad itself is refused the same way (its gradient would be lost).
+  Tensor base = zeros({2}, kFloat64);
+  Tensor leaf_view = base[0];
+  leaf_view.requires_grad_();
+  EXPECT_THROW_MSG(leaf_view.add_(1.0), AutogradError, "a view of a leaf Variable");
 }
 
 // ---- CopySlices and view regeneration
@@ -147,6 +152,16 @@ TEST(Views, OverwrittenRegionGetsNoGradientFromTheOldHistory) {
   EXPECT_TRUE(close(a2.grad(), tensor({8, 16, 0}, {3})));
 }
 
+TEST(Views, FillThroughAnExpandedViewCutsTheRegion) {
+  // b = 2a (2 x 3); b[0:1].expand(4, 3) = 5 writes row 0; L = sum(b^2): dL/da = [0, 0, 0; 8 a1].
+  Tensor a = tensor({1, 2, 3, 4, 5, 6}, {2, 3}).requires_grad_();
+  Tensor b = a * 2.0;
+  b.narrow(0, 0, 1).expand({4, 3}).fill_(5.0);
+  EXPECT_TRUE(close(b, tensor({5, 5, 5, 8, 10, 12}, {2, 3})));
+  (b * b).sum().backward();
+  EXPECT_TRUE(close(a.grad(), tensor({0, 0, 0, 32, 40, 48}, {2, 3})));
+}
+
 TEST(Views, ExpandedViewReadAfterItsBaseChangedSumsItsGradient) {
   // e = b.expand(4, 3) with b = 2a after b *= 2: L = sum(e) = 4 * sum(b), dL/da = 4 * 2 = 8 each.
   Tensor a = tensor({1, 2, 3}, {1, 3}).requires_grad_();
@@ -220,6 +235,23 @@ TEST(Views, InPlaceOnAnExpandedViewIsRefused) {
   Tensor single = zeros({1, 3}, kFloat64).expand({1, 3});  // a size-1 dim does not overlap
   single.add_(1.0);
   EXPECT_TRUE(close(single, ones({1, 3}, kFloat64)));
+}
+
+TEST(Views, InPlaceFromAPartlyOverlappingViewIsRefused) {
+  // Copying b[0:3] into b[1:4] element by element would read values it already overwrote.
+  Tensor b = tensor({1, 2, 3, 4}, {4});
+  Tensor dst = b.narrow(0, 1, 3);
+  EXPECT_THROW_MSG(dst.copy_(b.narrow(0, 0, 3)), ValueError, "copy_",
+                   "some elements of the input tensor", "refer to a single memory location");
+  EXPECT_TRUE(close(b, tensor({1, 2, 3, 4}, {4})));
+  dst.copy_(b.narrow(0, 0, 3).clone());
+  EXPECT_TRUE(close(b, tensor({1, 1, 2, 3}, {4})));
+  Tensor m = tensor({1, 2, 3, 4}, {2, 2});
+  EXPECT_THROW_MSG(m.add_(m.t()), ValueError, "add_", "some elements of the input tensor");
+  EXPECT_THROW_MSG(m.mul_(m[0]), ValueError, "mul_", "some elements of the input tensor");
+  m.mul_(m);          // the same layout: fine
+  m[0].copy_(m[1]);   // disjoint rows of one storage: fine
+  EXPECT_TRUE(close(m, tensor({9, 16, 9, 16}, {2, 2})));
 }
 
 TEST(Views, ViewMadeInNoGradModeThenWrittenWithGradModeIsRefused) {
