@@ -268,6 +268,40 @@ void check_loaded(const Tensor& t, uint64_t file_size, const std::string& what) 
   EXPECT_EQ(t.to_vector().size(), static_cast<size_t>(t.numel())) << what;
 }
 
+// What the fuzzer found, as fixed probes: each used to escape as a bare std:: exception, to allocate what
+// a damaged length field asked for, or to load bytes that are not values of the dtype.
+TEST(LoaderFuzz, FoundByTheFuzzer) {
+  const std::string npy = tmp_path("found.npy"), st = tmp_path("found.safetensors");
+  NpyParts p = split_npy(valid_npy_files()[0]);
+  // a shape size past int64 (std::stoll threw std::out_of_range)
+  NpyParts huge = p;
+  huge.dict = replace_field(huge.dict, "shape", "(99999999999999999999999,)");
+  write_file(npy, join_npy(huge));
+  EXPECT_THROW_MSG(load_npy(npy), IOError, "shape entry 99999999999999999999999 is past the int64 range");
+  // format 2.0 with a header length of 4 GiB - 1 in a 100-byte file (was allocated before reading)
+  NpyParts v2 = p;
+  v2.prefix[6] = 2;
+  write_file(npy, join_npy(v2, 0xffffffffu));
+  EXPECT_THROW_MSG(load_npy(npy), IOError, "header length field says 4294967295 bytes");
+
+  auto write_st = [&](const std::string& json, const Bytes& data) { write_file(st, join_safetensors(json, data)); };
+  // JSON floats as sizes were truncated (1.5 -> 1) or cast past the integer range (1e30: undefined behaviour)
+  write_st(R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", Bytes(4, '\0'));
+  EXPECT_THROW_MSG(load_safetensors(st), IOError, "tensor 'w' has a shape entry 1.5");
+  write_st(R"({"w":{"dtype":"F32","shape":[1e30],"data_offsets":[0,4]}})", Bytes(4, '\0'));
+  EXPECT_THROW_MSG(load_safetensors(st), IOError, "tensor 'w' has a shape entry 1e+30");
+  write_st(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}})", Bytes(4, '\0'));
+  EXPECT_THROW_MSG(load_safetensors(st), IOError, "tensor 'w' has a data_offsets entry 4.0");
+  // negative sizes wrapped to huge unsigned ones
+  write_st(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})", Bytes(4, '\0'));
+  EXPECT_THROW_MSG(load_safetensors(st), IOError, "tensor 'w' has a data_offsets entry -4");
+  // a BOOL byte that is neither 0 nor 1 loaded, and reading it was undefined behaviour (UBSan: "load of value 32")
+  write_st(R"({"m":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]}})", Bytes("\x01\x20\x00", 3));
+  EXPECT_THROW_MSG(load_safetensors(st), IOError, "BOOL tensor 'm' element 1 has byte value 32");
+  write_st(R"({"m":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]}})", Bytes("\x01\x00\x01", 3));
+  EXPECT_EQ(load_safetensors(st).tensors.at(0).second.to_vector(), (std::vector<double>{1, 0, 1}));
+}
+
 TEST(LoaderFuzz, MalformedNpyFilesLoadOrRaiseTypedErrors) {
   const std::vector<Bytes> valid = valid_npy_files();
   const std::string path = tmp_path("fuzz.npy");
