@@ -230,5 +230,39 @@ TEST(FlexProperty, FusedEqualsReferenceEqualsNaiveFloat64) {
   EXPECT_GE(with_mask, 100);
 }
 
+// What the property test found in the reference path, as fixed probes. Both mods give every key of a row the
+// same score, so the output is the mean of v over the keys (computed here in plain loops):
+//   sin(q_idx) ignores the score: its values were broadcast only over (q), and the softmax ran over one key
+//     (ShapeError from the matmul with GQA, a wrong output without);
+//   score + 1e300 rounds every score to 1e300: exp(score - lse) lost the log(n) in lse's rounding and gave
+//     every key weight 1 instead of 1/n.
+TEST(FlexProperty, ReferenceHandlesModsIgnoringTheScoreAndHugeScores) {
+  Generator gen(7);
+  const int64_t B = 2, Hq = 3, Lq = 5, Lkv = 6, E = 4, Ev = 3;
+  const Tensor q = randn({B, Hq, Lq, E}, kFloat64, &gen), k = randn({B, 1, Lkv, E}, kFloat64, &gen);
+  const Tensor v = randn({B, 1, Lkv, Ev}, kFloat64, &gen);
+  const std::vector<double> vv = v.to_vector();
+  const ScoreMod mods[] = {[](Expr, Expr, Expr, Expr q_idx, Expr) { return sin(q_idx); },
+                           [](Expr s, Expr, Expr, Expr, Expr) { return s + 1e300; }};
+  for (const ScoreMod& mod : mods)
+    for (FlexBackend backend : {FlexBackend::Reference, FlexBackend::Fused}) {
+      FlexAttentionOptions o;
+      o.score_mod = mod;
+      o.enable_gqa = true;
+      o.kernel.backend = backend;
+      const std::vector<double> out = flex_attention(q, k, v, o).out.contiguous().to_vector();
+      ASSERT_EQ(out.size(), static_cast<size_t>(B * Hq * Lq * Ev));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t e = 0; e < Ev; ++e) {
+          double mean = 0;
+          for (int64_t j = 0; j < Lkv; ++j) mean += vv[static_cast<size_t>((b * Lkv + j) * Ev + e)] / Lkv;
+          for (int64_t h = 0; h < Hq; ++h)
+            for (int64_t i = 0; i < Lq; ++i)
+              EXPECT_NEAR(out[static_cast<size_t>(((b * Hq + h) * Lq + i) * Ev + e)], mean, 1e-12)
+                  << (backend == FlexBackend::Reference ? "reference" : "fused") << " b " << b << " h " << h;
+        }
+    }
+}
+
 }  // namespace
 }  // namespace fg
