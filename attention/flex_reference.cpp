@@ -160,7 +160,10 @@ FlexAttentionResult flex_attention_reference(const FlexReferenceInputs& in) {
   Tensor k = spread(in.k, E), v = spread(in.v, Ev);
   const DType dt = q.dtype();
   Tensor scores = matmul(q, k.transpose(-2, -1)) * in.scale;
-  if (in.score_mod) scores = evaluate_program_on_tensors(*in.score_mod, scores, B, Hq, Lq, Lkv, dt, q.device());
+  // A mod that ignores some of its inputs (the score included: `sin(q_idx)`) evaluates to a tensor broadcast
+  // only over the dims it uses: expand it back to every (b, h, q, kv), or the softmax runs over too few keys.
+  if (in.score_mod)
+    scores = evaluate_program_on_tensors(*in.score_mod, scores, B, Hq, Lq, Lkv, dt, q.device()).expand(scores.sizes());
   if (in.block_mask) {
     const BlockMask& bm = *in.block_mask;
     // Block presence, expanded to elements: partial blocks need the mask, full blocks don't.
@@ -183,8 +186,13 @@ FlexAttentionResult flex_attention_reference(const FlexReferenceInputs& in) {
   // +inf score gives a NaN output (inf - inf) with lse +inf.
   Tensor lse = logsumexp(scores, {-1});
   Tensor empty_row = lse == -std::numeric_limits<double>::infinity();
-  Tensor safe_lse = where(empty_row, 0.0, lse).unsqueeze(-1);
-  Tensor p = where(empty_row.unsqueeze(-1), 0.0, exp(scores - safe_lse));
+  // p = exp(scores - row max) / sum, not exp(scores - lse): past |lse| ~ 1e17 (float64) lse rounds to the row
+  // max, the log(sum) term is lost and every p of a row of equal huge scores became 1 instead of 1/n. The max
+  // is detached (softmax does not depend on it); empty rows get max 0 and sum 1, so their p is 0, not 0/0.
+  Tensor row_max = scores.numel() > 0 ? amax(scores.detach(), {-1}, true) : zeros_like(lse).unsqueeze(-1);
+  Tensor e = exp(scores - where(empty_row.unsqueeze(-1), 0.0, row_max));
+  Tensor denom = where(empty_row.unsqueeze(-1), 1.0, sum(e, {-1}, true));
+  Tensor p = where(empty_row.unsqueeze(-1), 0.0, e / denom);
   FlexAttentionResult r;
   r.out = matmul(p, v);
   r.lse = lse;

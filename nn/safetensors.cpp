@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "ops/elementwise.h"
@@ -36,6 +37,17 @@ bool parse_dtype(const std::string& s, DType& out) {
   if (it == names.end()) return false;
   out = it->second;
   return true;
+}
+
+// A shape entry or data offset as the format's unsigned integer. JSON floats, negatives and values past
+// `max` are malformed (nlohmann's get<> would truncate a float, wrap a negative, or cast a float past the
+// integer range: undefined behaviour).
+uint64_t json_uint(const nlohmann::json& v, uint64_t max, const std::string& path, const std::string& name,
+                   const char* field) {
+  FG_CHECK(v.is_number_unsigned() && v.get<uint64_t>() <= max, IOError,
+           "load_safetensors: '{}': tensor '{}' has {} entry {}, expected a non-negative integer up to {}", path, name,
+           field, v.dump(), max);
+  return v.get<uint64_t>();
 }
 
 }  // namespace
@@ -107,17 +119,23 @@ SafetensorsFile load_safetensors(const std::string& path) {
     }
     const auto& v = *it;
     try {
-      Entry e{it.key(), kFloat32, v.at("shape").get<Shape>(), 0, 0};
+      Entry e{it.key(), kFloat32, {}, 0, 0};
+      FG_CHECK(v.at("shape").is_array() && v.at("data_offsets").is_array(), IOError,
+               "load_safetensors: '{}': tensor '{}' has a shape or data_offsets that is not a list", path, e.name);
+      for (const auto& s : v.at("shape"))
+        e.shape.push_back(static_cast<int64_t>(
+            json_uint(s, static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), path, e.name, "a shape")));
       const std::string dt = v.at("dtype").get<std::string>();
       FG_CHECK(parse_dtype(dt, e.dtype), IOError, "load_safetensors: '{}': tensor '{}' has unsupported dtype {}", path,
                e.name, dt);
-      auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
+      std::vector<uint64_t> off;
+      for (const auto& o : v.at("data_offsets"))
+        off.push_back(json_uint(o, std::numeric_limits<uint64_t>::max(), path, e.name, "a data_offsets"));
       FG_CHECK(off.size() == 2 && off[0] <= off[1] && off[1] <= data_size, IOError,
                "load_safetensors: '{}': tensor '{}' has data_offsets {} outside the {} data bytes", path, e.name,
                fmt::join(off, ","), data_size);
       e.begin = off[0];
       e.end = off[1];
-      for (int64_t s : e.shape) FG_CHECK(s >= 0, IOError, "load_safetensors: '{}': tensor '{}' has a negative size", path, e.name);
       // Untrusted sizes: count the bytes without wrapping (a shape of 2^62 elements must not look like 0 bytes).
       uint64_t want = 0;
       try {
@@ -144,6 +162,12 @@ SafetensorsFile load_safetensors(const std::string& path) {
     f.seekg(static_cast<std::streamoff>(8 + n + e.begin));
     f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(e.end - e.begin));
     FG_CHECK(f.good(), IOError, "load_safetensors: '{}': reading tensor '{}' failed", path, e.name);
+    if (e.dtype == kBool) {  // a byte other than 0 / 1 is not a bool: reading it as one is undefined behaviour
+      const auto* bytes = static_cast<const unsigned char*>(t.data_ptr());
+      for (uint64_t i = 0; i < e.end - e.begin; ++i)
+        FG_CHECK(bytes[i] <= 1, IOError, "load_safetensors: '{}': BOOL tensor '{}' element {} has byte value {}", path,
+                 e.name, i, static_cast<int>(bytes[i]));
+    }
     out.tensors.emplace_back(e.name, t);
   }
   return out;

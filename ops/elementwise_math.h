@@ -12,9 +12,25 @@
 
 namespace fg::math {
 
+// Integer arithmetic wraps (two's complement), as PyTorch's integer kernels do. It is done in the unsigned
+// type: signed overflow is undefined behaviour in C++ (UBSan reports it), unsigned arithmetic is modular.
+template <class C> FG_HOST_DEVICE inline C wrap_add(C a, C b) {
+  using U = std::make_unsigned_t<C>;
+  return static_cast<C>(static_cast<U>(a) + static_cast<U>(b));
+}
+template <class C> FG_HOST_DEVICE inline C wrap_sub(C a, C b) {
+  using U = std::make_unsigned_t<C>;
+  return static_cast<C>(static_cast<U>(a) - static_cast<U>(b));
+}
+template <class C> FG_HOST_DEVICE inline C wrap_mul(C a, C b) {
+  using U = std::make_unsigned_t<C>;
+  return static_cast<C>(static_cast<U>(a) * static_cast<U>(b));
+}
+
 template <class C> FG_HOST_DEVICE inline C py_floor_div(C a, C b) {
   if constexpr (std::is_integral_v<C>) {
     if (b == 0) return 0;  // the caller reports the division by zero
+    if (b == -1) return wrap_sub(C(0), a);  // a / -1 traps for the most negative a (x86 SIGFPE): wraps instead
     C q = a / b;
     if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
     return q;
@@ -31,7 +47,7 @@ template <class C> FG_HOST_DEVICE inline C py_floor_div(C a, C b) {
 
 template <class C> FG_HOST_DEVICE inline C py_remainder(C a, C b) {
   if constexpr (std::is_integral_v<C>) {
-    if (b == 0) return 0;
+    if (b == 0 || b == -1) return 0;  // a % -1 traps for the most negative a (x86 SIGFPE)
     C r = a % b;
     if (r != 0 && ((r < 0) != (b < 0))) r += b;
     return r;
@@ -46,9 +62,9 @@ template <class C> FG_HOST_DEVICE inline C int_pow(C base, C exp) {
   if (exp < 0) return base == 1 ? 1 : base == -1 ? ((exp & 1) ? -1 : 1) : 0;
   C result = 1;
   while (exp) {
-    if (exp & 1) result *= base;
+    if (exp & 1) result = wrap_mul(result, base);
     exp >>= 1;
-    base *= base;
+    base = wrap_mul(base, base);
   }
   return result;
 }
@@ -62,10 +78,10 @@ template <class C> FG_HOST_DEVICE inline C unary(UnaryOp op, C x) {
     }
   } else if constexpr (std::is_integral_v<C>) {
     switch (op) {
-      case UnaryOp::Neg: return -x;
-      case UnaryOp::Abs: return x < 0 ? -x : x;
+      case UnaryOp::Neg: return wrap_sub(C(0), x);
+      case UnaryOp::Abs: return x < 0 ? wrap_sub(C(0), x) : x;
       case UnaryOp::Sign: return (x > 0) - (x < 0);
-      case UnaryOp::Square: return x * x;
+      case UnaryOp::Square: return wrap_mul(x, x);
       case UnaryOp::Relu: return x > 0 ? x : 0;
       default: return x;  // floor/ceil/round/trunc are the identity on integers
     }
@@ -119,13 +135,20 @@ template <class C> FG_HOST_DEVICE inline C binary(BinaryOp op, C a, C b, C alpha
       default: return a;  // rejected before reaching the kernel
     }
   } else {
+    if constexpr (std::is_integral_v<C>) {
+      switch (op) {
+        case BinaryOp::Add: return wrap_add(a, wrap_mul(alpha, b));
+        case BinaryOp::Sub: return wrap_sub(a, wrap_mul(alpha, b));
+        case BinaryOp::Mul: return wrap_mul(a, b);
+        case BinaryOp::Div: return b == 0 ? 0 : b == -1 ? wrap_sub(C(0), a) : a / b;  // a / -1 may trap
+        default: break;
+      }
+    }
     switch (op) {
       case BinaryOp::Add: return a + alpha * b;
       case BinaryOp::Sub: return a - alpha * b;
       case BinaryOp::Mul: return a * b;
-      case BinaryOp::Div:
-        if constexpr (std::is_integral_v<C>) return b == 0 ? 0 : a / b;
-        else return a / b;
+      case BinaryOp::Div: return a / b;
       case BinaryOp::FloorDiv: return py_floor_div(a, b);
       case BinaryOp::Remainder: return py_remainder(a, b);
       case BinaryOp::Pow:

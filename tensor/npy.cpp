@@ -61,7 +61,13 @@ struct HeaderParser {
       size_t start = pos;
       while (pos < s.size() && std::isdigit(static_cast<unsigned char>(s[pos]))) ++pos;
       if (pos == start) fail("expected a non-negative integer in shape");
-      out.push_back(std::stoll(s.substr(start, pos - start)));
+      // Untrusted digits: a size past the int64 range is malformed (std::stoll would throw std::out_of_range).
+      int64_t size = 0;
+      for (size_t i = start; i < pos; ++i) {
+        if (__builtin_mul_overflow(size, int64_t{10}, &size) || __builtin_add_overflow(size, s[i] - '0', &size))
+          fail(fmt::format("shape entry {} is past the int64 range", s.substr(start, pos - start)));
+      }
+      out.push_back(size);
       eat('L');  // Python 2 long suffix in old files
       if (!eat(',')) { expect(')'); break; }
     }
@@ -188,6 +194,15 @@ Tensor load_npy(const std::string& path) {
            "load_npy: '{}': truncated header length", path);
   size_t header_len = 0;
   for (size_t i = len_size; i-- > 0;) header_len = header_len << 8 | len_bytes[i];
+  {  // checked before allocating: a damaged length field must not ask for up to 4 GiB
+    const std::streampos here = f.tellg();
+    f.seekg(0, std::ios::end);
+    const auto remaining = static_cast<size_t>(f.tellg() - here);
+    f.seekg(here);
+    FG_CHECK(header_len <= remaining, IOError,
+             "load_npy: '{}': truncated header (the header length field says {} bytes, the file has {} left)", path,
+             header_len, remaining);
+  }
   std::string header(header_len, '\0');
   f.read(header.data(), static_cast<std::streamsize>(header_len));
   FG_CHECK(f.gcount() == static_cast<std::streamsize>(header_len), IOError,

@@ -22,6 +22,7 @@ struct RandomMod {
   ModProgram score;  // Type::Score
   ModProgram mask;   // Type::Mask
   std::vector<Tensor> captures;
+  Expr score_expr = 0.0, mask_expr = false;  // what `score` / `mask` were lowered from (to pass as mods)
 };
 
 struct RandomModOptions {
@@ -36,8 +37,10 @@ class ModGenerator {
 
   RandomMod make() {
     RandomMod r;
-    r.score = lower_expr(grow(true), ModProgram::Type::Score);
-    r.mask = lower_expr(grow(false), ModProgram::Type::Mask);
+    r.score_expr = grow(true);
+    r.mask_expr = grow(false);
+    r.score = lower_expr(r.score_expr, ModProgram::Type::Score);
+    r.mask = lower_expr(r.mask_expr, ModProgram::Type::Mask);
     r.captures = tensors_;
     return r;
   }

@@ -1,3 +1,6 @@
+#include <cstring>
+#include <limits>
+
 #include "tests/test_util.h"
 
 namespace fg {
@@ -34,6 +37,36 @@ TEST(Elementwise, FloorDivideAndRemainderFollowPython) {
   EXPECT_TRUE(close(floor_divide(af, bf), tensor({3, -4, -4, 3}, {4})));
   EXPECT_TRUE(close(remainder(af, bf), tensor({1, 1, -1, -1}, {4})));
   EXPECT_THROW_MSG(floor_divide(a, tensor({0, 1, 1, 1}, {4}, kInt64)), ValueError, "ZeroDivisionError");
+}
+
+// Integer overflow wraps (two's complement) as in PyTorch, instead of being undefined behaviour (UBSan found
+// int_pow overflowing in the sanitizer run of the attention suite) or trapping: INT64_MIN // -1 and
+// INT64_MIN % -1 raised SIGFPE on x86. The expected values are worked out by hand modulo 2^64.
+TEST(Elementwise, IntegerOverflowWraps) {
+  const int64_t kMin = std::numeric_limits<int64_t>::min(), kMax = std::numeric_limits<int64_t>::max();
+  auto i64 = [](std::vector<int64_t> v) {  // bit-exact (from_vector goes through double)
+    Tensor t = empty({static_cast<int64_t>(v.size())}, kInt64);
+    std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(int64_t));
+    return t;
+  };
+  auto values = [](const Tensor& t) {
+    const Tensor c = t.contiguous();
+    const auto* p = static_cast<const int64_t*>(c.data_ptr());
+    return std::vector<int64_t>(p, p + c.numel());
+  };
+  const Tensor a = i64({kMax, kMin, int64_t(1) << 62, kMin});
+  EXPECT_EQ(values(add(a, i64({1, -1, int64_t(1) << 62, kMin}))), (std::vector<int64_t>{kMin, kMax, kMin, 0}));
+  EXPECT_EQ(values(sub(a, i64({-1, 1, -(int64_t(1) << 62), 0}))), (std::vector<int64_t>{kMin, kMax, kMin, kMin}));
+  EXPECT_EQ(values(add(a, i64({1, 1, 1, 1}), 3)), (std::vector<int64_t>{kMin + 2, kMin + 3, (int64_t(1) << 62) + 3, kMin + 3}));
+  EXPECT_EQ(values(mul(a, i64({2, -1, 4, 2}))), (std::vector<int64_t>{-2, kMin, 0, 0}));
+  EXPECT_EQ(values(pow(i64({int64_t(1) << 62, 3, -2}), i64({2, 41, 63}))),
+            (std::vector<int64_t>{0, -420491770248316829 /* 3^41 mod 2^64, below */, kMin}));
+  EXPECT_EQ(values(neg(i64({kMin, kMax}))), (std::vector<int64_t>{kMin, kMin + 1}));
+  EXPECT_EQ(values(abs(i64({kMin, -5}))), (std::vector<int64_t>{kMin, 5}));
+  EXPECT_EQ(values(square(i64({int64_t(1) << 32, (int64_t(1) << 32) + 1}))), (std::vector<int64_t>{0, (int64_t(1) << 33) + 1}));
+  EXPECT_EQ(values(floor_divide(i64({kMin, 7, -7}), i64({-1, -1, -1}))), (std::vector<int64_t>{kMin, -7, 7}));
+  EXPECT_EQ(values(remainder(i64({kMin, 7, -7}), i64({-1, -1, -1}))), (std::vector<int64_t>{0, 0, 0}));
+  // 3^41 = 36472996377170786403 = 2^64 + 18026252303461234787, and 18026252303461234787 - 2^64 = -420491770248316829
 }
 
 TEST(Elementwise, StridedAndExpandedInputs) {
