@@ -293,9 +293,8 @@ SplitProgram split_program(const ModProgram& p, int32_t output) {
   // What each function evaluates: the closure of its carried values (row and column functions; a column
   // value may need a b/h-only "row" value, which the column function then recomputes), and for the
   // element function its own instructions plus the leaves they read.
-  auto closure = [&](const std::vector<int32_t>& outs) { return outs.empty() ? std::vector<char>(n, 0) : live_set(p, outs); };
-  sp.row_emit = closure(sp.row_out);
-  sp.col_emit = closure(sp.col_out);
+  sp.row_emit = live_set(p, sp.row_out);
+  sp.col_emit = live_set(p, sp.col_out);
   sp.elem_emit.assign(n, 0);
   for (size_t i = 0; i < n; ++i) {
     if (sp.part[i] != Part::Elem) continue;

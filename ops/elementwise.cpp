@@ -543,27 +543,12 @@ namespace {
 
 enum class Overlap { Refuse, Allow };
 
-// Whether t covers [offset, offset + numel) of its storage exactly once (some permutation of a contiguous
-// layout): then whether two tensors overlap follows from their ranges.
-bool dense_non_overlapping(const Tensor& t) {
-  std::vector<int64_t> dims;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.sizes()[d] > 1) dims.push_back(d);
-  }
-  std::sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return t.strides()[a] < t.strides()[b]; });
-  int64_t expected = 1;
-  for (int64_t d : dims) {
-    if (t.strides()[d] != expected) return false;
-    expected *= t.sizes()[d];
-  }
-  return true;
-}
-
 // An input sharing some, but not all, of self's memory would be read where it was already overwritten:
 // refused, as PyTorch does. The same layout (x.mul_(x)) is fine; layouts too irregular to decide pass.
 void check_no_partial_overlap(const Tensor& self, const Tensor& input, const char* op) {
   if (!input.defined() || self.is_same(input) || !self.shares_storage(input)) return;
-  if (self.numel() == 0 || input.numel() == 0 || !dense_non_overlapping(self) || !dense_non_overlapping(input)) return;
+  if (self.numel() == 0 || input.numel() == 0 || !is_dense_non_overlapping(self.sizes(), self.strides()) ||
+      !is_dense_non_overlapping(input.sizes(), input.strides())) return;
   const int64_t a0 = self.storage_offset(), a1 = a0 + self.numel();
   const int64_t b0 = input.storage_offset(), b1 = b0 + input.numel();
   bool same_layout = a0 == b0 && self.sizes() == input.sizes();

@@ -1,8 +1,6 @@
 // The operations autograd's engine needs (autograd/grad_arith.h), provided by the op layer.
 #include "autograd/grad_arith.h"
 
-#include <algorithm>
-
 #include "autograd/grad_mode.h"
 #include "ops/elementwise.h"
 #include "ops/index.h"
@@ -33,24 +31,6 @@ void fill_zero(const Tensor& dst) {
   fg::fill_(d, 0);
 }
 
-namespace {
-// Sufficient for no two elements sharing a location: with dims sorted by stride, each stride steps over
-// everything the smaller dims span.
-bool provably_non_overlapping(const Shape& sizes, const Shape& strides) {
-  std::vector<size_t> dims;
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] > 1) dims.push_back(d);
-  }
-  std::sort(dims.begin(), dims.end(), [&](size_t a, size_t b) { return strides[a] < strides[b]; });
-  int64_t span = 0;  // largest offset reachable through the dims seen so far
-  for (size_t d : dims) {
-    if (strides[d] <= span) return false;
-    span += (sizes[d] - 1) * strides[d];
-  }
-  return true;
-}
-}  // namespace
-
 void add_into(const Tensor& dst, const Tensor& src) {
   NoGradGuard g;
   Tensor s = src.detach().expand(dst.sizes());
@@ -61,7 +41,7 @@ void add_into(const Tensor& dst, const Tensor& src) {
   }
   s = sum_to_shape(s, reduced);
   Tensor d = dst.alias_with_layout(reduced, strides, dst.storage_offset());
-  if (provably_non_overlapping(reduced, strides)) {
+  if (is_provably_non_overlapping(reduced, strides)) {
     copy_into(d, fg::add(d, s));
     return;
   }

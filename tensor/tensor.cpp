@@ -1,5 +1,6 @@
 #include "tensor/tensor.h"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 
@@ -23,6 +24,35 @@ Shape contiguous_strides(const Shape& sizes) {
     }
   }
   return strides;
+}
+
+namespace {
+// The dims of size > 1, by increasing stride.
+std::vector<size_t> dims_by_stride(const Shape& sizes, const Shape& strides) {
+  std::vector<size_t> dims;
+  for (size_t d = 0; d < sizes.size(); ++d)
+    if (sizes[d] > 1) dims.push_back(d);
+  std::sort(dims.begin(), dims.end(), [&](size_t a, size_t b) { return strides[a] < strides[b]; });
+  return dims;
+}
+}  // namespace
+
+bool is_dense_non_overlapping(const Shape& sizes, const Shape& strides) {
+  int64_t expected = 1;
+  for (size_t d : dims_by_stride(sizes, strides)) {
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
+bool is_provably_non_overlapping(const Shape& sizes, const Shape& strides) {
+  int64_t span = 0;  // largest offset reachable through the dims seen so far
+  for (size_t d : dims_by_stride(sizes, strides)) {
+    if (strides[d] <= span) return false;
+    span += (sizes[d] - 1) * strides[d];
+  }
+  return true;
 }
 
 int64_t shape_numel(const Shape& sizes) {

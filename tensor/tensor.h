@@ -191,6 +191,12 @@ using TensorList = std::vector<Tensor>;
 
 // ---- layout helpers shared by ops and kernels ----
 Shape contiguous_strides(const Shape& sizes);
+// Whether the layout covers one contiguous range of its storage exactly once (some permutation of a
+// contiguous layout): then whether two such tensors overlap follows from their ranges.
+bool is_dense_non_overlapping(const Shape& sizes, const Shape& strides);
+// Sufficient for no two elements sharing a memory location: with the dims sorted by stride, each stride
+// steps over everything the smaller dims span. (False does not prove an overlap.)
+bool is_provably_non_overlapping(const Shape& sizes, const Shape& strides);
 // Number of elements; ShapeError for a negative size or a product past INT64_MAX (a shape never wraps).
 int64_t shape_numel(const Shape& sizes);
 // elements * element_size, ShapeError (naming `what`) past INT64_MAX.
