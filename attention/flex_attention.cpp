@@ -8,6 +8,7 @@
 
 #include "attention/flex_kernels.h"
 #include "attention/flex_reference.h"
+#include "ops/autocast.h"
 #include "ops/ops.h"
 
 namespace fg {
@@ -246,7 +247,10 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
 
 }  // namespace
 
-FlexAttentionResult flex_attention(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                   const FlexAttentionOptions& o) {
+  // Under an AutocastGuard (ops/autocast.h) float32 inputs run in its half dtype, as PyTorch's autocast does.
+  const Tensor q = autocast_operand(q_in), k = autocast_operand(k_in), v = autocast_operand(v_in);
   check_inputs(q, k, v, o);
   // Auto is the fused kernel of the inputs' device; the reference path runs only when asked for.
   FlexBackend backend = o.kernel.backend == FlexBackend::Auto ? FlexBackend::Fused : o.kernel.backend;

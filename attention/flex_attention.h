@@ -53,6 +53,8 @@ struct FlexAttentionResult {
   Tensor max_scores;  // [B, Hq, Lq], when requested
 };
 
+// Under an AutocastGuard (ops/autocast.h) float32 q, k, v on its device type run in its half dtype and the
+// output comes back in that dtype.
 FlexAttentionResult flex_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const FlexAttentionOptions& options = {});
 

@@ -4,6 +4,7 @@
 #include "ops/linalg.h"
 
 #include "autograd/record.h"
+#include "ops/autocast.h"
 #include "ops/elementwise.h"
 #include "ops/linalg_kernels.h"
 #include "ops/reduce.h"
@@ -83,14 +84,16 @@ Tensor batched_matmul(const Tensor& a, const Tensor& b, const char* op) {
 
 }  // namespace
 
-Tensor mm(const Tensor& a, const Tensor& b) {
+Tensor mm(const Tensor& a_in, const Tensor& b_in) {
+  const Tensor a = autocast_operand(a_in), b = autocast_operand(b_in);
   check_operands(a, b, "mm");
   FG_CHECK(a.dim() == 2 && b.dim() == 2, ShapeError, "mm: expected 2-D operands, got shapes {} and {}",
            shape_str(a.sizes()), shape_str(b.sizes()));
   return batched_matmul(a, b, "mm");
 }
 
-Tensor bmm(const Tensor& a, const Tensor& b) {
+Tensor bmm(const Tensor& a_in, const Tensor& b_in) {
+  const Tensor a = autocast_operand(a_in), b = autocast_operand(b_in);
   check_operands(a, b, "bmm");
   FG_CHECK(a.dim() == 3 && b.dim() == 3, ShapeError, "bmm: expected 3-D operands, got shapes {} and {}",
            shape_str(a.sizes()), shape_str(b.sizes()));
@@ -99,7 +102,8 @@ Tensor bmm(const Tensor& a, const Tensor& b) {
   return batched_matmul(a, b, "bmm");
 }
 
-Tensor matmul(const Tensor& a, const Tensor& b) {
+Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
+  const Tensor a = autocast_operand(a_in), b = autocast_operand(b_in);
   check_operands(a, b, "matmul");
   FG_CHECK(a.dim() >= 1 && b.dim() >= 1, ShapeError, "matmul: both arguments need at least 1 dimension, got shapes {} and {}",
            shape_str(a.sizes()), shape_str(b.sizes()));
@@ -123,7 +127,8 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return batched_matmul(a, b, "matmul");
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+Tensor linear(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in) {
+  const Tensor x = autocast_operand(x_in), weight = autocast_operand(weight_in), bias = autocast_operand(bias_in);
   check_operands(x, weight, "linear");
   FG_CHECK(weight.dim() == 2, ShapeError, "linear: weight must be 2-D [out_features, in_features], got {}",
            shape_str(weight.sizes()));

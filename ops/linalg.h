@@ -1,5 +1,6 @@
 // Matrix products. CPU f32/f64 go through BLAS (OpenBLAS), CUDA through cuBLAS; low-precision inputs
-// accumulate in f32. matmul follows torch.matmul's rules (1-D vectors, broadcast batch dims).
+// accumulate in f32. matmul follows torch.matmul's rules (1-D vectors, broadcast batch dims). Under an
+// AutocastGuard (ops/autocast.h) float32 operands on its device type are cast to its dtype first.
 #pragma once
 #include "tensor/tensor.h"
 

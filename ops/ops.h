@@ -4,6 +4,7 @@
 #include "autograd/function.h"
 #include "autograd/gradcheck.h"
 #include "autograd/grad_mode.h"
+#include "ops/autocast.h"
 #include "ops/elementwise.h"
 #include "ops/index.h"
 #include "ops/linalg.h"
