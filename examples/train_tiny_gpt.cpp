@@ -2,6 +2,7 @@
 //
 //   train_tiny_gpt                       # GPL-3 text every Debian machine has, default model (< 5 min, 2 cores)
 //   train_tiny_gpt --data my.txt --steps 2000 --mask document
+//   train_tiny_gpt --device cuda --precision bf16 --preset gpt2-small   # 12 layers, d_model 768, context 1024
 //
 // Reads the text, builds the character vocabulary, holds out the last 10% for validation, trains with
 // AdamW + warmup/cosine under causal (or document-causal) flex_attention, prints a live progress line
@@ -9,9 +10,12 @@
 // checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
 // attended straight from a PagedAttention page pool, --page-size tokens a page). It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
+// On a GPU (--device cuda) everything runs there; --precision bf16 trains under mixed precision (float32
+// master weights and AdamW state, bfloat16 matrix products and attention: ops/autocast.h).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <ctime>
@@ -25,6 +29,9 @@
 #include "nn/nn.h"
 #include "ops/ops.h"
 #include "examples/cli_checks.h"
+#ifdef FLEXGRAD_WITH_CUDA
+#include "tensor/cuda/cuda_api.h"
+#endif
 
 using namespace fg;
 using Clock = std::chrono::steady_clock;
@@ -58,7 +65,7 @@ int main(int argc, char** argv) try {
   cfg.dropout = 0.1;
   int64_t steps = 300, batch = 16, eval_every = 100, eval_batches = 8, sample_len = 300, warmup = 30, top_k = 10;
   double lr = 3e-3, min_lr = 3e-4, weight_decay = 0.1, clip = 1.0, temperature = 0.8;
-  std::string kv_cache = "contiguous";
+  std::string kv_cache = "contiguous", device_name = "cpu", precision = "fp32", preset = "tiny";
   int64_t page_size = 16;
   uint64_t seed = 1337;
   bool quiet = false, require_improvement = false;
@@ -90,10 +97,31 @@ int main(int argc, char** argv) try {
       ->check(CLI::IsMember({"contiguous", "paged"}));
   app.add_option("--page-size", page_size, "tokens per page of the paged KV cache")->check(cli::at_least(1));
   app.add_option("--seed", seed, "seed for init, batches and sampling");
+  app.add_option("--device", device_name, "where to train: cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--precision", precision,
+                 "fp32 | bf16 (mixed precision: float32 weights and optimizer state, bfloat16 products and attention; "
+                 "--device cuda)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--preset", preset,
+                 "model size: tiny (the defaults) | gpt2-small (12 layers, d-model 768, 12 heads, context 1024, lr 6e-4); "
+                 "options given explicitly override the preset")
+      ->check(CLI::IsMember({"tiny", "gpt2-small"}));
   app.add_flag("--quiet", quiet, "no live progress line");
   app.add_flag("--require-improvement", require_improvement,
                "exit with status 1 unless the final held-out loss is below the initial one (CI smoke test)");
   CLI11_PARSE(app, argc, argv);
+  if (preset == "gpt2-small") {
+    // GPT-2 small's shape (its 50257-token vocabulary aside: this program models characters).
+    auto unless_given = [&](const char* flag, auto& field, auto value) {
+      if (app.count(flag) == 0) field = value;
+    };
+    unless_given("--layers", cfg.n_layers, int64_t{12});
+    unless_given("--d-model", cfg.d_model, int64_t{768});
+    unless_given("--heads", cfg.n_heads, int64_t{12});
+    unless_given("--context", cfg.context, int64_t{1024});
+    unless_given("--lr", lr, 6e-4);
+    unless_given("--min-lr", min_lr, 6e-5);
+  }
 
   // ---- everything checked before any long work: options that depend on each other, the data file, the
   // output directory (created when missing, then loss.csv opened in it) ----
@@ -109,6 +137,14 @@ int main(int argc, char** argv) try {
   if (!(cfg.dropout >= 0 && cfg.dropout < 1))
     return usage_error(fmt::format("--dropout must be in [0, 1), got {}", cfg.dropout));
   if (min_lr > lr) return usage_error(fmt::format("--min-lr {} must not exceed --lr {}", min_lr, lr));
+  const Device device = device_name == "cuda" ? Device(DeviceType::CUDA, 0) : kCPU;
+  if (device.type == DeviceType::CUDA && device_count(DeviceType::CUDA) == 0)
+    return usage_error("--device cuda: no CUDA device (no GPU visible, or flexgrad was built without CUDA)");
+  const bool bf16 = precision == "bf16";
+  if (bf16 && device.type != DeviceType::CUDA)
+    return usage_error("--precision bf16 needs --device cuda (the CPU kernels gain nothing from bfloat16 products)");
+  if (kv_cache == "paged" && device.type != DeviceType::CPU)
+    return usage_error("--kv-cache paged: PagedAttention runs on the CPU only; use --kv-cache contiguous with --device cuda");
 
   // ---- data ----
   std::ifstream in(data_path, std::ios::binary);
@@ -151,28 +187,31 @@ int main(int argc, char** argv) try {
   manual_seed(seed);
   Generator init_gen(seed);
   auto model = std::make_shared<nn::GPT>(cfg, &init_gen);
+  model->to(device);  // initialised on the CPU, so a seed gives the same model on every device
   fmt::print("{}", model->to_string());
+  fmt::print("device {}, precision {}\n", device, bf16 ? "bf16 mixed (float32 weights and optimizer state)" : "fp32");
   nn::AdamW opt(model->parameters(), {.lr = lr, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = weight_decay});
   nn::WarmupCosine sched{.base_lr = lr, .warmup_steps = warmup, .total_steps = steps, .min_lr = min_lr};
 
   const int64_t T = cfg.context;
   Generator batch_gen(seed + 1);
-  // A batch of windows [B, T+1] from [lo, hi): inputs are the first T, targets the last T.
+  // A batch of windows [B, T+1] from [lo, hi): inputs are the first T, targets the last T (on the training
+  // device; the inputs also stay in `xs` on the host, where the document mask reads them).
+  std::vector<int64_t> xs(batch * T), ys(batch * T);
   auto make_batch = [&](int64_t lo, int64_t hi, Generator* g, Tensor& x, Tensor& y) {
     Tensor starts = randint(lo, hi - T - 1, {batch}, kInt64, g);
-    std::vector<int64_t> xs(batch * T), ys(batch * T);
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t s = starts.at({b});
       for (int64_t t = 0; t < T; ++t) { xs[b * T + t] = ids[s + t]; ys[b * T + t] = ids[s + t + 1]; }
     }
-    x = from_vector(xs, {batch, T}, kInt64);
-    y = from_vector(ys, {batch, T}, kInt64);
+    x = to_device(from_vector(xs, {batch, T}, kInt64), device);
+    y = to_device(from_vector(ys, {batch, T}, kInt64), device);
   };
-  const BlockMask causal = nn::causal_block_mask(T);
+  const BlockMask causal = nn::causal_block_mask(T, 64, device);
   const int64_t newline = counts.count('\n') ? stoi['\n'] : -1;
   // The attention of one batch: causal, or causal within documents (paragraphs split at blank lines),
   // traced from a mask_mod that reads each position's document id.
-  auto attention_for = [&](const Tensor& x) {
+  auto attention_for = [&]() {
     nn::AttentionCall call;
     if (mask_kind == "causal") {
       call.block_mask = causal;
@@ -182,14 +221,14 @@ int main(int argc, char** argv) try {
     for (int64_t b = 0; b < batch; ++b) {
       int64_t d = 0;
       for (int64_t t = 0; t < T; ++t) {
-        if (t > 0 && x.at({b, t}) == newline && x.at({b, t - 1}) == newline) ++d;
+        if (t > 0 && xs[b * T + t] == newline && xs[b * T + t - 1] == newline) ++d;
         doc[b * T + t] = d;
       }
     }
-    Captured docs(from_vector(doc, {batch, T}, kInt64), "doc");
+    Captured docs(to_device(from_vector(doc, {batch, T}, kInt64), device), "doc");
     call.block_mask = create_block_mask(
         [docs](Expr b, Expr, Expr q, Expr kv) { return (q >= kv) & (docs[b][q] == docs[b][kv]); }, batch, std::nullopt,
-        T, T, 64);
+        T, T, 64, device);
     return call;
   };
   // Held-out loss on fixed batches (the same windows every time, so the curve is comparable).
@@ -201,7 +240,8 @@ int main(int argc, char** argv) try {
     for (int64_t i = 0; i < eval_batches; ++i) {
       Tensor x, y;
       make_batch(n_train, static_cast<int64_t>(ids.size()), &g, x, y);
-      Tensor logits = model->forward(x, attention_for(x));
+      AutocastGuard amp(device.type, kBFloat16, bf16);
+      Tensor logits = model->forward(x, attention_for());
       total += cross_entropy(reshape(logits, {-1, cfg.vocab_size}), reshape(y, {-1})).item<double>();
     }
     model->train();
@@ -218,17 +258,24 @@ int main(int argc, char** argv) try {
   // figure that does not depend on what else runs.
   const std::clock_t c0 = std::clock();
   double smoothed = 0;
+  std::vector<double> step_s;  // each step alone (batch, forward, backward, update; no evaluation)
   for (int64_t step = 0; step < steps; ++step) {
+    const auto s0 = Clock::now();
     Tensor x, y;
     make_batch(0, n_train, &batch_gen, x, y);
-    Tensor logits = model->forward(x, attention_for(x));
-    Tensor loss = cross_entropy(reshape(logits, {-1, cfg.vocab_size}), reshape(y, {-1}));
+    Tensor loss;
+    {
+      AutocastGuard amp(device.type, kBFloat16, bf16);  // off unless --precision bf16
+      Tensor logits = model->forward(x, attention_for());
+      loss = cross_entropy(reshape(logits, {-1, cfg.vocab_size}), reshape(y, {-1}));
+    }
     opt.zero_grad();
     loss.backward();
     if (clip > 0) nn::clip_grad_norm_(opt.params(), clip);
     opt.set_lr(sched.at(step));
     opt.step();
-    const double l = loss.item<double>();
+    const double l = loss.item<double>();  // waits for the step's GPU work too
+    step_s.push_back(seconds_since(s0));
     smoothed = step == 0 ? l : 0.9 * smoothed + 0.1 * l;
     const double elapsed = seconds_since(t0);
     const double tps = static_cast<double>((step + 1) * batch * T) / elapsed;
@@ -250,6 +297,18 @@ int main(int argc, char** argv) try {
   const double cpu_s = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
   fmt::print("trained {} steps in {:.1f} s ({:.1f} ms/step, {:.0f} tokens/s; {:.1f} CPU-ms/step incl. evals)\n", steps,
              train_s, 1000 * train_s / steps, steps * batch * T / train_s, 1000 * cpu_s / steps);
+  {
+    // Steady state: the median step after the first five (allocator and kernel caches warm), evals excluded.
+    std::vector<double> steady(step_s.begin() + std::min<size_t>(5, step_s.size() - 1), step_s.end());
+    std::sort(steady.begin(), steady.end());
+    const double med = steady[steady.size() / 2];
+    std::string mem;
+#ifdef FLEXGRAD_WITH_CUDA
+    if (device.type == DeviceType::CUDA)
+      mem = fmt::format(", peak GPU memory {:.2f} GiB", cuda::allocator_stats(device.index).peak_allocated_bytes / 1073741824.0);
+#endif
+    fmt::print("steady state: median {:.1f} ms/step, {:.0f} tokens/s{}\n", 1000 * med, batch * T / med, mem);
+  }
   fmt::print("unigram entropy {:.4f} nats/char | held-out loss {:.4f} | gain {:.4f} nats/char ({})\n", unigram, val,
              unigram - val, unigram - val >= 1.0 ? "goal of 1 nat met" : "below the 1 nat goal");
 
@@ -263,7 +322,7 @@ int main(int argc, char** argv) try {
   if (p.empty()) p.push_back(0);
   Generator sample_gen(seed + 3);
   const auto s0 = Clock::now();
-  Tensor out = model->generate(from_vector(p, {1, static_cast<int64_t>(p.size())}, kInt64), sample_len,
+  Tensor out = model->generate(to_device(from_vector(p, {1, static_cast<int64_t>(p.size())}, kInt64), device), sample_len,
                                {.temperature = temperature,
                                 .top_k = top_k,
                                 .generator = &sample_gen,

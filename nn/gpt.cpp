@@ -13,9 +13,9 @@
 
 namespace fg::nn {
 
-BlockMask causal_block_mask(int64_t L, BlockSize block) {
+BlockMask causal_block_mask(int64_t L, BlockSize block, Device device) {
   return create_block_mask([](Expr, Expr, Expr q, Expr kv) { return q >= kv; }, std::nullopt, std::nullopt, L, L,
-                           block);
+                           block, device);
 }
 
 GPT::GPT(const GPTConfig& c, Generator* gen) : Module("GPT"), config(c) {

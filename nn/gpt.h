@@ -48,7 +48,7 @@ class GPT : public Module {
   std::shared_ptr<Module> norm_f;
 };
 
-// The causal BlockMask of a [L, L] sequence (B, H broadcast).
-BlockMask causal_block_mask(int64_t L, BlockSize block = 64);
+// The causal BlockMask of a [L, L] sequence (B, H broadcast), built on `device`.
+BlockMask causal_block_mask(int64_t L, BlockSize block = 64, Device device = kCPU);
 
 }  // namespace fg::nn
