@@ -277,7 +277,8 @@ class NnOptimDev : public NnDeviceTest {};
 // Several parameters of odd sizes (40001 elements span two chunks of the kernels' table), four steps of
 // fresh random gradients; parameter 3 has no gradient at the first step (skipped; its momentum buffer
 // starts at step 2). Parameters and every state buffer must follow the composed formula: float64 to 1e-12
-// (only the rounding of fused multiply-adds differs), float32 to 2e-6 relative.
+// (only the rounding of fused multiply-adds differs), float32 to 2e-6 relative. Half types are fused too
+// (computed in float, rounded once per stored value): HalfTypesAreFused checks them.
 TEST_P(NnOptimDev, FusedStepEqualsComposedFormula) {
   const std::vector<Shape> shapes{{7}, {3, 5}, {40001}, {1}, {2, 1, 3}};
   for (DType dt : {kFloat64, kFloat32}) {
@@ -321,6 +322,29 @@ TEST_P(NnOptimDev, FusedStepEqualsComposedFormula) {
           EXPECT_TRUE(close(st[k + name], ref, tol, tol)) << k + name;
         }
       }
+    }
+  }
+}
+
+// float16 / bfloat16 parameters go through the same fused kernels (computed in float, rounded once when
+// stored). One plain SGD step p - lr g (with L2: g + wd p first) against the same arithmetic done here in
+// double from the stored values and rounded once: equal within one ulp of the result (the rounding of g +
+// wd p is the only place float and double may differ).
+TEST_P(NnOptimDev, HalfTypesAreFused) {
+  for (DType dt : {kFloat16, kBFloat16}) {
+    for (double wd : {0.0, 0.1}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " wd " + std::to_string(wd));
+      Generator gen(5);
+      Tensor p0 = randn({1001}, dt, &gen), g0 = randn({1001}, dt, &gen);
+      Tensor p = clone(p0).to(dev()).requires_grad_(true);
+      p.set_grad(clone(g0).to(dev()));
+      SGD opt({p}, {.lr = 0.1, .weight_decay = wd});
+      opt.step();
+      std::vector<double> pv = p0.to_vector(), gv = g0.to_vector(), want(pv.size());
+      for (size_t i = 0; i < pv.size(); ++i) want[i] = pv[i] - 0.1 * (gv[i] + wd * pv[i]);
+      const double ulp = dt == kFloat16 ? 1.0 / 1024 : 1.0 / 128;  // relative spacing at the value
+      EXPECT_EQ(p.dtype(), dt);
+      EXPECT_TRUE(close(p.detach(), tensor(want, {1001}), 1e-4, ulp));
     }
   }
 }
