@@ -126,7 +126,16 @@ void SGD::step() {
   s.momentum = options.momentum;
   s.dampening = options.dampening;
   s.nesterov = options.nesterov;
-  fused_optim_step(items, s);
+  try {
+    fused_optim_step(items, s);  // checks every tensor before it writes any
+  } catch (...) {
+    // A refused step leaves no trace: a momentum buffer created for it must still be fresh next time.
+    for (size_t i = 0, k = 0; i < params_.size(); ++i) {
+      if (!params_[i].grad().defined()) continue;
+      if (items[k++].fresh) std::erase_if(state_[i], [](const auto& e) { return e.first == "momentum_buffer"; });
+    }
+    throw;
+  }
   ++steps_;
 }
 

@@ -25,14 +25,15 @@ struct Table {
   const Slot* slots;
   const Chunk* chunks;
   int64_t n_chunks;
-  Table(const std::vector<Slot>& s, const std::vector<Chunk>& c, int device, cudaStream_t st)
+  Table(const std::vector<Slot>& s, const std::vector<Chunk>& c, int device)
       : ws(sizeof(Slot) * s.size() + sizeof(Chunk) * c.size(), device), n_chunks(static_cast<int64_t>(c.size())) {
     static_assert(sizeof(Slot) % alignof(Chunk) == 0);
     std::vector<char> host(sizeof(Slot) * s.size() + sizeof(Chunk) * c.size());
     std::memcpy(host.data(), s.data(), sizeof(Slot) * s.size());
     std::memcpy(host.data() + sizeof(Slot) * s.size(), c.data(), sizeof(Chunk) * c.size());
-    // Pageable source: the call returns once the bytes are staged, so `host` may go out of scope.
-    FG_CUDA_CHECK(cudaMemcpyAsync(ws.get(), host.data(), host.size(), cudaMemcpyHostToDevice, st));
+    // Through flexgrad's pinned staging on the device's current stream (the kernels' stream): no stream
+    // synchronisation, and `host` may go out of scope once the call returns.
+    copy_async(ws.get(), Device(DeviceType::CUDA, device), host.data(), kCPU, host.size());
     slots = ws.as<Slot>();
     chunks = reinterpret_cast<const Chunk*>(ws.as<char>() + sizeof(Slot) * s.size());
   }
@@ -137,7 +138,7 @@ void optim_step_cuda(int device, DType dtype, const std::vector<OptimSlot>& slot
   check_grid(static_cast<int64_t>(chunks.size()));
   DeviceGuard guard(device);
   cudaStream_t s = stream(device);
-  Table<OptimSlot> t(slots, chunks, device, s);
+  Table<OptimSlot> t(slots, chunks, device);
   dispatch_floating(dtype, "optimizer step", [&]<class D>() {
     const unsigned grid = static_cast<unsigned>(t.n_chunks);
     if (o.kind == OptimKind::SGD) optim_step_kernel<D, OptimKind::SGD><<<grid, kThreads, 0, s>>>(t.slots, t.chunks, o);
@@ -152,7 +153,7 @@ double grad_sq_sum_cuda(int device, DType dtype, const std::vector<GradSlot>& sl
   check_grid(static_cast<int64_t>(chunks.size()));
   DeviceGuard guard(device);
   cudaStream_t s = stream(device);
-  Table<GradSlot> t(slots, chunks, device, s);
+  Table<GradSlot> t(slots, chunks, device);
   Workspace partial(sizeof(double) * (chunks.size() + 1), device);
   double* out = partial.as<double>() + chunks.size();
   dispatch_floating(dtype, "clip_grad_norm_", [&]<class D>() {
@@ -173,7 +174,7 @@ void grad_scale_cuda(int device, DType dtype, const std::vector<GradSlot>& slots
   check_grid(static_cast<int64_t>(chunks.size()));
   DeviceGuard guard(device);
   cudaStream_t s = stream(device);
-  Table<GradSlot> t(slots, chunks, device, s);
+  Table<GradSlot> t(slots, chunks, device);
   dispatch_floating(dtype, "clip_grad_norm_", [&]<class D>() {
     scale_kernel<D><<<static_cast<unsigned>(t.n_chunks), kThreads, 0, s>>>(t.slots, t.chunks,
                                                                              static_cast<dc_t<D>>(coef));
