@@ -383,14 +383,24 @@ TEST_P(NnOptimDev, FusedClipGradNormEqualsFormula) {
   EXPECT_FALSE(nograd.grad().defined());
 }
 
-// A gradient on another device than its parameter is a DeviceError naming both, raised before any update.
-TEST_P(NnOptimDev, GradOnAnotherDeviceIsRefused) {
-  if (!on_cuda()) GTEST_SKIP() << "needs a second device: the CUDA instance checks this";
-  Tensor p = ones({3}, TensorOptions().dtype(kFloat32).device(dev())).requires_grad_(true);
-  p.set_grad(ones({3}, kFloat32));
-  SGD opt({p}, {.lr = 0.1});
-  EXPECT_THROW_MSG(opt.step(), DeviceError, "parameter 0 is on cuda:0 but its grad is on cpu");
+// A gradient of the wrong shape, or on another device than its parameter (CUDA instance), is a typed error
+// naming both, raised before any update; the refused step leaves no state behind (the next step still sees a
+// fresh momentum buffer: buf = g, so p = 1 - 0.1 * 1; a stale zero buffer would give buf = 0.5 g, p = 0.95).
+TEST_P(NnOptimDev, BadGradIsRefusedWithoutTrace) {
+  const TensorOptions f32 = TensorOptions().dtype(kFloat32).device(dev());
+  Tensor p = ones({3}, f32).requires_grad_(true);
+  SGD opt({p}, {.lr = 0.1, .momentum = 0.9, .dampening = 0.5});
+  p.set_grad(ones({4}, f32));
+  EXPECT_THROW_MSG(opt.step(), ShapeError, "parameter 0 is [3] but its grad is [4]");
+  if (on_cuda()) {
+    p.set_grad(ones({3}, kFloat32));
+    EXPECT_THROW_MSG(opt.step(), DeviceError, "parameter 0 is on cuda:0 but its grad is on cpu");
+  }
   EXPECT_TRUE(equal(p.detach().to(kCPU), ones({3}, kFloat32)));
+  EXPECT_EQ(opt.steps(), 0);
+  p.set_grad(ones({3}, f32));
+  opt.step();
+  EXPECT_TRUE(close(p.detach(), full({3}, 0.9), 1e-7, 0));
 }
 
 // Optimizer state written on one device loads onto the parameters' device (here: a file read on the CPU).
