@@ -11,7 +11,12 @@ Embedding::Embedding(int64_t n, int64_t d, Generator* gen) : Module("Embedding")
   register_parameter("weight", &weight);
 }
 
-Tensor Embedding::forward(const Tensor& indices) const { return embedding(weight, indices); }
+Tensor Embedding::forward(const Tensor& indices) const {
+  FG_CHECK(indices.device() == weight.device(), DeviceError,
+           "Embedding: indices on {} but the weight on {} (move the input or the module with .to(device))",
+           indices.device(), weight.device());
+  return embedding(weight, indices);
+}
 
 std::string Embedding::extra_repr() const { return fmt::format("{}, {}", num_embeddings, embedding_dim); }
 

@@ -57,6 +57,9 @@ Tensor GPT::forward(const Tensor& idx, const AttentionCall& call, const std::vec
   FG_CHECK(idx.dim() == 2, ShapeError, "GPT: expected idx [B, L] of token ids, got {}", shape_str(idx.sizes()));
   FG_CHECK(caches.empty() || caches.size() == blocks->size(), ValueError,
            "GPT: got {} caches for {} layers (pass one per layer or none)", caches.size(), blocks->size());
+  FG_CHECK(idx.device() == tok_emb->weight.device(), DeviceError,
+           "GPT: idx on {} but the model on {} (move the input or the model with .to(device))", idx.device(),
+           tok_emb->weight.device());
   const int64_t past = caches.empty() ? 0 : caches[0]->length();
   FG_CHECK(past + idx.size(1) <= config.context, ValueError, "GPT: {} cached + {} new tokens exceed the context of {}",
            past, idx.size(1), config.context);
@@ -76,6 +79,8 @@ Tensor GPT::generate(const Tensor& prompt, int64_t max_new_tokens, const SampleO
            "GPT.generate: prompt must be [B, P] with B, P >= 1, got {}", shape_str(prompt.sizes()));
   FG_CHECK(o.temperature >= 0, ValueError, "GPT.generate: temperature must be >= 0, got {}", o.temperature);
   FG_CHECK(o.top_k >= 0, ValueError, "GPT.generate: top_k must be >= 0, got {}", o.top_k);
+  const Device dev = tok_emb->weight.device();
+  FG_CHECK(prompt.device() == dev, DeviceError, "GPT.generate: prompt on {} but the model on {}", prompt.device(), dev);
   NoGradGuard ng;
   const bool was_training = is_training();
   eval();
@@ -106,8 +111,9 @@ Tensor GPT::generate(const Tensor& prompt, int64_t max_new_tokens, const SampleO
     AttentionCall call;
     // A prefill of several tokens into empty caches needs the causal mask; one new token sees all the past.
     if (L > 1) call.block_mask = causal_block_mask(L);
-    Tensor logits = forward(from_vector(ids, {B, L}, kInt64), call, caches);
-    return select(logits, 1, L - 1);
+    Tensor logits = forward(from_vector(ids, {B, L}, kInt64).to(dev), call, caches);
+    // Sampled on the CPU (a few values per row): the same draws from the generator whatever the model's device.
+    return select(logits, 1, L - 1).to(kCPU);
   };
   auto prefill = [&]() {
     for (auto* c : caches) c->reset();
@@ -137,7 +143,7 @@ Tensor GPT::generate(const Tensor& prompt, int64_t max_new_tokens, const SampleO
   train(was_training);
   std::vector<int64_t> flat;
   for (const auto& row : tokens) flat.insert(flat.end(), row.begin(), row.end());
-  return from_vector(flat, {B, static_cast<int64_t>(tokens[0].size())}, kInt64);
+  return from_vector(flat, {B, static_cast<int64_t>(tokens[0].size())}, kInt64).to(dev);
 }
 
 std::string GPT::extra_repr() const {

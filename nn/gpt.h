@@ -39,6 +39,8 @@ class GPT : public Module {
   // Continues prompt [B, P] (B independent rows of one length) by max_new_tokens sampled tokens each,
   // through per-layer KV caches of batch B from options.cache_factory (no grad); returns [B, P + new].
   // When the window of `context` tokens fills, the caches restart from the last context/2 tokens.
+  // The prompt and the result are on the model's device (DeviceError otherwise); sampling runs on the CPU
+  // from the last position's logits, so a generator gives the same draws whatever the model's device.
   Tensor generate(const Tensor& prompt, int64_t max_new_tokens, const SampleOptions& options = {});
   std::string extra_repr() const override;
 

@@ -139,8 +139,10 @@ void Module::to(Device device) {
   for (auto& [n, t] : slots) {
     if (t->device() == device) continue;
     const bool rg = t->requires_grad();
+    const Tensor grad = t->grad();
     *t = to_device(*t, device).detach();
     if (rg) t->requires_grad_(true);
+    if (grad.defined()) t->set_grad(to_device(grad, device));
   }
 }
 
@@ -192,7 +194,8 @@ void Module::load_state_dict(const NamedTensors& state, bool strict) {
   NoGradGuard ng;
   for (auto& [n, slot] : slots) {
     auto it = given.find(n);
-    if (it != given.end()) slot->copy_(*it->second);
+    // The data land on the registered tensor's device (a checkpoint read from a file is on the CPU).
+    if (it != given.end()) slot->copy_(it->second->to(slot->device()));
   }
 }
 

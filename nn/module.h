@@ -65,6 +65,8 @@ class Module : public std::enable_shared_from_this<Module> {
   bool is_training() const { return training_; }
   // Casts every floating parameter and buffer (parameters stay leaves that require grad; grads dropped).
   void to(DType dtype);
+  // Moves every parameter, buffer and gradient. The registered members are replaced by new tensors: build
+  // optimizers after moving (an optimizer keeps the tensors it was given; its state lives on their device).
   void to(Device device);
   void zero_grad();  // drops the gradients (as set_to_none=True)
 

@@ -5,7 +5,7 @@
 
 #include "autograd/grad_mode.h"
 #include "ops/elementwise.h"
-#include "ops/reduce.h"
+#include "ops/optim.h"
 
 namespace fg::nn {
 
@@ -84,7 +84,9 @@ void Optimizer::load_state_dict(const NamedTensors& state) {
                                      params_[i].dtype(), shape_str(params_[i].sizes())));
       continue;
     }
-    next[i].emplace_back(name.substr(dot + 1), clone(t.detach()));
+    // The state lives on its parameter's device (a state read from a file is on the CPU), contiguous for
+    // the fused kernels, and owned by the optimizer (never aliasing the caller's tensor).
+    next[i].emplace_back(name.substr(dot + 1), clone(t.detach().to(params_[i].device())));
   }
   if (kind.empty()) {
     problems.push_back(fmt::format("missing key '{}{}' (the optimizer that wrote the state)", kKindPrefix, name_));
@@ -106,22 +108,33 @@ SGD::SGD(TensorList params, SGDOptions o) : Optimizer(std::move(params), o.lr, "
 }
 
 void SGD::step() {
-  NoGradGuard ng;
+  std::vector<OptimTensors> items;
   for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor& p = params_[i];
+    const Tensor& p = params_[i];
     if (!p.grad().defined()) continue;
-    Tensor g = p.grad();
-    if (options.weight_decay != 0) g = add(g, p.detach(), options.weight_decay);
+    OptimTensors it{p, p.grad(), Tensor(), Tensor(), false};
     if (options.momentum != 0) {
-      const bool fresh = !has_buffer(i, "momentum_buffer");
-      Tensor& buf = buffer(i, "momentum_buffer");
-      // First use: buf = g (as PyTorch), afterwards buf = momentum * buf + (1 - dampening) * g.
-      if (fresh) buf.copy_(g);
-      else { buf.mul_(options.momentum); buf.add_(g, 1 - options.dampening); }
-      g = options.nesterov ? add(g, buf, options.momentum) : buf;
+      it.fresh = !has_buffer(i, "momentum_buffer");
+      it.state1 = buffer(i, "momentum_buffer");
     }
-    Tensor d = p.detach();
-    d.add_(g, -lr_);
+    items.push_back(std::move(it));
+  }
+  OptimStep s;
+  s.kind = OptimKind::SGD;
+  s.lr = lr_;
+  s.weight_decay = options.weight_decay;
+  s.momentum = options.momentum;
+  s.dampening = options.dampening;
+  s.nesterov = options.nesterov;
+  try {
+    fused_optim_step(items, s);  // checks every tensor before it writes any
+  } catch (...) {
+    // A refused step leaves no trace: a momentum buffer created for it must still be fresh next time.
+    for (size_t i = 0, k = 0; i < params_.size(); ++i) {
+      if (!params_[i].grad().defined()) continue;
+      if (items[k++].fresh) std::erase_if(state_[i], [](const auto& e) { return e.first == "momentum_buffer"; });
+    }
+    throw;
   }
   ++steps_;
 }
@@ -134,30 +147,28 @@ Adam::Adam(TensorList params, AdamOptions o, bool decoupled)
 }
 
 void Adam::step() {
-  NoGradGuard ng;
   const int64_t t = steps_ + 1;
   const double bc1 = 1 - std::pow(options.beta1, static_cast<double>(t));
   const double bc2 = 1 - std::pow(options.beta2, static_cast<double>(t));
-  const double step_size = lr_ / bc1, sqrt_bc2 = std::sqrt(bc2);
+  std::vector<OptimTensors> items;
   for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor& p = params_[i];
+    const Tensor& p = params_[i];
     if (!p.grad().defined()) continue;
-    Tensor d = p.detach();
-    Tensor g = p.grad();
-    if (options.weight_decay != 0) {
-      if (decoupled_) d.mul_(1 - lr_ * options.weight_decay);
-      else g = add(g, d, options.weight_decay);
-    }
-    Tensor& m = buffer(i, "exp_avg");
-    Tensor& v = buffer(i, "exp_avg_sq");
-    m.mul_(options.beta1);
-    m.add_(g, 1 - options.beta1);
-    v.mul_(options.beta2);
-    v.add_(mul(g, g), 1 - options.beta2);
-    // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-    Tensor denom = sqrt(v) / sqrt_bc2 + options.eps;
-    d.add_(div(m, denom), -step_size);
+    Tensor m = buffer(i, "exp_avg");
+    Tensor v = buffer(i, "exp_avg_sq");
+    items.push_back({p, p.grad(), m, v, false});
   }
+  OptimStep s;
+  s.kind = OptimKind::Adam;
+  s.lr = lr_;
+  s.weight_decay = options.weight_decay;
+  s.beta1 = options.beta1;
+  s.beta2 = options.beta2;
+  s.eps = options.eps;
+  s.step_size = lr_ / bc1;  // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+  s.sqrt_bc2 = std::sqrt(bc2);
+  s.decoupled = decoupled_;
+  fused_optim_step(items, s);
   steps_ = t;
 }
 
@@ -165,20 +176,14 @@ AdamW::AdamW(TensorList params, AdamOptions o) : Adam(std::move(params), o, /*de
 
 double clip_grad_norm_(const TensorList& params, double max_norm) {
   FG_CHECK(max_norm > 0, ValueError, "clip_grad_norm_: max_norm must be > 0, got {}", max_norm);
-  NoGradGuard ng;
-  double total = 0;
+  TensorList grads;
   for (const auto& p : params) {
-    if (!p.grad().defined()) continue;
-    const Tensor g = cast(p.grad(), kFloat64);
-    total += sum(mul(g, g)).item<double>();
+    if (p.grad().defined()) grads.push_back(p.grad());
   }
-  total = std::sqrt(total);
+  // One fused sum of squares per (device, dtype) group: one host synchronisation for the whole model.
+  const double total = std::sqrt(grads_sq_sum(grads));
   const double coef = max_norm / (total + 1e-6);
-  if (coef < 1) {
-    for (const auto& p : params) {
-      if (p.grad().defined()) p.mutable_grad().mul_(coef);
-    }
-  }
+  if (coef < 1) scale_grads_(grads, coef);
   return total;
 }
 

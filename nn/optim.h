@@ -2,6 +2,10 @@
 // Adam (bias-corrected moments, L2 weight decay added to the gradient) and AdamW (decoupled weight
 // decay: p -= lr * wd * p, not passed through the moments). Updates run without recording the tape.
 // Parameters whose .grad() is undefined are skipped, as PyTorch does.
+// Each step is fused (ops/optim.h): one multi-tensor kernel call per (device, dtype) group of parameters,
+// whatever their number; every floating dtype is supported (half types compute in float). The state
+// lives on its parameter's device, and load_state_dict puts it there whatever device the file's tensors
+// are on, so a checkpoint written from the GPU resumes on the GPU (or the CPU).
 #pragma once
 #include <deque>
 #include <string>
@@ -78,6 +82,8 @@ class AdamW : public Adam {
 };
 
 // Scales all gradients so that their global L2 norm is at most max_norm; returns the norm before clipping.
+// Fused: one sum-of-squares reduction per (device, dtype) group (one host synchronisation each, for the
+// returned norm) and one scaling kernel call per group.
 double clip_grad_norm_(const TensorList& params, double max_norm);
 
 // Linear warmup from 0 to base_lr over warmup_steps, then cosine decay to min_lr at total_steps.

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "nn/nn.h"
+#include "tests/nn/nn_devices.h"
 #include "tests/test_util.h"
 
 namespace fg::testing {
@@ -194,6 +195,241 @@ TEST(NnOptim, ClipAndSchedule) {
   EXPECT_NEAR(s.at(60), 0.55, 1e-12);
   EXPECT_NEAR(s.at(110), 0.1, 1e-12);
 }
+
+// ---------------------------------------------------------------- fused steps over devices
+
+// The op-composed update (nn/optim.cpp before the fused kernels; torch.optim's formulas), one tensor op at
+// a time over CPU tensors: the golden of the fused kernels on every device.
+struct RefState {
+  explicit RefState(size_t n) : buf(n), m(n), v(n) {}
+  std::vector<Tensor> buf, m, v;
+  int64_t t = 0;
+};
+
+void ref_sgd(std::vector<Tensor>& p, const std::vector<Tensor>& g, const SGDOptions& o, RefState& s) {
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (!g[i].defined()) continue;
+    Tensor gi = g[i];
+    if (o.weight_decay != 0) gi = add(gi, p[i], o.weight_decay);
+    if (o.momentum != 0) {
+      s.buf[i] = s.buf[i].defined() ? add(s.buf[i] * o.momentum, gi, 1 - o.dampening) : clone(gi);
+      gi = o.nesterov ? add(gi, s.buf[i], o.momentum) : s.buf[i];
+    }
+    p[i] = add(p[i], gi, -o.lr);
+  }
+}
+
+void ref_adam(std::vector<Tensor>& p, const std::vector<Tensor>& g, const AdamOptions& o, bool decoupled, RefState& s) {
+  const int64_t t = ++s.t;
+  const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(t)), bc2 = 1 - std::pow(o.beta2, static_cast<double>(t));
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (!g[i].defined()) continue;
+    Tensor gi = g[i];
+    if (o.weight_decay != 0) {
+      if (decoupled) p[i] = p[i] * (1 - o.lr * o.weight_decay);
+      else gi = add(gi, p[i], o.weight_decay);
+    }
+    if (!s.m[i].defined()) {
+      s.m[i] = zeros_like(p[i]);
+      s.v[i] = zeros_like(p[i]);
+    }
+    s.m[i] = add(s.m[i] * o.beta1, gi, 1 - o.beta1);
+    s.v[i] = add(s.v[i] * o.beta2, mul(gi, gi), 1 - o.beta2);
+    Tensor denom = sqrt(s.v[i]) / std::sqrt(bc2) + o.eps;
+    p[i] = add(p[i], div(s.m[i], denom), -o.lr / bc1);
+  }
+}
+
+struct OptCase {
+  std::string name;
+  std::function<std::unique_ptr<Optimizer>(TensorList)> make;
+  std::function<void(std::vector<Tensor>&, const std::vector<Tensor>&, RefState&)> ref;
+};
+
+std::vector<OptCase> opt_cases() {
+  std::vector<OptCase> out;
+  auto sgd = [&](std::string name, SGDOptions o) {
+    out.push_back({name, [o](TensorList p) { return std::unique_ptr<Optimizer>(new SGD(std::move(p), o)); },
+                   [o](std::vector<Tensor>& p, const std::vector<Tensor>& g, RefState& s) { ref_sgd(p, g, o, s); }});
+  };
+  auto adam = [&](std::string name, AdamOptions o, bool decoupled) {
+    out.push_back({name,
+                   [o, decoupled](TensorList p) {
+                     return decoupled ? std::unique_ptr<Optimizer>(new AdamW(std::move(p), o))
+                                      : std::unique_ptr<Optimizer>(new Adam(std::move(p), o));
+                   },
+                   [o, decoupled](std::vector<Tensor>& p, const std::vector<Tensor>& g, RefState& s) {
+                     ref_adam(p, g, o, decoupled, s);
+                   }});
+  };
+  sgd("sgd", {.lr = 0.1});
+  sgd("sgd_wd", {.lr = 0.1, .weight_decay = 0.05});
+  sgd("sgd_momentum_dampening", {.lr = 0.05, .momentum = 0.9, .dampening = 0.3, .weight_decay = 0.01});
+  sgd("sgd_nesterov", {.lr = 0.05, .momentum = 0.8, .weight_decay = 0.02, .nesterov = true});
+  adam("adam", {.lr = 0.01, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8}, false);
+  adam("adam_l2", {.lr = 0.01, .beta1 = 0.8, .beta2 = 0.95, .eps = 1e-6, .weight_decay = 0.1}, false);
+  adam("adamw", {.lr = 0.02, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.1}, true);
+  return out;
+}
+
+class NnOptimDev : public NnDeviceTest {};
+
+// Several parameters of odd sizes (40001 elements span two chunks of the kernels' table), four steps of
+// fresh random gradients; parameter 3 has no gradient at the first step (skipped; its momentum buffer
+// starts at step 2). Parameters and every state buffer must follow the composed formula: float64 to 1e-12
+// (only the rounding of fused multiply-adds differs), float32 to 2e-6 relative. Half types are fused too
+// (computed in float, rounded once per stored value): HalfTypesAreFused checks them.
+TEST_P(NnOptimDev, FusedStepEqualsComposedFormula) {
+  const std::vector<Shape> shapes{{7}, {3, 5}, {40001}, {1}, {2, 1, 3}};
+  for (DType dt : {kFloat64, kFloat32}) {
+    const double tol = dt == kFloat64 ? 1e-12 : 2e-6;
+    for (const OptCase& c : opt_cases()) {
+      SCOPED_TRACE(c.name + " " + dtype_name(dt));
+      Generator gen(17);
+      std::vector<Tensor> ref_p;
+      TensorList params;
+      for (const auto& s : shapes) {
+        Tensor init = randn(s, dt, &gen);
+        ref_p.push_back(init);
+        params.push_back(clone(init).to(dev()).requires_grad_(true));
+      }
+      std::unique_ptr<Optimizer> opt = c.make(params);
+      RefState rs(shapes.size());
+      for (int step = 0; step < 4; ++step) {
+        std::vector<Tensor> grads(shapes.size());
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          if (step == 0 && i == 3) continue;
+          grads[i] = randn(shapes[i], dt, &gen);
+        }
+        for (size_t i = 0; i < shapes.size(); ++i) params[i].set_grad(grads[i].defined() ? grads[i].to(dev()) : Tensor());
+        opt->step();
+        c.ref(ref_p, grads, rs);
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          ASSERT_EQ(params[i].device(), dev());
+          EXPECT_TRUE(close(params[i].detach(), ref_p[i], tol, tol)) << "step " << step << " param " << i;
+        }
+      }
+      std::map<std::string, Tensor> st;
+      for (auto& [n, t] : opt->state_dict()) st[n] = t;
+      EXPECT_EQ(st.at("step").item<int64_t>(), 4);
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        const std::string k = std::to_string(i) + ".";
+        for (auto [name, ref] : {std::pair{"momentum_buffer", rs.buf[i]}, std::pair{"exp_avg", rs.m[i]},
+                                 std::pair{"exp_avg_sq", rs.v[i]}}) {
+          ASSERT_EQ(st.count(k + name), ref.defined() ? 1u : 0u) << k + name;
+          if (!ref.defined()) continue;
+          EXPECT_EQ(st[k + name].device(), dev()) << k + name;  // state lives on its parameter's device
+          EXPECT_TRUE(close(st[k + name], ref, tol, tol)) << k + name;
+        }
+      }
+    }
+  }
+}
+
+// float16 / bfloat16 parameters go through the same fused kernels (computed in float, rounded once when
+// stored). One plain SGD step p - lr g (with L2: g + wd p first) against the same arithmetic done here in
+// double from the stored values and rounded once: equal within one ulp of the result (the rounding of g +
+// wd p is the only place float and double may differ).
+TEST_P(NnOptimDev, HalfTypesAreFused) {
+  for (DType dt : {kFloat16, kBFloat16}) {
+    for (double wd : {0.0, 0.1}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " wd " + std::to_string(wd));
+      Generator gen(5);
+      Tensor p0 = randn({1001}, dt, &gen), g0 = randn({1001}, dt, &gen);
+      Tensor p = clone(p0).to(dev()).requires_grad_(true);
+      p.set_grad(clone(g0).to(dev()));
+      SGD opt({p}, {.lr = 0.1, .weight_decay = wd});
+      opt.step();
+      std::vector<double> pv = p0.to_vector(), gv = g0.to_vector(), want(pv.size());
+      for (size_t i = 0; i < pv.size(); ++i) want[i] = pv[i] - 0.1 * (gv[i] + wd * pv[i]);
+      const double ulp = dt == kFloat16 ? 1.0 / 1024 : 1.0 / 128;  // relative spacing at the value
+      EXPECT_EQ(p.dtype(), dt);
+      EXPECT_TRUE(close(p.detach(), tensor(want, {1001}), 1e-4, ulp));
+    }
+  }
+}
+
+// clip_grad_norm_ over float64 and float32 gradients (two kernel groups) against the norm computed here in
+// double over the elements; the scaled gradients are g * coef.
+TEST_P(NnOptimDev, FusedClipGradNormEqualsFormula) {
+  const std::vector<std::pair<Shape, DType>> specs{{{5}, kFloat64}, {{40001}, kFloat64}, {{3, 3}, kFloat32}, {{33}, kFloat32}};
+  Generator gen(23);
+  TensorList params;
+  std::vector<Tensor> g0;
+  double sq = 0;
+  for (const auto& [s, dt] : specs) {
+    params.push_back(zeros(s, TensorOptions().dtype(dt).device(dev())).requires_grad_(true));
+    g0.push_back(randn(s, dt, &gen));
+    for (double x : g0.back().to_vector()) sq += x * x;
+  }
+  Tensor nograd = zeros({4}, TensorOptions().dtype(kFloat64).device(dev())).requires_grad_(true);  // skipped
+  params.push_back(nograd);
+  const double norm = std::sqrt(sq);
+  auto set = [&] {
+    for (size_t i = 0; i < specs.size(); ++i) params[i].set_grad(clone(g0[i]).to(dev()));  // never aliasing g0
+  };
+  set();
+  EXPECT_NEAR(clip_grad_norm_(params, 2 * norm), norm, 1e-12 * norm);
+  for (size_t i = 0; i < specs.size(); ++i) EXPECT_TRUE(equal(params[i].grad().to(kCPU), g0[i])) << i;  // no clipping
+  set();
+  const double max_norm = 0.25 * norm;
+  EXPECT_NEAR(clip_grad_norm_(params, max_norm), norm, 1e-12 * norm);
+  const double coef = max_norm / (norm + 1e-6);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const double tol = specs[i].second == kFloat64 ? 1e-12 : 1e-6;
+    EXPECT_EQ(params[i].grad().device(), dev());
+    EXPECT_TRUE(close(params[i].grad(), g0[i].to(kFloat64) * coef, tol, tol)) << i;
+  }
+  EXPECT_FALSE(nograd.grad().defined());
+}
+
+// A gradient of the wrong shape, or on another device than its parameter (CUDA instance), is a typed error
+// naming both, raised before any update; the refused step leaves no state behind (the next step still sees a
+// fresh momentum buffer: buf = g, so p = 1 - 0.1 * 1; a stale zero buffer would give buf = 0.5 g, p = 0.95).
+TEST_P(NnOptimDev, BadGradIsRefusedWithoutTrace) {
+  const TensorOptions f32 = TensorOptions().dtype(kFloat32).device(dev());
+  Tensor p = ones({3}, f32).requires_grad_(true);
+  SGD opt({p}, {.lr = 0.1, .momentum = 0.9, .dampening = 0.5});
+  p.set_grad(ones({4}, f32));
+  EXPECT_THROW_MSG(opt.step(), ShapeError, "parameter 0 is [3] but its grad is [4]");
+  if (on_cuda()) {
+    p.set_grad(ones({3}, kFloat32));
+    EXPECT_THROW_MSG(opt.step(), DeviceError, "parameter 0 is on cuda:0 but its grad is on cpu");
+  }
+  EXPECT_TRUE(equal(p.detach().to(kCPU), ones({3}, kFloat32)));
+  EXPECT_EQ(opt.steps(), 0);
+  p.set_grad(ones({3}, f32));
+  opt.step();
+  EXPECT_TRUE(close(p.detach(), full({3}, 0.9), 1e-7, 0));
+}
+
+// Optimizer state written on one device loads onto the parameters' device (here: a file read on the CPU).
+TEST_P(NnOptimDev, OptimizerStateLoadsOntoParameterDevice) {
+  AdamOptions o{.lr = 0.1, .weight_decay = 0.1};
+  Tensor p = tensor({1.0, -2.0}, {2}).to(dev()).requires_grad_(true);
+  AdamW opt({p}, o);
+  for (int t = 0; t < 2; ++t) {
+    p.set_grad(tensor({0.5, -3}, {2}).to(dev()));
+    opt.step();
+  }
+  const std::string path = tmp_path("opt_dev.safetensors");
+  save_safetensors(path, opt.state_dict());
+  Tensor q = clone(p.detach()).requires_grad_(true);
+  AdamW fresh({q}, o);
+  fresh.load_state_dict(load_safetensors(path).tensors);
+  for (auto& [n, t] : fresh.state_dict()) {
+    if (n.rfind("0.", 0) == 0) {
+      EXPECT_EQ(t.device(), dev()) << n;
+    }
+  }
+  p.set_grad(tensor({0.5, -3}, {2}).to(dev()));
+  q.set_grad(tensor({0.5, -3}, {2}).to(dev()));
+  opt.step();
+  fresh.step();
+  EXPECT_TRUE(equal(q.detach().to(kCPU), p.detach().to(kCPU)));
+}
+
+FG_NN_INSTANTIATE_DEVICES(NnOptimDev);
 
 }  // namespace
 }  // namespace fg::testing

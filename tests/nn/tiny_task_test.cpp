@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "nn/nn.h"
+#include "tests/nn/nn_devices.h"
 #include "tests/test_util.h"
 
 namespace fg::testing {
@@ -11,12 +12,15 @@ namespace {
 
 using namespace fg::nn;
 
-TEST(NnTask, CopyTaskReaches99Percent) {
+class NnTaskDev : public NnDeviceTest {};
+
+TEST_P(NnTaskDev, CopyTaskReaches99Percent) {
   manual_seed(11);
   const int64_t n = 6, V = 10, B = 32, L = 2 * n;  // sequence: x_1..x_n twice
   GPTConfig gc{.vocab_size = V, .context = L, .d_model = 64, .n_layers = 2, .n_heads = 4,
                 .rope_base = 100.0};
   auto model = std::make_shared<GPT>(gc);
+  model->to(dev());
   AdamW opt(model->parameters(), {.lr = 5e-3, .weight_decay = 0.0});
   Generator data(5);
   AttentionCall call;
@@ -24,9 +28,9 @@ TEST(NnTask, CopyTaskReaches99Percent) {
   auto batch = [&](Tensor& in, Tensor& tgt) {
     Tensor src = randint(0, V, {B, n}, kInt64, &data);
     Tensor seq = cat({src, src}, 1);
-    in = narrow(seq, 1, 0, L - 1);
+    in = narrow(seq, 1, 0, L - 1).to(dev());
     // Only the answer half is scored: earlier targets are random and unpredictable.
-    tgt = cat({full({B, n - 1}, -100, kInt64), narrow(seq, 1, n, n)}, 1);
+    tgt = cat({full({B, n - 1}, -100, kInt64), narrow(seq, 1, n, n)}, 1).to(dev());
   };
   WarmupCosine sched{.base_lr = 5e-3, .warmup_steps = 20, .total_steps = 600};
   double acc = 0;
@@ -51,12 +55,14 @@ TEST(NnTask, CopyTaskReaches99Percent) {
       }
       acc = right / (8 * B * n);
       model->train();
-      std::printf("copy task step %d: accuracy %.4f\n", step + 1, acc);
+      std::printf("copy task (%s) step %d: accuracy %.4f\n", dev().str().c_str(), step + 1, acc);
       if (acc >= 0.995) break;
     }
   }
   EXPECT_GE(acc, 0.99);
 }
+
+FG_NN_INSTANTIATE_DEVICES(NnTaskDev);
 
 }  // namespace
 }  // namespace fg::testing
