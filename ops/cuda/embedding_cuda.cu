@@ -1,10 +1,12 @@
 // CUDA kernel of embedding's weight gradient (ops/embedding_kernels.h). The generic index_add path walks
 // all tokens serially for each column (B*T dependent read-modify-writes per thread, a few hundred threads
 // busy); here the (id, token) pairs are sorted by id with CUB's radix sort, which is stable, so each id's
-// tokens stay in token order. One block per sorted position: the block that starts a run of equal ids sums
-// that run's gradient rows in order (columns across threads, the accumulator in registers), the other
-// blocks return at once. Rows of ids that never occur are zeroed by a memset first. No atomics: the same
-// inputs give the same bits, and float32/float64 sums are taken in the order the index_add path takes them.
+// tokens stay in token order. One block per (sorted position, group of 128 columns): the blocks that start
+// a run of equal ids sum that run's gradient rows in order (a column per thread, the accumulator in a
+// register, 8 rows' loads in flight), the other blocks return at once. Rows of ids that never occur are
+// zeroed by a memset first. No atomics: the same inputs give the same bits, and float32/float64 sums are
+// taken in the order the index_add path takes them. The cost of a run of R equal ids is about R / 8
+// dependent memory round trips (a very frequent id, e.g. padding, bounds the kernel's time).
 #include <cub/device/device_radix_sort.cuh>
 
 #include "ops/cuda/cuda_common.cuh"
@@ -13,12 +15,15 @@
 namespace fg::cuda {
 namespace {
 
-constexpr int kSegThreads = 128;
+constexpr int kSegThreads = 128, kInFlight = 8;
 
 __global__ void iota_kernel(int* __restrict__ v, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v[i] = i;
 }
 
+// Block (start, column group): blocks whose sorted position does not start a run return at once. The
+// run's token positions are staged in shared memory kSegThreads at a time; each thread owns one column
+// and keeps kInFlight rows' loads in flight, adding them in token order.
 template <class D>
 __global__ void __launch_bounds__(kSegThreads) segment_sum_kernel(const unsigned long long* __restrict__ ids,
                                                                   const int* __restrict__ tokens, int n,
@@ -30,6 +35,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_sum_kernel(const unsigned
   if (start > 0 && ids[start - 1] == id) return;
   // The run's end: the block scans kSegThreads ids at a time; the smallest differing position wins.
   __shared__ int s_end;
+  __shared__ int s_tok[kSegThreads];
   if (threadIdx.x == 0) s_end = n;
   __syncthreads();
   for (int base = start + 1; base < n; base += kSegThreads) {
@@ -39,24 +45,27 @@ __global__ void __launch_bounds__(kSegThreads) segment_sum_kernel(const unsigned
     if (__syncthreads_or(differs)) break;
   }
   const int end = s_end;
-  D* dst = out + static_cast<int64_t>(id) * dim;
-  for (int64_t c = threadIdx.x; c < dim; c += kSegThreads) {
-    C acc = 0;
-    int j = start;
-    // Four rows in flight, added in token order.
-    for (; j + 4 <= end; j += 4) {
-      const C v0 = load_c(grad[static_cast<int64_t>(tokens[j]) * dim + c]);
-      const C v1 = load_c(grad[static_cast<int64_t>(tokens[j + 1]) * dim + c]);
-      const C v2 = load_c(grad[static_cast<int64_t>(tokens[j + 2]) * dim + c]);
-      const C v3 = load_c(grad[static_cast<int64_t>(tokens[j + 3]) * dim + c]);
-      acc += v0;
-      acc += v1;
-      acc += v2;
-      acc += v3;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kSegThreads + threadIdx.x;
+  const bool active = c < dim;
+  const D* g = grad + (active ? c : 0);
+  C acc = 0;
+  for (int base = start; base < end; base += kSegThreads) {
+    const int cnt = end - base < kSegThreads ? end - base : kSegThreads;
+    __syncthreads();  // the previous chunk's positions are no longer read
+    if (static_cast<int>(threadIdx.x) < cnt) s_tok[threadIdx.x] = tokens[base + threadIdx.x];
+    __syncthreads();
+    if (!active) continue;
+    int k = 0;
+    for (; k + kInFlight <= cnt; k += kInFlight) {
+      C v[kInFlight];
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) v[q] = load_c(g[static_cast<int64_t>(s_tok[k + q]) * dim]);
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) acc += v[q];
     }
-    for (; j < end; ++j) acc += load_c(grad[static_cast<int64_t>(tokens[j]) * dim + c]);
-    dst[c] = store_c<D>(acc);
+    for (; k < cnt; ++k) acc += load_c(g[static_cast<int64_t>(s_tok[k]) * dim]);
   }
+  if (active) out[static_cast<int64_t>(id) * dim + c] = store_c<D>(acc);
 }
 
 int bits_for(int64_t num_embeddings) {
@@ -88,7 +97,9 @@ void embedding_bwd_cuda(const EmbeddingBwdArgs& a) {
   FG_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.get(), temp_bytes, keys, keys_out.as<unsigned long long>(),
                                                 vals.as<int>(), vals_out.as<int>(), n, 0, end_bit, s));
   dispatch_floating(a.dtype, "embedding backward", [&]<class D>() {
-    segment_sum_kernel<D><<<static_cast<unsigned>(n), kSegThreads, 0, s>>>(
+    const int64_t groups = (a.dim + kSegThreads - 1) / kSegThreads;
+    FG_CHECK(groups <= 65535, NotImplementedError, "embedding backward: embedding_dim {} exceeds the CUDA grid", a.dim);
+    segment_sum_kernel<D><<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(groups)), kSegThreads, 0, s>>>(
         keys_out.as<unsigned long long>(), vals_out.as<int>(), n, static_cast<const D*>(a.grad), static_cast<D*>(a.out),
         a.dim);
     FG_CUDA_CHECK_LAUNCH();
