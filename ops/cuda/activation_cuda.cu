@@ -1,8 +1,6 @@
 // CUDA kernels of gelu_fused (ops/activation_kernels.h): flat grid-stride loops, the same formulas as the
 // CPU kernel. tanh goes through one exp (1 - 2 / (exp(2u) + 1)) as on the CPU, and the forward keeps it in
 // aux when the backward will need it, so the backward evaluates no transcendental.
-#include <numbers>
-
 #include "ops/activation_kernels.h"
 #include "ops/cuda/cuda_common.cuh"
 
