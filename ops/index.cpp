@@ -6,6 +6,7 @@
 
 #include "autograd/record.h"
 #include "ops/elementwise.h"
+#include "ops/embedding_kernels.h"
 #include "ops/index_kernels.h"
 #include "ops/reduce.h"
 #include "ops/view.h"
@@ -13,6 +14,7 @@
 namespace fg {
 
 FG_DEFINE_STUB(DimIndexKernelFn, dim_index_stub);
+FG_DEFINE_STUB(EmbeddingBwdFn, embedding_bwd_stub);
 
 namespace {
 
@@ -188,8 +190,29 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
            shape_str(weight.sizes()));
   Shape out_shape = indices.sizes();
   out_shape.push_back(weight.size(1));
-  // Rows of the table; the backward (index_add over the weight's columns) is deterministic.
-  return reshape(index_select(weight, 0, reshape(indices, {-1})), out_shape);
+  Tensor idx = checked_index(reshape(indices, {-1}), weight.size(0), 0, "embedding");
+  Tensor rows = index_select_raw(weight, 0, idx);
+  if (needs_grad({weight})) {
+    // Deterministic either way: a device with an embedding_bwd_stub kernel sorts the ids and sums each id's
+    // rows in token order; elsewhere index_add walks the tokens in order for each column (the same sums).
+    record("EmbeddingBackward", {weight}, {rows}, [shape = weight.sizes(), idx](const TensorList& g) {
+      const Device dev = g[0].device();
+      if (!embedding_bwd_stub.has(dev.type)) return TensorList{index_add_raw(zeros(shape, g[0].options()), 0, idx, g[0])};
+      Tensor gy = contiguous(g[0]);
+      Tensor out = empty(shape, gy.options());
+      EmbeddingBwdArgs a;
+      a.tokens = idx.numel();
+      a.num_embeddings = shape[0];
+      a.dim = shape[1];
+      a.dtype = gy.dtype();
+      a.index = idx.data<int64_t>();
+      a.grad = gy.data_ptr();
+      a.out = out.data_ptr();
+      embedding_bwd_stub(dev, a);
+      return TensorList{out};
+    });
+  }
+  return reshape(rows, out_shape);
 }
 
 Tensor cat(const TensorList& tensors, int64_t dim) {
