@@ -207,7 +207,7 @@ TEST_P(Autocast, GptTrainingUnderBfloat16TracksFloat32) {
       {
         AutocastGuard amp(GetParam(), kBFloat16, bf16);
         Tensor logits = model->forward(narrow(seq, 1, 0, L), call);
-        if (bf16) EXPECT_EQ(logits.dtype(), kBFloat16);
+        if (bf16) { EXPECT_EQ(logits.dtype(), kBFloat16); }
         loss = cross_entropy(reshape(logits, {-1, V}), reshape(narrow(seq, 1, 1, L), {-1}));
       }
       opt.zero_grad();
@@ -220,7 +220,7 @@ TEST_P(Autocast, GptTrainingUnderBfloat16TracksFloat32) {
       EXPECT_EQ(p.device(), dev()) << name;
     }
     for (const auto& [name, t] : opt.state_dict()) {
-      if (t.numel() > 1) EXPECT_EQ(t.dtype(), kFloat32) << name;
+      if (t.numel() > 1) { EXPECT_EQ(t.dtype(), kFloat32) << name; }
     }
     return losses;
   };

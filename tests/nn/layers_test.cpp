@@ -171,7 +171,7 @@ TEST_P(NnLayersDev, KvCacheMatchesFullForward) {
   EXPECT_TRUE(close(cat({a, b, c}, 1), ref, 1e-5, 1e-4));
   EXPECT_EQ(caches[0]->length(), 5);
   Generator g(1);
-  Tensor out = gpt->generate(narrow(idx, 1, 0, 2), 12, {.temperature = 0.8, .top_k = 3, .generator = &g});
+  Tensor out = gpt->generate(narrow(idx, 1, 0, 2), 12, {.temperature = 0.8, .top_k = 3, .generator = &g, .cache_factory = {}});
   EXPECT_EQ(out.size(1), 14);  // more than the context: the caches restarted on the way
   EXPECT_EQ(out.device(), dev());
   EXPECT_TRUE(equal(narrow(out, 1, 0, 2).to(kCPU), narrow(idx, 1, 0, 2).to(kCPU)));
@@ -179,7 +179,7 @@ TEST_P(NnLayersDev, KvCacheMatchesFullForward) {
     // The same weights and draws on the CPU give the same tokens (sampling reads the logits on the CPU).
     gpt->to(kCPU);
     Generator gc2(1);
-    Tensor ref = gpt->generate(narrow(idx, 1, 0, 2).to(kCPU), 12, {.temperature = 0.8, .top_k = 3, .generator = &gc2});
+    Tensor ref = gpt->generate(narrow(idx, 1, 0, 2).to(kCPU), 12, {.temperature = 0.8, .top_k = 3, .generator = &gc2, .cache_factory = {}});
     EXPECT_TRUE(equal(out.to(kCPU), ref));
   }
 }
@@ -260,7 +260,7 @@ TEST_P(NnLayersDev, ForwardBackwardMatchFloat64Cpu) {
       EXPECT_EQ(pd[i].second.grad().device(), dev()) << pd[i].first;
       EXPECT_TRUE(close(pd[i].second.grad(), pr[i].second.grad(), atol, rtol)) << "grad of " << pd[i].first;
     }
-    if (float_in) EXPECT_TRUE(close(xd.grad(), xr.grad(), atol, rtol)) << "grad of the input";
+    if (float_in) { EXPECT_TRUE(close(xd.grad(), xr.grad(), atol, rtol)) << "grad of the input"; }
   }
 }
 
