@@ -15,6 +15,11 @@ constexpr int kChunkRows = 256;
 constexpr int kColTile = 32, kRowLanes = 8;
 
 template <class T> __device__ __forceinline__ T rsqrt_exact(T v) { return T(1) / ::sqrt(v); }
+// g * w rounded once, never fused into a later add: the backward subtracts mean(g w) from g w, and a product
+// contracted into that subtraction (fma) leaves the product's rounding error, which rstd (1/sqrt(eps) for a
+// constant row) magnifies — at n = 1 the exact answer 0 came out as 1e-5.
+__device__ __forceinline__ float mul_rounded(float p, float q) { return __fmul_rn(p, q); }
+__device__ __forceinline__ double mul_rounded(double p, double q) { return __dmul_rn(p, q); }
 
 template <class T>
 __global__ void norm_fwd_kernel(NormArgs a, T* __restrict__ y, T* __restrict__ mean_out, T* __restrict__ rstd_out) {
@@ -64,7 +69,7 @@ __global__ void norm_bwd_dx_kernel(NormArgs a, const T* __restrict__ gy, const T
   T sg = 0, sgx = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const T xh = (x[i] - m) * rs;
-    const T gh = w ? g[i] * w[i] : g[i];
+    const T gh = w ? mul_rounded(g[i], w[i]) : g[i];
     sg += gh;
     sgx += gh * xh;
   }
@@ -73,7 +78,7 @@ __global__ void norm_bwd_dx_kernel(NormArgs a, const T* __restrict__ gy, const T
   const T mgx = block_allreduce(sgx, add, shared) / static_cast<T>(n);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const T xh = (x[i] - m) * rs;
-    const T gh = w ? g[i] * w[i] : g[i];
+    const T gh = w ? mul_rounded(g[i], w[i]) : g[i];
     dx[i] = rs * (gh - mg - xh * mgx);
   }
 }
