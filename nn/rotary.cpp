@@ -5,6 +5,7 @@
 
 #include "ops/elementwise.h"
 #include "ops/index.h"
+#include "ops/rotary.h"
 #include "ops/view.h"
 
 namespace fg::nn {
@@ -31,13 +32,11 @@ RotaryEmbedding::RotaryEmbedding(int64_t e, int64_t max_pos, double b)
 Tensor RotaryEmbedding::forward(const Tensor& x, int64_t offset) const {
   FG_CHECK(x.dim() == 4 && x.size(-1) == head_dim, ShapeError,
            "RotaryEmbedding: expected x [B, H, L, {}], got {}", head_dim, shape_str(x.sizes()));
-  const int64_t L = x.size(2), half = head_dim / 2;
+  const int64_t L = x.size(2);
   FG_CHECK(offset >= 0 && offset + L <= max_positions, IndexError,
            "RotaryEmbedding: positions [{}, {}) exceed max_positions {}", offset, offset + L, max_positions);
-  Tensor c = narrow(cos_table, 0, offset, L), s = narrow(sin_table, 0, offset, L);
-  if (c.dtype() != x.dtype()) { c = cast(c, x.dtype()); s = cast(s, x.dtype()); }
-  Tensor x1 = narrow(x, -1, 0, half), x2 = narrow(x, -1, half, half);
-  return cat({sub(mul(x1, c), mul(x2, s)), add(mul(x2, c), mul(x1, s))}, -1);
+  // One fused pass (ops/rotary.h); the tables' rows offset..offset+L are a contiguous slice.
+  return rotary_embedding(x, narrow(cos_table, 0, offset, L), narrow(sin_table, 0, offset, L));
 }
 
 std::string RotaryEmbedding::extra_repr() const {

@@ -101,7 +101,7 @@ TEST_P(Autocast, LinearEqualsFloat64ProductOfRoundedOperandsAndGradientsStayFloa
     }
   }
   // bf16 keeps 8 significant bits: the output rounding is at most 2^-8 relative (plus the bias add's).
-  EXPECT_TRUE(close(y.to(kCPU).to(kFloat64), from_vector(want, {n, m}), 2e-2, 8e-3));
+  EXPECT_TRUE(close(y.to(kCPU).to(kFloat64), from_vector(want, {n, m}, kFloat64), 2e-2, 8e-3));
 
   // d(sum(y * g))/dw = g^T x in bf16 products, cast back to float32 for the float32 parameter.
   const std::vector<double> gv = values(n * m, 6);
@@ -128,9 +128,9 @@ TEST_P(Autocast, LinearEqualsFloat64ProductOfRoundedOperandsAndGradientsStayFloa
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < m; ++j) db[j] += gv[i * m + j];
   }
-  EXPECT_TRUE(close(w.grad().to(kCPU).to(kFloat64), from_vector(dw, {m, k}), 2e-2, 8e-3));
-  EXPECT_TRUE(close(x.grad().to(kCPU).to(kFloat64), from_vector(dx, {n, k}), 2e-2, 8e-3));
-  EXPECT_TRUE(close(bias.grad().to(kCPU).to(kFloat64), from_vector(db, {m}), 2e-2, 8e-3));
+  EXPECT_TRUE(close(w.grad().to(kCPU).to(kFloat64), from_vector(dw, {m, k}, kFloat64), 2e-2, 8e-3));
+  EXPECT_TRUE(close(x.grad().to(kCPU).to(kFloat64), from_vector(dx, {n, k}, kFloat64), 2e-2, 8e-3));
+  EXPECT_TRUE(close(bias.grad().to(kCPU).to(kFloat64), from_vector(db, {m}, kFloat64), 2e-2, 8e-3));
 }
 
 TEST_P(Autocast, FlexAttentionRunsInBfloat16AndMatchesAFloat64Softmax) {
@@ -171,7 +171,7 @@ TEST_P(Autocast, FlexAttentionRunsInBfloat16AndMatchesAFloat64Softmax) {
       }
     }
   }
-  EXPECT_TRUE(close(out.to(kCPU).to(kFloat64), from_vector(want, {B, H, L, E}), 2e-2, 2e-2));
+  EXPECT_TRUE(close(out.to(kCPU).to(kFloat64), from_vector(want, {B, H, L, E}, kFloat64), 2e-2, 2e-2));
   sum(cast(out, kFloat32)).backward();
   for (const Tensor* t : {&q, &k, &v}) {
     ASSERT_TRUE(t->grad().defined());
