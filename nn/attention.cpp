@@ -46,7 +46,8 @@ Tensor FlexMultiheadAttention::forward(const Tensor& x, const AttentionCall& cal
     call.cache->append(k, v);
     out = call.cache->attend(contiguous(q), opt).out;
   } else {
-    out = flex_attention(contiguous(q), contiguous(k), contiguous(v), opt).out;
+    // The head views go in as they are: the CUDA kernels read them in place, the CPU path packs them itself.
+    out = flex_attention(q, k, v, opt).out;
   }
   return o_proj->forward(reshape(transpose(out, 1, 2), {B, L, config.d_model}));
 }
