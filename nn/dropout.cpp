@@ -1,6 +1,6 @@
 #include "nn/dropout.h"
 
-#include "ops/elementwise.h"
+#include "ops/dropout.h"
 
 namespace fg::nn {
 
@@ -10,9 +10,9 @@ Dropout::Dropout(double prob, uint64_t seed) : Module("Dropout"), p(prob), gen_(
 
 Tensor Dropout::forward(const Tensor& x) {
   if (!is_training() || p == 0) return x;
-  // The mask is a constant of the graph: gradients flow through the multiply only.
-  Tensor keep = bernoulli(x.sizes(), 1 - p, x.options(), &gen_);
-  return mul(x, keep * (1.0 / (1 - p)));
+  // One fused pass each way (ops/dropout.h): the mask is bernoulli(1 - p)'s for this generator state and
+  // is drawn again in the backward instead of being stored.
+  return fg::dropout(x, p, &gen_);
 }
 
 std::string Dropout::extra_repr() const { return fmt::format("p={}", p); }
