@@ -2,7 +2,8 @@
 //   - every operand contiguous: each thread moves V elements with one 16-byte load/store per operand
 //     when all pointers are aligned to it (V = 16 / widest element), grid-stride over the tensor;
 //   - otherwise the offset calculator: the plan's sizes and byte strides turn a linear index into one
-//     byte offset per operand (32-bit index math when the tensor allows it).
+//     byte offset per operand (32-bit index math when the tensor allows it), once per run of V elements
+//     when every operand is contiguous and aligned along the innermost dim, else once per element.
 // Functors F are called with device values (D types) and return the output's device type.
 #pragma once
 #include <cstdint>
@@ -83,6 +84,44 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(ElementwisePlan p, F 
   }
 }
 
+// The offset calculator over V-element runs: every operand is contiguous along the innermost dim, whose size
+// is a multiple of V, and every pointer and outer stride is a multiple of V elements, so one offset
+// computation serves V elements moved by one vector access per operand (a transposed copy or a broadcast
+// along outer dims, e.g. [B, H, L, E] <- [B, L, H, E], spends most of its time in the index arithmetic).
+template <int NIN, int V, class Idx, class Out, class I0, class I1, class I2, class F>
+__global__ void __launch_bounds__(kThreads) strided_vec_kernel(ElementwisePlan p, F f) {
+  const Idx nv = static_cast<Idx>(p.numel / V);
+  const Idx inner = static_cast<Idx>(p.sizes[0] / V);
+  const Idx step = static_cast<Idx>(gridDim.x) * blockDim.x;
+  for (Idx j = static_cast<Idx>(blockIdx.x) * blockDim.x + threadIdx.x; j < nv; j += step) {
+    Idx rem = j / inner;
+    const Idx i0 = (j - rem * inner) * V;
+    int64_t off[NIN + 1];
+#pragma unroll
+    for (int op = 0; op <= NIN; ++op) off[op] = static_cast<int64_t>(i0) * p.strides[op][0];
+#pragma unroll
+    for (int d = 1; d < kMaxPlanDims; ++d) {
+      if (d >= p.ndim) break;
+      const Idx sz = static_cast<Idx>(p.sizes[d]);
+      const Idx q = rem / sz;
+      const Idx idx = rem - q * sz;
+      rem = q;
+#pragma unroll
+      for (int op = 0; op <= NIN; ++op) off[op] += static_cast<int64_t>(idx) * p.strides[op][d];
+    }
+    Vec<I0, V> va;
+    Vec<I1, V> vb;
+    Vec<I2, V> vc;
+    if constexpr (NIN >= 1) va = *reinterpret_cast<const Vec<I0, V>*>(p.data[1] + off[1]);
+    if constexpr (NIN >= 2) vb = *reinterpret_cast<const Vec<I1, V>*>(p.data[2] + off[2]);
+    if constexpr (NIN >= 3) vc = *reinterpret_cast<const Vec<I2, V>*>(p.data[3] + off[3]);
+    Vec<Out, V> vo;
+#pragma unroll
+    for (int k = 0; k < V; ++k) vo.v[k] = apply_f<NIN, Out>(f, va.v[k], vb.v[k], vc.v[k]);
+    *reinterpret_cast<Vec<Out, V>*>(p.data[0] + off[0]) = vo;
+  }
+}
+
 template <class T> constexpr size_t size_of_slot() {
   if constexpr (std::is_same_v<T, NoInput>) return 1;
   else return sizeof(T);
@@ -116,6 +155,25 @@ void launch_elementwise(const ElementwisePlan& p, const F& f) {
       contig_kernel<NIN, 1, Out, I0, I1, I2><<<grid_for(p.numel, kThreads, dev), kThreads, 0, s>>>(p.numel, out, a,
                                                                                                      b, c, f);
     }
+    FG_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  // Strided: V-element runs when the innermost dim allows them (see strided_vec_kernel), else one element
+  // per thread.
+  constexpr size_t widest = std::max({sizeof(Out), size_of_slot<I0>(), size_of_slot<I1>(), size_of_slot<I2>()});
+  constexpr int V = static_cast<int>(16 / widest) > 8 ? 8 : static_cast<int>(16 / widest);
+  bool runs = V > 1 && p.ndim >= 2 && p.sizes[0] % V == 0;
+  for (int i = 0; i < p.noperands && runs; ++i) {
+    const int64_t es = static_cast<int64_t>(element_size(p.dtypes[i]));
+    runs = p.strides[i][0] == es && reinterpret_cast<uintptr_t>(p.data[i]) % (es * V) == 0;
+    for (int d = 1; d < p.ndim && runs; ++d) runs = p.strides[i][d] % (es * V) == 0;
+  }
+  if (runs && p.numel < (int64_t{1} << 31)) {
+    strided_vec_kernel<NIN, V, uint32_t, Out, I0, I1, I2>
+        <<<grid_for(p.numel / V, kThreads, dev), kThreads, 0, s>>>(p, f);
+  } else if (runs) {
+    strided_vec_kernel<NIN, V, int64_t, Out, I0, I1, I2>
+        <<<grid_for(p.numel / V, kThreads, dev), kThreads, 0, s>>>(p, f);
   } else if (p.numel < (int64_t{1} << 31)) {
     strided_kernel<NIN, uint32_t, Out, I0, I1, I2><<<grid_for(p.numel, kThreads, dev), kThreads, 0, s>>>(p, f);
   } else {

@@ -79,6 +79,26 @@ TEST_P(DeviceOps, ElementwiseBroadcastStridedAllFloatDtypes) {
   }
 }
 
+// Strided operands contiguous along their innermost dim (the head transposes of attention layers): the
+// vector-run path when that dim is a multiple of the vector width and aligned, the per-element path when
+// it is not (odd width, or a view starting one element in). Copies must be exact.
+TEST_P(DeviceOps, TransposedRunsAndTheirFallbacks) {
+  for (DType t : kFloats) {
+    SCOPED_TRACE(dtype_name(t));
+    for (int64_t E : {8, 64, 6, 9}) {
+      SCOPED_TRACE(E);
+      auto [a, da] = rnd({2, 5, 3, E}, t);
+      auto [b, db] = rnd({2, 3, 5, E}, t);
+      expect_same(contiguous(da.transpose(1, 2)), contiguous(a.transpose(1, 2)), Tol{0, 0});
+      expect_same(add(da.transpose(1, 2), db), add(a.transpose(1, 2), b), tol(t));
+      expect_same(cast(da.transpose(1, 2), kFloat32), cast(a.transpose(1, 2), kFloat32), tol(t));
+      // One element in: pointers no longer aligned to a vector.
+      Tensor an = narrow(a, 3, 1, E - 1), dan = narrow(da, 3, 1, E - 1);
+      expect_same(contiguous(dan.transpose(1, 2)), contiguous(an.transpose(1, 2)), Tol{0, 0});
+    }
+  }
+}
+
 TEST_P(DeviceOps, IntegerOpsAndDivisionByZero) {
   Tensor a = arange(-6, 6, 1, kInt64), b = full({12}, 4, kInt64);
   EXPECT_TRUE(equal(floor_divide(a.to(dev()), b.to(dev())).to(kCPU), floor_divide(a, b)));
