@@ -34,8 +34,7 @@ Tensor dropout(const Tensor& x, double p, Generator* gen) {
   FG_CHECK(x.is_floating_point(), DTypeError, "dropout: input must be floating, got {}", x.dtype());
   Generator& g = gen ? *gen : default_generator();
   DropoutArgs a;
-  // The counters bernoulli would take for a tensor of x's size: the same mask, the same generator state after.
-  a.base = g.advance(static_cast<uint64_t>(x.numel()));
+  a.base = g.advance((static_cast<uint64_t>(x.numel()) + 3) / 4);  // one Philox block per four elements
   a.seed = g.seed();
   a.keep_prob = 1 - p;
   a.scale = 1 / (1 - p);

@@ -1,8 +1,9 @@
-// Kernel family behind ops/dropout.h: out[i] = in[i] * (keep_i ? scale : 0) over n contiguous elements,
-// keep_i = (Philox4x32 words of counter base + i under seed, as a double in [0, 1)) < keep_prob — exactly
-// bernoulli(keep_prob)'s mapping (tensor/random.h), so the mask equals bernoulli's for the same generator
-// state on every device. Forward and backward are the same call (the backward passes the output gradient
-// as `in`), so no mask is stored. Half types multiply in float and round once; NaN * 0 stays NaN (as x * mask).
+// Kernel family behind ops/dropout.h: out[i] = in[i] * (keep_i ? scale : 0) over n contiguous elements.
+// Element i reads word i % 4 of the Philox4x32 block of counter base + i / 4 under seed (one block serves
+// four elements, a quarter of bernoulli's generator work): keep_i = word * 2^-32 < keep_prob. The mapping
+// is the same on every device, so a generator state gives the same mask on the CPU and the GPU. Forward and
+// backward are the same call (the backward passes the output gradient as `in`), so no mask is stored.
+// Half types multiply in float and round once; NaN * 0 stays NaN (as x * mask).
 #pragma once
 #include <cstdint>
 

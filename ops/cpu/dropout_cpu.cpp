@@ -1,4 +1,4 @@
-// CPU dropout (ops/dropout_kernels.h): one Philox block per element, as bernoulli's CPU fill.
+// CPU dropout (ops/dropout_kernels.h): one Philox block per four elements.
 #include "ops/dropout_kernels.h"
 #include "tensor/philox.h"
 
@@ -11,12 +11,16 @@ void dropout_typed(const DropoutArgs& a) {
   const auto* in = static_cast<const T*>(a.in);
   auto* out = static_cast<T*>(a.out);
   const C scale = static_cast<C>(a.scale);
+  const int64_t groups = (a.n + 3) / 4;
 #pragma omp parallel for schedule(static) if (a.n > 32768)
-  for (int64_t i = 0; i < a.n; ++i) {
+  for (int64_t k = 0; k < groups; ++k) {
     uint32_t w[4];
-    Philox4x32::generate(a.seed, a.base + static_cast<uint64_t>(i), w);
-    const C m = Philox4x32::to_double(w[0], w[1]) < a.keep_prob ? scale : C(0);
-    out[i] = static_cast<T>(static_cast<C>(in[i]) * m);
+    Philox4x32::generate(a.seed, a.base + static_cast<uint64_t>(k), w);
+    for (int64_t j = 0; j < 4 && 4 * k + j < a.n; ++j) {
+      const int64_t i = 4 * k + j;
+      const C m = w[j] * 0x1p-32 < a.keep_prob ? scale : C(0);
+      out[i] = static_cast<T>(static_cast<C>(in[i]) * m);
+    }
   }
 }
 

@@ -1,5 +1,5 @@
-// CUDA dropout (ops/dropout_kernels.h): a thread per element computes its Philox block (as bernoulli's CUDA
-// fill) and writes in * mask * scale.
+// CUDA dropout (ops/dropout_kernels.h): a thread per four elements computes their Philox block and writes
+// in * mask * scale.
 #include "ops/cuda/cuda_common.cuh"
 #include "ops/dropout_kernels.h"
 #include "tensor/philox.h"
@@ -13,12 +13,18 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(DropoutArgs a) {
   const auto* in = static_cast<const D*>(a.in);
   auto* out = static_cast<D*>(a.out);
   const C scale = static_cast<C>(a.scale);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t groups = (a.n + 3) / 4;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < groups;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t w[4];
-    Philox4x32::generate(a.seed, a.base + static_cast<uint64_t>(i), w);
-    const C m = Philox4x32::to_double(w[0], w[1]) < a.keep_prob ? scale : C(0);
-    out[i] = store_c<D>(load_c(in[i]) * m);
+    Philox4x32::generate(a.seed, a.base + static_cast<uint64_t>(k), w);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * k + j;
+      if (i >= a.n) break;
+      const C m = w[j] * 0x1p-32 < a.keep_prob ? scale : C(0);
+      out[i] = store_c<D>(load_c(in[i]) * m);
+    }
   }
 }
 
@@ -26,7 +32,7 @@ void dropout_cuda(const DropoutArgs& a) {
   const int dev = device_of(a.out);
   DeviceGuard g(dev);
   dispatch_floating(a.dtype, "dropout", [&]<class D>() {
-    dropout_kernel<D><<<grid_for(a.n, kThreads, dev), kThreads, 0, stream(dev)>>>(a);
+    dropout_kernel<D><<<grid_for((a.n + 3) / 4, kThreads, dev), kThreads, 0, stream(dev)>>>(a);
     FG_CUDA_CHECK_LAUNCH();
   });
 }

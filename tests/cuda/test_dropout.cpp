@@ -1,6 +1,6 @@
-// The fused dropout op (ops/dropout.h) on each device: its mask is bernoulli(1 - p)'s for the same generator
-// state (element for element, and the generator ends in the same state), kept elements are x * (1 / (1 - p))
-// rounded once, the backward applies the same mask to the gradient (finite differences, float64), NaN stays
+// The fused dropout op (ops/dropout.h) on each device: its mask follows the documented Philox mapping (word
+// i % 4 of the block of counter base + i / 4, computed here from tensor/philox.h; the generator advances by
+// ceil(n / 4)), kept elements are x * (1 / (1 - p)) rounded once, the backward applies the same mask to the gradient (finite differences, float64), NaN stays
 // NaN under a dropped element (as x * mask), and bad p is named. CPU and CUDA (skipped without a GPU).
 #include <cmath>
 #include <vector>
@@ -8,6 +8,7 @@
 #include "autograd/gradcheck.h"
 #include "ops/dropout.h"
 #include "ops/ops.h"
+#include "tensor/philox.h"
 #include "tests/test_util.h"
 
 namespace fg {
@@ -21,28 +22,30 @@ class Dropout : public ::testing::TestWithParam<DeviceType> {
   Device dev() const { return Device(GetParam(), 0); }
 };
 
-TEST_P(Dropout, MaskIsBernoullisAndKeptValuesAreScaledOnce) {
+TEST_P(Dropout, MaskFollowsThePhiloxMappingAndKeptValuesAreScaledOnce) {
   const int64_t n = 10007;
   const double p = 0.3;
   std::vector<double> xv(n);
   for (int64_t i = 0; i < n; ++i) xv[i] = std::sin(0.1 * static_cast<double>(i)) * 3;
   for (DType dt : {kFloat32, kBFloat16, kFloat64}) {
     SCOPED_TRACE(dtype_name(dt));
-    const Tensor x = from_vector(xv, {n}, dt).to(dev());  // n is not a multiple of any vector width
-    Generator g1(42), g2(42);
-    g1.advance(5), g2.advance(5);
-    const Tensor y = dropout(x, p, &g1).to(kCPU).to(kFloat64);
-    const Tensor keep = bernoulli({n}, 1 - p, TensorOptions().dtype(kFloat64), &g2);
-    EXPECT_EQ(g1.advance(0), g2.advance(0)) << "dropout must take exactly bernoulli's counters";
-    const auto yv = y.to_vector(), kv = keep.to_vector(), xr = x.to(kCPU).to(kFloat64).to_vector();
+    const Tensor x = from_vector(xv, {n}, dt).to(dev());  // n is not a multiple of 4
+    Generator g(42);
+    const uint64_t base = g.advance(5) + 5;
+    const auto yv = dropout(x, p, &g).to(kCPU).to(kFloat64).to_vector();
+    EXPECT_EQ(g.advance(0), base + (n + 3) / 4) << "dropout takes one counter per four elements";
+    const auto xr = x.to(kCPU).to(kFloat64).to_vector();
     int64_t kept = 0;
     for (int64_t i = 0; i < n; ++i) {
+      uint32_t w[4];
+      Philox4x32::generate(42, base + static_cast<uint64_t>(i / 4), w);
+      const bool keep = static_cast<double>(w[i % 4]) / 4294967296.0 < 1 - p;
       // Kept: x * scale in the compute type (float, double for float64), rounded once to the dtype.
       const double scale = dt == kFloat64 ? 1 / (1 - p) : static_cast<double>(static_cast<float>(1 / (1 - p)));
       const double prod = dt == kFloat64 ? xr[i] * scale : static_cast<double>(static_cast<float>(xr[i] * scale));
-      const double want = kv[i] != 0 ? from_vector(std::vector<double>{prod}, {1}, dt).to(kFloat64).item<double>() : 0.0;
+      const double want = keep ? from_vector(std::vector<double>{prod}, {1}, dt).to(kFloat64).item<double>() : 0.0;
       ASSERT_EQ(yv[i], want) << "element " << i;
-      kept += kv[i] != 0;
+      kept += keep;
     }
     EXPECT_NEAR(static_cast<double>(kept) / n, 1 - p, 0.02);
   }
