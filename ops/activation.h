@@ -8,7 +8,8 @@
 namespace fg {
 
 // gelu(x) (tanh approximation when tanh_approximation, else erf) with a fused backward.
-// float32/float64 (half types through float32).
+// float16/bfloat16/float32/float64; half types are computed in float and rounded once into x's dtype, with
+// no float32 copies (the result equals cast(gelu_fused(cast(x, float32)), dtype)).
 Tensor gelu_fused(const Tensor& x, bool tanh_approximation = true);
 
 }  // namespace fg
