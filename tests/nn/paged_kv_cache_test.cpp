@@ -112,7 +112,7 @@ TEST(PagedKVCache, GenerateMatchesContiguous) {
   const int64_t P = 11;
   Tensor prompt = random_tokens(2, P, 7);
   // 70 new tokens run past the context of 64: the caches restart (reset) on the way.
-  Tensor ref = gpt->generate(prompt, 70, {.temperature = 0});
+  Tensor ref = gpt->generate(prompt, 70, {.temperature = 0, .top_k = 0, .generator = nullptr, .cache_factory = {}});
   Tensor paged = gpt->generate(prompt, 70, {.temperature = 0, .cache_factory = paged_kv_cache_factory(kPage)});
   EXPECT_EQ(paged.sizes(), (Shape{2, P + 70}));
   EXPECT_TRUE(equal(paged, ref));
@@ -126,7 +126,7 @@ TEST(PagedKVCache, GenerateMatchesContiguous) {
   }
   // Sampling with the same generator draws the same tokens.
   Generator g1(3), g2(3);
-  Tensor s1 = gpt->generate(prompt, 25, {.temperature = 0.9, .top_k = 5, .generator = &g1});
+  Tensor s1 = gpt->generate(prompt, 25, {.temperature = 0.9, .top_k = 5, .generator = &g1, .cache_factory = {}});
   Tensor s2 = gpt->generate(prompt, 25,
                             {.temperature = 0.9, .top_k = 5, .generator = &g2, .cache_factory = paged_kv_cache_factory(4)});
   EXPECT_TRUE(equal(s1, s2));
