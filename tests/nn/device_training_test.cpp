@@ -119,7 +119,7 @@ FG_NN_INSTANTIATE_DEVICES(NnTrainDev);
 
 // Inputs on the CPU with a model on the GPU: DeviceError naming both devices, from the first layer that
 // sees them.
-TEST(NnDevices, MixedDevicesAreDeviceErrors) {
+TEST(NnDevicesCuda, MixedDevicesAreDeviceErrors) {
   if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device";
   manual_seed(3);
   auto gpt = std::make_shared<GPT>(tiny_config());
