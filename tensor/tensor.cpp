@@ -100,6 +100,11 @@ Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
   return out;
 }
 
+void Tensor::throw_undefined() {
+  throw ValueError("the tensor is undefined (a default-constructed Tensor, or a gradient that was never computed); "
+                   "this operation needs a defined tensor");
+}
+
 int64_t Tensor::size(int64_t d) const { return sizes()[wrap_dim(d, dim(), "size")]; }
 int64_t Tensor::stride(int64_t d) const { return strides()[wrap_dim(d, dim(), "stride")]; }
 

@@ -87,19 +87,25 @@ class Tensor {
   bool defined() const { return impl_ != nullptr; }
   TensorImpl* impl() const { return impl_.get(); }
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
-  int64_t dim() const { return static_cast<int64_t>(impl()->sizes_.size()); }
-  const Shape& sizes() const { return impl()->sizes_; }
-  const Shape& strides() const { return impl()->strides_; }
+  // The impl behind every layout accessor: on an undefined Tensor (default-constructed, an absent gradient)
+  // they raise ValueError instead of reading through a null pointer.
+  TensorImpl* checked() const {
+    if (!impl_) throw_undefined();
+    return impl_.get();
+  }
+  int64_t dim() const { return static_cast<int64_t>(checked()->sizes_.size()); }
+  const Shape& sizes() const { return checked()->sizes_; }
+  const Shape& strides() const { return checked()->strides_; }
   int64_t size(int64_t d) const;    // negative d counts from the end
   int64_t stride(int64_t d) const;
-  int64_t storage_offset() const { return impl()->storage_offset_; }
-  int64_t numel() const { return impl()->numel_; }
-  DType dtype() const { return impl()->dtype_; }
-  Device device() const { return impl()->device(); }
+  int64_t storage_offset() const { return checked()->storage_offset_; }
+  int64_t numel() const { return checked()->numel_; }
+  DType dtype() const { return checked()->dtype_; }
+  Device device() const { return checked()->device(); }
   bool is_cpu() const { return device().is_cpu(); }
   bool is_cuda() const { return device().is_cuda(); }
   size_t element_size() const { return fg::element_size(dtype()); }
-  const Storage& storage() const { return impl()->storage_; }
+  const Storage& storage() const { return checked()->storage_; }
   bool is_contiguous() const;
   bool is_floating_point() const { return is_floating(dtype()); }
   TensorOptions options() const { return TensorOptions().dtype(dtype()).device(device()); }
@@ -184,6 +190,7 @@ class Tensor {
   Tensor& copy_(const Tensor& src);
 
  private:
+  [[noreturn]] static void throw_undefined();
   std::shared_ptr<TensorImpl> impl_;
 };
 

@@ -157,3 +157,21 @@ TEST(TensorLayoutLimits, SizesThatOverflowAreErrorsNotWraps) {
 }
 }  // namespace
 }  // namespace fg
+
+namespace fg {
+namespace {
+
+// An undefined Tensor (default-constructed; what grad() is before a backward) is refused with a ValueError
+// by every layout accessor instead of a read through a null pointer.
+TEST(TensorLayout, UndefinedTensorAccessorsRaise) {
+  const Tensor u;
+  ASSERT_FALSE(u.defined());
+  EXPECT_THROW_MSG(u.sizes(), ValueError, "undefined");
+  EXPECT_THROW_MSG(u.dtype(), ValueError, "undefined");
+  EXPECT_THROW_MSG(u.device(), ValueError, "undefined");
+  EXPECT_THROW_MSG(u.numel(), ValueError, "undefined");
+  EXPECT_THROW_MSG(u.to_vector(), ValueError, "undefined");
+}
+
+}  // namespace
+}  // namespace fg
