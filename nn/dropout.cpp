@@ -10,8 +10,8 @@ Dropout::Dropout(double prob, uint64_t seed) : Module("Dropout"), p(prob), gen_(
 
 Tensor Dropout::forward(const Tensor& x) {
   if (!is_training() || p == 0) return x;
-  // One fused pass each way (ops/dropout.h): the mask is bernoulli(1 - p)'s for this generator state and
-  // is drawn again in the backward instead of being stored.
+  // One fused pass each way (ops/dropout.h): the mask comes from counters of this generator (the same mask
+  // on every device) and is drawn again in the backward instead of being stored.
   return fg::dropout(x, p, &gen_);
 }
 

@@ -524,7 +524,7 @@ TEST(NnOpsCuda, EmbeddingBackwardDeterministicAndGradchecks) {
 
 TEST(NnOpsCuda, DropoutMaskOnGpuEqualsCpuForOneSeed) {
   SKIP_WITHOUT_CUDA();
-  // bernoulli draws the same Philox counters on both devices (tensor/random.h), so one seed gives one mask.
+  // dropout draws the same Philox counters on both devices (ops/dropout_kernels.h), so one seed gives one mask.
   Generator gen(51);
   Tensor x = uniform({33, 1025}, kFloat32, gen);
   nn::Dropout cpu_drop(0.3, 1234), gpu_drop(0.3, 1234);
