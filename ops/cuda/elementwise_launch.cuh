@@ -56,6 +56,23 @@ __global__ void __launch_bounds__(kThreads) contig_kernel(int64_t n, Out* __rest
   }
 }
 
+// Adds to off[op] the byte offsets of position `rem` over the plan's dims first..ndim-1 (innermost first):
+// the offset calculator both strided kernels share.
+template <int NIN, class Idx>
+__device__ __forceinline__ void add_plan_offsets(const ElementwisePlan& p, int first, Idx rem, int64_t (&off)[NIN + 1]) {
+#pragma unroll
+  for (int d = 0; d < kMaxPlanDims; ++d) {
+    if (d >= p.ndim) break;
+    if (d < first) continue;
+    const Idx sz = static_cast<Idx>(p.sizes[d]);
+    const Idx q = rem / sz;
+    const Idx idx = rem - q * sz;
+    rem = q;
+#pragma unroll
+    for (int op = 0; op <= NIN; ++op) off[op] += static_cast<int64_t>(idx) * p.strides[op][d];
+  }
+}
+
 template <int NIN, class Idx, class Out, class I0, class I1, class I2, class F>
 __global__ void __launch_bounds__(kThreads) strided_kernel(ElementwisePlan p, F f) {
   const Idx n = static_cast<Idx>(p.numel);
@@ -63,17 +80,7 @@ __global__ void __launch_bounds__(kThreads) strided_kernel(ElementwisePlan p, F 
   for (Idx i = static_cast<Idx>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     // The offset calculator: linear index -> byte offset of each operand.
     int64_t off[NIN + 1] = {};
-    Idx rem = i;
-#pragma unroll
-    for (int d = 0; d < kMaxPlanDims; ++d) {
-      if (d >= p.ndim) break;
-      const Idx sz = static_cast<Idx>(p.sizes[d]);
-      const Idx q = rem / sz;
-      const Idx idx = rem - q * sz;
-      rem = q;
-#pragma unroll
-      for (int op = 0; op <= NIN; ++op) off[op] += static_cast<int64_t>(idx) * p.strides[op][d];
-    }
+    add_plan_offsets<NIN>(p, 0, i, off);
     I0 x{};
     I1 y{};
     I2 z{};
@@ -94,21 +101,12 @@ __global__ void __launch_bounds__(kThreads) strided_vec_kernel(ElementwisePlan p
   const Idx inner = static_cast<Idx>(p.sizes[0] / V);
   const Idx step = static_cast<Idx>(gridDim.x) * blockDim.x;
   for (Idx j = static_cast<Idx>(blockIdx.x) * blockDim.x + threadIdx.x; j < nv; j += step) {
-    Idx rem = j / inner;
-    const Idx i0 = (j - rem * inner) * V;
+    const Idx outer = j / inner;
+    const Idx i0 = (j - outer * inner) * V;
     int64_t off[NIN + 1];
 #pragma unroll
     for (int op = 0; op <= NIN; ++op) off[op] = static_cast<int64_t>(i0) * p.strides[op][0];
-#pragma unroll
-    for (int d = 1; d < kMaxPlanDims; ++d) {
-      if (d >= p.ndim) break;
-      const Idx sz = static_cast<Idx>(p.sizes[d]);
-      const Idx q = rem / sz;
-      const Idx idx = rem - q * sz;
-      rem = q;
-#pragma unroll
-      for (int op = 0; op <= NIN; ++op) off[op] += static_cast<int64_t>(idx) * p.strides[op][d];
-    }
+    add_plan_offsets<NIN>(p, 1, outer, off);
     Vec<I0, V> va;
     Vec<I1, V> vb;
     Vec<I2, V> vc;

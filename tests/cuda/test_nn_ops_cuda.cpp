@@ -21,6 +21,7 @@
 #include "ops/norm.h"
 #include "ops/ops.h"
 #include "tensor/random.h"
+#include "tests/gelu_golden.h"
 #include "tests/test_util.h"
 
 namespace fg {
@@ -347,17 +348,7 @@ TEST(NnOpsCuda, CrossEntropyOutOfRangeTargetRaisesOnGpu) {
 
 // ---------------------------------------------------------------- gelu_fused
 
-double gelu_golden(double v, bool tanh_approx, double* d) {
-  if (tanh_approx) {
-    const double beta = std::sqrt(2.0 / std::numbers::pi), kappa = 0.044715;
-    const double t = std::tanh(beta * (v + kappa * v * v * v));
-    *d = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * beta * (1 + 3 * kappa * v * v);
-    return 0.5 * v * (1 + t);
-  }
-  const double cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
-  *d = cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2 * std::numbers::pi);
-  return v * cdf;
-}
+using fg::testing::gelu_golden;  // tests/gelu_golden.h
 
 TEST(NnOpsCuda, GeluMatchesFloat64Golden) {
   SKIP_WITHOUT_CUDA();

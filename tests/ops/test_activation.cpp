@@ -7,23 +7,14 @@
 #include <vector>
 
 #include "ops/activation.h"
+#include "tests/gelu_golden.h"
 #include "tests/test_util.h"
 
 namespace fg {
 namespace {
 
-// Plain float64 gelu and its derivative.
-double gelu64(double v, bool tanh_approx, double* d) {
-  if (tanh_approx) {
-    const double beta = std::sqrt(2.0 / std::numbers::pi), kappa = 0.044715;
-    const double t = std::tanh(beta * (v + kappa * v * v * v));
-    *d = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * beta * (1 + 3 * kappa * v * v);
-    return 0.5 * v * (1 + t);
-  }
-  const double cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
-  *d = cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2 * std::numbers::pi);
-  return v * cdf;
-}
+// Plain float64 gelu and its derivative (tests/gelu_golden.h).
+constexpr auto gelu64 = fg::testing::gelu_golden;
 
 // Spacing of dtype's representable values at magnitude a (bf16: 8 significant bits; f16: 11, subnormals
 // below 2^-14 spaced 2^-24).
