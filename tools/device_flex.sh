@@ -9,7 +9,8 @@
 # one, the script builds here. PyTorch compiles its kernels while our tests run (compiling needs CPUs, not
 # the GPU); every timing, PyTorch's and ours, runs alone on the GPU afterwards.
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance); STEPS (default "tests conformance
-# bench"); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
+# bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against
+# PyTorch and its kernels under ncu); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
 set -u -o pipefail
 # The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
@@ -79,6 +80,25 @@ case " $steps " in *" bench "*)
   t "ours timed (rc=$?)"
   cat "$L/flex_bench.txt"
 esac
+case " $steps " in *" paged "*)
+  # PagedAttention's tests on both devices (test_attention's CUDA instances need the GPU).
+  OMP_NUM_THREADS=4 timeout ${TEST_TIMEOUT:-300} "$B/test_attention" --gtest_filter='*Paged*' > "$L/test_paged.log" 2>&1
+  t "test_attention *Paged* rc=$? $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$L/test_paged.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \] [A-Za-z]' "$L/test_paged.log" | sort -u | tee -a "$L/summary.txt"
+esac
+
+case " $steps " in *" decode "*)
+  # The decode step (bench_decode_cuda) and PyTorch's on the same shapes, then the kernels alone under ncu.
+  timeout 240 "$B/bench_decode_cuda" --csv "$L/decode.csv" > "$L/decode.txt" 2>&1
+  t "ours decode (rc=$?)"
+  PYTHONUNBUFFERED=1 timeout 240 $PY bench/decode_vs_torch.py --csv "$L/decode_torch.csv" > "$L/decode_torch.txt" 2>&1
+  t "PyTorch decode (rc=$?)"
+  timeout 240 /usr/local/cuda/bin/ncu --kernel-name regex:'flex_decode|flex_fwd' --metrics gpu__time_duration.sum --csv \
+    "$B/bench_decode_cuda" --reps 1 --iters 1 > "$L/decode_ncu.csv" 2> "$L/decode_ncu.err"
+  t "ncu decode kernels (rc=$?)"
+  cat "$L/decode.txt" "$L/decode_torch.txt"
+esac
+
 cat "$L/summary.txt"
 cp "$L/summary.txt" "$L/flex_bench.txt" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$L" .
