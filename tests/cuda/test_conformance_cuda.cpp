@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "attention/conformance.h"
+#include "tools/conformance/conformance.h"
 #include "tests/test_util.h"
 
 namespace fg {
