@@ -185,8 +185,10 @@ std::string check_mod(const nlohmann::json& mod, const std::string& dir, const s
   if (!mod.contains("mask") && !mod.contains("score")) return "names neither a \"mask\" nor a \"score\"";
   for (const auto& [key, v] : mod.items()) {
     if (key == "mask" || key == "score") continue;
-    if (v.is_object()) {
+    if (v.is_object()) {  // an inner mask (document, batchify)
       std::string inner = check_mod(v, dir, name);
+      if (inner.empty() && (!v.contains("mask") || v.contains("score")))
+        inner = fmt::format("must name a \"mask\" and no \"score\", got {}", v.dump());
       if (!inner.empty()) return fmt::format("\"{}\": {}", key, inner);
     } else if (v.is_string()) {
       const std::string ref = v.get<std::string>();
