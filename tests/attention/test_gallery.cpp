@@ -21,6 +21,7 @@
 #include "attention/gallery/sliding_window.h"
 #include "attention/gallery/softcap.h"
 #include "attention/mod_program.h"
+#include "tensor/npy.h"
 #include "tests/test_util.h"
 #include "tools/conformance/conformance.h"
 
@@ -309,6 +310,36 @@ INSTANTIATE_TEST_SUITE_P(FusedAndReference, GalleryConformance,
                            return std::string(dtype_name(info.param.first)) +
                                   (info.param.second == FlexBackend::Reference ? "_reference" : "_fused");
                          });
+
+// The table rows can fail: PyTorch's document ids with one position moved to the next document.
+TEST(GalleryConformance, ATableUnlikeTheConstructorsFailsItsRow) {
+  REQUIRE_GALLERY_DATA();
+  namespace fs = std::filesystem;
+  fs::path tmp = fs::temp_directory_path() / "fg_gallery_wrong_table";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  const std::string c = "packed_causal_doc";
+  for (const auto& entry : fs::directory_iterator(fg::testing::gallery_dir()))
+    if (entry.path().filename().string().rfind(c + ".", 0) == 0) fs::copy_file(entry.path(), tmp / entry.path().filename());
+  Tensor doc = load_npy(gallery_file(c, "cap_doc")).clone();
+  doc.set_at({36}, 1);  // the last position of document 0
+  save_npy((tmp / (c + ".cap_doc.npy")).string(), doc);
+  // Generous PyTorch errors: only the table row is meant to fail.
+  std::ofstream(tmp / "manifest.json")
+      << R"([{"case": "packed_causal_doc", "block": 128, "mod": {"mask": "packed_causal_document", "offsets": "cap_offsets"},
+             "errors": {"fp32_ref": {"out": 1, "lse": 1, "dq": 1, "dk": 1, "dv": 1}}}])";
+  auto results = run_conformance(tmp.string());
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_FALSE(results[0].passed());
+  for (const auto& chk : results[0].checks) {
+    if (chk.tensor == "cap_doc") {
+      EXPECT_FALSE(chk.passed);
+      EXPECT_EQ(chk.err_impl, 1.0);
+    } else {
+      EXPECT_TRUE(chk.passed) << chk.tensor;
+    }
+  }
+}
 
 TEST(GalleryConformance, AManifestModIsCheckedBeforeAnyCaseRuns) {
   namespace fs = std::filesystem;
