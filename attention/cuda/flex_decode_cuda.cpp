@@ -1,5 +1,5 @@
 // The split-KV FlexAttention forward for short queries (kernels/flex_decode.cuh): configuration, split count,
-// workspace, launch of flex_decode_mma and (with more than one split) flex_decode_merge.
+// workspace (partials and per-tile counters when the kv blocks are split), one launch of flex_decode_mma.
 #include "attention/cuda/flex_decode_cuda.h"
 
 #include <cuda_runtime.h>
@@ -29,6 +29,7 @@ struct DecodeParams {
   float* mx;
   float* part_o;
   float* part_ml;
+  int32_t* counters;
   int64_t q_sb, q_sh, q_sl;
   int64_t k_sb, k_sh, k_sl;
   int64_t v_sb, v_sh, v_sl;
@@ -46,7 +47,7 @@ struct DecodeParams {
   int32_t n_row_tiles;
   int32_t splits;
 };
-static_assert(sizeof(DecodeParams) == 256, "DecodeParams must mirror FgDecParams of flex_decode.cuh");
+static_assert(sizeof(DecodeParams) == 264, "DecodeParams must mirror FgDecParams of flex_decode.cuh");
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kPad = 8;  // FG_SMEM_PAD_B16
@@ -211,14 +212,16 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
   const int64_t splits = choose_splits(p, cfg, a.n_row_tiles * head_groups * p.B, device);
   a.splits = to_i32(splits, "kv splits");
   to_i32(a.n_row_tiles * splits, "grid size");
-  Tensor part_o, part_ml;
+  Tensor part_o, part_ml, counters;
   if (splits > 1) {
     const int64_t rows_total = p.B * p.Hq * p.Lq;
     const auto opts = TensorOptions().dtype(kFloat32).device(p.q.device());
     part_o = empty({splits, rows_total, p.Ev}, opts);
     part_ml = empty({splits, rows_total, 3}, opts);
+    counters = zeros({p.B * head_groups * a.n_row_tiles}, TensorOptions().dtype(kInt32).device(p.q.device()));
     a.part_o = static_cast<float*>(part_o.data_ptr());
     a.part_ml = static_cast<float*>(part_ml.data_ptr());
+    a.counters = static_cast<int32_t*>(counters.data_ptr());
   }
 
   const bool vec = p.E % 8 == 0 && p.Ev % 8 == 0 && flex::vec_ok(p.q, p.E) &&
@@ -237,20 +240,13 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
   jit::JitSource src;
   src.name = "flex_decode";
   src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", "flex_decode.cuh"});
-  src.kernels = {"flex_decode_mma", "flex_decode_merge"};
+  src.kernels = {"flex_decode_mma"};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args};
   jit::launch(mod->function("flex_decode_mma"),
               jit::Dim3{static_cast<unsigned>(a.n_row_tiles * splits), static_cast<unsigned>(head_groups),
                         static_cast<unsigned>(p.B)},
               jit::Dim3{static_cast<unsigned>(cfg.warps * 32), 1, 1}, cfg.smem, args, device);
-  if (splits > 1) {
-    void* merge_args[] = {&a};
-    const int64_t rows_total = p.B * p.Hq * p.Lq;
-    jit::launch(mod->function("flex_decode_merge"),
-                jit::Dim3{static_cast<unsigned>(to_i32((rows_total + 3) / 4, "merge grid")), 1, 1},
-                jit::Dim3{128, 1, 1}, 0, merge_args, device);
-  }
   flex::check_mod_errors(ctx);
 }
 

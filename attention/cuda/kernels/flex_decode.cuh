@@ -8,8 +8,9 @@
 //  - packs the `pack` query heads that share a K/V head (the GQA group, when the BlockMask is the same for
 //    all heads) and their q rows into one 16 * MF-row tile: each K/V head is read once per row tile;
 //  - splits the kv blocks of the BlockMask row into `splits` ranges, one CTA each, so that there are enough
-//    CTAs to fill every SM; each CTA writes f32 partials (unnormalised O, row max, row sum) and
-//    flex_decode_merge combines them by their log-sum-exp (splits == 1 writes the output directly);
+//    CTAs to fill every SM; each CTA writes f32 partials (unnormalised O, row max, row sum) and the last CTA
+//    of a tile to finish (an atomic count per tile) combines them by their log-sum-exp: no second kernel
+//    (splits == 1 writes the output directly);
 //  - inside a CTA, warp w takes the 16-column kv slices w, w + FG_WARPS, ... of the CTA's range through its own
 //    FG_STAGES-deep cp.async pipeline (no CTA barrier in the loop: a warp never waits for another, and up to
 //    FG_STAGES slices per warp are in flight while it waits), runs S = Q K^T and O += P V on each with
@@ -45,11 +46,12 @@ struct FgDecParams {
   const void* q;
   const void* k;
   const void* v;
-  void* out;        // [B, Hq, Lq, Ev] contiguous, q's dtype (written here when splits == 1, else by the merge)
+  void* out;        // [B, Hq, Lq, Ev] contiguous, q's dtype (by the CTA when splits == 1, else by the tile's last CTA)
   float* lse;       // [B, Hq, Lq]
   float* mx;        // [B, Hq, Lq]
   float* part_o;    // [splits, B * Hq * Lq, Ev] unnormalised partial outputs (splits > 1)
   float* part_ml;   // [splits, B * Hq * Lq, 3]: row max, row sum, NaN flag (splits > 1)
+  int* counters;    // [B, Hq / pack, n_row_tiles] zeroed: CTAs of each tile done (splits > 1)
   fg_i64 q_sb, q_sh, q_sl;
   fg_i64 k_sb, k_sh, k_sl;
   fg_i64 v_sb, v_sh, v_sl;
@@ -460,35 +462,48 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
       }
     }
   }
+  if (p.splits == 1) return;
+
+  // The last CTA of this tile to finish merges every split's partials (the CUDA threadFenceReduction
+  // pattern: partials visible device-wide before the count, read through L2 after it).
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* cnt = p.counters + ((fg_i64)b * gridDim.y + blockIdx.y) * p.n_row_tiles + tile;
+    is_last = atomicAdd(cnt, 1) == p.splits - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int row = warp; row < FG_BM; row += FG_WARPS) {  // a warp per row, lanes over Ev
+    const int qi = row_q[row];
+    if (qi < 0) continue;
+    const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
+    float mxs = fg_neg_inf();
+    for (int s = 0; s < p.splits; ++s) mxs = fmaxf(mxs, __ldcg(p.part_ml + ((fg_i64)s * n_rows_total + grow) * 3));
+    float lsum = 0.f;
+    bool nan_row = false;
+    for (int s = 0; s < p.splits; ++s) {
+      const float* ml = p.part_ml + ((fg_i64)s * n_rows_total + grow) * 3;
+      lsum += fg_dec_weight(__ldcg(ml), mxs) * __ldcg(ml + 1);
+      nan_row |= __ldcg(ml + 2) != 0.f;
+    }
+    const FgDecRowEnd e = fg_dec_row_end(mxs, lsum, nan_row);
+    for (int col = lane; col < p.Ev; col += 32) {
+      float osum = 0.f;
+      for (int s = 0; s < p.splits; ++s) {
+        const fg_i64 prow = (fg_i64)s * n_rows_total + grow;
+        osum += fg_dec_weight(__ldcg(p.part_ml + prow * 3), mxs) * __ldcg(p.part_o + prow * p.Ev + col);
+      }
+      const float x = osum * e.inv;
+      ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
+    }
+    if (lane == 0) {
+      p.lse[grow] = e.lse;
+      p.mx[grow] = e.max;
+    }
+  }
 }
 
-// Combines the splits' partials of every row: one warp per row, lanes over Ev.
-extern "C" __global__ void __launch_bounds__(128) flex_decode_merge(const FgDecParams p) {
-  const fg_i64 n_rows_total = (fg_i64)p.B * p.Hq * p.Lq;
-  const fg_i64 row = (fg_i64)blockIdx.x * 4 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= n_rows_total) return;
-  float mxw = fg_neg_inf();
-  for (int s = 0; s < p.splits; ++s) mxw = fmaxf(mxw, p.part_ml[(s * n_rows_total + row) * 3]);
-  float lsum = 0.f;
-  bool nan_row = false;
-  for (int s = 0; s < p.splits; ++s) {
-    const float* ml = p.part_ml + (s * n_rows_total + row) * 3;
-    lsum += fg_dec_weight(ml[0], mxw) * ml[1];
-    nan_row |= ml[2] != 0.f;
-  }
-  const FgDecRowEnd e = fg_dec_row_end(mxw, lsum, nan_row);
-  for (int col = lane; col < p.Ev; col += 32) {
-    float osum = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      const fg_i64 prow = s * n_rows_total + row;
-      osum += fg_dec_weight(p.part_ml[prow * 3], mxw) * p.part_o[prow * p.Ev + col];
-    }
-    const float x = osum * e.inv;
-    ((fg_h16*)p.out)[row * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
-  }
-  if (lane == 0) {
-    p.lse[row] = e.lse;
-    p.mx[row] = e.max;
-  }
-}
+
