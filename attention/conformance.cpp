@@ -1,4 +1,4 @@
-#include "attention/conformance.h"
+#include "flexgrad/attention/conformance.h"
 
 #include <filesystem>
 #include <fstream>
@@ -7,8 +7,8 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 
-#include "attention/mask_mods.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg {
 namespace {

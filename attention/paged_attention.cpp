@@ -1,11 +1,11 @@
-#include "attention/paged_attention.h"
+#include "flexgrad/attention/paged_attention.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 
-#include "attention/mask_mods.h"
-#include "tensor/error.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg {
 

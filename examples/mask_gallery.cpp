@@ -8,7 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
-#include "attention/block_mask.h"
+#include "flexgrad/attention/block_mask.h"
 #include "examples/cli_checks.h"
 
 using namespace fg;

@@ -26,11 +26,11 @@
 #include <map>
 #include <sstream>
 
-#include "nn/nn.h"
-#include "ops/ops.h"
+#include "flexgrad/nn/nn.h"
+#include "flexgrad/ops/ops.h"
 #include "examples/cli_checks.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 using namespace fg;

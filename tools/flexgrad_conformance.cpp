@@ -3,7 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
-#include "attention/conformance.h"
+#include "flexgrad/attention/conformance.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Check flex_attention against PyTorch's reference results"};

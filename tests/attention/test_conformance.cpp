@@ -3,7 +3,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "attention/conformance.h"
+#include "flexgrad/attention/conformance.h"
 #include "tests/test_util.h"
 
 namespace fg {

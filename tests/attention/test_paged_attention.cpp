@@ -1,6 +1,6 @@
 // PagedAttention: paged flex_attention equals unpaged flex_attention (PyTorch's run_test_with_paged_attention
 // pattern), the paged_decode conformance case, errors, and a randomized pool-ownership check.
-#include "attention/paged_attention.h"
+#include "flexgrad/attention/paged_attention.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -10,7 +10,7 @@
 #include <random>
 #include <set>
 
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 #include "tests/test_util.h"
 
 namespace fg {

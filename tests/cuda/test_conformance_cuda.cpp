@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "attention/conformance.h"
+#include "flexgrad/attention/conformance.h"
 #include "tests/test_util.h"
 
 namespace fg {
