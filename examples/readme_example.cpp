@@ -1,8 +1,6 @@
 // The README's example, compiled so that it cannot rot: ALiBi through a captured tensor, a causal
 // BlockMask, the fused forward and backward.
-#include "flexgrad/attention/flex_attention.h"
-#include "flexgrad/attention/mask_mods.h"
-#include "flexgrad/ops/ops.h"
+#include <flexgrad/flexgrad.h>
 using namespace fg;
 
 int main() try {
