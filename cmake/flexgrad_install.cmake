@@ -10,8 +10,7 @@ include(CMakePackageConfigHelpers)
 install(TARGETS flexgrad EXPORT flexgrad-targets
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
-        RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
-        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+        RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})  # the include directory comes from $<INSTALL_INTERFACE:include>
 
 # Headers: every header directly in a library folder (public API and the kernel-family headers it includes),
 # plus the toolkit-free CUDA API. The backends' folders (cpu/, cuda/) and the NVRTC templates are internal.
