@@ -39,6 +39,18 @@
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/flex_reference.h"
 #include "flexgrad/attention/paged_attention.h"
+// attention/gallery/: ready-made masks and score mods (attention-gym's catalogue) and the registry by name
+#include "flexgrad/attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/batchify.h"
+#include "flexgrad/attention/gallery/block_diffusion.h"
+#include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/document.h"
+#include "flexgrad/attention/gallery/graphormer.h"
+#include "flexgrad/attention/gallery/natten.h"
+#include "flexgrad/attention/gallery/registry.h"
+#include "flexgrad/attention/gallery/sandwich.h"
+#include "flexgrad/attention/gallery/sliding_window.h"
+#include "flexgrad/attention/gallery/softcap.h"
 
 // nn/: modules, optimizers, KV caches, safetensors checkpoints
 #include "flexgrad/nn/nn.h"

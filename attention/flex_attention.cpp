@@ -113,6 +113,10 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     p.v = v.detach().to(cdt).contiguous();
   }
   p.deterministic = o.kernel.deterministic;
+  p.cuda_forward = o.kernel.cuda_forward;
+  FG_CHECK(o.kernel.kv_splits >= 0, ValueError, "flex_attention: kernel.kv_splits must be >= 0 (0: automatic), got {}",
+           o.kernel.kv_splits);
+  p.kv_splits = o.kernel.kv_splits;
   p.B = q.size(0); p.Hq = q.size(1); p.Lq = q.size(2); p.E = q.size(3);
   p.Bkv = k.size(0); p.Hkv = k.size(1); p.Lkv = k.size(2); p.Ev = v.size(3);
   p.scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.E));

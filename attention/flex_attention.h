@@ -28,6 +28,14 @@ enum class FlexBackend : uint8_t {
   Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path), O(L^2) memory
 };
 
+// Which forward kernel runs on CUDA (ignored on the CPU).
+enum class FlexCudaForward : uint8_t {
+  Auto,     // SplitKv for short queries where it applies (decoding), else Tiled
+  Tiled,    // one CTA per (128-row q tile, head, batch): prefill and training
+  SplitKv,  // flash-decoding: the GQA group packed into one query tile, kv blocks split across CTAs and the
+            // partials merged by log-sum-exp; bf16/f16 only (NotImplementedError otherwise)
+};
+
 struct FlexKernelOptions {
   FlexBackend backend = FlexBackend::Auto;
   int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
@@ -35,6 +43,8 @@ struct FlexKernelOptions {
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
   // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
   bool deterministic = true;
+  FlexCudaForward cuda_forward = FlexCudaForward::Auto;
+  int64_t kv_splits = 0;  // SplitKv: kv ranges per query tile; 0 picks them from the SM count and the grid
 };
 
 struct FlexAttentionOptions {

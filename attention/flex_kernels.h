@@ -4,6 +4,7 @@
 #include <memory>
 #include <vector>
 
+#include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_grad.h"
 #include "flexgrad/attention/mod_program.h"
 #include "flexgrad/ops/dispatch.h"
@@ -34,6 +35,8 @@ struct FlexProblem {
   BlockLists kv_lists;  // rows = q blocks, entries = kv blocks (forward, dQ)
   BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
   bool deterministic = true;  // FlexKernelOptions::deterministic
+  FlexCudaForward cuda_forward = FlexCudaForward::Auto;  // FlexKernelOptions::cuda_forward
+  int64_t kv_splits = 0;                                 // FlexKernelOptions::kv_splits
   int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
   bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };

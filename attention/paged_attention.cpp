@@ -5,9 +5,13 @@
 #include <limits>
 
 #include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/attention/paged_attention_kernels.h"
+#include "flexgrad/ops/ops.h"
 #include "flexgrad/tensor/error.h"
 
 namespace fg {
+
+FG_DEFINE_STUB(PagedScatterFn, paged_scatter_stub);
 
 namespace {
 
@@ -21,17 +25,17 @@ std::vector<int64_t> int_values(const Tensor& t, const char* op, const char* nam
            t.dtype());
   FG_CHECK(t.dim() == rank, ShapeError, "PagedAttention.{}: {} must have {} dim(s), got shape {}", op, name, rank,
            shape_str(t.sizes()));
-  std::vector<double> v = t.to_vector();
+  std::vector<double> v = (t.is_cpu() ? t : t.to(kCPU)).to_vector();  // one copy back from a device
   return std::vector<int64_t>(v.begin(), v.end());
 }
 
-// A CPU int32/int64 tensor a mod can capture (a converted copy otherwise).
-Tensor capturable_index(const Tensor& t, const char* op, const char* name) {
+// An int32/int64 tensor on `dev` a mod can capture (a converted copy otherwise).
+Tensor capturable_index(const Tensor& t, Device dev, const char* op, const char* name) {
   FG_CHECK(is_integral(t.dtype()), DTypeError, "PagedAttention.{}: {} must be an integer tensor, got {}", op, name,
            t.dtype());
   FG_CHECK(t.dim() == 1, ShapeError, "PagedAttention.{}: {} must be 1-D, got shape {}", op, name, shape_str(t.sizes()));
-  if (t.is_cpu() && (t.dtype() == kInt32 || t.dtype() == kInt64)) return t;
-  return t.to(kCPU, kInt64);
+  if (t.device() == dev && (t.dtype() == kInt32 || t.dtype() == kInt64)) return t;
+  return t.to(dev, kInt64);
 }
 
 Expr identity_score(Expr s, Expr, Expr, Expr, Expr) { return s; }
@@ -53,15 +57,22 @@ Expr logical_kv(const Tensor& p2l, int64_t ps, const Expr& b, const Expr& physic
 }  // namespace
 
 PagedAttention::PagedAttention(int64_t n_pages, int64_t page_size, int64_t max_batch_size, Device device)
-    : n_pages_(n_pages), page_size_(page_size), max_batch_(max_batch_size) {
+    : n_pages_(n_pages), page_size_(page_size), max_batch_(max_batch_size), device_(device) {
   FG_CHECK(n_pages > 0 && page_size > 0 && max_batch_size > 0, ValueError,
            "PagedAttention: n_pages, page_size and max_batch_size must be positive, got {}, {} and {}", n_pages,
            page_size, max_batch_size);
-  FG_CHECK(device.is_cpu(), NotImplementedError,
-           "PagedAttention: tables live on the CPU (mods read them there); device {} is not supported", device);
-  page_table_ = full({max_batch_size, n_pages}, -1, kInt64);
-  physical_to_logical_ = full({max_batch_size, n_pages}, -1, kInt64);
-  capacity_ = zeros({max_batch_size}, kInt64);
+  host_page_table_ = full({max_batch_size, n_pages}, -1, kInt64);
+  host_physical_to_logical_ = full({max_batch_size, n_pages}, -1, kInt64);
+  host_capacity_ = zeros({max_batch_size}, kInt64);
+  if (device.is_cpu()) {
+    page_table_ = host_page_table_;
+    physical_to_logical_ = host_physical_to_logical_;
+    capacity_ = host_capacity_;
+  } else {
+    page_table_ = host_page_table_.to(device);
+    physical_to_logical_ = host_physical_to_logical_.to(device);
+    capacity_ = host_capacity_.to(device);
+  }
   empty_pages_.reserve(static_cast<size_t>(n_pages));
   for (int64_t p = n_pages - 1; p >= 0; --p) empty_pages_.push_back(p);
 }
@@ -71,14 +82,27 @@ void PagedAttention::check_slot(int64_t batch_idx, const char* op) const {
            "PagedAttention.{}: batch_idx {} out of range [0, {}) (max_batch_size)", op, batch_idx, max_batch_);
 }
 
+void PagedAttention::sync_slot(int64_t batch_idx) {
+  if (device_.is_cpu()) {
+    page_table_.bump_version();
+    physical_to_logical_.bump_version();
+    capacity_.bump_version();
+    return;
+  }
+  // copy_ bumps the device tensors' versions (what a saved capture checks against).
+  page_table_.select(0, batch_idx).copy_(host_page_table_.select(0, batch_idx));
+  physical_to_logical_.select(0, batch_idx).copy_(host_physical_to_logical_.select(0, batch_idx));
+  capacity_.narrow(0, batch_idx, 1).copy_(host_capacity_.narrow(0, batch_idx, 1));
+}
+
 int64_t PagedAttention::capacity(int64_t batch_idx) const {
   check_slot(batch_idx, "capacity");
-  return capacity_.data<int64_t>()[batch_idx];
+  return host_capacity_.data<int64_t>()[batch_idx];
 }
 
 std::vector<int64_t> PagedAttention::pages_of(int64_t batch_idx) const {
   check_slot(batch_idx, "pages_of");
-  const int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
+  const int64_t* row = host_page_table_.data<int64_t>() + batch_idx * n_pages_;
   std::vector<int64_t> pages;
   for (int64_t i = 0; i < n_pages_ && row[i] >= 0; ++i) pages.push_back(row[i]);
   return pages;
@@ -87,7 +111,7 @@ std::vector<int64_t> PagedAttention::pages_of(int64_t batch_idx) const {
 void PagedAttention::reserve(int64_t batch_idx, int64_t seq_len) {
   check_slot(batch_idx, "reserve");
   FG_CHECK(seq_len >= 0, ValueError, "PagedAttention.reserve: seq_len must be >= 0, got {}", seq_len);
-  int64_t* cap = capacity_.data<int64_t>() + batch_idx;
+  int64_t* cap = host_capacity_.data<int64_t>() + batch_idx;
   if (seq_len <= *cap) return;
   const int64_t need = cdiv(seq_len - *cap, page_size_);
   const int64_t free_n = static_cast<int64_t>(empty_pages_.size());
@@ -97,8 +121,8 @@ void PagedAttention::reserve(int64_t batch_idx, int64_t seq_len) {
            batch_idx, need, page_size_, seq_len, *cap, free_n, n_pages_);
   const int64_t start = *cap / page_size_;
   FG_ASSERT(start + need <= n_pages_);
-  int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
-  int64_t* p2l = physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* row = host_page_table_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* p2l = host_physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
   // As PyTorch: the last `need` entries of the free list, in list order, become logical pages start...
   const size_t first = empty_pages_.size() - static_cast<size_t>(need);
   for (int64_t i = 0; i < need; ++i) {
@@ -108,25 +132,21 @@ void PagedAttention::reserve(int64_t batch_idx, int64_t seq_len) {
   }
   empty_pages_.resize(first);
   *cap += need * page_size_;
-  page_table_.bump_version();
-  physical_to_logical_.bump_version();
-  capacity_.bump_version();
+  sync_slot(batch_idx);
 }
 
 void PagedAttention::erase(int64_t batch_idx) {
   check_slot(batch_idx, "erase");
-  int64_t* row = page_table_.data<int64_t>() + batch_idx * n_pages_;
-  int64_t* p2l = physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* row = host_page_table_.data<int64_t>() + batch_idx * n_pages_;
+  int64_t* p2l = host_physical_to_logical_.data<int64_t>() + batch_idx * n_pages_;
   for (int64_t i = 0; i < n_pages_; ++i) {
     if (row[i] < 0) continue;
     empty_pages_.push_back(row[i]);
     p2l[row[i]] = -1;
     row[i] = -1;
   }
-  capacity_.data<int64_t>()[batch_idx] = 0;
-  page_table_.bump_version();
-  physical_to_logical_.bump_version();
-  capacity_.bump_version();
+  host_capacity_.data<int64_t>()[batch_idx] = 0;
+  sync_slot(batch_idx);
 }
 
 void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, const Tensor& k_val,
@@ -158,9 +178,17 @@ void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, co
   FG_CHECK(k_val.dtype() == k_cache.dtype() && v_val.dtype() == v_cache.dtype(), DTypeError,
            "PagedAttention.assign: dtypes must match their cache: k_val {} vs k_cache {}, v_val {} vs v_cache {}",
            k_val.dtype(), k_cache.dtype(), v_val.dtype(), v_cache.dtype());
-  FG_CHECK(k_val.is_cpu() && v_val.is_cpu() && k_cache.is_cpu() && v_cache.is_cpu(), DeviceError,
-           "PagedAttention.assign: CPU tensors only, got k_val on {}, v_val on {}, k_cache on {}, v_cache on {}",
-           k_val.device(), v_val.device(), k_cache.device(), v_cache.device());
+  FG_CHECK(k_val.device() == device_ && v_val.device() == device_ && k_cache.device() == device_ &&
+               v_cache.device() == device_,
+           DeviceError,
+           "PagedAttention.assign: k_val, v_val, k_cache and v_cache must be on the PagedAttention's device {}, got "
+           "{}, {}, {} and {}",
+           device_, k_val.device(), v_val.device(), k_cache.device(), v_cache.device());
+  FG_CHECK(batch_idx.defined() && input_pos.defined() && (batch_idx.is_cpu() || batch_idx.device() == device_) &&
+               (input_pos.is_cpu() || input_pos.device() == device_),
+           DeviceError, "PagedAttention.assign: batch_idx and input_pos must be defined, on the CPU or on {}, got {} and {}",
+           device_, batch_idx.defined() ? fmt::format("{}", batch_idx.device()) : "undefined",
+           input_pos.defined() ? fmt::format("{}", input_pos.device()) : "undefined");
   FG_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), ValueError,
            "PagedAttention.assign: k_cache and v_cache must be contiguous (they are written in place)");
   std::vector<int64_t> slots = int_values(batch_idx, op, "batch_idx", 1);
@@ -172,8 +200,8 @@ void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, co
            "PagedAttention.assign: input_pos has shape {}, expected [{}, {}] (B, S of k_val {})",
            shape_str(input_pos.sizes()), B, S, shape_str(k_val.sizes()));
   // Physical row of every (b, s); all checked before the first write.
-  const int64_t* table = page_table_.data<int64_t>();
-  const int64_t* cap = capacity_.data<int64_t>();
+  const int64_t* table = host_page_table_.data<int64_t>();
+  const int64_t* cap = host_capacity_.data<int64_t>();
   std::vector<int64_t> addr(static_cast<size_t>(B * S));
   for (int64_t b = 0; b < B; ++b) {
     const int64_t slot = slots[static_cast<size_t>(b)];
@@ -190,27 +218,16 @@ void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, co
       addr[static_cast<size_t>(b * S + s)] = page * page_size_ + p % page_size_;
     }
   }
-  auto scatter = [&](const Tensor& val, const Tensor& cache, int64_t D) {
-    Tensor src = val.contiguous();
-    const size_t row_bytes = static_cast<size_t>(D) * src.element_size();
-    const auto* in = static_cast<const char*>(src.data_ptr());
-    auto* out = static_cast<char*>(cache.data_ptr());
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t a = addr[static_cast<size_t>(b * S + s)];
-          std::memcpy(out + static_cast<size_t>(h * L + a) * row_bytes,
-                      in + static_cast<size_t>((b * H + h) * S + s) * row_bytes, row_bytes);
-        }
-    cache.bump_version();
-  };
-  scatter(k_val, k_cache, Dk);
-  scatter(v_val, v_cache, Dv);
+  Tensor addr_t = from_vector(addr, {B * S}, kInt64).to(device_);
+  paged_scatter_stub(device_, k_val.contiguous(), addr_t, k_cache);
+  paged_scatter_stub(device_, v_val.contiguous(), addr_t, v_cache);
+  k_cache.bump_version();
+  v_cache.bump_version();
 }
 
 MaskMod PagedAttention::get_mask_mod(MaskMod mask_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
-  Tensor len = kv_len.defined() ? capturable_index(kv_len, "get_mask_mod", "kv_len") : Tensor();
-  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, "get_mask_mod", "batch_idx") : Tensor();
+  Tensor len = kv_len.defined() ? capturable_index(kv_len, device_, "get_mask_mod", "kv_len") : Tensor();
+  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, device_, "get_mask_mod", "batch_idx") : Tensor();
   if (!mask_mod) mask_mod = noop_mask;
   return [p2l = physical_to_logical_, ps = page_size_, mask_mod, len, slots](Expr b, Expr h, Expr q, Expr kv) {
     Expr valid(false);
@@ -220,8 +237,8 @@ MaskMod PagedAttention::get_mask_mod(MaskMod mask_mod, const Tensor& kv_len, con
 }
 
 ScoreMod PagedAttention::get_score_mod(ScoreMod score_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
-  Tensor len = kv_len.defined() ? capturable_index(kv_len, "get_score_mod", "kv_len") : Tensor();
-  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, "get_score_mod", "batch_idx") : Tensor();
+  Tensor len = kv_len.defined() ? capturable_index(kv_len, device_, "get_score_mod", "kv_len") : Tensor();
+  Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, device_, "get_score_mod", "batch_idx") : Tensor();
   if (!score_mod) score_mod = identity_score;
   return [p2l = physical_to_logical_, ps = page_size_, score_mod, len, slots](Expr s, Expr b, Expr h, Expr q,
                                                                               Expr kv) {
@@ -236,10 +253,10 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   const char* op = "convert_logical_block_mask";
   FG_CHECK(bm.kv_num_blocks().defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
   bm.check_unchanged("PagedAttention.convert_logical_block_mask");
-  // The page tables live on the CPU (as the rest of PagedAttention for now): so must the mask they rewrite.
-  FG_CHECK(bm.device().is_cpu(), DeviceError,
-           "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on the CPU; pass a CPU BlockMask "
-           "(create_block_mask(..., kCPU)) or move its lists with BlockMask::from_kv_blocks", op, bm.device());
+  FG_CHECK(bm.device() == device_, DeviceError,
+           "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on {}; build the mask there "
+           "(create_block_mask's device argument) or move its lists with BlockMask::from_kv_blocks", op, bm.device(),
+           device_);
   FG_CHECK(bm.block_size().kv == page_size_, ValueError,
            "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
            bm.block_size().kv, page_size_, bm.block_size().q, bm.block_size().kv);
@@ -277,10 +294,12 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
     fnum = zeros({N, H, nQ}, kInt32);
     fidx = zeros({N, H, nQ, n_pages_}, kInt32);
   }
-  Tensor src_num = bm.kv_num_blocks().to(kInt32).contiguous(), src_idx = bm.kv_indices().to(kInt32).contiguous();
-  Tensor src_fnum = has_full ? bm.full_kv_num_blocks().to(kInt32).contiguous() : Tensor();
-  Tensor src_fidx = has_full ? bm.full_kv_indices().to(kInt32).contiguous() : Tensor();
-  const int64_t* table = page_table_.data<int64_t>();
+  // The rewrite runs on the host copies (the lists of a device mask are read back: one synchronisation).
+  auto host_i32 = [](const Tensor& t) { return t.to(kCPU, kInt32).contiguous(); };
+  Tensor src_num = host_i32(bm.kv_num_blocks()), src_idx = host_i32(bm.kv_indices());
+  Tensor src_fnum = has_full ? host_i32(bm.full_kv_num_blocks()) : Tensor();
+  Tensor src_fidx = has_full ? host_i32(bm.full_kv_indices()) : Tensor();
+  const int64_t* table = host_page_table_.data<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t slot = slots[static_cast<size_t>(n)], sb = Bm == 1 ? 0 : n;
     const int64_t len = lens[static_cast<size_t>(n)];
@@ -314,9 +333,11 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
         }
       }
   }
-  Tensor len_t = from_vector(lens, {N}, kInt64);
-  Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64) : Tensor();
-  return BlockMask::from_kv_blocks(num, idx, fnum, fidx, bm.block_size(), get_mask_mod(bm.mask_mod(), len_t, slot_t),
+  Tensor len_t = from_vector(lens, {N}, kInt64).to(device_);
+  Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64).to(device_) : Tensor();
+  auto dev = [&](const Tensor& t) { return t.defined() ? t.to(device_) : t; };
+  return BlockMask::from_kv_blocks(dev(num), dev(idx), dev(fnum), dev(fidx), bm.block_size(),
+                                   get_mask_mod(bm.mask_mod(), len_t, slot_t),
                                    std::make_pair(bm.seq_lengths().first, max_cached_seq_len()));
 }
 

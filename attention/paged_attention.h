@@ -11,10 +11,14 @@
 //     physical_to_logical and mask unowned pages and logical positions >= kv_len[b].
 // and gives the same result as flex_attention over the unpaged K/V.
 //
-// Tables (int64, CPU, updated in place so mods that captured them see the current state):
+// Tables (int64 on the PagedAttention's device, CPU or CUDA; updated in place so mods that captured them
+// see the current state):
 //   page_table          [max_batch_size, n_pages]  physical page of each logical page, -1 where none
 //   physical_to_logical [max_batch_size, n_pages]  logical page of each physical page for that slot, or -1
 //   capacity            [max_batch_size]           tokens reserved per slot (a multiple of page_size)
+// On CUDA the tables live on the GPU, where the kernels and the mods read them, and a host copy is kept in
+// step: reserve / erase change the host copy and upload the rows they changed (no device read, no sync), and
+// argument checks read it. The free list is host-side, as in PyTorch (only reserve / erase use it).
 // Free pages are handed out as PyTorch does (lowest ids first from a fresh pool, erased pages reused last in,
 // first out), so a given sequence of calls yields PyTorch's page table.
 #pragma once
@@ -29,8 +33,8 @@ namespace fg {
 
 class PagedAttention {
  public:
-  // ValueError for non-positive sizes; NotImplementedError for a non-CPU device (mods read the tables on the
-  // CPU; caches are CPU tensors for now).
+  // ValueError for non-positive sizes. The caches, block masks and index tensors given to the methods live on
+  // `device` too (DeviceError otherwise).
   PagedAttention(int64_t n_pages, int64_t page_size, int64_t max_batch_size, Device device = kCPU);
 
   // Allocates pages until slot batch_idx holds at least seq_len tokens; no-op when it already does.
@@ -41,10 +45,11 @@ class PagedAttention {
   void erase(int64_t batch_idx);
 
   // Writes k_val / v_val [B, H, S, D] (D may differ between K and V) for logical positions input_pos [B, S]
-  // of slots batch_idx [B] into k_cache / v_cache [1, H, n_pages*page_size, D]. Everything is validated
-  // before anything is written: ShapeError / DTypeError (mismatched shapes or dtypes), IndexError (slot out of
-  // range, position < 0 or >= the slot's reserved capacity), ValueError (values requiring grad,
-  // non-contiguous caches).
+  // of slots batch_idx [B] into k_cache / v_cache [1, H, n_pages*page_size, D], all on the device (batch_idx
+  // and input_pos may also be CPU tensors: a decode loop knows them on the host; device ones are read back,
+  // which synchronises). Everything is validated before anything is written: ShapeError / DTypeError
+  // (mismatched shapes or dtypes), DeviceError, IndexError (slot out of range, position < 0 or >= the slot's
+  // reserved capacity), ValueError (values requiring grad, non-contiguous caches).
   void assign(const Tensor& batch_idx, const Tensor& input_pos, const Tensor& k_val, const Tensor& v_val,
               const Tensor& k_cache, const Tensor& v_cache) const;
 
@@ -62,7 +67,8 @@ class PagedAttention {
   // query's slot does not own and for logical kv >= kv_len[b] (when kv_len is given). The query batch index b
   // is the slot, unless batch_idx is given (then the slot is batch_idx[b]). The inner mod receives b, and a
   // logical kv index that is 0 where masked (so it may index captured tensors safely). An empty mod means
-  // noop_mask / identity. kv_len and batch_idx are captured by reference (int32/int64 CPU [N]).
+  // noop_mask / identity. kv_len and batch_idx (int [N]) are captured by reference when they are int32/int64
+  // on the device, else as an int64 copy on the device.
   MaskMod get_mask_mod(MaskMod mask_mod, const Tensor& kv_len = Tensor(), const Tensor& batch_idx = Tensor()) const;
   ScoreMod get_score_mod(ScoreMod score_mod, const Tensor& kv_len = Tensor(), const Tensor& batch_idx = Tensor()) const;
 
@@ -70,6 +76,7 @@ class PagedAttention {
   int64_t page_size() const { return page_size_; }
   int64_t max_batch_size() const { return max_batch_; }
   int64_t max_cached_seq_len() const { return n_pages_ * page_size_; }  // the cache's physical length
+  Device device() const { return device_; }
   const Tensor& page_table() const { return page_table_; }
   const Tensor& physical_to_logical() const { return physical_to_logical_; }
   const Tensor& capacity() const { return capacity_; }
@@ -82,9 +89,13 @@ class PagedAttention {
 
  private:
   void check_slot(int64_t batch_idx, const char* op) const;
+  // Uploads slot `batch_idx`'s rows of the host tables to the device ones (no-op on the CPU).
+  void sync_slot(int64_t batch_idx);
 
   int64_t n_pages_, page_size_, max_batch_;
-  Tensor page_table_, physical_to_logical_, capacity_;
+  Device device_;
+  Tensor page_table_, physical_to_logical_, capacity_;           // on device_ (what mods capture)
+  Tensor host_page_table_, host_physical_to_logical_, host_capacity_;  // CPU; the same tensors when device_ is the CPU
   std::vector<int64_t> empty_pages_;
 };
 

@@ -12,10 +12,11 @@ install(TARGETS flexgrad EXPORT flexgrad-targets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})  # the include directory comes from $<INSTALL_INTERFACE:include>
 
-# Headers: every header directly in a library folder (public API and the kernel-family headers it includes),
-# plus the toolkit-free CUDA API. The backends' folders (cpu/, cuda/) and the NVRTC templates are internal.
+# Headers: every header directly in a library folder (public API and the kernel-family headers it includes)
+# and in attention/gallery/, plus the toolkit-free CUDA API. The backends' folders (cpu/, cuda/) and the NVRTC
+# templates are internal.
 install(FILES ${CMAKE_CURRENT_SOURCE_DIR}/flexgrad.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/flexgrad)
-foreach(dir ${FG_LIBRARY_FOLDERS})
+foreach(dir ${FG_LIBRARY_FOLDERS} attention/gallery)
   file(GLOB fg_headers CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/${dir}/*.h)
   install(FILES ${fg_headers} DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/flexgrad/${dir})
 endforeach()

@@ -41,6 +41,16 @@ inline std::string conformance_dir() {
   return FLEXGRAD_CONFORMANCE_DIR;
 }
 
+#ifdef FLEXGRAD_GALLERY_DIR
+// PyTorch's mask/score-mod gallery results: FLEXGRAD_GALLERY_DIR from the environment when set, else the path
+// CMake gives the suites that link the conformance harness (../shared/gallery beside the source tree, or the
+// FLEXGRAD_GALLERY_DIR cache variable).
+inline std::string gallery_dir() {
+  if (const char* env = std::getenv("FLEXGRAD_GALLERY_DIR")) return env;
+  return FLEXGRAD_GALLERY_DIR;
+}
+#endif
+
 inline Tensor tensor(std::vector<double> values, Shape shape, DType dtype = kFloat64) {
   return from_vector(values, shape, dtype);
 }

@@ -8,8 +8,11 @@
 # portable build (-DFLEXGRAD_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=90a) made elsewhere and carried; without
 # one, the script builds here. PyTorch compiles its kernels while our tests run (compiling needs CPUs, not
 # the GPU); every timing, PyTorch's and ours, runs alone on the GPU afterwards.
-# Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance); STEPS (default "tests conformance
-# bench"); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies the machine lacks from third_party/tp.tgz.
+# Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
+# ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
+# bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against
+# PyTorch and its kernels under ncu); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies
+# the machine lacks from third_party/tp.tgz.
 set -u -o pipefail
 # The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
@@ -18,6 +21,7 @@ mkdir -p "$OUT" "$L"
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 conf=${FLEXGRAD_CONFORMANCE_DIR:-../shared/conformance}
+export FLEXGRAD_GALLERY_DIR=${FLEXGRAD_GALLERY_DIR:-$(cd ../shared/gallery 2>/dev/null && pwd || echo ../shared/gallery)}
 steps=${STEPS:-tests conformance bench}
 start=$(date +%s)
 t() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$L/summary.txt"; tar czf "$L/logs.tgz" -C "$L" . 2>/dev/null; }
@@ -67,6 +71,8 @@ case " $steps " in *" conformance "*)
   for dt in float32 bfloat16; do
     timeout 100 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$L/conformance_cuda_$dt.txt" 2>&1
     t "conformance cuda $dt rc=$? $(tail -1 "$L/conformance_cuda_$dt.txt")"
+    timeout 100 "$B/flexgrad_conformance" "$FLEXGRAD_GALLERY_DIR" --device cuda --dtype $dt > "$L/gallery_cuda_$dt.txt" 2>&1
+    t "gallery cuda $dt rc=$? $(tail -1 "$L/gallery_cuda_$dt.txt")"
   done
 esac
 
@@ -79,6 +85,25 @@ case " $steps " in *" bench "*)
   t "ours timed (rc=$?)"
   cat "$L/flex_bench.txt"
 esac
+case " $steps " in *" paged "*)
+  # PagedAttention's tests on both devices (test_attention's CUDA instances need the GPU).
+  OMP_NUM_THREADS=4 timeout ${TEST_TIMEOUT:-300} "$B/test_attention" --gtest_filter='*Paged*' > "$L/test_paged.log" 2>&1
+  t "test_attention *Paged* rc=$? $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$L/test_paged.log" | tr '\n' ' ')"
+  grep -E '^\[  FAILED  \] [A-Za-z]' "$L/test_paged.log" | sort -u | tee -a "$L/summary.txt"
+esac
+
+case " $steps " in *" decode "*)
+  # The decode step (bench_decode_cuda) and PyTorch's on the same shapes, then the kernels alone under ncu.
+  timeout 240 "$B/bench_decode_cuda" --csv "$L/decode.csv" > "$L/decode.txt" 2>&1
+  t "ours decode (rc=$?)"
+  PYTHONUNBUFFERED=1 timeout 240 $PY bench/decode_vs_torch.py --csv "$L/decode_torch.csv" > "$L/decode_torch.txt" 2>&1
+  t "PyTorch decode (rc=$?)"
+  timeout 240 /usr/local/cuda/bin/ncu --kernel-name regex:'flex_decode|flex_fwd' --metrics gpu__time_duration.sum --csv \
+    "$B/bench_decode_cuda" --reps 1 --iters 1 > "$L/decode_ncu.csv" 2> "$L/decode_ncu.err"
+  t "ncu decode kernels (rc=$?)"
+  cat "$L/decode.txt" "$L/decode_torch.txt"
+esac
+
 cat "$L/summary.txt"
 cp "$L/summary.txt" "$L/flex_bench.txt" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$L" .

@@ -1,9 +1,11 @@
 // flexgrad_conformance DIR [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--backend auto|fused|reference]
-// Runs a directory of PyTorch FlexAttention reference results and prints a table and "N passed, N failed".
+// Runs a directory of PyTorch FlexAttention reference results (../shared/conformance, ../shared/gallery: a case
+// with a manifest "mod" gets its mods from the gallery constructors, tools/conformance/conformance.h) and
+// prints a table and "N passed, N failed".
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
-#include "flexgrad/attention/conformance.h"
+#include "tools/conformance/conformance.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Check flex_attention against PyTorch's reference results"};

@@ -37,7 +37,7 @@ Tensor eval_cuda(const ModProgram& program, int64_t B, int64_t H, int64_t Q_LEN,
   flex::ModContext ctx = flex::make_mod_context(nullptr, &program, nullptr, {}, device, "create_block_mask");
   jit::JitSource src;
   src.name = "block_mask";
-  src.code = flex::assemble(ctx, {"FG_BM_THREADS " + std::to_string(kThreads)}, "block_mask.cuh");
+  src.code = flex::assemble(ctx, {"FG_BM_THREADS " + std::to_string(kThreads)}, {"block_mask.cuh"});
   src.kernels = {"fg_block_mask_classify"};
   auto module = jit::get_module(src, device.index);
 

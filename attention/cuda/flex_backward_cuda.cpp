@@ -190,7 +190,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   jit::JitSource src;
   src.name = "flex_backward";
   // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template.
-  src.code = assemble(ctx, defines, "flex_mma.cuh") + "\n" + std::string(jit::embedded_source("flex_backward.cuh"));
+  src.code = assemble(ctx, defines, {"flex_mma.cuh", "flex_backward.cuh"});
   src.kernels = {"fg_bwd_preprocess", "fg_bwd_dkdv", "fg_bwd_dq", "fg_bwd_cap_finalize"};
   const int device = dev.index;
   auto mod = jit::get_module(src, device);

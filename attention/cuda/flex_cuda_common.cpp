@@ -27,6 +27,16 @@ bool rows_aligned16(const Tensor& t) {
   return true;
 }
 
+bool vec_ok(const Tensor& t, int64_t last) {
+  return rows_aligned16(t) && (last * static_cast<int64_t>(t.element_size())) % 16 == 0;
+}
+
+int32_t to_i32(int64_t x, const char* what) {
+  FG_CHECK(x >= 0 && x <= INT32_MAX, NotImplementedError,
+           "flex_attention on CUDA: {} = {} does not fit the kernel's 32-bit indices", what, x);
+  return static_cast<int32_t>(x);
+}
+
 int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_* follow fg::DType's order
 
 namespace {
@@ -122,14 +132,14 @@ void check_mod_errors(const ModContext& ctx) {
           e.capture, e.dim, e.index);
 }
 
-std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines, const char* template_name) {
+std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines,
+                     std::initializer_list<const char*> templates) {
   std::string tu = ctx.source;
   tu += "\n// ---- configuration\n";
   for (const std::string& d : defines) tu += "#define " + d + "\n";
-  tu += "// ---- kernel template ";
-  tu += template_name;
-  tu += "\n";
-  tu += jit::embedded_source(template_name);
+  // Included, not pasted: the embedded templates are fixed per build and already in the cache key (jit.h),
+  // so the text hashed on every call stays a few kilobytes (decoding calls are short).
+  for (const char* t : templates) tu += std::string("#include \"") + t + "\"\n";
   return tu;
 }
 

@@ -3,6 +3,7 @@
 // and the check of the device error flag after a kernel.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -52,13 +53,23 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
 // raises the IndexError / ValueError the CPU evaluators raise for the same read. No-op when nothing can fail.
 void check_mod_errors(const ModContext& ctx);
 
-// The translation unit: ctx.source, then `defines` (one "#define NAME VALUE" per entry), then the
-// embedded kernel template `template_name` (a file of attention/cuda/kernels/).
-std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines, const char* template_name);
+// The translation unit: ctx.source, then `defines` (one "#define NAME VALUE" per entry), then an #include of
+// each embedded kernel template in `templates` (files of attention/cuda/kernels/), in order.
+std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines,
+                     std::initializer_list<const char*> templates);
 
 // Whether every row of a 4-D tensor (last dim contiguous) starts 16-byte aligned: the pointer and the strides
 // of dims 0-2 (where the size exceeds 1) are multiples of 16 bytes. The kernels' 16-byte copies need it.
 bool rows_aligned16(const Tensor& t);
+
+// ... and whether the kernels may use 16-byte copies for `t`: rows aligned and `last` (the row length in
+// elements) a whole number of 16-byte vectors.
+bool vec_ok(const Tensor& t, int64_t last);
+
+// x as a kernel's 32-bit index; NotImplementedError naming `what` when it does not fit.
+int32_t to_i32(int64_t x, const char* what);
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

@@ -1,5 +1,6 @@
-// FlexAttention forward on CUDA: picks a tile configuration for (dtype, head dims, BlockMask block
-// sizes, layout), assembles the translation unit (mods + kernels/flex_mma.cuh + kernels/flex_forward.cuh),
+// FlexAttention forward on CUDA. Short queries (decoding) go to the split-KV kernel (flex_decode_cuda.h);
+// the rest to the tiled kernel: picks a tile configuration for (dtype, head dims, BlockMask block sizes,
+// layout), assembles the translation unit (mods + kernels/flex_mma.cuh + kernels/flex_forward.cuh),
 // compiles it through the JIT cache and launches one CTA per (q tile, head, batch).
 //
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
@@ -13,11 +14,16 @@
 #include <vector>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/flex_decode_cuda.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
 namespace {
+
+using flex::round_up;
+using flex::to_i32;
+using flex::vec_ok;
 
 // Host mirror of FgFwdParams (kernels/flex_forward.cuh): same members, same order.
 struct FwdParams {
@@ -45,8 +51,6 @@ struct FwdParams {
 static_assert(sizeof(FwdParams) == 232, "FwdParams must mirror FgFwdParams of flex_forward.cuh");
 
 constexpr int64_t kMaxHeadDim = 256;
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct TileConfig {
   bool mma = false;
@@ -129,19 +133,14 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
   return c;
 }
 
-// 16-byte vector loads are valid when every row start is 16-byte aligned and rows are whole vectors.
-bool vec_ok(const Tensor& t, int64_t last) {
-  return flex::rows_aligned16(t) && (last * static_cast<int64_t>(t.element_size())) % 16 == 0;
-}
-
-int32_t to_i32(int64_t x, const char* what) {
-  FG_CHECK(x >= 0 && x <= INT32_MAX, NotImplementedError,
-           "flex_attention on CUDA: {} = {} does not fit the kernel's 32-bit indices", what, x);
-  return static_cast<int32_t>(x);
-}
-
 void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
+  // The one place the CUDA forward kernel is chosen (FlexCudaForward).
+  if (p.cuda_forward == FlexCudaForward::SplitKv ||
+      (p.cuda_forward == FlexCudaForward::Auto && split_kv_preferred(p))) {
+    flex_split_kv_forward(p, o);
+    return;
+  }
   const int device = p.q.device().index;
   DeviceGuard guard(device);
   int smem_optin = 0;
@@ -205,7 +204,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   jit::JitSource src;
   src.name = "flex_forward";
   // mods, defines, the shared device helpers, then the kernel template.
-  src.code = flex::assemble(ctx, defines, "flex_mma.cuh") + "\n" + std::string(jit::embedded_source("flex_forward.cuh"));
+  src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", "flex_forward.cuh"});
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args};

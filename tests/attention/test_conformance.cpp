@@ -3,7 +3,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "flexgrad/attention/conformance.h"
+#include "tools/conformance/conformance.h"
 #include "tests/test_util.h"
 
 namespace fg {

@@ -2,10 +2,12 @@
 // here: plain float64 softmax(scale * Q K^T + mod) V over loops, from the inputs rounded to the dtype under
 // test. The golden shares no code with flexgrad's tracing, evaluators or kernels: each case states its
 // score_mod / mask_mod twice, once as flexgrad Exprs (what the kernel runs) and once as plain C++.
-// Every case runs in bf16, f16, f32 and f64 (tolerances by dtype) and checks out, lse and max_scores.
+// Every case runs in bf16, f16, f32 and f64 (tolerances by dtype) on the tiled kernel, and in bf16 and f16 on the
+// split-KV (decoding) kernel too, forced onto every case; each checks out, lse and max_scores.
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <tuple>
 
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_program.h"
@@ -99,8 +101,14 @@ BlockMask device_mask(const MaskMod& cpu_mask, const MaskMod& dev_mask, int64_t 
                                    dev_mask, m.seq_lengths());
 }
 
-class FlexForwardCuda : public ::testing::TestWithParam<DType> {
+class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward>> {
  protected:
+  static DType dtype() { return std::get<0>(GetParam()); }
+  static FlexCudaForward kernel() { return std::get<1>(GetParam()); }
+  static FlexAttentionOptions with_kernel(FlexAttentionOptions o) {
+    o.kernel.cuda_forward = kernel();
+    return o;
+  }
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) {
       GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex_attention forward tests";
@@ -109,7 +117,7 @@ class FlexForwardCuda : public ::testing::TestWithParam<DType> {
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
 
   void check(const Case& c, uint64_t seed = 1) {
-    const DType dt = GetParam();
+    const DType dt = dtype();
     SCOPED_TRACE(dtype_name(dt));
     Generator gen(seed);
     Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat64, &gen) * c.input_scale;
@@ -128,6 +136,7 @@ class FlexForwardCuda : public ::testing::TestWithParam<DType> {
     o.return_lse = true;
     o.return_max_scores = true;
     o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = kernel();
     FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
     ASSERT_EQ(r.out.device(), cuda());
     ASSERT_EQ(r.out.dtype(), dt);
@@ -304,7 +313,7 @@ TEST_P(FlexForwardCuda, NonFiniteScoresFollowPyTorch) {
   bias[10 * Lkv + 25] = nan;  // +inf in the first tile, NaN in the second: NaN wins, as torch.amax
   const std::vector<double> plain = bias;
   Tensor bias_dev = from_vector(bias, {Lq, Lkv}, kFloat64).to(kFloat32).to(cuda());
-  const DType dt = GetParam();
+  const DType dt = dtype();
   Generator gen(3);
   Tensor q = randn({1, 1, Lq, E}, kFloat64, &gen), k = randn({1, 1, Lkv, E}, kFloat64, &gen),
          v = randn({1, 1, Lkv, E}, kFloat64, &gen);
@@ -323,6 +332,7 @@ TEST_P(FlexForwardCuda, NonFiniteScoresFollowPyTorch) {
   o.score_mod = [b_ = Captured(bias_dev, "bias")](Expr s, Expr, Expr, Expr qi, Expr kv) { return s + b_[qi][kv]; };
   o.block_mask = create_block_mask([](Expr, Expr, Expr qi, Expr) { return qi >= 0; }, std::nullopt, std::nullopt,
                                    Lq, Lkv, BlockSize(16), cuda());
+  o.kernel.cuda_forward = kernel();
   FlexAttentionResult r = flex_attention(q.to(dt).to(cuda()), k.to(dt).to(cuda()), v.to(dt).to(cuda()), o);
   const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector(),
                             mx = r.max_scores.to(kCPU).to(kFloat64).to_vector();
@@ -364,13 +374,94 @@ TEST_P(FlexForwardCuda, OutOfRangeCapturedIndexRaisesIndexError) {
   Tensor bias = zeros({10}, TensorOptions().dtype(kFloat32).device(cuda()));
   FlexAttentionOptions o;
   o.score_mod = [b_ = Captured(bias, "bias")](Expr s, Expr, Expr, Expr q, Expr) { return s + b_[q]; };
-  const DType dt = GetParam();
+  const DType dt = dtype();
   Tensor q = randn({1, 1, 64, 16}).to(dt).to(cuda());
-  testing::expect_error<IndexError>([&] { flex_attention(q, q, q, o); }, "out of range");
+  testing::expect_error<IndexError>([&] { flex_attention(q, q, q, with_kernel(o)); }, "out of range");
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FlexForwardCuda, ::testing::Values(kBFloat16, kFloat16, kFloat32, kFloat64),
-                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+// Decoding shapes: one to a few query rows against a long K/V, GQA groups packed into one tile (or not, when
+// the mask differs per head), kv split into ranges whose partials are merged (kv_splits 0 picks them; 64
+// leaves most ranges empty). The tiled kernel runs them too.
+TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
+  struct Shape {
+    int64_t B, Hq, Hkv, Lq, Lkv;
+  };
+  for (Shape sh : {Shape{2, 8, 2, 1, 1000}, Shape{3, 8, 1, 3, 517}, Shape{1, 4, 4, 1, 64}, Shape{2, 16, 2, 2, 700}}) {
+    for (int64_t splits : {0, 1, 3, 64}) {
+      SCOPED_TRACE("B=" + std::to_string(sh.B) + " Hq=" + std::to_string(sh.Hq) + " Hkv=" + std::to_string(sh.Hkv) +
+                   " Lq=" + std::to_string(sh.Lq) + " Lkv=" + std::to_string(sh.Lkv) + " splits=" + std::to_string(splits));
+      Case c;
+      c.B = c.Bkv = sh.B, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.Lq = sh.Lq, c.Lkv = sh.Lkv;
+      c.E = c.Ev = 128;
+      c.opts.enable_gqa = sh.Hq != sh.Hkv;
+      c.opts.kernel.kv_splits = splits;
+      // The query sits at the end of the sequence (q_idx + Lkv - Lq), as in decoding: a causal mask with an offset.
+      const int64_t off = sh.Lkv - sh.Lq;
+      c.opts.block_mask = create_block_mask([off](Expr, Expr, Expr q, Expr kv) { return kv <= q + off; }, std::nullopt,
+                                            std::nullopt, sh.Lq, sh.Lkv, BlockSize(128, 64));
+      c.mod = [off](double s, int64_t, int64_t, int64_t q, int64_t kv) { return kv <= q + off ? s : -kInf; };
+      check(c);
+    }
+  }
+  // A mask that differs per head (a window whose width grows with h): each query head has its own block lists,
+  // so the split-KV kernel runs one head per tile.
+  Case c;
+  c.B = c.Bkv = 2, c.Hq = 4, c.Hkv = 2, c.Lq = 1, c.Lkv = 900, c.E = c.Ev = 64;
+  c.opts.enable_gqa = true;
+  c.opts.block_mask = create_block_mask([](Expr, Expr h, Expr q, Expr kv) { return kv >= q + 899 - (h + 1) * 200; },
+                                        std::nullopt, 4, 1, 900, BlockSize(128, 32));
+  c.mod = [](double s, int64_t, int64_t h, int64_t q, int64_t kv) { return kv >= q + 899 - (h + 1) * 200 ? s : -kInf; };
+  check(c);
+}
+
+// Every case on the tiled kernel in every dtype; on the split-KV kernel in the dtypes it runs.
+INSTANTIATE_TEST_SUITE_P(Tiled, FlexForwardCuda,
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16, kFloat32, kFloat64),
+                                            ::testing::Values(FlexCudaForward::Tiled)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+INSTANTIATE_TEST_SUITE_P(SplitKv, FlexForwardCuda,
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
+                                            ::testing::Values(FlexCudaForward::SplitKv)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+
+// Auto's choice, and the split-KV kernel's refusals.
+class FlexSplitKvChoice : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping split-KV choice tests";
+  }
+};
+
+TEST_F(FlexSplitKvChoice, AutoAgreesWithTheForcedKernelItPicks) {
+  // Lq = 1 with a GQA group of 4: Auto must pick split-KV (bit-identical to forcing it); Lq = 256: tiled.
+  const Device cuda(DeviceType::CUDA, 0);
+  Generator gen(3);
+  for (int64_t Lq : {1, 256}) {
+    Tensor q = randn({2, 8, Lq, 64}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor k = randn({2, 2, 700, 64}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor v = randn({2, 2, 700, 64}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    FlexAttentionOptions o;
+    o.enable_gqa = true;
+    Tensor automatic = flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+    o.kernel.cuda_forward = Lq == 1 ? FlexCudaForward::SplitKv : FlexCudaForward::Tiled;
+    Tensor forced = flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+    o.kernel.cuda_forward = Lq == 1 ? FlexCudaForward::Tiled : FlexCudaForward::SplitKv;
+    Tensor other = flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+    EXPECT_TRUE(all(eq(automatic, forced)).item<bool>()) << "Lq=" << Lq;
+    EXPECT_TRUE(testing::close(automatic, other, 2e-2, 2e-2)) << "Lq=" << Lq;  // bf16 outputs, both kernels right
+  }
+}
+
+TEST_F(FlexSplitKvChoice, RefusesWhatItCannotRun) {
+  const Device cuda(DeviceType::CUDA, 0);
+  FlexAttentionOptions o;
+  o.kernel.cuda_forward = FlexCudaForward::SplitKv;
+  Tensor q = randn({1, 2, 1, 32}).to(cuda);
+  testing::expect_error<NotImplementedError>([&] { flex_attention(q, q, q, o); }, "bfloat16 and float16");
+  o.kernel.kv_splits = -1;
+  testing::expect_error<ValueError>([&] { flex_attention(q.to(kBFloat16), q.to(kBFloat16), q.to(kBFloat16), o); },
+                                    "kv_splits");
+}
 
 }  // namespace
 }  // namespace fg

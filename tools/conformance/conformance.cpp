@@ -1,12 +1,18 @@
-#include "flexgrad/attention/conformance.h"
+#include "tools/conformance/conformance.h"
 
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 
+#include "flexgrad/attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/registry.h"
+#include "flexgrad/attention/gallery/sliding_window.h"
+#include "flexgrad/attention/gallery/softcap.h"
 #include "flexgrad/attention/mask_mods.h"
 #include "flexgrad/ops/ops.h"
 
@@ -19,44 +25,36 @@ struct CaseDef {
   std::function<MaskMod(const Captures&)> mask_mod;    // empty: noop_mask
 };
 
-Expr causal(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
+MaskMod causal(const Captures&) { return causal_mask(); }
 
-// The PyTorch definitions of ../shared/conformance/README.md, by case name.
+// The PyTorch definitions of ../shared/conformance/README.md, by case name (through the gallery's
+// constructors where one is the case's definition: ALiBi, softcap, sliding window, prefix LM, causal).
 const std::map<std::string, CaseDef>& case_defs() {
   static const std::map<std::string, CaseDef> defs = {
-      {"alibi_causal",
-       {[](const Captures&) -> ScoreMod {
-          return [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / 4)); };
-        },
-        [](const Captures&) -> MaskMod { return causal; }}},
+      {"alibi_causal", {[](const Captures&) { return alibi_score_mod(4); }, causal}},
       {"relbias_diffseq",
        {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr q, Expr kv) { return s + (q - kv); }; }, {}}},
-      {"gqa_causal", {{}, [](const Captures&) -> MaskMod { return causal; }}},
+      {"gqa_causal", {{}, causal}},
       {"document_causal_s300",
        {{}, [](const Captures& c) -> MaskMod {
           Captured doc(c.at("doc"), "doc");
           return [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); };
         }}},
-      {"sliding64_blk64",
-       {{}, [](const Captures&) -> MaskMod { return [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv <= 64); }; }}},
-      {"softcap20",
-       {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); }; }, {}}},
+      {"sliding64_blk64", {{}, [](const Captures&) { return sliding_window_mask(64); }}},
+      {"softcap20", {[](const Captures&) { return tanh_softcap_score_mod(20.0); }, {}}},
       {"learnable_relbias_table",
        {[](const Captures& c) -> ScoreMod {
           Captured table(c.at("learn_table"), "learn_table");
           const int64_t S = 192;
           return [table, S](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + table[h][q - kv + (S - 1)]; };
         },
-        [](const Captures&) -> MaskMod { return causal; }}},
+        causal}},
       {"dv_differs", {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return s * 2; }; }, {}}},
       {"empty_rows",
        {{}, [](const Captures&) -> MaskMod { return [](Expr, Expr, Expr q, Expr kv) { return (q >= 40) & (kv <= q); }; }}},
       {"kv_batch_broadcast",
        {[](const Captures&) -> ScoreMod { return [](Expr s, Expr, Expr, Expr, Expr) { return s * s; }; }, {}}},
-      {"prefix_lm_or",
-       {{}, [](const Captures&) -> MaskMod {
-          return or_masks(MaskMod(causal), MaskMod([](Expr, Expr, Expr, Expr kv) { return kv < 64; }));
-        }}},
+      {"prefix_lm_or", {{}, [](const Captures&) { return prefix_lm_mask(64); }}},
       {"scale_head_offset",
        {[](const Captures& c) -> ScoreMod {
           Captured hoff(c.at("learn_hoff"), "learn_hoff");
@@ -126,14 +124,34 @@ ConformanceCheck compare_block_mask(const BlockMask& ours, const std::string& di
   return c;
 }
 
-// The case's BlockMask for `device`, from our create_block_mask on that device (checked against PyTorch's by
-// the caller); `how` names a device other than the CPU, for the table.
-BlockMask case_block_mask(const CaseDef& def, const Captures& caps, int64_t B, int64_t H, int64_t Lq, int64_t Lkv,
-                          BlockSize bs, Device device, std::string& how) {
-  MaskMod mm = def.mask_mod ? def.mask_mod(caps) : MaskMod(noop_mask);
-  if (!device.is_cpu()) how = fmt::format("built on {}", device);
-  return create_block_mask(mm, B, H, Lq, Lkv, bs, device);
+// A table a constructor built against the captured tensor PyTorch's script built (cap_X): same shape, and
+// equal values for integer and bool tables; float ones are computed in float32 by both, each with its own
+// cos and summation order, so they agree to a few float32 roundings: max |ours - theirs| <= 1e-6 (1 + max |theirs|)
+// (about 8 ulps of the largest entry; Sandwich's rel_bias is within 1 ulp of PyTorch's).
+ConformanceCheck compare_table(const std::string& cap, const Tensor& ours, const Tensor& theirs) {
+  ConformanceCheck c;
+  c.tensor = "cap_" + cap;
+  if (!ours.defined()) {
+    c.note = "the constructors built no table '" + cap + "' to hold against it";
+    return c;
+  }
+  if (ours.sizes() != theirs.sizes()) {
+    c.note = fmt::format("shape {} vs PyTorch's {}", shape_str(ours.sizes()), shape_str(theirs.sizes()));
+    return c;
+  }
+  Tensor a = ours.cpu().to(kFloat64), b = theirs.to(kFloat64);
+  c.err_impl = ours.numel() ? max(abs(a - b)).item() : 0.0;
+  if (is_floating(ours.dtype()) || is_floating(theirs.dtype())) {
+    c.limit = 1e-6 * (1 + (theirs.numel() ? max(abs(b)).item() : 0.0));
+    c.passed = c.err_impl <= c.limit;
+  } else {
+    c.limit = 0;
+    c.passed = c.err_impl == 0;
+  }
+  if (!c.passed) c.note = fmt::format("max |ours - PyTorch's| = {:.3e}", c.err_impl);
+  return c;
 }
+
 
 double json_err(const nlohmann::json& errors, const std::string& key, const std::string& tensor) {
   if (!errors.contains(key) || !errors[key].is_object() || !errors[key].contains(tensor)) return -1;
@@ -144,17 +162,72 @@ double json_err(const nlohmann::json& errors, const std::string& key, const std:
 // One manifest entry, read and type-checked before any case runs.
 struct ManifestCase {
   std::string name;
-  const CaseDef* def = nullptr;
+  const CaseDef* def = nullptr;  // cases without "mod"
+  nlohmann::json mod;            // cases with "mod": the gallery spec (null otherwise)
   BlockSize block;
   bool gqa = false;
   std::optional<double> scale;
   nlohmann::json errors;  // {"fp32_ref": {"out": err, ...}, ...}
 };
 
+// Checks a "mod" object before any case runs: "mask" / "score" strings naming gallery constructors (at least
+// one), nested objects for inner masks, numbers, and "cap_X" strings whose file C.cap_X.npy exists. Returns
+// an empty string when it is well formed, else what is wrong.
+std::string check_mod(const nlohmann::json& mod, const std::string& dir, const std::string& name) {
+  if (!mod.is_object()) return "must be a JSON object, got a JSON " + std::string(mod.type_name());
+  for (const char* k : {"mask", "score"}) {
+    if (!mod.contains(k)) continue;
+    if (!mod[k].is_string()) return fmt::format("\"{}\" must be a string, got {}", k, mod[k].dump());
+    const GalleryEntry* e = find_gallery_entry(mod[k].get<std::string>());
+    if (!e || e->is_score != (std::string(k) == "score"))
+      return fmt::format("\"{}\": {} is not a gallery {} constructor", k, mod[k].dump(), k);
+  }
+  if (!mod.contains("mask") && !mod.contains("score")) return "names neither a \"mask\" nor a \"score\"";
+  for (const auto& [key, v] : mod.items()) {
+    if (key == "mask" || key == "score") continue;
+    if (v.is_object()) {  // an inner mask (document, batchify)
+      std::string inner = check_mod(v, dir, name);
+      if (inner.empty() && (!v.contains("mask") || v.contains("score")))
+        inner = fmt::format("must name a \"mask\" and no \"score\", got {}", v.dump());
+      if (!inner.empty()) return fmt::format("\"{}\": {}", key, inner);
+    } else if (v.is_string()) {
+      const std::string ref = v.get<std::string>();
+      if (ref.rfind("cap_", 0) != 0) return fmt::format("\"{}\": a string must name a captured tensor \"cap_X\", got {}", key, v.dump());
+      if (!std::filesystem::exists(path_of(dir, name, ref)))
+        return fmt::format("\"{}\": {} names {}, which does not exist", key, v.dump(), path_of(dir, name, ref));
+    } else if (!v.is_number()) {
+      return fmt::format("\"{}\": must be a number, a \"cap_X\" string or an object, got {}", key, v.dump());
+    }
+  }
+  return "";
+}
+
+// A checked "mod" object as a GallerySpec, "cap_X" replaced by the captured tensor X; records the names used.
+GallerySpec spec_of(const nlohmann::json& mod, const Captures& caps, std::set<std::string>& used) {
+  GallerySpec spec;
+  if (mod.contains("mask")) spec.mask = mod["mask"].get<std::string>();
+  if (mod.contains("score")) spec.score = mod["score"].get<std::string>();
+  for (const auto& [key, v] : mod.items()) {
+    if (key == "mask" || key == "score") continue;
+    if (v.is_object()) {
+      spec.args[key] = std::make_shared<const GallerySpec>(spec_of(v, caps, used));
+    } else if (v.is_string()) {
+      const std::string cap = v.get<std::string>().substr(4);
+      spec.args[key] = caps.at(cap);
+      used.insert(cap);
+    } else if (v.is_number_integer()) {
+      spec.args[key] = v.get<int64_t>();
+    } else {
+      spec.args[key] = v.get<double>();
+    }
+  }
+  return spec;
+}
+
 // The manifest as cases: a non-empty JSON array of objects, each with "case" (a known name), "block"
 // (an integer or [q, kv]), "errors" (an object whose entries are objects of numbers, or a string such as
 // "FAIL" where PyTorch produced nothing), optional "gqa" (bool) and "scale" (number or null). ValueError naming the file, the entry and the field otherwise.
-std::vector<ManifestCase> read_manifest(const nlohmann::json& manifest, const std::string& path) {
+std::vector<ManifestCase> read_manifest(const nlohmann::json& manifest, const std::string& path, const std::string& dir) {
   FG_CHECK(manifest.is_array(), ValueError, "conformance: {} must hold a JSON array of cases, got a JSON {}", path,
            manifest.type_name());
   FG_CHECK(!manifest.empty(), ValueError, "conformance: {} lists no cases", path);
@@ -172,10 +245,17 @@ std::vector<ManifestCase> read_manifest(const nlohmann::json& manifest, const st
       FG_FAIL(ValueError, "conformance: {}: case '{}' (entry {}): field \"{}\" must be {}, got {}", path, mc.name, i,
               field, expected, seen);
     };
-    auto def_it = case_defs().find(mc.name);
-    FG_CHECK(def_it != case_defs().end(), ValueError, "conformance: unknown case '{}' in {} (known: {})", mc.name, path,
-             fmt::join(known_conformance_cases(), ", "));
-    mc.def = &def_it->second;
+    if (c.contains("mod")) {
+      const std::string why = check_mod(c["mod"], dir, mc.name);
+      if (!why.empty()) bad("mod", fmt::format("a gallery spec (../shared/gallery/README.md); it {}", why).c_str());
+      mc.mod = c["mod"];
+    } else {
+      auto def_it = case_defs().find(mc.name);
+      FG_CHECK(def_it != case_defs().end(), ValueError,
+               "conformance: unknown case '{}' in {} (it has no \"mod\"; cases known by name: {})", mc.name, path,
+               fmt::join(known_conformance_cases(), ", "));
+      mc.def = &def_it->second;
+    }
     const nlohmann::json* b = c.contains("block") ? &c["block"] : nullptr;
     auto positive_int = [](const nlohmann::json& j) { return j.is_number_integer() && j.get<int64_t>() >= 1; };
     if (b && positive_int(*b)) {
@@ -231,7 +311,7 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
   }
   FG_CHECK(opt.dtype == kFloat32 || opt.dtype == kBFloat16 || opt.dtype == kFloat16, DTypeError,
            "conformance: dtype must be float32, bfloat16 or float16, got {}", opt.dtype);
-  const std::vector<ManifestCase> cases = read_manifest(manifest, manifest_path);
+  const std::vector<ManifestCase> cases = read_manifest(manifest, manifest_path, dir);
   // Every case asked for must be in the manifest: a filter that selects nothing checks nothing.
   for (const std::string& want : opt.only) {
     bool found = false;
@@ -247,7 +327,6 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
   for (const ManifestCase& mc : cases) {
     const std::string& name = mc.name;
     if (!opt.only.empty() && std::find(opt.only.begin(), opt.only.end(), name) == opt.only.end()) continue;
-    const CaseDef& def = *mc.def;
     ConformanceResult res;
     res.name = name;
     res.dtype = opt.dtype;
@@ -273,14 +352,31 @@ std::vector<ConformanceResult> run_conformance(const std::string& dir, const Con
     o.enable_gqa = mc.gqa;
     o.scale = mc.scale;
     o.kernel.backend = opt.backend;
-    if (def.score_mod) o.score_mod = def.score_mod(caps);
-    const BlockSize bs = mc.block;
+    MaskMod mask_mod;
+    std::vector<ConformanceCheck> table_checks;
+    if (mc.def) {
+      if (mc.def->score_mod) o.score_mod = mc.def->score_mod(caps);
+      if (mc.def->mask_mod) mask_mod = mc.def->mask_mod(caps);
+    } else {
+      std::set<std::string> passed_in;
+      GalleryMods mods = build_gallery_mods(spec_of(mc.mod, caps, passed_in), opt.device);
+      o.score_mod = mods.score_mod;
+      mask_mod = mods.mask_mod;
+      // Captured tensors the mod does not take are PyTorch's copies of tables the constructors build.
+      for (const auto& [cap, t] : caps) {
+        if (passed_in.count(cap)) continue;
+        auto it = mods.tables.find(cap);
+        table_checks.push_back(compare_table(cap, it == mods.tables.end() ? Tensor() : it->second, t.cpu()));
+      }
+    }
+    if (!mask_mod) mask_mod = noop_mask;
+    // Our create_block_mask on the run's device, checked against PyTorch's BlockMask.
     Tensor ref_num = load_npy(path_of(dir, name, "block_kv_num"));
-    std::string how;
-    BlockMask bm = case_block_mask(def, caps, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), bs,
-                                   opt.device, how);
+    BlockMask bm = create_block_mask(mask_mod, ref_num.size(0), ref_num.size(1), q.size(2), k.size(2), mc.block,
+                                     opt.device);
     res.checks.push_back(compare_block_mask(bm, dir, name));
-    if (!how.empty()) res.checks.back().note += how;
+    if (!opt.device.is_cpu()) res.checks.back().note += fmt::format("built on {}", opt.device);
+    for (auto& t : table_checks) res.checks.push_back(std::move(t));
     o.block_mask = bm;
     FlexAttentionResult r = flex_attention(q, k, v, o);
     (r.out.to(kFloat64) * dout.to(kFloat64)).sum().backward();
@@ -320,6 +416,11 @@ std::string format_conformance(const std::vector<ConformanceResult>& results) {
   int passed = 0, failed = 0;
   for (const auto& r : results) {
     for (const auto& c : r.checks) {
+      if (c.tensor.rfind("cap_", 0) == 0) {
+        s += fmt::format("{:<26} {:<9} {:<14} {:>11.3e} {:>11} {:>11} {:>11.3e} {:>8}  {}{}\n", r.name, dtype_name(r.dtype),
+                         c.tensor, c.err_impl, "", "", c.limit, "", c.passed ? "table same as PyTorch's" : "DIFFERS: ", c.note);
+        continue;
+      }
       if (c.tensor == "block_mask") {
         s += fmt::format("{:<26} {:<9} {:<14} {:>11} {:>11} {:>11} {:>11} {:>8}  {}{}\n", r.name, dtype_name(r.dtype),
                          c.tensor, "", "", "", "", "", c.passed ? "same as PyTorch" : "DIFFERS: ", c.note.empty() || !c.passed ? c.note : " (" + c.note + ")");
