@@ -3,6 +3,9 @@
 #include "flexgrad/attention/flex_attention.h"
 
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -76,12 +79,21 @@ BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num
   return l;
 }
 
-// Every block of an (nR x nC) grid listed as full (no mask given).
+// Every block of an (nR x nC) grid listed as full (no mask given). The lists depend on (rows, cols, device)
+// only and kernels never write them, so they are built once and shared: a decode loop calls flex_attention
+// with the same grid every step, and on a GPU each build is two host-to-device copies.
 BlockLists all_full(int64_t rows, int64_t cols, Device dev) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, DeviceType, int>, BlockLists> cache;
+  const auto key = std::make_tuple(rows, cols, dev.type, dev.index);
+  std::lock_guard lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
   BlockLists l;
   l.rows = rows;
   l.full_num = full({1, 1, rows}, cols, kInt32).to(dev);
   l.full_idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous().to(dev);
+  if (cache.size() >= 64) cache.clear();  // bounded: grids of a few shapes recur, not thousands
+  cache.emplace(key, l);
   return l;
 }
 
@@ -96,7 +108,8 @@ Tensor kernel_layout(const Tensor& t) {
 
 // The problem in kernel form (flex_kernels.h): on the CPU contiguous inputs in the compute dtype (f64, else
 // f32); on CUDA the inputs as given where the kernels can read them in place. Block lists on q's device.
-// derive_grad: build the score_mod's derivative program (only when a backward can follow).
+// derive_grad: a backward can follow: build the score_mod's derivative program (and, without a BlockMask,
+// the transposed lists the backward walks).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
                          std::shared_ptr<const ModProgram> score_prog, bool derive_grad) {
   FlexProblem p;
@@ -134,7 +147,7 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     p.block_kv = o.kernel.block_kv > 0 ? o.kernel.block_kv : 128;
     const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q, nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
     p.kv_lists = all_full(nQB, nKB, dev);
-    p.q_lists = all_full(nKB, nQB, dev);
+    if (derive_grad) p.q_lists = all_full(nKB, nQB, dev);  // the backward's lists; inference needs none
   }
   return p;
 }
