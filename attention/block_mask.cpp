@@ -1,10 +1,10 @@
 // BlockMask construction and utilities (see block_mask.h). Every method is device-agnostic: the work
 // that depends on the device (evaluating the mask_mod, building block lists, lists -> dense) goes through
 // the stubs of block_mask_kernels.h; the rest are tensor views and small reads for printing.
-#include "attention/block_mask.h"
+#include "flexgrad/attention/block_mask.h"
 
-#include "attention/block_mask_kernels.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/block_mask_kernels.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg {
 

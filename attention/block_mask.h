@@ -23,8 +23,8 @@
 #include <utility>
 #include <vector>
 
-#include "attention/mask_mods.h"
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

@@ -8,8 +8,8 @@
 // create_block_mask sets at most one bit per block; from_kv_blocks keeps whatever the caller listed, so a
 // block given in both lists stays in both.
 #pragma once
-#include "attention/block_mask.h"
-#include "ops/dispatch.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/ops/dispatch.h"
 
 namespace fg {
 

@@ -1,9 +1,9 @@
 // Expr construction: promotion rules and the operator overloads that record nodes.
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 #include <cmath>
 
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/op_semantics.h"
 
 namespace fg {
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -1,6 +1,6 @@
 // flex_attention: argument checks (PyTorch's messages), the choice of path, and the autograd node
 // around the fused kernels (forward and backward side by side).
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 
 #include <cmath>
 #include <map>
@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "attention/flex_kernels.h"
-#include "attention/flex_reference.h"
-#include "ops/autocast.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/attention/flex_reference.h"
+#include "flexgrad/ops/autocast.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg {
 

@@ -14,9 +14,9 @@
 #include <optional>
 #include <string>
 
-#include "attention/block_mask.h"
-#include "attention/expr.h"
-#include "tensor/tensor.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/expr.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -4,11 +4,11 @@
 #include <memory>
 #include <vector>
 
-#include "attention/flex_attention.h"
-#include "attention/mod_grad.h"
-#include "attention/mod_program.h"
-#include "ops/dispatch.h"
-#include "tensor/tensor.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/mod_program.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

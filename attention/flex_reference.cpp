@@ -1,10 +1,10 @@
-#include "attention/flex_reference.h"
+#include "flexgrad/attention/flex_reference.h"
 
 #include <cmath>
 #include <limits>
 
-#include "attention/op_semantics.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/op_semantics.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg {
 namespace {

@@ -2,8 +2,8 @@
 // scores with differentiable ops. It is the float64 golden of the tests and the eager reference in low
 // precision; its memory is O(B * H * Lq * Lkv).
 #pragma once
-#include "attention/flex_attention.h"
-#include "attention/mod_program.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

@@ -1,5 +1,5 @@
 // Mask-mod combinators (see mask_mods.h).
-#include "attention/mask_mods.h"
+#include "flexgrad/attention/mask_mods.h"
 
 namespace fg {
 

@@ -4,7 +4,7 @@
 #pragma once
 #include <vector>
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

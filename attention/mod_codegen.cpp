@@ -2,14 +2,14 @@
 // spelled by the op table (attention/op_semantics.h). Float code is emitted twice, as explicit
 // specialisations for float and for double, so each precision gets its own precise math functions
 // (expf / exp, ...) exactly as the CPU evaluators use them.
-#include "attention/mod_codegen.h"
+#include "flexgrad/attention/mod_codegen.h"
 
 #include <algorithm>
 #include <bit>
 #include <climits>
 #include <cmath>
 
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/op_semantics.h"
 
 namespace fg {
 

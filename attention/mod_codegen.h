@@ -45,8 +45,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/mod_grad.h"
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

@@ -1,11 +1,11 @@
 // Reverse-mode symbolic differentiation of score_mod programs (see mod_grad.h); each op's rule is its
 // row of the op table (attention/op_semantics.h).
-#include "attention/mod_grad.h"
+#include "flexgrad/attention/mod_grad.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/op_semantics.h"
 
 namespace fg {
 

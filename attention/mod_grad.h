@@ -13,7 +13,7 @@
 #pragma once
 #include <vector>
 
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

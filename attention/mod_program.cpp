@@ -1,7 +1,7 @@
 // Lowering, folding, CSE, printing, hashing and scalar evaluation of ModPrograms.
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mod_program.h"
 
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/op_semantics.h"
 
 #include <bit>
 #include <cmath>

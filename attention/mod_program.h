@@ -14,8 +14,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "attention/expr.h"
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/expr.h"
+#include "flexgrad/attention/op_semantics.h"
 
 namespace fg {
 

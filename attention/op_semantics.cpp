@@ -1,9 +1,9 @@
 // The op table (see op_semantics.h). One row per ExprOp, in enum order.
-#include "attention/op_semantics.h"
+#include "flexgrad/attention/op_semantics.h"
 
 #include <numbers>
 
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

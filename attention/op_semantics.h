@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

@@ -1,13 +1,13 @@
-#include "attention/paged_attention.h"
+#include "flexgrad/attention/paged_attention.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 
-#include "attention/mask_mods.h"
-#include "attention/paged_attention_kernels.h"
-#include "ops/ops.h"
-#include "tensor/error.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/attention/paged_attention_kernels.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg {
 

@@ -25,9 +25,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "attention/block_mask.h"
-#include "attention/expr.h"
-#include "tensor/tensor.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/expr.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

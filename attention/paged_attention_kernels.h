@@ -1,8 +1,8 @@
 // The device kernel of PagedAttention::assign, one implementation per device (DispatchStub): CPU in
 // attention/cpu/paged_attention_cpu.cpp, CUDA in attention/cuda/paged_attention_cuda.cu.
 #pragma once
-#include "ops/dispatch.h"
-#include "tensor/tensor.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

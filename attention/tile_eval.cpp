@@ -6,14 +6,14 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
-#include "attention/tile_eval.h"
+#include "flexgrad/attention/tile_eval.h"
 
 #include <cmath>
 #include <cstdlib>
 #include <new>
 
-#include "attention/op_semantics.h"
-#include "tensor/vec_math.h"
+#include "flexgrad/attention/op_semantics.h"
+#include "flexgrad/tensor/vec_math.h"
 
 namespace fg {
 

@@ -13,7 +13,7 @@
 #include <memory>
 #include <vector>
 
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mod_program.h"
 
 namespace fg {
 

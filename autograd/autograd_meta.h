@@ -3,8 +3,8 @@
 #include <memory>
 #include <vector>
 
-#include "autograd/node.h"
-#include "autograd/view.h"
+#include "flexgrad/autograd/node.h"
+#include "flexgrad/autograd/view.h"
 
 namespace fg {
 

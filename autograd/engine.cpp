@@ -1,14 +1,14 @@
 // The backward pass: discover the graph reachable from the roots (iteratively), count each node's
 // producers, then run nodes as their gradients become complete, newest first (as PyTorch orders them).
-#include "autograd/engine.h"
+#include "flexgrad/autograd/engine.h"
 
 #include <queue>
 #include <unordered_map>
 #include <unordered_set>
 
-#include "autograd/autograd_meta.h"
-#include "autograd/grad_arith.h"
-#include "autograd/grad_mode.h"
+#include "flexgrad/autograd/autograd_meta.h"
+#include "flexgrad/autograd/grad_arith.h"
+#include "flexgrad/autograd/grad_mode.h"
 
 namespace fg {
 namespace {

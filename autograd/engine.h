@@ -1,7 +1,7 @@
 // Runs the backward pass over the tape: an iterative (stack-free) topological execution, so graphs of
 // hundreds of thousands of nodes do not overflow the call stack.
 #pragma once
-#include "autograd/node.h"
+#include "flexgrad/autograd/node.h"
 
 namespace fg {
 

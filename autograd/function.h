@@ -17,7 +17,7 @@
 #include <string>
 #include <typeinfo>
 
-#include "autograd/record.h"
+#include "flexgrad/autograd/record.h"
 
 namespace fg {
 

@@ -3,7 +3,7 @@
 // ops/ (ops/grad_arith.cpp): autograd names what it needs here instead of including the op layer above it.
 // None of them records history.
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg::autograd_arith {
 

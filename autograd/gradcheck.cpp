@@ -1,13 +1,13 @@
 // gradcheck: compares the Jacobian the tape computes (one backward per output element, each seeded with a
 // one-hot gradient) with central differences (one pair of forward calls per input element). Everything
 // goes through element access (at / set_at / to_vector), so it needs no ops and works on any device.
-#include "autograd/gradcheck.h"
+#include "flexgrad/autograd/gradcheck.h"
 
 #include <cmath>
 #include <limits>
 
-#include "autograd/engine.h"
-#include "autograd/grad_mode.h"
+#include "flexgrad/autograd/engine.h"
+#include "flexgrad/autograd/grad_mode.h"
 
 namespace fg {
 namespace {

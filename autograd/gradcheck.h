@@ -3,7 +3,7 @@
 #include <functional>
 #include <string>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

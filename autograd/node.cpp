@@ -1,9 +1,9 @@
-#include "autograd/node.h"
+#include "flexgrad/autograd/node.h"
 
 #include <atomic>
 
-#include "autograd/autograd_meta.h"
-#include "autograd/grad_arith.h"
+#include "flexgrad/autograd/autograd_meta.h"
+#include "flexgrad/autograd/grad_arith.h"
 
 namespace fg {
 namespace {

@@ -11,8 +11,8 @@
 #include <initializer_list>
 #include <string>
 
-#include "autograd/autograd_meta.h"
-#include "autograd/grad_mode.h"
+#include "flexgrad/autograd/autograd_meta.h"
+#include "flexgrad/autograd/grad_mode.h"
 
 namespace fg {
 

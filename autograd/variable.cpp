@@ -1,11 +1,11 @@
 // Tensor's autograd methods and the bookkeeping of AutogradMeta.
 #include <mutex>
 
-#include "autograd/autograd_meta.h"
-#include "autograd/engine.h"
-#include "autograd/grad_mode.h"
-#include "autograd/record.h"
-#include "autograd/grad_arith.h"
+#include "flexgrad/autograd/autograd_meta.h"
+#include "flexgrad/autograd/engine.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/autograd/grad_arith.h"
 
 namespace fg {
 

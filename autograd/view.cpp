@@ -1,11 +1,11 @@
 // View tracking, the in-place checks and CopySlices (see autograd/view.h).
-#include "autograd/view.h"
+#include "flexgrad/autograd/view.h"
 
 #include <mutex>
 
-#include "autograd/autograd_meta.h"
-#include "autograd/grad_arith.h"
-#include "autograd/grad_mode.h"
+#include "flexgrad/autograd/autograd_meta.h"
+#include "flexgrad/autograd/grad_arith.h"
+#include "flexgrad/autograd/grad_mode.h"
 
 namespace fg {
 namespace {

@@ -14,7 +14,7 @@
 #include <memory>
 #include <optional>
 
-#include "autograd/node.h"
+#include "flexgrad/autograd/node.h"
 
 namespace fg {
 

@@ -10,12 +10,12 @@
 #include <functional>
 #include <vector>
 
-#include "attention/block_mask.h"
+#include "flexgrad/attention/block_mask.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "attention/cuda/jit.h"
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 #ifdef FLEXGRAD_WITH_CUDA

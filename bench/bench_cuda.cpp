@@ -4,13 +4,13 @@
 #include <cstdio>
 #include <functional>
 
-#include "ops/ops.h"
-#include "tensor/random.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/random.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 #ifdef FLEXGRAD_WITH_CUDA

@@ -21,13 +21,13 @@
 #include <string>
 #include <vector>
 
-#include "attention/flex_attention.h"
-#include "attention/paged_attention.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/paged_attention.h"
+#include "flexgrad/ops/ops.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 using namespace fg;

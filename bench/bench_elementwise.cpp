@@ -2,7 +2,7 @@
 // add, a unary exp and a strided (transposed) add, through the op layer as users call it.
 #include <benchmark/benchmark.h>
 
-#include "ops/ops.h"
+#include "flexgrad/ops/ops.h"
 
 using namespace fg;
 

@@ -8,8 +8,8 @@
 #include <string>
 #include <omp.h>
 
-#include "attention/flex_attention.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/ops/ops.h"
 
 using namespace fg;
 

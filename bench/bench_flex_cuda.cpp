@@ -22,14 +22,14 @@
 #include <string>
 #include <vector>
 
-#include "attention/flex_attention.h"
-#include "ops/ops.h"
-#include "tensor/random.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/random.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "attention/cuda/jit.h"
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 using namespace fg;

@@ -2,7 +2,7 @@
 // CPU), reported as GFLOP/s (2 n^3 flops per product).
 #include <benchmark/benchmark.h>
 
-#include "ops/ops.h"
+#include "flexgrad/ops/ops.h"
 
 namespace {
 

@@ -15,9 +15,9 @@
 #include <cstdio>
 #include <omp.h>
 
-#include "attention/flex_attention.h"
-#include "attention/paged_attention.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/paged_attention.h"
+#include "flexgrad/ops/ops.h"
 
 using namespace fg;
 

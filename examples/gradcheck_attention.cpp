@@ -6,9 +6,9 @@
 #include <limits>
 #include <map>
 
-#include "attention/flex_attention.h"
-#include "attention/mask_mods.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/ops/ops.h"
 #include "examples/cli_checks.h"
 
 using namespace fg;

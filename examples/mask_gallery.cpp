@@ -21,11 +21,11 @@
 #include <fstream>
 #include <map>
 
-#include "attention/block_mask.h"
-#include "attention/gallery/registry.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/gallery/registry.h"
 #include "examples/cli_checks.h"
 #include "examples/mask_svg.h"
-#include "tensor/npy.h"
+#include "flexgrad/tensor/npy.h"
 
 using namespace fg;
 

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/block_mask.h"
-#include "attention/tile_eval.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/tile_eval.h"
 
 namespace fg::examples {
 

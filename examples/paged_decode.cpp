@@ -16,9 +16,9 @@
 #include <deque>
 #include <random>
 
-#include "attention/flex_attention.h"
-#include "attention/paged_attention.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/paged_attention.h"
+#include "flexgrad/ops/ops.h"
 #include "examples/cli_checks.h"
 
 using namespace fg;

@@ -1,8 +1,6 @@
 // The README's example, compiled so that it cannot rot: ALiBi through a captured tensor, a causal
 // BlockMask, the fused forward and backward.
-#include "attention/flex_attention.h"
-#include "attention/mask_mods.h"
-#include "ops/ops.h"
+#include <flexgrad/flexgrad.h>
 using namespace fg;
 
 int main() try {

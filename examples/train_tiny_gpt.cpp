@@ -6,8 +6,8 @@
 //
 // Reads the text, builds the character vocabulary, holds out the last 10% for validation, trains with
 // AdamW + warmup/cosine under causal (or document-causal) flex_attention, prints a live progress line
-// and a held-out loss every --eval-every steps, writes the loss curve as CSV and a safetensors
-// checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
+// and a held-out loss every --eval-every steps, writes the loss curves as CSV and as an SVG chart
+// (loss.csv, loss.svg) and a safetensors checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
 // attended straight from a PagedAttention page pool, --page-size tokens a page). It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
 // On a GPU (--device cuda) everything runs there; --precision bf16 trains under mixed precision (float32
@@ -26,11 +26,12 @@
 #include <map>
 #include <sstream>
 
-#include "nn/nn.h"
-#include "ops/ops.h"
+#include "flexgrad/nn/nn.h"
+#include "flexgrad/ops/ops.h"
 #include "examples/cli_checks.h"
+#include "examples/svg_chart.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 using namespace fg;
@@ -70,7 +71,7 @@ int main(int argc, char** argv) try {
   uint64_t seed = 1337;
   bool quiet = false, require_improvement = false;
   app.add_option("--data", data_path, "training text file")->check(CLI::ExistingFile);
-  app.add_option("--out", out_dir, "directory for loss.csv and the checkpoint");
+  app.add_option("--out", out_dir, "directory for loss.csv, loss.svg and the checkpoint");
   app.add_option("--steps", steps, "optimizer steps")->check(cli::at_least(1));
   app.add_option("--batch", batch, "sequences per step")->check(cli::at_least(1));
   app.add_option("--context", cfg.context, "sequence length")->check(cli::at_least(1));
@@ -256,6 +257,19 @@ int main(int argc, char** argv) try {
   const double initial_val = val;
   fmt::print("step 0: held-out loss {:.4f}\n", val);
   csv << fmt::format("0,,{:.6f},{},\n", val, sched.at(0));
+  // loss.svg beside loss.csv: the same curves as a picture, rewritten at every evaluation (viewable mid-run).
+  chart::LineChart loss_chart{.title = fmt::format("train_tiny_gpt: {} layers, d_model {}, context {}, batch {}",
+                                                   cfg.n_layers, cfg.d_model, T, batch),
+                              .x_label = "step",
+                              .y_label = "cross-entropy loss (nats/char)",
+                              .series = {{.name = "train (each step's batch)", .color = "#1f77b4"},
+                                         {.name = "held-out", .color = "#d62728", .markers = true}}};
+  auto record_loss = [&loss_chart](int series, int64_t step, double loss) {
+    loss_chart.series[series].x.push_back(static_cast<double>(step));
+    loss_chart.series[series].y.push_back(loss);
+  };
+  const std::string svg_path = out_dir + "/loss.svg";
+  record_loss(1, 0, val);
   const auto t0 = Clock::now();
   // Process CPU time as well as wall time: on a shared machine the CPU seconds per step are the
   // figure that does not depend on what else runs.
@@ -283,7 +297,11 @@ int main(int argc, char** argv) try {
     const double elapsed = seconds_since(t0);
     const double tps = static_cast<double>((step + 1) * batch * T) / elapsed;
     const bool do_eval = (step + 1) % eval_every == 0 || step + 1 == steps;
-    if (do_eval) val = evaluate();
+    record_loss(0, step + 1, l);
+    if (do_eval) {
+      val = evaluate();
+      record_loss(1, step + 1, val);
+    }
     csv << fmt::format("{},{:.6f},{},{},{:.1f}\n", step + 1, l, do_eval ? fmt::format("{:.6f}", val) : "", opt.lr(), tps);
     if (!quiet) {
       fmt::print("\rstep {:>5}/{} | loss {:.4f} | lr {:.2e} | {:.0f} tok/s | {:.0f} ms/step | ETA {}   ", step + 1, steps,
@@ -294,6 +312,7 @@ int main(int argc, char** argv) try {
       fmt::print("{}step {}: train loss {:.4f}, held-out loss {:.4f}\n", quiet ? "" : "\n", step + 1, smoothed, val);
       std::fflush(stdout);  // visible at once even when stdout is a file or a pipe
       csv.flush();
+      chart::write_svg(loss_chart, svg_path);
     }
   }
   const double train_s = seconds_since(t0);
@@ -318,7 +337,7 @@ int main(int argc, char** argv) try {
   nn::save_module(*model, out_dir + "/tiny_gpt.safetensors",
                   {{"vocab", std::string(itos.begin(), itos.end())}, {"steps", std::to_string(steps)}});
   nn::save_safetensors(out_dir + "/tiny_gpt_optim.safetensors", opt.state_dict());
-  fmt::print("wrote {0}/loss.csv, {0}/tiny_gpt.safetensors, {0}/tiny_gpt_optim.safetensors\n", out_dir);
+  fmt::print("wrote {0}/loss.csv, {0}/loss.svg, {0}/tiny_gpt.safetensors, {0}/tiny_gpt_optim.safetensors\n", out_dir);
 
   std::vector<int64_t> p;
   for (unsigned char c : prompt) if (counts.count(c)) p.push_back(stoi[c]);

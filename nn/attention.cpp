@@ -1,7 +1,7 @@
-#include "nn/attention.h"
+#include "flexgrad/nn/attention.h"
 
-#include "ops/elementwise.h"
-#include "ops/view.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg::nn {
 

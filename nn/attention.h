@@ -4,10 +4,10 @@
 #pragma once
 #include <optional>
 
-#include "attention/flex_attention.h"
-#include "nn/kv_cache.h"
-#include "nn/linear.h"
-#include "nn/rotary.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/nn/kv_cache.h"
+#include "flexgrad/nn/linear.h"
+#include "flexgrad/nn/rotary.h"
 
 namespace fg::nn {
 

@@ -1,6 +1,6 @@
-#include "nn/dropout.h"
+#include "flexgrad/nn/dropout.h"
 
-#include "ops/dropout.h"
+#include "flexgrad/ops/dropout.h"
 
 namespace fg::nn {
 

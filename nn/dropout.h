@@ -2,8 +2,8 @@
 // 1 - p and scaled by 1 / (1 - p); in eval mode (or p = 0) it is the identity. The masks depend only on
 // the seed and the number of calls, so a run can be replayed exactly.
 #pragma once
-#include "nn/module.h"
-#include "tensor/random.h"
+#include "flexgrad/nn/module.h"
+#include "flexgrad/tensor/random.h"
 
 namespace fg::nn {
 

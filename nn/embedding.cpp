@@ -1,7 +1,7 @@
-#include "nn/embedding.h"
+#include "flexgrad/nn/embedding.h"
 
-#include "nn/init.h"
-#include "ops/index.h"
+#include "flexgrad/nn/init.h"
+#include "flexgrad/ops/index.h"
 
 namespace fg::nn {
 

@@ -1,6 +1,6 @@
 // Lookup table: indices (any shape, int64/int32) -> rows of weight [num_embeddings, dim], init N(0, 1).
 #pragma once
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

@@ -1,15 +1,15 @@
-#include "nn/gpt.h"
+#include "flexgrad/nn/gpt.h"
 
 #include <cmath>
 
-#include "autograd/grad_mode.h"
-#include "nn/init.h"
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/linalg.h"
-#include "ops/reduce.h"
-#include "ops/softmax.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/nn/init.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/linalg.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/softmax.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg::nn {
 

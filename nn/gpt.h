@@ -3,9 +3,9 @@
 // vocab * d_model parameters and helps small models). Attention structure comes in per call (causal,
 // document masks...), so one model trains under any flex_attention mask.
 #pragma once
-#include "nn/transformer.h"
-#include "nn/embedding.h"
-#include "tensor/random.h"
+#include "flexgrad/nn/transformer.h"
+#include "flexgrad/nn/embedding.h"
+#include "flexgrad/tensor/random.h"
 
 namespace fg::nn {
 

@@ -1,7 +1,7 @@
-#include "nn/init.h"
+#include "flexgrad/nn/init.h"
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn::init {
 

@@ -1,7 +1,7 @@
 // Parameter initialisers (torch.nn.init), drawn from a seeded Generator so runs are reproducible.
 #pragma once
-#include "tensor/random.h"
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/random.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg::nn::init {
 

@@ -1,8 +1,8 @@
-#include "nn/kv_cache.h"
+#include "flexgrad/nn/kv_cache.h"
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg::nn {
 

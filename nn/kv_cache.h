@@ -7,8 +7,8 @@
 #include <memory>
 #include <utility>
 
-#include "attention/flex_attention.h"
-#include "tensor/tensor.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg::nn {
 

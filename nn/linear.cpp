@@ -1,9 +1,9 @@
-#include "nn/linear.h"
+#include "flexgrad/nn/linear.h"
 
 #include <cmath>
 
-#include "nn/init.h"
-#include "ops/linalg.h"
+#include "flexgrad/nn/init.h"
+#include "flexgrad/ops/linalg.h"
 
 namespace fg::nn {
 

@@ -1,6 +1,6 @@
 // y = x @ weight^T + bias, weight [out, in] initialised U(-1/sqrt(in), 1/sqrt(in)) as torch.nn.Linear.
 #pragma once
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

@@ -1,7 +1,7 @@
-#include "nn/mlp.h"
+#include "flexgrad/nn/mlp.h"
 
-#include "ops/activation.h"
-#include "ops/elementwise.h"
+#include "flexgrad/ops/activation.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn {
 

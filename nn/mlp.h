@@ -1,6 +1,6 @@
 // The transformer feed-forward block: GELU (fc -> gelu -> proj) or SwiGLU (silu(gate x) * up x -> down).
 #pragma once
-#include "nn/linear.h"
+#include "flexgrad/nn/linear.h"
 
 namespace fg::nn {
 

@@ -1,12 +1,12 @@
 // nn::Module: registration, traversal, conversion, state dicts and printing.
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 #include <fmt/format.h>
 
 #include <set>
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn {
 

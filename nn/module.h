@@ -19,8 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include "tensor/random.h"
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/random.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg::nn {
 

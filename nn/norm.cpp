@@ -1,6 +1,6 @@
-#include "nn/norm.h"
+#include "flexgrad/nn/norm.h"
 
-#include "ops/norm.h"
+#include "flexgrad/ops/norm.h"
 
 namespace fg::nn {
 

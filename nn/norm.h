@@ -1,6 +1,6 @@
 // LayerNorm and RMSNorm over the last dim (fused ops from ops/norm.h), weight 1 and bias 0 at init.
 #pragma once
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

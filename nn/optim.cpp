@@ -1,11 +1,11 @@
-#include "nn/optim.h"
+#include "flexgrad/nn/optim.h"
 
 #include <cmath>
 #include <map>
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
-#include "ops/optim.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/optim.h"
 
 namespace fg::nn {
 

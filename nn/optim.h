@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

@@ -1,10 +1,10 @@
-#include "nn/paged_kv_cache.h"
+#include "flexgrad/nn/paged_kv_cache.h"
 
 #include <algorithm>
 #include <vector>
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn {
 

@@ -10,8 +10,8 @@
 // Pools: k_pool / v_pool [1, Hkv, n_pages * page_size, E] of the cache's dtype, CPU only (PagedAttention's
 // tables are read by the mods on the CPU). reset() erases every slot: all pages go back to the pool.
 #pragma once
-#include "attention/paged_attention.h"
-#include "nn/kv_cache.h"
+#include "flexgrad/attention/paged_attention.h"
+#include "flexgrad/nn/kv_cache.h"
 
 namespace fg::nn {
 

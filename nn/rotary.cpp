@@ -1,12 +1,12 @@
-#include "nn/rotary.h"
+#include "flexgrad/nn/rotary.h"
 
 #include <cmath>
 #include <vector>
 
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/rotary.h"
-#include "ops/view.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/rotary.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg::nn {
 

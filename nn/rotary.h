@@ -2,7 +2,7 @@
 // each head are rotated by angle pos * base^(-2i/E). Relative positions then show up in q.k directly,
 // so the model needs no learned position table and a KV cache only needs the offset of new tokens.
 #pragma once
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

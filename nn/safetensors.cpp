@@ -1,4 +1,4 @@
-#include "nn/safetensors.h"
+#include "flexgrad/nn/safetensors.h"
 
 #include <algorithm>
 #include <bit>
@@ -7,7 +7,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
-#include "ops/elementwise.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn {
 

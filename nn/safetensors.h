@@ -8,7 +8,7 @@
 #include <map>
 #include <string>
 
-#include "nn/module.h"
+#include "flexgrad/nn/module.h"
 
 namespace fg::nn {
 

@@ -1,6 +1,6 @@
-#include "nn/transformer.h"
+#include "flexgrad/nn/transformer.h"
 
-#include "ops/elementwise.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg::nn {
 

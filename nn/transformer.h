@@ -1,10 +1,10 @@
 // Pre-norm transformer block (GPT-2 / LLaMA style): x + attn(norm1(x)), then + mlp(norm2(x)), with
 // optional residual dropout. The norm is LayerNorm or RMSNorm.
 #pragma once
-#include "nn/attention.h"
-#include "nn/dropout.h"
-#include "nn/mlp.h"
-#include "nn/norm.h"
+#include "flexgrad/nn/attention.h"
+#include "flexgrad/nn/dropout.h"
+#include "flexgrad/nn/mlp.h"
+#include "flexgrad/nn/norm.h"
 
 namespace fg::nn {
 

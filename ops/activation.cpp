@@ -1,9 +1,9 @@
 // gelu_fused: forward through gelu_fwd_stub, backward (gelu_bwd_stub) recorded next to it.
-#include "ops/activation.h"
+#include "flexgrad/ops/activation.h"
 
-#include "autograd/record.h"
-#include "ops/activation_kernels.h"
-#include "ops/elementwise.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/activation_kernels.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg {
 

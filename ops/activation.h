@@ -3,7 +3,7 @@
 // values on a contiguous copy and differentiates in one kernel pass, which on the [B*T, 4*d] hidden
 // activation of a transformer is the difference between the MLP and the whole model dominating a step.
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

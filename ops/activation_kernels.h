@@ -1,7 +1,7 @@
 // Kernel family behind ops/activation.h: contiguous n elements of float16/bfloat16/float32/float64.
 #pragma once
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

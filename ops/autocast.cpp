@@ -1,8 +1,8 @@
-#include "ops/autocast.h"
+#include "flexgrad/ops/autocast.h"
 
 #include <array>
 
-#include "ops/elementwise.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg {
 

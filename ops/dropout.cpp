@@ -1,9 +1,9 @@
 // dropout: counters reserved from the generator, then the fused kernel forward and (same counters) backward.
-#include "ops/dropout.h"
+#include "flexgrad/ops/dropout.h"
 
-#include "autograd/record.h"
-#include "ops/dropout_kernels.h"
-#include "ops/elementwise.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/dropout_kernels.h"
+#include "flexgrad/ops/elementwise.h"
 
 namespace fg {
 

@@ -3,8 +3,8 @@
 // per four elements: ops/dropout_kernels.h), so a seed gives the same mask on the CPU and on the GPU, and it
 // is never stored: the backward draws it again from the same counters (one pass each way).
 #pragma once
-#include "tensor/random.h"
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/random.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

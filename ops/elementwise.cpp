@@ -1,14 +1,14 @@
 // Elementwise ops: validation, type promotion, output allocation, and each op's backward right below
 // its forward. Kernels are reached only through the stubs (ops/elementwise.h).
-#include "ops/elementwise.h"
+#include "flexgrad/ops/elementwise.h"
 
 #include <algorithm>
 #include <cmath>
 #include <numbers>
 
-#include "autograd/record.h"
-#include "autograd/view.h"
-#include "ops/reduce.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/autograd/view.h"
+#include "flexgrad/ops/reduce.h"
 
 namespace fg {
 

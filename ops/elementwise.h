@@ -4,9 +4,9 @@
 #pragma once
 #include <optional>
 
-#include "ops/elementwise_plan.h"
-#include "ops/dispatch.h"
-#include "tensor/tensor.h"
+#include "flexgrad/ops/elementwise_plan.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

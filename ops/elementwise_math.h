@@ -7,8 +7,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "ops/elementwise.h"
-#include "tensor/philox.h"  // FG_HOST_DEVICE
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/tensor/philox.h"  // FG_HOST_DEVICE
 
 namespace fg::math {
 

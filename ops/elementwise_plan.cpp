@@ -1,4 +1,4 @@
-#include "ops/elementwise_plan.h"
+#include "flexgrad/ops/elementwise_plan.h"
 
 #include <numeric>
 

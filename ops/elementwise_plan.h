@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -5,8 +5,8 @@
 #pragma once
 #include <cstdint>
 
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

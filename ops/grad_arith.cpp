@@ -1,11 +1,11 @@
 // The operations autograd's engine needs (autograd/grad_arith.h), provided by the op layer.
-#include "autograd/grad_arith.h"
+#include "flexgrad/autograd/grad_arith.h"
 
-#include "autograd/grad_mode.h"
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/reduce.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/grad_mode.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg::autograd_arith {
 

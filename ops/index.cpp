@@ -2,14 +2,14 @@
 // DimIndexArgs for dim_index_stub after validating every index value here (kernels then never fail);
 // their backwards are each other: select <-> index_add, gather <-> scatter_add, all deterministic.
 // The rest are compositions of differentiable ops.
-#include "ops/index.h"
+#include "flexgrad/ops/index.h"
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/embedding_kernels.h"
-#include "ops/index_kernels.h"
-#include "ops/reduce.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/embedding_kernels.h"
+#include "flexgrad/ops/index_kernels.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -1,7 +1,7 @@
 // Indexing, gathering and joining. scatter_add and the backward of index_select/gather/embedding are
 // deterministic on every device (no order-dependent atomics).
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -1,14 +1,14 @@
 // Matrix products (ops/linalg.h). Everything funnels into batched_matmul ([..., m, k] x [..., k, n] with
 // broadcast batch dims), which fills a GemmArgs for gemm_stub and records the backward:
 //   grad_a = g @ b^T, grad_b = a^T @ g, each summed back over the batch dims it was broadcast along.
-#include "ops/linalg.h"
+#include "flexgrad/ops/linalg.h"
 
-#include "autograd/record.h"
-#include "ops/autocast.h"
-#include "ops/elementwise.h"
-#include "ops/linalg_kernels.h"
-#include "ops/reduce.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/autocast.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/linalg_kernels.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -2,7 +2,7 @@
 // accumulate in f32. matmul follows torch.matmul's rules (1-D vectors, broadcast batch dims). Under an
 // AutocastGuard (ops/autocast.h) float32 operands on its device type are cast to its dtype first.
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -5,8 +5,8 @@
 #include <array>
 #include <cstdint>
 
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

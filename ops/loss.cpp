@@ -1,12 +1,12 @@
 // cross_entropy (fused, backward next to it), nll_loss and mse_loss (composites of differentiable ops).
-#include "ops/loss.h"
+#include "flexgrad/ops/loss.h"
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/loss_kernels.h"
-#include "ops/reduce.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/loss_kernels.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

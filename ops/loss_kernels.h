@@ -1,8 +1,8 @@
 // Kernel family behind the fused cross_entropy (ops/loss.h). Contiguous [rows, C] logits in one floating
 // dtype, int64 targets; per-row outputs are in the logits' dtype.
 #pragma once
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

@@ -1,10 +1,10 @@
 // layer_norm / rms_norm: forward through norm_fwd_stub, backward (norm_bwd_stub) recorded next to it.
-#include "ops/norm.h"
+#include "flexgrad/ops/norm.h"
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/norm_kernels.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/norm_kernels.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -2,7 +2,7 @@
 // backward reuses them in one pass (gx) plus a column reduction (gw, gb), instead of the ~10 elementwise
 // and reduction nodes of the composite form.
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

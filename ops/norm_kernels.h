@@ -1,8 +1,8 @@
 // Kernel family behind ops/norm.h: contiguous [rows, n] in float32/float64; the weight/bias pointers may
 // be null (no affine). rms selects RMSNorm (no centring, no bias).
 #pragma once
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

@@ -1,10 +1,10 @@
 // Fused optimizer updates: validation, grouping by (device, dtype) and the stub calls.
-#include "ops/optim.h"
+#include "flexgrad/ops/optim.h"
 
 #include <map>
 #include <tuple>
 
-#include "autograd/grad_mode.h"
+#include "flexgrad/autograd/grad_mode.h"
 
 namespace fg {
 

@@ -5,8 +5,8 @@
 #pragma once
 #include <vector>
 
-#include "ops/optim_kernels.h"
-#include "tensor/tensor.h"
+#include "flexgrad/ops/optim_kernels.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "ops/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

@@ -2,17 +2,17 @@
 // on the strided input as it is (a ReduceLayout, no permute-and-copy), and records its backward right
 // below the forward. Backward formulas use differentiable ops and run with grad mode off (the engine's
 // choice), so they are plain tensor code.
-#include "ops/reduce.h"
+#include "flexgrad/ops/reduce.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/reduce_kernels.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/reduce_kernels.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -3,8 +3,8 @@
 #include <optional>
 #include <utility>
 
-#include "ops/dispatch.h"
-#include "tensor/tensor.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

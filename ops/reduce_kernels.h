@@ -3,8 +3,8 @@
 #pragma once
 #include <cstdint>
 
-#include "ops/dispatch.h"
-#include "ops/reduce_layout.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/ops/reduce_layout.h"
 
 namespace fg {
 

@@ -1,4 +1,4 @@
-#include "ops/reduce_layout.h"
+#include "flexgrad/ops/reduce_layout.h"
 
 namespace fg {
 

@@ -1,10 +1,10 @@
 // rotary_embedding: checks, the 4-D view the kernels take, and the backward (the inverse rotation).
-#include "ops/rotary.h"
+#include "flexgrad/ops/rotary.h"
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/rotary_kernels.h"
-#include "ops/view.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/rotary_kernels.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -6,7 +6,7 @@
 // constants of the graph: passing tables that require grad is refused (nn::RotaryEmbedding keeps them as
 // buffers).
 #pragma once
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

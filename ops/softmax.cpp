@@ -1,10 +1,10 @@
 // softmax / log_softmax: forward through softmax_stub, backward recorded right below.
-#include "ops/softmax.h"
+#include "flexgrad/ops/softmax.h"
 
-#include "autograd/record.h"
-#include "ops/elementwise.h"
-#include "ops/reduce.h"
-#include "ops/softmax_kernels.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/softmax_kernels.h"
 
 namespace fg {
 

@@ -1,8 +1,8 @@
 // Kernel family behind ops/softmax.h: one row per kept position of a ReduceLayout whose single reduced
 // dim is the softmax dim; input and output share the dtype and the layout (out strides in the layout).
 #pragma once
-#include "ops/dispatch.h"
-#include "ops/reduce_layout.h"
+#include "flexgrad/ops/dispatch.h"
+#include "flexgrad/ops/reduce_layout.h"
 
 namespace fg {
 

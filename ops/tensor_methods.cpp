@@ -1,8 +1,8 @@
 // Tensor's convenience methods (declared in tensor/tensor.h) forward to the differentiable free
 // functions of the op layer, as ATen's methods forward to its operators.
-#include "ops/elementwise.h"
-#include "ops/reduce.h"
-#include "ops/view.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/reduce.h"
+#include "flexgrad/ops/view.h"
 
 namespace fg {
 

@@ -1,16 +1,16 @@
 // Differentiable views. Each computes the new layout over the same storage; the backward maps the
 // gradient of the view back onto the shape of its input. Every output is also marked as a view of its
 // input's root base (autograd/view.h), which is what makes in-place writes through it differentiable.
-#include "ops/view.h"
+#include "flexgrad/ops/view.h"
 
 #include <algorithm>
 #include <numeric>
 
-#include "autograd/record.h"
-#include "autograd/view.h"
-#include "ops/elementwise.h"
-#include "ops/index.h"
-#include "ops/reduce.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/autograd/view.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/index.h"
+#include "flexgrad/ops/reduce.h"
 
 namespace fg {
 

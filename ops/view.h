@@ -3,7 +3,7 @@
 #pragma once
 #include <optional>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -3,8 +3,8 @@
 // CUDA implementations register themselves into its table at load time (FG_REGISTER_KERNEL), and the
 // op calls `stub(device, args...)`. No `if (cuda)` chains anywhere else.
 #pragma once
-#include "tensor/device.h"
-#include "tensor/error.h"
+#include "flexgrad/tensor/device.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg {
 

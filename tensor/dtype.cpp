@@ -1,6 +1,6 @@
-#include "tensor/dtype.h"
+#include "flexgrad/tensor/dtype.h"
 
-#include "tensor/error.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg {
 

@@ -5,7 +5,7 @@
 #include <string>
 #include <fmt/format.h>
 
-#include "tensor/half.h"
+#include "flexgrad/tensor/half.h"
 
 namespace fg {
 

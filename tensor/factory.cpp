@@ -1,7 +1,7 @@
 // Factories that need no kernels: values are produced on the CPU and copied to the target device.
 #include <cmath>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 namespace {

@@ -2,7 +2,7 @@
 // bytes in 2.0/3.0, little-endian), an ASCII (3.0: UTF-8) Python dict literal
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } padded with spaces and a '\n' so that the
 // data starts 64-byte aligned, then the raw elements.
-#include "tensor/npy.h"
+#include "flexgrad/tensor/npy.h"
 
 #include <algorithm>
 #include <bit>

@@ -4,7 +4,7 @@
 #pragma once
 #include <string>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -8,7 +8,7 @@
 //   - suffixes: device (non-CPU), dtype (when not float32/int64/bool), grad_fn or requires_grad, moved
 //     to a new line when they would pass linewidth.
 // Elements are read one at a time through the device backend, so any device and layout prints without ops.
-#include "tensor/print.h"
+#include "flexgrad/tensor/print.h"
 
 #include <cmath>
 #include <cstring>

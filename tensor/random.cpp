@@ -2,14 +2,14 @@
 // element -> counter mapping is documented in tensor/random.h and must not change (saved seeds and the
 // CUDA fill kernel, tensor/cuda/random_cuda.cu, depend on it). rand/randn/randint/bernoulli fill on the
 // target device through random_fill_stub; randperm and multinomial are sequential, run on the CPU and copy.
-#include "tensor/random.h"
+#include "flexgrad/tensor/random.h"
 
 #include <cmath>
 #include <numbers>
 #include <numeric>
 
-#include "tensor/philox.h"
-#include "tensor/random_kernels.h"
+#include "flexgrad/tensor/philox.h"
+#include "flexgrad/tensor/random_kernels.h"
 
 namespace fg {
 namespace {

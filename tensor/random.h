@@ -25,7 +25,7 @@
 #include <cstdint>
 #include <mutex>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 

@@ -5,8 +5,8 @@
 #pragma once
 #include <cstdint>
 
-#include "tensor/dispatch.h"
-#include "tensor/dtype.h"
+#include "flexgrad/tensor/dispatch.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "tensor/dtype.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 

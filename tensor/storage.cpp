@@ -1,4 +1,4 @@
-#include "tensor/storage.h"
+#include "flexgrad/tensor/storage.h"
 
 #include <array>
 #include <cstdlib>
@@ -7,7 +7,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "tensor/error.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg {
 namespace {

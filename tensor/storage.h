@@ -7,7 +7,7 @@
 #include <functional>
 #include <memory>
 
-#include "tensor/device.h"
+#include "flexgrad/tensor/device.h"
 
 namespace fg {
 

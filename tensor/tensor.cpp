@@ -1,4 +1,4 @@
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 #include <algorithm>
 #include <cstring>

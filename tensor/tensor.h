@@ -13,11 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "tensor/dtype.h"
-#include "tensor/device.h"
-#include "tensor/error.h"
-#include "tensor/scalar.h"
-#include "tensor/storage.h"
+#include "flexgrad/tensor/dtype.h"
+#include "flexgrad/tensor/device.h"
+#include "flexgrad/tensor/error.h"
+#include "flexgrad/tensor/scalar.h"
+#include "flexgrad/tensor/storage.h"
 
 namespace fg {
 

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "ops/ops.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg::testing {
 

@@ -6,8 +6,8 @@
 #include <optional>
 #include <tuple>
 
-#include "attention/block_mask_kernels.h"
-#include "attention/tile_eval.h"
+#include "flexgrad/attention/block_mask_kernels.h"
+#include "flexgrad/attention/tile_eval.h"
 
 namespace fg::cpu {
 namespace {

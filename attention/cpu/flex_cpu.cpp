@@ -24,10 +24,10 @@
 #include <limits>
 #include <mutex>
 
-#include "attention/flex_kernels.h"
-#include "attention/tile_eval.h"
-#include "ops/cpu/blas_threads.h"
-#include "tensor/vec_math.h"
+#include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/attention/tile_eval.h"
+#include "flexgrad/ops/cpu/blas_threads.h"
+#include "flexgrad/tensor/vec_math.h"
 
 
 namespace fg::cpu {

@@ -1,7 +1,7 @@
 // PagedAttention::assign's scatter on the CPU (attention/paged_attention_kernels.h).
 #include <cstring>
 
-#include "attention/paged_attention_kernels.h"
+#include "flexgrad/attention/paged_attention_kernels.h"
 
 namespace fg {
 namespace {

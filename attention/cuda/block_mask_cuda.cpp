@@ -4,10 +4,10 @@
 // in memory and on disk). The block lists are built by the CUB kernels of block_mask_lists.cu.
 #include <cstdint>
 
-#include "attention/block_mask_kernels.h"
-#include "attention/cuda/block_mask_lists.h"
-#include "attention/cuda/flex_cuda_common.h"
-#include "attention/cuda/jit.h"
+#include "flexgrad/attention/block_mask_kernels.h"
+#include "flexgrad/attention/cuda/block_mask_lists.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/jit.h"
 
 namespace fg::cuda {
 namespace {

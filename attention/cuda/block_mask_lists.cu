@@ -2,8 +2,8 @@
 // per row, lists -> bits with a scatter.
 #include <cub/block/block_scan.cuh>
 
-#include "attention/cuda/block_mask_lists.h"
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/attention/cuda/block_mask_lists.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
 namespace {

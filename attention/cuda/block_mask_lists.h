@@ -2,7 +2,7 @@
 // apart from the host glue so that only the kernels go through nvcc. See attention/block_mask_kernels.h
 // for the block bits and the list order.
 #pragma once
-#include "attention/block_mask_kernels.h"
+#include "flexgrad/attention/block_mask_kernels.h"
 
 namespace fg::cuda {
 

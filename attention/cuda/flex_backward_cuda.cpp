@@ -17,10 +17,10 @@
 #include <string>
 #include <vector>
 
-#include "attention/cuda/flex_cuda_common.h"
-#include "attention/cuda/jit.h"
-#include "attention/flex_kernels.h"
-#include "tensor/error.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg::cuda::flex {
 namespace {

@@ -1,14 +1,14 @@
 // Host glue shared by every FlexAttention launch on CUDA (attention/cuda/flex_cuda_common.h).
-#include "attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstring>
 
-#include "attention/mod_codegen.h"
-#include "attention/op_semantics.h"
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/attention/mod_codegen.h"
+#include "flexgrad/attention/op_semantics.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda::flex {
 

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/cuda/jit.h"
-#include "attention/flex_kernels.h"
+#include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/attention/flex_kernels.h"
 
 namespace fg::cuda::flex {
 

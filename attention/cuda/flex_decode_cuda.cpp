@@ -1,6 +1,6 @@
 // The split-KV FlexAttention forward for short queries (kernels/flex_decode.cuh): configuration, split count,
 // workspace (partials and per-tile counters when the kv blocks are split), one launch of flex_decode_mma.
-#include "attention/cuda/flex_decode_cuda.h"
+#include "flexgrad/attention/cuda/flex_decode_cuda.h"
 
 #include <cuda_runtime.h>
 
@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/cuda/flex_cuda_common.h"
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
 namespace {

@@ -3,7 +3,7 @@
 #pragma once
 #include <string>
 
-#include "attention/flex_kernels.h"
+#include "flexgrad/attention/flex_kernels.h"
 
 namespace fg::cuda {
 

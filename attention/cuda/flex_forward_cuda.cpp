@@ -13,10 +13,10 @@
 #include <string>
 #include <vector>
 
-#include "attention/cuda/flex_cuda_common.h"
-#include "attention/cuda/flex_decode_cuda.h"
-#include "attention/flex_kernels.h"
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/flex_decode_cuda.h"
+#include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
 namespace {

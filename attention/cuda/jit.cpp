@@ -7,7 +7,7 @@
 //   3. NVRTC -> CUBIN, written atomically (tmp + rename)    -> compile
 // then cudaLibraryLoadData + cudaLibraryGetKernel. The runtime's library API is used instead of the
 // driver's cuModule* so libflexgrad needs no libcuda at link time (machines without a driver still load it).
-#include "attention/cuda/jit.h"
+#include "flexgrad/attention/cuda/jit.h"
 
 #include <cuda_runtime.h>
 #include <nvrtc.h>
@@ -23,7 +23,7 @@
 #include <mutex>
 #include <sstream>
 
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda::jit {
 namespace {

@@ -2,8 +2,8 @@
 // (b, h, s) copies it to its physical cache row, 16 bytes at a time where rows are 16-byte aligned.
 #include <cstdint>
 
-#include "attention/paged_attention_kernels.h"
-#include "tensor/cuda/cuda_check.h"
+#include "flexgrad/attention/paged_attention_kernels.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
 namespace {

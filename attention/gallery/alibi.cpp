@@ -1,5 +1,5 @@
 // ALiBi (see alibi.h).
-#include "attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/alibi.h"
 
 namespace fg {
 

@@ -1,5 +1,5 @@
 // Batchify (see batchify.h).
-#include "attention/gallery/batchify.h"
+#include "flexgrad/attention/gallery/batchify.h"
 
 namespace fg {
 

@@ -2,7 +2,7 @@
 #pragma once
 #include <cstdint>
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

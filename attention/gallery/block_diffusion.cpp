@@ -1,5 +1,5 @@
 // Block Diffusion mask (see block_diffusion.h).
-#include "attention/gallery/block_diffusion.h"
+#include "flexgrad/attention/gallery/block_diffusion.h"
 
 namespace fg {
 

@@ -1,7 +1,7 @@
 // Causal masks (see causal.h).
-#include "attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/causal.h"
 
-#include "attention/mask_mods.h"
+#include "flexgrad/attention/mask_mods.h"
 
 namespace fg {
 

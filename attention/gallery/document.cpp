@@ -1,5 +1,5 @@
 // Packed-document masks (see document.h).
-#include "attention/gallery/document.h"
+#include "flexgrad/attention/gallery/document.h"
 
 namespace fg {
 

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

@@ -1,5 +1,5 @@
 // Graphormer spatial encoding (see graphormer.h).
-#include "attention/gallery/graphormer.h"
+#include "flexgrad/attention/gallery/graphormer.h"
 
 #include <algorithm>
 #include <vector>

@@ -1,5 +1,5 @@
 // NATTEN masks (see natten.h).
-#include "attention/gallery/natten.h"
+#include "flexgrad/attention/gallery/natten.h"
 
 #include <utility>
 

@@ -1,18 +1,18 @@
 // The gallery by name (see registry.h).
-#include "attention/gallery/registry.h"
+#include "flexgrad/attention/gallery/registry.h"
 
 #include <set>
 
-#include "attention/gallery/alibi.h"
-#include "attention/gallery/batchify.h"
-#include "attention/gallery/block_diffusion.h"
-#include "attention/gallery/causal.h"
-#include "attention/gallery/document.h"
-#include "attention/gallery/graphormer.h"
-#include "attention/gallery/natten.h"
-#include "attention/gallery/sandwich.h"
-#include "attention/gallery/sliding_window.h"
-#include "attention/gallery/softcap.h"
+#include "flexgrad/attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/batchify.h"
+#include "flexgrad/attention/gallery/block_diffusion.h"
+#include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/document.h"
+#include "flexgrad/attention/gallery/graphormer.h"
+#include "flexgrad/attention/gallery/natten.h"
+#include "flexgrad/attention/gallery/sandwich.h"
+#include "flexgrad/attention/gallery/sliding_window.h"
+#include "flexgrad/attention/gallery/softcap.h"
 
 namespace fg {
 

@@ -9,7 +9,7 @@
 #include <variant>
 #include <vector>
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

@@ -1,5 +1,5 @@
 // Sandwich bias (see sandwich.h).
-#include "attention/gallery/sandwich.h"
+#include "flexgrad/attention/gallery/sandwich.h"
 
 #include <cmath>
 #include <vector>

@@ -1,5 +1,5 @@
 // Sliding-window masks (see sliding_window.h).
-#include "attention/gallery/sliding_window.h"
+#include "flexgrad/attention/gallery/sliding_window.h"
 
 namespace fg {
 

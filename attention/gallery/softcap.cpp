@@ -1,5 +1,5 @@
 // Tanh soft-capping (see softcap.h).
-#include "attention/gallery/softcap.h"
+#include "flexgrad/attention/gallery/softcap.h"
 
 #include <cmath>
 

@@ -1,7 +1,7 @@
 // Tanh soft-capping of attention logits.
 #pragma once
 
-#include "attention/expr.h"
+#include "flexgrad/attention/expr.h"
 
 namespace fg {
 

@@ -7,9 +7,9 @@
 #include <numbers>
 #include <type_traits>
 
-#include "ops/activation_kernels.h"
-#include "tensor/half.h"
-#include "tensor/vec_math.h"
+#include "flexgrad/ops/activation_kernels.h"
+#include "flexgrad/tensor/half.h"
+#include "flexgrad/tensor/vec_math.h"
 
 namespace fg {
 namespace {

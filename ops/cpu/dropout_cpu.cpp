@@ -1,6 +1,6 @@
 // CPU dropout (ops/dropout_kernels.h): one Philox block per four elements.
-#include "ops/dropout_kernels.h"
-#include "tensor/philox.h"
+#include "flexgrad/ops/dropout_kernels.h"
+#include "flexgrad/tensor/philox.h"
 
 namespace fg {
 namespace {

@@ -3,9 +3,9 @@
 #include <atomic>
 #include <cstring>
 
-#include "ops/cpu/parallel_loops.h"
-#include "ops/elementwise.h"
-#include "ops/elementwise_math.h"
+#include "flexgrad/ops/cpu/parallel_loops.h"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/elementwise_math.h"
 
 namespace fg::cpu {
 namespace {

@@ -5,7 +5,7 @@
 #include <array>
 #include <type_traits>
 
-#include "ops/index_kernels.h"
+#include "flexgrad/ops/index_kernels.h"
 
 namespace fg {
 namespace {

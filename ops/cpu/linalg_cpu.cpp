@@ -11,8 +11,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops/cpu/blas_threads.h"
-#include "ops/linalg_kernels.h"
+#include "flexgrad/ops/cpu/blas_threads.h"
+#include "flexgrad/ops/linalg_kernels.h"
 
 namespace fg {
 namespace {

@@ -2,7 +2,7 @@
 #include <cmath>
 #include <limits>
 
-#include "ops/loss_kernels.h"
+#include "flexgrad/ops/loss_kernels.h"
 
 namespace fg {
 namespace {

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-#include "ops/norm_kernels.h"
+#include "flexgrad/ops/norm_kernels.h"
 
 namespace fg {
 namespace {

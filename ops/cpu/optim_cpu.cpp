@@ -3,7 +3,7 @@
 // result does not depend on the number of threads.
 #include <cmath>
 
-#include "ops/optim_kernels.h"
+#include "flexgrad/ops/optim_kernels.h"
 
 namespace fg {
 namespace {

@@ -3,7 +3,7 @@
 #pragma once
 #include <algorithm>
 
-#include "ops/elementwise_plan.h"
+#include "flexgrad/ops/elementwise_plan.h"
 
 namespace fg::cpu {
 

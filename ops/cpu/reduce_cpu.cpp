@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops/reduce_kernels.h"
+#include "flexgrad/ops/reduce_kernels.h"
 
 namespace fg {
 namespace {

@@ -1,5 +1,5 @@
 // CPU rotary embedding (ops/rotary_kernels.h): one (a, b, l) row per iteration, split across OpenMP threads.
-#include "ops/rotary_kernels.h"
+#include "flexgrad/ops/rotary_kernels.h"
 
 namespace fg {
 namespace {

@@ -2,7 +2,7 @@
 #include <cmath>
 #include <limits>
 
-#include "ops/softmax_kernels.h"
+#include "flexgrad/ops/softmax_kernels.h"
 
 namespace fg {
 namespace {

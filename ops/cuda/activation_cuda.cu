@@ -7,8 +7,8 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "ops/activation_kernels.h"
-#include "ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/activation_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
 
 namespace fg::cuda {
 namespace {

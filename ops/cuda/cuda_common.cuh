@@ -6,8 +6,8 @@
 
 #include <type_traits>
 
-#include "tensor/cuda/cuda_check.h"
-#include "tensor/dtype.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg::cuda {
 

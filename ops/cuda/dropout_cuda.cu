@@ -1,8 +1,8 @@
 // CUDA dropout (ops/dropout_kernels.h): a thread per four elements computes their Philox block and writes
 // in * mask * scale.
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/dropout_kernels.h"
-#include "tensor/philox.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/dropout_kernels.h"
+#include "flexgrad/tensor/philox.h"
 
 namespace fg::cuda {
 namespace {

@@ -1,8 +1,8 @@
 // CUDA kernels of the elementwise families (ops/elementwise.h), computing with the same scalar math as
 // the CPU (ops/elementwise_math.h). Half types load to float, compute, and round back once per element.
-#include "ops/cuda/elementwise_launch.cuh"
-#include "ops/elementwise.h"
-#include "ops/elementwise_math.h"
+#include "flexgrad/ops/cuda/elementwise_launch.cuh"
+#include "flexgrad/ops/elementwise.h"
+#include "flexgrad/ops/elementwise_math.h"
 
 namespace fg::cuda {
 namespace {

@@ -10,8 +10,8 @@
 #include <cstring>
 #include <algorithm>
 
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/elementwise_plan.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/elementwise_plan.h"
 
 namespace fg::cuda {
 

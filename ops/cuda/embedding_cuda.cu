@@ -9,8 +9,8 @@
 // dependent memory round trips (a very frequent id, e.g. padding, bounds the kernel's time).
 #include <cub/device/device_radix_sort.cuh>
 
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/embedding_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/embedding_kernels.h"
 
 namespace fg::cuda {
 namespace {

@@ -2,8 +2,8 @@
 // their backwards). Copies run one thread per (position, j). Accumulating forms run one thread per
 // position walking j in order, as the CPU does: no atomics, so results are deterministic and identical
 // run to run (and, for integer and exactly representable sums, to the CPU).
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/index_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/index_kernels.h"
 
 namespace fg::cuda {
 namespace {

@@ -1,8 +1,8 @@
 // Device-side readers of ReduceLayout (the same arithmetic as its host member functions) and block-wide
 // reductions shared by the reduction, softmax and scan kernels.
 #pragma once
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/reduce_layout.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/reduce_layout.h"
 
 namespace fg::cuda {
 

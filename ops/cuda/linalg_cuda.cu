@@ -10,8 +10,8 @@
 #include <optional>
 #include <vector>
 
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/linalg_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/linalg_kernels.h"
 
 namespace fg::cuda {
 

@@ -7,8 +7,8 @@
 // and raises the CPU's IndexError, naming the row and the value.
 #include <cstdint>
 
-#include "ops/cuda/layout_device.cuh"
-#include "ops/loss_kernels.h"
+#include "flexgrad/ops/cuda/layout_device.cuh"
+#include "flexgrad/ops/loss_kernels.h"
 
 namespace fg::cuda {
 namespace {

@@ -4,8 +4,8 @@
 // The weight/bias gradients never use atomics: pass 1 sums fixed chunks of rows per column tile into
 // partials, pass 2 adds the partials of each column in chunk order. Chunking depends only on the shape,
 // so two runs (or two GPUs) give bitwise equal gradients.
-#include "ops/cuda/layout_device.cuh"
-#include "ops/norm_kernels.h"
+#include "flexgrad/ops/cuda/layout_device.cuh"
+#include "flexgrad/ops/norm_kernels.h"
 
 namespace fg::cuda {
 namespace {

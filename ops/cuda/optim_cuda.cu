@@ -5,9 +5,9 @@
 // result is bitwise reproducible) and one device-to-host copy.
 #include <cstring>
 
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/cuda/layout_device.cuh"
-#include "ops/optim_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/cuda/layout_device.cuh"
+#include "flexgrad/ops/optim_kernels.h"
 
 namespace fg::cuda {
 namespace {

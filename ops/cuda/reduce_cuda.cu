@@ -6,8 +6,8 @@
 #include <cuda/std/limits>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
-#include "ops/cuda/layout_device.cuh"
-#include "ops/reduce_kernels.h"
+#include "flexgrad/ops/cuda/layout_device.cuh"
+#include "flexgrad/ops/reduce_kernels.h"
 
 namespace fg::cuda {
 namespace {

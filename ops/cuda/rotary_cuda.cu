@@ -1,8 +1,8 @@
 // CUDA rotary embedding (ops/rotary_kernels.h): a thread per (row, V frequencies i..i+V-1 < E/2), reading x1
 // and x2 and writing both outputs; consecutive threads take consecutive i, so rows are read and written
 // coalesced.
-#include "ops/cuda/cuda_common.cuh"
-#include "ops/rotary_kernels.h"
+#include "flexgrad/ops/cuda/cuda_common.cuh"
+#include "flexgrad/ops/rotary_kernels.h"
 
 namespace fg::cuda {
 namespace {

@@ -2,8 +2,8 @@
 // length is a multiple of 16 bytes (up to 64 KiB) are held in registers and moved with 16-byte accesses,
 // several in flight per thread (one read, one write of memory); other unit-stride rows up to 8192
 // elements are held in registers with scalar accesses; the rest take three strided passes. Half types compute in float; an all -inf row gives 0 (log: -inf) as on the CPU.
-#include "ops/cuda/layout_device.cuh"
-#include "ops/softmax_kernels.h"
+#include "flexgrad/ops/cuda/layout_device.cuh"
+#include "flexgrad/ops/softmax_kernels.h"
 
 namespace fg::cuda {
 namespace {

@@ -9,8 +9,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "tensor/cuda/cuda_check.h"
-#include "tensor/storage.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
+#include "flexgrad/tensor/storage.h"
 
 namespace fg::cuda {
 

@@ -3,8 +3,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include "tensor/cuda/cuda_api.h"
-#include "tensor/error.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/error.h"
 
 namespace fg::cuda {
 

@@ -8,10 +8,10 @@
 
 #include <type_traits>
 
-#include "tensor/cuda/cuda_check.h"
-#include "tensor/half.h"
-#include "tensor/philox.h"
-#include "tensor/random_kernels.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
+#include "flexgrad/tensor/half.h"
+#include "flexgrad/tensor/philox.h"
+#include "flexgrad/tensor/random_kernels.h"
 
 namespace fg::cuda {
 namespace {

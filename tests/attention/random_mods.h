@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "attention/mod_program.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/mod_program.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg::testing {
 

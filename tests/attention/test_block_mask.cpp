@@ -10,9 +10,9 @@
 #include <sstream>
 #include <nlohmann/json.hpp>
 
-#include "attention/block_mask.h"
-#include "attention/flex_attention.h"
-#include "tensor/npy.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/tensor/npy.h"
 
 using namespace fg;
 

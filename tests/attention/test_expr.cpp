@@ -6,11 +6,11 @@
 #include <map>
 #include <random>
 
-#include "attention/mask_mods.h"
-#include "attention/mod_grad.h"
-#include "attention/mod_program.h"
-#include "attention/tile_eval.h"
-#include "tensor/vec_math.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/tile_eval.h"
+#include "flexgrad/tensor/vec_math.h"
 
 using namespace fg;
 

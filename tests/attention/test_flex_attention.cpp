@@ -5,8 +5,8 @@
 #include <functional>
 #include <limits>
 
-#include "attention/flex_attention.h"
-#include "attention/mask_mods.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mask_mods.h"
 #include "tests/test_util.h"
 
 namespace fg {

@@ -10,7 +10,7 @@
 #include <cmath>
 #include <limits>
 
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 #include "tests/test_util.h"
 
 namespace fg {

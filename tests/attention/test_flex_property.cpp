@@ -8,7 +8,7 @@
 #include <limits>
 #include <random>
 
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 #include "tests/attention/random_mods.h"
 #include "tests/test_util.h"
 

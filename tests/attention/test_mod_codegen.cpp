@@ -12,14 +12,14 @@
 #include <limits>
 #include <string>
 
-#include "attention/mask_mods.h"
-#include "attention/mod_codegen.h"
-#include "attention/mod_grad.h"
-#include "attention/mod_program.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/attention/mod_codegen.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/mod_program.h"
 #include "tests/attention/random_mods.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "attention/cuda/jit.h"
+#include "flexgrad/attention/cuda/jit.h"
 #endif
 
 using namespace fg;

@@ -13,11 +13,11 @@
 #include <random>
 #include <set>
 
-#include "attention/flex_reference.h"
-#include "attention/mod_grad.h"
-#include "attention/mod_program.h"
-#include "attention/op_semantics.h"
-#include "attention/tile_eval.h"
+#include "flexgrad/attention/flex_reference.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/op_semantics.h"
+#include "flexgrad/attention/tile_eval.h"
 #include "tests/attention/random_mods.h"
 #include "tests/test_util.h"
 

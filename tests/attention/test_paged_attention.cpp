@@ -2,7 +2,7 @@
 // pattern), the paged_decode conformance case, errors, and a randomized pool-ownership check. Every family
 // runs on the CPU and on CUDA (tables, caches, masks and kernels on the GPU; skipped visibly without one);
 // the golden is always the CPU's float64 flex_attention over the unpaged K/V.
-#include "attention/paged_attention.h"
+#include "flexgrad/attention/paged_attention.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -12,7 +12,7 @@
 #include <random>
 #include <set>
 
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 #include "tests/test_util.h"
 
 namespace fg {

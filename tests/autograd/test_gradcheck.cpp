@@ -2,8 +2,8 @@
 // passes, a wrong one fails and the report names the worst Jacobian entry.
 #include <gtest/gtest.h>
 
-#include "autograd/function.h"
-#include "autograd/gradcheck.h"
+#include "flexgrad/autograd/function.h"
+#include "flexgrad/autograd/gradcheck.h"
 
 namespace fg {
 namespace {

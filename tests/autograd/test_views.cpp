@@ -2,8 +2,8 @@
 // read after its base changed sees the new history, and PyTorch's errors for in-place writes it forbids.
 // Expected gradients are worked out by hand in the comments; composite programs are held to finite
 // differences.
-#include "autograd/gradcheck.h"
-#include "autograd/view.h"
+#include "flexgrad/autograd/gradcheck.h"
+#include "flexgrad/autograd/view.h"
 #include "tests/test_util.h"
 
 namespace fg {

@@ -6,9 +6,9 @@
 #include <cstring>
 #include <vector>
 
-#include "attention/flex_attention.h"
-#include "nn/nn.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/nn/nn.h"
+#include "flexgrad/ops/ops.h"
 #include "tests/test_util.h"
 
 namespace fg {

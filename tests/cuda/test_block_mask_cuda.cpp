@@ -9,11 +9,11 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "attention/block_mask.h"
-#include "tensor/npy.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/tensor/npy.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "attention/cuda/jit.h"
+#include "flexgrad/attention/cuda/jit.h"
 #endif
 
 namespace fg {

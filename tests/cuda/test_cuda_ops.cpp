@@ -4,12 +4,12 @@
 // CPU it would compare a CPU call with itself. The CPU kernels have their own goldens in tests/ops.
 #include <cmath>
 
-#include "autograd/gradcheck.h"
-#include "ops/ops.h"
-#include "tensor/random.h"
+#include "flexgrad/autograd/gradcheck.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/random.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 namespace fg {

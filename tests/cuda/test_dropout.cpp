@@ -5,10 +5,10 @@
 #include <cmath>
 #include <vector>
 
-#include "autograd/gradcheck.h"
-#include "ops/dropout.h"
-#include "ops/ops.h"
-#include "tensor/philox.h"
+#include "flexgrad/autograd/gradcheck.h"
+#include "flexgrad/ops/dropout.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/philox.h"
 #include "tests/test_util.h"
 
 namespace fg {

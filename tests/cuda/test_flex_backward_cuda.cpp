@@ -11,14 +11,14 @@
 #include <limits>
 #include <optional>
 
-#include "attention/block_mask.h"
-#include "attention/flex_attention.h"
-#include "attention/flex_kernels.h"
-#include "attention/mod_grad.h"
-#include "tensor/random.h"
+#include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/tensor/random.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 namespace fg {

@@ -12,9 +12,9 @@
 #include <optional>
 #include <utility>
 
-#include "attention/flex_attention.h"
-#include "attention/mask_mods.h"
-#include "tensor/random.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/tensor/random.h"
 #include "tests/test_util.h"
 
 namespace fg {

@@ -9,11 +9,11 @@
 #include <limits>
 #include <tuple>
 
-#include "attention/flex_attention.h"
-#include "attention/mod_program.h"
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/mod_program.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 namespace fg {

@@ -9,11 +9,11 @@
 #include <string>
 #include <unistd.h>
 
-#include "ops/ops.h"
+#include "flexgrad/ops/ops.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "attention/cuda/jit.h"
-#include "tensor/cuda/cuda_api.h"
+#include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
 namespace fg {

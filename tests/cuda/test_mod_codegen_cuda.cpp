@@ -16,14 +16,14 @@
 #include <cstring>
 #include <random>
 
-#include "attention/mod_codegen.h"
-#include "attention/mod_grad.h"
-#include "attention/tile_eval.h"
+#include "flexgrad/attention/mod_codegen.h"
+#include "flexgrad/attention/mod_grad.h"
+#include "flexgrad/attention/tile_eval.h"
 #include "tests/attention/random_mods.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
-#include "attention/cuda/flex_cuda_common.h"
-#include "attention/cuda/jit.h"
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/jit.h"
 #endif
 
 using namespace fg;

@@ -12,15 +12,15 @@
 #include <numbers>
 #include <vector>
 
-#include "autograd/gradcheck.h"
-#include "nn/dropout.h"
-#include "nn/mlp.h"
-#include "nn/rotary.h"
-#include "ops/activation.h"
-#include "ops/loss.h"
-#include "ops/norm.h"
-#include "ops/ops.h"
-#include "tensor/random.h"
+#include "flexgrad/autograd/gradcheck.h"
+#include "flexgrad/nn/dropout.h"
+#include "flexgrad/nn/mlp.h"
+#include "flexgrad/nn/rotary.h"
+#include "flexgrad/ops/activation.h"
+#include "flexgrad/ops/loss.h"
+#include "flexgrad/ops/norm.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/random.h"
 #include "tests/gelu_golden.h"
 #include "tests/test_util.h"
 

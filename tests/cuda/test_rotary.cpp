@@ -5,9 +5,9 @@
 #include <cmath>
 #include <vector>
 
-#include "autograd/gradcheck.h"
-#include "ops/ops.h"
-#include "ops/rotary.h"
+#include "flexgrad/autograd/gradcheck.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/ops/rotary.h"
 #include "tests/test_util.h"
 
 namespace fg {

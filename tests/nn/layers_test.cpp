@@ -4,7 +4,7 @@
 // float64 CPU run.
 #include <map>
 
-#include "nn/nn.h"
+#include "flexgrad/nn/nn.h"
 #include "tests/nn/nn_devices.h"
 #include "tests/test_util.h"
 

@@ -10,8 +10,8 @@
 #include <random>
 #include <sstream>
 
-#include "nn/safetensors.h"
-#include "tensor/npy.h"
+#include "flexgrad/nn/safetensors.h"
+#include "flexgrad/tensor/npy.h"
 #include "tests/test_util.h"
 
 namespace fg::testing {

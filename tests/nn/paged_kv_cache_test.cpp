@@ -3,7 +3,7 @@
 // prefill under a mask, a score_mod — plus pool exhaustion, reset and argument errors.
 #include <algorithm>
 
-#include "nn/nn.h"
+#include "flexgrad/nn/nn.h"
 #include "tests/test_util.h"
 
 namespace fg::testing {

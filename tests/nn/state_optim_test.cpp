@@ -3,7 +3,7 @@
 #include <fstream>
 #include <map>
 
-#include "nn/nn.h"
+#include "flexgrad/nn/nn.h"
 #include "tests/nn/nn_devices.h"
 #include "tests/test_util.h"
 

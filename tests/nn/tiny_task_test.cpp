@@ -3,7 +3,7 @@
 // base of 100 makes offsets 4, 5, 6 clearly different angles at head_dim 16) to >= 99% token accuracy within a few hundred steps (600 at most).
 #include <cstdio>
 
-#include "nn/nn.h"
+#include "flexgrad/nn/nn.h"
 #include "tests/nn/nn_devices.h"
 #include "tests/test_util.h"
 

@@ -6,7 +6,7 @@
 #include <numbers>
 #include <vector>
 
-#include "ops/activation.h"
+#include "flexgrad/ops/activation.h"
 #include "tests/gelu_golden.h"
 #include "tests/test_util.h"
 

@@ -1,6 +1,6 @@
 // Ops given an undefined Tensor raise ValueError (from their own checks or the layout accessors), never crash:
 // these six segfaulted before the accessors checked.
-#include "ops/ops.h"
+#include "flexgrad/ops/ops.h"
 #include "tests/test_util.h"
 
 namespace fg {

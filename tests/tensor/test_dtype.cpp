@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include "tensor/dtype.h"
+#include "flexgrad/tensor/dtype.h"
 
 namespace fg {
 namespace {

@@ -8,8 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "tensor/npy.h"
-#include "tensor/random.h"
+#include "flexgrad/tensor/npy.h"
+#include "flexgrad/tensor/random.h"
 
 namespace fg {
 namespace {

@@ -5,8 +5,8 @@
 #include <limits>
 #include <sstream>
 
-#include "autograd/record.h"
-#include "tensor/print.h"
+#include "flexgrad/autograd/record.h"
+#include "flexgrad/tensor/print.h"
 
 namespace fg {
 namespace {

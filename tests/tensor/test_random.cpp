@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "tensor/philox.h"
-#include "tensor/random.h"
+#include "flexgrad/tensor/philox.h"
+#include "flexgrad/tensor/random.h"
 
 namespace fg {
 namespace {

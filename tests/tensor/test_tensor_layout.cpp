@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "tensor/tensor.h"
+#include "flexgrad/tensor/tensor.h"
 
 namespace fg {
 namespace {

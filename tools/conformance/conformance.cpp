@@ -8,13 +8,13 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
-#include "attention/gallery/alibi.h"
-#include "attention/gallery/causal.h"
-#include "attention/gallery/registry.h"
-#include "attention/gallery/sliding_window.h"
-#include "attention/gallery/softcap.h"
-#include "attention/mask_mods.h"
-#include "ops/ops.h"
+#include "flexgrad/attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/registry.h"
+#include "flexgrad/attention/gallery/sliding_window.h"
+#include "flexgrad/attention/gallery/softcap.h"
+#include "flexgrad/attention/mask_mods.h"
+#include "flexgrad/ops/ops.h"
 
 namespace fg {
 namespace {

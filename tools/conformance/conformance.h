@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "attention/flex_attention.h"
+#include "flexgrad/attention/flex_attention.h"
 
 namespace fg {
 
