@@ -32,15 +32,16 @@ class PagedKVCache : public KVCache {
   PagedKVCache(int64_t batch, int64_t kv_heads, int64_t max_len, int64_t head_dim, int64_t page_size,
                int64_t n_pages = 0, TensorOptions options = {});
 
-  // k, v [batch, kv_heads, Lnew, head_dim] on the cache's device, of its dtype: every row keeps all Lnew
-  // tokens, each after its own length(b) tokens (append(k, v, {Lnew, ..., Lnew})).
+  // k, v [batch, kv_heads, Lnew, head_dim] on the cache's device (stored in the pools' dtype, converted as
+  // the contiguous cache's copy converts): every row keeps all Lnew tokens, each after its own length(b)
+  // tokens (append(k, v, {Lnew, ..., Lnew})).
   void append(const Tensor& k, const Tensor& v) override;
   // Row b keeps the first new_tokens[b] of the Lnew given tokens (0 <= new_tokens[b] <= Lnew), written at
   // positions [length(b), length(b) + new_tokens[b]); the rest of row b's k/v is ignored (padding).
   // Everything is checked before anything changes: ShapeError for k/v not [batch, kv_heads, Lnew, head_dim]
-  // or new_tokens without one entry per row; DTypeError / DeviceError for k/v not of the pools' dtype and
-  // device; ValueError for new_tokens[b] outside [0, Lnew] or when the pool has too few free pages;
-  // IndexError when a row would pass max_len.
+  // or new_tokens without one entry per row; DeviceError for k/v not on the cache's device; ValueError for
+  // new_tokens[b] outside [0, Lnew] or when the pool has too few free pages; IndexError when a row would
+  // pass max_len.
   void append(const Tensor& k, const Tensor& v, const std::vector<int64_t>& new_tokens);
 
   // q [batch, Hq, Lq, E] (1 <= Lq <= length()): row b attends to its own length(b) cached tokens. The
@@ -49,7 +50,7 @@ class PagedKVCache : public KVCache {
   // at its own length. A row holding no tokens attends to nothing (zeros, as flex_attention for a fully
   // masked row). A block_mask whose kv block size differs from page_size is rebuilt from its mask_mod with kv
   // blocks of page_size on the cache's device; one on another device is moved there. ShapeError / ValueError
-  // for a q or block_mask that does not fit (see KVCache::attend).
+  // for a q or block_mask that does not fit (see KVCache::attend), DeviceError for q on another device.
   FlexAttentionResult attend(const Tensor& q, const FlexAttentionOptions& opts) const override;
 
   // The longest row's length: what the uniform KVCache interface reads (equal to every row's while rows
