@@ -384,6 +384,30 @@ TEST_P(PagedKVCacheTest, ResetRowFreesItsPagesForANewSequence) {
   EXPECT_EQ(c.lengths(), (std::vector<int64_t>{0, 0, 0}));
 }
 
+// Decoding in bfloat16 (on CUDA: flex_attention's split-KV kernel, GQA group of 4, head dim 64) over rows of
+// very different lengths, one of them sitting a step out; the golden uses the bfloat16-rounded inputs.
+TEST_P(PagedKVCacheTest, RaggedDecodeInBFloat16) {
+  NoGradGuard ng;
+  Generator g(23);
+  const int64_t B = 4, Hkv = 2, Hq = 8, E = 64, page = 16;
+  PagedKVCache c(B, Hkv, 160, E, page, 0, TensorOptions(kBFloat16).device(dev()));
+  RowStore st{std::vector<std::vector<std::vector<double>>>(B), std::vector<std::vector<std::vector<double>>>(B)};
+  auto kv = [&](int64_t L) { return randn({B, Hkv, L, E}, kFloat32, &g).to(kBFloat16).to(dev()); };
+  append_both(c, st, kv(90), kv(90), {37, 0, 90, 5});
+  for (int step = 0; step < 3; ++step) append_both(c, st, kv(1), kv(1), {1, step == 1 ? 0 : 1, 1, 1});
+  EXPECT_EQ(c.lengths(), (std::vector<int64_t>{40, 2, 93, 8}));
+  Tensor q = randn({B, Hq, 1, E}, kFloat32, &g).to(kBFloat16).to(dev());
+  FlexAttentionOptions o;
+  o.enable_gqa = true;
+  o.score_mod = [](Expr s, Expr, Expr h, Expr, Expr kvi) { return s - 0.01 * kvi + 0.1 * h; };
+  auto bias = [](int64_t, int64_t h, int64_t, int64_t j) { return -0.01 * double(j) + 0.1 * double(h); };
+  auto all = [](int64_t, int64_t, int64_t, int64_t) { return true; };
+  FlexAttentionResult r = c.attend(q, o);
+  EXPECT_EQ(r.out.dtype(), kBFloat16);
+  // bfloat16 keeps 8 bits: outputs of magnitude <= ~1 round by <= 2^-8, plus the kernel's bf16 products.
+  EXPECT_TRUE(matches(r.out, per_row_golden(q, st, Hkv, bias, all), 2e-2));
+}
+
 TEST_P(PagedKVCacheTest, RaggedAppendErrorsChangeNothing) {
   NoGradGuard ng;
   PagedKVCache c(2, 2, 16, 4, kPage, 0, dev());
