@@ -8,7 +8,7 @@
 // AdamW + warmup/cosine under causal (or document-causal) flex_attention, prints a live progress line
 // and a held-out loss every --eval-every steps, writes the loss curves as CSV and as an SVG chart
 // (loss.csv, loss.svg) and a safetensors checkpoint (model + optimizer), then samples text through the KV cache (--kv-cache contiguous, or paged:
-// attended straight from a PagedAttention page pool, --page-size tokens a page). It prints the unigram entropy
+// attended straight from a PagedAttention page pool on the model's device, --page-size tokens a page). It prints the unigram entropy
 // of the text next to the final held-out loss: beating it by 1 nat/char means the model learned context.
 // On a GPU (--device cuda) everything runs there; --precision bf16 trains under mixed precision (float32
 // master weights and AdamW state, bfloat16 matrix products and attention: ops/autocast.h).
@@ -144,8 +144,6 @@ int main(int argc, char** argv) try {
   const bool bf16 = precision == "bf16";
   if (bf16 && device.type != DeviceType::CUDA)
     return usage_error("--precision bf16 needs --device cuda (the CPU kernels gain nothing from bfloat16 products)");
-  if (kv_cache == "paged" && device.type != DeviceType::CPU)
-    return usage_error("--kv-cache paged: PagedAttention runs on the CPU only; use --kv-cache contiguous with --device cuda");
 
   // ---- data ----
   std::ifstream in(data_path, std::ios::binary);

@@ -16,13 +16,14 @@ class KVCache {
  public:
   virtual ~KVCache() = default;
   // Stores k, v [B, Hkv, Lnew, E] at positions [length(), length() + Lnew) of every batch row. The cache
-  // keeps values only (no autograd history).
+  // keeps values only (no autograd history). A cache whose rows may hold different numbers of tokens
+  // (PagedKVCache::append with new_tokens) stores them after each row's own tokens.
   virtual void append(const Tensor& k, const Tensor& v) = 0;
   // flex_attention of q [B, Hq, Lq, E] — the queries of the last Lq appended tokens — over all length()
   // cached keys/values, as flex_attention(q, k_all, v_all, opts) with k_all, v_all [B, Hkv, length(), E].
   // opts.block_mask and opts.score_mod see logical indices: q_idx in [0, Lq), kv_idx in [0, length()).
   virtual FlexAttentionResult attend(const Tensor& q, const FlexAttentionOptions& opts) const = 0;
-  virtual int64_t length() const = 0;    // tokens cached (per batch row)
+  virtual int64_t length() const = 0;    // tokens cached per batch row (the longest row's where rows differ)
   virtual int64_t capacity() const = 0;  // tokens it can hold (per batch row)
   virtual void reset() = 0;              // forget everything
 };
