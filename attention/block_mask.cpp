@@ -141,6 +141,13 @@ BlockMask BlockMask::from_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, 
   return assemble(bits, full_num.defined(), bs, std::move(mask_mod), nullptr, lengths);
 }
 
+BlockMask BlockMask::from_valid_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, const Tensor& full_num,
+                                          const Tensor& full_idx, BlockSize bs, MaskMod mask_mod,
+                                          std::pair<int64_t, int64_t> seq) {
+  Tensor bits = block_bits_stub(kv_num.device(), kv_num, kv_idx, full_num, full_idx);
+  return assemble(bits, full_num.defined(), bs, std::move(mask_mod), nullptr, seq);
+}
+
 double BlockMask::sparsity() const {
   // Integer sums give int64 (exact), on the mask's device; one scalar comes back.
   int64_t blocks = sum(kv_num_blocks_).item<int64_t>();

@@ -107,12 +107,18 @@ class BlockMask {
   BlockMask adjust(int64_t new_q_len, int64_t new_kv_len) const;
 
  private:
+  friend class PagedAttention;  // convert_logical_block_mask builds lists it has no need to re-check
   friend BlockMask create_block_mask(const MaskMod&, std::optional<int64_t>, std::optional<int64_t>, int64_t, int64_t,
                                      BlockSize, Device);
   std::vector<const Tensor*> lists() const;  // the eight list fields, in declaration order
   // Every field from block bits (block_mask_kernels.h), on the bits' device.
   static BlockMask assemble(const Tensor& bits, bool with_full, BlockSize bs, MaskMod mask_mod,
                             std::shared_ptr<const ModProgram> program, std::pair<int64_t, int64_t> seq);
+  // from_kv_blocks without its checks (which read the lists back to the host): for lists flexgrad itself built
+  // valid (int32, contiguous, one device, counts and indices in range), so a device mask stays on the device.
+  static BlockMask from_valid_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, const Tensor& full_num,
+                                        const Tensor& full_idx, BlockSize bs, MaskMod mask_mod,
+                                        std::pair<int64_t, int64_t> seq);
 
   std::pair<int64_t, int64_t> seq_lengths_{0, 0};
   Tensor kv_num_blocks_, kv_indices_;

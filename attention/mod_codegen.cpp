@@ -9,6 +9,7 @@
 #include <climits>
 #include <cmath>
 
+#include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
 
 namespace fg {
@@ -74,82 +75,10 @@ std::vector<char> live_set(const ModProgram& p, const std::vector<int32_t>& outp
   return live;
 }
 
-// ---- Integer ranges, for narrowing: the op table's integers are 64-bit and wrap, but an add, sub, mul or
-// neg whose operands and exact result provably fit in 32 bits gives the same value computed in 32 bits,
-// which the GPU does in one instruction (and then converts to float with a 32-bit convert). Kernel
-// indices (b, h, q, kv) are non-negative 32-bit ints; int32 and bool captures bound what they read.
-struct IntRange {
-  bool known = false;
-  int64_t lo = 0, hi = 0;
-};
-
-IntRange range_of(__int128 lo, __int128 hi) {
-  if (lo < INT64_MIN || hi > INT64_MAX) return {};
-  return {true, static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
-}
-
+// ---- Narrowing: the op table's integers are 64-bit and wrap, but an add, sub, mul or neg whose operands and
+// exact result provably fit in 32 bits (int_ranges.h, with b, h, q, kv any non-negative int32) gives the same
+// value computed in 32 bits, which the GPU does in one instruction (and converts to float in one more).
 bool fits_int32(const IntRange& r) { return r.known && r.lo >= INT32_MIN && r.hi <= INT32_MAX; }
-
-std::vector<IntRange> int_ranges(const ModProgram& p) {
-  const auto& ins = p.instrs();
-  std::vector<IntRange> r(ins.size());
-  for (size_t i = 0; i < ins.size(); ++i) {
-    const Instr& in = ins[i];
-    if (in.kind == VK::Bool) {
-      r[i] = {true, 0, 1};
-      continue;
-    }
-    if (in.kind != VK::Int) continue;
-    auto arg = [&](int k) { return r[in.args[k]]; };
-    switch (in.op) {
-      case ExprOp::Const: r[i] = {true, in.ivalue, in.ivalue}; break;
-      case ExprOp::Batch:
-      case ExprOp::Head:
-      case ExprOp::QIdx:
-      case ExprOp::KVIdx: r[i] = {true, 0, INT32_MAX}; break;
-      case ExprOp::Index: {
-        const DType dt = p.captures()[in.capture].tensor.dtype();
-        if (dt == kInt32) r[i] = {true, INT32_MIN, INT32_MAX};
-        if (dt == kBool) r[i] = {true, 0, 1};
-        break;
-      }
-      case ExprOp::Cast:
-        if (ins[in.args[0]].kind == VK::Bool) r[i] = {true, 0, 1};
-        if (ins[in.args[0]].kind == VK::Int) r[i] = arg(0);
-        break;
-      case ExprOp::Add:
-        if (arg(0).known && arg(1).known)
-          r[i] = range_of(static_cast<__int128>(arg(0).lo) + arg(1).lo, static_cast<__int128>(arg(0).hi) + arg(1).hi);
-        break;
-      case ExprOp::Sub:
-        if (arg(0).known && arg(1).known)
-          r[i] = range_of(static_cast<__int128>(arg(0).lo) - arg(1).hi, static_cast<__int128>(arg(0).hi) - arg(1).lo);
-        break;
-      case ExprOp::Mul:
-        if (arg(0).known && arg(1).known) {
-          const __int128 c[4] = {static_cast<__int128>(arg(0).lo) * arg(1).lo, static_cast<__int128>(arg(0).lo) * arg(1).hi,
-                                 static_cast<__int128>(arg(0).hi) * arg(1).lo, static_cast<__int128>(arg(0).hi) * arg(1).hi};
-          r[i] = range_of(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}));
-        }
-        break;
-      case ExprOp::Neg:
-        if (arg(0).known) r[i] = range_of(-static_cast<__int128>(arg(0).hi), -static_cast<__int128>(arg(0).lo));
-        break;
-      case ExprOp::Min:
-      case ExprOp::Max:
-        if (arg(0).known && arg(1).known)
-          r[i] = in.op == ExprOp::Min ? IntRange{true, std::min(arg(0).lo, arg(1).lo), std::min(arg(0).hi, arg(1).hi)}
-                                      : IntRange{true, std::max(arg(0).lo, arg(1).lo), std::max(arg(0).hi, arg(1).hi)};
-        break;
-      case ExprOp::Where:
-        if (arg(1).known && arg(2).known)
-          r[i] = {true, std::min(arg(1).lo, arg(2).lo), std::max(arg(1).hi, arg(2).hi)};
-        break;
-      default: break;  // unknown: spelled in 64 bits
-    }
-  }
-  return r;
-}
 
 // The 32-bit spelling of instruction i when it is a narrowable add / sub / mul / neg (see IntRange), else "".
 std::string narrowed(const ModProgram& p, size_t i, const std::vector<IntRange>& r, const std::vector<std::string>& a) {

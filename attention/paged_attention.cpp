@@ -12,6 +12,7 @@
 namespace fg {
 
 FG_DEFINE_STUB(PagedScatterFn, paged_scatter_stub);
+FG_DEFINE_STUB(PagedConvertFn, paged_convert_stub);
 
 namespace {
 
@@ -42,16 +43,30 @@ Expr identity_score(Expr s, Expr, Expr, Expr, Expr) { return s; }
 
 // The logical kv index of a physical one for query batch b (0 where invalid), and whether it is valid:
 // the page is owned by b's slot and the logical index is below kv_len[b]. Captures the tables by value
-// (shared storage), so mods stay valid when the PagedAttention object moves.
+// (shared storage), so mods stay valid when the PagedAttention object moves. `max_batch` > 0 says that
+// batch_idx is a private copy whose values were checked to lie in [0, max_batch): the slot is then clamped
+// to that range, which changes nothing but lets a CUDA launch prove the page-table read in range
+// (attention/int_ranges.h), so the kernel needs no error flag and the call no synchronising read-back.
 Expr logical_kv(const Tensor& p2l, int64_t ps, const Expr& b, const Expr& physical_kv, const Tensor& batch_idx,
-                const Tensor& kv_len, Expr* valid) {
+                const Tensor& kv_len, int64_t max_batch, Expr* valid) {
   Expr slot = batch_idx.defined() ? Expr(Captured(batch_idx, "paged_batch_idx")[b]) : b;
+  if (batch_idx.defined() && max_batch > 0) slot = clamp(slot, 0, max_batch - 1);
   Expr logical_block = Captured(p2l, "physical_to_logical")({slot, floor_div(physical_kv, ps)});
   Expr lkv = logical_block * ps + physical_kv % ps;
   Expr ok = logical_block >= 0;
   if (kv_len.defined()) ok = ok & (lkv < Expr(Captured(kv_len, "paged_kv_len")[b]));
   *valid = ok;
   return where(ok, lkv, 0);
+}
+
+MaskMod paged_mask_mod(const Tensor& p2l, int64_t ps, MaskMod mask_mod, const Tensor& len, const Tensor& slots,
+                       int64_t max_batch) {
+  if (!mask_mod) mask_mod = noop_mask;
+  return [p2l, ps, mask_mod, len, slots, max_batch](Expr b, Expr h, Expr q, Expr kv) {
+    Expr valid(false);
+    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, max_batch, &valid);
+    return valid & mask_mod(b, h, q, lkv);
+  };
 }
 
 }  // namespace
@@ -228,12 +243,7 @@ void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, co
 MaskMod PagedAttention::get_mask_mod(MaskMod mask_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
   Tensor len = kv_len.defined() ? capturable_index(kv_len, device_, "get_mask_mod", "kv_len") : Tensor();
   Tensor slots = batch_idx.defined() ? capturable_index(batch_idx, device_, "get_mask_mod", "batch_idx") : Tensor();
-  if (!mask_mod) mask_mod = noop_mask;
-  return [p2l = physical_to_logical_, ps = page_size_, mask_mod, len, slots](Expr b, Expr h, Expr q, Expr kv) {
-    Expr valid(false);
-    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, &valid);
-    return valid & mask_mod(b, h, q, lkv);
-  };
+  return paged_mask_mod(physical_to_logical_, page_size_, std::move(mask_mod), len, slots, /*max_batch=*/0);
 }
 
 ScoreMod PagedAttention::get_score_mod(ScoreMod score_mod, const Tensor& kv_len, const Tensor& batch_idx) const {
@@ -243,7 +253,7 @@ ScoreMod PagedAttention::get_score_mod(ScoreMod score_mod, const Tensor& kv_len,
   return [p2l = physical_to_logical_, ps = page_size_, score_mod, len, slots](Expr s, Expr b, Expr h, Expr q,
                                                                               Expr kv) {
     Expr valid(false);
-    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, &valid);
+    Expr lkv = logical_kv(p2l, ps, b, kv, slots, len, /*max_batch=*/0, &valid);
     return where(valid, score_mod(s, b, h, q, lkv), -std::numeric_limits<double>::infinity());
   };
 }
@@ -287,57 +297,33 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
              "PagedAttention.{}: kv_len has {} entries, expected {} (one per batch entry)", op, given.size(), N);
     for (int64_t i = 0; i < N; ++i) lens[static_cast<size_t>(i)] = std::min(given[static_cast<size_t>(i)], logical_kv_len);
   }
+  // The rewrite runs where the mask lives (paged_convert_stub): a device mask is converted on the device,
+  // nothing read back. Slots and lengths were checked above; their device copies are private to the result.
   const bool has_full = bm.has_full_blocks();
-  Tensor num = zeros({N, H, nQ}, kInt32), idx = zeros({N, H, nQ, n_pages_}, kInt32);
-  Tensor fnum, fidx;
+  const TensorOptions i32 = TensorOptions(kInt32).device(device_);
+  auto lists = [&](const Tensor& t) { return t.to(device_, kInt32).contiguous(); };
+  PagedConvertArgs args;
+  args.src_num = lists(bm.kv_num_blocks());
+  args.src_idx = lists(bm.kv_indices());
   if (has_full) {
-    fnum = zeros({N, H, nQ}, kInt32);
-    fidx = zeros({N, H, nQ, n_pages_}, kInt32);
+    args.src_fnum = lists(bm.full_kv_num_blocks());
+    args.src_fidx = lists(bm.full_kv_indices());
+    args.fnum = zeros({N, H, nQ}, i32);
+    args.fidx = zeros({N, H, nQ, n_pages_}, i32);
   }
-  // The rewrite runs on the host copies (the lists of a device mask are read back: one synchronisation).
-  auto host_i32 = [](const Tensor& t) { return t.to(kCPU, kInt32).contiguous(); };
-  Tensor src_num = host_i32(bm.kv_num_blocks()), src_idx = host_i32(bm.kv_indices());
-  Tensor src_fnum = has_full ? host_i32(bm.full_kv_num_blocks()) : Tensor();
-  Tensor src_fidx = has_full ? host_i32(bm.full_kv_indices()) : Tensor();
-  const int64_t* table = host_page_table_.data<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t slot = slots[static_cast<size_t>(n)], sb = Bm == 1 ? 0 : n;
-    const int64_t len = lens[static_cast<size_t>(n)];
-    // Physical page of logical block lb, or -1 when the block holds nothing attendable.
-    auto page_of = [&](int64_t lb) -> int64_t {
-      if (lb < 0 || lb >= n_pages_ || lb * page_size_ >= len) return -1;
-      return table[slot * n_pages_ + lb];
-    };
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t r = 0; r < nQ; ++r) {
-        const int64_t src_row = (sb * H + h) * nQ + r, dst_row = (n * H + h) * nQ + r;
-        int32_t* dn = num.data<int32_t>() + dst_row;
-        int32_t* di = idx.data<int32_t>() + dst_row * n_pages_;
-        const int32_t cnt = src_num.data<int32_t>()[src_row];
-        const int32_t* si = src_idx.data<int32_t>() + src_row * nKV;
-        for (int32_t k = 0; k < cnt; ++k) {
-          const int64_t page = page_of(si[k]);
-          if (page >= 0) di[(*dn)++] = static_cast<int32_t>(page);
-        }
-        if (!has_full) continue;
-        int32_t* fn = fnum.data<int32_t>() + dst_row;
-        int32_t* fi = fidx.data<int32_t>() + dst_row * n_pages_;
-        const int32_t fcnt = src_fnum.data<int32_t>()[src_row];
-        const int32_t* sfi = src_fidx.data<int32_t>() + src_row * nKV;
-        for (int32_t k = 0; k < fcnt; ++k) {
-          const int64_t page = page_of(sfi[k]);
-          if (page < 0) continue;
-          // A full block that reaches past kv_len is only partly valid: let the mask cut it.
-          if ((sfi[k] + 1) * page_size_ > len) di[(*dn)++] = static_cast<int32_t>(page);
-          else fi[(*fn)++] = static_cast<int32_t>(page);
-        }
-      }
-  }
-  Tensor len_t = from_vector(lens, {N}, kInt64).to(device_);
-  Tensor slot_t = batch_idx.defined() ? from_vector(slots, {N}, kInt64).to(device_) : Tensor();
-  auto dev = [&](const Tensor& t) { return t.defined() ? t.to(device_) : t; };
-  return BlockMask::from_kv_blocks(dev(num), dev(idx), dev(fnum), dev(fidx), bm.block_size(),
-                                   get_mask_mod(bm.mask_mod(), len_t, slot_t),
+  args.table = page_table_;
+  args.slots = from_vector(slots, {N}, kInt64).to(device_);
+  args.lens = from_vector(lens, {N}, kInt64).to(device_);
+  args.num = zeros({N, H, nQ}, i32);
+  args.idx = zeros({N, H, nQ, n_pages_}, i32);
+  args.page_size = page_size_;
+  args.has_full = has_full;
+  paged_convert_stub(device_, args);
+  // The mask_mod reads the private slot copy (clamped: see logical_kv) only when batch_idx was given.
+  Tensor slot_t = batch_idx.defined() ? args.slots : Tensor();
+  return BlockMask::from_valid_kv_blocks(args.num, args.idx, args.fnum, args.fidx, bm.block_size(),
+                                   paged_mask_mod(physical_to_logical_, page_size_, bm.mask_mod(), args.lens, slot_t,
+                                                  max_batch_),
                                    std::make_pair(bm.seq_lengths().first, max_cached_seq_len()));
 }
 

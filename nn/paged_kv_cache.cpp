@@ -49,7 +49,6 @@ PagedKVCache::PagedKVCache(int64_t batch, int64_t kv_heads, int64_t max_len, int
   const Shape pool{1, kv_heads, pa_.max_cached_seq_len(), head_dim};
   k_pool_ = zeros(pool, options.requires_grad(false));
   v_pool_ = zeros(pool, options.requires_grad(false));
-  slots_ = arange(static_cast<double>(batch), TensorOptions(kInt64).device(options.device_));
 }
 
 void PagedKVCache::check_row(int64_t b, const char* op) const {
@@ -171,13 +170,14 @@ FlexAttentionResult PagedKVCache::attend(const Tensor& q, const FlexAttentionOpt
     logical = BlockMask::from_kv_blocks(zeros({1, 1, nq}, i32), full_idx, full({1, 1, nq}, static_cast<int32_t>(nkv), i32),
                                         full_idx, BlockSize(bq, ps), noop_mask, std::make_pair(Lq, len));
   }
-  // Slots and lengths go to convert as host tensors (it rewrites the lists on the host); the mods capture
-  // device copies of them.
+  // Slots and lengths go to convert as host tensors (checked there without a device read-back); row b is
+  // slot b, so the score_mod needs no batch_idx and every page-table read it makes is provably in range (no
+  // error flag, no synchronisation per step).
   Tensor host_len = from_vector(lens_, {batch_}, kInt64);
   Tensor host_slots = arange(static_cast<double>(batch_), kInt64);
   FlexAttentionOptions po = opts;
   po.block_mask = pa_.convert_logical_block_mask(logical, host_slots, host_len);
-  if (opts.score_mod) po.score_mod = pa_.get_score_mod(opts.score_mod, host_len.to(dev), slots_);
+  if (opts.score_mod) po.score_mod = pa_.get_score_mod(opts.score_mod, host_len.to(dev));
   return flex_attention(contiguous(q), k_pool_, v_pool_, po);
 }
 

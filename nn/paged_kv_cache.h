@@ -81,7 +81,6 @@ class PagedKVCache : public KVCache {
   int64_t batch_, kv_heads_, max_len_, head_dim_;
   PagedAttention pa_;
   Tensor k_pool_, v_pool_;
-  Tensor slots_;               // arange(batch) int64 on the cache's device: batch row b is slot b
   std::vector<int64_t> lens_;  // tokens of each row
 };
 

@@ -34,7 +34,8 @@ Tensor eval_cuda(const ModProgram& program, int64_t B, int64_t H, int64_t Q_LEN,
   FG_CHECK(tiles <= INT32_MAX, ValueError,
            "create_block_mask: {} blocks to evaluate ({} x {} x {} x {}); CUDA launches take at most {}", tiles, Be, He,
            nQ, nKV, INT32_MAX);
-  flex::ModContext ctx = flex::make_mod_context(nullptr, &program, nullptr, {}, device, "create_block_mask");
+  flex::ModContext ctx = flex::make_mod_context(nullptr, &program, nullptr, {}, device, "create_block_mask",
+                                                IndexBounds{Be, He, Q_LEN, KV_LEN});
   jit::JitSource src;
   src.name = "block_mask";
   src.code = flex::assemble(ctx, {"FG_BM_THREADS " + std::to_string(kThreads)}, {"block_mask.cuh"});

@@ -39,23 +39,9 @@ int32_t to_i32(int64_t x, const char* what) {
 
 int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_* follow fg::DType's order
 
-namespace {
-
-bool program_can_fail(const ModProgram* p) {
-  if (!p) return false;
-  for (const Instr& in : p->instrs()) {
-    if (in.op == ExprOp::Index) return true;
-    if ((in.op == ExprOp::FloorDiv || in.op == ExprOp::Mod || in.op == ExprOp::Pow) && in.kind != ValueKind::Float) {
-      return true;
-    }
-  }
-  return false;
-}
-
-}  // namespace
-
 ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
-                            const std::vector<bool>& needs_cap, Device dev, const char* caller) {
+                            const std::vector<bool>& needs_cap, Device dev, const char* caller,
+                            const IndexBounds& bounds) {
   ModContext ctx;
   // One kernel slot per distinct captured tensor (by identity), whichever program reads it.
   auto slot_of = [&](const CaptureRef& c) -> int {
@@ -102,9 +88,10 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
       c.strides[d] = t.stride(d);
     }
   }
-  const bool can_fail = program_can_fail(in.score_mod) || program_can_fail(in.mask_mod) ||
-                        (in.score_grad && program_can_fail(&in.score_grad->program));
-  if (can_fail) {
+  // Without a possible failure there is no flag to read back: the call does not synchronise.
+  const bool may_fail = can_fail(in.score_mod, bounds) || can_fail(in.mask_mod, bounds) ||
+                        (in.score_grad && can_fail(&in.score_grad->program, bounds));
+  if (may_fail) {
     ctx.error_buf = zeros({static_cast<int64_t>(sizeof(FgError) / 8)}, TensorOptions().dtype(kInt64).device(dev));
     ctx.args.error = static_cast<FgError*>(ctx.error_buf.data_ptr());
   }
@@ -112,8 +99,9 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
 }
 
 ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap) {
+  const IndexBounds bounds{p.q.size(0), p.q.size(1), p.q.size(2), p.k.size(2)};
   return make_mod_context(p.score_mod.get(), p.mask_mod.get(), backward ? p.score_grad.get() : nullptr, needs_cap,
-                          p.q.device(), "flex_attention");
+                          p.q.device(), "flex_attention", bounds);
 }
 
 void check_mod_errors(const ModContext& ctx) {

@@ -1,5 +1,7 @@
-// PagedAttention::assign's scatter on CUDA (attention/paged_attention_kernels.h): one CTA per source row
-// (b, h, s) copies it to its physical cache row, 16 bytes at a time where rows are 16-byte aligned.
+// PagedAttention's kernels on CUDA (attention/paged_attention_kernels.h). assign's scatter: one CTA per
+// source row (b, h, s) copies it to its physical cache row, 16 bytes at a time where rows are 16-byte
+// aligned. convert_logical_block_mask: one thread per output row runs paged_convert_row (the CPU's code), so
+// a device mask is converted without reading anything back.
 #include <cstdint>
 
 #include "flexgrad/attention/paged_attention_kernels.h"
@@ -41,8 +43,42 @@ void scatter_cuda(const Tensor& val, const Tensor& addr, const Tensor& cache) {
   FG_CUDA_CHECK_LAUNCH();
 }
 
+struct ConvertPtrs {
+  const int32_t *src_num, *src_idx, *src_fnum, *src_fidx;
+  const int64_t *table, *slots, *lens;
+  int32_t *num, *idx, *fnum, *fidx;
+  int64_t N, H, nQ, Bm, nKV, n_pages, page_size;
+  bool has_full;
+};
+
+__global__ void __launch_bounds__(kThreads) paged_convert_kernel(const ConvertPtrs p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // (n * H + h) * nQ + r
+  if (row >= p.N * p.H * p.nQ) return;
+  const int64_t r = row % p.nQ, h = (row / p.nQ) % p.H, n = row / (p.nQ * p.H);
+  const int64_t src_row = ((p.Bm == 1 ? 0 : n) * p.H + h) * p.nQ + r;
+  paged_convert_row(p.src_num, p.src_idx, p.src_fnum, p.src_fidx, src_row, p.nKV, p.table + p.slots[n] * p.n_pages,
+                    p.n_pages, p.page_size, p.lens[n], p.num + row, p.idx + row * p.n_pages,
+                    p.has_full ? p.fnum + row : nullptr, p.has_full ? p.fidx + row * p.n_pages : nullptr, p.has_full);
+}
+
+void convert_cuda(const PagedConvertArgs& a) {
+  auto i32 = [](const Tensor& t) { return t.defined() ? static_cast<int32_t*>(t.data_ptr()) : nullptr; };
+  auto i64 = [](const Tensor& t) { return static_cast<const int64_t*>(t.data_ptr()); };
+  ConvertPtrs p{i32(a.src_num), i32(a.src_idx), i32(a.src_fnum), i32(a.src_fidx), i64(a.table), i64(a.slots),
+                i64(a.lens),    i32(a.num),     i32(a.idx),      i32(a.fnum),     i32(a.fidx),  a.num.size(0),
+                a.num.size(1),  a.num.size(2),  a.src_num.size(0), a.src_idx.size(3), a.table.size(1), a.page_size,
+                a.has_full};
+  const int64_t rows = p.N * p.H * p.nQ;
+  if (rows == 0) return;
+  const int dev = a.num.device().index;
+  DeviceGuard g(dev);
+  paged_convert_kernel<<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, stream(dev)>>>(p);
+  FG_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 FG_REGISTER_KERNEL(paged_scatter_stub, CUDA, &scatter_cuda);
+FG_REGISTER_KERNEL(paged_convert_stub, CUDA, &convert_cuda);
 
 }  // namespace fg::cuda
