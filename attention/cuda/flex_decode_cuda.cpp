@@ -172,33 +172,10 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
   const DecodeConfig cfg = choose_config(p, device);
 
   DecodeParams a{};
-  a.q = p.q.data_ptr();
-  a.k = p.Lkv > 0 ? p.k.data_ptr() : nullptr;
-  a.v = p.Lkv > 0 ? p.v.data_ptr() : nullptr;
+  flex::fill_problem_params(a, p);
   a.out = o.out.data_ptr();
   a.lse = static_cast<float*>(o.lse.data_ptr());
   a.mx = static_cast<float*>(o.max_scores.data_ptr());
-  a.q_sb = p.q.strides()[0], a.q_sh = p.q.strides()[1], a.q_sl = p.q.strides()[2];
-  a.k_sb = p.k.strides()[0], a.k_sh = p.k.strides()[1], a.k_sl = p.k.strides()[2];
-  a.v_sb = p.v.strides()[0], a.v_sh = p.v.strides()[1], a.v_sl = p.v.strides()[2];
-  const BlockLists& bl = p.kv_lists;
-  if (bl.num.defined()) {
-    a.num = static_cast<const int32_t*>(bl.num.data_ptr());
-    a.idx = static_cast<const int32_t*>(bl.idx.data_ptr());
-    a.idx_cols = to_i32(bl.idx.sizes()[3], "block list width");
-  }
-  if (bl.full_num.defined()) {
-    a.full_num = static_cast<const int32_t*>(bl.full_num.data_ptr());
-    a.full_idx = static_cast<const int32_t*>(bl.full_idx.data_ptr());
-    a.full_cols = to_i32(bl.full_idx.sizes()[3], "full block list width");
-  }
-  a.scale = p.scale;
-  a.B = to_i32(p.B, "B"), a.Hq = to_i32(p.Hq, "Hq"), a.Lq = to_i32(p.Lq, "Lq");
-  a.Hkv = to_i32(p.Hkv, "Hkv"), a.Lkv = to_i32(p.Lkv, "Lkv"), a.Bkv = to_i32(p.Bkv, "Bkv");
-  a.group = to_i32(p.group(), "GQA group");
-  a.E = to_i32(p.E, "E"), a.Ev = to_i32(p.Ev, "Ev");
-  a.Bm = to_i32(bl.Bm, "block mask batch"), a.Hm = to_i32(bl.Hm, "block mask heads"), a.rows = to_i32(bl.rows, "rows");
-  a.block_q = to_i32(p.block_q, "block_q"), a.block_kv = to_i32(p.block_kv, "block_kv");
   a.pack = to_i32(cfg.pack, "heads per CTA");
   const int64_t bm = 16 * cfg.mf;
   a.tiles_per_qblock = to_i32((cfg.pack * std::min(p.block_q, p.Lq) + bm - 1) / bm, "row tiles per q block");

@@ -19,7 +19,7 @@
 // the physical pages (block_kv = page size), so a paged cache is read without any gather copy.
 //
 // Semantics are the tiled kernel's: partial blocks apply the mask_mod, full blocks skip it; out-of-range
-// rows and columns never reach a mod; the non-finite rule of fg_row_end (flex_forward.cuh, repeated in the
+// rows and columns never reach a mod; the non-finite rule of fg_row_end (flex_mma.cuh, applied again in the
 // merge below) holds across warps and splits because each partial carries a NaN flag.
 //
 // Configuration macros (attention/cuda/flex_decode_cuda.cpp):
@@ -38,8 +38,6 @@
 #define FG_SLICE 16
 #define FG_LDK (FG_E + FG_SMEM_PAD_B16)
 #define FG_LDV (FG_EV + FG_SMEM_PAD_B16)
-
-typedef unsigned short fg_h16;
 
 // Host mirror: DecodeParams in attention/cuda/flex_decode_cuda.cpp (same declaration order and types).
 struct FgDecParams {
@@ -77,17 +75,40 @@ struct FgSlice {
 };
 
 // The walk over the listed blocks [i, i_end) of one BlockMask row, 16 columns at a time. Every thread runs
-// it (uniform control flow), so no thread has to tell the others where a stage's slices come from.
+// it (uniform control flow within each warp), so no thread has to tell the others where a stage's slices
+// come from. The row's block indices come through a register cache: lane l holds entry base + l (v0) and
+// base + 32 + l (v1), read with one coalesced load per 32 entries issued 32 entries before they are needed.
+// Reading them one by one put a dependent global load in front of every slice a warp issues (with 4 warps
+// and 64-column blocks each warp's next slice is in the next block), which starved the copy pipelines.
 struct FgSliceCursor {
   const int* partial;
   const int* full;
   int n_partial;
   int i, i_end;  // position in partial ++ full
   int n0, nend;
+  int base, v0, v1;
 };
+// Entry j of partial ++ full, -1 at or past i_end (never read).
+__device__ __forceinline__ int fg_dec_entry_load(const FgSliceCursor& c, int j) {
+  if (j >= c.i_end) return -1;
+  return j < c.n_partial ? c.partial[j] : c.full[j - c.n_partial];
+}
+__device__ __forceinline__ int fg_dec_entry(FgSliceCursor& c, int j) {
+  const int lane = threadIdx.x & 31;
+  if (j < c.base || j >= c.base + 64) {  // the first read of a range: fill both halves
+    c.base = j;
+    c.v0 = fg_dec_entry_load(c, j + lane);
+    c.v1 = fg_dec_entry_load(c, j + 32 + lane);
+  } else if (j >= c.base + 32) {  // into the second half: shift, and prefetch the next 32 entries
+    c.base += 32;
+    c.v0 = c.v1;
+    c.v1 = fg_dec_entry_load(c, c.base + 32 + lane);
+  }
+  return __shfl_sync(0xffffffffu, c.v0, j - c.base);
+}
 __device__ __forceinline__ void fg_dec_seek(const FgDecParams& p, FgSliceCursor& c) {
   for (; c.i < c.i_end; ++c.i) {
-    const int blk = c.i < c.n_partial ? c.partial[c.i] : c.full[c.i - c.n_partial];
+    const int blk = fg_dec_entry(c, c.i);
     const fg_i64 kv0 = (fg_i64)blk * p.block_kv;
     if (blk >= 0 && kv0 < p.Lkv) {
       c.n0 = (int)kv0;
@@ -116,29 +137,13 @@ __device__ __forceinline__ FgSlice fg_dec_take(const FgDecParams& p, FgSliceCurs
   return s;
 }
 
-// One stage: FG_WARPS slices of K (and V) rows into shared memory, zero-filled past each slice's end.
 // One slice of K and V rows into a warp's buffers (the warp's 32 lanes share the copies), zero-filled past
 // the slice's end.
-__device__ __forceinline__ void fg_dec_load_rows(fg_h16* s, int ld_s, const fg_h16* g, fg_i64 ld_g, int nrows,
-                                                 int cols, int cols_pad, int lane) {
-  const int ch = cols_pad / 8;
-  for (int c = lane; c < FG_SLICE * ch; c += 32) {
-    const int r = c / ch, col = (c % ch) * 8;
-    fg_h16* dst = s + r * ld_s + col;
-#if FG_VEC
-    const bool ok = r < nrows && col < cols;
-    fg_cp_async16(fg_smem_addr(dst), ok ? (const void*)(g + r * ld_g + col) : (const void*)g, ok);
-#else
-#pragma unroll
-    for (int j = 0; j < 8; ++j) dst[j] = (r < nrows && col + j < cols) ? g[r * ld_g + col + j] : (fg_h16)0;
-#endif
-  }
-}
 __device__ __forceinline__ void fg_dec_load_slice(const FgDecParams& p, const FgSlice& sl, fg_h16* Kb, fg_h16* Vb,
                                                   const fg_h16* kg, const fg_h16* vg, int lane) {
   const int rows = sl.nend - sl.n0 < FG_SLICE ? sl.nend - sl.n0 : FG_SLICE;
-  fg_dec_load_rows(Kb, FG_LDK, kg + (fg_i64)sl.n0 * p.k_sl, p.k_sl, rows, p.E, FG_E, lane);
-  fg_dec_load_rows(Vb, FG_LDV, vg + (fg_i64)sl.n0 * p.v_sl, p.v_sl, rows, p.Ev, FG_EV, lane);
+  fg_load_rows<FG_SLICE>(Kb, FG_LDK, kg + (fg_i64)sl.n0 * p.k_sl, p.k_sl, rows, p.E, FG_E, lane, 32);
+  fg_load_rows<FG_SLICE>(Vb, FG_LDV, vg + (fg_i64)sl.n0 * p.v_sl, p.v_sl, rows, p.Ev, FG_EV, lane, 32);
 }
 // This warp's next slice: the cursor's next one, then the other warps' FG_WARPS - 1 are skipped.
 __device__ __forceinline__ FgSlice fg_dec_take_mine(const FgDecParams& p, FgSliceCursor& c) {
@@ -148,26 +153,6 @@ __device__ __forceinline__ FgSlice fg_dec_take_mine(const FgDecParams& p, FgSlic
   return s;
 }
 
-// The end of a row, as fg_row_end of flex_forward.cuh (PyTorch's non-finite rule): a NaN score anywhere ->
-// NaN; nothing allowed -> out 0, lse and max -inf; a +inf score and no NaN -> out NaN, lse and max +inf.
-struct FgDecRowEnd {
-  float inv, lse, max;
-};
-__device__ __forceinline__ FgDecRowEnd fg_dec_row_end(float m, float lsum, bool nan_row) {
-  const float inf = -fg_neg_inf(), nan = inf - inf;
-  FgDecRowEnd e;
-  if (nan_row) {
-    e.inv = e.lse = e.max = nan;
-  } else if (m == -inf) {
-    e.inv = 0.f;
-    e.lse = e.max = -inf;
-  } else {
-    e.inv = 1.f / lsum;
-    e.lse = m == inf ? inf : m + logf(lsum);
-    e.max = m;
-  }
-  return e;
-}
 // Weight of a partial with row max `m` in a combination whose max is `mx` (0 for an empty partial).
 __device__ __forceinline__ float fg_dec_weight(float m, float mx) {
   return m == fg_neg_inf() ? 0.f : fg_exp2((m - mx) * FG_LOG2E);
@@ -220,6 +205,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     cur.i = split * per;
     cur.i_end = cur.i + per < np + nf ? cur.i + per : np + nf;
     cur.n0 = cur.nend = 0;
+    cur.base = -(1 << 30);  // nothing cached yet
+    cur.v0 = cur.v1 = -1;
     fg_dec_seek(p, cur);
   }
 
@@ -443,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
     const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
     if (p.splits == 1) {
-      const FgDecRowEnd e = fg_dec_row_end(mxw, lsum, nan_row);
+      const FgRowEnd<float> e = fg_row_end<float>(mxw, lsum, nan_row);
       if (col < p.Ev) {
         const float x = osum * e.inv;
         ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
@@ -489,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
       lsum += fg_dec_weight(__ldcg(ml), mxs) * __ldcg(ml + 1);
       nan_row |= __ldcg(ml + 2) != 0.f;
     }
-    const FgDecRowEnd e = fg_dec_row_end(mxs, lsum, nan_row);
+    const FgRowEnd<float> e = fg_row_end<float>(mxs, lsum, nan_row);
     for (int col = lane; col < p.Ev; col += 32) {
       float osum = 0.f;
       for (int s = 0; s < p.splits; ++s) {

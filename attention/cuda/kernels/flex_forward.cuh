@@ -140,36 +140,6 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
   return s;
 }
 
-// The end of a row's online softmax, with PyTorch's non-finite rule (the CPU kernel's, flex_cpu.cpp):
-//   a NaN score anywhere in the row        -> output, lse and max_scores NaN
-//   every score -inf (or no block visited) -> output 0, lse -inf, max_scores -inf
-//   a +inf score and no NaN                -> output NaN (inf - inf), lse +inf, max_scores +inf
-// The running max skips NaN (fmax), so a NaN shows up in the sum instead: with a finite or -inf max every
-// other term is finite, so a NaN sum means a NaN score; next to a +inf max the kernel looked (`saw_nan`).
-__device__ __forceinline__ float fg_log_t(float x) { return logf(x); }
-__device__ __forceinline__ double fg_log_t(double x) { return log(x); }
-template <class T>
-struct FgRowEnd {
-  T inv, lse, max;
-};
-template <class T>
-__device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
-  const T inf = -(T)fg_neg_inf(), nan = inf - inf;
-  const bool nan_row = saw_nan || (lsum != lsum && m != inf);
-  FgRowEnd<T> e;
-  if (nan_row) {
-    e.inv = e.lse = e.max = nan;
-  } else if (m == -inf) {
-    e.inv = 0;
-    e.lse = e.max = -inf;
-  } else {
-    e.inv = (T)1 / lsum;
-    e.lse = m == inf ? inf : m + fg_log_t(lsum);
-    e.max = m;
-  }
-  return e;
-}
-
 #if FG_ELEM == FG_DT_BFLOAT16 || FG_ELEM == FG_DT_FLOAT16
 // =================================================================================================
 // Tensor-core kernel (bf16 / f16)
@@ -180,25 +150,10 @@ __device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
 #define FG_LDQ (FG_E + FG_SMEM_PAD_B16)
 #define FG_LDV (FG_EV + FG_SMEM_PAD_B16)
 
-typedef unsigned short fg_h16;
-
-// rows x COLS tile of 16-bit elements from global (row stride `ld_g`, `cols` real columns, `nrows` valid
-// rows) into shared memory (row stride LD); zero outside. cp.async when FG_VEC, else element copies.
+// FG_BN x COLS tiles of 16-bit elements: fg_load_rows (flex_mma.cuh) with every thread of the CTA.
 template <int ROWS, int COLS, int LD>
 __device__ __forceinline__ void fg_load_tile(fg_h16* s, const fg_h16* g, fg_i64 ld_g, int nrows, int cols) {
-  constexpr int CH = COLS / 8;
-#pragma unroll 4
-  for (int c = threadIdx.x; c < ROWS * CH; c += FG_NT) {
-    const int r = c / CH, col = (c % CH) * 8;
-    fg_h16* dst = s + r * LD + col;
-#if FG_VEC
-    const bool ok = r < nrows && col < cols;
-    fg_cp_async16(fg_smem_addr(dst), ok ? (const void*)(g + r * ld_g + col) : (const void*)g, ok);
-#else
-#pragma unroll
-    for (int j = 0; j < 8; ++j) dst[j] = (r < nrows && col + j < cols) ? g[r * ld_g + col + j] : (fg_h16)0;
-#endif
-  }
+  fg_load_rows<ROWS>(s, LD, g, ld_g, nrows, cols, COLS, threadIdx.x, FG_NT);
 }
 
 extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)

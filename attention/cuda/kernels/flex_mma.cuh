@@ -212,3 +212,58 @@ __device__ __forceinline__ T fg_warp_max(T x) {
   }
   return x;
 }
+
+// The end of a row's online softmax, with PyTorch's non-finite rule (the CPU kernel's, flex_cpu.cpp):
+//   a NaN score anywhere in the row        -> output, lse and max_scores NaN
+//   every score -inf (or no block visited) -> output 0, lse -inf, max_scores -inf
+//   a +inf score and no NaN                -> output NaN (inf - inf), lse +inf, max_scores +inf
+// The running max skips NaN (fmax), so a NaN shows up in the sum instead: with a finite or -inf max every
+// other term is finite, so a NaN sum means a NaN score; next to a +inf max the kernel looked (`saw_nan`).
+__device__ __forceinline__ float fg_log_t(float x) { return logf(x); }
+__device__ __forceinline__ double fg_log_t(double x) { return log(x); }
+template <class T>
+struct FgRowEnd {
+  T inv, lse, max;
+};
+template <class T>
+__device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
+  const T inf = -(T)fg_neg_inf(), nan = inf - inf;
+  const bool nan_row = saw_nan || (lsum != lsum && m != inf);
+  FgRowEnd<T> e;
+  if (nan_row) {
+    e.inv = e.lse = e.max = nan;
+  } else if (m == -inf) {
+    e.inv = 0;
+    e.lse = e.max = -inf;
+  } else {
+    e.inv = (T)1 / lsum;
+    e.lse = m == inf ? inf : m + fg_log_t(lsum);
+    e.max = m;
+  }
+  return e;
+}
+
+// ---- tile copies -------------------------------------------------------------------------------
+typedef unsigned short fg_h16;
+
+// Rows [0, ROWS) x columns [0, cols_pad) of 16-bit elements from global memory (row stride ld_g, the first
+// `nrows` rows and `cols` columns real) into shared memory (row stride ld_s), zero elsewhere. Thread `tid` of
+// `nthreads` (a CTA or a warp) copies every nthreads-th 16-byte chunk: cp.async when FG_VEC (the caller
+// commits and waits), else element copies.
+template <int ROWS>
+__device__ __forceinline__ void fg_load_rows(fg_h16* s, int ld_s, const fg_h16* g, fg_i64 ld_g, int nrows, int cols,
+                                             int cols_pad, int tid, int nthreads) {
+  const int ch = cols_pad / 8;
+#pragma unroll 4
+  for (int c = tid; c < ROWS * ch; c += nthreads) {
+    const int r = c / ch, col = (c % ch) * 8;
+    fg_h16* dst = s + r * ld_s + col;
+#if FG_VEC
+    const bool ok = r < nrows && col < cols;
+    fg_cp_async16(fg_smem_addr(dst), ok ? (const void*)(g + r * ld_g + col) : (const void*)g, ok);
+#else
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dst[j] = (r < nrows && col + j < cols) ? g[r * ld_g + col + j] : (fg_h16)0;
+#endif
+  }
+}
