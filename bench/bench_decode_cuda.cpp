@@ -10,7 +10,7 @@
 // bench/decode_vs_torch.py times PyTorch on the same shapes.
 //
 //   bench_decode_cuda [--shapes B,Hq,Hkv,S,D ...] [--page-size 64] [--reps 7] [--iters 20] [--kv-splits N]
-//                     [--csv FILE]       (FLEXGRAD_FLEX_DECODE_TILE="WARPS,STAGES,MIN_BLOCKS" overrides the tile)
+//                     [--csv FILE]       (FLEXGRAD_FLEX_DECODE_TILE="WARPS,STAGES,MIN_BLOCKS[,L2_PREFETCH]" overrides the tile)
 #include <CLI/CLI.hpp>
 
 #include <algorithm>

@@ -59,6 +59,7 @@ struct DecodeConfig {
   int64_t warps = 4;   // each with its own pipeline of 16-column slices
   int64_t stages = 2;  // slices per warp pipeline
   int64_t min_blocks = 1;
+  int64_t l2_prefetch = 0;  // FG_L2_PREFETCH: bytes L2 fetches around each 16-byte copy (0, 64, 128, 256)
   size_t smem = 0;
 };
 
@@ -79,17 +80,20 @@ size_t decode_smem(const DecodeConfig& c) {
   return q + std::max(static_cast<size_t>(c.stages) * stage_bytes(c), red);
 }
 
-// Optional tuning override, FLEXGRAD_FLEX_DECODE_TILE="WARPS,STAGES,MIN_BLOCKS".
+// Optional tuning override, FLEXGRAD_FLEX_DECODE_TILE="WARPS,STAGES,MIN_BLOCKS[,L2_PREFETCH]".
 bool tile_override(DecodeConfig& c) {
   const char* env = std::getenv("FLEXGRAD_FLEX_DECODE_TILE");
   if (env == nullptr || *env == '\0') return false;
-  long w = 0, st = 0, mb = 0;
-  FG_CHECK(std::sscanf(env, "%ld,%ld,%ld", &w, &st, &mb) == 3 && w >= 1 && w <= 16 && st >= 2 && st <= 8 && mb >= 1,
-           ValueError, "FLEXGRAD_FLEX_DECODE_TILE: expected \"WARPS,STAGES,MIN_BLOCKS\" with 1-16 warps, 2-8 stages "
-           "and MIN_BLOCKS >= 1; got \"{}\"", env);
+  long w = 0, st = 0, mb = 0, pf = c.l2_prefetch;
+  const int n = std::sscanf(env, "%ld,%ld,%ld,%ld", &w, &st, &mb, &pf);
+  FG_CHECK((n == 3 || n == 4) && w >= 1 && w <= 16 && st >= 2 && st <= 8 && mb >= 1 &&
+               (pf == 0 || pf == 64 || pf == 128 || pf == 256),
+           ValueError, "FLEXGRAD_FLEX_DECODE_TILE: expected \"WARPS,STAGES,MIN_BLOCKS[,L2_PREFETCH]\" with 1-16 warps, "
+           "2-8 stages, MIN_BLOCKS >= 1 and L2_PREFETCH 0, 64, 128 or 256; got \"{}\"", env);
   c.warps = w;
   c.stages = st;
   c.min_blocks = mb;
+  c.l2_prefetch = pf;
   return true;
 }
 
@@ -211,6 +215,7 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_STAGES " + std::to_string(cfg.stages),
       "FG_VEC " + std::string(vec ? "1" : "0"),
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
+      "FG_L2_PREFETCH " + std::to_string(cfg.l2_prefetch),
   };
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   jit::JitSource src;

@@ -165,10 +165,26 @@ __device__ __forceinline__ int fg_ldsm_b_trans_offset(int lane, int row0, int co
 
 // ---- cp.async (global -> shared, 16 bytes, L2 only) --------------------------------------------
 // Copies 16 bytes, or writes 16 zero bytes when !valid (src is then not read; pass any valid pointer).
+// FG_L2_PREFETCH (0, 64, 128 or 256; a template may define it) asks L2 to fetch that many bytes around each
+// copy: for long streams (the decode kernel) fewer, larger DRAM requests.
+#ifndef FG_L2_PREFETCH
+#define FG_L2_PREFETCH 0
+#endif
 __device__ __forceinline__ void fg_cp_async16(unsigned smem_addr, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
+#if FG_L2_PREFETCH == 256
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes)
+               : "memory");
+#elif FG_L2_PREFETCH == 128
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes)
+               : "memory");
+#elif FG_L2_PREFETCH == 64
+  asm volatile("cp.async.cg.shared.global.L2::64B [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes)
+               : "memory");
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void fg_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N committed groups are still in flight.
