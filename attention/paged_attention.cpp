@@ -233,7 +233,7 @@ void PagedAttention::assign(const Tensor& batch_idx, const Tensor& input_pos, co
       addr[static_cast<size_t>(b * S + s)] = page * page_size_ + p % page_size_;
     }
   }
-  Tensor addr_t = from_vector(addr, {B * S}, kInt64).to(device_);
+  Tensor addr_t = to_device(from_vector(addr, {B * S}, kInt64), device_, /*non_blocking=*/true);
   paged_scatter_stub(device_, k_val.contiguous(), addr_t, k_cache);
   paged_scatter_stub(device_, v_val.contiguous(), addr_t, v_cache);
   k_cache.bump_version();
@@ -312,8 +312,8 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
     args.fidx = zeros({N, H, nQ, n_pages_}, i32);
   }
   args.table = page_table_;
-  args.slots = from_vector(slots, {N}, kInt64).to(device_);
-  args.lens = from_vector(lens, {N}, kInt64).to(device_);
+  args.slots = to_device(from_vector(slots, {N}, kInt64), device_, /*non_blocking=*/true);
+  args.lens = to_device(from_vector(lens, {N}, kInt64), device_, /*non_blocking=*/true);
   args.num = zeros({N, H, nQ}, i32);
   args.idx = zeros({N, H, nQ, n_pages_}, i32);
   args.page_size = page_size_;

@@ -31,36 +31,18 @@ struct PagedConvertArgs {
 using PagedConvertFn = void (*)(const PagedConvertArgs& a);
 FG_DECLARE_STUB(PagedConvertFn, paged_convert_stub);
 
-// One output row of the conversion, the same code on both devices: the logical blocks of source row
-// `src_row` mapped to the physical pages of `slot`, dropping blocks with no page or starting at or past
-// `len`; full blocks that reach past `len` become partial (after the partial ones, in order) so the
-// mask_mod cuts them. Writes *dn / di (and *fn / fi when has_full) of the output row.
-FG_HOST_DEVICE inline void paged_convert_row(const int32_t* src_num, const int32_t* src_idx, const int32_t* src_fnum,
-                                             const int32_t* src_fidx, int64_t src_row, int64_t nKV,
-                                             const int64_t* table_row, int64_t n_pages, int64_t page_size, int64_t len,
-                                             int32_t* dn, int32_t* di, int32_t* fn, int32_t* fi, bool has_full) {
-  auto page_of = [&](int64_t lb) -> int64_t {
-    if (lb < 0 || lb >= n_pages || lb * page_size >= len) return -1;
-    return table_row[lb];
-  };
-  int32_t n = 0;
-  const int32_t cnt = src_num[src_row];
-  for (int32_t k = 0; k < cnt; ++k) {
-    const int64_t page = page_of(src_idx[src_row * nKV + k]);
-    if (page >= 0) di[n++] = static_cast<int32_t>(page);
-  }
-  if (has_full) {
-    int32_t nf = 0;
-    const int32_t fcnt = src_fnum[src_row];
-    for (int32_t k = 0; k < fcnt; ++k) {
-      const int64_t lb = src_fidx[src_row * nKV + k], page = page_of(lb);
-      if (page < 0) continue;
-      if ((lb + 1) * page_size > len) di[n++] = static_cast<int32_t>(page);
-      else fi[nf++] = static_cast<int32_t>(page);
-    }
-    *fn = nf;
-  }
-  *dn = n;
+// Where logical block `lb` of a row whose slot's page-table row is `table_row` and whose valid length is
+// `len` goes: -1 when it holds nothing attendable (no page, or it starts at or past len), else its physical
+// page. Shared by both devices' conversions (CPU: a loop per row; CUDA: a warp per row, compacted in order).
+FG_HOST_DEVICE inline int64_t paged_block_page(const int64_t* table_row, int64_t n_pages, int64_t page_size,
+                                               int64_t len, int64_t lb) {
+  if (lb < 0 || lb >= n_pages || lb * page_size >= len) return -1;
+  return table_row[lb];
+}
+// Whether a full logical block reaches past `len`: it is then only partly valid and becomes a partial block
+// (listed after the partial ones, in order) so the mask_mod cuts it.
+FG_HOST_DEVICE inline bool paged_full_block_cut(int64_t lb, int64_t page_size, int64_t len) {
+  return (lb + 1) * page_size > len;
 }
 
 }  // namespace fg

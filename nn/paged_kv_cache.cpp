@@ -126,7 +126,7 @@ void PagedKVCache::append(const Tensor& k, const Tensor& v, const std::vector<in
           slot_v.push_back(b);
           pos_v.push_back(lens_[static_cast<size_t>(b)] + s);
         }
-      Tensor keep_t = from_vector(keep, {total}, kInt64).to(dev);
+      Tensor keep_t = to_device(from_vector(keep, {total}, kInt64), dev, /*non_blocking=*/true);
       auto kept = [&](const Tensor& t) {
         Tensor rows = reshape(permute(t, {0, 2, 1, 3}), {batch_ * n, kv_heads_, head_dim_});
         return unsqueeze(index_select(rows, 0, keep_t), 2).contiguous();
@@ -166,7 +166,7 @@ FlexAttentionResult PagedKVCache::attend(const Tensor& q, const FlexAttentionOpt
     for (int64_t r = 0; r < nq; ++r)
       for (int64_t j = 0; j < nkv; ++j) idx[static_cast<size_t>(r * nkv + j)] = static_cast<int32_t>(j);
     const TensorOptions i32 = TensorOptions(kInt32).device(dev);
-    Tensor full_idx = from_vector(idx, {1, 1, nq, nkv}, kInt32).to(dev);
+    Tensor full_idx = to_device(from_vector(idx, {1, 1, nq, nkv}, kInt32), dev, /*non_blocking=*/true);
     logical = BlockMask::from_kv_blocks(zeros({1, 1, nq}, i32), full_idx, full({1, 1, nq}, static_cast<int32_t>(nkv), i32),
                                         full_idx, BlockSize(bq, ps), noop_mask, std::make_pair(Lq, len));
   }
@@ -177,7 +177,7 @@ FlexAttentionResult PagedKVCache::attend(const Tensor& q, const FlexAttentionOpt
   Tensor host_slots = arange(static_cast<double>(batch_), kInt64);
   FlexAttentionOptions po = opts;
   po.block_mask = pa_.convert_logical_block_mask(logical, host_slots, host_len);
-  if (opts.score_mod) po.score_mod = pa_.get_score_mod(opts.score_mod, host_len.to(dev));
+  if (opts.score_mod) po.score_mod = pa_.get_score_mod(opts.score_mod, to_device(host_len, dev, /*non_blocking=*/true));
   return flex_attention(contiguous(q), k_pool_, v_pool_, po);
 }
 

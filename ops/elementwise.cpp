@@ -513,14 +513,15 @@ Tensor cast(const Tensor& t, DType dtype) {
   return out;
 }
 
-Tensor to_device(const Tensor& t, Device device) {
+Tensor to_device(const Tensor& t, Device device, bool non_blocking) {
   if (t.device() == device) return t;
   // Copy through a contiguous buffer on the source device so the transfer is one block.
   Tensor src = t.is_contiguous() ? t : contiguous(t.detach());
   Tensor out = empty(t.sizes(), TensorOptions().dtype(t.dtype()).device(device));
   DeviceBackend& backend = device_backend(device.is_cpu() ? t.device() : device);
-  backend.copy_bytes(out.data_ptr(), device, src.data_ptr(), t.device(),
-                     static_cast<size_t>(t.numel()) * t.element_size());
+  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (non_blocking) backend.copy_bytes_nonblocking(out.data_ptr(), device, src.data_ptr(), t.device(), nbytes);
+  else backend.copy_bytes(out.data_ptr(), device, src.data_ptr(), t.device(), nbytes);
   if (needs_grad({t})) {
     Device from = t.device();
     record("ToCopyBackward", {t}, {out}, [from](const TensorList& g) { return TensorList{to_device(g[0], from)}; });

@@ -109,7 +109,9 @@ Tensor square(const Tensor& t);
 
 // ---- casts and copies ----
 Tensor cast(const Tensor& t, DType dtype);  // differentiable between floating dtypes
-Tensor to_device(const Tensor& t, Device device);  // differentiable
+// Differentiable. non_blocking (as PyTorch's .to(device, non_blocking=True)): a copy to a GPU does not make the
+// host wait (ordered on the device's stream; a host source may be reused at once); copies to the host wait.
+Tensor to_device(const Tensor& t, Device device, bool non_blocking = false);
 Tensor contiguous(const Tensor& t);
 Tensor clone(const Tensor& t);
 

@@ -19,6 +19,13 @@ class DeviceBackend {
   virtual void deallocate(void* ptr, size_t nbytes, int device_index) = 0;
   // Copies nbytes between any two devices where one of them is this backend's (or the CPU).
   virtual void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes) = 0;
+  // The same without the host waiting where the destination is this backend's device: the copy is ordered on
+  // the device's stream and the source may be reused as soon as the call returns (host memory is staged).
+  // Copies to the host still wait (the caller reads the result next). Default: copy_bytes.
+  virtual void copy_bytes_nonblocking(void* dst, Device dst_device, const void* src, Device src_device,
+                                      size_t nbytes) {
+    copy_bytes(dst, dst_device, src, src_device, nbytes);
+  }
   virtual void fill_zero(void* ptr, size_t nbytes, int device_index) = 0;
   virtual int device_count() const = 0;
   virtual void synchronize(int device_index) {}

@@ -22,20 +22,35 @@ void scatter_cpu(const Tensor& val, const Tensor& addr, const Tensor& cache) {
 
 void convert_cpu(const PagedConvertArgs& a) {
   const int64_t N = a.num.size(0), H = a.num.size(1), nQ = a.num.size(2), Bm = a.src_num.size(0);
-  const int64_t nKV = a.src_idx.size(3), n_pages = a.table.size(1);
-  const int64_t* slots = a.slots.data<int64_t>();
-  const int64_t* lens = a.lens.data<int64_t>();
-  auto ptr = [&](const Tensor& t) { return a.has_full ? t.data<int32_t>() : nullptr; };
-  for (int64_t n = 0; n < N; ++n)
+  const int64_t nKV = a.src_idx.size(3), n_pages = a.table.size(1), ps = a.page_size;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* table_row = a.table.data<int64_t>() + a.slots.data<int64_t>()[n] * n_pages;
+    const int64_t len = a.lens.data<int64_t>()[n];
     for (int64_t h = 0; h < H; ++h)
       for (int64_t r = 0; r < nQ; ++r) {
         const int64_t src_row = ((Bm == 1 ? 0 : n) * H + h) * nQ + r, dst_row = (n * H + h) * nQ + r;
-        paged_convert_row(a.src_num.data<int32_t>(), a.src_idx.data<int32_t>(), ptr(a.src_fnum), ptr(a.src_fidx),
-                          src_row, nKV, a.table.data<int64_t>() + slots[n] * n_pages, n_pages, a.page_size, lens[n],
-                          a.num.data<int32_t>() + dst_row, a.idx.data<int32_t>() + dst_row * n_pages,
-                          a.has_full ? a.fnum.data<int32_t>() + dst_row : nullptr,
-                          a.has_full ? a.fidx.data<int32_t>() + dst_row * n_pages : nullptr, a.has_full);
+        int32_t* di = a.idx.data<int32_t>() + dst_row * n_pages;
+        int32_t dn = 0;
+        const int32_t* si = a.src_idx.data<int32_t>() + src_row * nKV;
+        for (int32_t k = 0; k < a.src_num.data<int32_t>()[src_row]; ++k) {
+          const int64_t page = paged_block_page(table_row, n_pages, ps, len, si[k]);
+          if (page >= 0) di[dn++] = static_cast<int32_t>(page);
+        }
+        if (a.has_full) {
+          int32_t* fi = a.fidx.data<int32_t>() + dst_row * n_pages;
+          int32_t fn = 0;
+          const int32_t* sfi = a.src_fidx.data<int32_t>() + src_row * nKV;
+          for (int32_t k = 0; k < a.src_fnum.data<int32_t>()[src_row]; ++k) {
+            const int64_t page = paged_block_page(table_row, n_pages, ps, len, sfi[k]);
+            if (page < 0) continue;
+            if (paged_full_block_cut(sfi[k], ps, len)) di[dn++] = static_cast<int32_t>(page);
+            else fi[fn++] = static_cast<int32_t>(page);
+          }
+          a.fnum.data<int32_t>()[dst_row] = fn;
+        }
+        a.num.data<int32_t>()[dst_row] = dn;
       }
+  }
 }
 
 }  // namespace

@@ -114,8 +114,11 @@ DecodeConfig choose_config(const FlexProblem& p, int device) {
     return c;
   }
   // Two slices in flight per warp and two CTAs per SM where they fit (8 warps, ~140 KB in flight per SM at head
-  // dim 128), else one. Measured on the H200 (bench_decode_cuda with the FLEXGRAD_FLEX_DECODE_TILE sweep, bf16
-  // D=128, GQA 4): 2 stages x 2 CTAs beat 3 stages x 2 CTAs by 4%, 4 x 1 by 8-10%, 8 warps x 3 stages x 1 by 1%.
+  // dim 128), else one; copies ask L2 for 128-byte lines. Measured on the H200 (bench_decode_cuda with the
+  // FLEXGRAD_FLEX_DECODE_TILE sweep, bf16 D=128, GQA 4): 2 stages x 2 CTAs beat 3 stages x 2 CTAs by 4%, 4 x 1 by
+  // 8-10%, 8 warps x 3 stages x 1 by 1% (and lose 20% on paged caches); the 128-byte L2 prefetch adds 1-3%
+  // (256 bytes: 0-1%).
+  c.l2_prefetch = 128;
   constexpr size_t kReservedPerCta = 1024;  // the runtime's shared memory per CTA
   c.stages = 2;
   for (int64_t blocks : {2, 1}) {

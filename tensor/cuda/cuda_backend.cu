@@ -349,6 +349,14 @@ class CudaBackend final : public DeviceBackend {
     DeviceGuard g(dev);
     copy_on_stream(dst, dd, src, sd, nbytes, stream(dev), /*sync=*/true);
   }
+  void copy_bytes_nonblocking(void* dst, Device dd, const void* src, Device sd, size_t nbytes) override {
+    if (!dd.is_cuda()) return copy_bytes(dst, dd, src, sd, nbytes);
+    const int dev = cuda_index(dd, sd);
+    check_index(dd.index);
+    if (sd.is_cuda()) check_index(sd.index);
+    DeviceGuard g(dev);
+    copy_on_stream(dst, dd, src, sd, nbytes, stream(dev), /*sync=*/false);
+  }
   void fill_zero(void* ptr, size_t nbytes, int device) override {
     if (nbytes == 0) return;
     DeviceGuard g(device);

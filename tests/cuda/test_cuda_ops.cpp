@@ -380,6 +380,14 @@ TEST_F(CudaRuntime, SyncAndAsyncCopiesThroughStagingAndPinned) {
   // Strided source tensors move too.
   Tensor m = h.slice(0, 0, 4096).reshape({64, 64}).t();
   EXPECT_TRUE(equal(m.to(kCUDA).to(kCPU), m));
+  // to_device(..., non_blocking): the host source may be overwritten as soon as the call returns (it was
+  // staged); strided sources too; a copy to the host still waits, so it reads the device's data at once.
+  Tensor src = h.clone(), keep = h.clone();
+  Tensor d4 = to_device(src, kCUDA, /*non_blocking=*/true);
+  src.fill_(-1.0);
+  Tensor d5 = to_device(m, kCUDA, /*non_blocking=*/true);
+  EXPECT_TRUE(equal(to_device(d4, kCPU, /*non_blocking=*/true), keep));
+  EXPECT_TRUE(equal(d5.to(kCPU), m));
 }
 
 // The copies again, many times, at several sizes (below, at and above the staging chunk), with fresh data
