@@ -263,10 +263,10 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   const char* op = "convert_logical_block_mask";
   FG_CHECK(bm.kv_num_blocks().defined(), ValueError, "PagedAttention.{}: block_mask is empty", op);
   bm.check_unchanged("PagedAttention.convert_logical_block_mask");
-  FG_CHECK(bm.device() == device_, DeviceError,
-           "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on {}; build the mask there "
-           "(create_block_mask's device argument) or move its lists with BlockMask::from_kv_blocks", op, bm.device(),
-           device_);
+  FG_CHECK(bm.device() == device_ || bm.device().is_cpu(), DeviceError,
+           "PagedAttention.{}: block_mask is on {} but PagedAttention's tables are on {}; build the mask there or on "
+           "the CPU (create_block_mask's device argument) or move its lists with BlockMask::from_kv_blocks", op,
+           bm.device(), device_);
   FG_CHECK(bm.block_size().kv == page_size_, ValueError,
            "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
            bm.block_size().kv, page_size_, bm.block_size().q, bm.block_size().kv);
@@ -301,7 +301,8 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   // nothing read back. Slots and lengths were checked above; their device copies are private to the result.
   const bool has_full = bm.has_full_blocks();
   const TensorOptions i32 = TensorOptions(kInt32).device(device_);
-  auto lists = [&](const Tensor& t) { return t.to(device_, kInt32).contiguous(); };
+  // A CPU mask's lists are uploaded without waiting (the result is on the tables' device either way).
+  auto lists = [&](const Tensor& t) { return to_device(t.to(kInt32).contiguous(), device_, /*non_blocking=*/true); };
   PagedConvertArgs args;
   args.src_num = lists(bm.kv_num_blocks());
   args.src_idx = lists(bm.kv_indices());

@@ -59,6 +59,9 @@ class PagedAttention {
   // N); kv_len [N] (optional) the valid length of each, capped at the logical KV_LEN (rows past it are masked
   // too: in the cache they hold other tokens or nothing). Logical blocks on unassigned pages or starting at or
   // past kv_len are dropped; full blocks that reach past kv_len become partial so the mask cuts them.
+  // block_mask may be on the tables' device or on the CPU (its lists are then uploaded without the host waiting);
+  // the result is on the tables' device, converted there. batch_idx / kv_len given as host tensors are checked
+  // without reading the GPU: a decoding step through a CUDA PagedAttention then never waits for the GPU.
   // ValueError when block_mask's kv block size != page_size; ShapeError / IndexError for bad batch_idx/kv_len.
   BlockMask convert_logical_block_mask(const BlockMask& block_mask, const Tensor& batch_idx = Tensor(),
                                        const Tensor& kv_len = Tensor()) const;

@@ -160,14 +160,14 @@ FlexAttentionResult PagedKVCache::attend(const Tensor& q, const FlexAttentionOpt
     else
       logical = bm.device() == dev ? bm : mask_on(bm, dev);
   } else {
-    // Every cached token: all kv blocks full (convert cuts each row at its length).
+    // Every cached token: all kv blocks full (convert cuts each row at its length). Built on the host, where
+    // from_kv_blocks checks it without a device read-back; convert uploads its lists without waiting.
     const int64_t bq = std::min<int64_t>(Lq, 128), nq = cdiv(Lq, bq), nkv = cdiv(len, ps);
     std::vector<int32_t> idx(static_cast<size_t>(nq * nkv));
     for (int64_t r = 0; r < nq; ++r)
       for (int64_t j = 0; j < nkv; ++j) idx[static_cast<size_t>(r * nkv + j)] = static_cast<int32_t>(j);
-    const TensorOptions i32 = TensorOptions(kInt32).device(dev);
-    Tensor full_idx = to_device(from_vector(idx, {1, 1, nq, nkv}, kInt32), dev, /*non_blocking=*/true);
-    logical = BlockMask::from_kv_blocks(zeros({1, 1, nq}, i32), full_idx, full({1, 1, nq}, static_cast<int32_t>(nkv), i32),
+    Tensor full_idx = from_vector(idx, {1, 1, nq, nkv}, kInt32);
+    logical = BlockMask::from_kv_blocks(zeros({1, 1, nq}, kInt32), full_idx, full({1, 1, nq}, static_cast<int32_t>(nkv), kInt32),
                                         full_idx, BlockSize(bq, ps), noop_mask, std::make_pair(Lq, len));
   }
   // Slots and lengths go to convert as host tensors (checked there without a device read-back); row b is

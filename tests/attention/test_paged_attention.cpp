@@ -448,8 +448,16 @@ TEST_P(PagedOnDevice, AssignErrorsWriteNothing) {
   BlockMask bm = create_block_mask(noop_mask, 1, 1, 1, 8, BlockSize(128, 8), dev());
   EXPECT_THROW_MSG(pa.convert_logical_block_mask(bm), ValueError, "kv block size 8", "page_size 4");
   if (!dev().is_cpu()) {
-    EXPECT_THROW_MSG(pa.convert_logical_block_mask(create_block_mask(noop_mask, 1, 1, 1, 8, BlockSize(128, 4))),
-                     DeviceError, "block_mask is on cpu");
+    // A logical mask on the CPU is accepted (its lists are uploaded) and converts exactly as the same mask built
+    // on the device; the result lives on the tables' device.
+    BlockMask a = pa.convert_logical_block_mask(create_block_mask(noop_mask, 1, 1, 1, 8, BlockSize(128, 4)));
+    BlockMask b = pa.convert_logical_block_mask(create_block_mask(noop_mask, 1, 1, 1, 8, BlockSize(128, 4), dev()));
+    EXPECT_EQ(a.device(), dev());
+    EXPECT_TRUE(equal(a.kv_num_blocks().to(kCPU), b.kv_num_blocks().to(kCPU)));
+    EXPECT_TRUE(equal(a.kv_indices().to(kCPU), b.kv_indices().to(kCPU)));
+    EXPECT_TRUE(equal(a.full_kv_num_blocks().to(kCPU), b.full_kv_num_blocks().to(kCPU)));
+    EXPECT_TRUE(equal(a.full_kv_indices().to(kCPU), b.full_kv_indices().to(kCPU)));
+    EXPECT_GT(a.full_kv_num_blocks().to(kCPU).at({0, 0, 0}) + a.kv_num_blocks().to(kCPU).at({0, 0, 0}), 0);
   }
   BlockMask bm4 = create_block_mask(noop_mask, 2, 1, 1, 8, BlockSize(128, 4), dev());
   EXPECT_THROW_MSG(pa.convert_logical_block_mask(bm4, from_vector(std::vector<int64_t>{0, 1, 0}, {3}, kInt64)),
