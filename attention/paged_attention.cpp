@@ -270,7 +270,7 @@ BlockMask PagedAttention::convert_logical_block_mask(const BlockMask& bm, const 
   FG_CHECK(bm.block_size().kv == page_size_, ValueError,
            "PagedAttention.{}: block_mask's kv block size {} must equal page_size {} (BLOCK_SIZE ({}, {}))", op,
            bm.block_size().kv, page_size_, bm.block_size().q, bm.block_size().kv);
-  const int64_t Bm = bm.batch(), H = bm.heads(), nQ = bm.num_q_blocks(), nKV = bm.num_kv_blocks();
+  const int64_t Bm = bm.batch(), H = bm.heads(), nQ = bm.num_q_blocks();
   std::vector<int64_t> slots;
   if (batch_idx.defined()) {
     slots = int_values(batch_idx, op, "batch_idx", 1);
