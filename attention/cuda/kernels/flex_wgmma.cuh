@@ -1,0 +1,81 @@
+// Hopper (sm_90a) warpgroup matrix multiply helpers for the FlexAttention templates: shared-memory matrix
+// descriptors, wgmma.mma_async wrappers and the fences around them. NVRTC only, after flex_mma.cuh; only for
+// sm_90a (wgmma does not exist elsewhere). Building blocks of the Hopper main loop (issue 13), checked against
+// a float64 product by tests/cuda/test_wgmma.cpp.
+//
+// Operands in shared memory use the 128-byte swizzle: a tile of 128-byte rows (64 bf16 / f16), aligned to
+// 1024 bytes, stores 16-byte chunk c of row r at chunk c ^ (r & 7) (fg_swizzle_b16 of flex_mma.cuh with
+// row_elems 64). Descriptors (PTX ISA, "Matrix Descriptor Format"):
+//   K-major operand (rows = M or N, 64 k per row; A = Q, B = K for S = Q K^T): 8-row groups 1024 bytes apart
+//     (stride byte offset); the leading byte offset is unused. The k16 step j starts 32 * j bytes into the row.
+//   MN-major operand (rows = k, 64 n per row; B = V for O = P V, "transposed B"): 8-row (k) groups 1024 bytes
+//     apart; one 64-column atom per descriptor (both offsets 1024, so either reading of them is right). The k16
+//     step j starts at row 16 j (2048 * j bytes).
+// Accumulators (m64nN, f32): warp w of the warpgroup holds rows 16 w .. 16 w + 15 as mma.sync C fragments:
+// d[4 j + 0, 1] = row 16 w + g, columns 8 j + 2 t, + 1; d[4 j + 2, 3] = row 16 w + g + 8 (lane = 4 g + t).
+// A from registers (fg_wgmma_m64n64k16_rs) takes mma.sync's A fragment of the warp's 16 rows.
+#pragma once
+
+// Descriptor of a 128-byte-swizzled operand starting at shared address `smem_addr`.
+__device__ __forceinline__ unsigned long long fg_gmma_desc_sw128(unsigned smem_addr, unsigned lbo_bytes,
+                                                                 unsigned sbo_bytes) {
+  unsigned long long d = (unsigned long long)((smem_addr & 0x3FFFF) >> 4);
+  d |= (unsigned long long)((lbo_bytes & 0x3FFFF) >> 4) << 16;
+  d |= (unsigned long long)((sbo_bytes & 0x3FFFF) >> 4) << 32;
+  d |= 1ull << 62;  // 128-byte swizzle
+  return d;
+}
+
+// Generic-proxy writes to shared memory (st.shared) become visible to wgmma (the async proxy).
+__device__ __forceinline__ void fg_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void fg_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void fg_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void fg_wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator registers across an in-flight wgmma.
+template <int N>
+__device__ __forceinline__ void fg_wgmma_fence_operands(float* d) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 x 64, f32) = A (64 x 16) * B (16 x 64) + (accumulate ? d : 0); A and B in shared memory; TRANS_B 1 when
+// B is MN-major. BF16 1: bf16 operands, else f16.
+template <int TRANS_B, int BF16>
+__device__ __forceinline__ void fg_wgmma_m64n64k16_ss(float* d, unsigned long long da, unsigned long long db,
+                                                      int accumulate) {
+  if (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TRANS_B));
+  }
+}
+
+// The same with A from registers: a[0..3] is the mma.sync A fragment (16 x 16) of this warp's 16 rows.
+template <int TRANS_B, int BF16>
+__device__ __forceinline__ void fg_wgmma_m64n64k16_rs(float* d, const unsigned* a, unsigned long long db,
+                                                      int accumulate) {
+  if (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TRANS_B));
+  }
+}
