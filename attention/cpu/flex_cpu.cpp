@@ -1,8 +1,10 @@
 // Fused FlexAttention on the CPU.
 //
-// Forward, per (b, h, q block), in parallel: for each kv block the BlockMask lists, S = scale * Q K^T
-// (BLAS), score_mod over the tile (TileEvaluator), the mask on partial blocks only, then an online
-// softmax update of the running max, sum and P @ V. The L x L score matrix never exists; memory is
+// Forward, per (b, h, q block), in parallel: for each kv block the BlockMask lists, S = scale * Q K^T,
+// score_mod over the tile (TileEvaluator), the mask on partial blocks only, then an online softmax
+// update of the running max, sum and P @ V. float32 tiles run the register-blocked kernels of the
+// running CPU's instruction set (tile_kernels.h; K and V are transposed once per call so that every
+// tile product reads its B operand row by row); float64 runs OpenBLAS (accuracy first: gradchecks). The L x L score matrix never exists; memory is
 // O(B * H * L * E) plus one tile per thread.
 //
 // Backward recomputes the tiles from the saved LSE in two deterministic passes (no atomics, no
@@ -24,10 +26,10 @@
 #include <limits>
 #include <mutex>
 
+#include "flexgrad/attention/cpu/tile_kernels.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/tile_eval.h"
 #include "flexgrad/ops/cpu/blas_threads.h"
-#include "flexgrad/tensor/vec_math.h"
 
 
 namespace fg::cpu {
@@ -44,6 +46,75 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha
                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
               b, ldb, beta, c, ldc);
+}
+
+// The products and row passes of a tile. float: the tile kernels of this CPU, with B^T given for the
+// A B^T products (the transposed K or V); double: OpenBLAS and plain loops.
+template <class T> struct TileMath;
+template <> struct TileMath<float> {
+  const TileKernels& tk = tile_kernels();
+  // C = alpha A B^T: B is n x k (ldb), bt its transpose k x n (ldbt).
+  void nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float*, int64_t,
+          const float* bt, int64_t ldbt, float* c, int64_t ldc) const {
+    tk.gemm(false, m, n, k, alpha, a, lda, bt, ldbt, false, c, ldc);
+  }
+  // C (+)= alpha op(A) B
+  void nn(bool a_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, bool accumulate, float* c, int64_t ldc) const {
+    tk.gemm(a_trans, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc);
+  }
+  float row_max(const float* x, int64_t n) const { return tk.row_max(x, n); }
+  float exp_sum(float* x, int64_t n, float m) const { return tk.exp_sum(x, n, m); }
+  void softmax_grad(float* dp, const float* p, int64_t n, float d) const { tk.softmax_grad(dp, p, n, d); }
+};
+template <> struct TileMath<double> {
+  void nt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
+          const double*, int64_t, double* c, int64_t ldc) const {
+    gemm(false, true, m, n, k, alpha, a, lda, b, ldb, 0.0, c, ldc);
+  }
+  void nn(bool a_trans, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda, const double* b,
+          int64_t ldb, bool accumulate, double* c, int64_t ldc) const {
+    gemm(a_trans, false, m, n, k, alpha, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+  }
+  double row_max(const double* x, int64_t n) const {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;  // skips NaN
+    return m;
+  }
+  double exp_sum(double* x, int64_t n, double m) const {
+    double s = 0;
+    for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
+    return s;
+  }
+  void softmax_grad(double* dp, const double* p, int64_t n, double d) const {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+  }
+};
+
+// The transposes [B, H, E, L] of a [B, H, L, E] tensor, for the A B^T tile products of float problems
+// (empty for double, which hands B itself to BLAS). O(L E) per head, against O(L^2 E) of the attention.
+template <class T>
+std::unique_ptr<T[]> transposed_heads(const Tensor& x) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return nullptr;
+  } else {
+    const int64_t BH = x.size(0) * x.size(1), L = x.size(2), E = x.size(3);
+    std::unique_ptr<T[]> t(new T[BH * L * E]);
+    const T* src = x.data<T>();
+    constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
+    const int64_t chunks = (L + kChunk - 1) / kChunk;
+#pragma omp parallel for collapse(2) if (BH * L * E > 65536)
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* in = src + bh * L * E;
+        T* out = t.get() + bh * E * L;
+        const int64_t l1 = std::min(L, (c + 1) * kChunk);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t l = c * kChunk; l < l1; ++l) out[e * L + l] = in[l * E + e];
+      }
+    }
+    return t;
+  }
 }
 
 // Collects the first exception thrown inside a parallel region, to rethrow outside it.
@@ -89,9 +160,11 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
 
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
+// krows: K's rows kv0.. of the head; kt: column kv0 of the head's K^T (leading dimension Lkv; float).
 template <class T>
 struct TileScorer {
   const FlexProblem& p;
+  TileMath<T> math;
   std::unique_ptr<TileEvaluator<T>> score_ev, mask_ev;
   std::vector<uint8_t> mask;
   explicit TileScorer(const FlexProblem& prob) : p(prob) {
@@ -99,9 +172,9 @@ struct TileScorer {
     if (p.mask_mod) mask_ev = std::make_unique<TileEvaluator<T>>(*p.mask_mod);
     mask.resize(p.block_q * p.block_kv);
   }
-  void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, int64_t kv0, int64_t nkv,
-               bool partial, T* pre, T* s, int64_t ld) {
-    gemm(false, true, nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, T(0), pre, ld);
+  void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
+               int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
+    math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, p.Lkv, pre, ld);
     if (score_ev) {
       score_ev->score_tile(b, h, q0, nq, kv0, nkv, pre, s, ld, ld);
     } else if (s != pre) {
@@ -131,6 +204,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   T* mx = o.max_scores.data<T>();
   const int64_t tasks = p.B * p.Hq * nQB;
   const T ninf = -std::numeric_limits<T>::infinity();
+  const std::unique_ptr<T[]> kt = transposed_heads<T>(p.k);
   use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
   ErrorSlot err;
 #pragma omp parallel
@@ -146,6 +220,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const T* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
         const T* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
         const T* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
+        const T* ktbase = kt ? kt.get() + (bk * p.Hkv + hk) * p.E * p.Lkv : nullptr;
         std::fill(m.begin(), m.begin() + nq, ninf);
         std::fill(l.begin(), l.begin() + nq, T(0));
         std::fill(acc.begin(), acc.begin() + nq * p.Ev, T(0));
@@ -155,14 +230,13 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
           if (kv0 >= p.Lkv) continue;
           const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-          scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
+          scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, ktbase ? ktbase + kv0 : nullptr, kv0, nkv,
+                         blocks.is_partial(bi), s.data(), s.data(), ld);
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
             // The running max m is NaN-sticky, as torch.amax: once a row has seen a NaN score, its m,
             // l, output and lse are NaN. The vector max below skips NaN (cheap); NaN is caught after.
-            T bm = ninf;
-#pragma omp simd reduction(max : bm)
-            for (int64_t j = 0; j < nkv; ++j) bm = row[j] > bm ? row[j] : bm;
+            const T bm = scorer.math.row_max(row, nkv);
             T mnew = std::max(m[i], bm);  // m[i] first: a NaN m[i] stays
             if (mnew == ninf) {
               // Only -inf and NaN here: -inf entries weigh 0; a NaN makes the row NaN (an empty row,
@@ -179,12 +253,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
               for (int64_t j = 0; j < nkv; ++j) mnew = std::isnan(row[j]) ? row[j] : mnew;
             }
             const T corr = std::exp(m[i] - mnew);
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < nkv; ++j) {
-              row[j] = vec::exp(row[j] - mnew);
-              sum += row[j];
-            }
+            T sum = scorer.math.exp_sum(row, nkv, mnew);
             // With a finite max every exp is in [0, 1], so a NaN sum means a NaN score.
             if (std::isnan(sum) && std::isfinite(mnew)) mnew = sum;
             l[i] = l[i] * corr + sum;
@@ -194,7 +263,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
               for (int64_t e = 0; e < p.Ev; ++e) a[e] *= corr;
             }
           }
-          gemm(false, false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, T(1), acc.data(), p.Ev);
+          scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
         }
         const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
         for (int64_t i = 0; i < nq; ++i) {
@@ -266,6 +335,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   T* dv = o.dv.data<T>();
   const int64_t ld = p.block_kv;
   const T ninf = -std::numeric_limits<T>::infinity();
+  const std::unique_ptr<T[]> kt = transposed_heads<T>(p.k), vt = transposed_heads<T>(p.v);
+  const TileMath<T> math;
 
   // delta_i = rowsum(dO_i * O_i) - dlse_i: the softmax backward's row term (a gradient on lse folds in here).
   std::vector<T> delta(p.B * p.Hq * p.Lq);
@@ -279,10 +350,15 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 
   // Recomputes the tile: g.pre = scale q.k, g.s = P (0 where masked or the row is empty), g.dp = dS
   // with respect to the modified score.
+  // kvhead: (kv batch * Hkv + kv head), whose rows kv0.. the tile reads.
   auto tile_ds = [&](TileGrad<T>& g, TileScorer<T>& sc, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
-                     int64_t nkv, bool partial, const T* krows, const T* vrows) {
+                     int64_t nkv, bool partial, int64_t kvhead) {
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-    sc.compute(b, h, q + row0 * p.E, q0, nq, krows, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
+    const T* krows = k + (kvhead * p.Lkv + kv0) * p.E;
+    const T* vrows = v + (kvhead * p.Lkv + kv0) * p.Ev;
+    const T* ktc = kt ? kt.get() + kvhead * p.E * p.Lkv + kv0 : nullptr;
+    const T* vtc = vt ? vt.get() + kvhead * p.Ev * p.Lkv + kv0 : nullptr;
+    sc.compute(b, h, q + row0 * p.E, q0, nq, krows, ktc, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
     for (int64_t i = 0; i < nq; ++i) {
       T* row = g.s.data() + i * ld;
       const T li = lse[row0 + i];
@@ -290,31 +366,27 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
         std::fill(row, row + nkv, T(0));
         continue;
       }
-#pragma omp simd
-      for (int64_t j = 0; j < nkv; ++j) row[j] = vec::exp(row[j] - li);
+      math.exp_sum(row, nkv, li);
     }
-    gemm(false, true, nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, vrows, p.Ev, T(0), g.dp.data(), ld);  // dP
-    for (int64_t i = 0; i < nq; ++i) {
-      const T d = delta[row0 + i];
-      T* dpr = g.dp.data() + i * ld;
-      const T* pr = g.s.data() + i * ld;
-#pragma omp simd
-      for (int64_t j = 0; j < nkv; ++j) dpr[j] = pr[j] * (dpr[j] - d);
-    }
+    math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, vrows, p.Ev, vtc, p.Lkv, g.dp.data(), ld);  // dP
+    for (int64_t i = 0; i < nq; ++i) math.softmax_grad(g.dp.data() + i * ld, g.s.data() + i * ld, nkv, delta[row0 + i]);
   };
-  // ds = g.dp * d score_mod / d score (evaluated at the pre-mod score).
+  // dS = g.dp * d score_mod / d score (evaluated at the pre-mod score), in ds; g.dp itself when the
+  // derivative is the constant 1 (no score_mod, or one that only adds).
   auto apply_dscore = [&](TileGrad<T>& g, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv,
-                          T* ds) {
+                          T* ds) -> const T* {
     if (g.grad_ev) {
       g.grad_ev->run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
       TileValue f = g.grad_ev->output(0);
       for (int64_t i = 0; i < nq; ++i)
         for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * tile_at<T>(f, i, j);
-      return;
+      return ds;
     }
     const T c = p.score_grad ? static_cast<T>(p.score_grad->dscore_constant) : T(1);
+    if (c == T(1)) return g.dp.data();
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * c;
+    return ds;
   };
 
   use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
@@ -345,11 +417,11 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
               if (q0 >= p.Lq) continue;
               const int64_t nq = std::min(p.block_q, p.Lq - q0);
               const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-              tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), k + kvrow * p.E, v + kvrow * p.Ev);
-              gemm(true, false, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, T(1), dvr, p.Ev);  // dV += P^T dO
-              apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-              gemm(true, false, nkv, p.E, nq, static_cast<T>(p.scale), ds.data(), ld, q + row0 * p.E, p.E, T(1), dkr,
-                   p.E);  // dK += scale dS^T Q
+              tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+              math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV += P^T dO
+              const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+              math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
+                      p.E);  // dK += scale dS^T Q
             }
           }
         }
@@ -396,9 +468,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
           if (kv0 >= p.Lkv) continue;
           const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
           const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-          tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), k + kvrow * p.E, v + kvrow * p.Ev);
-          apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-          gemm(false, false, nq, p.E, nkv, static_cast<T>(p.scale), ds.data(), ld, k + kvrow * p.E, p.E, T(1), dqr, p.E);
+          tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+          const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+          math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true, dqr, p.E);  // dQ
           if (!any_cap) continue;
           TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
           if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);

@@ -1,0 +1,182 @@
+// The tile kernels (tile_kernels.h) written once over a vector type, for the per-ISA translation units.
+// Each TU defines an ISA description and instantiates make_table<Isa>():
+//   struct Isa { static constexpr int W;           // floats per vector
+//                using V, VI;                      // GCC vectors of W floats / int32
+//                static V fma(V a, V b, V c);      // a * b + c (fused where the ISA has FMA)
+//                static float fma1(float, float, float);  // the same for one element
+//                static constexpr int MR, NV; };   // GEMM register block: MR rows x NV vectors
+// Included only by tile_kernels_<isa>.cpp: the code takes the instruction set those files are compiled for.
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "flexgrad/attention/cpu/tile_kernels.h"
+
+namespace fg::cpu::tile_impl {
+
+template <class V> inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V> inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+template <class V> inline V splat(float x) { return V{} + x; }
+
+// One MR x (NV * W) block of C from A's rows i..i+MR and B's columns j..j+NV*W, accumulated in registers
+// over the whole k loop.
+template <class I, int MR, int NV, bool AT>
+inline void micro(int64_t k, float alpha, const float* __restrict a, int64_t lda, const float* __restrict b,
+                  int64_t ldb, bool accumulate, float* __restrict c, int64_t ldc) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t p = 0; p < k; ++p) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + p * ldb + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const V av = splat<V>(AT ? a[p * lda + r] : a[r * lda + p]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = I::fma(av, bv[v], acc[r][v]);
+    }
+  }
+  const V va = splat<V>(alpha);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* dst = c + r * ldc + v * W;
+      V out = acc[r][v] * va;
+      if (accumulate) out += load<V>(dst);
+      store<V>(dst, out);
+    }
+  }
+}
+
+// Rows i0..m of a column block of NV vectors: full MR blocks, then one block of the remaining rows.
+template <class I, int NV, bool AT>
+inline void column_block(int64_t m, int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         bool accumulate, float* c, int64_t ldc) {
+  constexpr int MR = I::MR;
+  auto a_at = [&](int64_t i) { return AT ? a + i : a + i * lda; };
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) micro<I, MR, NV, AT>(k, alpha, a_at(i), lda, b, ldb, accumulate, c + i * ldc, ldc);
+  const int64_t rest = m - i;
+  if (rest == 0) return;
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    // rest in [1, MR): the block of exactly `rest` rows
+    ((rest == R + 1 ? micro<I, R + 1, NV, AT>(k, alpha, a_at(i), lda, b, ldb, accumulate, c + i * ldc, ldc) : void()),
+     ...);
+  }(std::make_integer_sequence<int, MR - 1>{});
+}
+
+template <class I>
+void gemm(bool a_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  constexpr int W = I::W, NV = I::NV;
+  int64_t j = 0;
+  auto blocks = [&]<int nv>() {
+    for (; j + nv * W <= n; j += nv * W) {
+      if (a_trans) column_block<I, nv, true>(m, k, alpha, a, lda, b + j, ldb, accumulate, c + j, ldc);
+      else column_block<I, nv, false>(m, k, alpha, a, lda, b + j, ldb, accumulate, c + j, ldc);
+    }
+  };
+  blocks.template operator()<NV>();
+  if constexpr (NV > 2) blocks.template operator()<2>();
+  if constexpr (NV > 1) blocks.template operator()<1>();
+  // The last n % W columns, one element at a time (same order of products as the vector blocks).
+  for (; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      float s = 0;
+      for (int64_t p = 0; p < k; ++p) s = I::fma1(a_trans ? a[p * lda + i] : a[i * lda + p], b[p * ldb + j], s);
+      float& dst = c[i * ldc + j];
+      dst = accumulate ? dst + s * alpha : s * alpha;
+    }
+  }
+}
+
+template <class I>
+float row_max(const float* x, int64_t n) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  V mv = splat<V>(ninf);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V v = load<V>(x + j);
+    mv = v > mv ? v : mv;  // false for NaN: skipped
+  }
+  float m = ninf;
+  for (int l = 0; l < W; ++l) m = mv[l] > m ? mv[l] : m;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// vec::expf (tensor/vec_math.h) on W lanes: the same operations in the same order, so the same results.
+template <class I>
+inline typename I::V vexp(typename I::V x) {
+  using V = typename I::V;
+  using VI = typename I::VI;
+  const V lo = splat<V>(-87.33654f), hi = splat<V>(88.72283f);
+  const V xc = x < lo ? lo : (x > hi ? hi : x);
+  V t = xc * 1.44269504088896341f;
+  V n = (t + 12582912.0f) - 12582912.0f;
+  n = n > 127.0f ? splat<V>(127.0f) : n;
+  const V r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V er = p * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  const V y = er * (V)bits;  // a vector cast reinterprets the bits
+  const V inf = splat<V>(std::numeric_limits<float>::infinity());
+  return x != x ? x : (x > hi ? inf : (x < lo ? V{} : y));
+}
+
+template <class I>
+float exp_sum(float* x, int64_t n, float m) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  V sv{};
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = vexp<I>(load<V>(x + j) - m);
+    store<V>(x + j, e);
+    sv += e;
+  }
+  float s = 0;
+  for (int l = 0; l < W; ++l) s += sv[l];
+  for (; j < n; ++j) {
+    V e = vexp<I>(splat<V>(x[j] - m));
+    x[j] = e[0];
+    s += x[j];
+  }
+  return s;
+}
+
+template <class I>
+void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store<V>(dp + j, load<V>(p + j) * (load<V>(dp + j) - delta));
+  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+}
+
+template <class I>
+const TileKernels& make_table(const char* name) {
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>};
+  return t;
+}
+
+}  // namespace fg::cpu::tile_impl
