@@ -1,0 +1,181 @@
+// The float32 tile kernels of the CPU FlexAttention (attention/cpu/tile_kernels.h), every instruction set
+// this CPU can run, against plain float64 loops written here: GEMM in both A layouts over sizes that hit
+// every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values,
+// -inf -> 0, NaN kept) and the softmax backward row. AVX-512 and AVX2 must agree bit for bit.
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "flexgrad/attention/cpu/tile_kernels.h"
+#include "flexgrad/tensor/vec_math.h"
+#include "tests/test_util.h"
+
+namespace fg {
+namespace {
+
+using cpu::TileIsa;
+using cpu::TileKernels;
+
+std::vector<TileIsa> supported() {
+  std::vector<TileIsa> r;
+  for (TileIsa isa : {TileIsa::Generic, TileIsa::Avx2, TileIsa::Avx512})
+    if (cpu::cpu_supports(isa)) r.push_back(isa);
+  return r;
+}
+
+std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> d(-2.f, 2.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+struct GemmCase {
+  bool a_trans;
+  int64_t m, n, k;
+  float alpha;
+  bool accumulate;
+};
+
+// Runs the kernel with padded leading dimensions (lda, ldb, ldc larger than the rows) and returns C.
+std::vector<float> run_gemm(const TileKernels& tk, const GemmCase& c, const std::vector<float>& a, int64_t lda,
+                            const std::vector<float>& b, int64_t ldb, std::vector<float> cmat, int64_t ldc) {
+  tk.gemm(c.a_trans, c.m, c.n, c.k, c.alpha, a.data(), lda, b.data(), ldb, c.accumulate, cmat.data(), ldc);
+  return cmat;
+}
+
+TEST(TileKernels, GemmMatchesFloat64LoopOnEverySizeAndLayout) {
+  std::mt19937 rng(7);
+  std::vector<GemmCase> cases;
+  for (bool at : {false, true})
+    for (int64_t m : {1, 5, 6, 7, 13, 128})
+      for (int64_t n : {1, 3, 8, 15, 16, 17, 33, 64, 65, 128})
+        for (int64_t k : {1, 7, 64, 128}) cases.push_back({at, m, n, k, (m + n) % 2 ? 0.125f : 1.0f, (m + k) % 2 == 0});
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (const GemmCase& c : cases) {
+      const int64_t lda = (c.a_trans ? c.m : c.k) + 3, ldb = c.n + 5, ldc = c.n + 2;
+      const auto a = random_floats((c.a_trans ? c.k : c.m) * lda, rng), b = random_floats(c.k * ldb, rng);
+      const auto c0 = random_floats(c.m * ldc, rng);
+      const auto got = run_gemm(tk, c, a, lda, b, ldb, c0, ldc);
+      for (int64_t i = 0; i < c.m; ++i) {
+        for (int64_t j = 0; j < ldc; ++j) {
+          if (j >= c.n) {  // the padding stays untouched
+            ASSERT_EQ(got[i * ldc + j], c0[i * ldc + j]);
+            continue;
+          }
+          double s = 0, mag = 0;
+          for (int64_t p = 0; p < c.k; ++p) {
+            const double x = c.a_trans ? a[p * lda + i] : a[i * lda + p];
+            s += x * b[p * ldb + j];
+            mag += std::fabs(x * b[p * ldb + j]);
+          }
+          const double want = c.alpha * s + (c.accumulate ? c0[i * ldc + j] : 0.0);
+          const double tol = 2e-7 * (c.k + 2) * (c.alpha * mag + std::fabs(c0[i * ldc + j]) + 1e-30);
+          ASSERT_NEAR(got[i * ldc + j], want, tol) << tk.name << " a_trans " << c.a_trans << " m " << c.m << " n "
+                                                   << c.n << " k " << c.k << " at (" << i << ", " << j << ")";
+        }
+      }
+    }
+  }
+}
+
+TEST(TileKernels, Avx512AndAvx2RoundIdentically) {
+  if (!cpu::cpu_supports(TileIsa::Avx512)) GTEST_SKIP() << "no AVX-512 on this CPU";
+  std::mt19937 rng(11);
+  const TileKernels &x = cpu::tile_kernels(TileIsa::Avx512), &y = cpu::tile_kernels(TileIsa::Avx2);
+  for (bool at : {false, true}) {
+    for (int64_t n : {17, 64, 128}) {
+      const GemmCase c{at, 13, n, 96, 0.3f, true};
+      const int64_t lda = at ? c.m : c.k;
+      const auto a = random_floats(std::max(c.m, c.k) * std::max(c.m, c.k), rng), b = random_floats(c.k * n, rng);
+      const auto c0 = random_floats(c.m * n, rng);
+      EXPECT_EQ(run_gemm(x, c, a, lda, b, n, c0, n), run_gemm(y, c, a, lda, b, n, c0, n)) << "n " << n << " at " << at;
+    }
+  }
+  auto row = random_floats(77, rng);
+  auto r1 = row, r2 = row;
+  x.exp_sum(r1.data(), 77, 0.5f);  // the sums add lanes in another order; the values are the same
+  y.exp_sum(r2.data(), 77, 0.5f);
+  EXPECT_EQ(r1, r2);
+}
+
+TEST(TileKernels, RowMaxSkipsNaN) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (int64_t n : {0, 1, 7, 16, 33, 128}) {
+      std::vector<float> x(n);
+      for (int64_t j = 0; j < n; ++j) x[j] = std::sin(0.7f * j) - (j % 5 == 0 ? 10 : 0);
+      float want = -inf;
+      for (float v : x) want = std::max(want, v);
+      EXPECT_EQ(tk.row_max(x.data(), n), want) << tk.name << " n " << n;
+      if (n == 0) continue;
+      x[n - 1] = nan;  // in the scalar tail or the last vector
+      x[0] = nan;
+      float want2 = -inf;
+      for (float v : x) want2 = v > want2 ? v : want2;
+      EXPECT_EQ(tk.row_max(x.data(), n), want2) << tk.name << " n " << n;
+      std::vector<float> empty(n, -inf);
+      EXPECT_EQ(tk.row_max(empty.data(), n), -inf);
+      std::vector<float> allnan(n, nan);
+      EXPECT_EQ(tk.row_max(allnan.data(), n), -inf);
+    }
+  }
+}
+
+TEST(TileKernels, ExpSumIsVecExpfAndSumsIt) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(3);
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (int64_t n : {1, 5, 16, 31, 128}) {
+      std::vector<float> x = random_floats(n, rng);
+      for (float& v : x) v *= 40;  // down to exp(-80 - m): near the flush-to-zero edge
+      x[0] = -inf;
+      const float m = 3.0f;
+      std::vector<float> got = x;
+      const float sum = tk.exp_sum(got.data(), n, m);
+      double want_sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        EXPECT_EQ(got[j], vec::expf(x[j] - m)) << tk.name << " j " << j;  // the same operations
+        const double e = std::exp(static_cast<double>(x[j] - m));  // exp's accuracy at the float argument
+        EXPECT_NEAR(got[j], e, 4e-7 * e + 1e-37) << tk.name << " j " << j;
+        want_sum += e;
+      }
+      EXPECT_NEAR(sum, want_sum, 1e-6 * want_sum) << tk.name << " n " << n;
+      x[n - 1] = nan;
+      got = x;
+      EXPECT_TRUE(std::isnan(tk.exp_sum(got.data(), n, m)));
+      EXPECT_TRUE(std::isnan(got[n - 1]));
+    }
+  }
+}
+
+TEST(TileKernels, SoftmaxGradRow) {
+  std::mt19937 rng(5);
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (int64_t n : {1, 9, 64, 77}) {
+      const auto p = random_floats(n, rng), dp0 = random_floats(n, rng);
+      auto dp = dp0;
+      tk.softmax_grad(dp.data(), p.data(), n, 0.25f);
+      for (int64_t j = 0; j < n; ++j) EXPECT_EQ(dp[j], p[j] * (dp0[j] - 0.25f)) << tk.name << " j " << j;
+    }
+  }
+}
+
+TEST(TileKernels, DefaultIsTheWidestSupportedOrTheForcedOne) {
+  const std::string name = cpu::tile_kernels().name;
+  if (const char* env = std::getenv("FLEXGRAD_CPU_ISA"); env && *env) {
+    EXPECT_EQ(name, env);
+  } else {
+    EXPECT_EQ(name, cpu::cpu_supports(TileIsa::Avx512) ? "avx512" : cpu::cpu_supports(TileIsa::Avx2) ? "avx2" : "generic");
+  }
+}
+
+}  // namespace
+}  // namespace fg
