@@ -91,31 +91,34 @@ template <> struct TileMath<double> {
   }
 };
 
-// The transposes [B, H, E, L] of a [B, H, L, E] tensor, for the A B^T tile products of float problems
-// (empty for double, which hands B itself to BLAS). O(L E) per head, against O(L^2 E) of the attention.
+// A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
+// products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
+// a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
+// blocks, and the buffer is per thread (no call-sized allocation, whose page faults cost more than the copy).
 template <class T>
-std::unique_ptr<T[]> transposed_heads(const Tensor& x) {
-  if constexpr (!std::is_same_v<T, float>) {
-    return nullptr;
-  } else {
-    const int64_t BH = x.size(0) * x.size(1), L = x.size(2), E = x.size(3);
-    std::unique_ptr<T[]> t(new T[BH * L * E]);
-    const T* src = x.data<T>();
-    constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
-    const int64_t chunks = (L + kChunk - 1) / kChunk;
-#pragma omp parallel for collapse(2) if (BH * L * E > 65536)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-      for (int64_t c = 0; c < chunks; ++c) {
-        const T* in = src + bh * L * E;
-        T* out = t.get() + bh * E * L;
-        const int64_t l1 = std::min(L, (c + 1) * kChunk);
+class HeadTranspose {
+ public:
+  const T* get(const T* rows, int64_t L, int64_t E) {
+    if constexpr (!std::is_same_v<T, float>) {
+      return nullptr;
+    } else {
+      if (rows == src_) return buf_.data();
+      buf_.resize(L * E);
+      constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
+      for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
+        const int64_t l1 = std::min(L, l0 + kChunk);
         for (int64_t e = 0; e < E; ++e)
-          for (int64_t l = c * kChunk; l < l1; ++l) out[e * L + l] = in[l * E + e];
+          for (int64_t l = l0; l < l1; ++l) buf_[e * L + l] = rows[l * E + e];
       }
+      src_ = rows;
+      return buf_.data();
     }
-    return t;
   }
-}
+
+ private:
+  std::vector<T> buf_;
+  const T* src_ = nullptr;
+};
 
 // Collects the first exception thrown inside a parallel region, to rethrow outside it.
 struct ErrorSlot {
@@ -160,7 +163,8 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
 
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
-// krows: K's rows kv0.. of the head; kt: column kv0 of the head's K^T (leading dimension Lkv; float).
+// krows: K's rows kv0.. of the head; kt: column kv0 of the head's K^T (HeadTranspose, leading dimension
+// Lkv; float only).
 template <class T>
 struct TileScorer {
   const FlexProblem& p;
@@ -204,12 +208,12 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   T* mx = o.max_scores.data<T>();
   const int64_t tasks = p.B * p.Hq * nQB;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const std::unique_ptr<T[]> kt = transposed_heads<T>(p.k);
   use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
   ErrorSlot err;
 #pragma omp parallel
   {
     TileScorer<T> scorer(p);
+    HeadTranspose<T> kt;
     std::vector<T> s(p.block_q * p.block_kv), acc(p.block_q * p.Ev), m(p.block_q), l(p.block_q);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -220,7 +224,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const T* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
         const T* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
         const T* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
-        const T* ktbase = kt ? kt.get() + (bk * p.Hkv + hk) * p.E * p.Lkv : nullptr;
+        const T* ktbase = kt.get(kbase, p.Lkv, p.E);
         std::fill(m.begin(), m.begin() + nq, ninf);
         std::fill(l.begin(), l.begin() + nq, T(0));
         std::fill(acc.begin(), acc.begin() + nq * p.Ev, T(0));
@@ -284,11 +288,12 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   err.rethrow();
 }
 
-// Per-thread scratch of the backward: the recomputed tile and its gradients.
+// Per-thread scratch of the backward: the recomputed tile and its gradients, the transposed K and V.
 template <class T>
 struct TileGrad {
   std::unique_ptr<TileEvaluator<T>> grad_ev;  // d score_mod / d score and capture terms (null: constant)
   std::vector<T> pre, s, dp;
+  HeadTranspose<T> kt, vt;
   explicit TileGrad(const FlexProblem& p) {
     if (p.score_grad && !p.score_grad->dscore_is_constant) {
       grad_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
@@ -335,7 +340,6 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   T* dv = o.dv.data<T>();
   const int64_t ld = p.block_kv;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const std::unique_ptr<T[]> kt = transposed_heads<T>(p.k), vt = transposed_heads<T>(p.v);
   const TileMath<T> math;
 
   // delta_i = rowsum(dO_i * O_i) - dlse_i: the softmax backward's row term (a gradient on lse folds in here).
@@ -356,8 +360,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
     const T* krows = k + (kvhead * p.Lkv + kv0) * p.E;
     const T* vrows = v + (kvhead * p.Lkv + kv0) * p.Ev;
-    const T* ktc = kt ? kt.get() + kvhead * p.E * p.Lkv + kv0 : nullptr;
-    const T* vtc = vt ? vt.get() + kvhead * p.Ev * p.Lkv + kv0 : nullptr;
+    const T* ktc = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
+    const T* vtc = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
+    if (ktc) ktc += kv0, vtc += kv0;
     sc.compute(b, h, q + row0 * p.E, q0, nq, krows, ktc, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
     for (int64_t i = 0; i < nq; ++i) {
       T* row = g.s.data() + i * ld;
