@@ -91,6 +91,31 @@ template <> struct TileMath<double> {
   }
 };
 
+// Scratch buffers that outlive the call, one set per thread and element type. OpenMP keeps its threads, so
+// a call reuses the tiles of the last one instead of allocating fresh ones, faulting their pages in and
+// unmapping them again (at one 128-token head that was 95% of a forward+backward). They grow to the largest
+// tile seen and are never shrunk: a few tiles and one transposed head per thread. Each slot has one user
+// at a time (forward and backward of one thread never overlap).
+enum ScratchSlot : int { kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kSlots };
+template <class U>
+U* thread_scratch(ScratchSlot slot, int64_t n) {
+  thread_local std::vector<U> bufs[kSlots];
+  std::vector<U>& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+template <class U>
+class ScratchTile {
+ public:
+  ScratchTile(ScratchSlot slot, int64_t n) : p_(thread_scratch<U>(slot, n)) {}
+  U* data() const { return p_; }
+  U* begin() const { return p_; }
+  U& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  U* p_;
+};
+
 // A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
 // products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
 // a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
@@ -98,12 +123,13 @@ template <> struct TileMath<double> {
 template <class T>
 class HeadTranspose {
  public:
+  explicit HeadTranspose(ScratchSlot slot) : slot_(slot) {}
   const T* get(const T* rows, int64_t L, int64_t E) {
     if constexpr (!std::is_same_v<T, float>) {
       return nullptr;
     } else {
-      if (rows == src_) return buf_.data();
-      buf_.resize(L * E);
+      if (rows == src_) return buf_;
+      buf_ = thread_scratch<T>(slot_, L * E);
       constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
       for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
         const int64_t l1 = std::min(L, l0 + kChunk);
@@ -111,12 +137,13 @@ class HeadTranspose {
           for (int64_t l = l0; l < l1; ++l) buf_[e * L + l] = rows[l * E + e];
       }
       src_ = rows;
-      return buf_.data();
+      return buf_;
     }
   }
 
  private:
-  std::vector<T> buf_;
+  ScratchSlot slot_;
+  T* buf_ = nullptr;
   const T* src_ = nullptr;
 };
 
@@ -144,6 +171,11 @@ struct RowBlocks {
   bool is_partial(int64_t i) const { return i < n_partial; }
 };
 
+// Rows and columns of the largest tile: a block, or the sequence when it is shorter (a 16-token call does
+// not allocate, and fault in, 128 x 128 scratch tiles).
+int64_t tile_rows(const FlexProblem& p) { return std::min(p.block_q, p.Lq); }
+int64_t tile_cols(const FlexProblem& p) { return std::min(p.block_kv, p.Lkv); }
+
 RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
   int64_t bm = l.Bm == 1 ? 0 : b, hm = l.Hm == 1 ? 0 : h;
   int64_t r = (bm * l.Hm + hm) * l.rows + row;
@@ -170,11 +202,10 @@ struct TileScorer {
   const FlexProblem& p;
   TileMath<T> math;
   std::unique_ptr<TileEvaluator<T>> score_ev, mask_ev;
-  std::vector<uint8_t> mask;
-  explicit TileScorer(const FlexProblem& prob) : p(prob) {
+  ScratchTile<uint8_t> mask;
+  explicit TileScorer(const FlexProblem& prob) : p(prob), mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
     if (p.score_mod) score_ev = std::make_unique<TileEvaluator<T>>(*p.score_mod);
     if (p.mask_mod) mask_ev = std::make_unique<TileEvaluator<T>>(*p.mask_mod);
-    mask.resize(p.block_q * p.block_kv);
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
@@ -213,8 +244,9 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 #pragma omp parallel
   {
     TileScorer<T> scorer(p);
-    HeadTranspose<T> kt;
-    std::vector<T> s(p.block_q * p.block_kv), acc(p.block_q * p.Ev), m(p.block_q), l(p.block_q);
+    HeadTranspose<T> kt(kKt);
+    ScratchTile<T> s(kScoreTile, tile_rows(p) * tile_cols(p)), acc(kAccTile, tile_rows(p) * p.Ev),
+        m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       try {
@@ -225,11 +257,11 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const T* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
         const T* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
         const T* ktbase = kt.get(kbase, p.Lkv, p.E);
-        std::fill(m.begin(), m.begin() + nq, ninf);
-        std::fill(l.begin(), l.begin() + nq, T(0));
-        std::fill(acc.begin(), acc.begin() + nq * p.Ev, T(0));
+        std::fill(m.data(), m.data() + nq, ninf);
+        std::fill(l.data(), l.data() + nq, T(0));
+        std::fill(acc.data(), acc.data() + nq * p.Ev, T(0));
         RowBlocks blocks = row_blocks(p.kv_lists, b, h, qb);
-        const int64_t ld = p.block_kv;
+        const int64_t ld = tile_cols(p);
         for (int64_t bi = 0; bi < blocks.size(); ++bi) {
           const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
           if (kv0 >= p.Lkv) continue;
@@ -292,15 +324,15 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 template <class T>
 struct TileGrad {
   std::unique_ptr<TileEvaluator<T>> grad_ev;  // d score_mod / d score and capture terms (null: constant)
-  std::vector<T> pre, s, dp;
-  HeadTranspose<T> kt, vt;
-  explicit TileGrad(const FlexProblem& p) {
+  ScratchTile<T> pre, s, dp;
+  HeadTranspose<T> kt{kKt}, vt{kVt};
+  explicit TileGrad(const FlexProblem& p)
+      : pre(kPreTile, tile_rows(p) * tile_cols(p)),
+        s(kScoreTile, tile_rows(p) * tile_cols(p)),
+        dp(kGradTile, tile_rows(p) * tile_cols(p)) {
     if (p.score_grad && !p.score_grad->dscore_is_constant) {
       grad_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
     }
-    pre.resize(p.block_q * p.block_kv);
-    s.resize(p.block_q * p.block_kv);
-    dp.resize(p.block_q * p.block_kv);
   }
 };
 
@@ -338,7 +370,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   T* dq = o.dq.data<T>();
   T* dk = o.dk.data<T>();
   T* dv = o.dv.data<T>();
-  const int64_t ld = p.block_kv;
+  const int64_t ld = tile_cols(p);
   const T ninf = -std::numeric_limits<T>::infinity();
   const TileMath<T> math;
 
@@ -402,7 +434,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   {
     TileScorer<T> sc(p);
     TileGrad<T> g(p);
-    std::vector<T> ds(p.block_q * p.block_kv);
+    ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < kv_tasks; ++t) {
       try {
@@ -448,7 +480,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   {
     TileScorer<T> sc(p);
     TileGrad<T> g(p);
-    std::vector<T> ds(p.block_q * p.block_kv);
+    ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
     auto& mine = cap_acc[omp_get_thread_num()];
     std::unique_ptr<TileEvaluator<T>> cap_ev;  // the derivative program, when grad_ev was skipped
     if (any_cap) {

@@ -22,7 +22,8 @@ template <class V> inline V load(const float* p) {
   return v;
 }
 template <class V> inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-template <class V> inline V splat(float x) { return V{} + x; }
+// x in every lane. x - 0 (not 0 + x, which turns -0 into +0) folds away: a plain broadcast.
+template <class V> inline V splat(float x) { return x - V{}; }
 
 // One MR x (NV * W) block of C from A's rows i..i+MR and B's columns j..j+NV*W, accumulated in registers
 // over the whole k loop.
