@@ -116,6 +116,34 @@ class ScratchTile {
   U* p_;
 };
 
+// A TileEvaluator of `program` (none for null) from this thread's evaluator of the same role, for the same
+// reason as the scratch tiles: its buffers (a tile per instruction) survive from call to call. The program,
+// and the captured tensors it holds, are dropped when the holder goes away.
+enum EvalSlot : int { kScoreEval, kMaskEval, kGradEval, kCapEval, kEvalSlots };
+template <class T>
+class ThreadEvaluator {
+ public:
+  ThreadEvaluator(EvalSlot slot, const ModProgram* program) {
+    if (!program) return;
+    thread_local std::unique_ptr<TileEvaluator<T>> evs[kEvalSlots];
+    std::unique_ptr<TileEvaluator<T>>& e = evs[slot];
+    if (e) e->reset(*program);
+    else e = std::make_unique<TileEvaluator<T>>(*program);
+    ev_ = e.get();
+  }
+  ~ThreadEvaluator() {
+    if (ev_) ev_->release();
+  }
+  ThreadEvaluator(const ThreadEvaluator&) = delete;
+  ThreadEvaluator& operator=(const ThreadEvaluator&) = delete;
+  explicit operator bool() const { return ev_ != nullptr; }
+  TileEvaluator<T>* operator->() const { return ev_; }
+  TileEvaluator<T>& operator*() const { return *ev_; }
+
+ private:
+  TileEvaluator<T>* ev_ = nullptr;
+};
+
 // A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
 // products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
 // a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
@@ -201,11 +229,13 @@ template <class T>
 struct TileScorer {
   const FlexProblem& p;
   TileMath<T> math;
-  std::unique_ptr<TileEvaluator<T>> score_ev, mask_ev;
+  ThreadEvaluator<T> score_ev, mask_ev;
   ScratchTile<uint8_t> mask;
-  explicit TileScorer(const FlexProblem& prob) : p(prob), mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
-    if (p.score_mod) score_ev = std::make_unique<TileEvaluator<T>>(*p.score_mod);
-    if (p.mask_mod) mask_ev = std::make_unique<TileEvaluator<T>>(*p.mask_mod);
+  explicit TileScorer(const FlexProblem& prob)
+      : p(prob),
+        score_ev(kScoreEval, prob.score_mod.get()),
+        mask_ev(kMaskEval, prob.mask_mod.get()),
+        mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
@@ -323,16 +353,14 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 // Per-thread scratch of the backward: the recomputed tile and its gradients, the transposed K and V.
 template <class T>
 struct TileGrad {
-  std::unique_ptr<TileEvaluator<T>> grad_ev;  // d score_mod / d score and capture terms (null: constant)
+  ThreadEvaluator<T> grad_ev;  // d score_mod / d score and capture terms (none: constant)
   ScratchTile<T> pre, s, dp;
   HeadTranspose<T> kt{kKt}, vt{kVt};
   explicit TileGrad(const FlexProblem& p)
-      : pre(kPreTile, tile_rows(p) * tile_cols(p)),
+      : grad_ev(kGradEval, p.score_grad && !p.score_grad->dscore_is_constant ? &p.score_grad->program : nullptr),
+        pre(kPreTile, tile_rows(p) * tile_cols(p)),
         s(kScoreTile, tile_rows(p) * tile_cols(p)),
         dp(kGradTile, tile_rows(p) * tile_cols(p)) {
-    if (p.score_grad && !p.score_grad->dscore_is_constant) {
-      grad_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
-    }
   }
 };
 
@@ -482,13 +510,13 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     TileGrad<T> g(p);
     ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
     auto& mine = cap_acc[omp_get_thread_num()];
-    std::unique_ptr<TileEvaluator<T>> cap_ev;  // the derivative program, when grad_ev was skipped
+    // the derivative program, when grad_ev was skipped
+    ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
     if (any_cap) {
       mine.resize(ncaps);
       for (size_t c = 0; c < ncaps; ++c) {
         if (needs_cap[c]) mine[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
       }
-      if (!g.grad_ev) cap_ev = std::make_unique<TileEvaluator<T>>(p.score_grad->program);
     }
 #pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < q_tasks; ++t) {
