@@ -3,13 +3,16 @@
 // Forward, per (b, h, q block), in parallel: for each kv block the BlockMask lists, S = scale * Q K^T,
 // score_mod over the tile (TileEvaluator), the mask on partial blocks only, then an online softmax
 // update of the running max, sum and P @ V. float32 tiles run the register-blocked kernels of the
-// running CPU's instruction set (tile_kernels.h; K and V are transposed once per call so that every
-// tile product reads its B operand row by row); float64 runs OpenBLAS (accuracy first: gradchecks). The L x L score matrix never exists; memory is
-// O(B * H * L * E) plus one tile per thread.
+// running CPU's instruction set (tile_kernels.h; each thread transposes the K and V head it works on,
+// so that every tile product reads its B operand row by row); float64 runs OpenBLAS (accuracy first:
+// gradchecks). The L x L score matrix never exists; memory is O(B * H * L * E) plus a few tiles and
+// one transposed head per thread.
 //
-// Backward recomputes the tiles from the saved LSE in two deterministic passes (no atomics, no
-// race-dependent sums): dK/dV per (kv batch, kv head, kv block), looping over the q heads of its GQA
-// group, the batches broadcast onto it and the q blocks the transposed BlockMask lists; then dQ and the
+// Backward recomputes the tiles from the saved LSE, deterministically (no atomics, no race-dependent
+// sums). With at least two (kv batch, kv head) pairs per thread, one pass per pair: its kv blocks in
+// turn, each over the q blocks the transposed BlockMask lists for the q heads of its GQA group and the
+// batches broadcast onto it, adding into dK, dV and those heads' dQ (one writer each). Otherwise two
+// passes with more, smaller tasks: dK/dV per (kv batch, kv head, kv block) as above, then dQ and the
 // captured-tensor gradients per (b, h, q block). Captured gradients accumulate per thread in double
 // and are summed in thread order.
 // Built without trapping math (as tile_eval.cpp) so the exp loops below vectorise; flexgrad never
@@ -96,7 +99,9 @@ template <> struct TileMath<double> {
 // unmapping them again (at one 128-token head that was 95% of a forward+backward). They grow to the largest
 // tile seen and are never shrunk: a few tiles and one transposed head per thread. Each slot has one user
 // at a time (forward and backward of one thread never overlap).
-enum ScratchSlot : int { kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kSlots };
+enum ScratchSlot : int {
+  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kSlots
+};
 template <class U>
 U* thread_scratch(ScratchSlot slot, int64_t n) {
   thread_local std::vector<U> bufs[kSlots];
@@ -280,7 +285,9 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       try {
-        const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
+        // A head's q blocks last to first: under a causal mask the longest rows go first and the short
+        // ones fill the gaps at the end (dynamic schedule); consecutive tasks share the head's K^T.
+        const int64_t qb = nQB - 1 - t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
         const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
         const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
         const T* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
@@ -454,119 +461,188 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     return ds;
   };
 
-  use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
-  ErrorSlot err;
-  // ---- pass 1: dK, dV per (kv batch, kv head, kv block)
-  const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;
-#pragma omp parallel
-  {
-    TileScorer<T> sc(p);
-    TileGrad<T> g(p);
-    ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < kv_tasks; ++t) {
-      try {
-        const int64_t kb = t % nKB, hk = (t / nKB) % p.Hkv, bk = t / (nKB * p.Hkv);
-        const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
-        const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-        T* dkr = dk + kvrow * p.E;
-        T* dvr = dv + kvrow * p.Ev;
-        std::fill(dkr, dkr + nkv * p.E, T(0));
-        std::fill(dvr, dvr + nkv * p.Ev, T(0));
-        const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
-        for (int64_t b = b_lo; b < b_hi; ++b) {
-          for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-            RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
-            for (int64_t bi = 0; bi < blocks.size(); ++bi) {
-              const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
-              if (q0 >= p.Lq) continue;
-              const int64_t nq = std::min(p.block_q, p.Lq - q0);
-              const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-              tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-              math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV += P^T dO
-              const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-              math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
-                      p.E);  // dK += scale dS^T Q
-            }
-          }
-        }
-      } catch (...) {
-        err.capture();
-      }
-    }
-  }
-  err.rethrow();
-
-  // ---- pass 2: dQ and captured gradients per (b, h, q block)
+  // Captured-tensor gradients: per thread in double, summed in thread order after the passes.
   const size_t ncaps = p.score_grad ? p.score_grad->captures.size() : 0;
   bool any_cap = false;
   for (size_t c = 0; c < ncaps; ++c) any_cap = any_cap || (c < needs_cap.size() && needs_cap[c]);
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<std::vector<double>>> cap_acc(nthreads);  // [thread][slot] gradient buffers
-  const int64_t q_tasks = p.B * p.Hq * nQB;
-#pragma omp parallel
-  {
-    TileScorer<T> sc(p);
-    TileGrad<T> g(p);
-    ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+  auto thread_caps = [&]() -> std::vector<std::vector<double>>& {
     auto& mine = cap_acc[omp_get_thread_num()];
-    // the derivative program, when grad_ev was skipped
-    ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
     if (any_cap) {
       mine.resize(ncaps);
       for (size_t c = 0; c < ncaps; ++c) {
         if (needs_cap[c]) mine[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
       }
     }
+    return mine;
+  };
+  // Adds the tile's captured gradients (g.dp: the gradient w.r.t. the modified score) into `mine`.
+  auto add_capture_grads = [&](TileGrad<T>& g, ThreadEvaluator<T>& cap_ev, int64_t b, int64_t h, int64_t q0, int64_t nq,
+                               int64_t kv0, int64_t nkv, std::vector<std::vector<double>>& mine) {
+    TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
+    if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
+    for (const CaptureGradTerm& term : p.score_grad->terms) {
+      if (!needs_cap[term.capture]) continue;
+      const Shape& cs = p.score_grad->captures[term.capture].tensor.sizes();
+      std::vector<double>& buf = mine[term.capture];
+      const TileValue deriv = ev.output(term.deriv_output);
+      for (int64_t i = 0; i < nq; ++i) {
+        for (int64_t j = 0; j < nkv; ++j) {
+          const double gs = g.dp[i * ld + j];
+          if (gs == 0.0) continue;
+          int64_t lin = 0;
+          for (int32_t d = 0; d < term.ndim; ++d) {
+            int64_t idx = tile_index(ev.output(term.index_output + d), i, j);
+            FG_CHECK(idx >= -cs[d] && idx < cs[d], IndexError,
+                     "flex_attention backward: index {} out of range for dim {} (size {}) of a captured tensor", idx,
+                     d, cs[d]);
+            lin = lin * cs[d] + (idx < 0 ? idx + cs[d] : idx);
+          }
+          buf[lin] += gs * static_cast<double>(tile_at<T>(deriv, i, j));
+        }
+      }
+    }
+  };
+
+  use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
+  ErrorSlot err;
+  const int64_t kv_heads = p.Bkv * p.Hkv;
+  if (kv_heads >= 2 * nthreads) {
+    // ---- one pass per (kv batch, kv head), when there are enough of them for every thread: its kv blocks in
+    // turn, each over the q blocks the transposed lists give, for every q head of its GQA group and batch
+    // broadcast onto it. The task is the only writer of its dK, dV and of those heads' dQ rows, so every tile
+    // is recomputed once (the two passes below recompute each twice).
+#pragma omp parallel
+    {
+      TileScorer<T> sc(p);
+      TileGrad<T> g(p);
+      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+      auto& mine = thread_caps();
+      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
 #pragma omp for schedule(static, 1)
-    for (int64_t t = 0; t < q_tasks; ++t) {
-      try {
-        const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
-        const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
-        const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
-        const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-        T* dqr = dq + row0 * p.E;
-        std::fill(dqr, dqr + nq * p.E, T(0));
-        RowBlocks blocks = row_blocks(p.kv_lists, b, h, qb);
-        for (int64_t bi = 0; bi < blocks.size(); ++bi) {
-          const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
-          if (kv0 >= p.Lkv) continue;
-          const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-          const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-          tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-          const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-          math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true, dqr, p.E);  // dQ
-          if (!any_cap) continue;
-          TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
-          if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
-          for (const CaptureGradTerm& term : p.score_grad->terms) {
-            if (!needs_cap[term.capture]) continue;
-            const Shape& cs = p.score_grad->captures[term.capture].tensor.sizes();
-            std::vector<double>& buf = mine[term.capture];
-            const TileValue deriv = ev.output(term.deriv_output);
-            for (int64_t i = 0; i < nq; ++i) {
-              for (int64_t j = 0; j < nkv; ++j) {
-                const double gs = g.dp[i * ld + j];  // gradient w.r.t. the modified score
-                if (gs == 0.0) continue;
-                int64_t lin = 0;
-                for (int32_t d = 0; d < term.ndim; ++d) {
-                  int64_t idx = tile_index(ev.output(term.index_output + d), i, j);
-                  FG_CHECK(idx >= -cs[d] && idx < cs[d], IndexError,
-                           "flex_attention backward: index {} out of range for dim {} (size {}) of a captured tensor",
-                           idx, d, cs[d]);
-                  lin = lin * cs[d] + (idx < 0 ? idx + cs[d] : idx);
+      for (int64_t t = 0; t < kv_heads; ++t) {
+        try {
+          const int64_t hk = t % p.Hkv, bk = t / p.Hkv;
+          const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
+          for (int64_t b = b_lo; b < b_hi; ++b) {
+            for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+              T* dqh = dq + (b * p.Hq + h) * p.Lq * p.E;
+              std::fill(dqh, dqh + p.Lq * p.E, T(0));
+            }
+          }
+          for (int64_t kb = 0; kb < nKB; ++kb) {
+            const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
+            const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+            T* dkr = dk + kvrow * p.E;
+            T* dvr = dv + kvrow * p.Ev;
+            std::fill(dkr, dkr + nkv * p.E, T(0));
+            std::fill(dvr, dvr + nkv * p.Ev, T(0));
+            for (int64_t b = b_lo; b < b_hi; ++b) {
+              for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+                RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
+                for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+                  const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
+                  if (q0 >= p.Lq) continue;
+                  const int64_t nq = std::min(p.block_q, p.Lq - q0);
+                  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+                  tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
+                  math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV
+                  const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                  math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
+                          p.E);  // dK += scale dS^T Q
+                  math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true,
+                          dq + row0 * p.E, p.E);  // dQ += scale dS K
+                  if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
                 }
-                buf[lin] += gs * static_cast<double>(tile_at<T>(deriv, i, j));
               }
             }
           }
+        } catch (...) {
+          err.capture();
         }
-      } catch (...) {
-        err.capture();
       }
     }
+    err.rethrow();
+  } else {
+    // ---- pass 1: dK, dV per (kv batch, kv head, kv block)
+    const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;
+#pragma omp parallel
+    {
+      TileScorer<T> sc(p);
+      TileGrad<T> g(p);
+      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < kv_tasks; ++t) {
+        try {
+          const int64_t kb = t % nKB, hk = (t / nKB) % p.Hkv, bk = t / (nKB * p.Hkv);
+          const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
+          const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+          T* dkr = dk + kvrow * p.E;
+          T* dvr = dv + kvrow * p.Ev;
+          std::fill(dkr, dkr + nkv * p.E, T(0));
+          std::fill(dvr, dvr + nkv * p.Ev, T(0));
+          const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
+          for (int64_t b = b_lo; b < b_hi; ++b) {
+            for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+              RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
+              for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+                const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
+                if (q0 >= p.Lq) continue;
+                const int64_t nq = std::min(p.block_q, p.Lq - q0);
+                const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+                tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+                math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV
+                const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
+                        p.E);  // dK += scale dS^T Q
+              }
+            }
+          }
+        } catch (...) {
+          err.capture();
+        }
+      }
+    }
+    err.rethrow();
+
+    // ---- pass 2: dQ and captured gradients per (b, h, q block)
+    const int64_t q_tasks = p.B * p.Hq * nQB;
+#pragma omp parallel
+    {
+      TileScorer<T> sc(p);
+      TileGrad<T> g(p);
+      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+      auto& mine = thread_caps();
+      // the derivative program, when grad_ev was skipped
+      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
+#pragma omp for schedule(static, 1)
+      for (int64_t t = 0; t < q_tasks; ++t) {
+        try {
+          const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
+          const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
+          const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
+          const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+          T* dqr = dq + row0 * p.E;
+          std::fill(dqr, dqr + nq * p.E, T(0));
+          RowBlocks blocks = row_blocks(p.kv_lists, b, h, qb);
+          for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+            const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
+            if (kv0 >= p.Lkv) continue;
+            const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
+            const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+            tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+            const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+            math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true, dqr, p.E);  // dQ
+            if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
+          }
+        } catch (...) {
+          err.capture();
+        }
+      }
+    }
+    err.rethrow();
   }
-  err.rethrow();
   o.dcaps.assign(ncaps, Tensor());
   for (size_t c = 0; c < ncaps; ++c) {
     if (!(c < needs_cap.size() && needs_cap[c])) continue;

@@ -120,24 +120,26 @@ float row_max(const float* x, int64_t n) {
   return m;
 }
 
-// vec::expf (tensor/vec_math.h) on W lanes: the same operations in the same order, so the same results.
+// vec::expf (tensor/vec_math.h) on W lanes: the same reduction and polynomial, with the ISA's fused
+// multiply-add (the baseline rounds as vec::expf does; FMA is within an ulp of it). Lanes outside
+// [-87.3, 88.7] and NaN are decided by the final selects from x alone; in between n is what vec::expf
+// computes, and n is kept in [-127, 127] (NaN -> 127) so the float -> int conversion is always defined.
 template <class I>
 inline typename I::V vexp(typename I::V x) {
   using V = typename I::V;
   using VI = typename I::VI;
   const V lo = splat<V>(-87.33654f), hi = splat<V>(88.72283f);
-  const V xc = x < lo ? lo : (x > hi ? hi : x);
-  V t = xc * 1.44269504088896341f;
-  V n = (t + 12582912.0f) - 12582912.0f;
-  n = n > 127.0f ? splat<V>(127.0f) : n;
-  const V r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|x| large: selected away)
+  n = n < 127.0f ? n : splat<V>(127.0f);
+  n = n > -127.0f ? n : splat<V>(-127.0f);
+  const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
   V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V er = p * r * r + r + 1.0f;
+  p = I::fma(p, r, splat<V>(1.3981999507e-3f));
+  p = I::fma(p, r, splat<V>(8.3334519073e-3f));
+  p = I::fma(p, r, splat<V>(4.1665795894e-2f));
+  p = I::fma(p, r, splat<V>(1.6666665459e-1f));
+  p = I::fma(p, r, splat<V>(5.0000001201e-1f));
+  const V er = I::fma(p * r, r, r) + 1.0f;
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   const V y = er * (V)bits;  // a vector cast reinterprets the bits
   const V inf = splat<V>(std::numeric_limits<float>::infinity());

@@ -1,7 +1,8 @@
 // The float32 tile kernels of the CPU FlexAttention (attention/cpu/tile_kernels.h), every instruction set
 // this CPU can run, against plain float64 loops written here: GEMM in both A layouts over sizes that hit
-// every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values,
-// -inf -> 0, NaN kept) and the softmax backward row. AVX-512 and AVX2 must agree bit for bit.
+// every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values
+// without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept) and the softmax backward row. AVX-512
+// and AVX2 must agree bit for bit.
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -141,7 +142,9 @@ TEST(TileKernels, ExpSumIsVecExpfAndSumsIt) {
       const float sum = tk.exp_sum(got.data(), n, m);
       double want_sum = 0;
       for (int64_t j = 0; j < n; ++j) {
-        EXPECT_EQ(got[j], vec::expf(x[j] - m)) << tk.name << " j " << j;  // the same operations
+        const float ref = vec::expf(x[j] - m);  // the same operations; fused multiply-adds with FMA
+        if (isa == TileIsa::Generic) EXPECT_EQ(got[j], ref) << tk.name << " j " << j;
+        else EXPECT_NEAR(got[j], ref, 2.5e-7 * ref) << tk.name << " j " << j;
         const double e = std::exp(static_cast<double>(x[j] - m));  // exp's accuracy at the float argument
         EXPECT_NEAR(got[j], e, 4e-7 * e + 1e-37) << tk.name << " j " << j;
         want_sum += e;
@@ -151,6 +154,24 @@ TEST(TileKernels, ExpSumIsVecExpfAndSumsIt) {
       got = x;
       EXPECT_TRUE(std::isnan(tk.exp_sum(got.data(), n, m)));
       EXPECT_TRUE(std::isnan(got[n - 1]));
+    }
+  }
+}
+
+// The range edges and special values: each lane is what vec::expf gives (0 below -87.34, inf above 88.72).
+TEST(TileKernels, ExpEdges) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> x0{-inf, -1000.f, -87.4f, -87.3f, -80.f, -1e-30f, 0.f, -0.f, 1e-30f, 1.f, 80.f, 88.7f,
+                              88.8f, 1000.f, inf, -3.f, 2.5f};
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    std::vector<float> x = x0;
+    const float sum = tk.exp_sum(x.data(), static_cast<int64_t>(x.size()), 0.f);
+    EXPECT_EQ(sum, inf) << tk.name;
+    for (size_t j = 0; j < x.size(); ++j) {
+      const float ref = vec::expf(x0[j]);
+      if (ref == 0 || std::isinf(ref) || ref == 1) EXPECT_EQ(x[j], ref) << tk.name << " exp(" << x0[j] << ")";
+      else EXPECT_NEAR(x[j], ref, 2.5e-7 * ref) << tk.name << " exp(" << x0[j] << ")";
     }
   }
 }
@@ -173,7 +194,8 @@ TEST(TileKernels, DefaultIsTheWidestSupportedOrTheForcedOne) {
   if (const char* env = std::getenv("FLEXGRAD_CPU_ISA"); env && *env) {
     EXPECT_EQ(name, env);
   } else {
-    EXPECT_EQ(name, cpu::cpu_supports(TileIsa::Avx512) ? "avx512" : cpu::cpu_supports(TileIsa::Avx2) ? "avx2" : "generic");
+    const bool avx512 = cpu::cpu_supports(TileIsa::Avx512), avx2 = cpu::cpu_supports(TileIsa::Avx2);
+    EXPECT_EQ(name, avx512 ? "avx512" : avx2 ? "avx2" : "generic");
   }
 }
 
