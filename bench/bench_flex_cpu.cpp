@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   bool reference = true, backward = true, csv = false;
   int threads = 0;
   std::vector<std::string> masks;
+  std::string dtype_name = "f32";
   app.add_option("-B", B);
   app.add_option("-H", H);
   app.add_option("-L", L);
@@ -58,13 +59,17 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-backward", backward, "time the forward only");
   app.add_flag("--csv", csv, "print CSV rows: mask,path,density,fwd_ms,fwd_gflops,fb_ms,fb_gflops");
   app.add_option("--threads", threads, "OpenMP threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::PositiveNumber);
+  app.add_option("--dtype", dtype_name, "input dtype: f32 or bf16 (bf16 products on AVX-512 BF16)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_option("--masks", masks, "cases to run (default all): none causal sliding document");
   CLI11_PARSE(app, argc, argv);
 
   if (threads > 0) omp_set_num_threads(threads);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they are measured, also through pipes
   manual_seed(0);
-  Tensor q = randn({B, H, L, E}).requires_grad_(), k = randn({B, H, L, E}).requires_grad_(), v = randn({B, H, L, E}).requires_grad_();
+  const DType dt = dtype_name == "bf16" ? kBFloat16 : kFloat32;
+  Tensor q = randn({B, H, L, E}).to(dt).requires_grad_(), k = randn({B, H, L, E}).to(dt).requires_grad_(),
+         v = randn({B, H, L, E}).to(dt).requires_grad_();
   std::vector<int64_t> doc(L);
   for (int64_t i = 0; i < L; ++i) doc[i] = i / std::max<int64_t>(1, L / 16);  // 16 equal documents: ~10% of blocks visited
   Captured doc_ids(from_vector(doc, {L}, kInt64));
@@ -81,7 +86,8 @@ int main(int argc, char** argv) {
   if (csv) {
     std::printf("mask,path,threads,density,fwd_ms,fwd_gflops,fb_ms,fb_gflops\n");
   } else {
-    std::printf("flex_attention CPU, f32, B=%ld H=%ld L=%ld E=%ld, %d threads\n", B, H, L, E, omp_get_max_threads());
+    std::printf("flex_attention CPU, %s, B=%ld H=%ld L=%ld E=%ld, %d threads\n", dtype_name.c_str(), B, H, L, E,
+                omp_get_max_threads());
     std::printf("%-13s %-9s %8s %10s %9s %10s %10s %9s %8s\n", "mask", "path", "density", "fwd ms", "fwd GF/s", "fwd+bwd ms",
                 "f+b GF/s", "peak MiB", "speedup");
   }

@@ -33,6 +33,8 @@
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/tile_eval.h"
 #include "flexgrad/ops/cpu/blas_threads.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/half.h"
 
 
 namespace fg::cpu {
@@ -100,7 +102,7 @@ template <> struct TileMath<double> {
 // tile seen and are never shrunk: a few tiles and one transposed head per thread. Each slot has one user
 // at a time (forward and backward of one thread never overlap).
 enum ScratchSlot : int {
-  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kSlots
+  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kPTile, kSlots
 };
 template <class U>
 U* thread_scratch(ScratchSlot slot, int64_t n) {
@@ -149,6 +151,51 @@ class ThreadEvaluator {
   TileEvaluator<T>* ev_ = nullptr;
 };
 
+// dst (cols x rows) = the transpose of src (rows x cols), both row-major.
+template <class U>
+void transpose(const U* src, int64_t rows, int64_t cols, U* dst) {
+  constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    const int64_t r1 = std::min(rows, r0 + kChunk);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+// A thread's bf16 pair layouts of one head for the bf16 products (tile_kernels.h, gemm_bf16), repacked
+// when the head changes as HeadTranspose: K^T as pairs along E ([E/2 x L], the transpose of K's rows read
+// as E/2 pairs each) and V as pairs along L ([ceil(L/2) x Ev], rows 2p and 2p + 1 interleaved; an odd L
+// pads the last pair with 0).
+class HeadPairs {
+ public:
+  explicit HeadPairs(ScratchSlot slot) : slot_(slot) {}
+  const uint32_t* k_transposed(const BFloat16* rows, int64_t L, int64_t E) {
+    if (rows == src_) return buf_;
+    buf_ = thread_scratch<uint32_t>(slot_, L * (E / 2));
+    transpose(reinterpret_cast<const uint32_t*>(rows), L, E / 2, buf_);
+    src_ = rows;
+    return buf_;
+  }
+  const uint32_t* v_interleaved(const BFloat16* rows, int64_t L, int64_t Ev) {
+    if (rows == src_) return buf_;
+    const int64_t pairs = (L + 1) / 2;
+    buf_ = thread_scratch<uint32_t>(slot_, pairs * Ev);
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const BFloat16* lo = rows + 2 * pr * Ev;
+      const BFloat16* hi = 2 * pr + 1 < L ? lo + Ev : nullptr;
+      for (int64_t e = 0; e < Ev; ++e)
+        buf_[pr * Ev + e] = static_cast<uint32_t>(lo[e].bits) | (hi ? static_cast<uint32_t>(hi[e].bits) << 16 : 0u);
+    }
+    src_ = rows;
+    return buf_;
+  }
+
+ private:
+  ScratchSlot slot_;
+  uint32_t* buf_ = nullptr;
+  const BFloat16* src_ = nullptr;
+};
+
 // A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
 // products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
 // a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
@@ -163,12 +210,7 @@ class HeadTranspose {
     } else {
       if (rows == src_) return buf_;
       buf_ = thread_scratch<T>(slot_, L * E);
-      constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
-      for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
-        const int64_t l1 = std::min(L, l0 + kChunk);
-        for (int64_t e = 0; e < E; ++e)
-          for (int64_t l = l0; l < l1; ++l) buf_[e * L + l] = rows[l * E + e];
-      }
+      transpose(rows, L, E, buf_);
       src_ = rows;
       return buf_;
     }
@@ -245,6 +287,11 @@ struct TileScorer {
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
     math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, p.Lkv, pre, ld);
+    mods(b, h, q0, nq, kv0, nkv, partial, pre, s, ld);
+  }
+  // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T.
+  void mods(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv, bool partial, T* pre, T* s,
+            int64_t ld) {
     if (score_ev) {
       score_ev->score_tile(b, h, q0, nq, kv0, nkv, pre, s, ld, ld);
     } else if (s != pre) {
@@ -262,14 +309,17 @@ struct TileScorer {
   }
 };
 
-template <class T>
+// T: the softmax's and the sums' type; In: q, k, v and out (T, or BFloat16 with T = float for the bf16
+// products of AVX-512 BF16: bf16 Q K^T and P V with float32 sums, P rounded to bf16 as the GPU kernels do).
+template <class T, class In = T>
 void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
+  constexpr bool kBf16 = std::is_same_v<In, BFloat16>;
   const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q;
   const int64_t G = p.group();
-  const T* q = p.q.data<T>();
-  const T* k = p.k.data<T>();
-  const T* v = p.v.data<T>();
-  T* out = o.out.data<T>();
+  const In* q = p.q.data<In>();
+  const In* k = p.k.data<In>();
+  const In* v = p.v.data<In>();
+  In* out = o.out.data<In>();
   T* lse = o.lse.data<T>();
   T* mx = o.max_scores.data<T>();
   const int64_t tasks = p.B * p.Hq * nQB;
@@ -280,6 +330,9 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   {
     TileScorer<T> scorer(p);
     HeadTranspose<T> kt(kKt);
+    HeadPairs kpairs(kKt), vpairs(kVt);  // bf16
+    const int64_t ldp = (tile_cols(p) + 1) / 2;
+    ScratchTile<uint32_t> ppairs(kPTile, kBf16 ? tile_rows(p) * ldp : 0);  // P as bf16 pairs
     ScratchTile<T> s(kScoreTile, tile_rows(p) * tile_cols(p)), acc(kAccTile, tile_rows(p) * p.Ev),
         m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p));
 #pragma omp for schedule(dynamic, 1)
@@ -290,10 +343,17 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const int64_t qb = nQB - 1 - t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
         const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
         const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
-        const T* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
-        const T* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
-        const T* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
-        const T* ktbase = kt.get(kbase, p.Lkv, p.E);
+        const In* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
+        const In* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
+        const In* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
+        const T* ktbase = nullptr;
+        const uint32_t *kp = nullptr, *vp = nullptr;
+        if constexpr (kBf16) {
+          kp = kpairs.k_transposed(kbase, p.Lkv, p.E);
+          vp = vpairs.v_interleaved(vbase, p.Lkv, p.Ev);
+        } else {
+          ktbase = kt.get(kbase, p.Lkv, p.E);
+        }
         std::fill(m.data(), m.data() + nq, ninf);
         std::fill(l.data(), l.data() + nq, T(0));
         std::fill(acc.data(), acc.data() + nq * p.Ev, T(0));
@@ -303,8 +363,15 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
           if (kv0 >= p.Lkv) continue;
           const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-          scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, ktbase ? ktbase + kv0 : nullptr, kv0, nkv,
-                         blocks.is_partial(bi), s.data(), s.data(), ld);
+          if constexpr (kBf16) {
+            tile_kernels().gemm_bf16(nq, nkv, p.E / 2, static_cast<float>(p.scale),
+                                     reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp + kv0, p.Lkv, false,
+                                     s.data(), ld);
+            scorer.mods(b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
+          } else {
+            scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, ktbase ? ktbase + kv0 : nullptr, kv0, nkv,
+                           blocks.is_partial(bi), s.data(), s.data(), ld);
+          }
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
             // The running max m is NaN-sticky, as torch.amax: once a row has seen a NaN score, its m,
@@ -336,16 +403,23 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
               for (int64_t e = 0; e < p.Ev; ++e) a[e] *= corr;
             }
           }
-          scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
+          if constexpr (kBf16) {  // kv0 is even (bf16_products)
+            const TileKernels& tk = tile_kernels();
+            for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(s.data() + i * ld, nkv, ppairs.data() + i * ldp);
+            tk.gemm_bf16(nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
+                         acc.data(), p.Ev);
+          } else {
+            scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
+          }
         }
         const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
         for (int64_t i = 0; i < nq; ++i) {
-          T* dst = out + (row0 + i) * p.Ev;
+          In* dst = out + (row0 + i) * p.Ev;
           // Every score -inf (or no block visited): output 0 and lse -inf, as flex_attention. A NaN m
           // gives NaN through l; a +inf max gives a NaN output (inf - inf) and lse +inf (torch.logsumexp).
           const bool empty = m[i] == ninf;
           const T inv = empty ? T(0) : T(1) / l[i];
-          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = acc[i * p.Ev + e] * inv;
+          for (int64_t e = 0; e < p.Ev; ++e) dst[e] = static_cast<In>(acc[i * p.Ev + e] * inv);
           lse[row0 + i] = empty ? ninf : m[i] == -ninf ? m[i] : m[i] + std::log(l[i]);
           mx[row0 + i] = m[i];
         }
@@ -657,15 +731,52 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   }
 }
 
+// Whether a bfloat16 problem runs the bf16 products: the CPU has them, E splits into pairs and every kv
+// block starts on a pair of V rows.
+bool bf16_products(const FlexProblem& p) {
+  return tile_kernels().gemm_bf16 && p.E % 2 == 0 && (p.block_kv % 2 == 0 || p.Lkv <= p.block_kv);
+}
+
+// A bfloat16 problem with q, k, v in float32 (the float32 kernels, on CPUs without bf16 products and in
+// the backward).
+FlexProblem as_float32(const FlexProblem& p) {
+  FlexProblem f = p;
+  f.q = p.q.to(kFloat32);
+  f.k = p.k.to(kFloat32);
+  f.v = p.v.to(kFloat32);
+  return f;
+}
+
 void flex_forward_cpu(const FlexProblem& p, FlexForwardOutputs& o) {
-  if (p.q.dtype() == kFloat64) forward_impl<double>(p, o);
-  else forward_impl<float>(p, o);
+  if (p.q.dtype() == kFloat64) {
+    forward_impl<double>(p, o);
+  } else if (p.q.dtype() == kBFloat16) {
+    if (bf16_products(p)) {
+      forward_impl<float, BFloat16>(p, o);
+      return;
+    }
+    FlexForwardOutputs f{empty(o.out.sizes(), kFloat32), o.lse, o.max_scores};
+    forward_impl<float>(as_float32(p), f);
+    o.out = f.out.to(kBFloat16);
+  } else {
+    forward_impl<float>(p, o);
+  }
 }
 
 void flex_backward_cpu(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout,
                        const Tensor& dlse, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
-  if (p.q.dtype() == kFloat64) backward_impl<double>(p, out, lse, dout, dlse, needs_cap, o);
-  else backward_impl<float>(p, out, lse, dout, dlse, needs_cap, o);
+  if (p.q.dtype() == kFloat64) {
+    backward_impl<double>(p, out, lse, dout, dlse, needs_cap, o);
+  } else if (p.q.dtype() == kBFloat16) {  // float32 kernels on float32 copies; gradients rounded to bf16
+    FlexBackwardOutputs f{empty(o.dq.sizes(), kFloat32), empty(o.dk.sizes(), kFloat32), empty(o.dv.sizes(), kFloat32), {}};
+    backward_impl<float>(as_float32(p), out.to(kFloat32), lse, dout.to(kFloat32), dlse, needs_cap, f);
+    o.dq = f.dq.to(kBFloat16);
+    o.dk = f.dk.to(kBFloat16);
+    o.dv = f.dv.to(kBFloat16);
+    o.dcaps = std::move(f.dcaps);
+  } else {
+    backward_impl<float>(p, out, lse, dout, dlse, needs_cap, o);
+  }
 }
 
 }  // namespace

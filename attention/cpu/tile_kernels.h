@@ -3,17 +3,18 @@
 //
 // The library is built for the baseline x86-64 (FLEXGRAD_NATIVE=OFF) or the build machine; these kernels
 // are compiled three times with per-file flags (CMakeLists.txt): AVX-512 (tile_kernels_avx512.cpp), AVX2 +
-// FMA (tile_kernels_avx2.cpp) and the baseline (tile_kernels_generic.cpp, SSE2, no FMA). tile_kernels()
+// FMA (tile_kernels_avx2.cpp) and the baseline (tile_kernels_generic.cpp, SSE2, no FMA); on a CPU with
+// AVX-512 BF16 the AVX-512 table also has bfloat16 products (tile_kernels_avx512bf16.cpp). tile_kernels()
 // picks the best one the running CPU supports, once, with __builtin_cpu_supports, so one binary is fast on
-// an AVX-512 machine and still runs on one without AVX. FLEXGRAD_CPU_ISA=avx512|avx2|generic forces one
-// (a ValueError when the CPU lacks it). AVX-512 and AVX2 round identically (the same fused multiply-add
-// per element in the same order); the baseline rounds each product and sum separately.
+// an AVX-512 machine and still runs on one without AVX. FLEXGRAD_CPU_ISA=avx512_bf16|avx512|avx2|generic
+// forces one (a ValueError when the CPU lacks it). AVX-512 and AVX2 round identically (the same fused
+// multiply-add per element in the same order); the baseline rounds each product and sum separately.
 #pragma once
 #include <cstdint>
 
 namespace fg::cpu {
 
-enum class TileIsa { Generic, Avx2, Avx512 };
+enum class TileIsa { Generic, Avx2, Avx512, Avx512Bf16 };
 
 struct TileKernels {
   const char* name;  // "avx512", "avx2", "generic"
@@ -28,6 +29,14 @@ struct TileKernels {
   float (*exp_sum)(float* x, int64_t n, float m);
   // dp[j] = p[j] * (dp[j] - delta): the softmax backward of one row.
   void (*softmax_grad)(float* dp, const float* p, int64_t n, float delta);
+  // bfloat16 products with float32 sums (null without AVX-512 BF16). Operands are bf16 pairs in uint32
+  // (the lower address, element 2p, in the low half): A is m x k2 pairs (lda in pairs; A[i][p] holds
+  // elements 2p and 2p + 1 of row i), B is k2 x n pairs (ldb in pairs; B[p][j] holds rows 2p and 2p + 1
+  // of column j). C (m x n float, ldc) = alpha * A B (+ C when accumulate).
+  void (*gemm_bf16)(int64_t m, int64_t n, int64_t k2, float alpha, const uint32_t* a, int64_t lda, const uint32_t* b,
+                    int64_t ldb, bool accumulate, float* c, int64_t ldc);
+  // dst = the bf16 pairs of x[0..n), rounded to nearest even (an odd n leaves the last high half 0).
+  void (*to_bf16_pairs)(const float* x, int64_t n, uint32_t* dst);
 };
 
 // The kernels of the running CPU (or FLEXGRAD_CPU_ISA), chosen on the first call.
@@ -38,6 +47,7 @@ bool cpu_supports(TileIsa isa);
 
 // Per-ISA tables (tile_kernels_<isa>.cpp); only call one whose ISA cpu_supports.
 const TileKernels& tile_kernels_avx512();
+const TileKernels& tile_kernels_avx512_bf16();
 const TileKernels& tile_kernels_avx2();
 const TileKernels& tile_kernels_generic();
 

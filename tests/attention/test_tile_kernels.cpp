@@ -5,6 +5,7 @@
 // and AVX2 must agree bit for bit.
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -22,7 +23,7 @@ using cpu::TileKernels;
 
 std::vector<TileIsa> supported() {
   std::vector<TileIsa> r;
-  for (TileIsa isa : {TileIsa::Generic, TileIsa::Avx2, TileIsa::Avx512})
+  for (TileIsa isa : {TileIsa::Generic, TileIsa::Avx2, TileIsa::Avx512, TileIsa::Avx512Bf16})
     if (cpu::cpu_supports(isa)) r.push_back(isa);
   return r;
 }
@@ -189,13 +190,82 @@ TEST(TileKernels, SoftmaxGradRow) {
   }
 }
 
+// float -> bfloat16 bits, round to nearest even (finite inputs), written out here.
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+TEST(TileKernels, Bf16PairsRoundToNearestEven) {
+  if (!cpu::cpu_supports(TileIsa::Avx512Bf16)) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  const TileKernels& tk = cpu::tile_kernels(TileIsa::Avx512Bf16);
+  std::mt19937 rng(13);
+  for (int64_t n : {1, 2, 7, 32, 33, 100}) {
+    auto x = random_floats(n, rng);
+    if (n > 3) x[3] = bf16_value(0x3f80) + std::ldexp(1.0f, -8);  // exactly halfway between two bf16: to even
+    std::vector<uint32_t> got((n + 1) / 2, 0xdeadbeef);
+    tk.to_bf16_pairs(x.data(), n, got.data());
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t half = static_cast<uint16_t>(j % 2 ? got[j / 2] >> 16 : got[j / 2] & 0xffffu);
+      EXPECT_EQ(half, bf16_bits(x[j])) << "n " << n << " j " << j;
+    }
+    if (n % 2) {
+      EXPECT_EQ(got[n / 2] >> 16, 0u) << "n " << n;
+    }
+  }
+}
+
+// gemm_bf16 on bf16 operands against a float64 loop over the same (exactly representable) bf16 values.
+TEST(TileKernels, Bf16GemmMatchesFloat64Loop) {
+  if (!cpu::cpu_supports(TileIsa::Avx512Bf16)) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  const TileKernels& tk = cpu::tile_kernels(TileIsa::Avx512Bf16);
+  std::mt19937 rng(17);
+  for (int64_t m : {1, 5, 6, 13, 128})
+    for (int64_t n : {1, 15, 16, 33, 64, 128})
+      for (int64_t k2 : {1, 32, 64}) {
+        const int64_t lda = k2 + 1, ldb = n + 3, ldc = n + 2;
+        std::vector<uint32_t> a(m * lda), b(k2 * ldb);
+        for (auto* buf : {&a, &b})
+          for (uint32_t& w : *buf) {
+            const auto f = random_floats(2, rng);
+            w = bf16_bits(f[0]) | static_cast<uint32_t>(bf16_bits(f[1])) << 16;
+          }
+        const auto c0 = random_floats(m * ldc, rng);
+        auto c = c0;
+        const bool acc = (m + n) % 2 == 0;
+        tk.gemm_bf16(m, n, k2, 0.5f, a.data(), lda, b.data(), ldb, acc, c.data(), ldc);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double sum = 0, mag = 0;
+            for (int64_t p = 0; p < k2; ++p) {
+              const uint32_t x = a[i * lda + p], y = b[p * ldb + j];
+              const double t0 = double(bf16_value(x & 0xffffu)) * bf16_value(y & 0xffffu);
+              const double t1 = double(bf16_value(x >> 16)) * bf16_value(y >> 16);
+              sum += t0 + t1;
+              mag += std::fabs(t0) + std::fabs(t1);
+            }
+            const double want = 0.5 * sum + (acc ? c0[i * ldc + j] : 0.0);
+            ASSERT_NEAR(c[i * ldc + j], want, 2e-7 * (2 * k2 + 2) * (mag + std::fabs(c0[i * ldc + j])) + 1e-30)
+                << "m " << m << " n " << n << " k2 " << k2 << " at (" << i << ", " << j << ")";
+          }
+      }
+}
+
 TEST(TileKernels, DefaultIsTheWidestSupportedOrTheForcedOne) {
   const std::string name = cpu::tile_kernels().name;
   if (const char* env = std::getenv("FLEXGRAD_CPU_ISA"); env && *env) {
     EXPECT_EQ(name, env);
   } else {
     const bool avx512 = cpu::cpu_supports(TileIsa::Avx512), avx2 = cpu::cpu_supports(TileIsa::Avx2);
-    EXPECT_EQ(name, avx512 ? "avx512" : avx2 ? "avx2" : "generic");
+    const bool bf16 = cpu::cpu_supports(TileIsa::Avx512Bf16);
+    EXPECT_EQ(name, bf16 ? "avx512_bf16" : avx512 ? "avx512" : avx2 ? "avx2" : "generic");
   }
 }
 
