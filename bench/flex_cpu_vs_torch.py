@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Our CPU flex_attention (bench_flex_cpu) against PyTorch on the CPU, same shapes and thread counts, one table.
 
-    python3 bench/flex_cpu_vs_torch.py BUILD_DIR [--threads 2 16] [--reps 5] [-B 1 -H 8 -L 2048 -E 64]
+    python3 bench/flex_cpu_vs_torch.py BUILD_DIR [--threads 2 16] [--reps 5] [--dtype f32|bf16] [-B 1 -H 8 -L 2048 -E 64]
 
 For each thread count: ours (BUILD_DIR/bench_flex_cpu --csv --threads N: no mask, causal, sliding window 256,
 16 equal documents), then PyTorch in a fresh process with torch.set_num_threads(N) (inductor bakes the thread
 count into the code it compiles): torch.compile(flex_attention) forward on the same four masks
 (create_block_mask on the CPU, BLOCK_SIZE 128) and its backward where PyTorch has one on the CPU, and
-scaled_dot_product_attention forward and forward+backward on no mask and causal (is_causal=True). float32
-inputs from randn. Each time is the fastest of --reps calls after two warm-up calls, as bench_flex_cpu.
+scaled_dot_product_attention forward and forward+backward on no mask and causal (is_causal=True). Inputs
+from randn in --dtype (float32 by default; bf16 runs our bf16 products where the CPU has AVX-512 BF16). Each time is the fastest of --reps calls after two warm-up calls, as bench_flex_cpu.
 GFLOP/s count the blocks our BlockMask visits (fwd 4 B H L^2 E density, fwd+bwd 3.5x that) for every column,
 so a ratio is a ratio of times. PyTorch runs under --python (default /opt/torch/.venv/bin/python when present,
 else this interpreter); without PyTorch the table holds ours alone.
@@ -34,7 +34,8 @@ def torch_worker(args):
     torch.set_num_threads(args.worker_threads)
     B, H, L, E = args.B, args.H, args.L, args.E
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, E, requires_grad=True) for _ in range(3))
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    q, k, v = (torch.randn(B, H, L, E).to(dt).requires_grad_() for _ in range(3))
 
     def best_ms(fn, before=lambda: None):
         t = []
@@ -103,7 +104,8 @@ def run_ours(args, threads):
     exe = os.path.join(args.build_dir, "bench_flex_cpu")
     if not os.access(exe, os.X_OK):
         sys.exit(f"flex_cpu_vs_torch.py: no {exe} (build the bench_flex_cpu target first)")
-    cmd = [exe, "--csv", "--no-reference", "--threads", str(threads), "--reps", str(args.reps), "-B", str(args.B),
+    cmd = [exe, "--csv", "--no-reference", "--threads", str(threads), "--reps", str(args.reps), "--dtype", args.dtype,
+           "-B", str(args.B),
            "-H", str(args.H), "-L", str(args.L), "-E", str(args.E)]
     if args.masks:
         cmd += ["--masks", *args.masks]
@@ -115,7 +117,8 @@ def run_ours(args, threads):
 def run_torch(args, threads):
     python = args.python or ("/opt/torch/.venv/bin/python" if os.access("/opt/torch/.venv/bin/python", os.X_OK)
                              else sys.executable)
-    cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), "--reps", str(args.reps), "-B",
+    cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), "--reps", str(args.reps), "--dtype",
+           args.dtype, "-B",
            str(args.B), "-H", str(args.H), "-L", str(args.L), "-E", str(args.E)]
     if args.masks:
         cmd += ["--masks", *args.masks]
@@ -137,6 +140,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--masks", nargs="+", choices=[m for m, _ in MASKS], help="run only these masks")
     ap.add_argument("--python", help="the interpreter with PyTorch")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("-B", type=int, default=1)
     ap.add_argument("-H", type=int, default=8)
     ap.add_argument("-L", type=int, default=2048)
@@ -155,7 +159,7 @@ def main():
     base = 4.0 * args.B * args.H * args.L * args.L * args.E
     hdr = "{:<12} {:>8} {:>9} {:>10} {:>6} {:>9} {:>6} {:>9} {:>10} {:>6} {:>9} {:>6}"
     for n, ours, tr, note in tables:
-        print(f"\nf32 B={args.B} H={args.H} L={args.L} E={args.E}, {n} threads, GFLOP/s on our visited blocks; "
+        print(f"\n{args.dtype} B={args.B} H={args.H} L={args.L} E={args.E}, {n} threads, GFLOP/s on our visited blocks; "
               f"ratio = ours / theirs (time ratio); {note}")
         print(hdr.format("mask", "density", "ours fwd", "flex fwd", "ratio", "SDPA fwd", "ratio", "ours f+b",
                          "flex f+b", "ratio", "SDPA f+b", "ratio"))
