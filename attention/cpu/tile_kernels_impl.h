@@ -121,9 +121,10 @@ float row_max(const float* x, int64_t n) {
 }
 
 // vec::expf (tensor/vec_math.h) on W lanes: the same reduction and polynomial, with the ISA's fused
-// multiply-add (the baseline rounds as vec::expf does; FMA is within an ulp of it). Lanes outside
-// [-87.3, 88.7] and NaN are decided by the final selects from x alone; in between n is what vec::expf
-// computes, and n is kept in [-127, 127] (NaN -> 127) so the float -> int conversion is always defined.
+// multiply-add (the baseline rounds as vec::expf does; FMA is within an ulp of it). Lanes below -87.34 give
+// 0 and above 88.72 inf by the final selects; NaN stays NaN. In between n is vec::expf's (at most 127), and
+// e^r * 2^n is exact either way: AVX-512 scales with vscalefps (NaN propagates through it), the others
+// build 2^n's bits, with n kept in [-127, 127] (NaN -> 127) so the float -> int conversion is defined.
 template <class I>
 inline typename I::V vexp(typename I::V x) {
   using V = typename I::V;
@@ -131,7 +132,6 @@ inline typename I::V vexp(typename I::V x) {
   const V lo = splat<V>(-87.33654f), hi = splat<V>(88.72283f);
   V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|x| large: selected away)
   n = n < 127.0f ? n : splat<V>(127.0f);
-  n = n > -127.0f ? n : splat<V>(-127.0f);
   const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
   V p = splat<V>(1.9875691500e-4f);
   p = I::fma(p, r, splat<V>(1.3981999507e-3f));
@@ -140,10 +140,16 @@ inline typename I::V vexp(typename I::V x) {
   p = I::fma(p, r, splat<V>(1.6666665459e-1f));
   p = I::fma(p, r, splat<V>(5.0000001201e-1f));
   const V er = I::fma(p * r, r, r) + 1.0f;
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  const V y = er * (V)bits;  // a vector cast reinterprets the bits
   const V inf = splat<V>(std::numeric_limits<float>::infinity());
-  return x != x ? x : (x > hi ? inf : (x < lo ? V{} : y));
+  if constexpr (requires { I::scalef(er, n); }) {
+    const V y = I::scalef(er, n);
+    return x < lo ? V{} : (x > hi ? inf : y);
+  } else {
+    n = n > -127.0f ? n : splat<V>(-127.0f);
+    const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+    const V y = er * (V)bits;  // a vector cast reinterprets the bits
+    return x != x ? x : (x > hi ? inf : (x < lo ? V{} : y));
+  }
 }
 
 template <class I>
