@@ -102,7 +102,8 @@ template <> struct TileMath<double> {
 // tile seen and are never shrunk: a few tiles and one transposed head per thread. Each slot has one user
 // at a time (forward and backward of one thread never overlap).
 enum ScratchSlot : int {
-  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kPTile, kSlots
+  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kKRows, kPTile,
+  kBTile, kDsPairs, kSlots
 };
 template <class U>
 U* thread_scratch(ScratchSlot slot, int64_t n) {
@@ -178,14 +179,8 @@ class HeadPairs {
   }
   const uint32_t* v_interleaved(const BFloat16* rows, int64_t L, int64_t Ev) {
     if (rows == src_) return buf_;
-    const int64_t pairs = (L + 1) / 2;
-    buf_ = thread_scratch<uint32_t>(slot_, pairs * Ev);
-    for (int64_t pr = 0; pr < pairs; ++pr) {
-      const BFloat16* lo = rows + 2 * pr * Ev;
-      const BFloat16* hi = 2 * pr + 1 < L ? lo + Ev : nullptr;
-      for (int64_t e = 0; e < Ev; ++e)
-        buf_[pr * Ev + e] = static_cast<uint32_t>(lo[e].bits) | (hi ? static_cast<uint32_t>(hi[e].bits) << 16 : 0u);
-    }
+    buf_ = thread_scratch<uint32_t>(slot_, (L + 1) / 2 * Ev);
+    tile_kernels().pair_rows_bf16(reinterpret_cast<const uint16_t*>(rows), Ev, L, Ev, buf_, Ev);
     src_ = rows;
     return buf_;
   }
@@ -364,7 +359,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           if (kv0 >= p.Lkv) continue;
           const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
           if constexpr (kBf16) {
-            tile_kernels().gemm_bf16(nq, nkv, p.E / 2, static_cast<float>(p.scale),
+            tile_kernels().gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
                                      reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp + kv0, p.Lkv, false,
                                      s.data(), ld);
             scorer.mods(b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
@@ -406,7 +401,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           if constexpr (kBf16) {  // kv0 is even (bf16_products)
             const TileKernels& tk = tile_kernels();
             for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(s.data() + i * ld, nkv, ppairs.data() + i * ldp);
-            tk.gemm_bf16(nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
+            tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
                          acc.data(), p.Ev);
           } else {
             scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
@@ -431,18 +426,24 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
   err.rethrow();
 }
 
-// Per-thread scratch of the backward: the recomputed tile and its gradients, the transposed K and V.
+// Per-thread scratch of the backward: the recomputed tile and its gradients, the transposed K and V; for
+// the bf16 products the head's K^T and V^T as pairs along E, K as pairs of rows, and the tile operands as
+// bf16 pairs (P^T or dS^T, the q block's dO or Q rows, dS).
 template <class T>
 struct TileGrad {
   ThreadEvaluator<T> grad_ev;  // d score_mod / d score and capture terms (none: constant)
   ScratchTile<T> pre, s, dp;
   HeadTranspose<T> kt{kKt}, vt{kVt};
-  explicit TileGrad(const FlexProblem& p)
+  HeadPairs kpairs{kKt}, vpairs{kVt}, krows{kKRows};
+  ScratchTile<uint32_t> at_pairs, b_pairs, ds_pairs;
+  TileGrad(const FlexProblem& p, bool bf16)
       : grad_ev(kGradEval, p.score_grad && !p.score_grad->dscore_is_constant ? &p.score_grad->program : nullptr),
         pre(kPreTile, tile_rows(p) * tile_cols(p)),
         s(kScoreTile, tile_rows(p) * tile_cols(p)),
-        dp(kGradTile, tile_rows(p) * tile_cols(p)) {
-  }
+        dp(kGradTile, tile_rows(p) * tile_cols(p)),
+        at_pairs(kPTile, bf16 ? (tile_rows(p) + 1) / 2 * tile_cols(p) : 0),
+        b_pairs(kBTile, bf16 ? (tile_rows(p) + 1) / 2 * std::max(p.E, p.Ev) : 0),
+        ds_pairs(kDsPairs, bf16 ? tile_rows(p) * ((tile_cols(p) + 1) / 2) : 0) {}
 };
 
 template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
@@ -464,18 +465,21 @@ inline int64_t tile_index(const TileValue& v, int64_t i, int64_t j) {
   }
 }
 
-template <class T>
+// T: the gradients' and sums' type; In: q, k, v, out and dout (T, or BFloat16 with T = float for the bf16
+// products: every tile product multiplies bf16 pairs with float32 sums, P and dS rounded to bf16).
+template <class T, class In = T>
 void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_t, const Tensor& dout_t,
                    const Tensor& dlse_t, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
+  constexpr bool kBf16 = std::is_same_v<In, BFloat16>;
   const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q;
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
   const int64_t G = p.group();
-  const T* q = p.q.data<T>();
-  const T* k = p.k.data<T>();
-  const T* v = p.v.data<T>();
-  const T* out = out_t.data<T>();
+  const In* q = p.q.data<In>();
+  const In* k = p.k.data<In>();
+  const In* v = p.v.data<In>();
+  const In* out = out_t.data<In>();
   const T* lse = lse_t.data<T>();
-  const T* dout = dout_t.data<T>();
+  const In* dout = dout_t.data<In>();
   T* dq = o.dq.data<T>();
   T* dk = o.dk.data<T>();
   T* dv = o.dv.data<T>();
@@ -489,7 +493,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel for if (delta.size() > 4096)
   for (int64_t r = 0; r < static_cast<int64_t>(delta.size()); ++r) {
     T acc = 0;
-    for (int64_t e = 0; e < p.Ev; ++e) acc += dout[r * p.Ev + e] * out[r * p.Ev + e];
+    for (int64_t e = 0; e < p.Ev; ++e) acc += static_cast<T>(dout[r * p.Ev + e]) * static_cast<T>(out[r * p.Ev + e]);
     delta[r] = dlse ? acc - dlse[r] : acc;
   }
 
@@ -499,12 +503,19 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   auto tile_ds = [&](TileGrad<T>& g, TileScorer<T>& sc, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
                      int64_t nkv, bool partial, int64_t kvhead) {
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-    const T* krows = k + (kvhead * p.Lkv + kv0) * p.E;
-    const T* vrows = v + (kvhead * p.Lkv + kv0) * p.Ev;
-    const T* ktc = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
-    const T* vtc = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
-    if (ktc) ktc += kv0, vtc += kv0;
-    sc.compute(b, h, q + row0 * p.E, q0, nq, krows, ktc, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
+    if constexpr (kBf16) {
+      const TileKernels& tk = tile_kernels();
+      const uint32_t* kp = g.kpairs.k_transposed(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
+      tk.gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
+                   reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp + kv0, p.Lkv, false, g.pre.data(),
+                   ld);
+      sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
+    } else {
+      const T* ktc = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
+      if (ktc) ktc += kv0;
+      sc.compute(b, h, q + row0 * p.E, q0, nq, k + (kvhead * p.Lkv + kv0) * p.E, ktc, kv0, nkv, partial, g.pre.data(),
+                 g.s.data(), ld);
+    }
     for (int64_t i = 0; i < nq; ++i) {
       T* row = g.s.data() + i * ld;
       const T li = lse[row0 + i];
@@ -514,7 +525,16 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       }
       math.exp_sum(row, nkv, li);
     }
-    math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, vrows, p.Ev, vtc, p.Lkv, g.dp.data(), ld);  // dP
+    if constexpr (kBf16) {  // dP = dO V^T
+      const uint32_t* vp = g.vpairs.k_transposed(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
+      tile_kernels().gemm_bf16(false, nq, nkv, p.Ev / 2, 1.0f, reinterpret_cast<const uint32_t*>(dout + row0 * p.Ev),
+                               p.Ev / 2, vp + kv0, p.Lkv, false, g.dp.data(), ld);
+    } else {
+      const T* vtc = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
+      if (vtc) vtc += kv0;
+      math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, p.Lkv,
+              g.dp.data(), ld);
+    }
     for (int64_t i = 0; i < nq; ++i) math.softmax_grad(g.dp.data() + i * ld, g.s.data() + i * ld, nkv, delta[row0 + i]);
   };
   // dS = g.dp * d score_mod / d score (evaluated at the pre-mod score), in ds; g.dp itself when the
@@ -533,6 +553,34 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] = g.dp[i * ld + j] * c;
     return ds;
+  };
+
+  // C (nkv x cols) += alpha X^T R over the tile's q rows: X is the tile's P or dS (nq x nkv, ld), R the q
+  // block's rows (nq x cols) of dO or Q from row0: dV += P^T dO, dK += scale dS^T Q.
+  auto add_transposed = [&](TileGrad<T>& g, const T* x, int64_t nq, int64_t nkv, T alpha, const In* rows, int64_t cols,
+                            T* c) {
+    if constexpr (kBf16) {
+      const TileKernels& tk = tile_kernels();
+      tk.pair_rows_f32(x, ld, nq, nkv, g.at_pairs.data(), nkv);  // X^T: A transposed, pairs along q
+      tk.pair_rows_bf16(reinterpret_cast<const uint16_t*>(rows), cols, nq, cols, g.b_pairs.data(), cols);
+      tk.gemm_bf16(true, nkv, cols, (nq + 1) / 2, alpha, g.at_pairs.data(), nkv, g.b_pairs.data(), cols, true, c, cols);
+    } else {
+      math.nn(true, nkv, cols, nq, alpha, x, ld, rows, cols, true, c, cols);
+    }
+  };
+  // dQ rows (nq x E) += scale dS K over the kv block kv0.. of kv head kvhead.
+  auto add_dq = [&](TileGrad<T>& g, const T* ds, int64_t nq, int64_t nkv, int64_t kvhead, int64_t kv0, T* dqr) {
+    const In* khead = k + kvhead * p.Lkv * p.E;
+    if constexpr (kBf16) {  // kv0 is even (bf16_products)
+      const TileKernels& tk = tile_kernels();
+      const int64_t ldp = (tile_cols(p) + 1) / 2;
+      for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(ds + i * ld, nkv, g.ds_pairs.data() + i * ldp);
+      const uint32_t* kr = g.krows.v_interleaved(khead, p.Lkv, p.E);
+      tk.gemm_bf16(false, nq, p.E, (nkv + 1) / 2, static_cast<float>(p.scale), g.ds_pairs.data(), ldp,
+                   kr + kv0 / 2 * p.E, p.E, true, dqr, p.E);
+    } else {
+      math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), ds, ld, khead + kv0 * p.E, p.E, true, dqr, p.E);
+    }
   };
 
   // Captured-tensor gradients: per thread in double, summed in thread order after the passes.
@@ -590,7 +638,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel
     {
       TileScorer<T> sc(p);
-      TileGrad<T> g(p);
+      TileGrad<T> g(p, kBf16);
       ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
       auto& mine = thread_caps();
       ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
@@ -621,12 +669,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                   const int64_t nq = std::min(p.block_q, p.Lq - q0);
                   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
                   tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
-                  math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV
+                  add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
                   const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-                  math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
-                          p.E);  // dK += scale dS^T Q
-                  math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true,
-                          dq + row0 * p.E, p.E);  // dQ += scale dS K
+                  add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
+                  add_dq(g, dsp, nq, nkv, t, kv0, dq + row0 * p.E);  // dQ += scale dS K
                   if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
                 }
               }
@@ -644,7 +690,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel
     {
       TileScorer<T> sc(p);
-      TileGrad<T> g(p);
+      TileGrad<T> g(p, kBf16);
       ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < kv_tasks; ++t) {
@@ -666,10 +712,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                 const int64_t nq = std::min(p.block_q, p.Lq - q0);
                 const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
                 tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-                math.nn(true, nkv, p.Ev, nq, T(1), g.s.data(), ld, dout + row0 * p.Ev, p.Ev, true, dvr, p.Ev);  // dV
+                add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
                 const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-                math.nn(true, nkv, p.E, nq, static_cast<T>(p.scale), dsp, ld, q + row0 * p.E, p.E, true, dkr,
-                        p.E);  // dK += scale dS^T Q
+                add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
               }
             }
           }
@@ -685,7 +730,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel
     {
       TileScorer<T> sc(p);
-      TileGrad<T> g(p);
+      TileGrad<T> g(p, kBf16);
       ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
       auto& mine = thread_caps();
       // the derivative program, when grad_ev was skipped
@@ -704,10 +749,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
             const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
             if (kv0 >= p.Lkv) continue;
             const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-            const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
             tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
             const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
-            math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), dsp, ld, k + kvrow * p.E, p.E, true, dqr, p.E);  // dQ
+            add_dq(g, dsp, nq, nkv, bk * p.Hkv + hk, kv0, dqr);  // dQ += scale dS K
             if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
           }
         } catch (...) {
@@ -731,10 +775,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   }
 }
 
-// Whether a bfloat16 problem runs the bf16 products: the CPU has them, E splits into pairs and every kv
-// block starts on a pair of V rows.
+// Whether a bfloat16 problem runs the bf16 products: the CPU has them, E and Ev split into pairs and every
+// kv block starts on a pair of K and V rows.
 bool bf16_products(const FlexProblem& p) {
-  return tile_kernels().gemm_bf16 && p.E % 2 == 0 && (p.block_kv % 2 == 0 || p.Lkv <= p.block_kv);
+  return tile_kernels().gemm_bf16 && p.E % 2 == 0 && p.Ev % 2 == 0 && (p.block_kv % 2 == 0 || p.Lkv <= p.block_kv);
 }
 
 // A bfloat16 problem with q, k, v in float32 (the float32 kernels, on CPUs without bf16 products and in
@@ -767,9 +811,13 @@ void flex_backward_cpu(const FlexProblem& p, const Tensor& out, const Tensor& ls
                        const Tensor& dlse, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
   if (p.q.dtype() == kFloat64) {
     backward_impl<double>(p, out, lse, dout, dlse, needs_cap, o);
-  } else if (p.q.dtype() == kBFloat16) {  // float32 kernels on float32 copies; gradients rounded to bf16
+  } else if (p.q.dtype() == kBFloat16) {  // gradients summed in float32, rounded to bf16 at the end
     FlexBackwardOutputs f{empty(o.dq.sizes(), kFloat32), empty(o.dk.sizes(), kFloat32), empty(o.dv.sizes(), kFloat32), {}};
-    backward_impl<float>(as_float32(p), out.to(kFloat32), lse, dout.to(kFloat32), dlse, needs_cap, f);
+    if (bf16_products(p)) {
+      backward_impl<float, BFloat16>(p, out, lse, dout, dlse, needs_cap, f);
+    } else {
+      backward_impl<float>(as_float32(p), out.to(kFloat32), lse, dout.to(kFloat32), dlse, needs_cap, f);
+    }
     o.dq = f.dq.to(kBFloat16);
     o.dk = f.dk.to(kBFloat16);
     o.dv = f.dv.to(kBFloat16);

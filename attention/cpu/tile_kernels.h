@@ -30,13 +30,18 @@ struct TileKernels {
   // dp[j] = p[j] * (dp[j] - delta): the softmax backward of one row.
   void (*softmax_grad)(float* dp, const float* p, int64_t n, float delta);
   // bfloat16 products with float32 sums (null without AVX-512 BF16). Operands are bf16 pairs in uint32
-  // (the lower address, element 2p, in the low half): A is m x k2 pairs (lda in pairs; A[i][p] holds
-  // elements 2p and 2p + 1 of row i), B is k2 x n pairs (ldb in pairs; B[p][j] holds rows 2p and 2p + 1
-  // of column j). C (m x n float, ldc) = alpha * A B (+ C when accumulate).
-  void (*gemm_bf16)(int64_t m, int64_t n, int64_t k2, float alpha, const uint32_t* a, int64_t lda, const uint32_t* b,
-                    int64_t ldb, bool accumulate, float* c, int64_t ldc);
+  // (the lower address, element 2p, in the low half): A is m x k2 pairs (lda in pairs; A(i, p) holds
+  // elements 2p and 2p + 1 of row i, at a[i * lda + p], or with a_trans at a[p * lda + i]), B is k2 x n
+  // pairs (ldb in pairs; B[p][j] holds rows 2p and 2p + 1 of column j). C (m x n float, ldc) = alpha A B
+  // (+ C when accumulate).
+  void (*gemm_bf16)(bool a_trans, int64_t m, int64_t n, int64_t k2, float alpha, const uint32_t* a, int64_t lda,
+                    const uint32_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
   // dst = the bf16 pairs of x[0..n), rounded to nearest even (an odd n leaves the last high half 0).
   void (*to_bf16_pairs)(const float* x, int64_t n, uint32_t* dst);
+  // Pairs of rows (the B layout): dst[p * ld + j] = (x[2p][j], x[2p + 1][j]) for x rows x cols (leading
+  // dimension ldx), float rounded to bf16 or bf16 bits as they are; an odd row count pads with 0.
+  void (*pair_rows_f32)(const float* x, int64_t ldx, int64_t rows, int64_t cols, uint32_t* dst, int64_t ld);
+  void (*pair_rows_bf16)(const uint16_t* x, int64_t ldx, int64_t rows, int64_t cols, uint32_t* dst, int64_t ld);
 };
 
 // The kernels of the running CPU (or FLEXGRAD_CPU_ISA), chosen on the first call.

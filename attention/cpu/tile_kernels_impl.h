@@ -184,7 +184,7 @@ void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
 
 template <class I>
 const TileKernels& make_table(const char* name) {
-  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>, nullptr, nullptr};
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 

@@ -227,11 +227,12 @@ TEST(TileKernels, Bf16GemmMatchesFloat64Loop) {
   if (!cpu::cpu_supports(TileIsa::Avx512Bf16)) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
   const TileKernels& tk = cpu::tile_kernels(TileIsa::Avx512Bf16);
   std::mt19937 rng(17);
+  for (bool at : {false, true})
   for (int64_t m : {1, 5, 6, 13, 128})
     for (int64_t n : {1, 15, 16, 33, 64, 128})
       for (int64_t k2 : {1, 32, 64}) {
-        const int64_t lda = k2 + 1, ldb = n + 3, ldc = n + 2;
-        std::vector<uint32_t> a(m * lda), b(k2 * ldb);
+        const int64_t lda = (at ? m : k2) + 1, ldb = n + 3, ldc = n + 2;
+        std::vector<uint32_t> a((at ? k2 : m) * lda), b(k2 * ldb);
         for (auto* buf : {&a, &b})
           for (uint32_t& w : *buf) {
             const auto f = random_floats(2, rng);
@@ -240,12 +241,12 @@ TEST(TileKernels, Bf16GemmMatchesFloat64Loop) {
         const auto c0 = random_floats(m * ldc, rng);
         auto c = c0;
         const bool acc = (m + n) % 2 == 0;
-        tk.gemm_bf16(m, n, k2, 0.5f, a.data(), lda, b.data(), ldb, acc, c.data(), ldc);
+        tk.gemm_bf16(at, m, n, k2, 0.5f, a.data(), lda, b.data(), ldb, acc, c.data(), ldc);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < n; ++j) {
             double sum = 0, mag = 0;
             for (int64_t p = 0; p < k2; ++p) {
-              const uint32_t x = a[i * lda + p], y = b[p * ldb + j];
+              const uint32_t x = at ? a[p * lda + i] : a[i * lda + p], y = b[p * ldb + j];
               const double t0 = double(bf16_value(x & 0xffffu)) * bf16_value(y & 0xffffu);
               const double t1 = double(bf16_value(x >> 16)) * bf16_value(y >> 16);
               sum += t0 + t1;
@@ -253,9 +254,32 @@ TEST(TileKernels, Bf16GemmMatchesFloat64Loop) {
             }
             const double want = 0.5 * sum + (acc ? c0[i * ldc + j] : 0.0);
             ASSERT_NEAR(c[i * ldc + j], want, 2e-7 * (2 * k2 + 2) * (mag + std::fabs(c0[i * ldc + j])) + 1e-30)
-                << "m " << m << " n " << n << " k2 " << k2 << " at (" << i << ", " << j << ")";
+                << "a_trans " << at << " m " << m << " n " << n << " k2 " << k2 << " at (" << i << ", " << j << ")";
           }
       }
+}
+
+TEST(TileKernels, Bf16PairRows) {
+  if (!cpu::cpu_supports(TileIsa::Avx512Bf16)) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  const TileKernels& tk = cpu::tile_kernels(TileIsa::Avx512Bf16);
+  std::mt19937 rng(19);
+  for (int64_t rows : {1, 2, 7, 128})
+    for (int64_t cols : {1, 16, 37, 64}) {
+      const int64_t ldx = cols + 3, ld = cols + 1, pairs = (rows + 1) / 2;
+      const auto x = random_floats(rows * ldx, rng);
+      std::vector<uint16_t> xb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xb[i] = bf16_bits(x[i]);
+      std::vector<uint32_t> gf(pairs * ld), gb(pairs * ld);
+      tk.pair_rows_f32(x.data(), ldx, rows, cols, gf.data(), ld);
+      tk.pair_rows_bf16(xb.data(), ldx, rows, cols, gb.data(), ld);
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint32_t want =
+              xb[2 * p * ldx + j] | (2 * p + 1 < rows ? static_cast<uint32_t>(xb[(2 * p + 1) * ldx + j]) << 16 : 0u);
+          ASSERT_EQ(gf[p * ld + j], want) << "f32 rows " << rows << " cols " << cols << " p " << p << " j " << j;
+          ASSERT_EQ(gb[p * ld + j], want) << "bf16 rows " << rows << " cols " << cols << " p " << p << " j " << j;
+        }
+    }
 }
 
 TEST(TileKernels, DefaultIsTheWidestSupportedOrTheForcedOne) {
