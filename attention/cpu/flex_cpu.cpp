@@ -738,7 +738,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < q_tasks; ++t) {
         try {
-          const int64_t qb = t % nQB, h = (t / nQB) % p.Hq, b = t / (nQB * p.Hq);
+          // Every other head walks its q blocks backwards: the static schedule deals thread j the same
+          // block positions of every head, so under a causal mask it would get rows of one length only.
+          const int64_t bh = t / nQB, h = bh % p.Hq, b = bh / p.Hq;
+          const int64_t qb = bh % 2 ? nQB - 1 - t % nQB : t % nQB;
           const int64_t q0 = qb * p.block_q, nq = std::min(p.block_q, p.Lq - q0);
           const int64_t bk = p.Bkv == 1 ? 0 : b, hk = h / G;
           const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
