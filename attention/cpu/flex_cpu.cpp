@@ -152,17 +152,6 @@ class ThreadEvaluator {
   TileEvaluator<T>* ev_ = nullptr;
 };
 
-// dst (cols x rows) = the transpose of src (rows x cols), both row-major.
-template <class U>
-void transpose(const U* src, int64_t rows, int64_t cols, U* dst) {
-  constexpr int64_t kChunk = 16;  // rows per pass: reads and writes stay within a few cache lines
-  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
-    const int64_t r1 = std::min(rows, r0 + kChunk);
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
-  }
-}
-
 // A thread's bf16 pair layouts of one head for the bf16 products (tile_kernels.h, gemm_bf16), repacked
 // when the head changes as HeadTranspose: K^T as pairs along E ([E/2 x L], the transpose of K's rows read
 // as E/2 pairs each) and V as pairs along L ([ceil(L/2) x Ev], rows 2p and 2p + 1 interleaved; an odd L
@@ -173,7 +162,7 @@ class HeadPairs {
   const uint32_t* k_transposed(const BFloat16* rows, int64_t L, int64_t E) {
     if (rows == src_) return buf_;
     buf_ = thread_scratch<uint32_t>(slot_, L * (E / 2));
-    transpose(reinterpret_cast<const uint32_t*>(rows), L, E / 2, buf_);
+    tile_kernels().transpose32(rows, L, E / 2, buf_);
     src_ = rows;
     return buf_;
   }
@@ -205,7 +194,7 @@ class HeadTranspose {
     } else {
       if (rows == src_) return buf_;
       buf_ = thread_scratch<T>(slot_, L * E);
-      transpose(rows, L, E, buf_);
+      tile_kernels().transpose32(rows, L, E, buf_);
       src_ = rows;
       return buf_;
     }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "flexgrad/attention/cpu/tile_kernels.h"
@@ -182,9 +183,65 @@ void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
   for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
+// dst (cols x rows) = the transpose of src (rows x cols) for 32-bit elements (floats, bf16 pairs): 8 x 8
+// blocks by three rounds of two-vector shuffles (4 x 4 blocks and two rounds in the SSE2 baseline), the
+// edges one element at a time.
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef uint32_t U32x4 __attribute__((vector_size(16)));
+typedef int32_t I32x4 __attribute__((vector_size(16)));
+
+template <int B>
+void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v) {
+  using U = std::conditional_t<B == 8, U32x8, U32x4>;  // (a vector_size that depends on B is not a vector)
+  using M = std::conditional_t<B == 8, I32x8, I32x4>;
+  const uint32_t* src = static_cast<const uint32_t*>(src_v);
+  uint32_t* dst = static_cast<uint32_t*>(dst_v);
+  int64_t r0 = 0;
+  for (; r0 + B <= rows; r0 += B) {
+    int64_t c0 = 0;
+    for (; c0 + B <= cols; c0 += B) {
+      U r[B];
+      for (int i = 0; i < B; ++i) std::memcpy(&r[i], src + (r0 + i) * cols + c0, sizeof(U));
+      U o[B];
+      if constexpr (B == 8) {
+        U t[8], u[8];
+        for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+          t[i] = __builtin_shuffle(r[i], r[i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
+          t[i + 1] = __builtin_shuffle(r[i], r[i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
+        }
+        for (int i = 0; i < 8; i += 4) {  // quads: columns j and j + 4 of four rows
+          u[i] = __builtin_shuffle(t[i], t[i + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
+          u[i + 1] = __builtin_shuffle(t[i], t[i + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
+          u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], M{0, 1, 8, 9, 4, 5, 12, 13});
+          u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], M{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+        for (int j = 0; j < 4; ++j) {  // the two halves of the rows
+          o[j] = __builtin_shuffle(u[j], u[j + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
+          o[j + 4] = __builtin_shuffle(u[j], u[j + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
+        }
+      } else {
+        static_assert(B == 4);
+        const U t0 = __builtin_shuffle(r[0], r[1], M{0, 4, 1, 5}), t1 = __builtin_shuffle(r[0], r[1], M{2, 6, 3, 7});
+        const U t2 = __builtin_shuffle(r[2], r[3], M{0, 4, 1, 5}), t3 = __builtin_shuffle(r[2], r[3], M{2, 6, 3, 7});
+        o[0] = __builtin_shuffle(t0, t2, M{0, 1, 4, 5});
+        o[1] = __builtin_shuffle(t0, t2, M{2, 3, 6, 7});
+        o[2] = __builtin_shuffle(t1, t3, M{0, 1, 4, 5});
+        o[3] = __builtin_shuffle(t1, t3, M{2, 3, 6, 7});
+      }
+      for (int j = 0; j < B; ++j) std::memcpy(dst + (c0 + j) * rows + r0, &o[j], sizeof(U));
+    }
+    for (; c0 < cols; ++c0)
+      for (int64_t r = r0; r < r0 + B; ++r) dst[c0 * rows + r] = src[r * cols + c0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r0] = src[r0 * cols + c];
+}
+
 template <class I>
 const TileKernels& make_table(const char* name) {
-  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>, nullptr, nullptr, nullptr, nullptr};
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>,
+                            &transpose32<(I::W >= 8 ? 8 : 4)>, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 

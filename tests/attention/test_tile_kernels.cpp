@@ -1,8 +1,8 @@
 // The float32 tile kernels of the CPU FlexAttention (attention/cpu/tile_kernels.h), every instruction set
 // this CPU can run, against plain float64 loops written here: GEMM in both A layouts over sizes that hit
 // every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values
-// without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept) and the softmax backward row. AVX-512
-// and AVX2 must agree bit for bit.
+// without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept), the softmax backward row, the 32-bit
+// transpose and the bf16 pair kernels. AVX-512 and AVX2 must agree bit for bit.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -174,6 +174,23 @@ TEST(TileKernels, ExpEdges) {
       if (ref == 0 || std::isinf(ref) || ref == 1) EXPECT_EQ(x[j], ref) << tk.name << " exp(" << x0[j] << ")";
       else EXPECT_NEAR(x[j], ref, 2.5e-7 * ref) << tk.name << " exp(" << x0[j] << ")";
     }
+  }
+}
+
+TEST(TileKernels, Transpose32) {
+  std::mt19937 rng(23);
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (int64_t rows : {1, 3, 4, 7, 8, 9, 16, 17, 64})
+      for (int64_t cols : {1, 4, 5, 8, 12, 32, 33}) {
+        std::vector<uint32_t> src(rows * cols), dst(rows * cols, 0);
+        for (uint32_t& x : src) x = static_cast<uint32_t>(rng());
+        tk.transpose32(src.data(), rows, cols, dst.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            ASSERT_EQ(dst[c * rows + r], src[r * cols + c]) << tk.name << " " << rows << " x " << cols << " at (" << r
+                                                             << ", " << c << ")";
+      }
   }
 }
 
