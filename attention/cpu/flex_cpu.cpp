@@ -15,8 +15,8 @@
 // passes with more, smaller tasks: dK/dV per (kv batch, kv head, kv block) as above, then dQ and the
 // captured-tensor gradients per (b, h, q block). Captured gradients accumulate per thread in double
 // and are summed in thread order.
-// Built without trapping math (as tile_eval.cpp) so the exp loops below vectorise; flexgrad never
-// reads floating-point exception flags.
+// Built without trapping math (as tile_eval.cpp) so the loops below vectorise; flexgrad never reads
+// floating-point exception flags.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -29,6 +29,7 @@
 #include <limits>
 #include <mutex>
 
+#include "flexgrad/attention/cpu/thread_scratch.h"
 #include "flexgrad/attention/cpu/tile_kernels.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/tile_eval.h"
@@ -40,13 +41,7 @@
 namespace fg::cpu {
 namespace {
 
-
-// C[m x n] = alpha * op(A) op(B) + beta * C, row-major.
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
-              b, ldb, beta, c, ldc);
-}
+// C[m x n] = alpha * op(A) op(B) + beta * C, row-major (float64 problems).
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
@@ -94,116 +89,6 @@ template <> struct TileMath<double> {
   void softmax_grad(double* dp, const double* p, int64_t n, double d) const {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
   }
-};
-
-// Scratch buffers that outlive the call, one set per thread and element type. OpenMP keeps its threads, so
-// a call reuses the tiles of the last one instead of allocating fresh ones, faulting their pages in and
-// unmapping them again (at one 128-token head that was 95% of a forward+backward). They grow to the largest
-// tile seen and are never shrunk: a few tiles and one transposed head per thread. Each slot has one user
-// at a time (forward and backward of one thread never overlap).
-enum ScratchSlot : int {
-  kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kKRows, kPTile,
-  kBTile, kDsPairs, kSlots
-};
-template <class U>
-U* thread_scratch(ScratchSlot slot, int64_t n) {
-  thread_local std::vector<U> bufs[kSlots];
-  std::vector<U>& b = bufs[slot];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
-}
-template <class U>
-class ScratchTile {
- public:
-  ScratchTile(ScratchSlot slot, int64_t n) : p_(thread_scratch<U>(slot, n)) {}
-  U* data() const { return p_; }
-  U* begin() const { return p_; }
-  U& operator[](int64_t i) const { return p_[i]; }
-
- private:
-  U* p_;
-};
-
-// A TileEvaluator of `program` (none for null) from this thread's evaluator of the same role, for the same
-// reason as the scratch tiles: its buffers (a tile per instruction) survive from call to call. The program,
-// and the captured tensors it holds, are dropped when the holder goes away.
-enum EvalSlot : int { kScoreEval, kMaskEval, kGradEval, kCapEval, kEvalSlots };
-template <class T>
-class ThreadEvaluator {
- public:
-  ThreadEvaluator(EvalSlot slot, const ModProgram* program) {
-    if (!program) return;
-    thread_local std::unique_ptr<TileEvaluator<T>> evs[kEvalSlots];
-    std::unique_ptr<TileEvaluator<T>>& e = evs[slot];
-    if (e) e->reset(*program);
-    else e = std::make_unique<TileEvaluator<T>>(*program);
-    ev_ = e.get();
-  }
-  ~ThreadEvaluator() {
-    if (ev_) ev_->release();
-  }
-  ThreadEvaluator(const ThreadEvaluator&) = delete;
-  ThreadEvaluator& operator=(const ThreadEvaluator&) = delete;
-  explicit operator bool() const { return ev_ != nullptr; }
-  TileEvaluator<T>* operator->() const { return ev_; }
-  TileEvaluator<T>& operator*() const { return *ev_; }
-
- private:
-  TileEvaluator<T>* ev_ = nullptr;
-};
-
-// A thread's bf16 pair layouts of one head for the bf16 products (tile_kernels.h, gemm_bf16), repacked
-// when the head changes as HeadTranspose: K^T as pairs along E ([E/2 x L], the transpose of K's rows read
-// as E/2 pairs each) and V as pairs along L ([ceil(L/2) x Ev], rows 2p and 2p + 1 interleaved; an odd L
-// pads the last pair with 0).
-class HeadPairs {
- public:
-  explicit HeadPairs(ScratchSlot slot) : slot_(slot) {}
-  const uint32_t* k_transposed(const BFloat16* rows, int64_t L, int64_t E) {
-    if (rows == src_) return buf_;
-    buf_ = thread_scratch<uint32_t>(slot_, L * (E / 2));
-    tile_kernels().transpose32(rows, L, E / 2, buf_);
-    src_ = rows;
-    return buf_;
-  }
-  const uint32_t* v_interleaved(const BFloat16* rows, int64_t L, int64_t Ev) {
-    if (rows == src_) return buf_;
-    buf_ = thread_scratch<uint32_t>(slot_, (L + 1) / 2 * Ev);
-    tile_kernels().pair_rows_bf16(reinterpret_cast<const uint16_t*>(rows), Ev, L, Ev, buf_, Ev);
-    src_ = rows;
-    return buf_;
-  }
-
- private:
-  ScratchSlot slot_;
-  uint32_t* buf_ = nullptr;
-  const BFloat16* src_ = nullptr;
-};
-
-// A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
-// products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
-// a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
-// blocks, and the buffer is per thread (no call-sized allocation, whose page faults cost more than the copy).
-template <class T>
-class HeadTranspose {
- public:
-  explicit HeadTranspose(ScratchSlot slot) : slot_(slot) {}
-  const T* get(const T* rows, int64_t L, int64_t E) {
-    if constexpr (!std::is_same_v<T, float>) {
-      return nullptr;
-    } else {
-      if (rows == src_) return buf_;
-      buf_ = thread_scratch<T>(slot_, L * E);
-      tile_kernels().transpose32(rows, L, E, buf_);
-      src_ = rows;
-      return buf_;
-    }
-  }
-
- private:
-  ScratchSlot slot_;
-  T* buf_ = nullptr;
-  const T* src_ = nullptr;
 };
 
 // Collects the first exception thrown inside a parallel region, to rethrow outside it.
