@@ -198,8 +198,8 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 #pragma omp parallel
   {
     TileScorer<T> scorer(p);
-    HeadTranspose<T> kt(kKt);
-    HeadPairs kpairs(kKt), vpairs(kVt);  // bf16
+    // K^T (float, or bf16 pairs along E) and, for bf16, V as pairs of rows
+    HeadPack kt(kKt, HeadPack::Transpose32), vrows(kVt, HeadPack::PairRows16);
     const int64_t ldp = (tile_cols(p) + 1) / 2;
     ScratchTile<uint32_t> ppairs(kPTile, kBf16 ? tile_rows(p) * ldp : 0);  // P as bf16 pairs
     ScratchTile<T> s(kScoreTile, tile_rows(p) * tile_cols(p)), acc(kAccTile, tile_rows(p) * p.Ev),
@@ -215,14 +215,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
         const In* qrows = q + ((b * p.Hq + h) * p.Lq + q0) * p.E;
         const In* kbase = k + (bk * p.Hkv + hk) * p.Lkv * p.E;
         const In* vbase = v + (bk * p.Hkv + hk) * p.Lkv * p.Ev;
-        const T* ktbase = nullptr;
-        const uint32_t *kp = nullptr, *vp = nullptr;
-        if constexpr (kBf16) {
-          kp = kpairs.k_transposed(kbase, p.Lkv, p.E);
-          vp = vpairs.v_interleaved(vbase, p.Lkv, p.Ev);
-        } else {
-          ktbase = kt.get(kbase, p.Lkv, p.E);
-        }
+
         std::fill(m.data(), m.data() + nq, ninf);
         std::fill(l.data(), l.data() + nq, T(0));
         std::fill(acc.data(), acc.data() + nq * p.Ev, T(0));
@@ -233,13 +226,14 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           if (kv0 >= p.Lkv) continue;
           const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
           if constexpr (kBf16) {
+            const uint32_t* kp = kt.get(kbase, p.Lkv, p.E / 2, kv0, nkv);
             tile_kernels().gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
                                      reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp + kv0, p.Lkv, false,
                                      s.data(), ld);
             scorer.mods(b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           } else {
-            scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, ktbase ? ktbase + kv0 : nullptr, kv0, nkv,
-                           blocks.is_partial(bi), s.data(), s.data(), ld);
+            scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, transposed_block(kt, kbase, p.Lkv, p.E, kv0, nkv),
+                           kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           }
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
@@ -274,6 +268,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           }
           if constexpr (kBf16) {  // kv0 is even (bf16_products)
             const TileKernels& tk = tile_kernels();
+            const uint32_t* vp = vrows.get(vbase, p.Lkv, p.Ev, kv0, nkv);
             for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(s.data() + i * ld, nkv, ppairs.data() + i * ldp);
             tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
                          acc.data(), p.Ev);
@@ -307,8 +302,8 @@ template <class T>
 struct TileGrad {
   ThreadEvaluator<T> grad_ev;  // d score_mod / d score and capture terms (none: constant)
   ScratchTile<T> pre, s, dp;
-  HeadTranspose<T> kt{kKt}, vt{kVt};
-  HeadPairs kpairs{kKt}, vpairs{kVt}, krows{kKRows};
+  HeadPack kt{kKt, HeadPack::Transpose32}, vt{kVt, HeadPack::Transpose32};  // float: K^T, V^T; bf16: as pairs
+  HeadPack krows{kKRows, HeadPack::PairRows16};                              // bf16: K as pairs of rows
   ScratchTile<uint32_t> at_pairs, b_pairs, ds_pairs;
   TileGrad(const FlexProblem& p, bool bf16)
       : grad_ev(kGradEval, p.score_grad && !p.score_grad->dscore_is_constant ? &p.score_grad->program : nullptr),
@@ -379,14 +374,13 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
     if constexpr (kBf16) {
       const TileKernels& tk = tile_kernels();
-      const uint32_t* kp = g.kpairs.k_transposed(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
+      const uint32_t* kp = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E / 2, kv0, nkv);
       tk.gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
                    reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp + kv0, p.Lkv, false, g.pre.data(),
                    ld);
       sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
     } else {
-      const T* ktc = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E);
-      if (ktc) ktc += kv0;
+      const T* ktc = transposed_block(g.kt, k + kvhead * p.Lkv * p.E, p.Lkv, p.E, kv0, nkv);
       sc.compute(b, h, q + row0 * p.E, q0, nq, k + (kvhead * p.Lkv + kv0) * p.E, ktc, kv0, nkv, partial, g.pre.data(),
                  g.s.data(), ld);
     }
@@ -400,12 +394,11 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       math.exp_sum(row, nkv, li);
     }
     if constexpr (kBf16) {  // dP = dO V^T
-      const uint32_t* vp = g.vpairs.k_transposed(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
+      const uint32_t* vp = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev / 2, kv0, nkv);
       tile_kernels().gemm_bf16(false, nq, nkv, p.Ev / 2, 1.0f, reinterpret_cast<const uint32_t*>(dout + row0 * p.Ev),
                                p.Ev / 2, vp + kv0, p.Lkv, false, g.dp.data(), ld);
     } else {
-      const T* vtc = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev);
-      if (vtc) vtc += kv0;
+      const T* vtc = transposed_block(g.vt, v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev, kv0, nkv);
       math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, p.Lkv,
               g.dp.data(), ld);
     }
@@ -449,7 +442,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       const TileKernels& tk = tile_kernels();
       const int64_t ldp = (tile_cols(p) + 1) / 2;
       for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(ds + i * ld, nkv, g.ds_pairs.data() + i * ldp);
-      const uint32_t* kr = g.krows.v_interleaved(khead, p.Lkv, p.E);
+      const uint32_t* kr = g.krows.get(khead, p.Lkv, p.E, kv0, nkv);
       tk.gemm_bf16(false, nq, p.E, (nkv + 1) / 2, static_cast<float>(p.scale), g.ds_pairs.data(), ldp,
                    kr + kv0 / 2 * p.E, p.E, true, dqr, p.E);
     } else {

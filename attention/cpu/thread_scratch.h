@@ -70,58 +70,49 @@ class ThreadEvaluator {
   TileEvaluator<T>* ev_ = nullptr;
 };
 
-// A thread's bf16 pair layouts of one head for the bf16 products (tile_kernels.h, gemm_bf16), repacked
-// when the head changes as HeadTranspose: K^T as pairs along E ([E/2 x L], the transpose of K's rows read
-// as E/2 pairs each) and V as pairs along L ([ceil(L/2) x Ev], rows 2p and 2p + 1 interleaved; an odd L
-// pads the last pair with 0).
-class HeadPairs {
+// A thread's copy of one K or V head in the layout a tile product reads, packed block by block as tiles
+// ask for them and started afresh when the head changes (a thread's consecutive tasks mostly share a head,
+// so the copy stays in its cache across the head's q blocks; a task packs only the kv blocks it visits,
+// which matters when many threads share a head under a sparse mask). The head is L rows of `cols` elements.
+//   Transpose32: 32-bit elements (floats, or bf16 pairs along E) -> cols x L; row kv0's column at + kv0.
+//   PairRows16: bf16 -> pairs of rows, ceil(L/2) x cols pairs; rows kv0, kv0 + 1 at + kv0 / 2 * cols
+//               (kv0 even; an odd L pads the last pair with 0).
+class HeadPack {
  public:
-  explicit HeadPairs(ScratchSlot slot) : slot_(slot) {}
-  const uint32_t* k_transposed(const BFloat16* rows, int64_t L, int64_t E) {
-    if (rows == src_) return buf_;
-    buf_ = thread_scratch<uint32_t>(slot_, L * (E / 2));
-    tile_kernels().transpose32(rows, L, E / 2, buf_);
-    src_ = rows;
-    return buf_;
-  }
-  const uint32_t* v_interleaved(const BFloat16* rows, int64_t L, int64_t Ev) {
-    if (rows == src_) return buf_;
-    buf_ = thread_scratch<uint32_t>(slot_, (L + 1) / 2 * Ev);
-    tile_kernels().pair_rows_bf16(reinterpret_cast<const uint16_t*>(rows), Ev, L, Ev, buf_, Ev);
-    src_ = rows;
-    return buf_;
-  }
-
- private:
-  ScratchSlot slot_;
-  uint32_t* buf_ = nullptr;
-  const BFloat16* src_ = nullptr;
-};
-
-// A thread's transposed copy [E x L] of one head's K (or V) rows [L x E], the B operand of the A B^T tile
-// products of float problems (double hands K itself to BLAS: null). Repacked only when the head changes:
-// a thread's consecutive tasks mostly share a head, so the copy stays in its cache across the head's
-// blocks, and the buffer is per thread (no call-sized allocation, whose page faults cost more than the copy).
-template <class T>
-class HeadTranspose {
- public:
-  explicit HeadTranspose(ScratchSlot slot) : slot_(slot) {}
-  const T* get(const T* rows, int64_t L, int64_t E) {
-    if constexpr (!std::is_same_v<T, float>) {
-      return nullptr;
-    } else {
-      if (rows == src_) return buf_;
-      buf_ = thread_scratch<T>(slot_, L * E);
-      tile_kernels().transpose32(rows, L, E, buf_);
-      src_ = rows;
-      return buf_;
+  enum Layout { Transpose32, PairRows16 };
+  HeadPack(ScratchSlot slot, Layout layout) : slot_(slot), layout_(layout) {}
+  // The packed head with rows [kv0, kv0 + n) ready (blocks are asked for with the same kv0 every time).
+  const uint32_t* get(const void* head, int64_t L, int64_t cols, int64_t kv0, int64_t n) {
+    const TileKernels& tk = tile_kernels();
+    if (head != src_) {
+      buf_ = thread_scratch<uint32_t>(slot_, layout_ == Transpose32 ? L * cols : (L + 1) / 2 * cols);
+      ready_.assign(L, 0);
+      src_ = head;
     }
+    if (!ready_[kv0]) {
+      if (layout_ == Transpose32) {
+        tk.transpose32(static_cast<const uint32_t*>(head) + kv0 * cols, n, cols, buf_ + kv0, L);
+      } else {
+        tk.pair_rows_bf16(static_cast<const uint16_t*>(head) + kv0 * cols, cols, n, cols, buf_ + kv0 / 2 * cols, cols);
+      }
+      ready_[kv0] = 1;
+    }
+    return buf_;
   }
 
  private:
   ScratchSlot slot_;
-  T* buf_ = nullptr;
-  const T* src_ = nullptr;
+  Layout layout_;
+  uint32_t* buf_ = nullptr;
+  const void* src_ = nullptr;
+  std::vector<uint8_t> ready_;  // per row: the block starting there is packed
 };
+
+// Column kv0 of the transposed float head (ld L), packed as needed; null for double (BLAS reads K itself).
+template <class T>
+const T* transposed_block(HeadPack& pack, const T* head, int64_t L, int64_t E, int64_t kv0, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return reinterpret_cast<const float*>(pack.get(head, L, E, kv0, n)) + kv0;
+  else return nullptr;
+}
 
 }  // namespace fg::cpu

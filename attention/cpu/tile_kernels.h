@@ -29,8 +29,9 @@ struct TileKernels {
   float (*exp_sum)(float* x, int64_t n, float m);
   // dp[j] = p[j] * (dp[j] - delta): the softmax backward of one row.
   void (*softmax_grad)(float* dp, const float* p, int64_t n, float delta);
-  // dst (cols x rows) = the transpose of src (rows x cols), row-major, 32-bit elements (floats, bf16 pairs).
-  void (*transpose32)(const void* src, int64_t rows, int64_t cols, void* dst);
+  // dst[c * ldd + r] = src[r * cols + c] for r < rows, c < cols: the transpose of a row-major block of
+  // 32-bit elements (floats, bf16 pairs) into columns of a matrix with leading dimension ldd.
+  void (*transpose32)(const void* src, int64_t rows, int64_t cols, void* dst, int64_t ldd);
   // bfloat16 products with float32 sums (null without AVX-512 BF16). Operands are bf16 pairs in uint32
   // (the lower address, element 2p, in the low half): A is m x k2 pairs (lda in pairs; A(i, p) holds
   // elements 2p and 2p + 1 of row i, at a[i * lda + p], or with a_trans at a[p * lda + i]), B is k2 x n

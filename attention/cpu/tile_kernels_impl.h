@@ -183,7 +183,7 @@ void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
   for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
-// dst (cols x rows) = the transpose of src (rows x cols) for 32-bit elements (floats, bf16 pairs): 8 x 8
+// dst[c * ldd + r] = src[r * cols + c] for 32-bit elements (floats, bf16 pairs): 8 x 8
 // blocks by three rounds of two-vector shuffles (4 x 4 blocks and two rounds in the SSE2 baseline), the
 // edges one element at a time.
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
@@ -192,7 +192,7 @@ typedef uint32_t U32x4 __attribute__((vector_size(16)));
 typedef int32_t I32x4 __attribute__((vector_size(16)));
 
 template <int B>
-void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v) {
+void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v, int64_t ldd) {
   using U = std::conditional_t<B == 8, U32x8, U32x4>;  // (a vector_size that depends on B is not a vector)
   using M = std::conditional_t<B == 8, I32x8, I32x4>;
   const uint32_t* src = static_cast<const uint32_t*>(src_v);
@@ -229,13 +229,13 @@ void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v) {
         o[2] = __builtin_shuffle(t1, t3, M{0, 1, 4, 5});
         o[3] = __builtin_shuffle(t1, t3, M{2, 3, 6, 7});
       }
-      for (int j = 0; j < B; ++j) std::memcpy(dst + (c0 + j) * rows + r0, &o[j], sizeof(U));
+      for (int j = 0; j < B; ++j) std::memcpy(dst + (c0 + j) * ldd + r0, &o[j], sizeof(U));
     }
     for (; c0 < cols; ++c0)
-      for (int64_t r = r0; r < r0 + B; ++r) dst[c0 * rows + r] = src[r * cols + c0];
+      for (int64_t r = r0; r < r0 + B; ++r) dst[c0 * ldd + r] = src[r * cols + c0];
   }
   for (; r0 < rows; ++r0)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r0] = src[r0 * cols + c];
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r0] = src[r0 * cols + c];
 }
 
 template <class I>

@@ -183,13 +183,14 @@ TEST(TileKernels, Transpose32) {
     const TileKernels& tk = cpu::tile_kernels(isa);
     for (int64_t rows : {1, 3, 4, 7, 8, 9, 16, 17, 64})
       for (int64_t cols : {1, 4, 5, 8, 12, 32, 33}) {
-        std::vector<uint32_t> src(rows * cols), dst(rows * cols, 0);
+        const int64_t ldd = rows + 5;  // into columns of a wider matrix; the rest stays untouched
+        std::vector<uint32_t> src(rows * cols), dst(cols * ldd, 7);
         for (uint32_t& x : src) x = static_cast<uint32_t>(rng());
-        tk.transpose32(src.data(), rows, cols, dst.data());
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c)
-            ASSERT_EQ(dst[c * rows + r], src[r * cols + c]) << tk.name << " " << rows << " x " << cols << " at (" << r
-                                                             << ", " << c << ")";
+        tk.transpose32(src.data(), rows, cols, dst.data(), ldd);
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = 0; r < ldd; ++r)
+            ASSERT_EQ(dst[c * ldd + r], r < rows ? src[r * cols + c] : 7u)
+                << tk.name << " " << rows << " x " << cols << " at (" << r << ", " << c << ")";
       }
   }
 }
