@@ -161,18 +161,26 @@ struct TileScorer {
   // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T.
   void mods(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv, bool partial, T* pre, T* s,
             int64_t ld) {
+    // The evaluators run over strips of ~2048 scores: every instruction is a pass over its buffer, and a
+    // strip's buffers (a few of 8 KB to 16 KB) stay in L1 where a whole tile's (64 KB to 128 KB each) do not.
+    const int64_t strip = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, nkv));
     if (score_ev) {
-      score_ev->score_tile(b, h, q0, nq, kv0, nkv, pre, s, ld, ld);
+      for (int64_t r = 0; r < nq; r += strip) {
+        score_ev->score_tile(b, h, q0 + r, std::min(strip, nq - r), kv0, nkv, pre + r * ld, s + r * ld, ld, ld);
+      }
     } else if (s != pre) {
       for (int64_t i = 0; i < nq; ++i) std::copy(pre + i * ld, pre + i * ld + nkv, s + i * ld);
     }
     if (partial && mask_ev) {
-      mask_ev->mask_tile(b, h, q0, nq, kv0, nkv, mask.data(), nkv);
       const T ninf = -std::numeric_limits<T>::infinity();
-      for (int64_t i = 0; i < nq; ++i) {
-        T* row = s + i * ld;
-        const uint8_t* m = mask.data() + i * nkv;
-        for (int64_t j = 0; j < nkv; ++j) row[j] = m[j] ? row[j] : ninf;
+      for (int64_t r = 0; r < nq; r += strip) {
+        const int64_t n = std::min(strip, nq - r);
+        mask_ev->mask_tile(b, h, q0 + r, n, kv0, nkv, mask.data(), nkv);
+        for (int64_t i = 0; i < n; ++i) {
+          T* row = s + (r + i) * ld;
+          const uint8_t* m = mask.data() + i * nkv;
+          for (int64_t j = 0; j < nkv; ++j) row[j] = m[j] ? row[j] : ninf;
+        }
       }
     }
   }
