@@ -16,6 +16,10 @@
 #include "flexgrad/attention/cpu/tile_kernels.h"
 
 namespace fg::cpu::tile_impl {
+// Internal linkage: every ISA's translation unit gets its own copies, compiled for its instruction set. As
+// ordinary inline functions and templates (transpose32<8> is the same symbol in the AVX2 and AVX-512 files)
+// the linker would keep one copy for all of them, and an AVX2 CPU could run AVX-512 code.
+namespace {
 
 template <class V> inline V load(const float* p) {
   V v;
@@ -245,4 +249,5 @@ const TileKernels& make_table(const char* name) {
   return t;
 }
 
+}  // namespace
 }  // namespace fg::cpu::tile_impl
