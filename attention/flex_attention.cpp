@@ -106,8 +106,8 @@ Tensor kernel_layout(const Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-// The problem in kernel form (flex_kernels.h): on the CPU contiguous inputs in the compute dtype (f64, else
-// f32); on CUDA the inputs as given where the kernels can read them in place. Block lists on q's device.
+// The problem in kernel form (flex_kernels.h): on the CPU contiguous inputs, f64 and bf16 as given (the CPU
+// kernels read bf16 themselves), others in f32; on CUDA the inputs as given where the kernels can read them in place. Block lists on q's device.
 // derive_grad: a backward can follow: build the score_mod's derivative program (and, without a BlockMask,
 // the transposed lists the backward walks).
 FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
@@ -120,7 +120,7 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     p.k = kernel_layout(k.detach());
     p.v = kernel_layout(v.detach());
   } else {
-    const DType cdt = q.dtype() == kFloat64 ? kFloat64 : kFloat32;
+    const DType cdt = q.dtype() == kFloat64 || q.dtype() == kBFloat16 ? q.dtype() : kFloat32;
     p.q = q.detach().to(cdt).contiguous();
     p.k = k.detach().to(cdt).contiguous();
     p.v = v.detach().to(cdt).contiguous();

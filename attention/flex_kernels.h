@@ -20,7 +20,8 @@ struct BlockLists {
   int64_t Bm = 1, Hm = 1, rows = 0;
 };
 
-// On the CPU, q/k/v are contiguous in the compute dtype (float32, or float64 for float64 inputs). On CUDA
+// On the CPU, q/k/v are contiguous: float64 and bfloat16 inputs keep their dtype (the CPU kernels multiply
+// bf16 on AVX-512 BF16 hardware, else convert to float32 themselves), others are float32. On CUDA
 // they keep the input dtype (bf16/f16 run on tensor cores with float32 accumulation) and their strides:
 // the last dim is contiguous (stride 1), the pointer and the other strides are multiples of 16 bytes,
 // else make_problem copies to contiguous. Block lists live on the inputs' device.

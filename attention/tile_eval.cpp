@@ -125,11 +125,30 @@ void TileEvaluator<T>::Free::operator()(void* p) const {
 }
 
 template <class T>
-TileEvaluator<T>::TileEvaluator(ModProgram program) : program_(std::move(program)) {
-  slots_.resize(program_.size());
-  bufs_.assign(program_.size(), nullptr);
-  for (const CaptureRef& c : program_.captures())
+TileEvaluator<T>::TileEvaluator(ModProgram program) {
+  reset(std::move(program));
+}
+
+template <class T>
+void TileEvaluator<T>::reset(ModProgram program) {
+  for (const CaptureRef& c : program.captures())
     FG_CHECK(c.tensor.is_cpu(), DeviceError, "TileEvaluator: captured tensor '{}' must be on the CPU", c.name);
+  program_ = std::move(program);
+  slots_.assign(program_.size(), Slot{});
+  // Keep the buffers when every instruction that needs one has one; else the next run allocates.
+  bool fits = program_.size() <= bufs_.size();
+  for (size_t i = 0; fits && i < program_.size(); ++i) fits = bufs_[i] || program_.instrs()[i].op == ExprOp::Score;
+  if (!fits) {
+    owned_.clear();
+    bufs_.assign(program_.size(), nullptr);
+    capacity_ = 0;
+  }
+}
+
+template <class T>
+void TileEvaluator<T>::release() {
+  program_ = ModProgram();
+  slots_.clear();
 }
 
 template <class T>
@@ -137,6 +156,7 @@ void TileEvaluator<T>::reserve(int64_t elems) {
   if (elems <= capacity_) return;
   capacity_ = std::max<int64_t>(elems, 2 * capacity_);
   owned_.clear();
+  bufs_.assign(program_.size(), nullptr);
   for (size_t i = 0; i < bufs_.size(); ++i) {
     const Instr& in = program_.instrs()[i];
     if (in.op == ExprOp::Score) {

@@ -34,6 +34,12 @@ class TileEvaluator {
   TileEvaluator& operator=(const TileEvaluator&) = delete;
   TileEvaluator(TileEvaluator&&) = default;
 
+  // Evaluate another program with the same buffers (kept when they fit it): an evaluator kept per thread
+  // across calls does not allocate and fault in fresh tiles for every call. release() drops the program
+  // and with it the captured tensors it holds, keeping the buffers.
+  void reset(ModProgram program);
+  void release();
+
   // Evaluate every output. `score` (row-major nq x nkv with leading dimension ld_score, default nkv)
   // is required iff the program uses the score; it must stay alive while outputs are read.
   // IndexError when a captured tensor is read out of range.

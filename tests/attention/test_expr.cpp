@@ -260,6 +260,43 @@ TEST(TileEvaluator, MaskTileAndBroadcastShapes) {
   EXPECT_EQ(e3.count_true(), 35);
 }
 
+// reset() swaps the program and keeps the buffers (flex_cpu keeps one evaluator per thread across calls):
+// a smaller program, a larger one, then the first again with new captured values, each read by hand.
+TEST(TileEvaluator, ResetToAnotherProgramKeepsResultsRight) {
+  std::vector<int64_t> d{0, 0, 1, 1, 1, 2};
+  Captured doc(from_vector(d, {6}, kInt64), "doc");
+  auto masked = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return (doc[q] == doc[kv]) & (q >= kv); });
+  auto small = trace_mask_mod([](Expr, Expr, Expr q, Expr) { return q >= 3; });
+  TileEvaluator<float> ev(masked);
+  std::vector<uint8_t> m(36);
+  ev.mask_tile(0, 0, 0, 6, 0, 6, m.data());
+  for (int q = 0; q < 6; ++q)
+    for (int kv = 0; kv < 6; ++kv) ASSERT_EQ(m[q * 6 + kv], (d[q] == d[kv] && q >= kv) ? 1 : 0);
+  ev.reset(small);
+  ev.mask_tile(0, 0, 0, 6, 0, 6, m.data());
+  for (int q = 0; q < 6; ++q)
+    for (int kv = 0; kv < 6; ++kv) ASSERT_EQ(m[q * 6 + kv], q >= 3 ? 1 : 0);
+  Captured bias(from_vector(std::vector<double>{0.5, -1.0, 2.0}, {3}, kFloat32), "bias");
+  auto scored = trace_score_mod([bias, doc](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return s * 2.0 + Expr(bias[doc[kv]]) - to_float(q - kv);
+  });
+  ev.reset(scored);  // more instructions than the buffers held
+  std::vector<float> score(36), out(36);
+  for (int i = 0; i < 36; ++i) score[i] = 0.25f * i;
+  ev.score_tile(0, 0, 0, 6, 0, 6, score.data(), out.data());
+  const double bv[3] = {0.5, -1.0, 2.0};
+  for (int q = 0; q < 6; ++q)
+    for (int kv = 0; kv < 6; ++kv) ASSERT_FLOAT_EQ(out[q * 6 + kv], 0.5f * (q * 6 + kv) + bv[d[kv]] - (q - kv));
+  std::vector<int64_t> d2{2, 2, 2, 0, 0, 1};
+  Captured doc2(from_vector(d2, {6}, kInt64), "doc");
+  ev.reset(trace_mask_mod([doc2](Expr, Expr, Expr q, Expr kv) { return (doc2[q] == doc2[kv]) & (q >= kv); }));
+  ev.mask_tile(0, 0, 0, 6, 0, 6, m.data());
+  for (int q = 0; q < 6; ++q)
+    for (int kv = 0; kv < 6; ++kv) ASSERT_EQ(m[q * 6 + kv], (d2[q] == d2[kv] && q >= kv) ? 1 : 0);
+  ev.release();
+  EXPECT_EQ(ev.program().size(), 0u);
+}
+
 namespace {
 
 // Checks the ScoreModBackward of `mod` against central finite differences of the scalar evaluator,
