@@ -84,16 +84,18 @@ BlockLists lists_of(const Tensor& num, const Tensor& idx, const Tensor& full_num
 // with the same grid every step, and on a GPU each build is two host-to-device copies.
 BlockLists all_full(int64_t rows, int64_t cols, Device dev) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, DeviceType, int>, BlockLists> cache;
+  // Never destroyed: its tensors may live on a GPU, and at exit the CUDA backend can be gone before a static
+  // map's destructor would free them (a crash at exit, seen on the H200).
+  static auto* cache = new std::map<std::tuple<int64_t, int64_t, DeviceType, int>, BlockLists>();
   const auto key = std::make_tuple(rows, cols, dev.type, dev.index);
   std::lock_guard lock(mu);
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  if (auto it = cache->find(key); it != cache->end()) return it->second;
   BlockLists l;
   l.rows = rows;
   l.full_num = full({1, 1, rows}, cols, kInt32).to(dev);
   l.full_idx = arange(0, static_cast<double>(cols), 1, kInt32).view({1, 1, 1, cols}).expand({1, 1, rows, cols}).contiguous().to(dev);
-  if (cache.size() >= 64) cache.clear();  // bounded: grids of a few shapes recur, not thousands
-  cache.emplace(key, l);
+  if (cache->size() >= 64) cache->clear();  // bounded: grids of a few shapes recur, not thousands
+  cache->emplace(key, l);
   return l;
 }
 

@@ -74,9 +74,13 @@ def torch_worker(args):
                                                                       BLOCK_SIZE=128)
                 row["flex_density"] = 1.0 if bm is None else (100.0 - bm.sparsity()) / 100.0
 
+                # PyTorch 2.11's CPU flex_attention refuses inputs that require grad (it has no CPU backward),
+                # even under no_grad: the forward gets detached copies.
+                qd, kd, vd = q.detach(), k.detach(), v.detach()
+
                 def fwd():
                     with torch.no_grad():
-                        compiled(q, k, v, block_mask=bm)
+                        compiled(qd, kd, vd, block_mask=bm)
 
                 row["flex_fwd"] = best_ms(fwd)
                 try:
