@@ -11,6 +11,7 @@
 
 #include "flexgrad/attention/block_mask.h"
 #include "flexgrad/attention/tile_eval.h"
+#include "examples/xml_escape.h"
 
 namespace fg::examples {
 
@@ -22,21 +23,6 @@ inline std::vector<uint8_t> dense_mask(const BlockMask& bm, int64_t b = 0, int64
   TileEvaluator<float> ev(*bm.mask_program());
   for (int64_t q0 = 0; q0 < Lq; q0 += 64)
     ev.mask_tile(b, h, q0, std::min<int64_t>(64, Lq - q0), 0, Lkv, out.data() + q0 * Lkv, Lkv);
-  return out;
-}
-
-// XML-escapes text for an SVG <text> element.
-inline std::string svg_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
   return out;
 }
 
@@ -55,7 +41,7 @@ inline std::string mask_svg(const BlockMask& bm, const std::vector<uint8_t>& den
       "font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       "<text x=\"{2}\" y=\"24\" font-size=\"18\" font-weight=\"bold\">{3}</text>\n"
       "<text x=\"{2}\" y=\"46\" font-size=\"13\">{4}</text>\n",
-      width, height, left, svg_escape(title), svg_escape(subtitle));
+      width, height, left, xml_escape(title), xml_escape(subtitle));
   // Left: blocks. Kinds: 0 empty, 1 partial, 2 full.
   const std::vector<double> kinds = bm.block_kinds().select(0, 0).select(0, 0).cpu().to_vector();
   s += fmt::format("<text x=\"{}\" y=\"{}\" font-size=\"13\">BlockMask: {} x {} blocks of {} x {}</text>\n", left,

@@ -16,8 +16,11 @@
 #include <vector>
 
 #include "flexgrad/tensor/error.h"
+#include "examples/xml_escape.h"
 
 namespace fg::chart {
+
+using examples::xml_escape;
 
 struct Series {
   std::string name{};
@@ -65,21 +68,6 @@ inline Axis nice_axis(double min, double max, int target = 5) {
   for (int64_t i = 0; i <= n; ++i) a.ticks.push_back(a.lo + static_cast<double>(i) * a.step);
   a.decimals = std::max(0, static_cast<int>(-std::floor(std::log10(a.step) + 1e-9)));
   return a;
-}
-
-// Text as SVG character data or an attribute value.
-inline std::string xml_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
-  return out;
 }
 
 inline std::string render_svg(const LineChart& c) {
