@@ -54,7 +54,10 @@ def torch_worker(args):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        compiled = torch.compile(flex_attention, dynamic=False)
+        # One compiled function per mask: one shared function recompiled for every mask and for the refused
+        # backward attempts reached dynamo's recompile limit, after which it silently ran flex_attention
+        # eagerly (the block-mask rows came out ~10x slow).
+        compiled = lambda: torch.compile(flex_attention, dynamic=False)
     except Exception as e:  # a PyTorch without FlexAttention: SDPA only
         compiled, res["flex_error"] = None, f"{type(e).__name__}: {e}"
     doc = torch.arange(L) // max(1, L // 16)
@@ -78,13 +81,16 @@ def torch_worker(args):
                 # even under no_grad: the forward gets detached copies.
                 qd, kd, vd = q.detach(), k.detach(), v.detach()
 
+                fn = compiled()
+
                 def fwd():
                     with torch.no_grad():
-                        compiled(qd, kd, vd, block_mask=bm)
+                        fn(qd, kd, vd, block_mask=bm)
 
                 row["flex_fwd"] = best_ms(fwd)
-                try:
-                    row["flex_fb"] = best_ms(lambda: compiled(q, k, v, block_mask=bm).sum().backward(), reset)
+                try:  # a separate compiled function: a refused attempt must not touch the forward's
+                    fb = compiled()
+                    row["flex_fb"] = best_ms(lambda: fb(q, k, v, block_mask=bm).sum().backward(), reset)
                 except Exception as e:  # PyTorch 2.11: no CPU backward for flex_attention
                     row["flex_fb_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
             except Exception as e:
