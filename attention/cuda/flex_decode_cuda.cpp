@@ -1,5 +1,6 @@
 // The split-KV FlexAttention forward for short queries (kernels/flex_decode.cuh): configuration, split count,
-// workspace (partials and per-tile counters when the kv blocks are split), one launch of flex_decode_mma.
+// workspace (partials, and per-tile counters kept zeroed across launches, when the kv blocks are split), one
+// launch of flex_decode_mma.
 #include "flexgrad/attention/cuda/flex_decode_cuda.h"
 
 #include <cuda_runtime.h>
@@ -7,10 +8,14 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/tensor/cuda/cuda_api.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg::cuda {
@@ -148,6 +153,23 @@ int64_t choose_splits(const FlexProblem& p, const DecodeConfig& c, int64_t base_
   return std::max<int64_t>(1, std::min({splits, max_blocks, int64_t{128}}));
 }
 
+// The per-tile counters of split launches on `device`'s current stream: at least `n` of them, all 0. Zeroed
+// once when (re)allocated; every launch leaves them 0 again (the last CTA of each tile resets its count), so
+// a decode step costs no memset. Launches on one stream run in order, so they can share one buffer; a new
+// stream gets its own. Buffers are never freed (a grown-out one may still be in use by a queued launch) and
+// the map is leaked like the module cache: it must outlive static destructors that run after CUDA's.
+int32_t* split_counters(int device, int64_t n) {
+  static std::mutex mu;
+  static auto* buffers = new std::map<std::pair<int, void*>, std::vector<Tensor>>();
+  const std::lock_guard<std::mutex> lock(mu);
+  std::vector<Tensor>& held = (*buffers)[{device, current_stream(device)}];
+  if (held.empty() || held.back().numel() < n) {
+    const int64_t size = std::max<int64_t>(n, held.empty() ? 1024 : 2 * held.back().numel());
+    held.push_back(zeros({size}, TensorOptions().dtype(kInt32).device(Device(DeviceType::CUDA, device))));
+  }
+  return static_cast<int32_t*>(held.back().data_ptr());
+}
+
 }  // namespace
 
 std::string split_kv_unsupported(const FlexProblem& p) {
@@ -195,16 +217,15 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
   const int64_t splits = choose_splits(p, cfg, a.n_row_tiles * head_groups * p.B, device);
   a.splits = to_i32(splits, "kv splits");
   to_i32(a.n_row_tiles * splits, "grid size");
-  Tensor part_o, part_ml, counters;
+  Tensor part_o, part_ml;
   if (splits > 1) {
     const int64_t rows_total = p.B * p.Hq * p.Lq;
     const auto opts = TensorOptions().dtype(kFloat32).device(p.q.device());
     part_o = empty({splits, rows_total, p.Ev}, opts);
     part_ml = empty({splits, rows_total, 3}, opts);
-    counters = zeros({p.B * head_groups * a.n_row_tiles}, TensorOptions().dtype(kInt32).device(p.q.device()));
     a.part_o = static_cast<float*>(part_o.data_ptr());
     a.part_ml = static_cast<float*>(part_ml.data_ptr());
-    a.counters = static_cast<int32_t*>(counters.data_ptr());
+    a.counters = split_counters(device, p.B * head_groups * a.n_row_tiles);
   }
 
   const bool vec = p.E % 8 == 0 && p.Ev % 8 == 0 && flex::vec_ok(p.q, p.E) &&
