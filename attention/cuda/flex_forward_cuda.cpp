@@ -144,7 +144,7 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
 // zero columns, so any E, Ev up to 256 run (those not multiples of 64 waste tensor-core work: Auto does not pick
 // the kernel for them). One warpgroup per 64 q rows, two when the q blocks hold more than 64 rows; kv sub-tiles of
 // 128 columns (the N of the Q K^T wgmma) for head dims up to 128 and kv blocks over 64, else 64 (smem and the
-// registers of O at Ev = 256). One CTA per SM: ptxas gives the 256-thread kernel 198-255 registers.
+// registers of O at Ev = 256). min_blocks 1: ptxas gives the kernel 150-255 registers a thread on sm_90a.
 TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
   const DType dt = p.q.dtype();
   FG_CHECK(dt == kBFloat16 || dt == kFloat16, NotImplementedError,

@@ -7,6 +7,8 @@
 //    (the S fragment is the A fragment of P V), K and V tiles double-buffered with cp.async.
 //  - flex_fwd_simt (f32 / f64): exact FMA arithmetic on CUDA cores (no TF32), register-tiled 4x4 per
 //    thread, the golden-quality kernel for f64 and the exact path for f32.
+// (The Hopper kernel flex_fwd_wgmma is in flex_forward_wgmma.cuh; the parameter block, the tile walk and the
+// fragment-level online softmax all three use are in flex_forward_common.cuh.)
 //
 // Both walk the same tiles: the q block `qb` of the BlockMask is covered by ceil(block_q / BM) CTAs, each
 // BM rows clipped to the block and to Lq; each listed kv block (partial ones first, then full ones) is

@@ -282,7 +282,7 @@ __device__ __forceinline__ void fg_load_rows(fg_h16* s, int ld_s, const fg_h16* 
 #pragma unroll 4
   for (int c = tid; c < ROWS * ch; c += nthreads) {
     const int r = c / ch, col = (c % ch) * 8;
-    fg_h16* dst = s + (kSw128Atoms ? fg_sw128_atoms_offset<ROWS>(r, col) : r * ld_s + col);
+    fg_h16* dst = kSw128Atoms ? s + fg_sw128_atoms_offset<ROWS>(r, col) : s + r * ld_s + col;
 #if FG_VEC
     const bool ok = r < nrows && col < cols;
     fg_cp_async16(fg_smem_addr(dst), ok ? (const void*)(g + r * ld_g + col) : (const void*)g, ok);
