@@ -436,12 +436,34 @@ INSTANTIATE_TEST_SUITE_P(Wgmma, FlexForwardCuda,
                                             ::testing::Values(FlexCudaForward::Wgmma)),
                          [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
 
-// Auto's choice, and the split-KV kernel's refusals.
+// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* value) const {
+    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
+    else ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+// Auto's choice, and the split-KV kernel's refusals. (Without FLEXGRAD_FLEX_WGMMA, which would send Auto's
+// prefill calls to the Hopper kernel.)
 class FlexSplitKvChoice : public ::testing::Test {
  protected:
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping split-KV choice tests";
   }
+  ScopedEnv no_wgmma_{"FLEXGRAD_FLEX_WGMMA", nullptr};
 };
 
 TEST_F(FlexSplitKvChoice, AutoAgreesWithTheForcedKernelItPicks) {
@@ -481,16 +503,8 @@ class FlexWgmmaChoice : public ::testing::Test {
  protected:
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping Wgmma choice tests";
-    const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA");
-    had_env_ = env != nullptr;
-    if (had_env_) saved_env_ = env;
   }
-  void TearDown() override {
-    if (had_env_) ::setenv("FLEXGRAD_FLEX_WGMMA", saved_env_.c_str(), 1);
-    else ::unsetenv("FLEXGRAD_FLEX_WGMMA");
-  }
-  bool had_env_ = false;
-  std::string saved_env_;
+  ScopedEnv env_{"FLEXGRAD_FLEX_WGMMA", nullptr};
 };
 
 TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
@@ -507,9 +521,8 @@ TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
     return flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
   };
   const Tensor tiled = run(FlexCudaForward::Tiled), wgmma = run(FlexCudaForward::Wgmma);
-  ::unsetenv("FLEXGRAD_FLEX_WGMMA");
   EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), tiled)).item<bool>()) << "Auto without FLEXGRAD_FLEX_WGMMA: Tiled";
-  ::setenv("FLEXGRAD_FLEX_WGMMA", "1", 1);
+  env_.set("1");
   EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), wgmma)).item<bool>()) << "Auto with FLEXGRAD_FLEX_WGMMA=1: Wgmma";
   EXPECT_TRUE(testing::close(wgmma, tiled, 2e-2, 2e-2));  // bf16 outputs of two right kernels
 }
