@@ -30,10 +30,13 @@ enum class FlexBackend : uint8_t {
 
 // Which forward kernel runs on CUDA (ignored on the CPU).
 enum class FlexCudaForward : uint8_t {
-  Auto,     // SplitKv for short queries where it applies (decoding), else Tiled
-  Tiled,    // one CTA per (128-row q tile, head, batch): prefill and training
+  Auto,     // SplitKv for short queries where it applies (decoding), else Tiled (or Wgmma, see there)
+  Tiled,    // one CTA per (128-row q tile, head, batch), mma.sync (bf16/f16) or FMA (f32/f64): prefill and training
   SplitKv,  // flash-decoding: the GQA group packed into one query tile, kv blocks split across CTAs and the
             // partials merged by log-sum-exp; bf16/f16 only (NotImplementedError otherwise)
+  Wgmma,    // Hopper: Tiled's algorithm on warpgroup MMA (wgmma), sm_90a and bf16/f16 only, head dims up to 256
+            // (NotImplementedError otherwise). Not yet verified on a GPU: Auto picks it only when the environment
+            // sets FLEXGRAD_FLEX_WGMMA=1 (sm_90a, bf16/f16, head dims multiples of 64, not a decoding shape)
 };
 
 struct FlexKernelOptions {

@@ -4,7 +4,9 @@
 // compiles it through the JIT cache and launches one CTA per (q tile, head, batch).
 //
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
-// FMA arithmetic, no TF32). Anything the kernels cannot run raises NotImplementedError saying why.
+// FMA arithmetic, no TF32). On Hopper, FlexCudaForward::Wgmma runs flex_fwd_wgmma (kernels/flex_forward_wgmma.cuh:
+// the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it only when FLEXGRAD_FLEX_WGMMA=1 is set,
+// until it has been verified on the H200. Anything the kernels cannot run raises NotImplementedError saying why.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -54,6 +56,7 @@ constexpr int64_t kMaxHeadDim = 256;
 
 struct TileConfig {
   bool mma = false;
+  bool wgmma = false;  // flex_fwd_wgmma (then mma too: a bf16 / f16 tensor-core kernel)
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -62,6 +65,10 @@ struct TileConfig {
 size_t mma_smem(const TileConfig& c) {
   constexpr int64_t pad = 8;  // FG_SMEM_PAD_B16
   return static_cast<size_t>((c.bm * (c.e_pad + pad) + 2 * c.bn * (c.e_pad + pad) + 2 * c.bn * (c.ev_pad + pad)) * 2);
+}
+// flex_fwd_wgmma: Q, 2 K and 2 V buffers, plus 1024 bytes for the kernel to align its window (the swizzle needs it).
+size_t wgmma_smem(const TileConfig& c) {
+  return static_cast<size_t>((c.bm * c.e_pad + 2 * c.bn * (c.e_pad + c.ev_pad)) * 2 + 1024);
 }
 size_t simt_smem(const TileConfig& c, size_t elem) {
   return static_cast<size_t>(c.bm * (c.e_pad + 4) + c.bn * (c.e_pad + 4) + c.bn * c.ev_pad + c.bm * (c.bn + 4)) * elem;
@@ -133,6 +140,47 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
   return c;
 }
 
+// flex_fwd_wgmma's configuration (kernels/flex_forward_wgmma.cuh). Head dims are padded to multiples of 64 with
+// zero columns, so any E, Ev up to 256 run (those not multiples of 64 waste tensor-core work: Auto does not pick
+// the kernel for them). One warpgroup per 64 q rows, two when the q blocks hold more than 64 rows; kv sub-tiles of
+// 128 columns (the N of the Q K^T wgmma) for head dims up to 128 and kv blocks over 64, else 64 (smem and the
+// registers of O at Ev = 256). min_blocks 1: ptxas gives the kernel 150-255 registers a thread on sm_90a.
+TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
+  const DType dt = p.q.dtype();
+  FG_CHECK(dt == kBFloat16 || dt == kFloat16, NotImplementedError,
+           "flex_attention on CUDA: the Wgmma forward kernel runs bfloat16 and float16; got {}", dtype_name(dt));
+  FG_CHECK(arch == "sm_90a", NotImplementedError,
+           "flex_attention on CUDA: the Wgmma forward kernel needs a Hopper GPU (sm_90a); this device is {}", arch);
+  FG_CHECK(p.E >= 1 && p.E <= kMaxHeadDim && p.Ev >= 1 && p.Ev <= kMaxHeadDim, NotImplementedError,
+           "flex_attention on CUDA: head dims up to {} are supported; got E={}, Ev={}", kMaxHeadDim, p.E, p.Ev);
+  TileConfig c;
+  c.mma = c.wgmma = true;
+  c.e_pad = round_up(p.E, 64);
+  c.ev_pad = round_up(p.Ev, 64);
+  c.bm = rows_for(p.block_q, 128) > 64 ? 128 : 64;
+  c.warps = c.bm / 16;
+  const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
+  c.bn = wide || rows_for(p.block_kv, 128) <= 64 ? 64 : 128;
+  c.min_blocks = 1;
+  c.smem = wgmma_smem(c);
+  // The mods' row / column parts take a few KiB of static shared memory on top.
+  constexpr size_t kStaticReserve = 8192;
+  FG_CHECK(c.smem + kStaticReserve <= smem_limit, NotImplementedError,
+           "flex_attention on CUDA: the Wgmma forward kernel needs {} bytes of shared memory per block for E={}, "
+           "Ev={}; this device allows {}", c.smem + kStaticReserve, p.E, p.Ev, smem_limit);
+  return c;
+}
+
+// Auto's use of flex_fwd_wgmma: opt-in (FLEXGRAD_FLEX_WGMMA=1) until it has been verified on the H200; then only
+// where it wastes nothing (head dims multiples of 64) on sm_90a.
+bool wgmma_preferred(const FlexProblem& p, const std::string& arch) {
+  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA");
+  if (env == nullptr || std::string(env) != "1") return false;
+  const DType dt = p.q.dtype();
+  return arch == "sm_90a" && (dt == kBFloat16 || dt == kFloat16) && p.E % 64 == 0 && p.Ev % 64 == 0 &&
+         p.E <= kMaxHeadDim && p.Ev <= kMaxHeadDim;
+}
+
 void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
   // The one place the CUDA forward kernel is chosen (FlexCudaForward).
@@ -145,7 +193,11 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   DeviceGuard guard(device);
   int smem_optin = 0;
   FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const TileConfig cfg = choose_config(p, static_cast<size_t>(smem_optin));
+  const std::string arch = jit::target_arch(device);
+  const bool wgmma = p.cuda_forward == FlexCudaForward::Wgmma ||
+                     (p.cuda_forward == FlexCudaForward::Auto && wgmma_preferred(p, arch));
+  const TileConfig cfg = wgmma ? choose_wgmma_config(p, static_cast<size_t>(smem_optin), arch)
+                               : choose_config(p, static_cast<size_t>(smem_optin));
   const DType dt = p.q.dtype();
   FG_CHECK(p.q.strides()[3] == 1 && p.k.strides()[3] == 1 && p.v.strides()[3] == 1, ValueError,
            "flex_attention on CUDA: q, k, v need a contiguous last dim (strides {}, {}, {})", p.q.strides()[3],
@@ -177,11 +229,11 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
-  const char* kernel = cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
+  const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
   src.name = "flex_forward";
   // mods, defines, the shared device helpers, then the kernel template.
-  src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", "flex_forward.cuh"});
+  src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_forward_wgmma.cuh" : "flex_forward.cuh"});
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args};

@@ -3,12 +3,16 @@
 // test. The golden shares no code with flexgrad's tracing, evaluators or kernels: each case states its
 // score_mod / mask_mod twice, once as flexgrad Exprs (what the kernel runs) and once as plain C++.
 // Every case runs in bf16, f16, f32 and f64 (tolerances by dtype) on the tiled kernel, and in bf16 and f16 on the
-// split-KV (decoding) kernel too, forced onto every case; each checks out, lse and max_scores.
+// split-KV (decoding) kernel and on the Hopper wgmma kernel too, forced onto every case (the wgmma ones skip,
+// saying so, on a device other than sm_90a); each checks out, lse and max_scores.
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
+#include <string>
 #include <tuple>
 
+#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_program.h"
 #include "tests/test_util.h"
@@ -112,6 +116,9 @@ class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCu
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) {
       GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex_attention forward tests";
+    }
+    if (kernel() == FlexCudaForward::Wgmma && cuda::jit::target_arch(0) != "sm_90a") {
+      GTEST_SKIP() << "the Wgmma forward kernel needs sm_90a (Hopper); this device is " << cuda::jit::target_arch(0);
     }
   }
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
@@ -423,13 +430,40 @@ INSTANTIATE_TEST_SUITE_P(SplitKv, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
                                             ::testing::Values(FlexCudaForward::SplitKv)),
                          [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+// The Hopper kernel pads head dims to 64, so it runs every case (E = 16, 20, 80 ... included).
+INSTANTIATE_TEST_SUITE_P(Wgmma, FlexForwardCuda,
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
+                                            ::testing::Values(FlexCudaForward::Wgmma)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
 
-// Auto's choice, and the split-KV kernel's refusals.
+// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* value) const {
+    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
+    else ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+// Auto's choice, and the split-KV kernel's refusals. (Without FLEXGRAD_FLEX_WGMMA, which would send Auto's
+// prefill calls to the Hopper kernel.)
 class FlexSplitKvChoice : public ::testing::Test {
  protected:
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping split-KV choice tests";
   }
+  ScopedEnv no_wgmma_{"FLEXGRAD_FLEX_WGMMA", nullptr};
 };
 
 TEST_F(FlexSplitKvChoice, AutoAgreesWithTheForcedKernelItPicks) {
@@ -461,6 +495,49 @@ TEST_F(FlexSplitKvChoice, RefusesWhatItCannotRun) {
   o.kernel.kv_splits = -1;
   testing::expect_error<ValueError>([&] { flex_attention(q.to(kBFloat16), q.to(kBFloat16), q.to(kBFloat16), o); },
                                     "kv_splits");
+}
+
+// The Hopper kernel: Auto uses it only behind FLEXGRAD_FLEX_WGMMA=1 (until verified on the H200), and forcing it
+// where it cannot run raises.
+class FlexWgmmaChoice : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping Wgmma choice tests";
+  }
+  ScopedEnv env_{"FLEXGRAD_FLEX_WGMMA", nullptr};
+};
+
+TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
+  const Device cuda(DeviceType::CUDA, 0);
+  if (cuda::jit::target_arch(0) != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << cuda::jit::target_arch(0);
+  Generator gen(4);
+  Tensor q = randn({2, 4, 300, 128}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  Tensor k = randn({2, 4, 300, 128}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  Tensor v = randn({2, 4, 300, 128}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  FlexAttentionOptions o;
+  o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300);
+  auto run = [&](FlexCudaForward kind) {
+    o.kernel.cuda_forward = kind;
+    return flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+  };
+  const Tensor tiled = run(FlexCudaForward::Tiled), wgmma = run(FlexCudaForward::Wgmma);
+  EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), tiled)).item<bool>()) << "Auto without FLEXGRAD_FLEX_WGMMA: Tiled";
+  env_.set("1");
+  EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), wgmma)).item<bool>()) << "Auto with FLEXGRAD_FLEX_WGMMA=1: Wgmma";
+  EXPECT_TRUE(testing::close(wgmma, tiled, 2e-2, 2e-2));  // bf16 outputs of two right kernels
+}
+
+TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
+  const Device cuda(DeviceType::CUDA, 0);
+  FlexAttentionOptions o;
+  o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+  Tensor q = randn({1, 2, 64, 64}).to(cuda);
+  if (cuda::jit::target_arch(0) == "sm_90a") {
+    testing::expect_error<NotImplementedError>([&] { flex_attention(q, q, q, o); }, "bfloat16 and float16");
+  } else {
+    Tensor h = q.to(kBFloat16);
+    testing::expect_error<NotImplementedError>([&] { flex_attention(h, h, h, o); }, "sm_90a");
+  }
 }
 
 }  // namespace

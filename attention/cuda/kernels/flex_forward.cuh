@@ -7,6 +7,8 @@
 //    (the S fragment is the A fragment of P V), K and V tiles double-buffered with cp.async.
 //  - flex_fwd_simt (f32 / f64): exact FMA arithmetic on CUDA cores (no TF32), register-tiled 4x4 per
 //    thread, the golden-quality kernel for f64 and the exact path for f32.
+// (The Hopper kernel flex_fwd_wgmma is in flex_forward_wgmma.cuh; the parameter block, the tile walk and the
+// fragment-level online softmax all three use are in flex_forward_common.cuh.)
 //
 // Both walk the same tiles: the q block `qb` of the BlockMask is covered by ceil(block_q / BM) CTAs, each
 // BM rows clipped to the block and to Lq; each listed kv block (partial ones first, then full ones) is
@@ -23,122 +25,7 @@
 //                  cp.async 16 bytes; else element loads)
 //   FG_MIN_BLOCKS  __launch_bounds__ minimum CTAs per SM
 #pragma once
-#include "flex_mod_parts.cuh"
-
-// Host mirror: FwdParams in attention/cuda/flex_forward_cuda.cpp (same declaration order and types).
-struct FgFwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;   // [B, Hq, Lq, Ev] contiguous, q's dtype
-  void* lse;   // [B, Hq, Lq] float (double for f64)
-  void* mx;    // [B, Hq, Lq] as lse
-  fg_i64 q_sb, q_sh, q_sl;  // strides in elements (last dim contiguous)
-  fg_i64 k_sb, k_sh, k_sl;
-  fg_i64 v_sb, v_sh, v_sl;
-  const int* num;       // BlockLists (null: no list of that kind)
-  const int* idx;
-  const int* full_num;
-  const int* full_idx;
-  double scale;
-  int B, Hq, Lq, Hkv, Lkv, Bkv, group;
-  int E, Ev;            // real head dims
-  int Bm, Hm, rows, idx_cols, full_cols;
-  int block_q, block_kv;
-  int tiles_per_qblock; // ceil(block_q / BM)
-  int n_qtiles;         // gridDim.x
-};
-
-// ---- tile walk shared by both kernels -----------------------------------------------------------
-struct FgRowTiles {
-  const int* partial;
-  const int* full;
-  int n_partial, n_total;
-};
-struct FgTile {
-  int i;     // position in partial ++ full (n_total: done)
-  int n0;    // first kv column of this sub-tile
-  int nend;  // end of the kv block, clipped to Lkv
-};
-
-__device__ __forceinline__ FgRowTiles fg_row_tiles(const FgFwdParams& p, int b, int h, int qb) {
-  FgRowTiles r;
-  r.partial = nullptr;
-  r.full = nullptr;
-  r.n_partial = 0;
-  r.n_total = 0;
-  if (qb >= p.rows) return r;
-  const int bm = p.Bm == 1 ? 0 : b, hm = p.Hm == 1 ? 0 : h;
-  const fg_i64 row = ((fg_i64)bm * p.Hm + hm) * p.rows + qb;
-  int nf = 0;
-  if (p.num != nullptr) {
-    r.n_partial = p.num[row];
-    r.partial = p.idx + row * p.idx_cols;
-  }
-  if (p.full_num != nullptr) {
-    nf = p.full_num[row];
-    r.full = p.full_idx + row * p.full_cols;
-  }
-  r.n_total = r.n_partial + nf;
-  return r;
-}
-
-// Moves `t` to the first in-range kv block at position >= t.i (t.i == n_total when none is left).
-__device__ __forceinline__ void fg_seek_block(const FgFwdParams& p, const FgRowTiles& r, FgTile& t) {
-  for (; t.i < r.n_total; ++t.i) {
-    const int blk = t.i < r.n_partial ? r.partial[t.i] : r.full[t.i - r.n_partial];
-    const fg_i64 kv0 = (fg_i64)blk * p.block_kv;
-    if (blk >= 0 && kv0 < p.Lkv) {
-      t.n0 = (int)kv0;
-      const fg_i64 e = kv0 + p.block_kv;
-      t.nend = e < p.Lkv ? (int)e : p.Lkv;
-      return;
-    }
-  }
-}
-__device__ __forceinline__ FgTile fg_first_tile(const FgFwdParams& p, const FgRowTiles& r) {
-  FgTile t;
-  t.i = 0;
-  t.n0 = 0;
-  t.nend = 0;
-  fg_seek_block(p, r, t);
-  return t;
-}
-template <int BN>
-__device__ __forceinline__ FgTile fg_next_tile(const FgFwdParams& p, const FgRowTiles& r, FgTile t) {
-  t.n0 += BN;
-  if (t.n0 < t.nend) return t;
-  ++t.i;
-  fg_seek_block(p, r, t);
-  return t;
-}
-
-// The q rows of this CTA: [m0, m_end), inside q block qb. Returns false when the CTA has no row.
-__device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& qb, int& m0, int& m_end) {
-  const int tile = p.n_qtiles - 1 - (int)blockIdx.x;  // the last q tiles (longest under causal) first
-  qb = tile / p.tiles_per_qblock;
-  m0 = qb * p.block_q + (tile % p.tiles_per_qblock) * BM;
-  int e = m0 + BM;
-  const int blk_end = (qb + 1) * p.block_q;
-  if (e > blk_end) e = blk_end;
-  if (e > p.Lq) e = p.Lq;
-  m_end = e;
-  return m0 < m_end;
-}
-
-// The modified, masked score of one entry (scale already applied), or -inf out of range.
-template <class T>
-__device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, const FgRowMods<T>& r,
-                                             const FgColMods<T>& c, int b, int h, int qi, int kvi, const FgModArgs& args) {
-  if (!in_range) return (T)fg_neg_inf();
-#if FG_HAS_SCORE_MOD
-  s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
-#endif
-#if FG_HAS_MASK_MOD
-  if (partial && !fg_mask_elem<T>(r.m, c.m, b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
-#endif
-  return s;
-}
+#include "flex_forward_common.cuh"
 
 #if FG_ELEM == FG_DT_BFLOAT16 || FG_ELEM == FG_DT_FLOAT16
 // =================================================================================================
@@ -180,14 +67,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   float o[FG_MF][FG_EV / 8][4];
   float m[FG_MF][2], l[FG_MF][2];
   bool saw_nan[FG_MF][2];  // a NaN score next to a +inf max (where the sum cannot show it); see the epilogue
-#pragma unroll
-  for (int f = 0; f < FG_MF; ++f) {
-#pragma unroll
-    for (int n = 0; n < FG_EV / 8; ++n) o[f][n][0] = o[f][n][1] = o[f][n][2] = o[f][n][3] = 0.f;
-    m[f][0] = m[f][1] = fg_neg_inf();
-    l[f][0] = l[f][1] = 0.f;
-    saw_nan[f][0] = saw_nan[f][1] = false;
-  }
+  fg_frag_init(o, m, l, saw_nan);
 
   FgTile cur = fg_first_tile(p, rt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
@@ -256,89 +136,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
     fg_cp_async_commit();
 
-    // Scale, mods, bounds (column by column: a column's mod parts serve every row of the thread); then
-    // the online softmax update, row by row (rows g and g + 8 of each fragment).
+    // Scale, mods, bounds; then the online softmax update (flex_forward_common.cuh).
     const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
                         cur.n0 + FG_BN <= cur.nend;
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-    if (!simple) {
-#pragma unroll
-      for (int n = 0; n < FG_BN / 8; ++n) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = 8 * n + 2 * t4 + c, kvi = cur.n0 + col;
-          const bool kv_in = kvi < cur.nend;
-#pragma unroll
-          for (int f = 0; f < FG_MF; ++f)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const int row = wrow + 16 * f + g + 8 * hf, qi = m0 + row;
-              float& v = s[f][n][2 * hf + c];
-              v = fg_modded_score<float>(v * scale, kv_in && qi < m_end, partial, row_mods[row], col_mods[col], b, h, qi,
-                                         kvi, args);
-            }
-        }
-      }
-    }
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods, b, h, args);
 #else
-    if (!simple) {  // no mods: only the bounds
-#pragma unroll
-      for (int n = 0; n < FG_BN / 8; ++n)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-#pragma unroll
-          for (int f = 0; f < FG_MF; ++f)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
-              float& v = s[f][n][2 * hf + c];
-              v = in ? v * scale : fg_neg_inf();
-            }
-    }
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
 #endif
-#pragma unroll
-    for (int f = 0; f < FG_MF; ++f) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float mx = fg_neg_inf();
-#pragma unroll
-        for (int n = 0; n < FG_BN / 8; ++n) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            if (simple) s[f][n][2 * hf + c] *= scale;
-            mx = fmaxf(mx, s[f][n][2 * hf + c]);
-          }
-        }
-        mx = fg_quad_max(mx);
-        const float m_new = fmaxf(m[f][hf], mx);
-        if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
-#pragma unroll
-          for (int n = 0; n < FG_BN / 8; ++n)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
-        }
-        const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-        const float corr = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
-        const float ms = m_use * FG_LOG2E;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < FG_BN / 8; ++n) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms));
-            s[f][n][2 * hf + c] = e;
-            sum += e;
-          }
-        }
-        l[f][hf] = l[f][hf] * corr + sum;  // per-lane partial sum; quad-reduced in the epilogue
-        m[f][hf] = m_new;
-#pragma unroll
-        for (int n = 0; n < FG_EV / 8; ++n) {
-          o[f][n][2 * hf] *= corr;
-          o[f][n][2 * hf + 1] *= corr;
-        }
-      }
-    }
+    fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
 
     fg_cp_async_wait<1>();  // this tile's V landed (the next K may be in flight)
     __syncthreads();
@@ -373,38 +179,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   fg_cp_async_wait<0>();
 
   // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m.
-  const fg_i64 row0 = ((fg_i64)b * p.Hq + h) * p.Lq;
-  fg_h16* out = (fg_h16*)p.out;
-#pragma unroll
-  for (int f = 0; f < FG_MF; ++f) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int qi = m0 + wrow + 16 * f + g + 8 * hf;
-      const float lsum = fg_quad_sum(l[f][hf]);
-      bool saw = saw_nan[f][hf];  // over the quad holding the row
-      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
-      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
-      if (qi >= m_end) continue;
-      const FgRowEnd<float> e = fg_row_end(m[f][hf], lsum, saw);
-      const float inv = e.inv;
-      fg_h16* orow = out + (row0 + qi) * p.Ev;
-#pragma unroll
-      for (int n = 0; n < FG_EV / 8; ++n) {
-        const int col = 8 * n + 2 * t4;
-        const float x0 = o[f][n][2 * hf] * inv, x1 = o[f][n][2 * hf + 1] * inv;
-        if ((p.Ev & 1) == 0 && col + 1 < p.Ev) {
-          *(unsigned*)(orow + col) = fg_pack2<FG_IS_BF16>(x0, x1);
-        } else {
-          if (col < p.Ev) orow[col] = FG_IS_BF16 ? fg_float_to_bf16(x0) : fg_float_to_f16(x0);
-          if (col + 1 < p.Ev) orow[col + 1] = FG_IS_BF16 ? fg_float_to_bf16(x1) : fg_float_to_f16(x1);
-        }
-      }
-      if (t4 == 0) {
-        ((float*)p.lse)[row0 + qi] = e.lse;
-        ((float*)p.mx)[row0 + qi] = e.max;
-      }
-    }
-  }
+  fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
 }
 
 #else

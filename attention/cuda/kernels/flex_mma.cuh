@@ -262,18 +262,27 @@ __device__ __forceinline__ FgRowEnd<T> fg_row_end(T m, T lsum, bool saw_nan) {
 // ---- tile copies -------------------------------------------------------------------------------
 typedef unsigned short fg_h16;
 
-// Rows [0, ROWS) x columns [0, cols_pad) of 16-bit elements from global memory (row stride ld_g, the first
-// `nrows` rows and `cols` columns real) into shared memory (row stride ld_s), zero elsewhere. Thread `tid` of
-// `nthreads` (a CTA or a warp) copies every nthreads-th 16-byte chunk: cp.async when FG_VEC (the caller
-// commits and waits), else element copies.
+// Element offset of (row, col) in a tile of ROWS rows stored as 64-column atoms (ROWS x 64 each, atom a holding
+// columns 64 a .. 64 a + 63), each 128-byte-swizzled (fg_swizzle_b16 with 64 elements a row): the operand layout
+// of the Hopper wgmma (flex_wgmma.cuh). Atoms of 8-row multiples stay 1024-byte aligned after an aligned start.
 template <int ROWS>
+__device__ __forceinline__ int fg_sw128_atoms_offset(int row, int col) {
+  return (col >> 6) * (ROWS * 64) + fg_swizzle_b16(row, col & 63, 64);
+}
+
+// Rows [0, ROWS) x columns [0, cols_pad) of 16-bit elements from global memory (row stride ld_g, the first
+// `nrows` rows and `cols` columns real) into shared memory (row stride ld_s; or, with kSw128Atoms, the
+// swizzled atoms of fg_sw128_atoms_offset, ld_s unused), zero elsewhere. Thread `tid` of `nthreads` (a CTA or a
+// warp) copies every nthreads-th 16-byte chunk: cp.async when FG_VEC (the caller commits and waits), else
+// element copies (a 16-byte chunk stays contiguous in both layouts).
+template <int ROWS, bool kSw128Atoms = false>
 __device__ __forceinline__ void fg_load_rows(fg_h16* s, int ld_s, const fg_h16* g, fg_i64 ld_g, int nrows, int cols,
                                              int cols_pad, int tid, int nthreads) {
   const int ch = cols_pad / 8;
 #pragma unroll 4
   for (int c = tid; c < ROWS * ch; c += nthreads) {
     const int r = c / ch, col = (c % ch) * 8;
-    fg_h16* dst = s + r * ld_s + col;
+    fg_h16* dst = kSw128Atoms ? s + fg_sw128_atoms_offset<ROWS>(r, col) : s + r * ld_s + col;
 #if FG_VEC
     const bool ok = r < nrows && col < cols;
     fg_cp_async16(fg_smem_addr(dst), ok ? (const void*)(g + r * ld_g + col) : (const void*)g, ok);

@@ -1,0 +1,280 @@
+// What the FlexAttention forward kernels share (flex_forward.cuh's flex_fwd_mma / flex_fwd_simt and
+// flex_forward_wgmma.cuh's flex_fwd_wgmma): the parameter block, the walk over the BlockMask's kv blocks, the
+// modified score of one entry, and the online softmax of the tensor-core kernels on mma C fragments.
+// NVRTC only, after flex_abi.cuh, the generated mods and flex_mma.cuh.
+#pragma once
+#include "flex_mod_parts.cuh"
+
+// Host mirror: FwdParams in attention/cuda/flex_forward_cuda.cpp (same declaration order and types).
+struct FgFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;   // [B, Hq, Lq, Ev] contiguous, q's dtype
+  void* lse;   // [B, Hq, Lq] float (double for f64)
+  void* mx;    // [B, Hq, Lq] as lse
+  fg_i64 q_sb, q_sh, q_sl;  // strides in elements (last dim contiguous)
+  fg_i64 k_sb, k_sh, k_sl;
+  fg_i64 v_sb, v_sh, v_sl;
+  const int* num;       // BlockLists (null: no list of that kind)
+  const int* idx;
+  const int* full_num;
+  const int* full_idx;
+  double scale;
+  int B, Hq, Lq, Hkv, Lkv, Bkv, group;
+  int E, Ev;            // real head dims
+  int Bm, Hm, rows, idx_cols, full_cols;
+  int block_q, block_kv;
+  int tiles_per_qblock; // ceil(block_q / BM)
+  int n_qtiles;         // gridDim.x
+};
+
+// ---- tile walk shared by the kernels -----------------------------------------------------------
+struct FgRowTiles {
+  const int* partial;
+  const int* full;
+  int n_partial, n_total;
+};
+struct FgTile {
+  int i;     // position in partial ++ full (n_total: done)
+  int n0;    // first kv column of this sub-tile
+  int nend;  // end of the kv block, clipped to Lkv
+};
+
+__device__ __forceinline__ FgRowTiles fg_row_tiles(const FgFwdParams& p, int b, int h, int qb) {
+  FgRowTiles r;
+  r.partial = nullptr;
+  r.full = nullptr;
+  r.n_partial = 0;
+  r.n_total = 0;
+  if (qb >= p.rows) return r;
+  const int bm = p.Bm == 1 ? 0 : b, hm = p.Hm == 1 ? 0 : h;
+  const fg_i64 row = ((fg_i64)bm * p.Hm + hm) * p.rows + qb;
+  int nf = 0;
+  if (p.num != nullptr) {
+    r.n_partial = p.num[row];
+    r.partial = p.idx + row * p.idx_cols;
+  }
+  if (p.full_num != nullptr) {
+    nf = p.full_num[row];
+    r.full = p.full_idx + row * p.full_cols;
+  }
+  r.n_total = r.n_partial + nf;
+  return r;
+}
+
+// Moves `t` to the first in-range kv block at position >= t.i (t.i == n_total when none is left).
+__device__ __forceinline__ void fg_seek_block(const FgFwdParams& p, const FgRowTiles& r, FgTile& t) {
+  for (; t.i < r.n_total; ++t.i) {
+    const int blk = t.i < r.n_partial ? r.partial[t.i] : r.full[t.i - r.n_partial];
+    const fg_i64 kv0 = (fg_i64)blk * p.block_kv;
+    if (blk >= 0 && kv0 < p.Lkv) {
+      t.n0 = (int)kv0;
+      const fg_i64 e = kv0 + p.block_kv;
+      t.nend = e < p.Lkv ? (int)e : p.Lkv;
+      return;
+    }
+  }
+}
+__device__ __forceinline__ FgTile fg_first_tile(const FgFwdParams& p, const FgRowTiles& r) {
+  FgTile t;
+  t.i = 0;
+  t.n0 = 0;
+  t.nend = 0;
+  fg_seek_block(p, r, t);
+  return t;
+}
+template <int BN>
+__device__ __forceinline__ FgTile fg_next_tile(const FgFwdParams& p, const FgRowTiles& r, FgTile t) {
+  t.n0 += BN;
+  if (t.n0 < t.nend) return t;
+  ++t.i;
+  fg_seek_block(p, r, t);
+  return t;
+}
+
+// The q rows of this CTA: [m0, m_end), inside q block qb. Returns false when the CTA has no row.
+__device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& qb, int& m0, int& m_end) {
+  const int tile = p.n_qtiles - 1 - (int)blockIdx.x;  // the last q tiles (longest under causal) first
+  qb = tile / p.tiles_per_qblock;
+  m0 = qb * p.block_q + (tile % p.tiles_per_qblock) * BM;
+  int e = m0 + BM;
+  const int blk_end = (qb + 1) * p.block_q;
+  if (e > blk_end) e = blk_end;
+  if (e > p.Lq) e = p.Lq;
+  m_end = e;
+  return m0 < m_end;
+}
+
+// The modified, masked score of one entry (scale already applied), or -inf out of range.
+template <class T>
+__device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, const FgRowMods<T>& r,
+                                             const FgColMods<T>& c, int b, int h, int qi, int kvi, const FgModArgs& args) {
+  if (!in_range) return (T)fg_neg_inf();
+#if FG_HAS_SCORE_MOD
+  s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
+#endif
+#if FG_HAS_MASK_MOD
+  if (partial && !fg_mask_elem<T>(r.m, c.m, b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
+#endif
+  return s;
+}
+
+
+// ---- online softmax on tensor-core accumulator fragments (flex_fwd_mma, flex_fwd_wgmma) -------------
+// A warp's share of a q tile: MF m16 fragments, fragment f holding rows wrow + 16 f + g and + 8 of the tile
+// (lane = 4 g + t4); S of one kv sub-tile as NB n8 C fragments per m16 fragment (s[f][n][2 hf + c]: row
+// wrow + 16 f + g + 8 hf, column 8 n + 2 t4 + c), O as NO of them (flex_mma.cuh's layouts). wgmma
+// accumulators have the same per-warp layout (flex_wgmma.cuh), so both kernels run this code.
+
+template <int MF, int NO>
+__device__ __forceinline__ void fg_frag_init(float (&o)[MF][NO][4], float (&m)[MF][2], float (&l)[MF][2],
+                                             bool (&saw_nan)[MF][2]) {
+#pragma unroll
+  for (int f = 0; f < MF; ++f) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[f][n][0] = o[f][n][1] = o[f][n][2] = o[f][n][3] = 0.f;
+    m[f][0] = m[f][1] = fg_neg_inf();
+    l[f][0] = l[f][1] = 0.f;
+    saw_nan[f][0] = saw_nan[f][1] = false;
+  }
+}
+
+// Scale, mods and bounds of S (sub-tile `cur`, q rows [m0, m_end)), column by column: a column's mod parts
+// serve every row of the thread. Nothing to do when `simple` (no mod reaches the tile and it is all in range:
+// fg_frag_softmax_update scales it). row_mods / col_mods: the rows' and the sub-tile's columns' mod parts
+// (shared memory; unused without mods).
+template <int MF, int NB>
+__device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool simple, bool partial, float scale,
+                                                   int wrow, int g, int t4, int m0, int m_end, const FgTile& cur,
+                                                   const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
+                                                   int b, int h, const FgModArgs& args) {
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  if (!simple) {
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = 8 * n + 2 * t4 + c, kvi = cur.n0 + col;
+        const bool kv_in = kvi < cur.nend;
+#pragma unroll
+        for (int f = 0; f < MF; ++f)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = wrow + 16 * f + g + 8 * hf, qi = m0 + row;
+            float& v = s[f][n][2 * hf + c];
+            v = fg_modded_score<float>(v * scale, kv_in && qi < m_end, partial, row_mods[row], col_mods[col], b, h, qi,
+                                       kvi, args);
+          }
+      }
+    }
+  }
+#else
+  if (!simple) {  // no mods: only the bounds
+#pragma unroll
+    for (int n = 0; n < NB; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int f = 0; f < MF; ++f)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
+            float& v = s[f][n][2 * hf + c];
+            v = in ? v * scale : fg_neg_inf();
+          }
+  }
+#endif
+}
+
+// The online softmax update, row by row (rows g and g + 8 of each fragment): S becomes P = exp(S - m_new)
+// (unnormalised), O and the per-lane partial sums l are rescaled, saw_nan notes a NaN next to a +inf max.
+template <int MF, int NB, int NO>
+__device__ __forceinline__ void fg_frag_softmax_update(float (&s)[MF][NB][4], float (&o)[MF][NO][4], float (&m)[MF][2],
+                                                       float (&l)[MF][2], bool (&saw_nan)[MF][2], bool simple,
+                                                       float scale) {
+#pragma unroll
+  for (int f = 0; f < MF; ++f) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = fg_neg_inf();
+#pragma unroll
+      for (int n = 0; n < NB; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (simple) s[f][n][2 * hf + c] *= scale;
+          mx = fmaxf(mx, s[f][n][2 * hf + c]);
+        }
+      }
+      mx = fg_quad_max(mx);
+      const float m_new = fmaxf(m[f][hf], mx);
+      if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
+#pragma unroll
+        for (int n = 0; n < NB; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
+      }
+      const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
+      const float corr = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
+      const float ms = m_use * FG_LOG2E;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < NB; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms));
+          s[f][n][2 * hf + c] = e;
+          sum += e;
+        }
+      }
+      l[f][hf] = l[f][hf] * corr + sum;  // per-lane partial sum; quad-reduced in the epilogue
+      m[f][hf] = m_new;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[f][n][2 * hf] *= corr;
+        o[f][n][2 * hf + 1] *= corr;
+      }
+    }
+  }
+}
+
+// Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m, with
+// fg_row_end's non-finite rule; rows at or past m_end are not written.
+template <bool kBf16, int MF, int NO>
+__device__ __forceinline__ void fg_frag_store(const float (&o)[MF][NO][4], const float (&m)[MF][2],
+                                              const float (&l)[MF][2], const bool (&saw_nan)[MF][2],
+                                              const FgFwdParams p, int b, int h, int m0, int m_end, int wrow, int g,
+                                              int t4) {
+  const fg_i64 row0 = ((fg_i64)b * p.Hq + h) * p.Lq;
+  fg_h16* out = (fg_h16*)p.out;
+#pragma unroll
+  for (int f = 0; f < MF; ++f) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int qi = m0 + wrow + 16 * f + g + 8 * hf;
+      const float lsum = fg_quad_sum(l[f][hf]);
+      bool saw = saw_nan[f][hf];  // over the quad holding the row
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
+      saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
+      if (qi >= m_end) continue;
+      const FgRowEnd<float> e = fg_row_end(m[f][hf], lsum, saw);
+      const float inv = e.inv;
+      fg_h16* orow = out + (row0 + qi) * p.Ev;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        const int col = 8 * n + 2 * t4;
+        const float x0 = o[f][n][2 * hf] * inv, x1 = o[f][n][2 * hf + 1] * inv;
+        if ((p.Ev & 1) == 0 && col + 1 < p.Ev) {
+          *(unsigned*)(orow + col) = fg_pack2<kBf16>(x0, x1);
+        } else {
+          if (col < p.Ev) orow[col] = kBf16 ? fg_float_to_bf16(x0) : fg_float_to_f16(x0);
+          if (col + 1 < p.Ev) orow[col + 1] = kBf16 ? fg_float_to_bf16(x1) : fg_float_to_f16(x1);
+        }
+      }
+      if (t4 == 0) {
+        ((float*)p.lse)[row0 + qi] = e.lse;
+        ((float*)p.mx)[row0 + qi] = e.max;
+      }
+    }
+  }
+}

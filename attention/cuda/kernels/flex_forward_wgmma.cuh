@@ -1,0 +1,189 @@
+// FlexAttention forward on Hopper (sm_90a only, bf16 / f16): flex_fwd_mma's algorithm (flex_forward.cuh) with
+// warpgroup MMA (wgmma, flex_wgmma.cuh) in place of mma.sync. First step of issue 13's Hopper main loop; the
+// host runs it when FlexKernelOptions::cuda_forward is Wgmma, or on Auto with FLEXGRAD_FLEX_WGMMA=1 until it
+// has been verified on the H200 (attention/cuda/flex_forward_cuda.cpp). Compiled by NVRTC after flex_abi.cuh,
+// the generated mods and flex_mma.cuh.
+//
+// One CTA per BM = 64 * WG q rows (WG = FG_WARPS / 4 warpgroups of 4 warps; WG = 2 when the BlockMask's q
+// blocks hold more than 64 rows), every warpgroup owning 64 rows; all of them share the K / V tiles.
+//  - Q (BM x E), K and V (2 buffers of BN x E and BN x Ev each) live in shared memory as 128-byte-swizzled
+//    64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh), loaded by every thread with cp.async (element
+//    copies without FG_VEC), K and V double-buffered as in flex_fwd_mma.
+//  - S = Q K^T: E / 16 wgmma m64nBNk16 with both operands in shared memory (K-major), f32 accumulators.
+//  - The scale, the mods, the bounds and the online softmax run on the accumulators with flex_fwd_mma's
+//    code (flex_forward_common.cuh): warp w of the CTA holds rows 16 w .. 16 w + 15 exactly as mma.sync C
+//    fragments (one m16 fragment per warp).
+//  - O += P V: P packed into mma.sync A fragments in registers, V MN-major (transposed B) from shared memory,
+//    one wgmma m64n64k16 per 64-column atom of Ev and k16 step.
+// The tile walk (partial kv blocks then full ones, BN-column sub-tiles clipped to the block and Lkv), the mods'
+// row / column parts, the bounds (out-of-range rows and columns never reach a mod), the non-finite rule, the
+// lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
+// The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V); there is no producer
+// warp, TMA or ping-pong between warpgroups yet.
+//
+// Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
+//   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
+//   FG_E, FG_EV    head dims padded to multiples of 64 (zero columns); the real ones are kernel params
+//   FG_BM          q rows per CTA: 64 or 128 (= 16 * FG_WARPS)
+//   FG_BN          kv columns per sub-tile: 64 or 128 (the N of the Q K^T wgmma)
+//   FG_WARPS       4 or 8 (one or two consumer warpgroups)
+//   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
+// Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
+// here, which the swizzle needs).
+#pragma once
+#include "flex_forward_common.cuh"
+#include "flex_wgmma.cuh"
+
+#if !(FG_ELEM == FG_DT_BFLOAT16 || FG_ELEM == FG_DT_FLOAT16)
+#error "flex_fwd_wgmma: bfloat16 / float16 only"
+#endif
+#if FG_E % 64 != 0 || FG_EV % 64 != 0 || FG_E > 256 || FG_EV > 256
+#error "flex_fwd_wgmma: FG_E and FG_EV are multiples of 64 up to 256"
+#endif
+#if !(FG_BN == 64 || FG_BN == 128) || !(FG_WARPS == 4 || FG_WARPS == 8) || FG_BM != 16 * FG_WARPS
+#error "flex_fwd_wgmma: FG_BN is 64 or 128, FG_WARPS 4 or 8, FG_BM 16 * FG_WARPS"
+#endif
+
+#define FG_IS_BF16 (FG_ELEM == FG_DT_BFLOAT16)
+#define FG_NT (FG_WARPS * 32)
+
+// ROWS x COLS tiles (COLS a multiple of 64) as swizzled atoms, every thread of the CTA copying.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void fg_load_tile_sw128(fg_h16* s, const fg_h16* g, fg_i64 ld_g, int nrows, int cols) {
+  fg_load_rows<ROWS, true>(s, 0, g, ld_g, nrows, cols, COLS, threadIdx.x, FG_NT);
+}
+
+extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
+    flex_fwd_wgmma(const FgFwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  // The 128-byte swizzle is a function of the address bits: atoms must start 1024-byte aligned, which the
+  // dynamic window (placed after any static shared memory) does not promise. The host adds 1024 bytes.
+  unsigned char* const smem = fg_smem_raw + ((1024u - (fg_smem_addr(fg_smem_raw) & 1023u)) & 1023u);
+  fg_h16* Qs = (fg_h16*)smem;             // E / 64 atoms of BM x 64
+  fg_h16* Ks = Qs + FG_BM * FG_E;         // 2 buffers of E / 64 atoms of BN x 64
+  fg_h16* Vs = Ks + 2 * FG_BN * FG_E;     // 2 buffers of Ev / 64 atoms of BN x 64
+
+  int qb, m0, m_end;
+  if (!fg_cta_rows(p, FG_BM, qb, m0, m_end)) return;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
+  const fg_h16* qg = (const fg_h16*)p.q + b * p.q_sb + h * p.q_sh + (fg_i64)m0 * p.q_sl;
+  const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
+  const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
+  const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wrow = warp * 16;        // first row of this warp in the tile (one m16 fragment per warp)
+  const int wg = warp >> 2;          // its warpgroup: rows 64 wg .. 64 wg + 63
+  const float scale = (float)p.scale;
+
+  float o[1][FG_EV / 8][4];  // the P V accumulators: Ev / 64 m64n64 atoms, atom a = o[0][8 a .. 8 a + 7]
+  float m[1][2], l[1][2];
+  bool saw_nan[1][2];        // a NaN score next to a +inf max (fg_row_end)
+  fg_frag_init(o, m, l, saw_nan);
+
+  FgTile cur = fg_first_tile(p, rt);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  // The mods' row parts once per CTA, each sub-tile's column parts, in shared memory (as flex_fwd_mma).
+  __shared__ FgRowMods<float> row_mods[FG_BM];
+  __shared__ FgColMods<float> col_mods[FG_BN];
+  for (int r = threadIdx.x; r < FG_BM; r += FG_NT)
+    if (m0 + r < m_end) fg_row_mods(row_mods[r], cur.i < rt.n_total, cur.i < rt.n_partial, b, h, m0 + r, args);
+#endif
+  fg_load_tile_sw128<FG_BM, FG_E>(Qs, qg, p.q_sl, m_end - m0, p.E);
+  if (cur.i < rt.n_total) {
+    fg_load_tile_sw128<FG_BN, FG_E>(Ks, kg + (fg_i64)cur.n0 * p.k_sl, p.k_sl, cur.nend - cur.n0, p.E);
+  }
+  fg_cp_async_commit();
+  if (cur.i < rt.n_total) {
+    fg_load_tile_sw128<FG_BN, FG_EV>(Vs, vg + (fg_i64)cur.n0 * p.v_sl, p.v_sl, cur.nend - cur.n0, p.Ev);
+  }
+  fg_cp_async_commit();
+
+  // This warpgroup's 64 rows of Q: 8 KiB into each Q atom (a multiple of 1024 bytes, so the swizzle phase holds).
+  const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
+  int buf = 0;
+  while (cur.i < rt.n_total) {
+    const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+    const bool partial = cur.i < rt.n_partial;
+    fg_h16* Kb = Ks + buf * (FG_BN * FG_E);
+    fg_h16* Vb = Vs + buf * (FG_BN * FG_EV);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous tile's readers of col_mods are past the barrier before its P V)
+    if (FG_HAS_SCORE_MOD || partial)
+      for (int c = threadIdx.x; c < FG_BN; c += FG_NT)
+        col_mods[c] = fg_col_mods<float>(cur.n0 + c < cur.nend, partial, b, h, cur.n0 + c, args);
+#endif
+    fg_cp_async_wait<1>();   // this tile's K (and Q) landed; its V may still be in flight
+    fg_fence_proxy_async();  // this thread's cp.async / st.shared writes become visible to wgmma (async proxy)
+    __syncthreads();
+
+    // S = Q K^T: k16 step kk is 32 * (kk % 4) bytes into the rows of atom kk / 4.
+    float s[1][FG_BN / 8][4];  // no zeroing: the first step does not accumulate
+    const unsigned k_addr = fg_smem_addr(Kb);
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk) {
+      const unsigned atom = kk >> 2, j = kk & 3;
+      fg_wgmma_ss<FG_BN, 0, FG_IS_BF16>(&s[0][0][0],
+                                        fg_gmma_desc_sw128(q_addr + atom * (FG_BM * 128) + 32 * j, 16, 1024),
+                                        fg_gmma_desc_sw128(k_addr + atom * (FG_BN * 128) + 32 * j, 16, 1024), kk > 0);
+    }
+    fg_wgmma_commit();
+
+    // Next tile's K into the other buffer while the tensor cores work (its last reader, the previous Q K^T,
+    // completed before this iteration's barrier).
+    if (nxt.i < rt.n_total) {
+      fg_load_tile_sw128<FG_BN, FG_E>(Ks + (buf ^ 1) * (FG_BN * FG_E), kg + (fg_i64)nxt.n0 * p.k_sl, p.k_sl,
+                                      nxt.nend - nxt.n0, p.E);
+    }
+    fg_cp_async_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+
+    // Scale, mods, bounds; the online softmax update (flex_forward_common.cuh, as flex_fwd_mma).
+    const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                        cur.n0 + FG_BN <= cur.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods, b, h, args);
+#else
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
+#endif
+    fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
+
+    // P as A fragments (k16 step kk = C fragments 2 kk, 2 kk + 1), before the barrier so S's registers free.
+    unsigned pa[FG_BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
+
+    fg_cp_async_wait<1>();  // this tile's V landed (the next K may be in flight)
+    fg_fence_proxy_async();
+    __syncthreads();
+
+    // O += P V: k16 step kk is rows 16 kk .. 16 kk + 15 of every V atom (2048 bytes each).
+    const unsigned v_addr = fg_smem_addr(Vb);
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FG_BN / 16; ++kk)
+#pragma unroll
+      for (int a = 0; a < FG_EV / 64; ++a)
+        fg_wgmma_m64n64k16_rs<1, FG_IS_BF16>(&o[0][8 * a][0], pa[kk],
+                                             fg_gmma_desc_sw128(v_addr + a * (FG_BN * 128) + 2048 * kk, 1024, 1024), 1);
+    fg_wgmma_commit();
+
+    if (nxt.i < rt.n_total) {
+      fg_load_tile_sw128<FG_BN, FG_EV>(Vs + (buf ^ 1) * (FG_BN * FG_EV), vg + (fg_i64)nxt.n0 * p.v_sl, p.v_sl,
+                                       nxt.nend - nxt.n0, p.Ev);
+    }
+    fg_cp_async_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+    cur = nxt;
+    buf ^= 1;
+  }
+  fg_cp_async_wait<0>();
+
+  // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m.
+  fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
+}
