@@ -65,6 +65,7 @@ template <> struct TileMath<float> {
   }
   float row_max(const float* x, int64_t n) const { return tk.row_max(x, n); }
   float exp_sum(float* x, int64_t n, float m) const { return tk.exp_sum(x, n, m); }
+  float exp_sum_max(float* x, int64_t n, float m) const { return tk.exp_sum_max(x, n, m); }
   void softmax_grad(float* dp, const float* p, int64_t n, float d) const { tk.softmax_grad(dp, p, n, d); }
 };
 template <> struct TileMath<double> {
@@ -86,6 +87,7 @@ template <> struct TileMath<double> {
     for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
     return s;
   }
+  double exp_sum_max(double* x, int64_t n, double m) const { return exp_sum(x, n, m); }
   void softmax_grad(double* dp, const double* p, int64_t n, double d) const {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
   }
@@ -139,8 +141,8 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
 
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
-// krows: K's rows kv0.. of the head; kt: column kv0 of the head's K^T (HeadTranspose, leading dimension
-// Lkv; float only).
+// krows: K's rows kv0.. of the head; kt: the block's K^T (HeadPack, E x nkv, leading dimension nkv; float
+// only).
 template <class T>
 struct TileScorer {
   const FlexProblem& p;
@@ -155,7 +157,7 @@ struct TileScorer {
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
-    math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, p.Lkv, pre, ld);
+    math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, nkv, pre, ld);
     mods(b, h, q0, nq, kv0, nkv, partial, pre, s, ld);
   }
   // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T.
@@ -236,7 +238,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           if constexpr (kBf16) {
             const uint32_t* kp = kt.get(kbase, p.Lkv, p.E / 2, kv0, nkv);
             tile_kernels().gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
-                                     reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp + kv0, p.Lkv, false,
+                                     reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp, nkv, false,
                                      s.data(), ld);
             scorer.mods(b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           } else {
@@ -264,7 +266,8 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
               for (int64_t j = 0; j < nkv; ++j) mnew = std::isnan(row[j]) ? row[j] : mnew;
             }
             const T corr = std::exp(m[i] - mnew);
-            T sum = scorer.math.exp_sum(row, nkv, mnew);
+            // mnew is the row's max: the cheaper exp when it is finite
+            T sum = std::isfinite(mnew) ? scorer.math.exp_sum_max(row, nkv, mnew) : scorer.math.exp_sum(row, nkv, mnew);
             // With a finite max every exp is in [0, 1], so a NaN sum means a NaN score.
             if (std::isnan(sum) && std::isfinite(mnew)) mnew = sum;
             l[i] = l[i] * corr + sum;
@@ -278,7 +281,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             const TileKernels& tk = tile_kernels();
             const uint32_t* vp = vrows.get(vbase, p.Lkv, p.Ev, kv0, nkv);
             for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(s.data() + i * ld, nkv, ppairs.data() + i * ldp);
-            tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
+            tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp, p.Ev, true,
                          acc.data(), p.Ev);
           } else {
             scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
@@ -384,7 +387,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       const TileKernels& tk = tile_kernels();
       const uint32_t* kp = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E / 2, kv0, nkv);
       tk.gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
-                   reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp + kv0, p.Lkv, false, g.pre.data(),
+                   reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp, nkv, false, g.pre.data(),
                    ld);
       sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
     } else {
@@ -404,10 +407,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     if constexpr (kBf16) {  // dP = dO V^T
       const uint32_t* vp = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev / 2, kv0, nkv);
       tile_kernels().gemm_bf16(false, nq, nkv, p.Ev / 2, 1.0f, reinterpret_cast<const uint32_t*>(dout + row0 * p.Ev),
-                               p.Ev / 2, vp + kv0, p.Lkv, false, g.dp.data(), ld);
+                               p.Ev / 2, vp, nkv, false, g.dp.data(), ld);
     } else {
       const T* vtc = transposed_block(g.vt, v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev, kv0, nkv);
-      math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, p.Lkv,
+      math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, nkv,
               g.dp.data(), ld);
     }
     for (int64_t i = 0; i < nq; ++i) math.softmax_grad(g.dp.data() + i * ld, g.s.data() + i * ld, nkv, delta[row0 + i]);
@@ -452,7 +455,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(ds + i * ld, nkv, g.ds_pairs.data() + i * ldp);
       const uint32_t* kr = g.krows.get(khead, p.Lkv, p.E, kv0, nkv);
       tk.gemm_bf16(false, nq, p.E, (nkv + 1) / 2, static_cast<float>(p.scale), g.ds_pairs.data(), ldp,
-                   kr + kv0 / 2 * p.E, p.E, true, dqr, p.E);
+                   kr, p.E, true, dqr, p.E);
     } else {
       math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), ds, ld, khead + kv0 * p.E, p.E, true, dqr, p.E);
     }
