@@ -326,6 +326,25 @@ struct TileGrad {
         ds_pairs(kDsPairs, bf16 ? tile_rows(p) * ((tile_cols(p) + 1) / 2) : 0) {}
 };
 
+// What one thread of a backward parallel region works with, built once at the region's start: the tile
+// scorer, the gradient scratch, the dS tile and, where the region adds captured-tensor gradients, its
+// buffers for them and the derivative program's evaluator (for the capture terms when g.grad_ev, which
+// has them too, is not there).
+template <class T>
+struct BackwardThreadState {
+  TileScorer<T> sc;
+  TileGrad<T> g;
+  ScratchTile<T> ds;
+  std::vector<std::vector<double>>* caps;  // [capture] gradient, this thread's; null: the region adds none
+  ThreadEvaluator<T> cap_ev;
+  BackwardThreadState(const FlexProblem& p, bool bf16, std::vector<std::vector<double>>* caps)
+      : sc(p),
+        g(p, bf16),
+        ds(kDsTile, tile_rows(p) * tile_cols(p)),
+        caps(caps),
+        cap_ev(kCapEval, caps && !g.grad_ev ? &p.score_grad->program : nullptr) {}
+};
+
 template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
   const int64_t o = i * v.row_stride + j * v.col_stride;
   switch (v.kind) {
@@ -380,8 +399,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   // Recomputes the tile: g.pre = scale q.k, g.s = P (0 where masked or the row is empty), g.dp = dS
   // with respect to the modified score.
   // kvhead: (kv batch * Hkv + kv head), whose rows kv0.. the tile reads.
-  auto tile_ds = [&](TileGrad<T>& g, TileScorer<T>& sc, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+  auto tile_ds = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
                      int64_t nkv, bool partial, int64_t kvhead) {
+    TileGrad<T>& g = st.g;
+    TileScorer<T>& sc = st.sc;
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
     if constexpr (kBf16) {
       const TileKernels& tk = tile_kernels();
@@ -402,7 +423,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
         std::fill(row, row + nkv, T(0));
         continue;
       }
-      math.exp_sum(row, nkv, li);
+      // P = e^(s - lse) with lse >= the row's max: the cheaper exp when lse is finite
+      if (std::isfinite(li)) math.exp_sum_max(row, nkv, li);
+      else math.exp_sum(row, nkv, li);
     }
     if constexpr (kBf16) {  // dP = dO V^T
       const uint32_t* vp = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev / 2, kv0, nkv);
@@ -417,8 +440,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   };
   // dS = g.dp * d score_mod / d score (evaluated at the pre-mod score), in ds; g.dp itself when the
   // derivative is the constant 1 (no score_mod, or one that only adds).
-  auto apply_dscore = [&](TileGrad<T>& g, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv,
-                          T* ds) -> const T* {
+  auto apply_dscore = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+                          int64_t nkv) -> const T* {
+    TileGrad<T>& g = st.g;
+    T* ds = st.ds.data();
     if (g.grad_ev) {
       g.grad_ev->run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
       TileValue f = g.grad_ev->output(0);
@@ -467,20 +492,25 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   for (size_t c = 0; c < ncaps; ++c) any_cap = any_cap || (c < needs_cap.size() && needs_cap[c]);
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<std::vector<double>>> cap_acc(nthreads);  // [thread][slot] gradient buffers
-  auto thread_caps = [&]() -> std::vector<std::vector<double>>& {
-    auto& mine = cap_acc[omp_get_thread_num()];
-    if (any_cap) {
-      mine.resize(ncaps);
+  // This thread's state for a parallel region; with `captures` (and captured gradients wanted) its zeroed
+  // captured-gradient buffers.
+  auto thread_state = [&](bool captures) {
+    std::vector<std::vector<double>>* mine = nullptr;
+    if (captures && any_cap) {
+      mine = &cap_acc[omp_get_thread_num()];
+      mine->resize(ncaps);
       for (size_t c = 0; c < ncaps; ++c) {
-        if (needs_cap[c]) mine[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
+        if (needs_cap[c]) (*mine)[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
       }
     }
-    return mine;
+    return BackwardThreadState<T>(p, kBf16, mine);
   };
-  // Adds the tile's captured gradients (g.dp: the gradient w.r.t. the modified score) into `mine`.
-  auto add_capture_grads = [&](TileGrad<T>& g, ThreadEvaluator<T>& cap_ev, int64_t b, int64_t h, int64_t q0, int64_t nq,
-                               int64_t kv0, int64_t nkv, std::vector<std::vector<double>>& mine) {
-    TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
+  // Adds the tile's captured gradients (g.dp: the gradient w.r.t. the modified score) into st.caps.
+  auto add_capture_grads = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+                               int64_t nkv) {
+    TileGrad<T>& g = st.g;
+    std::vector<std::vector<double>>& mine = *st.caps;
+    TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *st.cap_ev;
     if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
     for (const CaptureGradTerm& term : p.score_grad->terms) {
       if (!needs_cap[term.capture]) continue;
@@ -515,11 +545,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     // is recomputed once (the two passes below recompute each twice).
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
-      auto& mine = thread_caps();
-      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
+      BackwardThreadState<T> st = thread_state(true);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < kv_heads; ++t) {
         try {
@@ -546,12 +573,12 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                   if (q0 >= p.Lq) continue;
                   const int64_t nq = std::min(p.block_q, p.Lq - q0);
                   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                  tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
+                  tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
                   add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                  const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                  const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
                   add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
                   add_dq(g, dsp, nq, nkv, t, kv0, dq + row0 * p.E);  // dQ += scale dS K
-                  if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
+                  if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
                 }
               }
             }
@@ -567,9 +594,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+      BackwardThreadState<T> st = thread_state(false);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < kv_tasks; ++t) {
         try {
@@ -589,9 +615,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                 if (q0 >= p.Lq) continue;
                 const int64_t nq = std::min(p.block_q, p.Lq - q0);
                 const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+                tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
                 add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
                 add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
               }
             }
@@ -607,12 +633,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t q_tasks = p.B * p.Hq * nQB;
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
-      auto& mine = thread_caps();
-      // the derivative program, when grad_ev was skipped
-      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
+      BackwardThreadState<T> st = thread_state(true);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < q_tasks; ++t) {
         try {
@@ -630,10 +652,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
             const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
             if (kv0 >= p.Lkv) continue;
             const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-            tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-            const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+            tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+            const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
             add_dq(g, dsp, nq, nkv, bk * p.Hkv + hk, kv0, dqr);  // dQ += scale dS K
-            if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
+            if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
           }
         } catch (...) {
           err.capture();
