@@ -213,7 +213,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
     const int64_t ldp = (tile_cols(p) + 1) / 2;
     ScratchTile<uint32_t> ppairs(kPTile, kBf16 ? tile_rows(p) * ldp : 0);  // P as bf16 pairs
     ScratchTile<T> s(kScoreTile, tile_rows(p) * tile_cols(p)), acc(kAccTile, tile_rows(p) * p.Ev),
-        m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p));
+        m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p)), bmax(kTileMax, tile_rows(p));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       try {
@@ -245,12 +245,14 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, transposed_block(kt, kbase, p.Lkv, p.E, kv0, nkv),
                            kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           }
+          // The tile's row maxima first, in a loop of their own: the rows are independent there, where each
+          // row's exp pass below waits on its max.
+          for (int64_t i = 0; i < nq; ++i) bmax[i] = scorer.math.row_max(s.data() + i * ld, nkv);
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
             // The running max m is NaN-sticky, as torch.amax: once a row has seen a NaN score, its m,
-            // l, output and lse are NaN. The vector max below skips NaN (cheap); NaN is caught after.
-            const T bm = scorer.math.row_max(row, nkv);
-            T mnew = std::max(m[i], bm);  // m[i] first: a NaN m[i] stays
+            // l, output and lse are NaN. The vector max above skips NaN (cheap); NaN is caught after.
+            T mnew = std::max(m[i], bmax[i]);  // m[i] first: a NaN m[i] stays
             if (mnew == ninf) {
               // Only -inf and NaN here: -inf entries weigh 0; a NaN makes the row NaN (an empty row,
               // every score -inf so far, stays empty).
@@ -265,7 +267,8 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             if (mnew == -ninf) {  // a +inf score: inf - inf below would hide whether a NaN was there too
               for (int64_t j = 0; j < nkv; ++j) mnew = std::isnan(row[j]) ? row[j] : mnew;
             }
-            const T corr = std::exp(m[i] - mnew);
+            // (exp(0) = 1: no call when the max stays)
+            const T corr = std::isfinite(mnew) && m[i] == mnew ? T(1) : std::exp(m[i] - mnew);
             // mnew is the row's max: the cheaper exp when it is finite
             T sum = std::isfinite(mnew) ? scorer.math.exp_sum_max(row, nkv, mnew) : scorer.math.exp_sum(row, nkv, mnew);
             // With a finite max every exp is in [0, 1], so a NaN sum means a NaN score.

@@ -21,7 +21,7 @@ namespace fg::cpu {
 // slot has one user at a time (forward and backward of one thread never overlap).
 enum ScratchSlot : int {
   kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kKRows, kPTile,
-  kBTile, kDsPairs, kSlots
+  kBTile, kDsPairs, kTileMax, kSlots
 };
 template <class U>
 inline U* thread_scratch(ScratchSlot slot, int64_t n) {
