@@ -28,6 +28,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <optional>
 
 #include "flexgrad/attention/cpu/thread_scratch.h"
 #include "flexgrad/attention/cpu/tile_kernels.h"
@@ -139,6 +140,45 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
   return rb;
 }
 
+// A score_mod of the softcap form outer * tanh(score / inner) or outer * tanh(score * inner) (constants in
+// either operand order), which the float tiles run as one kernel pass (TileKernels::softcap) instead of
+// interpreting it.
+struct SoftcapForm {
+  bool divide = true;
+  float inner = 1, outer = 1;
+};
+std::optional<SoftcapForm> softcap_form(const ModProgram* prog) {
+  if (!prog || prog->outputs().size() != 1) return std::nullopt;
+  const std::vector<Instr>& in = prog->instrs();
+  auto is = [&](int32_t id, ExprOp op) { return in[id].op == op && in[id].kind == ValueKind::Float; };
+  // (constant, other operand) of a float binary instruction with one constant operand
+  auto const_operand = [&](int32_t id) -> std::optional<std::pair<double, int32_t>> {
+    const Instr& x = in[id];
+    if (x.args.size() != 2) return std::nullopt;
+    if (is(x.args[0], ExprOp::Const)) return std::pair{in[x.args[0]].value, x.args[1]};
+    if (is(x.args[1], ExprOp::Const)) return std::pair{in[x.args[1]].value, x.args[0]};
+    return std::nullopt;
+  };
+  const int32_t out = prog->output();
+  if (!is(out, ExprOp::Mul)) return std::nullopt;
+  const auto o = const_operand(out);
+  if (!o || !is(o->second, ExprOp::Tanh)) return std::nullopt;
+  const int32_t arg = in[o->second].args[0];
+  SoftcapForm f;
+  f.outer = static_cast<float>(o->first);
+  if (is(arg, ExprOp::Div) && is(in[arg].args[0], ExprOp::Score) && is(in[arg].args[1], ExprOp::Const)) {
+    f.inner = static_cast<float>(in[in[arg].args[1]].value);
+  } else if (is(arg, ExprOp::Mul)) {
+    const auto i = const_operand(arg);
+    if (!i || !is(i->second, ExprOp::Score)) return std::nullopt;
+    f.divide = false;
+    f.inner = static_cast<float>(i->first);
+  } else {
+    return std::nullopt;
+  }
+  return f;
+}
+
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
 // krows: K's rows kv0.. of the head; kt: the block's K^T (HeadPack, E x nkv, leading dimension nkv; float
@@ -147,11 +187,13 @@ template <class T>
 struct TileScorer {
   const FlexProblem& p;
   TileMath<T> math;
+  // float: a softcap score_mod runs as a tile kernel, not through score_ev
+  std::optional<SoftcapForm> softcap = std::is_same_v<T, float> ? softcap_form(p.score_mod.get()) : std::nullopt;
   ThreadEvaluator<T> score_ev, mask_ev;
   ScratchTile<uint8_t> mask;
   explicit TileScorer(const FlexProblem& prob)
       : p(prob),
-        score_ev(kScoreEval, prob.score_mod.get()),
+        score_ev(kScoreEval, softcap ? nullptr : prob.score_mod.get()),
         mask_ev(kMaskEval, prob.mask_mod.get()),
         mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
   }
@@ -166,7 +208,12 @@ struct TileScorer {
     // The evaluators run over strips of ~2048 scores: every instruction is a pass over its buffer, and a
     // strip's buffers (a few of 8 KB to 16 KB) stay in L1 where a whole tile's (64 KB to 128 KB each) do not.
     const int64_t strip = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, nkv));
-    if (score_ev) {
+    if (softcap) {
+      if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
+        for (int64_t i = 0; i < nq; ++i)
+          math.tk.softcap(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld);
+      }
+    } else if (score_ev) {
       for (int64_t r = 0; r < nq; r += strip) {
         score_ev->score_tile(b, h, q0 + r, std::min(strip, nq - r), kv0, nkv, pre + r * ld, s + r * ld, ld, ld);
       }

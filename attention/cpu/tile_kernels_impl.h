@@ -248,6 +248,38 @@ float exp_sum_max(float* x, int64_t n, float m) {
   return s;
 }
 
+// out[j] = outer * tanh(x[j] / inner) (divide) or outer * tanh(x[j] * inner): the softcap score_mod in one
+// pass, where the interpreter makes three (the division, tanh, the product). tanh is vec::tanhf's split:
+// its odd polynomial below |y| = 0.625, else (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (vexp_nonpos, no
+// overflow side: the same value as vec::tanhf's 1 - 2 / (exp(2|y|) + 1) within an ulp or two); tanh(+-inf)
+// = +-1, NaN stays NaN.
+template <class I>
+inline typename I::V vsoftcap(typename I::V x, float inner, bool divide, float outer) {
+  using V = typename I::V;
+  const V y = divide ? x / inner : x * inner;
+  const V ay = y < 0.0f ? -y : y;
+  const V e = vexp_nonpos<I>(ay * -2.0f);
+  const V big = (1.0f - e) / (1.0f + e);
+  const V z = y * y;
+  V p = splat<V>(-5.70498872745e-3f);
+  p = I::fma(p, z, splat<V>(2.06390887954e-2f));
+  p = I::fma(p, z, splat<V>(-5.37397155531e-2f));
+  p = I::fma(p, z, splat<V>(1.33314422036e-1f));
+  p = I::fma(p, z, splat<V>(-3.33332819422e-1f));
+  const V small = I::fma(p * z, y, y);
+  const V t = ay < 0.625f ? small : (y < 0.0f ? -big : big);  // NaN: big (NaN)
+  return t * outer;
+}
+
+template <class I>
+void softcap(const float* x, int64_t n, float inner, bool divide, float outer, float* out) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store<V>(out + j, vsoftcap<I>(load<V>(x + j), inner, divide, outer));
+  for (; j < n; ++j) out[j] = vsoftcap<I>(splat<V>(x[j]), inner, divide, outer)[0];
+}
+
 template <class I>
 void softmax_grad(float* dp, const float* p, int64_t n, float delta) {
   using V = typename I::V;
@@ -314,7 +346,7 @@ void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v, int
 
 template <class I>
 const TileKernels& make_table(const char* name) {
-  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &exp_sum_max<I>, &softmax_grad<I>,
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &exp_sum_max<I>, &softcap<I>, &softmax_grad<I>,
                             &transpose32<(I::W >= 8 ? 8 : 4)>, nullptr, nullptr, nullptr, nullptr};
   return t;
 }

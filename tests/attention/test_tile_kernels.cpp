@@ -2,7 +2,7 @@
 // this CPU can run, against plain float64 loops written here: GEMM in both A layouts over sizes that hit
 // every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values
 // without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept) and its cheaper form below a row's max, the
-// softmax backward row, the 32-bit transpose and the bf16 pair kernels. AVX-512 and AVX2 must agree bit for bit.
+// softcap pass, the softmax backward row, the 32-bit transpose and the bf16 pair kernels. AVX-512 and AVX2 must agree bit for bit.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -221,6 +221,47 @@ TEST(TileKernels, ExpSumMaxIsExpBelowTheMax) {
       else EXPECT_NEAR(edges[j], e, 1.25e-7 * e) << tk.name << " exp(" << x0[j] << ")";
     }
   }
+}
+
+// outer * tanh(x / inner) (or x * inner) against float64's tanh of the same float y, both sides of the
+// polynomial/exp split at |y| = 0.625; +-inf -> +-outer, NaN kept, +-0 -> 0; AVX-512 and AVX2 agree bit for bit.
+TEST(TileKernels, SoftcapIsOuterTimesTanh) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  struct Form { float inner; bool divide; float outer; };
+  const Form forms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
+  std::vector<std::vector<float>> per_isa;
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    std::mt19937 rng(31);  // the same inputs for every instruction set
+    std::vector<float> all;
+    for (const Form& f : forms) {
+      for (int64_t n : {1, 7, 16, 33, 128}) {
+        std::vector<float> x = random_floats(n, rng);
+        for (int64_t j = 0; j < n; ++j) x[j] *= std::ldexp(1.0f, static_cast<int>(j % 14) - 4) * f.inner;  // y to +-1024
+        std::vector<float> got(n, 7.f);
+        tk.softcap(x.data(), n, f.inner, f.divide, f.outer, got.data());
+        for (int64_t j = 0; j < n; ++j) {
+          const float y = f.divide ? x[j] / f.inner : x[j] * f.inner;
+          const double want = f.outer * std::tanh(static_cast<double>(y));
+          EXPECT_NEAR(got[j], want, 3.6e-7 * std::fabs(want) + 1e-37) << tk.name << " y " << y;  // 3 ulp
+        }
+        all.insert(all.end(), got.begin(), got.end());
+        std::vector<float> inplace = x;  // out may be x
+        tk.softcap(inplace.data(), n, f.inner, f.divide, f.outer, inplace.data());
+        EXPECT_EQ(inplace, got) << tk.name;
+      }
+    }
+    std::vector<float> sp{inf, -inf, nan, -0.f, 0.f};
+    std::vector<float> out(sp.size());
+    tk.softcap(sp.data(), static_cast<int64_t>(sp.size()), 20.f, true, 20.f, out.data());
+    EXPECT_EQ(out[0], 20.f) << tk.name;
+    EXPECT_EQ(out[1], -20.f) << tk.name;
+    EXPECT_TRUE(std::isnan(out[2])) << tk.name;
+    EXPECT_EQ(out[3], 0.f) << tk.name;
+    EXPECT_EQ(out[4], 0.f) << tk.name;
+    if (isa == TileIsa::Avx2 || isa == TileIsa::Avx512) per_isa.push_back(all);
+  }
+  if (per_isa.size() == 2) EXPECT_EQ(per_isa[0], per_isa[1]);
 }
 
 TEST(TileKernels, Transpose32) {
