@@ -140,6 +140,16 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
   return rb;
 }
 
+// Element (i, j) of a tile value as T.
+template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
+  const int64_t o = i * v.row_stride + j * v.col_stride;
+  switch (v.kind) {
+    case ValueKind::Float: return v.as<T>()[o];
+    case ValueKind::Int: return static_cast<T>(v.as<int64_t>()[o]);
+    default: return static_cast<T>(v.as<uint8_t>()[o]);
+  }
+}
+
 // A score_mod of the softcap form outer * tanh(score / inner) or outer * tanh(score * inner) (constants in
 // either operand order), which the float tiles run as one kernel pass (TileKernels::softcap) instead of
 // interpreting it.
@@ -179,6 +189,48 @@ std::optional<SoftcapForm> softcap_form(const ModProgram* prog) {
   return f;
 }
 
+// A score_mod of the ALiBi form score + c * (kv_idx - q_idx) (or q_idx - kv_idx; operands in either order),
+// c depending on the batch and head only: one pass over the float tile instead of the interpreter's four
+// (the int difference, its cast, the product, the sum). `sign` is +1 for kv_idx - q_idx.
+struct DistanceBiasForm {
+  float sign = 1;
+};
+std::optional<DistanceBiasForm> distance_bias_form(const ModProgram* prog) {
+  if (!prog || prog->outputs().size() != 1) return std::nullopt;
+  const std::vector<Instr>& in = prog->instrs();
+  auto is = [&](int32_t id, ExprOp op, ValueKind k) { return in[id].op == op && in[id].kind == k; };
+  const int32_t out = prog->output();
+  if (!is(out, ExprOp::Add, ValueKind::Float) || in[out].args.size() != 2) return std::nullopt;
+  int32_t bias = in[out].args[1];
+  if (!is(in[out].args[0], ExprOp::Score, ValueKind::Float)) {
+    if (!is(bias, ExprOp::Score, ValueKind::Float)) return std::nullopt;
+    bias = in[out].args[0];
+  }
+  if (!is(bias, ExprOp::Mul, ValueKind::Float) || in[bias].args.size() != 2) return std::nullopt;
+  for (int side = 0; side < 2; ++side) {
+    const int32_t d = in[bias].args[side], c = in[bias].args[1 - side];
+    if ((in[c].deps & (kUsesScore | kUsesQ | kUsesKV)) != 0) continue;  // c: batch and head only
+    if (!is(d, ExprOp::Cast, ValueKind::Float) || !is(in[d].args[0], ExprOp::Sub, ValueKind::Int)) continue;
+    const std::vector<int32_t>& ab = in[in[d].args[0]].args;
+    if (is(ab[0], ExprOp::KVIdx, ValueKind::Int) && is(ab[1], ExprOp::QIdx, ValueKind::Int)) return DistanceBiasForm{1};
+    if (is(ab[0], ExprOp::QIdx, ValueKind::Int) && is(ab[1], ExprOp::KVIdx, ValueKind::Int)) return DistanceBiasForm{-1};
+  }
+  return std::nullopt;
+}
+
+// out = pre + c * float(sign * (kv - q)) over a tile, rounded as the interpreter does: the product and the
+// sum each rounded (no fused multiply-add), the distance exact in float (|kv - q| < 2^24).
+__attribute__((optimize("fp-contract=off"))) void add_distance_bias(const float* pre, float* out, int64_t nq,
+                                                                     int64_t nkv, int64_t ld, int64_t q0, int64_t kv0,
+                                                                     float sign, float c) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int32_t d0 = static_cast<int32_t>(kv0 - (q0 + i));
+    const float* x = pre + i * ld;
+    float* y = out + i * ld;
+    for (int32_t j = 0; j < static_cast<int32_t>(nkv); ++j) y[j] = x[j] + c * (sign * static_cast<float>(d0 + j));
+  }
+}
+
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
 // krows: K's rows kv0.. of the head; kt: the block's K^T (HeadPack, E x nkv, leading dimension nkv; float
@@ -189,6 +241,10 @@ struct TileScorer {
   TileMath<T> math;
   // float: a softcap score_mod runs as a tile kernel, not through score_ev
   std::optional<SoftcapForm> softcap = std::is_same_v<T, float> ? softcap_form(p.score_mod.get()) : std::nullopt;
+  // float, sequences under 2^24: an ALiBi-form score_mod runs as one pass; score_ev gives its c per (b, h)
+  std::optional<DistanceBiasForm> distance =
+      std::is_same_v<T, float> && std::max(p.Lq, p.Lkv) < (int64_t{1} << 24) ? distance_bias_form(p.score_mod.get())
+                                                                            : std::nullopt;
   ThreadEvaluator<T> score_ev, mask_ev;
   ScratchTile<uint8_t> mask;
   explicit TileScorer(const FlexProblem& prob)
@@ -212,6 +268,14 @@ struct TileScorer {
       if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
         for (int64_t i = 0; i < nq; ++i)
           math.tk.softcap(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld);
+      }
+    } else if (distance) {
+      if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
+        // c is the program's value at q = 0, kv = 1, score = 0 (0 + c * 1), as the interpreter rounds it
+        const float zero = 0;
+        score_ev->run(b, h, 0, 1, 1, 1, &zero, 1);
+        const float c = tile_at<float>(score_ev->output(0), 0, 0) * distance->sign;
+        add_distance_bias(pre, s, nq, nkv, ld, q0, kv0, distance->sign, c);
       }
     } else if (score_ev) {
       for (int64_t r = 0; r < nq; r += strip) {
@@ -394,15 +458,6 @@ struct BackwardThreadState {
         caps(caps),
         cap_ev(kCapEval, caps && !g.grad_ev ? &p.score_grad->program : nullptr) {}
 };
-
-template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
-  const int64_t o = i * v.row_stride + j * v.col_stride;
-  switch (v.kind) {
-    case ValueKind::Float: return v.as<T>()[o];
-    case ValueKind::Int: return static_cast<T>(v.as<int64_t>()[o]);
-    default: return static_cast<T>(v.as<uint8_t>()[o]);
-  }
-}
 
 // Integer value of an index tile (kept exact: no round trip through float).
 inline int64_t tile_index(const TileValue& v, int64_t i, int64_t j) {
