@@ -1,7 +1,8 @@
 // FlexAttention on the CPU: fused kernels vs the reference path (f32, B=1, H=8, L=2048, E=64 by default),
 // forward and forward+backward time, peak memory, GFLOP/s counted on the visited blocks, for no mask,
 // causal, sliding window 256 and a ~6%-dense document mask (16 documents). --csv prints machine-readable rows
-// (bench/flex_cpu_vs_torch.py reads them); --threads sets the OpenMP thread count; --masks picks cases.
+// (bench/flex_cpu_vs_torch.py reads them); --threads sets the OpenMP thread count; --masks picks cases;
+// --softcap C adds the score_mod C * tanh(score / C) to every case.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -50,6 +51,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   std::vector<std::string> masks;
   std::string dtype_name = "f32";
+  double softcap = 0;
   app.add_option("-B", B);
   app.add_option("-H", H);
   app.add_option("-L", L);
@@ -62,6 +64,8 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype_name, "input dtype: f32 or bf16 (bf16 products on AVX-512 BF16)")
       ->check(CLI::IsMember({"f32", "bf16"}));
   app.add_option("--masks", masks, "cases to run (default all): none causal sliding document");
+  app.add_option("--softcap", softcap, "score_mod C * tanh(score / C) on every case (default: none)")
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   if (threads > 0) omp_set_num_threads(threads);
@@ -86,8 +90,8 @@ int main(int argc, char** argv) {
   if (csv) {
     std::printf("mask,path,threads,density,fwd_ms,fwd_gflops,fb_ms,fb_gflops\n");
   } else {
-    std::printf("flex_attention CPU, %s, B=%ld H=%ld L=%ld E=%ld, %d threads\n", dtype_name.c_str(), B, H, L, E,
-                omp_get_max_threads());
+    std::printf("flex_attention CPU, %s, B=%ld H=%ld L=%ld E=%ld, %d threads%s\n", dtype_name.c_str(), B, H, L, E,
+                omp_get_max_threads(), softcap > 0 ? fmt::format(", softcap {}", softcap).c_str() : "");
     std::printf("%-13s %-9s %8s %10s %9s %10s %10s %9s %8s\n", "mask", "path", "density", "fwd ms", "fwd GF/s", "fwd+bwd ms",
                 "f+b GF/s", "peak MiB", "speedup");
   }
@@ -101,6 +105,7 @@ int main(int argc, char** argv) {
       if (be == FlexBackend::Reference && !reference) continue;
       FlexAttentionOptions o;
       o.block_mask = c.mask;
+      if (softcap > 0) o.score_mod = [softcap](Expr s, Expr, Expr, Expr, Expr) { return softcap * tanh(s / softcap); };
       o.kernel.backend = be;
       reset_peak();
       double base = peak_rss_mib();

@@ -28,6 +28,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <optional>
 
 #include "flexgrad/attention/cpu/thread_scratch.h"
 #include "flexgrad/attention/cpu/tile_kernels.h"
@@ -65,6 +66,7 @@ template <> struct TileMath<float> {
   }
   float row_max(const float* x, int64_t n) const { return tk.row_max(x, n); }
   float exp_sum(float* x, int64_t n, float m) const { return tk.exp_sum(x, n, m); }
+  float exp_sum_max(float* x, int64_t n, float m) const { return tk.exp_sum_max(x, n, m); }
   void softmax_grad(float* dp, const float* p, int64_t n, float d) const { tk.softmax_grad(dp, p, n, d); }
 };
 template <> struct TileMath<double> {
@@ -86,6 +88,7 @@ template <> struct TileMath<double> {
     for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
     return s;
   }
+  double exp_sum_max(double* x, int64_t n, double m) const { return exp_sum(x, n, m); }
   void softmax_grad(double* dp, const double* p, int64_t n, double d) const {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
   }
@@ -137,25 +140,122 @@ RowBlocks row_blocks(const BlockLists& l, int64_t b, int64_t h, int64_t row) {
   return rb;
 }
 
+// Element (i, j) of a tile value as T.
+template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
+  const int64_t o = i * v.row_stride + j * v.col_stride;
+  switch (v.kind) {
+    case ValueKind::Float: return v.as<T>()[o];
+    case ValueKind::Int: return static_cast<T>(v.as<int64_t>()[o]);
+    default: return static_cast<T>(v.as<uint8_t>()[o]);
+  }
+}
+
+// A score_mod of the softcap form outer * tanh(score / inner) or outer * tanh(score * inner) (constants in
+// either operand order), which the float tiles run as one kernel pass (TileKernels::softcap) instead of
+// interpreting it.
+struct SoftcapForm {
+  bool divide = true;
+  float inner = 1, outer = 1;
+};
+std::optional<SoftcapForm> softcap_form(const ModProgram* prog) {
+  if (!prog || prog->outputs().size() != 1) return std::nullopt;
+  const std::vector<Instr>& in = prog->instrs();
+  auto is = [&](int32_t id, ExprOp op) { return in[id].op == op && in[id].kind == ValueKind::Float; };
+  // (constant, other operand) of a float binary instruction with one constant operand
+  auto const_operand = [&](int32_t id) -> std::optional<std::pair<double, int32_t>> {
+    const Instr& x = in[id];
+    if (x.args.size() != 2) return std::nullopt;
+    if (is(x.args[0], ExprOp::Const)) return std::pair{in[x.args[0]].value, x.args[1]};
+    if (is(x.args[1], ExprOp::Const)) return std::pair{in[x.args[1]].value, x.args[0]};
+    return std::nullopt;
+  };
+  const int32_t out = prog->output();
+  if (!is(out, ExprOp::Mul)) return std::nullopt;
+  const auto o = const_operand(out);
+  if (!o || !is(o->second, ExprOp::Tanh)) return std::nullopt;
+  const int32_t arg = in[o->second].args[0];
+  SoftcapForm f;
+  f.outer = static_cast<float>(o->first);
+  if (is(arg, ExprOp::Div) && is(in[arg].args[0], ExprOp::Score) && is(in[arg].args[1], ExprOp::Const)) {
+    f.inner = static_cast<float>(in[in[arg].args[1]].value);
+  } else if (is(arg, ExprOp::Mul)) {
+    const auto i = const_operand(arg);
+    if (!i || !is(i->second, ExprOp::Score)) return std::nullopt;
+    f.divide = false;
+    f.inner = static_cast<float>(i->first);
+  } else {
+    return std::nullopt;
+  }
+  return f;
+}
+
+// A score_mod of the ALiBi form score + c * (kv_idx - q_idx) (or q_idx - kv_idx; operands in either order),
+// c depending on the batch and head only: one pass over the float tile instead of the interpreter's four
+// (the int difference, its cast, the product, the sum). `sign` is +1 for kv_idx - q_idx.
+struct DistanceBiasForm {
+  float sign = 1;
+};
+std::optional<DistanceBiasForm> distance_bias_form(const ModProgram* prog) {
+  if (!prog || prog->outputs().size() != 1) return std::nullopt;
+  const std::vector<Instr>& in = prog->instrs();
+  auto is = [&](int32_t id, ExprOp op, ValueKind k) { return in[id].op == op && in[id].kind == k; };
+  const int32_t out = prog->output();
+  if (!is(out, ExprOp::Add, ValueKind::Float) || in[out].args.size() != 2) return std::nullopt;
+  int32_t bias = in[out].args[1];
+  if (!is(in[out].args[0], ExprOp::Score, ValueKind::Float)) {
+    if (!is(bias, ExprOp::Score, ValueKind::Float)) return std::nullopt;
+    bias = in[out].args[0];
+  }
+  if (!is(bias, ExprOp::Mul, ValueKind::Float) || in[bias].args.size() != 2) return std::nullopt;
+  for (int side = 0; side < 2; ++side) {
+    const int32_t d = in[bias].args[side], c = in[bias].args[1 - side];
+    if ((in[c].deps & (kUsesScore | kUsesQ | kUsesKV)) != 0) continue;  // c: batch and head only
+    if (!is(d, ExprOp::Cast, ValueKind::Float) || !is(in[d].args[0], ExprOp::Sub, ValueKind::Int)) continue;
+    const std::vector<int32_t>& ab = in[in[d].args[0]].args;
+    if (is(ab[0], ExprOp::KVIdx, ValueKind::Int) && is(ab[1], ExprOp::QIdx, ValueKind::Int)) return DistanceBiasForm{1};
+    if (is(ab[0], ExprOp::QIdx, ValueKind::Int) && is(ab[1], ExprOp::KVIdx, ValueKind::Int)) return DistanceBiasForm{-1};
+  }
+  return std::nullopt;
+}
+
+// out = pre + c * float(sign * (kv - q)) over a tile, rounded as the interpreter does: the product and the
+// sum each rounded (no fused multiply-add), the distance exact in float (|kv - q| < 2^24).
+__attribute__((optimize("fp-contract=off"))) void add_distance_bias(const float* pre, float* out, int64_t nq,
+                                                                     int64_t nkv, int64_t ld, int64_t q0, int64_t kv0,
+                                                                     float sign, float c) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int32_t d0 = static_cast<int32_t>(kv0 - (q0 + i));
+    const float* x = pre + i * ld;
+    float* y = out + i * ld;
+    for (int32_t j = 0; j < static_cast<int32_t>(nkv); ++j) y[j] = x[j] + c * (sign * static_cast<float>(d0 + j));
+  }
+}
+
 // One tile of modified, masked scores for (b, h) over q rows [q0, q0+nq) and kv cols [kv0, kv0+nkv).
 // `pre` receives scale * Q K^T (needed by the backward's derivative), `s` the modified, masked scores.
-// krows: K's rows kv0.. of the head; kt: column kv0 of the head's K^T (HeadTranspose, leading dimension
-// Lkv; float only).
+// krows: K's rows kv0.. of the head; kt: the block's K^T (HeadPack, E x nkv, leading dimension nkv; float
+// only).
 template <class T>
 struct TileScorer {
   const FlexProblem& p;
   TileMath<T> math;
+  // float: a softcap score_mod runs as a tile kernel, not through score_ev
+  std::optional<SoftcapForm> softcap = std::is_same_v<T, float> ? softcap_form(p.score_mod.get()) : std::nullopt;
+  // float, sequences under 2^24: an ALiBi-form score_mod runs as one pass; score_ev gives its c per (b, h)
+  std::optional<DistanceBiasForm> distance =
+      std::is_same_v<T, float> && std::max(p.Lq, p.Lkv) < (int64_t{1} << 24) ? distance_bias_form(p.score_mod.get())
+                                                                            : std::nullopt;
   ThreadEvaluator<T> score_ev, mask_ev;
   ScratchTile<uint8_t> mask;
   explicit TileScorer(const FlexProblem& prob)
       : p(prob),
-        score_ev(kScoreEval, prob.score_mod.get()),
+        score_ev(kScoreEval, softcap ? nullptr : prob.score_mod.get()),
         mask_ev(kMaskEval, prob.mask_mod.get()),
         mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
-    math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, p.Lkv, pre, ld);
+    math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, nkv, pre, ld);
     mods(b, h, q0, nq, kv0, nkv, partial, pre, s, ld);
   }
   // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T.
@@ -164,7 +264,20 @@ struct TileScorer {
     // The evaluators run over strips of ~2048 scores: every instruction is a pass over its buffer, and a
     // strip's buffers (a few of 8 KB to 16 KB) stay in L1 where a whole tile's (64 KB to 128 KB each) do not.
     const int64_t strip = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, nkv));
-    if (score_ev) {
+    if (softcap) {
+      if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
+        for (int64_t i = 0; i < nq; ++i)
+          math.tk.softcap(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld);
+      }
+    } else if (distance) {
+      if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
+        // c is the program's value at q = 0, kv = 1, score = 0 (0 + c * 1), as the interpreter rounds it
+        const float zero = 0;
+        score_ev->run(b, h, 0, 1, 1, 1, &zero, 1);
+        const float c = tile_at<float>(score_ev->output(0), 0, 0) * distance->sign;
+        add_distance_bias(pre, s, nq, nkv, ld, q0, kv0, distance->sign, c);
+      }
+    } else if (score_ev) {
       for (int64_t r = 0; r < nq; r += strip) {
         score_ev->score_tile(b, h, q0 + r, std::min(strip, nq - r), kv0, nkv, pre + r * ld, s + r * ld, ld, ld);
       }
@@ -211,7 +324,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
     const int64_t ldp = (tile_cols(p) + 1) / 2;
     ScratchTile<uint32_t> ppairs(kPTile, kBf16 ? tile_rows(p) * ldp : 0);  // P as bf16 pairs
     ScratchTile<T> s(kScoreTile, tile_rows(p) * tile_cols(p)), acc(kAccTile, tile_rows(p) * p.Ev),
-        m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p));
+        m(kRowMax, tile_rows(p)), l(kRowSum, tile_rows(p)), bmax(kTileMax, tile_rows(p));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       try {
@@ -236,19 +349,21 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
           if constexpr (kBf16) {
             const uint32_t* kp = kt.get(kbase, p.Lkv, p.E / 2, kv0, nkv);
             tile_kernels().gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
-                                     reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp + kv0, p.Lkv, false,
+                                     reinterpret_cast<const uint32_t*>(qrows), p.E / 2, kp, nkv, false,
                                      s.data(), ld);
             scorer.mods(b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           } else {
             scorer.compute(b, h, qrows, q0, nq, kbase + kv0 * p.E, transposed_block(kt, kbase, p.Lkv, p.E, kv0, nkv),
                            kv0, nkv, blocks.is_partial(bi), s.data(), s.data(), ld);
           }
+          // The tile's row maxima first, in a loop of their own: the rows are independent there, where each
+          // row's exp pass below waits on its max.
+          for (int64_t i = 0; i < nq; ++i) bmax[i] = scorer.math.row_max(s.data() + i * ld, nkv);
           for (int64_t i = 0; i < nq; ++i) {
             T* row = s.data() + i * ld;
             // The running max m is NaN-sticky, as torch.amax: once a row has seen a NaN score, its m,
-            // l, output and lse are NaN. The vector max below skips NaN (cheap); NaN is caught after.
-            const T bm = scorer.math.row_max(row, nkv);
-            T mnew = std::max(m[i], bm);  // m[i] first: a NaN m[i] stays
+            // l, output and lse are NaN. The vector max above skips NaN (cheap); NaN is caught after.
+            T mnew = std::max(m[i], bmax[i]);  // m[i] first: a NaN m[i] stays
             if (mnew == ninf) {
               // Only -inf and NaN here: -inf entries weigh 0; a NaN makes the row NaN (an empty row,
               // every score -inf so far, stays empty).
@@ -263,8 +378,10 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             if (mnew == -ninf) {  // a +inf score: inf - inf below would hide whether a NaN was there too
               for (int64_t j = 0; j < nkv; ++j) mnew = std::isnan(row[j]) ? row[j] : mnew;
             }
-            const T corr = std::exp(m[i] - mnew);
-            T sum = scorer.math.exp_sum(row, nkv, mnew);
+            // (exp(0) = 1: no call when the max stays)
+            const T corr = std::isfinite(mnew) && m[i] == mnew ? T(1) : std::exp(m[i] - mnew);
+            // mnew is the row's max: the cheaper exp when it is finite
+            T sum = std::isfinite(mnew) ? scorer.math.exp_sum_max(row, nkv, mnew) : scorer.math.exp_sum(row, nkv, mnew);
             // With a finite max every exp is in [0, 1], so a NaN sum means a NaN score.
             if (std::isnan(sum) && std::isfinite(mnew)) mnew = sum;
             l[i] = l[i] * corr + sum;
@@ -278,7 +395,7 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
             const TileKernels& tk = tile_kernels();
             const uint32_t* vp = vrows.get(vbase, p.Lkv, p.Ev, kv0, nkv);
             for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(s.data() + i * ld, nkv, ppairs.data() + i * ldp);
-            tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp + kv0 / 2 * p.Ev, p.Ev, true,
+            tk.gemm_bf16(false, nq, p.Ev, (nkv + 1) / 2, 1.0f, ppairs.data(), ldp, vp, p.Ev, true,
                          acc.data(), p.Ev);
           } else {
             scorer.math.nn(false, nq, p.Ev, nkv, T(1), s.data(), ld, vbase + kv0 * p.Ev, p.Ev, true, acc.data(), p.Ev);
@@ -323,14 +440,24 @@ struct TileGrad {
         ds_pairs(kDsPairs, bf16 ? tile_rows(p) * ((tile_cols(p) + 1) / 2) : 0) {}
 };
 
-template <class T> T tile_at(const TileValue& v, int64_t i, int64_t j) {
-  const int64_t o = i * v.row_stride + j * v.col_stride;
-  switch (v.kind) {
-    case ValueKind::Float: return v.as<T>()[o];
-    case ValueKind::Int: return static_cast<T>(v.as<int64_t>()[o]);
-    default: return static_cast<T>(v.as<uint8_t>()[o]);
-  }
-}
+// What one thread of a backward parallel region works with, built once at the region's start: the tile
+// scorer, the gradient scratch, the dS tile and, where the region adds captured-tensor gradients, its
+// buffers for them and the derivative program's evaluator (for the capture terms when g.grad_ev, which
+// has them too, is not there).
+template <class T>
+struct BackwardThreadState {
+  TileScorer<T> sc;
+  TileGrad<T> g;
+  ScratchTile<T> ds;
+  std::vector<std::vector<double>>* caps;  // [capture] gradient, this thread's; null: the region adds none
+  ThreadEvaluator<T> cap_ev;
+  BackwardThreadState(const FlexProblem& p, bool bf16, std::vector<std::vector<double>>* caps)
+      : sc(p),
+        g(p, bf16),
+        ds(kDsTile, tile_rows(p) * tile_cols(p)),
+        caps(caps),
+        cap_ev(kCapEval, caps && !g.grad_ev ? &p.score_grad->program : nullptr) {}
+};
 
 // Integer value of an index tile (kept exact: no round trip through float).
 inline int64_t tile_index(const TileValue& v, int64_t i, int64_t j) {
@@ -377,14 +504,16 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   // Recomputes the tile: g.pre = scale q.k, g.s = P (0 where masked or the row is empty), g.dp = dS
   // with respect to the modified score.
   // kvhead: (kv batch * Hkv + kv head), whose rows kv0.. the tile reads.
-  auto tile_ds = [&](TileGrad<T>& g, TileScorer<T>& sc, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+  auto tile_ds = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
                      int64_t nkv, bool partial, int64_t kvhead) {
+    TileGrad<T>& g = st.g;
+    TileScorer<T>& sc = st.sc;
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
     if constexpr (kBf16) {
       const TileKernels& tk = tile_kernels();
       const uint32_t* kp = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E / 2, kv0, nkv);
       tk.gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
-                   reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp + kv0, p.Lkv, false, g.pre.data(),
+                   reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp, nkv, false, g.pre.data(),
                    ld);
       sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
     } else {
@@ -399,23 +528,27 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
         std::fill(row, row + nkv, T(0));
         continue;
       }
-      math.exp_sum(row, nkv, li);
+      // P = e^(s - lse) with lse >= the row's max: the cheaper exp when lse is finite
+      if (std::isfinite(li)) math.exp_sum_max(row, nkv, li);
+      else math.exp_sum(row, nkv, li);
     }
     if constexpr (kBf16) {  // dP = dO V^T
       const uint32_t* vp = g.vt.get(v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev / 2, kv0, nkv);
       tile_kernels().gemm_bf16(false, nq, nkv, p.Ev / 2, 1.0f, reinterpret_cast<const uint32_t*>(dout + row0 * p.Ev),
-                               p.Ev / 2, vp + kv0, p.Lkv, false, g.dp.data(), ld);
+                               p.Ev / 2, vp, nkv, false, g.dp.data(), ld);
     } else {
       const T* vtc = transposed_block(g.vt, v + kvhead * p.Lkv * p.Ev, p.Lkv, p.Ev, kv0, nkv);
-      math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, p.Lkv,
+      math.nt(nq, nkv, p.Ev, T(1), dout + row0 * p.Ev, p.Ev, v + (kvhead * p.Lkv + kv0) * p.Ev, p.Ev, vtc, nkv,
               g.dp.data(), ld);
     }
     for (int64_t i = 0; i < nq; ++i) math.softmax_grad(g.dp.data() + i * ld, g.s.data() + i * ld, nkv, delta[row0 + i]);
   };
   // dS = g.dp * d score_mod / d score (evaluated at the pre-mod score), in ds; g.dp itself when the
   // derivative is the constant 1 (no score_mod, or one that only adds).
-  auto apply_dscore = [&](TileGrad<T>& g, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv,
-                          T* ds) -> const T* {
+  auto apply_dscore = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+                          int64_t nkv) -> const T* {
+    TileGrad<T>& g = st.g;
+    T* ds = st.ds.data();
     if (g.grad_ev) {
       g.grad_ev->run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
       TileValue f = g.grad_ev->output(0);
@@ -452,7 +585,7 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
       for (int64_t i = 0; i < nq; ++i) tk.to_bf16_pairs(ds + i * ld, nkv, g.ds_pairs.data() + i * ldp);
       const uint32_t* kr = g.krows.get(khead, p.Lkv, p.E, kv0, nkv);
       tk.gemm_bf16(false, nq, p.E, (nkv + 1) / 2, static_cast<float>(p.scale), g.ds_pairs.data(), ldp,
-                   kr + kv0 / 2 * p.E, p.E, true, dqr, p.E);
+                   kr, p.E, true, dqr, p.E);
     } else {
       math.nn(false, nq, p.E, nkv, static_cast<T>(p.scale), ds, ld, khead + kv0 * p.E, p.E, true, dqr, p.E);
     }
@@ -464,20 +597,25 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
   for (size_t c = 0; c < ncaps; ++c) any_cap = any_cap || (c < needs_cap.size() && needs_cap[c]);
   const int nthreads = omp_get_max_threads();
   std::vector<std::vector<std::vector<double>>> cap_acc(nthreads);  // [thread][slot] gradient buffers
-  auto thread_caps = [&]() -> std::vector<std::vector<double>>& {
-    auto& mine = cap_acc[omp_get_thread_num()];
-    if (any_cap) {
-      mine.resize(ncaps);
+  // This thread's state for a parallel region; with `captures` (and captured gradients wanted) its zeroed
+  // captured-gradient buffers.
+  auto thread_state = [&](bool captures) {
+    std::vector<std::vector<double>>* mine = nullptr;
+    if (captures && any_cap) {
+      mine = &cap_acc[omp_get_thread_num()];
+      mine->resize(ncaps);
       for (size_t c = 0; c < ncaps; ++c) {
-        if (needs_cap[c]) mine[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
+        if (needs_cap[c]) (*mine)[c].assign(p.score_grad->captures[c].tensor.numel(), 0.0);
       }
     }
-    return mine;
+    return BackwardThreadState<T>(p, kBf16, mine);
   };
-  // Adds the tile's captured gradients (g.dp: the gradient w.r.t. the modified score) into `mine`.
-  auto add_capture_grads = [&](TileGrad<T>& g, ThreadEvaluator<T>& cap_ev, int64_t b, int64_t h, int64_t q0, int64_t nq,
-                               int64_t kv0, int64_t nkv, std::vector<std::vector<double>>& mine) {
-    TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *cap_ev;
+  // Adds the tile's captured gradients (g.dp: the gradient w.r.t. the modified score) into st.caps.
+  auto add_capture_grads = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
+                               int64_t nkv) {
+    TileGrad<T>& g = st.g;
+    std::vector<std::vector<double>>& mine = *st.caps;
+    TileEvaluator<T>& ev = g.grad_ev ? *g.grad_ev : *st.cap_ev;
     if (!g.grad_ev) ev.run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
     for (const CaptureGradTerm& term : p.score_grad->terms) {
       if (!needs_cap[term.capture]) continue;
@@ -512,11 +650,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     // is recomputed once (the two passes below recompute each twice).
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
-      auto& mine = thread_caps();
-      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
+      BackwardThreadState<T> st = thread_state(true);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < kv_heads; ++t) {
         try {
@@ -543,12 +678,12 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                   if (q0 >= p.Lq) continue;
                   const int64_t nq = std::min(p.block_q, p.Lq - q0);
                   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                  tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
+                  tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
                   add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                  const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                  const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
                   add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
                   add_dq(g, dsp, nq, nkv, t, kv0, dq + row0 * p.E);  // dQ += scale dS K
-                  if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
+                  if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
                 }
               }
             }
@@ -564,9 +699,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t kv_tasks = p.Bkv * p.Hkv * nKB;
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
+      BackwardThreadState<T> st = thread_state(false);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < kv_tasks; ++t) {
         try {
@@ -586,9 +720,9 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
                 if (q0 >= p.Lq) continue;
                 const int64_t nq = std::min(p.block_q, p.Lq - q0);
                 const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+                tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
                 add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+                const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
                 add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
               }
             }
@@ -604,12 +738,8 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     const int64_t q_tasks = p.B * p.Hq * nQB;
 #pragma omp parallel
     {
-      TileScorer<T> sc(p);
-      TileGrad<T> g(p, kBf16);
-      ScratchTile<T> ds(kDsTile, tile_rows(p) * tile_cols(p));
-      auto& mine = thread_caps();
-      // the derivative program, when grad_ev was skipped
-      ThreadEvaluator<T> cap_ev(kCapEval, any_cap && !g.grad_ev ? &p.score_grad->program : nullptr);
+      BackwardThreadState<T> st = thread_state(true);
+      TileGrad<T>& g = st.g;
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < q_tasks; ++t) {
         try {
@@ -627,10 +757,10 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
             const int64_t kv0 = static_cast<int64_t>(blocks.at(bi)) * p.block_kv;
             if (kv0 >= p.Lkv) continue;
             const int64_t nkv = std::min(p.block_kv, p.Lkv - kv0);
-            tile_ds(g, sc, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-            const T* dsp = apply_dscore(g, b, h, q0, nq, kv0, nkv, ds.data());
+            tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
+            const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
             add_dq(g, dsp, nq, nkv, bk * p.Hkv + hk, kv0, dqr);  // dQ += scale dS K
-            if (any_cap) add_capture_grads(g, cap_ev, b, h, q0, nq, kv0, nkv, mine);
+            if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
           }
         } catch (...) {
           err.capture();

@@ -21,7 +21,7 @@ namespace fg::cpu {
 // slot has one user at a time (forward and backward of one thread never overlap).
 enum ScratchSlot : int {
   kScoreTile, kPreTile, kGradTile, kDsTile, kAccTile, kRowMax, kRowSum, kMaskTile, kKt, kVt, kKRows, kPTile,
-  kBTile, kDsPairs, kSlots
+  kBTile, kDsPairs, kTileMax, kSlots
 };
 template <class U>
 inline U* thread_scratch(ScratchSlot slot, int64_t n) {
@@ -73,15 +73,20 @@ class ThreadEvaluator {
 // A thread's copy of one K or V head in the layout a tile product reads, packed block by block as tiles
 // ask for them and started afresh when the head changes (a thread's consecutive tasks mostly share a head,
 // so the copy stays in its cache across the head's q blocks; a task packs only the kv blocks it visits,
-// which matters when many threads share a head under a sparse mask). The head is L rows of `cols` elements.
-//   Transpose32: 32-bit elements (floats, or bf16 pairs along E) -> cols x L; row kv0's column at + kv0.
-//   PairRows16: bf16 -> pairs of rows, ceil(L/2) x cols pairs; rows kv0, kv0 + 1 at + kv0 / 2 * cols
+// which matters when many threads share a head under a sparse mask). The head is L rows of `cols` elements;
+// get() returns the block of rows [kv0, kv0 + n):
+//   Transpose32: 32-bit elements (floats, or bf16 pairs along E) -> the block's cols x n transpose, leading
+//                dimension n, contiguous at + kv0 * cols. (Not the head's cols x L transpose with leading
+//                dimension L: a tile product reads B's rows one after another, and rows L floats apart fall
+//                on a handful of cache sets for power-of-two L, so B was refetched from L2 for every
+//                register block: 1.5x the time of QK^T on AVX2.)
+//   PairRows16: bf16 -> pairs of rows, ceil(n/2) x cols pairs, leading dimension cols, at + kv0 / 2 * cols
 //               (kv0 even; an odd L pads the last pair with 0).
 class HeadPack {
  public:
   enum Layout { Transpose32, PairRows16 };
   HeadPack(ScratchSlot slot, Layout layout) : slot_(slot), layout_(layout) {}
-  // The packed head with rows [kv0, kv0 + n) ready (blocks are asked for with the same kv0 every time).
+  // The packed block of rows [kv0, kv0 + n) (blocks are asked for with the same kv0 and n every time).
   const uint32_t* get(const void* head, int64_t L, int64_t cols, int64_t kv0, int64_t n) {
     const TileKernels& tk = tile_kernels();
     if (head != src_) {
@@ -89,15 +94,16 @@ class HeadPack {
       ready_.assign(L, 0);
       src_ = head;
     }
+    uint32_t* block = layout_ == Transpose32 ? buf_ + kv0 * cols : buf_ + kv0 / 2 * cols;
     if (!ready_[kv0]) {
       if (layout_ == Transpose32) {
-        tk.transpose32(static_cast<const uint32_t*>(head) + kv0 * cols, n, cols, buf_ + kv0, L);
+        tk.transpose32(static_cast<const uint32_t*>(head) + kv0 * cols, n, cols, block, n);
       } else {
-        tk.pair_rows_bf16(static_cast<const uint16_t*>(head) + kv0 * cols, cols, n, cols, buf_ + kv0 / 2 * cols, cols);
+        tk.pair_rows_bf16(static_cast<const uint16_t*>(head) + kv0 * cols, cols, n, cols, block, cols);
       }
       ready_[kv0] = 1;
     }
-    return buf_;
+    return block;
   }
 
  private:
@@ -108,10 +114,11 @@ class HeadPack {
   std::vector<uint8_t> ready_;  // per row: the block starting there is packed
 };
 
-// Column kv0 of the transposed float head (ld L), packed as needed; null for double (BLAS reads K itself).
+// The transposed float block (E x n, leading dimension n) of rows [kv0, kv0 + n), packed as needed; null
+// for double (BLAS reads K itself).
 template <class T>
 const T* transposed_block(HeadPack& pack, const T* head, int64_t L, int64_t E, int64_t kv0, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) return reinterpret_cast<const float*>(pack.get(head, L, E, kv0, n)) + kv0;
+  if constexpr (std::is_same_v<T, float>) return reinterpret_cast<const float*>(pack.get(head, L, E, kv0, n));
   else return nullptr;
 }
 

@@ -27,6 +27,12 @@ struct TileKernels {
   float (*row_max)(const float* x, int64_t n);
   // x[j] = exp(x[j] - m) in place (vec::expf's semantics), returns the sum of the new x.
   float (*exp_sum)(float* x, int64_t n, float m);
+  // The same for a softmax row whose maximum m is finite (every x[j] <= m, or NaN), a third cheaper: within
+  // an ulp of exp, not rounded as vec::expf (n from a fused multiply-add); -inf -> 0, NaN stays NaN.
+  float (*exp_sum_max)(float* x, int64_t n, float m);
+  // out[j] = outer * tanh(x[j] / inner) (divide), or outer * tanh(x[j] * inner): the softcap score_mod in
+  // one pass (out may be x). tanh within 1.5 ulp of float64's; +-inf -> +-1, NaN stays NaN.
+  void (*softcap)(const float* x, int64_t n, float inner, bool divide, float outer, float* out);
   // dp[j] = p[j] * (dp[j] - delta): the softmax backward of one row.
   void (*softmax_grad)(float* dp, const float* p, int64_t n, float delta);
   // dst[c * ldd + r] = src[r * cols + c] for r < rows, c < cols: the transpose of a row-major block of

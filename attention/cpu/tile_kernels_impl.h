@@ -7,6 +7,7 @@
 //                static constexpr int MR, NV; };   // GEMM register block: MR rows x NV vectors
 // Included only by tile_kernels_<isa>.cpp: the code takes the instruction set those files are compiled for.
 #pragma once
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -108,6 +109,30 @@ void gemm(bool a_trans, int64_t m, int64_t n, int64_t k, float alpha, const floa
   }
 }
 
+// Lane reductions by halving: log2 W dependent steps, not W (every row pass ends waiting on one; at a
+// 128-float row the serial max was as long as the pass).
+template <class I, class Op>
+inline float reduce_lanes(typename I::V v, Op op) {
+  using VI = typename I::VI;
+  constexpr int W = I::W;
+  [&]<int... H>(std::integer_sequence<int, H...>) {
+    // step h combines lane j + W / 2^(h+1) into lane j
+    ((v = op(v, __builtin_shuffle(v, [] {
+        VI idx{};
+        for (int j = 0; j < W; ++j) idx[j] = (j + (W >> (H + 1))) % W;
+        return idx;
+      }()))),
+     ...);
+  }(std::make_integer_sequence<int, std::bit_width(unsigned(W)) - 1>{});
+  return v[0];
+}
+template <class I> inline float hsum(typename I::V v) {
+  return reduce_lanes<I>(v, [](auto a, auto b) { return a + b; });
+}
+template <class I> inline float hmax(typename I::V v) {
+  return reduce_lanes<I>(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+
 template <class I>
 float row_max(const float* x, int64_t n) {
   using V = typename I::V;
@@ -119,8 +144,7 @@ float row_max(const float* x, int64_t n) {
     const V v = load<V>(x + j);
     mv = v > mv ? v : mv;  // false for NaN: skipped
   }
-  float m = ninf;
-  for (int l = 0; l < W; ++l) m = mv[l] > m ? mv[l] : m;
+  float m = hmax<I>(mv);  // mv holds no NaN
   for (; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
@@ -168,14 +192,92 @@ float exp_sum(float* x, int64_t n, float m) {
     store<V>(x + j, e);
     sv += e;
   }
-  float s = 0;
-  for (int l = 0; l < W; ++l) s += sv[l];
+  float s = hsum<I>(sv);
   for (; j < n; ++j) {
     V e = vexp<I>(splat<V>(x[j] - m));
     x[j] = e[0];
     s += x[j];
   }
   return s;
+}
+
+// e^x for x <= 0 or NaN (a score minus its row's finite max): vexp's reduction and polynomial without the
+// overflow side (no clamp of n at 127, no inf select) and with n = round(x log2 e) from one multiply-add, a
+// third fewer operations in the softmax's exp pass. x < -87.34 (and -inf) gives 0, NaN stays NaN; AVX-512
+// and AVX2 round identically here too. Also right for 0 < x < 88 (n <= 127).
+template <class I>
+inline typename I::V vexp_nonpos(typename I::V x) {
+  using V = typename I::V;
+  using VI = typename I::VI;
+  const V lo = splat<V>(-87.33654f);
+  V n = I::fma(x, splat<V>(1.44269504088896341f), splat<V>(12582912.0f)) - 12582912.0f;
+  const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
+  V p = splat<V>(1.9875691500e-4f);
+  p = I::fma(p, r, splat<V>(1.3981999507e-3f));
+  p = I::fma(p, r, splat<V>(8.3334519073e-3f));
+  p = I::fma(p, r, splat<V>(4.1665795894e-2f));
+  p = I::fma(p, r, splat<V>(1.6666665459e-1f));
+  p = I::fma(p, r, splat<V>(5.0000001201e-1f));
+  const V er = I::fma(p * r, r, r) + 1.0f;
+  if constexpr (requires { I::scalef(er, n); }) {
+    return x < lo ? V{} : I::scalef(er, n);  // NaN propagates through scalef
+  } else {
+    n = n > -127.0f ? n : splat<V>(-127.0f);  // -inf and NaN: a defined conversion (selected away below)
+    const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+    const V y = er * (V)bits;
+    return x != x ? x : (x < lo ? V{} : y);
+  }
+}
+
+template <class I>
+float exp_sum_max(float* x, int64_t n, float m) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  V sv{};
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = vexp_nonpos<I>(load<V>(x + j) - m);
+    store<V>(x + j, e);
+    sv += e;
+  }
+  float s = hsum<I>(sv);
+  for (; j < n; ++j) {
+    x[j] = vexp_nonpos<I>(splat<V>(x[j] - m))[0];
+    s += x[j];
+  }
+  return s;
+}
+
+// out[j] = outer * tanh(x[j] / inner) (divide) or outer * tanh(x[j] * inner): the softcap score_mod in one
+// pass, where the interpreter makes three (the division, tanh, the product). tanh is vec::tanhf's split:
+// its odd polynomial below |y| = 0.625, else (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (vexp_nonpos, no
+// overflow side: the same value as vec::tanhf's 1 - 2 / (exp(2|y|) + 1) within an ulp or two); tanh(+-inf)
+// = +-1, NaN stays NaN.
+template <class I>
+inline typename I::V vsoftcap(typename I::V x, float inner, bool divide, float outer) {
+  using V = typename I::V;
+  const V y = divide ? x / inner : x * inner;
+  const V ay = y < 0.0f ? -y : y;
+  const V e = vexp_nonpos<I>(ay * -2.0f);
+  const V big = (1.0f - e) / (1.0f + e);
+  const V z = y * y;
+  V p = splat<V>(-5.70498872745e-3f);
+  p = I::fma(p, z, splat<V>(2.06390887954e-2f));
+  p = I::fma(p, z, splat<V>(-5.37397155531e-2f));
+  p = I::fma(p, z, splat<V>(1.33314422036e-1f));
+  p = I::fma(p, z, splat<V>(-3.33332819422e-1f));
+  const V small = I::fma(p * z, y, y);
+  const V t = ay < 0.625f ? small : (y < 0.0f ? -big : big);  // NaN: big (NaN)
+  return t * outer;
+}
+
+template <class I>
+void softcap(const float* x, int64_t n, float inner, bool divide, float outer, float* out) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store<V>(out + j, vsoftcap<I>(load<V>(x + j), inner, divide, outer));
+  for (; j < n; ++j) out[j] = vsoftcap<I>(splat<V>(x[j]), inner, divide, outer)[0];
 }
 
 template <class I>
@@ -244,7 +346,7 @@ void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v, int
 
 template <class I>
 const TileKernels& make_table(const char* name) {
-  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &softmax_grad<I>,
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &exp_sum_max<I>, &softcap<I>, &softmax_grad<I>,
                             &transpose32<(I::W >= 8 ? 8 : 4)>, nullptr, nullptr, nullptr, nullptr};
   return t;
 }

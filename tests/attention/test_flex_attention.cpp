@@ -183,7 +183,15 @@ std::vector<NamedMod> builtin_mods() {
           {"rel_bias", rel_bias(), native_mod([](double s, I, I, I q, I kv) { return s + double(q - kv); })},
           {"rel_causal", rel_causal(),
            native_mod([](double s, I, I, I q, I kv) { return q <= kv ? s + double(q - kv) : kNegInf; })},
-          {"alibi", alibi(4), native_mod([](double s, I, I h, I q, I kv) { return native_alibi(s, h, q, kv, 4); })}};
+          {"alibi", alibi(4), native_mod([](double s, I, I h, I q, I kv) { return native_alibi(s, h, q, kv, 4); })},
+          // the two softcap forms the CPU float tiles run as one kernel pass (outer * tanh(s / c), s * c)
+          {"softcap", [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); },
+           native_mod([](double s, I, I, I, I) { return 20.0 * std::tanh(s / 20.0); })},
+          {"softcap_tight", [](Expr s, Expr, Expr, Expr, Expr) { return tanh(s * 0.5) * 2.0; },
+           native_mod([](double s, I, I, I, I) { return 2.0 * std::tanh(s * 0.5); })},
+          // ALiBi's other form the CPU float tiles run as one pass (alibi above is the first): q - kv, the bias first
+          {"distance_bias", [](Expr s, Expr, Expr h, Expr q, Expr kv) { return (q - kv) * (0.125 * (h + 1)) + s; },
+           native_mod([](double s, I, I h, I q, I kv) { return s + double(q - kv) * (0.125 * double(h + 1)); })}};
 }
 
 class BuiltinScoreMods : public ::testing::TestWithParam<DType> {};

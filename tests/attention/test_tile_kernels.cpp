@@ -1,8 +1,8 @@
 // The float32 tile kernels of the CPU FlexAttention (attention/cpu/tile_kernels.h), every instruction set
 // this CPU can run, against plain float64 loops written here: GEMM in both A layouts over sizes that hit
 // every register block and tail, the row max (NaN skipped), the exp-and-sum row pass (vec::expf's values
-// without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept), the softmax backward row, the 32-bit
-// transpose and the bf16 pair kernels. AVX-512 and AVX2 must agree bit for bit.
+// without FMA, within 2 ulp of them with it; -inf -> 0, NaN kept) and its cheaper form below a row's max, the
+// softcap pass, the softmax backward row, the 32-bit transpose and the bf16 pair kernels. AVX-512 and AVX2 must agree bit for bit.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -103,6 +103,10 @@ TEST(TileKernels, Avx512AndAvx2RoundIdentically) {
   x.exp_sum(r1.data(), 77, 0.5f);  // the sums add lanes in another order; the values are the same
   y.exp_sum(r2.data(), 77, 0.5f);
   EXPECT_EQ(r1, r2);
+  r1 = row, r2 = row;
+  x.exp_sum_max(r1.data(), 77, 2.0f);
+  y.exp_sum_max(r2.data(), 77, 2.0f);
+  EXPECT_EQ(r1, r2);
 }
 
 TEST(TileKernels, RowMaxSkipsNaN) {
@@ -175,6 +179,89 @@ TEST(TileKernels, ExpEdges) {
       else EXPECT_NEAR(x[j], ref, 2.5e-7 * ref) << tk.name << " exp(" << x0[j] << ")";
     }
   }
+}
+
+// The softmax's exp pass (every x <= m, the row's finite max): e^(x - m) within about an ulp of float64's
+// exp (and of vec::expf), exactly 1 at the max, 0 for -inf and below e^-87.34, NaN kept; the sum of the values.
+TEST(TileKernels, ExpSumMaxIsExpBelowTheMax) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(29);
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    for (int64_t n : {1, 5, 16, 31, 128}) {
+      std::vector<float> x = random_floats(n, rng);
+      for (float& v : x) v *= 45;  // down to e^-90: past the flush-to-zero edge
+      if (n > 2) x[1] = -inf;
+      float m = -inf;
+      for (float v : x) m = std::max(m, v);
+      std::vector<float> got = x;
+      const float sum = tk.exp_sum_max(got.data(), n, m);
+      double want_sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float d = x[j] - m;
+        const double e = std::exp(static_cast<double>(d));
+        if (x[j] == m) EXPECT_EQ(got[j], 1.0f) << tk.name;
+        if (d < -87.33654f) EXPECT_EQ(got[j], 0.0f) << tk.name << " exp(" << d << ")";
+        else EXPECT_NEAR(got[j], e, 1.25e-7 * e) << tk.name << " exp(" << d << ")";  // 1.01 ulp at worst
+        EXPECT_NEAR(got[j], vec::expf(d), 1.25e-7 * e) << tk.name << " exp(" << d << ")";
+        want_sum += got[j];
+      }
+      EXPECT_NEAR(sum, want_sum, 1e-6 * want_sum) << tk.name << " n " << n;
+      x[n - 1] = nan;
+      got = x;
+      EXPECT_TRUE(std::isnan(tk.exp_sum_max(got.data(), n, m))) << tk.name;
+      EXPECT_TRUE(std::isnan(got[n - 1])) << tk.name;
+    }
+    std::vector<float> edges{-inf, -1000.f, -87.4f, -87.3f, -80.f, -1e-30f, -0.f, 0.f, -3.f, -0.5f, -1e-4f};
+    const std::vector<float> x0 = edges;
+    tk.exp_sum_max(edges.data(), static_cast<int64_t>(edges.size()), 0.f);
+    for (size_t j = 0; j < x0.size(); ++j) {
+      const double e = std::exp(static_cast<double>(x0[j]));
+      if (x0[j] < -87.33654f) EXPECT_EQ(edges[j], 0.0f) << tk.name << " exp(" << x0[j] << ")";
+      else EXPECT_NEAR(edges[j], e, 1.25e-7 * e) << tk.name << " exp(" << x0[j] << ")";
+    }
+  }
+}
+
+// outer * tanh(x / inner) (or x * inner) against float64's tanh of the same float y, both sides of the
+// polynomial/exp split at |y| = 0.625; +-inf -> +-outer, NaN kept, +-0 -> 0; AVX-512 and AVX2 agree bit for bit.
+TEST(TileKernels, SoftcapIsOuterTimesTanh) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  struct Form { float inner; bool divide; float outer; };
+  const Form forms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
+  std::vector<std::vector<float>> per_isa;
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    std::mt19937 rng(31);  // the same inputs for every instruction set
+    std::vector<float> all;
+    for (const Form& f : forms) {
+      for (int64_t n : {1, 7, 16, 33, 128}) {
+        std::vector<float> x = random_floats(n, rng);
+        for (int64_t j = 0; j < n; ++j) x[j] *= std::ldexp(1.0f, static_cast<int>(j % 14) - 4) * f.inner;  // y to +-1024
+        std::vector<float> got(n, 7.f);
+        tk.softcap(x.data(), n, f.inner, f.divide, f.outer, got.data());
+        for (int64_t j = 0; j < n; ++j) {
+          const float y = f.divide ? x[j] / f.inner : x[j] * f.inner;
+          const double want = f.outer * std::tanh(static_cast<double>(y));
+          EXPECT_NEAR(got[j], want, 3.6e-7 * std::fabs(want) + 1e-37) << tk.name << " y " << y;  // 3 ulp
+        }
+        all.insert(all.end(), got.begin(), got.end());
+        std::vector<float> inplace = x;  // out may be x
+        tk.softcap(inplace.data(), n, f.inner, f.divide, f.outer, inplace.data());
+        EXPECT_EQ(inplace, got) << tk.name;
+      }
+    }
+    std::vector<float> sp{inf, -inf, nan, -0.f, 0.f};
+    std::vector<float> out(sp.size());
+    tk.softcap(sp.data(), static_cast<int64_t>(sp.size()), 20.f, true, 20.f, out.data());
+    EXPECT_EQ(out[0], 20.f) << tk.name;
+    EXPECT_EQ(out[1], -20.f) << tk.name;
+    EXPECT_TRUE(std::isnan(out[2])) << tk.name;
+    EXPECT_EQ(out[3], 0.f) << tk.name;
+    EXPECT_EQ(out[4], 0.f) << tk.name;
+    if (isa == TileIsa::Avx2 || isa == TileIsa::Avx512) per_isa.push_back(all);
+  }
+  if (per_isa.size() == 2) EXPECT_EQ(per_isa[0], per_isa[1]);
 }
 
 TEST(TileKernels, Transpose32) {
