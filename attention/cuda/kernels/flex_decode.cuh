@@ -12,14 +12,9 @@
 //    of a tile to finish (an atomic count per tile) combines them by their log-sum-exp: no second kernel
 //    (splits == 1 writes the output directly);
 //  - inside a CTA, warp w takes the 16-column kv slices w, w + FG_WARPS, ... of the CTA's range through its own
-//    FG_STAGES-deep pipeline (no CTA barrier in the loop: a warp never waits for another, and up to
-//    FG_STAGES slices per warp are in flight while it waits; on sm_90 each K/V row is one bulk copy completing
-//    on the buffer's mbarrier, else cp.async), runs S = Q K^T and O += P V on each with mma.sync m16n8k16
-//    and its own online softmax; the warps' (m, l, O) are combined at the end.
-// The loop is kept lean because the kernel's warps were issue-bound, not waiting on memory (ncu on the H200:
-// an instruction every 4.8 cycles per warp): Q's fragments stay in registers, the cursor skips the other
-// warps' slices a block at a time, O is rescaled only when a row's max moves, and the half-fragments that hold
-// only padding rows (a GQA group of 4 in a 16-row tile) skip the softmax.
+//    FG_STAGES-deep cp.async pipeline (no CTA barrier in the loop: a warp never waits for another, and up to
+//    FG_STAGES slices per warp are in flight while it waits), runs S = Q K^T and O += P V on each with
+//    mma.sync m16n8k16 and its own online softmax; the warps' (m, l, O) are combined at the end.
 // K/V are read in place wherever the BlockMask points: through a PagedAttention-converted mask those are
 // the physical pages (block_kv = page size), so a paged cache is read without any gather copy.
 //
@@ -43,7 +38,6 @@
 #define FG_SLICE 16
 #define FG_LDK (FG_E + FG_SMEM_PAD_B16)
 #define FG_LDV (FG_EV + FG_SMEM_PAD_B16)
-#define FG_DEC_Q_REGS (FG_MF * FG_E <= 128)  // Q's fragments in registers (else re-read from shared memory per slice)
 
 // Host mirror: DecodeParams in attention/cuda/flex_decode_cuda.cpp (same declaration order and types).
 struct FgDecParams {
@@ -143,88 +137,19 @@ __device__ __forceinline__ FgSlice fg_dec_take(const FgDecParams& p, FgSliceCurs
   return s;
 }
 
-// How a warp's slices travel. FG_DEC_BULK (sm_90, 16-byte aligned rows): each K and V row of a slice is one
-// bulk copy (cp.async.bulk, the TMA engine's 1-D form) issued by one lane and counted on the buffer's mbarrier,
-// so a 16-row slice costs a lane two instructions instead of 2 * 16 * E / 256 cp.async with their address
-// arithmetic: ncu showed the warps issue-bound (an instruction every 4.8 cycles, 40% of issue slots) with the
-// copies a fifth of the loop. Else cp.async per 16 bytes (zero-filled past the slice's end).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && FG_VEC
-#define FG_DEC_BULK 1
-#else
-#define FG_DEC_BULK 0
-#endif
-
-#if FG_DEC_BULK
-__device__ __forceinline__ void fg_mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fg_mbar_expect_tx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void fg_mbar_wait(unsigned bar, unsigned parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void fg_bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-// Generic-proxy writes to shared memory (the zero fills) ordered before later bulk copies into it.
-__device__ __forceinline__ void fg_fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-// Slice `sl` into a warp's buffers: lane r copies K row r, lane 16 + r V row r; V rows past the slice's end are
-// zeroed (their P is 0, but 0 * NaN is not 0), K rows there are left as they are (their scores are set to
-// -inf, never computed from them). Lane 0 announces the bytes on the buffer's mbarrier first.
+// One slice of K and V rows into a warp's buffers (the warp's 32 lanes share the copies), zero-filled past
+// the slice's end.
 __device__ __forceinline__ void fg_dec_load_slice(const FgDecParams& p, const FgSlice& sl, fg_h16* Kb, fg_h16* Vb,
-                                                  const fg_h16* kg, const fg_h16* vg, int lane, unsigned bar) {
-  const int rows = sl.nend - sl.n0 < FG_SLICE ? sl.nend - sl.n0 : FG_SLICE;
-  if (lane == 0) fg_mbar_expect_tx(bar, (unsigned)rows * 2u * (unsigned)(p.E + p.Ev));
-  __syncwarp();
-  const int r = lane & (FG_SLICE - 1);
-  if (lane < FG_SLICE) {
-    if (r < rows) fg_bulk_copy(fg_smem_addr(Kb + r * FG_LDK), kg + (fg_i64)(sl.n0 + r) * p.k_sl, 2u * p.E, bar);
-  } else if (r < rows) {
-    fg_bulk_copy(fg_smem_addr(Vb + r * FG_LDV), vg + (fg_i64)(sl.n0 + r) * p.v_sl, 2u * p.Ev, bar);
-  } else {
-    uint4* d = (uint4*)(Vb + r * FG_LDV);
-#pragma unroll
-    for (int c = 0; c < FG_EV / 8; ++c) d[c] = make_uint4(0u, 0u, 0u, 0u);
-    fg_fence_proxy_async_smem();  // before a later bulk copy refills this row
-  }
-}
-#else
-// Slice `sl` into a warp's buffers (the warp's 32 lanes share the copies), zero-filled past the slice's end.
-__device__ __forceinline__ void fg_dec_load_slice(const FgDecParams& p, const FgSlice& sl, fg_h16* Kb, fg_h16* Vb,
-                                                  const fg_h16* kg, const fg_h16* vg, int lane, unsigned) {
+                                                  const fg_h16* kg, const fg_h16* vg, int lane) {
   const int rows = sl.nend - sl.n0 < FG_SLICE ? sl.nend - sl.n0 : FG_SLICE;
   fg_load_rows<FG_SLICE>(Kb, FG_LDK, kg + (fg_i64)sl.n0 * p.k_sl, p.k_sl, rows, p.E, FG_E, lane, 32);
   fg_load_rows<FG_SLICE>(Vb, FG_LDV, vg + (fg_i64)sl.n0 * p.v_sl, p.v_sl, rows, p.Ev, FG_EV, lane, 32);
 }
-#endif
-
-// Skips the next k slices (the ones the other warps take) a block at a time rather than slice by slice: a warp
-// then pays about one cursor step per slice it computes, not FG_WARPS (the walk was a third of the loop's
-// instructions at 4 warps).
-__device__ __forceinline__ void fg_dec_skip(const FgDecParams& p, FgSliceCursor& c, int k) {
-  while (k > 0 && c.i < c.i_end) {
-    const int left = (c.nend - c.n0 + FG_SLICE - 1) / FG_SLICE;  // slices left in this block, the next one included
-    if (k < left) {
-      c.n0 += FG_SLICE * k;
-      return;
-    }
-    k -= left;
-    ++c.i;
-    fg_dec_seek(p, c);
-  }
-}
 // This warp's next slice: the cursor's next one, then the other warps' FG_WARPS - 1 are skipped.
 __device__ __forceinline__ FgSlice fg_dec_take_mine(const FgDecParams& p, FgSliceCursor& c) {
   const FgSlice s = fg_dec_take(p, c);
-  fg_dec_skip(p, c, FG_WARPS - 1);
+#pragma unroll
+  for (int w = 1; w < FG_WARPS; ++w) fg_dec_take(p, c);
   return s;
 }
 
@@ -250,7 +175,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   const int packed = p.pack * nq;
   const int r0 = lt * FG_BM;
   if (r0 >= packed) return;
-  const int live_rows = packed - r0;  // real rows of the tile (the rest, up to FG_BM, is padding)
   for (int r = threadIdx.x; r < FG_BM; r += FG_NT) {
     const int pr = r0 + r;
     row_h[r] = pr < packed ? h0 + pr / nq : h0;
@@ -320,54 +244,24 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   }
   const unsigned qs_addr = fg_smem_addr(Qs);
 
-  // This warp's pipeline: its slices in order through FG_STAGES buffers. With bulk copies each buffer has an
-  // mbarrier (its k-th fill completes phase k); else slice j's copies are the (j + 1)-th cp.async group of
-  // each lane (group 0 is Q) and empty groups keep the count when the range runs out.
-  fg_dec_skip(p, cur, warp);  // warp w starts at slice w
+  // This warp's pipeline: its slices in order through FG_STAGES buffers. Slice j's copies are the (j + 1)-th
+  // group of each lane (group 0 is Q); empty groups keep the count when the range runs out.
+  for (int w = 0; w < warp; ++w) fg_dec_take(p, cur);  // warp w starts at slice w
   fg_h16* Kw0 = Ks + warp * FG_STAGES * FG_SLICE * FG_LDK;
   fg_h16* Vw0 = Vs + warp * FG_STAGES * FG_SLICE * FG_LDV;
-  __shared__ __align__(8) unsigned long long bars[FG_WARPS][FG_STAGES];
-  const unsigned bar0 = fg_smem_addr(&bars[warp][0]);
-#if FG_DEC_BULK
-  if (lane == 0) {
-#pragma unroll
-    for (int st = 0; st < FG_STAGES; ++st) fg_mbar_init(bar0 + 8 * st, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  if (p.E < FG_E) {  // K's padding columns meet Q's zero ones: they must hold zeros, not stale NaNs
-    for (int i = lane; i < FG_STAGES * FG_SLICE; i += 32)
-      for (int c = p.E; c < FG_E; ++c) Kw0[i * FG_LDK + c] = (fg_h16)0;
-    fg_fence_proxy_async_smem();
-  }
-  __syncwarp();
-#endif
   int issued = 0;  // slices issued (they come in order: the first empty one ends the range)
 #pragma unroll
   for (int st = 0; st < FG_STAGES - 1; ++st) {
     const FgSlice sl = fg_dec_take_mine(p, cur);
     if (lane == 0) slices[warp][st] = sl;
     if (sl.n0 >= 0) {
-      fg_dec_load_slice(p, sl, Kw0 + st * FG_SLICE * FG_LDK, Vw0 + st * FG_SLICE * FG_LDV, kg, vg, lane, bar0 + 8 * st);
+      fg_dec_load_slice(p, sl, Kw0 + st * FG_SLICE * FG_LDK, Vw0 + st * FG_SLICE * FG_LDV, kg, vg, lane);
       ++issued;
     }
-#if !FG_DEC_BULK
     fg_cp_async_commit();
-#endif
   }
-#if FG_DEC_BULK
-  fg_cp_async_wait<0>();  // Q landed (for this thread's copies) ...
-#else
   fg_cp_async_wait<FG_STAGES - 1>();  // Q landed (for this thread's copies) ...
-#endif
   __syncthreads();                    // ... and for every thread's: the only CTA barrier before the end
-#if FG_DEC_Q_REGS
-  // Q's A fragments stay in registers for the whole range (32 registers at E = 128): every slice reads them.
-  unsigned qa[FG_MF][FG_E / 16][4];
-#pragma unroll
-  for (int f = 0; f < FG_MF; ++f)
-#pragma unroll
-    for (int kk = 0; kk < FG_E / 16; ++kk) fg_ldsm_x4(qa[f][kk], qs_addr + 2 * fg_ldsm_a_offset(lane, 16 * f, 16 * kk, FG_LDK));
-#endif
 
   for (int j = 0; j < issued; ++j) {
     {
@@ -376,20 +270,13 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
       const FgSlice sl = fg_dec_take_mine(p, cur);
       if (lane == 0) slices[warp][nb] = sl;
       if (sl.n0 >= 0) {
-        fg_dec_load_slice(p, sl, Kw0 + nb * FG_SLICE * FG_LDK, Vw0 + nb * FG_SLICE * FG_LDV, kg, vg, lane, bar0 + 8 * nb);
+        fg_dec_load_slice(p, sl, Kw0 + nb * FG_SLICE * FG_LDK, Vw0 + nb * FG_SLICE * FG_LDV, kg, vg, lane);
         ++issued;
       }
-#if !FG_DEC_BULK
       fg_cp_async_commit();
-#endif
     }
-#if FG_DEC_BULK
-    fg_mbar_wait(bar0 + 8 * (j % FG_STAGES), (unsigned)(j / FG_STAGES) & 1u);  // slice j landed
-    __syncwarp();  // ... and the slices[] entry lane 0 wrote is visible
-#else
     fg_cp_async_wait<FG_STAGES - 1>();  // slice j landed (the FG_STAGES - 1 newer ones may be in flight)
     __syncwarp();                       // ... for every lane of the warp
-#endif
     const int buf = j % FG_STAGES;
     const FgSlice sl = slices[warp][buf];
     const fg_h16* Kw = Kw0 + buf * FG_SLICE * FG_LDK;
@@ -408,12 +295,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
       fg_ldsm_x4(bk4, kb_addr + 2 * fg_ldsm_bt_offset(lane, 0, 16 * kk, FG_LDK));
 #pragma unroll
       for (int f = 0; f < FG_MF; ++f) {
-#if FG_DEC_Q_REGS
-        const unsigned* a = qa[f][kk];
-#else
         unsigned a[4];
         fg_ldsm_x4(a, qs_addr + 2 * fg_ldsm_a_offset(lane, 16 * f, 16 * kk, FG_LDK));
-#endif
         fg_mma<FG_IS_BF16>(s[f][0], a, bk4);
         fg_mma<FG_IS_BF16>(s[f][1], a, bk4 + 2);
       }
@@ -426,9 +309,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     for (int f = 0; f < FG_MF; ++f) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        // Eight padding rows (a GQA group of 4 fills half a fragment): nothing to do; their P stays the raw
-        // scores (zero Q rows), which only reach their own rows of O, never written.
-        if (16 * f + 8 * hf >= live_rows) continue;
         const int row = 16 * f + g + 8 * hf, qi = row_q[row], h = row_h[row];
         float mx = fg_neg_inf();
 #pragma unroll
@@ -473,16 +353,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
           }
         }
         l[f][hf] = l[f][hf] * corr + sum;
-        // O is rescaled only when some row's max moved (rare once a long row is under way; an empty row's O is
-        // still 0 and needs none).
-        const bool moved = corr != 1.f && m[f][hf] != fg_neg_inf();
         m[f][hf] = m_new;
-        if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-          for (int n = 0; n < FG_EV / 8; ++n) {
-            o[f][n][2 * hf] *= corr;
-            o[f][n][2 * hf + 1] *= corr;
-          }
+        for (int n = 0; n < FG_EV / 8; ++n) {
+          o[f][n][2 * hf] *= corr;
+          o[f][n][2 * hf + 1] *= corr;
         }
       }
     }
@@ -535,55 +410,43 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   }
   __syncthreads();
 
-  // Per row (a thread each): the warps' weights, the row's sum and its end (or its partial's m, l, NaN flag);
-  // then per entry only the weighted sum of the warps' O.
-  __shared__ float row_wt[FG_WARPS][FG_BM];  // warp w's weight in the row's combination
-  __shared__ float row_scale[FG_BM];         // 1 / l (splits == 1), 1 for a partial
   const fg_i64 n_rows_total = (fg_i64)p.B * p.Hq * p.Lq;
-  for (int row = threadIdx.x; row < FG_BM; row += FG_NT) {
+  for (int idx = threadIdx.x; idx < FG_BM * FG_EV; idx += FG_NT) {
+    const int row = idx / FG_EV, col = idx % FG_EV;
     const int qi = row_q[row];
     if (qi < 0) continue;
     float mxw = fg_neg_inf();
 #pragma unroll
     for (int w = 0; w < FG_WARPS; ++w) mxw = fmaxf(mxw, red_ml[(w * FG_BM + row) * 3]);
-    float lsum = 0.f;
+    float osum = 0.f, lsum = 0.f;
     bool nan_row = false;
 #pragma unroll
     for (int w = 0; w < FG_WARPS; ++w) {
       const float* ml = red_ml + (w * FG_BM + row) * 3;
       const float wt = fg_dec_weight(ml[0], mxw);
-      row_wt[w][row] = wt;
+      osum += wt * red_o[(w * FG_BM + row) * FG_EV + col];
       lsum += wt * ml[1];
       nan_row |= ml[2] != 0.f;
     }
     const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
     if (p.splits == 1) {
       const FgRowEnd<float> e = fg_row_end<float>(mxw, lsum, nan_row);
-      row_scale[row] = e.inv;
-      p.lse[grow] = e.lse;
-      p.mx[grow] = e.max;
+      if (col < p.Ev) {
+        const float x = osum * e.inv;
+        ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
+      }
+      if (col == 0) {
+        p.lse[grow] = e.lse;
+        p.mx[grow] = e.max;
+      }
     } else {
-      row_scale[row] = 1.f;
       const fg_i64 prow = (fg_i64)split * n_rows_total + grow;
-      p.part_ml[prow * 3] = mxw;
-      p.part_ml[prow * 3 + 1] = lsum;
-      p.part_ml[prow * 3 + 2] = nan_row ? 1.f : 0.f;
-    }
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < FG_BM * FG_EV; idx += FG_NT) {
-    const int row = idx / FG_EV, col = idx % FG_EV;
-    const int qi = row_q[row];
-    if (qi < 0 || col >= p.Ev) continue;
-    float osum = 0.f;
-#pragma unroll
-    for (int w = 0; w < FG_WARPS; ++w) osum += row_wt[w][row] * red_o[(w * FG_BM + row) * FG_EV + col];
-    const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
-    if (p.splits == 1) {
-      const float x = osum * row_scale[row];
-      ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
-    } else {
-      p.part_o[((fg_i64)split * n_rows_total + grow) * p.Ev + col] = osum;
+      if (col < p.Ev) p.part_o[prow * p.Ev + col] = osum;
+      if (col == 0) {
+        p.part_ml[prow * 3] = mxw;
+        p.part_ml[prow * 3 + 1] = lsum;
+        p.part_ml[prow * 3 + 2] = nan_row ? 1.f : 0.f;
+      }
     }
   }
   if (p.splits == 1) return;
