@@ -25,6 +25,15 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// The architecture NVRTC targets on device 0 ("" in a build without CUDA, where these tests skip before asking).
+std::string device_arch() {
+#ifdef FLEXGRAD_WITH_CUDA
+  return cuda::jit::target_arch(0);
+#else
+  return "";
+#endif
+}
+
 // The modified score of one entry in plain C++ (-inf: masked).
 using GoldenMod = std::function<double(double score, int64_t b, int64_t h, int64_t q, int64_t kv)>;
 
@@ -117,8 +126,8 @@ class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCu
     if (device_count(DeviceType::CUDA) == 0) {
       GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex_attention forward tests";
     }
-    if (kernel() == FlexCudaForward::Wgmma && cuda::jit::target_arch(0) != "sm_90a") {
-      GTEST_SKIP() << "the Wgmma forward kernel needs sm_90a (Hopper); this device is " << cuda::jit::target_arch(0);
+    if (kernel() == FlexCudaForward::Wgmma && device_arch() != "sm_90a") {
+      GTEST_SKIP() << "the Wgmma forward kernel needs sm_90a (Hopper); this device is " << device_arch();
     }
   }
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
@@ -509,7 +518,7 @@ class FlexWgmmaChoice : public ::testing::Test {
 
 TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
   const Device cuda(DeviceType::CUDA, 0);
-  if (cuda::jit::target_arch(0) != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << cuda::jit::target_arch(0);
+  if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
   Generator gen(4);
   Tensor q = randn({2, 4, 300, 128}, kFloat32, &gen).to(kBFloat16).to(cuda);
   Tensor k = randn({2, 4, 300, 128}, kFloat32, &gen).to(kBFloat16).to(cuda);
@@ -532,7 +541,7 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
   FlexAttentionOptions o;
   o.kernel.cuda_forward = FlexCudaForward::Wgmma;
   Tensor q = randn({1, 2, 64, 64}).to(cuda);
-  if (cuda::jit::target_arch(0) == "sm_90a") {
+  if (device_arch() == "sm_90a") {
     testing::expect_error<NotImplementedError>([&] { flex_attention(q, q, q, o); }, "bfloat16 and float16");
   } else {
     Tensor h = q.to(kBFloat16);
