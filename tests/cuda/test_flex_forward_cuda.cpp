@@ -506,7 +506,7 @@ TEST_F(FlexSplitKvChoice, RefusesWhatItCannotRun) {
                                     "kv_splits");
 }
 
-// The Hopper kernel: Auto uses it only behind FLEXGRAD_FLEX_WGMMA=1 (until verified on the H200), and forcing it
+// The Hopper kernel: Auto uses it only behind FLEXGRAD_FLEX_WGMMA=1 (until it wins on every case), and forcing it
 // where it cannot run raises.
 class FlexWgmmaChoice : public ::testing::Test {
  protected:
