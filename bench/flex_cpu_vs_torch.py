@@ -77,17 +77,21 @@ def torch_worker(args):
                                                                       BLOCK_SIZE=128)
                 row["flex_density"] = 1.0 if bm is None else (100.0 - bm.sparsity()) / 100.0
 
-                # PyTorch 2.11's CPU flex_attention refuses inputs that require grad (it has no CPU backward),
-                # even under no_grad: the forward gets detached copies.
-                qd, kd, vd = q.detach(), k.detach(), v.detach()
-
+                # PyTorch 2.11's CPU flex_attention refuses inputs that require grad (it has no CPU backward):
+                # the forward gets fresh copies that do not, in a plain inference call (with a no_grad block and
+                # detached views its block-mask rows ran ~10x slower than a direct probe of the same call).
+                qd, kd, vd = (x.detach().clone() for x in (q, k, v))
                 fn = compiled()
+                calls = []
 
                 def fwd():
-                    with torch.no_grad():
-                        fn(qd, kd, vd, block_mask=bm)
+                    t0 = time.perf_counter()
+                    fn(qd, kd, vd, block_mask=bm)
+                    calls.append((time.perf_counter() - t0) * 1e3)
 
                 row["flex_fwd"] = best_ms(fwd)
+                print(f"  torch flex {key}: every call (ms, the first compiles): " +
+                      " ".join(f"{c:.1f}" for c in calls), file=sys.stderr, flush=True)
                 try:  # a separate compiled function: a refused attempt must not touch the forward's
                     fb = compiled()
                     row["flex_fb"] = best_ms(lambda: fb(q, k, v, block_mask=bm).sum().backward(), reset)
