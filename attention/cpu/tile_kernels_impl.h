@@ -181,24 +181,29 @@ inline typename I::V vexp(typename I::V x) {
   }
 }
 
-template <class I>
-float exp_sum(float* x, int64_t n, float m) {
+// x[j] = exp(x[j] - m) in place by `vexp_fn` (vexp or vexp_nonpos below), returning the sum.
+template <class I, class ExpFn>
+float exp_sum_by(float* x, int64_t n, float m, ExpFn vexp_fn) {
   using V = typename I::V;
   constexpr int W = I::W;
   V sv{};
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const V e = vexp<I>(load<V>(x + j) - m);
+    const V e = vexp_fn(load<V>(x + j) - m);
     store<V>(x + j, e);
     sv += e;
   }
   float s = hsum<I>(sv);
   for (; j < n; ++j) {
-    V e = vexp<I>(splat<V>(x[j] - m));
-    x[j] = e[0];
+    x[j] = vexp_fn(splat<V>(x[j] - m))[0];
     s += x[j];
   }
   return s;
+}
+
+template <class I>
+float exp_sum(float* x, int64_t n, float m) {
+  return exp_sum_by<I>(x, n, m, [](typename I::V v) { return vexp<I>(v); });
 }
 
 // e^x for x <= 0 or NaN (a score minus its row's finite max): vexp's reduction and polynomial without the
@@ -231,21 +236,7 @@ inline typename I::V vexp_nonpos(typename I::V x) {
 
 template <class I>
 float exp_sum_max(float* x, int64_t n, float m) {
-  using V = typename I::V;
-  constexpr int W = I::W;
-  V sv{};
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    const V e = vexp_nonpos<I>(load<V>(x + j) - m);
-    store<V>(x + j, e);
-    sv += e;
-  }
-  float s = hsum<I>(sv);
-  for (; j < n; ++j) {
-    x[j] = vexp_nonpos<I>(splat<V>(x[j] - m))[0];
-    s += x[j];
-  }
-  return s;
+  return exp_sum_by<I>(x, n, m, [](typename I::V v) { return vexp_nonpos<I>(v); });
 }
 
 // out[j] = outer * tanh(x[j] / inner) (divide) or outer * tanh(x[j] * inner): the softcap score_mod in one
