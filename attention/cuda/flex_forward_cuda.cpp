@@ -6,8 +6,10 @@
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
 // FMA arithmetic, no TF32). On Hopper, FlexCudaForward::Wgmma runs flex_fwd_wgmma (kernels/flex_forward_wgmma.cuh:
 // the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it only when FLEXGRAD_FLEX_WGMMA=1 is set,
-// until it beats flex_fwd_mma on every case (softcap is 12% slower on the H200). Anything the kernels cannot run raises NotImplementedError saying why.
+// until it beats flex_fwd_mma on every case (softcap is 12% slower on the H200). Anything the kernels cannot run
+// raises NotImplementedError saying why.
 #include <cuda_runtime.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -145,14 +147,21 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
 // the kernel for them). One warpgroup per 64 q rows, two when the q blocks hold more than 64 rows; kv sub-tiles of
 // 128 columns (the N of the Q K^T wgmma) for head dims up to 128 and kv blocks over 64, else 64 (smem and the
 // registers of O at Ev = 256). min_blocks 1: ptxas gives the kernel 150-255 registers a thread on sm_90a.
-TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
+// Why flex_fwd_wgmma cannot run this call ("" when it can): the forced kernel raises it, Auto skips the kernel.
+std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
   const DType dt = p.q.dtype();
-  FG_CHECK(dt == kBFloat16 || dt == kFloat16, NotImplementedError,
-           "flex_attention on CUDA: the Wgmma forward kernel runs bfloat16 and float16; got {}", dtype_name(dt));
-  FG_CHECK(arch == "sm_90a", NotImplementedError,
-           "flex_attention on CUDA: the Wgmma forward kernel needs a Hopper GPU (sm_90a); this device is {}", arch);
-  FG_CHECK(p.E >= 1 && p.E <= kMaxHeadDim && p.Ev >= 1 && p.Ev <= kMaxHeadDim, NotImplementedError,
-           "flex_attention on CUDA: head dims up to {} are supported; got E={}, Ev={}", kMaxHeadDim, p.E, p.Ev);
+  if (dt != kBFloat16 && dt != kFloat16)
+    return fmt::format("the Wgmma forward kernel runs bfloat16 and float16; got {}", dtype_name(dt));
+  if (arch != "sm_90a")
+    return fmt::format("the Wgmma forward kernel needs a Hopper GPU (sm_90a); this device is {}", arch);
+  if (p.E < 1 || p.E > kMaxHeadDim || p.Ev < 1 || p.Ev > kMaxHeadDim)
+    return fmt::format("head dims up to {} are supported; got E={}, Ev={}", kMaxHeadDim, p.E, p.Ev);
+  return "";
+}
+
+TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
+  const std::string why = wgmma_unsupported(p, arch);
+  FG_CHECK(why.empty(), NotImplementedError, "flex_attention on CUDA: {}", why);
   TileConfig c;
   c.mma = c.wgmma = true;
   c.e_pad = round_up(p.E, 64);
@@ -172,13 +181,12 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
 }
 
 // Auto's use of flex_fwd_wgmma: opt-in (FLEXGRAD_FLEX_WGMMA=1) until it is at least as fast as flex_fwd_mma on
-// every case (its tests pass on the H200; softcap still loses 12%); then only where it wastes nothing (head dims multiples of 64) on sm_90a.
+// every case (its tests pass on the H200; softcap still loses 12%); then only where it runs and wastes nothing
+// (head dims multiples of 64).
 bool wgmma_preferred(const FlexProblem& p, const std::string& arch) {
   const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA");
   if (env == nullptr || std::string(env) != "1") return false;
-  const DType dt = p.q.dtype();
-  return arch == "sm_90a" && (dt == kBFloat16 || dt == kFloat16) && p.E % 64 == 0 && p.Ev % 64 == 0 &&
-         p.E <= kMaxHeadDim && p.Ev <= kMaxHeadDim;
+  return wgmma_unsupported(p, arch).empty() && p.E % 64 == 0 && p.Ev % 64 == 0;
 }
 
 void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
