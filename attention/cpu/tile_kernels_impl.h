@@ -149,6 +149,21 @@ float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// e^r for r = x - n ln 2 (n an integer-valued vector): vec::expf's two-step reduction and polynomial, shared by
+// vexp and vexp_nonpos.
+template <class I>
+inline typename I::V exp_reduced(typename I::V x, typename I::V n) {
+  using V = typename I::V;
+  const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
+  V p = splat<V>(1.9875691500e-4f);
+  p = I::fma(p, r, splat<V>(1.3981999507e-3f));
+  p = I::fma(p, r, splat<V>(8.3334519073e-3f));
+  p = I::fma(p, r, splat<V>(4.1665795894e-2f));
+  p = I::fma(p, r, splat<V>(1.6666665459e-1f));
+  p = I::fma(p, r, splat<V>(5.0000001201e-1f));
+  return I::fma(p * r, r, r) + 1.0f;
+}
+
 // vec::expf (tensor/vec_math.h) on W lanes: the same reduction and polynomial, with the ISA's fused
 // multiply-add (the baseline rounds as vec::expf does; FMA is within an ulp of it). Lanes below -87.34 give
 // 0 and above 88.72 inf by the final selects; NaN stays NaN. In between n is vec::expf's (at most 127), and
@@ -161,14 +176,7 @@ inline typename I::V vexp(typename I::V x) {
   const V lo = splat<V>(-87.33654f), hi = splat<V>(88.72283f);
   V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|x| large: selected away)
   n = n < 127.0f ? n : splat<V>(127.0f);
-  const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
-  V p = splat<V>(1.9875691500e-4f);
-  p = I::fma(p, r, splat<V>(1.3981999507e-3f));
-  p = I::fma(p, r, splat<V>(8.3334519073e-3f));
-  p = I::fma(p, r, splat<V>(4.1665795894e-2f));
-  p = I::fma(p, r, splat<V>(1.6666665459e-1f));
-  p = I::fma(p, r, splat<V>(5.0000001201e-1f));
-  const V er = I::fma(p * r, r, r) + 1.0f;
+  const V er = exp_reduced<I>(x, n);
   const V inf = splat<V>(std::numeric_limits<float>::infinity());
   if constexpr (requires { I::scalef(er, n); }) {
     const V y = I::scalef(er, n);
@@ -216,14 +224,7 @@ inline typename I::V vexp_nonpos(typename I::V x) {
   using VI = typename I::VI;
   const V lo = splat<V>(-87.33654f);
   V n = I::fma(x, splat<V>(1.44269504088896341f), splat<V>(12582912.0f)) - 12582912.0f;
-  const V r = I::fma(n, splat<V>(2.12194440e-4f), I::fma(n, splat<V>(-0.693359375f), x));
-  V p = splat<V>(1.9875691500e-4f);
-  p = I::fma(p, r, splat<V>(1.3981999507e-3f));
-  p = I::fma(p, r, splat<V>(8.3334519073e-3f));
-  p = I::fma(p, r, splat<V>(4.1665795894e-2f));
-  p = I::fma(p, r, splat<V>(1.6666665459e-1f));
-  p = I::fma(p, r, splat<V>(5.0000001201e-1f));
-  const V er = I::fma(p * r, r, r) + 1.0f;
+  const V er = exp_reduced<I>(x, n);
   if constexpr (requires { I::scalef(er, n); }) {
     return x < lo ? V{} : I::scalef(er, n);  // NaN propagates through scalef
   } else {
