@@ -4,8 +4,10 @@
     python3 bench/flex_cpu_vs_torch.py BUILD_DIR [--threads 2 16] [--reps 5] [--dtype f32|bf16] [-B 1 -H 8 -L 2048 -E 64]
 
 For each thread count: ours (BUILD_DIR/bench_flex_cpu --csv --threads N: no mask, causal, sliding window 256,
-16 equal documents), then PyTorch in a fresh process with torch.set_num_threads(N) (inductor bakes the thread
-count into the code it compiles): torch.compile(flex_attention) forward on the same four masks
+16 equal documents), then PyTorch, one fresh process per mask with torch.set_num_threads(N) (inductor bakes the
+thread count into the code it compiles; dynamo's recompile limit is per function, shared by every torch.compile of
+flex_attention in a process, so masks sharing a process ran eagerly once it was reached):
+torch.compile(flex_attention, fullgraph=True) forward on the same four masks
 (create_block_mask on the CPU, BLOCK_SIZE 128) and its backward where PyTorch has one on the CPU, and
 scaled_dot_product_attention forward and forward+backward on no mask and causal (is_causal=True). Inputs
 from randn in --dtype (float32 by default; bf16 runs our bf16 products where the CPU has AVX-512 BF16). Each time is the fastest of --reps calls after two warm-up calls, as bench_flex_cpu.
@@ -54,10 +56,10 @@ def torch_worker(args):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        # One compiled function per mask: one shared function recompiled for every mask and for the refused
-        # backward attempts reached dynamo's recompile limit, after which it silently ran flex_attention
-        # eagerly (the block-mask rows came out ~10x slow).
-        compiled = lambda: torch.compile(flex_attention, dynamic=False)
+        # fullgraph: a graph break raises instead of running parts eagerly. The worker runs one mask (a fresh
+        # process each), so dynamo's per-function recompile limit is never reached (it was in one shared process:
+        # the block-mask rows then ran eagerly, ~10x slow).
+        compiled = lambda: torch.compile(flex_attention, dynamic=False, fullgraph=True)
     except Exception as e:  # a PyTorch without FlexAttention: SDPA only
         compiled, res["flex_error"] = None, f"{type(e).__name__}: {e}"
     doc = torch.arange(L) // max(1, L // 16)
@@ -129,22 +131,32 @@ def run_ours(args, threads):
 
 
 def run_torch(args, threads):
+    """One PyTorch process per mask (see the module comment); its stderr streams through as it runs."""
     python = args.python or ("/opt/torch/.venv/bin/python" if os.access("/opt/torch/.venv/bin/python", os.X_OK)
                              else sys.executable)
-    cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), "--reps", str(args.reps), "--dtype",
-           args.dtype, "-B",
-           str(args.B), "-H", str(args.H), "-L", str(args.L), "-E", str(args.E)]
-    if args.masks:
-        cmd += ["--masks", *args.masks]
-    print(f"== PyTorch ({python}), {threads} threads", file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    sys.stderr.write(p.stderr[-4000:])
-    if p.returncode != 0 or not p.stdout.strip():
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"PyTorch did not run ({last})"
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    return res, f"PyTorch {res['torch']}" + (f"; no FlexAttention: {res['flex_error']}" if "flex_error" in res else "")
+    merged, failures = None, []
+    for key, _ in MASKS:
+        if args.masks and key not in args.masks:
+            continue
+        cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), "--reps", str(args.reps), "--dtype",
+               args.dtype, "-B", str(args.B), "-H", str(args.H), "-L", str(args.L), "-E", str(args.E), "--masks", key]
+        print(f"== PyTorch ({python}), {threads} threads, {key}", file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        if p.returncode != 0 or not p.stdout.strip():
+            failures.append(f"{key}: exit {p.returncode}")
+            continue
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        if merged is None:
+            merged = res
+        else:
+            merged["rows"].update(res["rows"])
+    if merged is None:
+        return None, "PyTorch did not run (" + "; ".join(failures) + ")"
+    note = f"PyTorch {merged['torch']}" + (f"; no FlexAttention: {merged['flex_error']}" if "flex_error" in merged else "")
+    if failures:
+        note += "; PyTorch failed on " + ", ".join(failures)
+    return merged, note
 
 
 def main():
