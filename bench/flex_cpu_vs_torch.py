@@ -54,6 +54,8 @@ def torch_worker(args):
 
     res = {"torch": torch.__version__, "rows": {}}
     try:
+        if args.no_flex:
+            raise RuntimeError("not asked for at this thread count (--torch-flex-threads)")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         # fullgraph: a graph break raises instead of running parts eagerly. The worker runs one mask (a fresh
@@ -139,7 +141,13 @@ def run_torch(args, threads):
     for key, _ in MASKS:
         if args.masks and key not in args.masks:
             continue
-        cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), "--reps", str(args.reps), "--dtype",
+        if args.torch_flex_threads is not None and threads not in args.torch_flex_threads:
+            if key not in ("none", "causal"):
+                continue
+            cmd_extra = ["--no-flex"]
+        else:
+            cmd_extra = []
+        cmd = [python, os.path.abspath(__file__), "--torch-worker", str(threads), *cmd_extra, "--reps", str(args.reps), "--dtype",
                args.dtype, "-B", str(args.B), "-H", str(args.H), "-L", str(args.L), "-E", str(args.E), "--masks", key]
         print(f"== PyTorch ({python}), {threads} threads, {key}", file=sys.stderr, flush=True)
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -153,7 +161,7 @@ def run_torch(args, threads):
             merged["rows"].update(res["rows"])
     if merged is None:
         return None, "PyTorch did not run (" + "; ".join(failures) + ")"
-    note = f"PyTorch {merged['torch']}" + (f"; no FlexAttention: {merged['flex_error']}" if "flex_error" in merged else "")
+    note = f"PyTorch {merged['torch']}" + (f"; its flex_attention did not run: {merged['flex_error']}" if "flex_error" in merged else "")
     if failures:
         note += "; PyTorch failed on " + ", ".join(failures)
     return merged, note
@@ -166,25 +174,26 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--masks", nargs="+", choices=[m for m, _ in MASKS], help="run only these masks")
     ap.add_argument("--python", help="the interpreter with PyTorch")
+    ap.add_argument("--torch-flex-threads", type=int, nargs="+",
+                    help="run PyTorch's compiled flex_attention only at these thread counts (SDPA at every one); "
+                         "its CPU compile takes 30-80 s per mask")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("-B", type=int, default=1)
     ap.add_argument("-H", type=int, default=8)
     ap.add_argument("-L", type=int, default=2048)
     ap.add_argument("-E", type=int, default=64)
     ap.add_argument("--torch-worker", dest="worker_threads", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--no-flex", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_threads:
         return torch_worker(args)
     if not args.build_dir:
         ap.error("BUILD_DIR is required")
-    tables = []
-    for n in args.threads:
-        ours = run_ours(args, n)
-        torch_res, torch_note = run_torch(args, n)
-        tables.append((n, ours, torch_res, torch_note))
     base = 4.0 * args.B * args.H * args.L * args.L * args.E
     hdr = "{:<12} {:>8} {:>9} {:>10} {:>6} {:>9} {:>6} {:>9} {:>10} {:>6} {:>9} {:>6}"
-    for n, ours, tr, note in tables:
+    for n in args.threads:  # each table printed as soon as its thread count is done
+        ours = run_ours(args, n)
+        tr, note = run_torch(args, n)
         print(f"\n{args.dtype} B={args.B} H={args.H} L={args.L} E={args.E}, {n} threads, GFLOP/s on our visited blocks; "
               f"ratio = ours / theirs (time ratio); {note}")
         print(hdr.format("mask", "density", "ours fwd", "flex fwd", "ratio", "SDPA fwd", "ratio", "ours f+b",
@@ -213,6 +222,7 @@ def main():
                 print(f"  (PyTorch flex backward on the CPU: {t['flex_fb_error']})")
             if "flex_error" in t:
                 print(f"  (PyTorch flex: {t['flex_error']})")
+        sys.stdout.flush()
     return 0
 
 
