@@ -4,7 +4,9 @@
 Same shapes, masks (create_block_mask on the GPU, BLOCK_SIZE 128, B = H = None), score mods and document
 lengths (the same 64-bit LCG) as the C++ benchmark; each call between two CUDA events after warm-up, gradients
 set to None (untimed) before each backward, median of --reps. TFLOP/s on visited blocks as attention-gym:
-fwd = 4 * B * H * D * S * S * density, bwd = 2.5 * fwd, density = 1 - sparsity / 100.
+fwd = 4 * B * H * D * S * S * density, bwd = 2.5 * fwd, density = 1 - sparsity / 100. On the cases without a
+score_mod whose mask SDPA has (no mask, causal), also scaled_dot_product_attention on cuDNN
+(SDPBackend.CUDNN_ATTENTION, is_causal), counted with the same FLOPs (so its column is a time ratio too).
 
     python3 bench/flex_vs_torch.py [--case NAME ...] [--reps N] [--csv FILE]
 """
@@ -13,6 +15,8 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 CASES = [  # name, dtype, B, H, S, D, mask, score: as all_cases() in bench_flex_cuda.cpp
@@ -95,11 +99,11 @@ def main():
     compiled = torch.compile(flex_attention, dynamic=False)
     out_csv = open(args.csv, "w") if args.csv else None
     if out_csv:
-        out_csv.write("case,dtype,B,H,S,D,density,fwd_ms,bwd_ms,fwd_tflops,bwd_tflops\n")
+        out_csv.write("case,dtype,B,H,S,D,density,fwd_ms,bwd_ms,fwd_tflops,bwd_tflops,cudnn_fwd_tflops,cudnn_bwd_tflops\n")
     print(f"PyTorch {torch.__version__} torch.compile(flex_attention) on {torch.cuda.get_device_name()}; "
           f"median of {args.reps} after {args.warmup} warm-up calls; TFLOP/s on visited blocks")
     print(f"{'case':<16} {'dtype':<9} {'B':>3} {'H':>3} {'S':>6} {'D':>4} {'density':>8} {'fwd ms':>9} {'fwd TF/s':>9} "
-          f"{'bwd ms':>9} {'bwd TF/s':>9}", flush=True)
+          f"{'bwd ms':>9} {'bwd TF/s':>9} {'cuDNN fwd':>9} {'cuDNN bwd':>9}", flush=True)
     failed = 0
     for name, dtype, B, H, S, D, mask, score in CASES:
         if args.case and name not in args.case:
@@ -140,10 +144,24 @@ def run_case(compiled, args, name, dtype, B, H, S, D, mask, score):
 
     bwd_ms = time_ms(lambda: out.backward(dout, retain_graph=True), reset, args.warmup, args.reps)
     ftf, btf = fwd_flops / fwd_ms / 1e9, bwd_flops / bwd_ms / 1e9
+    cf = cb = ""
+    if score == "none" and mask in ("none", "causal") and dtype != torch.float32:
+        try:  # cuDNN's fused SDPA on the same inputs
+            causal = mask == "causal"
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                def cfwd():
+                    with torch.no_grad():
+                        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                cf_ms = time_ms(cfwd, lambda: None, args.warmup, args.reps)
+                cout = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                cb_ms = time_ms(lambda: cout.backward(dout, retain_graph=True), reset, args.warmup, args.reps)
+            cf, cb = f"{fwd_flops / cf_ms / 1e9:.3f}", f"{bwd_flops / cb_ms / 1e9:.3f}"
+        except Exception as e:  # a PyTorch or GPU without cuDNN attention: the flex columns still count
+            print(f"{name}: cuDNN SDPA did not run: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
     print(f"{name:<16} {DTYPE_NAME[dtype]:<9} {B:>3} {H:>3} {S:>6} {D:>4} {density * 100:>7.1f}% {fwd_ms:>9.3f} "
-          f"{ftf:>9.1f} {bwd_ms:>9.3f} {btf:>9.1f}", flush=True)
+          f"{ftf:>9.1f} {bwd_ms:>9.3f} {btf:>9.1f} {cf[:-2] or '-':>9} {cb[:-2] or '-':>9}", flush=True)
     return (f"{name},{DTYPE_NAME[dtype]},{B},{H},{S},{D},{density:.6f},{fwd_ms:.6f},{bwd_ms:.6f},"
-            f"{ftf:.3f},{btf:.3f}\n")
+            f"{ftf:.3f},{btf:.3f},{cf},{cb}\n")
 
 
 if __name__ == "__main__":

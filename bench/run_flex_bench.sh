@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ours (bench_flex_cuda) against PyTorch's compiled flex_attention (bench/flex_vs_torch.py) on the same cases,
-# in one go, printed as ONE table with the ratios ours / PyTorch; then our cold and cached JIT compile times.
+# in one go, printed as ONE table with the ratios ours / PyTorch (and ours / cuDNN SDPA on no mask and causal);
+# then our cold and cached JIT compile times.
 # Builds nothing: BUILD_DIR must hold a built bench_flex_cuda.
 #
 #   bench/run_flex_bench.sh BUILD_DIR [--case NAME ...] [--reps N]
@@ -49,9 +50,10 @@ def rows(name):
     return {r["case"]: r for r in csv.DictReader(open(path))} if os.path.exists(path) else {}
 ours, torch = rows("ours.csv"), rows("torch.csv")
 order = list(dict.fromkeys(list(ours) + list(torch)))  # ours runs every case, in the table order
-fmt = "{:<16} {:<9} {:>8} {:>10} {:>10} {:>6} {:>10} {:>10} {:>6}"
-print(fmt.format("case", "dtype", "density", "ours fwd", "torch fwd", "ratio", "ours bwd", "torch bwd", "ratio"))
-print(fmt.format("", "", "", "TFLOP/s", "TFLOP/s", "", "TFLOP/s", "TFLOP/s", ""))
+fmt = "{:<16} {:<9} {:>8} {:>10} {:>10} {:>6} {:>10} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}"
+print(fmt.format("case", "dtype", "density", "ours fwd", "torch fwd", "ratio", "ours bwd", "torch bwd", "ratio",
+                 "cuDNN fwd", "ratio", "cuDNN bwd", "ratio"))
+print(fmt.format("", "", "", "TFLOP/s", "TFLOP/s", "", "TFLOP/s", "TFLOP/s", "", "TFLOP/s", "", "TFLOP/s", ""))
 def num(r, k):
     return float(r[k]) if r else None
 for c in order:
@@ -61,6 +63,9 @@ for c in order:
         a, b = num(o, k), num(t, k)
         cells += ["failed" if a is None else f"{a:.1f}", "failed" if b is None else f"{b:.1f}",
                   f"{a / b:.2f}" if a and b else "-"]
+    for k, mine in (("cudnn_fwd_tflops", "fwd_tflops"), ("cudnn_bwd_tflops", "bwd_tflops")):
+        a, b = num(o, mine), (float(t[k]) if t and t.get(k) else None)
+        cells += ["-" if b is None else f"{b:.1f}", f"{a / b:.2f}" if a and b else "-"]
     r = o or t
     dens = f"{float(r['density']) * 100:.1f}%"
     if o and t and abs(float(o["density"]) - float(t["density"])) > 1e-9:
