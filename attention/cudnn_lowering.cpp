@@ -1,0 +1,400 @@
+// lower_to_cudnn: pattern matching on the traced programs (cudnn_lowering.h says what lowers).
+#include "flexgrad/attention/cudnn_lowering.h"
+
+#include <algorithm>
+#include <limits>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+namespace fg {
+
+namespace {
+
+constexpr int64_t kNoBound = std::numeric_limits<int64_t>::max();
+
+// An int value of the form a * q_idx + c * kv_idx + k (what band masks compare).
+struct Linear {
+  int64_t a = 0, c = 0, k = 0;
+};
+
+// The band: lo <= q_idx - kv_idx <= hi (kNoBound / -kNoBound when open).
+struct Band {
+  int64_t lo = -kNoBound, hi = kNoBound;
+};
+
+class MaskMatcher {
+ public:
+  explicit MaskMatcher(const ModProgram& p) : p_(p) {}
+
+  // The band the program's output is, or the reason it is not one.
+  std::optional<Band> band(std::string& why) {
+    Band b;
+    if (!conjunct(p_.output(), b, why)) return std::nullopt;
+    return b;
+  }
+
+ private:
+  const Instr& at(int32_t id) const { return p_.instrs()[id]; }
+  std::string text(int32_t id) const { return fmt::format("instruction {} ({})", id, expr_op_name(at(id).op)); }
+
+  std::optional<Linear> linear(int32_t id) const {
+    const Instr& in = at(id);
+    if (in.kind != ValueKind::Int) return std::nullopt;
+    switch (in.op) {
+      case ExprOp::Const: return Linear{0, 0, in.ivalue};
+      case ExprOp::QIdx: return Linear{1, 0, 0};
+      case ExprOp::KVIdx: return Linear{0, 1, 0};
+      case ExprOp::Neg: {
+        auto x = linear(in.args[0]);
+        if (!x) return std::nullopt;
+        return Linear{-x->a, -x->c, -x->k};
+      }
+      case ExprOp::Add:
+      case ExprOp::Sub: {
+        auto x = linear(in.args[0]), y = linear(in.args[1]);
+        if (!x || !y) return std::nullopt;
+        const int64_t s = in.op == ExprOp::Add ? 1 : -1;
+        return Linear{x->a + s * y->a, x->c + s * y->c, x->k + s * y->k};
+      }
+      case ExprOp::Mul: {
+        auto x = linear(in.args[0]), y = linear(in.args[1]);
+        if (!x || !y) return std::nullopt;
+        if (x->a == 0 && x->c == 0) return Linear{x->k * y->a, x->k * y->c, x->k * y->k};
+        if (y->a == 0 && y->c == 0) return Linear{y->k * x->a, y->k * x->c, y->k * x->k};
+        return std::nullopt;
+      }
+      default: return std::nullopt;
+    }
+  }
+
+  // lhs - rhs as s * (q - kv) + k with s = +-1 (or a constant, s = 0); nullopt otherwise.
+  static std::optional<std::pair<int64_t, int64_t>> diagonal(const Linear& l) {
+    if (l.a == 0 && l.c == 0) return std::make_pair(int64_t{0}, l.k);
+    if (l.a == -l.c && (l.a == 1 || l.a == -1)) return std::make_pair(l.a, l.k);
+    return std::nullopt;
+  }
+
+  static void bound(Band& b, ExprOp op, int64_t t) {  // d op t
+    switch (op) {
+      case ExprOp::Le: b.hi = std::min(b.hi, t); break;
+      case ExprOp::Lt: b.hi = std::min(b.hi, t - 1); break;
+      case ExprOp::Ge: b.lo = std::max(b.lo, t); break;
+      case ExprOp::Gt: b.lo = std::max(b.lo, t + 1); break;
+      default: b.lo = std::max(b.lo, t); b.hi = std::min(b.hi, t); break;  // Eq
+    }
+  }
+  static ExprOp flipped(ExprOp op) {
+    switch (op) {
+      case ExprOp::Le: return ExprOp::Ge;
+      case ExprOp::Lt: return ExprOp::Gt;
+      case ExprOp::Ge: return ExprOp::Le;
+      case ExprOp::Gt: return ExprOp::Lt;
+      default: return op;
+    }
+  }
+
+  // |s*(q - kv) + k| op t  (op Le/Lt), t a constant.
+  bool abs_bound(int32_t abs_id, ExprOp op, int64_t t, Band& b, std::string& why) const {
+    auto x = linear(at(abs_id).args[0]);
+    auto d = x ? diagonal(*x) : std::nullopt;
+    if (!d || d->first == 0) {
+      why = fmt::format("mask_mod: abs() of something other than +-(q_idx - kv_idx) + constant at {}", text(abs_id));
+      return false;
+    }
+    // |s d + k| = |d + s k|:  -t - s k <= d <= t - s k
+    const int64_t m = d->first * d->second, lim = op == ExprOp::Lt ? t - 1 : t;
+    b.lo = std::max(b.lo, -lim - m);
+    b.hi = std::min(b.hi, lim - m);
+    return true;
+  }
+
+  bool compare(int32_t id, Band& b, std::string& why) const {
+    const Instr& in = at(id);
+    const int32_t l = in.args[0], r = in.args[1];
+    // abs(x) <= t, t >= abs(x)
+    if (at(l).op == ExprOp::Abs || at(r).op == ExprOp::Abs) {
+      const bool left = at(l).op == ExprOp::Abs;
+      const ExprOp op = left ? in.op : flipped(in.op);
+      auto t = linear(left ? r : l);
+      if ((op != ExprOp::Le && op != ExprOp::Lt) || !t || t->a != 0 || t->c != 0) {
+        why = fmt::format("mask_mod: {} bounds abs() from below or by a non-constant (not a band)", text(id));
+        return false;
+      }
+      return abs_bound(left ? l : r, op, t->k, b, why);
+    }
+    auto x = linear(l), y = linear(r);
+    if (!x || !y) {
+      why = fmt::format("mask_mod: {} compares values that are not integer combinations of q_idx and kv_idx "
+                        "(reads b, h, a captured tensor or uses a non-linear op)", text(id));
+      return false;
+    }
+    auto d = diagonal(Linear{x->a - y->a, x->c - y->c, x->k - y->k});
+    if (!d) {
+      why = fmt::format("mask_mod: {} compares q_idx and kv_idx with coefficients other than q_idx - kv_idx "
+                        "(not a diagonal band)", text(id));
+      return false;
+    }
+    if (d->first == 0) {
+      why = fmt::format("mask_mod: {} compares constants", text(id));
+      return false;
+    }
+    // s d + k op 0  ->  d op' -s k
+    const ExprOp op = d->first > 0 ? in.op : flipped(in.op);
+    bound(b, op, -d->first * d->second);
+    return true;
+  }
+
+  bool conjunct(int32_t id, Band& b, std::string& why) const {
+    const Instr& in = at(id);
+    switch (in.op) {
+      case ExprOp::Const:
+        if (in.kind == ValueKind::Bool && in.ivalue != 0) return true;  // noop_mask
+        why = "mask_mod: a constant false mask (no key is allowed)";
+        return false;
+      case ExprOp::And: return conjunct(in.args[0], b, why) && conjunct(in.args[1], b, why);
+      case ExprOp::Le:
+      case ExprOp::Lt:
+      case ExprOp::Ge:
+      case ExprOp::Gt:
+      case ExprOp::Eq: return compare(id, b, why);
+      default:
+        why = fmt::format("mask_mod: {} is not a comparison of q_idx - kv_idx or an & of them: the mask is "
+                          "not a diagonal band (formula: {})", text(id), p_.to_string());
+        return false;
+    }
+  }
+
+  const ModProgram& p_;
+};
+
+// Does the BlockMask agree with the band block by block? Empty blocks must hold no allowed entry and full
+// blocks no masked one. Returns the first disagreement.
+std::string check_blocks(const BlockMask& bm, const Band& band, int64_t Lq, int64_t Lkv) {
+  const Tensor kinds = bm.block_kinds().to(kCPU).contiguous();
+  const int32_t* k = kinds.data<int32_t>();
+  const int64_t bq = bm.block_size().q, bkv = bm.block_size().kv;
+  const int64_t nQ = bm.num_q_blocks(), nKV = bm.num_kv_blocks();
+  for (int64_t bh = 0; bh < bm.batch() * bm.heads(); ++bh) {
+    for (int64_t i = 0; i < nQ; ++i) {
+      for (int64_t j = 0; j < nKV; ++j) {
+        const int32_t kind = k[(bh * nQ + i) * nKV + j];
+        const int64_t q0 = i * bq, q1 = std::min((i + 1) * bq, Lq) - 1;
+        const int64_t kv0 = j * bkv, kv1 = std::min((j + 1) * bkv, Lkv) - 1;
+        if (q0 > q1 || kv0 > kv1) continue;  // wholly past the sequence: nothing to agree on
+        const int64_t dmin = q0 - kv1, dmax = q1 - kv0;
+        const bool any = std::max(dmin, band.lo) <= std::min(dmax, band.hi);
+        const bool all = dmin >= band.lo && dmax <= band.hi;
+        if (kind == 0 && any) {
+          return fmt::format("the BlockMask skips block (b*h {}, q block {}, kv block {}) where the mask_mod allows "
+                             "keys: flex_attention's mask is sparser than the band", bh, i, j);
+        }
+        if (kind == 2 && !all) {
+          return fmt::format("the BlockMask marks block (b*h {}, q block {}, kv block {}) full where the mask_mod "
+                             "masks keys: flex_attention's mask is denser than the band", bh, i, j);
+        }
+      }
+    }
+  }
+  return {};
+}
+
+const Instr& strip_float_cast(const ModProgram& p, int32_t& id) {
+  while (p.instrs()[id].op == ExprOp::Cast && p.instrs()[id].kind == ValueKind::Float) id = p.instrs()[id].args[0];
+  return p.instrs()[id];
+}
+
+int role_of(ExprOp op) {
+  switch (op) {
+    case ExprOp::Batch: return 0;
+    case ExprOp::Head: return 1;
+    case ExprOp::QIdx: return 2;
+    case ExprOp::KVIdx: return 3;
+    default: return -1;
+  }
+}
+
+// score + f: the bias f as a CudnnSdpaSpec field, or the reason it does not lower.
+std::string lower_bias(const ModProgram& p, int32_t f, const CudnnLoweringInput& in, CudnnSdpaSpec& s) {
+  static const char* kRole[4] = {"b", "h", "q_idx", "kv_idx"};
+  const int64_t extent[4] = {in.B, in.Hq, in.Lq, in.Lkv};
+  int32_t id = f;
+  const Instr& x = strip_float_cast(p, id);
+  if (x.op == ExprOp::Index) {
+    const CaptureRef& c = p.captures()[x.capture];
+    if (x.kind != ValueKind::Float || !(c.tensor.dtype() == kFloat32 || c.tensor.dtype() == kFloat64 ||
+                                        c.tensor.dtype() == kBFloat16 || c.tensor.dtype() == kFloat16)) {
+      return fmt::format("score_mod: the bias reads captured tensor '{}' of dtype {} (cuDNN adds a float bias)",
+                         c.name, c.tensor.dtype());
+    }
+    int last = -1;
+    for (size_t d = 0; d < x.args.size(); ++d) {
+      const int r = role_of(p.instrs()[x.args[d]].op);
+      if (r < 0 || r <= last) {
+        return fmt::format("score_mod: captured tensor '{}' is indexed at dim {} by something other than b, h, "
+                           "q_idx, kv_idx in that order (formula: {})", c.name, d, p.to_string());
+      }
+      if (c.tensor.size(static_cast<int64_t>(d)) < extent[r]) {
+        return fmt::format("score_mod: captured tensor '{}' has {} entries in dim {} (indexed by {}) but {} are "
+                           "read", c.name, c.tensor.size(static_cast<int64_t>(d)), d, kRole[r], extent[r]);
+      }
+      s.bias_dim[r] = static_cast<int>(d);
+      last = r;
+    }
+    s.bias = CudnnSdpaSpec::Bias::Tensor;
+    s.bias_capture = x.capture;
+    s.bias_learnable = c.tensor.requires_grad();
+    return {};
+  }
+  if (x.op == ExprOp::Mul) {
+    // slope(h) * (kv_idx - q_idx), either operand order, either sign of the difference.
+    for (int side = 0; side < 2; ++side) {
+      int32_t diff = x.args[side];
+      const Instr& dd = strip_float_cast(p, diff);
+      const int32_t slope = x.args[1 - side];
+      if (dd.op != ExprOp::Sub || dd.kind != ValueKind::Int) continue;
+      const ExprOp a = p.instrs()[dd.args[0]].op, b = p.instrs()[dd.args[1]].op;
+      const bool kv_minus_q = a == ExprOp::KVIdx && b == ExprOp::QIdx, q_minus_kv = a == ExprOp::QIdx && b == ExprOp::KVIdx;
+      if (!kv_minus_q && !q_minus_kv) continue;
+      if ((p.instrs()[slope].deps & ~kUsesHead) != 0) {
+        return fmt::format("score_mod: the ALiBi slope multiplying the distance depends on more than h (formula: {})",
+                           p.to_string());
+      }
+      int32_t sid = slope;
+      const Instr& sl = strip_float_cast(p, sid);
+      if (sl.op == ExprOp::Index && kv_minus_q && sl.args.size() == 1 && sl.kind == ValueKind::Float) {
+        const CaptureRef& c = p.captures()[sl.capture];
+        if (c.tensor.size(0) < in.Hq) {
+          return fmt::format("score_mod: ALiBi slopes '{}' have {} entries but h reads {}", c.name, c.tensor.size(0), in.Hq);
+        }
+        if (c.tensor.requires_grad()) {
+          return fmt::format("score_mod: the ALiBi slopes '{}' require grad (cuDNN's graph gives no slope gradient)",
+                             c.name);
+        }
+        s.bias = CudnnSdpaSpec::Bias::Alibi;
+        s.alibi_capture = sl.capture;
+        return {};
+      }
+      // Any other slope of h alone: the program at (b 0, h, q 0, kv 1, score 0) is slope(h) * (kv - q) = the slope
+      // of (kv_idx - q_idx). Captures read there are read on the host: only CPU captures.
+      for (const CaptureRef& c : p.captures()) {
+        if (!c.tensor.device().is_cpu()) {
+          return fmt::format("score_mod: the ALiBi slope reads captured tensor '{}' in a form other than '{}'[h] "
+                             "on {} (the slopes would be read back per call)", c.name, c.name, c.tensor.device());
+        }
+        if (c.tensor.requires_grad()) {
+          return fmt::format("score_mod: the ALiBi slope reads '{}', which requires grad (cuDNN's graph gives no "
+                             "slope gradient)", c.name);
+        }
+      }
+      s.bias = CudnnSdpaSpec::Bias::Alibi;
+      s.alibi_slopes.resize(static_cast<size_t>(in.Hq));
+      for (int64_t h = 0; h < in.Hq; ++h) s.alibi_slopes[static_cast<size_t>(h)] = p.evaluate(0, h, 0, 1, 0.0);
+      return {};
+    }
+  }
+  return fmt::format("score_mod: {} adds a term that is neither a captured tensor indexed by (b, h, q_idx, kv_idx) "
+                     "in order nor slope(h) * (kv_idx - q_idx)", p.to_string());
+}
+
+std::string lower_score(const ModProgram& p, const CudnnLoweringInput& in, CudnnSdpaSpec& s) {
+  const Instr& out = p.instrs()[p.output()];
+  if (out.op == ExprOp::Score) return {};
+  if (out.op == ExprOp::Add) {
+    for (int side = 0; side < 2; ++side) {
+      const Instr& a = p.instrs()[out.args[side]];
+      const int32_t f = out.args[1 - side];
+      if (a.op == ExprOp::Score && (p.instrs()[f].deps & kUsesScore) == 0) return lower_bias(p, f, in, s);
+    }
+  }
+  return fmt::format("score_mod: {} is not score + bias (cuDNN's fused SDPA adds a bias to the scaled score; other "
+                     "score_mods need the pointwise score-modifier graph, not built yet)", p.to_string());
+}
+
+}  // namespace
+
+std::string CudnnSdpaSpec::describe() const {
+  std::string s;
+  if (!right_bound && !left_bound) s = "no mask";
+  else if (causal()) s = "causal";
+  else s = fmt::format("band [left {}, right {}]", left_bound ? std::to_string(*left_bound) : "none",
+                       right_bound ? std::to_string(*right_bound) : "none");
+  if (bias == Bias::Tensor) {
+    static const char* kRole[4] = {"b", "h", "q", "kv"};
+    std::vector<std::string> dims;
+    for (int r = 0; r < 4; ++r) if (bias_dim[r] >= 0) dims.push_back(kRole[r]);
+    s += fmt::format(" + bias cap{}[{}]{}", bias_capture, fmt::join(dims, ", "), bias_learnable ? " (learnable)" : "");
+  } else if (bias == Bias::Alibi) {
+    if (alibi_capture >= 0) s += fmt::format(" + alibi cap{}[h]", alibi_capture);
+    else s += fmt::format(" + alibi slopes [{}]", fmt::join(alibi_slopes, ", "));
+  }
+  return s;
+}
+
+CudnnLowering lower_to_cudnn(const CudnnLoweringInput& in) {
+  CudnnLowering r;
+  auto decline = [&r](std::string why) {
+    r.declined = std::move(why);
+    return r;
+  };
+  if (in.dtype != kBFloat16 && in.dtype != kFloat16) {
+    return decline(fmt::format("dtype {}: cuDNN's fused SDPA runs bfloat16 and float16", in.dtype));
+  }
+  if (in.E % 8 != 0 || in.Ev % 8 != 0 || in.E > 256 || in.Ev > 256 || in.E <= 0 || in.Ev <= 0) {
+    return decline(fmt::format("head dims E={} Ev={}: cuDNN's fused SDPA needs multiples of 8 up to 256", in.E, in.Ev));
+  }
+  if (in.Bkv != in.B) {
+    return decline(fmt::format("K/V batch {} broadcast over q batch {}: not lowered (cuDNN reads one K/V per batch)",
+                               in.Bkv, in.B));
+  }
+  CudnnSdpaSpec s;
+  Band band;
+  if (in.block_mask) {
+    const BlockMask& bm = *in.block_mask;
+    FG_CHECK(bm.mask_program() != nullptr, ValueError, "lower_to_cudnn: the BlockMask has no traced mask_mod");
+    std::string why;
+    auto b = MaskMatcher(*bm.mask_program()).band(why);
+    if (!b) return decline(why);
+    band = *b;
+    if (band.lo > band.hi) return decline("mask_mod: the band is empty (no key is allowed)");
+    if (std::string blocks = check_blocks(bm, band, in.Lq, in.Lkv); !blocks.empty()) return decline(blocks);
+  }
+  if (band.lo != -kNoBound) {
+    if (band.lo > 0) {
+      return decline(fmt::format("mask_mod: keeps only kv_idx <= q_idx - {} (cuDNN's right bound would be {}; it "
+                                 "must be >= 0)", band.lo, -band.lo));
+    }
+    s.right_bound = -band.lo;
+  }
+  if (band.hi != kNoBound) {
+    if (band.hi < 0) {
+      return decline(fmt::format("mask_mod: keeps only kv_idx >= q_idx + {} (cuDNN's left bound would be {}; it "
+                                 "must be > 0)", -band.hi, band.hi + 1));
+    }
+    if (in.Lq > in.Lkv) {
+      return decline(fmt::format("mask_mod: a left bound (sliding window) with Lq {} > Lkv {} (cuDNN supports "
+                                 "Lq <= Lkv there)", in.Lq, in.Lkv));
+    }
+    s.left_bound = band.hi + 1;
+  }
+  // Every row must keep a key: row q keeps kv in [q - hi, q - lo] within [0, Lkv).
+  for (int64_t q = 0; q < in.Lq; ++q) {
+    const int64_t first = band.hi == kNoBound ? 0 : std::max<int64_t>(0, q - band.hi);
+    const int64_t last = band.lo == -kNoBound ? in.Lkv - 1 : std::min(in.Lkv - 1, q - band.lo);
+    if (first > last) {
+      return decline(fmt::format("query row {} has no allowed key (flex_attention gives it out 0 and lse -inf; cuDNN's "
+                                 "softmax does not)", q));
+    }
+  }
+  if (in.score_mod) {
+    if (std::string why = lower_score(*in.score_mod, in, s); !why.empty()) return decline(why);
+  }
+  if (s.bias == CudnnSdpaSpec::Bias::Alibi && s.right_bound != 0) {
+    return decline(fmt::format("ALiBi under the mask '{}': cuDNN's ALiBi requires the causal diagonal (right bound "
+                               "0)", s.describe()));
+  }
+  r.spec = std::move(s);
+  return r;
+}
+
+}  // namespace fg
