@@ -1,0 +1,611 @@
+// cuDNN's fused SDPA through the graph API's C backend (cudnn_graph.h: cudnnBackendCreateDescriptor ...
+// cudnnBackendExecute), for the calls lower_to_cudnn accepted (FlexBackend::Cudnn).
+//
+// The graphs are the operation sequence cuDNN's engines recognise as flash attention (the one cudnn-frontend's
+// SDPA node emits; read, not copied): forward  S = Q K^T (float), * scale, [+ bias], [+ slope[h] (col - row)],
+// [band: select(row + r >= col, S, -inf), select(col + l > row, S, -inf)], softmax as max / sub / exp / sum /
+// div with stats = max + log(sum), O = P V. Backward: the dO.O row sums (softmax_sum, workspace), S again,
+// - stats, exp, dV = P^T dO, dP = dO V^T, dS = (dP - softmax_sum) P [dBias = sum dS], * scale, dK = dS^T Q,
+// dQ = dS K through a float accumulator (workspace). GQA: the Hq-head dK/dV reduced to Hkv heads in the graph.
+//
+// libcudnn.so.9 is opened with dlopen at first use (FLEXGRAD_CUDNN_LIBRARY names another file): the build needs
+// only cudnn_graph.h, a machine without cuDNN still loads libflexgrad, and the wheel's copy on the H200
+// (site-packages/nvidia/cudnn/lib) works through LD_LIBRARY_PATH. Plans are cached per (direction, spec,
+// shapes, dtype, strides, device); workspaces come from flexgrad's caching allocator.
+#include "flexgrad/attention/cudnn_backend.h"
+
+#if FLEXGRAD_WITH_CUDNN
+#include <cudnn_graph.h>
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "flexgrad/tensor/cuda/cuda_check.h"
+
+namespace fg {
+namespace {
+
+// ---------------------------------------------------------------- the library, opened once
+struct CudnnApi {
+  decltype(&cudnnGetVersion) get_version = nullptr;
+  decltype(&cudnnGetErrorString) error_string = nullptr;
+  decltype(&cudnnGetLastErrorString) last_error = nullptr;
+  decltype(&cudnnCreate) create = nullptr;
+  decltype(&cudnnSetStream) set_stream = nullptr;
+  decltype(&cudnnBackendCreateDescriptor) create_desc = nullptr;
+  decltype(&cudnnBackendDestroyDescriptor) destroy_desc = nullptr;
+  decltype(&cudnnBackendSetAttribute) set_attr = nullptr;
+  decltype(&cudnnBackendGetAttribute) get_attr = nullptr;
+  decltype(&cudnnBackendFinalize) finalize = nullptr;
+  decltype(&cudnnBackendExecute) execute = nullptr;
+  std::string unavailable;  // why it cannot be used (empty when it can)
+  size_t version = 0;
+};
+
+const CudnnApi& api() {
+  static const CudnnApi a = [] {
+    CudnnApi r;
+    const char* env = std::getenv("FLEXGRAD_CUDNN_LIBRARY");
+    const std::string name = env && *env ? env : "libcudnn.so.9";
+    void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      const char* e = dlerror();
+      r.unavailable = fmt::format("cannot load {} ({}); put cuDNN 9's library directory on LD_LIBRARY_PATH or set "
+                                  "FLEXGRAD_CUDNN_LIBRARY", name, e ? e : "unknown error");
+      return r;
+    }
+    bool ok = true;
+    auto sym = [&](auto& fn, const char* s) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(h, s));
+      if (!fn) {
+        ok = false;
+        r.unavailable = fmt::format("{} has no symbol {}", name, s);
+      }
+    };
+    sym(r.get_version, "cudnnGetVersion");
+    sym(r.error_string, "cudnnGetErrorString");
+    sym(r.last_error, "cudnnGetLastErrorString");
+    sym(r.create, "cudnnCreate");
+    sym(r.set_stream, "cudnnSetStream");
+    sym(r.create_desc, "cudnnBackendCreateDescriptor");
+    sym(r.destroy_desc, "cudnnBackendDestroyDescriptor");
+    sym(r.set_attr, "cudnnBackendSetAttribute");
+    sym(r.get_attr, "cudnnBackendGetAttribute");
+    sym(r.finalize, "cudnnBackendFinalize");
+    sym(r.execute, "cudnnBackendExecute");
+    if (!ok) return r;
+    r.version = r.get_version();
+    // 9.6: dQ's float accumulator needs no memset; 9.10.2: -inf masks, bounds with a bias.
+    if (r.version < 91002) {
+      r.unavailable = fmt::format("{} is cuDNN {}; the cuDNN backend needs 9.10.2 or newer", name, r.version);
+    }
+    return r;
+  }();
+  return a;
+}
+
+[[noreturn]] void throw_cudnn(cudnnStatus_t s, const char* what) {
+  char msg[1024] = {0};
+  api().last_error(msg, sizeof msg);
+  FG_FAIL(CudaError, "cuDNN: {} failed: {} ({})", what, api().error_string(s), msg[0] ? msg : "no further message");
+}
+#define FG_CUDNN(call, what)                                 \
+  do {                                                      \
+    cudnnStatus_t s_ = (call);                              \
+    if (s_ != CUDNN_STATUS_SUCCESS) throw_cudnn(s_, what);  \
+  } while (0)
+
+// A backend descriptor, destroyed with its last owner.
+using Desc = std::shared_ptr<std::remove_pointer_t<cudnnBackendDescriptor_t>>;
+
+Desc make(cudnnBackendDescriptorType_t type, const char* what) {
+  cudnnBackendDescriptor_t d = nullptr;
+  FG_CUDNN(api().create_desc(type, &d), what);
+  return Desc(d, [](cudnnBackendDescriptor_t p) { api().destroy_desc(p); });
+}
+template <class T>
+void set(const Desc& d, cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, const T& value,
+         const char* what) {
+  FG_CUDNN(api().set_attr(d.get(), name, type, 1, &value), what);
+}
+template <class T>
+void set_n(const Desc& d, cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, const std::vector<T>& v,
+           const char* what) {
+  FG_CUDNN(api().set_attr(d.get(), name, type, static_cast<int64_t>(v.size()), v.data()), what);
+}
+void set_desc(const Desc& d, cudnnBackendAttributeName_t name, const Desc& value, const char* what) {
+  cudnnBackendDescriptor_t raw = value.get();
+  FG_CUDNN(api().set_attr(d.get(), name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &raw), what);
+}
+void finalize(const Desc& d, const char* what) { FG_CUDNN(api().finalize(d.get()), what); }
+
+// ---------------------------------------------------------------- graph building
+struct TensorDesc {
+  Desc d;
+  int64_t uid = 0;
+};
+
+class GraphBuilder {
+ public:
+  // A tensor of the graph; by_value scalars are [1, 1, 1, 1] and their host value travels in the variant pack.
+  TensorDesc tensor(cudnnDataType_t dt, std::vector<int64_t> dims, std::vector<int64_t> strides, bool is_virtual,
+                    int64_t uid = 0, bool by_value = false) {
+    TensorDesc t;
+    t.uid = uid ? uid : next_virtual_++;
+    t.d = make(CUDNN_BACKEND_TENSOR_DESCRIPTOR, "create tensor descriptor");
+    set(t.d, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, dt, "tensor data type");
+    set_n(t.d, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, dims, "tensor dimensions");
+    set_n(t.d, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, strides, "tensor strides");
+    set(t.d, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, t.uid, "tensor unique id");
+    set(t.d, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, int64_t{16}, "tensor alignment");
+    set(t.d, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, is_virtual, "tensor is_virtual");
+    if (by_value) set(t.d, CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, true, "tensor is_by_value");
+    finalize(t.d, "finalize tensor descriptor");
+    return t;
+  }
+  TensorDesc scalar(cudnnDataType_t dt, int64_t uid) { return tensor(dt, {1, 1, 1, 1}, {1, 1, 1, 1}, false, uid, true); }
+  TensorDesc virt(cudnnDataType_t dt, const std::vector<int64_t>& dims) { return tensor(dt, dims, contiguous(dims), true); }
+
+  static std::vector<int64_t> contiguous(const std::vector<int64_t>& dims) {
+    std::vector<int64_t> s(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) s[i] = s[i + 1] * dims[i + 1];
+    return s;
+  }
+
+  // y = mode(x [, b] [, t]); GEN_INDEX takes `axis` (other modes have none: cuDNN reads it for GEN_INDEX only).
+  void pointwise(cudnnPointwiseMode_t mode, cudnnDataType_t compute, const TensorDesc& x, const TensorDesc* b,
+                 const TensorDesc& y, const TensorDesc* t = nullptr, int64_t axis = -1) {
+    Desc pw = make(CUDNN_BACKEND_POINTWISE_DESCRIPTOR, "create pointwise descriptor");
+    set(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, mode, "pointwise mode");
+    set(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, compute, "pointwise math precision");
+    if (mode == CUDNN_POINTWISE_GEN_INDEX) set(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, axis, "pointwise axis");
+    finalize(pw, "finalize pointwise descriptor");
+    Desc op = make(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, "create pointwise operation");
+    set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw, "pointwise op descriptor");
+    set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x.d, "pointwise x");
+    if (b) set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b->d, "pointwise b");
+    if (t) set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t->d, "pointwise t");
+    set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y.d, "pointwise y");
+    set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1.0f, "pointwise alpha1");
+    set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1.0f, "pointwise alpha2");
+    finalize(op, "finalize pointwise operation");
+    ops_.push_back(op);
+  }
+  TensorDesc pw(cudnnPointwiseMode_t mode, const TensorDesc& x, const TensorDesc* b, cudnnDataType_t out_dt,
+                const std::vector<int64_t>& dims, cudnnDataType_t compute = CUDNN_DATA_FLOAT) {
+    TensorDesc y = virt(out_dt, dims);
+    pointwise(mode, compute, x, b, y);
+    return y;
+  }
+  TensorDesc gen_index(const TensorDesc& x, const std::vector<int64_t>& dims, int64_t axis, cudnnDataType_t compute) {
+    TensorDesc y = virt(CUDNN_DATA_INT32, dims);
+    pointwise(CUDNN_POINTWISE_GEN_INDEX, compute, x, nullptr, y, nullptr, axis);
+    return y;
+  }
+  void matmul(const TensorDesc& a, const TensorDesc& b, const TensorDesc& c) {
+    Desc mm = make(CUDNN_BACKEND_MATMUL_DESCRIPTOR, "create matmul descriptor");
+    set(mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, CUDNN_DATA_FLOAT, "matmul compute type");
+    finalize(mm, "finalize matmul descriptor");
+    Desc op = make(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, "create matmul operation");
+    set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a.d, "matmul a");
+    set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b.d, "matmul b");
+    set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c.d, "matmul c");
+    set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, mm, "matmul descriptor");
+    finalize(op, "finalize matmul operation");
+    ops_.push_back(op);
+  }
+  void reduction(cudnnReduceTensorOp_t mode, const TensorDesc& x, const TensorDesc& y) {
+    Desc rd = make(CUDNN_BACKEND_REDUCTION_DESCRIPTOR, "create reduction descriptor");
+    set(rd, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, mode, "reduction operator");
+    set(rd, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, CUDNN_DATA_FLOAT, "reduction compute type");
+    finalize(rd, "finalize reduction descriptor");
+    Desc op = make(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, "create reduction operation");
+    set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x.d, "reduction x");
+    set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y.d, "reduction y");
+    set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, rd, "reduction descriptor");
+    finalize(op, "finalize reduction operation");
+    ops_.push_back(op);
+  }
+  void reshape(const TensorDesc& x, const TensorDesc& y) {
+    Desc op = make(CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR, "create reshape operation");
+    set_desc(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x.d, "reshape x");
+    set_desc(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y.d, "reshape y");
+    finalize(op, "finalize reshape operation");
+    ops_.push_back(op);
+  }
+
+  // The operation graph, then the first engine configuration of heuristics mode A that finalizes.
+  Desc plan(cudnnHandle_t handle, std::string& why) {
+    Desc graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "create operation graph");
+    std::vector<cudnnBackendDescriptor_t> raw;
+    for (const Desc& o : ops_) raw.push_back(o.get());
+    set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, handle, "graph handle");
+    set_n(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, raw, "graph operations");
+    finalize(graph, "finalize operation graph");
+    Desc heur = make(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "create heuristics");
+    set_desc(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph, "heuristics graph");
+    set(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, CUDNN_HEUR_MODE_A, "heuristics mode");
+    finalize(heur, "finalize heuristics");
+    int64_t count = 0;
+    FG_CUDNN(api().get_attr(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr),
+             "count heuristics results");
+    std::vector<Desc> cfgs;
+    std::vector<cudnnBackendDescriptor_t> cfg_raw;
+    for (int64_t i = 0; i < count; ++i) {
+      cfgs.push_back(make(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, "create engine config"));
+      cfg_raw.push_back(cfgs.back().get());
+    }
+    int64_t got = 0;
+    if (count > 0) {
+      FG_CUDNN(api().get_attr(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got,
+                              cfg_raw.data()),
+               "get heuristics results");
+    }
+    for (int64_t i = 0; i < got; ++i) {
+      Desc p = make(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, "create execution plan");
+      set(p, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, handle, "plan handle");
+      set_desc(p, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, cfgs[i], "plan engine config");
+      const cudnnStatus_t s = api().finalize(p.get());
+      if (s == CUDNN_STATUS_SUCCESS) return p;
+      char msg[1024] = {0};
+      api().last_error(msg, sizeof msg);
+      why += fmt::format("engine config {}: {} ({}); ", i, api().error_string(s), msg);
+    }
+    if (got == 0) why += "heuristics returned no engine configuration; ";
+    return nullptr;
+  }
+
+ private:
+  std::vector<Desc> ops_;
+  int64_t next_virtual_ = 1000;
+};
+
+// ---------------------------------------------------------------- uids of the non-virtual tensors
+enum Uid : int64_t {
+  kQ = 1, kK, kV, kO, kStats, kBias, kSlopes, kDO, kDQ, kDK, kDV, kDBias, kSoftmaxSum, kDQAccum,
+  kScale = 50, kNegInf, kLeft, kRight, kOne,
+};
+
+cudnnDataType_t cudnn_dtype(DType d) {
+  if (d == kBFloat16) return CUDNN_DATA_BFLOAT16;
+  if (d == kFloat16) return CUDNN_DATA_HALF;
+  FG_FAIL(DTypeError, "cuDNN SDPA: dtype {} (bfloat16 or float16 expected)", d);
+}
+
+std::vector<int64_t> dims_of(const Tensor& t) { return std::vector<int64_t>(t.sizes().begin(), t.sizes().end()); }
+std::vector<int64_t> strides_of(const Tensor& t) {
+  std::vector<int64_t> s(t.strides().begin(), t.strides().end());
+  for (size_t i = 0; i < s.size(); ++i) if (t.size(static_cast<int64_t>(i)) == 1 && s[i] == 0) s[i] = 1;
+  return s;
+}
+// [.., L, D] as the transposed [.., D, L] (same memory).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> transposed(const Tensor& t) {
+  auto d = dims_of(t), s = strides_of(t);
+  std::swap(d[2], d[3]);
+  std::swap(s[2], s[3]);
+  return {d, s};
+}
+
+// The scores' modifications shared by both directions: * scale, + bias, + ALiBi. Returns the modified S.
+TensorDesc scores(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const TensorDesc& s0,
+                  const TensorDesc& scale, const std::vector<int64_t>& sd, cudnnDataType_t io) {
+  TensorDesc s = g.pw(CUDNN_POINTWISE_MUL, s0, &scale, CUDNN_DATA_FLOAT, sd);
+  if (spec.bias == CudnnSdpaSpec::Bias::Tensor) {
+    TensorDesc bias = g.tensor(io, dims_of(t.bias), strides_of(t.bias), false, kBias);
+    s = g.pw(CUDNN_POINTWISE_ADD, s, &bias, CUDNN_DATA_FLOAT, sd);
+  } else if (spec.bias == CudnnSdpaSpec::Bias::Alibi) {
+    TensorDesc row = g.gen_index(s, sd, 2, CUDNN_DATA_INT32), col = g.gen_index(s, sd, 3, CUDNN_DATA_INT32);
+    TensorDesc dist = g.pw(CUDNN_POINTWISE_SUB, col, &row, CUDNN_DATA_INT32, sd, CUDNN_DATA_INT32);
+    const int64_t H = sd[1];
+    TensorDesc slopes = g.tensor(CUDNN_DATA_FLOAT, {1, H, 1, 1}, {H, 1, 1, 1}, false, kSlopes);
+    TensorDesc ab = g.pw(CUDNN_POINTWISE_MUL, dist, &slopes, CUDNN_DATA_FLOAT, sd);
+    s = g.pw(CUDNN_POINTWISE_ADD, s, &ab, CUDNN_DATA_FLOAT, sd);
+  }
+  return s;
+}
+
+// The band: select(row + r >= col, S, -inf) then select(col + l > row, S, -inf).
+TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const std::vector<int64_t>& sd) {
+  if (spec.right_bound || spec.left_bound) {
+    TensorDesc neg_inf = g.scalar(CUDNN_DATA_FLOAT, kNegInf);
+    if (spec.right_bound) {
+      TensorDesc row = g.gen_index(s, sd, 2, CUDNN_DATA_FLOAT), col = g.gen_index(s, sd, 3, CUDNN_DATA_FLOAT);
+      if (*spec.right_bound != 0) {
+        TensorDesc r = g.scalar(CUDNN_DATA_INT32, kRight);
+        TensorDesc shifted = g.virt(CUDNN_DATA_INT32, sd);
+        g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_INT32, row, &r, shifted);
+        row = shifted;
+      }
+      TensorDesc keep = g.pw(CUDNN_POINTWISE_CMP_GE, row, &col, CUDNN_DATA_BOOLEAN, sd, CUDNN_DATA_BOOLEAN);
+      TensorDesc y = g.virt(CUDNN_DATA_FLOAT, sd);
+      g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, s, &neg_inf, y, &keep);
+      s = y;
+    }
+    if (spec.left_bound) {
+      TensorDesc row = g.gen_index(s, sd, 2, CUDNN_DATA_FLOAT), col = g.gen_index(s, sd, 3, CUDNN_DATA_FLOAT);
+      TensorDesc l = g.scalar(CUDNN_DATA_FLOAT, kLeft);
+      TensorDesc shifted = g.virt(CUDNN_DATA_FLOAT, sd);
+      g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, col, &l, shifted);
+      TensorDesc keep = g.pw(CUDNN_POINTWISE_CMP_GT, shifted, &row, CUDNN_DATA_BOOLEAN, sd, CUDNN_DATA_BOOLEAN);
+      TensorDesc y = g.virt(CUDNN_DATA_FLOAT, sd);
+      g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, s, &neg_inf, y, &keep);
+      s = y;
+    }
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- handles and plans
+struct Plan {
+  Desc plan;
+  int64_t workspace = 0;
+  int64_t extra = 0;  // bytes of our own non-virtual intermediates placed after cuDNN's workspace
+};
+
+cudnnHandle_t handle_for(int device) {
+  static std::mutex mu;
+  static auto* handles = new std::map<int, cudnnHandle_t>();  // never destroyed (see flex_attention.cpp's all_full)
+  std::lock_guard lock(mu);
+  auto it = handles->find(device);
+  if (it != handles->end()) return it->second;
+  cuda::DeviceGuard guard(device);
+  cudnnHandle_t h = nullptr;
+  FG_CUDNN(api().create(&h), "cudnnCreate");
+  handles->emplace(device, h);
+  return h;
+}
+
+std::string shape_key(const Tensor& t) {
+  return t.defined() ? fmt::format("{}/{}/{}", fmt::join(t.sizes(), "x"), fmt::join(t.strides(), "x"), t.dtype()) : "-";
+}
+
+std::mutex g_plan_mu;
+std::map<std::string, std::shared_ptr<Plan>>& plan_cache() {
+  static auto* cache = new std::map<std::string, std::shared_ptr<Plan>>();
+  return *cache;
+}
+
+template <class Build>
+std::shared_ptr<Plan> cached_plan(const std::string& key, Build&& build) {
+  {
+    std::lock_guard lock(g_plan_mu);
+    auto it = plan_cache().find(key);
+    if (it != plan_cache().end()) return it->second;
+  }
+  std::shared_ptr<Plan> p = build();
+  std::lock_guard lock(g_plan_mu);
+  if (plan_cache().size() >= 256) plan_cache().clear();  // bounded: a few shapes recur, not thousands
+  plan_cache().emplace(key, p);
+  return p;
+}
+
+void run_plan(cudnnHandle_t handle, const Plan& p, std::vector<int64_t> uids, std::vector<void*> ptrs, int device,
+              const std::vector<std::pair<int64_t, int64_t>>& in_workspace = {}) {
+  cuda::Workspace ws(static_cast<size_t>(p.workspace + p.extra), device);
+  for (const auto& [uid, offset] : in_workspace) {
+    uids.push_back(uid);
+    ptrs.push_back(static_cast<char*>(ws.get()) + p.workspace + offset);
+  }
+  Desc pack = make(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "create variant pack");
+  set_n(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids, "variant pack uids");
+  set_n(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, ptrs, "variant pack pointers");
+  void* w = ws.get();
+  set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, w, "variant pack workspace");
+  finalize(pack, "finalize variant pack");
+  FG_CUDNN(api().set_stream(handle, cuda::stream(device)), "cudnnSetStream");
+  FG_CUDNN(api().execute(handle, p.plan.get(), pack.get()), "cudnnBackendExecute");
+}
+
+std::shared_ptr<Plan> finish(GraphBuilder& g, cudnnHandle_t handle, const char* direction, const CudnnSdpaSpec& spec,
+                             int64_t extra) {
+  std::string why;
+  Desc p = g.plan(handle, why);
+  FG_CHECK(p != nullptr, NotImplementedError, "flex_attention (cuDNN backend): cuDNN {} has no engine for the SDPA {} "
+           "graph of '{}': {}", api().version, direction, spec.describe(), why);
+  auto plan = std::make_shared<Plan>();
+  plan->plan = p;
+  FG_CUDNN(api().get_attr(p.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, nullptr,
+                          &plan->workspace),
+           "get plan workspace size");
+  plan->workspace = (plan->workspace + 255) / 256 * 256;
+  plan->extra = extra;
+  return plan;
+}
+
+struct Scalars {
+  float scale, neg_inf = -std::numeric_limits<float>::infinity(), left = 0, one = 1;
+  int32_t right = 0;
+};
+void add_scalars(const CudnnSdpaSpec& spec, Scalars& s, std::vector<int64_t>& uids, std::vector<void*>& ptrs) {
+  uids.push_back(kScale);
+  ptrs.push_back(&s.scale);
+  if (spec.right_bound || spec.left_bound) {
+    uids.push_back(kNegInf);
+    ptrs.push_back(&s.neg_inf);
+  }
+  if (spec.right_bound && *spec.right_bound != 0) {
+    s.right = static_cast<int32_t>(*spec.right_bound);
+    uids.push_back(kRight);
+    ptrs.push_back(&s.right);
+  }
+  if (spec.left_bound) {
+    s.left = static_cast<float>(*spec.left_bound);
+    uids.push_back(kLeft);
+    ptrs.push_back(&s.left);
+  }
+}
+void add_bias_inputs(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, std::vector<int64_t>& uids,
+                     std::vector<void*>& ptrs) {
+  if (spec.bias == CudnnSdpaSpec::Bias::Tensor) {
+    uids.push_back(kBias);
+    ptrs.push_back(t.bias.data_ptr());
+  } else if (spec.bias == CudnnSdpaSpec::Bias::Alibi) {
+    uids.push_back(kSlopes);
+    ptrs.push_back(t.slopes.data_ptr());
+  }
+}
+
+// ---------------------------------------------------------------- forward
+void cudnn_sdpa_forward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t) {
+  FG_CHECK(api().unavailable.empty(), NotImplementedError, "flex_attention (cuDNN backend): {}", api().unavailable);
+  const int device = t.q.device().index;
+  cuda::DeviceGuard guard(device);
+  cudnnHandle_t handle = handle_for(device);
+  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
+  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), Lkv = t.k.size(2);
+  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
+  const std::string key = fmt::format("fwd|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q), shape_key(t.k),
+                                      shape_key(t.v), shape_key(t.out), shape_key(t.bias), device, api().version);
+  auto plan = cached_plan(key, [&] {
+    GraphBuilder g;
+    TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
+    auto [kd, ks] = transposed(t.k);
+    TensorDesc kt = g.tensor(io, kd, ks, false, kK);
+    TensorDesc v = g.tensor(io, dims_of(t.v), strides_of(t.v), false, kV);
+    TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
+    TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
+    TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
+    g.matmul(q, kt, s);
+    TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);
+    s = band(g, spec, scores(g, spec, t, s, scale, sd, io), sd);
+    TensorDesc mx = g.virt(CUDNN_DATA_FLOAT, rd);
+    g.reduction(CUDNN_REDUCE_TENSOR_MAX, s, mx);
+    TensorDesc sub = g.pw(CUDNN_POINTWISE_SUB, s, &mx, CUDNN_DATA_FLOAT, sd);
+    TensorDesc ex = g.pw(CUDNN_POINTWISE_EXP, sub, nullptr, CUDNN_DATA_FLOAT, sd);
+    TensorDesc sum = g.virt(CUDNN_DATA_FLOAT, rd);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
+    TensorDesc lg = g.pw(CUDNN_POINTWISE_LOG, sum, nullptr, CUDNN_DATA_FLOAT, rd);
+    g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, &lg, stats);
+    TensorDesc p = g.pw(CUDNN_POINTWISE_DIV, ex, &sum, io, sd);  // bmm2's A in the I/O type, as cuDNN requires
+    g.matmul(p, v, o);
+    return finish(g, handle, "forward", spec, 0);
+  });
+  Scalars sc{static_cast<float>(t.scale)};
+  std::vector<int64_t> uids{kQ, kK, kV, kO, kStats};
+  std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr()};
+  add_scalars(spec, sc, uids, ptrs);
+  add_bias_inputs(spec, t, uids, ptrs);
+  run_plan(handle, *plan, uids, ptrs, device);
+}
+
+// ---------------------------------------------------------------- backward
+void cudnn_sdpa_backward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const CudnnSdpaGrads& gr) {
+  FG_CHECK(api().unavailable.empty(), NotImplementedError, "flex_attention (cuDNN backend): {}", api().unavailable);
+  const int device = t.q.device().index;
+  cuda::DeviceGuard guard(device);
+  cudnnHandle_t handle = handle_for(device);
+  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
+  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), E = t.q.size(3);
+  const int64_t Hkv = t.k.size(1), Lkv = t.k.size(2), Ev = t.v.size(3);
+  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
+  const bool dbias = spec.bias == CudnnSdpaSpec::Bias::Tensor && gr.dbias.defined();
+  // dQ through a float accumulator in the workspace, except with dBias (cuDNN computes dBias only on the
+  // dP-workspace implementation, which writes dQ directly).
+  const bool dq_accum = !dbias;
+  const int64_t sum_bytes = (B * Hq * Lq * 4 + 255) / 256 * 256;
+  const int64_t accum_bytes = dq_accum ? B * Hq * Lq * E * 4 : 0;
+  const std::string key = fmt::format("bwd|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q),
+                                      shape_key(t.k), shape_key(t.v), shape_key(t.out), shape_key(gr.dout),
+                                      shape_key(gr.dq), shape_key(gr.dk), shape_key(gr.dv), shape_key(t.bias), dbias,
+                                      device);
+  auto plan = cached_plan(key, [&] {
+    GraphBuilder g;
+    TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
+    auto [kd, ks] = transposed(t.k);
+    TensorDesc kt = g.tensor(io, kd, ks, false, kK);
+    auto [vd, vs] = transposed(t.v);
+    TensorDesc vt = g.tensor(io, vd, vs, false, kV);
+    TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
+    TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
+    TensorDesc dout = g.tensor(io, dims_of(gr.dout), strides_of(gr.dout), false, kDO);
+    TensorDesc dq = g.tensor(io, dims_of(gr.dq), strides_of(gr.dq), false, kDQ);
+    TensorDesc dk = g.tensor(io, dims_of(gr.dk), strides_of(gr.dk), false, kDK);
+    TensorDesc dv = g.tensor(io, dims_of(gr.dv), strides_of(gr.dv), false, kDV);
+    TensorDesc one = g.scalar(CUDNN_DATA_FLOAT, kOne);
+    // softmax_sum = rowsum(dO * O), kept (non-virtual) in the workspace.
+    TensorDesc dodo = g.pw(CUDNN_POINTWISE_MUL, dout, &o, CUDNN_DATA_FLOAT, {B, Hq, Lq, Ev});
+    TensorDesc rs = g.virt(CUDNN_DATA_FLOAT, rd);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dodo, rs);
+    TensorDesc softmax_sum = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kSoftmaxSum);
+    g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, rs, &one, softmax_sum);
+    // P = exp(S - stats) under the band.
+    TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
+    g.matmul(q, kt, s);
+    TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);  // one descriptor per uid: S's scale and dS's
+    s = scores(g, spec, t, s, scale, sd, io);
+    s = g.pw(CUDNN_POINTWISE_SUB, s, &stats, CUDNN_DATA_FLOAT, sd);
+    s = band(g, spec, s, sd);
+    TensorDesc p = g.pw(CUDNN_POINTWISE_EXP, s, nullptr, CUDNN_DATA_FLOAT, sd);
+    const std::vector<int64_t> td{B, Hq, Lkv, Lq}, ts{Hq * Lq * Lkv, Lq * Lkv, 1, Lkv};
+    TensorDesc pt = g.tensor(io, td, ts, true);
+    g.reshape(p, pt);
+    if (Hq == Hkv) {
+      g.matmul(pt, dout, dv);
+    } else {
+      TensorDesc full = g.virt(io, {B, Hq, Lkv, Ev});
+      g.matmul(pt, dout, full);
+      g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dv);
+    }
+    // dS = (dO V^T - softmax_sum) * P [dBias = sum], * scale.
+    TensorDesc dp = g.virt(CUDNN_DATA_FLOAT, sd);
+    g.matmul(dout, vt, dp);
+    dp = g.pw(CUDNN_POINTWISE_SUB, dp, &softmax_sum, CUDNN_DATA_FLOAT, sd);
+    TensorDesc ds = g.pw(CUDNN_POINTWISE_MUL, dp, &p, CUDNN_DATA_FLOAT, sd);
+    if (dbias) {
+      TensorDesc db = g.tensor(io, dims_of(gr.dbias), strides_of(gr.dbias), false, kDBias);
+      g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
+    }
+    ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
+    TensorDesc dst = g.tensor(io, td, ts, true);
+    g.reshape(ds, dst);
+    if (Hq == Hkv) {
+      g.matmul(dst, q, dk);
+    } else {
+      TensorDesc full = g.virt(io, {B, Hq, Lkv, E});
+      g.matmul(dst, q, full);
+      g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dk);
+    }
+    // dQ = dS K (K back from K^T by a reshape).
+    TensorDesc kn = g.tensor(io, dims_of(t.k), strides_of(t.k), true);
+    g.reshape(kt, kn);
+    if (dq_accum) {
+      TensorDesc acc = g.tensor(CUDNN_DATA_FLOAT, {B, Hq, Lq, E}, GraphBuilder::contiguous({B, Hq, Lq, E}), false,
+                                kDQAccum);
+      g.matmul(ds, kn, acc);
+      g.pointwise(CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, acc, nullptr, dq);
+    } else {
+      g.matmul(ds, kn, dq);
+    }
+    return finish(g, handle, "backward", spec, sum_bytes + accum_bytes);
+  });
+  Scalars sc{static_cast<float>(t.scale)};
+  std::vector<int64_t> uids{kQ, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV, kOne};
+  std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr(),
+                          gr.dout.data_ptr(), gr.dq.data_ptr(), gr.dk.data_ptr(), gr.dv.data_ptr(), &sc.one};
+  add_scalars(spec, sc, uids, ptrs);
+  add_bias_inputs(spec, t, uids, ptrs);
+  if (dbias) {
+    uids.push_back(kDBias);
+    ptrs.push_back(gr.dbias.data_ptr());
+  }
+  std::vector<std::pair<int64_t, int64_t>> in_ws{{kSoftmaxSum, 0}};
+  if (dq_accum) in_ws.push_back({kDQAccum, sum_bytes});
+  run_plan(handle, *plan, uids, ptrs, device, in_ws);
+}
+
+std::string cudnn_available(Device) { return api().unavailable; }
+
+}  // namespace
+
+FG_REGISTER_KERNEL(cudnn_sdpa_forward_stub, CUDA, &cudnn_sdpa_forward);
+FG_REGISTER_KERNEL(cudnn_sdpa_backward_stub, CUDA, &cudnn_sdpa_backward);
+FG_REGISTER_KERNEL(cudnn_available_stub, CUDA, &cudnn_available);
+
+}  // namespace fg
+#endif  // FLEXGRAD_WITH_CUDNN
