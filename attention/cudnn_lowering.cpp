@@ -2,7 +2,9 @@
 #include "flexgrad/attention/cudnn_lowering.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <mutex>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -170,7 +172,7 @@ class MaskMatcher {
 
 // Does the BlockMask agree with the band block by block? Empty blocks must hold no allowed entry and full
 // blocks no masked one. Returns the first disagreement.
-std::string check_blocks(const BlockMask& bm, const Band& band, int64_t Lq, int64_t Lkv) {
+std::string check_blocks_uncached(const BlockMask& bm, const Band& band, int64_t Lq, int64_t Lkv) {
   const Tensor kinds = bm.block_kinds().to(kCPU).contiguous();
   const int32_t* k = kinds.data<int32_t>();
   const int64_t bq = bm.block_size().q, bkv = bm.block_size().kv;
@@ -197,6 +199,36 @@ std::string check_blocks(const BlockMask& bm, const Band& band, int64_t Lq, int6
     }
   }
   return {};
+}
+
+// check_blocks_uncached reads the block lists back to the host (a device synchronisation on a GPU mask): a
+// training or benchmark loop passes the same BlockMask every call, so the answer is kept per mask. The key holds
+// the lists' tensors (a mask's lists cannot change: BlockMask::check_unchanged), which keeps their addresses from
+// being reused by another mask while the entry lives.
+std::string check_blocks(const BlockMask& bm, const Band& band, int64_t Lq, int64_t Lkv) {
+  struct Entry {
+    Tensor num, full_num;
+    int64_t lo, hi, lq, lkv;
+    std::string answer;
+  };
+  static std::mutex mu;
+  static auto* cache = new std::vector<Entry>();  // never destroyed: its tensors may live on a GPU (see all_full)
+  const Tensor& num = bm.kv_num_blocks();
+  const Tensor& full_num = bm.full_kv_num_blocks();
+  auto same = [&](const Entry& e) {
+    return e.num.data_ptr() == num.data_ptr() && e.full_num.defined() == full_num.defined() &&
+           (!full_num.defined() || e.full_num.data_ptr() == full_num.data_ptr()) && e.lo == band.lo &&
+           e.hi == band.hi && e.lq == Lq && e.lkv == Lkv;
+  };
+  {
+    std::lock_guard lock(mu);
+    for (const Entry& e : *cache) if (same(e)) return e.answer;
+  }
+  std::string answer = check_blocks_uncached(bm, band, Lq, Lkv);
+  std::lock_guard lock(mu);
+  if (cache->size() >= 32) cache->erase(cache->begin());
+  cache->push_back(Entry{num, full_num, band.lo, band.hi, Lq, Lkv, answer});
+  return answer;
 }
 
 const Instr& strip_float_cast(const ModProgram& p, int32_t& id) {
@@ -300,6 +332,21 @@ std::string lower_bias(const ModProgram& p, int32_t f, const CudnnLoweringInput&
 std::string lower_score(const ModProgram& p, const CudnnLoweringInput& in, CudnnSdpaSpec& s) {
   const Instr& out = p.instrs()[p.output()];
   if (out.op == ExprOp::Score) return {};
+  if (out.op == ExprOp::Mul || out.op == ExprOp::Div) {
+    const Instr& a = p.instrs()[out.args[0]];
+    const Instr& b = p.instrs()[out.args[1]];
+    const bool score_first = a.op == ExprOp::Score && b.op == ExprOp::Const;
+    const bool score_second = out.op == ExprOp::Mul && b.op == ExprOp::Score && a.op == ExprOp::Const;
+    if (score_first || score_second) {
+      const Instr& k = score_first ? b : a;
+      const double c = k.kind == ValueKind::Float ? k.value : static_cast<double>(k.ivalue);
+      if (!std::isfinite(c) || c == 0 || (out.op == ExprOp::Div && !std::isfinite(1.0 / c))) {
+        return fmt::format("score_mod: {} scales the score by a constant that is zero or not finite", p.to_string());
+      }
+      s.score_scale = out.op == ExprOp::Div ? 1.0 / c : c;
+      return {};
+    }
+  }
   if (out.op == ExprOp::Add) {
     for (int side = 0; side < 2; ++side) {
       const Instr& a = p.instrs()[out.args[side]];
@@ -319,6 +366,7 @@ std::string CudnnSdpaSpec::describe() const {
   else if (causal()) s = "causal";
   else s = fmt::format("band [left {}, right {}]", left_bound ? std::to_string(*left_bound) : "none",
                        right_bound ? std::to_string(*right_bound) : "none");
+  if (score_scale != 1.0) s += fmt::format(" * {}", score_scale);
   if (bias == Bias::Tensor) {
     static const char* kRole[4] = {"b", "h", "q", "kv"};
     std::vector<std::string> dims;

@@ -12,7 +12,7 @@
 //              cuDNN's top-left diagonal band (right bound -lo >= 0, left bound hi + 1 > 0). The BlockMask must
 //              agree with it block by block: a block it skips (empty) holds no allowed entry and a block it
 //              marks full holds no masked one (otherwise flex_attention's result differs from the band's).
-//   score_mod  identity; score + c[...] with c a captured float tensor indexed by a subset of (b, h, q_idx,
+//   score_mod  identity; score * c or score / c with c a constant (folded into the scale); score + c[...] with c a captured float tensor indexed by a subset of (b, h, q_idx,
 //              kv_idx) in that order (a bias broadcast to [B, H, Lq, Lkv]; learnable: dBias); score +
 //              slope(h) * (kv_idx - q_idx) with slope a captured c[h] or a function of h alone (ALiBi; cuDNN
 //              requires the causal band with it).
@@ -47,6 +47,9 @@ struct CudnnSdpaSpec {
   // by h) or, when it is -1, `alibi_slopes` (Hq values the program gives).
   int32_t alibi_capture = -1;
   std::vector<double> alibi_slopes;
+
+  // score_mod `score * c` (or `score / c`), c a constant: cuDNN's scale is multiplied by it.
+  double score_scale = 1.0;
 
   bool causal() const { return right_bound == 0 && !left_bound; }
   // "causal", "band [left 64, right 0] + bias cap0[h, q, kv]", ... (tests, messages, the plan cache key).

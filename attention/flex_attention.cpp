@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "flexgrad/attention/cudnn_backend.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/flex_reference.h"
 #include "flexgrad/ops/autocast.h"
@@ -264,6 +265,144 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
   return r;
 }
 
+// ---- FlexBackend::Cudnn: cuDNN's fused SDPA for the calls lower_to_cudnn accepts.
+
+// The hook for Auto: whether it should run this call on cuDNN. Always false until the lead's measurements
+// (bench_flex_cuda --backend cudnn beside our kernels) give a rule; Auto then keeps our kernels.
+[[maybe_unused]] bool auto_uses_cudnn(const CudnnSdpaSpec&, const Tensor&) { return false; }
+
+// The captured bias as cuDNN reads it: [Bb, Hb, Lq, Lkv] contiguous in `dt` (Bb = B when the bias reads b, else
+// 1; likewise Hb), broadcast over the q or kv it does not read.
+Tensor cudnn_bias(const Tensor& cap, const CudnnSdpaSpec& s, const int64_t extent[4], DType dt) {
+  Tensor c = cap.detach();
+  Shape sizes(4), strides(4);
+  int64_t offset = c.storage_offset();
+  for (int r = 0; r < 4; ++r) {
+    const int d = s.bias_dim[r];
+    sizes[r] = d >= 0 || r >= 2 ? extent[r] : 1;
+    strides[r] = d >= 0 ? c.stride(d) : 0;
+  }
+  return c.as_strided(sizes, strides, offset).to(dt).contiguous();
+}
+
+// dBias [Bb, Hb, Lq, Lkv] back to the capture's shape: summed over the q / kv it broadcast, zero past the
+// entries the call read.
+Tensor cudnn_bias_grad(const Tensor& dbias, const Tensor& cap, const CudnnSdpaSpec& s) {
+  Tensor g = dbias.to(kFloat32);
+  Shape keep;
+  for (int r = 3; r >= 2; --r) {
+    if (s.bias_dim[r] < 0) g = sum(g, Shape{r}, true);
+  }
+  for (int r = 0; r < 4; ++r) if (s.bias_dim[r] >= 0) keep.push_back(g.size(r));
+  g = g.contiguous().view(keep);
+  Tensor full = zeros(cap.sizes(), TensorOptions().dtype(kFloat32).device(cap.device()));
+  Tensor region = full;
+  for (int64_t d = 0; d < static_cast<int64_t>(keep.size()); ++d) region = region.narrow(d, 0, keep[d]);
+  region.copy_(g);
+  return full;
+}
+
+// A program's own ALiBi slopes on the device, built once per (slopes, device): a loop calls with the same mod.
+Tensor constant_slopes(const std::vector<double>& slopes, Device dev) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::pair<std::vector<double>, std::pair<int, int>>, Tensor>();  // never destroyed
+  const auto key = std::make_pair(slopes, std::make_pair(static_cast<int>(dev.type), static_cast<int>(dev.index)));
+  std::lock_guard lock(mu);
+  if (auto it = cache->find(key); it != cache->end()) return it->second;
+  Tensor t = from_vector<double>(slopes, {static_cast<int64_t>(slopes.size())}, kFloat32).to(dev);
+  if (cache->size() >= 64) cache->clear();
+  cache->emplace(key, t);
+  return t;
+}
+
+FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  FG_CHECK(q.device().type == DeviceType::CUDA, NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn runs on CUDA devices, got {}", q.device());
+  FG_CHECK(cudnn_sdpa_forward_stub.has(DeviceType::CUDA), NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn, but this build of flexgrad has no cuDNN (CMake found "
+           "no cudnn_graph.h beside the CUDA toolkit)");
+  FG_CHECK(!o.return_max_scores, NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn gives no max_scores (cuDNN's graph returns the lse only)");
+  const std::string why = cudnn_available_stub(q.device(), q.device());
+  FG_CHECK(why.empty(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn: {}", why);
+  std::shared_ptr<const ModProgram> prog;
+  if (o.score_mod) prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
+  CudnnLoweringInput in;
+  in.score_mod = prog.get();
+  in.block_mask = o.block_mask ? &*o.block_mask : nullptr;
+  in.B = q.size(0); in.Hq = q.size(1); in.Lq = q.size(2); in.E = q.size(3);
+  in.Bkv = k.size(0); in.Hkv = k.size(1); in.Lkv = k.size(2); in.Ev = v.size(3);
+  in.dtype = q.dtype();
+  CudnnLowering low = lower_to_cudnn(in);
+  FG_CHECK(low.lowers(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn cannot run this "
+           "call: {}", low.declined);
+  auto spec = std::make_shared<CudnnSdpaSpec>(*low.spec);
+  auto t = std::make_shared<CudnnSdpaTensors>();
+  Tensor bias_cap;
+  {
+    NoGradGuard g;
+    t->q = kernel_layout(q.detach());
+    t->k = kernel_layout(k.detach());
+    t->v = kernel_layout(v.detach());
+    t->scale = (o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(in.E))) * spec->score_scale;
+    const TensorOptions io = TensorOptions().dtype(q.dtype()).device(q.device());
+    t->out = empty({in.B, in.Hq, in.Lq, in.Ev}, io);
+    t->stats = empty({in.B, in.Hq, in.Lq}, TensorOptions().dtype(kFloat32).device(q.device()));
+    const int64_t extent[4] = {in.B, in.Hq, in.Lq, in.Lkv};
+    if (spec->bias == CudnnSdpaSpec::Bias::Tensor) {
+      bias_cap = prog->captures()[spec->bias_capture].tensor;
+      FG_CHECK(bias_cap.device() == q.device(), DeviceError, "flex_attention: the score_mod's bias '{}' is on {} but q "
+               "is on {}", prog->captures()[spec->bias_capture].name, bias_cap.device(), q.device());
+      t->bias = cudnn_bias(bias_cap, *spec, extent, q.dtype());
+    } else if (spec->bias == CudnnSdpaSpec::Bias::Alibi) {
+      t->slopes = spec->alibi_capture >= 0
+                      ? prog->captures()[spec->alibi_capture].tensor.detach().narrow(0, 0, in.Hq).to(q.device(), kFloat32).contiguous()
+                      : constant_slopes(spec->alibi_slopes, q.device());
+    }
+  }
+  if (in.B > 0 && in.Hq > 0 && in.Lq > 0) cudnn_sdpa_forward_stub(q.device(), *spec, *t);
+  FlexAttentionResult r;
+  r.out = t->out;
+  r.lse = t->stats;
+  const bool learn_bias = spec->bias_learnable && bias_cap.defined();
+  TensorList inputs{q, k, v};
+  if (learn_bias) inputs.push_back(bias_cap);
+  if (needs_grad(inputs)) {
+    auto versions = std::make_shared<BackwardInputVersions>();
+    versions->save("q", q);
+    versions->save("k", k);
+    versions->save("v", v);
+    versions->save_captures("score_mod", prog.get());
+    if (o.block_mask) versions->save_captures("mask_mod", o.block_mask->mask_program().get());
+    const DType qdt = q.dtype();
+    record("FlexAttentionCudnnBackward", inputs, {r.out, r.lse},
+           [spec, t, versions, learn_bias, bias_cap, qdt](const TensorList& g) {
+             versions->check();
+             FG_CHECK(!(g.size() > 1 && g[1].defined()), NotImplementedError,
+                      "flex_attention (cuDNN backend): no gradient through the returned lse (cuDNN's backward graph takes "
+                      "dO only); use FlexBackend::Fused");
+             const TensorOptions io = TensorOptions().dtype(qdt).device(t->q.device());
+             CudnnSdpaGrads gr;
+             gr.dout = g[0].defined() ? g[0].to(qdt).contiguous() : zeros(t->out.sizes(), io);
+             gr.dq = empty(t->q.sizes(), io);
+             gr.dk = empty(t->k.sizes(), io);
+             gr.dv = empty(t->v.sizes(), io);
+             if (learn_bias) gr.dbias = empty(t->bias.sizes(), io);
+             if (t->q.size(0) > 0 && t->q.size(1) > 0 && t->q.size(2) > 0) {
+               cudnn_sdpa_backward_stub(t->q.device(), *spec, *t, gr);
+             } else {
+               gr.dk.zero_();
+               gr.dv.zero_();
+               if (learn_bias) gr.dbias.zero_();
+             }
+             TensorList grads{gr.dq, gr.dk, gr.dv};
+             if (learn_bias) grads.push_back(cudnn_bias_grad(gr.dbias, bias_cap, *spec).to(bias_cap.dtype()));
+             return grads;
+           });
+  }
+  return r;
+}
+
 }  // namespace
 
 FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -289,6 +428,8 @@ FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const
       r.lse = r.lse.to(kFloat32);
       r.max_scores = r.max_scores.to(kFloat32);
     }
+  } else if (backend == FlexBackend::Cudnn) {
+    r = cudnn_path(q, k, v, o);
   } else {
     r = fused(q, k, v, o);
   }

@@ -26,6 +26,10 @@ enum class FlexBackend : uint8_t {
   Auto,       // the fused kernel of the inputs' device (today the same as Fused)
   Fused,      // fused CPU or CUDA kernel: online softmax over the BlockMask's blocks, O(L*E) memory
   Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path), O(L^2) memory
+  Cudnn,      // cuDNN's fused SDPA (CUDA, bf16/f16) for the calls lower_to_cudnn accepts (attention/cudnn_lowering.h:
+              // no mask, causal, diagonal bands, ALiBi, captured bias tensors); NotImplementedError with the
+              // lowering's reason otherwise, and without cuDNN in the build or on the machine. Auto never picks it
+              // yet (flex_attention.cpp: auto_uses_cudnn)
 };
 
 // Which forward kernel runs on CUDA (ignored on the CPU).

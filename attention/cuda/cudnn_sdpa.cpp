@@ -451,39 +451,119 @@ void add_bias_inputs(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, std::
   }
 }
 
+// The forward graph's operations (no handle needed: every descriptor is finalized as it is built).
+void build_forward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t) {
+  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
+  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), Lkv = t.k.size(2);
+  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
+  TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
+  auto [kd, ks] = transposed(t.k);
+  TensorDesc kt = g.tensor(io, kd, ks, false, kK);
+  TensorDesc v = g.tensor(io, dims_of(t.v), strides_of(t.v), false, kV);
+  TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
+  TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
+  TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
+  g.matmul(q, kt, s);
+  TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);
+  s = band(g, spec, scores(g, spec, t, s, scale, sd, io), sd);
+  TensorDesc mx = g.virt(CUDNN_DATA_FLOAT, rd);
+  g.reduction(CUDNN_REDUCE_TENSOR_MAX, s, mx);
+  TensorDesc sub = g.pw(CUDNN_POINTWISE_SUB, s, &mx, CUDNN_DATA_FLOAT, sd);
+  TensorDesc ex = g.pw(CUDNN_POINTWISE_EXP, sub, nullptr, CUDNN_DATA_FLOAT, sd);
+  TensorDesc sum = g.virt(CUDNN_DATA_FLOAT, rd);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
+  TensorDesc lg = g.pw(CUDNN_POINTWISE_LOG, sum, nullptr, CUDNN_DATA_FLOAT, rd);
+  g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, &lg, stats);
+  TensorDesc p = g.pw(CUDNN_POINTWISE_DIV, ex, &sum, io, sd);  // bmm2's A in the I/O type, as cuDNN requires
+  g.matmul(p, v, o);
+}
+
+// The backward graph's operations; dq_accum: dQ through the float accumulator (kDQAccum).
+void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const CudnnSdpaGrads& gr,
+                    bool dbias, bool dq_accum) {
+  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
+  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), E = t.q.size(3);
+  const int64_t Hkv = t.k.size(1), Lkv = t.k.size(2), Ev = t.v.size(3);
+  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
+  TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
+  auto [kd, ks] = transposed(t.k);
+  TensorDesc kt = g.tensor(io, kd, ks, false, kK);
+  auto [vd, vs] = transposed(t.v);
+  TensorDesc vt = g.tensor(io, vd, vs, false, kV);
+  TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
+  TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
+  TensorDesc dout = g.tensor(io, dims_of(gr.dout), strides_of(gr.dout), false, kDO);
+  TensorDesc dq = g.tensor(io, dims_of(gr.dq), strides_of(gr.dq), false, kDQ);
+  TensorDesc dk = g.tensor(io, dims_of(gr.dk), strides_of(gr.dk), false, kDK);
+  TensorDesc dv = g.tensor(io, dims_of(gr.dv), strides_of(gr.dv), false, kDV);
+  TensorDesc one = g.scalar(CUDNN_DATA_FLOAT, kOne);
+  // softmax_sum = rowsum(dO * O), kept (non-virtual) in the workspace.
+  TensorDesc dodo = g.pw(CUDNN_POINTWISE_MUL, dout, &o, CUDNN_DATA_FLOAT, {B, Hq, Lq, Ev});
+  TensorDesc rs = g.virt(CUDNN_DATA_FLOAT, rd);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, dodo, rs);
+  TensorDesc softmax_sum = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kSoftmaxSum);
+  g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, rs, &one, softmax_sum);
+  // P = exp(S - stats) under the band.
+  TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
+  g.matmul(q, kt, s);
+  TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);  // one descriptor per uid: S's scale and dS's
+  s = scores(g, spec, t, s, scale, sd, io);
+  s = g.pw(CUDNN_POINTWISE_SUB, s, &stats, CUDNN_DATA_FLOAT, sd);
+  s = band(g, spec, s, sd);
+  TensorDesc p = g.pw(CUDNN_POINTWISE_EXP, s, nullptr, CUDNN_DATA_FLOAT, sd);
+  const std::vector<int64_t> td{B, Hq, Lkv, Lq}, ts{Hq * Lq * Lkv, Lq * Lkv, 1, Lkv};
+  TensorDesc pt = g.tensor(io, td, ts, true);
+  g.reshape(p, pt);
+  if (Hq == Hkv) {
+    g.matmul(pt, dout, dv);
+  } else {
+    TensorDesc full = g.virt(io, {B, Hq, Lkv, Ev});
+    g.matmul(pt, dout, full);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dv);
+  }
+  // dS = (dO V^T - softmax_sum) * P [dBias = sum], * scale.
+  TensorDesc dp = g.virt(CUDNN_DATA_FLOAT, sd);
+  g.matmul(dout, vt, dp);
+  dp = g.pw(CUDNN_POINTWISE_SUB, dp, &softmax_sum, CUDNN_DATA_FLOAT, sd);
+  TensorDesc ds = g.pw(CUDNN_POINTWISE_MUL, dp, &p, CUDNN_DATA_FLOAT, sd);
+  if (dbias) {
+    TensorDesc db = g.tensor(io, dims_of(gr.dbias), strides_of(gr.dbias), false, kDBias);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
+  }
+  ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
+  TensorDesc dst = g.tensor(io, td, ts, true);
+  g.reshape(ds, dst);
+  if (Hq == Hkv) {
+    g.matmul(dst, q, dk);
+  } else {
+    TensorDesc full = g.virt(io, {B, Hq, Lkv, E});
+    g.matmul(dst, q, full);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dk);
+  }
+  // dQ = dS K (K back from K^T by a reshape).
+  TensorDesc kn = g.tensor(io, dims_of(t.k), strides_of(t.k), true);
+  g.reshape(kt, kn);
+  if (dq_accum) {
+    TensorDesc acc = g.tensor(CUDNN_DATA_FLOAT, {B, Hq, Lq, E}, GraphBuilder::contiguous({B, Hq, Lq, E}), false,
+                              kDQAccum);
+    g.matmul(ds, kn, acc);
+    g.pointwise(CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, acc, nullptr, dq);
+  } else {
+    g.matmul(ds, kn, dq);
+  }
+}
+
 // ---------------------------------------------------------------- forward
 void cudnn_sdpa_forward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t) {
   FG_CHECK(api().unavailable.empty(), NotImplementedError, "flex_attention (cuDNN backend): {}", api().unavailable);
   const int device = t.q.device().index;
   cuda::DeviceGuard guard(device);
   cudnnHandle_t handle = handle_for(device);
-  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
-  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), Lkv = t.k.size(2);
-  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
   const std::string key = fmt::format("fwd|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q), shape_key(t.k),
                                       shape_key(t.v), shape_key(t.out), shape_key(t.bias), device, api().version);
   auto plan = cached_plan(key, [&] {
     GraphBuilder g;
-    TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
-    auto [kd, ks] = transposed(t.k);
-    TensorDesc kt = g.tensor(io, kd, ks, false, kK);
-    TensorDesc v = g.tensor(io, dims_of(t.v), strides_of(t.v), false, kV);
-    TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
-    TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
-    TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
-    g.matmul(q, kt, s);
-    TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);
-    s = band(g, spec, scores(g, spec, t, s, scale, sd, io), sd);
-    TensorDesc mx = g.virt(CUDNN_DATA_FLOAT, rd);
-    g.reduction(CUDNN_REDUCE_TENSOR_MAX, s, mx);
-    TensorDesc sub = g.pw(CUDNN_POINTWISE_SUB, s, &mx, CUDNN_DATA_FLOAT, sd);
-    TensorDesc ex = g.pw(CUDNN_POINTWISE_EXP, sub, nullptr, CUDNN_DATA_FLOAT, sd);
-    TensorDesc sum = g.virt(CUDNN_DATA_FLOAT, rd);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
-    TensorDesc lg = g.pw(CUDNN_POINTWISE_LOG, sum, nullptr, CUDNN_DATA_FLOAT, rd);
-    g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, &lg, stats);
-    TensorDesc p = g.pw(CUDNN_POINTWISE_DIV, ex, &sum, io, sd);  // bmm2's A in the I/O type, as cuDNN requires
-    g.matmul(p, v, o);
+    build_forward(g, spec, t);
     return finish(g, handle, "forward", spec, 0);
   });
   Scalars sc{static_cast<float>(t.scale)};
@@ -500,10 +580,7 @@ void cudnn_sdpa_backward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, c
   const int device = t.q.device().index;
   cuda::DeviceGuard guard(device);
   cudnnHandle_t handle = handle_for(device);
-  const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
   const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), E = t.q.size(3);
-  const int64_t Hkv = t.k.size(1), Lkv = t.k.size(2), Ev = t.v.size(3);
-  const std::vector<int64_t> sd{B, Hq, Lq, Lkv}, rd{B, Hq, Lq, 1};
   const bool dbias = spec.bias == CudnnSdpaSpec::Bias::Tensor && gr.dbias.defined();
   // dQ through a float accumulator in the workspace, except with dBias (cuDNN computes dBias only on the
   // dP-workspace implementation, which writes dQ directly).
@@ -516,72 +593,7 @@ void cudnn_sdpa_backward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, c
                                       device);
   auto plan = cached_plan(key, [&] {
     GraphBuilder g;
-    TensorDesc q = g.tensor(io, dims_of(t.q), strides_of(t.q), false, kQ);
-    auto [kd, ks] = transposed(t.k);
-    TensorDesc kt = g.tensor(io, kd, ks, false, kK);
-    auto [vd, vs] = transposed(t.v);
-    TensorDesc vt = g.tensor(io, vd, vs, false, kV);
-    TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
-    TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
-    TensorDesc dout = g.tensor(io, dims_of(gr.dout), strides_of(gr.dout), false, kDO);
-    TensorDesc dq = g.tensor(io, dims_of(gr.dq), strides_of(gr.dq), false, kDQ);
-    TensorDesc dk = g.tensor(io, dims_of(gr.dk), strides_of(gr.dk), false, kDK);
-    TensorDesc dv = g.tensor(io, dims_of(gr.dv), strides_of(gr.dv), false, kDV);
-    TensorDesc one = g.scalar(CUDNN_DATA_FLOAT, kOne);
-    // softmax_sum = rowsum(dO * O), kept (non-virtual) in the workspace.
-    TensorDesc dodo = g.pw(CUDNN_POINTWISE_MUL, dout, &o, CUDNN_DATA_FLOAT, {B, Hq, Lq, Ev});
-    TensorDesc rs = g.virt(CUDNN_DATA_FLOAT, rd);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dodo, rs);
-    TensorDesc softmax_sum = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kSoftmaxSum);
-    g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, rs, &one, softmax_sum);
-    // P = exp(S - stats) under the band.
-    TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
-    g.matmul(q, kt, s);
-    TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);  // one descriptor per uid: S's scale and dS's
-    s = scores(g, spec, t, s, scale, sd, io);
-    s = g.pw(CUDNN_POINTWISE_SUB, s, &stats, CUDNN_DATA_FLOAT, sd);
-    s = band(g, spec, s, sd);
-    TensorDesc p = g.pw(CUDNN_POINTWISE_EXP, s, nullptr, CUDNN_DATA_FLOAT, sd);
-    const std::vector<int64_t> td{B, Hq, Lkv, Lq}, ts{Hq * Lq * Lkv, Lq * Lkv, 1, Lkv};
-    TensorDesc pt = g.tensor(io, td, ts, true);
-    g.reshape(p, pt);
-    if (Hq == Hkv) {
-      g.matmul(pt, dout, dv);
-    } else {
-      TensorDesc full = g.virt(io, {B, Hq, Lkv, Ev});
-      g.matmul(pt, dout, full);
-      g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dv);
-    }
-    // dS = (dO V^T - softmax_sum) * P [dBias = sum], * scale.
-    TensorDesc dp = g.virt(CUDNN_DATA_FLOAT, sd);
-    g.matmul(dout, vt, dp);
-    dp = g.pw(CUDNN_POINTWISE_SUB, dp, &softmax_sum, CUDNN_DATA_FLOAT, sd);
-    TensorDesc ds = g.pw(CUDNN_POINTWISE_MUL, dp, &p, CUDNN_DATA_FLOAT, sd);
-    if (dbias) {
-      TensorDesc db = g.tensor(io, dims_of(gr.dbias), strides_of(gr.dbias), false, kDBias);
-      g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
-    }
-    ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
-    TensorDesc dst = g.tensor(io, td, ts, true);
-    g.reshape(ds, dst);
-    if (Hq == Hkv) {
-      g.matmul(dst, q, dk);
-    } else {
-      TensorDesc full = g.virt(io, {B, Hq, Lkv, E});
-      g.matmul(dst, q, full);
-      g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dk);
-    }
-    // dQ = dS K (K back from K^T by a reshape).
-    TensorDesc kn = g.tensor(io, dims_of(t.k), strides_of(t.k), true);
-    g.reshape(kt, kn);
-    if (dq_accum) {
-      TensorDesc acc = g.tensor(CUDNN_DATA_FLOAT, {B, Hq, Lq, E}, GraphBuilder::contiguous({B, Hq, Lq, E}), false,
-                                kDQAccum);
-      g.matmul(ds, kn, acc);
-      g.pointwise(CUDNN_POINTWISE_IDENTITY, CUDNN_DATA_FLOAT, acc, nullptr, dq);
-    } else {
-      g.matmul(ds, kn, dq);
-    }
+    build_backward(g, spec, t, gr, dbias, dq_accum);
     return finish(g, handle, "backward", spec, sum_bytes + accum_bytes);
   });
   Scalars sc{static_cast<float>(t.scale)};

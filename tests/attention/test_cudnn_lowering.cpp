@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "flexgrad/attention/cudnn_lowering.h"
+#include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/gallery/alibi.h"
 #include "flexgrad/attention/gallery/causal.h"
 #include "flexgrad/attention/gallery/softcap.h"
@@ -127,6 +128,21 @@ TEST(CudnnLowering, AlibiWithCapturedSlopes) {
   EXPECT_DOUBLE_EQ(s2.alibi_slopes[2], -0.125);
 }
 
+TEST(CudnnLowering, ConstantScoreScalesFoldIntoTheScale) {
+  Call twice = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s * 2; }, nullptr);
+  EXPECT_DOUBLE_EQ(accepted(twice).score_scale, 2.0);
+  Call left = make_call([](Expr s, Expr, Expr, Expr, Expr) { return 0.5 * s; }, causal_mask());
+  CudnnSdpaSpec s = accepted(left);
+  EXPECT_DOUBLE_EQ(s.score_scale, 0.5);
+  EXPECT_TRUE(s.causal());
+  Call div = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s / 4.0; }, nullptr);
+  EXPECT_DOUBLE_EQ(accepted(div).score_scale, 0.25);
+  Call zero = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s * 0.0; }, nullptr);
+  CudnnLowering z = lower(zero);
+  // s * 0 may fold to a constant 0 (then it is not score + bias); either way it does not lower.
+  EXPECT_FALSE(z.lowers());
+}
+
 TEST(CudnnLowering, CapturedBiasTensors) {
   const int64_t L = 256, H = 4;
   Tensor full = randn({2, H, L, L});
@@ -196,8 +212,10 @@ TEST(CudnnLowering, DeclinesScoreModsThatAreNotABias) {
   Tensor bias = randn({256, 256});
   Call swapped = make_call([b = Captured(bias)](Expr s, Expr, Expr, Expr q, Expr kv) { return s + b[kv][q]; }, nullptr);
   declined(swapped, "in that order");
-  Call scaled = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s * 2.0; }, nullptr);
-  declined(scaled, "is not score + bias");
+  Call squared = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s * s; }, nullptr);
+  declined(squared, "is not score + bias");
+  Call per_head = make_call([](Expr s, Expr, Expr h, Expr q, Expr kv) { return s * to_float(h + 1); }, nullptr);
+  declined(per_head, "is not score + bias");
   Call quadratic = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float((q - kv) * (q - kv)); }, nullptr);
   declined(quadratic, "depends on more than h");
   Tensor short_bias = randn({4, 100, 256});
@@ -239,6 +257,18 @@ TEST(CudnnLowering, TheBlockMaskMustAgreeWithTheBand) {
   // The BlockMask create_block_mask builds for it agrees.
   Call ok = make_call(nullptr, causal_mask(), L);
   EXPECT_TRUE(lower(ok).lowers());
+}
+
+}  // namespace
+
+namespace {
+
+// The forced backend on the CPU: a typed error naming the device, never a silent run elsewhere.
+TEST(CudnnBackend, ForcedOnTheCpuRaises) {
+  Tensor x = randn({1, 2, 64, 64}).to(kBFloat16);
+  FlexAttentionOptions o;
+  o.kernel.backend = FlexBackend::Cudnn;
+  fg::testing::expect_error<NotImplementedError>([&] { flex_attention(x, x, x, o); }, "runs on CUDA devices, got cpu");
 }
 
 }  // namespace
