@@ -39,6 +39,12 @@ if [ -z "$B" ]; then
   t "built"
 fi
 export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# FlexBackend::Cudnn opens libcudnn.so.9 at run time; where the system has none, the torch venv's wheel has it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9 '; then
+  for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/cudnn/lib; do
+    [ -e "$d/libcudnn.so.9" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && break
+  done
+fi
 export FLEXGRAD_CACHE_DIR=/tmp/fgcache
 
 case " $steps " in *" bench "*)

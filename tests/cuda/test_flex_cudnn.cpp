@@ -1,0 +1,235 @@
+// FlexBackend::Cudnn on the GPU: the conformance cases that lower pass PyTorch's rule in bf16 (the declined ones
+// are printed with their reason), and causal, band, ALiBi, a learnable bias (dBias) and GQA match a plain float64
+// softmax(Q K^T scale + bias) V written here (gradients by flexgrad's autograd over those float64 ops) in bf16
+// and fp16, and agree with the fused CUDA kernel. Skips visibly without a GPU, without cuDNN in the build, or
+// without libcudnn.so.9 on the machine.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "flexgrad/attention/flex_attention.h"
+#include "flexgrad/attention/gallery/alibi.h"
+#include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/ops/ops.h"
+#include "flexgrad/tensor/random.h"
+#include "tests/test_util.h"
+#include "tools/conformance/conformance.h"
+
+namespace fg {
+namespace {
+
+const Device kGpu(DeviceType::CUDA, 0);
+
+// Empty when the cuDNN backend runs here, else why not (the skip message).
+std::string cudnn_missing() {
+  if (device_count(DeviceType::CUDA) == 0) return "no CUDA device present";
+  try {
+    Tensor x = randn({1, 1, 64, 64}).to(kGpu, kBFloat16);
+    FlexAttentionOptions o;
+    o.kernel.backend = FlexBackend::Cudnn;
+    flex_attention(x, x, x, o);
+  } catch (const NotImplementedError& e) {
+    const std::string m = e.what();
+    if (m.find("has no cuDNN") != std::string::npos || m.find("cannot load") != std::string::npos ||
+        m.find("needs 9.10.2") != std::string::npos) {
+      return m;
+    }
+    throw;
+  }
+  return {};
+}
+#define SKIP_WITHOUT_CUDNN()                                     \
+  do {                                                           \
+    const std::string why_ = cudnn_missing();                    \
+    if (!why_.empty()) GTEST_SKIP() << "cuDNN backend: " << why_; \
+  } while (0)
+
+TEST(FlexCudnn, ConformanceCasesThatLowerPassPyTorchsRule) {
+  SKIP_WITHOUT_CUDNN();
+  const std::string dir = fg::testing::conformance_dir();
+  if (!std::filesystem::exists(dir + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << dir;
+  std::ifstream f(dir + "/manifest.json");
+  const nlohmann::json manifest = nlohmann::json::parse(f);
+  std::vector<std::string> ran, declined;
+  for (const auto& entry : manifest) {
+    const std::string name = entry.at("case").get<std::string>();
+    ConformanceOptions o;
+    o.dtype = kBFloat16;
+    o.device = kGpu;
+    o.backend = FlexBackend::Cudnn;
+    o.only = {name};
+    try {
+      auto results = run_conformance(dir, o);
+      ASSERT_EQ(results.size(), 1u);
+      EXPECT_TRUE(results[0].passed()) << format_conformance(results);
+      std::printf("%s", format_conformance(results).c_str());
+      ran.push_back(name);
+    } catch (const NotImplementedError& e) {
+      // Only the lowering's "declines" count as declined; cuDNN finding no engine for a lowered graph is a failure.
+      const std::string m = e.what();
+      EXPECT_NE(m.find("cannot run this call"), std::string::npos) << name << ": " << m;
+      std::printf("declined %s: %s\n", name.c_str(), e.what());
+      declined.push_back(name);
+    }
+  }
+  std::printf("cuDNN ran %zu cases, declined %zu\n", ran.size(), declined.size());
+  // The patterns that lower must run: ALiBi under causal, GQA causal, a sliding window, a constant score scale.
+  for (const char* must : {"alibi_causal", "gqa_causal", "sliding64_blk64", "dv_differs"}) {
+    EXPECT_NE(std::find(ran.begin(), ran.end(), must), ran.end()) << must << " was declined";
+  }
+}
+
+// ---- float64 golden written here: softmax(Q K^T scale + bias, masked) V over materialised scores.
+struct Case {
+  std::string name;
+  int64_t B = 2, Hq = 4, Hkv = 4, L = 200, E = 64;
+  std::function<bool(int64_t q, int64_t kv)> allowed = [](int64_t, int64_t) { return true; };
+  MaskMod mask_mod;
+  ScoreMod score_mod;
+  Tensor bias;  // [Hq, L, L] float32, learnable, the score_mod's capture (nullptr-equivalent when undefined)
+  std::function<double(int64_t h, int64_t q, int64_t kv)> golden_bias;
+};
+
+struct Grads {
+  Tensor out, dq, dk, dv, dbias;
+};
+
+Grads golden(const Case& c, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout) {
+  Tensor q64 = q.cpu().to(kFloat64).detach().requires_grad_(), k64 = k.cpu().to(kFloat64).detach().requires_grad_(),
+         v64 = v.cpu().to(kFloat64).detach().requires_grad_();
+  const int64_t g = c.Hq / c.Hkv;
+  std::vector<double> add(static_cast<size_t>(c.Hq * c.L * c.L));
+  std::vector<bool> keep(static_cast<size_t>(c.L * c.L));
+  for (int64_t i = 0; i < c.L; ++i)
+    for (int64_t j = 0; j < c.L; ++j) keep[i * c.L + j] = c.allowed(i, j);
+  Tensor bias64;
+  if (c.bias.defined()) bias64 = c.bias.cpu().to(kFloat64).detach().requires_grad_();
+  for (int64_t h = 0; h < c.Hq; ++h)
+    for (int64_t i = 0; i < c.L; ++i)
+      for (int64_t j = 0; j < c.L; ++j)
+        add[(h * c.L + i) * c.L + j] = c.golden_bias && !c.bias.defined() ? c.golden_bias(h, i, j) : 0.0;
+  Tensor kk = k64, vv = v64;
+  if (g > 1) {  // q head h reads kv head h / g
+    kk = k64.unsqueeze(2).expand({c.B, c.Hkv, g, c.L, c.E}).reshape({c.B, c.Hq, c.L, c.E});
+    vv = v64.unsqueeze(2).expand({c.B, c.Hkv, g, c.L, c.E}).reshape({c.B, c.Hq, c.L, c.E});
+  }
+  Tensor s = matmul(q64, transpose(kk, 2, 3)) * (1.0 / std::sqrt(static_cast<double>(c.E)));
+  s = s + from_vector<double>(add, {1, c.Hq, c.L, c.L}, kFloat64);
+  if (bias64.defined()) s = s + bias64.unsqueeze(0);
+  std::vector<bool> masked(keep.size());
+  for (size_t i = 0; i < keep.size(); ++i) masked[i] = !keep[i];
+  s = masked_fill(s, from_vector<bool>(masked, {1, 1, c.L, c.L}, kBool), -INFINITY);
+  Tensor out = matmul(softmax(s, 3), vv);
+  (out * dout.cpu().to(kFloat64)).sum().backward();
+  return {out.detach(), q64.grad(), k64.grad(), v64.grad(), bias64.defined() ? bias64.grad() : Tensor()};
+}
+
+double max_err(const Tensor& a, const Tensor& golden) {
+  return max(abs(a.cpu().to(kFloat64) - golden)).item<double>();
+}
+
+Grads run(const Case& c, FlexBackend backend, const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& dout,
+          DType dt) {
+  Tensor q = q0.to(kGpu, dt).detach().requires_grad_(), k = k0.to(kGpu, dt).detach().requires_grad_(),
+         v = v0.to(kGpu, dt).detach().requires_grad_();
+  Tensor bias;
+  FlexAttentionOptions o;
+  o.enable_gqa = c.Hq != c.Hkv;
+  o.kernel.backend = backend;
+  if (c.bias.defined()) {
+    bias = c.bias.to(kGpu).detach().requires_grad_();
+    o.score_mod = [b = Captured(bias)](Expr s, Expr, Expr h, Expr qi, Expr kv) { return s + b[h][qi][kv]; };
+  } else {
+    o.score_mod = c.score_mod;
+  }
+  if (c.mask_mod) o.block_mask = create_block_mask(c.mask_mod, std::nullopt, std::nullopt, c.L, c.L, 128, kGpu);
+  Tensor out = flex_attention(q, k, v, o).out;
+  (out.to(kFloat64) * dout.to(kGpu, kFloat64)).sum().backward();
+  return {out.detach(), q.grad(), k.grad(), v.grad(), bias.defined() ? bias.grad() : Tensor()};
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> cs;
+  Case causal;
+  causal.name = "causal";
+  causal.allowed = [](int64_t q, int64_t kv) { return kv <= q; };
+  causal.mask_mod = causal_mask();
+  cs.push_back(causal);
+  Case band;
+  band.name = "band";
+  band.allowed = [](int64_t q, int64_t kv) { return std::abs(q - kv) <= 40; };
+  band.mask_mod = [](Expr, Expr, Expr q, Expr kv) { return abs(q - kv) <= 40; };
+  cs.push_back(band);
+  Case alibi;
+  alibi.name = "alibi";
+  alibi.allowed = causal.allowed;
+  alibi.mask_mod = causal_mask();
+  alibi.score_mod = alibi_score_mod(4);
+  alibi.golden_bias = [](int64_t h, int64_t q, int64_t kv) { return std::pow(2.0, -8.0 * (h + 1) / 4) * (kv - q); };
+  cs.push_back(alibi);
+  Case bias;
+  bias.name = "bias_dbias";
+  bias.bias = randn({4, 200, 200}) * 0.5;
+  cs.push_back(bias);
+  Case gqa = causal;
+  gqa.name = "gqa_causal";
+  gqa.Hq = 8;
+  gqa.Hkv = 2;
+  cs.push_back(gqa);
+  return cs;
+}
+
+class FlexCudnnGolden : public ::testing::TestWithParam<DType> {};
+
+TEST_P(FlexCudnnGolden, MatchesFloat64AndTheFusedKernel) {
+  SKIP_WITHOUT_CUDNN();
+  const DType dt = GetParam();
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(c.name);
+    manual_seed(7);
+    Tensor q = randn({c.B, c.Hq, c.L, c.E}), k = randn({c.B, c.Hkv, c.L, c.E}), v = randn({c.B, c.Hkv, c.L, c.E});
+    Tensor dout = randn({c.B, c.Hq, c.L, c.E});
+    // The golden sees the inputs rounded to the run's dtype, as the kernels do.
+    Tensor qr = q.to(dt).to(kFloat32), kr = k.to(dt).to(kFloat32), vr = v.to(dt).to(kFloat32), dr = dout.to(dt).to(kFloat32);
+    Grads gold = golden(c, qr, kr, vr, dr);
+    Grads cud = run(c, FlexBackend::Cudnn, qr, kr, vr, dr, dt);
+    Grads fused = run(c, FlexBackend::Fused, qr, kr, vr, dr, dt);
+    // Tolerances: bf16 / fp16 rounding of the inputs of both products (P and dS are rounded as in any fused kernel).
+    const double tol = dt == kBFloat16 ? 3e-2 : 6e-3, gtol = dt == kBFloat16 ? 1.5e-1 : 3e-2;
+    EXPECT_LT(max_err(cud.out, gold.out), tol);
+    EXPECT_LT(max_err(cud.dq, gold.dq), gtol);
+    EXPECT_LT(max_err(cud.dk, gold.dk), gtol);
+    EXPECT_LT(max_err(cud.dv, gold.dv), gtol);
+    if (gold.dbias.defined()) {
+      ASSERT_TRUE(cud.dbias.defined());
+      EXPECT_LT(max_err(cud.dbias, gold.dbias), gtol);
+    }
+    // cuDNN and the fused kernel: each within the golden's tolerance of the other.
+    EXPECT_LT(max_err(cud.out, fused.out.cpu().to(kFloat64)), tol);
+    EXPECT_LT(max_err(cud.dq, fused.dq.cpu().to(kFloat64)), gtol);
+    EXPECT_LT(max_err(cud.dk, fused.dk.cpu().to(kFloat64)), gtol);
+    EXPECT_LT(max_err(cud.dv, fused.dv.cpu().to(kFloat64)), gtol);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FlexCudnnGolden, ::testing::Values(kBFloat16, kFloat16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST(FlexCudnn, ForcedOnAProgramThatDoesNotLowerRaisesWithTheReason) {
+  SKIP_WITHOUT_CUDNN();
+  Tensor x = randn({1, 2, 128, 64}).to(kGpu, kBFloat16);
+  FlexAttentionOptions o;
+  o.kernel.backend = FlexBackend::Cudnn;
+  o.block_mask = create_block_mask(prefix_lm_mask(16), std::nullopt, std::nullopt, 128, 128, 128, kGpu);
+  fg::testing::expect_error<NotImplementedError>([&] { flex_attention(x, x, x, o); }, "is not a comparison");
+  FlexAttentionOptions f32;
+  f32.kernel.backend = FlexBackend::Cudnn;
+  Tensor y = randn({1, 2, 128, 64}).to(kGpu);
+  fg::testing::expect_error<NotImplementedError>([&] { flex_attention(y, y, y, f32); }, "dtype float32");
+}
+
+}  // namespace
+}  // namespace fg
