@@ -13,7 +13,9 @@
 //              agree with it block by block: a block it skips (empty) holds no allowed entry and a block it
 //              marks full holds no masked one (otherwise flex_attention's result differs from the band's).
 //   score_mod  identity; score * c or score / c with c a constant (folded into the scale); score + c[...] with c a captured float tensor indexed by a subset of (b, h, q_idx,
-//              kv_idx) in that order (a bias broadcast to [B, H, Lq, Lkv]; learnable: dBias); score +
+//              kv_idx) in that order (a bias broadcast to [B, H, Lq, Lkv], read by cuDNN in q's dtype, so a
+//              float32 bias is rounded to bf16/fp16 where the fused kernels add it in float32; learnable: dBias,
+//              computed in q's dtype too); score +
 //              slope(h) * (kv_idx - q_idx) with slope a captured c[h] or a function of h alone (ALiBi; cuDNN
 //              requires the causal band with it).
 //   shapes     bf16 / fp16, head dims multiples of 8 up to 256, Bkv == B (GQA: Hq a multiple of Hkv),
