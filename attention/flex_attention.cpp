@@ -374,6 +374,8 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
     versions->save("v", v);
     versions->save_captures("score_mod", prog.get());
     if (o.block_mask) versions->save_captures("mask_mod", o.block_mask->mask_program().get());
+    versions->save("the output", t->out);  // cuDNN's backward reads O and the stats as the forward left them
+    versions->save("the lse", t->stats);
     const DType qdt = q.dtype();
     record("FlexAttentionCudnnBackward", inputs, {r.out, r.lse},
            [spec, t, versions, learn_bias, bias_cap, qdt](const TensorList& g) {
