@@ -7,7 +7,8 @@
 // dims run the SIMT kernels. Deterministic by default: every dQ/dK/dV element has one writer and the
 // captured-tensor gradients are summed in int64 fixed point (see the header of flex_backward.cuh for the
 // precision); FlexProblem::deterministic == false sums those with float64 atomics instead.
-// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the mma.sync tiles (benchmarking only).
+// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the mma.sync tiles, FLEXGRAD_FLEX_WGMMA_BWD_WG="dkdv,dq"
+// the wgmma kernels' warpgroups a CTA (benchmarking only).
 // On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
 // MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them only
 // with FLEXGRAD_FLEX_WGMMA_BWD=1 in the environment until they are measured faster than the mma.sync kernels.
@@ -138,6 +139,16 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
     // Two warpgroups (128 rows) when the BlockMask's blocks hold more than 64 rows, else one (no idle rows).
     c.wg_dkdv = p.block_kv > 64 ? 2 : 1;
     c.wg_dq = p.block_q > 64 ? 2 : 1;
+    // Tuning knob for benchmarks: FLEXGRAD_FLEX_WGMMA_BWD_WG="dkdv,dq" (1 or 2 warpgroups a CTA each). One
+    // warpgroup a CTA leaves room for two CTAs an SM (registers and, at head dim 128, shared memory), whose
+    // barriers do not hold each other back.
+    if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_WG")) {
+      int a = 0, b = 0;
+      FG_CHECK(std::sscanf(env, "%d,%d", &a, &b) == 2 && (a == 1 || a == 2) && (b == 1 || b == 2), ValueError,
+               "FLEXGRAD_FLEX_WGMMA_BWD_WG: expected \"dkdv,dq\" warpgroups, each 1 or 2, got '{}'", env);
+      c.wg_dkdv = a;
+      c.wg_dq = b;
+    }
     c.threads = 128 * std::max(c.wg_dkdv, c.wg_dq);
     c.kv_tile = 64 * c.wg_dkdv;
     c.q_tile = 64 * c.wg_dq;
