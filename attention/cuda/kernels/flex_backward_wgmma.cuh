@@ -71,6 +71,16 @@ __device__ __forceinline__ unsigned long long fg_desc_mnmajor(unsigned base, int
   return fg_gmma_desc_sw128(base + a * atom_bytes + 2048 * kk, 1024, 1024);
 }
 
+// Keeps the A fragments of an in-flight wgmma (register operand) live and unmoved until after its wait, as
+// fg_wgmma_fence_operands does for accumulators.
+template <int N>
+__device__ __forceinline__ void fg_wgmma_fence_a(unsigned (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
 // The 1024-byte-aligned start of the dynamic window (the host adds 1024 bytes; static shared memory, the mods'
 // parts, comes first and shifts it).
 __device__ __forceinline__ unsigned char* fg_aligned_smem(unsigned char* raw) {
@@ -218,6 +228,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
       fg_pack_c_to_a<FG_BF16>(st[2 * kq], st[2 * kq + 1], ap[kq]);
       fg_pack_c_to_a<FG_BF16>(dpt[2 * kq], dpt[2 * kq + 1], ad[kq]);
     }
+    fg_wgmma_fence_a(ap);
+    fg_wgmma_fence_a(ad);
     fg_wgmma_fence();
 #pragma unroll
     for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
@@ -233,6 +245,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
     fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
+    fg_wgmma_fence_a(ap);
+    fg_wgmma_fence_a(ad);
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   fg_cp_async_wait<0>();
@@ -391,6 +405,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     unsigned a16[FG_KV_CHUNK / 16][4];
 #pragma unroll
     for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
+    fg_wgmma_fence_a(a16);
     fg_wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc)
@@ -400,6 +415,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     fg_wgmma_commit();
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+    fg_wgmma_fence_a(a16);
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   fg_cp_async_wait<0>();
