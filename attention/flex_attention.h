@@ -40,6 +40,16 @@ enum class FlexCudaForward : uint8_t {
             // until it is at least as fast as Tiled on every case (softcap is still 12% slower)
 };
 
+// Which backward kernels (dK/dV and dQ) run on CUDA (ignored on the CPU). Both are deterministic: every gradient
+// element has one writer, no float atomics.
+enum class FlexCudaBackward : uint8_t {
+  Auto,   // Tiled (or Wgmma, see there)
+  Tiled,  // mma.sync kernels (bf16/f16, head dims multiples of 16 up to 128), FMA kernels otherwise
+  Wgmma,  // Hopper: the dK/dV and dQ kernels on warpgroup MMA (wgmma), sm_90a, bf16/f16, head dims 64 or 128 and
+          // 16-byte-aligned rows (NotImplementedError otherwise). Auto picks it only when the environment sets
+          // FLEXGRAD_FLEX_WGMMA_BWD=1 (and it can run) until it is measured faster than Tiled
+};
+
 struct FlexKernelOptions {
   FlexBackend backend = FlexBackend::Auto;
   int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
@@ -48,6 +58,7 @@ struct FlexKernelOptions {
   // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
   bool deterministic = true;
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;
+  FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;
   int64_t kv_splits = 0;  // SplitKv: kv ranges per query tile; 0 picks them from the SM count and the grid
 };
 
