@@ -114,6 +114,39 @@ BlockMask device_mask(const MaskMod& cpu_mask, const MaskMod& dev_mask, int64_t 
                                    dev_mask, m.seq_lengths());
 }
 
+// Runs case c on `kernel` in dtype dt (inputs from `seed`) and checks out, lse and max_scores against the golden.
+void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) {
+  SCOPED_TRACE(dtype_name(dt));
+  Generator gen(seed);
+  Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat64, &gen) * c.input_scale;
+  Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat64, &gen) * c.input_scale;
+  Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat64, &gen);
+  // The golden starts from the values the kernel sees (rounded to dt).
+  Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64);
+  const double scale = c.opts.scale ? *c.opts.scale : 1.0 / std::sqrt(static_cast<double>(c.E));
+  Golden g = golden(qr, kr, vr, scale, c.mod);
+
+  const Device cuda(DeviceType::CUDA, 0);
+  auto dev = [&](const Tensor& t) {
+    Tensor x = t.to(dt).to(cuda);
+    return c.layout ? c.layout(x) : x;
+  };
+  FlexAttentionOptions o = c.opts;
+  o.return_lse = true;
+  o.return_max_scores = true;
+  o.kernel.backend = FlexBackend::Fused;
+  o.kernel.cuda_forward = kernel;
+  FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
+  ASSERT_EQ(r.out.device(), cuda);
+  ASSERT_EQ(r.out.dtype(), dt);
+  const Tol t = tol(dt);
+  Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64), mx = r.max_scores.to(kCPU).to(kFloat64);
+  EXPECT_FALSE(any(isnan(out)).item<bool>()) << "NaN in out";
+  EXPECT_TRUE(testing::close(out, g.out, t.out_atol, t.out_rtol)) << "out";
+  EXPECT_TRUE(testing::close(lse, g.lse, t.stat_atol, t.stat_rtol)) << "lse";
+  EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
+}
+
 class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward>> {
  protected:
   static DType dtype() { return std::get<0>(GetParam()); }
@@ -132,37 +165,7 @@ class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCu
   }
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
 
-  void check(const Case& c, uint64_t seed = 1) {
-    const DType dt = dtype();
-    SCOPED_TRACE(dtype_name(dt));
-    Generator gen(seed);
-    Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat64, &gen) * c.input_scale;
-    Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat64, &gen) * c.input_scale;
-    Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat64, &gen);
-    // The golden starts from the values the kernel sees (rounded to dt).
-    Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64);
-    const double scale = c.opts.scale ? *c.opts.scale : 1.0 / std::sqrt(static_cast<double>(c.E));
-    Golden g = golden(qr, kr, vr, scale, c.mod);
-
-    auto dev = [&](const Tensor& t) {
-      Tensor x = t.to(dt).to(cuda());
-      return c.layout ? c.layout(x) : x;
-    };
-    FlexAttentionOptions o = c.opts;
-    o.return_lse = true;
-    o.return_max_scores = true;
-    o.kernel.backend = FlexBackend::Fused;
-    o.kernel.cuda_forward = kernel();
-    FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
-    ASSERT_EQ(r.out.device(), cuda());
-    ASSERT_EQ(r.out.dtype(), dt);
-    const Tol t = tol(dt);
-    Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64), mx = r.max_scores.to(kCPU).to(kFloat64);
-    EXPECT_FALSE(any(isnan(out)).item<bool>()) << "NaN in out";
-    EXPECT_TRUE(testing::close(out, g.out, t.out_atol, t.out_rtol)) << "out";
-    EXPECT_TRUE(testing::close(lse, g.lse, t.stat_atol, t.stat_rtol)) << "lse";
-    EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
-  }
+  void check(const Case& c, uint64_t seed = 1) { check_case(c, dtype(), kernel(), seed); }
 };
 
 Expr causal(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
@@ -548,6 +551,116 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
     testing::expect_error<NotImplementedError>([&] { flex_attention(h, h, h, o); }, "sm_90a");
   }
 }
+
+// flex_fwd_wgmma's two main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, the default) and kv
+// sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipeline's bookkeeping can get wrong: rows of one
+// sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V buffers and the three column-part
+// buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 / 256, score mods with column parts.
+class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, const char*, const char*>> {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping Wgmma pipeline tests";
+    if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
+  }
+  void check(const Case& c) {
+    SCOPED_TRACE(std::string("PIPE=") + std::get<1>(GetParam()) + " BN=" + std::get<2>(GetParam()));
+    check_case(c, std::get<0>(GetParam()), FlexCudaForward::Wgmma, 7);
+  }
+  ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", std::get<1>(GetParam())};
+  ScopedEnv bn_{"FLEXGRAD_FLEX_WGMMA_BN", std::get<2>(GetParam())};
+};
+
+TEST_P(FlexWgmmaPipeline, OneSubTileRowsAndHeadDims) {
+  for (auto [E, Ev] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {256, 256}, {128, 64}, {64, 256}}) {
+    for (int64_t L : {40, 64, 128}) {  // one kv block of at most 128 columns: one or two sub-tiles a row
+      SCOPED_TRACE("E=" + std::to_string(E) + " Ev=" + std::to_string(Ev) + " L=" + std::to_string(L));
+      Case c;
+      c.B = c.Bkv = 1, c.E = E, c.Ev = Ev, c.Lq = c.Lkv = L;
+      check(c);
+    }
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, EmptyRowsAndPartialFullPartialBlocks) {
+  // Rows below 150 see nothing (whole q blocks, and part of one); the others a 300-wide causal window:
+  // partial (window start), full, partial (diagonal) blocks in one row.
+  auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (q - kv <= 300); };
+  for (int64_t E : {64, 128, 256}) {
+    SCOPED_TRACE("E=" + std::to_string(E));
+    Case c;
+    c.B = c.Bkv = 1, c.E = c.Ev = E, c.Lq = c.Lkv = 700;
+    c.opts.block_mask = create_block_mask(m, std::nullopt, std::nullopt, 700, 700, 64);
+    c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+      return q >= 150 && kv <= q && q - kv <= 300 ? s : -kInf;
+    };
+    check(c);
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, ManySubTilesWithCapturedColumnParts) {
+  // A document mask (captured ids: row and column parts) and ALiBi from captured slopes over 1100 columns,
+  // up to 18 sub-tiles a row, so every buffer rotation happens with partial and full blocks mixed.
+  const int64_t L = 1100, H = 2;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
+  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  Captured dc(doc_cpu), dd(doc_cpu.to(Device(DeviceType::CUDA, 0)));
+  const std::vector<double> slopes = {0.25, 1.0 / 16};  // exact in float32
+  Tensor sl = from_vector(slopes, {H}, kFloat32);
+  for (int64_t E : {64, 128}) {
+    SCOPED_TRACE("E=" + std::to_string(E));
+    Case c;
+    c.B = c.Bkv = 1, c.Hq = c.Hkv = H, c.E = c.Ev = E, c.Lq = c.Lkv = L;
+    c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return (Expr(dc[q]) == Expr(dc[kv])) & (q >= kv); },
+                                    [dd](Expr, Expr, Expr q, Expr kv) { return (Expr(dd[q]) == Expr(dd[kv])) & (q >= kv); },
+                                    L, L, 128);
+    c.opts.score_mod = [s_ = Captured(sl.to(Device(DeviceType::CUDA, 0)))](Expr s, Expr, Expr h, Expr q, Expr kv) {
+      return s + s_[h] * (kv - q);
+    };
+    c.mod = [ids, slopes](double s, int64_t, int64_t h, int64_t q, int64_t kv) {
+      return ids[q] == ids[kv] && q >= kv ? s + slopes[h] * static_cast<double>(kv - q) : -kInf;
+    };
+    check(c);
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
+  Case c;
+  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = 600;
+  c.input_scale = 3.0;
+  c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 600, 600);
+  c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
+  check(c);
+}
+
+INSTANTIATE_TEST_SUITE_P(Wgmma, FlexWgmmaPipeline,
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1"),
+                                            ::testing::Values("64", "128")),
+                         [](const auto& info) {
+                           return std::string(dtype_name(std::get<0>(info.param))) + "_pipe" +
+                                  std::get<1>(info.param) + "_bn" + std::get<2>(info.param);
+                         });
+
+TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
+  const Device cuda(DeviceType::CUDA, 0);
+  if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
+  FlexAttentionOptions o;
+  o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+  Tensor q = randn({1, 2, 64, 64}).to(kBFloat16).to(cuda);
+  {
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "2");
+    testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_PIPE");
+  }
+  {
+    ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "96");
+    testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_BN");
+  }
+  Tensor wide = randn({1, 2, 64, 256}).to(kBFloat16).to(cuda);
+  ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "128");
+  testing::expect_error<ValueError>([&] { flex_attention(wide, wide, wide, o); }, "head dims up to 128");
+}
+
 
 }  // namespace
 }  // namespace fg
