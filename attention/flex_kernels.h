@@ -38,6 +38,7 @@ struct FlexProblem {
   bool deterministic = true;  // FlexKernelOptions::deterministic
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;  // FlexKernelOptions::cuda_forward
   int64_t kv_splits = 0;                                 // FlexKernelOptions::kv_splits
+  bool approx_tanh = false;                              // FlexKernelOptions::approx_tanh
   int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
   bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };

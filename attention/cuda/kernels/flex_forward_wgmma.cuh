@@ -21,6 +21,10 @@
 // lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
 // The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V); there is no producer
 // warp, TMA or ping-pong between warpgroups yet.
+// Two main loops: FG_WGMMA_PIPE 0 is the sequential one above (S, wait, softmax, P V, wait); FG_WGMMA_PIPE 1
+// (the host's default for head dims up to 128) overlaps them as FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1}
+// are issued together and the softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1);
+// the schedule and why it is peeled are at the loop.
 //
 // Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
 //   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
@@ -29,8 +33,10 @@
 //   FG_BN          kv columns per sub-tile: 64 or 128 (the N of the Q K^T wgmma)
 //   FG_WARPS       4 or 8 (one or two consumer warpgroups)
 //   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
+//   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one (FLEXGRAD_FLEX_WGMMA_PIPE)
 // Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
-// here, which the swizzle needs).
+// here, which the swizzle needs). Static: the mods' row parts and one (sequential) or three (pipelined)
+// sub-tiles of column parts.
 #pragma once
 #include "flex_forward_common.cuh"
 #include "flex_wgmma.cuh"
