@@ -260,7 +260,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
 
   const bool vec = cfg.mma && p.E % 8 == 0 && p.Ev % 8 == 0 && vec_ok(p.q, p.E) &&
                    (p.Lkv == 0 || (vec_ok(p.k, p.E) && vec_ok(p.v, p.Ev)));
-  const std::vector<std::string> defines = {
+  std::vector<std::string> defines = {
       "FG_ELEM " + std::to_string(flex::abi_dtype(dt)),
       "FG_E " + std::to_string(cfg.e_pad),
       "FG_EV " + std::to_string(cfg.ev_pad),
@@ -270,14 +270,13 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_VEC " + std::string(vec ? "1" : "0"),
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
-  std::vector<std::string> all_defines = defines;
-  if (cfg.wgmma) all_defines.push_back("FG_WGMMA_PIPE " + std::string(cfg.pipe ? "1" : "0"));
+  if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::string(cfg.pipe ? "1" : "0"));
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
   src.name = "flex_forward";
   // mods, defines, the shared device helpers, then the kernel template.
-  src.code = flex::assemble(ctx, all_defines, {"flex_mma.cuh", cfg.wgmma ? "flex_forward_wgmma.cuh" : "flex_forward.cuh"});
+  src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_forward_wgmma.cuh" : "flex_forward.cuh"});
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args};
