@@ -44,6 +44,7 @@ struct BenchCase {
   int64_t B, H, S, D;
   std::string mask;   // none, causal, document, sliding1024
   std::string score;  // none, alibi, softcap
+  bool approx_tanh = false;  // FlexKernelOptions::approx_tanh (--approx-tanh)
 };
 
 // Issue 9's table.
@@ -168,6 +169,7 @@ Inputs make_inputs(const BenchCase& c, Device dev) {
   in.dout = randn({c.B, c.H, c.S, c.D}, opts, &gen);
   in.o.block_mask = make_mask(c, dev, in.density);
   in.o.score_mod = make_score(c);
+  in.o.kernel.approx_tanh = c.approx_tanh;
   return in;
 }
 
@@ -218,12 +220,13 @@ int main(int argc, char** argv) {
   std::string device = device_count(DeviceType::CUDA) > 0 ? "cuda" : "cpu", csv, first_call;
   std::vector<std::string> only;
   int reps = 30, warmup = 5;
-  bool small = false;
+  bool small = false, approx_tanh = false;
   app.add_option("--device", device, "cuda or cpu");
   app.add_option("--case", only, "run only these cases (names as in the table)");
   app.add_option("--reps", reps, "timed calls per measurement (median reported)");
   app.add_option("--warmup", warmup, "untimed calls first (absorbs the JIT compile)");
   app.add_flag("--small", small, "B=1, H=2 and S/16: a smoke run that fits a CPU");
+  app.add_flag("--approx-tanh", approx_tanh, "FlexKernelOptions::approx_tanh (softcap's tanh as tanh.approx.f32, CUDA)");
   app.add_option("--csv", csv, "also write the rows as CSV to this file (read by run_flex_bench.sh)");
   app.add_option("--first-call", first_call, "time only the first forward and backward of this case in this process");
   CLI11_PARSE(app, argc, argv);
@@ -234,6 +237,7 @@ int main(int argc, char** argv) {
   for (BenchCase c : all_cases()) {
     if (!only.empty() && std::find(only.begin(), only.end(), c.name) == only.end()) continue;
     if (!first_call.empty() && c.name != first_call) continue;
+    c.approx_tanh = approx_tanh;
     if (small) {
       c.B = 1;
       c.H = 2;
@@ -269,8 +273,8 @@ int main(int argc, char** argv) {
       csv_out.open(csv);
       csv_out << "case,dtype,B,H,S,D,density,fwd_ms,bwd_ms,fwd_tflops,bwd_tflops\n";
     }
-    std::printf("flexgrad flex_attention on %s; median of %d after %d warm-up calls; TFLOP/s on visited blocks\n",
-                dev.str().c_str(), reps, warmup);
+    std::printf("flexgrad flex_attention on %s; median of %d after %d warm-up calls; TFLOP/s on visited blocks%s\n",
+                dev.str().c_str(), reps, warmup, approx_tanh ? "; approx_tanh" : "");
     std::printf("%-16s %-9s %3s %3s %6s %4s %8s %9s %9s %9s %9s\n", "case", "dtype", "B", "H", "S", "D", "density", "fwd ms",
                 "fwd TF/s", "bwd ms", "bwd TF/s");
     int failed = 0;
