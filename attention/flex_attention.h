@@ -44,6 +44,16 @@ enum class FlexCudaForward : uint8_t {
             // until it is at least as fast as Tiled on every case (softcap is still 12% slower)
 };
 
+// Which backward kernels (dK/dV and dQ) run on CUDA (ignored on the CPU). Both are deterministic: every gradient
+// element has one writer, no float atomics.
+enum class FlexCudaBackward : uint8_t {
+  Auto,   // Tiled (or Wgmma, see there)
+  Tiled,  // mma.sync kernels (bf16/f16, head dims multiples of 16 up to 128), FMA kernels otherwise
+  Wgmma,  // Hopper: the dK/dV and dQ kernels on warpgroup MMA (wgmma), sm_90a, bf16/f16, head dims 64 or 128 and
+          // 16-byte-aligned rows (NotImplementedError otherwise). Auto picks it only when the environment sets
+          // FLEXGRAD_FLEX_WGMMA_BWD=1 (and it can run) until it is measured faster than Tiled
+};
+
 struct FlexKernelOptions {
   FlexBackend backend = FlexBackend::Auto;
   int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
@@ -52,7 +62,13 @@ struct FlexKernelOptions {
   // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
   bool deterministic = true;
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;
+  FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;
   int64_t kv_splits = 0;  // SplitKv: kv ranges per query tile; 0 picks them from the SM count and the grid
+  // CUDA only: the generated code of the float kernels (bf16, f16, f32 inputs; float64 keeps the exact tanh)
+  // spells the mods' tanh as tanh.approx.f32 in forward and backward: max relative error ~2^-11, a softcap
+  // tensor-core kernel no longer waits on the precise tanhf. PyTorch's approximate softcap matches the exact
+  // one to atol 5e-4, rtol 1e-3. The CPU backends compute the exact tanh either way.
+  bool approx_tanh = false;
 };
 
 struct FlexAttentionOptions {

@@ -37,7 +37,9 @@ struct FlexProblem {
   BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
   bool deterministic = true;  // FlexKernelOptions::deterministic
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;  // FlexKernelOptions::cuda_forward
+  FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;  // FlexKernelOptions::cuda_backward
   int64_t kv_splits = 0;                                 // FlexKernelOptions::kv_splits
+  bool approx_tanh = false;                              // FlexKernelOptions::approx_tanh
   int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
   bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };

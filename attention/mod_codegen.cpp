@@ -97,7 +97,8 @@ std::string narrowed(const ModProgram& p, size_t i, const std::vector<IntRange>&
 
 // The statements computing the live instructions of `p`; value i is named v<i>. `slots` maps the
 // program's capture slots to the kernel's FgModArgs slots.
-std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl) {
+std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl,
+                      bool approx) {
   std::string s;
   const auto& ins = p.instrs();
   const std::vector<IntRange> ranges = int_ranges(p);
@@ -140,7 +141,7 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
         for (int32_t x : in.args) args.push_back(v(x));
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
         expr = narrowed(p, i, ranges, args);
-        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args);
+        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);
@@ -164,7 +165,7 @@ const char* kMaskSig = "(int b, int h, int q, int kv, const FgModArgs& a)";
 
 // `template <> ... NAME<float>(...) {...}` and the double one, for a one-output function.
 std::string specialisations(const char* ret_t, const char* name, const char* sig, const ModProgram& p, int32_t output,
-                            const std::vector<int>& slots) {
+                            const std::vector<int>& slots, bool approx) {
   std::string s;
   const std::vector<char> live = live_set(p, {output});
   for (bool dbl : {false, true}) {
@@ -173,7 +174,7 @@ std::string specialisations(const char* ret_t, const char* name, const char* sig
     for (size_t at; (at = params.find("T score")) != std::string::npos;) params.replace(at, 1, T);
     const std::string ret = std::string(ret_t) == "T" ? T : ret_t;
     s += fmt::format("template <> __device__ __forceinline__ {} {}<{}>{} {{\n", ret, name, T, params);
-    s += emit_body(p, live, slots, dbl);
+    s += emit_body(p, live, slots, dbl, approx);
     s += fmt::format("  return ({})v{};\n}}\n", ret, output);
   }
   return s;
@@ -248,7 +249,7 @@ std::string carried_struct(const char* name, const ModProgram& p, const std::vec
 // The row, column and element functions of one program (float and double specialisations). `prefix` is
 // "fg_score" or "fg_mask"; `Row` / `Col` the carried structs; `elem_ret` "T" or "bool".
 std::string split_functions(const char* prefix, const char* row_t, const char* col_t, const char* elem_ret,
-                            const ModProgram& p, int32_t output, const std::vector<int>& slots) {
+                            const ModProgram& p, int32_t output, const std::vector<int>& slots, bool approx) {
   const SplitProgram sp = split_program(p, output);
   const bool score = p.type() == ModProgram::Type::Score;
   std::string s = carried_struct(row_t, p, sp.row_out) + carried_struct(col_t, p, sp.col_out);
@@ -267,11 +268,11 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
     };
     s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_row<{1}>(int b, int h, int q, const FgModArgs& a) {{\n",
                      row_t, T, prefix);
-    s += emit_body(p, sp.row_emit, slots, dbl);
+    s += emit_body(p, sp.row_emit, slots, dbl, approx);
     s += fmt::format("  {}<{}> r;\n{}  return r;\n}}\n", row_t, T, fill("r", sp.row_out));
     s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_col<{1}>(int b, int h, int kv, const FgModArgs& a) {{\n",
                      col_t, T, prefix);
-    s += emit_body(p, sp.col_emit, slots, dbl);
+    s += emit_body(p, sp.col_emit, slots, dbl, approx);
     s += fmt::format("  {}<{}> c;\n{}  return c;\n}}\n", col_t, T, fill("c", sp.col_out));
     const std::string ret = std::string(elem_ret) == "T" ? T : elem_ret;
     s += fmt::format("template <> __device__ __forceinline__ {0} {1}_elem<{2}>({3}const {4}<{2}>& r, const {5}<{2}>& c, "
@@ -279,7 +280,7 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
                      ret, prefix, T, score ? T + " score, " : std::string(), row_t, col_t);
     for (int32_t v : sp.row_out) s += fmt::format("  const {} v{} = r.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
     for (int32_t v : sp.col_out) s += fmt::format("  const {} v{} = c.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
-    s += emit_body(p, sp.elem_emit, slots, dbl);
+    s += emit_body(p, sp.elem_emit, slots, dbl, approx);
     s += fmt::format("  return ({})v{};\n}}\n", ret, output);
   }
   return s;
@@ -304,7 +305,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   s += fmt::format("#define FG_HAS_SCORE_MOD {}\n", in.score_mod ? 1 : 0);
   if (in.score_mod) {
     s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *in.score_mod, in.score_mod->output(),
-                         identity_slots(in.score_slots, in.score_mod->captures().size()));
+                         identity_slots(in.score_slots, in.score_mod->captures().size()), in.approx_tanh);
   } else {
     s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
          "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
@@ -322,7 +323,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   s += fmt::format("#define FG_HAS_MASK_MOD {}\n", in.mask_mod ? 1 : 0);
   if (in.mask_mod) {
     s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, in.mask_mod->output(),
-                         identity_slots(in.mask_slots, in.mask_mod->captures().size()));
+                         identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_tanh);
   } else {
     s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
          "template <class T> __device__ __forceinline__ FgMaskRow<T> fg_mask_row(int, int, int, const FgModArgs&) { return {}; }\n"
@@ -377,7 +378,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += " { return (T)FG_DSCORE_CONSTANT; }\n";
   } else {
     s += ";\n";
-    s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots);
+    s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots, in.approx_tanh);
   }
 
   // ---- capture gradients
@@ -403,7 +404,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
         "template <class Sink> __device__ __forceinline__ void fg_cap_grad_impl({0} score, {0} grad, int b, int h, "
         "int q, int kv, const FgModArgs& a, const Sink& sink) {{\n",
         type_name(VK::Float, dbl));
-    s += emit_body(g->program, live, prog_slots, dbl);
+    s += emit_body(g->program, live, prog_slots, dbl, in.approx_tanh);
     for (const CaptureGradTerm* t : terms) {
       const int slot = kernel_slot(g->captures[t->capture]);
       s += "  {\n    fg_i64 lin = 0;\n";

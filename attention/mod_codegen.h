@@ -60,6 +60,9 @@ struct CudaModsInput {
   // (for grad_slots: each capture's position in score_grad->captures, the forward's list).
   std::vector<int> score_slots, mask_slots, grad_slots;
   std::vector<bool> grad_needed;  // per score_grad->captures slot: emit its fg_cap_grad terms
+  // FlexKernelOptions::approx_tanh: float (not double) code spells tanh with the op table's approximation
+  // (cuda_f32_approx: fg_tanh_approx, tanh.approx.f32) in every function emitted here.
+  bool approx_tanh = false;
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 

@@ -168,7 +168,7 @@ const OpInfo kOps[] = {
     {ExprOp::Tanh, "tanh", 1, KindRule::FloatMath, "tanh(±inf) = ±1",
      FG_FLOAT1(std::tanh(a)),
      [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.sub(C(c, 1), c.pb.mul(c.y, c.y))); },
-     "tanhf({0})", "tanh({0})", nullptr, nullptr},
+     "tanhf({0})", "tanh({0})", nullptr, nullptr, "fg_tanh_approx({0})"},
     {ExprOp::Sigmoid, "sigmoid", 1, KindRule::FloatMath, "1 / (1 + exp(-x)): sigmoid(-inf) = 0, sigmoid(inf) = 1",
      FG_FLOAT1(sem::sigmoid(a)),
      [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.pb.mul(c.y, c.pb.sub(C(c, 1), c.y))); },
@@ -282,7 +282,7 @@ const OpInfo& op_info(ExprOp op) {
 }
 
 std::string cuda_spelling(ExprOp op, ValueKind result, ValueKind operand, bool dbl,
-                          const std::vector<std::string>& args) {
+                          const std::vector<std::string>& args, bool approx) {
   const char* T = dbl ? "double" : "float";
   if (op == ExprOp::Cast) {
     const std::string& a = args.at(0);
@@ -294,7 +294,7 @@ std::string cuda_spelling(ExprOp op, ValueKind result, ValueKind operand, bool d
     }
   }
   const OpInfo& r = op_info(op);
-  const char* pattern = operand == VK::Float ? (dbl ? r.cuda_f64 : r.cuda_f32)
+  const char* pattern = operand == VK::Float ? (dbl ? r.cuda_f64 : approx && r.cuda_f32_approx ? r.cuda_f32_approx : r.cuda_f32)
                         : operand == VK::Int ? r.cuda_i64
                                              : r.cuda_bool;
   FG_CHECK(pattern != nullptr, ValueError, "cuda_spelling: {} has no CUDA spelling for {} operands", r.name,

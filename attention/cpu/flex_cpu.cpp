@@ -33,6 +33,7 @@
 #include "flexgrad/attention/cpu/thread_scratch.h"
 #include "flexgrad/attention/cpu/tile_kernels.h"
 #include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/attention/kv_band.h"
 #include "flexgrad/attention/tile_eval.h"
 #include "flexgrad/ops/cpu/blas_threads.h"
 #include "flexgrad/ops/ops.h"
@@ -245,13 +246,16 @@ struct TileScorer {
   std::optional<DistanceBiasForm> distance =
       std::is_same_v<T, float> && std::max(p.Lq, p.Lkv) < (int64_t{1} << 24) ? distance_bias_form(p.score_mod.get())
                                                                             : std::nullopt;
+  // a mask_mod keeping one kv interval per row (causal, sliding window, band: attention/kv_band.h) masks a
+  // partial tile with two integers per row instead of the interpreter
+  std::optional<KvBand> band = kv_band(p.mask_mod.get());
   ThreadEvaluator<T> score_ev, mask_ev;
   ScratchTile<uint8_t> mask;
   explicit TileScorer(const FlexProblem& prob)
       : p(prob),
         score_ev(kScoreEval, softcap ? nullptr : prob.score_mod.get()),
-        mask_ev(kMaskEval, prob.mask_mod.get()),
-        mask(kMaskTile, tile_rows(prob) * tile_cols(prob)) {
+        mask_ev(kMaskEval, band ? nullptr : prob.mask_mod.get()),
+        mask(kMaskTile, band ? 0 : tile_rows(prob) * tile_cols(prob)) {
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
                int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
@@ -284,7 +288,23 @@ struct TileScorer {
     } else if (s != pre) {
       for (int64_t i = 0; i < nq; ++i) std::copy(pre + i * ld, pre + i * ld + nkv, s + i * ld);
     }
-    if (partial && mask_ev) {
+    if (partial && band) {
+      const T ninf = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < nq; ++i) {
+        int64_t lo, hi;
+        band->row(q0 + i, lo, hi);
+        // kept columns [j0, j1) of the tile (lo and hi may be far outside it, even +-2^63)
+        const int64_t j0 = lo <= kv0 ? 0 : std::min(lo - kv0, nkv);
+        const int64_t j1 = hi < kv0 ? 0 : (hi - kv0 >= nkv ? nkv : hi - kv0 + 1);
+        T* row = s + i * ld;
+        if (j1 <= j0) {
+          std::fill(row, row + nkv, ninf);
+        } else {
+          std::fill(row, row + j0, ninf);
+          std::fill(row + j1, row + nkv, ninf);
+        }
+      }
+    } else if (partial && mask_ev) {
       const T ninf = -std::numeric_limits<T>::infinity();
       for (int64_t r = 0; r < nq; r += strip) {
         const int64_t n = std::min(strip, nq - r);

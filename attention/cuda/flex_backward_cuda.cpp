@@ -7,7 +7,11 @@
 // dims run the SIMT kernels. Deterministic by default: every dQ/dK/dV element has one writer and the
 // captured-tensor gradients are summed in int64 fixed point (see the header of flex_backward.cuh for the
 // precision); FlexProblem::deterministic == false sums those with float64 atomics instead.
-// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the tensor-core tiles (benchmarking only).
+// FLEXGRAD_FLEX_BWD_TILE="warps,q_chunk,kv_chunk" overrides the mma.sync tiles, FLEXGRAD_FLEX_WGMMA_BWD_WG="dkdv,dq"
+// the wgmma kernels' warpgroups a CTA (benchmarking only).
+// On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
+// MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them only
+// with FLEXGRAD_FLEX_WGMMA_BWD=1 in the environment until they are measured faster than the mma.sync kernels.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,9 +21,12 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
 #include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_kernels.h"
+#include "flexgrad/tensor/cuda/cuda_check.h"
 #include "flexgrad/tensor/error.h"
 
 namespace fg::cuda::flex {
@@ -72,19 +79,84 @@ Lists lists_of(const BlockLists& l, Device dev) {
 
 // Kernel family and tiles of one problem. dK/dV blocks own kv_tile rows and walk q in q_chunk steps;
 // dQ blocks own q_tile rows and walk kv in kv_chunk steps (the SIMT kernels use bq = bkv for all four).
+// With wgmma, the dK/dV CTA has wg_dkdv warpgroups (kv_tile = 64 each) and the dQ CTA wg_dq (q_tile = 64 each).
 struct Config {
   bool mma = false;
-  int threads = 256;
+  bool wgmma = false;  // fg_bwd_dkdv_wgmma / fg_bwd_dq_wgmma (then mma too)
+  int threads = 256;   // both kernels but the wgmma ones
+  int wg_dkdv = 1, wg_dq = 1;
   int kv_tile = 32, q_chunk = 32, q_tile = 32, kv_chunk = 32;
   size_t smem_dkdv = 0, smem_dq = 0;
 };
 
-// `out` and `dout` are the contiguous tensors the kernels read, `o` the outputs they write.
-Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout, const FlexBackwardOutputs& o) {
+// Shared memory of the wgmma kernels (kernels/flex_backward_wgmma.cuh): swizzled K, V tile and 2 Q, dO chunks
+// (dK/dV; plus lse and delta), Q, dO tile and 2 K, V chunks (dQ); 1024 bytes for the kernel to align its window.
+size_t wgmma_smem_dkdv(const FlexProblem& p, int wg) {
+  return 2 * static_cast<size_t>(64 * wg + 2 * 64) * (p.E + p.Ev) + 4 * 64 * 4 + 1024;
+}
+size_t wgmma_smem_dq(const FlexProblem& p, int wg) { return 2 * static_cast<size_t>(64 * wg + 2 * 64) * (p.E + p.Ev) + 1024; }
+
+// Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
+// `aligned`: every tensor the kernels read or write has 16-byte-aligned rows (cp.async and the packed stores).
+std::string wgmma_unsupported(const FlexProblem& p, bool aligned, const std::string& arch, size_t smem_limit) {
+  const DType dt = p.q.dtype();
+  if (dt != kBFloat16 && dt != kFloat16)
+    return fmt::format("the Wgmma backward kernels run bfloat16 and float16; got {}", dtype_name(dt));
+  if (arch != "sm_90a")
+    return fmt::format("the Wgmma backward kernels need a Hopper GPU (sm_90a); this device is {}", arch);
+  // dK, dV and the four products' accumulators live in registers: at 256 the dK/dV kernel would need 320 a thread.
+  if ((p.E != 64 && p.E != 128) || (p.Ev != 64 && p.Ev != 128))
+    return fmt::format("the Wgmma backward kernels take head dims 64 or 128; got E={}, Ev={}", p.E, p.Ev);
+  if (!aligned)
+    return "the Wgmma backward kernels need 16-byte-aligned rows in q, k, v, out, dout and the gradients";
+  // The mods' row / column parts take a few KiB of static shared memory on top.
+  constexpr size_t kStaticReserve = 8192;
+  const size_t need = std::max(wgmma_smem_dkdv(p, 2), wgmma_smem_dq(p, 2)) + kStaticReserve;
+  if (need > smem_limit)
+    return fmt::format("the Wgmma backward kernels need {} bytes of shared memory per block for E={}, Ev={}; this "
+                       "device allows {}", need, p.E, p.Ev, smem_limit);
+  return "";
+}
+
+// `out` and `dout` are the contiguous tensors the kernels read, `o` the outputs they write. `arch` and
+// `smem_limit`: the device's (jit::target_arch, the opt-in shared memory per block).
+Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout, const FlexBackwardOutputs& o,
+                     const std::string& arch, size_t smem_limit) {
   const DType dt = p.q.dtype();
   Config c;
   bool aligned = true;
   for (const Tensor* t : {&p.q, &p.k, &p.v, &out, &dout, &o.dq, &o.dk, &o.dv}) aligned = aligned && rows_aligned16(*t);
+  // The one place the CUDA backward kernels are chosen (FlexCudaBackward).
+  const std::string why = wgmma_unsupported(p, aligned, arch, smem_limit);
+  bool wgmma = p.cuda_backward == FlexCudaBackward::Wgmma;
+  if (p.cuda_backward == FlexCudaBackward::Auto) {
+    const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD");
+    wgmma = env != nullptr && std::string(env) == "1" && why.empty();
+  }
+  if (wgmma) {
+    FG_CHECK(why.empty(), NotImplementedError, "flex_attention backward (CUDA): {}", why);
+    c.mma = c.wgmma = true;
+    // Two warpgroups (128 rows) when the BlockMask's blocks hold more than 64 rows, else one (no idle rows).
+    c.wg_dkdv = p.block_kv > 64 ? 2 : 1;
+    c.wg_dq = p.block_q > 64 ? 2 : 1;
+    // Tuning knob for benchmarks: FLEXGRAD_FLEX_WGMMA_BWD_WG="dkdv,dq" (1 or 2 warpgroups a CTA each). One
+    // warpgroup a CTA leaves room for two CTAs an SM (registers and, at head dim 128, shared memory), whose
+    // barriers do not hold each other back.
+    if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_WG")) {
+      int a = 0, b = 0;
+      FG_CHECK(std::sscanf(env, "%d,%d", &a, &b) == 2 && (a == 1 || a == 2) && (b == 1 || b == 2), ValueError,
+               "FLEXGRAD_FLEX_WGMMA_BWD_WG: expected \"dkdv,dq\" warpgroups, each 1 or 2, got '{}'", env);
+      c.wg_dkdv = a;
+      c.wg_dq = b;
+    }
+    c.threads = 128 * std::max(c.wg_dkdv, c.wg_dq);
+    c.kv_tile = 64 * c.wg_dkdv;
+    c.q_tile = 64 * c.wg_dq;
+    c.q_chunk = c.kv_chunk = 64;
+    c.smem_dkdv = wgmma_smem_dkdv(p, c.wg_dkdv);
+    c.smem_dq = wgmma_smem_dq(p, c.wg_dq);
+    return c;
+  }
   // Other bf16/f16 layouts (head dims over 128 or not multiples of 16, rows off 16-byte alignment) run
   // the SIMT kernels, which read any layout element by element.
   if ((dt == kBFloat16 || dt == kFloat16) && p.E % 16 == 0 && p.Ev % 16 == 0 && p.E <= 128 && p.Ev <= 128 && aligned) {
@@ -180,19 +252,30 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const int cap_mode = !any_cap ? 0 : (p.deterministic ? 1 : 2);
 
   ModContext ctx = make_mod_context(p, true, want);
-  const Config cfg = choose_config(p, outc, dout, o);
-  const std::vector<std::string> defines{
+  const int device = dev.index;
+  DeviceGuard guard(device);
+  int smem_optin = 0;
+  FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
+  std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
       define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
       define("FG_BQ", cfg.q_tile),          define("FG_BKV", cfg.kv_tile),
       define("FG_Q_TILE", cfg.q_tile),      define("FG_KV_TILE", cfg.kv_tile),
       define("FG_Q_CHUNK", cfg.q_chunk),    define("FG_KV_CHUNK", cfg.kv_chunk)};
+  if (cfg.wgmma) {
+    for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
+    defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
+    defines.push_back(define("FG_WG_DQ", cfg.wg_dq));
+  }
+  const char* dkdv_kernel = cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
+  const char* dq_kernel = cfg.wgmma ? "fg_bwd_dq_wgmma" : "fg_bwd_dq";
   jit::JitSource src;
   src.name = "flex_backward";
-  // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template.
-  src.code = assemble(ctx, defines, {"flex_mma.cuh", "flex_backward.cuh"});
-  src.kernels = {"fg_bwd_preprocess", "fg_bwd_dkdv", "fg_bwd_dq", "fg_bwd_cap_finalize"};
-  const int device = dev.index;
+  // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template (the wgmma one
+  // includes flex_backward.cuh).
+  src.code = assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_backward_wgmma.cuh" : "flex_backward.cuh"});
+  src.kernels = {"fg_bwd_preprocess", dkdv_kernel, dq_kernel, "fg_bwd_cap_finalize"};
   auto mod = jit::get_module(src, device);
 
   BwdParams bp;
@@ -249,9 +332,9 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
-    jit::launch(mod->function("fg_bwd_dkdv"),
+    jit::launch(mod->function(dkdv_kernel),
                 {static_cast<unsigned>(nKB * bp.sub_kv), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)},
-                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dkdv, kargs, device);
+                {static_cast<unsigned>(cfg.wgmma ? 128 * cfg.wg_dkdv : cfg.threads)}, cfg.smem_dkdv, kargs, device);
   }
   std::vector<bool> nonfinite(ncaps, false);
   if (cap_mode == 1) {
@@ -276,9 +359,9 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     }
   }
   if (nQB > 0 && p.B * p.Hq > 0) {
-    jit::launch(mod->function("fg_bwd_dq"),
+    jit::launch(mod->function(dq_kernel),
                 {static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)},
-                {static_cast<unsigned>(cfg.threads)}, cfg.smem_dq, kargs, device);
+                {static_cast<unsigned>(cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, cfg.smem_dq, kargs, device);
   }
   for (size_t c = 0; c < ncaps; ++c) {
     if (!acc[c].defined()) continue;

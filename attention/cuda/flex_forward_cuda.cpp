@@ -6,8 +6,9 @@
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
 // FMA arithmetic, no TF32). On Hopper, FlexCudaForward::Wgmma runs flex_fwd_wgmma (kernels/flex_forward_wgmma.cuh:
 // the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it only when FLEXGRAD_FLEX_WGMMA=1 is set,
-// until it beats flex_fwd_mma on every case (softcap is 12% slower on the H200). Anything the kernels cannot run
-// raises NotImplementedError saying why.
+// until it beats flex_fwd_mma on every case (softcap is 12% slower on the H200; the measurement predates its
+// pipelined main loop, FLEXGRAD_FLEX_WGMMA_PIPE). Anything the kernels cannot run raises NotImplementedError
+// saying why.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
@@ -59,6 +60,7 @@ constexpr int64_t kMaxHeadDim = 256;
 struct TileConfig {
   bool mma = false;
   bool wgmma = false;  // flex_fwd_wgmma (then mma too: a bf16 / f16 tensor-core kernel)
+  bool pipe = false;   // flex_fwd_wgmma's intra-warpgroup pipeline (FG_WGMMA_PIPE)
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -147,6 +149,11 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
 // the kernel for them). One warpgroup per 64 q rows, two when the q blocks hold more than 64 rows; kv sub-tiles of
 // 128 columns (the N of the Q K^T wgmma) for head dims up to 128 and kv blocks over 64, else 64 (smem and the
 // registers of O at Ev = 256). min_blocks 1: ptxas gives the kernel 150-255 registers a thread on sm_90a.
+// The pipelined main loop (FG_WGMMA_PIPE 1; FLEXGRAD_FLEX_WGMMA_PIPE=0|1 chooses) holds S_j, P_{j-1} and O at
+// once: with a score_mod and head dims over 64 its 128-column sub-tile spills (ptxas -v: 12-52 bytes at D = 128),
+// so it takes 64 there; at head dims over 128 it spills 24-72 bytes even so (O alone is 128 registers) where the
+// sequential loop does not, and the softmax is a smaller share of a sub-tile's work: the sequential loop stays the
+// default there. FLEXGRAD_FLEX_WGMMA_BN=64|128 overrides BN (tuning).
 // Why flex_fwd_wgmma cannot run this call ("" when it can): the forced kernel raises it, Auto skips the kernel.
 std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
   const DType dt = p.q.dtype();
@@ -159,6 +166,25 @@ std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
   return "";
 }
 
+// FLEXGRAD_FLEX_WGMMA_PIPE: 1 the pipelined main loop of flex_fwd_wgmma, 0 the sequential one (A/B); unset:
+// `fallback`.
+bool wgmma_pipe_env(bool fallback) {
+  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_PIPE");
+  if (env == nullptr || *env == '\0') return fallback;
+  const std::string v(env);
+  FG_CHECK(v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA_PIPE: expected 0 or 1; got \"{}\"", v);
+  return v == "1";
+}
+// FLEXGRAD_FLEX_WGMMA_BN: 64 or 128 overrides flex_fwd_wgmma's kv sub-tile (tuning); unset: 0, the default rule.
+// The sub-tile never straddles a kv block: a BlockMask with kv blocks of 64 or fewer keeps 64.
+int64_t wgmma_bn_env() {
+  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BN");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  FG_CHECK(v == "64" || v == "128", ValueError, "FLEXGRAD_FLEX_WGMMA_BN: expected 64 or 128; got \"{}\"", v);
+  return v == "64" ? 64 : 128;
+}
+
 TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
   const std::string why = wgmma_unsupported(p, arch);
   FG_CHECK(why.empty(), NotImplementedError, "flex_attention on CUDA: {}", why);
@@ -169,7 +195,15 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   c.bm = rows_for(p.block_q, 128) > 64 ? 128 : 64;
   c.warps = c.bm / 16;
   const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
-  c.bn = wide || rows_for(p.block_kv, 128) <= 64 ? 64 : 128;
+  c.pipe = wgmma_pipe_env(/*fallback=*/!wide);
+  const bool small_kv = rows_for(p.block_kv, 128) <= 64;
+  const bool pipe_spills = c.pipe && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
+  c.bn = wide || small_kv || pipe_spills ? 64 : 128;
+  if (const int64_t bn = wgmma_bn_env(); bn != 0) {
+    FG_CHECK(bn == 64 || !wide, ValueError,
+             "FLEXGRAD_FLEX_WGMMA_BN=128 needs head dims up to 128 (the registers of O); got E={}, Ev={}", p.E, p.Ev);
+    c.bn = small_kv ? 64 : bn;
+  }
   c.min_blocks = 1;
   c.smem = wgmma_smem(c);
   // The mods' row / column parts take a few KiB of static shared memory on top.
@@ -226,7 +260,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
 
   const bool vec = cfg.mma && p.E % 8 == 0 && p.Ev % 8 == 0 && vec_ok(p.q, p.E) &&
                    (p.Lkv == 0 || (vec_ok(p.k, p.E) && vec_ok(p.v, p.Ev)));
-  const std::vector<std::string> defines = {
+  std::vector<std::string> defines = {
       "FG_ELEM " + std::to_string(flex::abi_dtype(dt)),
       "FG_E " + std::to_string(cfg.e_pad),
       "FG_EV " + std::to_string(cfg.ev_pad),
@@ -236,6 +270,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_VEC " + std::string(vec ? "1" : "0"),
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
+  if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::string(cfg.pipe ? "1" : "0"));
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;

@@ -244,6 +244,37 @@ TEST(ModCodegen, DocumentMaskWithInt64Capture) {
   EXPECT_THROW(emit_cuda_mods(in), ValueError);
 }
 
+// FlexKernelOptions::approx_tanh: one op-table rule (Tanh's cuda_f32_approx). Off, the text has the precise
+// tanhf and no approximation anywhere; on, every float function (score parts, the derivative fg_dscore) spells
+// fg_tanh_approx and the double ones keep tanh.
+TEST(ModCodegen, ApproxTanhOnlyWhenAsked) {
+  const ModProgram sm = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ScoreModBackward g = derive_score_mod(sm);
+  CudaModsInput in;
+  in.score_mod = &sm;
+  in.score_grad = &g;
+  const std::string exact = emit_cuda_mods(in);
+  EXPECT_TRUE(has(exact, "tanhf(")) << exact;
+  EXPECT_FALSE(has(exact, "fg_tanh_approx")) << exact;
+  EXPECT_FALSE(has(exact, "tanh.approx")) << exact;
+  in.approx_tanh = true;
+  const std::string approx = emit_cuda_mods(in);
+  EXPECT_FALSE(has(approx, "tanhf(")) << approx;
+  for (const char* fn : {"fg_score_elem<float>(", "fg_dscore<float>("}) {
+    const size_t at = approx.find(fn);
+    ASSERT_NE(at, std::string::npos) << fn;
+    const std::string body = approx.substr(at, approx.find("\n}\n", at) - at);
+    EXPECT_TRUE(has(body, "fg_tanh_approx(")) << body;
+  }
+  for (const char* fn : {"fg_score_elem<double>(", "fg_dscore<double>("}) {
+    const size_t at = approx.find(fn);
+    ASSERT_NE(at, std::string::npos) << fn;
+    const std::string body = approx.substr(at, approx.find("\n}\n", at) - at);
+    EXPECT_TRUE(has(body, " tanh(")) << body;
+    EXPECT_FALSE(has(body, "fg_tanh_approx")) << body;
+  }
+}
+
 TEST(ModCodegen, RelativeBiasTableGradient) {
   const int64_t H = 2, L = 4;
   std::vector<double> v(static_cast<size_t>(H * (2 * L - 1)));

@@ -4,14 +4,19 @@
 // evaluators or kernels). The kernel is called through flex_backward_stub with out/lse from that golden,
 // so these tests do not depend on the CUDA forward; the end-to-end tests at the bottom go through
 // flex_attention and autograd when a CUDA forward is registered. Skipped visibly without a GPU.
+// The cases run on both backward kernel families (FlexCudaBackward: Tiled, and Wgmma on Hopper, which skips
+// visibly elsewhere); a case the Wgmma kernels cannot run (float32 / float64, head dims other than 64 and 128)
+// must be refused with NotImplementedError there.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/mod_grad.h"
@@ -25,6 +30,35 @@ namespace fg {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The architecture NVRTC targets on device 0 ("" in a build without CUDA, where these tests skip before asking).
+std::string device_arch() {
+#ifdef FLEXGRAD_WITH_CUDA
+  return cuda::jit::target_arch(0);
+#else
+  return "";
+#endif
+}
+
+// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* value) const {
+    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
+    else ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 // ---- the golden -------------------------------------------------------------------------------------
 // One score function per entry, in plain C++: mod(s) and d mod / d s, the mask (partial and full blocks
@@ -173,7 +207,10 @@ struct Case {
   std::vector<Tensor> learnable;  // captured float tensors that want a gradient (CPU float64)
   bool with_dlse = false;
   bool deterministic = true;
+  bool approx_tanh = false;  // FlexKernelOptions::approx_tanh
+  double min_tol = 0;        // a floor under tol(dt) (approx_tanh's error is not rounding)
   std::function<Tensor(const Tensor&)> layout;  // applied to q, k, v on the device (strided inputs)
+  FlexCudaBackward kernel = FlexCudaBackward::Tiled;
 };
 
 struct Inputs {
@@ -208,6 +245,8 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
   p.B = d.B, p.Hq = d.Hq, p.Lq = d.Lq, p.E = d.E, p.Bkv = d.Bkv, p.Hkv = d.Hkv, p.Lkv = d.Lkv, p.Ev = d.Ev;
   p.scale = 1.0 / std::sqrt(static_cast<double>(d.E));
   p.deterministic = c.deterministic;
+  p.cuda_backward = c.kernel;
+  p.approx_tanh = c.approx_tanh;
   if (c.score_mod) {
     p.score_mod = std::make_shared<ModProgram>(trace_score_mod(c.score_mod));
     p.score_grad = std::make_shared<ScoreModBackward>(derive_score_mod(*p.score_mod));
@@ -263,22 +302,43 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
   return g;
 }
 
-class FlexBackwardCuda : public ::testing::Test {
+// Whether the Wgmma kernels run this dtype and these head dims (else they must refuse).
+bool wgmma_runs(DType dt, const Dims& d) {
+  auto dim_ok = [](int64_t e) { return e == 64 || e == 128; };
+  return (dt == kBFloat16 || dt == kFloat16) && dim_ok(d.E) && dim_ok(d.Ev);
+}
+
+// Each case on the backward kernel family of the parameter.
+class FlexBackwardCuda : public ::testing::TestWithParam<FlexCudaBackward> {
  protected:
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex backward tests";
+    if (wgmma() && device_arch() != "sm_90a")
+      GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   }
-  // Golden vs CUDA for each dtype; returns the CUDA gradients of the last dtype.
-  Grads check(const Case& c, std::initializer_list<DType> dts, uint64_t seed = 1) {
+  static FlexCudaBackward kernel() { return GetParam(); }
+  static bool wgmma() { return kernel() == FlexCudaBackward::Wgmma; }
+  // Golden vs CUDA for each dtype; returns the CUDA gradients of the last dtype the kernel ran.
+  Grads check(Case c, std::initializer_list<DType> dts, uint64_t seed = 1) {
+    c.kernel = kernel();
     Grads last;
     for (DType dt : dts) {
       SCOPED_TRACE(dtype_name(dt));
+      if (wgmma() && !wgmma_runs(dt, c.d)) {
+        // Refused before any kernel runs: out / lse only need their shapes.
+        Golden shapes;
+        shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
+        shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+        const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
+        testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, dt, kCUDA); }, "Wgmma backward");
+        continue;
+      }
       const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
       std::vector<int64_t> numel;
       for (const Tensor& t : c.learnable) numel.push_back(t.numel());
       const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
       last = run_stub(c, in, gold, dt, kCUDA);
-      const double t = tol(dt);
+      const double t = std::max(tol(dt), c.min_tol);
       EXPECT_LE(rel_err(last.dq, gold.g.dq), t) << "dq";
       EXPECT_LE(rel_err(last.dk, gold.g.dk), t) << "dk";
       EXPECT_LE(rel_err(last.dv, gold.g.dv), t) << "dv";
@@ -304,13 +364,13 @@ NativeMod native_mask(std::function<bool(int, int, int, int)> m) {
   return n;
 }
 
-TEST_F(FlexBackwardCuda, NoMaskEveryDtype) {
+TEST_P(FlexBackwardCuda, NoMaskEveryDtype) {
   Case c;
   c.d = {2, 3, 150, 64, 2, 3, 150, 64};
   check(c, {kFloat64, kFloat32, kFloat16, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, CausalBlockMask) {
+TEST_P(FlexBackwardCuda, CausalBlockMask) {
   Case c;
   c.d = {1, 2, 200, 64, 1, 2, 200, 64};
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 64);
@@ -318,18 +378,20 @@ TEST_F(FlexBackwardCuda, CausalBlockMask) {
   check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
 }
 
-TEST_F(FlexBackwardCuda, SlidingWindowWithOddBlockSizes) {
-  // BlockMask blocks (48, 80) against the kernel tiles: sub-tiles clipped at block and sequence ends.
+TEST_P(FlexBackwardCuda, SlidingWindowWithOddBlockSizes) {
+  // BlockMask blocks (48, 80) against the kernel tiles: sub-tiles clipped at block and sequence ends. (Head dim
+  // 64 on the Wgmma kernels, which take 64 and 128 only.)
   Case c;
-  c.d = {1, 2, 190, 32, 1, 2, 170, 32};
+  const int64_t E = wgmma() ? 64 : 32;
+  c.d = {1, 2, 190, E, 1, 2, 170, E};
   const int W = 37;
   c.mask = create_block_mask([W](Expr, Expr, Expr q, Expr kv) { return ((q - kv).abs() < W); }, std::nullopt,
                              std::nullopt, 190, 170, BlockSize(48, 80));
   c.native = native_mask([W](int, int, int q, int kv) { return std::abs(q - kv) < W; });
-  check(c, {kFloat64, kFloat32, kBFloat16});
+  check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
 }
 
-TEST_F(FlexBackwardCuda, DocumentMaskFromCapturedInt64Ids) {
+TEST_P(FlexBackwardCuda, DocumentMaskFromCapturedInt64Ids) {
   const int64_t L = 260;
   std::vector<int64_t> ids(L);
   for (int64_t i = 0; i < L; ++i) ids[i] = i < 70 ? 0 : i < 71 ? 1 : i < 200 ? 2 : 3;
@@ -350,7 +412,7 @@ TEST_F(FlexBackwardCuda, DocumentMaskFromCapturedInt64Ids) {
   check(c, {kFloat64, kFloat32, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, AlibiCausal) {
+TEST_P(FlexBackwardCuda, AlibiCausal) {
   const int64_t H = 4;
   Case c;
   c.d = {2, H, 130, 64, 2, H, 130, 64};
@@ -361,7 +423,7 @@ TEST_F(FlexBackwardCuda, AlibiCausal) {
   check(c, {kFloat64, kFloat32, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
+TEST_P(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
   Case c;
   c.d = {1, 2, 140, 64, 1, 2, 140, 64};
   // A small cap so tanh saturates and the derivative matters.
@@ -369,6 +431,23 @@ TEST_F(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
   c.native.mod = [](double s, int, int, int, int) { return 2.0 * std::tanh(s / 2.0); };
   c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 2.0) * std::tanh(s / 2.0); };
   check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
+}
+
+// FlexKernelOptions::approx_tanh: tanh.approx.f32 (relative error <= ~2^-11) in the recomputed scores and in
+// the derivative 1 - tanh^2. With cap 20 the scores stay in tanh's near-linear range, where the gradients'
+// normwise error is a few times 2^-11: 2e-3 holds it (tol(dt) for bf16 / f16 is looser already), and the
+// exact-tanh gradient of the golden is still what is checked. float64 keeps the exact tanh (1e-10).
+TEST_F(FlexBackwardCuda, SoftcapWithApproxTanh) {
+  Case c;
+  c.d = {1, 2, 140, 64, 1, 2, 140, 64};
+  c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  c.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
+  c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0); };
+  c.approx_tanh = true;
+  c.min_tol = 2e-3;
+  check(c, {kFloat32, kBFloat16, kFloat16});
+  c.min_tol = 0;
+  check(c, {kFloat64});
 }
 
 // score * hscale[h] + table[h][q - kv + L - 1] + bias[h], all three learnable.
@@ -395,7 +474,7 @@ Case learnable_case(int64_t H, int64_t L, Tensor& hscale, Tensor& table, Tensor&
   return c;
 }
 
-TEST_F(FlexBackwardCuda, LearnableCapturedBiasGradientsCausal) {
+TEST_P(FlexBackwardCuda, LearnableCapturedBiasGradientsCausal) {
   Tensor hs, tb, bi;
   Case c = learnable_case(3, 150, hs, tb, bi);
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 150, 150, 64);
@@ -407,7 +486,7 @@ TEST_F(FlexBackwardCuda, LearnableCapturedBiasGradientsCausal) {
   check(c, {kFloat64, kFloat32});
 }
 
-TEST_F(FlexBackwardCuda, GqaBroadcastBatchUnequalLengthsAndHeadDims) {
+TEST_P(FlexBackwardCuda, GqaBroadcastBatchUnequalLengthsAndHeadDims) {
   Case c;
   c.d = {2, 4, 100, 128, 1, 2, 173, 64};
   c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return kv <= q + 40; }, std::nullopt, std::nullopt, 100,
@@ -418,7 +497,7 @@ TEST_F(FlexBackwardCuda, GqaBroadcastBatchUnequalLengthsAndHeadDims) {
   check(c, {kFloat32, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, HeadDimsFrom16To256) {
+TEST_P(FlexBackwardCuda, HeadDimsFrom16To256) {
   for (auto [E, Ev] : {std::pair<int64_t, int64_t>{16, 16}, {32, 80}, {256, 256}, {256, 64}}) {
     SCOPED_TRACE(::testing::Message() << "E=" << E << " Ev=" << Ev);
     Case c;
@@ -429,9 +508,10 @@ TEST_F(FlexBackwardCuda, HeadDimsFrom16To256) {
   }
 }
 
-TEST_F(FlexBackwardCuda, EmptyRowsGiveZeroGradients) {
+TEST_P(FlexBackwardCuda, EmptyRowsGiveZeroGradients) {
   Case c;
-  c.d = {1, 2, 96, 32, 1, 2, 96, 32};
+  const int64_t E = wgmma() ? 64 : 32;  // (the Wgmma kernels take head dims 64 and 128)
+  c.d = {1, 2, 96, E, 1, 2, 96, E};
   c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (kv <= q); }, std::nullopt,
                              std::nullopt, 96, 96, 32);
   c.native.mask = [](int, int, int q, int kv) { return q >= 10 && kv <= q; };
@@ -439,7 +519,7 @@ TEST_F(FlexBackwardCuda, EmptyRowsGiveZeroGradients) {
   EXPECT_EQ(amax(abs(g.dq.narrow(2, 0, 10).to(kFloat64))).item(), 0.0);
 }
 
-TEST_F(FlexBackwardCuda, GradientThroughLse) {
+TEST_P(FlexBackwardCuda, GradientThroughLse) {
   Case c;
   c.d = {1, 2, 120, 64, 1, 2, 120, 64};
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 120, 120, 64);
@@ -448,7 +528,7 @@ TEST_F(FlexBackwardCuda, GradientThroughLse) {
   check(c, {kFloat64, kFloat32, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, StridedInputsReadInPlace) {
+TEST_P(FlexBackwardCuda, StridedInputsReadInPlace) {
   Case c;
   c.d = {2, 2, 80, 64, 2, 2, 80, 64};
   // [B, L, H, E] storage seen as [B, H, L, E]: the strides of a fused qkv projection.
@@ -458,7 +538,15 @@ TEST_F(FlexBackwardCuda, StridedInputsReadInPlace) {
   check(c, {kFloat32, kBFloat16});
 }
 
-TEST_F(FlexBackwardCuda, MatchesTheCpuFusedBackwardInFloat64) {
+// The cases that do not depend on the kernel family (float64, input checks).
+class FlexBackwardCudaCommon : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the CUDA flex backward tests";
+  }
+};
+
+TEST_F(FlexBackwardCudaCommon, MatchesTheCpuFusedBackwardInFloat64) {
   Tensor hs, tb, bi;
   Case c = learnable_case(2, 100, hs, tb, bi);
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 100, 100, 32);
@@ -482,13 +570,15 @@ TEST_F(FlexBackwardCuda, MatchesTheCpuFusedBackwardInFloat64) {
   for (int i = 0; i < 3; ++i) EXPECT_LE(rel_err(gpu.dcaps[i], cpu.dcaps[i], norm2(cpu.dcaps[1])), 1e-10) << "dcap " << i;
 }
 
-TEST_F(FlexBackwardCuda, RerunsAreBitIdentical) {
+TEST_P(FlexBackwardCuda, RerunsAreBitIdentical) {
   Tensor hs, tb, bi;
   Case c = learnable_case(4, 256, hs, tb, bi);
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 256, 256, 128);
   c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
-  for (DType dt : {kBFloat16, kFloat32}) {
+  c.kernel = kernel();
+  for (DType dt : {kBFloat16, kFloat32, kFloat16}) {
     SCOPED_TRACE(dtype_name(dt));
+    if (wgmma() && !wgmma_runs(dt, c.d)) continue;  // (refusals: check())
     const Inputs in = make_inputs(c.d, dt, true, 11);
     const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, {});
     Grads a = run_stub(c, in, gold, dt, kCUDA), b = run_stub(c, in, gold, dt, kCUDA);
@@ -500,7 +590,7 @@ TEST_F(FlexBackwardCuda, RerunsAreBitIdentical) {
   }
 }
 
-TEST_F(FlexBackwardCuda, RejectsMismatchedInputs) {
+TEST_F(FlexBackwardCudaCommon, RejectsMismatchedInputs) {
   Case c;
   c.d = {1, 1, 16, 16, 1, 1, 16, 16};
   const Inputs in = make_inputs(c.d, kFloat32, false, 3);
@@ -519,7 +609,7 @@ TEST_F(FlexBackwardCuda, RejectsMismatchedInputs) {
 }
 
 // ---- end to end: flex_attention on CUDA, autograd, gradients through out and lse ----------------------
-TEST_F(FlexBackwardCuda, EndToEndThroughAutogradWithLse) {
+TEST_P(FlexBackwardCuda, EndToEndThroughAutogradWithLse) {
   if (!flex_forward_stub.has(DeviceType::CUDA)) GTEST_SKIP() << "no CUDA flex forward registered in this build";
   const int64_t B = 2, H = 2, L = 140, E = 64;
   Generator gen(21);
@@ -532,6 +622,7 @@ TEST_F(FlexBackwardCuda, EndToEndThroughAutogradWithLse) {
     FlexAttentionOptions o;
     o.return_lse = true;
     o.kernel.backend = be;
+    o.kernel.cuda_backward = dev.is_cuda() ? kernel() : FlexCudaBackward::Auto;
     o.score_mod = [cb = Captured(b)](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + cb[h] * (q - kv) / 64.0; };
     o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 64);
     auto r = flex_attention(q, k, v, o);
@@ -541,10 +632,142 @@ TEST_F(FlexBackwardCuda, EndToEndThroughAutogradWithLse) {
   const auto ref = run(kFloat64, kCPU, FlexBackend::Reference);
   for (DType dt : {kFloat64, kFloat32, kBFloat16}) {
     SCOPED_TRACE(dtype_name(dt));
+    if (wgmma() && dt != kBFloat16) continue;  // (the Wgmma kernels' refusals: check())
     const auto got = run(dt, kCUDA, FlexBackend::Auto);
     const char* names[] = {"dq", "dk", "dv", "dbias"};
     for (int i = 0; i < 4; ++i) EXPECT_LE(rel_err(got[i], ref[i]), dt == kFloat64 ? 1e-9 : tol(dt)) << names[i];
   }
+}
+
+INSTANTIATE_TEST_SUITE_P(Tiled, FlexBackwardCuda, ::testing::Values(FlexCudaBackward::Tiled));
+INSTANTIATE_TEST_SUITE_P(Wgmma, FlexBackwardCuda, ::testing::Values(FlexCudaBackward::Wgmma));
+
+// ---- the Hopper kernels against the mma.sync ones, and the choice between them -----------------------
+class FlexBackwardWgmma : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping the Wgmma backward tests";
+  }
+  static bool hopper() { return device_arch() == "sm_90a"; }
+  // The gradients of `c` on `kind` (out / lse from the float64 golden, as check()).
+  static Grads run(Case c, DType dt, FlexCudaBackward kind, uint64_t seed = 7) {
+    c.kernel = kind;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
+    std::vector<int64_t> numel;
+    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    return run_stub(c, in, gold, dt, kCUDA);
+  }
+  // Wgmma and Tiled on the same inputs: two fp32-accumulating kernels over the same bf16 / f16 P and dS agree to
+  // well within the dtype's tolerance against float64.
+  static void expect_agree(const Case& c, DType dt) {
+    SCOPED_TRACE(dtype_name(dt));
+    const Grads t = run(c, dt, FlexCudaBackward::Tiled), w = run(c, dt, FlexCudaBackward::Wgmma);
+    const double tl = tol(dt) / 3;
+    EXPECT_LE(rel_err(w.dq, t.dq), tl) << "dq";
+    EXPECT_LE(rel_err(w.dk, t.dk), tl) << "dk";
+    EXPECT_LE(rel_err(w.dv, t.dv), tl) << "dv";
+    ASSERT_EQ(w.dcaps.size(), t.dcaps.size());
+    double cap_norm = 0;
+    for (const Tensor& gc : t.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
+    for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_LE(rel_err(w.dcaps[i], t.dcaps[i], cap_norm), tl) << "dcap " << i;
+  }
+};
+
+TEST_F(FlexBackwardWgmma, AgreesWithTiledOnDocumentAlibiSoftcapAndLearnableBias) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  const int64_t L = 300, H = 4;
+  {
+    SCOPED_TRACE("document, kv blocks of 128 (two warpgroups)");
+    std::vector<int64_t> ids(L);
+    for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
+    Captured doc(from_vector(ids, {L}, kInt64));
+    Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
+    const BlockMask m = create_block_mask(
+        [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
+        std::nullopt, L, L, 128);
+    Case c;
+    c.d = {2, H, L, 128, 2, H, L, 128};
+    c.mask = BlockMask::from_kv_blocks(
+        m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
+        [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
+        m.seq_lengths());
+    c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+    expect_agree(c, kBFloat16);
+    expect_agree(c, kFloat16);
+  }
+  {
+    SCOPED_TRACE("ALiBi, causal, GQA");
+    Case c;
+    c.d = {2, H, L, 128, 2, 2, L, 64};
+    c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
+    c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    expect_agree(c, kBFloat16);
+  }
+  {
+    SCOPED_TRACE("softcap, causal, blocks of 64 (one warpgroup)");
+    Case c;
+    c.d = {1, H, L, 64, 1, H, L, 128};
+    c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 2.0 * tanh(s / 2.0); };
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 64);
+    c.native.mod = [](double s, int, int, int, int) { return 2.0 * std::tanh(s / 2.0); };
+    c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 2.0) * std::tanh(s / 2.0); };
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    expect_agree(c, kBFloat16);
+    expect_agree(c, kFloat16);
+  }
+  {
+    SCOPED_TRACE("learnable bias, deterministic and float64 atomics");
+    Tensor hs, tb, bi;
+    Case c = learnable_case(3, 200, hs, tb, bi);
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    c.with_dlse = true;
+    expect_agree(c, kBFloat16);
+    c.deterministic = false;
+    expect_agree(c, kBFloat16);
+  }
+}
+
+TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
+  Case c;
+  c.d = {1, 2, 64, 64, 1, 2, 64, 64};
+  c.kernel = FlexCudaBackward::Wgmma;
+  Golden shapes;
+  shapes.out = zeros({1, 2, 64, 64}, TensorOptions().dtype(kFloat64));
+  shapes.lse = zeros({1, 2, 64}, TensorOptions().dtype(kFloat64));
+  const Inputs in = make_inputs(c.d, kFloat32, false, 3);
+  if (!hopper()) {
+    testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "sm_90a");
+    return;
+  }
+  testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, kFloat32, kCUDA); }, "bfloat16 and float16");
+  c.d.E = c.d.Ev = 32;
+  shapes.out = zeros({1, 2, 64, 32}, TensorOptions().dtype(kFloat64));
+  const Inputs in32 = make_inputs(c.d, kBFloat16, false, 3);
+  testing::expect_error<NotImplementedError>([&] { run_stub(c, in32, shapes, kBFloat16, kCUDA); }, "head dims 64 or 128");
+}
+
+TEST_F(FlexBackwardWgmma, AutoPicksItOnlyWhenTheEnvironmentAsks) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);
+  Case c;
+  c.d = {1, 2, 200, 64, 1, 2, 200, 64};
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  const Grads tiled = run(c, kBFloat16, FlexCudaBackward::Tiled), wgmma = run(c, kBFloat16, FlexCudaBackward::Wgmma);
+  auto same = [](const Grads& a, const Grads& b) { return equal(a.dq, b.dq) && equal(a.dk, b.dk) && equal(a.dv, b.dv); };
+  // Bit-identical results would leave the choice invisible here (the two families sum in the same order and
+  // could round alike): say so rather than pass.
+  if (same(tiled, wgmma)) GTEST_SKIP() << "Tiled and Wgmma gave bit-identical gradients: Auto's choice is not observable";
+  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), tiled)) << "Auto without FLEXGRAD_FLEX_WGMMA_BWD: Tiled";
+  env.set("1");
+  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), wgmma)) << "Auto with FLEXGRAD_FLEX_WGMMA_BWD=1: Wgmma";
+  // Where the Wgmma kernels cannot run, Auto keeps the mma.sync ones even when asked.
+  c.d.E = c.d.Ev = 32;
+  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), run(c, kBFloat16, FlexCudaBackward::Tiled)));
 }
 
 }  // namespace

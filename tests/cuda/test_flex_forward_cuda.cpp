@@ -5,10 +5,12 @@
 // Every case runs in bf16, f16, f32 and f64 (tolerances by dtype) on the tiled kernel, and in bf16 and f16 on the
 // split-KV (decoding) kernel and on the Hopper wgmma kernel too, forced onto every case (the wgmma ones skip,
 // saying so, on a device other than sm_90a); each checks out, lse and max_scores.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -103,6 +105,7 @@ struct Case {
   GoldenMod mod;                                            // null: identity
   std::function<Tensor(const Tensor&)> layout;              // applied on the device (strided inputs)
   double input_scale = 1.0;                                 // spreads the scores
+  std::optional<Tol> min_tol;                               // a floor under tol(dt) (approx_tanh)
 };
 
 // A BlockMask built on the CPU from `cpu_mask`, whose kernels run `dev_mask` (the same rule reading device
@@ -112,6 +115,45 @@ BlockMask device_mask(const MaskMod& cpu_mask, const MaskMod& dev_mask, int64_t 
   BlockMask m = create_block_mask(cpu_mask, B, H, Lq, Lkv, bs);
   return BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), bs,
                                    dev_mask, m.seq_lengths());
+}
+
+// Runs case c on `kernel` in dtype dt (inputs from `seed`) and checks out, lse and max_scores against the golden.
+void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) {
+  SCOPED_TRACE(dtype_name(dt));
+  Generator gen(seed);
+  Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat64, &gen) * c.input_scale;
+  Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat64, &gen) * c.input_scale;
+  Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat64, &gen);
+  // The golden starts from the values the kernel sees (rounded to dt).
+  Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64);
+  const double scale = c.opts.scale ? *c.opts.scale : 1.0 / std::sqrt(static_cast<double>(c.E));
+  Golden g = golden(qr, kr, vr, scale, c.mod);
+
+  const Device cuda(DeviceType::CUDA, 0);
+  auto dev = [&](const Tensor& t) {
+    Tensor x = t.to(dt).to(cuda);
+    return c.layout ? c.layout(x) : x;
+  };
+  FlexAttentionOptions o = c.opts;
+  o.return_lse = true;
+  o.return_max_scores = true;
+  o.kernel.backend = FlexBackend::Fused;
+  o.kernel.cuda_forward = kernel;
+  FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
+  ASSERT_EQ(r.out.device(), cuda);
+  ASSERT_EQ(r.out.dtype(), dt);
+  Tol t = tol(dt);
+  if (c.min_tol) {
+    t.out_atol = std::max(t.out_atol, c.min_tol->out_atol);
+    t.out_rtol = std::max(t.out_rtol, c.min_tol->out_rtol);
+    t.stat_atol = std::max(t.stat_atol, c.min_tol->stat_atol);
+    t.stat_rtol = std::max(t.stat_rtol, c.min_tol->stat_rtol);
+  }
+  Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64), mx = r.max_scores.to(kCPU).to(kFloat64);
+  EXPECT_FALSE(any(isnan(out)).item<bool>()) << "NaN in out";
+  EXPECT_TRUE(testing::close(out, g.out, t.out_atol, t.out_rtol)) << "out";
+  EXPECT_TRUE(testing::close(lse, g.lse, t.stat_atol, t.stat_rtol)) << "lse";
+  EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
 }
 
 class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward>> {
@@ -132,37 +174,7 @@ class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCu
   }
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
 
-  void check(const Case& c, uint64_t seed = 1) {
-    const DType dt = dtype();
-    SCOPED_TRACE(dtype_name(dt));
-    Generator gen(seed);
-    Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat64, &gen) * c.input_scale;
-    Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat64, &gen) * c.input_scale;
-    Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat64, &gen);
-    // The golden starts from the values the kernel sees (rounded to dt).
-    Tensor qr = q.to(dt).to(kFloat64), kr = k.to(dt).to(kFloat64), vr = v.to(dt).to(kFloat64);
-    const double scale = c.opts.scale ? *c.opts.scale : 1.0 / std::sqrt(static_cast<double>(c.E));
-    Golden g = golden(qr, kr, vr, scale, c.mod);
-
-    auto dev = [&](const Tensor& t) {
-      Tensor x = t.to(dt).to(cuda());
-      return c.layout ? c.layout(x) : x;
-    };
-    FlexAttentionOptions o = c.opts;
-    o.return_lse = true;
-    o.return_max_scores = true;
-    o.kernel.backend = FlexBackend::Fused;
-    o.kernel.cuda_forward = kernel();
-    FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
-    ASSERT_EQ(r.out.device(), cuda());
-    ASSERT_EQ(r.out.dtype(), dt);
-    const Tol t = tol(dt);
-    Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64), mx = r.max_scores.to(kCPU).to(kFloat64);
-    EXPECT_FALSE(any(isnan(out)).item<bool>()) << "NaN in out";
-    EXPECT_TRUE(testing::close(out, g.out, t.out_atol, t.out_rtol)) << "out";
-    EXPECT_TRUE(testing::close(lse, g.lse, t.stat_atol, t.stat_rtol)) << "lse";
-    EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
-  }
+  void check(const Case& c, uint64_t seed = 1) { check_case(c, dtype(), kernel(), seed); }
 };
 
 Expr causal(Expr, Expr, Expr q, Expr kv) { return q >= kv; }
@@ -230,6 +242,20 @@ TEST_P(FlexForwardCuda, Softcap) {
   c.input_scale = 3.0;  // scores well past the cap
   c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
   c.mod = [](double s, int64_t, int64_t, int64_t, int64_t) { return 20.0 * std::tanh(s / 20.0); };
+  check(c);
+}
+
+// FlexKernelOptions::approx_tanh: the scores' tanh is tanh.approx.f32 (relative error <= ~2^-11, so a score
+// moves by at most |score| * 2^-11: lse and max_scores within rtol 1e-3, the output within 1e-3 / 2e-3, what
+// PyTorch allows its approximate softcap); float64 inputs keep the exact tanh (tol(dt) applies).
+TEST_P(FlexForwardCuda, SoftcapWithApproxTanh) {
+  Case c;
+  c.Lq = c.Lkv = 300;
+  c.opts.kernel.approx_tanh = true;
+  c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300);
+  c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
+  if (dtype() != kFloat64) c.min_tol = Tol{1e-3, 2e-3, 5e-4, 1e-3};
   check(c);
 }
 
@@ -548,6 +574,118 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
     testing::expect_error<NotImplementedError>([&] { flex_attention(h, h, h, o); }, "sm_90a");
   }
 }
+
+// flex_fwd_wgmma's two main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, the default) and kv
+// sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipeline's bookkeeping can get wrong: rows of one
+// sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V buffers and the three column-part
+// buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 / 256, score mods with column parts.
+class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, const char*, const char*>> {
+ protected:
+  void SetUp() override {
+    if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping Wgmma pipeline tests";
+    if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
+  }
+  // Head dims over 128 take BN = 64 only (BN = 128 raises there: PipelineKnobsRejectBadValues).
+  void check(const Case& c) {
+    const char* bn = std::max(c.E, c.Ev) > 128 ? "64" : std::get<2>(GetParam());
+    ScopedEnv bn_env("FLEXGRAD_FLEX_WGMMA_BN", bn);
+    SCOPED_TRACE(std::string("PIPE=") + std::get<1>(GetParam()) + " BN=" + bn);
+    check_case(c, std::get<0>(GetParam()), FlexCudaForward::Wgmma, 7);
+  }
+  ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", std::get<1>(GetParam())};
+};
+
+TEST_P(FlexWgmmaPipeline, OneSubTileRowsAndHeadDims) {
+  for (auto [E, Ev] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {256, 256}, {128, 64}, {64, 256}}) {
+    for (int64_t L : {40, 64, 128}) {  // one kv block of at most 128 columns: one or two sub-tiles a row
+      SCOPED_TRACE("E=" + std::to_string(E) + " Ev=" + std::to_string(Ev) + " L=" + std::to_string(L));
+      Case c;
+      c.B = c.Bkv = 1, c.E = E, c.Ev = Ev, c.Lq = c.Lkv = L;
+      check(c);
+    }
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, EmptyRowsAndPartialFullPartialBlocks) {
+  // Rows below 150 see nothing (whole q blocks, and part of one); the others a 300-wide causal window:
+  // partial (window start), full, partial (diagonal) blocks in one row.
+  auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (q - kv <= 300); };
+  for (int64_t E : {64, 128, 256}) {
+    SCOPED_TRACE("E=" + std::to_string(E));
+    Case c;
+    c.B = c.Bkv = 1, c.E = c.Ev = E, c.Lq = c.Lkv = 700;
+    c.opts.block_mask = create_block_mask(m, std::nullopt, std::nullopt, 700, 700, 64);
+    c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+      return q >= 150 && kv <= q && q - kv <= 300 ? s : -kInf;
+    };
+    check(c);
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, ManySubTilesWithCapturedColumnParts) {
+  // A document mask (captured ids: row and column parts) and ALiBi from captured slopes over 1100 columns,
+  // up to 18 sub-tiles a row, so every buffer rotation happens with partial and full blocks mixed.
+  const int64_t L = 1100, H = 2;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
+  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  Captured dc(doc_cpu), dd(doc_cpu.to(Device(DeviceType::CUDA, 0)));
+  const std::vector<double> slopes = {0.25, 1.0 / 16};  // exact in float32
+  Tensor sl = from_vector(slopes, {H}, kFloat32);
+  for (int64_t E : {64, 128}) {
+    SCOPED_TRACE("E=" + std::to_string(E));
+    Case c;
+    c.B = c.Bkv = 1, c.Hq = c.Hkv = H, c.E = c.Ev = E, c.Lq = c.Lkv = L;
+    c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return (Expr(dc[q]) == Expr(dc[kv])) & (q >= kv); },
+                                    [dd](Expr, Expr, Expr q, Expr kv) { return (Expr(dd[q]) == Expr(dd[kv])) & (q >= kv); },
+                                    L, L, 128);
+    c.opts.score_mod = [s_ = Captured(sl.to(Device(DeviceType::CUDA, 0)))](Expr s, Expr, Expr h, Expr q, Expr kv) {
+      return s + s_[h] * (kv - q);
+    };
+    c.mod = [ids, slopes](double s, int64_t, int64_t h, int64_t q, int64_t kv) {
+      return ids[q] == ids[kv] && q >= kv ? s + slopes[h] * static_cast<double>(kv - q) : -kInf;
+    };
+    check(c);
+  }
+}
+
+TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
+  Case c;
+  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = 600;
+  c.input_scale = 3.0;
+  c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 600, 600);
+  c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
+  check(c);
+}
+
+INSTANTIATE_TEST_SUITE_P(Wgmma, FlexWgmmaPipeline,
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1"),
+                                            ::testing::Values("64", "128")),
+                         [](const auto& info) {
+                           return std::string(dtype_name(std::get<0>(info.param))) + "_pipe" +
+                                  std::get<1>(info.param) + "_bn" + std::get<2>(info.param);
+                         });
+
+TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
+  const Device cuda(DeviceType::CUDA, 0);
+  if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
+  FlexAttentionOptions o;
+  o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+  Tensor q = randn({1, 2, 64, 64}).to(kBFloat16).to(cuda);
+  {
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "2");
+    testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_PIPE");
+  }
+  {
+    ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "96");
+    testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_BN");
+  }
+  Tensor wide = randn({1, 2, 64, 256}).to(kBFloat16).to(cuda);
+  ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "128");
+  testing::expect_error<ValueError>([&] { flex_attention(wide, wide, wide, o); }, "head dims up to 128");
+}
+
 
 }  // namespace
 }  // namespace fg

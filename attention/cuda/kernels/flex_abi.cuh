@@ -198,6 +198,14 @@ __device__ __forceinline__ fg_i64 fg_cap_load_i(const FgCapture& c, int dt, fg_i
   }
 }
 
+// tanh as the op table spells it under FlexKernelOptions::approx_tanh (cuda_f32_approx): the MUFU instruction,
+// max relative error about 2^-11 (PTX ISA, tanh.approx.f32), one instruction where tanhf is a dozen.
+__device__ __forceinline__ float fg_tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // The capture-gradient sink a kernel hands to fg_cap_grad: one call per (term, element) with the
 // linear (row-major, contiguous) index into captured tensor `cap` and the value to add there.
 // Kernels define their own sink type with this member:

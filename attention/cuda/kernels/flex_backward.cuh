@@ -10,6 +10,8 @@
 //   FG_USE_MMA      1: bf16/f16 tensor-core kernels (mma.sync m16n8k16, fp32 accumulation); 0: SIMT kernels
 //                   (exact fp32 FFMA, or float64), which also serve bf16/f16 head dims the MMA kernels lack
 //   FG_CAP_MODE     0 no captured-tensor gradient; 1 deterministic fixed point; 2 float64 atomics
+//   FG_BWD_WGMMA    1: included by flex_backward_wgmma.cuh (Hopper), which replaces the mma.sync dK/dV and dQ
+//                   kernels with fg_bwd_dkdv_wgmma / fg_bwd_dq_wgmma and keeps the rest of this file
 //
 // Kernels, launched in this order by the host:
 //   fg_bwd_preprocess   delta = rowsum(dO * O) - dlse                       one warp per row
@@ -598,6 +600,8 @@ struct FgKvWalk {
   }
 };
 
+// flex_backward_wgmma.cuh (FG_BWD_WGMMA 1) brings its own dK/dV and dQ kernels and keeps everything above.
+#if !FG_BWD_WGMMA
 #define FG_NW (FG_NT / 32)
 #define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
 #define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
@@ -941,4 +945,5 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
       dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
   }
 }
+#endif  // !FG_BWD_WGMMA
 #endif  // FG_USE_MMA

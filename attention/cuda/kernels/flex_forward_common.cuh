@@ -188,11 +188,13 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
 }
 
 // The online softmax update, row by row (rows g and g + 8 of each fragment): S becomes P = exp(S - m_new)
-// (unnormalised), O and the per-lane partial sums l are rescaled, saw_nan notes a NaN next to a +inf max.
-template <int MF, int NB, int NO>
-__device__ __forceinline__ void fg_frag_softmax_update(float (&s)[MF][NB][4], float (&o)[MF][NO][4], float (&m)[MF][2],
-                                                       float (&l)[MF][2], bool (&saw_nan)[MF][2], bool simple,
-                                                       float scale) {
+// (unnormalised), the per-lane partial sums l are rescaled, saw_nan notes a NaN next to a +inf max; corr is the
+// factor O must be multiplied by (fg_frag_rescale_o) before P V is added. Split from the rescale so that the
+// pipelined wgmma kernel can run it while a P V wgmma still writes O.
+template <int MF, int NB>
+__device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (&m)[MF][2], float (&l)[MF][2],
+                                                  bool (&saw_nan)[MF][2], float (&corr)[MF][2], bool simple,
+                                                  float scale) {
 #pragma unroll
   for (int f = 0; f < MF; ++f) {
 #pragma unroll
@@ -215,7 +217,7 @@ __device__ __forceinline__ void fg_frag_softmax_update(float (&s)[MF][NB][4], fl
           for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
       }
       const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-      const float corr = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
+      corr[f][hf] = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
       const float ms = m_use * FG_LOG2E;
       float sum = 0.f;
 #pragma unroll
@@ -227,15 +229,34 @@ __device__ __forceinline__ void fg_frag_softmax_update(float (&s)[MF][NB][4], fl
           sum += e;
         }
       }
-      l[f][hf] = l[f][hf] * corr + sum;  // per-lane partial sum; quad-reduced in the epilogue
+      l[f][hf] = l[f][hf] * corr[f][hf] + sum;  // per-lane partial sum; quad-reduced in the epilogue
       m[f][hf] = m_new;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        o[f][n][2 * hf] *= corr;
-        o[f][n][2 * hf + 1] *= corr;
-      }
     }
   }
+}
+
+// O *= corr, row by row (fg_frag_softmax_p's factor).
+template <int MF, int NO>
+__device__ __forceinline__ void fg_frag_rescale_o(float (&o)[MF][NO][4], const float (&corr)[MF][2]) {
+#pragma unroll
+  for (int f = 0; f < MF; ++f)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[f][n][2 * hf] *= corr[f][hf];
+        o[f][n][2 * hf + 1] *= corr[f][hf];
+      }
+}
+
+// Both at once (the kernels whose P V waits for the softmax).
+template <int MF, int NB, int NO>
+__device__ __forceinline__ void fg_frag_softmax_update(float (&s)[MF][NB][4], float (&o)[MF][NO][4], float (&m)[MF][2],
+                                                       float (&l)[MF][2], bool (&saw_nan)[MF][2], bool simple,
+                                                       float scale) {
+  float corr[MF][2];
+  fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
+  fg_frag_rescale_o(o, corr);
 }
 
 // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m, with

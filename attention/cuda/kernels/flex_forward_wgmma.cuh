@@ -21,6 +21,10 @@
 // lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
 // The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V); there is no producer
 // warp, TMA or ping-pong between warpgroups yet.
+// Two main loops: FG_WGMMA_PIPE 0 is the sequential one above (S, wait, softmax, P V, wait); FG_WGMMA_PIPE 1
+// (the host's default for head dims up to 128) overlaps them as FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1}
+// are issued together and the softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1);
+// the schedule and why it is peeled are at the loop.
 //
 // Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
 //   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
@@ -29,8 +33,10 @@
 //   FG_BN          kv columns per sub-tile: 64 or 128 (the N of the Q K^T wgmma)
 //   FG_WARPS       4 or 8 (one or two consumer warpgroups)
 //   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
+//   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one (FLEXGRAD_FLEX_WGMMA_PIPE)
 // Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
-// here, which the swizzle needs).
+// here, which the swizzle needs). Static: the mods' row parts and one (sequential) or three (pipelined)
+// sub-tiles of column parts.
 #pragma once
 #include "flex_forward_common.cuh"
 #include "flex_wgmma.cuh"
@@ -43,6 +49,10 @@
 #endif
 #if !(FG_BN == 64 || FG_BN == 128) || !(FG_WARPS == 4 || FG_WARPS == 8) || FG_BM != 16 * FG_WARPS
 #error "flex_fwd_wgmma: FG_BN is 64 or 128, FG_WARPS 4 or 8, FG_BM 16 * FG_WARPS"
+#endif
+
+#if !defined(FG_WGMMA_PIPE) || !(FG_WGMMA_PIPE == 0 || FG_WGMMA_PIPE == 1)
+#error "flex_fwd_wgmma: FG_WGMMA_PIPE is 0 or 1 (set by the host)"
 #endif
 
 #define FG_IS_BF16 (FG_ELEM == FG_DT_BFLOAT16)
@@ -84,6 +94,143 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   bool saw_nan[1][2];        // a NaN score next to a +inf max (fg_row_end)
   fg_frag_init(o, m, l, saw_nan);
 
+#if FG_WGMMA_PIPE
+  FgTile cur = fg_first_tile(p, rt);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  // The mods' row parts once per CTA; the column parts of sub-tile j in col_mods[j % 3], written before barrier
+  // j - 1 (which publishes them; barrier j - 2 retired sub-tile j - 3's readers). Three buffers rather than two
+  // written after a barrier: ptxas serializes every wgmma (C7520) when a captured read's error path (an atomic,
+  // flex_abi.cuh) runs divergently between a barrier and the next wgmma.
+  __shared__ FgRowMods<float> row_mods[FG_BM];
+  __shared__ FgColMods<float> col_mods[3][FG_BN];
+  for (int r = threadIdx.x; r < FG_BM; r += FG_NT)
+    if (m0 + r < m_end) fg_row_mods(row_mods[r], cur.i < rt.n_total, cur.i < rt.n_partial, b, h, m0 + r, args);
+  if (cur.i < rt.n_total && (FG_HAS_SCORE_MOD || cur.i < rt.n_partial))
+    for (int c = threadIdx.x; c < FG_BN; c += FG_NT)
+      col_mods[0][c] = fg_col_mods<float>(cur.n0 + c < cur.nend, cur.i < rt.n_partial, b, h, cur.n0 + c, args);
+  __syncthreads();  // reconverge before the loads (else C7520, as below)
+#endif
+  fg_load_tile_sw128<FG_BM, FG_E>(Qs, qg, p.q_sl, m_end - m0, p.E);
+  if (cur.i < rt.n_total) {
+    fg_load_tile_sw128<FG_BN, FG_E>(Ks, kg + (fg_i64)cur.n0 * p.k_sl, p.k_sl, cur.nend - cur.n0, p.E);
+  }
+  fg_cp_async_commit();
+
+  // This warpgroup's 64 rows of Q: 8 KiB into each Q atom (a multiple of 1024 bytes, so the swizzle phase holds).
+  const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
+  float s[1][FG_BN / 8][4];          // S_j, then P_j in f32
+  unsigned pa[FG_BN / 16][4] = {};  // P_{j-1} as A fragments (k16 step kk = C fragments 2 kk, 2 kk + 1)
+  float corr[1][2];                 // O's factor for sub-tile j (fg_frag_softmax_p)
+
+  // S = Q K_j^T from K buffer j & 1: k16 step kk is 32 * (kk % 4) bytes into the rows of atom kk / 4.
+  auto issue_s = [&](int j) {
+    const unsigned k_addr = fg_smem_addr(Ks + (j & 1) * (FG_BN * FG_E));
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk) {
+      const unsigned atom = kk >> 2, jj = kk & 3;
+      fg_wgmma_ss<FG_BN, 0, FG_IS_BF16>(&s[0][0][0],
+                                        fg_gmma_desc_sw128(q_addr + atom * (FG_BM * 128) + 32 * jj, 16, 1024),
+                                        fg_gmma_desc_sw128(k_addr + atom * (FG_BN * 128) + 32 * jj, 16, 1024), kk > 0);
+    }
+    fg_wgmma_commit();
+  };
+  // O += P V_j from V buffer j & 1: k16 step kk is rows 16 kk .. 16 kk + 15 of every V atom (2048 bytes each).
+  auto issue_pv = [&](int j) {
+    const unsigned v_addr = fg_smem_addr(Vs + (j & 1) * (FG_BN * FG_EV));
+#pragma unroll
+    for (int kk = 0; kk < FG_BN / 16; ++kk)
+#pragma unroll
+      for (int a = 0; a < FG_EV / 64; ++a)
+        fg_wgmma_m64n64k16_rs<1, FG_IS_BF16>(&o[0][8 * a][0], pa[kk],
+                                             fg_gmma_desc_sw128(v_addr + a * (FG_BN * 128) + 2048 * kk, 1024, 1024), 1);
+    fg_wgmma_commit();
+  };
+  // Scale, mods, bounds of S_j and the online softmax (flex_forward_common.cuh, as flex_fwd_mma), O untouched.
+  auto softmax = [&](const FgTile& t, int j) {
+    const bool partial = t.i < rt.n_partial;
+    const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                        t.n0 + FG_BN <= t.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[j % 3], b, h, args);
+#else
+    (void)j;
+    fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
+#endif
+    fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
+  };
+  // K_{j+1} (over K_{j-1}) and V_j (over V_{j-2}); the callers' barrier retired their last readers.
+  auto load_kv = [&](const FgTile& t, const FgTile& tn, int j) {
+    if (tn.i < rt.n_total)
+      fg_load_tile_sw128<FG_BN, FG_E>(Ks + ((j + 1) & 1) * (FG_BN * FG_E), kg + (fg_i64)tn.n0 * p.k_sl, p.k_sl,
+                                      tn.nend - tn.n0, p.E);
+    fg_load_tile_sw128<FG_BN, FG_EV>(Vs + (j & 1) * (FG_BN * FG_EV), vg + (fg_i64)t.n0 * p.v_sl, p.v_sl,
+                                     t.nend - t.n0, p.Ev);
+    fg_cp_async_commit();
+  };
+  // Barrier of iteration j: sub-tile j + 1's column parts into col_mods[(j + 1) % 3] first (last read by
+  // sub-tile j - 2, before barrier j - 1), then K_j and V_{j-1} landed for every thread, col_mods published,
+  // every warpgroup past iteration j - 1.
+  auto barrier = [&](const FgTile& tn, int j) {
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    if (tn.i < rt.n_total && (FG_HAS_SCORE_MOD || tn.i < rt.n_partial))
+      for (int c = threadIdx.x; c < FG_BN; c += FG_NT)
+        col_mods[(j + 1) % 3][c] = fg_col_mods<float>(tn.n0 + c < tn.nend, tn.i < rt.n_partial, b, h, tn.n0 + c, args);
+#else
+    (void)tn;
+    (void)j;
+#endif
+    fg_cp_async_wait<0>();
+    fg_fence_proxy_async();  // this thread's cp.async / st.shared writes become visible to wgmma (async proxy)
+    __syncthreads();
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
+  };
+
+  // The schedule (FA3's intra-warpgroup overlap): sub-tile 0's S and softmax alone, then per sub-tile j >= 1
+  //   barrier;  O *= corr_{j-1};  issue S_j = Q K_j^T;  issue O += P_{j-1} V_{j-1};  cp.async K_{j+1}, V_j;
+  //   wait for S_j only (wait_group 1);  mods + softmax -> P_j, corr_j while P_{j-1} V_{j-1} runs;
+  //   wait for P V (O, and P_{j-1}'s registers);  pack P_j
+  // and the last P V after the loop. The first and last iterations are peeled: a wgmma issued under a branch,
+  // or O rescaled under one, makes ptxas serialize every wgmma of the kernel (C7514).
+  if (cur.i < rt.n_total) {
+    FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+    int j = 0;
+    barrier(nxt, j);
+    fg_wgmma_fence();
+    issue_s(j);
+    load_kv(cur, nxt, j);
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+    softmax(cur, j);
+    pack_p();
+    while (nxt.i < rt.n_total) {
+      cur = nxt;
+      nxt = fg_next_tile<FG_BN>(p, rt, cur);
+      ++j;
+      barrier(nxt, j);
+      fg_frag_rescale_o(o, corr);  // before this stage's wgmma: O is not in flight
+      fg_wgmma_fence();
+      issue_s(j);
+      issue_pv(j - 1);
+      load_kv(cur, nxt, j);
+      fg_wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+      fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+      softmax(cur, j);
+      fg_wgmma_wait<0>();  // P_{j-1} V_{j-1}: O and pa are free
+      fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+      fg_wgmma_fence_operands_u<FG_BN / 4>(&pa[0][0]);
+      pack_p();
+    }
+    barrier(nxt, j + 1);  // V_j landed (nxt is past the end: no column parts)
+    fg_frag_rescale_o(o, corr);
+    fg_wgmma_fence();
+    issue_pv(j);
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+  }
+#else
   FgTile cur = fg_first_tile(p, rt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   // The mods' row parts once per CTA, each sub-tile's column parts, in shared memory (as flex_fwd_mma).
@@ -183,6 +330,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     cur = nxt;
     buf ^= 1;
   }
+#endif
   fg_cp_async_wait<0>();
 
   // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m.

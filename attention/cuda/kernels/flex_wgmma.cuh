@@ -107,3 +107,12 @@ __device__ __forceinline__ void fg_wgmma_m64n64k16_rs(float* d, const unsigned* 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TRANS_B));
   }
 }
+
+// ---- for the pipelined forward (flex_forward_wgmma.cuh, FG_WGMMA_PIPE) ----
+// The register A operand of an in-flight wgmma (fg_wgmma_m64n64k16_rs) is read asynchronously: keeping it "used"
+// after the wait stops the compiler from giving its registers to other values while the tensor cores read them.
+template <int N>
+__device__ __forceinline__ void fg_wgmma_fence_operands_u(unsigned* a) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}

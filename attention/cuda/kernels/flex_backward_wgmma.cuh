@@ -1,0 +1,430 @@
+// FlexAttention backward on Hopper (sm_90a only, bf16 / f16, head dims 64 or 128): the dK/dV and dQ kernels of
+// flex_backward.cuh's tensor-core path with warpgroup MMA (wgmma, flex_wgmma.cuh) in place of mma.sync (issue
+// 13's backward). The host (attention/cuda/flex_backward_cuda.cpp) runs them when FlexKernelOptions::cuda_backward
+// is Wgmma, or on Auto with FLEXGRAD_FLEX_WGMMA_BWD=1. Compiled by NVRTC after flex_abi.cuh, the generated mods,
+// the configuration macros (those of flex_backward.cuh with FG_USE_MMA 1, plus the ones below) and flex_mma.cuh.
+//
+// Everything but the two main kernels is flex_backward.cuh's, included here with FG_BWD_WGMMA 1: the parameter
+// block, fg_bwd_preprocess and fg_bwd_cap_finalize, the walks (FgQWalk / FgKvWalk: partial blocks with the
+// mask_mod, then full blocks, BlockMask blocks of any size split into 64-row steps clipped to the block and the
+// sequence), the per-element fg_entry (mods in row / column parts, captured-gradient sinks, non-finite rules) and
+// the epilogues. Every dQ / dK / dV element is written by one thread; no float atomics; reruns are bit-identical.
+//
+//   fg_bwd_dkdv_wgmma: a CTA of FG_WG_DKDV warpgroups owns FG_KV_TILE = 64 * FG_WG_DKDV kv rows (warpgroup w rows
+//     64 w .. 64 w + 63; warp i of the CTA rows 16 i .. 16 i + 15, as the mma kernel's warps), K and V in shared
+//     memory for the whole walk. Per q chunk of 64 rows (Q, dO, lse, delta double-buffered with cp.async, the
+//     next chunk's loads issued before this chunk's products):
+//       S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, both operands in shared memory, K-major; both GEMMs are
+//         issued before waiting on either;
+//       fg_entry on the accumulators (their per-warp layout is mma.sync's C fragments: the mma kernel's element
+//         code unchanged);
+//       dV += P^T dO and dK += dS^T Q: A = P^T / dS^T packed from the accumulators into registers
+//         (fg_pack_c_to_a), B = dO / Q MN-major (transposed B), one m64n64k16 per 64-column atom and k16 step.
+//   fg_bwd_dq_wgmma: a CTA of FG_WG_DQ warpgroups owns FG_Q_TILE = 64 * FG_WG_DQ q rows (Q, dO in shared
+//     memory); per kv chunk of 64 rows (K, V double-buffered): S = Q K^T, dP = dO V^T (ss, K-major), fg_entry
+//     (captured-tensor gradients here), dQ += dS K (A = dS from registers, B = K MN-major).
+// Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
+// fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows).
+// No producer warp, TMA or ping-pong between warpgroups yet.
+//
+// Configuration macros (attention/cuda/flex_backward_cuda.cpp), on top of flex_backward.cuh's:
+//   FG_WG_DKDV, FG_WG_DQ   warpgroups per CTA of each kernel: 1 or 2 (2 when the BlockMask's kv / q blocks hold
+//                          more than 64 rows); FG_KV_TILE = 64 FG_WG_DKDV, FG_Q_TILE = 64 FG_WG_DQ, chunks 64
+//   FG_VEC 1
+// Head dims: 64 or 128 (dK, dV and the four products' accumulators stay in registers: at E = Ev = 256 the dK/dV
+// kernel would need 320 a thread). Dynamic shared memory (bytes, + 1024 to align the window for the swizzle):
+//   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024;  dQ: 2 (Q_TILE (E + Ev) + 2 * 64
+//   (E + Ev)) + 1024.
+#pragma once
+#ifndef FG_BWD_WGMMA
+#define FG_BWD_WGMMA 1
+#endif
+#include "flex_backward.cuh"
+#include "flex_wgmma.cuh"
+
+#if !FG_USE_MMA || !(FG_IN_DTYPE == FG_DT_BFLOAT16 || FG_IN_DTYPE == FG_DT_FLOAT16) || !FG_BWD_WGMMA
+#error "flex_backward_wgmma: bfloat16 / float16 with FG_USE_MMA 1 and FG_BWD_WGMMA 1 only"
+#endif
+#if !(FG_E == 64 || FG_E == 128) || !(FG_EV == 64 || FG_EV == 128)
+#error "flex_backward_wgmma: FG_E and FG_EV are 64 or 128"
+#endif
+#if !(FG_WG_DKDV == 1 || FG_WG_DKDV == 2) || !(FG_WG_DQ == 1 || FG_WG_DQ == 2) || FG_KV_TILE != 64 * FG_WG_DKDV || \
+    FG_Q_TILE != 64 * FG_WG_DQ || FG_Q_CHUNK != 64 || FG_KV_CHUNK != 64
+#error "flex_backward_wgmma: 1 or 2 warpgroups a CTA, tiles of 64 rows a warpgroup, chunks of 64 rows"
+#endif
+#if !FG_VEC
+#error "flex_backward_wgmma: FG_VEC 1 (cp.async loads)"
+#endif
+
+#define FG_NT_DKDV (128 * FG_WG_DKDV)
+#define FG_NT_DQ (128 * FG_WG_DQ)
+#define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
+#define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
+#define FG_CHUNK_ATOM_B (64 * 128)  // bytes of one 64 x 64 atom (a chunk's share of a 64-column slab)
+
+// Descriptors. K-major: rows of 64 k (8-row groups 1024 bytes apart), k16 step j of atom a at 32 j bytes into its
+// rows. MN-major: k16 step kk is rows 16 kk .. 16 kk + 15 (2048 bytes each) of a 64-row atom.
+__device__ __forceinline__ unsigned long long fg_desc_kmajor(unsigned base, int atom_bytes, int kk) {
+  return fg_gmma_desc_sw128(base + (kk >> 2) * atom_bytes + 32 * (kk & 3), 16, 1024);
+}
+__device__ __forceinline__ unsigned long long fg_desc_mnmajor(unsigned base, int atom_bytes, int a, int kk) {
+  return fg_gmma_desc_sw128(base + a * atom_bytes + 2048 * kk, 1024, 1024);
+}
+
+// Keeps the A fragments of an in-flight wgmma (register operand) live and unmoved until after its wait, as
+// fg_wgmma_fence_operands does for accumulators.
+template <int N>
+__device__ __forceinline__ void fg_wgmma_fence_a(unsigned (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
+// The 1024-byte-aligned start of the dynamic window (the host adds 1024 bytes; static shared memory, the mods'
+// parts, comes first and shifts it).
+__device__ __forceinline__ unsigned char* fg_aligned_smem(unsigned char* raw) {
+  return raw + ((1024u - (fg_smem_addr(raw) & 1023u)) & 1023u);
+}
+
+extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
+    fg_bwd_dkdv_wgmma(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
+  fg_s* Ks = (fg_s*)smem;                            // E / 64 atoms of KV_TILE x 64
+  fg_s* Vs = Ks + FG_KV_TILE * FG_E;                 // Ev / 64 atoms of KV_TILE x 64
+  fg_s* Qs = Vs + FG_KV_TILE * FG_EV;                // 2 buffers of E / 64 atoms of 64 x 64
+  fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_E;             // 2 buffers of Ev / 64 atoms (dO)
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse
+  float* Ds = Ls + 2 * FG_Q_CHUNK;                    // 2 x [Q_CHUNK] delta
+
+  const fg_i64 mb = blockIdx.x / p.sub_kv;
+  const fg_i64 kv0 = mb * p.block_kv + (blockIdx.x % p.sub_kv) * FG_KV_TILE;
+  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
+  if (kv0 >= kv_end) return;
+  const int nkv = (int)(kv_end - kv0);
+  const fg_i64 hk = blockIdx.y, bk = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kr0 = warp * 16;  // this warp's kv rows in the tile
+  const int wg = warp >> 2;   // its warpgroup: rows 64 wg .. 64 wg + 63
+
+  fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E,
+                                 threadIdx.x, FG_NT_DKDV);
+  fg_load_rows<FG_KV_TILE, true>(Vs, 0, p.v + bk * p.vs_b + hk * p.vs_h + kv0 * p.vs_l, p.vs_l, nkv, FG_EV, FG_EV,
+                                 threadIdx.x, FG_NT_DKDV);
+
+  FgQWalk w;
+  w.start(p, bk, hk, mb);
+  auto issue = [&](const FgQWalk& s, int buf) {
+    const int n = s.nq();
+    fg_load_rows<FG_Q_CHUNK, true>(Qs + buf * FG_Q_CHUNK * FG_E, 0, p.q + s.b * p.qs_b + s.h * p.qs_h + s.q0 * p.qs_l,
+                                   p.qs_l, n, FG_E, FG_E, threadIdx.x, FG_NT_DKDV);
+    const fg_i64 row0 = (s.b * p.Hq + s.h) * p.Lq + s.q0;
+    fg_load_rows<FG_Q_CHUNK, true>(Os + buf * FG_Q_CHUNK * FG_EV, 0, p.dout + row0 * FG_EV, FG_EV, n, FG_EV, FG_EV,
+                                   threadIdx.x, FG_NT_DKDV);
+    for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT_DKDV) {
+      const int r = i % FG_Q_CHUNK;
+      const bool ok = r < n;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
+      fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
+    }
+  };
+  if (!w.done()) issue(w, 0);
+  fg_cp_async_commit();  // with K and V
+
+  float dk[FG_E / 8][4], dv[FG_EV / 8][4];  // m64n64 accumulators: atom a = dk[8 a .. 8 a + 7]
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+#if FG_CAP_MODE == 1
+  FgMaxSink max_sink;
+  max_sink.cap_max = p.cap_max;
+  const FgMaxSink* sink = &max_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const float scale = (float)p.scale;
+  // This warpgroup's 64 rows of K and V: 8 KiB into each atom (a multiple of 1024 bytes: the swizzle phase holds).
+  const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
+
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgRowMods<float> q_mods[FG_Q_CHUNK];  // the mods' row parts of the current q chunk
+#endif
+  for (int it = 0; !w.done(); ++it) {
+    const int buf = it & 1;
+    const int b = (int)w.b, h = (int)w.h, nq = w.nq();
+    const fg_i64 q0 = w.q0;
+    const bool partial = w.partial();
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
+    for (int i = threadIdx.x; i < nq; i += FG_NT_DKDV) fg_row_mods(q_mods[i], true, partial, b, h, (int)(q0 + i), args);
+#endif
+    // The next chunk into the other buffer (its last readers, the previous chunk's products, completed before
+    // that chunk's closing barrier).
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
+    fg_cp_async_wait<1>();   // this chunk (and K, V) landed
+    fg_fence_proxy_async();  // this thread's cp.async writes become visible to wgmma (the async proxy)
+    __syncthreads();
+    const unsigned q_addr = fg_smem_addr(Qs + buf * FG_Q_CHUNK * FG_E);
+    const unsigned o_addr = fg_smem_addr(Os + buf * FG_Q_CHUNK * FG_EV);
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 kv rows, both in flight before either is waited on.
+    float st[FG_NQN][4], dpt[FG_NQN][4];  // no zeroing: the first k16 step does not accumulate
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk)
+      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&st[0][0], fg_desc_kmajor(k_addr, FG_KV_TILE * 128, kk),
+                                        fg_desc_kmajor(q_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < FG_EV / 16; ++kk)
+      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dpt[0][0], fg_desc_kmajor(v_addr, FG_KV_TILE * 128, kk),
+                                        fg_desc_kmajor(o_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st[0][0]);
+    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
+
+    // element-wise: st <- P^T, dpt <- dS^T (pre-mod), exactly as fg_bwd_dkdv
+    const float* Lb = Ls + buf * FG_Q_CHUNK;
+    const float* Db = Ds + buf * FG_Q_CHUNK;
+    FgColMods<float> cm[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = kr0 + g + 8 * half;
+      cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
+    }
+#pragma unroll
+    for (int nb = 0; nb < FG_NQN; ++nb) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = nb * 8 + 2 * t + c;  // q row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        const FgRowMods<float>& rm = q_mods[i];
+#else
+        const FgRowMods<float> rm;
+#endif
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 2 * half + c;
+          const int j = kr0 + g + 8 * half;  // kv row in the tile
+          const bool valid = i < nq && j < nkv;
+          const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+          float ds;
+          st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
+                                           (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+          dpt[nb][r] = ds;
+        }
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (k = the chunk's q rows): A from registers, B MN-major.
+    unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
+#pragma unroll
+    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
+      fg_pack_c_to_a<FG_BF16>(st[2 * kq], st[2 * kq + 1], ap[kq]);
+      fg_pack_c_to_a<FG_BF16>(dpt[2 * kq], dpt[2 * kq + 1], ad[kq]);
+    }
+    fg_wgmma_fence_a(ap);
+    fg_wgmma_fence_a(ad);
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
+#pragma unroll
+      for (int a = 0; a < FG_EV / 64; ++a)
+        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dv[8 * a][0], ap[kq], fg_desc_mnmajor(o_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+#pragma unroll
+    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
+#pragma unroll
+      for (int a = 0; a < FG_E / 64; ++a)
+        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+    fg_wgmma_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
+    fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
+    fg_wgmma_fence_a(ap);
+    fg_wgmma_fence_a(ad);
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  fg_cp_async_wait<0>();
+
+  const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = kr0 + g + half * 8;
+    if (j >= nkv) continue;
+    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
+    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const FgBwdParams p, const FgModArgs args) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
+  fg_s* Qs = (fg_s*)smem;                   // E / 64 atoms of Q_TILE x 64
+  fg_s* Os = Qs + FG_Q_TILE * FG_E;         // Ev / 64 atoms of Q_TILE x 64 (dO)
+  fg_s* Ks = Os + FG_Q_TILE * FG_EV;        // 2 buffers of E / 64 atoms of 64 x 64
+  fg_s* Vs = Ks + 2 * FG_KV_CHUNK * FG_E;   // 2 buffers of Ev / 64 atoms of 64 x 64
+
+  // Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
+  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+  const fg_i64 mb = bx / p.sub_q;
+  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
+  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
+  if (q0 >= q_end) return;
+  const int nq = (int)(q_end - q0);
+  const fg_i64 h = blockIdx.y, b = blockIdx.z;
+  const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int qr0 = warp * 16;
+  const int wg = warp >> 2;
+  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+
+  fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E,
+                                threadIdx.x, FG_NT_DQ);
+  fg_load_rows<FG_Q_TILE, true>(Os, 0, p.dout + row0 * FG_EV, FG_EV, nq, FG_EV, FG_EV, threadIdx.x, FG_NT_DQ);
+  const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
+  const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
+  FgKvWalk w;
+  w.row = fg_row(p.kvl, b, h, mb);
+  w.bi = 0;
+  w.settle(p);
+  auto issue = [&](const FgKvWalk& s, int buf) {
+    fg_load_rows<FG_KV_CHUNK, true>(Ks + buf * FG_KV_CHUNK * FG_E, 0, kbase + s.kv0 * p.ks_l, p.ks_l, s.nkv(), FG_E,
+                                    FG_E, threadIdx.x, FG_NT_DQ);
+    fg_load_rows<FG_KV_CHUNK, true>(Vs + buf * FG_KV_CHUNK * FG_EV, 0, vbase + s.kv0 * p.vs_l, p.vs_l, s.nkv(), FG_EV,
+                                    FG_EV, threadIdx.x, FG_NT_DQ);
+  };
+  if (!w.done()) issue(w, 0);
+  fg_cp_async_commit();  // with Q and dO
+
+  // this lane's rows: qr0 + g and qr0 + g + 8
+  float l2[2], dl[2];
+  bool rv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = qr0 + g + 8 * hf;
+    rv[hf] = i < nq;
+    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
+  }
+  // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
+  FgRowMods<float> rmods[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf)
+    if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
+  float dq[FG_E / 8][4];
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#if FG_CAP_MODE == 1
+  FgFixedSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  cap_sink.scale = p.cap_scale;
+  const FgFixedSink* sink = &cap_sink;
+#elif FG_CAP_MODE == 2
+  FgAtomicSink cap_sink;
+  cap_sink.acc = p.cap_acc;
+  const FgAtomicSink* sink = &cap_sink;
+#else
+  const FgMaxSink* sink = nullptr;
+#endif
+  const float scale = (float)p.scale;
+  // This warpgroup's 64 rows of Q and dO (8 KiB into each atom).
+  const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
+
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgColMods<float> kv_mods[FG_KV_CHUNK];  // the mods' column parts of the current kv chunk
+#endif
+  for (int it = 0; !w.done(); ++it) {
+    const int buf = it & 1;
+    const fg_i64 kv0 = w.kv0;
+    const int nkv = w.nkv();
+    const bool partial = w.partial();
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
+    for (int j = threadIdx.x; j < nkv; j += FG_NT_DQ)
+      kv_mods[j] = fg_col_mods<float>(true, partial, (int)b, (int)h, (int)(kv0 + j), args);
+#endif
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
+    fg_cp_async_wait<1>();
+    fg_fence_proxy_async();
+    __syncthreads();
+    const unsigned k_addr = fg_smem_addr(Ks + buf * FG_KV_CHUNK * FG_E);
+    const unsigned v_addr = fg_smem_addr(Vs + buf * FG_KV_CHUNK * FG_EV);
+
+    // S = Q K^T and dP = dO V^T, both in flight before either is waited on.
+    float s[FG_NKN][4], dp[FG_NKN][4];
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FG_E / 16; ++kk)
+      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&s[0][0], fg_desc_kmajor(q_addr, FG_Q_TILE * 128, kk),
+                                        fg_desc_kmajor(k_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < FG_EV / 16; ++kk)
+      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
+                                        fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+
+    // element-wise: s <- dS (pre-mod), exactly as fg_bwd_dq
+#pragma unroll
+    for (int nb = 0; nb < FG_NKN; ++nb) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        const FgColMods<float>& cm = kv_mods[j];
+#else
+        const FgColMods<float> cm;
+#endif
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = 2 * hf + c;
+          const int i = qr0 + g + 8 * hf;  // q row in the tile
+          float ds;
+          fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, (int)b,
+                   (int)h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+          s[nb][r] = ds;
+        }
+      }
+    }
+    // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
+    unsigned a16[FG_KV_CHUNK / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
+    fg_wgmma_fence_a(a16);
+    fg_wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc)
+#pragma unroll
+      for (int a = 0; a < FG_E / 64; ++a)
+        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
+    fg_wgmma_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+    fg_wgmma_fence_a(a16);
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  fg_cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    if (!rv[hf]) continue;
+    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
+  }
+}
