@@ -40,7 +40,20 @@ class MaskMatcher {
   const Instr& at(int32_t id) const { return p_.instrs()[id]; }
   std::string text(int32_t id) const { return fmt::format("instruction {} ({})", id, expr_op_name(at(id).op)); }
 
+  // Bounded so that the form is exact: for q, kv in [0, 2^31) no int64 operation of the program can wrap (the op
+  // table's semantics wrap; this arithmetic would overflow), and the form's own arithmetic stays in range.
+  static std::optional<Linear> bounded(const Linear& l) {
+    constexpr int64_t kCoef = int64_t{1} << 20, kOffset = int64_t{1} << 40;
+    if (l.a > kCoef || l.a < -kCoef || l.c > kCoef || l.c < -kCoef || l.k > kOffset || l.k < -kOffset) return std::nullopt;
+    return l;
+  }
+
   std::optional<Linear> linear(int32_t id) const {
+    auto l = linear_unbounded(id);
+    return l ? bounded(*l) : std::nullopt;
+  }
+
+  std::optional<Linear> linear_unbounded(int32_t id) const {
     const Instr& in = at(id);
     if (in.kind != ValueKind::Int) return std::nullopt;
     switch (in.op) {
@@ -62,9 +75,14 @@ class MaskMatcher {
       case ExprOp::Mul: {
         auto x = linear(in.args[0]), y = linear(in.args[1]);
         if (!x || !y) return std::nullopt;
-        if (x->a == 0 && x->c == 0) return Linear{x->k * y->a, x->k * y->c, x->k * y->k};
-        if (y->a == 0 && y->c == 0) return Linear{y->k * x->a, y->k * x->c, y->k * x->k};
-        return std::nullopt;
+        // Operands are bounded (|coef| <= 2^20, |offset| <= 2^40): a constant factor above 2^20 in magnitude is
+        // declined before multiplying, so no product below overflows.
+        const Linear* cst = x->a == 0 && x->c == 0 ? &*x : y->a == 0 && y->c == 0 ? &*y : nullptr;
+        if (!cst) return std::nullopt;
+        const Linear& other = cst == &*x ? *y : *x;
+        const int64_t f = cst->k;
+        if (f > (int64_t{1} << 20) || f < -(int64_t{1} << 20)) return std::nullopt;
+        return Linear{f * other.a, f * other.c, f * other.k};
       }
       default: return std::nullopt;
     }

@@ -189,6 +189,9 @@ TEST(CudnnLowering, DeclinesMasksThatAreNotBands) {
   declined(steep, "coefficients other than q_idx - kv_idx");
   Call per_head = make_call(nullptr, [](Expr, Expr h, Expr q, Expr kv) { return q - h >= kv; });
   declined(per_head, "not integer combinations");
+  // Constants so large that the program's int64 arithmetic could wrap: no exact form, declined.
+  Call huge = make_call(nullptr, [](Expr, Expr, Expr q, Expr kv) { return q * (int64_t{1} << 40) >= kv * (int64_t{1} << 40); });
+  declined(huge, "not integer combinations");
   Call dilated = make_call(nullptr, [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & ((q - kv) % 2 == 0); });
   declined(dilated, "not integer combinations");
 }
