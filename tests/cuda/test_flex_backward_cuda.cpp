@@ -437,7 +437,7 @@ TEST_P(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
 // the derivative 1 - tanh^2. With cap 20 the scores stay in tanh's near-linear range, where the gradients'
 // normwise error is a few times 2^-11: 2e-3 holds it (tol(dt) for bf16 / f16 is looser already), and the
 // exact-tanh gradient of the golden is still what is checked. float64 keeps the exact tanh (1e-10).
-TEST_F(FlexBackwardCuda, SoftcapWithApproxTanh) {
+TEST_P(FlexBackwardCuda, SoftcapWithApproxTanh) {
   Case c;
   c.d = {1, 2, 140, 64, 1, 2, 140, 64};
   c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
