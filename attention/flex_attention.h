@@ -39,19 +39,19 @@ enum class FlexCudaForward : uint8_t {
   SplitKv,  // flash-decoding: the GQA group packed into one query tile, kv blocks split across CTAs and the
             // partials merged by log-sum-exp; bf16/f16 only (NotImplementedError otherwise)
   Wgmma,    // Hopper: Tiled's algorithm on warpgroup MMA (wgmma), sm_90a and bf16/f16 only, head dims up to 256
-            // (NotImplementedError otherwise). Its tests pass on the H200; Auto picks it only when the environment
-            // sets FLEXGRAD_FLEX_WGMMA=1 (sm_90a, bf16/f16, head dims multiples of 64, not a decoding shape)
-            // until it is at least as fast as Tiled on every case (softcap is still 12% slower)
+            // (NotImplementedError otherwise). Auto picks it where it runs (sm_90a, bf16/f16, head dims multiples
+            // of 64, not a decoding shape) unless the score_mod has a tanh, where Tiled measured faster;
+            // FLEXGRAD_FLEX_WGMMA=0 keeps Auto off it, =1 takes it for tanh programs too
 };
 
 // Which backward kernels (dK/dV and dQ) run on CUDA (ignored on the CPU). Both are deterministic: every gradient
 // element has one writer, no float atomics.
 enum class FlexCudaBackward : uint8_t {
-  Auto,   // Tiled (or Wgmma, see there)
+  Auto,   // Wgmma where it runs, else Tiled
   Tiled,  // mma.sync kernels (bf16/f16, head dims multiples of 16 up to 128), FMA kernels otherwise
   Wgmma,  // Hopper: the dK/dV and dQ kernels on warpgroup MMA (wgmma), sm_90a, bf16/f16, head dims 64 or 128 and
-          // 16-byte-aligned rows (NotImplementedError otherwise). Auto picks it only when the environment sets
-          // FLEXGRAD_FLEX_WGMMA_BWD=1 (and it can run) until it is measured faster than Tiled
+          // 16-byte-aligned rows (NotImplementedError otherwise). Auto picks it wherever it runs (faster than
+          // Tiled on every case measured on the H200); FLEXGRAD_FLEX_WGMMA_BWD=0 keeps Auto on Tiled
 };
 
 struct FlexKernelOptions {

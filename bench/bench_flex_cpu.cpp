@@ -116,7 +116,7 @@ int main(int argc, char** argv) {
       std::string speed = be == FlexBackend::Reference && backward ? fmt::format("{:.1f}x", tfb / fused_fb) : "";
       const double fb_gflops = backward ? (fwd_flops + bwd_flops) / tfb / 1e9 : 0.0;
       if (csv) {
-        std::printf("%s,%s,%d,%.4f,%.3f,%.2f,%.3f,%.2f\n", c.key, be == FlexBackend::Fused ? "fused" : "reference",
+        std::printf("%s,%s,%d,%.8f,%.3f,%.2f,%.3f,%.2f\n", c.key, be == FlexBackend::Fused ? "fused" : "reference",
                     omp_get_max_threads(), density, tf * 1e3, fwd_flops / tf / 1e9, tfb * 1e3, fb_gflops);
         continue;
       }

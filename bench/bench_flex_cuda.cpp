@@ -8,8 +8,8 @@
 // after warm-up (which also absorbs the JIT compile), gradients reset outside the timed region, median of
 // --reps runs. bench/flex_vs_torch.py times PyTorch's compiled flex_attention the same way on the same cases;
 // bench/run_flex_bench.sh runs both and prints one table.
-// The kernels are Auto's choice: FLEXGRAD_FLEX_WGMMA=1 / FLEXGRAD_FLEX_WGMMA_BWD=1 in the environment time the Hopper
-// (wgmma) forward / backward kernels instead of the mma.sync ones.
+// The kernels are Auto's choice (on Hopper the wgmma ones); FLEXGRAD_FLEX_WGMMA=0|1 / FLEXGRAD_FLEX_WGMMA_BWD=0|1 in
+// the environment time the mma.sync or the Hopper (wgmma) forward / backward kernels instead.
 //
 // --first-call CASE times the first forward and backward of a fresh process (NVRTC compile or disk-cache
 // load included) and prints the JIT counters: run it with FLEXGRAD_CACHE_DIR set to an empty directory for

@@ -5,10 +5,8 @@
 //
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
 // FMA arithmetic, no TF32). On Hopper, FlexCudaForward::Wgmma runs flex_fwd_wgmma (kernels/flex_forward_wgmma.cuh:
-// the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it only when FLEXGRAD_FLEX_WGMMA=1 is set,
-// until it beats flex_fwd_mma on every case (softcap is 12% slower on the H200; the measurement predates its
-// pipelined main loop, FLEXGRAD_FLEX_WGMMA_PIPE). Anything the kernels cannot run raises NotImplementedError
-// saying why.
+// the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it there except for score_mods with a
+// tanh (wgmma_preferred). Anything the kernels cannot run raises NotImplementedError saying why.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
@@ -149,11 +147,10 @@ TileConfig choose_config(const FlexProblem& p, size_t smem_limit) {
 // the kernel for them). One warpgroup per 64 q rows, two when the q blocks hold more than 64 rows; kv sub-tiles of
 // 128 columns (the N of the Q K^T wgmma) for head dims up to 128 and kv blocks over 64, else 64 (smem and the
 // registers of O at Ev = 256). min_blocks 1: ptxas gives the kernel 150-255 registers a thread on sm_90a.
-// The pipelined main loop (FG_WGMMA_PIPE 1; FLEXGRAD_FLEX_WGMMA_PIPE=0|1 chooses) holds S_j, P_{j-1} and O at
-// once: with a score_mod and head dims over 64 its 128-column sub-tile spills (ptxas -v: 12-52 bytes at D = 128),
-// so it takes 64 there; at head dims over 128 it spills 24-72 bytes even so (O alone is 128 registers) where the
-// sequential loop does not, and the softmax is a smaller share of a sub-tile's work: the sequential loop stays the
-// default there. FLEXGRAD_FLEX_WGMMA_BN=64|128 overrides BN (tuning).
+// The pipelined main loop (FG_WGMMA_PIPE 1, opt-in: FLEXGRAD_FLEX_WGMMA_PIPE=1; the sequential loop measured as
+// fast or faster) holds S_j, P_{j-1} and O at once: with a score_mod and head dims over 64 its 128-column sub-tile
+// spills (ptxas -v: 12-52 bytes at D = 128), so it takes 64 there; at head dims over 128 it spills 24-72 bytes even
+// so (O alone is 128 registers). FLEXGRAD_FLEX_WGMMA_BN=64|128 overrides BN (tuning).
 // Why flex_fwd_wgmma cannot run this call ("" when it can): the forced kernel raises it, Auto skips the kernel.
 std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
   const DType dt = p.q.dtype();
@@ -195,7 +192,9 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   c.bm = rows_for(p.block_q, 128) > 64 ? 128 : 64;
   c.warps = c.bm / 16;
   const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
-  c.pipe = wgmma_pipe_env(/*fallback=*/!wide);
+  // The sequential loop by default: on the H200 (session 8, one call, bf16 B4 H16 S4096 D128) the pipelined one
+  // was within 3% either way on no mask, sliding, D64 and S16k and 2-7% slower on causal, document, ALiBi, softcap.
+  c.pipe = wgmma_pipe_env(/*fallback=*/false);
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
   const bool pipe_spills = c.pipe && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
   c.bn = wide || small_kv || pipe_spills ? 64 : 128;
@@ -214,12 +213,22 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   return c;
 }
 
-// Auto's use of flex_fwd_wgmma: opt-in (FLEXGRAD_FLEX_WGMMA=1) until it is at least as fast as flex_fwd_mma on
-// every case (its tests pass on the H200; softcap still loses 12%); then only where it runs and wastes nothing
-// (head dims multiples of 64).
+// Auto's use of flex_fwd_wgmma: where it runs and wastes nothing (head dims multiples of 64), except for
+// score_mods with a tanh, where flex_fwd_mma is faster (H200, bf16 B4 H16 S4096 D128, sessions 7-8: softcap+causal
+// 120 TFLOP/s on mma.sync, 105 on wgmma; every other case 10-45% faster on wgmma). FLEXGRAD_FLEX_WGMMA=0 keeps
+// Auto on flex_fwd_mma, =1 takes wgmma for the tanh programs too (A/B).
+bool has_tanh(const ModProgram* prog) {
+  if (prog == nullptr) return false;
+  for (const Instr& in : prog->instrs())
+    if (in.op == ExprOp::Tanh) return true;
+  return false;
+}
 bool wgmma_preferred(const FlexProblem& p, const std::string& arch) {
   const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA");
-  if (env == nullptr || std::string(env) != "1") return false;
+  const std::string v = env == nullptr ? "" : env;
+  FG_CHECK(v.empty() || v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA: expected 0 or 1; got \"{}\"", v);
+  if (v == "0") return false;
+  if (v.empty() && has_tanh(p.score_mod.get())) return false;
   return wgmma_unsupported(p, arch).empty() && p.E % 64 == 0 && p.Ev % 64 == 0;
 }
 

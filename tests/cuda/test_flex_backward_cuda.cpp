@@ -437,7 +437,7 @@ TEST_P(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
 // the derivative 1 - tanh^2. With cap 20 the scores stay in tanh's near-linear range, where the gradients'
 // normwise error is a few times 2^-11: 2e-3 holds it (tol(dt) for bf16 / f16 is looser already), and the
 // exact-tanh gradient of the golden is still what is checked. float64 keeps the exact tanh (1e-10).
-TEST_F(FlexBackwardCuda, SoftcapWithApproxTanh) {
+TEST_P(FlexBackwardCuda, SoftcapWithApproxTanh) {
   Case c;
   c.d = {1, 2, 140, 64, 1, 2, 140, 64};
   c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
@@ -750,22 +750,26 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
   testing::expect_error<NotImplementedError>([&] { run_stub(c, in32, shapes, kBFloat16, kCUDA); }, "head dims 64 or 128");
 }
 
-TEST_F(FlexBackwardWgmma, AutoPicksItOnlyWhenTheEnvironmentAsks) {
+TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);
   Case c;
   c.d = {1, 2, 200, 64, 1, 2, 200, 64};
   c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
   c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  env.set("x");
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Auto); }, "FLEXGRAD_FLEX_WGMMA_BWD");
+  env.set(nullptr);
   const Grads tiled = run(c, kBFloat16, FlexCudaBackward::Tiled), wgmma = run(c, kBFloat16, FlexCudaBackward::Wgmma);
   auto same = [](const Grads& a, const Grads& b) { return equal(a.dq, b.dq) && equal(a.dk, b.dk) && equal(a.dv, b.dv); };
   // Bit-identical results would leave the choice invisible here (the two families sum in the same order and
   // could round alike): say so rather than pass.
   if (same(tiled, wgmma)) GTEST_SKIP() << "Tiled and Wgmma gave bit-identical gradients: Auto's choice is not observable";
-  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), tiled)) << "Auto without FLEXGRAD_FLEX_WGMMA_BWD: Tiled";
-  env.set("1");
-  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), wgmma)) << "Auto with FLEXGRAD_FLEX_WGMMA_BWD=1: Wgmma";
-  // Where the Wgmma kernels cannot run, Auto keeps the mma.sync ones even when asked.
+  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), wgmma)) << "Auto on Hopper: Wgmma";
+  env.set("0");
+  EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), tiled)) << "Auto with FLEXGRAD_FLEX_WGMMA_BWD=0: Tiled";
+  // Where the Wgmma kernels cannot run, Auto takes the mma.sync ones.
+  env.set(nullptr);
   c.d.E = c.d.Ev = 32;
   EXPECT_TRUE(same(run(c, kBFloat16, FlexCudaBackward::Auto), run(c, kBFloat16, FlexCudaBackward::Tiled)));
 }

@@ -491,14 +491,14 @@ class ScopedEnv {
   bool had_ = false;
 };
 
-// Auto's choice, and the split-KV kernel's refusals. (Without FLEXGRAD_FLEX_WGMMA, which would send Auto's
-// prefill calls to the Hopper kernel.)
+// Auto's choice, and the split-KV kernel's refusals. (With FLEXGRAD_FLEX_WGMMA=0: Auto's prefill calls go to the
+// tiled kernel on Hopper too, so "tiled" below is one kernel on every GPU.)
 class FlexSplitKvChoice : public ::testing::Test {
  protected:
   void SetUp() override {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping split-KV choice tests";
   }
-  ScopedEnv no_wgmma_{"FLEXGRAD_FLEX_WGMMA", nullptr};
+  ScopedEnv no_wgmma_{"FLEXGRAD_FLEX_WGMMA", "0"};
 };
 
 TEST_F(FlexSplitKvChoice, AutoAgreesWithTheForcedKernelItPicks) {
@@ -532,8 +532,8 @@ TEST_F(FlexSplitKvChoice, RefusesWhatItCannotRun) {
                                     "kv_splits");
 }
 
-// The Hopper kernel: Auto uses it only behind FLEXGRAD_FLEX_WGMMA=1 (until it wins on every case), and forcing it
-// where it cannot run raises.
+// The Hopper kernel: Auto uses it on sm_90a except for score_mods with a tanh (FLEXGRAD_FLEX_WGMMA=0|1 overrides),
+// and forcing it where it cannot run raises.
 class FlexWgmmaChoice : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -542,7 +542,7 @@ class FlexWgmmaChoice : public ::testing::Test {
   ScopedEnv env_{"FLEXGRAD_FLEX_WGMMA", nullptr};
 };
 
-TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
+TEST_F(FlexWgmmaChoice, AutoPicksItOnHopperExceptForTanhScoreMods) {
   const Device cuda(DeviceType::CUDA, 0);
   if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
   Generator gen(4);
@@ -555,11 +555,25 @@ TEST_F(FlexWgmmaChoice, AutoPicksItOnlyWhenTheEnvironmentAsks) {
     o.kernel.cuda_forward = kind;
     return flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
   };
-  const Tensor tiled = run(FlexCudaForward::Tiled), wgmma = run(FlexCudaForward::Wgmma);
-  EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), tiled)).item<bool>()) << "Auto without FLEXGRAD_FLEX_WGMMA: Tiled";
-  env_.set("1");
-  EXPECT_TRUE(all(eq(run(FlexCudaForward::Auto), wgmma)).item<bool>()) << "Auto with FLEXGRAD_FLEX_WGMMA=1: Wgmma";
+  auto same = [](const Tensor& a, const Tensor& b) { return all(eq(a, b)).item<bool>(); };
+  Tensor tiled = run(FlexCudaForward::Tiled), wgmma = run(FlexCudaForward::Wgmma);
+  ASSERT_FALSE(same(tiled, wgmma)) << "the two kernels round alike here: Auto's choice would not be observable";
   EXPECT_TRUE(testing::close(wgmma, tiled, 2e-2, 2e-2));  // bf16 outputs of two right kernels
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), wgmma)) << "Auto on Hopper: Wgmma";
+  env_.set("0");
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), tiled)) << "Auto with FLEXGRAD_FLEX_WGMMA=0: Tiled";
+  env_.set("x");
+  testing::expect_error<ValueError>([&] { run(FlexCudaForward::Auto); }, "FLEXGRAD_FLEX_WGMMA");
+
+  // A score_mod with a tanh (softcap) stays on Tiled unless FLEXGRAD_FLEX_WGMMA=1.
+  o.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  env_.set("1");
+  wgmma = run(FlexCudaForward::Wgmma);
+  tiled = run(FlexCudaForward::Tiled);
+  ASSERT_FALSE(same(tiled, wgmma));
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), wgmma)) << "softcap, FLEXGRAD_FLEX_WGMMA=1: Wgmma";
+  env_.set(nullptr);
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), tiled)) << "softcap, Auto: Tiled";
 }
 
 TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
@@ -575,7 +589,7 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
   }
 }
 
-// flex_fwd_wgmma's two main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, the default) and kv
+// flex_fwd_wgmma's two main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, the default, 1: pipelined) and kv
 // sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipeline's bookkeeping can get wrong: rows of one
 // sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V buffers and the three column-part
 // buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 / 256, score mods with column parts.
