@@ -13,8 +13,9 @@ struct Affine {
 };
 constexpr int64_t kMaxCoef = int64_t{1} << 16;
 constexpr int64_t kMaxOffset = int64_t{1} << 40;
+bool within(int64_t x, int64_t m) { return x >= -m && x <= m; }  // (no std::abs: INT64_MIN has no absolute value)
 bool bounded(const Affine& a) {
-  return std::abs(a.q) <= kMaxCoef && std::abs(a.kv) <= kMaxCoef && std::abs(a.offset) <= kMaxOffset;
+  return within(a.q, kMaxCoef) && within(a.kv, kMaxCoef) && within(a.offset, kMaxOffset);
 }
 
 // The affine value of every Int instruction that has one.
@@ -44,7 +45,7 @@ std::vector<std::optional<Affine>> affine_values(const ModProgram& p) {
         for (int k = 0; k < 2 && !r; ++k) {
           const std::optional<Affine>& c = arg(k);
           const std::optional<Affine>& o = arg(1 - k);
-          if (c && o && c->q == 0 && c->kv == 0 && std::abs(c->offset) <= kMaxCoef)
+          if (c && o && c->q == 0 && c->kv == 0 && within(c->offset, kMaxCoef))
             r = Affine{c->offset * o->q, c->offset * o->kv, c->offset * o->offset};
         }
         break;

@@ -3,6 +3,8 @@
 // CPU kernels use in place of the interpreter keeps exactly what the mask_mod keeps.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "flexgrad/attention/kv_band.h"
 #include "flexgrad/ops/ops.h"
 
@@ -98,6 +100,11 @@ TEST(KvBand, DeclinesWhatIsNotOneIntervalPerRow) {
     EXPECT_FALSE(kv_band(&p).has_value()) << p.to_string();
   }
   EXPECT_FALSE(kv_band(nullptr).has_value());
+  // Constants too large for an exact affine form (INT64_MIN has no absolute value: checked by comparisons).
+  for (int64_t c : {std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), int64_t{1} << 50}) {
+    const ModProgram p = mask_of([c](Expr, Expr, Expr q, Expr kv) { return q - kv >= c; });
+    EXPECT_FALSE(kv_band(&p).has_value()) << p.to_string();
+  }
 }
 
 }  // namespace
