@@ -379,14 +379,16 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
     versions->save("the output", t->out);  // cuDNN's backward reads O and the stats as the forward left them
     versions->save("the lse", t->stats);
     const DType qdt = q.dtype();
+    const bool deterministic = o.kernel.deterministic;
     record("FlexAttentionCudnnBackward", inputs, {r.out, r.lse},
-           [spec, t, versions, learn_bias, bias_cap, qdt](const TensorList& g) {
+           [spec, t, versions, learn_bias, bias_cap, qdt, deterministic](const TensorList& g) {
              versions->check();
              FG_CHECK(!(g.size() > 1 && g[1].defined()), NotImplementedError,
                       "flex_attention (cuDNN backend): no gradient through the returned lse (cuDNN's backward graph takes "
                       "dO only); use FlexBackend::Fused");
              const TensorOptions io = TensorOptions().dtype(qdt).device(t->q.device());
              CudnnSdpaGrads gr;
+             gr.deterministic = deterministic;
              gr.dout = g[0].defined() ? g[0].to(qdt).contiguous() : zeros(t->out.sizes(), io);
              gr.dq = empty(t->q.sizes(), io);
              gr.dk = empty(t->k.sizes(), io);

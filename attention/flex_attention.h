@@ -60,6 +60,8 @@ struct FlexKernelOptions {
   int64_t block_kv = 0;
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
   // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
+  // FlexBackend::Cudnn: deterministic engines only (NotImplementedError if cuDNN has none for the graph); false
+  // lets cuDNN accumulate dQ with atomics.
   bool deterministic = true;
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;

@@ -41,6 +41,10 @@ std::string cudnn_missing() {
   }
   return {};
 }
+bool bits_equal(const Tensor& a, const Tensor& b) {
+  return a.sizes() == b.sizes() && max(abs(a.cpu().to(kFloat64) - b.cpu().to(kFloat64))).item<double>() == 0.0;
+}
+
 #define SKIP_WITHOUT_CUDNN()                                     \
   do {                                                           \
     const std::string why_ = cudnn_missing();                    \
@@ -132,13 +136,14 @@ double max_err(const Tensor& a, const Tensor& golden) {
 }
 
 Grads run(const Case& c, FlexBackend backend, const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& dout,
-          DType dt) {
+          DType dt, bool deterministic = true) {
   Tensor q = q0.to(kGpu, dt).detach().requires_grad_(), k = k0.to(kGpu, dt).detach().requires_grad_(),
          v = v0.to(kGpu, dt).detach().requires_grad_();
   Tensor bias;
   FlexAttentionOptions o;
   o.enable_gqa = c.Hq != c.Hkv;
   o.kernel.backend = backend;
+  o.kernel.deterministic = deterministic;
   if (c.bias.defined()) {
     bias = c.bias.to(kGpu).detach().requires_grad_();
     o.score_mod = [b = Captured(bias)](Expr s, Expr, Expr h, Expr qi, Expr kv) { return s + b[h][qi][kv]; };
@@ -217,6 +222,47 @@ TEST_P(FlexCudnnGolden, MatchesFloat64AndTheFusedKernel) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FlexCudnnGolden, ::testing::Values(kBFloat16, kFloat16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+// kernel.deterministic (the default) promises bit-identical reruns of the backward: on cuDNN either two runs give the
+// same dq, dk, dv (and dBias) bit for bit, or the call raises the documented NotImplementedError; with
+// deterministic = false the backward runs and agrees with the deterministic one to the dtype's tolerance.
+TEST(FlexCudnn, DeterministicBackwardIsBitIdenticalOrRaisesTheDocumentedError) {
+  SKIP_WITHOUT_CUDNN();
+  int identical = 0, declined = 0;
+  for (Case c : cases()) {
+    SCOPED_TRACE(c.name);
+    c.L = 1000;  // several kv tiles per query tile, where an atomic dQ accumulation would reorder its sums
+    if (c.bias.defined()) c.bias = randn({c.Hq, c.L, c.L}) * 0.5;
+    manual_seed(11);
+    Tensor q = randn({c.B, c.Hq, c.L, c.E}), k = randn({c.B, c.Hkv, c.L, c.E}), v = randn({c.B, c.Hkv, c.L, c.E});
+    Tensor dout = randn({c.B, c.Hq, c.L, c.E});
+    Grads fast = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, /*deterministic=*/false);
+    Grads a, b;
+    try {
+      a = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, true);
+      b = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, true);
+    } catch (const NotImplementedError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("no deterministic engine"), std::string::npos) << m;
+      EXPECT_NE(m.find("kernel.deterministic = false"), std::string::npos) << m;
+      std::printf("deterministic cuDNN backward declined for %s: %s\n", c.name.c_str(), m.c_str());
+      ++declined;
+      continue;
+    }
+    EXPECT_TRUE(bits_equal(a.out, b.out));
+    EXPECT_TRUE(bits_equal(a.dq, b.dq));
+    EXPECT_TRUE(bits_equal(a.dk, b.dk));
+    EXPECT_TRUE(bits_equal(a.dv, b.dv));
+    if (a.dbias.defined()) {
+      EXPECT_TRUE(bits_equal(a.dbias, b.dbias));
+    }
+    EXPECT_LT(max_err(fast.dq, a.dq.cpu().to(kFloat64)), 1.5e-1);
+    EXPECT_LT(max_err(fast.dk, a.dk.cpu().to(kFloat64)), 1.5e-1);
+    EXPECT_LT(max_err(fast.dv, a.dv.cpu().to(kFloat64)), 1.5e-1);
+    ++identical;
+  }
+  std::printf("deterministic cuDNN backward: %d cases bit-identical, %d declined\n", identical, declined);
+}
 
 TEST(FlexCudnn, ForcedOnAProgramThatDoesNotLowerRaisesWithTheReason) {
   SKIP_WITHOUT_CUDNN();
