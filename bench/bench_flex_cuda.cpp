@@ -8,9 +8,11 @@
 // after warm-up (which also absorbs the JIT compile), gradients reset outside the timed region, median of
 // --reps runs. bench/flex_vs_torch.py times PyTorch's compiled flex_attention the same way on the same cases;
 // bench/run_flex_bench.sh runs both and prints one table.
-// The kernels are Auto's choice (on Hopper the wgmma ones); FLEXGRAD_FLEX_WGMMA=0|1 / FLEXGRAD_FLEX_WGMMA_BWD=0|1 in
-// the environment time the mma.sync or the Hopper (wgmma) forward / backward kernels instead. The backward is
-// deterministic unless --nondeterministic (for cuDNN: its float dQ accumulator graph).
+// The kernels are Auto's choice (on Hopper cuDNN's SDPA for the programs that lower, see flex_attention.cpp's
+// auto_cudnn_call, else the wgmma ones); FLEXGRAD_FLEX_CUDNN=0 keeps Auto on our kernels, and FLEXGRAD_FLEX_WGMMA=0|1 /
+// FLEXGRAD_FLEX_WGMMA_BWD=0|1 time the mma.sync or the Hopper (wgmma) forward / backward kernels instead.
+// --backend fused|cudnn forces one; the backward is deterministic unless --nondeterministic (cuDNN's float dQ
+// accumulator graph, the one the session-8 cuDNN figures were measured on).
 //
 // --first-call CASE times the first forward and backward of a fresh process (NVRTC compile or disk-cache
 // load included) and prints the JIT counters: run it with FLEXGRAD_CACHE_DIR set to an empty directory for
