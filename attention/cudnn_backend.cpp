@@ -7,5 +7,7 @@ namespace fg {
 FG_DEFINE_STUB(CudnnSdpaForwardFn, cudnn_sdpa_forward_stub);
 FG_DEFINE_STUB(CudnnSdpaBackwardFn, cudnn_sdpa_backward_stub);
 FG_DEFINE_STUB(CudnnAvailableFn, cudnn_available_stub);
+FG_DEFINE_STUB(CudnnPlanCheckFn, cudnn_plan_check_stub);
+FG_DEFINE_STUB(CudnnDeviceArchFn, cudnn_device_arch_stub);
 
 }  // namespace fg

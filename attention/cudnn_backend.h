@@ -17,18 +17,31 @@ struct CudnnSdpaTensors {
   double scale = 1.0;
 };
 
-// dq, dk, dv like q, k, v (contiguous); dbias like bias when the spec's bias is learnable.
+// dq, dk, dv like q, k, v (contiguous); dbias like bias when the spec's bias is learnable. deterministic
+// (FlexKernelOptions::deterministic): bit-identical reruns: dQ written directly (the graph cudnn-frontend's
+// set_deterministic_algorithm gives on Hopper, no float dQ accumulator) and only engines without cuDNN's
+// nondeterministic numerical note; NotImplementedError when none remains.
 struct CudnnSdpaGrads {
   Tensor dout, dq, dk, dv, dbias;
+  bool deterministic = true;
 };
 
 using CudnnSdpaForwardFn = void (*)(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t);
 using CudnnSdpaBackwardFn = void (*)(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const CudnnSdpaGrads& g);
 // Empty when cuDNN can run on `device`, else why not (library not loadable, version too old).
 using CudnnAvailableFn = std::string (*)(Device device);
+// Empty when the forward plan for `t` builds and, with `backward`, the backward plan for contiguous gradients (with
+// dBias when `dbias`, deterministic or not) too; else the NotImplementedError message the run would raise. The
+// plans are cached, so the run that follows builds nothing. Auto asks this before it picks cuDNN.
+using CudnnPlanCheckFn = std::string (*)(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, bool backward,
+                                         bool dbias, bool deterministic);
 
 FG_DECLARE_STUB(CudnnSdpaForwardFn, cudnn_sdpa_forward_stub);
 FG_DECLARE_STUB(CudnnSdpaBackwardFn, cudnn_sdpa_backward_stub);
 FG_DECLARE_STUB(CudnnAvailableFn, cudnn_available_stub);
+FG_DECLARE_STUB(CudnnPlanCheckFn, cudnn_plan_check_stub);
+// The device's NVRTC target ("sm_90a" on Hopper, else "sm_XY"): Auto's rule was measured on sm_90a only.
+using CudnnDeviceArchFn = std::string (*)(Device device);
+FG_DECLARE_STUB(CudnnDeviceArchFn, cudnn_device_arch_stub);
 
 }  // namespace fg

@@ -3,6 +3,8 @@
 #include "flexgrad/attention/flex_attention.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -269,10 +271,6 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
 
 // ---- FlexBackend::Cudnn: cuDNN's fused SDPA for the calls lower_to_cudnn accepts.
 
-// The hook for Auto: whether it should run this call on cuDNN. Always false until the lead's measurements
-// (bench_flex_cuda --backend cudnn beside our kernels) give a rule; Auto then keeps our kernels.
-[[maybe_unused]] bool auto_uses_cudnn(const CudnnSdpaSpec&, const Tensor&) { return false; }
-
 // The captured bias as cuDNN reads it: [Bb, Hb, Lq, Lkv] contiguous in `dt` (Bb = B when the bias reads b, else
 // 1; likewise Hb), broadcast over the q or kv it does not read.
 Tensor cudnn_bias(const Tensor& cap, const CudnnSdpaSpec& s, const int64_t extent[4], DType dt) {
@@ -317,16 +315,19 @@ Tensor constant_slopes(const std::vector<double>& slopes, Device dev) {
   return t;
 }
 
-FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
-  FG_CHECK(q.device().type == DeviceType::CUDA, NotImplementedError,
-           "flex_attention: kernel.backend = FlexBackend::Cudnn runs on CUDA devices, got {}", q.device());
-  FG_CHECK(cudnn_sdpa_forward_stub.has(DeviceType::CUDA), NotImplementedError,
-           "flex_attention: kernel.backend = FlexBackend::Cudnn, but this build of flexgrad has no cuDNN (CMake found "
-           "no cudnn_graph.h beside the CUDA toolkit)");
-  FG_CHECK(!o.return_max_scores, NotImplementedError,
-           "flex_attention: kernel.backend = FlexBackend::Cudnn gives no max_scores (cuDNN's graph returns the lse only)");
-  const std::string why = cudnn_available_stub(q.device(), q.device());
-  FG_CHECK(why.empty(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn: {}", why);
+// A call lowered for cuDNN with its tensors as the graphs read them (cudnn_prepare), run by cudnn_run.
+struct CudnnCall {
+  std::shared_ptr<const ModProgram> prog;
+  std::shared_ptr<CudnnSdpaSpec> spec;
+  std::shared_ptr<CudnnSdpaTensors> t;
+  Tensor bias_cap;  // the captured bias tensor (Bias::Tensor)
+  bool learn_bias = false;
+};
+
+// Lowers the call and prepares its tensors; nullopt with `declined` (the lowering's reason) when it does not lower.
+// A bias captured on another device than q raises DeviceError when `forced`, else declines too.
+std::optional<CudnnCall> cudnn_prepare(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o,
+                                       bool forced, std::string& declined) {
   std::shared_ptr<const ModProgram> prog;
   if (o.score_mod) prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
   CudnnLoweringInput in;
@@ -336,8 +337,10 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
   in.Bkv = k.size(0); in.Hkv = k.size(1); in.Lkv = k.size(2); in.Ev = v.size(3);
   in.dtype = q.dtype();
   CudnnLowering low = lower_to_cudnn(in);
-  FG_CHECK(low.lowers(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn cannot run this "
-           "call: {}", low.declined);
+  if (!low.lowers()) {
+    declined = low.declined;
+    return std::nullopt;
+  }
   auto spec = std::make_shared<CudnnSdpaSpec>(*low.spec);
   auto t = std::make_shared<CudnnSdpaTensors>();
   Tensor bias_cap;
@@ -353,8 +356,12 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
     const int64_t extent[4] = {in.B, in.Hq, in.Lq, in.Lkv};
     if (spec->bias == CudnnSdpaSpec::Bias::Tensor) {
       bias_cap = prog->captures()[spec->bias_capture].tensor;
-      FG_CHECK(bias_cap.device() == q.device(), DeviceError, "flex_attention: the score_mod's bias '{}' is on {} but q "
-               "is on {}", prog->captures()[spec->bias_capture].name, bias_cap.device(), q.device());
+      if (bias_cap.device() != q.device()) {
+        FG_CHECK(!forced, DeviceError, "flex_attention: the score_mod's bias '{}' is on {} but q is on {}",
+                 prog->captures()[spec->bias_capture].name, bias_cap.device(), q.device());
+        declined = fmt::format("the score_mod's bias is on {}, q on {}", bias_cap.device(), q.device());
+        return std::nullopt;
+      }
       t->bias = cudnn_bias(bias_cap, *spec, extent, q.dtype());
     } else if (spec->bias == CudnnSdpaSpec::Bias::Alibi) {
       t->slopes = spec->alibi_capture >= 0
@@ -362,11 +369,21 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
                       : constant_slopes(spec->alibi_slopes, q.device());
     }
   }
-  if (in.B > 0 && in.Hq > 0 && in.Lq > 0) cudnn_sdpa_forward_stub(q.device(), *spec, *t);
+  return CudnnCall{prog, spec, t, bias_cap, spec->bias_learnable && bias_cap.defined()};
+}
+
+FlexAttentionResult cudnn_run(const CudnnCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const FlexAttentionOptions& o) {
+  const std::shared_ptr<const ModProgram> prog = call.prog;
+  const std::shared_ptr<CudnnSdpaSpec> spec = call.spec;
+  const std::shared_ptr<CudnnSdpaTensors> t = call.t;
+  const Tensor bias_cap = call.bias_cap;
+  const bool learn_bias = call.learn_bias;
+  const int64_t B = t->q.size(0), Hq = t->q.size(1), Lq = t->q.size(2);
+  if (B > 0 && Hq > 0 && Lq > 0) cudnn_sdpa_forward_stub(q.device(), *spec, *t);
   FlexAttentionResult r;
   r.out = t->out;
   r.lse = t->stats;
-  const bool learn_bias = spec->bias_learnable && bias_cap.defined();
   TensorList inputs{q, k, v};
   if (learn_bias) inputs.push_back(bias_cap);
   if (needs_grad(inputs)) {
@@ -379,14 +396,16 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
     versions->save("the output", t->out);  // cuDNN's backward reads O and the stats as the forward left them
     versions->save("the lse", t->stats);
     const DType qdt = q.dtype();
+    const bool deterministic = o.kernel.deterministic;
     record("FlexAttentionCudnnBackward", inputs, {r.out, r.lse},
-           [spec, t, versions, learn_bias, bias_cap, qdt](const TensorList& g) {
+           [spec, t, versions, learn_bias, bias_cap, qdt, deterministic](const TensorList& g) {
              versions->check();
              FG_CHECK(!(g.size() > 1 && g[1].defined()), NotImplementedError,
                       "flex_attention (cuDNN backend): no gradient through the returned lse (cuDNN's backward graph takes "
                       "dO only); use FlexBackend::Fused");
              const TensorOptions io = TensorOptions().dtype(qdt).device(t->q.device());
              CudnnSdpaGrads gr;
+             gr.deterministic = deterministic;
              gr.dout = g[0].defined() ? g[0].to(qdt).contiguous() : zeros(t->out.sizes(), io);
              gr.dq = empty(t->q.sizes(), io);
              gr.dk = empty(t->k.sizes(), io);
@@ -407,6 +426,75 @@ FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v
   return r;
 }
 
+// kernel.backend = FlexBackend::Cudnn: raises (NotImplementedError with the reason) where cuDNN cannot run the call.
+FlexAttentionResult cudnn_path(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  FG_CHECK(q.device().type == DeviceType::CUDA, NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn runs on CUDA devices, got {}", q.device());
+  FG_CHECK(cudnn_sdpa_forward_stub.has(DeviceType::CUDA), NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn, but this build of flexgrad has no cuDNN (CMake found "
+           "no cudnn_graph.h beside the CUDA toolkit)");
+  FG_CHECK(!o.return_max_scores, NotImplementedError,
+           "flex_attention: kernel.backend = FlexBackend::Cudnn gives no max_scores (cuDNN's graph returns the lse only)");
+  const std::string why = cudnn_available_stub(q.device(), q.device());
+  FG_CHECK(why.empty(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn: {}", why);
+  std::string declined;
+  std::optional<CudnnCall> call = cudnn_prepare(q, k, v, o, /*forced=*/true, declined);
+  FG_CHECK(call.has_value(), NotImplementedError, "flex_attention: kernel.backend = FlexBackend::Cudnn cannot run this "
+           "call: {}", declined);
+  return cudnn_run(*call, q, k, v, o);
+}
+
+// FLEXGRAD_FLEX_CUDNN: unset or empty -1 (the rule), 0 (Auto never picks cuDNN), 1 (wherever it runs, any arch).
+int flex_cudnn_env() {
+  const char* env = std::getenv("FLEXGRAD_FLEX_CUDNN");
+  const std::string v = env == nullptr ? "" : env;
+  FG_CHECK(v.empty() || v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_CUDNN: expected 0 or 1; got \"{}\"", v);
+  return v.empty() ? -1 : v == "1";
+}
+
+// The one place Auto chooses cuDNN over our fused kernels: the call, prepared, when Auto runs it on cuDNN.
+//
+// The rule, measured on the H200 (sm_90a, cuDNN 9.19; bf16 B4 H16 S4096 D128, TFLOP/s forward / backward, session
+// 8): cuDNN's fused SDPA vs our wgmma kernels: no mask 632/542 vs 306/251, causal 579/462 vs 270/204, sliding
+// window 1024 463/374 vs 235/185, ALiBi + causal 475/442 vs 160/141, causal D64 B8 407/362 vs 202/146: about 2x
+// wherever a program lowers (the backward figures are the nondeterministic dQ-accumulator graph's; the default
+// deterministic one is not yet measured). So Auto takes cuDNN when all hold:
+//   - a CUDA device whose NVRTC target is sm_90a (measured there only; other GPUs keep our kernels), cuDNN in the
+//     build and loadable, bf16 / f16 (the lowering's own rule);
+//   - the call lowers (lower_to_cudnn) and cuDNN builds its forward plan and, when a gradient is needed, its
+//     backward plan (deterministic engines when kernel.deterministic; asked here, at forward time, and cached);
+//   - nothing only the fused kernels give: no return_max_scores, no return_lse while a gradient is needed (cuDNN's
+//     backward takes no gradient through the lse), no explicit cuda_forward / cuda_backward / kv_splits;
+//   - at least 128 query rows (decoding shapes keep the split-KV kernel: cuDNN was not measured there).
+// Otherwise our kernels run: a choice, not a fallback (both compute the same attention). FLEXGRAD_FLEX_CUDNN=0 keeps
+// Auto off cuDNN; =1 takes it wherever the call lowers and cuDNN can run it, on any GPU and any query length.
+std::optional<CudnnCall> auto_cudnn_call(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const FlexAttentionOptions& o) {
+  if (q.device().type != DeviceType::CUDA || !cudnn_sdpa_forward_stub.has(DeviceType::CUDA)) return std::nullopt;
+  const int env = flex_cudnn_env();
+  if (env == 0) return std::nullopt;
+  if (q.dtype() != kBFloat16 && q.dtype() != kFloat16) return std::nullopt;
+  if (o.return_max_scores) return std::nullopt;
+  if (o.kernel.cuda_forward != FlexCudaForward::Auto || o.kernel.cuda_backward != FlexCudaBackward::Auto ||
+      o.kernel.kv_splits != 0) {
+    return std::nullopt;
+  }
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) return std::nullopt;
+  if (env == -1 && (q.size(2) < 128 || cudnn_device_arch_stub(q.device(), q.device()) != "sm_90a")) return std::nullopt;
+  if (!cudnn_available_stub(q.device(), q.device()).empty()) return std::nullopt;
+  std::string declined;
+  std::optional<CudnnCall> call = cudnn_prepare(q, k, v, o, /*forced=*/false, declined);
+  if (!call) return std::nullopt;
+  TensorList inputs{q, k, v};
+  if (call->learn_bias) inputs.push_back(call->bias_cap);
+  const bool grad = needs_grad(inputs);
+  if (grad && o.return_lse) return std::nullopt;
+  const std::string why = cudnn_plan_check_stub(q.device(), *call->spec, *call->t, grad, call->learn_bias,
+                                                o.kernel.deterministic);
+  if (!why.empty()) return std::nullopt;
+  return call;
+}
+
 }  // namespace
 
 FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -414,8 +502,12 @@ FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const
   // Under an AutocastGuard (ops/autocast.h) float32 inputs run in its half dtype, as PyTorch's autocast does.
   const Tensor q = autocast_operand(q_in), k = autocast_operand(k_in), v = autocast_operand(v_in);
   check_inputs(q, k, v, o);
-  // Auto is the fused kernel of the inputs' device; the reference path runs only when asked for.
+  // Auto is cuDNN where auto_cudnn_call's rule says so, else the fused kernel of the inputs' device; the reference
+  // path runs only when asked for.
+  std::optional<CudnnCall> auto_cudnn;
+  if (o.kernel.backend == FlexBackend::Auto) auto_cudnn = auto_cudnn_call(q, k, v, o);
   FlexBackend backend = o.kernel.backend == FlexBackend::Auto ? FlexBackend::Fused : o.kernel.backend;
+  if (auto_cudnn) backend = FlexBackend::Cudnn;
   if (backend == FlexBackend::Fused) {
     FG_CHECK(flex_forward_stub.has(q.device().type), NotImplementedError,
              "flex_attention: no fused kernel for device {} in this build (flexgrad built without CUDA?); pass "
@@ -432,6 +524,8 @@ FlexAttentionResult flex_attention(const Tensor& q_in, const Tensor& k_in, const
       r.lse = r.lse.to(kFloat32);
       r.max_scores = r.max_scores.to(kFloat32);
     }
+  } else if (auto_cudnn) {
+    r = cudnn_run(*auto_cudnn, q, k, v, o);
   } else if (backend == FlexBackend::Cudnn) {
     r = cudnn_path(q, k, v, o);
   } else {

@@ -23,13 +23,15 @@ namespace fg {
 // Auto and Fused run the fused kernel of the inputs' device; a device or case that kernel cannot run raises
 // (NotImplementedError saying why), never falls back silently to Reference. Reference runs only when asked for.
 enum class FlexBackend : uint8_t {
-  Auto,       // the fused kernel of the inputs' device (today the same as Fused)
+  Auto,       // cuDNN where flex_attention.cpp's measured rule picks it (auto_cudnn_call: sm_90a, bf16/f16, the call
+              // lowers and cuDNN builds its plans, >= 128 query rows, no max_scores; FLEXGRAD_FLEX_CUDNN=0|1
+              // overrides), else the fused kernel of the inputs' device
   Fused,      // fused CPU or CUDA kernel: online softmax over the BlockMask's blocks, O(L*E) memory
   Reference,  // the IR over materialised scores with differentiable ops (the float64 golden path), O(L^2) memory
   Cudnn,      // cuDNN's fused SDPA (CUDA, bf16/f16) for the calls lower_to_cudnn accepts (attention/cudnn_lowering.h:
               // no mask, causal, diagonal bands, ALiBi, captured bias tensors); NotImplementedError with the
-              // lowering's reason otherwise, and without cuDNN in the build or on the machine. Auto never picks it
-              // yet (flex_attention.cpp: auto_uses_cudnn)
+              // lowering's reason otherwise, and without cuDNN in the build or on the machine. With
+              // kernel.deterministic its backward uses deterministic engines only (NotImplementedError if none)
 };
 
 // Which forward kernel runs on CUDA (ignored on the CPU).
@@ -60,6 +62,8 @@ struct FlexKernelOptions {
   int64_t block_kv = 0;
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
   // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
+  // FlexBackend::Cudnn: deterministic engines only (NotImplementedError if cuDNN has none for the graph); false
+  // lets cuDNN accumulate dQ with atomics (Auto, deciding at forward time, keeps our kernels where it has none).
   bool deterministic = true;
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;

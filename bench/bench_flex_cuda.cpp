@@ -8,8 +8,11 @@
 // after warm-up (which also absorbs the JIT compile), gradients reset outside the timed region, median of
 // --reps runs. bench/flex_vs_torch.py times PyTorch's compiled flex_attention the same way on the same cases;
 // bench/run_flex_bench.sh runs both and prints one table.
-// The kernels are Auto's choice (on Hopper the wgmma ones); FLEXGRAD_FLEX_WGMMA=0|1 / FLEXGRAD_FLEX_WGMMA_BWD=0|1 in
-// the environment time the mma.sync or the Hopper (wgmma) forward / backward kernels instead.
+// The kernels are Auto's choice (on Hopper cuDNN's SDPA for the programs that lower, see flex_attention.cpp's
+// auto_cudnn_call, else the wgmma ones); FLEXGRAD_FLEX_CUDNN=0 keeps Auto on our kernels, and FLEXGRAD_FLEX_WGMMA=0|1 /
+// FLEXGRAD_FLEX_WGMMA_BWD=0|1 time the mma.sync or the Hopper (wgmma) forward / backward kernels instead.
+// --backend fused|cudnn forces one; the backward is deterministic unless --nondeterministic (cuDNN's float dQ
+// accumulator graph, the one the session-8 cuDNN figures were measured on).
 //
 // --first-call CASE times the first forward and backward of a fresh process (NVRTC compile or disk-cache
 // load included) and prints the JIT counters: run it with FLEXGRAD_CACHE_DIR set to an empty directory for
@@ -45,6 +48,7 @@ struct BenchCase {
   std::string mask;   // none, causal, document, sliding1024
   std::string score;  // none, alibi, softcap
   bool approx_tanh = false;  // FlexKernelOptions::approx_tanh (--approx-tanh)
+  bool deterministic = true;  // FlexKernelOptions::deterministic (--nondeterministic clears it)
 };
 
 // Issue 9's table.
@@ -171,6 +175,7 @@ Inputs make_inputs(const BenchCase& c, Device dev, FlexBackend backend = FlexBac
   in.o.score_mod = make_score(c);
   in.o.kernel.backend = backend;
   in.o.kernel.approx_tanh = c.approx_tanh;
+  in.o.kernel.deterministic = c.deterministic;
   return in;
 }
 
@@ -221,7 +226,7 @@ int main(int argc, char** argv) {
   std::string device = device_count(DeviceType::CUDA) > 0 ? "cuda" : "cpu", csv, first_call;
   std::vector<std::string> only;
   int reps = 30, warmup = 5;
-  bool small = false, approx_tanh = false;
+  bool small = false, approx_tanh = false, nondeterministic = false;
   std::string backend_name = "auto";
   app.add_option("--device", device, "cuda or cpu");
   app.add_option("--case", only, "run only these cases (names as in the table)");
@@ -229,6 +234,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed calls first (absorbs the JIT compile)");
   app.add_flag("--small", small, "B=1, H=2 and S/16: a smoke run that fits a CPU");
   app.add_flag("--approx-tanh", approx_tanh, "FlexKernelOptions::approx_tanh (softcap's tanh as tanh.approx.f32, CUDA)");
+  app.add_flag("--nondeterministic", nondeterministic,
+               "FlexKernelOptions::deterministic = false (cuDNN's backward may then accumulate dQ with atomics)");
   app.add_option("--csv", csv, "also write the rows as CSV to this file (read by run_flex_bench.sh)");
   app.add_option("--backend", backend_name,
                  "auto, fused or cudnn (cuDNN's fused SDPA; cases it declines print the reason)")
@@ -246,6 +253,7 @@ int main(int argc, char** argv) {
     if (!only.empty() && std::find(only.begin(), only.end(), c.name) == only.end()) continue;
     if (!first_call.empty() && c.name != first_call) continue;
     c.approx_tanh = approx_tanh;
+    c.deterministic = !nondeterministic;
     if (small) {
       c.B = 1;
       c.H = 2;
@@ -282,7 +290,8 @@ int main(int argc, char** argv) {
       csv_out << "case,dtype,B,H,S,D,density,fwd_ms,bwd_ms,fwd_tflops,bwd_tflops\n";
     }
     std::printf("flexgrad flex_attention (backend %s) on %s; median of %d after %d warm-up calls; TFLOP/s on visited "
-                "blocks%s\n", backend_name.c_str(), dev.str().c_str(), reps, warmup, approx_tanh ? "; approx_tanh" : "");
+                "blocks%s%s\n", backend_name.c_str(), dev.str().c_str(), reps, warmup, approx_tanh ? "; approx_tanh" : "",
+                nondeterministic ? "; nondeterministic" : "");
     std::printf("%-16s %-9s %3s %3s %6s %4s %8s %9s %9s %9s %9s\n", "case", "dtype", "B", "H", "S", "D", "density", "fwd ms",
                 "fwd TF/s", "bwd ms", "bwd TF/s");
     int failed = 0;

@@ -26,6 +26,7 @@
 #include <mutex>
 #include <vector>
 
+#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 
 namespace fg {
@@ -221,7 +222,9 @@ class GraphBuilder {
   }
 
   // The operation graph, then the first engine configuration of heuristics mode A that finalizes.
-  Desc plan(cudnnHandle_t handle, std::string& why) {
+  // The first engine configuration of heuristics mode A that finalizes; with `deterministic`, configurations whose
+  // engine carries CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC are skipped (and counted in `nondeterministic`).
+  Desc plan(cudnnHandle_t handle, bool deterministic, std::string& why, int64_t& nondeterministic) {
     Desc graph = make(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "create operation graph");
     std::vector<cudnnBackendDescriptor_t> raw;
     for (const Desc& o : ops_) raw.push_back(o.get());
@@ -248,6 +251,11 @@ class GraphBuilder {
                "get heuristics results");
     }
     for (int64_t i = 0; i < got; ++i) {
+      if (deterministic && !is_deterministic(cfgs[i])) {
+        ++nondeterministic;
+        why += fmt::format("engine config {}: nondeterministic; ", i);
+        continue;
+      }
       Desc p = make(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, "create execution plan");
       set(p, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, handle, "plan handle");
       set_desc(p, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, cfgs[i], "plan engine config");
@@ -262,6 +270,25 @@ class GraphBuilder {
   }
 
  private:
+  // Whether the configuration's engine lacks the nondeterministic numerical note (CUDNN_ATTR_ENGINECFG_ENGINE, then
+  // the engine's CUDNN_ATTR_ENGINE_NUMERICAL_NOTE list).
+  static bool is_deterministic(const Desc& cfg) {
+    Desc engine = make(CUDNN_BACKEND_ENGINE_DESCRIPTOR, "create engine descriptor");
+    cudnnBackendDescriptor_t raw = engine.get();
+    int64_t n = 0;
+    FG_CUDNN(api().get_attr(cfg.get(), CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n, &raw),
+             "get engine of engine config");
+    cudnnBackendNumericalNote_t notes[CUDNN_NUMERICAL_NOTE_TYPE_COUNT];
+    n = 0;
+    FG_CUDNN(api().get_attr(raw, CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, CUDNN_TYPE_NUMERICAL_NOTE,
+                            CUDNN_NUMERICAL_NOTE_TYPE_COUNT, &n, notes),
+             "get engine numerical notes");
+    for (int64_t j = 0; j < n && j < CUDNN_NUMERICAL_NOTE_TYPE_COUNT; ++j) {
+      if (notes[j] == CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC) return false;
+    }
+    return true;
+  }
+
   std::vector<Desc> ops_;
   int64_t next_virtual_ = 1000;
 };
@@ -342,10 +369,13 @@ TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const 
 }
 
 // ---------------------------------------------------------------- handles and plans
+// A built plan, or (plan null) why none could be built: a failure is cached too, so Auto's question "can cuDNN run
+// this?" (cudnn_plan_check) costs one graph build per key.
 struct Plan {
   Desc plan;
   int64_t workspace = 0;
   int64_t extra = 0;  // bytes of our own non-virtual intermediates placed after cuDNN's workspace
+  std::string error;  // the NotImplementedError message when plan is null
 };
 
 cudnnHandle_t handle_for(int device) {
@@ -403,12 +433,20 @@ void run_plan(cudnnHandle_t handle, const Plan& p, std::vector<int64_t> uids, st
 }
 
 std::shared_ptr<Plan> finish(GraphBuilder& g, cudnnHandle_t handle, const char* direction, const CudnnSdpaSpec& spec,
-                             int64_t extra) {
+                             int64_t extra, bool deterministic = false) {
   std::string why;
-  Desc p = g.plan(handle, why);
-  FG_CHECK(p != nullptr, NotImplementedError, "flex_attention (cuDNN backend): cuDNN {} has no engine for the SDPA {} "
-           "graph of '{}': {}", api().version, direction, spec.describe(), why);
+  int64_t nondeterministic = 0;
+  Desc p = g.plan(handle, deterministic, why, nondeterministic);
   auto plan = std::make_shared<Plan>();
+  if (!p) {
+    plan->error = deterministic && nondeterministic > 0
+                      ? fmt::format("flex_attention (cuDNN backend): cuDNN {} has no deterministic engine for the SDPA "
+                                    "{} graph of '{}' (kernel.deterministic = false allows the nondeterministic ones): "
+                                    "{}", api().version, direction, spec.describe(), why)
+                      : fmt::format("flex_attention (cuDNN backend): cuDNN {} has no engine for the SDPA {} graph of "
+                                    "'{}': {}", api().version, direction, spec.describe(), why);
+    return plan;
+  }
   plan->plan = p;
   FG_CUDNN(api().get_attr(p.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, nullptr,
                           &plan->workspace),
@@ -478,9 +516,23 @@ void build_forward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTe
   g.matmul(p, v, o);
 }
 
+// The gradients' dims and strides (in q's dtype): the backward plan is built from these, so Auto can build it at
+// forward time (cudnn_plan_check) from the contiguous layouts flex_attention's backward allocates.
+struct Layout {
+  std::vector<int64_t> dims, strides;
+};
+Layout layout_of(const Tensor& t) { return {dims_of(t), strides_of(t)}; }
+Layout contiguous_like(const Tensor& t) { return {dims_of(t), GraphBuilder::contiguous(dims_of(t))}; }
+std::string layout_key(const Layout& l) { return fmt::format("{}/{}", fmt::join(l.dims, "x"), fmt::join(l.strides, "x")); }
+struct GradLayouts {
+  Layout dout, dq, dk, dv, dbias;
+  bool dbias_on = false;
+};
+
 // The backward graph's operations; dq_accum: dQ through the float accumulator (kDQAccum).
-void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const CudnnSdpaGrads& gr,
-                    bool dbias, bool dq_accum) {
+void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const GradLayouts& gr,
+                    bool dq_accum) {
+  const bool dbias = gr.dbias_on;
   const cudnnDataType_t io = cudnn_dtype(t.q.dtype());
   const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), E = t.q.size(3);
   const int64_t Hkv = t.k.size(1), Lkv = t.k.size(2), Ev = t.v.size(3);
@@ -492,10 +544,10 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   TensorDesc vt = g.tensor(io, vd, vs, false, kV);
   TensorDesc o = g.tensor(io, dims_of(t.out), strides_of(t.out), false, kO);
   TensorDesc stats = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kStats);
-  TensorDesc dout = g.tensor(io, dims_of(gr.dout), strides_of(gr.dout), false, kDO);
-  TensorDesc dq = g.tensor(io, dims_of(gr.dq), strides_of(gr.dq), false, kDQ);
-  TensorDesc dk = g.tensor(io, dims_of(gr.dk), strides_of(gr.dk), false, kDK);
-  TensorDesc dv = g.tensor(io, dims_of(gr.dv), strides_of(gr.dv), false, kDV);
+  TensorDesc dout = g.tensor(io, gr.dout.dims, gr.dout.strides, false, kDO);
+  TensorDesc dq = g.tensor(io, gr.dq.dims, gr.dq.strides, false, kDQ);
+  TensorDesc dk = g.tensor(io, gr.dk.dims, gr.dk.strides, false, kDK);
+  TensorDesc dv = g.tensor(io, gr.dv.dims, gr.dv.strides, false, kDV);
   TensorDesc one = g.scalar(CUDNN_DATA_FLOAT, kOne);
   // softmax_sum = rowsum(dO * O), kept (non-virtual) in the workspace.
   TensorDesc dodo = g.pw(CUDNN_POINTWISE_MUL, dout, &o, CUDNN_DATA_FLOAT, {B, Hq, Lq, Ev});
@@ -527,7 +579,7 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   dp = g.pw(CUDNN_POINTWISE_SUB, dp, &softmax_sum, CUDNN_DATA_FLOAT, sd);
   TensorDesc ds = g.pw(CUDNN_POINTWISE_MUL, dp, &p, CUDNN_DATA_FLOAT, sd);
   if (dbias) {
-    TensorDesc db = g.tensor(io, dims_of(gr.dbias), strides_of(gr.dbias), false, kDBias);
+    TensorDesc db = g.tensor(io, gr.dbias.dims, gr.dbias.strides, false, kDBias);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
   }
   ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
@@ -553,19 +605,67 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   }
 }
 
+// ---------------------------------------------------------------- plans
+// Graph building raises (a descriptor cuDNN rejects) become the plan's error, so a failure is cached and asked about
+// like a missing engine.
+template <class Build>
+std::shared_ptr<Plan> build_or_error(Build&& build) {
+  try {
+    return build();
+  } catch (const Error& e) {
+    auto p = std::make_shared<Plan>();
+    p->error = e.what();
+    return p;
+  }
+}
+
+std::shared_ptr<Plan> forward_plan(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, cudnnHandle_t handle,
+                                   int device) {
+  const std::string key = fmt::format("fwd|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q), shape_key(t.k),
+                                      shape_key(t.v), shape_key(t.out), shape_key(t.bias), device, api().version);
+  return cached_plan(key, [&] {
+    return build_or_error([&] {
+      GraphBuilder g;
+      build_forward(g, spec, t);
+      return finish(g, handle, "forward", spec, 0);
+    });
+  });
+}
+
+// dQ goes through a float accumulator in the workspace (cuDNN's engine adds into it with atomics: the order, and
+// so the bits, vary run to run) except with dBias (cuDNN computes dBias only on the dP-workspace implementation,
+// which writes dQ directly) and when deterministic: cudnn-frontend's set_deterministic_algorithm does the same on
+// Hopper (it forces the dP-workspace graph; on Blackwell it picks engine knobs instead). Deterministic plans also
+// accept only engines without CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC.
+bool uses_dq_accum(const GradLayouts& gl, bool deterministic) { return !gl.dbias_on && !deterministic; }
+int64_t softmax_sum_bytes(const CudnnSdpaTensors& t) { return (t.q.size(0) * t.q.size(1) * t.q.size(2) * 4 + 255) / 256 * 256; }
+
+std::shared_ptr<Plan> backward_plan(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const GradLayouts& gl,
+                                    bool deterministic, cudnnHandle_t handle, int device) {
+  const bool dq_accum = uses_dq_accum(gl, deterministic);
+  const int64_t accum_bytes = dq_accum ? t.q.size(0) * t.q.size(1) * t.q.size(2) * t.q.size(3) * 4 : 0;
+  const std::string key = fmt::format("bwd|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q),
+                                      shape_key(t.k), shape_key(t.v), shape_key(t.out), layout_key(gl.dout),
+                                      layout_key(gl.dq), layout_key(gl.dk), layout_key(gl.dv), shape_key(t.bias),
+                                      gl.dbias_on ? layout_key(gl.dbias) : "-", deterministic ? "det" : "nondet", device,
+                                      api().version);
+  return cached_plan(key, [&] {
+    return build_or_error([&] {
+      GraphBuilder g;
+      build_backward(g, spec, t, gl, dq_accum);
+      return finish(g, handle, "backward", spec, softmax_sum_bytes(t) + accum_bytes, deterministic);
+    });
+  });
+}
+
 // ---------------------------------------------------------------- forward
 void cudnn_sdpa_forward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t) {
   FG_CHECK(api().unavailable.empty(), NotImplementedError, "flex_attention (cuDNN backend): {}", api().unavailable);
   const int device = t.q.device().index;
   cuda::DeviceGuard guard(device);
   cudnnHandle_t handle = handle_for(device);
-  const std::string key = fmt::format("fwd|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q), shape_key(t.k),
-                                      shape_key(t.v), shape_key(t.out), shape_key(t.bias), device, api().version);
-  auto plan = cached_plan(key, [&] {
-    GraphBuilder g;
-    build_forward(g, spec, t);
-    return finish(g, handle, "forward", spec, 0);
-  });
+  auto plan = forward_plan(spec, t, handle, device);
+  FG_CHECK(plan->plan != nullptr, NotImplementedError, "{}", plan->error);
   Scalars sc{static_cast<float>(t.scale)};
   std::vector<int64_t> uids{kQ, kK, kV, kO, kStats};
   std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr()};
@@ -580,44 +680,54 @@ void cudnn_sdpa_backward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, c
   const int device = t.q.device().index;
   cuda::DeviceGuard guard(device);
   cudnnHandle_t handle = handle_for(device);
-  const int64_t B = t.q.size(0), Hq = t.q.size(1), Lq = t.q.size(2), E = t.q.size(3);
-  const bool dbias = spec.bias == CudnnSdpaSpec::Bias::Tensor && gr.dbias.defined();
-  // dQ through a float accumulator in the workspace, except with dBias (cuDNN computes dBias only on the
-  // dP-workspace implementation, which writes dQ directly).
-  const bool dq_accum = !dbias;
-  const int64_t sum_bytes = (B * Hq * Lq * 4 + 255) / 256 * 256;
-  const int64_t accum_bytes = dq_accum ? B * Hq * Lq * E * 4 : 0;
-  const std::string key = fmt::format("bwd|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", spec.describe(), shape_key(t.q),
-                                      shape_key(t.k), shape_key(t.v), shape_key(t.out), shape_key(gr.dout),
-                                      shape_key(gr.dq), shape_key(gr.dk), shape_key(gr.dv), shape_key(t.bias), dbias,
-                                      device);
-  auto plan = cached_plan(key, [&] {
-    GraphBuilder g;
-    build_backward(g, spec, t, gr, dbias, dq_accum);
-    return finish(g, handle, "backward", spec, sum_bytes + accum_bytes);
-  });
+  GradLayouts gl{layout_of(gr.dout), layout_of(gr.dq), layout_of(gr.dk), layout_of(gr.dv), {}, false};
+  gl.dbias_on = spec.bias == CudnnSdpaSpec::Bias::Tensor && gr.dbias.defined();
+  if (gl.dbias_on) gl.dbias = layout_of(gr.dbias);
+  auto plan = backward_plan(spec, t, gl, gr.deterministic, handle, device);
+  FG_CHECK(plan->plan != nullptr, NotImplementedError, "{}", plan->error);
   Scalars sc{static_cast<float>(t.scale)};
   std::vector<int64_t> uids{kQ, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV, kOne};
   std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr(),
                           gr.dout.data_ptr(), gr.dq.data_ptr(), gr.dk.data_ptr(), gr.dv.data_ptr(), &sc.one};
   add_scalars(spec, sc, uids, ptrs);
   add_bias_inputs(spec, t, uids, ptrs);
-  if (dbias) {
+  if (gl.dbias_on) {
     uids.push_back(kDBias);
     ptrs.push_back(gr.dbias.data_ptr());
   }
   std::vector<std::pair<int64_t, int64_t>> in_ws{{kSoftmaxSum, 0}};
-  if (dq_accum) in_ws.push_back({kDQAccum, sum_bytes});
+  if (uses_dq_accum(gl, gr.deterministic)) in_ws.push_back({kDQAccum, softmax_sum_bytes(t)});
   run_plan(handle, *plan, uids, ptrs, device, in_ws);
 }
 
+// Whether the forward plan (and, with `backward`, the backward plan for the contiguous gradients flex_attention
+// allocates) builds: empty, or the error the run would raise. Both plans stay cached for the run.
+std::string cudnn_plan_check(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, bool backward, bool dbias,
+                             bool deterministic) {
+  if (!api().unavailable.empty()) return api().unavailable;
+  const int device = t.q.device().index;
+  cuda::DeviceGuard guard(device);
+  cudnnHandle_t handle = handle_for(device);
+  auto fwd = forward_plan(spec, t, handle, device);
+  if (!fwd->plan) return fwd->error;
+  if (!backward) return {};
+  GradLayouts gl{contiguous_like(t.out), contiguous_like(t.q), contiguous_like(t.k), contiguous_like(t.v), {}, false};
+  gl.dbias_on = dbias && spec.bias == CudnnSdpaSpec::Bias::Tensor && t.bias.defined();
+  if (gl.dbias_on) gl.dbias = contiguous_like(t.bias);
+  auto bwd = backward_plan(spec, t, gl, deterministic, handle, device);
+  return bwd->plan ? std::string() : bwd->error;
+}
+
 std::string cudnn_available(Device) { return api().unavailable; }
+std::string cudnn_device_arch(Device device) { return cuda::jit::target_arch(device.index); }
 
 }  // namespace
 
 FG_REGISTER_KERNEL(cudnn_sdpa_forward_stub, CUDA, &cudnn_sdpa_forward);
 FG_REGISTER_KERNEL(cudnn_sdpa_backward_stub, CUDA, &cudnn_sdpa_backward);
 FG_REGISTER_KERNEL(cudnn_available_stub, CUDA, &cudnn_available);
+FG_REGISTER_KERNEL(cudnn_plan_check_stub, CUDA, &cudnn_plan_check);
+FG_REGISTER_KERNEL(cudnn_device_arch_stub, CUDA, &cudnn_device_arch);
 
 }  // namespace fg
 #endif  // FLEXGRAD_WITH_CUDNN

@@ -13,10 +13,14 @@
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/gallery/alibi.h"
 #include "flexgrad/attention/gallery/causal.h"
+#include "flexgrad/attention/gallery/softcap.h"
 #include "flexgrad/ops/ops.h"
 #include "flexgrad/tensor/random.h"
 #include "tests/test_util.h"
 #include "tools/conformance/conformance.h"
+#ifdef FLEXGRAD_WITH_CUDA
+#include "flexgrad/attention/cuda/jit.h"
+#endif
 
 namespace fg {
 namespace {
@@ -41,6 +45,39 @@ std::string cudnn_missing() {
   }
   return {};
 }
+// The architecture NVRTC targets on device 0 ("" without CUDA, where these tests skip before asking).
+std::string device_arch() {
+#ifdef FLEXGRAD_WITH_CUDA
+  return cuda::jit::target_arch(0);
+#else
+  return "";
+#endif
+}
+
+// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* value) const {
+    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
+    else ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+bool bits_equal(const Tensor& a, const Tensor& b) {
+  return a.sizes() == b.sizes() && max(abs(a.cpu().to(kFloat64) - b.cpu().to(kFloat64))).item<double>() == 0.0;
+}
+
 #define SKIP_WITHOUT_CUDNN()                                     \
   do {                                                           \
     const std::string why_ = cudnn_missing();                    \
@@ -132,13 +169,14 @@ double max_err(const Tensor& a, const Tensor& golden) {
 }
 
 Grads run(const Case& c, FlexBackend backend, const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& dout,
-          DType dt) {
+          DType dt, bool deterministic = true) {
   Tensor q = q0.to(kGpu, dt).detach().requires_grad_(), k = k0.to(kGpu, dt).detach().requires_grad_(),
          v = v0.to(kGpu, dt).detach().requires_grad_();
   Tensor bias;
   FlexAttentionOptions o;
   o.enable_gqa = c.Hq != c.Hkv;
   o.kernel.backend = backend;
+  o.kernel.deterministic = deterministic;
   if (c.bias.defined()) {
     bias = c.bias.to(kGpu).detach().requires_grad_();
     o.score_mod = [b = Captured(bias)](Expr s, Expr, Expr h, Expr qi, Expr kv) { return s + b[h][qi][kv]; };
@@ -217,6 +255,128 @@ TEST_P(FlexCudnnGolden, MatchesFloat64AndTheFusedKernel) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FlexCudnnGolden, ::testing::Values(kBFloat16, kFloat16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+// kernel.deterministic (the default) promises bit-identical reruns of the backward: on cuDNN either two runs give the
+// same dq, dk, dv (and dBias) bit for bit, or the call raises the documented NotImplementedError; with
+// deterministic = false the backward runs and agrees with the deterministic one to the dtype's tolerance.
+TEST(FlexCudnn, DeterministicBackwardIsBitIdenticalOrRaisesTheDocumentedError) {
+  SKIP_WITHOUT_CUDNN();
+  int identical = 0, declined = 0;
+  for (Case c : cases()) {
+    SCOPED_TRACE(c.name);
+    c.L = 1000;  // several kv tiles per query tile, where an atomic dQ accumulation would reorder its sums
+    if (c.bias.defined()) c.bias = randn({c.Hq, c.L, c.L}) * 0.5;
+    manual_seed(11);
+    Tensor q = randn({c.B, c.Hq, c.L, c.E}), k = randn({c.B, c.Hkv, c.L, c.E}), v = randn({c.B, c.Hkv, c.L, c.E});
+    Tensor dout = randn({c.B, c.Hq, c.L, c.E});
+    Grads fast = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, /*deterministic=*/false);
+    Grads a, b;
+    try {
+      a = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, true);
+      b = run(c, FlexBackend::Cudnn, q, k, v, dout, kBFloat16, true);
+    } catch (const NotImplementedError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("no deterministic engine"), std::string::npos) << m;
+      EXPECT_NE(m.find("kernel.deterministic = false"), std::string::npos) << m;
+      std::printf("deterministic cuDNN backward declined for %s: %s\n", c.name.c_str(), m.c_str());
+      ++declined;
+      continue;
+    }
+    EXPECT_TRUE(bits_equal(a.out, b.out));
+    EXPECT_TRUE(bits_equal(a.dq, b.dq));
+    EXPECT_TRUE(bits_equal(a.dk, b.dk));
+    EXPECT_TRUE(bits_equal(a.dv, b.dv));
+    if (a.dbias.defined()) {
+      EXPECT_TRUE(bits_equal(a.dbias, b.dbias));
+    }
+    EXPECT_LT(max_err(fast.dq, a.dq.cpu().to(kFloat64)), 1.5e-1);
+    EXPECT_LT(max_err(fast.dk, a.dk.cpu().to(kFloat64)), 1.5e-1);
+    EXPECT_LT(max_err(fast.dv, a.dv.cpu().to(kFloat64)), 1.5e-1);
+    ++identical;
+  }
+  std::printf("deterministic cuDNN backward: %d cases bit-identical, %d declined\n", identical, declined);
+}
+
+// Auto's choice (flex_attention.cpp, auto_cudnn_call): cuDNN where the program lowers on sm_90a (or anywhere with
+// FLEXGRAD_FLEX_CUDNN=1), the fused kernels with FLEXGRAD_FLEX_CUDNN=0, for programs that do not lower (softcap),
+// and when max_scores are asked for. Told apart by the forward output's bits (cuDNN's and ours differ in rounding).
+TEST(FlexCudnn, AutoPicksCudnnByTheRuleAndTheEnvironmentOverridesIt) {
+  SKIP_WITHOUT_CUDNN();
+  manual_seed(5);
+  Tensor q = randn({2, 4, 256, 64}).to(kGpu, kBFloat16), k = randn({2, 4, 256, 64}).to(kGpu, kBFloat16),
+         v = randn({2, 4, 256, 64}).to(kGpu, kBFloat16);
+  auto out = [&](FlexBackend backend, const ScoreMod& mod, bool max_scores) {
+    FlexAttentionOptions o;
+    o.kernel.backend = backend;
+    o.score_mod = mod;
+    o.return_max_scores = max_scores;
+    o.block_mask = create_block_mask(causal_mask(), std::nullopt, std::nullopt, 256, 256, 128, kGpu);
+    FlexAttentionResult r = flex_attention(q, k, v, o);
+    EXPECT_EQ(r.max_scores.defined(), max_scores);
+    return r.out;
+  };
+  const Tensor cudnn = out(FlexBackend::Cudnn, {}, false), fused = out(FlexBackend::Fused, {}, false);
+  ASSERT_FALSE(bits_equal(cudnn, fused)) << "cuDNN and the fused kernel agree bit for bit: the test cannot tell them apart";
+  {
+    ScopedEnv env("FLEXGRAD_FLEX_CUDNN", nullptr);
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, false), device_arch() == "sm_90a" ? cudnn : fused))
+        << "arch " << device_arch();
+  }
+  {
+    ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "1");
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, false), cudnn));
+    // max_scores: only the fused kernels give them.
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, true), out(FlexBackend::Fused, {}, true)));
+    // softcap (tanh) does not lower: the fused kernels.
+    const ScoreMod softcap = tanh_softcap_score_mod(20.0);
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, softcap, false), out(FlexBackend::Fused, softcap, false)));
+  }
+  {
+    ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "0");
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, false), fused));
+  }
+  {
+    ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "yes");
+    fg::testing::expect_error<ValueError>([&] { out(FlexBackend::Auto, {}, false); }, "FLEXGRAD_FLEX_CUDNN");
+  }
+}
+
+// Auto on cuDNN with a gradient: the backward runs (deterministically by default, bit-identical reruns) and matches
+// the forced cuDNN backend; asking for the lse while a gradient is needed keeps the fused kernels (cuDNN's backward
+// takes no gradient through the lse, the fused one does).
+TEST(FlexCudnn, AutoWithAGradientRunsTheBackwardOrKeepsTheFusedKernels) {
+  SKIP_WITHOUT_CUDNN();
+  ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "1");
+  manual_seed(6);
+  const Tensor q0 = randn({1, 4, 256, 64}).to(kGpu, kBFloat16), k0 = randn({1, 4, 256, 64}).to(kGpu, kBFloat16),
+               v0 = randn({1, 4, 256, 64}).to(kGpu, kBFloat16), dout = randn({1, 4, 256, 64}).to(kGpu, kBFloat16);
+  auto grads = [&](FlexBackend backend, bool lse) {
+    Tensor q = q0.detach().requires_grad_(), k = k0.detach().requires_grad_(), v = v0.detach().requires_grad_();
+    FlexAttentionOptions o;
+    o.kernel.backend = backend;
+    o.return_lse = lse;
+    o.block_mask = create_block_mask(causal_mask(), std::nullopt, std::nullopt, 256, 256, 128, kGpu);
+    FlexAttentionResult r = flex_attention(q, k, v, o);
+    Tensor loss = (r.out.to(kFloat32) * dout.to(kFloat32)).sum();
+    if (lse) loss = loss + r.lse.sum();
+    loss.backward();
+    return std::vector<Tensor>{r.out, q.grad(), k.grad(), v.grad()};
+  };
+  std::vector<Tensor> forced;
+  try {
+    forced = grads(FlexBackend::Cudnn, false);
+  } catch (const NotImplementedError& e) {
+    // No deterministic engine: Auto must then keep the fused kernels (asked at forward time).
+    EXPECT_NE(std::string(e.what()).find("no deterministic engine"), std::string::npos) << e.what();
+    const auto a = grads(FlexBackend::Auto, false), f = grads(FlexBackend::Fused, false);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(bits_equal(a[i], f[i])) << i;
+    return;
+  }
+  const auto a = grads(FlexBackend::Auto, false);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(bits_equal(a[i], forced[i])) << i;
+  const auto al = grads(FlexBackend::Auto, true), fl = grads(FlexBackend::Fused, true);
+  for (size_t i = 0; i < al.size(); ++i) EXPECT_TRUE(bits_equal(al[i], fl[i])) << i;
+}
 
 TEST(FlexCudnn, ForcedOnAProgramThatDoesNotLowerRaisesWithTheReason) {
   SKIP_WITHOUT_CUDNN();

@@ -499,6 +499,7 @@ class FlexSplitKvChoice : public ::testing::Test {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping split-KV choice tests";
   }
   ScopedEnv no_wgmma_{"FLEXGRAD_FLEX_WGMMA", "0"};
+  ScopedEnv no_cudnn_{"FLEXGRAD_FLEX_CUDNN", "0"};  // Auto's choice among our kernels, not cuDNN's (test_flex_cudnn)
 };
 
 TEST_F(FlexSplitKvChoice, AutoAgreesWithTheForcedKernelItPicks) {
@@ -540,6 +541,7 @@ class FlexWgmmaChoice : public ::testing::Test {
     if (device_count(DeviceType::CUDA) == 0) GTEST_SKIP() << "no CUDA device present: skipping Wgmma choice tests";
   }
   ScopedEnv env_{"FLEXGRAD_FLEX_WGMMA", nullptr};
+  ScopedEnv no_cudnn_{"FLEXGRAD_FLEX_CUDNN", "0"};  // Auto's choice among our kernels, not cuDNN's (test_flex_cudnn)
 };
 
 TEST_F(FlexWgmmaChoice, AutoPicksItOnHopperExceptForTanhScoreMods) {
