@@ -21,6 +21,7 @@
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/mod_grad.h"
 #include "flexgrad/tensor/random.h"
+#include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include "flexgrad/tensor/cuda/cuda_api.h"
@@ -29,36 +30,10 @@
 namespace fg {
 namespace {
 
+using testing::device_arch;
+using testing::ScopedEnv;
+
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// The architecture NVRTC targets on device 0 ("" in a build without CUDA, where these tests skip before asking).
-std::string device_arch() {
-#ifdef FLEXGRAD_WITH_CUDA
-  return cuda::jit::target_arch(0);
-#else
-  return "";
-#endif
-}
-
-// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    set(value);
-  }
-  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
-  void set(const char* value) const {
-    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
-    else ::unsetenv(name_.c_str());
-  }
-
- private:
-  std::string name_, old_;
-  bool had_ = false;
-};
 
 // ---- the golden -------------------------------------------------------------------------------------
 // One score function per entry, in plain C++: mod(s) and d mod / d s, the mask (partial and full blocks

@@ -16,6 +16,7 @@
 #include "flexgrad/attention/gallery/softcap.h"
 #include "flexgrad/ops/ops.h"
 #include "flexgrad/tensor/random.h"
+#include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 #include "tools/conformance/conformance.h"
 #ifdef FLEXGRAD_WITH_CUDA
@@ -24,6 +25,9 @@
 
 namespace fg {
 namespace {
+
+using testing::device_arch;
+using testing::ScopedEnv;
 
 const Device kGpu(DeviceType::CUDA, 0);
 
@@ -45,35 +49,6 @@ std::string cudnn_missing() {
   }
   return {};
 }
-// The architecture NVRTC targets on device 0 ("" without CUDA, where these tests skip before asking).
-std::string device_arch() {
-#ifdef FLEXGRAD_WITH_CUDA
-  return cuda::jit::target_arch(0);
-#else
-  return "";
-#endif
-}
-
-// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    set(value);
-  }
-  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
-  void set(const char* value) const {
-    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
-    else ::unsetenv(name_.c_str());
-  }
-
- private:
-  std::string name_, old_;
-  bool had_ = false;
-};
-
 bool bits_equal(const Tensor& a, const Tensor& b) {
   return a.sizes() == b.sizes() && max(abs(a.cpu().to(kFloat64) - b.cpu().to(kFloat64))).item<double>() == 0.0;
 }

@@ -17,6 +17,7 @@
 #include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_program.h"
+#include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include "flexgrad/tensor/cuda/cuda_api.h"
@@ -25,16 +26,10 @@
 namespace fg {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
+using testing::device_arch;
+using testing::ScopedEnv;
 
-// The architecture NVRTC targets on device 0 ("" in a build without CUDA, where these tests skip before asking).
-std::string device_arch() {
-#ifdef FLEXGRAD_WITH_CUDA
-  return cuda::jit::target_arch(0);
-#else
-  return "";
-#endif
-}
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // The modified score of one entry in plain C++ (-inf: masked).
 using GoldenMod = std::function<double(double score, int64_t b, int64_t h, int64_t q, int64_t kv)>;
@@ -470,26 +465,6 @@ INSTANTIATE_TEST_SUITE_P(Wgmma, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
                                             ::testing::Values(FlexCudaForward::Wgmma)),
                          [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
-
-// Sets (or, with nullptr, removes) an environment variable for a scope, restoring what was there.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    set(value);
-  }
-  ~ScopedEnv() { set(had_ ? old_.c_str() : nullptr); }
-  void set(const char* value) const {
-    if (value != nullptr) ::setenv(name_.c_str(), value, 1);
-    else ::unsetenv(name_.c_str());
-  }
-
- private:
-  std::string name_, old_;
-  bool had_ = false;
-};
 
 // Auto's choice, and the split-KV kernel's refusals. (With FLEXGRAD_FLEX_WGMMA=0: Auto's prefill calls go to the
 // tiled kernel on Hopper too, so "tiled" below is one kernel on every GPU.)
