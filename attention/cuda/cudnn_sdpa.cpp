@@ -555,6 +555,16 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, dodo, rs);
   TensorDesc softmax_sum = g.tensor(CUDNN_DATA_FLOAT, rd, {Hq * Lq, Lq, 1, 1}, false, kSoftmaxSum);
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, rs, &one, softmax_sum);
+  // A product into a K/V-head gradient (Lkv x cols): with GQA it runs over the query heads and sums each group.
+  auto matmul_to_kv_heads = [&](const TensorDesc& a, const TensorDesc& b, const TensorDesc& out, int64_t cols) {
+    if (Hq == Hkv) {
+      g.matmul(a, b, out);
+      return;
+    }
+    TensorDesc full = g.virt(io, {B, Hq, Lkv, cols});
+    g.matmul(a, b, full);
+    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, out);
+  };
   // P = exp(S - stats) under the band.
   TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
   g.matmul(q, kt, s);
@@ -566,13 +576,7 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   const std::vector<int64_t> td{B, Hq, Lkv, Lq}, ts{Hq * Lq * Lkv, Lq * Lkv, 1, Lkv};
   TensorDesc pt = g.tensor(io, td, ts, true);
   g.reshape(p, pt);
-  if (Hq == Hkv) {
-    g.matmul(pt, dout, dv);
-  } else {
-    TensorDesc full = g.virt(io, {B, Hq, Lkv, Ev});
-    g.matmul(pt, dout, full);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dv);
-  }
+  matmul_to_kv_heads(pt, dout, dv, Ev);
   // dS = (dO V^T - softmax_sum) * P [dBias = sum], * scale.
   TensorDesc dp = g.virt(CUDNN_DATA_FLOAT, sd);
   g.matmul(dout, vt, dp);
@@ -585,13 +589,7 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
   TensorDesc dst = g.tensor(io, td, ts, true);
   g.reshape(ds, dst);
-  if (Hq == Hkv) {
-    g.matmul(dst, q, dk);
-  } else {
-    TensorDesc full = g.virt(io, {B, Hq, Lkv, E});
-    g.matmul(dst, q, full);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, full, dk);
-  }
+  matmul_to_kv_heads(dst, q, dk, E);
   // dQ = dS K (K back from K^T by a reshape).
   TensorDesc kn = g.tensor(io, dims_of(t.k), strides_of(t.k), true);
   g.reshape(kt, kn);

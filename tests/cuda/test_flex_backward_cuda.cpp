@@ -16,7 +16,6 @@
 #include <string>
 
 #include "flexgrad/attention/block_mask.h"
-#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/mod_grad.h"

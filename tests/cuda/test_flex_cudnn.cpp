@@ -19,9 +19,6 @@
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 #include "tools/conformance/conformance.h"
-#ifdef FLEXGRAD_WITH_CUDA
-#include "flexgrad/attention/cuda/jit.h"
-#endif
 
 namespace fg {
 namespace {

@@ -14,7 +14,6 @@
 #include <string>
 #include <tuple>
 
-#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_program.h"
 #include "tests/cuda/cuda_test_util.h"
