@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "flexgrad/attention/mod_grad.h"
+
 namespace fg {
 
 namespace {
@@ -347,6 +349,90 @@ std::string lower_bias(const ModProgram& p, int32_t f, const CudnnLoweringInput&
                      "in order nor slope(h) * (kv_idx - q_idx)", p.to_string());
 }
 
+// A score_mod none of lower_score's forms matches, op by op as cuDNN pointwise operations (OpInfo::cudnn): the
+// program with its derivative (ScoreModBackward::value_and_dscore) when every instruction lowers, else why not.
+//   floats   any op with a cuDNN mode, computed in float32 (as the fused kernels do for bf16 / fp16 inputs)
+//   ints     b, h, q_idx, kv_idx (cuDNN's generated indices), constants, and + - * neg abs min max where()
+//            whose values stay below 2^31 in magnitude (cuDNN computes them in int32; the op table's int64 gives
+//            the same values there), compared or cast to float
+//   bools    comparisons, & | not, where()
+// Declined: captured tensors, exp2 / log2, // and %, float -> int casts, integer powers.
+std::string lower_pointwise(const ModProgram& p, const CudnnLoweringInput& in, CudnnSdpaSpec& s) {
+  ScoreModBackward g = derive_score_mod(p);
+  const ModProgram& vd = g.value_and_dscore;
+  constexpr double kInt32 = 2147483647.0;
+  std::vector<double> bound(vd.size(), 0);  // |value| bound of each int instruction
+  bool may_be_nonfinite = false;            // some op can turn finite inputs into inf / NaN
+  for (size_t i = 0; i < vd.size(); ++i) {
+    const Instr& x = vd.instrs()[i];
+    auto decline = [&](const std::string& what) {
+      return fmt::format("score_mod: {} (instruction {}) has no cuDNN pointwise form: {} (formula: {})",
+                         expr_op_name(x.op), i, what, p.to_string());
+    };
+    auto operand_bound = [&](size_t k) { return bound[static_cast<size_t>(x.args[k])]; };
+    switch (x.op) {
+      case ExprOp::Score: continue;
+      case ExprOp::Batch: bound[i] = static_cast<double>(in.B); continue;
+      case ExprOp::Head: bound[i] = static_cast<double>(in.Hq); continue;
+      case ExprOp::QIdx: bound[i] = static_cast<double>(in.Lq); continue;
+      case ExprOp::KVIdx: bound[i] = static_cast<double>(in.Lkv); continue;
+      case ExprOp::Const:
+        if (x.kind == ValueKind::Bool) return decline("a constant bool operand");
+        if (x.kind == ValueKind::Int) bound[i] = std::fabs(static_cast<double>(x.ivalue));
+        if (bound[i] >= kInt32) return decline("an integer constant beyond int32");
+        continue;
+      case ExprOp::Index:
+        return decline(fmt::format("a read of captured tensor '{}'", vd.captures()[static_cast<size_t>(x.capture)].name));
+      default: break;
+    }
+    const OpInfo& info = op_info(x.op);
+    if (info.cudnn == nullptr) return decline("cuDNN has no such pointwise mode");
+    const ValueKind operand = vd.instrs()[static_cast<size_t>(x.args.back())].kind;
+    if (x.op == ExprOp::Cast && !(x.kind == ValueKind::Float && operand == ValueKind::Int)) {
+      return decline("only int -> float casts lower");
+    }
+    if (x.op == ExprOp::Pow && x.kind != ValueKind::Float) return decline("an integer power");
+    // cuDNN broadcasts a pointwise op's second operand only: a constant goes second (pointwise_program swaps or
+    // rewrites the rest), which c ** x cannot.
+    if (x.op == ExprOp::Pow && vd.instrs()[static_cast<size_t>(x.args[0])].op == ExprOp::Const) {
+      return decline("a constant raised to a power that varies");
+    }
+    if (x.kind == ValueKind::Int) {
+      double b = 0;
+      switch (x.op) {
+        case ExprOp::Add: case ExprOp::Sub: b = operand_bound(0) + operand_bound(1); break;
+        case ExprOp::Mul: b = operand_bound(0) * operand_bound(1); break;
+        case ExprOp::Min: case ExprOp::Max: b = std::max(operand_bound(0), operand_bound(1)); break;
+        case ExprOp::Neg: case ExprOp::Abs: case ExprOp::Floor: case ExprOp::Ceil: b = operand_bound(0); break;
+        case ExprOp::Where: b = std::max(operand_bound(1), operand_bound(2)); break;
+        default: return decline("an integer op cuDNN would compute in int32 with another meaning");
+      }
+      if (b >= kInt32) return decline(fmt::format("its integer value may reach {} (cuDNN computes ints in int32)", b));
+      bound[i] = b;
+    }
+    if (x.kind == ValueKind::Float) {
+      switch (x.op) {
+        case ExprOp::Div:  // by a constant: finite
+          if (vd.instrs()[static_cast<size_t>(x.args[1])].op != ExprOp::Const) may_be_nonfinite = true;
+          break;
+        case ExprOp::Log: case ExprOp::Sqrt: case ExprOp::Rsqrt: case ExprOp::Tan: case ExprOp::Pow: case ExprOp::Exp:
+          may_be_nonfinite = true;
+          break;
+        default: break;
+      }
+    }
+  }
+  const Instr& value = vd.instrs()[static_cast<size_t>(vd.outputs()[0])];
+  if (value.op == ExprOp::Const || value.kind != ValueKind::Float) {
+    return fmt::format("score_mod: {} is a constant or not a float (cuDNN's softmax reads a float per entry)",
+                       p.to_string());
+  }
+  s.pointwise = std::make_shared<const ModProgram>(vd);
+  s.pointwise_text = p.to_string();
+  s.pointwise_zero_masked_grad = may_be_nonfinite;
+  return {};
+}
+
 std::string lower_score(const ModProgram& p, const CudnnLoweringInput& in, CudnnSdpaSpec& s) {
   const Instr& out = p.instrs()[p.output()];
   if (out.op == ExprOp::Score) return {};
@@ -369,11 +455,19 @@ std::string lower_score(const ModProgram& p, const CudnnLoweringInput& in, Cudnn
     for (int side = 0; side < 2; ++side) {
       const Instr& a = p.instrs()[out.args[side]];
       const int32_t f = out.args[1 - side];
-      if (a.op == ExprOp::Score && (p.instrs()[f].deps & kUsesScore) == 0) return lower_bias(p, f, in, s);
+      if (a.op == ExprOp::Score && (p.instrs()[f].deps & kUsesScore) == 0) {
+        CudnnSdpaSpec with_bias = s;  // lower_bias may fill some fields before it declines
+        const std::string bias_why = lower_bias(p, f, in, with_bias);
+        if (bias_why.empty()) {
+          s = std::move(with_bias);
+          return {};
+        }
+        const std::string pointwise_why = lower_pointwise(p, in, s);
+        return pointwise_why.empty() ? std::string() : fmt::format("{}; as pointwise ops: {}", bias_why, pointwise_why);
+      }
     }
   }
-  return fmt::format("score_mod: {} is not score + bias (cuDNN's fused SDPA adds a bias to the scaled score; other "
-                     "score_mods need the pointwise score-modifier graph, not built yet)", p.to_string());
+  return lower_pointwise(p, in, s);
 }
 
 }  // namespace
@@ -385,6 +479,7 @@ std::string CudnnSdpaSpec::describe() const {
   else s = fmt::format("band [left {}, right {}]", left_bound ? std::to_string(*left_bound) : "none",
                        right_bound ? std::to_string(*right_bound) : "none");
   if (score_scale != 1.0) s += fmt::format(" * {}", score_scale);
+  if (pointwise) s += fmt::format(" + pointwise score_mod [{}]", pointwise_text);
   if (bias == Bias::Tensor) {
     static const char* kRole[4] = {"b", "h", "q", "kv"};
     std::vector<std::string> dims;

@@ -12,18 +12,23 @@
 //              cuDNN's top-left diagonal band (right bound -lo >= 0, left bound hi + 1 > 0). The BlockMask must
 //              agree with it block by block: a block it skips (empty) holds no allowed entry and a block it
 //              marks full holds no masked one (otherwise flex_attention's result differs from the band's).
-//   score_mod  identity; score * c or score / c with c a constant (folded into the scale); score + c[...] with c a captured float tensor indexed by a subset of (b, h, q_idx,
-//              kv_idx) in that order (a bias broadcast to [B, H, Lq, Lkv], read by cuDNN in q's dtype, so a
-//              float32 bias is rounded to bf16/fp16 where the fused kernels add it in float32; learnable: dBias,
-//              computed in q's dtype too); score +
-//              slope(h) * (kv_idx - q_idx) with slope a captured c[h] or a function of h alone (ALiBi; cuDNN
-//              requires the causal band with it).
+//   score_mod  identity; score * c or score / c with c a constant (folded into the scale); score + c[...] with c a
+//              captured float tensor indexed by a subset of (b, h, q_idx, kv_idx) in that order (a bias broadcast
+//              to [B, H, Lq, Lkv], read by cuDNN in q's dtype, so a float32 bias is rounded to bf16/fp16 where the
+//              fused kernels add it in float32; learnable: dBias, computed in q's dtype too); score + slope(h) *
+//              (kv_idx - q_idx) with slope a captured c[h] or a function of h alone (ALiBi; cuDNN requires the
+//              causal band with it); any other score_mod built from ops with a cuDNN pointwise mode
+//              (op_semantics.h, OpInfo::cudnn) on the score, float constants and b / h / q_idx / kv_idx, with
+//              integer values below 2^31 (cuDNN's score-modifier subgraph; our derivative is its backward chain):
+//              softcap, score + (q_idx - kv_idx), where(q_idx >= kv_idx, score, 2 * score), ... Captured tensors
+//              lower only as the bias and the ALiBi slopes above.
 //   shapes     bf16 / fp16, head dims multiples of 8 up to 256, Bkv == B (GQA: Hq a multiple of Hkv),
 //              every query row with at least one allowed key (cuDNN's softmax of an empty row is not
 //              flex_attention's out 0 / lse -inf).
 #pragma once
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -52,6 +57,15 @@ struct CudnnSdpaSpec {
 
   // score_mod `score * c` (or `score / c`), c a constant: cuDNN's scale is multiplied by it.
   double score_scale = 1.0;
+
+  // Any other score_mod whose ops all have a cuDNN pointwise mode (OpInfo::cudnn), as cuDNN's score-modifier
+  // subgraph on the scaled score: `pointwise` computes the score_mod (output 0) and d score_mod / d score (output 1,
+  // our symbolic derivative: cuDNN does no autodiff), sharing their common instructions; the backward graph
+  // multiplies dS by output 1. pointwise_zero_masked_grad: the derivative has ops that can give inf / NaN from
+  // finite scores (/, log, exp, ...), so the backward graph zeroes it at masked entries (where dS is 0).
+  std::shared_ptr<const ModProgram> pointwise;
+  std::string pointwise_text;  // the score_mod's formula (describe(), the plan key)
+  bool pointwise_zero_masked_grad = false;
 
   bool causal() const { return right_bound == 0 && !left_bound; }
   // "causal", "band [left 64, right 0] + bias cap0[h, q, kv]", ... (tests, messages, the plan cache key).

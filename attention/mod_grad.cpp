@@ -92,6 +92,7 @@ ScoreModBackward derive_score_mod(const ModProgram& fwd) {
   r.dscore_is_constant = pb.is_const(dscore);
   r.dscore_constant = r.dscore_is_constant ? pb.const_value(dscore) : 0;
   r.program = pb.finish(std::move(outs), std::move(names));
+  r.value_and_dscore = pb.finish({m[out], dscore}, {"score_mod", "d_score"});
   r.captures = fwd.captures();
   return r;
 }

@@ -27,6 +27,10 @@ struct CaptureGradTerm {
 
 struct ScoreModBackward {
   ModProgram program;                 // outputs as described above
+  // The score_mod and d score_mod / d score as one program (outputs "score_mod", "d_score"): built in the same
+  // builder, so the derivative reuses the forward's instructions (softcap's tanh(score / 20) is one instruction),
+  // for evaluators that need both at an entry (the cuDNN backward graph).
+  ModProgram value_and_dscore;
   std::vector<CaptureGradTerm> terms;
   // The forward's captured tensors; terms index this (the derivative program may not read all of them:
   // `score + bias[h]` has derivative 1 and only needs h as the index).

@@ -12,6 +12,7 @@
 //   - the reference path (flex_reference.cpp)   tensor ops plus the guards this file lists
 //   - the derivative (mod_grad.cpp)       the row's `grad`
 //   - the CUDA generator (mod_codegen.cpp)     the row's spellings (helpers in kernels/flex_abi.cuh)
+//   - the cuDNN lowering (cudnn_lowering.cpp, cuda/cudnn_sdpa.cpp)   the row's cuDNN pointwise mode
 //
 // Semantics in one paragraph (PyTorch's and Python's unless said otherwise):
 //   ints are 64-bit two's complement and wrap on overflow (+ - * neg abs, INT64_MIN // -1 == INT64_MIN);
@@ -168,6 +169,11 @@ struct OpInfo {
   const char* cuda_bool;
   // The f32 spelling under FlexKernelOptions::approx_tanh (a hardware approximation; null: cuda_f32 either way).
   const char* cuda_f32_approx = nullptr;
+  // cuDNN's pointwise mode (CUDNN_POINTWISE_<name>) for the cuDNN backend's score-modifier graphs
+  // (attention/cudnn_lowering.h), which compute it in float32 (int32 for bounded ints, bool for logic)
+  // with cuDNN's own transcendental approximations; null: the op does not lower to cuDNN. Cast lowers
+  // as IDENTITY int -> float only; Pow for floats only.
+  const char* cudnn = nullptr;
 };
 
 // The row of `op`.

@@ -150,7 +150,12 @@ class GraphBuilder {
     finalize(t.d, "finalize tensor descriptor");
     return t;
   }
-  TensorDesc scalar(cudnnDataType_t dt, int64_t uid) { return tensor(dt, {1, 1, 1, 1}, {1, 1, 1, 1}, false, uid, true); }
+  // One descriptor per uid (the graph's tensors are told apart by uid): a second request returns the first.
+  TensorDesc scalar(cudnnDataType_t dt, int64_t uid) {
+    auto it = scalars_.find(uid);
+    if (it == scalars_.end()) it = scalars_.emplace(uid, tensor(dt, {1, 1, 1, 1}, {1, 1, 1, 1}, false, uid, true)).first;
+    return it->second;
+  }
   TensorDesc virt(cudnnDataType_t dt, const std::vector<int64_t>& dims) { return tensor(dt, dims, contiguous(dims), true); }
 
   static std::vector<int64_t> contiguous(const std::vector<int64_t>& dims) {
@@ -290,13 +295,15 @@ class GraphBuilder {
   }
 
   std::vector<Desc> ops_;
-  int64_t next_virtual_ = 1000;
+  std::map<int64_t, TensorDesc> scalars_;
+  int64_t next_virtual_ = 1 << 20;  // above every fixed uid (Uid, kConst + instruction)
 };
 
 // ---------------------------------------------------------------- uids of the non-virtual tensors
 enum Uid : int64_t {
   kQ = 1, kK, kV, kO, kStats, kBias, kSlopes, kDO, kDQ, kDK, kDV, kDBias, kSoftmaxSum, kDQAccum,
-  kScale = 50, kNegInf, kLeft, kRight, kOne,
+  kScale = 50, kNegInf, kLeft, kRight, kOne, kZero,
+  kConst = 1000,  // + instruction index: the pointwise score_mod's constants
 };
 
 cudnnDataType_t cudnn_dtype(DType d) {
@@ -319,10 +326,180 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> transposed(const Tensor& t
   return {d, s};
 }
 
-// The scores' modifications shared by both directions: * scale, + bias, + ALiBi. Returns the modified S.
+// ---------------------------------------------------------------- the pointwise score_mod
+// cuDNN's mode for an op table row's name (OpInfo::cudnn).
+cudnnPointwiseMode_t pointwise_mode(ExprOp op) {
+  static const std::map<std::string, cudnnPointwiseMode_t> kModes = {
+      {"ADD", CUDNN_POINTWISE_ADD}, {"SUB", CUDNN_POINTWISE_SUB}, {"MUL", CUDNN_POINTWISE_MUL},
+      {"DIV", CUDNN_POINTWISE_DIV}, {"POW", CUDNN_POINTWISE_POW}, {"MIN", CUDNN_POINTWISE_MIN},
+      {"MAX", CUDNN_POINTWISE_MAX}, {"NEG", CUDNN_POINTWISE_NEG}, {"ABS", CUDNN_POINTWISE_ABS},
+      {"EXP", CUDNN_POINTWISE_EXP}, {"LOG", CUDNN_POINTWISE_LOG}, {"SQRT", CUDNN_POINTWISE_SQRT},
+      {"RSQRT", CUDNN_POINTWISE_RSQRT}, {"SIN", CUDNN_POINTWISE_SIN}, {"COS", CUDNN_POINTWISE_COS},
+      {"TAN", CUDNN_POINTWISE_TAN}, {"TANH_FWD", CUDNN_POINTWISE_TANH_FWD},
+      {"SIGMOID_FWD", CUDNN_POINTWISE_SIGMOID_FWD}, {"FLOOR", CUDNN_POINTWISE_FLOOR}, {"CEIL", CUDNN_POINTWISE_CEIL},
+      {"IDENTITY", CUDNN_POINTWISE_IDENTITY}, {"CMP_EQ", CUDNN_POINTWISE_CMP_EQ}, {"CMP_NEQ", CUDNN_POINTWISE_CMP_NEQ},
+      {"CMP_LT", CUDNN_POINTWISE_CMP_LT}, {"CMP_LE", CUDNN_POINTWISE_CMP_LE}, {"CMP_GT", CUDNN_POINTWISE_CMP_GT},
+      {"CMP_GE", CUDNN_POINTWISE_CMP_GE}, {"LOGICAL_AND", CUDNN_POINTWISE_LOGICAL_AND},
+      {"LOGICAL_OR", CUDNN_POINTWISE_LOGICAL_OR}, {"LOGICAL_NOT", CUDNN_POINTWISE_LOGICAL_NOT},
+      {"BINARY_SELECT", CUDNN_POINTWISE_BINARY_SELECT},
+  };
+  const char* name = op_info(op).cudnn;
+  auto it = name ? kModes.find(name) : kModes.end();
+  FG_CHECK(it != kModes.end(), ValueError, "cuDNN SDPA: op {} has no cuDNN pointwise mode (op table: {})",
+           expr_op_name(op), name ? name : "none");
+  return it->second;
+}
+
+cudnnDataType_t kind_dtype(ValueKind k) {
+  return k == ValueKind::Float ? CUDNN_DATA_FLOAT : k == ValueKind::Int ? CUDNN_DATA_INT32 : CUDNN_DATA_BOOLEAN;
+}
+
+// The by-value constants of the pointwise program: instruction i's value travels under uid kConst + i.
+struct PointwiseConsts {
+  std::vector<float> f;
+  std::vector<int32_t> i;
+};
+PointwiseConsts pointwise_consts(const ModProgram& p) {
+  PointwiseConsts c{std::vector<float>(p.size()), std::vector<int32_t>(p.size())};
+  for (size_t k = 0; k < p.size(); ++k) {
+    const Instr& x = p.instrs()[k];
+    if (x.op != ExprOp::Const) continue;
+    c.f[k] = static_cast<float>(x.value);
+    c.i[k] = static_cast<int32_t>(x.ivalue);  // lower_to_cudnn bounds int constants to int32
+  }
+  return c;
+}
+
+// Whether the live program has a where() between two constants (pointwise_program then reads kZero).
+bool pointwise_needs_zero(const ModProgram& p, const std::vector<bool>& live) {
+  for (size_t k = 0; k < p.size(); ++k) {
+    const Instr& x = p.instrs()[k];
+    if (live[k] && x.op == ExprOp::Where && p.instrs()[static_cast<size_t>(x.args[1])].op == ExprOp::Const &&
+        p.instrs()[static_cast<size_t>(x.args[2])].op == ExprOp::Const) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The instructions a direction's graph evaluates: the forward's output 0 (the score_mod), the backward's both.
+std::vector<bool> pointwise_live(const ModProgram& p, bool backward) {
+  std::vector<bool> live(p.size(), false);
+  live[static_cast<size_t>(p.outputs()[0])] = true;
+  if (backward) live[static_cast<size_t>(p.outputs()[1])] = true;
+  for (size_t k = p.size(); k-- > 0;) {
+    if (!live[k]) continue;
+    for (int32_t a : p.instrs()[k].args) live[static_cast<size_t>(a)] = true;
+  }
+  return live;
+}
+
+// The program on the scaled scores `s` (dims sd) as pointwise operations; returns each instruction's tensor
+// (constants as by-value [1,1,1,1] scalars). Operand order: cuDNN broadcasts the second operand (b), so a
+// constant never goes first: commutative ops swap, c - x is (-x) + c, c / x is (1 / x) * c, comparisons flip,
+// where(m, c, x) is where(!m, x, c), where(m, c1, c2) is where(m, kv_idx * 0 + c1, c2) (the generated index, not
+// the scores: cuDNN's engines compute the graph on padding too, where the scores need not be finite) (lower_to_cudnn
+// declines c ** x). Only the instructions `outputs` need are emitted: cuDNN rejects a
+// graph with a virtual tensor nothing reads.
+std::vector<TensorDesc> pointwise_program(GraphBuilder& g, const ModProgram& p, bool backward, const TensorDesc& s,
+                                          const std::vector<int64_t>& sd) {
+  const std::vector<bool> live = pointwise_live(p, backward);
+  std::vector<TensorDesc> v(p.size());
+  std::vector<bool> scalar(p.size(), false);
+  auto op2 = [&](cudnnPointwiseMode_t mode, ValueKind out, ValueKind compute, const TensorDesc& a, const TensorDesc& b,
+                 const TensorDesc* t = nullptr) {
+    TensorDesc y = g.virt(kind_dtype(out), sd);
+    g.pointwise(mode, kind_dtype(compute), a, &b, y, t);
+    return y;
+  };
+  for (size_t k = 0; k < p.size(); ++k) {
+    const Instr& x = p.instrs()[k];
+    if (!live[k]) continue;
+    auto arg = [&](size_t j) -> const TensorDesc& { return v[static_cast<size_t>(x.args[j])]; };
+    auto is_scalar = [&](size_t j) { return scalar[static_cast<size_t>(x.args[j])]; };
+    auto operand_kind = [&](size_t j) { return p.instrs()[static_cast<size_t>(x.args[j])].kind; };
+    switch (x.op) {
+      case ExprOp::Score: v[k] = s; continue;
+      case ExprOp::Batch: v[k] = g.gen_index(s, sd, 0, CUDNN_DATA_INT32); continue;
+      case ExprOp::Head: v[k] = g.gen_index(s, sd, 1, CUDNN_DATA_INT32); continue;
+      case ExprOp::QIdx: v[k] = g.gen_index(s, sd, 2, CUDNN_DATA_INT32); continue;
+      case ExprOp::KVIdx: v[k] = g.gen_index(s, sd, 3, CUDNN_DATA_INT32); continue;
+      case ExprOp::Const:
+        v[k] = g.scalar(kind_dtype(x.kind), kConst + static_cast<int64_t>(k));
+        scalar[k] = true;
+        continue;
+      default: break;
+    }
+    const cudnnPointwiseMode_t mode = pointwise_mode(x.op);
+    const ValueKind compute = x.op == ExprOp::Where ? x.kind : operand_kind(x.args.size() - 1);
+    if (x.args.size() == 1) {
+      TensorDesc y = g.virt(kind_dtype(x.kind), sd);
+      g.pointwise(mode, kind_dtype(x.op == ExprOp::Cast ? x.kind : compute), arg(0), nullptr, y);
+      v[k] = y;
+      continue;
+    }
+    if (x.op == ExprOp::Where) {
+      if (is_scalar(1) && is_scalar(2)) {  // where(m, c1, c2) (a derivative's usual form): c1 as kv_idx * 0 + c1
+        TensorDesc zero = g.scalar(CUDNN_DATA_FLOAT, kZero);
+        TensorDesc zeros = g.pw(CUDNN_POINTWISE_MUL, g.gen_index(s, sd, 3, CUDNN_DATA_INT32), &zero,
+                                kind_dtype(x.kind), sd, kind_dtype(x.kind));
+        TensorDesc c1 = g.pw(CUDNN_POINTWISE_ADD, zeros, &arg(1), kind_dtype(x.kind), sd, kind_dtype(x.kind));
+        v[k] = op2(mode, x.kind, compute, c1, arg(2), &arg(0));
+      } else if (is_scalar(1)) {
+        TensorDesc negated = g.virt(CUDNN_DATA_BOOLEAN, sd);
+        g.pointwise(CUDNN_POINTWISE_LOGICAL_NOT, CUDNN_DATA_BOOLEAN, arg(0), nullptr, negated);
+        v[k] = op2(mode, x.kind, compute, arg(2), arg(1), &negated);
+      } else {
+        v[k] = op2(mode, x.kind, compute, arg(1), arg(2), &arg(0));
+      }
+      continue;
+    }
+    const ValueKind cmp_compute = x.kind == ValueKind::Bool ? ValueKind::Bool : compute;
+    if (!is_scalar(0)) {
+      v[k] = op2(mode, x.kind, cmp_compute, arg(0), arg(1));
+      continue;
+    }
+    switch (x.op) {  // a constant first operand
+      case ExprOp::Add: case ExprOp::Mul: case ExprOp::Min: case ExprOp::Max: case ExprOp::Eq: case ExprOp::Ne:
+      case ExprOp::And: case ExprOp::Or:
+        v[k] = op2(mode, x.kind, cmp_compute, arg(1), arg(0));
+        break;
+      case ExprOp::Lt: v[k] = op2(CUDNN_POINTWISE_CMP_GT, x.kind, cmp_compute, arg(1), arg(0)); break;
+      case ExprOp::Le: v[k] = op2(CUDNN_POINTWISE_CMP_GE, x.kind, cmp_compute, arg(1), arg(0)); break;
+      case ExprOp::Gt: v[k] = op2(CUDNN_POINTWISE_CMP_LT, x.kind, cmp_compute, arg(1), arg(0)); break;
+      case ExprOp::Ge: v[k] = op2(CUDNN_POINTWISE_CMP_LE, x.kind, cmp_compute, arg(1), arg(0)); break;
+      case ExprOp::Sub: {
+        TensorDesc neg = g.virt(kind_dtype(x.kind), sd);
+        g.pointwise(CUDNN_POINTWISE_NEG, kind_dtype(compute), arg(1), nullptr, neg);
+        v[k] = op2(CUDNN_POINTWISE_ADD, x.kind, compute, neg, arg(0));
+        break;
+      }
+      case ExprOp::Div: {
+        TensorDesc inv = g.virt(CUDNN_DATA_FLOAT, sd);
+        g.pointwise(CUDNN_POINTWISE_RECIPROCAL, CUDNN_DATA_FLOAT, arg(1), nullptr, inv);
+        v[k] = op2(CUDNN_POINTWISE_MUL, x.kind, compute, inv, arg(0));
+        break;
+      }
+      default:
+        FG_FAIL(ValueError, "cuDNN SDPA: {} with a constant first operand has no cuDNN pointwise form",
+                expr_op_name(x.op));
+    }
+  }
+  return v;
+}
+
+// The scores' modifications shared by both directions: * scale, the pointwise score_mod, + bias, + ALiBi (cuDNN's
+// order; the lowering never gives both a pointwise score_mod and a bias). Returns the modified S; with a pointwise
+// score_mod, *dscore (when not null) receives d score_mod / d score at the scaled S.
 TensorDesc scores(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, const TensorDesc& s0,
-                  const TensorDesc& scale, const std::vector<int64_t>& sd, cudnnDataType_t io) {
+                  const TensorDesc& scale, const std::vector<int64_t>& sd, cudnnDataType_t io,
+                  TensorDesc* dscore = nullptr) {
   TensorDesc s = g.pw(CUDNN_POINTWISE_MUL, s0, &scale, CUDNN_DATA_FLOAT, sd);
+  if (spec.pointwise) {
+    const std::vector<TensorDesc> v = pointwise_program(g, *spec.pointwise, dscore != nullptr, s, sd);
+    if (dscore) *dscore = v[static_cast<size_t>(spec.pointwise->outputs()[1])];
+    s = v[static_cast<size_t>(spec.pointwise->outputs()[0])];
+  }
   if (spec.bias == CudnnSdpaSpec::Bias::Tensor) {
     TensorDesc bias = g.tensor(io, dims_of(t.bias), strides_of(t.bias), false, kBias);
     s = g.pw(CUDNN_POINTWISE_ADD, s, &bias, CUDNN_DATA_FLOAT, sd);
@@ -337,10 +514,12 @@ TensorDesc scores(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTen
   return s;
 }
 
-// The band: select(row + r >= col, S, -inf) then select(col + l > row, S, -inf).
-TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const std::vector<int64_t>& sd) {
+// The band: select(row + r >= col, S, fill) then select(col + l > row, S, fill); fill is -inf (uid kNegInf) or 0
+// (kZero, for the pointwise score_mod's derivative).
+TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const std::vector<int64_t>& sd,
+                int64_t fill_uid = kNegInf) {
   if (spec.right_bound || spec.left_bound) {
-    TensorDesc neg_inf = g.scalar(CUDNN_DATA_FLOAT, kNegInf);
+    TensorDesc neg_inf = g.scalar(CUDNN_DATA_FLOAT, fill_uid);
     if (spec.right_bound) {
       TensorDesc row = g.gen_index(s, sd, 2, CUDNN_DATA_FLOAT), col = g.gen_index(s, sd, 3, CUDNN_DATA_FLOAT);
       if (*spec.right_bound != 0) {
@@ -457,12 +636,29 @@ std::shared_ptr<Plan> finish(GraphBuilder& g, cudnnHandle_t handle, const char* 
 }
 
 struct Scalars {
-  float scale, neg_inf = -std::numeric_limits<float>::infinity(), left = 0, one = 1;
+  float scale = 1, neg_inf = -std::numeric_limits<float>::infinity(), left = 0, one = 1, zero = 0;
   int32_t right = 0;
+  PointwiseConsts consts;
 };
-void add_scalars(const CudnnSdpaSpec& spec, Scalars& s, std::vector<int64_t>& uids, std::vector<void*>& ptrs) {
+void add_scalars(const CudnnSdpaSpec& spec, bool backward, Scalars& s, std::vector<int64_t>& uids,
+                 std::vector<void*>& ptrs) {
   uids.push_back(kScale);
   ptrs.push_back(&s.scale);
+  if (spec.pointwise) {
+    s.consts = pointwise_consts(*spec.pointwise);
+    const std::vector<bool> live = pointwise_live(*spec.pointwise, backward);
+    const bool zero_in_backward = backward && spec.pointwise_zero_masked_grad && (spec.right_bound || spec.left_bound);
+    if (pointwise_needs_zero(*spec.pointwise, live) || zero_in_backward) {
+      uids.push_back(kZero);
+      ptrs.push_back(&s.zero);
+    }
+    for (size_t k = 0; k < spec.pointwise->size(); ++k) {
+      const Instr& x = spec.pointwise->instrs()[k];
+      if (x.op != ExprOp::Const || !live[k]) continue;
+      uids.push_back(kConst + static_cast<int64_t>(k));
+      ptrs.push_back(x.kind == ValueKind::Float ? static_cast<void*>(&s.consts.f[k]) : &s.consts.i[k]);
+    }
+  }
   if (spec.right_bound || spec.left_bound) {
     uids.push_back(kNegInf);
     ptrs.push_back(&s.neg_inf);
@@ -477,6 +673,11 @@ void add_scalars(const CudnnSdpaSpec& spec, Scalars& s, std::vector<int64_t>& ui
     uids.push_back(kLeft);
     ptrs.push_back(&s.left);
   }
+}
+// The backward graph's own scalar: kOne (softmax_sum).
+void add_backward_scalars(Scalars& s, std::vector<int64_t>& uids, std::vector<void*>& ptrs) {
+  uids.push_back(kOne);
+  ptrs.push_back(&s.one);
 }
 void add_bias_inputs(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, std::vector<int64_t>& uids,
                      std::vector<void*>& ptrs) {
@@ -569,7 +770,8 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   TensorDesc s = g.virt(CUDNN_DATA_FLOAT, sd);
   g.matmul(q, kt, s);
   TensorDesc scale = g.scalar(CUDNN_DATA_FLOAT, kScale);  // one descriptor per uid: S's scale and dS's
-  s = scores(g, spec, t, s, scale, sd, io);
+  TensorDesc dscore;
+  s = scores(g, spec, t, s, scale, sd, io, &dscore);
   s = g.pw(CUDNN_POINTWISE_SUB, s, &stats, CUDNN_DATA_FLOAT, sd);
   s = band(g, spec, s, sd);
   TensorDesc p = g.pw(CUDNN_POINTWISE_EXP, s, nullptr, CUDNN_DATA_FLOAT, sd);
@@ -585,6 +787,10 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
   if (dbias) {
     TensorDesc db = g.tensor(io, gr.dbias.dims, gr.dbias.strides, false, kDBias);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
+  }
+  if (spec.pointwise) {  // the score-modifier's backward chain: dS w.r.t. the scaled score
+    if (spec.pointwise_zero_masked_grad) dscore = band(g, spec, dscore, sd, kZero);
+    ds = g.pw(CUDNN_POINTWISE_MUL, ds, &dscore, CUDNN_DATA_FLOAT, sd);
   }
   ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
   TensorDesc dst = g.tensor(io, td, ts, true);
@@ -664,10 +870,11 @@ void cudnn_sdpa_forward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t) {
   cudnnHandle_t handle = handle_for(device);
   auto plan = forward_plan(spec, t, handle, device);
   FG_CHECK(plan->plan != nullptr, NotImplementedError, "{}", plan->error);
-  Scalars sc{static_cast<float>(t.scale)};
+  Scalars sc;
+  sc.scale = static_cast<float>(t.scale);
   std::vector<int64_t> uids{kQ, kK, kV, kO, kStats};
   std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr()};
-  add_scalars(spec, sc, uids, ptrs);
+  add_scalars(spec, /*backward=*/false, sc, uids, ptrs);
   add_bias_inputs(spec, t, uids, ptrs);
   run_plan(handle, *plan, uids, ptrs, device);
 }
@@ -683,11 +890,13 @@ void cudnn_sdpa_backward(const CudnnSdpaSpec& spec, const CudnnSdpaTensors& t, c
   if (gl.dbias_on) gl.dbias = layout_of(gr.dbias);
   auto plan = backward_plan(spec, t, gl, gr.deterministic, handle, device);
   FG_CHECK(plan->plan != nullptr, NotImplementedError, "{}", plan->error);
-  Scalars sc{static_cast<float>(t.scale)};
-  std::vector<int64_t> uids{kQ, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV, kOne};
+  Scalars sc;
+  sc.scale = static_cast<float>(t.scale);
+  std::vector<int64_t> uids{kQ, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV};
   std::vector<void*> ptrs{t.q.data_ptr(), t.k.data_ptr(), t.v.data_ptr(), t.out.data_ptr(), t.stats.data_ptr(),
-                          gr.dout.data_ptr(), gr.dq.data_ptr(), gr.dk.data_ptr(), gr.dv.data_ptr(), &sc.one};
-  add_scalars(spec, sc, uids, ptrs);
+                          gr.dout.data_ptr(), gr.dq.data_ptr(), gr.dk.data_ptr(), gr.dv.data_ptr()};
+  add_scalars(spec, /*backward=*/true, sc, uids, ptrs);
+  add_backward_scalars(sc, uids, ptrs);
   add_bias_inputs(spec, t, uids, ptrs);
   if (gl.dbias_on) {
     uids.push_back(kDBias);

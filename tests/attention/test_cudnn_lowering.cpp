@@ -209,18 +209,11 @@ TEST(CudnnLowering, DeclinesBandsCudnnCannotRunOrThatLeaveRowsEmpty) {
   declined(short_kv, "Lq 256 > Lkv 64");
 }
 
-TEST(CudnnLowering, DeclinesScoreModsThatAreNotABias) {
-  Call softcap = make_call(tanh_softcap_score_mod(20.0), causal_mask());
-  declined(softcap, "is not score + bias");
+TEST(CudnnLowering, DeclinesCapturedReadsThatAreNotABias) {
   Tensor bias = randn({256, 256});
   Call swapped = make_call([b = Captured(bias)](Expr s, Expr, Expr, Expr q, Expr kv) { return s + b[kv][q]; }, nullptr);
   declined(swapped, "in that order");
-  Call squared = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s * s; }, nullptr);
-  declined(squared, "is not score + bias");
-  Call per_head = make_call([](Expr s, Expr, Expr h, Expr q, Expr kv) { return s * to_float(h + 1); }, nullptr);
-  declined(per_head, "is not score + bias");
-  Call quadratic = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float((q - kv) * (q - kv)); }, nullptr);
-  declined(quadratic, "depends on more than h");
+  declined(swapped, "a read of captured tensor");  // nor as pointwise ops
   Tensor short_bias = randn({4, 100, 256});
   Call too_short = make_call([b = Captured(short_bias)](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + b[h][q][kv]; },
                              nullptr);
@@ -229,6 +222,77 @@ TEST(CudnnLowering, DeclinesScoreModsThatAreNotABias) {
   Call learn = make_call([sl = Captured(learn_slopes)](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + sl[h] * (kv - q); },
                          causal_mask());
   declined(learn, "require grad");
+}
+
+// The pointwise score_mod: the program cuDNN evaluates gives the score_mod and its derivative, checked here against
+// the formulas written out by hand at sample points.
+void expect_pointwise(Call& c, const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& mod,
+                      const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& dmod,
+                      bool zero_masked_grad) {
+  CudnnSdpaSpec spec = accepted(c);
+  ASSERT_TRUE(spec.pointwise != nullptr) << spec.describe();
+  EXPECT_EQ(spec.bias, CudnnSdpaSpec::Bias::None);
+  EXPECT_EQ(spec.pointwise_zero_masked_grad, zero_masked_grad);
+  EXPECT_NE(spec.describe().find("pointwise score_mod"), std::string::npos) << spec.describe();
+  for (double s : {-7.5, -1.0, 0.0, 0.25, 3.0, 41.0})
+    for (int64_t h : {0, 3})
+      for (auto [q, kv] : {std::pair<int64_t, int64_t>{0, 0}, {5, 2}, {17, 200}}) {
+        const std::vector<double> got = spec.pointwise->evaluate_all(1, h, q, kv, s);
+        ASSERT_EQ(got.size(), 2u);
+        EXPECT_NEAR(got[0], mod(s, h, q, kv), 1e-12 * (1 + std::fabs(mod(s, h, q, kv)))) << s << " " << h << " " << q;
+        EXPECT_NEAR(got[1], dmod(s, h, q, kv), 1e-12 * (1 + std::fabs(dmod(s, h, q, kv)))) << s << " " << h << " " << q;
+      }
+}
+
+TEST(CudnnLowering, OtherScoreModsLowerAsPointwiseOpsWithTheirDerivative) {
+  Call softcap = make_call(tanh_softcap_score_mod(20.0), causal_mask());
+  expect_pointwise(
+      softcap, [](double s, int64_t, int64_t, int64_t) { return 20 * std::tanh(s / 20); },
+      [](double s, int64_t, int64_t, int64_t) { return 1 - std::tanh(s / 20) * std::tanh(s / 20); }, false);
+  EXPECT_TRUE(accepted(softcap).causal());
+  Call squared = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s * s; }, nullptr);
+  expect_pointwise(
+      squared, [](double s, int64_t, int64_t, int64_t) { return s * s; },
+      [](double s, int64_t, int64_t, int64_t) { return 2 * s; }, false);
+  Call per_head = make_call([](Expr s, Expr, Expr h, Expr, Expr) { return s * to_float(h + 1); }, nullptr);
+  expect_pointwise(
+      per_head, [](double s, int64_t h, int64_t, int64_t) { return s * static_cast<double>(h + 1); },
+      [](double, int64_t h, int64_t, int64_t) { return static_cast<double>(h + 1); }, false);
+  Call relbias = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(q - kv); }, causal_mask());
+  expect_pointwise(
+      relbias, [](double s, int64_t, int64_t q, int64_t kv) { return s + static_cast<double>(q - kv); },
+      [](double, int64_t, int64_t, int64_t) { return 1.0; }, false);
+  Call quadratic = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float((q - kv) * (q - kv)); }, nullptr);
+  expect_pointwise(
+      quadratic, [](double s, int64_t, int64_t q, int64_t kv) { return s + static_cast<double>((q - kv) * (q - kv)); },
+      [](double, int64_t, int64_t, int64_t) { return 1.0; }, false);
+  // where() with a constant first branch, a constant minus the score, a division (its derivative can overflow).
+  Call branches = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return where(q >= kv, 0.5, 3.0 - s) / (1.0 + s * s); },
+                            nullptr);
+  expect_pointwise(
+      branches,
+      [](double s, int64_t, int64_t q, int64_t kv) { return (q >= kv ? 0.5 : 3.0 - s) / (1 + s * s); },
+      [](double s, int64_t, int64_t q, int64_t kv) {
+        const double num = q >= kv ? 0.5 : 3.0 - s, dnum = q >= kv ? 0.0 : -1.0, den = 1 + s * s;
+        return (dnum * den - num * 2 * s) / (den * den);
+      },
+      true);
+}
+
+TEST(CudnnLowering, DeclinesScoreModsWithoutACudnnPointwiseForm) {
+  Call two = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s + exp2(s); }, nullptr);
+  declined(two, "exp2");
+  Call bucket = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(floor_div(q - kv, 16)); }, nullptr);
+  declined(bucket, "floor_div");
+  // q * kv * kv reaches 4096^3 > 2^31: cuDNN's int32 would wrap where the op table's int64 does not.
+  Call wide = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(q * kv * kv); }, nullptr, 4096);
+  declined(wide, "int32");
+  Call narrow = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(q * kv * kv); }, nullptr, 256);
+  EXPECT_TRUE(lower(narrow).lowers()) << lower(narrow).declined;
+  Call power = make_call([](Expr s, Expr, Expr, Expr, Expr) { return pow(Expr(2.0), s); }, nullptr);
+  declined(power, "a constant raised to a power");
+  Call truncated = make_call([](Expr s, Expr, Expr, Expr, Expr) { return to_float(to_int(s)); }, nullptr);
+  declined(truncated, "only int -> float casts");
 }
 
 TEST(CudnnLowering, DeclinesAlibiWithoutTheCausalDiagonal) {

@@ -100,6 +100,9 @@ struct Case {
   ScoreMod score_mod;
   Tensor bias;  // [Hq, L, L] float32, learnable, the score_mod's capture (nullptr-equivalent when undefined)
   std::function<double(int64_t h, int64_t q, int64_t kv)> golden_bias;
+  // A pointwise score_mod's float64 golden on the scaled scores s [B, H, L, L] with q_idx [L, 1] and kv_idx [1, L]
+  // (float64): applied after golden_bias.
+  std::function<Tensor(const Tensor& s, const Tensor& q_idx, const Tensor& kv_idx)> golden_mod;
 };
 
 struct Grads {
@@ -128,6 +131,10 @@ Grads golden(const Case& c, const Tensor& q, const Tensor& k, const Tensor& v, c
   Tensor s = matmul(q64, transpose(kk, 2, 3)) * (1.0 / std::sqrt(static_cast<double>(c.E)));
   s = s + from_vector<double>(add, {1, c.Hq, c.L, c.L}, kFloat64);
   if (bias64.defined()) s = s + bias64.unsqueeze(0);
+  if (c.golden_mod) {
+    const TensorOptions f64 = TensorOptions().dtype(kFloat64);
+    s = c.golden_mod(s, arange(static_cast<double>(c.L), f64).view({c.L, 1}), arange(static_cast<double>(c.L), f64).view({1, c.L}));
+  }
   std::vector<bool> masked(keep.size());
   for (size_t i = 0; i < keep.size(); ++i) masked[i] = !keep[i];
   s = masked_fill(s, from_vector<bool>(masked, {1, 1, c.L, c.L}, kBool), -INFINITY);
@@ -189,6 +196,44 @@ std::vector<Case> cases() {
   gqa.Hq = 8;
   gqa.Hkv = 2;
   cs.push_back(gqa);
+  // Pointwise score_mods (cuDNN's score-modifier graph; the backward multiplies dS by our derivative).
+  Case softcap = causal;
+  softcap.name = "softcap_causal";
+  softcap.score_mod = tanh_softcap_score_mod(2.0);  // a small cap, so the tanh bends the scores
+  softcap.golden_mod = [](const Tensor& s, const Tensor&, const Tensor&) { return tanh(s * 0.5) * 2.0; };
+  cs.push_back(softcap);
+  Case relpos = causal;
+  relpos.name = "relative_position_where";
+  relpos.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return where(q - kv < 8, s * 1.5, s - to_float(q - kv) * 0.05);
+  };
+  relpos.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) {
+    return where((qi - kvi) < 8.0, s * 1.5, s - (qi - kvi) * 0.05);
+  };
+  cs.push_back(relpos);
+  Case relbias = causal;  // integer index arithmetic, a constant derivative
+  relbias.name = "relative_bias";
+  relbias.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return s - to_float(q - kv) * 0.05; };
+  relbias.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) { return s - (qi - kvi) * 0.05; };
+  cs.push_back(relbias);
+  Case mixed = causal;  // a where() whose derivative keeps one varying branch: where(m, 2 s, 1)
+  mixed.name = "where_square";
+  mixed.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return where(q - kv < 8, s * s * 0.25, s); };
+  mixed.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) {
+    return where((qi - kvi) < 8.0, s * s * 0.25, s);
+  };
+  cs.push_back(mixed);
+  // A derivative that can overflow (1 / (1 + s^2) under a band whose masked entries cuDNN computes too).
+  Case rational = band;
+  rational.name = "rational_band";
+  rational.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return s / (1.0 + s * s) * 4.0; };
+  rational.golden_mod = [](const Tensor& s, const Tensor&, const Tensor&) { return s / (s * s + 1.0) * 4.0; };
+  cs.push_back(rational);
+  Case gqa_softcap = softcap;
+  gqa_softcap.name = "gqa_softcap";
+  gqa_softcap.Hq = 8;
+  gqa_softcap.Hkv = 2;
+  cs.push_back(gqa_softcap);
   return cs;
 }
 
@@ -270,8 +315,8 @@ TEST(FlexCudnn, DeterministicBackwardIsBitIdenticalOrRaisesTheDocumentedError) {
 }
 
 // Auto's choice (flex_attention.cpp, auto_cudnn_call): cuDNN where the program lowers on sm_90a (or anywhere with
-// FLEXGRAD_FLEX_CUDNN=1), the fused kernels with FLEXGRAD_FLEX_CUDNN=0, for programs that do not lower (softcap),
-// and when max_scores are asked for. Told apart by the forward output's bits (cuDNN's and ours differ in rounding).
+// FLEXGRAD_FLEX_CUDNN=1), the fused kernels with FLEXGRAD_FLEX_CUDNN=0, for programs that do not lower
+// (exp2), and when max_scores are asked for. Told apart by the forward output's bits (cuDNN's and ours differ in rounding).
 TEST(FlexCudnn, AutoPicksCudnnByTheRuleAndTheEnvironmentOverridesIt) {
   SKIP_WITHOUT_CUDNN();
   manual_seed(5);
@@ -299,9 +344,12 @@ TEST(FlexCudnn, AutoPicksCudnnByTheRuleAndTheEnvironmentOverridesIt) {
     EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, false), cudnn));
     // max_scores: only the fused kernels give them.
     EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, {}, true), out(FlexBackend::Fused, {}, true)));
-    // softcap (tanh) does not lower: the fused kernels.
+    // exp2 has no cuDNN pointwise mode: the program does not lower, the fused kernels run.
+    const ScoreMod two = [](Expr s, Expr, Expr, Expr, Expr) { return s + exp2(s * 0.125); };
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, two, false), out(FlexBackend::Fused, two, false)));
+    // softcap lowers as pointwise ops: cuDNN.
     const ScoreMod softcap = tanh_softcap_score_mod(20.0);
-    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, softcap, false), out(FlexBackend::Fused, softcap, false)));
+    EXPECT_TRUE(bits_equal(out(FlexBackend::Auto, softcap, false), out(FlexBackend::Cudnn, softcap, false)));
   }
   {
     ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "0");
