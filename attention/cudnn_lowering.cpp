@@ -362,7 +362,6 @@ std::string lower_pointwise(const ModProgram& p, const CudnnLoweringInput& in, C
   const ModProgram& vd = g.value_and_dscore;
   constexpr double kInt32 = 2147483647.0;
   std::vector<double> bound(vd.size(), 0);  // |value| bound of each int instruction
-  bool may_be_nonfinite = false;            // some op can turn finite inputs into inf / NaN
   for (size_t i = 0; i < vd.size(); ++i) {
     const Instr& x = vd.instrs()[i];
     auto decline = [&](const std::string& what) {
@@ -410,17 +409,6 @@ std::string lower_pointwise(const ModProgram& p, const CudnnLoweringInput& in, C
       if (b >= kInt32) return decline(fmt::format("its integer value may reach {} (cuDNN computes ints in int32)", b));
       bound[i] = b;
     }
-    if (x.kind == ValueKind::Float) {
-      switch (x.op) {
-        case ExprOp::Div:  // by a constant: finite
-          if (vd.instrs()[static_cast<size_t>(x.args[1])].op != ExprOp::Const) may_be_nonfinite = true;
-          break;
-        case ExprOp::Log: case ExprOp::Sqrt: case ExprOp::Rsqrt: case ExprOp::Tan: case ExprOp::Pow: case ExprOp::Exp:
-          may_be_nonfinite = true;
-          break;
-        default: break;
-      }
-    }
   }
   const Instr& value = vd.instrs()[static_cast<size_t>(vd.outputs()[0])];
   if (value.op == ExprOp::Const || value.kind != ValueKind::Float) {
@@ -429,7 +417,6 @@ std::string lower_pointwise(const ModProgram& p, const CudnnLoweringInput& in, C
   }
   s.pointwise = std::make_shared<const ModProgram>(vd);
   s.pointwise_text = p.to_string();
-  s.pointwise_zero_masked_grad = may_be_nonfinite;
   return {};
 }
 

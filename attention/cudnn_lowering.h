@@ -61,11 +61,9 @@ struct CudnnSdpaSpec {
   // Any other score_mod whose ops all have a cuDNN pointwise mode (OpInfo::cudnn), as cuDNN's score-modifier
   // subgraph on the scaled score: `pointwise` computes the score_mod (output 0) and d score_mod / d score (output 1,
   // our symbolic derivative: cuDNN does no autodiff), sharing their common instructions; the backward graph
-  // multiplies dS by output 1. pointwise_zero_masked_grad: the derivative has ops that can give inf / NaN from
-  // finite scores (/, log, exp, ...), so the backward graph zeroes it at masked entries (where dS is 0).
+  // multiplies dS by output 1 where dS != 0.
   std::shared_ptr<const ModProgram> pointwise;
   std::string pointwise_text;  // the score_mod's formula (describe(), the plan key)
-  bool pointwise_zero_masked_grad = false;
 
   bool causal() const { return right_bound == 0 && !left_bound; }
   // "causal", "band [left 64, right 0] + bias cap0[h, q, kv]", ... (tests, messages, the plan cache key).

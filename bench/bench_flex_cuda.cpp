@@ -123,6 +123,10 @@ void sync(Device dev) {
 }
 
 // Milliseconds of one call of f (before() runs untimed first).
+// Host time of the last CUDA call time_once timed: from entering f to f's return (the launches queued, the GPU
+// still running): flexgrad's own per-call cost, which the event time includes whenever it exceeds nothing queued.
+double g_last_host_ms = 0;
+
 double time_once(Device dev, const std::function<void()>& before, const std::function<void()>& f) {
   before();
 #ifdef FLEXGRAD_WITH_CUDA
@@ -132,7 +136,9 @@ double time_once(Device dev, const std::function<void()>& before, const std::fun
     cudaEventCreate(&a);
     cudaEventCreate(&b);
     cudaEventRecord(a, s);
+    const auto h0 = std::chrono::steady_clock::now();
     f();
+    g_last_host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - h0).count();
     cudaEventRecord(b, s);
     cudaEventSynchronize(b);
     float ms = 0;
@@ -149,11 +155,18 @@ double time_once(Device dev, const std::function<void()>& before, const std::fun
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-double median_ms(Device dev, int warmup, int reps, const std::function<void()>& before, const std::function<void()>& f) {
+// Median event time of f; *host_ms (when given) receives the median host time of the calls (CUDA only).
+double median_ms(Device dev, int warmup, int reps, const std::function<void()>& before, const std::function<void()>& f,
+                 double* host_ms = nullptr) {
   for (int i = 0; i < warmup; ++i) time_once(dev, before, f);
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) t.push_back(time_once(dev, before, f));
+  std::vector<double> t, h;
+  for (int i = 0; i < reps; ++i) {
+    t.push_back(time_once(dev, before, f));
+    h.push_back(g_last_host_ms);
+  }
   std::sort(t.begin(), t.end());
+  std::sort(h.begin(), h.end());
+  if (host_ms) *host_ms = h[h.size() / 2];
   return t[t.size() / 2];
 }
 
@@ -190,16 +203,19 @@ void run_case(const BenchCase& c, Device dev, FlexBackend backend, int warmup, i
   Inputs in = make_inputs(c, dev, backend);
   const double fwd_flops = 4.0 * c.B * c.H * c.D * static_cast<double>(c.S) * c.S * in.density;
   const double bwd_flops = 2.5 * fwd_flops;
+  double fwd_host = 0, bwd_host = 0;
   const double fwd = median_ms(dev, warmup, reps, [] {}, [&] {
     NoGradGuard g;
     flex_attention(in.q, in.k, in.v, in.o);
-  });
+  }, &fwd_host);
   // Backward alone: one forward with the graph kept, then backward with retain_graph, gradients reset
   // (untimed) before each run as do_bench's grad_to_none.
   Tensor out = flex_attention(in.q, in.k, in.v, in.o).out;
-  const double bwd = median_ms(dev, warmup, reps, [&] { reset_grads(in); }, [&] { out.backward(in.dout, true); });
-  std::printf("%-16s %-9s %3ld %3ld %6ld %4ld %7.1f%% %9.3f %9.2f %9.3f %9.2f\n", c.name.c_str(), dtype_name(c.dtype), c.B,
-              c.H, c.S, c.D, in.density * 100, fwd, fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9);
+  const double bwd = median_ms(dev, warmup, reps, [&] { reset_grads(in); }, [&] { out.backward(in.dout, true); },
+                               &bwd_host);
+  std::printf("%-16s %-9s %3ld %3ld %6ld %4ld %7.1f%% %9.3f %9.2f %9.3f %9.2f %8.1f %8.1f\n", c.name.c_str(),
+              dtype_name(c.dtype), c.B, c.H, c.S, c.D, in.density * 100, fwd, fwd_flops / fwd / 1e9, bwd,
+              bwd_flops / bwd / 1e9, fwd_host * 1e3, bwd_host * 1e3);
   if (csv.is_open()) {
     csv << fmt::format("{},{},{},{},{},{},{:.6f},{:.6f},{:.6f},{:.3f},{:.3f}\n", c.name, dtype_name(c.dtype), c.B, c.H, c.S,
                        c.D, in.density, fwd, bwd, fwd_flops / fwd / 1e9, bwd_flops / bwd / 1e9);
@@ -292,8 +308,9 @@ int main(int argc, char** argv) {
     std::printf("flexgrad flex_attention (backend %s) on %s; median of %d after %d warm-up calls; TFLOP/s on visited "
                 "blocks%s%s\n", backend_name.c_str(), dev.str().c_str(), reps, warmup, approx_tanh ? "; approx_tanh" : "",
                 nondeterministic ? "; nondeterministic" : "");
-    std::printf("%-16s %-9s %3s %3s %6s %4s %8s %9s %9s %9s %9s\n", "case", "dtype", "B", "H", "S", "D", "density", "fwd ms",
-                "fwd TF/s", "bwd ms", "bwd TF/s");
+    // host us: the median host time of one call (fwd: flex_attention, bwd: backward()), the launches queued.
+    std::printf("%-16s %-9s %3s %3s %6s %4s %8s %9s %9s %9s %9s %8s %8s\n", "case", "dtype", "B", "H", "S", "D", "density",
+                "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "fwd host", "bwd host");
     int failed = 0;
     for (const BenchCase& c : cases) {
       try {

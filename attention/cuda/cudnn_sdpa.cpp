@@ -514,12 +514,10 @@ TensorDesc scores(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaTen
   return s;
 }
 
-// The band: select(row + r >= col, S, fill) then select(col + l > row, S, fill); fill is -inf (uid kNegInf) or 0
-// (kZero, for the pointwise score_mod's derivative).
-TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const std::vector<int64_t>& sd,
-                int64_t fill_uid = kNegInf) {
+// The band: select(row + r >= col, S, -inf) then select(col + l > row, S, -inf).
+TensorDesc band(GraphBuilder& g, const CudnnSdpaSpec& spec, TensorDesc s, const std::vector<int64_t>& sd) {
   if (spec.right_bound || spec.left_bound) {
-    TensorDesc neg_inf = g.scalar(CUDNN_DATA_FLOAT, fill_uid);
+    TensorDesc neg_inf = g.scalar(CUDNN_DATA_FLOAT, kNegInf);
     if (spec.right_bound) {
       TensorDesc row = g.gen_index(s, sd, 2, CUDNN_DATA_FLOAT), col = g.gen_index(s, sd, 3, CUDNN_DATA_FLOAT);
       if (*spec.right_bound != 0) {
@@ -647,8 +645,7 @@ void add_scalars(const CudnnSdpaSpec& spec, bool backward, Scalars& s, std::vect
   if (spec.pointwise) {
     s.consts = pointwise_consts(*spec.pointwise);
     const std::vector<bool> live = pointwise_live(*spec.pointwise, backward);
-    const bool zero_in_backward = backward && spec.pointwise_zero_masked_grad && (spec.right_bound || spec.left_bound);
-    if (pointwise_needs_zero(*spec.pointwise, live) || zero_in_backward) {
+    if (pointwise_needs_zero(*spec.pointwise, live) || backward) {  // the backward chain's select reads it too
       uids.push_back(kZero);
       ptrs.push_back(&s.zero);
     }
@@ -788,9 +785,16 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
     TensorDesc db = g.tensor(io, gr.dbias.dims, gr.dbias.strides, false, kDBias);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
   }
-  if (spec.pointwise) {  // the score-modifier's backward chain: dS w.r.t. the scaled score
-    if (spec.pointwise_zero_masked_grad) dscore = band(g, spec, dscore, sd, kZero);
-    ds = g.pw(CUDNN_POINTWISE_MUL, ds, &dscore, CUDNN_DATA_FLOAT, sd);
+  if (spec.pointwise) {
+    // The score-modifier's backward chain, dS w.r.t. the scaled score: dS * d score_mod / d score where dS != 0, else
+    // 0 (the fused kernels' rule). Masked entries and the padding cuDNN computes past Lq / Lkv have dS = 0, and there
+    // the derivative of scores that need not be finite must not turn 0 into NaN.
+    TensorDesc zero = g.scalar(CUDNN_DATA_FLOAT, kZero);
+    TensorDesc nonzero = g.pw(CUDNN_POINTWISE_CMP_NEQ, ds, &zero, CUDNN_DATA_BOOLEAN, sd, CUDNN_DATA_BOOLEAN);
+    TensorDesc chained = g.pw(CUDNN_POINTWISE_MUL, ds, &dscore, CUDNN_DATA_FLOAT, sd);
+    TensorDesc y = g.virt(CUDNN_DATA_FLOAT, sd);
+    g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, chained, &zero, y, &nonzero);
+    ds = y;
   }
   ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
   TensorDesc dst = g.tensor(io, td, ts, true);

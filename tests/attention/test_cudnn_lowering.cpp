@@ -227,12 +227,10 @@ TEST(CudnnLowering, DeclinesCapturedReadsThatAreNotABias) {
 // The pointwise score_mod: the program cuDNN evaluates gives the score_mod and its derivative, checked here against
 // the formulas written out by hand at sample points.
 void expect_pointwise(Call& c, const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& mod,
-                      const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& dmod,
-                      bool zero_masked_grad) {
+                      const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& dmod) {
   CudnnSdpaSpec spec = accepted(c);
   ASSERT_TRUE(spec.pointwise != nullptr) << spec.describe();
   EXPECT_EQ(spec.bias, CudnnSdpaSpec::Bias::None);
-  EXPECT_EQ(spec.pointwise_zero_masked_grad, zero_masked_grad);
   EXPECT_NE(spec.describe().find("pointwise score_mod"), std::string::npos) << spec.describe();
   for (double s : {-7.5, -1.0, 0.0, 0.25, 3.0, 41.0})
     for (int64_t h : {0, 3})
@@ -248,25 +246,25 @@ TEST(CudnnLowering, OtherScoreModsLowerAsPointwiseOpsWithTheirDerivative) {
   Call softcap = make_call(tanh_softcap_score_mod(20.0), causal_mask());
   expect_pointwise(
       softcap, [](double s, int64_t, int64_t, int64_t) { return 20 * std::tanh(s / 20); },
-      [](double s, int64_t, int64_t, int64_t) { return 1 - std::tanh(s / 20) * std::tanh(s / 20); }, false);
+      [](double s, int64_t, int64_t, int64_t) { return 1 - std::tanh(s / 20) * std::tanh(s / 20); });
   EXPECT_TRUE(accepted(softcap).causal());
   Call squared = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s * s; }, nullptr);
   expect_pointwise(
       squared, [](double s, int64_t, int64_t, int64_t) { return s * s; },
-      [](double s, int64_t, int64_t, int64_t) { return 2 * s; }, false);
+      [](double s, int64_t, int64_t, int64_t) { return 2 * s; });
   Call per_head = make_call([](Expr s, Expr, Expr h, Expr, Expr) { return s * to_float(h + 1); }, nullptr);
   expect_pointwise(
       per_head, [](double s, int64_t h, int64_t, int64_t) { return s * static_cast<double>(h + 1); },
-      [](double, int64_t h, int64_t, int64_t) { return static_cast<double>(h + 1); }, false);
+      [](double, int64_t h, int64_t, int64_t) { return static_cast<double>(h + 1); });
   Call relbias = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(q - kv); }, causal_mask());
   expect_pointwise(
       relbias, [](double s, int64_t, int64_t q, int64_t kv) { return s + static_cast<double>(q - kv); },
-      [](double, int64_t, int64_t, int64_t) { return 1.0; }, false);
+      [](double, int64_t, int64_t, int64_t) { return 1.0; });
   Call quadratic = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float((q - kv) * (q - kv)); }, nullptr);
   expect_pointwise(
       quadratic, [](double s, int64_t, int64_t q, int64_t kv) { return s + static_cast<double>((q - kv) * (q - kv)); },
-      [](double, int64_t, int64_t, int64_t) { return 1.0; }, false);
-  // where() with a constant first branch, a constant minus the score, a division (its derivative can overflow).
+      [](double, int64_t, int64_t, int64_t) { return 1.0; });
+  // where() with a constant first branch, a constant minus the score, a division by a varying value.
   Call branches = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return where(q >= kv, 0.5, 3.0 - s) / (1.0 + s * s); },
                             nullptr);
   expect_pointwise(
@@ -275,8 +273,7 @@ TEST(CudnnLowering, OtherScoreModsLowerAsPointwiseOpsWithTheirDerivative) {
       [](double s, int64_t, int64_t q, int64_t kv) {
         const double num = q >= kv ? 0.5 : 3.0 - s, dnum = q >= kv ? 0.0 : -1.0, den = 1 + s * s;
         return (dnum * den - num * 2 * s) / (den * den);
-      },
-      true);
+      });
 }
 
 TEST(CudnnLowering, DeclinesScoreModsWithoutACudnnPointwiseForm) {

@@ -56,17 +56,14 @@ bool bits_equal(const Tensor& a, const Tensor& b) {
     if (!why_.empty()) GTEST_SKIP() << "cuDNN backend: " << why_; \
   } while (0)
 
-TEST(FlexCudnn, ConformanceCasesThatLowerPassPyTorchsRule) {
-  SKIP_WITHOUT_CUDNN();
-  const std::string dir = fg::testing::conformance_dir();
-  if (!std::filesystem::exists(dir + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << dir;
-  std::ifstream f(dir + "/manifest.json");
-  const nlohmann::json manifest = nlohmann::json::parse(f);
+// Every conformance case on the forced cuDNN backend in `dt`: the ones that lower pass PyTorch's rule.
+void conformance_on_cudnn(const std::string& dir, const nlohmann::json& manifest, DType dt) {
+  SCOPED_TRACE(dtype_name(dt));
   std::vector<std::string> ran, declined;
   for (const auto& entry : manifest) {
     const std::string name = entry.at("case").get<std::string>();
     ConformanceOptions o;
-    o.dtype = kBFloat16;
+    o.dtype = dt;
     o.device = kGpu;
     o.backend = FlexBackend::Cudnn;
     o.only = {name};
@@ -84,11 +81,22 @@ TEST(FlexCudnn, ConformanceCasesThatLowerPassPyTorchsRule) {
       declined.push_back(name);
     }
   }
-  std::printf("cuDNN ran %zu cases, declined %zu\n", ran.size(), declined.size());
-  // The patterns that lower must run: ALiBi under causal, GQA causal, a sliding window, a constant score scale.
-  for (const char* must : {"alibi_causal", "gqa_causal", "sliding64_blk64", "dv_differs"}) {
+  std::printf("cuDNN ran %zu cases in %s, declined %zu\n", ran.size(), dtype_name(dt), declined.size());
+  // The patterns that lower must run: ALiBi under causal, GQA causal, a sliding window, a constant score scale, and
+  // as pointwise ops softcap and score + (q_idx - kv_idx).
+  for (const char* must : {"alibi_causal", "gqa_causal", "sliding64_blk64", "dv_differs", "softcap20", "relbias_diffseq"}) {
     EXPECT_NE(std::find(ran.begin(), ran.end(), must), ran.end()) << must << " was declined";
   }
+}
+
+TEST(FlexCudnn, ConformanceCasesThatLowerPassPyTorchsRule) {
+  SKIP_WITHOUT_CUDNN();
+  const std::string dir = fg::testing::conformance_dir();
+  if (!std::filesystem::exists(dir + "/manifest.json")) GTEST_SKIP() << "no conformance data at " << dir;
+  std::ifstream f(dir + "/manifest.json");
+  const nlohmann::json manifest = nlohmann::json::parse(f);
+  // bf16 only: the data holds PyTorch's bf16 and fp32 errors, no fp16 ones (fp16 runs in FlexCudnnGolden).
+  conformance_on_cudnn(dir, manifest, kBFloat16);
 }
 
 // ---- float64 golden written here: softmax(Q K^T scale + bias, masked) V over materialised scores.
@@ -223,7 +231,7 @@ std::vector<Case> cases() {
     return where((qi - kvi) < 8.0, s * s * 0.25, s);
   };
   cs.push_back(mixed);
-  // A derivative that can overflow (1 / (1 + s^2) under a band whose masked entries cuDNN computes too).
+  // A derivative with a division (1 / (1 + s^2)) under a band whose masked entries cuDNN computes too.
   Case rational = band;
   rational.name = "rational_band";
   rational.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return s / (1.0 + s * s) * 4.0; };
