@@ -408,6 +408,60 @@ TEST(ModCodegen, ScoreAndDerivativeInOnePassForOtherMods) {
   }
 }
 
+#ifdef FLEXGRAD_WITH_CUDA
+// The backward kernels with the one-pass element (flex_backward.cuh's fg_entry calls fg_score_elem_dscore)
+// compile, as attention/cuda/flex_backward_cuda.cpp assembles them, for each kernel family: mma.sync
+// (bf16, sm_80), wgmma (bf16, sm_90a) and SIMT (float64), with and without capture gradients, and with a
+// constant derivative (the unchanged path). NVRTC only, no GPU: tests/cuda run them.
+TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias"), colb(floats({0.1, 0.2, 0.3, 0.4}, {4}), "colb");
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram capped = trace_score_mod(
+      [bias, colb](Expr s, Expr, Expr h, Expr, Expr kv) { return 20.0 * tanh(s * bias[h] / 20.0) + colb[kv]; });
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    int cap_mode;  // FG_CAP_MODE: 0 none, 1 deterministic, 2 atomics
+    const char* family;
+  };
+  const Case cases[] = {{"softcap mma.sync", &softcap, 0, "mma"},
+                        {"captured softcap wgmma", &capped, 2, "wgmma"},
+                        {"captured softcap float64 SIMT", &capped, 1, "simt"},
+                        {"alibi (constant derivative) mma.sync", &alibi, 0, "mma"}};
+  for (const Case& c : cases) {
+    const ScoreModBackward g = derive_score_mod(*c.score);
+    CudaModsInput in;
+    in.score_mod = c.score;
+    in.mask_mod = &causal;
+    in.score_grad = &g;
+    in.grad_needed.assign(g.captures.size(), c.cap_mode != 0);
+    const std::string family = c.family;
+    std::vector<std::string> d{
+        fmt::format("FG_IN_DTYPE {}", family == "simt" ? 6 : 4), "FG_E 64", "FG_EV 64",
+        fmt::format("FG_NT {}", family == "simt" ? 256 : 128), fmt::format("FG_USE_MMA {}", family == "simt" ? 0 : 1),
+        fmt::format("FG_CAP_MODE {}", c.cap_mode)};
+    const int t = family == "simt" ? 32 : 64;
+    for (const char* n : {"FG_BQ", "FG_BKV", "FG_Q_TILE", "FG_KV_TILE", "FG_Q_CHUNK", "FG_KV_CHUNK"})
+      d.push_back(fmt::format("{} {}", n, t));
+    if (family == "wgmma")
+      for (const char* x : {"FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 1", "FG_WG_DQ 1"}) d.emplace_back(x);
+    std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+    for (const std::string& x : d) tu += "#define " + x + "\n";
+    tu += "#include \"flex_mma.cuh\"\n";
+    tu += family == "wgmma" ? "#include \"flex_backward_wgmma.cuh\"\n" : "#include \"flex_backward.cuh\"\n";
+    const std::string err = nvrtc().build(tu, headers, family == "wgmma" ? "sm_90a" : "sm_80");
+    EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
+  }
+}
+#endif
+
 TEST(ModCodegen, RelativeBiasTableGradient) {
   const int64_t H = 2, L = 4;
   std::vector<double> v(static_cast<size_t>(H * (2 * L - 1)));
