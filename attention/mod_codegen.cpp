@@ -206,14 +206,16 @@ enum class Part : uint8_t { None, Row, Col, Elem };
 
 struct SplitProgram {
   std::vector<Part> part;                   // per instruction (None: dead or a leaf)
-  std::vector<char> row_emit, col_emit, elem_emit;  // what each function computes (with the leaves it reads)
-  std::vector<int32_t> row_out, col_out;    // values carried from the row / column function to the element one
+  std::vector<char> row_emit, col_emit;     // what the row / column functions compute (with the leaves they read)
+  std::vector<int32_t> row_out, col_out;    // values carried from the row / column function to the element ones
 };
 
-SplitProgram split_program(const ModProgram& p, int32_t output) {
+// The split of `p` for element functions that together compute `outputs` (each element function may
+// compute a subset of them, see elem_part): the row and column parts carry what any of them needs.
+SplitProgram split_program(const ModProgram& p, const std::vector<int32_t>& outputs) {
   const auto& ins = p.instrs();
   const size_t n = ins.size();
-  const std::vector<char> live = live_set(p, {output});
+  const std::vector<char> live = live_set(p, outputs);
   SplitProgram sp;
   sp.part.assign(n, Part::None);
   for (size_t i = 0; i < n; ++i) {
@@ -222,31 +224,54 @@ SplitProgram split_program(const ModProgram& p, int32_t output) {
     const bool q = d & kUsesQ, kv = d & kUsesKV, score = d & kUsesScore;
     sp.part[i] = (score || (q && kv)) ? Part::Elem : kv ? Part::Col : Part::Row;
   }
-  // Carried values: row / column values the element part (or the output itself) reads.
+  // Carried values: row / column values the element part (or an output itself) reads.
   std::vector<char> carried(n, 0);
   auto carry = [&](int32_t v) {
     if (sp.part[v] == Part::Row || sp.part[v] == Part::Col) carried[v] = 1;
   };
-  carry(output);
+  for (int32_t o : outputs) carry(o);
   for (size_t i = 0; i < n; ++i)
     if (sp.part[i] == Part::Elem)
       for (int32_t a : ins[i].args) carry(a);
   for (size_t i = 0; i < n; ++i)
     if (carried[i]) (sp.part[i] == Part::Row ? sp.row_out : sp.col_out).push_back(static_cast<int32_t>(i));
-  // What each function evaluates: the closure of its carried values (row and column functions; a column
-  // value may need a b/h-only "row" value, which the column function then recomputes), and for the
-  // element function its own instructions plus the leaves they read.
+  // What the row and column functions evaluate: the closure of their carried values (a column value may
+  // need a b/h-only "row" value, which the column function then recomputes).
   sp.row_emit = live_set(p, sp.row_out);
   sp.col_emit = live_set(p, sp.col_out);
-  sp.elem_emit.assign(n, 0);
-  for (size_t i = 0; i < n; ++i) {
-    if (sp.part[i] != Part::Elem) continue;
-    sp.elem_emit[i] = 1;
-    for (int32_t a : ins[i].args)
-      if (is_leaf(ins[a].op)) sp.elem_emit[a] = 1;
-  }
-  if (is_leaf(ins[output].op)) sp.elem_emit[output] = 1;
   return sp;
+}
+
+// An element function computing `outputs` (a subset of the split's): the carried values it reads, and
+// its own instructions plus the leaves they read.
+struct ElemPart {
+  std::vector<int32_t> row_in, col_in;
+  std::vector<char> emit;
+};
+
+ElemPart elem_part(const ModProgram& p, const SplitProgram& sp, const std::vector<int32_t>& outputs) {
+  const auto& ins = p.instrs();
+  const size_t n = ins.size();
+  const std::vector<char> live = live_set(p, outputs);
+  ElemPart e;
+  e.emit.assign(n, 0);
+  std::vector<char> read(n, 0);
+  for (int32_t o : outputs) read[o] = 1;
+  for (size_t i = 0; i < n; ++i) {
+    if (!live[i] || sp.part[i] != Part::Elem) continue;
+    e.emit[i] = 1;
+    for (int32_t a : ins[i].args) {
+      read[a] = 1;
+      if (is_leaf(ins[a].op)) e.emit[a] = 1;
+    }
+  }
+  for (int32_t o : outputs)
+    if (is_leaf(ins[o].op)) e.emit[o] = 1;
+  for (int32_t v : sp.row_out)
+    if (read[v]) e.row_in.push_back(v);
+  for (int32_t v : sp.col_out)
+    if (read[v]) e.col_in.push_back(v);
+  return e;
 }
 
 // `template <class T> struct NAME { T v3; fg_i64 v7; ... };` holding `vals` (Float values in T).
@@ -259,12 +284,25 @@ std::string carried_struct(const char* name, const ModProgram& p, const std::vec
   return s + " };\n";
 }
 
-// The row, column and element functions of one program (float and double specialisations). `prefix` is
-// "fg_score" or "fg_mask"; `Row` / `Col` the carried structs; `elem_ret` "T" or "bool".
+// The body of an element function of precision `dbl` computing `outputs`: the carried values it reads
+// from `r` and `c`, then its own statements.
+std::string elem_body(const ModProgram& p, const SplitProgram& sp, const std::vector<int32_t>& outputs,
+                      const std::vector<int>& slots, bool dbl, bool approx) {
+  const ElemPart e = elem_part(p, sp, outputs);
+  std::string s;
+  for (int32_t v : e.row_in) s += fmt::format("  const {} v{} = r.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
+  for (int32_t v : e.col_in) s += fmt::format("  const {} v{} = c.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
+  return s + emit_body(p, e.emit, slots, dbl, approx);
+}
+
+// The row, column and element functions of one program (float and double specialisations) as split by
+// `sp` (split_program; for the merged score / d score program, split for both outputs); the element
+// function computes `output`. `prefix` is "fg_score" or "fg_mask"; `Row` / `Col` the carried structs;
+// `elem_ret` "T" or "bool".
 std::string split_functions(const char* prefix, const char* row_t, const char* col_t, const char* elem_ret,
-                            const ModProgram& p, int32_t output, const std::vector<int>& slots, bool approx) {
-  const SplitProgram sp = split_program(p, output);
-  const bool score = p.type() == ModProgram::Type::Score;
+                            const ModProgram& p, const SplitProgram& sp, int32_t output, const std::vector<int>& slots,
+                            bool approx) {
+  const bool score = p.type() != ModProgram::Type::Mask;
   std::string s = carried_struct(row_t, p, sp.row_out) + carried_struct(col_t, p, sp.col_out);
   s += fmt::format("template <class T> __device__ __forceinline__ {0}<T> {1}_row(int b, int h, int q, const FgModArgs& a);\n"
                    "template <class T> __device__ __forceinline__ {2}<T> {1}_col(int b, int h, int kv, const FgModArgs& a);\n",
@@ -291,10 +329,30 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
     s += fmt::format("template <> __device__ __forceinline__ {0} {1}_elem<{2}>({3}const {4}<{2}>& r, const {5}<{2}>& c, "
                      "int b, int h, int q, int kv, const FgModArgs& a) {{\n",
                      ret, prefix, T, score ? T + " score, " : std::string(), row_t, col_t);
-    for (int32_t v : sp.row_out) s += fmt::format("  const {} v{} = r.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
-    for (int32_t v : sp.col_out) s += fmt::format("  const {} v{} = c.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
-    s += emit_body(p, sp.elem_emit, slots, dbl, approx);
+    s += elem_body(p, sp, {output}, slots, dbl, approx);
     s += fmt::format("  return ({})v{};\n}}\n", ret, output);
+  }
+  return s;
+}
+
+// fg_score_elem_dscore's parameters in precision T ("T" for the primary template).
+std::string score_dscore_params(const std::string& T) {
+  return fmt::format("({0} score, const FgScoreRow<{0}>& r, const FgScoreCol<{0}>& c, int b, int h, int q, int kv, "
+                     "const FgModArgs& a, {0}* dscore)", T);
+}
+
+// fg_score_elem_dscore from the merged program `m` (ScoreModBackward::value_and_dscore, split as the
+// fg_score parts were): one pass computes both outputs, sharing their common subexpressions.
+std::string score_dscore_functions(const ModProgram& m, const SplitProgram& sp, const std::vector<int>& slots,
+                                   bool approx) {
+  std::string s;
+  const int32_t score_out = m.outputs()[0], dscore_out = m.outputs()[1];
+  for (bool dbl : {false, true}) {
+    const std::string T = type_name(VK::Float, dbl);
+    s += fmt::format("template <> __device__ __forceinline__ {0} fg_score_elem_dscore<{0}>{1} {{\n", T,
+                     score_dscore_params(T));
+    s += elem_body(m, sp, {score_out, dscore_out}, slots, dbl, approx);
+    s += fmt::format("  *dscore = ({})v{};\n  return ({})v{};\n}}\n", T, dscore_out, T, score_out);
   }
   return s;
 }
@@ -314,11 +372,37 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += "// mask_mod: " + in.mask_mod->to_string() + "\n";
   }
 
-  // ---- score_mod: split into row / column / element functions; fg_score_mod composes them.
+  // ---- score_mod: split into row / column / element functions; fg_score_mod composes them. With a
+  // derivative that depends on the element, the parts come from the merged program (value_and_dscore,
+  // whose output 0 is the forward's instructions in the forward's order, so fg_score_elem is unchanged):
+  // its row / column parts then also carry what d score_mod / d score needs, for fg_score_elem_dscore.
+  const ScoreModBackward* g = in.score_grad;
+  const bool merged = in.score_mod && g && !g->dscore_is_constant;
+  const ModProgram* score_prog = merged ? &g->value_and_dscore : in.score_mod;
+  std::vector<int> score_prog_slots;
+  SplitProgram score_split;
   s += fmt::format("#define FG_HAS_SCORE_MOD {}\n", in.score_mod ? 1 : 0);
   if (in.score_mod) {
-    s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *in.score_mod, in.score_mod->output(),
-                         identity_slots(in.score_slots, in.score_mod->captures().size()), in.approx_tanh);
+    const std::vector<int> fwd_slots = identity_slots(in.score_slots, in.score_mod->captures().size());
+    if (merged) {
+      FG_CHECK(score_prog->outputs().size() == 2, ValueError,
+               "emit_cuda_mods: score_grad has no merged score / d score program (make it with derive_score_mod)");
+      for (const CaptureRef& c : score_prog->captures()) {  // the forward's captures, by tensor identity
+        int at = -1;
+        for (size_t i = 0; i < in.score_mod->captures().size(); ++i)
+          if (in.score_mod->captures()[i].tensor.impl() == c.tensor.impl()) at = fwd_slots[i];
+        FG_CHECK(at >= 0, ValueError, "emit_cuda_mods: score_grad reads '{}', which the score_mod does not "
+                 "(score_grad is not derived from this score_mod)", c.name);
+        score_prog_slots.push_back(at);
+      }
+    } else {
+      score_prog_slots = fwd_slots;
+    }
+    std::vector<int32_t> split_outs = {score_prog->output()};
+    if (merged) split_outs.push_back(score_prog->outputs()[1]);
+    score_split = split_program(*score_prog, split_outs);
+    s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_prog, score_split, score_prog->output(),
+                         score_prog_slots, in.approx_tanh);
   } else {
     s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
          "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
@@ -335,7 +419,8 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   // float64 path.
   s += fmt::format("#define FG_HAS_MASK_MOD {}\n", in.mask_mod ? 1 : 0);
   if (in.mask_mod) {
-    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, in.mask_mod->output(),
+    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod,
+                         split_program(*in.mask_mod, {in.mask_mod->output()}), in.mask_mod->output(),
                          identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_tanh);
   } else {
     s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
@@ -351,7 +436,6 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
                    kMaskSig);
 
   // ---- d score_mod / d score
-  const ScoreModBackward* g = in.score_grad;
   const bool dconst = g == nullptr || g->dscore_is_constant;
   const double dvalue = g == nullptr ? 1.0 : g->dscore_constant;
   s += fmt::format("#define FG_DSCORE_IS_CONSTANT {}\n", dconst ? 1 : 0);
@@ -392,6 +476,16 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   } else {
     s += ";\n";
     s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots, in.approx_tanh);
+  }
+  // ---- the modified score and d score_mod / d score of one element together (the backward's per-element
+  // call); without a merged program it is fg_score_elem and the constant, or the identity and fg_dscore.
+  s += fmt::format("template <class T> __device__ __forceinline__ T fg_score_elem_dscore{}", score_dscore_params("T"));
+  if (merged) {
+    s += ";\n" + score_dscore_functions(*score_prog, score_split, score_prog_slots, in.approx_tanh);
+  } else if (in.score_mod) {
+    s += " {\n  *dscore = (T)FG_DSCORE_CONSTANT;\n  return fg_score_elem<T>(score, r, c, b, h, q, kv, a);\n}\n";
+  } else {
+    s += " {\n  *dscore = fg_dscore<T>(score, b, h, q, kv, a);\n  return score;\n}\n";
   }
 
   // ---- capture gradients

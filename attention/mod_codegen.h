@@ -23,6 +23,12 @@
 //                                      int kv, const FgModArgs& a);                          (fg_mask_elem -> bool)
 //   // d score_mod / d score at the pre-mod score
 //   template <class T> __device__ __forceinline__ T fg_dscore(T score, int b, int h, int q, int kv, const FgModArgs& a);
+//   // both at once, for the backward's elements: returns fg_score_elem(score, r, c, ...) and stores
+//   // fg_dscore(score, ...) in *dscore, bit for bit, from ONE program (ScoreModBackward::value_and_dscore) when
+//   // the derivative is not constant, so a subexpression of both (the softcap's tanh) is computed once. Its
+//   // row / column parts are then the same FgScoreRow / FgScoreCol, which carry what either output needs.
+//   template <class T> T fg_score_elem_dscore(T score, const FgScoreRow<T>& r, const FgScoreCol<T>& c, int b, int h,
+//                                             int q, int kv, const FgModArgs& a, T* dscore);
 //   // for each capture-gradient term whose capture slot needs a gradient:
 //   //   sink.add(slot, linear index into that capture (row-major over its sizes), grad * d mod / d cap)
 //   // `grad` is dL/d(modified score); `score` is the pre-mod score.

@@ -29,7 +29,9 @@ struct ScoreModBackward {
   ModProgram program;                 // outputs as described above
   // The score_mod and d score_mod / d score as one program (outputs "score_mod", "d_score"): built in the same
   // builder, so the derivative reuses the forward's instructions (softcap's tanh(score / 20) is one instruction),
-  // for evaluators that need both at an entry (the cuDNN backward graph).
+  // for evaluators that need both at an entry (the cuDNN backward graph, the generated fg_score_elem_dscore).
+  // Output 0's instructions are the forward's, in the forward's order (re-emitting a builder's own output folds
+  // nothing further), so it computes the forward's value exactly; output 1 is `program`'s output 0 exactly.
   ModProgram value_and_dscore;
   std::vector<CaptureGradTerm> terms;
   // The forward's captured tensors; terms index this (the derivative program may not read all of them:

@@ -2,7 +2,9 @@
 // evaluator against the scalar evaluator, symbolic derivatives against finite differences, and errors.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <random>
 
@@ -11,6 +13,7 @@
 #include "flexgrad/attention/mod_program.h"
 #include "flexgrad/attention/tile_eval.h"
 #include "flexgrad/tensor/vec_math.h"
+#include "tests/attention/random_mods.h"
 
 using namespace fg;
 
@@ -388,6 +391,114 @@ TEST(ModGrad, MatchesFiniteDifferences) {
   check_derivative([](Expr s, Expr, Expr, Expr q, Expr) {
     return min(s, 0.3) + max(2.0 * s, -0.1) + where(q > 5, s * 3, -s) + floor(s) + (s * 3) % 1.7;
   }, {});
+}
+
+// ScoreModBackward::value_and_dscore (the one-pass program of the GPU backward's element): its two outputs
+// against float64 formulas written here, at random points.
+TEST(ModGrad, MergedScoreAndDerivativeMatchHandWrittenFormulas) {
+  const std::vector<double> bias_v{0.5, -1.25, 2.0, 0.75};
+  Captured bias(from_vector(bias_v, {4}, kFloat64), "bias");
+  struct Case {
+    const char* name;
+    ScoreMod mod;
+    std::function<double(double, int64_t, int64_t, int64_t)> f, df;  // (s, h, q, kv)
+  };
+  const std::vector<Case> cases{
+      {"softcap", [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); },
+       [](double s, int64_t, int64_t, int64_t) { return 20 * std::tanh(s / 20); },
+       [](double s, int64_t, int64_t, int64_t) { return 1 - std::tanh(s / 20) * std::tanh(s / 20); }},
+      {"square", [](Expr s, Expr, Expr, Expr, Expr) { return s * s; },
+       [](double s, int64_t, int64_t, int64_t) { return s * s; },
+       [](double s, int64_t, int64_t, int64_t) { return 2 * s; }},
+      {"exp_ratio", [](Expr s, Expr, Expr, Expr, Expr) { return exp(s) / (1.0 + s * s); },
+       [](double s, int64_t, int64_t, int64_t) { return std::exp(s) / (1 + s * s); },
+       [](double s, int64_t, int64_t, int64_t) {
+         return std::exp(s) / (1 + s * s) - 2 * s * std::exp(s) / ((1 + s * s) * (1 + s * s));
+       }},
+      {"captured_and_indices",
+       [bias](Expr s, Expr, Expr h, Expr q, Expr kv) { return s * bias[h] + tanh(s) * to_float(q - kv) / 8.0; },
+       [&](double s, int64_t h, int64_t q, int64_t kv) { return s * bias_v[h] + std::tanh(s) * double(q - kv) / 8; },
+       [&](double s, int64_t h, int64_t q, int64_t kv) {
+         return bias_v[h] + (1 - std::tanh(s) * std::tanh(s)) * double(q - kv) / 8;
+       }},
+      {"alibi",
+       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); },
+       [](double s, int64_t h, int64_t q, int64_t kv) { return s + double(kv - q) * std::exp2(-8.0 * double(h + 1) / 4); },
+       [](double, int64_t, int64_t, int64_t) { return 1.0; }},
+  };
+  std::mt19937_64 gen(7);
+  std::normal_distribution<double> nd(0, 6);
+  for (const Case& c : cases) {
+    const ScoreModBackward g = derive_score_mod(trace_score_mod(c.mod));
+    ASSERT_EQ(g.value_and_dscore.outputs().size(), 2u) << c.name;
+    for (int i = 0; i < 500; ++i) {
+      const int64_t b = static_cast<int64_t>(gen() % 2), h = static_cast<int64_t>(gen() % 4);
+      const int64_t q = static_cast<int64_t>(gen() % 300), kv = static_cast<int64_t>(gen() % 300);
+      const double s = nd(gen);
+      const std::vector<double> v = g.value_and_dscore.evaluate_all(b, h, q, kv, s);
+      const double f = c.f(s, h, q, kv), df = c.df(s, h, q, kv);
+      ASSERT_NEAR(v[0], f, 1e-12 * (1 + std::fabs(f))) << c.name << " score at s=" << s << " h=" << h;
+      ASSERT_NEAR(v[1], df, 1e-12 * (1 + std::fabs(df))) << c.name << " d/dscore at s=" << s << " h=" << h;
+    }
+  }
+}
+
+// The merged program is the forward and the derivative, not an approximation of them: its output 0 is the
+// forward's instruction list unchanged (re-emitting a builder's output folds nothing further), its output 1
+// gives the derivative program's value bit for bit, and shared work appears once (one tanh for the softcap).
+TEST(ModGrad, MergedProgramIsTheForwardAndTheDerivativeExactly) {
+  auto same = [](double a, double b) {
+    return (std::isnan(a) && std::isnan(b)) || (a == b && std::signbit(a) == std::signbit(b));
+  };
+  auto check = [&](const ModProgram& fwd, const std::string& label) {
+    const ScoreModBackward g = derive_score_mod(fwd);
+    const ModProgram& m = g.value_and_dscore;
+    ASSERT_EQ(m.outputs().size(), 2u);
+    ASSERT_GE(m.size(), fwd.size()) << label;
+    EXPECT_EQ(m.outputs()[0], fwd.output()) << label;
+    for (size_t i = 0; i < fwd.size(); ++i) {
+      const Instr &a = fwd.instrs()[i], &b = m.instrs()[i];
+      ASSERT_TRUE(a.op == b.op && a.kind == b.kind && a.ivalue == b.ivalue &&
+                  std::bit_cast<uint64_t>(a.value) == std::bit_cast<uint64_t>(b.value) && a.args == b.args)
+          << label << "\ninstruction " << i;
+      if (a.op == ExprOp::Index) {
+        ASSERT_TRUE(fwd.captures()[a.capture].tensor.is_same(m.captures()[b.capture].tensor)) << label;
+      }
+    }
+    std::mt19937_64 gen(fwd.hash());
+    std::normal_distribution<double> nd(0, 3);
+    for (int i = 0; i < 200; ++i) {
+      const int64_t b = static_cast<int64_t>(gen() % 2), h = static_cast<int64_t>(gen() % 3);
+      const int64_t q = static_cast<int64_t>(gen() % 9), kv = static_cast<int64_t>(gen() % 11);
+      const double s = i % 17 == 0 ? 0.0 : nd(gen);
+      std::vector<double> want;
+      bool raised = false;
+      try {
+        want = {fwd.evaluate(b, h, q, kv, s), g.program.evaluate(b, h, q, kv, s)};
+      } catch (const Error&) {
+        raised = true;
+      }
+      if (raised) {
+        EXPECT_THROW(m.evaluate_all(b, h, q, kv, s), Error) << label;
+        continue;
+      }
+      const std::vector<double> got = m.evaluate_all(b, h, q, kv, s);
+      ASSERT_TRUE(same(got[0], want[0])) << label << "\nscore " << got[0] << " vs " << want[0];
+      ASSERT_TRUE(same(got[1], want[1])) << label << "\nd/dscore " << got[1] << " vs " << want[1];
+    }
+  };
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  check(softcap, "softcap");
+  EXPECT_EQ(count_op(derive_score_mod(softcap).value_and_dscore, ExprOp::Tanh), 1);
+  EXPECT_EQ(derive_score_mod(softcap).value_and_dscore.to_string(1), "1.0 - tanh(score / 20.0) * tanh(score / 20.0)");
+  for (uint64_t seed = 1; seed <= 40; ++seed) {
+    fg::testing::RandomModOptions o;
+    o.steps = 10 + static_cast<int>(seed % 20);
+    o.errors = seed % 4 == 0;
+    const fg::testing::RandomMod r = fg::testing::random_mod(seed + 9000, o);
+    check(r.score, "seed " + std::to_string(seed + 9000) + ": " + r.score.to_string());
+    if (::testing::Test::HasFailure()) break;
+  }
 }
 
 // The generic visitor (what the tensor reference path implements with differentiable ops): here one

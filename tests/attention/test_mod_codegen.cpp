@@ -57,11 +57,20 @@ struct Nvrtc {
   }
   bool available() const { return create && compile && log_size && log && destroy; }
 
-  std::string build(const std::string& code) const {
+  // `headers`: (name, text) pairs the code may #include; `arch` as NVRTC's --gpu-architecture.
+  std::string build(const std::string& code, const std::vector<std::pair<std::string, std::string>>& headers = {},
+                    const std::string& arch = "compute_80") const {
     void* prog = nullptr;
-    if (create(&prog, code.c_str(), "codegen_test.cu", 0, nullptr, nullptr) != 0) return "nvrtcCreateProgram failed";
-    const char* opts[] = {"--gpu-architecture=compute_80", "-std=c++17"};
-    const int rc = compile(prog, 2, opts);
+    std::vector<const char*> htext, hname;
+    for (const auto& [n, t] : headers) {
+      hname.push_back(n.c_str());
+      htext.push_back(t.c_str());
+    }
+    if (create(&prog, code.c_str(), "codegen_test.cu", static_cast<int>(headers.size()), htext.data(), hname.data()) != 0)
+      return "nvrtcCreateProgram failed";
+    const std::string arch_opt = "--gpu-architecture=" + arch;
+    const char* opts[] = {arch_opt.c_str(), "-std=c++17", "-default-device"};
+    const int rc = compile(prog, 3, opts);
     size_t n = 0;
     log_size(prog, &n);
     std::string text(n, '\0');
@@ -95,6 +104,10 @@ extern "C" __global__ void codegen_test(FgModArgs a, float* f, double* d, bool* 
   m[1] = fg_mask_mod_t<double>(0, 1, q, kv, a);
   f[1] = fg_dscore<float>(0.5f, 0, 1, q, kv, a);
   d[1] = fg_dscore<double>(0.5, 0, 1, q, kv, a);
+  f[2] = fg_score_elem_dscore<float>(0.5f, fg_score_row<float>(0, 1, q, a), fg_score_col<float>(0, 1, kv, a), 0, 1, q,
+                                     kv, a, &f[3]);
+  d[2] = fg_score_elem_dscore<double>(0.5, fg_score_row<double>(0, 1, q, a), fg_score_col<double>(0, 1, kv, a), 0, 1, q,
+                                      kv, a, &d[3]);
   fg_cap_grad<float>(0.5f, 1.0f, 0, 1, q, kv, a, TestSink{d});
   fg_cap_grad<double>(0.5, 1.0, 0, 1, q, kv, a, TestSink{d});
 #if FG_HAS_SCORE_MOD + FG_HAS_MASK_MOD + FG_DSCORE_IS_CONSTANT + FG_HAS_CAP_GRAD < 0
@@ -260,13 +273,13 @@ TEST(ModCodegen, ApproxTanhOnlyWhenAsked) {
   in.approx_tanh = true;
   const std::string approx = emit_cuda_mods(in);
   EXPECT_FALSE(has(approx, "tanhf(")) << approx;
-  for (const char* fn : {"fg_score_elem<float>(", "fg_dscore<float>("}) {
+  for (const char* fn : {"fg_score_elem<float>(", "fg_dscore<float>(", "fg_score_elem_dscore<float>("}) {
     const size_t at = approx.find(fn);
     ASSERT_NE(at, std::string::npos) << fn;
     const std::string body = approx.substr(at, approx.find("\n}\n", at) - at);
     EXPECT_TRUE(has(body, "fg_tanh_approx(")) << body;
   }
-  for (const char* fn : {"fg_score_elem<double>(", "fg_dscore<double>("}) {
+  for (const char* fn : {"fg_score_elem<double>(", "fg_dscore<double>(", "fg_score_elem_dscore<double>("}) {
     const size_t at = approx.find(fn);
     ASSERT_NE(at, std::string::npos) << fn;
     const std::string body = approx.substr(at, approx.find("\n}\n", at) - at);
@@ -274,6 +287,180 @@ TEST(ModCodegen, ApproxTanhOnlyWhenAsked) {
     EXPECT_FALSE(has(body, "fg_tanh_approx")) << body;
   }
 }
+
+namespace {
+
+// The body of the first generated function whose text starts with `head` ("" when absent).
+std::string body_of(const std::string& text, const std::string& head) {
+  const size_t at = text.find(head);
+  if (at == std::string::npos) return {};
+  return text.substr(at, text.find("\n}\n", at) - at);
+}
+
+int count(const std::string& s, const std::string& needle) {
+  int n = 0;
+  for (size_t at = s.find(needle); at != std::string::npos; at = s.find(needle, at + 1)) ++n;
+  return n;
+}
+
+}  // namespace
+
+// fg_score_elem_dscore: the backward's element computes the modified score and d score_mod / d score from
+// one merged program, so the softcap's tanh is emitted once (fg_dscore alone still has it, as before), and
+// its fg_score_elem is the forward module's, character for character.
+TEST(ModCodegen, SoftcapScoreAndDerivativeInOnePass) {
+  const ModProgram sm = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const Generated bwd = generate(&sm, nullptr, true);
+  const Generated fwd = generate(&sm, nullptr, false);
+  const std::string f = body_of(bwd.text, "template <> __device__ __forceinline__ float fg_score_elem_dscore<float>(");
+  const std::string d = body_of(bwd.text, "template <> __device__ __forceinline__ double fg_score_elem_dscore<double>(");
+  ASSERT_FALSE(f.empty()) << bwd.text;
+  ASSERT_FALSE(d.empty()) << bwd.text;
+  std::cout << "[  INFO    ] " << f << "\n}\n";
+  EXPECT_EQ(count(f, "tanhf("), 1) << f;
+  EXPECT_EQ(count(d, "tanh("), 1) << d;
+  EXPECT_EQ(count(d, "tanhf("), 0) << d;
+  EXPECT_TRUE(has(f, "*dscore = (float)v")) << f;
+  EXPECT_TRUE(has(d, "*dscore = (double)v")) << d;
+  // the separate functions, one tanh each: two per element for a kernel calling both
+  EXPECT_EQ(count(body_of(bwd.text, "template <> __device__ __forceinline__ float fg_dscore<float>("), "tanhf("), 1);
+  EXPECT_EQ(count(body_of(bwd.text, "template <> __device__ __forceinline__ float fg_score_elem<float>("), "tanhf("), 1);
+  for (const char* T : {"float", "double"}) {
+    const std::string head = fmt::format("template <> __device__ __forceinline__ {0} fg_score_elem<{0}>(", T);
+    EXPECT_EQ(body_of(bwd.text, head), body_of(fwd.text, head)) << T;
+  }
+  expect_compiles(bwd);
+  // approx_tanh reaches the merged function too (the float one; double stays precise)
+  const ScoreModBackward g = derive_score_mod(sm);
+  CudaModsInput in;
+  in.score_mod = &sm;
+  in.score_grad = &g;
+  in.approx_tanh = true;
+  const std::string approx = emit_cuda_mods(in);
+  const std::string fa = body_of(approx, "template <> __device__ __forceinline__ float fg_score_elem_dscore<float>(");
+  EXPECT_EQ(count(fa, "fg_tanh_approx("), 1) << fa;
+  EXPECT_EQ(count(fa, "tanhf("), 0) << fa;
+}
+
+// The merged function for other shapes of score_mod: shared subexpressions once, row / column parts
+// (captured reads that need no q, or no kv) hoisted into FgScoreRow / FgScoreCol and only read in the
+// element function; constant derivatives and no score_mod keep the simple forms.
+TEST(ModCodegen, ScoreAndDerivativeInOnePassForOtherMods) {
+  auto merged_float = [](const Generated& g) {
+    return body_of(g.text, "template <> __device__ __forceinline__ float fg_score_elem_dscore<float>(");
+  };
+  auto score_var = [](const std::string& body) {  // "vN" of `const float vN = score;`
+    const size_t at = body.find(" = score;");
+    const size_t v = body.rfind(' ', at - 1) + 1;
+    return at == std::string::npos ? std::string("?") : body.substr(v, at - v);
+  };
+  {  // exp(s) / (1 + s*s): d = exp(s)/(1+s^2) - 2 s exp(s)/(1+s^2)^2, one expf and one s*s
+    const ModProgram sm = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return exp(s) / (1.0 + s * s); });
+    const Generated g = generate(&sm, nullptr, true);
+    const std::string f = merged_float(g);
+    ASSERT_FALSE(f.empty()) << g.text;
+    EXPECT_EQ(count(f, "expf("), 1) << f;
+    const std::string sv = score_var(f);
+    EXPECT_EQ(count(f, fmt::format("__fmul_rn({0}, {0})", sv)), 1) << f;
+    expect_compiles(g);
+  }
+  {  // s * s: d = 2 s
+    const ModProgram sm = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * s; });
+    const Generated g = generate(&sm, nullptr, true);
+    const std::string f = merged_float(g);
+    EXPECT_EQ(count(f, "__fmul_rn("), 2) << f;  // s * s and 2 * s
+    EXPECT_EQ(count(f, fmt::format("__fmul_rn({0}, {0})", score_var(f))), 1) << f;
+    expect_compiles(g);
+  }
+  {  // tanh(s * bias[h]) + colb[kv]: bias[h] is a row value, colb[kv] a column value
+    Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias"), colb(floats({0.1, 0.2, 0.3, 0.4}, {4}), "colb");
+    const ModProgram sm = trace_score_mod(
+        [bias, colb](Expr s, Expr, Expr h, Expr, Expr kv) { return tanh(s * bias[h]) + colb[kv]; });
+    const Generated g = generate(&sm, nullptr, true);
+    const std::string f = merged_float(g);
+    ASSERT_FALSE(f.empty()) << g.text;
+    EXPECT_EQ(count(f, "tanhf("), 1) << f;
+    EXPECT_FALSE(has(f, "fg_cap_load")) << f;  // the captured reads are in the row / column parts
+    EXPECT_TRUE(has(f, "= r.v")) << f;
+    EXPECT_TRUE(has(body_of(g.text, "template <> __device__ __forceinline__ FgScoreRow<float> fg_score_row<float>("),
+                    "fg_cap_load_f(a.caps[0]"))
+        << g.text;
+    EXPECT_TRUE(has(body_of(g.text, "template <> __device__ __forceinline__ FgScoreCol<float> fg_score_col<float>("),
+                    "fg_cap_load_f(a.caps[1]"))
+        << g.text;
+    expect_compiles(g);
+  }
+  {  // ALiBi: the derivative is the constant 1, so no merged program: fg_score_elem and the constant
+    const ModProgram sm = trace_score_mod([](Expr s, Expr, Expr h, Expr q, Expr kv) {
+      return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0);
+    });
+    const Generated g = generate(&sm, nullptr, true);
+    EXPECT_TRUE(has(g.text, "#define FG_DSCORE_IS_CONSTANT 1"));
+    EXPECT_TRUE(has(g.text, "*dscore = (T)FG_DSCORE_CONSTANT;\n  return fg_score_elem<T>(score, r, c, b, h, q, kv, a);"))
+        << g.text;
+    EXPECT_TRUE(merged_float(g).empty());
+    expect_compiles(g);
+  }
+  {  // no score_mod: the identity and fg_dscore
+    const Generated g = generate(nullptr, nullptr, false);
+    EXPECT_TRUE(has(g.text, "*dscore = fg_dscore<T>(score, b, h, q, kv, a);\n  return score;")) << g.text;
+    expect_compiles(g);
+  }
+}
+
+#ifdef FLEXGRAD_WITH_CUDA
+// The backward kernels with the one-pass element (flex_backward.cuh's fg_entry calls fg_score_elem_dscore)
+// compile, as attention/cuda/flex_backward_cuda.cpp assembles them, for each kernel family: mma.sync
+// (bf16, sm_80), wgmma (bf16, sm_90a) and SIMT (float64), with and without capture gradients, and with a
+// constant derivative (the unchanged path). NVRTC only, no GPU: tests/cuda run them.
+TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias"), colb(floats({0.1, 0.2, 0.3, 0.4}, {4}), "colb");
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram capped = trace_score_mod(
+      [bias, colb](Expr s, Expr, Expr h, Expr, Expr kv) { return 20.0 * tanh(s * bias[h] / 20.0) + colb[kv]; });
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    int cap_mode;  // FG_CAP_MODE: 0 none, 1 deterministic, 2 atomics
+    const char* family;
+  };
+  const Case cases[] = {{"softcap mma.sync", &softcap, 0, "mma"},
+                        {"captured softcap wgmma", &capped, 2, "wgmma"},
+                        {"captured softcap float64 SIMT", &capped, 1, "simt"},
+                        {"alibi (constant derivative) mma.sync", &alibi, 0, "mma"}};
+  for (const Case& c : cases) {
+    const ScoreModBackward g = derive_score_mod(*c.score);
+    CudaModsInput in;
+    in.score_mod = c.score;
+    in.mask_mod = &causal;
+    in.score_grad = &g;
+    in.grad_needed.assign(g.captures.size(), c.cap_mode != 0);
+    const std::string family = c.family;
+    std::vector<std::string> d{
+        fmt::format("FG_IN_DTYPE {}", family == "simt" ? 6 : 4), "FG_E 64", "FG_EV 64",
+        fmt::format("FG_NT {}", family == "simt" ? 256 : 128), fmt::format("FG_USE_MMA {}", family == "simt" ? 0 : 1),
+        fmt::format("FG_CAP_MODE {}", c.cap_mode)};
+    const int t = family == "simt" ? 32 : 64;
+    for (const char* n : {"FG_BQ", "FG_BKV", "FG_Q_TILE", "FG_KV_TILE", "FG_Q_CHUNK", "FG_KV_CHUNK"})
+      d.push_back(fmt::format("{} {}", n, t));
+    if (family == "wgmma")
+      for (const char* x : {"FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 1", "FG_WG_DQ 1"}) d.emplace_back(x);
+    std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+    for (const std::string& x : d) tu += "#define " + x + "\n";
+    tu += "#include \"flex_mma.cuh\"\n";
+    tu += family == "wgmma" ? "#include \"flex_backward_wgmma.cuh\"\n" : "#include \"flex_backward.cuh\"\n";
+    const std::string err = nvrtc().build(tu, headers, family == "wgmma" ? "sm_90a" : "sm_80");
+    EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
+  }
+}
+#endif
 
 TEST(ModCodegen, RelativeBiasTableGradient) {
   const int64_t H = 2, L = 4;
@@ -391,7 +578,9 @@ constexpr int kHB = 2, kHH = 3, kHQ = 9, kHKV = 11, kHP = kHB * kHH * kHQ * kHKV
 
 const char* kHostDriver = R"(
 struct CapSink { double** cap; void add(int slot, fg_i64 i, double v) const { cap[slot][i] += v; } };
-extern "C" void fg_eval(const FgModArgs* ap, const double* scores, double* sd, double* md, double* dd, double** cap) {
+// fused[4 * p ..]: fg_score_elem_dscore's score and derivative in double, then in float
+extern "C" void fg_eval(const FgModArgs* ap, const double* scores, double* sd, double* md, double* dd, double** cap,
+                        double* fused, float* fsep) {
   const FgModArgs& a = *ap;
   for (int p = 0; p < 2 * 3 * 9 * 11; ++p) {
     const int kv = p % 11, q = (p / 11) % 9, h = (p / 99) % 3, b = p / 297;
@@ -399,6 +588,17 @@ extern "C" void fg_eval(const FgModArgs* ap, const double* scores, double* sd, d
     md[p] = fg_mask_mod_t<double>(b, h, q, kv, a) ? 1 : 0;
     dd[p] = fg_dscore<double>(scores[p], b, h, q, kv, a);
     fg_cap_grad<double, CapSink>(scores[p], 1.0, b, h, q, kv, a, CapSink{cap});
+    double dd1 = 0;
+    fused[4 * p] = fg_score_elem_dscore<double>(scores[p], fg_score_row<double>(b, h, q, a),
+                                                fg_score_col<double>(b, h, kv, a), b, h, q, kv, a, &dd1);
+    fused[4 * p + 1] = dd1;
+    const float s = (float)scores[p];
+    float df = 0;
+    fused[4 * p + 2] = fg_score_elem_dscore<float>(s, fg_score_row<float>(b, h, q, a), fg_score_col<float>(b, h, kv, a),
+                                                   b, h, q, kv, a, &df);
+    fused[4 * p + 3] = df;
+    fsep[2 * p] = fg_score_mod<float>(s, b, h, q, kv, a);
+    fsep[2 * p + 1] = fg_dscore<float>(s, b, h, q, kv, a);
   }
 }
 )";
@@ -478,7 +678,7 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
         << "host compile failed: " << base << ".cpp";
     void* lib = dlopen((base + ".so").c_str(), RTLD_NOW | RTLD_LOCAL);
     ASSERT_NE(lib, nullptr) << dlerror();
-    using EvalFn = void (*)(const HostModArgs*, const double*, double*, double*, double*, double**);
+    using EvalFn = void (*)(const HostModArgs*, const double*, double*, double*, double*, double**, double*, float*);
     auto eval = reinterpret_cast<EvalFn>(dlsym(lib, "fg_eval"));
     ASSERT_NE(eval, nullptr);
 
@@ -498,7 +698,8 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
     std::mt19937_64 gen(seed);
     std::normal_distribution<double> nd(0, 2);
     const double special[] = {0.0, -0.0, INFINITY, -INFINITY, NAN, 1e300, 1.0};
-    std::vector<double> sc(kHP), sd(kHP), md(kHP), dd(kHP);
+    std::vector<double> sc(kHP), sd(kHP), md(kHP), dd(kHP), fused(4 * kHP);
+    std::vector<float> fsep(2 * kHP);
     for (double& x : sc) x = gen() % 10 == 0 ? special[gen() % 7] : nd(gen);
     std::vector<std::vector<double>> cg(m.captures.size()), want(m.captures.size());
     std::vector<double*> cp;
@@ -507,7 +708,7 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
       want[i] = cg[i];
       cp.push_back(cg[i].data());
     }
-    eval(&a, sc.data(), sd.data(), md.data(), dd.data(), cp.data());
+    eval(&a, sc.data(), sd.data(), md.data(), dd.data(), cp.data(), fused.data(), fsep.data());
     dlclose(lib);
 
     const std::string label = "seed " + std::to_string(seed + 5000) + "\n" + m.score.to_string() + "\n" + m.mask.to_string();
@@ -523,6 +724,12 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
               ASSERT_TRUE(same_double(s, sd[p])) << label << "\npoint " << p << ": cpu " << s << " generated " << sd[p];
               ASSERT_EQ(mk, md[p]) << label << "\npoint " << p;
               ASSERT_TRUE(same_double(v[0].f, dd[p])) << label << "\nd/dscore at point " << p;
+              // the one-pass function: the same two values as the separate programs, bit for bit (double
+              // against the CPU, float against the separately generated float functions)
+              ASSERT_TRUE(same_double(s, fused[4 * p])) << label << "\nfused score at point " << p;
+              ASSERT_TRUE(same_double(v[0].f, fused[4 * p + 1])) << label << "\nfused d/dscore at point " << p;
+              ASSERT_TRUE(same_double(fsep[2 * p], fused[4 * p + 2])) << label << "\nfused float score at point " << p;
+              ASSERT_TRUE(same_double(fsep[2 * p + 1], fused[4 * p + 3])) << label << "\nfused float d/dscore at " << p;
               for (const CaptureGradTerm& t : g.terms) {
                 size_t slot = 0;
                 while (!m.captures[slot].is_same(g.captures[t.capture].tensor)) ++slot;

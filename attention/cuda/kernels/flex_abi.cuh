@@ -5,7 +5,8 @@
 // A translation unit is laid out as
 //   1. this file (types, capture reads, the error flag, the capture-gradient sink interface)
 //   2. the generated mods: fg_score_mod, fg_mask_mod (and their row / column / element parts),
-//      fg_dscore, fg_cap_grad (mod_codegen.h)
+//      fg_dscore, fg_score_elem_dscore (the modified score and its derivative in one pass), fg_cap_grad
+//      (mod_codegen.h)
 //   3. one kernel template (flex_forward.cuh, flex_backward.cuh, block_mask.cuh), configured by macros
 // and every kernel is `extern "C"` so the host fetches it by name.
 #pragma once

@@ -210,6 +210,12 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
 // `r` / `c` are the mods' row and column parts (flex_mod_parts.cuh) of qi and kj.
 // Returns P; *ds_out receives dS * d score_mod / d score, and the captured-gradient contributions
 // (dS w.r.t. the modified score times d mod / d cap) go to `sink` when it is not null.
+// With a score_mod whose derivative depends on the element, the modified score and d score_mod / d score
+// come from one fg_score_elem_dscore call (one tanh for the softcap, not one here and one in fg_dscore).
+// That evaluates the derivative on every valid element, also where dS is 0; it reads only what the
+// score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
+// (0 * an infinite derivative would be NaN).
+#define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
 template <class Sink>
 __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial,
                                          const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
@@ -218,8 +224,13 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
   if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
 #endif
   fg_t p = 0, ds = 0;
+#if FG_ENTRY_MERGED
+  fg_t dscore = 0;  // d score_mod / d score at s
+#endif
   if (valid) {
-#if FG_HAS_SCORE_MOD
+#if FG_ENTRY_MERGED
+    const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
+#elif FG_HAS_SCORE_MOD
     const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
 #else
     const fg_t sm = s;
@@ -232,6 +243,8 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
 #endif
 #if FG_DSCORE_IS_CONSTANT
   ds *= (fg_t)FG_DSCORE_CONSTANT;
+#elif FG_ENTRY_MERGED
+  if (ds != (fg_t)0) ds *= dscore;
 #else
   if (ds != (fg_t)0) ds *= fg_dscore<fg_t>(s, b, h, qi, kj, args);
 #endif
