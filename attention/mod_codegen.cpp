@@ -95,14 +95,6 @@ std::string narrowed(const ModProgram& p, size_t i, const std::vector<IntRange>&
   }
 }
 
-// ---- int -> float of small values: a conversion (I2F) issues at a quarter of the float rate on recent GPUs, as
-// exp2 does, so `slope * (kv_idx - q_idx)` per element (ALiBi) halved the forward's speed. A value proven inside
-// (-2^22, 2^22) when every index is below 2^22 converts exactly by the exponent trick instead (FG_SMALL_INT_TO_FLOAT
-// in flex_abi.cuh: an integer add and a float subtract), in kernels whose launch proved those index bounds
-// (FG_INDICES_BELOW_2_22, set by make_mod_context); elsewhere the macro is the plain conversion.
-constexpr int64_t kSmallIndex = int64_t{1} << 22;
-bool small_int(const IntRange& r) { return r.known && r.lo > -kSmallIndex && r.hi < kSmallIndex; }
-
 // The statements computing the live instructions of `p`; value i is named v<i>. `slots` maps the
 // program's capture slots to the kernel's FgModArgs slots.
 std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl,
@@ -110,7 +102,6 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
   std::string s;
   const auto& ins = p.instrs();
   const std::vector<IntRange> ranges = int_ranges(p);
-  const std::vector<IntRange> small_ranges = int_ranges(p, IndexBounds{kSmallIndex, kSmallIndex, kSmallIndex, kSmallIndex});
   auto v = [](int32_t i) { return fmt::format("v{}", i); };
   for (size_t i = 0; i < ins.size(); ++i) {
     if (!live[i]) continue;
@@ -151,10 +142,6 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
         expr = narrowed(p, i, ranges, args);
         if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
-        if (in.op == ExprOp::Cast && in.kind == VK::Float && operand == VK::Int && !dbl &&
-            small_int(small_ranges[static_cast<size_t>(in.args[0])])) {
-          expr = fmt::format("FG_SMALL_INT_TO_FLOAT({}, {})", args[0], expr);
-        }
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);

@@ -76,12 +76,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
     in.grad_needed = needs_cap;
     in.grad_needed.resize(score_grad->captures.size(), false);
   }
-  // Indices below 2^22 (every real call): generated int -> float conversions of small values take the exact fast
-  // path (FG_SMALL_INT_TO_FLOAT, flex_abi.cuh).
-  constexpr int64_t kSmall = int64_t{1} << 22;
-  const bool small = bounds.batch <= kSmall && bounds.head <= kSmall && bounds.q <= kSmall && bounds.kv <= kSmall;
-  ctx.source = std::string(small ? "#define FG_INDICES_BELOW_2_22 1\n" : "") + "#include \"flex_abi.cuh\"\n" +
-               emit_cuda_mods(in);
+  ctx.source = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in);
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;

@@ -21,16 +21,6 @@ typedef unsigned long long fg_u64;
 #define FG_MAX_RANK 6
 #endif
 
-// int -> float of a value the generator proved inside (-2^22, 2^22) when b, h, q_idx, kv_idx are below 2^22
-// (mod_codegen.cpp, small_int): exactly, by placing it in the mantissa of 1.5 * 2^23 (an integer add and a float
-// subtract at full rate instead of a quarter-rate conversion). The translation unit defines FG_INDICES_BELOW_2_22
-// when the launch's extents prove those bounds (make_mod_context); otherwise `plain` (the usual conversion).
-#if defined(FG_INDICES_BELOW_2_22) && FG_INDICES_BELOW_2_22
-#define FG_SMALL_INT_TO_FLOAT(x, plain) (__int_as_float((int)(x) + 0x4B400000) - 12582912.0f)
-#else
-#define FG_SMALL_INT_TO_FLOAT(x, plain) (plain)
-#endif
-
 // fg::DType codes as stored in FgCapture::dtype (tensor/dtype.h order).
 #define FG_DT_BOOL 0
 #define FG_DT_INT32 1
