@@ -349,6 +349,80 @@ std::string lower_bias(const ModProgram& p, int32_t f, const CudnnLoweringInput&
                      "in order nor slope(h) * (kv_idx - q_idx)", p.to_string());
 }
 
+// Whether d score_mod / d score (output 1 of `vd`) stays finite when the score is +-inf, for any indices: cuDNN's
+// engines evaluate the backward chain on padding past Lq / Lkv too, where the scores they compute are infinite and dS
+// is 0, and 0 * inf is NaN (cuDNN 9.19 builds no engine for a select in that chain that would mask it). Sound and
+// simple: a score-dependent value is "linear" (the score scaled by a finite nonzero constant or shifted by a finite
+// value: +-inf stays +-inf) until it goes through tanh or sigmoid, after which it is "bounded" and may be combined by
+// + - * min max abs where() with bounded or index-only finite values; index-only floats are finite when built from
+// constants and bounded ints by + - neg abs min max where(), products with a constant, casts and tanh / sigmoid /
+// sin / cos. Returns why not (empty when the derivative is safe).
+std::string derivative_unsafe_on_infinite_scores(const ModProgram& vd) {
+  enum class Cls : uint8_t { Finite, Linear, Bounded, Unsafe };
+  const auto& ins = vd.instrs();
+  std::vector<Cls> cls(ins.size(), Cls::Unsafe);
+  for (size_t i = 0; i < ins.size(); ++i) {
+    const Instr& x = ins[i];
+    auto arg = [&](size_t k) { return cls[static_cast<size_t>(x.args[k])]; };
+    auto is_const = [&](size_t k) { return ins[static_cast<size_t>(x.args[k])].op == ExprOp::Const; };
+    auto nonzero_const = [&](size_t k) {
+      const Instr& c = ins[static_cast<size_t>(x.args[k])];
+      return c.op == ExprOp::Const && c.kind == ValueKind::Float && std::isfinite(c.value) && c.value != 0;
+    };
+    bool all_finite = true, any_linear = false, any_unsafe = false;
+    for (size_t k = 0; k < x.args.size(); ++k) {
+      all_finite &= arg(k) == Cls::Finite;
+      any_linear |= arg(k) == Cls::Linear;
+      any_unsafe |= arg(k) == Cls::Unsafe;
+    }
+    Cls c = Cls::Unsafe;
+    switch (x.op) {
+      case ExprOp::Score: c = Cls::Linear; break;
+      case ExprOp::Const: c = x.kind != ValueKind::Float || std::isfinite(x.value) ? Cls::Finite : Cls::Unsafe; break;
+      case ExprOp::Batch: case ExprOp::Head: case ExprOp::QIdx: case ExprOp::KVIdx: c = Cls::Finite; break;
+      case ExprOp::Tanh: case ExprOp::Sigmoid:
+        c = any_unsafe ? Cls::Unsafe : all_finite ? Cls::Finite : Cls::Bounded;
+        break;
+      case ExprOp::Sin: case ExprOp::Cos: c = all_finite ? Cls::Finite : Cls::Unsafe; break;
+      case ExprOp::Neg: c = arg(0); break;
+      case ExprOp::Mul:
+        if (any_linear) {  // the linear operand times a finite nonzero constant
+          c = (arg(0) == Cls::Linear && nonzero_const(1)) || (arg(1) == Cls::Linear && nonzero_const(0)) ? Cls::Linear
+                                                                                                        : Cls::Unsafe;
+        } else if (!any_unsafe && (!all_finite || is_const(0) || is_const(1) || x.kind != ValueKind::Float)) {
+          c = all_finite ? Cls::Finite : Cls::Bounded;  // bounded x bounded / finite; index floats times a constant
+        }
+        break;
+      case ExprOp::Div:
+        if (arg(0) == Cls::Linear && nonzero_const(1)) c = Cls::Linear;
+        else if (arg(0) != Cls::Unsafe && arg(0) != Cls::Linear && nonzero_const(1)) c = arg(0);
+        break;
+      case ExprOp::Add: case ExprOp::Sub:
+        if (any_linear) {  // linear +- finite (a linear value minus another could be inf - inf)
+          c = (arg(0) == Cls::Linear && arg(1) == Cls::Finite) || (arg(1) == Cls::Linear && arg(0) == Cls::Finite)
+                  ? Cls::Linear
+                  : Cls::Unsafe;
+          break;
+        }
+        [[fallthrough]];
+      case ExprOp::Min: case ExprOp::Max: case ExprOp::Abs: case ExprOp::Where: case ExprOp::Cast:
+      case ExprOp::Floor: case ExprOp::Ceil:
+        if (!any_unsafe && !any_linear) c = all_finite ? Cls::Finite : Cls::Bounded;
+        break;
+      case ExprOp::Eq: case ExprOp::Ne: case ExprOp::Lt: case ExprOp::Le: case ExprOp::Gt: case ExprOp::Ge:
+      case ExprOp::And: case ExprOp::Or: case ExprOp::Not:
+        c = Cls::Finite;  // a bool; comparisons of infinite scores are still bools
+        break;
+      default: break;
+    }
+    cls[i] = c;
+  }
+  const Cls out = cls[static_cast<size_t>(vd.outputs()[1])];
+  if (out == Cls::Finite || out == Cls::Bounded) return {};
+  return fmt::format("its derivative d/dscore = {} may be inf or NaN at the infinite scores cuDNN's engines compute on "
+                     "padding (where dS is 0; cuDNN builds no backward graph that masks them)", vd.to_string(1));
+}
+
 // A score_mod none of lower_score's forms matches, op by op as cuDNN pointwise operations (OpInfo::cudnn): the
 // program with its derivative (ScoreModBackward::value_and_dscore) when every instruction lowers, else why not.
 //   floats   any op with a cuDNN mode, computed in float32 (as the fused kernels do for bf16 / fp16 inputs)
@@ -417,6 +491,9 @@ std::string lower_pointwise(const ModProgram& p, const CudnnLoweringInput& in, C
   }
   s.pointwise = std::make_shared<const ModProgram>(vd);
   s.pointwise_text = p.to_string();
+  if (std::string why = derivative_unsafe_on_infinite_scores(vd); !why.empty()) {
+    s.pointwise_backward_declined = fmt::format("score_mod {}: {}", s.pointwise_text, why);
+  }
   return {};
 }
 

@@ -64,6 +64,10 @@ struct CudnnSdpaSpec {
   // multiplies dS by output 1 where dS != 0.
   std::shared_ptr<const ModProgram> pointwise;
   std::string pointwise_text;  // the score_mod's formula (describe(), the plan key)
+  // Non-empty when the forward lowers but the backward does not (a derivative that may be inf / NaN on the infinite
+  // scores cuDNN computes on padding): the backward plan fails with this reason, so Auto keeps a call that needs a
+  // gradient on the fused kernels and a forced backward raises NotImplementedError.
+  std::string pointwise_backward_declined;
 
   bool causal() const { return right_bound == 0 && !left_bound; }
   // "causal", "band [left 64, right 0] + bias cap0[h, q, kv]", ... (tests, messages, the plan cache key).

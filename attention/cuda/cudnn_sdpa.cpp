@@ -645,7 +645,7 @@ void add_scalars(const CudnnSdpaSpec& spec, bool backward, Scalars& s, std::vect
   if (spec.pointwise) {
     s.consts = pointwise_consts(*spec.pointwise);
     const std::vector<bool> live = pointwise_live(*spec.pointwise, backward);
-    if (pointwise_needs_zero(*spec.pointwise, live) || backward) {  // the backward chain's select reads it too
+    if (pointwise_needs_zero(*spec.pointwise, live)) {
       uids.push_back(kZero);
       ptrs.push_back(&s.zero);
     }
@@ -786,15 +786,10 @@ void build_backward(GraphBuilder& g, const CudnnSdpaSpec& spec, const CudnnSdpaT
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, ds, db);
   }
   if (spec.pointwise) {
-    // The score-modifier's backward chain, dS w.r.t. the scaled score: dS * d score_mod / d score where dS != 0, else
-    // 0 (the fused kernels' rule). Masked entries and the padding cuDNN computes past Lq / Lkv have dS = 0, and there
-    // the derivative of scores that need not be finite must not turn 0 into NaN.
-    TensorDesc zero = g.scalar(CUDNN_DATA_FLOAT, kZero);
-    TensorDesc nonzero = g.pw(CUDNN_POINTWISE_CMP_NEQ, ds, &zero, CUDNN_DATA_BOOLEAN, sd, CUDNN_DATA_BOOLEAN);
-    TensorDesc chained = g.pw(CUDNN_POINTWISE_MUL, ds, &dscore, CUDNN_DATA_FLOAT, sd);
-    TensorDesc y = g.virt(CUDNN_DATA_FLOAT, sd);
-    g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, chained, &zero, y, &nonzero);
-    ds = y;
+    // The score-modifier's backward chain: dS w.r.t. the scaled score. (cuDNN 9.19 builds no engine when this chain
+    // holds a select, so the lowering admits only derivatives that stay finite on the infinite scores cuDNN computes
+    // on padding, where dS is 0: see lower_pointwise.)
+    ds = g.pw(CUDNN_POINTWISE_MUL, ds, &dscore, CUDNN_DATA_FLOAT, sd);
   }
   ds = g.pw(CUDNN_POINTWISE_MUL, ds, &scale, CUDNN_DATA_FLOAT, sd);
   TensorDesc dst = g.tensor(io, td, ts, true);
@@ -858,6 +853,11 @@ std::shared_ptr<Plan> backward_plan(const CudnnSdpaSpec& spec, const CudnnSdpaTe
                                       gl.dbias_on ? layout_key(gl.dbias) : "-", deterministic ? "det" : "nondet", device,
                                       api().version);
   return cached_plan(key, [&] {
+    if (!spec.pointwise_backward_declined.empty()) {
+      auto p = std::make_shared<Plan>();
+      p->error = fmt::format("flex_attention (cuDNN backend): no backward graph for {}", spec.pointwise_backward_declined);
+      return p;
+    }
     return build_or_error([&] {
       GraphBuilder g;
       build_backward(g, spec, t, gl, dq_accum);

@@ -227,9 +227,16 @@ TEST(CudnnLowering, DeclinesCapturedReadsThatAreNotABias) {
 // The pointwise score_mod: the program cuDNN evaluates gives the score_mod and its derivative, checked here against
 // the formulas written out by hand at sample points.
 void expect_pointwise(Call& c, const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& mod,
-                      const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& dmod) {
+                      const std::function<double(double s, int64_t h, int64_t q, int64_t kv)>& dmod,
+                      bool backward = true) {
   CudnnSdpaSpec spec = accepted(c);
   ASSERT_TRUE(spec.pointwise != nullptr) << spec.describe();
+  if (backward) {
+    EXPECT_EQ(spec.pointwise_backward_declined, "");
+  } else {
+    EXPECT_NE(spec.pointwise_backward_declined.find("may be inf or NaN at the infinite scores"), std::string::npos)
+        << spec.pointwise_backward_declined;
+  }
   EXPECT_EQ(spec.bias, CudnnSdpaSpec::Bias::None);
   EXPECT_NE(spec.describe().find("pointwise score_mod"), std::string::npos) << spec.describe();
   for (double s : {-7.5, -1.0, 0.0, 0.25, 3.0, 41.0})
@@ -249,9 +256,10 @@ TEST(CudnnLowering, OtherScoreModsLowerAsPointwiseOpsWithTheirDerivative) {
       [](double s, int64_t, int64_t, int64_t) { return 1 - std::tanh(s / 20) * std::tanh(s / 20); });
   EXPECT_TRUE(accepted(softcap).causal());
   Call squared = make_call([](Expr s, Expr, Expr, Expr, Expr) { return s * s; }, nullptr);
+  // 2 * score is infinite where cuDNN's scores are (padding): the forward lowers, the backward does not.
   expect_pointwise(
       squared, [](double s, int64_t, int64_t, int64_t) { return s * s; },
-      [](double s, int64_t, int64_t, int64_t) { return 2 * s; });
+      [](double s, int64_t, int64_t, int64_t) { return 2 * s; }, /*backward=*/false);
   Call per_head = make_call([](Expr s, Expr, Expr h, Expr, Expr) { return s * to_float(h + 1); }, nullptr);
   expect_pointwise(
       per_head, [](double s, int64_t h, int64_t, int64_t) { return s * static_cast<double>(h + 1); },
@@ -273,6 +281,26 @@ TEST(CudnnLowering, OtherScoreModsLowerAsPointwiseOpsWithTheirDerivative) {
       [](double s, int64_t, int64_t q, int64_t kv) {
         const double num = q >= kv ? 0.5 : 3.0 - s, dnum = q >= kv ? 0.0 : -1.0, den = 1 + s * s;
         return (dnum * den - num * 2 * s) / (den * den);
+      },
+      /*backward=*/false);
+  // A varying branch of a where() in the derivative: where(m, 0.5 * score, 1) is infinite with the score.
+  Call square_near = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) { return where(q - kv < 8, s * s * 0.25, s); },
+                               causal_mask());
+  expect_pointwise(
+      square_near, [](double s, int64_t, int64_t q, int64_t kv) { return q - kv < 8 ? s * s * 0.25 : s; },
+      [](double s, int64_t, int64_t q, int64_t kv) { return q - kv < 8 ? 0.5 * s : 1.0; }, /*backward=*/false);
+  // Saturating functions bound what follows: sigmoid(score) * tanh(score / 4) + (q_idx - kv_idx) * 0.01.
+  Call saturating = make_call([](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return sigmoid(s) * tanh(s / 4.0) * 3.0 + to_float(q - kv) * 0.01;
+  }, nullptr);
+  expect_pointwise(
+      saturating,
+      [](double s, int64_t, int64_t q, int64_t kv) {
+        return 1 / (1 + std::exp(-s)) * std::tanh(s / 4) * 3 + static_cast<double>(q - kv) * 0.01;
+      },
+      [](double s, int64_t, int64_t, int64_t) {
+        const double sg = 1 / (1 + std::exp(-s)), t = std::tanh(s / 4);
+        return 3 * (sg * (1 - sg) * t + sg * (1 - t * t) / 4);
       });
 }
 

@@ -224,19 +224,15 @@ std::vector<Case> cases() {
   relbias.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return s - to_float(q - kv) * 0.05; };
   relbias.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) { return s - (qi - kvi) * 0.05; };
   cs.push_back(relbias);
-  Case mixed = causal;  // a where() whose derivative keeps one varying branch: where(m, 2 s, 1)
-  mixed.name = "where_square";
-  mixed.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return where(q - kv < 8, s * s * 0.25, s); };
-  mixed.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) {
-    return where((qi - kvi) < 8.0, s * s * 0.25, s);
+  Case saturating = causal;  // sigmoid and tanh bound what follows them (the derivative's lowering rule)
+  saturating.name = "sigmoid_tanh";
+  saturating.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) {
+    return sigmoid(s) * tanh(s / 4.0) * 3.0 + to_float(q - kv) * 0.01;
   };
-  cs.push_back(mixed);
-  // A derivative with a division (1 / (1 + s^2)) under a band whose masked entries cuDNN computes too.
-  Case rational = band;
-  rational.name = "rational_band";
-  rational.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return s / (1.0 + s * s) * 4.0; };
-  rational.golden_mod = [](const Tensor& s, const Tensor&, const Tensor&) { return s / (s * s + 1.0) * 4.0; };
-  cs.push_back(rational);
+  saturating.golden_mod = [](const Tensor& s, const Tensor& qi, const Tensor& kvi) {
+    return sigmoid(s) * tanh(s / 4.0) * 3.0 + (qi - kvi) * 0.01;
+  };
+  cs.push_back(saturating);
   Case gqa_softcap = softcap;
   gqa_softcap.name = "gqa_softcap";
   gqa_softcap.Hq = 8;
@@ -404,6 +400,33 @@ TEST(FlexCudnn, AutoWithAGradientRunsTheBackwardOrKeepsTheFusedKernels) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(bits_equal(a[i], forced[i])) << i;
   const auto al = grads(FlexBackend::Auto, true), fl = grads(FlexBackend::Fused, true);
   for (size_t i = 0; i < al.size(); ++i) EXPECT_TRUE(bits_equal(al[i], fl[i])) << i;
+}
+
+// A score_mod whose forward lowers but whose derivative may be infinite where cuDNN's scores are (padding; here
+// where(q - kv < 8, 0.5 score, 1)): the forward runs on cuDNN and matches the fused kernel; a forced backward raises
+// the lowering's reason; Auto with a gradient keeps the fused kernels.
+TEST(FlexCudnn, ForwardOnlyWhenTheDerivativeCannotBeCudnnsBackwardChain) {
+  SKIP_WITHOUT_CUDNN();
+  ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "1");
+  manual_seed(9);
+  const Tensor q0 = randn({1, 4, 200, 64}).to(kGpu, kBFloat16), k0 = randn({1, 4, 200, 64}).to(kGpu, kBFloat16),
+               v0 = randn({1, 4, 200, 64}).to(kGpu, kBFloat16);
+  auto run_with = [&](FlexBackend backend, bool grad) {
+    Tensor q = q0.detach().requires_grad_(grad), k = k0.detach(), v = v0.detach();
+    FlexAttentionOptions o;
+    o.kernel.backend = backend;
+    o.score_mod = [](Expr s, Expr, Expr, Expr qi, Expr kv) { return where(qi - kv < 8, s * s * 0.25, s); };
+    o.block_mask = create_block_mask(causal_mask(), std::nullopt, std::nullopt, 200, 200, 128, kGpu);
+    FlexAttentionResult r = flex_attention(q, k, v, o);
+    if (grad) r.out.to(kFloat32).sum().backward();
+    return std::vector<Tensor>{r.out, grad ? q.grad() : Tensor()};
+  };
+  const auto cud = run_with(FlexBackend::Cudnn, false), fused = run_with(FlexBackend::Fused, false);
+  EXPECT_LT(max(abs(cud[0].to(kFloat32) - fused[0].to(kFloat32))).item<double>(), 3e-2);
+  fg::testing::expect_error<NotImplementedError>([&] { run_with(FlexBackend::Cudnn, true); }, "may be inf or NaN");
+  const auto a = run_with(FlexBackend::Auto, true), f = run_with(FlexBackend::Fused, true);
+  EXPECT_TRUE(bits_equal(a[0], f[0]));
+  EXPECT_TRUE(bits_equal(a[1], f[1]));
 }
 
 TEST(FlexCudnn, ForcedOnAProgramThatDoesNotLowerRaisesWithTheReason) {
