@@ -457,8 +457,10 @@ int flex_cudnn_env() {
 // The rule, measured on the H200 (sm_90a, cuDNN 9.19; bf16 B4 H16 S4096 D128, TFLOP/s forward / backward, session
 // 8): cuDNN's fused SDPA vs our wgmma kernels: no mask 632/542 vs 306/251, causal 579/462 vs 270/204, sliding
 // window 1024 463/374 vs 235/185, ALiBi + causal 475/442 vs 160/141, causal D64 B8 407/362 vs 202/146: about 2x
-// wherever a program lowers (the backward figures are the nondeterministic dQ-accumulator graph's; the default
-// deterministic one is not yet measured). So Auto takes cuDNN when all hold:
+// wherever a program lowers (the backward figures are the nondeterministic dQ-accumulator graph's). Session 9, same
+// call as PyTorch, deterministic backward: no mask 654/490, causal 579/419, ALiBi 485/414, softcap + causal through
+// the pointwise score-modifier graph 436/388 against our 120/97; the sliding window's deterministic backward (202) is
+// the one row near ours (189). So Auto takes cuDNN when all hold:
 //   - a CUDA device whose NVRTC target is sm_90a (measured there only; other GPUs keep our kernels), cuDNN in the
 //     build and loadable, bf16 / f16 (the lowering's own rule);
 //   - the call lowers (lower_to_cudnn) and cuDNN builds its forward plan and, when a gradient is needed, its
