@@ -199,11 +199,14 @@ std::vector<Case> cases() {
   bias.name = "bias_dbias";
   bias.bias = randn({4, 200, 200}) * 0.5;
   cs.push_back(bias);
-  Case gqa = causal;
-  gqa.name = "gqa_causal";
-  gqa.Hq = 8;
-  gqa.Hkv = 2;
-  cs.push_back(gqa);
+  // The same case with GQA: 8 query heads on 2 K/V heads.
+  auto gqa = [](Case c, const char* name) {
+    c.name = name;
+    c.Hq = 8;
+    c.Hkv = 2;
+    return c;
+  };
+  cs.push_back(gqa(causal, "gqa_causal"));
   // Pointwise score_mods (cuDNN's score-modifier graph; the backward multiplies dS by our derivative).
   Case softcap = causal;
   softcap.name = "softcap_causal";
@@ -233,11 +236,7 @@ std::vector<Case> cases() {
     return sigmoid(s) * tanh(s / 4.0) * 3.0 + (qi - kvi) * 0.01;
   };
   cs.push_back(saturating);
-  Case gqa_softcap = softcap;
-  gqa_softcap.name = "gqa_softcap";
-  gqa_softcap.Hq = 8;
-  gqa_softcap.Hkv = 2;
-  cs.push_back(gqa_softcap);
+  cs.push_back(gqa(softcap, "gqa_softcap"));
   return cs;
 }
 
