@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "flexgrad/attention/kv_band.h"
 #include "flexgrad/attention/mod_grad.h"
 
 namespace fg {
@@ -17,178 +18,43 @@ namespace {
 
 constexpr int64_t kNoBound = std::numeric_limits<int64_t>::max();
 
-// An int value of the form a * q_idx + c * kv_idx + k (what band masks compare).
-struct Linear {
-  int64_t a = 0, c = 0, k = 0;
-};
-
 // The band: lo <= q_idx - kv_idx <= hi (kNoBound / -kNoBound when open).
 struct Band {
   int64_t lo = -kNoBound, hi = kNoBound;
 };
 
-class MaskMatcher {
- public:
-  explicit MaskMatcher(const ModProgram& p) : p_(p) {}
-
-  // The band the program's output is, or the reason it is not one.
-  std::optional<Band> band(std::string& why) {
-    Band b;
-    if (!conjunct(p_.output(), b, why)) return std::nullopt;
-    return b;
-  }
-
- private:
-  const Instr& at(int32_t id) const { return p_.instrs()[id]; }
-  std::string text(int32_t id) const { return fmt::format("instruction {} ({})", id, expr_op_name(at(id).op)); }
-
-  // Bounded so that the form is exact: for q, kv in [0, 2^31) no int64 operation of the program can wrap (the op
-  // table's semantics wrap; this arithmetic would overflow), and the form's own arithmetic stays in range.
-  static std::optional<Linear> bounded(const Linear& l) {
-    constexpr int64_t kCoef = int64_t{1} << 20, kOffset = int64_t{1} << 40;
-    if (l.a > kCoef || l.a < -kCoef || l.c > kCoef || l.c < -kCoef || l.k > kOffset || l.k < -kOffset) return std::nullopt;
-    return l;
-  }
-
-  std::optional<Linear> linear(int32_t id) const {
-    auto l = linear_unbounded(id);
-    return l ? bounded(*l) : std::nullopt;
-  }
-
-  std::optional<Linear> linear_unbounded(int32_t id) const {
-    const Instr& in = at(id);
-    if (in.kind != ValueKind::Int) return std::nullopt;
-    switch (in.op) {
-      case ExprOp::Const: return Linear{0, 0, in.ivalue};
-      case ExprOp::QIdx: return Linear{1, 0, 0};
-      case ExprOp::KVIdx: return Linear{0, 1, 0};
-      case ExprOp::Neg: {
-        auto x = linear(in.args[0]);
-        if (!x) return std::nullopt;
-        return Linear{-x->a, -x->c, -x->k};
-      }
-      case ExprOp::Add:
-      case ExprOp::Sub: {
-        auto x = linear(in.args[0]), y = linear(in.args[1]);
-        if (!x || !y) return std::nullopt;
-        const int64_t s = in.op == ExprOp::Add ? 1 : -1;
-        return Linear{x->a + s * y->a, x->c + s * y->c, x->k + s * y->k};
-      }
-      case ExprOp::Mul: {
-        auto x = linear(in.args[0]), y = linear(in.args[1]);
-        if (!x || !y) return std::nullopt;
-        // Operands are bounded (|coef| <= 2^20, |offset| <= 2^40): a constant factor above 2^20 in magnitude is
-        // declined before multiplying, so no product below overflows.
-        const Linear* cst = x->a == 0 && x->c == 0 ? &*x : y->a == 0 && y->c == 0 ? &*y : nullptr;
-        if (!cst) return std::nullopt;
-        const Linear& other = cst == &*x ? *y : *x;
-        const int64_t f = cst->k;
-        if (f > (int64_t{1} << 20) || f < -(int64_t{1} << 20)) return std::nullopt;
-        return Linear{f * other.a, f * other.c, f * other.k};
-      }
-      default: return std::nullopt;
-    }
-  }
-
-  // lhs - rhs as s * (q - kv) + k with s = +-1 (or a constant, s = 0); nullopt otherwise.
-  static std::optional<std::pair<int64_t, int64_t>> diagonal(const Linear& l) {
-    if (l.a == 0 && l.c == 0) return std::make_pair(int64_t{0}, l.k);
-    if (l.a == -l.c && (l.a == 1 || l.a == -1)) return std::make_pair(l.a, l.k);
+// cuDNN's diagonal band from the mask's kv interval per row (kv_band.h): every bound must be kv >= q + c or
+// kv <= q + c (q's coefficient 1), and no condition may restrict rows by q_idx alone.
+std::optional<Band> diagonal_band(const ModProgram& mask, std::string& why) {
+  std::optional<KvBand> kb = kv_band(&mask, &why);
+  if (!kb) return std::nullopt;
+  if (kb->never) {
+    why = "mask_mod: a constant false mask (no key is allowed)";
     return std::nullopt;
   }
-
-  static void bound(Band& b, ExprOp op, int64_t t) {  // d op t
-    switch (op) {
-      case ExprOp::Le: b.hi = std::min(b.hi, t); break;
-      case ExprOp::Lt: b.hi = std::min(b.hi, t - 1); break;
-      case ExprOp::Ge: b.lo = std::max(b.lo, t); break;
-      case ExprOp::Gt: b.lo = std::max(b.lo, t + 1); break;
-      default: b.lo = std::max(b.lo, t); b.hi = std::min(b.hi, t); break;  // Eq
-    }
+  Band b;
+  for (const AffineBound& c : kb->row_conditions) {
+    if (c.q_coef == 0 && c.offset >= 0) continue;  // always true
+    why = fmt::format("mask_mod: {} keeps rows by q_idx alone (not a diagonal band)", mask.to_string());
+    if (c.q_coef == 0) why = "mask_mod: a constant false mask (no key is allowed)";
+    return std::nullopt;
   }
-  static ExprOp flipped(ExprOp op) {
-    switch (op) {
-      case ExprOp::Le: return ExprOp::Ge;
-      case ExprOp::Lt: return ExprOp::Gt;
-      case ExprOp::Ge: return ExprOp::Le;
-      case ExprOp::Gt: return ExprOp::Lt;
-      default: return op;
-    }
+  auto diagonal = [&](const AffineBound& c) {
+    if (c.q_coef == 1) return true;
+    why = fmt::format("mask_mod: {} compares q_idx and kv_idx with coefficients other than q_idx - kv_idx (not a "
+                      "diagonal band)", mask.to_string());
+    return false;
+  };
+  for (const AffineBound& c : kb->lower) {  // kv >= q + o  <=>  q - kv <= -o
+    if (!diagonal(c)) return std::nullopt;
+    b.hi = std::min(b.hi, -c.offset);
   }
-
-  // |s*(q - kv) + k| op t  (op Le/Lt), t a constant.
-  bool abs_bound(int32_t abs_id, ExprOp op, int64_t t, Band& b, std::string& why) const {
-    auto x = linear(at(abs_id).args[0]);
-    auto d = x ? diagonal(*x) : std::nullopt;
-    if (!d || d->first == 0) {
-      why = fmt::format("mask_mod: abs() of something other than +-(q_idx - kv_idx) + constant at {}", text(abs_id));
-      return false;
-    }
-    // |s d + k| = |d + s k|:  -t - s k <= d <= t - s k
-    const int64_t m = d->first * d->second, lim = op == ExprOp::Lt ? t - 1 : t;
-    b.lo = std::max(b.lo, -lim - m);
-    b.hi = std::min(b.hi, lim - m);
-    return true;
+  for (const AffineBound& c : kb->upper) {  // kv <= q + o  <=>  q - kv >= -o
+    if (!diagonal(c)) return std::nullopt;
+    b.lo = std::max(b.lo, -c.offset);
   }
-
-  bool compare(int32_t id, Band& b, std::string& why) const {
-    const Instr& in = at(id);
-    const int32_t l = in.args[0], r = in.args[1];
-    // abs(x) <= t, t >= abs(x)
-    if (at(l).op == ExprOp::Abs || at(r).op == ExprOp::Abs) {
-      const bool left = at(l).op == ExprOp::Abs;
-      const ExprOp op = left ? in.op : flipped(in.op);
-      auto t = linear(left ? r : l);
-      if ((op != ExprOp::Le && op != ExprOp::Lt) || !t || t->a != 0 || t->c != 0) {
-        why = fmt::format("mask_mod: {} bounds abs() from below or by a non-constant (not a band)", text(id));
-        return false;
-      }
-      return abs_bound(left ? l : r, op, t->k, b, why);
-    }
-    auto x = linear(l), y = linear(r);
-    if (!x || !y) {
-      why = fmt::format("mask_mod: {} compares values that are not integer combinations of q_idx and kv_idx "
-                        "(reads b, h, a captured tensor or uses a non-linear op)", text(id));
-      return false;
-    }
-    auto d = diagonal(Linear{x->a - y->a, x->c - y->c, x->k - y->k});
-    if (!d) {
-      why = fmt::format("mask_mod: {} compares q_idx and kv_idx with coefficients other than q_idx - kv_idx "
-                        "(not a diagonal band)", text(id));
-      return false;
-    }
-    if (d->first == 0) {
-      why = fmt::format("mask_mod: {} compares constants", text(id));
-      return false;
-    }
-    // s d + k op 0  ->  d op' -s k
-    const ExprOp op = d->first > 0 ? in.op : flipped(in.op);
-    bound(b, op, -d->first * d->second);
-    return true;
-  }
-
-  bool conjunct(int32_t id, Band& b, std::string& why) const {
-    const Instr& in = at(id);
-    switch (in.op) {
-      case ExprOp::Const:
-        if (in.kind == ValueKind::Bool && in.ivalue != 0) return true;  // noop_mask
-        why = "mask_mod: a constant false mask (no key is allowed)";
-        return false;
-      case ExprOp::And: return conjunct(in.args[0], b, why) && conjunct(in.args[1], b, why);
-      case ExprOp::Le:
-      case ExprOp::Lt:
-      case ExprOp::Ge:
-      case ExprOp::Gt:
-      case ExprOp::Eq: return compare(id, b, why);
-      default:
-        why = fmt::format("mask_mod: {} is not a comparison of q_idx - kv_idx or an & of them: the mask is "
-                          "not a diagonal band (formula: {})", text(id), p_.to_string());
-        return false;
-    }
-  }
-
-  const ModProgram& p_;
-};
+  return b;
+}
 
 // Does the BlockMask agree with the band block by block? Empty blocks must hold no allowed entry and full
 // blocks no masked one. Returns the first disagreement.
@@ -578,7 +444,7 @@ CudnnLowering lower_to_cudnn(const CudnnLoweringInput& in) {
     const BlockMask& bm = *in.block_mask;
     FG_CHECK(bm.mask_program() != nullptr, ValueError, "lower_to_cudnn: the BlockMask has no traced mask_mod");
     std::string why;
-    auto b = MaskMatcher(*bm.mask_program()).band(why);
+    auto b = diagonal_band(*bm.mask_program(), why);
     if (!b) return decline(why);
     band = *b;
     if (band.lo > band.hi) return decline("mask_mod: the band is empty (no key is allowed)");

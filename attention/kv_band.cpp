@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <limits>
 
+#include <fmt/format.h>
+
 namespace fg {
 namespace {
 
@@ -79,13 +81,50 @@ bool add_constraint(KvBand& band, ExprOp op, Affine d) {
   return true;
 }
 
-// Walks the And tree under `id`, adding each conjunct; false when one is not a band constraint.
-bool collect(const ModProgram& p, const std::vector<std::optional<Affine>>& aff, int32_t id, KvBand& band) {
+ExprOp flipped(ExprOp op) {  // a OP b <=> b flipped(OP) a
+  switch (op) {
+    case ExprOp::Le: return ExprOp::Ge;
+    case ExprOp::Lt: return ExprOp::Gt;
+    case ExprOp::Ge: return ExprOp::Le;
+    case ExprOp::Gt: return ExprOp::Lt;
+    default: return op;
+  }
+}
+
+std::string describe(const ModProgram& p, int32_t id) {
+  return fmt::format("instruction {} ({})", id, expr_op_name(p.instrs()[id].op));
+}
+
+// `abs(A) OP B` with OP <= or < (B on the right after flipping): A OP B and -A OP B, a band when A and B are affine.
+// abs(A) >= B is a union of two intervals: no band.
+bool add_abs_bound(const ModProgram& p, const std::vector<std::optional<Affine>>& aff, int32_t abs_id, ExprOp op,
+                   const std::optional<Affine>& b, KvBand& band, std::string& why) {
+  const std::optional<Affine>& a = aff[p.instrs()[abs_id].args[0]];
+  if (op != ExprOp::Le && op != ExprOp::Lt) {
+    why = fmt::format("{} bounds abs() from below (two intervals per row)", describe(p, abs_id));
+    return false;
+  }
+  if (!a || !b) {
+    why = fmt::format("{} compares values that are not integer combinations of q_idx and kv_idx", describe(p, abs_id));
+    return false;
+  }
+  const Affine neg_a{-a->q, -a->kv, -a->offset};
+  auto diff = [&](const Affine& x) { return Affine{x.q - b->q, x.kv - b->kv, x.offset - b->offset}; };
+  if (!add_constraint(band, op, diff(*a)) || !add_constraint(band, op, diff(neg_a))) {
+    why = fmt::format("{}: kv_idx's coefficient is beyond +-1", describe(p, abs_id));
+    return false;
+  }
+  return true;
+}
+
+// Walks the And tree under `id`, adding each conjunct; false (with the reason) when one is not a band constraint.
+bool collect(const ModProgram& p, const std::vector<std::optional<Affine>>& aff, int32_t id, KvBand& band,
+             std::string& why) {
   const Instr& x = p.instrs()[id];
-  if (x.kind != ValueKind::Bool) return false;
   switch (x.op) {
-    case ExprOp::And: return collect(p, aff, x.args[0], band) && collect(p, aff, x.args[1], band);
+    case ExprOp::And: return collect(p, aff, x.args[0], band, why) && collect(p, aff, x.args[1], band, why);
     case ExprOp::Const:
+      if (x.kind != ValueKind::Bool) break;
       if (x.ivalue == 0) band.never = true;
       return true;
     case ExprOp::Ge:
@@ -93,13 +132,30 @@ bool collect(const ModProgram& p, const std::vector<std::optional<Affine>>& aff,
     case ExprOp::Le:
     case ExprOp::Lt:
     case ExprOp::Eq: {
+      if (p.instrs()[x.args[0]].kind != ValueKind::Int) break;
+      for (int side = 0; side < 2; ++side) {
+        if (p.instrs()[x.args[side]].op == ExprOp::Abs) {
+          return add_abs_bound(p, aff, x.args[side], side == 0 ? x.op : flipped(x.op), aff[x.args[1 - side]], band,
+                               why);
+        }
+      }
       const std::optional<Affine>& a = aff[x.args[0]];
       const std::optional<Affine>& b = aff[x.args[1]];
-      if (p.instrs()[x.args[0]].kind != ValueKind::Int || !a || !b) return false;
-      return add_constraint(band, x.op, Affine{a->q - b->q, a->kv - b->kv, a->offset - b->offset});
+      if (!a || !b) {
+        why = fmt::format("{} compares values that are not integer combinations of q_idx and kv_idx (reads b, h, a "
+                          "captured tensor or uses a non-linear op)", describe(p, id));
+        return false;
+      }
+      if (!add_constraint(band, x.op, Affine{a->q - b->q, a->kv - b->kv, a->offset - b->offset})) {
+        why = fmt::format("{}: kv_idx's coefficient is beyond +-1 (the bound would need a division)", describe(p, id));
+        return false;
+      }
+      return true;
     }
-    default: return false;
+    default: break;
   }
+  why = fmt::format("{} is not a comparison of integer combinations of q_idx and kv_idx or an & of them", describe(p, id));
+  return false;
 }
 
 }  // namespace
@@ -118,12 +174,20 @@ void KvBand::row(int64_t q, int64_t& lo, int64_t& hi) const {
   for (const AffineBound& b : upper) hi = std::min(hi, b.at(q));
 }
 
-std::optional<KvBand> kv_band(const ModProgram* mask) {
-  if (mask == nullptr || mask->outputs().size() != 1 || !mask->captures().empty()) return std::nullopt;
-  if ((mask->uses() & (kUsesBatch | kUsesHead | kUsesScore)) != 0) return std::nullopt;
+std::optional<KvBand> kv_band(const ModProgram* mask, std::string* why) {
+  std::string reason;
+  auto fail = [&](std::string r) -> std::optional<KvBand> {
+    if (why) *why = fmt::format("mask_mod: {} (formula: {})", r, mask ? mask->to_string() : "none");
+    return std::nullopt;
+  };
+  if (mask == nullptr || mask->outputs().size() != 1) return fail("not a single-output mask program");
+  if (!mask->captures().empty() || (mask->uses() & (kUsesBatch | kUsesHead | kUsesScore)) != 0) {
+    return fail("compares values that are not integer combinations of q_idx and kv_idx (reads b, h, a captured tensor "
+                "or the score)");
+  }
   const std::vector<std::optional<Affine>> aff = affine_values(*mask);
   KvBand band;
-  if (!collect(*mask, aff, mask->output(), band)) return std::nullopt;
+  if (!collect(*mask, aff, mask->output(), band, reason)) return fail(reason);
   return band;
 }
 

@@ -79,6 +79,9 @@ TEST(KvBand, AgreesWithTheProgramOnEveryIndex) {
       [](Expr, Expr, Expr q, Expr kv) { return (q * 2 - 7 >= kv) & (kv + 1 > q - 10); },
       [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q >= kv); },
       [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q < kv); },  // empty everywhere
+      [](Expr, Expr, Expr q, Expr kv) { return abs(q - kv) <= 3; },
+      [](Expr, Expr, Expr q, Expr kv) { return 4 > abs(kv - q + 2); },
+      [](Expr, Expr, Expr q, Expr kv) { return (abs(q - kv) < 6) & (kv <= q); },
   };
   for (const MaskMod& m : mods) expect_band_matches_program(mask_of(m), 24);
 }
@@ -94,10 +97,14 @@ TEST(KvBand, DeclinesWhatIsNotOneIntervalPerRow) {
       [&](Expr, Expr, Expr q, Expr kv) { return Captured(doc)[q] == Captured(doc)[kv]; },
       [](Expr b, Expr, Expr q, Expr kv) { return q - b >= kv; },                 // depends on the batch
       [](Expr, Expr h, Expr q, Expr kv) { return (q >= kv) & (h < 2); },         // and on the head
+      [](Expr, Expr, Expr q, Expr kv) { return abs(q - kv) >= 3; },              // two intervals
+      [](Expr, Expr, Expr q, Expr kv) { return abs(q - kv * 2) <= 3; },          // kv's coefficient 2
   };
   for (const MaskMod& m : mods) {
     const ModProgram p = mask_of(m);
-    EXPECT_FALSE(kv_band(&p).has_value()) << p.to_string();
+    std::string why;
+    EXPECT_FALSE(kv_band(&p, &why).has_value()) << p.to_string();
+    EXPECT_NE(why.find("mask_mod: "), std::string::npos) << why;  // the reason names what is not a band
   }
   EXPECT_FALSE(kv_band(nullptr).has_value());
   // Constants too large for an exact affine form (INT64_MIN has no absolute value: checked by comparisons).
