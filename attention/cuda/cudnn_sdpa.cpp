@@ -397,10 +397,10 @@ std::vector<bool> pointwise_live(const ModProgram& p, bool backward) {
 // The program on the scaled scores `s` (dims sd) as pointwise operations; returns each instruction's tensor
 // (constants as by-value [1,1,1,1] scalars). Operand order: cuDNN broadcasts the second operand (b), so a
 // constant never goes first: commutative ops swap, c - x is (-x) + c, c / x is (1 / x) * c, comparisons flip,
-// where(m, c, x) is where(!m, x, c), where(m, c1, c2) is where(m, kv_idx * 0 + c1, c2) (the generated index, not
-// the scores: cuDNN's engines compute the graph on padding too, where the scores need not be finite) (lower_to_cudnn
-// declines c ** x). Only the instructions `outputs` need are emitted: cuDNN rejects a
-// graph with a virtual tensor nothing reads.
+// where(m, c, x) is where(!m, x, c), and where(m, c1, c2) is where(m, kv_idx * 0 + c1, c2): built from the generated
+// index, never from the scores, which cuDNN's engines also compute on padding, where they are not finite (c ** x is
+// declined by lower_to_cudnn). Only the instructions the direction needs (pointwise_live) are emitted: cuDNN rejects
+// a graph with a virtual tensor nothing reads.
 std::vector<TensorDesc> pointwise_program(GraphBuilder& g, const ModProgram& p, bool backward, const TensorDesc& s,
                                           const std::vector<int64_t>& sd) {
   const std::vector<bool> live = pointwise_live(p, backward);
