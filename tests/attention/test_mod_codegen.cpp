@@ -80,13 +80,13 @@ struct Nvrtc {
   }
 };
 
-const Nvrtc& nvrtc() {
+[[maybe_unused]] const Nvrtc& nvrtc() {  // used only in CUDA builds
   static Nvrtc n;
   return n;
 }
 
 // flex_abi.cuh + the generated mods + a kernel calling every function in both precisions.
-std::string translation_unit(const std::string& mods) {
+[[maybe_unused]] std::string translation_unit(const std::string& mods) {  // used only in CUDA builds
   std::string abi;
 #ifdef FLEXGRAD_WITH_CUDA
   abi = std::string(cuda::jit::embedded_source("flex_abi.cuh"));
