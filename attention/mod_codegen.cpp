@@ -65,16 +65,6 @@ std::string int_literal(int64_t v) {
   return fmt::format("((fg_i64){}LL)", v);
 }
 
-// Instructions that `outputs` need (transitively).
-std::vector<char> live_set(const ModProgram& p, const std::vector<int32_t>& outputs) {
-  std::vector<char> live(p.size(), 0);
-  for (int32_t o : outputs) live[o] = 1;
-  for (int32_t i = static_cast<int32_t>(p.size()) - 1; i >= 0; --i)
-    if (live[i])
-      for (int32_t a : p.instrs()[i].args) live[a] = 1;
-  return live;
-}
-
 // ---- Narrowing: the op table's integers are 64-bit and wrap, but an add, sub, mul or neg whose operands and
 // exact result provably fit in 32 bits (int_ranges.h, with b, h, q, kv any non-negative int32) gives the same
 // value computed in 32 bits, which the GPU does in one instruction (and converts to float in one more).
@@ -167,7 +157,7 @@ const char* kMaskSig = "(int b, int h, int q, int kv, const FgModArgs& a)";
 std::string specialisations(const char* ret_t, const char* name, const char* sig, const ModProgram& p, int32_t output,
                             const std::vector<int>& slots, bool approx) {
   std::string s;
-  const std::vector<char> live = live_set(p, {output});
+  const std::vector<char> live = p.live({output});
   for (bool dbl : {false, true}) {
     const std::string T = type_name(VK::Float, dbl);
     std::string params = sig;
@@ -202,7 +192,7 @@ struct SplitProgram {
 SplitProgram split_program(const ModProgram& p, const std::vector<int32_t>& outputs) {
   const auto& ins = p.instrs();
   const size_t n = ins.size();
-  const std::vector<char> live = live_set(p, outputs);
+  const std::vector<char> live = p.live(outputs);
   SplitProgram sp;
   sp.part.assign(n, Part::None);
   for (size_t i = 0; i < n; ++i) {
@@ -224,8 +214,8 @@ SplitProgram split_program(const ModProgram& p, const std::vector<int32_t>& outp
     if (carried[i]) (sp.part[i] == Part::Row ? sp.row_out : sp.col_out).push_back(static_cast<int32_t>(i));
   // What the row and column functions evaluate: the closure of their carried values (a column value may
   // need a b/h-only "row" value, which the column function then recomputes).
-  sp.row_emit = live_set(p, sp.row_out);
-  sp.col_emit = live_set(p, sp.col_out);
+  sp.row_emit = p.live(sp.row_out);
+  sp.col_emit = p.live(sp.col_out);
   return sp;
 }
 
@@ -239,7 +229,7 @@ struct ElemPart {
 ElemPart elem_part(const ModProgram& p, const SplitProgram& sp, const std::vector<int32_t>& outputs) {
   const auto& ins = p.instrs();
   const size_t n = ins.size();
-  const std::vector<char> live = live_set(p, outputs);
+  const std::vector<char> live = p.live(outputs);
   ElemPart e;
   e.emit.assign(n, 0);
   std::vector<char> read(n, 0);
@@ -492,7 +482,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     for (int32_t d = 0; d < t->ndim; ++d) outs.push_back(g->program.outputs()[t->index_output + d]);
     outs.push_back(g->program.outputs()[t->deriv_output]);
   }
-  const std::vector<char> live = live_set(g->program, outs);
+  const std::vector<char> live = g->program.live(outs);
   for (bool dbl : {false, true}) {  // one overload per precision; the template below picks by T
     s += fmt::format(
         "template <class Sink> __device__ __forceinline__ void fg_cap_grad_impl({0} score, {0} grad, int b, int h, "

@@ -497,6 +497,15 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
 }
 }  // namespace
 
+std::vector<char> ModProgram::live(const std::vector<int32_t>& outputs) const {
+  std::vector<char> needed(instrs_.size(), 0);
+  for (int32_t o : outputs) needed[static_cast<size_t>(o)] = 1;
+  for (size_t i = instrs_.size(); i-- > 0;)
+    if (needed[i])
+      for (int32_t a : instrs_[i].args) needed[static_cast<size_t>(a)] = 1;
+  return needed;
+}
+
 uint64_t ModProgram::hash() const {
   uint64_t h = mix(0x666c65786772ULL, static_cast<uint64_t>(type_));
   for (const Instr& in : instrs_) {

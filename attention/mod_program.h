@@ -92,6 +92,8 @@ class ModProgram {
   std::string to_string_all() const;  // "name = formula" per output, one per line
   // Structural hash: equal for structurally equal programs; includes captured dtype and rank, not values.
   uint64_t hash() const;
+  // Which instructions `outputs` need, transitively (1 per needed instruction): what an emitter evaluates.
+  std::vector<char> live(const std::vector<int32_t>& outputs) const;
   bool structurally_equal(const ModProgram& o) const;
 
   // Scalar reference evaluation in double (bools as 0/1, ints exact); all outputs, or output 0.

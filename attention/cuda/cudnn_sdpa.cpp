@@ -371,7 +371,7 @@ PointwiseConsts pointwise_consts(const ModProgram& p) {
 }
 
 // Whether the live program has a where() between two constants (pointwise_program then reads kZero).
-bool pointwise_needs_zero(const ModProgram& p, const std::vector<bool>& live) {
+bool pointwise_needs_zero(const ModProgram& p, const std::vector<char>& live) {
   for (size_t k = 0; k < p.size(); ++k) {
     const Instr& x = p.instrs()[k];
     if (live[k] && x.op == ExprOp::Where && p.instrs()[static_cast<size_t>(x.args[1])].op == ExprOp::Const &&
@@ -383,15 +383,10 @@ bool pointwise_needs_zero(const ModProgram& p, const std::vector<bool>& live) {
 }
 
 // The instructions a direction's graph evaluates: the forward's output 0 (the score_mod), the backward's both.
-std::vector<bool> pointwise_live(const ModProgram& p, bool backward) {
-  std::vector<bool> live(p.size(), false);
-  live[static_cast<size_t>(p.outputs()[0])] = true;
-  if (backward) live[static_cast<size_t>(p.outputs()[1])] = true;
-  for (size_t k = p.size(); k-- > 0;) {
-    if (!live[k]) continue;
-    for (int32_t a : p.instrs()[k].args) live[static_cast<size_t>(a)] = true;
-  }
-  return live;
+std::vector<char> pointwise_live(const ModProgram& p, bool backward) {
+  std::vector<int32_t> outputs{p.outputs()[0]};
+  if (backward) outputs.push_back(p.outputs()[1]);
+  return p.live(outputs);
 }
 
 // The program on the scaled scores `s` (dims sd) as pointwise operations; returns each instruction's tensor
@@ -403,7 +398,7 @@ std::vector<bool> pointwise_live(const ModProgram& p, bool backward) {
 // a graph with a virtual tensor nothing reads.
 std::vector<TensorDesc> pointwise_program(GraphBuilder& g, const ModProgram& p, bool backward, const TensorDesc& s,
                                           const std::vector<int64_t>& sd) {
-  const std::vector<bool> live = pointwise_live(p, backward);
+  const std::vector<char> live = pointwise_live(p, backward);
   std::vector<TensorDesc> v(p.size());
   std::vector<bool> scalar(p.size(), false);
   auto op2 = [&](cudnnPointwiseMode_t mode, ValueKind out, ValueKind compute, const TensorDesc& a, const TensorDesc& b,
@@ -644,7 +639,7 @@ void add_scalars(const CudnnSdpaSpec& spec, bool backward, Scalars& s, std::vect
   ptrs.push_back(&s.scale);
   if (spec.pointwise) {
     s.consts = pointwise_consts(*spec.pointwise);
-    const std::vector<bool> live = pointwise_live(*spec.pointwise, backward);
+    const std::vector<char> live = pointwise_live(*spec.pointwise, backward);
     if (pointwise_needs_zero(*spec.pointwise, live)) {
       uids.push_back(kZero);
       ptrs.push_back(&s.zero);
