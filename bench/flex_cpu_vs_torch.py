@@ -13,7 +13,8 @@ scaled_dot_product_attention forward and forward+backward on no mask and causal 
 from randn in --dtype (float32 by default; bf16 runs our bf16 products where the CPU has AVX-512 BF16). Each time is the fastest of --reps calls after two warm-up calls, as bench_flex_cpu.
 GFLOP/s count the blocks our BlockMask visits (fwd 4 B H L^2 E density, fwd+bwd 3.5x that) for every column,
 so a ratio is a ratio of times. PyTorch runs under --python (default /opt/torch/.venv/bin/python when present,
-else this interpreter); without PyTorch the table holds ours alone.
+else this interpreter); without PyTorch the table holds ours alone. Inductor compiles single-threaded and
+without its FX graph cache unless the environment says otherwise (each compile takes ~50 s; see run_torch).
 """
 import argparse
 import csv
@@ -137,6 +138,12 @@ def run_torch(args, threads):
     python = args.python or ("/opt/torch/.venv/bin/python" if os.access("/opt/torch/.venv/bin/python", os.X_OK)
                              else sys.executable)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # Inductor compiles in one thread, without its FX graph cache (a caller's own settings win): with its
+    # default parallel compile workers, the 16-thread processes on the device host died or aborted in glibc's
+    # heap checks (session 8: "malloc(): smallbin double linked list corrupted"); with these two they ran
+    # (session 10). PyTorch's maintainers isolate such compiled-CPU crashes with the same two settings.
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    env.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
     merged, failures = None, []
     for key, _ in MASKS:
         if args.masks and key not in args.masks:
