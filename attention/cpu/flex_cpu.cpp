@@ -258,20 +258,27 @@ struct TileScorer {
         mask(kMaskTile, band ? 0 : tile_rows(prob) * tile_cols(prob)) {
   }
   void compute(int64_t b, int64_t h, const T* qrows, int64_t q0, int64_t nq, const T* krows, const T* kt, int64_t kv0,
-               int64_t nkv, bool partial, T* pre, T* s, int64_t ld) {
+               int64_t nkv, bool partial, T* pre, T* s, int64_t ld, T* dscore = nullptr) {
     math.nt(nq, nkv, p.E, static_cast<T>(p.scale), qrows, p.E, krows, p.E, kt, nkv, pre, ld);
-    mods(b, h, q0, nq, kv0, nkv, partial, pre, s, ld);
+    mods(b, h, q0, nq, kv0, nkv, partial, pre, s, ld, dscore);
   }
-  // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T.
+  // The score_mod and, on partial blocks, the mask over pre = scale * Q K^T. dscore (the backward's, softcap
+  // only): also receives d score_mod / d score at pre, from the same tanh.
   void mods(int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv, bool partial, T* pre, T* s,
-            int64_t ld) {
+            int64_t ld, T* dscore = nullptr) {
     // The evaluators run over strips of ~2048 scores: every instruction is a pass over its buffer, and a
     // strip's buffers (a few of 8 KB to 16 KB) stay in L1 where a whole tile's (64 KB to 128 KB each) do not.
     const int64_t strip = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, nkv));
     if (softcap) {
       if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
-        for (int64_t i = 0; i < nq; ++i)
-          math.tk.softcap(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld);
+        for (int64_t i = 0; i < nq; ++i) {
+          if (dscore) {
+            math.tk.softcap_grad(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld,
+                                 dscore + i * ld);
+          } else {
+            math.tk.softcap(pre + i * ld, nkv, softcap->inner, softcap->divide, softcap->outer, s + i * ld);
+          }
+        }
       }
     } else if (distance) {
       if constexpr (std::is_same_v<T, float>) {  // (always empty for double)
@@ -445,13 +452,16 @@ void forward_impl(const FlexProblem& p, FlexForwardOutputs& o) {
 // bf16 pairs (P^T or dS^T, the q block's dO or Q rows, dS).
 template <class T>
 struct TileGrad {
-  ThreadEvaluator<T> grad_ev;  // d score_mod / d score and capture terms (none: constant)
+  // d score_mod / d score and capture terms (none: constant, or a softcap, whose derivative the scorer gives)
+  ThreadEvaluator<T> grad_ev;
   ScratchTile<T> pre, s, dp;
   HeadPack kt{kKt, HeadPack::Transpose32}, vt{kVt, HeadPack::Transpose32};  // float: K^T, V^T; bf16: as pairs
   HeadPack krows{kKRows, HeadPack::PairRows16};                              // bf16: K as pairs of rows
   ScratchTile<uint32_t> at_pairs, b_pairs, ds_pairs;
-  TileGrad(const FlexProblem& p, bool bf16)
-      : grad_ev(kGradEval, p.score_grad && !p.score_grad->dscore_is_constant ? &p.score_grad->program : nullptr),
+  TileGrad(const FlexProblem& p, bool bf16, bool scorer_gives_dscore)
+      : grad_ev(kGradEval, p.score_grad && !p.score_grad->dscore_is_constant && !scorer_gives_dscore
+                               ? &p.score_grad->program
+                               : nullptr),
         pre(kPreTile, tile_rows(p) * tile_cols(p)),
         s(kScoreTile, tile_rows(p) * tile_cols(p)),
         dp(kGradTile, tile_rows(p) * tile_cols(p)),
@@ -473,7 +483,7 @@ struct BackwardThreadState {
   ThreadEvaluator<T> cap_ev;
   BackwardThreadState(const FlexProblem& p, bool bf16, std::vector<std::vector<double>>* caps)
       : sc(p),
-        g(p, bf16),
+        g(p, bf16, sc.softcap.has_value()),
         ds(kDsTile, tile_rows(p) * tile_cols(p)),
         caps(caps),
         cap_ev(kCapEval, caps && !g.grad_ev ? &p.score_grad->program : nullptr) {}
@@ -529,17 +539,18 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     TileGrad<T>& g = st.g;
     TileScorer<T>& sc = st.sc;
     const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+    T* dscore = sc.softcap ? st.ds.data() : nullptr;  // a softcap's derivative, for apply_dscore
     if constexpr (kBf16) {
       const TileKernels& tk = tile_kernels();
       const uint32_t* kp = g.kt.get(k + kvhead * p.Lkv * p.E, p.Lkv, p.E / 2, kv0, nkv);
       tk.gemm_bf16(false, nq, nkv, p.E / 2, static_cast<float>(p.scale),
                    reinterpret_cast<const uint32_t*>(q + row0 * p.E), p.E / 2, kp, nkv, false, g.pre.data(),
                    ld);
-      sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld);
+      sc.mods(b, h, q0, nq, kv0, nkv, partial, g.pre.data(), g.s.data(), ld, dscore);
     } else {
       const T* ktc = transposed_block(g.kt, k + kvhead * p.Lkv * p.E, p.Lkv, p.E, kv0, nkv);
       sc.compute(b, h, q + row0 * p.E, q0, nq, k + (kvhead * p.Lkv + kv0) * p.E, ktc, kv0, nkv, partial, g.pre.data(),
-                 g.s.data(), ld);
+                 g.s.data(), ld, dscore);
     }
     for (int64_t i = 0; i < nq; ++i) {
       T* row = g.s.data() + i * ld;
@@ -564,11 +575,17 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     for (int64_t i = 0; i < nq; ++i) math.softmax_grad(g.dp.data() + i * ld, g.s.data() + i * ld, nkv, delta[row0 + i]);
   };
   // dS = g.dp * d score_mod / d score (evaluated at the pre-mod score), in ds; g.dp itself when the
-  // derivative is the constant 1 (no score_mod, or one that only adds).
+  // derivative is the constant 1 (no score_mod, or one that only adds). A softcap's derivative is in ds
+  // already (tile_ds).
   auto apply_dscore = [&](BackwardThreadState<T>& st, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0,
                           int64_t nkv) -> const T* {
     TileGrad<T>& g = st.g;
     T* ds = st.ds.data();
+    if (st.sc.softcap) {
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = 0; j < nkv; ++j) ds[i * ld + j] *= g.dp[i * ld + j];
+      return ds;
+    }
     if (g.grad_ev) {
       g.grad_ev->run(b, h, q0, nq, kv0, nkv, g.pre.data(), ld);
       TileValue f = g.grad_ev->output(0);

@@ -33,6 +33,10 @@ struct TileKernels {
   // out[j] = outer * tanh(x[j] / inner) (divide), or outer * tanh(x[j] * inner): the softcap score_mod in
   // one pass (out may be x). tanh within 1.5 ulp of float64's; +-inf -> +-1, NaN stays NaN.
   void (*softcap)(const float* x, int64_t n, float inner, bool divide, float outer, float* out);
+  // softcap's value (out) and its derivative d out / d x (grad) from one tanh per element: grad[j] =
+  // (1 - t^2) * k with t = tanh(x[j] / inner) (or * inner) and k = outer / inner (or outer * inner), rounded
+  // in that order; 0 at +-inf, NaN stays NaN. out or grad may be x.
+  void (*softcap_grad)(const float* x, int64_t n, float inner, bool divide, float outer, float* out, float* grad);
   // dp[j] = p[j] * (dp[j] - delta): the softmax backward of one row.
   void (*softmax_grad)(float* dp, const float* p, int64_t n, float delta);
   // dst[c * ldd + r] = src[r * cols + c] for r < rows, c < cols: the transpose of a row-major block of

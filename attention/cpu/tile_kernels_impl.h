@@ -246,7 +246,7 @@ float exp_sum_max(float* x, int64_t n, float m) {
 // overflow side: the same value as vec::tanhf's 1 - 2 / (exp(2|y|) + 1) within an ulp or two); tanh(+-inf)
 // = +-1, NaN stays NaN.
 template <class I>
-inline typename I::V vsoftcap(typename I::V x, float inner, bool divide, float outer) {
+inline typename I::V vsoftcap_tanh(typename I::V x, float inner, bool divide) {
   using V = typename I::V;
   const V y = divide ? x / inner : x * inner;
   const V ay = y < 0.0f ? -y : y;
@@ -259,8 +259,11 @@ inline typename I::V vsoftcap(typename I::V x, float inner, bool divide, float o
   p = I::fma(p, z, splat<V>(1.33314422036e-1f));
   p = I::fma(p, z, splat<V>(-3.33332819422e-1f));
   const V small = I::fma(p * z, y, y);
-  const V t = ay < 0.625f ? small : (y < 0.0f ? -big : big);  // NaN: big (NaN)
-  return t * outer;
+  return ay < 0.625f ? small : (y < 0.0f ? -big : big);  // NaN: big (NaN)
+}
+template <class I>
+inline typename I::V vsoftcap(typename I::V x, float inner, bool divide, float outer) {
+  return vsoftcap_tanh<I>(x, inner, divide) * outer;
 }
 
 template <class I>
@@ -270,6 +273,33 @@ void softcap(const float* x, int64_t n, float inner, bool divide, float outer, f
   int64_t j = 0;
   for (; j + W <= n; j += W) store<V>(out + j, vsoftcap<I>(load<V>(x + j), inner, divide, outer));
   for (; j < n; ++j) out[j] = vsoftcap<I>(splat<V>(x[j]), inner, divide, outer)[0];
+}
+
+// softcap, and its derivative grad[j] = (1 - t^2) * (outer / inner or outer * inner) from the same t = tanh
+// (the backward's dS factor, one tanh per score instead of two).
+template <class I>
+void softcap_grad(const float* x, int64_t n, float inner, bool divide, float outer, float* out, float* grad) {
+  using V = typename I::V;
+  constexpr int W = I::W;
+  const float k = divide ? outer / inner : outer * inner;
+  auto one = [&](V xv, V& o, V& g) {
+    const V t = vsoftcap_tanh<I>(xv, inner, divide);
+    o = t * outer;
+    g = (1.0f - t * t) * k;
+  };
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    V o, g;
+    one(load<V>(x + j), o, g);
+    store<V>(out + j, o);
+    store<V>(grad + j, g);
+  }
+  for (; j < n; ++j) {
+    V o, g;
+    one(splat<V>(x[j]), o, g);
+    out[j] = o[0];
+    grad[j] = g[0];
+  }
 }
 
 template <class I>
@@ -338,7 +368,8 @@ void transpose32(const void* src_v, int64_t rows, int64_t cols, void* dst_v, int
 
 template <class I>
 const TileKernels& make_table(const char* name) {
-  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &exp_sum_max<I>, &softcap<I>, &softmax_grad<I>,
+  static const TileKernels t{name, &gemm<I>, &row_max<I>, &exp_sum<I>, &exp_sum_max<I>, &softcap<I>, &softcap_grad<I>,
+                            &softmax_grad<I>,
                             &transpose32<(I::W >= 8 ? 8 : 4)>, nullptr, nullptr, nullptr, nullptr};
   return t;
 }

@@ -200,7 +200,9 @@ TEST(TileKernels, ExpSumMaxIsExpBelowTheMax) {
       for (int64_t j = 0; j < n; ++j) {
         const float d = x[j] - m;
         const double e = std::exp(static_cast<double>(d));
-        if (x[j] == m) EXPECT_EQ(got[j], 1.0f) << tk.name;
+        if (x[j] == m) {
+          EXPECT_EQ(got[j], 1.0f) << tk.name;
+        }
         if (d < -87.33654f) EXPECT_EQ(got[j], 0.0f) << tk.name << " exp(" << d << ")";
         else EXPECT_NEAR(got[j], e, 1.25e-7 * e) << tk.name << " exp(" << d << ")";  // 1.01 ulp at worst
         EXPECT_NEAR(got[j], vec::expf(d), 1.25e-7 * e) << tk.name << " exp(" << d << ")";
@@ -261,7 +263,56 @@ TEST(TileKernels, SoftcapIsOuterTimesTanh) {
     EXPECT_EQ(out[4], 0.f) << tk.name;
     if (isa == TileIsa::Avx2 || isa == TileIsa::Avx512) per_isa.push_back(all);
   }
-  if (per_isa.size() == 2) EXPECT_EQ(per_isa[0], per_isa[1]);
+  if (per_isa.size() == 2) {
+    EXPECT_EQ(per_isa[0], per_isa[1]);
+  }
+}
+
+// softcap_grad: the same values as softcap, and the derivative against float64's
+// d/dx outer * tanh(x / inner) = outer / inner * (1 - tanh^2) (or outer * inner * ...).
+TEST(TileKernels, SoftcapGradIsSoftcapAndItsDerivative) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  struct Form { float inner; bool divide; float outer; };
+  const Form forms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
+  std::vector<std::vector<float>> per_isa;
+  for (TileIsa isa : supported()) {
+    const TileKernels& tk = cpu::tile_kernels(isa);
+    std::mt19937 rng(37);
+    std::vector<float> all;
+    for (const Form& f : forms) {
+      for (int64_t n : {1, 7, 16, 33, 128}) {
+        std::vector<float> x = random_floats(n, rng);
+        for (int64_t j = 0; j < n; ++j) x[j] *= std::ldexp(1.0f, static_cast<int>(j % 8) - 4) * f.inner;  // y to +-16
+        std::vector<float> value(n, 7.f), grad(n, 7.f), plain(n);
+        tk.softcap_grad(x.data(), n, f.inner, f.divide, f.outer, value.data(), grad.data());
+        tk.softcap(x.data(), n, f.inner, f.divide, f.outer, plain.data());
+        EXPECT_EQ(value, plain) << tk.name;
+        for (int64_t j = 0; j < n; ++j) {
+          const double y = f.divide ? static_cast<double>(x[j]) / f.inner : static_cast<double>(x[j]) * f.inner;
+          const double t = std::tanh(y), k = f.divide ? double(f.outer) / f.inner : double(f.outer) * f.inner;
+          const double want = k * (1 - t * t);
+          // 1 - t^2 cancels where t is near 1: the error is bounded by t's (a few ulp of 1) times 2 |k|
+          EXPECT_NEAR(grad[j], want, 1e-6 * std::fabs(want) + 1.5e-6 * std::fabs(k)) << tk.name << " y " << y;
+        }
+        all.insert(all.end(), grad.begin(), grad.end());
+        std::vector<float> inplace = x;  // grad may be x
+        tk.softcap_grad(inplace.data(), n, f.inner, f.divide, f.outer, value.data(), inplace.data());
+        EXPECT_EQ(inplace, grad) << tk.name;
+      }
+    }
+    std::vector<float> sp{inf, -inf, nan, 0.f};
+    std::vector<float> out(sp.size()), grad(sp.size());
+    tk.softcap_grad(sp.data(), static_cast<int64_t>(sp.size()), 20.f, true, 20.f, out.data(), grad.data());
+    EXPECT_EQ(out[0], 20.f) << tk.name;
+    EXPECT_EQ(grad[0], 0.f) << tk.name;
+    EXPECT_EQ(grad[1], 0.f) << tk.name;
+    EXPECT_TRUE(std::isnan(grad[2])) << tk.name;
+    EXPECT_EQ(grad[3], 1.f) << tk.name;
+    if (isa == TileIsa::Avx2 || isa == TileIsa::Avx512) per_isa.push_back(all);
+  }
+  if (per_isa.size() == 2) {
+    EXPECT_EQ(per_isa[0], per_isa[1]);
+  }
 }
 
 TEST(TileKernels, Transpose32) {
