@@ -225,18 +225,24 @@ TEST(TileKernels, ExpSumMaxIsExpBelowTheMax) {
   }
 }
 
+// The softcap forms both softcap tests run: outer * tanh(x / inner) or outer * tanh(x * inner).
+struct SoftcapForm {
+  float inner;
+  bool divide;
+  float outer;
+};
+constexpr SoftcapForm kSoftcapForms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
+
 // outer * tanh(x / inner) (or x * inner) against float64's tanh of the same float y, both sides of the
 // polynomial/exp split at |y| = 0.625; +-inf -> +-outer, NaN kept, +-0 -> 0; AVX-512 and AVX2 agree bit for bit.
 TEST(TileKernels, SoftcapIsOuterTimesTanh) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  struct Form { float inner; bool divide; float outer; };
-  const Form forms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
   std::vector<std::vector<float>> per_isa;
   for (TileIsa isa : supported()) {
     const TileKernels& tk = cpu::tile_kernels(isa);
     std::mt19937 rng(31);  // the same inputs for every instruction set
     std::vector<float> all;
-    for (const Form& f : forms) {
+    for (const SoftcapForm& f : kSoftcapForms) {
       for (int64_t n : {1, 7, 16, 33, 128}) {
         std::vector<float> x = random_floats(n, rng);
         for (int64_t j = 0; j < n; ++j) x[j] *= std::ldexp(1.0f, static_cast<int>(j % 14) - 4) * f.inner;  // y to +-1024
@@ -272,14 +278,12 @@ TEST(TileKernels, SoftcapIsOuterTimesTanh) {
 // d/dx outer * tanh(x / inner) = outer / inner * (1 - tanh^2) (or outer * inner * ...).
 TEST(TileKernels, SoftcapGradIsSoftcapAndItsDerivative) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  struct Form { float inner; bool divide; float outer; };
-  const Form forms[] = {{20.f, true, 20.f}, {0.5f, false, 2.f}, {3.f, true, -1.5f}};
   std::vector<std::vector<float>> per_isa;
   for (TileIsa isa : supported()) {
     const TileKernels& tk = cpu::tile_kernels(isa);
     std::mt19937 rng(37);
     std::vector<float> all;
-    for (const Form& f : forms) {
+    for (const SoftcapForm& f : kSoftcapForms) {
       for (int64_t n : {1, 7, 16, 33, 128}) {
         std::vector<float> x = random_floats(n, rng);
         for (int64_t j = 0; j < n; ++j) x[j] *= std::ldexp(1.0f, static_cast<int>(j % 8) - 4) * f.inner;  // y to +-16
