@@ -61,7 +61,8 @@ struct CudnnSdpaSpec {
   // Any other score_mod whose ops all have a cuDNN pointwise mode (OpInfo::cudnn), as cuDNN's score-modifier
   // subgraph on the scaled score: `pointwise` computes the score_mod (output 0) and d score_mod / d score (output 1,
   // our symbolic derivative: cuDNN does no autodiff), sharing their common instructions; the backward graph
-  // multiplies dS by output 1 where dS != 0.
+  // multiplies dS by output 1 everywhere (no select: the lowering admits only derivatives that stay finite on the
+  // infinite scores cuDNN computes on padding, where dS is 0).
   std::shared_ptr<const ModProgram> pointwise;
   std::string pointwise_text;  // the score_mod's formula (describe(), the plan key)
   // Non-empty when the forward lowers but the backward does not (a derivative that may be inf / NaN on the infinite

@@ -122,11 +122,12 @@ void sync(Device dev) {
 #endif
 }
 
-// Milliseconds of one call of f (before() runs untimed first).
 // Host time of the last CUDA call time_once timed: from entering f to f's return (the launches queued, the GPU
-// still running): flexgrad's own per-call cost, which the event time includes whenever it exceeds nothing queued.
+// perhaps still running): flexgrad's own per-call cost, which the event time includes when the GPU has nothing
+// queued ahead of the call.
 double g_last_host_ms = 0;
 
+// Milliseconds of one call of f (before() runs untimed first).
 double time_once(Device dev, const std::function<void()>& before, const std::function<void()>& f) {
   before();
 #ifdef FLEXGRAD_WITH_CUDA

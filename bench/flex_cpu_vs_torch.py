@@ -14,7 +14,7 @@ from randn in --dtype (float32 by default; bf16 runs our bf16 products where the
 GFLOP/s count the blocks our BlockMask visits (fwd 4 B H L^2 E density, fwd+bwd 3.5x that) for every column,
 so a ratio is a ratio of times. PyTorch runs under --python (default /opt/torch/.venv/bin/python when present,
 else this interpreter); without PyTorch the table holds ours alone. Inductor compiles single-threaded and
-without its FX graph cache unless the environment says otherwise (each compile takes ~50 s; see run_torch).
+without its FX graph cache unless the environment says otherwise (each compile takes about a minute; see run_torch).
 """
 import argparse
 import csv
