@@ -5,8 +5,9 @@
 // memory-bound kernel.
 //
 // Reported per variant: ms per call (median of --reps, each the mean of --iters back-to-back calls between two
-// CUDA events: what a decode loop pays, host work and, for the paged cache, the error-flag check included)
-// and the K/V bytes read per second at that time. Kernel-only times come from ncu (tools/device_decode.sh).
+// CUDA events: what a decode loop pays, host work and, for the paged cache, the error-flag check included),
+// the K/V bytes read per second at that time, and the host's time to queue one call (median of the reps'
+// means: when it exceeds the GPU's time, the host sets the pace). Kernel-only times come from ncu (tools/device_decode.sh).
 // bench/decode_vs_torch.py times PyTorch on the same shapes.
 //
 //   bench_decode_cuda [--shapes B,Hq,Hkv,S,D ...] [--page-size 64] [--reps 7] [--iters 20] [--kv-splits N]
@@ -14,6 +15,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -37,18 +39,21 @@ namespace {
 
 const Device kGpu(DeviceType::CUDA, 0);
 
-// Mean ms of `iters` back-to-back calls of f, median over `reps`.
-double time_calls(int reps, int iters, const std::function<void()>& f) {
+// Mean ms of `iters` back-to-back calls of f, median over `reps`; `host_ms` (if given): the median mean time
+// the host took to queue one call.
+double time_calls(int reps, int iters, const std::function<void()>& f, double* host_ms = nullptr) {
   auto s = static_cast<cudaStream_t>(cuda::current_stream(0));
   for (int i = 0; i < 3; ++i) f();  // warm-up (the first call compiles)
   cuda::synchronize(0);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
-  std::vector<double> t;
+  std::vector<double> t, host;
   for (int r = 0; r < reps; ++r) {
     cudaEventRecord(a, s);
+    const auto h0 = std::chrono::steady_clock::now();
     for (int i = 0; i < iters; ++i) f();
+    host.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - h0).count() / iters);
     cudaEventRecord(b, s);
     cudaEventSynchronize(b);
     float ms = 0;
@@ -58,6 +63,8 @@ double time_calls(int reps, int iters, const std::function<void()>& f) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
+  std::sort(host.begin(), host.end());
+  if (host_ms != nullptr) *host_ms = host[host.size() / 2];
   return t[t.size() / 2];
 }
 
@@ -105,9 +112,9 @@ int main(int argc, char** argv) {
   NoGradGuard no_grad;
   const double copy_bw = copy_bandwidth(reps);
   std::printf("device-to-device copy: %.2f TB/s (read + write)\n", copy_bw / 1e12);
-  std::printf("%-22s %-18s %10s %10s %9s\n", "shape", "variant", "ms/call", "KV TB/s", "% copy");
+  std::printf("%-22s %-18s %10s %10s %9s %10s\n", "shape", "variant", "ms/call", "KV TB/s", "% copy", "host ms");
   std::ostringstream rows;
-  rows << "shape,variant,ms,kv_tbps,pct_copy\n";
+  rows << "shape,variant,ms,kv_tbps,pct_copy,host_ms\n";
   for (const std::string& spec : shapes) {
     DecodeShape sh{};
     if (std::sscanf(spec.c_str(), "%ld,%ld,%ld,%ld,%ld", &sh.B, &sh.Hq, &sh.Hkv, &sh.S, &sh.D) != 5 || sh.Hkv <= 0 ||
@@ -155,20 +162,26 @@ int main(int argc, char** argv) {
       }
     }
     const double kv_bytes = 2.0 * static_cast<double>(sh.B * sh.Hkv * sh.S * sh.D) * 2;
-    auto row = [&](const char* variant, double ms) {
-      const double bw = kv_bytes / (ms * 1e-3);
-      std::printf("%-22s %-18s %10.4f %10.3f %8.1f%%\n", spec.c_str(), variant, ms, bw / 1e12, 100 * bw / copy_bw);
-      rows << '"' << spec << "\"," << variant << ',' << ms << ',' << bw / 1e12 << ',' << 100 * bw / copy_bw << '\n';
+    // reads_kv false: a row that reads no K/V (the convert alone) reports no bandwidth.
+    auto row = [&](const char* variant, const std::function<void()>& f, bool reads_kv = true) {
+      double host_ms = 0;
+      const double ms = time_calls(reps, iters, f, &host_ms);
+      const double bw = reads_kv ? kv_bytes / (ms * 1e-3) : 0.0;
+      std::printf("%-22s %-18s %10.4f %10.3f %8.1f%% %10.4f\n", spec.c_str(), variant, ms, bw / 1e12, 100 * bw / copy_bw,
+                  host_ms);
+      rows << '"' << spec << "\"," << variant << ',' << ms << ',' << bw / 1e12 << ',' << 100 * bw / copy_bw << ','
+           << host_ms << '\n';
       std::fflush(stdout);
     };
-    row("contiguous", time_calls(reps, iters, [&] { flex_attention(q, k, v, co); }));
-    row("paged", time_calls(reps, iters, [&] { flex_attention(q, kc, vc, po); }));
-    row("paged+convert", time_calls(reps, iters, [&] {
-          FlexAttentionOptions o = po;
-          o.block_mask = pa.convert_logical_block_mask(logical, Tensor(), kv_len);
-          flex_attention(q, kc, vc, o);
-        }));
-    row("contiguous-tiled", time_calls(reps, iters, [&] { flex_attention(q, k, v, tiled); }));
+    row("contiguous", [&] { flex_attention(q, k, v, co); });
+    row("paged", [&] { flex_attention(q, kc, vc, po); });
+    row("paged+convert", [&] {
+      FlexAttentionOptions o = po;
+      o.block_mask = pa.convert_logical_block_mask(logical, Tensor(), kv_len);
+      flex_attention(q, kc, vc, o);
+    });
+    row("convert", [&] { (void)pa.convert_logical_block_mask(logical, Tensor(), kv_len); }, /*reads_kv=*/false);
+    row("contiguous-tiled", [&] { flex_attention(q, k, v, tiled); });
   }
   if (!csv.empty()) std::ofstream(csv) << rows.str();
   return 0;
