@@ -58,7 +58,7 @@ constexpr int64_t kMaxHeadDim = 256;
 struct TileConfig {
   bool mma = false;
   bool wgmma = false;  // flex_fwd_wgmma (then mma too: a bf16 / f16 tensor-core kernel)
-  bool pipe = false;   // flex_fwd_wgmma's intra-warpgroup pipeline (FG_WGMMA_PIPE)
+  int pipe = 0;  // flex_fwd_wgmma's main loop (FG_WGMMA_PIPE): 0 sequential, 1 pipelined, 2 warp-specialised
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -163,14 +163,14 @@ std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
   return "";
 }
 
-// FLEXGRAD_FLEX_WGMMA_PIPE: 1 the pipelined main loop of flex_fwd_wgmma, 0 the sequential one (A/B); unset:
-// `fallback`.
-bool wgmma_pipe_env(bool fallback) {
+// FLEXGRAD_FLEX_WGMMA_PIPE: flex_fwd_wgmma's main loop, 0 the sequential one, 1 the pipelined one, 2 the
+// warp-specialised one (A/B); unset: `fallback`.
+int wgmma_pipe_env(int fallback) {
   const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_PIPE");
   if (env == nullptr || *env == '\0') return fallback;
   const std::string v(env);
-  FG_CHECK(v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA_PIPE: expected 0 or 1; got \"{}\"", v);
-  return v == "1";
+  FG_CHECK(v == "0" || v == "1" || v == "2", ValueError, "FLEXGRAD_FLEX_WGMMA_PIPE: expected 0, 1 or 2; got \"{}\"", v);
+  return v[0] - '0';
 }
 // FLEXGRAD_FLEX_WGMMA_BN: 64 or 128 overrides flex_fwd_wgmma's kv sub-tile (tuning); unset: 0, the default rule.
 // The sub-tile never straddles a kv block: a BlockMask with kv blocks of 64 or fewer keeps 64.
@@ -194,9 +194,12 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
   // The sequential loop by default: on the H200 (session 8, one call, bf16 B4 H16 S4096 D128) the pipelined one
   // was within 3% either way on no mask, sliding, D64 and S16k and 2-7% slower on causal, document, ALiBi, softcap.
-  c.pipe = wgmma_pipe_env(/*fallback=*/false);
+  c.pipe = wgmma_pipe_env(/*fallback=*/0);
+  // The warp-specialised loop moves registers from its producer warpgroup to two consumer warpgroups
+  // (setmaxnreg); with one (BM 64) every thread already has 255, so that shape keeps the sequential loop.
+  if (c.pipe == 2 && c.bm != 128) c.pipe = 0;
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
-  const bool pipe_spills = c.pipe && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
+  const bool pipe_spills = c.pipe == 1 && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
   c.bn = wide || small_kv || pipe_spills ? 64 : 128;
   if (const int64_t bn = wgmma_bn_env(); bn != 0) {
     FG_CHECK(bn == 64 || !wide, ValueError,
@@ -279,7 +282,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_VEC " + std::string(vec ? "1" : "0"),
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
-  if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::string(cfg.pipe ? "1" : "0"));
+  if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
@@ -289,7 +292,9 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args};
-  const unsigned threads = cfg.mma ? static_cast<unsigned>(cfg.warps * 32) : 256u;
+  // FG_WGMMA_PIPE 2 adds its producer warpgroup to the consumer warps.
+  const unsigned threads =
+      cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe == 2 ? 128 : 0)) : 256u;
   jit::launch(mod->function(kernel), jit::Dim3{static_cast<unsigned>(a.n_qtiles), static_cast<unsigned>(p.Hq),
                                                static_cast<unsigned>(p.B)},
               jit::Dim3{threads, 1, 1}, cfg.smem, args, device);

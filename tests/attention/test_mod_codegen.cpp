@@ -57,9 +57,11 @@ struct Nvrtc {
   }
   bool available() const { return create && compile && log_size && log && destroy; }
 
-  // `headers`: (name, text) pairs the code may #include; `arch` as NVRTC's --gpu-architecture.
+  // `headers`: (name, text) pairs the code may #include; `arch` as NVRTC's --gpu-architecture. `log_out`: the
+  // compile log (ptxas's warnings and, with `ptxas_verbose`, its register / spill report) even on success.
   std::string build(const std::string& code, const std::vector<std::pair<std::string, std::string>>& headers = {},
-                    const std::string& arch = "compute_80") const {
+                    const std::string& arch = "compute_80", std::string* log_out = nullptr,
+                    bool ptxas_verbose = false) const {
     void* prog = nullptr;
     std::vector<const char*> htext, hname;
     for (const auto& [n, t] : headers) {
@@ -69,13 +71,14 @@ struct Nvrtc {
     if (create(&prog, code.c_str(), "codegen_test.cu", static_cast<int>(headers.size()), htext.data(), hname.data()) != 0)
       return "nvrtcCreateProgram failed";
     const std::string arch_opt = "--gpu-architecture=" + arch;
-    const char* opts[] = {arch_opt.c_str(), "-std=c++17", "-default-device"};
-    const int rc = compile(prog, 3, opts);
+    const char* opts[] = {arch_opt.c_str(), "-std=c++17", "-default-device", "--ptxas-options=-v"};
+    const int rc = compile(prog, ptxas_verbose ? 4 : 3, opts);
     size_t n = 0;
     log_size(prog, &n);
     std::string text(n, '\0');
     log(prog, text.data());
     destroy(&prog);
+    if (log_out) *log_out = text;
     return rc == 0 ? std::string() : "NVRTC failed:\n" + text + "\n---- source:\n" + code;
   }
 };
@@ -458,6 +461,47 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
     tu += family == "wgmma" ? "#include \"flex_backward_wgmma.cuh\"\n" : "#include \"flex_backward.cuh\"\n";
     const std::string err = nvrtc().build(tu, headers, family == "wgmma" ? "sm_90a" : "sm_80");
     EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
+  }
+}
+// The Hopper forward (flex_forward_wgmma.cuh) compiles with each main loop (sequential, pipelined,
+// warp-specialised) as attention/cuda/flex_forward_cuda.cpp assembles it, with no mods, a score_mod and a
+// mask_mod, and a captured mask; ptxas reports no wgmma serialisation (C7514 / C7520 warnings, which cost
+// the kernel its overlap). NVRTC only, no GPU: tests/cuda run them.
+TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  Captured doc(Tensor(full({64}, 1, kInt32)), "doc");
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return doc[q] == doc[kv]; });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    const ModProgram* mask;
+  };
+  for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
+                        Case{"document", nullptr, &document}}) {
+    for (int pipe : {0, 1, 2}) {
+      CudaModsInput in;
+      in.score_mod = c.score;
+      in.mask_mod = c.mask;
+      std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+      for (const std::string& x : {std::string("FG_ELEM 4"), std::string("FG_E 128"), std::string("FG_EV 128"),
+                                   std::string("FG_BM 128"), std::string("FG_BN 128"), std::string("FG_WARPS 8"),
+                                   std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
+                                   fmt::format("FG_WGMMA_PIPE {}", pipe)})
+        tu += "#define " + x + "\n";
+      tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
+      std::string log;
+      const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
+      EXPECT_TRUE(err.empty()) << c.name << " pipe " << pipe << "\n" << err.substr(0, 20000);
+      EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ"))
+          << c.name << " pipe " << pipe << ": wgmma serialised\n" << log;
+      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d: %s\n", c.name, pipe, log.substr(0, 600).c_str());
+    }
   }
 }
 #endif

@@ -19,12 +19,14 @@
 // The tile walk (partial kv blocks then full ones, BN-column sub-tiles clipped to the block and Lkv), the mods'
 // row / column parts, the bounds (out-of-range rows and columns never reach a mod), the non-finite rule, the
 // lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
-// The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V); there is no producer
-// warp, TMA or ping-pong between warpgroups yet.
-// Two main loops: FG_WGMMA_PIPE 0 is the sequential one above (S, wait, softmax, P V, wait); FG_WGMMA_PIPE 1
-// (the host's default for head dims up to 128) overlaps them as FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1}
-// are issued together and the softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1);
-// the schedule and why it is peeled are at the loop.
+// The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V).
+// Three main loops (the host's default is the sequential one): FG_WGMMA_PIPE 0 is the one above (S, wait,
+// softmax, P V, wait, with a CTA barrier before each product); FG_WGMMA_PIPE 1 overlaps them as
+// FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1} are issued together and the
+// softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1); the schedule and why it is
+// peeled are at the loop. FG_WGMMA_PIPE 2 is warp-specialised: a producer warpgroup copies K / V into two stages
+// signalled by mbarriers, and the two consumer warpgroups, no longer held together by CTA barriers, run the
+// sequential loop's steps each at its own pace (no TMA, no enforced ping-pong order yet).
 //
 // Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
 //   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
@@ -33,7 +35,8 @@
 //   FG_BN          kv columns per sub-tile: 64 or 128 (the N of the Q K^T wgmma)
 //   FG_WARPS       4 or 8 (one or two consumer warpgroups)
 //   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
-//   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one (FLEXGRAD_FLEX_WGMMA_PIPE)
+//   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one, 2: the warp-specialised one (a producer
+//                  warpgroup, FG_WARPS 8 only; FLEXGRAD_FLEX_WGMMA_PIPE)
 // Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
 // here, which the swizzle needs). Static: the mods' row parts and one (sequential) or three (pipelined)
 // sub-tiles of column parts.
@@ -51,12 +54,20 @@
 #error "flex_fwd_wgmma: FG_BN is 64 or 128, FG_WARPS 4 or 8, FG_BM 16 * FG_WARPS"
 #endif
 
-#if !defined(FG_WGMMA_PIPE) || !(FG_WGMMA_PIPE == 0 || FG_WGMMA_PIPE == 1)
-#error "flex_fwd_wgmma: FG_WGMMA_PIPE is 0 or 1 (set by the host)"
+#if !defined(FG_WGMMA_PIPE) || !(FG_WGMMA_PIPE == 0 || FG_WGMMA_PIPE == 1 || FG_WGMMA_PIPE == 2)
+#error "flex_fwd_wgmma: FG_WGMMA_PIPE is 0, 1 or 2 (set by the host)"
 #endif
 
 #define FG_IS_BF16 (FG_ELEM == FG_DT_BFLOAT16)
-#define FG_NT (FG_WARPS * 32)
+#define FG_NT (FG_WARPS * 32)  // the consumer threads (all but FG_WGMMA_PIPE 2's producer warpgroup)
+#if FG_WGMMA_PIPE == 2
+#if FG_WARPS != 8
+#error "flex_fwd_wgmma: FG_WGMMA_PIPE 2 runs two consumer warpgroups (FG_WARPS 8)"
+#endif
+#define FG_NT_LAUNCH (FG_NT + 128)  // + the producer warpgroup
+#else
+#define FG_NT_LAUNCH FG_NT
+#endif
 
 // ROWS x COLS tiles (COLS a multiple of 64) as swizzled atoms, every thread of the CTA copying.
 template <int ROWS, int COLS>
@@ -64,7 +75,31 @@ __device__ __forceinline__ void fg_load_tile_sw128(fg_h16* s, const fg_h16* g, f
   fg_load_rows<ROWS, true>(s, 0, g, ld_g, nrows, cols, COLS, threadIdx.x, FG_NT);
 }
 
-extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
+// S = Q K^T of one sub-tile, issued and committed: this warpgroup's Q rows at q_addr, the K stage at k_addr;
+// k16 step kk is 32 * (kk % 4) bytes into the rows of atom kk / 4.
+__device__ __forceinline__ void fg_issue_qk(float (&s)[1][FG_BN / 8][4], unsigned q_addr, unsigned k_addr) {
+#pragma unroll
+  for (int kk = 0; kk < FG_E / 16; ++kk) {
+    const unsigned atom = kk >> 2, jj = kk & 3;
+    fg_wgmma_ss<FG_BN, 0, FG_IS_BF16>(&s[0][0][0], fg_gmma_desc_sw128(q_addr + atom * (FG_BM * 128) + 32 * jj, 16, 1024),
+                                      fg_gmma_desc_sw128(k_addr + atom * (FG_BN * 128) + 32 * jj, 16, 1024), kk > 0);
+  }
+  fg_wgmma_commit();
+}
+// O += P V of one sub-tile, issued and committed: P as A fragments, the V stage at v_addr; k16 step kk is rows
+// 16 kk .. 16 kk + 15 of every V atom (2048 bytes each).
+__device__ __forceinline__ void fg_issue_pv(float (&o)[1][FG_EV / 8][4], const unsigned (&pa)[FG_BN / 16][4],
+                                            unsigned v_addr) {
+#pragma unroll
+  for (int kk = 0; kk < FG_BN / 16; ++kk)
+#pragma unroll
+    for (int a = 0; a < FG_EV / 64; ++a)
+      fg_wgmma_m64n64k16_rs<1, FG_IS_BF16>(&o[0][8 * a][0], pa[kk],
+                                           fg_gmma_desc_sw128(v_addr + a * (FG_BN * 128) + 2048 * kk, 1024, 1024), 1);
+  fg_wgmma_commit();
+}
+
+extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     flex_fwd_wgmma(const FgFwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
   // The 128-byte swizzle is a function of the address bits: atoms must start 1024-byte aligned, which the
@@ -92,9 +127,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   float o[1][FG_EV / 8][4];  // the P V accumulators: Ev / 64 m64n64 atoms, atom a = o[0][8 a .. 8 a + 7]
   float m[1][2], l[1][2];
   bool saw_nan[1][2];        // a NaN score next to a +inf max (fg_row_end)
+#if FG_WGMMA_PIPE != 2
   fg_frag_init(o, m, l, saw_nan);
+#endif
 
-#if FG_WGMMA_PIPE
+#if FG_WGMMA_PIPE == 1
   FgTile cur = fg_first_tile(p, rt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   // The mods' row parts once per CTA; the column parts of sub-tile j in col_mods[j % 3], written before barrier
@@ -122,29 +159,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   unsigned pa[FG_BN / 16][4] = {};  // P_{j-1} as A fragments (k16 step kk = C fragments 2 kk, 2 kk + 1)
   float corr[1][2];                 // O's factor for sub-tile j (fg_frag_softmax_p)
 
-  // S = Q K_j^T from K buffer j & 1: k16 step kk is 32 * (kk % 4) bytes into the rows of atom kk / 4.
-  auto issue_s = [&](int j) {
-    const unsigned k_addr = fg_smem_addr(Ks + (j & 1) * (FG_BN * FG_E));
-#pragma unroll
-    for (int kk = 0; kk < FG_E / 16; ++kk) {
-      const unsigned atom = kk >> 2, jj = kk & 3;
-      fg_wgmma_ss<FG_BN, 0, FG_IS_BF16>(&s[0][0][0],
-                                        fg_gmma_desc_sw128(q_addr + atom * (FG_BM * 128) + 32 * jj, 16, 1024),
-                                        fg_gmma_desc_sw128(k_addr + atom * (FG_BN * 128) + 32 * jj, 16, 1024), kk > 0);
-    }
-    fg_wgmma_commit();
-  };
-  // O += P V_j from V buffer j & 1: k16 step kk is rows 16 kk .. 16 kk + 15 of every V atom (2048 bytes each).
-  auto issue_pv = [&](int j) {
-    const unsigned v_addr = fg_smem_addr(Vs + (j & 1) * (FG_BN * FG_EV));
-#pragma unroll
-    for (int kk = 0; kk < FG_BN / 16; ++kk)
-#pragma unroll
-      for (int a = 0; a < FG_EV / 64; ++a)
-        fg_wgmma_m64n64k16_rs<1, FG_IS_BF16>(&o[0][8 * a][0], pa[kk],
-                                             fg_gmma_desc_sw128(v_addr + a * (FG_BN * 128) + 2048 * kk, 1024, 1024), 1);
-    fg_wgmma_commit();
-  };
+  // S = Q K_j^T from K buffer j & 1; O += P V_j from V buffer j & 1.
+  auto issue_s = [&](int j) { fg_issue_qk(s, q_addr, fg_smem_addr(Ks + (j & 1) * (FG_BN * FG_E))); };
+  auto issue_pv = [&](int j) { fg_issue_pv(o, pa, fg_smem_addr(Vs + (j & 1) * (FG_BN * FG_EV))); };
   // Scale, mods, bounds of S_j and the online softmax (flex_forward_common.cuh, as flex_fwd_mma), O untouched.
   auto softmax = [&](const FgTile& t, int j) {
     const bool partial = t.i < rt.n_partial;
@@ -230,6 +247,114 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
   }
+#elif FG_WGMMA_PIPE == 2
+  // Warp-specialised: an extra warpgroup is a producer that copies Q once and every sub-tile's K and V
+  // (cp.async, 128 threads) into two stages, evaluates the sub-tile's mod column parts,
+  // and signals each stage on an mbarrier when its copies land (cp.async.mbarrier.arrive); the consumer
+  // warpgroups wait on those barriers, not on each other, so one warpgroup's softmax can run while the
+  // other's products use the tensor cores. A consumer warp releases a stage's K (and its column parts) after
+  // its mods and its V after its P V.
+  __shared__ __align__(8) unsigned long long bar_q, bar_k_full[2], bar_v_full[2], bar_k_free[2], bar_v_free[2];
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgRowMods<float> row_mods[FG_BM];
+  __shared__ FgColMods<float> col_mods[2][FG_BN];
+  {
+    const FgTile first = fg_first_tile(p, rt);
+    for (int r = threadIdx.x; r < FG_BM; r += FG_NT_LAUNCH)
+      if (m0 + r < m_end) fg_row_mods(row_mods[r], first.i < rt.n_total, first.i < rt.n_partial, b, h, m0 + r, args);
+  }
+#endif
+  if (threadIdx.x == 0) {
+    // Each full barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop
+    // (which release the element copies of !FG_VEC and the column parts).
+    fg_mbar_init(fg_smem_addr(&bar_q), 256);
+    for (int st = 0; st < 2; ++st) {
+      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&bar_k_free[st]), FG_WARPS);
+      fg_mbar_init(fg_smem_addr(&bar_v_free[st]), FG_WARPS);
+    }
+    fg_mbar_fence_init();
+  }
+  __syncthreads();  // barriers initialised, row parts written: the only CTA-wide barrier
+
+  if (warp >= FG_WARPS) {  // the producer warpgroup: its four warps copy (one warp's copy loop was the pace)
+    // Registers move from the producer warpgroup to the consumers (setmaxnreg): ptxas gives a 384-thread
+    // kernel 168 a thread, under which the consumers' accumulators spill and ptxas serialises the wgmma (C7512).
+    fg_setmaxnreg_dec<40>();
+    const int pt = threadIdx.x - FG_NT;  // 0 .. 127
+    fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
+    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
+    fg_mbar_arrive(fg_smem_addr(&bar_q));
+    FgTile t = fg_first_tile(p, rt);
+    for (int j = 0; t.i < rt.n_total; ++j) {
+      const int st = j & 1;
+      const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
+      if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_k_free[st]), reuse_phase);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      if (FG_HAS_SCORE_MOD || t.i < rt.n_partial)
+        for (int c = pt; c < FG_BN; c += 128)
+          col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
+#endif
+      fg_load_rows<FG_BN, true>(Ks + st * (FG_BN * FG_E), 0, kg + (fg_i64)t.n0 * p.k_sl, p.k_sl, t.nend - t.n0, p.E,
+                                FG_E, pt, 128);
+      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
+      fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
+      if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
+      fg_load_rows<FG_BN, true>(Vs + st * (FG_BN * FG_EV), 0, vg + (fg_i64)t.n0 * p.v_sl, p.v_sl, t.nend - t.n0,
+                                p.Ev, FG_EV, pt, 128);
+      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+      fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+      t = fg_next_tile<FG_BN>(p, rt, t);
+    }
+    fg_cp_async_wait<0>();
+  } else {
+    // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
+    fg_setmaxnreg_inc<232>();
+    fg_frag_init(o, m, l, saw_nan);
+    const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
+    fg_mbar_wait(fg_smem_addr(&bar_q), 0);
+    FgTile cur = fg_first_tile(p, rt);
+    for (int j = 0; cur.i < rt.n_total; ++j) {
+      const int st = j & 1;
+      const unsigned phase = (j >> 1) & 1;
+      const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+      const bool partial = cur.i < rt.n_partial;
+      fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), phase);
+      fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+
+      float s[1][FG_BN / 8][4];  // no zeroing: the first step does not accumulate
+      fg_wgmma_fence();
+      fg_issue_qk(s, q_addr, fg_smem_addr(Ks + st * (FG_BN * FG_E)));
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+
+      const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                          cur.n0 + FG_BN <= cur.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods[st], b, h, args);
+#else
+      fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
+#endif
+      __syncwarp();
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));  // K and the column parts read
+      fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
+      unsigned pa[FG_BN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
+
+      fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), phase);
+      fg_fence_proxy_async();
+      fg_wgmma_fence();
+      fg_issue_pv(o, pa, fg_smem_addr(Vs + st * (FG_BN * FG_EV)));
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+      __syncwarp();
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));
+      cur = nxt;
+    }
+    fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
+  }
 #else
   FgTile cur = fg_first_tile(p, rt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
@@ -267,18 +392,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     fg_fence_proxy_async();  // this thread's cp.async / st.shared writes become visible to wgmma (async proxy)
     __syncthreads();
 
-    // S = Q K^T: k16 step kk is 32 * (kk % 4) bytes into the rows of atom kk / 4.
+    // S = Q K^T.
     float s[1][FG_BN / 8][4];  // no zeroing: the first step does not accumulate
-    const unsigned k_addr = fg_smem_addr(Kb);
     fg_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FG_E / 16; ++kk) {
-      const unsigned atom = kk >> 2, j = kk & 3;
-      fg_wgmma_ss<FG_BN, 0, FG_IS_BF16>(&s[0][0][0],
-                                        fg_gmma_desc_sw128(q_addr + atom * (FG_BM * 128) + 32 * j, 16, 1024),
-                                        fg_gmma_desc_sw128(k_addr + atom * (FG_BN * 128) + 32 * j, 16, 1024), kk > 0);
-    }
-    fg_wgmma_commit();
+    fg_issue_qk(s, q_addr, fg_smem_addr(Kb));
 
     // Next tile's K into the other buffer while the tensor cores work (its last reader, the previous Q K^T,
     // completed before this iteration's barrier).
@@ -309,16 +426,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     fg_fence_proxy_async();
     __syncthreads();
 
-    // O += P V: k16 step kk is rows 16 kk .. 16 kk + 15 of every V atom (2048 bytes each).
-    const unsigned v_addr = fg_smem_addr(Vb);
+    // O += P V.
     fg_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FG_BN / 16; ++kk)
-#pragma unroll
-      for (int a = 0; a < FG_EV / 64; ++a)
-        fg_wgmma_m64n64k16_rs<1, FG_IS_BF16>(&o[0][8 * a][0], pa[kk],
-                                             fg_gmma_desc_sw128(v_addr + a * (FG_BN * 128) + 2048 * kk, 1024, 1024), 1);
-    fg_wgmma_commit();
+    fg_issue_pv(o, pa, fg_smem_addr(Vb));
 
     if (nxt.i < rt.n_total) {
       fg_load_tile_sw128<FG_BN, FG_EV>(Vs + (buf ^ 1) * (FG_BN * FG_EV), vg + (fg_i64)nxt.n0 * p.v_sl, p.v_sl,
@@ -331,8 +441,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     buf ^= 1;
   }
 #endif
+#if FG_WGMMA_PIPE != 2  // (the warp-specialised consumers store their rows above)
   fg_cp_async_wait<0>();
 
   // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m.
   fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
+#endif
 }

@@ -116,3 +116,39 @@ __device__ __forceinline__ void fg_wgmma_fence_operands_u(unsigned* a) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
+
+// mbarriers (shared memory, 8 bytes each) for the warp-specialised main loop (flex_forward_wgmma.cuh,
+// FG_WGMMA_PIPE 2): a phase completes when `count` arrivals have come; waiters poll its parity.
+__device__ __forceinline__ void fg_mbar_init(unsigned addr, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(addr), "r"(count) : "memory");
+}
+// Makes the initialisations visible before any other thread uses the barriers (with a __syncthreads after).
+__device__ __forceinline__ void fg_mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// One arrival (release: this thread's earlier shared-memory writes are seen by the phase's waiters).
+__device__ __forceinline__ void fg_mbar_arrive(unsigned addr) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(addr) : "memory");
+}
+// One arrival when every cp.async this thread issued so far has landed (counted in the barrier's `count`).
+__device__ __forceinline__ void fg_cp_async_mbar_arrive(unsigned addr) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
+}
+// Waits until the phase with parity `phase` has completed (acquire).
+__device__ __forceinline__ void fg_mbar_wait(unsigned addr, unsigned phase) {
+  asm volatile(
+      "{\n.reg .pred done;\nFG_MBAR_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra FG_MBAR_WAIT;\n}" ::"r"(addr),
+      "r"(phase)
+      : "memory");
+}
+
+// Warpgroup register reallocation (every warp of the warpgroup executes it): the producer warpgroup of the
+// warp-specialised loop gives registers back, the consumers take them (their sum stays within the SM's 64K).
+template <int N>
+__device__ __forceinline__ void fg_setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void fg_setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
