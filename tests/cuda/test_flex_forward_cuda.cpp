@@ -439,6 +439,16 @@ TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
       check(c);
     }
   }
+  // Without a BlockMask (the all-full lists flex_attention builds): 3 and 8 splits of 20 kv blocks of 128, the
+  // last one partial (Lkv 2500), 16 splits leaving some ranges with one block.
+  for (int64_t splits : {0, 1, 3, 8, 16}) {
+    SCOPED_TRACE("no BlockMask, splits=" + std::to_string(splits));
+    Case c;
+    c.B = c.Bkv = 3, c.Hq = 8, c.Hkv = 2, c.Lq = 1, c.Lkv = 2500, c.E = c.Ev = 128;
+    c.opts.enable_gqa = true;
+    c.opts.kernel.kv_splits = splits;
+    check(c);
+  }
   // A mask that differs per head (a window whose width grows with h): each query head has its own block lists,
   // so the split-KV kernel runs one head per tile.
   Case c;
@@ -565,10 +575,11 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
   }
 }
 
-// flex_fwd_wgmma's two main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, the default, 1: pipelined) and kv
-// sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipeline's bookkeeping can get wrong: rows of one
-// sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V buffers and the three column-part
-// buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 / 256, score mods with column parts.
+// flex_fwd_wgmma's three main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, the default, 1: pipelined, 2:
+// warp-specialised) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
+// get wrong: rows of one sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V stages,
+// their mbarrier phases and the column-part buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 /
+// 256, score mods with column parts.
 class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, const char*, const char*>> {
  protected:
   void SetUp() override {
@@ -650,7 +661,7 @@ TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexWgmmaPipeline,
-                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1"),
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1", "2"),
                                             ::testing::Values("64", "128")),
                          [](const auto& info) {
                            return std::string(dtype_name(std::get<0>(info.param))) + "_pipe" +
@@ -664,7 +675,7 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
   o.kernel.cuda_forward = FlexCudaForward::Wgmma;
   Tensor q = randn({1, 2, 64, 64}).to(kBFloat16).to(cuda);
   {
-    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "2");
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "3");
     testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_PIPE");
   }
   {
