@@ -439,8 +439,8 @@ TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
       check(c);
     }
   }
-  // Without a BlockMask (the all-full lists flex_attention builds): 3 and 8 splits of 20 kv blocks of 128, the
-  // last one partial (Lkv 2500), 16 splits leaving some ranges with one block.
+  // Without a BlockMask (the all-full lists flex_attention builds): 20 kv blocks of 128, the last one partial
+  // (Lkv 2500), in 1, 3 or 8 ranges, or 16 (ranges of two blocks, the last six empty), or Auto's choice.
   for (int64_t splits : {0, 1, 3, 8, 16}) {
     SCOPED_TRACE("no BlockMask, splits=" + std::to_string(splits));
     Case c;
