@@ -190,6 +190,38 @@ struct FgAtomicSink {  // dQ pass, p.deterministic == false: float64 atomics
   }
 };
 
+// Each pass's sink, by FG_CAP_MODE (0: no captured gradient; the kernels' sink pointer is then null and
+// never followed). The dK/dV pass records the max |contribution| per capture in the deterministic mode (1),
+// which scales that mode's fixed point; the dQ pass adds the contributions (1: fixed point, 2: atomics).
+__device__ __forceinline__ FgMaxSink fg_dkdv_sink(const FgBwdParams& p) {
+  FgMaxSink s;
+  s.cap_max = p.cap_max;
+  return s;
+}
+#if FG_CAP_MODE == 1
+typedef FgFixedSink FgDqSink;
+__device__ __forceinline__ FgDqSink fg_dq_sink(const FgBwdParams& p) {
+  FgDqSink s;
+  s.acc = p.cap_acc;
+  s.scale = p.cap_scale;
+  return s;
+}
+#elif FG_CAP_MODE == 2
+typedef FgAtomicSink FgDqSink;
+__device__ __forceinline__ FgDqSink fg_dq_sink(const FgBwdParams& p) {
+  FgDqSink s;
+  s.acc = p.cap_acc;
+  return s;
+}
+#else
+typedef FgMaxSink FgDqSink;
+__device__ __forceinline__ FgDqSink fg_dq_sink(const FgBwdParams&) {
+  FgDqSink s;
+  s.cap_max = nullptr;
+  return s;
+}
+#endif
+
 // exp2 of the kernels: ex2.approx on the tensor-core path (bf16/f16 probabilities), exp2f / exp2 else.
 __device__ __forceinline__ float fg_exp2_t(float x) {
 #if FG_USE_MMA
@@ -392,13 +424,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT) fg_bwd_dkdv(const FgBwdParam
   for (int r = 0; r < FG_NKACC; ++r) dk[r] = 0;
 #pragma unroll
   for (int r = 0; r < FG_NVACC; ++r) dv[r] = 0;
-#if FG_CAP_MODE == 1
-  FgMaxSink max_sink;
-  max_sink.cap_max = p.cap_max;
-  const FgMaxSink* sink = &max_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgMaxSink max_sink = fg_dkdv_sink(p);
+  const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
   const fg_i64 b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
   for (fg_i64 b = b_lo; b < b_hi; ++b) {
     for (fg_i64 h = hk * p.G; h < (hk + 1) * p.G; ++h) {
@@ -464,18 +491,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT) fg_bwd_dq(const FgBwdParams 
   fg_t dq[FG_NQACC];
 #pragma unroll
   for (int r = 0; r < FG_NQACC; ++r) dq[r] = 0;
-#if FG_CAP_MODE == 1
-  FgFixedSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  cap_sink.scale = p.cap_scale;
-  const FgFixedSink* sink = &cap_sink;
-#elif FG_CAP_MODE == 2
-  FgAtomicSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  const FgAtomicSink* sink = &cap_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgDqSink cap_sink = fg_dq_sink(p);
+  const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
   const FgRow row = fg_row(p.kvl, b, h, mb);
   for (int bi = 0; bi < row.size(); ++bi) {
     const fg_i64 klo = (fg_i64)row.at(bi) * p.block_kv, khi = min(klo + p.block_kv, p.Lkv);
@@ -613,11 +630,92 @@ struct FgKvWalk {
   }
 };
 
+#define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
+#define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
+
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+#define FG_BWD_MODS(x) (x)
+#else
+#define FG_BWD_MODS(x) nullptr  // (the mods' parts are not kept without mods)
+#endif
+
+// The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
+// kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
+// lse and delta; q_mods: the chunk's row parts (null without mods). The column parts of the lane's two kv rows
+// first (b and h change along the walk), then q row by q row its row parts and the two entries.
+template <class Sink>
+__device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
+                                                 const float* Db, const FgRowMods<float>* q_mods, int kr0, int g,
+                                                 int t, int nq, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                                 fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+  FgColMods<float> cm[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = kr0 + g + 8 * half;
+    cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
+  }
+#pragma unroll
+  for (int nb = 0; nb < FG_NQN; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int i = nb * 8 + 2 * t + c;  // q row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      const FgRowMods<float>& rm = q_mods[i];
+#else
+      (void)q_mods;
+      const FgRowMods<float> rm;
+#endif
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 2 * half + c;
+        const int j = kr0 + g + 8 * half;  // kv row in the tile
+        const bool valid = i < nq && j < nkv;
+        const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+        float ds;
+        st[nb][r] = fg_entry<Sink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
+                                   (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+        dpt[nb][r] = ds;
+      }
+    }
+  }
+}
+
+// The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile as C fragments, q rows qr0 + g
+// (+ 8) against the chunk's kv rows: s <- dS (pre-mod). l2 / dl / rv / rmods: the warp's two q rows' lse, delta,
+// validity and row parts; kv_mods: the chunk's column parts (null without mods).
+template <class Sink>
+__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                               const float (&dl)[2], const bool (&rv)[2],
+                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
+                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+#pragma unroll
+  for (int nb = 0; nb < FG_NKN; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      const FgColMods<float>& cm = kv_mods[j];
+#else
+      (void)kv_mods;
+      const FgColMods<float> cm;
+#endif
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 2 * hf + c;
+        const int i = qr0 + g + 8 * hf;  // q row in the tile
+        float ds;
+        fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
+                 (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+        s[nb][r] = ds;
+      }
+    }
+  }
+}
+
 // flex_backward_wgmma.cuh (FG_BWD_WGMMA 1) brings its own dK/dV and dQ kernels and keeps everything above.
 #if !FG_BWD_WGMMA
 #define FG_NW (FG_NT / 32)
-#define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
-#define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
 
 extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
@@ -664,13 +762,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-#if FG_CAP_MODE == 1
-  FgMaxSink max_sink;
-  max_sink.cap_max = p.cap_max;
-  const FgMaxSink* sink = &max_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgMaxSink max_sink = fg_dkdv_sink(p);
+  const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
   const float scale = (float)p.scale;
   const unsigned ks_base = fg_smem_addr(Ks), vs_base = fg_smem_addr(Vs);
 
@@ -724,39 +817,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
       }
     }
     // element-wise: st <- P^T, dpt <- dS^T (pre-mod)
-    const float* Lb = Ls + buf * FG_Q_CHUNK;
-    const float* Db = Ds + buf * FG_Q_CHUNK;
-    // The mods' column parts of this lane's two kv rows (b and h change along the walk), then q row by
-    // q row its row parts and the two entries.
-    FgColMods<float> cm[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int j = kr0 + g + 8 * half;
-      cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
-    }
-#pragma unroll
-    for (int nb = 0; nb < FG_NQN; ++nb) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int i = nb * 8 + 2 * t + c;  // q row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        const FgRowMods<float>& rm = q_mods[i];
-#else
-        const FgRowMods<float> rm;
-#endif
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 2 * half + c;
-          const int j = kr0 + g + 8 * half;  // kv row in the tile
-          const bool valid = i < nq && j < nkv;
-          const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
-          float ds;
-          st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
-                                           (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-          dpt[nb][r] = ds;
-        }
-      }
-    }
+    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods), kr0, g, t, nq, nkv,
+                     partial, b, h, q0, kv0, scale, args, sink);
     // dV += P^T dO, dK += dS^T Q (k = q rows of the chunk)
 #pragma unroll
     for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
@@ -850,18 +912,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   float dq[FG_E / 8][4];
 #pragma unroll
   for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-#if FG_CAP_MODE == 1
-  FgFixedSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  cap_sink.scale = p.cap_scale;
-  const FgFixedSink* sink = &cap_sink;
-#elif FG_CAP_MODE == 2
-  FgAtomicSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  const FgAtomicSink* sink = &cap_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgDqSink cap_sink = fg_dq_sink(p);
+  const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
   const float scale = (float)p.scale;
   const unsigned qs_base = fg_smem_addr(Qs), os_base = fg_smem_addr(Os);
 
@@ -912,27 +964,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
         fg_mma<FG_BF16>(dp[nb + 1], a, bv + 2);
       }
     }
-#pragma unroll
-    for (int nb = 0; nb < FG_NKN; ++nb) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        const FgColMods<float>& cm = kv_mods[j];
-#else
-        const FgColMods<float> cm;
-#endif
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int r = 2 * hf + c;
-          const int i = qr0 + g + 8 * hf;  // q row in the tile
-          float ds;
-          fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, (int)b,
-                   (int)h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-          s[nb][r] = ds;
-        }
-      }
-    }
+    fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
+                   args, sink);
     // dQ += dS K (k = kv rows of the chunk)
 #pragma unroll
     for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) {

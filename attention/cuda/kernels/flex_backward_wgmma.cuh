@@ -58,8 +58,6 @@
 
 #define FG_NT_DKDV (128 * FG_WG_DKDV)
 #define FG_NT_DQ (128 * FG_WG_DQ)
-#define FG_NQN (FG_Q_CHUNK / 8)   // n8 blocks of S^T in dK/dV
-#define FG_NKN (FG_KV_CHUNK / 8)  // n8 blocks of S in dQ
 #define FG_CHUNK_ATOM_B (64 * 128)  // bytes of one 64 x 64 atom (a chunk's share of a 64-column slab)
 
 // Descriptors. K-major: rows of 64 k (8-row groups 1024 bytes apart), k16 step j of atom a at 32 j bytes into its
@@ -138,13 +136,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-#if FG_CAP_MODE == 1
-  FgMaxSink max_sink;
-  max_sink.cap_max = p.cap_max;
-  const FgMaxSink* sink = &max_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgMaxSink max_sink = fg_dkdv_sink(p);
+  const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
   const float scale = (float)p.scale;
   // This warpgroup's 64 rows of K and V: 8 KiB into each atom (a multiple of 1024 bytes: the swizzle phase holds).
   const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
@@ -189,38 +182,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st[0][0]);
     fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
 
-    // element-wise: st <- P^T, dpt <- dS^T (pre-mod), exactly as fg_bwd_dkdv
-    const float* Lb = Ls + buf * FG_Q_CHUNK;
-    const float* Db = Ds + buf * FG_Q_CHUNK;
-    FgColMods<float> cm[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int j = kr0 + g + 8 * half;
-      cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
-    }
-#pragma unroll
-    for (int nb = 0; nb < FG_NQN; ++nb) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int i = nb * 8 + 2 * t + c;  // q row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        const FgRowMods<float>& rm = q_mods[i];
-#else
-        const FgRowMods<float> rm;
-#endif
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 2 * half + c;
-          const int j = kr0 + g + 8 * half;  // kv row in the tile
-          const bool valid = i < nq && j < nkv;
-          const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
-          float ds;
-          st[nb][r] = fg_entry<FgMaxSink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
-                                           (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-          dpt[nb][r] = ds;
-        }
-      }
-    }
+    // element-wise: st <- P^T, dpt <- dS^T (pre-mod), as fg_bwd_dkdv
+    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods), kr0, g, t, nq, nkv,
+                     partial, b, h, q0, kv0, scale, args, sink);
     // dV += P^T dO, dK += dS^T Q (k = the chunk's q rows): A from registers, B MN-major.
     unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
 #pragma unroll
@@ -324,18 +288,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   float dq[FG_E / 8][4];
 #pragma unroll
   for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-#if FG_CAP_MODE == 1
-  FgFixedSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  cap_sink.scale = p.cap_scale;
-  const FgFixedSink* sink = &cap_sink;
-#elif FG_CAP_MODE == 2
-  FgAtomicSink cap_sink;
-  cap_sink.acc = p.cap_acc;
-  const FgAtomicSink* sink = &cap_sink;
-#else
-  const FgMaxSink* sink = nullptr;
-#endif
+  const FgDqSink cap_sink = fg_dq_sink(p);
+  const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
   const float scale = (float)p.scale;
   // This warpgroup's 64 rows of Q and dO (8 KiB into each atom).
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
@@ -379,28 +333,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
 
-    // element-wise: s <- dS (pre-mod), exactly as fg_bwd_dq
-#pragma unroll
-    for (int nb = 0; nb < FG_NKN; ++nb) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        const FgColMods<float>& cm = kv_mods[j];
-#else
-        const FgColMods<float> cm;
-#endif
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int r = 2 * hf + c;
-          const int i = qr0 + g + 8 * hf;  // q row in the tile
-          float ds;
-          fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, (int)b,
-                   (int)h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-          s[nb][r] = ds;
-        }
-      }
-    }
+    // element-wise: s <- dS (pre-mod), as fg_bwd_dq
+    fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
+                   args, sink);
     // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
     unsigned a16[FG_KV_CHUNK / 16][4];
 #pragma unroll
