@@ -88,6 +88,20 @@ TEST_F(BlockMaskCuda, MasksBlockSizesAndRaggedLengthsEqualTheCpu) {
       }
 }
 
+// Rows longer than one warp's 32 columns (the list kernel scans a row 32 columns per ballot): wide rows
+// (one q block against 63-132 kv blocks, as a paged decode step's converted mask), tall ones (their transposed
+// lists), and square grids of 33-132 blocks.
+TEST_F(BlockMaskCuda, ListsLongerThanOneWarpEqualTheCpu) {
+  const MaskMod window = [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv <= 700); };
+  const std::vector<std::pair<int64_t, int64_t>> lengths = {{64, 4000}, {4000, 64}, {2100, 2100}};
+  for (const auto& [name, mm] : std::vector<std::pair<const char*, MaskMod>>{{"causal", causal}, {"window", window}})
+    for (const BlockSize& bs : {BlockSize(64), BlockSize(16)})
+      for (const auto& [Q, KV] : lengths) {
+        SCOPED_TRACE(fmt::format("{} BLOCK_SIZE=({}, {}) Q_LEN={} KV_LEN={}", name, bs.q, bs.kv, Q, KV));
+        both(mm, 2, std::nullopt, Q, KV, bs);
+      }
+}
+
 TEST_F(BlockMaskCuda, BatchAndHeadBroadcastAndNot) {
   // A mask ignoring b and h, built for B=2 H=3: evaluated once, broadcast to every plane.
   BlockMask m = both(causal, 2, 3, 384, 384, 64);
