@@ -118,15 +118,17 @@ DecodeConfig choose_config(const FlexProblem& p, int device) {
              block_optin);
     return c;
   }
-  // Two slices in flight per warp and two CTAs per SM where they fit (8 warps, ~140 KB in flight per SM at head
-  // dim 128), else one; copies ask L2 for 128-byte lines. Measured on the H200 (bench_decode_cuda with the
-  // FLEXGRAD_FLEX_DECODE_TILE sweep, bf16 D=128, GQA 4): 2 stages x 2 CTAs beat 3 stages x 2 CTAs by 4%, 4 x 1 by
-  // 8-10%, 8 warps x 3 stages x 1 by 1% (and lose 20% on paged caches); the 128-byte L2 prefetch adds 1-3%
-  // (256 bytes: 0-1%).
+  // Two slices in flight per warp; one CTA of 8 warps per SM where it fits (head dims up to 128: ~140 KB of
+  // stages), else CTAs of 4 warps, two per SM where they fit; copies ask L2 for 128-byte lines. Measured on the
+  // H200 (bench_decode_cuda with the FLEXGRAD_FLEX_DECODE_TILE sweep, bf16 D=128, GQA 4; docs/flex_cuda_notes.md,
+  // sessions 5-12): 8 warps x 1 CTA beat 4 warps x 2 CTAs by 2-3% on B=8 S=8192 and match it elsewhere, once
+  // each warp walks its own blocks (walking the other warps' slices cost it 20% on paged caches); 3 stages or
+  // 3 CTAs per SM lose 2-8%; the 128-byte L2 prefetch adds 1-3% (256 bytes: 0-1%).
   c.l2_prefetch = 128;
-  constexpr size_t kReservedPerCta = 1024;  // the runtime's shared memory per CTA
   c.stages = 2;
-  for (int64_t blocks : {2, 1}) {
+  constexpr size_t kReservedPerCta = 1024;  // the runtime's shared memory per CTA
+  for (const auto& [warps, blocks] : {std::pair<int64_t, int64_t>{8, 1}, {4, 2}, {4, 1}}) {
+    c.warps = warps;
     c.min_blocks = blocks;
     c.smem = decode_smem(c);
     if (c.smem <= static_cast<size_t>(block_optin) &&

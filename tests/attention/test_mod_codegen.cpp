@@ -504,6 +504,42 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     }
   }
 }
+// The split-KV decode kernel (flex_decode.cuh) compiles as attention/cuda/flex_decode_cuda.cpp assembles it,
+// for the tiles it picks (8 warps x 1 CTA, 4 warps x 2 CTAs) and head dims 64, 80, 128, 256, with and without
+// mods, without spilling. NVRTC only, no GPU: tests/cuda run the kernel.
+TEST(ModCodegen, DecodeCompilesForEveryTileAndHeadDim) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  for (bool mods : {false, true}) {
+    for (int e : {64, 80, 128, 256}) {
+      for (int warps : {4, 8}) {
+        CudaModsInput in;
+        if (mods) {
+          in.score_mod = &alibi;
+          in.mask_mod = &causal;
+        }
+        std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+        for (const std::string& x :
+             {std::string("FG_ELEM 4"), fmt::format("FG_E {}", e), fmt::format("FG_EV {}", e),
+              fmt::format("FG_MF {}", e <= 128 ? 2 : 1), fmt::format("FG_WARPS {}", warps), std::string("FG_STAGES 2"),
+              std::string("FG_VEC 1"), fmt::format("FG_MIN_BLOCKS {}", warps == 4 ? 2 : 1),
+              std::string("FG_L2_PREFETCH 128")})
+          tu += "#define " + x + "\n";
+        tu += "#include \"flex_mma.cuh\"\n#include \"flex_decode.cuh\"\n";
+        std::string log;
+        const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
+        const std::string what = fmt::format("mods {} E {} warps {}", mods, e, warps);
+        EXPECT_TRUE(err.empty()) << what << "\n" << err.substr(0, 20000);
+        EXPECT_TRUE(has(log, " 0 bytes spill stores")) << what << ": spills\n" << log;
+      }
+    }
+  }
+}
 #endif
 
 TEST(ModCodegen, RelativeBiasTableGradient) {

@@ -11,10 +11,14 @@
 //    CTAs to fill every SM; each CTA writes f32 partials (unnormalised O, row max, row sum) and the last CTA
 //    of a tile to finish (an atomic count per tile) combines them by their log-sum-exp: no second kernel
 //    (splits == 1 writes the output directly);
-//  - inside a CTA, warp w takes the 16-column kv slices w, w + FG_WARPS, ... of the CTA's range through its own
+//  - inside a CTA, each warp streams its share of the CTA's range in 16-column kv slices through its own
 //    FG_STAGES-deep cp.async pipeline (no CTA barrier in the loop: a warp never waits for another, and up to
 //    FG_STAGES slices per warp are in flight while it waits), runs S = Q K^T and O += P V on each with
-//    mma.sync m16n8k16 and its own online softmax; the warps' (m, l, O) are combined at the end.
+//    mma.sync m16n8k16 and its own online softmax; the warps' (m, l, O) are combined at the end. The share:
+//    warp w takes the listed blocks w, w + FG_WARPS, ... when the range has at least 2 * FG_WARPS of them, else
+//    the slices w, w + FG_WARPS, ... (so a short range still keeps every warp busy). Block-wise, a warp's
+//    cursor steps over the other warps' blocks in one move; slice-wise it walks each of their slices, which
+//    cost 8-warp CTAs 20% on paged caches (64-token pages: two block changes per slice taken).
 // K/V are read in place wherever the BlockMask points: through a PagedAttention-converted mask those are
 // the physical pages (block_kv = page size), so a paged cache is read without any gather copy.
 //
@@ -74,10 +78,13 @@ struct FgSlice {
   int n0, nend, partial;
 };
 
-// The walk over the listed blocks [i, i_end) of one BlockMask row, 16 columns at a time. Every thread runs
-// it (uniform control flow within each warp), so no thread has to tell the others where a stage's slices
-// come from. The row's block indices come through a register cache: lane l holds entry base + l (v0) and
-// base + 32 + l (v1), read with one coalesced load per 32 entries issued 32 entries before they are needed.
+// The walk over the listed blocks [i, i_end) of one BlockMask row, 16 columns at a time, visiting every
+// `step`-th block (1: every block, the warps sharing the walk slice by slice; FG_WARPS: this warp's blocks).
+// Every thread of a warp runs it (uniform control flow within each warp), so no thread has to tell the
+// others where a stage's slices come from. The row's block indices come through a register cache: lane l
+// holds entry base + l (v0) and base + 32 + l (v1), read with one coalesced load per 32 entries issued 32
+// entries before they are needed (a block-wise walk, stepping FG_WARPS <= 32 entries, still moves through
+// the cache in order).
 // Reading them one by one put a dependent global load in front of every slice a warp issues (with 4 warps
 // and 64-column blocks each warp's next slice is in the next block), which starved the copy pipelines.
 struct FgSliceCursor {
@@ -85,6 +92,7 @@ struct FgSliceCursor {
   const int* full;
   int n_partial;
   int i, i_end;  // position in partial ++ full
+  int step;      // blocks per move: 1 (slice-wise shares) or FG_WARPS (block-wise shares)
   int n0, nend;
   int base, v0, v1;
 };
@@ -107,7 +115,7 @@ __device__ __forceinline__ int fg_dec_entry(FgSliceCursor& c, int j) {
   return __shfl_sync(0xffffffffu, c.v0, j - c.base);
 }
 __device__ __forceinline__ void fg_dec_seek(const FgDecParams& p, FgSliceCursor& c) {
-  for (; c.i < c.i_end; ++c.i) {
+  for (; c.i < c.i_end; c.i += c.step) {
     const int blk = fg_dec_entry(c, c.i);
     const fg_i64 kv0 = (fg_i64)blk * p.block_kv;
     if (blk >= 0 && kv0 < p.Lkv) {
@@ -131,7 +139,7 @@ __device__ __forceinline__ FgSlice fg_dec_take(const FgDecParams& p, FgSliceCurs
   s.partial = c.i < c.n_partial;
   c.n0 += FG_SLICE;
   if (c.n0 >= c.nend) {
-    ++c.i;
+    c.i += c.step;
     fg_dec_seek(p, c);
   }
   return s;
@@ -145,11 +153,13 @@ __device__ __forceinline__ void fg_dec_load_slice(const FgDecParams& p, const Fg
   fg_load_rows<FG_SLICE>(Kb, FG_LDK, kg + (fg_i64)sl.n0 * p.k_sl, p.k_sl, rows, p.E, FG_E, lane, 32);
   fg_load_rows<FG_SLICE>(Vb, FG_LDV, vg + (fg_i64)sl.n0 * p.v_sl, p.v_sl, rows, p.Ev, FG_EV, lane, 32);
 }
-// This warp's next slice: the cursor's next one, then the other warps' FG_WARPS - 1 are skipped.
+// This warp's next slice: the cursor's next one; slice-wise, the other warps' FG_WARPS - 1 are then skipped.
 __device__ __forceinline__ FgSlice fg_dec_take_mine(const FgDecParams& p, FgSliceCursor& c) {
   const FgSlice s = fg_dec_take(p, c);
+  if (c.step == 1) {
 #pragma unroll
-  for (int w = 1; w < FG_WARPS; ++w) fg_dec_take(p, c);
+    for (int w = 1; w < FG_WARPS; ++w) fg_dec_take(p, c);
+  }
   return s;
 }
 
@@ -202,8 +212,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
     cur.n_partial = np;
     const int per = (np + nf + p.splits - 1) / p.splits;
-    cur.i = split * per;
-    cur.i_end = cur.i + per < np + nf ? cur.i + per : np + nf;
+    const int start = split * per;
+    cur.i_end = start + per < np + nf ? start + per : np + nf;
+    cur.step = cur.i_end - start >= 2 * FG_WARPS ? FG_WARPS : 1;
+    cur.i = cur.step == 1 ? start : start + (int)(threadIdx.x >> 5);  // block-wise: warp w starts at block w
     cur.n0 = cur.nend = 0;
     cur.base = -(1 << 30);  // nothing cached yet
     cur.v0 = cur.v1 = -1;
@@ -246,7 +258,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
 
   // This warp's pipeline: its slices in order through FG_STAGES buffers. Slice j's copies are the (j + 1)-th
   // group of each lane (group 0 is Q); empty groups keep the count when the range runs out.
-  for (int w = 0; w < warp; ++w) fg_dec_take(p, cur);  // warp w starts at slice w
+  if (cur.step == 1)
+    for (int w = 0; w < warp; ++w) fg_dec_take(p, cur);  // slice-wise: warp w starts at slice w
   fg_h16* Kw0 = Ks + warp * FG_STAGES * FG_SLICE * FG_LDK;
   fg_h16* Vw0 = Vs + warp * FG_STAGES * FG_SLICE * FG_LDV;
   int issued = 0;  // slices issued (they come in order: the first empty one ends the range)
