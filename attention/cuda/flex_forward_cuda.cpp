@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
+#include "flexgrad/attention/cuda/tma_map.h"
 #include "flexgrad/attention/cuda/flex_decode_cuda.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
@@ -182,6 +183,26 @@ int64_t wgmma_bn_env() {
   return v == "64" ? 64 : 128;
 }
 
+// FLEXGRAD_FLEX_WGMMA_TMA: 0 keeps the warp-specialised loop's producer on cp.async (A/B); unset or 1: TMA where
+// the tensors allow a map.
+bool wgmma_tma_env() {
+  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_TMA");
+  if (env == nullptr || *env == '\0') return true;
+  const std::string v(env);
+  FG_CHECK(v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA_TMA: expected 0 or 1; got \"{}\"", v);
+  return v == "1";
+}
+
+// K's and V's tensor maps for FG_WGMMA_TMA (the kernel's FgTmaMaps): boxes of 64 columns x BN rows. False when
+// either tensor cannot be described (the producer then copies with cp.async).
+struct WgmmaTmaMaps {
+  TmaMap k, v;
+};
+bool wgmma_tma_maps(const FlexProblem& p, const TileConfig& cfg, WgmmaTmaMaps& maps) {
+  const int rows = static_cast<int>(cfg.bn);
+  return encode_tma_map_sw128(maps.k, p.k, rows).empty() && encode_tma_map_sw128(maps.v, p.v, rows).empty();
+}
+
 TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
   const std::string why = wgmma_unsupported(p, arch);
   FG_CHECK(why.empty(), NotImplementedError, "flex_attention on CUDA: {}", why);
@@ -192,11 +213,14 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   c.bm = rows_for(p.block_q, 128) > 64 ? 128 : 64;
   c.warps = c.bm / 16;
   const bool wide = std::max(c.e_pad, c.ev_pad) > 128;
-  // The sequential loop by default: on the H200 (session 8, one call, bf16 B4 H16 S4096 D128) the pipelined one
-  // was within 3% either way on no mask, sliding, D64 and S16k and 2-7% slower on causal, document, ALiBi, softcap.
-  c.pipe = wgmma_pipe_env(/*fallback=*/0);
-  // The warp-specialised loop moves registers from its producer warpgroup to two consumer warpgroups
-  // (setmaxnreg); with one (BM 64) every thread already has 255, so that shape keeps the sequential loop.
+  // The warp-specialised loop with its TMA producer by default where it runs (two consumer warpgroups, BM 128):
+  // on the H200 (session 12, one call, bf16 B4 H16 S4096 D128, FLEXGRAD_FLEX_CUDNN=0) it took the forward from
+  // the sequential loop's 303 / 278 / 163 / 246 / 165 / 116 TFLOP/s (no mask, causal, document, sliding 1024,
+  // ALiBi, softcap) to 491 / 412 / 185 / 328 / 213 / 120; with cp.async in its producer it was within 6% of the
+  // sequential loop. The warp-specialised loop moves registers from its producer warpgroup to two consumer
+  // warpgroups (setmaxnreg); with one (BM 64) every thread already has 255, so that shape keeps the sequential
+  // loop, whatever FLEXGRAD_FLEX_WGMMA_PIPE asks (a tuning knob; the tests pass 2 across shapes).
+  c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? 2 : 0);
   if (c.pipe == 2 && c.bm != 128) c.pipe = 0;
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
   const bool pipe_spills = c.pipe == 1 && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
@@ -283,6 +307,10 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
+  // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
+  WgmmaTmaMaps maps;
+  const bool tma = cfg.wgmma && cfg.pipe == 2 && vec && p.Lkv > 0 && wgmma_tma_env() && wgmma_tma_maps(p, cfg, maps);
+  if (tma) defines.push_back("FG_WGMMA_TMA 1");
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
@@ -291,7 +319,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   src.code = flex::assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_forward_wgmma.cuh" : "flex_forward.cuh"});
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
-  void* args[] = {&a, &ctx.args};
+  void* args[] = {&a, &ctx.args, &maps};  // the maps only when FG_WGMMA_TMA (the kernel's third parameter)
   // FG_WGMMA_PIPE 2 adds its producer warpgroup to the consumer warps.
   const unsigned threads =
       cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe == 2 ? 128 : 0)) : 256u;

@@ -464,7 +464,7 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
   }
 }
 // The Hopper forward (flex_forward_wgmma.cuh) compiles with each main loop (sequential, pipelined,
-// warp-specialised) as attention/cuda/flex_forward_cuda.cpp assembles it, with no mods, a score_mod and a
+// warp-specialised with a cp.async or a TMA producer) as attention/cuda/flex_forward_cuda.cpp assembles it, with no mods, a score_mod and a
 // mask_mod, and a captured mask; ptxas reports no wgmma serialisation (C7514 / C7520 warnings, which cost
 // the kernel its overlap). NVRTC only, no GPU: tests/cuda run them.
 TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
@@ -484,7 +484,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}}) {
-    for (int pipe : {0, 1, 2}) {
+    for (auto [pipe, tma] : {std::pair{0, 0}, {1, 0}, {2, 0}, {2, 1}}) {
       CudaModsInput in;
       in.score_mod = c.score;
       in.mask_mod = c.mask;
@@ -492,15 +492,15 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       for (const std::string& x : {std::string("FG_ELEM 4"), std::string("FG_E 128"), std::string("FG_EV 128"),
                                    std::string("FG_BM 128"), std::string("FG_BN 128"), std::string("FG_WARPS 8"),
                                    std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
-                                   fmt::format("FG_WGMMA_PIPE {}", pipe)})
+                                   fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;
       const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
-      EXPECT_TRUE(err.empty()) << c.name << " pipe " << pipe << "\n" << err.substr(0, 20000);
+      EXPECT_TRUE(err.empty()) << c.name << " pipe " << pipe << " tma " << tma << "\n" << err.substr(0, 20000);
       EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ"))
-          << c.name << " pipe " << pipe << ": wgmma serialised\n" << log;
-      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d: %s\n", c.name, pipe, log.substr(0, 600).c_str());
+          << c.name << " pipe " << pipe << " tma " << tma << ": wgmma serialised\n" << log;
+      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d: %s\n", c.name, pipe, tma, log.substr(0, 600).c_str());
     }
   }
 }

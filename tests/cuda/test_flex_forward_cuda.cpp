@@ -682,6 +682,12 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
     ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "96");
     testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_BN");
   }
+  {
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "2");
+    ScopedEnv tma("FLEXGRAD_FLEX_WGMMA_TMA", "2");
+    Tensor q128 = randn({1, 2, 128, 64}).to(kBFloat16).to(cuda);  // a 128-row tile: the loop that reads the knob
+    testing::expect_error<ValueError>([&] { flex_attention(q128, q128, q128, o); }, "FLEXGRAD_FLEX_WGMMA_TMA");
+  }
   Tensor wide = randn({1, 2, 64, 256}).to(kBFloat16).to(cuda);
   ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "128");
   testing::expect_error<ValueError>([&] { flex_attention(wide, wide, wide, o); }, "head dims up to 128");

@@ -20,13 +20,15 @@
 // row / column parts, the bounds (out-of-range rows and columns never reach a mod), the non-finite rule, the
 // lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
 // The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V).
-// Three main loops (the host's default is the sequential one): FG_WGMMA_PIPE 0 is the one above (S, wait,
-// softmax, P V, wait, with a CTA barrier before each product); FG_WGMMA_PIPE 1 overlaps them as
+// Three main loops (the host's default: the warp-specialised one on 128-row tiles, else the sequential one):
+// FG_WGMMA_PIPE 0 is the one above (S, wait, softmax, P V, wait, with a CTA barrier before each product);
+// FG_WGMMA_PIPE 1 overlaps them as
 // FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1} are issued together and the
 // softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1); the schedule and why it is
-// peeled are at the loop. FG_WGMMA_PIPE 2 is warp-specialised: a producer warpgroup copies K / V into two stages
-// signalled by mbarriers, and the two consumer warpgroups, no longer held together by CTA barriers, run the
-// sequential loop's steps each at its own pace (no TMA, no enforced ping-pong order yet).
+// peeled are at the loop. FG_WGMMA_PIPE 2 is warp-specialised: a producer warpgroup loads K / V into two stages
+// (TMA for whole sub-tiles with FG_WGMMA_TMA, else cp.async) signalled by mbarriers, and the two consumer
+// warpgroups, no longer held together by CTA barriers, run the sequential loop's steps each at its own pace (no
+// enforced ping-pong order yet).
 //
 // Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
 //   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
@@ -37,6 +39,9 @@
 //   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
 //   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one, 2: the warp-specialised one (a producer
 //                  warpgroup, FG_WARPS 8 only; FLEXGRAD_FLEX_WGMMA_PIPE)
+//   FG_WGMMA_TMA   1 (FG_WGMMA_PIPE 2 and FG_VEC only): the producer loads whole K / V sub-tiles with TMA through
+//                  the tensor maps of the kernel's third parameter (one thread, one copy per 64-column atom);
+//                  0 or undefined: cp.async by the producer's 128 threads
 // Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
 // here, which the swizzle needs). Static: the mods' row parts and one (sequential) or three (pipelined)
 // sub-tiles of column parts.
@@ -66,6 +71,9 @@
 #endif
 #define FG_NT_LAUNCH (FG_NT + 128)  // + the producer warpgroup
 #else
+#if defined(FG_WGMMA_TMA) && FG_WGMMA_TMA
+#error "flex_fwd_wgmma: FG_WGMMA_TMA needs FG_WGMMA_PIPE 2"
+#endif
 #define FG_NT_LAUNCH FG_NT
 #endif
 
@@ -99,8 +107,57 @@ __device__ __forceinline__ void fg_issue_pv(float (&o)[1][FG_EV / 8][4], const u
   fg_wgmma_commit();
 }
 
+#ifndef FG_WGMMA_TMA
+#define FG_WGMMA_TMA 0
+#endif
+#if FG_WGMMA_TMA
+#if !FG_VEC
+#error "flex_fwd_wgmma: FG_WGMMA_TMA needs FG_VEC"
+#endif
+// Host mirror: a CUtensorMap (cuda.h) is 128 opaque bytes, 64-byte aligned. K's and V's maps are 4-d
+// (E, Lkv, Hkv, Bkv) with the tensors' own strides, box (64, FG_BN, 1, 1), 128-byte swizzle.
+struct __align__(64) FgTmaMap {
+  unsigned long long opaque[16];
+};
+struct FgTmaMaps {
+  FgTmaMap k, v;
+};
+#define FG_FWD_WGMMA_EXTRA_PARAMS , const __grid_constant__ FgTmaMaps maps
+#else
+#define FG_FWD_WGMMA_EXTRA_PARAMS
+#endif
+
+#if FG_WGMMA_PIPE == 2
+// The warp-specialised producer's load of sub-tile t's K or V (COLS = FG_E or FG_EV padded columns) into a stage
+// buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar`: with `tma`, thread 0 expects
+// the bytes and issues one TMA box per atom through `map`, the others arrive; else the 128 producer threads copy
+// with cp.async (zeros past the sub-tile's rows and the real columns) and arrive once their copies land.
+template <int COLS>
+__device__ __forceinline__ void fg_ws_load_subtile(fg_h16* dst, const void* map, const fg_h16* g, fg_i64 ld_g, int cols,
+                                                   const FgTile& t, int hk, int bk, unsigned bar, bool tma, int pt) {
+  if (tma) {
+    if (pt == 0) {
+      fg_mbar_arrive_expect_tx(bar, FG_BN * COLS * 2);
+#pragma unroll
+      for (int a = 0; a < COLS / 64; ++a) fg_tma_load_4d(fg_smem_addr(dst + a * (FG_BN * 64)), map, 64 * a, t.n0, hk, bk, bar);
+    } else {
+      fg_mbar_arrive(bar);
+    }
+  } else {
+    fg_load_rows<FG_BN, true>(dst, 0, g + (fg_i64)t.n0 * ld_g, ld_g, t.nend - t.n0, cols, COLS, pt, 128);
+    fg_cp_async_mbar_arrive_inc(bar);
+    fg_mbar_arrive(bar);
+  }
+}
+#if FG_WGMMA_TMA
+#define FG_WS_MAP(x) (&maps.x)
+#else
+#define FG_WS_MAP(x) nullptr
+#endif
+#endif
+
 extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
-    flex_fwd_wgmma(const FgFwdParams p, const FgModArgs args) {
+    flex_fwd_wgmma(const FgFwdParams p, const FgModArgs args FG_FWD_WGMMA_EXTRA_PARAMS) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
   // The 128-byte swizzle is a function of the address bits: atoms must start 1024-byte aligned, which the
   // dynamic window (placed after any static shared memory) does not promise. The host adds 1024 bytes.
@@ -249,8 +306,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   }
 #elif FG_WGMMA_PIPE == 2
   // Warp-specialised: an extra warpgroup is a producer that copies Q once and every sub-tile's K and V
-  // (cp.async, 128 threads) into two stages, evaluates the sub-tile's mod column parts,
-  // and signals each stage on an mbarrier when its copies land (cp.async.mbarrier.arrive); the consumer
+  // (TMA from one thread for whole sub-tiles with FG_WGMMA_TMA, else cp.async by its 128 threads) into two
+  // stages, evaluates the sub-tile's mod column parts, and signals each stage on an mbarrier when its copies
+  // land (expected TMA bytes, cp.async.mbarrier.arrive); the consumer
   // warpgroups wait on those barriers, not on each other, so one warpgroup's softmax can run while the
   // other's products use the tensor cores. A consumer warp releases a stage's K (and its column parts) after
   // its mods and its V after its P V.
@@ -265,12 +323,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   }
 #endif
   if (threadIdx.x == 0) {
-    // Each full barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop
-    // (which release the element copies of !FG_VEC and the column parts).
+    // Q's barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop (which
+    // release the element copies of !FG_VEC). Each K / V full barrier: the producer threads' 128 arrivals (which
+    // release the column parts) and the sub-tile's copies: cp.async ones raise the pending count before they
+    // arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by the first arrival.
     fg_mbar_init(fg_smem_addr(&bar_q), 256);
     for (int st = 0; st < 2; ++st) {
-      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 256);
-      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 128);
+      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 128);
       fg_mbar_init(fg_smem_addr(&bar_k_free[st]), FG_WARPS);
       fg_mbar_init(fg_smem_addr(&bar_v_free[st]), FG_WARPS);
     }
@@ -296,15 +356,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         for (int c = pt; c < FG_BN; c += 128)
           col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
 #endif
-      fg_load_rows<FG_BN, true>(Ks + st * (FG_BN * FG_E), 0, kg + (fg_i64)t.n0 * p.k_sl, p.k_sl, t.nend - t.n0, p.E,
-                                FG_E, pt, 128);
-      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
-      fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
+      // TMA takes whole sub-tiles only: past a clipped sub-tile's end (a kv block shorter than BN) its box would
+      // bring the next block's rows, where the kernels' contract is zeros (a masked column's V row must not
+      // reach P V: 0 * inf). Past Lkv the tensor map itself yields zeros.
+      const bool tma = FG_WGMMA_TMA && t.nend - t.n0 == FG_BN;
+      fg_ws_load_subtile<FG_E>(Ks + st * (FG_BN * FG_E), FG_WS_MAP(k), kg, p.k_sl, p.E, t, hk, bk,
+                               fg_smem_addr(&bar_k_full[st]), tma, pt);
       if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
-      fg_load_rows<FG_BN, true>(Vs + st * (FG_BN * FG_EV), 0, vg + (fg_i64)t.n0 * p.v_sl, p.v_sl, t.nend - t.n0,
-                                p.Ev, FG_EV, pt, 128);
-      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
-      fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+      fg_ws_load_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
+                                fg_smem_addr(&bar_v_full[st]), tma, pt);
       t = fg_next_tile<FG_BN>(p, rt, t);
     }
     fg_cp_async_wait<0>();

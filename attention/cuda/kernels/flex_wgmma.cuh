@@ -132,6 +132,30 @@ __device__ __forceinline__ void fg_mbar_arrive(unsigned addr) {
 __device__ __forceinline__ void fg_cp_async_mbar_arrive(unsigned addr) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
 }
+// The same, but the barrier's pending count is raised by one first, so the copies' arrival does not count
+// toward `count`: a phase then completes on the plain arrivals alone, once those copies have landed too.
+__device__ __forceinline__ void fg_cp_async_mbar_arrive_inc(unsigned addr) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
+}
+// One arrival that also tells the barrier `bytes` more are coming from TMA copies (complete_tx): the phase
+// completes when its arrivals and those bytes are all in.
+__device__ __forceinline__ void fg_mbar_arrive_expect_tx(unsigned addr, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(addr), "r"(bytes) : "memory");
+}
+
+// TMA (sm_90): a box of a 4-d tensor described by `map` (a CUtensorMap in kernel parameter space,
+// __grid_constant__, built on the host by cuTensorMapEncodeTiled) at coordinates (c0, c1, c2, c3), innermost
+// first, into shared memory at dst (1024-byte aligned for the 128-byte swizzle); its bytes complete_tx on the
+// mbarrier at `bar`. Elements outside the tensor arrive as zeros.
+__device__ __forceinline__ void fg_tma_load_4d(unsigned dst, const void* map, int c0, int c1, int c2, int c3,
+                                               unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
 // Waits until the phase with parity `phase` has completed (acquire).
 __device__ __forceinline__ void fg_mbar_wait(unsigned addr, unsigned phase) {
   asm volatile(
