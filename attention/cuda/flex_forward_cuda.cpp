@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
-#include "flexgrad/attention/cuda/tma_map.h"
 #include "flexgrad/attention/cuda/flex_decode_cuda.h"
+#include "flexgrad/attention/cuda/tma_map.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 
