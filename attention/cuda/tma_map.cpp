@@ -6,8 +6,6 @@
 
 #include <cstring>
 
-#include "flexgrad/tensor/cuda/cuda_check.h"
-
 namespace fg::cuda {
 namespace {
 
