@@ -9,11 +9,13 @@
 // tanh (wgmma_preferred). Anything the kernels cannot run raises NotImplementedError saying why.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
@@ -193,14 +195,21 @@ bool wgmma_tma_env() {
   return v == "1";
 }
 
-// K's and V's tensor maps for FG_WGMMA_TMA (the kernel's FgTmaMaps): boxes of 64 columns x BN rows. False when
-// either tensor cannot be described (the producer then copies with cp.async).
+// K's and V's tensor maps for FG_WGMMA_TMA (the kernel's FgTmaMaps): boxes of 64 columns x BN rows. Called only
+// for inputs whose rows are 16-byte aligned (FG_VEC), which every tensor map of these tensors accepts, so a
+// refusal is raised, not worked around: the cp.async producer would give the same results ~35% slower, unseen.
 struct WgmmaTmaMaps {
   TmaMap k, v;
 };
-bool wgmma_tma_maps(const FlexProblem& p, const TileConfig& cfg, WgmmaTmaMaps& maps) {
+void wgmma_tma_maps(const FlexProblem& p, const TileConfig& cfg, WgmmaTmaMaps& maps) {
   const int rows = static_cast<int>(cfg.bn);
-  return encode_tma_map_sw128(maps.k, p.k, rows).empty() && encode_tma_map_sw128(maps.v, p.v, rows).empty();
+  for (auto [map, t, name] : {std::tuple{&maps.k, &p.k, "key"}, std::tuple{&maps.v, &p.v, "value"}}) {
+    const std::string why = encode_tma_map_sw128(*map, *t, rows);
+    FG_CHECK(why.empty(), CudaError,
+             "flex_attention on CUDA: the Wgmma forward's TMA map of {} (sizes {}, strides {}, dtype {}) was refused: "
+             "{}; FLEXGRAD_FLEX_WGMMA_TMA=0 runs the cp.async producer instead",
+             name, fmt::join(t->sizes(), ", "), fmt::join(t->strides(), ", "), dtype_name(t->dtype()), why);
+  }
 }
 
 TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
@@ -309,8 +318,11 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
-  const bool tma = cfg.wgmma && cfg.pipe == 2 && vec && p.Lkv > 0 && wgmma_tma_env() && wgmma_tma_maps(p, cfg, maps);
-  if (tma) defines.push_back("FG_WGMMA_TMA 1");
+  const bool tma = cfg.wgmma && cfg.pipe == 2 && vec && p.Lkv > 0 && wgmma_tma_env();
+  if (tma) {
+    wgmma_tma_maps(p, cfg, maps);
+    defines.push_back("FG_WGMMA_TMA 1");
+  }
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
