@@ -128,25 +128,33 @@ struct FgTmaMaps {
 #endif
 
 #if FG_WGMMA_PIPE == 2
+// The registers setmaxnreg gives each role. ptxas launches the 384-thread kernel with 65536 / 384 rounded down to
+// 8 = 168 a thread; setmaxnreg.inc blocks until the CTA's pool holds the registers asked for, and only the
+// producer's decrease fills it, so a split the launch does not cover hangs the kernel (as 232 / 48 did). 224 / 56
+// spills nowhere but took the no-mask forward from 491 to 456 TFLOP/s on the H200 (session 13), so the
+// consumers keep 232 and the producer's column parts of a captured mask spill 32 bytes.
+#define FG_WS_PRODUCER_REGS 40
+#define FG_WS_CONSUMER_REGS 232
+static_assert(128 * (168 - FG_WS_PRODUCER_REGS) >= 2 * 128 * (FG_WS_CONSUMER_REGS - 168),
+              "setmaxnreg: the consumers' registers must come from the producer's");
 // The warp-specialised producer's load of sub-tile t's K or V (COLS = FG_E or FG_EV padded columns) into a stage
-// buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar`: with `tma`, thread 0 expects
-// the bytes and issues one TMA box per atom through `map`, the others arrive; else the 128 producer threads copy
-// with cp.async (zeros past the sub-tile's rows and the real columns) and arrive once their copies land.
+// buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar` once the copies have landed
+// and each of the 128 producer threads has also arrived (fg_mbar_arrive, after whatever else the stage
+// publishes: the column parts): with `tma`, thread 0 expects the bytes and issues one TMA box per atom through
+// `map`; else the 128 threads copy with cp.async (zeros past the sub-tile's rows and the real columns), each
+// copy raising the barrier's pending count until it lands.
 template <int COLS>
-__device__ __forceinline__ void fg_ws_load_subtile(fg_h16* dst, const void* map, const fg_h16* g, fg_i64 ld_g, int cols,
-                                                   const FgTile& t, int hk, int bk, unsigned bar, bool tma, int pt) {
+__device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map, const fg_h16* g, fg_i64 ld_g, int cols,
+                                                    const FgTile& t, int hk, int bk, unsigned bar, bool tma, int pt) {
   if (tma) {
     if (pt == 0) {
-      fg_mbar_arrive_expect_tx(bar, FG_BN * COLS * 2);
+      fg_mbar_expect_tx(bar, FG_BN * COLS * 2);
 #pragma unroll
       for (int a = 0; a < COLS / 64; ++a) fg_tma_load_4d(fg_smem_addr(dst + a * (FG_BN * 64)), map, 64 * a, t.n0, hk, bk, bar);
-    } else {
-      fg_mbar_arrive(bar);
     }
   } else {
     fg_load_rows<FG_BN, true>(dst, 0, g + (fg_i64)t.n0 * ld_g, ld_g, t.nend - t.n0, cols, COLS, pt, 128);
     fg_cp_async_mbar_arrive_inc(bar);
-    fg_mbar_arrive(bar);
   }
 }
 #if FG_WGMMA_TMA
@@ -316,17 +324,12 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   __shared__ FgRowMods<float> row_mods[FG_BM];
   __shared__ FgColMods<float> col_mods[2][FG_BN];
-  {
-    const FgTile first = fg_first_tile(p, rt);
-    for (int r = threadIdx.x; r < FG_BM; r += FG_NT_LAUNCH)
-      if (m0 + r < m_end) fg_row_mods(row_mods[r], first.i < rt.n_total, first.i < rt.n_partial, b, h, m0 + r, args);
-  }
 #endif
   if (threadIdx.x == 0) {
-    // Q's barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop (which
-    // release the element copies of !FG_VEC). Each K / V full barrier: the producer threads' 128 arrivals (which
-    // release the column parts) and the sub-tile's copies: cp.async ones raise the pending count before they
-    // arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by the first arrival.
+    // Q's barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop and the
+    // row parts (which release those and the element copies of !FG_VEC). Each K / V full barrier: the producer
+    // threads' 128 arrivals (which release the column parts) and the sub-tile's copies: cp.async ones raise the
+    // pending count before they arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by thread 0.
     fg_mbar_init(fg_smem_addr(&bar_q), 256);
     for (int st = 0; st < 2; ++st) {
       fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 128);
@@ -336,41 +339,50 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     }
     fg_mbar_fence_init();
   }
-  __syncthreads();  // barriers initialised, row parts written: the only CTA-wide barrier
+  __syncthreads();  // barriers initialised: the only CTA-wide barrier
 
   if (warp >= FG_WARPS) {  // the producer warpgroup: its four warps copy (one warp's copy loop was the pace)
     // Registers move from the producer warpgroup to the consumers (setmaxnreg): ptxas gives a 384-thread
     // kernel 168 a thread, under which the consumers' accumulators spill and ptxas serialises the wgmma (C7512).
-    fg_setmaxnreg_dec<40>();
+    // The consumers' increase waits until the producer's decrease has freed the registers (above the kernel).
+    fg_setmaxnreg_dec<FG_WS_PRODUCER_REGS>();
     const int pt = threadIdx.x - FG_NT;  // 0 .. 127
     fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
     fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
-    fg_mbar_arrive(fg_smem_addr(&bar_q));
     FgTile t = fg_first_tile(p, rt);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    // The row parts while Q is in flight (a captured mask's reads wait on memory as the copies do).
+    for (int r = pt; r < FG_BM; r += 128)
+      if (m0 + r < m_end) fg_row_mods(row_mods[r], t.i < rt.n_total, t.i < rt.n_partial, b, h, m0 + r, args);
+#endif
+    fg_mbar_arrive(fg_smem_addr(&bar_q));
     for (int j = 0; t.i < rt.n_total; ++j) {
       const int st = j & 1;
       const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
       if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_k_free[st]), reuse_phase);
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      if (FG_HAS_SCORE_MOD || t.i < rt.n_partial)
-        for (int c = pt; c < FG_BN; c += 128)
-          col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
-#endif
       // TMA takes whole sub-tiles only: past a clipped sub-tile's end (a kv block shorter than BN) its box would
       // bring the next block's rows, where the kernels' contract is zeros (a masked column's V row must not
       // reach P V: 0 * inf). Past Lkv the tensor map itself yields zeros.
       const bool tma = FG_WGMMA_TMA && t.nend - t.n0 == FG_BN;
-      fg_ws_load_subtile<FG_E>(Ks + st * (FG_BN * FG_E), FG_WS_MAP(k), kg, p.k_sl, p.E, t, hk, bk,
-                               fg_smem_addr(&bar_k_full[st]), tma, pt);
+      fg_ws_issue_subtile<FG_E>(Ks + st * (FG_BN * FG_E), FG_WS_MAP(k), kg, p.k_sl, p.E, t, hk, bk,
+                                fg_smem_addr(&bar_k_full[st]), tma, pt);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      // The column parts while K is in flight; the arrival below publishes them with the stage.
+      if (FG_HAS_SCORE_MOD || t.i < rt.n_partial)
+        for (int c = pt; c < FG_BN; c += 128)
+          col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
+#endif
+      fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
       if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
-      fg_ws_load_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
-                                fg_smem_addr(&bar_v_full[st]), tma, pt);
+      fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
+                                 fg_smem_addr(&bar_v_full[st]), tma, pt);
+      fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
       t = fg_next_tile<FG_BN>(p, rt, t);
     }
     fg_cp_async_wait<0>();
   } else {
     // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
-    fg_setmaxnreg_inc<232>();
+    fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
     fg_frag_init(o, m, l, saw_nan);
     const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
     fg_mbar_wait(fg_smem_addr(&bar_q), 0);

@@ -137,10 +137,9 @@ __device__ __forceinline__ void fg_cp_async_mbar_arrive(unsigned addr) {
 __device__ __forceinline__ void fg_cp_async_mbar_arrive_inc(unsigned addr) {
   asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
 }
-// One arrival that also tells the barrier `bytes` more are coming from TMA copies (complete_tx): the phase
-// completes when its arrivals and those bytes are all in.
-__device__ __forceinline__ void fg_mbar_arrive_expect_tx(unsigned addr, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(addr), "r"(bytes) : "memory");
+// Tells the barrier's current phase `bytes` more are coming from TMA copies (complete_tx), without arriving.
+__device__ __forceinline__ void fg_mbar_expect_tx(unsigned addr, unsigned bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(addr), "r"(bytes) : "memory");
 }
 
 // TMA (sm_90): a box of a 4-d tensor described by `map` (a CUtensorMap in kernel parameter space,
