@@ -639,21 +639,27 @@ struct FgKvWalk {
 #define FG_BWD_MODS(x) nullptr  // (the mods' parts are not kept without mods)
 #endif
 
-// The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
-// kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
-// lse and delta; q_mods: the chunk's row parts (null without mods). The column parts of the lane's two kv rows
-// first (b and h change along the walk), then q row by q row its row parts and the two entries.
-template <class Sink>
-__device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
-                                                 const float* Db, const FgRowMods<float>* q_mods, int kr0, int g,
-                                                 int t, int nq, int nkv, bool partial, int b, int h, fg_i64 q0,
-                                                 fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
-  FgColMods<float> cm[2];
+// The column parts of a lane's two kv rows kr0 + g (+ 8) for one q chunk of the dK/dV kernels (b and h change
+// along the walk, so per chunk; the wgmma kernel computes them while the chunk's score products run).
+__device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int kr0, int g, int nkv, bool partial,
+                                                  int b, int h, fg_i64 kv0, const FgModArgs& args) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int j = kr0 + g + 8 * half;
     cm[half] = fg_col_mods<float>(j < nkv, partial, b, h, (int)(kv0 + j), args);
   }
+}
+
+// The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
+// kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
+// lse and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
+// (fg_dkdv_col_parts). Q row by q row its row parts and the two entries.
+template <class Sink>
+__device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
+                                                 const float* Db, const FgRowMods<float>* q_mods,
+                                                 const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
+                                                 int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
+                                                 float scale, const FgModArgs& args, const Sink* sink) {
 #pragma unroll
   for (int nb = 0; nb < FG_NQN; ++nb) {
 #pragma unroll
@@ -817,8 +823,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
       }
     }
     // element-wise: st <- P^T, dpt <- dS^T (pre-mod)
-    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods), kr0, g, t, nq, nkv,
-                     partial, b, h, q0, kv0, scale, args, sink);
+    FgColMods<float> cm[2];
+    fg_dkdv_col_parts(cm, kr0, g, nkv, partial, b, h, kv0, args);
+    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods), cm, kr0, g, t, nq,
+                     nkv, partial, b, h, q0, kv0, scale, args, sink);
     // dV += P^T dO, dK += dS^T Q (k = q rows of the chunk)
 #pragma unroll
     for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {

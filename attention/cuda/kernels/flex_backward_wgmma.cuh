@@ -143,17 +143,22 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
 
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-  __shared__ FgRowMods<float> q_mods[FG_Q_CHUNK];  // the mods' row parts of the current q chunk
+  // The mods' row parts of the q chunks, double-buffered as Q: a chunk's are computed (their captured reads
+  // issued) while the previous chunk's score products run, off the path from one chunk's barrier to its
+  // products. (Their last readers, two chunks back, are past that chunk's closing barrier; the next chunk's
+  // opening barrier publishes them.)
+  __shared__ FgRowMods<float> q_mods[2][FG_Q_CHUNK];
+  auto row_parts = [&](const FgQWalk& s, int buf) {
+    for (int i = threadIdx.x; i < s.nq(); i += FG_NT_DKDV)
+      fg_row_mods(q_mods[buf][i], true, s.partial(), (int)s.b, (int)s.h, (int)(s.q0 + i), args);
+  };
+  if (!w.done()) row_parts(w, 0);
 #endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const int b = (int)w.b, h = (int)w.h, nq = w.nq();
     const fg_i64 q0 = w.q0;
     const bool partial = w.partial();
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
-    for (int i = threadIdx.x; i < nq; i += FG_NT_DKDV) fg_row_mods(q_mods[i], true, partial, b, h, (int)(q0 + i), args);
-#endif
     // The next chunk into the other buffer (its last readers, the previous chunk's products, completed before
     // that chunk's closing barrier).
     w.next(p);
@@ -178,13 +183,19 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
       fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dpt[0][0], fg_desc_kmajor(v_addr, FG_KV_TILE * 128, kk),
                                         fg_desc_kmajor(o_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
     fg_wgmma_commit();
+    // While they run: this chunk's column parts and the next chunk's row parts (captured reads wait on memory).
+    FgColMods<float> cm[2];
+    fg_dkdv_col_parts(cm, kr0, g, nkv, partial, b, h, kv0, args);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    if (!w.done()) row_parts(w, buf ^ 1);
+#endif
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st[0][0]);
     fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
 
     // element-wise: st <- P^T, dpt <- dS^T (pre-mod), as fg_bwd_dkdv
-    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods), kr0, g, t, nq, nkv,
-                     partial, b, h, q0, kv0, scale, args, sink);
+    fg_dkdv_elements(st, dpt, Ls + buf * FG_Q_CHUNK, Ds + buf * FG_Q_CHUNK, FG_BWD_MODS(q_mods[buf]), cm, kr0, g, t, nq,
+                     nkv, partial, b, h, q0, kv0, scale, args, sink);
     // dV += P^T dO, dK += dS^T Q (k = the chunk's q rows): A from registers, B MN-major.
     unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
 #pragma unroll
@@ -295,18 +306,20 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
 
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-  __shared__ FgColMods<float> kv_mods[FG_KV_CHUNK];  // the mods' column parts of the current kv chunk
+  // The mods' column parts of the kv chunks, double-buffered as K and V and computed while the previous chunk's
+  // score products run (as fg_bwd_dkdv_wgmma's row parts).
+  __shared__ FgColMods<float> kv_mods[2][FG_KV_CHUNK];
+  auto col_parts = [&](const FgKvWalk& s, int buf) {
+    for (int j = threadIdx.x; j < s.nkv(); j += FG_NT_DQ)
+      kv_mods[buf][j] = fg_col_mods<float>(true, s.partial(), (int)b, (int)h, (int)(s.kv0 + j), args);
+  };
+  if (!w.done()) col_parts(w, 0);
 #endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const fg_i64 kv0 = w.kv0;
     const int nkv = w.nkv();
     const bool partial = w.partial();
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-    // (the previous chunk's readers are past its closing barrier; the barrier below publishes these)
-    for (int j = threadIdx.x; j < nkv; j += FG_NT_DQ)
-      kv_mods[j] = fg_col_mods<float>(true, partial, (int)b, (int)h, (int)(kv0 + j), args);
-#endif
     w.next(p);
     if (!w.done()) issue(w, buf ^ 1);
     fg_cp_async_commit();
@@ -329,12 +342,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
                                         fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
     fg_wgmma_commit();
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+    if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
+#endif
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
 
     // element-wise: s <- dS (pre-mod), as fg_bwd_dq
-    fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
+    fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
                    args, sink);
     // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
     unsigned a16[FG_KV_CHUNK / 16][4];
