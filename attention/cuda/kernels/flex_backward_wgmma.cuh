@@ -145,8 +145,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   // The mods' row parts of the q chunks, double-buffered as Q: a chunk's are computed (their captured reads
   // issued) while the previous chunk's score products run, off the path from one chunk's barrier to its
-  // products. (Their last readers, two chunks back, are past that chunk's closing barrier; the next chunk's
-  // opening barrier publishes them.)
+  // products. (The buffer's last readers, the element step two chunks back, are past that chunk's closing
+  // barrier; the chunk's own opening barrier publishes them.)
   __shared__ FgRowMods<float> q_mods[2][FG_Q_CHUNK];
   auto row_parts = [&](const FgQWalk& s, int buf) {
     for (int i = threadIdx.x; i < s.nq(); i += FG_NT_DKDV)

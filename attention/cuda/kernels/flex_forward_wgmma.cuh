@@ -128,14 +128,15 @@ struct FgTmaMaps {
 #endif
 
 #if FG_WGMMA_PIPE == 2
-// The registers setmaxnreg gives each role. ptxas launches the 384-thread kernel with 65536 / 384 rounded down to
-// 8 = 168 a thread; setmaxnreg.inc blocks until the CTA's pool holds the registers asked for, and only the
-// producer's decrease fills it, so a split the launch does not cover hangs the kernel (as 232 / 48 did). 224 / 56
-// spills nowhere but took the no-mask forward from 491 to 456 TFLOP/s on the H200 (session 13), so the
-// consumers keep 232 and the producer's column parts of a captured mask spill 32 bytes.
+// The registers setmaxnreg gives each role. ptxas launches the kernel with 65536 / FG_NT_LAUNCH rounded down to
+// 8 a thread (168 for 384 threads); setmaxnreg.inc blocks until the CTA's pool holds the registers asked for,
+// and only the producer's decrease fills it, so a split the launch does not cover hangs the kernel (as 232 / 48
+// did). 224 / 56 spills nowhere but took the no-mask forward from 491 to 456 TFLOP/s on the H200 (session 13),
+// so the consumers keep 232 and the producer's column parts of a captured mask spill 32 bytes.
 #define FG_WS_PRODUCER_REGS 40
 #define FG_WS_CONSUMER_REGS 232
-static_assert(128 * (168 - FG_WS_PRODUCER_REGS) >= 2 * 128 * (FG_WS_CONSUMER_REGS - 168),
+#define FG_WS_LAUNCH_REGS (65536 / FG_NT_LAUNCH / 8 * 8)
+static_assert(128 * (FG_WS_LAUNCH_REGS - FG_WS_PRODUCER_REGS) >= FG_NT * (FG_WS_CONSUMER_REGS - FG_WS_LAUNCH_REGS),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // The warp-specialised producer's load of sub-tile t's K or V (COLS = FG_E or FG_EV padded columns) into a stage
 // buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar` once the copies have landed
