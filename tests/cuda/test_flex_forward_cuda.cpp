@@ -460,6 +460,44 @@ TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
   check(c);
 }
 
+// Rows of very different lengths (a per-batch kv length, one batch with none, first or last): each row's
+// listed blocks split into 1, 3 or 64 ranges (64: most ranges of the short rows empty, the merge of the long
+// ones in rounds of 32 partials) or Auto's count. kv blocks of 64 and 40 columns (40: a block's last 16-column
+// slice is short). Reruns are bit-identical (the partials are merged in split order, not finishing order).
+TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
+  for (bool empty_last : {false, true}) {
+    for (int64_t bkv : {64, 40}) {
+      for (int64_t splits : {0, 1, 3, 64}) {
+        SCOPED_TRACE("empty_last=" + std::to_string(empty_last) + " block_kv=" + std::to_string(bkv) +
+                     " splits=" + std::to_string(splits));
+        const int64_t B = 5;
+        // kv length of batch b: (b' * 397) % 1501 for b' = b (or B - 1 - b): 0, 397, 794, 1191, 87.
+        auto len_of = [empty_last](Expr b) { return ((empty_last ? 4 - b : b) * 397) % 1501; };
+        auto len_gold = [empty_last](int64_t b) { return ((empty_last ? 4 - b : b) * 397) % 1501; };
+        Case c;
+        c.B = c.Bkv = B, c.Hq = 8, c.Hkv = 2, c.Lq = 1, c.Lkv = 1500, c.E = c.Ev = 128;
+        c.opts.enable_gqa = true;
+        c.opts.kernel.kv_splits = splits;
+        c.opts.block_mask = create_block_mask([len_of](Expr b, Expr, Expr, Expr kv) { return kv < len_of(b); }, B,
+                                              std::nullopt, 1, 1500, BlockSize(128, bkv));
+        c.mod = [len_gold](double s, int64_t b, int64_t, int64_t, int64_t kv) { return kv < len_gold(b) ? s : -kInf; };
+        check(c);
+        if (splits == 3) {
+          Generator gen(5);
+          Tensor q = randn({B, 8, 1, 128}, kFloat32, &gen).to(dtype()).to(cuda());
+          Tensor k = randn({B, 2, 1500, 128}, kFloat32, &gen).to(dtype()).to(cuda());
+          Tensor v = randn({B, 2, 1500, 128}, kFloat32, &gen).to(dtype()).to(cuda());
+          FlexAttentionOptions o = with_kernel(c.opts);
+          o.return_lse = true;
+          FlexAttentionResult r1 = flex_attention(q, k, v, o), r2 = flex_attention(q, k, v, o);
+          EXPECT_TRUE(all(eq(r1.out.to(kCPU).to(kFloat64), r2.out.to(kCPU).to(kFloat64))).item<bool>());
+          EXPECT_TRUE(all(eq(r1.lse.to(kCPU).to(kFloat64), r2.lse.to(kCPU).to(kFloat64))).item<bool>());
+        }
+      }
+    }
+  }
+}
+
 // Every case on the tiled kernel in every dtype; on the split-KV kernel in the dtypes it runs.
 INSTANTIATE_TEST_SUITE_P(Tiled, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16, kFloat32, kFloat64),
