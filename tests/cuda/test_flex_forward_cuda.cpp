@@ -470,23 +470,22 @@ TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
       for (int64_t splits : {0, 1, 3, 64}) {
         SCOPED_TRACE("empty_last=" + std::to_string(empty_last) + " block_kv=" + std::to_string(bkv) +
                      " splits=" + std::to_string(splits));
-        const int64_t B = 5;
-        // kv length of batch b: (b' * 397) % 1501 for b' = b (or B - 1 - b): 0, 397, 794, 1191, 87.
-        auto len_of = [empty_last](Expr b) { return ((empty_last ? 4 - b : b) * 397) % 1501; };
-        auto len_gold = [empty_last](int64_t b) { return ((empty_last ? 4 - b : b) * 397) % 1501; };
         Case c;
-        c.B = c.Bkv = B, c.Hq = 8, c.Hkv = 2, c.Lq = 1, c.Lkv = 1500, c.E = c.Ev = 128;
+        c.B = c.Bkv = 5, c.Hq = 8, c.Hkv = 2, c.Lq = 1, c.Lkv = 1500, c.E = c.Ev = 128;
+        // kv length of batch b: (b' * 397) % 1501 for b' = b (or B - 1 - b): 0, 397, 794, 1191, 87. One
+        // spelling for the traced mask (Expr) and the golden (int64_t).
+        auto len = [empty_last, last = c.B - 1](auto b) { return ((empty_last ? last - b : b) * 397) % 1501; };
         c.opts.enable_gqa = true;
         c.opts.kernel.kv_splits = splits;
-        c.opts.block_mask = create_block_mask([len_of](Expr b, Expr, Expr, Expr kv) { return kv < len_of(b); }, B,
-                                              std::nullopt, 1, 1500, BlockSize(128, bkv));
-        c.mod = [len_gold](double s, int64_t b, int64_t, int64_t, int64_t kv) { return kv < len_gold(b) ? s : -kInf; };
+        c.opts.block_mask = create_block_mask([len](Expr b, Expr, Expr, Expr kv) { return kv < len(b); }, c.B,
+                                              std::nullopt, c.Lq, c.Lkv, BlockSize(128, bkv));
+        c.mod = [len](double s, int64_t b, int64_t, int64_t, int64_t kv) { return kv < len(b) ? s : -kInf; };
         check(c);
         if (splits == 3) {
           Generator gen(5);
-          Tensor q = randn({B, 8, 1, 128}, kFloat32, &gen).to(dtype()).to(cuda());
-          Tensor k = randn({B, 2, 1500, 128}, kFloat32, &gen).to(dtype()).to(cuda());
-          Tensor v = randn({B, 2, 1500, 128}, kFloat32, &gen).to(dtype()).to(cuda());
+          Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat32, &gen).to(dtype()).to(cuda());
+          Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat32, &gen).to(dtype()).to(cuda());
+          Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat32, &gen).to(dtype()).to(cuda());
           FlexAttentionOptions o = with_kernel(c.opts);
           o.return_lse = true;
           FlexAttentionResult r1 = flex_attention(q, k, v, o), r2 = flex_attention(q, k, v, o);
