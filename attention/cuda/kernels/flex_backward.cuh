@@ -248,6 +248,35 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
 // score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
 // (0 * an infinite derivative would be NaN).
 #define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
+// Where d score_mod / d score is a constant and no captured tensor takes a gradient, dS needs nothing of the
+// element but P, dP and validity: fg_entry splits into fg_entry_p (P, from the score alone) and fg_entry_ds,
+// so that a kernel can compute P while its dP product is still running (the wgmma dQ kernel). The two halves
+// compute exactly what fg_entry computes for such programs (kept beside it: the dK/dV kernels, at their
+// register limit, keep fg_entry's code shape, which ptxas allocates with fewer spills).
+#define FG_SPLIT_ENTRY (FG_CAP_MODE == 0 && FG_DSCORE_IS_CONSTANT)
+#if FG_SPLIT_ENTRY
+// P of one entry; `valid` (in: inside the sequence and the block) comes out false where a partial block's
+// mask_mod drops it. P = 0 where not valid.
+__device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool partial, const FgRowMods<fg_t>& r,
+                                           const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
+                                           const FgModArgs& args) {
+#if FG_HAS_MASK_MOD
+  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+#endif
+  if (!valid) return 0;
+#if FG_HAS_SCORE_MOD
+  const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
+#else
+  const fg_t sm = s;
+#endif
+  return fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+}
+// dS of one entry from its P (fg_entry_p), dP, the row's delta and its validity.
+__device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta, bool valid) {
+  fg_t ds = valid ? p * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
+  return ds * (fg_t)FG_DSCORE_CONSTANT;
+}
+#endif
 template <class Sink>
 __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial,
                                          const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
@@ -718,6 +747,50 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
     }
   }
 }
+
+#if FG_SPLIT_ENTRY
+// The two halves of fg_dq_elements (FG_SPLIT_ENTRY): s <- P from the scores alone, returning the entries'
+// validity (bit 4 nb + r for s[nb][r]); then s <- dS from P, dP and that validity. (The dK/dV kernel keeps the
+// one-pass element: with its dK and dV accumulators, the split spills 20-76 bytes.)
+__device__ __forceinline__ unsigned fg_dq_elements_p(float (&s)[FG_NKN][4], const float (&l2)[2], const bool (&rv)[2],
+                                                     const FgRowMods<float> (&rmods)[2],
+                                                     const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
+                                                     bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
+                                                     const FgModArgs& args) {
+  static_assert(FG_NKN * 4 <= 32, "one validity bit per entry in 32 bits");
+  unsigned vm = 0;
+#pragma unroll
+  for (int nb = 0; nb < FG_NKN; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      const FgColMods<float>& cm = kv_mods[j];
+#else
+      (void)kv_mods;
+      const FgColMods<float> cm;
+#endif
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = 2 * hf + c;
+        const int i = qr0 + g + 8 * hf;  // q row in the tile
+        bool valid = rv[hf] && j < nkv;
+        s[nb][r] = fg_entry_p(s[nb][r] * scale, l2[hf], valid, partial, rmods[hf], cm, b, h, (int)(q0 + i),
+                              (int)(kv0 + j), args);
+        vm |= (unsigned)valid << (4 * nb + r);
+      }
+    }
+  }
+  return vm;
+}
+__device__ __forceinline__ void fg_dq_elements_ds(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4],
+                                                  const float (&dl)[2], unsigned vm) {
+#pragma unroll
+  for (int nb = 0; nb < FG_NKN; ++nb)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], (vm >> (4 * nb + r)) & 1u);
+}
+#endif  // FG_SPLIT_ENTRY
 
 // flex_backward_wgmma.cuh (FG_BWD_WGMMA 1) brings its own dK/dV and dQ kernels and keeps everything above.
 #if !FG_BWD_WGMMA

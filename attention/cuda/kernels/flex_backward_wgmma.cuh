@@ -299,8 +299,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   float dq[FG_E / 8][4];
 #pragma unroll
   for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#if !FG_SPLIT_ENTRY
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
+#endif
   const float scale = (float)p.scale;
   // This warpgroup's 64 rows of Q and dO (8 KiB into each atom).
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
@@ -345,6 +347,17 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
     if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
 #endif
+#if FG_SPLIT_ENTRY
+    // element-wise in two halves: s <- P as soon as S has landed, while dP is still being computed; then
+    // s <- dS (pre-mod). The same entries as fg_dq_elements.
+    fg_wgmma_wait<1>();
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+    const unsigned vm = fg_dq_elements_p(s, l2, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b,
+                                         (int)h, q0, kv0, scale, args);
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+    fg_dq_elements_ds(s, dp, dl, vm);
+#else
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
@@ -352,6 +365,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     // element-wise: s <- dS (pre-mod), as fg_bwd_dq
     fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
                    args, sink);
+#endif
     // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
     unsigned a16[FG_KV_CHUNK / 16][4];
 #pragma unroll
