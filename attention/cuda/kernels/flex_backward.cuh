@@ -97,6 +97,7 @@ struct FgBwdParams {
   const fg_t* lse;   // [B, Hq, Lq]
   const fg_t* dlse;  // [B, Hq, Lq] or null
   fg_t* delta;       // [B, Hq, Lq] scratch
+  fg_t* lse2;        // [B, Hq, Lq] scratch: fg_lse2(lse), by fg_bwd_preprocess (once a row, not once an entry)
   fg_s* dq;          // contiguous, shapes of q, k, v
   fg_s* dk;
   fg_s* dv;
@@ -323,7 +324,10 @@ extern "C" __global__ void fg_bwd_preprocess(const FgBwdParams p) {
   for (int e = fg_lane(); e < FG_EV; e += 32) acc += fg_ld(o + e) * fg_ld(d + e);
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (fg_lane() == 0) p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+  if (fg_lane() == 0) {
+    p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+    p.lse2[r] = fg_lse2(p.lse[r]);
+  }
 }
 
 // ---- fixed point -> float64 (FG_CAP_MODE 1)
@@ -429,7 +433,7 @@ __device__ __forceinline__ void fg_simt_load_q(const FgBwdParams& p, const FgSim
   const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
   fg_simt_load<FG_BQ, FG_EV>(sm.dO, p.dout + row0 * FG_EV, FG_EV, 0, nq);
   for (int i = threadIdx.x; i < FG_BQ; i += FG_NT) {
-    sm.lse[i] = i < nq ? fg_lse2(p.lse[row0 + i]) : -(fg_t)FG_NEG_INF;
+    sm.lse[i] = i < nq ? p.lse2[row0 + i] : -(fg_t)FG_NEG_INF;
     sm.delta[i] = i < nq ? p.delta[row0 + i] : (fg_t)0;
   }
 }
@@ -681,7 +685,7 @@ __device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int
 
 // The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
 // kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
-// lse and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
+// lse2 (fg_lse2) and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
 // (fg_dkdv_col_parts). Q row by q row its row parts and the two entries.
 template <class Sink>
 __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
@@ -705,7 +709,7 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
         const int r = 2 * half + c;
         const int j = kr0 + g + 8 * half;  // kv row in the tile
         const bool valid = i < nq && j < nkv;
-        const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+        const float l2 = valid ? Lb[i] : 0.f;
         float ds;
         st[nb][r] = fg_entry<Sink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
                                    (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
@@ -802,7 +806,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   fg_s* Vs = Ks + FG_KV_TILE * FG_LDE;           // [KV_TILE][LDEV]
   fg_s* Qs = Vs + FG_KV_TILE * FG_LDEV;          // 2 x [Q_CHUNK][LDE]
   fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_LDE;       // 2 x [Q_CHUNK][LDEV] (dO)
-  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                      // 2 x [Q_CHUNK] delta
 
   const fg_i64 mb = blockIdx.x / p.sub_kv;
@@ -828,7 +832,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
     for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT) {
       const int r = i % FG_Q_CHUNK;
       const bool ok = r < n;
-      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse2 : p.delta;
       float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
       fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
     }
@@ -982,7 +986,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   for (int hf = 0; hf < 2; ++hf) {
     const int i = qr0 + g + 8 * hf;
     rv[hf] = i < nq;
-    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).

@@ -93,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_s* Vs = Ks + FG_KV_TILE * FG_E;                 // Ev / 64 atoms of KV_TILE x 64
   fg_s* Qs = Vs + FG_KV_TILE * FG_EV;                // 2 buffers of E / 64 atoms of 64 x 64
   fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_E;             // 2 buffers of Ev / 64 atoms (dO)
-  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                    // 2 x [Q_CHUNK] delta
 
   const fg_i64 mb = blockIdx.x / p.sub_kv;
@@ -123,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT_DKDV) {
       const int r = i % FG_Q_CHUNK;
       const bool ok = r < n;
-      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse2 : p.delta;
       float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
       fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
     }
@@ -288,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   for (int hf = 0; hf < 2; ++hf) {
     const int i = qr0 + g + 8 * hf;
     rv[hf] = i < nq;
-    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
