@@ -317,15 +317,16 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   };
   if (!w.done()) col_parts(w, 0);
 #endif
+  // dS of the previous chunk, packed: the A operand of its dQ product, which is left running into the next
+  // chunk (waited for once that chunk's score products are issued), so that the product overlaps the next
+  // chunk's barrier and copies' wait instead of holding this warpgroup.
+  unsigned a16[FG_KV_CHUNK / 16][4] = {};
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const fg_i64 kv0 = w.kv0;
     const int nkv = w.nkv();
     const bool partial = w.partial();
-    w.next(p);
-    if (!w.done()) issue(w, buf ^ 1);
-    fg_cp_async_commit();
-    fg_cp_async_wait<1>();
+    fg_cp_async_wait<0>();  // this chunk (issued one iteration ahead) landed
     fg_fence_proxy_async();
     __syncthreads();
     const unsigned k_addr = fg_smem_addr(Ks + buf * FG_KV_CHUNK * FG_E);
@@ -344,6 +345,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
                                         fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
     fg_wgmma_commit();
+    // The previous chunk's dQ product (the oldest group) is done for this warpgroup, and after the barrier for
+    // every one: the other buffer (that chunk's K, V) takes the next chunk.
+    fg_wgmma_wait<2>();
+    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+    fg_wgmma_fence_a(a16);
+    __syncthreads();
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
     if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
 #endif
@@ -366,8 +376,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
                    args, sink);
 #endif
-    // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
-    unsigned a16[FG_KV_CHUNK / 16][4];
+    // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major; waited for in the next iteration.
 #pragma unroll
     for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
     fg_wgmma_fence_a(a16);
@@ -378,11 +387,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       for (int a = 0; a < FG_E / 64; ++a)
         fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
     fg_wgmma_commit();
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
-    fg_wgmma_fence_a(a16);
-    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+  fg_wgmma_fence_a(a16);
   fg_cp_async_wait<0>();
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
