@@ -719,15 +719,10 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
   }
 }
 
-// The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile as C fragments, q rows qr0 + g
-// (+ 8) against the chunk's kv rows: s <- dS (pre-mod). l2 / dl / rv / rmods: the warp's two q rows' lse, delta,
-// validity and row parts; kv_mods: the chunk's column parts (null without mods).
-template <class Sink>
-__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
-                                               const float (&dl)[2], const bool (&rv)[2],
-                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
-                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
-                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+// Visits a warp's dQ tile as C fragments, q rows qr0 + g (+ 8) against the chunk's kv rows: f(s[nb][r] entry
+// index nb, r; the lane's row half hf; the kv row j in the chunk; its column parts cm), kv row by kv row.
+template <class F>
+__device__ __forceinline__ void fg_dq_for_each(const FgColMods<float>* kv_mods, int t, F&& f) {
 #pragma unroll
   for (int nb = 0; nb < FG_NKN; ++nb) {
 #pragma unroll
@@ -740,16 +735,27 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
       const FgColMods<float> cm;
 #endif
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = 2 * hf + c;
-        const int i = qr0 + g + 8 * hf;  // q row in the tile
-        float ds;
-        fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
-                 (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-        s[nb][r] = ds;
-      }
+      for (int hf = 0; hf < 2; ++hf) f(nb, 2 * hf + c, hf, j, cm);
     }
   }
+}
+
+// The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile: s <- dS (pre-mod). l2 / dl / rv /
+// rmods: the warp's two q rows' lse2, delta, validity and row parts; kv_mods: the chunk's column parts (null
+// without mods).
+template <class Sink>
+__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                               const float (&dl)[2], const bool (&rv)[2],
+                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
+                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+  fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+    const int i = qr0 + g + 8 * hf;  // q row in the tile
+    float ds;
+    fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
+             (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+    s[nb][r] = ds;
+  });
 }
 
 #if FG_SPLIT_ENTRY
@@ -763,28 +769,13 @@ __device__ __forceinline__ unsigned fg_dq_elements_p(float (&s)[FG_NKN][4], cons
                                                      const FgModArgs& args) {
   static_assert(FG_NKN * 4 <= 32, "one validity bit per entry in 32 bits");
   unsigned vm = 0;
-#pragma unroll
-  for (int nb = 0; nb < FG_NKN; ++nb) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      const FgColMods<float>& cm = kv_mods[j];
-#else
-      (void)kv_mods;
-      const FgColMods<float> cm;
-#endif
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = 2 * hf + c;
-        const int i = qr0 + g + 8 * hf;  // q row in the tile
-        bool valid = rv[hf] && j < nkv;
-        s[nb][r] = fg_entry_p(s[nb][r] * scale, l2[hf], valid, partial, rmods[hf], cm, b, h, (int)(q0 + i),
-                              (int)(kv0 + j), args);
-        vm |= (unsigned)valid << (4 * nb + r);
-      }
-    }
-  }
+  fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+    const int i = qr0 + g + 8 * hf;  // q row in the tile
+    bool valid = rv[hf] && j < nkv;
+    s[nb][r] = fg_entry_p(s[nb][r] * scale, l2[hf], valid, partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j),
+                          args);
+    vm |= (unsigned)valid << (4 * nb + r);
+  });
   return vm;
 }
 __device__ __forceinline__ void fg_dq_elements_ds(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4],
