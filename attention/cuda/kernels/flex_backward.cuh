@@ -264,6 +264,7 @@ __device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool 
 #if FG_HAS_MASK_MOD
   if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
 #endif
+#if FG_HAS_SCORE_MOD || !FG_USE_MMA
   if (!valid) return 0;
 #if FG_HAS_SCORE_MOD
   const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
@@ -271,6 +272,13 @@ __device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool 
   const fg_t sm = s;
 #endif
   return fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+#else
+  // Without a score_mod nothing here reads memory and ex2.approx is one instruction: P is computed for every
+  // entry and selected (fewer instructions than predicating each one; the same value where valid). (fg_entry,
+  // which the dK/dV kernels run at their register limit, keeps the predicated form: ptxas spilled more there.)
+  const fg_t e = fg_exp2_t(s * (fg_t)FG_LOG2E_D - lse2);
+  return valid ? e : (fg_t)0;
+#endif
 }
 // dS of one entry from its P (fg_entry_p), dP, the row's delta and its validity.
 __device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta, bool valid) {
