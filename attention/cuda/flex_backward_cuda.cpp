@@ -42,7 +42,7 @@ struct Lists {
 };
 struct BwdParams {
   const void *q = nullptr, *k = nullptr, *v = nullptr, *out = nullptr, *dout = nullptr, *lse = nullptr, *dlse = nullptr;
-  void *delta = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  void *delta = nullptr, *lse2 = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
   int64_t qs_b = 0, qs_h = 0, qs_l = 0, ks_b = 0, ks_h = 0, ks_l = 0, vs_b = 0, vs_h = 0, vs_l = 0;
   int64_t B = 0, Hq = 0, Lq = 0, Bkv = 0, Hkv = 0, Lkv = 0, G = 1;
   int64_t block_q = 0, block_kv = 0;
@@ -293,6 +293,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   bp.dlse = dlse.defined() ? dlse.data_ptr() : nullptr;
   Tensor delta = empty({p.B, p.Hq, p.Lq}, TensorOptions().dtype(stat_dt).device(dev));
   bp.delta = delta.data_ptr();
+  Tensor lse2 = empty({p.B, p.Hq, p.Lq}, TensorOptions().dtype(stat_dt).device(dev));
+  bp.lse2 = lse2.data_ptr();
   bp.dq = o.dq.data_ptr();
   bp.dk = o.dk.data_ptr();
   bp.dv = o.dv.data_ptr();

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "flexgrad/attention/mask_mods.h"
@@ -461,6 +462,59 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
     tu += family == "wgmma" ? "#include \"flex_backward_wgmma.cuh\"\n" : "#include \"flex_backward.cuh\"\n";
     const std::string err = nvrtc().build(tu, headers, family == "wgmma" ? "sm_90a" : "sm_80");
     EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
+  }
+}
+// The wgmma backward at head dim 128 with two warpgroups a CTA, as the H200 runs it, for programs whose
+// element step splits (constant d score_mod / d score, no captured gradient: P computed while dP is still in
+// flight) and one that does not (softcap): it compiles, ptxas serialises no wgmma (C7514 / C7520 would cost the
+// overlap), the dQ kernel does not spill, and the registers and spills are printed. NVRTC only, no GPU: tests/cuda run the kernels.
+TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  std::vector<double> ids(256);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
+  Captured doc(floats(ids, {256}).to(kInt64), "doc");
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  const ModProgram document =
+      trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    const ModProgram* mask;
+  };
+  for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"causal", nullptr, &causal},
+                        Case{"document", nullptr, &document}, Case{"alibi + causal", &alibi, &causal},
+                        Case{"softcap + causal", &softcap, &causal}}) {
+    CudaModsInput in;
+    in.score_mod = c.score;
+    in.mask_mod = c.mask;
+    std::optional<ScoreModBackward> g;
+    if (c.score != nullptr) {
+      g = derive_score_mod(*c.score);
+      in.score_grad = &*g;
+      in.grad_needed.assign(g->captures.size(), false);
+    }
+    std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+    for (const char* x : {"FG_IN_DTYPE 4", "FG_E 128", "FG_EV 128", "FG_NT 256", "FG_USE_MMA 1", "FG_CAP_MODE 0",
+                          "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
+                          "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 2", "FG_WG_DQ 2"})
+      tu += std::string("#define ") + x + "\n";
+    tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
+    std::string log;
+    const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
+    EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
+    EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << c.name << ": wgmma serialised\n" << log;
+    // The dQ kernel (P computed while dP runs where the element splits) does not spill.
+    const size_t dq = log.find("Function properties for fg_bwd_dq_wgmma");
+    ASSERT_NE(dq, std::string::npos) << c.name << "\n" << log;
+    EXPECT_TRUE(has(log.substr(dq, log.find("Used", dq) - dq), " 0 bytes spill stores"))
+        << c.name << ": the dQ kernel spills\n" << log;
+    std::printf("[ptxas] %s: %s\n", c.name, log.substr(0, 1500).c_str());
   }
 }
 // The Hopper forward (flex_forward_wgmma.cuh) compiles with each main loop (sequential, pipelined,

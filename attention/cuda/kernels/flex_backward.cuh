@@ -97,6 +97,7 @@ struct FgBwdParams {
   const fg_t* lse;   // [B, Hq, Lq]
   const fg_t* dlse;  // [B, Hq, Lq] or null
   fg_t* delta;       // [B, Hq, Lq] scratch
+  fg_t* lse2;        // [B, Hq, Lq] scratch: fg_lse2(lse), by fg_bwd_preprocess (once a row, not once an entry)
   fg_s* dq;          // contiguous, shapes of q, k, v
   fg_s* dk;
   fg_s* dv;
@@ -248,6 +249,43 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
 // score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
 // (0 * an infinite derivative would be NaN).
 #define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
+// Where d score_mod / d score is a constant and no captured tensor takes a gradient, dS needs nothing of the
+// element but P, dP and validity: fg_entry splits into fg_entry_p (P, from the score alone) and fg_entry_ds,
+// so that a kernel can compute P while its dP product is still running (the wgmma dQ kernel). The two halves
+// compute exactly what fg_entry computes for such programs (kept beside it: the dK/dV kernels, at their
+// register limit, keep fg_entry's code shape, which ptxas allocates with fewer spills).
+#define FG_SPLIT_ENTRY (FG_CAP_MODE == 0 && FG_DSCORE_IS_CONSTANT)
+#if FG_SPLIT_ENTRY
+// P of one entry; `valid` (in: inside the sequence and the block) comes out false where a partial block's
+// mask_mod drops it. P = 0 where not valid.
+__device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool partial, const FgRowMods<fg_t>& r,
+                                           const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
+                                           const FgModArgs& args) {
+#if FG_HAS_MASK_MOD
+  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+#endif
+#if FG_HAS_SCORE_MOD || !FG_USE_MMA
+  if (!valid) return 0;
+#if FG_HAS_SCORE_MOD
+  const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
+#else
+  const fg_t sm = s;
+#endif
+  return fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+#else
+  // Without a score_mod nothing here reads memory and ex2.approx is one instruction: P is computed for every
+  // entry and selected (fewer instructions than predicating each one; the same value where valid). (fg_entry,
+  // which the dK/dV kernels run at their register limit, keeps the predicated form: ptxas spilled more there.)
+  const fg_t e = fg_exp2_t(s * (fg_t)FG_LOG2E_D - lse2);
+  return valid ? e : (fg_t)0;
+#endif
+}
+// dS of one entry from its P (fg_entry_p), dP, the row's delta and its validity.
+__device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta, bool valid) {
+  fg_t ds = valid ? p * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
+  return ds * (fg_t)FG_DSCORE_CONSTANT;
+}
+#endif
 template <class Sink>
 __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial,
                                          const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
@@ -294,7 +332,10 @@ extern "C" __global__ void fg_bwd_preprocess(const FgBwdParams p) {
   for (int e = fg_lane(); e < FG_EV; e += 32) acc += fg_ld(o + e) * fg_ld(d + e);
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (fg_lane() == 0) p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+  if (fg_lane() == 0) {
+    p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+    p.lse2[r] = fg_lse2(p.lse[r]);
+  }
 }
 
 // ---- fixed point -> float64 (FG_CAP_MODE 1)
@@ -400,7 +441,7 @@ __device__ __forceinline__ void fg_simt_load_q(const FgBwdParams& p, const FgSim
   const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
   fg_simt_load<FG_BQ, FG_EV>(sm.dO, p.dout + row0 * FG_EV, FG_EV, 0, nq);
   for (int i = threadIdx.x; i < FG_BQ; i += FG_NT) {
-    sm.lse[i] = i < nq ? fg_lse2(p.lse[row0 + i]) : -(fg_t)FG_NEG_INF;
+    sm.lse[i] = i < nq ? p.lse2[row0 + i] : -(fg_t)FG_NEG_INF;
     sm.delta[i] = i < nq ? p.delta[row0 + i] : (fg_t)0;
   }
 }
@@ -652,7 +693,7 @@ __device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int
 
 // The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
 // kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
-// lse and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
+// lse2 (fg_lse2) and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
 // (fg_dkdv_col_parts). Q row by q row its row parts and the two entries.
 template <class Sink>
 __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
@@ -676,7 +717,7 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
         const int r = 2 * half + c;
         const int j = kr0 + g + 8 * half;  // kv row in the tile
         const bool valid = i < nq && j < nkv;
-        const float l2 = valid ? fg_lse2(Lb[i]) : 0.f;
+        const float l2 = valid ? Lb[i] : 0.f;
         float ds;
         st[nb][r] = fg_entry<Sink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
                                    (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
@@ -686,15 +727,10 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
   }
 }
 
-// The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile as C fragments, q rows qr0 + g
-// (+ 8) against the chunk's kv rows: s <- dS (pre-mod). l2 / dl / rv / rmods: the warp's two q rows' lse, delta,
-// validity and row parts; kv_mods: the chunk's column parts (null without mods).
-template <class Sink>
-__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
-                                               const float (&dl)[2], const bool (&rv)[2],
-                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
-                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
-                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+// Visits a warp's dQ tile as C fragments, q rows qr0 + g (+ 8) against the chunk's kv rows: f(s[nb][r] entry
+// index nb, r; the lane's row half hf; the kv row j in the chunk; its column parts cm), kv row by kv row.
+template <class F>
+__device__ __forceinline__ void fg_dq_for_each(const FgColMods<float>* kv_mods, int t, F&& f) {
 #pragma unroll
   for (int nb = 0; nb < FG_NKN; ++nb) {
 #pragma unroll
@@ -707,17 +743,57 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
       const FgColMods<float> cm;
 #endif
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = 2 * hf + c;
-        const int i = qr0 + g + 8 * hf;  // q row in the tile
-        float ds;
-        fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
-                 (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
-        s[nb][r] = ds;
-      }
+      for (int hf = 0; hf < 2; ++hf) f(nb, 2 * hf + c, hf, j, cm);
     }
   }
 }
+
+// The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile: s <- dS (pre-mod). l2 / dl / rv /
+// rmods: the warp's two q rows' lse2, delta, validity and row parts; kv_mods: the chunk's column parts (null
+// without mods).
+template <class Sink>
+__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                               const float (&dl)[2], const bool (&rv)[2],
+                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
+                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+  fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+    const int i = qr0 + g + 8 * hf;  // q row in the tile
+    float ds;
+    fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
+             (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+    s[nb][r] = ds;
+  });
+}
+
+#if FG_SPLIT_ENTRY
+// The two halves of fg_dq_elements (FG_SPLIT_ENTRY): s <- P from the scores alone, returning the entries'
+// validity (bit 4 nb + r for s[nb][r]); then s <- dS from P, dP and that validity. (The dK/dV kernel keeps the
+// one-pass element: with its dK and dV accumulators, the split spills 20-76 bytes.)
+__device__ __forceinline__ unsigned fg_dq_elements_p(float (&s)[FG_NKN][4], const float (&l2)[2], const bool (&rv)[2],
+                                                     const FgRowMods<float> (&rmods)[2],
+                                                     const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
+                                                     bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
+                                                     const FgModArgs& args) {
+  static_assert(FG_NKN * 4 <= 32, "one validity bit per entry in 32 bits");
+  unsigned vm = 0;
+  fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+    const int i = qr0 + g + 8 * hf;  // q row in the tile
+    bool valid = rv[hf] && j < nkv;
+    s[nb][r] = fg_entry_p(s[nb][r] * scale, l2[hf], valid, partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j),
+                          args);
+    vm |= (unsigned)valid << (4 * nb + r);
+  });
+  return vm;
+}
+__device__ __forceinline__ void fg_dq_elements_ds(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4],
+                                                  const float (&dl)[2], unsigned vm) {
+#pragma unroll
+  for (int nb = 0; nb < FG_NKN; ++nb)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], (vm >> (4 * nb + r)) & 1u);
+}
+#endif  // FG_SPLIT_ENTRY
 
 // flex_backward_wgmma.cuh (FG_BWD_WGMMA 1) brings its own dK/dV and dQ kernels and keeps everything above.
 #if !FG_BWD_WGMMA
@@ -729,7 +805,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   fg_s* Vs = Ks + FG_KV_TILE * FG_LDE;           // [KV_TILE][LDEV]
   fg_s* Qs = Vs + FG_KV_TILE * FG_LDEV;          // 2 x [Q_CHUNK][LDE]
   fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_LDE;       // 2 x [Q_CHUNK][LDEV] (dO)
-  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                      // 2 x [Q_CHUNK] delta
 
   const fg_i64 mb = blockIdx.x / p.sub_kv;
@@ -755,7 +831,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
     for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT) {
       const int r = i % FG_Q_CHUNK;
       const bool ok = r < n;
-      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse2 : p.delta;
       float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
       fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
     }
@@ -909,7 +985,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   for (int hf = 0; hf < 2; ++hf) {
     const int i = qr0 + g + 8 * hf;
     rv[hf] = i < nq;
-    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).

@@ -93,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_s* Vs = Ks + FG_KV_TILE * FG_E;                 // Ev / 64 atoms of KV_TILE x 64
   fg_s* Qs = Vs + FG_KV_TILE * FG_EV;                // 2 buffers of E / 64 atoms of 64 x 64
   fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_E;             // 2 buffers of Ev / 64 atoms (dO)
-  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse
+  float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                    // 2 x [Q_CHUNK] delta
 
   const fg_i64 mb = blockIdx.x / p.sub_kv;
@@ -123,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     for (int i = threadIdx.x; i < 2 * FG_Q_CHUNK; i += FG_NT_DKDV) {
       const int r = i % FG_Q_CHUNK;
       const bool ok = r < n;
-      const fg_t* src = i < FG_Q_CHUNK ? p.lse : p.delta;
+      const fg_t* src = i < FG_Q_CHUNK ? p.lse2 : p.delta;
       float* dst = (i < FG_Q_CHUNK ? Ls : Ds) + buf * FG_Q_CHUNK + r;
       fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
     }
@@ -288,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   for (int hf = 0; hf < 2; ++hf) {
     const int i = qr0 + g + 8 * hf;
     rv[hf] = i < nq;
-    l2[hf] = rv[hf] ? fg_lse2(p.lse[row0 + i]) : 0.f;
+    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
@@ -299,8 +299,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   float dq[FG_E / 8][4];
 #pragma unroll
   for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#if !FG_SPLIT_ENTRY
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
+#endif
   const float scale = (float)p.scale;
   // This warpgroup's 64 rows of Q and dO (8 KiB into each atom).
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
@@ -315,15 +317,16 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   };
   if (!w.done()) col_parts(w, 0);
 #endif
+  // dS of the previous chunk, packed: the A operand of its dQ product, which is left running into the next
+  // chunk (waited for once that chunk's score products are issued), so that the product overlaps the next
+  // chunk's barrier and copies' wait instead of holding this warpgroup.
+  unsigned a16[FG_KV_CHUNK / 16][4] = {};
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const fg_i64 kv0 = w.kv0;
     const int nkv = w.nkv();
     const bool partial = w.partial();
-    w.next(p);
-    if (!w.done()) issue(w, buf ^ 1);
-    fg_cp_async_commit();
-    fg_cp_async_wait<1>();
+    fg_cp_async_wait<0>();  // this chunk (issued one iteration ahead) landed
     fg_fence_proxy_async();
     __syncthreads();
     const unsigned k_addr = fg_smem_addr(Ks + buf * FG_KV_CHUNK * FG_E);
@@ -342,9 +345,29 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
                                         fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
     fg_wgmma_commit();
+    // The previous chunk's dQ product (the oldest group) is done for this warpgroup, and after the barrier for
+    // every one: the other buffer (that chunk's K, V) takes the next chunk.
+    fg_wgmma_wait<2>();
+    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+    fg_wgmma_fence_a(a16);
+    __syncthreads();
+    w.next(p);
+    if (!w.done()) issue(w, buf ^ 1);
+    fg_cp_async_commit();
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
     if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
 #endif
+#if FG_SPLIT_ENTRY
+    // element-wise in two halves: s <- P as soon as S has landed, while dP is still being computed; then
+    // s <- dS (pre-mod). The same entries as fg_dq_elements.
+    fg_wgmma_wait<1>();
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+    const unsigned vm = fg_dq_elements_p(s, l2, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b,
+                                         (int)h, q0, kv0, scale, args);
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+    fg_dq_elements_ds(s, dp, dl, vm);
+#else
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
     fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
@@ -352,8 +375,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     // element-wise: s <- dS (pre-mod), as fg_bwd_dq
     fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
                    args, sink);
-    // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major.
-    unsigned a16[FG_KV_CHUNK / 16][4];
+#endif
+    // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major; waited for in the next iteration.
 #pragma unroll
     for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
     fg_wgmma_fence_a(a16);
@@ -364,11 +387,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       for (int a = 0; a < FG_E / 64; ++a)
         fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
     fg_wgmma_commit();
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
-    fg_wgmma_fence_a(a16);
-    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+  fg_wgmma_fence_a(a16);
   fg_cp_async_wait<0>();
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
