@@ -737,7 +737,7 @@ __device__ __forceinline__ void fg_dq_for_each(const FgColMods<float>* kv_mods, 
     for (int c = 0; c < 2; ++c) {
       const int j = nb * 8 + 2 * t + c;  // kv row in the chunk
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      const FgColMods<float>& cm = kv_mods[j];
+      const FgColMods<float> cm = kv_mods[j];  // once for both q rows
 #else
       (void)kv_mods;
       const FgColMods<float> cm;
