@@ -559,8 +559,9 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       // The warp-specialised kernel's registers are split by setmaxnreg (flex_forward_wgmma.cuh): the consumers'
       // 232 must hold every program without spilling. The producer's 40 do not hold a captured mask's column
       // parts (32 bytes spill there; the split that avoids it was slower, see FG_WS_PRODUCER_REGS).
-      if (pipe == 2 && c.mask != &document)
+      if (pipe == 2 && c.mask != &document) {
         EXPECT_TRUE(has(log, " 0 bytes spill stores")) << c.name << " tma " << tma << ": spills\n" << log;
+      }
       std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d: %s\n", c.name, pipe, tma, log.substr(0, 600).c_str());
     }
   }
