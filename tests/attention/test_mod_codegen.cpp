@@ -467,7 +467,8 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
 // The wgmma backward at head dim 128 with two warpgroups a CTA, as the H200 runs it, for programs whose
 // element step splits (constant d score_mod / d score, no captured gradient: P computed while dP is still in
 // flight) and one that does not (softcap): it compiles, ptxas serialises no wgmma (C7514 / C7520 would cost the
-// overlap), the dQ kernel does not spill, and the registers and spills are printed. NVRTC only, no GPU: tests/cuda run the kernels.
+// overlap), the dQ kernel does not spill, and the registers and spills are printed. NVRTC only, no GPU:
+// tests/cuda run the kernels.
 TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   std::vector<std::pair<std::string, std::string>> headers;
