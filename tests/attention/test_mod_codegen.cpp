@@ -467,8 +467,9 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
 // The wgmma backward at head dim 128 with two warpgroups a CTA, as the H200 runs it, for programs whose
 // element step splits (constant d score_mod / d score, no captured gradient: P computed while dP is still in
 // flight) and one that does not (softcap): it compiles, ptxas serialises no wgmma (C7514 / C7520 would cost the
-// overlap), the dQ kernel does not spill, and the registers and spills are printed. NVRTC only, no GPU:
-// tests/cuda run the kernels.
+// overlap), the dQ kernel does not spill, and the registers and spills are printed. The constant-derivative
+// programs also compile with dQ summed by the dK/dV kernel (FG_DQ_ATOMIC 1 atomics, 2 the ordered sum): no dQ
+// kernel then, the finalize kernel instead. NVRTC only, no GPU: tests/cuda run the kernels.
 TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   std::vector<std::pair<std::string, std::string>> headers;
@@ -490,7 +491,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"causal", nullptr, &causal},
                         Case{"document", nullptr, &document}, Case{"alibi + causal", &alibi, &causal},
-                        Case{"softcap + causal", &softcap, &causal}}) {
+                        Case{"softcap + causal", &softcap, &causal}})
+  for (int fused : {0, 1, 2}) {
+    if (fused != 0 && c.score == &softcap) continue;  // the host keeps the dQ kernel for a varying derivative
     CudaModsInput in;
     in.score_mod = c.score;
     in.mask_mod = c.mask;
@@ -505,17 +508,24 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
                           "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
                           "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 2", "FG_WG_DQ 2"})
       tu += std::string("#define ") + x + "\n";
+    tu += fmt::format("#define FG_DQ_ATOMIC {}\n", fused);
     tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
     std::string log;
     const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
-    EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
-    EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << c.name << ": wgmma serialised\n" << log;
-    // The dQ kernel (P computed while dP runs where the element splits) does not spill.
-    const size_t dq = log.find("Function properties for fg_bwd_dq_wgmma");
-    ASSERT_NE(dq, std::string::npos) << c.name << "\n" << log;
-    EXPECT_TRUE(has(log.substr(dq, log.find("Used", dq) - dq), " 0 bytes spill stores"))
-        << c.name << ": the dQ kernel spills\n" << log;
-    std::printf("[ptxas] %s: %s\n", c.name, log.substr(0, 1500).c_str());
+    EXPECT_TRUE(err.empty()) << c.name << " fused " << fused << "\n" << err.substr(0, 20000);
+    EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << c.name << " fused " << fused << ": wgmma serialised\n" << log;
+    EXPECT_TRUE(has(log, "Function properties for fg_bwd_dkdv_wgmma")) << c.name << " fused " << fused << "\n" << log;
+    if (fused != 0) {
+      EXPECT_FALSE(has(log, "fg_bwd_dq_wgmma")) << c.name << " fused " << fused << "\n" << log;
+      EXPECT_TRUE(has(log, "Function properties for fg_bwd_dq_finalize")) << c.name << " fused " << fused << "\n" << log;
+    } else {
+      // The dQ kernel (P computed while dP runs where the element splits) does not spill.
+      const size_t dq = log.find("Function properties for fg_bwd_dq_wgmma");
+      ASSERT_NE(dq, std::string::npos) << c.name << "\n" << log;
+      EXPECT_TRUE(has(log.substr(dq, log.find("Used", dq) - dq), " 0 bytes spill stores"))
+          << c.name << ": the dQ kernel spills\n" << log;
+    }
+    std::printf("[ptxas] %s, fused dQ %d: %s\n", c.name, fused, log.substr(0, 1500).c_str());
   }
 }
 // The Hopper forward (flex_forward_wgmma.cuh) compiles with each main loop (sequential, pipelined,

@@ -724,6 +724,98 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
   testing::expect_error<NotImplementedError>([&] { run_stub(c, in32, shapes, kBFloat16, kCUDA); }, "head dims 64 or 128");
 }
 
+// dQ summed by the dK/dV kernel (flex_backward_wgmma.cuh, FG_DQ_ATOMIC): float atomics where the call is not
+// deterministic, the ordered sum where FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it on a deterministic call.
+// Each against the float64 golden and the dQ kernel on the same inputs; dK and dV are the dK/dV kernel's own
+// either way (bit-equal); the ordered sum reruns bit-identically, whatever order the dK/dV grid launches its CTAs
+// in (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the 3-D grid, groups of 3 pairs with a partial last group). Cases: a captured document mask with clipped
+// q chunks (L 300, q blocks of 128: two chunk slots a block), GQA with a broadcast kv batch and Lq != Lkv, and
+// rows no kv block reaches (their dQ rows must come out zero, not the NaN the outputs are poisoned with).
+TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ", nullptr), group("FLEXGRAD_FLEX_WGMMA_BWD_GROUP", nullptr);
+  const DType dt = kBFloat16;
+  auto check_case = [&](Case c, const char* what, bool expect_visible) {
+    SCOPED_TRACE(what);
+    c.kernel = FlexCudaBackward::Wgmma;
+    c.with_dlse = true;
+    const Inputs in = make_inputs(c.d, dt, true, 13);
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, {});
+    env.set("0");
+    c.deterministic = true;
+    const Grads ref = run_stub(c, in, gold, dt, kCUDA);  // the dQ kernel
+    env.set(nullptr);
+    c.deterministic = false;
+    const Grads atomic = run_stub(c, in, gold, dt, kCUDA);
+    env.set("1");
+    c.deterministic = true;
+    const Grads ordered = run_stub(c, in, gold, dt, kCUDA), again = run_stub(c, in, gold, dt, kCUDA);
+    group.set("0");
+    const Grads grid3d = run_stub(c, in, gold, dt, kCUDA);
+    group.set("3");
+    const Grads groups3 = run_stub(c, in, gold, dt, kCUDA);
+    group.set(nullptr);
+    env.set(nullptr);
+    EXPECT_LE(rel_err(ref.dq, gold.g.dq), tol(dt)) << "dq kernel";
+    const char* names[] = {"atomic", "ordered"};
+    int i = 0;
+    for (const Grads* g : {&atomic, &ordered}) {
+      SCOPED_TRACE(names[i++]);
+      EXPECT_LE(rel_err(g->dq, gold.g.dq), tol(dt)) << "dq";
+      EXPECT_LE(rel_err(g->dq, ref.dq), tol(dt) / 3) << "dq against the dQ kernel";
+      EXPECT_TRUE(equal(g->dk, ref.dk)) << "dk";
+      EXPECT_TRUE(equal(g->dv, ref.dv)) << "dv";
+      // The fused sum adds in another order than the dQ kernel: some bf16 element differs (else it did not run).
+      if (expect_visible) {
+        EXPECT_FALSE(equal(g->dq, ref.dq)) << "the fused dQ gave the dQ kernel's bits";
+      }
+    }
+    EXPECT_TRUE(equal(ordered.dq, again.dq)) << "ordered dq reruns";
+    EXPECT_TRUE(equal(ordered.dq, grid3d.dq)) << "ordered dq, the 3-D grid";
+    EXPECT_TRUE(equal(ordered.dq, groups3.dq)) << "ordered dq, groups of 3 pairs";
+    EXPECT_TRUE(equal(ordered.dk, groups3.dk) && equal(ordered.dv, groups3.dv)) << "dk, dv, groups of 3 pairs";
+  };
+  const int64_t L = 300, H = 4;
+  {
+    std::vector<int64_t> ids(L);
+    for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
+    Captured doc(from_vector(ids, {L}, kInt64));
+    Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
+    const BlockMask m = create_block_mask(
+        [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
+        std::nullopt, L, L, 128);
+    Case c;
+    c.d = {2, H, L, 128, 2, H, L, 128};
+    c.mask = BlockMask::from_kv_blocks(
+        m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
+        [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
+        m.seq_lengths());
+    c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+    check_case(c, "document + causal", true);
+  }
+  {
+    Case c;
+    c.d = {2, H, L, 128, 1, 2, 260, 128};
+    check_case(c, "GQA, broadcast kv batch, Lq != Lkv, no mask", true);
+  }
+  {
+    Case c;
+    c.d = {1, 2, 256, 128, 1, 2, 256, 64};
+    c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q >= 140); }, std::nullopt,
+                               std::nullopt, 256, 256, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv && q >= 140; };
+    check_case(c, "rows 0-139 masked out, Ev 64", false);
+  }
+  env.set("x");
+  Case c;
+  c.d = {1, 2, 128, 128, 1, 2, 128, 128};
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); },
+                                    "FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ");
+  env.set(nullptr);
+  group.set("-1");
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); }, "FLEXGRAD_FLEX_WGMMA_BWD_GROUP");
+}
+
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);

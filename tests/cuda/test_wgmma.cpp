@@ -1,7 +1,8 @@
 // The Hopper wgmma helpers (attention/cuda/kernels/flex_wgmma.cuh) against float64 products written here: one
 // warpgroup multiplies 64 x 64 bf16 tiles in 128-byte-swizzled shared memory the three ways a FlexAttention
 // main loop needs them: S = Q K^T (both K-major), O = P V with V MN-major, and O = P V with P from registers
-// (mma.sync's A fragment); and the m64n128 form over a two-atom k that the FlexAttention forward adds. Runs where
+// (mma.sync's A fragment), plus A^T V with A read MN-major (the fused dQ = dS K of the backward, from a stored
+// dS^T); and the m64n128 form over a two-atom k that the FlexAttention forward adds. Runs where
 // NVRTC targets sm_90a; skips visibly elsewhere.
 #include <gtest/gtest.h>
 
@@ -38,8 +39,9 @@ __device__ void store_acc(const float* d, float* out) {
   }
 }
 
-// A [64 m][64 k], Bk [64 n][64 k], V [64 k][64 n], bf16 bits, row-major. out: 3 x [64][64] f32:
-// A Bk^T, A V (V from shared memory, MN-major), A V with A's fragments in registers.
+// A [64 m][64 k], Bk [64 n][64 k], V [64 k][64 n], bf16 bits, row-major. out: 4 x [64][64] f32:
+// A Bk^T, A V (V from shared memory, MN-major), A V with A's fragments in registers, A^T V (sA read as a
+// transposed A operand: its rows are k).
 extern "C" __global__ void __launch_bounds__(128) fg_test_wgmma(const unsigned short* A, const unsigned short* Bk,
                                                                  const unsigned short* V, float* out) {
   __shared__ __align__(1024) unsigned short sA[64 * 64];
@@ -102,6 +104,18 @@ extern "C" __global__ void __launch_bounds__(128) fg_test_wgmma(const unsigned s
   fg_wgmma_wait<0>();
   fg_wgmma_fence_operands<32>(d);
   store_acc(d, out + 2 * 64 * 64);
+
+  // 4. A^T V: the stored A tile as an MN-major A operand (rows = k, 64 m a row; the k16 step j at row 16 j).
+  fg_wgmma_fence();
+  fg_wgmma_fence_operands<32>(d);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    fg_wgmma_m64n64k16_ss<1, 1, 1>(d, fg_gmma_desc_sw128(a0 + 2048 * j, 1024, 1024),
+                                   fg_gmma_desc_sw128(v0 + 2048 * j, 1024, 1024), j > 0);
+  fg_wgmma_commit();
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<32>(d);
+  store_acc(d, out + 3 * 64 * 64);
 }
 )";
 
@@ -112,7 +126,7 @@ TEST(Wgmma, SwizzledTilesMultiplyAsFloat64Products) {
   Tensor A = randn({64, 64}).to(kBFloat16), Bk = randn({64, 64}).to(kBFloat16), V = randn({64, 64}).to(kBFloat16);
   const Device gpu(DeviceType::CUDA, 0);
   Tensor Ad = A.to(gpu), Bd = Bk.to(gpu), Vd = V.to(gpu);
-  Tensor out = zeros({3, 64, 64}, TensorOptions().device(gpu));
+  Tensor out = zeros({4, 64, 64}, TensorOptions().device(gpu));
   cuda::jit::JitSource src;
   src.name = "test_wgmma";
   src.code = kKernel;
@@ -126,13 +140,14 @@ TEST(Wgmma, SwizzledTilesMultiplyAsFloat64Products) {
   cuda::jit::launch(mod->function("fg_test_wgmma"), {1}, {128}, 0, args, 0);
   Tensor got = out.to(kCPU).to(kFloat64);
   Tensor a = A.to(kFloat64), b = Bk.to(kFloat64), v = V.to(kFloat64);
-  const char* names[] = {"A Bk^T (both K-major)", "A V (V MN-major)", "A V (A in registers)"};
-  for (int which = 0; which < 3; ++which) {
+  const char* names[] = {"A Bk^T (both K-major)", "A V (V MN-major)", "A V (A in registers)", "A^T V (A MN-major)"};
+  for (int which = 0; which < 4; ++which) {
     double worst = 0;
     for (int64_t m = 0; m < 64; ++m)
       for (int64_t n = 0; n < 64; ++n) {
         double ref = 0;
-        for (int64_t k = 0; k < 64; ++k) ref += a.at({m, k}) * (which == 0 ? b.at({n, k}) : v.at({k, n}));
+        for (int64_t k = 0; k < 64; ++k)
+          ref += (which == 3 ? a.at({k, m}) : a.at({m, k})) * (which == 0 ? b.at({n, k}) : v.at({k, n}));
         worst = std::max(worst, std::abs(got.at({which, m, n}) - ref));
       }
     // bf16 inputs are exact in the products; fp32 accumulation of 64 terms of size ~1 errs by ~1e-5.

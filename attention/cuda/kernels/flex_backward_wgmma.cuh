@@ -39,6 +39,12 @@
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
 #endif
+#ifndef FG_DQ_ATOMIC
+#define FG_DQ_ATOMIC 0
+#endif
+// The ordered dQ sum walks each kv tile's q blocks in increasing order (partial and full merged), the order
+// its turns are given in (see fg_bwd_dkdv_wgmma).
+#define FG_QWALK_SORTED (FG_DQ_ATOMIC == 2)
 #include "flex_backward.cuh"
 #include "flex_wgmma.cuh"
 
@@ -54,6 +60,9 @@
 #endif
 #if !FG_VEC
 #error "flex_backward_wgmma: FG_VEC 1 (cp.async loads)"
+#endif
+#if FG_DQ_ATOMIC && !(FG_WG_DKDV == 2 && FG_E == 128 && FG_CAP_MODE == 0)
+#error "flex_backward_wgmma: the fused dQ (FG_DQ_ATOMIC) needs two dK/dV warpgroups, E 128 and no captured gradients"
 #endif
 
 #define FG_NT_DKDV (128 * FG_WG_DKDV)
@@ -85,6 +94,32 @@ __device__ __forceinline__ unsigned char* fg_aligned_smem(unsigned char* raw) {
   return raw + ((1024u - (fg_smem_addr(raw) & 1023u)) & 1023u);
 }
 
+#if FG_DQ_ATOMIC
+// Two float32 adds at 8-byte-aligned `dst`, performed in L2 (no return value).
+__device__ __forceinline__ void fg_red_add_v2(float* dst, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
+#endif
+#if FG_DQ_ATOMIC == 2
+// The ordered dQ sum's turn counters. Waits (acquire) until *turn == want. The bound only matters if the kv
+// and q lists of the BlockMask were not transposes of each other (they are built from one mask): then the
+// CTA goes on after ~1 s instead of hanging the device.
+__device__ __forceinline__ void fg_turn_wait(const int* turn, int want) {
+  for (unsigned n = 0; n < (1u << 24); ++n) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(turn) : "memory");
+    if (v == want) return;
+    __nanosleep(32);
+  }
+}
+// Passes the turn on. One thread calls it after a barrier that follows its warpgroup's adds: the fence is
+// cumulative over what the barrier ordered before it (the pattern of CUTLASS's GenericBarrier). It waits for
+// those adds to be performed, so it is called a chunk after them, not right behind them.
+__device__ __forceinline__ void fg_turn_pass(int* turn, int value) {
+  asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.b32 [%0], %1;" ::"l"(turn), "r"(value) : "memory");
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_bwd_dkdv_wgmma(const FgBwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
@@ -95,13 +130,35 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_s* Os = Qs + 2 * FG_Q_CHUNK * FG_E;             // 2 buffers of Ev / 64 atoms (dO)
   float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_EV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                    // 2 x [Q_CHUNK] delta
+#if FG_DQ_ATOMIC
+  fg_s* St = (fg_s*)(Ds + 2 * FG_Q_CHUNK);            // dS^T: KV_TILE x 64 (one atom; 1024-byte aligned)
+#endif
 
-  const fg_i64 mb = blockIdx.x / p.sub_kv;
-  const fg_i64 kv0 = mb * p.block_kv + (blockIdx.x % p.sub_kv) * FG_KV_TILE;
+  // This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
+  // n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
+  // of a few heads, so the ordered dQ sum's turns (a kv tile waits for the lower tiles of its head) wait little.
+  fg_i64 tile, hk, bk;
+  if (p.dkdv_group == 0) {
+    tile = FG_DQ_ATOMIC == 2 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // (as below)
+    hk = blockIdx.y;
+    bk = blockIdx.z;
+  } else {
+    const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
+    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
+    const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
+    tile = in / gsize;
+#if FG_DQ_ATOMIC == 2
+    tile = ntile - 1 - tile;  // higher tiles first: the ordered sum's turns go from high kv blocks to low
+#endif
+    const fg_i64 bh = grp * p.dkdv_group + in % gsize;
+    bk = bh / p.Hkv;
+    hk = bh % p.Hkv;
+  }
+  const fg_i64 mb = tile / p.sub_kv;
+  const fg_i64 kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
   const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
   if (kv0 >= kv_end) return;
   const int nkv = (int)(kv_end - kv0);
-  const fg_i64 hk = blockIdx.y, bk = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kr0 = warp * 16;  // this warp's kv rows in the tile
   const int wg = warp >> 2;   // its warpgroup: rows 64 wg .. 64 wg + 63
@@ -154,11 +211,32 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   };
   if (!w.done()) row_parts(w, 0);
 #endif
+#if FG_DQ_ATOMIC == 2
+  // Ordered sum (deterministic): the CTAs adding to one q chunk's dQ add in decreasing kv-block order, the order
+  // in which kv tiles walking their q blocks upwards reach it under causal-like masks (the diagonal tile first),
+  // so that turns rarely wait. A CTA's rank in a chunk is the number of kv blocks after mb in the q block's kv
+  // list (fg_bwd_dq_ranks, laid out as the q lists). Lane 0 of each warpgroup's first warp waits (acquire, while
+  // the products run) until that many have added its column half, and passes the turn on a chunk later, once its
+  // adds are long performed (so the fence does not stall). A CTA only waits for higher kv tiles of its own
+  // (batch, head), which this mode launches first (lower blockIdx.x in either grid order), so the chain always
+  // ends. The turns in flight live in shared memory, not registers: the kernel is at 255 registers.
+  __shared__ int* cur_turn[FG_WG_DKDV];
+  __shared__ int* pass_turn[FG_WG_DKDV];
+  __shared__ int pass_value[FG_WG_DKDV];
+  const bool passer = (warp & 3) == 0 && lane == 0;
+  if (passer) pass_turn[wg] = nullptr;
+#endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const int b = (int)w.b, h = (int)w.h, nq = w.nq();
     const fg_i64 q0 = w.q0;
     const bool partial = w.partial();
+#if FG_DQ_ATOMIC == 2
+    int rank = 0;
+    if (passer)
+      rank = partial ? p.dq_rank_p[(w.row.partial - p.ql.idx) + w.entry()]
+                     : p.dq_rank_f[(w.row.full - p.ql.full_idx) + w.entry()];
+#endif
     // The next chunk into the other buffer (its last readers, the previous chunk's products, completed before
     // that chunk's closing barrier).
     w.next(p);
@@ -205,6 +283,20 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     }
     fg_wgmma_fence_a(ap);
     fg_wgmma_fence_a(ad);
+#if FG_DQ_ATOMIC
+    // dS^T (this warpgroup's 64 kv rows x the chunk's q columns) into the shared tile that the dQ product reads
+    // as its transposed A operand: stored before `ad` becomes an in-flight product's register operand.
+#pragma unroll
+    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
+      const int c = 16 * kq + 2 * t;
+      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c)) = ad[kq][0];
+      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c)) = ad[kq][1];
+      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c + 8)) = ad[kq][2];
+      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c + 8)) = ad[kq][3];
+    }
+    fg_fence_proxy_async();
+    asm volatile("bar.sync 1, %0;" ::"n"(FG_NT_DKDV) : "memory");  // both warpgroups' rows are in
+#endif
     fg_wgmma_fence();
 #pragma unroll
     for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
@@ -216,15 +308,61 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 #pragma unroll
       for (int a = 0; a < FG_E / 64; ++a)
         fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+#if FG_DQ_ATOMIC
+    // dQ[:, 64 wg .. 64 wg + 63] of the chunk's rows += dS K: A = dS^T from the shared tile (MN-major), B = K's
+    // column atom wg (MN-major), k = the tile's 128 kv rows of both warpgroups.
+    float dqc[32];
+#pragma unroll
+    for (int kk = 0; kk < FG_KV_TILE / 16; ++kk)
+      fg_wgmma_m64n64k16_ss<1, FG_BF16, 1>(dqc, fg_desc_mnmajor(fg_smem_addr(St), 0, 0, kk),
+                                           fg_desc_mnmajor(fg_smem_addr(Ks), FG_KV_TILE * 128, wg, kk), kk > 0);
+#endif
     fg_wgmma_commit();
+#if FG_DQ_ATOMIC == 2
+    // The previous chunk's turn passed on (its fence overlaps the products), then this chunk's awaited.
+    if (passer && pass_turn[wg] != nullptr) fg_turn_pass(pass_turn[wg], pass_value[wg]);
+    if (passer) {  // this chunk's turn (see pass_turn)
+      const fg_i64 qb = q0 / p.block_q, nqb = (p.Lq + p.block_q - 1) / p.block_q;
+      int* turn = p.dq_turn + (((((fg_i64)b * p.Hq + h) * nqb + qb) * p.dq_cpb + (q0 - qb * p.block_q) / 64) * 2 + wg);
+      fg_turn_wait(turn, rank);
+      cur_turn[wg] = turn;
+    }
+#endif
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
     fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
     fg_wgmma_fence_a(ap);
     fg_wgmma_fence_a(ad);
+#if FG_DQ_ATOMIC
+    fg_wgmma_fence_operands<32>(dqc);
+#if FG_DQ_ATOMIC == 2
+    asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // this chunk's turn is this warpgroup's
+#endif
+    {
+      const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int i = 16 * (warp & 3) + g + 8 * hf;
+        if (i >= nq) continue;
+        float* dst = p.dq_acc + (drow0 + i) * FG_E + 64 * wg + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) fg_red_add_v2(dst + 8 * j, dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
+      }
+    }
+#if FG_DQ_ATOMIC == 2
+    asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // every add of this warpgroup is issued
+    if (passer) {
+      pass_turn[wg] = cur_turn[wg];
+      pass_value[wg] = rank + 1;
+    }
+#endif
+#endif
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   fg_cp_async_wait<0>();
+#if FG_DQ_ATOMIC == 2
+  if (passer && pass_turn[wg] != nullptr) fg_turn_pass(pass_turn[wg], pass_value[wg]);
+#endif
 
   const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
 #pragma unroll
@@ -241,6 +379,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   }
 }
 
+#if !FG_DQ_ATOMIC  // else the dK/dV kernel sums dQ
 extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const FgBwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
   unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
@@ -401,3 +540,40 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
       dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
   }
 }
+#endif  // !FG_DQ_ATOMIC
+
+#if FG_DQ_ATOMIC
+// dQ = scale * the float32 sums of the fused dK/dV kernel, in the input dtype.
+extern "C" __global__ void fg_bwd_dq_finalize(const FgBwdParams p) {
+  const fg_i64 n = p.B * p.Hq * p.Lq * FG_E / 4;
+  const float scale = (float)p.scale;
+  for (fg_i64 i = (fg_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (fg_i64)gridDim.x * blockDim.x) {
+    const float4 a = ((const float4*)p.dq_acc)[i];
+    uint2 o;
+    o.x = fg_pack2<FG_BF16>(a.x * scale, a.y * scale);
+    o.y = fg_pack2<FG_BF16>(a.z * scale, a.w * scale);
+    ((uint2*)p.dq)[i] = o;
+  }
+}
+#endif
+
+#if FG_DQ_ATOMIC == 2
+// The ordered dQ sum's ranks, laid out as the q lists (p.ql): for kv block mb and an entry q block qb of its list,
+// the number of kv blocks after mb in qb's kv list (p.kvl), i.e. the CTAs that add to qb's dQ before mb's.
+// The host runs the ordered sum only where both lists have the same batch / head extents (one BlockMask's).
+extern "C" __global__ void fg_bwd_dq_ranks(const FgBwdParams p, int* rank_p, int* rank_f) {
+  const FgLists& l = p.ql;
+  const fg_i64 per = l.cols + l.full_cols, n = l.Bm * l.Hm * l.rows * per;
+  for (fg_i64 i = (fg_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (fg_i64)gridDim.x * blockDim.x) {
+    const fg_i64 lin = i / per, e = i % per, mb = lin % l.rows, bh = lin / l.rows;
+    const bool part = e < l.cols;
+    const fg_i64 j = part ? e : e - l.cols;
+    if (j >= (part ? (l.num ? l.num[lin] : 0) : (l.full_num ? l.full_num[lin] : 0))) continue;
+    const int qb = part ? l.idx[lin * l.cols + j] : l.full_idx[lin * l.full_cols + j];
+    const FgRow row = fg_row(p.kvl, bh / l.Hm, bh % l.Hm, qb);
+    int rank = 0;
+    for (int k = 0; k < row.size(); ++k) rank += row.at(k) > mb;
+    (part ? rank_p[lin * l.cols + j] : rank_f[lin * l.full_cols + j]) = rank;
+  }
+}
+#endif
