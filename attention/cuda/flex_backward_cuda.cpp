@@ -11,8 +11,8 @@
 // the wgmma kernels' warpgroups a CTA (benchmarking only).
 // On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
 // MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them wherever
-// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There the dK/dV kernel can also sum dQ (no dQ
-// kernel; fused_dq_mode below): float atomics where FlexProblem::deterministic is false, an ordered sum otherwise.
+// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false,
+// the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -55,10 +55,6 @@ struct BwdParams {
   double cap_scale[kMaxCaptures] = {};
   int64_t cap_numel[kMaxCaptures] = {};
   void* dq_acc = nullptr;
-  void* dq_turn = nullptr;
-  int64_t dq_cpb = 0;
-  const void* dq_rank_p = nullptr;
-  const void* dq_rank_f = nullptr;
   int64_t dkdv_group = 0;
 };
 static_assert(sizeof(Lists) == 72 && sizeof(BwdParams) % 8 == 0, "BwdParams must mirror FgBwdParams");
@@ -208,24 +204,20 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
   return c;
 }
 
-// Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh), saving the dQ
-// kernel's two recomputed score products: 0 no (the dQ kernel runs), 1 float atomics in any order (only where
-// the call is not deterministic), 2 the ordered sum (deterministic: kv blocks add in list order, a turn counter
-// per q chunk and column half). Where: two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a
-// constant d score_mod / d score (a varying derivative, softcap's, costs the fused kernel spills); the ordered
-// sum also needs one CTA a kv block (its rank in the q block's list) and kv / q lists of one BlockMask's extents. FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps
-// the dQ kernel, =1 asks for the fused dQ where it can run, deterministic calls included.
-int fused_dq_mode(const FlexProblem& p, const Config& c, int cap_mode) {
+// Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
+// into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
+// recomputed score products (H200, bf16 B4 H16 S4096 D128 backward: 10-17% faster, session 16). Where: two dK/dV
+// warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying one,
+// softcap's, costs the fused kernel spills). FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps the dQ kernel (A/B).
+// (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
+// docs/flex_cuda_notes.md, session 16.)
+bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
   const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ");
   const std::string v = env == nullptr ? "" : env;
   FG_CHECK(v.empty() || v == "0" || v == "1", ValueError,
            "FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ: expected 0 or 1; got \"{}\"", v);
   const bool dconst = p.score_grad == nullptr || p.score_grad->dscore_is_constant;
-  if (!c.wgmma || c.wg_dkdv != 2 || p.E != 128 || cap_mode != 0 || !dconst || v == "0") return 0;
-  if (!p.deterministic) return 1;
-  // (ranks are laid out as the q lists and read the kv lists at the same batch / head extents: one BlockMask's)
-  const bool same_extents = p.kv_lists.Bm == p.q_lists.Bm && p.kv_lists.Hm == p.q_lists.Hm;
-  return v == "1" && p.block_kv <= c.kv_tile && same_extents ? 2 : 0;
+  return c.wgmma && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 && dconst && !p.deterministic && v != "0";
 }
 
 // "NAME VALUE" (assemble() writes the #define).
@@ -289,9 +281,9 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   int smem_optin = 0;
   FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
-  const int dq_fused = fused_dq_mode(p, cfg, cap_mode);
+  const bool dq_fused = fused_dq(p, cfg, cap_mode);
   // The fused dQ's dS^T tile (kv_tile x 64 q, 16-bit).
-  const size_t smem_dkdv = cfg.smem_dkdv + (dq_fused != 0 ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
+  const size_t smem_dkdv = cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
   std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
       define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
@@ -302,17 +294,16 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
     defines.push_back(define("FG_WG_DQ", cfg.wg_dq));
-    defines.push_back(define("FG_DQ_ATOMIC", dq_fused));
+    defines.push_back(define("FG_DQ_ATOMIC", dq_fused ? 1 : 0));
   }
   const char* dkdv_kernel = cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
-  const char* dq_kernel = dq_fused != 0 ? "fg_bwd_dq_finalize" : cfg.wgmma ? "fg_bwd_dq_wgmma" : "fg_bwd_dq";
+  const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize" : cfg.wgmma ? "fg_bwd_dq_wgmma" : "fg_bwd_dq";
   jit::JitSource src;
   src.name = "flex_backward";
   // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template (the wgmma one
   // includes flex_backward.cuh).
   src.code = assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_backward_wgmma.cuh" : "flex_backward.cuh"});
   src.kernels = {"fg_bwd_preprocess", dkdv_kernel, dq_kernel, "fg_bwd_cap_finalize"};
-  if (dq_fused == 2) src.kernels.push_back("fg_bwd_dq_ranks");
   auto mod = jit::get_module(src, device);
 
   BwdParams bp;
@@ -340,11 +331,12 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   bp.scale = p.scale;
   bp.kvl = lists_of(p.kv_lists, dev);
   bp.ql = lists_of(p.q_lists, dev);
-  // The wgmma dK/dV grid's order (FgBwdParams::dkdv_group): with the fused dQ, groups of (kv batch, kv head)
-  // pairs, pairs fastest, so that the ordered sum's turns wait little and the atomics of CTAs running together
-  // rarely hit one dQ row; FLEXGRAD_FLEX_WGMMA_BWD_GROUP=n sets the group (0: the 3-D grid, tiles fastest).
+  // The wgmma dK/dV grid's order (FgBwdParams::dkdv_group): with the fused dQ, groups of 16 (kv batch, kv head)
+  // pairs, pairs fastest, so that the atomics of CTAs running together rarely meet on one dQ row (H200, against
+  // the 3-D grid: causal 2.68 against 2.87 ms, ALiBi 3.40 against 3.66, others within 2%);
+  // FLEXGRAD_FLEX_WGMMA_BWD_GROUP=n sets the group (0: the 3-D grid, tiles fastest).
   if (cfg.wgmma) {
-    bp.dkdv_group = dq_fused != 0 ? 16 : 0;
+    bp.dkdv_group = dq_fused ? 16 : 0;
     if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_GROUP")) {
       char* end = nullptr;
       const long n = std::strtol(env, &end, 10);
@@ -353,24 +345,10 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       bp.dkdv_group = n;
     }
   }
-  Tensor dq_acc, dq_turn;
-  if (dq_fused != 0) {
+  Tensor dq_acc;
+  if (dq_fused) {
     dq_acc = zeros({p.B, p.Hq, p.Lq, p.E}, TensorOptions().dtype(kFloat32).device(dev));
     bp.dq_acc = dq_acc.data_ptr();
-    if (dq_fused == 2) {
-      bp.dq_cpb = (p.block_q + 63) / 64;
-      dq_turn = zeros({p.B * p.Hq * ((p.Lq + p.block_q - 1) / p.block_q) * bp.dq_cpb * 2},
-                      TensorOptions().dtype(kInt32).device(dev));
-      bp.dq_turn = dq_turn.data_ptr();
-    }
-  }
-  Tensor rank_p, rank_f;  // FG_DQ_ATOMIC 2: each CTA's rank in the chunks it adds to, laid out as the q lists
-  if (dq_fused == 2) {
-    if (p.q_lists.idx.defined()) rank_p = empty(p.q_lists.idx.sizes(), TensorOptions().dtype(kInt32).device(dev));
-    if (p.q_lists.full_idx.defined())
-      rank_f = empty(p.q_lists.full_idx.sizes(), TensorOptions().dtype(kInt32).device(dev));
-    bp.dq_rank_p = rank_p.defined() ? rank_p.data_ptr() : nullptr;
-    bp.dq_rank_f = rank_f.defined() ? rank_f.data_ptr() : nullptr;
   }
 
   // Capture-gradient accumulators, indexed like the kernel's FgModArgs slots (fg_cap_grad passes the
@@ -400,15 +378,6 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (rows > 0) {
     jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + 7) / 8)}, {256}, 0, pargs, device);
-  }
-  if (dq_fused == 2) {
-    const int64_t n = (rank_p.defined() ? rank_p.numel() : 0) + (rank_f.defined() ? rank_f.numel() : 0);
-    void* rp = const_cast<void*>(bp.dq_rank_p);
-    void* rf = const_cast<void*>(bp.dq_rank_f);
-    void* rargs[] = {&bp, &rp, &rf};
-    if (n > 0)
-      jit::launch(mod->function("fg_bwd_dq_ranks"), {static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096))},
-                  {256}, 0, rargs, device);
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
@@ -440,7 +409,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       bp.cap_scale[slot_of[c]] = std::ldexp(1.0, s);
     }
   }
-  if (dq_fused != 0) {
+  if (dq_fused) {
     const int64_t n4 = p.B * p.Hq * p.Lq * p.E / 4;
     if (n4 > 0)
       jit::launch(mod->function(dq_kernel), {static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65535))}, {256},

@@ -112,6 +112,10 @@ struct FgBwdParams {
   unsigned* cap_max;               // [FG_MAX_CAPTURES] float bits of max |contribution|
   double cap_scale[FG_MAX_CAPTURES];
   fg_i64 cap_numel[FG_MAX_CAPTURES];
+  float* dq_acc;  // [B, Hq, Lq, E] float32 zeroed by the host where the wgmma dK/dV kernel sums dQ (FG_DQ_ATOMIC)
+  // The wgmma dK/dV kernel's grid: 0 = (kv tiles, Hkv, Bkv), tiles fastest; n > 0 = one dimension in groups of n
+  // (kv batch, kv head) pairs, the pairs of a group fastest, then the tiles (fg_bwd_dkdv_wgmma).
+  fg_i64 dkdv_group;
 };
 
 struct FgRow {

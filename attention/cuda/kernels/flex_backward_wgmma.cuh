@@ -8,7 +8,8 @@
 // block, fg_bwd_preprocess and fg_bwd_cap_finalize, the walks (FgQWalk / FgKvWalk: partial blocks with the
 // mask_mod, then full blocks, BlockMask blocks of any size split into 64-row steps clipped to the block and the
 // sequence), the per-element fg_entry (mods in row / column parts, captured-gradient sinks, non-finite rules) and
-// the epilogues. Every dQ / dK / dV element is written by one thread; no float atomics; reruns are bit-identical.
+// the epilogues. Every dQ / dK / dV element is written by one thread; no float atomics; reruns are bit-identical
+// (except with FG_DQ_ATOMIC, below).
 //
 //   fg_bwd_dkdv_wgmma: a CTA of FG_WG_DKDV warpgroups owns FG_KV_TILE = 64 * FG_WG_DKDV kv rows (warpgroup w rows
 //     64 w .. 64 w + 63; warp i of the CTA rows 16 i .. 16 i + 15, as the mma kernel's warps), K and V in shared
@@ -19,7 +20,11 @@
 //       fg_entry on the accumulators (their per-warp layout is mma.sync's C fragments: the mma kernel's element
 //         code unchanged);
 //       dV += P^T dO and dK += dS^T Q: A = P^T / dS^T packed from the accumulators into registers
-//         (fg_pack_c_to_a), B = dO / Q MN-major (transposed B), one m64n64k16 per 64-column atom and k16 step.
+//         (fg_pack_c_to_a), B = dO / Q MN-major (transposed B), one m64n64k16 per 64-column atom and k16 step;
+//       with FG_DQ_ATOMIC also dQ (no dQ kernel, whose two score products recompute S and dP): dS^T to a shared
+//         tile (KV_TILE x 64), warpgroup w multiplies dS (that tile as a transposed A operand) by K's column atom
+//         w over the tile's 128 kv rows and adds the chunk's 64 x 64 result to p.dq_acc (float32) with
+//         red.global.add.v2.f32 (in any order: not bit-reproducible); fg_bwd_dq_finalize scales and converts it.
 //   fg_bwd_dq_wgmma: a CTA of FG_WG_DQ warpgroups owns FG_Q_TILE = 64 * FG_WG_DQ q rows (Q, dO in shared
 //     memory); per kv chunk of 64 rows (K, V double-buffered): S = Q K^T, dP = dO V^T (ss, K-major), fg_entry
 //     (captured-tensor gradients here), dQ += dS K (A = dS from registers, B = K MN-major).
@@ -31,10 +36,12 @@
 //   FG_WG_DKDV, FG_WG_DQ   warpgroups per CTA of each kernel: 1 or 2 (2 when the BlockMask's kv / q blocks hold
 //                          more than 64 rows); FG_KV_TILE = 64 FG_WG_DKDV, FG_Q_TILE = 64 FG_WG_DQ, chunks 64
 //   FG_VEC 1
+//   FG_DQ_ATOMIC           1: dQ summed by the dK/dV kernel with float atomics (the host: only where the call is
+//                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
 // Head dims: 64 or 128 (dK, dV and the four products' accumulators stay in registers: at E = Ev = 256 the dK/dV
 // kernel would need 320 a thread). Dynamic shared memory (bytes, + 1024 to align the window for the swizzle):
-//   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024;  dQ: 2 (Q_TILE (E + Ev) + 2 * 64
-//   (E + Ev)) + 1024.
+//   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
+//   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024.
 #pragma once
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
@@ -42,9 +49,6 @@
 #ifndef FG_DQ_ATOMIC
 #define FG_DQ_ATOMIC 0
 #endif
-// The ordered dQ sum walks each kv tile's q blocks in increasing order (partial and full merged), the order
-// its turns are given in (see fg_bwd_dkdv_wgmma).
-#define FG_QWALK_SORTED (FG_DQ_ATOMIC == 2)
 #include "flex_backward.cuh"
 #include "flex_wgmma.cuh"
 
@@ -100,25 +104,6 @@ __device__ __forceinline__ void fg_red_add_v2(float* dst, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
 #endif
-#if FG_DQ_ATOMIC == 2
-// The ordered dQ sum's turn counters. Waits (acquire) until *turn == want. The bound only matters if the kv
-// and q lists of the BlockMask were not transposes of each other (they are built from one mask): then the
-// CTA goes on after ~1 s instead of hanging the device.
-__device__ __forceinline__ void fg_turn_wait(const int* turn, int want) {
-  for (unsigned n = 0; n < (1u << 24); ++n) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(turn) : "memory");
-    if (v == want) return;
-    __nanosleep(32);
-  }
-}
-// Passes the turn on. One thread calls it after a barrier that follows its warpgroup's adds: the fence is
-// cumulative over what the barrier ordered before it (the pattern of CUTLASS's GenericBarrier). It waits for
-// those adds to be performed, so it is called a chunk after them, not right behind them.
-__device__ __forceinline__ void fg_turn_pass(int* turn, int value) {
-  asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.b32 [%0], %1;" ::"l"(turn), "r"(value) : "memory");
-}
-#endif
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_bwd_dkdv_wgmma(const FgBwdParams p, const FgModArgs args) {
@@ -136,10 +121,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 
   // This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
   // n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
-  // of a few heads, so the ordered dQ sum's turns (a kv tile waits for the lower tiles of its head) wait little.
+  // of a few heads, so that the fused dQ's atomics of CTAs running together rarely meet on one dQ row.
   fg_i64 tile, hk, bk;
   if (p.dkdv_group == 0) {
-    tile = FG_DQ_ATOMIC == 2 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // (as below)
+    tile = blockIdx.x;
     hk = blockIdx.y;
     bk = blockIdx.z;
   } else {
@@ -147,9 +132,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
     const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
     tile = in / gsize;
-#if FG_DQ_ATOMIC == 2
-    tile = ntile - 1 - tile;  // higher tiles first: the ordered sum's turns go from high kv blocks to low
-#endif
     const fg_i64 bh = grp * p.dkdv_group + in % gsize;
     bk = bh / p.Hkv;
     hk = bh % p.Hkv;
@@ -211,32 +193,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   };
   if (!w.done()) row_parts(w, 0);
 #endif
-#if FG_DQ_ATOMIC == 2
-  // Ordered sum (deterministic): the CTAs adding to one q chunk's dQ add in decreasing kv-block order, the order
-  // in which kv tiles walking their q blocks upwards reach it under causal-like masks (the diagonal tile first),
-  // so that turns rarely wait. A CTA's rank in a chunk is the number of kv blocks after mb in the q block's kv
-  // list (fg_bwd_dq_ranks, laid out as the q lists). Lane 0 of each warpgroup's first warp waits (acquire, while
-  // the products run) until that many have added its column half, and passes the turn on a chunk later, once its
-  // adds are long performed (so the fence does not stall). A CTA only waits for higher kv tiles of its own
-  // (batch, head), which this mode launches first (lower blockIdx.x in either grid order), so the chain always
-  // ends. The turns in flight live in shared memory, not registers: the kernel is at 255 registers.
-  __shared__ int* cur_turn[FG_WG_DKDV];
-  __shared__ int* pass_turn[FG_WG_DKDV];
-  __shared__ int pass_value[FG_WG_DKDV];
-  const bool passer = (warp & 3) == 0 && lane == 0;
-  if (passer) pass_turn[wg] = nullptr;
-#endif
   for (int it = 0; !w.done(); ++it) {
     const int buf = it & 1;
     const int b = (int)w.b, h = (int)w.h, nq = w.nq();
     const fg_i64 q0 = w.q0;
     const bool partial = w.partial();
-#if FG_DQ_ATOMIC == 2
-    int rank = 0;
-    if (passer)
-      rank = partial ? p.dq_rank_p[(w.row.partial - p.ql.idx) + w.entry()]
-                     : p.dq_rank_f[(w.row.full - p.ql.full_idx) + w.entry()];
-#endif
     // The next chunk into the other buffer (its last readers, the previous chunk's products, completed before
     // that chunk's closing barrier).
     w.next(p);
@@ -318,16 +279,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
                                            fg_desc_mnmajor(fg_smem_addr(Ks), FG_KV_TILE * 128, wg, kk), kk > 0);
 #endif
     fg_wgmma_commit();
-#if FG_DQ_ATOMIC == 2
-    // The previous chunk's turn passed on (its fence overlaps the products), then this chunk's awaited.
-    if (passer && pass_turn[wg] != nullptr) fg_turn_pass(pass_turn[wg], pass_value[wg]);
-    if (passer) {  // this chunk's turn (see pass_turn)
-      const fg_i64 qb = q0 / p.block_q, nqb = (p.Lq + p.block_q - 1) / p.block_q;
-      int* turn = p.dq_turn + (((((fg_i64)b * p.Hq + h) * nqb + qb) * p.dq_cpb + (q0 - qb * p.block_q) / 64) * 2 + wg);
-      fg_turn_wait(turn, rank);
-      cur_turn[wg] = turn;
-    }
-#endif
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
     fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
@@ -335,9 +286,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
     fg_wgmma_fence_operands<32>(dqc);
-#if FG_DQ_ATOMIC == 2
-    asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // this chunk's turn is this warpgroup's
-#endif
     {
       const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
 #pragma unroll
@@ -349,20 +297,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
         for (int j = 0; j < 8; ++j) fg_red_add_v2(dst + 8 * j, dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
       }
     }
-#if FG_DQ_ATOMIC == 2
-    asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // every add of this warpgroup is issued
-    if (passer) {
-      pass_turn[wg] = cur_turn[wg];
-      pass_value[wg] = rank + 1;
-    }
-#endif
 #endif
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   fg_cp_async_wait<0>();
-#if FG_DQ_ATOMIC == 2
-  if (passer && pass_turn[wg] != nullptr) fg_turn_pass(pass_turn[wg], pass_value[wg]);
-#endif
 
   const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
 #pragma unroll
@@ -553,27 +491,6 @@ extern "C" __global__ void fg_bwd_dq_finalize(const FgBwdParams p) {
     o.x = fg_pack2<FG_BF16>(a.x * scale, a.y * scale);
     o.y = fg_pack2<FG_BF16>(a.z * scale, a.w * scale);
     ((uint2*)p.dq)[i] = o;
-  }
-}
-#endif
-
-#if FG_DQ_ATOMIC == 2
-// The ordered dQ sum's ranks, laid out as the q lists (p.ql): for kv block mb and an entry q block qb of its list,
-// the number of kv blocks after mb in qb's kv list (p.kvl), i.e. the CTAs that add to qb's dQ before mb's.
-// The host runs the ordered sum only where both lists have the same batch / head extents (one BlockMask's).
-extern "C" __global__ void fg_bwd_dq_ranks(const FgBwdParams p, int* rank_p, int* rank_f) {
-  const FgLists& l = p.ql;
-  const fg_i64 per = l.cols + l.full_cols, n = l.Bm * l.Hm * l.rows * per;
-  for (fg_i64 i = (fg_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (fg_i64)gridDim.x * blockDim.x) {
-    const fg_i64 lin = i / per, e = i % per, mb = lin % l.rows, bh = lin / l.rows;
-    const bool part = e < l.cols;
-    const fg_i64 j = part ? e : e - l.cols;
-    if (j >= (part ? (l.num ? l.num[lin] : 0) : (l.full_num ? l.full_num[lin] : 0))) continue;
-    const int qb = part ? l.idx[lin * l.cols + j] : l.full_idx[lin * l.full_cols + j];
-    const FgRow row = fg_row(p.kvl, bh / l.Hm, bh % l.Hm, qb);
-    int rank = 0;
-    for (int k = 0; k < row.size(); ++k) rank += row.at(k) > mb;
-    (part ? rank_p[lin * l.cols + j] : rank_f[lin * l.full_cols + j]) = rank;
   }
 }
 #endif
