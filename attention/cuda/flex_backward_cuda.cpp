@@ -206,7 +206,7 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 
 // Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
-// recomputed score products (H200, bf16 B4 H16 S4096 D128 backward: 10-17% faster, session 16). Where: two dK/dV
+// recomputed score products (H200, bf16 B4 H16 S4096 D128 backward: 10-19% faster, session 16). Where: two dK/dV
 // warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying one,
 // softcap's, costs the fused kernel spills). FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps the dQ kernel (A/B).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
