@@ -47,7 +47,7 @@ enum class FlexCudaForward : uint8_t {
 };
 
 // Which backward kernels (dK/dV and dQ) run on CUDA (ignored on the CPU). Both are deterministic: every gradient
-// element has one writer, no float atomics.
+// element has one writer, no float atomics (unless FlexKernelOptions::deterministic is false, see there).
 enum class FlexCudaBackward : uint8_t {
   Auto,   // Wgmma where it runs, else Tiled
   Tiled,  // mma.sync kernels (bf16/f16, head dims multiples of 16 up to 128), FMA kernels otherwise
@@ -61,7 +61,9 @@ struct FlexKernelOptions {
   int64_t block_q = 0;   // CPU tile sizes without a BlockMask (with one, its block sizes); 0 picks 128
   int64_t block_kv = 0;
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
-  // accumulate captured-tensor gradients with float atomics instead: faster, not reproducible bit for bit.
+  // accumulate captured-tensor gradients with float atomics instead, and lets the Wgmma backward sum dQ with
+  // float atomics in its dK/dV kernel (head dim 128, constant d score_mod / d score, no captured gradient; no dQ
+  // kernel): faster, not reproducible bit for bit.
   // FlexBackend::Cudnn: deterministic engines only (NotImplementedError if cuDNN has none for the graph); false
   // lets cuDNN accumulate dQ with atomics (Auto, deciding at forward time, keeps our kernels where it has none).
   bool deterministic = true;
