@@ -617,6 +617,27 @@ INSTANTIATE_TEST_SUITE_P(Tiled, FlexBackwardCuda, ::testing::Values(FlexCudaBack
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexBackwardCuda, ::testing::Values(FlexCudaBackward::Wgmma));
 
 // ---- the Hopper kernels against the mma.sync ones, and the choice between them -----------------------
+// Four documents over L = 300 (one of a single token), causal inside each, ids captured on the device, BlockMask
+// blocks of 128 (clipped q chunks, partial and full blocks), B 2, H 4, head dims 128.
+Case document_case() {
+  const int64_t L = 300, H = 4;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
+  Captured doc(from_vector(ids, {L}, kInt64));
+  Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
+  const BlockMask m = create_block_mask(
+      [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
+      std::nullopt, L, L, 128);
+  Case c;
+  c.d = {2, H, L, 128, 2, H, L, 128};
+  c.mask = BlockMask::from_kv_blocks(
+      m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
+      [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
+      m.seq_lengths());
+  c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+  return c;
+}
+
 class FlexBackwardWgmma : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -653,20 +674,7 @@ TEST_F(FlexBackwardWgmma, AgreesWithTiledOnDocumentAlibiSoftcapAndLearnableBias)
   const int64_t L = 300, H = 4;
   {
     SCOPED_TRACE("document, kv blocks of 128 (two warpgroups)");
-    std::vector<int64_t> ids(L);
-    for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
-    Captured doc(from_vector(ids, {L}, kInt64));
-    Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
-    const BlockMask m = create_block_mask(
-        [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
-        std::nullopt, L, L, 128);
-    Case c;
-    c.d = {2, H, L, 128, 2, H, L, 128};
-    c.mask = BlockMask::from_kv_blocks(
-        m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
-        [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
-        m.seq_lengths());
-    c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+    Case c = document_case();
     expect_agree(c, kBFloat16);
     expect_agree(c, kFloat16);
   }
@@ -771,20 +779,7 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
   };
   const int64_t L = 300, H = 4;
   {
-    std::vector<int64_t> ids(L);
-    for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
-    Captured doc(from_vector(ids, {L}, kInt64));
-    Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
-    const BlockMask m = create_block_mask(
-        [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
-        std::nullopt, L, L, 128);
-    Case c;
-    c.d = {2, H, L, 128, 2, H, L, 128};
-    c.mask = BlockMask::from_kv_blocks(
-        m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
-        [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
-        m.seq_lengths());
-    c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+    Case c = document_case();
     check_case(c, "document + causal", true);
   }
   {
