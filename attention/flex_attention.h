@@ -62,8 +62,8 @@ struct FlexKernelOptions {
   int64_t block_kv = 0;
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
   // accumulate captured-tensor gradients with float atomics instead, and lets the Wgmma backward sum dQ with
-  // float atomics in its dK/dV kernel (head dim 128, constant d score_mod / d score, no captured gradient; no dQ
-  // kernel): faster, not reproducible bit for bit.
+  // float atomics in its dK/dV kernel (bfloat16, head dim 128, constant d score_mod / d score, no captured
+  // gradient; no dQ kernel): faster, not reproducible bit for bit.
   // FlexBackend::Cudnn: deterministic engines only (NotImplementedError if cuDNN has none for the graph); false
   // lets cuDNN accumulate dQ with atomics (Auto, deciding at forward time, keeps our kernels where it has none).
   bool deterministic = true;

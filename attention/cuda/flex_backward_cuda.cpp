@@ -208,7 +208,8 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
 // recomputed score products (H200, bf16 B4 H16 S4096 D128 backward: 10-19% faster, session 16). Where: two dK/dV
 // warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying one,
-// softcap's, costs the fused kernel spills). FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps the dQ kernel (A/B).
+// softcap's, costs the fused kernel spills), bfloat16 (the form run on the H200 so far; float16 keeps the dQ
+// kernel until its test has run there). FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps the dQ kernel (A/B).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
 bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
@@ -217,7 +218,8 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
   FG_CHECK(v.empty() || v == "0" || v == "1", ValueError,
            "FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ: expected 0 or 1; got \"{}\"", v);
   const bool dconst = p.score_grad == nullptr || p.score_grad->dscore_is_constant;
-  return c.wgmma && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 && dconst && !p.deterministic && v != "0";
+  return c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 && dconst &&
+         !p.deterministic && v != "0";
 }
 
 // "NAME VALUE" (assemble() writes the #define).
