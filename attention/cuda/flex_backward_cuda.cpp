@@ -136,10 +136,7 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
     // Wherever they run: on the H200 (session 8) they were faster than the mma.sync kernels on every case
     // (bf16 B4 H16 S4096 D128: no mask 254 vs 173 TFLOP/s, causal 207 vs 149, document 109 vs 82, ALiBi 142 vs
     // 116, softcap 67 vs 60). FLEXGRAD_FLEX_WGMMA_BWD=0 keeps Auto on the mma.sync kernels (A/B).
-    const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD");
-    const std::string v = env == nullptr ? "" : env;
-    FG_CHECK(v.empty() || v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA_BWD: expected 0 or 1; got \"{}\"", v);
-    wgmma = v != "0" && why.empty();
+    wgmma = env_switch("FLEXGRAD_FLEX_WGMMA_BWD").value_or(true) && why.empty();
   }
   if (wgmma) {
     FG_CHECK(why.empty(), NotImplementedError, "flex_attention backward (CUDA): {}", why);
@@ -213,13 +210,10 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
 bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
-  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ");
-  const std::string v = env == nullptr ? "" : env;
-  FG_CHECK(v.empty() || v == "0" || v == "1", ValueError,
-           "FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ: expected 0 or 1; got \"{}\"", v);
+  const bool allowed = env_switch("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ").value_or(true);
   const bool dconst = p.score_grad == nullptr || p.score_grad->dscore_is_constant;
-  return c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 && dconst &&
-         !p.deterministic && v != "0";
+  return allowed && c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 &&
+         dconst && !p.deterministic;
 }
 
 // "NAME VALUE" (assemble() writes the #define).

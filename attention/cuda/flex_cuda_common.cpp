@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 
 #include "flexgrad/attention/mod_codegen.h"
@@ -119,6 +120,14 @@ void check_mod_errors(const ModContext& ctx) {
   if (e.flag == 3) throw_negative_int_power(e.index, e.size);
   FG_FAIL(Error, "flex_attention: a generated kernel reported error code {} (capture {}, dim {}, index {})", e.flag,
           e.capture, e.dim, e.index);
+}
+
+std::optional<bool> env_switch(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  const std::string v(env);
+  FG_CHECK(v == "0" || v == "1", ValueError, "{}: expected 0 or 1; got \"{}\"", name, v);
+  return v == "1";
 }
 
 std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines,

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -75,6 +76,10 @@ bool vec_ok(const Tensor& t, int64_t last);
 int32_t to_i32(int64_t x, const char* what);
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A 0 / 1 switch from the environment (the kernel-choice overrides, FLEXGRAD_FLEX_*): nullopt when unset or
+// empty; ValueError naming the variable for any other value.
+std::optional<bool> env_switch(const char* name);
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

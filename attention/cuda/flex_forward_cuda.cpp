@@ -27,6 +27,7 @@
 namespace fg::cuda {
 namespace {
 
+using flex::env_switch;
 using flex::round_up;
 using flex::to_i32;
 using flex::vec_ok;
@@ -187,13 +188,7 @@ int64_t wgmma_bn_env() {
 
 // FLEXGRAD_FLEX_WGMMA_TMA: 0 keeps the warp-specialised loop's producer on cp.async (A/B); unset or 1: TMA where
 // the tensors allow a map.
-bool wgmma_tma_env() {
-  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_TMA");
-  if (env == nullptr || *env == '\0') return true;
-  const std::string v(env);
-  FG_CHECK(v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA_TMA: expected 0 or 1; got \"{}\"", v);
-  return v == "1";
-}
+bool wgmma_tma_env() { return env_switch("FLEXGRAD_FLEX_WGMMA_TMA").value_or(true); }
 
 // K's and V's tensor maps for FG_WGMMA_TMA (the kernel's FgTmaMaps): boxes of 64 columns x BN rows. Called only
 // for inputs whose rows are 16-byte aligned (FG_VEC), which every tensor map of these tensors accepts, so a
@@ -260,11 +255,9 @@ bool has_tanh(const ModProgram* prog) {
   return false;
 }
 bool wgmma_preferred(const FlexProblem& p, const std::string& arch) {
-  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA");
-  const std::string v = env == nullptr ? "" : env;
-  FG_CHECK(v.empty() || v == "0" || v == "1", ValueError, "FLEXGRAD_FLEX_WGMMA: expected 0 or 1; got \"{}\"", v);
-  if (v == "0") return false;
-  if (v.empty() && has_tanh(p.score_mod.get())) return false;
+  const std::optional<bool> forced = env_switch("FLEXGRAD_FLEX_WGMMA");
+  if (forced == false) return false;
+  if (!forced && has_tanh(p.score_mod.get())) return false;
   return wgmma_unsupported(p, arch).empty() && p.E % 64 == 0 && p.Ev % 64 == 0;
 }
 

@@ -390,4 +390,21 @@ TEST_F(ModCodegenCuda, IntegerErrorsAreFlaggedNotACrash) {
   EXPECT_THROW_MSG(raise_on_host(rn, {}), ValueError,
                    message_of<ValueError>([&] { neg.evaluate(0, 0, rn.error.index - 100, rn.error.size + 3); }));
 }
+
+// The kernel-choice overrides' 0 / 1 switch (host only, no GPU): unset and empty read as unset, 0 and 1 as
+// themselves, anything else raises a ValueError naming the variable and the value.
+TEST(FlexCudaEnv, SwitchReadsZeroOneAndNamesBadValues) {
+  const char* name = "FLEXGRAD_TEST_ENV_SWITCH";
+  fg::testing::ScopedEnv env(name, nullptr);
+  EXPECT_FALSE(cuda::flex::env_switch(name).has_value());
+  env.set("");
+  EXPECT_FALSE(cuda::flex::env_switch(name).has_value());
+  env.set("0");
+  EXPECT_EQ(cuda::flex::env_switch(name), std::optional<bool>(false));
+  env.set("1");
+  EXPECT_EQ(cuda::flex::env_switch(name), std::optional<bool>(true));
+  env.set("yes");
+  fg::testing::expect_error<ValueError>([&] { cuda::flex::env_switch(name); },
+                                        "FLEXGRAD_TEST_ENV_SWITCH: expected 0 or 1; got \"yes\"");
+}
 #endif
