@@ -554,7 +554,7 @@ TEST_F(FlexSplitKvChoice, RefusesWhatItCannotRun) {
                                     "kv_splits");
 }
 
-// The Hopper kernel: Auto uses it on sm_90a except for score_mods with a tanh (FLEXGRAD_FLEX_WGMMA=0|1 overrides),
+// The Hopper kernel: Auto uses it on sm_90a, score_mods with a tanh included (FLEXGRAD_FLEX_WGMMA=0|1 overrides),
 // and forcing it where it cannot run raises.
 class FlexWgmmaChoice : public ::testing::Test {
  protected:
@@ -565,7 +565,7 @@ class FlexWgmmaChoice : public ::testing::Test {
   ScopedEnv no_cudnn_{"FLEXGRAD_FLEX_CUDNN", "0"};  // Auto's choice among our kernels, not cuDNN's (test_flex_cudnn)
 };
 
-TEST_F(FlexWgmmaChoice, AutoPicksItOnHopperExceptForTanhScoreMods) {
+TEST_F(FlexWgmmaChoice, AutoPicksItOnHopper) {
   const Device cuda(DeviceType::CUDA, 0);
   if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
   Generator gen(4);
@@ -588,15 +588,15 @@ TEST_F(FlexWgmmaChoice, AutoPicksItOnHopperExceptForTanhScoreMods) {
   env_.set("x");
   testing::expect_error<ValueError>([&] { run(FlexCudaForward::Auto); }, "FLEXGRAD_FLEX_WGMMA");
 
-  // A score_mod with a tanh (softcap) stays on Tiled unless FLEXGRAD_FLEX_WGMMA=1.
+  // A score_mod with a tanh (softcap) too (it stayed on Tiled until the wgmma kernel became the faster one there).
   o.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
-  env_.set("1");
+  env_.set(nullptr);
   wgmma = run(FlexCudaForward::Wgmma);
   tiled = run(FlexCudaForward::Tiled);
   ASSERT_FALSE(same(tiled, wgmma));
-  EXPECT_TRUE(same(run(FlexCudaForward::Auto), wgmma)) << "softcap, FLEXGRAD_FLEX_WGMMA=1: Wgmma";
-  env_.set(nullptr);
-  EXPECT_TRUE(same(run(FlexCudaForward::Auto), tiled)) << "softcap, Auto: Tiled";
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), wgmma)) << "softcap, Auto: Wgmma";
+  env_.set("0");
+  EXPECT_TRUE(same(run(FlexCudaForward::Auto), tiled)) << "softcap, FLEXGRAD_FLEX_WGMMA=0: Tiled";
 }
 
 TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
