@@ -78,10 +78,11 @@ int64_t packed_rows(const FlexProblem& p) { return heads_per_cta(p) * std::min(p
 size_t stage_bytes(const DecodeConfig& c) {
   return static_cast<size_t>(c.warps * 16 * ((c.e_pad + kPad) + (c.ev_pad + kPad)) * 2);
 }
-// Q tile + max(pipeline stages, the warps' partials of the final combination, which reuse the stages).
+// Q tile + max(pipeline stages, what the final combination keeps there: the warps' partials and the CTA's own,
+// read by the other CTA of a cluster).
 size_t decode_smem(const DecodeConfig& c) {
   const size_t q = static_cast<size_t>(16 * c.mf * (c.e_pad + kPad) * 2);
-  const size_t red = static_cast<size_t>(c.warps * 16 * c.mf * (3 + c.ev_pad) * 4);
+  const size_t red = static_cast<size_t>((c.warps + 1) * 16 * c.mf * (3 + c.ev_pad) * 4);
   return q + std::max(static_cast<size_t>(c.stages) * stage_bytes(c), red);
 }
 
@@ -172,6 +173,15 @@ int32_t* split_counters(int device, int64_t n) {
   return static_cast<int32_t*>(held.back().data_ptr());
 }
 
+// Whether the two CTAs of a tile split in two merge through a thread-block cluster (FG_CLUSTER 2: distributed
+// shared memory instead of global partials, a fence and a count): on sm_90 and up; FLEXGRAD_FLEX_DECODE_CLUSTER=0
+// keeps the global merge (A/B).
+bool cluster_merge_wanted(int device) {
+  int major = 0;
+  FG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9 && flex::env_switch("FLEXGRAD_FLEX_DECODE_CLUSTER").value_or(true);
+}
+
 }  // namespace
 
 std::string split_kv_unsupported(const FlexProblem& p) {
@@ -219,8 +229,9 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
   const int64_t splits = choose_splits(p, cfg, a.n_row_tiles * head_groups * p.B, device);
   a.splits = to_i32(splits, "kv splits");
   to_i32(a.n_row_tiles * splits, "grid size");
+  const bool cluster = splits == 2 && cluster_merge_wanted(device);
   Tensor part_o, part_ml;
-  if (splits > 1) {
+  if (splits > 1 && !cluster) {
     const int64_t rows_total = p.B * p.Hq * p.Lq;
     const auto opts = TensorOptions().dtype(kFloat32).device(p.q.device());
     part_o = empty({splits, rows_total, p.Ev}, opts);
@@ -242,6 +253,7 @@ void flex_split_kv_forward(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_VEC " + std::string(vec ? "1" : "0"),
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
       "FG_L2_PREFETCH " + std::to_string(cfg.l2_prefetch),
+      "FG_CLUSTER " + std::string(cluster ? "2" : "0"),
   };
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
   jit::JitSource src;

@@ -579,7 +579,8 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
 }
 // The split-KV decode kernel (flex_decode.cuh) compiles as attention/cuda/flex_decode_cuda.cpp assembles it,
 // for the tiles it picks (8 warps x 1 CTA, 4 warps x 2 CTAs) and head dims 64, 80, 128, 256, with and without
-// mods, without spilling. NVRTC only, no GPU: tests/cuda run the kernel.
+// mods, without spilling (the 8-warp tiles with the cluster merge of two splits, FG_CLUSTER 2). NVRTC only, no GPU:
+// tests/cuda run the kernel.
 TEST(ModCodegen, DecodeCompilesForEveryTileAndHeadDim) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   std::vector<std::pair<std::string, std::string>> headers;
@@ -601,7 +602,7 @@ TEST(ModCodegen, DecodeCompilesForEveryTileAndHeadDim) {
              {std::string("FG_ELEM 4"), fmt::format("FG_E {}", e), fmt::format("FG_EV {}", e),
               fmt::format("FG_MF {}", e <= 128 ? 2 : 1), fmt::format("FG_WARPS {}", warps), std::string("FG_STAGES 2"),
               std::string("FG_VEC 1"), fmt::format("FG_MIN_BLOCKS {}", warps == 4 ? 2 : 1),
-              std::string("FG_L2_PREFETCH 128")})
+              std::string("FG_L2_PREFETCH 128"), fmt::format("FG_CLUSTER {}", warps == 8 ? 2 : 0)})
           tu += "#define " + x + "\n";
         tu += "#include \"flex_mma.cuh\"\n#include \"flex_decode.cuh\"\n";
         std::string log;

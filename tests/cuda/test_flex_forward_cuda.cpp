@@ -416,14 +416,15 @@ TEST_P(FlexForwardCuda, OutOfRangeCapturedIndexRaisesIndexError) {
 }
 
 // Decoding shapes: one to a few query rows against a long K/V, GQA groups packed into one tile (or not, when
-// the mask differs per head), kv split into ranges whose partials are merged (kv_splits 0 picks them; 64
+// the mask differs per head), kv split into ranges whose partials are merged (kv_splits 0 picks them; 2 merges
+// through a thread-block cluster on sm_90+, and through global memory with FLEXGRAD_FLEX_DECODE_CLUSTER=0; 64
 // leaves most ranges empty). The tiled kernel runs them too.
 TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
   struct Shape {
     int64_t B, Hq, Hkv, Lq, Lkv;
   };
   for (Shape sh : {Shape{2, 8, 2, 1, 1000}, Shape{3, 8, 1, 3, 517}, Shape{1, 4, 4, 1, 64}, Shape{2, 16, 2, 2, 700}}) {
-    for (int64_t splits : {0, 1, 3, 64}) {
+    for (int64_t splits : {0, 1, 2, 3, 64}) {
       SCOPED_TRACE("B=" + std::to_string(sh.B) + " Hq=" + std::to_string(sh.Hq) + " Hkv=" + std::to_string(sh.Hkv) +
                    " Lq=" + std::to_string(sh.Lq) + " Lkv=" + std::to_string(sh.Lkv) + " splits=" + std::to_string(splits));
       Case c;
@@ -437,11 +438,15 @@ TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
                                             std::nullopt, sh.Lq, sh.Lkv, BlockSize(128, 64));
       c.mod = [off](double s, int64_t, int64_t, int64_t q, int64_t kv) { return kv <= q + off ? s : -kInf; };
       check(c);
+      if (splits == 2) {
+        ScopedEnv global_merge("FLEXGRAD_FLEX_DECODE_CLUSTER", "0");
+        check(c);
+      }
     }
   }
   // Without a BlockMask (the all-full lists flex_attention builds): 20 kv blocks of 128, the last one partial
   // (Lkv 2500), in 1, 3 or 8 ranges, or 16 (ranges of two blocks, the last six empty), or Auto's choice.
-  for (int64_t splits : {0, 1, 3, 8, 16}) {
+  for (int64_t splits : {0, 1, 2, 3, 8, 16}) {
     SCOPED_TRACE("no BlockMask, splits=" + std::to_string(splits));
     Case c;
     c.B = c.Bkv = 3, c.Hq = 8, c.Hkv = 2, c.Lq = 1, c.Lkv = 2500, c.E = c.Ev = 128;
@@ -461,13 +466,14 @@ TEST_P(FlexForwardCuda, DecodeShapesAndKvSplits) {
 }
 
 // Rows of very different lengths (a per-batch kv length, one batch with none, first or last): each row's
-// listed blocks split into 1, 3 or 64 ranges (64: most ranges of the short rows empty, the merge of the long
-// ones in rounds of 32 partials) or Auto's count. kv blocks of 64 and 40 columns (40: a block's last 16-column
-// slice is short). Reruns are bit-identical (the partials are merged in split order, not finishing order).
+// listed blocks split into 1, 2, 3 or 64 ranges (2: the cluster merge on sm_90+; 64: most ranges of the short rows
+// empty, the merge of the long ones in rounds of 32 partials) or Auto's count. kv blocks of 64 and 40 columns (40:
+// a block's last 16-column slice is short). Reruns are bit-identical (the partials are merged in split order, not
+// finishing order).
 TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
   for (bool empty_last : {false, true}) {
     for (int64_t bkv : {64, 40}) {
-      for (int64_t splits : {0, 1, 3, 64}) {
+      for (int64_t splits : {0, 1, 2, 3, 64}) {
         SCOPED_TRACE("empty_last=" + std::to_string(empty_last) + " block_kv=" + std::to_string(bkv) +
                      " splits=" + std::to_string(splits));
         Case c;
@@ -481,7 +487,7 @@ TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
                                               std::nullopt, c.Lq, c.Lkv, BlockSize(128, bkv));
         c.mod = [len](double s, int64_t b, int64_t, int64_t, int64_t kv) { return kv < len(b) ? s : -kInf; };
         check(c);
-        if (splits == 3) {
+        if (splits == 2 || splits == 3) {
           Generator gen(5);
           Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat32, &gen).to(dtype()).to(cuda());
           Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat32, &gen).to(dtype()).to(cuda());

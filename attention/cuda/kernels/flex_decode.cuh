@@ -10,7 +10,9 @@
 //  - splits the kv blocks of the BlockMask row into `splits` ranges, one CTA each, so that there are enough
 //    CTAs to fill every SM; each CTA writes f32 partials (unnormalised O, row max, row sum) and the last CTA
 //    of a tile to finish (an atomic count per tile) combines them by their log-sum-exp: no second kernel
-//    (splits == 1 writes the output directly);
+//    (splits == 1 writes the output directly; with FG_CLUSTER 2, the two CTAs of a tile form a thread-block
+//    cluster and merge through distributed shared memory instead: no partials in global memory, no fence, no
+//    count, each CTA writing half of the tile's output columns);
 //  - inside a CTA, each warp streams its share of the CTA's range in 16-column kv slices through its own
 //    FG_STAGES-deep cp.async pipeline (no CTA barrier in the loop: a warp never waits for another, and up to
 //    FG_STAGES slices per warp are in flight while it waits), runs S = Q K^T and O += P V on each with
@@ -34,7 +36,12 @@
 //   FG_STAGES     slices per warp pipeline (its depth)
 //   FG_VEC        1 when every q/k/v row starts 16-byte aligned and E, Ev are multiples of 8
 //   FG_MIN_BLOCKS __launch_bounds__ minimum CTAs per SM
+//   FG_CLUSTER    0, or 2 (splits == 2, sm_90+): the two CTAs of a tile merge through a thread-block cluster
 #pragma once
+
+#ifndef FG_CLUSTER
+#define FG_CLUSTER 0
+#endif
 
 #define FG_IS_BF16 (FG_ELEM == FG_DT_BFLOAT16)
 #define FG_NT (FG_WARPS * 32)
@@ -168,7 +175,31 @@ __device__ __forceinline__ float fg_dec_weight(float m, float mx) {
   return m == fg_neg_inf() ? 0.f : fg_exp2((m - mx) * FG_LOG2E);
 }
 
+#if FG_CLUSTER
+// Thread-block clusters (sm_90): this CTA's rank, a barrier over every thread of the cluster (release / acquire:
+// shared-memory writes before it are seen by the other CTA's reads after it), and 4-byte reads of another
+// CTA's shared memory at the address `smem_addr` has there.
+__device__ __forceinline__ unsigned fg_cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void fg_cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ float fg_cluster_ld_f32(const float* p, unsigned rank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(fg_smem_addr(p)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
+#if FG_CLUSTER
+    __cluster_dims__(FG_CLUSTER, 1, 1)
+#endif
     flex_decode_mma(const FgDecParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
   fg_h16* Qs = (fg_h16*)fg_smem_raw;                             // FG_BM x FG_LDK
@@ -424,6 +455,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   __syncthreads();
 
   const fg_i64 n_rows_total = (fg_i64)p.B * p.Hq * p.Lq;
+  float* cta_o = red_o + FG_WARPS * FG_BM * FG_EV;  // FG_CLUSTER: [FG_BM][FG_EV] this CTA's combination
+  float* cta_ml = cta_o + FG_BM * FG_EV;            // [FG_BM][3]
+  (void)cta_o;
+  (void)cta_ml;
   for (int idx = threadIdx.x; idx < FG_BM * FG_EV; idx += FG_NT) {
     const int row = idx / FG_EV, col = idx % FG_EV;
     const int qi = row_q[row];
@@ -452,6 +487,13 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         p.lse[grow] = e.lse;
         p.mx[grow] = e.max;
       }
+    } else if (FG_CLUSTER) {
+      cta_o[row * FG_EV + col] = osum;
+      if (col == 0) {
+        cta_ml[row * 3] = mxw;
+        cta_ml[row * 3 + 1] = lsum;
+        cta_ml[row * 3 + 2] = nan_row ? 1.f : 0.f;
+      }
     } else {
       const fg_i64 prow = (fg_i64)split * n_rows_total + grow;
       if (col < p.Ev) p.part_o[prow * p.Ev + col] = osum;
@@ -463,6 +505,54 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
   }
   if (p.splits == 1) return;
+
+#if FG_CLUSTER
+  // The two CTAs of the tile (cluster ranks = splits 0 and 1) merge their combinations in split order, each
+  // taking half of the output columns (and rank 0 the lse and max); the second barrier keeps both CTAs' shared
+  // memory alive until the other has read it.
+  fg_cluster_sync();
+  {
+    const unsigned rank = fg_cluster_rank(), other = rank ^ 1u;
+    constexpr int half = FG_EV / 2;
+    for (int idx = threadIdx.x; idx < FG_BM * half; idx += FG_NT) {
+      const int row = idx / half, col = (int)rank * half + idx % half;
+      const int qi = row_q[row];
+      if (qi < 0) continue;
+      float m[2], l[2], o[2];
+      bool nan_row = false;
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) {
+        const float* ml = cta_ml + row * 3;
+        const float* ov = cta_o + row * FG_EV + col;
+        const bool mine = (unsigned)sp == rank;
+        m[sp] = mine ? ml[0] : fg_cluster_ld_f32(ml, other);
+        l[sp] = mine ? ml[1] : fg_cluster_ld_f32(ml + 1, other);
+        nan_row |= (mine ? ml[2] : fg_cluster_ld_f32(ml + 2, other)) != 0.f;
+        o[sp] = mine ? *ov : fg_cluster_ld_f32(ov, other);
+      }
+      const float mxs = fmaxf(m[0], m[1]);
+      float osum = 0.f, lsum = 0.f;
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) {
+        const float w = fg_dec_weight(m[sp], mxs);
+        osum += w * o[sp];
+        lsum += w * l[sp];
+      }
+      const FgRowEnd<float> e = fg_row_end<float>(mxs, lsum, nan_row);
+      const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
+      if (col < p.Ev) {
+        const float x = osum * e.inv;
+        ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
+      }
+      if (col == 0) {
+        p.lse[grow] = e.lse;
+        p.mx[grow] = e.max;
+      }
+    }
+  }
+  fg_cluster_sync();
+  return;
+#endif
 
   // The last CTA of this tile to finish merges every split's partials (the CUDA threadFenceReduction
   // pattern: partials visible device-wide before the count, read through L2 after it). It also sets the count
