@@ -175,6 +175,19 @@ __device__ __forceinline__ float fg_dec_weight(float m, float mx) {
   return m == fg_neg_inf() ? 0.f : fg_exp2((m - mx) * FG_LOG2E);
 }
 
+// Column `col` of global row `grow` of the output, and from column 0 its lse and max, at the end of its softmax.
+__device__ __forceinline__ void fg_dec_store(const FgDecParams& p, fg_i64 grow, int col, float osum,
+                                             const FgRowEnd<float>& e) {
+  if (col < p.Ev) {
+    const float x = osum * e.inv;
+    ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
+  }
+  if (col == 0) {
+    p.lse[grow] = e.lse;
+    p.mx[grow] = e.max;
+  }
+}
+
 #if FG_CLUSTER
 // Thread-block clusters (sm_90): this CTA's rank, a barrier over every thread of the cluster (release / acquire:
 // shared-memory writes before it are seen by the other CTA's reads after it), and 4-byte reads of another
@@ -478,15 +491,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
     }
     const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
     if (p.splits == 1) {
-      const FgRowEnd<float> e = fg_row_end<float>(mxw, lsum, nan_row);
-      if (col < p.Ev) {
-        const float x = osum * e.inv;
-        ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
-      }
-      if (col == 0) {
-        p.lse[grow] = e.lse;
-        p.mx[grow] = e.max;
-      }
+      fg_dec_store(p, grow, col, osum, fg_row_end<float>(mxw, lsum, nan_row));
     } else if (FG_CLUSTER) {
       cta_o[row * FG_EV + col] = osum;
       if (col == 0) {
@@ -538,16 +543,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
         osum += w * o[sp];
         lsum += w * l[sp];
       }
-      const FgRowEnd<float> e = fg_row_end<float>(mxs, lsum, nan_row);
-      const fg_i64 grow = ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi;
-      if (col < p.Ev) {
-        const float x = osum * e.inv;
-        ((fg_h16*)p.out)[grow * p.Ev + col] = FG_IS_BF16 ? fg_float_to_bf16(x) : fg_float_to_f16(x);
-      }
-      if (col == 0) {
-        p.lse[grow] = e.lse;
-        p.mx[grow] = e.max;
-      }
+      fg_dec_store(p, ((fg_i64)b * p.Hq + row_h[row]) * p.Lq + qi, col, osum, fg_row_end<float>(mxs, lsum, nan_row));
     }
   }
   fg_cluster_sync();
