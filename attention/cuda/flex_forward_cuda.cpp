@@ -5,7 +5,8 @@
 //
 // bf16 / f16 run flex_fwd_mma (tensor cores, f32 accumulation); f32 and f64 run flex_fwd_simt (exact
 // FMA arithmetic, no TF32). On Hopper, FlexCudaForward::Wgmma runs flex_fwd_wgmma (kernels/flex_forward_wgmma.cuh:
-// the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it there (wgmma_preferred). Anything the kernels cannot run raises NotImplementedError saying why.
+// the same algorithm on warpgroup MMA, sm_90a, bf16 / f16); Auto picks it there (wgmma_preferred). Anything the
+// kernels cannot run raises NotImplementedError saying why.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>

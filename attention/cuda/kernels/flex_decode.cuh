@@ -470,8 +470,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT, FG_MIN_BLOCKS)
   const fg_i64 n_rows_total = (fg_i64)p.B * p.Hq * p.Lq;
   float* cta_o = red_o + FG_WARPS * FG_BM * FG_EV;  // FG_CLUSTER: [FG_BM][FG_EV] this CTA's combination
   float* cta_ml = cta_o + FG_BM * FG_EV;            // [FG_BM][3]
-  (void)cta_o;
-  (void)cta_ml;
   for (int idx = threadIdx.x; idx < FG_BM * FG_EV; idx += FG_NT) {
     const int row = idx / FG_EV, col = idx % FG_EV;
     const int qi = row_q[row];
