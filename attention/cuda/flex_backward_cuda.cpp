@@ -12,7 +12,8 @@
 // On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
 // MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them wherever
 // they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false,
-// the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below).
+// the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below). With two warpgroups a CTA the
+// wgmma kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,12 +21,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
+#include <fmt/ranges.h>
 
 #include "flexgrad/attention/cuda/flex_cuda_common.h"
 #include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/attention/cuda/tma_map.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 #include "flexgrad/tensor/error.h"
@@ -98,6 +102,12 @@ size_t wgmma_smem_dkdv(const FlexProblem& p, int wg) {
   return 2 * static_cast<size_t>(64 * wg + 2 * 64) * (p.E + p.Ev) + 4 * 64 * 4 + 1024;
 }
 size_t wgmma_smem_dq(const FlexProblem& p, int wg) { return 2 * static_cast<size_t>(64 * wg + 2 * 64) * (p.E + p.Ev) + 1024; }
+// The warp-specialised kernels': a 128-row tile of one side and `stages` 64-row chunks of the other (dK/dV: K, V
+// and Q, dO chunks with their lse and delta; dQ: Q, dO and K, V chunks).
+size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
+  return 2 * static_cast<size_t>(128 + stages * 64) * (p.E + p.Ev) +
+         (dkdv ? static_cast<size_t>(stages) * 2 * 64 * 4 : 0) + 1024;
+}
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
 // `aligned`: every tensor the kernels read or write has 16-byte-aligned rows (cp.async and the packed stores).
@@ -216,6 +226,39 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
          dconst && !p.deterministic;
 }
 
+// The warp-specialised kernels (fg_bwd_dkdv_wgmma_ws / fg_bwd_dq_wgmma_ws of kernels/flex_backward_wgmma.cuh: a
+// producer warpgroup loads the other side's chunks with TMA into `stages` stages on mbarriers; the same
+// arithmetic as fg_bwd_dkdv_wgmma / fg_bwd_dq_wgmma, so the same results). Each where its CTA has two warpgroups,
+// the dQ kernel runs (not with the fused dQ) and the stages fit the device's shared memory.
+// The dK/dV one stays plain with captured-tensor gradients summed by float64 atomics (cap_mode 2) at head dim 128,
+// where its consumers, held to 232 registers by setmaxnreg, spill 164 bytes (ptxas; ModCodegen's
+// BackwardWarpSpecialisedCompilesWithCapturedGradients). FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels
+// (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel; FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages
+// (benchmarking).
+struct WsChoice {
+  int stages = 0;  // 0: neither kernel is warp-specialised
+  bool dkdv = false, dq = false;
+};
+WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
+  WsChoice w;
+  if (!c.wgmma || dq_fused || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
+      !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
+    return w;
+  w.stages = 3;
+  if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
+    FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
+             "FLEXGRAD_FLEX_WGMMA_BWD_STAGES: expected 2, 3 or 4; got \"{}\"", env);
+    w.stages = env[0] - '0';
+  }
+  // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
+  constexpr size_t kStaticReserve = 8192;
+  const bool fits = ws_smem(p, w.stages, true) + kStaticReserve <= smem_limit;
+  w.dkdv = fits && c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128);
+  w.dq = fits && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
+  if (!w.dkdv && !w.dq) w.stages = 0;
+  return w;
+}
+
 // "NAME VALUE" (assemble() writes the #define).
 std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
 
@@ -278,8 +321,11 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
   const bool dq_fused = fused_dq(p, cfg, cap_mode);
+  const WsChoice ws = ws_choice(p, cfg, dq_fused, cap_mode, static_cast<size_t>(smem_optin));
   // The fused dQ's dS^T tile (kv_tile x 64 q, 16-bit).
-  const size_t smem_dkdv = cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
+  const size_t smem_dkdv = ws.dkdv ? ws_smem(p, ws.stages, true)
+                                   : cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
+  const size_t smem_dq = ws.dq ? ws_smem(p, ws.stages, false) : cfg.smem_dq;
   std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
       define("FG_NT", cfg.threads),         define("FG_USE_MMA", cfg.mma ? 1 : 0), define("FG_CAP_MODE", cap_mode),
@@ -291,9 +337,15 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
     defines.push_back(define("FG_WG_DQ", cfg.wg_dq));
     defines.push_back(define("FG_DQ_ATOMIC", dq_fused ? 1 : 0));
+    defines.push_back(define("FG_BWD_WS_DKDV", ws.dkdv ? 1 : 0));
+    defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
+    if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
   }
-  const char* dkdv_kernel = cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
-  const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize" : cfg.wgmma ? "fg_bwd_dq_wgmma" : "fg_bwd_dq";
+  const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
+  const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize"
+                          : ws.dq  ? "fg_bwd_dq_wgmma_ws"
+                          : cfg.wgmma ? "fg_bwd_dq_wgmma"
+                                      : "fg_bwd_dq";
   jit::JitSource src;
   src.name = "flex_backward";
   // flex_mma.cuh (the shared device helpers) goes between the defines and the backward template (the wgmma one
@@ -369,8 +421,31 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     }
   }
 
+  // The warp-specialised kernels' tensor maps (their third parameter): Q and dO for dK/dV, K and V for dQ. Their
+  // inputs have 16-byte-aligned rows (the wgmma kernels' condition), which every map of them accepts, so a
+  // refusal is raised.
+  struct {
+    TmaMap a, b;
+  } qmaps, kvmaps;
+  auto encode = [](TmaMap& map, const Tensor& t, const char* name) {
+    const std::string why = encode_tma_map_sw128(map, t, 64);
+    FG_CHECK(why.empty(), CudaError,
+             "flex_attention backward (CUDA): the TMA map of {} (sizes {}, strides {}, dtype {}) was refused: {}; "
+             "FLEXGRAD_FLEX_WGMMA_BWD_WS=0 runs the backward kernels without it",
+             name, fmt::join(t.sizes(), ", "), fmt::join(t.strides(), ", "), dtype_name(t.dtype()), why);
+  };
+  if (ws.dkdv) {
+    encode(qmaps.a, p.q, "query");
+    encode(qmaps.b, dout, "grad_out");
+  }
+  if (ws.dq) {
+    encode(kvmaps.a, p.k, "key");
+    encode(kvmaps.b, p.v, "value");
+  }
   void* pargs[] = {&bp};
   void* kargs[] = {&bp, &ctx.args};
+  void* dkdv_args[] = {&bp, &ctx.args, &qmaps};
+  void* dq_args[] = {&bp, &ctx.args, &kvmaps};
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (rows > 0) {
     jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + 7) / 8)}, {256}, 0, pargs, device);
@@ -381,7 +456,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
                                              : jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv),
                                                          static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)};
     jit::launch(mod->function(dkdv_kernel), grid,
-                {static_cast<unsigned>(cfg.wgmma ? 128 * cfg.wg_dkdv : cfg.threads)}, smem_dkdv, kargs, device);
+                {static_cast<unsigned>(ws.dkdv ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dkdv : cfg.threads)}, smem_dkdv,
+                ws.dkdv ? dkdv_args : kargs, device);
   }
   std::vector<bool> nonfinite(ncaps, false);
   if (cap_mode == 1) {
@@ -413,7 +489,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   } else if (nQB > 0 && p.B * p.Hq > 0) {
     jit::launch(mod->function(dq_kernel),
                 {static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)},
-                {static_cast<unsigned>(cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, cfg.smem_dq, kargs, device);
+                {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
+                ws.dq ? dq_args : kargs, device);
   }
   for (size_t c = 0; c < ncaps; ++c) {
     if (!acc[c].defined()) continue;

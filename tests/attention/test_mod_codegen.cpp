@@ -492,7 +492,8 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"causal", nullptr, &causal},
                         Case{"document", nullptr, &document}, Case{"alibi + causal", &alibi, &causal},
                         Case{"softcap + causal", &softcap, &causal}})
-  for (int fused : {0, 1}) {
+  for (int form : {0, 1, 2}) {  // plain, with the fused dQ, warp-specialised (FG_BWD_WS_DKDV, FG_BWD_WS_DQ)
+    const int fused = form == 1 ? 1 : 0;
     if (fused != 0 && c.score == &softcap) continue;  // the host keeps the dQ kernel for a varying derivative
     CudaModsInput in;
     in.score_mod = c.score;
@@ -508,13 +509,24 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
                           "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
                           "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 2", "FG_WG_DQ 2"})
       tu += std::string("#define ") + x + "\n";
-    tu += fmt::format("#define FG_DQ_ATOMIC {}\n", fused);
+    tu += fmt::format("#define FG_DQ_ATOMIC {}\n#define FG_BWD_WS_DKDV {}\n#define FG_BWD_WS_DQ {}\n", fused,
+                      form == 2 ? 1 : 0, form == 2 ? 1 : 0);
     tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
     std::string log;
     const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
     EXPECT_TRUE(err.empty()) << c.name << " fused " << fused << "\n" << err.substr(0, 20000);
     EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << c.name << " fused " << fused << ": wgmma serialised\n" << log;
     EXPECT_TRUE(has(log, "Function properties for fg_bwd_dkdv_wgmma")) << c.name << " fused " << fused << "\n" << log;
+    if (form == 2) {
+      // The warp-specialised kernels (the consumers at 232 registers by setmaxnreg) spill nothing.
+      for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
+        const size_t ws = log.find(std::string("Function properties for ") + k + "\n");
+        ASSERT_NE(ws, std::string::npos) << c.name << " " << k << "\n" << log;
+        const std::string props = log.substr(ws, log.find("Used", ws) - ws);
+        EXPECT_TRUE(has(props, " 0 bytes spill stores")) << c.name << ": " << k << " spills\n" << props;
+        std::printf("[ptxas] %s, %s: %s\n", c.name, k, log.substr(ws, 300).c_str());
+      }
+    }
     if (fused != 0) {
       EXPECT_FALSE(has(log, "fg_bwd_dq_wgmma")) << c.name << " fused " << fused << "\n" << log;
       EXPECT_TRUE(has(log, "Function properties for fg_bwd_dq_finalize")) << c.name << " fused " << fused << "\n" << log;
@@ -527,6 +539,49 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
     }
     std::printf("[ptxas] %s, fused dQ %d: %s\n", c.name, fused, log.substr(0, 1500).c_str());
   }
+}
+// The warp-specialised backward kernels with captured-tensor gradients (FG_CAP_MODE 1: the dK/dV pass's max sink
+// and the dQ pass's fixed point; 2: float64 atomics) at head dim 64 and 128: they compile, serialise no wgmma and
+// spill nothing, but for the dK/dV kernel in mode 2 at head dim 128 (164 bytes), which the host therefore keeps
+// plain (attention/cuda/flex_backward_cuda.cpp, ws_choice). NVRTC only, no GPU.
+TEST(ModCodegen, BackwardWarpSpecialisedCompilesWithCapturedGradients) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  Captured hs(floats({0.5, 1.0, 1.5}, {3}), "hs"), bias(floats({0.1, 0.2, 0.3}, {3}), "bias");
+  const ModProgram learnable =
+      trace_score_mod([hs, bias](Expr s, Expr, Expr h, Expr, Expr) { return s * hs[h] + bias[h]; });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  const ScoreModBackward g = derive_score_mod(learnable);
+  for (int e : {64, 128})
+    for (int cap : {1, 2}) {
+      CudaModsInput in;
+      in.score_mod = &learnable;
+      in.mask_mod = &causal;
+      in.score_grad = &g;
+      in.grad_needed.assign(g.captures.size(), true);
+      std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+      tu += fmt::format("#define FG_E {}\n#define FG_EV {}\n#define FG_CAP_MODE {}\n", e, e, cap);
+      for (const char* x : {"FG_IN_DTYPE 4", "FG_NT 256", "FG_USE_MMA 1", "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128",
+                            "FG_KV_TILE 128", "FG_Q_CHUNK 64", "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1",
+                            "FG_WG_DKDV 2", "FG_WG_DQ 2", "FG_DQ_ATOMIC 0", "FG_BWD_WS_DKDV 1", "FG_BWD_WS_DQ 1"})
+        tu += std::string("#define ") + x + "\n";
+      tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
+      std::string log;
+      const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
+      SCOPED_TRACE(fmt::format("E {} FG_CAP_MODE {}", e, cap));
+      EXPECT_TRUE(err.empty()) << err.substr(0, 20000);
+      EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << "wgmma serialised\n" << log;
+      for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
+        const size_t at = log.find(std::string("Function properties for ") + k + "\n");
+        ASSERT_NE(at, std::string::npos) << k << "\n" << log;
+        const std::string props = log.substr(at, log.find("Used", at) - at);
+        const bool kept_plain = e == 128 && cap == 2 && std::string(k) == "fg_bwd_dkdv_wgmma_ws";
+        EXPECT_EQ(has(props, " 0 bytes spill stores"), !kept_plain) << k << "\n" << props;
+      }
+      std::printf("[ptxas] E %d cap mode %d: %s\n", e, cap, log.c_str());
+    }
 }
 // The Hopper forward (flex_forward_wgmma.cuh) compiles with each main loop (sequential, pipelined,
 // warp-specialised with a cp.async or a TMA producer) as attention/cuda/flex_forward_cuda.cpp assembles it, with no mods, a score_mod and a

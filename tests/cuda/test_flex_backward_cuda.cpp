@@ -805,6 +805,129 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
   testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); }, "FLEXGRAD_FLEX_WGMMA_BWD_GROUP");
 }
 
+// The warp-specialised kernels (fg_bwd_dkdv_wgmma_ws, fg_bwd_dq_wgmma_ws: a producer warpgroup loads the other
+// side's chunks with TMA, or cp.async where a chunk is clipped by its block's end) run the plain kernels'
+// arithmetic in the same order, so their gradients are the plain kernels' bit for bit (FLEXGRAD_FLEX_WGMMA_BWD_WS=0),
+// at 3 stages (2 and 4 on the first case), and match the float64 golden. Cases (blocks over 64 rows: two consumer warpgroups): the
+// captured document mask (chunks clipped at L 300, past which TMA reads zeros), blocks of (48, 80) and (80, 48) with
+// E 128 (chunks clipped by their blocks: the cp.async path) and an infinite dO (K) row just past a clipped q (kv)
+// chunk, which must not reach the dK / dV (dQ) of rows it does not meet (0 * inf), GQA with a broadcast kv batch and
+// Lq != Lkv, a learnable captured bias (deterministic captured gradients), float16. A bad stage count is refused
+// only where the kernels are chosen.
+TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), stages("FLEXGRAD_FLEX_WGMMA_BWD_STAGES", nullptr);
+  // Bit equality, NaN equal to NaN.
+  auto same = [](const Tensor& a, const Tensor& b) {
+    const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
+    if (x.size() != y.size()) return false;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (!(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])))) return false;
+    return true;
+  };
+  // Each stage count is a module of its own (an NVRTC compile): every stage count on the first case only.
+  std::vector<const char*> stage_counts{"2", "3", "4"};
+  auto check_case = [&](Case c, DType dt, const char* what, const std::function<void(Inputs&)>& poison) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, dt, c.with_dlse, 17);
+    std::vector<int64_t> numel;
+    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    if (poison) poison(in);
+    ws.set("0");
+    const Grads plain = run_stub(c, in, gold, dt, kCUDA);
+    ws.set(nullptr);
+    for (const char* n : stage_counts) {
+      SCOPED_TRACE(std::string("stages ") + n);
+      stages.set(n);
+      const Grads w = run_stub(c, in, gold, dt, kCUDA);
+      EXPECT_TRUE(same(w.dk, plain.dk)) << "dk";
+      EXPECT_TRUE(same(w.dv, plain.dv)) << "dv";
+      EXPECT_TRUE(same(w.dq, plain.dq)) << "dq";
+      ASSERT_EQ(w.dcaps.size(), plain.dcaps.size());
+      for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_TRUE(same(w.dcaps[i], plain.dcaps[i])) << "dcap " << i;
+      if (!poison) {
+        EXPECT_LE(rel_err(w.dk, gold.g.dk), tol(dt)) << "dk against the golden";
+        EXPECT_LE(rel_err(w.dv, gold.g.dv), tol(dt)) << "dv against the golden";
+        EXPECT_LE(rel_err(w.dq, gold.g.dq), tol(dt)) << "dq against the golden";
+      }
+    }
+    stages.set(nullptr);
+  };
+  check_case(document_case(), kBFloat16, "document, clipped at L 300", {});
+  stage_counts = {"3"};
+  // Sliding window |q - kv| < 37 over Lq 190, Lkv 170: with blocks (bq, bkv), `row` of `name` ("dout" or "key")
+  // set to +inf; `rows` of the gradient `grad` ("dkdv" or "dq") must stay finite.
+  auto sliding = [&](BlockSize bs, const char* name, int64_t row, const char* grad, int64_t rows, const char* what) {
+    Case c;
+    const int64_t W = 37;
+    c.d = {1, 2, 190, 128, 1, 2, 170, 128};
+    c.mask = create_block_mask([W](Expr, Expr, Expr q, Expr kv) { return ((q - kv).abs() < W); }, std::nullopt,
+                               std::nullopt, 190, 170, bs);
+    c.native = native_mask([W](int, int, int q, int kv) { return std::abs(q - kv) < W; });
+    check_case(c, kBFloat16, what, {});
+    check_case(c, kFloat16, what, {});
+    const std::string key = name;
+    auto poison = [key, row](Inputs& in) {
+      Tensor& t = key == "key" ? in.k : in.dout;
+      auto v = t.to_vector();
+      const int64_t L = t.size(2), D = t.size(3);
+      for (int64_t h = 0; h < t.size(1); ++h)
+        for (int64_t e = 0; e < D; ++e) v[(h * L + row) * D + e] = kInf;
+      t = from_vector(v, t.sizes(), kFloat64);
+    };
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, kBFloat16, false, 17);
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(128.0), c.native, {});
+    poison(in);
+    const Grads g = run_stub(c, in, gold, kBFloat16, kCUDA);
+    const bool dkdv = std::string(grad) == "dkdv";
+    const int64_t L = dkdv ? 170 : 190;
+    for (const Tensor* t : dkdv ? std::vector<const Tensor*>{&g.dk, &g.dv} : std::vector<const Tensor*>{&g.dq}) {
+      const auto x = t->to(kFloat64).to_vector();
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < rows; ++j)
+          for (int64_t e = 0; e < 128; ++e)
+            ASSERT_TRUE(std::isfinite(x[(h * L + j) * 128 + e])) << what << ": head " << h << " row " << j << " col " << e;
+    }
+    check_case(c, kBFloat16, (std::string(what) + ", an infinite row").c_str(), poison);
+  };
+  // kv block 0 (kv rows 0-79) visits q blocks 0-2 (q < 116), not block 3 (rows 144-189), but a 64-row box from row
+  // 96 (q block 2, clipped to 48 rows by its block) would bring rows 144-159 into its last chunk: dO row 150 does
+  // not meet kv rows 0-79 (the warp-specialised dK/dV kernel; the dQ kernel is plain at q blocks of 48).
+  sliding(BlockSize(48, 80), "dout", 150, "dkdv", 80, "sliding window, blocks (48, 80)");
+  // The same with the sides swapped: q block 0 (rows 0-79) visits kv blocks 0-2 (kv < 116), whose last chunk (rows
+  // 96-143) a box would extend into kv block 3: K row 150 does not meet q rows 0-79 (the warp-specialised dQ).
+  sliding(BlockSize(80, 48), "key", 150, "dq", 80, "sliding window, blocks (80, 48)");
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 1, 2, 260, 64};
+    c.with_dlse = true;
+    check_case(c, kBFloat16, "GQA, broadcast kv batch, Lq != Lkv, Ev 64", {});
+  }
+  {
+    Tensor hs, tb, bi;
+    Case c = learnable_case(3, 200, hs, tb, bi);
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kBFloat16, "learnable captured bias, causal", {});
+  }
+  // The stage count is read only where the warp-specialised kernel is chosen.
+  Case c;
+  c.d = {1, 2, 128, 128, 1, 2, 128, 128};
+  stages.set("5");
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); },
+                                    "FLEXGRAD_FLEX_WGMMA_BWD_STAGES");
+  ws.set("0");
+  EXPECT_NO_THROW(run(c, kBFloat16, FlexCudaBackward::Wgmma));
+  ws.set(nullptr);
+  stages.set(nullptr);
+  ws.set("x");
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); }, "FLEXGRAD_FLEX_WGMMA_BWD_WS");
+}
+
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);

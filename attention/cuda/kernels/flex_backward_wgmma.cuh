@@ -28,9 +28,17 @@
 //   fg_bwd_dq_wgmma: a CTA of FG_WG_DQ warpgroups owns FG_Q_TILE = 64 * FG_WG_DQ q rows (Q, dO in shared
 //     memory); per kv chunk of 64 rows (K, V double-buffered): S = Q K^T, dP = dO V^T (ss, K-major), fg_entry
 //     (captured-tensor gradients here), dQ += dS K (A = dS from registers, B = K MN-major).
+//   fg_bwd_dkdv_wgmma_ws / fg_bwd_dq_wgmma_ws (FG_BWD_WS_DKDV / FG_BWD_WS_DQ, two consumer warpgroups): the same
+//     tiles, walks and arithmetic (the same results, bit for bit) with a third, producer warpgroup that loads the
+//     resident tile once and each chunk of the other side (TMA boxes from one thread; cp.async where a chunk is
+//     clipped by its block's end), its lse2 / delta and mods' parts into FG_BWD_STAGES stages, published on full
+//     mbarriers with the chunk's descriptor; the consumers wait on those and release a stage on its empty barrier,
+//     so they neither copy, walk the block lists nor meet at a CTA barrier. setmaxnreg moves registers from the
+//     producer (40) to the consumers (232). A translation unit holds one form of each kernel.
 // Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
-// fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows).
-// No producer warp, TMA or ping-pong between warpgroups yet.
+// fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows) or TMA (the same
+// layout: SWIZZLE_128B boxes of 64 columns x 64 rows).
+// No ping-pong between the consumer warpgroups yet.
 //
 // Configuration macros (attention/cuda/flex_backward_cuda.cpp), on top of flex_backward.cuh's:
 //   FG_WG_DKDV, FG_WG_DQ   warpgroups per CTA of each kernel: 1 or 2 (2 when the BlockMask's kv / q blocks hold
@@ -38,16 +46,25 @@
 //   FG_VEC 1
 //   FG_DQ_ATOMIC           1: dQ summed by the dK/dV kernel with float atomics (the host: only where the call is
 //                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
+//   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; not with
+//                          FG_DQ_ATOMIC); FG_BWD_STAGES (2-4, default 3) its stages
 // Head dims: 64 or 128 (dK, dV and the four products' accumulators stay in registers: at E = Ev = 256 the dK/dV
 // kernel would need 320 a thread). Dynamic shared memory (bytes, + 1024 to align the window for the swizzle):
 //   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
-//   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024.
+//   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024;
+//   the warp-specialised forms: FG_BWD_STAGES chunks in place of 2 (and FG_BWD_STAGES x 512 bytes of lse, delta).
 #pragma once
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
 #endif
 #ifndef FG_DQ_ATOMIC
 #define FG_DQ_ATOMIC 0
+#endif
+#ifndef FG_BWD_WS_DKDV
+#define FG_BWD_WS_DKDV 0
+#endif
+#ifndef FG_BWD_WS_DQ
+#define FG_BWD_WS_DQ 0
 #endif
 #include "flex_backward.cuh"
 #include "flex_wgmma.cuh"
@@ -105,6 +122,87 @@ __device__ __forceinline__ void fg_red_add_v2(float* dst, float a, float b) {
 }
 #endif
 
+// ---- the steps of one q chunk, shared by fg_bwd_dkdv_wgmma and fg_bwd_dkdv_wgmma_ws
+// S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 kv rows (K, V at k_addr, v_addr; the chunk's Q, dO atoms at
+// q_addr, o_addr): two commit groups, not waited for. No zeroing: the first k16 step does not accumulate.
+__device__ __forceinline__ void fg_dkdv_issue_scores(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], unsigned k_addr,
+                                                     unsigned v_addr, unsigned q_addr, unsigned o_addr) {
+  fg_wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < FG_E / 16; ++kk)
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&st[0][0], fg_desc_kmajor(k_addr, FG_KV_TILE * 128, kk),
+                                      fg_desc_kmajor(q_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+  fg_wgmma_commit();
+#pragma unroll
+  for (int kk = 0; kk < FG_EV / 16; ++kk)
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dpt[0][0], fg_desc_kmajor(v_addr, FG_KV_TILE * 128, kk),
+                                      fg_desc_kmajor(o_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+  fg_wgmma_commit();
+}
+// P^T and dS^T from the element step, packed as the gradient products' register A operands (fenced).
+__device__ __forceinline__ void fg_dkdv_pack(const float (&st)[FG_NQN][4], const float (&dpt)[FG_NQN][4],
+                                             unsigned (&ap)[FG_Q_CHUNK / 16][4], unsigned (&ad)[FG_Q_CHUNK / 16][4]) {
+#pragma unroll
+  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
+    fg_pack_c_to_a<FG_BF16>(st[2 * kq], st[2 * kq + 1], ap[kq]);
+    fg_pack_c_to_a<FG_BF16>(dpt[2 * kq], dpt[2 * kq + 1], ad[kq]);
+  }
+  fg_wgmma_fence_a(ap);
+  fg_wgmma_fence_a(ad);
+}
+// dV += P^T dO and dK += dS^T Q (k = the chunk's q rows; B MN-major), after a fg_wgmma_fence; not committed.
+__device__ __forceinline__ void fg_dkdv_issue_grads(float (&dk)[FG_E / 8][4], float (&dv)[FG_EV / 8][4],
+                                                    unsigned (&ap)[FG_Q_CHUNK / 16][4],
+                                                    unsigned (&ad)[FG_Q_CHUNK / 16][4], unsigned q_addr,
+                                                    unsigned o_addr) {
+#pragma unroll
+  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
+#pragma unroll
+    for (int a = 0; a < FG_EV / 64; ++a)
+      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dv[8 * a][0], ap[kq], fg_desc_mnmajor(o_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+#pragma unroll
+  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
+#pragma unroll
+    for (int a = 0; a < FG_E / 64; ++a)
+      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+}
+// The lane's dK (scaled) and dV rows kr0 + g (+ 8) of the tile starting at row `kvrow` of [Bkv, Hkv, Lkv].
+__device__ __forceinline__ void fg_dkdv_store(const FgBwdParams& p, const float (&dk)[FG_E / 8][4],
+                                              const float (&dv)[FG_EV / 8][4], fg_i64 kvrow, int kr0, int g, int t,
+                                              int nkv, float scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = kr0 + g + half * 8;
+    if (j >= nkv) continue;
+    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
+    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
+  }
+}
+// This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
+// n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
+// of a few heads, so that the fused dQ's atomics of CTAs running together rarely meet on one dQ row.
+__device__ __forceinline__ void fg_dkdv_tile(const FgBwdParams& p, fg_i64& tile, fg_i64& hk, fg_i64& bk) {
+  if (p.dkdv_group == 0) {
+    tile = blockIdx.x;
+    hk = blockIdx.y;
+    bk = blockIdx.z;
+  } else {
+    const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
+    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
+    const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
+    tile = in / gsize;
+    const fg_i64 bh = grp * p.dkdv_group + in % gsize;
+    bk = bh / p.Hkv;
+    hk = bh % p.Hkv;
+  }
+}
+
+#if !FG_BWD_WS_DKDV  // (a translation unit compiles the kernel the host launches, not both forms)
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_bwd_dkdv_wgmma(const FgBwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
@@ -119,23 +217,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_s* St = (fg_s*)(Ds + 2 * FG_Q_CHUNK);            // dS^T: KV_TILE x 64 (one atom; 1024-byte aligned)
 #endif
 
-  // This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
-  // n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
-  // of a few heads, so that the fused dQ's atomics of CTAs running together rarely meet on one dQ row.
   fg_i64 tile, hk, bk;
-  if (p.dkdv_group == 0) {
-    tile = blockIdx.x;
-    hk = blockIdx.y;
-    bk = blockIdx.z;
-  } else {
-    const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
-    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
-    const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
-    tile = in / gsize;
-    const fg_i64 bh = grp * p.dkdv_group + in % gsize;
-    bk = bh / p.Hkv;
-    hk = bh % p.Hkv;
-  }
+  fg_dkdv_tile(p, tile, hk, bk);
   const fg_i64 mb = tile / p.sub_kv;
   const fg_i64 kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
   const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
@@ -210,18 +293,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     const unsigned o_addr = fg_smem_addr(Os + buf * FG_Q_CHUNK * FG_EV);
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 kv rows, both in flight before either is waited on.
-    float st[FG_NQN][4], dpt[FG_NQN][4];  // no zeroing: the first k16 step does not accumulate
-    fg_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FG_E / 16; ++kk)
-      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&st[0][0], fg_desc_kmajor(k_addr, FG_KV_TILE * 128, kk),
-                                        fg_desc_kmajor(q_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-    fg_wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < FG_EV / 16; ++kk)
-      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dpt[0][0], fg_desc_kmajor(v_addr, FG_KV_TILE * 128, kk),
-                                        fg_desc_kmajor(o_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-    fg_wgmma_commit();
+    float st[FG_NQN][4], dpt[FG_NQN][4];
+    fg_dkdv_issue_scores(st, dpt, k_addr, v_addr, q_addr, o_addr);
     // While they run: this chunk's column parts and the next chunk's row parts (captured reads wait on memory).
     FgColMods<float> cm[2];
     fg_dkdv_col_parts(cm, kr0, g, nkv, partial, b, h, kv0, args);
@@ -237,13 +310,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
                      nkv, partial, b, h, q0, kv0, scale, args, sink);
     // dV += P^T dO, dK += dS^T Q (k = the chunk's q rows): A from registers, B MN-major.
     unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
-#pragma unroll
-    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
-      fg_pack_c_to_a<FG_BF16>(st[2 * kq], st[2 * kq + 1], ap[kq]);
-      fg_pack_c_to_a<FG_BF16>(dpt[2 * kq], dpt[2 * kq + 1], ad[kq]);
-    }
-    fg_wgmma_fence_a(ap);
-    fg_wgmma_fence_a(ad);
+    fg_dkdv_pack(st, dpt, ap, ad);
 #if FG_DQ_ATOMIC
     // dS^T (this warpgroup's 64 kv rows x the chunk's q columns) into the shared tile that the dQ product reads
     // as its transposed A operand: stored before `ad` becomes an in-flight product's register operand.
@@ -259,16 +326,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     asm volatile("bar.sync 1, %0;" ::"n"(FG_NT_DKDV) : "memory");  // both warpgroups' rows are in
 #endif
     fg_wgmma_fence();
-#pragma unroll
-    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
-#pragma unroll
-      for (int a = 0; a < FG_EV / 64; ++a)
-        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dv[8 * a][0], ap[kq], fg_desc_mnmajor(o_addr, FG_CHUNK_ATOM_B, a, kq), 1);
-#pragma unroll
-    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
-#pragma unroll
-      for (int a = 0; a < FG_E / 64; ++a)
-        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+    fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
 #if FG_DQ_ATOMIC
     // dQ[:, 64 wg .. 64 wg + 63] of the chunk's rows += dS K: A = dS^T from the shared tile (MN-major), B = K's
     // column atom wg (MN-major), k = the tile's 128 kv rows of both warpgroups.
@@ -302,22 +360,275 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   }
   fg_cp_async_wait<0>();
 
-  const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
+  fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
+}
+#endif  // !FG_BWD_WS_DKDV
+
+#if FG_BWD_WS_DKDV || FG_BWD_WS_DQ
+// ---- the warp-specialised kernels (FG_BWD_WS_DKDV, FG_BWD_WS_DQ): a producer warpgroup after two consumer ones
+#ifndef FG_BWD_STAGES
+#define FG_BWD_STAGES 3
+#endif
+// 384 threads launch with 168 registers each; the producer gives back what the consumers take.
+#define FG_BWD_WS_PRODUCER_REGS 40
+#define FG_BWD_WS_CONSUMER_REGS 232
+static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168),
+              "setmaxnreg: the consumers' registers must come from the producer's");
+// Tensor maps: boxes of 64 columns x 64 rows, 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
+// Initialises the once barrier (`once`: the producer threads' 128 cp.async completions of what is loaded once),
+// the stages' full barriers (the producer threads' 128 arrivals, each first raising the pending count for its
+// cp.async, plus the TMA bytes thread 0 expects) and empty ones (the 8 consumer warps), then a CTA barrier (the
+// only one).
+__device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* once, unsigned long long* full,
+                                                    unsigned long long* empty) {
+  if (threadIdx.x == 0) {
+    fg_mbar_init(fg_smem_addr(once), 128);
+    for (int st = 0; st < FG_BWD_STAGES; ++st) {
+      fg_mbar_init(fg_smem_addr(&full[st]), 128);
+      fg_mbar_init(fg_smem_addr(&empty[st]), 8);
+    }
+    fg_mbar_fence_init();
+  }
+  __syncthreads();
+}
+#endif
+
+#if FG_BWD_WS_DKDV
+// The warp-specialised dK/dV kernel: the same tile, walk and arithmetic as fg_bwd_dkdv_wgmma (so the same results,
+// bit for bit), with the copies taken off the computing warps. A third warpgroup, the producer, loads K and V once
+// and each q chunk's Q, dO (TMA from one thread: one box per 64-column atom), lse2 and delta (cp.async) and mods'
+// row parts into FG_BWD_STAGES stages, and publishes each on a full mbarrier with the chunk's (b, h, q0, rows,
+// partial); the two consumer warpgroups wait on those barriers and release a stage on its empty barrier once
+// their products have read it, so neither copies, walks the block lists or meets the other at a CTA barrier.
+// Registers move from the producer to the consumers with setmaxnreg (FG_BWD_WS_*_REGS).
+#if FG_WG_DKDV != 2 || FG_DQ_ATOMIC
+#error "fg_bwd_dkdv_wgmma_ws: two consumer warpgroups and the dQ kernel (no FG_DQ_ATOMIC)"
+#endif
+// Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous.
+struct FgBwdQMaps {
+  FgTmaMap q, dout;
+};
+// What the producer publishes with a stage; rows == 0: the walk is over.
+struct FgBwdChunk {
+  fg_i64 q0;
+  int b, h, rows, partial;
+};
+
+extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
+    fg_bwd_dkdv_wgmma_ws(const FgBwdParams p, const FgModArgs args, const __grid_constant__ FgBwdQMaps maps) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
+  fg_s* Ks = (fg_s*)smem;                                         // E / 64 atoms of KV_TILE x 64
+  fg_s* Vs = Ks + FG_KV_TILE * FG_E;                              // Ev / 64 atoms of KV_TILE x 64
+  fg_s* Qs = Vs + FG_KV_TILE * FG_EV;                             // FG_BWD_STAGES x E / 64 atoms of 64 x 64
+  fg_s* Os = Qs + FG_BWD_STAGES * FG_Q_CHUNK * FG_E;              // FG_BWD_STAGES x Ev / 64 atoms (dO)
+  float* Ls = (float*)(Os + FG_BWD_STAGES * FG_Q_CHUNK * FG_EV);  // FG_BWD_STAGES x [Q_CHUNK] lse2
+  float* Ds = Ls + FG_BWD_STAGES * FG_Q_CHUNK;                    // FG_BWD_STAGES x [Q_CHUNK] delta
+  __shared__ __align__(8) unsigned long long bar_kv, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
+  __shared__ FgBwdChunk chunk[FG_BWD_STAGES];
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgRowMods<float> q_mods[FG_BWD_STAGES][FG_Q_CHUNK];
+#endif
+
+  fg_i64 tile, hk, bk;
+  fg_dkdv_tile(p, tile, hk, bk);
+  const fg_i64 mb = tile / p.sub_kv;
+  const fg_i64 kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
+  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
+  if (kv0 >= kv_end) return;
+  const int nkv = (int)(kv_end - kv0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  fg_ws_init_barriers(&bar_kv, bar_full, bar_empty);  // K and V are loaded once
+
+  if (warp >= FG_NT_DKDV / 32) {  // the producer warpgroup
+    fg_setmaxnreg_dec<FG_BWD_WS_PRODUCER_REGS>();
+    const int pt = threadIdx.x - FG_NT_DKDV;  // 0 .. 127
+    fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E, pt,
+                                   128);
+    fg_load_rows<FG_KV_TILE, true>(Vs, 0, p.v + bk * p.vs_b + hk * p.vs_h + kv0 * p.vs_l, p.vs_l, nkv, FG_EV, FG_EV,
+                                   pt, 128);
+    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
+    FgQWalk w;
+    w.start(p, bk, hk, mb);
+    for (int j = 0;; ++j) {
+      const int st = j % FG_BWD_STAGES;
+      if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
+      const unsigned bar = fg_smem_addr(&bar_full[st]);
+      if (w.done()) {
+        if (pt == 0) chunk[st].rows = 0;
+        fg_mbar_arrive(bar);
+        break;
+      }
+      const int n = w.nq();
+      const int b = (int)w.b, h = (int)w.h;
+      const fg_i64 q0 = w.q0, row0 = (w.b * p.Hq + w.h) * p.Lq + q0;
+      fg_s* qd = Qs + st * FG_Q_CHUNK * FG_E;
+      fg_s* od = Os + st * FG_Q_CHUNK * FG_EV;
+      // The kernels' contract is zeros past the chunk's rows (a masked q row's dO must not reach dV: 0 * inf).
+      // TMA boxes are whole 64-row chunks, zeros only past Lq: a chunk clipped by its block's end is copied.
+      if (n == FG_Q_CHUNK || q0 + n == p.Lq) {
+        if (pt == 0) {
+          fg_mbar_expect_tx(bar, FG_Q_CHUNK * (FG_E + FG_EV) * 2);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = kr0 + g + half * 8;
-    if (j >= nkv) continue;
-    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
-    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
+          for (int a = 0; a < FG_E / 64; ++a)
+            fg_tma_load_4d(fg_smem_addr(qd + a * FG_Q_CHUNK * 64), &maps.q, 64 * a, (int)q0, h, b, bar);
 #pragma unroll
-    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
+          for (int a = 0; a < FG_EV / 64; ++a)
+            fg_tma_load_4d(fg_smem_addr(od + a * FG_Q_CHUNK * 64), &maps.dout, 64 * a, (int)q0, h, b, bar);
+        }
+      } else {
+        fg_load_rows<FG_Q_CHUNK, true>(qd, 0, p.q + w.b * p.qs_b + w.h * p.qs_h + q0 * p.qs_l, p.qs_l, n, FG_E, FG_E,
+                                       pt, 128);
+        fg_load_rows<FG_Q_CHUNK, true>(od, 0, p.dout + row0 * FG_EV, FG_EV, n, FG_EV, FG_EV, pt, 128);
+      }
+      {  // thread pt: lse2 (pt < 64) or delta of chunk row pt % 64
+        const int r = pt % FG_Q_CHUNK;
+        const bool ok = r < n;
+        const fg_t* src = pt < FG_Q_CHUNK ? p.lse2 : p.delta;
+        float* dst = (pt < FG_Q_CHUNK ? Ls : Ds) + st * FG_Q_CHUNK + r;
+        fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
+      }
+      fg_cp_async_mbar_arrive_inc(bar);
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      if (pt < n) fg_row_mods(q_mods[st][pt], true, w.partial(), b, h, (int)(q0 + pt), args);
+#endif
+      if (pt == 0) {
+        chunk[st].q0 = q0;
+        chunk[st].b = b;
+        chunk[st].h = h;
+        chunk[st].rows = n;
+        chunk[st].partial = w.partial() ? 1 : 0;
+      }
+      fg_mbar_arrive(bar);
+      w.next(p);
+    }
+    fg_cp_async_wait<0>();
+    return;
+  }
+
+  // The consumers: warp i of the CTA owns kv rows 16 i .. 16 i + 15 as in fg_bwd_dkdv_wgmma.
+  fg_setmaxnreg_inc<FG_BWD_WS_CONSUMER_REGS>();
+  const int g = lane >> 2, t = lane & 3;
+  const int kr0 = warp * 16;
+  const int wg = warp >> 2;
+  float dk[FG_E / 8][4], dv[FG_EV / 8][4];
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  const FgMaxSink max_sink = fg_dkdv_sink(p);
+  const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
+  const float scale = (float)p.scale;
+  const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
+  fg_mbar_wait(fg_smem_addr(&bar_kv), 0);
+  for (int j = 0;; ++j) {
+    const int st = j % FG_BWD_STAGES;
+    fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+    fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+    const FgBwdChunk c = chunk[st];
+    if (c.rows == 0) break;
+    const bool partial = c.partial != 0;
+    const unsigned q_addr = fg_smem_addr(Qs + st * FG_Q_CHUNK * FG_E);
+    const unsigned o_addr = fg_smem_addr(Os + st * FG_Q_CHUNK * FG_EV);
+    float st_[FG_NQN][4], dpt[FG_NQN][4];
+    fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
+    FgColMods<float> cm[2];
+    fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st_[0][0]);
+    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
+    fg_dkdv_elements(st_, dpt, Ls + st * FG_Q_CHUNK, Ds + st * FG_Q_CHUNK, FG_BWD_MODS(q_mods[st]), cm, kr0, g, t,
+                     c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
+    unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
+    fg_dkdv_pack(st_, dpt, ap, ad);
+    fg_wgmma_fence();
+    fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
+    fg_wgmma_commit();
+    fg_wgmma_wait<0>();
+    fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
+    fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
+    fg_wgmma_fence_a(ap);
+    fg_wgmma_fence_a(ad);
+    __syncwarp();
+    if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
+  }
+  fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
+}
+#endif  // FG_BWD_WS_DKDV
+
+#if !FG_DQ_ATOMIC  // else the dK/dV kernel sums dQ
+// ---- the steps of one kv chunk, shared by fg_bwd_dq_wgmma and fg_bwd_dq_wgmma_ws
+// S = Q K^T and dP = dO V^T for the warpgroup's 64 q rows (Q, dO at q_addr, o_addr in Q_TILE-row atoms; the chunk's
+// K, V at k_addr, v_addr): two commit groups, not waited for.
+__device__ __forceinline__ void fg_dq_issue_scores(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4], unsigned q_addr,
+                                                   unsigned o_addr, unsigned k_addr, unsigned v_addr) {
+  fg_wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < FG_E / 16; ++kk)
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&s[0][0], fg_desc_kmajor(q_addr, FG_Q_TILE * 128, kk),
+                                      fg_desc_kmajor(k_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+  fg_wgmma_commit();
+#pragma unroll
+  for (int kk = 0; kk < FG_EV / 16; ++kk)
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
+                                      fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+  fg_wgmma_commit();
+}
+// The element step once the chunk's score products (the two newest groups) are issued: s <- dS (pre-mod). Where
+// the entry splits (FG_SPLIT_ENTRY), in two halves: s <- P as soon as S has landed, while dP is still being
+// computed, then dS; else fg_dq_elements once both have landed (captured gradients to `sink`).
+template <class Sink>
+__device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                                     const float (&dl)[2], const bool (&rv)[2],
+                                                     const FgRowMods<float> (&rmods)[2],
+                                                     const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
+                                                     bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
+                                                     const FgModArgs& args, const Sink* sink) {
+#if FG_SPLIT_ENTRY
+  (void)sink;
+  fg_wgmma_wait<1>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+  const unsigned vm = fg_dq_elements_p(s, l2, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args);
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+  fg_dq_elements_ds(s, dp, dl, vm);
+#else
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+  fg_dq_elements(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
+#endif
+}
+// dQ += dS K (k = the chunk's kv rows; B = K MN-major at k_addr): dS packed into a16 (kept live until the product
+// is waited for), one commit group, not waited for.
+__device__ __forceinline__ void fg_dq_issue_grad(float (&dq)[FG_E / 8][4], const float (&s)[FG_NKN][4],
+                                                 unsigned (&a16)[FG_KV_CHUNK / 16][4], unsigned k_addr) {
+#pragma unroll
+  for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
+  fg_wgmma_fence_a(a16);
+  fg_wgmma_fence();
+#pragma unroll
+  for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc)
+#pragma unroll
+    for (int a = 0; a < FG_E / 64; ++a)
+      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
+  fg_wgmma_commit();
+}
+// The lane's dQ rows qr0 + g (+ 8) (scaled) of the tile starting at row `row0` of [B, Hq, Lq].
+__device__ __forceinline__ void fg_dq_store(const FgBwdParams& p, const float (&dq)[FG_E / 8][4], fg_i64 row0, int qr0,
+                                            int g, int t, const bool (&rv)[2], float scale) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    if (!rv[hf]) continue;
+    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
 #pragma unroll
     for (int nb = 0; nb < FG_E / 8; ++nb)
-      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
+      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
   }
 }
 
-#if !FG_DQ_ATOMIC  // else the dK/dV kernel sums dQ
+#if !FG_BWD_WS_DQ
 extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const FgBwdParams p, const FgModArgs args) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
   unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
@@ -379,6 +690,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 #if !FG_SPLIT_ENTRY
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
+#else
+  const FgDqSink* sink = nullptr;  // (no captured gradients where the entry splits)
 #endif
   const float scale = (float)p.scale;
   // This warpgroup's 64 rows of Q and dO (8 KiB into each atom).
@@ -411,17 +724,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 
     // S = Q K^T and dP = dO V^T, both in flight before either is waited on.
     float s[FG_NKN][4], dp[FG_NKN][4];
-    fg_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < FG_E / 16; ++kk)
-      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&s[0][0], fg_desc_kmajor(q_addr, FG_Q_TILE * 128, kk),
-                                        fg_desc_kmajor(k_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-    fg_wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < FG_EV / 16; ++kk)
-      fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
-                                        fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-    fg_wgmma_commit();
+    fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
     // The previous chunk's dQ product (the oldest group) is done for this warpgroup, and after the barrier for
     // every one: the other buffer (that chunk's K, V) takes the next chunk.
     fg_wgmma_wait<2>();
@@ -434,50 +737,185 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
     if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
 #endif
-#if FG_SPLIT_ENTRY
-    // element-wise in two halves: s <- P as soon as S has landed, while dP is still being computed; then
-    // s <- dS (pre-mod). The same entries as fg_dq_elements.
-    fg_wgmma_wait<1>();
-    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
-    const unsigned vm = fg_dq_elements_p(s, l2, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b,
-                                         (int)h, q0, kv0, scale, args);
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
-    fg_dq_elements_ds(s, dp, dl, vm);
-#else
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
-    fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
-
-    // element-wise: s <- dS (pre-mod), as fg_bwd_dq
-    fg_dq_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h, q0, kv0, scale,
-                   args, sink);
-#endif
+    fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h,
+                         q0, kv0, scale, args, sink);
     // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major; waited for in the next iteration.
-#pragma unroll
-    for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc) fg_pack_c_to_a<FG_BF16>(s[2 * kc], s[2 * kc + 1], a16[kc]);
-    fg_wgmma_fence_a(a16);
-    fg_wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc)
-#pragma unroll
-      for (int a = 0; a < FG_E / 64; ++a)
-        fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
-    fg_wgmma_commit();
+    fg_dq_issue_grad(dq, s, a16, k_addr);
   }
   fg_wgmma_wait<0>();
   fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
   fg_wgmma_fence_a(a16);
   fg_cp_async_wait<0>();
+  fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
+}
+#endif  // !FG_BWD_WS_DQ
+
+#if FG_BWD_WS_DQ
+// The warp-specialised dQ kernel: fg_bwd_dq_wgmma's tile, walk and arithmetic (the same results, bit for bit) with a
+// producer warpgroup that loads Q and dO once and each kv chunk's K, V (TMA; cp.async where a chunk is clipped by
+// its block's end) and mods' column parts into FG_BWD_STAGES stages on full mbarriers. A consumer warp releases a
+// chunk's stage once that chunk's dQ product (which reads K, and runs on into the next chunk) has completed.
+#if FG_WG_DQ != 2
+#error "fg_bwd_dq_wgmma_ws: two consumer warpgroups"
+#endif
+// K's and V's maps are 4-d (E, Lkv, Hkv, Bkv) and (Ev, Lkv, Hkv, Bkv) with the tensors' strides.
+struct FgBwdKvMaps {
+  FgTmaMap k, v;
+};
+// What the producer publishes with a stage; rows == 0: the walk is over.
+struct FgBwdKvChunk {
+  fg_i64 kv0;
+  int rows, partial;
+};
+
+extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
+    fg_bwd_dq_wgmma_ws(const FgBwdParams p, const FgModArgs args, const __grid_constant__ FgBwdKvMaps maps) {
+  extern __shared__ __align__(16) unsigned char fg_smem_raw[];
+  unsigned char* const smem = fg_aligned_smem(fg_smem_raw);
+  fg_s* Qs = (fg_s*)smem;                                // E / 64 atoms of Q_TILE x 64
+  fg_s* Os = Qs + FG_Q_TILE * FG_E;                      // Ev / 64 atoms of Q_TILE x 64 (dO)
+  fg_s* Ks = Os + FG_Q_TILE * FG_EV;                     // FG_BWD_STAGES x E / 64 atoms of 64 x 64
+  fg_s* Vs = Ks + FG_BWD_STAGES * FG_KV_CHUNK * FG_E;    // FG_BWD_STAGES x Ev / 64 atoms of 64 x 64
+  __shared__ __align__(8) unsigned long long bar_q, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
+  __shared__ FgBwdKvChunk chunk[FG_BWD_STAGES];
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  __shared__ FgColMods<float> kv_mods[FG_BWD_STAGES][FG_KV_CHUNK];
+#endif
+
+  // Last q blocks first, as fg_bwd_dq_wgmma.
+  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+  const fg_i64 mb = bx / p.sub_q;
+  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
+  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
+  if (q0 >= q_end) return;
+  const int nq = (int)(q_end - q0);
+  const fg_i64 h = blockIdx.y, b = blockIdx.z;
+  const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+  fg_ws_init_barriers(&bar_q, bar_full, bar_empty);  // Q and dO are loaded once
+
+  if (warp >= FG_NT_DQ / 32) {  // the producer warpgroup
+    fg_setmaxnreg_dec<FG_BWD_WS_PRODUCER_REGS>();
+    const int pt = threadIdx.x - FG_NT_DQ;  // 0 .. 127
+    fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E, pt, 128);
+    fg_load_rows<FG_Q_TILE, true>(Os, 0, p.dout + row0 * FG_EV, FG_EV, nq, FG_EV, FG_EV, pt, 128);
+    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
+    const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
+    const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
+    FgKvWalk w;
+    w.row = fg_row(p.kvl, b, h, mb);
+    w.bi = 0;
+    w.settle(p);
+    for (int j = 0;; ++j) {
+      const int st = j % FG_BWD_STAGES;
+      if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
+      const unsigned bar = fg_smem_addr(&bar_full[st]);
+      if (w.done()) {
+        if (pt == 0) chunk[st].rows = 0;
+        fg_mbar_arrive(bar);
+        break;
+      }
+      const int n = w.nkv();
+      const fg_i64 kv0 = w.kv0;
+      fg_s* kd = Ks + st * FG_KV_CHUNK * FG_E;
+      fg_s* vd = Vs + st * FG_KV_CHUNK * FG_EV;
+      // Zeros past the chunk's rows (a masked column's K row must not reach dQ: 0 * inf); TMA boxes are whole
+      // 64-row chunks, zeros only past Lkv: a chunk clipped by its block's end is copied.
+      if (n == FG_KV_CHUNK || kv0 + n == p.Lkv) {
+        if (pt == 0) {
+          fg_mbar_expect_tx(bar, FG_KV_CHUNK * (FG_E + FG_EV) * 2);
+#pragma unroll
+          for (int a = 0; a < FG_E / 64; ++a)
+            fg_tma_load_4d(fg_smem_addr(kd + a * FG_KV_CHUNK * 64), &maps.k, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
+#pragma unroll
+          for (int a = 0; a < FG_EV / 64; ++a)
+            fg_tma_load_4d(fg_smem_addr(vd + a * FG_KV_CHUNK * 64), &maps.v, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
+        }
+      } else {
+        fg_load_rows<FG_KV_CHUNK, true>(kd, 0, kbase + kv0 * p.ks_l, p.ks_l, n, FG_E, FG_E, pt, 128);
+        fg_load_rows<FG_KV_CHUNK, true>(vd, 0, vbase + kv0 * p.vs_l, p.vs_l, n, FG_EV, FG_EV, pt, 128);
+        fg_cp_async_mbar_arrive_inc(bar);
+      }
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+      if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, w.partial(), (int)b, (int)h, (int)(kv0 + pt), args);
+#endif
+      if (pt == 0) {
+        chunk[st].kv0 = kv0;
+        chunk[st].rows = n;
+        chunk[st].partial = w.partial() ? 1 : 0;
+      }
+      fg_mbar_arrive(bar);
+      w.next(p);
+    }
+    fg_cp_async_wait<0>();
+    return;
+  }
+
+  // The consumers: warp i of the CTA owns q rows 16 i .. 16 i + 15 as in fg_bwd_dq_wgmma.
+  fg_setmaxnreg_inc<FG_BWD_WS_CONSUMER_REGS>();
+  const int g = lane >> 2, t = lane & 3;
+  const int qr0 = warp * 16;
+  const int wg = warp >> 2;
+  float l2[2], dl[2];
+  bool rv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    if (!rv[hf]) continue;
-    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
-#pragma unroll
-    for (int nb = 0; nb < FG_E / 8; ++nb)
-      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
+    const int i = qr0 + g + 8 * hf;
+    rv[hf] = i < nq;
+    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
+    dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
+  // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first: the first
+  // chunk's flag says whether the row has any).
+  fg_mbar_wait(fg_smem_addr(&bar_full[0]), 0);
+  const FgBwdKvChunk first = chunk[0];
+  FgRowMods<float> rmods[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf)
+    if (rv[hf] && first.rows > 0)
+      fg_row_mods(rmods[hf], true, first.partial != 0, (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
+  float dq[FG_E / 8][4];
+#pragma unroll
+  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#if !FG_SPLIT_ENTRY
+  const FgDqSink cap_sink = fg_dq_sink(p);
+  const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
+#else
+  const FgDqSink* sink = nullptr;  // (no captured gradients where the entry splits)
+#endif
+  const float scale = (float)p.scale;
+  const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
+  fg_mbar_wait(fg_smem_addr(&bar_q), 0);
+  unsigned a16[FG_KV_CHUNK / 16][4] = {};
+  for (int j = 0;; ++j) {
+    const int st = j % FG_BWD_STAGES;
+    fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+    fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+    const FgBwdKvChunk c = chunk[st];
+    if (c.rows == 0) break;
+    const unsigned k_addr = fg_smem_addr(Ks + st * FG_KV_CHUNK * FG_E);
+    const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
+    float s[FG_NKN][4], dp[FG_NKN][4];
+    fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
+    // The previous chunk's dQ product (the oldest group) is done: its stage goes back to the producer.
+    fg_wgmma_wait<2>();
+    fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+    fg_wgmma_fence_a(a16);
+    if (j > 0) {
+      __syncwarp();
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
+    }
+    fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, c.rows, c.partial != 0, (int)b,
+                         (int)h, q0, c.kv0, scale, args, sink);
+    fg_dq_issue_grad(dq, s, a16, k_addr);
+  }
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+  fg_wgmma_fence_a(a16);
+  fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
 }
+#endif  // FG_BWD_WS_DQ
 #endif  // !FG_DQ_ATOMIC
 
 #if FG_DQ_ATOMIC

@@ -114,11 +114,8 @@ __device__ __forceinline__ void fg_issue_pv(float (&o)[1][FG_EV / 8][4], const u
 #if !FG_VEC
 #error "flex_fwd_wgmma: FG_WGMMA_TMA needs FG_VEC"
 #endif
-// Host mirror: a CUtensorMap (cuda.h) is 128 opaque bytes, 64-byte aligned. K's and V's maps are 4-d
-// (E, Lkv, Hkv, Bkv) with the tensors' own strides, box (64, FG_BN, 1, 1), 128-byte swizzle.
-struct __align__(64) FgTmaMap {
-  unsigned long long opaque[16];
-};
+// K's and V's maps (FgTmaMap, flex_wgmma.cuh) are 4-d (E, Lkv, Hkv, Bkv) with the tensors' own strides, box
+// (64, FG_BN, 1, 1), 128-byte swizzle.
 struct FgTmaMaps {
   FgTmaMap k, v;
 };

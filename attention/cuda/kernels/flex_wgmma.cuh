@@ -143,6 +143,12 @@ __device__ __forceinline__ void fg_mbar_expect_tx(unsigned addr, unsigned bytes)
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(addr), "r"(bytes) : "memory");
 }
 
+// Host mirror of a CUtensorMap (cuda.h; attention/cuda/tma_map.h): 128 opaque bytes, 64-byte aligned, passed as a
+// __grid_constant__ kernel parameter.
+struct __align__(64) FgTmaMap {
+  unsigned long long opaque[16];
+};
+
 // TMA (sm_90): a box of a 4-d tensor described by `map` (a CUtensorMap in kernel parameter space,
 // __grid_constant__, built on the host by cuTensorMapEncodeTiled) at coordinates (c0, c1, c2, c3), innermost
 // first, into shared memory at dst (1024-byte aligned for the 128-byte swizzle); its bytes complete_tx on the
