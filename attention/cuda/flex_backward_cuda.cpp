@@ -21,7 +21,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -241,7 +240,9 @@ struct WsChoice {
 };
 WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
   WsChoice w;
-  if (!c.wgmma || dq_fused || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
+  // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
+  const bool empty = p.B * p.Hq * p.Lq * p.Bkv * p.Hkv * p.Lkv == 0;
+  if (!c.wgmma || dq_fused || empty || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
       !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
     return w;
   w.stages = 3;
