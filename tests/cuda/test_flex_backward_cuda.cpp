@@ -807,13 +807,13 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
 
 // The warp-specialised kernels (fg_bwd_dkdv_wgmma_ws, fg_bwd_dq_wgmma_ws: a producer warpgroup loads the other
 // side's chunks with TMA, or cp.async where a chunk is clipped by its block's end) run the plain kernels'
-// arithmetic in the same order, so their gradients are the plain kernels' bit for bit (FLEXGRAD_FLEX_WGMMA_BWD_WS=0),
-// at 3 stages (2 and 4 on the first case), and match the float64 golden. Cases (blocks over 64 rows: two consumer warpgroups): the
-// captured document mask (chunks clipped at L 300, past which TMA reads zeros), blocks of (48, 80) and (80, 48) with
-// E 128 (chunks clipped by their blocks: the cp.async path) and an infinite dO (K) row just past a clipped q (kv)
-// chunk, which must not reach the dK / dV (dQ) of rows it does not meet (0 * inf), GQA with a broadcast kv batch and
-// Lq != Lkv, a learnable captured bias (deterministic captured gradients), float16. A bad stage count is refused
-// only where the kernels are chosen.
+// arithmetic in the same order, so their gradients are the plain kernels' bit for bit
+// (FLEXGRAD_FLEX_WGMMA_BWD_WS=0), at 3 stages (2 and 4 on the first case), and match the float64 golden. Cases
+// (blocks over 64 rows: two consumer warpgroups): the captured document mask (chunks clipped at L 300, past which
+// TMA reads zeros), blocks of (48, 80) and (80, 48) with E 128 (chunks clipped by their blocks: the cp.async path)
+// and an infinite dO (K) row just past a clipped q (kv) chunk, which must not reach the dK / dV (dQ) of rows it
+// does not meet (0 * inf), GQA with a broadcast kv batch and Lq != Lkv, a learnable captured bias (deterministic
+// captured gradients), float16. A bad stage count is refused only where the kernels are chosen.
 TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), stages("FLEXGRAD_FLEX_WGMMA_BWD_STAGES", nullptr);
@@ -890,7 +890,8 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
       for (int64_t h = 0; h < 2; ++h)
         for (int64_t j = 0; j < rows; ++j)
           for (int64_t e = 0; e < 128; ++e)
-            ASSERT_TRUE(std::isfinite(x[(h * L + j) * 128 + e])) << what << ": head " << h << " row " << j << " col " << e;
+            ASSERT_TRUE(std::isfinite(x[(h * L + j) * 128 + e]))
+                << what << ": head " << h << " row " << j << " col " << e;
     }
     check_case(c, kBFloat16, (std::string(what) + ", an infinite row").c_str(), poison);
   };

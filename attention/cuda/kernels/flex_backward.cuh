@@ -695,6 +695,37 @@ __device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int
   }
 }
 
+// The tensor-core kernels' epilogues (mma.sync and wgmma alike: C-fragment accumulators, one writer per element).
+// The lane's dK (scaled) and dV rows kr0 + g (+ 8) of the tile starting at row `kvrow` of [Bkv, Hkv, Lkv].
+__device__ __forceinline__ void fg_dkdv_store(const FgBwdParams& p, const float (&dk)[FG_E / 8][4],
+                                              const float (&dv)[FG_EV / 8][4], fg_i64 kvrow, int kr0, int g, int t,
+                                              int nkv, float scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = kr0 + g + half * 8;
+    if (j >= nkv) continue;
+    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
+    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
+  }
+}
+// The lane's dQ rows qr0 + g (+ 8) (scaled) of the tile starting at row `row0` of [B, Hq, Lq].
+__device__ __forceinline__ void fg_dq_store(const FgBwdParams& p, const float (&dq)[FG_E / 8][4], fg_i64 row0, int qr0,
+                                            int g, int t, const bool (&rv)[2], float scale) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    if (!rv[hf]) continue;
+    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
+#pragma unroll
+    for (int nb = 0; nb < FG_E / 8; ++nb)
+      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
+  }
+}
+
 // The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
 // kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
 // lse2 (fg_lse2) and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
@@ -932,19 +963,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   }
   fg_cp_async_wait<0>();
 
-  const fg_i64 kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = kr0 + g + half * 8;
-    if (j >= nkv) continue;
-    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
-    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
-#pragma unroll
-    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
-#pragma unroll
-    for (int nb = 0; nb < FG_E / 8; ++nb)
-      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
-  }
+  fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdParams p, const FgModArgs args) {
@@ -1070,14 +1089,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
     __syncthreads();
   }
   fg_cp_async_wait<0>();
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    if (!rv[hf]) continue;
-    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
-#pragma unroll
-    for (int nb = 0; nb < FG_E / 8; ++nb)
-      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
-  }
+  fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
 }
 #endif  // !FG_BWD_WGMMA
 #endif  // FG_USE_MMA

@@ -166,23 +166,6 @@ __device__ __forceinline__ void fg_dkdv_issue_grads(float (&dk)[FG_E / 8][4], fl
     for (int a = 0; a < FG_E / 64; ++a)
       fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
 }
-// The lane's dK (scaled) and dV rows kr0 + g (+ 8) of the tile starting at row `kvrow` of [Bkv, Hkv, Lkv].
-__device__ __forceinline__ void fg_dkdv_store(const FgBwdParams& p, const float (&dk)[FG_E / 8][4],
-                                              const float (&dv)[FG_EV / 8][4], fg_i64 kvrow, int kr0, int g, int t,
-                                              int nkv, float scale) {
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = kr0 + g + half * 8;
-    if (j >= nkv) continue;
-    unsigned* dvr = (unsigned*)(p.dv + (kvrow + j) * FG_EV);
-    unsigned* dkr = (unsigned*)(p.dk + (kvrow + j) * FG_E);
-#pragma unroll
-    for (int nb = 0; nb < FG_EV / 8; ++nb) dvr[nb * 4 + t] = fg_pack2<FG_BF16>(dv[nb][2 * half], dv[nb][2 * half + 1]);
-#pragma unroll
-    for (int nb = 0; nb < FG_E / 8; ++nb)
-      dkr[nb * 4 + t] = fg_pack2<FG_BF16>(dk[nb][2 * half] * scale, dk[nb][2 * half + 1] * scale);
-  }
-}
 // This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
 // n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
 // of a few heads, so that the fused dQ's atomics of CTAs running together rarely meet on one dQ row.
@@ -579,8 +562,8 @@ __device__ __forceinline__ void fg_dq_issue_scores(float (&s)[FG_NKN][4], float 
 // the entry splits (FG_SPLIT_ENTRY), in two halves: s <- P as soon as S has landed, while dP is still being
 // computed, then dS; else fg_dq_elements once both have landed (captured gradients to `sink`).
 template <class Sink>
-__device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4], const float (&l2)[2],
-                                                     const float (&dl)[2], const bool (&rv)[2],
+__device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4],
+                                                     const float (&l2)[2], const float (&dl)[2], const bool (&rv)[2],
                                                      const FgRowMods<float> (&rmods)[2],
                                                      const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
                                                      bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
@@ -614,18 +597,6 @@ __device__ __forceinline__ void fg_dq_issue_grad(float (&dq)[FG_E / 8][4], const
     for (int a = 0; a < FG_E / 64; ++a)
       fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
   fg_wgmma_commit();
-}
-// The lane's dQ rows qr0 + g (+ 8) (scaled) of the tile starting at row `row0` of [B, Hq, Lq].
-__device__ __forceinline__ void fg_dq_store(const FgBwdParams& p, const float (&dq)[FG_E / 8][4], fg_i64 row0, int qr0,
-                                            int g, int t, const bool (&rv)[2], float scale) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    if (!rv[hf]) continue;
-    unsigned* dqr = (unsigned*)(p.dq + (row0 + qr0 + g + 8 * hf) * FG_E);
-#pragma unroll
-    for (int nb = 0; nb < FG_E / 8; ++nb)
-      dqr[nb * 4 + t] = fg_pack2<FG_BF16>(dq[nb][2 * hf] * scale, dq[nb][2 * hf + 1] * scale);
-  }
 }
 
 #if !FG_BWD_WS_DQ
