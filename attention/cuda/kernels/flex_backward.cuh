@@ -667,6 +667,11 @@ struct FgKvWalk {
       }
     }
   }
+  __device__ void start(const FgBwdParams& p, fg_i64 b, fg_i64 h, fg_i64 mb) {  // q block mb of (b, h)
+    row = fg_row(p.kvl, b, h, mb);
+    bi = 0;
+    settle(p);
+  }
   __device__ void next(const FgBwdParams& p) {
     kv0 += FG_KV_CHUNK;
     if (kv0 < khi) return;
@@ -695,6 +700,43 @@ __device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int
   }
 }
 
+// The tensor-core dK/dV kernels' CTA: (kv batch bk, kv head hk), BlockMask kv block mb and its rows kv0 .. kv0 +
+// nkv (a tile of FG_KV_TILE); false for a tile past its block's end. With p.dkdv_group = n > 0 (the wgmma kernels;
+// the mma.sync ones launch the 3-d grid) the grid is one dimension in groups of n pairs, the pairs fastest: the
+// CTAs running at once hold a few kv tiles of many heads rather than every tile of a few heads, so that the fused
+// dQ's atomics of CTAs running together rarely meet on one dQ row.
+__device__ __forceinline__ bool fg_dkdv_cta(const FgBwdParams& p, fg_i64& bk, fg_i64& hk, fg_i64& mb, fg_i64& kv0,
+                                            int& nkv) {
+  fg_i64 tile;
+  if (p.dkdv_group == 0) {
+    tile = blockIdx.x;
+    hk = blockIdx.y;
+    bk = blockIdx.z;
+  } else {
+    const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
+    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
+    const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
+    tile = in / gsize;
+    const fg_i64 bh = grp * p.dkdv_group + in % gsize;
+    bk = bh / p.Hkv;
+    hk = bh % p.Hkv;
+  }
+  mb = tile / p.sub_kv;
+  kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
+  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
+  nkv = (int)(kv_end - kv0);
+  return kv0 < kv_end;
+}
+// The dQ kernels' CTA: BlockMask q block mb and its rows q0 .. q0 + nq (a tile of FG_Q_TILE); false for a tile past
+// its block's end. Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
+__device__ __forceinline__ bool fg_dq_cta(const FgBwdParams& p, fg_i64& mb, fg_i64& q0, int& nq) {
+  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+  mb = bx / p.sub_q;
+  q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
+  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
+  nq = (int)(q_end - q0);
+  return q0 < q_end;
+}
 // The tensor-core kernels' epilogues (mma.sync and wgmma alike: C-fragment accumulators, one writer per element).
 // The lane's dK (scaled) and dV rows kr0 + g (+ 8) of the tile starting at row `kvrow` of [Bkv, Hkv, Lkv].
 __device__ __forceinline__ void fg_dkdv_store(const FgBwdParams& p, const float (&dk)[FG_E / 8][4],
@@ -843,12 +885,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   float* Ls = (float*)(Os + 2 * FG_Q_CHUNK * FG_LDEV);  // 2 x [Q_CHUNK] lse2
   float* Ds = Ls + 2 * FG_Q_CHUNK;                      // 2 x [Q_CHUNK] delta
 
-  const fg_i64 mb = blockIdx.x / p.sub_kv;
-  const fg_i64 kv0 = mb * p.block_kv + (blockIdx.x % p.sub_kv) * FG_KV_TILE;
-  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
-  if (kv0 >= kv_end) return;
-  const int nkv = (int)(kv_end - kv0);
-  const fg_i64 hk = blockIdx.y, bk = blockIdx.z;
+  fg_i64 bk, hk, mb, kv0;
+  int nkv;
+  if (!fg_dkdv_cta(p, bk, hk, mb, kv0, nkv)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kr0 = warp * 16;
 
@@ -973,13 +1012,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   fg_s* Ks = Os + FG_Q_TILE * FG_LDEV;         // 2 x [KV_CHUNK][LDE]
   fg_s* Vs = Ks + 2 * FG_KV_CHUNK * FG_LDE;    // 2 x [KV_CHUNK][LDEV]
 
-  // Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
-  const unsigned bx = gridDim.x - 1 - blockIdx.x;
-  const fg_i64 mb = bx / p.sub_q;
-  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
-  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
-  if (q0 >= q_end) return;
-  const int nq = (int)(q_end - q0);
+  fg_i64 mb, q0;
+  int nq;
+  if (!fg_dq_cta(p, mb, q0, nq)) return;
   const fg_i64 h = blockIdx.y, b = blockIdx.z;
   const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -991,9 +1026,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
   const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
   FgKvWalk w;
-  w.row = fg_row(p.kvl, b, h, mb);
-  w.bi = 0;
-  w.settle(p);
+  w.start(p, b, h, mb);
   auto issue = [&](const FgKvWalk& s, int buf) {
     fg_mma_load<FG_KV_CHUNK, FG_E, FG_NT>(Ks + buf * FG_KV_CHUNK * FG_LDE, kbase, p.ks_l, s.kv0, s.nkv());
     fg_mma_load<FG_KV_CHUNK, FG_EV, FG_NT>(Vs + buf * FG_KV_CHUNK * FG_LDEV, vbase, p.vs_l, s.kv0, s.nkv());

@@ -166,25 +166,6 @@ __device__ __forceinline__ void fg_dkdv_issue_grads(float (&dk)[FG_E / 8][4], fl
     for (int a = 0; a < FG_E / 64; ++a)
       fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
 }
-// This CTA's kv tile and (kv batch, kv head). With p.dkdv_group = n > 0 the grid is one dimension in groups of
-// n pairs, the pairs fastest: the CTAs running at once hold a few kv tiles of many heads rather than every tile
-// of a few heads, so that the fused dQ's atomics of CTAs running together rarely meet on one dQ row.
-__device__ __forceinline__ void fg_dkdv_tile(const FgBwdParams& p, fg_i64& tile, fg_i64& hk, fg_i64& bk) {
-  if (p.dkdv_group == 0) {
-    tile = blockIdx.x;
-    hk = blockIdx.y;
-    bk = blockIdx.z;
-  } else {
-    const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
-    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
-    const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
-    tile = in / gsize;
-    const fg_i64 bh = grp * p.dkdv_group + in % gsize;
-    bk = bh / p.Hkv;
-    hk = bh % p.Hkv;
-  }
-}
-
 #if !FG_BWD_WS_DKDV  // (a translation unit compiles the kernel the host launches, not both forms)
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_bwd_dkdv_wgmma(const FgBwdParams p, const FgModArgs args) {
@@ -200,13 +181,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_s* St = (fg_s*)(Ds + 2 * FG_Q_CHUNK);            // dS^T: KV_TILE x 64 (one atom; 1024-byte aligned)
 #endif
 
-  fg_i64 tile, hk, bk;
-  fg_dkdv_tile(p, tile, hk, bk);
-  const fg_i64 mb = tile / p.sub_kv;
-  const fg_i64 kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
-  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
-  if (kv0 >= kv_end) return;
-  const int nkv = (int)(kv_end - kv0);
+  fg_i64 bk, hk, mb, kv0;
+  int nkv;
+  if (!fg_dkdv_cta(p, bk, hk, mb, kv0, nkv)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kr0 = warp * 16;  // this warp's kv rows in the tile
   const int wg = warp >> 2;   // its warpgroup: rows 64 wg .. 64 wg + 63
@@ -357,7 +334,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 #define FG_BWD_WS_CONSUMER_REGS 232
 static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
-// Tensor maps: boxes of 64 columns x 64 rows, 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
 // Initialises the once barrier (`once`: the producer threads' 128 cp.async completions of what is loaded once),
 // the stages' full barriers (the producer threads' 128 arrivals, each first raising the pending count for its
 // cp.async, plus the TMA bytes thread 0 expects) and empty ones (the 8 consumer warps), then a CTA barrier (the
@@ -387,7 +363,8 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* once, un
 #if FG_WG_DKDV != 2 || FG_DQ_ATOMIC
 #error "fg_bwd_dkdv_wgmma_ws: two consumer warpgroups and the dQ kernel (no FG_DQ_ATOMIC)"
 #endif
-// Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous.
+// Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous; boxes of 64 columns x 64 rows,
+// 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
 struct FgBwdQMaps {
   FgTmaMap q, dout;
 };
@@ -413,13 +390,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   __shared__ FgRowMods<float> q_mods[FG_BWD_STAGES][FG_Q_CHUNK];
 #endif
 
-  fg_i64 tile, hk, bk;
-  fg_dkdv_tile(p, tile, hk, bk);
-  const fg_i64 mb = tile / p.sub_kv;
-  const fg_i64 kv0 = mb * p.block_kv + (tile % p.sub_kv) * FG_KV_TILE;
-  const fg_i64 kv_end = min(min(mb * p.block_kv + p.block_kv, kv0 + (fg_i64)FG_KV_TILE), p.Lkv);
-  if (kv0 >= kv_end) return;
-  const int nkv = (int)(kv_end - kv0);
+  fg_i64 bk, hk, mb, kv0;
+  int nkv;
+  if (!fg_dkdv_cta(p, bk, hk, mb, kv0, nkv)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   fg_ws_init_barriers(&bar_kv, bar_full, bar_empty);  // K and V are loaded once
@@ -608,13 +581,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   fg_s* Ks = Os + FG_Q_TILE * FG_EV;        // 2 buffers of E / 64 atoms of 64 x 64
   fg_s* Vs = Ks + 2 * FG_KV_CHUNK * FG_E;   // 2 buffers of Ev / 64 atoms of 64 x 64
 
-  // Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
-  const unsigned bx = gridDim.x - 1 - blockIdx.x;
-  const fg_i64 mb = bx / p.sub_q;
-  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
-  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
-  if (q0 >= q_end) return;
-  const int nq = (int)(q_end - q0);
+  fg_i64 mb, q0;
+  int nq;
+  if (!fg_dq_cta(p, mb, q0, nq)) return;
   const fg_i64 h = blockIdx.y, b = blockIdx.z;
   const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -628,9 +597,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
   const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
   FgKvWalk w;
-  w.row = fg_row(p.kvl, b, h, mb);
-  w.bi = 0;
-  w.settle(p);
+  w.start(p, b, h, mb);
   auto issue = [&](const FgKvWalk& s, int buf) {
     fg_load_rows<FG_KV_CHUNK, true>(Ks + buf * FG_KV_CHUNK * FG_E, 0, kbase + s.kv0 * p.ks_l, p.ks_l, s.nkv(), FG_E,
                                     FG_E, threadIdx.x, FG_NT_DQ);
@@ -729,7 +696,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 #if FG_WG_DQ != 2
 #error "fg_bwd_dq_wgmma_ws: two consumer warpgroups"
 #endif
-// K's and V's maps are 4-d (E, Lkv, Hkv, Bkv) and (Ev, Lkv, Hkv, Bkv) with the tensors' strides.
+// K's and V's maps are 4-d (E, Lkv, Hkv, Bkv) and (Ev, Lkv, Hkv, Bkv) with the tensors' strides; boxes as Q's.
 struct FgBwdKvMaps {
   FgTmaMap k, v;
 };
@@ -753,13 +720,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   __shared__ FgColMods<float> kv_mods[FG_BWD_STAGES][FG_KV_CHUNK];
 #endif
 
-  // Last q blocks first, as fg_bwd_dq_wgmma.
-  const unsigned bx = gridDim.x - 1 - blockIdx.x;
-  const fg_i64 mb = bx / p.sub_q;
-  const fg_i64 q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
-  const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
-  if (q0 >= q_end) return;
-  const int nq = (int)(q_end - q0);
+  fg_i64 mb, q0;
+  int nq;
+  if (!fg_dq_cta(p, mb, q0, nq)) return;
   const fg_i64 h = blockIdx.y, b = blockIdx.z;
   const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -775,9 +738,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
     const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
     FgKvWalk w;
-    w.row = fg_row(p.kvl, b, h, mb);
-    w.bi = 0;
-    w.settle(p);
+    w.start(p, b, h, mb);
     for (int j = 0;; ++j) {
       const int st = j % FG_BWD_STAGES;
       if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
