@@ -62,7 +62,9 @@ constexpr int64_t kMaxHeadDim = 256;
 struct TileConfig {
   bool mma = false;
   bool wgmma = false;  // flex_fwd_wgmma (then mma too: a bf16 / f16 tensor-core kernel)
-  int pipe = 0;  // flex_fwd_wgmma's main loop (FG_WGMMA_PIPE): 0 sequential, 1 pipelined, 2 warp-specialised
+  int pipe = 0;  // flex_fwd_wgmma's main loop (FG_WGMMA_PIPE): 0 sequential, 1 pipelined, 2 warp-specialised,
+                 // 3 warp-specialised with the consumers' intra-warpgroup overlap
+  bool pingpong = false;  // FG_WGMMA_PINGPONG: pipe 3's consumer warpgroups take turns issuing their products
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -168,12 +170,14 @@ std::string wgmma_unsupported(const FlexProblem& p, const std::string& arch) {
 }
 
 // FLEXGRAD_FLEX_WGMMA_PIPE: flex_fwd_wgmma's main loop, 0 the sequential one, 1 the pipelined one, 2 the
-// warp-specialised one (A/B); unset: `fallback`.
+// warp-specialised one, 3 the warp-specialised one with the consumers' intra-warpgroup overlap (A/B); unset:
+// `fallback`.
 int wgmma_pipe_env(int fallback) {
   const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_PIPE");
   if (env == nullptr || *env == '\0') return fallback;
   const std::string v(env);
-  FG_CHECK(v == "0" || v == "1" || v == "2", ValueError, "FLEXGRAD_FLEX_WGMMA_PIPE: expected 0, 1 or 2; got \"{}\"", v);
+  FG_CHECK(v == "0" || v == "1" || v == "2" || v == "3", ValueError,
+           "FLEXGRAD_FLEX_WGMMA_PIPE: expected 0, 1, 2 or 3; got \"{}\"", v);
   return v[0] - '0';
 }
 // FLEXGRAD_FLEX_WGMMA_BN: 64 or 128 overrides flex_fwd_wgmma's kv sub-tile (tuning); unset: 0, the default rule.
@@ -224,8 +228,12 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   // sequential loop. The warp-specialised loop moves registers from its producer warpgroup to two consumer
   // warpgroups (setmaxnreg); with one (BM 64) every thread already has 255, so that shape keeps the sequential
   // loop, whatever FLEXGRAD_FLEX_WGMMA_PIPE asks (a tuning knob; the tests pass 2 across shapes).
+  // FG_WGMMA_PIPE 3 (FLEXGRAD_FLEX_WGMMA_PIPE=3; opt-in until the H200 has timed it against 2) overlaps each
+  // consumer's softmax of sub-tile j with its P V of sub-tile j - 1, as the pipelined loop does; with
+  // FLEXGRAD_FLEX_WGMMA_PINGPONG=1 its two consumer warpgroups also take turns issuing their products.
   c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? 2 : 0);
-  if (c.pipe == 2 && c.bm != 128) c.pipe = 0;
+  if (c.pipe >= 2 && c.bm != 128) c.pipe = 0;
+  c.pingpong = c.pipe == 3 && env_switch("FLEXGRAD_FLEX_WGMMA_PINGPONG").value_or(false);
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
   const bool pipe_spills = c.pipe == 1 && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
   c.bn = wide || small_kv || pipe_spills ? 64 : 128;
@@ -303,9 +311,10 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
       "FG_MIN_BLOCKS " + std::to_string(cfg.min_blocks),
   };
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
+  if (cfg.pingpong) defines.push_back("FG_WGMMA_PINGPONG 1");
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
-  const bool tma = cfg.wgmma && cfg.pipe == 2 && vec && p.Lkv > 0 && wgmma_tma_env();
+  const bool tma = cfg.wgmma && cfg.pipe >= 2 && vec && p.Lkv > 0 && wgmma_tma_env();
   if (tma) {
     wgmma_tma_maps(p, cfg, maps);
     defines.push_back("FG_WGMMA_TMA 1");
@@ -319,9 +328,9 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   src.kernels = {kernel};
   auto mod = jit::get_module(src, device);
   void* args[] = {&a, &ctx.args, &maps};  // the maps only when FG_WGMMA_TMA (the kernel's third parameter)
-  // FG_WGMMA_PIPE 2 adds its producer warpgroup to the consumer warps.
+  // FG_WGMMA_PIPE 2 and 3 add their producer warpgroup to the consumer warps.
   const unsigned threads =
-      cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe == 2 ? 128 : 0)) : 256u;
+      cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe >= 2 ? 128 : 0)) : 256u;
   jit::launch(mod->function(kernel), jit::Dim3{static_cast<unsigned>(a.n_qtiles), static_cast<unsigned>(p.Hq),
                                                static_cast<unsigned>(p.B)},
               jit::Dim3{threads, 1, 1}, cfg.smem, args, device);

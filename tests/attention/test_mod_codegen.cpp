@@ -606,7 +606,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal}}) {
-    for (auto [pipe, tma] : {std::pair{0, 0}, {1, 0}, {2, 0}, {2, 1}}) {
+    for (auto [pipe, tma, pingpong] : {std::tuple{0, 0, 0}, {1, 0, 0}, {2, 0, 0}, {2, 1, 0}, {3, 1, 0}, {3, 1, 1}, {3, 0, 1}}) {
       CudaModsInput in;
       in.score_mod = c.score;
       in.mask_mod = c.mask;
@@ -614,21 +614,25 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       for (const std::string& x : {std::string("FG_ELEM 4"), std::string("FG_E 128"), std::string("FG_EV 128"),
                                    std::string("FG_BM 128"), std::string("FG_BN 128"), std::string("FG_WARPS 8"),
                                    std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
-                                   fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma)})
+                                   fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma),
+                                   fmt::format("FG_WGMMA_PINGPONG {}", pingpong)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;
       const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
-      EXPECT_TRUE(err.empty()) << c.name << " pipe " << pipe << " tma " << tma << "\n" << err.substr(0, 20000);
-      EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ"))
-          << c.name << " pipe " << pipe << " tma " << tma << ": wgmma serialised\n" << log;
+      SCOPED_TRACE(fmt::format("{}, FG_WGMMA_PIPE {}, FG_WGMMA_TMA {}, FG_WGMMA_PINGPONG {}", c.name, pipe, tma, pingpong));
+      EXPECT_TRUE(err.empty()) << err.substr(0, 20000);
+      EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ")) << "wgmma serialised\n" << log;
       // The warp-specialised kernel's registers are split by setmaxnreg (flex_forward_wgmma.cuh): the consumers'
-      // 232 must hold every program without spilling. The producer's 40 do not hold a captured mask's column
-      // parts (32 bytes spill there; the split that avoids it was slower, see FG_WS_PRODUCER_REGS).
-      if (pipe == 2 && c.mask != &document) {
-        EXPECT_TRUE(has(log, " 0 bytes spill stores")) << c.name << " tma " << tma << ": spills\n" << log;
+      // 232 must hold every program without spilling but a captured mask's. The producer's 40 do not hold that
+      // mask's column parts (32 bytes spill there; the split that avoids it was slower, see FG_WS_PRODUCER_REGS),
+      // and FG_WGMMA_PIPE 3's consumers, which hold P_{j-1} through the mods step, spill ~32 bytes on its int64
+      // ids (offline, nvcc 13.0; a 24 / 240 split spilled 40-64 bytes in every program's producer).
+      if (pipe >= 2 && c.mask != &document) {
+        EXPECT_TRUE(has(log, " 0 bytes spill stores")) << "spills\n" << log;
       }
-      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d: %s\n", c.name, pipe, tma, log.substr(0, 600).c_str());
+      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d, FG_WGMMA_PINGPONG %d: %s\n", c.name, pipe, tma,
+                  pingpong, log.substr(0, 600).c_str());
     }
   }
 }

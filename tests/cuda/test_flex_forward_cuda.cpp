@@ -618,8 +618,9 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
   }
 }
 
-// flex_fwd_wgmma's three main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, the default, 1: pipelined, 2:
-// warp-specialised) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
+// flex_fwd_wgmma's main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, 2: warp-specialised, the
+// default on 128-row tiles, 3: warp-specialised with the intra-warpgroup overlap, "3pp": the same with
+// FLEXGRAD_FLEX_WGMMA_PINGPONG=1, the consumer warpgroups taking turns) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
 // get wrong: rows of one sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V stages,
 // their mbarrier phases and the column-part buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 /
 // 256, score mods with column parts.
@@ -636,7 +637,9 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
     SCOPED_TRACE(std::string("PIPE=") + std::get<1>(GetParam()) + " BN=" + bn);
     check_case(c, std::get<0>(GetParam()), FlexCudaForward::Wgmma, 7);
   }
-  ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", std::get<1>(GetParam())};
+  const std::string pipe_name_ = std::get<1>(GetParam());
+  ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", pipe_name_.substr(0, 1).c_str()};
+  ScopedEnv pingpong_{"FLEXGRAD_FLEX_WGMMA_PINGPONG", pipe_name_.size() > 1 ? "1" : "0"};
 };
 
 TEST_P(FlexWgmmaPipeline, OneSubTileRowsAndHeadDims) {
@@ -704,7 +707,7 @@ TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexWgmmaPipeline,
-                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1", "2"),
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1", "2", "3", "3pp"),
                                             ::testing::Values("64", "128")),
                          [](const auto& info) {
                            return std::string(dtype_name(std::get<0>(info.param))) + "_pipe" +
@@ -718,8 +721,14 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
   o.kernel.cuda_forward = FlexCudaForward::Wgmma;
   Tensor q = randn({1, 2, 64, 64}).to(kBFloat16).to(cuda);
   {
-    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "3");
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "4");
     testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_PIPE");
+  }
+  {
+    ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "3");
+    ScopedEnv pingpong("FLEXGRAD_FLEX_WGMMA_PINGPONG", "yes");
+    Tensor q128 = randn({1, 2, 128, 64}).to(kBFloat16).to(cuda);  // a 128-row tile: the loop that reads the knob
+    testing::expect_error<ValueError>([&] { flex_attention(q128, q128, q128, o); }, "FLEXGRAD_FLEX_WGMMA_PINGPONG");
   }
   {
     ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "96");

@@ -27,8 +27,10 @@
 // softmax of S_j runs while P_{j-1} V_{j-1} is in flight (wgmma.wait_group 1); the schedule and why it is
 // peeled are at the loop. FG_WGMMA_PIPE 2 is warp-specialised: a producer warpgroup loads K / V into two stages
 // (TMA for whole sub-tiles with FG_WGMMA_TMA, else cp.async) signalled by mbarriers, and the two consumer
-// warpgroups, no longer held together by CTA barriers, run the sequential loop's steps each at its own pace (no
-// enforced ping-pong order yet).
+// warpgroups, no longer held together by CTA barriers, run the sequential loop's steps each at its own pace.
+// FG_WGMMA_PIPE 3 is the same producer with FG_WGMMA_PIPE 1's intra-warpgroup overlap in each consumer (the
+// softmax of S_j while P_{j-1} V_{j-1} runs), and FG_WGMMA_PINGPONG 1 makes its two consumer warpgroups take
+// turns issuing their products (FlashAttention-3's inter-warpgroup schedule).
 //
 // Configuration macros (set by attention/cuda/flex_forward_cuda.cpp):
 //   FG_ELEM        FG_DT_BFLOAT16 | FG_DT_FLOAT16
@@ -38,8 +40,11 @@
 //   FG_WARPS       4 or 8 (one or two consumer warpgroups)
 //   FG_VEC, FG_MIN_BLOCKS  as flex_fwd_mma
 //   FG_WGMMA_PIPE  1: the pipelined main loop, 0: the sequential one, 2: the warp-specialised one (a producer
-//                  warpgroup, FG_WARPS 8 only; FLEXGRAD_FLEX_WGMMA_PIPE)
-//   FG_WGMMA_TMA   1 (FG_WGMMA_PIPE 2 and FG_VEC only): the producer loads whole K / V sub-tiles with TMA through
+//                  warpgroup, FG_WARPS 8 only; FLEXGRAD_FLEX_WGMMA_PIPE), 3: the warp-specialised one with
+//                  the consumers' intra-warpgroup overlap
+//   FG_WGMMA_PINGPONG  1 (FG_WGMMA_PIPE 3 only): the consumer warpgroups issue their products in turn (named
+//                  barriers 1 and 2; FLEXGRAD_FLEX_WGMMA_PINGPONG)
+//   FG_WGMMA_TMA   1 (FG_WGMMA_PIPE 2 or 3, and FG_VEC only): the producer loads whole K / V sub-tiles with TMA through
 //                  the tensor maps of the kernel's third parameter (one thread, one copy per 64-column atom);
 //                  0 or undefined: cp.async by the producer's 128 threads
 // Dynamic shared memory: (BM * E + 2 * BN * (E + Ev)) * 2 bytes + 1024 (the window is aligned to 1024 bytes
@@ -59,20 +64,29 @@
 #error "flex_fwd_wgmma: FG_BN is 64 or 128, FG_WARPS 4 or 8, FG_BM 16 * FG_WARPS"
 #endif
 
-#if !defined(FG_WGMMA_PIPE) || !(FG_WGMMA_PIPE == 0 || FG_WGMMA_PIPE == 1 || FG_WGMMA_PIPE == 2)
-#error "flex_fwd_wgmma: FG_WGMMA_PIPE is 0, 1 or 2 (set by the host)"
+#if !defined(FG_WGMMA_PIPE) || !(FG_WGMMA_PIPE >= 0 && FG_WGMMA_PIPE <= 3)
+#error "flex_fwd_wgmma: FG_WGMMA_PIPE is 0, 1, 2 or 3 (set by the host)"
+#endif
+// The warp-specialised loops (a producer warpgroup feeding two consumer warpgroups): 2, and 3 with the
+// consumers' intra-warpgroup overlap.
+#define FG_WGMMA_WS (FG_WGMMA_PIPE >= 2)
+#ifndef FG_WGMMA_PINGPONG
+#define FG_WGMMA_PINGPONG 0
+#endif
+#if FG_WGMMA_PINGPONG && FG_WGMMA_PIPE != 3
+#error "flex_fwd_wgmma: FG_WGMMA_PINGPONG orders FG_WGMMA_PIPE 3's consumers"
 #endif
 
 #define FG_IS_BF16 (FG_ELEM == FG_DT_BFLOAT16)
-#define FG_NT (FG_WARPS * 32)  // the consumer threads (all but FG_WGMMA_PIPE 2's producer warpgroup)
-#if FG_WGMMA_PIPE == 2
+#define FG_NT (FG_WARPS * 32)  // the consumer threads (all but the warp-specialised loops' producer warpgroup)
+#if FG_WGMMA_WS
 #if FG_WARPS != 8
-#error "flex_fwd_wgmma: FG_WGMMA_PIPE 2 runs two consumer warpgroups (FG_WARPS 8)"
+#error "flex_fwd_wgmma: FG_WGMMA_PIPE 2 and 3 run two consumer warpgroups (FG_WARPS 8)"
 #endif
 #define FG_NT_LAUNCH (FG_NT + 128)  // + the producer warpgroup
 #else
 #if defined(FG_WGMMA_TMA) && FG_WGMMA_TMA
-#error "flex_fwd_wgmma: FG_WGMMA_TMA needs FG_WGMMA_PIPE 2"
+#error "flex_fwd_wgmma: FG_WGMMA_TMA needs FG_WGMMA_PIPE 2 or 3"
 #endif
 #define FG_NT_LAUNCH FG_NT
 #endif
@@ -124,7 +138,7 @@ struct FgTmaMaps {
 #define FG_FWD_WGMMA_EXTRA_PARAMS
 #endif
 
-#if FG_WGMMA_PIPE == 2
+#if FG_WGMMA_WS
 // The registers setmaxnreg gives each role. ptxas launches the kernel with 65536 / FG_NT_LAUNCH rounded down to
 // 8 a thread (168 for 384 threads); setmaxnreg.inc blocks until the CTA's pool holds the registers asked for,
 // and only the producer's decrease fills it, so a split the launch does not cover hangs the kernel (as 232 / 48
@@ -190,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   float o[1][FG_EV / 8][4];  // the P V accumulators: Ev / 64 m64n64 atoms, atom a = o[0][8 a .. 8 a + 7]
   float m[1][2], l[1][2];
   bool saw_nan[1][2];        // a NaN score next to a +inf max (fg_row_end)
-#if FG_WGMMA_PIPE != 2
+#if !FG_WGMMA_WS
   fg_frag_init(o, m, l, saw_nan);
 #endif
 
@@ -310,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
   }
-#elif FG_WGMMA_PIPE == 2
+#elif FG_WGMMA_WS
   // Warp-specialised: an extra warpgroup is a producer that copies Q once and every sub-tile's K and V
   // (TMA from one thread for whole sub-tiles with FG_WGMMA_TMA, else cp.async by its 128 threads) into two
   // stages, evaluates the sub-tile's mod column parts, and signals each stage on an mbarrier when its copies
@@ -385,6 +399,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
     fg_mbar_wait(fg_smem_addr(&bar_q), 0);
     FgTile cur = fg_first_tile(p, rt);
+#if FG_WGMMA_PIPE == 2
     for (int j = 0; cur.i < rt.n_total; ++j) {
       const int st = j & 1;
       const unsigned phase = (j >> 1) & 1;
@@ -423,6 +438,104 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));
       cur = nxt;
     }
+#else
+    // FG_WGMMA_PIPE 3: FlashAttention-3's intra-warpgroup overlap on the producer's stages. Per sub-tile j >= 1
+    //   wait K_j and V_{j-1};  O *= corr_{j-1};  issue S_j = Q K_j^T and O += P_{j-1} V_{j-1};
+    //   wait for S_j only;  mods + softmax -> P_j, corr_j (while P_{j-1} V_{j-1} runs);  release K_j;
+    //   wait for P V;  release V_{j-1};  pack P_j
+    // with sub-tile 0's S and softmax before the loop and the last P V after it (peeled as FG_WGMMA_PIPE 1's:
+    // a wgmma issued under a branch serialises them all). V_j is released one sub-tile later than in
+    // FG_WGMMA_PIPE 2; the producer, which loads K_{j+1} only after V_j, still runs one sub-tile ahead.
+    // With FG_WGMMA_PINGPONG the two warpgroups also take turns issuing their products (named barriers 1 and
+    // 2), so that one's softmax runs while the other's products hold the tensor cores.
+    if (cur.i < rt.n_total) {
+      float s[1][FG_BN / 8][4];          // S_j, then P_j in f32
+      unsigned pa[FG_BN / 16][4];       // P_{j-1} as A fragments
+      float corr[1][2];                 // O's factor for the P V of the sub-tile last softmaxed
+      const unsigned k_addr = fg_smem_addr(Ks), v_addr = fg_smem_addr(Vs);
+      // Mods, bounds and the online softmax of S_j (stage st), then K_j and its column parts released.
+      auto softmax = [&](const FgTile& t, int st) {
+        const bool partial = t.i < rt.n_partial;
+        const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                            t.n0 + FG_BN <= t.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[st], b, h, args);
+#else
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
+#endif
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));
+        fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
+      };
+      auto pack_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
+      };
+#if FG_WGMMA_PINGPONG
+      if (wg == 1) fg_named_arrive(1, 2 * 128);  // warpgroup 0 issues first
+#endif
+      FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+      int j = 0;
+      fg_mbar_wait(fg_smem_addr(&bar_k_full[0]), 0);
+      fg_fence_proxy_async();
+#if FG_WGMMA_PINGPONG
+      fg_named_sync(1 + wg, 2 * 128);
+#endif
+      fg_wgmma_fence();
+      fg_issue_qk(s, q_addr, k_addr);
+#if FG_WGMMA_PINGPONG
+      fg_named_arrive(2 - wg, 2 * 128);
+#endif
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+      softmax(cur, 0);
+      pack_p();
+      while (nxt.i < rt.n_total) {
+        cur = nxt;
+        nxt = fg_next_tile<FG_BN>(p, rt, cur);
+        ++j;
+        const int st = j & 1, pst = st ^ 1;
+        fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), (j >> 1) & 1);
+        fg_mbar_wait(fg_smem_addr(&bar_v_full[pst]), ((j - 1) >> 1) & 1);
+        fg_fence_proxy_async();
+        fg_frag_rescale_o(o, corr);  // O is not in flight
+#if FG_WGMMA_PINGPONG
+        fg_named_sync(1 + wg, 2 * 128);
+#endif
+        fg_wgmma_fence();
+        fg_issue_qk(s, q_addr, k_addr + st * (FG_BN * FG_E * 2));
+        fg_issue_pv(o, pa, v_addr + pst * (FG_BN * FG_EV * 2));
+#if FG_WGMMA_PINGPONG
+        fg_named_arrive(2 - wg, 2 * 128);
+#endif
+        fg_wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+        fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+        softmax(cur, st);
+        fg_wgmma_wait<0>();  // P_{j-1} V_{j-1}: O and pa are free, and V_{j-1}'s stage
+        fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+        fg_wgmma_fence_operands_u<FG_BN / 4>(&pa[0][0]);
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[pst]));
+        pack_p();
+      }
+      const int st = j & 1;
+      fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), (j >> 1) & 1);
+      fg_fence_proxy_async();
+      fg_frag_rescale_o(o, corr);
+#if FG_WGMMA_PINGPONG
+      fg_named_sync(1 + wg, 2 * 128);
+#endif
+      fg_wgmma_fence();
+      fg_issue_pv(o, pa, v_addr + st * (FG_BN * FG_EV * 2));
+#if FG_WGMMA_PINGPONG
+      // Warpgroup 1's last turn is not passed on: warpgroup 0 waits once per issue and warpgroup 1 passed it
+      // the first turn, so every arrival meets a wait (no named barrier is left half-arrived at exit).
+      if (wg == 0) fg_named_arrive(2, 2 * 128);
+#endif
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+    }
+#endif
     fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
   }
 #else
@@ -511,7 +624,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     buf ^= 1;
   }
 #endif
-#if FG_WGMMA_PIPE != 2  // (the warp-specialised consumers store their rows above)
+#if !FG_WGMMA_WS  // (the warp-specialised consumers store their rows above)
   fg_cp_async_wait<0>();
 
   // Epilogue: out = O / l (0 for empty rows), lse = m + ln l (-inf when empty), max_scores = m.

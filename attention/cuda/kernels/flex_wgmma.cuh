@@ -172,6 +172,15 @@ __device__ __forceinline__ void fg_mbar_wait(unsigned addr, unsigned phase) {
       : "memory");
 }
 
+// Named CTA barriers (ids 1-15; 0 is __syncthreads): `threads` (a multiple of 32) must reach barrier `id`, the
+// ones that sync wait there, the ones that arrive go on. Used where two warpgroups take turns.
+__device__ __forceinline__ void fg_named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void fg_named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Warpgroup register reallocation (every warp of the warpgroup executes it): the producer warpgroup of the
 // warp-specialised loop gives registers back, the consumers take them (their sum stays within the SM's 64K).
 template <int N>
