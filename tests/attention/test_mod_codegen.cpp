@@ -576,9 +576,24 @@ TEST(ModCodegen, BackwardWarpSpecialisedCompilesWithCapturedGradients) {
       for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
         const size_t at = log.find(std::string("Function properties for ") + k + "\n");
         ASSERT_NE(at, std::string::npos) << k << "\n" << log;
-        const std::string props = log.substr(at, log.find("Used", at) - at);
-        const bool kept_plain = e == 128 && cap == 2 && std::string(k) == "fg_bwd_dkdv_wgmma_ws";
-        EXPECT_EQ(has(props, " 0 bytes spill stores"), !kept_plain) << k << "\n" << props;
+        const std::string props = log.substr(at, log.find("Function properties for ", at + 1) - at);
+        const bool dq = std::string(k) == "fg_bwd_dq_wgmma_ws";
+        const bool kept_plain = e == 128 && cap == 2 && !dq;
+        if (dq) {
+          // The dQ step replays the recorded contributions in a rolled loop (FgCapDefer, flex_backward.cuh):
+          // its two arrays are the thread's 256-byte stack frame, and ptxas spills up to 48 bytes around the
+          // loop (at E 64 too: not the accumulators) where the unrolled form had none but took ptxas 3-6 s.
+          const size_t sp = props.find("bytes spill stores");
+          ASSERT_NE(sp, std::string::npos) << props;
+          const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+          EXPECT_LE(spilled, 48) << props;
+        } else {
+          EXPECT_EQ(has(props, " 0 bytes spill stores"), !kept_plain) << k << "\n" << props;
+        }
+        // Issue 13: one variant compiles in under 2 s cold; ptxas reports each kernel's own time.
+        const size_t ct = props.find("Compile time = ");
+        ASSERT_NE(ct, std::string::npos) << props;
+        EXPECT_LT(std::atof(props.c_str() + ct + 15), 2000.0) << k << " ptxas time\n" << props;
       }
       std::printf("[ptxas] E %d cap mode %d: %s\n", e, cap, log.c_str());
     }

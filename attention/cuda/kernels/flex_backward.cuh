@@ -227,6 +227,27 @@ __device__ __forceinline__ FgDqSink fg_dq_sink(const FgBwdParams&) {
 }
 #endif
 
+// A sink that defers (the dQ kernels' element step, fg_dq_elements): fg_entry hands it the entry's scaled score
+// and dS w.r.t. the modified score instead of calling fg_cap_grad, and the step replays them in a rolled loop
+// afterwards: one copy of the generated gradient code and of the sink's shuffles and atomics per kernel instead
+// of one per entry (ptxas took 3-6 s for a dQ kernel with captured gradients when every entry had its own).
+// `score` / `grad` are the thread's arrays of the chunk's entries, `k` this entry's slot.
+struct FgCapDefer {
+  fg_t* score;
+  fg_t* grad;
+  int k;
+};
+template <class Sink>
+__device__ __forceinline__ void fg_entry_cap(const Sink& sink, fg_t s, fg_t ds, int b, int h, int qi, int kj,
+                                             const FgModArgs& args) {
+  fg_cap_grad<fg_t, Sink>(s, ds, b, h, qi, kj, args, sink);
+}
+__device__ __forceinline__ void fg_entry_cap(const FgCapDefer& d, fg_t s, fg_t ds, int, int, int, int,
+                                             const FgModArgs&) {
+  d.score[d.k] = s;
+  d.grad[d.k] = ds;
+}
+
 // exp2 of the kernels: ex2.approx on the tensor-core path (bf16/f16 probabilities), exp2f / exp2 else.
 __device__ __forceinline__ float fg_exp2_t(float x) {
 #if FG_USE_MMA
@@ -313,7 +334,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
     ds = p * (dp - delta);  // w.r.t. the modified score
   }
 #if FG_CAP_MODE != 0
-  if (sink != nullptr && ds != (fg_t)0) fg_cap_grad<fg_t, Sink>(s, ds, b, h, qi, kj, args, *sink);
+  if (sink != nullptr && ds != (fg_t)0) fg_entry_cap(*sink, s, ds, b, h, qi, kj, args);
 #endif
 #if FG_DSCORE_IS_CONSTANT
   ds *= (fg_t)FG_DSCORE_CONSTANT;
@@ -834,6 +855,32 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
                                                const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
                                                int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
                                                fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+#if FG_CAP_MODE != 0
+  if (sink != nullptr) {
+    // Captured gradients: the entries' contributions are recorded (FgCapDefer) and replayed below, entry by
+    // entry in fg_dq_for_each's order, every lane of the warp at the same entry as the unrolled step had them
+    // (the sinks' shuffles and atomics group the same lanes, so fixed-point sums are the same bits).
+    float cs[FG_NKN * 4], cg[FG_NKN * 4];
+    fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+      const int i = qr0 + g + 8 * hf;  // q row in the tile
+      const FgCapDefer defer{cs, cg, 4 * nb + r};
+      cg[4 * nb + r] = 0.f;
+      float ds;
+      fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
+               (int)(q0 + i), (int)(kv0 + j), args, &ds, &defer);
+      s[nb][r] = ds;
+    });
+#pragma unroll 1
+    for (int e = 0; e < FG_NKN * 4; ++e) {
+      const int nb = e >> 2, c = (e >> 1) & 1, hf = e & 1;  // fg_dq_for_each's order: nb, c, hf
+      const int k = 4 * nb + 2 * hf + c;
+      if (cg[k] == 0.f) continue;
+      const int i = qr0 + g + 8 * hf, j = nb * 8 + 2 * t + c;
+      fg_cap_grad<float, Sink>(cs[k], cg[k], b, h, (int)(q0 + i), (int)(kv0 + j), args, *sink);
+    }
+    return;
+  }
+#endif
   fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
     const int i = qr0 + g + 8 * hf;  // q row in the tile
     float ds;
