@@ -233,11 +233,24 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 // where its consumers, held to 232 registers by setmaxnreg, spill 164 bytes (ptxas; ModCodegen's
 // BackwardWarpSpecialisedCompilesWithCapturedGradients). FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels
 // (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel; FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages
-// (benchmarking).
+// (benchmarking). FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=1 launches them persistent (FG_BWD_PERSISTENT: one CTA an SM,
+// each running grid CTAs blockIdx.x, + gridDim.x, ..., so that one's stores overlap the next one's loads; opt-in
+// until the H200 has timed it: written without a GPU in session 19); =N (N >= 2) caps the grid at N CTAs (tests:
+// many grid CTAs a CTA on small problems).
 struct WsChoice {
   int stages = 0;  // 0: neither kernel is warp-specialised
   bool dkdv = false, dq = false;
+  int64_t persistent = 0;  // 0: the grid; 1: one CTA an SM; N >= 2: at most N CTAs
 };
+int64_t ws_persistent_env() {
+  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  FG_CHECK(end != env && *end == '\0' && n >= 0 && n <= (1LL << 31), ValueError,
+           "FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT: expected 0, 1 (one CTA an SM) or a CTA count >= 2; got \"{}\"", env);
+  return n;
+}
 WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
   WsChoice w;
   // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
@@ -257,6 +270,7 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   w.dkdv = fits && c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128);
   w.dq = fits && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
   if (!w.dkdv && !w.dq) w.stages = 0;
+  w.persistent = w.stages > 0 ? ws_persistent_env() : 0;
   return w;
 }
 
@@ -341,6 +355,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_BWD_WS_DKDV", ws.dkdv ? 1 : 0));
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
+    if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
   const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize"
@@ -452,10 +467,21 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + 7) / 8)}, {256}, 0, pargs, device);
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
+  // for, each running grid CTAs blockIdx.x, + gridDim.x, ... (fg_for_each_cta).
+  int64_t ctas = ws.persistent;
+  if (ws.persistent == 1) {
+    int sms = 0;
+    FG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    ctas = sms;
+  }
+  auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{static_cast<unsigned>(std::min<int64_t>(jobs, ctas))}; };
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
-    const jit::Dim3 grid = bp.dkdv_group > 0 ? jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv * p.Hkv * p.Bkv)}
-                                             : jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv),
-                                                         static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)};
+    const int64_t jobs = nKB * bp.sub_kv * p.Hkv * p.Bkv;
+    const jit::Dim3 grid = ws.dkdv && ws.persistent > 0 ? persistent_grid(jobs)
+                           : bp.dkdv_group > 0      ? jit::Dim3{static_cast<unsigned>(jobs)}
+                                                    : jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv),
+                                                                static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)};
     jit::launch(mod->function(dkdv_kernel), grid,
                 {static_cast<unsigned>(ws.dkdv ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dkdv : cfg.threads)}, smem_dkdv,
                 ws.dkdv ? dkdv_args : kargs, device);
@@ -489,7 +515,10 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
                   0, pargs, device);
   } else if (nQB > 0 && p.B * p.Hq > 0) {
     jit::launch(mod->function(dq_kernel),
-                {static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)},
+                ws.dq && ws.persistent > 0
+                    ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
+                    : jit::Dim3{static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq),
+                                static_cast<unsigned>(p.B)},
                 {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
                 ws.dq ? dq_args : kargs, device);
   }

@@ -492,7 +492,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"causal", nullptr, &causal},
                         Case{"document", nullptr, &document}, Case{"alibi + causal", &alibi, &causal},
                         Case{"softcap + causal", &softcap, &causal}})
-  for (int form : {0, 1, 2}) {  // plain, with the fused dQ, warp-specialised (FG_BWD_WS_DKDV, FG_BWD_WS_DQ)
+  // plain, with the fused dQ, warp-specialised (FG_BWD_WS_DKDV, FG_BWD_WS_DQ), and those persistent
+  // (FG_BWD_PERSISTENT: one CTA an SM walking the grid's jobs)
+  for (int form : {0, 1, 2, 3}) {
     const int fused = form == 1 ? 1 : 0;
     if (fused != 0 && c.score == &softcap) continue;  // the host keeps the dQ kernel for a varying derivative
     CudaModsInput in;
@@ -509,28 +511,36 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
                           "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
                           "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 2", "FG_WG_DQ 2"})
       tu += std::string("#define ") + x + "\n";
-    tu += fmt::format("#define FG_DQ_ATOMIC {}\n#define FG_BWD_WS_DKDV {}\n#define FG_BWD_WS_DQ {}\n", fused,
-                      form == 2 ? 1 : 0, form == 2 ? 1 : 0);
+    const int ws = form >= 2 ? 1 : 0;
+    tu += fmt::format("#define FG_DQ_ATOMIC {}\n#define FG_BWD_WS_DKDV {}\n#define FG_BWD_WS_DQ {}\n", fused, ws, ws);
+    tu += fmt::format("#define FG_BWD_PERSISTENT {}\n", form == 3 ? 1 : 0);
     tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
     std::string log;
     const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
     EXPECT_TRUE(err.empty()) << c.name << " fused " << fused << "\n" << err.substr(0, 20000);
     EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << c.name << " fused " << fused << ": wgmma serialised\n" << log;
     EXPECT_TRUE(has(log, "Function properties for fg_bwd_dkdv_wgmma")) << c.name << " fused " << fused << "\n" << log;
-    if (form == 2) {
-      // The warp-specialised kernels (the consumers at 232 registers by setmaxnreg) spill nothing.
+    if (ws) {
+      // The warp-specialised kernels (the consumers at 232 registers by setmaxnreg) spill nothing; persistent, the
+      // dK/dV kernel's producer (40 registers: its walk and the CTA loop) spills up to ~96 bytes, and the dQ
+      // kernel (56 / 224) spills only with the document mask's int64 ids (20 bytes).
       for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
-        const size_t ws = log.find(std::string("Function properties for ") + k + "\n");
-        ASSERT_NE(ws, std::string::npos) << c.name << " " << k << "\n" << log;
-        const std::string props = log.substr(ws, log.find("Used", ws) - ws);
-        EXPECT_TRUE(has(props, " 0 bytes spill stores")) << c.name << ": " << k << " spills\n" << props;
-        std::printf("[ptxas] %s, %s: %s\n", c.name, k, log.substr(ws, 300).c_str());
+        const size_t at = log.find(std::string("Function properties for ") + k + "\n");
+        ASSERT_NE(at, std::string::npos) << c.name << " " << k << "\n" << log;
+        const std::string props = log.substr(at, log.find("Used", at) - at);
+        const bool dq = std::string(k) == "fg_bwd_dq_wgmma_ws";
+        const size_t sp = props.find(" bytes spill stores");
+        ASSERT_NE(sp, std::string::npos) << props;
+        const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+        const int allowed = form == 2 ? 0 : dq ? (c.mask == &document ? 32 : 0) : 128;
+        EXPECT_LE(spilled, allowed) << c.name << ": " << k << " form " << form << " spills\n" << props;
+        std::printf("[ptxas] %s, %s, form %d: %s\n", c.name, k, form, log.substr(at, 300).c_str());
       }
     }
     if (fused != 0) {
       EXPECT_FALSE(has(log, "fg_bwd_dq_wgmma")) << c.name << " fused " << fused << "\n" << log;
       EXPECT_TRUE(has(log, "Function properties for fg_bwd_dq_finalize")) << c.name << " fused " << fused << "\n" << log;
-    } else {
+    } else if (form != 3) {  // (the persistent dQ kernel's allowance is above)
       // The dQ kernel (P computed while dP runs where the element splits) does not spill.
       const size_t dq = log.find("Function properties for fg_bwd_dq_wgmma");
       ASSERT_NE(dq, std::string::npos) << c.name << "\n" << log;

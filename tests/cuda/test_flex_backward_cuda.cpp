@@ -929,6 +929,80 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); }, "FLEXGRAD_FLEX_WGMMA_BWD_WS");
 }
 
+// The persistent warp-specialised kernels (FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT; FG_BWD_PERSISTENT): each CTA runs
+// grid CTAs blockIdx.x, + gridDim.x, ..., its stage ring, resident-tile barriers and counters carried from one to
+// the next, so they must give the grid kernels' bits. "3" caps the grid at 3 CTAs: every CTA then runs many grid
+// CTAs on these small problems, among them ones with no blocks to walk (rows that see nothing, kv blocks no q
+// row visits) and ones past a block's end; "1" is the launch the option gives (one CTA an SM). Also against the
+// float64 golden written in this file.
+TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  auto same = [](const Tensor& a, const Tensor& b) {
+    const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
+    if (x.size() != y.size()) return false;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (!(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])))) return false;
+    return true;
+  };
+  auto check_case = [&](Case c, DType dt, const char* what) {
+    SCOPED_TRACE(what);
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, dt, c.with_dlse, 23);
+    std::vector<int64_t> numel;
+    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    persistent.set(nullptr);
+    const Grads grid = run_stub(c, in, gold, dt, kCUDA);
+    for (const char* n : {"3", "1"}) {
+      SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n);
+      persistent.set(n);
+      const Grads w = run_stub(c, in, gold, dt, kCUDA);
+      EXPECT_TRUE(same(w.dk, grid.dk)) << "dk";
+      EXPECT_TRUE(same(w.dv, grid.dv)) << "dv";
+      EXPECT_TRUE(same(w.dq, grid.dq)) << "dq";
+      ASSERT_EQ(w.dcaps.size(), grid.dcaps.size());
+      for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_TRUE(same(w.dcaps[i], grid.dcaps[i])) << "dcap " << i;
+      EXPECT_LE(rel_err(w.dk, gold.g.dk), tol(dt)) << "dk against the golden";
+      EXPECT_LE(rel_err(w.dv, gold.g.dv), tol(dt)) << "dv against the golden";
+      EXPECT_LE(rel_err(w.dq, gold.g.dq), tol(dt)) << "dq against the golden";
+    }
+    persistent.set(nullptr);
+  };
+  check_case(document_case(), kBFloat16, "document, clipped at L 300");
+  {
+    // Blocks of 256 rows, two 128-row tiles each: q block 0 (rows 0-255) sees nothing (q >= 150 and kv >= 300
+    // exclude kv <= q there), kv block 0 meets no q row, and the second tile of block 2 (rows 640-767) lies past
+    // L 600: grid CTAs with no blocks to walk and ones with no rows.
+    Case c;
+    c.d = {2, 3, 600, 128, 2, 3, 600, 128};
+    auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (kv >= 300); };
+    c.mask = create_block_mask(m, std::nullopt, std::nullopt, 600, 600, 256);
+    c.native = native_mask([](int, int, int q, int kv) { return q >= 150 && kv <= q && kv >= 300; });
+    check_case(c, kFloat16, "rows and kv blocks with nothing to walk");
+  }
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 1, 2, 260, 64};
+    c.with_dlse = true;
+    check_case(c, kBFloat16, "GQA, broadcast kv batch, Lq != Lkv, Ev 64");
+  }
+  {
+    Tensor hs, tb, bi;
+    Case c = learnable_case(3, 200, hs, tb, bi);
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kBFloat16, "learnable captured bias, causal (fixed-point captured gradients)");
+  }
+  Case c;
+  c.d = {1, 2, 128, 128, 1, 2, 128, 128};
+  persistent.set("x");
+  testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); },
+                                    "FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT");
+  ws.set("0");  // read only where the warp-specialised kernels run
+  EXPECT_NO_THROW(run(c, kBFloat16, FlexCudaBackward::Wgmma));
+}
+
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);

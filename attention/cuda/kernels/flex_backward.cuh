@@ -721,21 +721,33 @@ __device__ __forceinline__ void fg_dkdv_col_parts(FgColMods<float> (&cm)[2], int
   }
 }
 
-// The tensor-core dK/dV kernels' CTA: (kv batch bk, kv head hk), BlockMask kv block mb and its rows kv0 .. kv0 +
-// nkv (a tile of FG_KV_TILE); false for a tile past its block's end. With p.dkdv_group = n > 0 (the wgmma kernels;
-// the mma.sync ones launch the 3-d grid) the grid is one dimension in groups of n pairs, the pairs fastest: the
+// A CTA of a kernel's grid: its own (fg_this_cta), or one a persistent kernel runs in its place
+// (fg_for_each_cta, flex_backward_wgmma.cuh).
+struct FgCta {
+  unsigned x, y, z;
+};
+__device__ __forceinline__ FgCta fg_this_cta() {
+  FgCta c;
+  c.x = blockIdx.x;
+  c.y = blockIdx.y;
+  c.z = blockIdx.z;
+  return c;
+}
+// The dK/dV kernels' CTA `c`: kv batch bk, head hk, BlockMask kv block mb and its rows kv0 .. kv0 + nkv (a tile of
+// FG_KV_TILE); false for a tile past its block's end. With FgBwdParams::dkdv_group n > 0 (the wgmma kernels; the
+// mma.sync ones launch the 3-d grid) the grid is one dimension in groups of n pairs, the pairs fastest: the
 // CTAs running at once hold a few kv tiles of many heads rather than every tile of a few heads, so that the fused
 // dQ's atomics of CTAs running together rarely meet on one dQ row.
-__device__ __forceinline__ bool fg_dkdv_cta(const FgBwdParams& p, fg_i64& bk, fg_i64& hk, fg_i64& mb, fg_i64& kv0,
-                                            int& nkv) {
+__device__ __forceinline__ bool fg_dkdv_tile(const FgBwdParams& p, const FgCta& c, fg_i64& bk, fg_i64& hk, fg_i64& mb,
+                                             fg_i64& kv0, int& nkv) {
   fg_i64 tile;
   if (p.dkdv_group == 0) {
-    tile = blockIdx.x;
-    hk = blockIdx.y;
-    bk = blockIdx.z;
+    tile = c.x;
+    hk = c.y;
+    bk = c.z;
   } else {
     const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv, nbh = p.Bkv * p.Hkv;
-    const fg_i64 grp = blockIdx.x / (p.dkdv_group * ntile), in = blockIdx.x - grp * p.dkdv_group * ntile;
+    const fg_i64 grp = c.x / (p.dkdv_group * ntile), in = c.x - grp * p.dkdv_group * ntile;
     const fg_i64 gsize = min(p.dkdv_group, nbh - grp * p.dkdv_group);
     tile = in / gsize;
     const fg_i64 bh = grp * p.dkdv_group + in % gsize;
@@ -748,15 +760,24 @@ __device__ __forceinline__ bool fg_dkdv_cta(const FgBwdParams& p, fg_i64& bk, fg
   nkv = (int)(kv_end - kv0);
   return kv0 < kv_end;
 }
-// The dQ kernels' CTA: BlockMask q block mb and its rows q0 .. q0 + nq (a tile of FG_Q_TILE); false for a tile past
-// its block's end. Last q blocks first: under a causal mask they have the most kv blocks (longest jobs start first).
-__device__ __forceinline__ bool fg_dq_cta(const FgBwdParams& p, fg_i64& mb, fg_i64& q0, int& nq) {
-  const unsigned bx = gridDim.x - 1 - blockIdx.x;
+__device__ __forceinline__ bool fg_dkdv_cta(const FgBwdParams& p, fg_i64& bk, fg_i64& hk, fg_i64& mb, fg_i64& kv0,
+                                            int& nkv) {
+  return fg_dkdv_tile(p, fg_this_cta(), bk, hk, mb, kv0, nkv);
+}
+// The dQ kernels' CTA `c` of a grid nx wide: BlockMask q block mb and its rows q0 .. q0 + nq (a tile of FG_Q_TILE);
+// false for a tile past its block's end. Last q blocks first: under a causal mask they have the most kv blocks
+// (longest jobs start first).
+__device__ __forceinline__ bool fg_dq_tile(const FgBwdParams& p, const FgCta& c, fg_i64 nx, fg_i64& mb, fg_i64& q0,
+                                           int& nq) {
+  const fg_i64 bx = nx - 1 - c.x;
   mb = bx / p.sub_q;
   q0 = mb * p.block_q + (bx % p.sub_q) * FG_Q_TILE;
   const fg_i64 q_end = min(min(mb * p.block_q + p.block_q, q0 + (fg_i64)FG_Q_TILE), p.Lq);
   nq = (int)(q_end - q0);
   return q0 < q_end;
+}
+__device__ __forceinline__ bool fg_dq_cta(const FgBwdParams& p, fg_i64& mb, fg_i64& q0, int& nq) {
+  return fg_dq_tile(p, fg_this_cta(), gridDim.x, mb, q0, nq);
 }
 // The tensor-core kernels' epilogues (mma.sync and wgmma alike: C-fragment accumulators, one writer per element).
 // The lane's dK (scaled) and dV rows kr0 + g (+ 8) of the tile starting at row `kvrow` of [Bkv, Hkv, Lkv].

@@ -329,19 +329,34 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 #ifndef FG_BWD_STAGES
 #define FG_BWD_STAGES 3
 #endif
-// 384 threads launch with 168 registers each; the producer gives back what the consumers take.
+#ifndef FG_BWD_PERSISTENT
+#define FG_BWD_PERSISTENT 0
+#endif
+// 384 threads launch with 168 registers each; the producer gives back what the consumers take. Persistent
+// (fg_for_each_cta), the dQ kernel's producer spilled 64-84 bytes at 40 (its walk and the CTA loop), and its
+// consumers spill nothing at 224, so it splits 56 / 224; the dK/dV kernel's consumers spill at 224 (56-192 bytes),
+// so its producer keeps 40 and spills ~92 bytes there (ptxas, nvcc 13.0).
 #define FG_BWD_WS_PRODUCER_REGS 40
 #define FG_BWD_WS_CONSUMER_REGS 232
-static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168),
+#if FG_BWD_PERSISTENT
+#define FG_BWD_WS_DQ_PRODUCER_REGS 56
+#define FG_BWD_WS_DQ_CONSUMER_REGS 224
+#else
+#define FG_BWD_WS_DQ_PRODUCER_REGS FG_BWD_WS_PRODUCER_REGS
+#define FG_BWD_WS_DQ_CONSUMER_REGS FG_BWD_WS_CONSUMER_REGS
+#endif
+static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168) &&
+                  128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
-// Initialises the once barrier (`once`: the producer threads' 128 cp.async completions of what is loaded once),
-// the stages' full barriers (the producer threads' 128 arrivals, each first raising the pending count for its
-// cp.async, plus the TMA bytes thread 0 expects) and empty ones (the 8 consumer warps), then a CTA barrier (the
-// only one).
-__device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* once, unsigned long long* full,
-                                                    unsigned long long* empty) {
+// Initialises the resident tile's barriers (`tile`: the producer threads' 128 cp.async completions of the tile
+// loaded once a job; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (the producer
+// threads' 128 arrivals, each first raising the pending count for its cp.async, plus the TMA bytes thread 0
+// expects) and empty ones (the 8 consumer warps), then a CTA barrier (the only one).
+__device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, unsigned long long* tile_free,
+                                                    unsigned long long* full, unsigned long long* empty) {
   if (threadIdx.x == 0) {
-    fg_mbar_init(fg_smem_addr(once), 128);
+    fg_mbar_init(fg_smem_addr(tile), 128);
+    fg_mbar_init(fg_smem_addr(tile_free), 8);
     for (int st = 0; st < FG_BWD_STAGES; ++st) {
       fg_mbar_init(fg_smem_addr(&full[st]), 128);
       fg_mbar_init(fg_smem_addr(&empty[st]), 8);
@@ -349,6 +364,26 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* once, un
     fg_mbar_fence_init();
   }
   __syncthreads();
+}
+// Runs body(cta) for each CTA of an nx x ny x nz grid this CTA stands for: itself, or with FG_BWD_PERSISTENT (a
+// grid of one CTA an SM) CTAs blockIdx.x, + gridDim.x, ... of it, x fastest, so that one's epilogue (the stores)
+// overlaps the next one's resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same
+// arithmetic: the results are the same bits either way. `body` returns early for a CTA with nothing to do.
+// (32-bit: a grid's CTAs number fewer than 2^32, and the producer's 40 registers spilled more with 64-bit ones.)
+template <class F>
+__device__ __forceinline__ void fg_for_each_cta(unsigned nx, unsigned ny, unsigned nz, F&& body) {
+#if FG_BWD_PERSISTENT
+  for (unsigned job = blockIdx.x; job < nx * ny * nz; job += gridDim.x) {
+    FgCta c;
+    c.x = job % nx;
+    c.y = job / nx % ny;
+    c.z = job / (nx * ny);
+    body(c);
+  }
+#else
+  (void)nx, (void)ny, (void)nz;
+  body(fg_this_cta());
+#endif
 }
 #endif
 
@@ -390,75 +425,88 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   __shared__ FgRowMods<float> q_mods[FG_BWD_STAGES][FG_Q_CHUNK];
 #endif
 
-  fg_i64 bk, hk, mb, kv0;
-  int nkv;
-  if (!fg_dkdv_cta(p, bk, hk, mb, kv0, nkv)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  fg_ws_init_barriers(&bar_kv, bar_full, bar_empty);  // K and V are loaded once
+  // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
+  __shared__ __align__(8) unsigned long long bar_kv_free;
+  fg_ws_init_barriers(&bar_kv, &bar_kv_free, bar_full, bar_empty);
+  // The grid the host launches without FG_BWD_PERSISTENT (flex_backward_cuda.cpp).
+  const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv;
+  const fg_i64 gx = p.dkdv_group == 0 ? ntile : ntile * p.Hkv * p.Bkv, gy = p.dkdv_group == 0 ? p.Hkv : 1,
+               gz = p.dkdv_group == 0 ? p.Bkv : 1;
 
   if (warp >= FG_NT_DKDV / 32) {  // the producer warpgroup
     fg_setmaxnreg_dec<FG_BWD_WS_PRODUCER_REGS>();
     const int pt = threadIdx.x - FG_NT_DKDV;  // 0 .. 127
-    fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E, pt,
-                                   128);
-    fg_load_rows<FG_KV_TILE, true>(Vs, 0, p.v + bk * p.vs_b + hk * p.vs_h + kv0 * p.vs_l, p.vs_l, nkv, FG_EV, FG_EV,
-                                   pt, 128);
-    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
-    FgQWalk w;
-    w.start(p, bk, hk, mb);
-    for (int j = 0;; ++j) {
-      const int st = j % FG_BWD_STAGES;
-      if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
-      const unsigned bar = fg_smem_addr(&bar_full[st]);
-      if (w.done()) {
-        if (pt == 0) chunk[st].rows = 0;
-        fg_mbar_arrive(bar);
-        break;
-      }
-      const int n = w.nq();
-      const int b = (int)w.b, h = (int)w.h;
-      const fg_i64 q0 = w.q0, row0 = (w.b * p.Hq + w.h) * p.Lq + q0;
-      fg_s* qd = Qs + st * FG_Q_CHUNK * FG_E;
-      fg_s* od = Os + st * FG_Q_CHUNK * FG_EV;
-      // The kernels' contract is zeros past the chunk's rows (a masked q row's dO must not reach dV: 0 * inf).
-      // TMA boxes are whole 64-row chunks, zeros only past Lq: a chunk clipped by its block's end is copied.
-      if (n == FG_Q_CHUNK || q0 + n == p.Lq) {
-        if (pt == 0) {
-          fg_mbar_expect_tx(bar, FG_Q_CHUNK * (FG_E + FG_EV) * 2);
-#pragma unroll
-          for (int a = 0; a < FG_E / 64; ++a)
-            fg_tma_load_4d(fg_smem_addr(qd + a * FG_Q_CHUNK * 64), &maps.q, 64 * a, (int)q0, h, b, bar);
-#pragma unroll
-          for (int a = 0; a < FG_EV / 64; ++a)
-            fg_tma_load_4d(fg_smem_addr(od + a * FG_Q_CHUNK * 64), &maps.dout, 64 * a, (int)q0, h, b, bar);
+    int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
+    int it = 0;  // the grid CTAs run so far
+    fg_for_each_cta(gx, gy, gz, [&](const FgCta& cta) {
+      fg_i64 bk, hk, mb, kv0;
+      int nkv;
+      if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
+      // The previous job's K and V stay until its last chunk's products have read them.
+      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_kv_free), (it - 1) & 1);
+      fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E,
+                                     pt, 128);
+      fg_load_rows<FG_KV_TILE, true>(Vs, 0, p.v + bk * p.vs_b + hk * p.vs_h + kv0 * p.vs_l, p.vs_l, nkv, FG_EV, FG_EV,
+                                     pt, 128);
+      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
+      FgQWalk w;
+      w.start(p, bk, hk, mb);
+      for (;; ++j) {
+        const int st = j % FG_BWD_STAGES;
+        if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
+        const unsigned bar = fg_smem_addr(&bar_full[st]);
+        if (w.done()) {
+          if (pt == 0) chunk[st].rows = 0;
+          fg_mbar_arrive(bar);
+          ++j;
+          break;
         }
-      } else {
-        fg_load_rows<FG_Q_CHUNK, true>(qd, 0, p.q + w.b * p.qs_b + w.h * p.qs_h + q0 * p.qs_l, p.qs_l, n, FG_E, FG_E,
-                                       pt, 128);
-        fg_load_rows<FG_Q_CHUNK, true>(od, 0, p.dout + row0 * FG_EV, FG_EV, n, FG_EV, FG_EV, pt, 128);
-      }
-      {  // thread pt: lse2 (pt < 64) or delta of chunk row pt % 64
-        const int r = pt % FG_Q_CHUNK;
-        const bool ok = r < n;
-        const fg_t* src = pt < FG_Q_CHUNK ? p.lse2 : p.delta;
-        float* dst = (pt < FG_Q_CHUNK ? Ls : Ds) + st * FG_Q_CHUNK + r;
-        fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
-      }
-      fg_cp_async_mbar_arrive_inc(bar);
+        const int n = w.nq();
+        const int b = (int)w.b, h = (int)w.h;
+        const fg_i64 q0 = w.q0, row0 = (w.b * p.Hq + w.h) * p.Lq + q0;
+        fg_s* qd = Qs + st * FG_Q_CHUNK * FG_E;
+        fg_s* od = Os + st * FG_Q_CHUNK * FG_EV;
+        // The kernels' contract is zeros past the chunk's rows (a masked q row's dO must not reach dV: 0 * inf).
+        // TMA boxes are whole 64-row chunks, zeros only past Lq: a chunk clipped by its block's end is copied.
+        if (n == FG_Q_CHUNK || q0 + n == p.Lq) {
+          if (pt == 0) {
+            fg_mbar_expect_tx(bar, FG_Q_CHUNK * (FG_E + FG_EV) * 2);
+#pragma unroll
+            for (int a = 0; a < FG_E / 64; ++a)
+              fg_tma_load_4d(fg_smem_addr(qd + a * FG_Q_CHUNK * 64), &maps.q, 64 * a, (int)q0, h, b, bar);
+#pragma unroll
+            for (int a = 0; a < FG_EV / 64; ++a)
+              fg_tma_load_4d(fg_smem_addr(od + a * FG_Q_CHUNK * 64), &maps.dout, 64 * a, (int)q0, h, b, bar);
+          }
+        } else {
+          fg_load_rows<FG_Q_CHUNK, true>(qd, 0, p.q + w.b * p.qs_b + w.h * p.qs_h + q0 * p.qs_l, p.qs_l, n, FG_E, FG_E,
+                                         pt, 128);
+          fg_load_rows<FG_Q_CHUNK, true>(od, 0, p.dout + row0 * FG_EV, FG_EV, n, FG_EV, FG_EV, pt, 128);
+        }
+        {  // thread pt: lse2 (pt < 64) or delta of chunk row pt % 64
+          const int r = pt % FG_Q_CHUNK;
+          const bool ok = r < n;
+          const fg_t* src = pt < FG_Q_CHUNK ? p.lse2 : p.delta;
+          float* dst = (pt < FG_Q_CHUNK ? Ls : Ds) + st * FG_Q_CHUNK + r;
+          fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
+        }
+        fg_cp_async_mbar_arrive_inc(bar);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      if (pt < n) fg_row_mods(q_mods[st][pt], true, w.partial(), b, h, (int)(q0 + pt), args);
+        if (pt < n) fg_row_mods(q_mods[st][pt], true, w.partial(), b, h, (int)(q0 + pt), args);
 #endif
-      if (pt == 0) {
-        chunk[st].q0 = q0;
-        chunk[st].b = b;
-        chunk[st].h = h;
-        chunk[st].rows = n;
-        chunk[st].partial = w.partial() ? 1 : 0;
+        if (pt == 0) {
+          chunk[st].q0 = q0;
+          chunk[st].b = b;
+          chunk[st].h = h;
+          chunk[st].rows = n;
+          chunk[st].partial = w.partial() ? 1 : 0;
+        }
+        fg_mbar_arrive(bar);
+        w.next(p);
       }
-      fg_mbar_arrive(bar);
-      w.next(p);
-    }
+      ++it;
+    });
     fg_cp_async_wait<0>();
     return;
   }
@@ -468,48 +516,66 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int g = lane >> 2, t = lane & 3;
   const int kr0 = warp * 16;
   const int wg = warp >> 2;
-  float dk[FG_E / 8][4], dv[FG_EV / 8][4];
+  int j = 0, it = 0;  // as the producer's
+  fg_for_each_cta(gx, gy, gz, [&](const FgCta& cta) {
+    fg_i64 bk, hk, mb, kv0;
+    int nkv;
+    if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
+    float dk[FG_E / 8][4], dv[FG_EV / 8][4];
 #pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
 #pragma unroll
-  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  const FgMaxSink max_sink = fg_dkdv_sink(p);
-  const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
-  const float scale = (float)p.scale;
-  const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
-  fg_mbar_wait(fg_smem_addr(&bar_kv), 0);
-  for (int j = 0;; ++j) {
-    const int st = j % FG_BWD_STAGES;
-    fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
-    fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
-    const FgBwdChunk c = chunk[st];
-    if (c.rows == 0) break;
-    const bool partial = c.partial != 0;
-    const unsigned q_addr = fg_smem_addr(Qs + st * FG_Q_CHUNK * FG_E);
-    const unsigned o_addr = fg_smem_addr(Os + st * FG_Q_CHUNK * FG_EV);
-    float st_[FG_NQN][4], dpt[FG_NQN][4];
-    fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
-    FgColMods<float> cm[2];
-    fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st_[0][0]);
-    fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
-    fg_dkdv_elements(st_, dpt, Ls + st * FG_Q_CHUNK, Ds + st * FG_Q_CHUNK, FG_BWD_MODS(q_mods[st]), cm, kr0, g, t,
-                     c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
-    unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
-    fg_dkdv_pack(st_, dpt, ap, ad);
-    fg_wgmma_fence();
-    fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
-    fg_wgmma_commit();
-    fg_wgmma_wait<0>();
-    fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
-    fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
-    fg_wgmma_fence_a(ap);
-    fg_wgmma_fence_a(ad);
+    for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    // (Set here, after the tile, rather than once above the loop: ptxas then spilled 4-52 bytes in the consumers
+    // with document, ALiBi and softcap.)
+    const FgMaxSink max_sink = fg_dkdv_sink(p);
+    const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
+    const float scale = (float)p.scale;
+    const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
+    fg_mbar_wait(fg_smem_addr(&bar_kv), it & 1);
+    for (;; ++j) {
+      const int st = j % FG_BWD_STAGES;
+      fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+      fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+      const FgBwdChunk c = chunk[st];
+      if (c.rows == 0) {  // the job's walk is over: its stage goes back too
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));
+        ++j;
+        break;
+      }
+      const bool partial = c.partial != 0;
+      const unsigned q_addr = fg_smem_addr(Qs + st * FG_Q_CHUNK * FG_E);
+      const unsigned o_addr = fg_smem_addr(Os + st * FG_Q_CHUNK * FG_EV);
+      float st_[FG_NQN][4], dpt[FG_NQN][4];
+      fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
+      FgColMods<float> cm[2];
+      fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st_[0][0]);
+      fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
+      fg_dkdv_elements(st_, dpt, Ls + st * FG_Q_CHUNK, Ds + st * FG_Q_CHUNK, FG_BWD_MODS(q_mods[st]), cm, kr0, g, t,
+                       c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
+      unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
+      fg_dkdv_pack(st_, dpt, ap, ad);
+      fg_wgmma_fence();
+      fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
+      fg_wgmma_commit();
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
+      fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
+      fg_wgmma_fence_a(ap);
+      fg_wgmma_fence_a(ad);
+      __syncwarp();
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
+    }
+    // Every product that read K and V has completed: the producer may load the next job's while this one's
+    // dK and dV go out.
     __syncwarp();
-    if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
-  }
-  fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
+    if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_kv_free));
+    fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
+    ++it;
+  });
 }
 #endif  // FG_BWD_WS_DKDV
 
@@ -720,96 +786,88 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   __shared__ FgColMods<float> kv_mods[FG_BWD_STAGES][FG_KV_CHUNK];
 #endif
 
-  fg_i64 mb, q0;
-  int nq;
-  if (!fg_dq_cta(p, mb, q0, nq)) return;
-  const fg_i64 h = blockIdx.y, b = blockIdx.z;
-  const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
-  fg_ws_init_barriers(&bar_q, bar_full, bar_empty);  // Q and dO are loaded once
+  // bar_q: Q and dO landed (the producer's 128 threads); bar_q_free: the consumers' 8 warps are done with them.
+  __shared__ __align__(8) unsigned long long bar_q_free;
+  fg_ws_init_barriers(&bar_q, &bar_q_free, bar_full, bar_empty);
+  // The grid the host launches without FG_BWD_PERSISTENT (flex_backward_cuda.cpp).
+  const fg_i64 gx = (p.Lq + p.block_q - 1) / p.block_q * p.sub_q;
 
   if (warp >= FG_NT_DQ / 32) {  // the producer warpgroup
-    fg_setmaxnreg_dec<FG_BWD_WS_PRODUCER_REGS>();
+    fg_setmaxnreg_dec<FG_BWD_WS_DQ_PRODUCER_REGS>();
     const int pt = threadIdx.x - FG_NT_DQ;  // 0 .. 127
-    fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E, pt, 128);
-    fg_load_rows<FG_Q_TILE, true>(Os, 0, p.dout + row0 * FG_EV, FG_EV, nq, FG_EV, FG_EV, pt, 128);
-    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
-    const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
-    const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
-    FgKvWalk w;
-    w.start(p, b, h, mb);
-    for (int j = 0;; ++j) {
-      const int st = j % FG_BWD_STAGES;
-      if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
-      const unsigned bar = fg_smem_addr(&bar_full[st]);
-      if (w.done()) {
-        if (pt == 0) chunk[st].rows = 0;
-        fg_mbar_arrive(bar);
-        break;
-      }
-      const int n = w.nkv();
-      const fg_i64 kv0 = w.kv0;
-      fg_s* kd = Ks + st * FG_KV_CHUNK * FG_E;
-      fg_s* vd = Vs + st * FG_KV_CHUNK * FG_EV;
-      // Zeros past the chunk's rows (a masked column's K row must not reach dQ: 0 * inf); TMA boxes are whole
-      // 64-row chunks, zeros only past Lkv: a chunk clipped by its block's end is copied.
-      if (n == FG_KV_CHUNK || kv0 + n == p.Lkv) {
-        if (pt == 0) {
-          fg_mbar_expect_tx(bar, FG_KV_CHUNK * (FG_E + FG_EV) * 2);
-#pragma unroll
-          for (int a = 0; a < FG_E / 64; ++a)
-            fg_tma_load_4d(fg_smem_addr(kd + a * FG_KV_CHUNK * 64), &maps.k, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
-#pragma unroll
-          for (int a = 0; a < FG_EV / 64; ++a)
-            fg_tma_load_4d(fg_smem_addr(vd + a * FG_KV_CHUNK * 64), &maps.v, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
+    int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
+    int it = 0;  // the grid CTAs run so far
+    fg_for_each_cta(gx, p.Hq, p.B, [&](const FgCta& cta) {
+      fg_i64 mb, q0;
+      int nq;
+      if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;
+      const fg_i64 h = cta.y, b = cta.z;
+      const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
+      const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+      // The previous job's Q and dO stay until its last dQ product has read them.
+      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
+      fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E, pt,
+                                    128);
+      fg_load_rows<FG_Q_TILE, true>(Os, 0, p.dout + row0 * FG_EV, FG_EV, nq, FG_EV, FG_EV, pt, 128);
+      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
+      const fg_s* kbase = p.k + bk * p.ks_b + hk * p.ks_h;
+      const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
+      FgKvWalk w;
+      w.start(p, b, h, mb);
+      for (;; ++j) {
+        const int st = j % FG_BWD_STAGES;
+        if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
+        const unsigned bar = fg_smem_addr(&bar_full[st]);
+        if (w.done()) {
+          if (pt == 0) chunk[st].rows = 0;
+          fg_mbar_arrive(bar);
+          ++j;
+          break;
         }
-      } else {
-        fg_load_rows<FG_KV_CHUNK, true>(kd, 0, kbase + kv0 * p.ks_l, p.ks_l, n, FG_E, FG_E, pt, 128);
-        fg_load_rows<FG_KV_CHUNK, true>(vd, 0, vbase + kv0 * p.vs_l, p.vs_l, n, FG_EV, FG_EV, pt, 128);
-        fg_cp_async_mbar_arrive_inc(bar);
-      }
+        const int n = w.nkv();
+        const fg_i64 kv0 = w.kv0;
+        fg_s* kd = Ks + st * FG_KV_CHUNK * FG_E;
+        fg_s* vd = Vs + st * FG_KV_CHUNK * FG_EV;
+        // Zeros past the chunk's rows (a masked column's K row must not reach dQ: 0 * inf); TMA boxes are whole
+        // 64-row chunks, zeros only past Lkv: a chunk clipped by its block's end is copied.
+        if (n == FG_KV_CHUNK || kv0 + n == p.Lkv) {
+          if (pt == 0) {
+            fg_mbar_expect_tx(bar, FG_KV_CHUNK * (FG_E + FG_EV) * 2);
+#pragma unroll
+            for (int a = 0; a < FG_E / 64; ++a)
+              fg_tma_load_4d(fg_smem_addr(kd + a * FG_KV_CHUNK * 64), &maps.k, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
+#pragma unroll
+            for (int a = 0; a < FG_EV / 64; ++a)
+              fg_tma_load_4d(fg_smem_addr(vd + a * FG_KV_CHUNK * 64), &maps.v, 64 * a, (int)kv0, (int)hk, (int)bk, bar);
+          }
+        } else {
+          fg_load_rows<FG_KV_CHUNK, true>(kd, 0, kbase + kv0 * p.ks_l, p.ks_l, n, FG_E, FG_E, pt, 128);
+          fg_load_rows<FG_KV_CHUNK, true>(vd, 0, vbase + kv0 * p.vs_l, p.vs_l, n, FG_EV, FG_EV, pt, 128);
+          fg_cp_async_mbar_arrive_inc(bar);
+        }
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, w.partial(), (int)b, (int)h, (int)(kv0 + pt), args);
+        if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, w.partial(), (int)b, (int)h, (int)(kv0 + pt), args);
 #endif
-      if (pt == 0) {
-        chunk[st].kv0 = kv0;
-        chunk[st].rows = n;
-        chunk[st].partial = w.partial() ? 1 : 0;
+        if (pt == 0) {
+          chunk[st].kv0 = kv0;
+          chunk[st].rows = n;
+          chunk[st].partial = w.partial() ? 1 : 0;
+        }
+        fg_mbar_arrive(bar);
+        w.next(p);
       }
-      fg_mbar_arrive(bar);
-      w.next(p);
-    }
+      ++it;
+    });
     fg_cp_async_wait<0>();
     return;
   }
 
   // The consumers: warp i of the CTA owns q rows 16 i .. 16 i + 15 as in fg_bwd_dq_wgmma.
-  fg_setmaxnreg_inc<FG_BWD_WS_CONSUMER_REGS>();
+  fg_setmaxnreg_inc<FG_BWD_WS_DQ_CONSUMER_REGS>();
   const int g = lane >> 2, t = lane & 3;
   const int qr0 = warp * 16;
   const int wg = warp >> 2;
-  float l2[2], dl[2];
-  bool rv[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int i = qr0 + g + 8 * hf;
-    rv[hf] = i < nq;
-    l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
-    dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
-  }
-  // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first: the first
-  // chunk's flag says whether the row has any).
-  fg_mbar_wait(fg_smem_addr(&bar_full[0]), 0);
-  const FgBwdKvChunk first = chunk[0];
-  FgRowMods<float> rmods[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf)
-    if (rv[hf] && first.rows > 0)
-      fg_row_mods(rmods[hf], true, first.partial != 0, (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
-  float dq[FG_E / 8][4];
-#pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 #if !FG_SPLIT_ENTRY
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
@@ -818,34 +876,74 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
 #endif
   const float scale = (float)p.scale;
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
-  fg_mbar_wait(fg_smem_addr(&bar_q), 0);
-  unsigned a16[FG_KV_CHUNK / 16][4] = {};
-  for (int j = 0;; ++j) {
-    const int st = j % FG_BWD_STAGES;
-    fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
-    fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
-    const FgBwdKvChunk c = chunk[st];
-    if (c.rows == 0) break;
-    const unsigned k_addr = fg_smem_addr(Ks + st * FG_KV_CHUNK * FG_E);
-    const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
-    float s[FG_NKN][4], dp[FG_NKN][4];
-    fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
-    // The previous chunk's dQ product (the oldest group) is done: its stage goes back to the producer.
-    fg_wgmma_wait<2>();
+  int j = 0, it = 0;  // as the producer's
+  fg_for_each_cta(gx, p.Hq, p.B, [&](const FgCta& cta) {
+    fg_i64 mb, q0;
+    int nq;
+    if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;
+    const fg_i64 h = cta.y, b = cta.z;
+    const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
+    float l2[2], dl[2];
+    bool rv[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = qr0 + g + 8 * hf;
+      rv[hf] = i < nq;
+      l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
+      dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
+    }
+    // The mods' row parts of this lane's two q rows, once a job (the kv walk visits partial blocks first: the
+    // job's first chunk's flag says whether the row has any).
+    const int j0 = j;
+    fg_mbar_wait(fg_smem_addr(&bar_full[j0 % FG_BWD_STAGES]), (j0 / FG_BWD_STAGES) & 1);
+    const FgBwdKvChunk first = chunk[j0 % FG_BWD_STAGES];
+    FgRowMods<float> rmods[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      if (rv[hf] && first.rows > 0)
+        fg_row_mods(rmods[hf], true, first.partial != 0, (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
+    float dq[FG_E / 8][4];
+#pragma unroll
+    for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
+    unsigned a16[FG_KV_CHUNK / 16][4] = {};
+    for (;; ++j) {
+      const int st = j % FG_BWD_STAGES;
+      fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+      fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+      const FgBwdKvChunk c = chunk[st];
+      if (c.rows == 0) break;
+      const unsigned k_addr = fg_smem_addr(Ks + st * FG_KV_CHUNK * FG_E);
+      const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
+      float s[FG_NKN][4], dp[FG_NKN][4];
+      fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
+      // The previous chunk's dQ product (the oldest group) is done: its stage goes back to the producer.
+      fg_wgmma_wait<2>();
+      fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+      fg_wgmma_fence_a(a16);
+      if (j > j0) {
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
+      }
+      fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, c.rows, c.partial != 0,
+                           (int)b, (int)h, q0, c.kv0, scale, args, sink);
+      fg_dq_issue_grad(dq, s, a16, k_addr);
+    }
+    fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
     fg_wgmma_fence_a(a16);
-    if (j > 0) {
-      __syncwarp();
-      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
+    // The last chunk's stage (its dQ product has completed) and the end marker's go back, then Q and dO: the
+    // producer may load the next job's while this one's dQ goes out.
+    __syncwarp();
+    if (lane == 0) {
+      if (j > j0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
+      fg_mbar_arrive(fg_smem_addr(&bar_empty[j % FG_BWD_STAGES]));
+      fg_mbar_arrive(fg_smem_addr(&bar_q_free));
     }
-    fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, c.rows, c.partial != 0, (int)b,
-                         (int)h, q0, c.kv0, scale, args, sink);
-    fg_dq_issue_grad(dq, s, a16, k_addr);
-  }
-  fg_wgmma_wait<0>();
-  fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
-  fg_wgmma_fence_a(a16);
-  fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
+    ++j;
+    fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
+    ++it;
+  });
 }
 #endif  // FG_BWD_WS_DQ
 #endif  // !FG_DQ_ATOMIC
