@@ -242,15 +242,6 @@ struct WsChoice {
   bool dkdv = false, dq = false;
   int64_t persistent = 0;  // 0: the grid; 1: one CTA an SM; N >= 2: at most N CTAs
 };
-int64_t ws_persistent_env() {
-  const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT");
-  if (env == nullptr || *env == '\0') return 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(env, &end, 10);
-  FG_CHECK(end != env && *end == '\0' && n >= 0 && n <= (1LL << 31), ValueError,
-           "FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT: expected 0, 1 (one CTA an SM) or a CTA count >= 2; got \"{}\"", env);
-  return n;
-}
 WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
   WsChoice w;
   // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
@@ -270,7 +261,7 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   w.dkdv = fits && c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128);
   w.dq = fits && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
   if (!w.dkdv && !w.dq) w.stages = 0;
-  w.persistent = w.stages > 0 ? ws_persistent_env() : 0;
+  w.persistent = w.stages > 0 ? env_persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT") : 0;
   return w;
 }
 
@@ -469,13 +460,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
   // for, each running grid CTAs blockIdx.x, + gridDim.x, ... (fg_for_each_cta).
-  int64_t ctas = ws.persistent;
-  if (ws.persistent == 1) {
-    int sms = 0;
-    FG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    ctas = sms;
-  }
-  auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{static_cast<unsigned>(std::min<int64_t>(jobs, ctas))}; };
+  auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{persistent_ctas(jobs, ws.persistent, device)}; };
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
     const int64_t jobs = nKB * bp.sub_kv * p.Hkv * p.Bkv;
     const jit::Dim3 grid = ws.dkdv && ws.persistent > 0 ? persistent_grid(jobs)

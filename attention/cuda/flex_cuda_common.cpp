@@ -130,6 +130,26 @@ std::optional<bool> env_switch(const char* name) {
   return v == "1";
 }
 
+int64_t env_persistent(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  FG_CHECK(end != env && *end == '\0' && n >= 0 && n <= (1LL << 31), ValueError,
+           "{}: expected 0, 1 (one CTA an SM) or a CTA count >= 2; got \"{}\"", name, env);
+  return n;
+}
+
+unsigned persistent_ctas(int64_t jobs, int64_t setting, int device) {
+  int64_t ctas = setting;
+  if (setting == 1) {
+    int sms = 0;
+    FG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    ctas = sms;
+  }
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(jobs, ctas)));
+}
+
 std::string assemble(const ModContext& ctx, const std::vector<std::string>& defines,
                      std::initializer_list<const char*> templates) {
   std::string tu = ctx.source;

@@ -81,6 +81,13 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // empty; ValueError naming the variable for any other value.
 std::optional<bool> env_switch(const char* name);
 
+// A persistent-launch setting from the environment (FLEXGRAD_FLEX_WGMMA_PERSISTENT, ..._BWD_PERSISTENT): 0 when
+// unset (the kernel's own grid), 1 (one CTA an SM), or N >= 2 (at most N CTAs: tests run many grid CTAs a CTA on
+// small problems); ValueError naming the variable for anything else.
+int64_t env_persistent(const char* name);
+// The 1-D grid of a persistent launch of `jobs` grid CTAs under `setting` (env_persistent, > 0) on `device`.
+unsigned persistent_ctas(int64_t jobs, int64_t setting, int device);
+
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);
 

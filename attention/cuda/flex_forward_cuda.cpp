@@ -27,7 +27,9 @@
 namespace fg::cuda {
 namespace {
 
+using flex::env_persistent;
 using flex::env_switch;
+using flex::persistent_ctas;
 using flex::round_up;
 using flex::to_i32;
 using flex::vec_ok;
@@ -65,6 +67,7 @@ struct TileConfig {
   int pipe = 0;  // flex_fwd_wgmma's main loop (FG_WGMMA_PIPE): 0 sequential, 1 pipelined, 2 warp-specialised,
                  // 3 warp-specialised with the consumers' intra-warpgroup overlap
   bool pingpong = false;  // FG_WGMMA_PINGPONG: pipe 3's consumer warpgroups take turns issuing their products
+  int64_t persistent = 0;  // FG_WGMMA_PERSISTENT (pipes 2, 3): 0 the grid, else env_persistent's setting
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -234,6 +237,10 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? 2 : 0);
   if (c.pipe >= 2 && c.bm != 128) c.pipe = 0;
   c.pingpong = c.pipe == 3 && env_switch("FLEXGRAD_FLEX_WGMMA_PINGPONG").value_or(false);
+  // FLEXGRAD_FLEX_WGMMA_PERSISTENT=1 (opt-in, written in session 19 without a GPU): the warp-specialised loops run
+  // one CTA an SM, each running grid CTAs blockIdx.x, + gridDim.x, ..., so that one's output stores overlap the
+  // next one's Q, row parts and first K / V (fg_fwd_for_each_cta); =N caps the grid at N CTAs (tests).
+  c.persistent = c.pipe >= 2 ? env_persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT") : 0;
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
   const bool pipe_spills = c.pipe == 1 && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
   c.bn = wide || small_kv || pipe_spills ? 64 : 128;
@@ -312,6 +319,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   };
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   if (cfg.pingpong) defines.push_back("FG_WGMMA_PINGPONG 1");
+  if (cfg.persistent > 0) defines.push_back("FG_WGMMA_PERSISTENT 1");
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
   const bool tma = cfg.wgmma && cfg.pipe >= 2 && vec && p.Lkv > 0 && wgmma_tma_env();
@@ -331,9 +339,11 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   // FG_WGMMA_PIPE 2 and 3 add their producer warpgroup to the consumer warps.
   const unsigned threads =
       cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe >= 2 ? 128 : 0)) : 256u;
-  jit::launch(mod->function(kernel), jit::Dim3{static_cast<unsigned>(a.n_qtiles), static_cast<unsigned>(p.Hq),
-                                               static_cast<unsigned>(p.B)},
-              jit::Dim3{threads, 1, 1}, cfg.smem, args, device);
+  const jit::Dim3 grid =
+      cfg.persistent > 0
+          ? jit::Dim3{persistent_ctas(static_cast<int64_t>(a.n_qtiles) * p.Hq * p.B, cfg.persistent, device)}
+          : jit::Dim3{static_cast<unsigned>(a.n_qtiles), static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B)};
+  jit::launch(mod->function(kernel), grid, jit::Dim3{threads, 1, 1}, cfg.smem, args, device);
   flex::check_mod_errors(ctx);
 }
 

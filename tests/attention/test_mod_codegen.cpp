@@ -631,7 +631,10 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal}}) {
-    for (auto [pipe, tma, pingpong] : {std::tuple{0, 0, 0}, {1, 0, 0}, {2, 0, 0}, {2, 1, 0}, {3, 1, 0}, {3, 1, 1}, {3, 0, 1}}) {
+    // (pipe, TMA, ping-pong, persistent)
+    for (auto [pipe, tma, pingpong, persistent] :
+         {std::tuple{0, 0, 0, 0}, {1, 0, 0, 0}, {2, 0, 0, 0}, {2, 1, 0, 0}, {3, 1, 0, 0}, {3, 1, 1, 0}, {3, 0, 1, 0},
+          {2, 1, 0, 1}, {3, 1, 1, 1}}) {
       CudaModsInput in;
       in.score_mod = c.score;
       in.mask_mod = c.mask;
@@ -640,24 +643,29 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
                                    std::string("FG_BM 128"), std::string("FG_BN 128"), std::string("FG_WARPS 8"),
                                    std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
                                    fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma),
-                                   fmt::format("FG_WGMMA_PINGPONG {}", pingpong)})
+                                   fmt::format("FG_WGMMA_PINGPONG {}", pingpong),
+                                   fmt::format("FG_WGMMA_PERSISTENT {}", persistent)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;
       const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
-      SCOPED_TRACE(fmt::format("{}, FG_WGMMA_PIPE {}, FG_WGMMA_TMA {}, FG_WGMMA_PINGPONG {}", c.name, pipe, tma, pingpong));
+      SCOPED_TRACE(fmt::format("{}, FG_WGMMA_PIPE {}, FG_WGMMA_TMA {}, FG_WGMMA_PINGPONG {}, FG_WGMMA_PERSISTENT {}",
+                               c.name, pipe, tma, pingpong, persistent));
       EXPECT_TRUE(err.empty()) << err.substr(0, 20000);
       EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ")) << "wgmma serialised\n" << log;
       // The warp-specialised kernel's registers are split by setmaxnreg (flex_forward_wgmma.cuh): the consumers'
-      // 232 must hold every program without spilling but a captured mask's. The producer's 40 do not hold that
-      // mask's column parts (32 bytes spill there; the split that avoids it was slower, see FG_WS_PRODUCER_REGS),
-      // and FG_WGMMA_PIPE 3's consumers, which hold P_{j-1} through the mods step, spill ~32 bytes on its int64
-      // ids (offline, nvcc 13.0; a 24 / 240 split spilled 40-64 bytes in every program's producer).
+      // 232 must hold every program without spilling (FG_WGMMA_PIPE 3's too, with P_{j-1} held through the mods
+      // step). The producer's 40 do not hold a captured mask's column parts (32 bytes spill there, 60 persistent;
+      // the split that avoids it was slower, see FG_WS_PRODUCER_REGS; a 24 / 240 split spilled 40-64 bytes in every
+      // program's producer; offline, nvcc 13.0). Persistent (FG_WGMMA_PERSISTENT), the producer's CTA loop costs
+      // it 8-12 bytes of spills.
       if (pipe >= 2 && c.mask != &document) {
-        EXPECT_TRUE(has(log, " 0 bytes spill stores")) << "spills\n" << log;
+        const size_t sp = log.find(" bytes spill stores");
+        ASSERT_NE(sp, std::string::npos) << log;
+        EXPECT_LE(std::atoi(log.c_str() + log.rfind(',', sp) + 1), persistent ? 16 : 0) << "spills\n" << log;
       }
-      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d, FG_WGMMA_PINGPONG %d: %s\n", c.name, pipe, tma,
-                  pingpong, log.substr(0, 600).c_str());
+      std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d, FG_WGMMA_PINGPONG %d, FG_WGMMA_PERSISTENT %d: %s\n",
+                  c.name, pipe, tma, pingpong, persistent, log.substr(0, 600).c_str());
     }
   }
 }

@@ -620,7 +620,9 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
 
 // flex_fwd_wgmma's main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, 2: warp-specialised, the
 // default on 128-row tiles, 3: warp-specialised with the intra-warpgroup overlap, "3pp": the same with
-// FLEXGRAD_FLEX_WGMMA_PINGPONG=1, the consumer warpgroups taking turns) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
+// FLEXGRAD_FLEX_WGMMA_PINGPONG=1, the consumer warpgroups taking turns; a "P": persistent,
+// FLEXGRAD_FLEX_WGMMA_PERSISTENT=3, three CTAs running every grid CTA, their stages and barriers carried from one to
+// the next, so that rows with no blocks and rows past a block's end come between others) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
 // get wrong: rows of one sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V stages,
 // their mbarrier phases and the column-part buffers rotate), partial -> full -> partial blocks, head dims 64 / 128 /
 // 256, score mods with column parts.
@@ -639,7 +641,8 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
   }
   const std::string pipe_name_ = std::get<1>(GetParam());
   ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", pipe_name_.substr(0, 1).c_str()};
-  ScopedEnv pingpong_{"FLEXGRAD_FLEX_WGMMA_PINGPONG", pipe_name_.size() > 1 ? "1" : "0"};
+  ScopedEnv pingpong_{"FLEXGRAD_FLEX_WGMMA_PINGPONG", pipe_name_.find("pp") != std::string::npos ? "1" : "0"};
+  ScopedEnv persistent_{"FLEXGRAD_FLEX_WGMMA_PERSISTENT", pipe_name_.find('P') != std::string::npos ? "3" : "0"};
 };
 
 TEST_P(FlexWgmmaPipeline, OneSubTileRowsAndHeadDims) {
@@ -707,7 +710,7 @@ TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexWgmmaPipeline,
-                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1", "2", "3", "3pp"),
+                         ::testing::Combine(::testing::Values(kBFloat16, kFloat16), ::testing::Values("0", "1", "2", "3", "3pp", "2P", "3ppP"),
                                             ::testing::Values("64", "128")),
                          [](const auto& info) {
                            return std::string(dtype_name(std::get<0>(info.param))) + "_pipe" +
@@ -729,6 +732,11 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
     ScopedEnv pingpong("FLEXGRAD_FLEX_WGMMA_PINGPONG", "yes");
     Tensor q128 = randn({1, 2, 128, 64}).to(kBFloat16).to(cuda);  // a 128-row tile: the loop that reads the knob
     testing::expect_error<ValueError>([&] { flex_attention(q128, q128, q128, o); }, "FLEXGRAD_FLEX_WGMMA_PINGPONG");
+  }
+  {
+    ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT", "-1");
+    Tensor q128 = randn({1, 2, 128, 64}).to(kBFloat16).to(cuda);
+    testing::expect_error<ValueError>([&] { flex_attention(q128, q128, q128, o); }, "FLEXGRAD_FLEX_WGMMA_PERSISTENT");
   }
   {
     ScopedEnv bn("FLEXGRAD_FLEX_WGMMA_BN", "96");

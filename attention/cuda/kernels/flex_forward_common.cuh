@@ -93,9 +93,10 @@ __device__ __forceinline__ FgTile fg_next_tile(const FgFwdParams& p, const FgRow
   return t;
 }
 
-// The q rows of this CTA: [m0, m_end), inside q block qb. Returns false when the CTA has no row.
-__device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& qb, int& m0, int& m_end) {
-  const int tile = p.n_qtiles - 1 - (int)blockIdx.x;  // the last q tiles (longest under causal) first
+// The q rows of the grid's CTA x (blockIdx.x, or the one a persistent kernel runs): [m0, m_end), inside q block
+// qb. Returns false when the CTA has no row.
+__device__ __forceinline__ bool fg_tile_rows(const FgFwdParams& p, int BM, int x, int& qb, int& m0, int& m_end) {
+  const int tile = p.n_qtiles - 1 - x;  // the last q tiles (longest under causal) first
   qb = tile / p.tiles_per_qblock;
   m0 = qb * p.block_q + (tile % p.tiles_per_qblock) * BM;
   int e = m0 + BM;
@@ -104,6 +105,9 @@ __device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& q
   if (e > p.Lq) e = p.Lq;
   m_end = e;
   return m0 < m_end;
+}
+__device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& qb, int& m0, int& m_end) {
+  return fg_tile_rows(p, BM, (int)blockIdx.x, qb, m0, m_end);
 }
 
 // The modified, masked score of one entry (scale already applied), or -inf out of range.

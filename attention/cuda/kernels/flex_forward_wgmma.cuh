@@ -176,6 +176,28 @@ __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map
 #endif
 #endif
 
+#if FG_WGMMA_WS
+#ifndef FG_WGMMA_PERSISTENT
+#define FG_WGMMA_PERSISTENT 0
+#endif
+// Runs body(x, h, b) for each CTA of the grid (n_qtiles, Hq, B) this CTA stands for: itself, or with
+// FG_WGMMA_PERSISTENT (a grid of one CTA an SM) CTAs blockIdx.x, + gridDim.x, ... of it, x fastest, so that one's
+// epilogue (the output stores) overlaps the next one's Q, row parts and first K / V. Each grid CTA still runs once,
+// on one CTA, with the same arithmetic: the same bits either way. `body` returns early for a CTA with no rows.
+template <class F>
+__device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, F&& body) {
+#if FG_WGMMA_PERSISTENT
+  const unsigned nx = p.n_qtiles, n = nx * p.Hq * p.B;
+  for (unsigned job = blockIdx.x; job < n; job += gridDim.x) body((int)(job % nx), (int)(job / nx % p.Hq), (int)(job / (nx * p.Hq)));
+#else
+  (void)p;
+  body((int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z);
+#endif
+}
+#elif defined(FG_WGMMA_PERSISTENT) && FG_WGMMA_PERSISTENT
+#error "flex_fwd_wgmma: FG_WGMMA_PERSISTENT needs a warp-specialised loop (FG_WGMMA_PIPE 2 or 3)"
+#endif
+
 extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     flex_fwd_wgmma(const FgFwdParams p, const FgModArgs args FG_FWD_WGMMA_EXTRA_PARAMS) {
   extern __shared__ __align__(16) unsigned char fg_smem_raw[];
@@ -186,6 +208,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   fg_h16* Ks = Qs + FG_BM * FG_E;         // 2 buffers of E / 64 atoms of BN x 64
   fg_h16* Vs = Ks + 2 * FG_BN * FG_E;     // 2 buffers of Ev / 64 atoms of BN x 64
 
+#if !FG_WGMMA_WS  // (the warp-specialised loops set these per grid CTA: fg_fwd_for_each_cta)
   int qb, m0, m_end;
   if (!fg_cta_rows(p, FG_BM, qb, m0, m_end)) return;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -194,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
   const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
   const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
+#endif
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
@@ -332,7 +356,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   // warpgroups wait on those barriers, not on each other, so one warpgroup's softmax can run while the
   // other's products use the tensor cores. A consumer warp releases a stage's K (and its column parts) after
   // its mods and its V after its P V.
-  __shared__ __align__(8) unsigned long long bar_q, bar_k_full[2], bar_v_full[2], bar_k_free[2], bar_v_free[2];
+  __shared__ __align__(8) unsigned long long bar_q, bar_q_free, bar_k_full[2], bar_v_full[2], bar_k_free[2],
+      bar_v_free[2];
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   __shared__ FgRowMods<float> row_mods[FG_BM];
   __shared__ FgColMods<float> col_mods[2][FG_BN];
@@ -343,6 +368,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // threads' 128 arrivals (which release the column parts) and the sub-tile's copies: cp.async ones raise the
     // pending count before they arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by thread 0.
     fg_mbar_init(fg_smem_addr(&bar_q), 256);
+    fg_mbar_init(fg_smem_addr(&bar_q_free), FG_WARPS);  // the consumer warps are done with Q and the row parts
     for (int st = 0; st < 2; ++st) {
       fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 128);
       fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 128);
@@ -359,6 +385,18 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // The consumers' increase waits until the producer's decrease has freed the registers (above the kernel).
     fg_setmaxnreg_dec<FG_WS_PRODUCER_REGS>();
     const int pt = threadIdx.x - FG_NT;  // 0 .. 127
+    int j = 0;   // the stages' position, carried from grid CTA to grid CTA
+    int it = 0;  // the grid CTAs run so far
+    fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
+    int qb, m0, m_end;
+    if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
+    const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
+    const fg_h16* qg = (const fg_h16*)p.q + b * p.q_sb + h * p.q_sh + (fg_i64)m0 * p.q_sl;
+    const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
+    const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
+    const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
+    // The previous grid CTA's Q and row parts stay until its consumers have run their last mods step.
+    if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
     fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
     fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
     FgTile t = fg_first_tile(p, rt);
@@ -368,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       if (m0 + r < m_end) fg_row_mods(row_mods[r], t.i < rt.n_total, t.i < rt.n_partial, b, h, m0 + r, args);
 #endif
     fg_mbar_arrive(fg_smem_addr(&bar_q));
-    for (int j = 0; t.i < rt.n_total; ++j) {
+    for (; t.i < rt.n_total; ++j) {
       const int st = j & 1;
       const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
       if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_k_free[st]), reuse_phase);
@@ -391,16 +429,23 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
       t = fg_next_tile<FG_BN>(p, rt, t);
     }
+    ++it;
+    });
     fg_cp_async_wait<0>();
   } else {
     // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
     fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
+    int j = 0, it = 0;  // as the producer's
+    fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
+    int qb, m0, m_end;
+    if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
+    const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
     fg_frag_init(o, m, l, saw_nan);
     const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
-    fg_mbar_wait(fg_smem_addr(&bar_q), 0);
+    fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
     FgTile cur = fg_first_tile(p, rt);
 #if FG_WGMMA_PIPE == 2
-    for (int j = 0; cur.i < rt.n_total; ++j) {
+    for (; cur.i < rt.n_total; ++j) {
       const int st = j & 1;
       const unsigned phase = (j >> 1) & 1;
       const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
@@ -475,20 +520,19 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       if (wg == 1) fg_named_arrive(1, 2 * 128);  // warpgroup 0 issues first
 #endif
       FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
-      int j = 0;
-      fg_mbar_wait(fg_smem_addr(&bar_k_full[0]), 0);
+      fg_mbar_wait(fg_smem_addr(&bar_k_full[j & 1]), (j >> 1) & 1);
       fg_fence_proxy_async();
 #if FG_WGMMA_PINGPONG
       fg_named_sync(1 + wg, 2 * 128);
 #endif
       fg_wgmma_fence();
-      fg_issue_qk(s, q_addr, k_addr);
+      fg_issue_qk(s, q_addr, k_addr + (j & 1) * (FG_BN * FG_E * 2));
 #if FG_WGMMA_PINGPONG
       fg_named_arrive(2 - wg, 2 * 128);
 #endif
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
-      softmax(cur, 0);
+      softmax(cur, j & 1);
       pack_p();
       while (nxt.i < rt.n_total) {
         cur = nxt;
@@ -534,9 +578,17 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
 #endif
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+      __syncwarp();
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));  // (for the next grid CTA's producer)
+      ++j;
     }
 #endif
+    // Q and the row parts are no longer read: the producer may load the next grid CTA's while these rows go out.
+    __syncwarp();
+    if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_q_free));
     fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
+    ++it;
+    });
   }
 #else
   FgTile cur = fg_first_tile(p, rt);
