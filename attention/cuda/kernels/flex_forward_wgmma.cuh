@@ -188,7 +188,8 @@ template <class F>
 __device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, F&& body) {
 #if FG_WGMMA_PERSISTENT
   const unsigned nx = p.n_qtiles, n = nx * p.Hq * p.B;
-  for (unsigned job = blockIdx.x; job < n; job += gridDim.x) body((int)(job % nx), (int)(job / nx % p.Hq), (int)(job / (nx * p.Hq)));
+  for (unsigned job = blockIdx.x; job < n; job += gridDim.x)
+    body((int)(job % nx), (int)(job / nx % p.Hq), (int)(job / (nx * p.Hq)));
 #else
   (void)p;
   body((int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z);
@@ -388,48 +389,48 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     int j = 0;   // the stages' position, carried from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
     fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
-    int qb, m0, m_end;
-    if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
-    const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
-    const fg_h16* qg = (const fg_h16*)p.q + b * p.q_sb + h * p.q_sh + (fg_i64)m0 * p.q_sl;
-    const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
-    const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
-    const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
-    // The previous grid CTA's Q and row parts stay until its consumers have run their last mods step.
-    if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
-    fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
-    fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
-    FgTile t = fg_first_tile(p, rt);
+      int qb, m0, m_end;
+      if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
+      const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
+      const fg_h16* qg = (const fg_h16*)p.q + b * p.q_sb + h * p.q_sh + (fg_i64)m0 * p.q_sl;
+      const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
+      const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
+      const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
+      // The previous grid CTA's Q and row parts stay until its consumers have run their last mods step.
+      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
+      fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
+      fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
+      FgTile t = fg_first_tile(p, rt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-    // The row parts while Q is in flight (a captured mask's reads wait on memory as the copies do).
-    for (int r = pt; r < FG_BM; r += 128)
-      if (m0 + r < m_end) fg_row_mods(row_mods[r], t.i < rt.n_total, t.i < rt.n_partial, b, h, m0 + r, args);
+      // The row parts while Q is in flight (a captured mask's reads wait on memory as the copies do).
+      for (int r = pt; r < FG_BM; r += 128)
+        if (m0 + r < m_end) fg_row_mods(row_mods[r], t.i < rt.n_total, t.i < rt.n_partial, b, h, m0 + r, args);
 #endif
-    fg_mbar_arrive(fg_smem_addr(&bar_q));
-    for (; t.i < rt.n_total; ++j) {
-      const int st = j & 1;
-      const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
-      if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_k_free[st]), reuse_phase);
-      // TMA takes whole sub-tiles only: past a clipped sub-tile's end (a kv block shorter than BN) its box would
-      // bring the next block's rows, where the kernels' contract is zeros (a masked column's V row must not
-      // reach P V: 0 * inf). Past Lkv the tensor map itself yields zeros.
-      const bool tma = FG_WGMMA_TMA && t.nend - t.n0 == FG_BN;
-      fg_ws_issue_subtile<FG_E>(Ks + st * (FG_BN * FG_E), FG_WS_MAP(k), kg, p.k_sl, p.E, t, hk, bk,
-                                fg_smem_addr(&bar_k_full[st]), tma, pt);
+      fg_mbar_arrive(fg_smem_addr(&bar_q));
+      for (; t.i < rt.n_total; ++j) {
+        const int st = j & 1;
+        const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
+        if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_k_free[st]), reuse_phase);
+        // TMA takes whole sub-tiles only: past a clipped sub-tile's end (a kv block shorter than BN) its box would
+        // bring the next block's rows, where the kernels' contract is zeros (a masked column's V row must not
+        // reach P V: 0 * inf). Past Lkv the tensor map itself yields zeros.
+        const bool tma = FG_WGMMA_TMA && t.nend - t.n0 == FG_BN;
+        fg_ws_issue_subtile<FG_E>(Ks + st * (FG_BN * FG_E), FG_WS_MAP(k), kg, p.k_sl, p.E, t, hk, bk,
+                                  fg_smem_addr(&bar_k_full[st]), tma, pt);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      // The column parts while K is in flight; the arrival below publishes them with the stage.
-      if (FG_HAS_SCORE_MOD || t.i < rt.n_partial)
-        for (int c = pt; c < FG_BN; c += 128)
-          col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
+        // The column parts while K is in flight; the arrival below publishes them with the stage.
+        if (FG_HAS_SCORE_MOD || t.i < rt.n_partial)
+          for (int c = pt; c < FG_BN; c += 128)
+            col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
 #endif
-      fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
-      if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
-      fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
-                                 fg_smem_addr(&bar_v_full[st]), tma, pt);
-      fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
-      t = fg_next_tile<FG_BN>(p, rt, t);
-    }
-    ++it;
+        fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
+        if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
+        fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
+                                   fg_smem_addr(&bar_v_full[st]), tma, pt);
+        fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+        t = fg_next_tile<FG_BN>(p, rt, t);
+      }
+      ++it;
     });
     fg_cp_async_wait<0>();
   } else {
@@ -437,157 +438,157 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
     int j = 0, it = 0;  // as the producer's
     fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
-    int qb, m0, m_end;
-    if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
-    const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
-    fg_frag_init(o, m, l, saw_nan);
-    const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
-    fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
-    FgTile cur = fg_first_tile(p, rt);
+      int qb, m0, m_end;
+      if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
+      const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
+      fg_frag_init(o, m, l, saw_nan);
+      const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
+      fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
+      FgTile cur = fg_first_tile(p, rt);
 #if FG_WGMMA_PIPE == 2
-    for (; cur.i < rt.n_total; ++j) {
-      const int st = j & 1;
-      const unsigned phase = (j >> 1) & 1;
-      const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
-      const bool partial = cur.i < rt.n_partial;
-      fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), phase);
-      fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
+      for (; cur.i < rt.n_total; ++j) {
+        const int st = j & 1;
+        const unsigned phase = (j >> 1) & 1;
+        const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+        const bool partial = cur.i < rt.n_partial;
+        fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), phase);
+        fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
 
-      float s[1][FG_BN / 8][4];  // no zeroing: the first step does not accumulate
-      fg_wgmma_fence();
-      fg_issue_qk(s, q_addr, fg_smem_addr(Ks + st * (FG_BN * FG_E)));
-      fg_wgmma_wait<0>();
-      fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+        float s[1][FG_BN / 8][4];  // no zeroing: the first step does not accumulate
+        fg_wgmma_fence();
+        fg_issue_qk(s, q_addr, fg_smem_addr(Ks + st * (FG_BN * FG_E)));
+        fg_wgmma_wait<0>();
+        fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
 
-      const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
-                          cur.n0 + FG_BN <= cur.nend;
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods[st], b, h, args);
-#else
-      fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
-#endif
-      __syncwarp();
-      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));  // K and the column parts read
-      fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
-      unsigned pa[FG_BN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
-
-      fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), phase);
-      fg_fence_proxy_async();
-      fg_wgmma_fence();
-      fg_issue_pv(o, pa, fg_smem_addr(Vs + st * (FG_BN * FG_EV)));
-      fg_wgmma_wait<0>();
-      fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
-      __syncwarp();
-      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));
-      cur = nxt;
-    }
-#else
-    // FG_WGMMA_PIPE 3: FlashAttention-3's intra-warpgroup overlap on the producer's stages. Per sub-tile j >= 1
-    //   wait K_j and V_{j-1};  O *= corr_{j-1};  issue S_j = Q K_j^T and O += P_{j-1} V_{j-1};
-    //   wait for S_j only;  mods + softmax -> P_j, corr_j (while P_{j-1} V_{j-1} runs);  release K_j;
-    //   wait for P V;  release V_{j-1};  pack P_j
-    // with sub-tile 0's S and softmax before the loop and the last P V after it (peeled as FG_WGMMA_PIPE 1's:
-    // a wgmma issued under a branch serialises them all). V_j is released one sub-tile later than in
-    // FG_WGMMA_PIPE 2; the producer, which loads K_{j+1} only after V_j, still runs one sub-tile ahead.
-    // With FG_WGMMA_PINGPONG the two warpgroups also take turns issuing their products (named barriers 1 and
-    // 2), so that one's softmax runs while the other's products hold the tensor cores.
-    if (cur.i < rt.n_total) {
-      float s[1][FG_BN / 8][4];          // S_j, then P_j in f32
-      unsigned pa[FG_BN / 16][4];       // P_{j-1} as A fragments
-      float corr[1][2];                 // O's factor for the P V of the sub-tile last softmaxed
-      const unsigned k_addr = fg_smem_addr(Ks), v_addr = fg_smem_addr(Vs);
-      // Mods, bounds and the online softmax of S_j (stage st), then K_j and its column parts released.
-      auto softmax = [&](const FgTile& t, int st) {
-        const bool partial = t.i < rt.n_partial;
         const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
-                            t.n0 + FG_BN <= t.nend;
+                            cur.n0 + FG_BN <= cur.nend;
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[st], b, h, args);
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods[st], b, h, args);
 #else
-        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
 #endif
         __syncwarp();
-        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));
-        fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
-      };
-      auto pack_p = [&]() {
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));  // K and the column parts read
+        fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
+        unsigned pa[FG_BN / 16][4];
 #pragma unroll
         for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
-      };
-#if FG_WGMMA_PINGPONG
-      if (wg == 1) fg_named_arrive(1, 2 * 128);  // warpgroup 0 issues first
-#endif
-      FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
-      fg_mbar_wait(fg_smem_addr(&bar_k_full[j & 1]), (j >> 1) & 1);
-      fg_fence_proxy_async();
-#if FG_WGMMA_PINGPONG
-      fg_named_sync(1 + wg, 2 * 128);
-#endif
-      fg_wgmma_fence();
-      fg_issue_qk(s, q_addr, k_addr + (j & 1) * (FG_BN * FG_E * 2));
-#if FG_WGMMA_PINGPONG
-      fg_named_arrive(2 - wg, 2 * 128);
-#endif
-      fg_wgmma_wait<0>();
-      fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
-      softmax(cur, j & 1);
-      pack_p();
-      while (nxt.i < rt.n_total) {
-        cur = nxt;
-        nxt = fg_next_tile<FG_BN>(p, rt, cur);
-        ++j;
-        const int st = j & 1, pst = st ^ 1;
-        fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), (j >> 1) & 1);
-        fg_mbar_wait(fg_smem_addr(&bar_v_full[pst]), ((j - 1) >> 1) & 1);
+
+        fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), phase);
         fg_fence_proxy_async();
-        fg_frag_rescale_o(o, corr);  // O is not in flight
+        fg_wgmma_fence();
+        fg_issue_pv(o, pa, fg_smem_addr(Vs + st * (FG_BN * FG_EV)));
+        fg_wgmma_wait<0>();
+        fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));
+        cur = nxt;
+      }
+#else
+      // FG_WGMMA_PIPE 3: FlashAttention-3's intra-warpgroup overlap on the producer's stages. Per sub-tile j >= 1
+      //   wait K_j and V_{j-1};  O *= corr_{j-1};  issue S_j = Q K_j^T and O += P_{j-1} V_{j-1};
+      //   wait for S_j only;  mods + softmax -> P_j, corr_j (while P_{j-1} V_{j-1} runs);  release K_j;
+      //   wait for P V;  release V_{j-1};  pack P_j
+      // with sub-tile 0's S and softmax before the loop and the last P V after it (peeled as FG_WGMMA_PIPE 1's:
+      // a wgmma issued under a branch serialises them all). V_j is released one sub-tile later than in
+      // FG_WGMMA_PIPE 2; the producer, which loads K_{j+1} only after V_j, still runs one sub-tile ahead.
+      // With FG_WGMMA_PINGPONG the two warpgroups also take turns issuing their products (named barriers 1 and
+      // 2), so that one's softmax runs while the other's products hold the tensor cores.
+      if (cur.i < rt.n_total) {
+        float s[1][FG_BN / 8][4];          // S_j, then P_j in f32
+        unsigned pa[FG_BN / 16][4];       // P_{j-1} as A fragments
+        float corr[1][2];                 // O's factor for the P V of the sub-tile last softmaxed
+        const unsigned k_addr = fg_smem_addr(Ks), v_addr = fg_smem_addr(Vs);
+        // Mods, bounds and the online softmax of S_j (stage st), then K_j and its column parts released.
+        auto softmax = [&](const FgTile& t, int st) {
+          const bool partial = t.i < rt.n_partial;
+          const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                              t.n0 + FG_BN <= t.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+          fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[st], b, h, args);
+#else
+          fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
+#endif
+          __syncwarp();
+          if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));
+          fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
+        };
+        auto pack_p = [&]() {
+#pragma unroll
+          for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
+        };
+#if FG_WGMMA_PINGPONG
+        if (wg == 1) fg_named_arrive(1, 2 * 128);  // warpgroup 0 issues first
+#endif
+        FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
+        fg_mbar_wait(fg_smem_addr(&bar_k_full[j & 1]), (j >> 1) & 1);
+        fg_fence_proxy_async();
 #if FG_WGMMA_PINGPONG
         fg_named_sync(1 + wg, 2 * 128);
 #endif
         fg_wgmma_fence();
-        fg_issue_qk(s, q_addr, k_addr + st * (FG_BN * FG_E * 2));
-        fg_issue_pv(o, pa, v_addr + pst * (FG_BN * FG_EV * 2));
+        fg_issue_qk(s, q_addr, k_addr + (j & 1) * (FG_BN * FG_E * 2));
 #if FG_WGMMA_PINGPONG
         fg_named_arrive(2 - wg, 2 * 128);
 #endif
-        fg_wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+        fg_wgmma_wait<0>();
         fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
-        softmax(cur, st);
-        fg_wgmma_wait<0>();  // P_{j-1} V_{j-1}: O and pa are free, and V_{j-1}'s stage
-        fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
-        fg_wgmma_fence_operands_u<FG_BN / 4>(&pa[0][0]);
-        __syncwarp();
-        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[pst]));
+        softmax(cur, j & 1);
         pack_p();
+        while (nxt.i < rt.n_total) {
+          cur = nxt;
+          nxt = fg_next_tile<FG_BN>(p, rt, cur);
+          ++j;
+          const int st = j & 1, pst = st ^ 1;
+          fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), (j >> 1) & 1);
+          fg_mbar_wait(fg_smem_addr(&bar_v_full[pst]), ((j - 1) >> 1) & 1);
+          fg_fence_proxy_async();
+          fg_frag_rescale_o(o, corr);  // O is not in flight
+#if FG_WGMMA_PINGPONG
+          fg_named_sync(1 + wg, 2 * 128);
+#endif
+          fg_wgmma_fence();
+          fg_issue_qk(s, q_addr, k_addr + st * (FG_BN * FG_E * 2));
+          fg_issue_pv(o, pa, v_addr + pst * (FG_BN * FG_EV * 2));
+#if FG_WGMMA_PINGPONG
+          fg_named_arrive(2 - wg, 2 * 128);
+#endif
+          fg_wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+          fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
+          softmax(cur, st);
+          fg_wgmma_wait<0>();  // P_{j-1} V_{j-1}: O and pa are free, and V_{j-1}'s stage
+          fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+          fg_wgmma_fence_operands_u<FG_BN / 4>(&pa[0][0]);
+          __syncwarp();
+          if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[pst]));
+          pack_p();
+        }
+        const int st = j & 1;
+        fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), (j >> 1) & 1);
+        fg_fence_proxy_async();
+        fg_frag_rescale_o(o, corr);
+#if FG_WGMMA_PINGPONG
+        fg_named_sync(1 + wg, 2 * 128);
+#endif
+        fg_wgmma_fence();
+        fg_issue_pv(o, pa, v_addr + st * (FG_BN * FG_EV * 2));
+#if FG_WGMMA_PINGPONG
+        // Warpgroup 1's last turn is not passed on: warpgroup 0 waits once per issue and warpgroup 1 passed it
+        // the first turn, so every arrival meets a wait (no named barrier is left half-arrived at exit).
+        if (wg == 0) fg_named_arrive(2, 2 * 128);
+#endif
+        fg_wgmma_wait<0>();
+        fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));  // (for the next grid CTA's producer)
+        ++j;
       }
-      const int st = j & 1;
-      fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), (j >> 1) & 1);
-      fg_fence_proxy_async();
-      fg_frag_rescale_o(o, corr);
-#if FG_WGMMA_PINGPONG
-      fg_named_sync(1 + wg, 2 * 128);
 #endif
-      fg_wgmma_fence();
-      fg_issue_pv(o, pa, v_addr + st * (FG_BN * FG_EV * 2));
-#if FG_WGMMA_PINGPONG
-      // Warpgroup 1's last turn is not passed on: warpgroup 0 waits once per issue and warpgroup 1 passed it
-      // the first turn, so every arrival meets a wait (no named barrier is left half-arrived at exit).
-      if (wg == 0) fg_named_arrive(2, 2 * 128);
-#endif
-      fg_wgmma_wait<0>();
-      fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
+      // Q and the row parts are no longer read: the producer may load the next grid CTA's while these rows go out.
       __syncwarp();
-      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_v_free[st]));  // (for the next grid CTA's producer)
-      ++j;
-    }
-#endif
-    // Q and the row parts are no longer read: the producer may load the next grid CTA's while these rows go out.
-    __syncwarp();
-    if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_q_free));
-    fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
-    ++it;
+      if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_q_free));
+      fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
+      ++it;
     });
   }
 #else
