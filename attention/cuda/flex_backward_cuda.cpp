@@ -59,6 +59,7 @@ struct BwdParams {
   int64_t cap_numel[kMaxCaptures] = {};
   void* dq_acc = nullptr;
   int64_t dkdv_group = 0;
+  void* job_counters = nullptr;
 };
 static_assert(sizeof(Lists) == 72 && sizeof(BwdParams) % 8 == 0, "BwdParams must mirror FgBwdParams");
 
@@ -399,6 +400,12 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
                "FLEXGRAD_FLEX_WGMMA_BWD_GROUP: expected a count of (batch, head) pairs >= 0; got \"{}\"", env);
       bp.dkdv_group = n;
     }
+  }
+  // A persistent launch's queues (FgJobQueue): the dK/dV and dQ kernels' counters, zeroed.
+  Tensor job_counters;
+  if (ws.persistent > 0) {
+    job_counters = zeros({2}, TensorOptions().dtype(kInt32).device(dev));
+    bp.job_counters = job_counters.data_ptr();
   }
   Tensor dq_acc;
   if (dq_fused) {

@@ -56,8 +56,9 @@ struct FwdParams {
   int32_t block_q, block_kv;
   int32_t tiles_per_qblock;
   int32_t n_qtiles;
+  int32_t* job_counter;
 };
-static_assert(sizeof(FwdParams) == 232, "FwdParams must mirror FgFwdParams of flex_forward.cuh");
+static_assert(sizeof(FwdParams) == 240, "FwdParams must mirror FgFwdParams of flex_forward.cuh");
 
 constexpr int64_t kMaxHeadDim = 256;
 
@@ -339,6 +340,12 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   // FG_WGMMA_PIPE 2 and 3 add their producer warpgroup to the consumer warps.
   const unsigned threads =
       cfg.mma ? static_cast<unsigned>(cfg.warps * 32 + (cfg.wgmma && cfg.pipe >= 2 ? 128 : 0)) : 256u;
+  // A persistent launch's queue (FgJobQueue): its counter, zeroed.
+  Tensor job_counter;
+  if (cfg.persistent > 0) {
+    job_counter = zeros({1}, TensorOptions().dtype(kInt32).device(p.q.device()));
+    a.job_counter = static_cast<int32_t*>(job_counter.data_ptr());
+  }
   const jit::Dim3 grid =
       cfg.persistent > 0
           ? jit::Dim3{persistent_ctas(static_cast<int64_t>(a.n_qtiles) * p.Hq * p.B, cfg.persistent, device)}

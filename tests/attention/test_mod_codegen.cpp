@@ -522,8 +522,8 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
     EXPECT_TRUE(has(log, "Function properties for fg_bwd_dkdv_wgmma")) << c.name << " fused " << fused << "\n" << log;
     if (ws) {
       // The warp-specialised kernels (the consumers at 232 registers by setmaxnreg) spill nothing; persistent, the
-      // dK/dV kernel's producer (40 registers: its walk and the CTA loop) spills up to ~96 bytes, and the dQ
-      // kernel (56 / 224) spills only with the document mask's int64 ids (20 bytes).
+      // producers (their walk, the CTA loop and its queue) spill: the dK/dV kernel's at 40 registers 108-124
+      // bytes, the dQ kernel's at 56 (its consumers 224) 16-24 bytes.
       for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
         const size_t at = log.find(std::string("Function properties for ") + k + "\n");
         ASSERT_NE(at, std::string::npos) << c.name << " " << k << "\n" << log;
@@ -532,7 +532,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
         const size_t sp = props.find(" bytes spill stores");
         ASSERT_NE(sp, std::string::npos) << props;
         const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
-        const int allowed = form == 2 ? 0 : dq ? (c.mask == &document ? 32 : 0) : 128;
+        const int allowed = form == 2 ? 0 : dq ? 32 : 128;
         EXPECT_LE(spilled, allowed) << c.name << ": " << k << " form " << form << " spills\n" << props;
         std::printf("[ptxas] %s, %s, form %d: %s\n", c.name, k, form, log.substr(at, 300).c_str());
       }
@@ -655,14 +655,14 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ")) << "wgmma serialised\n" << log;
       // The warp-specialised kernel's registers are split by setmaxnreg (flex_forward_wgmma.cuh): the consumers'
       // 232 must hold every program without spilling (FG_WGMMA_PIPE 3's too, with P_{j-1} held through the mods
-      // step). The producer's 40 do not hold a captured mask's column parts (32 bytes spill there, 60 persistent;
+      // step). The producer's 40 do not hold a captured mask's column parts (32 bytes spill there;
       // the split that avoids it was slower, see FG_WS_PRODUCER_REGS; a 24 / 240 split spilled 40-64 bytes in every
       // program's producer; offline, nvcc 13.0). Persistent (FG_WGMMA_PERSISTENT), the producer's CTA loop costs
-      // it 8-12 bytes of spills.
+      // it 12-20 bytes of spills (84-104 with the captured mask).
       if (pipe >= 2 && c.mask != &document) {
         const size_t sp = log.find(" bytes spill stores");
         ASSERT_NE(sp, std::string::npos) << log;
-        EXPECT_LE(std::atoi(log.c_str() + log.rfind(',', sp) + 1), persistent ? 16 : 0) << "spills\n" << log;
+        EXPECT_LE(std::atoi(log.c_str() + log.rfind(',', sp) + 1), persistent ? 24 : 0) << "spills\n" << log;
       }
       std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d, FG_WGMMA_PINGPONG %d, FG_WGMMA_PERSISTENT %d: %s\n",
                   c.name, pipe, tma, pingpong, persistent, log.substr(0, 600).c_str());

@@ -116,6 +116,7 @@ struct FgBwdParams {
   // The wgmma dK/dV kernel's grid: 0 = (kv tiles, Hkv, Bkv), tiles fastest; n > 0 = one dimension in groups of n
   // (kv batch, kv head) pairs, the pairs of a group fastest, then the tiles (fg_bwd_dkdv_wgmma).
   fg_i64 dkdv_group;
+  int* job_counters;  // [2] zeroed by the host for persistent warp-specialised kernels: the dK/dV and dQ queues
 };
 
 struct FgRow {

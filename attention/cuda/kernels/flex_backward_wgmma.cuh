@@ -333,9 +333,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 #define FG_BWD_PERSISTENT 0
 #endif
 // 384 threads launch with 168 registers each; the producer gives back what the consumers take. Persistent
-// (fg_for_each_cta), the dQ kernel's producer spilled 64-84 bytes at 40 (its walk and the CTA loop), and its
-// consumers spill nothing at 224, so it splits 56 / 224; the dK/dV kernel's consumers spill at 224 (56-192 bytes),
-// so its producer keeps 40 and spills ~92 bytes there (ptxas, nvcc 13.0).
+// (fg_for_each_cta), the dQ kernel's producer (its walk, the CTA loop and queue) spilled 64-84 bytes at 40 and
+// 16-24 at 56, where its consumers, at 224, spill nothing: it splits 56 / 224; the dK/dV kernel's consumers spill at
+// 224 (56-192 bytes), so its producer keeps 40 and spills 108-124 bytes there (ptxas, nvcc 13.0).
 #define FG_BWD_WS_PRODUCER_REGS 40
 #define FG_BWD_WS_CONSUMER_REGS 232
 #if FG_BWD_PERSISTENT
@@ -349,12 +349,14 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // Initialises the resident tile's barriers (`tile`: the producer threads' 128 cp.async completions of the tile
-// loaded once a job; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (the producer
+// loaded once a grid CTA; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (the producer
 // threads' 128 arrivals, each first raising the pending count for its cp.async, plus the TMA bytes thread 0
-// expects) and empty ones (the 8 consumer warps), then a CTA barrier (the only one).
+// expects) and empty ones (the 8 consumer warps), a persistent kernel's queue, then a CTA barrier (the only one).
 __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, unsigned long long* tile_free,
-                                                    unsigned long long* full, unsigned long long* empty) {
+                                                    unsigned long long* full, unsigned long long* empty,
+                                                    FgJobQueue* queue) {
   if (threadIdx.x == 0) {
+    if (queue != nullptr) fg_job_queue_init(*queue, 12);  // every warp reads the grid CTA: 8 consumer, 4 producer
     fg_mbar_init(fg_smem_addr(tile), 128);
     fg_mbar_init(fg_smem_addr(tile_free), 8);
     for (int st = 0; st < FG_BWD_STAGES; ++st) {
@@ -366,25 +368,30 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, un
   __syncthreads();
 }
 // Runs body(cta) for each CTA of an nx x ny x nz grid this CTA stands for: itself, or with FG_BWD_PERSISTENT (a
-// grid of one CTA an SM) CTAs blockIdx.x, + gridDim.x, ... of it, x fastest, so that one's epilogue (the stores)
-// overlaps the next one's resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same
-// arithmetic: the results are the same bits either way. `body` returns early for a CTA with nothing to do.
-// (32-bit: a grid's CTAs number fewer than 2^32, and the producer's 40 registers spilled more with 64-bit ones.)
+// grid of one CTA an SM) the grid CTAs it takes from `queue` (FgJobQueue; `lead`: the warpgroup that takes them,
+// the producer; `counter` the launch's zeroed counter), x fastest, so that one's epilogue (the stores) overlaps the next one's
+// resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same arithmetic: the results
+// are the same bits either way. `body` returns early for a CTA with nothing to do. (32-bit: a grid's CTAs number
+// fewer than 2^31, and the producer's 40 registers spilled more with 64-bit ones.)
 template <class F>
-__device__ __forceinline__ void fg_for_each_cta(unsigned nx, unsigned ny, unsigned nz, F&& body) {
+__device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter, bool lead, unsigned nx, unsigned ny,
+                                                unsigned nz, F&& body) {
 #if FG_BWD_PERSISTENT
-  for (unsigned job = blockIdx.x; job < nx * ny * nz; job += gridDim.x) {
+  for (int it = 0;; ++it) {
+    const int job = fg_job_take(*queue, it, counter, (int)(nx * ny * nz), lead);
+    if (job < 0) break;
     FgCta c;
-    c.x = job % nx;
-    c.y = job / nx % ny;
-    c.z = job / (nx * ny);
+    c.x = (unsigned)job % nx;
+    c.y = (unsigned)job / nx % ny;
+    c.z = (unsigned)job / (nx * ny);
     body(c);
   }
 #else
-  (void)nx, (void)ny, (void)nz;
+  (void)queue, (void)counter, (void)lead, (void)nx, (void)ny, (void)nz;
   body(fg_this_cta());
 #endif
 }
+
 #endif
 
 #if FG_BWD_WS_DKDV
@@ -428,7 +435,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv_free;
-  fg_ws_init_barriers(&bar_kv, &bar_kv_free, bar_full, bar_empty);
+  __shared__ FgJobQueue queue_;  // a persistent kernel's (FG_BWD_PERSISTENT)
+  FgJobQueue* const queue = FG_BWD_PERSISTENT ? &queue_ : nullptr;
+  fg_ws_init_barriers(&bar_kv, &bar_kv_free, bar_full, bar_empty, queue);
   // The grid the host launches without FG_BWD_PERSISTENT (flex_backward_cuda.cpp).
   const fg_i64 ntile = (p.Lkv + p.block_kv - 1) / p.block_kv * p.sub_kv;
   const fg_i64 gx = p.dkdv_group == 0 ? ntile : ntile * p.Hkv * p.Bkv, gy = p.dkdv_group == 0 ? p.Hkv : 1,
@@ -439,7 +448,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     const int pt = threadIdx.x - FG_NT_DKDV;  // 0 .. 127
     int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_for_each_cta(gx, gy, gz, [&](const FgCta& cta) {
+    fg_for_each_cta(queue, p.job_counters, true, gx, gy, gz, [&](const FgCta& cta) {
       fg_i64 bk, hk, mb, kv0;
       int nkv;
       if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
@@ -517,7 +526,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int kr0 = warp * 16;
   const int wg = warp >> 2;
   int j = 0, it = 0;  // as the producer's
-  fg_for_each_cta(gx, gy, gz, [&](const FgCta& cta) {
+  fg_for_each_cta(queue, p.job_counters, false, gx, gy, gz, [&](const FgCta& cta) {
     fg_i64 bk, hk, mb, kv0;
     int nkv;
     if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
@@ -789,7 +798,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // bar_q: Q and dO landed (the producer's 128 threads); bar_q_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_q_free;
-  fg_ws_init_barriers(&bar_q, &bar_q_free, bar_full, bar_empty);
+  __shared__ FgJobQueue queue_;  // a persistent kernel's (FG_BWD_PERSISTENT)
+  FgJobQueue* const queue = FG_BWD_PERSISTENT ? &queue_ : nullptr;
+  fg_ws_init_barriers(&bar_q, &bar_q_free, bar_full, bar_empty, queue);
   // The grid the host launches without FG_BWD_PERSISTENT (flex_backward_cuda.cpp).
   const fg_i64 gx = (p.Lq + p.block_q - 1) / p.block_q * p.sub_q;
 
@@ -798,7 +809,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     const int pt = threadIdx.x - FG_NT_DQ;  // 0 .. 127
     int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_for_each_cta(gx, p.Hq, p.B, [&](const FgCta& cta) {
+    fg_for_each_cta(queue, p.job_counters + 1, true, gx, p.Hq, p.B, [&](const FgCta& cta) {
       fg_i64 mb, q0;
       int nq;
       if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;
@@ -877,7 +888,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   const float scale = (float)p.scale;
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
   int j = 0, it = 0;  // as the producer's
-  fg_for_each_cta(gx, p.Hq, p.B, [&](const FgCta& cta) {
+  fg_for_each_cta(queue, p.job_counters + 1, false, gx, p.Hq, p.B, [&](const FgCta& cta) {
     fg_i64 mb, q0;
     int nq;
     if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;

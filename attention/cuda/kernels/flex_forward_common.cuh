@@ -26,7 +26,8 @@ struct FgFwdParams {
   int Bm, Hm, rows, idx_cols, full_cols;
   int block_q, block_kv;
   int tiles_per_qblock; // ceil(block_q / BM)
-  int n_qtiles;         // gridDim.x
+  int n_qtiles;         // gridDim.x (of the grid; a persistent launch's own grid is smaller)
+  int* job_counter;     // a persistent flex_fwd_wgmma's queue (FgJobQueue), zeroed by the host; else null
 };
 
 // ---- tile walk shared by the kernels -----------------------------------------------------------

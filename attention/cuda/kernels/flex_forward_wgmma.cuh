@@ -181,17 +181,21 @@ __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map
 #define FG_WGMMA_PERSISTENT 0
 #endif
 // Runs body(x, h, b) for each CTA of the grid (n_qtiles, Hq, B) this CTA stands for: itself, or with
-// FG_WGMMA_PERSISTENT (a grid of one CTA an SM) CTAs blockIdx.x, + gridDim.x, ... of it, x fastest, so that one's
-// epilogue (the output stores) overlaps the next one's Q, row parts and first K / V. Each grid CTA still runs once,
-// on one CTA, with the same arithmetic: the same bits either way. `body` returns early for a CTA with no rows.
+// FG_WGMMA_PERSISTENT (a grid of one CTA an SM) the grid CTAs it takes from `queue` (FgJobQueue, flex_wgmma.cuh;
+// `lead`: the producer warpgroup, which takes them from p.job_counter), x fastest, so that one's epilogue (the output stores)
+// overlaps the next one's Q, row parts and first K / V. Each grid CTA still runs once, on one CTA, with the same
+// arithmetic: the same bits either way. `body` returns early for a CTA with no rows.
 template <class F>
-__device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, F&& body) {
+__device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, FgJobQueue* queue, bool lead, F&& body) {
 #if FG_WGMMA_PERSISTENT
-  const unsigned nx = p.n_qtiles, n = nx * p.Hq * p.B;
-  for (unsigned job = blockIdx.x; job < n; job += gridDim.x)
-    body((int)(job % nx), (int)(job / nx % p.Hq), (int)(job / (nx * p.Hq)));
+  const int nx = p.n_qtiles;
+  for (int it = 0;; ++it) {
+    const int job = fg_job_take(*queue, it, p.job_counter, nx * p.Hq * p.B, lead);
+    if (job < 0) break;
+    body(job % nx, job / nx % p.Hq, job / (nx * p.Hq));
+  }
 #else
-  (void)p;
+  (void)queue, (void)lead;
   body((int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z);
 #endif
 }
@@ -359,6 +363,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
   // its mods and its V after its P V.
   __shared__ __align__(8) unsigned long long bar_q, bar_q_free, bar_k_full[2], bar_v_full[2], bar_k_free[2],
       bar_v_free[2];
+  __shared__ FgJobQueue queue;  // FG_WGMMA_PERSISTENT's
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   __shared__ FgRowMods<float> row_mods[FG_BM];
   __shared__ FgColMods<float> col_mods[2][FG_BN];
@@ -370,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // pending count before they arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by thread 0.
     fg_mbar_init(fg_smem_addr(&bar_q), 256);
     fg_mbar_init(fg_smem_addr(&bar_q_free), FG_WARPS);  // the consumer warps are done with Q and the row parts
+    if (FG_WGMMA_PERSISTENT) fg_job_queue_init(queue, FG_WARPS + 4);  // read by every warp
     for (int st = 0; st < 2; ++st) {
       fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 128);
       fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 128);
@@ -388,7 +394,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     const int pt = threadIdx.x - FG_NT;  // 0 .. 127
     int j = 0;   // the stages' position, carried from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
+    fg_fwd_for_each_cta(p, &queue, true, [&](int x, int h, int b) {
       int qb, m0, m_end;
       if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
       const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
@@ -437,7 +443,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
     fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
     int j = 0, it = 0;  // as the producer's
-    fg_fwd_for_each_cta(p, [&](int x, int h, int b) {
+    fg_fwd_for_each_cta(p, &queue, false, [&](int x, int h, int b) {
       int qb, m0, m_end;
       if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
       const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
