@@ -638,6 +638,22 @@ Case document_case() {
   return c;
 }
 
+// Bit equality of two kernels' gradients, NaN equal to NaN (poisoned inputs make NaNs where both kernels agree).
+bool same_bits(const Tensor& a, const Tensor& b) {
+  const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (!(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])))) return false;
+  return true;
+}
+void expect_same_bits(const Grads& a, const Grads& b) {
+  EXPECT_TRUE(same_bits(a.dk, b.dk)) << "dk";
+  EXPECT_TRUE(same_bits(a.dv, b.dv)) << "dv";
+  EXPECT_TRUE(same_bits(a.dq, b.dq)) << "dq";
+  ASSERT_EQ(a.dcaps.size(), b.dcaps.size());
+  for (size_t i = 0; i < a.dcaps.size(); ++i) EXPECT_TRUE(same_bits(a.dcaps[i], b.dcaps[i])) << "dcap " << i;
+}
+
 class FlexBackwardWgmma : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -817,14 +833,6 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
 TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), stages("FLEXGRAD_FLEX_WGMMA_BWD_STAGES", nullptr);
-  // Bit equality, NaN equal to NaN.
-  auto same = [](const Tensor& a, const Tensor& b) {
-    const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
-    if (x.size() != y.size()) return false;
-    for (size_t i = 0; i < x.size(); ++i)
-      if (!(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])))) return false;
-    return true;
-  };
   // Each stage count is a module of its own (an NVRTC compile): every stage count on the first case only.
   std::vector<const char*> stage_counts{"2", "3", "4"};
   auto check_case = [&](Case c, DType dt, const char* what, const std::function<void(Inputs&)>& poison) {
@@ -843,11 +851,7 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
       SCOPED_TRACE(std::string("stages ") + n);
       stages.set(n);
       const Grads w = run_stub(c, in, gold, dt, kCUDA);
-      EXPECT_TRUE(same(w.dk, plain.dk)) << "dk";
-      EXPECT_TRUE(same(w.dv, plain.dv)) << "dv";
-      EXPECT_TRUE(same(w.dq, plain.dq)) << "dq";
-      ASSERT_EQ(w.dcaps.size(), plain.dcaps.size());
-      for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_TRUE(same(w.dcaps[i], plain.dcaps[i])) << "dcap " << i;
+      expect_same_bits(w, plain);
       if (!poison) {
         EXPECT_LE(rel_err(w.dk, gold.g.dk), tol(dt)) << "dk against the golden";
         EXPECT_LE(rel_err(w.dv, gold.g.dv), tol(dt)) << "dv against the golden";
@@ -938,13 +942,6 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
 TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
-  auto same = [](const Tensor& a, const Tensor& b) {
-    const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
-    if (x.size() != y.size()) return false;
-    for (size_t i = 0; i < x.size(); ++i)
-      if (!(x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i])))) return false;
-    return true;
-  };
   auto check_case = [&](Case c, DType dt, const char* what) {
     SCOPED_TRACE(what);
     c.kernel = FlexCudaBackward::Wgmma;
@@ -958,11 +955,7 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
       SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n);
       persistent.set(n);
       const Grads w = run_stub(c, in, gold, dt, kCUDA);
-      EXPECT_TRUE(same(w.dk, grid.dk)) << "dk";
-      EXPECT_TRUE(same(w.dv, grid.dv)) << "dv";
-      EXPECT_TRUE(same(w.dq, grid.dq)) << "dq";
-      ASSERT_EQ(w.dcaps.size(), grid.dcaps.size());
-      for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_TRUE(same(w.dcaps[i], grid.dcaps[i])) << "dcap " << i;
+      expect_same_bits(w, grid);
       EXPECT_LE(rel_err(w.dk, gold.g.dk), tol(dt)) << "dk against the golden";
       EXPECT_LE(rel_err(w.dv, gold.g.dv), tol(dt)) << "dv against the golden";
       EXPECT_LE(rel_err(w.dq, gold.g.dq), tol(dt)) << "dq against the golden";

@@ -451,12 +451,26 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       const unsigned q_addr = fg_smem_addr(Qs) + wg * (64 * 128);
       fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
       FgTile cur = fg_first_tile(p, rt);
+      // Scale, mods and bounds of S (sub-tile t, in stage st), then K and its column parts released (every consumer
+      // warp arrives); returns whether the sub-tile was `simple` (the softmax then scales it).
+      auto mods_step = [&](float (&s)[1][FG_BN / 8][4], const FgTile& t, int st) {
+        const bool partial = t.i < rt.n_partial;
+        const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
+                            t.n0 + FG_BN <= t.nend;
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[st], b, h, args);
+#else
+        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
+#endif
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));
+        return simple;
+      };
 #if FG_WGMMA_PIPE == 2
       for (; cur.i < rt.n_total; ++j) {
         const int st = j & 1;
         const unsigned phase = (j >> 1) & 1;
         const FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
-        const bool partial = cur.i < rt.n_partial;
         fg_mbar_wait(fg_smem_addr(&bar_k_full[st]), phase);
         fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
 
@@ -466,15 +480,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         fg_wgmma_wait<0>();
         fg_wgmma_fence_operands<FG_BN / 2>(&s[0][0][0]);
 
-        const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
-                            cur.n0 + FG_BN <= cur.nend;
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods[st], b, h, args);
-#else
-        fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, cur, nullptr, nullptr, b, h, args);
-#endif
-        __syncwarp();
-        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));  // K and the column parts read
+        const bool simple = mods_step(s, cur, st);
         fg_frag_softmax_update(s, o, m, l, saw_nan, simple, scale);
         unsigned pa[FG_BN / 16][4];
 #pragma unroll
@@ -505,18 +511,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         unsigned pa[FG_BN / 16][4];       // P_{j-1} as A fragments
         float corr[1][2];                 // O's factor for the P V of the sub-tile last softmaxed
         const unsigned k_addr = fg_smem_addr(Ks), v_addr = fg_smem_addr(Vs);
-        // Mods, bounds and the online softmax of S_j (stage st), then K_j and its column parts released.
+        // Mods and bounds of S_j (stage st; K_j and its column parts released), then the online softmax.
         auto softmax = [&](const FgTile& t, int st) {
-          const bool partial = t.i < rt.n_partial;
-          const bool simple = !FG_HAS_SCORE_MOD && !(FG_HAS_MASK_MOD && partial) && m0 + FG_BM <= m_end &&
-                              t.n0 + FG_BN <= t.nend;
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-          fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, row_mods, col_mods[st], b, h, args);
-#else
-          fg_frag_mod_scores(s, simple, partial, scale, wrow, g, t4, m0, m_end, t, nullptr, nullptr, b, h, args);
-#endif
-          __syncwarp();
-          if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_k_free[st]));
+          const bool simple = mods_step(s, t, st);
           fg_frag_softmax_p(s, m, l, saw_nan, corr, simple, scale);
         };
         auto pack_p = [&]() {
