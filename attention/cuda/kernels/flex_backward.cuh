@@ -983,10 +983,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dkdv(const FgBwdPa
   fg_cp_async_commit();
 
   float dk[FG_E / 8][4], dv[FG_EV / 8][4];
-#pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-#pragma unroll
-  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  fg_zero_frags(dk);
+  fg_zero_frags(dv);
   const FgMaxSink max_sink = fg_dkdv_sink(p);
   const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
   const float scale = (float)p.scale;
@@ -1119,8 +1117,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
   for (int hf = 0; hf < 2; ++hf)
     if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
   float dq[FG_E / 8][4];
-#pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  fg_zero_frags(dq);
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
   const float scale = (float)p.scale;

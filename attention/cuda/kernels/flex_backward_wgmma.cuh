@@ -214,10 +214,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
   fg_cp_async_commit();  // with K and V
 
   float dk[FG_E / 8][4], dv[FG_EV / 8][4];  // m64n64 accumulators: atom a = dk[8 a .. 8 a + 7]
-#pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-#pragma unroll
-  for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  fg_zero_frags(dk);
+  fg_zero_frags(dv);
   const FgMaxSink max_sink = fg_dkdv_sink(p);
   const FgMaxSink* sink = FG_CAP_MODE == 1 ? &max_sink : nullptr;
   const float scale = (float)p.scale;
@@ -531,10 +529,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     int nkv;
     if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
     float dk[FG_E / 8][4], dv[FG_EV / 8][4];
-#pragma unroll
-    for (int i = 0; i < FG_E / 8; ++i) dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-#pragma unroll
-    for (int i = 0; i < FG_EV / 8; ++i) dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    fg_zero_frags(dk);
+    fg_zero_frags(dv);
     // (Set here, after the tile, rather than once above the loop: ptxas then spilled 4-52 bytes in the consumers
     // with document, ALiBi and softcap.)
     const FgMaxSink max_sink = fg_dkdv_sink(p);
@@ -698,8 +694,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
   for (int hf = 0; hf < 2; ++hf)
     if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
   float dq[FG_E / 8][4];
-#pragma unroll
-  for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  fg_zero_frags(dq);
 #if !FG_SPLIT_ENTRY
   const FgDqSink cap_sink = fg_dq_sink(p);
   const FgDqSink* sink = FG_CAP_MODE != 0 ? &cap_sink : nullptr;
@@ -914,8 +909,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       if (rv[hf] && first.rows > 0)
         fg_row_mods(rmods[hf], true, first.partial != 0, (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
     float dq[FG_E / 8][4];
-#pragma unroll
-    for (int i = 0; i < FG_E / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    fg_zero_frags(dq);
     fg_mbar_wait(fg_smem_addr(&bar_q), it & 1);
     unsigned a16[FG_KV_CHUNK / 16][4] = {};
     for (;; ++j) {

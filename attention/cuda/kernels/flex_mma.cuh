@@ -202,6 +202,12 @@ __device__ __forceinline__ float fg_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
+// Zeroes accumulators held as N C fragments (4 floats each: the backward's dK, dV, dQ).
+template <int N>
+__device__ __forceinline__ void fg_zero_frags(float (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
+}
 __device__ __forceinline__ float fg_neg_inf() { return __int_as_float(0xff800000); }
 
 // Reductions over the 4 lanes of a quad (one C-fragment row) and over the whole warp.
