@@ -407,4 +407,24 @@ TEST(FlexCudaEnv, SwitchReadsZeroOneAndNamesBadValues) {
   fg::testing::expect_error<ValueError>([&] { cuda::flex::env_switch(name); },
                                         "FLEXGRAD_TEST_ENV_SWITCH: expected 0 or 1; got \"yes\"");
 }
+
+// The persistent launches' setting (host only, no GPU): unset / empty 0 (the grid), 1 (one CTA an SM), N >= 2 a CTA
+// cap; anything else raises a ValueError naming the variable and the value.
+TEST(FlexCudaEnv, PersistentReadsACountAndNamesBadValues) {
+  const char* name = "FLEXGRAD_TEST_ENV_PERSISTENT";
+  fg::testing::ScopedEnv env(name, nullptr);
+  EXPECT_EQ(cuda::flex::env_persistent(name), 0);
+  env.set("");
+  EXPECT_EQ(cuda::flex::env_persistent(name), 0);
+  for (auto [text, n] : {std::pair{"0", 0}, {"1", 1}, {"3", 3}, {"132", 132}}) {
+    env.set(text);
+    EXPECT_EQ(cuda::flex::env_persistent(name), n) << text;
+  }
+  for (const char* bad : {"-1", "x", "2x", "1.5", "99999999999"}) {
+    env.set(bad);
+    fg::testing::expect_error<ValueError>([&] { cuda::flex::env_persistent(name); },
+                                          std::string("FLEXGRAD_TEST_ENV_PERSISTENT: expected 0, 1 (one CTA an SM) or a "
+                                                      "CTA count >= 2; got \"") + bad + "\"");
+  }
+}
 #endif
