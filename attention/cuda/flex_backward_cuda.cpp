@@ -339,6 +339,12 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       define("FG_BQ", cfg.q_tile),          define("FG_BKV", cfg.kv_tile),
       define("FG_Q_TILE", cfg.q_tile),      define("FG_KV_TILE", cfg.kv_tile),
       define("FG_Q_CHUNK", cfg.q_chunk),    define("FG_KV_CHUNK", cfg.kv_chunk)};
+  // The preprocess's 16-byte loads (fg_bwd_preprocess): 16-bit rows of Ev elements, 16-byte aligned.
+  const bool pre_vec = (dt == kBFloat16 || dt == kFloat16) && p.Ev % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(outc.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
+  const int64_t pre_rows = !pre_vec ? 1 : p.Ev / 8 < 32 && 32 % (p.Ev / 8) == 0 ? 32 / (p.Ev / 8) : 1;
+  if (pre_vec) defines.emplace_back("FG_PRE_VEC 1");
   if (cfg.wgmma) {
     for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
@@ -462,7 +468,9 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   void* dq_args[] = {&bp, &ctx.args, &kvmaps};
   const int64_t rows = p.B * p.Hq * p.Lq;
   if (rows > 0) {
-    jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + 7) / 8)}, {256}, 0, pargs, device);
+    const int64_t per_cta = 8 * pre_rows;  // 8 warps of pre_rows rows
+    jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + per_cta - 1) / per_cta)}, {256}, 0,
+                pargs, device);
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked

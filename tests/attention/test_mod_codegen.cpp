@@ -456,6 +456,7 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
       d.push_back(fmt::format("{} {}", n, t));
     if (family == "wgmma")
       for (const char* x : {"FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 1", "FG_WG_DQ 1"}) d.emplace_back(x);
+    if (family != "simt") d.emplace_back("FG_PRE_VEC 1");  // the preprocess's 16-byte loads (16-bit inputs)
     std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
     for (const std::string& x : d) tu += "#define " + x + "\n";
     tu += "#include \"flex_mma.cuh\"\n";
@@ -507,7 +508,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
       in.grad_needed.assign(g->captures.size(), false);
     }
     std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
-    for (const char* x : {"FG_IN_DTYPE 4", "FG_E 128", "FG_EV 128", "FG_NT 256", "FG_USE_MMA 1", "FG_CAP_MODE 0",
+    for (const char* x : {"FG_IN_DTYPE 4", "FG_E 128", "FG_EV 128", "FG_NT 256", "FG_USE_MMA 1", "FG_CAP_MODE 0", "FG_PRE_VEC 1",
                           "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
                           "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 2", "FG_WG_DQ 2"})
       tu += std::string("#define ") + x + "\n";
