@@ -235,7 +235,7 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 // BackwardWarpSpecialisedCompilesWithCapturedGradients). FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels
 // (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel; FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages
 // (benchmarking). FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=1 launches them persistent (FG_BWD_PERSISTENT: one CTA an SM,
-// each running grid CTAs blockIdx.x, + gridDim.x, ..., so that one's stores overlap the next one's loads; opt-in
+// each running the grid's CTAs it takes from a queue, so that one's stores overlap the next one's loads; opt-in
 // until the H200 has timed it: written without a GPU in session 19); =N (N >= 2) caps the grid at N CTAs (tests:
 // many grid CTAs a CTA on small problems).
 struct WsChoice {
@@ -474,14 +474,15 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
-  // for, each running grid CTAs blockIdx.x, + gridDim.x, ... (fg_for_each_cta).
+  // for, each running the grid's CTAs it takes from a queue (fg_for_each_cta).
   auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{persistent_ctas(jobs, ws.persistent, device)}; };
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
     const int64_t jobs = nKB * bp.sub_kv * p.Hkv * p.Bkv;
-    const jit::Dim3 grid = ws.dkdv && ws.persistent > 0 ? persistent_grid(jobs)
-                           : bp.dkdv_group > 0      ? jit::Dim3{static_cast<unsigned>(jobs)}
-                                                    : jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv),
-                                                                static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.Bkv)};
+    const jit::Dim3 grid =
+        ws.dkdv && ws.persistent > 0 ? persistent_grid(jobs)
+        : bp.dkdv_group > 0          ? jit::Dim3{static_cast<unsigned>(jobs)}
+                                     : jit::Dim3{static_cast<unsigned>(nKB * bp.sub_kv), static_cast<unsigned>(p.Hkv),
+                                                 static_cast<unsigned>(p.Bkv)};
     jit::launch(mod->function(dkdv_kernel), grid,
                 {static_cast<unsigned>(ws.dkdv ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dkdv : cfg.threads)}, smem_dkdv,
                 ws.dkdv ? dkdv_args : kargs, device);

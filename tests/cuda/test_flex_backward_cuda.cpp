@@ -934,7 +934,7 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
 }
 
 // The persistent warp-specialised kernels (FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT; FG_BWD_PERSISTENT): each CTA runs
-// grid CTAs blockIdx.x, + gridDim.x, ..., its stage ring, resident-tile barriers and counters carried from one to
+// the grid's CTAs it takes from a queue, its stage ring, resident-tile barriers and counters carried from one to
 // the next, so they must give the grid kernels' bits. "3" caps the grid at 3 CTAs: every CTA then runs many grid
 // CTAs on these small problems, among them ones with no blocks to walk (rows that see nothing, kv blocks no q
 // row visits) and ones past a block's end; "1" is the launch the option gives (one CTA an SM). Also against the

@@ -367,10 +367,10 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, un
 }
 // Runs body(cta) for each CTA of an nx x ny x nz grid this CTA stands for: itself, or with FG_BWD_PERSISTENT (a
 // grid of one CTA an SM) the grid CTAs it takes from `queue` (FgJobQueue; `lead`: the warpgroup that takes them,
-// the producer; `counter` the launch's zeroed counter), x fastest, so that one's epilogue (the stores) overlaps the next one's
-// resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same arithmetic: the results
-// are the same bits either way. `body` returns early for a CTA with nothing to do. (32-bit: a grid's CTAs number
-// fewer than 2^31, and the producer's 40 registers spilled more with 64-bit ones.)
+// the producer; `counter` the launch's zeroed counter), x fastest, so that one's epilogue (the stores) overlaps the
+// next one's resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same arithmetic:
+// the results are the same bits either way. `body` returns early for a CTA with nothing to do. (32-bit: a grid's CTAs
+// number fewer than 2^31, and the producer's 40 registers spilled more with 64-bit ones.)
 template <class F>
 __device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter, bool lead, unsigned nx, unsigned ny,
                                                 unsigned nz, F&& body) {
@@ -424,15 +424,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   fg_s* Os = Qs + FG_BWD_STAGES * FG_Q_CHUNK * FG_E;              // FG_BWD_STAGES x Ev / 64 atoms (dO)
   float* Ls = (float*)(Os + FG_BWD_STAGES * FG_Q_CHUNK * FG_EV);  // FG_BWD_STAGES x [Q_CHUNK] lse2
   float* Ds = Ls + FG_BWD_STAGES * FG_Q_CHUNK;                    // FG_BWD_STAGES x [Q_CHUNK] delta
-  __shared__ __align__(8) unsigned long long bar_kv, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
+  // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
+  __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
   __shared__ FgBwdChunk chunk[FG_BWD_STAGES];
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   __shared__ FgRowMods<float> q_mods[FG_BWD_STAGES][FG_Q_CHUNK];
 #endif
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
-  __shared__ __align__(8) unsigned long long bar_kv_free;
   __shared__ FgJobQueue queue_;  // a persistent kernel's (FG_BWD_PERSISTENT)
   FgJobQueue* const queue = FG_BWD_PERSISTENT ? &queue_ : nullptr;
   fg_ws_init_barriers(&bar_kv, &bar_kv_free, bar_full, bar_empty, queue);
@@ -450,7 +449,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_i64 bk, hk, mb, kv0;
       int nkv;
       if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
-      // The previous job's K and V stay until its last chunk's products have read them.
+      // The previous grid CTA's K and V stay until its last chunk's products have read them.
       if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_kv_free), (it - 1) & 1);
       fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E,
                                      pt, 128);
@@ -543,7 +542,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
       fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
       const FgBwdChunk c = chunk[st];
-      if (c.rows == 0) {  // the job's walk is over: its stage goes back too
+      if (c.rows == 0) {  // the grid CTA's walk is over: its stage goes back too
         __syncwarp();
         if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));
         ++j;
@@ -574,7 +573,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       __syncwarp();
       if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
     }
-    // Every product that read K and V has completed: the producer may load the next job's while this one's
+    // Every product that read K and V has completed: the producer may load the next grid CTA's while this one's
     // dK and dV go out.
     __syncwarp();
     if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_kv_free));
@@ -784,15 +783,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   fg_s* Os = Qs + FG_Q_TILE * FG_E;                      // Ev / 64 atoms of Q_TILE x 64 (dO)
   fg_s* Ks = Os + FG_Q_TILE * FG_EV;                     // FG_BWD_STAGES x E / 64 atoms of 64 x 64
   fg_s* Vs = Ks + FG_BWD_STAGES * FG_KV_CHUNK * FG_E;    // FG_BWD_STAGES x Ev / 64 atoms of 64 x 64
-  __shared__ __align__(8) unsigned long long bar_q, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
+  // bar_q: Q and dO landed (the producer's 128 threads); bar_q_free: the consumers' 8 warps are done with them.
+  __shared__ __align__(8) unsigned long long bar_q, bar_q_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
   __shared__ FgBwdKvChunk chunk[FG_BWD_STAGES];
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   __shared__ FgColMods<float> kv_mods[FG_BWD_STAGES][FG_KV_CHUNK];
 #endif
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // bar_q: Q and dO landed (the producer's 128 threads); bar_q_free: the consumers' 8 warps are done with them.
-  __shared__ __align__(8) unsigned long long bar_q_free;
   __shared__ FgJobQueue queue_;  // a persistent kernel's (FG_BWD_PERSISTENT)
   FgJobQueue* const queue = FG_BWD_PERSISTENT ? &queue_ : nullptr;
   fg_ws_init_barriers(&bar_q, &bar_q_free, bar_full, bar_empty, queue);
@@ -811,7 +809,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const fg_i64 h = cta.y, b = cta.z;
       const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
       const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
-      // The previous job's Q and dO stay until its last dQ product has read them.
+      // The previous grid CTA's Q and dO stay until its last dQ product has read them.
       if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
       fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E, pt,
                                     128);
@@ -898,8 +896,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
       dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
     }
-    // The mods' row parts of this lane's two q rows, once a job (the kv walk visits partial blocks first: the
-    // job's first chunk's flag says whether the row has any).
+    // The mods' row parts of this lane's two q rows, once a grid CTA (the kv walk visits partial blocks first: its
+    // first chunk's flag says whether the row has any).
     const int j0 = j;
     fg_mbar_wait(fg_smem_addr(&bar_full[j0 % FG_BWD_STAGES]), (j0 / FG_BWD_STAGES) & 1);
     const FgBwdKvChunk first = chunk[j0 % FG_BWD_STAGES];
@@ -938,7 +936,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
     fg_wgmma_fence_a(a16);
     // The last chunk's stage (its dQ product has completed) and the end marker's go back, then Q and dO: the
-    // producer may load the next job's while this one's dQ goes out.
+    // producer may load the next grid CTA's while this one's dQ goes out.
     __syncwarp();
     if (lane == 0) {
       if (j > j0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
