@@ -298,10 +298,16 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   FG_CHECK(out.sizes() == out_shape && dout_in.sizes() == out_shape, ShapeError,
            "flex_attention backward (CUDA): out and dout must be {}, got {} and {}", shape_str(out_shape),
            shape_str(out.sizes()), shape_str(dout_in.sizes()));
+  // lse and its gradient are read as [B, Hq, Lq] rows by the preprocess: a wrong shape would be read out of bounds.
+  const Shape lse_shape{p.B, p.Hq, p.Lq};
+  FG_CHECK(lse.sizes() == lse_shape, ShapeError, "flex_attention backward (CUDA): lse must be {}, got {}",
+           shape_str(lse_shape), shape_str(lse.sizes()));
   const Tensor outc = out.contiguous(), dout = dout_in.contiguous(), lsec = lse.contiguous();
   Tensor dlse;
   if (dlse_in.defined()) {
     check_on(dlse_in, "dlse", stat_dt);
+    FG_CHECK(dlse_in.sizes() == lse_shape, ShapeError, "flex_attention backward (CUDA): dlse must be {}, got {}",
+             shape_str(lse_shape), shape_str(dlse_in.sizes()));
     dlse = dlse_in.contiguous();
   }
   auto out_like = [&](Tensor& t, const Tensor& like, const char* name) {

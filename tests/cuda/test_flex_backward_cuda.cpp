@@ -580,6 +580,12 @@ TEST_F(FlexBackwardCudaCommon, RejectsMismatchedInputs) {
   testing::expect_error<DeviceError>([&] { flex_backward_stub(kCUDA, p, out_cpu, lse, dout, Tensor(), {}, o); }, "out");
   testing::expect_error<DTypeError>(
       [&] { flex_backward_stub(kCUDA, p, out_cpu.to(kCUDA), lse.to(kFloat64), dout, Tensor(), {}, o); }, "lse");
+  // lse and dlse are read as [B, Hq, Lq] rows: another shape is refused, not read out of bounds.
+  const Tensor short_lse = lse.slice(2, 0, 8);
+  testing::expect_error<ShapeError>(
+      [&] { flex_backward_stub(kCUDA, p, out_cpu.to(kCUDA), short_lse, dout, Tensor(), {}, o); }, "lse");
+  testing::expect_error<ShapeError>(
+      [&] { flex_backward_stub(kCUDA, p, out_cpu.to(kCUDA), lse, dout, short_lse, {}, o); }, "dlse");
 }
 
 // ---- end to end: flex_attention on CUDA, autograd, gradients through out and lse ----------------------
