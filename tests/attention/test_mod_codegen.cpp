@@ -434,11 +434,18 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
     const ModProgram* score;
     int cap_mode;  // FG_CAP_MODE: 0 none, 1 deterministic, 2 atomics
     const char* family;
+    int dtype = 0;  // FG_DT_*; 0: bfloat16 (float64 for SIMT)
+    int ev = 64;
   };
+  // The 16-bit cases also compile the preprocess's 16-byte loads (FG_PRE_VEC) at their Ev: 4 rows a warp
+  // (Ev 64), 16 (Ev 16, float16), 1 with lanes left idle (Ev 24, the SIMT family's 16-bit form).
   const Case cases[] = {{"softcap mma.sync", &softcap, 0, "mma"},
                         {"captured softcap wgmma", &capped, 2, "wgmma"},
                         {"captured softcap float64 SIMT", &capped, 1, "simt"},
-                        {"alibi (constant derivative) mma.sync", &alibi, 0, "mma"}};
+                        {"alibi (constant derivative) mma.sync", &alibi, 0, "mma"},
+                        {"captured softcap mma.sync (the dQ step's replay)", &capped, 1, "mma"},
+                        {"softcap float16 mma.sync Ev 16", &softcap, 0, "mma", 3, 16},
+                        {"captured softcap bfloat16 SIMT Ev 24", &capped, 1, "simt", 4, 24}};
   for (const Case& c : cases) {
     const ScoreModBackward g = derive_score_mod(*c.score);
     CudaModsInput in;
@@ -447,8 +454,9 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
     in.score_grad = &g;
     in.grad_needed.assign(g.captures.size(), c.cap_mode != 0);
     const std::string family = c.family;
+    const int dtype = c.dtype != 0 ? c.dtype : (family == "simt" ? 6 : 4);
     std::vector<std::string> d{
-        fmt::format("FG_IN_DTYPE {}", family == "simt" ? 6 : 4), "FG_E 64", "FG_EV 64",
+        fmt::format("FG_IN_DTYPE {}", dtype), "FG_E 64", fmt::format("FG_EV {}", c.ev),
         fmt::format("FG_NT {}", family == "simt" ? 256 : 128), fmt::format("FG_USE_MMA {}", family == "simt" ? 0 : 1),
         fmt::format("FG_CAP_MODE {}", c.cap_mode)};
     const int t = family == "simt" ? 32 : 64;
@@ -456,7 +464,7 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
       d.push_back(fmt::format("{} {}", n, t));
     if (family == "wgmma")
       for (const char* x : {"FG_BWD_WGMMA 1", "FG_VEC 1", "FG_WG_DKDV 1", "FG_WG_DQ 1"}) d.emplace_back(x);
-    if (family != "simt") d.emplace_back("FG_PRE_VEC 1");  // the preprocess's 16-byte loads (16-bit inputs)
+    if (dtype == 3 || dtype == 4) d.emplace_back("FG_PRE_VEC 1");  // the preprocess's 16-byte loads (16-bit inputs)
     std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
     for (const std::string& x : d) tu += "#define " + x + "\n";
     tu += "#include \"flex_mma.cuh\"\n";

@@ -184,6 +184,7 @@ struct Case {
   bool approx_tanh = false;  // FlexKernelOptions::approx_tanh
   double min_tol = 0;        // a floor under tol(dt) (approx_tanh's error is not rounding)
   std::function<Tensor(const Tensor&)> layout;  // applied to q, k, v on the device (strided inputs)
+  bool shifted_out = false;  // out and dout contiguous but one element into their buffers (not 16-byte aligned)
   FlexCudaBackward kernel = FlexCudaBackward::Tiled;
 };
 
@@ -253,6 +254,16 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
   }
   const DType sdt = cdt == kFloat64 ? kFloat64 : kFloat32;
   Tensor out = gold.out.to(cdt).to(dev), lse = gold.lse.to(sdt).to(dev), dout = in.dout.to(cdt).to(dev);
+  if (c.shifted_out && dev.is_cuda()) {
+    auto shift = [](const Tensor& t) {
+      Tensor buf = empty({t.numel() + 1}, TensorOptions().dtype(t.dtype()).device(t.device()));
+      Tensor x = buf.narrow(0, 1, t.numel()).view(t.sizes());
+      x.copy_(t);
+      return x;
+    };
+    out = shift(out);
+    dout = shift(dout);
+  }
   Tensor dlse = in.dlse.defined() ? in.dlse.to(sdt).to(dev) : Tensor();
   FlexBackwardOutputs o;
   o.dq = empty(p.q.sizes(), TensorOptions().dtype(cdt).device(dev));
@@ -472,7 +483,8 @@ TEST_P(FlexBackwardCuda, GqaBroadcastBatchUnequalLengthsAndHeadDims) {
 }
 
 TEST_P(FlexBackwardCuda, HeadDimsFrom16To256) {
-  for (auto [E, Ev] : {std::pair<int64_t, int64_t>{16, 16}, {32, 80}, {256, 256}, {256, 64}}) {
+  // (Ev 8, 24, 80, 256: the preprocess's 16-byte loads with 32, 1 (partial lanes) and 1 rows a warp in 16-bit.)
+  for (auto [E, Ev] : {std::pair<int64_t, int64_t>{16, 16}, {32, 80}, {256, 256}, {256, 64}, {16, 8}, {32, 24}}) {
     SCOPED_TRACE(::testing::Message() << "E=" << E << " Ev=" << Ev);
     Case c;
     c.d = {1, 2, 90, E, 1, 2, 90, Ev};
@@ -500,6 +512,25 @@ TEST_P(FlexBackwardCuda, GradientThroughLse) {
   c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
   c.with_dlse = true;
   check(c, {kFloat64, kFloat32, kBFloat16});
+}
+
+TEST_P(FlexBackwardCuda, OutAndDoutOffTheirAlignmentTakeTheScalarPreprocess) {
+  Case c;
+  c.d = {1, 2, 70, 64, 1, 2, 70, 64};
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 70, 70, 32);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  c.shifted_out = true;
+  c.with_dlse = true;
+  if (wgmma()) {  // the Wgmma kernels need 16-byte-aligned rows everywhere: refused, not misread
+    c.kernel = kernel();
+    Golden shapes;
+    shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
+    shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+    const Inputs in = make_inputs(c.d, kBFloat16, c.with_dlse, 1);
+    testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "16-byte-aligned");
+    return;
+  }
+  check(c, {kFloat32, kBFloat16, kFloat16});
 }
 
 TEST_P(FlexBackwardCuda, StridedInputsReadInPlace) {
