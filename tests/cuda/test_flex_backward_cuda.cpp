@@ -16,6 +16,7 @@
 #include <string>
 
 #include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/mod_grad.h"
@@ -987,11 +988,19 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
     for (const Tensor& t : c.learnable) numel.push_back(t.numel());
     const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
     persistent.set(nullptr);
+    cuda::jit::clear_memory_cache();
     const Grads grid = run_stub(c, in, gold, dt, kCUDA);
     for (const char* n : {"3", "1"}) {
       SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n);
       persistent.set(n);
+      const cuda::jit::JitStats before = cuda::jit::stats();
       const Grads w = run_stub(c, in, gold, dt, kCUDA);
+      // The persistent kernels are another module (FG_BWD_PERSISTENT): were the grid's module used again (the host
+      // keeping the grid kernels for this case), the bit comparison below would compare it with itself.
+      const cuda::jit::JitStats after = cuda::jit::stats();
+      if (n[0] == '3') {
+        EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits) << "the grid kernels ran";
+      }
       expect_same_bits(w, grid);
       EXPECT_LE(rel_err(w.dk, gold.g.dk), tol(dt)) << "dk against the golden";
       EXPECT_LE(rel_err(w.dv, gold.g.dv), tol(dt)) << "dv against the golden";

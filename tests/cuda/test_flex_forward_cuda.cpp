@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_program.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -639,6 +640,31 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
     SCOPED_TRACE(std::string("PIPE=") + std::get<1>(GetParam()) + " BN=" + bn);
     check_case(c, std::get<0>(GetParam()), FlexCudaForward::Wgmma, 7);
   }
+  // For a parameter other than "0": case c (in bfloat16) must run another kernel module than the sequential loop's,
+  // so that a silent fallback to it (64-row tiles keep the sequential loop) cannot pass for the loop under test.
+  // The module of the second run, with FLEXGRAD_FLEX_WGMMA_PIPE=0 alone, must then be loaded anew.
+  void expect_not_the_sequential_loop(const Case& c) {
+    if (pipe_name_ == "0") return;
+    const Device cuda(DeviceType::CUDA, 0);
+    Generator gen(5);
+    Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    FlexAttentionOptions o = c.opts;
+    o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+    cuda::jit::clear_memory_cache();
+    flex_attention(q, k, v, o);
+    const cuda::jit::JitStats before = cuda::jit::stats();
+    {
+      ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "0"), pp("FLEXGRAD_FLEX_WGMMA_PINGPONG", "0"),
+          persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT", "0");
+      flex_attention(q, k, v, o);
+    }
+    const cuda::jit::JitStats after = cuda::jit::stats();
+    EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
+        << "FLEXGRAD_FLEX_WGMMA_PIPE=" << pipe_name_ << " ran the sequential loop's module";
+  }
   const std::string pipe_name_ = std::get<1>(GetParam());
   ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", pipe_name_.substr(0, 1).c_str()};
   ScopedEnv pingpong_{"FLEXGRAD_FLEX_WGMMA_PINGPONG", pipe_name_.find("pp") != std::string::npos ? "1" : "0"};
@@ -659,16 +685,21 @@ TEST_P(FlexWgmmaPipeline, OneSubTileRowsAndHeadDims) {
 TEST_P(FlexWgmmaPipeline, EmptyRowsAndPartialFullPartialBlocks) {
   // Rows below 150 see nothing (whole q blocks, and part of one); the others a 300-wide causal window:
   // partial (window start), full, partial (diagonal) blocks in one row.
+  // Blocks of 128 and 256 rows: 64-row blocks would take 64-row tiles, where every loop is the sequential one. With
+  // 128, q block 0 lists no kv block; with 256, its first 128-row tile lists blocks whose entries all fall out.
   auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (q - kv <= 300); };
-  for (int64_t E : {64, 128, 256}) {
-    SCOPED_TRACE("E=" + std::to_string(E));
-    Case c;
-    c.B = c.Bkv = 1, c.E = c.Ev = E, c.Lq = c.Lkv = 700;
-    c.opts.block_mask = create_block_mask(m, std::nullopt, std::nullopt, 700, 700, 64);
-    c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
-      return q >= 150 && kv <= q && q - kv <= 300 ? s : -kInf;
-    };
-    check(c);
+  for (int64_t block : {128, 256}) {
+    for (int64_t E : {64, 128, 256}) {
+      SCOPED_TRACE("E=" + std::to_string(E) + " block=" + std::to_string(block));
+      Case c;
+      c.B = c.Bkv = 1, c.E = c.Ev = E, c.Lq = c.Lkv = 700;
+      c.opts.block_mask = create_block_mask(m, std::nullopt, std::nullopt, 700, 700, block);
+      c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+        return q >= 150 && kv <= q && q - kv <= 300 ? s : -kInf;
+      };
+      check(c);
+      if (E == 128) expect_not_the_sequential_loop(c);
+    }
   }
 }
 

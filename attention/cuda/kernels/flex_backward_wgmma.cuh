@@ -367,16 +367,18 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, un
 }
 // Runs body(cta) for each CTA of an nx x ny x nz grid this CTA stands for: itself, or with FG_BWD_PERSISTENT (a
 // grid of one CTA an SM) the grid CTAs it takes from `queue` (FgJobQueue; `lead`: the warpgroup that takes them,
-// the producer; `counter` the launch's zeroed counter), x fastest, so that one's epilogue (the stores) overlaps the
-// next one's resident tile and first chunks. Each grid CTA still runs once, on one CTA, with the same arithmetic:
+// the producer, each once `tile_free` has completed `tiles_run` phases: the resident tile is free; `counter` the
+// launch's zeroed counter), x fastest, so that one's epilogue (the stores) overlaps the next one's resident tile
+// and first chunks. Each grid CTA still runs once, on one CTA, with the same arithmetic:
 // the results are the same bits either way. `body` returns early for a CTA with nothing to do. (32-bit: a grid's CTAs
 // number fewer than 2^31, and the producer's 40 registers spilled more with 64-bit ones.)
 template <class F>
-__device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter, bool lead, unsigned nx, unsigned ny,
-                                                unsigned nz, F&& body) {
+__device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter, bool lead,
+                                                unsigned long long* tile_free, const int& tiles_run, unsigned nx,
+                                                unsigned ny, unsigned nz, F&& body) {
 #if FG_BWD_PERSISTENT
   for (int it = 0;; ++it) {
-    const int job = fg_job_take(*queue, it, counter, (int)(nx * ny * nz), lead);
+    const int job = fg_job_take(*queue, it, counter, (int)(nx * ny * nz), lead, fg_smem_addr(tile_free), tiles_run);
     if (job < 0) break;
     FgCta c;
     c.x = (unsigned)job % nx;
@@ -385,7 +387,7 @@ __device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter,
     body(c);
   }
 #else
-  (void)queue, (void)counter, (void)lead, (void)nx, (void)ny, (void)nz;
+  (void)queue, (void)counter, (void)lead, (void)tile_free, (void)tiles_run, (void)nx, (void)ny, (void)nz;
   body(fg_this_cta());
 #endif
 }
@@ -445,12 +447,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     const int pt = threadIdx.x - FG_NT_DKDV;  // 0 .. 127
     int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_for_each_cta(queue, p.job_counters, true, gx, gy, gz, [&](const FgCta& cta) {
+    fg_for_each_cta(queue, p.job_counters, true, &bar_kv_free, it, gx, gy, gz, [&](const FgCta& cta) {
       fg_i64 bk, hk, mb, kv0;
       int nkv;
       if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
-      // The previous grid CTA's K and V stay until its last chunk's products have read them.
-      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_kv_free), (it - 1) & 1);
+      // (The previous grid CTA's K and V stay until its last chunk's products have read them: fg_for_each_cta waited.)
       fg_load_rows<FG_KV_TILE, true>(Ks, 0, p.k + bk * p.ks_b + hk * p.ks_h + kv0 * p.ks_l, p.ks_l, nkv, FG_E, FG_E,
                                      pt, 128);
       fg_load_rows<FG_KV_TILE, true>(Vs, 0, p.v + bk * p.vs_b + hk * p.vs_h + kv0 * p.vs_l, p.vs_l, nkv, FG_EV, FG_EV,
@@ -523,7 +524,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int kr0 = warp * 16;
   const int wg = warp >> 2;
   int j = 0, it = 0;  // as the producer's
-  fg_for_each_cta(queue, p.job_counters, false, gx, gy, gz, [&](const FgCta& cta) {
+  fg_for_each_cta(queue, p.job_counters, false, &bar_kv_free, it, gx, gy, gz, [&](const FgCta& cta) {
     fg_i64 bk, hk, mb, kv0;
     int nkv;
     if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
@@ -802,15 +803,14 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     const int pt = threadIdx.x - FG_NT_DQ;  // 0 .. 127
     int j = 0;   // the stage ring's position, continued from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_for_each_cta(queue, p.job_counters + 1, true, gx, p.Hq, p.B, [&](const FgCta& cta) {
+    fg_for_each_cta(queue, p.job_counters + 1, true, &bar_q_free, it, gx, p.Hq, p.B, [&](const FgCta& cta) {
       fg_i64 mb, q0;
       int nq;
       if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;
       const fg_i64 h = cta.y, b = cta.z;
       const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
       const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
-      // The previous grid CTA's Q and dO stay until its last dQ product has read them.
-      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
+      // (The previous grid CTA's Q and dO stay until its last dQ product has read them: fg_for_each_cta waited.)
       fg_load_rows<FG_Q_TILE, true>(Qs, 0, p.q + b * p.qs_b + h * p.qs_h + q0 * p.qs_l, p.qs_l, nq, FG_E, FG_E, pt,
                                     128);
       fg_load_rows<FG_Q_TILE, true>(Os, 0, p.dout + row0 * FG_EV, FG_EV, nq, FG_EV, FG_EV, pt, 128);
@@ -881,7 +881,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   const float scale = (float)p.scale;
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
   int j = 0, it = 0;  // as the producer's
-  fg_for_each_cta(queue, p.job_counters + 1, false, gx, p.Hq, p.B, [&](const FgCta& cta) {
+  fg_for_each_cta(queue, p.job_counters + 1, false, &bar_q_free, it, gx, p.Hq, p.B, [&](const FgCta& cta) {
     fg_i64 mb, q0;
     int nq;
     if (!fg_dq_tile(p, cta, gx, mb, q0, nq)) return;

@@ -182,20 +182,22 @@ __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map
 #endif
 // Runs body(x, h, b) for each CTA of the grid (n_qtiles, Hq, B) this CTA stands for: itself, or with
 // FG_WGMMA_PERSISTENT (a grid of one CTA an SM) the grid CTAs it takes from `queue` (FgJobQueue, flex_wgmma.cuh;
-// `lead`: the producer warpgroup, which takes them from p.job_counter), x fastest, so that one's epilogue (the output stores)
+// `lead`: the producer warpgroup, which takes them from p.job_counter once `tile_free` has completed `tiles_run`
+// phases: Q and the row parts are free), x fastest, so that one's epilogue (the output stores)
 // overlaps the next one's Q, row parts and first K / V. Each grid CTA still runs once, on one CTA, with the same
 // arithmetic: the same bits either way. `body` returns early for a CTA with no rows.
 template <class F>
-__device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, FgJobQueue* queue, bool lead, F&& body) {
+__device__ __forceinline__ void fg_fwd_for_each_cta(const FgFwdParams& p, FgJobQueue* queue, bool lead,
+                                                    unsigned long long* tile_free, const int& tiles_run, F&& body) {
 #if FG_WGMMA_PERSISTENT
   const int nx = p.n_qtiles;
   for (int it = 0;; ++it) {
-    const int job = fg_job_take(*queue, it, p.job_counter, nx * p.Hq * p.B, lead);
+    const int job = fg_job_take(*queue, it, p.job_counter, nx * p.Hq * p.B, lead, fg_smem_addr(tile_free), tiles_run);
     if (job < 0) break;
     body(job % nx, job / nx % p.Hq, job / (nx * p.Hq));
   }
 #else
-  (void)queue, (void)lead;
+  (void)queue, (void)lead, (void)tile_free, (void)tiles_run;
   body((int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z);
 #endif
 }
@@ -394,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     const int pt = threadIdx.x - FG_NT;  // 0 .. 127
     int j = 0;   // the stages' position, carried from grid CTA to grid CTA
     int it = 0;  // the grid CTAs run so far
-    fg_fwd_for_each_cta(p, &queue, true, [&](int x, int h, int b) {
+    fg_fwd_for_each_cta(p, &queue, true, &bar_q_free, it, [&](int x, int h, int b) {
       int qb, m0, m_end;
       if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
       const int hk = h / p.group, bk = p.Bkv == 1 ? 0 : b;
@@ -402,8 +404,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       const fg_h16* kg = (const fg_h16*)p.k + bk * p.k_sb + hk * p.k_sh;
       const fg_h16* vg = (const fg_h16*)p.v + bk * p.v_sb + hk * p.v_sh;
       const FgRowTiles rt = fg_row_tiles(p, b, h, qb);
-      // The previous grid CTA's Q and row parts stay until its consumers have run their last mods step.
-      if (it > 0) fg_mbar_wait(fg_smem_addr(&bar_q_free), (it - 1) & 1);
+      // (The previous grid CTA's Q and row parts stay until its consumers have run their last mods step:
+      // fg_fwd_for_each_cta waited.)
       fg_load_rows<FG_BM, true>(Qs, 0, qg, p.q_sl, m_end - m0, p.E, FG_E, pt, 128);
       fg_cp_async_mbar_arrive(fg_smem_addr(&bar_q));
       FgTile t = fg_first_tile(p, rt);
@@ -443,7 +445,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
     fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
     int j = 0, it = 0;  // as the producer's
-    fg_fwd_for_each_cta(p, &queue, false, [&](int x, int h, int b) {
+    fg_fwd_for_each_cta(p, &queue, false, &bar_q_free, it, [&](int x, int h, int b) {
       int qb, m0, m_end;
       if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
       const FgRowTiles rt = fg_row_tiles(p, b, h, qb);

@@ -181,14 +181,16 @@ __device__ __forceinline__ void fg_named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-// A persistent kernel's queue of the grid CTAs it runs in place of its grid (dynamic: a CTA that finishes early takes
-// the next, as the hardware gives out a grid's CTAs; each grid CTA still runs once, on one CTA). The `lead`
-// warpgroup (the producer: it runs ahead) waits until a slot is free and its first thread takes a number from a
-// global counter the host zeroed for the launch and publishes it, one grid CTA ahead, in one of two shared slots on
-// the slot's full mbarrier (1 arrival); every warp of the CTA reads a slot and its lane 0 arrives on the slot's
-// empty mbarrier (`warps` arrivals), so that a slot is refilled only once all have read it. -1: none left. (With
-// one producer thread waiting alone, ptxas spilled 200 bytes more in the forward's producer; with a consumer as the
-// lead it serialised the forward's wgmma, C7520, and spilled in the dK/dV kernel's consumers.)
+// A persistent kernel's queue of the grid CTAs it runs in place of its grid (dynamic: a CTA takes its next grid CTA
+// once it has room for it, as the hardware gives out a grid's CTAs; each grid CTA still runs once, on one CTA). The
+// `lead` warpgroup (the producer: it runs ahead) waits until the previous grid CTA's resident tile is released
+// (`tile_free`) and the slot is free, and its first thread takes a number from a global counter the host zeroed for
+// the launch and publishes it in one of two shared slots on the slot's full mbarrier (1 arrival); every warp of the
+// CTA reads a slot and its lane 0 arrives on the slot's empty mbarrier (`warps` arrivals), so that a slot is refilled
+// only once all have read it. -1: none left. (Taking a number earlier, one grid CTA ahead, let a CTA hold two it had
+// not started: on a grid of no more grid CTAs than SMs half the CTAs took them all. With one producer thread waiting
+// alone, ptxas spilled 200 bytes more in the forward's producer; with a consumer as the lead it serialised the
+// forward's wgmma, C7520, and spilled in the dK/dV kernel's consumers.)
 struct FgJobQueue {
   unsigned long long full[2], empty[2];
   int slot[2];
@@ -199,24 +201,23 @@ __device__ __forceinline__ void fg_job_queue_init(FgJobQueue& q, unsigned warps)
     fg_mbar_init(fg_smem_addr(&q.empty[s]), warps);
   }
 }
-__device__ __forceinline__ void fg_job_publish(FgJobQueue& q, int k, int* counter, int njobs) {
-  const int job = atomicAdd(counter, 1);
-  q.slot[k & 1] = job < njobs ? job : -1;
-  fg_mbar_arrive(fg_smem_addr(&q.full[k & 1]));  // (release: the slot's write is seen by the waiters' acquire)
-}
-// The CTA's `it`-th grid CTA (every thread of the CTA calls it with it = 0, 1, ... until -1; the lead warpgroup
-// publishes grid CTA it + 1 first, and 0 with it == 0). (Plain accesses to the slots: the barriers' asm orders
-// them, and volatile ones made ptxas spill 250 bytes more in the forward's producer.)
-__device__ __forceinline__ int fg_job_take(FgJobQueue& q, int it, int* counter, int njobs, bool lead) {
+// The CTA's `it`-th grid CTA (every thread of the CTA calls it with it = 0, 1, ... until -1). The lead warpgroup
+// first waits for `tile_free` (an mbarrier completing once a grid CTA's resident tile is released) to have completed
+// `tiles_run` phases, the resident tiles of the grid CTAs this CTA has run. (Plain accesses to the slots: the
+// barriers' asm orders them, and volatile ones made ptxas spill 250 bytes more in the forward's producer.)
+__device__ __forceinline__ int fg_job_take(FgJobQueue& q, int it, int* counter, int njobs, bool lead,
+                                           unsigned tile_free, int tiles_run) {
+  const int s = it & 1;
   if (lead) {
-    // Slot (it + 1) & 1 held grid CTA it - 1, which every warp has read once the lead warpgroup is past it.
-    if (it >= 1) fg_mbar_wait(fg_smem_addr(&q.empty[(it + 1) & 1]), (((it + 1) >> 1) - 1) & 1);
+    if (tiles_run > 0) fg_mbar_wait(tile_free, (tiles_run - 1) & 1);
+    // Slot s held grid CTA it - 2, which every warp has read once the slot's empty barrier completes.
+    if (it >= 2) fg_mbar_wait(fg_smem_addr(&q.empty[s]), ((it >> 1) - 1) & 1);
     if (threadIdx.x % 128 == 0) {
-      if (it == 0) fg_job_publish(q, 0, counter, njobs);
-      fg_job_publish(q, it + 1, counter, njobs);
+      const int job = atomicAdd(counter, 1);
+      q.slot[s] = job < njobs ? job : -1;
+      fg_mbar_arrive(fg_smem_addr(&q.full[s]));  // (release: the slot's write is seen by the waiters' acquire)
     }
   }
-  const int s = it & 1;
   fg_mbar_wait(fg_smem_addr(&q.full[s]), (it >> 1) & 1);
   const int job = q.slot[s];
   __syncwarp();
