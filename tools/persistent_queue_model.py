@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""A model of the persistent warp-specialised backward kernels' synchronisation, run in random interleavings.
+
+What it models (attention/cuda/kernels/flex_wgmma.cuh, flex_backward_wgmma.cuh): CTAs sharing one global counter;
+in each CTA the queue (`FgJobQueue`, `fg_job_take`: two slots with full / empty mbarriers, the producer warpgroup
+the lead), the resident tile's barriers (`bar_kv` / `bar_kv_free`, or the dQ kernel's `bar_q` / `bar_q_free`) and
+the stage ring (`bar_full` / `bar_empty`), with the producer's 4 warps and the consumers' 8 as agents that advance
+one step at a time in a random order. Grid CTAs are valid or not (`fg_dkdv_tile` returning false) and walk 0-4
+chunks; `--dq` releases stages as the dQ consumers do (a stage one chunk late, the last with the tile).
+
+What it checks: no deadlock; no mbarrier completes a second phase while a waiter still waits for the first (the
+parity would alias); every chunk a consumer reads is its grid CTA's, in order, still in its stage; every valid
+grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released.
+
+The kernels are the truth: change this model with them. Run: python3 tools/persistent_queue_model.py [seeds]
+"""
+import random
+import sys
+
+PRODUCER_WARPS, CONSUMER_WARPS = 4, 8
+
+
+class MBarrier:
+    def __init__(self, count, name):
+        self.count, self.pending, self.phase, self.name = count, count, 0, name
+
+    def arrive(self):
+        self.pending -= 1
+        assert self.pending >= 0, ("too many arrivals", self.name)
+        if self.pending == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def passed(self, k):
+        """try_wait.parity(k & 1) of a waiter that waits for phase k: true once phase k completed."""
+        assert self.phase <= k + 1, ("parity aliased", self.name, self.phase, k)
+        return (self.phase & 1) != (k & 1)
+
+
+def run(seed, ncta, stages, dq_style):
+    rnd = random.Random(seed)
+    njobs = rnd.randint(0, 12)
+    jobs = [(rnd.random() < 0.8, rnd.randint(0, 4)) for _ in range(njobs)]  # (valid tile, chunks)
+    counter = [0]
+    done = []
+    agents = []
+
+    def make_cta():
+        q_full = [MBarrier(1, "queue full %d" % i) for i in range(2)]
+        q_empty = [MBarrier(PRODUCER_WARPS + CONSUMER_WARPS, "queue empty %d" % i) for i in range(2)]
+        slot = [None, None]
+        tile, tile_free = MBarrier(PRODUCER_WARPS, "tile"), MBarrier(CONSUMER_WARPS, "tile free")
+        full = [MBarrier(PRODUCER_WARPS, "full %d" % i) for i in range(stages)]
+        empty = [MBarrier(CONSUMER_WARPS, "empty %d" % i) for i in range(stages)]
+        chunk = [None] * stages
+        resident = [None]
+
+        def take(it, lead, warp, tiles_run):  # fg_job_take
+            s = it & 1
+            if lead:
+                if tiles_run > 0:
+                    while not tile_free.passed(tiles_run - 1):
+                        yield
+                if it >= 2:
+                    while not q_empty[s].passed((it >> 1) - 1):
+                        yield
+                if warp == 0:
+                    assert tile_free.phase >= tiles_run, "a grid CTA taken before the last one's tile was free"
+                    job = counter[0]
+                    counter[0] += 1
+                    slot[s] = job if job < njobs else -1
+                    q_full[s].arrive()
+            while not q_full[s].passed(it >> 1):
+                yield
+            job = slot[s]
+            q_empty[s].arrive()
+            return job
+
+        def producer(warp):
+            j = it = k = 0
+            while True:
+                job = yield from take(k, True, warp, it)
+                k += 1
+                if job < 0:
+                    return
+                valid, n = jobs[job]
+                if not valid:
+                    continue
+                if warp == 0:
+                    resident[0] = job
+                tile.arrive()
+                c = 0
+                while True:
+                    st = j % stages
+                    if j >= stages:
+                        while not empty[st].passed(j // stages - 1):
+                            yield
+                    if warp == 0:
+                        chunk[st] = (job, "end" if c == n else c)
+                    full[st].arrive()
+                    j += 1
+                    if c == n:
+                        break
+                    c += 1
+                    yield
+                it += 1
+
+        def consumer(warp):
+            j = it = k = 0
+            while True:
+                job = yield from take(k, False, warp, it)
+                k += 1
+                if job < 0:
+                    return
+                valid, n = jobs[job]
+                if not valid:
+                    continue
+                j0 = j
+                while not tile.passed(it):
+                    yield
+                assert resident[0] == job, ("resident tile", resident[0], job)
+                seen = 0
+                while True:
+                    st = j % stages
+                    while not full[st].passed(j // stages):
+                        yield
+                    data = chunk[st]
+                    assert data[0] == job, ("chunk of another grid CTA", data, job)
+                    if data[1] == "end":
+                        if not dq_style:
+                            empty[st].arrive()
+                            j += 1
+                        break
+                    assert data[1] == seen, ("chunk out of order", data, seen)
+                    seen += 1
+                    yield
+                    assert chunk[st] == data, "stage overwritten while read"
+                    if dq_style:  # the previous chunk's stage goes back once this one's products are issued
+                        if j > j0:
+                            empty[(j - 1) % stages].arrive()
+                    else:
+                        empty[st].arrive()
+                    j += 1
+                assert seen == n
+                if dq_style:
+                    if j > j0:
+                        empty[(j - 1) % stages].arrive()
+                    empty[j % stages].arrive()
+                    j += 1
+                tile_free.arrive()
+                if warp == 0:
+                    done.append(job)
+                yield
+                it += 1
+
+        for w in range(PRODUCER_WARPS):
+            agents.append(producer(w))
+        for w in range(CONSUMER_WARPS):
+            agents.append(consumer(w))
+
+    for _ in range(ncta):
+        make_cta()
+    live, steps = list(agents), 0
+    while live:
+        a = rnd.choice(live)
+        try:
+            next(a)
+        except StopIteration:
+            live.remove(a)
+        steps += 1
+        assert steps < 200000, ("deadlock", seed)
+    assert sorted(done) == sorted(i for i, (valid, _) in enumerate(jobs) if valid), "a grid CTA ran twice or never"
+
+
+def main():
+    seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    cases = 0
+    for seed in range(seeds):
+        for ncta in (1, 2, 3, 5):
+            for stages in (2, 3, 4):
+                for dq_style in (False, True):
+                    run(seed * 100 + ncta * 10 + stages + dq_style * 1000000, ncta, stages, dq_style)
+                    cases += 1
+    print(f"ok: {cases} interleavings")
+
+
+if __name__ == "__main__":
+    main()
