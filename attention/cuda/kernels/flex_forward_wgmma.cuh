@@ -549,6 +549,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
           fg_mbar_wait(fg_smem_addr(&bar_v_full[pst]), ((j - 1) >> 1) & 1);
           fg_fence_proxy_async();
           fg_frag_rescale_o(o, corr);  // O is not in flight
+          // (Kept before the fence and the turn: moved past them, ptxas injected warpgroup.arrive, C7519.)
+          fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
 #if FG_WGMMA_PINGPONG
           fg_named_sync(1 + wg, 2 * 128);
 #endif
@@ -572,6 +574,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         fg_mbar_wait(fg_smem_addr(&bar_v_full[st]), (j >> 1) & 1);
         fg_fence_proxy_async();
         fg_frag_rescale_o(o, corr);
+        fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
 #if FG_WGMMA_PINGPONG
         fg_named_sync(1 + wg, 2 * 128);
 #endif
