@@ -415,6 +415,20 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         if (m0 + r < m_end) fg_row_mods(row_mods[r], t.i < rt.n_total, t.i < rt.n_partial, b, h, m0 + r, args);
 #endif
       fg_mbar_arrive(fg_smem_addr(&bar_q));
+      // V of sub-tile jv (stage jv & 1, free once sub-tile jv - 2's V is released).
+      auto issue_v = [&](const FgTile& tv, int jv) {
+        const int st = jv & 1;
+        if (jv >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), ((jv >> 1) - 1) & 1);
+        fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, tv, hk, bk,
+                                   fg_smem_addr(&bar_v_full[st]), FG_WGMMA_TMA && tv.nend - tv.n0 == FG_BN, pt);
+        fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+      };
+#if FG_WGMMA_PIPE == 3
+      // FlashAttention-3's order, K_0, K_1, V_0, K_2, V_1, ...: the consumers release V_{j-1} only at the end of
+      // sub-tile j, and K_{j+1}'s stage is free from the middle of sub-tile j - 1 on; V first would hold K back.
+      FgTile tv = t;
+      const int j0 = j;
+#endif
       for (; t.i < rt.n_total; ++j) {
         const int st = j & 1;
         const unsigned reuse_phase = ((j >> 1) - 1) & 1;  // the phase that freed this stage (sub-tile j - 2)
@@ -432,12 +446,19 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
             col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
 #endif
         fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
-        if (j >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), reuse_phase);
-        fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, t, hk, bk,
-                                   fg_smem_addr(&bar_v_full[st]), tma, pt);
-        fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+#if FG_WGMMA_PIPE == 3
+        if (j > j0) {
+          issue_v(tv, j - 1);
+          tv = t;
+        }
+#else
+        issue_v(t, j);
+#endif
         t = fg_next_tile<FG_BN>(p, rt, t);
       }
+#if FG_WGMMA_PIPE == 3
+      if (j > j0) issue_v(tv, j - 1);
+#endif
       ++it;
     });
     fg_cp_async_wait<0>();
@@ -505,7 +526,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       //   wait for P V;  release V_{j-1};  pack P_j
       // with sub-tile 0's S and softmax before the loop and the last P V after it (peeled as FG_WGMMA_PIPE 1's:
       // a wgmma issued under a branch serialises them all). V_j is released one sub-tile later than in
-      // FG_WGMMA_PIPE 2; the producer, which loads K_{j+1} only after V_j, still runs one sub-tile ahead.
+      // FG_WGMMA_PIPE 2, so the producer loads K_{j+1} before V_j (FlashAttention-3's order).
       // With FG_WGMMA_PINGPONG the two warpgroups also take turns issuing their products (named barriers 1 and
       // 2), so that one's softmax runs while the other's products hold the tensor cores.
       if (cur.i < rt.n_total) {
