@@ -141,6 +141,9 @@ int64_t env_persistent(const char* name) {
 }
 
 unsigned persistent_ctas(int64_t jobs, int64_t setting, int device) {
+  // The kernels number the grid CTAs in 32 bits (FgJobQueue): past that they would run none.
+  FG_CHECK(jobs <= INT32_MAX, NotImplementedError,
+           "flex_attention on CUDA: a persistent launch numbers its grid CTAs in 32 bits, got {} of them", jobs);
   int64_t ctas = setting;
   if (setting == 1) {
     int sms = 0;

@@ -427,4 +427,14 @@ TEST(FlexCudaEnv, PersistentReadsACountAndNamesBadValues) {
                                                       "CTA count >= 2; got \"") + bad + "\"");
   }
 }
+// A capped persistent grid (no device query): at most the cap, at least one CTA, and no more grid CTAs than the
+// kernels' 32-bit numbering holds.
+TEST(FlexCudaEnv, PersistentGridIsCappedAndRefusesOverflowingCounts) {
+  EXPECT_EQ(cuda::flex::persistent_ctas(10, 3, 0), 3u);
+  EXPECT_EQ(cuda::flex::persistent_ctas(2, 3, 0), 2u);
+  EXPECT_EQ(cuda::flex::persistent_ctas(0, 3, 0), 1u);
+  EXPECT_EQ(cuda::flex::persistent_ctas(INT32_MAX, 5, 0), 5u);
+  fg::testing::expect_error<NotImplementedError>([] { cuda::flex::persistent_ctas(int64_t{INT32_MAX} + 1, 5, 0); },
+                                                 "numbers its grid CTAs in 32 bits");
+}
 #endif
