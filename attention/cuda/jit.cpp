@@ -55,6 +55,13 @@ std::string nvrtc_version() {
   return std::to_string(major) + "." + std::to_string(minor);
 }
 
+// NVRTC's --split-compile (in 12.8's and 13.0's; not asked of older versions, which might refuse the option).
+bool split_compile_supported() {
+  int major = 0, minor = 0;
+  nvrtcVersion(&major, &minor);
+  return major > 12 || (major == 12 && minor >= 8);
+}
+
 #define FG_NVRTC_CHECK(expr)                                                                           \
   do {                                                                                                 \
     nvrtcResult fg_nvrtc_res_ = (expr);                                                                \
@@ -168,6 +175,10 @@ std::string compile_cubin(const JitSource& src, const std::string& arch, const s
   FG_NVRTC_CHECK(nvrtcCreateProgram(&prog, src.code.c_str(), file_name.c_str(), static_cast<int>(htext.size()),
                                     htext.data(), hnames.data()));
   std::vector<std::string> opts = {"--gpu-architecture=" + arch, "-std=c++17", "-default-device", "-lineinfo"};
+  // The optimiser and ptxas take a module's kernels on threads of their own (the backward's two or three): 25-28%
+  // less time on two cores (1.09 -> 0.80 s for a causal warp-specialised backward, nvcc 13.0), the kernels' code
+  // byte for byte the same (only the line tables differ).
+  if (split_compile_supported()) opts.emplace_back("--split-compile=0");
   opts.insert(opts.end(), src.options.begin(), src.options.end());
   std::vector<const char*> copts;
   for (const std::string& o : opts) copts.push_back(o.c_str());

@@ -664,7 +664,9 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       EXPECT_FALSE(has(log, "C7514") || has(log, "C7520") || has(log, "serializ")) << "wgmma serialised\n" << log;
       // FG_WGMMA_PIPE 3 keeps O's rescale ahead of its products (an operand fence): moved into them, ptxas injects a
       // warpgroup.arrive (C7519), inside the ping-pong turn. (The other loops still show one or two.)
-      if (pipe == 3) EXPECT_FALSE(has(log, "C7519")) << "O's rescale moved among the products\n" << log;
+      if (pipe == 3) {
+        EXPECT_FALSE(has(log, "C7519")) << "O's rescale moved among the products\n" << log;
+      }
       // The warp-specialised kernel's registers are split by setmaxnreg (flex_forward_wgmma.cuh): the consumers'
       // 232 must hold every program without spilling (FG_WGMMA_PIPE 3's too, with P_{j-1} held through the mods
       // step). The producer's 40 do not hold a captured mask's column parts (32 bytes spill there;
