@@ -466,6 +466,13 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     // The consumers: this warpgroup's 64 rows of Q (8 KiB into each Q atom).
     fg_setmaxnreg_inc<FG_WS_CONSUMER_REGS>();
     int j = 0, it = 0;  // as the producer's
+#if FG_WGMMA_PIPE == 3 && FG_WGMMA_PINGPONG
+    // The turns (named barriers 1 and 2) run on from grid CTA to grid CTA: warpgroup 0 issues first, each warpgroup
+    // passes the turn after every issue, so warpgroup 0 may start the next grid CTA while warpgroup 1 stores this
+    // one's rows; warpgroup 1 issues last, and warpgroup 0 takes that last turn at the end (no barrier is left
+    // half-arrived at exit).
+    if (wg == 1) fg_named_arrive(1, 2 * 128);
+#endif
     fg_fwd_for_each_cta(p, &queue, false, &bar_q_free, it, [&](int x, int h, int b) {
       int qb, m0, m_end;
       if (!fg_tile_rows(p, FG_BM, x, qb, m0, m_end)) return;
@@ -543,9 +550,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
 #pragma unroll
           for (int kk = 0; kk < FG_BN / 16; ++kk) fg_pack_c_to_a<FG_IS_BF16>(s[0][2 * kk], s[0][2 * kk + 1], pa[kk]);
         };
-#if FG_WGMMA_PINGPONG
-        if (wg == 1) fg_named_arrive(1, 2 * 128);  // warpgroup 0 issues first
-#endif
         FgTile nxt = fg_next_tile<FG_BN>(p, rt, cur);
         fg_mbar_wait(fg_smem_addr(&bar_k_full[j & 1]), (j >> 1) & 1);
         fg_fence_proxy_async();
@@ -602,9 +606,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         fg_wgmma_fence();
         fg_issue_pv(o, pa, v_addr + st * (FG_BN * FG_EV * 2));
 #if FG_WGMMA_PINGPONG
-        // Warpgroup 1's last turn is not passed on: warpgroup 0 waits once per issue and warpgroup 1 passed it
-        // the first turn, so every arrival meets a wait (no named barrier is left half-arrived at exit).
-        if (wg == 0) fg_named_arrive(2, 2 * 128);
+        fg_named_arrive(2 - wg, 2 * 128);  // (warpgroup 1's last turn goes to the next grid CTA's first issue)
 #endif
         fg_wgmma_wait<0>();
         fg_wgmma_fence_operands<FG_EV / 2>(&o[0][0][0]);
@@ -619,6 +621,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       fg_frag_store<FG_IS_BF16>(o, m, l, saw_nan, p, b, h, m0, m_end, wrow, g, t4);
       ++it;
     });
+#if FG_WGMMA_PIPE == 3 && FG_WGMMA_PINGPONG
+    if (wg == 0) fg_named_sync(1, 2 * 128);
+#endif
   }
 #else
   FgTile cur = fg_first_tile(p, rt);
