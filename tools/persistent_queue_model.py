@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""A model of the persistent warp-specialised backward kernels' synchronisation, run in random interleavings.
+"""A model of the persistent warp-specialised kernels' synchronisation, run in random interleavings.
 
 What it models (attention/cuda/kernels/flex_wgmma.cuh, flex_backward_wgmma.cuh): CTAs sharing one global counter;
 in each CTA the queue (`FgJobQueue`, `fg_job_take`: two slots with full / empty mbarriers, the producer warpgroup
 the lead), the resident tile's barriers (`bar_kv` / `bar_kv_free`, or the dQ kernel's `bar_q` / `bar_q_free`) and
 the stage ring (`bar_full` / `bar_empty`), with the producer's 4 warps and the consumers' 8 as agents that advance
 one step at a time in a random order. Grid CTAs are valid or not (`fg_dkdv_tile` returning false) and walk 0-4
-chunks; `--dq` releases stages as the dQ consumers do (a stage one chunk late, the last with the tile).
+chunks; `dq_style` releases stages as the dQ consumers do (a stage one chunk late, the last with the tile).
+
+The forward's FG_WGMMA_PIPE 3 loop (`run_forward`): its producer's load order, stages and resident Q, and the
+consumer warpgroups' turns with FG_WGMMA_PINGPONG, persistent too.
 
 What it checks: no deadlock; no mbarrier completes a second phase while a waiter still waits for the first (the
 parity would alias); every chunk a consumer reads is its grid CTA's, in order, still in its stage; every valid
-grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released.
+grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released; no
+stage is refilled while a product reads it; no named barrier is left half-arrived at exit.
 
 The kernels are the truth: change this model with them. Run: python3 tools/persistent_queue_model.py [seeds]
 """
@@ -171,6 +175,193 @@ def run(seed, ncta, stages, dq_style):
     assert sorted(done) == sorted(i for i, (valid, _) in enumerate(jobs) if valid), "a grid CTA ran twice or never"
 
 
+
+class NamedBarrier:
+    """bar.sync / bar.arrive of a named barrier that two warpgroups reach (one unit each)."""
+
+    def __init__(self, name):
+        self.name, self.arrived, self.generation = name, 0, 0
+
+    def arrive(self):
+        self.arrived += 1
+        assert self.arrived <= 2, ("named barrier over-arrived", self.name)
+        if self.arrived == 2:
+            self.arrived, self.generation = 0, self.generation + 1
+
+    def sync(self):  # a generator: arrive, then wait for the generation to complete
+        gen = self.generation
+        self.arrive()
+        while self.generation == gen:
+            yield
+
+
+def run_forward(seed, ncta, pingpong):
+    """flex_fwd_wgmma's FG_WGMMA_PIPE 3 (flex_forward_wgmma.cuh), persistent: the producer loads Q, then K_j and V_j
+    in FlashAttention-3's order (K_0, K_1, V_0, K_2, V_1, ...) into two stages each; each consumer warpgroup issues
+    S_0, then S_j with P_{j-1} V_{j-1}, releasing K_j after the softmax and V_{j-1} after P V, then the last P V;
+    with `pingpong` the warpgroups take turns issuing (named barriers 1 and 2, the turns running on across grid
+    CTAs). Units: a warpgroup is one arrival (the kernel's 4 warps), the producer one."""
+    rnd = random.Random(seed)
+    njobs = rnd.randint(0, 10)
+    jobs = [(rnd.random() < 0.8, rnd.randint(0, 5)) for _ in range(njobs)]  # (rows in the grid CTA, sub-tiles)
+    counter = [0]
+    done = []
+    agents = []
+
+    def make_cta():
+        q_full = [MBarrier(1, "queue full %d" % i) for i in range(2)]
+        q_empty = [MBarrier(3, "queue empty %d" % i) for i in range(2)]
+        slot = [None, None]
+        bar_q, bar_q_free = MBarrier(1, "q"), MBarrier(2, "q free")
+        k_full = [MBarrier(1, "k full %d" % i) for i in range(2)]
+        v_full = [MBarrier(1, "v full %d" % i) for i in range(2)]
+        k_free = [MBarrier(2, "k free %d" % i) for i in range(2)]
+        v_free = [MBarrier(2, "v free %d" % i) for i in range(2)]
+        turn = [NamedBarrier("turn 1"), NamedBarrier("turn 2")]  # ids 1, 2: warpgroup w syncs on 1 + w
+        k_stage, v_stage, q_tile = [None, None], [None, None], [None]
+
+        def take(it, lead, tiles_run):
+            s = it & 1
+            if lead:
+                if tiles_run > 0:
+                    while not bar_q_free.passed(tiles_run - 1):
+                        yield
+                if it >= 2:
+                    while not q_empty[s].passed((it >> 1) - 1):
+                        yield
+                job = counter[0]
+                counter[0] += 1
+                slot[s] = job if job < njobs else -1
+                q_full[s].arrive()
+            while not q_full[s].passed(it >> 1):
+                yield
+            job = slot[s]
+            q_empty[s].arrive()
+            return job
+
+        def producer():
+            j = it = k = 0
+            while True:
+                job = yield from take(k, True, it)
+                k += 1
+                if job < 0:
+                    return
+                rows, n = jobs[job]
+                if not rows:
+                    continue
+                q_tile[0] = job
+                bar_q.arrive()
+
+                def issue_v(tile, jv):
+                    st = jv & 1
+                    if jv >= 2:
+                        while not v_free[st].passed((jv >> 1) - 1):
+                            yield
+                    v_stage[st] = (job, tile)
+                    v_full[st].arrive()
+
+                j0 = j
+                for tile in range(n):
+                    st = j & 1
+                    if j >= 2:
+                        while not k_free[st].passed((j >> 1) - 1):
+                            yield
+                    k_stage[st] = (job, tile)
+                    k_full[st].arrive()
+                    if j > j0:
+                        yield from issue_v(tile - 1, j - 1)
+                    j += 1
+                    yield
+                if j > j0:
+                    yield from issue_v(n - 1, j - 1)
+                it += 1
+
+        def consumer(wg):
+            j = it = k = 0
+            if pingpong and wg == 1:
+                turn[0].arrive()  # warpgroup 0 issues first
+            while True:
+                job = yield from take(k, False, it)
+                k += 1
+                if job < 0:
+                    break
+                rows, n = jobs[job]
+                if not rows:
+                    continue
+                while not bar_q.passed(it):
+                    yield
+                assert q_tile[0] == job, "Q of another grid CTA"
+
+                def issue(reads):
+                    if pingpong:
+                        yield from turn[wg].sync()
+                    seen = [stage[st] for stage, st in reads]
+                    if pingpong:
+                        turn[1 - wg].arrive()
+                    yield
+                    for (stage, st), v in zip(reads, seen):  # the products still read them: unchanged
+                        assert stage[st] == v, "stage overwritten while a product reads it"
+                    return seen
+
+                if n > 0:
+                    while not k_full[j & 1].passed(j >> 1):
+                        yield
+                    seen = yield from issue([(k_stage, j & 1)])
+                    assert seen == [(job, 0)], seen
+                    yield  # the mods step
+                    assert k_stage[j & 1] == (job, 0), "K overwritten before its release"
+                    k_free[j & 1].arrive()  # released after the mods step
+                    for tile in range(1, n):
+                        j += 1
+                        st, pst = j & 1, (j & 1) ^ 1
+                        while not k_full[st].passed(j >> 1):
+                            yield
+                        while not v_full[pst].passed((j - 1) >> 1):
+                            yield
+                        seen = yield from issue([(k_stage, st), (v_stage, pst)])
+                        assert seen == [(job, tile), (job, tile - 1)], seen
+                        yield  # the mods step and the softmax, P V running
+                        assert k_stage[st] == (job, tile), "K overwritten before its release"
+                        k_free[st].arrive()
+                        yield  # waiting for P V
+                        assert v_stage[pst] == (job, tile - 1), "V overwritten before its release"
+                        v_free[pst].arrive()
+                    st = j & 1
+                    while not v_full[st].passed(j >> 1):
+                        yield
+                    seen = yield from issue([(v_stage, st)])
+                    assert seen == [(job, n - 1)], seen
+                    yield
+                    assert v_stage[st] == (job, n - 1), "V overwritten before its release"
+                    v_free[st].arrive()
+                    j += 1
+                bar_q_free.arrive()
+                if wg == 0:
+                    done.append(job)
+                yield  # the output stores
+                it += 1
+            if pingpong and wg == 0:
+                yield from turn[0].sync()  # warpgroup 1's last turn
+
+        agents.append(producer())
+        agents.append(consumer(0))
+        agents.append(consumer(1))
+        return turn
+
+    turns = [make_cta() for _ in range(ncta)]
+    live, steps = list(agents), 0
+    while live:
+        a = rnd.choice(live)
+        try:
+            next(a)
+        except StopIteration:
+            live.remove(a)
+        steps += 1
+        assert steps < 200000, ("deadlock", seed)
+    assert sorted(done) == sorted(i for i, (rows, _) in enumerate(jobs) if rows), "a grid CTA ran twice or never"
+    for turn in turns:
+        assert all(t.arrived == 0 for t in turn), "a named barrier left half-arrived at exit"
+
 def main():
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     cases = 0
@@ -180,6 +371,9 @@ def main():
                 for dq_style in (False, True):
                     run(seed * 100 + ncta * 10 + stages + dq_style * 1000000, ncta, stages, dq_style)
                     cases += 1
+            for pingpong in (False, True):
+                run_forward(seed * 100 + ncta * 10 + pingpong * 1000000, ncta, pingpong)
+                cases += 1
     print(f"ok: {cases} interleavings")
 
 
