@@ -20,6 +20,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -269,6 +271,26 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
 // "NAME VALUE" (assemble() writes the #define).
 std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
 
+// The second stream of `device` the dQ kernel runs on beside the dK/dV kernel (FLEXGRAD_FLEX_BWD_CONCURRENT),
+// created once (as flexgrad's own stream, it lives as long as the process).
+StreamHandle concurrent_stream(int device) {
+  static std::mutex mu;
+  static std::vector<StreamHandle> streams;
+  std::lock_guard lock(mu);
+  if (static_cast<int>(streams.size()) <= device) streams.resize(device + 1, nullptr);
+  if (streams[device] == nullptr) streams[device] = create_stream(device);
+  return streams[device];
+}
+
+// A CUDA event for ordering two streams, destroyed with the scope (pending work keeps what it needs).
+struct StreamEvent {
+  cudaEvent_t e = nullptr;
+  StreamEvent() { FG_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+  ~StreamEvent() { cudaEventDestroy(e); }
+  StreamEvent(const StreamEvent&) = delete;
+  StreamEvent& operator=(const StreamEvent&) = delete;
+};
+
 void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout_in,
                         const Tensor& dlse_in, const std::vector<bool>& needs_cap, FlexBackwardOutputs& o) {
   const Device dev = p.q.device();
@@ -479,6 +501,20 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
                 pargs, device);
   }
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in until an H200 has timed it): the dQ kernel runs on a second stream beside
+  // the dK/dV kernel (both read the same inputs, the preprocess's included, and write different outputs), so that
+  // one's ramp and tail overlap the other's work: the short rows of document masks and sliding windows. Not where
+  // dQ waits for the captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where
+  // the dK/dV kernel sums dQ itself. The same kernels, so the same results.
+  const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
+  const bool concurrent = dq_kernel_runs && cap_mode != 1 && env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(false);
+  const StreamHandle main_stream = current_stream(device);
+  std::optional<StreamEvent> fork, join;
+  if (concurrent) {
+    fork.emplace();
+    join.emplace();
+    FG_CUDA_CHECK(cudaEventRecord(fork->e, static_cast<cudaStream_t>(main_stream)));  // after the preprocess
+  }
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
   // for, each running the grid's CTAs it takes from a queue (fg_for_each_cta).
   auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{persistent_ctas(jobs, ws.persistent, device)}; };
@@ -520,7 +556,13 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if (n4 > 0)
       jit::launch(mod->function(dq_kernel), {static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65535))}, {256},
                   0, pargs, device);
-  } else if (nQB > 0 && p.B * p.Hq > 0) {
+  } else if (dq_kernel_runs) {
+    std::optional<StreamGuard> side;
+    if (concurrent) {
+      const StreamHandle s2 = concurrent_stream(device);
+      FG_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s2), fork->e, 0));
+      side.emplace(s2, device);
+    }
     jit::launch(mod->function(dq_kernel),
                 ws.dq && ws.persistent > 0
                     ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
@@ -528,6 +570,13 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
                                 static_cast<unsigned>(p.B)},
                 {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
                 ws.dq ? dq_args : kargs, device);
+    if (concurrent) {
+      // Everything after this call on the main stream (the finalize, the caller's work, reuse of this call's
+      // temporaries by the caching allocator) waits for the dQ kernel.
+      FG_CUDA_CHECK(cudaEventRecord(join->e, static_cast<cudaStream_t>(current_stream(device))));
+      side.reset();
+      FG_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(main_stream), join->e, 0));
+    }
   }
   for (size_t c = 0; c < ncaps; ++c) {
     if (!acc[c].defined()) continue;

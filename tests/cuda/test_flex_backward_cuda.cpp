@@ -1042,6 +1042,48 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
   EXPECT_NO_THROW(run(c, kBFloat16, FlexCudaBackward::Wgmma));
 }
 
+// FLEXGRAD_FLEX_BWD_CONCURRENT=1: the dQ kernel on a second stream beside the dK/dV kernel, the main stream waiting
+// for it before the call returns. The same kernels, so the same bits, on both kernel families, grid and persistent,
+// and the float64 golden; deterministic captured gradients (dQ waits for the dK/dV pass's scales) stay in order.
+TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
+  ScopedEnv concurrent("FLEXGRAD_FLEX_BWD_CONCURRENT", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, const char* what) {
+    SCOPED_TRACE(what);
+    c.kernel = kind;
+    Inputs in = make_inputs(c.d, dt, c.with_dlse, 31);
+    std::vector<int64_t> numel;
+    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    concurrent.set(nullptr);
+    const Grads one = run_stub(c, in, gold, dt, kCUDA);
+    concurrent.set("1");
+    for (int rep = 0; rep < 3; ++rep) {  // (a race between the streams would show as a changed or poisoned value)
+      const Grads two = run_stub(c, in, gold, dt, kCUDA);
+      expect_same_bits(two, one);
+      EXPECT_LE(rel_err(two.dq, gold.g.dq), tol(dt)) << "dq against the golden";
+      EXPECT_LE(rel_err(two.dk, gold.g.dk), tol(dt)) << "dk against the golden";
+    }
+    concurrent.set(nullptr);
+  };
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Tiled, "document, mma.sync kernels");
+  Tensor hs, tb, bi;
+  check_case(learnable_case(2, 100, hs, tb, bi), kFloat32, FlexCudaBackward::Tiled,
+             "learnable captures, deterministic: dQ after the dK/dV pass");
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, warp-specialised kernels");
+  persistent.set("1");
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, persistent warp-specialised kernels");
+  persistent.set(nullptr);
+  concurrent.set("yes");
+  Case c = document_case();
+  c.kernel = FlexCudaBackward::Wgmma;
+  const Inputs in = make_inputs(c.d, kBFloat16, false, 31);
+  Golden shapes;
+  shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
+  shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_CONCURRENT");
+}
+
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);
