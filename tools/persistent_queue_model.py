@@ -40,6 +40,52 @@ class MBarrier:
         return (self.phase & 1) != (k & 1)
 
 
+
+class JobQueue:
+    """FgJobQueue of one CTA: two slots on full / empty mbarriers, numbers from a counter all CTAs share."""
+
+    def __init__(self, counter, njobs, readers):
+        self.counter, self.njobs = counter, njobs
+        self.full = [MBarrier(1, "queue full %d" % i) for i in range(2)]
+        self.empty = [MBarrier(readers, "queue empty %d" % i) for i in range(2)]
+        self.slot = [None, None]
+
+    def take(self, it, lead, publisher, tile_free, tiles_run):
+        """fg_job_take: the lead waits until the last grid CTA's resident tile is free and slot it & 1 was read by
+        every reader, and its `publisher` takes a number; everyone reads the slot."""
+        s = it & 1
+        if lead:
+            if tiles_run > 0:
+                while not tile_free.passed(tiles_run - 1):
+                    yield
+            if it >= 2:
+                while not self.empty[s].passed((it >> 1) - 1):
+                    yield
+            if publisher:
+                assert tile_free.phase >= tiles_run, "a grid CTA taken before the last one's tile was free"
+                job = self.counter[0]
+                self.counter[0] += 1
+                self.slot[s] = job if job < self.njobs else -1
+                self.full[s].arrive()
+        while not self.full[s].passed(it >> 1):
+            yield
+        job = self.slot[s]
+        self.empty[s].arrive()
+        return job
+
+
+def interleave(agents, rnd, seed):
+    """Advances a random agent one step at a time until all are done."""
+    live, steps = list(agents), 0
+    while live:
+        a = rnd.choice(live)
+        try:
+            next(a)
+        except StopIteration:
+            live.remove(a)
+        steps += 1
+        assert steps < 200000, ("deadlock", seed)
+
 def run(seed, ncta, stages, dq_style):
     rnd = random.Random(seed)
     njobs = rnd.randint(0, 12)
@@ -49,40 +95,17 @@ def run(seed, ncta, stages, dq_style):
     agents = []
 
     def make_cta():
-        q_full = [MBarrier(1, "queue full %d" % i) for i in range(2)]
-        q_empty = [MBarrier(PRODUCER_WARPS + CONSUMER_WARPS, "queue empty %d" % i) for i in range(2)]
-        slot = [None, None]
+        queue = JobQueue(counter, njobs, PRODUCER_WARPS + CONSUMER_WARPS)
         tile, tile_free = MBarrier(PRODUCER_WARPS, "tile"), MBarrier(CONSUMER_WARPS, "tile free")
         full = [MBarrier(PRODUCER_WARPS, "full %d" % i) for i in range(stages)]
         empty = [MBarrier(CONSUMER_WARPS, "empty %d" % i) for i in range(stages)]
         chunk = [None] * stages
         resident = [None]
 
-        def take(it, lead, warp, tiles_run):  # fg_job_take
-            s = it & 1
-            if lead:
-                if tiles_run > 0:
-                    while not tile_free.passed(tiles_run - 1):
-                        yield
-                if it >= 2:
-                    while not q_empty[s].passed((it >> 1) - 1):
-                        yield
-                if warp == 0:
-                    assert tile_free.phase >= tiles_run, "a grid CTA taken before the last one's tile was free"
-                    job = counter[0]
-                    counter[0] += 1
-                    slot[s] = job if job < njobs else -1
-                    q_full[s].arrive()
-            while not q_full[s].passed(it >> 1):
-                yield
-            job = slot[s]
-            q_empty[s].arrive()
-            return job
-
         def producer(warp):
             j = it = k = 0
             while True:
-                job = yield from take(k, True, warp, it)
+                job = yield from queue.take(k, True, warp == 0, tile_free, it)
                 k += 1
                 if job < 0:
                     return
@@ -111,7 +134,7 @@ def run(seed, ncta, stages, dq_style):
         def consumer(warp):
             j = it = k = 0
             while True:
-                job = yield from take(k, False, warp, it)
+                job = yield from queue.take(k, False, False, tile_free, it)
                 k += 1
                 if job < 0:
                     return
@@ -163,15 +186,7 @@ def run(seed, ncta, stages, dq_style):
 
     for _ in range(ncta):
         make_cta()
-    live, steps = list(agents), 0
-    while live:
-        a = rnd.choice(live)
-        try:
-            next(a)
-        except StopIteration:
-            live.remove(a)
-        steps += 1
-        assert steps < 200000, ("deadlock", seed)
+    interleave(agents, rnd, seed)
     assert sorted(done) == sorted(i for i, (valid, _) in enumerate(jobs) if valid), "a grid CTA ran twice or never"
 
 
@@ -209,9 +224,7 @@ def run_forward(seed, ncta, pingpong):
     agents = []
 
     def make_cta():
-        q_full = [MBarrier(1, "queue full %d" % i) for i in range(2)]
-        q_empty = [MBarrier(3, "queue empty %d" % i) for i in range(2)]
-        slot = [None, None]
+        queue = JobQueue(counter, njobs, 3)
         bar_q, bar_q_free = MBarrier(1, "q"), MBarrier(2, "q free")
         k_full = [MBarrier(1, "k full %d" % i) for i in range(2)]
         v_full = [MBarrier(1, "v full %d" % i) for i in range(2)]
@@ -220,29 +233,10 @@ def run_forward(seed, ncta, pingpong):
         turn = [NamedBarrier("turn 1"), NamedBarrier("turn 2")]  # ids 1, 2: warpgroup w syncs on 1 + w
         k_stage, v_stage, q_tile = [None, None], [None, None], [None]
 
-        def take(it, lead, tiles_run):
-            s = it & 1
-            if lead:
-                if tiles_run > 0:
-                    while not bar_q_free.passed(tiles_run - 1):
-                        yield
-                if it >= 2:
-                    while not q_empty[s].passed((it >> 1) - 1):
-                        yield
-                job = counter[0]
-                counter[0] += 1
-                slot[s] = job if job < njobs else -1
-                q_full[s].arrive()
-            while not q_full[s].passed(it >> 1):
-                yield
-            job = slot[s]
-            q_empty[s].arrive()
-            return job
-
         def producer():
             j = it = k = 0
             while True:
-                job = yield from take(k, True, it)
+                job = yield from queue.take(k, True, True, bar_q_free, it)
                 k += 1
                 if job < 0:
                     return
@@ -281,7 +275,7 @@ def run_forward(seed, ncta, pingpong):
             if pingpong and wg == 1:
                 turn[0].arrive()  # warpgroup 0 issues first
             while True:
-                job = yield from take(k, False, it)
+                job = yield from queue.take(k, False, False, bar_q_free, it)
                 k += 1
                 if job < 0:
                     break
@@ -349,15 +343,7 @@ def run_forward(seed, ncta, pingpong):
         return turn
 
     turns = [make_cta() for _ in range(ncta)]
-    live, steps = list(agents), 0
-    while live:
-        a = rnd.choice(live)
-        try:
-            next(a)
-        except StopIteration:
-            live.remove(a)
-        steps += 1
-        assert steps < 200000, ("deadlock", seed)
+    interleave(agents, rnd, seed)
     assert sorted(done) == sorted(i for i, (rows, _) in enumerate(jobs) if rows), "a grid CTA ran twice or never"
     for turn in turns:
         assert all(t.arrived == 0 for t in turn), "a named barrier left half-arrived at exit"
