@@ -15,11 +15,13 @@
 // the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below). With two warpgroups a CTA the
 // wgmma kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -271,24 +273,53 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
 // "NAME VALUE" (assemble() writes the #define).
 std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
 
-// The second stream of `device` the dQ kernel runs on beside the dK/dV kernel (FLEXGRAD_FLEX_BWD_CONCURRENT),
-// created once (as flexgrad's own stream, it lives as long as the process).
-StreamHandle concurrent_stream(int device) {
+// The second stream the dQ kernel runs on beside the dK/dV kernel (FLEXGRAD_FLEX_BWD_CONCURRENT): one for each
+// (device, stream of the call), created once and kept for the process, so that calls on other streams (another
+// thread's, or one being captured into a CUDA graph) never share it.
+cudaStream_t concurrent_stream(int device, cudaStream_t main) {
   static std::mutex mu;
-  static std::vector<StreamHandle> streams;
+  static std::map<std::pair<int, cudaStream_t>, cudaStream_t> streams;
   std::lock_guard lock(mu);
-  if (static_cast<int>(streams.size()) <= device) streams.resize(device + 1, nullptr);
-  if (streams[device] == nullptr) streams[device] = create_stream(device);
-  return streams[device];
+  cudaStream_t& s = streams[{device, main}];
+  if (s == nullptr) s = static_cast<cudaStream_t>(create_stream(device));
+  return s;
 }
 
-// A CUDA event for ordering two streams, destroyed with the scope (pending work keeps what it needs).
-struct StreamEvent {
-  cudaEvent_t e = nullptr;
-  StreamEvent() { FG_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
-  ~StreamEvent() { cudaEventDestroy(e); }
-  StreamEvent(const StreamEvent&) = delete;
-  StreamEvent& operator=(const StreamEvent&) = delete;
+std::atomic<int64_t> g_concurrent_dq_calls{0};
+
+// A fork of the call's stream: work put on `side` after construction follows what the call's stream had queued,
+// and from destruction on (exceptions included) the call's stream waits for `side`'s work: the caller's reads of
+// the outputs and the caching allocator's reuse of the call's temporaries both come after it.
+class StreamFork {
+ public:
+  StreamFork(int device, cudaStream_t main) : main_(main), side_(concurrent_stream(device, main)) {
+    FG_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    if (cudaEventCreateWithFlags(&join_, cudaEventDisableTiming) != cudaSuccess) {
+      cudaEventDestroy(fork_);
+      FG_FAIL(CudaError, "flex_attention backward (CUDA): cudaEventCreateWithFlags failed for the concurrent dQ");
+    }
+    try {
+      FG_CUDA_CHECK(cudaEventRecord(fork_, main_));
+      FG_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_, 0));
+    } catch (...) {
+      cudaEventDestroy(fork_);
+      cudaEventDestroy(join_);
+      throw;
+    }
+  }
+  ~StreamFork() {
+    cudaEventRecord(join_, side_);
+    cudaStreamWaitEvent(main_, join_, 0);
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+  }
+  StreamFork(const StreamFork&) = delete;
+  StreamFork& operator=(const StreamFork&) = delete;
+  cudaStream_t side() const { return side_; }
+
+ private:
+  cudaStream_t main_, side_;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
 };
 
 void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout_in,
@@ -508,12 +539,11 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // the dK/dV kernel sums dQ itself. The same kernels, so the same results.
   const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
   const bool concurrent = dq_kernel_runs && cap_mode != 1 && env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(false);
-  const StreamHandle main_stream = current_stream(device);
-  std::optional<StreamEvent> fork, join;
+  // Forked after the preprocess (which both kernels read) and before the dK/dV launch; joined once dQ is queued.
+  std::optional<StreamFork> fork;
   if (concurrent) {
-    fork.emplace();
-    join.emplace();
-    FG_CUDA_CHECK(cudaEventRecord(fork->e, static_cast<cudaStream_t>(main_stream)));  // after the preprocess
+    fork.emplace(device, stream(device));
+    ++g_concurrent_dq_calls;
   }
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
   // for, each running the grid's CTAs it takes from a queue (fg_for_each_cta).
@@ -557,27 +587,15 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       jit::launch(mod->function(dq_kernel), {static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65535))}, {256},
                   0, pargs, device);
   } else if (dq_kernel_runs) {
-    std::optional<StreamGuard> side;
-    if (concurrent) {
-      const StreamHandle s2 = concurrent_stream(device);
-      FG_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(s2), fork->e, 0));
-      side.emplace(s2, device);
-    }
-    jit::launch(mod->function(dq_kernel),
-                ws.dq && ws.persistent > 0
-                    ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
-                    : jit::Dim3{static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq),
-                                static_cast<unsigned>(p.B)},
-                {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
-                ws.dq ? dq_args : kargs, device);
-    if (concurrent) {
-      // Everything after this call on the main stream (the finalize, the caller's work, reuse of this call's
-      // temporaries by the caching allocator) waits for the dQ kernel.
-      FG_CUDA_CHECK(cudaEventRecord(join->e, static_cast<cudaStream_t>(current_stream(device))));
-      side.reset();
-      FG_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(main_stream), join->e, 0));
-    }
+    jit::launch_on(concurrent ? fork->side() : stream(device), mod->function(dq_kernel),
+                   ws.dq && ws.persistent > 0
+                       ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
+                       : jit::Dim3{static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq),
+                                   static_cast<unsigned>(p.B)},
+                   {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
+                   ws.dq ? dq_args : kargs, device);
   }
+  fork.reset();  // the finalize below reads what the dQ kernel added to the captured-gradient sums
   for (size_t c = 0; c < ncaps; ++c) {
     if (!acc[c].defined()) continue;
     if (cap_mode == 2) {
@@ -599,6 +617,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
 }
 
 }  // namespace
+
+int64_t concurrent_dq_calls() { return g_concurrent_dq_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

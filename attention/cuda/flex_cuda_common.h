@@ -87,6 +87,9 @@ std::optional<bool> env_switch(const char* name);
 int64_t env_persistent(const char* name);
 // The 1-D grid of a persistent launch of `jobs` grid CTAs under `setting` (env_persistent, > 0) on `device`.
 unsigned persistent_ctas(int64_t jobs, int64_t setting, int device);
+// How many backward calls of this process ran their dQ kernel on a second stream (FLEXGRAD_FLEX_BWD_CONCURRENT;
+// flex_backward_cuda.cpp): the tests' way to see the option took effect, its results being the same bits.
+int64_t concurrent_dq_calls();
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -172,17 +173,26 @@ std::string compile_cubin(const JitSource& src, const std::string& arch, const s
     htext.push_back(header_text[i].c_str());
     hnames.push_back(header_names[i].c_str());
   }
-  FG_NVRTC_CHECK(nvrtcCreateProgram(&prog, src.code.c_str(), file_name.c_str(), static_cast<int>(htext.size()),
-                                    htext.data(), hnames.data()));
-  std::vector<std::string> opts = {"--gpu-architecture=" + arch, "-std=c++17", "-default-device", "-lineinfo"};
   // The optimiser and ptxas take a module's kernels on threads of their own (the backward's two or three): 25-28%
   // less time on two cores (1.09 -> 0.80 s for a causal warp-specialised backward, nvcc 13.0), the kernels' code
-  // byte for byte the same (only the line tables differ).
-  if (split_compile_supported()) opts.emplace_back("--split-compile=0");
-  opts.insert(opts.end(), src.options.begin(), src.options.end());
-  std::vector<const char*> copts;
-  for (const std::string& o : opts) copts.push_back(o.c_str());
-  const nvrtcResult res = nvrtcCompileProgram(prog, static_cast<int>(copts.size()), copts.data());
+  // byte for byte the same (only the line tables differ). An NVRTC that refuses the option compiles without it
+  // (the same code, only slower), and from then on if that compile succeeds.
+  static std::atomic<bool> split_compile{split_compile_supported()};
+  nvrtcResult res = NVRTC_SUCCESS;
+  bool retried = false;
+  for (bool split = split_compile.load();; split = false, retried = true) {
+    FG_NVRTC_CHECK(nvrtcCreateProgram(&prog, src.code.c_str(), file_name.c_str(), static_cast<int>(htext.size()),
+                                      htext.data(), hnames.data()));
+    std::vector<std::string> opts = {"--gpu-architecture=" + arch, "-std=c++17", "-default-device", "-lineinfo"};
+    if (split) opts.emplace_back("--split-compile=0");
+    opts.insert(opts.end(), src.options.begin(), src.options.end());
+    std::vector<const char*> copts;
+    for (const std::string& o : opts) copts.push_back(o.c_str());
+    res = nvrtcCompileProgram(prog, static_cast<int>(copts.size()), copts.data());
+    if (!(split && res == NVRTC_ERROR_INVALID_OPTION)) break;
+    nvrtcDestroyProgram(&prog);
+  }
+  if (retried && res == NVRTC_SUCCESS) split_compile = false;
   size_t log_size = 0;
   nvrtcGetProgramLogSize(prog, &log_size);
   std::string log(log_size, '\0');
@@ -285,7 +295,7 @@ std::shared_ptr<const JitModule> get_module(const JitSource& src, int device) {
   return it->second;
 }
 
-void launch(void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device) {
+void launch_on(void* stream, void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device) {
   FG_CHECK(function != nullptr, ValueError, "jit::launch: null kernel");
   DeviceGuard guard(device);
   const void* fn = function;
@@ -293,7 +303,11 @@ void launch(void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** a
     FG_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_smem)));
   }
   FG_CUDA_CHECK(cudaLaunchKernel(fn, dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), args, dynamic_smem,
-                                 stream(device)));
+                                 static_cast<cudaStream_t>(stream)));
+}
+
+void launch(void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device) {
+  launch_on(stream(device), function, grid, block, dynamic_smem, args, device);
 }
 
 JitStats stats() {

@@ -50,6 +50,8 @@ struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 void launch(void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device);
+// The same on `stream` (a cudaStream_t of `device`) instead of the current one.
+void launch_on(void* stream, void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device);
 
 // The architecture NVRTC targets on `device`: "sm_90a" on Hopper, else "sm_XY" (sm_80 minimum;
 // NotImplementedError below it).
