@@ -8,11 +8,11 @@ the stage ring (`bar_full` / `bar_empty`), with the producer's 4 warps and the c
 one step at a time in a random order. Grid CTAs are valid or not (`fg_dkdv_tile` returning false) and walk 0-4
 chunks; `dq_style` releases stages as the dQ consumers do (a stage one chunk late, the last with the tile).
 
-The forward's FG_WGMMA_PIPE 3 loop (`run_forward`): its producer's load order, stages and resident Q, and the
-consumer warpgroups' turns with FG_WGMMA_PINGPONG, persistent too.
+The forward's FG_WGMMA_PIPE 3 loop (`run_forward`), warp by warp: its producer's load order, stages and resident Q,
+and the consumer warpgroups' turns with FG_WGMMA_PINGPONG, persistent too.
 
-What it checks: no deadlock; no mbarrier completes a second phase while a waiter still waits for the first (the
-parity would alias); every chunk a consumer reads is its grid CTA's, in order, still in its stage; every valid
+What it checks: no deadlock; no waiter's parity aliases (an mbarrier two phases past or behind the phase it waits
+for); every chunk a consumer reads is its grid CTA's, in order, still in its stage; every valid
 grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released; no
 stage is refilled while a product reads it; no named barrier is left half-arrived at exit.
 
@@ -37,6 +37,7 @@ class MBarrier:
     def passed(self, k):
         """try_wait.parity(k & 1) of a waiter that waits for phase k: true once phase k completed."""
         assert self.phase <= k + 1, ("parity aliased", self.name, self.phase, k)
+        assert self.phase >= k, ("waiting two phases ahead: the parity would alias the other way", self.name, k)
         return (self.phase & 1) != (k & 1)
 
 
@@ -192,58 +193,65 @@ def run(seed, ncta, stages, dq_style):
 
 
 class NamedBarrier:
-    """bar.sync / bar.arrive of a named barrier that two warpgroups reach (one unit each)."""
+    """bar.sync / bar.arrive of a named barrier of 256 threads: 8 warp arrivals, 4 from each consumer warpgroup
+    (a warp arriving twice in one generation would be counted twice by the hardware)."""
 
     def __init__(self, name):
-        self.name, self.arrived, self.generation = name, 0, 0
+        self.name, self.arrived, self.generation = name, [], 0
 
-    def arrive(self):
-        self.arrived += 1
-        assert self.arrived <= 2, ("named barrier over-arrived", self.name)
-        if self.arrived == 2:
-            self.arrived, self.generation = 0, self.generation + 1
+    def arrive(self, warp):
+        assert warp not in self.arrived, ("a warp arrived twice in one generation", self.name, warp)
+        self.arrived.append(warp)
+        if len(self.arrived) == 2 * 4:
+            assert sorted(w // 4 for w in self.arrived) == [0] * 4 + [1] * 4, ("one warpgroup completed", self.name)
+            self.arrived, self.generation = [], self.generation + 1
 
-    def sync(self):  # a generator: arrive, then wait for the generation to complete
+    def sync(self, warp):  # a generator: arrive, then wait for the generation to complete
         gen = self.generation
-        self.arrive()
+        self.arrive(warp)
         while self.generation == gen:
             yield
 
 
 def run_forward(seed, ncta, pingpong):
-    """flex_fwd_wgmma's FG_WGMMA_PIPE 3 (flex_forward_wgmma.cuh), persistent: the producer loads Q, then K_j and V_j
-    in FlashAttention-3's order (K_0, K_1, V_0, K_2, V_1, ...) into two stages each; each consumer warpgroup issues
-    S_0, then S_j with P_{j-1} V_{j-1}, releasing K_j after the softmax and V_{j-1} after P V, then the last P V;
-    with `pingpong` the warpgroups take turns issuing (named barriers 1 and 2, the turns running on across grid
-    CTAs). Units: a warpgroup is one arrival (the kernel's 4 warps), the producer one."""
+    """flex_fwd_wgmma's FG_WGMMA_PIPE 3 (flex_forward_wgmma.cuh), persistent, warp by warp (a warpgroup's warps are
+    not kept in step): the producer's 4 warps load Q, then K_j and V_j in FlashAttention-3's order (K_0, K_1, V_0,
+    K_2, V_1, ...) into two stages each; each consumer warp issues S_0, then S_j with P_{j-1} V_{j-1}, releasing K_j
+    after the softmax and V_{j-1} after P V, then the last P V; with `pingpong` the two warpgroups take turns
+    issuing (named barriers 1 and 2, the turns running on across grid CTAs)."""
     rnd = random.Random(seed)
     njobs = rnd.randint(0, 10)
     jobs = [(rnd.random() < 0.8, rnd.randint(0, 5)) for _ in range(njobs)]  # (rows in the grid CTA, sub-tiles)
     counter = [0]
     done = []
     agents = []
+    turns = []
 
     def make_cta():
-        queue = JobQueue(counter, njobs, 3)
-        bar_q, bar_q_free = MBarrier(1, "q"), MBarrier(2, "q free")
-        k_full = [MBarrier(1, "k full %d" % i) for i in range(2)]
-        v_full = [MBarrier(1, "v full %d" % i) for i in range(2)]
-        k_free = [MBarrier(2, "k free %d" % i) for i in range(2)]
-        v_free = [MBarrier(2, "v free %d" % i) for i in range(2)]
+        queue = JobQueue(counter, njobs, PRODUCER_WARPS + CONSUMER_WARPS)
+        bar_q, bar_q_free = MBarrier(PRODUCER_WARPS, "q"), MBarrier(CONSUMER_WARPS, "q free")
+        k_full = [MBarrier(PRODUCER_WARPS, "k full %d" % i) for i in range(2)]
+        v_full = [MBarrier(PRODUCER_WARPS, "v full %d" % i) for i in range(2)]
+        k_free = [MBarrier(CONSUMER_WARPS, "k free %d" % i) for i in range(2)]
+        v_free = [MBarrier(CONSUMER_WARPS, "v free %d" % i) for i in range(2)]
         turn = [NamedBarrier("turn 1"), NamedBarrier("turn 2")]  # ids 1, 2: warpgroup w syncs on 1 + w
-        k_stage, v_stage, q_tile = [None, None], [None, None], [None]
+        turns.append(turn)
+        # What each producer warp last copied into each stage (a stage is whole once all four wrote it).
+        k_stage = [[None] * PRODUCER_WARPS for _ in range(2)]
+        v_stage = [[None] * PRODUCER_WARPS for _ in range(2)]
+        q_tile = [None] * PRODUCER_WARPS
 
-        def producer():
+        def producer(pw):
             j = it = k = 0
             while True:
-                job = yield from queue.take(k, True, True, bar_q_free, it)
+                job = yield from queue.take(k, True, pw == 0, bar_q_free, it)
                 k += 1
                 if job < 0:
                     return
                 rows, n = jobs[job]
                 if not rows:
                     continue
-                q_tile[0] = job
+                q_tile[pw] = job
                 bar_q.arrive()
 
                 def issue_v(tile, jv):
@@ -251,7 +259,7 @@ def run_forward(seed, ncta, pingpong):
                     if jv >= 2:
                         while not v_free[st].passed((jv >> 1) - 1):
                             yield
-                    v_stage[st] = (job, tile)
+                    v_stage[st][pw] = (job, tile)
                     v_full[st].arrive()
 
                 j0 = j
@@ -260,7 +268,7 @@ def run_forward(seed, ncta, pingpong):
                     if j >= 2:
                         while not k_free[st].passed((j >> 1) - 1):
                             yield
-                    k_stage[st] = (job, tile)
+                    k_stage[st][pw] = (job, tile)
                     k_full[st].arrive()
                     if j > j0:
                         yield from issue_v(tile - 1, j - 1)
@@ -270,10 +278,11 @@ def run_forward(seed, ncta, pingpong):
                     yield from issue_v(n - 1, j - 1)
                 it += 1
 
-        def consumer(wg):
+        def consumer(w):
+            wg = w // 4
             j = it = k = 0
             if pingpong and wg == 1:
-                turn[0].arrive()  # warpgroup 0 issues first
+                turn[0].arrive(w)  # warpgroup 0 issues first
             while True:
                 job = yield from queue.take(k, False, False, bar_q_free, it)
                 k += 1
@@ -284,27 +293,27 @@ def run_forward(seed, ncta, pingpong):
                     continue
                 while not bar_q.passed(it):
                     yield
-                assert q_tile[0] == job, "Q of another grid CTA"
+                assert q_tile == [job] * PRODUCER_WARPS, "Q of another grid CTA"
 
                 def issue(reads):
                     if pingpong:
-                        yield from turn[wg].sync()
-                    seen = [stage[st] for stage, st in reads]
+                        yield from turn[wg].sync(w)
+                    seen = [list(stage[st]) for stage, st in reads]
                     if pingpong:
-                        turn[1 - wg].arrive()
-                    yield
-                    for (stage, st), v in zip(reads, seen):  # the products still read them: unchanged
-                        assert stage[st] == v, "stage overwritten while a product reads it"
+                        turn[1 - wg].arrive(w)
                     return seen
+
+                def whole(job_tile):
+                    return [job_tile] * PRODUCER_WARPS
 
                 if n > 0:
                     while not k_full[j & 1].passed(j >> 1):
                         yield
                     seen = yield from issue([(k_stage, j & 1)])
-                    assert seen == [(job, 0)], seen
-                    yield  # the mods step
-                    assert k_stage[j & 1] == (job, 0), "K overwritten before its release"
-                    k_free[j & 1].arrive()  # released after the mods step
+                    assert seen == [whole((job, 0))], seen
+                    yield  # the product, the mods step
+                    assert k_stage[j & 1] == whole((job, 0)), "K overwritten before its release"
+                    k_free[j & 1].arrive()
                     for tile in range(1, n):
                         j += 1
                         st, pst = j & 1, (j & 1) ^ 1
@@ -313,40 +322,42 @@ def run_forward(seed, ncta, pingpong):
                         while not v_full[pst].passed((j - 1) >> 1):
                             yield
                         seen = yield from issue([(k_stage, st), (v_stage, pst)])
-                        assert seen == [(job, tile), (job, tile - 1)], seen
+                        assert seen == [whole((job, tile)), whole((job, tile - 1))], seen
                         yield  # the mods step and the softmax, P V running
-                        assert k_stage[st] == (job, tile), "K overwritten before its release"
+                        assert k_stage[st] == whole((job, tile)), "K overwritten before its release"
                         k_free[st].arrive()
                         yield  # waiting for P V
-                        assert v_stage[pst] == (job, tile - 1), "V overwritten before its release"
+                        assert v_stage[pst] == whole((job, tile - 1)), "V overwritten before its release"
                         v_free[pst].arrive()
                     st = j & 1
                     while not v_full[st].passed(j >> 1):
                         yield
                     seen = yield from issue([(v_stage, st)])
-                    assert seen == [(job, n - 1)], seen
+                    assert seen == [whole((job, n - 1))], seen
                     yield
-                    assert v_stage[st] == (job, n - 1), "V overwritten before its release"
+                    assert v_stage[st] == whole((job, n - 1)), "V overwritten before its release"
                     v_free[st].arrive()
                     j += 1
                 bar_q_free.arrive()
-                if wg == 0:
+                if w == 0:
                     done.append(job)
                 yield  # the output stores
                 it += 1
             if pingpong and wg == 0:
-                yield from turn[0].sync()  # warpgroup 1's last turn
+                yield from turn[0].sync(w)  # warpgroup 1's last turn
 
-        agents.append(producer())
-        agents.append(consumer(0))
-        agents.append(consumer(1))
-        return turn
+        for w in range(PRODUCER_WARPS):
+            agents.append(producer(w))
+        for w in range(CONSUMER_WARPS):
+            agents.append(consumer(w))
 
-    turns = [make_cta() for _ in range(ncta)]
+    for _ in range(ncta):
+        make_cta()
     interleave(agents, rnd, seed)
     assert sorted(done) == sorted(i for i, (rows, _) in enumerate(jobs) if rows), "a grid CTA ran twice or never"
     for turn in turns:
-        assert all(t.arrived == 0 for t in turn), "a named barrier left half-arrived at exit"
+        assert all(not t.arrived for t in turn), "a named barrier left half-arrived at exit"
+
 
 def main():
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 200
