@@ -14,6 +14,7 @@
 // they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false,
 // the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below). With two warpgroups a CTA the
 // wgmma kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
+// FLEXGRAD_FLEX_BWD_CONCURRENT=1 runs the dQ kernel on a second stream beside the dK/dV kernel (StreamFork below).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
