@@ -400,9 +400,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       define("FG_Q_TILE", cfg.q_tile),      define("FG_KV_TILE", cfg.kv_tile),
       define("FG_Q_CHUNK", cfg.q_chunk),    define("FG_KV_CHUNK", cfg.kv_chunk)};
   // The preprocess's 16-byte loads (fg_bwd_preprocess): 16-bit rows of Ev elements, 16-byte aligned.
-  const bool pre_vec = (dt == kBFloat16 || dt == kFloat16) && p.Ev % 8 == 0 &&
-                       reinterpret_cast<uintptr_t>(outc.data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
+  const bool pre_vec = (dt == kBFloat16 || dt == kFloat16) && vec_ok(outc, p.Ev) && vec_ok(dout, p.Ev);
   const int64_t pre_rows = !pre_vec ? 1 : p.Ev / 8 < 32 && 32 % (p.Ev / 8) == 0 ? 32 / (p.Ev / 8) : 1;
   if (pre_vec) defines.emplace_back("FG_PRE_VEC 1");
   if (cfg.wgmma) {
