@@ -207,6 +207,14 @@ Inputs make_inputs(const Dims& d, DType dt, bool with_dlse, uint64_t seed) {
 }
 
 // Runs the backward stub on `dev` with out / lse taken from the golden forward.
+// A Golden holding only out / lse of d's shapes, zero: for calls refused before any kernel runs.
+Golden shapes_only(const Dims& d) {
+  Golden g;
+  g.out = zeros({d.B, d.Hq, d.Lq, d.Ev}, TensorOptions().dtype(kFloat64));
+  g.lse = zeros({d.B, d.Hq, d.Lq}, TensorOptions().dtype(kFloat64));
+  return g;
+}
+
 Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, Device dev) {
   const Dims& d = c.d;
   FlexProblem p;
@@ -313,9 +321,7 @@ class FlexBackwardCuda : public ::testing::TestWithParam<FlexCudaBackward> {
       SCOPED_TRACE(dtype_name(dt));
       if (wgmma() && !wgmma_runs(dt, c.d)) {
         // Refused before any kernel runs: out / lse only need their shapes.
-        Golden shapes;
-        shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
-        shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+        const Golden shapes = shapes_only(c.d);
         const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
         testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, dt, kCUDA); }, "Wgmma backward");
         continue;
@@ -525,9 +531,7 @@ TEST_P(FlexBackwardCuda, OutAndDoutOffTheirAlignmentTakeTheScalarPreprocess) {
   c.with_dlse = true;
   if (wgmma()) {  // the Wgmma kernels need 16-byte-aligned rows everywhere: refused, not misread
     c.kernel = kernel();
-    Golden shapes;
-    shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
-    shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+    const Golden shapes = shapes_only(c.d);
     const Inputs in = make_inputs(c.d, kBFloat16, c.with_dlse, 1);
     testing::expect_error<NotImplementedError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "16-byte-aligned");
     return;
@@ -1090,9 +1094,7 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
   Case c = document_case();
   c.kernel = FlexCudaBackward::Wgmma;
   const Inputs in = make_inputs(c.d, kBFloat16, false, 31);
-  Golden shapes;
-  shapes.out = zeros({c.d.B, c.d.Hq, c.d.Lq, c.d.Ev}, TensorOptions().dtype(kFloat64));
-  shapes.lse = zeros({c.d.B, c.d.Hq, c.d.Lq}, TensorOptions().dtype(kFloat64));
+  const Golden shapes = shapes_only(c.d);
   testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_CONCURRENT");
 }
 
