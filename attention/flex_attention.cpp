@@ -191,15 +191,78 @@ class BackwardInputVersions {
   std::vector<Entry> entries_;
 };
 
-FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
-  std::shared_ptr<const ModProgram> score_prog;
-  if (o.score_mod) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
+// Records the fused kernels' backward node for a forward that left `out` and `lse` in the kernels' dtype and layout
+// (the fused forward's, or cuDNN's forward under Auto's sliding-window rule), on r.out and r.lse when q, k, v or a
+// learnable captured tensor need a gradient.
+void record_fused_backward(std::shared_ptr<FlexProblem> prob, const Tensor& out, const Tensor& lse, const Tensor& q,
+                           const Tensor& k, const Tensor& v, FlexAttentionResult& r) {
+  // Inputs of the node: q, k, v, then the captured float tensors (learnable biases).
+  TensorList inputs{q, k, v};
+  std::vector<bool> needs_cap;
+  if (prob->score_grad) {
+    for (const CaptureRef& c : prob->score_grad->captures) {
+      bool learn = is_floating(c.tensor.dtype()) && c.tensor.requires_grad();
+      needs_cap.push_back(learn);
+      inputs.push_back(learn ? c.tensor : Tensor());
+    }
+  }
+  if (!needs_grad(inputs)) return;
+  SavedTensor out_c = out, lse_c = lse;
+  auto versions = std::make_shared<BackwardInputVersions>();
+  versions->save("q", q);
+  versions->save("k", k);
+  versions->save("v", v);
+  versions->save_captures("score_mod", prob->score_mod.get());
+  versions->save_captures("mask_mod", prob->mask_mod.get());
+  DType qdt = q.dtype(), kdt = k.dtype(), vdt = v.dtype();
+  record("FlexAttentionBackward", inputs, {r.out, r.lse},
+         [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
+           versions->check();
+           const DType cdt = prob->q.dtype();
+           const TensorOptions kernel_opts = TensorOptions().dtype(cdt).device(prob->q.device());
+           Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), kernel_opts);
+           const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
+           Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
+           FlexBackwardOutputs b;
+           b.dq = empty(prob->q.sizes(), kernel_opts);
+           b.dk = empty(prob->k.sizes(), kernel_opts);
+           b.dv = empty(prob->v.sizes(), kernel_opts);
+           if (prob->has_rows()) {
+             flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
+           } else {  // no query rows: nothing flows back
+             b.dk.zero_();
+             b.dv.zero_();
+             for (size_t c = 0; c < needs_cap.size(); ++c) {
+               const Tensor& cap = prob->score_grad->captures[c].tensor;
+               b.dcaps.push_back(needs_cap[c] ? zeros(cap.sizes(), kFloat64) : Tensor());
+             }
+           }
+           TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
+           for (size_t c = 0; c < needs_cap.size(); ++c) {
+             const Tensor& cap = prob->score_grad->captures[c].tensor;
+             grads.push_back(needs_cap[c] ? b.dcaps[c].to(cap.dtype()).to(cap.device()) : Tensor());
+           }
+           return grads;
+         });
+}
+
+// The fused problem of a call: the score_mod traced and, when a gradient may follow, its derivative derived.
+// `traced`: the score_mod's program where the caller traced it already.
+std::shared_ptr<FlexProblem> fused_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const FlexAttentionOptions& o,
+                                           std::shared_ptr<const ModProgram> traced = nullptr) {
+  std::shared_ptr<const ModProgram> score_prog = std::move(traced);
+  if (o.score_mod && !score_prog) score_prog = std::make_shared<ModProgram>(trace_score_mod(o.score_mod));
   // Inference (no grad mode, nothing requiring grad) skips deriving the backward program.
   TensorList grad_inputs{q, k, v};
   if (score_prog) {
     for (const CaptureRef& c : score_prog->captures()) grad_inputs.push_back(c.tensor);
   }
-  auto prob = std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog, needs_grad(grad_inputs)));
+  return std::make_shared<FlexProblem>(make_problem(q, k, v, o, score_prog, needs_grad(grad_inputs)));
+}
+
+FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, const FlexAttentionOptions& o) {
+  std::shared_ptr<FlexProblem> prob = fused_problem(q, k, v, o);
   const DType cdt = prob->q.dtype();                            // the kernels' input/output dtype
   const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;  // lse and max_scores
   FlexForwardOutputs f;
@@ -216,56 +279,7 @@ FlexAttentionResult fused(const Tensor& q, const Tensor& k, const Tensor& v, con
     r.lse = q.dtype() == kFloat64 ? f.lse : f.lse.to(kFloat32);
     r.max_scores = q.dtype() == kFloat64 ? f.max_scores : f.max_scores.to(kFloat32);
   }
-  // Inputs of the node: q, k, v, then the captured float tensors (learnable biases).
-  TensorList inputs{q, k, v};
-  std::vector<bool> needs_cap;
-  if (prob->score_grad) {
-    for (const CaptureRef& c : prob->score_grad->captures) {
-      bool learn = is_floating(c.tensor.dtype()) && c.tensor.requires_grad();
-      needs_cap.push_back(learn);
-      inputs.push_back(learn ? c.tensor : Tensor());
-    }
-  }
-  if (needs_grad(inputs)) {
-    SavedTensor out_c = f.out, lse_c = f.lse;
-    auto versions = std::make_shared<BackwardInputVersions>();
-    versions->save("q", q);
-    versions->save("k", k);
-    versions->save("v", v);
-    versions->save_captures("score_mod", prob->score_mod.get());
-    versions->save_captures("mask_mod", prob->mask_mod.get());
-    Shape k_shape = k.sizes(), v_shape = v.sizes();
-    DType qdt = q.dtype(), kdt = k.dtype(), vdt = v.dtype();
-    record("FlexAttentionBackward", inputs, {r.out, r.lse},
-           [prob, out_c, lse_c, versions, needs_cap, qdt, kdt, vdt](const TensorList& g) {
-             versions->check();
-             const DType cdt = prob->q.dtype();
-             const TensorOptions kernel_opts = TensorOptions().dtype(cdt).device(prob->q.device());
-             Tensor dout = g[0].defined() ? g[0].to(cdt).contiguous() : zeros(out_c.unpack().sizes(), kernel_opts);
-             const DType stat_dt = cdt == kFloat64 ? kFloat64 : kFloat32;
-             Tensor dlse = g.size() > 1 && g[1].defined() ? g[1].to(stat_dt).contiguous() : Tensor();
-             FlexBackwardOutputs b;
-             b.dq = empty(prob->q.sizes(), kernel_opts);
-             b.dk = empty(prob->k.sizes(), kernel_opts);
-             b.dv = empty(prob->v.sizes(), kernel_opts);
-             if (prob->has_rows()) {
-               flex_backward_stub(prob->q.device(), *prob, out_c.unpack(), lse_c.unpack(), dout, dlse, needs_cap, b);
-             } else {  // no query rows: nothing flows back
-               b.dk.zero_();
-               b.dv.zero_();
-               for (size_t c = 0; c < needs_cap.size(); ++c) {
-                 const Tensor& cap = prob->score_grad->captures[c].tensor;
-                 b.dcaps.push_back(needs_cap[c] ? zeros(cap.sizes(), kFloat64) : Tensor());
-               }
-             }
-             TensorList grads{b.dq.to(qdt), b.dk.to(kdt), b.dv.to(vdt)};
-             for (size_t c = 0; c < needs_cap.size(); ++c) {
-               const Tensor& cap = prob->score_grad->captures[c].tensor;
-               grads.push_back(needs_cap[c] ? b.dcaps[c].to(cap.dtype()).to(cap.device()) : Tensor());
-             }
-             return grads;
-           });
-  }
+  record_fused_backward(prob, f.out, f.lse, q, k, v, r);
   return r;
 }
 
@@ -322,6 +336,9 @@ struct CudnnCall {
   std::shared_ptr<CudnnSdpaTensors> t;
   Tensor bias_cap;  // the captured bias tensor (Bias::Tensor)
   bool learn_bias = false;
+  // The forward on cuDNN, the backward on the fused kernels, from cuDNN's output and lse (auto_cudnn_call's
+  // sliding-window rule).
+  bool backward_fused = false;
 };
 
 // Lowers the call and prepares its tensors; nullopt with `declined` (the lowering's reason) when it does not lower.
@@ -384,6 +401,10 @@ FlexAttentionResult cudnn_run(const CudnnCall& call, const Tensor& q, const Tens
   FlexAttentionResult r;
   r.out = t->out;
   r.lse = t->stats;
+  if (call.backward_fused) {
+    record_fused_backward(fused_problem(q, k, v, o, prog), t->out, t->stats, q, k, v, r);
+    return r;
+  }
   TensorList inputs{q, k, v};
   if (learn_bias) inputs.push_back(bias_cap);
   if (needs_grad(inputs)) {
@@ -468,6 +489,8 @@ int flex_cudnn_env() {
 //   - nothing only the fused kernels give: no return_max_scores, no return_lse while a gradient is needed (cuDNN's
 //     backward takes no gradient through the lse), no explicit cuda_forward / cuda_backward / kv_splits;
 //   - at least 128 query rows (decoding shapes keep the split-KV kernel: cuDNN was not measured there).
+// A sliding window with a deterministic gradient and no score_mod but a scale splits the call: cuDNN's forward, our
+// backward (measured below, CudnnCall::backward_fused).
 // Otherwise our kernels run: a choice, not a fallback (both compute the same attention). FLEXGRAD_FLEX_CUDNN=0 keeps
 // Auto off cuDNN; =1 takes it wherever the call lowers and cuDNN can run it, on any GPU and any query length.
 std::optional<CudnnCall> auto_cudnn_call(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -491,8 +514,17 @@ std::optional<CudnnCall> auto_cudnn_call(const Tensor& q, const Tensor& k, const
   if (call->learn_bias) inputs.push_back(call->bias_cap);
   const bool grad = needs_grad(inputs);
   if (grad && o.return_lse) return std::nullopt;
-  const std::string why = cudnn_plan_check_stub(q.device(), *call->spec, *call->t, grad, call->learn_bias,
-                                                o.kernel.deterministic);
+  // A sliding window (a left bound) with a deterministic backward and no score_mod but a scale: cuDNN's forward,
+  // our backward (session 21, H200, bf16 B4 H16 S4096 D128, window 1024: cuDNN's deterministic backward 202
+  // TFLOP/s, ours 257; its forward 463 against ours 334). Windows with a bias or a pointwise score_mod were not
+  // measured: they keep cuDNN's backward. Every row keeps its diagonal (the lowering admits a left bound only with
+  // Lq <= Lkv and a right bound >= 0), so cuDNN's lse is finite where our backward reads it.
+  const CudnnSdpaSpec& spec = *call->spec;
+  call->backward_fused = grad && o.kernel.deterministic && spec.left_bound.has_value() &&
+                         spec.right_bound.value_or(0) >= 0 && spec.bias == CudnnSdpaSpec::Bias::None &&
+                         !spec.pointwise;
+  const std::string why = cudnn_plan_check_stub(q.device(), *call->spec, *call->t, grad && !call->backward_fused,
+                                                call->learn_bias, o.kernel.deterministic);
   if (!why.empty()) return std::nullopt;
   return call;
 }

@@ -401,6 +401,62 @@ TEST(FlexCudnn, AutoWithAGradientRunsTheBackwardOrKeepsTheFusedKernels) {
   for (size_t i = 0; i < al.size(); ++i) EXPECT_TRUE(bits_equal(al[i], fl[i])) << i;
 }
 
+// Auto on a sliding window whose gradient is deterministic: cuDNN's forward (its output bit for bit) and the fused
+// kernels' backward node, from cuDNN's output and lse, within the float64 golden's tolerance; nondeterministic, or
+// with a score_mod (ALiBi), the backward stays cuDNN's.
+TEST(FlexCudnn, AutoRunsASlidingWindowsDeterministicBackwardOnTheFusedKernels) {
+  SKIP_WITHOUT_CUDNN();
+  ScopedEnv env("FLEXGRAD_FLEX_CUDNN", "1");
+  Case c;
+  c.name = "sliding64";
+  c.L = 256;
+  c.allowed = [](int64_t q, int64_t kv) { return kv <= q && q - kv < 64; };
+  c.mask_mod = [](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv < 64); };
+  manual_seed(12);
+  Tensor q0 = randn({c.B, c.Hq, c.L, c.E}), k0 = randn({c.B, c.Hkv, c.L, c.E}), v0 = randn({c.B, c.Hkv, c.L, c.E});
+  Tensor d0 = randn({c.B, c.Hq, c.L, c.E});
+  const DType dt = kBFloat16;
+  Tensor qr = q0.to(dt).to(kFloat32), kr = k0.to(dt).to(kFloat32), vr = v0.to(dt).to(kFloat32), dr = d0.to(dt).to(kFloat32);
+  const Grads gold = golden(c, qr, kr, vr, dr);
+  auto call = [&](FlexBackend backend, bool deterministic, const ScoreMod& mod, std::string* node) {
+    Tensor q = qr.to(kGpu, dt).detach().requires_grad_(), k = kr.to(kGpu, dt).detach().requires_grad_(),
+           v = vr.to(kGpu, dt).detach().requires_grad_();
+    FlexAttentionOptions o;
+    o.kernel.backend = backend;
+    o.kernel.deterministic = deterministic;
+    o.score_mod = mod;
+    o.block_mask = create_block_mask(c.mask_mod, std::nullopt, std::nullopt, c.L, c.L, 128, kGpu);
+    Tensor out = flex_attention(q, k, v, o).out;
+    if (node) *node = out.grad_fn() ? out.grad_fn()->name() : "none";
+    (out.to(kFloat64) * dr.to(kGpu, kFloat64)).sum().backward();
+    return Grads{out.detach(), q.grad(), k.grad(), v.grad(), Tensor()};
+  };
+  std::string node;
+  const Grads a = call(FlexBackend::Auto, true, {}, &node);
+  EXPECT_EQ(node, "FlexAttentionBackward");
+  const Grads cud = call(FlexBackend::Cudnn, true, {}, nullptr);
+  EXPECT_TRUE(bits_equal(a.out, cud.out)) << "Auto's forward is not cuDNN's";
+  EXPECT_LT(max_err(a.out, gold.out), 3e-2);
+  EXPECT_LT(max_err(a.dq, gold.dq), 1.5e-1);
+  EXPECT_LT(max_err(a.dk, gold.dk), 1.5e-1);
+  EXPECT_LT(max_err(a.dv, gold.dv), 1.5e-1);
+  // Deterministic: a rerun gives the same bits.
+  const Grads b = call(FlexBackend::Auto, true, {}, nullptr);
+  EXPECT_TRUE(bits_equal(a.dq, b.dq) && bits_equal(a.dk, b.dk) && bits_equal(a.dv, b.dv));
+  call(FlexBackend::Auto, false, {}, &node);
+  EXPECT_EQ(node, "FlexAttentionCudnnBackward") << "nondeterministic";
+  // ALiBi + window (not measured): cuDNN's backward where it has a deterministic engine for it.
+  std::string forced;
+  try {
+    call(FlexBackend::Cudnn, true, alibi_score_mod(4), &forced);
+  } catch (const NotImplementedError& e) {
+    std::printf("ALiBi + window: cuDNN has no deterministic backward here: %s\n", e.what());
+    return;
+  }
+  call(FlexBackend::Auto, true, alibi_score_mod(4), &node);
+  EXPECT_EQ(node, "FlexAttentionCudnnBackward") << "ALiBi + window";
+}
+
 // A score_mod whose forward lowers but whose derivative may be infinite where cuDNN's scores are (padding; here
 // where(q - kv < 8, 0.5 score, 1)): the forward runs on cuDNN and matches the fused kernel; a forced backward raises
 // the lowering's reason; Auto with a gradient keeps the fused kernels.
