@@ -243,12 +243,16 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   // sequential loop. The warp-specialised loop moves registers from its producer warpgroup to two consumer
   // warpgroups (setmaxnreg); with one (BM 64) every thread already has 255, so that shape keeps the sequential
   // loop, whatever FLEXGRAD_FLEX_WGMMA_PIPE asks (a tuning knob; the tests pass 2 across shapes).
-  // FG_WGMMA_PIPE 3 (FLEXGRAD_FLEX_WGMMA_PIPE=3; opt-in until the H200 has timed it against 2) overlaps each
-  // consumer's softmax of sub-tile j with its P V of sub-tile j - 1, as the pipelined loop does; with
-  // FLEXGRAD_FLEX_WGMMA_PINGPONG=1 its two consumer warpgroups also take turns issuing their products.
-  c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? 2 : 0);
+  // FG_WGMMA_PIPE 3 overlaps each consumer's softmax of sub-tile j with its P V of sub-tile j - 1, as the pipelined
+  // loop does, and its two consumer warpgroups take turns issuing their products (FG_WGMMA_PINGPONG;
+  // FLEXGRAD_FLEX_WGMMA_PINGPONG=0 keeps them apart). The default for head dims up to 128 since session 21 (H200,
+  // bf16 B4 H16 S4096 D128, FLEXGRAD_FLEX_CUDNN=0, one call against pipe 2: no mask 1.137 -> 1.108 ms, causal
+  // 0.722 -> 0.698, document 0.340 -> 0.324, sliding 1024 0.414 -> 0.405, ALiBi + causal 0.902 -> 0.865, softcap +
+  // causal 1.934 -> 1.908, with approx_tanh 1.308 -> 1.284). Wider heads keep pipe 2: with a score_mod pipe 3
+  // spills there (20-48 bytes, offline), and it was not timed.
+  c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? (wide ? 2 : 3) : 0);
   if (c.pipe >= 2 && c.bm != 128) c.pipe = 0;
-  c.pingpong = c.pipe == 3 && env_switch("FLEXGRAD_FLEX_WGMMA_PINGPONG").value_or(false);
+  c.pingpong = c.pipe == 3 && env_switch("FLEXGRAD_FLEX_WGMMA_PINGPONG").value_or(true);
   // FLEXGRAD_FLEX_WGMMA_PERSISTENT=1 (opt-in, written in session 19 without a GPU): the warp-specialised loops run
   // one CTA an SM, each running the grid's CTAs it takes from a queue (FgJobQueue), so that one's output stores
   // overlap the next one's Q, row parts and first K / V (fg_fwd_for_each_cta); =N caps the grid at N CTAs (tests).

@@ -619,9 +619,10 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
   }
 }
 
-// flex_fwd_wgmma's main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, 2: warp-specialised, the
-// default on 128-row tiles, 3: warp-specialised with the intra-warpgroup overlap, "3pp": the same with
-// FLEXGRAD_FLEX_WGMMA_PINGPONG=1, the consumer warpgroups taking turns; a "P": persistent,
+// flex_fwd_wgmma's main loops (FLEXGRAD_FLEX_WGMMA_PIPE 0: sequential, 1: pipelined, 2: warp-specialised (the
+// default on 128-row tiles with head dims over 128), 3: warp-specialised with the intra-warpgroup overlap (with
+// FLEXGRAD_FLEX_WGMMA_PINGPONG=0), "3pp": the same with the consumer warpgroups taking turns (the default on
+// 128-row tiles with head dims up to 128); a "P": persistent,
 // FLEXGRAD_FLEX_WGMMA_PERSISTENT=3, three CTAs running every grid CTA, their stages and barriers carried from one to
 // the next, so that rows with no blocks and rows past a block's end come between others) and kv sub-tiles (FLEXGRAD_FLEX_WGMMA_BN 64, 128) on the cases the pipelines' bookkeeping can
 // get wrong: rows of one sub-tile (prologue and epilogue only), rows with none, many sub-tiles (the K / V stages,

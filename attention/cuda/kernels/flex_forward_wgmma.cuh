@@ -20,7 +20,8 @@
 // row / column parts, the bounds (out-of-range rows and columns never reach a mod), the non-finite rule, the
 // lse / max outputs and the error flag of captured reads are flex_fwd_mma's, through the same functions.
 // The next K (V) tile is loaded while the tensor cores run this tile's Q K^T (P V).
-// Three main loops (the host's default: the warp-specialised one on 128-row tiles, else the sequential one):
+// Four main loops (the host's default: FG_WGMMA_PIPE 3 with ping-pong on 128-row tiles with head dims up to 128,
+// 2 on wider ones, else the sequential one):
 // FG_WGMMA_PIPE 0 is the one above (S, wait, softmax, P V, wait, with a CTA barrier before each product);
 // FG_WGMMA_PIPE 1 overlaps them as
 // FlashAttention-3's intra-warpgroup pipeline: S_j = Q K_j^T and P_{j-1} V_{j-1} are issued together and the
