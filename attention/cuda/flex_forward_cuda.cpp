@@ -194,17 +194,6 @@ int64_t wgmma_bn_env() {
   return v == "64" ? 64 : 128;
 }
 
-// FLEXGRAD_FLEX_EXP2_FMA: 0-4 of every 4 softmax exponents of the tensor-core kernels on the FMA pipe
-// (FG_EXP2_FMA, fg_exp2_fma); unset: 0, all on MUFU. A/B knob for score_mods with their own MUFU op (softcap).
-int exp2_fma_env() {
-  const char* env = std::getenv("FLEXGRAD_FLEX_EXP2_FMA");
-  if (env == nullptr || *env == '\0') return 0;
-  const std::string v(env);
-  FG_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '4', ValueError,
-           "FLEXGRAD_FLEX_EXP2_FMA: expected 0 to 4 (entries of every 4); got \"{}\"", v);
-  return v[0] - '0';
-}
-
 // FLEXGRAD_FLEX_WGMMA_TMA: 0 keeps the warp-specialised loop's producer on cp.async (A/B); unset or 1: TMA where
 // the tensors allow a map.
 bool wgmma_tma_env() { return env_switch("FLEXGRAD_FLEX_WGMMA_TMA").value_or(true); }
@@ -335,7 +324,6 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   };
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   if (cfg.pingpong) defines.push_back("FG_WGMMA_PINGPONG 1");
-  if (const int n = cfg.mma ? exp2_fma_env() : 0; n > 0) defines.push_back("FG_EXP2_FMA " + std::to_string(n));
   if (cfg.persistent > 0) defines.push_back("FG_WGMMA_PERSISTENT 1");
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;

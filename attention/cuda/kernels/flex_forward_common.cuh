@@ -219,21 +219,6 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
 #endif
 }
 
-// FG_EXP2_FMA (0-4; FLEXGRAD_FLEX_EXP2_FMA): how many of every 4 probabilities of a row the tensor-core kernels
-// compute with fg_exp2_fma (FMA pipe) rather than ex2.approx (MUFU), which a score_mod's own MUFU op (tanh) makes
-// the bottleneck. Degree 3 for bf16 probabilities, 4 for f16 (fg_exp2_fma's error against each's rounding).
-#ifndef FG_EXP2_FMA
-#define FG_EXP2_FMA 0
-#endif
-#if FG_EXP2_FMA < 0 || FG_EXP2_FMA > 4
-#error "FG_EXP2_FMA: 0 to 4 entries of every 4"
-#endif
-#if defined(FG_ELEM) && FG_ELEM == FG_DT_BFLOAT16
-#define FG_EXP2_FMA_DEGREE 3
-#else
-#define FG_EXP2_FMA_DEGREE 4
-#endif
-
 // The online softmax update, row by row (rows g and g + 8 of each fragment): S becomes P = exp(S - m_new)
 // (unnormalised), the per-lane partial sums l are rescaled, saw_nan notes a NaN next to a +inf max; corr is the
 // factor O must be multiplied by (fg_frag_rescale_o) before P V is added. Split from the rescale so that the
@@ -271,9 +256,7 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
       for (int n = 0; n < NB; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float x = fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms);
-          // FG_EXP2_FMA of every 4 entries of a row on the FMA pipe, the rest on MUFU (a compile-time choice).
-          const float e = (2 * n + c) % 4 < FG_EXP2_FMA ? fg_exp2_fma<FG_EXP2_FMA_DEGREE>(x) : fg_exp2(x);
+          const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms));
           s[f][n][2 * hf + c] = e;
           sum += e;
         }

@@ -202,34 +202,6 @@ __device__ __forceinline__ float fg_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
-// 2^x on the FMA pipe, for the softmax's exponents (x <= 0, -inf or NaN), where the MUFU unit that runs
-// ex2.approx (16 results a clock an SM, an eighth of the FP32 pipe) is what bounds a score_mod with its own MUFU
-// op (softcap's tanh): FlashAttention-4's lever. x = j + f with j = round(x) (the 1.5 * 2^23 trick: adding it
-// leaves j in the low mantissa bits) and |f| <= 1/2; 2^f by a minimax polynomial with p(0) = 1 (so the row
-// maximum still gives exactly 1), times 2^j built from j's bits. Relative error 1.0e-4 at degree 3 (bf16
-// probabilities: a fortieth of bf16's half ulp), 2.9e-6 at degree 4 (f16: a 170th of its half ulp); fitted by
-// Lawson-weighted least squares in float32 Horner form. x is clamped to -127 first (max.NaN keeps a NaN a NaN):
-// 2^j's bits are then 0, so -inf and everything below 2^-126 give 0, as ex2.approx.ftz does.
-template <int Degree>
-__device__ __forceinline__ float fg_exp2_fma(float x) {
-  static_assert(Degree == 3 || Degree == 4, "fg_exp2_fma: degree 3 or 4");
-  float xc;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(xc) : "f"(x), "f"(-127.f));
-  const float t = __fadd_rn(xc, 12582912.f);                 // 1.5 * 2^23 + j
-  const float f = __fsub_rn(xc, __fsub_rn(t, 12582912.f));   // x - j, in [-1/2, 1/2]
-  float p;
-  if (Degree == 3) {
-    p = fmaf(fmaf(fmaf(0.055008936673402786f, f, 0.2422112375497818f), f, 0.693282961845398f), f, 1.f);
-  } else {
-    p = fmaf(fmaf(fmaf(fmaf(0.009582857601344585f, f, 0.05590646713972092f), f, 0.24024099111557007f), f,
-                  0.6931241750717163f),
-             f, 1.f);
-  }
-  // t's low 9 bits hold j + 2^22 mod 2^9; shifted to the exponent field, 2^22 falls off the top.
-  const float two_j = __int_as_float((int)((unsigned)__float_as_int(t) << 23) + (127 << 23));
-  return p * two_j;  // a NaN p stays NaN whatever two_j's bits are
-}
-
 // Zeroes accumulators held as N C fragments (4 floats each: the backward's dK, dV, dQ).
 template <int N>
 __device__ __forceinline__ void fg_zero_frags(float (&a)[N][4]) {
