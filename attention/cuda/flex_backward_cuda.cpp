@@ -412,9 +412,6 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
     if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
-    if (ws.dkdv && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_DKDV_SPLIT").value_or(true)) {
-      defines.emplace_back("FG_BWD_DKDV_SPLIT 1");
-    }
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
   const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize"

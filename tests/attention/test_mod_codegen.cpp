@@ -501,10 +501,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"causal", nullptr, &causal},
                         Case{"document", nullptr, &document}, Case{"alibi + causal", &alibi, &causal},
                         Case{"softcap + causal", &softcap, &causal}})
-  // plain, with the fused dQ, warp-specialised (FG_BWD_WS_DKDV, FG_BWD_WS_DQ), those persistent
-  // (FG_BWD_PERSISTENT: one CTA an SM walking the grid's jobs), and warp-specialised with the dK/dV consumers' P^T
-  // computed while dP^T runs (FG_BWD_DKDV_SPLIT, the host's default; where the entry splits)
-  for (int form : {0, 1, 2, 3, 4}) {
+  // plain, with the fused dQ, warp-specialised (FG_BWD_WS_DKDV, FG_BWD_WS_DQ), and those persistent
+  // (FG_BWD_PERSISTENT: one CTA an SM walking the grid's jobs)
+  for (int form : {0, 1, 2, 3}) {
     const int fused = form == 1 ? 1 : 0;
     if (fused != 0 && c.score == &softcap) continue;  // the host keeps the dQ kernel for a varying derivative
     CudaModsInput in;
@@ -523,8 +522,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
       tu += std::string("#define ") + x + "\n";
     const int ws = form >= 2 ? 1 : 0;
     tu += fmt::format("#define FG_DQ_ATOMIC {}\n#define FG_BWD_WS_DKDV {}\n#define FG_BWD_WS_DQ {}\n", fused, ws, ws);
-    tu += fmt::format("#define FG_BWD_PERSISTENT {}\n#define FG_BWD_DKDV_SPLIT {}\n", form == 3 ? 1 : 0,
-                      form == 4 ? 1 : 0);
+    tu += fmt::format("#define FG_BWD_PERSISTENT {}\n", form == 3 ? 1 : 0);
     tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
     std::string log;
     const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
@@ -543,9 +541,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
         const size_t sp = props.find(" bytes spill stores");
         ASSERT_NE(sp, std::string::npos) << props;
         const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
-        // FG_BWD_DKDV_SPLIT holds dP^T's in-flight accumulators through P^T's step: the dK/dV consumers spill 8-40
-        // bytes (no mods / causal 8, document / ALiBi 36-40; nvcc 13.0).
-        const int allowed = form == 3 ? (dq ? 32 : 128) : form == 4 && !dq ? 40 : 0;
+        const int allowed = form == 2 ? 0 : dq ? 32 : 128;
         EXPECT_LE(spilled, allowed) << c.name << ": " << k << " form " << form << " spills\n" << props;
         std::printf("[ptxas] %s, %s, form %d: %s\n", c.name, k, form, log.substr(at, 300).c_str());
       }

@@ -978,57 +978,6 @@ __device__ __forceinline__ void fg_dq_elements_ds(float (&s)[FG_NKN][4], const f
 #pragma unroll
     for (int r = 0; r < 4; ++r) s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], (vm >> (4 * nb + r)) & 1u);
 }
-
-// The same two halves for the dK/dV kernels' transposed tile (fg_dkdv_elements' entries, in its order): st <- P^T
-// as soon as S^T has landed, returning the entries' validity (bit 4 nb + r for st[nb][r]); then dpt <- dS^T from
-// P^T, dP^T, the chunk's delta Db and that validity. The warp-specialised dK/dV consumers run them where
-// FG_BWD_DKDV_SPLIT (their 232 registers hold it; the plain kernel's one-pass step spilled less with it).
-__device__ __forceinline__ unsigned fg_dkdv_elements_p(float (&st)[FG_NQN][4], const float* Lb,
-                                                       const FgRowMods<float>* q_mods, const FgColMods<float> (&cm)[2],
-                                                       int kr0, int g, int t, int nq, int nkv, bool partial, int b,
-                                                       int h, fg_i64 q0, fg_i64 kv0, float scale,
-                                                       const FgModArgs& args) {
-  static_assert(FG_NQN * 4 <= 32, "one validity bit per entry in 32 bits");
-  unsigned vm = 0;
-#pragma unroll
-  for (int nb = 0; nb < FG_NQN; ++nb) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int i = nb * 8 + 2 * t + c;  // q row in the chunk
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-      const FgRowMods<float>& rm = q_mods[i];
-#else
-      (void)q_mods;
-      const FgRowMods<float> rm;
-#endif
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = 2 * half + c;
-        const int j = kr0 + g + 8 * half;  // kv row in the tile
-        bool valid = i < nq && j < nkv;
-        const float l2 = valid ? Lb[i] : 0.f;
-        st[nb][r] = fg_entry_p(st[nb][r] * scale, l2, valid, partial, rm, cm[half], b, h, (int)(q0 + i),
-                               (int)(kv0 + j), args);
-        vm |= (unsigned)valid << (4 * nb + r);
-      }
-    }
-  }
-  return vm;
-}
-__device__ __forceinline__ void fg_dkdv_elements_ds(const float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4],
-                                                    const float* Db, int t, unsigned vm) {
-#pragma unroll
-  for (int nb = 0; nb < FG_NQN; ++nb)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const float delta = Db[nb * 8 + 2 * t + c];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = 2 * half + c;
-        dpt[nb][r] = fg_entry_ds(st[nb][r], dpt[nb][r], delta, (vm >> (4 * nb + r)) & 1u);
-      }
-    }
-}
 #endif  // FG_SPLIT_ENTRY
 
 // flex_backward_wgmma.cuh (FG_BWD_WGMMA 1) brings its own dK/dV and dQ kernels and keeps everything above.

@@ -405,12 +405,6 @@ __device__ __forceinline__ void fg_for_each_cta(FgJobQueue* queue, int* counter,
 #if FG_WG_DKDV != 2 || FG_DQ_ATOMIC
 #error "fg_bwd_dkdv_wgmma_ws: two consumer warpgroups and the dQ kernel (no FG_DQ_ATOMIC)"
 #endif
-// FG_BWD_DKDV_SPLIT 1 (FLEXGRAD_FLEX_WGMMA_BWD_DKDV_SPLIT): where the program's entry splits (FG_SPLIT_ENTRY), the
-// consumers compute P^T while dP^T is still in flight (fg_dkdv_elements_p / _ds), as the dQ kernels do.
-#ifndef FG_BWD_DKDV_SPLIT
-#define FG_BWD_DKDV_SPLIT 0
-#endif
-#define FG_DKDV_SPLIT_HERE (FG_BWD_DKDV_SPLIT && FG_SPLIT_ENTRY)
 // Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous; boxes of 64 columns x 64 rows,
 // 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
 struct FgBwdQMaps {
@@ -562,23 +556,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
       FgColMods<float> cm[2];
       fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
-#if FG_DKDV_SPLIT_HERE
-      // P^T as soon as S^T has landed, while dP^T is still being computed; then dS^T (the same entries, bits).
-      (void)sink;
-      fg_wgmma_wait<1>();
-      fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st_[0][0]);
-      const unsigned vm = fg_dkdv_elements_p(st_, Ls + st * FG_Q_CHUNK, FG_BWD_MODS(q_mods[st]), cm, kr0, g, t, c.rows,
-                                             nkv, partial, c.b, c.h, c.q0, kv0, scale, args);
-      fg_wgmma_wait<0>();
-      fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
-      fg_dkdv_elements_ds(st_, dpt, Ds + st * FG_Q_CHUNK, t, vm);
-#else
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&st_[0][0]);
       fg_wgmma_fence_operands<FG_Q_CHUNK / 2>(&dpt[0][0]);
       fg_dkdv_elements(st_, dpt, Ls + st * FG_Q_CHUNK, Ds + st * FG_Q_CHUNK, FG_BWD_MODS(q_mods[st]), cm, kr0, g, t,
                        c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
-#endif
       unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
       fg_dkdv_pack(st_, dpt, ap, ad);
       fg_wgmma_fence();
