@@ -251,6 +251,23 @@ ElemPart elem_part(const ModProgram& p, const SplitProgram& sp, const std::vecto
   return e;
 }
 
+// Whether the element function computing `output` has an effect besides its value (op_has_effects: a captured
+// read, an Int op that can fail): without one, a kernel may evaluate it for every entry and select.
+bool elem_has_effects(const ModProgram& p, const SplitProgram& sp, int32_t output) {
+  const ElemPart e = elem_part(p, sp, {output});
+  const auto& ins = p.instrs();
+  for (size_t i = 0; i < ins.size(); ++i) {
+    if (!e.emit[i]) continue;
+    const ValueKind operand = ins[i].args.empty() ? ins[i].kind : ins[ins[i].args[0]].kind;
+    std::optional<int64_t> rhs;
+    if (ins[i].args.size() == 2 && ins[ins[i].args[1]].op == ExprOp::Const && operand == ValueKind::Int) {
+      rhs = ins[ins[i].args[1]].ivalue;
+    }
+    if (op_has_effects(ins[i].op, operand, rhs)) return true;
+  }
+  return false;
+}
+
 // `template <class T> struct NAME { T v3; fg_i64 v7; ... };` holding `vals` (Float values in T).
 std::string carried_struct(const char* name, const ModProgram& p, const std::vector<int32_t>& vals) {
   std::string s = fmt::format("template <class T> struct {} {{", name);
@@ -396,10 +413,15 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   // float64 path.
   s += fmt::format("#define FG_HAS_MASK_MOD {}\n", in.mask_mod ? 1 : 0);
   if (in.mask_mod) {
-    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod,
-                         split_program(*in.mask_mod, {in.mask_mod->output()}), in.mask_mod->output(),
+    const SplitProgram msp = split_program(*in.mask_mod, {in.mask_mod->output()});
+    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, msp, in.mask_mod->output(),
                          identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_tanh);
+    // FG_MASK_ELEM_PURE: fg_mask_elem reads nothing and cannot fail, so the backward's element steps evaluate it for
+    // every entry and select (predicated code; a guarded call made ptxas branch around each entry).
+    s += fmt::format("#define FG_MASK_ELEM_PURE {}\n",
+                     elem_has_effects(*in.mask_mod, msp, in.mask_mod->output()) ? 0 : 1);
   } else {
+    s += "#define FG_MASK_ELEM_PURE 1\n";
     s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
          "template <class T> __device__ __forceinline__ FgMaskRow<T> fg_mask_row(int, int, int, const FgModArgs&) { return {}; }\n"
          "template <class T> __device__ __forceinline__ FgMaskCol<T> fg_mask_col(int, int, int, const FgModArgs&) { return {}; }\n"

@@ -205,7 +205,7 @@ const OpInfo kOps[] = {
      "Python floor; floats as torch.floor_divide (x // 0 = x / 0); int // 0 is a ValueError "
      "(GPU: FgError flag 2, yields 0); INT64_MIN // -1 wraps; derivative 0",
      eval_floordiv, kNoGrad, "fg_floordiv_f({0}, {1})", "fg_floordiv_f({0}, {1})", "fg_floordiv_i(a, {0}, {1})",
-     nullptr},
+     nullptr, nullptr, nullptr, /*int_may_raise=*/true},
     {ExprOp::Mod, "remainder", 2, KindRule::Arithmetic,
      "Python remainder (the divisor's sign); floats: x % 0 = NaN; int % 0 is a ValueError (GPU: FgError flag 2, "
      "yields 0)",
@@ -214,11 +214,13 @@ const OpInfo kOps[] = {
        c.dx[0] = c.g;
        c.dx[1] = c.pb.neg(c.pb.mul(c.g, c.pb.emit(ExprOp::FloorDiv, VK::Float, {c.x[0], c.x[1]})));
      },
-     "fg_mod_f({0}, {1})", "fg_mod_f({0}, {1})", "fg_mod_i(a, {0}, {1})", nullptr},
+     "fg_mod_f({0}, {1})", "fg_mod_f({0}, {1})", "fg_mod_i(a, {0}, {1})", nullptr, nullptr, nullptr,
+     /*int_may_raise=*/true},
     {ExprOp::Pow, "pow", 2, KindRule::Arithmetic,
      "floats as C pow (pow(x, 0) = 1 even for NaN); int ** negative is a ValueError (GPU: FgError flag 3, "
      "yields 0); ints wrap; derivative guarded at b == 0 and at a == 0, b >= 0",
-     eval_pow, grad_pow, "powf({0}, {1})", "pow({0}, {1})", "fg_pow_i(a, {0}, {1})", nullptr, nullptr, "POW"},
+     eval_pow, grad_pow, "powf({0}, {1})", "pow({0}, {1})", "fg_pow_i(a, {0}, {1})", nullptr, nullptr, "POW",
+     /*int_may_raise=*/true},
     {ExprOp::Min, "min", 2, KindRule::Arithmetic, "NaN propagates; ties split the gradient",
      FG_NUM2(sem::min_f(a, b), a < b ? a : b), [](GradContext& c) { grad_minmax(c, ExprOp::Lt); },
      "fg_min_f({0}, {1})", "fg_min_f({0}, {1})", "fg_min_i({0}, {1})", nullptr, nullptr, "MIN"},

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -174,10 +175,24 @@ struct OpInfo {
   // with cuDNN's own transcendental approximations; null: the op does not lower to cuDNN. Cast lowers
   // as IDENTITY int -> float only; Pow for floats only.
   const char* cudnn = nullptr;
+  // Whether an Int computation of the op can fail (eval raises; the generated code reports it through the
+  // kernels' error flag): integer floor division and remainder by zero, a negative integer power.
+  bool int_may_raise = false;
 };
 
 // The row of `op`.
 const OpInfo& op_info(ExprOp op);
+
+// Whether generated code of `op` computing in `operand` kind has an effect besides its value: a captured
+// read (Index: memory, and an index error) or an Int computation that can fail (OpInfo::int_may_raise) — not
+// when its second operand is a constant `rhs` for which it cannot (a nonzero divisor, a non-negative power).
+// Code without such ops may be evaluated where its result is not used (the kernels' predicated element steps).
+inline bool op_has_effects(ExprOp op, ValueKind operand, std::optional<int64_t> rhs = std::nullopt) {
+  if (op == ExprOp::Index) return true;
+  if (operand != ValueKind::Int || !op_info(op).int_may_raise) return false;
+  if (!rhs) return true;
+  return op == ExprOp::Pow ? *rhs < 0 : *rhs == 0;
+}
 
 // Evaluate `op` exactly (the folding / scalar-evaluator semantics).
 inline ScalarValue eval_op(ExprOp op, ValueKind result, ValueKind operand, const ScalarValue* x) {

@@ -261,6 +261,40 @@ TEST(ModCodegen, DocumentMaskWithInt64Capture) {
   EXPECT_THROW(emit_cuda_mods(in), ValueError);
 }
 
+// FG_MASK_ELEM_PURE (the backward's element steps evaluate a pure fg_mask_elem for every entry and select): 1 where
+// the element part has no captured read and no Int op that can fail (op_has_effects, from the op table), 0 else.
+// Captured reads indexed by q or kv alone are row / column parts, outside the element function.
+TEST(ModCodegen, MaskElementPurityFollowsTheOpTable) {
+  Captured doc(from_vector(std::vector<int64_t>{0, 0, 1, 1, 1, 2}, {6}, kInt64), "doc");
+  Captured bias(from_vector(std::vector<double>(36, 0.5), {6, 6}, kFloat32), "bias");
+  struct Case {
+    const char* name;
+    MaskMod mask;
+    int pure;
+  };
+  const std::vector<Case> cases = {
+      {"causal", [](Expr, Expr, Expr q, Expr kv) { return q >= kv; }, 1},
+      {"document (row / column reads)", [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, 1},
+      {"dilated window (% by a constant)", [](Expr, Expr, Expr q, Expr kv) { return ((q - kv) % 4 == 0) & (q >= kv); }, 1},
+      {"blocks (// by a constant, row / column)", [](Expr, Expr, Expr q, Expr kv) { return floor_div(q, 8) == floor_div(kv, 8); }, 1},
+      {"// by a constant in the element", [](Expr, Expr, Expr q, Expr kv) { return floor_div(q - kv, 8) == 0; }, 1},
+      {"power by a constant", [](Expr, Expr, Expr q, Expr kv) { return pow(q - kv, Expr(2)) < 100; }, 1},
+      {"// by an index (may be 0)", [](Expr, Expr, Expr q, Expr kv) { return floor_div(q, kv - q + 1) == 0; }, 0},
+      {"% by zero", [](Expr, Expr, Expr q, Expr kv) { return (q - kv) % 0 == 0; }, 0},
+      {"a captured read of q and kv", [bias](Expr, Expr, Expr q, Expr kv) { return Expr(bias[q][kv]) > 0.0; }, 0},
+      {"a captured read at q - kv", [doc](Expr, Expr, Expr q, Expr kv) { return Expr(doc[q - kv]) == 0; }, 0},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    ModProgram m = trace_mask_mod(c.mask);
+    CudaModsInput in;
+    in.mask_mod = &m;
+    const std::string text = emit_cuda_mods(in);
+    EXPECT_TRUE(has(text, fmt::format("#define FG_MASK_ELEM_PURE {}\n", c.pure))) << text;
+  }
+  EXPECT_TRUE(has(emit_cuda_mods(CudaModsInput{}), "#define FG_MASK_ELEM_PURE 1\n"));  // no mask_mod: true
+}
+
 // FlexKernelOptions::approx_tanh: one op-table rule (Tanh's cuda_f32_approx). Off, the text has the precise
 // tanhf and no approximation anywhere; on, every float function (score parts, the derivative fg_dscore) spells
 // fg_tanh_approx and the double ones keep tanh.

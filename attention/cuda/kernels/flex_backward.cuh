@@ -274,6 +274,26 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
 // That evaluates the derivative on every valid element, also where dS is 0; it reads only what the
 // score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
 // (0 * an infinite derivative would be NaN).
+// An entry's mask_mod: `valid` (inside the sequence and the block) comes out false where a partial block's
+// mask_mod drops it. Where fg_mask_elem has no effect (FG_MASK_ELEM_PURE: no captured read, nothing that can fail)
+// it is evaluated for every entry, out-of-range ones included (their row / column parts hold whatever the buffers
+// held; the result is discarded), and selected: the element steps then compile to predicated code. Guarded by the
+// entry's validity, ptxas branched around each entry (BSSY / BSYNC, no two entries' exp2 overlapping): in the
+// document mask's dK/dV step (sm_90a, nvcc 13.0) ~24 instructions and three branches an entry against ~15.
+#if FG_HAS_MASK_MOD
+__device__ __forceinline__ void fg_mask_entry(bool& valid, bool partial, const FgRowMods<fg_t>& r,
+                                              const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
+                                              const FgModArgs& args) {
+#if FG_MASK_ELEM_PURE
+  // (&& and ||, not & and |: an out-of-range entry's parts may be registers never written, whose value the
+  // compiler may treat as poison; a select on `valid` keeps it out of the result.)
+  const bool keep = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+  valid = valid && (!partial || keep);
+#else
+  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+#endif
+}
+#endif
 #define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
 // Where d score_mod / d score is a constant and no captured tensor takes a gradient, dS needs nothing of the
 // element but P, dP and validity: fg_entry splits into fg_entry_p (P, from the score alone) and fg_entry_ds,
@@ -288,7 +308,7 @@ __device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool 
                                            const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
                                            const FgModArgs& args) {
 #if FG_HAS_MASK_MOD
-  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+  fg_mask_entry(valid, partial, r, c, b, h, qi, kj, args);
 #endif
 #if FG_HAS_SCORE_MOD || !FG_USE_MMA
   if (!valid) return 0;
@@ -317,7 +337,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
                                          const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
                                          int kj, const FgModArgs& args, fg_t* ds_out, const Sink* sink) {
 #if FG_HAS_MASK_MOD
-  if (valid && partial) valid = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
+  fg_mask_entry(valid, partial, r, c, b, h, qi, kj, args);
 #endif
   fg_t p = 0, ds = 0;
 #if FG_ENTRY_MERGED
