@@ -8,6 +8,8 @@
 //
 //   #define FG_HAS_SCORE_MOD 0|1
 //   #define FG_HAS_MASK_MOD 0|1
+//   #define FG_MASK_ELEM_PURE 0|1       fg_mask_elem reads no capture and has no Int op that can fail
+//                                       (op_has_effects): the kernels may evaluate it where it is not used
 //   #define FG_DSCORE_IS_CONSTANT 0|1   and FG_DSCORE_CONSTANT (a double literal) when it is
 //   #define FG_HAS_CAP_GRAD 0|1         some captured float tensor can receive a gradient
 //   template <class T> __device__ __forceinline__ T fg_score_mod(T score, int b, int h, int q, int kv, const FgModArgs& a);
