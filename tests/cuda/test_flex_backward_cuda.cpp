@@ -206,7 +206,6 @@ Inputs make_inputs(const Dims& d, DType dt, bool with_dlse, uint64_t seed) {
   return in;
 }
 
-// Runs the backward stub on `dev` with out / lse taken from the golden forward.
 // A Golden holding only out / lse of d's shapes, zero: for calls refused before any kernel runs.
 Golden shapes_only(const Dims& d) {
   Golden g;
@@ -215,6 +214,7 @@ Golden shapes_only(const Dims& d) {
   return g;
 }
 
+// Runs the backward stub on `dev` with out / lse taken from the golden forward.
 Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, Device dev) {
   const Dims& d = c.d;
   FlexProblem p;

@@ -264,16 +264,6 @@ __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
   return lse == (fg_t)FG_NEG_INF ? -(fg_t)FG_NEG_INF : lse * (fg_t)FG_LOG2E_D;
 }
 
-// One (b, h, q, kv) entry of the backward from s = scale q.k (pre-mod score) and dp = dO_q . v_kv.
-// `valid` is false outside the sequence or the BlockMask block; partial blocks also ask the mask_mod.
-// `r` / `c` are the mods' row and column parts (flex_mod_parts.cuh) of qi and kj.
-// Returns P; *ds_out receives dS * d score_mod / d score, and the captured-gradient contributions
-// (dS w.r.t. the modified score times d mod / d cap) go to `sink` when it is not null.
-// With a score_mod whose derivative depends on the element, the modified score and d score_mod / d score
-// come from one fg_score_elem_dscore call (one tanh for the softcap, not one here and one in fg_dscore).
-// That evaluates the derivative on every valid element, also where dS is 0; it reads only what the
-// score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
-// (0 * an infinite derivative would be NaN).
 // An entry's mask_mod: `valid` (inside the sequence and the block) comes out false where a partial block's
 // mask_mod drops it. Where fg_mask_elem has no effect (FG_MASK_ELEM_PURE: no captured read, nothing that can fail)
 // it is evaluated for every entry, out-of-range ones included (their row / column parts hold whatever the buffers
@@ -294,6 +284,17 @@ __device__ __forceinline__ void fg_mask_entry(bool& valid, bool partial, const F
 #endif
 }
 #endif
+
+// One (b, h, q, kv) entry of the backward from s = scale q.k (pre-mod score) and dp = dO_q . v_kv.
+// `valid` is false outside the sequence or the BlockMask block; partial blocks also ask the mask_mod.
+// `r` / `c` are the mods' row and column parts (flex_mod_parts.cuh) of qi and kj.
+// Returns P; *ds_out receives dS * d score_mod / d score, and the captured-gradient contributions
+// (dS w.r.t. the modified score times d mod / d cap) go to `sink` when it is not null.
+// With a score_mod whose derivative depends on the element, the modified score and d score_mod / d score
+// come from one fg_score_elem_dscore call (one tanh for the softcap, not one here and one in fg_dscore).
+// That evaluates the derivative on every valid element, also where dS is 0; it reads only what the
+// score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
+// (0 * an infinite derivative would be NaN).
 #define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
 // Where d score_mod / d score is a constant and no captured tensor takes a gradient, dS needs nothing of the
 // element but P, dP and validity: fg_entry splits into fg_entry_p (P, from the score alone) and fg_entry_ds,
