@@ -70,11 +70,13 @@ struct FlexKernelOptions {
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;
   int64_t kv_splits = 0;  // SplitKv: kv ranges per query tile; 0 picks them from the SM count and the grid
-  // CUDA only: the generated code of the float kernels (bf16, f16, f32 inputs; float64 keeps the exact tanh)
-  // spells the mods' tanh as tanh.approx.f32 in forward and backward: max relative error ~2^-11, a softcap
-  // tensor-core kernel no longer waits on the precise tanhf. PyTorch's approximate softcap matches the exact
-  // one to atol 5e-4, rtol 1e-3. The CPU backends compute the exact tanh either way.
-  bool approx_tanh = false;
+  // CUDA only: the generated code of the float kernels (bf16, f16, f32 inputs; float64 keeps exact math) spells
+  // the mods' tanh as tanh.approx.f32 (max relative error ~2^-11: a softcap tensor-core kernel no longer waits on
+  // the precise tanhf) and their float division as div.full.f32 (max error 2 ulp, what Triton's `/` computes in
+  // PyTorch's own flex kernels; by a constant, one multiply instead of __fdiv_rn's refinement), in forward and
+  // backward. PyTorch's approximate softcap matches the exact one to atol 5e-4, rtol 1e-3. The CPU backends
+  // compute exactly either way.
+  bool approx_math = false;
 };
 
 struct FlexAttentionOptions {

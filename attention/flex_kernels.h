@@ -39,7 +39,7 @@ struct FlexProblem {
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;  // FlexKernelOptions::cuda_forward
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;  // FlexKernelOptions::cuda_backward
   int64_t kv_splits = 0;                                 // FlexKernelOptions::kv_splits
-  bool approx_tanh = false;                              // FlexKernelOptions::approx_tanh
+  bool approx_math = false;                              // FlexKernelOptions::approx_math
   int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
   bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };

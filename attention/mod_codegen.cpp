@@ -251,10 +251,10 @@ ElemPart elem_part(const ModProgram& p, const SplitProgram& sp, const std::vecto
   return e;
 }
 
-// Whether the element function computing `output` has an effect besides its value (op_has_effects: a captured
+// Whether the element function computing `outputs` has an effect besides its value (op_has_effects: a captured
 // read, an Int op that can fail): without one, a kernel may evaluate it for every entry and select.
-bool elem_has_effects(const ModProgram& p, const SplitProgram& sp, int32_t output) {
-  const ElemPart e = elem_part(p, sp, {output});
+bool elem_has_effects(const ModProgram& p, const SplitProgram& sp, const std::vector<int32_t>& outputs) {
+  const ElemPart e = elem_part(p, sp, outputs);
   const auto& ins = p.instrs();
   for (size_t i = 0; i < ins.size(); ++i) {
     if (!e.emit[i]) continue;
@@ -396,8 +396,12 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     if (merged) split_outs.push_back(score_prog->outputs()[1]);
     score_split = split_program(*score_prog, split_outs);
     s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_prog, score_split, score_prog->output(),
-                         score_prog_slots, in.approx_tanh);
+                         score_prog_slots, in.approx_math);
+    // FG_SCORE_ELEM_PURE: fg_score_elem and fg_score_elem_dscore (the element part of every output split for)
+    // read nothing and cannot fail, so the backward's element step may evaluate them for every entry and select.
+    s += fmt::format("#define FG_SCORE_ELEM_PURE {}\n", elem_has_effects(*score_prog, score_split, split_outs) ? 0 : 1);
   } else {
+    s += "#define FG_SCORE_ELEM_PURE 1\n";
     s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
          "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
          "template <class T> __device__ __forceinline__ FgScoreCol<T> fg_score_col(int, int, int, const FgModArgs&) { return {}; }\n"
@@ -415,11 +419,11 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   if (in.mask_mod) {
     const SplitProgram msp = split_program(*in.mask_mod, {in.mask_mod->output()});
     s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, msp, in.mask_mod->output(),
-                         identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_tanh);
+                         identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_math);
     // FG_MASK_ELEM_PURE: fg_mask_elem reads nothing and cannot fail, so the backward's element steps evaluate it for
     // every entry and select (predicated code; a guarded call made ptxas branch around each entry).
     s += fmt::format("#define FG_MASK_ELEM_PURE {}\n",
-                     elem_has_effects(*in.mask_mod, msp, in.mask_mod->output()) ? 0 : 1);
+                     elem_has_effects(*in.mask_mod, msp, {in.mask_mod->output()}) ? 0 : 1);
   } else {
     s += "#define FG_MASK_ELEM_PURE 1\n";
     s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
@@ -474,13 +478,13 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += " { return (T)FG_DSCORE_CONSTANT; }\n";
   } else {
     s += ";\n";
-    s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots, in.approx_tanh);
+    s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots, in.approx_math);
   }
   // ---- the modified score and d score_mod / d score of one element together (the backward's per-element
   // call); without a merged program it is fg_score_elem and the constant, or the identity and fg_dscore.
   s += fmt::format("template <class T> __device__ __forceinline__ T fg_score_elem_dscore{}", score_dscore_params("T"));
   if (merged) {
-    s += ";\n" + score_dscore_functions(*score_prog, score_split, score_prog_slots, in.approx_tanh);
+    s += ";\n" + score_dscore_functions(*score_prog, score_split, score_prog_slots, in.approx_math);
   } else if (in.score_mod) {
     s += " {\n  *dscore = (T)FG_DSCORE_CONSTANT;\n  return fg_score_elem<T>(score, r, c, b, h, q, kv, a);\n}\n";
   } else {
@@ -510,7 +514,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
         "template <class Sink> __device__ __forceinline__ void fg_cap_grad_impl({0} score, {0} grad, int b, int h, "
         "int q, int kv, const FgModArgs& a, const Sink& sink) {{\n",
         type_name(VK::Float, dbl));
-    s += emit_body(g->program, live, prog_slots, dbl, in.approx_tanh);
+    s += emit_body(g->program, live, prog_slots, dbl, in.approx_math);
     for (const CaptureGradTerm* t : terms) {
       const int slot = kernel_slot(g->captures[t->capture]);
       s += "  {\n    fg_i64 lin = 0;\n";

@@ -10,6 +10,7 @@
 //   #define FG_HAS_MASK_MOD 0|1
 //   #define FG_MASK_ELEM_PURE 0|1       fg_mask_elem reads no capture and has no Int op that can fail
 //                                       (op_has_effects): the kernels may evaluate it where it is not used
+//   #define FG_SCORE_ELEM_PURE 0|1      the same of fg_score_elem and fg_score_elem_dscore (1 without a score_mod)
 //   #define FG_DSCORE_IS_CONSTANT 0|1   and FG_DSCORE_CONSTANT (a double literal) when it is
 //   #define FG_HAS_CAP_GRAD 0|1         some captured float tensor can receive a gradient
 //   template <class T> __device__ __forceinline__ T fg_score_mod(T score, int b, int h, int q, int kv, const FgModArgs& a);
@@ -68,9 +69,10 @@ struct CudaModsInput {
   // (for grad_slots: each capture's position in score_grad->captures, the forward's list).
   std::vector<int> score_slots, mask_slots, grad_slots;
   std::vector<bool> grad_needed;  // per score_grad->captures slot: emit its fg_cap_grad terms
-  // FlexKernelOptions::approx_tanh: float (not double) code spells tanh with the op table's approximation
-  // (cuda_f32_approx: fg_tanh_approx, tanh.approx.f32) in every function emitted here.
-  bool approx_tanh = false;
+  // FlexKernelOptions::approx_math: float (not double) code spells tanh and division with the op table's
+  // approximations (cuda_f32_approx: fg_tanh_approx, tanh.approx.f32; fg_fdiv_full, div.full.f32) in every
+  // function emitted here.
+  bool approx_math = false;
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 

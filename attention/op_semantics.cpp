@@ -200,7 +200,7 @@ const OpInfo kOps[] = {
        c.dx[0] = c.pb.div(c.g, c.x[1]);
        c.dx[1] = c.pb.neg(c.pb.div(c.pb.mul(c.g, c.y), c.x[1]));
      },
-     "__fdiv_rn({0}, {1})", "__ddiv_rn({0}, {1})", nullptr, nullptr, nullptr, "DIV"},
+     "__fdiv_rn({0}, {1})", "__ddiv_rn({0}, {1})", nullptr, nullptr, "fg_fdiv_full({0}, {1})", "DIV"},
     {ExprOp::FloorDiv, "floor_div", 2, KindRule::Arithmetic,
      "Python floor; floats as torch.floor_divide (x // 0 = x / 0); int // 0 is a ValueError "
      "(GPU: FgError flag 2, yields 0); INT64_MIN // -1 wraps; derivative 0",

@@ -168,7 +168,7 @@ struct OpInfo {
   const char* cuda_f64;
   const char* cuda_i64;
   const char* cuda_bool;
-  // The f32 spelling under FlexKernelOptions::approx_tanh (a hardware approximation; null: cuda_f32 either way).
+  // The f32 spelling under FlexKernelOptions::approx_math (a hardware approximation; null: cuda_f32 either way).
   const char* cuda_f32_approx = nullptr;
   // cuDNN's pointwise mode (CUDNN_POINTWISE_<name>) for the cuDNN backend's score-modifier graphs
   // (attention/cudnn_lowering.h), which compute it in float32 (int32 for bounded ints, bool for logic)
@@ -202,7 +202,7 @@ inline ScalarValue eval_op(ExprOp op, ValueKind result, ValueKind operand, const
 // The CUDA expression of `op` (result kind `result`, computing in `operand` kind; floats are double when
 // `double_precision`, else float) with the operand expressions substituted. Casts are spelled here too.
 // ValueError when the table has no spelling for that kind (a leaf or an ill-typed instruction). `approx`
-// (FlexKernelOptions::approx_tanh) picks a row's cuda_f32_approx for float operands in single precision.
+// (FlexKernelOptions::approx_math) picks a row's cuda_f32_approx for float operands in single precision.
 std::string cuda_spelling(ExprOp op, ValueKind result, ValueKind operand, bool double_precision,
                           const std::vector<std::string>& args, bool approx = false);
 

@@ -47,7 +47,7 @@ struct BenchCase {
   int64_t B, H, S, D;
   std::string mask;   // none, causal, document, sliding1024
   std::string score;  // none, alibi, softcap
-  bool approx_tanh = false;  // FlexKernelOptions::approx_tanh (--approx-tanh)
+  bool approx_math = false;  // FlexKernelOptions::approx_math (--approx-math)
   bool deterministic = true;  // FlexKernelOptions::deterministic (--nondeterministic clears it)
   bool on_request = false;    // run only when named by --case (not a row of the table)
 };
@@ -192,7 +192,7 @@ Inputs make_inputs(const BenchCase& c, Device dev, FlexBackend backend = FlexBac
   in.o.block_mask = make_mask(c, dev, in.density);
   in.o.score_mod = make_score(c);
   in.o.kernel.backend = backend;
-  in.o.kernel.approx_tanh = c.approx_tanh;
+  in.o.kernel.approx_math = c.approx_math;
   in.o.kernel.deterministic = c.deterministic;
   return in;
 }
@@ -247,14 +247,14 @@ int main(int argc, char** argv) {
   std::string device = device_count(DeviceType::CUDA) > 0 ? "cuda" : "cpu", csv, first_call;
   std::vector<std::string> only;
   int reps = 30, warmup = 5;
-  bool small = false, approx_tanh = false, nondeterministic = false;
+  bool small = false, approx_math = false, nondeterministic = false;
   std::string backend_name = "auto";
   app.add_option("--device", device, "cuda or cpu");
   app.add_option("--case", only, "run only these cases (names as in the table)");
   app.add_option("--reps", reps, "timed calls per measurement (median reported)");
   app.add_option("--warmup", warmup, "untimed calls first (absorbs the JIT compile)");
   app.add_flag("--small", small, "B=1, H=2 and S/16: a smoke run that fits a CPU");
-  app.add_flag("--approx-tanh", approx_tanh, "FlexKernelOptions::approx_tanh (softcap's tanh as tanh.approx.f32, CUDA)");
+  app.add_flag("--approx-math", approx_math, "FlexKernelOptions::approx_math (tanh.approx.f32, div.full.f32 in the mods, CUDA)");
   app.add_flag("--nondeterministic", nondeterministic,
                "FlexKernelOptions::deterministic = false (cuDNN's backward may then accumulate dQ with atomics)");
   app.add_option("--csv", csv, "also write the rows as CSV to this file (read by run_flex_bench.sh)");
@@ -274,7 +274,7 @@ int main(int argc, char** argv) {
     const bool named = std::find(only.begin(), only.end(), c.name) != only.end() || c.name == first_call;
     if ((!only.empty() || c.on_request) && !named) continue;
     if (!first_call.empty() && c.name != first_call) continue;
-    c.approx_tanh = approx_tanh;
+    c.approx_math = approx_math;
     c.deterministic = !nondeterministic;
     if (small) {
       c.B = 1;
@@ -312,7 +312,7 @@ int main(int argc, char** argv) {
       csv_out << "case,dtype,B,H,S,D,density,fwd_ms,bwd_ms,fwd_tflops,bwd_tflops\n";
     }
     std::printf("flexgrad flex_attention (backend %s) on %s; median of %d after %d warm-up calls; TFLOP/s on visited "
-                "blocks%s%s\n", backend_name.c_str(), dev.str().c_str(), reps, warmup, approx_tanh ? "; approx_tanh" : "",
+                "blocks%s%s\n", backend_name.c_str(), dev.str().c_str(), reps, warmup, approx_math ? "; approx_math" : "",
                 nondeterministic ? "; nondeterministic" : "");
     // host us: the median host time of one call (fwd: flex_attention, bwd: backward()), the launches queued.
     std::printf("%-16s %-9s %3s %3s %6s %4s %8s %9s %9s %9s %9s %8s %8s\n", "case", "dtype", "B", "H", "S", "D", "density",

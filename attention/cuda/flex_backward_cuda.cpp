@@ -236,10 +236,11 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 // arithmetic as fg_bwd_dkdv_wgmma / fg_bwd_dq_wgmma, so the same results). Each where its CTA has two warpgroups,
 // the dQ kernel runs (not with the fused dQ) and the stages fit the device's shared memory.
 // The dK/dV one stays plain with captured-tensor gradients summed by float64 atomics (cap_mode 2) at head dim 128,
-// where its consumers, held to 232 registers by setmaxnreg, spill 164 bytes (ptxas; ModCodegen's
-// BackwardWarpSpecialisedCompilesWithCapturedGradients). FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels
-// (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel; FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages
-// (benchmarking). FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=1 launches them persistent (FG_BWD_PERSISTENT: one CTA an SM,
+// where its consumers, held to 232 registers by setmaxnreg, spilled 164 bytes until session 22 (ptxas; ModCodegen's
+// BackwardWarpSpecialisedCompilesWithCapturedGradients; none since the merged element step is selected where
+// pure, but the warp-specialised kernel has not run on a GPU in that mode: the rule stands until it has).
+// FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel;
+// FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages (benchmarking). FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=1 launches them persistent (FG_BWD_PERSISTENT: one CTA an SM,
 // each running the grid's CTAs it takes from a queue, so that one's stores overlap the next one's loads; opt-in
 // until the H200 has timed it: written without a GPU in session 19); =N (N >= 2) caps the grid at N CTAs (tests:
 // many grid CTAs a CTA on small problems).

@@ -42,7 +42,7 @@ int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_
 
 ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
                             const std::vector<bool>& needs_cap, Device dev, const char* caller,
-                            const IndexBounds& bounds, bool approx_tanh) {
+                            const IndexBounds& bounds, bool approx_math) {
   ModContext ctx;
   // One kernel slot per distinct captured tensor (by identity), whichever program reads it.
   auto slot_of = [&](const CaptureRef& c) -> int {
@@ -66,7 +66,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
   };
 
   CudaModsInput in;
-  in.approx_tanh = approx_tanh;
+  in.approx_math = approx_math;
   in.score_mod = score_mod;
   in.mask_mod = mask_mod;
   if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());
@@ -103,7 +103,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
 ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap) {
   const IndexBounds bounds{p.q.size(0), p.q.size(1), p.q.size(2), p.k.size(2)};
   return make_mod_context(p.score_mod.get(), p.mask_mod.get(), backward ? p.score_grad.get() : nullptr, needs_cap,
-                          p.q.device(), "flex_attention", bounds, p.approx_tanh);
+                          p.q.device(), "flex_attention", bounds, p.approx_math);
 }
 
 void check_mod_errors(const ModContext& ctx) {

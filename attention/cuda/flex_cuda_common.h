@@ -47,13 +47,13 @@ struct ModContext {
 // score_grad->captures slot) selects the capture-gradient terms; empty for the forward.
 // The error flag (and check_mod_errors' synchronising read of it) exists only when some program can fail
 // for b, h, q_idx, kv_idx inside the call's extents (int_ranges.h): q's batch and heads, Lq, Lkv here.
-// p.approx_tanh (FlexKernelOptions::approx_tanh) goes to emit_cuda_mods: the text, hence the module key, differs.
+// p.approx_math (FlexKernelOptions::approx_math) goes to emit_cuda_mods: the text, hence the module key, differs.
 ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vector<bool>& needs_cap = {});
 // The same for any set of programs (each may be null) run on `dev` for inputs inside `bounds`; `caller` names
 // the API in messages (create_block_mask uses it with a mask program alone).
 ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
                             const std::vector<bool>& needs_cap, Device dev, const char* caller,
-                            const IndexBounds& bounds, bool approx_tanh = false);
+                            const IndexBounds& bounds, bool approx_math = false);
 
 // After the kernels that used `ctx`: reads the error flag (a device->host copy, so it synchronises) and
 // raises the IndexError / ValueError the CPU evaluators raise for the same read. No-op when nothing can fail.

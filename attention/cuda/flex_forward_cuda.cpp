@@ -237,7 +237,7 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   // FLEXGRAD_FLEX_WGMMA_PINGPONG=0 keeps them apart). The default for head dims up to 128 since session 21 (H200,
   // bf16 B4 H16 S4096 D128, FLEXGRAD_FLEX_CUDNN=0, one call against pipe 2: no mask 1.137 -> 1.108 ms, causal
   // 0.722 -> 0.698, document 0.340 -> 0.324, sliding 1024 0.414 -> 0.405, ALiBi + causal 0.902 -> 0.865, softcap +
-  // causal 1.934 -> 1.908, with approx_tanh 1.308 -> 1.284). Wider heads keep pipe 2: with a score_mod pipe 3
+  // causal 1.934 -> 1.908, with approximate tanh 1.308 -> 1.284). Wider heads keep pipe 2: with a score_mod pipe 3
   // spills there (20-48 bytes, offline), and it was not timed.
   c.pipe = wgmma_pipe_env(/*fallback=*/c.bm == 128 ? (wide ? 2 : 3) : 0);
   if (c.pipe >= 2 && c.bm != 128) c.pipe = 0;
@@ -267,7 +267,7 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
 // Auto's use of flex_fwd_wgmma: where it runs and wastes nothing (head dims multiples of 64). Sessions 7-8 kept
 // score_mods with a tanh on flex_fwd_mma (softcap + causal 120 TFLOP/s there, 105 on wgmma); since then the
 // wgmma kernel is the faster one there too (H200, bf16 B4 H16 S4096 D128, session 17, our kernels: softcap + causal
-// forward 1.870 ms on wgmma against 2.165 on mma.sync, and with approx_tanh 1.302 against 1.767).
+// forward 1.870 ms on wgmma against 2.165 on mma.sync, and with approximate tanh 1.302 against 1.767).
 // FLEXGRAD_FLEX_WGMMA=0 keeps Auto on flex_fwd_mma, =1 takes wgmma wherever it runs (A/B).
 bool wgmma_preferred(const FlexProblem& p, const std::string& arch) {
   const std::optional<bool> forced = env_switch("FLEXGRAD_FLEX_WGMMA");

@@ -100,7 +100,7 @@ struct Case {
   GoldenMod mod;                                            // null: identity
   std::function<Tensor(const Tensor&)> layout;              // applied on the device (strided inputs)
   double input_scale = 1.0;                                 // spreads the scores
-  std::optional<Tol> min_tol;                               // a floor under tol(dt) (approx_tanh)
+  std::optional<Tol> min_tol;                               // a floor under tol(dt) (approx_math)
 };
 
 // A BlockMask built on the CPU from `cpu_mask`, whose kernels run `dev_mask` (the same rule reading device
@@ -240,17 +240,34 @@ TEST_P(FlexForwardCuda, Softcap) {
   check(c);
 }
 
-// FlexKernelOptions::approx_tanh: the scores' tanh is tanh.approx.f32 (relative error <= ~2^-11, so a score
+// FlexKernelOptions::approx_math: the scores' tanh is tanh.approx.f32 (relative error <= ~2^-11, so a score
 // moves by at most |score| * 2^-11: lse and max_scores within rtol 1e-3, the output within 1e-3 / 2e-3, what
-// PyTorch allows its approximate softcap); float64 inputs keep the exact tanh (tol(dt) applies).
-TEST_P(FlexForwardCuda, SoftcapWithApproxTanh) {
+// PyTorch allows its approximate softcap) and the division by 20 div.full.f32 (2 ulp, folded into a multiply);
+// float64 inputs keep the exact tanh (tol(dt) applies).
+TEST_P(FlexForwardCuda, SoftcapWithApproxMath) {
   Case c;
   c.Lq = c.Lkv = 300;
-  c.opts.kernel.approx_tanh = true;
+  c.opts.kernel.approx_math = true;
   c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
   c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300);
   c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
   if (dtype() != kFloat64) c.min_tol = Tol{1e-3, 2e-3, 5e-4, 1e-3};
+  check(c);
+}
+
+// FlexKernelOptions::approx_math's division by a variable (div.full.f32: 2 ulp, one MUFU.RCP with scaling, where a
+// constant divisor folds into a multiply): scores divided by a per-key factor and a per-head one, against the
+// exact float64 golden at tol(dt) — two float ulps sit far below every dtype's tolerance; float64 divides exactly.
+TEST_P(FlexForwardCuda, ApproxMathDividesByAVariable) {
+  Case c;
+  c.Lq = 70, c.Lkv = 150;
+  c.opts.kernel.approx_math = true;
+  c.opts.score_mod = [](Expr s, Expr, Expr h, Expr, Expr kv) {
+    return s / (0.5 + to_float(kv % 7) * 0.25) + 1.0 / to_float(h + 1);
+  };
+  c.mod = [](double s, int64_t, int64_t h, int64_t, int64_t kv) {
+    return s / (0.5 + static_cast<double>(kv % 7) * 0.25) + 1.0 / static_cast<double>(h + 1);
+  };
   check(c);
 }
 

@@ -199,12 +199,23 @@ __device__ __forceinline__ fg_i64 fg_cap_load_i(const FgCapture& c, int dt, fg_i
   }
 }
 
-// tanh as the op table spells it under FlexKernelOptions::approx_tanh (cuda_f32_approx): the MUFU instruction,
+// tanh as the op table spells it under FlexKernelOptions::approx_math (cuda_f32_approx): the MUFU instruction,
 // max relative error about 2^-11 (PTX ISA, tanh.approx.f32), one instruction where tanhf is a dozen.
 __device__ __forceinline__ float fg_tanh_approx(float x) {
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// float division as the op table spells it under FlexKernelOptions::approx_math: div.full.f32, full range, max
+// error 2 ulp (PTX ISA) — what Triton's `/` compiles to, so PyTorch's own flex kernels divide this way. By a
+// constant (softcap's score / 20) ptxas folds it into one multiply by the reciprocal, where __fdiv_rn still
+// issues its refinement (five FFMA, an FCHK range test and a branch to the slow path, ~11 issue slots an entry in
+// the forward's softcap step); by a variable, one MUFU.RCP with scaling.
+__device__ __forceinline__ float fg_fdiv_full(float x, float y) {
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(y));
+  return r;
 }
 
 // The capture-gradient sink a kernel hands to fg_cap_grad: one call per (term, element) with the

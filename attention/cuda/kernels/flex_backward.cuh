@@ -344,6 +344,19 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
 #if FG_ENTRY_MERGED
   fg_t dscore = 0;  // d score_mod / d score at s
 #endif
+#if FG_ENTRY_MERGED && FG_SCORE_ELEM_PURE
+  // The merged element reads nothing and cannot fail (FG_SCORE_ELEM_PURE): it is computed for every entry and
+  // selected, as fg_mask_entry's pure masks, so that ptxas predicates the step. Guarded by `valid`, a softcap's
+  // step with tanh.approx and div.full (FlexKernelOptions::approx_math) went straight-line inside the guard and
+  // the warp-specialised dK/dV consumers spilled 156 bytes within it (~26 instructions an entry); selected, none
+  // (~20; the exact tanhf and __fdiv_rn ~45 -> ~38; sm_90a, nvcc 13.0, offline). Same values where valid, 0 elsewhere.
+  {
+    const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
+    const fg_t e = fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+    p = valid ? e : (fg_t)0;
+    ds = valid ? e * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
+  }
+#else
   if (valid) {
 #if FG_ENTRY_MERGED
     const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
@@ -355,6 +368,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
     p = fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
     ds = p * (dp - delta);  // w.r.t. the modified score
   }
+#endif
 #if FG_CAP_MODE != 0
   if (sink != nullptr && ds != (fg_t)0) fg_entry_cap(*sink, s, ds, b, h, qi, kj, args);
 #endif
