@@ -85,13 +85,34 @@ std::string narrowed(const ModProgram& p, size_t i, const std::vector<IntRange>&
   }
 }
 
+// Per instruction of `p`: whether its value reaches, through float ops continuous in it, an operand that must be
+// exact (of an op with OpInfo::float_steps, of one whose result is not a float, a where's condition). Such values
+// keep their exact spelling under approx_math: a quotient floored into a bucket, or compared in a mask_mod (whose
+// every value reaches its bool), would otherwise move by a whole step where the approximation lands an ulp off.
+std::vector<char> approx_exact_needed(const ModProgram& p) {
+  const auto& ins = p.instrs();
+  std::vector<char> exact(ins.size(), 0);
+  for (size_t u = ins.size(); u-- > 0;) {  // users come after their operands
+    const Instr& in = ins[u];
+    if (in.args.empty()) continue;  // a leaf
+    const bool steps = in.kind != VK::Float || exact[u] || op_info(in.op).float_steps;
+    for (size_t a = 0; a < in.args.size(); ++a) {
+      const bool condition = in.op == ExprOp::Where && a == 0;
+      if (steps || condition) exact[static_cast<size_t>(in.args[a])] = 1;
+    }
+  }
+  return exact;
+}
+
 // The statements computing the live instructions of `p`; value i is named v<i>. `slots` maps the
-// program's capture slots to the kernel's FgModArgs slots.
+// program's capture slots to the kernel's FgModArgs slots. `approx`: FlexKernelOptions::approx_math, for the
+// values approx_exact_needed leaves free.
 std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl,
                       bool approx) {
   std::string s;
   const auto& ins = p.instrs();
   const std::vector<IntRange> ranges = int_ranges(p);
+  const std::vector<char> exact = approx ? approx_exact_needed(p) : std::vector<char>(ins.size(), 1);
   auto v = [](int32_t i) { return fmt::format("v{}", i); };
   for (size_t i = 0; i < ins.size(); ++i) {
     if (!live[i]) continue;
@@ -131,7 +152,7 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
         for (int32_t x : in.args) args.push_back(v(x));
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
         expr = narrowed(p, i, ranges, args);
-        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
+        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx && !exact[i]);
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);

@@ -176,9 +176,11 @@ const OpInfo kOps[] = {
      "__fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-{0})))", "__ddiv_rn(1.0, __dadd_rn(1.0, exp(-{0})))", nullptr, nullptr,
      nullptr, "SIGMOID_FWD"},
     {ExprOp::Floor, "floor", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
-     FG_NUM1(std::floor(a), a), kNoGrad, "floorf({0})", "floor({0})", "{0}", nullptr, nullptr, "FLOOR"},
+     FG_NUM1(std::floor(a), a), kNoGrad, "floorf({0})", "floor({0})", "{0}", nullptr, nullptr, "FLOOR",
+     /*int_may_raise=*/false, /*float_steps=*/true},
     {ExprOp::Ceil, "ceil", 1, KindRule::SameNumber, "ints unchanged; derivative 0",
-     FG_NUM1(std::ceil(a), a), kNoGrad, "ceilf({0})", "ceil({0})", "{0}", nullptr, nullptr, "CEIL"},
+     FG_NUM1(std::ceil(a), a), kNoGrad, "ceilf({0})", "ceil({0})", "{0}", nullptr, nullptr, "CEIL",
+     /*int_may_raise=*/false, /*float_steps=*/true},
     {ExprOp::Cast, "cast", 1, KindRule::Cast,
      "float -> int truncates, saturates to the int64 range, NaN -> 0; -> bool is != 0 (NaN is true)",
      eval_cast, [](GradContext& c) { if (c.kind[0] == VK::Float) c.dx[0] = c.g; },
@@ -205,7 +207,7 @@ const OpInfo kOps[] = {
      "Python floor; floats as torch.floor_divide (x // 0 = x / 0); int // 0 is a ValueError "
      "(GPU: FgError flag 2, yields 0); INT64_MIN // -1 wraps; derivative 0",
      eval_floordiv, kNoGrad, "fg_floordiv_f({0}, {1})", "fg_floordiv_f({0}, {1})", "fg_floordiv_i(a, {0}, {1})",
-     nullptr, nullptr, nullptr, /*int_may_raise=*/true},
+     nullptr, nullptr, nullptr, /*int_may_raise=*/true, /*float_steps=*/true},
     {ExprOp::Mod, "remainder", 2, KindRule::Arithmetic,
      "Python remainder (the divisor's sign); floats: x % 0 = NaN; int % 0 is a ValueError (GPU: FgError flag 2, "
      "yields 0)",
@@ -215,7 +217,7 @@ const OpInfo kOps[] = {
        c.dx[1] = c.pb.neg(c.pb.mul(c.g, c.pb.emit(ExprOp::FloorDiv, VK::Float, {c.x[0], c.x[1]})));
      },
      "fg_mod_f({0}, {1})", "fg_mod_f({0}, {1})", "fg_mod_i(a, {0}, {1})", nullptr, nullptr, nullptr,
-     /*int_may_raise=*/true},
+     /*int_may_raise=*/true, /*float_steps=*/true},
     {ExprOp::Pow, "pow", 2, KindRule::Arithmetic,
      "floats as C pow (pow(x, 0) = 1 even for NaN); int ** negative is a ValueError (GPU: FgError flag 3, "
      "yields 0); ints wrap; derivative guarded at b == 0 and at a == 0, b >= 0",

@@ -178,6 +178,10 @@ struct OpInfo {
   // Whether an Int computation of the op can fail (eval raises; the generated code reports it through the
   // kernels' error flag): integer floor division and remainder by zero, a negative integer power.
   bool int_may_raise = false;
+  // Whether the float result jumps where a float operand crosses a point (floor, ceil, //, %): an ulp of an
+  // operand can move it by a whole step. Such ops, and every consumer whose result is not a float (comparisons,
+  // casts to int or bool), take exact operands only: cuda_f32_approx spellings never feed them (mod_codegen.cpp).
+  bool float_steps = false;
 };
 
 // The row of `op`.

@@ -368,6 +368,7 @@ TEST(ModCodegen, ApproxMathOnlyWhenAsked) {
   }
 }
 
+
 namespace {
 
 // The body of the first generated function whose text starts with `head` ("" when absent).
@@ -384,6 +385,50 @@ int count(const std::string& s, const std::string& needle) {
 }
 
 }  // namespace
+
+// approx_math never reaches a value that needs to be exact (approx_exact_needed, from OpInfo::float_steps and the
+// result kinds): a quotient floored into a bucket, compared, or deciding a where keeps __fdiv_rn; one that only
+// flows into continuous float ops (tanh, a where's value) takes fg_fdiv_full; a mask_mod is exact throughout.
+TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
+  struct Case {
+    const char* name;
+    ScoreMod score;
+    int approx_divisions;  // in fg_score_elem<float> / fg_score_row / fg_score_col together
+    int exact_divisions;
+  };
+  const std::vector<Case> cases = {
+      {"softcap", [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); }, 1, 0},
+      {"a floored bucket", [](Expr s, Expr, Expr, Expr q, Expr kv) { return s + floor(to_float(q - kv) / 41.0); }, 0, 1},
+      {"a compared quotient", [](Expr s, Expr, Expr, Expr, Expr) { return where(s / 3.0 > 1.0, s, 0.0); }, 0, 1},
+      {"a where's value", [](Expr s, Expr, Expr, Expr, Expr) { return where(s > 0.0, tanh(s / 20.0), s); }, 1, 0},
+      {"through an add into a cast", [](Expr s, Expr, Expr, Expr q, Expr) { return s * to_float(to_int(to_float(q) / 7.0 + 0.5)); }, 0, 1},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const ModProgram sm = trace_score_mod(c.score);
+    CudaModsInput in;
+    in.score_mod = &sm;
+    in.approx_math = true;
+    const std::string text = emit_cuda_mods(in);
+    std::string f32;  // the float specialisations of the score parts
+    for (const char* fn : {"fg_score_row<float>(", "fg_score_col<float>(", "fg_score_elem<float>("}) {
+      const std::string body = body_of(text, fn);
+      ASSERT_FALSE(body.empty()) << fn << "\n" << text;
+      f32 += body;
+    }
+    EXPECT_EQ(count(f32, "fg_fdiv_full("), c.approx_divisions) << text;
+    EXPECT_EQ(count(f32, "__fdiv_rn("), c.exact_divisions) << text;
+  }
+  // A mask_mod's values all reach its bool: exact under approx_math.
+  const ModProgram mask = trace_mask_mod(
+      [](Expr, Expr, Expr q, Expr kv) { return floor(to_float(q) / 41.0) == floor(to_float(kv) / 41.0); });
+  CudaModsInput in;
+  in.mask_mod = &mask;
+  in.approx_math = true;
+  const std::string text = emit_cuda_mods(in);
+  EXPECT_FALSE(has(text, "fg_fdiv_full(")) << text;
+  EXPECT_TRUE(has(text, "__fdiv_rn(")) << text;
+}
 
 // fg_score_elem_dscore: the backward's element computes the modified score and d score_mod / d score from
 // one merged program, so the softcap's tanh is emitted once (fg_dscore alone still has it, as before), and

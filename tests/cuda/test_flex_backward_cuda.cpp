@@ -424,11 +424,18 @@ TEST_P(FlexBackwardCuda, SoftcapHasANonConstantScoreDerivative) {
   c.native.mod = [](double s, int, int, int, int) { return 2.0 * std::tanh(s / 2.0); };
   c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 2.0) * std::tanh(s / 2.0); };
   check(c, {kFloat64, kFloat32, kBFloat16, kFloat16});
+  // Masked: the merged element step (selected for every entry where it is pure, FG_SCORE_ELEM_PURE) meets masked
+  // entries of partial blocks and the first 10 rows, which are empty (lse = -inf): zero gradients there.
+  c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (kv <= q); }, std::nullopt,
+                             std::nullopt, 140, 140, 64);
+  c.native.mask = [](int, int, int q, int kv) { return q >= 10 && kv <= q; };
+  const Grads g = check(c, {kFloat64, kFloat32, kBFloat16});
+  EXPECT_EQ(amax(abs(g.dq.narrow(2, 0, 10).to(kFloat64))).item(), 0.0);
 }
 
 // FlexKernelOptions::approx_math: tanh.approx.f32 (relative error <= ~2^-11) in the recomputed scores and in
-// the derivative 1 - tanh^2, div.full.f32 for the divisions by 20 (2 ulp). With cap 20 the scores stay in tanh's near-linear range, where the gradients'
-// normwise error is a few times 2^-11: 2e-3 holds it (tol(dt) for bf16 / f16 is looser already), and the
+// the derivative 1 - tanh^2, div.full.f32 for the divisions by 20 (2 ulp). With cap 20 the scores stay in tanh's
+// near-linear range, where the gradients' normwise error is a few times 2^-11: 2e-3 holds it (tol(dt) for bf16 / f16 is looser already), and the
 // exact-tanh gradient of the golden is still what is checked. float64 keeps the exact tanh (1e-10).
 TEST_P(FlexBackwardCuda, SoftcapWithApproxMath) {
   Case c;
@@ -441,6 +448,13 @@ TEST_P(FlexBackwardCuda, SoftcapWithApproxMath) {
   check(c, {kFloat32, kBFloat16, kFloat16});
   c.min_tol = 0;
   check(c, {kFloat64});
+  // Masked, as SoftcapHasANonConstantScoreDerivative: partial blocks and empty rows under the approximations.
+  c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (kv <= q); }, std::nullopt,
+                             std::nullopt, 140, 140, 64);
+  c.native.mask = [](int, int, int q, int kv) { return q >= 10 && kv <= q; };
+  c.min_tol = 2e-3;
+  const Grads g = check(c, {kFloat32, kBFloat16});
+  EXPECT_EQ(amax(abs(g.dq.narrow(2, 0, 10).to(kFloat64))).item(), 0.0);
 }
 
 // score * hscale[h] + table[h][q - kv + L - 1] + bias[h], all three learnable.
