@@ -127,10 +127,12 @@ struct Generated {
   bool compiled = false;
 };
 
-Generated generate(const ModProgram* score, const ModProgram* mask, bool with_grad, bool all_caps_need_grad = true) {
+Generated generate(const ModProgram* score, const ModProgram* mask, bool with_grad, bool all_caps_need_grad = true,
+                   bool approx_math = false) {
   CudaModsInput in;
   in.score_mod = score;
   in.mask_mod = mask;
+  in.approx_math = approx_math;
   ScoreModBackward g;
   if (with_grad && score) {
     g = derive_score_mod(*score);
@@ -925,14 +927,22 @@ TEST(ModCodegen, EveryOpHasASpelling) {
 TEST(ModCodegen, RandomProgramsCompile) {
   // The fuzz generator's programs (every op and kind, edge constants, captures of several dtypes and
   // ranks) with their derivatives: the generated text compiles for float and double (the GPU fuzz test
-  // in tests/cuda checks the values).
+  // in tests/cuda checks the values), also under approx_math, where no mask_mod function may hold an
+  // approximate spelling (every mask value reaches its bool: approx_exact_needed).
   for (uint64_t seed = 1; seed <= 24; ++seed) {
     fg::testing::RandomModOptions o;
     o.steps = 20 + static_cast<int>(seed % 16);
     o.errors = seed % 4 == 0;
     const fg::testing::RandomMod m = fg::testing::random_mod(seed, o);
-    Generated g = generate(&m.score, &m.mask, true);
-    expect_compiles(g);
+    for (bool approx : {false, true}) {
+      SCOPED_TRACE(fmt::format("seed {}, approx_math {}", seed, approx));
+      Generated g = generate(&m.score, &m.mask, true, true, approx);
+      expect_compiles(g);
+      for (const char* fn : {"fg_mask_row<float>(", "fg_mask_col<float>(", "fg_mask_elem<float>("}) {
+        const std::string body = body_of(g.text, fn);
+        EXPECT_FALSE(has(body, "fg_fdiv_full(") || has(body, "fg_tanh_approx(")) << body;
+      }
+    }
     if (::testing::Test::HasFailure()) break;
   }
 }
