@@ -275,9 +275,9 @@ __device__ __forceinline__ void fg_mask_entry(bool& valid, bool partial, const F
                                               const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
                                               const FgModArgs& args) {
 #if FG_MASK_ELEM_PURE
-  // (An out-of-range entry's parts hold zeros or whatever the shared buffers held: the kernels value-initialise the
-  // register parts, fg_col_mods and the row parts, so that no undefined value, which the compiler may treat as
-  // poison, reaches `keep`; && and || select on `valid` besides.)
+  // (&& and ||, not & and |: an out-of-range entry's parts may be registers never written, whose value the
+  // compiler may treat as poison; a select on `valid` keeps it out of the result. Value-initialising the register
+  // parts instead made the float32 SIMT backward at head dim 256 fail to launch on an H100, session 22.)
   const bool keep = fg_mask_elem<fg_t>(r.m, c.m, b, h, qi, kj, args);
   valid = valid && (!partial || keep);
 #else
@@ -515,7 +515,7 @@ __device__ __forceinline__ void fg_simt_scores(const FgBwdParams& p, const FgMod
 #pragma unroll
       for (int c = 0; c < FG_SK; ++c) dp[a][c] += ov[a] * vv[c];
   }
-  FgRowMods<fg_t> rm[FG_SQ]{};
+  FgRowMods<fg_t> rm[FG_SQ];
 #pragma unroll
   for (int a = 0; a < FG_SQ; ++a)
     if (ti + 16 * a < nq) fg_row_mods(rm[a], true, partial, b, h, (int)(q0 + ti + 16 * a), args);
@@ -1187,7 +1187,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT, 1) fg_bwd_dq(const FgBwdPara
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
-  FgRowMods<float> rmods[2]{};
+  FgRowMods<float> rmods[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf)
     if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);

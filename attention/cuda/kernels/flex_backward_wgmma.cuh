@@ -689,7 +689,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
     dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
   }
   // The mods' row parts of this lane's two q rows, once (the kv walk visits partial blocks first).
-  FgRowMods<float> rmods[2]{};
+  FgRowMods<float> rmods[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf)
     if (rv[hf] && !w.done()) fg_row_mods(rmods[hf], true, w.partial(), (int)b, (int)h, (int)(q0 + qr0 + g + 8 * hf), args);
@@ -901,7 +901,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     const int j0 = j;
     fg_mbar_wait(fg_smem_addr(&bar_full[j0 % FG_BWD_STAGES]), (j0 / FG_BWD_STAGES) & 1);
     const FgBwdKvChunk first = chunk[j0 % FG_BWD_STAGES];
-    FgRowMods<float> rmods[2]{};
+    FgRowMods<float> rmods[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf)
       if (rv[hf] && first.rows > 0)

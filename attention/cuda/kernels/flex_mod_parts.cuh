@@ -26,9 +26,7 @@ __device__ __forceinline__ void fg_row_mods(FgRowMods<T>& r, bool any_block, boo
   if (any_partial) r.m = fg_mask_row<T>(b, h, qi, args);
 #endif
 }
-// The per-column parts of one in-range kv column (the mask_mod's in partial blocks only); zeros otherwise, so that
-// the backward's selected element steps (FG_MASK_ELEM_PURE, FG_SCORE_ELEM_PURE), which evaluate the element
-// functions for every entry, never compute on undefined values.
+// The per-column parts of one in-range kv column (the mask_mod's in partial blocks only).
 template <class T>
 struct FgColMods {
   FgScoreCol<T> s;
@@ -37,7 +35,7 @@ struct FgColMods {
 template <class T>
 __device__ __forceinline__ FgColMods<T> fg_col_mods(bool in_range, bool partial, int b, int h, int kvi,
                                                     const FgModArgs& args) {
-  FgColMods<T> c{};
+  FgColMods<T> c;
 #if FG_HAS_SCORE_MOD
   if (in_range) c.s = fg_score_col<T>(b, h, kvi, args);
 #endif
