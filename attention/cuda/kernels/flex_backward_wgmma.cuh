@@ -347,9 +347,10 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // Initialises the resident tile's barriers (`tile`: the producer threads' 128 cp.async completions of the tile
-// loaded once a grid CTA; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (the producer
-// threads' 128 arrivals, each first raising the pending count for its cp.async, plus the TMA bytes thread 0
-// expects) and empty ones (the 8 consumer warps), a persistent kernel's queue, then a CTA barrier (the only one).
+// loaded once a grid CTA; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (two arrivals
+// from each of the 128 producer threads: its cp.async completion (noinc) and its publishing arrival, or that one
+// counting twice where it issued no cp.async; plus the TMA bytes thread 0 expects) and empty ones (the 8 consumer
+// warps), a persistent kernel's queue, then a CTA barrier (the only one).
 __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, unsigned long long* tile_free,
                                                     unsigned long long* full, unsigned long long* empty,
                                                     FgJobQueue* queue) {
@@ -358,7 +359,7 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, un
     fg_mbar_init(fg_smem_addr(tile), 128);
     fg_mbar_init(fg_smem_addr(tile_free), 8);
     for (int st = 0; st < FG_BWD_STAGES; ++st) {
-      fg_mbar_init(fg_smem_addr(&full[st]), 128);
+      fg_mbar_init(fg_smem_addr(&full[st]), 256);
       fg_mbar_init(fg_smem_addr(&empty[st]), 8);
     }
     fg_mbar_fence_init();
@@ -465,7 +466,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
         const unsigned bar = fg_smem_addr(&bar_full[st]);
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
-          fg_mbar_arrive(bar);
+          fg_mbar_arrive_n(bar, 2);  // (no copies: this thread's arrival counts twice)
           ++j;
           break;
         }
@@ -498,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
           float* dst = (pt < FG_Q_CHUNK ? Ls : Ds) + st * FG_Q_CHUNK + r;
           fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
         }
-        fg_cp_async_mbar_arrive_inc(bar);
+        fg_cp_async_mbar_arrive(bar);  // (every thread copied: lse2 / delta)
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
         if (pt < n) fg_row_mods(q_mods[st][pt], true, w.partial(), b, h, (int)(q0 + pt), args);
 #endif
@@ -825,7 +826,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         const unsigned bar = fg_smem_addr(&bar_full[st]);
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
-          fg_mbar_arrive(bar);
+          fg_mbar_arrive_n(bar, 2);  // (no copies: this thread's arrival counts twice)
           ++j;
           break;
         }
@@ -835,7 +836,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         fg_s* vd = Vs + st * FG_KV_CHUNK * FG_EV;
         // Zeros past the chunk's rows (a masked column's K row must not reach dQ: 0 * inf); TMA boxes are whole
         // 64-row chunks, zeros only past Lkv: a chunk clipped by its block's end is copied.
-        if (n == FG_KV_CHUNK || kv0 + n == p.Lkv) {
+        const bool tma = n == FG_KV_CHUNK || kv0 + n == p.Lkv;
+        if (tma) {
           if (pt == 0) {
             fg_mbar_expect_tx(bar, FG_KV_CHUNK * (FG_E + FG_EV) * 2);
 #pragma unroll
@@ -848,7 +850,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         } else {
           fg_load_rows<FG_KV_CHUNK, true>(kd, 0, kbase + kv0 * p.ks_l, p.ks_l, n, FG_E, FG_E, pt, 128);
           fg_load_rows<FG_KV_CHUNK, true>(vd, 0, vbase + kv0 * p.vs_l, p.vs_l, n, FG_EV, FG_EV, pt, 128);
-          fg_cp_async_mbar_arrive_inc(bar);
+          fg_cp_async_mbar_arrive(bar);
         }
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
         if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, w.partial(), (int)b, (int)h, (int)(kv0 + pt), args);
@@ -858,7 +860,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
           chunk[st].rows = n;
           chunk[st].partial = w.partial() ? 1 : 0;
         }
-        fg_mbar_arrive(bar);
+        fg_mbar_arrive_n(bar, tma ? 2u : 1u);  // (twice with TMA: no cp.async arrival)
         w.next(p);
       }
       ++it;

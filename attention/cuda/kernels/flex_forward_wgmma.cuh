@@ -151,11 +151,13 @@ struct FgTmaMaps {
 static_assert(128 * (FG_WS_LAUNCH_REGS - FG_WS_PRODUCER_REGS) >= FG_NT * (FG_WS_CONSUMER_REGS - FG_WS_LAUNCH_REGS),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // The warp-specialised producer's load of sub-tile t's K or V (COLS = FG_E or FG_EV padded columns) into a stage
-// buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar` once the copies have landed
-// and each of the 128 producer threads has also arrived (fg_mbar_arrive, after whatever else the stage
+// buffer of COLS / 64 swizzled atoms, completing on the stage's full barrier `bar` (256 arrivals) once the copies
+// have landed and each of the 128 producer threads has also arrived (fg_ws_publish, after whatever else the stage
 // publishes: the column parts): with `tma`, thread 0 expects the bytes and issues one TMA box per atom through
-// `map`; else the 128 threads copy with cp.async (zeros past the sub-tile's rows and the real columns), each
-// copy raising the barrier's pending count until it lands.
+// `map`, and each thread's publishing arrival counts twice; else the 128 threads copy with cp.async (zeros past the
+// sub-tile's rows and the real columns), each thread's copies arriving once when they have landed (noinc: the
+// arrival counts toward the 256, as Q's do; compute-sanitizer's synccheck reported the form that raised the
+// pending count instead, cp.async.mbarrier.arrive without .noinc, as a barrier "missing wait").
 template <int COLS>
 __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map, const fg_h16* g, fg_i64 ld_g, int cols,
                                                     const FgTile& t, int hk, int bk, unsigned bar, bool tma, int pt) {
@@ -167,9 +169,12 @@ __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map
     }
   } else {
     fg_load_rows<FG_BN, true>(dst, 0, g + (fg_i64)t.n0 * ld_g, ld_g, t.nend - t.n0, cols, COLS, pt, 128);
-    fg_cp_async_mbar_arrive_inc(bar);
+    fg_cp_async_mbar_arrive(bar);
   }
 }
+// Each producer thread's last arrival on a stage's full barrier (release: the stage's column parts written before it
+// are seen by the consumers' waits): twice where its copies were TMA's (no cp.async arrival of its own).
+__device__ __forceinline__ void fg_ws_publish(unsigned bar, bool tma) { fg_mbar_arrive_n(bar, tma ? 2u : 1u); }
 #if FG_WGMMA_TMA
 #define FG_WS_MAP(x) (&maps.x)
 #else
@@ -373,15 +378,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
 #endif
   if (threadIdx.x == 0) {
     // Q's barrier: the producer threads' 128 copy completions and their 128 arrivals after the copy loop and the
-    // row parts (which release those and the element copies of !FG_VEC). Each K / V full barrier: the producer
-    // threads' 128 arrivals (which release the column parts) and the sub-tile's copies: cp.async ones raise the
-    // pending count before they arrive (fg_cp_async_mbar_arrive_inc), TMA ones are bytes expected by thread 0.
+    // row parts (which release those and the element copies of !FG_VEC). Each K / V full barrier likewise: 128
+    // cp.async completions and 128 arrivals (which release the column parts), or with TMA the bytes thread 0
+    // expects and 128 double arrivals (fg_ws_issue_subtile, fg_ws_publish).
     fg_mbar_init(fg_smem_addr(&bar_q), 256);
     fg_mbar_init(fg_smem_addr(&bar_q_free), FG_WARPS);  // the consumer warps are done with Q and the row parts
     if (FG_WGMMA_PERSISTENT) fg_job_queue_init(queue, FG_WARPS + 4);  // read by every warp
     for (int st = 0; st < 2; ++st) {
-      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 128);
-      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 128);
+      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 256);
       fg_mbar_init(fg_smem_addr(&bar_k_free[st]), FG_WARPS);
       fg_mbar_init(fg_smem_addr(&bar_v_free[st]), FG_WARPS);
     }
@@ -420,9 +425,10 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
       auto issue_v = [&](const FgTile& tv, int jv) {
         const int st = jv & 1;
         if (jv >= 2) fg_mbar_wait(fg_smem_addr(&bar_v_free[st]), ((jv >> 1) - 1) & 1);
+        const bool tma = FG_WGMMA_TMA && tv.nend - tv.n0 == FG_BN;
         fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, tv, hk, bk,
-                                   fg_smem_addr(&bar_v_full[st]), FG_WGMMA_TMA && tv.nend - tv.n0 == FG_BN, pt);
-        fg_mbar_arrive(fg_smem_addr(&bar_v_full[st]));
+                                   fg_smem_addr(&bar_v_full[st]), tma, pt);
+        fg_ws_publish(fg_smem_addr(&bar_v_full[st]), tma);
       };
 #if FG_WGMMA_PIPE == 3
       // FlashAttention-3's order, K_0, K_1, V_0, K_2, V_1, ...: the consumers release V_{j-1} only at the end of
@@ -446,7 +452,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
           for (int c = pt; c < FG_BN; c += 128)
             col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
 #endif
-        fg_mbar_arrive(fg_smem_addr(&bar_k_full[st]));
+        fg_ws_publish(fg_smem_addr(&bar_k_full[st]), tma);
 #if FG_WGMMA_PIPE == 3
         if (j > j0) {
           issue_v(tv, j - 1);

@@ -129,14 +129,13 @@ __device__ __forceinline__ void fg_mbar_fence_init() { asm volatile("fence.mbarr
 __device__ __forceinline__ void fg_mbar_arrive(unsigned addr) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(addr) : "memory");
 }
+// `n` arrivals at once (a thread standing for its cp.async arrival too where it issued none: TMA stages).
+__device__ __forceinline__ void fg_mbar_arrive_n(unsigned addr, unsigned n) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0], %1;\n}" ::"r"(addr), "r"(n) : "memory");
+}
 // One arrival when every cp.async this thread issued so far has landed (counted in the barrier's `count`).
 __device__ __forceinline__ void fg_cp_async_mbar_arrive(unsigned addr) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
-}
-// The same, but the barrier's pending count is raised by one first, so the copies' arrival does not count
-// toward `count`: a phase then completes on the plain arrivals alone, once those copies have landed too.
-__device__ __forceinline__ void fg_cp_async_mbar_arrive_inc(unsigned addr) {
-  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
 }
 // Tells the barrier's current phase `bytes` more are coming from TMA copies (complete_tx), without arriving.
 __device__ __forceinline__ void fg_mbar_expect_tx(unsigned addr, unsigned bytes) {
