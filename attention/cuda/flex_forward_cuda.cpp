@@ -69,7 +69,6 @@ struct TileConfig {
                  // 3 warp-specialised with the consumers' intra-warpgroup overlap
   bool pingpong = false;  // FG_WGMMA_PINGPONG: pipe 3's consumer warpgroups take turns issuing their products
   int64_t persistent = 0;  // FG_WGMMA_PERSISTENT (pipes 2, 3): 0 the grid, else env_persistent's setting
-  int exp2_poly = 0;       // FG_EXP2_POLY: of every 8 softmax exponentials, those on the FMA pipe (exp2_poly_for)
   int64_t bm = 0, bn = 0, warps = 0, min_blocks = 1;
   int64_t e_pad = 0, ev_pad = 0;
   size_t smem = 0;
@@ -216,17 +215,6 @@ void wgmma_tma_maps(const FlexProblem& p, const TileConfig& cfg, WgmmaTmaMaps& m
   }
 }
 
-// FG_EXP2_POLY for the tensor-core forwards: FLEXGRAD_FLEX_EXP2_POLY=0..8 sets it (A/B); unset: 0.
-int exp2_poly_for(const FlexProblem& p) {
-  (void)p;
-  const char* env = std::getenv("FLEXGRAD_FLEX_EXP2_POLY");
-  if (env == nullptr || *env == '\0') return 0;
-  const std::string v(env);
-  FG_CHECK(v.size() == 1 && v[0] >= '0' && v[0] <= '8', ValueError,
-           "FLEXGRAD_FLEX_EXP2_POLY: expected 0 to 8 (exponentials of every 8 on the FMA pipe); got \"{}\"", v);
-  return v[0] - '0';
-}
-
 TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const std::string& arch) {
   const std::string why = wgmma_unsupported(p, arch);
   FG_CHECK(why.empty(), NotImplementedError, "flex_attention on CUDA: {}", why);
@@ -302,9 +290,8 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   const std::string arch = jit::target_arch(device);
   const bool wgmma = p.cuda_forward == FlexCudaForward::Wgmma ||
                      (p.cuda_forward == FlexCudaForward::Auto && wgmma_preferred(p, arch));
-  TileConfig cfg = wgmma ? choose_wgmma_config(p, static_cast<size_t>(smem_optin), arch)
-                         : choose_config(p, static_cast<size_t>(smem_optin));
-  cfg.exp2_poly = exp2_poly_for(p);
+  const TileConfig cfg = wgmma ? choose_wgmma_config(p, static_cast<size_t>(smem_optin), arch)
+                               : choose_config(p, static_cast<size_t>(smem_optin));
   const DType dt = p.q.dtype();
   FG_CHECK(p.q.strides()[3] == 1 && p.k.strides()[3] == 1 && p.v.strides()[3] == 1, ValueError,
            "flex_attention on CUDA: q, k, v need a contiguous last dim (strides {}, {}, {})", p.q.strides()[3],
@@ -338,7 +325,6 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   if (cfg.pingpong) defines.push_back("FG_WGMMA_PINGPONG 1");
   if (cfg.persistent > 0) defines.push_back("FG_WGMMA_PERSISTENT 1");
-  if (cfg.mma && cfg.exp2_poly > 0) defines.push_back("FG_EXP2_POLY " + std::to_string(cfg.exp2_poly));
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
   const bool tma = cfg.wgmma && cfg.pipe >= 2 && vec && p.Lkv > 0 && wgmma_tma_env();

@@ -770,19 +770,14 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     const ModProgram* score;
     const ModProgram* mask;
     bool approx_math = false;
-    int exp2_poly = 0;  // FG_EXP2_POLY
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal},
-                        Case{"softcap + causal, approx_math", &softcap, &causal, true},
-                        Case{"softcap + causal, approx_math, FG_EXP2_POLY 3", &softcap, &causal, true, 3},
-                        Case{"no mods, FG_EXP2_POLY 8", nullptr, nullptr, false, 8}}) {
+                        Case{"softcap + causal, approx_math", &softcap, &causal, true}}) {
     // (pipe, TMA, ping-pong, persistent)
     for (auto [pipe, tma, pingpong, persistent] :
          {std::tuple{0, 0, 0, 0}, {1, 0, 0, 0}, {2, 0, 0, 0}, {2, 1, 0, 0}, {3, 1, 0, 0}, {3, 1, 1, 0}, {3, 0, 1, 0},
           {2, 1, 0, 1}, {3, 1, 1, 1}}) {
-      // FG_EXP2_POLY changes the softmax only: the sequential loop and the default ones (pipe 2 wide, 3 + ping-pong).
-      if (c.exp2_poly > 0 && !(pipe == 0 || (tma == 1 && persistent == 0 && (pipe == 2 || pingpong == 1)))) continue;
       CudaModsInput in;
       in.score_mod = c.score;
       in.mask_mod = c.mask;
@@ -793,8 +788,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
                                    std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
                                    fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma),
                                    fmt::format("FG_WGMMA_PINGPONG {}", pingpong),
-                                   fmt::format("FG_WGMMA_PERSISTENT {}", persistent),
-                                   fmt::format("FG_EXP2_POLY {}", c.exp2_poly)})
+                                   fmt::format("FG_WGMMA_PERSISTENT {}", persistent)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;

@@ -151,8 +151,7 @@ void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) 
   EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
 }
 
-// (dtype, kernel, FLEXGRAD_FLEX_EXP2_POLY: of every 8 softmax exponentials those fg_exp2_fma computes, 0 unset)
-class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward, int>> {
+class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward>> {
  protected:
   static DType dtype() { return std::get<0>(GetParam()); }
   static FlexCudaForward kernel() { return std::get<1>(GetParam()); }
@@ -167,10 +166,7 @@ class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCu
     if (kernel() == FlexCudaForward::Wgmma && device_arch() != "sm_90a") {
       GTEST_SKIP() << "the Wgmma forward kernel needs sm_90a (Hopper); this device is " << device_arch();
     }
-    const std::string poly = std::to_string(std::get<2>(GetParam()));
-    exp2_poly_.emplace("FLEXGRAD_FLEX_EXP2_POLY", std::get<2>(GetParam()) > 0 ? poly.c_str() : nullptr);
   }
-  std::optional<ScopedEnv> exp2_poly_;
   static Device cuda() { return Device(DeviceType::CUDA, 0); }
 
   void check(const Case& c, uint64_t seed = 1) { check_case(c, dtype(), kernel(), seed); }
@@ -526,32 +522,19 @@ TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
 }
 
 // Every case on the tiled kernel in every dtype; on the split-KV kernel in the dtypes it runs.
-std::string param_name(const ::testing::TestParamInfo<std::tuple<DType, FlexCudaForward, int>>& info) {
-  const int poly = std::get<2>(info.param);
-  return std::string(dtype_name(std::get<0>(info.param))) + (poly > 0 ? "_exp2fma" + std::to_string(poly) : "");
-}
 INSTANTIATE_TEST_SUITE_P(Tiled, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16, kFloat32, kFloat64),
-                                            ::testing::Values(FlexCudaForward::Tiled), ::testing::Values(0)),
-                         param_name);
+                                            ::testing::Values(FlexCudaForward::Tiled)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
 INSTANTIATE_TEST_SUITE_P(SplitKv, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
-                                            ::testing::Values(FlexCudaForward::SplitKv), ::testing::Values(0)),
-                         param_name);
+                                            ::testing::Values(FlexCudaForward::SplitKv)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
 // The Hopper kernel pads head dims to 64, so it runs every case (E = 16, 20, 80 ... included).
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
-                                            ::testing::Values(FlexCudaForward::Wgmma), ::testing::Values(0)),
-                         param_name);
-// The tensor-core kernels' softmax with some (3 of 8) or all of its exponentials on the FMA pipe (fg_exp2_fma):
-// every case again, the non-finite rules (-inf weighs exactly 0, NaN propagates, empty rows) included.
-INSTANTIATE_TEST_SUITE_P(Exp2Fma, FlexForwardCuda,
-                         ::testing::Combine(::testing::Values(kBFloat16),
-                                            ::testing::Values(FlexCudaForward::Tiled, FlexCudaForward::Wgmma),
-                                            ::testing::Values(3, 8)),
-                         [](const auto& info) {
-                           return param_name(info) + (std::get<1>(info.param) == FlexCudaForward::Wgmma ? "_wgmma" : "_tiled");
-                         });
+                                            ::testing::Values(FlexCudaForward::Wgmma)),
+                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
 
 // Auto's choice, and the split-KV kernel's refusals. (With FLEXGRAD_FLEX_WGMMA=0: Auto's prefill calls go to the
 // tiled kernel on Hopper too, so "tiled" below is one kernel on every GPU.)

@@ -5,12 +5,6 @@
 #pragma once
 #include "flex_mod_parts.cuh"
 
-// Of every 8 exponentials of the online softmax, how many fg_exp2_fma computes on the FMA pipe instead of the MUFU
-// unit (attention/cuda/flex_forward_cuda.cpp chooses it; 0 keeps them all on MUFU).
-#ifndef FG_EXP2_POLY
-#define FG_EXP2_POLY 0
-#endif
-
 // Host mirror: FwdParams in attention/cuda/flex_forward_cuda.cpp (same declaration order and types).
 struct FgFwdParams {
   const void* q;
@@ -262,10 +256,7 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
       for (int n = 0; n < NB; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float x = fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms);
-          // FG_EXP2_POLY of every 8 on the FMA pipe, spread evenly over the row (a compile-time choice).
-          const int k = (2 * n + c) % 8;
-          const float e = (k * FG_EXP2_POLY) % 8 < FG_EXP2_POLY ? fg_exp2_fma(x) : fg_exp2(x);
+          const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms));
           s[f][n][2 * hf + c] = e;
           sum += e;
         }

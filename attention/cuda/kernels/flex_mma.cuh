@@ -202,25 +202,6 @@ __device__ __forceinline__ float fg_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
-// 2^x on the FMA pipe instead of the MUFU unit, as accurate as fg_exp2 (max relative error 2.2e-7 over a float
-// evaluation of every input; ex2.approx's is ~2 ulp) and with its edge cases: exp2(-inf) = 0 exactly (any x <=
-// -127 gives 0, the flush fg_exp2's .ftz does), NaN stays NaN. Where a softmax's MUFU unit is the bottleneck (16
-// results a clock an SM against 128 FMAs; a score_mod with an approximate tanh puts a second MUFU op on every
-// element) some of its exponentials are computed here instead (FG_EXP2_POLY). x = j + f with j = round(x) (the
-// 1.5 * 2^23 rounding trick, whose low bits also hold j), f in [-0.5, 0.5]; 2^f a degree-5 minimax polynomial
-// (relative error fitted by an exchange iteration); 2^j built in the exponent field, 0 for j = -127.
-__device__ __forceinline__ float fg_exp2_fma(float x) {
-  asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // x >= -127; NaN passes
-  const float t = __fadd_rn(x, 12582912.f);
-  const float f = __fsub_rn(x, __fsub_rn(t, 12582912.f));
-  float p = 1.327647245e-03f;
-  p = fmaf(p, f, 9.675540961e-03f);
-  p = fmaf(p, f, 5.550713092e-02f);
-  p = fmaf(p, f, 2.402212024e-01f);
-  p = fmaf(p, f, 6.931469440e-01f);
-  p = fmaf(p, f, 1.000000119e+00f);
-  return __fmul_rn(p, __int_as_float((__float_as_int(t) << 23) + 0x3f800000));
-}
 // Zeroes accumulators held as N C fragments (4 floats each: the backward's dK, dV, dQ).
 template <int N>
 __device__ __forceinline__ void fg_zero_frags(float (&a)[N][4]) {
