@@ -359,7 +359,7 @@ __device__ __forceinline__ void fg_ws_init_barriers(unsigned long long* tile, un
     fg_mbar_init(fg_smem_addr(tile), 128);
     fg_mbar_init(fg_smem_addr(tile_free), 8);
     for (int st = 0; st < FG_BWD_STAGES; ++st) {
-      fg_mbar_init(fg_smem_addr(&full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&full[st]), FG_WS_FULL_COUNT);
       fg_mbar_init(fg_smem_addr(&empty[st]), 8);
     }
     fg_mbar_fence_init();
@@ -466,7 +466,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
         const unsigned bar = fg_smem_addr(&bar_full[st]);
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
-          fg_mbar_arrive_n(bar, 2);  // (no copies: this thread's arrival counts twice)
+          fg_ws_publish(bar, /*copies_arrive=*/false);
           ++j;
           break;
         }
@@ -499,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
           float* dst = (pt < FG_Q_CHUNK ? Ls : Ds) + st * FG_Q_CHUNK + r;
           fg_cp_async4(fg_smem_addr(dst), ok ? src + row0 + r : src, ok);
         }
-        fg_cp_async_mbar_arrive(bar);  // (every thread copied: lse2 / delta)
+        fg_cp_async_mbar_arrive(bar);
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
         if (pt < n) fg_row_mods(q_mods[st][pt], true, w.partial(), b, h, (int)(q0 + pt), args);
 #endif
@@ -510,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
           chunk[st].rows = n;
           chunk[st].partial = w.partial() ? 1 : 0;
         }
-        fg_mbar_arrive(bar);
+        fg_ws_publish(bar, /*copies_arrive=*/true);  // (lse2 / delta: every thread copied)
         w.next(p);
       }
       ++it;
@@ -826,7 +826,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         const unsigned bar = fg_smem_addr(&bar_full[st]);
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
-          fg_mbar_arrive_n(bar, 2);  // (no copies: this thread's arrival counts twice)
+          fg_ws_publish(bar, /*copies_arrive=*/false);
           ++j;
           break;
         }
@@ -860,7 +860,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
           chunk[st].rows = n;
           chunk[st].partial = w.partial() ? 1 : 0;
         }
-        fg_mbar_arrive_n(bar, tma ? 2u : 1u);  // (twice with TMA: no cp.async arrival)
+        fg_ws_publish(bar, !tma);
         w.next(p);
       }
       ++it;

@@ -172,9 +172,6 @@ __device__ __forceinline__ void fg_ws_issue_subtile(fg_h16* dst, const void* map
     fg_cp_async_mbar_arrive(bar);
   }
 }
-// Each producer thread's last arrival on a stage's full barrier (release: the stage's column parts written before it
-// are seen by the consumers' waits): twice where its copies were TMA's (no cp.async arrival of its own).
-__device__ __forceinline__ void fg_ws_publish(unsigned bar, bool tma) { fg_mbar_arrive_n(bar, tma ? 2u : 1u); }
 #if FG_WGMMA_TMA
 #define FG_WS_MAP(x) (&maps.x)
 #else
@@ -385,8 +382,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
     fg_mbar_init(fg_smem_addr(&bar_q_free), FG_WARPS);  // the consumer warps are done with Q and the row parts
     if (FG_WGMMA_PERSISTENT) fg_job_queue_init(queue, FG_WARPS + 4);  // read by every warp
     for (int st = 0; st < 2; ++st) {
-      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), 256);
-      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), 256);
+      fg_mbar_init(fg_smem_addr(&bar_k_full[st]), FG_WS_FULL_COUNT);
+      fg_mbar_init(fg_smem_addr(&bar_v_full[st]), FG_WS_FULL_COUNT);
       fg_mbar_init(fg_smem_addr(&bar_k_free[st]), FG_WARPS);
       fg_mbar_init(fg_smem_addr(&bar_v_free[st]), FG_WARPS);
     }
@@ -428,7 +425,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
         const bool tma = FG_WGMMA_TMA && tv.nend - tv.n0 == FG_BN;
         fg_ws_issue_subtile<FG_EV>(Vs + st * (FG_BN * FG_EV), FG_WS_MAP(v), vg, p.v_sl, p.Ev, tv, hk, bk,
                                    fg_smem_addr(&bar_v_full[st]), tma, pt);
-        fg_ws_publish(fg_smem_addr(&bar_v_full[st]), tma);
+        fg_ws_publish(fg_smem_addr(&bar_v_full[st]), !tma);
       };
 #if FG_WGMMA_PIPE == 3
       // FlashAttention-3's order, K_0, K_1, V_0, K_2, V_1, ...: the consumers release V_{j-1} only at the end of
@@ -452,7 +449,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_LAUNCH, FG_MIN_BLOCKS)
           for (int c = pt; c < FG_BN; c += 128)
             col_mods[st][c] = fg_col_mods<float>(t.n0 + c < t.nend, t.i < rt.n_partial, b, h, t.n0 + c, args);
 #endif
-        fg_ws_publish(fg_smem_addr(&bar_k_full[st]), tma);
+        fg_ws_publish(fg_smem_addr(&bar_k_full[st]), !tma);
 #if FG_WGMMA_PIPE == 3
         if (j > j0) {
           issue_v(tv, j - 1);

@@ -133,6 +133,14 @@ __device__ __forceinline__ void fg_mbar_arrive(unsigned addr) {
 __device__ __forceinline__ void fg_mbar_arrive_n(unsigned addr, unsigned n) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0], %1;\n}" ::"r"(addr), "r"(n) : "memory");
 }
+// The warp-specialised kernels' stage "full" barriers: two arrivals from each of the 128 producer threads a phase,
+// its cp.async copies' (fg_cp_async_mbar_arrive, .noinc: compute-sanitizer's synccheck reports the form that raises
+// the pending count instead as a "missing wait") and its publishing one (fg_ws_publish), which counts twice where
+// the thread issued no cp.async arrival (TMA stages, an end-of-walk marker).
+#define FG_WS_FULL_COUNT 256
+// A producer thread's last arrival on a stage's full barrier (release: what it wrote for the stage before, e.g. the
+// mods' column parts, is seen by the consumers' waits).
+__device__ __forceinline__ void fg_ws_publish(unsigned bar, bool copies_arrive) { fg_mbar_arrive_n(bar, copies_arrive ? 1u : 2u); }
 // One arrival when every cp.async this thread issued so far has landed (counted in the barrier's `count`).
 __device__ __forceinline__ void fg_cp_async_mbar_arrive(unsigned addr) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(addr) : "memory");
