@@ -8,6 +8,8 @@
 #include <bit>
 #include <climits>
 #include <cmath>
+#include <optional>
+#include <utility>
 
 #include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
@@ -104,15 +106,30 @@ std::vector<char> approx_exact_needed(const ModProgram& p) {
   return exact;
 }
 
-// The statements computing the live instructions of `p`; value i is named v<i>. `slots` maps the
-// program's capture slots to the kernel's FgModArgs slots. `approx`: FlexKernelOptions::approx_math, for the
-// values approx_exact_needed leaves free.
-std::string emit_body(const ModProgram& p, const std::vector<char>& live, const std::vector<int>& slots, bool dbl,
-                      bool approx) {
+// One program as the code generator spells it: the program, its kernel capture slots (`slots` maps the
+// program's capture slots to the kernel's FgModArgs slots), FlexKernelOptions::approx_math, and the whole-program
+// analyses every emitted function of it reads (computed once here, not per function).
+struct ProgramEmitter {
+  ProgramEmitter(const ModProgram& prog, std::vector<int> kernel_slots, bool approx_math)
+      : p(prog),
+        slots(std::move(kernel_slots)),
+        approx(approx_math),
+        ranges(int_ranges(prog)),
+        exact(approx_math ? approx_exact_needed(prog) : std::vector<char>(prog.instrs().size(), 1)) {}
+  const ModProgram& p;
+  std::vector<int> slots;
+  bool approx;
+  std::vector<IntRange> ranges;  // int_ranges(p): where a narrower integer type is exact
+  std::vector<char> exact;       // per value: keeps its exact spelling under approx_math (approx_exact_needed)
+};
+
+// The statements computing the live instructions of the emitter's program; value i is named v<i>. Under
+// approx_math the values approx_exact_needed leaves free take the approximate spelling.
+std::string emit_body(const ProgramEmitter& em, const std::vector<char>& live, bool dbl) {
   std::string s;
+  const ModProgram& p = em.p;
+  const std::vector<int>& slots = em.slots;
   const auto& ins = p.instrs();
-  const std::vector<IntRange> ranges = int_ranges(p);
-  const std::vector<char> exact = approx ? approx_exact_needed(p) : std::vector<char>(ins.size(), 1);
   auto v = [](int32_t i) { return fmt::format("v{}", i); };
   for (size_t i = 0; i < ins.size(); ++i) {
     if (!live[i]) continue;
@@ -151,8 +168,8 @@ std::string emit_body(const ModProgram& p, const std::vector<char>& live, const 
         std::vector<std::string> args;
         for (int32_t x : in.args) args.push_back(v(x));
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
-        expr = narrowed(p, i, ranges, args);
-        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx && !exact[i]);
+        expr = narrowed(p, i, em.ranges, args);
+        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, em.approx && !em.exact[i]);
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);
@@ -175,17 +192,17 @@ const char* kScoreSig = "(T score, int b, int h, int q, int kv, const FgModArgs&
 const char* kMaskSig = "(int b, int h, int q, int kv, const FgModArgs& a)";
 
 // `template <> ... NAME<float>(...) {...}` and the double one, for a one-output function.
-std::string specialisations(const char* ret_t, const char* name, const char* sig, const ModProgram& p, int32_t output,
-                            const std::vector<int>& slots, bool approx) {
+std::string specialisations(const char* ret_t, const char* name, const char* sig, const ProgramEmitter& em,
+                            int32_t output) {
   std::string s;
-  const std::vector<char> live = p.live({output});
+  const std::vector<char> live = em.p.live({output});
   for (bool dbl : {false, true}) {
     const std::string T = type_name(VK::Float, dbl);
     std::string params = sig;
     for (size_t at; (at = params.find("T score")) != std::string::npos;) params.replace(at, 1, T);
     const std::string ret = std::string(ret_t) == "T" ? T : ret_t;
     s += fmt::format("template <> __device__ __forceinline__ {} {}<{}>{} {{\n", ret, name, T, params);
-    s += emit_body(p, live, slots, dbl, approx);
+    s += emit_body(em, live, dbl);
     s += fmt::format("  return ({})v{};\n}}\n", ret, output);
   }
   return s;
@@ -301,13 +318,13 @@ std::string carried_struct(const char* name, const ModProgram& p, const std::vec
 
 // The body of an element function of precision `dbl` computing `outputs`: the carried values it reads
 // from `r` and `c`, then its own statements.
-std::string elem_body(const ModProgram& p, const SplitProgram& sp, const std::vector<int32_t>& outputs,
-                      const std::vector<int>& slots, bool dbl, bool approx) {
+std::string elem_body(const ProgramEmitter& em, const SplitProgram& sp, const std::vector<int32_t>& outputs, bool dbl) {
+  const ModProgram& p = em.p;
   const ElemPart e = elem_part(p, sp, outputs);
   std::string s;
   for (int32_t v : e.row_in) s += fmt::format("  const {} v{} = r.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
   for (int32_t v : e.col_in) s += fmt::format("  const {} v{} = c.v{};\n", type_name(p.instrs()[v].kind, dbl), v, v);
-  return s + emit_body(p, e.emit, slots, dbl, approx);
+  return s + emit_body(em, e.emit, dbl);
 }
 
 // The row, column and element functions of one program (float and double specialisations) as split by
@@ -315,8 +332,8 @@ std::string elem_body(const ModProgram& p, const SplitProgram& sp, const std::ve
 // function computes `output`. `prefix` is "fg_score" or "fg_mask"; `Row` / `Col` the carried structs;
 // `elem_ret` "T" or "bool".
 std::string split_functions(const char* prefix, const char* row_t, const char* col_t, const char* elem_ret,
-                            const ModProgram& p, const SplitProgram& sp, int32_t output, const std::vector<int>& slots,
-                            bool approx) {
+                            const ProgramEmitter& em, const SplitProgram& sp, int32_t output) {
+  const ModProgram& p = em.p;
   const bool score = p.type() != ModProgram::Type::Mask;
   std::string s = carried_struct(row_t, p, sp.row_out) + carried_struct(col_t, p, sp.col_out);
   s += fmt::format("template <class T> __device__ __forceinline__ {0}<T> {1}_row(int b, int h, int q, const FgModArgs& a);\n"
@@ -334,17 +351,17 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
     };
     s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_row<{1}>(int b, int h, int q, const FgModArgs& a) {{\n",
                      row_t, T, prefix);
-    s += emit_body(p, sp.row_emit, slots, dbl, approx);
+    s += emit_body(em, sp.row_emit, dbl);
     s += fmt::format("  {}<{}> r;\n{}  return r;\n}}\n", row_t, T, fill("r", sp.row_out));
     s += fmt::format("template <> __device__ __forceinline__ {0}<{1}> {2}_col<{1}>(int b, int h, int kv, const FgModArgs& a) {{\n",
                      col_t, T, prefix);
-    s += emit_body(p, sp.col_emit, slots, dbl, approx);
+    s += emit_body(em, sp.col_emit, dbl);
     s += fmt::format("  {}<{}> c;\n{}  return c;\n}}\n", col_t, T, fill("c", sp.col_out));
     const std::string ret = std::string(elem_ret) == "T" ? T : elem_ret;
     s += fmt::format("template <> __device__ __forceinline__ {0} {1}_elem<{2}>({3}const {4}<{2}>& r, const {5}<{2}>& c, "
                      "int b, int h, int q, int kv, const FgModArgs& a) {{\n",
                      ret, prefix, T, score ? T + " score, " : std::string(), row_t, col_t);
-    s += elem_body(p, sp, {output}, slots, dbl, approx);
+    s += elem_body(em, sp, {output}, dbl);
     s += fmt::format("  return ({})v{};\n}}\n", ret, output);
   }
   return s;
@@ -358,15 +375,15 @@ std::string score_dscore_params(const std::string& T) {
 
 // fg_score_elem_dscore from the merged program `m` (ScoreModBackward::value_and_dscore, split as the
 // fg_score parts were): one pass computes both outputs, sharing their common subexpressions.
-std::string score_dscore_functions(const ModProgram& m, const SplitProgram& sp, const std::vector<int>& slots,
-                                   bool approx) {
+std::string score_dscore_functions(const ProgramEmitter& em, const SplitProgram& sp) {
+  const ModProgram& m = em.p;
   std::string s;
   const int32_t score_out = m.outputs()[0], dscore_out = m.outputs()[1];
   for (bool dbl : {false, true}) {
     const std::string T = type_name(VK::Float, dbl);
     s += fmt::format("template <> __device__ __forceinline__ {0} fg_score_elem_dscore<{0}>{1} {{\n", T,
                      score_dscore_params(T));
-    s += elem_body(m, sp, {score_out, dscore_out}, slots, dbl, approx);
+    s += elem_body(em, sp, {score_out, dscore_out}, dbl);
     s += fmt::format("  *dscore = ({})v{};\n  return ({})v{};\n}}\n", T, dscore_out, T, score_out);
   }
   return s;
@@ -396,6 +413,7 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   const ModProgram* score_prog = merged ? &g->value_and_dscore : in.score_mod;
   std::vector<int> score_prog_slots;
   SplitProgram score_split;
+  std::optional<ProgramEmitter> score_em;  // the score program's, shared by its split and its fg_score_elem_dscore
   s += fmt::format("#define FG_HAS_SCORE_MOD {}\n", in.score_mod ? 1 : 0);
   if (in.score_mod) {
     const std::vector<int> fwd_slots = identity_slots(in.score_slots, in.score_mod->captures().size());
@@ -416,8 +434,8 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     std::vector<int32_t> split_outs = {score_prog->output()};
     if (merged) split_outs.push_back(score_prog->outputs()[1]);
     score_split = split_program(*score_prog, split_outs);
-    s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_prog, score_split, score_prog->output(),
-                         score_prog_slots, in.approx_math);
+    score_em.emplace(*score_prog, score_prog_slots, in.approx_math);
+    s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_em, score_split, score_prog->output());
     // FG_SCORE_ELEM_PURE: fg_score_elem and fg_score_elem_dscore (the element part of every output split for)
     // read nothing and cannot fail, so the backward's element step may evaluate them for every entry and select.
     s += fmt::format("#define FG_SCORE_ELEM_PURE {}\n", elem_has_effects(*score_prog, score_split, split_outs) ? 0 : 1);
@@ -439,8 +457,9 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   s += fmt::format("#define FG_HAS_MASK_MOD {}\n", in.mask_mod ? 1 : 0);
   if (in.mask_mod) {
     const SplitProgram msp = split_program(*in.mask_mod, {in.mask_mod->output()});
-    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", *in.mask_mod, msp, in.mask_mod->output(),
-                         identity_slots(in.mask_slots, in.mask_mod->captures().size()), in.approx_math);
+    const ProgramEmitter mask_em(*in.mask_mod, identity_slots(in.mask_slots, in.mask_mod->captures().size()),
+                                 in.approx_math);
+    s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", mask_em, msp, in.mask_mod->output());
     // FG_MASK_ELEM_PURE: fg_mask_elem reads nothing and cannot fail, so the backward's element steps evaluate it for
     // every entry and select (predicated code; a guarded call made ptxas branch around each entry).
     s += fmt::format("#define FG_MASK_ELEM_PURE {}\n",
@@ -499,13 +518,14 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += " { return (T)FG_DSCORE_CONSTANT; }\n";
   } else {
     s += ";\n";
-    s += specialisations("T", "fg_dscore", kScoreSig, g->program, g->program.outputs()[0], prog_slots, in.approx_math);
+    s += specialisations("T", "fg_dscore", kScoreSig, ProgramEmitter(g->program, prog_slots, in.approx_math),
+                         g->program.outputs()[0]);
   }
   // ---- the modified score and d score_mod / d score of one element together (the backward's per-element
   // call); without a merged program it is fg_score_elem and the constant, or the identity and fg_dscore.
   s += fmt::format("template <class T> __device__ __forceinline__ T fg_score_elem_dscore{}", score_dscore_params("T"));
   if (merged) {
-    s += ";\n" + score_dscore_functions(*score_prog, score_split, score_prog_slots, in.approx_math);
+    s += ";\n" + score_dscore_functions(*score_em, score_split);
   } else if (in.score_mod) {
     s += " {\n  *dscore = (T)FG_DSCORE_CONSTANT;\n  return fg_score_elem<T>(score, r, c, b, h, q, kv, a);\n}\n";
   } else {
@@ -530,12 +550,13 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     outs.push_back(g->program.outputs()[t->deriv_output]);
   }
   const std::vector<char> live = g->program.live(outs);
+  const ProgramEmitter grad_em(g->program, prog_slots, in.approx_math);
   for (bool dbl : {false, true}) {  // one overload per precision; the template below picks by T
     s += fmt::format(
         "template <class Sink> __device__ __forceinline__ void fg_cap_grad_impl({0} score, {0} grad, int b, int h, "
         "int q, int kv, const FgModArgs& a, const Sink& sink) {{\n",
         type_name(VK::Float, dbl));
-    s += emit_body(g->program, live, prog_slots, dbl, in.approx_math);
+    s += emit_body(grad_em, live, dbl);
     for (const CaptureGradTerm* t : terms) {
       const int slot = kernel_slot(g->captures[t->capture]);
       s += "  {\n    fg_i64 lin = 0;\n";
