@@ -46,8 +46,21 @@ Tensor SavedTensor::unpack() const {
   return data_;
 }
 
+namespace {
+// Whether `g` may become .grad as it is, without a copy (libtorch's AccumulateGrad steals such a gradient too): no
+// other handle shares its TensorImpl, no other TensorImpl shares its storage (a view of the caller's tensor, a saved
+// alias), it is contiguous (the layout a copy would have) and carries no autograd state. Then nobody else can see it,
+// so a later in-place change of .grad (zero_, an optimizer step) reaches nothing else; a backward that made fresh
+// gradients (flex_attention's dQ, dK, dV) saves a whole read and write of each.
+bool stealable(const Tensor& g) {
+  return g.impl_ptr().use_count() == 1 && g.impl()->storage().use_count() == 1 && g.is_contiguous() &&
+         g.impl()->autograd_meta() == nullptr;
+}
+}  // namespace
+
 TensorList AccumulateGrad::apply(TensorList&& grads) {
-  Tensor g = grads.at(0);
+  Tensor g = std::move(grads.at(0));
+  grads.clear();
   if (!g.defined()) return {};
   if (auto* meta = autograd_meta(leaf_)) {
     for (auto& hook : meta->leaf_hooks) {
@@ -60,7 +73,11 @@ TensorList AccumulateGrad::apply(TensorList&& grads) {
            shape_str(leaf_.sizes()));
   Tensor& slot = leaf_.mutable_grad();
   if (g.dtype() != leaf_.dtype()) g = g.to(leaf_.dtype());
-  slot = slot.defined() ? autograd_arith::add(slot, g) : autograd_arith::clone_contiguous(g);
+  if (slot.defined()) {
+    slot = autograd_arith::add(slot, g);
+  } else {
+    slot = stealable(g) ? std::move(g) : autograd_arith::clone_contiguous(g);
+  }
   return {};
 }
 

@@ -120,6 +120,59 @@ TEST(Engine, CustomFunctionForwardAndBackward) {
   EXPECT_TRUE(r.ok) << r.report();
 }
 
+// A backward whose gradient nobody else holds hands it over (kept_by_backward: a handle the test keeps, or none).
+struct HandOverFn : Function<HandOverFn> {
+  static inline Tensor kept_by_backward;
+  static inline bool keep = false;
+  static inline void* made = nullptr;  // the data of the gradient backward made
+  static TensorList forward(FunctionCtx&, const TensorList& in) { return {in[0] * 1.0}; }
+  static TensorList backward(FunctionCtx&, const TensorList& g) {
+    Tensor fresh = g[0] * 2.0;
+    made = fresh.data_ptr();
+    if (keep) kept_by_backward = fresh;
+    return {fresh};
+  }
+};
+
+// AccumulateGrad takes a gradient as .grad without a copy only where nobody else can see it (as libtorch's): a
+// fresh, unshared, contiguous gradient becomes .grad itself; one another handle holds, a view of the caller's
+// gradient, or one reaching two leaves is copied, so an in-place change of .grad reaches nothing else.
+TEST(Engine, FirstGradientIsTakenWithoutACopyOnlyWhereNobodyElseSeesIt) {
+  {  // fresh and unshared: taken as it is
+    Tensor x = tensor({1, 2}, {2}).requires_grad_();
+    HandOverFn::keep = false;
+    HandOverFn::apply({x})[0].sum().backward();
+    EXPECT_EQ(x.grad().data_ptr(), HandOverFn::made);
+    EXPECT_TRUE(close(x.grad(), tensor({2, 2}, {2})));
+  }
+  {  // another handle holds it: copied
+    Tensor x = tensor({1, 2}, {2}).requires_grad_();
+    HandOverFn::keep = true;
+    HandOverFn::apply({x})[0].sum().backward();
+    HandOverFn::keep = false;
+    EXPECT_NE(x.grad().data_ptr(), HandOverFn::made);
+    x.mutable_grad().mul_(10.0);
+    EXPECT_TRUE(close(HandOverFn::kept_by_backward, tensor({2, 2}, {2})));
+    EXPECT_TRUE(close(x.grad(), tensor({20, 20}, {2})));
+    HandOverFn::kept_by_backward = Tensor();
+  }
+  {  // the caller's gradient reaches the leaf through a view: copied, the caller's tensor untouched
+    Tensor x = tensor({1, 2, 3, 4}, {4}).requires_grad_();
+    Tensor g = tensor({1, 10, 100, 1000}, {2, 2});
+    x.view({2, 2}).backward(g);
+    EXPECT_NE(x.grad().data_ptr(), g.data_ptr());
+    x.mutable_grad().zero_();
+    EXPECT_TRUE(close(g, tensor({1, 10, 100, 1000}, {2, 2})));
+  }
+  {  // one gradient tensor for two leaves (add's backward passes it to both): each leaf gets its own
+    Tensor a = tensor({1, 2}, {2}).requires_grad_(), b = tensor({3, 4}, {2}).requires_grad_();
+    (a + b).backward(tensor({5, 6}, {2}));
+    EXPECT_NE(a.grad().data_ptr(), b.grad().data_ptr());
+    a.mutable_grad().zero_();
+    EXPECT_TRUE(close(b.grad(), tensor({5, 6}, {2})));
+  }
+}
+
 TEST(Engine, InPlaceChangeOfASavedTensorIsAnError) {
   Tensor x = tensor({1, 2}, {2}).requires_grad_();
   Tensor y = x.clone();
