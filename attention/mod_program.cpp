@@ -520,6 +520,37 @@ uint64_t ModProgram::hash() const {
   return h;
 }
 
+std::string ModProgram::structure_key() const {
+  std::string k;
+  auto put = [&k](const auto& v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(static_cast<uint8_t>(type_));
+  put(instrs_.size());
+  for (const Instr& in : instrs_) {
+    put(static_cast<uint8_t>(in.op));
+    put(static_cast<uint8_t>(in.kind));
+    put(static_cast<uint8_t>(in.implicit));
+    put(in.capture);
+    put(in.ivalue);
+    put(std::bit_cast<uint64_t>(in.value));
+    put(in.args.size());
+    for (int32_t a : in.args) put(a);
+  }
+  put(outputs_.size());
+  for (int32_t o : outputs_) put(o);
+  for (const std::string& n : output_names_) {
+    put(n.size());
+    k += n;
+  }
+  put(captures_.size());
+  for (const CaptureRef& c : captures_) {
+    put(static_cast<uint8_t>(c.tensor.dtype()));
+    put(c.tensor.dim());
+    put(c.name.size());
+    k += c.name;
+  }
+  return k;
+}
+
 bool ModProgram::structurally_equal(const ModProgram& o) const {
   if (type_ != o.type_ || instrs_.size() != o.instrs_.size() || outputs_ != o.outputs_ ||
       captures_.size() != o.captures_.size())

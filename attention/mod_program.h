@@ -95,6 +95,10 @@ class ModProgram {
   // Which instructions `outputs` need, transitively (1 per needed instruction): what an emitter evaluates.
   std::vector<char> live(const std::vector<int32_t>& outputs) const;
   bool structurally_equal(const ModProgram& o) const;
+  // Every field a code generator reads, as bytes: instructions (implicit casts included), outputs and their
+  // names, each capture's dtype, rank and name (not its values). Equal keys give equal generated text (a memo's
+  // key, without collisions).
+  std::string structure_key() const;
 
   // Scalar reference evaluation in double (bools as 0/1, ints exact); all outputs, or output 0.
   std::vector<double> evaluate_all(int64_t b, int64_t h, int64_t q, int64_t kv, double score = 0) const;

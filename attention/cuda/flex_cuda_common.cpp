@@ -3,9 +3,13 @@
 
 #include <cuda_runtime.h>
 
+#include <bit>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 
 #include "flexgrad/attention/mod_codegen.h"
 #include "flexgrad/attention/op_semantics.h"
@@ -39,6 +43,72 @@ int32_t to_i32(int64_t x, const char* what) {
 }
 
 int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_* follow fg::DType's order
+
+namespace {
+
+// emit_cuda_mods(in), memoised. Its text is a function of the programs' structure (ModProgram::structure_key), of
+// which kernel slot each capture list's tensors take (tensor identity: the slots, and for the derivative's lists
+// the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and of approx_math; the key
+// holds all of them, so a repeated call (a training step, a decoding step) takes the text from the memo instead of
+// running the code generator (~20 us of host time a call, spent while the GPU waits for the call's first kernel).
+std::string cuda_mods_source(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
+  std::string key;
+  auto put = [&key](const auto& v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  auto put_ints = [&](const std::vector<int>& v) {
+    put(v.size());
+    for (int x : v) put(x);
+  };
+  auto put_program = [&](const ModProgram* p) {
+    const std::string k = p ? p->structure_key() : std::string();
+    put(k.size());
+    key += k;
+  };
+  auto put_slots_by_identity = [&](const std::vector<CaptureRef>& caps) {
+    put(caps.size());
+    for (const CaptureRef& c : caps) {
+      int slot = -1;
+      for (size_t i = 0; i < kernel_captures.size(); ++i)
+        if (kernel_captures[i].tensor.impl() == c.tensor.impl()) slot = static_cast<int>(i);
+      put(slot);
+    }
+  };
+  put(in.approx_math);
+  put_program(in.score_mod);
+  put_program(in.mask_mod);
+  put_ints(in.score_slots);
+  put_ints(in.mask_slots);
+  put_ints(in.grad_slots);
+  put(in.grad_needed.size());
+  for (bool b : in.grad_needed) put(b);
+  put(in.score_grad != nullptr);
+  if (const ScoreModBackward* g = in.score_grad) {
+    put_program(&g->program);
+    put_program(&g->value_and_dscore);
+    put_slots_by_identity(g->captures);
+    put_slots_by_identity(g->value_and_dscore.captures());
+    put(g->terms.size());
+    for (const CaptureGradTerm& t : g->terms) {
+      put(t.capture);
+      put(t.ndim);
+      put(t.index_output);
+      put(t.deriv_output);
+    }
+    put(g->dscore_is_constant);
+    put(std::bit_cast<uint64_t>(g->dscore_constant));
+  }
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::string> memo;
+  {
+    std::lock_guard lock(mu);
+    if (auto it = memo.find(key); it != memo.end()) return it->second;
+  }
+  std::string text = emit_cuda_mods(in);  // (outside the lock: it may throw, and it is the slow part)
+  std::lock_guard lock(mu);
+  if (memo.size() >= 4096) memo.clear();  // a bound for programs made afresh without end; refilled on use
+  return memo.emplace(std::move(key), std::move(text)).first->second;
+}
+
+}  // namespace
 
 ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_mod, const ScoreModBackward* score_grad,
                             const std::vector<bool>& needs_cap, Device dev, const char* caller,
@@ -77,7 +147,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
     in.grad_needed = needs_cap;
     in.grad_needed.resize(score_grad->captures.size(), false);
   }
-  ctx.source = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in);
+  ctx.source = "#include \"flex_abi.cuh\"\n" + cuda_mods_source(in, ctx.captures);
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;

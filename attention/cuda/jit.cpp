@@ -15,9 +15,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -35,17 +37,27 @@ std::string hex(uint64_t v) {
   return buf;
 }
 
-// Two independent 64-bit FNV-1a hashes (different offsets): a 128-bit key, collisions out of reach.
+// Two independent 64-bit hashes (different multipliers and mixing) over the text eight bytes at a time: a 128-bit
+// key, accidental collisions out of reach. Word-wise because it runs on every kernel call, over the generated
+// mods and configuration (several KiB): byte-wise FNV-1a took ~12 us of a call's host time for 7 KiB.
 struct KeyHasher {
   uint64_t a = 0xcbf29ce484222325ull, b = 0x84222325cbf29ce4ull;
+  void word(uint64_t w) {
+    a = std::rotl(a ^ w, 31) * 0x9e3779b97f4a7c15ull;
+    b = (b ^ w) * 0xff51afd7ed558ccdull;
+    b ^= b >> 29;
+  }
   void add(std::string_view s) {
-    for (unsigned char c : s) {
-      a = (a ^ c) * 0x100000001b3ull;
-      b = (b ^ c) * 0x100000001b3ull;
-      b ^= b >> 29;
+    size_t i = 0;
+    for (; i + 8 <= s.size(); i += 8) {
+      uint64_t w;
+      std::memcpy(&w, s.data() + i, 8);
+      word(w);
     }
-    a = (a ^ 0xff) * 0x100000001b3ull;  // separator, so ("ab","c") != ("a","bc")
-    b = (b ^ 0xfe) * 0x100000001b3ull;
+    uint64_t tail = 0;
+    std::memcpy(&tail, s.data() + i, s.size() - i);
+    word(tail);
+    word(s.size());  // the length ends the string, so ("ab","c") != ("a","bc") and trailing zero bytes count
   }
   std::string str() const { return hex(a) + hex(b); }
 };

@@ -141,6 +141,19 @@ TEST(Expr, HashAndStructuralEquality) {
   auto m1 = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
   auto m2 = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q > kv; });
   EXPECT_NE(m1.hash(), m2.hash());
+  // structure_key (a code generator memo's key): equal exactly where the structure, the captures' dtype and rank and
+  // the names the generated text prints are equal
+  EXPECT_EQ(mk(0.5).structure_key(), mk(0.5).structure_key());
+  EXPECT_NE(mk(0.5).structure_key(), mk(0.25).structure_key());
+  EXPECT_EQ(a.structure_key(), b.structure_key());
+  EXPECT_NE(a.structure_key(), c.structure_key());
+  EXPECT_NE(m1.structure_key(), m2.structure_key());
+  Captured named(from_vector(std::vector<float>{1, 2, 3, 4}, {4}), "bias");
+  EXPECT_NE(a.structure_key(), trace_score_mod([named](Expr s, Expr, Expr h, Expr, Expr) { return s + named[h]; })
+                                   .structure_key());
+  Captured rank2(from_vector(std::vector<float>{1, 2, 3, 4}, {2, 2}));
+  EXPECT_NE(a.structure_key(), trace_score_mod([rank2](Expr s, Expr, Expr h, Expr, Expr) { return s + rank2[h][h]; })
+                                   .structure_key());
 }
 
 TEST(Expr, FoldingAndCseReduceNodes) {

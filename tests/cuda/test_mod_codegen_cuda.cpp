@@ -393,6 +393,65 @@ TEST_F(ModCodegenCuda, IntegerErrorsAreFlaggedNotACrash) {
 
 // The kernel-choice overrides' 0 / 1 switch (host only, no GPU): unset and empty read as unset, 0 and 1 as
 // themselves, anything else raises a ValueError naming the variable and the value.
+// make_mod_context takes the generated text from a memo keyed by the programs' structure and the captures' kernel
+// slots: programs traced afresh each call reuse it, and whatever changes the text (a capture's dtype, two programs
+// sharing a captured tensor or not, the derivative, approx_math) changes the key. Each text is checked against
+// emit_cuda_mods run directly. (CPU tensors: no GPU needed.)
+TEST(FlexCudaModsMemo, RepeatedCallsReuseTheTextAndEveryDifferenceIsInTheKey) {
+  const IndexBounds bounds{1, 2, 8, 8};
+  auto doc_mask = [](const Tensor& ids) {
+    Captured doc(ids, "doc");
+    return trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); });
+  };
+  auto doc_bias = [](const Tensor& ids) {
+    Captured doc(ids, "doc");
+    // d / d score reads doc too: the derivative's programs carry the capture (their slots by identity)
+    return trace_score_mod([doc](Expr s, Expr, Expr, Expr, Expr kv) { return tanh(s * to_float(Expr(doc[kv]) + 1)); });
+  };
+  const Tensor ids64 = from_vector(std::vector<int64_t>{0, 0, 1, 1, 1, 2, 2, 2}, {8}, kInt64);
+  const Tensor ids32 = from_vector(std::vector<int64_t>{0, 0, 1, 1, 1, 2, 2, 2}, {8}, kInt32);
+  const Tensor other64 = from_vector(std::vector<int64_t>{0, 0, 1, 1, 1, 2, 2, 2}, {8}, kInt64);
+  struct Call {
+    const char* name;
+    Tensor score_ids, mask_ids;
+    bool grad, approx;
+    std::vector<int> score_slots, mask_slots;  // what make_mod_context assigns (for the direct emission)
+  };
+  const std::vector<Call> calls = {
+      {"one tensor for both programs", ids64, ids64, false, false, {0}, {0}},
+      {"two tensors", ids64, other64, false, false, {0}, {1}},
+      {"int32 ids", ids32, ids32, false, false, {0}, {0}},
+      {"with the derivative", ids64, ids64, true, false, {0}, {0}},
+      {"approx_math", ids64, ids64, true, true, {0}, {0}},
+  };
+  std::vector<std::string> texts;
+  for (const Call& c : calls) {
+    SCOPED_TRACE(c.name);
+    for (int rep = 0; rep < 2; ++rep) {  // traced afresh each time, as flex_attention does per call
+      const ModProgram score = doc_bias(c.score_ids), mask = doc_mask(c.mask_ids);
+      const ScoreModBackward g = derive_score_mod(score);
+      const std::vector<bool> needs(g.captures.size(), false);
+      const cuda::flex::ModContext ctx = cuda::flex::make_mod_context(
+          &score, &mask, c.grad ? &g : nullptr, needs, kCPU, "test", bounds, c.approx);
+      CudaModsInput in;
+      in.score_mod = &score;
+      in.mask_mod = &mask;
+      in.score_slots = c.score_slots;
+      in.mask_slots = c.mask_slots;
+      in.approx_math = c.approx;
+      if (c.grad) {
+        in.score_grad = &g;
+        in.grad_slots = c.score_slots;
+        in.grad_needed = needs;
+      }
+      EXPECT_EQ(ctx.source, "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in));
+      if (rep == 0) texts.push_back(ctx.source);
+    }
+  }
+  for (size_t i = 0; i < texts.size(); ++i)
+    for (size_t j = i + 1; j < texts.size(); ++j) EXPECT_NE(texts[i], texts[j]) << calls[i].name << " / " << calls[j].name;
+}
+
 TEST(FlexCudaEnv, SwitchReadsZeroOneAndNamesBadValues) {
   const char* name = "FLEXGRAD_TEST_ENV_SWITCH";
   fg::testing::ScopedEnv env(name, nullptr);
