@@ -104,7 +104,7 @@ std::string cuda_mods_source(const CudaModsInput& in, const std::vector<CaptureR
   }
   std::string text = emit_cuda_mods(in);  // (outside the lock: it may throw, and it is the slow part)
   std::lock_guard lock(mu);
-  if (memo.size() >= 4096) memo.clear();  // a bound for programs made afresh without end; refilled on use
+  if (memo.size() >= 1024) memo.clear();  // a bound (~10 KiB an entry) for programs made afresh without end
   return memo.emplace(std::move(key), std::move(text)).first->second;
 }
 
