@@ -522,19 +522,22 @@ TEST_P(FlexForwardCuda, DecodeUnevenRowsAndEmptyRows) {
 }
 
 // Every case on the tiled kernel in every dtype; on the split-KV kernel in the dtypes it runs.
+std::string dtype_param_name(const ::testing::TestParamInfo<std::tuple<DType, FlexCudaForward>>& info) {
+  return dtype_name(std::get<0>(info.param));
+}
 INSTANTIATE_TEST_SUITE_P(Tiled, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16, kFloat32, kFloat64),
                                             ::testing::Values(FlexCudaForward::Tiled)),
-                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+                         dtype_param_name);
 INSTANTIATE_TEST_SUITE_P(SplitKv, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
                                             ::testing::Values(FlexCudaForward::SplitKv)),
-                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+                         dtype_param_name);
 // The Hopper kernel pads head dims to 64, so it runs every case (E = 16, 20, 80 ... included).
 INSTANTIATE_TEST_SUITE_P(Wgmma, FlexForwardCuda,
                          ::testing::Combine(::testing::Values(kBFloat16, kFloat16),
                                             ::testing::Values(FlexCudaForward::Wgmma)),
-                         [](const auto& info) { return std::string(dtype_name(std::get<0>(info.param))); });
+                         dtype_param_name);
 
 // Auto's choice, and the split-KV kernel's refusals. (With FLEXGRAD_FLEX_WGMMA=0: Auto's prefill calls go to the
 // tiled kernel on Hopper too, so "tiled" below is one kernel on every GPU.)
