@@ -28,7 +28,9 @@ for a in "$@"; do [ "${prev:-}" = --case ] && first_case=$a && break; prev=$a; d
 echo "== ours: first call in a fresh process, empty disk cache (cold compile), then cached" >&2
 # On our generated kernels (FLEXGRAD_FLEX_CUDNN=0): on Hopper Auto sends causal to cuDNN, whose first call builds
 # a cuDNN graph and compiles none of ours (session 13's table timed that by mistake).
-FLEXGRAD_FLEX_CUDNN=0 FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --first-call "$first_case" >"$log/compile_cold.txt" 2>&1
+# NVRTC 12.9+ also keeps a cache of its own (a machine that compiled the same text before would time a hit):
+# FLEXGRAD_NVRTC_NO_CACHE=1 turns it off for the cold row.
+FLEXGRAD_NVRTC_NO_CACHE=1 FLEXGRAD_FLEX_CUDNN=0 FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --first-call "$first_case" >"$log/compile_cold.txt" 2>&1
 FLEXGRAD_FLEX_CUDNN=0 FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --first-call "$first_case" >"$log/compile_cached.txt" 2>&1
 echo "== ours" >&2
 FLEXGRAD_CACHE_DIR=$jit "$bin" ${OURS_ARGS:-} --csv "$log/ours.csv" "$@" 2>&1 | tee "$log/ours.txt" >&2

@@ -1,6 +1,7 @@
 // The FlexAttention backward on CUDA: host side of kernels/flex_backward.cuh. Builds the kernel
 // parameters from a FlexProblem, picks the kernel family and tiles, compiles the translation unit once
-// per configuration (jit cache) and launches preprocess -> dK/dV -> dQ (-> captured-gradient finalize).
+// per configuration (jit cache) and launches preprocess -> dK/dV -> dQ (-> captured-gradient finalize), or, where the
+// warp-specialised dQ kernel computes the preprocess's delta itself (dq_delta below), dQ -> dK/dV.
 //
 // Kernel families: bf16/f16 with head dims that are multiples of 16 up to 128 run on tensor cores
 // (mma.sync, fp32 accumulation); float32 (exact FFMA, no TF32), float64 and the remaining bf16/f16 head
@@ -288,6 +289,7 @@ cudaStream_t concurrent_stream(int device, cudaStream_t main) {
 }
 
 std::atomic<int64_t> g_concurrent_dq_calls{0};
+std::atomic<int64_t> g_dq_delta_calls{0};
 
 // A fork of the call's stream: work put on `side` after construction follows what the call's stream had queued,
 // and from destruction on (exceptions included) the call's stream waits for `side`'s work: the caller's reads of
@@ -404,6 +406,21 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const bool pre_vec = (dt == kBFloat16 || dt == kFloat16) && vec_ok(outc, p.Ev) && vec_ok(dout, p.Ev);
   const int64_t pre_rows = !pre_vec ? 1 : p.Ev / 8 < 32 && 32 % (p.Ev / 8) == 0 ? 32 / (p.Ev / 8) : 1;
   if (pre_vec) defines.emplace_back("FG_PRE_VEC 1");
+  const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
+  const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
+  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in until an H200 has timed it): the dQ kernel runs on a second stream beside
+  // the dK/dV kernel (both read the same inputs, the preprocess's included, and write different outputs), so that
+  // one's ramp and tail overlap the other's work: the short rows of document masks and sliding windows. Not where
+  // dQ waits for the captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where
+  // the dK/dV kernel sums dQ itself. The same kernels, so the same results.
+  const bool concurrent = dq_kernel_runs && cap_mode != 1 && env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(false);
+  // The warp-specialised dQ kernel computes the rows' delta and lse2 itself (FG_BWD_DQ_DELTA, bit for bit the
+  // preprocess's sums) and runs first; the dK/dV kernel reads what it wrote: no preprocess kernel, whose pass over O
+  // and dO was ~5% of a document mask's backward (51 us of ~1.07 ms on the H200, session 11), nor its launch. Not
+  // where dQ waits for the dK/dV pass (deterministic captured gradients) or runs beside it (concurrent).
+  // FLEXGRAD_FLEX_BWD_DQ_DELTA=0 keeps the preprocess (A/B).
+  const bool dq_delta = ws.dq && pre_vec && dq_kernel_runs && cap_mode != 1 && !concurrent &&
+                        env_switch("FLEXGRAD_FLEX_BWD_DQ_DELTA").value_or(true);
   if (cfg.wgmma) {
     for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
@@ -413,6 +430,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
     if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
+    if (dq_delta) defines.emplace_back("FG_BWD_DQ_DELTA 1");
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
   const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize"
@@ -526,19 +544,11 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   void* dkdv_args[] = {&bp, &ctx.args, &qmaps};
   void* dq_args[] = {&bp, &ctx.args, &kvmaps};
   const int64_t rows = p.B * p.Hq * p.Lq;
-  if (rows > 0) {
+  if (rows > 0 && !dq_delta) {
     const int64_t per_cta = 8 * pre_rows;  // 8 warps of pre_rows rows
     jit::launch(mod->function("fg_bwd_preprocess"), {static_cast<unsigned>((rows + per_cta - 1) / per_cta)}, {256}, 0,
                 pargs, device);
   }
-  const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
-  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in until an H200 has timed it): the dQ kernel runs on a second stream beside
-  // the dK/dV kernel (both read the same inputs, the preprocess's included, and write different outputs), so that
-  // one's ramp and tail overlap the other's work: the short rows of document masks and sliding windows. Not where
-  // dQ waits for the captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where
-  // the dK/dV kernel sums dQ itself. The same kernels, so the same results.
-  const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
-  const bool concurrent = dq_kernel_runs && cap_mode != 1 && env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(false);
   // Forked after the preprocess (which both kernels read) and before the dK/dV launch; joined once dQ is queued.
   std::optional<StreamFork> fork;
   if (concurrent) {
@@ -548,6 +558,19 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // A persistent warp-specialised kernel: one CTA an SM (their shared memory allows no second) or the count asked
   // for, each running the grid's CTAs it takes from a queue (fg_for_each_cta).
   auto persistent_grid = [&](int64_t jobs) { return jit::Dim3{persistent_ctas(jobs, ws.persistent, device)}; };
+  auto launch_dq = [&] {
+    jit::launch_on(concurrent ? fork->side() : stream(device), mod->function(dq_kernel),
+                   ws.dq && ws.persistent > 0
+                       ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
+                       : jit::Dim3{static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq),
+                                   static_cast<unsigned>(p.B)},
+                   {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
+                   ws.dq ? dq_args : kargs, device);
+  };
+  if (dq_delta) {
+    launch_dq();  // (it writes the delta and lse2 the dK/dV kernel reads)
+    ++g_dq_delta_calls;
+  }
   if (nKB > 0 && p.Bkv * p.Hkv > 0) {
     const int64_t jobs = nKB * bp.sub_kv * p.Hkv * p.Bkv;
     const jit::Dim3 grid =
@@ -586,14 +609,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if (n4 > 0)
       jit::launch(mod->function(dq_kernel), {static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, 65535))}, {256},
                   0, pargs, device);
-  } else if (dq_kernel_runs) {
-    jit::launch_on(concurrent ? fork->side() : stream(device), mod->function(dq_kernel),
-                   ws.dq && ws.persistent > 0
-                       ? persistent_grid(nQB * bp.sub_q * p.Hq * p.B)
-                       : jit::Dim3{static_cast<unsigned>(nQB * bp.sub_q), static_cast<unsigned>(p.Hq),
-                                   static_cast<unsigned>(p.B)},
-                   {static_cast<unsigned>(ws.dq ? 128 * 3 : cfg.wgmma ? 128 * cfg.wg_dq : cfg.threads)}, smem_dq,
-                   ws.dq ? dq_args : kargs, device);
+  } else if (dq_kernel_runs && !dq_delta) {
+    launch_dq();
   }
   fork.reset();  // the finalize below reads what the dQ kernel added to the captured-gradient sums
   for (size_t c = 0; c < ncaps; ++c) {
@@ -619,6 +636,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
 }  // namespace
 
 int64_t concurrent_dq_calls() { return g_concurrent_dq_calls.load(); }
+int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

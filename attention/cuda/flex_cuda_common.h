@@ -90,6 +90,10 @@ unsigned persistent_ctas(int64_t jobs, int64_t setting, int device);
 // How many backward calls of this process ran their dQ kernel on a second stream (FLEXGRAD_FLEX_BWD_CONCURRENT;
 // flex_backward_cuda.cpp): the tests' way to see the option took effect, its results being the same bits.
 int64_t concurrent_dq_calls();
+// How many backward calls of this process had the warp-specialised dQ kernel compute the rows' delta itself, with no
+// preprocess kernel (FG_BWD_DQ_DELTA; flex_backward_cuda.cpp): the tests' way to see it ran, its results being the
+// preprocess's bits.
+int64_t dq_delta_calls();
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

@@ -8,7 +8,8 @@
 // Disk cache: $FLEXGRAD_CACHE_DIR if set, else $XDG_CACHE_HOME/flexgrad, else $HOME/.cache/flexgrad
 // (a directory that cannot be created disables the disk cache with a one-line warning on stderr).
 // Entries are CUBIN files named by the key's hash; writes go to a temporary file renamed into place,
-// so concurrent processes never see half a file.
+// so concurrent processes never see half a file. NVRTC 12.9+ has a cache of its own besides;
+// FLEXGRAD_NVRTC_NO_CACHE=1 turns it off (to time a cold compile).
 #pragma once
 #include <cstddef>
 #include <cstdint>

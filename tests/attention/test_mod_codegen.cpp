@@ -715,6 +715,9 @@ TEST(ModCodegen, BackwardWarpSpecialisedCompilesWithCapturedGradients) {
       in.grad_needed.assign(g.captures.size(), true);
       std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
       tu += fmt::format("#define FG_E {}\n#define FG_EV {}\n#define FG_CAP_MODE {}\n", e, e, cap);
+      // Float64 atomics (cap mode 2) let the dQ kernel compute the preprocess's delta itself (FG_BWD_DQ_DELTA, as the
+      // host chooses it); the fixed-point mode keeps the preprocess.
+      tu += fmt::format("#define FG_PRE_VEC 1\n#define FG_BWD_DQ_DELTA {}\n", cap == 2 ? 1 : 0);
       for (const char* x : {"FG_IN_DTYPE 4", "FG_NT 256", "FG_USE_MMA 1", "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128",
                             "FG_KV_TILE 128", "FG_Q_CHUNK 64", "FG_KV_CHUNK 64", "FG_BWD_WGMMA 1", "FG_VEC 1",
                             "FG_WG_DKDV 2", "FG_WG_DQ 2", "FG_DQ_ATOMIC 0", "FG_BWD_WS_DKDV 1", "FG_BWD_WS_DQ 1"})

@@ -1112,6 +1112,71 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
   testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_CONCURRENT");
 }
 
+// FG_BWD_DQ_DELTA: where the warp-specialised dQ kernel runs, it computes its rows' delta = rowsum(dO * O) - dlse
+// and lse2 itself, in the preprocess's order, writes them for the dK/dV kernel and runs first, with no preprocess
+// kernel: the gradients are the preprocess path's bit for bit (FLEXGRAD_FLEX_BWD_DQ_DELTA=0) and match the float64
+// golden. Cases: the captured document mask clipped at L 300 (a q tile past the sequence's end), GQA with a
+// broadcast kv batch, Lq != Lkv, Ev 64 and a gradient through the lse (dlse), float16, the persistent kernels, and
+// learnable captures summed by float64 atomics. Deterministic captured gradients keep the preprocess (dQ runs after
+// the dK/dV pass there); so does a dQ kernel that is not warp-specialised (q blocks of 64 rows: one warpgroup).
+TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv delta("FLEXGRAD_FLEX_BWD_DQ_DELTA", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  auto check_case = [&](Case c, DType dt, bool expected, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, dt, c.with_dlse, 23);
+    std::vector<int64_t> numel;
+    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    delta.set("0");
+    int64_t calls = cuda::flex::dq_delta_calls();
+    const Grads pre = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::dq_delta_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_DQ_DELTA=0 keeps the preprocess";
+    delta.set(nullptr);
+    calls = cuda::flex::dq_delta_calls();
+    const Grads fold = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::dq_delta_calls() - calls, expected ? 1 : 0) << "delta computed by the dQ kernel";
+    if (c.deterministic) expect_same_bits(fold, pre);  // (float64 atomics otherwise: the golden only)
+    EXPECT_LE(rel_err(fold.dq, gold.g.dq), tol(dt)) << "dq against the golden";
+    EXPECT_LE(rel_err(fold.dk, gold.g.dk), tol(dt)) << "dk against the golden";
+    EXPECT_LE(rel_err(fold.dv, gold.g.dv), tol(dt)) << "dv against the golden";
+    double cap_norm = 0;  // (normalised as in check(): bias[h]'s exact gradient is ~0)
+    for (const Tensor& gc : gold.g.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
+    for (size_t i = 0; i < fold.dcaps.size() && i < gold.g.dcaps.size(); ++i)
+      EXPECT_LE(rel_err(fold.dcaps[i], gold.g.dcaps[i], cap_norm), tol(dt)) << "dcap " << i;
+  };
+  check_case(document_case(), kBFloat16, true, "document, clipped at L 300");
+  check_case(document_case(), kFloat16, true, "document, clipped at L 300");
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 1, 2, 260, 64};
+    c.with_dlse = true;
+    check_case(c, kBFloat16, true, "GQA, broadcast kv batch, Lq != Lkv, Ev 64, dlse");
+  }
+  persistent.set("3");
+  check_case(document_case(), kBFloat16, true, "document, persistent kernels capped at 3 CTAs");
+  persistent.set(nullptr);
+  Tensor hs, tb, bi;
+  Case atomics = learnable_case(2, 200, hs, tb, bi);
+  atomics.deterministic = false;
+  check_case(atomics, kBFloat16, true, "learnable captures summed by float64 atomics");
+  check_case(learnable_case(2, 200, hs, tb, bi), kBFloat16, false, "learnable captures, deterministic: the preprocess");
+  {
+    Case c = document_case();
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300, 64);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kBFloat16, false, "q blocks of 64: the plain dQ kernel and the preprocess");
+  }
+  delta.set("yes");
+  Case c = document_case();
+  c.kernel = FlexCudaBackward::Wgmma;
+  const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
+  const Golden shapes = shapes_only(c.d);
+  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_DQ_DELTA");
+}
+
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD", nullptr);

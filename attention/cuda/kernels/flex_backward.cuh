@@ -411,6 +411,29 @@ __device__ __forceinline__ float fg_dot8(const uint4& a, const uint4& b) {
   }
   return acc;
 }
+// The same delta sum of one row by a quad (lanes t = 0..3 of 4 consecutive), bit for bit: lane s of the preprocess
+// holds fg_dot8 of vector s and the butterfly adds lane s ^ m for m = FG_PRE_VECS / 2 .. 1; here lane t adds its
+// vectors t + 4 k in that order for m down to 4, then the quad's shuffles do m = 2 and 1. Every lane of the warp
+// calls it (it shuffles); `valid` false reads nothing and gives the quad 0. Used by fg_bwd_dq_wgmma_ws
+// (FG_BWD_DQ_DELTA, flex_backward_wgmma.cuh).
+#if FG_PRE_VECS >= 4 && FG_PRE_ROWS > 1
+__device__ __forceinline__ float fg_row_dot_quad(const fg_s* o_row, const fg_s* d_row, bool valid, int t) {
+  constexpr int n = FG_PRE_VECS / 4;
+  const uint4* o = (const uint4*)o_row;
+  const uint4* d = (const uint4*)d_row;
+  float v[n];
+#pragma unroll
+  for (int k = 0; k < n; ++k) v[k] = valid ? fg_dot8(o[t + 4 * k], d[t + 4 * k]) : 0.f;
+#pragma unroll
+  for (int m = n / 2; m >= 1; m /= 2)
+#pragma unroll
+    for (int k = 0; k < m; ++k) v[k] = v[k] + v[k + m];
+  float acc = v[0];
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  return acc;
+}
+#endif
 #else
 #define FG_PRE_ROWS 1
 #endif

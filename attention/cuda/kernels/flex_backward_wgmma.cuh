@@ -48,6 +48,9 @@
 //                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
 //   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; not with
 //                          FG_DQ_ATOMIC); FG_BWD_STAGES (2-4, default 3) its stages
+//   FG_BWD_DQ_DELTA        1: fg_bwd_dq_wgmma_ws computes its rows' delta and lse2 (fg_row_dot_quad: bit for bit
+//                          fg_bwd_preprocess's) and writes them for the dK/dV kernel, which the host then launches
+//                          after it, with no preprocess (needs FG_BWD_WS_DQ and FG_PRE_VEC)
 // Head dims: 64 or 128 (dK, dV and the four products' accumulators stay in registers: at E = Ev = 256 the dK/dV
 // kernel would need 320 a thread). Dynamic shared memory (bytes, + 1024 to align the window for the swizzle):
 //   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
@@ -66,11 +69,17 @@
 #ifndef FG_BWD_WS_DQ
 #define FG_BWD_WS_DQ 0
 #endif
+#ifndef FG_BWD_DQ_DELTA
+#define FG_BWD_DQ_DELTA 0
+#endif
 #include "flex_backward.cuh"
 #include "flex_wgmma.cuh"
 
 #if !FG_USE_MMA || !(FG_IN_DTYPE == FG_DT_BFLOAT16 || FG_IN_DTYPE == FG_DT_FLOAT16) || !FG_BWD_WGMMA
 #error "flex_backward_wgmma: bfloat16 / float16 with FG_USE_MMA 1 and FG_BWD_WGMMA 1 only"
+#endif
+#if FG_BWD_DQ_DELTA && !(FG_BWD_WS_DQ && FG_PRE_VEC)
+#error "FG_BWD_DQ_DELTA: the warp-specialised dQ kernel with FG_PRE_VEC"
 #endif
 #if !(FG_E == 64 || FG_E == 128) || !(FG_EV == 64 || FG_EV == 128)
 #error "flex_backward_wgmma: FG_E and FG_EV are 64 or 128"
@@ -895,8 +904,21 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     for (int hf = 0; hf < 2; ++hf) {
       const int i = qr0 + g + 8 * hf;
       rv[hf] = i < nq;
+#if FG_BWD_DQ_DELTA
+      // The preprocess's delta and lse2 of the row, computed here from O and dO (the same sum, bit for bit) while the
+      // producer's first loads are in flight, and written for the dK/dV kernel, which runs after this one.
+      const fg_i64 r = row0 + (rv[hf] ? i : 0);
+      const float dot = fg_row_dot_quad(p.out + r * FG_EV, p.dout + r * FG_EV, rv[hf], t);
+      dl[hf] = rv[hf] ? (p.dlse != nullptr ? dot - p.dlse[r] : dot) : 0.f;
+      l2[hf] = rv[hf] ? fg_lse2(p.lse[r]) : 0.f;
+      if (rv[hf] && t == 0) {
+        p.delta[r] = dl[hf];
+        p.lse2[r] = l2[hf];
+      }
+#else
       l2[hf] = rv[hf] ? p.lse2[row0 + i] : 0.f;
       dl[hf] = rv[hf] ? p.delta[row0 + i] : 0.f;
+#endif
     }
     // The mods' row parts of this lane's two q rows, once a grid CTA (the kv walk visits partial blocks first: its
     // first chunk's flag says whether the row has any).
