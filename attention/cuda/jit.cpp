@@ -62,10 +62,13 @@ struct KeyHasher {
   std::string str() const { return hex(a) + hex(b); }
 };
 
-std::string nvrtc_version() {
-  int major = 0, minor = 0;
-  nvrtcVersion(&major, &minor);
-  return std::to_string(major) + "." + std::to_string(minor);
+const std::string& nvrtc_version() {  // (in every call's key: built once)
+  static const std::string v = [] {
+    int major = 0, minor = 0;
+    nvrtcVersion(&major, &minor);
+    return std::to_string(major) + "." + std::to_string(minor);
+  }();
+  return v;
 }
 
 // NVRTC's --split-compile (in 12.8's and 13.0's; not asked of older versions, which might refuse the option).
@@ -323,13 +326,28 @@ std::shared_ptr<const JitModule> get_module(const JitSource& src, int device) {
   return it->second;
 }
 
+namespace {
+
+// Raises a kernel's dynamic shared memory limit on `device` to at least `bytes`, once: the attribute stays set on
+// the kernel (modules are never unloaded, so a kernel handle is never reused for another kernel), and the call
+// cost ~1-2 us of host time on every launch, time the GPU waits for a call's first kernel.
+void ensure_smem_limit(const void* fn, int device, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> raised;
+  std::lock_guard lock(mu);
+  size_t& have = raised[{fn, device}];
+  if (have >= bytes) return;
+  FG_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  have = bytes;
+}
+
+}  // namespace
+
 void launch_on(void* stream, void* function, Dim3 grid, Dim3 block, size_t dynamic_smem, void** args, int device) {
   FG_CHECK(function != nullptr, ValueError, "jit::launch: null kernel");
   DeviceGuard guard(device);
   const void* fn = function;
-  if (dynamic_smem > 48 * 1024) {
-    FG_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_smem)));
-  }
+  if (dynamic_smem > 48 * 1024) ensure_smem_limit(fn, device, dynamic_smem);
   FG_CUDA_CHECK(cudaLaunchKernel(fn, dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), args, dynamic_smem,
                                  static_cast<cudaStream_t>(stream)));
 }
