@@ -206,6 +206,25 @@ Inputs make_inputs(const Dims& d, DType dt, bool with_dlse, uint64_t seed) {
   return in;
 }
 
+// The case's float64 golden on `in` (golden() above), with the captured gradients of c.learnable.
+Golden golden_of(const Case& c, const Inputs& in) {
+  std::vector<int64_t> numel;
+  for (const Tensor& t : c.learnable) numel.push_back(t.numel());
+  return golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+}
+
+// dq, dk, dv and the captured gradients of `g` within `t` of `ref` (relative L2). The captured ones are normalised by
+// the largest of ref's: a shift-invariant bias (bias[h]) has an exact gradient of ~0 that only rounding populates.
+void expect_grads_near(const Grads& g, const Grads& ref, double t) {
+  EXPECT_LE(rel_err(g.dq, ref.dq), t) << "dq";
+  EXPECT_LE(rel_err(g.dk, ref.dk), t) << "dk";
+  EXPECT_LE(rel_err(g.dv, ref.dv), t) << "dv";
+  double cap_norm = 0;
+  for (const Tensor& gc : ref.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
+  for (size_t i = 0; i < g.dcaps.size() && i < ref.dcaps.size(); ++i)
+    EXPECT_LE(rel_err(g.dcaps[i], ref.dcaps[i], cap_norm), t) << "dcap " << i;
+}
+
 // A Golden holding only out / lse of d's shapes, zero: for calls refused before any kernel runs.
 Golden shapes_only(const Dims& d) {
   Golden g;
@@ -327,23 +346,11 @@ class FlexBackwardCuda : public ::testing::TestWithParam<FlexCudaBackward> {
         continue;
       }
       const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
-      std::vector<int64_t> numel;
-      for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-      const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+      const Golden gold = golden_of(c, in);
       last = run_stub(c, in, gold, dt, kCUDA);
-      const double t = std::max(tol(dt), c.min_tol);
-      EXPECT_LE(rel_err(last.dq, gold.g.dq), t) << "dq";
-      EXPECT_LE(rel_err(last.dk, gold.g.dk), t) << "dk";
-      EXPECT_LE(rel_err(last.dv, gold.g.dv), t) << "dv";
+      expect_grads_near(last, gold.g, std::max(tol(dt), c.min_tol));
       EXPECT_GT(norm2(gold.g.dq), 0.0);
-      double cap_norm = 0;
-      for (const Tensor& gc : gold.g.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
       EXPECT_EQ(last.dcaps.size(), gold.g.dcaps.size());
-      for (size_t i = 0; i < last.dcaps.size() && i < gold.g.dcaps.size(); ++i) {
-        // Normalised by the largest captured gradient of the case: a shift-invariant bias (bias[h]) has
-        // an exact gradient of ~0 that only rounding populates.
-        EXPECT_LE(rel_err(last.dcaps[i], gold.g.dcaps[i], cap_norm), t) << "dcap " << i;
-      }
     }
     return last;
   }
@@ -721,9 +728,7 @@ class FlexBackwardWgmma : public ::testing::Test {
   static Grads run(Case c, DType dt, FlexCudaBackward kind, uint64_t seed = 7) {
     c.kernel = kind;
     const Inputs in = make_inputs(c.d, dt, c.with_dlse, seed);
-    std::vector<int64_t> numel;
-    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    const Golden gold = golden_of(c, in);
     return run_stub(c, in, gold, dt, kCUDA);
   }
   // Wgmma and Tiled on the same inputs: two fp32-accumulating kernels over the same bf16 / f16 P and dS agree to
@@ -731,14 +736,8 @@ class FlexBackwardWgmma : public ::testing::Test {
   static void expect_agree(const Case& c, DType dt) {
     SCOPED_TRACE(dtype_name(dt));
     const Grads t = run(c, dt, FlexCudaBackward::Tiled), w = run(c, dt, FlexCudaBackward::Wgmma);
-    const double tl = tol(dt) / 3;
-    EXPECT_LE(rel_err(w.dq, t.dq), tl) << "dq";
-    EXPECT_LE(rel_err(w.dk, t.dk), tl) << "dk";
-    EXPECT_LE(rel_err(w.dv, t.dv), tl) << "dv";
     ASSERT_EQ(w.dcaps.size(), t.dcaps.size());
-    double cap_norm = 0;
-    for (const Tensor& gc : t.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
-    for (size_t i = 0; i < w.dcaps.size(); ++i) EXPECT_LE(rel_err(w.dcaps[i], t.dcaps[i], cap_norm), tl) << "dcap " << i;
+    expect_grads_near(w, t, tol(dt) / 3);
   }
 };
 
@@ -897,9 +896,7 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
     SCOPED_TRACE(dtype_name(dt));
     c.kernel = FlexCudaBackward::Wgmma;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 17);
-    std::vector<int64_t> numel;
-    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    const Golden gold = golden_of(c, in);
     if (poison) poison(in);
     ws.set("0");
     const Grads plain = run_stub(c, in, gold, dt, kCUDA);
@@ -1003,9 +1000,7 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
     SCOPED_TRACE(what);
     c.kernel = FlexCudaBackward::Wgmma;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 23);
-    std::vector<int64_t> numel;
-    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    const Golden gold = golden_of(c, in);
     persistent.set(nullptr);
     cuda::jit::clear_memory_cache();
     const Grads grid = run_stub(c, in, gold, dt, kCUDA);
@@ -1070,9 +1065,7 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
     SCOPED_TRACE(what);
     c.kernel = kind;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 31);
-    std::vector<int64_t> numel;
-    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    const Golden gold = golden_of(c, in);
     concurrent.set(nullptr);
     const Grads one = run_stub(c, in, gold, dt, kCUDA);
     concurrent.set("1");
@@ -1083,12 +1076,7 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
       const bool expected = c.learnable.empty() || !c.deterministic;
       EXPECT_EQ(cuda::flex::concurrent_dq_calls() - calls, expected ? 1 : 0) << "dQ on the second stream";
       if (c.deterministic) expect_same_bits(two, one);  // (float atomics otherwise: the golden only)
-      EXPECT_LE(rel_err(two.dq, gold.g.dq), tol(dt)) << "dq against the golden";
-      EXPECT_LE(rel_err(two.dk, gold.g.dk), tol(dt)) << "dk against the golden";
-      double cap_norm = 0;  // (normalised as in check(): bias[h]'s exact gradient is ~0)
-      for (const Tensor& gc : gold.g.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
-      for (size_t i = 0; i < two.dcaps.size() && i < gold.g.dcaps.size(); ++i)
-        EXPECT_LE(rel_err(two.dcaps[i], gold.g.dcaps[i], cap_norm), tol(dt)) << "dcap " << i;
+      expect_grads_near(two, gold.g, tol(dt));
     }
     concurrent.set(nullptr);
   };
@@ -1127,9 +1115,7 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
     SCOPED_TRACE(dtype_name(dt));
     c.kernel = FlexCudaBackward::Wgmma;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 23);
-    std::vector<int64_t> numel;
-    for (const Tensor& t : c.learnable) numel.push_back(t.numel());
-    const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, numel);
+    const Golden gold = golden_of(c, in);
     delta.set("0");
     int64_t calls = cuda::flex::dq_delta_calls();
     const Grads pre = run_stub(c, in, gold, dt, kCUDA);
@@ -1139,13 +1125,7 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
     const Grads fold = run_stub(c, in, gold, dt, kCUDA);
     EXPECT_EQ(cuda::flex::dq_delta_calls() - calls, expected ? 1 : 0) << "delta computed by the dQ kernel";
     if (c.deterministic) expect_same_bits(fold, pre);  // (float64 atomics otherwise: the golden only)
-    EXPECT_LE(rel_err(fold.dq, gold.g.dq), tol(dt)) << "dq against the golden";
-    EXPECT_LE(rel_err(fold.dk, gold.g.dk), tol(dt)) << "dk against the golden";
-    EXPECT_LE(rel_err(fold.dv, gold.g.dv), tol(dt)) << "dv against the golden";
-    double cap_norm = 0;  // (normalised as in check(): bias[h]'s exact gradient is ~0)
-    for (const Tensor& gc : gold.g.dcaps) cap_norm = std::max(cap_norm, norm2(gc));
-    for (size_t i = 0; i < fold.dcaps.size() && i < gold.g.dcaps.size(); ++i)
-      EXPECT_LE(rel_err(fold.dcaps[i], gold.g.dcaps[i], cap_norm), tol(dt)) << "dcap " << i;
+    expect_grads_near(fold, gold.g, tol(dt));
   };
   check_case(document_case(), kBFloat16, true, "document, clipped at L 300");
   check_case(document_case(), kFloat16, true, "document, clipped at L 300");
