@@ -506,67 +506,61 @@ std::vector<char> ModProgram::live(const std::vector<int32_t>& outputs) const {
   return needed;
 }
 
-uint64_t ModProgram::hash() const {
-  uint64_t h = mix(0x666c65786772ULL, static_cast<uint64_t>(type_));
+// The one walk over a program's structure that hash(), structurally_equal() and structure_key() derive from: every
+// field, in one order, as 64-bit words to `word`, and with `spelling` the fields only the generated text reads
+// (implicit casts, output and capture names; strings as their length and then `bytes`). The counts go first, so two
+// different programs never give the same sequence.
+template <class Word, class Bytes>
+void ModProgram::walk_structure(bool spelling, Word&& word, Bytes&& bytes) const {
+  word(static_cast<uint64_t>(type_));
+  word(instrs_.size());
   for (const Instr& in : instrs_) {
-    h = mix(h, (static_cast<uint64_t>(in.op) << 8) | static_cast<uint64_t>(in.kind));
-    h = mix(h, static_cast<uint64_t>(in.ivalue));
-    h = mix(h, std::bit_cast<uint64_t>(in.value));
-    h = mix(h, static_cast<uint64_t>(static_cast<int64_t>(in.capture)));
-    for (int32_t a : in.args) h = mix(h, static_cast<uint64_t>(a));
+    word((static_cast<uint64_t>(in.op) << 8) | static_cast<uint64_t>(in.kind));
+    if (spelling) word(in.implicit ? 1 : 0);
+    word(static_cast<uint64_t>(in.ivalue));
+    word(std::bit_cast<uint64_t>(in.value));
+    word(static_cast<uint64_t>(static_cast<int64_t>(in.capture)));
+    word(in.args.size());
+    for (int32_t a : in.args) word(static_cast<uint64_t>(a));
   }
-  for (int32_t o : outputs_) h = mix(h, static_cast<uint64_t>(o));
-  for (const CaptureRef& c : captures_) h = mix(mix(h, static_cast<uint64_t>(c.tensor.dtype())), c.tensor.dim());
+  word(outputs_.size());
+  for (int32_t o : outputs_) word(static_cast<uint64_t>(o));
+  if (spelling) {
+    for (const std::string& n : output_names_) {
+      word(n.size());
+      bytes(n);
+    }
+  }
+  word(captures_.size());
+  for (const CaptureRef& c : captures_) {
+    word(static_cast<uint64_t>(c.tensor.dtype()));
+    word(static_cast<uint64_t>(c.tensor.dim()));
+    if (spelling) {
+      word(c.name.size());
+      bytes(c.name);
+    }
+  }
+}
+
+uint64_t ModProgram::hash() const {
+  uint64_t h = 0x666c65786772ULL;
+  walk_structure(false, [&h](uint64_t w) { h = mix(h, w); }, [](const std::string&) {});
   return h;
 }
 
 std::string ModProgram::structure_key() const {
   std::string k;
-  auto put = [&k](const auto& v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
-  put(static_cast<uint8_t>(type_));
-  put(instrs_.size());
-  for (const Instr& in : instrs_) {
-    put(static_cast<uint8_t>(in.op));
-    put(static_cast<uint8_t>(in.kind));
-    put(static_cast<uint8_t>(in.implicit));
-    put(in.capture);
-    put(in.ivalue);
-    put(std::bit_cast<uint64_t>(in.value));
-    put(in.args.size());
-    for (int32_t a : in.args) put(a);
-  }
-  put(outputs_.size());
-  for (int32_t o : outputs_) put(o);
-  for (const std::string& n : output_names_) {
-    put(n.size());
-    k += n;
-  }
-  put(captures_.size());
-  for (const CaptureRef& c : captures_) {
-    put(static_cast<uint8_t>(c.tensor.dtype()));
-    put(c.tensor.dim());
-    put(c.name.size());
-    k += c.name;
-  }
+  walk_structure(
+      true, [&k](uint64_t w) { k.append(reinterpret_cast<const char*>(&w), sizeof w); },
+      [&k](const std::string& b) { k += b; });
   return k;
 }
 
 bool ModProgram::structurally_equal(const ModProgram& o) const {
-  if (type_ != o.type_ || instrs_.size() != o.instrs_.size() || outputs_ != o.outputs_ ||
-      captures_.size() != o.captures_.size())
-    return false;
-  for (size_t i = 0; i < instrs_.size(); ++i) {
-    const Instr &a = instrs_[i], &b = o.instrs_[i];
-    if (a.op != b.op || a.kind != b.kind || a.ivalue != b.ivalue ||
-        std::bit_cast<uint64_t>(a.value) != std::bit_cast<uint64_t>(b.value) || a.capture != b.capture ||
-        a.args != b.args)
-      return false;
-  }
-  for (size_t i = 0; i < captures_.size(); ++i)
-    if (captures_[i].tensor.dtype() != o.captures_[i].tensor.dtype() ||
-        captures_[i].tensor.dim() != o.captures_[i].tensor.dim())
-      return false;
-  return true;
+  std::vector<uint64_t> a, b;
+  walk_structure(false, [&a](uint64_t w) { a.push_back(w); }, [](const std::string&) {});
+  o.walk_structure(false, [&b](uint64_t w) { b.push_back(w); }, [](const std::string&) {});
+  return a == b;
 }
 
 // ---------------------------------------------------------------- scalar evaluation

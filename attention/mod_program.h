@@ -134,6 +134,9 @@ class ModProgram {
  private:
   friend class ProgramBuilder;
   friend ModProgram lower_expr(const Expr&, ModProgram::Type);
+  // hash(), structurally_equal() and structure_key()'s one walk over the fields (mod_program.cpp).
+  template <class Word, class Bytes>
+  void walk_structure(bool spelling, Word&& word, Bytes&& bytes) const;
   Type type_ = Type::Derived;
   std::vector<Instr> instrs_;
   std::vector<int32_t> outputs_;
