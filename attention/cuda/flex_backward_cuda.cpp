@@ -408,7 +408,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (pre_vec) defines.emplace_back("FG_PRE_VEC 1");
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
-  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in until an H200 has timed it): the dQ kernel runs on a second stream beside
+  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in: within the noise on the H200, session 21): the dQ kernel runs on a second stream beside
   // the dK/dV kernel (both read the same inputs, the preprocess's included, and write different outputs), so that
   // one's ramp and tail overlap the other's work: the short rows of document masks and sliding windows. Not where
   // dQ waits for the captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where

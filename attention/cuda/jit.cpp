@@ -71,12 +71,15 @@ const std::string& nvrtc_version() {  // (in every call's key: built once)
   return v;
 }
 
-// NVRTC's --split-compile (in 12.8's and 13.0's; not asked of older versions, which might refuse the option).
-bool split_compile_supported() {
-  int major = 0, minor = 0;
-  nvrtcVersion(&major, &minor);
-  return major > 12 || (major == 12 && minor >= 8);
+// Whether the loaded NVRTC is version major.minor or newer (options older versions refuse are asked only then).
+bool nvrtc_at_least(int major, int minor) {
+  int have_major = 0, have_minor = 0;
+  nvrtcVersion(&have_major, &have_minor);
+  return have_major > major || (have_major == major && have_minor >= minor);
 }
+
+// NVRTC's --split-compile (in 12.8's and 13.0's; not asked of older versions, which might refuse the option).
+bool split_compile_supported() { return nvrtc_at_least(12, 8); }
 
 // NVRTC 12.9+ keeps a cache of its own across processes, so a "cold" compile timed on a machine that compiled the
 // same text before measures a cache hit (session 25: 3 backward and forward modules in 0.16 s on the H200, against
@@ -86,9 +89,7 @@ bool nvrtc_no_cache() {
   static const bool on = [] {
     const char* env = std::getenv("FLEXGRAD_NVRTC_NO_CACHE");
     if (env == nullptr || *env == '\0' || std::string(env) == "0") return false;
-    int major = 0, minor = 0;
-    nvrtcVersion(&major, &minor);
-    return major > 12 || (major == 12 && minor >= 9);  // (older versions have no cache and refuse the option)
+    return nvrtc_at_least(12, 9);  // (older versions have no cache and refuse the option)
   }();
   return on;
 }

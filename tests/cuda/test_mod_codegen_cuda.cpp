@@ -391,8 +391,6 @@ TEST_F(ModCodegenCuda, IntegerErrorsAreFlaggedNotACrash) {
                    message_of<ValueError>([&] { neg.evaluate(0, 0, rn.error.index - 100, rn.error.size + 3); }));
 }
 
-// The kernel-choice overrides' 0 / 1 switch (host only, no GPU): unset and empty read as unset, 0 and 1 as
-// themselves, anything else raises a ValueError naming the variable and the value.
 // make_mod_context takes the generated text from a memo keyed by the programs' structure and the captures' kernel
 // slots: programs traced afresh each call reuse it, and whatever changes the text (a capture's dtype, two programs
 // sharing a captured tensor or not, the derivative, approx_math) changes the key. Each text is checked against
@@ -452,6 +450,8 @@ TEST(FlexCudaModsMemo, RepeatedCallsReuseTheTextAndEveryDifferenceIsInTheKey) {
     for (size_t j = i + 1; j < texts.size(); ++j) EXPECT_NE(texts[i], texts[j]) << calls[i].name << " / " << calls[j].name;
 }
 
+// The kernel-choice overrides' 0 / 1 switch (host only, no GPU): unset and empty read as unset, 0 and 1 as
+// themselves, anything else raises a ValueError naming the variable and the value.
 TEST(FlexCudaEnv, SwitchReadsZeroOneAndNamesBadValues) {
   const char* name = "FLEXGRAD_TEST_ENV_SWITCH";
   fg::testing::ScopedEnv env(name, nullptr);

@@ -384,6 +384,12 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
   return p;
 }
 
+// Row r's delta from its rowsum(dO * O): less dlse where the lse has a gradient. (fg_bwd_preprocess's, and the
+// warp-specialised dQ kernel's with FG_BWD_DQ_DELTA: one expression, so the same bits.)
+__device__ __forceinline__ fg_t fg_row_delta(const FgBwdParams& p, fg_i64 r, fg_t dot) {
+  return p.dlse != nullptr ? dot - p.dlse[r] : dot;
+}
+
 // delta = rowsum(out * dout) (- dlse) and lse2 = fg_lse2(lse), a row per `lanes` lanes. With FG_PRE_VEC (16-bit
 // inputs whose rows of FG_EV elements are 16-byte aligned, FG_EV a multiple of 8; the host checks) a lane loads 8
 // elements at once and a warp takes FG_PRE_ROWS rows (4 at Ev 64, 2 at 128): a warp a row with 2-byte loads read O
@@ -457,7 +463,7 @@ extern "C" __global__ void fg_bwd_preprocess(const FgBwdParams p) {
 #pragma unroll
   for (int s = lanes / 2; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);  // within the row's lanes
   if (sub == 0 && r < rows) {
-    p.delta[r] = p.dlse != nullptr ? acc - p.dlse[r] : acc;
+    p.delta[r] = fg_row_delta(p, r, acc);
     p.lse2[r] = fg_lse2(p.lse[r]);
   }
 }

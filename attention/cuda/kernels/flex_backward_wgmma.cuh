@@ -909,7 +909,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       // producer's first loads are in flight, and written for the dK/dV kernel, which runs after this one.
       const fg_i64 r = row0 + (rv[hf] ? i : 0);
       const float dot = fg_row_dot_quad(p.out + r * FG_EV, p.dout + r * FG_EV, rv[hf], t);
-      dl[hf] = rv[hf] ? (p.dlse != nullptr ? dot - p.dlse[r] : dot) : 0.f;
+      dl[hf] = rv[hf] ? fg_row_delta(p, r, dot) : 0.f;
       l2[hf] = rv[hf] ? fg_lse2(p.lse[r]) : 0.f;
       if (rv[hf] && t == 0) {
         p.delta[r] = dl[hf];
