@@ -11,6 +11,7 @@ namespace fg {
 FG_DEFINE_STUB(BlockMaskEvalFn, block_mask_eval_stub);
 FG_DEFINE_STUB(BlockBitsFn, block_bits_stub);
 FG_DEFINE_STUB(BlockListsFn, block_lists_stub);
+FG_DEFINE_STUB(VisitedBlocksFn, visited_blocks_stub);
 
 namespace {
 
@@ -101,7 +102,9 @@ BlockMask create_block_mask(const MaskMod& mask_mod, std::optional<int64_t> B_op
            bs.kv);
   auto program = std::make_shared<const ModProgram>(trace_mask_mod(mask_mod ? mask_mod : MaskMod(noop_mask)));
   Tensor bits = block_mask_eval_stub(device, *program, B, H, Q_LEN, KV_LEN, bs, device);
-  return BlockMask::assemble(bits, true, bs, mask_mod, program, {Q_LEN, KV_LEN});
+  BlockMask m = BlockMask::assemble(bits, true, bs, mask_mod, program, {Q_LEN, KV_LEN});
+  m.visited_ = visited_blocks_stub(device, m.kv_num_blocks_, m.full_kv_num_blocks_);
+  return m;
 }
 
 BlockMask BlockMask::from_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, const Tensor& full_num,
@@ -138,7 +141,9 @@ BlockMask BlockMask::from_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, 
   // The validated int32 copies go back to the tensors' device, where the lists are built.
   auto on_dev = [&](const Tensor& t) { return t.defined() ? t.to(dev) : t; };
   Tensor bits = block_bits_stub(dev, on_dev(n), on_dev(ix), on_dev(fn), on_dev(fi));
-  return assemble(bits, full_num.defined(), bs, std::move(mask_mod), nullptr, lengths);
+  BlockMask m = assemble(bits, full_num.defined(), bs, std::move(mask_mod), nullptr, lengths);
+  m.visited_ = visited_blocks_stub(dev, m.kv_num_blocks_, m.full_kv_num_blocks_);
+  return m;
 }
 
 BlockMask BlockMask::from_valid_kv_blocks(const Tensor& kv_num, const Tensor& kv_idx, const Tensor& full_num,
@@ -149,9 +154,15 @@ BlockMask BlockMask::from_valid_kv_blocks(const Tensor& kv_num, const Tensor& kv
 }
 
 double BlockMask::sparsity() const {
-  // Integer sums give int64 (exact), on the mask's device; one scalar comes back.
-  int64_t blocks = sum(kv_num_blocks_).item<int64_t>();
-  if (has_full_blocks()) blocks += sum(full_kv_num_blocks_).item<int64_t>();
+  // The count where the host has it; else integer sums (int64, exact) on the mask's device, one scalar back.
+  std::optional<int64_t> known = visited_ ? visited_->known() : std::nullopt;
+  int64_t blocks = 0;
+  if (known) {
+    blocks = *known;
+  } else {
+    blocks = sum(kv_num_blocks_).item<int64_t>();
+    if (has_full_blocks()) blocks += sum(full_kv_num_blocks_).item<int64_t>();
+  }
   const double dense_ratio = static_cast<double>(blocks * block_size_.q * block_size_.kv) / static_cast<double>(numel());
   return 100.0 * (1.0 - dense_ratio);
 }

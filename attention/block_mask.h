@@ -25,6 +25,7 @@
 
 #include "flexgrad/attention/mask_mods.h"
 #include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/visited_blocks.h"
 
 namespace fg {
 
@@ -83,8 +84,14 @@ class BlockMask {
   Shape shape() const { return {batch(), heads(), seq_lengths_.first, seq_lengths_.second}; }
   int64_t numel() const { return shape_numel(shape()); }
   // Percent of the [B, H, Q_LEN, KV_LEN] mask not computed, as PyTorch: 100 * (1 - visited blocks *
-  // block area / numel). Negative when padded blocks make the visited area exceed the mask.
+  // block area / numel). Negative when padded blocks make the visited area exceed the mask. Reads the count
+  // back from the device (a synchronisation) only while visited_blocks() does not know it yet.
   double sparsity() const;
+  // The visited blocks (partial + full over the batch, heads and q-block rows) as the host knows them without
+  // waiting (visited_blocks.h): masks from create_block_mask and from_kv_blocks count theirs where they are
+  // built; the ones derived by select, operator[], adjust and PagedAttention's conversion (built every decoding
+  // step) carry none (null).
+  const std::shared_ptr<const VisitedBlocks>& visited_blocks() const { return visited_; }
   // int32 [B, H, nQ, nKV] on device(): 1 where a block is visited (partial or full).
   Tensor to_dense() const;
   // 0 empty, 1 partial, 2 full (int32 [B, H, nQ, nKV] on device()).
@@ -129,6 +136,7 @@ class BlockMask {
   MaskMod mask_mod_;
   std::shared_ptr<const ModProgram> mask_program_;
   std::vector<uint32_t> versions_;  // of the eight lists' storages when built (0 for an absent list)
+  std::shared_ptr<const VisitedBlocks> visited_;  // null where not counted (visited_blocks())
 };
 
 // Prints str().

@@ -9,6 +9,7 @@
 // block given in both lists stays in both.
 #pragma once
 #include "flexgrad/attention/block_mask.h"
+#include "flexgrad/attention/visited_blocks.h"
 #include "flexgrad/ops/dispatch.h"
 
 namespace fg {
@@ -34,9 +35,14 @@ using BlockBitsFn = Tensor (*)(const Tensor& num, const Tensor& idx, const Tenso
 // Bits -> the eight list fields, in PyTorch's order: each row lists its blocks ascending, then the
 // absent ones ascending (the stable descending argsort of the dense mask).
 using BlockListsFn = BlockLists8 (*)(const Tensor& bits, bool with_full);
+// The forward lists' visited-block count (visited_blocks.h): num [B, H, R] int32 contiguous, full_num the same or
+// undefined. The CPU sums them at once; CUDA sums them on the GPU, queued behind the kernels that wrote them, and
+// copies the count back without waiting for it.
+using VisitedBlocksFn = std::shared_ptr<const VisitedBlocks> (*)(const Tensor& num, const Tensor& full_num);
 
 FG_DECLARE_STUB(BlockMaskEvalFn, block_mask_eval_stub);
 FG_DECLARE_STUB(BlockBitsFn, block_bits_stub);
 FG_DECLARE_STUB(BlockListsFn, block_lists_stub);
+FG_DECLARE_STUB(VisitedBlocksFn, visited_blocks_stub);
 
 }  // namespace fg

@@ -149,12 +149,14 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
     p.mask_mod = bm.mask_program();
     p.kv_lists = lists_of(bm.kv_num_blocks(), bm.kv_indices(), bm.full_kv_num_blocks(), bm.full_kv_indices(), dev);
     p.q_lists = lists_of(bm.q_num_blocks(), bm.q_indices(), bm.full_q_num_blocks(), bm.full_q_indices(), dev);
+    p.visited = bm.visited_blocks();
   } else {
     p.block_q = o.kernel.block_q > 0 ? o.kernel.block_q : 128;  // as create_block_mask's default
     p.block_kv = o.kernel.block_kv > 0 ? o.kernel.block_kv : 128;
     const int64_t nQB = (p.Lq + p.block_q - 1) / p.block_q, nKB = (p.Lkv + p.block_kv - 1) / p.block_kv;
     p.kv_lists = all_full(nQB, nKB, dev);
     if (derive_grad) p.q_lists = all_full(nKB, nQB, dev);  // the backward's lists; inference needs none
+    p.visited = VisitedBlocks::of(nQB * nKB);
   }
   return p;
 }

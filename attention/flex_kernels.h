@@ -7,6 +7,7 @@
 #include "flexgrad/attention/flex_attention.h"
 #include "flexgrad/attention/mod_grad.h"
 #include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/visited_blocks.h"
 #include "flexgrad/ops/dispatch.h"
 #include "flexgrad/tensor/tensor.h"
 
@@ -35,6 +36,9 @@ struct FlexProblem {
   int64_t block_q = 128, block_kv = 128;
   BlockLists kv_lists;  // rows = q blocks, entries = kv blocks (forward, dQ)
   BlockLists q_lists;   // rows = kv blocks, entries = q blocks (dK, dV)
+  // The lists' visited blocks over (Bm, Hm, rows) as the host knows them without waiting (null: not counted);
+  // kernel choices that change speed only read it (the CUDA backward's persistent launch).
+  std::shared_ptr<const VisitedBlocks> visited;
   bool deterministic = true;  // FlexKernelOptions::deterministic
   FlexCudaForward cuda_forward = FlexCudaForward::Auto;  // FlexKernelOptions::cuda_forward
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;  // FlexKernelOptions::cuda_backward

@@ -115,10 +115,21 @@ BlockLists8 lists_cpu(const Tensor& bits, bool with_full) {
   return l;
 }
 
+std::shared_ptr<const VisitedBlocks> visited_cpu(const Tensor& num, const Tensor& full_num) {
+  int64_t n = 0;
+  for (const Tensor* t : {&num, &full_num}) {
+    if (!t->defined()) continue;
+    const int32_t* p = t->data<int32_t>();
+    for (int64_t i = 0; i < t->numel(); ++i) n += p[i];
+  }
+  return VisitedBlocks::of(n);
+}
+
 }  // namespace
 
 FG_REGISTER_KERNEL(block_mask_eval_stub, CPU, &eval_cpu);
 FG_REGISTER_KERNEL(block_bits_stub, CPU, &bits_cpu);
 FG_REGISTER_KERNEL(block_lists_stub, CPU, &lists_cpu);
+FG_REGISTER_KERNEL(visited_blocks_stub, CPU, &visited_cpu);
 
 }  // namespace fg::cpu

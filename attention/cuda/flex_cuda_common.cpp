@@ -200,9 +200,9 @@ std::optional<bool> env_switch(const char* name) {
   return v == "1";
 }
 
-int64_t env_persistent(const char* name) {
+std::optional<int64_t> env_persistent(const char* name) {
   const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return 0;
+  if (env == nullptr || *env == '\0') return std::nullopt;
   char* end = nullptr;
   const long long n = std::strtoll(env, &end, 10);
   FG_CHECK(end != env && *end == '\0' && n >= 0 && n <= (1LL << 31), ValueError,

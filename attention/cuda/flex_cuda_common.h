@@ -81,10 +81,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // empty; ValueError naming the variable for any other value.
 std::optional<bool> env_switch(const char* name);
 
-// A persistent-launch setting from the environment (FLEXGRAD_FLEX_WGMMA_PERSISTENT, ..._BWD_PERSISTENT): 0 when
-// unset (the kernel's own grid), 1 (one CTA an SM), or N >= 2 (at most N CTAs: tests run many grid CTAs a CTA on
-// small problems); ValueError naming the variable for anything else.
-int64_t env_persistent(const char* name);
+// A persistent-launch setting from the environment (FLEXGRAD_FLEX_WGMMA_PERSISTENT, ..._BWD_PERSISTENT): nullopt
+// when unset (the caller's default), 0 (the kernel's own grid), 1 (one CTA an SM), or N >= 2 (at most N CTAs:
+// tests run many grid CTAs a CTA on small problems); ValueError naming the variable for anything else.
+std::optional<int64_t> env_persistent(const char* name);
 // The 1-D grid of a persistent launch of `jobs` grid CTAs under `setting` (env_persistent, > 0) on `device`.
 unsigned persistent_ctas(int64_t jobs, int64_t setting, int device);
 // How many backward calls of this process ran their dQ kernel on a second stream (FLEXGRAD_FLEX_BWD_CONCURRENT;
@@ -94,6 +94,9 @@ int64_t concurrent_dq_calls();
 // preprocess kernel (FG_BWD_DQ_DELTA; flex_backward_cuda.cpp): the tests' way to see it ran, its results being the
 // preprocess's bits.
 int64_t dq_delta_calls();
+// How many backward calls of this process launched the warp-specialised kernels persistent (FG_BWD_PERSISTENT:
+// FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT, or chosen for a mask's short rows; flex_backward_cuda.cpp).
+int64_t persistent_backward_calls();
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

@@ -245,7 +245,7 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   // FLEXGRAD_FLEX_WGMMA_PERSISTENT=1 (opt-in, written in session 19 without a GPU): the warp-specialised loops run
   // one CTA an SM, each running the grid's CTAs it takes from a queue (FgJobQueue), so that one's output stores
   // overlap the next one's Q, row parts and first K / V (fg_fwd_for_each_cta); =N caps the grid at N CTAs (tests).
-  c.persistent = c.pipe >= 2 ? env_persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT") : 0;
+  c.persistent = c.pipe >= 2 ? env_persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT").value_or(0) : 0;
   const bool small_kv = rows_for(p.block_kv, 128) <= 64;
   const bool pipe_spills = c.pipe == 1 && p.score_mod && std::max(c.e_pad, c.ev_pad) > 64;
   c.bn = wide || small_kv || pipe_spills ? 64 : 128;

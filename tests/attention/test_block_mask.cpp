@@ -192,6 +192,26 @@ template <class M> concept BlockSizeCallAssignable = requires(M& m) { m.block_si
 template <class M> concept ListsAssignable = requires(M& m) { m.kv_num_blocks() = Tensor(); };
 template <class M> concept MaskProgramAssignable = requires(M& m) { m.mask_program() = nullptr; };
 
+// The visited-block count (visited_blocks.h) of a CPU mask is known at once: causal at 1000 x 1000 in blocks of
+// 128 visits 1 + 2 + ... + 8 = 36 blocks a (batch, head), over B 2 x H 3: 216; from_kv_blocks counts its own
+// (both lists, as sparsity() does); masks derived by select / operator[] / adjust carry none.
+TEST(BlockMask, VisitedBlockCountIsKnownAtOnceOnTheCpu) {
+  BlockMask m = create_block_mask(causal(), 2, 3, 1000, 1000, 128);
+  ASSERT_TRUE(m.visited_blocks());
+  EXPECT_EQ(m.visited_blocks()->known(), std::optional<int64_t>(216));
+  EXPECT_DOUBLE_EQ(m.sparsity(), 100.0 * (1.0 - 216.0 * 128 * 128 / (6.0 * 1000 * 1000)));
+  // The partial blocks alone: the diagonal of rows 0-6, and all 8 of row 7 (it sticks out past Q_LEN): 15 a plane.
+  BlockMask partial_only = BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices());
+  ASSERT_TRUE(partial_only.visited_blocks());
+  EXPECT_EQ(partial_only.visited_blocks()->known(), std::optional<int64_t>(90));
+  BlockMask twice = BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices(), m.kv_num_blocks(), m.kv_indices());
+  EXPECT_EQ(twice.visited_blocks()->known(), std::optional<int64_t>(180));
+  EXPECT_EQ(m.select(0, 0).visited_blocks(), nullptr);
+  EXPECT_EQ(m[1].visited_blocks(), nullptr);
+  EXPECT_EQ(m.adjust(500, 500).visited_blocks(), nullptr);
+  EXPECT_DOUBLE_EQ(m.select(0, 0).sparsity(), 100.0 * (1.0 - 36.0 * 128 * 128 / (1000.0 * 1000)));
+}
+
 TEST(BlockMask, FieldsCannotBeChangedAfterConstruction) {
   static_assert(!SeqLengthsAssignable<BlockMask> && !SeqLengthsCallAssignable<BlockMask>);
   static_assert(!BlockSizeAssignable<BlockMask> && !BlockSizeCallAssignable<BlockMask>);

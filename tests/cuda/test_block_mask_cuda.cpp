@@ -265,6 +265,46 @@ TEST_F(BlockMaskCuda, EveryMethodWorksOnDeviceMasks) {
                                      "expected one device");
 }
 
+// The visited-block count (visited_blocks.h) of a device mask: summed on the GPU behind its lists and copied back
+// without a wait, so known once the device has passed the copy (a synchronous read of the lists, queued after it,
+// waits for that); then it equals the hand count (causal at 1000 x 1000 in blocks of 128: 36 blocks a (batch,
+// head), 216 over B 2 x H 3) and the CPU mask's, and sparsity() agrees with PyTorch's formula on it. Derived masks
+// carry none. Past the 512 pinned slots of a device a mask gets no count (known() stays empty) and sparsity()
+// reads its lists instead; slots come back when their masks die.
+TEST_F(BlockMaskCuda, VisitedBlockCountComesBackWithoutWaiting) {
+  BlockMask d = create_block_mask(causal, 2, 3, 1000, 1000, 128, dev);
+  BlockMask f = BlockMask::from_kv_blocks(d.kv_num_blocks(), d.kv_indices(), d.full_kv_num_blocks(), d.full_kv_indices(),
+                                          128, causal, std::make_pair(int64_t{1000}, int64_t{1000}));
+  ASSERT_TRUE(d.visited_blocks() && f.visited_blocks());
+  (void)ints(f.kv_num_blocks());  // synchronous: both counts' copies were queued before it
+  EXPECT_EQ(d.visited_blocks()->known(), std::optional<int64_t>(216));
+  EXPECT_EQ(f.visited_blocks()->known(), std::optional<int64_t>(216));
+  EXPECT_EQ(d.visited_blocks()->known(), create_block_mask(causal, 2, 3, 1000, 1000, 128).visited_blocks()->known());
+  EXPECT_DOUBLE_EQ(d.sparsity(), 100.0 * (1.0 - 216.0 * 128 * 128 / (6.0 * 1000 * 1000)));
+  EXPECT_EQ(d.select(0, 0).visited_blocks(), nullptr);
+  EXPECT_EQ(d.adjust(500, 500).visited_blocks(), nullptr);
+
+  // 520 masks alive at once (causal at 256 x 256: 3 blocks each); d and f hold two slots more.
+  const double sparsity3 = 100.0 * (1.0 - 3.0 * 128 * 128 / (256.0 * 256));
+  std::vector<BlockMask> many;
+  for (int i = 0; i < 520; ++i) many.push_back(create_block_mask(causal, std::nullopt, std::nullopt, 256, 256, 128, dev));
+  (void)ints(many.back().kv_num_blocks());
+  int unknown = 0;
+  for (const BlockMask& m : many) {
+    ASSERT_TRUE(m.visited_blocks());
+    const std::optional<int64_t> n = m.visited_blocks()->known();
+    if (n) EXPECT_EQ(*n, 3);
+    unknown += n ? 0 : 1;
+    EXPECT_DOUBLE_EQ(m.sparsity(), sparsity3);
+  }
+  EXPECT_GE(unknown, 520 + 2 - 512) << "more masks than slots, yet every one knew its count";
+  EXPECT_LT(unknown, 520) << "no mask knew its count";
+  many.clear();
+  BlockMask again = create_block_mask(causal, std::nullopt, std::nullopt, 256, 256, 128, dev);
+  (void)ints(again.kv_num_blocks());
+  EXPECT_EQ(again.visited_blocks()->known(), std::optional<int64_t>(3)) << "slots are not given back";
+}
+
 #ifdef FLEXGRAD_WITH_CUDA
 TEST_F(BlockMaskCuda, SecondCallCompilesNothing) {
   auto mm = [](Expr, Expr, Expr q, Expr kv) { return (q - kv) % 5 != 1; };

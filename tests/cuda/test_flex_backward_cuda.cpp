@@ -262,6 +262,7 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
     p.mask_mod = bm.mask_program();
     p.kv_lists = lists(bm.kv_num_blocks(), bm.kv_indices(), bm.full_kv_num_blocks(), bm.full_kv_indices(), dev);
     p.q_lists = lists(bm.q_num_blocks(), bm.q_indices(), bm.full_q_num_blocks(), bm.full_q_indices(), dev);
+    p.visited = bm.visited_blocks();  // as flex_attention's make_problem: the persistent backward's rule reads it
   } else {
     p.block_q = p.block_kv = 128;
     const int64_t nQB = (d.Lq + 127) / 128, nKB = (d.Lkv + 127) / 128;
@@ -272,6 +273,7 @@ Grads run_stub(const Case& c, const Inputs& in, const Golden& gold, DType dt, De
     };
     p.kv_lists = all(nQB, nKB);
     p.q_lists = all(nKB, nQB);
+    p.visited = VisitedBlocks::of(nQB * nKB);
   }
   std::vector<bool> needs;
   if (p.score_grad) {
@@ -1001,7 +1003,7 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
     c.kernel = FlexCudaBackward::Wgmma;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 23);
     const Golden gold = golden_of(c, in);
-    persistent.set(nullptr);
+    persistent.set("0");  // (unset, these short rows would take the persistent launch too)
     cuda::jit::clear_memory_cache();
     const Grads grid = run_stub(c, in, gold, dt, kCUDA);
     for (const char* n : {"3", "1"}) {
@@ -1088,6 +1090,7 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
   atomics.deterministic = false;
   check_case(atomics, kFloat32, FlexCudaBackward::Tiled, "learnable captures summed by float64 atomics: concurrent");
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  persistent.set("0");
   check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, warp-specialised kernels");
   persistent.set("1");
   check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, persistent warp-specialised kernels");
@@ -1155,6 +1158,57 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
   const Golden shapes = shapes_only(c.d);
   testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_DQ_DELTA");
+}
+
+// Unset, FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT leaves the launch to the mask's rows (persistent_pays in
+// flex_backward_cuda.cpp): persistent where each grid CTA walks at most twelve 128-row blocks of the other side on
+// average, the grid where rows are longer and where the host has no count (a mask derived by select). The mask is
+// built on the GPU, its count copied back behind its lists, and read back once synchronously so the count has
+// landed when the backward asks. The persistent launch gives the grid's bits and the float64 golden's values.
+TEST_F(FlexBackwardWgmma, PersistentLaunchWhereTheMasksRowsAreShort) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  auto persistent_launches = [](const Case& c, const Inputs& in, const Golden& gold, Grads& out) {
+    const int64_t before = cuda::flex::persistent_backward_calls();
+    out = run_stub(c, in, gold, kBFloat16, kCUDA);
+    return cuda::flex::persistent_backward_calls() - before;
+  };
+  // A causal window of 256 at L 1024 in blocks of 128: rows of 1, 2, then 3 blocks (21 in all; 336 rows a CTA).
+  const int64_t L = 1024;
+  Case c;
+  c.kernel = FlexCudaBackward::Wgmma;
+  c.d = {1, 2, L, 128, 1, 2, L, 128};
+  c.mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= kv) & (q - kv <= 256); }, std::nullopt,
+                             std::nullopt, L, L, 128, kCUDA);
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv && q - kv <= 256; };
+  (void)c.mask->kv_num_blocks().to(kCPU);  // synchronous: the count's copy was queued before it
+  ASSERT_TRUE(c.mask->visited_blocks());
+  ASSERT_EQ(c.mask->visited_blocks()->known(), std::optional<int64_t>(21));
+  const Inputs in = make_inputs(c.d, kBFloat16, false, 41);
+  const Golden gold = golden_of(c, in);
+  Grads chosen, grid, derived;
+  EXPECT_EQ(persistent_launches(c, in, gold, chosen), 1) << "short rows, the variable unset: persistent";
+  persistent.set("0");
+  EXPECT_EQ(persistent_launches(c, in, gold, grid), 0) << "FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=0: the grid";
+  persistent.set(nullptr);
+  expect_same_bits(chosen, grid);
+  expect_grads_near(chosen, gold.g, tol(kBFloat16));
+  Case no_count = c;
+  no_count.mask = c.mask->select(0, 0);  // the same lists (B = H = 1), no count
+  ASSERT_EQ(no_count.mask->visited_blocks(), nullptr);
+  EXPECT_EQ(persistent_launches(no_count, in, gold, derived), 0) << "no count on the host: the grid";
+  expect_same_bits(derived, grid);
+  // No mask at L 2048: every row visits 16 blocks (2048 rows a CTA): the grid. (The choice reads no values.)
+  Case dense;
+  dense.kernel = FlexCudaBackward::Wgmma;
+  dense.d = {1, 1, 2048, 128, 1, 1, 2048, 128};
+  const Inputs dense_in = make_inputs(dense.d, kBFloat16, false, 43);
+  Grads g;
+  EXPECT_EQ(persistent_launches(dense, dense_in, shapes_only(dense.d), g), 0) << "rows of 16 blocks: the grid";
+  // ... and at L 1024 (8 blocks, 1024 rows a CTA): persistent.
+  dense.d = {1, 1, L, 128, 1, 1, L, 128};
+  EXPECT_EQ(persistent_launches(dense, make_inputs(dense.d, kBFloat16, false, 43), shapes_only(dense.d), g), 1)
+      << "rows of 8 blocks: persistent";
 }
 
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {

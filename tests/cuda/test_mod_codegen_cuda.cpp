@@ -467,14 +467,14 @@ TEST(FlexCudaEnv, SwitchReadsZeroOneAndNamesBadValues) {
                                         "FLEXGRAD_TEST_ENV_SWITCH: expected 0 or 1; got \"yes\"");
 }
 
-// The persistent launches' setting (host only, no GPU): unset / empty 0 (the grid), 1 (one CTA an SM), N >= 2 a CTA
-// cap; anything else raises a ValueError naming the variable and the value.
+// The persistent launches' setting (host only, no GPU): unset / empty nothing (the caller's default), 0 (the grid),
+// 1 (one CTA an SM), N >= 2 a CTA cap; anything else raises a ValueError naming the variable and the value.
 TEST(FlexCudaEnv, PersistentReadsACountAndNamesBadValues) {
   const char* name = "FLEXGRAD_TEST_ENV_PERSISTENT";
   fg::testing::ScopedEnv env(name, nullptr);
-  EXPECT_EQ(cuda::flex::env_persistent(name), 0);
+  EXPECT_EQ(cuda::flex::env_persistent(name), std::nullopt);
   env.set("");
-  EXPECT_EQ(cuda::flex::env_persistent(name), 0);
+  EXPECT_EQ(cuda::flex::env_persistent(name), std::nullopt);
   for (auto [text, n] : {std::pair{"0", 0}, {"1", 1}, {"3", 3}, {"132", 132}}) {
     env.set(text);
     EXPECT_EQ(cuda::flex::env_persistent(name), n) << text;
