@@ -325,6 +325,9 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   if (cfg.wgmma) defines.push_back("FG_WGMMA_PIPE " + std::to_string(cfg.pipe));
   if (cfg.pingpong) defines.push_back("FG_WGMMA_PINGPONG 1");
   if (cfg.persistent > 0) defines.push_back("FG_WGMMA_PERSISTENT 1");
+  // A pure mask_mod alone runs a mods step with no bounds test and a bounds pass on edge sub-tiles only
+  // (fg_frag_mask_step, flex_forward_common.cuh); FLEXGRAD_FLEX_FWD_MASK_STEP=0 keeps the step with bounds (A/B).
+  if (!env_switch("FLEXGRAD_FLEX_FWD_MASK_STEP").value_or(true)) defines.push_back("FG_FWD_MASK_BOUNDS_IN_STEP 1");
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
   const bool tma = cfg.wgmma && cfg.pipe >= 2 && vec && p.Lkv > 0 && wgmma_tma_env();

@@ -184,12 +184,70 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 // serve every row of the thread. Nothing to do when `simple` (no mod reaches the tile and it is all in range:
 // fg_frag_softmax_update scales it). row_mods / col_mods: the rows' and the sub-tile's columns' mod parts
 // (shared memory; unused without mods).
+#if !FG_HAS_SCORE_MOD && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
+// A pure mask_mod alone (FG_MASK_ELEM_PURE: its element part reads nothing and cannot fail): the step evaluates the
+// mask for every entry of the sub-tile with no bounds test (an entry out of range computes from whatever its parts'
+// buffers hold; the bounds pass below, run only on sub-tiles that reach past the sequence, drops it), and selects:
+// per entry the scale, the mask's compare and one select, where the step with bounds also tested the entry's row and
+// column and combined them with `partial` (H100, document mask: 7 instructions an entry before the softmax).
+template <int MF, int NB>
+__device__ __forceinline__ void fg_frag_mask_step(float (&s)[MF][NB][4], bool partial, float scale, int wrow, int g,
+                                                  int t4, int m0, const FgTile& cur, const FgRowMods<float>* row_mods,
+                                                  const FgColMods<float>* col_mods, int b, int h,
+                                                  const FgModArgs& args) {
+  FgRowMods<float> rm[MF][2];
+#pragma unroll
+  for (int f = 0; f < MF; ++f)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) rm[f][hf] = row_mods[wrow + 16 * f + g + 8 * hf];
+#pragma unroll
+  for (int n = 0; n < NB; ++n) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = 8 * n + 2 * t4 + c, kvi = cur.n0 + col;
+      const FgColMods<float> cm = col_mods[col];
+#pragma unroll
+      for (int f = 0; f < MF; ++f)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int qi = m0 + wrow + 16 * f + g + 8 * hf;
+          float& v = s[f][n][2 * hf + c];
+          const bool drop = partial && !fg_mask_elem<float>(rm[f][hf].m, cm.m, b, h, qi, kvi, args);
+          v = drop ? fg_neg_inf() : v * scale;
+        }
+    }
+  }
+}
+#endif
+
+// -inf on the entries of S outside the q rows [m0, m_end) or the sub-tile's columns [cur.n0, cur.nend).
+template <int MF, int NB>
+__device__ __forceinline__ void fg_frag_bounds(float (&s)[MF][NB][4], int wrow, int g, int t4, int m0, int m_end,
+                                               const FgTile& cur) {
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int f = 0; f < MF; ++f)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
+          if (!in) s[f][n][2 * hf + c] = fg_neg_inf();
+        }
+}
+
 template <int MF, int NB>
 __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool simple, bool partial, float scale,
                                                    int wrow, int g, int t4, int m0, int m_end, const FgTile& cur,
                                                    const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
                                                    int b, int h, const FgModArgs& args) {
-#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+#if !FG_HAS_SCORE_MOD && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE && !defined(FG_FWD_MASK_BOUNDS_IN_STEP)
+  if (!simple) {
+    fg_frag_mask_step(s, partial, scale, wrow, g, t4, m0, cur, row_mods, col_mods, b, h, args);
+    if (!(m0 + wrow + 16 * MF <= m_end && cur.n0 + 8 * NB <= cur.nend)) fg_frag_bounds(s, wrow, g, t4, m0, m_end, cur);
+  }
+#elif FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   if (!simple) {
 #if FG_HAS_SCORE_MOD
     // Every visited sub-tile comes here: the bounds drop out of interior ones (warp-uniform test). H200, same
