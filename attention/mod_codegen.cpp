@@ -464,8 +464,11 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     // every entry and select (predicated code; a guarded call made ptxas branch around each entry).
     s += fmt::format("#define FG_MASK_ELEM_PURE {}\n",
                      elem_has_effects(*in.mask_mod, msp, {in.mask_mod->output()}) ? 0 : 1);
+    // FG_MASK_READS_CAPTURES: the mask reads captured tensors (document ids, lengths, tables); the forward's
+    // bounds-free mask step is chosen by it (flex_forward_common.cuh).
+    s += fmt::format("#define FG_MASK_READS_CAPTURES {}\n", in.mask_mod->captures().empty() ? 0 : 1);
   } else {
-    s += "#define FG_MASK_ELEM_PURE 1\n";
+    s += "#define FG_MASK_ELEM_PURE 1\n#define FG_MASK_READS_CAPTURES 0\n";
     s += "template <class T> struct FgMaskRow {};\ntemplate <class T> struct FgMaskCol {};\n"
          "template <class T> __device__ __forceinline__ FgMaskRow<T> fg_mask_row(int, int, int, const FgModArgs&) { return {}; }\n"
          "template <class T> __device__ __forceinline__ FgMaskCol<T> fg_mask_col(int, int, int, const FgModArgs&) { return {}; }\n"

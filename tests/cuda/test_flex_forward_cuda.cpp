@@ -757,6 +757,44 @@ TEST_P(FlexWgmmaPipeline, ManySubTilesWithCapturedColumnParts) {
   }
 }
 
+// A mask_mod alone that reads captured tensors (document ids; no causal part) runs the forward's bounds-free mask step
+// (fg_frag_mask_step: the mask for every entry, then -inf past the sequence on edge sub-tiles only). L 1100 ends
+// inside a q tile and a kv sub-tile, so edge sub-tiles meet the bounds pass with partial and full blocks; against
+// the float64 golden, and bit for bit against the step with bounds (FLEXGRAD_FLEX_FWD_MASK_STEP=0, another module).
+TEST_P(FlexWgmmaPipeline, CapturedMaskAloneTakesTheBoundsFreeStep) {
+  const int64_t L = 1100;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
+  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  const Device cuda(DeviceType::CUDA, 0);
+  Captured dc(doc_cpu), dd(doc_cpu.to(cuda));
+  Case c;
+  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = L;
+  c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return Expr(dc[q]) == Expr(dc[kv]); },
+                                  [dd](Expr, Expr, Expr q, Expr kv) { return Expr(dd[q]) == Expr(dd[kv]); }, L, L, 128);
+  c.mod = [ids](double s, int64_t, int64_t, int64_t q, int64_t kv) { return ids[q] == ids[kv] ? s : -kInf; };
+  check(c);
+  Generator gen(9);
+  Tensor q = randn({c.B, c.Hq, L, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  Tensor k = randn({c.Bkv, c.Hkv, L, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  Tensor v = randn({c.Bkv, c.Hkv, L, c.Ev}, kFloat32, &gen).to(kBFloat16).to(cuda);
+  FlexAttentionOptions o = c.opts;
+  o.kernel.backend = FlexBackend::Fused;
+  o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+  ScopedEnv bn_env("FLEXGRAD_FLEX_WGMMA_BN", std::get<2>(GetParam()));
+  ScopedEnv step("FLEXGRAD_FLEX_FWD_MASK_STEP", nullptr);
+  const Tensor with_pass = flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+  cuda::jit::clear_memory_cache();
+  const cuda::jit::JitStats before = cuda::jit::stats();
+  step.set("0");
+  const Tensor with_bounds = flex_attention(q, k, v, o).out.to(kCPU).to(kFloat64);
+  const cuda::jit::JitStats after = cuda::jit::stats();
+  EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits) << "no module was loaded";
+  EXPECT_TRUE(equal(with_pass, with_bounds)) << "the two steps' outputs differ";
+  step.set("x");
+  testing::expect_error<ValueError>([&] { flex_attention(q, k, v, o); }, "FLEXGRAD_FLEX_FWD_MASK_STEP");
+}
+
 TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
   Case c;
   c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = 600;

@@ -184,12 +184,24 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 // serve every row of the thread. Nothing to do when `simple` (no mod reaches the tile and it is all in range:
 // fg_frag_softmax_update scales it). row_mods / col_mods: the rows' and the sub-tile's columns' mod parts
 // (shared memory; unused without mods).
-#if !FG_HAS_SCORE_MOD && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
-// A pure mask_mod alone (FG_MASK_ELEM_PURE: its element part reads nothing and cannot fail): the step evaluates the
-// mask for every entry of the sub-tile with no bounds test (an entry out of range computes from whatever its parts'
-// buffers hold; the bounds pass below, run only on sub-tiles that reach past the sequence, drops it), and selects:
-// per entry the scale, the mask's compare and one select, where the step with bounds also tested the entry's row and
-// column and combined them with `partial` (H100, document mask: 7 instructions an entry before the softmax).
+// FG_FWD_MASK_STEP: the forward's bounds-free mask step (fg_frag_mask_step) for a pure mask_mod alone
+// (FG_MASK_ELEM_PURE: its element part reads nothing and cannot fail) that reads captured tensors. Measured on an H100
+// (session 26, forward ms, three alternating runs, against the step with bounds): the document mask (captured int64
+// ids) 0.282-0.284 -> 0.265-0.272; but the sliding window, a mask of index arithmetic alone, 0.379-0.380 -> 0.424-0.445
+// (causal unchanged), as session 15 saw a bounds-free copy of the step cost causal and sliding: ptxas lays out their hot
+// loop differently (not looked into without a disassembler), so masks without captures keep the step with bounds.
+// FLEXGRAD_FLEX_FWD_MASK_STEP=0 defines FG_FWD_MASK_BOUNDS_IN_STEP (A/B).
+#ifdef FG_FWD_MASK_BOUNDS_IN_STEP
+#define FG_FWD_MASK_STEP 0
+#else
+#define FG_FWD_MASK_STEP (!FG_HAS_SCORE_MOD && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE && FG_MASK_READS_CAPTURES)
+#endif
+#if FG_FWD_MASK_STEP
+// The step evaluates the mask for every entry of the sub-tile with no bounds test (an entry out of range computes from
+// whatever its parts' buffers hold; the bounds pass below, run only on sub-tiles that reach past the sequence, drops
+// it), and selects: per entry the scale, the mask's compare and one select, where the step with bounds also tested the
+// entry's row and column and combined them with `partial` (H100 SASS, document mask: 7 instructions an entry before
+// the softmax).
 template <int MF, int NB>
 __device__ __forceinline__ void fg_frag_mask_step(float (&s)[MF][NB][4], bool partial, float scale, int wrow, int g,
                                                   int t4, int m0, const FgTile& cur, const FgRowMods<float>* row_mods,
@@ -242,7 +254,7 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
                                                    int wrow, int g, int t4, int m0, int m_end, const FgTile& cur,
                                                    const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
                                                    int b, int h, const FgModArgs& args) {
-#if !FG_HAS_SCORE_MOD && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE && !defined(FG_FWD_MASK_BOUNDS_IN_STEP)
+#if FG_FWD_MASK_STEP
   if (!simple) {
     fg_frag_mask_step(s, partial, scale, wrow, g, t4, m0, cur, row_mods, col_mods, b, h, args);
     if (!(m0 + wrow + 16 * MF <= m_end && cur.n0 + 8 * NB <= cur.nend)) fg_frag_bounds(s, wrow, g, t4, m0, m_end, cur);
