@@ -145,15 +145,15 @@ __device__ __forceinline__ void fg_frag_init(float (&o)[MF][NO][4], float (&m)[M
   }
 }
 
-// fg_frag_mod_scores' mods step; kAllIn: every row of the warp and every column of the sub-tile in range.
-template <bool kAllIn, int MF, int NB>
-__device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool partial, float scale, int wrow, int g,
-                                                  int t4, int m0, int m_end, const FgTile& cur,
-                                                  const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
-                                                  int b, int h, const FgModArgs& args) {
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
-  // The thread's row parts once into registers, a column's once for all its rows (reading a part outside the
-  // range is harmless: it is never used; ptxas had re-read both from shared memory for every entry).
+// Calls fn(v, row parts, column parts, qi, kvi, kv_in) on each entry v = s[f][n][2 hf + c] of the thread (kv_in:
+// kAllIn, or its column inside the sub-tile): the thread's row parts are read into registers once and a column's
+// once for all its rows (ptxas had re-read both from shared memory for every entry). A part outside the range is
+// read too, harmlessly: the callers never keep what it gives there.
+template <bool kAllIn, int MF, int NB, class Fn>
+__device__ __forceinline__ void fg_frag_for_each_entry(float (&s)[MF][NB][4], int wrow, int g, int t4, int m0,
+                                                       const FgTile& cur, const FgRowMods<float>* row_mods,
+                                                       const FgColMods<float>* col_mods, Fn&& fn) {
   FgRowMods<float> rm[MF][2];
 #pragma unroll
   for (int f = 0; f < MF; ++f)
@@ -171,12 +171,25 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = wrow + 16 * f + g + 8 * hf, qi = m0 + row;
-          float& v = s[f][n][2 * hf + c];
-          v = fg_modded_score<float>(v * scale, kv_in && (kAllIn || qi < m_end), partial, rm[f][hf], cm, b, h, qi, kvi,
-                                     args);
+          fn(s[f][n][2 * hf + c], rm[f][hf], cm, qi, kvi, kv_in);
         }
     }
   }
+}
+#endif
+
+// fg_frag_mod_scores' mods step; kAllIn: every row of the warp and every column of the sub-tile in range.
+template <bool kAllIn, int MF, int NB>
+__device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool partial, float scale, int wrow, int g,
+                                                  int t4, int m0, int m_end, const FgTile& cur,
+                                                  const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
+                                                  int b, int h, const FgModArgs& args) {
+#if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+  fg_frag_for_each_entry<kAllIn>(
+      s, wrow, g, t4, m0, cur, row_mods, col_mods,
+      [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool kv_in) {
+        v = fg_modded_score<float>(v * scale, kv_in && (kAllIn || qi < m_end), partial, rm, cm, b, h, qi, kvi, args);
+      });
 #endif
 }
 
@@ -207,28 +220,12 @@ __device__ __forceinline__ void fg_frag_mask_step(float (&s)[MF][NB][4], bool pa
                                                   int t4, int m0, const FgTile& cur, const FgRowMods<float>* row_mods,
                                                   const FgColMods<float>* col_mods, int b, int h,
                                                   const FgModArgs& args) {
-  FgRowMods<float> rm[MF][2];
-#pragma unroll
-  for (int f = 0; f < MF; ++f)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) rm[f][hf] = row_mods[wrow + 16 * f + g + 8 * hf];
-#pragma unroll
-  for (int n = 0; n < NB; ++n) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int col = 8 * n + 2 * t4 + c, kvi = cur.n0 + col;
-      const FgColMods<float> cm = col_mods[col];
-#pragma unroll
-      for (int f = 0; f < MF; ++f)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int qi = m0 + wrow + 16 * f + g + 8 * hf;
-          float& v = s[f][n][2 * hf + c];
-          const bool drop = partial && !fg_mask_elem<float>(rm[f][hf].m, cm.m, b, h, qi, kvi, args);
-          v = drop ? fg_neg_inf() : v * scale;
-        }
-    }
-  }
+  fg_frag_for_each_entry<true>(
+      s, wrow, g, t4, m0, cur, row_mods, col_mods,
+      [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool) {
+        const bool drop = partial && !fg_mask_elem<float>(rm.m, cm.m, b, h, qi, kvi, args);
+        v = drop ? fg_neg_inf() : v * scale;
+      });
 }
 #endif
 
