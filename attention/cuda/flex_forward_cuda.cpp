@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -328,6 +329,12 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   // A pure mask_mod alone runs a mods step with no bounds test and a bounds pass on edge sub-tiles only
   // (fg_frag_mask_step, flex_forward_common.cuh); FLEXGRAD_FLEX_FWD_MASK_STEP=0 keeps the step with bounds (A/B).
   if (!env_switch("FLEXGRAD_FLEX_FWD_MASK_STEP").value_or(true)) defines.push_back("FG_FWD_MASK_BOUNDS_IN_STEP 1");
+  // FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1 (opt-in, not yet run on a GPU: session 26): the wgmma forward of a program
+  // without a score_mod keeps S unscaled and puts a positive, finite scale into the softmax's exponent
+  // (FG_FWD_RAW_SOFTMAX, flex_forward_common.cuh); other calls are unchanged by it.
+  if (cfg.wgmma && !p.score_mod && p.scale > 0 && std::isfinite(p.scale) &&
+      env_switch("FLEXGRAD_FLEX_FWD_RAW_SOFTMAX").value_or(false))
+    defines.push_back("FG_FWD_RAW_SOFTMAX 1");
   // The warp-specialised loop's producer loads whole K / V sub-tiles with TMA where the tensors allow a map.
   WgmmaTmaMaps maps;
   const bool tma = cfg.wgmma && cfg.pipe >= 2 && vec && p.Lkv > 0 && wgmma_tma_env();

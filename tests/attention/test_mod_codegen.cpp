@@ -797,10 +797,13 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     const ModProgram* score;
     const ModProgram* mask;
     bool approx_math = false;
+    bool raw_softmax = false;  // FG_FWD_RAW_SOFTMAX (FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1: programs without a score_mod)
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal},
-                        Case{"softcap + causal, approx_math", &softcap, &causal, true}}) {
+                        Case{"softcap + causal, approx_math", &softcap, &causal, true},
+                        Case{"no mods, raw-score softmax", nullptr, nullptr, false, true},
+                        Case{"document, raw-score softmax", nullptr, &document, false, true}}) {
     // (pipe, TMA, ping-pong, persistent)
     for (auto [pipe, tma, pingpong, persistent] :
          {std::tuple{0, 0, 0, 0}, {1, 0, 0, 0}, {2, 0, 0, 0}, {2, 1, 0, 0}, {3, 1, 0, 0}, {3, 1, 1, 0}, {3, 0, 1, 0},
@@ -815,7 +818,8 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
                                    std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 1"),
                                    fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma),
                                    fmt::format("FG_WGMMA_PINGPONG {}", pingpong),
-                                   fmt::format("FG_WGMMA_PERSISTENT {}", persistent)})
+                                   fmt::format("FG_WGMMA_PERSISTENT {}", persistent),
+                                   fmt::format("FG_FWD_RAW_SOFTMAX {}", c.raw_softmax ? 1 : 0)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;

@@ -692,6 +692,29 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
     EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
         << "FLEXGRAD_FLEX_WGMMA_PIPE=" << pipe_name_ << " ran the module of " << var << "=0";
   }
+  // Case c (in bfloat16, this loop) loads another kernel module with `var` set to `value` than without it: the
+  // variable changed the kernel.
+  void expect_module_changes(const Case& c, const char* var, const char* value) {
+    const Device cuda(DeviceType::CUDA, 0);
+    Generator gen(5);
+    Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    FlexAttentionOptions o = c.opts;
+    o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+    ScopedEnv bn_env("FLEXGRAD_FLEX_WGMMA_BN", std::max(c.E, c.Ev) > 128 ? "64" : std::get<2>(GetParam()));
+    cuda::jit::clear_memory_cache();
+    flex_attention(q, k, v, o);
+    const cuda::jit::JitStats before = cuda::jit::stats();
+    {
+      ScopedEnv with(var, value);
+      flex_attention(q, k, v, o);
+    }
+    const cuda::jit::JitStats after = cuda::jit::stats();
+    EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
+        << var << "=" << value << " ran the same module as without it";
+  }
   const std::string pipe_name_ = std::get<1>(GetParam());
   ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", pipe_name_.substr(0, 1).c_str()};
   ScopedEnv pingpong_{"FLEXGRAD_FLEX_WGMMA_PINGPONG", pipe_name_.find("pp") != std::string::npos ? "1" : "0"};
@@ -793,6 +816,46 @@ TEST_P(FlexWgmmaPipeline, CapturedMaskAloneTakesTheBoundsFreeStep) {
   EXPECT_TRUE(equal(with_pass, with_bounds)) << "the two steps' outputs differ";
   step.set("x");
   testing::expect_error<ValueError>([&] { flex_attention(q, k, v, o); }, "FLEXGRAD_FLEX_FWD_MASK_STEP");
+}
+
+// FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1 (FG_FWD_RAW_SOFTMAX, opt-in): without a score_mod and with a positive scale the
+// scores stay unscaled and the scale goes into the softmax's exponent; out, lse and max_scores against the float64
+// golden on every loop: no mask, a causal mask, a captured mask alone (the bounds-free step), explicit scales, and a
+// negative scale (which keeps the scaled path). The first case must load another module than without the variable.
+TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
+  ScopedEnv raw("FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
+  const int64_t L = 1100;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
+  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  Captured dc(doc_cpu), dd(doc_cpu.to(Device(DeviceType::CUDA, 0)));
+  Case plain;
+  plain.B = plain.Bkv = 1, plain.E = plain.Ev = 128, plain.Lq = plain.Lkv = 300;
+  {
+    SCOPED_TRACE("no mask");
+    check(plain);
+    raw.set(nullptr);
+    expect_module_changes(plain, "FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
+    raw.set("1");
+  }
+  for (double scale : {0.3, 2.5, -0.2}) {
+    SCOPED_TRACE("causal, scale " + std::to_string(scale));
+    Case c = plain;
+    c.opts.scale = scale;
+    c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300, 128);
+    c.mod = causal_golden;
+    check(c);
+  }
+  {
+    SCOPED_TRACE("captured mask alone");
+    Case c = plain;
+    c.Lq = c.Lkv = L;
+    c.input_scale = 3.0;
+    c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return Expr(dc[q]) == Expr(dc[kv]); },
+                                    [dd](Expr, Expr, Expr q, Expr kv) { return Expr(dd[q]) == Expr(dd[kv]); }, L, L, 128);
+    c.mod = [ids](double s, int64_t, int64_t, int64_t q, int64_t kv) { return ids[q] == ids[kv] ? s : -kInf; };
+    check(c);
+  }
 }
 
 TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {

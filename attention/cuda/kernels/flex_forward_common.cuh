@@ -126,6 +126,20 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 }
 
 
+// FG_FWD_RAW_SOFTMAX (opt-in: FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1; the host defines it for the wgmma forward of programs
+// without a score_mod whose scale is positive and finite): S stays unscaled (q.k); the running max m is the raw
+// scores', and the scale goes into the exponent's constant, exp2(s c - m c) with c = scale log2 e, as FlashAttention-3
+// does. No entry is then multiplied by the scale, nor selected between its scaled and unscaled value (the FMUL and
+// FSEL an entry of a full sub-tile in the causal forward's SASS, of ~7.5 instructions before P V; H100, session 26).
+// fl(scale x) is monotonic in x for scale > 0, so fl(scale m) is the scaled scores' max exactly: the epilogue reports
+// it and lse = fl(scale m) + ln l. Written in session 26 after the device time was spent: not yet run on a GPU.
+#ifndef FG_FWD_RAW_SOFTMAX
+#define FG_FWD_RAW_SOFTMAX 0
+#endif
+#if FG_FWD_RAW_SOFTMAX && FG_HAS_SCORE_MOD
+#error "FG_FWD_RAW_SOFTMAX: a score_mod reads the scaled score"
+#endif
+
 // ---- online softmax on tensor-core accumulator fragments (flex_fwd_mma, flex_fwd_wgmma) -------------
 // A warp's share of a q tile: MF m16 fragments, fragment f holding rows wrow + 16 f + g and + 8 of the tile
 // (lane = 4 g + t4); S of one kv sub-tile as NB n8 C fragments per m16 fragment (s[f][n][2 hf + c]: row
@@ -251,6 +265,9 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
                                                    int wrow, int g, int t4, int m0, int m_end, const FgTile& cur,
                                                    const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
                                                    int b, int h, const FgModArgs& args) {
+#if FG_FWD_RAW_SOFTMAX
+  scale = 1.f;  // the scores stay raw (the multiplications by it fold away)
+#endif
 #if FG_FWD_MASK_STEP
   if (!simple) {
     fg_frag_mask_step(s, partial, scale, wrow, g, t4, m0, cur, row_mods, col_mods, b, h, args);
@@ -303,7 +320,7 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
       for (int n = 0; n < NB; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          if (simple) s[f][n][2 * hf + c] *= scale;
+          if (!FG_FWD_RAW_SOFTMAX && simple) s[f][n][2 * hf + c] *= scale;
           mx = fmaxf(mx, s[f][n][2 * hf + c]);
         }
       }
@@ -316,14 +333,15 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
           for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
       }
       const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-      corr[f][hf] = fg_exp2((m[f][hf] - m_use) * FG_LOG2E);
-      const float ms = m_use * FG_LOG2E;
+      const float c2 = FG_FWD_RAW_SOFTMAX ? scale * FG_LOG2E : FG_LOG2E;  // the exponent's constant
+      corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
+      const float ms = m_use * c2;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < NB; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], FG_LOG2E, -ms));
+          const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], c2, -ms));
           s[f][n][2 * hf + c] = e;
           sum += e;
         }
@@ -377,7 +395,8 @@ __device__ __forceinline__ void fg_frag_store(const float (&o)[MF][NO][4], const
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
       if (qi >= m_end) continue;
-      const FgRowEnd<float> e = fg_row_end(m[f][hf], lsum, saw);
+      const float m_scaled = FG_FWD_RAW_SOFTMAX ? m[f][hf] * (float)p.scale : m[f][hf];
+      const FgRowEnd<float> e = fg_row_end(m_scaled, lsum, saw);
       const float inv = e.inv;
       fg_h16* orow = out + (row0 + qi) * p.Ev;
 #pragma unroll
