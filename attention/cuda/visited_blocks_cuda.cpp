@@ -6,8 +6,8 @@
 // per training step (document masks change with the batch), and cudaHostAlloc / cudaFreeHost per mask would cost
 // far more than the count (cudaFreeHost synchronises the device). A slot is reused only once the event of its
 // last copy has completed, so a copy still in flight for a mask already destroyed cannot land in a new mask's
-// slot. With every slot taken (512 masks alive at once on one device) a new mask gets no count: known() stays
-// nullopt and the readers take their default (speed only).
+// slot. With every slot taken (512 masks alive at once on one device), or built while the stream is being captured
+// into a CUDA graph, a new mask gets no count: known() stays nullopt and the readers take their default (speed only).
 #include <cuda_runtime.h>
 
 #include <array>
@@ -80,6 +80,17 @@ PinnedSlots& slots_of(int device) {
   return *p;
 }
 
+// Whether the device's current stream is being captured into a CUDA graph: there an event query may invalidate the
+// capture, and work queued there runs only when the graph is launched, so no count is queued or read.
+bool capturing(int device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream(device), &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: take the safe side (no count)
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 class PendingVisitedBlocks final : public VisitedBlocks {
  public:
   PendingVisitedBlocks(PinnedSlots& pool, PinnedSlots::Slot* slot) : pool_(pool), slot_(slot) {}
@@ -88,7 +99,7 @@ class PendingVisitedBlocks final : public VisitedBlocks {
   }
   std::optional<int64_t> known() const override {
     if (const int64_t v = value_.load(std::memory_order_acquire); v >= 0) return v;
-    if (slot_ == nullptr) return std::nullopt;
+    if (slot_ == nullptr || capturing(pool_.device())) return std::nullopt;
     const cudaError_t e = cudaEventQuery(slot_->done);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // not ready (or a device error, which the next synchronising call reports)
@@ -109,7 +120,7 @@ std::shared_ptr<const VisitedBlocks> visited_cuda(const Tensor& num, const Tenso
   const int device = num.device().index;
   DeviceGuard guard(device);
   PinnedSlots& pool = slots_of(device);
-  PinnedSlots::Slot* slot = pool.acquire();
+  PinnedSlots::Slot* slot = capturing(device) ? nullptr : pool.acquire();
   auto pending = std::make_shared<const PendingVisitedBlocks>(pool, slot);
   if (slot == nullptr || num.numel() == 0) {
     if (slot != nullptr) *slot->host = 0;  // nothing to count: the event (never recorded) reads as complete
