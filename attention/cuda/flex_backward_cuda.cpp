@@ -256,10 +256,11 @@ struct WsChoice {
 // overlap with the neighbouring CTA's work. Measured (session 25, backward ms, grid -> persistent): on the H200
 // the document mask (3.7 visited blocks a row) 0.784 -> 0.755, the sliding window 1024 (7.9) 1.163 -> 1.140; on
 // an H100 document -4 / -5%, sliding -2 / -4%, but causal (16.5 a row) +3.5%, softcap + causal +6.5%, causal at
-// S 16384 (64.5) +3%, no mask (32) within the noise. So: persistent where the mean visited rows of the other
-// side per grid CTA, in both kernels, is at most twelve 128-row blocks. The count comes from the mask
-// (FlexProblem::visited) only where the host already has it; an unknown count keeps the grid. Both launches give
-// the same bits (PersistentKernelsMatchTheGridOnes), so the choice's timing cannot change a result.
+// S 16384 (64.5) +3%, no mask (32) within the noise; with this rule (session 26, H100, three rounds against the grid)
+// document 0.740-0.746 against 0.775-0.781 ms, sliding 1.119-1.124 against 1.145-1.151. So: persistent where the mean
+// visited rows of the other side per grid CTA, in both kernels, is at most twelve 128-row blocks. The count comes
+// from the mask (FlexProblem::visited) only where the host already has it; an unknown count keeps the grid. Both
+// launches give the same bits (PersistentKernelsMatchTheGridOnes), so the choice's timing cannot change a result.
 bool persistent_pays(const FlexProblem& p) {
   constexpr double kMaxMeanRows = 12 * 128;
   const std::optional<int64_t> visited = p.visited ? p.visited->known() : std::nullopt;
