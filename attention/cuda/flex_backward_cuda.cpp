@@ -243,7 +243,7 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 // FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel;
 // FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages (benchmarking).
 // Persistent launch (FG_BWD_PERSISTENT: one CTA an SM, each running the grid's CTAs it takes from a queue, so that
-// one's stores overlap the next one's loads): chosen where the mask's rows are short (persistent_pays below);
+// one's stores overlap the next one's loads): chosen where the mask's rows are short (persistent_pays, at the end of this file);
 // FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=0 / 1 forces the grid / the persistent launch, =N (N >= 2) caps the grid at N
 // CTAs (tests: many grid CTAs a CTA on small problems).
 struct WsChoice {
@@ -251,26 +251,6 @@ struct WsChoice {
   bool dkdv = false, dq = false;
   int64_t persistent = 0;  // 0: the grid; 1: one CTA an SM; N >= 2: at most N CTAs
 };
-// Whether the persistent launch pays for this problem: where each grid CTA walks few blocks, so that its start
-// (the first chunks' loads) and end (the gradients' stores) are a large part of it, which the persistent kernels
-// overlap with the neighbouring CTA's work. Measured (session 25, backward ms, grid -> persistent): on the H200
-// the document mask (3.7 visited blocks a row) 0.784 -> 0.755, the sliding window 1024 (7.9) 1.163 -> 1.140; on
-// an H100 document -4 / -5%, sliding -2 / -4%, but causal (16.5 a row) +3.5%, softcap + causal +6.5%, causal at
-// S 16384 (64.5) +3%, no mask (32) within the noise; with this rule (session 26, H100, three rounds against the grid)
-// document 0.740-0.746 against 0.775-0.781 ms, sliding 1.119-1.124 against 1.145-1.151. So: persistent where the mean
-// visited rows of the other side per grid CTA, in both kernels, is at most twelve 128-row blocks. The count comes
-// from the mask (FlexProblem::visited) only where the host already has it; an unknown count keeps the grid. Both
-// launches give the same bits (PersistentKernelsMatchTheGridOnes), so the choice's timing cannot change a result.
-bool persistent_pays(const FlexProblem& p) {
-  constexpr double kMaxMeanRows = 12 * 128;
-  const std::optional<int64_t> visited = p.visited ? p.visited->known() : std::nullopt;
-  if (!visited || p.kv_lists.rows == 0 || p.q_lists.rows == 0) return false;
-  const double planes = static_cast<double>(p.kv_lists.Bm * p.kv_lists.Hm);
-  const double dq_rows = static_cast<double>(*visited) * static_cast<double>(p.block_kv) / (planes * p.kv_lists.rows);
-  const double dkdv_rows = static_cast<double>(*visited) * static_cast<double>(p.block_q) / (planes * p.q_lists.rows);
-  return dq_rows <= kMaxMeanRows && dkdv_rows <= kMaxMeanRows;
-}
-
 WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
   WsChoice w;
   // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
@@ -660,6 +640,26 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
 }
 
 }  // namespace
+
+// Whether the persistent launch pays for this problem: where each grid CTA walks few blocks, so that its start
+// (the first chunks' loads) and end (the gradients' stores) are a large part of it, which the persistent kernels
+// overlap with the neighbouring CTA's work. Measured (session 25, backward ms, grid -> persistent): on the H200
+// the document mask (3.7 visited blocks a row) 0.784 -> 0.755, the sliding window 1024 (7.9) 1.163 -> 1.140; on
+// an H100 document -4 / -5%, sliding -2 / -4%, but causal (16.5 a row) +3.5%, softcap + causal +6.5%, causal at
+// S 16384 (64.5) +3%, no mask (32) within the noise; with this rule (session 26, H100, three rounds against the grid)
+// document 0.740-0.746 against 0.775-0.781 ms, sliding 1.119-1.124 against 1.145-1.151. So: persistent where the mean
+// visited rows of the other side per grid CTA, in both kernels, is at most twelve 128-row blocks. The count comes
+// from the mask (FlexProblem::visited) only where the host already has it; an unknown count keeps the grid. Both
+// launches give the same bits (PersistentKernelsMatchTheGridOnes), so the choice's timing cannot change a result.
+bool persistent_pays(const FlexProblem& p) {
+  constexpr double kMaxMeanRows = 12 * 128;
+  const std::optional<int64_t> visited = p.visited ? p.visited->known() : std::nullopt;
+  if (!visited || p.kv_lists.rows == 0 || p.q_lists.rows == 0) return false;
+  const double planes = static_cast<double>(p.kv_lists.Bm * p.kv_lists.Hm);
+  const double dq_rows = static_cast<double>(*visited) * static_cast<double>(p.block_kv) / (planes * p.kv_lists.rows);
+  const double dkdv_rows = static_cast<double>(*visited) * static_cast<double>(p.block_q) / (planes * p.q_lists.rows);
+  return dq_rows <= kMaxMeanRows && dkdv_rows <= kMaxMeanRows;
+}
 
 int64_t concurrent_dq_calls() { return g_concurrent_dq_calls.load(); }
 int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }

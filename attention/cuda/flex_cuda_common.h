@@ -94,6 +94,10 @@ int64_t concurrent_dq_calls();
 // preprocess kernel (FG_BWD_DQ_DELTA; flex_backward_cuda.cpp): the tests' way to see it ran, its results being the
 // preprocess's bits.
 int64_t dq_delta_calls();
+// Whether the backward's warp-specialised kernels launch persistent for `p` when FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT is
+// unset: the mean visited rows of the other side a grid CTA, in both kernels, at most twelve 128-row blocks, from
+// p.visited's count where the host has it (false where not). flex_backward_cuda.cpp gives the measurements.
+bool persistent_pays(const FlexProblem& p);
 // How many backward calls of this process launched the warp-specialised kernels persistent (FG_BWD_PERSISTENT:
 // FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT, or chosen for a mask's short rows; flex_backward_cuda.cpp).
 int64_t persistent_backward_calls();

@@ -496,4 +496,40 @@ TEST(FlexCudaEnv, PersistentGridIsCappedAndRefusesOverflowingCounts) {
   fg::testing::expect_error<NotImplementedError>([] { cuda::flex::persistent_ctas(int64_t{INT32_MAX} + 1, 5, 0); },
                                                  "numbers its grid CTAs in 32 bits");
 }
+
+// The backward's persistent rule (host only, no GPU): persistent where the mean visited rows of the other side a grid
+// CTA is at most 12 x 128 in both kernels, never where the count is unknown. Counts by hand: 32 q-block and 32 kv-block
+// rows of 128 (S 4096): causal visits 528 blocks (16.5 a row), the bench's document mask ~118 (3.7), 384 is twelve.
+TEST(FlexCudaPersistentRule, ShortRowsOnlyAndOnlyWhereTheCountIsKnown) {
+  struct Pending final : VisitedBlocks {
+    std::optional<int64_t> known() const override { return std::nullopt; }
+  };
+  auto problem = [](int64_t bm, int64_t hm, int64_t q_rows, int64_t kv_rows, int64_t block_q, int64_t block_kv,
+                    std::shared_ptr<const VisitedBlocks> visited) {
+    FlexProblem p;
+    p.block_q = block_q, p.block_kv = block_kv;
+    p.kv_lists.Bm = p.q_lists.Bm = bm;
+    p.kv_lists.Hm = p.q_lists.Hm = hm;
+    p.kv_lists.rows = q_rows;  // rows = q blocks (the dQ kernel's)
+    p.q_lists.rows = kv_rows;  // rows = kv blocks (the dK/dV kernel's)
+    p.visited = std::move(visited);
+    return p;
+  };
+  using cuda::flex::persistent_pays;
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 32, 32, 128, 128, nullptr))) << "no count";
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 32, 32, 128, 128, std::make_shared<Pending>()))) << "count not landed";
+  EXPECT_TRUE(persistent_pays(problem(1, 1, 32, 32, 128, 128, VisitedBlocks::of(118)))) << "document";
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 32, 32, 128, 128, VisitedBlocks::of(528)))) << "causal";
+  EXPECT_TRUE(persistent_pays(problem(1, 1, 32, 32, 128, 128, VisitedBlocks::of(384)))) << "twelve a row";
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 32, 32, 128, 128, VisitedBlocks::of(385)))) << "past twelve";
+  // A mask per batch and head counts over all of them.
+  EXPECT_TRUE(persistent_pays(problem(4, 16, 32, 32, 128, 128, VisitedBlocks::of(4 * 16 * 118))));
+  EXPECT_FALSE(persistent_pays(problem(4, 16, 32, 32, 128, 128, VisitedBlocks::of(4 * 16 * 528))));
+  // Blocks of 64: rows are counted in 128-row blocks' worth (24 blocks of 64 a row = 1536 rows).
+  EXPECT_TRUE(persistent_pays(problem(1, 1, 64, 64, 64, 64, VisitedBlocks::of(64 * 24))));
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 64, 64, 64, 64, VisitedBlocks::of(64 * 25))));
+  // Lq 4096, Lkv 1024, dense: dQ rows walk 8 blocks (1024 rows), dK/dV rows 32 (4096): one kernel's rows are long.
+  EXPECT_FALSE(persistent_pays(problem(1, 1, 32, 8, 128, 128, VisitedBlocks::of(32 * 8))));
+  EXPECT_TRUE(persistent_pays(problem(1, 1, 8, 8, 128, 128, VisitedBlocks::of(8 * 8)))) << "dense at 1024";
+}
 #endif
