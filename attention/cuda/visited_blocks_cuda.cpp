@@ -99,7 +99,9 @@ class PendingVisitedBlocks final : public VisitedBlocks {
   }
   std::optional<int64_t> known() const override {
     if (const int64_t v = value_.load(std::memory_order_acquire); v >= 0) return v;
-    if (slot_ == nullptr || capturing(pool_.device())) return std::nullopt;
+    if (slot_ == nullptr) return std::nullopt;
+    DeviceGuard guard(pool_.device());
+    if (capturing(pool_.device())) return std::nullopt;
     const cudaError_t e = cudaEventQuery(slot_->done);
     if (e != cudaSuccess) {
       (void)cudaGetLastError();  // not ready (or a device error, which the next synchronising call reports)
