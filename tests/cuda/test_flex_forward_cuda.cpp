@@ -838,7 +838,7 @@ TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
     expect_module_changes(plain, "FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
     raw.set("1");
   }
-  for (double scale : {0.3, 2.5, -0.2}) {
+  for (double scale : {0.3, 0.05, -0.2}) {
     SCOPED_TRACE("causal, scale " + std::to_string(scale));
     Case c = plain;
     c.opts.scale = scale;
