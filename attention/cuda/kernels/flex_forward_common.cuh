@@ -225,7 +225,7 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 #endif
 #if FG_FWD_MASK_STEP
 // The step evaluates the mask for every entry of the sub-tile with no bounds test (an entry out of range computes from
-// whatever its parts' buffers hold; the bounds pass below, run only on sub-tiles that reach past the sequence, drops
+// whatever its parts' buffers hold; the bounds pass (fg_frag_mod_scores), run only on sub-tiles that reach past the sequence, drops
 // it), and selects: per entry the scale, the mask's compare and one select, where the step with bounds also tested the
 // entry's row and column and combined them with `partial` (H100 SASS, document mask: 7 instructions an entry before
 // the softmax).
@@ -243,10 +243,11 @@ __device__ __forceinline__ void fg_frag_mask_step(float (&s)[MF][NB][4], bool pa
 }
 #endif
 
-// -inf on the entries of S outside the q rows [m0, m_end) or the sub-tile's columns [cur.n0, cur.nend).
-template <int MF, int NB>
-__device__ __forceinline__ void fg_frag_bounds(float (&s)[MF][NB][4], int wrow, int g, int t4, int m0, int m_end,
-                                               const FgTile& cur) {
+// Calls fn(v, in) on each entry v of S, `in` whether its q row is inside [m0, m_end) and its column inside the
+// sub-tile [cur.n0, cur.nend).
+template <int MF, int NB, class Fn>
+__device__ __forceinline__ void fg_frag_for_each_bounded(float (&s)[MF][NB][4], int wrow, int g, int t4, int m0,
+                                                         int m_end, const FgTile& cur, Fn&& fn) {
 #pragma unroll
   for (int n = 0; n < NB; ++n)
 #pragma unroll
@@ -256,8 +257,14 @@ __device__ __forceinline__ void fg_frag_bounds(float (&s)[MF][NB][4], int wrow, 
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
-          if (!in) s[f][n][2 * hf + c] = fg_neg_inf();
+          fn(s[f][n][2 * hf + c], in);
         }
+}
+
+// Whether every row of the warp and every column of the sub-tile is in range (a warp-uniform test).
+template <int MF, int NB>
+__device__ __forceinline__ bool fg_frag_interior(int wrow, int m0, int m_end, const FgTile& cur) {
+  return m0 + wrow + 16 * MF <= m_end && cur.n0 + 8 * NB <= cur.nend;
 }
 
 template <int MF, int NB>
@@ -271,7 +278,10 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
 #if FG_FWD_MASK_STEP
   if (!simple) {
     fg_frag_mask_step(s, partial, scale, wrow, g, t4, m0, cur, row_mods, col_mods, b, h, args);
-    if (!(m0 + wrow + 16 * MF <= m_end && cur.n0 + 8 * NB <= cur.nend)) fg_frag_bounds(s, wrow, g, t4, m0, m_end, cur);
+    if (!fg_frag_interior<MF, NB>(wrow, m0, m_end, cur))  // the bounds pass: -inf outside the sequence
+      fg_frag_for_each_bounded(s, wrow, g, t4, m0, m_end, cur, [](float& v, bool in) {
+        if (!in) v = fg_neg_inf();
+      });
   }
 #elif FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
   if (!simple) {
@@ -279,7 +289,7 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
     // Every visited sub-tile comes here: the bounds drop out of interior ones (warp-uniform test). H200, same
     // calls: ALiBi + causal forward +45-50%, softcap + causal +7-10%; for a mask_mod alone (a few partial
     // sub-tiles a row) the second copy of the step made causal 13-15% and sliding 8-13% slower, so not there.
-    if (m0 + wrow + 16 * MF <= m_end && cur.n0 + 8 * NB <= cur.nend)
+    if (fg_frag_interior<MF, NB>(wrow, m0, m_end, cur))
       fg_frag_mods_step<true>(s, partial, scale, wrow, g, t4, m0, m_end, cur, row_mods, col_mods, b, h, args);
     else
 #endif
@@ -287,18 +297,8 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
   }
 #else
   if (!simple) {  // no mods: only the bounds
-#pragma unroll
-    for (int n = 0; n < NB; ++n)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-#pragma unroll
-        for (int f = 0; f < MF; ++f)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const bool in = cur.n0 + 8 * n + 2 * t4 + c < cur.nend && m0 + wrow + 16 * f + g + 8 * hf < m_end;
-            float& v = s[f][n][2 * hf + c];
-            v = in ? v * scale : fg_neg_inf();
-          }
+    fg_frag_for_each_bounded(s, wrow, g, t4, m0, m_end, cur,
+                             [scale](float& v, bool in) { v = in ? v * scale : fg_neg_inf(); });
   }
 #endif
 }
