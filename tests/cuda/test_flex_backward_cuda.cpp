@@ -704,6 +704,15 @@ Case document_case() {
   return c;
 }
 
+// A Wgmma backward of the document case, refused before any kernel runs with a ValueError naming `var` (an
+// environment variable the caller has set to a bad value).
+void expect_bad_env_named(const char* var) {
+  Case c = document_case();
+  c.kernel = FlexCudaBackward::Wgmma;
+  const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
+  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes_only(c.d), kBFloat16, kCUDA); }, var);
+}
+
 // Bit equality of two kernels' gradients, NaN equal to NaN (poisoned inputs make NaNs where both kernels agree).
 bool same_bits(const Tensor& a, const Tensor& b) {
   const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
@@ -1096,11 +1105,7 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
   check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, persistent warp-specialised kernels");
   persistent.set(nullptr);
   concurrent.set("yes");
-  Case c = document_case();
-  c.kernel = FlexCudaBackward::Wgmma;
-  const Inputs in = make_inputs(c.d, kBFloat16, false, 31);
-  const Golden shapes = shapes_only(c.d);
-  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_CONCURRENT");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_CONCURRENT");
 }
 
 // FG_BWD_DQ_DELTA: where the warp-specialised dQ kernel runs, it computes its rows' delta = rowsum(dO * O) - dlse
@@ -1153,11 +1158,7 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
     check_case(c, kBFloat16, false, "q blocks of 64: the plain dQ kernel and the preprocess");
   }
   delta.set("yes");
-  Case c = document_case();
-  c.kernel = FlexCudaBackward::Wgmma;
-  const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
-  const Golden shapes = shapes_only(c.d);
-  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes, kBFloat16, kCUDA); }, "FLEXGRAD_FLEX_BWD_DQ_DELTA");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_DQ_DELTA");
 }
 
 // Unset, FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT leaves the launch to the mask's rows (persistent_pays in

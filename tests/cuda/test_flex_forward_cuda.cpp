@@ -667,30 +667,12 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
   // The module of the second run must then be loaded anew.
   void expect_not_a_fallback(const Case& c) {
     if (pipe_name_ == "0") return;
-    const Device cuda(DeviceType::CUDA, 0);
-    Generator gen(5);
-    Tensor q = randn({c.B, c.Hq, c.Lq, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
-    Tensor k = randn({c.Bkv, c.Hkv, c.Lkv, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
-    Tensor v = randn({c.Bkv, c.Hkv, c.Lkv, c.Ev}, kFloat32, &gen).to(kBFloat16).to(cuda);
-    FlexAttentionOptions o = c.opts;
-    o.kernel.backend = FlexBackend::Fused;
-    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
-    ScopedEnv bn_env("FLEXGRAD_FLEX_WGMMA_BN", std::max(c.E, c.Ev) > 128 ? "64" : std::get<2>(GetParam()));
-    cuda::jit::clear_memory_cache();
-    flex_attention(q, k, v, o);
-    const cuda::jit::JitStats before = cuda::jit::stats();
     const bool persistent = pipe_name_.find('P') != std::string::npos;
     const bool pingpong = pipe_name_.find("pp") != std::string::npos;
     const char* var = persistent ? "FLEXGRAD_FLEX_WGMMA_PERSISTENT"
                       : pingpong ? "FLEXGRAD_FLEX_WGMMA_PINGPONG"
                                  : "FLEXGRAD_FLEX_WGMMA_PIPE";
-    {
-      ScopedEnv without(var, "0");
-      flex_attention(q, k, v, o);
-    }
-    const cuda::jit::JitStats after = cuda::jit::stats();
-    EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
-        << "FLEXGRAD_FLEX_WGMMA_PIPE=" << pipe_name_ << " ran the module of " << var << "=0";
+    expect_module_changes(c, var, "0");
   }
   // Case c (in bfloat16, this loop) loads another kernel module with `var` set to `value` than without it: the
   // variable changed the kernel.
@@ -713,7 +695,8 @@ class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, cons
     }
     const cuda::jit::JitStats after = cuda::jit::stats();
     EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
-        << var << "=" << value << " ran the same module as without it";
+        << "FLEXGRAD_FLEX_WGMMA_PIPE=" << pipe_name_ << ": " << var << "=" << value
+        << " ran the same module as without it";
   }
   const std::string pipe_name_ = std::get<1>(GetParam());
   ScopedEnv pipe_{"FLEXGRAD_FLEX_WGMMA_PIPE", pipe_name_.substr(0, 1).c_str()};
