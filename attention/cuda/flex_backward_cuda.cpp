@@ -295,6 +295,7 @@ cudaStream_t concurrent_stream(int device, cudaStream_t main) {
 std::atomic<int64_t> g_concurrent_dq_calls{0};
 std::atomic<int64_t> g_dq_delta_calls{0};
 std::atomic<int64_t> g_persistent_calls{0};
+std::atomic<int64_t> g_lean_step_calls{0};
 
 // A fork of the call's stream: work put on `side` after construction follows what the call's stream had queued,
 // and from destruction on (exceptions included) the call's stream waits for `side`'s work: the caller's reads of
@@ -426,6 +427,16 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // FLEXGRAD_FLEX_BWD_DQ_DELTA=0 keeps the preprocess (A/B).
   const bool dq_delta = ws.dq && pre_vec && dq_kernel_runs && cap_mode != 1 && !concurrent &&
                         env_switch("FLEXGRAD_FLEX_BWD_DQ_DELTA").value_or(true);
+  // FLEXGRAD_FLEX_BWD_LEAN_STEP=1 (opt-in until timed on a GPU): the tensor-core kernels' element steps with four
+  // cuts found in their SASS (FG_BWD_LEAN_STEP, flex_backward.cuh). Instructions a thread a chunk in the
+  // warp-specialised kernels (bf16, D 128, sm_90a, nvcc 13.0; docs/flex_cuda_notes.md, session 27), the dK/dV step:
+  // no mask 369 -> 209, causal 468 -> 209 in a full block (372 on the diagonal), the document mask 541 -> 226 (427);
+  // the dQ step: 274 -> 149, 435 -> 149 (377), 590 -> 149 (413). The same values up to one rounding of P's exponent.
+  const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(false);
+  if (lean_step) {
+    defines.emplace_back("FG_BWD_LEAN_STEP 1");
+    ++g_lean_step_calls;
+  }
   if (cfg.wgmma) {
     for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
@@ -664,6 +675,7 @@ bool persistent_pays(const FlexProblem& p) {
 int64_t concurrent_dq_calls() { return g_concurrent_dq_calls.load(); }
 int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }
 int64_t persistent_backward_calls() { return g_persistent_calls.load(); }
+int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

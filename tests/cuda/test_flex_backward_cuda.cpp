@@ -1161,6 +1161,125 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   expect_bad_env_named("FLEXGRAD_FLEX_BWD_DQ_DELTA");
 }
 
+// FLEXGRAD_FLEX_BWD_LEAN_STEP=1 (FG_BWD_LEAN_STEP, flex_backward.cuh: the scale in P's exponent, lse2 / delta read
+// in pairs, the dQ kernel's P finished before dP with invalid entries' P = -0, and a copy of each step for interior
+// chunks). Against the float64 golden and the default kernels on the same inputs: where a score_mod keeps the scale
+// out of the exponent (ALiBi, softcap, a learnable bias with its captured gradients) the same bits; elsewhere the
+// exponent rounds once less, so near (P differs by an ulp before its rounding to 16 bits). Cases: the captured
+// document mask clipped at L 300 (interior, diagonal and clipped chunks) in bfloat16 and float16, no mask at L 256
+// (interior only) and 300, GQA with Ev 64 and dlse, the plain Wgmma kernels and the mma.sync (Tiled) ones; and the
+// entries the mask drops must not carry an infinite dP (V row) into dQ, nor a stale delta past a clipped chunk (an
+// infinite dO row) into dK / dV.
+TEST_F(FlexBackwardWgmma, LeanElementStepMatchesTheGoldenAndTheDefault) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv lean("FLEXGRAD_FLEX_BWD_LEAN_STEP", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  // The default's gradients and the lean step's on c's inputs (poisoned after the golden when `poison` is given).
+  auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
+    lean.set(nullptr);
+    int64_t calls = cuda::flex::lean_step_backward_calls();
+    Grads base = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 0) << "unset: the default step";
+    lean.set("1");
+    calls = cuda::flex::lean_step_backward_calls();
+    Grads g = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 1) << "FLEXGRAD_FLEX_BWD_LEAN_STEP=1: the lean step";
+    lean.set(nullptr);
+    return std::make_pair(base, g);
+  };
+  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, bool same, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = kind;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, 29);
+    const Golden gold = golden_of(c, in);
+    const auto [base, g] = both(c, dt, gold, in);
+    expect_grads_near(g, gold.g, tol(dt));
+    if (same)
+      expect_same_bits(g, base);
+    else
+      expect_grads_near(g, base, tol(dt) / 10);
+  };
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, false, "document, clipped at L 300");
+  check_case(document_case(), kFloat16, FlexCudaBackward::Wgmma, false, "document, clipped at L 300");
+  for (int64_t L : {256, 300}) {
+    Case c;
+    c.d = {2, 4, L, 128, 2, 4, L, 128};
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, false, L == 256 ? "no mask, L 256" : "no mask, L 300");
+  }
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 1, 2, 260, 64};
+    c.with_dlse = true;
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, false, "GQA, broadcast kv batch, Lq != Lkv, Ev 64, dlse");
+  }
+  {
+    const int64_t L = 300, H = 4;
+    Case c;
+    c.d = {2, H, L, 128, 2, 2, L, 64};
+    c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
+    c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, true, "ALiBi, causal, GQA");
+    c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+    c.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
+    c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0); };
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, true, "softcap, causal, GQA");
+  }
+  {
+    Tensor hs, tb, bi;
+    Case c = learnable_case(3, 200, hs, tb, bi);
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    c.with_dlse = true;
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, true, "learnable bias, causal, deterministic");
+  }
+  ws.set("0");
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, false, "document, the plain Wgmma kernels");
+  ws.set(nullptr);
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Tiled, false, "document, the mma.sync kernels");
+  // Sliding window |q - kv| < 37 over L 190 with blocks `bs`: row `row` of `name` ("value" or "dout") set to +inf
+  // after the golden; rows [0, rows) of dQ (for a V row: the rows whose window ends before it) or of dK and dV (for
+  // a dO row: the kv rows of block 0, whose q blocks end before it) stay finite, in the default and the lean step.
+  auto poisoned = [&](BlockSize bs, const char* name, int64_t row, int64_t rows) {
+    SCOPED_TRACE(std::string("an infinite ") + name + " row");
+    const int64_t W = 37, L = 190;
+    Case c;
+    c.d = {1, 2, L, 128, 1, 2, L, 128};
+    c.kernel = FlexCudaBackward::Wgmma;
+    c.mask = create_block_mask([W](Expr, Expr, Expr q, Expr kv) { return ((q - kv).abs() < W); }, std::nullopt,
+                               std::nullopt, L, L, bs);
+    c.native = native_mask([W](int, int, int q, int kv) { return std::abs(q - kv) < W; });
+    Inputs in = make_inputs(c.d, kBFloat16, false, 31);
+    const Golden gold = golden_of(c, in);
+    Tensor& t = std::string(name) == "value" ? in.v : in.dout;
+    auto v = t.to_vector();
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t e = 0; e < 128; ++e) v[(h * L + row) * 128 + e] = kInf;
+    t = from_vector(v, t.sizes(), kFloat64);
+    const auto [base, g] = both(c, kBFloat16, gold, in);
+    const bool dq = std::string(name) == "value";
+    for (const Grads* r : {&base, &g}) {
+      SCOPED_TRACE(r == &base ? "default" : "lean");
+      for (const Tensor* x : dq ? std::vector<const Tensor*>{&r->dq} : std::vector<const Tensor*>{&r->dk, &r->dv}) {
+        const auto vals = x->to(kFloat64).to_vector();
+        for (int64_t h = 0; h < 2; ++h)
+          for (int64_t j = 0; j < rows; ++j)
+            for (int64_t e = 0; e < 128; ++e)
+              ASSERT_TRUE(std::isfinite(vals[(h * L + j) * 128 + e])) << "head " << h << " row " << j << " col " << e;
+      }
+    }
+  };
+  // q block 1 (rows 80-159, two warpgroups: the warp-specialised dQ) visits kv block 3 (rows 144-191) partially:
+  // its rows up to 113 drop kv row 150 there, with dP infinite.
+  poisoned(BlockSize(80, 48), "value", 150, 150 - 37 + 1);
+  // kv block 0 (rows 0-79: the warp-specialised dK/dV) visits q blocks 0-2 (rows < 144); a 64-row chunk from row
+  // 96 unclipped would reach dO row 150.
+  poisoned(BlockSize(48, 80), "dout", 150, 80);
+  lean.set("yes");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_LEAN_STEP");
+}
+
 // Unset, FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT leaves the launch to the mask's rows (persistent_pays in
 // flex_backward_cuda.cpp): persistent where each grid CTA walks at most twelve 128-row blocks of the other side on
 // average, the grid where rows are longer and where the host has no count (a mask derived by select). The mask is

@@ -259,6 +259,62 @@ __device__ __forceinline__ float fg_exp2_t(float x) {
 }
 __device__ __forceinline__ double fg_exp2_t(double x) { return exp2(x); }
 #define FG_LOG2E_D 1.4426950408889634
+
+// ---- FG_BWD_LEAN_STEP 1 (the host: FLEXGRAD_FLEX_BWD_LEAN_STEP=1; opt-in until a GPU has timed it): four cuts to
+// the tensor-core kernels' element steps, each found in their SASS (sm_90a, nvcc 13.0; docs/flex_cuda_notes.md,
+// session 27). The same values where an entry is valid, up to one rounding of P's exponent (FG_BWD_SCALE_IN_EXP).
+//   FG_BWD_SCALE_IN_EXP  without a score_mod the step takes q.k as the product left it and the scale goes into the
+//                        exponent's factor, P = 2^(q.k (scale log2 e) - lse2): one FFMA an entry for an FMUL and an
+//                        FFMA (with a score_mod the step needs scale q.k, the score_mod's argument)
+//   FG_BWD_ROW_PAIRS     the dK/dV step (its general copy, below) reads a lane's two q rows' lse2 and delta
+//                        (adjacent: rows 2t, 2t + 1 of an 8-row group) with one 8-byte load each, for all four of
+//                        their entries: rows past the chunk's end hold stale values that only invalid entries see,
+//                        whose P and dS are discarded. Each entry read both, predicated on its own validity: 2 loads
+//                        an entry, now 1/2
+//   FG_DQ_P_EARLY        fg_dq_chunk_elements (the split entry): P is finished (fenced) before dP is waited for,
+//                        so its exponentials overlap the dP product (NVVM had moved them after the wait), and an
+//                        invalid entry's P is -0, which dS tests, in place of a validity bitmask (which ptxas
+//                        packed and unpacked in ~3 instructions an entry)
+//   FG_BWD_INTERIOR_STEP a chunk whose entries (a warp's rows of them) all lie inside the sequence in a full block
+//                        runs a copy of the step without bounds or mask_mod (fg_dkdv_elements, fg_dq_chunk_elements):
+//                        no comparisons, and no validity to select on
+#ifndef FG_BWD_LEAN_STEP
+#define FG_BWD_LEAN_STEP 0
+#endif
+#define FG_BWD_SCALE_IN_EXP (FG_BWD_LEAN_STEP && FG_USE_MMA && !FG_HAS_SCORE_MOD)
+#ifndef FG_BWD_ROW_PAIRS  // (the last three may also be set one by one, for a comparison)
+#define FG_BWD_ROW_PAIRS FG_BWD_LEAN_STEP
+#endif
+#ifndef FG_DQ_P_EARLY
+#define FG_DQ_P_EARLY FG_BWD_LEAN_STEP
+#endif
+#ifndef FG_BWD_INTERIOR_STEP
+#define FG_BWD_INTERIOR_STEP FG_BWD_LEAN_STEP
+#endif
+// The dK/dV step's pairs and interior copy: not in the plain wgmma dK/dV kernel (one or two warpgroups), which holds
+// its walk and prefetch beside dK, dV and the products at 255 registers: with the copy ptxas spilled 36-372 bytes
+// there (0-32 without), with the pairs alone 20-68; the warp-specialised consumers (232 registers) and the mma.sync
+// kernel spill no more with both (ModCodegen.BackwardLeanStepCompiles).
+#define FG_BWD_PLAIN_WGMMA_DKDV (FG_BWD_WGMMA && !FG_BWD_WS_DKDV)
+#define FG_DKDV_INTERIOR_STEP (FG_BWD_INTERIOR_STEP && !FG_BWD_PLAIN_WGMMA_DKDV)
+#define FG_DKDV_ROW_PAIRS (FG_BWD_ROW_PAIRS && !FG_BWD_PLAIN_WGMMA_DKDV)
+// An element step's score from q.k (what fg_entry takes as s) and the factor of P's exponent (its exp_factor).
+__device__ __forceinline__ fg_t fg_entry_score(fg_t qk, fg_t scale) {
+#if FG_BWD_SCALE_IN_EXP
+  (void)scale;
+  return qk;
+#else
+  return qk * scale;
+#endif
+}
+__device__ __forceinline__ fg_t fg_exp_factor(fg_t scale) {
+#if FG_BWD_SCALE_IN_EXP
+  return scale * (fg_t)FG_LOG2E_D;
+#else
+  (void)scale;
+  return (fg_t)FG_LOG2E_D;
+#endif
+}
 // lse in log2 units; +inf for an empty row (lse = -inf) so that 2^(s - lse2) = 0 there.
 __device__ __forceinline__ fg_t fg_lse2(fg_t lse) {
   return lse == (fg_t)FG_NEG_INF ? -(fg_t)FG_NEG_INF : lse * (fg_t)FG_LOG2E_D;
@@ -306,26 +362,32 @@ __device__ __forceinline__ void fg_mask_entry(bool& valid, bool partial, const F
 #if FG_SPLIT_ENTRY
 // P of one entry; `valid` (in: inside the sequence and the block) comes out false where a partial block's
 // mask_mod drops it. P = 0 where not valid.
-__device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t lse2, bool& valid, bool partial, const FgRowMods<fg_t>& r,
-                                           const FgColMods<fg_t>& c, int b, int h, int qi, int kj,
-                                           const FgModArgs& args) {
+// (FG_DQ_P_EARLY: P = -0 where not valid, which fg_entry_ds tests.)
+#if FG_DQ_P_EARLY
+#define FG_P_INVALID (-(fg_t)0)
+#else
+#define FG_P_INVALID ((fg_t)0)
+#endif
+__device__ __forceinline__ fg_t fg_entry_p(fg_t s, fg_t exp_factor, fg_t lse2, bool& valid, bool partial,
+                                           const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
+                                           int kj, const FgModArgs& args) {
 #if FG_HAS_MASK_MOD
   fg_mask_entry(valid, partial, r, c, b, h, qi, kj, args);
 #endif
 #if FG_HAS_SCORE_MOD || !FG_USE_MMA
-  if (!valid) return 0;
+  if (!valid) return FG_P_INVALID;
 #if FG_HAS_SCORE_MOD
   const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
 #else
   const fg_t sm = s;
 #endif
-  return fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+  return fg_exp2_t(sm * exp_factor - lse2);
 #else
   // Without a score_mod nothing here reads memory and ex2.approx is one instruction: P is computed for every
   // entry and selected (fewer instructions than predicating each one; the same value where valid). (fg_entry,
   // which the dK/dV kernels run at their register limit, keeps the predicated form: ptxas spilled more there.)
-  const fg_t e = fg_exp2_t(s * (fg_t)FG_LOG2E_D - lse2);
-  return valid ? e : (fg_t)0;
+  const fg_t e = fg_exp2_t(s * exp_factor - lse2);
+  return valid ? e : FG_P_INVALID;
 #endif
 }
 // dS of one entry from its P (fg_entry_p), dP, the row's delta and its validity.
@@ -333,11 +395,19 @@ __device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta, bool va
   fg_t ds = valid ? p * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
   return ds * (fg_t)FG_DSCORE_CONSTANT;
 }
+#if FG_DQ_P_EARLY
+// The same from a P that is -0 where the entry is not valid (a valid entry's P, 2^x, is never -0): a bit test where
+// the validity bit was. (Not p * (dp - delta) alone: 0 * a non-finite dP of a masked entry would be NaN.)
+__device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta) {
+  return fg_entry_ds(p, dp, delta, __float_as_uint(p) != 0x80000000u);
+}
+#endif
 #endif
 template <class Sink>
-__device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta, bool valid, bool partial,
-                                         const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b, int h, int qi,
-                                         int kj, const FgModArgs& args, fg_t* ds_out, const Sink* sink) {
+__device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t lse2, fg_t delta, bool valid,
+                                         bool partial, const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b,
+                                         int h, int qi, int kj, const FgModArgs& args, fg_t* ds_out,
+                                         const Sink* sink) {
 #if FG_HAS_MASK_MOD
   fg_mask_entry(valid, partial, r, c, b, h, qi, kj, args);
 #endif
@@ -353,7 +423,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
   // (~20; the exact tanhf and __fdiv_rn ~45 -> ~38; sm_90a, nvcc 13.0, offline). Same values where valid, 0 elsewhere.
   {
     const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
-    const fg_t e = fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+    const fg_t e = fg_exp2_t(sm * exp_factor - lse2);
     p = valid ? e : (fg_t)0;
     ds = valid ? e * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
   }
@@ -366,7 +436,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t dp, fg_t lse2, fg_t delta,
 #else
     const fg_t sm = s;
 #endif
-    p = fg_exp2_t(sm * (fg_t)FG_LOG2E_D - lse2);
+    p = fg_exp2_t(sm * exp_factor - lse2);
     ds = p * (dp - delta);  // w.r.t. the modified score
   }
 #endif
@@ -556,8 +626,9 @@ __device__ __forceinline__ void fg_simt_scores(const FgBwdParams& p, const FgMod
     for (int a = 0; a < FG_SQ; ++a) {
       const int i = ti + 16 * a;
       fg_t ds;
-      const fg_t pv = fg_entry<Sink>(s[a][c] * (fg_t)p.scale, dp[a][c], sm.lse[i], sm.delta[i], i < nq && j < nkv,
-                                     partial, rm[a], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+      const fg_t pv = fg_entry<Sink>(s[a][c] * (fg_t)p.scale, (fg_t)FG_LOG2E_D, dp[a][c], sm.lse[i], sm.delta[i],
+                                     i < nq && j < nkv, partial, rm[a], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args,
+                                     &ds, sink);
       sm.P[i * FG_BKVP + j] = pv;
       sm.dS[i * FG_BKVP + j] = ds;
     }
@@ -918,15 +989,25 @@ __device__ __forceinline__ void fg_dq_store(const FgBwdParams& p, const float (&
 // The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
 // kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
 // lse2 (fg_lse2) and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
-// (fg_dkdv_col_parts). Q row by q row its row parts and the two entries.
-template <class Sink>
-__device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
-                                                 const float* Db, const FgRowMods<float>* q_mods,
-                                                 const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
-                                                 int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
-                                                 float scale, const FgModArgs& args, const Sink* sink) {
+// (fg_dkdv_col_parts). Q row by q row its row parts and the two entries. kInterior: every entry of the warp's
+// rows is inside the sequence and a full block (no bounds, no mask_mod).
+template <bool kInterior, class Sink>
+__device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
+                                                const float* Db, const FgRowMods<float>* q_mods,
+                                                const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
+                                                int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
+                                                float scale, const FgModArgs& args, const Sink* sink) {
+  const float ef = fg_exp_factor(scale);
 #pragma unroll
   for (int nb = 0; nb < FG_NQN; ++nb) {
+#if FG_DKDV_ROW_PAIRS
+    // The general copy only: in the interior one (no predicate to share a load between entries) ptxas hoisted all
+    // sixteen pairs and spilled (36 bytes with the document mask, 12 with the approximate softcap).
+    constexpr bool pairs = !kInterior;
+    // (8-byte aligned: the chunk's rows start 64 floats apart, each pair at an even row)
+    const float2 l2_pair = pairs ? *reinterpret_cast<const float2*>(Lb + nb * 8 + 2 * t) : float2{};
+    const float2 delta_pair = pairs ? *reinterpret_cast<const float2*>(Db + nb * 8 + 2 * t) : float2{};
+#endif
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int i = nb * 8 + 2 * t + c;  // q row in the chunk
@@ -940,15 +1021,35 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
       for (int half = 0; half < 2; ++half) {
         const int r = 2 * half + c;
         const int j = kr0 + g + 8 * half;  // kv row in the tile
-        const bool valid = i < nq && j < nkv;
-        const float l2 = valid ? Lb[i] : 0.f;
+        const bool valid = kInterior || (i < nq && j < nkv);
+#if FG_DKDV_ROW_PAIRS
+        const float l2 = !pairs ? Lb[i] : c == 0 ? l2_pair.x : l2_pair.y;
+        const float delta = !pairs ? Db[i] : c == 0 ? delta_pair.x : delta_pair.y;
+#else
+        const float l2 = valid ? Lb[i] : 0.f, delta = Db[i];
+#endif
         float ds;
-        st[nb][r] = fg_entry<Sink>(st[nb][r] * scale, dpt[nb][r], l2, Db[i], valid, partial, rm, cm[half], b, h,
-                                   (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+        st[nb][r] = fg_entry<Sink>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
+                                   !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i), (int)(kv0 + j), args,
+                                   &ds, sink);
         dpt[nb][r] = ds;
       }
     }
   }
+}
+template <class Sink>
+__device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
+                                                 const float* Db, const FgRowMods<float>* q_mods,
+                                                 const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
+                                                 int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
+                                                 float scale, const FgModArgs& args, const Sink* sink) {
+#if FG_DKDV_INTERIOR_STEP
+  if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {  // (the same for the whole warp)
+    fg_dkdv_entries<true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
+    return;
+  }
+#endif
+  fg_dkdv_entries<false>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
 }
 
 // Visits a warp's dQ tile as C fragments, q rows qr0 + g (+ 8) against the chunk's kv rows: f(s[nb][r] entry
@@ -974,13 +1075,14 @@ __device__ __forceinline__ void fg_dq_for_each(const FgColMods<float>* kv_mods, 
 
 // The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile: s <- dS (pre-mod). l2 / dl / rv /
 // rmods: the warp's two q rows' lse2, delta, validity and row parts; kv_mods: the chunk's column parts (null
-// without mods).
-template <class Sink>
-__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
-                                               const float (&dl)[2], const bool (&rv)[2],
-                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
-                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
-                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+// without mods). kInterior: every entry of the lane's rows is inside the sequence and a full block.
+template <bool kInterior, class Sink>
+__device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                              const float (&dl)[2], const bool (&rv)[2],
+                                              const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
+                                              int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                              fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+  const float ef = fg_exp_factor(scale);
 #if FG_CAP_MODE != 0
   if (sink != nullptr) {
     // Captured gradients: the entries' contributions are recorded (FgCapDefer) and replayed below, entry by
@@ -992,8 +1094,8 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
       const FgCapDefer defer{cs, cg, 4 * nb + r};
       cg[4 * nb + r] = 0.f;
       float ds;
-      fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
-               (int)(q0 + i), (int)(kv0 + j), args, &ds, &defer);
+      fg_entry(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf], kInterior || (rv[hf] && j < nkv),
+               !kInterior && partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, &defer);
       s[nb][r] = ds;
     });
 #pragma unroll 1
@@ -1010,38 +1112,74 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
   fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
     const int i = qr0 + g + 8 * hf;  // q row in the tile
     float ds;
-    fg_entry(s[nb][r] * scale, dp[nb][r], l2[hf], dl[hf], rv[hf] && j < nkv, partial, rmods[hf], cm, b, h,
-             (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+    fg_entry(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf], kInterior || (rv[hf] && j < nkv),
+             !kInterior && partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
     s[nb][r] = ds;
   });
 }
+// Whether a dQ chunk's step may take its interior copy (FG_BWD_INTERIOR_STEP): a full block, the chunk's kv rows
+// all inside the sequence, the lane's two q rows too (a per-lane test: only a tile's last warp can diverge).
+__device__ __forceinline__ bool fg_dq_interior(bool partial, int nkv, const bool (&rv)[2]) {
+  return FG_BWD_INTERIOR_STEP && !partial && nkv == FG_KV_CHUNK && rv[0] && rv[1];
+}
+template <class Sink>
+__device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                               const float (&dl)[2], const bool (&rv)[2],
+                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
+                                               int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
+                                               fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+#if FG_BWD_INTERIOR_STEP
+  if (fg_dq_interior(partial, nkv, rv)) {
+    fg_dq_entries<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
+    return;
+  }
+#endif
+  fg_dq_entries<false>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
+}
 
 #if FG_SPLIT_ENTRY
-// The two halves of fg_dq_elements (FG_SPLIT_ENTRY): s <- P from the scores alone, returning the entries'
-// validity (bit 4 nb + r for s[nb][r]); then s <- dS from P, dP and that validity. (The dK/dV kernel keeps the
-// one-pass element: with its dK and dV accumulators, the split spills 20-76 bytes.)
+// The two halves of fg_dq_entries (FG_SPLIT_ENTRY): s <- P from the scores alone, returning the entries' validity
+// (bit 4 nb + r for s[nb][r]; with FG_DQ_P_EARLY 0, the validity being P's sign; kInterior: all valid); then
+// s <- dS from P, dP and that validity. (The dK/dV kernel keeps the one-pass element: with its dK and dV
+// accumulators, the split spills 20-76 bytes.)
+template <bool kInterior>
 __device__ __forceinline__ unsigned fg_dq_elements_p(float (&s)[FG_NKN][4], const float (&l2)[2], const bool (&rv)[2],
                                                      const FgRowMods<float> (&rmods)[2],
                                                      const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
                                                      bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
                                                      const FgModArgs& args) {
   static_assert(FG_NKN * 4 <= 32, "one validity bit per entry in 32 bits");
+  const float ef = fg_exp_factor(scale);
   unsigned vm = 0;
   fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
     const int i = qr0 + g + 8 * hf;  // q row in the tile
-    bool valid = rv[hf] && j < nkv;
-    s[nb][r] = fg_entry_p(s[nb][r] * scale, l2[hf], valid, partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j),
-                          args);
+    bool valid = kInterior || (rv[hf] && j < nkv);
+    s[nb][r] = fg_entry_p(fg_entry_score(s[nb][r], scale), ef, l2[hf], valid, !kInterior && partial, rmods[hf], cm, b,
+                          h, (int)(q0 + i), (int)(kv0 + j), args);
+#if !FG_DQ_P_EARLY
     vm |= (unsigned)valid << (4 * nb + r);
+#endif
   });
   return vm;
 }
+template <bool kInterior>
 __device__ __forceinline__ void fg_dq_elements_ds(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4],
                                                   const float (&dl)[2], unsigned vm) {
 #pragma unroll
   for (int nb = 0; nb < FG_NKN; ++nb)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], (vm >> (4 * nb + r)) & 1u);
+    for (int r = 0; r < 4; ++r) {
+      if (kInterior) {
+        s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], true);
+        continue;
+      }
+#if FG_DQ_P_EARLY
+      (void)vm;
+      s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1]);
+#else
+      s[nb][r] = fg_entry_ds(s[nb][r], dp[nb][r], dl[r >> 1], (vm >> (4 * nb + r)) & 1u);
+#endif
+    }
 }
 #endif  // FG_SPLIT_ENTRY
 

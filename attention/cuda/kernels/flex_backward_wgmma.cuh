@@ -614,7 +614,35 @@ __device__ __forceinline__ void fg_dq_issue_scores(float (&s)[FG_NKN][4], float 
 }
 // The element step once the chunk's score products (the two newest groups) are issued: s <- dS (pre-mod). Where
 // the entry splits (FG_SPLIT_ENTRY), in two halves: s <- P as soon as S has landed, while dP is still being
-// computed, then dS; else fg_dq_elements once both have landed (captured gradients to `sink`).
+// computed, then dS; else the one-pass step (fg_dq_entries) once both have landed (captured gradients to `sink`).
+// kInterior: as fg_dq_entries's; fg_dq_chunk_elements picks the copy.
+template <bool kInterior, class Sink>
+__device__ __forceinline__ void fg_dq_chunk_entries(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4],
+                                                    const float (&l2)[2], const float (&dl)[2], const bool (&rv)[2],
+                                                    const FgRowMods<float> (&rmods)[2],
+                                                    const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
+                                                    bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
+                                                    const FgModArgs& args, const Sink* sink) {
+#if FG_SPLIT_ENTRY
+  (void)sink;
+  fg_wgmma_wait<1>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+  const unsigned vm =
+      fg_dq_elements_p<kInterior>(s, l2, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args);
+#if FG_DQ_P_EARLY
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);  // P finished here, not moved past the wait
+#endif
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+  fg_dq_elements_ds<kInterior>(s, dp, dl, vm);
+#else
+  fg_wgmma_wait<0>();
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
+  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+  fg_dq_entries<kInterior>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
+                           sink);
+#endif
+}
 template <class Sink>
 __device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4],
                                                      const float (&l2)[2], const float (&dl)[2], const bool (&rv)[2],
@@ -622,20 +650,15 @@ __device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], floa
                                                      const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
                                                      bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
                                                      const FgModArgs& args, const Sink* sink) {
-#if FG_SPLIT_ENTRY
-  (void)sink;
-  fg_wgmma_wait<1>();
-  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
-  const unsigned vm = fg_dq_elements_p(s, l2, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args);
-  fg_wgmma_wait<0>();
-  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
-  fg_dq_elements_ds(s, dp, dl, vm);
-#else
-  fg_wgmma_wait<0>();
-  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
-  fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
-  fg_dq_elements(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
+#if FG_BWD_INTERIOR_STEP
+  if (fg_dq_interior(partial, nkv, rv)) {
+    fg_dq_chunk_entries<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
+                              sink);
+    return;
+  }
 #endif
+  fg_dq_chunk_entries<false>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
+                             sink);
 }
 // dQ += dS K (k = the chunk's kv rows; B = K MN-major at k_addr): dS packed into a16 (kept live until the product
 // is waited for), one commit group, not waited for.
