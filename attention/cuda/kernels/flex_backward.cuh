@@ -276,8 +276,10 @@ __device__ __forceinline__ double fg_exp2_t(double x) { return exp2(x); }
 //                        invalid entry's P is -0, which dS tests, in place of a validity bitmask (which ptxas
 //                        packed and unpacked in ~3 instructions an entry)
 //   FG_BWD_INTERIOR_STEP a chunk whose entries (a warp's rows of them) all lie inside the sequence in a full block
-//                        runs a copy of the step without bounds or mask_mod (fg_dkdv_elements, fg_dq_chunk_elements):
-//                        no comparisons, and no validity to select on
+//                        runs a copy of the step without bounds or mask_mod (fg_dkdv_elements, fg_dq_elements,
+//                        fg_dq_chunk_elements): no comparisons, and no validity to select on. (The copy is chosen
+//                        for a warp, for a lane in the mma.sync dQ kernel, for a warpgroup where the copies hold the
+//                        wgmma waits.)
 #ifndef FG_BWD_LEAN_STEP
 #define FG_BWD_LEAN_STEP 0
 #endif

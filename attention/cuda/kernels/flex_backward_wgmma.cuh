@@ -615,7 +615,7 @@ __device__ __forceinline__ void fg_dq_issue_scores(float (&s)[FG_NKN][4], float 
 // The element step once the chunk's score products (the two newest groups) are issued: s <- dS (pre-mod). Where
 // the entry splits (FG_SPLIT_ENTRY), in two halves: s <- P as soon as S has landed, while dP is still being
 // computed, then dS; else the one-pass step (fg_dq_entries) once both have landed (captured gradients to `sink`).
-// kInterior: as fg_dq_entries's; fg_dq_chunk_elements picks the copy.
+// kInterior: as fg_dq_entries's.
 template <bool kInterior, class Sink>
 __device__ __forceinline__ void fg_dq_chunk_entries(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4],
                                                     const float (&l2)[2], const float (&dl)[2], const bool (&rv)[2],
@@ -643,19 +643,26 @@ __device__ __forceinline__ void fg_dq_chunk_entries(float (&s)[FG_NKN][4], float
                            sink);
 #endif
 }
+// The step of a chunk of nkv kv rows against the tile's nq q rows, in its interior copy (FG_BWD_INTERIOR_STEP) where
+// the chunk is a full block's and all 64 q rows of the lane's warpgroup (its warp's first: qr0) are inside the
+// sequence. The choice is the warpgroup's, not the lane's (fg_dq_interior): the copies wait for the products, which
+// every thread of a warpgroup does at once (wgmma.wait_group, .aligned), and a tile's last warp can hold rows on
+// both sides of the sequence's end.
 template <class Sink>
 __device__ __forceinline__ void fg_dq_chunk_elements(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4],
                                                      const float (&l2)[2], const float (&dl)[2], const bool (&rv)[2],
                                                      const FgRowMods<float> (&rmods)[2],
-                                                     const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv,
-                                                     bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
-                                                     const FgModArgs& args, const Sink* sink) {
+                                                     const FgColMods<float>* kv_mods, int qr0, int g, int t, int nq,
+                                                     int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
+                                                     float scale, const FgModArgs& args, const Sink* sink) {
 #if FG_BWD_INTERIOR_STEP
-  if (fg_dq_interior(partial, nkv, rv)) {
+  if (!partial && nkv == FG_KV_CHUNK && (qr0 & ~63) + 64 <= nq) {
     fg_dq_chunk_entries<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
                               sink);
     return;
   }
+#else
+  (void)nq;
 #endif
   fg_dq_chunk_entries<false>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
                              sink);
@@ -778,8 +785,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
     if (!w.done()) col_parts(w, buf ^ 1);  // the next chunk's, while the products run
 #endif
-    fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nkv, partial, (int)b, (int)h,
-                         q0, kv0, scale, args, sink);
+    fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[buf]), qr0, g, t, nq, nkv, partial, (int)b,
+                         (int)h, q0, kv0, scale, args, sink);
     // dQ += dS K (k = the chunk's kv rows): A from registers, B = K MN-major; waited for in the next iteration.
     fg_dq_issue_grad(dq, s, a16, k_addr);
   }
@@ -975,8 +982,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         __syncwarp();
         if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
       }
-      fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, c.rows, c.partial != 0,
-                           (int)b, (int)h, q0, c.kv0, scale, args, sink);
+      fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, nq, c.rows,
+                           c.partial != 0, (int)b, (int)h, q0, c.kv0, scale, args, sink);
       fg_dq_issue_grad(dq, s, a16, k_addr);
     }
     fg_wgmma_wait<0>();
