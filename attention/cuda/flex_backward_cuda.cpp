@@ -427,12 +427,13 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // FLEXGRAD_FLEX_BWD_DQ_DELTA=0 keeps the preprocess (A/B).
   const bool dq_delta = ws.dq && pre_vec && dq_kernel_runs && cap_mode != 1 && !concurrent &&
                         env_switch("FLEXGRAD_FLEX_BWD_DQ_DELTA").value_or(true);
-  // FLEXGRAD_FLEX_BWD_LEAN_STEP=1 (opt-in until timed on a GPU): the tensor-core kernels' element steps with four
-  // cuts found in their SASS (FG_BWD_LEAN_STEP, flex_backward.cuh). Instructions a thread a chunk in the
+  // The tensor-core kernels' element steps with four cuts found in their SASS (FG_BWD_LEAN_STEP, flex_backward.cuh;
+  // session 27): 5-33% off the backward of every case of issue 13's table on an H100 (three alternating rounds).
+  // FLEXGRAD_FLEX_BWD_LEAN_STEP=0 keeps the previous steps (A/B). Instructions a thread a chunk in the
   // warp-specialised kernels (bf16, D 128, sm_90a, nvcc 13.0; docs/flex_cuda_notes.md, session 27), the dK/dV step:
   // no mask 369 -> 209, causal 468 -> 209 in a full block (372 on the diagonal), the document mask 541 -> 226 (427);
   // the dQ step: 274 -> 149, 435 -> 149 (377), 590 -> 149 (413). The same values up to one rounding of P's exponent.
-  const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(false);
+  const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(true);
   if (lean_step) {
     defines.emplace_back("FG_BWD_LEAN_STEP 1");
     ++g_lean_step_calls;

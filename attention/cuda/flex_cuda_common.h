@@ -101,8 +101,8 @@ bool persistent_pays(const FlexProblem& p);
 // How many backward calls of this process launched the warp-specialised kernels persistent (FG_BWD_PERSISTENT:
 // FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT, or chosen for a mask's short rows; flex_backward_cuda.cpp).
 int64_t persistent_backward_calls();
-// How many backward calls of this process ran the tensor-core kernels with the lean element steps
-// (FLEXGRAD_FLEX_BWD_LEAN_STEP=1: FG_BWD_LEAN_STEP; flex_backward_cuda.cpp).
+// How many backward calls of this process ran the tensor-core kernels with the lean element steps (FG_BWD_LEAN_STEP,
+// unless FLEXGRAD_FLEX_BWD_LEAN_STEP=0; flex_backward_cuda.cpp).
 int64_t lean_step_backward_calls();
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.

@@ -686,7 +686,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
     std::printf("[ptxas] %s, fused dQ %d: %s\n", c.name, fused, log.substr(0, 1500).c_str());
   }
 }
-// The lean element steps (FG_BWD_LEAN_STEP 1: FLEXGRAD_FLEX_BWD_LEAN_STEP=1, flex_backward.cuh) in the kernels the
+// The lean element steps (FG_BWD_LEAN_STEP 1, the default; flex_backward.cuh) in the kernels the
 // H100 / H200 run at head dim 128 (warp-specialised, persistent, plain with two warpgroups and with one), in the
 // mma.sync family (sm_80, head dim 64) and with a learnable captured bias: they compile, serialise no wgmma, and
 // each kernel spills at most 8 bytes more than the same kernel without them (sm_90a, nvcc 13.0: +4 to +8 in the
@@ -901,7 +901,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     const ModProgram* score;
     const ModProgram* mask;
     bool approx_math = false;
-    bool raw_softmax = false;  // FG_FWD_RAW_SOFTMAX (FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1: programs without a score_mod)
+    bool raw_softmax = false;  // FG_FWD_RAW_SOFTMAX (the default for programs without a score_mod)
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal},

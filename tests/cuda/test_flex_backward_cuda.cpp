@@ -1161,29 +1161,29 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   expect_bad_env_named("FLEXGRAD_FLEX_BWD_DQ_DELTA");
 }
 
-// FLEXGRAD_FLEX_BWD_LEAN_STEP=1 (FG_BWD_LEAN_STEP, flex_backward.cuh: the scale in P's exponent, lse2 / delta read
-// in pairs, the dQ kernel's P finished before dP with invalid entries' P = -0, and a copy of each step for interior
-// chunks). Against the float64 golden and the default kernels on the same inputs: where a score_mod keeps the scale
+// The lean element steps (FG_BWD_LEAN_STEP, flex_backward.cuh, the default: the scale in P's exponent, lse2 / delta
+// read in pairs, the dQ kernel's P finished before dP with invalid entries' P = -0, and a copy of each step for
+// interior chunks). Against the float64 golden and the previous steps (FLEXGRAD_FLEX_BWD_LEAN_STEP=0) on the same
+// inputs: where a score_mod keeps the scale
 // out of the exponent (ALiBi, softcap, a learnable bias with its captured gradients) the same bits; elsewhere the
 // exponent rounds once less, so near (P differs by an ulp before its rounding to 16 bits). Cases: the captured
 // document mask clipped at L 300 (interior, diagonal and clipped chunks) in bfloat16 and float16, no mask at L 256
 // (interior only) and 300, GQA with Ev 64 and dlse, the plain Wgmma kernels and the mma.sync (Tiled) ones; and the
 // entries the mask drops must not carry an infinite dP (V row) into dQ, nor a stale delta past a clipped chunk (an
 // infinite dO row) into dK / dV.
-TEST_F(FlexBackwardWgmma, LeanElementStepMatchesTheGoldenAndTheDefault) {
+TEST_F(FlexBackwardWgmma, LeanElementStepMatchesTheGoldenAndThePreviousStep) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv lean("FLEXGRAD_FLEX_BWD_LEAN_STEP", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
-  // The default's gradients and the lean step's on c's inputs (poisoned after the golden when `poison` is given).
+  // The previous step's gradients and the lean step's on c's inputs.
   auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
-    lean.set(nullptr);
+    lean.set("0");
     int64_t calls = cuda::flex::lean_step_backward_calls();
     Grads base = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 0) << "unset: the default step";
-    lean.set("1");
+    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_LEAN_STEP=0: the previous step";
+    lean.set(nullptr);
     calls = cuda::flex::lean_step_backward_calls();
     Grads g = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 1) << "FLEXGRAD_FLEX_BWD_LEAN_STEP=1: the lean step";
-    lean.set(nullptr);
+    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 1) << "unset: the lean step";
     return std::make_pair(base, g);
   };
   auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, bool same, const char* what) {

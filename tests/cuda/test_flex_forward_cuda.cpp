@@ -801,10 +801,11 @@ TEST_P(FlexWgmmaPipeline, CapturedMaskAloneTakesTheBoundsFreeStep) {
   testing::expect_error<ValueError>([&] { flex_attention(q, k, v, o); }, "FLEXGRAD_FLEX_FWD_MASK_STEP");
 }
 
-// FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1 (FG_FWD_RAW_SOFTMAX, opt-in): without a score_mod and with a positive scale the
-// scores stay unscaled and the scale goes into the softmax's exponent; out, lse and max_scores against the float64
-// golden on every loop: no mask, a causal mask, a captured mask alone (the bounds-free step), explicit scales, and a
-// negative scale (which keeps the scaled path). The first case must load another module than without the variable.
+// FG_FWD_RAW_SOFTMAX (the default; FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=0 leaves it out): without a score_mod and with a
+// positive scale the scores stay unscaled and the scale goes into the softmax's exponent; out, lse and max_scores
+// against the float64 golden on every loop: no mask, a causal mask, a captured mask alone (the bounds-free step),
+// explicit scales, and a negative scale (which keeps the scaled path). The first case must load another module with
+// the variable at 0.
 TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
   ScopedEnv raw("FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
   const int64_t L = 1100;
@@ -818,7 +819,7 @@ TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
     SCOPED_TRACE("no mask");
     check(plain);
     raw.set(nullptr);
-    expect_module_changes(plain, "FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
+    expect_module_changes(plain, "FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "0");
     raw.set("1");
   }
   for (double scale : {0.3, 0.05, -0.2}) {

@@ -260,8 +260,8 @@ __device__ __forceinline__ float fg_exp2_t(float x) {
 __device__ __forceinline__ double fg_exp2_t(double x) { return exp2(x); }
 #define FG_LOG2E_D 1.4426950408889634
 
-// ---- FG_BWD_LEAN_STEP 1 (the host: FLEXGRAD_FLEX_BWD_LEAN_STEP=1; opt-in until a GPU has timed it): four cuts to
-// the tensor-core kernels' element steps, each found in their SASS (sm_90a, nvcc 13.0; docs/flex_cuda_notes.md,
+// ---- FG_BWD_LEAN_STEP 1 (the host's default since session 27; FLEXGRAD_FLEX_BWD_LEAN_STEP=0 leaves it out): four
+// cuts to the tensor-core kernels' element steps, each found in their SASS (sm_90a, nvcc 13.0; docs/flex_cuda_notes.md,
 // session 27). The same values where an entry is valid, up to one rounding of P's exponent (FG_BWD_SCALE_IN_EXP).
 //   FG_BWD_SCALE_IN_EXP  without a score_mod the step takes q.k as the product left it and the scale goes into the
 //                        exponent's factor, P = 2^(q.k (scale log2 e) - lse2): one FFMA an entry for an FMUL and an
