@@ -537,15 +537,27 @@ TEST(ModCodegen, ScoreAndDerivativeInOnePassForOtherMods) {
 }
 
 #ifdef FLEXGRAD_WITH_CUDA
+// Every embedded kernel file, as NVRTC headers (name, text): what the host compiles its modules with.
+std::vector<std::pair<std::string, std::string>> kernel_headers() {
+  std::vector<std::pair<std::string, std::string>> headers;
+  for (std::string_view n : cuda::jit::embedded_source_names())
+    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  return headers;
+}
+// Document ids of 256 positions, 100 a document, int64, captured as "doc" (a mask that reads a capture).
+Captured document_ids() {
+  std::vector<double> ids(256);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
+  return Captured(floats(ids, {256}).to(kInt64), "doc");
+}
+
 // The backward kernels with the one-pass element (flex_backward.cuh's fg_entry calls fg_score_elem_dscore)
 // compile, as attention/cuda/flex_backward_cuda.cpp assembles them, for each kernel family: mma.sync
 // (bf16, sm_80), wgmma (bf16, sm_90a) and SIMT (float64), with and without capture gradients, and with a
 // constant derivative (the unchanged path). NVRTC only, no GPU: tests/cuda run them.
 TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
   Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias"), colb(floats({0.1, 0.2, 0.3, 0.4}, {4}), "colb");
   const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
   const ModProgram capped = trace_score_mod(
@@ -597,6 +609,22 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
     EXPECT_TRUE(err.empty()) << c.name << "\n" << err.substr(0, 20000);
   }
 }
+// The code generator's input for a backward of `score` (may be null) and `mask` (may be null): the score_mod's
+// derivative goes into `grad` (kept by the caller, which the input points into), every captured tensor's gradient
+// wanted or none.
+CudaModsInput backward_mods(const ModProgram* score, const ModProgram* mask, bool approx_math, bool capture_grads,
+                            std::optional<ScoreModBackward>& grad) {
+  CudaModsInput in;
+  in.score_mod = score;
+  in.mask_mod = mask;
+  in.approx_math = approx_math;
+  if (score != nullptr) {
+    grad = derive_score_mod(*score);
+    in.score_grad = &*grad;
+    in.grad_needed.assign(grad->captures.size(), capture_grads);
+  }
+  return in;
+}
 // The wgmma backward at head dim 128 with two warpgroups a CTA, as the H200 runs it, for programs whose
 // element step splits (constant d score_mod / d score, no captured gradient: P computed while dP is still in
 // flight) and one that does not (softcap): it compiles, ptxas serialises no wgmma (C7514 / C7520 would cost the
@@ -605,12 +633,8 @@ TEST(ModCodegen, BackwardKernelsCompileWithTheOnePassElement) {
 // the finalize kernel instead. NVRTC only, no GPU: tests/cuda run the kernels.
 TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
-  std::vector<double> ids(256);
-  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
-  Captured doc(floats(ids, {256}).to(kInt64), "doc");
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
+  const Captured doc = document_ids();
   const ModProgram alibi = trace_score_mod(
       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
   const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
@@ -632,16 +656,8 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
   for (int form : {0, 1, 2, 3}) {
     const int fused = form == 1 ? 1 : 0;
     if (fused != 0 && c.score == &softcap) continue;  // the host keeps the dQ kernel for a varying derivative
-    CudaModsInput in;
-    in.score_mod = c.score;
-    in.mask_mod = c.mask;
-    in.approx_math = c.approx_math;
     std::optional<ScoreModBackward> g;
-    if (c.score != nullptr) {
-      g = derive_score_mod(*c.score);
-      in.score_grad = &*g;
-      in.grad_needed.assign(g->captures.size(), false);
-    }
+    const CudaModsInput in = backward_mods(c.score, c.mask, c.approx_math, false, g);
     std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
     for (const char* x : {"FG_IN_DTYPE 4", "FG_E 128", "FG_EV 128", "FG_NT 256", "FG_USE_MMA 1", "FG_CAP_MODE 0", "FG_PRE_VEC 1",
                           "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128", "FG_KV_TILE 128", "FG_Q_CHUNK 64",
@@ -695,12 +711,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
 // run them.
 TEST(ModCodegen, BackwardLeanStepCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
-  std::vector<double> ids(256);
-  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
-  Captured doc(floats(ids, {256}).to(kInt64), "doc"), bias(floats({0.5, 1.0, 1.5}, {3}), "bias");
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
+  const Captured doc = document_ids();
+  const Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias");
   const ModProgram alibi = trace_score_mod(
       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
   const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
@@ -727,16 +740,8 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
     for (int form : {0, 1, 2, 3, 4}) {
       if (c.cap_mode != 0 && form != 2) continue;
       SCOPED_TRACE(std::string(c.name) + ", form " + std::to_string(form));
-      CudaModsInput in;
-      in.score_mod = c.score;
-      in.mask_mod = c.mask;
-      in.approx_math = c.approx_math;
       std::optional<ScoreModBackward> g;
-      if (c.score != nullptr) {
-        g = derive_score_mod(*c.score);
-        in.score_grad = &*g;
-        in.grad_needed.assign(g->captures.size(), c.cap_mode != 0);
-      }
+      const CudaModsInput in = backward_mods(c.score, c.mask, c.approx_math, c.cap_mode != 0, g);
       const bool wgmma = form != 4;
       const int e = wgmma ? 128 : 64;
       // The translation unit with FG_BWD_LEAN_STEP `lean`: each main kernel's spill stores (bytes), and ptxas's log.
@@ -796,9 +801,7 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
 // host still keeps the plain kernel there, attention/cuda/flex_backward_cuda.cpp, ws_choice). NVRTC only, no GPU.
 TEST(ModCodegen, BackwardWarpSpecialisedCompilesWithCapturedGradients) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
   Captured hs(floats({0.5, 1.0, 1.5}, {3}), "hs"), bias(floats({0.1, 0.2, 0.3}, {3}), "bias");
   Captured rel(floats({0.1, 0.2, 0.3, 0.4}, {4}), "rel");
   const ModProgram learnable =
@@ -887,9 +890,7 @@ TEST(ModCodegen, KernelCopiesArriveOnBarriersWithNoinc) {
 // (below). NVRTC only, no GPU: tests/cuda run them.
 TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
   Captured doc(Tensor(full({64}, 1, kInt64)), "doc");  // int64 ids, as bench_flex_cuda's
   const ModProgram alibi = trace_score_mod(
       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
@@ -959,9 +960,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
 // tests/cuda run the kernel.
 TEST(ModCodegen, DecodeCompilesForEveryTileAndHeadDim) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
-  std::vector<std::pair<std::string, std::string>> headers;
-  for (std::string_view n : cuda::jit::embedded_source_names())
-    headers.emplace_back(std::string(n), std::string(cuda::jit::embedded_source(n)));
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
   const ModProgram alibi = trace_score_mod(
       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
   const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });

@@ -704,6 +704,19 @@ Case document_case() {
   return c;
 }
 
+// ALiBi (slopes 2^(-8 (h + 1) / H)) with a causal BlockMask of 128-row blocks over L = 300, H 4 q heads on 2 kv
+// heads, head dims 128 / 64, B 2.
+Case alibi_causal_gqa_case() {
+  const int64_t L = 300, H = 4;
+  Case c;
+  c.d = {2, H, L, 128, 2, 2, L, 64};
+  c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
+  c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
+  c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
+  c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+  return c;
+}
+
 // A Wgmma backward of the document case, refused before any kernel runs with a ValueError naming `var` (an
 // environment variable the caller has set to a bad value).
 void expect_bad_env_named(const char* var) {
@@ -763,13 +776,7 @@ TEST_F(FlexBackwardWgmma, AgreesWithTiledOnDocumentAlibiSoftcapAndLearnableBias)
   }
   {
     SCOPED_TRACE("ALiBi, causal, GQA");
-    Case c;
-    c.d = {2, H, L, 128, 2, 2, L, 64};
-    c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
-    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
-    c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
-    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
-    expect_agree(c, kBFloat16);
+    expect_agree(alibi_causal_gqa_case(), kBFloat16);
   }
   {
     SCOPED_TRACE("softcap, causal, blocks of 64 (one warpgroup)");
@@ -1213,13 +1220,7 @@ TEST_F(FlexBackwardWgmma, LeanElementStepMatchesTheGoldenAndThePreviousStep) {
     check_case(c, kBFloat16, FlexCudaBackward::Wgmma, false, "GQA, broadcast kv batch, Lq != Lkv, Ev 64, dlse");
   }
   {
-    const int64_t L = 300, H = 4;
-    Case c;
-    c.d = {2, H, L, 128, 2, 2, L, 64};
-    c.score_mod = [H](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / H)); };
-    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L, 128);
-    c.native.mod = [H](double s, int, int h, int q, int kv) { return s + (kv - q) * std::exp2(-((h + 1) * 8.0 / H)); };
-    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    Case c = alibi_causal_gqa_case();
     check_case(c, kBFloat16, FlexCudaBackward::Wgmma, true, "ALiBi, causal, GQA");
     c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
     c.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
