@@ -717,15 +717,6 @@ Case alibi_causal_gqa_case() {
   return c;
 }
 
-// A Wgmma backward of the document case, refused before any kernel runs with a ValueError naming `var` (an
-// environment variable the caller has set to a bad value).
-void expect_bad_env_named(const char* var) {
-  Case c = document_case();
-  c.kernel = FlexCudaBackward::Wgmma;
-  const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
-  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes_only(c.d), kBFloat16, kCUDA); }, var);
-}
-
 // Bit equality of two kernels' gradients, NaN equal to NaN (poisoned inputs make NaNs where both kernels agree).
 bool same_bits(const Tensor& a, const Tensor& b) {
   const auto x = a.to(kFloat64).to_vector(), y = b.to(kFloat64).to_vector();
@@ -1005,6 +996,17 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   testing::expect_error<ValueError>([&] { run(c, kBFloat16, FlexCudaBackward::Wgmma); }, "FLEXGRAD_FLEX_WGMMA_BWD_WS");
 }
 
+// (The tests below read the CUDA layer's counters and JIT statistics, which a build without CUDA does not have.)
+#ifdef FLEXGRAD_WITH_CUDA
+// A Wgmma backward of the document case, refused before any kernel runs with a ValueError naming `var` (an
+// environment variable the caller has set to a bad value).
+void expect_bad_env_named(const char* var) {
+  Case c = document_case();
+  c.kernel = FlexCudaBackward::Wgmma;
+  const Inputs in = make_inputs(c.d, kBFloat16, false, 23);
+  testing::expect_error<ValueError>([&] { run_stub(c, in, shapes_only(c.d), kBFloat16, kCUDA); }, var);
+}
+
 // The persistent warp-specialised kernels (FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT; FG_BWD_PERSISTENT): each CTA runs
 // the grid's CTAs it takes from a queue, its stage ring, resident-tile barriers and counters carried from one to
 // the next, so they must give the grid kernels' bits. "3" caps the grid at 3 CTAs: every CTA then runs many grid
@@ -1171,9 +1173,9 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
 // The lean element steps (FG_BWD_LEAN_STEP, flex_backward.cuh, the default: the scale in P's exponent, lse2 / delta
 // read in pairs, the dQ kernel's P finished before dP with invalid entries' P = -0, and a copy of each step for
 // interior chunks). Against the float64 golden and the previous steps (FLEXGRAD_FLEX_BWD_LEAN_STEP=0) on the same
-// inputs: where a score_mod keeps the scale
-// out of the exponent (ALiBi, softcap, a learnable bias with its captured gradients) the same bits; elsewhere the
-// exponent rounds once less, so near (P differs by an ulp before its rounding to 16 bits). Cases: the captured
+// inputs: where a score_mod keeps the scale out of the exponent (ALiBi, softcap, a learnable bias with its captured
+// gradients) the same bits; elsewhere the exponent rounds once less, so near (P differs by an ulp before its
+// rounding to 16 bits). Cases: the captured
 // document mask clipped at L 300 (interior, diagonal and clipped chunks) in bfloat16 and float16, no mask at L 256
 // (interior only) and 300, GQA with Ev 64 and dlse, the plain Wgmma kernels and the mma.sync (Tiled) ones; and the
 // entries the mask drops must not carry an infinite dP (V row) into dQ, nor a stale delta past a clipped chunk (an
@@ -1331,6 +1333,7 @@ TEST_F(FlexBackwardWgmma, PersistentLaunchWhereTheMasksRowsAreShort) {
   EXPECT_EQ(persistent_launches(dense, make_inputs(dense.d, kBFloat16, false, 43), shapes_only(dense.d), g), 1)
       << "rows of 8 blocks: persistent";
 }
+#endif  // FLEXGRAD_WITH_CUDA
 
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
