@@ -243,7 +243,8 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 // FLEXGRAD_FLEX_WGMMA_BWD_WS=0 keeps the plain kernels (A/B), FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ=0 the plain dQ kernel;
 // FLEXGRAD_FLEX_WGMMA_BWD_STAGES=2..4 sets the stages (benchmarking).
 // Persistent launch (FG_BWD_PERSISTENT: one CTA an SM, each running the grid's CTAs it takes from a queue, so that
-// one's stores overlap the next one's loads): chosen where the mask's rows are short (persistent_pays, at the end of this file);
+// one's stores overlap the next one's loads): chosen where the mask's rows are short (persistent_pays, at the file's
+// end);
 // FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=0 / 1 forces the grid / the persistent launch, =N (N >= 2) caps the grid at N
 // CTAs (tests: many grid CTAs a CTA on small problems).
 struct WsChoice {
@@ -428,7 +429,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const bool dq_delta = ws.dq && pre_vec && dq_kernel_runs && cap_mode != 1 && !concurrent &&
                         env_switch("FLEXGRAD_FLEX_BWD_DQ_DELTA").value_or(true);
   // The tensor-core kernels' element steps with four cuts found in their SASS (FG_BWD_LEAN_STEP, flex_backward.cuh;
-  // session 27): 5-33% off the backward of every case of issue 13's table on an H100 (three alternating rounds).
+  // session 27): 5-34% off the backward of every case of issue 13's table on an H100 (two calls, alternating rounds).
   // FLEXGRAD_FLEX_BWD_LEAN_STEP=0 keeps the previous steps (A/B). Instructions a thread a chunk in the
   // warp-specialised kernels (bf16, D 128, sm_90a, nvcc 13.0; docs/flex_cuda_notes.md, session 27), the dK/dV step:
   // no mask 369 -> 209, causal 468 -> 209 in a full block (372 on the diagonal), the document mask 541 -> 226 (427);

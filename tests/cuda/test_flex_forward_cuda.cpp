@@ -650,6 +650,22 @@ TEST_F(FlexWgmmaChoice, RefusesWhatItCannotRun) {
 // 256, score mods with column parts.
 // (The pipeline tests read the CUDA layer's JIT statistics, which a build without CUDA does not have.)
 #ifdef FLEXGRAD_WITH_CUDA
+// A mask_mod alone that reads captured tensors: four documents (one of ten tokens) over L 1100, ids captured on
+// the CPU for the mask's build and on the device for the kernels, blocks of 128, B 1, head dims 128, no causal part.
+Case captured_document_case() {
+  const int64_t L = 1100;
+  std::vector<int64_t> ids(L);
+  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
+  const Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  const Captured dc(doc_cpu), dd(doc_cpu.to(Device(DeviceType::CUDA, 0)));
+  Case c;
+  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = L;
+  c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return Expr(dc[q]) == Expr(dc[kv]); },
+                                  [dd](Expr, Expr, Expr q, Expr kv) { return Expr(dd[q]) == Expr(dd[kv]); }, L, L, 128);
+  c.mod = [ids](double s, int64_t, int64_t, int64_t q, int64_t kv) { return ids[q] == ids[kv] ? s : -kInf; };
+  return c;
+}
+
 class FlexWgmmaPipeline : public ::testing::TestWithParam<std::tuple<DType, const char*, const char*>> {
  protected:
   void SetUp() override {
@@ -770,17 +786,9 @@ TEST_P(FlexWgmmaPipeline, ManySubTilesWithCapturedColumnParts) {
 // inside a q tile and a kv sub-tile, so edge sub-tiles meet the bounds pass with partial and full blocks; against
 // the float64 golden, and bit for bit against the step with bounds (FLEXGRAD_FLEX_FWD_MASK_STEP=0, another module).
 TEST_P(FlexWgmmaPipeline, CapturedMaskAloneTakesTheBoundsFreeStep) {
-  const int64_t L = 1100;
-  std::vector<int64_t> ids(L);
-  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
-  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
+  const Case c = captured_document_case();
+  const int64_t L = c.Lq;
   const Device cuda(DeviceType::CUDA, 0);
-  Captured dc(doc_cpu), dd(doc_cpu.to(cuda));
-  Case c;
-  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = L;
-  c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return Expr(dc[q]) == Expr(dc[kv]); },
-                                  [dd](Expr, Expr, Expr q, Expr kv) { return Expr(dd[q]) == Expr(dd[kv]); }, L, L, 128);
-  c.mod = [ids](double s, int64_t, int64_t, int64_t q, int64_t kv) { return ids[q] == ids[kv] ? s : -kInf; };
   check(c);
   Generator gen(9);
   Tensor q = randn({c.B, c.Hq, L, c.E}, kFloat32, &gen).to(kBFloat16).to(cuda);
@@ -810,11 +818,6 @@ TEST_P(FlexWgmmaPipeline, CapturedMaskAloneTakesTheBoundsFreeStep) {
 // the variable at 0.
 TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
   ScopedEnv raw("FLEXGRAD_FLEX_FWD_RAW_SOFTMAX", "1");
-  const int64_t L = 1100;
-  std::vector<int64_t> ids(L);
-  for (int64_t i = 0; i < L; ++i) ids[i] = i < 300 ? 0 : i < 310 ? 1 : i < 900 ? 2 : 3;
-  Tensor doc_cpu = from_vector(std::vector<double>(ids.begin(), ids.end()), {L}, kInt64);
-  Captured dc(doc_cpu), dd(doc_cpu.to(Device(DeviceType::CUDA, 0)));
   Case plain;
   plain.B = plain.Bkv = 1, plain.E = plain.Ev = 128, plain.Lq = plain.Lkv = 300;
   {
@@ -834,12 +837,8 @@ TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
   }
   {
     SCOPED_TRACE("captured mask alone");
-    Case c = plain;
-    c.Lq = c.Lkv = L;
+    Case c = captured_document_case();
     c.input_scale = 3.0;
-    c.opts.block_mask = device_mask([dc](Expr, Expr, Expr q, Expr kv) { return Expr(dc[q]) == Expr(dc[kv]); },
-                                    [dd](Expr, Expr, Expr q, Expr kv) { return Expr(dd[q]) == Expr(dd[kv]); }, L, L, 128);
-    c.mod = [ids](double s, int64_t, int64_t, int64_t q, int64_t kv) { return ids[q] == ids[kv] ? s : -kInf; };
     check(c);
   }
 }

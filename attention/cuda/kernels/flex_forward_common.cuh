@@ -126,13 +126,14 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 }
 
 
-// FG_FWD_RAW_SOFTMAX (opt-in: FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=1; the host defines it for the wgmma forward of programs
-// without a score_mod whose scale is positive and finite): S stays unscaled (q.k); the running max m is the raw
-// scores', and the scale goes into the exponent's constant, exp2(s c - m c) with c = scale log2 e, as FlashAttention-3
-// does. No entry is then multiplied by the scale, nor selected between its scaled and unscaled value (the FMUL and
-// FSEL an entry of a full sub-tile in the causal forward's SASS, of ~7.5 instructions before P V; H100, session 26).
-// fl(scale x) is monotonic in x for scale > 0, so fl(scale m) is the scaled scores' max exactly: the epilogue reports
-// it and lse = fl(scale m) + ln l. Written in session 26 after the device time was spent: not yet run on a GPU.
+// FG_FWD_RAW_SOFTMAX (the host's default since session 27 for the wgmma forward of programs without a score_mod whose
+// scale is positive and finite; FLEXGRAD_FLEX_FWD_RAW_SOFTMAX=0 leaves it out): S stays unscaled (q.k); the running
+// max m is the raw scores', and the scale goes into the exponent's constant, exp2(s c - m c) with c = scale log2 e,
+// as FlashAttention-3 does. No entry is then multiplied by the scale, nor selected between its scaled and unscaled
+// value (the FMUL and FSEL an entry of a full sub-tile in the causal forward's SASS, of ~7.5 instructions before P V;
+// H100, session 26). fl(scale x) is monotonic in x for scale > 0, so fl(scale m) is the scaled scores' max exactly:
+// the epilogue reports it and lse = fl(scale m) + ln l. On an H100 (session 27) 2-11% off the forward of no mask,
+// the document mask, the sliding window and D 64.
 #ifndef FG_FWD_RAW_SOFTMAX
 #define FG_FWD_RAW_SOFTMAX 0
 #endif
@@ -215,8 +216,8 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 // (FG_MASK_ELEM_PURE: its element part reads nothing and cannot fail) that reads captured tensors. Measured on an H100
 // (session 26, forward ms, three alternating runs, against the step with bounds): the document mask (captured int64
 // ids) 0.282-0.284 -> 0.265-0.272; but the sliding window, a mask of index arithmetic alone, 0.379-0.380 -> 0.424-0.445
-// (causal unchanged), as session 15 saw a bounds-free copy of the step cost causal and sliding: ptxas lays out their hot
-// loop differently (not looked into without a disassembler), so masks without captures keep the step with bounds.
+// (causal unchanged), as session 15 saw a bounds-free copy of the step cost causal and sliding: ptxas lays out their
+// hot loop differently (not yet compared in SASS), so masks without captures keep the step with bounds.
 // FLEXGRAD_FLEX_FWD_MASK_STEP=0 defines FG_FWD_MASK_BOUNDS_IN_STEP (A/B).
 #ifdef FG_FWD_MASK_BOUNDS_IN_STEP
 #define FG_FWD_MASK_STEP 0
@@ -225,10 +226,10 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
 #endif
 #if FG_FWD_MASK_STEP
 // The step evaluates the mask for every entry of the sub-tile with no bounds test (an entry out of range computes from
-// whatever its parts' buffers hold; the bounds pass (fg_frag_mod_scores), run only on sub-tiles that reach past the sequence, drops
-// it), and selects: per entry the scale, the mask's compare and one select, where the step with bounds also tested the
-// entry's row and column and combined them with `partial` (H100 SASS, document mask: 7 instructions an entry before
-// the softmax).
+// whatever its parts' buffers hold; the bounds pass (fg_frag_mod_scores), run only on sub-tiles that reach past the
+// sequence, drops it), and selects: per entry the scale, the mask's compare and one select, where the step with
+// bounds also tested the entry's row and column and combined them with `partial` (H100 SASS, document mask: 7
+// instructions an entry before the softmax).
 template <int MF, int NB>
 __device__ __forceinline__ void fg_frag_mask_step(float (&s)[MF][NB][4], bool partial, float scale, int wrow, int g,
                                                   int t4, int m0, const FgTile& cur, const FgRowMods<float>* row_mods,
