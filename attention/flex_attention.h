@@ -74,7 +74,10 @@ struct FlexKernelOptions {
   // the mods' tanh as tanh.approx.f32 (max relative error ~2^-11: a softcap tensor-core kernel no longer waits on
   // the precise tanhf) and their float division as div.full.f32 (max error 2 ulp, what Triton's `/` computes in
   // PyTorch's own flex kernels; by a constant, one multiply instead of __fdiv_rn's refinement), in forward and
-  // backward. Only values that stay continuous are approximated: one that is floored, compared, cast to an int or
+  // backward; their + - * may contract into fused multiply-adds (as Triton's do), and a score_mod of the form
+  // c * f(k * score) (softcap's 20 * tanh(score / 20)) hands c and k to the tensor-core kernels, which fold them
+  // into the scale and the exponent's constant (attention/affine_score.h: one rounding where the program has two).
+  // Only values that stay continuous are approximated: one that is floored, compared, cast to an int or
   // decides a where (every value of a mask_mod) keeps the exact spelling. PyTorch's approximate softcap matches
   // the exact one to atol 5e-4, rtol 1e-3. The CPU backends compute exactly either way.
   bool approx_math = false;

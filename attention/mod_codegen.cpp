@@ -11,6 +11,7 @@
 #include <optional>
 #include <utility>
 
+#include "flexgrad/attention/affine_score.h"
 #include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
 
@@ -389,6 +390,59 @@ std::string score_dscore_functions(const ProgramEmitter& em, const SplitProgram&
   return s;
 }
 
+// ---- The affine form (affine_score.h) under approx_math, for the tensor-core kernels to fold its factors into their
+// own constants:
+//   #define FG_SCORE_AFFINE 0|1
+//   #define FG_SCORE_IN_FACTOR, FG_SCORE_OUT_FACTOR   (double literals)
+//   __device__ float fg_score_core(float x, int b, int h, int q, int kv, const FgModArgs& a);   core(x)
+//   backward modules: __device__ float fg_score_core_dscore(float x, ..., float* dscore);
+//     core(x), and *dscore = out_factor in_factor core'(x): d score_mod / d score, as fg_score_elem_dscore's
+// Taken where the score_mod has the form, its scaled score may be approximated (approx_exact_needed: not floored,
+// compared or cast), the core's element function reads no row or column part and nothing that can fail (so it needs
+// no FgScoreRow / FgScoreCol of its own and may be evaluated for every entry), and, in a backward module, the
+// derivative is not constant (the merged element step, which the folding serves) and no capture takes a gradient
+// (whose terms read the pre-mod score). `no_cap_grad`: this module computes no capture-gradient term.
+std::string affine_functions(const CudaModsInput& in, bool no_cap_grad) {
+  const ScoreModBackward* g = in.score_grad;
+  std::optional<AffineScoreForm> form;
+  if (in.approx_math && in.score_mod && (g == nullptr || (!g->dscore_is_constant && no_cap_grad))) {
+    form = affine_score_form(*in.score_mod);
+    if (form && form->scaled_score >= 0 && approx_exact_needed(*in.score_mod)[static_cast<size_t>(form->scaled_score)])
+      form.reset();
+  }
+  std::optional<ScoreModBackward> core_grad;
+  const ModProgram* core = nullptr;  // the core, with its derivative as output 1 in a backward module
+  if (form) {
+    if (g != nullptr) core_grad = derive_score_mod(form->core);
+    core = core_grad ? &core_grad->value_and_dscore : &form->core;
+    std::vector<int32_t> outs = core->outputs();
+    const SplitProgram sp = split_program(*core, outs);
+    if (!sp.row_out.empty() || !sp.col_out.empty() || elem_has_effects(*core, sp, outs)) form.reset();
+  }
+  if (!form) return "#define FG_SCORE_AFFINE 0\n";
+  std::string s = fmt::format("// affine form: score_mod(s) = {} * core({} * s), core(score) = {}\n", form->out_factor,
+                              form->in_factor, form->core.to_string());
+  s += fmt::format("#define FG_SCORE_AFFINE 1\n#define FG_SCORE_IN_FACTOR {}\n#define FG_SCORE_OUT_FACTOR {}\n",
+                   float_literal(form->in_factor, true), float_literal(form->out_factor, true));
+  const ProgramEmitter em(*core, {}, /*approx_math=*/true);
+  const char* sig = "float score, int b, int h, int q, int kv, const FgModArgs& a";
+  const int32_t value = core->outputs()[0];
+  if (core_grad) {
+    s += fmt::format("__device__ __forceinline__ float fg_score_core_dscore({}, float* dscore) {{\n", sig);
+    s += emit_body(em, core->live(core->outputs()), false);
+    const int32_t d = core->outputs()[1];
+    const double f = form->out_factor * form->in_factor;
+    s += f == 1.0 ? fmt::format("  *dscore = v{};\n", d)
+                  : fmt::format("  *dscore = v{} * {};\n", d, float_literal(f, false));
+    s += fmt::format("  return v{};\n}}\n", value);
+  } else {
+    s += fmt::format("__device__ __forceinline__ float fg_score_core({}) {{\n", sig);
+    s += emit_body(em, core->live({value}), false);
+    s += fmt::format("  return v{};\n}}\n", value);
+  }
+  return s;
+}
+
 }  // namespace
 
 std::string emit_cuda_mods(const CudaModsInput& in) {
@@ -535,11 +589,14 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
     s += " {\n  *dscore = fg_dscore<T>(score, b, h, q, kv, a);\n  return score;\n}\n";
   }
 
-  // ---- capture gradients
-  std::vector<const CaptureGradTerm*> terms;
+  std::vector<const CaptureGradTerm*> terms;  // the capture-gradient terms this module computes
   if (g)
     for (const CaptureGradTerm& t : g->terms)
       if (static_cast<size_t>(t.capture) < in.grad_needed.size() && in.grad_needed[t.capture]) terms.push_back(&t);
+
+  s += affine_functions(in, terms.empty());
+
+  // ---- capture gradients
   s += fmt::format("#define FG_HAS_CAP_GRAD {}\n", terms.empty() ? 0 : 1);
   const char* cap_sig = "(T score, T grad, int b, int h, int q, int kv, const FgModArgs& a, const Sink& sink)";
   s += "// sink.add(kernel capture slot, row-major linear index into that capture, grad * d score_mod / d capture)\n";

@@ -13,6 +13,10 @@
 //   #define FG_SCORE_ELEM_PURE 0|1      the same of fg_score_elem and fg_score_elem_dscore (1 without a score_mod)
 //   #define FG_DSCORE_IS_CONSTANT 0|1   and FG_DSCORE_CONSTANT (a double literal) when it is
 //   #define FG_HAS_CAP_GRAD 0|1         some captured float tensor can receive a gradient
+//   #define FG_SCORE_AFFINE 0|1         under approx_math, the score_mod as out_factor * core(in_factor * score)
+//                                       (affine_score.h) with FG_SCORE_IN_FACTOR, FG_SCORE_OUT_FACTOR and
+//                                       fg_score_core (forward modules) / fg_score_core_dscore (backward ones):
+//                                       the tensor-core kernels fold the factors into their own constants
 //   template <class T> __device__ __forceinline__ T fg_score_mod(T score, int b, int h, int q, int kv, const FgModArgs& a);
 //   __device__ __forceinline__ bool fg_mask_mod(int b, int h, int q, int kv, const FgModArgs& a);
 //   // the same two in parts, for tile loops: a value that needs neither kv nor the score is computed once

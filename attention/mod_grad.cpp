@@ -9,27 +9,6 @@
 
 namespace fg {
 
-namespace {
-
-// Re-emits forward instruction `in` (operands already mapped) into the builder.
-int32_t reemit(ProgramBuilder& pb, const Instr& in, const std::vector<int32_t>& m) {
-  std::vector<int32_t> args;
-  for (int32_t a : in.args) args.push_back(m[a]);
-  switch (in.op) {
-    case ExprOp::Const:
-      return in.kind == ValueKind::Float ? pb.constant_float(in.value)
-             : in.kind == ValueKind::Int ? pb.constant_int(in.ivalue)
-                                         : pb.constant_bool(in.ivalue != 0);
-    case ExprOp::Score: case ExprOp::Batch: case ExprOp::Head: case ExprOp::QIdx: case ExprOp::KVIdx:
-      return pb.input(in.op);
-    case ExprOp::Index: return pb.index(in.capture, std::move(args));
-    case ExprOp::Cast: return pb.cast(args[0], in.kind, in.implicit);
-    default: return pb.emit(in.op, in.kind, std::move(args), in.implicit);
-  }
-}
-
-}  // namespace
-
 ScoreModBackward derive_score_mod(const ModProgram& fwd) {
   FG_CHECK(fwd.type() == ModProgram::Type::Score, ValueError,
            "derive_score_mod: expected a score_mod program, got a {} program",
@@ -39,7 +18,7 @@ ScoreModBackward derive_score_mod(const ModProgram& fwd) {
   const auto& ins = fwd.instrs();
   const size_t n = ins.size();
   std::vector<int32_t> m(n);
-  for (size_t i = 0; i < n; ++i) m[i] = reemit(pb, ins[i], m);
+  for (size_t i = 0; i < n; ++i) m[i] = pb.reemit(ins[i], m);
 
   std::vector<int32_t> adj(n, -1);
   auto acc = [&](int32_t j, int32_t contrib) {

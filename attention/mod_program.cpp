@@ -267,7 +267,24 @@ int32_t ProgramBuilder::emit(ExprOp op, ValueKind kind, std::vector<int32_t> arg
   return push(in);
 }
 
-ModProgram ProgramBuilder::finish(std::vector<int32_t> outputs, std::vector<std::string> names) const {
+int32_t ProgramBuilder::reemit(const Instr& in, const std::vector<int32_t>& operand_map) {
+  std::vector<int32_t> args;
+  for (int32_t a : in.args) args.push_back(operand_map[a]);
+  switch (in.op) {
+    case ExprOp::Const:
+      return in.kind == ValueKind::Float ? constant_float(in.value)
+             : in.kind == ValueKind::Int ? constant_int(in.ivalue)
+                                         : constant_bool(in.ivalue != 0);
+    case ExprOp::Score: case ExprOp::Batch: case ExprOp::Head: case ExprOp::QIdx: case ExprOp::KVIdx:
+      return input(in.op);
+    case ExprOp::Index: return index(in.capture, std::move(args));
+    case ExprOp::Cast: return cast(args[0], in.kind, in.implicit);
+    default: return emit(in.op, in.kind, std::move(args), in.implicit);
+  }
+}
+
+ModProgram ProgramBuilder::finish(std::vector<int32_t> outputs, std::vector<std::string> names,
+                                  ModProgram::Type type) const {
   std::vector<char> live(instrs_.size(), 0);
   for (int32_t o : outputs) live[o] = 1;
   for (int32_t i = static_cast<int32_t>(instrs_.size()) - 1; i >= 0; --i)
@@ -292,6 +309,7 @@ ModProgram ProgramBuilder::finish(std::vector<int32_t> outputs, std::vector<std:
   for (int32_t o : outputs) p.outputs_.push_back(remap[o]);
   p.output_names_ = std::move(names);
   p.output_names_.resize(p.outputs_.size());
+  p.type_ = type;
   return p;
 }
 

@@ -30,44 +30,6 @@ struct Instr {
   std::vector<int32_t> args;   // operand instruction ids (< this id)
 };
 
-class ModProgram;
-
-// Builds programs with folding + CSE. Also used by the symbolic derivative (attention/mod_grad.h).
-class ProgramBuilder {
- public:
-  explicit ProgramBuilder(std::vector<CaptureRef> captures = {});
-  int32_t constant_float(double v);
-  int32_t constant_int(int64_t v);
-  int32_t constant_bool(bool v);
-  int32_t input(ExprOp leaf);  // Score, Batch, Head, QIdx, KVIdx
-  int32_t index(int32_t capture_slot, std::vector<int32_t> indices);
-  // Any other op; operands must already have the op's computing kind (use cast()).
-  int32_t emit(ExprOp op, ValueKind kind, std::vector<int32_t> args, bool implicit = false);
-  int32_t cast(int32_t x, ValueKind to, bool implicit = true);
-  // Convenience for the derivative: float arithmetic with folding.
-  int32_t add(int32_t a, int32_t b) { return emit(ExprOp::Add, ValueKind::Float, {a, b}); }
-  int32_t sub(int32_t a, int32_t b) { return emit(ExprOp::Sub, ValueKind::Float, {a, b}); }
-  int32_t mul(int32_t a, int32_t b) { return emit(ExprOp::Mul, ValueKind::Float, {a, b}); }
-  int32_t div(int32_t a, int32_t b) { return emit(ExprOp::Div, ValueKind::Float, {a, b}); }
-  int32_t neg(int32_t a) { return emit(ExprOp::Neg, ValueKind::Float, {a}); }
-
-  const Instr& instr(int32_t id) const { return instrs_[id]; }
-  bool is_const(int32_t id) const { return instrs_[id].op == ExprOp::Const; }
-  double const_value(int32_t id) const;  // any kind, as double
-  int32_t capture_slot(const std::shared_ptr<CaptureRef>& ref);  // dedupes by tensor identity
-  const std::vector<CaptureRef>& captures() const { return captures_; }
-
-  // Keeps what `outputs` need (dead-code elimination) and renumbers.
-  ModProgram finish(std::vector<int32_t> outputs, std::vector<std::string> output_names) const;
-
- private:
-  int32_t push(Instr in);
-  std::vector<Instr> instrs_;
-  std::vector<CaptureRef> captures_;
-  std::vector<const TensorImpl*> capture_ids_;
-  std::unordered_map<std::string, int32_t> cse_;  // instruction key -> id (hash-consing)
-};
-
 // A visitor for ModProgram::evaluate: supplies the value type and one function per instruction shape.
 // The reference (tensor) path implements it with differentiable tensor ops; tests use doubles.
 //   struct V { using Value = ...;
@@ -143,6 +105,47 @@ class ModProgram {
   std::vector<std::string> output_names_;
   std::vector<CaptureRef> captures_;
   uint8_t uses_ = 0;
+};
+
+// Builds programs with folding + CSE. Also used by the symbolic derivative (attention/mod_grad.h).
+class ProgramBuilder {
+ public:
+  explicit ProgramBuilder(std::vector<CaptureRef> captures = {});
+  int32_t constant_float(double v);
+  int32_t constant_int(int64_t v);
+  int32_t constant_bool(bool v);
+  int32_t input(ExprOp leaf);  // Score, Batch, Head, QIdx, KVIdx
+  int32_t index(int32_t capture_slot, std::vector<int32_t> indices);
+  // Any other op; operands must already have the op's computing kind (use cast()).
+  int32_t emit(ExprOp op, ValueKind kind, std::vector<int32_t> args, bool implicit = false);
+  int32_t cast(int32_t x, ValueKind to, bool implicit = true);
+  // Convenience for the derivative: float arithmetic with folding.
+  int32_t add(int32_t a, int32_t b) { return emit(ExprOp::Add, ValueKind::Float, {a, b}); }
+  int32_t sub(int32_t a, int32_t b) { return emit(ExprOp::Sub, ValueKind::Float, {a, b}); }
+  int32_t mul(int32_t a, int32_t b) { return emit(ExprOp::Mul, ValueKind::Float, {a, b}); }
+  int32_t div(int32_t a, int32_t b) { return emit(ExprOp::Div, ValueKind::Float, {a, b}); }
+  int32_t neg(int32_t a) { return emit(ExprOp::Neg, ValueKind::Float, {a}); }
+
+  const Instr& instr(int32_t id) const { return instrs_[id]; }
+  bool is_const(int32_t id) const { return instrs_[id].op == ExprOp::Const; }
+  double const_value(int32_t id) const;  // any kind, as double
+  int32_t capture_slot(const std::shared_ptr<CaptureRef>& ref);  // dedupes by tensor identity
+  const std::vector<CaptureRef>& captures() const { return captures_; }
+
+  // Instruction `in` of another program, its operands mapped to this builder's ids by `operand_map` (indexed by
+  // that program's ids), emitted again here with the same folding and CSE.
+  int32_t reemit(const Instr& in, const std::vector<int32_t>& operand_map);
+
+  // Keeps what `outputs` need (dead-code elimination) and renumbers; the result has type `type`.
+  ModProgram finish(std::vector<int32_t> outputs, std::vector<std::string> output_names,
+                    ModProgram::Type type = ModProgram::Type::Derived) const;
+
+ private:
+  int32_t push(Instr in);
+  std::vector<Instr> instrs_;
+  std::vector<CaptureRef> captures_;
+  std::vector<const TensorImpl*> capture_ids_;
+  std::unordered_map<std::string, int32_t> cse_;  // instruction key -> id (hash-consing)
 };
 
 // Trace a mod once. ValueError naming the mod (`name`, default "score_mod"/"mask_mod") when the callable

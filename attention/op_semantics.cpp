@@ -188,14 +188,14 @@ const OpInfo kOps[] = {
     // ---- binary
     {ExprOp::Add, "add", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a + b, sem::wrap_add(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.g; },
-     "__fadd_rn({0}, {1})", "__dadd_rn({0}, {1})", "fg_add_i({0}, {1})", nullptr, nullptr, "ADD"},
+     "__fadd_rn({0}, {1})", "__dadd_rn({0}, {1})", "fg_add_i({0}, {1})", nullptr, "({0} + {1})", "ADD"},
     {ExprOp::Sub, "sub", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a - b, sem::wrap_sub(a, b)), [](GradContext& c) { c.dx[0] = c.g; c.dx[1] = c.pb.neg(c.g); },
-     "__fsub_rn({0}, {1})", "__dsub_rn({0}, {1})", "fg_sub_i({0}, {1})", nullptr, nullptr, "SUB"},
+     "__fsub_rn({0}, {1})", "__dsub_rn({0}, {1})", "fg_sub_i({0}, {1})", nullptr, "({0} - {1})", "SUB"},
     {ExprOp::Mul, "mul", 2, KindRule::Arithmetic, "ints wrap",
      FG_NUM2(a * b, sem::wrap_mul(a, b)),
      [](GradContext& c) { c.dx[0] = c.pb.mul(c.g, c.x[1]); c.dx[1] = c.pb.mul(c.g, c.x[0]); },
-     "__fmul_rn({0}, {1})", "__dmul_rn({0}, {1})", "fg_mul_i({0}, {1})", nullptr, nullptr, "MUL"},
+     "__fmul_rn({0}, {1})", "__dmul_rn({0}, {1})", "fg_mul_i({0}, {1})", nullptr, "({0} * {1})", "MUL"},
     {ExprOp::Div, "div", 2, KindRule::TrueDiv, "true division in float: x/0 = ±inf, 0/0 = NaN",
      [](VK, VK, const SV* x) { return SV::of_float(x[0].f / x[1].f); },
      [](GradContext& c) {

@@ -168,7 +168,8 @@ struct OpInfo {
   const char* cuda_f64;
   const char* cuda_i64;
   const char* cuda_bool;
-  // The f32 spelling under FlexKernelOptions::approx_math (a hardware approximation; null: cuda_f32 either way).
+  // The f32 spelling under FlexKernelOptions::approx_math (a hardware approximation, or + - * as plain operators
+  // that the compiler may contract into FMAs; null: cuda_f32 either way).
   const char* cuda_f32_approx = nullptr;
   // cuDNN's pointwise mode (CUDNN_POINTWISE_<name>) for the cuDNN backend's score-modifier graphs
   // (attention/cudnn_lowering.h), which compute it in float32 (int32 for bounded ints, bool for logic)

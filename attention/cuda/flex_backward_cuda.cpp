@@ -297,6 +297,7 @@ std::atomic<int64_t> g_concurrent_dq_calls{0};
 std::atomic<int64_t> g_dq_delta_calls{0};
 std::atomic<int64_t> g_persistent_calls{0};
 std::atomic<int64_t> g_lean_step_calls{0};
+std::atomic<int64_t> g_skip_empty_calls{0};
 
 // A fork of the call's stream: work put on `side` after construction follows what the call's stream had queued,
 // and from destruction on (exceptions included) the call's stream waits for `side`'s work: the caller's reads of
@@ -434,6 +435,11 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // warp-specialised kernels (bf16, D 128, sm_90a, nvcc 13.0; docs/flex_cuda_notes.md, session 27), the dK/dV step:
   // no mask 369 -> 209, causal 468 -> 209 in a full block (372 on the diagonal), the document mask 541 -> 226 (427);
   // the dQ step: 274 -> 149, 435 -> 149 (377), 590 -> 149 (413). The same values up to one rounding of P's exponent.
+  // Under approx_math a score_mod of the form c * f(k score) (softcap) has its factors folded into the scale and P's
+  // exponent by the tensor-core kernels' merged element step (FG_BWD_SCORE_AFFINE, flex_backward.cuh), where no
+  // capture takes a gradient (the module then gives the form); FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the whole program
+  // an entry (A/B).
+  affine_fold(ctx, cfg.mma && cap_mode == 0, defines);
   const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(true);
   if (lean_step) {
     defines.emplace_back("FG_BWD_LEAN_STEP 1");
@@ -449,6 +455,13 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
     if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
     if (dq_delta) defines.emplace_back("FG_BWD_DQ_DELTA 1");
+    // The warp-specialised kernels' consumers skip a chunk's quadrant where the mask_mod keeps none of its entries,
+    // as their producer finds beside its copies (FG_BWD_SKIP_EMPTY, flex_backward_wgmma.cuh; a pure mask_mod only).
+    // FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0 computes them all (A/B; the same bits where every input is finite).
+    if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(true)) {
+      defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
+      ++g_skip_empty_calls;
+    }
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
   const char* dq_kernel = dq_fused ? "fg_bwd_dq_finalize"
@@ -678,6 +691,7 @@ int64_t concurrent_dq_calls() { return g_concurrent_dq_calls.load(); }
 int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }
 int64_t persistent_backward_calls() { return g_persistent_calls.load(); }
 int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
+int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <bit>
 #include <cstddef>
 #include <cstdlib>
@@ -148,6 +149,9 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
     in.grad_needed.resize(score_grad->captures.size(), false);
   }
   ctx.source = "#include \"flex_abi.cuh\"\n" + cuda_mods_source(in, ctx.captures);
+  // (what the generated text says of the programs, for the host's kernel choices)
+  ctx.affine_form = ctx.source.find("\n#define FG_SCORE_AFFINE 1\n") != std::string::npos;
+  ctx.mask_elem_pure = mask_mod != nullptr && ctx.source.find("\n#define FG_MASK_ELEM_PURE 1\n") != std::string::npos;
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;
@@ -174,6 +178,22 @@ ModContext make_mod_context(const FlexProblem& p, bool backward, const std::vect
   const IndexBounds bounds{p.q.size(0), p.q.size(1), p.q.size(2), p.k.size(2)};
   return make_mod_context(p.score_mod.get(), p.mask_mod.get(), backward ? p.score_grad.get() : nullptr, needs_cap,
                           p.q.device(), "flex_attention", bounds, p.approx_math);
+}
+
+namespace {
+std::atomic<int64_t> g_affine_fold_calls{0};
+}  // namespace
+
+int64_t affine_fold_calls() { return g_affine_fold_calls.load(); }
+
+bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines) {
+  if (!ctx.affine_form) return false;
+  if (!env_switch("FLEXGRAD_FLEX_AFFINE_FOLD").value_or(true)) {
+    defines.emplace_back("FG_NO_AFFINE_FOLD 1");
+    return false;
+  }
+  if (mma) ++g_affine_fold_calls;
+  return mma;
 }
 
 void check_mod_errors(const ModContext& ctx) {

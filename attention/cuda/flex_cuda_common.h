@@ -39,6 +39,8 @@ struct ModContext {
   FgModArgs args;                   // captures read in place on the device; error points into error_buf
   Tensor error_buf;                 // device FgError (zeroed), when a captured read or integer op can fail
   std::vector<CaptureRef> captures; // the merged list, in kernel slot order (for messages)
+  bool affine_form = false;         // the text gives the score_mod's affine form (FG_SCORE_AFFINE 1; affine_score.h)
+  bool mask_elem_pure = false;      // a mask_mod whose element part reads nothing and cannot fail (FG_MASK_ELEM_PURE 1)
 };
 
 // Merges the score_mod, mask_mod and (backward) derivative captures by tensor identity, generates the mod
@@ -104,6 +106,17 @@ int64_t persistent_backward_calls();
 // How many backward calls of this process ran the tensor-core kernels with the lean element steps (FG_BWD_LEAN_STEP,
 // unless FLEXGRAD_FLEX_BWD_LEAN_STEP=0; flex_backward_cuda.cpp).
 int64_t lean_step_backward_calls();
+
+// How many backward calls of this process ran the warp-specialised kernels skipping the quadrants the mask_mod keeps
+// nothing of (FG_BWD_SKIP_EMPTY, unless FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0; flex_backward_cuda.cpp).
+int64_t skip_empty_backward_calls();
+// How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
+// score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
+// FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).
+int64_t affine_fold_calls();
+// Whether a call with this context folds the affine form (ctx.affine_form, FLEXGRAD_FLEX_AFFINE_FOLD) into tensor-core
+// kernels (`mma`); counts it, and adds FG_NO_AFFINE_FOLD to `defines` where the switch turns it off.
+bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines);
 
 // fg::DType -> FG_DT_* code of flex_abi.cuh.
 int abi_dtype(DType t);

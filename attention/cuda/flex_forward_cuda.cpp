@@ -344,6 +344,10 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
     defines.push_back("FG_WGMMA_TMA 1");
   }
   flex::ModContext ctx = flex::make_mod_context(p, /*backward=*/false);
+  // Under approx_math a score_mod of the form c * f(k score) (softcap) has its factors folded into the scale and the
+  // exponent's constant by the tensor-core kernels (FG_FWD_SCORE_AFFINE, flex_forward_common.cuh);
+  // FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the whole program an entry (A/B).
+  flex::affine_fold(ctx, cfg.mma, defines);
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
   src.name = "flex_forward";

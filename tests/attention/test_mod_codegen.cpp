@@ -433,6 +433,71 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
   EXPECT_TRUE(has(text, "__fdiv_rn(")) << text;
 }
 
+// The affine form (affine_score.h) in the generated text: only under approx_math, with the factors as double
+// literals and the core alone in fg_score_core (forward modules) or fg_score_core_dscore (backward ones, whose
+// derivative carries out_factor in_factor); not where the scaled score must stay exact, where the core needs row or
+// column parts (a captured read anywhere in it: every read is a row or column part or an effect) or where the
+// derivative is constant (backward modules). Every text compiles.
+TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram wide = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 20.0); });
+  const ModProgram compared =
+      trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * where(s / 20.0 > 1.0, s / 20.0, 1.0); });
+  const ModProgram scaled = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * 2.0; });
+  Captured bias(floats({0.5, -1.0, 2.0, 0.25}, {4}), "bias");
+  const ModProgram row_part =
+      trace_score_mod([bias](Expr s, Expr, Expr h, Expr, Expr) { return 10.0 * tanh(s / 10.0 + Expr(bias[h])); });
+  const ModProgram index_core =
+      trace_score_mod([](Expr s, Expr, Expr, Expr q, Expr kv) { return 10.0 * tanh(s / 10.0 + to_float(q - kv)); });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    bool backward, approx;
+    bool affine;
+    const char* in_factor = "";
+    const char* out_factor = "";
+    const char* dscore = "";  // how fg_score_core_dscore stores the derivative
+  };
+  const std::vector<Case> cases = {
+      {"softcap, backward", &softcap, true, true, true, "0.05", "20.0", "  *dscore = v4;\n"},
+      {"softcap, forward", &softcap, false, true, true, "0.05", "20.0"},
+      {"softcap, exact math", &softcap, true, false, false},
+      {"softcap, exact math, forward", &softcap, false, false, false},
+      {"a factor 1.5 on the derivative", &wide, true, true, true, "0.05", "30.0", "  *dscore = v4 * 1.5f;\n"},
+      {"the scaled score compared", &compared, false, true, false},
+      {"a row part in the core", &row_part, true, true, false},
+      {"q and kv in the core", &index_core, true, true, true, "0.1", "10.0"},
+      {"a constant derivative, backward", &scaled, true, true, false},
+      {"a constant derivative, forward", &scaled, false, true, true, "1.0", "2.0"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const Generated g = generate(c.score, nullptr, c.backward, true, c.approx);
+    EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_AFFINE {}\n", c.affine ? 1 : 0))) << g.text;
+    expect_compiles(g);
+    const std::string core = body_of(g.text, "__device__ __forceinline__ float fg_score_core(");
+    const std::string core_d = body_of(g.text, "__device__ __forceinline__ float fg_score_core_dscore(");
+    if (!c.affine) {
+      EXPECT_TRUE(core.empty() && core_d.empty()) << g.text;
+      continue;
+    }
+    EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_IN_FACTOR {}\n", c.in_factor))) << g.text;
+    EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_OUT_FACTOR {}\n", c.out_factor))) << g.text;
+    const std::string& body = c.backward ? core_d : core;
+    ASSERT_FALSE(body.empty()) << g.text;
+    EXPECT_TRUE((c.backward ? core : core_d).empty()) << g.text;  // one of the two a module
+    EXPECT_FALSE(has(body, "fg_fdiv_full(")) << body;  // the factor on the score is the kernel's
+    EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;
+    if (c.backward) EXPECT_TRUE(has(body, c.dscore)) << body;
+  }
+  // The softcap's core: one approximate tanh, and 1 - t^2 spelled so that it may contract into an FMA.
+  const Generated g = generate(&softcap, nullptr, true, true, true);
+  const std::string body = body_of(g.text, "__device__ __forceinline__ float fg_score_core_dscore(");
+  EXPECT_EQ(count(body, "fg_tanh_approx("), 1) << body;
+  EXPECT_FALSE(has(body, "__fmul_rn(")) << body;
+  EXPECT_FALSE(has(body, "__fsub_rn(")) << body;
+}
+
 // fg_score_elem_dscore: the backward's element computes the modified score and d score_mod / d score from
 // one merged program, so the softcap's tanh is emitted once (fg_dscore alone still has it, as before), and
 // its fg_score_elem is the forward module's, character for character.

@@ -685,23 +685,32 @@ INSTANTIATE_TEST_SUITE_P(Wgmma, FlexBackwardCuda, ::testing::Values(FlexCudaBack
 // ---- the Hopper kernels against the mma.sync ones, and the choice between them -----------------------
 // Four documents over L = 300 (one of a single token), causal inside each, ids captured on the device, BlockMask
 // blocks of 128 (clipped q chunks, partial and full blocks), B 2, H 4, head dims 128.
-Case document_case() {
-  const int64_t L = 300, H = 4;
-  std::vector<int64_t> ids(L);
-  for (int64_t i = 0; i < L; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
+// A captured document mask over ids.size() rows (document ids[i] for row i; causal too where `causal`), built on the
+// CPU, whose kernels read the ids on the GPU; 128-row blocks, B 2, H 4, head dims 128.
+Case documents_case(const std::vector<int64_t>& ids, bool causal) {
+  const int64_t L = static_cast<int64_t>(ids.size()), H = 4;
   Captured doc(from_vector(ids, {L}, kInt64));
   Captured doc_dev(from_vector(ids, {L}, kInt64).to(kCUDA));
-  const BlockMask m = create_block_mask(
-      [doc](Expr, Expr, Expr q, Expr kv) { return (Expr(doc[q]) == Expr(doc[kv])) & (q >= kv); }, std::nullopt,
-      std::nullopt, L, L, 128);
+  auto rule = [causal](const Captured& d) {
+    return MaskMod([d, causal](Expr, Expr, Expr q, Expr kv) {
+      const Expr same = Expr(d[q]) == Expr(d[kv]);
+      return causal ? same & (q >= kv) : same;
+    });
+  };
+  const BlockMask m = create_block_mask(rule(doc), std::nullopt, std::nullopt, L, L, 128);
   Case c;
   c.d = {2, H, L, 128, 2, H, L, 128};
-  c.mask = BlockMask::from_kv_blocks(
-      m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(), m.block_size(),
-      [doc_dev](Expr, Expr, Expr q, Expr kv) { return (Expr(doc_dev[q]) == Expr(doc_dev[kv])) & (q >= kv); },
-      m.seq_lengths());
-  c.native = native_mask([ids](int, int, int q, int kv) { return ids[q] == ids[kv] && q >= kv; });
+  c.mask = BlockMask::from_kv_blocks(m.kv_num_blocks(), m.kv_indices(), m.full_kv_num_blocks(), m.full_kv_indices(),
+                                     m.block_size(), rule(doc_dev), m.seq_lengths());
+  c.native = native_mask([ids, causal](int, int, int q, int kv) { return ids[q] == ids[kv] && (!causal || q >= kv); });
   return c;
+}
+
+// Documents [0, 90), [90, 91), [91, 230), [230, 300), causal: clipped chunks at L 300, an empty-ish document.
+Case document_case() {
+  std::vector<int64_t> ids(300);
+  for (int64_t i = 0; i < 300; ++i) ids[i] = i < 90 ? 0 : i < 91 ? 1 : i < 230 ? 2 : 3;
+  return documents_case(ids, true);
 }
 
 // ALiBi (slopes 2^(-8 (h + 1) / H)) with a causal BlockMask of 128-row blocks over L = 300, H 4 q heads on 2 kv
@@ -898,6 +907,9 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
 TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), stages("FLEXGRAD_FLEX_WGMMA_BWD_STAGES", nullptr);
+  // The same arithmetic as the plain kernels: every chunk computed (the skip, which the plain kernels do not have,
+  // leaves out products of zeros; with an infinite input those are NaNs the plain kernels keep).
+  ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", "0");
   // Each stage count is a module of its own (an NVRTC compile): every stage count on the first case only.
   std::vector<const char*> stage_counts{"2", "3", "4"};
   auto check_case = [&](Case c, DType dt, const char* what, const std::function<void(Inputs&)>& poison) {
@@ -1168,6 +1180,140 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   }
   delta.set("yes");
   expect_bad_env_named("FLEXGRAD_FLEX_BWD_DQ_DELTA");
+}
+
+// FG_BWD_SKIP_EMPTY (the default with the warp-specialised kernels and a pure mask_mod): the producers skip the chunks
+// the mask keeps nothing of, and the dQ consumers the quadrants. Against the float64 golden and the same kernels
+// computing every chunk (FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0: the same bits on finite inputs, skipped products add only
+// zeros; the counter moves only with the switch unset). Cases: documents [0, 64), [64, 192), [192, 300) (quadrants and
+// whole chunks with nothing kept in partial blocks) in bfloat16 and float16, on 3 persistent CTAs, documents + causal
+// clipped at L 300, ALiBi + causal with GQA (a mask without captures). Then an infinite key row 10 and an infinite dO
+// row 200: dQ rows 64-255 (whose quadrants with key row 10 the mask keeps nothing of) and dK / dV rows 0-127 (whose
+// q chunk 192-255 it keeps nothing of) come out finite with the skip, and not without it (0 * inf).
+TEST_F(FlexBackwardWgmma, SkipsWhatTheMaskKeepsNothingOf) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
+    skip.set("0");
+    int64_t calls = cuda::flex::skip_empty_backward_calls();
+    Grads full = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0: every chunk";
+    skip.set(nullptr);
+    calls = cuda::flex::skip_empty_backward_calls();
+    Grads g = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 1) << "unset: the skip";
+    return std::make_pair(full, g);
+  };
+  auto check_case = [&](Case c, DType dt, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = FlexCudaBackward::Wgmma;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, 41);
+    const Golden gold = golden_of(c, in);
+    const auto [full, g] = both(c, dt, gold, in);
+    expect_grads_near(g, gold.g, tol(dt));
+    expect_same_bits(g, full);
+  };
+  std::vector<int64_t> ids(300);
+  for (int64_t i = 0; i < 300; ++i) ids[i] = i < 64 ? 0 : i < 192 ? 1 : 2;
+  const Case three = documents_case(ids, false);
+  check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300)");
+  check_case(three, kFloat16, "documents [0, 64), [64, 192), [192, 300)");
+  persistent.set("3");
+  check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300), 3 persistent CTAs");
+  persistent.set(nullptr);
+  check_case(document_case(), kBFloat16, "documents + causal, clipped at L 300");
+  check_case(alibi_causal_gqa_case(), kBFloat16, "ALiBi, causal, GQA");
+  // `name`'s row `row` ("key" or "dout") infinite; rows [r0, r1) of dQ (a key row) or of dK and dV (a dO row).
+  auto poisoned = [&](const char* name, int64_t row, int64_t r0, int64_t r1) {
+    SCOPED_TRACE(std::string("an infinite ") + name + " row");
+    Case c = three;
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, kBFloat16, false, 43);
+    const Golden gold = golden_of(c, in);
+    const bool key = std::string(name) == "key";
+    Tensor& t = key ? in.k : in.dout;
+    auto v = t.to_vector();
+    const int64_t L = t.size(2), D = t.size(3);
+    for (int64_t bh = 0; bh < t.size(0) * t.size(1); ++bh)
+      for (int64_t e = 0; e < D; ++e) v[(bh * L + row) * D + e] = kInf;
+    t = from_vector(v, t.sizes(), kFloat64);
+    const auto [full, g] = both(c, kBFloat16, gold, in);
+    auto finite_rows = [&](const Grads& r) {
+      for (const Tensor* x : key ? std::vector<const Tensor*>{&r.dq} : std::vector<const Tensor*>{&r.dk, &r.dv}) {
+        const auto vals = x->to(kFloat64).to_vector();
+        const int64_t n = x->size(3);
+        for (int64_t bh = 0; bh < x->size(0) * x->size(1); ++bh)
+          for (int64_t j = r0; j < r1; ++j)
+            for (int64_t e = 0; e < n; ++e)
+              if (!std::isfinite(vals[(bh * L + j) * n + e])) return false;
+      }
+      return true;
+    };
+    EXPECT_TRUE(finite_rows(g)) << "the skip: rows " << r0 << "-" << r1 - 1 << " finite";
+    EXPECT_FALSE(finite_rows(full)) << "every chunk computed: 0 * inf reaches rows " << r0 << "-" << r1 - 1;
+  };
+  poisoned("key", 10, 64, 256);
+  poisoned("dout", 200, 0, 128);
+}
+
+// The affine form under approx_math (FG_BWD_SCORE_AFFINE, flex_backward.cuh; the default): the tensor-core kernels'
+// merged step takes q.k times scale in_factor, the core and out_factor in_factor core' from fg_score_core_dscore,
+// and out_factor in P's exponent. Against the float64 golden (exact tanh) at approx_math's floor and against the
+// whole program an entry (FLEXGRAD_FLEX_AFFINE_FOLD=0) on the same inputs, near (the products round once where the
+// program rounds twice); the fold's counter moves only with the switch unset. Cases: softcap with causal GQA (Ev 64)
+// on the warp-specialised, the plain Wgmma and the mma.sync kernels, in bfloat16 and float16; 30 tanh(s / 20) (a
+// factor 1.5 on the derivative) without a mask at L 300; a core reading q and kv, causal, with dlse.
+TEST_F(FlexBackwardWgmma, AffineFoldMatchesTheGoldenAndTheWholeProgram) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv fold("FLEXGRAD_FLEX_AFFINE_FOLD", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = kind;
+    c.approx_math = true;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, 37);
+    const Golden gold = golden_of(c, in);
+    fold.set("0");
+    int64_t calls = cuda::flex::affine_fold_calls();
+    const Grads whole = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::affine_fold_calls() - calls, 0) << "FLEXGRAD_FLEX_AFFINE_FOLD=0: the whole program";
+    fold.set(nullptr);
+    calls = cuda::flex::affine_fold_calls();
+    const Grads g = run_stub(c, in, gold, dt, kCUDA);
+    EXPECT_EQ(cuda::flex::affine_fold_calls() - calls, 1) << "unset: the fold";
+    expect_grads_near(g, gold.g, std::max(tol(dt), 2e-3));
+    expect_grads_near(g, whole, tol(dt) / 10);
+  };
+  Case softcap = alibi_causal_gqa_case();
+  softcap.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  softcap.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
+  softcap.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0); };
+  check_case(softcap, kBFloat16, FlexCudaBackward::Wgmma, "softcap, causal, GQA");
+  check_case(softcap, kFloat16, FlexCudaBackward::Wgmma, "softcap, causal, GQA");
+  ws.set("0");
+  check_case(softcap, kBFloat16, FlexCudaBackward::Wgmma, "softcap, causal, GQA: the plain Wgmma kernels");
+  ws.set(nullptr);
+  check_case(softcap, kBFloat16, FlexCudaBackward::Tiled, "softcap, causal, GQA: the mma.sync kernels");
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 2, 4, 300, 128};
+    c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 20.0); };
+    c.native.mod = [](double s, int, int, int, int) { return 30.0 * std::tanh(s / 20.0); };
+    c.native.dmod = [](double s, int, int, int, int) { return 1.5 * (1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0)); };
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, "30 tanh(s / 20), no mask");
+  }
+  {
+    Case c = softcap;
+    c.with_dlse = true;
+    c.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return 10.0 * tanh(s / 10.0 + to_float(q - kv) * 0.01); };
+    c.native.mod = [](double s, int, int, int q, int kv) { return 10.0 * std::tanh(s / 10.0 + (q - kv) * 0.01); };
+    c.native.dmod = [](double s, int, int, int q, int kv) {
+      const double t = std::tanh(s / 10.0 + (q - kv) * 0.01);
+      return 1.0 - t * t;
+    };
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, "a core reading q and kv, causal, dlse");
+  }
 }
 
 // The lean element steps (FG_BWD_LEAN_STEP, flex_backward.cuh, the default: the scale in P's exponent, lse2 / delta

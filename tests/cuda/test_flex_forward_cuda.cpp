@@ -20,6 +20,7 @@
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
+#include "flexgrad/attention/cuda/flex_cuda_common.h"
 #include "flexgrad/tensor/cuda/cuda_api.h"
 #endif
 
@@ -841,6 +842,42 @@ TEST_P(FlexWgmmaPipeline, RawScoreSoftmaxMatchesTheGolden) {
     c.input_scale = 3.0;
     check(c);
   }
+}
+
+// The affine form under approx_math (FG_FWD_SCORE_AFFINE, flex_forward_common.cuh; the default): q.k times scale
+// in_factor into the core alone, out_factor in the exponent's constant and in the reported max. out, lse and
+// max_scores against the float64 golden at approx_math's tolerance on every loop: softcap + causal (scores past the
+// cap), a factor on the output that is not the inverse of the score's (30 tanh(s / 20)) without a mask, a core that
+// reads q and kv, with a negative scale; the fold's counter moves, and FLEXGRAD_FLEX_AFFINE_FOLD=0 loads another
+// module.
+TEST_P(FlexWgmmaPipeline, AffineFoldMatchesTheGolden) {
+  ScopedEnv fold("FLEXGRAD_FLEX_AFFINE_FOLD", nullptr);
+  Case softcap;
+  softcap.B = softcap.Bkv = 1, softcap.E = softcap.Ev = 128, softcap.Lq = softcap.Lkv = 300;
+  softcap.input_scale = 3.0;
+  softcap.opts.kernel.approx_math = true;
+  softcap.min_tol = Tol{1e-3, 2e-3, 5e-4, 1e-3};
+  softcap.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  softcap.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300, 128);
+  softcap.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
+  Case wide = softcap;
+  wide.opts.block_mask.reset();
+  wide.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 20.0); };
+  wide.mod = [](double s, int64_t, int64_t, int64_t, int64_t) { return 30.0 * std::tanh(s / 20.0); };
+  Case indexed = softcap;
+  indexed.opts.scale = -0.2;
+  indexed.opts.score_mod = [](Expr s, Expr, Expr, Expr q, Expr kv) { return 10.0 * tanh(s / 10.0 + to_float(q - kv) * 0.01); };
+  indexed.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+    return q >= kv ? 10.0 * std::tanh(s / 10.0 + static_cast<double>(q - kv) * 0.01) : -kInf;
+  };
+  for (const auto& [c, what] : {std::pair{&softcap, "softcap, causal"}, std::pair{&wide, "30 tanh(s / 20), no mask"},
+                                std::pair{&indexed, "a core reading q and kv, negative scale"}}) {
+    SCOPED_TRACE(what);
+    const int64_t calls = cuda::flex::affine_fold_calls();
+    check(*c);
+    EXPECT_GT(cuda::flex::affine_fold_calls(), calls) << "the fold did not run";
+  }
+  expect_module_changes(softcap, "FLEXGRAD_FLEX_AFFINE_FOLD", "0");
 }
 
 TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {

@@ -300,11 +300,25 @@ __device__ __forceinline__ double fg_exp2_t(double x) { return exp2(x); }
 #define FG_BWD_PLAIN_WGMMA_DKDV (FG_BWD_WGMMA && !FG_BWD_WS_DKDV)
 #define FG_DKDV_INTERIOR_STEP (FG_BWD_INTERIOR_STEP && !FG_BWD_PLAIN_WGMMA_DKDV)
 #define FG_DKDV_ROW_PAIRS (FG_BWD_ROW_PAIRS && !FG_BWD_PLAIN_WGMMA_DKDV)
+// FG_BWD_SCORE_AFFINE: the generated code gave the score_mod's affine form (FG_SCORE_AFFINE, affine_score.h; only
+// under approx_math, for a merged element step without capture gradients): the tensor-core kernels' step takes
+// x = q.k (scale FG_SCORE_IN_FACTOR) as its score, the core's value u and d score_mod / d score come from
+// fg_score_core_dscore, and P = 2^(u (FG_SCORE_OUT_FACTOR log2 e) - lse2): softcap's step loses its two
+// multiplications an entry by 1/20 and by 20 in both kernels, as the forward's (flex_forward_common.cuh;
+// FLEXGRAD_FLEX_AFFINE_FOLD=0 defines FG_NO_AFFINE_FOLD).
+#if FG_SCORE_AFFINE && !defined(FG_NO_AFFINE_FOLD) && FG_USE_MMA && FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT && \
+    FG_CAP_MODE == 0
+#define FG_BWD_SCORE_AFFINE 1
+#else
+#define FG_BWD_SCORE_AFFINE 0
+#endif
 // An element step's score from q.k (what fg_entry takes as s) and the factor of P's exponent (its exp_factor).
 __device__ __forceinline__ fg_t fg_entry_score(fg_t qk, fg_t scale) {
 #if FG_BWD_SCALE_IN_EXP
   (void)scale;
   return qk;
+#elif FG_BWD_SCORE_AFFINE
+  return qk * (scale * (fg_t)FG_SCORE_IN_FACTOR);
 #else
   return qk * scale;
 #endif
@@ -312,9 +326,24 @@ __device__ __forceinline__ fg_t fg_entry_score(fg_t qk, fg_t scale) {
 __device__ __forceinline__ fg_t fg_exp_factor(fg_t scale) {
 #if FG_BWD_SCALE_IN_EXP
   return scale * (fg_t)FG_LOG2E_D;
+#elif FG_BWD_SCORE_AFFINE
+  (void)scale;
+  return (fg_t)(FG_SCORE_OUT_FACTOR * FG_LOG2E_D);
 #else
   (void)scale;
   return (fg_t)FG_LOG2E_D;
+#endif
+}
+// The modified score (the core's value with FG_BWD_SCORE_AFFINE, in the units fg_exp_factor expects) and d score_mod
+// / d score of one entry from its step score s, in one call.
+__device__ __forceinline__ fg_t fg_entry_mod_dscore(fg_t s, const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b,
+                                                    int h, int qi, int kj, const FgModArgs& args, fg_t* dscore) {
+#if FG_BWD_SCORE_AFFINE
+  (void)r;
+  (void)c;
+  return fg_score_core_dscore(s, b, h, qi, kj, args, dscore);
+#else
+  return fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, dscore);
 #endif
 }
 // lse in log2 units; +inf for an empty row (lse = -inf) so that 2^(s - lse2) = 0 there.
@@ -424,7 +453,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
   // the warp-specialised dK/dV consumers spilled 156 bytes within it (~26 instructions an entry); selected, none
   // (~20; the exact tanhf and __fdiv_rn ~45 -> ~38; sm_90a, nvcc 13.0, offline). Same values where valid, 0 elsewhere.
   {
-    const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
+    const fg_t sm = fg_entry_mod_dscore(s, r, c, b, h, qi, kj, args, &dscore);
     const fg_t e = fg_exp2_t(sm * exp_factor - lse2);
     p = valid ? e : (fg_t)0;
     ds = valid ? e * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
@@ -432,7 +461,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
 #else
   if (valid) {
 #if FG_ENTRY_MERGED
-    const fg_t sm = fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, &dscore);
+    const fg_t sm = fg_entry_mod_dscore(s, r, c, b, h, qi, kj, args, &dscore);
 #elif FG_HAS_SCORE_MOD
     const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
 #else

@@ -355,6 +355,52 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168) &&
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
+// FG_BWD_SKIP_EMPTY (the host's default with the warp-specialised kernels; FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0 leaves it
+// out): in a partial block a consumer warpgroup's share of a chunk, a 64 x 64 quadrant, often holds no entry the
+// mask_mod keeps (the bench's documents of 64-319 tokens: 130 of the 472 quadrants of the 118 visited 128 x 128
+// blocks; causal: one quadrant of each diagonal block). The producer evaluates the mask_mod (pure: nothing read, nothing
+// that can fail, FG_MASK_ELEM_PURE) over the chunk's entries beside the stage's copies, one entry row a thread, and
+// publishes a bit a consumer warpgroup (FgBwdChunk::live); a warpgroup whose bit is clear skips the chunk: its
+// products and element step would add only zeros (and 0 * inf where an input is not finite, which the mask drops).
+#if defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
+#define FG_BWD_SKIP 1
+#else
+#define FG_BWD_SKIP 0
+#endif
+#if FG_BWD_SKIP
+// Whether the mask keeps any entry of one row of a chunk (the producer thread's): `rm` / `cm` the row's or column's
+// mask part and the other side's parts in shared memory (`other`, kN of them, the first `n` in range), `in` whether
+// the thread's own row is in range. kRowIsQ: the thread's row is a q row (the dQ kernel).
+template <bool kRowIsQ, int kN, class Other, class Mine>
+__device__ __forceinline__ bool fg_chunk_row_any(const Mine& mine, const Other* other, int n, bool in, int b, int h,
+                                                 int own, int first_other, const FgModArgs& args) {
+  bool any = false;
+#pragma unroll 1
+  for (int r = 0; r < kN; ++r) {
+    bool keep;
+    if constexpr (kRowIsQ)
+      keep = fg_mask_elem<float>(mine, other[r].m, b, h, own, first_other + r, args);
+    else
+      keep = fg_mask_elem<float>(other[r].m, mine, b, h, first_other + r, own, args);
+    any = any | ((in && r < n) && keep);  // (&&: a part out of range may be a register never written)
+  }
+  return any;
+}
+// The producer warpgroup's vote on a chunk, once every thread has its row's `any`: bit w of the result is set where a
+// thread of rows 64 w .. 64 w + 63 (consumer warpgroup w's) has a kept entry. Two reductions on named barrier 1.
+__device__ __forceinline__ bool fg_producer_or(bool v) {
+  unsigned r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.cta.red.or.pred q, 1, 128, p;\nselp.u32 %0, 1, 0, q;\n}"
+      : "=r"(r)
+      : "r"((unsigned)v)
+      : "memory");
+  return r != 0;
+}
+__device__ __forceinline__ int fg_producer_vote(bool any, int pt) {
+  return (fg_producer_or(any && pt < 64) ? 1 : 0) | (fg_producer_or(any && pt >= 64) ? 2 : 0);
+}
+#endif
 // Initialises the resident tile's barriers (`tile`: the producer threads' 128 cp.async completions of the tile
 // loaded once a grid CTA; `tile_free`: the 8 consumer warps done with it), the stages' full barriers (two arrivals
 // from each of the 128 producer threads: its cp.async completion (noinc) and its publishing arrival, or that one
@@ -424,6 +470,7 @@ struct FgBwdQMaps {
 struct FgBwdChunk {
   fg_i64 q0;
   int b, h, rows, partial;
+  int live;  // FG_BWD_SKIP: bit w set where consumer warpgroup w's quadrant has an entry to compute
 };
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
@@ -469,10 +516,35 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
       FgQWalk w;
       w.start(p, bk, hk, mb);
+#if FG_BWD_SKIP
+      int col_bh = -1;  // the (b, h) col_part was computed for
+      FgMaskCol<float> col_part;
+#endif
       for (;; ++j) {
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
+#if FG_BWD_SKIP
+        // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests kv row pt of the tile
+        // against the chunk's q rows (their mask parts in the stage's q_mods, rewritten below).
+        int live = 3;
+        while (!w.done() && w.partial()) {
+          const int n = w.nq();
+          if (pt < n) q_mods[st][pt].m = fg_mask_row<float>((int)w.b, (int)w.h, (int)(w.q0 + pt), args);
+          fg_named_sync(1, 128);
+          const int bh = (int)(w.b * p.Hq + w.h);
+          if (bh != col_bh) {  // (a kv tile's chunks come head by head: the column part changes with the head)
+            col_bh = bh;
+            col_part = fg_col_mods<float>(pt < nkv, true, (int)w.b, (int)w.h, (int)(kv0 + pt), args).m;
+          }
+          live = fg_producer_vote(fg_chunk_row_any<false, FG_Q_CHUNK>(col_part, &q_mods[st][0], n, pt < nkv, (int)w.b,
+                                                                     (int)w.h, (int)(kv0 + pt), (int)w.q0, args),
+                                  pt);
+          if (live != 0) break;
+          live = 3;
+          w.next(p);
+        }
+#endif
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
           fg_ws_publish(bar, /*copies_arrive=*/false);
@@ -518,6 +590,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
           chunk[st].h = h;
           chunk[st].rows = n;
           chunk[st].partial = w.partial() ? 1 : 0;
+#if FG_BWD_SKIP
+          chunk[st].live = live;
+#endif
         }
         fg_ws_publish(bar, /*copies_arrive=*/true);  // (lse2 / delta: every thread copied)
         w.next(p);
@@ -814,6 +889,7 @@ struct FgBwdKvMaps {
 struct FgBwdKvChunk {
   fg_i64 kv0;
   int rows, partial;
+  int live;  // as FgBwdChunk's
 };
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
@@ -859,10 +935,31 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
       FgKvWalk w;
       w.start(p, b, h, mb);
+#if FG_BWD_SKIP
+      // q row pt's mask part, where the tile has partial blocks (its walk visits them first).
+      FgMaskRow<float> row_part;
+      if (!w.done() && w.partial() && pt < nq) row_part = fg_mask_row<float>((int)b, (int)h, (int)(q0 + pt), args);
+#endif
       for (;; ++j) {
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
+#if FG_BWD_SKIP
+        // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests q row pt of the tile against
+        // the chunk's kv rows (their column parts in the stage's kv_mods, rewritten below).
+        int live = 3;
+        while (!w.done() && w.partial()) {
+          const int n = w.nkv();
+          if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, true, (int)b, (int)h, (int)(w.kv0 + pt), args);
+          fg_named_sync(1, 128);
+          live = fg_producer_vote(fg_chunk_row_any<true, FG_KV_CHUNK>(row_part, &kv_mods[st][0], n, pt < nq, (int)b,
+                                                                     (int)h, (int)(q0 + pt), (int)w.kv0, args),
+                                  pt);
+          if (live != 0) break;
+          live = 3;
+          w.next(p);
+        }
+#endif
         if (w.done()) {
           if (pt == 0) chunk[st].rows = 0;
           fg_ws_publish(bar, /*copies_arrive=*/false);
@@ -898,6 +995,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
           chunk[st].kv0 = kv0;
           chunk[st].rows = n;
           chunk[st].partial = w.partial() ? 1 : 0;
+#if FG_BWD_SKIP
+          chunk[st].live = live;
+#endif
         }
         fg_ws_publish(bar, !tma);
         w.next(p);
@@ -970,6 +1070,19 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
       const FgBwdKvChunk c = chunk[st];
       if (c.rows == 0) break;
+#if FG_BWD_SKIP
+      if (!((c.live >> wg) & 1)) {  // the mask keeps nothing of this warpgroup's quadrant
+        // The previous chunk's dQ product done, its stage goes back (this one's goes back with the next chunk).
+        fg_wgmma_wait<0>();
+        fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
+        fg_wgmma_fence_a(a16);
+        if (j > j0) {
+          __syncwarp();
+          if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[(j - 1) % FG_BWD_STAGES]));
+        }
+        continue;
+      }
+#endif
       const unsigned k_addr = fg_smem_addr(Ks + st * FG_KV_CHUNK * FG_E);
       const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
       float s[FG_NKN][4], dp[FG_NKN][4];

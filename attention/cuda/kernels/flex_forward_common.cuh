@@ -111,13 +111,31 @@ __device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& q
   return fg_tile_rows(p, BM, (int)blockIdx.x, qb, m0, m_end);
 }
 
-// The modified, masked score of one entry (scale already applied), or -inf out of range.
-template <class T>
+// FG_FWD_SCORE_AFFINE: the generated code gave the score_mod's affine form (FG_SCORE_AFFINE, affine_score.h; only
+// under approx_math): the tensor-core kernels' mods step multiplies q.k by scale FG_SCORE_IN_FACTOR and applies the
+// core alone, the online softmax keeps the core's values (out_factor > 0 keeps their order, so its running max is
+// the modified scores' over out_factor) and out_factor goes into the exponent's constant, as the raw softmax puts the
+// scale there: softcap's step loses the two multiplications an entry by 1/20 and by 20 (FLEXGRAD_FLEX_AFFINE_FOLD=0
+// defines FG_NO_AFFINE_FOLD: the full program, for a comparison).
+#if FG_SCORE_AFFINE && !defined(FG_NO_AFFINE_FOLD)
+#define FG_FWD_SCORE_AFFINE 1
+#else
+#define FG_FWD_SCORE_AFFINE 0
+#endif
+
+// The modified, masked score of one entry (scale already applied), or -inf out of range. kCore: s is the affine
+// form's scaled score and the result its core (FG_FWD_SCORE_AFFINE).
+template <class T, bool kCore = false>
 __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, const FgRowMods<T>& r,
                                              const FgColMods<T>& c, int b, int h, int qi, int kvi, const FgModArgs& args) {
   if (!in_range) return (T)fg_neg_inf();
 #if FG_HAS_SCORE_MOD
-  s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
+#if FG_FWD_SCORE_AFFINE
+  if constexpr (kCore)
+    s = fg_score_core(s, b, h, qi, kvi, args);
+  else
+#endif
+    s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
 #endif
 #if FG_HAS_MASK_MOD
   if (partial && !fg_mask_elem<T>(r.m, c.m, b, h, qi, kvi, args)) s = (T)fg_neg_inf();  // float parts in T, as the CPU
@@ -140,6 +158,20 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 #if FG_FWD_RAW_SOFTMAX && FG_HAS_SCORE_MOD
 #error "FG_FWD_RAW_SOFTMAX: a score_mod reads the scaled score"
 #endif
+// The factor from the values the online softmax keeps to the modified scores: the exponent's constant is it times
+// log2 e, and the epilogue reports the max times it. The scale with the raw softmax, the affine form's out_factor,
+// else 1.
+__device__ __forceinline__ float fg_softmax_factor(float scale) {
+#if FG_FWD_RAW_SOFTMAX
+  return scale;
+#elif FG_FWD_SCORE_AFFINE
+  (void)scale;
+  return (float)FG_SCORE_OUT_FACTOR;
+#else
+  (void)scale;
+  return 1.f;
+#endif
+}
 
 // ---- online softmax on tensor-core accumulator fragments (flex_fwd_mma, flex_fwd_wgmma) -------------
 // A warp's share of a q tile: MF m16 fragments, fragment f holding rows wrow + 16 f + g and + 8 of the tile
@@ -203,7 +235,8 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
   fg_frag_for_each_entry<kAllIn>(
       s, wrow, g, t4, m0, cur, row_mods, col_mods,
       [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool kv_in) {
-        v = fg_modded_score<float>(v * scale, kv_in && (kAllIn || qi < m_end), partial, rm, cm, b, h, qi, kvi, args);
+        v = fg_modded_score<float, FG_FWD_SCORE_AFFINE>(v * scale, kv_in && (kAllIn || qi < m_end), partial, rm, cm,
+                                                        b, h, qi, kvi, args);
       });
 #endif
 }
@@ -275,6 +308,8 @@ __device__ __forceinline__ void fg_frag_mod_scores(float (&s)[MF][NB][4], bool s
                                                    int b, int h, const FgModArgs& args) {
 #if FG_FWD_RAW_SOFTMAX
   scale = 1.f;  // the scores stay raw (the multiplications by it fold away)
+#elif FG_FWD_SCORE_AFFINE
+  scale *= (float)FG_SCORE_IN_FACTOR;  // the core's argument
 #endif
 #if FG_FWD_MASK_STEP
   if (!simple) {
@@ -334,7 +369,7 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
           for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
       }
       const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-      const float c2 = FG_FWD_RAW_SOFTMAX ? scale * FG_LOG2E : FG_LOG2E;  // the exponent's constant
+      const float c2 = fg_softmax_factor(scale) * FG_LOG2E;  // the exponent's constant
       corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
       const float ms = m_use * c2;
       float sum = 0.f;
@@ -396,7 +431,7 @@ __device__ __forceinline__ void fg_frag_store(const float (&o)[MF][NO][4], const
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
       if (qi >= m_end) continue;
-      const float m_scaled = FG_FWD_RAW_SOFTMAX ? m[f][hf] * (float)p.scale : m[f][hf];
+      const float m_scaled = m[f][hf] * fg_softmax_factor((float)p.scale);
       const FgRowEnd<float> e = fg_row_end(m_scaled, lsum, saw);
       const float inv = e.inv;
       fg_h16* orow = out + (row0 + qi) * p.Ev;
