@@ -461,6 +461,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(true)) {
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
+      // The dK/dV consumers skipping their own quadrant too (FG_BWD_SKIP_DKDV_WG): opt-in, ptxas spills in them with it.
+      if (env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
     }
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";

@@ -362,10 +362,16 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 // that can fail, FG_MASK_ELEM_PURE) over the chunk's entries beside the stage's copies, one entry row a thread, and
 // publishes a bit a consumer warpgroup (FgBwdChunk::live); a warpgroup whose bit is clear skips the chunk: its
 // products and element step would add only zeros (and 0 * inf where an input is not finite, which the mask drops).
+// The dK/dV consumers skip only whole chunks (the producer's); FG_BWD_SKIP_DKDV_WG (opt-in,
+// FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1) has them skip their own empty quadrant as the dQ consumers do, which made ptxas
+// spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
 #if defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
 #define FG_BWD_SKIP 1
 #else
 #define FG_BWD_SKIP 0
+#endif
+#if !FG_BWD_SKIP
+#undef FG_BWD_SKIP_DKDV_WG
 #endif
 #if FG_BWD_SKIP
 // Whether the mask keeps any entry of one row of a chunk (the producer thread's): `rm` / `cm` the row's or column's
@@ -624,8 +630,17 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
     fg_mbar_wait(fg_smem_addr(&bar_kv), it & 1);
     for (;; ++j) {
-      const int st = j % FG_BWD_STAGES;
+      int st = j % FG_BWD_STAGES;
       fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+#if FG_BWD_SKIP_DKDV_WG
+      // Chunks the mask keeps nothing of in this warpgroup's quadrant: their stages go straight back.
+      while (chunk[st].rows != 0 && !((chunk[st].live >> wg) & 1)) {
+        __syncwarp();
+        if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));
+        st = ++j % FG_BWD_STAGES;
+        fg_mbar_wait(fg_smem_addr(&bar_full[st]), (j / FG_BWD_STAGES) & 1);
+      }
+#endif
       fg_fence_proxy_async();  // the producer's cp.async writes, acquired through the barrier, seen by wgmma
       const FgBwdChunk c = chunk[st];
       if (c.rows == 0) {  // the grid CTA's walk is over: its stage goes back too
