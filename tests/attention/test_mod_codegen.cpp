@@ -825,6 +825,7 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
           tu += fmt::format("#define FG_BWD_WS_DKDV {0}\n#define FG_BWD_WS_DQ {0}\n#define FG_BWD_PERSISTENT {1}\n", ws,
                             form == 3 ? 1 : 0);
           if (ws && c.cap_mode == 0) tu += "#define FG_BWD_DQ_DELTA 1\n";
+          if (ws) tu += "#define FG_BWD_SKIP_EMPTY 1\n";  // (the host's default there; a pure mask_mod takes it)
           tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
         } else {
           for (const char* x : {"FG_NT 128", "FG_BQ 64", "FG_BKV 64", "FG_Q_TILE 64", "FG_KV_TILE 64", "FG_Q_CHUNK 64",

@@ -381,7 +381,7 @@ template <bool kRowIsQ, int kN, class Other, class Mine>
 __device__ __forceinline__ bool fg_chunk_row_any(const Mine& mine, const Other* other, int n, bool in, int b, int h,
                                                  int own, int first_other, const FgModArgs& args) {
   bool any = false;
-#pragma unroll 1
+#pragma unroll 4
   for (int r = 0; r < kN; ++r) {
     bool keep;
     if constexpr (kRowIsQ)
