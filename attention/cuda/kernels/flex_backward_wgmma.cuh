@@ -356,12 +356,13 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // FG_BWD_SKIP_EMPTY (the host's default with the warp-specialised kernels; FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0 leaves it
-// out): in a partial block a consumer warpgroup's share of a chunk, a 64 x 64 quadrant, often holds no entry the
+// out): a partial block's 64-row chunk, or a consumer warpgroup's 64 x 64 quadrant of it, often holds no entry the
 // mask_mod keeps (the bench's documents of 64-319 tokens: 130 of the 472 quadrants of the 118 visited 128 x 128
-// blocks; causal: one quadrant of each diagonal block). The producer evaluates the mask_mod (pure: nothing read, nothing
-// that can fail, FG_MASK_ELEM_PURE) over the chunk's entries beside the stage's copies, one entry row a thread, and
-// publishes a bit a consumer warpgroup (FgBwdChunk::live); a warpgroup whose bit is clear skips the chunk: its
-// products and element step would add only zeros (and 0 * inf where an input is not finite, which the mask drops).
+// blocks, 35 of the 236 chunks wholly; causal: one quadrant of each diagonal block). The producer evaluates the
+// mask_mod (pure: nothing read, nothing that can fail, FG_MASK_ELEM_PURE) over each partial chunk before its copies,
+// a row of entries a thread, and votes: a chunk with nothing kept gets no stage (no copies, no products), a published
+// one carries a bit a consumer warpgroup (FgBwdChunk::live), and a dQ warpgroup whose bit is clear skips the chunk.
+// Skipped products would add only zeros (and 0 * inf where an input the mask drops is not finite).
 // The dK/dV consumers skip only whole chunks (the producer's); FG_BWD_SKIP_DKDV_WG (opt-in,
 // FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1) has them skip their own empty quadrant as the dQ consumers do, which made ptxas
 // spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
@@ -374,9 +375,9 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 #undef FG_BWD_SKIP_DKDV_WG
 #endif
 #if FG_BWD_SKIP
-// Whether the mask keeps any entry of one row of a chunk (the producer thread's): `rm` / `cm` the row's or column's
-// mask part and the other side's parts in shared memory (`other`, kN of them, the first `n` in range), `in` whether
-// the thread's own row is in range. kRowIsQ: the thread's row is a q row (the dQ kernel).
+// Whether the mask keeps any entry of one row of a chunk (the producer thread's row `own`, kRowIsQ: a q row, the dQ
+// kernel's; else a kv row): `mine` its mask part, `other` the chunk's kN rows' parts in shared memory (the first `n`
+// in range, row r at index first_other + r), `in` whether the thread's own row is in range.
 template <bool kRowIsQ, int kN, class Other, class Mine>
 __device__ __forceinline__ bool fg_chunk_row_any(const Mine& mine, const Other* other, int n, bool in, int b, int h,
                                                  int own, int first_other, const FgModArgs& args) {
