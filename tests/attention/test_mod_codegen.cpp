@@ -825,7 +825,6 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
           tu += fmt::format("#define FG_BWD_WS_DKDV {0}\n#define FG_BWD_WS_DQ {0}\n#define FG_BWD_PERSISTENT {1}\n", ws,
                             form == 3 ? 1 : 0);
           if (ws && c.cap_mode == 0) tu += "#define FG_BWD_DQ_DELTA 1\n";
-          if (ws) tu += "#define FG_BWD_SKIP_EMPTY 1\n";  // (the host's default there; a pure mask_mod takes it)
           tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
         } else {
           for (const char* x : {"FG_NT 128", "FG_BQ 64", "FG_BKV 64", "FG_Q_TILE 64", "FG_KV_TILE 64", "FG_Q_CHUNK 64",
@@ -857,6 +856,62 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
         std::printf("[ptxas] %s, form %d, %s: %d bytes spilled (%d without the lean step)\n", c.name, form, k.c_str(),
                     bytes, before);
       }
+    }
+}
+
+// The warp-specialised backward kernels with FG_BWD_SKIP_EMPTY (the host's default there: the producers skip the
+// chunks a pure mask_mod keeps nothing of, flex_backward_wgmma.cuh) and with the dK/dV consumers' own quadrant skip
+// (FG_BWD_SKIP_DKDV_WG): grid and persistent, causal, document, ALiBi + causal, softcap + causal: they compile and
+// serialise no wgmma; the spills (mostly the producers', at 40 registers) are printed beside the kernels' without the
+// skip. NVRTC only, no GPU: tests/cuda run them.
+TEST(ModCodegen, BackwardSkipEmptyCompiles) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
+  const Captured doc = document_ids();
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return Expr(doc[q]) == Expr(doc[kv]); });
+  const std::pair<const char*, std::pair<const ModProgram*, const ModProgram*>> cases[] = {
+      {"causal", {nullptr, &causal}},
+      {"document", {nullptr, &document}},
+      {"alibi + causal", {&alibi, &causal}},
+      {"softcap + causal", {&softcap, &causal}}};
+  for (const auto& [name, mods] : cases)
+    for (bool persistent : {false, true}) {
+      SCOPED_TRACE(std::string(name) + (persistent ? ", persistent" : ""));
+      std::optional<ScoreModBackward> g;
+      const CudaModsInput in = backward_mods(mods.first, mods.second, false, false, g);
+      auto compile = [&](const char* skip) {
+        std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n" + skip;
+        for (const char* x : {"FG_BWD_LEAN_STEP 1", "FG_IN_DTYPE 4", "FG_E 128", "FG_EV 128", "FG_USE_MMA 1",
+                              "FG_CAP_MODE 0", "FG_PRE_VEC 1", "FG_NT 256", "FG_BQ 128", "FG_BKV 128", "FG_Q_TILE 128",
+                              "FG_KV_TILE 128", "FG_WG_DKDV 2", "FG_WG_DQ 2", "FG_Q_CHUNK 64", "FG_KV_CHUNK 64",
+                              "FG_BWD_WGMMA 1", "FG_VEC 1", "FG_DQ_ATOMIC 0", "FG_BWD_WS_DKDV 1", "FG_BWD_WS_DQ 1",
+                              "FG_BWD_DQ_DELTA 1"})
+          tu += std::string("#define ") + x + "\n";
+        tu += fmt::format("#define FG_BWD_PERSISTENT {}\n", persistent ? 1 : 0);
+        tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
+        std::string log;
+        const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);
+        EXPECT_TRUE(err.empty()) << skip << err.substr(0, 20000);
+        EXPECT_FALSE(has(log, "C7514") || has(log, "C7520")) << "wgmma serialised\n" << log;
+        std::string spills;
+        for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
+          const size_t at = log.find(std::string("Function properties for ") + k + "\n");
+          EXPECT_NE(at, std::string::npos) << k << " not compiled\n" << log;
+          if (at == std::string::npos) continue;
+          const std::string props = log.substr(at, log.find("Used", at) - at);
+          const size_t sp = props.find(" bytes spill stores");
+          spills += fmt::format(" {} {}", k, sp == std::string::npos ? 0 : std::atoi(props.c_str() + props.rfind(',', sp) + 1));
+        }
+        return spills;
+      };
+      const std::string none = compile(""), skip = compile("#define FG_BWD_SKIP_EMPTY 1\n"),
+                        wg = compile("#define FG_BWD_SKIP_EMPTY 1\n#define FG_BWD_SKIP_DKDV_WG 1\n");
+      std::printf("[ptxas] %s%s: spill bytes without the skip:%s; with it:%s; with the dK/dV quadrant skip too:%s\n",
+                  name, persistent ? ", persistent" : "", none.c_str(), skip.c_str(), wg.c_str());
     }
 }
 
