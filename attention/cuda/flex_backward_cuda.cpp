@@ -455,10 +455,14 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
     if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
     if (dq_delta) defines.emplace_back("FG_BWD_DQ_DELTA 1");
-    // The warp-specialised kernels' consumers skip a chunk's quadrant where the mask_mod keeps none of its entries,
-    // as their producer finds beside its copies (FG_BWD_SKIP_EMPTY, flex_backward_wgmma.cuh; a pure mask_mod only).
-    // FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0 computes them all (A/B; the same bits where every input is finite).
-    if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(true)) {
+    // Opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the warp-specialised producers skip the chunks a pure mask_mod keeps
+    // nothing of, and the dQ consumers their empty quadrants (FG_BWD_SKIP_EMPTY, flex_backward_wgmma.cuh; the same
+    // bits where every input is finite). Measured slower on an H100 (session 28, FLEXGRAD_FLEX_CUDNN=0 bench_flex_cuda,
+    // backward ms, on / off, two rounds): document 1.052 1.015 / 0.707 0.719, sliding 1024 1.203 1.156 / 1.057 0.994,
+    // causal 1.921 1.900 / 1.739 1.746; the grid launch too (document 0.937 / 0.700). The producer's evaluation (64
+    // mask entries a thread a chunk, serial before its copies, with ~250 bytes more spilled at its 40 registers)
+    // delays the stages more than the skipped products save.
+    if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(false)) {
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
       // The dK/dV consumers skipping their own quadrant too (FG_BWD_SKIP_DKDV_WG): opt-in, ptxas spills in them with it.

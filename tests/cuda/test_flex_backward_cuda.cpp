@@ -907,8 +907,8 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
 TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), stages("FLEXGRAD_FLEX_WGMMA_BWD_STAGES", nullptr);
-  // The same arithmetic as the plain kernels: every chunk computed (the skip, which the plain kernels do not have,
-  // leaves out products of zeros; with an infinite input those are NaNs the plain kernels keep).
+  // The same arithmetic as the plain kernels: every chunk computed (the opt-in skip, which the plain kernels do not
+  // have, leaves out products of zeros; with an infinite input those are NaNs the plain kernels keep).
   ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", "0");
   // Each stage count is a module of its own (an NVRTC compile): every stage count on the first case only.
   std::vector<const char*> stage_counts{"2", "3", "4"};
@@ -1182,10 +1182,10 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   expect_bad_env_named("FLEXGRAD_FLEX_BWD_DQ_DELTA");
 }
 
-// FG_BWD_SKIP_EMPTY (the default with the warp-specialised kernels and a pure mask_mod): the producers skip the chunks
-// the mask keeps nothing of, and the dQ consumers the quadrants. Against the float64 golden and the same kernels
-// computing every chunk (FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0: the same bits on finite inputs, skipped products add only
-// zeros; the counter moves only with the switch unset). Cases: documents [0, 64), [64, 192), [192, 300) (quadrants and
+// FG_BWD_SKIP_EMPTY (opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1, with the warp-specialised kernels and a pure mask_mod):
+// the producers skip the chunks the mask keeps nothing of, and the dQ consumers the quadrants. Against the float64
+// golden and the same kernels computing every chunk (unset: the same bits on finite inputs, skipped products add only
+// zeros; the counter moves only with the switch at 1). Cases: documents [0, 64), [64, 192), [192, 300) (quadrants and
 // whole chunks with nothing kept in partial blocks) in bfloat16 and float16, on 3 persistent CTAs, documents + causal
 // clipped at L 300, ALiBi + causal with GQA (a mask without captures). Then an infinite key row 10 and an infinite dO
 // row 200: dQ rows 64-255 (whose quadrants with key row 10 the mask keeps nothing of) and dK / dV rows 0-127 (whose
@@ -1194,14 +1194,15 @@ TEST_F(FlexBackwardWgmma, SkipsWhatTheMaskKeepsNothingOf) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
   auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
-    skip.set("0");
+    skip.set(nullptr);
     int64_t calls = cuda::flex::skip_empty_backward_calls();
     Grads full = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0: every chunk";
-    skip.set(nullptr);
+    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 0) << "unset: every chunk";
+    skip.set("1");
     calls = cuda::flex::skip_empty_backward_calls();
     Grads g = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 1) << "unset: the skip";
+    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 1) << "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the skip";
+    skip.set(nullptr);
     return std::make_pair(full, g);
   };
   auto check_case = [&](Case c, DType dt, const char* what) {

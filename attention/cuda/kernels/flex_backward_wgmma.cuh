@@ -355,8 +355,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168) &&
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
-// FG_BWD_SKIP_EMPTY (the host's default with the warp-specialised kernels; FLEXGRAD_FLEX_BWD_SKIP_EMPTY=0 leaves it
-// out): a partial block's 64-row chunk, or a consumer warpgroup's 64 x 64 quadrant of it, often holds no entry the
+// FG_BWD_SKIP_EMPTY (opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: measured 9-45% slower on an H100, session 28; the
+// producer's serial evaluation before its copies delays the stages more than the skipped products save, see
+// flex_backward_cuda.cpp): a partial block's 64-row chunk, or a consumer warpgroup's 64 x 64 quadrant of it, often holds no entry the
 // mask_mod keeps (the bench's documents of 64-319 tokens: 130 of the 472 quadrants of the 118 visited 128 x 128
 // blocks, 35 of the 236 chunks wholly; causal: one quadrant of each diagonal block). The producer evaluates the
 // mask_mod (pure: nothing read, nothing that can fail, FG_MASK_ELEM_PURE) over each partial chunk before its copies,
