@@ -488,7 +488,9 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
     EXPECT_TRUE((c.backward ? core : core_d).empty()) << g.text;  // one of the two a module
     EXPECT_FALSE(has(body, "fg_fdiv_full(")) << body;  // the factor on the score is the kernel's
     EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;
-    if (c.backward) EXPECT_TRUE(has(body, c.dscore)) << body;
+    if (c.backward) {
+      EXPECT_TRUE(has(body, c.dscore)) << body;
+    }
   }
   // The softcap's core: one approximate tanh, and 1 - t^2 spelled so that it may contract into an FMA.
   const Generated g = generate(&softcap, nullptr, true, true, true);
@@ -615,6 +617,15 @@ Captured document_ids() {
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
   return Captured(floats(ids, {256}).to(kInt64), "doc");
 }
+// The programs the backward compile checks run: ALiBi, softcap, a causal mask and a captured document mask (alone).
+struct BackwardPrograms {
+  Captured doc = document_ids();
+  ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  ModProgram document = trace_mask_mod([d = doc](Expr, Expr, Expr q, Expr kv) { return Expr(d[q]) == Expr(d[kv]); });
+};
 
 // The backward kernels with the one-pass element (flex_backward.cuh's fg_entry calls fg_score_elem_dscore)
 // compile, as attention/cuda/flex_backward_cuda.cpp assembles them, for each kernel family: mma.sync
@@ -777,14 +788,10 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
 TEST(ModCodegen, BackwardLeanStepCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
-  const Captured doc = document_ids();
+  const BackwardPrograms progs;
+  const auto& [doc, alibi, softcap, causal, document] = progs;
   const Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias");
-  const ModProgram alibi = trace_score_mod(
-      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
-  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
   const ModProgram biased = trace_score_mod([bias](Expr s, Expr, Expr h, Expr, Expr) { return s + bias[h]; });
-  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
-  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return Expr(doc[q]) == Expr(doc[kv]); });
   struct Case {
     const char* name;
     const ModProgram* score;
@@ -859,20 +866,16 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
     }
 }
 
-// The warp-specialised backward kernels with FG_BWD_SKIP_EMPTY (the host's default there: the producers skip the
-// chunks a pure mask_mod keeps nothing of, flex_backward_wgmma.cuh) and with the dK/dV consumers' own quadrant skip
+// The warp-specialised backward kernels with FG_BWD_SKIP_EMPTY (opt-in on the host: the producers skip the chunks a
+// pure mask_mod keeps nothing of, flex_backward_wgmma.cuh) and with the dK/dV consumers' own quadrant skip
 // (FG_BWD_SKIP_DKDV_WG): grid and persistent, causal, document, ALiBi + causal, softcap + causal: they compile and
 // serialise no wgmma; the spills (mostly the producers', at 40 registers) are printed beside the kernels' without the
 // skip. NVRTC only, no GPU: tests/cuda run them.
 TEST(ModCodegen, BackwardSkipEmptyCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
-  const Captured doc = document_ids();
-  const ModProgram alibi = trace_score_mod(
-      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
-  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
-  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
-  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return Expr(doc[q]) == Expr(doc[kv]); });
+  const BackwardPrograms progs;
+  const auto& [doc, alibi, softcap, causal, document] = progs;
   const std::pair<const char*, std::pair<const ModProgram*, const ModProgram*>> cases[] = {
       {"causal", {nullptr, &causal}},
       {"document", {nullptr, &document}},
