@@ -437,9 +437,9 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // the dQ step: 274 -> 149, 435 -> 149 (377), 590 -> 149 (413). The same values up to one rounding of P's exponent.
   // Under approx_math a score_mod of the form c * f(k score) (softcap) has its factors folded into the scale and P's
   // exponent by the tensor-core kernels' merged element step (FG_BWD_SCORE_AFFINE, flex_backward.cuh), where no
-  // capture takes a gradient (the module then gives the form); FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the whole program
-  // an entry (A/B).
-  affine_fold(ctx, cfg.mma && cap_mode == 0, defines);
+  // capture takes a gradient (the code generator gives the form only then); FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the
+  // whole program an entry (A/B).
+  affine_fold(ctx, cfg.mma, defines);
   const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(true);
   if (lean_step) {
     defines.emplace_back("FG_BWD_LEAN_STEP 1");

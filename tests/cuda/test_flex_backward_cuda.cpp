@@ -1010,6 +1010,22 @@ TEST_F(FlexBackwardWgmma, WarpSpecialisedKernelsMatchThePlainOnes) {
 
 // (The tests below read the CUDA layer's counters and JIT statistics, which a build without CUDA does not have.)
 #ifdef FLEXGRAD_WITH_CUDA
+
+// A switch's two sides on c's inputs: `env` at `off` (a run `counter` must not count), then at `on` (one it must
+// count); `off_what` / `on_what` name them in the messages. Returns the gradients of (off, on); `env` stays at `on`.
+std::pair<Grads, Grads> switch_off_then_on(const Case& c, DType dt, const Golden& gold, const Inputs& in,
+                                           const testing::ScopedEnv& env, const char* off, const char* on,
+                                           int64_t (*counter)(), const char* off_what, const char* on_what) {
+  env.set(off);
+  int64_t calls = counter();
+  Grads a = run_stub(c, in, gold, dt, kCUDA);
+  EXPECT_EQ(counter() - calls, 0) << off_what;
+  env.set(on);
+  calls = counter();
+  Grads b = run_stub(c, in, gold, dt, kCUDA);
+  EXPECT_EQ(counter() - calls, 1) << on_what;
+  return {std::move(a), std::move(b)};
+}
 // A Wgmma backward of the document case, refused before any kernel runs with a ValueError naming `var` (an
 // environment variable the caller has set to a bad value).
 void expect_bad_env_named(const char* var) {
@@ -1194,16 +1210,10 @@ TEST_F(FlexBackwardWgmma, SkipsWhatTheMaskKeepsNothingOf) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
   auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
+    auto r = switch_off_then_on(c, dt, gold, in, skip, nullptr, "1", cuda::flex::skip_empty_backward_calls,
+                                "unset: every chunk", "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the skip");
     skip.set(nullptr);
-    int64_t calls = cuda::flex::skip_empty_backward_calls();
-    Grads full = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 0) << "unset: every chunk";
-    skip.set("1");
-    calls = cuda::flex::skip_empty_backward_calls();
-    Grads g = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::skip_empty_backward_calls() - calls, 1) << "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the skip";
-    skip.set(nullptr);
-    return std::make_pair(full, g);
+    return r;
   };
   auto check_case = [&](Case c, DType dt, const char* what) {
     SCOPED_TRACE(what);
@@ -1275,14 +1285,8 @@ TEST_F(FlexBackwardWgmma, AffineFoldMatchesTheGoldenAndTheWholeProgram) {
     c.approx_math = true;
     const Inputs in = make_inputs(c.d, dt, c.with_dlse, 37);
     const Golden gold = golden_of(c, in);
-    fold.set("0");
-    int64_t calls = cuda::flex::affine_fold_calls();
-    const Grads whole = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::affine_fold_calls() - calls, 0) << "FLEXGRAD_FLEX_AFFINE_FOLD=0: the whole program";
-    fold.set(nullptr);
-    calls = cuda::flex::affine_fold_calls();
-    const Grads g = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::affine_fold_calls() - calls, 1) << "unset: the fold";
+    const auto [whole, g] = switch_off_then_on(c, dt, gold, in, fold, "0", nullptr, cuda::flex::affine_fold_calls,
+                                               "FLEXGRAD_FLEX_AFFINE_FOLD=0: the whole program", "unset: the fold");
     expect_grads_near(g, gold.g, std::max(tol(dt), 2e-3));
     expect_grads_near(g, whole, tol(dt) / 10);
   };
@@ -1332,15 +1336,8 @@ TEST_F(FlexBackwardWgmma, LeanElementStepMatchesTheGoldenAndThePreviousStep) {
   ScopedEnv lean("FLEXGRAD_FLEX_BWD_LEAN_STEP", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
   // The previous step's gradients and the lean step's on c's inputs.
   auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
-    lean.set("0");
-    int64_t calls = cuda::flex::lean_step_backward_calls();
-    Grads base = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_LEAN_STEP=0: the previous step";
-    lean.set(nullptr);
-    calls = cuda::flex::lean_step_backward_calls();
-    Grads g = run_stub(c, in, gold, dt, kCUDA);
-    EXPECT_EQ(cuda::flex::lean_step_backward_calls() - calls, 1) << "unset: the lean step";
-    return std::make_pair(base, g);
+    return switch_off_then_on(c, dt, gold, in, lean, "0", nullptr, cuda::flex::lean_step_backward_calls,
+                              "FLEXGRAD_FLEX_BWD_LEAN_STEP=0: the previous step", "unset: the lean step");
   };
   auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, bool same, const char* what) {
     SCOPED_TRACE(what);
