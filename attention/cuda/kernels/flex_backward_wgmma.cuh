@@ -367,15 +367,63 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 // The dK/dV consumers skip only whole chunks (the producer's); FG_BWD_SKIP_DKDV_WG (opt-in,
 // FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1) has them skip their own empty quadrant as the dQ consumers do, which made ptxas
 // spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
-#if defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
+//
+// FG_BWD_SKIP_TABLE (FLEXGRAD_FLEX_BWD_SKIP_TABLE; BlockMask blocks of multiples of 64 rows both ways): the same skip
+// with the producers' bits read from a table (FgBwdParams::quad_live, a byte a 64 x 64 quadrant of the call's
+// [B, Hq] rows and columns) that fg_bwd_quad_live fills before the backward's kernels, for the quadrants of the
+// partial blocks only (what a walk reads): one load a chunk in place of the evaluation and the vote.
+#if defined(FG_BWD_SKIP_TABLE) && FG_BWD_SKIP_TABLE && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
 #define FG_BWD_SKIP 1
+#define FG_BWD_SKIP_VOTE 0
+#elif defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
+#define FG_BWD_SKIP 1
+#define FG_BWD_SKIP_VOTE 1
 #else
 #define FG_BWD_SKIP 0
+#define FG_BWD_SKIP_VOTE 0
 #endif
 #if !FG_BWD_SKIP
 #undef FG_BWD_SKIP_DKDV_WG
 #endif
-#if FG_BWD_SKIP
+#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+// The quadrant table's byte of (b, h) for the 64 x 64 quadrant at rows q0, columns kv0 (multiples of 64).
+__device__ __forceinline__ const unsigned char* fg_quad_live(const FgBwdParams& p, fg_i64 b, fg_i64 h, fg_i64 q0,
+                                                             fg_i64 kv0) {
+  const fg_i64 nq64 = (p.Lq + 63) / 64, nk64 = (p.Lkv + 63) / 64;
+  return p.quad_live + ((b * p.Hq + h) * nq64 + q0 / 64) * nk64 + kv0 / 64;
+}
+// Fills the table: CTA (q block mb, h, b) evaluates the mask_mod over the 64 x 64 quadrants of the row's
+// partial kv blocks, a column a thread (its column part in a register, the 64 rows' parts in shared memory), and
+// writes 1 where the quadrant keeps an entry, 0 where it keeps none. Entries past Lq / Lkv count as dropped.
+extern "C" __global__ void __launch_bounds__(256) fg_bwd_quad_live(const FgBwdParams p, const FgModArgs args) {
+  __shared__ FgMaskRow<float> rows[64];
+  const fg_i64 mb = blockIdx.x;
+  const int h = (int)blockIdx.y, b = (int)blockIdx.z;
+  const fg_i64 bh = (fg_i64)b * p.Hq + h;
+  const FgRow row = fg_row(p.kvl, b, h, mb);
+  const fg_i64 q_lo = mb * p.block_q, q_hi = min(q_lo + p.block_q, p.Lq);
+  const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;
+  for (fg_i64 qa = q_lo; qa < q_hi; qa += 64) {
+    const int nr = (int)min((fg_i64)64, q_hi - qa);
+    __syncthreads();  // (the previous quadrant row's parts are read)
+    if (threadIdx.x < nr) rows[threadIdx.x] = fg_mask_row<float>(b, h, (int)(qa + threadIdx.x), args);
+    __syncthreads();
+    for (int i = 0; i < row.n_partial; ++i) {
+      const fg_i64 k_lo = (fg_i64)row.partial[i] * p.block_kv, k_hi = min(k_lo + p.block_kv, p.Lkv);
+      for (fg_i64 ka = k_lo; ka < k_hi; ka += 64) {
+        bool any = false;
+        if (ka + c < k_hi) {
+          const FgMaskCol<float> col = fg_mask_col<float>(b, h, (int)(ka + c), args);
+          for (int r = r0; r < nr; r += 4) any = any || fg_mask_elem<float>(rows[r], col, b, h, (int)(qa + r), (int)(ka + c), args);
+        }
+        const int live = __syncthreads_or(any);
+        if (threadIdx.x == 0) p.quad_live[(bh * ((p.Lq + 63) / 64) + qa / 64) * ((p.Lkv + 63) / 64) + ka / 64] = live != 0;
+      }
+    }
+  }
+}
+#endif
+#if FG_BWD_SKIP_VOTE
 // Whether the mask keeps any entry of one row of a chunk (the producer thread's row `own`, kRowIsQ: a q row, the dQ
 // kernel's; else a kv row): `mine` its mask part, `other` the chunk's kN rows' parts in shared memory (the first `n`
 // in range, row r at index first_other + r), `in` whether the thread's own row is in range.
@@ -524,7 +572,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
       FgQWalk w;
       w.start(p, bk, hk, mb);
-#if FG_BWD_SKIP
+#if FG_BWD_SKIP_VOTE
       int col_bh = -1;  // the (b, h) col_part was computed for
       FgMaskCol<float> col_part;
 #endif
@@ -532,7 +580,17 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
-#if FG_BWD_SKIP
+#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+        // Partial chunks the mask keeps nothing of go by without a stage (the quadrant table's bits).
+        int live = 3;
+        while (!w.done() && w.partial()) {
+          const unsigned char* t = fg_quad_live(p, w.b, w.h, w.q0, kv0);
+          live = t[0] | (nkv > 64 ? t[1] << 1 : 0);
+          if (live != 0) break;
+          live = 3;
+          w.next(p);
+        }
+#elif FG_BWD_SKIP
         // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests kv row pt of the tile
         // against the chunk's q rows (their mask parts in the stage's q_mods, rewritten below).
         int live = 3;
@@ -952,7 +1010,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
       FgKvWalk w;
       w.start(p, b, h, mb);
-#if FG_BWD_SKIP
+#if FG_BWD_SKIP_VOTE
       // q row pt's mask part, where the tile has partial blocks (its walk visits them first).
       FgMaskRow<float> row_part;
       if (!w.done() && w.partial() && pt < nq) row_part = fg_mask_row<float>((int)b, (int)h, (int)(q0 + pt), args);
@@ -961,7 +1019,17 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
-#if FG_BWD_SKIP
+#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+        // Partial chunks the mask keeps nothing of go by without a stage (the quadrant table's bits).
+        int live = 3;
+        while (!w.done() && w.partial()) {
+          const unsigned char* t = fg_quad_live(p, b, h, q0, w.kv0);
+          live = t[0] | (nq > 64 ? t[(p.Lkv + 63) / 64] << 1 : 0);
+          if (live != 0) break;
+          live = 3;
+          w.next(p);
+        }
+#elif FG_BWD_SKIP
         // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests q row pt of the tile against
         // the chunk's kv rows (their column parts in the stage's kv_mods, rewritten below).
         int live = 3;
