@@ -134,6 +134,7 @@ FlexProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, cons
   p.cuda_forward = o.kernel.cuda_forward;
   p.cuda_backward = o.kernel.cuda_backward;
   p.approx_math = o.kernel.approx_math;
+  p.max_scores_wanted = o.return_max_scores;
   FG_CHECK(o.kernel.kv_splits >= 0, ValueError, "flex_attention: kernel.kv_splits must be >= 0 (0: automatic), got {}",
            o.kernel.kv_splits);
   p.kv_splits = o.kernel.kv_splits;

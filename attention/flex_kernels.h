@@ -44,6 +44,9 @@ struct FlexProblem {
   FlexCudaBackward cuda_backward = FlexCudaBackward::Auto;  // FlexKernelOptions::cuda_backward
   int64_t kv_splits = 0;                                 // FlexKernelOptions::kv_splits
   bool approx_math = false;                              // FlexKernelOptions::approx_math
+  // FlexAttentionOptions::return_max_scores: false lets a kernel leave FlexForwardOutputs::max_scores unspecified
+  // (the CUDA tensor-core forward's bounded max, flex_forward_cuda.cpp); true elsewhere.
+  bool max_scores_wanted = true;
   int64_t group() const { return Hkv > 0 ? Hq / Hkv : 1; }  // Hkv = 0 only with Hq = 0 (no rows)
   bool has_rows() const { return B > 0 && Hq > 0 && Lq > 0; }
 };

@@ -183,6 +183,10 @@ struct OpInfo {
   // operand can move it by a whole step. Such ops, and every consumer whose result is not a float (comparisons,
   // casts to int or bool), take exact operands only: cuda_f32_approx spellings never feed them (mod_codegen.cpp).
   bool float_steps = false;
+  // Bounds of a float result for every operand (tanh: [-1, 1]); infinite where the op has none. (The tensor-core
+  // forward drops its running max where a score_mod's output is bounded this way: flex_forward_common.cuh.)
+  double range_lo = -std::numeric_limits<double>::infinity();
+  double range_hi = std::numeric_limits<double>::infinity();
 };
 
 // The row of `op`.

@@ -40,6 +40,7 @@ struct ModContext {
   Tensor error_buf;                 // device FgError (zeroed), when a captured read or integer op can fail
   std::vector<CaptureRef> captures; // the merged list, in kernel slot order (for messages)
   bool affine_form = false;         // the text gives the score_mod's affine form (FG_SCORE_AFFINE 1; affine_score.h)
+  bool core_bounded = false;        // the affine form's core has bounds (FG_SCORE_CORE_HI; mod_codegen.cpp)
   bool mask_elem_pure = false;      // a mask_mod whose element part reads nothing and cannot fail (FG_MASK_ELEM_PURE 1)
 };
 
@@ -117,6 +118,9 @@ int64_t skip_table_backward_calls();
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).
 int64_t affine_fold_calls();
+// How many forward calls of this process ran a tensor-core kernel with the bounded max (no running max: the affine
+// form's bounded core, bf16, no max_scores returned; flex_forward_common.cuh, unless FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0).
+int64_t bounded_max_calls();
 // Whether a call with this context folds the affine form (ctx.affine_form, FLEXGRAD_FLEX_AFFINE_FOLD) into tensor-core
 // kernels (`mma`); counts it, and adds FG_NO_AFFINE_FOLD to `defines` where the switch turns it off.
 bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines);

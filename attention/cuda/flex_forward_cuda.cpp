@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -27,6 +28,8 @@
 
 namespace fg::cuda {
 namespace {
+
+std::atomic<int64_t> g_bounded_max_calls{0};
 
 using flex::env_persistent;
 using flex::env_switch;
@@ -347,7 +350,15 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   // Under approx_math a score_mod of the form c * f(k score) (softcap) has its factors folded into the scale and the
   // exponent's constant by the tensor-core kernels (FG_FWD_SCORE_AFFINE, flex_forward_common.cuh);
   // FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the whole program an entry (A/B).
-  flex::affine_fold(ctx, cfg.mma, defines);
+  const bool fold = flex::affine_fold(ctx, cfg.mma, defines);
+  // The bounded max (flex_forward_common.cuh, kFgBoundedMax): where the folded form's core is bounded (softcap's
+  // tanh), the inputs are bf16 and the call returns no max_scores, the tensor-core kernels' online softmax keeps no
+  // running max and O no rescale. FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0 keeps the running max (A/B).
+  const bool bounded_max_env = env_switch("FLEXGRAD_FLEX_FWD_BOUNDED_MAX").value_or(true);
+  if (fold && ctx.core_bounded && p.q.dtype() == kBFloat16 && !p.max_scores_wanted && bounded_max_env) {
+    defines.push_back("FG_FWD_MAX_SCORES_UNUSED 1");
+    ++g_bounded_max_calls;
+  }
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
   src.name = "flex_forward";
@@ -376,5 +387,9 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
 }  // namespace
 
 FG_REGISTER_KERNEL(flex_forward_stub, CUDA, &flex_forward_cuda);
+
+namespace flex {
+int64_t bounded_max_calls() { return g_bounded_max_calls.load(); }
+}  // namespace flex
 
 }  // namespace fg::cuda

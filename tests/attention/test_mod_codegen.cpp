@@ -437,13 +437,17 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
 // literals and the core alone in fg_score_core (forward modules) or fg_score_core_dscore (backward ones, whose
 // derivative carries out_factor in_factor); not where the scaled score must stay exact, where the core needs row or
 // column parts (a captured read anywhere in it: every read is a row or column part or an effect) or where the
-// derivative is constant (backward modules). Every text compiles.
+// derivative is constant (backward modules). The core's bounds (FG_SCORE_CORE_LO / _HI, the op table's range of its
+// output op) where the span out_factor (hi - lo) log2 e is at most 64. Every text compiles.
 TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
   const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
   const ModProgram wide = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 20.0); });
   const ModProgram compared =
       trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * where(s / 20.0 > 1.0, s / 20.0, 1.0); });
   const ModProgram scaled = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * 2.0; });
+  const ModProgram gate = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 10.0 * sigmoid(s / 10.0); });
+  // (30 tanh(s / 20) has the bounds too, but a span 60 log2 e > 64: the forward's bounded max does not take it.)
+  const char* kTanhBounds = "#define FG_SCORE_CORE_LO -1.0\n#define FG_SCORE_CORE_HI 1.0\n";
   Captured bias(floats({0.5, -1.0, 2.0, 0.25}, {4}), "bias");
   const ModProgram row_part =
       trace_score_mod([bias](Expr s, Expr, Expr h, Expr, Expr) { return 10.0 * tanh(s / 10.0 + Expr(bias[h])); });
@@ -457,16 +461,18 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
     const char* in_factor = "";
     const char* out_factor = "";
     const char* dscore = "";  // how fg_score_core_dscore stores the derivative
+    const char* bounds = nullptr;  // FG_SCORE_CORE_LO / _HI (the core's range, its span out_factor (hi - lo) small)
   };
   const std::vector<Case> cases = {
-      {"softcap, backward", &softcap, true, true, true, "0.05", "20.0", "  *dscore = v4;\n"},
-      {"softcap, forward", &softcap, false, true, true, "0.05", "20.0"},
+      {"softcap, backward", &softcap, true, true, true, "0.05", "20.0", "  *dscore = v4;\n", kTanhBounds},
+      {"softcap, forward", &softcap, false, true, true, "0.05", "20.0", "", kTanhBounds},
+      {"a sigmoid core", &gate, false, true, true, "0.1", "10.0", "", "#define FG_SCORE_CORE_LO 0.0\n#define FG_SCORE_CORE_HI 1.0\n"},
       {"softcap, exact math", &softcap, true, false, false},
       {"softcap, exact math, forward", &softcap, false, false, false},
       {"a factor 1.5 on the derivative", &wide, true, true, true, "0.05", "30.0", "  *dscore = v4 * 1.5f;\n"},
       {"the scaled score compared", &compared, false, true, false},
       {"a row part in the core", &row_part, true, true, false},
-      {"q and kv in the core", &index_core, true, true, true, "0.1", "10.0"},
+      {"q and kv in the core", &index_core, true, true, true, "0.1", "10.0", "", kTanhBounds},
       {"a constant derivative, backward", &scaled, true, true, false},
       {"a constant derivative, forward", &scaled, false, true, true, "1.0", "2.0"},
   };
@@ -483,11 +489,15 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
     }
     EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_IN_FACTOR {}\n", c.in_factor))) << g.text;
     EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_OUT_FACTOR {}\n", c.out_factor))) << g.text;
+    if (c.bounds != nullptr)
+      EXPECT_TRUE(has(g.text, c.bounds)) << g.text;
+    else
+      EXPECT_FALSE(has(g.text, "FG_SCORE_CORE_HI")) << g.text;
     const std::string& body = c.backward ? core_d : core;
     ASSERT_FALSE(body.empty()) << g.text;
     EXPECT_TRUE((c.backward ? core : core_d).empty()) << g.text;  // one of the two a module
     EXPECT_FALSE(has(body, "fg_fdiv_full(")) << body;  // the factor on the score is the kernel's
-    EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;
+    if (c.score != &gate) EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;  // (sigmoid's own spelling divides)
     if (c.backward) {
       EXPECT_TRUE(has(body, c.dscore)) << body;
     }

@@ -102,6 +102,7 @@ struct Case {
   std::function<Tensor(const Tensor&)> layout;              // applied on the device (strided inputs)
   double input_scale = 1.0;                                 // spreads the scores
   std::optional<Tol> min_tol;                               // a floor under tol(dt) (approx_math)
+  bool with_max_scores = true;                              // FlexAttentionOptions::return_max_scores
 };
 
 // A BlockMask built on the CPU from `cpu_mask`, whose kernels run `dev_mask` (the same rule reading device
@@ -132,7 +133,7 @@ void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) 
   };
   FlexAttentionOptions o = c.opts;
   o.return_lse = true;
-  o.return_max_scores = true;
+  o.return_max_scores = c.with_max_scores;
   o.kernel.backend = FlexBackend::Fused;
   o.kernel.cuda_forward = kernel;
   FlexAttentionResult r = flex_attention(dev(q), dev(k), dev(v), o);
@@ -145,10 +146,15 @@ void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) 
     t.stat_atol = std::max(t.stat_atol, c.min_tol->stat_atol);
     t.stat_rtol = std::max(t.stat_rtol, c.min_tol->stat_rtol);
   }
-  Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64), mx = r.max_scores.to(kCPU).to(kFloat64);
+  Tensor out = r.out.to(kCPU).to(kFloat64), lse = r.lse.to(kCPU).to(kFloat64);
   EXPECT_FALSE(any(isnan(out)).item<bool>()) << "NaN in out";
   EXPECT_TRUE(testing::close(out, g.out, t.out_atol, t.out_rtol)) << "out";
   EXPECT_TRUE(testing::close(lse, g.lse, t.stat_atol, t.stat_rtol)) << "lse";
+  if (!c.with_max_scores) {
+    EXPECT_FALSE(r.max_scores.defined()) << "max_scores returned unasked";
+    return;
+  }
+  Tensor mx = r.max_scores.to(kCPU).to(kFloat64);
   EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
 }
 
@@ -880,6 +886,78 @@ TEST_P(FlexWgmmaPipeline, AffineFoldMatchesTheGolden) {
   expect_module_changes(softcap, "FLEXGRAD_FLEX_AFFINE_FOLD", "0");
 }
 
+// The bounded max (kFgBoundedMax, flex_forward_common.cuh; the default where it applies): softcap under approx_math
+// in bfloat16 without max_scores keeps no running max (P = exp(20 (u - 1)), u = tanh(s / 20)). out and lse against
+// the float64 golden at approx_math's tolerance on every loop, scores spread past the cap (input_scale 4), a causal
+// mask whose rows 0-9 keep nothing (out 0, lse -inf: an empty row, not 0 / 0), and a NaN in query row 50 (its out
+// and lse NaN, as with the running max); its counter moves for bfloat16 only, on the mma.sync kernel too. Not
+// taken: with max_scores asked for, with a span out of range (30 tanh(s / 10): exp(-60) is under 2^-64), with
+// FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0 (which loads another module).
+TEST_P(FlexWgmmaPipeline, BoundedMaxMatchesTheGolden) {
+  ScopedEnv bounded("FLEXGRAD_FLEX_FWD_BOUNDED_MAX", nullptr);
+  const DType dt = std::get<0>(GetParam());
+  Case c;
+  c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = 300;
+  c.input_scale = 4.0;
+  c.with_max_scores = false;
+  c.opts.kernel.approx_math = true;
+  c.min_tol = Tol{1e-3, 2e-3, 5e-4, 1e-3};
+  c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  c.opts.block_mask = create_block_mask([](Expr, Expr, Expr q, Expr kv) { return (q >= 10) & (q >= kv); },
+                                        std::nullopt, std::nullopt, 300, 300, 128);
+  c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+    return q >= 10 && q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf;
+  };
+  auto counted = [&](const Case& x, const char* what) {
+    SCOPED_TRACE(what);
+    const int64_t calls = cuda::flex::bounded_max_calls();
+    check(x);
+    return cuda::flex::bounded_max_calls() - calls;
+  };
+  EXPECT_EQ(counted(c, "softcap, causal, rows 0-9 empty"), dt == kBFloat16 ? 1 : 0);
+  {
+    SCOPED_TRACE("the mma.sync kernel");
+    const int64_t calls = cuda::flex::bounded_max_calls();
+    check_case(c, dt, FlexCudaForward::Tiled, 1);
+    EXPECT_EQ(cuda::flex::bounded_max_calls() - calls, dt == kBFloat16 ? 1 : 0);
+  }
+  {
+    Case m = c;
+    m.with_max_scores = true;
+    EXPECT_EQ(counted(m, "with max_scores"), 0);
+    Case wide = c;
+    wide.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 10.0); };
+    wide.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+      return q >= 10 && q >= kv ? 30.0 * std::tanh(s / 10.0) : -kInf;
+    };
+    EXPECT_EQ(counted(wide, "30 tanh(s / 10)"), 0);
+  }
+  {
+    SCOPED_TRACE("a NaN in query row 50");
+    const Device cuda(DeviceType::CUDA, 0);
+    Generator gen(9);
+    Tensor q = randn({1, 2, 300, 128}, kFloat64, &gen);
+    std::vector<double> qv = q.to_vector();
+    qv[50 * 128 + 7] = std::numeric_limits<double>::quiet_NaN();
+    q = from_vector(qv, q.sizes(), kFloat64).to(dt).to(cuda);
+    Tensor k = randn({1, 2, 300, 128}, kFloat32, &gen).to(dt).to(cuda);
+    FlexAttentionOptions o = c.opts;
+    o.return_lse = true;
+    o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+    FlexAttentionResult r = flex_attention(q, k, k, o);
+    const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector();
+    for (int64_t i : {9, 50, 51}) {
+      SCOPED_TRACE("row " + std::to_string(i));
+      const bool nan_row = i == 50;
+      EXPECT_EQ(std::isnan(lse[i]), nan_row) << lse[i];
+      if (i == 9) EXPECT_EQ(lse[i], -kInf);
+      for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(out[i * 128 + e]), nan_row) << out[i * 128 + e];
+    }
+  }
+  expect_module_changes(c, "FLEXGRAD_FLEX_FWD_BOUNDED_MAX", "0");
+}
+
 TEST_P(FlexWgmmaPipeline, SoftcapOverManySubTiles) {
   Case c;
   c.B = c.Bkv = 1, c.E = c.Ev = 128, c.Lq = c.Lkv = 600;
@@ -908,6 +986,10 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
   {
     ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "4");
     testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_WGMMA_PIPE");
+  }
+  {
+    ScopedEnv bounded("FLEXGRAD_FLEX_FWD_BOUNDED_MAX", "2");
+    testing::expect_error<ValueError>([&] { flex_attention(q, q, q, o); }, "FLEXGRAD_FLEX_FWD_BOUNDED_MAX");
   }
   {
     ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", "3");

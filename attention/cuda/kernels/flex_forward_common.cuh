@@ -123,6 +123,21 @@ __device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& q
 #define FG_FWD_SCORE_AFFINE 0
 #endif
 
+// The bounded max (FG_FWD_MAX_SCORES_UNUSED: the host's word that the call returns no max_scores and its inputs are
+// bf16; the affine form with a bounded core, FG_SCORE_CORE_LO / _HI: softcap's tanh in [-1, 1]): the online softmax
+// keeps no running max. Every core value u lies at or under FG_SCORE_CORE_HI, so P = exp(c (u - hi)) (c =
+// out_factor) is at most 1 and at least exp(-c (hi - lo)) >= 2^-64 (the code generator gives the bounds only then),
+// far above float's and bf16's smallest normal (2^-126; f16 P, whose range ends at 2^-14, is left out): no entry's
+// max, no quad reduction of it, and no rescale of O (its factor is 1, folded away). The row's lse is c hi + ln l as
+// before; a row with nothing kept has l = 0 and is reported empty (fg_frag_store), a NaN score makes l NaN (a NaN
+// row, as with the running max). FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0 keeps the running max (flex_forward_cuda.cpp).
+#if FG_FWD_SCORE_AFFINE && defined(FG_SCORE_CORE_HI) && defined(FG_FWD_MAX_SCORES_UNUSED) && \
+    FG_ELEM == FG_DT_BFLOAT16
+constexpr bool kFgBoundedMax = true;
+#else
+constexpr bool kFgBoundedMax = false;
+#endif
+
 // The modified, masked score of one entry (scale already applied), or -inf out of range. kCore: s is the affine
 // form's scaled score and the result its core (FG_FWD_SCORE_AFFINE).
 template <class T, bool kCore = false>
@@ -351,6 +366,26 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
   for (int f = 0; f < MF; ++f) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
+      if constexpr (kFgBoundedMax) {  // no running max (above)
+#if FG_FWD_SCORE_AFFINE && defined(FG_SCORE_CORE_HI)
+        const float c2 = fg_softmax_factor(scale) * FG_LOG2E, ms = (float)FG_SCORE_CORE_HI * c2;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            if (!FG_FWD_RAW_SOFTMAX && simple) s[f][n][2 * hf + c] *= scale;
+            const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], c2, -ms));
+            s[f][n][2 * hf + c] = e;
+            sum += e;
+          }
+        }
+        corr[f][hf] = 1.f;
+        l[f][hf] += sum;
+        m[f][hf] = (float)FG_SCORE_CORE_HI;
+        continue;
+#endif
+      }
       float mx = fg_neg_inf();
 #pragma unroll
       for (int n = 0; n < NB; ++n) {
@@ -431,7 +466,8 @@ __device__ __forceinline__ void fg_frag_store(const float (&o)[MF][NO][4], const
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 1) != 0;
       saw |= __shfl_xor_sync(0xffffffffu, (int)saw, 2) != 0;
       if (qi >= m_end) continue;
-      const float m_scaled = m[f][hf] * fg_softmax_factor((float)p.scale);
+      // (The bounded max reports a row with nothing kept as the running max would: max -inf.)
+      const float m_scaled = kFgBoundedMax && lsum == 0.f ? fg_neg_inf() : m[f][hf] * fg_softmax_factor((float)p.scale);
       const FgRowEnd<float> e = fg_row_end(m_scaled, lsum, saw);
       const float inv = e.inv;
       fg_h16* orow = out + (row0 + qi) * p.Ev;
