@@ -299,8 +299,7 @@ std::atomic<int64_t> g_dq_delta_calls{0};
 std::atomic<int64_t> g_persistent_calls{0};
 std::atomic<int64_t> g_lean_step_calls{0};
 std::atomic<int64_t> g_skip_empty_calls{0};
-std::atomic<int64_t> g_skip_table_calls{0};
-// The bytes of FG_BWD_SKIP_TABLE's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
+// The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
 int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63) / 64) * ((p.Lkv + 63) / 64); }
 
 // A fork of the call's stream: work put on `side` after construction follows what the call's stream had queued,
@@ -449,7 +448,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.emplace_back("FG_BWD_LEAN_STEP 1");
     ++g_lean_step_calls;
   }
-  bool skip_table = false;
+  bool skip_empty = false;
   if (cfg.wgmma) {
     for (const char* d : {"FG_BWD_WGMMA 1", "FG_VEC 1"}) defines.emplace_back(d);
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
@@ -462,26 +461,19 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if (dq_delta) defines.emplace_back("FG_BWD_DQ_DELTA 1");
     // Opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the warp-specialised producers skip the chunks a pure mask_mod keeps
     // nothing of, and the dQ consumers their empty quadrants (FG_BWD_SKIP_EMPTY, flex_backward_wgmma.cuh; the same
-    // bits where every input is finite). Measured slower on an H100 (session 28, FLEXGRAD_FLEX_CUDNN=0 bench_flex_cuda,
-    // backward ms, on / off, two rounds): document 1.052 1.015 / 0.707 0.719, sliding 1024 1.203 1.156 / 1.057 0.994,
-    // causal 1.921 1.900 / 1.739 1.746; the grid launch too (document 0.937 / 0.700). The producer's evaluation (64
-    // mask entries a thread a chunk, serial before its copies, with ~250 bytes more spilled at its 40 registers)
-    // delays the stages more than the skipped products save.
-    // FLEXGRAD_FLEX_BWD_SKIP_TABLE=1: the same skip from a table of the partial blocks' 64 x 64 quadrants that
-    // fg_bwd_quad_live fills before the backward's kernels (FG_BWD_SKIP_TABLE): a load a chunk where the producer
-    // evaluated and voted. BlockMask blocks of multiples of 64 both ways (the quadrants then lie within blocks), a
-    // table (a byte a quadrant of [B, Hq]) of at most 64 MiB.
+    // bits where every input is finite), reading a table of the partial blocks' 64 x 64 quadrants that
+    // fg_bwd_quad_live fills before the backward's kernels (BlockMask blocks of multiples of 64 both ways, a table
+    // of a byte a quadrant of [B, Hq] of at most 64 MiB). Measured slower on an H100 (FLEXGRAD_FLEX_CUDNN=0
+    // bench_flex_cuda, backward ms, on / off, alternating rounds): session 29, document 0.775 0.779 / 0.726 0.736,
+    // sliding 1024 1.114 1.108 / 1.019 1.026, causal 1.902 1.890 / 1.784 1.802, with the grid launch document 0.731;
+    // session 28's form, whose producers evaluated the mask and voted before each chunk's copies, was slower still
+    // (document 1.052 1.015 / 0.707 0.719). The dK/dV consumers' own quadrant skip (FG_BWD_SKIP_DKDV_WG, opt-in
+    // FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1, which spills there): document 0.806, sliding 1.173, causal 2.019.
     if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && p.block_q % 64 == 0 && p.block_kv % 64 == 0 &&
-        quad_table_bytes(p) <= (int64_t{64} << 20) && env_switch("FLEXGRAD_FLEX_BWD_SKIP_TABLE").value_or(false)) {
-      skip_table = true;
-      defines.emplace_back("FG_BWD_SKIP_TABLE 1");
-      ++g_skip_table_calls;
-      if (env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
-    } else if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure &&
-               env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(false)) {
+        quad_table_bytes(p) <= (int64_t{64} << 20) && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(false)) {
+      skip_empty = true;
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
-      // The dK/dV consumers skipping their own quadrant too (FG_BWD_SKIP_DKDV_WG): opt-in, ptxas spills in them with it.
       if (env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
     }
   }
@@ -496,7 +488,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // includes flex_backward.cuh).
   src.code = assemble(ctx, defines, {"flex_mma.cuh", cfg.wgmma ? "flex_backward_wgmma.cuh" : "flex_backward.cuh"});
   src.kernels = {"fg_bwd_preprocess", dkdv_kernel, dq_kernel, "fg_bwd_cap_finalize"};
-  if (skip_table) src.kernels.emplace_back("fg_bwd_quad_live");
+  if (skip_empty) src.kernels.emplace_back("fg_bwd_quad_live");
   auto mod = jit::get_module(src, device);
 
   BwdParams bp;
@@ -599,7 +591,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   void* dkdv_args[] = {&bp, &ctx.args, &qmaps};
   void* dq_args[] = {&bp, &ctx.args, &kvmaps};
   Tensor quad_live;
-  if (skip_table && nQB > 0 && p.B * p.Hq > 0) {
+  if (skip_empty && nQB > 0 && p.B * p.Hq > 0) {
     quad_live = empty({quad_table_bytes(p)}, TensorOptions().dtype(kBool).device(dev));
     bp.quad_live = quad_live.data_ptr();
     jit::launch(mod->function("fg_bwd_quad_live"),
@@ -723,7 +715,6 @@ int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }
 int64_t persistent_backward_calls() { return g_persistent_calls.load(); }
 int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
 int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
-int64_t skip_table_backward_calls() { return g_skip_table_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

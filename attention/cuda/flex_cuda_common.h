@@ -111,9 +111,6 @@ int64_t lean_step_backward_calls();
 // How many backward calls of this process ran the warp-specialised kernels skipping the chunks the mask_mod keeps
 // nothing of (FG_BWD_SKIP_EMPTY, opt-in: FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1; flex_backward_cuda.cpp).
 int64_t skip_empty_backward_calls();
-// How many backward calls of this process ran that skip from the quadrant table (FG_BWD_SKIP_TABLE, opt-in:
-// FLEXGRAD_FLEX_BWD_SKIP_TABLE=1; flex_backward_cuda.cpp).
-int64_t skip_table_backward_calls();
 // How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).

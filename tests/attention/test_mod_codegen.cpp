@@ -877,10 +877,10 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
 }
 
 // The warp-specialised backward kernels with FG_BWD_SKIP_EMPTY (opt-in on the host: the producers skip the chunks a
-// pure mask_mod keeps nothing of, flex_backward_wgmma.cuh) and with the dK/dV consumers' own quadrant skip
-// (FG_BWD_SKIP_DKDV_WG): grid and persistent, causal, document, ALiBi + causal, softcap + causal: they compile and
-// serialise no wgmma; the spills (mostly the producers', at 40 registers) are printed beside the kernels' without the
-// skip. NVRTC only, no GPU: tests/cuda run them.
+// pure mask_mod keeps nothing of by fg_bwd_quad_live's table, flex_backward_wgmma.cuh) and with the dK/dV consumers'
+// own quadrant skip (FG_BWD_SKIP_DKDV_WG): grid and persistent, causal, document, ALiBi + causal, softcap + causal:
+// they compile and serialise no wgmma; the spills are printed beside the kernels' without the skip. NVRTC only, no
+// GPU: tests/cuda run them.
 TEST(ModCodegen, BackwardSkipEmptyCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();

@@ -1199,87 +1199,77 @@ TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
 }
 
 // FG_BWD_SKIP_EMPTY (opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1, with the warp-specialised kernels and a pure mask_mod):
-// the producers skip the chunks the mask keeps nothing of, and the dQ consumers the quadrants; FG_BWD_SKIP_TABLE
-// (FLEXGRAD_FLEX_BWD_SKIP_TABLE=1) the same from fg_bwd_quad_live's table. Each against the float64 golden and the
-// same kernels computing every chunk (unset: the same bits on finite inputs, skipped products add only zeros; the
-// switch's counter moves only with it at 1). Cases: documents [0, 64), [64, 192), [192, 300) (quadrants and whole
-// chunks with nothing kept in partial blocks) in bfloat16 and float16, on 3 persistent CTAs, documents + causal
-// clipped at L 300, ALiBi + causal with GQA (a mask without captures). Then an infinite key row 10 and an infinite dO
-// row 200: dQ rows 64-255 (whose quadrants with key row 10 the mask keeps nothing of) and dK / dV rows 0-127 (whose
-// q chunk 192-255 it keeps nothing of) come out finite with the skip, and not without it (0 * inf). The table needs
-// blocks of multiples of 64 rows: with 32-row blocks its switch changes nothing.
+// the producers skip the chunks the mask keeps nothing of, and the dQ consumers the quadrants, by fg_bwd_quad_live's
+// table. Against the float64 golden and the same kernels computing every chunk (unset: the same bits on finite
+// inputs, skipped products add only zeros; the counter moves only with the switch at 1). Cases: documents [0, 64),
+// [64, 192), [192, 300) (quadrants and whole chunks with nothing kept in partial blocks) in bfloat16 and float16, on
+// 3 persistent CTAs, documents + causal clipped at L 300, ALiBi + causal with GQA (a mask without captures). Then an
+// infinite key row 10 and an infinite dO row 200: dQ rows 64-255 (whose quadrants with key row 10 the mask keeps
+// nothing of) and dK / dV rows 0-127 (whose q chunk 192-255 it keeps nothing of) come out finite with the skip, and
+// not without it (0 * inf). The table needs blocks of multiples of 64 rows: with 32-row blocks the switch changes
+// nothing.
 TEST_F(FlexBackwardWgmma, SkipsWhatTheMaskKeepsNothingOf) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
-  ScopedEnv vote("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", nullptr), table("FLEXGRAD_FLEX_BWD_SKIP_TABLE", nullptr),
-      persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  ScopedEnv skip("FLEXGRAD_FLEX_BWD_SKIP_EMPTY", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
+    auto r = switch_off_then_on(c, dt, gold, in, skip, nullptr, "1", cuda::flex::skip_empty_backward_calls,
+                                "unset: every chunk", "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the skip");
+    skip.set(nullptr);
+    return r;
+  };
+  auto check_case = [&](Case c, DType dt, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = FlexCudaBackward::Wgmma;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, 41);
+    const Golden gold = golden_of(c, in);
+    const auto [full, g] = both(c, dt, gold, in);
+    expect_grads_near(g, gold.g, tol(dt));
+    expect_same_bits(g, full);
+  };
   std::vector<int64_t> ids(300);
   for (int64_t i = 0; i < 300; ++i) ids[i] = i < 64 ? 0 : i < 192 ? 1 : 2;
   const Case three = documents_case(ids, false);
-  struct Mode {
-    const ScopedEnv* env;
-    int64_t (*counter)();
-    const char* on_what;
+  check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300)");
+  check_case(three, kFloat16, "documents [0, 64), [64, 192), [192, 300)");
+  persistent.set("3");
+  check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300), 3 persistent CTAs");
+  persistent.set(nullptr);
+  check_case(document_case(), kBFloat16, "documents + causal, clipped at L 300");
+  check_case(alibi_causal_gqa_case(), kBFloat16, "ALiBi, causal, GQA");
+  // `name`'s row `row` ("key" or "dout") infinite; rows [r0, r1) of dQ (a key row) or of dK and dV (a dO row).
+  auto poisoned = [&](const char* name, int64_t row, int64_t r0, int64_t r1) {
+    SCOPED_TRACE(std::string("an infinite ") + name + " row");
+    Case c = three;
+    c.kernel = FlexCudaBackward::Wgmma;
+    Inputs in = make_inputs(c.d, kBFloat16, false, 43);
+    const Golden gold = golden_of(c, in);
+    const bool key = std::string(name) == "key";
+    Tensor& t = key ? in.k : in.dout;
+    auto v = t.to_vector();
+    const int64_t L = t.size(2), D = t.size(3);
+    for (int64_t bh = 0; bh < t.size(0) * t.size(1); ++bh)
+      for (int64_t e = 0; e < D; ++e) v[(bh * L + row) * D + e] = kInf;
+    t = from_vector(v, t.sizes(), kFloat64);
+    const auto [full, g] = both(c, kBFloat16, gold, in);
+    auto finite_rows = [&](const Grads& r) {
+      for (const Tensor* x : key ? std::vector<const Tensor*>{&r.dq} : std::vector<const Tensor*>{&r.dk, &r.dv}) {
+        const auto vals = x->to(kFloat64).to_vector();
+        const int64_t n = x->size(3);
+        for (int64_t bh = 0; bh < x->size(0) * x->size(1); ++bh)
+          for (int64_t j = r0; j < r1; ++j)
+            for (int64_t e = 0; e < n; ++e)
+              if (!std::isfinite(vals[(bh * L + j) * n + e])) return false;
+      }
+      return true;
+    };
+    EXPECT_TRUE(finite_rows(g)) << "the skip: rows " << r0 << "-" << r1 - 1 << " finite";
+    EXPECT_FALSE(finite_rows(full)) << "every chunk computed: 0 * inf reaches rows " << r0 << "-" << r1 - 1;
   };
-  for (const Mode& m : {Mode{&vote, cuda::flex::skip_empty_backward_calls, "FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: the skip"},
-                        Mode{&table, cuda::flex::skip_table_backward_calls,
-                             "FLEXGRAD_FLEX_BWD_SKIP_TABLE=1: the skip from the table"}}) {
-    SCOPED_TRACE(m.on_what);
-    auto both = [&](const Case& c, DType dt, const Golden& gold, const Inputs& in) {
-      auto r = switch_off_then_on(c, dt, gold, in, *m.env, nullptr, "1", m.counter, "unset: every chunk", m.on_what);
-      m.env->set(nullptr);
-      return r;
-    };
-    auto check_case = [&](Case c, DType dt, const char* what) {
-      SCOPED_TRACE(what);
-      SCOPED_TRACE(dtype_name(dt));
-      c.kernel = FlexCudaBackward::Wgmma;
-      const Inputs in = make_inputs(c.d, dt, c.with_dlse, 41);
-      const Golden gold = golden_of(c, in);
-      const auto [full, g] = both(c, dt, gold, in);
-      expect_grads_near(g, gold.g, tol(dt));
-      expect_same_bits(g, full);
-    };
-    check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300)");
-    check_case(three, kFloat16, "documents [0, 64), [64, 192), [192, 300)");
-    persistent.set("3");
-    check_case(three, kBFloat16, "documents [0, 64), [64, 192), [192, 300), 3 persistent CTAs");
-    persistent.set(nullptr);
-    check_case(document_case(), kBFloat16, "documents + causal, clipped at L 300");
-    check_case(alibi_causal_gqa_case(), kBFloat16, "ALiBi, causal, GQA");
-    // `name`'s row `row` ("key" or "dout") infinite; rows [r0, r1) of dQ (a key row) or of dK and dV (a dO row).
-    auto poisoned = [&](const char* name, int64_t row, int64_t r0, int64_t r1) {
-      SCOPED_TRACE(std::string("an infinite ") + name + " row");
-      Case c = three;
-      c.kernel = FlexCudaBackward::Wgmma;
-      Inputs in = make_inputs(c.d, kBFloat16, false, 43);
-      const Golden gold = golden_of(c, in);
-      const bool key = std::string(name) == "key";
-      Tensor& t = key ? in.k : in.dout;
-      auto v = t.to_vector();
-      const int64_t L = t.size(2), D = t.size(3);
-      for (int64_t bh = 0; bh < t.size(0) * t.size(1); ++bh)
-        for (int64_t e = 0; e < D; ++e) v[(bh * L + row) * D + e] = kInf;
-      t = from_vector(v, t.sizes(), kFloat64);
-      const auto [full, g] = both(c, kBFloat16, gold, in);
-      auto finite_rows = [&](const Grads& r) {
-        for (const Tensor* x : key ? std::vector<const Tensor*>{&r.dq} : std::vector<const Tensor*>{&r.dk, &r.dv}) {
-          const auto vals = x->to(kFloat64).to_vector();
-          const int64_t n = x->size(3);
-          for (int64_t bh = 0; bh < x->size(0) * x->size(1); ++bh)
-            for (int64_t j = r0; j < r1; ++j)
-              for (int64_t e = 0; e < n; ++e)
-                if (!std::isfinite(vals[(bh * L + j) * n + e])) return false;
-        }
-        return true;
-      };
-      EXPECT_TRUE(finite_rows(g)) << "the skip: rows " << r0 << "-" << r1 - 1 << " finite";
-      EXPECT_FALSE(finite_rows(full)) << "every chunk computed: 0 * inf reaches rows " << r0 << "-" << r1 - 1;
-    };
-    poisoned("key", 10, 64, 256);
-    poisoned("dout", 200, 0, 128);
-  }
+  poisoned("key", 10, 64, 256);
+  poisoned("dout", 200, 0, 128);
   {
-    SCOPED_TRACE("documents with 32-row blocks: FLEXGRAD_FLEX_BWD_SKIP_TABLE=1 changes nothing");
+    SCOPED_TRACE("documents with 32-row blocks: FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1 changes nothing");
     Case c = three;
     c.kernel = FlexCudaBackward::Wgmma;
     c.mask = create_block_mask(
@@ -1288,14 +1278,14 @@ TEST_F(FlexBackwardWgmma, SkipsWhatTheMaskKeepsNothingOf) {
     c.native = native_mask([](int, int, int q, int kv) { return (q < 64) == (kv < 64); });
     const Inputs in = make_inputs(c.d, kBFloat16, false, 47);
     const Golden gold = golden_of(c, in);
-    table.set("1");
-    const int64_t calls = cuda::flex::skip_table_backward_calls();
+    skip.set("1");
+    const int64_t calls = cuda::flex::skip_empty_backward_calls();
     const Grads g = run_stub(c, in, gold, kBFloat16, kCUDA);
-    EXPECT_EQ(cuda::flex::skip_table_backward_calls(), calls) << "a table for 32-row blocks";
+    EXPECT_EQ(cuda::flex::skip_empty_backward_calls(), calls) << "a table for 32-row blocks";
     expect_grads_near(g, gold.g, tol(kBFloat16));
   }
-  table.set("yes");
-  expect_bad_env_named("FLEXGRAD_FLEX_BWD_SKIP_TABLE");
+  skip.set("yes");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_SKIP_EMPTY");
 }
 
 // The affine form under approx_math (FG_BWD_SCORE_AFFINE, flex_backward.cuh; the default): the tensor-core kernels'

@@ -117,7 +117,7 @@ struct FgBwdParams {
   // (kv batch, kv head) pairs, the pairs of a group fastest, then the tiles (fg_bwd_dkdv_wgmma).
   fg_i64 dkdv_group;
   int* job_counters;  // [2] zeroed by the host for persistent warp-specialised kernels: the dK/dV and dQ queues
-  unsigned char* quad_live;  // FG_BWD_SKIP_TABLE: [B, Hq, ceil(Lq / 64), ceil(Lkv / 64)] (flex_backward_wgmma.cuh)
+  unsigned char* quad_live;  // FG_BWD_SKIP_EMPTY: [B, Hq, ceil(Lq / 64), ceil(Lkv / 64)] (flex_backward_wgmma.cuh)
 };
 
 struct FgRow {

@@ -355,37 +355,29 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER_REGS - 168) &&
                   128 * (168 - FG_BWD_WS_DQ_PRODUCER_REGS) >= 256 * (FG_BWD_WS_DQ_CONSUMER_REGS - 168),
               "setmaxnreg: the consumers' registers must come from the producer's");
-// FG_BWD_SKIP_EMPTY (opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1: measured 9-45% slower on an H100, session 28; the
-// producer's serial evaluation before its copies delays the stages more than the skipped products save, see
-// flex_backward_cuda.cpp): a partial block's 64-row chunk, or a consumer warpgroup's 64 x 64 quadrant of it, often holds no entry the
-// mask_mod keeps (the bench's documents of 64-319 tokens: 130 of the 472 quadrants of the 118 visited 128 x 128
-// blocks, 35 of the 236 chunks wholly; causal: one quadrant of each diagonal block). The producer evaluates the
-// mask_mod (pure: nothing read, nothing that can fail, FG_MASK_ELEM_PURE) over each partial chunk before its copies,
-// a row of entries a thread, and votes: a chunk with nothing kept gets no stage (no copies, no products), a published
-// one carries a bit a consumer warpgroup (FgBwdChunk::live), and a dQ warpgroup whose bit is clear skips the chunk.
-// Skipped products would add only zeros (and 0 * inf where an input the mask drops is not finite).
-// The dK/dV consumers skip only whole chunks (the producer's); FG_BWD_SKIP_DKDV_WG (opt-in,
-// FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1) has them skip their own empty quadrant as the dQ consumers do, which made ptxas
-// spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
-//
-// FG_BWD_SKIP_TABLE (FLEXGRAD_FLEX_BWD_SKIP_TABLE; BlockMask blocks of multiples of 64 rows both ways): the same skip
-// with the producers' bits read from a table (FgBwdParams::quad_live, a byte a 64 x 64 quadrant of the call's
-// [B, Hq] rows and columns) that fg_bwd_quad_live fills before the backward's kernels, for the quadrants of the
-// partial blocks only (what a walk reads): one load a chunk in place of the evaluation and the vote.
-#if defined(FG_BWD_SKIP_TABLE) && FG_BWD_SKIP_TABLE && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
+// FG_BWD_SKIP_EMPTY (opt-in, FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1; BlockMask blocks of multiples of 64 rows both ways):
+// a partial block's 64-row chunk, or a consumer warpgroup's 64 x 64 quadrant of it, often holds no entry the mask_mod
+// keeps (the bench's documents of 64-319 tokens: 130 of the 472 quadrants of the 118 visited 128 x 128 blocks, 35 of
+// the 236 chunks wholly; causal: one quadrant of each diagonal block). fg_bwd_quad_live evaluates the mask_mod (pure:
+// nothing read, nothing that can fail, FG_MASK_ELEM_PURE) over the quadrants of the partial blocks before the
+// backward's kernels and writes a byte a quadrant (FgBwdParams::quad_live); the producers read a chunk's bytes: a
+// chunk with nothing kept gets no stage (no copies, no products), a published one carries a bit a consumer warpgroup
+// (FgBwdChunk::live), and a dQ warpgroup whose bit is clear skips the chunk. Skipped products would add only zeros
+// (and 0 * inf where an input the mask drops is not finite). The dK/dV consumers skip only whole chunks;
+// FG_BWD_SKIP_DKDV_WG (opt-in, FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1) has them skip their own empty quadrant too, which
+// made ptxas spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
+// Measured slower on an H100 (flex_backward_cuda.cpp gives the figures), so opt-in: session 28's producers evaluated
+// the mask and voted on a named barrier (documents 45% slower); the table took that cost away and left the skip
+// still 6-9% slower than computing every chunk.
+#if defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
 #define FG_BWD_SKIP 1
-#define FG_BWD_SKIP_VOTE 0
-#elif defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
-#define FG_BWD_SKIP 1
-#define FG_BWD_SKIP_VOTE 1
 #else
 #define FG_BWD_SKIP 0
-#define FG_BWD_SKIP_VOTE 0
 #endif
 #if !FG_BWD_SKIP
 #undef FG_BWD_SKIP_DKDV_WG
 #endif
-#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+#if FG_BWD_SKIP
 // The quadrant table's byte of (b, h) for the 64 x 64 quadrant at rows q0, columns kv0 (multiples of 64).
 __device__ __forceinline__ const unsigned char* fg_quad_live(const FgBwdParams& p, fg_i64 b, fg_i64 h, fg_i64 q0,
                                                              fg_i64 kv0) {
@@ -421,40 +413,6 @@ extern "C" __global__ void __launch_bounds__(256) fg_bwd_quad_live(const FgBwdPa
       }
     }
   }
-}
-#endif
-#if FG_BWD_SKIP_VOTE
-// Whether the mask keeps any entry of one row of a chunk (the producer thread's row `own`, kRowIsQ: a q row, the dQ
-// kernel's; else a kv row): `mine` its mask part, `other` the chunk's kN rows' parts in shared memory (the first `n`
-// in range, row r at index first_other + r), `in` whether the thread's own row is in range.
-template <bool kRowIsQ, int kN, class Other, class Mine>
-__device__ __forceinline__ bool fg_chunk_row_any(const Mine& mine, const Other* other, int n, bool in, int b, int h,
-                                                 int own, int first_other, const FgModArgs& args) {
-  bool any = false;
-#pragma unroll 4
-  for (int r = 0; r < kN; ++r) {
-    bool keep;
-    if constexpr (kRowIsQ)
-      keep = fg_mask_elem<float>(mine, other[r].m, b, h, own, first_other + r, args);
-    else
-      keep = fg_mask_elem<float>(other[r].m, mine, b, h, first_other + r, own, args);
-    any = any | ((in && r < n) && keep);  // (&&: a part out of range may be a register never written)
-  }
-  return any;
-}
-// The producer warpgroup's vote on a chunk, once every thread has its row's `any`: bit w of the result is set where a
-// thread of rows 64 w .. 64 w + 63 (consumer warpgroup w's) has a kept entry. Two reductions on named barrier 1.
-__device__ __forceinline__ bool fg_producer_or(bool v) {
-  unsigned r;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.cta.red.or.pred q, 1, 128, p;\nselp.u32 %0, 1, 0, q;\n}"
-      : "=r"(r)
-      : "r"((unsigned)v)
-      : "memory");
-  return r != 0;
-}
-__device__ __forceinline__ int fg_producer_vote(bool any, int pt) {
-  return (fg_producer_or(any && pt < 64) ? 1 : 0) | (fg_producer_or(any && pt >= 64) ? 2 : 0);
 }
 #endif
 // Initialises the resident tile's barriers (`tile`: the producer threads' 128 cp.async completions of the tile
@@ -572,40 +530,16 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_cp_async_mbar_arrive(fg_smem_addr(&bar_kv));
       FgQWalk w;
       w.start(p, bk, hk, mb);
-#if FG_BWD_SKIP_VOTE
-      int col_bh = -1;  // the (b, h) col_part was computed for
-      FgMaskCol<float> col_part;
-#endif
       for (;; ++j) {
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
-#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+#if FG_BWD_SKIP
         // Partial chunks the mask keeps nothing of go by without a stage (the quadrant table's bits).
         int live = 3;
         while (!w.done() && w.partial()) {
           const unsigned char* t = fg_quad_live(p, w.b, w.h, w.q0, kv0);
           live = t[0] | (nkv > 64 ? t[1] << 1 : 0);
-          if (live != 0) break;
-          live = 3;
-          w.next(p);
-        }
-#elif FG_BWD_SKIP
-        // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests kv row pt of the tile
-        // against the chunk's q rows (their mask parts in the stage's q_mods, rewritten below).
-        int live = 3;
-        while (!w.done() && w.partial()) {
-          const int n = w.nq();
-          if (pt < n) q_mods[st][pt].m = fg_mask_row<float>((int)w.b, (int)w.h, (int)(w.q0 + pt), args);
-          fg_named_sync(1, 128);
-          const int bh = (int)(w.b * p.Hq + w.h);
-          if (bh != col_bh) {  // (a kv tile's chunks come head by head: the column part changes with the head)
-            col_bh = bh;
-            col_part = fg_col_mods<float>(pt < nkv, true, (int)w.b, (int)w.h, (int)(kv0 + pt), args).m;
-          }
-          live = fg_producer_vote(fg_chunk_row_any<false, FG_Q_CHUNK>(col_part, &q_mods[st][0], n, pt < nkv, (int)w.b,
-                                                                     (int)w.h, (int)(kv0 + pt), (int)w.q0, args),
-                                  pt);
           if (live != 0) break;
           live = 3;
           w.next(p);
@@ -1010,36 +944,16 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const fg_s* vbase = p.v + bk * p.vs_b + hk * p.vs_h;
       FgKvWalk w;
       w.start(p, b, h, mb);
-#if FG_BWD_SKIP_VOTE
-      // q row pt's mask part, where the tile has partial blocks (its walk visits them first).
-      FgMaskRow<float> row_part;
-      if (!w.done() && w.partial() && pt < nq) row_part = fg_mask_row<float>((int)b, (int)h, (int)(q0 + pt), args);
-#endif
       for (;; ++j) {
         const int st = j % FG_BWD_STAGES;
         if (j >= FG_BWD_STAGES) fg_mbar_wait(fg_smem_addr(&bar_empty[st]), (j / FG_BWD_STAGES - 1) & 1);
         const unsigned bar = fg_smem_addr(&bar_full[st]);
-#if FG_BWD_SKIP && !FG_BWD_SKIP_VOTE
+#if FG_BWD_SKIP
         // Partial chunks the mask keeps nothing of go by without a stage (the quadrant table's bits).
         int live = 3;
         while (!w.done() && w.partial()) {
           const unsigned char* t = fg_quad_live(p, b, h, q0, w.kv0);
           live = t[0] | (nq > 64 ? t[(p.Lkv + 63) / 64] << 1 : 0);
-          if (live != 0) break;
-          live = 3;
-          w.next(p);
-        }
-#elif FG_BWD_SKIP
-        // Partial chunks the mask keeps nothing of go by without a stage: thread pt tests q row pt of the tile against
-        // the chunk's kv rows (their column parts in the stage's kv_mods, rewritten below).
-        int live = 3;
-        while (!w.done() && w.partial()) {
-          const int n = w.nkv();
-          if (pt < n) kv_mods[st][pt] = fg_col_mods<float>(true, true, (int)b, (int)h, (int)(w.kv0 + pt), args);
-          fg_named_sync(1, 128);
-          live = fg_producer_vote(fg_chunk_row_any<true, FG_KV_CHUNK>(row_part, &kv_mods[st][0], n, pt < nq, (int)b,
-                                                                     (int)h, (int)(q0 + pt), (int)w.kv0, args),
-                                  pt);
           if (live != 0) break;
           live = 3;
           w.next(p);
