@@ -368,7 +368,7 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 // made ptxas spill in them (15-57 local-memory instructions against 0-15; document mask, sm_90a, nvcc 13.0).
 // Measured slower on an H100 (flex_backward_cuda.cpp gives the figures), so opt-in: session 28's producers evaluated
 // the mask and voted on a named barrier (documents 45% slower); the table took that cost away and left the skip
-// still 6-9% slower than computing every chunk.
+// still 5-9% slower than computing every chunk.
 #if defined(FG_BWD_SKIP_EMPTY) && FG_BWD_SKIP_EMPTY && FG_HAS_MASK_MOD && FG_MASK_ELEM_PURE
 #define FG_BWD_SKIP 1
 #else
