@@ -489,15 +489,18 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
     }
     EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_IN_FACTOR {}\n", c.in_factor))) << g.text;
     EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_OUT_FACTOR {}\n", c.out_factor))) << g.text;
-    if (c.bounds != nullptr)
+    if (c.bounds != nullptr) {
       EXPECT_TRUE(has(g.text, c.bounds)) << g.text;
-    else
+    } else {
       EXPECT_FALSE(has(g.text, "FG_SCORE_CORE_HI")) << g.text;
+    }
     const std::string& body = c.backward ? core_d : core;
     ASSERT_FALSE(body.empty()) << g.text;
     EXPECT_TRUE((c.backward ? core : core_d).empty()) << g.text;  // one of the two a module
     EXPECT_FALSE(has(body, "fg_fdiv_full(")) << body;  // the factor on the score is the kernel's
-    if (c.score != &gate) EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;  // (sigmoid's own spelling divides)
+    if (c.score != &gate) {  // (sigmoid's own spelling divides)
+      EXPECT_FALSE(has(body, "__fdiv_rn(")) << body;
+    }
     if (c.backward) {
       EXPECT_TRUE(has(body, c.dscore)) << body;
     }
