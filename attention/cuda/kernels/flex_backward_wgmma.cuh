@@ -379,8 +379,8 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 #endif
 #if FG_BWD_SKIP
 // The quadrant table's byte of (b, h) for the 64 x 64 quadrant at rows q0, columns kv0 (multiples of 64).
-__device__ __forceinline__ const unsigned char* fg_quad_live(const FgBwdParams& p, fg_i64 b, fg_i64 h, fg_i64 q0,
-                                                             fg_i64 kv0) {
+__device__ __forceinline__ unsigned char* fg_quad_live(const FgBwdParams& p, fg_i64 b, fg_i64 h, fg_i64 q0,
+                                                       fg_i64 kv0) {
   const fg_i64 nq64 = (p.Lq + 63) / 64, nk64 = (p.Lkv + 63) / 64;
   return p.quad_live + ((b * p.Hq + h) * nq64 + q0 / 64) * nk64 + kv0 / 64;
 }
@@ -391,7 +391,6 @@ extern "C" __global__ void __launch_bounds__(256) fg_bwd_quad_live(const FgBwdPa
   __shared__ FgMaskRow<float> rows[64];
   const fg_i64 mb = blockIdx.x;
   const int h = (int)blockIdx.y, b = (int)blockIdx.z;
-  const fg_i64 bh = (fg_i64)b * p.Hq + h;
   const FgRow row = fg_row(p.kvl, b, h, mb);
   const fg_i64 q_lo = mb * p.block_q, q_hi = min(q_lo + p.block_q, p.Lq);
   const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;
@@ -406,10 +405,11 @@ extern "C" __global__ void __launch_bounds__(256) fg_bwd_quad_live(const FgBwdPa
         bool any = false;
         if (ka + c < k_hi) {
           const FgMaskCol<float> col = fg_mask_col<float>(b, h, (int)(ka + c), args);
-          for (int r = r0; r < nr; r += 4) any = any || fg_mask_elem<float>(rows[r], col, b, h, (int)(qa + r), (int)(ka + c), args);
+          for (int r = r0; r < nr; r += 4)
+            any = any || fg_mask_elem<float>(rows[r], col, b, h, (int)(qa + r), (int)(ka + c), args);
         }
         const int live = __syncthreads_or(any);
-        if (threadIdx.x == 0) p.quad_live[(bh * ((p.Lq + 63) / 64) + qa / 64) * ((p.Lkv + 63) / 64) + ka / 64] = live != 0;
+        if (threadIdx.x == 0) *fg_quad_live(p, b, h, qa, ka) = live != 0;
       }
     }
   }

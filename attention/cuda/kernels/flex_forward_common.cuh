@@ -134,8 +134,10 @@ __device__ __forceinline__ bool fg_cta_rows(const FgFwdParams& p, int BM, int& q
 #if FG_FWD_SCORE_AFFINE && defined(FG_SCORE_CORE_HI) && defined(FG_FWD_MAX_SCORES_UNUSED) && \
     FG_ELEM == FG_DT_BFLOAT16
 constexpr bool kFgBoundedMax = true;
+constexpr float kFgCoreHi = (float)FG_SCORE_CORE_HI;
 #else
 constexpr bool kFgBoundedMax = false;
+constexpr float kFgCoreHi = 0.f;  // (unused)
 #endif
 
 // The modified, masked score of one entry (scale already applied), or -inf out of range. kCore: s is the affine
@@ -366,47 +368,35 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
   for (int f = 0; f < MF; ++f) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      if constexpr (kFgBoundedMax) {  // no running max (above)
-#if FG_FWD_SCORE_AFFINE && defined(FG_SCORE_CORE_HI)
-        const float c2 = fg_softmax_factor(scale) * FG_LOG2E, ms = (float)FG_SCORE_CORE_HI * c2;
-        float sum = 0.f;
+      const float c2 = fg_softmax_factor(scale) * FG_LOG2E;  // the exponent's constant
+      float ms;  // the row's max times c2
+      if constexpr (kFgBoundedMax) {  // no running max (above; `simple` needs no score_mod, so it is false here)
+        corr[f][hf] = 1.f;
+        m[f][hf] = kFgCoreHi;
+        ms = kFgCoreHi * c2;
+      } else {
+        float mx = fg_neg_inf();
 #pragma unroll
         for (int n = 0; n < NB; ++n) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             if (!FG_FWD_RAW_SOFTMAX && simple) s[f][n][2 * hf + c] *= scale;
-            const float e = fg_exp2(fmaf(s[f][n][2 * hf + c], c2, -ms));
-            s[f][n][2 * hf + c] = e;
-            sum += e;
+            mx = fmaxf(mx, s[f][n][2 * hf + c]);
           }
         }
-        corr[f][hf] = 1.f;
-        l[f][hf] += sum;
-        m[f][hf] = (float)FG_SCORE_CORE_HI;
-        continue;
-#endif
-      }
-      float mx = fg_neg_inf();
+        mx = fg_quad_max(mx);
+        const float m_new = fmaxf(m[f][hf], mx);
+        if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
 #pragma unroll
-      for (int n = 0; n < NB; ++n) {
+          for (int n = 0; n < NB; ++n)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (!FG_FWD_RAW_SOFTMAX && simple) s[f][n][2 * hf + c] *= scale;
-          mx = fmaxf(mx, s[f][n][2 * hf + c]);
+            for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
         }
+        const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
+        corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
+        ms = m_use * c2;
+        m[f][hf] = m_new;
       }
-      mx = fg_quad_max(mx);
-      const float m_new = fmaxf(m[f][hf], mx);
-      if (m_new == -fg_neg_inf()) {  // rare: exp(inf - inf) below hides whether a NaN was there too
-#pragma unroll
-        for (int n = 0; n < NB; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
-      }
-      const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-      const float c2 = fg_softmax_factor(scale) * FG_LOG2E;  // the exponent's constant
-      corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
-      const float ms = m_use * c2;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < NB; ++n) {
@@ -418,7 +408,6 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
         }
       }
       l[f][hf] = l[f][hf] * corr[f][hf] + sum;  // per-lane partial sum; quad-reduced in the epilogue
-      m[f][hf] = m_new;
     }
   }
 }
