@@ -12,9 +12,10 @@
 // the wgmma kernels' warpgroups a CTA (benchmarking only).
 // On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
 // MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them wherever
-// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false,
-// the dK/dV kernel also sums dQ with float atomics (no dQ kernel; fused_dq below). With two warpgroups a CTA the
-// wgmma kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
+// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false
+// and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it, the dK/dV kernel also sums dQ with float atomics (no dQ
+// kernel; fused_dq below; opt-in: slower than the warp-specialised pair). With two warpgroups a CTA the wgmma
+// kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
 // FLEXGRAD_FLEX_BWD_CONCURRENT=1 runs the dQ kernel on a second stream beside the dK/dV kernel (StreamFork below).
 #include <algorithm>
 #include <atomic>
@@ -220,14 +221,17 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 
 // Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
-// recomputed score products (H200, bf16 B4 H16 S4096 D128 backward: 10-19% faster, session 16). Where: two dK/dV
-// warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying one,
-// softcap's, costs the fused kernel spills), bfloat16 (the form run on the H200 so far; float16 keeps the dQ
-// kernel until its test has run there). FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0 keeps the dQ kernel (A/B).
+// recomputed score products. Opt-in (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1): it was 10-19% faster than the dQ kernel
+// of its day (H200, session 16), but it runs in the plain dK/dV kernel, and the warp-specialised pair that
+// deterministic calls run has since left it far behind (H100, session 30, bf16 B4 H16 S4096 D128 backward: no mask
+// 4.43 ms fused against 2.97-3.02, document 0.88 against 0.73-0.77; docs/flex_cuda_notes.md). Where it may run:
+// two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying
+// one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps the dQ kernel until its test has run on a
+// GPU).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
 bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
-  const bool allowed = env_switch("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ").value_or(true);
+  const bool allowed = env_switch("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ").value_or(false);
   const bool dconst = p.score_grad == nullptr || p.score_grad->dscore_is_constant;
   return allowed && c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 &&
          dconst && !p.deterministic;

@@ -823,8 +823,8 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
 }
 
 // dQ summed by the dK/dV kernel with float atomics (flex_backward_wgmma.cuh, FG_DQ_ATOMIC), which the host takes
-// where the call is not deterministic: against the float64 golden and against the dQ kernel on the same inputs
-// (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0); dK and dV are the dK/dV kernel's own either way (bit-equal), whatever
+// where the call is not deterministic and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it: against the float64
+// golden and against the dQ kernel on the same inputs (the default, also where the call is not deterministic); dK and dV are the dK/dV kernel's own either way (bit-equal), whatever
 // order the dK/dV grid launches its CTAs in (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the
 // 3-D grid, groups of 3 pairs with a partial last group). Cases: a captured document mask with clipped q chunks
 // (L 300, q blocks of 128), GQA with a broadcast kv batch and Lq != Lkv, and rows no kv block reaches (their dQ
@@ -842,13 +842,16 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     const Golden gold = golden(c.d, in.q, in.k, in.v, in.dout, in.dlse, 1.0 / std::sqrt(double(c.d.E)), c.native, {});
     env.set("0");
     const Grads ref = run_stub(c, in, gold, dt, kCUDA);  // the dQ kernel
-    env.set(nullptr);
+    env.set("1");
     const Grads fused = run_stub(c, in, gold, dt, kCUDA);
     group.set("0");
     const Grads grid3d = run_stub(c, in, gold, dt, kCUDA);
     group.set("3");
     const Grads groups3 = run_stub(c, in, gold, dt, kCUDA);
     group.set(nullptr);
+    env.set(nullptr);
+    // Not deterministic, switch unset: the dQ kernel (the fused sum is opt-in).
+    EXPECT_TRUE(equal(run_stub(c, in, gold, dt, kCUDA).dq, ref.dq)) << "default, not deterministic";
     EXPECT_LE(rel_err(ref.dq, gold.g.dq), tol(dt)) << "dq kernel";
     const char* names[] = {"groups of 16", "3-D grid", "groups of 3"};
     int i = 0;
@@ -863,9 +866,11 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     if (expect_visible) {
       EXPECT_FALSE(equal(fused.dq, ref.dq)) << "the fused dQ gave the dQ kernel's bits";
     }
-    // A deterministic call (the default) keeps the dQ kernel.
+    // A deterministic call (the default) keeps the dQ kernel, the switch on too.
     c.deterministic = true;
+    env.set("1");
     EXPECT_TRUE(equal(run_stub(c, in, gold, dt, kCUDA).dq, ref.dq)) << "deterministic dq";
+    env.set(nullptr);
   };
   const int64_t L = 300, H = 4;
   {
