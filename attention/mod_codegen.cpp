@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "flexgrad/attention/affine_score.h"
+#include "flexgrad/attention/float_ranges.h"
 #include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
 
@@ -438,6 +439,9 @@ std::string affine_functions(const CudaModsInput& in, bool no_cap_grad) {
   const char* sig = "float score, int b, int h, int q, int kv, const FgModArgs& a";
   const int32_t value = core->outputs()[0];
   if (core_grad) {
+    // FG_SCORE_CORE_DSCORE_FINITE: as FG_DSCORE_FINITE below, of the core's derivative.
+    s += fmt::format("#define FG_SCORE_CORE_DSCORE_FINITE {}\n",
+                     dscore_needs_no_zero_test(core_grad->value_and_dscore) ? 1 : 0);
     s += fmt::format("__device__ __forceinline__ float fg_score_core_dscore({}, float* dscore) {{\n", sig);
     s += emit_body(em, core->live(core->outputs()), false);
     const int32_t d = core->outputs()[1];
@@ -550,6 +554,9 @@ std::string emit_cuda_mods(const CudaModsInput& in) {
   const double dvalue = g == nullptr ? 1.0 : g->dscore_constant;
   s += fmt::format("#define FG_DSCORE_IS_CONSTANT {}\n", dconst ? 1 : 0);
   if (dconst) s += fmt::format("#define FG_DSCORE_CONSTANT {}\n", float_literal(dvalue, true));
+  // FG_DSCORE_FINITE: a varying derivative that is finite for every score but NaN, where the score_mod is NaN when
+  // the score is (float_ranges.h): the backward's element step multiplies dS by it without testing dS for zero.
+  s += fmt::format("#define FG_DSCORE_FINITE {}\n", merged && dscore_needs_no_zero_test(g->value_and_dscore) ? 1 : 0);
   s += fmt::format("template <class T> __device__ __forceinline__ T fg_dscore{}", kScoreSig);
   // Kernel slots by tensor identity: a gradient term's capture (an index into ScoreModBackward::captures,
   // the forward's list) may be absent from the derivative program (`score + bias[h]` has derivative 1).

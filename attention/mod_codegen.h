@@ -12,6 +12,10 @@
 //                                       (op_has_effects): the kernels may evaluate it where it is not used
 //   #define FG_SCORE_ELEM_PURE 0|1      the same of fg_score_elem and fg_score_elem_dscore (1 without a score_mod)
 //   #define FG_DSCORE_IS_CONSTANT 0|1   and FG_DSCORE_CONSTANT (a double literal) when it is
+//   #define FG_DSCORE_FINITE 0|1        a varying d score_mod / d score, finite wherever the score is not NaN, of a
+//                                       score_mod that is NaN where the score is (float_ranges.h): the backward may
+//                                       multiply dS by it untested (FG_SCORE_CORE_DSCORE_FINITE: the same of
+//                                       the affine form's core)
 //   #define FG_HAS_CAP_GRAD 0|1         some captured float tensor can receive a gradient
 //   #define FG_SCORE_AFFINE 0|1         under approx_math, the score_mod as out_factor * core(in_factor * score)
 //                                       (affine_score.h) with FG_SCORE_IN_FACTOR, FG_SCORE_OUT_FACTOR and

@@ -301,6 +301,7 @@ cudaStream_t concurrent_stream(int device, cudaStream_t main) {
 std::atomic<int64_t> g_concurrent_dq_calls{0};
 std::atomic<int64_t> g_dq_delta_calls{0};
 std::atomic<int64_t> g_persistent_calls{0};
+std::atomic<int64_t> g_finite_dscore_calls{0};
 std::atomic<int64_t> g_lean_step_calls{0};
 std::atomic<int64_t> g_skip_empty_calls{0};
 // The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
@@ -446,7 +447,19 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // exponent by the tensor-core kernels' merged element step (FG_BWD_SCORE_AFFINE, flex_backward.cuh), where no
   // capture takes a gradient (the code generator gives the form only then); FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the
   // whole program an entry (A/B).
-  affine_fold(ctx, cfg.mma, defines);
+  const bool folded = affine_fold(ctx, cfg.mma, defines);
+  // A varying d score_mod / d score that is finite wherever the score is not NaN (softcap's 1 - tanh^2; the code
+  // generator proves it, float_ranges.h) multiplies dS without the test for zero that keeps 0 * inf out of dS
+  // (FG_BWD_DSCORE_FINITE, flex_backward.cuh): one comparison an entry fewer, the same values up to the sign of a
+  // zero. Not with captured-tensor gradients (their sinks take dS before that product).
+  // FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0 keeps the test (A/B).
+  const bool finite_dscore_allowed = env_switch("FLEXGRAD_FLEX_BWD_FINITE_DSCORE").value_or(true);
+  if (cap_mode == 0 && (folded ? ctx.core_dscore_finite : ctx.dscore_finite)) {
+    if (finite_dscore_allowed)
+      ++g_finite_dscore_calls;
+    else
+      defines.emplace_back("FG_NO_FINITE_DSCORE 1");
+  }
   const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(true);
   if (lean_step) {
     defines.emplace_back("FG_BWD_LEAN_STEP 1");
@@ -719,6 +732,7 @@ int64_t dq_delta_calls() { return g_dq_delta_calls.load(); }
 int64_t persistent_backward_calls() { return g_persistent_calls.load(); }
 int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
 int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
+int64_t finite_dscore_backward_calls() { return g_finite_dscore_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

@@ -153,6 +153,8 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
   ctx.affine_form = ctx.source.find("\n#define FG_SCORE_AFFINE 1\n") != std::string::npos;
   ctx.core_bounded = ctx.affine_form && ctx.source.find("\n#define FG_SCORE_CORE_HI ") != std::string::npos;
   ctx.mask_elem_pure = mask_mod != nullptr && ctx.source.find("\n#define FG_MASK_ELEM_PURE 1\n") != std::string::npos;
+  ctx.dscore_finite = ctx.source.find("\n#define FG_DSCORE_FINITE 1\n") != std::string::npos;
+  ctx.core_dscore_finite = ctx.source.find("\n#define FG_SCORE_CORE_DSCORE_FINITE 1\n") != std::string::npos;
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;

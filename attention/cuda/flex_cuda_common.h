@@ -42,6 +42,8 @@ struct ModContext {
   bool affine_form = false;         // the text gives the score_mod's affine form (FG_SCORE_AFFINE 1; affine_score.h)
   bool core_bounded = false;        // the affine form's core has bounds (FG_SCORE_CORE_HI; mod_codegen.cpp)
   bool mask_elem_pure = false;      // a mask_mod whose element part reads nothing and cannot fail (FG_MASK_ELEM_PURE 1)
+  bool dscore_finite = false;       // d score_mod / d score needs no zero test (FG_DSCORE_FINITE 1; float_ranges.h)
+  bool core_dscore_finite = false;  // the same of the affine form's core (FG_SCORE_CORE_DSCORE_FINITE 1)
 };
 
 // Merges the score_mod, mask_mod and (backward) derivative captures by tensor identity, generates the mod
@@ -111,6 +113,10 @@ int64_t lean_step_backward_calls();
 // How many backward calls of this process ran the warp-specialised kernels skipping the chunks the mask_mod keeps
 // nothing of (FG_BWD_SKIP_EMPTY, opt-in: FLEXGRAD_FLEX_BWD_SKIP_EMPTY=1; flex_backward_cuda.cpp).
 int64_t skip_empty_backward_calls();
+// How many backward calls of this process multiplied dS by a varying d score_mod / d score without testing dS for
+// zero (FG_BWD_DSCORE_FINITE, flex_backward.cuh: the derivative is provably finite; unless
+// FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0; flex_backward_cuda.cpp).
+int64_t finite_dscore_backward_calls();
 // How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).

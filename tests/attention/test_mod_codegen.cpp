@@ -513,6 +513,41 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
   EXPECT_FALSE(has(body, "__fsub_rn(")) << body;
 }
 
+// FG_DSCORE_FINITE / FG_SCORE_CORE_DSCORE_FINITE (float_ranges.h): a varying derivative finite wherever the score
+// is not NaN, of a score_mod NaN where the score is, lets the backward's interior steps multiply dS untested.
+TEST(ModCodegen, FiniteDerivativeIsMarked) {
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const ModProgram square = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * s; });
+  const ModProgram gated =
+      trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return where(s > 0.0, 2.0 * tanh(s), 0.0); });
+  const ModProgram scaled = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * 2.0; });
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    bool backward, approx;
+    int finite;       // FG_DSCORE_FINITE
+    int core_finite;  // FG_SCORE_CORE_DSCORE_FINITE (-1: not defined: no affine form's backward core)
+  };
+  const std::vector<Case> cases = {
+      {"softcap", &softcap, true, false, 1, -1},
+      {"softcap, approx_math", &softcap, true, true, 1, 1},
+      {"softcap, forward", &softcap, false, true, 0, -1},
+      {"s * s (d = 2 s)", &square, true, false, 0, -1},
+      {"0 where s is NaN", &gated, true, false, 0, -1},
+      {"a constant derivative", &scaled, true, false, 0, -1},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const Generated g = generate(c.score, nullptr, c.backward, true, c.approx);
+    EXPECT_TRUE(has(g.text, fmt::format("#define FG_DSCORE_FINITE {}\n", c.finite))) << g.text;
+    if (c.core_finite < 0) {
+      EXPECT_FALSE(has(g.text, "FG_SCORE_CORE_DSCORE_FINITE")) << g.text;
+    } else {
+      EXPECT_TRUE(has(g.text, fmt::format("#define FG_SCORE_CORE_DSCORE_FINITE {}\n", c.core_finite))) << g.text;
+    }
+  }
+}
+
 // fg_score_elem_dscore: the backward's element computes the modified score and d score_mod / d score from
 // one merged program, so the softcap's tanh is emitted once (fg_dscore alone still has it, as before), and
 // its fg_score_elem is the forward module's, character for character.

@@ -1346,6 +1346,64 @@ TEST_F(FlexBackwardWgmma, AffineFoldMatchesTheGoldenAndTheWholeProgram) {
   }
 }
 
+// d score_mod / d score multiplied into dS untested in the tensor-core kernels' interior steps where the code
+// generator proved it finite (FG_BWD_DSCORE_FINITE, flex_backward.cuh; float_ranges.h): softcap exact and under
+// approx_math (the affine form's core), on the warp-specialised, plain Wgmma and mma.sync kernels, causal with GQA
+// at L 300 (interior, diagonal and clipped chunks), a query row and a key row scaled by 256 so that most of their
+// scores saturate tanh (d = 0 there; the two together ~1e5 before the cap). The same gradients as with the zero
+// test (FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0), and near the float64 golden. (Scores past float's range are no test
+// of this: q . k overflows in the tensor cores' float32 sums whatever follows.)
+TEST_F(FlexBackwardWgmma, FiniteDerivativeSkipsTheZeroTest) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv env("FLEXGRAD_FLEX_BWD_FINITE_DSCORE", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  Case softcap = alibi_causal_gqa_case();
+  softcap.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+  softcap.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
+  softcap.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0); };
+  auto scale_row = [](Tensor& t, int64_t row, double f) {
+    auto v = t.to_vector();
+    const int64_t L = t.size(2), D = t.size(3);
+    for (int64_t bh = 0; bh < t.size(0) * t.size(1); ++bh)
+      for (int64_t e = 0; e < D; ++e) v[(bh * L + row) * D + e] *= f;
+    t = from_vector(v, t.sizes(), kFloat64);
+  };
+  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, bool approx, const char* what) {
+    SCOPED_TRACE(what);
+    SCOPED_TRACE(dtype_name(dt));
+    c.kernel = kind;
+    c.approx_math = approx;
+    Inputs in = make_inputs(c.d, dt, c.with_dlse, 43);
+    scale_row(in.q, 200, 256.0);  // q block 1 against kv block 0: a full block (interior chunks)
+    scale_row(in.k, 10, 256.0);
+    const Golden gold = golden_of(c, in);
+    const auto [tested, g] = switch_off_then_on(c, dt, gold, in, env, "0", nullptr,
+                                                cuda::flex::finite_dscore_backward_calls,
+                                                "FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0: the zero test", "unset: untested");
+    expect_grads_near(g, gold.g, std::max(tol(dt), approx ? 2e-3 : 0.0));
+    EXPECT_TRUE(equal(g.dq, tested.dq)) << "dq";
+    EXPECT_TRUE(equal(g.dk, tested.dk)) << "dk";
+    EXPECT_TRUE(equal(g.dv, tested.dv)) << "dv";
+  };
+  for (bool approx : {true, false}) {
+    const char* math = approx ? "approx_math" : "exact math";
+    check_case(softcap, kBFloat16, FlexCudaBackward::Wgmma, approx, math);
+    ws.set("0");
+    check_case(softcap, kBFloat16, FlexCudaBackward::Wgmma, approx, (std::string(math) + ", plain Wgmma").c_str());
+    ws.set(nullptr);
+    check_case(softcap, kFloat16, FlexCudaBackward::Tiled, approx, (std::string(math) + ", mma.sync").c_str());
+  }
+  // Not where the derivative is not provably finite (s tanh(s): inf * 0 at s = inf): the counter stays.
+  Case st = softcap;
+  st.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return s * tanh(s / 20.0); };
+  st.kernel = FlexCudaBackward::Wgmma;
+  const Inputs in = make_inputs(st.d, kBFloat16, false, 44);
+  const int64_t calls = cuda::flex::finite_dscore_backward_calls();
+  run_stub(st, in, shapes_only(st.d), kBFloat16, kCUDA);
+  EXPECT_EQ(cuda::flex::finite_dscore_backward_calls(), calls);
+  env.set("2");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_FINITE_DSCORE");
+}
+
 // The lean element steps (FG_BWD_LEAN_STEP, flex_backward.cuh, the default: the scale in P's exponent, lse2 / delta
 // read in pairs, the dQ kernel's P finished before dP with invalid entries' P = -0, and a copy of each step for
 // interior chunks). Against the float64 golden and the previous steps (FLEXGRAD_FLEX_BWD_LEAN_STEP=0) on the same

@@ -385,6 +385,22 @@ __device__ __forceinline__ void fg_mask_entry(bool& valid, bool partial, const F
 // score_mod reads, so it raises nowhere the score_mod does not. The product is still skipped where dS is 0
 // (0 * an infinite derivative would be NaN).
 #define FG_ENTRY_MERGED (FG_HAS_SCORE_MOD && !FG_DSCORE_IS_CONSTANT)
+// FG_BWD_DSCORE_FINITE: the generated code proved d score_mod / d score finite wherever the score is not NaN, and the
+// score_mod NaN where it is (FG_DSCORE_FINITE, or FG_SCORE_CORE_DSCORE_FINITE for the affine form's core:
+// attention/float_ranges.h). Then dS * d needs no test of dS for zero first (0 * d differs from 0 only for an
+// infinite or NaN d; where the score is NaN, P and dS are NaN already): the interior copies of the tensor-core
+// steps (kAllValid, FG_BWD_INTERIOR_STEP) take the product untested. (Not the copies that select on validity: an
+// invalid entry's d comes from whatever its registers held and needs the selection too, and with both ptxas kept
+// the validity bits in a register, +1.5 instructions an entry in the dQ step of a diagonal chunk.)
+// Not with captured-tensor gradients (their sinks take dS before the product). The same values up to the sign of a
+// zero. The host's FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0 defines FG_NO_FINITE_DSCORE.
+#if defined(FG_NO_FINITE_DSCORE) || !FG_ENTRY_MERGED || FG_CAP_MODE != 0
+#define FG_BWD_DSCORE_FINITE 0
+#elif FG_BWD_SCORE_AFFINE
+#define FG_BWD_DSCORE_FINITE FG_SCORE_CORE_DSCORE_FINITE
+#else
+#define FG_BWD_DSCORE_FINITE FG_DSCORE_FINITE
+#endif
 // Where d score_mod / d score is a constant and no captured tensor takes a gradient, dS needs nothing of the
 // element but P, dP and validity: fg_entry splits into fg_entry_p (P, from the score alone) and fg_entry_ds,
 // so that a kernel can compute P while its dP product is still running (the wgmma dQ kernel). The two halves
@@ -435,7 +451,7 @@ __device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta) {
 }
 #endif
 #endif
-template <class Sink>
+template <class Sink, bool kAllValid = false>
 __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t lse2, fg_t delta, bool valid,
                                          bool partial, const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b,
                                          int h, int qi, int kj, const FgModArgs& args, fg_t* ds_out,
@@ -478,7 +494,10 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
 #if FG_DSCORE_IS_CONSTANT
   ds *= (fg_t)FG_DSCORE_CONSTANT;
 #elif FG_ENTRY_MERGED
-  if (ds != (fg_t)0) ds *= dscore;
+  if (FG_BWD_DSCORE_FINITE && kAllValid)
+    ds *= dscore;
+  else if (ds != (fg_t)0)
+    ds *= dscore;
 #else
   if (ds != (fg_t)0) ds *= fg_dscore<fg_t>(s, b, h, qi, kj, args);
 #endif
@@ -1061,9 +1080,9 @@ __device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&
         const float l2 = valid ? Lb[i] : 0.f, delta = Db[i];
 #endif
         float ds;
-        st[nb][r] = fg_entry<Sink>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
-                                   !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i), (int)(kv0 + j), args,
-                                   &ds, sink);
+        st[nb][r] = fg_entry<Sink, kInterior>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
+                                              !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i),
+                                              (int)(kv0 + j), args, &ds, sink);
         dpt[nb][r] = ds;
       }
     }
@@ -1144,8 +1163,9 @@ __device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float
   fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
     const int i = qr0 + g + 8 * hf;  // q row in the tile
     float ds;
-    fg_entry(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf], kInterior || (rv[hf] && j < nkv),
-             !kInterior && partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+    fg_entry<Sink, kInterior>(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf],
+                              kInterior || (rv[hf] && j < nkv), !kInterior && partial, rmods[hf], cm, b, h,
+                              (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
     s[nb][r] = ds;
   });
 }
