@@ -951,7 +951,9 @@ TEST_P(FlexWgmmaPipeline, BoundedMaxMatchesTheGolden) {
       SCOPED_TRACE("row " + std::to_string(i));
       const bool nan_row = i == 50;
       EXPECT_EQ(std::isnan(lse[i]), nan_row) << lse[i];
-      if (i == 9) EXPECT_EQ(lse[i], -kInf);
+      if (i == 9) {
+        EXPECT_EQ(lse[i], -kInf);
+      }
       for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(out[i * 128 + e]), nan_row) << out[i * 128 + e];
     }
   }
