@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
@@ -26,6 +27,14 @@ FloatRange bounded(double lo, double hi, bool may_nan, bool nan_on_nan_score) {
     r.hi = hi;
   }
   return r;
+}
+
+// a op b over finite intervals where op is monotone in each operand on them (* anywhere, / away from 0): the
+// corners bound it.
+template <class Op>
+FloatRange corners(const FloatRange& a, const FloatRange& b, Op op, bool may_nan, bool nan_on_nan_score) {
+  const double c[4] = {op(a.lo, b.lo), op(a.lo, b.hi), op(a.hi, b.lo), op(a.hi, b.hi)};
+  return bounded(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}), may_nan, nan_on_nan_score);
 }
 
 }  // namespace
@@ -89,12 +98,8 @@ std::vector<FloatRange> float_ranges(const ModProgram& p) {
         // inf * 0 is NaN.
         const bool nan = a.may_nan || b.may_nan || (!a.finite() && contains_zero(b)) || (!b.finite() && contains_zero(a));
         const bool non = a.nan_on_nan_score || b.nan_on_nan_score;
-        if (a.finite() && b.finite()) {
-          const double c[4] = {a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi};
-          r[i] = bounded(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}), nan, non);
-        } else {
-          r[i] = FloatRange{-kInf, kInf, nan, non};
-        }
+        r[i] = a.finite() && b.finite() ? corners(a, b, std::multiplies<double>(), nan, non)
+                                        : FloatRange{-kInf, kInf, nan, non};
         break;
       }
       case ExprOp::Div: {
@@ -102,12 +107,8 @@ std::vector<FloatRange> float_ranges(const ModProgram& p) {
         // 0 / 0 and inf / inf are NaN; x / 0 is infinite.
         const bool nan = a.may_nan || b.may_nan || (contains_zero(a) && contains_zero(b)) || (!a.finite() && !b.finite());
         const bool non = a.nan_on_nan_score || b.nan_on_nan_score;
-        if (a.finite() && b.finite() && !contains_zero(b)) {
-          const double c[4] = {a.lo / b.lo, a.lo / b.hi, a.hi / b.lo, a.hi / b.hi};
-          r[i] = bounded(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}), nan, non);
-        } else {
-          r[i] = FloatRange{-kInf, kInf, nan, non};
-        }
+        r[i] = a.finite() && b.finite() && !contains_zero(b) ? corners(a, b, std::divides<double>(), nan, non)
+                                                             : FloatRange{-kInf, kInf, nan, non};
         break;
       }
       case ExprOp::Where: {

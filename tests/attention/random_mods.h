@@ -6,6 +6,7 @@
 // several dtypes and ranks. Divisors of integer // and %, integer exponents and captured indices are
 // made safe (nonzero, non-negative, in [-n, n)) unless `errors` asks for the raw (possibly failing) forms.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -255,6 +256,48 @@ struct PerturbedVisitor {
       for (int i = 0; i < std::abs(k); ++i) r.f = std::nextafter(r.f, k > 0 ? INFINITY : -INFINITY);
     }
     return r;
+  }
+};
+
+// Evaluates a program at one point recording every instruction's value in instruction order (the op table's eval_op,
+// exact), for the range analyses' soundness tests (int_ranges.h, float_ranges.h). A captured index outside [-n, n)
+// is clamped and counted in bad_indices (where a proof says no read can leave its tensor, there must be none).
+struct RecordingVisitor {
+  using Value = ScalarValue;
+  const ModProgram& p;
+  int64_t b, h, q, kv;
+  double score = 0.5;
+  std::vector<ScalarValue> seen = {};
+  int bad_indices = 0;
+  ScalarValue keep(ScalarValue v) {
+    seen.push_back(v);
+    return v;
+  }
+  ScalarValue constant(const Instr& in) {
+    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(in.value) : ScalarValue::of_int(in.ivalue));
+  }
+  ScalarValue input(ExprOp leaf) {
+    switch (leaf) {
+      case ExprOp::Score: return keep(ScalarValue::of_float(score));
+      case ExprOp::Batch: return keep(ScalarValue::of_int(b));
+      case ExprOp::Head: return keep(ScalarValue::of_int(h));
+      case ExprOp::QIdx: return keep(ScalarValue::of_int(q));
+      default: return keep(ScalarValue::of_int(kv));
+    }
+  }
+  ScalarValue index(const Instr& in, const CaptureRef& c, std::vector<ScalarValue> idx) {
+    Shape at(idx.size());
+    for (size_t d = 0; d < idx.size(); ++d) {
+      const int64_t n = c.tensor.size(static_cast<int64_t>(d)), i = idx[d].i;
+      if (i < -n || i >= n) ++bad_indices;
+      at[d] = i < 0 ? std::max<int64_t>(i + n, 0) : std::min(i, n - 1);
+    }
+    const double x = c.tensor.at(at);
+    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(x) : ScalarValue::of_int(static_cast<int64_t>(x)));
+  }
+  ScalarValue apply(const Instr& in, std::vector<ScalarValue> args) {
+    const ValueKind operand = p.instrs()[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
+    return keep(eval_op(in.op, in.kind, operand, args.data()));
   }
 };
 

@@ -49,43 +49,6 @@ TEST(FloatRanges, HandCheckedDerivatives) {
   EXPECT_TRUE(out.nan_on_nan_score);
 }
 
-// Records every instruction's value at one point (the op table's eval_op), with the score given.
-struct FloatRecordingVisitor {
-  using Value = ScalarValue;
-  const ModProgram& p;
-  double score;
-  int64_t q, kv;
-  std::vector<ScalarValue> seen;
-  ScalarValue keep(ScalarValue v) {
-    seen.push_back(v);
-    return v;
-  }
-  ScalarValue constant(const Instr& in) {
-    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(in.value) : ScalarValue::of_int(in.ivalue));
-  }
-  ScalarValue input(ExprOp leaf) {
-    switch (leaf) {
-      case ExprOp::Score: return keep(ScalarValue::of_float(score));
-      case ExprOp::QIdx: return keep(ScalarValue::of_int(q));
-      case ExprOp::KVIdx: return keep(ScalarValue::of_int(kv));
-      default: return keep(ScalarValue::of_int(1));
-    }
-  }
-  ScalarValue index(const Instr& in, const CaptureRef& c, std::vector<ScalarValue> idx) {
-    Shape at(idx.size());
-    for (size_t d = 0; d < idx.size(); ++d) {
-      const int64_t n = c.tensor.size(static_cast<int64_t>(d)), i = idx[d].i;
-      at[d] = i < 0 ? std::max<int64_t>(i + n, 0) : std::min(i, n - 1);
-    }
-    const double x = c.tensor.at(at);
-    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(x) : ScalarValue::of_int(static_cast<int64_t>(x)));
-  }
-  ScalarValue apply(const Instr& in, std::vector<ScalarValue> args) {
-    const ValueKind operand = p.instrs()[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
-    return keep(eval_op(in.op, in.kind, operand, args.data()));
-  }
-};
-
 // Soundness: random score_mods and their merged score / d score programs, at scores from -inf to inf: every float
 // value lies in its instruction's range and is NaN only where may_nan allows; at a NaN score every instruction
 // marked nan_on_nan_score is NaN.
@@ -110,7 +73,7 @@ TEST(FloatRanges, FuzzRangesHoldAtEveryScore) {
       for (int64_t q : {0, 3})
         for (int64_t kv : {0, 2}) {
           for (double s : scores) {
-            FloatRecordingVisitor v{p, s, q, kv, {}};
+            testing::RecordingVisitor v{p, 1, 1, q, kv, s};
             try {
               p.evaluate_with(v);
             } catch (const Error&) {
@@ -132,7 +95,7 @@ TEST(FloatRanges, FuzzRangesHoldAtEveryScore) {
                   << r[i].lo << ", " << r[i].hi << "]\n" << p.to_string();
             }
           }
-          FloatRecordingVisitor v{p, std::nan(""), q, kv, {}};
+          testing::RecordingVisitor v{p, 1, 1, q, kv, std::nan("")};
           try {
             p.evaluate_with(v);
           } catch (const Error&) {

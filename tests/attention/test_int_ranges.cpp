@@ -74,45 +74,6 @@ TEST(IntRanges, CanFailFollowsTheCallsExtents) {
   EXPECT_TRUE(can_fail(&pw1, small));
 }
 
-// Evaluates a program at one point recording every instruction's value (the op table's eval_op), and
-// fails the test on a captured index outside [-n, n) (the reads a proof said cannot fail).
-struct RecordingVisitor {
-  using Value = ScalarValue;
-  const ModProgram& p;
-  int64_t b, h, q, kv;
-  std::vector<ScalarValue> seen;
-  ScalarValue keep(ScalarValue v) {
-    seen.push_back(v);
-    return v;
-  }
-  ScalarValue constant(const Instr& in) {
-    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(in.value) : ScalarValue::of_int(in.ivalue));
-  }
-  ScalarValue input(ExprOp leaf) {
-    switch (leaf) {
-      case ExprOp::Score: return keep(ScalarValue::of_float(0.5));
-      case ExprOp::Batch: return keep(ScalarValue::of_int(b));
-      case ExprOp::Head: return keep(ScalarValue::of_int(h));
-      case ExprOp::QIdx: return keep(ScalarValue::of_int(q));
-      default: return keep(ScalarValue::of_int(kv));
-    }
-  }
-  ScalarValue index(const Instr& in, const CaptureRef& c, std::vector<ScalarValue> idx) {
-    Shape at(idx.size());
-    for (size_t d = 0; d < idx.size(); ++d) {
-      const int64_t n = c.tensor.size(static_cast<int64_t>(d)), i = idx[d].i;
-      EXPECT_TRUE(i >= -n && i < n) << "index " << i << " of dim " << d << " (size " << n << ")";
-      at[d] = i < 0 ? std::max<int64_t>(i + n, 0) : std::min(i, n - 1);
-    }
-    const double x = c.tensor.at(at);
-    return keep(in.kind == ValueKind::Float ? ScalarValue::of_float(x) : ScalarValue::of_int(static_cast<int64_t>(x)));
-  }
-  ScalarValue apply(const Instr& in, std::vector<ScalarValue> args) {
-    const ValueKind operand = p.instrs()[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
-    return keep(eval_op(in.op, in.kind, operand, args.data()));
-  }
-};
-
 // Soundness: over every (b, h, q, kv) in small bounds, a program proven safe evaluates without raising, and
 // every int value of every instruction lies inside its computed range. Random programs mix raw (possibly
 // failing) and safe forms.
@@ -136,8 +97,9 @@ TEST(IntRanges, FuzzProvenSafeProgramsNeverRaise) {
         for (int64_t h = 0; h < bounds.head; ++h)
           for (int64_t q = 0; q < bounds.q; ++q)
             for (int64_t kv = 0; kv < bounds.kv; ++kv) {
-              RecordingVisitor v{*p, b, h, q, kv, {}};
+              testing::RecordingVisitor v{*p, b, h, q, kv};
               ASSERT_NO_THROW(p->evaluate_with(v)) << "seed " << seed << "\n" << p->to_string();
+              ASSERT_EQ(v.bad_indices, 0) << "a captured read left its tensor; seed " << seed << "\n" << p->to_string();
               ASSERT_EQ(v.seen.size(), p->size());
               for (size_t i = 0; i < p->size(); ++i) {
                 if (p->instrs()[i].kind == ValueKind::Float || !r[i].known) continue;
