@@ -53,8 +53,7 @@ std::vector<FloatRange> float_ranges(const ModProgram& p) {
     const OpInfo& info = op_info(in.op);
     switch (in.op) {
       case ExprOp::Const:
-        r[i] = bounded(in.value, in.value, std::isnan(in.value), false);
-        if (std::isinf(in.value)) r[i].may_nan = false;  // an infinite constant: unbounded, not NaN
+        r[i] = bounded(in.value, in.value, std::isnan(in.value), false);  // (an infinite one: unbounded)
         break;
       case ExprOp::Score:
         r[i] = FloatRange{-kInf, kInf, false, true};

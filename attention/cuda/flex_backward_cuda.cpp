@@ -448,22 +448,22 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // capture takes a gradient (the code generator gives the form only then); FLEXGRAD_FLEX_AFFINE_FOLD=0 keeps the
   // whole program an entry (A/B).
   const bool folded = affine_fold(ctx, cfg.mma, defines);
-  // A varying d score_mod / d score that is finite wherever the score is not NaN (softcap's 1 - tanh^2; the code
-  // generator proves it, float_ranges.h) multiplies dS without the test for zero that keeps 0 * inf out of dS
-  // (FG_BWD_DSCORE_FINITE, flex_backward.cuh): one comparison an entry fewer, the same values up to the sign of a
-  // zero. Not with captured-tensor gradients (their sinks take dS before that product).
-  // FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0 keeps the test (A/B).
-  const bool finite_dscore_allowed = env_switch("FLEXGRAD_FLEX_BWD_FINITE_DSCORE").value_or(true);
-  if (cap_mode == 0 && (folded ? ctx.core_dscore_finite : ctx.dscore_finite)) {
-    if (finite_dscore_allowed)
-      ++g_finite_dscore_calls;
-    else
-      defines.emplace_back("FG_NO_FINITE_DSCORE 1");
-  }
   const bool lean_step = cfg.mma && env_switch("FLEXGRAD_FLEX_BWD_LEAN_STEP").value_or(true);
   if (lean_step) {
     defines.emplace_back("FG_BWD_LEAN_STEP 1");
     ++g_lean_step_calls;
+  }
+  // A varying d score_mod / d score that is finite wherever the score is not NaN (softcap's 1 - tanh^2; the code
+  // generator proves it, float_ranges.h) multiplies dS without the test for zero that keeps 0 * inf out of dS
+  // (FG_BWD_DSCORE_FINITE, flex_backward.cuh): one comparison an entry fewer, the same values up to the sign of a
+  // zero. In the lean step's interior copies only (the tensor-core kernels'), and not with captured-tensor gradients
+  // (their sinks take dS before that product). FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0 keeps the test (A/B).
+  const bool finite_dscore_allowed = env_switch("FLEXGRAD_FLEX_BWD_FINITE_DSCORE").value_or(true);
+  if (lean_step && cap_mode == 0 && (folded ? ctx.core_dscore_finite : ctx.dscore_finite)) {
+    if (finite_dscore_allowed)
+      ++g_finite_dscore_calls;
+    else
+      defines.emplace_back("FG_NO_FINITE_DSCORE 1");
   }
   bool skip_empty = false;
   if (cfg.wgmma) {

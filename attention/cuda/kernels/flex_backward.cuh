@@ -494,10 +494,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
 #if FG_DSCORE_IS_CONSTANT
   ds *= (fg_t)FG_DSCORE_CONSTANT;
 #elif FG_ENTRY_MERGED
-  if (FG_BWD_DSCORE_FINITE && kAllValid)
-    ds *= dscore;
-  else if (ds != (fg_t)0)
-    ds *= dscore;
+  if ((FG_BWD_DSCORE_FINITE && kAllValid) || ds != (fg_t)0) ds *= dscore;
 #else
   if (ds != (fg_t)0) ds *= fg_dscore<fg_t>(s, b, h, qi, kj, args);
 #endif
