@@ -824,11 +824,12 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
 
 // dQ summed by the dK/dV kernel with float atomics (flex_backward_wgmma.cuh, FG_DQ_ATOMIC), which the host takes
 // where the call is not deterministic and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it: against the float64
-// golden and against the dQ kernel on the same inputs (the default, also where the call is not deterministic); dK and dV are the dK/dV kernel's own either way (bit-equal), whatever
-// order the dK/dV grid launches its CTAs in (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the
-// 3-D grid, groups of 3 pairs with a partial last group). Cases: a captured document mask with clipped q chunks
-// (L 300, q blocks of 128), GQA with a broadcast kv batch and Lq != Lkv, and rows no kv block reaches (their dQ
-// rows must come out zero, not the NaN the outputs are poisoned with).
+// golden and against the dQ kernel on the same inputs (the default, also where the call is not deterministic); dK
+// and dV are the dK/dV kernel's own either way (bit-equal), whatever order the dK/dV grid launches its CTAs in
+// (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the 3-D grid, groups of 3 pairs with a partial last
+// group). Cases: a captured document mask with clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv
+// batch and Lq != Lkv, and rows no kv block reaches (their dQ rows must come out zero, not the NaN the outputs are
+// poisoned with).
 TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ", nullptr), group("FLEXGRAD_FLEX_WGMMA_BWD_GROUP", nullptr);
