@@ -304,6 +304,7 @@ std::atomic<int64_t> g_persistent_calls{0};
 std::atomic<int64_t> g_finite_dscore_calls{0};
 std::atomic<int64_t> g_lean_step_calls{0};
 std::atomic<int64_t> g_skip_empty_calls{0};
+std::atomic<int64_t> g_pingpong_calls{0};
 // The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
 int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63) / 64) * ((p.Lkv + 63) / 64); }
 
@@ -492,6 +493,22 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
       if (env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
+    }
+    // The warp-specialised kernels' two consumer warpgroups take turns issuing their products (FG_BWD_PINGPONG,
+    // flex_backward_wgmma.cuh; the same bits), so that one's element step runs while the other's products hold the
+    // tensor cores. Measured on an H100 (session 31, FLEXGRAD_FLEX_CUDNN=0 bench_flex_cuda --reps 10 --warmup 2,
+    // backward ms, turns / none, rounds of calls 2 and 3 of docs/flex_cuda_notes.md's session 31): softcap + causal
+    // under approx_math 1.948 2.027 1.918 2.024 2.025 / 2.091 2.102 2.165 2.160 2.128 (-7%), causal 1.707 1.708 1.707
+    // / 1.759 1.768 1.766 (-3%), sliding 1024 1.024 1.019 / 1.035 1.046, no mask 3.005 3.020 / 3.009 3.007, document
+    // 0.742 0.743 / 0.738 0.755, ALiBi + causal 1.931 1.979 1.903 / 1.926 1.941 2.022, causal S 16k 5.725 6.271 /
+    // 6.214 6.372; but causal at head dim 64 2.282 2.441 2.443 2.354 2.339 / 2.241 2.269 2.319 2.322 2.299 (+4%:
+    // half the products' length against the same element step; turns at the score products alone were even there).
+    // So by default where both head dims are 128. FLEXGRAD_FLEX_BWD_PINGPONG=1 / 0 forces the turns (wherever the
+    // warp-specialised kernels run) / drops them; never with the opt-in skip (its warpgroups' walks differ).
+    const bool pingpong = env_switch("FLEXGRAD_FLEX_BWD_PINGPONG").value_or(p.E == 128 && p.Ev == 128);
+    if ((ws.dkdv || ws.dq) && !skip_empty && pingpong) {
+      defines.emplace_back("FG_BWD_PINGPONG 1");
+      ++g_pingpong_calls;
     }
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
@@ -733,6 +750,7 @@ int64_t persistent_backward_calls() { return g_persistent_calls.load(); }
 int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
 int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
 int64_t finite_dscore_backward_calls() { return g_finite_dscore_calls.load(); }
+int64_t pingpong_backward_calls() { return g_pingpong_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

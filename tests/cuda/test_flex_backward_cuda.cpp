@@ -1561,6 +1561,76 @@ TEST_F(FlexBackwardWgmma, PersistentLaunchWhereTheMasksRowsAreShort) {
   EXPECT_EQ(persistent_launches(dense, make_inputs(dense.d, kBFloat16, false, 43), shapes_only(dense.d), g), 1)
       << "rows of 8 blocks: persistent";
 }
+// The warp-specialised kernels' consumer warpgroups taking turns at their products (FG_BWD_PINGPONG,
+// flex_backward_wgmma.cuh; FLEXGRAD_FLEX_BWD_PINGPONG=1 forces the turns, 0 drops them): the same products in the
+// same order, so the bits of the kernels without turns, and near the float64 golden. On walks of many chunks, of one
+// and of none (rows that see nothing, kv blocks no q row visits), grid and persistent (3 CTAs running many grid
+// CTAs, the turns running on from one to the next), a chunk clipped by its block's end, softcap under approx_math
+// (the affine fold), GQA with dlse and Ev 64, head dim 64; the counter moves only with turns. Unset, the turns are
+// taken where both head dims are 128 and not at 64 (measured slower there).
+TEST_F(FlexBackwardWgmma, PingPongGivesTheSameBits) {
+  if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
+  ScopedEnv pingpong("FLEXGRAD_FLEX_BWD_PINGPONG", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  auto check_case = [&](Case c, DType dt, std::vector<const char*> launches, const char* what) {
+    SCOPED_TRACE(what);
+    c.kernel = FlexCudaBackward::Wgmma;
+    const Inputs in = make_inputs(c.d, dt, c.with_dlse, 47);
+    const Golden gold = golden_of(c, in);
+    const double t = std::max(tol(dt), c.approx_math ? 2e-3 : 0.0);
+    for (const char* launch : launches) {
+      SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + (launch ? launch : "(unset)"));
+      persistent.set(launch);
+      const auto [none, turns] = switch_off_then_on(c, dt, gold, in, pingpong, "0", "1",
+                                                    cuda::flex::pingpong_backward_calls, "=0: no turns", "=1: turns");
+      expect_same_bits(turns, none);
+      expect_grads_near(turns, gold.g, t);
+    }
+    pingpong.set(nullptr);
+    persistent.set(nullptr);
+  };
+  check_case(document_case(), kBFloat16, {"0", "3"}, "document, clipped at L 300");
+  {
+    Case c;  // (as PersistentKernelsMatchTheGridOnes's)
+    c.d = {2, 3, 600, 128, 2, 3, 600, 128};
+    auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (kv >= 300); };
+    c.mask = create_block_mask(m, std::nullopt, std::nullopt, 600, 600, 256);
+    c.native = native_mask([](int, int, int q, int kv) { return q >= 150 && kv <= q && kv >= 300; });
+    check_case(c, kFloat16, {"0", "3"}, "rows and kv blocks with nothing to walk");
+  }
+  {
+    Case c = alibi_causal_gqa_case();
+    c.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+    c.native.mod = [](double s, int, int, int, int) { return 20.0 * std::tanh(s / 20.0); };
+    c.native.dmod = [](double s, int, int, int, int) { return 1.0 - std::tanh(s / 20.0) * std::tanh(s / 20.0); };
+    c.approx_math = true;
+    check_case(c, kBFloat16, {nullptr}, "softcap under approx_math, causal, GQA, Ev 64");
+  }
+  {
+    Case c;
+    c.d = {2, 4, 300, 128, 1, 2, 260, 64};
+    c.with_dlse = true;
+    check_case(c, kBFloat16, {nullptr}, "GQA, broadcast kv batch, Lq != Lkv, Ev 64, dlse");
+  }
+  {
+    Case c;
+    c.d = {2, 2, 384, 64, 2, 2, 384, 64};
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 384, 384, 128);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kFloat16, {nullptr}, "causal, head dim 64");
+    // Unset: no turns at head dim 64, turns at 128.
+    const Inputs in = make_inputs(c.d, kFloat16, false, 47);
+    c.kernel = FlexCudaBackward::Wgmma;
+    int64_t calls = cuda::flex::pingpong_backward_calls();
+    (void)run_stub(c, in, shapes_only(c.d), kFloat16, kCUDA);
+    EXPECT_EQ(cuda::flex::pingpong_backward_calls() - calls, 0) << "unset, head dim 64: no turns";
+    c.d = {2, 2, 384, 128, 2, 2, 384, 128};
+    calls = cuda::flex::pingpong_backward_calls();
+    (void)run_stub(c, make_inputs(c.d, kFloat16, false, 47), shapes_only(c.d), kFloat16, kCUDA);
+    EXPECT_EQ(cuda::flex::pingpong_backward_calls() - calls, 1) << "unset, head dim 128: turns";
+  }
+  pingpong.set("x");
+  expect_bad_env_named("FLEXGRAD_FLEX_BWD_PINGPONG");
+}
 #endif  // FLEXGRAD_WITH_CUDA
 
 TEST_F(FlexBackwardWgmma, AutoPicksItWhereItRuns) {
