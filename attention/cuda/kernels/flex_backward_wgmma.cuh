@@ -38,7 +38,6 @@
 // Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
 // fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows) or TMA (the same
 // layout: SWIZZLE_128B boxes of 64 columns x 64 rows).
-// No ping-pong between the consumer warpgroups yet.
 //
 // Configuration macros (attention/cuda/flex_backward_cuda.cpp), on top of flex_backward.cuh's:
 //   FG_WG_DKDV, FG_WG_DQ   warpgroups per CTA of each kernel: 1 or 2 (2 when the BlockMask's kv / q blocks hold
@@ -48,6 +47,7 @@
 //                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
 //   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; not with
 //                          FG_DQ_ATOMIC); FG_BWD_STAGES (2-4, default 3) its stages
+//   FG_BWD_PINGPONG        1: the warp-specialised kernels' consumer warpgroups take turns at their products (below)
 //   FG_BWD_DQ_DELTA        1: fg_bwd_dq_wgmma_ws computes its rows' delta and lse2 (fg_row_dot_quad: bit for bit
 //                          fg_bwd_preprocess's) and writes them for the dK/dV kernel, which the host then launches
 //                          after it, with no preprocess (needs FG_BWD_WS_DQ and FG_PRE_VEC)
