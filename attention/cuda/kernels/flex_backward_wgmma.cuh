@@ -393,14 +393,19 @@ static_assert(128 * (168 - FG_BWD_WS_PRODUCER_REGS) >= 256 * (FG_BWD_WS_CONSUMER
 // Consumer warpgroup wg waits for its turn (barrier 1 + wg: its own 128 threads and the other's 128 arriving), and
 // passes it (arrives at the other's). Warpgroup 1 passes a turn before its first (fg_turns_begin) so that
 // warpgroup 0 goes first; warpgroup 0 takes warpgroup 1's last one at the end (fg_turns_end): no barrier is left
-// half-arrived at exit. Turns run on from grid CTA to grid CTA of a persistent kernel.
-__device__ __forceinline__ void fg_turn_take(int wg) { fg_named_sync(1 + wg, 256); }
-__device__ __forceinline__ void fg_turn_pass(int wg) { fg_named_arrive(2 - wg, 256); }
+// half-arrived at exit. Turns run on from grid CTA to grid CTA of a persistent kernel. Without FG_BWD_PINGPONG the
+// four do nothing.
+__device__ __forceinline__ void fg_turn_take(int wg) {
+  if (FG_BWD_PINGPONG) fg_named_sync(1 + wg, 256);
+}
+__device__ __forceinline__ void fg_turn_pass(int wg) {
+  if (FG_BWD_PINGPONG) fg_named_arrive(2 - wg, 256);
+}
 __device__ __forceinline__ void fg_turns_begin(int wg) {
-  if (wg == 1) fg_named_arrive(1, 256);
+  if (FG_BWD_PINGPONG && wg == 1) fg_named_arrive(1, 256);
 }
 __device__ __forceinline__ void fg_turns_end(int wg) {
-  if (wg == 0) fg_named_sync(1, 256);
+  if (FG_BWD_PINGPONG && wg == 0) fg_named_sync(1, 256);
 }
 #if FG_BWD_SKIP
 // The quadrant table's byte of (b, h) for the 64 x 64 quadrant at rows q0, columns kv0 (multiples of 64).
@@ -634,9 +639,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int kr0 = warp * 16;
   const int wg = warp >> 2;
   int j = 0, it = 0;  // as the producer's
-#if FG_BWD_PINGPONG
   fg_turns_begin(wg);
-#endif
   fg_for_each_cta(queue, p.job_counters, false, &bar_kv_free, it, gx, gy, gz, [&](const FgCta& cta) {
     fg_i64 bk, hk, mb, kv0;
     int nkv;
@@ -675,13 +678,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       const unsigned q_addr = fg_smem_addr(Qs + st * FG_Q_CHUNK * FG_E);
       const unsigned o_addr = fg_smem_addr(Os + st * FG_Q_CHUNK * FG_EV);
       float st_[FG_NQN][4], dpt[FG_NQN][4];
-#if FG_BWD_PINGPONG
       fg_turn_take(wg);
-#endif
       fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
-#if FG_BWD_PINGPONG
       fg_turn_pass(wg);
-#endif
       FgColMods<float> cm[2];
       fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
       fg_wgmma_wait<0>();
@@ -691,15 +690,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
                        c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
       unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
       fg_dkdv_pack(st_, dpt, ap, ad);
-#if FG_BWD_PINGPONG
       fg_turn_take(wg);
-#endif
       fg_wgmma_fence();
       fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
       fg_wgmma_commit();
-#if FG_BWD_PINGPONG
       fg_turn_pass(wg);
-#endif
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
       fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
@@ -715,9 +710,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     fg_dkdv_store(p, dk, dv, (bk * p.Hkv + hk) * p.Lkv + kv0, kr0, g, t, nkv, scale);
     ++it;
   });
-#if FG_BWD_PINGPONG
   fg_turns_end(wg);
-#endif
 }
 #endif  // FG_BWD_WS_DKDV
 
@@ -1071,9 +1064,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
   const float scale = (float)p.scale;
   const unsigned q_addr = fg_smem_addr(Qs) + wg * FG_CHUNK_ATOM_B, o_addr = fg_smem_addr(Os) + wg * FG_CHUNK_ATOM_B;
   int j = 0, it = 0;  // as the producer's
-#if FG_BWD_PINGPONG
   fg_turns_begin(wg);
-#endif
   fg_for_each_cta(queue, p.job_counters + 1, false, &bar_q_free, it, gx, p.Hq, p.B, [&](const FgCta& cta) {
     fg_i64 mb, q0;
     int nq;
@@ -1138,13 +1129,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const unsigned k_addr = fg_smem_addr(Ks + st * FG_KV_CHUNK * FG_E);
       const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
       float s[FG_NKN][4], dp[FG_NKN][4];
-#if FG_BWD_PINGPONG
       fg_turn_take(wg);
-#endif
       fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
-#if FG_BWD_PINGPONG
       fg_turn_pass(wg);
-#endif
       // The previous chunk's dQ product (the oldest group) is done: its stage goes back to the producer.
       fg_wgmma_wait<2>();
       fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
@@ -1156,13 +1143,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       fg_dq_chunk_elements(s, dp, l2, dl, rv, rmods, FG_BWD_MODS(kv_mods[st]), qr0, g, t, nq, c.rows,
                            c.partial != 0, (int)b, (int)h, q0, c.kv0, scale, args, sink);
       fg_dq_pack(s, a16);
-#if FG_BWD_PINGPONG
       fg_turn_take(wg);
-#endif
       fg_dq_issue_packed(dq, a16, k_addr);
-#if FG_BWD_PINGPONG
       fg_turn_pass(wg);
-#endif
     }
     fg_wgmma_wait<0>();
     fg_wgmma_fence_operands<FG_E / 2>(&dq[0][0]);
@@ -1179,9 +1162,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
     fg_dq_store(p, dq, row0, qr0, g, t, rv, scale);
     ++it;
   });
-#if FG_BWD_PINGPONG
   fg_turns_end(wg);
-#endif
 }
 #endif  // FG_BWD_WS_DQ
 #endif  // !FG_DQ_ATOMIC
