@@ -84,7 +84,23 @@ struct CudaModsInput {
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 
-// The CUDA C++ text described above.
+// What the text says of the programs, for a host's kernel choices: the values of its #defines of these names,
+// from the code that emits them (so a host never reads them back from the text).
+struct CudaModsFacts {
+  bool mask_elem_pure = true;       // FG_MASK_ELEM_PURE (1 without a mask_mod)
+  bool dscore_finite = false;       // FG_DSCORE_FINITE
+  bool affine_form = false;         // FG_SCORE_AFFINE
+  bool core_bounded = false;        // FG_SCORE_CORE_LO and FG_SCORE_CORE_HI are defined
+  bool core_dscore_finite = false;  // FG_SCORE_CORE_DSCORE_FINITE (defined in the affine form's backward modules)
+};
+struct CudaMods {
+  std::string text;
+  CudaModsFacts facts;
+};
+
+// The CUDA C++ text described above, with its facts.
+CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in);
+// The text alone.
 std::string emit_cuda_mods(const CudaModsInput& in);
 
 }  // namespace fg

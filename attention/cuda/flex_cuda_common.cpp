@@ -47,12 +47,12 @@ int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_
 
 namespace {
 
-// emit_cuda_mods(in), memoised. Its text is a function of the programs' structure (ModProgram::structure_key), of
+// emit_cuda_mods_and_facts(in), memoised. Its text is a function of the programs' structure (ModProgram::structure_key), of
 // which kernel slot each capture list's tensors take (tensor identity: the slots, and for the derivative's lists
 // the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and of approx_math; the key
 // holds all of them, so a repeated call (a training step, a decoding step) takes the text from the memo instead of
 // running the code generator (~20 us of host time a call, spent while the GPU waits for the call's first kernel).
-std::string cuda_mods_source(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
+CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
   std::string key;
   auto put = [&key](const auto& v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
   auto put_ints = [&](const std::vector<int>& v) {
@@ -98,15 +98,15 @@ std::string cuda_mods_source(const CudaModsInput& in, const std::vector<CaptureR
     put(std::bit_cast<uint64_t>(g->dscore_constant));
   }
   static std::mutex mu;
-  static std::unordered_map<std::string, std::string> memo;
+  static std::unordered_map<std::string, CudaMods> memo;
   {
     std::lock_guard lock(mu);
     if (auto it = memo.find(key); it != memo.end()) return it->second;
   }
-  std::string text = emit_cuda_mods(in);  // (outside the lock: it may throw, and it is the slow part)
+  CudaMods mods = emit_cuda_mods_and_facts(in);  // (outside the lock: it may throw, and it is the slow part)
   std::lock_guard lock(mu);
   if (memo.size() >= 1024) memo.clear();  // a bound (~10 KiB an entry) for programs made afresh without end
-  return memo.emplace(std::move(key), std::move(text)).first->second;
+  return memo.emplace(std::move(key), std::move(mods)).first->second;
 }
 
 }  // namespace
@@ -148,13 +148,14 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
     in.grad_needed = needs_cap;
     in.grad_needed.resize(score_grad->captures.size(), false);
   }
-  ctx.source = "#include \"flex_abi.cuh\"\n" + cuda_mods_source(in, ctx.captures);
+  const CudaMods mods = cuda_mods(in, ctx.captures);
+  ctx.source = "#include \"flex_abi.cuh\"\n" + mods.text;
   // (what the generated text says of the programs, for the host's kernel choices)
-  ctx.affine_form = ctx.source.find("\n#define FG_SCORE_AFFINE 1\n") != std::string::npos;
-  ctx.core_bounded = ctx.affine_form && ctx.source.find("\n#define FG_SCORE_CORE_HI ") != std::string::npos;
-  ctx.mask_elem_pure = mask_mod != nullptr && ctx.source.find("\n#define FG_MASK_ELEM_PURE 1\n") != std::string::npos;
-  ctx.dscore_finite = ctx.source.find("\n#define FG_DSCORE_FINITE 1\n") != std::string::npos;
-  ctx.core_dscore_finite = ctx.source.find("\n#define FG_SCORE_CORE_DSCORE_FINITE 1\n") != std::string::npos;
+  ctx.affine_form = mods.facts.affine_form;
+  ctx.core_bounded = mods.facts.core_bounded;
+  ctx.mask_elem_pure = mask_mod != nullptr && mods.facts.mask_elem_pure;
+  ctx.dscore_finite = mods.facts.dscore_finite;
+  ctx.core_dscore_finite = mods.facts.core_dscore_finite;
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;

@@ -39,6 +39,7 @@ struct ModContext {
   FgModArgs args;                   // captures read in place on the device; error points into error_buf
   Tensor error_buf;                 // device FgError (zeroed), when a captured read or integer op can fail
   std::vector<CaptureRef> captures; // the merged list, in kernel slot order (for messages)
+  // What the text says of the programs (the code generator's CudaModsFacts, mod_codegen.h):
   bool affine_form = false;         // the text gives the score_mod's affine form (FG_SCORE_AFFINE 1; affine_score.h)
   bool core_bounded = false;        // the affine form's core has bounds (FG_SCORE_CORE_HI; mod_codegen.cpp)
   bool mask_elem_pure = false;      // a mask_mod whose element part reads nothing and cannot fail (FG_MASK_ELEM_PURE 1)

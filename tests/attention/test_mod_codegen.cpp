@@ -122,6 +122,21 @@ extern "C" __global__ void codegen_test(FgModArgs a, float* f, double* d, bool* 
 )";
 }
 
+// The facts a host reads (CudaModsFacts) are what the text's #defines say, for every program this file generates.
+void expect_facts_of_text(const CudaMods& m) {
+  auto defined_as = [&](const char* name, int v) { return has(m.text, fmt::format("#define {} {}\n", name, v)); };
+  EXPECT_TRUE(defined_as("FG_MASK_ELEM_PURE", m.facts.mask_elem_pure ? 1 : 0)) << m.text;
+  EXPECT_TRUE(defined_as("FG_DSCORE_FINITE", m.facts.dscore_finite ? 1 : 0)) << m.text;
+  EXPECT_TRUE(defined_as("FG_SCORE_AFFINE", m.facts.affine_form ? 1 : 0)) << m.text;
+  EXPECT_EQ(has(m.text, "#define FG_SCORE_CORE_LO ") && has(m.text, "#define FG_SCORE_CORE_HI "),
+            m.facts.core_bounded) << m.text;
+  if (has(m.text, "#define FG_SCORE_CORE_DSCORE_FINITE ")) {
+    EXPECT_TRUE(defined_as("FG_SCORE_CORE_DSCORE_FINITE", m.facts.core_dscore_finite ? 1 : 0)) << m.text;
+  } else {
+    EXPECT_FALSE(m.facts.core_dscore_finite) << m.text;
+  }
+}
+
 struct Generated {
   std::string text;
   std::string nvrtc_error;  // "" when it compiled (or NVRTC is absent: see compiled)
@@ -141,7 +156,9 @@ Generated generate(const ModProgram* score, const ModProgram* mask, bool with_gr
     in.grad_needed.assign(g.captures.size(), all_caps_need_grad);
   }
   Generated r;
-  r.text = emit_cuda_mods(in);
+  const CudaMods mods = emit_cuda_mods_and_facts(in);
+  r.text = mods.text;
+  expect_facts_of_text(mods);
 #ifdef FLEXGRAD_WITH_CUDA
   if (nvrtc().available()) {
     r.nvrtc_error = nvrtc().build(translation_unit(r.text));
