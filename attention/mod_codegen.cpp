@@ -395,8 +395,8 @@ std::string score_dscore_functions(const ProgramEmitter& em, const SplitProgram&
 // own constants:
 //   #define FG_SCORE_AFFINE 0|1
 //   #define FG_SCORE_IN_FACTOR, FG_SCORE_OUT_FACTOR   (double literals)
-//   #define FG_SCORE_CORE_LO, FG_SCORE_CORE_HI        bounds of core(x) for every x, where its output op has them
-//                                                    and out_factor (hi - lo) log2 e <= 64
+//   #define FG_SCORE_CORE_LO, FG_SCORE_CORE_HI        bounds of core(x) for every x (float_ranges.h), where they are
+//                                                    finite and out_factor (hi - lo) log2 e <= 64
 //   __device__ float fg_score_core(float x, int b, int h, int q, int kv, const FgModArgs& a);   core(x)
 //   backward modules: __device__ float fg_score_core_dscore(float x, ..., float* dscore);
 //     core(x), and *dscore = out_factor in_factor core'(x): d score_mod / d score, as fg_score_elem_dscore's
@@ -428,15 +428,15 @@ std::string affine_functions(const CudaModsInput& in, bool no_cap_grad, CudaMods
                               form->in_factor, form->core.to_string());
   s += fmt::format("#define FG_SCORE_AFFINE 1\n#define FG_SCORE_IN_FACTOR {}\n#define FG_SCORE_OUT_FACTOR {}\n",
                    float_literal(form->in_factor, true), float_literal(form->out_factor, true));
-  // The core's bounds, where its output op has them (the op table's range: tanh's [-1, 1]) and the modified scores'
-  // span out_factor (hi - lo) is at most 64 / log2 e (softcap's cap up to 22): the tensor-core forward's bounded max
-  // (flex_forward_common.cuh) then keeps every kept entry's P at or above 2^-64.
-  const OpInfo& out_op = op_info(form->core.instrs()[static_cast<size_t>(form->core.output())].op);
-  if (std::isfinite(out_op.range_lo) && std::isfinite(out_op.range_hi) &&
-      form->out_factor * (out_op.range_hi - out_op.range_lo) * 1.4426950408889634 <= 64.0) {
+  // The core's bounds over every input that is not NaN (float_ranges.h: softcap's tanh [-1, 1], 0.5 tanh(x) + 0.5
+  // [0, 1]), where they are finite and the modified scores' span out_factor (hi - lo) is at most 64 / log2 e
+  // (softcap's cap up to 22): the tensor-core forward's bounded max (flex_forward_common.cuh) then keeps every kept
+  // entry's P at or above 2^-64.
+  const FloatRange range = float_ranges(form->core)[static_cast<size_t>(form->core.output())];
+  if (range.finite() && form->out_factor * (range.hi - range.lo) * 1.4426950408889634 <= 64.0) {
     facts.core_bounded = true;
-    s += fmt::format("#define FG_SCORE_CORE_LO {}\n#define FG_SCORE_CORE_HI {}\n", float_literal(out_op.range_lo, true),
-                     float_literal(out_op.range_hi, true));
+    s += fmt::format("#define FG_SCORE_CORE_LO {}\n#define FG_SCORE_CORE_HI {}\n", float_literal(range.lo, true),
+                     float_literal(range.hi, true));
   }
   const ProgramEmitter em(*core, {}, /*approx_math=*/true);
   const char* sig = "float score, int b, int h, int q, int kv, const FgModArgs& a";

@@ -454,8 +454,9 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
 // literals and the core alone in fg_score_core (forward modules) or fg_score_core_dscore (backward ones, whose
 // derivative carries out_factor in_factor); not where the scaled score must stay exact, where the core needs row or
 // column parts (a captured read anywhere in it: every read is a row or column part or an effect) or where the
-// derivative is constant (backward modules). The core's bounds (FG_SCORE_CORE_LO / _HI, the op table's range of its
-// output op) where the span out_factor (hi - lo) log2 e is at most 64. Every text compiles.
+// derivative is constant (backward modules). The core's bounds (FG_SCORE_CORE_LO / _HI, float_ranges.h's range of
+// its output: tanh's, sigmoid's, 0.5 tanh(x) + 0.5's) where the span out_factor (hi - lo) log2 e is at most 64.
+// Every text compiles.
 TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
   const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
   const ModProgram wide = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 30.0 * tanh(s / 20.0); });
@@ -463,6 +464,8 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
       trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * where(s / 20.0 > 1.0, s / 20.0, 1.0); });
   const ModProgram scaled = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s * 2.0; });
   const ModProgram gate = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 10.0 * sigmoid(s / 10.0); });
+  const ModProgram image =
+      trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * (0.5 * tanh(s / 20.0) + 0.5); });
   // (30 tanh(s / 20) has the bounds too, but a span 60 log2 e > 64: the forward's bounded max does not take it.)
   const char* kTanhBounds = "#define FG_SCORE_CORE_LO -1.0\n#define FG_SCORE_CORE_HI 1.0\n";
   Captured bias(floats({0.5, -1.0, 2.0, 0.25}, {4}), "bias");
@@ -484,6 +487,8 @@ TEST(ModCodegen, AffineFormUnderApproxMathOnly) {
       {"softcap, backward", &softcap, true, true, true, "0.05", "20.0", "  *dscore = v4;\n", kTanhBounds},
       {"softcap, forward", &softcap, false, true, true, "0.05", "20.0", "", kTanhBounds},
       {"a sigmoid core", &gate, false, true, true, "0.1", "10.0", "", "#define FG_SCORE_CORE_LO 0.0\n#define FG_SCORE_CORE_HI 1.0\n"},
+      {"0.5 tanh(x) + 0.5", &image, false, true, true, "0.05", "20.0", "",
+       "#define FG_SCORE_CORE_LO 0.0\n#define FG_SCORE_CORE_HI 1.0\n"},
       {"softcap, exact math", &softcap, true, false, false},
       {"softcap, exact math, forward", &softcap, false, false, false},
       {"a factor 1.5 on the derivative", &wide, true, true, true, "0.05", "30.0", "  *dscore = v4 * 1.5f;\n"},

@@ -890,7 +890,8 @@ TEST_P(FlexWgmmaPipeline, AffineFoldMatchesTheGolden) {
 // in bfloat16 without max_scores keeps no running max (P = exp(20 (u - 1)), u = tanh(s / 20)). out and lse against
 // the float64 golden at approx_math's tolerance on every loop, scores spread past the cap (input_scale 4), a causal
 // mask whose rows 0-9 keep nothing (out 0, lse -inf: an empty row, not 0 / 0), and a NaN in query row 50 (its out
-// and lse NaN, as with the running max); its counter moves for bfloat16 only, on the mma.sync kernel too. Not
+// and lse NaN, as with the running max); its counter moves for bfloat16 only, on the mma.sync kernel too, and for a
+// core bounded by its arithmetic (20 (0.5 tanh(s / 20) + 0.5): [0, 1]). Not
 // taken: with max_scores asked for, with a span out of range (30 tanh(s / 10): exp(-60) is under 2^-64), with
 // FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0 (which loads another module).
 TEST_P(FlexWgmmaPipeline, BoundedMaxMatchesTheGolden) {
@@ -931,6 +932,13 @@ TEST_P(FlexWgmmaPipeline, BoundedMaxMatchesTheGolden) {
       return q >= 10 && q >= kv ? 30.0 * std::tanh(s / 10.0) : -kInf;
     };
     EXPECT_EQ(counted(wide, "30 tanh(s / 10)"), 0);
+    // A core bounded by its arithmetic, not its output op: 0.5 tanh(x) + 0.5 in [0, 1] (float_ranges.h).
+    Case image = c;
+    image.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * (0.5 * tanh(s / 20.0) + 0.5); };
+    image.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+      return q >= 10 && q >= kv ? 20.0 * (0.5 * std::tanh(s / 20.0) + 0.5) : -kInf;
+    };
+    EXPECT_EQ(counted(image, "20 (0.5 tanh(s / 20) + 0.5)"), dt == kBFloat16 ? 1 : 0);
   }
   {
     SCOPED_TRACE("a NaN in query row 50");
