@@ -1,7 +1,8 @@
 // Float value ranges of a ModProgram's instructions by interval arithmetic, for any score that is not NaN (±inf
-// included) and any index / captured input. One user: the backward's element step multiplies dS by d score_mod /
+// included) and any index / captured input. Two users: the backward's element step multiplies dS by d score_mod /
 // d score without first testing dS for zero where that derivative is provably finite (dscore_needs_no_zero_test),
-// since 0 * d can only differ from 0 where d is infinite or NaN.
+// since 0 * d can only differ from 0 where d is infinite or NaN; and the code generator bounds the affine form's core
+// with its output's range (FG_SCORE_CORE_LO / _HI, mod_codegen.cpp) for the forward's bounded max.
 // Ranges are sound: every value the op table's semantics (attention/op_semantics.h) can produce lies in [lo, hi],
 // and is NaN only where may_nan says it may be; "unknown" (infinite bounds, may_nan) is always allowed. (The
 // approximate spellings of FlexKernelOptions::approx_math may step an ulp or so outside a bound: finite() leaves
