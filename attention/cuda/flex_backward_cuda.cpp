@@ -460,7 +460,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // zero. In the lean step's interior copies only (the tensor-core kernels'), and not with captured-tensor gradients
   // (their sinks take dS before that product). FLEXGRAD_FLEX_BWD_FINITE_DSCORE=0 keeps the test (A/B).
   const bool finite_dscore_allowed = env_switch("FLEXGRAD_FLEX_BWD_FINITE_DSCORE").value_or(true);
-  if (lean_step && cap_mode == 0 && (folded ? ctx.core_dscore_finite : ctx.dscore_finite)) {
+  if (lean_step && cap_mode == 0 && (folded ? ctx.facts.core_dscore_finite : ctx.facts.dscore_finite)) {
     if (finite_dscore_allowed)
       ++g_finite_dscore_calls;
     else
@@ -487,7 +487,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     // session 28's form, whose producers evaluated the mask and voted before each chunk's copies, was slower still
     // (document 1.052 1.015 / 0.707 0.719). The dK/dV consumers' own quadrant skip (FG_BWD_SKIP_DKDV_WG, opt-in
     // FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG=1, which spills there): document 0.806, sliding 1.173, causal 2.019.
-    if ((ws.dkdv || ws.dq) && ctx.mask_elem_pure && p.block_q % 64 == 0 && p.block_kv % 64 == 0 &&
+    if ((ws.dkdv || ws.dq) && p.mask_mod && ctx.facts.mask_elem_pure && p.block_q % 64 == 0 && p.block_kv % 64 == 0 &&
         quad_table_bytes(p) <= (int64_t{64} << 20) && env_switch("FLEXGRAD_FLEX_BWD_SKIP_EMPTY").value_or(false)) {
       skip_empty = true;
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");

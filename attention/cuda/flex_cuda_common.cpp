@@ -150,12 +150,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
   }
   const CudaMods mods = cuda_mods(in, ctx.captures);
   ctx.source = "#include \"flex_abi.cuh\"\n" + mods.text;
-  // (what the generated text says of the programs, for the host's kernel choices)
-  ctx.affine_form = mods.facts.affine_form;
-  ctx.core_bounded = mods.facts.core_bounded;
-  ctx.mask_elem_pure = mask_mod != nullptr && mods.facts.mask_elem_pure;
-  ctx.dscore_finite = mods.facts.dscore_finite;
-  ctx.core_dscore_finite = mods.facts.core_dscore_finite;
+  ctx.facts = mods.facts;
 
   for (size_t i = 0; i < ctx.captures.size(); ++i) {
     const Tensor& t = ctx.captures[i].tensor;
@@ -191,7 +186,7 @@ std::atomic<int64_t> g_affine_fold_calls{0};
 int64_t affine_fold_calls() { return g_affine_fold_calls.load(); }
 
 bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines) {
-  if (!ctx.affine_form) return false;
+  if (!ctx.facts.affine_form) return false;
   if (!env_switch("FLEXGRAD_FLEX_AFFINE_FOLD").value_or(true)) {
     defines.emplace_back("FG_NO_AFFINE_FOLD 1");
     return false;

@@ -11,6 +11,7 @@
 #include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/attention/flex_kernels.h"
 #include "flexgrad/attention/int_ranges.h"
+#include "flexgrad/attention/mod_codegen.h"
 
 namespace fg::cuda::flex {
 
@@ -39,12 +40,7 @@ struct ModContext {
   FgModArgs args;                   // captures read in place on the device; error points into error_buf
   Tensor error_buf;                 // device FgError (zeroed), when a captured read or integer op can fail
   std::vector<CaptureRef> captures; // the merged list, in kernel slot order (for messages)
-  // What the text says of the programs (the code generator's CudaModsFacts, mod_codegen.h):
-  bool affine_form = false;         // the text gives the score_mod's affine form (FG_SCORE_AFFINE 1; affine_score.h)
-  bool core_bounded = false;        // the affine form's core has bounds (FG_SCORE_CORE_HI; mod_codegen.cpp)
-  bool mask_elem_pure = false;      // a mask_mod whose element part reads nothing and cannot fail (FG_MASK_ELEM_PURE 1)
-  bool dscore_finite = false;       // d score_mod / d score needs no zero test (FG_DSCORE_FINITE 1; float_ranges.h)
-  bool core_dscore_finite = false;  // the same of the affine form's core (FG_SCORE_CORE_DSCORE_FINITE 1)
+  CudaModsFacts facts;              // what the text says of the programs (mod_codegen.h), for the kernel choices
 };
 
 // Merges the score_mod, mask_mod and (backward) derivative captures by tensor identity, generates the mod
@@ -129,7 +125,7 @@ int64_t affine_fold_calls();
 // How many forward calls of this process ran a tensor-core kernel with the bounded max (no running max: the affine
 // form's bounded core, bf16, no max_scores returned; flex_forward_common.cuh, unless FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0).
 int64_t bounded_max_calls();
-// Whether a call with this context folds the affine form (ctx.affine_form, FLEXGRAD_FLEX_AFFINE_FOLD) into tensor-core
+// Whether a call with this context folds the affine form (ctx.facts.affine_form, FLEXGRAD_FLEX_AFFINE_FOLD) into tensor-core
 // kernels (`mma`); counts it, and adds FG_NO_AFFINE_FOLD to `defines` where the switch turns it off.
 bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines);
 

@@ -355,7 +355,7 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   // tanh), the inputs are bf16 and the call returns no max_scores, the tensor-core kernels' online softmax keeps no
   // running max and O no rescale. FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0 keeps the running max (A/B).
   const bool bounded_max_env = env_switch("FLEXGRAD_FLEX_FWD_BOUNDED_MAX").value_or(true);
-  if (fold && ctx.core_bounded && p.q.dtype() == kBFloat16 && !p.max_scores_wanted && bounded_max_env) {
+  if (fold && ctx.facts.core_bounded && p.q.dtype() == kBFloat16 && !p.max_scores_wanted && bounded_max_env) {
     defines.push_back("FG_FWD_MAX_SCORES_UNUSED 1");
     ++g_bounded_max_calls;
   }
