@@ -16,7 +16,8 @@
 // and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it, the dK/dV kernel also sums dQ with float atomics (no dQ
 // kernel; fused_dq below; opt-in: slower than the warp-specialised pair). With two warpgroups a CTA the wgmma
 // kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
-// FLEXGRAD_FLEX_BWD_CONCURRENT=1 runs the dQ kernel on a second stream beside the dK/dV kernel (StreamFork below).
+// The dQ kernel runs on a second stream beside the dK/dV kernel where both are warp-specialised (StreamFork below;
+// FLEXGRAD_FLEX_BWD_CONCURRENT=1 / 0 forces / drops it).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -425,16 +426,22 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (pre_vec) defines.emplace_back("FG_PRE_VEC 1");
   const int64_t nKB = (p.Lkv + p.block_kv - 1) / p.block_kv, nQB = (p.Lq + p.block_q - 1) / p.block_q;
   const bool dq_kernel_runs = !dq_fused && nQB > 0 && p.B * p.Hq > 0;
-  // FLEXGRAD_FLEX_BWD_CONCURRENT=1 (opt-in: within the noise on the H200, session 21): the dQ kernel runs on a second stream beside
-  // the dK/dV kernel (both read the same inputs, the preprocess's included, and write different outputs), so that
-  // one's ramp and tail overlap the other's work: the short rows of document masks and sliding windows. Not where
-  // dQ waits for the captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where
-  // the dK/dV kernel sums dQ itself. The same kernels, so the same results.
-  const bool concurrent = dq_kernel_runs && cap_mode != 1 && env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(false);
+  // The dQ kernel on a second stream beside the dK/dV kernel (StreamFork below; both read the same inputs, the
+  // preprocess's included, and write different outputs), so that one's ramp and tail overlap the other's work, as
+  // PyTorch's Triton backward runs its dK/dV and dQ programs in one grid. The default where both kernels are
+  // warp-specialised: against the fold below (dQ, then dK/dV) it took 1.4-3.1% off the backward of six of issue 13's
+  // eight bf16 cases on an H100 and left causal at head dim 64 and at 16k even (session 32, five alternating rounds),
+  // the preprocess's own pass included. Elsewhere opt-in (within the noise on the H200, session 21, before the
+  // warp-specialised kernels). Not where dQ waits for the captured-gradient scales the dK/dV pass finds
+  // (deterministic captured gradients) or where the dK/dV kernel sums dQ itself. The same kernels, so the same
+  // results. FLEXGRAD_FLEX_BWD_CONCURRENT=1 / 0 forces / drops it.
+  const bool concurrent = dq_kernel_runs && cap_mode != 1 &&
+                          env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(ws.dq && ws.dkdv);
   // The warp-specialised dQ kernel computes the rows' delta and lse2 itself (FG_BWD_DQ_DELTA, bit for bit the
   // preprocess's sums) and runs first; the dK/dV kernel reads what it wrote: no preprocess kernel, whose pass over O
   // and dO was ~5% of a document mask's backward (51 us of ~1.07 ms on the H200, session 11), nor its launch. Not
-  // where dQ waits for the dK/dV pass (deterministic captured gradients) or runs beside it (concurrent).
+  // where dQ waits for the dK/dV pass (deterministic captured gradients) or runs beside it (concurrent: so only
+  // with FLEXGRAD_FLEX_BWD_CONCURRENT=0 where both kernels are warp-specialised, since session 32).
   // FLEXGRAD_FLEX_BWD_DQ_DELTA=0 keeps the preprocess (A/B).
   const bool dq_delta = ws.dq && pre_vec && dq_kernel_runs && cap_mode != 1 && !concurrent &&
                         env_switch("FLEXGRAD_FLEX_BWD_DQ_DELTA").value_or(true);

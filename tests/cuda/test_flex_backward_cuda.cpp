@@ -1110,42 +1110,60 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
   EXPECT_NO_THROW(run(c, kBFloat16, FlexCudaBackward::Wgmma));
 }
 
-// FLEXGRAD_FLEX_BWD_CONCURRENT=1: the dQ kernel on a second stream beside the dK/dV kernel, the main stream waiting
-// for it before the call returns. The same kernels, so the same bits, on both kernel families, grid and persistent,
-// and the float64 golden; deterministic captured gradients (dQ waits for the dK/dV pass's scales) stay in order.
+// The dQ kernel on a second stream beside the dK/dV kernel, the main stream waiting for it before the call returns:
+// the default where both kernels are warp-specialised, FLEXGRAD_FLEX_BWD_CONCURRENT=1 elsewhere. The same kernels, so
+// the same bits as FLEXGRAD_FLEX_BWD_CONCURRENT=0, on both kernel families, grid and persistent, and the float64
+// golden; deterministic captured gradients (dQ waits for the dK/dV pass's scales) stay in order.
 TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
   ScopedEnv concurrent("FLEXGRAD_FLEX_BWD_CONCURRENT", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
-  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, const char* what) {
+  // `by_default`: whether the call forks with the switch unset.
+  auto check_case = [&](Case c, DType dt, FlexCudaBackward kind, bool by_default, const char* what) {
     SCOPED_TRACE(what);
     c.kernel = kind;
     Inputs in = make_inputs(c.d, dt, c.with_dlse, 31);
     const Golden gold = golden_of(c, in);
-    concurrent.set(nullptr);
+    concurrent.set("0");
+    int64_t calls = cuda::flex::concurrent_dq_calls();
     const Grads one = run_stub(c, in, gold, dt, kCUDA);
-    concurrent.set("1");
-    for (int rep = 0; rep < 3; ++rep) {  // (a race between the streams would show as a changed or poisoned value)
-      const int64_t calls = cuda::flex::concurrent_dq_calls();
-      const Grads two = run_stub(c, in, gold, dt, kCUDA);
-      // Deterministic captured gradients keep dQ after the dK/dV pass (it waits for the scales that pass finds).
-      const bool expected = c.learnable.empty() || !c.deterministic;
-      EXPECT_EQ(cuda::flex::concurrent_dq_calls() - calls, expected ? 1 : 0) << "dQ on the second stream";
-      if (c.deterministic) expect_same_bits(two, one);  // (float atomics otherwise: the golden only)
-      expect_grads_near(two, gold.g, tol(dt));
+    EXPECT_EQ(cuda::flex::concurrent_dq_calls() - calls, 0) << "FLEXGRAD_FLEX_BWD_CONCURRENT=0: one stream";
+    // Deterministic captured gradients keep dQ after the dK/dV pass (it waits for the scales that pass finds).
+    const bool may_fork = c.learnable.empty() || !c.deterministic;
+    for (const char* value : {"1", static_cast<const char*>(nullptr)}) {
+      concurrent.set(value);
+      SCOPED_TRACE(value ? "FLEXGRAD_FLEX_BWD_CONCURRENT=1" : "FLEXGRAD_FLEX_BWD_CONCURRENT unset");
+      const bool expected = may_fork && (value != nullptr || by_default);
+      for (int rep = 0; rep < 3; ++rep) {  // (a race between the streams would show as a changed or poisoned value)
+        calls = cuda::flex::concurrent_dq_calls();
+        const Grads two = run_stub(c, in, gold, dt, kCUDA);
+        EXPECT_EQ(cuda::flex::concurrent_dq_calls() - calls, expected ? 1 : 0) << "dQ on the second stream";
+        if (c.deterministic) expect_same_bits(two, one);  // (float atomics otherwise: the golden only)
+        expect_grads_near(two, gold.g, tol(dt));
+      }
     }
     concurrent.set(nullptr);
   };
-  check_case(document_case(), kBFloat16, FlexCudaBackward::Tiled, "document, mma.sync kernels");
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Tiled, false, "document, mma.sync kernels");
   Tensor hs, tb, bi;
-  check_case(learnable_case(2, 100, hs, tb, bi), kFloat32, FlexCudaBackward::Tiled,
+  check_case(learnable_case(2, 100, hs, tb, bi), kFloat32, FlexCudaBackward::Tiled, false,
              "learnable captures, deterministic: dQ after the dK/dV pass");
   Case atomics = learnable_case(2, 100, hs, tb, bi);
   atomics.deterministic = false;
-  check_case(atomics, kFloat32, FlexCudaBackward::Tiled, "learnable captures summed by float64 atomics: concurrent");
+  check_case(atomics, kFloat32, FlexCudaBackward::Tiled, false, "learnable captures summed by float64 atomics: concurrent");
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   persistent.set("0");
-  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, warp-specialised kernels");
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, true, "document, warp-specialised kernels");
+  {
+    Case c;  // 64-row q blocks: one warpgroup a dQ CTA, no warp-specialised dQ kernel, so no fork by default
+    c.d = {1, 2, 200, 64, 1, 2, 200, 64};
+    c.mask = create_block_mask(causal, std::nullopt, std::nullopt, 200, 200, 64);
+    c.native.mask = [](int, int, int q, int kv) { return q >= kv; };
+    check_case(c, kBFloat16, FlexCudaBackward::Wgmma, false, "causal, 64-row blocks: plain wgmma kernels");
+  }
   persistent.set("1");
-  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, "document, persistent warp-specialised kernels");
+  check_case(document_case(), kBFloat16, FlexCudaBackward::Wgmma, true, "document, persistent warp-specialised kernels");
+  check_case(atomics, kBFloat16, FlexCudaBackward::Wgmma, true, "learnable captures summed by float64 atomics, warp-specialised");
+  check_case(learnable_case(2, 100, hs, tb, bi), kBFloat16, FlexCudaBackward::Wgmma, true,
+             "learnable captures, deterministic, warp-specialised: dQ after the dK/dV pass");
   persistent.set(nullptr);
   concurrent.set("yes");
   expect_bad_env_named("FLEXGRAD_FLEX_BWD_CONCURRENT");
@@ -1158,9 +1176,12 @@ TEST_F(FlexBackwardWgmma, ConcurrentDqKernelGivesTheSameBits) {
 // broadcast kv batch, Lq != Lkv, Ev 64 and a gradient through the lse (dlse), float16, the persistent kernels, and
 // learnable captures summed by float64 atomics. Deterministic captured gradients keep the preprocess (dQ runs after
 // the dK/dV pass there); so does a dQ kernel that is not warp-specialised (q blocks of 64 rows: one warpgroup).
+// Since session 32 the fold runs only with FLEXGRAD_FLEX_BWD_CONCURRENT=0 where both kernels are warp-specialised
+// (the dQ kernel runs beside the dK/dV kernel by default there, ConcurrentDqKernelGivesTheSameBits).
 TEST_F(FlexBackwardWgmma, DqKernelComputesThePreprocessDeltaBitForBit) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv delta("FLEXGRAD_FLEX_BWD_DQ_DELTA", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+  ScopedEnv concurrent("FLEXGRAD_FLEX_BWD_CONCURRENT", "0");
   auto check_case = [&](Case c, DType dt, bool expected, const char* what) {
     SCOPED_TRACE(what);
     SCOPED_TRACE(dtype_name(dt));
