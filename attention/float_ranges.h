@@ -6,24 +6,16 @@
 // Ranges are sound: every value the op table's semantics (attention/op_semantics.h) can produce lies in [lo, hi],
 // and is NaN only where may_nan says it may be; "unknown" (infinite bounds, may_nan) is always allowed. (The
 // approximate spellings of FlexKernelOptions::approx_math may step an ulp or so outside a bound: finite() leaves
-// room for that.)
+// room for that.) The analysis bounds the leaves (constants, the score) and every other instruction gets its op
+// table row's rule (OpInfo::float_range, op_semantics.h), given its operands' float ranges and, for int and bool
+// operands, their int_ranges.
 #pragma once
-#include <limits>
 #include <vector>
 
 #include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/value_ranges.h"
 
 namespace fg {
-
-struct FloatRange {
-  double lo = -std::numeric_limits<double>::infinity();
-  double hi = std::numeric_limits<double>::infinity();
-  bool may_nan = true;            // may be NaN for a score that is not NaN
-  bool nan_on_nan_score = false;  // is NaN whenever the score is NaN (whatever the other inputs)
-  // Bounds far inside float's range (|x| <= 1e30), so that rounding, contraction into FMAs or float32
-  // arithmetic cannot take a value in them to infinity.
-  bool finite() const { return lo >= -1e30 && hi <= 1e30; }
-};
 
 // The range of every Float instruction (other kinds: FloatRange{} with may_nan false; they are never NaN).
 std::vector<FloatRange> float_ranges(const ModProgram& p);

@@ -3,21 +3,15 @@
 
 #include <algorithm>
 
+#include "flexgrad/attention/op_semantics.h"
+
 namespace fg {
 
 namespace {
 
 using VK = ValueKind;
 
-IntRange range_of(__int128 lo, __int128 hi) {
-  if (lo < INT64_MIN || hi > INT64_MAX) return {};
-  return {true, static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
-}
-
 IntRange index_input(int64_t bound) { return {true, 0, std::max<int64_t>(bound, 1) - 1}; }
-
-// Python's floor division for d > 0.
-__int128 floor_div_pos(__int128 n, __int128 d) { return n >= 0 ? n / d : -((-n + d - 1) / d); }
 
 }  // namespace
 
@@ -31,8 +25,6 @@ std::vector<IntRange> int_ranges(const ModProgram& p, const IndexBounds& bounds)
       continue;
     }
     if (in.kind != VK::Int) continue;
-    auto arg = [&](int k) { return r[in.args[k]]; };
-    const bool both = in.args.size() >= 2 && arg(0).known && arg(1).known;
     switch (in.op) {
       case ExprOp::Const: r[i] = {true, in.ivalue, in.ivalue}; break;
       case ExprOp::Batch: r[i] = index_input(bounds.batch); break;
@@ -45,59 +37,17 @@ std::vector<IntRange> int_ranges(const ModProgram& p, const IndexBounds& bounds)
         if (dt == kBool) r[i] = {true, 0, 1};
         break;
       }
-      case ExprOp::Cast:
-        if (ins[in.args[0]].kind == VK::Bool) r[i] = {true, 0, 1};
-        if (ins[in.args[0]].kind == VK::Int) r[i] = arg(0);
-        break;
-      case ExprOp::Add:
-        if (both) r[i] = range_of(static_cast<__int128>(arg(0).lo) + arg(1).lo, static_cast<__int128>(arg(0).hi) + arg(1).hi);
-        break;
-      case ExprOp::Sub:
-        if (both) r[i] = range_of(static_cast<__int128>(arg(0).lo) - arg(1).hi, static_cast<__int128>(arg(0).hi) - arg(1).lo);
-        break;
-      case ExprOp::Mul:
-        if (both) {
-          const __int128 c[4] = {static_cast<__int128>(arg(0).lo) * arg(1).lo, static_cast<__int128>(arg(0).lo) * arg(1).hi,
-                                 static_cast<__int128>(arg(0).hi) * arg(1).lo, static_cast<__int128>(arg(0).hi) * arg(1).hi};
-          r[i] = range_of(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}));
+      default:  // the op table's rule (unknown without one); floats are not tracked here
+        if (const auto rule = op_info(in.op).int_range) {
+          FG_ASSERT(in.args.size() <= 3);
+          OperandRanges x;
+          for (size_t k = 0; k < in.args.size(); ++k) {
+            x.kind[k] = ins[in.args[k]].kind;
+            x.i[k] = r[in.args[k]];
+          }
+          r[i] = rule(x);
         }
         break;
-      case ExprOp::FloorDiv:
-        // Only positive divisors: floor(n / d) is then monotone in n and in d, so the corners bound it.
-        if (both && arg(1).lo > 0) {
-          const __int128 c[4] = {floor_div_pos(arg(0).lo, arg(1).lo), floor_div_pos(arg(0).lo, arg(1).hi),
-                                 floor_div_pos(arg(0).hi, arg(1).lo), floor_div_pos(arg(0).hi, arg(1).hi)};
-          r[i] = range_of(std::min({c[0], c[1], c[2], c[3]}), std::max({c[0], c[1], c[2], c[3]}));
-        }
-        break;
-      case ExprOp::Mod:
-        // Python's % takes the divisor's sign: in [0, d) for d > 0 (and n itself when 0 <= n < d).
-        if (both && arg(1).lo > 0) {
-          r[i] = (arg(0).lo >= 0 && arg(0).hi < arg(1).lo) ? arg(0) : IntRange{true, 0, arg(1).hi - 1};
-        }
-        break;
-      case ExprOp::Neg:
-        if (arg(0).known) r[i] = range_of(-static_cast<__int128>(arg(0).hi), -static_cast<__int128>(arg(0).lo));
-        break;
-      case ExprOp::Abs:  // abs(INT64_MIN) wraps: only ranges without it
-        if (arg(0).known && arg(0).lo > INT64_MIN) {
-          const IntRange a = arg(0);
-          r[i] = a.lo >= 0 ? a : a.hi <= 0 ? IntRange{true, -a.hi, -a.lo} : IntRange{true, 0, std::max(-a.lo, a.hi)};
-        }
-        break;
-      case ExprOp::Min:
-      case ExprOp::Max: {
-        // An unknown operand is still some int64: min(x, 3) <= 3 and max(x, 0) >= 0 whatever x is (clamp).
-        const IntRange a = arg(0).known ? arg(0) : IntRange{true, INT64_MIN, INT64_MAX};
-        const IntRange c = arg(1).known ? arg(1) : IntRange{true, INT64_MIN, INT64_MAX};
-        r[i] = in.op == ExprOp::Min ? IntRange{true, std::min(a.lo, c.lo), std::min(a.hi, c.hi)}
-                                    : IntRange{true, std::max(a.lo, c.lo), std::max(a.hi, c.hi)};
-        break;
-      }
-      case ExprOp::Where:
-        if (arg(1).known && arg(2).known) r[i] = {true, std::min(arg(1).lo, arg(2).lo), std::max(arg(1).hi, arg(2).hi)};
-        break;
-      default: break;  // unknown
     }
   }
   return r;

@@ -6,20 +6,18 @@
 //    tensor and no integer op can fail (can_fail below): then the kernel gets no error flag and the call
 //    needs no synchronising read-back of it (decoding steps through PagedAttention's tables).
 // Ranges are sound: every value the op table's semantics (attention/op_semantics.h) can produce for
-// inputs in the bounds lies in [lo, hi]; "unknown" is always allowed.
+// inputs in the bounds lies in [lo, hi]; "unknown" is always allowed. The analysis bounds the leaves (constants,
+// the index inputs, captured reads) and bools; every other instruction gets its op table row's rule
+// (OpInfo::int_range), so an op's interval rule lives beside the rest of its meaning.
 #pragma once
 #include <climits>
 #include <cstdint>
 #include <vector>
 
 #include "flexgrad/attention/mod_program.h"
+#include "flexgrad/attention/value_ranges.h"
 
 namespace fg {
-
-struct IntRange {
-  bool known = false;
-  int64_t lo = 0, hi = 0;  // inclusive, when known
-};
 
 // Exclusive upper bounds of the index inputs (each input is >= 0). The default: any non-negative int32.
 struct IndexBounds {

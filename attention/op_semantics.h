@@ -2,8 +2,8 @@
 //
 // Each op has one row in a table (op_info()): its name and arity, how its result kind follows from its
 // operands' kinds, its exact scalar evaluation, its derivative, what it does with NaN, zero divisors and
-// out-of-range values, and its CUDA C++ spelling for float, double, int64 and bool operands. Everything
-// that evaluates a ModProgram derives from here:
+// out-of-range values, its CUDA C++ spelling for float, double, int64 and bool operands, and its interval
+// rules (its result's range from its operands' ranges). Everything that evaluates a ModProgram derives from here:
 //   - infer_op_kinds (expr.h)             the kind rule
 //   - constant folding and the scalar evaluator (mod_program.cpp)   eval_op() / the row's `eval`
 //   - the TileEvaluator (tile_eval.cpp)   the element functions below (the same inline code, run in
@@ -13,6 +13,7 @@
 //   - the derivative (mod_grad.cpp)       the row's `grad`
 //   - the CUDA generator (mod_codegen.cpp)     the row's spellings (helpers in kernels/flex_abi.cuh)
 //   - the cuDNN lowering (cudnn_lowering.cpp, cuda/cudnn_sdpa.cpp)   the row's cuDNN pointwise mode
+//   - the interval analyses (int_ranges.h, float_ranges.h)   the row's `int_range` / `float_range`
 //
 // Semantics in one paragraph (PyTorch's and Python's unless said otherwise):
 //   ints are 64-bit two's complement and wrap on overflow (+ - * neg abs, INT64_MIN // -1 == INT64_MIN);
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "flexgrad/attention/expr.h"
+#include "flexgrad/attention/value_ranges.h"
 
 namespace fg {
 
@@ -183,10 +185,13 @@ struct OpInfo {
   // operand can move it by a whole step. Such ops, and every consumer whose result is not a float (comparisons,
   // casts to int or bool), take exact operands only: cuda_f32_approx spellings never feed them (mod_codegen.cpp).
   bool float_steps = false;
-  // Bounds of a float result for every operand (tanh: [-1, 1]); infinite where the op has none. (The tensor-core
-  // forward drops its running max where a score_mod's output is bounded this way: flex_forward_common.cuh.)
-  double range_lo = -std::numeric_limits<double>::infinity();
-  double range_hi = std::numeric_limits<double>::infinity();
+  // Interval rules, for the analyses of int_ranges.h and float_ranges.h: the range of an Int result (int_range)
+  // and of a Float result (float_range) from the operands' ranges; null: unknown. Sound: every value the row's
+  // `eval` can produce from operands in their ranges lies in the range, and a float one is NaN only where
+  // may_nan says (for a score that is not NaN); unknown is always allowed. (Tanh's [-1, 1] and sigmoid's [0, 1]
+  // bound a score_mod's core, which lets the tensor-core forward drop its running max: flex_forward_common.cuh.)
+  IntRange (*int_range)(const OperandRanges& x) = nullptr;
+  FloatRange (*float_range)(const OperandRanges& x) = nullptr;
 };
 
 // The row of `op`.
