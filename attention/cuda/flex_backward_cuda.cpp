@@ -429,12 +429,13 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // The dQ kernel on a second stream beside the dK/dV kernel (StreamFork below; both read the same inputs, the
   // preprocess's included, and write different outputs), so that one's ramp and tail overlap the other's work, as
   // PyTorch's Triton backward runs its dK/dV and dQ programs in one grid. The default where both kernels are
-  // warp-specialised: against the fold below (dQ, then dK/dV) it took 1.4-3.1% off the backward of six of issue 13's
-  // eight bf16 cases on an H100 and left causal at head dim 64 and at 16k even (session 32, five alternating rounds),
-  // the preprocess's own pass included. Elsewhere opt-in (within the noise on the H200, session 21, before the
-  // warp-specialised kernels). Not where dQ waits for the captured-gradient scales the dK/dV pass finds
-  // (deterministic captured gradients) or where the dK/dV kernel sums dQ itself. The same kernels, so the same
-  // results. FLEXGRAD_FLEX_BWD_CONCURRENT=1 / 0 forces / drops it.
+  // warp-specialised: against the fold below (dQ, then dK/dV), the preprocess's own pass included, on an H100
+  // (session 32, two calls of five and four alternating rounds, medians of the backward): causal 3.1% / 5.0%
+  // faster, softcap 2.3% / 1.6% (with approx_math 1.9%), ALiBi 2.8% / 0.6%, no mask 2.2% / 0.0%, sliding window
+  // 1.7% / 0.7%, document 1.4% / 0.2%, causal at head dim 64 and at 16k within +-0.6%. Elsewhere opt-in (within the
+  // noise on the H200, session 21, before the warp-specialised kernels). Not where dQ waits for the
+  // captured-gradient scales the dK/dV pass finds (deterministic captured gradients) or where the dK/dV kernel sums
+  // dQ itself. The same kernels, so the same results. FLEXGRAD_FLEX_BWD_CONCURRENT=1 / 0 forces / drops it.
   const bool concurrent = dq_kernel_runs && cap_mode != 1 &&
                           env_switch("FLEXGRAD_FLEX_BWD_CONCURRENT").value_or(ws.dq && ws.dkdv);
   // The warp-specialised dQ kernel computes the rows' delta and lse2 itself (FG_BWD_DQ_DELTA, bit for bit the
