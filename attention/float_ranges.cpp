@@ -35,16 +35,7 @@ std::vector<FloatRange> float_ranges(const ModProgram& p) {
         r[i] = FloatRange{-kInf, kInf, false, true};
         break;
       default:  // the op table's rule (unknown without one: a float captured read, floor, pow, ...)
-        if (const auto rule = op_info(in.op).float_range) {
-          FG_ASSERT(in.args.size() <= 3);
-          OperandRanges x;
-          for (size_t k = 0; k < in.args.size(); ++k) {
-            x.kind[k] = ins[in.args[k]].kind;
-            x.i[k] = ints[in.args[k]];
-            x.f[k] = r[in.args[k]];
-          }
-          r[i] = rule(x);
-        }
+        if (const auto rule = op_info(in.op).float_range) r[i] = rule(operand_ranges(p, in, ints, &r));
         break;
     }
   }

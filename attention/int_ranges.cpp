@@ -38,19 +38,24 @@ std::vector<IntRange> int_ranges(const ModProgram& p, const IndexBounds& bounds)
         break;
       }
       default:  // the op table's rule (unknown without one); floats are not tracked here
-        if (const auto rule = op_info(in.op).int_range) {
-          FG_ASSERT(in.args.size() <= 3);
-          OperandRanges x;
-          for (size_t k = 0; k < in.args.size(); ++k) {
-            x.kind[k] = ins[in.args[k]].kind;
-            x.i[k] = r[in.args[k]];
-          }
-          r[i] = rule(x);
-        }
+        if (const auto rule = op_info(in.op).int_range) r[i] = rule(operand_ranges(p, in, r));
         break;
     }
   }
   return r;
+}
+
+OperandRanges operand_ranges(const ModProgram& p, const Instr& in, const std::vector<IntRange>& ints,
+                             const std::vector<FloatRange>* floats) {
+  FG_ASSERT(in.args.size() <= 3);
+  OperandRanges x;
+  for (size_t k = 0; k < in.args.size(); ++k) {
+    const auto a = static_cast<size_t>(in.args[k]);
+    x.kind[k] = p.instrs()[a].kind;
+    x.i[k] = ints[a];
+    if (floats) x.f[k] = (*floats)[a];
+  }
+  return x;
 }
 
 bool can_fail(const ModProgram* p, const IndexBounds& bounds) {

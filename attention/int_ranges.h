@@ -29,6 +29,11 @@ struct IndexBounds {
 // captures bound what they read; int64 captures do not.
 std::vector<IntRange> int_ranges(const ModProgram& p, const IndexBounds& bounds = {});
 
+// The operands of `in` (an instruction of `p`) as the op table's interval rules see them (OperandRanges): their
+// kinds, their ranges in `ints` and, where `floats` is given, in it (else unknown).
+OperandRanges operand_ranges(const ModProgram& p, const Instr& in, const std::vector<IntRange>& ints,
+                             const std::vector<FloatRange>* floats = nullptr);
+
 // Whether evaluating `p` with inputs in `bounds` might raise: a captured read whose index is not proven
 // inside [-n, n) of its dim, an integer floor division or modulo whose divisor may be 0, an integer power
 // whose exponent may be negative. False means it provably cannot (null programs cannot fail).
