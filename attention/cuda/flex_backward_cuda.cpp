@@ -287,15 +287,26 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
 // "NAME VALUE" (assemble() writes the #define).
 std::string define(const char* name, int64_t v) { return fmt::format("{} {}", name, v); }
 
-// The second stream the dQ kernel runs on beside the dK/dV kernel (FLEXGRAD_FLEX_BWD_CONCURRENT): one for each
-// (device, stream of the call), created once and kept for the process, so that calls on other streams (another
-// thread's, or one being captured into a CUDA graph) never share it.
-cudaStream_t concurrent_stream(int device, cudaStream_t main) {
+// The second stream the dQ kernel runs on beside the dK/dV kernel (FLEXGRAD_FLEX_BWD_CONCURRENT) and the two events
+// that fork it from and join it to the call's stream: one set for each (device, stream of the call), created once and
+// kept for the process, so that calls on other streams (another thread's, or one being captured into a CUDA graph)
+// never share them, and a backward call creates no event (session 32 measured ~10 us more host time a call while
+// each call created and destroyed its two). Reusing an event is safe: cudaStreamWaitEvent waits for the event's most
+// recent record, made by this call on the same stream, or by a later call there, whose record covers this one's work.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+};
+const SideStream& concurrent_side(int device, cudaStream_t main) {
   static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, cudaStream_t> streams;
+  static std::map<std::pair<int, cudaStream_t>, SideStream> sides;
   std::lock_guard lock(mu);
-  cudaStream_t& s = streams[{device, main}];
-  if (s == nullptr) s = static_cast<cudaStream_t>(create_stream(device));
+  SideStream& s = sides[{device, main}];
+  if (s.join == nullptr) {  // the last one made: a failure part way leaves the entry to be finished next call
+    if (s.stream == nullptr) s.stream = static_cast<cudaStream_t>(create_stream(device));
+    if (s.fork == nullptr) FG_CUDA_CHECK(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming));
+    FG_CUDA_CHECK(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming));
+  }
   return s;
 }
 
@@ -314,34 +325,21 @@ int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63
 // the outputs and the caching allocator's reuse of the call's temporaries both come after it.
 class StreamFork {
  public:
-  StreamFork(int device, cudaStream_t main) : main_(main), side_(concurrent_stream(device, main)) {
-    FG_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    if (cudaEventCreateWithFlags(&join_, cudaEventDisableTiming) != cudaSuccess) {
-      cudaEventDestroy(fork_);
-      FG_FAIL(CudaError, "flex_attention backward (CUDA): cudaEventCreateWithFlags failed for the concurrent dQ");
-    }
-    try {
-      FG_CUDA_CHECK(cudaEventRecord(fork_, main_));
-      FG_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_, 0));
-    } catch (...) {
-      cudaEventDestroy(fork_);
-      cudaEventDestroy(join_);
-      throw;
-    }
+  StreamFork(int device, cudaStream_t main) : main_(main), side_(concurrent_side(device, main)) {
+    FG_CUDA_CHECK(cudaEventRecord(side_.fork, main_));
+    FG_CUDA_CHECK(cudaStreamWaitEvent(side_.stream, side_.fork, 0));
   }
   ~StreamFork() {
-    cudaEventRecord(join_, side_);
-    cudaStreamWaitEvent(main_, join_, 0);
-    cudaEventDestroy(fork_);
-    cudaEventDestroy(join_);
+    cudaEventRecord(side_.join, side_.stream);
+    cudaStreamWaitEvent(main_, side_.join, 0);
   }
   StreamFork(const StreamFork&) = delete;
   StreamFork& operator=(const StreamFork&) = delete;
-  cudaStream_t side() const { return side_; }
+  cudaStream_t side() const { return side_.stream; }
 
  private:
-  cudaStream_t main_, side_;
-  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  cudaStream_t main_;
+  const SideStream& side_;
 };
 
 void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& lse, const Tensor& dout_in,
