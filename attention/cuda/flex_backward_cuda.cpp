@@ -317,6 +317,7 @@ std::atomic<int64_t> g_finite_dscore_calls{0};
 std::atomic<int64_t> g_lean_step_calls{0};
 std::atomic<int64_t> g_skip_empty_calls{0};
 std::atomic<int64_t> g_pingpong_calls{0};
+std::atomic<int64_t> g_tile_prefetch_calls{0};
 // The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
 int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63) / 64) * ((p.Lkv + 63) / 64); }
 
@@ -515,6 +516,17 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     if ((ws.dkdv || ws.dq) && !skip_empty && pingpong) {
       defines.emplace_back("FG_BWD_PINGPONG 1");
       ++g_pingpong_calls;
+    }
+    // A persistent warp-specialised kernel's next grid CTA started before the current one ends (FG_BWD_TILE_PREFETCH,
+    // flex_backward_wgmma.cuh; the same bits): the default; FLEXGRAD_FLEX_BWD_TILE_PREFETCH=0 keeps the previous
+    // order (A/B). On an H100 (session 33, FLEXGRAD_FLEX_CUDNN=0 bench_flex_cuda --reps 20 --warmup 3, backward ms,
+    // three alternating rounds, new / previous): document 0.665 0.711 0.732 / 0.715 0.758 0.762 (-4 to -7%), sliding
+    // 1024 0.947 1.019 0.982 / 0.977 1.016 1.018 (0 to -3.5%). Forced onto causal (16.5 blocks a row) the persistent
+    // launch still did not beat the grid (1.692 1.778 1.799 against 1.654 1.763 1.792), so persistent_pays stands.
+    if ((ws.dkdv || ws.dq) && ws.persistent > 0) {
+      const bool prefetch = env_switch("FLEXGRAD_FLEX_BWD_TILE_PREFETCH").value_or(true);
+      defines.push_back(define("FG_BWD_TILE_PREFETCH", prefetch ? 1 : 0));
+      if (prefetch) ++g_tile_prefetch_calls;
     }
   }
   const char* dkdv_kernel = ws.dkdv ? "fg_bwd_dkdv_wgmma_ws" : cfg.wgmma ? "fg_bwd_dkdv_wgmma" : "fg_bwd_dkdv";
@@ -757,6 +769,7 @@ int64_t lean_step_backward_calls() { return g_lean_step_calls.load(); }
 int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
 int64_t finite_dscore_backward_calls() { return g_finite_dscore_calls.load(); }
 int64_t pingpong_backward_calls() { return g_pingpong_calls.load(); }
+int64_t tile_prefetch_backward_calls() { return g_tile_prefetch_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

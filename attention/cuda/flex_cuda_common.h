@@ -118,6 +118,10 @@ int64_t finite_dscore_backward_calls();
 // their products (FG_BWD_PINGPONG, flex_backward_wgmma.cuh: by default where both head dims are 128;
 // FLEXGRAD_FLEX_BWD_PINGPONG=1 / 0 forces it / drops it; flex_backward_cuda.cpp).
 int64_t pingpong_backward_calls();
+// How many backward calls of this process ran persistent warp-specialised kernels that start the next grid CTA
+// before the current one ends (FG_BWD_TILE_PREFETCH, flex_backward_wgmma.cuh: the default there;
+// FLEXGRAD_FLEX_BWD_TILE_PREFETCH=0 keeps the previous order; flex_backward_cuda.cpp).
+int64_t tile_prefetch_backward_calls();
 // How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).

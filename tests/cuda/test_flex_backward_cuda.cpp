@@ -1045,11 +1045,14 @@ void expect_bad_env_named(const char* var) {
 // the grid's CTAs it takes from a queue, its stage ring, resident-tile barriers and counters carried from one to
 // the next, so they must give the grid kernels' bits. "3" caps the grid at 3 CTAs: every CTA then runs many grid
 // CTAs on these small problems, among them ones with no blocks to walk (rows that see nothing, kv blocks no q
-// row visits) and ones past a block's end; "1" is the launch the option gives (one CTA an SM). Also against the
-// float64 golden written in this file.
+// row visits) and ones past a block's end; "1" is the launch the option gives (one CTA an SM). Both with the next
+// grid CTA started before the current one ends (FG_BWD_TILE_PREFETCH, the default: taken and its walk started
+// before the consumers release the resident tile, which they do after the last chunk's score products) and without
+// (FLEXGRAD_FLEX_BWD_TILE_PREFETCH=0, "3" only). Also against the float64 golden written in this file.
 TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
-  ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr);
+  ScopedEnv persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr), ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr),
+      prefetch("FLEXGRAD_FLEX_BWD_TILE_PREFETCH", nullptr);
   auto check_case = [&](Case c, DType dt, const char* what) {
     SCOPED_TRACE(what);
     c.kernel = FlexCudaBackward::Wgmma;
@@ -1058,11 +1061,15 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
     persistent.set("0");  // (unset, these short rows would take the persistent launch too)
     cuda::jit::clear_memory_cache();
     const Grads grid = run_stub(c, in, gold, dt, kCUDA);
-    for (const char* n : {"3", "1"}) {
+    for (const char* n : {"3", "1", "3 without prefetch"}) {
       SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n);
-      persistent.set(n);
+      persistent.set(std::string(n, 1).c_str());
+      prefetch.set(n[1] == '\0' ? nullptr : "0");
       const cuda::jit::JitStats before = cuda::jit::stats();
+      const int64_t prefetched = cuda::flex::tile_prefetch_backward_calls();
       const Grads w = run_stub(c, in, gold, dt, kCUDA);
+      EXPECT_EQ(cuda::flex::tile_prefetch_backward_calls() - prefetched, n[1] == '\0' ? 1 : 0)
+          << "FLEXGRAD_FLEX_BWD_TILE_PREFETCH's counter";
       // The persistent kernels are another module (FG_BWD_PERSISTENT): were the grid's module used again (the host
       // keeping the grid kernels for this case), the bit comparison below would compare it with itself.
       const cuda::jit::JitStats after = cuda::jit::stats();
@@ -1075,6 +1082,7 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
       EXPECT_LE(rel_err(w.dq, gold.g.dq), tol(dt)) << "dq against the golden";
     }
     persistent.set(nullptr);
+    prefetch.set(nullptr);
   };
   check_case(document_case(), kBFloat16, "document, clipped at L 300");
   {

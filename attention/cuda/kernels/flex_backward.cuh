@@ -886,6 +886,10 @@ struct FgQWalk {
     bi = 0;
     settle(p);
   }
+  // True only where no chunk follows this one (false may still be the last: rows and blocks past the sequence).
+  __device__ __forceinline__ bool last() const {
+    return q0 + FG_Q_CHUNK >= qhi && bi + 1 >= row.size() && h + 1 == h_hi && b + 1 >= b_hi;
+  }
   __device__ void next(const FgBwdParams& p) {
     q0 += FG_Q_CHUNK;
     if (q0 < qhi) return;
@@ -917,6 +921,8 @@ struct FgKvWalk {
     bi = 0;
     settle(p);
   }
+  // True only where no chunk follows this one (false may still be the last: blocks past the sequence).
+  __device__ __forceinline__ bool last() const { return kv0 + FG_KV_CHUNK >= khi && bi + 1 >= row.size(); }
   __device__ void next(const FgBwdParams& p) {
     kv0 += FG_KV_CHUNK;
     if (kv0 < khi) return;
