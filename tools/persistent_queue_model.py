@@ -7,13 +7,17 @@ the lead), the resident tile's barriers (`bar_kv` / `bar_kv_free`, or the dQ ker
 the stage ring (`bar_full` / `bar_empty`), with the producer's 4 warps and the consumers' 8 as agents that advance
 one step at a time in a random order. Grid CTAs are valid or not (`fg_dkdv_tile` returning false) and walk 0-4
 chunks; `dq_style` releases stages as the dQ consumers do (a stage one chunk late, the last with the tile).
+`prefetch` models FG_BWD_TILE_PREFETCH (the default in the persistent backward): the producer takes the next grid CTA
+without waiting for the resident tile's release and waits for it only before loading the tile; the consumers release
+the tile after the chunk flagged last (FgBwdChunk::last, which the walk may leave unset: conservative), or at the end.
 
 The forward's FG_WGMMA_PIPE 3 loop (`run_forward`), warp by warp: its producer's load order, stages and resident Q,
 and the consumer warpgroups' turns with FG_WGMMA_PINGPONG, persistent too.
 
 What it checks: no deadlock; no waiter's parity aliases (an mbarrier two phases past or behind the phase it waits
 for); every chunk a consumer reads is its grid CTA's, in order, still in its stage; every valid
-grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released; no
+grid CTA runs exactly once; a CTA takes a grid CTA only once the previous one's resident tile is released (without
+`prefetch`; with it, it loads the tile only then, and no consumer reads a resident tile that is not its grid CTA's); no
 stage is refilled while a product reads it; no named barrier is left half-arrived at exit.
 
 The kernels are the truth: change this model with them. Run: python3 tools/persistent_queue_model.py [seeds]
@@ -87,10 +91,11 @@ def interleave(agents, rnd, seed):
         steps += 1
         assert steps < 200000, ("deadlock", seed)
 
-def run(seed, ncta, stages, dq_style):
+def run(seed, ncta, stages, dq_style, prefetch):
     rnd = random.Random(seed)
     njobs = rnd.randint(0, 12)
-    jobs = [(rnd.random() < 0.8, rnd.randint(0, 4)) for _ in range(njobs)]  # (valid tile, chunks)
+    # (valid tile, chunks, whether the walk flags its last chunk: fg's last() is conservative)
+    jobs = [(rnd.random() < 0.8, rnd.randint(0, 4), rnd.random() < 0.8) for _ in range(njobs)]
     counter = [0]
     done = []
     agents = []
@@ -106,14 +111,18 @@ def run(seed, ncta, stages, dq_style):
         def producer(warp):
             j = it = k = 0
             while True:
-                job = yield from queue.take(k, True, warp == 0, tile_free, it)
+                job = yield from queue.take(k, True, warp == 0, tile_free, 0 if prefetch else it)
                 k += 1
                 if job < 0:
                     return
-                valid, n = jobs[job]
+                valid, n, flags_last = jobs[job]
                 if not valid:
                     continue
+                if prefetch and it > 0:  # fg_resident_wait
+                    while not tile_free.passed(it - 1):
+                        yield
                 if warp == 0:
+                    assert tile_free.phase >= it, "a resident tile loaded before the last one was released"
                     resident[0] = job
                 tile.arrive()
                 c = 0
@@ -123,7 +132,7 @@ def run(seed, ncta, stages, dq_style):
                         while not empty[st].passed(j // stages - 1):
                             yield
                     if warp == 0:
-                        chunk[st] = (job, "end" if c == n else c)
+                        chunk[st] = (job, "end" if c == n else c, prefetch and flags_last and c == n - 1)
                     full[st].arrive()
                     j += 1
                     if c == n:
@@ -139,10 +148,11 @@ def run(seed, ncta, stages, dq_style):
                 k += 1
                 if job < 0:
                     return
-                valid, n = jobs[job]
+                valid, n, _ = jobs[job]
                 if not valid:
                     continue
                 j0 = j
+                released = False
                 while not tile.passed(it):
                     yield
                 assert resident[0] == job, ("resident tile", resident[0], job)
@@ -159,8 +169,15 @@ def run(seed, ncta, stages, dq_style):
                             j += 1
                         break
                     assert data[1] == seen, ("chunk out of order", data, seen)
+                    assert not released, "a chunk after the one flagged last"
                     seen += 1
-                    yield
+                    assert resident[0] == job, "resident tile overwritten before its score products"
+                    yield  # the score products (read the resident tile and the stage)
+                    assert resident[0] == job, "resident tile overwritten while its score products read it"
+                    if data[2]:  # the last chunk's score products done: the resident tile goes
+                        tile_free.arrive()
+                        released = True
+                    yield  # the element step, the gradient products (read the stage)
                     assert chunk[st] == data, "stage overwritten while read"
                     if dq_style:  # the previous chunk's stage goes back once this one's products are issued
                         if j > j0:
@@ -174,7 +191,8 @@ def run(seed, ncta, stages, dq_style):
                         empty[(j - 1) % stages].arrive()
                     empty[j % stages].arrive()
                     j += 1
-                tile_free.arrive()
+                if not released:
+                    tile_free.arrive()
                 if warp == 0:
                     done.append(job)
                 yield
@@ -188,7 +206,7 @@ def run(seed, ncta, stages, dq_style):
     for _ in range(ncta):
         make_cta()
     interleave(agents, rnd, seed)
-    assert sorted(done) == sorted(i for i, (valid, _) in enumerate(jobs) if valid), "a grid CTA ran twice or never"
+    assert sorted(done) == sorted(i for i, (valid, _, _) in enumerate(jobs) if valid), "a grid CTA ran twice or never"
 
 
 
@@ -366,8 +384,10 @@ def main():
         for ncta in (1, 2, 3, 5):
             for stages in (2, 3, 4):
                 for dq_style in (False, True):
-                    run(seed * 100 + ncta * 10 + stages + dq_style * 1000000, ncta, stages, dq_style)
-                    cases += 1
+                    for prefetch in (False, True):
+                        run(seed * 100 + ncta * 10 + stages + dq_style * 1000000 + prefetch * 2000000, ncta, stages,
+                            dq_style, prefetch)
+                        cases += 1
             for pingpong in (False, True):
                 run_forward(seed * 100 + ncta * 10 + pingpong * 1000000, ncta, pingpong)
                 cases += 1
