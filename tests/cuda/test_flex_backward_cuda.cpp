@@ -1061,14 +1061,19 @@ TEST_F(FlexBackwardWgmma, PersistentKernelsMatchTheGridOnes) {
     persistent.set("0");  // (unset, these short rows would take the persistent launch too)
     cuda::jit::clear_memory_cache();
     const Grads grid = run_stub(c, in, gold, dt, kCUDA);
-    for (const char* n : {"3", "1", "3 without prefetch"}) {
-      SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n);
-      persistent.set(std::string(n, 1).c_str());
-      prefetch.set(n[1] == '\0' ? nullptr : "0");
+    struct Launch {
+      const char* n;  // FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT
+      bool prefetch;  // FLEXGRAD_FLEX_BWD_TILE_PREFETCH unset (the default) or "0"
+    };
+    for (const Launch& l : {Launch{"3", true}, Launch{"1", true}, Launch{"3", false}}) {
+      const char* n = l.n;
+      SCOPED_TRACE(std::string("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT=") + n + (l.prefetch ? "" : ", TILE_PREFETCH=0"));
+      persistent.set(n);
+      prefetch.set(l.prefetch ? nullptr : "0");
       const cuda::jit::JitStats before = cuda::jit::stats();
       const int64_t prefetched = cuda::flex::tile_prefetch_backward_calls();
       const Grads w = run_stub(c, in, gold, dt, kCUDA);
-      EXPECT_EQ(cuda::flex::tile_prefetch_backward_calls() - prefetched, n[1] == '\0' ? 1 : 0)
+      EXPECT_EQ(cuda::flex::tile_prefetch_backward_calls() - prefetched, l.prefetch ? 1 : 0)
           << "FLEXGRAD_FLEX_BWD_TILE_PREFETCH's counter";
       // The persistent kernels are another module (FG_BWD_PERSISTENT): were the grid's module used again (the host
       // keeping the grid kernels for this case), the bit comparison below would compare it with itself.

@@ -583,8 +583,11 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_i64 bk, hk, mb, kv0;
       int nkv;
       if (!fg_dkdv_tile(p, cta, bk, hk, mb, kv0, nkv)) return;
+      // The walk starts before the wait below with FG_BWD_TILE_PREFETCH (its block list's reads overlap the current
+      // grid CTA's end); else after the tile's copies, as before: kept live across them, the walk made the grid
+      // kernels' producers spill 8-12 bytes (ptxas, nvcc 13.0), and =0 stays the previous code to compare with.
       FgQWalk w;
-      if (FG_BWD_TILE_PREFETCH) w.start(p, bk, hk, mb);  // (its block list's reads before the wait below)
+      if (FG_BWD_TILE_PREFETCH) w.start(p, bk, hk, mb);
       // K and V, once the previous grid CTA's last score products have read its (fg_resident_wait, or
       // fg_for_each_cta's wait without FG_BWD_TILE_PREFETCH).
       fg_resident_wait(&bar_kv_free, it);
@@ -1019,7 +1022,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const fg_i64 bk = p.Bkv == 1 ? 0 : b, hk = h / p.G;
       const fg_i64 row0 = (b * p.Hq + h) * p.Lq + q0;
       FgKvWalk w;
-      if (FG_BWD_TILE_PREFETCH) w.start(p, b, h, mb);  // (its block list's reads before the wait below)
+      if (FG_BWD_TILE_PREFETCH) w.start(p, b, h, mb);  // (before the wait below or after the copies: as the dK/dV one)
       // Q and dO, once the previous grid CTA's last score products have read its (fg_resident_wait, or
       // fg_for_each_cta's wait without FG_BWD_TILE_PREFETCH).
       fg_resident_wait(&bar_q_free, it);
