@@ -117,6 +117,15 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
   return 2 * static_cast<size_t>(128 + stages * 64) * (p.E + p.Ev) +
          (dkdv ? static_cast<size_t>(stages) * 2 * 64 * 4 : 0) + 1024;
 }
+// The warp-specialised dK/dV kernel's two dS^T tiles with the fused dQ (kv_tile x 64, 16-bit), 1024-byte aligned
+// after lse2 / delta (up to 1023 bytes of padding), then with FG_DQ_BULK each consumer warpgroup's float32 staging
+// tile (64 rows of FG_DQ_STAGE_ROW_B = 288 bytes).
+size_t fused_dq_tiles_smem(const Config& c, bool bulk) {
+  return 2 * static_cast<size_t>(c.kv_tile) * 64 * 2 + 1024 + (bulk ? 2 * 64 * 288 : 0);
+}
+// Whether the warp-specialised fused dQ adds its shares with bulk reduces from shared memory (FG_DQ_BULK), not
+// red.global from registers; FLEXGRAD_FLEX_BWD_DQ_BULK=0 keeps the red.global adds (A/B).
+bool dq_bulk() { return env_switch("FLEXGRAD_FLEX_BWD_DQ_BULK").value_or(true); }
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
 // `aligned`: every tensor the kernels read or write has 16-byte-aligned rows (cp.async and the packed stores).
@@ -262,20 +271,24 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   WsChoice w;
   // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
   const bool empty = p.B * p.Hq * p.Lq * p.Bkv * p.Hkv * p.Lkv == 0;
-  if (!c.wgmma || dq_fused || empty || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
+  if (!c.wgmma || empty || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
       !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
     return w;
   w.stages = 3;
+  // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
+  constexpr size_t kStaticReserve = 8192;
+  const size_t fused_extra = dq_fused ? fused_dq_tiles_smem(c, dq_bulk()) : 0;
+  // The fused dQ's tiles leave room for two stages only.
+  if (dq_fused && ws_smem(p, 3, true) + fused_extra + kStaticReserve > smem_limit) w.stages = 2;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
     FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
              "FLEXGRAD_FLEX_WGMMA_BWD_STAGES: expected 2, 3 or 4; got \"{}\"", env);
     w.stages = env[0] - '0';
   }
-  // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
-  constexpr size_t kStaticReserve = 8192;
   const bool fits = ws_smem(p, w.stages, true) + kStaticReserve <= smem_limit;
-  w.dkdv = fits && c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128);
-  w.dq = fits && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
+  w.dkdv = c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128) &&
+           ws_smem(p, w.stages, true) + fused_extra + kStaticReserve <= smem_limit;
+  w.dq = fits && !dq_fused && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
   if (!w.dkdv && !w.dq) w.stages = 0;
   if (w.stages > 0) {
     const std::optional<int64_t> env = env_persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT");
@@ -318,6 +331,8 @@ std::atomic<int64_t> g_lean_step_calls{0};
 std::atomic<int64_t> g_skip_empty_calls{0};
 std::atomic<int64_t> g_pingpong_calls{0};
 std::atomic<int64_t> g_tile_prefetch_calls{0};
+std::atomic<int64_t> g_fused_dq_calls{0};
+std::atomic<int64_t> g_fused_dq_ws_calls{0};
 // The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
 int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63) / 64) * ((p.Lkv + 63) / 64); }
 
@@ -409,9 +424,11 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
   const bool dq_fused = fused_dq(p, cfg, cap_mode);
   const WsChoice ws = ws_choice(p, cfg, dq_fused, cap_mode, static_cast<size_t>(smem_optin));
-  // The fused dQ's dS^T tile (kv_tile x 64 q, 16-bit).
-  const size_t smem_dkdv = ws.dkdv ? ws_smem(p, ws.stages, true)
-                                   : cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
+  // The fused dQ's dS^T tiles (kv_tile x 64 q, 16-bit: one in the plain kernel, two aligned ones in the
+  // warp-specialised one).
+  const size_t smem_dkdv =
+      ws.dkdv ? ws_smem(p, ws.stages, true) + (dq_fused ? fused_dq_tiles_smem(cfg, dq_bulk()) : 0)
+              : cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
   const size_t smem_dq = ws.dq ? ws_smem(p, ws.stages, false) : cfg.smem_dq;
   std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
@@ -479,6 +496,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
     defines.push_back(define("FG_WG_DQ", cfg.wg_dq));
     defines.push_back(define("FG_DQ_ATOMIC", dq_fused ? 1 : 0));
+    if (dq_fused && ws.dkdv && dq_bulk()) defines.emplace_back("FG_DQ_BULK 1");
     defines.push_back(define("FG_BWD_WS_DKDV", ws.dkdv ? 1 : 0));
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
@@ -499,7 +517,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       skip_empty = true;
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
-      if (env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
+      if (!dq_fused && env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
     }
     // The warp-specialised kernels' two consumer warpgroups take turns issuing their products (FG_BWD_PINGPONG,
     // flex_backward_wgmma.cuh; the same bits), so that one's element step runs while the other's products hold the
@@ -523,7 +541,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     // three alternating rounds, new / previous): document 0.665 0.711 0.732 / 0.715 0.758 0.762 (-4 to -7%), sliding
     // 1024 0.947 1.019 0.982 / 0.977 1.016 1.018 (0 to -3.5%). Forced onto causal (16.5 blocks a row) the persistent
     // launch still did not beat the grid (1.692 1.778 1.799 against 1.654 1.763 1.792), so persistent_pays stands.
-    if ((ws.dkdv || ws.dq) && ws.persistent > 0) {
+    if ((ws.dkdv || ws.dq) && ws.persistent > 0 && !dq_fused) {  // (the fused dQ's products read K to the end)
       const bool prefetch = env_switch("FLEXGRAD_FLEX_BWD_TILE_PREFETCH").value_or(true);
       defines.push_back(define("FG_BWD_TILE_PREFETCH", prefetch ? 1 : 0));
       if (prefetch) ++g_tile_prefetch_calls;
@@ -593,6 +611,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (dq_fused) {
     dq_acc = zeros({p.B, p.Hq, p.Lq, p.E}, TensorOptions().dtype(kFloat32).device(dev));
     bp.dq_acc = dq_acc.data_ptr();
+    ++g_fused_dq_calls;
+    if (ws.dkdv) ++g_fused_dq_ws_calls;
   }
 
   // Capture-gradient accumulators, indexed like the kernel's FgModArgs slots (fg_cap_grad passes the
@@ -770,6 +790,8 @@ int64_t skip_empty_backward_calls() { return g_skip_empty_calls.load(); }
 int64_t finite_dscore_backward_calls() { return g_finite_dscore_calls.load(); }
 int64_t pingpong_backward_calls() { return g_pingpong_calls.load(); }
 int64_t tile_prefetch_backward_calls() { return g_tile_prefetch_calls.load(); }
+int64_t fused_dq_backward_calls() { return g_fused_dq_calls.load(); }
+int64_t fused_dq_ws_backward_calls() { return g_fused_dq_ws_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

@@ -122,6 +122,11 @@ int64_t pingpong_backward_calls();
 // before the current one ends (FG_BWD_TILE_PREFETCH, flex_backward_wgmma.cuh: the default there;
 // FLEXGRAD_FLEX_BWD_TILE_PREFETCH=0 keeps the previous order; flex_backward_cuda.cpp).
 int64_t tile_prefetch_backward_calls();
+// How many backward calls of this process summed dQ in the dK/dV kernel with float atomics (FG_DQ_ATOMIC, no dQ
+// kernel: calls that are not deterministic; FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ; flex_backward_cuda.cpp), and how many of
+// those in the warp-specialised dK/dV kernel.
+int64_t fused_dq_backward_calls();
+int64_t fused_dq_ws_backward_calls();
 // How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).

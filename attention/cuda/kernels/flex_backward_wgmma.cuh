@@ -34,7 +34,10 @@
 //     clipped by its block's end), its lse2 / delta and mods' parts into FG_BWD_STAGES stages, published on full
 //     mbarriers with the chunk's descriptor; the consumers wait on those and release a stage on its empty barrier,
 //     so they neither copy, walk the block lists nor meet at a CTA barrier. setmaxnreg moves registers from the
-//     producer (40) to the consumers (232). A translation unit holds one form of each kernel.
+//     producer (40) to the consumers (232). A translation unit holds one form of each kernel. With FG_DQ_ATOMIC the
+//     dK/dV one sums dQ as the plain one does, its dS^T tiles double-buffered, the two consumer warpgroups meeting
+//     once a chunk (after their gradient products are issued) before the dQ product, whose share each adds with
+//     bulk reduces from a shared staging tile (FG_DQ_BULK) or red.global.
 // Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
 // fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows) or TMA (the same
 // layout: SWIZZLE_128B boxes of 64 columns x 64 rows).
@@ -45,8 +48,9 @@
 //   FG_VEC 1
 //   FG_DQ_ATOMIC           1: dQ summed by the dK/dV kernel with float atomics (the host: only where the call is
 //                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
-//   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; not with
-//                          FG_DQ_ATOMIC); FG_BWD_STAGES (2-4, default 3) its stages
+//   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; the dK/dV one with
+//                          FG_DQ_ATOMIC too, FG_DQ_BULK 1 adding dQ by bulk reduces); FG_BWD_STAGES (2-4, default
+//                          3) its stages
 //   FG_BWD_PINGPONG        1: the warp-specialised kernels' consumer warpgroups take turns at their products (below)
 //   FG_BWD_DQ_DELTA        1: fg_bwd_dq_wgmma_ws computes its rows' delta and lse2 (fg_row_dot_quad: bit for bit
 //                          fg_bwd_preprocess's) and writes them for the dK/dV kernel, which the host then launches
@@ -55,7 +59,8 @@
 // kernel would need 320 a thread). Dynamic shared memory (bytes, + 1024 to align the window for the swizzle):
 //   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
 //   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024;
-//   the warp-specialised forms: FG_BWD_STAGES chunks in place of 2 (and FG_BWD_STAGES x 512 bytes of lse, delta).
+//   the warp-specialised forms: FG_BWD_STAGES chunks in place of 2 (and FG_BWD_STAGES x 512 bytes of lse, delta);
+//   with FG_DQ_ATOMIC + 2 KV_TILE 64 x 2 (two dS^T tiles) + 1024 (their alignment) + 2 x 64 x 288 with FG_DQ_BULK.
 #pragma once
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
@@ -125,9 +130,93 @@ __device__ __forceinline__ unsigned char* fg_aligned_smem(unsigned char* raw) {
 }
 
 #if FG_DQ_ATOMIC
+// ---- the fused dQ (FG_DQ_ATOMIC), shared by fg_bwd_dkdv_wgmma and fg_bwd_dkdv_wgmma_ws
 // Two float32 adds at 8-byte-aligned `dst`, performed in L2 (no return value).
 __device__ __forceinline__ void fg_red_add_v2(float* dst, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
+// This warp's dS^T (its 16 kv rows x the chunk's 64 q columns, packed as the dK product's A operand) into the
+// shared tile `st` (one swizzled atom of KV_TILE x 64) that the dQ product reads as its transposed A operand; then
+// the async-proxy fence that lets wgmma see the stores. The caller joins the two warpgroups before that product.
+__device__ __forceinline__ void fg_dkdv_store_dst(fg_s* st, const unsigned (&ad)[FG_Q_CHUNK / 16][4], int kr0, int g,
+                                                  int t) {
+#pragma unroll
+  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
+    const int c = 16 * kq + 2 * t;
+    *(unsigned*)(st + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c)) = ad[kq][0];
+    *(unsigned*)(st + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c)) = ad[kq][1];
+    *(unsigned*)(st + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c + 8)) = ad[kq][2];
+    *(unsigned*)(st + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c + 8)) = ad[kq][3];
+  }
+  fg_fence_proxy_async();
+}
+// dQ[:, 64 wg .. 64 wg + 63] of the chunk's rows, this chunk's share: dS K with A = dS^T from the shared tile at
+// st_addr (MN-major), B = K's column atom wg (MN-major), k = the tile's 128 kv rows of both warpgroups. After a
+// fg_wgmma_fence; not committed.
+__device__ __forceinline__ void fg_dkdv_issue_dq(float (&dqc)[32], unsigned st_addr, unsigned k_addr, int wg) {
+#pragma unroll
+  for (int kk = 0; kk < FG_KV_TILE / 16; ++kk)
+    fg_wgmma_m64n64k16_ss<1, FG_BF16, 1>(dqc, fg_desc_mnmajor(st_addr, 0, 0, kk),
+                                         fg_desc_mnmajor(k_addr, FG_KV_TILE * 128, wg, kk), kk > 0);
+}
+// The warp-specialised kernel's way (FG_DQ_BULK, its default): the product goes to a float32 staging tile in shared
+// memory (kStageRowB bytes a row, 64 columns: the padding puts each warp's stores into two wavefronts), and lanes of
+// the warpgroup's first warp each add two of its rows to global memory with one bulk reduce a row
+// (cp.reduce.async.bulk ... add.f32: the copy engine reads the shared row and adds it in L2), 16 instructions a
+// thread fewer than the red.global adds and one L2 request a row instead of 32.
+#ifndef FG_DQ_BULK
+#define FG_DQ_BULK 0
+#endif
+#define FG_DQ_STAGE_ROW_B 288
+__device__ __forceinline__ void fg_bulk_reduce_add_f32(float* gdst, unsigned ssrc, unsigned bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(gdst), "r"(ssrc),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void fg_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups have read their shared sources (read) / completed (all).
+__device__ __forceinline__ void fg_bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void fg_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Warpgroup wg's share of the fused dQ through its staging tile `stage` (64 rows of FG_DQ_STAGE_ROW_B bytes): the
+// lanes that issued the previous chunk's reduces wait until those have read the tile, the warpgroup meets (named
+// barrier 4 + wg), every thread stores its accumulators, fences them for the async proxy, the warpgroup meets again
+// and lane r of its first warp issues the reduces of rows r and r + 32 (those below nq) and commits them.
+__device__ __forceinline__ void fg_dq_bulk_add(const FgBwdParams& p, const float (&dqc)[32], unsigned char* stage,
+                                               int b, int h, fg_i64 q0, int nq, int warp, int lane, int wg) {
+  const int g = lane >> 2, t = lane & 3;
+  if ((warp & 3) == 0) fg_bulk_wait_read_all();
+  fg_named_sync(4 + wg, 128);
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float* row = (float*)(stage + (16 * (warp & 3) + g + 8 * hf) * FG_DQ_STAGE_ROW_B);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) *(float2*)(row + 8 * j + 2 * t) = make_float2(dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
+  }
+  fg_fence_proxy_async();
+  fg_named_sync(4 + wg, 128);
+  if ((warp & 3) == 0) {
+    const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
+#pragma unroll
+    for (int r = lane; r < 64; r += 32)
+      if (r < nq)
+        fg_bulk_reduce_add_f32(p.dq_acc + (drow0 + r) * FG_E + 64 * wg, fg_smem_addr(stage + r * FG_DQ_STAGE_ROW_B),
+                               256);
+    fg_bulk_commit();
+  }
+}
+// Adds the completed product (m64n64 accumulator layout: this thread's rows 16 (warp % 4) + g (+ 8), columns 8 j +
+// 2 t (+ 1)) to rows q0 .. q0 + nq - 1 of (b, h)'s float32 dQ sums, columns 64 wg ..; rows past nq are left alone.
+__device__ __forceinline__ void fg_dq_red_add(const FgBwdParams& p, const float (&dqc)[32], int b, int h, fg_i64 q0,
+                                              int nq, int warp, int g, int t, int wg) {
+  const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = 16 * (warp & 3) + g + 8 * hf;
+    if (i >= nq) continue;
+    float* dst = p.dq_acc + (drow0 + i) * FG_E + 64 * wg + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) fg_red_add_v2(dst + 8 * j, dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
+  }
 }
 #endif
 
@@ -279,29 +368,15 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
     fg_dkdv_pack(st, dpt, ap, ad);
 #if FG_DQ_ATOMIC
-    // dS^T (this warpgroup's 64 kv rows x the chunk's q columns) into the shared tile that the dQ product reads
-    // as its transposed A operand: stored before `ad` becomes an in-flight product's register operand.
-#pragma unroll
-    for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq) {
-      const int c = 16 * kq + 2 * t;
-      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c)) = ad[kq][0];
-      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c)) = ad[kq][1];
-      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g, c + 8)) = ad[kq][2];
-      *(unsigned*)(St + fg_sw128_atoms_offset<FG_KV_TILE>(kr0 + g + 8, c + 8)) = ad[kq][3];
-    }
-    fg_fence_proxy_async();
-    asm volatile("bar.sync 1, %0;" ::"n"(FG_NT_DKDV) : "memory");  // both warpgroups' rows are in
+    // dS^T into the shared tile the dQ product reads, before `ad` becomes an in-flight product's register operand.
+    fg_dkdv_store_dst(St, ad, kr0, g, t);
+    fg_named_sync(1, FG_NT_DKDV);  // both warpgroups' rows are in
 #endif
     fg_wgmma_fence();
     fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
 #if FG_DQ_ATOMIC
-    // dQ[:, 64 wg .. 64 wg + 63] of the chunk's rows += dS K: A = dS^T from the shared tile (MN-major), B = K's
-    // column atom wg (MN-major), k = the tile's 128 kv rows of both warpgroups.
     float dqc[32];
-#pragma unroll
-    for (int kk = 0; kk < FG_KV_TILE / 16; ++kk)
-      fg_wgmma_m64n64k16_ss<1, FG_BF16, 1>(dqc, fg_desc_mnmajor(fg_smem_addr(St), 0, 0, kk),
-                                           fg_desc_mnmajor(fg_smem_addr(Ks), FG_KV_TILE * 128, wg, kk), kk > 0);
+    fg_dkdv_issue_dq(dqc, fg_smem_addr(St), fg_smem_addr(Ks), wg);
 #endif
     fg_wgmma_commit();
     fg_wgmma_wait<0>();
@@ -311,17 +386,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
     fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
     fg_wgmma_fence_operands<32>(dqc);
-    {
-      const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int i = 16 * (warp & 3) + g + 8 * hf;
-        if (i >= nq) continue;
-        float* dst = p.dq_acc + (drow0 + i) * FG_E + 64 * wg + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) fg_red_add_v2(dst + 8 * j, dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
-      }
-    }
+    fg_dq_red_add(p, dqc, b, h, q0, nq, warp, g, t, wg);
 #endif
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
@@ -350,9 +415,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 // products (the only ones that read it) have completed (FgBwdChunk::last), not after its element step and gradient
 // products: the two kernels 7% and 5.5% shorter there (queue waits under 1%). Same products in the same order: the
 // same bits. The grid launch runs one grid CTA a CTA: nothing to start early, so it keeps the previous code.
-#if !FG_BWD_PERSISTENT
+#if !FG_BWD_PERSISTENT || FG_DQ_ATOMIC
 #undef FG_BWD_TILE_PREFETCH
-#define FG_BWD_TILE_PREFETCH 0  // (one grid CTA a CTA: nothing to start early)
+#define FG_BWD_TILE_PREFETCH 0  // (one grid CTA a CTA: nothing to start early; the fused dQ's products read K)
 #elif !defined(FG_BWD_TILE_PREFETCH)
 #define FG_BWD_TILE_PREFETCH 1
 #endif
@@ -532,8 +597,11 @@ __device__ __forceinline__ void fg_resident_release(unsigned long long* tile_fre
 // partial); the two consumer warpgroups wait on those barriers and release a stage on its empty barrier once
 // their products have read it, so neither copies, walks the block lists or meets the other at a CTA barrier.
 // Registers move from the producer to the consumers with setmaxnreg (FG_BWD_WS_*_REGS).
-#if FG_WG_DKDV != 2 || FG_DQ_ATOMIC
-#error "fg_bwd_dkdv_wgmma_ws: two consumer warpgroups and the dQ kernel (no FG_DQ_ATOMIC)"
+#if FG_WG_DKDV != 2
+#error "fg_bwd_dkdv_wgmma_ws: two consumer warpgroups"
+#endif
+#if FG_DQ_ATOMIC && defined(FG_BWD_SKIP_DKDV_WG)
+#error "fg_bwd_dkdv_wgmma_ws: the fused dQ joins both warpgroups every chunk (not with FG_BWD_SKIP_DKDV_WG)"
 #endif
 // Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous; boxes of 64 columns x 64 rows,
 // 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
@@ -558,6 +626,16 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   fg_s* Os = Qs + FG_BWD_STAGES * FG_Q_CHUNK * FG_E;              // FG_BWD_STAGES x Ev / 64 atoms (dO)
   float* Ls = (float*)(Os + FG_BWD_STAGES * FG_Q_CHUNK * FG_EV);  // FG_BWD_STAGES x [Q_CHUNK] lse2
   float* Ds = Ls + FG_BWD_STAGES * FG_Q_CHUNK;                    // FG_BWD_STAGES x [Q_CHUNK] delta
+#if FG_DQ_ATOMIC
+  // The fused dQ's dS^T tiles (two of KV_TILE x 64, one atom each, 1024-byte aligned): chunk n writes tile n % 2,
+  // which the dQ products of chunk n - 2 were the last to read (both warpgroups waited for them before they met at
+  // chunk n - 1's join).
+  fg_s* St = (fg_s*)(smem + ((unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem) + 1023u) / 1024u * 1024u);
+#if FG_DQ_BULK
+  // Each consumer warpgroup's float32 staging tile of its dQ share (fg_dq_bulk_add), after the two dS^T tiles.
+  unsigned char* const dq_stage = (unsigned char*)(St + 2 * FG_KV_TILE * 64);
+#endif
+#endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
   __shared__ FgBwdChunk chunk[FG_BWD_STAGES];
@@ -679,6 +757,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int kr0 = warp * 16;
   const int wg = warp >> 2;
   int j = 0, it = 0;  // as the producer's
+#if FG_DQ_ATOMIC
+  int n_dq = 0;  // chunks computed (their dS^T tile's parity), continued from grid CTA to grid CTA
+#endif
   fg_turns_begin(wg);
   fg_for_each_cta(queue, p.job_counters, false, &bar_kv_free, it, gx, gy, gz, [&](const FgCta& cta) {
     fg_i64 bk, hk, mb, kv0;
@@ -733,16 +814,38 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
                        c.rows, nkv, partial, c.b, c.h, c.q0, kv0, scale, args, sink);
       unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
       fg_dkdv_pack(st_, dpt, ap, ad);
+#if FG_DQ_ATOMIC
+      fg_s* const st_tile = St + (n_dq & 1) * FG_KV_TILE * 64;
+      fg_dkdv_store_dst(st_tile, ad, kr0, g, t);
+#endif
       fg_turn_take(wg);
       fg_wgmma_fence();
       fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
       fg_wgmma_commit();
       fg_turn_pass(wg);
+#if FG_DQ_ATOMIC
+      // The dQ product needs both warpgroups' dS^T rows: they meet here, each with its own gradient products in
+      // flight (barrier 3; the turns use 1 and 2).
+      float dqc[32];
+      fg_named_sync(3, FG_NT_DKDV);
+      fg_wgmma_fence();
+      fg_dkdv_issue_dq(dqc, fg_smem_addr(st_tile), fg_smem_addr(Ks), wg);
+      fg_wgmma_commit();
+#endif
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
       fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
       fg_wgmma_fence_a(ap);
       fg_wgmma_fence_a(ad);
+#if FG_DQ_ATOMIC
+      fg_wgmma_fence_operands<32>(dqc);
+#if FG_DQ_BULK
+      fg_dq_bulk_add(p, dqc, dq_stage + wg * 64 * FG_DQ_STAGE_ROW_B, c.b, c.h, c.q0, c.rows, warp, lane, wg);
+#else
+      fg_dq_red_add(p, dqc, c.b, c.h, c.q0, c.rows, warp, g, t, wg);
+#endif
+      ++n_dq;
+#endif
       __syncwarp();
       if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
     }
@@ -753,6 +856,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     ++it;
   });
   fg_turns_end(wg);
+#if FG_DQ_ATOMIC && FG_DQ_BULK
+  fg_bulk_wait_all();  // (the staging tiles are read before the CTA's shared memory goes)
+#endif
 }
 #endif  // FG_BWD_WS_DKDV
 
