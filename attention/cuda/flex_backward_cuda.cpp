@@ -118,14 +118,8 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
          (dkdv ? static_cast<size_t>(stages) * 2 * 64 * 4 : 0) + 1024;
 }
 // The warp-specialised dK/dV kernel's two dS^T tiles with the fused dQ (kv_tile x 64, 16-bit), 1024-byte aligned
-// after lse2 / delta (up to 1023 bytes of padding), then with FG_DQ_BULK each consumer warpgroup's float32 staging
-// tile (64 rows of FG_DQ_STAGE_ROW_B = 288 bytes).
-size_t fused_dq_tiles_smem(const Config& c, bool bulk) {
-  return 2 * static_cast<size_t>(c.kv_tile) * 64 * 2 + 1024 + (bulk ? 2 * 64 * 288 : 0);
-}
-// Whether the warp-specialised fused dQ adds its shares with bulk reduces from shared memory (FG_DQ_BULK), not
-// red.global from registers; FLEXGRAD_FLEX_BWD_DQ_BULK=0 keeps the red.global adds (A/B).
-bool dq_bulk() { return env_switch("FLEXGRAD_FLEX_BWD_DQ_BULK").value_or(true); }
+// after lse2 / delta (up to 1023 bytes of padding).
+size_t fused_dq_tiles_smem(const Config& c) { return 2 * static_cast<size_t>(c.kv_tile) * 64 * 2 + 1024; }
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
 // `aligned`: every tensor the kernels read or write has 16-byte-aligned rows (cp.async and the packed stores).
@@ -232,12 +226,14 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
 // recomputed score products. Opt-in (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1): it was 10-19% faster than the dQ kernel
-// of its day (H200, session 16), but it runs in the plain dK/dV kernel, and the warp-specialised pair that
-// deterministic calls run has since left it far behind (H100, session 30, bf16 B4 H16 S4096 D128 backward: no mask
-// 4.43 ms fused against 2.97-3.02, document 0.88 against 0.73-0.77; docs/flex_cuda_notes.md). Where it may run:
-// two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a varying
-// one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps the dQ kernel until its test has run on a
-// GPU).
+// of its day (H200, session 16), but the warp-specialised pair that deterministic calls run has since left it
+// behind. Since session 34 it runs in the warp-specialised dK/dV kernel where that one runs (ws_choice), 20-26%
+// faster than in the plain kernel, yet still slower than the deterministic pair (H100, bf16 B4 H16 S4096 D128
+// backward ms, deterministic / fused, warp-specialised / fused, plain: no mask 3.08 / 3.54 / 4.46, causal 1.65 /
+// 1.94 / 2.50, document 0.66 / 0.76 / 0.85, ALiBi + causal 1.89 / 2.04 / 3.07; docs/flex_cuda_notes.md). Where it
+// may run: two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a
+// varying one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps the dQ kernel until its test has run
+// on a GPU).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
 bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
@@ -277,9 +273,7 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   w.stages = 3;
   // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
   constexpr size_t kStaticReserve = 8192;
-  const size_t fused_extra = dq_fused ? fused_dq_tiles_smem(c, dq_bulk()) : 0;
-  // The fused dQ's tiles leave room for two stages only.
-  if (dq_fused && ws_smem(p, 3, true) + fused_extra + kStaticReserve > smem_limit) w.stages = 2;
+  const size_t fused_extra = dq_fused ? fused_dq_tiles_smem(c) : 0;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
     FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
              "FLEXGRAD_FLEX_WGMMA_BWD_STAGES: expected 2, 3 or 4; got \"{}\"", env);
@@ -427,7 +421,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // The fused dQ's dS^T tiles (kv_tile x 64 q, 16-bit: one in the plain kernel, two aligned ones in the
   // warp-specialised one).
   const size_t smem_dkdv =
-      ws.dkdv ? ws_smem(p, ws.stages, true) + (dq_fused ? fused_dq_tiles_smem(cfg, dq_bulk()) : 0)
+      ws.dkdv ? ws_smem(p, ws.stages, true) + (dq_fused ? fused_dq_tiles_smem(cfg) : 0)
               : cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
   const size_t smem_dq = ws.dq ? ws_smem(p, ws.stages, false) : cfg.smem_dq;
   std::vector<std::string> defines{
@@ -496,7 +490,6 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_WG_DKDV", cfg.wg_dkdv));
     defines.push_back(define("FG_WG_DQ", cfg.wg_dq));
     defines.push_back(define("FG_DQ_ATOMIC", dq_fused ? 1 : 0));
-    if (dq_fused && ws.dkdv && dq_bulk()) defines.emplace_back("FG_DQ_BULK 1");
     defines.push_back(define("FG_BWD_WS_DKDV", ws.dkdv ? 1 : 0));
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));

@@ -37,7 +37,7 @@
 //     producer (40) to the consumers (232). A translation unit holds one form of each kernel. With FG_DQ_ATOMIC the
 //     dK/dV one sums dQ as the plain one does, its dS^T tiles double-buffered, the two consumer warpgroups meeting
 //     once a chunk (after their gradient products are issued) before the dQ product, whose share each adds with
-//     bulk reduces from a shared staging tile (FG_DQ_BULK) or red.global.
+//     red.global as the plain kernel does.
 // Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
 // fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows) or TMA (the same
 // layout: SWIZZLE_128B boxes of 64 columns x 64 rows).
@@ -49,8 +49,7 @@
 //   FG_DQ_ATOMIC           1: dQ summed by the dK/dV kernel with float atomics (the host: only where the call is
 //                          not deterministic; two warpgroups, E 128, no captured gradients), 0: the dQ kernel
 //   FG_BWD_WS_DKDV, FG_BWD_WS_DQ   1: the warp-specialised form of that kernel (two warpgroups; the dK/dV one with
-//                          FG_DQ_ATOMIC too, FG_DQ_BULK 1 adding dQ by bulk reduces); FG_BWD_STAGES (2-4, default
-//                          3) its stages
+//                          FG_DQ_ATOMIC too); FG_BWD_STAGES (2-4, default 3) its stages
 //   FG_BWD_PINGPONG        1: the warp-specialised kernels' consumer warpgroups take turns at their products (below)
 //   FG_BWD_DQ_DELTA        1: fg_bwd_dq_wgmma_ws computes its rows' delta and lse2 (fg_row_dot_quad: bit for bit
 //                          fg_bwd_preprocess's) and writes them for the dK/dV kernel, which the host then launches
@@ -60,7 +59,7 @@
 //   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
 //   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024;
 //   the warp-specialised forms: FG_BWD_STAGES chunks in place of 2 (and FG_BWD_STAGES x 512 bytes of lse, delta);
-//   with FG_DQ_ATOMIC + 2 KV_TILE 64 x 2 (two dS^T tiles) + 1024 (their alignment) + 2 x 64 x 288 with FG_DQ_BULK.
+//   with FG_DQ_ATOMIC + 2 KV_TILE 64 x 2 (two dS^T tiles) + 1024 (their alignment).
 #pragma once
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
@@ -158,51 +157,6 @@ __device__ __forceinline__ void fg_dkdv_issue_dq(float (&dqc)[32], unsigned st_a
   for (int kk = 0; kk < FG_KV_TILE / 16; ++kk)
     fg_wgmma_m64n64k16_ss<1, FG_BF16, 1>(dqc, fg_desc_mnmajor(st_addr, 0, 0, kk),
                                          fg_desc_mnmajor(k_addr, FG_KV_TILE * 128, wg, kk), kk > 0);
-}
-// The warp-specialised kernel's way (FG_DQ_BULK, its default): the product goes to a float32 staging tile in shared
-// memory (kStageRowB bytes a row, 64 columns: the padding puts each warp's stores into two wavefronts), and lanes of
-// the warpgroup's first warp each add two of its rows to global memory with one bulk reduce a row
-// (cp.reduce.async.bulk ... add.f32: the copy engine reads the shared row and adds it in L2), 16 instructions a
-// thread fewer than the red.global adds and one L2 request a row instead of 32.
-#ifndef FG_DQ_BULK
-#define FG_DQ_BULK 0
-#endif
-#define FG_DQ_STAGE_ROW_B 288
-__device__ __forceinline__ void fg_bulk_reduce_add_f32(float* gdst, unsigned ssrc, unsigned bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(gdst), "r"(ssrc),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void fg_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// This thread's bulk groups have read their shared sources (read) / completed (all).
-__device__ __forceinline__ void fg_bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-__device__ __forceinline__ void fg_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-// Warpgroup wg's share of the fused dQ through its staging tile `stage` (64 rows of FG_DQ_STAGE_ROW_B bytes): the
-// lanes that issued the previous chunk's reduces wait until those have read the tile, the warpgroup meets (named
-// barrier 4 + wg), every thread stores its accumulators, fences them for the async proxy, the warpgroup meets again
-// and lane r of its first warp issues the reduces of rows r and r + 32 (those below nq) and commits them.
-__device__ __forceinline__ void fg_dq_bulk_add(const FgBwdParams& p, const float (&dqc)[32], unsigned char* stage,
-                                               int b, int h, fg_i64 q0, int nq, int warp, int lane, int wg) {
-  const int g = lane >> 2, t = lane & 3;
-  if ((warp & 3) == 0) fg_bulk_wait_read_all();
-  fg_named_sync(4 + wg, 128);
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float* row = (float*)(stage + (16 * (warp & 3) + g + 8 * hf) * FG_DQ_STAGE_ROW_B);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) *(float2*)(row + 8 * j + 2 * t) = make_float2(dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]);
-  }
-  fg_fence_proxy_async();
-  fg_named_sync(4 + wg, 128);
-  if ((warp & 3) == 0) {
-    const fg_i64 drow0 = ((fg_i64)b * p.Hq + h) * p.Lq + q0;
-#pragma unroll
-    for (int r = lane; r < 64; r += 32)
-      if (r < nq)
-        fg_bulk_reduce_add_f32(p.dq_acc + (drow0 + r) * FG_E + 64 * wg, fg_smem_addr(stage + r * FG_DQ_STAGE_ROW_B),
-                               256);
-    fg_bulk_commit();
-  }
 }
 // Adds the completed product (m64n64 accumulator layout: this thread's rows 16 (warp % 4) + g (+ 8), columns 8 j +
 // 2 t (+ 1)) to rows q0 .. q0 + nq - 1 of (b, h)'s float32 dQ sums, columns 64 wg ..; rows past nq are left alone.
@@ -631,10 +585,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   // which the dQ products of chunk n - 2 were the last to read (both warpgroups waited for them before they met at
   // chunk n - 1's join).
   fg_s* St = (fg_s*)(smem + ((unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem) + 1023u) / 1024u * 1024u);
-#if FG_DQ_BULK
-  // Each consumer warpgroup's float32 staging tile of its dQ share (fg_dq_bulk_add), after the two dS^T tiles.
-  unsigned char* const dq_stage = (unsigned char*)(St + 2 * FG_KV_TILE * 64);
-#endif
 #endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
@@ -839,11 +789,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
       fg_wgmma_fence_operands<32>(dqc);
-#if FG_DQ_BULK
-      fg_dq_bulk_add(p, dqc, dq_stage + wg * 64 * FG_DQ_STAGE_ROW_B, c.b, c.h, c.q0, c.rows, warp, lane, wg);
-#else
       fg_dq_red_add(p, dqc, c.b, c.h, c.q0, c.rows, warp, g, t, wg);
-#endif
       ++n_dq;
 #endif
       __syncwarp();
@@ -856,9 +802,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     ++it;
   });
   fg_turns_end(wg);
-#if FG_DQ_ATOMIC && FG_DQ_BULK
-  fg_bulk_wait_all();  // (the staging tiles are read before the CTA's shared memory goes)
-#endif
 }
 #endif  // FG_BWD_WS_DKDV
 
