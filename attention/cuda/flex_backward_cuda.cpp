@@ -227,7 +227,7 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
 // recomputed score products. Opt-in (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1): it was 10-19% faster than the dQ kernel
 // of its day (H200, session 16), but the warp-specialised pair that deterministic calls run has since left it
-// behind. Since session 34 it runs in the warp-specialised dK/dV kernel where that one runs (ws_choice), 20-26%
+// behind. Since session 34 it runs in the warp-specialised dK/dV kernel where that one runs (ws_choice), 11-34%
 // faster than in the plain kernel, yet still slower than the deterministic pair (H100, bf16 B4 H16 S4096 D128
 // backward ms, deterministic / fused, warp-specialised / fused, plain: no mask 3.08 / 3.54 / 4.46, causal 1.65 /
 // 1.94 / 2.50, document 0.66 / 0.76 / 0.85, ALiBi + causal 1.89 / 2.04 / 3.07; docs/flex_cuda_notes.md). Where it
