@@ -510,7 +510,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
       skip_empty = true;
       defines.emplace_back("FG_BWD_SKIP_EMPTY 1");
       ++g_skip_empty_calls;
-      if (!dq_fused && env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false)) defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
+      if (!dq_fused && env_switch("FLEXGRAD_FLEX_BWD_SKIP_DKDV_WG").value_or(false))
+        defines.emplace_back("FG_BWD_SKIP_DKDV_WG 1");
     }
     // The warp-specialised kernels' two consumer warpgroups take turns issuing their products (FG_BWD_PINGPONG,
     // flex_backward_wgmma.cuh; the same bits), so that one's element step runs while the other's products hold the

@@ -584,7 +584,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   // The fused dQ's dS^T tiles (two of KV_TILE x 64, one atom each, 1024-byte aligned): chunk n writes tile n % 2,
   // which the dQ products of chunk n - 2 were the last to read (both warpgroups waited for them before they met at
   // chunk n - 1's join).
-  fg_s* St = (fg_s*)(smem + ((unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem) + 1023u) / 1024u * 1024u);
+  const unsigned st_at = (unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem);
+  fg_s* St = (fg_s*)(smem + (st_at + 1023u) / 1024u * 1024u);
 #endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
