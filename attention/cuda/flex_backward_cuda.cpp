@@ -117,9 +117,12 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
   return 2 * static_cast<size_t>(128 + stages * 64) * (p.E + p.Ev) +
          (dkdv ? static_cast<size_t>(stages) * 2 * 64 * 4 : 0) + 1024;
 }
-// The warp-specialised dK/dV kernel's two dS^T tiles with the fused dQ (kv_tile x 64, 16-bit), 1024-byte aligned
-// after lse2 / delta (up to 1023 bytes of padding).
-size_t fused_dq_tiles_smem(const Config& c) { return 2 * static_cast<size_t>(c.kv_tile) * 64 * 2 + 1024; }
+// The fused dQ's dS^T tiles (kv_tile x 64, 16-bit) on top of the dK/dV kernel's shared memory: one in the plain
+// kernel, two in the warp-specialised one, 1024-byte aligned after lse2 / delta (up to 1023 bytes of padding).
+size_t fused_dq_smem(const Config& c, bool ws) {
+  const size_t tile = static_cast<size_t>(c.kv_tile) * 64 * 2;
+  return ws ? 2 * tile + 1024 : tile;
+}
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
 // `aligned`: every tensor the kernels read or write has 16-byte-aligned rows (cp.async and the packed stores).
@@ -271,17 +274,17 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
       !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
     return w;
   w.stages = 3;
-  // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
-  constexpr size_t kStaticReserve = 8192;
-  const size_t fused_extra = dq_fused ? fused_dq_tiles_smem(c) : 0;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
     FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
              "FLEXGRAD_FLEX_WGMMA_BWD_STAGES: expected 2, 3 or 4; got \"{}\"", env);
     w.stages = env[0] - '0';
   }
-  const bool fits = ws_smem(p, w.stages, true) + kStaticReserve <= smem_limit;
+  // The mods' row / column parts and the barriers take a few KiB of static shared memory on top.
+  constexpr size_t kStaticReserve = 8192;
+  const size_t need = ws_smem(p, w.stages, true) + kStaticReserve;
+  const bool fits = need <= smem_limit;
   w.dkdv = c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128) &&
-           ws_smem(p, w.stages, true) + fused_extra + kStaticReserve <= smem_limit;
+           need + (dq_fused ? fused_dq_smem(c, true) : 0) <= smem_limit;
   w.dq = fits && !dq_fused && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
   if (!w.dkdv && !w.dq) w.stages = 0;
   if (w.stages > 0) {
@@ -418,11 +421,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
   const bool dq_fused = fused_dq(p, cfg, cap_mode);
   const WsChoice ws = ws_choice(p, cfg, dq_fused, cap_mode, static_cast<size_t>(smem_optin));
-  // The fused dQ's dS^T tiles (kv_tile x 64 q, 16-bit: one in the plain kernel, two aligned ones in the
-  // warp-specialised one).
   const size_t smem_dkdv =
-      ws.dkdv ? ws_smem(p, ws.stages, true) + (dq_fused ? fused_dq_tiles_smem(cfg) : 0)
-              : cfg.smem_dkdv + (dq_fused ? static_cast<size_t>(cfg.kv_tile) * 64 * 2 : 0);
+      (ws.dkdv ? ws_smem(p, ws.stages, true) : cfg.smem_dkdv) + (dq_fused ? fused_dq_smem(cfg, ws.dkdv) : 0);
   const size_t smem_dq = ws.dq ? ws_smem(p, ws.stages, false) : cfg.smem_dq;
   std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
