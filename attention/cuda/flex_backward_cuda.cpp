@@ -118,10 +118,11 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
          (dkdv ? static_cast<size_t>(stages) * 2 * 64 * 4 : 0) + 1024;
 }
 // The fused dQ's dS^T tiles (kv_tile x 64, 16-bit) on top of the dK/dV kernel's shared memory: one in the plain
-// kernel, two in the warp-specialised one, 1024-byte aligned after lse2 / delta (up to 1023 bytes of padding).
+// kernel, three in the warp-specialised one (its dQ runs a chunk behind), 1024-byte aligned after lse2 / delta (up
+// to 1023 bytes of padding).
 size_t fused_dq_smem(const Config& c, bool ws) {
   const size_t tile = static_cast<size_t>(c.kv_tile) * 64 * 2;
-  return ws ? 2 * tile + 1024 : tile;
+  return ws ? 3 * tile + 1024 : tile;
 }
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.

@@ -814,6 +814,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
     tu += fmt::format("#define FG_DQ_ATOMIC {}\n#define FG_BWD_WS_DKDV {}\n#define FG_BWD_WS_DQ {}\n", fused, ws,
                       ws && !fused ? 1 : 0);
     tu += fmt::format("#define FG_BWD_PERSISTENT {}\n", form == 3 || form == 5 ? 1 : 0);
+    // (The fused dQ in the warp-specialised kernel with the turns the host takes at head dim 128: its dQ product
+    // then runs in them.)
+    if (form >= 4) tu += "#define FG_BWD_PINGPONG 1\n";
     tu += "#include \"flex_mma.cuh\"\n#include \"flex_backward_wgmma.cuh\"\n";
     std::string log;
     const std::string err = nvrtc().build(tu, headers, "sm_90a", &log, /*ptxas_verbose=*/true);

@@ -35,9 +35,9 @@
 //     mbarriers with the chunk's descriptor; the consumers wait on those and release a stage on its empty barrier,
 //     so they neither copy, walk the block lists nor meet at a CTA barrier. setmaxnreg moves registers from the
 //     producer (40) to the consumers (232). A translation unit holds one form of each kernel. With FG_DQ_ATOMIC the
-//     dK/dV one sums dQ as the plain one does, its dS^T tiles double-buffered, the two consumer warpgroups meeting
-//     once a chunk (after their gradient products are issued) before the dQ product, whose share each adds with
-//     red.global as the plain kernel does.
+//     dK/dV one sums dQ as the plain one does, a chunk behind: chunk n's dS^T rows go to tile n % 3 (three), and
+//     each consumer warpgroup issues chunk n's dQ product with its chunk n + 1 gradient products (the turns order
+//     the two warpgroups' stores before it) and adds its share with red.global as the plain kernel does.
 // Shared operands are 128-byte-swizzled 64-column atoms (fg_sw128_atoms_offset, flex_mma.cuh) loaded with
 // fg_load_rows (FG_VEC 1: cp.async; the host runs these kernels only on 16-byte-aligned rows) or TMA (the same
 // layout: SWIZZLE_128B boxes of 64 columns x 64 rows).
@@ -59,7 +59,7 @@
 //   dK/dV: 2 (KV_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024 (lse, delta) + 1024 (+ 2 KV_TILE 64 with FG_DQ_ATOMIC);
 //   dQ: 2 (Q_TILE (E + Ev) + 2 * 64 (E + Ev)) + 1024;
 //   the warp-specialised forms: FG_BWD_STAGES chunks in place of 2 (and FG_BWD_STAGES x 512 bytes of lse, delta);
-//   with FG_DQ_ATOMIC + 2 KV_TILE 64 x 2 (two dS^T tiles) + 1024 (their alignment).
+//   with FG_DQ_ATOMIC + 3 KV_TILE 64 x 2 (three dS^T tiles) + 1024 (their alignment).
 #pragma once
 #ifndef FG_BWD_WGMMA
 #define FG_BWD_WGMMA 1
@@ -569,6 +569,23 @@ struct FgBwdChunk {
   int live;  // FG_BWD_SKIP: bit w set where consumer warpgroup w's quadrant has an entry to compute
   int last;  // no chunk of this grid CTA follows (FG_BWD_TILE_PREFETCH: K and V may go once its scores are done)
 };
+#if FG_DQ_ATOMIC
+// The fused dQ of the warp-specialised kernel runs a chunk behind: chunk n's dQ product is issued in the
+// warpgroup's turn at chunk n + 1's gradient products (or in one turn more after the grid CTA's last chunk), when
+// both warpgroups' dS^T rows of chunk n are in (the turns order them: each stored its rows before its own turn at
+// chunk n's gradient products). Without the turns (FG_BWD_PINGPONG 0) the warpgroups meet first (barrier 3).
+struct FgDqPending {
+  fg_i64 q0;
+  int b, h, rows;
+};
+// Issues (committed, not waited for) the dQ product of chunk n_dq - 1, whose dS^T rows are in tile (n_dq - 1) % 3.
+__device__ __forceinline__ void fg_dkdv_pending_dq(float (&dqc)[32], fg_s* St, fg_s* Ks, int n_dq, int wg) {
+  if (!FG_BWD_PINGPONG) fg_named_sync(3, FG_NT_DKDV);
+  fg_wgmma_fence();
+  fg_dkdv_issue_dq(dqc, fg_smem_addr(St + ((n_dq + 2) % 3) * FG_KV_TILE * 64), fg_smem_addr(Ks), wg);
+  fg_wgmma_commit();
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     fg_bwd_dkdv_wgmma_ws(const FgBwdParams p, const FgModArgs args, const __grid_constant__ FgBwdQMaps maps) {
@@ -581,9 +598,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   float* Ls = (float*)(Os + FG_BWD_STAGES * FG_Q_CHUNK * FG_EV);  // FG_BWD_STAGES x [Q_CHUNK] lse2
   float* Ds = Ls + FG_BWD_STAGES * FG_Q_CHUNK;                    // FG_BWD_STAGES x [Q_CHUNK] delta
 #if FG_DQ_ATOMIC
-  // The fused dQ's dS^T tiles (two of KV_TILE x 64, one atom each, 1024-byte aligned): chunk n writes tile n % 2,
-  // which the dQ products of chunk n - 2 were the last to read (both warpgroups waited for them before they met at
-  // chunk n - 1's join).
+  // The fused dQ's dS^T tiles (three of KV_TILE x 64, one atom each, 1024-byte aligned): chunk n's rows go to tile
+  // n % 3. Its dQ product is issued a chunk later (below), so tile n % 3 was last read by chunk n - 3's, which each
+  // warpgroup waited for before its turn at chunk n - 1's gradient products: before either writes chunk n's rows.
   const unsigned st_at = (unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem);
   fg_s* St = (fg_s*)(smem + (st_at + 1023u) / 1024u * 1024u);
 #endif
@@ -709,7 +726,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   const int wg = warp >> 2;
   int j = 0, it = 0;  // as the producer's
 #if FG_DQ_ATOMIC
-  int n_dq = 0;  // chunks computed (their dS^T tile's parity), continued from grid CTA to grid CTA
+  int n_dq = 0;  // chunks computed (their dS^T tile: n_dq % 3), continued from grid CTA to grid CTA
 #endif
   fg_turns_begin(wg);
   fg_for_each_cta(queue, p.job_counters, false, &bar_kv_free, it, gx, gy, gz, [&](const FgCta& cta) {
@@ -726,6 +743,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     const float scale = (float)p.scale;
     const unsigned k_addr = fg_smem_addr(Ks) + wg * FG_CHUNK_ATOM_B, v_addr = fg_smem_addr(Vs) + wg * FG_CHUNK_ATOM_B;
     bool kv_released = false;
+#if FG_DQ_ATOMIC
+    FgDqPending pend{0, 0, 0, 0};  // the previous chunk, whose dQ product is still to issue (rows 0: none)
+#endif
     fg_mbar_wait(fg_smem_addr(&bar_kv), it & 1);
     for (;; ++j) {
       int st = j % FG_BWD_STAGES;
@@ -766,23 +786,21 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
       fg_dkdv_pack(st_, dpt, ap, ad);
 #if FG_DQ_ATOMIC
-      fg_s* const st_tile = St + (n_dq & 1) * FG_KV_TILE * 64;
-      fg_dkdv_store_dst(st_tile, ad, kr0, g, t);
+      fg_dkdv_store_dst(St + (n_dq % 3) * FG_KV_TILE * 64, ad, kr0, g, t);
+      float dqc[32];
 #endif
       fg_turn_take(wg);
       fg_wgmma_fence();
       fg_dkdv_issue_grads(dk, dv, ap, ad, q_addr, o_addr);
       fg_wgmma_commit();
-      fg_turn_pass(wg);
 #if FG_DQ_ATOMIC
-      // The dQ product needs both warpgroups' dS^T rows: they meet here, each with its own gradient products in
-      // flight (barrier 3; the turns use 1 and 2).
-      float dqc[32];
-      fg_named_sync(3, FG_NT_DKDV);
-      fg_wgmma_fence();
-      fg_dkdv_issue_dq(dqc, fg_smem_addr(st_tile), fg_smem_addr(Ks), wg);
-      fg_wgmma_commit();
+      // The previous chunk's dQ product, in this turn: both warpgroups stored its dS^T rows before their turns at
+      // its gradient products, so no meeting (which made the first warpgroup wait for the second's element step).
+      // Issued on a grid CTA's first chunk too, where no chunk precedes (pend.rows 0: a stale tile's product, not
+      // added): issued under a branch, ptxas spilled 256 bytes in the consumers (nvcc 13.0).
+      fg_dkdv_pending_dq(dqc, St, Ks, n_dq, wg);
 #endif
+      fg_turn_pass(wg);
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<FG_EV / 2>(&dv[0][0]);
       fg_wgmma_fence_operands<FG_E / 2>(&dk[0][0]);
@@ -790,12 +808,24 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
       fg_wgmma_fence_operands<32>(dqc);
-      fg_dq_red_add(p, dqc, c.b, c.h, c.q0, c.rows, warp, g, t, wg);
+      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+      pend = FgDqPending{c.q0, c.b, c.h, c.rows};
       ++n_dq;
 #endif
       __syncwarp();
       if (lane == 0) fg_mbar_arrive(fg_smem_addr(&bar_empty[st]));  // this warp is done with the stage
     }
+#if FG_DQ_ATOMIC
+    if (pend.rows > 0) {  // the last chunk's dQ product: one turn more for each warpgroup, before K goes
+      float dqc[32];
+      fg_turn_take(wg);
+      fg_dkdv_pending_dq(dqc, St, Ks, n_dq, wg);
+      fg_turn_pass(wg);
+      fg_wgmma_wait<0>();
+      fg_wgmma_fence_operands<32>(dqc);
+      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+    }
+#endif
     // Every product that read K and V has completed: the producer may load the next grid CTA's while this one's
     // dK and dV go out (released above where the last chunk said so).
     if (!kv_released) fg_resident_release(&bar_kv_free, kv_released);
