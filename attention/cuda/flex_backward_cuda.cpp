@@ -234,7 +234,10 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // behind. Since session 34 it runs in the warp-specialised dK/dV kernel where that one runs (ws_choice), 11-34%
 // faster than in the plain kernel, yet still slower than the deterministic pair (H100, bf16 B4 H16 S4096 D128
 // backward ms, deterministic / fused, warp-specialised / fused, plain: no mask 3.08 / 3.54 / 4.46, causal 1.65 /
-// 1.94 / 2.50, document 0.66 / 0.76 / 0.85, ALiBi + causal 1.89 / 2.04 / 3.07; docs/flex_cuda_notes.md). Where it
+// 1.94 / 2.50, document 0.66 / 0.76 / 0.85, ALiBi + causal 1.89 / 2.04 / 3.07; docs/flex_cuda_notes.md). Since
+// session 35 its dQ product runs a chunk behind, in the next chunk's gradient turn (the warpgroups no longer meet):
+// 0-8% less time again, level with the deterministic pair on ALiBi + causal, 4-15% slower elsewhere (H100: no
+// mask 3.34 against 2.90-3.23, causal 1.83-1.90 against 1.67-1.73, document 0.74-0.76 against 0.67-0.71). Where it
 // may run: two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a
 // varying one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps the dQ kernel until its test has run
 // on a GPU).
