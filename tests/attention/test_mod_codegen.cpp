@@ -826,7 +826,9 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
     if (ws) {
       // The warp-specialised kernels (the consumers at 232 registers by setmaxnreg) spill nothing; persistent, the
       // producers (their walk, the CTA loop and its queue) spill: the dK/dV kernel's at 40 registers 108-124
-      // bytes, the dQ kernel's at 56 (its consumers 224) 16-24 bytes. The fused dQ has no dQ kernel.
+      // bytes, the dQ kernel's at 56 (its consumers 224) 16-24 bytes; with the fused dQ (form 5), whose pending
+      // chunk stays live across the walk since session 35, the dK/dV kernel 100-132 (ALiBi the most). The fused dQ
+      // has no dQ kernel.
       for (const char* k : {"fg_bwd_dkdv_wgmma_ws", "fg_bwd_dq_wgmma_ws"}) {
         if (fused && std::string(k) == "fg_bwd_dq_wgmma_ws") continue;
         const size_t at = log.find(std::string("Function properties for ") + k + "\n");
@@ -836,7 +838,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
         const size_t sp = props.find(" bytes spill stores");
         ASSERT_NE(sp, std::string::npos) << props;
         const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
-        const int allowed = form == 2 || form == 4 ? 0 : dq ? 32 : 128;
+        const int allowed = form == 2 || form == 4 ? 0 : dq ? 32 : form == 5 ? 136 : 128;
         EXPECT_LE(spilled, allowed) << c.name << ": " << k << " form " << form << " spills\n" << props;
         std::printf("[ptxas] %s, %s, form %d: %s\n", c.name, k, form, log.substr(at, 300).c_str());
       }
