@@ -578,11 +578,13 @@ struct FgDqPending {
   fg_i64 q0;
   int b, h, rows;
 };
+// The dS^T tile of chunk n (n >= 0): tile n % 3 of the three at St.
+__device__ __forceinline__ fg_s* fg_dst_tile(fg_s* St, int n) { return St + (n % 3) * FG_KV_TILE * 64; }
 // Issues (committed, not waited for) the dQ product of chunk n_dq - 1, whose dS^T rows are in tile (n_dq - 1) % 3.
 __device__ __forceinline__ void fg_dkdv_pending_dq(float (&dqc)[32], fg_s* St, fg_s* Ks, int n_dq, int wg) {
   if (!FG_BWD_PINGPONG) fg_named_sync(3, FG_NT_DKDV);
   fg_wgmma_fence();
-  fg_dkdv_issue_dq(dqc, fg_smem_addr(St + ((n_dq + 2) % 3) * FG_KV_TILE * 64), fg_smem_addr(Ks), wg);
+  fg_dkdv_issue_dq(dqc, fg_smem_addr(fg_dst_tile(St, n_dq + 2)), fg_smem_addr(Ks), wg);  // (n_dq + 2: n_dq - 1 mod 3)
   fg_wgmma_commit();
 }
 #endif
@@ -786,7 +788,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       unsigned ap[FG_Q_CHUNK / 16][4], ad[FG_Q_CHUNK / 16][4];
       fg_dkdv_pack(st_, dpt, ap, ad);
 #if FG_DQ_ATOMIC
-      fg_dkdv_store_dst(St + (n_dq % 3) * FG_KV_TILE * 64, ad, kr0, g, t);
+      fg_dkdv_store_dst(fg_dst_tile(St, n_dq), ad, kr0, g, t);
       float dqc[32];
 #endif
       fg_turn_take(wg);
