@@ -280,7 +280,9 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
     return w;
   // The fused dQ's adds as TMA reduces of float32 staging tiles (FG_DQ_TMA_ADD, kernels/flex_backward_wgmma.cuh), in
   // place of red.global from registers: opt-in (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1) until measured. The two staging
-  // tiles (32 KiB) leave room for two stages only.
+  // tiles (32 KiB) leave room for two stages only. It is the warp-specialised dK/dV kernel's: where that one does
+  // not run (FLEXGRAD_FLEX_WGMMA_BWD_WS=0, FLEXGRAD_FLEX_WGMMA_BWD_STAGES=3 or 4, one dK/dV warpgroup) the fused dQ
+  // adds with red.global as before; dq_tma_add_backward_calls() counts the calls that took it.
   const bool tma_add = dq_fused && env_switch("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD").value_or(false);
   w.stages = tma_add ? 2 : 3;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {

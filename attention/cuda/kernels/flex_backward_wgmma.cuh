@@ -627,6 +627,17 @@ __device__ __forceinline__ void fg_dq_tma_add(const FgTmaMap* map, float* stg, c
 __device__ __forceinline__ void fg_dq_stage_free() {
   if (FG_DQ_TMA_ADD && (threadIdx.x & 127) == 0) fg_bulk_wait_read<0>();
 }
+// Adds the pending chunk's dQ product to the float32 sums: through the TMA unit (FG_DQ_TMA_ADD; stg: the
+// warpgroup's staging tile) or with red.global. (pend.rows 0: the grid CTA's first chunk, nothing to add.)
+__device__ __forceinline__ void fg_dq_add_pending(const FgBwdParams& p, const FgBwdQMaps& maps, float* stg,
+                                                  const float (&dqc)[32], const FgDqPending& pend, int warp, int g,
+                                                  int t, int wg) {
+#if FG_DQ_TMA_ADD
+  if (pend.rows > 0) fg_dq_tma_add(&maps.dq_acc, stg, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+#else
+  fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+#endif
+}
 #endif
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
@@ -645,9 +656,8 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   // warpgroup waited for before its turn at chunk n - 1's gradient products: before either writes chunk n's rows.
   const unsigned st_at = (unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem);
   fg_s* St = (fg_s*)(smem + (st_at + 1023u) / 1024u * 1024u);
-#if FG_DQ_TMA_ADD
-  float* const Dq_stage = (float*)(St + 3 * FG_KV_TILE * 64) + (threadIdx.x >> 7) * 64 * 64;  // this warpgroup's 16 KiB
-#endif
+  // FG_DQ_TMA_ADD: this warpgroup's 16 KiB staging tile after them.
+  float* const Dq_stage = FG_DQ_TMA_ADD ? (float*)(St + 3 * FG_KV_TILE * 64) + (threadIdx.x >> 7) * 64 * 64 : nullptr;
 #endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
@@ -854,11 +864,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
       fg_wgmma_fence_operands<32>(dqc);
-#if FG_DQ_TMA_ADD
-      if (pend.rows > 0) fg_dq_tma_add(&maps.dq_acc, Dq_stage, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
-#else
-      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
-#endif
+      fg_dq_add_pending(p, maps, Dq_stage, dqc, pend, warp, g, t, wg);
       pend = FgDqPending{c.q0, c.b, c.h, c.rows};
       ++n_dq;
 #endif
@@ -874,11 +880,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_turn_pass(wg);
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<32>(dqc);
-#if FG_DQ_TMA_ADD
-      fg_dq_tma_add(&maps.dq_acc, Dq_stage, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
-#else
-      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
-#endif
+      fg_dq_add_pending(p, maps, Dq_stage, dqc, pend, warp, g, t, wg);
     }
 #endif
     // Every product that read K and V has completed: the producer may load the next grid CTA's while this one's
