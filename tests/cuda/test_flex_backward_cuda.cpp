@@ -830,10 +830,11 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
 // group), in the warp-specialised dK/dV kernel (the default there), persistent on 3 CTAs (many grid CTAs a CTA: the
 // dS^T tiles' index runs on across them, and each grid CTA's last dQ product is issued after its walk), with its adds
 // through the TMA unit (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1: float32 staging tiles, rows past a chunk's end as zeros; grid
-// and persistent on 3 CTAs) and in the plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0); the counters say which ran. Cases: a captured document mask with
-// clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv batch and Lq != Lkv, and rows no kv block reaches
-// (their dQ rows must come out zero, not the NaN the outputs are poisoned with; Ev 64, so the warp-specialised
-// kernel's warpgroups run without turns and meet on a barrier before each dQ product).
+// and persistent on 3 CTAs) and in the plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0); the counters say which ran.
+// Cases: a captured document mask with clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv batch and
+// Lq != Lkv, and rows no kv block reaches (their dQ rows must come out zero, not the NaN the outputs are poisoned
+// with; Ev 64, so the warp-specialised kernel's warpgroups run without turns and meet on a barrier before each dQ
+// product).
 TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ", nullptr), group("FLEXGRAD_FLEX_WGMMA_BWD_GROUP", nullptr),
