@@ -122,7 +122,8 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
 // to 1023 bytes of padding); with the TMA adds (FG_DQ_TMA_ADD) two float32 staging tiles of 64 x 64 after them.
 size_t fused_dq_smem(const Config& c, bool ws, bool tma_add) {
   const size_t tile = static_cast<size_t>(c.kv_tile) * 64 * 2;
-  return ws ? 3 * tile + 1024 + (tma_add ? 2 * 64 * 64 * 4 : 0) : tile;
+  constexpr size_t kStageTile = 64 * 64 * 4;  // the kernel's FG_DQ_STAGE_BYTES, one a dK/dV warpgroup
+  return ws ? 3 * tile + 1024 + (tma_add ? 2 * kStageTile : 0) : tile;
 }
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.

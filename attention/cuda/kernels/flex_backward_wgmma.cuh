@@ -601,6 +601,10 @@ __device__ __forceinline__ void fg_dkdv_pending_dq(float (&dqc)[32], fg_s* St, f
 // drops rows past Lq, and zeros added to the next block's rows change nothing), then its first thread adds both boxes
 // with one TMA reduce each. Before the tile is written again that thread waits for their reads (fg_dq_stage_free,
 // before a barrier the whole warpgroup passes before its next store).
+// A staging tile: 64 rows x 64 float32 columns as two boxes of 32 columns (128-byte rows, the swizzle's width); the
+// host's fused_dq_smem counts FG_DQ_STAGE_BYTES a warpgroup.
+#define FG_DQ_STAGE_BOX_BYTES (64 * 32 * 4)
+#define FG_DQ_STAGE_BYTES (2 * FG_DQ_STAGE_BOX_BYTES)
 __device__ __forceinline__ void fg_dq_tma_add(const FgTmaMap* map, float* stg, const float (&dqc)[32], int b, int h,
                                               fg_i64 q0, int nq, int warp, int g, int t, int wg) {
 #pragma unroll
@@ -610,7 +614,8 @@ __device__ __forceinline__ void fg_dq_tma_add(const FgTmaMap* map, float* stg, c
 #pragma unroll
     for (int j = 0; j < 8; ++j) {  // columns 8 j + 2 t, + 1: box j / 4, 16-byte unit 2 (j % 4) + t / 2 of the row
       const int unit = (2 * (j & 3) + (t >> 1)) ^ g;
-      float2* d = (float2*)((unsigned char*)stg + (j >> 2) * 8192 + r * 128 + unit * 16 + 8 * (t & 1));
+      unsigned char* const at = (unsigned char*)stg + (j >> 2) * FG_DQ_STAGE_BOX_BYTES + r * 128 + unit * 16;
+      float2* d = (float2*)(at + 8 * (t & 1));
       *d = keep ? make_float2(dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]) : make_float2(0.f, 0.f);
     }
   }
@@ -618,7 +623,7 @@ __device__ __forceinline__ void fg_dq_tma_add(const FgTmaMap* map, float* stg, c
   fg_named_sync(4 + wg, 128);
   if ((threadIdx.x & 127) == 0) {
     fg_tma_reduce_add_4d(map, fg_smem_addr(stg), 64 * wg, (int)q0, h, b);
-    fg_tma_reduce_add_4d(map, fg_smem_addr(stg) + 8192, 64 * wg + 32, (int)q0, h, b);
+    fg_tma_reduce_add_4d(map, fg_smem_addr(stg) + FG_DQ_STAGE_BOX_BYTES, 64 * wg + 32, (int)q0, h, b);
     fg_bulk_commit();
   }
 }
@@ -656,8 +661,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   // warpgroup waited for before its turn at chunk n - 1's gradient products: before either writes chunk n's rows.
   const unsigned st_at = (unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem);
   fg_s* St = (fg_s*)(smem + (st_at + 1023u) / 1024u * 1024u);
-  // FG_DQ_TMA_ADD: this warpgroup's 16 KiB staging tile after them.
-  float* const Dq_stage = FG_DQ_TMA_ADD ? (float*)(St + 3 * FG_KV_TILE * 64) + (threadIdx.x >> 7) * 64 * 64 : nullptr;
+  // FG_DQ_TMA_ADD: this warpgroup's staging tile (FG_DQ_STAGE_BYTES) after them.
+  unsigned char* const stage_at = (unsigned char*)(St + 3 * FG_KV_TILE * 64) + (threadIdx.x >> 7) * FG_DQ_STAGE_BYTES;
+  float* const Dq_stage = FG_DQ_TMA_ADD ? (float*)stage_at : nullptr;
 #endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
