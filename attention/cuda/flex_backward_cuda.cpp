@@ -119,10 +119,11 @@ size_t ws_smem(const FlexProblem& p, int stages, bool dkdv) {
 }
 // The fused dQ's dS^T tiles (kv_tile x 64, 16-bit) on top of the dK/dV kernel's shared memory: one in the plain
 // kernel, three in the warp-specialised one (its dQ runs a chunk behind), 1024-byte aligned after lse2 / delta (up
-// to 1023 bytes of padding).
-size_t fused_dq_smem(const Config& c, bool ws) {
+// to 1023 bytes of padding); with the TMA adds (FG_DQ_TMA_ADD) two float32 staging tiles of 64 x 64 after them.
+size_t fused_dq_smem(const Config& c, bool ws, bool tma_add) {
   const size_t tile = static_cast<size_t>(c.kv_tile) * 64 * 2;
-  return ws ? 3 * tile + 1024 : tile;
+  constexpr size_t kStageTile = 64 * 64 * 4;  // the kernel's FG_DQ_STAGE_BYTES, one a dK/dV warpgroup
+  return ws ? 3 * tile + 1024 + (tma_add ? 2 * kStageTile : 0) : tile;
 }
 
 // Why the wgmma kernels cannot run this call ("" when they can): the forced kernel raises it, Auto skips them.
@@ -268,6 +269,7 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 struct WsChoice {
   int stages = 0;  // 0: neither kernel is warp-specialised
   bool dkdv = false, dq = false;
+  bool dq_tma_add = false;  // the fused dQ's adds through the TMA unit (FG_DQ_TMA_ADD; with dkdv only)
   int64_t persistent = 0;  // 0: the grid; 1: one CTA an SM; N >= 2: at most N CTAs
 };
 WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
@@ -277,7 +279,13 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   if (!c.wgmma || empty || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
       !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
     return w;
-  w.stages = 3;
+  // The fused dQ's adds as TMA reduces of float32 staging tiles (FG_DQ_TMA_ADD, kernels/flex_backward_wgmma.cuh), in
+  // place of red.global from registers: opt-in (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1) until measured. The two staging
+  // tiles (32 KiB) leave room for two stages only. It is the warp-specialised dK/dV kernel's: where that one does
+  // not run (FLEXGRAD_FLEX_WGMMA_BWD_WS=0, FLEXGRAD_FLEX_WGMMA_BWD_STAGES=3 or 4, one dK/dV warpgroup) the fused dQ
+  // adds with red.global as before; dq_tma_add_backward_calls() counts the calls that took it.
+  const bool tma_add = dq_fused && env_switch("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD").value_or(false);
+  w.stages = tma_add ? 2 : 3;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
     FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
              "FLEXGRAD_FLEX_WGMMA_BWD_STAGES: expected 2, 3 or 4; got \"{}\"", env);
@@ -288,7 +296,8 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
   const size_t need = ws_smem(p, w.stages, true) + kStaticReserve;
   const bool fits = need <= smem_limit;
   w.dkdv = c.wg_dkdv == 2 && !(cap_mode == 2 && p.E == 128) &&
-           need + (dq_fused ? fused_dq_smem(c, true) : 0) <= smem_limit;
+           need + (dq_fused ? fused_dq_smem(c, true, tma_add) : 0) <= smem_limit;
+  w.dq_tma_add = w.dkdv && tma_add;
   w.dq = fits && !dq_fused && c.wg_dq == 2 && env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS_DQ").value_or(true);
   if (!w.dkdv && !w.dq) w.stages = 0;
   if (w.stages > 0) {
@@ -334,6 +343,7 @@ std::atomic<int64_t> g_pingpong_calls{0};
 std::atomic<int64_t> g_tile_prefetch_calls{0};
 std::atomic<int64_t> g_fused_dq_calls{0};
 std::atomic<int64_t> g_fused_dq_ws_calls{0};
+std::atomic<int64_t> g_dq_tma_add_calls{0};
 // The bytes of FG_BWD_SKIP_EMPTY's table: one a 64 x 64 quadrant of the call's [B, Hq] rows and columns.
 int64_t quad_table_bytes(const FlexProblem& p) { return p.B * p.Hq * ((p.Lq + 63) / 64) * ((p.Lkv + 63) / 64); }
 
@@ -426,7 +436,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   const bool dq_fused = fused_dq(p, cfg, cap_mode);
   const WsChoice ws = ws_choice(p, cfg, dq_fused, cap_mode, static_cast<size_t>(smem_optin));
   const size_t smem_dkdv =
-      (ws.dkdv ? ws_smem(p, ws.stages, true) : cfg.smem_dkdv) + (dq_fused ? fused_dq_smem(cfg, ws.dkdv) : 0);
+      (ws.dkdv ? ws_smem(p, ws.stages, true) : cfg.smem_dkdv) +
+      (dq_fused ? fused_dq_smem(cfg, ws.dkdv, ws.dq_tma_add) : 0);
   const size_t smem_dq = ws.dq ? ws_smem(p, ws.stages, false) : cfg.smem_dq;
   std::vector<std::string> defines{
       define("FG_IN_DTYPE", abi_dtype(dt)), define("FG_E", p.E),         define("FG_EV", p.Ev),
@@ -496,6 +507,10 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
     defines.push_back(define("FG_DQ_ATOMIC", dq_fused ? 1 : 0));
     defines.push_back(define("FG_BWD_WS_DKDV", ws.dkdv ? 1 : 0));
     defines.push_back(define("FG_BWD_WS_DQ", ws.dq ? 1 : 0));
+    if (ws.dq_tma_add) {
+      defines.emplace_back("FG_DQ_TMA_ADD 1");
+      ++g_dq_tma_add_calls;
+    }
     if (ws.stages > 0) defines.push_back(define("FG_BWD_STAGES", ws.stages));
     if (ws.persistent > 0) defines.emplace_back("FG_BWD_PERSISTENT 1");
     if (dq_delta) defines.emplace_back("FG_BWD_DQ_DELTA 1");
@@ -639,7 +654,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   // inputs have 16-byte-aligned rows (the wgmma kernels' condition), which every map of them accepts, so a
   // refusal is raised.
   struct {
-    TmaMap a, b;
+    TmaMap a, b, c;  // (c: the dK/dV kernel's dq_acc map, FG_DQ_TMA_ADD; the dQ kernel's third is never read)
   } qmaps, kvmaps;
   auto encode = [](TmaMap& map, const Tensor& t, const char* name) {
     const std::string why = encode_tma_map_sw128(map, t, 64);
@@ -651,6 +666,7 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   if (ws.dkdv) {
     encode(qmaps.a, p.q, "query");
     encode(qmaps.b, dout, "grad_out");
+    if (ws.dq_tma_add) encode(qmaps.c, dq_acc, "the fused dQ's float32 sums");
   }
   if (ws.dq) {
     encode(kvmaps.a, p.k, "key");
@@ -790,6 +806,7 @@ int64_t pingpong_backward_calls() { return g_pingpong_calls.load(); }
 int64_t tile_prefetch_backward_calls() { return g_tile_prefetch_calls.load(); }
 int64_t fused_dq_backward_calls() { return g_fused_dq_calls.load(); }
 int64_t fused_dq_ws_backward_calls() { return g_fused_dq_ws_calls.load(); }
+int64_t dq_tma_add_backward_calls() { return g_dq_tma_add_calls.load(); }
 
 FG_REGISTER_KERNEL(flex_backward_stub, CUDA, &flex_backward_cuda);
 

@@ -127,6 +127,8 @@ int64_t tile_prefetch_backward_calls();
 // those in the warp-specialised dK/dV kernel.
 int64_t fused_dq_backward_calls();
 int64_t fused_dq_ws_backward_calls();
+// Backward calls whose fused dQ added through the TMA unit (FG_DQ_TMA_ADD).
+int64_t dq_tma_add_backward_calls();
 // How many calls of this process (forward and backward counted apart) ran tensor-core kernels that fold the
 // score_mod's affine form into their constants (FG_SCORE_AFFINE under approx_math, unless
 // FLEXGRAD_FLEX_AFFINE_FOLD=0; flex_forward_common.cuh, flex_backward.cuh).

@@ -13,10 +13,10 @@ struct alignas(64) TmaMap {
   unsigned char bytes[128];
 };
 
-// A map of the 4-d bf16 / f16 tensor t ([B, H, L, E], last dim contiguous) as (E, L, H, B) with t's own strides,
-// read in boxes of (64, box_rows, 1, 1) into 128-byte-swizzled shared memory atoms (fg_sw128_atoms_offset's
-// layout), zeros outside the tensor. Returns "" on success, else why TMA cannot describe t (the caller copies
-// with cp.async instead).
+// A map of the 4-d bf16 / f16 / float32 tensor t ([B, H, L, E], last dim contiguous) as (E, L, H, B) with t's own
+// strides, in boxes of (128 bytes of columns: 64 16-bit or 32 float32 elements, box_rows, 1, 1) in 128-byte-swizzled
+// shared memory (for 16-bit data fg_sw128_atoms_offset's atoms), zeros outside the tensor on loads, dropped on
+// reduces. Returns "" on success, else why TMA cannot describe t (the caller copies with cp.async instead).
 std::string encode_tma_map_sw128(TmaMap& out, const Tensor& t, int box_rows);
 
 }  // namespace fg::cuda

@@ -828,15 +828,18 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
 // and dV are the dK/dV kernel's own either way (bit-equal), whatever order the dK/dV grid launches its CTAs in
 // (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the 3-D grid, groups of 3 pairs with a partial last
 // group), in the warp-specialised dK/dV kernel (the default there), persistent on 3 CTAs (many grid CTAs a CTA: the
-// dS^T tiles' index runs on across them, and each grid CTA's last dQ product is issued after its walk) and in the
-// plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0); the counters say which ran. Cases: a captured document mask with
-// clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv batch and Lq != Lkv, and rows no kv block reaches
-// (their dQ rows must come out zero, not the NaN the outputs are poisoned with; Ev 64, so the warp-specialised
-// kernel's warpgroups run without turns and meet on a barrier before each dQ product).
+// dS^T tiles' index runs on across them, and each grid CTA's last dQ product is issued after its walk), with its adds
+// through the TMA unit (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1: float32 staging tiles, rows past a chunk's end as zeros; grid
+// and persistent on 3 CTAs) and in the plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0); the counters say which ran.
+// Cases: a captured document mask with clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv batch and
+// Lq != Lkv, and rows no kv block reaches (their dQ rows must come out zero, not the NaN the outputs are poisoned
+// with; Ev 64, so the warp-specialised kernel's warpgroups run without turns and meet on a barrier before each dQ
+// product).
 TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
   if (!hopper()) GTEST_SKIP() << "the Wgmma backward kernels need sm_90a (Hopper); this device is " << device_arch();
   ScopedEnv env("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ", nullptr), group("FLEXGRAD_FLEX_WGMMA_BWD_GROUP", nullptr),
-      ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr);
+      ws("FLEXGRAD_FLEX_WGMMA_BWD_WS", nullptr), persistent("FLEXGRAD_FLEX_WGMMA_BWD_PERSISTENT", nullptr),
+      tma("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD", nullptr);
   const DType dt = kBFloat16;
   auto check_case = [&](Case c, const char* what, bool expect_visible) {
     SCOPED_TRACE(what);
@@ -857,20 +860,27 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     group.set(nullptr);
     persistent.set("3");
     const Grads persistent3 = run_stub(c, in, gold, dt, kCUDA);
+    tma.set("1");
+    const int64_t tma0 = cuda::flex::dq_tma_add_backward_calls();
+    const Grads tma_persistent3 = run_stub(c, in, gold, dt, kCUDA);
     persistent.set(nullptr);
-    EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 4) << "the warp-specialised dK/dV kernel";
+    const Grads tma_grid = run_stub(c, in, gold, dt, kCUDA);
+    tma.set(nullptr);
+    EXPECT_EQ(cuda::flex::dq_tma_add_backward_calls() - tma0, 2) << "the TMA adds";
+    EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 6) << "the warp-specialised dK/dV kernel";
     ws.set("0");
     const Grads plain = run_stub(c, in, gold, dt, kCUDA);
     ws.set(nullptr);
-    EXPECT_EQ(cuda::flex::fused_dq_backward_calls() - fused0, 5);
-    EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 4) << "the plain dK/dV kernel";
+    EXPECT_EQ(cuda::flex::fused_dq_backward_calls() - fused0, 7);
+    EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 6) << "the plain dK/dV kernel";
     env.set(nullptr);
     // Not deterministic, switch unset: the dQ kernel (the fused sum is opt-in).
     EXPECT_TRUE(equal(run_stub(c, in, gold, dt, kCUDA).dq, ref.dq)) << "default, not deterministic";
     EXPECT_LE(rel_err(ref.dq, gold.g.dq), tol(dt)) << "dq kernel";
-    const char* names[] = {"groups of 16", "3-D grid", "groups of 3", "persistent, 3 CTAs", "plain kernel"};
+    const char* names[] = {"groups of 16", "3-D grid",         "groups of 3", "persistent, 3 CTAs",
+                           "TMA adds",     "TMA adds, persistent, 3 CTAs", "plain kernel"};
     int i = 0;
-    for (const Grads* g : {&fused, &grid3d, &groups3, &persistent3, &plain}) {
+    for (const Grads* g : {&fused, &grid3d, &groups3, &persistent3, &tma_grid, &tma_persistent3, &plain}) {
       SCOPED_TRACE(names[i++]);
       EXPECT_LE(rel_err(g->dq, gold.g.dq), tol(dt)) << "dq";
       EXPECT_LE(rel_err(g->dq, ref.dq), tol(dt) / 3) << "dq against the dQ kernel";

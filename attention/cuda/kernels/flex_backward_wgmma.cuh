@@ -76,6 +76,9 @@
 #ifndef FG_BWD_DQ_DELTA
 #define FG_BWD_DQ_DELTA 0
 #endif
+#ifndef FG_DQ_TMA_ADD
+#define FG_DQ_TMA_ADD 0
+#endif
 #include "flex_backward.cuh"
 #include "flex_wgmma.cuh"
 
@@ -97,6 +100,9 @@
 #endif
 #if FG_DQ_ATOMIC && !(FG_WG_DKDV == 2 && FG_E == 128 && FG_CAP_MODE == 0)
 #error "flex_backward_wgmma: the fused dQ (FG_DQ_ATOMIC) needs two dK/dV warpgroups, E 128 and no captured gradients"
+#endif
+#if FG_DQ_TMA_ADD && !(FG_DQ_ATOMIC && FG_BWD_WS_DKDV)
+#error "flex_backward_wgmma: FG_DQ_TMA_ADD is the warp-specialised fused dQ's (FG_DQ_ATOMIC, FG_BWD_WS_DKDV)"
 #endif
 
 #define FG_NT_DKDV (128 * FG_WG_DKDV)
@@ -558,9 +564,10 @@ __device__ __forceinline__ void fg_resident_release(unsigned long long* tile_fre
 #error "fg_bwd_dkdv_wgmma_ws: the fused dQ joins both warpgroups every chunk (not with FG_BWD_SKIP_DKDV_WG)"
 #endif
 // Q's map is 4-d (E, Lq, Hq, B) with q's strides, dO's (Ev, Lq, Hq, B) contiguous; boxes of 64 columns x 64 rows,
-// 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor.
+// 128-byte swizzle (attention/cuda/tma_map.h), zeros outside the tensor. dq_acc (FG_DQ_TMA_ADD only): the fused dQ's
+// float32 sums (E, Lq, Hq, B), boxes of 32 columns x 64 rows, 128-byte swizzle.
 struct FgBwdQMaps {
-  FgTmaMap q, dout;
+  FgTmaMap q, dout, dq_acc;
 };
 // What the producer publishes with a stage; rows == 0: the walk is over.
 struct FgBwdChunk {
@@ -587,6 +594,55 @@ __device__ __forceinline__ void fg_dkdv_pending_dq(float (&dqc)[32], fg_s* St, f
   fg_dkdv_issue_dq(dqc, fg_smem_addr(fg_dst_tile(St, n_dq + 2)), fg_smem_addr(Ks), wg);  // (n_dq + 2: n_dq - 1 mod 3)
   fg_wgmma_commit();
 }
+// FG_DQ_TMA_ADD: the adds go through the TMA unit instead of 4096 red.global.add.v2 a warpgroup a chunk (ncu,
+// session 35, no mask: the kernel bound by L2 at 83% of its throughput with them). The warpgroup stores its 64 x 64
+// share to its float32 staging tile (`stg`, 16 KiB: two boxes of 64 rows x 32 columns, 128-byte rows with the
+// 128-byte swizzle: 16-byte unit u of row r at u ^ (r % 8)), rows past nq as zeros (they may hold 0 x inf; the map
+// drops rows past Lq, and zeros added to the next block's rows change nothing), then its first thread adds both boxes
+// with one TMA reduce each. Before the tile is written again that thread waits for their reads (fg_dq_stage_free,
+// before a barrier the whole warpgroup passes before its next store).
+// A staging tile: 64 rows x 64 float32 columns as two boxes of 32 columns (128-byte rows, the swizzle's width); the
+// host's fused_dq_smem counts FG_DQ_STAGE_BYTES a warpgroup.
+#define FG_DQ_STAGE_BOX_BYTES (64 * 32 * 4)
+#define FG_DQ_STAGE_BYTES (2 * FG_DQ_STAGE_BOX_BYTES)
+__device__ __forceinline__ void fg_dq_tma_add(const FgTmaMap* map, float* stg, const float (&dqc)[32], int b, int h,
+                                              fg_i64 q0, int nq, int warp, int g, int t, int wg) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = 16 * (warp & 3) + g + 8 * hf;  // (r % 8 == g)
+    const bool keep = r < nq;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // columns 8 j + 2 t, + 1: box j / 4, 16-byte unit 2 (j % 4) + t / 2 of the row
+      const int unit = (2 * (j & 3) + (t >> 1)) ^ g;
+      unsigned char* const at = (unsigned char*)stg + (j >> 2) * FG_DQ_STAGE_BOX_BYTES + r * 128 + unit * 16;
+      float2* d = (float2*)(at + 8 * (t & 1));
+      *d = keep ? make_float2(dqc[4 * j + 2 * hf], dqc[4 * j + 2 * hf + 1]) : make_float2(0.f, 0.f);
+    }
+  }
+  fg_fence_proxy_async();  // the stores, seen by the TMA unit (the async proxy)
+  fg_named_sync(4 + wg, 128);
+  if ((threadIdx.x & 127) == 0) {
+    fg_tma_reduce_add_4d(map, fg_smem_addr(stg), 64 * wg, (int)q0, h, b);
+    fg_tma_reduce_add_4d(map, fg_smem_addr(stg) + FG_DQ_STAGE_BOX_BYTES, 64 * wg + 32, (int)q0, h, b);
+    fg_bulk_commit();
+  }
+}
+// The staging tile's previous adds have read it (the warpgroup's first thread; a barrier of the whole warpgroup must
+// follow before the next store).
+__device__ __forceinline__ void fg_dq_stage_free() {
+  if (FG_DQ_TMA_ADD && (threadIdx.x & 127) == 0) fg_bulk_wait_read<0>();
+}
+// Adds the pending chunk's dQ product to the float32 sums: through the TMA unit (FG_DQ_TMA_ADD; stg: the
+// warpgroup's staging tile) or with red.global. (pend.rows 0: the grid CTA's first chunk, nothing to add.)
+__device__ __forceinline__ void fg_dq_add_pending(const FgBwdParams& p, const FgBwdQMaps& maps, float* stg,
+                                                  const float (&dqc)[32], const FgDqPending& pend, int warp, int g,
+                                                  int t, int wg) {
+#if FG_DQ_TMA_ADD
+  if (pend.rows > 0) fg_dq_tma_add(&maps.dq_acc, stg, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+#else
+  fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+#endif
+}
 #endif
 
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
@@ -605,6 +661,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
   // warpgroup waited for before its turn at chunk n - 1's gradient products: before either writes chunk n's rows.
   const unsigned st_at = (unsigned)((unsigned char*)(Ds + FG_BWD_STAGES * FG_Q_CHUNK) - smem);
   fg_s* St = (fg_s*)(smem + (st_at + 1023u) / 1024u * 1024u);
+  // FG_DQ_TMA_ADD: this warpgroup's staging tile (FG_DQ_STAGE_BYTES) after them.
+  unsigned char* const stage_at = (unsigned char*)(St + 3 * FG_KV_TILE * 64) + (threadIdx.x >> 7) * FG_DQ_STAGE_BYTES;
+  float* const Dq_stage = FG_DQ_TMA_ADD ? (float*)stage_at : nullptr;
 #endif
   // bar_kv: K and V landed (the producer's 128 threads); bar_kv_free: the consumers' 8 warps are done with them.
   __shared__ __align__(8) unsigned long long bar_kv, bar_kv_free, bar_full[FG_BWD_STAGES], bar_empty[FG_BWD_STAGES];
@@ -790,6 +849,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
 #if FG_DQ_ATOMIC
       fg_dkdv_store_dst(fg_dst_tile(St, n_dq), ad, kr0, g, t);
       float dqc[32];
+      fg_dq_stage_free();  // (the turn, or barrier 3, follows before the staging tile's next stores)
 #endif
       fg_turn_take(wg);
       fg_wgmma_fence();
@@ -810,7 +870,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       fg_wgmma_fence_a(ad);
 #if FG_DQ_ATOMIC
       fg_wgmma_fence_operands<32>(dqc);
-      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+      fg_dq_add_pending(p, maps, Dq_stage, dqc, pend, warp, g, t, wg);
       pend = FgDqPending{c.q0, c.b, c.h, c.rows};
       ++n_dq;
 #endif
@@ -820,12 +880,13 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
 #if FG_DQ_ATOMIC
     if (pend.rows > 0) {  // the last chunk's dQ product: one turn more for each warpgroup, before K goes
       float dqc[32];
+      fg_dq_stage_free();
       fg_turn_take(wg);
       fg_dkdv_pending_dq(dqc, St, Ks, n_dq, wg);
       fg_turn_pass(wg);
       fg_wgmma_wait<0>();
       fg_wgmma_fence_operands<32>(dqc);
-      fg_dq_red_add(p, dqc, pend.b, pend.h, pend.q0, pend.rows, warp, g, t, wg);
+      fg_dq_add_pending(p, maps, Dq_stage, dqc, pend, warp, g, t, wg);
     }
 #endif
     // Every product that read K and V has completed: the producer may load the next grid CTA's while this one's
@@ -835,6 +896,9 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
     ++it;
   });
   fg_turns_end(wg);
+#if FG_DQ_TMA_ADD
+  if ((threadIdx.x & 127) == 0) fg_bulk_wait<0>();  // the last adds done before the CTA's shared memory goes
+#endif
 }
 #endif  // FG_BWD_WS_DKDV
 

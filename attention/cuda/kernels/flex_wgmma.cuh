@@ -169,6 +169,27 @@ __device__ __forceinline__ void fg_tma_load_4d(unsigned dst, const void* map, in
       : "memory");
 }
 
+// TMA reduce (sm_90): adds the box of shared memory at src (laid out as the map's box, 1024-byte aligned for the
+// 128-byte swizzle) to the 4-d tensor described by `map` at (c0, c1, c2, c3), element by element in L2 (the map's
+// type: float32 adds, in any order); elements outside the tensor are dropped. Tracked by this thread's bulk groups.
+__device__ __forceinline__ void fg_tma_reduce_add_4d(const void* map, unsigned src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];" ::
+                   "l"(map),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+__device__ __forceinline__ void fg_bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups but the newest N have read their shared memory (it may be written again) / have
+// completed (their writes are done).
+template <int N>
+__device__ __forceinline__ void fg_bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void fg_bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // Waits until the phase with parity `phase` has completed (acquire).
 __device__ __forceinline__ void fg_mbar_wait(unsigned addr, unsigned phase) {
   asm volatile(
