@@ -237,9 +237,10 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
 // docs/flex_cuda_notes.md): 10-19% faster than the dQ kernel of its day (H200, session 16), then left behind by the
 // warp-specialised pair that deterministic calls run; in the warp-specialised dK/dV kernel since session 34, a
 // chunk behind since session 35, still 4-15% slower than that pair with red.global adds (no mask 3.34 against
-// 2.90-3.23); with its adds through the TMA unit (session 36's FG_DQ_TMA_ADD) 5-12% faster than the pair on the
-// long-row cases (sessions 38-39, five rounds: causal, ALiBi + causal, causal S 16k; no mask 3% slower to 10%
-// faster, 5% faster on average) and level with it on the short-row ones (document, sliding window: -2% to +3.5%).
+// 2.90-3.23); with its adds through the TMA unit (session 36's FG_DQ_TMA_ADD) 4-12% less time than the pair on
+// the long-row cases (sessions 38-39, up to seven rounds: causal, ALiBi + causal, causal S 16k; no mask from 10%
+// less to 3% more, 4.5% less on average) and level with it on the short-row ones (document, sliding window: -2% to
+// +3.5%).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
 bool fused_dq_may_run(const FlexProblem& p, const Config& c, int cap_mode) {
