@@ -62,9 +62,10 @@ struct FlexKernelOptions {
   int64_t block_kv = 0;
   // The CUDA backward sums every gradient in a fixed order (bit-identical reruns). false lets it
   // accumulate captured-tensor gradients with float atomics instead (faster, not reproducible bit for bit), and
-  // lets FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 have the Wgmma backward sum dQ with float atomics in its dK/dV kernel
-  // (bfloat16, head dim 128, constant d score_mod / d score, no captured gradient; no dQ kernel; measured slower
-  // than the default kernels since they became warp-specialised, hence opt-in).
+  // lets the Wgmma backward sum dQ with float atomics in its dK/dV kernel (bfloat16, head dim 128, constant
+  // d score_mod / d score, no captured gradient; no dQ kernel): by default where those adds go through the TMA unit
+  // and the dK/dV kernel launches as a grid (long rows, where it measured faster), wherever it can with
+  // FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1, nowhere with =0.
   // FlexBackend::Cudnn: deterministic engines only (NotImplementedError if cuDNN has none for the graph); false
   // lets cuDNN accumulate dQ with atomics (Auto, deciding at forward time, keeps our kernels where it has none).
   bool deterministic = true;

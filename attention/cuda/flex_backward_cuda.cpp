@@ -12,10 +12,10 @@
 // the wgmma kernels' warpgroups a CTA (benchmarking only).
 // On Hopper, FlexCudaBackward::Wgmma runs the dK/dV and dQ kernels of kernels/flex_backward_wgmma.cuh (warpgroup
 // MMA, sm_90a, bf16/f16, head dims 64 or 128) with the same preprocess / finalize kernels; Auto picks them wherever
-// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). There, where FlexProblem::deterministic is false
-// and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it, the dK/dV kernel also sums dQ with float atomics (no dQ
-// kernel; fused_dq below; opt-in: slower than the warp-specialised pair). With two warpgroups a CTA the wgmma
-// kernels run in their warp-specialised form (a TMA producer warpgroup; ws_choice below).
+// they run (FLEXGRAD_FLEX_WGMMA_BWD=0 keeps the mma.sync kernels). With two warpgroups a CTA the wgmma kernels run
+// in their warp-specialised form (a TMA producer warpgroup; ws_choice below). There, where FlexProblem::deterministic
+// is false, the dK/dV kernel also sums dQ with float atomics where that was measured faster (no dQ kernel;
+// fused_dq_may_run and ws_choice below; FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 / 0 forces it on / off).
 // The dQ kernel runs on a second stream beside the dK/dV kernel where both are warp-specialised (StreamFork below;
 // FLEXGRAD_FLEX_BWD_CONCURRENT=1 / 0 forces / drops it).
 #include <algorithm>
@@ -228,27 +228,25 @@ Config choose_config(const FlexProblem& p, const Tensor& out, const Tensor& dout
   return c;
 }
 
-// Whether the wgmma dK/dV kernel also sums dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
+// Whether the wgmma dK/dV kernel may also sum dQ (FG_DQ_ATOMIC of kernels/flex_backward_wgmma.cuh): float atomics
 // into a float32 buffer, in any order, so only where the call is not deterministic; it saves the dQ kernel's two
-// recomputed score products. Opt-in (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1): it was 10-19% faster than the dQ kernel
-// of its day (H200, session 16), but the warp-specialised pair that deterministic calls run has since left it
-// behind. Since session 34 it runs in the warp-specialised dK/dV kernel where that one runs (ws_choice), 11-34%
-// faster than in the plain kernel, yet still slower than the deterministic pair (H100, bf16 B4 H16 S4096 D128
-// backward ms, deterministic / fused, warp-specialised / fused, plain: no mask 3.08 / 3.54 / 4.46, causal 1.65 /
-// 1.94 / 2.50, document 0.66 / 0.76 / 0.85, ALiBi + causal 1.89 / 2.04 / 3.07; docs/flex_cuda_notes.md). Since
-// session 35 its dQ product runs a chunk behind, in the next chunk's gradient turn (the warpgroups no longer meet):
-// 0-8% less time again, level with the deterministic pair on ALiBi + causal, 4-15% slower elsewhere (H100: no
-// mask 3.34 against 2.90-3.23, causal 1.83-1.90 against 1.67-1.73, document 0.74-0.76 against 0.67-0.71). Where it
-// may run: two dK/dV warpgroups, head dim 128, no captured-tensor gradients and a constant d score_mod / d score (a
-// varying one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps the dQ kernel until its test has run
-// on a GPU).
+// recomputed score products. Where it may run: two dK/dV warpgroups, head dim 128, no captured-tensor gradients and
+// a constant d score_mod / d score (a varying one, softcap's, costs the fused kernel spills), bfloat16 (float16 keeps
+// the dQ kernel until its test has run on a GPU). Whether it does is ws_choice's (below): the automatic rule, or
+// FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 / 0. Its history (H100, bf16 B4 H16 S4096 D128 backward ms; the figures in
+// docs/flex_cuda_notes.md): 10-19% faster than the dQ kernel of its day (H200, session 16), then left behind by the
+// warp-specialised pair that deterministic calls run; in the warp-specialised dK/dV kernel since session 34, a
+// chunk behind since session 35, still 4-15% slower than that pair with red.global adds (no mask 3.34 against
+// 2.90-3.23); with its adds through the TMA unit (session 36's FG_DQ_TMA_ADD) 4-12% less time than the pair on
+// the long-row cases (sessions 38-39, up to seven rounds: causal, ALiBi + causal, causal S 16k; no mask from 10%
+// less to 3% more, 4.5% less on average) and level with it on the short-row ones (document, sliding window: -2% to
+// +3.5%).
 // (An ordered, deterministic form of the same sum measured slower than the dQ kernel on every case:
 // docs/flex_cuda_notes.md, session 16.)
-bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
-  const bool allowed = env_switch("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ").value_or(false);
+bool fused_dq_may_run(const FlexProblem& p, const Config& c, int cap_mode) {
   const bool dconst = p.score_grad == nullptr || p.score_grad->dscore_is_constant;
-  return allowed && c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 &&
-         dconst && !p.deterministic;
+  return c.wgmma && p.q.dtype() == kBFloat16 && c.wg_dkdv == 2 && p.E == 128 && cap_mode == 0 && dconst &&
+         !p.deterministic;
 }
 
 // The warp-specialised kernels (fg_bwd_dkdv_wgmma_ws / fg_bwd_dq_wgmma_ws of kernels/flex_backward_wgmma.cuh: a
@@ -269,22 +267,26 @@ bool fused_dq(const FlexProblem& p, const Config& c, int cap_mode) {
 struct WsChoice {
   int stages = 0;  // 0: neither kernel is warp-specialised
   bool dkdv = false, dq = false;
+  bool dq_fused = false;    // the dK/dV kernel sums dQ (FG_DQ_ATOMIC; no dQ kernel)
   bool dq_tma_add = false;  // the fused dQ's adds through the TMA unit (FG_DQ_TMA_ADD; with dkdv only)
   int64_t persistent = 0;  // 0: the grid; 1: one CTA an SM; N >= 2: at most N CTAs
 };
-WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap_mode, size_t smem_limit) {
+// The kernels' layout for a given fused-dQ choice (ws_choice below decides that choice).
+WsChoice ws_layout(const FlexProblem& p, const Config& c, bool dq_fused, bool tma_add, int cap_mode,
+                   size_t smem_limit) {
   WsChoice w;
+  w.dq_fused = dq_fused;
   // (A tensor map has no empty dims: an empty call keeps the plain kernels, whose grids or walks are empty.)
   const bool empty = p.B * p.Hq * p.Lq * p.Bkv * p.Hkv * p.Lkv == 0;
   if (!c.wgmma || empty || (c.wg_dkdv != 2 && c.wg_dq != 2) ||
       !env_switch("FLEXGRAD_FLEX_WGMMA_BWD_WS").value_or(true))
     return w;
   // The fused dQ's adds as TMA reduces of float32 staging tiles (FG_DQ_TMA_ADD, kernels/flex_backward_wgmma.cuh), in
-  // place of red.global from registers: opt-in (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1) until measured. The two staging
-  // tiles (32 KiB) leave room for two stages only. It is the warp-specialised dK/dV kernel's: where that one does
-  // not run (FLEXGRAD_FLEX_WGMMA_BWD_WS=0, FLEXGRAD_FLEX_WGMMA_BWD_STAGES=3 or 4, one dK/dV warpgroup) the fused dQ
-  // adds with red.global as before; dq_tma_add_backward_calls() counts the calls that took it.
-  const bool tma_add = dq_fused && env_switch("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD").value_or(false);
+  // place of red.global from registers. The two staging tiles (32 KiB) leave room for two stages only. It is the
+  // warp-specialised dK/dV kernel's: where that one does not run (FLEXGRAD_FLEX_WGMMA_BWD_WS=0,
+  // FLEXGRAD_FLEX_WGMMA_BWD_STAGES=3 or 4, one dK/dV warpgroup) a fused dQ adds with red.global;
+  // dq_tma_add_backward_calls() counts the calls that took the TMA adds.
+  tma_add = tma_add && dq_fused;
   w.stages = tma_add ? 2 : 3;
   if (const char* env = std::getenv("FLEXGRAD_FLEX_WGMMA_BWD_STAGES")) {
     FG_CHECK((env[0] == '2' || env[0] == '3' || env[0] == '4') && env[1] == '\0', ValueError,
@@ -305,6 +307,21 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, bool dq_fused, int cap
     w.persistent = env ? *env : persistent_pays(p) ? 1 : 0;
   }
   return w;
+}
+
+// Where the fused dQ may run (fused_dq_may_run): FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 / 0 forces it on / off (its adds
+// through the TMA unit unless FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=0 keeps red.global, A/B); unset, a call that is not
+// deterministic takes it where its adds go through the TMA unit and the dK/dV kernel launches as a grid (the
+// long-row cases, where it measured faster than the deterministic pair; level on the short rows the persistent
+// launch takes, so those keep the pair), and runs the deterministic pair elsewhere.
+WsChoice ws_choice(const FlexProblem& p, const Config& c, int cap_mode, size_t smem_limit) {
+  const std::optional<bool> forced = env_switch("FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ");
+  const bool tma_add = env_switch("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD").value_or(true);
+  if (fused_dq_may_run(p, c, cap_mode) && forced.value_or(true)) {
+    WsChoice w = ws_layout(p, c, true, tma_add, cap_mode, smem_limit);
+    if (forced || (w.dq_tma_add && w.persistent == 0)) return w;
+  }
+  return ws_layout(p, c, false, false, cap_mode, smem_limit);
 }
 
 // "NAME VALUE" (assemble() writes the #define).
@@ -433,8 +450,8 @@ void flex_backward_cuda(const FlexProblem& p, const Tensor& out, const Tensor& l
   int smem_optin = 0;
   FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const Config cfg = choose_config(p, outc, dout, o, jit::target_arch(device), static_cast<size_t>(smem_optin));
-  const bool dq_fused = fused_dq(p, cfg, cap_mode);
-  const WsChoice ws = ws_choice(p, cfg, dq_fused, cap_mode, static_cast<size_t>(smem_optin));
+  const WsChoice ws = ws_choice(p, cfg, cap_mode, static_cast<size_t>(smem_optin));
+  const bool dq_fused = ws.dq_fused;
   const size_t smem_dkdv =
       (ws.dkdv ? ws_smem(p, ws.stages, true) : cfg.smem_dkdv) +
       (dq_fused ? fused_dq_smem(cfg, ws.dkdv, ws.dq_tma_add) : 0);

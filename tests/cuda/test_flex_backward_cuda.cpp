@@ -823,14 +823,16 @@ TEST_F(FlexBackwardWgmma, RefusesWhatItCannotRun) {
 }
 
 // dQ summed by the dK/dV kernel with float atomics (flex_backward_wgmma.cuh, FG_DQ_ATOMIC), which the host takes
-// where the call is not deterministic and FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1 asks for it: against the float64
-// golden and against the dQ kernel on the same inputs (the default, also where the call is not deterministic); dK
-// and dV are the dK/dV kernel's own either way (bit-equal), whatever order the dK/dV grid launches its CTAs in
-// (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the 3-D grid, groups of 3 pairs with a partial last
-// group), in the warp-specialised dK/dV kernel (the default there), persistent on 3 CTAs (many grid CTAs a CTA: the
-// dS^T tiles' index runs on across them, and each grid CTA's last dQ product is issued after its walk), with its adds
-// through the TMA unit (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=1: float32 staging tiles, rows past a chunk's end as zeros; grid
-// and persistent on 3 CTAs) and in the plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0); the counters say which ran.
+// where the call is not deterministic, by default where its adds go through the TMA unit and the dK/dV kernel
+// launches as a grid, and wherever it may run with FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1: against the float64 golden
+// and against the dQ kernel on the same inputs (FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=0, and the default where the dK/dV
+// kernel launches persistent); dK and dV are the dK/dV kernel's own either way (bit-equal), whatever order the dK/dV
+// grid launches its CTAs in (FLEXGRAD_FLEX_WGMMA_BWD_GROUP: the default groups of 16 pairs, the 3-D grid, groups of
+// 3 pairs with a partial last group), with its adds by red.global (FLEXGRAD_FLEX_BWD_DQ_TMA_ADD=0) in the
+// warp-specialised dK/dV kernel and persistent on 3 CTAs (many grid CTAs a CTA: the dS^T tiles' index runs on across
+// them, and each grid CTA's last dQ product is issued after its walk), with its adds through the TMA unit (float32
+// staging tiles, rows past a chunk's end as zeros; grid, persistent on 3 CTAs, and the default's grid) and in the
+// plain kernel (FLEXGRAD_FLEX_WGMMA_BWD_WS=0, red.global); the counters say which ran.
 // Cases: a captured document mask with clipped q chunks (L 300, q blocks of 128), GQA with a broadcast kv batch and
 // Lq != Lkv, and rows no kv block reaches (their dQ rows must come out zero, not the NaN the outputs are poisoned
 // with; Ev 64, so the warp-specialised kernel's warpgroups run without turns and meet on a barrier before each dQ
@@ -851,6 +853,7 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     env.set("0");
     const Grads ref = run_stub(c, in, gold, dt, kCUDA);  // the dQ kernel
     env.set("1");
+    tma.set("0");
     const int64_t fused0 = cuda::flex::fused_dq_backward_calls(), ws0 = cuda::flex::fused_dq_ws_backward_calls();
     const Grads fused = run_stub(c, in, gold, dt, kCUDA);
     group.set("0");
@@ -860,12 +863,11 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     group.set(nullptr);
     persistent.set("3");
     const Grads persistent3 = run_stub(c, in, gold, dt, kCUDA);
-    tma.set("1");
+    tma.set(nullptr);  // (the TMA adds are the default)
     const int64_t tma0 = cuda::flex::dq_tma_add_backward_calls();
     const Grads tma_persistent3 = run_stub(c, in, gold, dt, kCUDA);
     persistent.set(nullptr);
     const Grads tma_grid = run_stub(c, in, gold, dt, kCUDA);
-    tma.set(nullptr);
     EXPECT_EQ(cuda::flex::dq_tma_add_backward_calls() - tma0, 2) << "the TMA adds";
     EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 6) << "the warp-specialised dK/dV kernel";
     ws.set("0");
@@ -874,13 +876,20 @@ TEST_F(FlexBackwardWgmma, FusedDqMatchesTheGoldenAndTheDqKernel) {
     EXPECT_EQ(cuda::flex::fused_dq_backward_calls() - fused0, 7);
     EXPECT_EQ(cuda::flex::fused_dq_ws_backward_calls() - ws0, 6) << "the plain dK/dV kernel";
     env.set(nullptr);
-    // Not deterministic, switch unset: the dQ kernel (the fused sum is opt-in).
-    EXPECT_TRUE(equal(run_stub(c, in, gold, dt, kCUDA).dq, ref.dq)) << "default, not deterministic";
+    // Not deterministic, switch unset: the dQ kernel where the dK/dV kernel launches persistent (the short-row
+    // cases), the fused sum with the TMA adds where it launches as a grid.
+    persistent.set("1");
+    EXPECT_TRUE(equal(run_stub(c, in, gold, dt, kCUDA).dq, ref.dq)) << "default, persistent launch";
+    persistent.set("0");
+    const int64_t auto_tma0 = cuda::flex::dq_tma_add_backward_calls();
+    const Grads auto_grid = run_stub(c, in, gold, dt, kCUDA);
+    persistent.set(nullptr);
+    EXPECT_EQ(cuda::flex::dq_tma_add_backward_calls() - auto_tma0, 1) << "default, grid launch: the TMA adds";
     EXPECT_LE(rel_err(ref.dq, gold.g.dq), tol(dt)) << "dq kernel";
     const char* names[] = {"groups of 16", "3-D grid",         "groups of 3", "persistent, 3 CTAs",
-                           "TMA adds",     "TMA adds, persistent, 3 CTAs", "plain kernel"};
+                           "TMA adds",     "TMA adds, persistent, 3 CTAs", "plain kernel", "default, grid launch"};
     int i = 0;
-    for (const Grads* g : {&fused, &grid3d, &groups3, &persistent3, &tma_grid, &tma_persistent3, &plain}) {
+    for (const Grads* g : {&fused, &grid3d, &groups3, &persistent3, &tma_grid, &tma_persistent3, &plain, &auto_grid}) {
       SCOPED_TRACE(names[i++]);
       EXPECT_LE(rel_err(g->dq, gold.g.dq), tol(dt)) << "dq";
       EXPECT_LE(rel_err(g->dq, ref.dq), tol(dt) / 3) << "dq against the dQ kernel";
