@@ -319,7 +319,7 @@ WsChoice ws_choice(const FlexProblem& p, const Config& c, int cap_mode, size_t s
   const bool tma_add = env_switch("FLEXGRAD_FLEX_BWD_DQ_TMA_ADD").value_or(true);
   if (fused_dq_may_run(p, c, cap_mode) && forced.value_or(true)) {
     WsChoice w = ws_layout(p, c, true, tma_add, cap_mode, smem_limit);
-    if (forced || (w.dq_tma_add && w.persistent == 0)) return w;
+    if (forced.has_value() || (w.dq_tma_add && w.persistent == 0)) return w;  // (forced here means forced on)
   }
   return ws_layout(p, c, false, false, cap_mode, smem_limit);
 }
