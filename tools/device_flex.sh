@@ -12,7 +12,9 @@
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
 # bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against
 # PyTorch and its kernels under ncu); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies
-# the machine lacks from third_party/tp.tgz.
+# the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default build-device/pack)
+# is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its conformance.tgz / gallery.tgz
+# where the variables above are not set.
 set -u -o pipefail
 # The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
@@ -20,17 +22,30 @@ L=/tmp/flex_logs
 mkdir -p "$OUT" "$L"
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-conf=${FLEXGRAD_CONFORMANCE_DIR:-../shared/conformance}
-export FLEXGRAD_GALLERY_DIR=${FLEXGRAD_GALLERY_DIR:-$(cd ../shared/gallery 2>/dev/null && pwd || echo ../shared/gallery)}
+PACK=${PACK_DIR:-build-device/pack}
+for d in conformance gallery; do
+  [ -f "$PACK/$d.tgz" ] && mkdir -p /tmp/fgdata && tar xzf "$PACK/$d.tgz" -C /tmp/fgdata
+done
+data() { [ -d "/tmp/fgdata/$1" ] && echo "/tmp/fgdata/$1" || (cd "../shared/$1" 2>/dev/null && pwd || echo "../shared/$1"); }
+conf=${FLEXGRAD_CONFORMANCE_DIR:-$(data conformance)}
+export FLEXGRAD_GALLERY_DIR=${FLEXGRAD_GALLERY_DIR:-$(data gallery)}
 steps=${STEPS:-tests conformance bench}
 start=$(date +%s)
 t() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$L/summary.txt"; tar czf "$L/logs.tgz" -C "$L" . 2>/dev/null; }
 
-if [ -f third_party/tp.tgz ]; then
-  mkdir -p /tmp/tp && tar xzf third_party/tp.tgz -C /tmp/tp && cp -rn /tmp/tp/. / && ldconfig
-fi
+for tp in third_party/tp.tgz "$PACK/tp.tgz"; do
+  if [ -f "$tp" ]; then
+    mkdir -p /tmp/tp && tar xzf "$tp" -C /tmp/tp && cp -rn /tmp/tp/. / && ldconfig
+    break
+  fi
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$L/summary.txt" 2>&1
 B=${1:-}
+if [ -z "$B" ] && [ -f "$PACK/bins.tgz" ]; then
+  B=/tmp/fgbins
+  mkdir -p "$B" && tar xzf "$PACK/bins.tgz" -C "$B"
+  t "binaries of $(cat "$PACK/bins.commit" 2>/dev/null || echo "an unknown commit") ($PACK/bins.tgz)"
+fi
 if [ -z "$B" ]; then
   B=/tmp/fgbuild
   { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
@@ -75,10 +90,16 @@ esac
 
 case " $steps " in *" conformance "*)
   for dt in float32 bfloat16; do
-    timeout 100 "$B/flexgrad_conformance" "$conf" --device cuda --dtype $dt > "$L/conformance_cuda_$dt.txt" 2>&1
-    t "conformance cuda $dt rc=$? $(tail -1 "$L/conformance_cuda_$dt.txt")"
-    timeout 100 "$B/flexgrad_conformance" "$FLEXGRAD_GALLERY_DIR" --device cuda --dtype $dt > "$L/gallery_cuda_$dt.txt" 2>&1
-    t "gallery cuda $dt rc=$? $(tail -1 "$L/gallery_cuda_$dt.txt")"
+    for set in conformance gallery; do
+      dir=$conf
+      [ $set = gallery ] && dir=$FLEXGRAD_GALLERY_DIR
+      if [ ! -f "$dir/manifest.json" ]; then
+        t "$set cuda $dt: NOT RUN, no data at $dir (not carried?)"
+        continue
+      fi
+      timeout 100 "$B/flexgrad_conformance" "$dir" --device cuda --dtype $dt > "$L/${set}_cuda_$dt.txt" 2>&1
+      t "$set cuda $dt rc=$? $(tail -1 "$L/${set}_cuda_$dt.txt")"
+    done
   done
 esac
 
