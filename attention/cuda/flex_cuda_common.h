@@ -137,6 +137,9 @@ int64_t affine_fold_calls();
 // How many forward calls of this process ran a tensor-core kernel with the bounded max (no running max: the affine
 // form's bounded core, bf16, no max_scores returned; flex_forward_common.cuh, unless FLEXGRAD_FLEX_FWD_BOUNDED_MAX=0).
 int64_t bounded_max_calls();
+// How many forward calls of this process kept a row's running max while it grew by at most 2^8 in P's units
+// (FG_FWD_LAZY_RESCALE, opt-in FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1; flex_forward_cuda.cpp).
+int64_t lazy_rescale_calls();
 // Whether a call with this context folds the affine form (ctx.facts.affine_form, FLEXGRAD_FLEX_AFFINE_FOLD) into tensor-core
 // kernels (`mma`); counts it, and adds FG_NO_AFFINE_FOLD to `defines` where the switch turns it off.
 bool affine_fold(const ModContext& ctx, bool mma, std::vector<std::string>& defines);

@@ -30,6 +30,7 @@ namespace fg::cuda {
 namespace {
 
 std::atomic<int64_t> g_bounded_max_calls{0};
+std::atomic<int64_t> g_lazy_rescale_calls{0};
 
 using flex::env_persistent;
 using flex::env_switch;
@@ -359,6 +360,14 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
     defines.push_back("FG_FWD_MAX_SCORES_UNUSED 1");
     ++g_bounded_max_calls;
   }
+  // The lazy rescale (flex_forward_common.cuh, FG_FWD_LAZY_RESCALE): a row keeps its running max while its new max
+  // exceeds it by at most 2^8 in P's units, and O is rescaled only where a row of the warp moved it. The wgmma
+  // forward of calls that return no max_scores (the kept max is stale); opt-in (FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1)
+  // until it is timed (written in session 39 without a GPU).
+  if (cfg.wgmma && !p.max_scores_wanted && env_switch("FLEXGRAD_FLEX_FWD_LAZY_RESCALE").value_or(false)) {
+    defines.push_back("FG_FWD_LAZY_RESCALE 1");
+    ++g_lazy_rescale_calls;
+  }
   const char* kernel = cfg.wgmma ? "flex_fwd_wgmma" : cfg.mma ? "flex_fwd_mma" : "flex_fwd_simt";
   jit::JitSource src;
   src.name = "flex_forward";
@@ -390,6 +399,7 @@ FG_REGISTER_KERNEL(flex_forward_stub, CUDA, &flex_forward_cuda);
 
 namespace flex {
 int64_t bounded_max_calls() { return g_bounded_max_calls.load(); }
+int64_t lazy_rescale_calls() { return g_lazy_rescale_calls.load(); }
 }  // namespace flex
 
 }  // namespace fg::cuda

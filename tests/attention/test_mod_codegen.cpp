@@ -1108,12 +1108,15 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     const ModProgram* mask;
     bool approx_math = false;
     bool raw_softmax = false;  // FG_FWD_RAW_SOFTMAX (the default for programs without a score_mod)
+    bool lazy_rescale = false;  // FG_FWD_LAZY_RESCALE (opt-in)
   };
   for (const Case& c : {Case{"no mods", nullptr, nullptr}, Case{"alibi + causal", &alibi, &causal},
                         Case{"document", nullptr, &document}, Case{"softcap + causal", &softcap, &causal},
                         Case{"softcap + causal, approx_math", &softcap, &causal, true},
                         Case{"no mods, raw-score softmax", nullptr, nullptr, false, true},
-                        Case{"document, raw-score softmax", nullptr, &document, false, true}}) {
+                        Case{"document, raw-score softmax", nullptr, &document, false, true},
+                        Case{"no mods, raw-score softmax, lazy rescale", nullptr, nullptr, false, true, true},
+                        Case{"alibi + causal, lazy rescale", &alibi, &causal, false, false, true}}) {
     // (pipe, TMA, ping-pong, persistent)
     for (auto [pipe, tma, pingpong, persistent] :
          {std::tuple{0, 0, 0, 0}, {1, 0, 0, 0}, {2, 0, 0, 0}, {2, 1, 0, 0}, {3, 1, 0, 0}, {3, 1, 1, 0}, {3, 0, 1, 0},
@@ -1129,7 +1132,8 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
                                    fmt::format("FG_WGMMA_PIPE {}", pipe), fmt::format("FG_WGMMA_TMA {}", tma),
                                    fmt::format("FG_WGMMA_PINGPONG {}", pingpong),
                                    fmt::format("FG_WGMMA_PERSISTENT {}", persistent),
-                                   fmt::format("FG_FWD_RAW_SOFTMAX {}", c.raw_softmax ? 1 : 0)})
+                                   fmt::format("FG_FWD_RAW_SOFTMAX {}", c.raw_softmax ? 1 : 0),
+                                   fmt::format("FG_FWD_LAZY_RESCALE {}", c.lazy_rescale ? 1 : 0)})
         tu += "#define " + x + "\n";
       tu += "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
       std::string log;

@@ -886,6 +886,77 @@ TEST_P(FlexWgmmaPipeline, AffineFoldMatchesTheGolden) {
   expect_module_changes(softcap, "FLEXGRAD_FLEX_AFFINE_FOLD", "0");
 }
 
+// The lazy rescale (FG_FWD_LAZY_RESCALE, flex_forward_common.cuh; opt-in FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1): a row keeps
+// its running max while the new one exceeds it by at most 2^8 in P's units. out and lse against the float64 golden on
+// every loop: scores that climb along the keys (s + 0.02 kv: each sub-tile moves the max by less than the bound, the
+// whole row by more, so the stale and the exact path both run), a jump past the bound (s + 30 from key 200), a
+// causal mask with spread scores (the raw softmax; rows whose first sub-tiles keep nothing), and a NaN in query row
+// 50 (its out and lse NaN). Its counter moves and FLEXGRAD_FLEX_FWD_LAZY_RESCALE unset loads another module; with
+// max_scores asked for it is not taken (the kept max would be stale), and the max is right.
+TEST_P(FlexWgmmaPipeline, LazyRescaleMatchesTheGolden) {
+  ScopedEnv lazy("FLEXGRAD_FLEX_FWD_LAZY_RESCALE", "1");
+  Case climb;
+  climb.B = climb.Bkv = 1, climb.E = climb.Ev = 128, climb.Lq = climb.Lkv = 300;
+  climb.with_max_scores = false;
+  climb.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr kv) { return s + to_float(kv) * 0.02; };
+  climb.mod = [](double s, int64_t, int64_t, int64_t, int64_t kv) { return s + 0.02 * static_cast<double>(kv); };
+  Case jump = climb;
+  jump.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr kv) { return where(kv >= 200, s + 30.0, s); };
+  jump.mod = [](double s, int64_t, int64_t, int64_t, int64_t kv) { return kv >= 200 ? s + 30.0 : s; };
+  Case causal_spread = climb;
+  causal_spread.opts.score_mod = nullptr;
+  causal_spread.input_scale = 3.0;
+  causal_spread.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300, 128);
+  causal_spread.mod = causal_golden;
+  for (const auto& [c, what] : {std::pair{&climb, "scores climbing along the keys"}, std::pair{&jump, "a jump past the bound"},
+                                std::pair{&causal_spread, "causal, spread scores"}}) {
+    SCOPED_TRACE(what);
+    const int64_t calls = cuda::flex::lazy_rescale_calls();
+    check(*c);
+    EXPECT_GT(cuda::flex::lazy_rescale_calls(), calls) << "the lazy rescale did not run";
+  }
+  {
+    SCOPED_TRACE("a NaN in query row 50");
+    const Device cuda(DeviceType::CUDA, 0);
+    const DType dt = std::get<0>(GetParam());
+    Generator gen(9);
+    Tensor q = randn({1, 1, 300, 128}, kFloat64, &gen);
+    std::vector<double> qv = q.to_vector();
+    qv[50 * 128 + 7] = std::numeric_limits<double>::quiet_NaN();
+    q = from_vector(qv, q.sizes(), kFloat64).to(dt).to(cuda);
+    Tensor k = randn({1, 1, 300, 128}, kFloat32, &gen).to(dt).to(cuda);
+    FlexAttentionOptions o = climb.opts;
+    o.return_lse = true;
+    o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+    FlexAttentionResult r = flex_attention(q, k, k, o);
+    const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector();
+    for (int64_t i : {49, 50, 51}) {
+      SCOPED_TRACE("row " + std::to_string(i));
+      const bool nan_row = i == 50;
+      EXPECT_EQ(std::isnan(lse[i]), nan_row) << lse[i];
+      for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(out[i * 128 + e]), nan_row) << out[i * 128 + e];
+    }
+  }
+  {
+    SCOPED_TRACE("max_scores asked for: not taken");
+    Case c = climb;
+    c.with_max_scores = true;
+    const int64_t calls = cuda::flex::lazy_rescale_calls();
+    check(c);
+    EXPECT_EQ(cuda::flex::lazy_rescale_calls(), calls) << "taken with max_scores";
+  }
+  lazy.set(nullptr);
+  expect_module_changes(climb, "FLEXGRAD_FLEX_FWD_LAZY_RESCALE", "1");
+  lazy.set("x");
+  testing::expect_error<ValueError>(
+      [&] {
+        Case c = climb;
+        check(c);
+      },
+      "FLEXGRAD_FLEX_FWD_LAZY_RESCALE");
+}
+
 // The bounded max (kFgBoundedMax, flex_forward_common.cuh; the default where it applies): softcap under approx_math
 // in bfloat16 without max_scores keeps no running max (P = exp(20 (u - 1)), u = tanh(s / 20)). out and lse against
 // the float64 golden at approx_math's tolerance on every loop, scores spread past the cap (input_scale 4), a causal

@@ -175,6 +175,18 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 #if FG_FWD_RAW_SOFTMAX && FG_HAS_SCORE_MOD
 #error "FG_FWD_RAW_SOFTMAX: a score_mod reads the scaled score"
 #endif
+// FG_FWD_LAZY_RESCALE (opt-in, FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1; the host defines it for the wgmma forward of calls
+// that return no max_scores): the online softmax keeps a row's running max while the row's new max exceeds it by at
+// most kFgLazyGrowth in the exponent's units (log2), as FlashAttention-4 does, so P's entries stay at or under
+// 2^kFgLazyGrowth = 256 (bf16 and f16 hold that, and float32 sums of them are far from overflowing) and O needs no
+// rescale for that sub-tile; fg_frag_rescale_o skips its multiplications where no row
+// of the warp moved its max (a warp vote). out = O / l and lse = m + ln l are unchanged in exact arithmetic (l and O
+// carry the same factor); the reported max would be stale, hence no max_scores. Any difference that is not finite
+// (a first max, an empty row, an infinite score) takes the exact path.
+#ifndef FG_FWD_LAZY_RESCALE
+#define FG_FWD_LAZY_RESCALE 0
+#endif
+constexpr float kFgLazyGrowth = 8.f;
 // The factor from the values the online softmax keeps to the modified scores: the exponent's constant is it times
 // log2 e, and the epilogue reports the max times it. The scale with the raw softmax, the affine form's out_factor,
 // else 1.
@@ -392,10 +404,16 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
 #pragma unroll
             for (int c = 0; c < 2; ++c) saw_nan[f][hf] |= s[f][n][2 * hf + c] != s[f][n][2 * hf + c];
         }
-        const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
-        corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
-        ms = m_use * c2;
-        m[f][hf] = m_new;
+        // (FG_FWD_LAZY_RESCALE: false for a NaN or infinite difference, so those rows take the exact path.)
+        if (FG_FWD_LAZY_RESCALE && (m_new - m[f][hf]) * c2 <= kFgLazyGrowth) {
+          corr[f][hf] = 1.f;  // the stale max stays: m[f][hf] is finite here
+          ms = m[f][hf] * c2;
+        } else {
+          const float m_use = m_new == fg_neg_inf() ? 0.f : m_new;  // empty so far: keep exp2 NaN-free
+          corr[f][hf] = fg_exp2((m[f][hf] - m_use) * c2);
+          ms = m_use * c2;
+          m[f][hf] = m_new;
+        }
       }
       float sum = 0.f;
 #pragma unroll
@@ -412,9 +430,16 @@ __device__ __forceinline__ void fg_frag_softmax_p(float (&s)[MF][NB][4], float (
   }
 }
 
-// O *= corr, row by row (fg_frag_softmax_p's factor).
+// O *= corr, row by row (fg_frag_softmax_p's factor). With FG_FWD_LAZY_RESCALE most sub-tiles move no row's max:
+// the warp skips the multiplications when none of its rows has a factor other than 1 (all its lanes call this).
 template <int MF, int NO>
 __device__ __forceinline__ void fg_frag_rescale_o(float (&o)[MF][NO][4], const float (&corr)[MF][2]) {
+#if FG_FWD_LAZY_RESCALE
+  bool moved = false;
+#pragma unroll
+  for (int f = 0; f < MF; ++f) moved |= (corr[f][0] != 1.f) | (corr[f][1] != 1.f);
+  if (!__any_sync(0xffffffffu, moved)) return;
+#endif
 #pragma unroll
   for (int f = 0; f < MF; ++f)
 #pragma unroll
