@@ -158,6 +158,35 @@ void check_case(const Case& c, DType dt, FlexCudaForward kernel, uint64_t seed) 
   EXPECT_TRUE(testing::close(mx, g.mx, t.stat_atol, t.stat_rtol)) << "max_scores";
 }
 
+// out and lse (as float64 vectors, [B 1, H 2, L 300, D 128]) of `o` on the Wgmma forward in dt, with random inputs (k
+// serving as v too) and a NaN in query row 50 of head 0; then: among `rows` of head 0, row 50's out and lse are NaN
+// and the others' are not.
+struct NanRowRun {
+  std::vector<double> out, lse;
+};
+NanRowRun run_with_nan_in_row_50(FlexAttentionOptions o, DType dt) {
+  const Device cuda(DeviceType::CUDA, 0);
+  Generator gen(9);
+  Tensor q = randn({1, 2, 300, 128}, kFloat64, &gen);
+  std::vector<double> qv = q.to_vector();
+  qv[50 * 128 + 7] = std::numeric_limits<double>::quiet_NaN();
+  q = from_vector(qv, q.sizes(), kFloat64).to(dt).to(cuda);
+  Tensor k = randn({1, 2, 300, 128}, kFloat32, &gen).to(dt).to(cuda);
+  o.return_lse = true;
+  o.kernel.backend = FlexBackend::Fused;
+  o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+  FlexAttentionResult r = flex_attention(q, k, k, o);
+  return {r.out.to(kCPU).to(kFloat64).to_vector(), r.lse.to(kCPU).to(kFloat64).to_vector()};
+}
+void expect_only_row_50_nan(const NanRowRun& r, std::initializer_list<int64_t> rows) {
+  for (int64_t i : rows) {
+    SCOPED_TRACE("row " + std::to_string(i));
+    const bool nan_row = i == 50;
+    EXPECT_EQ(std::isnan(r.lse[i]), nan_row) << r.lse[i];
+    for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(r.out[i * 128 + e]), nan_row) << r.out[i * 128 + e];
+  }
+}
+
 class FlexForwardCuda : public ::testing::TestWithParam<std::tuple<DType, FlexCudaForward>> {
  protected:
   static DType dtype() { return std::get<0>(GetParam()); }
@@ -917,26 +946,7 @@ TEST_P(FlexWgmmaPipeline, LazyRescaleMatchesTheGolden) {
   }
   {
     SCOPED_TRACE("a NaN in query row 50");
-    const Device cuda(DeviceType::CUDA, 0);
-    const DType dt = std::get<0>(GetParam());
-    Generator gen(9);
-    Tensor q = randn({1, 1, 300, 128}, kFloat64, &gen);
-    std::vector<double> qv = q.to_vector();
-    qv[50 * 128 + 7] = std::numeric_limits<double>::quiet_NaN();
-    q = from_vector(qv, q.sizes(), kFloat64).to(dt).to(cuda);
-    Tensor k = randn({1, 1, 300, 128}, kFloat32, &gen).to(dt).to(cuda);
-    FlexAttentionOptions o = climb.opts;
-    o.return_lse = true;
-    o.kernel.backend = FlexBackend::Fused;
-    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
-    FlexAttentionResult r = flex_attention(q, k, k, o);
-    const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector();
-    for (int64_t i : {49, 50, 51}) {
-      SCOPED_TRACE("row " + std::to_string(i));
-      const bool nan_row = i == 50;
-      EXPECT_EQ(std::isnan(lse[i]), nan_row) << lse[i];
-      for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(out[i * 128 + e]), nan_row) << out[i * 128 + e];
-    }
+    expect_only_row_50_nan(run_with_nan_in_row_50(climb.opts, std::get<0>(GetParam())), {49, 50, 51});
   }
   {
     SCOPED_TRACE("max_scores asked for: not taken");
@@ -1013,28 +1023,9 @@ TEST_P(FlexWgmmaPipeline, BoundedMaxMatchesTheGolden) {
   }
   {
     SCOPED_TRACE("a NaN in query row 50");
-    const Device cuda(DeviceType::CUDA, 0);
-    Generator gen(9);
-    Tensor q = randn({1, 2, 300, 128}, kFloat64, &gen);
-    std::vector<double> qv = q.to_vector();
-    qv[50 * 128 + 7] = std::numeric_limits<double>::quiet_NaN();
-    q = from_vector(qv, q.sizes(), kFloat64).to(dt).to(cuda);
-    Tensor k = randn({1, 2, 300, 128}, kFloat32, &gen).to(dt).to(cuda);
-    FlexAttentionOptions o = c.opts;
-    o.return_lse = true;
-    o.kernel.backend = FlexBackend::Fused;
-    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
-    FlexAttentionResult r = flex_attention(q, k, k, o);
-    const std::vector<double> out = r.out.to(kCPU).to(kFloat64).to_vector(), lse = r.lse.to(kCPU).to(kFloat64).to_vector();
-    for (int64_t i : {9, 50, 51}) {
-      SCOPED_TRACE("row " + std::to_string(i));
-      const bool nan_row = i == 50;
-      EXPECT_EQ(std::isnan(lse[i]), nan_row) << lse[i];
-      if (i == 9) {
-        EXPECT_EQ(lse[i], -kInf);
-      }
-      for (int64_t e = 0; e < 128; ++e) EXPECT_EQ(std::isnan(out[i * 128 + e]), nan_row) << out[i * 128 + e];
-    }
+    const NanRowRun r = run_with_nan_in_row_50(c.opts, dt);
+    expect_only_row_50_nan(r, {9, 50, 51});
+    EXPECT_EQ(r.lse[9], -kInf) << "row 9 keeps nothing";
   }
   expect_module_changes(c, "FLEXGRAD_FLEX_FWD_BOUNDED_MAX", "0");
 }
