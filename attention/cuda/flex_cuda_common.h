@@ -124,8 +124,7 @@ int64_t pingpong_backward_calls();
 int64_t tile_prefetch_backward_calls();
 // How many backward calls of this process summed dQ in the dK/dV kernel with float atomics (FG_DQ_ATOMIC, no dQ
 // kernel: calls that are not deterministic, on long rows or with FLEXGRAD_FLEX_WGMMA_BWD_FUSED_DQ=1;
-// flex_backward_cuda.cpp), and how many of
-// those in the warp-specialised dK/dV kernel.
+// flex_backward_cuda.cpp), and how many of those in the warp-specialised dK/dV kernel.
 int64_t fused_dq_backward_calls();
 int64_t fused_dq_ws_backward_calls();
 // Backward calls whose fused dQ added through the TMA unit (FG_DQ_TMA_ADD).

@@ -179,10 +179,10 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 // that return no max_scores): the online softmax keeps a row's running max while the row's new max exceeds it by at
 // most kFgLazyGrowth in the exponent's units (log2), as FlashAttention-4 does, so P's entries stay at or under
 // 2^kFgLazyGrowth = 256 (bf16 and f16 hold that, and float32 sums of them are far from overflowing) and O needs no
-// rescale for that sub-tile; fg_frag_rescale_o skips its multiplications where no row
-// of the warp moved its max (a warp vote). out = O / l and lse = m + ln l are unchanged in exact arithmetic (l and O
-// carry the same factor); the reported max would be stale, hence no max_scores. Any difference that is not finite
-// (a first max, an empty row, an infinite score) takes the exact path.
+// rescale for that sub-tile; fg_frag_rescale_o skips its multiplications where no row of the warp moved its max (a
+// warp vote). out = O / l and lse = m + ln l are unchanged in exact arithmetic (l and O carry the same factor); the
+// reported max would be stale, hence no max_scores. Any difference that is not finite (a first max, an empty row, an
+// infinite score) takes the exact path.
 #ifndef FG_FWD_LAZY_RESCALE
 #define FG_FWD_LAZY_RESCALE 0
 #endif
