@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "flexgrad/attention/affine_score.h"
+#include "flexgrad/attention/const_division.h"
 #include "flexgrad/attention/float_ranges.h"
 #include "flexgrad/attention/int_ranges.h"
 #include "flexgrad/attention/op_semantics.h"
@@ -112,18 +113,32 @@ std::vector<char> approx_exact_needed(const ModProgram& p) {
 // program's capture slots to the kernel's FgModArgs slots), FlexKernelOptions::approx_math, and the whole-program
 // analyses every emitted function of it reads (computed once here, not per function).
 struct ProgramEmitter {
-  ProgramEmitter(const ModProgram& prog, std::vector<int> kernel_slots, bool approx_math)
+  ProgramEmitter(const ModProgram& prog, std::vector<int> kernel_slots, bool approx_math, bool const_division = true)
       : p(prog),
         slots(std::move(kernel_slots)),
         approx(approx_math),
+        const_div(const_division),
         ranges(int_ranges(prog)),
         exact(approx_math ? approx_exact_needed(prog) : std::vector<char>(prog.instrs().size(), 1)) {}
   const ModProgram& p;
   std::vector<int> slots;
   bool approx;
+  bool const_div;                // CudaModsInput::const_division
   std::vector<IntRange> ranges;  // int_ranges(p): where a narrower integer type is exact
   std::vector<char> exact;       // per value: keeps its exact spelling under approx_math (approx_exact_needed)
 };
+
+// Float x / c for a constant power of two c as x * (1 / c), the same bits as the op table's __fdiv_rn without its
+// branch (const_division.h); empty where instruction i is no such division.
+std::string divided_by_power_of_two(const ModProgram& p, size_t i, const std::vector<std::string>& a) {
+  const Instr& in = p.instrs()[i];
+  if (in.op != ExprOp::Div || in.kind != VK::Float) return {};
+  const Instr& x = p.instrs()[in.args[0]];
+  const Instr& c = p.instrs()[in.args[1]];
+  if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) return {};
+  const std::optional<float> r = exact_reciprocal(static_cast<float>(c.value));
+  return r ? fmt::format("__fmul_rn({}, {})", a[0], float_literal(*r, false)) : std::string();
+}
 
 // The statements computing the live instructions of the emitter's program; value i is named v<i>. Under
 // approx_math the values approx_exact_needed leaves free take the approximate spelling.
@@ -170,8 +185,10 @@ std::string emit_body(const ProgramEmitter& em, const std::vector<char>& live, b
         std::vector<std::string> args;
         for (int32_t x : in.args) args.push_back(v(x));
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
+        const bool approx = em.approx && !em.exact[i];
         expr = narrowed(p, i, em.ranges, args);
-        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, em.approx && !em.exact[i]);
+        if (expr.empty() && !dbl && !approx && em.const_div) expr = divided_by_power_of_two(p, i, args);
+        if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
       }
     }
     s += fmt::format("  const {} v{} = {};\n", type_name(in.kind, dbl), i, expr);
@@ -510,7 +527,7 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
     std::vector<int32_t> split_outs = {score_prog->output()};
     if (merged) split_outs.push_back(score_prog->outputs()[1]);
     score_split = split_program(*score_prog, split_outs);
-    score_em.emplace(*score_prog, score_prog_slots, in.approx_math);
+    score_em.emplace(*score_prog, score_prog_slots, in.approx_math, in.const_division);
     s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_em, score_split, score_prog->output());
     // FG_SCORE_ELEM_PURE: fg_score_elem and fg_score_elem_dscore (the element part of every output split for)
     // read nothing and cannot fail, so the backward's element step may evaluate them for every entry and select.
@@ -534,7 +551,7 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
   if (in.mask_mod) {
     const SplitProgram msp = split_program(*in.mask_mod, {in.mask_mod->output()});
     const ProgramEmitter mask_em(*in.mask_mod, identity_slots(in.mask_slots, in.mask_mod->captures().size()),
-                                 in.approx_math);
+                                 in.approx_math, in.const_division);
     s += split_functions("fg_mask", "FgMaskRow", "FgMaskCol", "bool", mask_em, msp, in.mask_mod->output());
     // FG_MASK_ELEM_PURE: fg_mask_elem reads nothing and cannot fail, so the backward's element steps evaluate it for
     // every entry and select (predicated code; a guarded call made ptxas branch around each entry).
@@ -601,7 +618,7 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
     s += " { return (T)FG_DSCORE_CONSTANT; }\n";
   } else {
     s += ";\n";
-    s += specialisations("T", "fg_dscore", kScoreSig, ProgramEmitter(g->program, prog_slots, in.approx_math),
+    s += specialisations("T", "fg_dscore", kScoreSig, ProgramEmitter(g->program, prog_slots, in.approx_math, in.const_division),
                          g->program.outputs()[0]);
   }
   // ---- the modified score and d score_mod / d score of one element together (the backward's per-element
@@ -636,7 +653,7 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
     outs.push_back(g->program.outputs()[t->deriv_output]);
   }
   const std::vector<char> live = g->program.live(outs);
-  const ProgramEmitter grad_em(g->program, prog_slots, in.approx_math);
+  const ProgramEmitter grad_em(g->program, prog_slots, in.approx_math, in.const_division);
   for (bool dbl : {false, true}) {  // one overload per precision; the template below picks by T
     s += fmt::format(
         "template <class Sink> __device__ __forceinline__ void fg_cap_grad_impl({0} score, {0} grad, int b, int h, "

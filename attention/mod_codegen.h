@@ -81,6 +81,9 @@ struct CudaModsInput {
   // approximations (cuda_f32_approx: fg_tanh_approx, tanh.approx.f32; fg_fdiv_full, div.full.f32) in every
   // function emitted here.
   bool approx_math = false;
+  // Float code divides by a constant power of two as a multiplication (const_division.h: the same bits as
+  // __fdiv_rn, without its branch); false: __fdiv_rn throughout (FLEXGRAD_FLEX_CONST_DIVISION=0, an A/B switch).
+  bool const_division = true;
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 

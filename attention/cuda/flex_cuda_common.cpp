@@ -47,10 +47,10 @@ int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_
 
 namespace {
 
-// emit_cuda_mods_and_facts(in), memoised. Its text is a function of the programs' structure (ModProgram::structure_key), of
-// which kernel slot each capture list's tensors take (tensor identity: the slots, and for the derivative's lists
-// the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and of approx_math; the key
-// holds all of them, so a repeated call (a training step, a decoding step) takes the text from the memo instead of
+// emit_cuda_mods_and_facts(in), memoised. Its text is a function of the programs' structure (ModProgram::structure_key),
+// of which kernel slot each capture list's tensors take (tensor identity: the slots, and for the derivative's lists
+// the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and of approx_math and
+// const_division; the key holds all of them, so a repeated call (a training step, a decoding step) takes the text from the memo instead of
 // running the code generator (~20 us of host time a call, spent while the GPU waits for the call's first kernel).
 CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
   std::string key;
@@ -74,6 +74,7 @@ CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kerne
     }
   };
   put(in.approx_math);
+  put(in.const_division);
   put_program(in.score_mod);
   put_program(in.mask_mod);
   put_ints(in.score_slots);
@@ -138,6 +139,7 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
 
   CudaModsInput in;
   in.approx_math = approx_math;
+  in.const_division = env_switch("FLEXGRAD_FLEX_CONST_DIVISION").value_or(true);
   in.score_mod = score_mod;
   in.mask_mod = mask_mod;
   if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());

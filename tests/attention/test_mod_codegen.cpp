@@ -14,6 +14,7 @@
 #include <map>
 #include <string>
 
+#include "flexgrad/attention/const_division.h"
 #include "flexgrad/attention/mask_mods.h"
 #include "flexgrad/attention/mod_codegen.h"
 #include "flexgrad/attention/mod_grad.h"
@@ -448,6 +449,40 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
   const std::string text = emit_cuda_mods(in);
   EXPECT_FALSE(has(text, "fg_fdiv_full(")) << text;
   EXPECT_TRUE(has(text, "__fdiv_rn(")) << text;
+}
+
+// Division by a constant power of two (const_division.h): its exact reciprocal for 2^k in [2^-126, 2^126] of either
+// sign, none for other constants; the generated float code multiplies by it, the double code keeps __ddiv_rn, other
+// constants and a variable divisor keep __fdiv_rn.
+TEST(ConstDivision, PowersOfTwoMultiply) {
+  for (const float c : {1.f, 16.f, -0.25f, 0x1p126f, -0x1p-126f}) {
+    SCOPED_TRACE(c);
+    ASSERT_TRUE(exact_reciprocal(c).has_value());
+    EXPECT_EQ(*exact_reciprocal(c) * c, 1.f);
+  }
+  for (const float c : {20.f, 3.f, -0.75f, 0x1p127f, 0x1p-127f, 0.f, -0.f, std::numeric_limits<float>::infinity(),
+                        std::numeric_limits<float>::quiet_NaN(), std::nextafter(16.f, 17.f)}) {
+    SCOPED_TRACE(c);
+    EXPECT_FALSE(exact_reciprocal(c).has_value());
+  }
+  auto bodies = [](ScoreMod score) {
+    const ModProgram m = trace_score_mod(std::move(score));
+    CudaModsInput in;
+    in.score_mod = &m;
+    const std::string text = emit_cuda_mods(in);
+    return std::pair{body_of(text, "fg_score_elem<float>("), body_of(text, "fg_score_elem<double>(")};
+  };
+  {
+    const auto [f32, f64] = bodies([](Expr s, Expr, Expr, Expr, Expr) { return s / 16.0; });
+    EXPECT_TRUE(has(f32, "__fmul_rn(") && has(f32, "0.0625f)")) << f32;
+    EXPECT_FALSE(has(f32, "__fdiv_rn(")) << f32;
+    EXPECT_TRUE(has(f64, "__ddiv_rn(")) << f64;
+  }
+  for (ScoreMod score : {ScoreMod([](Expr s, Expr, Expr, Expr, Expr) { return s / 20.0; }),
+                         ScoreMod([](Expr s, Expr, Expr, Expr q, Expr) { return s / to_float(q); })}) {
+    const auto [f32, f64] = bodies(score);
+    EXPECT_TRUE(has(f32, "__fdiv_rn(")) << f32;
+  }
 }
 
 // The affine form (affine_score.h) in the generated text: only under approx_math, with the factors as double

@@ -12,10 +12,13 @@
 // on the host what the CPU raises. Skips visibly without a GPU.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
+#include "flexgrad/attention/const_division.h"
 #include "flexgrad/attention/mod_codegen.h"
 #include "flexgrad/attention/mod_grad.h"
 #include "flexgrad/attention/tile_eval.h"
@@ -389,6 +392,64 @@ TEST_F(ModCodegenCuda, IntegerErrorsAreFlaggedNotACrash) {
   EXPECT_LT(rn.error.size, 0);  // the exponent
   EXPECT_THROW_MSG(raise_on_host(rn, {}), ValueError,
                    message_of<ValueError>([&] { neg.evaluate(0, 0, rn.error.index - 100, rn.error.size + 3); }));
+}
+
+// Division by a constant on the GPU (const_division.h: x * 2^-k for a power of two, __fdiv_rn otherwise): the float
+// score_mod s / c and its derivative 1 / c equal C++'s float division on the host (IEEE, correctly rounded) bit for
+// bit, at scores of every exponent, at subnormal quotients, zeros, infinities and NaN.
+TEST_F(ModCodegenCuda, DivisionByAConstantIsCorrectlyRounded) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> xs = {0.f, -0.f, inf, -inf, std::numeric_limits<float>::quiet_NaN(),
+                           std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                           std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(), -1e-40f,
+                           0x1.fffffep-110f, 0x1.000002p-126f, 1.f, 20.f, -3.f};
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> scores(-60.f, 60.f);
+  while (xs.size() < static_cast<size_t>(kPoints))
+    xs.push_back(xs.size() % 2 ? std::bit_cast<float>(static_cast<uint32_t>(gen())) : scores(gen));
+  const std::vector<double> in(xs.begin(), xs.end());
+  // (constants float holds exactly: the derivative's 1 / c may be folded in double, then rounded once)
+  for (const double c : {16.0, -0.25, 0x1p-20, 0x1p20, 20.0, 3.0}) {
+    SCOPED_TRACE(c);
+    const float cf = static_cast<float>(c);
+    const ModProgram p = trace_score_mod([c](Expr s, Expr, Expr, Expr, Expr) { return s / c; });
+    const ScoreModBackward g = derive_score_mod(p);
+    const GpuRun r = run_on_gpu(&p, nullptr, &g, {}, in);
+    for (size_t i = 0; i < xs.size(); ++i) {
+      const float want = xs[i] / cf;
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(r.sf[i])) << xs[i] << " / " << cf;
+      } else {
+        ASSERT_EQ(std::bit_cast<uint32_t>(r.sf[i]), std::bit_cast<uint32_t>(want))
+            << std::hexfloat << xs[i] << " / " << cf << ": gpu " << r.sf[i] << ", host " << want;
+      }
+      ASSERT_EQ(std::bit_cast<uint32_t>(r.df[i]), std::bit_cast<uint32_t>(1.f / cf)) << "d/ds at " << xs[i];
+    }
+  }
+}
+
+// FLEXGRAD_FLEX_CONST_DIVISION (host only, no GPU): unset, make_mod_context's text divides by 16 as a multiplication;
+// =0, with __fdiv_rn (a text of its own, not the memo's first); a bad value raises a ValueError naming it.
+TEST(FlexCudaModsMemo, ConstDivisionSwitch) {
+  const ModProgram score = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return s / 16.0; });
+  auto text = [&] {
+    return cuda::flex::make_mod_context(&score, nullptr, nullptr, {}, kCPU, "test", IndexBounds{1, 1, 8, 8}, false)
+        .source;
+  };
+  const std::string on = text();
+  EXPECT_TRUE(on.find("__fmul_rn(") != std::string::npos && on.find("0.0625f)") != std::string::npos) << on;
+  EXPECT_TRUE(on.find("__fdiv_rn(") == std::string::npos) << on;
+  {
+    fg::testing::ScopedEnv off("FLEXGRAD_FLEX_CONST_DIVISION", "0");
+    const std::string t = text();
+    EXPECT_TRUE(t.find("__fdiv_rn(") != std::string::npos) << t;
+    EXPECT_TRUE(t.find("__fmul_rn(") == std::string::npos) << t;
+  }
+  {
+    fg::testing::ScopedEnv bad("FLEXGRAD_FLEX_CONST_DIVISION", "yes");
+    fg::testing::expect_error<ValueError>([&] { text(); }, "FLEXGRAD_FLEX_CONST_DIVISION");
+  }
+  EXPECT_EQ(text(), on);
 }
 
 // make_mod_context takes the generated text from a memo keyed by the programs' structure and the captures' kernel
