@@ -11,7 +11,8 @@
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
 # bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against
-# PyTorch and its kernels under ncu); GTEST_FILTER and TEST_TIMEOUT (s, default 300) for test_cuda; dependencies
+# PyTorch and its kernels under ncu); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8,
+# run side by side) for test_cuda (the whole suite: 8 shards of up to ~430 s cold on an H100 in session 40); dependencies
 # the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default build-device/pack)
 # is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its conformance.tgz / gallery.tgz
 # where the variables above are not set.
@@ -27,7 +28,8 @@ for d in conformance gallery; do
   [ -f "$PACK/$d.tgz" ] && mkdir -p /tmp/fgdata && tar xzf "$PACK/$d.tgz" -C /tmp/fgdata
 done
 data() { [ -d "/tmp/fgdata/$1" ] && echo "/tmp/fgdata/$1" || (cd "../shared/$1" 2>/dev/null && pwd || echo "../shared/$1"); }
-conf=${FLEXGRAD_CONFORMANCE_DIR:-$(data conformance)}
+export FLEXGRAD_CONFORMANCE_DIR=${FLEXGRAD_CONFORMANCE_DIR:-$(data conformance)}  # test_cuda reads both
+conf=$FLEXGRAD_CONFORMANCE_DIR
 export FLEXGRAD_GALLERY_DIR=${FLEXGRAD_GALLERY_DIR:-$(data gallery)}
 steps=${STEPS:-tests conformance bench}
 start=$(date +%s)
@@ -70,8 +72,9 @@ esac
 
 case " $steps " in *" tests "*)
   shards=()
-  for i in $(seq 0 7); do
-    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-300} "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
+  n=${TEST_SHARDS:-8}
+  for i in $(seq 0 $((n - 1))); do
+    GTEST_TOTAL_SHARDS=$n GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-300} "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
       > /tmp/shard$i.log 2>&1 &
     shards+=($!)
   done
@@ -82,7 +85,7 @@ case " $steps " in *" tests "*)
     "$(grep -hE '^\[  SKIPPED \] [0-9]' /tmp/shard*.log | awk '{s+=$4} END {print s+0}') skipped"
   grep -hE '^\[  FAILED  \] [A-Za-z]' /tmp/shard*.log | grep -v ' ms)' | sort -u | tee -a "$L/summary.txt"
   # A shard that crashed or hit the timeout prints no summary: its unfinished tests are in no count above.
-  for i in $(seq 0 7); do
+  for i in $(seq 0 $((n - 1))); do
     grep -qE '^\[==========\] [0-9]+ tests? from .* ran\.' /tmp/shard$i.log ||
       t "test_cuda shard $i DID NOT FINISH (crash or TEST_TIMEOUT); last test started: $(grep -E '^\[ RUN' /tmp/shard$i.log | tail -1)"
   done
