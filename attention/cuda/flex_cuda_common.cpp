@@ -141,9 +141,10 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
   CudaModsInput in;
   in.approx_math = approx_math;
   in.const_division = env_switch("FLEXGRAD_FLEX_CONST_DIVISION").value_or(true);
-  constexpr int64_t kSmall = int64_t{1} << 20;  // (index_casts_hoisted, mod_codegen.cpp)
+  // index_casts_hoisted (mod_codegen.cpp), opt-in until it has run on a GPU: FLEXGRAD_FLEX_INDEX_CASTS=1.
+  constexpr int64_t kSmall = int64_t{1} << 20;
   in.small_indices = bounds.batch <= kSmall && bounds.head <= kSmall && bounds.q <= kSmall && bounds.kv <= kSmall &&
-                     env_switch("FLEXGRAD_FLEX_INDEX_CASTS").value_or(true);
+                     env_switch("FLEXGRAD_FLEX_INDEX_CASTS").value_or(false);
   in.score_mod = score_mod;
   in.mask_mod = mask_mod;
   if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());

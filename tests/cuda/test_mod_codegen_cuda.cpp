@@ -454,9 +454,9 @@ TEST(FlexCudaModsMemo, ConstDivisionSwitch) {
   EXPECT_EQ(text(), on);
 }
 
-// make_mod_context's small_indices (host only, no GPU): ALiBi's kv - q is converted in the row and column functions
-// for a call whose sizes are at most 2^20, in the element function for a longer one (kv up to 2^21) and with
-// FLEXGRAD_FLEX_INDEX_CASTS=0; a bad value raises a ValueError naming the variable.
+// make_mod_context's small_indices (host only, no GPU): with FLEXGRAD_FLEX_INDEX_CASTS=1, ALiBi's kv - q is converted
+// in the row and column functions for a call whose sizes are at most 2^20 and in the element function for a longer
+// one (kv 2^20 + 1); unset or =0, in the element function; a bad value raises a ValueError naming the variable.
 TEST(FlexCudaModsMemo, IndexCastsFollowTheBoundsAndTheSwitch) {
   const ModProgram score =
       trace_score_mod([](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-(h + 1.0)); });
@@ -467,9 +467,16 @@ TEST(FlexCudaModsMemo, IndexCastsFollowTheBoundsAndTheSwitch) {
     EXPECT_NE(at, std::string::npos) << text;
     return text.substr(at, text.find("\n}\n", at) - at).find("((float)v") != std::string::npos;
   };
-  EXPECT_FALSE(elem_converts(4096));
-  EXPECT_FALSE(elem_converts(int64_t{1} << 20));
-  EXPECT_TRUE(elem_converts((int64_t{1} << 20) + 1));
+  {
+    fg::testing::ScopedEnv unset("FLEXGRAD_FLEX_INDEX_CASTS", nullptr);
+    EXPECT_TRUE(elem_converts(4096));
+  }
+  {
+    fg::testing::ScopedEnv on("FLEXGRAD_FLEX_INDEX_CASTS", "1");
+    EXPECT_FALSE(elem_converts(4096));
+    EXPECT_FALSE(elem_converts(int64_t{1} << 20));
+    EXPECT_TRUE(elem_converts((int64_t{1} << 20) + 1));
+  }
   {
     fg::testing::ScopedEnv off("FLEXGRAD_FLEX_INDEX_CASTS", "0");
     EXPECT_TRUE(elem_converts(4096));
