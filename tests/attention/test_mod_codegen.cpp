@@ -1418,16 +1418,48 @@ bool same_double(double a, double b) {
   return (std::isnan(a) && std::isnan(b)) || (a == b && std::signbit(a) == std::signbit(b));
 }
 
+// flex_abi.cuh for a host build: its f16 reader is inline PTX, so a stand-in replaces it (these programs read no f16).
+std::string host_abi() {
+  std::string abi(cuda::jit::embedded_source("flex_abi.cuh"));
+  const size_t at = abi.find("__device__ __forceinline__ float fg_f16_to_float");
+  if (at == std::string::npos) return {};
+  const size_t end = abi.find("}\n", abi.find("return f;", at)) + 2;
+  abi.replace(at, end - at, "inline float fg_f16_to_float(unsigned short) { return 0; }\n");
+  return abi;
+}
+
+// kHostDriver's fg_eval, compiled with the shim, the ABI and the generated text into <base>.so and loaded (eval null
+// and `error` saying why where that failed; the caller dlcloses lib).
+using HostEvalFn = void (*)(const HostModArgs*, const double*, double*, double*, double*, double**, double*, float*);
+struct HostBuild {
+  void* lib = nullptr;
+  HostEvalFn eval = nullptr;
+  std::string error;
+};
+HostBuild build_on_host(const std::string& base, const std::string& abi, const std::string& text) {
+  HostBuild h;
+  std::ofstream(base + ".cpp") << kHostShim << abi << text << kHostDriver;
+  if (std::system(("c++ -std=c++17 -O0 -ffp-contract=off -shared -fPIC -w -o " + base + ".so " + base + ".cpp")
+                      .c_str()) != 0) {
+    h.error = "host compile failed: " + base + ".cpp";
+    return h;
+  }
+  h.lib = dlopen((base + ".so").c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (h.lib == nullptr) {
+    h.error = dlerror();
+    return h;
+  }
+  h.eval = reinterpret_cast<HostEvalFn>(dlsym(h.lib, "fg_eval"));
+  if (h.eval == nullptr) h.error = "no fg_eval in " + base + ".so";
+  return h;
+}
+
 }  // namespace
 
 TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
-  std::string abi(cuda::jit::embedded_source("flex_abi.cuh"));
-  // the f16 reader is inline PTX: a host stand-in (the fuzz captures are never f16)
-  const size_t at = abi.find("__device__ __forceinline__ float fg_f16_to_float");
-  const size_t end = abi.find("}\n", abi.find("return f;", at)) + 2;
-  ASSERT_NE(at, std::string::npos);
-  abi.replace(at, end - at, "inline float fg_f16_to_float(unsigned short) { return 0; }\n");
+  const std::string abi = host_abi();
+  ASSERT_FALSE(abi.empty()) << "flex_abi.cuh has no fg_f16_to_float";
   char dir_template[] = "/tmp/fg_codegen_host_XXXXXX";
   const std::string dir = mkdtemp(dir_template);
   int compared = 0, raised = 0;
@@ -1453,17 +1485,8 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
     in.grad_slots = slots_of(g.program.captures());
     in.grad_needed.assign(g.captures.size(), true);
     in.small_indices = seed % 2 == 0;  // index_casts_hoisted's rewrite where it applies (the values are the same)
-    const std::string base = dir + "/p" + std::to_string(seed);
-    std::ofstream(base + ".cpp") << kHostShim << abi << emit_cuda_mods(in) << kHostDriver;
-    ASSERT_EQ(std::system(("c++ -std=c++17 -O0 -ffp-contract=off -shared -fPIC -w -o " + base + ".so " + base + ".cpp")
-                              .c_str()),
-              0)
-        << "host compile failed: " << base << ".cpp";
-    void* lib = dlopen((base + ".so").c_str(), RTLD_NOW | RTLD_LOCAL);
-    ASSERT_NE(lib, nullptr) << dlerror();
-    using EvalFn = void (*)(const HostModArgs*, const double*, double*, double*, double*, double**, double*, float*);
-    auto eval = reinterpret_cast<EvalFn>(dlsym(lib, "fg_eval"));
-    ASSERT_NE(eval, nullptr);
+    const HostBuild hb = build_on_host(dir + "/p" + std::to_string(seed), abi, emit_cuda_mods(in));
+    ASSERT_NE(hb.eval, nullptr) << hb.error;
 
     HostModArgs a{};
     HostError err{};
@@ -1491,8 +1514,8 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
       want[i] = cg[i];
       cp.push_back(cg[i].data());
     }
-    eval(&a, sc.data(), sd.data(), md.data(), dd.data(), cp.data(), fused.data(), fsep.data());
-    dlclose(lib);
+    hb.eval(&a, sc.data(), sd.data(), md.data(), dd.data(), cp.data(), fused.data(), fsep.data());
+    dlclose(hb.lib);
 
     const std::string label = "seed " + std::to_string(seed + 5000) + "\n" + m.score.to_string() + "\n" + m.mask.to_string();
     bool cpu_raised = false;
@@ -1554,11 +1577,8 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
 // conversion in the element function.
 TEST(ModCodegen, IndexCastsMoveToTheRowAndColumnFunctions) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
-  std::string abi(cuda::jit::embedded_source("flex_abi.cuh"));
-  const size_t at = abi.find("__device__ __forceinline__ float fg_f16_to_float");
-  const size_t end = abi.find("}\n", abi.find("return f;", at)) + 2;
-  ASSERT_NE(at, std::string::npos);
-  abi.replace(at, end - at, "inline float fg_f16_to_float(unsigned short) { return 0; }\n");
+  const std::string abi = host_abi();
+  ASSERT_FALSE(abi.empty()) << "flex_abi.cuh has no fg_f16_to_float";
   char dir_template[] = "/tmp/fg_index_casts_XXXXXX";
   const std::string dir = mkdtemp(dir_template);
   struct Case {
@@ -1604,22 +1624,16 @@ TEST(ModCodegen, IndexCastsMoveToTheRowAndColumnFunctions) {
           EXPECT_TRUE(has(elem, conv)) << elem;
         }
       }
-      const std::string base = dir + "/c" + std::to_string(&c - cases.data()) + "_" + std::to_string(small);
-      std::ofstream(base + ".cpp") << kHostShim << abi << text << kHostDriver;
-      ASSERT_EQ(std::system(("c++ -std=c++17 -O0 -ffp-contract=off -shared -fPIC -w -o " + base + ".so " + base +
-                             ".cpp").c_str()), 0) << "host compile failed: " << base << ".cpp";
-      void* lib = dlopen((base + ".so").c_str(), RTLD_NOW | RTLD_LOCAL);
-      ASSERT_NE(lib, nullptr) << dlerror();
-      using EvalFn = void (*)(const HostModArgs*, const double*, double*, double*, double*, double**, double*, float*);
-      auto eval = reinterpret_cast<EvalFn>(dlsym(lib, "fg_eval"));
-      ASSERT_NE(eval, nullptr);
+      const HostBuild hb =
+          build_on_host(dir + "/c" + std::to_string(&c - cases.data()) + "_" + std::to_string(small), abi, text);
+      ASSERT_NE(hb.eval, nullptr) << hb.error;
       HostModArgs a{};
       HostError err{};
       a.error = &err;
       std::vector<double> md(kHP);
-      eval(&a, sc.data(), sd[small].data(), md.data(), dd[small].data(), nullptr, fused[small].data(),
-           fsep[small].data());
-      dlclose(lib);
+      hb.eval(&a, sc.data(), sd[small].data(), md.data(), dd[small].data(), nullptr, fused[small].data(),
+              fsep[small].data());
+      dlclose(hb.lib);
     }
     for (int p = 0; p < kHP; ++p) {
       ASSERT_TRUE(same_double(sd[0][p], sd[1][p])) << "point " << p << ": " << sd[0][p] << " / " << sd[1][p];
