@@ -9,8 +9,8 @@
 //
 // Other constants keep __fdiv_rn. The corrected form q = RN(x r), RN(fma(RN(fma(-q, c, x)), r, q)) with r = RN(1 / c)
 // gives RN(x / c) for |x| >= 2^-64 (proven per constant by checking every mantissa), but not for every tiny x, and
-// its range test made the same kind of branch: session 40 measured it 7-10% slower than __fdiv_rn
-// (docs/flex_cuda_notes.md; the code is on the branch corrected-division).
+// its range test made a second branch an element: session 40 measured it slower than __fdiv_rn (the exact softcap's
+// forward 2.05-2.10 ms against 1.85-1.89; docs/flex_cuda_notes.md; the code is on the branch corrected-division).
 #pragma once
 
 #include <optional>

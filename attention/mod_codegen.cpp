@@ -684,7 +684,8 @@ static CudaMods emit_mods(const CudaModsInput& in) {
     s += " { return (T)FG_DSCORE_CONSTANT; }\n";
   } else {
     s += ";\n";
-    s += specialisations("T", "fg_dscore", kScoreSig, ProgramEmitter(g->program, prog_slots, in.approx_math, in.const_division),
+    s += specialisations("T", "fg_dscore", kScoreSig,
+                         ProgramEmitter(g->program, prog_slots, in.approx_math, in.const_division),
                          g->program.outputs()[0]);
   }
   // ---- the modified score and d score_mod / d score of one element together (the backward's per-element

@@ -10,12 +10,12 @@
 # the GPU); every timing, PyTorch's and ours, runs alone on the GPU afterwards.
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
-# bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against
-# PyTorch and its kernels under ncu); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8,
-# run side by side) for test_cuda (the whole suite: 8 shards of up to ~430 s cold on an H100 in session 40); dependencies
-# the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default build-device/pack)
-# is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its conformance.tgz / gallery.tgz
-# where the variables above are not set.
+# bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against PyTorch
+# and its kernels under ncu); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side
+# by side) for test_cuda (the whole suite cold on an H100, session 40: the slowest of 8 shards past 420 s);
+# dependencies the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default
+# build-device/pack) is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its
+# conformance.tgz / gallery.tgz where the variables above are not set.
 set -u -o pipefail
 # The device tool returns at most 8 files: logs are written to L and packed into $OUT/logs.tgz after each step.
 OUT=${OUT:-$PWD/device_logs}
