@@ -362,8 +362,9 @@ void flex_forward_cuda(const FlexProblem& p, FlexForwardOutputs& o) {
   }
   // The lazy rescale (flex_forward_common.cuh, FG_FWD_LAZY_RESCALE): a row keeps its running max while its new max
   // exceeds it by at most 2^8 in P's units, and O is rescaled only where a row of the warp moved it. The wgmma
-  // forward of calls that return no max_scores (the kept max is stale); opt-in (FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1)
-  // until it is timed (written in session 39 without a GPU).
+  // forward of calls that return no max_scores (the kept max is stale); opt-in (FLEXGRAD_FLEX_FWD_LAZY_RESCALE=1):
+  // session 40 timed it on an H100, 5-6% off no mask's forward (which Auto gives to cuDNN), level or slower on the
+  // other cases (docs/flex_cuda_notes.md).
   if (cfg.wgmma && !p.max_scores_wanted && env_switch("FLEXGRAD_FLEX_FWD_LAZY_RESCALE").value_or(false)) {
     defines.push_back("FG_FWD_LAZY_RESCALE 1");
     ++g_lazy_rescale_calls;
