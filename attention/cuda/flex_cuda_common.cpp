@@ -48,11 +48,11 @@ int abi_dtype(DType t) { return static_cast<int>(t); }  // flex_abi.cuh's FG_DT_
 namespace {
 
 // emit_cuda_mods_and_facts(in), memoised. Its text is a function of the programs' structure
-// (ModProgram::structure_key), of which kernel slot each capture list's tensors take (tensor identity: the slots, and for the derivative's lists
-// the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and of approx_math,
-// const_division and small_indices; the key holds all of them, so a repeated call (a training step, a decoding step)
-// takes the text from the memo instead of running the code generator (~20 us of host time a call, spent while the
-// GPU waits for the call's first kernel).
+// (ModProgram::structure_key), of which kernel slot each capture list's tensors take (tensor identity: the slots, and
+// for the derivative's lists the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and
+// of approx_math, const_division and small_indices; the key holds all of them, so a repeated call (a training step, a
+// decoding step) takes the text from the memo instead of running the code generator (~20 us of host time a call, spent
+// while the GPU waits for the call's first kernel).
 CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
   std::string key;
   auto put = [&key](const auto& v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };

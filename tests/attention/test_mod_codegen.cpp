@@ -1587,7 +1587,8 @@ TEST(ModCodegen, IndexCastsMoveToTheRowAndColumnFunctions) {
     bool moved;
   };
   const std::vector<Case> cases = {
-      {"ALiBi", [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / 16.0)); }, true},
+      {"ALiBi",
+       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / 16.0)); }, true},
       {"a relative position with offsets", [](Expr s, Expr b, Expr, Expr q, Expr kv) {
          return s * 0.5 + to_float((kv + 3) - (q * 2 + b)) / 7.0; }, true},
       {"a sum", [](Expr s, Expr, Expr, Expr q, Expr kv) { return s - to_float(q + kv); }, true},
@@ -1640,7 +1641,8 @@ TEST(ModCodegen, IndexCastsMoveToTheRowAndColumnFunctions) {
       ASSERT_TRUE(same_double(dd[0][p], dd[1][p])) << "point " << p;
       for (int k = 0; k < 4; ++k) ASSERT_TRUE(same_double(fused[0][4 * p + k], fused[1][4 * p + k])) << "point " << p;
       for (int k = 0; k < 2; ++k)
-        ASSERT_EQ(std::bit_cast<uint32_t>(fsep[0][2 * p + k]), std::bit_cast<uint32_t>(fsep[1][2 * p + k])) << "point " << p;
+        ASSERT_EQ(std::bit_cast<uint32_t>(fsep[0][2 * p + k]), std::bit_cast<uint32_t>(fsep[1][2 * p + k]))
+            << "point " << p;
     }
   }
   std::system(("rm -rf " + dir).c_str());
