@@ -140,54 +140,6 @@ std::string divided_by_power_of_two(const ModProgram& p, size_t i, const std::ve
   return r ? fmt::format("__fmul_rn({}, {})", a[0], float_literal(*r, false)) : std::string();
 }
 
-// Integer index arithmetic converted to float in the element step, as ALiBi's `(kv - q) * slope` is, costs each entry
-// an integer add and an I2F conversion (16 results a clock an SM on Hopper by the CUDA guide's throughput table,
-// against 128 float adds). Where a and b are each a row value, a column value or a constant (split_program's parts:
-// depending on q or on kv, not on both, nor on the score) and their sum or difference an element value, (float)(a ± b)
-// is rewritten to (float)a ± (float)b: the same value when |a|, |b| and |a ± b| are at most 2^24, which float holds
-// exactly (so the float sum is exact too), and the two conversions move to the row and column functions, leaving one
-// float add an entry. The ranges come from int_ranges with every index below 2^21 (CudaModsInput::small_indices: the
-// call's sizes are at most 2^20, so even a tile's padded rows stay below 2^21). The captures keep their order (the
-// rewrite re-emits every read in turn); a program that would not is left as it is.
-ModProgram index_casts_hoisted(const ModProgram& p) {
-  constexpr int64_t kExact = int64_t{1} << 24, kIndex = int64_t{1} << 21;
-  const IndexBounds bounds{kIndex, kIndex, kIndex, kIndex};
-  const std::vector<IntRange> r = int_ranges(p, bounds);
-  const auto& ins = p.instrs();
-  auto exact = [&](int32_t v) { return r[v].known && r[v].lo >= -kExact && r[v].hi <= kExact; };
-  auto elem = [&](int32_t v) {
-    const uint8_t d = ins[v].deps;
-    return (d & kUsesScore) || ((d & kUsesQ) && (d & kUsesKV));
-  };
-  ProgramBuilder pb(p.captures());
-  std::vector<int32_t> map(ins.size(), -1);
-  bool changed = false;
-  for (size_t i = 0; i < ins.size(); ++i) {
-    const Instr& in = ins[i];
-    if (in.op == ExprOp::Cast && in.kind == VK::Float && !in.args.empty()) {
-      const int32_t x = in.args[0];
-      const Instr& sum = ins[x];
-      if (sum.kind == VK::Int && (sum.op == ExprOp::Add || sum.op == ExprOp::Sub) && elem(x) && exact(x) &&
-          exact(sum.args[0]) && exact(sum.args[1]) && !elem(sum.args[0]) && !elem(sum.args[1])) {
-        const int32_t a = pb.cast(map[sum.args[0]], VK::Float, false);
-        const int32_t b = pb.cast(map[sum.args[1]], VK::Float, false);
-        map[i] = pb.emit(sum.op, VK::Float, {a, b});
-        changed = true;
-        continue;
-      }
-    }
-    map[i] = pb.reemit(in, map);
-  }
-  if (!changed) return p;
-  std::vector<int32_t> outs;
-  for (int32_t o : p.outputs()) outs.push_back(map[o]);
-  ModProgram q = pb.finish(outs, p.output_names(), p.type());
-  if (q.captures().size() != p.captures().size()) return p;
-  for (size_t i = 0; i < q.captures().size(); ++i)
-    if (q.captures()[i].tensor.impl() != p.captures()[i].tensor.impl()) return p;
-  return q;
-}
-
 // The statements computing the live instructions of the emitter's program; value i is named v<i>. Under
 // approx_math the values approx_exact_needed leaves free take the approximate spelling.
 std::string emit_body(const ProgramEmitter& em, const std::vector<char>& live, bool dbl) {
@@ -529,25 +481,7 @@ std::string affine_functions(const CudaModsInput& in, bool no_cap_grad, CudaMods
 
 std::string emit_cuda_mods(const CudaModsInput& in) { return emit_cuda_mods_and_facts(in).text; }
 
-static CudaMods emit_mods(const CudaModsInput& in);
-
 CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
-  if (!in.small_indices) return emit_mods(in);
-  CudaModsInput r = in;
-  std::optional<ModProgram> score, mask;
-  std::optional<ScoreModBackward> grad;
-  if (in.score_mod) r.score_mod = &score.emplace(index_casts_hoisted(*in.score_mod));
-  if (in.mask_mod) r.mask_mod = &mask.emplace(index_casts_hoisted(*in.mask_mod));
-  if (in.score_grad) {
-    grad.emplace(*in.score_grad);
-    grad->program = index_casts_hoisted(grad->program);
-    grad->value_and_dscore = index_casts_hoisted(grad->value_and_dscore);
-    r.score_grad = &*grad;
-  }
-  return emit_mods(r);
-}
-
-static CudaMods emit_mods(const CudaModsInput& in) {
   CudaMods out;
   CudaModsFacts& facts = out.facts;
   std::string& s = out.text;

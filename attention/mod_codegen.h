@@ -84,11 +84,6 @@ struct CudaModsInput {
   // Float code divides by a constant power of two as a multiplication (const_division.h: the same bits as
   // __fdiv_rn, without its branch); false: __fdiv_rn throughout (FLEXGRAD_FLEX_CONST_DIVISION=0, an A/B switch).
   bool const_division = true;
-  // Every index (b, h, q, kv) of the call is below 2^20 (make_mod_context, from its IndexBounds): the generator may
-  // then convert index sums and differences such as ALiBi's kv - q to float in the row and column functions
-  // (index_casts_hoisted, mod_codegen.cpp; the same values). false: as written. make_mod_context sets it only with
-  // FLEXGRAD_FLEX_INDEX_CASTS=1 (opt-in: written in session 40 after its device time was spent, not yet run on a GPU).
-  bool small_indices = false;
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
 

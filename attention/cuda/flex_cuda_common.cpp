@@ -50,9 +50,9 @@ namespace {
 // emit_cuda_mods_and_facts(in), memoised. Its text is a function of the programs' structure
 // (ModProgram::structure_key), of which kernel slot each capture list's tensors take (tensor identity: the slots, and
 // for the derivative's lists the slot of each tensor in `kernel_captures`), of the derivative's terms and flags, and
-// of approx_math, const_division and small_indices; the key holds all of them, so a repeated call (a training step, a
-// decoding step) takes the text from the memo instead of running the code generator (~20 us of host time a call, spent
-// while the GPU waits for the call's first kernel).
+// of approx_math and const_division; the key holds all of them, so a repeated call (a training step, a decoding step)
+// takes the text from the memo instead of running the code generator (~20 us of host time a call, spent while the GPU
+// waits for the call's first kernel).
 CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kernel_captures) {
   std::string key;
   auto put = [&key](const auto& v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
@@ -76,7 +76,6 @@ CudaMods cuda_mods(const CudaModsInput& in, const std::vector<CaptureRef>& kerne
   };
   put(in.approx_math);
   put(in.const_division);
-  put(in.small_indices);
   put_program(in.score_mod);
   put_program(in.mask_mod);
   put_ints(in.score_slots);
@@ -142,10 +141,6 @@ ModContext make_mod_context(const ModProgram* score_mod, const ModProgram* mask_
   CudaModsInput in;
   in.approx_math = approx_math;
   in.const_division = env_switch("FLEXGRAD_FLEX_CONST_DIVISION").value_or(true);
-  // index_casts_hoisted (mod_codegen.cpp), opt-in until it has run on a GPU: FLEXGRAD_FLEX_INDEX_CASTS=1.
-  constexpr int64_t kSmall = int64_t{1} << 20;
-  in.small_indices = bounds.batch <= kSmall && bounds.head <= kSmall && bounds.q <= kSmall && bounds.kv <= kSmall &&
-                     env_switch("FLEXGRAD_FLEX_INDEX_CASTS").value_or(false);
   in.score_mod = score_mod;
   in.mask_mod = mask_mod;
   if (in.score_mod) in.score_slots = slots_of(in.score_mod->captures());

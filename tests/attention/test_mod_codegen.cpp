@@ -6,7 +6,6 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -1484,7 +1483,6 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
     in.mask_slots = slots_of(m.mask.captures());
     in.grad_slots = slots_of(g.program.captures());
     in.grad_needed.assign(g.captures.size(), true);
-    in.small_indices = seed % 2 == 0;  // index_casts_hoisted's rewrite where it applies (the values are the same)
     const HostBuild hb = build_on_host(dir + "/p" + std::to_string(seed), abi, emit_cuda_mods(in));
     ASSERT_NE(hb.eval, nullptr) << hb.error;
 
@@ -1567,84 +1565,6 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   std::cout << "[  INFO    ] " << compared << " points compared bit for bit, " << raised << " programs raised\n";
   EXPECT_GT(compared, 5000);
   EXPECT_GT(raised, 0);
-  std::system(("rm -rf " + dir).c_str());
-}
-
-// index_casts_hoisted (CudaModsInput::small_indices): ALiBi's (kv - q) * slope and other index sums converted in the
-// row and column functions — the element function of float and double code converts no integer, the row and column
-// functions do — and, compiled for the host, the same float and double scores and derivatives bit for bit as without
-// the rewrite at every point. A sum the rewrite must leave (a product, an operand that mixes q and kv) keeps its
-// conversion in the element function.
-TEST(ModCodegen, IndexCastsMoveToTheRowAndColumnFunctions) {
-  if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
-  const std::string abi = host_abi();
-  ASSERT_FALSE(abi.empty()) << "flex_abi.cuh has no fg_f16_to_float";
-  char dir_template[] = "/tmp/fg_index_casts_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
-  struct Case {
-    const char* name;
-    ScoreMod score;
-    bool moved;
-  };
-  const std::vector<Case> cases = {
-      {"ALiBi",
-       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-((h + 1) * 8.0 / 16.0)); }, true},
-      {"a relative position with offsets", [](Expr s, Expr b, Expr, Expr q, Expr kv) {
-         return s * 0.5 + to_float((kv + 3) - (q * 2 + b)) / 7.0; }, true},
-      {"a sum", [](Expr s, Expr, Expr, Expr q, Expr kv) { return s - to_float(q + kv); }, true},
-      {"a product", [](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float(q * kv); }, false},
-      {"a mixed operand", [](Expr s, Expr, Expr, Expr q, Expr kv) { return s + to_float((kv - q) - 5); }, false},
-  };
-  std::mt19937_64 gen(3);
-  std::normal_distribution<double> nd(0, 4);
-  std::vector<double> sc(kHP);
-  for (double& x : sc) x = nd(gen);
-  for (const Case& c : cases) {
-    SCOPED_TRACE(c.name);
-    const ModProgram m = trace_score_mod(c.score);
-    const ScoreModBackward g = derive_score_mod(m);
-    const ModProgram mask = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv - 20; });
-    std::vector<std::vector<double>> sd(2, std::vector<double>(kHP)), dd = sd, fused(2, std::vector<double>(4 * kHP));
-    std::vector<std::vector<float>> fsep(2, std::vector<float>(2 * kHP));
-    for (int small = 0; small < 2; ++small) {
-      CudaModsInput in;
-      in.score_mod = &m;
-      in.mask_mod = &mask;
-      in.score_grad = &g;
-      in.small_indices = small;
-      const std::string text = emit_cuda_mods(in);
-      for (const char* t : {"float", "double"}) {
-        const std::string elem = body_of(text, fmt::format("fg_score_elem<{}>(", t));
-        const std::string row = body_of(text, fmt::format("fg_score_row<{}>(", t));
-        const std::string col = body_of(text, fmt::format("fg_score_col<{}>(", t));
-        const std::string conv = fmt::format("(({})v", t);  // an integer value converted: ((float)v12)
-        if (small && c.moved) {
-          EXPECT_FALSE(has(elem, conv)) << elem;
-          EXPECT_TRUE(has(row, conv) || has(col, conv)) << row << "\n" << col;
-        } else {
-          EXPECT_TRUE(has(elem, conv)) << elem;
-        }
-      }
-      const HostBuild hb =
-          build_on_host(dir + "/c" + std::to_string(&c - cases.data()) + "_" + std::to_string(small), abi, text);
-      ASSERT_NE(hb.eval, nullptr) << hb.error;
-      HostModArgs a{};
-      HostError err{};
-      a.error = &err;
-      std::vector<double> md(kHP);
-      hb.eval(&a, sc.data(), sd[small].data(), md.data(), dd[small].data(), nullptr, fused[small].data(),
-              fsep[small].data());
-      dlclose(hb.lib);
-    }
-    for (int p = 0; p < kHP; ++p) {
-      ASSERT_TRUE(same_double(sd[0][p], sd[1][p])) << "point " << p << ": " << sd[0][p] << " / " << sd[1][p];
-      ASSERT_TRUE(same_double(dd[0][p], dd[1][p])) << "point " << p;
-      for (int k = 0; k < 4; ++k) ASSERT_TRUE(same_double(fused[0][4 * p + k], fused[1][4 * p + k])) << "point " << p;
-      for (int k = 0; k < 2; ++k)
-        ASSERT_EQ(std::bit_cast<uint32_t>(fsep[0][2 * p + k]), std::bit_cast<uint32_t>(fsep[1][2 * p + k]))
-            << "point " << p;
-    }
-  }
   std::system(("rm -rf " + dir).c_str());
 }
 #endif

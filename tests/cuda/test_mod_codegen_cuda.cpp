@@ -86,7 +86,7 @@ Tensor dev(const Tensor& t) { return t.to(Device(DeviceType::CUDA, 0)); }
 
 // Emits, compiles and runs the fuzz kernel. `caps` are the kernel's capture slots (CPU tensors; copied).
 GpuRun run_on_gpu(const ModProgram* score, const ModProgram* mask, const ScoreModBackward* grad,
-                  const std::vector<Tensor>& caps, const std::vector<double>& scores, bool small_indices = false) {
+                  const std::vector<Tensor>& caps, const std::vector<double>& scores) {
   auto slots_of = [&](const std::vector<CaptureRef>& refs) {
     std::vector<int> s;
     for (const CaptureRef& r : refs)
@@ -98,7 +98,6 @@ GpuRun run_on_gpu(const ModProgram* score, const ModProgram* mask, const ScoreMo
   in.score_mod = score;
   in.mask_mod = mask;
   in.score_grad = grad;
-  in.small_indices = small_indices;
   if (score) in.score_slots = slots_of(score->captures());
   if (mask) in.mask_slots = slots_of(mask->captures());
   if (grad) {
@@ -265,8 +264,7 @@ TEST_F(ModCodegenCuda, FuzzAgreesWithCpuSemantics) {
     });
     if (raises) continue;
     const ScoreModBackward g = derive_score_mod(m.score);
-    // (every other seed with small_indices: index_casts_hoisted's rewrite where it applies, the same values)
-    const GpuRun r = run_on_gpu(&m.score, &m.mask, &g, m.captures, scores, seed % 2 == 0);
+    const GpuRun r = run_on_gpu(&m.score, &m.mask, &g, m.captures, scores);
     const std::string label = "seed " + std::to_string(seed) + "\nscore_mod: " + m.score.to_string() +
                               "\nmask_mod: " + m.mask.to_string();
     ASSERT_EQ(r.error.flag, 0) << label;
@@ -452,39 +450,6 @@ TEST(FlexCudaModsMemo, ConstDivisionSwitch) {
     fg::testing::expect_error<ValueError>([&] { text(); }, "FLEXGRAD_FLEX_CONST_DIVISION");
   }
   EXPECT_EQ(text(), on);
-}
-
-// make_mod_context's small_indices (host only, no GPU): with FLEXGRAD_FLEX_INDEX_CASTS=1, ALiBi's kv - q is converted
-// in the row and column functions for a call whose sizes are at most 2^20 and in the element function for a longer
-// one (kv 2^20 + 1); unset or =0, in the element function; a bad value raises a ValueError naming the variable.
-TEST(FlexCudaModsMemo, IndexCastsFollowTheBoundsAndTheSwitch) {
-  const ModProgram score =
-      trace_score_mod([](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + (kv - q) * exp2(-(h + 1.0)); });
-  auto elem_converts = [&](int64_t kv) {
-    const std::string text = cuda::flex::make_mod_context(&score, nullptr, nullptr, {}, kCPU, "test",
-                                                          IndexBounds{1, 2, 64, kv}, false).source;
-    const size_t at = text.find("fg_score_elem<float>(");
-    EXPECT_NE(at, std::string::npos) << text;
-    return text.substr(at, text.find("\n}\n", at) - at).find("((float)v") != std::string::npos;
-  };
-  {
-    fg::testing::ScopedEnv unset("FLEXGRAD_FLEX_INDEX_CASTS", nullptr);
-    EXPECT_TRUE(elem_converts(4096));
-  }
-  {
-    fg::testing::ScopedEnv on("FLEXGRAD_FLEX_INDEX_CASTS", "1");
-    EXPECT_FALSE(elem_converts(4096));
-    EXPECT_FALSE(elem_converts(int64_t{1} << 20));
-    EXPECT_TRUE(elem_converts((int64_t{1} << 20) + 1));
-  }
-  {
-    fg::testing::ScopedEnv off("FLEXGRAD_FLEX_INDEX_CASTS", "0");
-    EXPECT_TRUE(elem_converts(4096));
-  }
-  {
-    fg::testing::ScopedEnv bad("FLEXGRAD_FLEX_INDEX_CASTS", "2");
-    fg::testing::expect_error<ValueError>([&] { elem_converts(4096); }, "FLEXGRAD_FLEX_INDEX_CASTS");
-  }
 }
 
 // make_mod_context takes the generated text from a memo keyed by the programs' structure and the captures' kernel
