@@ -11,7 +11,7 @@
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
 # bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against PyTorch
-# and its kernels under ncu); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side
+# and its kernels under ncu; "none" only unpacks, for a script of one's own to run the binaries after it); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side
 # by side) for test_cuda (the whole suite cold on an H100, session 40: the slowest of 8 shards past 420 s);
 # dependencies the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default
 # build-device/pack) is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its
