@@ -11,8 +11,9 @@
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
 # bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against PyTorch
-# and its kernels under ncu; "none" only unpacks, for a script of one's own to run the binaries after it); GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side
-# by side) for test_cuda (the whole suite cold on an H100, session 40: the slowest of 8 shards past 420 s);
+# and its kernels under ncu; "none" only unpacks, for a script of one's own to run the binaries after it);
+# GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side by side) for test_cuda
+# (the whole suite cold on an H100: the slowest of 8 shards past 420 s in session 40, of 12 shards 287 s in session 41);
 # dependencies the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default
 # build-device/pack) is used where carried: its bins.tgz when no BUILD_DIR is given, its tp.tgz, and its
 # conformance.tgz / gallery.tgz where the variables above are not set.
@@ -73,6 +74,7 @@ esac
 case " $steps " in *" tests "*)
   shards=()
   n=${TEST_SHARDS:-8}
+  rm -f /tmp/shard*.log  # a warm machine keeps an earlier call's logs, which the counts below would add in
   for i in $(seq 0 $((n - 1))); do
     GTEST_TOTAL_SHARDS=$n GTEST_SHARD_INDEX=$i OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-300} "$B/test_cuda" ${GTEST_FILTER:+--gtest_filter=$GTEST_FILTER} \
       > /tmp/shard$i.log 2>&1 &
