@@ -84,22 +84,23 @@ def main():
           ", ".join(f"{s} {p:.1f}%" for s, p in stall_shares(data, col, stalls, samples)[:10]))
 
     groups = collections.defaultdict(list)
+    group_samples = collections.Counter()
     for r in data:
-        groups[num(r, col, "Instructions Executed")].append(r)
-    ranked = sorted(groups.items(), key=lambda kv: -sum(num(r, col, "# Samples") for r in kv[1]))
+        count = num(r, col, "Instructions Executed")
+        groups[count].append(r)
+        group_samples[count] += num(r, col, "# Samples")
+    ranked = [count for count, _ in group_samples.most_common()]
     print("\ngroups by execution count (count: instructions, share of samples)")
-    for count, rows in ranked[:10]:
-        share = 100.0 * sum(num(r, col, "# Samples") for r in rows) / samples
-        print(f"  {count:>12}: {len(rows):5} instructions, {share:5.1f}%")
+    for count in ranked[:10]:
+        print(f"  {count:>12}: {len(groups[count]):5} instructions, {100.0 * group_samples[count] / samples:5.1f}%")
 
-    count = a.count if a.count is not None else ranked[0][0]
+    count = a.count if a.count is not None else ranked[0]
     rows = groups.get(count, [])
     if not rows:
         sys.exit(f"no instruction ran {count} times")
-    group_samples = sum(num(r, col, "# Samples") for r in rows) or 1
     print(f"\nthe group run {count} times ({len(rows)} instructions)")
     print("  stall reasons: " +
-          ", ".join(f"{s} {p:.1f}%" for s, p in stall_shares(rows, col, stalls, group_samples)[:10]))
+          ", ".join(f"{s} {p:.1f}%" for s, p in stall_shares(rows, col, stalls, group_samples[count] or 1)[:10]))
     mix = collections.Counter(opcode(r[col["Source"]]) for r in rows)
     print("  opcodes: " + ", ".join(f"{op} {n}" for op, n in mix.most_common(20)))
 
