@@ -1,9 +1,11 @@
-// exact_reciprocal (see const_division.h).
+// exact_reciprocal and double_reciprocal (see const_division.h).
 #include "flexgrad/attention/const_division.h"
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 
 namespace fg {
 
@@ -12,6 +14,39 @@ std::optional<float> exact_reciprocal(float c) {
   if (!(a >= 0x1p-126f && a <= 0x1p126f)) return std::nullopt;  // also 0, infinities and NaN
   if ((std::bit_cast<uint32_t>(c) & 0x7fffffu) != 0) return std::nullopt;  // a normal float: 2^k iff no mantissa bits
   return 1.f / c;  // exact
+}
+
+bool double_product_rounds_every_tie(float c) {
+  if (!std::isfinite(c) || c == 0.f) return true;
+  // c = C 2^g, C odd: significand and exponent of |c| as integers.
+  int e = 0;
+  const double m = std::frexp(std::fabs(static_cast<double>(c)), &e);  // |c| = m 2^e, m in [0.5, 1)
+  auto C = static_cast<uint64_t>(std::ldexp(m, 53));                    // |c| = C 2^(e - 53), exact
+  int g = e - 53;
+  while ((C & 1) == 0) C >>= 1, ++g;
+  if (g < 1 || C == 1) return true;  // no subnormal midpoint is a quotient (or c is 2^k: exact_reciprocal's)
+  const double r = 1.0 / static_cast<double>(c);
+  // Host float arithmetic rounds once per operation (SSE, no flush to zero), as IEEE division on the GPU does.
+  for (uint64_t b = 1; b * C < (uint64_t{1} << 24); b += 2) {
+    const float x = static_cast<float>(std::ldexp(static_cast<double>(b * C), g - 150));  // exact: b C < 2^24
+    if (static_cast<float>(static_cast<double>(x) * r) != x / c) return false;
+  }
+  return true;
+}
+
+std::optional<double> double_reciprocal(float c) {
+  if (!std::isfinite(c) || c == 0.f || exact_reciprocal(c)) return std::nullopt;
+  static std::mutex mu;
+  static std::unordered_map<uint32_t, bool> checked;  // by c's bits
+  bool ok;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const uint32_t key = std::bit_cast<uint32_t>(std::fabs(c));  // RN is symmetric: c and -c together
+    auto it = checked.find(key);
+    ok = it != checked.end() ? it->second : checked.emplace(key, double_product_rounds_every_tie(c)).first->second;
+  }
+  if (!ok) return std::nullopt;
+  return 1.0 / static_cast<double>(c);
 }
 
 }  // namespace fg

@@ -1,16 +1,26 @@
-// Float division by a power of two, as a multiplication with the same result.
+// Float division by a constant, with the bits of a division and without its branch.
 //
 // The op table spells float division as __fdiv_rn (RN(x / c)). By a constant ptxas compiles it to five FFMA, a range
 // test (FCHK) and a branch to a slow-path subroutine, and that branch ends the element's straight-line code: an
 // H100's exact softcap forward (`20 tanh(s / 20)`) takes 1.85-1.89 ms against 1.15-1.17 ms with `s * 0.05`
-// (session 40). Where c is 2^k (|c| in [2^-126, 2^126]) 1 / c is exact, so x * (1 / c) is the exact quotient rounded
-// once, RN(x / c), for every x (zeros, subnormals, infinities and NaN included): the CUDA generator
-// (mod_codegen.cpp) spells such a division `__fmul_rn(x, 1 / c)`.
+// (session 40). The CUDA generator (mod_codegen.cpp) spells x / c, with the same result bit for bit for every x
+// (zeros, subnormals, infinities and NaN included), as
 //
-// Other constants keep __fdiv_rn. The corrected form q = RN(x r), RN(fma(RN(fma(-q, c, x)), r, q)) with r = RN(1 / c)
-// gives RN(x / c) for |x| >= 2^-64 (proven per constant by checking every mantissa), but not for every tiny x, and
-// its range test made a second branch an element: session 40 measured it slower than __fdiv_rn (the exact softcap's
-// forward 2.05-2.10 ms against 1.85-1.89; docs/flex_cuda_notes.md; the code is on the branch corrected-division).
+//   x * (1 / c)  where c is 2^k (|c| in [2^-126, 2^126]): 1 / c is exact, so the product is RN(x / c)
+//                (exact_reciprocal);
+//   float(double(x) * R), R = RN53(1 / c)  for other finite nonzero c, unless a tie below rules c out
+//                (double_reciprocal): a conversion, a double multiply and a rounding conversion, no branch.
+//
+// Why the double product rounds like the division. Write x = X 2^a and c = C 2^g with X, C integers, C odd and
+// |X|, C < 2^24, and let b = B 2^h (B odd) be any point where rounding to float changes its answer: a midpoint of two
+// floats (B < 2^25), or the overflow threshold (2^25 - 1) 2^103. If t = x / c is not b, |t - b| >= 2^-49 |t|: the
+// numerator of t - b = (X 2^a - B C 2^(g+h)) / (C 2^g) is a nonzero multiple of 2^min(a, g+h). The product is
+// t (1 + d) with |d| < 2^-51.9 (R and the product each rounded once in double), so it rounds to float like t.
+// t = b (a tie, settled to even) happens only where the quotient is subnormal: b = B 2^-150 with B C < 2^24 and
+// x = B C 2^(g-150) a float, i.e. g >= 1, c an even integer. There the product may miss b by an ulp of double and
+// round the wrong way (c = 98 does, at some x), so for an even integer c every such x is checked once (under 2^22
+// of them) and c keeps __fdiv_rn if any fails. double_reciprocal's test checks every float x for a set of
+// constants; the GPU test compares the kernels with the host's division.
 #pragma once
 
 #include <optional>
@@ -19,5 +29,14 @@ namespace fg {
 
 // 1 / c where c is a power of two in [2^-126, 2^126] (either sign); nullopt otherwise (0, infinities, NaN, others).
 std::optional<float> exact_reciprocal(float c);
+
+// RN53(1 / c) where float(RN53(double(x) * it)) == RN(x / c) for every float x (above); nullopt for zero, infinities,
+// NaN, powers of two (exact_reciprocal's) and an even integer c with a misrounded tie. Thread-safe; the tie check
+// (a few ms at most) is memoised per c.
+std::optional<double> double_reciprocal(float c);
+
+// The tie check alone: whether float(RN53(double(x) * RN53(1 / c))) == RN(x / c) for every float x whose quotient is
+// a subnormal midpoint (true where there is none).
+bool double_product_rounds_every_tie(float c);
 
 }  // namespace fg

@@ -128,16 +128,21 @@ struct ProgramEmitter {
   std::vector<char> exact;       // per value: keeps its exact spelling under approx_math (approx_exact_needed)
 };
 
-// Float x / c for a constant power of two c as x * (1 / c), the same bits as the op table's __fdiv_rn without its
-// branch (const_division.h); empty where instruction i is no such division.
-std::string divided_by_power_of_two(const ModProgram& p, size_t i, const std::vector<std::string>& a) {
+// Float x / c for a constant c in a form with the bits of the op table's __fdiv_rn and without its branch
+// (const_division.h): x * (1 / c) for a power of two, float(double(x) * RN53(1 / c)) for the other constants that
+// double_reciprocal accepts; empty where instruction i is no such division.
+std::string divided_by_constant(const ModProgram& p, size_t i, const std::vector<std::string>& a) {
   const Instr& in = p.instrs()[i];
   if (in.op != ExprOp::Div || in.kind != VK::Float) return {};
   const Instr& x = p.instrs()[in.args[0]];
   const Instr& c = p.instrs()[in.args[1]];
   if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) return {};
-  const std::optional<float> r = exact_reciprocal(static_cast<float>(c.value));
-  return r ? fmt::format("__fmul_rn({}, {})", a[0], float_literal(*r, false)) : std::string();
+  const auto cf = static_cast<float>(c.value);
+  if (const std::optional<float> r = exact_reciprocal(cf))
+    return fmt::format("__fmul_rn({}, {})", a[0], float_literal(*r, false));
+  if (const std::optional<double> r = double_reciprocal(cf))
+    return fmt::format("__double2float_rn(__dmul_rn((double){}, {}))", a[0], float_literal(*r, true));
+  return {};
 }
 
 // The statements computing the live instructions of the emitter's program; value i is named v<i>. Under
@@ -187,7 +192,7 @@ std::string emit_body(const ProgramEmitter& em, const std::vector<char>& live, b
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
         const bool approx = em.approx && !em.exact[i];
         expr = narrowed(p, i, em.ranges, args);
-        if (expr.empty() && !dbl && !approx && em.const_div) expr = divided_by_power_of_two(p, i, args);
+        if (expr.empty() && !dbl && !approx && em.const_div) expr = divided_by_constant(p, i, args);
         if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
       }
     }

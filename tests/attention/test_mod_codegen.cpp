@@ -6,12 +6,15 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
-#include <optional>
 #include <map>
+#include <optional>
+#include <random>
 #include <string>
 
 #include "flexgrad/attention/const_division.h"
@@ -352,7 +355,7 @@ TEST(ModCodegen, ScoreElementPurityFollowsTheOpTable) {
 }
 
 // FlexKernelOptions::approx_math: op-table rules (Tanh's and Div's cuda_f32_approx). Off, the text has the precise
-// tanhf and __fdiv_rn and no approximation anywhere; on, every float function (score parts, the derivative
+// tanhf and division (by 20: const_division.h's double product) and no approximation anywhere; on, every float function (score parts, the derivative
 // fg_dscore, whose softcap chain divides by 20 too) spells fg_tanh_approx and fg_fdiv_full, and the double ones
 // keep tanh and __ddiv_rn.
 TEST(ModCodegen, ApproxMathOnlyWhenAsked) {
@@ -365,7 +368,7 @@ TEST(ModCodegen, ApproxMathOnlyWhenAsked) {
   EXPECT_TRUE(has(exact, "tanhf(")) << exact;
   EXPECT_FALSE(has(exact, "fg_tanh_approx")) << exact;
   EXPECT_FALSE(has(exact, "tanh.approx")) << exact;
-  EXPECT_TRUE(has(exact, "__fdiv_rn(")) << exact;
+  EXPECT_TRUE(has(exact, "__double2float_rn(__dmul_rn((double)")) << exact;
   EXPECT_FALSE(has(exact, "fg_fdiv_full")) << exact;
   in.approx_math = true;
   const std::string approx = emit_cuda_mods(in);
@@ -408,7 +411,8 @@ int count(const std::string& s, const std::string& needle) {
 }  // namespace
 
 // approx_math never reaches a value that needs to be exact (approx_exact_needed, from OpInfo::float_steps and the
-// result kinds): a quotient floored into a bucket, compared, or deciding a where keeps __fdiv_rn; one that only
+// result kinds): a quotient floored into a bucket, compared, or deciding a where keeps the exact division (by these
+// constants const_division.h's double product, which rounds like __fdiv_rn); one that only
 // flows into continuous float ops (tanh, a where's value) takes fg_fdiv_full; a mask_mod is exact throughout.
 TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
   struct Case {
@@ -438,7 +442,8 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
       f32 += body;
     }
     EXPECT_EQ(count(f32, "fg_fdiv_full("), c.approx_divisions) << text;
-    EXPECT_EQ(count(f32, "__fdiv_rn("), c.exact_divisions) << text;
+    EXPECT_EQ(count(f32, "__fdiv_rn(") + count(f32, "__double2float_rn(__dmul_rn((double)"), c.exact_divisions)
+        << text;
   }
   // A mask_mod's values all reach its bool: exact under approx_math.
   const ModProgram mask = trace_mask_mod(
@@ -448,7 +453,7 @@ TEST(ModCodegen, ApproxMathOnlyWhereTheValueIsContinuous) {
   in.approx_math = true;
   const std::string text = emit_cuda_mods(in);
   EXPECT_FALSE(has(text, "fg_fdiv_full(")) << text;
-  EXPECT_TRUE(has(text, "__fdiv_rn(")) << text;
+  EXPECT_TRUE(has(text, "__double2float_rn(__dmul_rn((double)")) << text;
 }
 
 // Division by a constant power of two (const_division.h): its exact reciprocal for 2^k in [2^-126, 2^126] of either
@@ -478,10 +483,67 @@ TEST(ConstDivision, PowersOfTwoMultiply) {
     EXPECT_FALSE(has(f32, "__fdiv_rn(")) << f32;
     EXPECT_TRUE(has(f64, "__ddiv_rn(")) << f64;
   }
-  for (ScoreMod score : {ScoreMod([](Expr s, Expr, Expr, Expr, Expr) { return s / 20.0; }),
+  {
+    const auto [f32, f64] = bodies([](Expr s, Expr, Expr, Expr, Expr) { return s / 20.0; });
+    EXPECT_TRUE(has(f32, "__double2float_rn(__dmul_rn((double)v0, 0.05))")) << f32;
+    EXPECT_FALSE(has(f32, "__fdiv_rn(")) << f32;
+    EXPECT_TRUE(has(f64, "__ddiv_rn(")) << f64;
+  }
+  // 98: the double product misrounds a tie (below); a variable divisor is no constant.
+  for (ScoreMod score : {ScoreMod([](Expr s, Expr, Expr, Expr, Expr) { return s / 98.0; }),
                          ScoreMod([](Expr s, Expr, Expr, Expr q, Expr) { return s / to_float(q); })}) {
     const std::string f32 = bodies(score).first;
     EXPECT_TRUE(has(f32, "__fdiv_rn(")) << f32;
+    EXPECT_FALSE(has(f32, "__dmul_rn(")) << f32;
+  }
+}
+
+// Division by any other constant (const_division.h): float(RN53(double(x) * RN53(1 / c))) against the host's float
+// division (IEEE, correctly rounded), bit for bit: every x in [1, 2) and every subnormal x (the argument is the same in
+// every other binade), every subnormal midpoint quotient (the ties), zeros, infinities, NaN, the largest floats and
+// random bit patterns. double_reciprocal takes every finite nonzero constant but the powers of two in exact_reciprocal's
+// range and the even integers with a misrounded tie (98, 150 and 154 are three; 20, 6 and 2^20 + 2 have none).
+TEST(ConstDivision, DoubleProductRoundsLikeTheDivision) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const float c : {16.f, 0.f, -0.f, inf, -inf, std::numeric_limits<float>::quiet_NaN(), 98.f, -98.f,
+                        150.f, 154.f}) {
+    SCOPED_TRACE(c);
+    EXPECT_FALSE(double_reciprocal(c).has_value());
+  }
+  for (const float c : {98.f, 150.f, 154.f}) EXPECT_FALSE(double_product_rounds_every_tie(c)) << c;
+  std::mt19937 gen(5);
+  for (const float c : {20.f, -20.f, 3.f, 6.f, 0.7f, -0.75f, 11.3125f, 1e-4f, 1e30f, 1e-30f, 12345.678f, 0x1p20f + 2.f,
+                        std::nextafter(2.f, 1.f), std::numeric_limits<float>::max(), 3 * 0x1p-149f, 0x1p-130f}) {
+    SCOPED_TRACE(c);
+    const std::optional<double> r = double_reciprocal(c);
+    ASSERT_TRUE(r.has_value());
+    EXPECT_EQ(*r, 1.0 / static_cast<double>(c));
+    long bad = 0;
+    float first_bad = 0.f;
+    auto check = [&](float x) {
+      const float want = x / c, got = static_cast<float>(static_cast<double>(x) * *r);
+      if (std::isnan(want) ? !std::isnan(got) : std::bit_cast<uint32_t>(got) != std::bit_cast<uint32_t>(want)) {
+        if (bad++ == 0) first_bad = x;
+      }
+    };
+    for (uint32_t m = 0; m < (1u << 23); ++m) {
+      check(std::bit_cast<float>(0x3f800000u | m));  // [1, 2)
+      check(std::bit_cast<float>(m));                // zero and the subnormals
+      check(-std::bit_cast<float>(m));
+    }
+    // Subnormal midpoint quotients x = B C 2^(g - 150) (c = C 2^g, C odd, g >= 1): only for even integers.
+    int e = 0;
+    uint64_t C = static_cast<uint64_t>(std::ldexp(std::frexp(std::fabs(static_cast<double>(c)), &e), 53));
+    int g = e - 53;
+    while (C != 0 && (C & 1) == 0) C >>= 1, ++g;
+    if (g >= 1)
+      for (uint64_t b = 1; b * C < (uint64_t{1} << 24); b += 2)
+        check(static_cast<float>(std::ldexp(static_cast<double>(b * C), g - 150)));
+    for (const float x : {inf, -inf, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::max(),
+                          -std::numeric_limits<float>::max(), std::numeric_limits<float>::min()})
+      check(x);
+    for (int i = 0; i < (1 << 20); ++i) check(std::bit_cast<float>(static_cast<uint32_t>(gen())));
+    EXPECT_EQ(bad, 0) << std::hexfloat << "e.g. x = " << first_bad;
   }
 }
 
@@ -1352,6 +1414,7 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 )";
 

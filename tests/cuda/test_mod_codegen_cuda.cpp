@@ -394,22 +394,29 @@ TEST_F(ModCodegenCuda, IntegerErrorsAreFlaggedNotACrash) {
                    message_of<ValueError>([&] { neg.evaluate(0, 0, rn.error.index - 100, rn.error.size + 3); }));
 }
 
-// Division by a constant on the GPU (const_division.h: x * 2^-k for a power of two, __fdiv_rn otherwise): the float
-// score_mod s / c and its derivative 1 / c equal C++'s float division on the host (IEEE, correctly rounded) bit for
-// bit, at scores of every exponent, at subnormal quotients, zeros, infinities and NaN.
+// Division by a constant on the GPU (const_division.h: x * 2^-k for a power of two, the double product for 20, 3, 6,
+// 0.75 and 12345.75, __fdiv_rn for 98, whose double product misrounds a tie): the float score_mod s / c and its
+// derivative 1 / c equal C++'s float division on the host (IEEE, correctly rounded) bit for bit, at scores of every
+// exponent, at subnormal quotients and their midpoints (ties: x = B C 2^(g - 150) for c = C 2^g, B odd), zeros,
+// infinities and NaN.
 TEST_F(ModCodegenCuda, DivisionByAConstantIsCorrectlyRounded) {
   const float inf = std::numeric_limits<float>::infinity();
   std::vector<float> xs = {0.f, -0.f, inf, -inf, std::numeric_limits<float>::quiet_NaN(),
                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
                            std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(), -1e-40f,
                            0x1.fffffep-110f, 0x1.000002p-126f, 1.f, 20.f, -3.f};
+  for (int b = 1; b < 64; b += 2)  // quotients at subnormal midpoints for c = 20 (5 2^2), 6 (3 2) and 98 (49 2)
+    for (const float tie : {b * 5 * 0x1p-148f, b * 3 * 0x1p-149f, b * 49 * 0x1p-149f}) {
+      xs.push_back(tie);
+      xs.push_back(-tie);
+    }
   std::mt19937 gen(11);
   std::uniform_real_distribution<float> scores(-60.f, 60.f);
   while (xs.size() < static_cast<size_t>(kPoints))
     xs.push_back(xs.size() % 2 ? std::bit_cast<float>(static_cast<uint32_t>(gen())) : scores(gen));
   const std::vector<double> in(xs.begin(), xs.end());
   // (constants float holds exactly: the derivative's 1 / c may be folded in double, then rounded once)
-  for (const double c : {16.0, -0.25, 0x1p-20, 0x1p20, 20.0, 3.0}) {
+  for (const double c : {16.0, -0.25, 0x1p-20, 0x1p20, 20.0, 3.0, 6.0, 0.75, 12345.75, 98.0}) {
     SCOPED_TRACE(c);
     const float cf = static_cast<float>(c);
     const ModProgram p = trace_score_mod([c](Expr s, Expr, Expr, Expr, Expr) { return s / c; });
