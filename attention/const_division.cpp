@@ -1,4 +1,4 @@
-// exact_reciprocal and double_reciprocal (see const_division.h).
+// exact_reciprocal, double_reciprocal and corrected_reciprocal (see const_division.h).
 #include "flexgrad/attention/const_division.h"
 
 #include <bit>
@@ -47,6 +47,45 @@ std::optional<double> double_reciprocal(float c) {
   }
   if (!ok) return std::nullopt;
   return 1.0 / static_cast<double>(c);
+}
+
+// The reference quotient is the double quotient rounded to float: double rounding is harmless for division when the
+// wider format has at least 2p + 2 bits (53 >= 50). Host float arithmetic rounds each operation once (SSE; this
+// library is built with -ffp-contract=off); std::fmaf is correctly rounded with or without a hardware FMA.
+bool corrected_division_is_exact(float c, float r) {
+  bool exact = true;
+#pragma omp parallel for reduction(&& : exact) schedule(static)
+  for (int32_t i = 0; i < (1 << 23); ++i) {
+    const float x = std::bit_cast<float>(0x3f800000u | static_cast<uint32_t>(i));
+    const float q = x * r;
+    const float e = std::fmaf(q, c, -x);
+    const float q2 = std::fmaf(-e, r, q);
+    exact = exact && std::bit_cast<uint32_t>(q2) ==
+                         std::bit_cast<uint32_t>(static_cast<float>(static_cast<double>(x) / static_cast<double>(c)));
+  }
+  return exact;
+}
+
+std::optional<float> corrected_reciprocal(float c) {
+  const float a = std::fabs(c);
+  if (!(a >= 0x1p-16f && a <= 0x1p16f) || exact_reciprocal(c)) return std::nullopt;  // also 0, infinities and NaN
+  const uint32_t mantissa = std::bit_cast<uint32_t>(c) & 0x7fffffu;
+  static std::mutex mu;
+  static std::unordered_map<uint32_t, bool> proven;  // by mantissa: c and c 2^k (either sign) are proven together
+  bool ok;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = proven.find(mantissa);
+    if (it != proven.end()) {
+      ok = it->second;
+    } else {
+      const float c1 = std::bit_cast<float>(0x3f800000u | mantissa);  // c's mantissa with exponent 0
+      ok = proven.emplace(mantissa, corrected_division_is_exact(c1, static_cast<float>(1.0 / static_cast<double>(c1))))
+               .first->second;
+    }
+  }
+  if (!ok) return std::nullopt;
+  return static_cast<float>(1.0 / static_cast<double>(c));  // RN(1 / c): double rounding harmless, as above
 }
 
 }  // namespace fg

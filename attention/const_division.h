@@ -35,6 +35,20 @@ std::optional<float> exact_reciprocal(float c);
 // (a few ms at most) is memoised per c.
 std::optional<double> double_reciprocal(float c);
 
+// Markstein's corrected form q = RN(x r), RN(fma(-RN(fma(q, c, -x)), r, q)) with r = RN(1 / c) (a multiply and two
+// FMAs): RN(x / c) for every x with |x| in [2^-64, 2^64] and for zeros (their sign too: the residual is negated
+// once more), where c passed the check below; not for every tiny x (the residual underflows), nor for infinities or a
+// quotient that overflows. The kernels take it for a thread's entries only when every dividend of them is in that
+// range (the per-thread test of FG_SCORE_ELEM_FAST, mod_codegen.h), so it needs no branch per entry.
+// RN(1 / c) where the form is proven for c: |c| in [2^-16, 2^16], not a power of two, and the form gives RN(x / c) for
+// every x in [1, 2) (all 2^23 mantissas, checked once per mantissa of c, tens of ms; in that range of x every value the
+// form computes is normal and scales exactly with x's power of two, likewise with c's). nullopt otherwise.
+std::optional<float> corrected_reciprocal(float c);
+// The check alone: whether the form with reciprocal r gives RN(x / c) for every float x in [1, 2).
+bool corrected_division_is_exact(float c, float r);
+inline constexpr float kCorrectedDivisionLo = 0x1p-64f;
+inline constexpr float kCorrectedDivisionHi = 0x1p64f;
+
 // The tie check alone: whether float(RN53(double(x) * RN53(1 / c))) == RN(x / c) for every float x whose quotient is
 // a subnormal midpoint (true where there is none).
 bool double_product_rounds_every_tie(float c);

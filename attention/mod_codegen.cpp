@@ -124,6 +124,7 @@ struct ProgramEmitter {
   std::vector<int> slots;
   bool approx;
   bool const_div;                // CudaModsInput::const_division
+  bool fast_div = false;         // the FG_SCORE_ELEM_FAST functions: divisions by a proven constant in corrected form
   std::vector<IntRange> ranges;  // int_ranges(p): where a narrower integer type is exact
   std::vector<char> exact;       // per value: keeps its exact spelling under approx_math (approx_exact_needed)
 };
@@ -131,13 +132,17 @@ struct ProgramEmitter {
 // Float x / c for a constant c in a form with the bits of the op table's __fdiv_rn and without its branch
 // (const_division.h): x * (1 / c) for a power of two, float(double(x) * RN53(1 / c)) for the other constants that
 // double_reciprocal accepts; empty where instruction i is no such division.
-std::string divided_by_constant(const ModProgram& p, size_t i, const std::vector<std::string>& a) {
+std::string divided_by_constant(const ModProgram& p, size_t i, const std::vector<std::string>& a, bool fast_div) {
   const Instr& in = p.instrs()[i];
   if (in.op != ExprOp::Div || in.kind != VK::Float) return {};
   const Instr& x = p.instrs()[in.args[0]];
   const Instr& c = p.instrs()[in.args[1]];
   if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) return {};
   const auto cf = static_cast<float>(c.value);
+  if (fast_div)
+    if (const std::optional<float> r = corrected_reciprocal(cf))  // x / -c as -(x / c): the form keeps zeros' sign for c > 0
+      return fmt::format("{}fg_div_corrected({}, {}, {})", cf < 0 ? "-" : "", a[0], float_literal(std::fabs(cf), false),
+                         float_literal(std::fabs(*r), false));
   if (const std::optional<float> r = exact_reciprocal(cf))
     return fmt::format("__fmul_rn({}, {})", a[0], float_literal(*r, false));
   if (const std::optional<double> r = double_reciprocal(cf))
@@ -192,7 +197,7 @@ std::string emit_body(const ProgramEmitter& em, const std::vector<char>& live, b
         const VK operand = ins[in.args[in.op == ExprOp::Where ? 1 : 0]].kind;
         const bool approx = em.approx && !em.exact[i];
         expr = narrowed(p, i, em.ranges, args);
-        if (expr.empty() && !dbl && !approx && em.const_div) expr = divided_by_constant(p, i, args);
+        if (expr.empty() && !dbl && !approx && em.const_div) expr = divided_by_constant(p, i, args, em.fast_div);
         if (expr.empty()) expr = cuda_spelling(in.op, in.kind, operand, dbl, args, approx);
       }
     }
@@ -391,6 +396,41 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
   return s;
 }
 
+// FG_SCORE_ELEM_FAST (mod_codegen.h): where the score_mod's element part is pure and divides by a constant that
+// const_division.h's corrected form is proven for, fg_score_elem_fast (fg_score_elem<float> with those divisions in
+// that form, no branch) and fg_score_elem_fast_ok (whether every such dividend is in the form's range); else 0.
+std::string fast_elem_functions(const ProgramEmitter& em, const SplitProgram& sp, int32_t output, bool pure) {
+  std::vector<int32_t> dividends;
+  if (pure && em.const_div && !em.approx) {
+    const auto& ins = em.p.instrs();
+    const ElemPart e = elem_part(em.p, sp, {output});
+    for (size_t i = 0; i < ins.size(); ++i) {
+      const Instr& in = ins[i];
+      if (!e.emit[i] || in.op != ExprOp::Div || in.kind != VK::Float) continue;
+      const Instr& x = ins[in.args[0]];
+      const Instr& c = ins[in.args[1]];
+      if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) continue;
+      if (!corrected_reciprocal(static_cast<float>(c.value))) continue;
+      if (std::find(dividends.begin(), dividends.end(), in.args[0]) == dividends.end()) dividends.push_back(in.args[0]);
+    }
+  }
+  if (dividends.empty()) return "#define FG_SCORE_ELEM_FAST 0\n";
+  const char* params = "(float score, const FgScoreRow<float>& r, const FgScoreCol<float>& c, int b, int h, int q, int kv, "
+                       "const FgModArgs& a)";
+  std::string s = "#define FG_SCORE_ELEM_FAST 1\n";
+  s += fmt::format("__device__ __forceinline__ bool fg_score_elem_fast_ok{} {{\n", params);
+  s += elem_body(em, sp, dividends, false);
+  std::string all;
+  for (int32_t d : dividends) all += fmt::format("{}fg_div_corrected_ok(v{})", all.empty() ? "" : " && ", d);
+  s += fmt::format("  return {};\n}}\n", all);
+  ProgramEmitter fast = em;
+  fast.fast_div = true;
+  s += fmt::format("__device__ __forceinline__ float fg_score_elem_fast{} {{\n", params);
+  s += elem_body(fast, sp, {output}, false);
+  s += fmt::format("  return v{};\n}}\n", output);
+  return s;
+}
+
 // fg_score_elem_dscore's parameters in precision T ("T" for the primary template).
 std::string score_dscore_params(const std::string& T) {
   return fmt::format("({0} score, const FgScoreRow<{0}>& r, const FgScoreCol<{0}>& c, int b, int h, int q, int kv, "
@@ -536,9 +576,11 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
     s += split_functions("fg_score", "FgScoreRow", "FgScoreCol", "T", *score_em, score_split, score_prog->output());
     // FG_SCORE_ELEM_PURE: fg_score_elem and fg_score_elem_dscore (the element part of every output split for)
     // read nothing and cannot fail, so the backward's element step may evaluate them for every entry and select.
-    s += fmt::format("#define FG_SCORE_ELEM_PURE {}\n", elem_has_effects(*score_prog, score_split, split_outs) ? 0 : 1);
+    const bool elem_pure = !elem_has_effects(*score_prog, score_split, split_outs);
+    s += fmt::format("#define FG_SCORE_ELEM_PURE {}\n", elem_pure ? 1 : 0);
+    s += fast_elem_functions(*score_em, score_split, score_prog->output(), elem_pure);
   } else {
-    s += "#define FG_SCORE_ELEM_PURE 1\n";
+    s += "#define FG_SCORE_ELEM_PURE 1\n#define FG_SCORE_ELEM_FAST 0\n";
     s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
          "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
          "template <class T> __device__ __forceinline__ FgScoreCol<T> fg_score_col(int, int, int, const FgModArgs&) { return {}; }\n"

@@ -218,6 +218,18 @@ __device__ __forceinline__ float fg_fdiv_full(float x, float y) {
   return r;
 }
 
+// x / c in Markstein's corrected form (attention/const_division.h, corrected_reciprocal): c > 0 a constant the form is
+// proven for, r = RN(1 / c). RN(x / c) where fg_div_corrected_ok(x); the generated fg_score_elem_fast spells such
+// divisions so, and the kernels call it only for a thread's entries whose dividends all pass (FG_SCORE_ELEM_FAST).
+__device__ __forceinline__ float fg_div_corrected(float x, float c, float r) {
+  const float q = __fmul_rn(x, r);
+  return __fmaf_rn(-__fmaf_rn(q, c, -x), r, q);  // the residual negated twice: a zero keeps its sign
+}
+__device__ __forceinline__ bool fg_div_corrected_ok(float x) {
+  const unsigned ax = __float_as_uint(x) & 0x7fffffffu;
+  return ax - 0x1f800000u <= 0x5f800000u - 0x1f800000u || ax == 0u;  // |x| in [2^-64, 2^64] (NaN: no), or zero
+}
+
 // The capture-gradient sink a kernel hands to fg_cap_grad: one call per (term, element) with the
 // linear (row-major, contiguous) index into captured tensor `cap` and the value to add there.
 // Kernels define their own sink type with this member:

@@ -141,8 +141,9 @@ constexpr float kFgCoreHi = 0.f;  // (unused)
 #endif
 
 // The modified, masked score of one entry (scale already applied), or -inf out of range. kCore: s is the affine
-// form's scaled score and the result its core (FG_FWD_SCORE_AFFINE).
-template <class T, bool kCore = false>
+// form's scaled score and the result its core (FG_FWD_SCORE_AFFINE). kFast: fg_score_elem_fast (FG_SCORE_ELEM_FAST;
+// the caller checked fg_score_elem_fast_ok).
+template <class T, bool kCore = false, bool kFast = false>
 __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, const FgRowMods<T>& r,
                                              const FgColMods<T>& c, int b, int h, int qi, int kvi, const FgModArgs& args) {
   if (!in_range) return (T)fg_neg_inf();
@@ -150,6 +151,11 @@ __device__ __forceinline__ T fg_modded_score(T s, bool in_range, bool partial, c
 #if FG_FWD_SCORE_AFFINE
   if constexpr (kCore)
     s = fg_score_core(s, b, h, qi, kvi, args);
+  else
+#endif
+#if FG_SCORE_ELEM_FAST
+  if constexpr (kFast)
+    s = fg_score_elem_fast(s, r.s, c.s, b, h, qi, kvi, args);
   else
 #endif
     s = fg_score_elem<T>(s, r.s, c.s, b, h, qi, kvi, args);
@@ -261,6 +267,27 @@ __device__ __forceinline__ void fg_frag_mods_step(float (&s)[MF][NB][4], bool pa
                                                   const FgRowMods<float>* row_mods, const FgColMods<float>* col_mods,
                                                   int b, int h, const FgModArgs& args) {
 #if FG_HAS_SCORE_MOD || FG_HAS_MASK_MOD
+#if FG_SCORE_ELEM_FAST && !FG_FWD_SCORE_AFFINE
+  // A division by a constant in its corrected form for every entry of the thread when every dividend is in the form's
+  // range (one test a thread and sub-tile), else in the exact form that needs no range: no branch an entry either way.
+  // (The dividends are pure; an entry out of range may be tested on whatever S holds there, which can only send the
+  // thread to the exact form.)
+  bool fast = true;
+  fg_frag_for_each_entry<kAllIn>(
+      s, wrow, g, t4, m0, cur, row_mods, col_mods,
+      [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool) {
+        fast &= fg_score_elem_fast_ok(v * scale, rm.s, cm.s, b, h, qi, kvi, args);
+      });
+  if (fast) {
+    fg_frag_for_each_entry<kAllIn>(
+        s, wrow, g, t4, m0, cur, row_mods, col_mods,
+        [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool kv_in) {
+          v = fg_modded_score<float, false, true>(v * scale, kv_in && (kAllIn || qi < m_end), partial, rm, cm, b, h, qi,
+                                                  kvi, args);
+        });
+    return;
+  }
+#endif
   fg_frag_for_each_entry<kAllIn>(
       s, wrow, g, t4, m0, cur, row_mods, col_mods,
       [&](float& v, const FgRowMods<float>& rm, const FgColMods<float>& cm, int qi, int kvi, bool kv_in) {
