@@ -1090,5 +1090,53 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
 }
 
 
+// Division by a constant (attention/const_division.h): the softcap's s / 20 as __fdiv_rn (FLEXGRAD_FLEX_CONST_DIVISION
+// =0) and in the default forms (the double product; Markstein's corrected form for a thread's sub-tile whose dividends
+// are all in its range, FG_SCORE_ELEM_FAST) give the forward's output and log-sum-exp bit for bit, on the Wgmma and
+// Tiled forwards, both sub-tile widths. Some q rows are scaled to 1e-30 (scores below 2^-64) and some k rows to 1e25
+// (above 2^64): their threads take the exact form; zeros are in the form's range.
+TEST_F(FlexWgmmaChoice, ConstDivisionFormsGiveTheSameBits) {
+  const Device cuda(DeviceType::CUDA, 0);
+  const int64_t L = 300, E = 128;
+  Tensor q = randn({1, 2, L, E}), k = randn({1, 2, L, E}), v = randn({1, 2, L, E});
+  std::vector<double> qs(static_cast<size_t>(L), 1.0), ks(static_cast<size_t>(L), 1.0);
+  for (int64_t i = 0; i < L; ++i) {
+    if (i % 37 == 5) qs[i] = 1e-30;
+    if (i % 53 == 7) ks[i] = 1e25;
+    if (i % 61 == 3) qs[i] = 0.0;
+  }
+  q = q * from_vector(qs, {1, 1, L, 1}, kFloat64).to(kFloat32);
+  k = k * from_vector(ks, {1, 1, L, 1}, kFloat64).to(kFloat32);
+  q = q.to(kBFloat16).to(cuda), k = k.to(kBFloat16).to(cuda), v = v.to(kBFloat16).to(cuda);
+  std::vector<std::pair<FlexCudaForward, const char*>> kernels = {{FlexCudaForward::Tiled, "128"}};
+  if (device_arch() == "sm_90a")
+    kernels.insert(kernels.end(), {{FlexCudaForward::Wgmma, "128"}, {FlexCudaForward::Wgmma, "64"}});
+  for (const auto& [kernel, bn] : kernels) {
+    SCOPED_TRACE(fmt::format("{}, BN {}", kernel == FlexCudaForward::Wgmma ? "wgmma" : "tiled", bn));
+    ScopedEnv width("FLEXGRAD_FLEX_WGMMA_BN", kernel == FlexCudaForward::Wgmma ? bn : nullptr);
+    auto run = [&] {
+      FlexAttentionOptions o;
+      o.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+      o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L);
+      o.return_lse = true;
+      o.kernel.cuda_forward = kernel;
+      const FlexAttentionResult r = flex_attention(q, k, v, o);
+      return std::pair{r.out.to(kCPU).to(kFloat64).to_vector(), r.lse.to(kCPU).to(kFloat64).to_vector()};
+    };
+    const auto fast = run();
+    decltype(run()) exact;
+    {
+      ScopedEnv off("FLEXGRAD_FLEX_CONST_DIVISION", "0");
+      exact = run();
+    }
+    ASSERT_EQ(fast.first.size(), exact.first.size());
+    EXPECT_EQ(std::memcmp(fast.first.data(), exact.first.data(), fast.first.size() * sizeof(double)), 0);
+    EXPECT_EQ(std::memcmp(fast.second.data(), exact.second.data(), fast.second.size() * sizeof(double)), 0);
+    size_t finite = 0;
+    for (double x : fast.first) finite += std::isfinite(x);
+    EXPECT_EQ(finite, fast.first.size());
+  }
+}
+
 }  // namespace
 }  // namespace fg
