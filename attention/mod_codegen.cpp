@@ -399,11 +399,16 @@ std::string split_functions(const char* prefix, const char* row_t, const char* c
 // FG_SCORE_ELEM_FAST (mod_codegen.h): where the score_mod's element part is pure and divides by a constant that
 // const_division.h's corrected form is proven for, fg_score_elem_fast (fg_score_elem<float> with those divisions in
 // that form, no branch) and fg_score_elem_fast_ok (whether every such dividend is in the form's range); else 0.
-std::string fast_elem_functions(const ProgramEmitter& em, const SplitProgram& sp, int32_t output, bool pure) {
+// `dscore` (the merged program's outputs, backward modules): FG_SCORE_ELEM_DSCORE_FAST, fg_score_elem_dscore_fast
+// and fg_score_elem_dscore_fast_ok, the same of fg_score_elem_dscore<float>.
+std::string fast_elem_functions(const ProgramEmitter& em, const SplitProgram& sp, const std::vector<int32_t>& outputs,
+                                bool pure, bool dscore) {
+  const std::string name = dscore ? "fg_score_elem_dscore_fast" : "fg_score_elem_fast";
+  const char* macro = dscore ? "FG_SCORE_ELEM_DSCORE_FAST" : "FG_SCORE_ELEM_FAST";
   std::vector<int32_t> dividends;
   if (pure && em.const_div && !em.approx) {
     const auto& ins = em.p.instrs();
-    const ElemPart e = elem_part(em.p, sp, {output});
+    const ElemPart e = elem_part(em.p, sp, outputs);
     for (size_t i = 0; i < ins.size(); ++i) {
       const Instr& in = ins[i];
       if (!e.emit[i] || in.op != ExprOp::Div || in.kind != VK::Float) continue;
@@ -414,20 +419,21 @@ std::string fast_elem_functions(const ProgramEmitter& em, const SplitProgram& sp
       if (std::find(dividends.begin(), dividends.end(), in.args[0]) == dividends.end()) dividends.push_back(in.args[0]);
     }
   }
-  if (dividends.empty()) return "#define FG_SCORE_ELEM_FAST 0\n";
-  const char* params = "(float score, const FgScoreRow<float>& r, const FgScoreCol<float>& c, int b, int h, int q, int kv, "
-                       "const FgModArgs& a)";
-  std::string s = "#define FG_SCORE_ELEM_FAST 1\n";
-  s += fmt::format("__device__ __forceinline__ bool fg_score_elem_fast_ok{} {{\n", params);
+  if (dividends.empty()) return fmt::format("#define {} 0\n", macro);
+  const std::string params = "(float score, const FgScoreRow<float>& r, const FgScoreCol<float>& c, int b, int h, "
+                             "int q, int kv, const FgModArgs& a";
+  std::string s = fmt::format("#define {} 1\n", macro);
+  s += fmt::format("__device__ __forceinline__ bool {}_ok{}) {{\n", name, params);
   s += elem_body(em, sp, dividends, false);
   std::string all;
   for (int32_t d : dividends) all += fmt::format("{}fg_div_corrected_ok(v{})", all.empty() ? "" : " && ", d);
   s += fmt::format("  return {};\n}}\n", all);
   ProgramEmitter fast = em;
   fast.fast_div = true;
-  s += fmt::format("__device__ __forceinline__ float fg_score_elem_fast{} {{\n", params);
-  s += elem_body(fast, sp, {output}, false);
-  s += fmt::format("  return v{};\n}}\n", output);
+  s += fmt::format("__device__ __forceinline__ float {}{}{}) {{\n", name, params, dscore ? ", float* dscore" : "");
+  s += elem_body(fast, sp, outputs, false);
+  if (dscore) s += fmt::format("  *dscore = v{};\n", outputs[1]);
+  s += fmt::format("  return v{};\n}}\n", outputs[0]);
   return s;
 }
 
@@ -578,9 +584,11 @@ CudaMods emit_cuda_mods_and_facts(const CudaModsInput& in) {
     // read nothing and cannot fail, so the backward's element step may evaluate them for every entry and select.
     const bool elem_pure = !elem_has_effects(*score_prog, score_split, split_outs);
     s += fmt::format("#define FG_SCORE_ELEM_PURE {}\n", elem_pure ? 1 : 0);
-    s += fast_elem_functions(*score_em, score_split, score_prog->output(), elem_pure);
+    s += fast_elem_functions(*score_em, score_split, {score_prog->output()}, elem_pure, false);
+    s += merged ? fast_elem_functions(*score_em, score_split, split_outs, elem_pure, true)
+                : std::string("#define FG_SCORE_ELEM_DSCORE_FAST 0\n");
   } else {
-    s += "#define FG_SCORE_ELEM_PURE 1\n#define FG_SCORE_ELEM_FAST 0\n";
+    s += "#define FG_SCORE_ELEM_PURE 1\n#define FG_SCORE_ELEM_FAST 0\n#define FG_SCORE_ELEM_DSCORE_FAST 0\n";
     s += "template <class T> struct FgScoreRow {};\ntemplate <class T> struct FgScoreCol {};\n"
          "template <class T> __device__ __forceinline__ FgScoreRow<T> fg_score_row(int, int, int, const FgModArgs&) { return {}; }\n"
          "template <class T> __device__ __forceinline__ FgScoreCol<T> fg_score_col(int, int, int, const FgModArgs&) { return {}; }\n"

@@ -1092,8 +1092,8 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
 
 // Division by a constant (attention/const_division.h): the softcap's s / 20 as __fdiv_rn (FLEXGRAD_FLEX_CONST_DIVISION
 // =0) and in the default forms (the double product; Markstein's corrected form for a thread's sub-tile whose dividends
-// are all in its range, FG_SCORE_ELEM_FAST) give the forward's output and log-sum-exp bit for bit, on the Wgmma and
-// Tiled forwards, both sub-tile widths. Some q rows are scaled to 1e-30 (scores below 2^-64) and some k rows to 1e25
+// are all in its range, FG_SCORE_ELEM_FAST and FG_SCORE_ELEM_DSCORE_FAST) give the forward's output and log-sum-exp and
+// the backward's gradients bit for bit, on the Wgmma and Tiled forwards (both sub-tile widths) and their backwards. Some q rows are scaled to 1e-30 (scores below 2^-64) and some k rows to 1e25
 // (above 2^64): their threads take the exact form; zeros are in the form's range.
 TEST_F(FlexWgmmaChoice, ConstDivisionFormsGiveTheSameBits) {
   const Device cuda(DeviceType::CUDA, 0);
@@ -1114,14 +1114,20 @@ TEST_F(FlexWgmmaChoice, ConstDivisionFormsGiveTheSameBits) {
   for (const auto& [kernel, bn] : kernels) {
     SCOPED_TRACE(fmt::format("{}, BN {}", kernel == FlexCudaForward::Wgmma ? "wgmma" : "tiled", bn));
     ScopedEnv width("FLEXGRAD_FLEX_WGMMA_BN", kernel == FlexCudaForward::Wgmma ? bn : nullptr);
+    // out, lse, then dq, dk, dv of sum(out) (the backward's default kernels for the forward's choice)
     auto run = [&] {
       FlexAttentionOptions o;
       o.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
       o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, L, L);
       o.return_lse = true;
       o.kernel.cuda_forward = kernel;
-      const FlexAttentionResult r = flex_attention(q, k, v, o);
-      return std::pair{r.out.to(kCPU).to(kFloat64).to_vector(), r.lse.to(kCPU).to(kFloat64).to_vector()};
+      Tensor qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(), vg = v.detach().requires_grad_();
+      const FlexAttentionResult r = flex_attention(qg, kg, vg, o);
+      r.out.to(kFloat32).sum().backward();
+      std::vector<std::vector<double>> got;
+      for (const Tensor& t : {r.out, r.lse, qg.grad(), kg.grad(), vg.grad()})
+        got.push_back(t.to(kCPU).to(kFloat64).to_vector());
+      return got;
     };
     const auto fast = run();
     decltype(run()) exact;
@@ -1129,12 +1135,14 @@ TEST_F(FlexWgmmaChoice, ConstDivisionFormsGiveTheSameBits) {
       ScopedEnv off("FLEXGRAD_FLEX_CONST_DIVISION", "0");
       exact = run();
     }
-    ASSERT_EQ(fast.first.size(), exact.first.size());
-    EXPECT_EQ(std::memcmp(fast.first.data(), exact.first.data(), fast.first.size() * sizeof(double)), 0);
-    EXPECT_EQ(std::memcmp(fast.second.data(), exact.second.data(), fast.second.size() * sizeof(double)), 0);
-    size_t finite = 0;
-    for (double x : fast.first) finite += std::isfinite(x);
-    EXPECT_EQ(finite, fast.first.size());
+    const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+    for (size_t i = 0; i < fast.size(); ++i) {
+      ASSERT_EQ(fast[i].size(), exact[i].size()) << names[i];
+      EXPECT_EQ(std::memcmp(fast[i].data(), exact[i].data(), fast[i].size() * sizeof(double)), 0) << names[i];
+      size_t finite = 0;
+      for (double x : fast[i]) finite += std::isfinite(x);
+      EXPECT_EQ(finite, fast[i].size()) << names[i];
+    }
   }
 }
 

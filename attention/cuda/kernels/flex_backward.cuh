@@ -337,6 +337,9 @@ __device__ __forceinline__ fg_t fg_exp_factor(fg_t scale) {
 }
 // The modified score (the core's value with FG_BWD_SCORE_AFFINE, in the units fg_exp_factor expects) and d score_mod
 // / d score of one entry from its step score s, in one call.
+// kFast: fg_score_elem_dscore_fast (FG_SCORE_ELEM_DSCORE_FAST; the caller checked its dividends: fg_dkdv_fast_ok,
+// fg_dq_fast_ok).
+template <bool kFast = false>
 __device__ __forceinline__ fg_t fg_entry_mod_dscore(fg_t s, const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b,
                                                     int h, int qi, int kj, const FgModArgs& args, fg_t* dscore) {
 #if FG_BWD_SCORE_AFFINE
@@ -344,6 +347,9 @@ __device__ __forceinline__ fg_t fg_entry_mod_dscore(fg_t s, const FgRowMods<fg_t
   (void)c;
   return fg_score_core_dscore(s, b, h, qi, kj, args, dscore);
 #else
+#if FG_SCORE_ELEM_DSCORE_FAST && FG_IN_DTYPE != FG_DT_FLOAT64
+  if constexpr (kFast) return fg_score_elem_dscore_fast(s, r.s, c.s, b, h, qi, kj, args, dscore);
+#endif
   return fg_score_elem_dscore<fg_t>(s, r.s, c.s, b, h, qi, kj, args, dscore);
 #endif
 }
@@ -451,7 +457,7 @@ __device__ __forceinline__ fg_t fg_entry_ds(fg_t p, fg_t dp, fg_t delta) {
 }
 #endif
 #endif
-template <class Sink, bool kAllValid = false>
+template <class Sink, bool kAllValid = false, bool kFast = false>
 __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t lse2, fg_t delta, bool valid,
                                          bool partial, const FgRowMods<fg_t>& r, const FgColMods<fg_t>& c, int b,
                                          int h, int qi, int kj, const FgModArgs& args, fg_t* ds_out,
@@ -470,7 +476,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
   // the warp-specialised dK/dV consumers spilled 156 bytes within it (~26 instructions an entry); selected, none
   // (~20; the exact tanhf and __fdiv_rn ~45 -> ~38; sm_90a, nvcc 13.0, offline). Same values where valid, 0 elsewhere.
   {
-    const fg_t sm = fg_entry_mod_dscore(s, r, c, b, h, qi, kj, args, &dscore);
+    const fg_t sm = fg_entry_mod_dscore<kFast>(s, r, c, b, h, qi, kj, args, &dscore);
     const fg_t e = fg_exp2_t(sm * exp_factor - lse2);
     p = valid ? e : (fg_t)0;
     ds = valid ? e * (dp - delta) : (fg_t)0;  // w.r.t. the modified score
@@ -478,7 +484,7 @@ __device__ __forceinline__ fg_t fg_entry(fg_t s, fg_t exp_factor, fg_t dp, fg_t 
 #else
   if (valid) {
 #if FG_ENTRY_MERGED
-    const fg_t sm = fg_entry_mod_dscore(s, r, c, b, h, qi, kj, args, &dscore);
+    const fg_t sm = fg_entry_mod_dscore<kFast>(s, r, c, b, h, qi, kj, args, &dscore);
 #elif FG_HAS_SCORE_MOD
     const fg_t sm = fg_score_elem<fg_t>(s, r.s, c.s, b, h, qi, kj, args);
 #else
@@ -1040,12 +1046,35 @@ __device__ __forceinline__ void fg_dq_store(const FgBwdParams& p, const float (&
   }
 }
 
+#if FG_SCORE_ELEM_DSCORE_FAST
+// Whether every dividend of the lane's entries of a dK/dV tile (fg_dkdv_entries' layout) is in the corrected form's
+// range (fg_score_elem_dscore_fast_ok). Entries outside the sequence are tested on whatever their registers and parts
+// hold: that can only send the lane to the exact form.
+__device__ __forceinline__ bool fg_dkdv_fast_ok(const float (&st)[FG_NQN][4], const FgRowMods<float>* q_mods,
+                                                const FgColMods<float> (&cm)[2], int kr0, int g, int t, int b, int h,
+                                                fg_i64 q0, fg_i64 kv0, float scale, const FgModArgs& args) {
+  bool ok = true;
+#pragma unroll
+  for (int nb = 0; nb < FG_NQN; ++nb)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int i = nb * 8 + 2 * t + c;
+      const FgRowMods<float>& rm = q_mods[i];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        ok &= fg_score_elem_dscore_fast_ok(fg_entry_score(st[nb][2 * half + c], scale), rm.s, cm[half].s, b, h,
+                                           (int)(q0 + i), (int)(kv0 + kr0 + g + 8 * half), args);
+    }
+  return ok;
+}
+#endif
+
 // The dK/dV kernels' element step (fg_bwd_dkdv, fg_bwd_dkdv_wgmma) on a warp's transposed tile as C fragments,
 // kv rows kr0 + g (+ 8) against the chunk's q rows: st <- P^T, dpt <- dS^T (pre-mod). Lb / Db: the chunk's
 // lse2 (fg_lse2) and delta; q_mods: the chunk's row parts (null without mods); cm: the lane's two column parts
 // (fg_dkdv_col_parts). Q row by q row its row parts and the two entries. kInterior: every entry of the warp's
 // rows is inside the sequence and a full block (no bounds, no mask_mod).
-template <bool kInterior, class Sink>
+template <bool kInterior, class Sink, bool kFast = false>
 __device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
                                                 const float* Db, const FgRowMods<float>* q_mods,
                                                 const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
@@ -1083,7 +1112,7 @@ __device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&
         const float l2 = valid ? Lb[i] : 0.f, delta = Db[i];
 #endif
         float ds;
-        st[nb][r] = fg_entry<Sink, kInterior>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
+        st[nb][r] = fg_entry<Sink, kInterior, kFast>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
                                               !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i),
                                               (int)(kv0 + j), args, &ds, sink);
         dpt[nb][r] = ds;
@@ -1097,6 +1126,22 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
                                                  const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq,
                                                  int nkv, bool partial, int b, int h, fg_i64 q0, fg_i64 kv0,
                                                  float scale, const FgModArgs& args, const Sink* sink) {
+#if FG_SCORE_ELEM_DSCORE_FAST
+  // A division by a constant in its corrected form when every dividend of the lane's entries is in its range (one test
+  // a lane and chunk, as the forward's fg_frag_mods_step), else in the exact form: no branch an entry either way.
+  if (fg_dkdv_fast_ok(st, q_mods, cm, kr0, g, t, b, h, q0, kv0, scale, args)) {
+#if FG_DKDV_INTERIOR_STEP
+    if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {
+      fg_dkdv_entries<true, Sink, true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
+                                        args, sink);
+      return;
+    }
+#endif
+    fg_dkdv_entries<false, Sink, true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
+                                       args, sink);
+    return;
+  }
+#endif
 #if FG_DKDV_INTERIOR_STEP
   if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {  // (the same for the whole warp)
     fg_dkdv_entries<true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
@@ -1130,7 +1175,7 @@ __device__ __forceinline__ void fg_dq_for_each(const FgColMods<float>* kv_mods, 
 // The dQ kernels' element step (fg_bwd_dq, fg_bwd_dq_wgmma) on a warp's tile: s <- dS (pre-mod). l2 / dl / rv /
 // rmods: the warp's two q rows' lse2, delta, validity and row parts; kv_mods: the chunk's column parts (null
 // without mods). kInterior: every entry of the lane's rows is inside the sequence and a full block.
-template <bool kInterior, class Sink>
+template <bool kInterior, class Sink, bool kFast = false>
 __device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
                                               const float (&dl)[2], const bool (&rv)[2],
                                               const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
@@ -1148,8 +1193,9 @@ __device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float
       const FgCapDefer defer{cs, cg, 4 * nb + r};
       cg[4 * nb + r] = 0.f;
       float ds;
-      fg_entry(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf], kInterior || (rv[hf] && j < nkv),
-               !kInterior && partial, rmods[hf], cm, b, h, (int)(q0 + i), (int)(kv0 + j), args, &ds, &defer);
+      fg_entry<FgCapDefer, false, kFast>(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf],
+                                         kInterior || (rv[hf] && j < nkv), !kInterior && partial, rmods[hf], cm, b, h,
+                                         (int)(q0 + i), (int)(kv0 + j), args, &ds, &defer);
       s[nb][r] = ds;
     });
 #pragma unroll 1
@@ -1166,12 +1212,25 @@ __device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float
   fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
     const int i = qr0 + g + 8 * hf;  // q row in the tile
     float ds;
-    fg_entry<Sink, kInterior>(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf],
+    fg_entry<Sink, kInterior, kFast>(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf],
                               kInterior || (rv[hf] && j < nkv), !kInterior && partial, rmods[hf], cm, b, h,
                               (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
     s[nb][r] = ds;
   });
 }
+#if FG_SCORE_ELEM_DSCORE_FAST
+// fg_dkdv_fast_ok's test on a warp's dQ tile (fg_dq_entries' layout).
+__device__ __forceinline__ bool fg_dq_fast_ok(const float (&s)[FG_NKN][4], const FgRowMods<float> (&rmods)[2],
+                                              const FgColMods<float>* kv_mods, int qr0, int g, int t, int b, int h,
+                                              fg_i64 q0, fg_i64 kv0, float scale, const FgModArgs& args) {
+  bool ok = true;
+  fg_dq_for_each(kv_mods, t, [&](int nb, int r, int hf, int j, const FgColMods<float>& cm) {
+    ok &= fg_score_elem_dscore_fast_ok(fg_entry_score(s[nb][r], scale), rmods[hf].s, cm.s, b, h,
+                                       (int)(q0 + qr0 + g + 8 * hf), (int)(kv0 + j), args);
+  });
+  return ok;
+}
+#endif
 // Whether a dQ chunk's step may take its interior copy (FG_BWD_INTERIOR_STEP): a full block, the chunk's kv rows
 // all inside the sequence, the lane's two q rows too (a per-lane test: only a tile's last warp can diverge).
 __device__ __forceinline__ bool fg_dq_interior(bool partial, int nkv, const bool (&rv)[2]) {
@@ -1183,6 +1242,20 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
                                                const FgRowMods<float> (&rmods)[2], const FgColMods<float>* kv_mods,
                                                int qr0, int g, int t, int nkv, bool partial, int b, int h, fg_i64 q0,
                                                fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
+#if FG_SCORE_ELEM_DSCORE_FAST
+  if (fg_dq_fast_ok(s, rmods, kv_mods, qr0, g, t, b, h, q0, kv0, scale, args)) {  // as fg_dkdv_elements
+#if FG_BWD_INTERIOR_STEP
+    if (fg_dq_interior(partial, nkv, rv)) {
+      fg_dq_entries<true, Sink, true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
+                                      args, sink);
+      return;
+    }
+#endif
+    fg_dq_entries<false, Sink, true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
+                                     args, sink);
+    return;
+  }
+#endif
 #if FG_BWD_INTERIOR_STEP
   if (fg_dq_interior(partial, nkv, rv)) {
     fg_dq_entries<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);

@@ -947,6 +947,13 @@ __device__ __forceinline__ void fg_dq_chunk_entries(float (&s)[FG_NKN][4], float
   fg_wgmma_wait<0>();
   fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&s[0][0]);
   fg_wgmma_fence_operands<FG_KV_CHUNK / 2>(&dp[0][0]);
+#if FG_SCORE_ELEM_DSCORE_FAST
+  if (fg_dq_fast_ok(s, rmods, kv_mods, qr0, g, t, b, h, q0, kv0, scale, args)) {  // as fg_dkdv_elements
+    fg_dq_entries<kInterior, Sink, true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0,
+                                         scale, args, sink);
+    return;
+  }
+#endif
   fg_dq_entries<kInterior>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args,
                            sink);
 #endif
