@@ -9,7 +9,13 @@
 //   x * (1 / c)  where c is 2^k (|c| in [2^-126, 2^126]): 1 / c is exact, so the product is RN(x / c)
 //                (exact_reciprocal);
 //   float(double(x) * R), R = RN53(1 / c)  for other finite nonzero c, unless a tie below rules c out
-//                (double_reciprocal): a conversion, a double multiply and a rounding conversion, no branch.
+//                (double_reciprocal): a conversion, a double multiply and a rounding conversion, no branch;
+//   Markstein's corrected form (corrected_reciprocal, below)  in fg_score_elem_fast / fg_score_elem_dscore_fast,
+//                which the kernels call for a thread's entries only when every dividend among them is in its range
+//                (mod_codegen.h's FG_SCORE_ELEM_FAST): a multiply and two FMAs.
+// On an H100 (session 43, bench_flex_cuda --backend fused, three alternating rounds) the exact softcap's forward took
+// 1.83-1.95 ms with __fdiv_rn, 1.54-1.56 with the double product alone, 1.375-1.378 with the corrected form where it
+// applies; its backward 3.94-4.01, 3.17-3.18 and 2.81-2.82 ms (`s * 0.05`: 1.14-1.16 and 2.51-2.65 ms).
 //
 // Why the double product rounds like the division. Write x = X 2^a and c = C 2^g with X, C integers, C odd and
 // |X|, C < 2^24, and let b = B 2^h (B odd) be any point where rounding to float changes its answer: a midpoint of two
@@ -35,11 +41,12 @@ std::optional<float> exact_reciprocal(float c);
 // (a few ms at most) is memoised per c.
 std::optional<double> double_reciprocal(float c);
 
-// Markstein's corrected form q = RN(x r), RN(fma(-RN(fma(q, c, -x)), r, q)) with r = RN(1 / c) (a multiply and two
-// FMAs): RN(x / c) for every x with |x| in [2^-64, 2^64] and for zeros (their sign too: the residual is negated
-// once more), where c passed the check below; not for every tiny x (the residual underflows), nor for infinities or a
-// quotient that overflows. The kernels take it for a thread's entries only when every dividend of them is in that
-// range (the per-thread test of FG_SCORE_ELEM_FAST, mod_codegen.h), so it needs no branch per entry.
+// Markstein's corrected form q = RN(x r), RN(fma(-RN(fma(q, c, -x)), r, q)) with r = RN(1 / c), c > 0 (a multiply and
+// two FMAs; x / -c is spelled -(x / c)): RN(x / c) for every x with |x| in [2^-64, 2^64] and for zeros (their sign
+// too: the residual is negated once more), where c passed the check below; not for every tiny x (the residual
+// underflows), nor for infinities or a quotient that overflows. Used with a per-element range test it was slower
+// than __fdiv_rn (session 40: a second branch an element); the kernels take it for a thread's entries only when every
+// dividend among them is in that range (one test a thread and sub-tile), else the double product.
 // RN(1 / c) where the form is proven for c: |c| in [2^-16, 2^16], not a power of two, and the form gives RN(x / c) for
 // every x in [1, 2) (all 2^23 mantissas, checked once per mantissa of c, tens of ms; in that range of x every value the
 // form computes is normal and scales exactly with x's power of two, likewise with c's). nullopt otherwise.

@@ -11,6 +11,15 @@
 //   #define FG_MASK_ELEM_PURE 0|1       fg_mask_elem reads no capture and has no Int op that can fail
 //                                       (op_has_effects): the kernels may evaluate it where it is not used
 //   #define FG_SCORE_ELEM_PURE 0|1      the same of fg_score_elem and fg_score_elem_dscore (1 without a score_mod)
+//   #define FG_SCORE_ELEM_FAST 0|1      float code only, where the element part is pure and divides by a constant whose
+//                                       corrected form const_division.h proves (not under approx_math):
+//     __device__ bool fg_score_elem_fast_ok(float score, const FgScoreRow<float>& r, const FgScoreCol<float>& c,
+//                                           int b, int h, int q, int kv, const FgModArgs& a);
+//         whether every such dividend of the entry is in the form's range (fg_div_corrected_ok)
+//     __device__ float fg_score_elem_fast(<the same parameters>);   fg_score_elem<float> with those divisions in the
+//         corrected form, the same bits where fg_score_elem_fast_ok holds
+//   #define FG_SCORE_ELEM_DSCORE_FAST 0|1   the same of fg_score_elem_dscore (backward modules; the merged program):
+//     fg_score_elem_dscore_fast_ok(<fg_score_elem_fast_ok's parameters>), fg_score_elem_dscore_fast(<...>, float* dscore)
 //   #define FG_DSCORE_IS_CONSTANT 0|1   and FG_DSCORE_CONSTANT (a double literal) when it is
 //   #define FG_DSCORE_FINITE 0|1        a varying d score_mod / d score, finite wherever the score is not NaN, of a
 //                                       score_mod that is NaN where the score is (float_ranges.h): the backward may
@@ -81,8 +90,9 @@ struct CudaModsInput {
   // approximations (cuda_f32_approx: fg_tanh_approx, tanh.approx.f32; fg_fdiv_full, div.full.f32) in every
   // function emitted here.
   bool approx_math = false;
-  // Float code divides by a constant power of two as a multiplication (const_division.h: the same bits as
-  // __fdiv_rn, without its branch); false: __fdiv_rn throughout (FLEXGRAD_FLEX_CONST_DIVISION=0, an A/B switch).
+  // Float code divides by a constant in const_division.h's branch-free forms (a multiplication by a power of two's
+  // reciprocal, the double product, and FG_SCORE_ELEM_FAST's corrected form: the same bits as __fdiv_rn); false:
+  // __fdiv_rn throughout (FLEXGRAD_FLEX_CONST_DIVISION=0, an A/B switch).
   bool const_division = true;
   // fg_cap_grad calls sink.add(slot, ...) with the KERNEL slot of the capture (as fg_cap_load_*).
 };
