@@ -1449,6 +1449,34 @@ extern "C" void fg_eval(const FgModArgs* ap, const double* scores, double* sd, d
     fsep[2 * p + 1] = fg_dscore<float>(s, b, h, q, kv, a);
   }
 }
+// FG_SCORE_ELEM_FAST / FG_SCORE_ELEM_DSCORE_FAST: counts[0] / [1] the scores whose _ok test passes, counts[2] / [3]
+// those where the fast function then differs from fg_score_elem<float> / fg_score_elem_dscore<float> in any bit.
+extern "C" void fg_eval_fast(const FgModArgs* ap, const float* scores, int n, int* counts) {
+  const FgModArgs& a = *ap;
+  auto bits = [](float f) { unsigned u; std::memcpy(&u, &f, 4); return u; };
+  for (int i = 0; i < n; ++i) {
+    const int b = 0, h = i % 3, q = i % 7, kv = i % 5;
+    const FgScoreRow<float> r = fg_score_row<float>(b, h, q, a);
+    const FgScoreCol<float> c = fg_score_col<float>(b, h, kv, a);
+    (void)r, (void)c, (void)bits, (void)scores, (void)counts;
+#if FG_SCORE_ELEM_FAST
+    if (fg_score_elem_fast_ok(scores[i], r, c, b, h, q, kv, a)) {
+      ++counts[0];
+      counts[2] += bits(fg_score_elem_fast(scores[i], r, c, b, h, q, kv, a)) !=
+                   bits(fg_score_elem<float>(scores[i], r, c, b, h, q, kv, a));
+    }
+#endif
+#if FG_SCORE_ELEM_DSCORE_FAST
+    if (fg_score_elem_dscore_fast_ok(scores[i], r, c, b, h, q, kv, a)) {
+      ++counts[1];
+      float d0 = 0, d1 = 0;
+      const float v0 = fg_score_elem_dscore_fast(scores[i], r, c, b, h, q, kv, a, &d0);
+      const float v1 = fg_score_elem_dscore<float>(scores[i], r, c, b, h, q, kv, a, &d1);
+      counts[3] += bits(v0) != bits(v1) || bits(d0) != bits(d1);
+    }
+#endif
+  }
+}
 )";
 
 // Host mirror of FgModArgs (attention/cuda/kernels/flex_abi.cuh).
@@ -1633,5 +1661,80 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   EXPECT_GT(compared, 5000);
   EXPECT_GT(raised, 0);
   std::system(("rm -rf " + dir).c_str());
+}
+
+// FG_SCORE_ELEM_FAST and FG_SCORE_ELEM_DSCORE_FAST (mod_codegen.h), compiled on the host with the shim: wherever the
+// _ok test passes, the fast function (divisions in the corrected form, const_division.h) gives fg_score_elem<float>'s
+// and fg_score_elem_dscore<float>'s bits, on scores of every magnitude, zeros, subnormals, infinities and NaN; the test
+// passes for ordinary scores and fails for tiny, huge, infinite and NaN ones. Programs: the softcap, a negative divisor,
+// nested divisions, a dividend that reads q and kv, a division in the row part, a captured read in the row part; a
+// variable divisor, a power of two and an impure element part (a captured read per entry) get no fast functions.
+TEST(ModCodegen, FastElementFunctionsGiveTheSameBitsOnTheHost) {
+  if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
+  const std::string abi = host_abi();
+  ASSERT_FALSE(abi.empty());
+  char dir_template[] = "/tmp/fg_codegen_fast_XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  std::vector<float> scores = {0.f, -0.f, 1.f, -1.f, 20.f, 1e-30f, -1e-30f, 1e30f, 0x1p-64f, 0x1p64f,
+                               std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  std::mt19937 gen(3);
+  std::normal_distribution<float> normal(0.f, 30.f);
+  while (scores.size() < 4000) scores.push_back(scores.size() % 4 ? normal(gen) : std::bit_cast<float>(uint32_t(gen())));
+  Captured bias(from_vector(std::vector<float>{0.5f, -1.f, 2.f}, {3}, kFloat32), "bias");
+  struct Case {
+    const char* name;
+    ScoreMod score;
+    bool fast;
+  };
+  const std::vector<Case> cases = {
+      {"softcap", [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); }, true},
+      {"negative divisor", [](Expr s, Expr, Expr, Expr, Expr) { return s / -3.0 + tanh(s / -0.7); }, true},
+      {"nested", [](Expr s, Expr, Expr, Expr, Expr) { return tanh((s / 3.0) / 5.0) * (s / 7.0); }, true},
+      {"indices", [](Expr s, Expr, Expr, Expr q, Expr kv) { return tanh((s + to_float(q - kv)) / 11.3125); }, true},
+      {"row part", [](Expr s, Expr, Expr h, Expr, Expr) { return s * (to_float(h) / 3.0) + tanh(s / 6.0); }, true},
+      {"variable divisor", [](Expr s, Expr, Expr, Expr q, Expr) { return s / to_float(q + 1); }, false},
+      {"power of two", [](Expr s, Expr, Expr, Expr, Expr) { return tanh(s / 16.0); }, false},
+      {"captured read", [bias](Expr s, Expr, Expr, Expr q, Expr kv) { return tanh(s / 3.0) + Expr(bias[(q + kv) % 3]); },
+       false},
+      {"captured read in the row part", [bias](Expr s, Expr, Expr h, Expr, Expr) { return tanh(s / 3.0) + Expr(bias[h]); },
+       true},
+  };
+  int n = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const ModProgram sm = trace_score_mod(c.score);
+    const ScoreModBackward g = derive_score_mod(sm);
+    CudaModsInput in;
+    in.score_mod = &sm;
+    in.score_grad = &g;
+    const std::string text = emit_cuda_mods(in);
+    EXPECT_EQ(has(text, "#define FG_SCORE_ELEM_FAST 1\n"), c.fast) << text;
+    EXPECT_EQ(has(text, "#define FG_SCORE_ELEM_DSCORE_FAST 1\n"), c.fast) << text;
+    if (!c.fast) continue;
+    const HostBuild hb = build_on_host(dir + "/f" + std::to_string(n++), abi, text);
+    ASSERT_NE(hb.eval, nullptr) << hb.error;
+    using FastFn = void (*)(const HostModArgs*, const float*, int, int*);
+    const auto fast = reinterpret_cast<FastFn>(dlsym(hb.lib, "fg_eval_fast"));
+    ASSERT_NE(fast, nullptr);
+    HostModArgs a{};
+    HostError err{};
+    a.error = &err;
+    const Tensor& bt = bias.tensor();  // slot 0 where a program reads it
+    a.caps[0].data = bt.data_ptr();
+    a.caps[0].ndim = 1;
+    a.caps[0].sizes[0] = 3;
+    a.caps[0].strides[0] = 1;
+    a.caps[0].dtype = abi_dtype_of(bt.dtype());
+    int counts[4] = {0, 0, 0, 0};
+    fast(&a, scores.data(), static_cast<int>(scores.size()), counts);
+    dlclose(hb.lib);
+    EXPECT_EQ(counts[2], 0) << "fg_score_elem_fast differs at " << counts[0] << " tested scores";
+    EXPECT_EQ(counts[3], 0) << "fg_score_elem_dscore_fast differs at " << counts[1] << " tested scores";
+    // every ordinary score passes, the special ones (6 of the first 14, and random bit patterns) do not all
+    EXPECT_GT(counts[0], 2500);
+    EXPECT_LT(counts[0], static_cast<int>(scores.size()));
+    EXPECT_GT(counts[1], 2500);
+  }
 }
 #endif
