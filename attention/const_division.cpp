@@ -16,6 +16,18 @@ std::optional<float> exact_reciprocal(float c) {
   return 1.f / c;  // exact
 }
 
+namespace {
+
+// check(key)'s answer, computed once per key (thread-safe; the checks take milliseconds to tens of them).
+template <class Check>
+bool memoised(std::unordered_map<uint32_t, bool>& memo, std::mutex& mu, uint32_t key, Check check) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = memo.find(key);
+  return it != memo.end() ? it->second : memo.emplace(key, check()).first->second;
+}
+
+}  // namespace
+
 bool double_product_rounds_every_tie(float c) {
   if (!std::isfinite(c) || c == 0.f) return true;
   // c = C 2^g, C odd: significand and exponent of |c| as integers.
@@ -37,15 +49,9 @@ bool double_product_rounds_every_tie(float c) {
 std::optional<double> double_reciprocal(float c) {
   if (!std::isfinite(c) || c == 0.f || exact_reciprocal(c)) return std::nullopt;
   static std::mutex mu;
-  static std::unordered_map<uint32_t, bool> checked;  // by c's bits
-  bool ok;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const uint32_t key = std::bit_cast<uint32_t>(std::fabs(c));  // RN is symmetric: c and -c together
-    auto it = checked.find(key);
-    ok = it != checked.end() ? it->second : checked.emplace(key, double_product_rounds_every_tie(c)).first->second;
-  }
-  if (!ok) return std::nullopt;
+  static std::unordered_map<uint32_t, bool> checked;  // by |c|'s bits: RN is symmetric, c and -c together
+  if (!memoised(checked, mu, std::bit_cast<uint32_t>(std::fabs(c)), [c] { return double_product_rounds_every_tie(c); }))
+    return std::nullopt;
   return 1.0 / static_cast<double>(c);
 }
 
@@ -72,18 +78,10 @@ std::optional<float> corrected_reciprocal(float c) {
   const uint32_t mantissa = std::bit_cast<uint32_t>(c) & 0x7fffffu;
   static std::mutex mu;
   static std::unordered_map<uint32_t, bool> proven;  // by mantissa: c and c 2^k (either sign) are proven together
-  bool ok;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = proven.find(mantissa);
-    if (it != proven.end()) {
-      ok = it->second;
-    } else {
-      const float c1 = std::bit_cast<float>(0x3f800000u | mantissa);  // c's mantissa with exponent 0
-      ok = proven.emplace(mantissa, corrected_division_is_exact(c1, static_cast<float>(1.0 / static_cast<double>(c1))))
-               .first->second;
-    }
-  }
+  const bool ok = memoised(proven, mu, mantissa, [mantissa] {
+    const float c1 = std::bit_cast<float>(0x3f800000u | mantissa);  // c's mantissa with exponent 0
+    return corrected_division_is_exact(c1, static_cast<float>(1.0 / static_cast<double>(c1)));
+  });
   if (!ok) return std::nullopt;
   return static_cast<float>(1.0 / static_cast<double>(c));  // RN(1 / c): double rounding harmless, as above
 }

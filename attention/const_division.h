@@ -53,8 +53,6 @@ std::optional<double> double_reciprocal(float c);
 std::optional<float> corrected_reciprocal(float c);
 // The check alone: whether the form with reciprocal r gives RN(x / c) for every float x in [1, 2).
 bool corrected_division_is_exact(float c, float r);
-inline constexpr float kCorrectedDivisionLo = 0x1p-64f;
-inline constexpr float kCorrectedDivisionHi = 0x1p64f;
 
 // The tie check alone: whether float(RN53(double(x) * RN53(1 / c))) == RN(x / c) for every float x whose quotient is
 // a subnormal midpoint (true where there is none).

@@ -129,16 +129,24 @@ struct ProgramEmitter {
   std::vector<char> exact;       // per value: keeps its exact spelling under approx_math (approx_exact_needed)
 };
 
-// Float x / c for a constant c in a form with the bits of the op table's __fdiv_rn and without its branch
-// (const_division.h): x * (1 / c) for a power of two, float(double(x) * RN53(1 / c)) for the other constants that
-// double_reciprocal accepts; empty where instruction i is no such division.
-std::string divided_by_constant(const ModProgram& p, size_t i, const std::vector<std::string>& a, bool fast_div) {
+// c where instruction i is a float division x / c by a constant c (as float code rounds it); nullopt otherwise.
+std::optional<float> constant_divisor(const ModProgram& p, size_t i) {
   const Instr& in = p.instrs()[i];
-  if (in.op != ExprOp::Div || in.kind != VK::Float) return {};
+  if (in.op != ExprOp::Div || in.kind != VK::Float) return std::nullopt;
   const Instr& x = p.instrs()[in.args[0]];
   const Instr& c = p.instrs()[in.args[1]];
-  if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) return {};
-  const auto cf = static_cast<float>(c.value);
+  if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) return std::nullopt;
+  return static_cast<float>(c.value);
+}
+
+// Float x / c for a constant c in a form with the bits of the op table's __fdiv_rn and without its branch
+// (const_division.h): x * (1 / c) for a power of two, float(double(x) * RN53(1 / c)) for the other constants that
+// double_reciprocal accepts, and (fast_div: the FG_SCORE_ELEM_FAST functions) the corrected form where it is proven;
+// empty where instruction i is no such division.
+std::string divided_by_constant(const ModProgram& p, size_t i, const std::vector<std::string>& a, bool fast_div) {
+  const std::optional<float> divisor = constant_divisor(p, i);
+  if (!divisor) return {};
+  const float cf = *divisor;
   if (fast_div)
     if (const std::optional<float> r = corrected_reciprocal(cf))  // x / -c as -(x / c): the form keeps zeros' sign for c > 0
       return fmt::format("{}fg_div_corrected({}, {}, {})", cf < 0 ? "-" : "", a[0], float_literal(std::fabs(cf), false),
@@ -410,13 +418,10 @@ std::string fast_elem_functions(const ProgramEmitter& em, const SplitProgram& sp
     const auto& ins = em.p.instrs();
     const ElemPart e = elem_part(em.p, sp, outputs);
     for (size_t i = 0; i < ins.size(); ++i) {
-      const Instr& in = ins[i];
-      if (!e.emit[i] || in.op != ExprOp::Div || in.kind != VK::Float) continue;
-      const Instr& x = ins[in.args[0]];
-      const Instr& c = ins[in.args[1]];
-      if (x.kind != VK::Float || c.op != ExprOp::Const || c.kind != VK::Float) continue;
-      if (!corrected_reciprocal(static_cast<float>(c.value))) continue;
-      if (std::find(dividends.begin(), dividends.end(), in.args[0]) == dividends.end()) dividends.push_back(in.args[0]);
+      const std::optional<float> divisor = e.emit[i] ? constant_divisor(em.p, i) : std::nullopt;
+      if (!divisor || !corrected_reciprocal(*divisor)) continue;
+      const int32_t x = ins[i].args[0];
+      if (std::find(dividends.begin(), dividends.end(), x) == dividends.end()) dividends.push_back(x);
     }
   }
   if (dividends.empty()) return fmt::format("#define {} 0\n", macro);

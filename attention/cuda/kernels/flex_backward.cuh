@@ -1120,6 +1120,23 @@ __device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&
     }
   }
 }
+// fg_dkdv_entries' interior or general copy; kFast: the fast element functions (fg_dkdv_elements).
+template <bool kFast, class Sink>
+__device__ __forceinline__ void fg_dkdv_step(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
+                                             const float* Db, const FgRowMods<float>* q_mods,
+                                             const FgColMods<float> (&cm)[2], int kr0, int g, int t, int nq, int nkv,
+                                             bool partial, int b, int h, fg_i64 q0, fg_i64 kv0, float scale,
+                                             const FgModArgs& args, const Sink* sink) {
+#if FG_DKDV_INTERIOR_STEP
+  if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {  // (the same for the whole warp)
+    fg_dkdv_entries<true, Sink, kFast>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
+                                       args, sink);
+    return;
+  }
+#endif
+  fg_dkdv_entries<false, Sink, kFast>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
+                                      args, sink);
+}
 template <class Sink>
 __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], const float* Lb,
                                                  const float* Db, const FgRowMods<float>* q_mods,
@@ -1130,25 +1147,11 @@ __device__ __forceinline__ void fg_dkdv_elements(float (&st)[FG_NQN][4], float (
   // A division by a constant in its corrected form when every dividend of the lane's entries is in its range (one test
   // a lane and chunk, as the forward's fg_frag_mods_step), else in the exact form: no branch an entry either way.
   if (fg_dkdv_fast_ok(st, q_mods, cm, kr0, g, t, b, h, q0, kv0, scale, args)) {
-#if FG_DKDV_INTERIOR_STEP
-    if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {
-      fg_dkdv_entries<true, Sink, true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
-                                        args, sink);
-      return;
-    }
-#endif
-    fg_dkdv_entries<false, Sink, true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale,
-                                       args, sink);
+    fg_dkdv_step<true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
     return;
   }
 #endif
-#if FG_DKDV_INTERIOR_STEP
-  if (!partial && nq == FG_Q_CHUNK && kr0 + 16 <= nkv) {  // (the same for the whole warp)
-    fg_dkdv_entries<true>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
-    return;
-  }
-#endif
-  fg_dkdv_entries<false>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
+  fg_dkdv_step<false>(st, dpt, Lb, Db, q_mods, cm, kr0, g, t, nq, nkv, partial, b, h, q0, kv0, scale, args, sink);
 }
 
 // Visits a warp's dQ tile as C fragments, q rows qr0 + g (+ 8) against the chunk's kv rows: f(s[nb][r] entry
@@ -1236,6 +1239,23 @@ __device__ __forceinline__ bool fg_dq_fast_ok(const float (&s)[FG_NKN][4], const
 __device__ __forceinline__ bool fg_dq_interior(bool partial, int nkv, const bool (&rv)[2]) {
   return FG_BWD_INTERIOR_STEP && !partial && nkv == FG_KV_CHUNK && rv[0] && rv[1];
 }
+// fg_dq_entries' interior or general copy; kFast: the fast element functions (fg_dq_elements).
+template <bool kFast, class Sink>
+__device__ __forceinline__ void fg_dq_step(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
+                                           const float (&dl)[2], const bool (&rv)[2], const FgRowMods<float> (&rmods)[2],
+                                           const FgColMods<float>* kv_mods, int qr0, int g, int t, int nkv, bool partial,
+                                           int b, int h, fg_i64 q0, fg_i64 kv0, float scale, const FgModArgs& args,
+                                           const Sink* sink) {
+#if FG_BWD_INTERIOR_STEP
+  if (fg_dq_interior(partial, nkv, rv)) {
+    fg_dq_entries<true, Sink, kFast>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
+                                     args, sink);
+    return;
+  }
+#endif
+  fg_dq_entries<false, Sink, kFast>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
+                                    args, sink);
+}
 template <class Sink>
 __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const float (&dp)[FG_NKN][4], const float (&l2)[2],
                                                const float (&dl)[2], const bool (&rv)[2],
@@ -1244,25 +1264,11 @@ __device__ __forceinline__ void fg_dq_elements(float (&s)[FG_NKN][4], const floa
                                                fg_i64 kv0, float scale, const FgModArgs& args, const Sink* sink) {
 #if FG_SCORE_ELEM_DSCORE_FAST
   if (fg_dq_fast_ok(s, rmods, kv_mods, qr0, g, t, b, h, q0, kv0, scale, args)) {  // as fg_dkdv_elements
-#if FG_BWD_INTERIOR_STEP
-    if (fg_dq_interior(partial, nkv, rv)) {
-      fg_dq_entries<true, Sink, true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
-                                      args, sink);
-      return;
-    }
-#endif
-    fg_dq_entries<false, Sink, true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale,
-                                     args, sink);
+    fg_dq_step<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
     return;
   }
 #endif
-#if FG_BWD_INTERIOR_STEP
-  if (fg_dq_interior(partial, nkv, rv)) {
-    fg_dq_entries<true>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
-    return;
-  }
-#endif
-  fg_dq_entries<false>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
+  fg_dq_step<false>(s, dp, l2, dl, rv, rmods, kv_mods, qr0, g, t, nkv, partial, b, h, q0, kv0, scale, args, sink);
 }
 
 #if FG_SPLIT_ENTRY
