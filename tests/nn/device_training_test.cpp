@@ -79,8 +79,8 @@ TEST_P(NnTrainDev, TinyGptLossFallsAndMatchesCpuRun) {
 TEST_P(NnTrainDev, CheckpointResumeIsBitwise) {
   const int n = 3, m = 3;
   const auto batches = counting_batches(n + m);
-  const std::string model_path = ::testing::TempDir() + "/resume_model_" + dev().str() + ".safetensors";
-  const std::string opt_path = ::testing::TempDir() + "/resume_opt_" + dev().str() + ".safetensors";
+  const std::string model_path = scratch_path("resume_model_" + dev().str() + ".safetensors");
+  const std::string opt_path = scratch_path("resume_opt_" + dev().str() + ".safetensors");
   const AdamOptions o{.lr = 1e-2, .weight_decay = 0.01};
 
   manual_seed(21);

@@ -20,8 +20,6 @@ namespace {
 using namespace fg::nn;
 using Bytes = std::string;
 
-std::string tmp_path(const std::string& name) { return ::testing::TempDir() + "/" + name; }
-
 Bytes read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   std::stringstream s;
@@ -145,7 +143,7 @@ Bytes mutate_npy(Mutator& m, const Bytes& valid) {
 // The valid files: every dtype, ranks 0 to 3, C and Fortran order, format 1.0 and 2.0, big-endian data.
 std::vector<Bytes> valid_npy_files() {
   std::vector<Bytes> out;
-  const std::string p = tmp_path("fuzz_valid.npy");
+  const std::string p = scratch_path("fuzz_valid.npy");
   save_npy(p, from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32));
   out.push_back(read_file(p));
   save_npy(p, from_vector<double>({1.5}, {}, kFloat64));
@@ -227,7 +225,7 @@ Bytes mutate_safetensors(Mutator& m, const Bytes& valid) {
 
 std::vector<Bytes> valid_safetensors_files() {
   std::vector<Bytes> out;
-  const std::string p = tmp_path("fuzz_valid.safetensors");
+  const std::string p = scratch_path("fuzz_valid.safetensors");
   save_safetensors(p,
                    {{"w", from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32)},
                     {"b", from_vector<double>({-1, 2}, {2}, kFloat64)},
@@ -271,7 +269,7 @@ void check_loaded(const Tensor& t, uint64_t file_size, const std::string& what) 
 // What the fuzzer found, as fixed probes: each used to escape as a bare std:: exception, to allocate what
 // a damaged length field asked for, or to load bytes that are not values of the dtype.
 TEST(LoaderFuzz, FoundByTheFuzzer) {
-  const std::string npy = tmp_path("found.npy"), st = tmp_path("found.safetensors");
+  const std::string npy = scratch_path("found.npy"), st = scratch_path("found.safetensors");
   NpyParts p = split_npy(valid_npy_files()[0]);
   // a shape size past int64 (std::stoll threw std::out_of_range)
   NpyParts huge = p;
@@ -304,7 +302,7 @@ TEST(LoaderFuzz, FoundByTheFuzzer) {
 
 TEST(LoaderFuzz, MalformedNpyFilesLoadOrRaiseTypedErrors) {
   const std::vector<Bytes> valid = valid_npy_files();
-  const std::string path = tmp_path("fuzz.npy");
+  const std::string path = scratch_path("fuzz.npy");
   for (const Bytes& v : valid) {  // the seeds themselves are valid
     write_file(path, v);
     EXPECT_NO_THROW(load_npy(path));
@@ -317,8 +315,8 @@ TEST(LoaderFuzz, MalformedNpyFilesLoadOrRaiseTypedErrors) {
     const std::string what = "npy seed " + std::to_string(seed);
     expect_typed([&] { check_loaded(load_npy(path), bytes.size(), what); }, tally, what);
     if (::testing::Test::HasFailure()) {
-      write_file(tmp_path("fuzz_failing.npy"), bytes);
-      FAIL() << what << " failed; the file is " << tmp_path("fuzz_failing.npy");
+      write_file(scratch_path("fuzz_failing.npy"), bytes);
+      FAIL() << what << " failed; the file is " << scratch_path("fuzz_failing.npy");
     }
   }
   std::cout << "[  INFO    ] npy: " << tally.loaded << " mutated files loaded, " << tally.rejected << " rejected\n";
@@ -329,7 +327,7 @@ TEST(LoaderFuzz, MalformedNpyFilesLoadOrRaiseTypedErrors) {
 
 TEST(LoaderFuzz, MalformedSafetensorsFilesLoadOrRaiseTypedErrors) {
   const std::vector<Bytes> valid = valid_safetensors_files();
-  const std::string path = tmp_path("fuzz.safetensors");
+  const std::string path = scratch_path("fuzz.safetensors");
   Tally tally;
   for (uint64_t seed = 1; seed <= 3000; ++seed) {
     Mutator m{std::mt19937_64(seed)};
@@ -348,8 +346,8 @@ TEST(LoaderFuzz, MalformedSafetensorsFilesLoadOrRaiseTypedErrors) {
         },
         tally, what);
     if (::testing::Test::HasFailure()) {
-      write_file(tmp_path("fuzz_failing.safetensors"), bytes);
-      FAIL() << what << " failed; the file is " << tmp_path("fuzz_failing.safetensors");
+      write_file(scratch_path("fuzz_failing.safetensors"), bytes);
+      FAIL() << what << " failed; the file is " << scratch_path("fuzz_failing.safetensors");
     }
   }
   std::cout << "[  INFO    ] safetensors: " << tally.loaded << " mutated files loaded, " << tally.rejected

@@ -12,8 +12,6 @@ namespace {
 
 using namespace fg::nn;
 
-std::string tmp_path(const std::string& name) { return ::testing::TempDir() + "/" + name; }
-
 TEST(NnState, SafetensorsRoundTripAllDtypes) {
   NamedTensors ts{{"f64", tensor({1.5, -2}, {2})},
                   {"f32", from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32)},
@@ -23,7 +21,7 @@ TEST(NnState, SafetensorsRoundTripAllDtypes) {
                   {"i32", from_vector<int32_t>({3}, {1}, kInt32)},
                   {"b", from_vector<bool>({true, false, true}, {3}, kBool)},
                   {"strided", transpose(from_vector<float>({1, 2, 3, 4, 5, 6}, {2, 3}, kFloat32), 0, 1)}};
-  const std::string p = tmp_path("rt.safetensors");
+  const std::string p = scratch_path("rt.safetensors");
   save_safetensors(p, ts, {{"format", "pt"}});
   SafetensorsFile f = load_safetensors(p);
   ASSERT_EQ(f.tensors.size(), ts.size());
@@ -44,7 +42,7 @@ TEST(NnState, SafetensorsRoundTripAllDtypes) {
 }
 
 TEST(NnState, MalformedFilesAreReported) {
-  const std::string p = tmp_path("bad.safetensors");
+  const std::string p = scratch_path("bad.safetensors");
   { std::ofstream f(p, std::ios::binary); f << "abc"; }
   EXPECT_THROW_MSG(load_safetensors(p), IOError, "too short");
   {
@@ -55,13 +53,13 @@ TEST(NnState, MalformedFilesAreReported) {
     f << j << "abcd";
   }
   EXPECT_THROW_MSG(load_safetensors(p), IOError, "'w' is F32 [2] (8 bytes) but its offsets span 4 bytes");
-  EXPECT_THROW_MSG(load_safetensors(tmp_path("missing.safetensors")), IOError, "cannot open");
+  EXPECT_THROW_MSG(load_safetensors(scratch_path("missing.safetensors")), IOError, "cannot open");
 }
 
 // Untrusted shapes whose byte size wraps (2^62 float32 elements are 2^64 bytes, i.e. 0 modulo 2^64) used to
 // load over 0 bytes and crash on the first read.
 TEST(NnState, ShapesWhoseByteSizeOverflowsAreRejected) {
-  const std::string p = tmp_path("huge.safetensors");
+  const std::string p = scratch_path("huge.safetensors");
   auto write = [&](const std::string& j) {
     std::ofstream f(p, std::ios::binary);
     uint64_t n = j.size();
@@ -78,7 +76,7 @@ TEST(NnState, ModuleLoadReportsEveryMismatch) {
   manual_seed(5);
   GPTConfig gc{.vocab_size = 6, .context = 8, .d_model = 8, .n_layers = 1, .n_heads = 2};
   auto a = std::make_shared<GPT>(gc), b = std::make_shared<GPT>(gc);
-  const std::string p = tmp_path("gpt.safetensors");
+  const std::string p = scratch_path("gpt.safetensors");
   save_module(*a, p);
   load_module(*b, p);
   for (auto& [n, t] : a->state_dict()) EXPECT_TRUE(equal(t, b->get(n))) << n;
@@ -149,7 +147,7 @@ TEST(NnOptim, AdamAndAdamWByHand) {
     }
     // Optimizer state round trip through a safetensors file: the same step count, the same moments (the
     // hand-computed m and v above), and the next step identical to the original optimizer's.
-    const std::string path = tmp_path("opt.safetensors");
+    const std::string path = scratch_path("opt.safetensors");
     save_safetensors(path, opt->state_dict());
     Tensor q = p.detach().clone().requires_grad_(true);
     std::unique_ptr<Optimizer> fresh =
@@ -412,7 +410,7 @@ TEST_P(NnOptimDev, OptimizerStateLoadsOntoParameterDevice) {
     p.set_grad(tensor({0.5, -3}, {2}).to(dev()));
     opt.step();
   }
-  const std::string path = tmp_path("opt_dev.safetensors");
+  const std::string path = scratch_path("opt_dev.safetensors");
   save_safetensors(path, opt.state_dict());
   Tensor q = clone(p.detach()).requires_grad_(true);
   AdamW fresh({q}, o);

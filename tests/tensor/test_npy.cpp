@@ -14,13 +14,9 @@
 namespace fg {
 namespace {
 
-namespace fs = std::filesystem;
+using testing::scratch_path;
 
-std::string tmp_path(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("flexgrad_npy_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return (dir / name).string();
-}
+namespace fs = std::filesystem;
 
 // Writes a .npy file by hand: version major.0, the given dict (padded to 64-byte alignment), raw bytes.
 void write_npy(const std::string& path, const std::string& dict, const std::string& data, int major = 1) {
@@ -50,7 +46,7 @@ TEST(Npy, RoundTripEveryDType) {
     Tensor t = dt == kBool ? bernoulli({3, 4}, 0.5, kBool, &gen)
                : is_floating(dt) ? randn({3, 4}, dt, &gen)
                                  : randint(-1000, 1000, {3, 4}, dt, &gen);
-    std::string p = tmp_path(fmt::format("rt_{}.npy", dt));
+    std::string p = scratch_path(fmt::format("rt_{}.npy", dt));
     save_npy(p, t);
     Tensor back = load_npy(p);
     EXPECT_EQ(back.dtype(), dt);
@@ -61,7 +57,7 @@ TEST(Npy, RoundTripEveryDType) {
 }
 
 TEST(Npy, HeaderIsNumpyCompatible) {
-  std::string p = tmp_path("hdr.npy");
+  std::string p = scratch_path("hdr.npy");
   save_npy(p, zeros({2, 3}, kInt32));
   std::ifstream f(p, std::ios::binary);
   std::string all((std::istreambuf_iterator<char>(f)), {});
@@ -74,7 +70,7 @@ TEST(Npy, HeaderIsNumpyCompatible) {
 }
 
 TEST(Npy, ZeroDimAndOneDim) {
-  std::string p = tmp_path("scalar.npy");
+  std::string p = scratch_path("scalar.npy");
   save_npy(p, full({}, 2.5, kFloat64));
   Tensor s = load_npy(p);
   EXPECT_EQ(s.dim(), 0);
@@ -91,7 +87,7 @@ TEST(Npy, SavesNonContiguousInLogicalOrder) {
   Tensor base = arange(12.0, kFloat32);
   Tensor tr = base.alias_with_layout({4, 3}, {1, 4}, 0);     // transpose of a [3, 4] matrix
   Tensor strided = base.alias_with_layout({3}, {4}, 1);       // a column, offset 1
-  std::string p = tmp_path("nc.npy");
+  std::string p = scratch_path("nc.npy");
   save_npy(p, tr);
   EXPECT_EQ(load_npy(p).to_vector(), tr.to_vector());
   save_npy(p, strided);
@@ -103,14 +99,14 @@ TEST(Npy, SavesNonContiguousInLogicalOrder) {
 
 TEST(Npy, FortranOrderLoadsWithTransposedStrides) {
   // NumPy's np.asfortranarray([[1, 2, 3], [4, 5, 6]]) stores columns: 1 4 2 5 3 6.
-  std::string p = tmp_path("fortran.npy");
+  std::string p = scratch_path("fortran.npy");
   write_npy(p, "{'descr': '<f8', 'fortran_order': True, 'shape': (2, 3), }", bytes_of<double>({1, 4, 2, 5, 3, 6}));
   Tensor t = load_npy(p);
   EXPECT_EQ(t.sizes(), (Shape{2, 3}));
   EXPECT_EQ(t.strides(), (Shape{1, 2}));
   EXPECT_EQ(t.to_vector(), (std::vector<double>{1, 2, 3, 4, 5, 6}));
   // Saved again, it is written in C order.
-  std::string q = tmp_path("fortran_resaved.npy");
+  std::string q = scratch_path("fortran_resaved.npy");
   save_npy(q, t);
   Tensor c = load_npy(q);
   EXPECT_TRUE(c.is_contiguous());
@@ -118,7 +114,7 @@ TEST(Npy, FortranOrderLoadsWithTransposedStrides) {
 }
 
 TEST(Npy, BigEndianIsSwapped) {
-  std::string p = tmp_path("be.npy");
+  std::string p = scratch_path("be.npy");
   // int32 1, 256, -2 and float32 1.5 in big-endian byte order.
   std::string ints("\x00\x00\x00\x01\x00\x00\x01\x00\xff\xff\xff\xfe", 12);
   write_npy(p, "{'descr': '>i4', 'fortran_order': False, 'shape': (3,), }", ints);
@@ -130,7 +126,7 @@ TEST(Npy, BigEndianIsSwapped) {
 }
 
 TEST(Npy, Version2And3Headers) {
-  std::string p = tmp_path("v2.npy");
+  std::string p = scratch_path("v2.npy");
   write_npy(p, "{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }", bytes_of<int64_t>({-5, 1LL << 40}), 2);
   Tensor t = load_npy(p);
   EXPECT_EQ(t.dtype(), kInt64);
@@ -141,7 +137,7 @@ TEST(Npy, Version2And3Headers) {
 
 TEST(Npy, Errors) {
   expect_error<IOError>([] { load_npy("/nonexistent/dir/x.npy"); }, "cannot open '/nonexistent/dir/x.npy'");
-  std::string p = tmp_path("bad.npy");
+  std::string p = scratch_path("bad.npy");
   {
     std::ofstream f(p, std::ios::binary);
     f << "PK\x03\x04 this is a zip, not an npy file";
@@ -158,7 +154,7 @@ TEST(Npy, Errors) {
   } catch (const IOError& e) {
     EXPECT_NE(std::string(e.what()).find(p), std::string::npos);  // every error names the file
   }
-  expect_error<IOError>([&] { save_npy(tmp_path("bf16.npy"), zeros({2}, kBFloat16)); },
+  expect_error<IOError>([&] { save_npy(scratch_path("bf16.npy"), zeros({2}, kBFloat16)); },
                         "dtype bfloat16 has no NumPy equivalent");
   expect_error<IOError>([] { save_npy("/nonexistent/dir/y.npy", zeros({1})); }, "cannot open '/nonexistent/dir/y.npy'");
 }
@@ -166,7 +162,7 @@ TEST(Npy, Errors) {
 // A 144-byte file whose shape claims 2^62 elements used to load over 0 bytes and crash on read; one of
 // 2^32 x 2^32 elements loaded as numel 0. Both are rejected before anything is allocated.
 TEST(Npy, ShapesTheFileCannotHoldAreRejected) {
-  const std::string p = tmp_path("huge.npy");
+  const std::string p = scratch_path("huge.npy");
   write_npy(p, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,), }", "");
   EXPECT_THROW_MSG(load_npy(p), IOError, "huge.npy", "shape [4611686018427387904] of float32 cannot be held");
   write_npy(p, "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", "");
