@@ -3,8 +3,6 @@
 // (fg::cuda::set_allow_tf32), f16/bf16 accumulate in f32, f64 in f64. Row-major C = A @ B is issued as the
 // column-major C^T = B^T A^T; a matrix with neither unit row nor unit column stride is first copied to a
 // contiguous buffer. Integer dtypes use a plain kernel with int64 accumulation (cuBLAS has no int64 GEMM).
-#include <cublas_v2.h>
-
 #include <atomic>
 #include <mutex>
 #include <optional>
@@ -12,6 +10,7 @@
 
 #include "flexgrad/ops/cuda/cuda_common.cuh"
 #include "flexgrad/ops/linalg_kernels.h"
+#include "flexgrad/tensor/cuda/cublas_library.h"
 
 namespace fg::cuda {
 
@@ -23,7 +22,7 @@ cublasHandle_t handle(int dev) {
   static std::vector<cublasHandle_t> handles;
   std::lock_guard l(mu);
   if (static_cast<int>(handles.size()) <= dev) handles.resize(dev + 1, nullptr);
-  if (!handles[dev]) FG_CUBLAS_CHECK(cublasCreate(&handles[dev]));
+  if (!handles[dev]) FG_CUBLAS_CHECK(cublas().create(&handles[dev]));
   return handles[dev];
 }
 
@@ -153,7 +152,7 @@ void gemm_cuda(const GemmArgs& g_in) {
     default: FG_FAIL(DTypeError, "matmul: unsupported dtype {}", dtype_name(g.dtype));
   }
   cublasHandle_t h = handle(dev);
-  FG_CUBLAS_CHECK(cublasSetStream(h, s));
+  FG_CUBLAS_CHECK(cublas().set_stream(h, s));
   FG_CHECK(g.m < INT32_MAX && g.n < INT32_MAX && g.k < INT32_MAX && lda < INT32_MAX && ldb < INT32_MAX, NotImplementedError,
            "matmul: sizes beyond cuBLAS's int range (m={}, n={}, k={})", g.m, g.n, g.k);
   // Column-major: C^T (n x m, ldc = n) = op(B^T) (n x k) * op(A^T) (k x m).
@@ -168,11 +167,11 @@ void gemm_cuda(const GemmArgs& g_in) {
   int64_t sa, sb, sc;
   const bool strided = uniform(ob, sa) && uniform(oa, sb) && uniform(oc, sc);
   if (g.batch == 1) {
-    FG_CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, A + ob[0] * es, type, (int)ldb,
+    FG_CUBLAS_CHECK(cublas().gemm_ex(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, A + ob[0] * es, type, (int)ldb,
                                  B + oa[0] * es, type, (int)lda, beta, C + oc[0] * es, type, (int)g.n, compute,
                                  CUBLAS_GEMM_DEFAULT));
   } else if (strided && sc != 0) {
-    FG_CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, A + ob[0] * es, type,
+    FG_CUBLAS_CHECK(cublas().gemm_strided_batched_ex(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, A + ob[0] * es, type,
                                                (int)ldb, sa, B + oa[0] * es, type, (int)lda, sb, beta, C + oc[0] * es,
                                                type, (int)g.n, sc, (int)g.batch, compute, CUBLAS_GEMM_DEFAULT));
   } else {
@@ -186,7 +185,7 @@ void gemm_cuda(const GemmArgs& g_in) {
     FG_CUDA_CHECK(cudaMemcpyAsync(d, pa.data(), sizeof(void*) * g.batch, cudaMemcpyHostToDevice, s));
     FG_CUDA_CHECK(cudaMemcpyAsync(d + g.batch, pb.data(), sizeof(void*) * g.batch, cudaMemcpyHostToDevice, s));
     FG_CUDA_CHECK(cudaMemcpyAsync(d + 2 * g.batch, pc.data(), sizeof(void*) * g.batch, cudaMemcpyHostToDevice, s));
-    FG_CUBLAS_CHECK(cublasGemmBatchedEx(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, (const void* const*)d, type,
+    FG_CUBLAS_CHECK(cublas().gemm_batched_ex(h, op_b, op_a, (int)g.n, (int)g.m, (int)g.k, alpha, (const void* const*)d, type,
                                         (int)ldb, (const void* const*)(d + g.batch), type, (int)lda, beta,
                                         (void* const*)(d + 2 * g.batch), type, (int)g.n, (int)g.batch, compute,
                                         CUBLAS_GEMM_DEFAULT));

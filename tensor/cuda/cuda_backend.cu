@@ -1,7 +1,5 @@
 // The CUDA DeviceBackend: a caching allocator over cudaMalloc, one current stream per device, and
 // host<->device copies through pinned staging buffers. Registered with the storage layer at load time.
-#include <cublas_v2.h>
-
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -9,6 +7,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "flexgrad/tensor/cuda/cublas_library.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
 #include "flexgrad/tensor/storage.h"
 
@@ -22,8 +21,8 @@ void throw_cuda_error(cudaError_t err, const char* expr, const char* file, int l
 
 void throw_cublas_error(int status, const char* expr, const char* file, int line) {
   throw CudaError(fmt::format(fmt::runtime("cuBLAS error {} ({}): {} — in `{}` at {}:{}"), status,
-                              cublasGetStatusName(static_cast<cublasStatus_t>(status)),
-                              cublasGetStatusString(static_cast<cublasStatus_t>(status)), expr, file, line));
+                              cublas().status_name(static_cast<cublasStatus_t>(status)),
+                              cublas().status_string(static_cast<cublasStatus_t>(status)), expr, file, line));
 }
 
 namespace {

@@ -293,7 +293,9 @@ TEST_F(BlockMaskCuda, VisitedBlockCountComesBackWithoutWaiting) {
   for (const BlockMask& m : many) {
     ASSERT_TRUE(m.visited_blocks());
     const std::optional<int64_t> n = m.visited_blocks()->known();
-    if (n) EXPECT_EQ(*n, 3);
+    if (n) {
+      EXPECT_EQ(*n, 3);
+    }
     unknown += n ? 0 : 1;
     EXPECT_DOUBLE_EQ(m.sparsity(), sparsity3);
   }
