@@ -16,7 +16,6 @@
 
 #if FLEXGRAD_WITH_CUDNN
 #include <cudnn_graph.h>
-#include <dlfcn.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -28,6 +27,7 @@
 
 #include "flexgrad/attention/cuda/jit.h"
 #include "flexgrad/tensor/cuda/cuda_check.h"
+#include "flexgrad/tensor/cuda/shared_library.h"
 
 namespace fg {
 namespace {
@@ -54,17 +54,15 @@ const CudnnApi& api() {
     CudnnApi r;
     const char* env = std::getenv("FLEXGRAD_CUDNN_LIBRARY");
     const std::string name = env && *env ? env : "libcudnn.so.9";
-    void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-      const char* e = dlerror();
+    const cuda::SharedLibrary so({name});
+    if (!so.is_open()) {
       r.unavailable = fmt::format("cannot load {} ({}); put cuDNN 9's library directory on LD_LIBRARY_PATH or set "
-                                  "FLEXGRAD_CUDNN_LIBRARY", name, e ? e : "unknown error");
+                                  "FLEXGRAD_CUDNN_LIBRARY", name, so.why());
       return r;
     }
     bool ok = true;
     auto sym = [&](auto& fn, const char* s) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(h, s));
-      if (!fn) {
+      if (!so.find(fn, s) && ok) {  // the first one missing
         ok = false;
         r.unavailable = fmt::format("{} has no symbol {}", name, s);
       }

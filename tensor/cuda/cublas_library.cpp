@@ -1,13 +1,12 @@
 // See cublas_library.h.
 #include "flexgrad/tensor/cuda/cublas_library.h"
 
-#include <dlfcn.h>
-
 #include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "flexgrad/tensor/cuda/shared_library.h"
 #include "flexgrad/tensor/error.h"
 
 namespace fg::cuda {
@@ -33,38 +32,25 @@ std::vector<std::string> candidate_files() {
 }  // namespace
 
 CublasLibrary open_cublas(const std::vector<std::string>& files) {
-  std::string tried;
-  void* handle = nullptr;
-  std::string file;
-  for (const std::string& f : files) {
-    handle = dlopen(f.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle) {
-      file = f;
-      break;
-    }
-    const char* why = dlerror();
-    tried += fmt::format("\n  {}: {}", f, why ? why : "unknown error");
-  }
-  if (!handle)
-    throw CudaError(fmt::format("cuBLAS cannot be loaded; tried:{}\nput the CUDA toolkit's library directory on "
+  const SharedLibrary so(files);
+  if (!so.is_open())
+    throw CudaError(fmt::format("cuBLAS cannot be loaded ({}); put the CUDA toolkit's library directory on "
                                 "LD_LIBRARY_PATH or set FLEXGRAD_CUBLAS_LIBRARY to libcublas.so.{}'s path",
-                                tried, CUBLAS_VER_MAJOR));
+                                so.why(), CUBLAS_VER_MAJOR));
   CublasLibrary lib;
-  auto symbol = [&](auto& fn, const char* name) {
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(handle, name));
-    if (fn) return;
-    dlclose(handle);
-    throw CudaError(fmt::format("{} has no symbol {} (not cuBLAS, or one older than the headers' {}.x?)", file, name,
-                                CUBLAS_VER_MAJOR));
+  auto need = [&](auto& fn, const char* name) {
+    if (!so.find(fn, name))
+      throw CudaError(fmt::format("{} has no symbol {} (not cuBLAS, or one older than the headers' {}.x?)", so.file(),
+                                  name, CUBLAS_VER_MAJOR));
   };
-  symbol(lib.create, "cublasCreate_v2");
-  symbol(lib.set_stream, "cublasSetStream_v2");
-  symbol(lib.gemm_ex, "cublasGemmEx");
-  symbol(lib.gemm_strided_batched_ex, "cublasGemmStridedBatchedEx");
-  symbol(lib.gemm_batched_ex, "cublasGemmBatchedEx");
-  symbol(lib.status_name, "cublasGetStatusName");
-  symbol(lib.status_string, "cublasGetStatusString");
-  return lib;  // the handle stays open for the life of the process
+  need(lib.create, "cublasCreate_v2");
+  need(lib.set_stream, "cublasSetStream_v2");
+  need(lib.gemm_ex, "cublasGemmEx");
+  need(lib.gemm_strided_batched_ex, "cublasGemmStridedBatchedEx");
+  need(lib.gemm_batched_ex, "cublasGemmBatchedEx");
+  need(lib.status_name, "cublasGetStatusName");
+  need(lib.status_string, "cublasGetStatusString");
+  return lib;
 }
 
 const CublasLibrary& cublas() {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -1530,6 +1531,19 @@ struct HostBuild {
   HostEvalFn eval = nullptr;
   std::string error;
 };
+// A fresh folder for the host builds, removed with its files when the test ends, unless it failed (the messages
+// name the sources kept there).
+struct HostBuildDir {
+  std::string path;
+  explicit HostBuildDir(const std::string& prefix) {
+    std::string t = ::testing::TempDir() + "/" + prefix + "XXXXXX";
+    if (mkdtemp(t.data()) != nullptr) path = t;
+  }
+  ~HostBuildDir() {
+    if (!path.empty() && !::testing::Test::HasFailure()) std::filesystem::remove_all(path);
+  }
+};
+
 HostBuild build_on_host(const std::string& base, const std::string& abi, const std::string& text) {
   HostBuild h;
   std::ofstream(base + ".cpp") << kHostShim << abi << text << kHostDriver;
@@ -1554,8 +1568,9 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
   const std::string abi = host_abi();
   ASSERT_FALSE(abi.empty()) << "flex_abi.cuh has no fg_f16_to_float";
-  char dir_template[] = "/tmp/fg_codegen_host_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
+  const HostBuildDir build_dir("fg_codegen_host_");
+  ASSERT_FALSE(build_dir.path.empty()) << "mkdtemp failed under " << ::testing::TempDir();
+  const std::string& dir = build_dir.path;
   int compared = 0, raised = 0;
   for (uint64_t seed = 1; seed <= 24; ++seed) {
     fg::testing::RandomModOptions o;
@@ -1660,7 +1675,6 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   std::cout << "[  INFO    ] " << compared << " points compared bit for bit, " << raised << " programs raised\n";
   EXPECT_GT(compared, 5000);
   EXPECT_GT(raised, 0);
-  std::system(("rm -rf " + dir).c_str());
 }
 
 // FG_SCORE_ELEM_FAST and FG_SCORE_ELEM_DSCORE_FAST (mod_codegen.h), compiled on the host with the shim: wherever the
@@ -1673,8 +1687,9 @@ TEST(ModCodegen, FastElementFunctionsGiveTheSameBitsOnTheHost) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
   const std::string abi = host_abi();
   ASSERT_FALSE(abi.empty());
-  char dir_template[] = "/tmp/fg_codegen_fast_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
+  const HostBuildDir build_dir("fg_codegen_fast_");
+  ASSERT_FALSE(build_dir.path.empty()) << "mkdtemp failed under " << ::testing::TempDir();
+  const std::string& dir = build_dir.path;
   std::vector<float> scores = {0.f, -0.f, 1.f, -1.f, 20.f, 1e-30f, -1e-30f, 1e30f, 0x1p-64f, 0x1p64f,
                                std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::infinity(),
                                -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};

@@ -33,9 +33,9 @@ TEST(CublasLibrary, OpensAndFindsEveryEntryPoint) {
 
 TEST(CublasLibrary, MissingFilesAreEachNamedWithTheReason) {
   EXPECT_THROW_MSG(cuda::open_cublas({"/nonexistent/libcublas.so.13", "libcublas_no_such_soname.so"}), CudaError,
-                   "cuBLAS cannot be loaded", "/nonexistent/libcublas.so.13: ", "No such file",
-                   "libcublas_no_such_soname.so: ", "FLEXGRAD_CUBLAS_LIBRARY");
-  EXPECT_THROW_MSG(cuda::open_cublas({}), CudaError, "cuBLAS cannot be loaded");
+                   "cuBLAS cannot be loaded (/nonexistent/libcublas.so.13: ", "No such file",
+                   "; libcublas_no_such_soname.so: ", "FLEXGRAD_CUBLAS_LIBRARY");
+  EXPECT_THROW_MSG(cuda::open_cublas({}), CudaError, "cuBLAS cannot be loaded (no file to open)");
 }
 
 TEST(CublasLibrary, ALibraryWithoutTheEntryPointsIsRejected) {
