@@ -2,8 +2,8 @@
 //
 // Why: a process that links libcublas runs libcublasLt's static initialisers before main, about 0.4 s on a
 // 2-core machine whether or not it ever multiplies on a GPU. Every program that loads libflexgrad paid that
-// (CPU-only runs, each of the ~1,100 test processes ctest starts: a third of CI's test time). Opened here,
-// only the first GEMM on a GPU pays it.
+// (CPU-only runs; each of the ~1,100 test processes ctest starts, half of CI's test time). Opened here, only
+// the first GEMM on a GPU pays it.
 //
 // Which file: FLEXGRAD_CUBLAS_LIBRARY when set, else libcublas.so.<major of the headers built against>
 // (searched as dlopen does, libflexgrad's run path included), else that file in the toolkit CMake found.
