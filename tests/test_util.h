@@ -3,13 +3,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <unistd.h>
-
 #include <cstdlib>
-#include <filesystem>
 #include <string>
 
 #include "flexgrad/ops/ops.h"
+#include "tests/scratch.h"
 
 namespace fg::testing {
 
@@ -35,16 +33,6 @@ inline void expect_error(F&& f, const std::string& needle) {
   } catch (const E& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message was: " << e.what();
   }
-}
-
-// A path for a scratch file in a folder of this process's own. ctest runs every test as a process of its own,
-// two at a time on CI, so a file name shared by two tests (or two runs of the suite) in one folder would be
-// written by one while the other reads it.
-inline std::string scratch_path(const std::string& name) {
-  const std::filesystem::path dir =
-      std::filesystem::path(::testing::TempDir()) / ("flexgrad_test_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
 }
 
 // PyTorch's conformance data: the environment variable FLEXGRAD_CONFORMANCE_DIR when set, else the path CMake

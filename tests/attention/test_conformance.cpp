@@ -1,6 +1,5 @@
 // Every case of ../shared/conformance (PyTorch 2.11's own FlexAttention results) must pass the upstream
 // acceptance rule, and every BlockMask must equal the one PyTorch built.
-#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 
@@ -36,7 +35,7 @@ INSTANTIATE_TEST_SUITE_P(FusedAndReference, Conformance,
 TEST(ConformanceRunner, UnknownCaseAndMissingDirAreClearErrors) {
   EXPECT_THROW_MSG(run_conformance("/nonexistent/dir"), IOError, "cannot open", "/nonexistent/dir/manifest.json");
   namespace fs = std::filesystem;
-  fs::path tmp = fs::temp_directory_path() / ("fg_conformance_unknown_" + std::to_string(::getpid()));
+  const fs::path tmp = fg::testing::scratch_path("conformance_unknown");
   fs::create_directories(tmp);
   { std::ofstream(tmp / "manifest.json") << R"([{"case": "not_a_case", "block": 128, "errors": {}}])"; }
   EXPECT_THROW_MSG(run_conformance(tmp.string()), ValueError, "unknown case 'not_a_case'", "alibi_causal");

@@ -2,7 +2,6 @@
 // here as plain C++ (../shared/gallery/README.md), the tables the constructors build against PyTorch's
 // (the cap_* files of ../shared/gallery), the registry's errors, and the whole gallery data set through the
 // conformance harness (PyTorch's rule, BlockMasks identical to PyTorch's) in float32 and bfloat16.
-#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -316,8 +315,7 @@ INSTANTIATE_TEST_SUITE_P(FusedAndReference, GalleryConformance,
 TEST(GalleryConformance, ATableUnlikeTheConstructorsFailsItsRow) {
   REQUIRE_GALLERY_DATA();
   namespace fs = std::filesystem;
-  fs::path tmp = fs::temp_directory_path() / ("fg_gallery_wrong_table_" + std::to_string(::getpid()));
-  fs::remove_all(tmp);
+  const fs::path tmp = fg::testing::scratch_path("gallery_wrong_table");
   fs::create_directories(tmp);
   const std::string c = "packed_causal_doc";
   for (const auto& entry : fs::directory_iterator(fg::testing::gallery_dir()))
@@ -344,7 +342,7 @@ TEST(GalleryConformance, ATableUnlikeTheConstructorsFailsItsRow) {
 
 TEST(GalleryConformance, AManifestModIsCheckedBeforeAnyCaseRuns) {
   namespace fs = std::filesystem;
-  fs::path tmp = fs::temp_directory_path() / ("fg_gallery_bad_mod_" + std::to_string(::getpid()));
+  const fs::path tmp = fg::testing::scratch_path("gallery_bad_mod");
   fs::create_directories(tmp);
   auto write = [&](const std::string& mod) {
     std::ofstream(tmp / "manifest.json") << R"([{"case": "c", "block": 128, "errors": {}, "mod": )" << mod << "}]";

@@ -1531,19 +1531,6 @@ struct HostBuild {
   HostEvalFn eval = nullptr;
   std::string error;
 };
-// A fresh folder for the host builds, removed with its files when the test ends, unless it failed (the messages
-// name the sources kept there).
-struct HostBuildDir {
-  std::string path;
-  explicit HostBuildDir(const std::string& prefix) {
-    std::string t = ::testing::TempDir() + "/" + prefix + "XXXXXX";
-    if (mkdtemp(t.data()) != nullptr) path = t;
-  }
-  ~HostBuildDir() {
-    if (!path.empty() && !::testing::Test::HasFailure()) std::filesystem::remove_all(path);
-  }
-};
-
 HostBuild build_on_host(const std::string& base, const std::string& abi, const std::string& text) {
   HostBuild h;
   std::ofstream(base + ".cpp") << kHostShim << abi << text << kHostDriver;
@@ -1568,9 +1555,8 @@ TEST(ModCodegen, GeneratedCodeMatchesScalarEvaluatorOnTheHost) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
   const std::string abi = host_abi();
   ASSERT_FALSE(abi.empty()) << "flex_abi.cuh has no fg_f16_to_float";
-  const HostBuildDir build_dir("fg_codegen_host_");
-  ASSERT_FALSE(build_dir.path.empty()) << "mkdtemp failed under " << ::testing::TempDir();
-  const std::string& dir = build_dir.path;
+  const std::string dir = fg::testing::scratch_path("codegen_host");  // kept when a test fails
+  std::filesystem::create_directories(dir);
   int compared = 0, raised = 0;
   for (uint64_t seed = 1; seed <= 24; ++seed) {
     fg::testing::RandomModOptions o;
@@ -1687,9 +1673,8 @@ TEST(ModCodegen, FastElementFunctionsGiveTheSameBitsOnTheHost) {
   if (std::system("c++ --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no host C++ compiler (c++) on PATH";
   const std::string abi = host_abi();
   ASSERT_FALSE(abi.empty());
-  const HostBuildDir build_dir("fg_codegen_fast_");
-  ASSERT_FALSE(build_dir.path.empty()) << "mkdtemp failed under " << ::testing::TempDir();
-  const std::string& dir = build_dir.path;
+  const std::string dir = fg::testing::scratch_path("codegen_fast");  // kept when a test fails
+  std::filesystem::create_directories(dir);
   std::vector<float> scores = {0.f, -0.f, 1.f, -1.f, 20.f, 1e-30f, -1e-30f, 1e30f, 0x1p-64f, 0x1p64f,
                                std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::infinity(),
                                -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
