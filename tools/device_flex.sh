@@ -63,6 +63,14 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9 '; then
     [ -e "$d/libcudnn.so.9" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && break
   done
 fi
+# cuBLAS is opened at the first GEMM (tensor/cuda/cublas_library.h) by its soname, then by the build machine's path:
+# where neither is found here, the toolkit's or the torch venv's copy.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13 '; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \
+           /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
+    [ -e "$d/libcublas.so.13" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && break
+  done
+fi
 export FLEXGRAD_CACHE_DIR=/tmp/fgcache
 
 case " $steps " in *" bench "*)
