@@ -1112,9 +1112,9 @@ __device__ __forceinline__ void fg_dkdv_entries(float (&st)[FG_NQN][4], float (&
         const float l2 = valid ? Lb[i] : 0.f, delta = Db[i];
 #endif
         float ds;
-        st[nb][r] = fg_entry<Sink, kInterior, kFast>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta, valid,
-                                              !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i),
-                                              (int)(kv0 + j), args, &ds, sink);
+        st[nb][r] = fg_entry<Sink, kInterior, kFast>(fg_entry_score(st[nb][r], scale), ef, dpt[nb][r], l2, delta,
+                                                     valid, !kInterior && partial, rm, cm[half], b, h, (int)(q0 + i),
+                                                     (int)(kv0 + j), args, &ds, sink);
         dpt[nb][r] = ds;
       }
     }
@@ -1216,8 +1216,8 @@ __device__ __forceinline__ void fg_dq_entries(float (&s)[FG_NKN][4], const float
     const int i = qr0 + g + 8 * hf;  // q row in the tile
     float ds;
     fg_entry<Sink, kInterior, kFast>(fg_entry_score(s[nb][r], scale), ef, dp[nb][r], l2[hf], dl[hf],
-                              kInterior || (rv[hf] && j < nkv), !kInterior && partial, rmods[hf], cm, b, h,
-                              (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
+                                     kInterior || (rv[hf] && j < nkv), !kInterior && partial, rmods[hf], cm, b, h,
+                                     (int)(q0 + i), (int)(kv0 + j), args, &ds, sink);
     s[nb][r] = ds;
   });
 }
