@@ -27,6 +27,7 @@
 #include "tests/test_util.h"
 #ifdef FLEXGRAD_WITH_CUDA
 #include "flexgrad/attention/cuda/jit.h"
+#include "flexgrad/tensor/cuda/shared_library.h"
 #endif
 
 using namespace fg;
@@ -35,33 +36,32 @@ namespace {
 
 bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
-// NVRTC through dlopen: the test needs the toolkit's compiler, not a GPU (and flexgrad links NVRTC
-// privately). Returns "" on success, else the log; sets `available` false when NVRTC cannot be loaded.
+// NVRTC through dlopen (fg::cuda::SharedLibrary): the test needs the toolkit's compiler, not a GPU (and flexgrad
+// links NVRTC privately). Returns "" on success, else the log; `available` is false when NVRTC cannot be loaded.
 struct Nvrtc {
   using CreateFn = int (*)(void**, const char*, const char*, int, const char* const*, const char* const*);
   using CompileFn = int (*)(void*, int, const char* const*);
   using LogSizeFn = int (*)(void*, size_t*);
   using LogFn = int (*)(void*, char*);
   using DestroyFn = int (*)(void**);
-  void* lib = nullptr;
   CreateFn create = nullptr;
   CompileFn compile = nullptr;
   LogSizeFn log_size = nullptr;
   LogFn log = nullptr;
   DestroyFn destroy = nullptr;
 
+#ifdef FLEXGRAD_WITH_CUDA
   Nvrtc() {
-    for (const char* name : {"libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "/usr/local/cuda/lib64/libnvrtc.so"}) {
-      lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (lib) break;
-    }
-    if (!lib) return;
-    create = reinterpret_cast<CreateFn>(dlsym(lib, "nvrtcCreateProgram"));
-    compile = reinterpret_cast<CompileFn>(dlsym(lib, "nvrtcCompileProgram"));
-    log_size = reinterpret_cast<LogSizeFn>(dlsym(lib, "nvrtcGetProgramLogSize"));
-    log = reinterpret_cast<LogFn>(dlsym(lib, "nvrtcGetProgramLog"));
-    destroy = reinterpret_cast<DestroyFn>(dlsym(lib, "nvrtcDestroyProgram"));
+    static const cuda::SharedLibrary lib(
+        {"libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "/usr/local/cuda/lib64/libnvrtc.so"});
+    if (!lib.is_open()) return;
+    lib.find(create, "nvrtcCreateProgram");
+    lib.find(compile, "nvrtcCompileProgram");
+    lib.find(log_size, "nvrtcGetProgramLogSize");
+    lib.find(log, "nvrtcGetProgramLog");
+    lib.find(destroy, "nvrtcDestroyProgram");
   }
+#endif
   bool available() const { return create && compile && log_size && log && destroy; }
 
   // `headers`: (name, text) pairs the code may #include; `arch` as NVRTC's --gpu-architecture. `log_out`: the
