@@ -57,20 +57,19 @@ if [ -z "$B" ]; then
   t "built"
 fi
 export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-# FlexBackend::Cudnn opens libcudnn.so.9 at run time; where the system has none, the torch venv's wheel has it.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9 '; then
-  for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/cudnn/lib; do
-    [ -e "$d/libcudnn.so.9" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && break
-  done
-fi
-# cuBLAS is opened at the first GEMM (tensor/cuda/cublas_library.h) by its soname, then by the build machine's path:
-# where neither is found here, the toolkit's or the torch venv's copy.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13 '; then
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \
-           /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
-    [ -e "$d/libcublas.so.13" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && break
-  done
-fi
+# Libraries opened at run time by soname: where the system's loader has no SONAME, the first DIR holding it goes on
+# LD_LIBRARY_PATH.
+add_lib_dir() {  # SONAME DIR...
+  local so=$1; shift
+  ldconfig -p 2>/dev/null | grep -q "${so//./\\.} " && return
+  for d in "$@"; do [ -e "$d/$so" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d && return; done
+  return 0  # none found: the library's own error will name it
+}
+# FlexBackend::Cudnn opens libcudnn.so.9 (the torch venv's wheel has it); cuBLAS is opened at the first GEMM
+# (tensor/cuda/cublas_library.h) by its soname, then by the build machine's path (the toolkit's or the venv's copy).
+add_lib_dir libcudnn.so.9 /opt/torch/.venv/lib/python3*/site-packages/nvidia/cudnn/lib
+add_lib_dir libcublas.so.13 /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64 \
+  /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib
 export FLEXGRAD_CACHE_DIR=/tmp/fgcache
 
 case " $steps " in *" bench "*)
