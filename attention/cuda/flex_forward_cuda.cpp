@@ -260,6 +260,29 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
     c.bn = small_kv ? 64 : bn;
   }
   c.min_blocks = 1;
+  // FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1 (opt-in, not yet timed): two CTAs an SM for head dims up to 64. Session 42's
+  // profile of causal D 64 found the forward bound by latency (44% of issue slots busy with two consumer warps a
+  // scheduler; the softmax's fixed-latency chains a third of the main loop's stalls; the once-per-CTA prologue and
+  // epilogue ~15% of the samples). FlashAttention-3's answer, 192-row tiles, would put two q blocks of a BlockMask
+  // (different kv lists) in one CTA; two CTAs an SM instead give four consumer warpgroups an SM, one CTA's
+  // prologue and stores under the other's main loop. The registers (65536 / (384 x 2): 80 a thread at launch,
+  // 32 / 104 by setmaxnreg) hold pipe 2's loop on 64-column sub-tiles, not pipe 3's overlap (flex_forward_wgmma.cuh).
+  // Calls it cannot take raise: a tuning knob that silently did nothing would time the wrong kernel.
+  if (env_switch("FLEXGRAD_FLEX_WGMMA_TWO_CTAS").value_or(false)) {
+    const int64_t asked_pipe = wgmma_pipe_env(2), asked_bn = wgmma_bn_env();
+    FG_CHECK(c.bm == 128 && !wide && std::max(c.e_pad, c.ev_pad) <= 64 && c.persistent == 0 && asked_pipe == 2 &&
+                 asked_bn != 128,
+             ValueError,
+             "FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1 runs head dims up to 64 on 128-row q tiles with FG_WGMMA_PIPE 2, BN 64 and "
+             "the grid launch; got E={}, Ev={}, q rows a CTA {} (BlockMask q blocks of {}), FLEXGRAD_FLEX_WGMMA_PIPE {}, "
+             "FLEXGRAD_FLEX_WGMMA_BN {}, persistent {}",
+             p.E, p.Ev, c.bm, p.block_q, asked_pipe, asked_bn == 0 ? std::string("unset") : std::to_string(asked_bn),
+             c.persistent);
+    c.pipe = 2;
+    c.pingpong = false;
+    c.bn = 64;
+    c.min_blocks = 2;
+  }
   c.smem = wgmma_smem(c);
   // The mods' row / column parts take a few KiB of static shared memory on top.
   constexpr size_t kStaticReserve = 8192;

@@ -1263,6 +1263,62 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
     }
   }
 }
+// Two CTAs an SM (FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1, flex_forward_cuda.cpp): the warp-specialised forward at head dim 64
+// with FG_MIN_BLOCKS 2, as the host assembles it (pipe 2, BN 64, TMA). ptxas must launch it at 80 registers a thread
+// (65536 / (384 x 2)), the number setmaxnreg's 32 / 104 split is checked against, serialise no wgmma and spill at
+// most 8 bytes (the captured document mask's column parts in the 32-register producer: at most 72); the shapes the
+// split does not hold (pipe 3, wider heads) stop at the kernel's #error. NVRTC only, no GPU: tests/cuda run it.
+TEST(ModCodegen, ForwardWgmmaTwoCtasCompilesAtHeadDim64) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
+  Captured doc(Tensor(full({64}, 1, kInt64)), "doc");
+  const ModProgram alibi = trace_score_mod(
+      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
+  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
+  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return doc[q] == doc[kv]; });
+  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  auto tu_for = [&](const ModProgram* score, const ModProgram* mask, int elem, int e, int pipe) {
+    CudaModsInput in;
+    in.score_mod = score;
+    in.mask_mod = mask;
+    std::string tu = "#include \"flex_abi.cuh\"\n" + emit_cuda_mods(in) + "\n";
+    for (const std::string& x : {fmt::format("FG_ELEM {}", elem), fmt::format("FG_E {}", e), fmt::format("FG_EV {}", e),
+                                 std::string("FG_BM 128"), std::string("FG_BN 64"), std::string("FG_WARPS 8"),
+                                 std::string("FG_VEC 1"), std::string("FG_MIN_BLOCKS 2"),
+                                 fmt::format("FG_WGMMA_PIPE {}", pipe), std::string("FG_WGMMA_TMA 1"),
+                                 fmt::format("FG_FWD_RAW_SOFTMAX {}", score == nullptr ? 1 : 0)})
+      tu += "#define " + x + "\n";
+    return tu + "#include \"flex_mma.cuh\"\n#include \"flex_forward_wgmma.cuh\"\n";
+  };
+  struct Case {
+    const char* name;
+    const ModProgram* score;
+    const ModProgram* mask;
+    int elem;  // FG_DT_BFLOAT16 4, FG_DT_FLOAT16 3 (flex_abi.cuh)
+  };
+  for (const Case& c : {Case{"causal", nullptr, &causal, 4}, Case{"causal, f16", nullptr, &causal, 3},
+                        Case{"no mods", nullptr, nullptr, 4}, Case{"alibi + causal", &alibi, &causal, 4},
+                        Case{"softcap + causal", &softcap, &causal, 4}, Case{"document", nullptr, &document, 4}}) {
+    SCOPED_TRACE(c.name);
+    std::string log;
+    const std::string err = nvrtc().build(tu_for(c.score, c.mask, c.elem, 64, 2), headers, "sm_90a", &log,
+                                          /*ptxas_verbose=*/true);
+    ASSERT_TRUE(err.empty()) << err.substr(0, 20000);
+    EXPECT_FALSE(has(log, "C7510") || has(log, "C7512") || has(log, "C7514") || has(log, "C7520") ||
+                 has(log, "serializ")) << "wgmma serialised\n" << log;
+    EXPECT_TRUE(has(log, "Used 80 registers")) << "not launched at 65536 / (384 x 2) registers\n" << log;
+    const size_t sp = log.find(" bytes spill stores");
+    ASSERT_NE(sp, std::string::npos) << log;
+    const int spilled = std::atoi(log.c_str() + log.rfind(',', sp) + 1);
+    EXPECT_LE(spilled, c.mask == &document ? 72 : 8) << "spills\n" << log;
+    std::printf("[ptxas] two CTAs an SM, %s: %s\n", c.name, log.substr(0, 600).c_str());
+  }
+  for (auto [e, pipe] : {std::pair{64, 3}, std::pair{128, 2}}) {
+    std::string log;
+    const std::string err = nvrtc().build(tu_for(nullptr, &causal, 4, e, pipe), headers, "sm_90a", &log);
+    EXPECT_TRUE(has(err, "two CTAs an SM")) << "E " << e << ", pipe " << pipe << ": " << err.substr(0, 2000);
+  }
+}
 // The split-KV decode kernel (flex_decode.cuh) compiles as attention/cuda/flex_decode_cuda.cpp assembles it,
 // for the tiles it picks (8 warps x 1 CTA, 4 warps x 2 CTAs) and head dims 64, 80, 128, 256, with and without
 // mods, without spilling (the 8-warp tiles with the cluster merge of two splits, FG_CLUSTER 2). NVRTC only, no GPU:

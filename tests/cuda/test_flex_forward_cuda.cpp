@@ -1090,6 +1090,103 @@ TEST_F(FlexWgmmaChoice, PipelineKnobsRejectBadValues) {
 }
 
 
+#ifdef FLEXGRAD_WITH_CUDA
+// Two CTAs an SM (FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1, opt-in: pipe 2, BN 64, FG_MIN_BLOCKS 2 with setmaxnreg's 32 / 104
+// split) at head dim 64, against the float64 golden: causal over 1000 rows (16 sub-tiles a row, partial and full
+// blocks), rows with no block and partial -> full -> partial ones, softcap and captured-slope ALiBi with causal, the
+// captured document mask (the producer's column parts), in bfloat16 and float16. The knob must change the module
+// (a D 64 call loads another one), and calls it cannot take raise.
+TEST_F(FlexWgmmaChoice, TwoCtasAnSmMatchTheGolden) {
+  const Device cuda(DeviceType::CUDA, 0);
+  if (device_arch() != "sm_90a") GTEST_SKIP() << "needs sm_90a; this device is " << device_arch();
+  ScopedEnv pipe("FLEXGRAD_FLEX_WGMMA_PIPE", nullptr), bn("FLEXGRAD_FLEX_WGMMA_BN", nullptr),
+      persistent("FLEXGRAD_FLEX_WGMMA_PERSISTENT", nullptr), two("FLEXGRAD_FLEX_WGMMA_TWO_CTAS", nullptr);
+  std::vector<std::pair<std::string, Case>> cases;
+  {
+    Case c;
+    c.Lq = c.Lkv = 1000;
+    c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 1000, 1000);
+    c.mod = causal_golden;
+    cases.emplace_back("causal", c);
+  }
+  {
+    Case c;
+    c.B = c.Bkv = 1, c.Lq = c.Lkv = 700;
+    auto m = [](Expr, Expr, Expr q, Expr kv) { return (q >= 150) & (kv <= q) & (q - kv <= 300); };
+    c.opts.block_mask = create_block_mask(m, std::nullopt, std::nullopt, 700, 700);
+    c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) {
+      return q >= 150 && kv <= q && q - kv <= 300 ? s : -kInf;
+    };
+    cases.emplace_back("empty rows, partial-full-partial", c);
+  }
+  {
+    Case c;
+    c.Lq = c.Lkv = 600;
+    c.input_scale = 3.0;
+    c.opts.score_mod = [](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); };
+    c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 600, 600);
+    c.mod = [](double s, int64_t, int64_t, int64_t q, int64_t kv) { return q >= kv ? 20.0 * std::tanh(s / 20.0) : -kInf; };
+    cases.emplace_back("softcap + causal", c);
+  }
+  {
+    const int64_t H = 4;
+    std::vector<double> slopes(H);
+    for (int64_t h = 0; h < H; ++h) slopes[h] = std::exp2(-(h + 1) * 8.0 / H);
+    Tensor sl = from_vector(slopes, {H}, kFloat32);
+    std::vector<double> sl32 = sl.to(kFloat64).to_vector();
+    Case c;
+    c.Hq = c.Hkv = H, c.Lq = c.Lkv = 520;
+    c.opts.score_mod = [s_ = Captured(sl.to(cuda))](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + s_[h] * (kv - q); };
+    c.opts.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 520, 520);
+    c.mod = [sl32](double s, int64_t, int64_t h, int64_t q, int64_t kv) {
+      return q >= kv ? s + sl32[h] * static_cast<double>(kv - q) : -kInf;
+    };
+    cases.emplace_back("alibi + causal", c);
+  }
+  {
+    Case c = captured_document_case();
+    c.E = c.Ev = 64;
+    cases.emplace_back("captured document mask", c);
+  }
+  two.set("1");
+  for (const auto& [name, c] : cases) {
+    SCOPED_TRACE(name);
+    for (DType dt : {kBFloat16, kFloat16}) check_case(c, dt, FlexCudaForward::Wgmma, 7);
+  }
+
+  // The knob changes the D 64 kernel: with it set, the same call loads another module.
+  auto run_d = [&](int64_t D) {
+    Generator gen(5);
+    Tensor q = randn({1, 2, 300, D}, kFloat32, &gen).to(kBFloat16).to(cuda);
+    FlexAttentionOptions o;
+    o.block_mask = create_block_mask(causal, std::nullopt, std::nullopt, 300, 300);
+    o.kernel.backend = FlexBackend::Fused;
+    o.kernel.cuda_forward = FlexCudaForward::Wgmma;
+    return flex_attention(q, q, q, o);
+  };
+  two.set(nullptr);
+  cuda::jit::clear_memory_cache();
+  run_d(64);
+  const cuda::jit::JitStats before = cuda::jit::stats();
+  two.set("1");
+  run_d(64);
+  const cuda::jit::JitStats after = cuda::jit::stats();
+  EXPECT_GT(after.compiles + after.disk_hits, before.compiles + before.disk_hits)
+      << "FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1 ran the same module at D 64 as without it";
+
+  // Calls it cannot take raise, naming what was seen: wider heads, another loop, the persistent launch.
+  testing::expect_error<ValueError>([&] { run_d(128); }, "E=128");
+  {
+    ScopedEnv p3("FLEXGRAD_FLEX_WGMMA_PIPE", "3");
+    testing::expect_error<ValueError>([&] { run_d(64); }, "FLEXGRAD_FLEX_WGMMA_PIPE 3");
+  }
+  {
+    ScopedEnv p1("FLEXGRAD_FLEX_WGMMA_PERSISTENT", "1");
+    testing::expect_error<ValueError>([&] { run_d(64); }, "persistent 1");
+  }
+}
+#endif  // FLEXGRAD_WITH_CUDA
+
 // Division by a constant (attention/const_division.h): the softcap's s / 20 as __fdiv_rn (FLEXGRAD_FLEX_CONST_DIVISION
 // =0) and in the default forms (the double product; Markstein's corrected form for a thread's sub-tile whose dividends
 // are all in its range, FG_SCORE_ELEM_FAST and FG_SCORE_ELEM_DSCORE_FAST) give the forward's output and log-sum-exp and

@@ -145,9 +145,24 @@ struct FgTmaMaps {
 // and only the producer's decrease fills it, so a split the launch does not cover hangs the kernel (as 232 / 48
 // did). 224 / 56 spills nowhere but took the no-mask forward from 491 to 456 TFLOP/s on the H200 (session 13),
 // so the consumers keep 232 and the producer's column parts of a captured mask spill 32 bytes.
+//
+// Two CTAs an SM (FG_MIN_BLOCKS 2, FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1: head dims up to 64, BN 64, FG_WGMMA_PIPE 2) halve
+// the pool: launched at 65536 / (384 * 2) rounded down to 8 = 80 a thread, the split is 32 / 104 (32 / 104 spilled
+// causal's loop 4 bytes offline, 24 / 104 28 bytes; 104 do not hold pipe 3's S_j, P_{j-1} and O: 48-92 bytes
+// spilled and the wgmma serialised, C7512).
+#if FG_MIN_BLOCKS == 2
+#if FG_WGMMA_PIPE != 2 || FG_E > 64 || FG_EV > 64 || FG_BN != 64 || (defined(FG_WGMMA_PERSISTENT) && FG_WGMMA_PERSISTENT)
+#error "flex_fwd_wgmma: two CTAs an SM (FG_MIN_BLOCKS 2) take FG_WGMMA_PIPE 2, head dims up to 64, FG_BN 64, the grid"
+#endif
+#define FG_WS_PRODUCER_REGS 32
+#define FG_WS_CONSUMER_REGS 104
+#elif FG_MIN_BLOCKS == 1
 #define FG_WS_PRODUCER_REGS 40
 #define FG_WS_CONSUMER_REGS 232
-#define FG_WS_LAUNCH_REGS (65536 / FG_NT_LAUNCH / 8 * 8)
+#else
+#error "flex_fwd_wgmma: the warp-specialised loops run one or two CTAs an SM (FG_MIN_BLOCKS 1 or 2)"
+#endif
+#define FG_WS_LAUNCH_REGS (65536 / FG_NT_LAUNCH / FG_MIN_BLOCKS / 8 * 8)
 static_assert(128 * (FG_WS_LAUNCH_REGS - FG_WS_PRODUCER_REGS) >= FG_NT * (FG_WS_CONSUMER_REGS - FG_WS_LAUNCH_REGS),
               "setmaxnreg: the consumers' registers must come from the producer's");
 // The warp-specialised producer's load of sub-tile t's K or V (COLS = FG_E or FG_EV padded columns) into a stage
