@@ -677,6 +677,36 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
     }
   };
 
+  // dK and dV of kv block kb of kv head (bk, hk), zeroed here, summed over the q blocks its transposed lists give for
+  // every q head of its GQA group and every batch broadcast onto it; after each tile's dK, per_tile(b, h, q0, nq, kv0,
+  // nkv, dS) (the one-pass form's dQ and captured gradients).
+  auto kv_block_grads = [&](BackwardThreadState<T>& st, int64_t bk, int64_t hk, int64_t kb, auto&& per_tile) {
+    TileGrad<T>& g = st.g;
+    const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
+    const int64_t kvhead = bk * p.Hkv + hk, kvrow = kvhead * p.Lkv + kv0;
+    T* dkr = dk + kvrow * p.E;
+    T* dvr = dv + kvrow * p.Ev;
+    std::fill(dkr, dkr + nkv * p.E, T(0));
+    std::fill(dvr, dvr + nkv * p.Ev, T(0));
+    const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
+        for (int64_t bi = 0; bi < blocks.size(); ++bi) {
+          const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
+          if (q0 >= p.Lq) continue;
+          const int64_t nq = std::min(p.block_q, p.Lq - q0);
+          const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+          tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), kvhead);
+          add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
+          const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
+          add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
+          per_tile(b, h, q0, nq, kv0, nkv, dsp);
+        }
+      }
+    }
+  };
+
   use_single_threaded_blas();  // BLAS runs inside our OpenMP tasks
   ErrorSlot err;
   const int64_t kv_heads = p.Bkv * p.Hkv;
@@ -688,7 +718,6 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel
     {
       BackwardThreadState<T> st = thread_state(true);
-      TileGrad<T>& g = st.g;
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < kv_heads; ++t) {
         try {
@@ -701,29 +730,11 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
             }
           }
           for (int64_t kb = 0; kb < nKB; ++kb) {
-            const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
-            const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-            T* dkr = dk + kvrow * p.E;
-            T* dvr = dv + kvrow * p.Ev;
-            std::fill(dkr, dkr + nkv * p.E, T(0));
-            std::fill(dvr, dvr + nkv * p.Ev, T(0));
-            for (int64_t b = b_lo; b < b_hi; ++b) {
-              for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-                RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
-                for (int64_t bi = 0; bi < blocks.size(); ++bi) {
-                  const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
-                  if (q0 >= p.Lq) continue;
-                  const int64_t nq = std::min(p.block_q, p.Lq - q0);
-                  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                  tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), t);
-                  add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                  const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
-                  add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
-                  add_dq(g, dsp, nq, nkv, t, kv0, dq + row0 * p.E);  // dQ += scale dS K
-                  if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
-                }
-              }
-            }
+            kv_block_grads(st, bk, hk, kb, [&](int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t kv0, int64_t nkv,
+                                               const T* dsp) {
+              add_dq(st.g, dsp, nq, nkv, t, kv0, dq + ((b * p.Hq + h) * p.Lq + q0) * p.E);  // dQ += scale dS K
+              if (st.caps) add_capture_grads(st, b, h, q0, nq, kv0, nkv);
+            });
           }
         } catch (...) {
           err.capture();
@@ -737,33 +748,11 @@ void backward_impl(const FlexProblem& p, const Tensor& out_t, const Tensor& lse_
 #pragma omp parallel
     {
       BackwardThreadState<T> st = thread_state(false);
-      TileGrad<T>& g = st.g;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < kv_tasks; ++t) {
         try {
           const int64_t kb = t % nKB, hk = (t / nKB) % p.Hkv, bk = t / (nKB * p.Hkv);
-          const int64_t kv0 = kb * p.block_kv, nkv = std::min(p.block_kv, p.Lkv - kv0);
-          const int64_t kvrow = (bk * p.Hkv + hk) * p.Lkv + kv0;
-          T* dkr = dk + kvrow * p.E;
-          T* dvr = dv + kvrow * p.Ev;
-          std::fill(dkr, dkr + nkv * p.E, T(0));
-          std::fill(dvr, dvr + nkv * p.Ev, T(0));
-          const int64_t b_lo = p.Bkv == 1 ? 0 : bk, b_hi = p.Bkv == 1 ? p.B : bk + 1;
-          for (int64_t b = b_lo; b < b_hi; ++b) {
-            for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-              RowBlocks blocks = row_blocks(p.q_lists, b, h, kb);
-              for (int64_t bi = 0; bi < blocks.size(); ++bi) {
-                const int64_t q0 = static_cast<int64_t>(blocks.at(bi)) * p.block_q;
-                if (q0 >= p.Lq) continue;
-                const int64_t nq = std::min(p.block_q, p.Lq - q0);
-                const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-                tile_ds(st, b, h, q0, nq, kv0, nkv, blocks.is_partial(bi), bk * p.Hkv + hk);
-                add_transposed(g, g.s.data(), nq, nkv, T(1), dout + row0 * p.Ev, p.Ev, dvr);  // dV += P^T dO
-                const T* dsp = apply_dscore(st, b, h, q0, nq, kv0, nkv);
-                add_transposed(g, dsp, nq, nkv, static_cast<T>(p.scale), q + row0 * p.E, p.E, dkr);  // dK
-              }
-            }
-          }
+          kv_block_grads(st, bk, hk, kb, [](int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*) {});
         } catch (...) {
           err.capture();
         }
