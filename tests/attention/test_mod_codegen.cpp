@@ -44,11 +44,15 @@ struct Nvrtc {
   using LogSizeFn = int (*)(void*, size_t*);
   using LogFn = int (*)(void*, char*);
   using DestroyFn = int (*)(void**);
+  using CubinSizeFn = int (*)(void*, size_t*);
+  using CubinFn = int (*)(void*, char*);
   CreateFn create = nullptr;
   CompileFn compile = nullptr;
   LogSizeFn log_size = nullptr;
   LogFn log = nullptr;
   DestroyFn destroy = nullptr;
+  CubinSizeFn cubin_size = nullptr;
+  CubinFn cubin = nullptr;
 
 #ifdef FLEXGRAD_WITH_CUDA
   Nvrtc() {
@@ -60,6 +64,8 @@ struct Nvrtc {
     lib.find(log_size, "nvrtcGetProgramLogSize");
     lib.find(log, "nvrtcGetProgramLog");
     lib.find(destroy, "nvrtcDestroyProgram");
+    lib.find(cubin_size, "nvrtcGetCUBINSize");
+    lib.find(cubin, "nvrtcGetCUBIN");
   }
 #endif
   bool available() const { return create && compile && log_size && log && destroy; }
@@ -80,6 +86,7 @@ struct Nvrtc {
     const std::string arch_opt = "--gpu-architecture=" + arch;
     const char* opts[] = {arch_opt.c_str(), "-std=c++17", "-default-device", "--ptxas-options=-v"};
     const int rc = compile(prog, ptxas_verbose ? 4 : 3, opts);
+    if (rc == 0) dump_cubin(prog);
     size_t n = 0;
     log_size(prog, &n);
     std::string text(n, '\0');
@@ -87,6 +94,22 @@ struct Nvrtc {
     destroy(&prog);
     if (log_out) *log_out = text;
     return rc == 0 ? std::string() : "NVRTC failed:\n" + text + "\n---- source:\n" + code;
+  }
+
+  // With FG_DUMP_CUBIN_DIR set, each real-architecture build writes its cubin there as <test>_<n>.cubin (n counts the
+  // process's builds): a refactor of the kernel headers that leaves every cubin byte for byte the same (a run of the
+  // compile tests before and after, files compared) changes no kernel, which this machine can show without a GPU.
+  // The cubins do not depend on the headers' line numbers (no line table is asked for).
+  void dump_cubin(void* prog) const {
+    const char* dir = std::getenv("FG_DUMP_CUBIN_DIR");
+    size_t n = 0;
+    if (dir == nullptr || cubin_size == nullptr || cubin == nullptr || cubin_size(prog, &n) != 0 || n == 0) return;
+    std::string bin(n, '\0');
+    if (cubin(prog, bin.data()) != 0) return;
+    static int seq = 0;
+    const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    const std::string path = fmt::format("{}/{}_{:04d}.cubin", dir, info ? info->name() : "build", seq++);
+    std::ofstream(path, std::ios::binary).write(bin.data(), static_cast<std::streamsize>(bin.size()));
   }
 };
 
@@ -188,6 +211,26 @@ void expect_compiles(const Generated& g) {
 Tensor floats(std::vector<double> v, Shape s, DType dt = kFloat32) { return from_vector(v, s, dt); }
 
 }  // namespace
+
+// FG_DUMP_CUBIN_DIR (Nvrtc::dump_cubin): a build for a real architecture leaves its cubin there, an ELF file; a build
+// for a virtual one (PTX only) leaves none.
+TEST(ModCodegen, CubinDumpWritesEachBuildsCubin) {
+  if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / fmt::format("fg_cubins_{}", std::random_device{}());
+  std::filesystem::create_directories(dir);
+  fg::testing::ScopedEnv env("FG_DUMP_CUBIN_DIR", dir.c_str());
+  const std::string code = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] *= 2.f; }\n";
+  ASSERT_EQ(nvrtc().build(code, {}, "compute_80"), "");
+  EXPECT_TRUE(std::filesystem::is_empty(dir)) << "a PTX-only build wrote a cubin";
+  ASSERT_EQ(nvrtc().build(code, {}, "sm_90a"), "");
+  std::vector<std::filesystem::path> files(std::filesystem::directory_iterator(dir), {});
+  ASSERT_EQ(files.size(), 1u);
+  std::ifstream f(files[0], std::ios::binary);
+  char magic[4] = {};
+  f.read(magic, 4);
+  EXPECT_EQ(std::string(magic, 4), "\x7f" "ELF") << files[0];
+  std::filesystem::remove_all(dir);
+}
 
 TEST(ModCodegen, IdentityWhenAbsent) {
   Generated g = generate(nullptr, nullptr, false);
