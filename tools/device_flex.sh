@@ -11,7 +11,8 @@
 # Environment: FLEXGRAD_CONFORMANCE_DIR (default ../shared/conformance), FLEXGRAD_GALLERY_DIR (default
 # ../shared/gallery: the conformance step runs it too, and test_cuda reads it); STEPS (default "tests conformance
 # bench"; also "paged": PagedAttention's tests on both devices, "decode": the decode-step benchmark against PyTorch
-# and its kernels under ncu; "none" only unpacks, for a script of one's own to run the binaries after it);
+# and its kernels under ncu; "ab": a knob's A/B rounds, below; "none" only unpacks, for a script of one's own to run
+# the binaries after it);
 # GTEST_FILTER, TEST_TIMEOUT (s a shard, default 300) and TEST_SHARDS (default 8, run side by side) for test_cuda
 # (the whole suite cold on an H100: the slowest of 8 shards past 420 s in session 40, of 12 shards 287 s in session 41);
 # dependencies the machine lacks from third_party/tp.tgz. What tools/device_pack.sh packed (PACK_DIR, default
@@ -124,6 +125,36 @@ case " $steps " in *" bench "*)
   t "ours timed (rc=$?)"
   cat "$L/flex_bench.txt"
 esac
+case " $steps " in *" ab "*)
+  # A knob against the defaults on our kernels alone (FLEXGRAD_FLEX_CUDNN=0), in alternating rounds on the same
+  # machine: AB_KNOB ("VAR=VALUE ...", required), AB_CASES (default causal_d64_b8), AB_ROUNDS (default 3), AB_ARGS
+  # (default "--backend fused --reps 20 --warmup 3"); with AB_NCU=1 also each side's first forward kernel under ncu
+  # (registers, occupancy limits, warps active, time).
+  cases=()
+  for c in ${AB_CASES:-causal_d64_b8}; do cases+=(--case "$c"); done
+  for r in $(seq 1 "${AB_ROUNDS:-3}"); do
+    for side in defaults knob; do
+      kv=()
+      [ $side = knob ] && kv=(${AB_KNOB:?STEPS=ab needs AB_KNOB})
+      env FLEXGRAD_FLEX_CUDNN=0 "${kv[@]}" timeout 120 "$B/bench_flex_cuda" ${AB_ARGS:---backend fused --reps 20 --warmup 3} \
+        "${cases[@]}" > "$L/ab_${side}_$r.txt" 2>&1
+      echo "round $r, $side (rc=$?):"; grep -E "^[a-z]" "$L/ab_${side}_$r.txt" | grep -v "^case\|^flexgrad"
+    done
+  done | tee "$L/ab.txt"
+  t "ab: ${AB_KNOB:-} on ${AB_CASES:-causal_d64_b8}, ${AB_ROUNDS:-3} rounds ($L/ab.txt)"
+  if [ "${AB_NCU:-0}" = 1 ]; then
+    m=launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem
+    m=$m,launch__occupancy_limit_warps,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
+    for side in defaults knob; do
+      kv=()
+      [ $side = knob ] && kv=(${AB_KNOB})
+      env FLEXGRAD_FLEX_CUDNN=0 "${kv[@]}" timeout 120 /usr/local/cuda/bin/ncu --kernel-name regex:flex_fwd --launch-count 1 \
+        --metrics "$m" --csv "$B/bench_flex_cuda" --backend fused --reps 1 --warmup 0 "${cases[@]:0:2}" > "$L/ab_ncu_$side.csv" 2>&1
+      t "ncu $side (rc=$?): $(grep -E '"(launch|sm|gpu)__' "$L/ab_ncu_$side.csv" | awk -F'","' '{printf "%s=%s ", $(NF-2), $NF}' | tr -d '"')"
+    done
+  fi
+esac
+
 case " $steps " in *" paged "*)
   # PagedAttention's tests on both devices (test_attention's CUDA instances need the GPU).
   OMP_NUM_THREADS=4 timeout ${TEST_TIMEOUT:-300} "$B/test_attention" --gtest_filter='*Paged*' > "$L/test_paged.log" 2>&1
