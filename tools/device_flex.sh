@@ -144,7 +144,8 @@ case " $steps " in *" ab "*)
   t "ab: ${AB_KNOB:-} on ${AB_CASES:-causal_d64_b8}, ${AB_ROUNDS:-3} rounds ($L/ab.txt)"
   if [ "${AB_NCU:-0}" = 1 ]; then
     m=launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem
-    m=$m,launch__occupancy_limit_warps,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
+    m=$m,launch__occupancy_limit_warps,launch__shared_mem_config_size,sm__warps_active.avg.pct_of_peak_sustained_active
+    m=$m,gpu__time_duration.sum
     for side in defaults knob; do
       kv=()
       [ $side = knob ] && kv=(${AB_KNOB})
