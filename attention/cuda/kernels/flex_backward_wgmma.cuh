@@ -180,23 +180,39 @@ __device__ __forceinline__ void fg_dq_red_add(const FgBwdParams& p, const float 
 }
 #endif
 
-// ---- the steps of one q chunk, shared by fg_bwd_dkdv_wgmma and fg_bwd_dkdv_wgmma_ws
-// S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 kv rows (K, V at k_addr, v_addr; the chunk's Q, dO atoms at
-// q_addr, o_addr): two commit groups, not waited for. No zeroing: the first k16 step does not accumulate.
-__device__ __forceinline__ void fg_dkdv_issue_scores(float (&st)[FG_NQN][4], float (&dpt)[FG_NQN][4], unsigned k_addr,
-                                                     unsigned v_addr, unsigned q_addr, unsigned o_addr) {
+// ---- the products both kernels issue (the dK/dV kernels from a q chunk, the dQ kernels from a kv chunk)
+// The score pair: x = A_x B_x^T over E columns and y = A_y B_y^T over Ev columns for the warpgroup's 64 rows, both
+// operands K-major in shared memory: A in atoms of A_ROWS rows at ax, ay (the tile's K and V, or Q and dO), B the
+// chunk's atoms at bx, by. Two commit groups, not waited for. No zeroing: the first k16 step does not accumulate.
+// dK/dV: S^T = K Q^T and dP^T = V dO^T (A_ROWS = FG_KV_TILE); dQ: S = Q K^T and dP = dO V^T (A_ROWS = FG_Q_TILE).
+template <int A_ROWS, int N>
+__device__ __forceinline__ void fg_issue_score_pair(float (&x)[N][4], float (&y)[N][4], unsigned ax, unsigned bx,
+                                                    unsigned ay, unsigned by) {
   fg_wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < FG_E / 16; ++kk)
-    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&st[0][0], fg_desc_kmajor(k_addr, FG_KV_TILE * 128, kk),
-                                      fg_desc_kmajor(q_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&x[0][0], fg_desc_kmajor(ax, A_ROWS * 128, kk),
+                                      fg_desc_kmajor(bx, FG_CHUNK_ATOM_B, kk), kk > 0);
   fg_wgmma_commit();
 #pragma unroll
   for (int kk = 0; kk < FG_EV / 16; ++kk)
-    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dpt[0][0], fg_desc_kmajor(v_addr, FG_KV_TILE * 128, kk),
-                                      fg_desc_kmajor(o_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
+    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&y[0][0], fg_desc_kmajor(ay, A_ROWS * 128, kk),
+                                      fg_desc_kmajor(by, FG_CHUNK_ATOM_B, kk), kk > 0);
   fg_wgmma_commit();
 }
+// A gradient product: acc (COLS columns) += a B, a the K16 k16 steps' register A operands (packed from the element
+// step), B the chunk's rows of COLS columns at b_addr (MN-major). After a fg_wgmma_fence; not committed.
+// dV += P^T dO and dK += dS^T Q (k = the chunk's q rows); dQ += dS K (k = the chunk's kv rows).
+template <int K16, int COLS>
+__device__ __forceinline__ void fg_issue_grad(float (&acc)[COLS / 8][4], unsigned (&a)[K16][4], unsigned b_addr) {
+#pragma unroll
+  for (int k = 0; k < K16; ++k)
+#pragma unroll
+    for (int atom = 0; atom < COLS / 64; ++atom)
+      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&acc[8 * atom][0], a[k], fg_desc_mnmajor(b_addr, FG_CHUNK_ATOM_B, atom, k), 1);
+}
+
+// ---- the steps of one q chunk, shared by fg_bwd_dkdv_wgmma and fg_bwd_dkdv_wgmma_ws
 // P^T and dS^T from the element step, packed as the gradient products' register A operands (fenced).
 __device__ __forceinline__ void fg_dkdv_pack(const float (&st)[FG_NQN][4], const float (&dpt)[FG_NQN][4],
                                              unsigned (&ap)[FG_Q_CHUNK / 16][4], unsigned (&ad)[FG_Q_CHUNK / 16][4]) {
@@ -208,21 +224,13 @@ __device__ __forceinline__ void fg_dkdv_pack(const float (&st)[FG_NQN][4], const
   fg_wgmma_fence_a(ap);
   fg_wgmma_fence_a(ad);
 }
-// dV += P^T dO and dK += dS^T Q (k = the chunk's q rows; B MN-major), after a fg_wgmma_fence; not committed.
+// dV += P^T dO and dK += dS^T Q (k = the chunk's q rows), after a fg_wgmma_fence; not committed.
 __device__ __forceinline__ void fg_dkdv_issue_grads(float (&dk)[FG_E / 8][4], float (&dv)[FG_EV / 8][4],
                                                     unsigned (&ap)[FG_Q_CHUNK / 16][4],
                                                     unsigned (&ad)[FG_Q_CHUNK / 16][4], unsigned q_addr,
                                                     unsigned o_addr) {
-#pragma unroll
-  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
-#pragma unroll
-    for (int a = 0; a < FG_EV / 64; ++a)
-      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dv[8 * a][0], ap[kq], fg_desc_mnmajor(o_addr, FG_CHUNK_ATOM_B, a, kq), 1);
-#pragma unroll
-  for (int kq = 0; kq < FG_Q_CHUNK / 16; ++kq)
-#pragma unroll
-    for (int a = 0; a < FG_E / 64; ++a)
-      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dk[8 * a][0], ad[kq], fg_desc_mnmajor(q_addr, FG_CHUNK_ATOM_B, a, kq), 1);
+  fg_issue_grad<FG_Q_CHUNK / 16, FG_EV>(dv, ap, o_addr);
+  fg_issue_grad<FG_Q_CHUNK / 16, FG_E>(dk, ad, q_addr);
 }
 #if !FG_BWD_WS_DKDV  // (a translation unit compiles the kernel the host launches, not both forms)
 extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
@@ -310,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV, 1)
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 kv rows, both in flight before either is waited on.
     float st[FG_NQN][4], dpt[FG_NQN][4];
-    fg_dkdv_issue_scores(st, dpt, k_addr, v_addr, q_addr, o_addr);
+    fg_issue_score_pair<FG_KV_TILE>(st, dpt, k_addr, q_addr, v_addr, o_addr);
     // While they run: this chunk's column parts and the next chunk's row parts (captured reads wait on memory).
     FgColMods<float> cm[2];
     fg_dkdv_col_parts(cm, kr0, g, nkv, partial, b, h, kv0, args);
@@ -833,7 +841,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
       const unsigned o_addr = fg_smem_addr(Os + st * FG_Q_CHUNK * FG_EV);
       float st_[FG_NQN][4], dpt[FG_NQN][4];
       fg_turn_take(wg);
-      fg_dkdv_issue_scores(st_, dpt, k_addr, v_addr, q_addr, o_addr);
+      fg_issue_score_pair<FG_KV_TILE>(st_, dpt, k_addr, q_addr, v_addr, o_addr);
       fg_turn_pass(wg);
       FgColMods<float> cm[2];
       fg_dkdv_col_parts(cm, kr0, g, nkv, partial, c.b, c.h, kv0, args);
@@ -904,22 +912,6 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DKDV + 128, 1)
 
 #if !FG_DQ_ATOMIC  // else the dK/dV kernel sums dQ
 // ---- the steps of one kv chunk, shared by fg_bwd_dq_wgmma and fg_bwd_dq_wgmma_ws
-// S = Q K^T and dP = dO V^T for the warpgroup's 64 q rows (Q, dO at q_addr, o_addr in Q_TILE-row atoms; the chunk's
-// K, V at k_addr, v_addr): two commit groups, not waited for.
-__device__ __forceinline__ void fg_dq_issue_scores(float (&s)[FG_NKN][4], float (&dp)[FG_NKN][4], unsigned q_addr,
-                                                   unsigned o_addr, unsigned k_addr, unsigned v_addr) {
-  fg_wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < FG_E / 16; ++kk)
-    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&s[0][0], fg_desc_kmajor(q_addr, FG_Q_TILE * 128, kk),
-                                      fg_desc_kmajor(k_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-  fg_wgmma_commit();
-#pragma unroll
-  for (int kk = 0; kk < FG_EV / 16; ++kk)
-    fg_wgmma_m64n64k16_ss<0, FG_BF16>(&dp[0][0], fg_desc_kmajor(o_addr, FG_Q_TILE * 128, kk),
-                                      fg_desc_kmajor(v_addr, FG_CHUNK_ATOM_B, kk), kk > 0);
-  fg_wgmma_commit();
-}
 // The element step once the chunk's score products (the two newest groups) are issued: s <- dS (pre-mod). Where
 // the entry splits (FG_SPLIT_ENTRY), in two halves: s <- P as soon as S has landed, while dP is still being
 // computed, then dS; else the one-pass step (fg_dq_entries) once both have landed (captured gradients to `sink`).
@@ -992,11 +984,7 @@ __device__ __forceinline__ void fg_dq_pack(const float (&s)[FG_NKN][4], unsigned
 __device__ __forceinline__ void fg_dq_issue_packed(float (&dq)[FG_E / 8][4], unsigned (&a16)[FG_KV_CHUNK / 16][4],
                                                    unsigned k_addr) {
   fg_wgmma_fence();
-#pragma unroll
-  for (int kc = 0; kc < FG_KV_CHUNK / 16; ++kc)
-#pragma unroll
-    for (int a = 0; a < FG_E / 64; ++a)
-      fg_wgmma_m64n64k16_rs<1, FG_BF16>(&dq[8 * a][0], a16[kc], fg_desc_mnmajor(k_addr, FG_CHUNK_ATOM_B, a, kc), 1);
+  fg_issue_grad<FG_KV_CHUNK / 16, FG_E>(dq, a16, k_addr);
   fg_wgmma_commit();
 }
 __device__ __forceinline__ void fg_dq_issue_grad(float (&dq)[FG_E / 8][4], const float (&s)[FG_NKN][4],
@@ -1094,7 +1082,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ, 1) fg_bwd_dq_wgmma(const 
 
     // S = Q K^T and dP = dO V^T, both in flight before either is waited on.
     float s[FG_NKN][4], dp[FG_NKN][4];
-    fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
+    fg_issue_score_pair<FG_Q_TILE>(s, dp, q_addr, k_addr, o_addr, v_addr);
     // The previous chunk's dQ product (the oldest group) is done for this warpgroup, and after the barrier for
     // every one: the other buffer (that chunk's K, V) takes the next chunk.
     fg_wgmma_wait<2>();
@@ -1334,7 +1322,7 @@ extern "C" __global__ void __launch_bounds__(FG_NT_DQ + 128, 1)
       const unsigned v_addr = fg_smem_addr(Vs + st * FG_KV_CHUNK * FG_EV);
       float s[FG_NKN][4], dp[FG_NKN][4];
       fg_turn_take(wg);
-      fg_dq_issue_scores(s, dp, q_addr, o_addr, k_addr, v_addr);
+      fg_issue_score_pair<FG_Q_TILE>(s, dp, q_addr, k_addr, o_addr, v_addr);
       fg_turn_pass(wg);
       // The previous chunk's dQ product (the oldest group) is done: its stage goes back to the producer.
       fg_wgmma_wait<2>();
