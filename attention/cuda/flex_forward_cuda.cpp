@@ -269,15 +269,15 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   // 32 / 104 by setmaxnreg) hold pipe 2's loop on 64-column sub-tiles, not pipe 3's overlap (flex_forward_wgmma.cuh).
   // Calls it cannot take raise: a tuning knob that silently did nothing would time the wrong kernel.
   if (env_switch("FLEXGRAD_FLEX_WGMMA_TWO_CTAS").value_or(false)) {
-    const int64_t asked_pipe = wgmma_pipe_env(2), asked_bn = wgmma_bn_env();
-    FG_CHECK(c.bm == 128 && !wide && std::max(c.e_pad, c.ev_pad) <= 64 && c.persistent == 0 && asked_pipe == 2 &&
-                 asked_bn != 128,
+    const int64_t asked_pipe = wgmma_pipe_env(/*fallback=*/-1), asked_bn = wgmma_bn_env();  // -1, 0: unset
+    auto shown = [](int64_t v, int64_t unset) { return v == unset ? std::string("unset") : std::to_string(v); };
+    FG_CHECK(c.bm == 128 && !wide && std::max(c.e_pad, c.ev_pad) <= 64 && c.persistent == 0 &&
+                 (asked_pipe == -1 || asked_pipe == 2) && asked_bn != 128,
              ValueError,
              "FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1 runs head dims up to 64 on 128-row q tiles with FG_WGMMA_PIPE 2, BN 64 and "
              "the grid launch; got E={}, Ev={}, q rows a CTA {} (BlockMask q blocks of {}), FLEXGRAD_FLEX_WGMMA_PIPE {}, "
              "FLEXGRAD_FLEX_WGMMA_BN {}, persistent {}",
-             p.E, p.Ev, c.bm, p.block_q, asked_pipe, asked_bn == 0 ? std::string("unset") : std::to_string(asked_bn),
-             c.persistent);
+             p.E, p.Ev, c.bm, p.block_q, shown(asked_pipe, -1), shown(asked_bn, 0), c.persistent);
     c.pipe = 2;
     c.pingpong = false;
     c.bn = 64;

@@ -1176,6 +1176,7 @@ TEST_F(FlexWgmmaChoice, TwoCtasAnSmMatchTheGolden) {
 
   // Calls it cannot take raise, naming what was seen: wider heads, another loop, the persistent launch.
   testing::expect_error<ValueError>([&] { run_d(128); }, "E=128");
+  testing::expect_error<ValueError>([&] { run_d(128); }, "FLEXGRAD_FLEX_WGMMA_PIPE unset");
   {
     ScopedEnv p3("FLEXGRAD_FLEX_WGMMA_PIPE", "3");
     testing::expect_error<ValueError>([&] { run_d(64); }, "FLEXGRAD_FLEX_WGMMA_PIPE 3");
