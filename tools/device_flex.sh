@@ -129,28 +129,29 @@ case " $steps " in *" ab "*)
   # A knob against the defaults on our kernels alone (FLEXGRAD_FLEX_CUDNN=0), in alternating rounds on the same
   # machine: AB_KNOB ("VAR=VALUE ...", required), AB_CASES (default causal_d64_b8), AB_ROUNDS (default 3), AB_ARGS
   # (default "--backend fused --reps 20 --warmup 3"); with AB_NCU=1 also each side's first forward kernel under ncu
-  # (registers, occupancy limits, warps active, time).
+  # (registers, occupancy limits, the launch's shared-memory configuration, warps active, time).
+  knob=(${AB_KNOB:?STEPS=ab needs AB_KNOB})
   cases=()
   for c in ${AB_CASES:-causal_d64_b8}; do cases+=(--case "$c"); done
+  on_side() {  # SIDE COMMAND...: the command on our kernels, with the knob's variables on the knob's side
+    local side=$1; shift
+    if [ "$side" = knob ]; then env FLEXGRAD_FLEX_CUDNN=0 "${knob[@]}" "$@"; else env FLEXGRAD_FLEX_CUDNN=0 "$@"; fi
+  }
   for r in $(seq 1 "${AB_ROUNDS:-3}"); do
     for side in defaults knob; do
-      kv=()
-      [ $side = knob ] && kv=(${AB_KNOB:?STEPS=ab needs AB_KNOB})
-      env FLEXGRAD_FLEX_CUDNN=0 "${kv[@]}" timeout 120 "$B/bench_flex_cuda" ${AB_ARGS:---backend fused --reps 20 --warmup 3} \
-        "${cases[@]}" > "$L/ab_${side}_$r.txt" 2>&1
+      on_side $side timeout 120 "$B/bench_flex_cuda" ${AB_ARGS:---backend fused --reps 20 --warmup 3} "${cases[@]}" \
+        > "$L/ab_${side}_$r.txt" 2>&1
       echo "round $r, $side (rc=$?):"; grep -E "^[a-z]" "$L/ab_${side}_$r.txt" | grep -v "^case\|^flexgrad"
     done
   done | tee "$L/ab.txt"
-  t "ab: ${AB_KNOB:-} on ${AB_CASES:-causal_d64_b8}, ${AB_ROUNDS:-3} rounds ($L/ab.txt)"
+  t "ab: ${AB_KNOB} on ${AB_CASES:-causal_d64_b8}, ${AB_ROUNDS:-3} rounds ($L/ab.txt)"
   if [ "${AB_NCU:-0}" = 1 ]; then
     m=launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem
     m=$m,launch__occupancy_limit_warps,launch__shared_mem_config_size,sm__warps_active.avg.pct_of_peak_sustained_active
     m=$m,gpu__time_duration.sum
     for side in defaults knob; do
-      kv=()
-      [ $side = knob ] && kv=(${AB_KNOB})
-      env FLEXGRAD_FLEX_CUDNN=0 "${kv[@]}" timeout 120 /usr/local/cuda/bin/ncu --kernel-name regex:flex_fwd --launch-count 1 \
-        --metrics "$m" --csv "$B/bench_flex_cuda" --backend fused --reps 1 --warmup 0 "${cases[@]:0:2}" > "$L/ab_ncu_$side.csv" 2>&1
+      on_side $side timeout 120 /usr/local/cuda/bin/ncu --kernel-name regex:flex_fwd --launch-count 1 --metrics "$m" \
+        --csv "$B/bench_flex_cuda" --backend fused --reps 1 --warmup 0 "${cases[@]:0:2}" > "$L/ab_ncu_$side.csv" 2>&1
       t "ncu $side (rc=$?): $(grep -E '"(launch|sm|gpu)__' "$L/ab_ncu_$side.csv" | awk -F'","' '{printf "%s=%s ", $(NF-2), $NF}' | tr -d '"')"
     done
   fi

@@ -271,7 +271,7 @@ TileConfig choose_wgmma_config(const FlexProblem& p, size_t smem_limit, const st
   if (env_switch("FLEXGRAD_FLEX_WGMMA_TWO_CTAS").value_or(false)) {
     const int64_t asked_pipe = wgmma_pipe_env(/*fallback=*/-1), asked_bn = wgmma_bn_env();  // -1, 0: unset
     auto shown = [](int64_t v, int64_t unset) { return v == unset ? std::string("unset") : std::to_string(v); };
-    FG_CHECK(c.bm == 128 && !wide && std::max(c.e_pad, c.ev_pad) <= 64 && c.persistent == 0 &&
+    FG_CHECK(c.bm == 128 && std::max(c.e_pad, c.ev_pad) <= 64 && c.persistent == 0 &&
                  (asked_pipe == -1 || asked_pipe == 2) && asked_bn != 128,
              ValueError,
              "FLEXGRAD_FLEX_WGMMA_TWO_CTAS=1 runs head dims up to 64 on 128-row q tiles with FG_WGMMA_PIPE 2, BN 64 and "

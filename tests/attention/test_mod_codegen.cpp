@@ -35,6 +35,12 @@ using namespace fg;
 namespace {
 
 bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+// The "N bytes spill stores" of ptxas's -v report in `props` (one kernel's properties, or a log whose first kernel is
+// meant); -1 where the report has none.
+int spill_store_bytes(const std::string& props) {
+  const size_t sp = props.find(" bytes spill stores");
+  return sp == std::string::npos ? -1 : std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+}
 
 // NVRTC through dlopen (fg::cuda::SharedLibrary): the test needs the toolkit's compiler, not a GPU (and flexgrad
 // links NVRTC privately). Returns "" on success, else the log; `available` is false when NVRTC cannot be loaded.
@@ -830,8 +836,8 @@ Captured document_ids() {
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<double>(i / 100);
   return Captured(floats(ids, {256}).to(kInt64), "doc");
 }
-// The programs the backward compile checks run: ALiBi, softcap, a causal mask and a captured document mask (alone).
-struct BackwardPrograms {
+// The programs the compile checks run: ALiBi, softcap, a causal mask and a captured document mask (alone).
+struct CompileCheckPrograms {
   Captured doc = document_ids();
   ModProgram alibi = trace_score_mod(
       [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
@@ -979,9 +985,8 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
         ASSERT_NE(at, std::string::npos) << c.name << " " << k << "\n" << log;
         const std::string props = log.substr(at, log.find("Used", at) - at);
         const bool dq = std::string(k) == "fg_bwd_dq_wgmma_ws";
-        const size_t sp = props.find(" bytes spill stores");
-        ASSERT_NE(sp, std::string::npos) << props;
-        const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+        const int spilled = spill_store_bytes(props);
+        ASSERT_GE(spilled, 0) << props;
         const int allowed = form == 2 || form == 4 || form == 6 ? 0 : dq ? 32 : form >= 5 ? 136 : 128;
         EXPECT_LE(spilled, allowed) << c.name << ": " << k << " form " << form << " spills\n" << props;
         std::printf("[ptxas] %s, %s, form %d: %s\n", c.name, k, form, log.substr(at, 300).c_str());
@@ -1010,7 +1015,7 @@ TEST(ModCodegen, BackwardWgmmaCompilesAtHeadDim128) {
 TEST(ModCodegen, BackwardLeanStepCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
-  const BackwardPrograms progs;
+  const CompileCheckPrograms progs;
   const auto& [doc, alibi, softcap, causal, document] = progs;
   const Captured bias(floats({0.5, 1.0, 1.5}, {3}), "bias");
   const ModProgram biased = trace_score_mod([bias](Expr s, Expr, Expr h, Expr, Expr) { return s + bias[h]; });
@@ -1069,8 +1074,7 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
           const size_t at = log.find(std::string("Function properties for ") + k + "\n");
           if (at == std::string::npos) continue;
           const std::string props = log.substr(at, log.find("Used", at) - at);
-          const size_t sp = props.find(" bytes spill stores");
-          if (sp != std::string::npos) spills[k] = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+          if (const int n = spill_store_bytes(props); n >= 0) spills[k] = n;
         }
         return spills;
       };
@@ -1098,7 +1102,7 @@ TEST(ModCodegen, BackwardLeanStepCompiles) {
 TEST(ModCodegen, BackwardSkipEmptyCompiles) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
-  const BackwardPrograms progs;
+  const CompileCheckPrograms progs;
   const auto& [doc, alibi, softcap, causal, document] = progs;
   const std::pair<const char*, std::pair<const ModProgram*, const ModProgram*>> cases[] = {
       {"causal", {nullptr, &causal}},
@@ -1130,8 +1134,7 @@ TEST(ModCodegen, BackwardSkipEmptyCompiles) {
           EXPECT_NE(at, std::string::npos) << k << " not compiled\n" << log;
           if (at == std::string::npos) continue;
           const std::string props = log.substr(at, log.find("Used", at) - at);
-          const size_t sp = props.find(" bytes spill stores");
-          spills += fmt::format(" {} {}", k, sp == std::string::npos ? 0 : std::atoi(props.c_str() + props.rfind(',', sp) + 1));
+          spills += fmt::format(" {} {}", k, std::max(0, spill_store_bytes(props)));
         }
         return spills;
       };
@@ -1192,9 +1195,8 @@ TEST(ModCodegen, BackwardWarpSpecialisedCompilesWithCapturedGradients) {
           // The dQ step replays the recorded contributions in a rolled loop (FgCapDefer, flex_backward.cuh):
           // its two arrays are the thread's 256-byte stack frame, and ptxas spills up to 48 bytes around the
           // loop (at E 64 too: not the accumulators) where the unrolled form had none but took ptxas 3-6 s.
-          const size_t sp = props.find("bytes spill stores");
-          ASSERT_NE(sp, std::string::npos) << props;
-          const int spilled = std::atoi(props.c_str() + props.rfind(',', sp) + 1);
+          const int spilled = spill_store_bytes(props);
+          ASSERT_GE(spilled, 0) << props;
           EXPECT_LE(spilled, 48) << props;
         } else {
           EXPECT_TRUE(has(props, " 0 bytes spill stores")) << k << "\n" << props;
@@ -1297,9 +1299,9 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
       // program's producer; offline, nvcc 13.0). Persistent (FG_WGMMA_PERSISTENT), the producer's CTA loop costs
       // it 12-20 bytes of spills (84-104 with the captured mask).
       if (pipe >= 2 && c.mask != &document) {
-        const size_t sp = log.find(" bytes spill stores");
-        ASSERT_NE(sp, std::string::npos) << log;
-        EXPECT_LE(std::atoi(log.c_str() + log.rfind(',', sp) + 1), persistent ? 24 : 0) << "spills\n" << log;
+        const int spilled = spill_store_bytes(log);
+        ASSERT_GE(spilled, 0) << log;
+        EXPECT_LE(spilled, persistent ? 24 : 0) << "spills\n" << log;
       }
       std::printf("[ptxas] %s, FG_WGMMA_PIPE %d, FG_WGMMA_TMA %d, FG_WGMMA_PINGPONG %d, FG_WGMMA_PERSISTENT %d: %s\n",
                   c.name, pipe, tma, pingpong, persistent, log.substr(0, 600).c_str());
@@ -1314,12 +1316,7 @@ TEST(ModCodegen, ForwardWgmmaCompilesInEveryMainLoop) {
 TEST(ModCodegen, ForwardWgmmaTwoCtasCompilesAtHeadDim64) {
   if (!nvrtc().available()) GTEST_SKIP() << "libnvrtc not loadable";
   const std::vector<std::pair<std::string, std::string>> headers = kernel_headers();
-  Captured doc(Tensor(full({64}, 1, kInt64)), "doc");
-  const ModProgram alibi = trace_score_mod(
-      [](Expr s, Expr, Expr h, Expr q, Expr kv) { return s + to_float(kv - q) * exp2(-8.0 * to_float(h + 1) / 4.0); });
-  const ModProgram causal = trace_mask_mod([](Expr, Expr, Expr q, Expr kv) { return q >= kv; });
-  const ModProgram document = trace_mask_mod([doc](Expr, Expr, Expr q, Expr kv) { return doc[q] == doc[kv]; });
-  const ModProgram softcap = trace_score_mod([](Expr s, Expr, Expr, Expr, Expr) { return 20.0 * tanh(s / 20.0); });
+  const CompileCheckPrograms progs;
   auto tu_for = [&](const ModProgram* score, const ModProgram* mask, int elem, int e, int pipe) {
     CudaModsInput in;
     in.score_mod = score;
@@ -1339,9 +1336,10 @@ TEST(ModCodegen, ForwardWgmmaTwoCtasCompilesAtHeadDim64) {
     const ModProgram* mask;
     int elem;  // FG_DT_BFLOAT16 4, FG_DT_FLOAT16 3 (flex_abi.cuh)
   };
-  for (const Case& c : {Case{"causal", nullptr, &causal, 4}, Case{"causal, f16", nullptr, &causal, 3},
-                        Case{"no mods", nullptr, nullptr, 4}, Case{"alibi + causal", &alibi, &causal, 4},
-                        Case{"softcap + causal", &softcap, &causal, 4}, Case{"document", nullptr, &document, 4}}) {
+  for (const Case& c : {Case{"causal", nullptr, &progs.causal, 4}, Case{"causal, f16", nullptr, &progs.causal, 3},
+                        Case{"no mods", nullptr, nullptr, 4}, Case{"alibi + causal", &progs.alibi, &progs.causal, 4},
+                        Case{"softcap + causal", &progs.softcap, &progs.causal, 4},
+                        Case{"document", nullptr, &progs.document, 4}}) {
     SCOPED_TRACE(c.name);
     std::string log;
     const std::string err = nvrtc().build(tu_for(c.score, c.mask, c.elem, 64, 2), headers, "sm_90a", &log,
@@ -1350,15 +1348,14 @@ TEST(ModCodegen, ForwardWgmmaTwoCtasCompilesAtHeadDim64) {
     EXPECT_FALSE(has(log, "C7510") || has(log, "C7512") || has(log, "C7514") || has(log, "C7520") ||
                  has(log, "serializ")) << "wgmma serialised\n" << log;
     EXPECT_TRUE(has(log, "Used 80 registers")) << "not launched at 65536 / (384 x 2) registers\n" << log;
-    const size_t sp = log.find(" bytes spill stores");
-    ASSERT_NE(sp, std::string::npos) << log;
-    const int spilled = std::atoi(log.c_str() + log.rfind(',', sp) + 1);
-    EXPECT_LE(spilled, c.mask == &document ? 72 : 8) << "spills\n" << log;
+    const int spilled = spill_store_bytes(log);
+    ASSERT_GE(spilled, 0) << log;
+    EXPECT_LE(spilled, c.mask == &progs.document ? 72 : 8) << "spills\n" << log;
     std::printf("[ptxas] two CTAs an SM, %s: %s\n", c.name, log.substr(0, 600).c_str());
   }
   for (auto [e, pipe] : {std::pair{64, 3}, std::pair{128, 2}}) {
     std::string log;
-    const std::string err = nvrtc().build(tu_for(nullptr, &causal, 4, e, pipe), headers, "sm_90a", &log);
+    const std::string err = nvrtc().build(tu_for(nullptr, &progs.causal, 4, e, pipe), headers, "sm_90a", &log);
     EXPECT_TRUE(has(err, "two CTAs an SM")) << "E " << e << ", pipe " << pipe << ": " << err.substr(0, 2000);
   }
 }
